@@ -1,0 +1,8 @@
+"""fleximmt: multi-object multi-motion transfer (FlexiMMT) for diffusers' CogVideoX image-to-video."""
+
+from .errors import FlexiMMTInputError
+from .motion import MotionTokens, ObjectMotion
+from .pipeline import FlexiMMTPipeline, FlexiMMTPipelineOutput
+
+__all__ = ["FlexiMMTInputError", "FlexiMMTPipeline", "FlexiMMTPipelineOutput", "MotionTokens", "ObjectMotion"]
+__version__ = "0.1.0"

@@ -1,0 +1,277 @@
+"""Pure tensor logic of FlexiMMT's masks: MDMA (Eqs. 3-11), DMEM (Sec. 3.3) and RMPM (Eqs. 12-13).
+
+Nothing here knows about diffusers. Token order everywhere is the one of Eq. 2:
+``[text (L_y) | motion (K * d_m, object-major) | video (N_v)]``; video tokens are flattened as
+``(latent frame, row, column)``, the order of CogVideoX's patch embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+PARTS = ("m2v", "m2m", "t2v", "t2t", "t2m")
+CONTEXT_TEXT = ("open", "closed")
+RMPM_METHODS = ("paper", "released")
+
+
+def check_parts(parts: Sequence[str]) -> frozenset[str]:
+    """Validate an MDMA part list (a subset of ``PARTS``) and return it as a frozenset."""
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"unknown MDMA part(s) {bad}: choose from {list(PARTS)}")
+    return frozenset(parts)
+
+
+def check_context_text(context_text: str) -> str:
+    if context_text not in CONTEXT_TEXT:
+        raise ValueError(f"context_text={context_text!r}: choose 'open' (the release) or 'closed' (Eq. 6 to the letter)")
+    return context_text
+
+
+def span_membership(text_len: int, motion_spans: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Bool ``[K, text_len]``: which text tokens are object k's motion words (``Y_mo^k``)."""
+    member = torch.zeros(len(motion_spans), text_len, dtype=torch.bool)
+    for k, span in enumerate(motion_spans):
+        idx = torch.as_tensor(list(span), dtype=torch.long)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= text_len):
+            raise ValueError(f"motion span of object {k} has indices outside the {text_len} text tokens: {list(span)}")
+        member[k, idx] = True
+    return member
+
+
+def text_text_mask(member: torch.Tensor) -> torch.Tensor:
+    """Y x Y of Eq. 8: blocked iff both tokens are motion words and they never share an object."""
+    any_obj = member.any(0)
+    share = (member.T.float() @ member.float()) > 0
+    return ~(any_obj[:, None] & any_obj[None, :] & ~share)
+
+
+def text_video_mask(member: torch.Tensor, video_masks: torch.Tensor, context_text: str) -> torch.Tensor:
+    """Y x V of Eqs. 6-7 ``[L_y, N_v]``; context text (no motion span) is open or closed to all video."""
+    allowed = (member.T.float() @ video_masks.float()) > 0
+    context = ~member.any(0)
+    allowed[context] = context_text == "open"
+    return allowed
+
+
+def mdma_dense(
+    text_len: int,
+    motion_spans: Sequence[Sequence[int]],
+    tokens_per_motion: int,
+    video_masks: torch.Tensor,
+    parts: Sequence[str] = PARTS,
+    context_text: str = "open",
+) -> torch.BoolTensor:
+    """The full MDMA mask ``M`` of Eq. 11 as a dense ``[N, N]`` bool tensor (True = may attend).
+
+    ``motion_spans[k]`` are the indices of object k's motion words among the text tokens,
+    ``video_masks`` is bool ``[K, N_v]`` (``V^k``). A part switched off leaves its blocks all True.
+    A row with no allowed key keeps its diagonal, so softmax never sees an all-masked row.
+    This is the reference the fast attention backend is tested against; it is O(N^2) memory.
+    """
+    parts = check_parts(parts)
+    check_context_text(context_text)
+    video_masks = torch.as_tensor(video_masks, dtype=torch.bool)
+    num_objects, num_video = video_masks.shape
+    if len(motion_spans) != num_objects:
+        raise ValueError(f"{len(motion_spans)} motion spans for {num_objects} video masks: give one span per object")
+    device = video_masks.device
+    member = span_membership(text_len, motion_spans).to(device)
+    d_m = tokens_per_motion
+    m_len = num_objects * d_m
+    n = text_len + m_len + num_video
+    y, m, v = slice(0, text_len), slice(text_len, text_len + m_len), slice(text_len + m_len, n)
+    motion_owner = motion_ownership(num_objects, d_m, device)
+
+    mask = torch.ones(n, n, dtype=torch.bool, device=device)
+    if "m2v" in parts:  # Eqs. 3-4 and the transpose
+        mv = (motion_owner.T.float() @ video_masks.float()) > 0
+        mask[m, v], mask[v, m] = mv, mv.T
+    if "m2m" in parts:  # Eq. 5
+        mask[m, m] = False
+    if "t2v" in parts:  # Eqs. 6-7
+        yv = text_video_mask(member, video_masks, context_text)
+        mask[y, v], mask[v, y] = yv, yv.T
+    if "t2t" in parts:  # Eq. 8
+        mask[y, y] = text_text_mask(member)
+    if "t2m" in parts:  # Eqs. 9-10
+        ym = (member.T.float() @ motion_owner.float()) > 0
+        mask[y, m], mask[m, y] = ym, ym.T
+    empty = ~mask.any(1)
+    mask[empty, empty.nonzero().squeeze(1)] = True
+    return mask
+
+
+def motion_ownership(num_objects: int, tokens_per_motion: int, device=None) -> torch.Tensor:
+    """Bool ``[K, K * d_m]``: motion token j belongs to object ``j // d_m`` (object-major layout)."""
+    owner = torch.arange(num_objects * tokens_per_motion, device=device) // tokens_per_motion
+    return owner[None, :] == torch.arange(num_objects, device=device)[:, None]
+
+
+def mdma_text_rows(
+    member: torch.Tensor,
+    tokens_per_motion: int,
+    video_masks: torch.Tensor,
+    parts: frozenset[str],
+    context_text: str,
+) -> torch.BoolTensor:
+    """The text-query rows of ``M`` over keys ``[text | motion | video]``: bool ``[L_y, N]``.
+
+    What the fast backend hands to SDPA for the few text queries (no N x N tensor)."""
+    num_objects, text_len = member.shape
+    device = video_masks.device
+    owner = motion_ownership(num_objects, tokens_per_motion, device)
+    num_video = video_masks.shape[1]
+    yy = text_text_mask(member) if "t2t" in parts else torch.ones(text_len, text_len, dtype=torch.bool, device=device)
+    ym = (member.T.float() @ owner.float()) > 0 if "t2m" in parts else torch.ones(text_len, owner.shape[1], dtype=torch.bool, device=device)
+    if "t2v" in parts:
+        yv = text_video_mask(member, video_masks, context_text)
+    else:
+        yv = torch.ones(text_len, num_video, dtype=torch.bool, device=device)
+    return torch.cat([yy, ym, yv], dim=1)
+
+
+def mdma_video_groups(
+    member: torch.Tensor,
+    tokens_per_motion: int,
+    video_masks: torch.Tensor,
+    parts: frozenset[str],
+    context_text: str,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Video queries grouped by the keys they may read (METHOD.md section 8).
+
+    V x V is all open, so a video query's row of ``M`` depends only on which objects it belongs
+    to. Returns ``[(query_indices, key_indices)]``: the video tokens of each group and the indices
+    of the text and motion keys (into ``[text | motion]``) it may read besides all video.
+    """
+    num_objects, text_len = member.shape
+    device = video_masks.device
+    owner = motion_ownership(num_objects, tokens_per_motion, device)
+    weights = 2 ** torch.arange(num_objects, device=device)
+    codes = (video_masks.long() * weights[:, None]).sum(0) if num_objects else torch.zeros(video_masks.shape[1], dtype=torch.long, device=device)
+    context = ~member.any(0)
+    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for code in codes.unique().tolist():
+        objs = torch.tensor([(code >> k) & 1 == 1 for k in range(num_objects)], dtype=torch.bool, device=device)
+        if "t2v" in parts:
+            text_keys = member[objs].any(0) | (context if context_text == "open" else torch.zeros_like(context))
+        else:
+            text_keys = torch.ones(text_len, dtype=torch.bool, device=device)
+        motion_keys = owner[objs].any(0) if "m2v" in parts else torch.ones(owner.shape[1], dtype=torch.bool, device=device)
+        keys = torch.cat([text_keys, motion_keys]).nonzero().squeeze(1)
+        groups.setdefault(tuple(keys.tolist()), []).append((codes == code).nonzero().squeeze(1))
+    return [
+        (torch.cat(queries), torch.tensor(keys, dtype=torch.long, device=device)) for keys, queries in groups.items()
+    ]
+
+
+def mask_to_token_grid(mask: torch.Tensor, height: int, width: int) -> torch.BoolTensor:
+    """Downsample an image-resolution bool mask ``[H, W]`` to the latent token grid ``[h, w]``.
+
+    A token is in the object when at least half of its pixels are. An object too small to cover
+    half of any token keeps every token it touches, so a non-empty mask never vanishes.
+    """
+    cover = F.interpolate(mask[None, None].float(), size=(height, width), mode="area")[0, 0]
+    grid = cover >= 0.5
+    if not grid.any() and cover.any():
+        grid = cover > 0
+    return grid
+
+
+def dmem_mask(concept_queries: torch.Tensor, video_keys: torch.Tensor, num_frames: int) -> torch.BoolTensor:
+    """DMEM's training-time object mask (Sec. 3.3): ``Q_y^k K_v^T`` thresholded at each frame's mean.
+
+    ``concept_queries`` ``[B, H, n_c, d]`` are the queries of the concept words, ``video_keys``
+    ``[B, H, N_v, d]``. Logits are averaged over concept tokens and heads; returns bool ``[B, N_v]``.
+    """
+    scores = torch.einsum("bhcd,bhnd->bn", concept_queries, video_keys) / (
+        concept_queries.shape[1] * concept_queries.shape[2]
+    )
+    per_frame = scores.view(scores.shape[0], num_frames, -1)
+    return (per_frame > per_frame.mean(-1, keepdim=True)).view_as(scores)
+
+
+def anchor_frames(frame: int, anchors: int) -> list[int]:
+    """RMPM's anchor set for latent frame ``frame`` (0-based): frame 0 plus the ``anchors - 1``
+    most recent previous frames (Algorithm 1, with the window slip fixed as METHOD.md says)."""
+    if anchors < 1:
+        raise ValueError(f"anchors={anchors}: RMPM needs at least 1 anchor frame (the first frame)")
+    recent = list(range(max(1, frame - anchors + 1), frame))
+    return [0, *recent]
+
+
+def _rmpm_paper(first: torch.Tensor, feats: torch.Tensor, anchors: int) -> torch.Tensor:
+    # feats [L, n, d] already L2-normalised; first [K, n]
+    num_frames = feats.shape[0]
+    masks = torch.zeros(first.shape[0], num_frames, first.shape[1], dtype=torch.bool, device=feats.device)
+    masks[:, 0] = first
+    for frame in range(1, num_frames):
+        anc = anchor_frames(frame, anchors)
+        # fast form of Eqs. 12-13: S_l = Norm(F_l) . c, c = sum of normalised anchor features in the mask
+        proto = torch.einsum("kan,and->kd", masks[:, anc].to(feats.dtype), feats[anc])
+        scores = feats[frame] @ proto.T  # [n, K]
+        masks[:, frame] = (scores > scores.mean(0, keepdim=True)).T
+    return masks
+
+
+def _trimmed_mean(x: torch.Tensor, cut: float = 0.1) -> torch.Tensor:
+    n = x.numel()
+    k = int(cut * n)
+    return x.sort().values[k : n - k].mean() if n - 2 * k > 0 else x.mean()
+
+
+def _rmpm_released(
+    first: torch.Tensor, feats: torch.Tensor, anchors: int, temperature: float = 0.013, top_k: int = 15
+) -> torch.Tensor:
+    num_objects, n = first.shape
+    num_frames = feats.shape[0]
+    labels = torch.zeros(num_objects, num_frames, n, dtype=feats.dtype, device=feats.device)
+    labels[:, 0] = first.to(feats.dtype)
+    masks = torch.zeros(num_objects, num_frames, n, dtype=torch.bool, device=feats.device)
+    masks[:, 0] = first
+    for frame in range(1, num_frames):
+        anc = anchor_frames(frame, anchors)
+        cos = feats[frame] @ feats[anc].reshape(-1, feats.shape[-1]).T  # [n, |anc| n]
+        top, idx = cos.topk(min(top_k, cos.shape[1]), dim=1)
+        weight = torch.softmax(top / temperature, dim=1)  # exp(cos / T), top-k, normalised
+        anc_labels = labels[:, anc].reshape(num_objects, -1)  # [K, |anc| n]
+        scores = (anc_labels[:, idx] * weight).sum(-1)  # [K, n]
+        labels[:, frame] = scores
+        for k in range(num_objects):
+            inside = scores[k][masks[k, frame - 1]]
+            thr = 0.3 if inside.numel() == 0 else max(0.98 * float(_trimmed_mean(inside)), 0.3)
+            masks[k, frame] = scores[k] > thr
+    return masks
+
+
+def rmpm(
+    first_masks: torch.Tensor, features: torch.Tensor, anchors: int = 3, method: str = "paper"
+) -> torch.BoolTensor:
+    """Regressive Mask Propagation (Algorithm 1): carry first-frame masks through the latent frames.
+
+    ``first_masks`` bool ``[K, h, w]``; ``features`` float ``[L, h, w, d]`` (per-token features of
+    every latent frame). ``method="paper"`` is Eqs. 12-13 in the prototype form (O(n d) per frame
+    and object); ``method="released"`` is the authors' label propagation. Returns ``[K, L, h, w]``.
+    """
+    if method not in RMPM_METHODS:
+        raise ValueError(f"rmpm method={method!r}: choose from {list(RMPM_METHODS)}")
+    num_objects, h, w = first_masks.shape
+    num_frames = features.shape[0]
+    if features.shape[1:3] != (h, w):
+        raise ValueError(f"features grid {tuple(features.shape[1:3])} differs from the masks' grid {(h, w)}")
+    feats = F.normalize(features.reshape(num_frames, h * w, -1).float(), dim=-1)
+    first = first_masks.reshape(num_objects, h * w).bool().to(feats.device)
+    propagate = _rmpm_paper if method == "paper" else _rmpm_released
+    return propagate(first, feats, anchors).reshape(num_objects, num_frames, h, w)
+
+
+def mask_change(old: torch.Tensor, new: torch.Tensor) -> float:
+    """Dynamic RMPM's stability measure: changed tokens / tokens in the old mask."""
+    changed = (old != new).sum().item()
+    size = old.sum().item()
+    if size == 0:
+        return 0.0 if changed == 0 else float("inf")
+    return changed / size

@@ -1,0 +1,41 @@
+"""Where each object's motion words sit among the prompt's T5 tokens (``Y_mo^k`` of Sec. 3.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import FlexiMMTInputError
+
+
+def prompt_token_ids(tokenizer, prompt: str, max_sequence_length: int) -> list[int]:
+    """The prompt's token ids exactly as diffusers' CogVideoX ``encode_prompt`` produces them."""
+    return tokenizer(
+        prompt, padding="max_length", max_length=max_sequence_length, truncation=True, add_special_tokens=True
+    ).input_ids
+
+
+def find_word_spans(tokenizer, prompt: str, phrases: Sequence[str], max_sequence_length: int) -> list[list[int]]:
+    """Token indices of each phrase inside the tokenised prompt.
+
+    A phrase that occurs several times goes to the first occurrence no earlier phrase has taken
+    (so "A dog jumps. A cat jumps." can give each object its own "jumps"); when all are taken
+    the phrase shares the first one.
+    """
+    ids = prompt_token_ids(tokenizer, prompt, max_sequence_length)
+    taken: set[int] = set()
+    spans = []
+    for phrase in phrases:
+        words = tokenizer(phrase, add_special_tokens=False).input_ids
+        if not words:
+            raise FlexiMMTInputError(f"motion words {phrase!r} are empty after tokenisation: name words of the prompt")
+        starts = [i for i in range(len(ids) - len(words) + 1) if ids[i : i + len(words)] == words]
+        if not starts:
+            raise FlexiMMTInputError(
+                f"motion words {phrase!r} were not found among the tokens of the prompt {prompt!r} "
+                f"(cut to {max_sequence_length} tokens): copy the words exactly as the prompt has them"
+            )
+        free = [s for s in starts if s not in taken]
+        start = free[0] if free else starts[0]
+        taken.add(start)
+        spans.append(list(range(start, start + len(words))))
+    return spans

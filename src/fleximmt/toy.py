@@ -1,0 +1,120 @@
+"""Tiny CogVideoX-architecture models built from configs with diffusers' own classes.
+
+Used by the test suite and by ``make demo`` until a trained toy model ships: every weight is
+random, so the videos they make are noise - what they show is that the whole pipeline runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .motion import MotionTokens
+
+WORDS = (
+    "A An The a an the and is are on in with of to at its from "
+    "red green blue yellow white black orange purple small big left right middle "
+    "ball box star circle square triangle sprite dog cat man tiger rabbit "
+    "jumps jumping moves moving slides sliding rolls rolling spins spinning walks walking runs "
+    "up down left right around quickly slowly still stands bounces zigzags circles grows shrinks "
+    "doing yoga snow ground background . ,"
+).split()
+
+
+def tiny_tokenizer(words: tuple[str, ...] = WORDS):
+    """An offline T5 tokenizer whose vocabulary is ``words`` (no download)."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    seen = set()
+    for w in words:
+        piece = w if w in ".," else "\u2581" + w
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append((piece, -1.0))
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def tiny_components(
+    seed: int = 0,
+    height: int = 32,
+    width: int = 32,
+    num_frames: int = 9,
+    num_layers: int = 2,
+    heads: int = 2,
+    head_dim: int = 16,
+    text_len: int = 16,
+    vae_channels: tuple[int, ...] = (8, 8, 8),
+    latent_channels: int = 4,
+) -> dict:
+    """Random-weight components of a ``CogVideoXImageToVideoPipeline`` (seeded)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    spatial = 2 ** (len(vae_channels) - 1)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * len(vae_channels),
+        up_block_types=("CogVideoXUpBlock3D",) * len(vae_channels),
+        block_out_channels=vae_channels,
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    tokenizer = tiny_tokenizer()
+    text_dim = 16
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=text_dim,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=2 * latent_channels,
+        out_channels=latent_channels,
+        time_embed_dim=8,
+        text_embed_dim=text_dim,
+        num_layers=num_layers,
+        sample_width=width // spatial,
+        sample_height=height // spatial,
+        sample_frames=num_frames,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=text_len,
+        use_rotary_positional_embeddings=True,
+        use_learned_positional_embeddings=True,
+    )
+    scheduler = CogVideoXDDIMScheduler()
+    for model in (vae, text_encoder, transformer):
+        model.eval()
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+
+
+def tiny_pipeline(seed: int = 0, **config):
+    """A ``FlexiMMTPipeline`` of tiny random-weight components (see :func:`tiny_components`)."""
+    from .pipeline import FlexiMMTPipeline
+
+    pipe = FlexiMMTPipeline(**tiny_components(seed, **config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_motion(transformer, tokens_per_motion: int = 4, seed: int = 0, scale: float = 1.0, **metadata) -> MotionTokens:
+    """Random motion tokens shaped for ``transformer`` (kaiming-uniform-like spread, seeded)."""
+    cfg = transformer.config
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    gen = torch.Generator().manual_seed(seed)
+    bound = scale * (3.0 / dim) ** 0.5
+    tokens = (torch.rand(cfg.num_layers, tokens_per_motion, dim, generator=gen) * 2 - 1) * bound
+    return MotionTokens(tokens, **metadata)
