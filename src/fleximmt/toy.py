@@ -27,10 +27,11 @@ def tiny_tokenizer(words: tuple[str, ...] = WORDS):
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     seen = set()
     for w in words:
-        piece = w if w in ".," else "\u2581" + w
-        if piece not in seen:
-            seen.add(piece)
-            pieces.append((piece, -1.0))
+        # punctuation both glued to the previous word ("up.") and standing alone ("up .")
+        for piece in ([w, "\u2581" + w] if w in ".," else ["\u2581" + w]):
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append((piece, -1.0))
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 

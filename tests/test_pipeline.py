@@ -1,0 +1,263 @@
+"""FlexiMMTPipeline on tiny random-weight CogVideoX models, against diffusers itself and the dense reference."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import CogVideoXImageToVideoPipeline
+from PIL import Image
+
+import fleximmt.attention as attention
+from fleximmt import FlexiMMTInputError, FlexiMMTPipeline, MotionTokens, ObjectMotion
+from fleximmt.attention import FlexiMMTAttnProcessor
+from fleximmt.toy import random_motion, tiny_pipeline
+
+PROMPT = "A ball jumps up. A box slides left. A cat spins around."
+WORDS = ["jumps up", "slides left", "spins around"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(0)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
+
+
+def box(y0, y1, x0, x1, size=32):
+    m = np.zeros((size, size), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def objects(pipe, count=2, d_m=4, masks=None):
+    masks = masks or [box(2, 14, 2, 14), box(10, 30, 12, 30), box(0, 32, 0, 32)]
+    return [
+        ObjectMotion(masks[k], random_motion(pipe.transformer, d_m, seed=k + 1, scale=4.0), WORDS[k])
+        for k in range(count)
+    ]
+
+
+def run(pipe, image, seed=0, **kw):
+    kw.setdefault("num_inference_steps", 3)
+    return pipe(
+        image=image,
+        prompt=PROMPT,
+        guidance_scale=kw.pop("guidance_scale", 6.0),
+        max_sequence_length=16,
+        output_type=kw.pop("output_type", "latent"),
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
+    )
+
+
+def rel(a, b):
+    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_no_objects_reproduces_diffusers_image_to_video(pipe, image):
+    vanilla = CogVideoXImageToVideoPipeline(**pipe.components)
+    vanilla.set_progress_bar_config(disable=True)
+    for output_type in ("latent", "np"):
+        ours = run(pipe, image, output_type=output_type).frames
+        # diffusers' own pipeline with the processors diffusers installs
+        ref = run(vanilla, image, output_type=output_type, num_frames=9).frames
+        assert rel(ours, ref) < 1e-4
+    # and after FlexiMMT processors are installed, objects=[] still computes diffusers' attention
+    run(pipe, image, objects=objects(pipe))
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn1.processor, FlexiMMTAttnProcessor)
+    assert rel(run(pipe, image).frames, run(vanilla, image, num_frames=9).frames) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(),
+        dict(count=3, context_text="closed"),
+        dict(count=3, parts=("m2v", "t2m")),
+        dict(count=2, parts=()),
+        dict(count=2, mask_source="static", guidance_scale=1.0),
+        dict(count=2, mask_source="qk"),
+        dict(count=3, rmpm_method="released", anchors=1),
+    ],
+)
+def test_auto_backend_agrees_with_dense_reference(pipe, image, settings):
+    settings = dict(settings)
+    objs = objects(pipe, settings.pop("count", 2))
+    auto = run(pipe, image, objects=objs, return_masks=True, **settings)
+    dense = run(pipe, image, objects=objs, attention_backend="dense", return_masks=True, **settings)
+    assert rel(auto.frames, dense.frames) < 1e-4
+    assert torch.equal(auto.masks, dense.masks)
+
+
+def test_motion_tokens_change_the_output(pipe, image):
+    plain = run(pipe, image).frames
+    with_motion = run(pipe, image, objects=objects(pipe)).frames
+    assert rel(with_motion, plain) > 1e-3
+    other = objects(pipe)
+    other[0].motion = random_motion(pipe.transformer, 4, seed=99, scale=4.0)
+    assert rel(run(pipe, image, objects=other).frames, with_motion) > 1e-4
+
+
+def test_object_motion_stays_in_its_object_when_masks_are_static(pipe, image):
+    # K = 1, static mask, all parts on: a video token outside the mask never reads the motion tokens
+    # and the motion words; swapping the motion changes attention output only inside the object
+    # on the first block (later blocks mix through video-video attention, which MDMA leaves open).
+    objs = objects(pipe, 1)
+    captured = {}
+
+    def grab(module, args, kwargs, output):
+        captured.setdefault(kwargs.get("fleximmt").motion_tokens[0, 0, 0, 0].item(), output[0].detach().clone())
+
+    handle = pipe.transformer.transformer_blocks[0].attn1.register_forward_hook(grab, with_kwargs=True)
+    try:
+        run(pipe, image, objects=objs, mask_source="static", num_inference_steps=1)
+        objs[0].motion = random_motion(pipe.transformer, 4, seed=42, scale=4.0)
+        run(pipe, image, objects=objs, mask_source="static", num_inference_steps=1)
+    finally:
+        handle.remove()
+    a, b = captured.values()
+    grid = pipe.token_grid(32, 32, 9)
+    inside = torch.from_numpy(box(2, 14, 2, 14))
+    token_mask = torch.nn.functional.interpolate(inside[None, None].float(), (grid.height, grid.width), mode="area")[0, 0] >= 0.5
+    token_mask = token_mask.reshape(-1).repeat(grid.frames)
+    diff = (a - b).abs().amax(dim=(0, 2))
+    assert diff[~token_mask].max() < 1e-6
+    assert diff[token_mask].min() > 1e-6
+
+
+def test_auto_backend_builds_no_square_mask_and_prepares_masks_once_per_step(pipe, image, monkeypatch):
+    shapes, layouts = [], []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        shapes.append((q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape)))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    real_layout = attention.MDMALayout.__post_init__
+
+    def count(self):
+        layouts.append(1)
+        real_layout(self)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attention.MDMALayout, "__post_init__", count)
+    steps = 4
+    run(pipe, image, objects=objects(pipe, 3), num_inference_steps=steps)
+    n_video = pipe.token_grid(32, 32, 9).size
+    total = 16 + 3 * 4 + n_video
+    shapes = [s for s in shapes if s[1] > 16]  # the transformer's calls, not the text encoder's
+    masked = [s for s in shapes if s[2] is not None]
+    assert masked and all(m[-2] == 16 and m[-1] == total for _, _, m in masked)  # text rows only
+    assert all(q < total for q, _, _ in shapes)
+    assert len(layouts) <= steps + 1  # once before the loop, then once per step - never per block
+    blocks = pipe.transformer.config.num_layers
+    assert len(masked) == steps * blocks
+
+
+def test_rmpm_features_come_from_the_ordinary_forward(pipe, image):
+    calls = []
+    handle = pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        run(pipe, image, num_inference_steps=3)
+        plain_calls = len(calls)
+        calls.clear()
+        out = run(pipe, image, objects=objects(pipe), num_inference_steps=3, return_masks=True)
+    finally:
+        handle.remove()
+    assert len(calls) == plain_calls == 3
+    grid = pipe.token_grid(32, 32, 9)
+    assert out.masks.shape == (3, 2, grid.frames, grid.height, grid.width)
+    first = out.masks[0]
+    assert torch.equal(first[:, 1], first[:, 0])  # step 0 uses the first-frame masks on every frame
+    assert torch.equal(out.masks[:, :, 0], first[None, :, 0].expand(3, -1, -1, -1))  # frame 1 is the user's
+
+
+def test_dynamic_rmpm_freezes_masks_after_the_first_steps(pipe, image):
+    every_step = run(pipe, image, objects=objects(pipe), num_inference_steps=9, return_masks=True)
+    assert any(not torch.equal(every_step.masks[s], every_step.masks[6]) for s in range(7, 9))
+    out = run(pipe, image, objects=objects(pipe), num_inference_steps=9, alpha=0.99, return_masks=True)
+    # always updated for 5 steps; then a change below 99% freezes every mask
+    assert not torch.equal(out.masks[4], out.masks[0])
+    assert all(torch.equal(out.masks[s], out.masks[6]) for s in range(6, 9))
+
+
+def test_save_and_load_round_trip_through_from_pretrained(pipe, image, tmp_path):
+    pipe.save_pretrained(tmp_path / "model")
+    loaded = FlexiMMTPipeline.from_pretrained(str(tmp_path / "model"))
+    loaded.set_progress_bar_config(disable=True)
+    motion_path = tmp_path / "m.safetensors"
+    objs = objects(pipe)
+    objs[0].motion.metadata.update(name="jump", caption="A ball jumps up .", motion_words="jumps up", steps=7)
+    objs[0].motion.save(motion_path)
+    reloaded = [ObjectMotion(objs[0].mask, str(motion_path), WORDS[0]), objs[1]]
+    assert rel(run(loaded, image, objects=reloaded).frames, run(pipe, image, objects=objs).frames) < 1e-5
+    from_pipe = FlexiMMTPipeline.from_pipe(CogVideoXImageToVideoPipeline(**pipe.components))
+    assert rel(run(from_pipe, image, objects=objs).frames, run(pipe, image, objects=objs).frames) < 1e-6
+
+
+def test_motion_file_round_trip_and_corrupt_files(tmp_path):
+    tokens = torch.randn(3, 5, 7)
+    m = MotionTokens(tokens, name="yoga", caption="A man is doing yoga.", concept_words="man", motion_words="is doing yoga", base_model="tiny", steps=12)
+    path = m.save(tmp_path / "yoga.safetensors")
+    back = MotionTokens.load(path)
+    assert torch.equal(back.tokens, tokens)
+    assert back.metadata == m.metadata and back.d_m == 5 and back.motion_words == "is doing yoga"
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        MotionTokens.load(tmp_path / "bad.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a fleximmt motion"):
+        MotionTokens.load(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="does not exist"):
+        MotionTokens.load(tmp_path / "missing.safetensors")
+
+
+def test_bad_input_raises_value_errors_that_name_the_fix(pipe, image, tmp_path):
+    good = objects(pipe)
+    cases = [
+        (dict(objects=[ObjectMotion(box(0, 8, 0, 8), good[0].motion, "flies away")]), "were not found"),
+        (dict(objects=[ObjectMotion(box(0, 8, 0, 8), MotionTokens(torch.zeros(2, 4, 8)), "jumps up")]), "width 8"),
+        (dict(objects=[ObjectMotion(box(0, 8, 0, 8), MotionTokens(torch.zeros(5, 4, 32)), "jumps up")]), "5 blocks"),
+        (dict(objects=[ObjectMotion(box(0, 8, 0, 8, size=48), good[0].motion, "jumps up")]), "48 x 48"),
+        (dict(objects=good[:1] * 9), "at most 8"),
+        (dict(objects=good, num_frames=13), "8k\\+1"),
+        (dict(objects=good, num_frames=17), "at most 9 frames"),
+        (dict(objects=good, mask_source="sam"), "mask_source"),
+        (dict(objects=good, parts=("m2x",)), "unknown MDMA part"),
+        (dict(objects=good, attention_backend="flash"), "attention_backend"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run(pipe, image, num_inference_steps=1, **kwargs)
+    with pytest.raises(ValueError, match="does not exist"):
+        ObjectMotion(str(tmp_path / "nope.png"), good[0].motion, "jumps up")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="not a readable image"):
+        ObjectMotion(str(tmp_path / "broken.png"), good[0].motion, "jumps up")
+
+
+def test_empty_object_mask_is_inert_and_stays_empty(pipe, image, caplog):
+    objs = objects(pipe, 2, masks=[box(0, 0, 0, 0), box(10, 30, 12, 30)])
+    with caplog.at_level("WARNING"):
+        out = run(pipe, image, objects=objs, return_masks=True)
+    assert "empty mask" in caplog.text
+    assert not out.masks[:, 0].any()
+    assert torch.isfinite(out.frames).all()
+
+
+def test_mask_png_paths_and_pil_masks_are_accepted(pipe, tmp_path):
+    Image.fromarray(box(2, 14, 2, 14).astype(np.uint8) * 255).save(tmp_path / "m.png")
+    motion = random_motion(pipe.transformer, 4)
+    from_png = ObjectMotion(str(tmp_path / "m.png"), motion, "jumps up").mask_tensor
+    from_pil = ObjectMotion(Image.open(tmp_path / "m.png"), motion, "jumps up").mask_tensor
+    assert torch.equal(from_png, torch.from_numpy(box(2, 14, 2, 14))) and torch.equal(from_pil, from_png)
