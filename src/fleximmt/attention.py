@@ -30,7 +30,7 @@ class MDMALayout:
     parts: frozenset[str]
     context_text: str
     backend: str = "auto"
-    text_rows: torch.Tensor | None = None  # auto: bool [L_y, L_y + K d_m + N_v]
+    text_rows_video_first: torch.Tensor | None = None  # auto: bool [L_y, N], keys [video | text | motion]
     groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # auto
     dense: torch.Tensor | None = None  # dense: bool [N, N]
 
@@ -40,7 +40,9 @@ class MDMALayout:
             spans = [row.nonzero().squeeze(1).tolist() for row in self.member]
             self.dense = mdma_dense(self.member.shape[1], spans, *args[1:])
         else:
-            self.text_rows = mdma_text_rows(*args)
+            rows = mdma_text_rows(*args)
+            small = rows.shape[1] - self.video_masks.shape[1]
+            self.text_rows_video_first = torch.cat([rows[:, small:], rows[:, :small]], dim=1)
             self.groups = mdma_video_groups(*args)
 
 
@@ -156,30 +158,33 @@ class FlexiMMTState:
 
     def _attend_grouped(self, query, key, value, m_k, m_v, text_len: int) -> torch.Tensor:
         layout = self.layout
+        n_video = key.shape[2] - text_len
         small_k = torch.cat([key[:, :, :text_len], m_k], dim=2)  # [text | motion] keys
         small_v = torch.cat([value[:, :, :text_len], m_v], dim=2)
-        video_k, video_v = key[:, :, text_len:], value[:, :, text_len:]
-        # the few text queries: one SDPA with their [L_y, N] rows of the mask
-        text_out = F.scaled_dot_product_attention(
-            query[:, :, :text_len],
-            torch.cat([small_k, video_k], dim=2),
-            torch.cat([small_v, video_v], dim=2),
-            attn_mask=layout.text_rows,
+        # one key/value buffer [video | text | motion]: the text queries read it whole, each video
+        # group rewrites the tail with its own text and motion keys (no copy of the video keys)
+        keys = torch.cat([key[:, :, text_len:], small_k], dim=2)
+        values = torch.cat([value[:, :, text_len:], small_v], dim=2)
+        out = query.new_empty(query.shape)
+        # the few text queries: their [L_y, N] rows of the mask, columns in buffer order
+        out[:, :, :text_len] = F.scaled_dot_product_attention(
+            query[:, :, :text_len], keys, values, attn_mask=layout.text_rows_video_first
         )
-        # video queries: one unmasked SDPA per group over its gathered keys
-        video_q = query[:, :, text_len:]
-        outs, order = [], []
-        for queries, keys in layout.groups:
-            single = len(layout.groups) == 1
-            q = video_q if single else video_q.index_select(2, queries)
-            k = torch.cat([small_k.index_select(2, keys), video_k], dim=2)
-            v = torch.cat([small_v.index_select(2, keys), video_v], dim=2)
-            outs.append(F.scaled_dot_product_attention(q, k, v))
-            order.append(queries)
-        video_out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        if len(outs) > 1:
-            video_out = video_out.index_select(2, torch.argsort(torch.cat(order)))
-        return torch.cat([text_out, video_out], dim=2)
+        video_q, video_out = query[:, :, text_len:], out[:, :, text_len:]
+        for queries, small in layout.groups:
+            end = n_video + small.numel()
+            if torch.is_grad_enabled():  # autograd keeps every group's keys: give each its own
+                keys, values = keys.clone(), values.clone()
+            keys[:, :, n_video:end] = small_k.index_select(2, small)
+            values[:, :, n_video:end] = small_v.index_select(2, small)
+            if len(layout.groups) == 1:
+                video_out.copy_(F.scaled_dot_product_attention(video_q, keys[:, :, :end], values[:, :, :end]))
+            else:
+                group_out = F.scaled_dot_product_attention(
+                    video_q.index_select(2, queries), keys[:, :, :end], values[:, :, :end]
+                )
+                video_out.index_copy_(2, queries, group_out)
+        return out
 
 
 class FlexiMMTAttnProcessor:

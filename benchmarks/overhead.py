@@ -1,0 +1,182 @@
+"""FlexiMMT's cost over plain CogVideoX image-to-video, measured as ratios in one process.
+
+Runs diffusers' vanilla ``CogVideoXImageToVideoPipeline`` and ``FlexiMMTPipeline`` (K objects,
+RMPM every step, no dynamic stop) on the same random-weight medium CPU model, interleaved, and
+prints time and peak-memory ratios. Then, for the real CogVideoX-5B-I2V transformer config
+(instantiated on the meta device) at 480x720x49, prints the sequence length N, the bytes a dense
+float mask would take per block call, and the bytes the auto backend's mask structures take.
+
+    python benchmarks/overhead.py [--repeats 3] [--steps 4] [--objects 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import statistics
+import threading
+import time
+
+import numpy as np
+import torch
+from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+from PIL import Image
+
+from fleximmt import FlexiMMTPipeline, ObjectMotion
+from fleximmt.attention import MDMALayout, install_processors
+from fleximmt.masks import PARTS, span_membership
+from fleximmt.toy import random_motion, tiny_components
+
+_libc = ctypes.CDLL("libc.so.6")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every millisecond."""
+
+    def __enter__(self):
+        gc.collect()
+        _libc.malloc_trim(0)  # hand freed memory back, so each run starts from the same floor
+        self.base = self.peak = rss()
+        self._stop = False
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+def medium_pipeline() -> FlexiMMTPipeline:
+    # 4 blocks of 8 heads x 64; 96x96x49 -> 13 x 12 x 12 = 1,872 video tokens; 226 text tokens
+    comps = tiny_components(
+        seed=0, height=96, width=96, num_frames=49, num_layers=4, heads=8, head_dim=64, text_len=226,
+        vae_channels=(16, 32, 32), latent_channels=8,
+    )  # fmt: skip
+    pipe = FlexiMMTPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def objects_for(pipe, count: int, d_m: int) -> tuple[str, list[ObjectMotion]]:
+    words = ["jumps up", "slides left", "spins around", "rolls down", "walks right"]
+    names = ["ball", "box", "cat", "star", "dog"]
+    prompt = " ".join(f"A {names[k]} {words[k]}." for k in range(count))
+    masks = []
+    for k in range(count):
+        m = np.zeros((96, 96), bool)
+        m[8 + 24 * k : 40 + 24 * k, 10 + 20 * k : 50 + 20 * k] = True
+        masks.append(m)
+    objs = [ObjectMotion(masks[k], random_motion(pipe.transformer, d_m, seed=k), words[k]) for k in range(count)]
+    return prompt, objs
+
+
+def measure(args) -> None:
+    torch.manual_seed(0)
+    pipe = medium_pipeline()
+    image = Image.fromarray((np.random.RandomState(0).rand(96, 96, 3) * 255).astype(np.uint8))
+    prompt, objs = objects_for(pipe, args.objects, args.tokens)
+    common = dict(image=image, prompt=prompt, num_inference_steps=args.steps, guidance_scale=6.0,
+                  output_type="latent", max_sequence_length=226)  # fmt: skip
+    grid = pipe.token_grid(96, 96, 49)
+    print(f"medium CPU model: 4 blocks, 8 heads x 64, {grid.size} video tokens, 226 text tokens, "
+          f"K = {args.objects} x {args.tokens} motion tokens, {args.steps} steps with CFG, threads={torch.get_num_threads()}")
+
+    def vanilla():
+        pipe.transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
+        return super(FlexiMMTPipeline, pipe).__call__(generator=torch.Generator().manual_seed(0), **common)
+
+    def flexi():
+        install_processors(pipe.transformer)
+        return pipe(generator=torch.Generator().manual_seed(0), objects=objs, alpha=None, **common)
+
+    runs = {"vanilla": vanilla, "fleximmt": flexi}
+    times = {k: [] for k in runs}
+    peaks = {k: [] for k in runs}
+    totals = {k: [] for k in runs}
+    for name, fn in runs.items():  # warm-up
+        fn()
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            with PeakRSS() as mem:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+            peaks[name].append(mem.extra)
+            totals[name].append(mem.peak)
+    t_v, t_f = statistics.median(times["vanilla"]), statistics.median(times["fleximmt"])
+    p_v, p_f = statistics.median(peaks["vanilla"]), statistics.median(peaks["fleximmt"])
+    q_v, q_f = statistics.median(totals["vanilla"]), statistics.median(totals["fleximmt"])
+    print(f"time      vanilla {t_v:7.2f} s   fleximmt {t_f:7.2f} s   ratio {t_f / t_v:.3f}x  (median of {args.repeats})")
+    print(f"peak RSS  vanilla {q_v / 2**20:7.1f} MiB fleximmt {q_f / 2**20:7.1f} MiB ratio {q_f / q_v:.3f}x")
+    print(f"working memory above the pre-run level: vanilla {p_v / 2**20:.1f} MiB, fleximmt {p_f / 2**20:.1f} MiB, "
+          f"ratio {p_f / p_v:.3f}x")
+
+
+def real_model_sizes(objects: int = 3, d_m: int = 226) -> None:
+    from accelerate import init_empty_weights
+    from diffusers import CogVideoXTransformer3DModel
+
+    with init_empty_weights():  # the CogVideoX-5B-I2V transformer config, no weights allocated
+        model = CogVideoXTransformer3DModel(
+            num_attention_heads=48, attention_head_dim=64, in_channels=32, out_channels=16, time_embed_dim=512,
+            text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True,
+            use_learned_positional_embeddings=True,
+        )  # fmt: skip
+    cfg = model.config
+    frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
+    h, w = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
+    n_video = frames * h * w
+    text = cfg.max_text_seq_length
+    n = text + objects * d_m + n_video
+    heads, batch = cfg.num_attention_heads, 2  # CFG doubles the batch
+    dense_bytes = batch * heads * n * n * 2  # the release's bf16 [B, H, N, N] mask, every block call
+    # the auto backend's structures for a realistic layout: K overlapping boxes on the token grid
+    masks = torch.zeros(objects, frames, h, w, dtype=torch.bool)
+    for k in range(objects):
+        masks[k, :, 4 + 6 * k : 18 + 6 * k, 5 + 10 * k : 20 + 10 * k] = True
+    spans = [list(range(3 + 5 * k, 6 + 5 * k)) for k in range(objects)]
+    layout = MDMALayout(span_membership(text, spans), d_m, masks.reshape(objects, -1), frozenset(PARTS), "open")
+    auto_bytes = layout.text_rows_video_first.numel() * layout.text_rows_video_first.element_size() + sum(
+        q.numel() * q.element_size() + k.numel() * k.element_size() for q, k in layout.groups
+    )
+    print(f"\nCogVideoX-5B-I2V at 480x720x49 (meta device), K = {objects}, d_m = {d_m}: "
+          f"{cfg.num_layers} blocks, {heads} heads, {n_video} video tokens, N = {n}")
+    print(f"dense float mask per block call (bf16 [2, {heads}, N, N]): {dense_bytes / 2**30:.2f} GiB")
+    print(f"auto backend mask structures (text rows [226, N] + {len(layout.groups)} video groups), once per step: "
+          f"{auto_bytes / 2**20:.2f} MiB  ({dense_bytes / auto_bytes:.0f}x less)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--objects", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=16, help="motion tokens per object (d_m)")
+    parser.add_argument("--skip-run", action="store_true", help="only print the real-model sizes")
+    args = parser.parse_args()
+    if not args.skip_run:
+        measure(args)
+    real_model_sizes(args.objects)
+
+
+if __name__ == "__main__":
+    main()
