@@ -69,6 +69,7 @@ class FlexiMMTState:
     feature_blocks: frozenset[int] = frozenset()
     feature_row: int = 0
     layout: MDMALayout | None = None
+    _dmem_layouts: dict[int, MDMALayout] = field(default_factory=dict)
     _features: torch.Tensor | None = None
     _feature_count: int = 0
 
@@ -85,6 +86,11 @@ class FlexiMMTState:
         self.layout = MDMALayout(
             self.member, self.tokens_per_motion, video_masks.bool(), self.parts, self.context_text, self.backend
         )
+
+    def begin_step(self) -> None:
+        """Forget the per-block DMEM masks of the previous step (a recomputed block - gradient
+        checkpointing - reuses the masks of its first pass, random drop included)."""
+        self._dmem_layouts.clear()
 
     # -- RMPM features (captured during the ordinary forward) --------------------------------
     def observe(self, block: int, video_out: torch.Tensor) -> None:
@@ -128,7 +134,10 @@ class FlexiMMTState:
         """
         batch = query.shape[0]
         if self.concept_member is not None:
-            self._extract_masks(query, key, text_len)
+            if block not in self._dmem_layouts:
+                self._extract_masks(query, key, text_len)
+                self._dmem_layouts[block] = self.layout
+            self.layout = self._dmem_layouts[block]
         m_q, m_k, m_v = self.motion_projections(attn, block, batch, with_queries=self.backend == "dense")
         if self.backend == "dense":
             return self._attend_dense(query, key, value, m_q, m_k, m_v, text_len)
@@ -138,14 +147,15 @@ class FlexiMMTState:
         """DMEM (Sec. 3.3): each object's mask from its concept words' queries times video keys."""
         row = self.feature_row
         masks = []
-        for concept in self.concept_member:
-            idx = concept.nonzero().squeeze(1)
-            q = query[row : row + 1, :, idx]
-            mask = dmem_mask(q, key[row : row + 1, :, text_len:], self.num_frames)[0]
-            if self.dmem_drop > 0:
-                keep = torch.rand(mask.shape, generator=self.generator, device="cpu").to(mask.device)
-                mask = mask & (keep >= self.dmem_drop)
-            masks.append(mask)
+        with torch.no_grad():  # the masks are a selection, not a path for gradients
+            video_keys = key[row : row + 1, :, text_len:]
+            for concept in self.concept_member:
+                q = query[row : row + 1, :, concept.nonzero().squeeze(1)]
+                mask = dmem_mask(q, video_keys, self.num_frames)[0]
+                if self.dmem_drop > 0:  # the release's regulariser: drop positives, redrawn every call
+                    keep = torch.rand(mask.shape, generator=self.generator, device="cpu").to(mask.device)
+                    mask = mask & (keep >= self.dmem_drop)
+                masks.append(mask)
         self.set_video_masks(torch.stack(masks))
 
     def _attend_dense(self, query, key, value, m_q, m_k, m_v, text_len: int) -> torch.Tensor:

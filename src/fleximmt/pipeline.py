@@ -270,6 +270,7 @@ class FlexiMMTPipeline(CogVideoXImageToVideoPipeline):
 
         def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
             nonlocal updating
+            state.begin_step()
             if return_masks and state.layout is not None:
                 history.append(state.layout.video_masks.view(len(objects), grid.frames, grid.height, grid.width).cpu())
             features = state.take_features()
