@@ -101,12 +101,14 @@ class Conditions:
     concept_member: torch.Tensor  # bool [1, L_y]: concept words
 
 
-def load_reference(video, num_frames: int, fps: float | None) -> np.ndarray:
+def load_reference(video, num_frames: int, fps: float | None, start: int | None = None,
+                   end: int | None = None) -> np.ndarray:  # fmt: skip
+    """The reference frames between ``start`` and ``end``, subsampled to about ``fps``."""
     if isinstance(video, (str, os.PathLike)):
         frames, native_fps = read_video(video)
     else:
         frames, native_fps = as_frames(video, "reference video"), fps or 8.0
-    return subsample(frames, native_fps, fps, num_frames)
+    return subsample(frames[start:end], native_fps, fps, num_frames)
 
 
 @torch.no_grad()
@@ -267,6 +269,8 @@ def train_motion(
     seed: int = 0,
     *,
     resume: bool = False,
+    start_frame: int | None = None,
+    end_frame: int | None = None,
     callback: Callable[[int, float], None] | None = None,
     shard_windows: bool = True,
     return_losses: bool = False,
@@ -305,7 +309,7 @@ def train_motion(
     if cfg.vae_tiling:
         pipe.vae.enable_tiling()
 
-    frames = load_reference(video, geometry[2], cfg.fps)
+    frames = load_reference(video, geometry[2], cfg.fps, start_frame, end_frame)
     with accelerator.main_process_first():  # the main process encodes, the others read its cache
         cond = prepare_conditions(pipe, frames, caption, concept_words, motion_words, cfg, geometry,
                                   cache_path(output), cfg.seed)  # fmt: skip
@@ -389,3 +393,85 @@ def train_motion(
     if distributed:
         accelerator.wait_for_everyone()
     return TrainResult(motion, losses) if return_losses else motion
+
+
+# -- many motions: one per row of a dataset file ----------------------------------------------
+@dataclass
+class DatasetRow:
+    """One motion to learn: a reference video and its words (a row of ``--dataset``)."""
+
+    video: str
+    caption: str
+    concept_words: str
+    motion_words: str
+    start: int | None = None
+    end: int | None = None
+    fps: float | None = None
+    name: str | None = None
+
+    @property
+    def output_name(self) -> str:
+        return (self.name or Path(self.video).stem) + ".safetensors"
+
+
+def read_dataset(path: str | os.PathLike) -> list[DatasetRow]:
+    """Rows of a CSV (with a header) or JSON-lines file: video, caption, concept_words,
+    motion_words, and optionally start, end (frames), fps and name. Relative video paths are
+    taken from the dataset file's folder."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FlexiMMTInputError(f"dataset {str(path)!r} does not exist: give a .csv or .jsonl file")
+    text = path.read_text()
+    if path.suffix.lower() in (".jsonl", ".json"):
+        try:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise FlexiMMTInputError(f"dataset {str(path)!r} is not valid JSON lines ({err})") from None
+    else:
+        records = list(csv.DictReader(text.splitlines()))
+    aliases = {"concept": "concept_words", "motion": "motion_words", "start_frame": "start", "end_frame": "end"}
+    fields = {f.name: f.type for f in dataclasses.fields(DatasetRow)}
+    rows = []
+    for number, record in enumerate(records, 1):
+        record = {aliases.get(k.strip(), k.strip()): v for k, v in record.items() if v not in (None, "")}
+        missing = [k for k in ("video", "caption", "concept_words", "motion_words") if k not in record]
+        unknown = [k for k in record if k not in fields]
+        if missing or unknown:
+            raise FlexiMMTInputError(
+                f"dataset {str(path)!r} row {number}: missing {missing} / unknown {unknown} columns; "
+                "columns are video, caption, concept_words, motion_words, start, end, fps, name"
+            )
+        for key, cast in (("start", int), ("end", int), ("fps", float)):
+            if key in record:
+                try:
+                    record[key] = cast(record[key])
+                except ValueError:
+                    raise FlexiMMTInputError(f"dataset row {number}: {key}={record[key]!r} is not a number") from None
+        video = Path(str(record["video"]))
+        record["video"] = str(video if video.is_absolute() else path.parent / video)
+        rows.append(DatasetRow(**record))
+    if not rows:
+        raise FlexiMMTInputError(f"dataset {str(path)!r} has no rows")
+    return rows
+
+
+def train_dataset(pipe, rows: list[DatasetRow], out_dir: str | os.PathLike, **kwargs: Any) -> list[Path]:
+    """Train one motion per row into ``out_dir``. Under ``accelerate launch`` each process takes its
+    own share of the rows (rank, rank + world, ...), so every row is trained exactly once."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    out_dir = Path(out_dir)
+    done = []
+    for row in rows[state.process_index :: state.num_processes]:
+        settings = dict(kwargs)
+        if row.fps is not None:
+            settings["fps"] = row.fps
+        output = out_dir / row.output_name
+        logger.info("process %d trains %s -> %s", state.process_index, row.video, output)
+        train_motion(pipe, row.video, row.caption, row.concept_words, row.motion_words, output,
+                     start_frame=row.start, end_frame=row.end, shard_windows=False, **settings)  # fmt: skip
+        done.append(output)
+    return done
