@@ -1,0 +1,280 @@
+"""The ``fleximmt`` command line: generate, train, inspect, demo (and more as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import FlexiMMTInputError
+
+TINY = "tiny"
+EXAMPLES = {
+    "generate": """examples:
+  fleximmt generate --image scene.png --prompt "A tiger walks on the snow. A man is crouching." \\
+      --object tiger.png:walk.safetensors:"walks" --object man.png:crouch.safetensors:"is crouching" \\
+      --out out.mp4 --masks-out masks.mp4
+  fleximmt generate --model ./CogVideoX-5b-I2V --cpu-offload --vae-tiling ...   (a local copy, less GPU memory)
+  fleximmt generate --model tiny ...   (a tiny random-weight model: checks that everything runs, makes noise)""",
+    "train": """examples:
+  fleximmt train --video yoga.mp4 --caption "A man is doing yoga." --concept man \\
+      --motion-words "is doing yoga" --out yoga.safetensors
+  fleximmt train --dataset motions.csv --out-dir motions/      (one motion per row)
+  accelerate launch fleximmt train ...                          (several GPUs or nodes)
+dataset columns (CSV with header, or JSON lines): video, caption, concept_words, motion_words,
+  and optionally start, end (frames), fps, name""",
+}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="THUDM/CogVideoX-5b-I2V",
+                       help="hub id or local folder of a CogVideoX image-to-video model (default: %(default)s); "
+                            "'tiny' builds a tiny random-weight model")  # fmt: skip
+    group.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                       help="weights' precision (default: bfloat16 on a GPU, float32 on a CPU)")  # fmt: skip
+    group.add_argument("--cpu-offload", action="store_true", help="keep idle models on the CPU (less GPU memory)")
+    group.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles (less memory)")
+
+
+def load_pipeline(args) -> "FlexiMMTPipeline":  # noqa: F821
+    import torch
+
+    from .pipeline import FlexiMMTPipeline
+
+    if args.model == TINY:
+        from .toy import tiny_pipeline
+
+        logging.getLogger("fleximmt").warning("--model tiny: a tiny model with RANDOM weights; its videos are noise")
+        pipe = tiny_pipeline(0)
+    else:
+        cuda = torch.cuda.is_available()
+        dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+        try:
+            pipe = FlexiMMTPipeline.from_pretrained(args.model, torch_dtype=dtype)
+        except OSError as err:
+            raise FlexiMMTInputError(
+                f"could not load the model {args.model!r} ({str(err).splitlines()[0]}): give a local folder "
+                "with the CogVideoX-I2V files, or log in and download it first"
+            ) from None
+        if args.cpu_offload and cuda:
+            pipe.enable_model_cpu_offload()
+        elif cuda:
+            pipe.to("cuda")
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
+    pipe.set_progress_bar_config(disable=False, desc="denoising")
+    return pipe
+
+
+def parse_object(spec: str) -> tuple[str, str, str]:
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or not all(p.strip() for p in parts):
+        raise FlexiMMTInputError(
+            f"--object {spec!r}: write MASK.png:MOTION.safetensors:motion words, e.g. "
+            "dog.png:jump.safetensors:\"jumps up\""
+        )
+    return parts[0], parts[1], parts[2].strip()
+
+
+# -- generate ------------------------------------------------------------------------------
+def cmd_generate(args) -> None:
+    import torch
+    from PIL import Image
+
+    from .motion import ObjectMotion
+    from .video import mask_overlay, save_video
+
+    image_path = Path(args.image)
+    if not image_path.is_file():
+        raise FlexiMMTInputError(f"--image {args.image!r} does not exist")
+    try:
+        image = Image.open(image_path).convert("RGB")
+    except Exception as err:
+        raise FlexiMMTInputError(f"--image {args.image!r} is not a readable image ({err})") from None
+    objects = [ObjectMotion(mask, motion, words) for mask, motion, words in map(parse_object, args.object or [])]
+    pipe = load_pipeline(args)
+    output = pipe(
+        image=image, prompt=args.prompt, objects=objects, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        num_frames=args.frames, generator=torch.Generator().manual_seed(args.seed), output_type="np",
+        max_sequence_length=pipe.transformer.config.max_text_seq_length, mask_source=args.mask_source,
+        anchors=args.anchors, alpha=args.alpha, rmpm_method=args.rmpm_method, return_masks=bool(objects),
+    )  # fmt: skip
+    frames = output.frames[0]
+    written = [save_video(frames, args.out, fps=args.fps)]
+    if args.gif:
+        written.append(save_video(frames, Path(args.out).with_suffix(".gif"), fps=args.fps))
+    if args.masks_out and objects:
+        overlay = mask_overlay(frames, output.masks[-1], pipe.vae_scale_factor_temporal)
+        written.append(save_video(overlay, args.masks_out, fps=args.fps))
+    for path in written:
+        print(f"wrote {path}")
+
+
+# -- inspect -------------------------------------------------------------------------------
+def cmd_inspect(args) -> None:
+    from .motion import MotionTokens
+
+    motion = MotionTokens.load(args.motion)
+    info = {"file": args.motion, "blocks": motion.num_blocks, "d_m": motion.d_m, "dim": motion.dim,
+            "parameters": motion.tokens.numel(), "dtype": str(motion.tokens.dtype).replace("torch.", ""),
+            **motion.metadata}  # fmt: skip
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+
+
+# -- train ---------------------------------------------------------------------------------
+TRAIN_OPTIONS = {  # CLI flag -> TrainSettings field
+    "steps": "steps", "tokens": "tokens_per_motion", "seed": "seed", "lr": "lr", "warmup_steps": "lr_warmup_steps",
+    "frames": "num_frames", "height": "height", "width": "width", "fps": "fps", "max_windows": "max_windows",
+    "dmem_drop": "dmem_drop", "image_dropout": "image_dropout", "frame_diff_scale": "frame_diff_scale",
+    "checkpoint_every": "checkpoint_every", "mixed_precision": "mixed_precision",
+    "gradient_checkpointing": "gradient_checkpointing", "vae_slicing": "vae_slicing",
+}  # fmt: skip
+
+
+def cmd_train(args) -> None:
+    from .train import read_dataset, train_dataset, train_motion
+
+    settings = {field: getattr(args, flag) for flag, field in TRAIN_OPTIONS.items() if getattr(args, flag) is not None}
+    settings["vae_tiling"] = args.vae_tiling
+    settings["offload_after_caching"] = not args.no_offload
+    if args.dataset:
+        if not args.out_dir:
+            raise FlexiMMTInputError("--dataset needs --out-dir, the folder for one motion file per row")
+        rows = read_dataset(args.dataset)
+        pipe = load_pipeline(args)
+        for path in train_dataset(pipe, rows, args.out_dir, resume=args.resume, **settings):
+            print(f"wrote {path}")
+        return
+    missing = [f"--{n.replace('_', '-')}" for n in ("video", "caption", "concept", "motion_words", "out") if not getattr(args, n)]
+    if missing:
+        raise FlexiMMTInputError(f"missing {', '.join(missing)} (or give --dataset FILE --out-dir DIR)")
+    pipe = load_pipeline(args)
+    steps = settings.pop("steps", 2000)
+    tokens = settings.pop("tokens_per_motion", 226)
+    seed = settings.pop("seed", 0)
+    motion = train_motion(pipe, args.video, args.caption, args.concept, args.motion_words, args.out, steps=steps,
+                          tokens_per_motion=tokens, seed=seed, resume=args.resume, **settings)  # fmt: skip
+    print(f"wrote {args.out}: {motion}")
+
+
+# -- demo ----------------------------------------------------------------------------------
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleximmt",
+        description="FlexiMMT: make the objects of an image move, each with a motion learned from its own reference video.",
+        epilog="Run 'fleximmt COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO level)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    gen = sub.add_parser("generate", help="transfer motions onto the objects of an image", epilog=EXAMPLES["generate"],
+                         formatter_class=formatter,
+                         description="Generate a video from IMAGE in which each --object moves with its motion.")  # fmt: skip
+    gen.add_argument("--image", required=True, help="the first frame (PNG/JPEG)")
+    gen.add_argument("--prompt", required=True, help="the text prompt; it must contain every object's motion words")
+    gen.add_argument("--object", action="append", metavar="MASK:MOTION:WORDS",
+                     help="an object: its first-frame mask PNG (image size), its motion file and the prompt's words "
+                          "for its motion; repeat for up to 8 objects (none: plain image-to-video)")  # fmt: skip
+    gen.add_argument("--out", required=True, help="output video (.mp4 or .gif)")
+    gen.add_argument("--masks-out", help="also write the propagated object masks over the video (.mp4 or .gif)")
+    gen.add_argument("--gif", action="store_true", help="also write a .gif beside --out")
+    gen.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: %(default)s)")
+    gen.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    gen.add_argument("--frames", type=_positive_int, help="frame count, 8k+1 (default: the model's own, 49 for CogVideoX-5B)")
+    gen.add_argument("--fps", type=_positive_int, default=8, help="frame rate of the written video (default: %(default)s)")
+    gen.add_argument("--mask-source", default="rmpm", choices=["rmpm", "static", "qk", "none"],
+                     help="object masks on later frames: propagated (rmpm), the first frame's (static), "
+                          "from QK attention (qk) or everywhere (none) (default: %(default)s)")  # fmt: skip
+    gen.add_argument("--rmpm-method", default="paper", choices=["paper", "released"],
+                     help="Eqs. 12-13 (paper) or the authors' label propagation (released) (default: %(default)s)")  # fmt: skip
+    gen.add_argument("--anchors", type=_positive_int, default=3, help="RMPM anchor frames W (default: %(default)s)")
+    gen.add_argument("--alpha", type=float, help="dynamic RMPM: freeze masks once they change less than this fraction (e.g. 0.05)")
+    add_model_options(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    tr = sub.add_parser("train", help="learn a motion (motion tokens) from a reference video", epilog=EXAMPLES["train"],
+                        formatter_class=formatter,
+                        description="Train motion tokens on one reference video (or one per row of --dataset); "
+                                    "the video model stays frozen. Defaults are the authors' release.")  # fmt: skip
+    tr.add_argument("--video", help="reference video with one moving object")
+    tr.add_argument("--caption", help='its caption, e.g. "A man is doing yoga."')
+    tr.add_argument("--concept", help="the caption's words naming the object, e.g. man")
+    tr.add_argument("--motion-words", help='the caption\'s words describing the motion, e.g. "is doing yoga"')
+    tr.add_argument("--out", help="the motion file to write (.safetensors)")
+    tr.add_argument("--dataset", help="CSV or JSON-lines file: one motion per row (see below)")
+    tr.add_argument("--out-dir", help="with --dataset: folder for the motion files")
+    tr.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    tr.add_argument("--steps", type=_positive_int, help="training steps (default: 2000)")
+    tr.add_argument("--lr", type=float, help="AdamW learning rate (default: 3e-3)")
+    tr.add_argument("--warmup-steps", type=int, help="learning-rate warm-up steps (default: 100)")
+    tr.add_argument("--tokens", type=_positive_int, help="motion tokens per block, d_m (default: 226)")
+    tr.add_argument("--frames", type=_positive_int, help="frames per training window (default: the model's, 49)")
+    tr.add_argument("--height", type=_positive_int, help="training height (default: the model's, 480)")
+    tr.add_argument("--width", type=_positive_int, help="training width (default: the model's, 720)")
+    tr.add_argument("--fps", type=float, help="subsample the reference to about this frame rate (default: 8)")
+    tr.add_argument("--max-windows", type=_positive_int, help="windows of the reference to train on (default: 4)")
+    tr.add_argument("--dmem-drop", type=float, help="DMEM: fraction of mask positives dropped (default: 0.3)")
+    tr.add_argument("--image-dropout", type=float, help="probability of a zeroed image condition (default: 0.05)")
+    tr.add_argument("--frame-diff-scale", type=float, help="scale of x[k+1] in the frame-difference loss (default: 1)")
+    tr.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default: 200)")
+    tr.add_argument("--seed", type=int, help="random seed (default: 0)")
+    tr.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast precision (default: no)")
+    tr.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations (less memory)")
+    tr.add_argument("--vae-slicing", action="store_true", default=None, help="encode the reference in slices (less memory)")
+    tr.add_argument("--no-offload", action="store_true", help="keep text encoder and VAE on the GPU after caching latents")
+    add_model_options(tr)
+    tr.set_defaults(func=cmd_train)
+
+    ins = sub.add_parser("inspect", help="show a motion file's shape and metadata",
+                         description="Print a motion file's blocks, tokens, width and training metadata.")  # fmt: skip
+    ins.add_argument("motion", help="a .safetensors motion file")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.set_defaults(func=cmd_inspect)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny model",
+                          description="Two objects, two motions, a tiny RANDOM-weight model: writes the video, "
+                                      "the propagated-mask overlay and the inputs. Shows that everything runs; "
+                                      "the video itself is noise.")  # fmt: skip
+    demo.add_argument("--out", default="demo-output", help="output folder (default: %(default)s)")
+    demo.add_argument("--steps", type=_positive_int, default=10, help="denoising steps (default: %(default)s)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:  # FlexiMMTInputError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
