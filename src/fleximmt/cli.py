@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import FlexiMMTInputError
@@ -60,7 +61,9 @@ def load_pipeline(args) -> "FlexiMMTPipeline":  # noqa: F821
         cuda = torch.cuda.is_available()
         dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
         try:
-            pipe = FlexiMMTPipeline.from_pretrained(args.model, torch_dtype=dtype)
+            with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                pipe = FlexiMMTPipeline.from_pretrained(args.model, torch_dtype=dtype)
         except OSError as err:
             raise FlexiMMTInputError(
                 f"could not load the model {args.model!r} ({str(err).splitlines()[0]}): give a local folder "
@@ -147,7 +150,7 @@ TRAIN_OPTIONS = {  # CLI flag -> TrainSettings field
 
 
 def cmd_train(args) -> None:
-    from .train import read_dataset, train_dataset, train_motion
+    from .train import process_state, read_dataset, train_dataset, train_motion
 
     settings = {field: getattr(args, flag) for flag, field in TRAIN_OPTIONS.items() if getattr(args, flag) is not None}
     settings["vae_tiling"] = args.vae_tiling
@@ -169,7 +172,8 @@ def cmd_train(args) -> None:
     seed = settings.pop("seed", 0)
     motion = train_motion(pipe, args.video, args.caption, args.concept, args.motion_words, args.out, steps=steps,
                           tokens_per_motion=tokens, seed=seed, resume=args.resume, **settings)  # fmt: skip
-    print(f"wrote {args.out}: {motion}")
+    if process_state().is_main_process:  # under accelerate launch, the main process writes the file
+        print(f"wrote {args.out}: {motion}")
 
 
 # -- demo ----------------------------------------------------------------------------------

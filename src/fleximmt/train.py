@@ -91,6 +91,13 @@ def model_fingerprint(pipe) -> str:
     return f"{name}@{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
+def process_state():
+    """accelerate's view of this process (rank, world size); CPU-only machines use gloo."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 # -- stage 1: conditions, encoded once and cached -----------------------------------------
 @dataclass
 class Conditions:
@@ -460,9 +467,7 @@ def read_dataset(path: str | os.PathLike) -> list[DatasetRow]:
 def train_dataset(pipe, rows: list[DatasetRow], out_dir: str | os.PathLike, **kwargs: Any) -> list[Path]:
     """Train one motion per row into ``out_dir``. Under ``accelerate launch`` each process takes its
     own share of the rows (rank, rank + world, ...), so every row is trained exactly once."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     out_dir = Path(out_dir)
     done = []
     for row in rows[state.process_index :: state.num_processes]:

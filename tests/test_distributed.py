@@ -1,0 +1,81 @@
+"""Scale-out: `accelerate launch` runs the same training command in two processes.
+
+On a machine without GPUs, accelerate's `--cpu` launcher starts one process unless MPI is set
+up; `--multi_gpu --num_processes 2` starts two CPU processes through torchrun and gloo, which is
+what these tests use (the training code sees the same `Accelerator` either way)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from fleximmt.toy import tiny_pipeline
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "fleximmt", "-v", *map(str, args)]  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    tiny_pipeline(0).save_pretrained(root / "model")
+    for k, step in enumerate((2, -2)):
+        video = np.full((17, 32, 32, 3), 90, np.uint8)
+        for t in range(17):
+            x = 10 + step * t // 2
+            video[t, 10:20, max(0, x) : max(0, x) + 10] = 200
+        iio.imwrite(root / f"ref{k}.mp4", video, fps=8, codec="libx264")
+    return root
+
+
+def tokens_of(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("tokens"), f.get_tensor("rng")
+
+
+def test_two_processes_share_one_motion_and_average_gradients(workspace):
+    out = workspace / "shared.safetensors"
+    result = launch(["train", "--model", workspace / "model", "--video", workspace / "ref0.mp4", "--caption",
+                     "A ball jumps up.", "--concept", "ball", "--motion-words", "jumps up", "--out", out,
+                     "--steps", 4, "--tokens", 2, "--checkpoint-every", 2], workspace)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.is_file()
+    rank0, rng0 = tokens_of(out.with_name("shared.ckpt.safetensors"))
+    rank1, rng1 = tokens_of(out.with_name("shared.ckpt.rank1.safetensors"))
+    assert torch.equal(rank0, rank1)  # averaged gradients keep the replicas identical
+    assert not torch.equal(rng0, rng1)  # while each process draws its own windows and noise
+    with safe_open(str(out), framework="pt") as f:
+        assert torch.equal(f.get_tensor("motion_tokens"), rank0)
+
+
+def test_dataset_rows_are_shared_out_and_each_trained_once(workspace):
+    rows = [
+        {"video": "ref0.mp4", "caption": "A ball jumps up.", "concept_words": "ball", "motion_words": "jumps up", "name": "right"},
+        {"video": "ref1.mp4", "caption": "A box slides left.", "concept_words": "box", "motion_words": "slides left", "name": "left"},
+    ]
+    (workspace / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    result = launch(["train", "--model", workspace / "model", "--dataset", workspace / "rows.jsonl",
+                     "--out-dir", workspace / "motions", "--steps", 2, "--tokens", 2], workspace)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (workspace / "motions" / "right.safetensors").is_file() and (workspace / "motions" / "left.safetensors").is_file()
+    log = result.stderr
+    assert log.count("trains") == 2
+    assert "process 0 trains" in log and "process 1 trains" in log
