@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fleximmt.masks import (
     PARTS,
     anchor_frames,
+    dmem_mask,
     mask_change,
     mask_to_token_grid,
     mdma_dense,
@@ -206,3 +207,17 @@ def test_anchor_frames_and_mask_change():
     assert mask_change(old, old) == 0.0
     with pytest.raises(ValueError, match="anchors"):
         anchor_frames(3, 0)
+
+
+def test_dmem_mask_thresholds_each_frame_at_its_own_mean():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 3, 4, generator=gen)  # 2 heads, 3 concept tokens
+    k = torch.randn(1, 2, 3 * 5, 4, generator=gen)  # 3 latent frames x 5 tokens
+    got = dmem_mask(q, k, num_frames=3)[0]
+    for frame in range(3):
+        scores = []
+        for token in range(5):
+            j = frame * 5 + token
+            scores.append(sum(float(q[0, h, c] @ k[0, h, j]) for h in range(2) for c in range(3)) / 6)
+        mean = sum(scores) / 5
+        assert [s > mean for s in scores] == got[frame * 5 : frame * 5 + 5].tolist()

@@ -161,3 +161,11 @@ def test_resume_refuses_a_checkpoint_from_other_settings(pipe, tmp_path):
     other = tiny_pipeline(seed=1)
     with pytest.raises(ValueError, match="different model"):
         train(other, out, steps=2, resume=True)
+
+
+def test_unreadable_video_file_and_bf16_autocast(pipe, tmp_path):
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    with pytest.raises(ValueError, match="could not be read"):
+        train(pipe, tmp_path / "m.safetensors", video=str(tmp_path / "broken.mp4"))
+    motion = train(pipe, tmp_path / "bf16.safetensors", steps=2, mixed_precision="bf16")
+    assert motion.tokens.dtype == torch.float32 and torch.isfinite(motion.tokens).all()

@@ -292,7 +292,7 @@ def train_motion(
     ``accelerate launch`` the processes share one motion: each trains on its own windows of the
     video and gradients are averaged (``shard_windows``).
     """
-    from accelerate import Accelerator
+    from accelerate.utils import reduce
     from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
 
     from .pipeline import FlexiMMTPipeline
@@ -305,22 +305,26 @@ def train_motion(
     if not isinstance(pipe, FlexiMMTPipeline):
         pipe = FlexiMMTPipeline.from_pipe(pipe)
     output = Path(output)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    proc = process_state()  # rank and world size under `accelerate launch`, else one process
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+
+    def autocast():
+        return torch.autocast(proc.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     default_h, default_w, default_f = pipe.default_size()
     geometry = (cfg.height or default_h, cfg.width or default_w, cfg.num_frames or default_f)
     pipe.check_geometry(*geometry)
-    if pipe.device != accelerator.device:
-        pipe.to(accelerator.device)
+    if pipe.device != proc.device:
+        pipe.to(proc.device)
     if cfg.vae_slicing:
         pipe.vae.enable_slicing()
     if cfg.vae_tiling:
         pipe.vae.enable_tiling()
 
     frames = load_reference(video, geometry[2], cfg.fps, start_frame, end_frame)
-    with accelerator.main_process_first():  # the main process encodes, the others read its cache
+    with proc.main_process_first():  # the main process encodes, the others read its cache
         cond = prepare_conditions(pipe, frames, caption, concept_words, motion_words, cfg, geometry,
                                   cache_path(output), cfg.seed)  # fmt: skip
-    if cfg.offload_after_caching and accelerator.device.type != "cpu":
+    if cfg.offload_after_caching and proc.device.type != "cpu":
         pipe.text_encoder.to("cpu")
         pipe.vae.to("cpu")
 
@@ -335,48 +339,48 @@ def train_motion(
     generator = torch.Generator().manual_seed(cfg.seed)
     tokens = torch.empty(tcfg.num_layers, cfg.tokens_per_motion, dim)
     torch.nn.init.kaiming_uniform_(tokens.view(-1, dim), a=math.sqrt(5), generator=generator)
-    tokens = torch.nn.Parameter(tokens.to(accelerator.device))
+    tokens = torch.nn.Parameter(tokens.to(proc.device))
     optimizer = torch.optim.AdamW([tokens], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_with_hard_restarts_schedule_with_warmup(
         optimizer, min(cfg.lr_warmup_steps, cfg.steps // 10), cfg.steps, cfg.lr_cycles
     )
     # the training randomness lives in one generator per process (saved in checkpoints)
-    generator.manual_seed(cfg.seed * 1000 + accelerator.process_index + 1)
-    distributed = shard_windows and accelerator.num_processes > 1  # one motion, windows shared out
+    generator.manual_seed(cfg.seed * 1000 + proc.process_index + 1)
+    distributed = shard_windows and proc.num_processes > 1  # one motion, windows shared out
     fingerprints = {"model": model_fingerprint(pipe), "settings": cfg.fingerprint(), "caption": caption,
                     "words": f"{concept_words}|{motion_words}",
-                    "processes": accelerator.num_processes if distributed else 1}  # fmt: skip
+                    "processes": proc.num_processes if distributed else 1}  # fmt: skip
     ckpt = checkpoint_path(output)
-    if distributed and accelerator.process_index:  # every rank keeps its own RNG state
-        ckpt = ckpt.with_name(ckpt.stem + f".rank{accelerator.process_index}.safetensors")
+    if distributed and proc.process_index:  # every rank keeps its own RNG state
+        ckpt = ckpt.with_name(ckpt.stem + f".rank{proc.process_index}.safetensors")
     start = 0
     if resume and ckpt.is_file():
         start = load_checkpoint(ckpt, tokens, optimizer, scheduler, generator, fingerprints)
         logger.info("resumed %s at step %d", ckpt, start)
 
     state = FlexiMMTState(
-        motion_tokens=tokens[None], member=cond.member.to(accelerator.device), parts=TRAIN_PARTS,
-        num_frames=pipe.token_grid(*geometry).frames, concept_member=cond.concept_member.to(accelerator.device),
+        motion_tokens=tokens[None], member=cond.member.to(proc.device), parts=TRAIN_PARTS,
+        num_frames=pipe.token_grid(*geometry).frames, concept_member=cond.concept_member.to(proc.device),
         dmem_drop=cfg.dmem_drop, generator=generator,
     )  # fmt: skip
     rotary = None
     if tcfg.use_rotary_positional_embeddings:
         rotary = pipe._prepare_rotary_positional_embeddings(geometry[0], geometry[1], cond.video_latents.shape[1],
-                                                            accelerator.device)  # fmt: skip
+                                                            proc.device)  # fmt: skip
     windows = list(range(cond.video_latents.shape[0]))
-    if distributed and len(windows) >= accelerator.num_processes:
-        windows = windows[accelerator.process_index :: accelerator.num_processes]
+    if distributed and len(windows) >= proc.num_processes:
+        windows = windows[proc.process_index :: proc.num_processes]
     losses: list[float] = []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"training {output.name}",
-               disable=not accelerator.is_local_main_process)  # fmt: skip
+               disable=not proc.is_local_main_process)  # fmt: skip
     transformer.train(False)
     for step in bar:
         window = windows[int(torch.randint(0, len(windows), (1,), generator=generator))]
-        loss = training_step(pipe, tokens, state, cond, window, generator, cfg, rotary, accelerator.autocast)
+        loss = training_step(pipe, tokens, state, cond, window, generator, cfg, rotary, autocast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if distributed:
-            tokens.grad = accelerator.reduce(tokens.grad, reduction="mean")
+            tokens.grad = reduce(tokens.grad, reduction="mean")
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([tokens], cfg.max_grad_norm)
         optimizer.step()
@@ -395,10 +399,10 @@ def train_motion(
         tokens.detach().cpu().clone(), name=output.stem, caption=caption, concept_words=concept_words,
         motion_words=motion_words, base_model=fingerprints["model"], steps=cfg.steps,
     )  # fmt: skip
-    if accelerator.is_main_process or not distributed:
+    if proc.is_main_process or not distributed:
         motion.save(output)
     if distributed:
-        accelerator.wait_for_everyone()
+        proc.wait_for_everyone()
     return TrainResult(motion, losses) if return_losses else motion
 
 
