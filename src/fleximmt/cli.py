@@ -183,6 +183,25 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.out), steps=args.steps)
 
 
+# -- evaluate ------------------------------------------------------------------------------
+def cmd_evaluate(args) -> None:
+    from .evaluate import run_benchmark
+
+    pipe = load_pipeline(args)
+    clip = None
+    if args.clip:
+        from .metrics import load_clip
+
+        clip = load_clip(args.clip)
+    results = run_benchmark(pipe, args.manifest, args.out, clip=clip, steps=args.steps, propagation=args.mask_propagation)
+    from .train import process_state
+
+    if process_state().is_main_process:
+        failed = sum("error" in r for r in results)
+        print(f"{len(results)} cases ({failed} failed); summary: {Path(args.out) / 'summary.md'}")
+        print((Path(args.out) / "summary.md").read_text())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleximmt",
@@ -251,6 +270,25 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-offload", action="store_true", help="keep text encoder and VAE on the GPU after caching latents")
     add_model_options(tr)
     tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="run a benchmark manifest: generate, score (TF, FF, AC/TC/TS), summarise",
+                        formatter_class=formatter,
+                        description="Generate what is missing, compute every metric per object, write one JSON per "
+                                    "case and a summary table (Markdown and CSV) grouped by method/ablation. "
+                                    "Resumes: finished cases are skipped; failing cases are recorded and skipped.",
+                        epilog="manifest format: see fleximmt/evaluate.py (JSON lines: image, prompt, objects with "
+                               "mask, motion, motion_text, reference, reference_mask; method; settings)\n"
+                               "several processes: accelerate launch -m fleximmt evaluate ...")  # fmt: skip
+    ev.add_argument("--manifest", required=True, help="JSON-lines benchmark file, one case a line")
+    ev.add_argument("--out", required=True, help="results folder (cases/*.json, videos/, summary.md, summary.csv)")
+    ev.add_argument("--steps", type=_positive_int, help="denoising steps for cases that do not set their own (default: 50)")
+    ev.add_argument("--clip", help="CLIP model (hub id or folder) for AC/TC/TS, e.g. openai/clip-vit-base-patch32; "
+                                   "without it those columns stay empty")  # fmt: skip
+    ev.add_argument("--mask-propagation", default="flow", choices=["flow", "sam2"],
+                    help="per-frame object masks for FF: optical flow (offline) or SAM 2 (the release; weights "
+                         "needed) (default: %(default)s)")  # fmt: skip
+    add_model_options(ev)
+    ev.set_defaults(func=cmd_evaluate)
 
     ins = sub.add_parser("inspect", help="show a motion file's shape and metadata",
                          description="Print a motion file's blocks, tokens, width and training metadata.")  # fmt: skip
