@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(ev)
     ev.set_defaults(func=cmd_evaluate)
 
+    from .rate import add_cli as add_rate_commands
+
+    add_rate_commands(sub)
+
     ins = sub.add_parser("inspect", help="show a motion file's shape and metadata",
                          description="Print a motion file's blocks, tokens, width and training metadata.")  # fmt: skip
     ins.add_argument("motion", help="a .safetensors motion file")
