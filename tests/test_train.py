@@ -169,3 +169,22 @@ def test_unreadable_video_file_and_bf16_autocast(pipe, tmp_path):
         train(pipe, tmp_path / "m.safetensors", video=str(tmp_path / "broken.mp4"))
     motion = train(pipe, tmp_path / "bf16.safetensors", steps=2, mixed_precision="bf16")
     assert motion.tokens.dtype == torch.float32 and torch.isfinite(motion.tokens).all()
+
+
+def test_without_the_training_mask_motion_tokens_reach_all_video(pipe, tmp_path, monkeypatch):
+    import fleximmt.attention as attention
+
+    groups = []
+    real = attention.FlexiMMTState._attend_grouped
+
+    def spy(self, *args):
+        groups.append(len(self.layout.groups))
+        return real(self, *args)
+
+    monkeypatch.setattr(attention.FlexiMMTState, "_attend_grouped", spy)
+    with_mask = train(pipe, tmp_path / "a.safetensors", steps=2, lr=0.05, dmem_drop=0.0)
+    assert max(groups) == 2  # DMEM splits video into inside / outside the object
+    groups.clear()
+    without = train(pipe, tmp_path / "b.safetensors", steps=2, lr=0.05, train_mask=False)
+    assert set(groups) == {1}  # one group: every video token reads the motion tokens
+    assert not torch.allclose(with_mask.tokens, without.tokens)

@@ -153,6 +153,8 @@ def cmd_train(args) -> None:
     from .train import process_state, read_dataset, train_dataset, train_motion
 
     settings = {field: getattr(args, flag) for flag, field in TRAIN_OPTIONS.items() if getattr(args, flag) is not None}
+    if args.no_train_mask:
+        settings["train_mask"] = False
     settings["vae_tiling"] = args.vae_tiling
     settings["offload_after_caching"] = not args.no_offload
     if args.dataset:
@@ -260,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fps", type=float, help="subsample the reference to about this frame rate (default: 8)")
     tr.add_argument("--max-windows", type=_positive_int, help="windows of the reference to train on (default: 4)")
     tr.add_argument("--dmem-drop", type=float, help="DMEM: fraction of mask positives dropped (default: 0.3)")
+    tr.add_argument("--no-train-mask", action="store_true", help="train without DMEM's mask (the 'w/o Train' ablation)")
     tr.add_argument("--image-dropout", type=float, help="probability of a zeroed image condition (default: 0.05)")
     tr.add_argument("--frame-diff-scale", type=float, help="scale of x[k+1] in the frame-difference loss (default: 1)")
     tr.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default: 200)")

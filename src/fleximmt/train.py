@@ -54,6 +54,7 @@ class TrainSettings:
     width: int | None = None
     fps: float | None = 8.0  # subsample the reference to about this rate
     max_windows: int = 4  # num_frames-long windows of the reference, encoded once
+    train_mask: bool = True  # DMEM's mask in training; False is Table 3's "w/o Train" ablation
     dmem_drop: float = 0.3  # DMEM: fraction of mask positives dropped per call
     image_dropout: float = 0.05  # probability of a zeroed image condition
     frame_diff_weight: float = 1.0
@@ -358,11 +359,15 @@ def train_motion(
         start = load_checkpoint(ckpt, tokens, optimizer, scheduler, generator, fingerprints)
         logger.info("resumed %s at step %d", ckpt, start)
 
+    grid = pipe.token_grid(*geometry)
     state = FlexiMMTState(
-        motion_tokens=tokens[None], member=cond.member.to(proc.device), parts=TRAIN_PARTS,
-        num_frames=pipe.token_grid(*geometry).frames, concept_member=cond.concept_member.to(proc.device),
+        motion_tokens=tokens[None], member=cond.member.to(proc.device),
+        parts=TRAIN_PARTS if cfg.train_mask else frozenset(), num_frames=grid.frames,
+        concept_member=cond.concept_member.to(proc.device) if cfg.train_mask else None,
         dmem_drop=cfg.dmem_drop, generator=generator,
     )  # fmt: skip
+    if not cfg.train_mask:  # w/o Train: motion tokens reach every video token
+        state.set_video_masks(torch.ones(1, grid.size, dtype=torch.bool, device=proc.device))
     rotary = None
     if tcfg.use_rotary_positional_embeddings:
         rotary = pipe._prepare_rotary_positional_embeddings(geometry[0], geometry[1], cond.video_latents.shape[1],
