@@ -86,6 +86,7 @@ def test_no_objects_reproduces_diffusers_image_to_video(pipe, image):
         dict(count=2, mask_source="static", guidance_scale=1.0),
         dict(count=2, mask_source="qk"),
         dict(count=3, rmpm_method="released", anchors=1),
+        dict(count=2, initial_masks="none"),
     ],
 )
 def test_auto_backend_agrees_with_dense_reference(pipe, image, settings):
@@ -261,3 +262,12 @@ def test_mask_png_paths_and_pil_masks_are_accepted(pipe, tmp_path):
     from_png = ObjectMotion(str(tmp_path / "m.png"), motion, "jumps up").mask_tensor
     from_pil = ObjectMotion(Image.open(tmp_path / "m.png"), motion, "jumps up").mask_tensor
     assert torch.equal(from_png, torch.from_numpy(box(2, 14, 2, 14))) and torch.equal(from_pil, from_png)
+
+
+def test_release_style_step_zero_has_no_masks_then_rmpm_takes_over(pipe, image):
+    out = run(pipe, image, objects=objects(pipe), initial_masks="none", return_masks=True)
+    assert not out.masks[0].any() and out.masks[1].any()
+    first = run(pipe, image, objects=objects(pipe), return_masks=True)
+    assert rel(out.frames, first.frames) > 1e-6  # the step-0 choice matters
+    with pytest.raises(ValueError, match="initial_masks"):
+        run(pipe, image, objects=objects(pipe), initial_masks="sam")

@@ -110,7 +110,8 @@ def cmd_generate(args) -> None:
         image=image, prompt=args.prompt, objects=objects, num_inference_steps=args.steps, guidance_scale=args.guidance,
         num_frames=args.frames, generator=torch.Generator().manual_seed(args.seed), output_type="np",
         max_sequence_length=pipe.transformer.config.max_text_seq_length, mask_source=args.mask_source,
-        anchors=args.anchors, alpha=args.alpha, rmpm_method=args.rmpm_method, return_masks=bool(objects),
+        anchors=args.anchors, alpha=args.alpha, rmpm_method=args.rmpm_method, initial_masks=args.initial_masks,
+        return_masks=bool(objects),
     )  # fmt: skip
     frames = output.frames[0]
     written = [save_video(frames, args.out, fps=args.fps)]
@@ -235,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "from QK attention (qk) or everywhere (none) (default: %(default)s)")  # fmt: skip
     gen.add_argument("--rmpm-method", default="paper", choices=["paper", "released"],
                      help="Eqs. 12-13 (paper) or the authors' label propagation (released) (default: %(default)s)")  # fmt: skip
+    gen.add_argument("--initial-masks", default="first_frame", choices=["first_frame", "none"],
+                     help="RMPM's step 0: the first-frame masks on every frame, or none as in the authors' release "
+                          "(default: %(default)s)")  # fmt: skip
     gen.add_argument("--anchors", type=_positive_int, default=3, help="RMPM anchor frames W (default: %(default)s)")
     gen.add_argument("--alpha", type=float, help="dynamic RMPM: freeze masks once they change less than this fraction (e.g. 0.05)")
     add_model_options(gen)

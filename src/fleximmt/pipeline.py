@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "THUDM/CogVideoX-5b-I2V"
 MAX_OBJECTS = 8
 MASK_SOURCES = ("rmpm", "static", "qk", "none")
+INITIAL_MASKS = ("first_frame", "none")  # RMPM's step 0: first-frame masks everywhere, or the release's none
 ALWAYS_UPDATE_STEPS = 5  # dynamic RMPM: the release always updates masks in the first 5 steps
 FEATURE_BLOCK_SHARE = 30 / 42  # the release averages features over the first 30 of 42 blocks
 
@@ -132,6 +133,7 @@ class FlexiMMTPipeline(CogVideoXImageToVideoPipeline):
         feature_blocks: Sequence[int] | None,
         max_sequence_length: int,
         do_cfg: bool,
+        initial_masks: str = "first_frame",
     ) -> tuple[FlexiMMTState, torch.Tensor]:
         """Validate the objects against image, prompt and model; return the state and the
         first-frame masks on the token grid (bool ``[K, h, w]``)."""
@@ -191,6 +193,11 @@ class FlexiMMTPipeline(CogVideoXImageToVideoPipeline):
         first_masks = torch.stack(first).to(device)
         if mask_source == "none":
             state.set_video_masks(torch.ones(len(objects), grid.size, dtype=torch.bool, device=device))
+        elif mask_source == "rmpm" and initial_masks == "none":
+            # the release's step 0: no masks yet - motion tokens reach only their motion words, and
+            # those words see all video (T2V open); RMPM's first masks arrive after step 0
+            state.parts = parts - {"t2v"}
+            state.set_video_masks(torch.zeros(len(objects), grid.size, dtype=torch.bool, device=device))
         elif mask_source in ("rmpm", "static"):
             state.set_video_masks(first_masks[:, None].expand(-1, grid.frames, -1, -1).reshape(len(objects), -1))
         return state, first_masks
@@ -222,6 +229,7 @@ class FlexiMMTPipeline(CogVideoXImageToVideoPipeline):
         context_text: str = "open",
         attention_backend: str = "auto",
         return_masks: bool = False,
+        initial_masks: str = "first_frame",
         **kwargs: Any,
     ):
         """Generate a video in which each object of ``objects`` moves with its own motion.
@@ -233,8 +241,10 @@ class FlexiMMTPipeline(CogVideoXImageToVideoPipeline):
         ("paper" | "released"), ``anchors`` (RMPM's W), ``alpha`` (dynamic RMPM threshold; None =
         update every step), ``feature_blocks`` (blocks whose attention outputs feed RMPM; default
         the first 30/42 of them), ``parts`` (MDMA parts on), ``context_text`` ("open" | "closed"),
-        ``attention_backend`` ("auto": grouped SDPA, no N x N mask; "dense": the reference) and
-        ``return_masks`` (add the per-step masks to the output).
+        ``attention_backend`` ("auto": grouped SDPA, no N x N mask; "dense": the reference),
+        ``return_masks`` (add the per-step masks to the output) and ``initial_masks`` (RMPM's step 0:
+        "first_frame" copies the first-frame masks to every latent frame; "none" is the release:
+        no masks until RMPM's first update).
         """
         default_h, default_w, default_frames = self.default_size()
         height, width, num_frames = height or default_h, width or default_w, num_frames or default_frames
@@ -252,6 +262,8 @@ class FlexiMMTPipeline(CogVideoXImageToVideoPipeline):
             raise FlexiMMTInputError(f"rmpm_method={rmpm_method!r}: choose from {list(RMPM_METHODS)}")
         if anchors < 1:
             raise FlexiMMTInputError(f"anchors={anchors}: RMPM needs at least 1 anchor frame")
+        if initial_masks not in INITIAL_MASKS:
+            raise FlexiMMTInputError(f"initial_masks={initial_masks!r}: choose from {list(INITIAL_MASKS)}")
         if alpha is not None and not 0 <= alpha < 1:
             raise FlexiMMTInputError(f"alpha={alpha}: give a fraction in [0, 1), e.g. 0.05, or None")
         if kwargs.get("num_videos_per_prompt", 1) != 1:
@@ -262,7 +274,7 @@ class FlexiMMTPipeline(CogVideoXImageToVideoPipeline):
             image, prompt, objects, grid,
             mask_source=mask_source, parts=parts, context_text=context_text,
             attention_backend=attention_backend, feature_blocks=feature_blocks,
-            max_sequence_length=max_sequence_length, do_cfg=guidance_scale > 1,
+            max_sequence_length=max_sequence_length, do_cfg=guidance_scale > 1, initial_masks=initial_masks,
         )  # fmt: skip
         install_processors(self.transformer)
         history: list[torch.Tensor] = []
@@ -278,6 +290,7 @@ class FlexiMMTPipeline(CogVideoXImageToVideoPipeline):
                 new = rmpm(first_masks, features.view(grid.frames, grid.height, grid.width, -1), anchors, rmpm_method)
                 new = new.reshape(len(objects), -1)
                 old = state.layout.video_masks
+                state.parts = check_parts(parts)  # after a release-style step 0, every part is on again
                 state.set_video_masks(new)
                 if alpha is not None and step + 1 >= ALWAYS_UPDATE_STEPS:
                     if all(mask_change(o, n) < alpha for o, n in zip(old, new)):
