@@ -4,81 +4,174 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import argparse
+import json
 import shutil
 import socket
 import sqlite3
-import time
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from fleximmt.rate import CRITERIA, DuplicateBallot, cast_ballots, format_report, load_cases, report
+from fleximmt.rate import (
+    CRITERIA,
+    DuplicateBallot,
+    add_cli,
+    cast_ballots,
+    format_report,
+    load_cases,
+    page_view,
+    report,
+    submit,
+)
 
 METHODS = ["anyv2v", "cogvideox", "fleximmt"]
 
 
 @pytest.fixture()
 def cases_dir(tmp_path):
+    """Two cases, each with one reference and three candidates: 8 frames of 64 x 64 coloured noise."""
     rng = np.random.RandomState(0)
     for case in ("case_a", "case_b"):
-        (tmp_path / "cases" / case / "candidates").mkdir(parents=True)
-        (tmp_path / "cases" / case / "references").mkdir()
-        for name in METHODS:
-            iio.imwrite(tmp_path / "cases" / case / "candidates" / f"{name}.mp4",
-                        (rng.rand(8, 64, 64, 3) * 255).astype(np.uint8), fps=8, codec="libx264")  # fmt: skip
-        iio.imwrite(tmp_path / "cases" / case / "references" / "walk.mp4", (rng.rand(8, 64, 64, 3) * 255).astype(np.uint8),
-                    fps=8, codec="libx264")  # fmt: skip
-        (tmp_path / "cases" / case / "case.json").write_text('{"prompt": "A tiger walks. A man is crouching."}')
+        folder = tmp_path / "cases" / case
+        (folder / "candidates").mkdir(parents=True)
+        (folder / "references").mkdir()
+        for video in [folder / "references" / "walk.mp4", *[folder / "candidates" / f"{m}.mp4" for m in METHODS]]:
+            iio.imwrite(video, (rng.rand(8, 64, 64, 3) * 255).astype(np.uint8), fps=8, codec="libx264")
+        (folder / "case.json").write_text('{"prompt": "A tiger walks. A man is crouching."}')
     return tmp_path / "cases"
 
 
-def test_order_is_shuffled_per_rater_and_case_and_stable(cases_dir):
+def all_picks(method: str, **others: str) -> dict[str, str]:
+    return {c: others.get(c, method) for c in CRITERIA}
+
+
+# -- anonymised, shuffled candidates ------------------------------------------------------------
+def test_order_is_stable_for_a_rater_and_differs_between_raters(cases_dir):
     case = load_cases(cases_dir)[0]
     assert case.order("alice") == case.order("alice")
     orders = {tuple(case.order(f"rater{i}")) for i in range(20)}
     assert len(orders) > 1 and all(sorted(o) == METHODS for o in orders)
 
 
-def test_ballots_are_unique_survive_reopening_and_report_sums_to_100(tmp_path):
+def test_the_page_data_names_no_method(cases_dir, tmp_path):
+    case = load_cases(cases_dir)[0]
+    (tmp_path / "cache").mkdir()
+    view = page_view(case, "alice", tmp_path / "cache", salt="s")
+    assert list(view["candidates"]) == ["Candidate 1", "Candidate 2", "Candidate 3"]
+    # the files served are the candidates in alice's order, copied under names that do not reveal them
+    served = [Path(p).read_bytes() for p in view["candidates"].values()]
+    assert served == [case.candidates[m].read_bytes() for m in case.order("alice")]
+    text = json.dumps(view)
+    assert not any(m in text for m in METHODS) and str(cases_dir) not in text
+
+
+# -- the ballot store ---------------------------------------------------------------------------
+def test_a_second_ballot_for_the_same_case_is_refused_and_writes_nothing(tmp_path):
     db = tmp_path / "votes.sqlite"
-    cast_ballots(db, "alice", "case_a", {c: "fleximmt" for c in CRITERIA})
-    cast_ballots(db, "bob", "case_a", {**{c: "fleximmt" for c in CRITERIA}, "AC": "cogvideox"})
-    cast_ballots(db, "alice", "case_b", {**{c: "anyv2v" for c in CRITERIA}, "MF": "fleximmt"})
-    with pytest.raises(DuplicateBallot, match="already rated"):
-        cast_ballots(db, "alice", "case_a", {c: "anyv2v" for c in CRITERIA})
-    with pytest.raises(ValueError, match="missing: TS"):
-        cast_ballots(db, "carol", "case_a", {"MF": "fleximmt", "TC": "anyv2v", "AC": "anyv2v"})
-    rows = sqlite3.connect(db).execute("SELECT COUNT(*) FROM ballots").fetchone()[0]
-    assert rows == 12  # nothing of the refused ballots was written, nothing lost on reopening
+    cast_ballots(db, "alice", "case_a", all_picks("fleximmt"))
+    with pytest.raises(DuplicateBallot, match="'alice' has already rated case 'case_a'"):
+        cast_ballots(db, "alice", "case_a", all_picks("anyv2v"))
+    assert set(sqlite3.connect(db).execute("SELECT pick FROM ballots")) == {("fleximmt",)}
+
+
+def test_the_page_shows_a_refused_ballot_as_a_message(tmp_path):
+    db = tmp_path / "votes.sqlite"
+    order = ["cogvideox", "fleximmt", "anyv2v"]
+    assert submit(db, "alice", "case_a", order, dict.fromkeys(CRITERIA, "Candidate 2")) == (
+        True,
+        "Saved your ballot for case 'case_a'.",
+    )
+    saved, message = submit(db, "alice", "case_a", order, dict.fromkeys(CRITERIA, "Candidate 1"))
+    assert not saved and "already rated case 'case_a'" in message
+    saved, message = submit(
+        db, "bob", "case_a", order, {"MF": "Candidate 1", "TC": None, "TS": "Candidate 1", "AC": "Candidate 1"}
+    )
+    assert not saved and "missing: TC" in message
+    assert list(sqlite3.connect(db).execute("SELECT DISTINCT rater, pick FROM ballots")) == [("alice", "fleximmt")]
+
+
+def test_ballots_survive_closing_and_reopening_the_database(tmp_path):
+    db = tmp_path / "votes.sqlite"
+    cast_ballots(db, "alice", "case_a", all_picks("fleximmt", AC="anyv2v"))
+    reopened = sqlite3.connect(db)
+    assert reopened.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    rows = dict(reopened.execute("SELECT criterion, pick FROM ballots WHERE rater = 'alice' AND case_id = 'case_a'"))
+    assert rows == {"MF": "fleximmt", "TC": "fleximmt", "TS": "fleximmt", "AC": "anyv2v"}
+
+
+# -- the report ---------------------------------------------------------------------------------
+def test_report_gives_each_methods_share_of_the_picks(tmp_path):
+    db = tmp_path / "votes.sqlite"
+    cast_ballots(db, "alice", "case_a", all_picks("fleximmt"))
+    cast_ballots(db, "bob", "case_a", all_picks("fleximmt", AC="cogvideox"))
+    cast_ballots(db, "alice", "case_b", all_picks("anyv2v", MF="fleximmt"))
+    cast_ballots(db, "bob", "case_b", all_picks("anyv2v", MF="fleximmt", TS="fleximmt"))
     table = report(db)
+    # hand counts over 4 ballots per criterion
+    assert table["MF"] == pytest.approx({"anyv2v": 0.0, "cogvideox": 0.0, "fleximmt": 100.0})
+    assert table["TC"] == pytest.approx({"anyv2v": 50.0, "cogvideox": 0.0, "fleximmt": 50.0})
+    assert table["TS"] == pytest.approx({"anyv2v": 25.0, "cogvideox": 0.0, "fleximmt": 75.0})
+    assert table["AC"] == pytest.approx({"anyv2v": 50.0, "cogvideox": 25.0, "fleximmt": 25.0})
     for criterion, column in table.items():
-        assert sum(column.values()) == pytest.approx(100.0, abs=1e-9), criterion
-    assert table["MF"]["fleximmt"] == pytest.approx(100.0)
-    assert table["AC"] == pytest.approx({"anyv2v": 100 / 3, "cogvideox": 100 / 3, "fleximmt": 100 / 3})
-    assert table["TC"]["fleximmt"] == pytest.approx(200 / 3) and table["TC"]["cogvideox"] == 0.0
-    assert "| fleximmt | 100.000 |" in format_report(table)
+        assert abs(sum(column.values()) - 100.0) <= 1e-9, criterion
 
 
-def free_port():
+def test_report_columns_sum_to_100_with_uneven_counts(tmp_path):
+    db = tmp_path / "votes.sqlite"
+    for i, method in enumerate(["anyv2v", "fleximmt", "fleximmt", "cogvideox", "fleximmt", "anyv2v", "fleximmt"]):
+        cast_ballots(db, f"rater{i}", "case_a", all_picks(method))
+    for criterion, column in report(db).items():
+        assert abs(sum(column.values()) - 100.0) <= 1e-9, criterion
+
+
+def test_format_report_has_a_row_per_method_and_table_1_columns(tmp_path):
+    db = tmp_path / "votes.sqlite"
+    cast_ballots(db, "alice", "case_a", all_picks("fleximmt", AC="anyv2v"))
+    table = report(db)
+    assert format_report(table).splitlines() == [
+        "| method | AC | TC | TS | MF |", "|---|---|---|---|---|",
+        "| anyv2v | 100.000 | 0.000 | 0.000 | 0.000 |", "| fleximmt | 0.000 | 100.000 | 100.000 | 100.000 |",
+    ]  # fmt: skip
+    assert format_report(table, as_csv=True).splitlines()[0] == "method,AC,TC,TS,MF"
+
+
+def test_add_cli_registers_rate_bound_to_localhost_and_rate_report():
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["rate", "--cases", "cases", "--db", "votes.sqlite"])
+    assert (args.host, args.port, args.rater, callable(args.func)) == ("127.0.0.1", 7861, None, True)
+    args = parser.parse_args(["rate-report", "--db", "votes.sqlite", "--csv"])
+    assert args.csv and callable(args.func)
+
+
+# -- end to end in a browser --------------------------------------------------------------------
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")), reason="needs Debian's chromium and chromium-driver")
+@pytest.mark.skipif(
+    not (shutil.which("chromium") and shutil.which("chromedriver")),
+    reason="needs Debian's chromium and chromium-driver",
+)
 def test_a_ballot_cast_by_clicking_in_chromium_reaches_the_database(cases_dir, tmp_path):
-    from selenium import webdriver
+    pytest.importorskip("gradio")
+    webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from fleximmt.rate import serve
+    from fleximmt.rate import build_app
 
     db = tmp_path / "votes.sqlite"
     port = free_port()
-    demo = serve(cases_dir, db, port=port, block=False)
+    demo = build_app(cases_dir, db)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -86,13 +179,14 @@ def test_a_ballot_cast_by_clicking_in_chromium_reaches_the_database(cases_dir, t
                 "--window-size=1280,2400"):  # fmt: skip
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    picks = {"MF": 2, "TC": 1, "TS": 2, "AC": 3}  # criterion -> "Candidate k"
     try:
         driver.get(f"http://127.0.0.1:{port}/?rater=alice")
         wait = WebDriverWait(driver, 60)
         wait.until(ec.text_to_be_present_in_element((By.ID, "header"), "Case 1 of 2"))
-        page_text = driver.page_source
-        assert not any(m in page_text for m in METHODS)  # candidates are anonymous
-        picks = {"MF": 2, "TC": 1, "TS": 2, "AC": 3}
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#candidate3 video")))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#reference1 video")))
+        assert not any(m in driver.page_source for m in METHODS)  # candidates are anonymous
         for criterion, number in picks.items():
             radio = wait.until(ec.presence_of_element_located(
                 (By.CSS_SELECTOR, f"#crit_{criterion.lower()} input[value='Candidate {number}']")))  # fmt: skip
@@ -104,6 +198,8 @@ def test_a_ballot_cast_by_clicking_in_chromium_reaches_the_database(cases_dir, t
     finally:
         driver.quit()
         demo.close()
-    ballots = dict(sqlite3.connect(db).execute("SELECT criterion, pick FROM ballots WHERE rater='alice' AND case_id='case_a'"))
-    order = load_cases(cases_dir)[0].order("alice")
+    ballots = dict(
+        sqlite3.connect(db).execute("SELECT criterion, pick FROM ballots WHERE rater = 'alice' AND case_id = 'case_a'")
+    )
+    order = load_cases(cases_dir)[0].order("alice")  # what alice saw as Candidate 1, 2, 3
     assert ballots == {c: order[n - 1] for c, n in picks.items()}

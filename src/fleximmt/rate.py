@@ -72,7 +72,9 @@ def load_cases(cases_dir: str | Path) -> list[RatingCase]:
     for folder in sorted(p for p in root.iterdir() if (p / "candidates").is_dir()):
         candidates = {v.stem: v for v in sorted((folder / "candidates").glob("*.mp4"))}
         if not 2 <= len(candidates) <= MAX_CANDIDATES:
-            raise FlexiMMTInputError(f"case {folder.name!r} has {len(candidates)} candidates: give 2 to {MAX_CANDIDATES}")
+            raise FlexiMMTInputError(
+                f"case {folder.name!r} has {len(candidates)} candidates: give 2 to {MAX_CANDIDATES}"
+            )
         meta = json.loads((folder / "case.json").read_text()) if (folder / "case.json").is_file() else {}
         references = sorted((folder / "references").glob("*.mp4"))[:MAX_REFERENCES]
         cases.append(RatingCase(folder.name, meta.get("prompt", ""), references, candidates))
@@ -95,7 +97,9 @@ def page_view(case: RatingCase, rater: str, cache: Path, salt: str) -> dict:
     return {
         "prompt": case.prompt,
         "references": [served_copy(v, cache, salt) for v in case.references],
-        "candidates": {LABELS[i]: served_copy(case.candidates[m], cache, salt) for i, m in enumerate(case.order(rater))},
+        "candidates": {
+            LABELS[i]: served_copy(case.candidates[m], cache, salt) for i, m in enumerate(case.order(rater))
+        },
     }
 
 
@@ -125,14 +129,20 @@ def cast_ballots(db_path: str | Path, rater: str, case_id: str, picks: dict[str,
     conn = connect(db_path)
     try:
         with conn:  # one transaction: all four ballots or none
-            conn.executemany("INSERT INTO ballots VALUES (?, ?, ?, ?, ?)", [(rater, case_id, c, picks[c], now) for c in CRITERIA])
+            conn.executemany(
+                "INSERT INTO ballots VALUES (?, ?, ?, ?, ?)", [(rater, case_id, c, picks[c], now) for c in CRITERIA]
+            )
     except sqlite3.IntegrityError:
-        raise DuplicateBallot(f"{rater!r} has already rated case {case_id!r}: each rater votes once per case and question") from None
+        raise DuplicateBallot(
+            f"{rater!r} has already rated case {case_id!r}: each rater votes once per case and question"
+        ) from None
     finally:
         conn.close()
 
 
-def submit(db_path: str | Path, rater: str, case_id: str, order: list[str], picks: dict[str, str | None]) -> tuple[bool, str]:
+def submit(
+    db_path: str | Path, rater: str, case_id: str, order: list[str], picks: dict[str, str | None]
+) -> tuple[bool, str]:
     """The page's Submit: de-anonymise ``picks`` (criterion -> "Candidate k") with the rater's
     ``order`` and cast them. Returns (saved, message for the page); refusals are messages, not errors."""
     chosen = {c: order[LABELS.index(p)] for c, p in picks.items() if p in LABELS[: len(order)]}
@@ -146,7 +156,9 @@ def submit(db_path: str | Path, rater: str, case_id: str, order: list[str], pick
 def rated_cases(db_path: str | Path, rater: str) -> set[str]:
     conn = connect(db_path)
     try:
-        return {row[0] for row in conn.execute("SELECT DISTINCT case_id FROM ballots WHERE rater = ?", (rater.strip(),))}
+        return {
+            row[0] for row in conn.execute("SELECT DISTINCT case_id FROM ballots WHERE rater = ?", (rater.strip(),))
+        }
     finally:
         conn.close()
 
@@ -214,7 +226,9 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
         return [case.id, case.order(name), header, *refs, *cands, *radios]
 
     with gr.Blocks(title="FlexiMMT human evaluation") as demo:
-        gr.Markdown("# Which video is best?\nWatch the reference motions, then the candidates, and pick one video per question.")
+        gr.Markdown(
+            "# Which video is best?\nWatch the reference motions, then the candidates, and pick one video per question."
+        )
         rater_box = gr.Textbox(label="Your rater name", value=rater or "", elem_id="rater")
         start = gr.Button("Start / continue", elem_id="start")
         case_state, order_state = gr.State(None), gr.State([])  # kept on the server: the order names methods
@@ -242,9 +256,12 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
             saved, message = submit(db_path, name, case_id, order, dict(zip(CRITERIA, picks)))
             return [message, *(page(name) if saved else [gr.update()] * len(outputs))]
 
-        demo.load(on_load, inputs=[rater_box], outputs=[rater_box, *outputs])
-        start.click(page, inputs=[rater_box], outputs=outputs)
-        submit_button.click(on_submit, inputs=[rater_box, case_state, order_state, *radios], outputs=[status, *outputs])
+        private = {"api_visibility": "private"}  # the page calls these; no API for scripts
+        demo.load(on_load, inputs=[rater_box], outputs=[rater_box, *outputs], **private)
+        start.click(page, inputs=[rater_box], outputs=outputs, **private)
+        submit_button.click(
+            on_submit, inputs=[rater_box, case_state, order_state, *radios], outputs=[status, *outputs], **private
+        )
     weakref.finalize(demo, shutil.rmtree, cache, ignore_errors=True)
     return demo
 
