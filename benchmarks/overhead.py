@@ -64,6 +64,23 @@ class PeakRSS:
         return self.peak - self.base
 
 
+def interleave(runs: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """Run each function once to warm up, then ``repeats`` rounds in turn; medians of the time,
+    the peak RSS and the working memory above the pre-run level, per run."""
+    samples = {name: {"time": [], "peak": [], "extra": []} for name in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            with PeakRSS() as mem:
+                start = time.perf_counter()
+                fn()
+                samples[name]["time"].append(time.perf_counter() - start)
+            samples[name]["peak"].append(mem.peak)
+            samples[name]["extra"].append(mem.extra)
+    return {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
+
+
 def medium_pipeline() -> FlexiMMTPipeline:
     # 4 blocks of 8 heads x 64; 96x96x49 -> 13 x 12 x 12 = 1,872 video tokens; 226 text tokens
     comps = tiny_components(
@@ -107,23 +124,10 @@ def measure(args) -> None:
         install_processors(pipe.transformer)
         return pipe(generator=torch.Generator().manual_seed(0), objects=objs, alpha=None, **common)
 
-    runs = {"vanilla": vanilla, "fleximmt": flexi}
-    times = {k: [] for k in runs}
-    peaks = {k: [] for k in runs}
-    totals = {k: [] for k in runs}
-    for name, fn in runs.items():  # warm-up
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            with PeakRSS() as mem:
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-            peaks[name].append(mem.extra)
-            totals[name].append(mem.peak)
-    t_v, t_f = statistics.median(times["vanilla"]), statistics.median(times["fleximmt"])
-    p_v, p_f = statistics.median(peaks["vanilla"]), statistics.median(peaks["fleximmt"])
-    q_v, q_f = statistics.median(totals["vanilla"]), statistics.median(totals["fleximmt"])
+    m = interleave({"vanilla": vanilla, "fleximmt": flexi}, args.repeats)
+    t_v, t_f = m["vanilla"]["time"], m["fleximmt"]["time"]
+    p_v, p_f = m["vanilla"]["extra"], m["fleximmt"]["extra"]
+    q_v, q_f = m["vanilla"]["peak"], m["fleximmt"]["peak"]
     print(f"time      vanilla {t_v:7.2f} s   fleximmt {t_f:7.2f} s   ratio {t_f / t_v:.3f}x  (median of {args.repeats})")
     print(f"peak RSS  vanilla {q_v / 2**20:7.1f} MiB fleximmt {q_f / 2**20:7.1f} MiB ratio {q_f / q_v:.3f}x")
     print(f"working memory above the pre-run level: vanilla {p_v / 2**20:.1f} MiB, fleximmt {p_f / 2**20:.1f} MiB, "

@@ -12,8 +12,6 @@ prints the number of trainable numbers for CogVideoX-5B-I2V.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from fleximmt.train import TRAIN_PARTS, TrainSettings, prepare_conditions, train
 
 
 def main() -> None:
-    from overhead import PeakRSS, medium_pipeline  # the same model and meter as benchmarks/overhead.py
+    from overhead import interleave, medium_pipeline  # the same model and meter as benchmarks/overhead.py
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -65,19 +63,9 @@ def main() -> None:
         loss = training_step(pipe, tokens, state, cond, 0, generator, settings, rotary, lambda: autocast)
         loss.backward()
 
-    runs = {"plain forward+backward": plain, "motion training step": flexi}
-    times = {k: [] for k in runs}
-    peaks = {k: [] for k in runs}
-    for fn in runs.values():
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            with PeakRSS() as mem:
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-            peaks[name].append(mem.extra)
-    (t_p, t_f), (m_p, m_f) = ([statistics.median(d[k]) for k in runs] for d in (times, peaks))
+    m = interleave({"plain": plain, "training": flexi}, args.repeats)
+    t_p, t_f = m["plain"]["time"], m["training"]["time"]
+    m_p, m_f = m["plain"]["extra"], m["training"]["extra"]
     print(f"medium CPU model: 4 blocks, 8 heads x 64, {grid.size} video tokens, d_m = {args.tokens}, "
           f"threads={torch.get_num_threads()}, median of {args.repeats}")
     print(f"time    plain {t_p:.3f} s   training step {t_f:.3f} s   ratio {t_f / t_p:.3f}x")
