@@ -2,45 +2,81 @@
 (METHOD.md section 7): TF (trajectory fidelity), FF (flow fidelity), and CLIP's AC / TC / TS.
 
 Offline defaults need no weights: OpenCV DIS optical flow for FF and OpenCV pyramidal
-Lucas-Kanade tracking for TF. ``flow="raft"`` (torchvision) and ``tracker="cotracker"`` are the
-release's estimators, used when installed. Every ``*_result`` says which estimator produced it.
+Lucas-Kanade tracking for TF. ``flow="raft"`` (torchvision's RAFT-large, 20 iterations) and
+``tracker="cotracker"`` are the release's estimators, used when installed. Every ``*_result``
+returns a :class:`MetricResult` that records which estimator produced the value.
+
+Videos are uint8 RGB ``[T, H, W, 3]`` numpy arrays; masks are bool, ``[T, H, W]`` per frame (FF)
+or ``[H, W]`` for the first frame (TF). The reference is resized to the generated size.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import FlexiMMTInputError
 
+logger = logging.getLogger(__name__)
+
 GRID = 55  # TF tracks a 55 x 55 grid inside the object's first-frame box
-MAG_BINS, DIR_BINS = 20, 18
+MAG_BINS, DIR_BINS = 20, 18  # FF histograms: magnitudes on [0, R], directions on [-pi, pi]
+MIN_SIDE = 16  # smallest frame side the flow/tracking estimators accept
+FLOW_ESTIMATORS = {"dis": "opencv-dis", "raft": "raft-large-20it"}
+TRACKERS = {"lk": "opencv-lk", "cotracker": "cotracker"}
+CLIP = "openai/clip-vit-base-patch32"
 
 
 @dataclass(frozen=True)
 class MetricResult:
+    """A metric's value and the estimator (flow or tracker) that produced it."""
+
     value: float
     estimator: str
 
 
 # -- input checks --------------------------------------------------------------------------
-def _video(frames, name: str) -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise FlexiMMTInputError(f"{name} must be uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+def _video(frames: Any, name: str, min_side: int = 1) -> np.ndarray:
+    """``frames`` as uint8 ``[T, H, W, 3]`` with T >= 2, or a ValueError that says how to fix it."""
+    try:
+        frames = np.asarray(frames)
+    except ValueError:
+        raise FlexiMMTInputError(f"{name} is ragged: give one array [T, H, W, 3] with equally sized frames") from None
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise FlexiMMTInputError(f"{name} must be RGB frames [T, H, W, 3], got shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        raise FlexiMMTInputError(
+            f"{name} must be uint8 (0-255), got {frames.dtype}: convert floats in [0, 1] with "
+            "(frames * 255).round().astype(np.uint8)"
+        )
     if frames.shape[0] < 2:
-        raise FlexiMMTInputError(f"{name} has {frames.shape[0]} frame(s): motion metrics need at least 2")
+        raise FlexiMMTInputError(f"{name} has {frames.shape[0]} frame(s): these metrics need at least 2 frames")
+    if min(frames.shape[1:3]) < min_side:
+        size = f"{frames.shape[1]}x{frames.shape[2]}"
+        raise FlexiMMTInputError(f"{name} frames are {size}: flow and tracking need at least {min_side} px a side")
     return frames
 
 
-def _masks(masks, frames: np.ndarray, name: str, per_frame: bool) -> np.ndarray:
-    masks = np.asarray(masks).astype(bool)
+def _masks(masks: Any, frames: np.ndarray, name: str, per_frame: bool) -> np.ndarray:
+    """``masks`` as bool, ``[T, H, W]`` (``per_frame``) or ``[H, W]``, matching ``frames``."""
+    try:
+        masks = np.asarray(masks)
+    except ValueError:
+        raise FlexiMMTInputError(f"{name} is ragged: give one bool array") from None
     want = frames.shape[:3] if per_frame else frames.shape[1:3]
+    layout = "[T, H, W] (one mask per frame)" if per_frame else "[H, W] (the first frame's mask)"
     if masks.shape != want:
-        shape = "[T, H, W] per frame" if per_frame else "[H, W] (first frame)"
-        raise FlexiMMTInputError(f"{name} must be bool {shape} matching its video {want}, got {masks.shape}")
+        raise FlexiMMTInputError(f"{name} must be {layout} matching its video, i.e. {want}; got {masks.shape}")
+    if masks.dtype != bool:
+        if not (np.issubdtype(masks.dtype, np.number) and np.isin(masks, (0, 1)).all()):
+            raise FlexiMMTInputError(f"{name} must be bool (or 0/1), got {masks.dtype}: threshold it, e.g. mask > 0.5")
+        masks = masks.astype(bool)
     return masks
 
 
@@ -51,17 +87,24 @@ def _resize_to(frames: np.ndarray, masks: np.ndarray, height: int, width: int) -
     if frames.shape[1:3] == (height, width):
         return frames, masks
     frames = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_LINEAR) for f in frames])
-    if masks.ndim == 2:
-        masks = cv2.resize(masks.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
-    else:
-        masks = np.stack([cv2.resize(m.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
-                          for m in masks])  # fmt: skip
+
+    def nearest(mask: np.ndarray) -> np.ndarray:
+        return cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+
+    masks = nearest(masks) if masks.ndim == 2 else np.stack([nearest(m) for m in masks])
     return frames, masks
+
+
+def _gray(frames: np.ndarray) -> list[np.ndarray]:
+    import cv2
+
+    return [cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in frames]
 
 
 # -- FF: flow fidelity -------------------------------------------------------------------------
 def bhattacharyya(p: np.ndarray, q: np.ndarray) -> float:
-    """Bhattacharyya coefficient of two histograms (each normalised to sum 1); 0 if either is empty."""
+    """Bhattacharyya coefficient sum(sqrt(p * q)) of two histograms, each normalised to sum 1;
+    0 if either is empty."""
     p, q = np.asarray(p, float), np.asarray(q, float)
     if p.sum() <= 0 or q.sum() <= 0:
         return 0.0
@@ -69,13 +112,19 @@ def bhattacharyya(p: np.ndarray, q: np.ndarray) -> float:
 
 
 def flow_similarity(flow_gen: np.ndarray, flow_ref: np.ndarray) -> float:
-    """FF of one frame pair: flows ``[n, 2]`` (dx, dy) inside the object, histograms compared."""
+    """FF of one frame: flow vectors ``[n, 2]`` (dx, dy) inside the object in each video.
+
+    Magnitudes divided by their own mean, 20-bin histograms on [0, R] (R the larger 99th
+    percentile); directions atan2(dy, dx) in 18 bins on [-pi, pi]; the mean of the two
+    Bhattacharyya coefficients. An empty side scores 0.
+    """
     if len(flow_gen) == 0 or len(flow_ref) == 0:
         return 0.0
     mag_gen, mag_ref = np.linalg.norm(flow_gen, axis=1), np.linalg.norm(flow_ref, axis=1)
     mag_gen, mag_ref = mag_gen / (mag_gen.mean() + 1e-6), mag_ref / (mag_ref.mean() + 1e-6)
-    top = max(np.percentile(mag_gen, 99), np.percentile(mag_ref, 99), 1e-6)
-    magnitude = bhattacharyya(np.histogram(mag_gen, MAG_BINS, (0, top))[0], np.histogram(mag_ref, MAG_BINS, (0, top))[0])
+    top = max(np.percentile(mag_gen, 99), np.percentile(mag_ref, 99), 1e-6)  # floor: no motion at all
+    magnitude = bhattacharyya(np.histogram(mag_gen, MAG_BINS, (0, top))[0],
+                              np.histogram(mag_ref, MAG_BINS, (0, top))[0])  # fmt: skip
     ang_gen = np.arctan2(flow_gen[:, 1], flow_gen[:, 0])
     ang_ref = np.arctan2(flow_ref[:, 1], flow_ref[:, 0])
     direction = bhattacharyya(np.histogram(ang_gen, DIR_BINS, (-np.pi, np.pi))[0],
@@ -84,81 +133,142 @@ def flow_similarity(flow_gen: np.ndarray, flow_ref: np.ndarray) -> float:
 
 
 def optical_flows(frames: np.ndarray, flow: str = "dis") -> np.ndarray:
-    """Flow of each consecutive pair ``[T-1, H, W, 2]`` (dx, dy)."""
-    import cv2
-
+    """Flow of each consecutive frame pair, ``[T-1, H, W, 2]`` (dx, dy) in pixels."""
     if flow == "dis":
+        import cv2
+
         dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-        gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
+        gray = _gray(frames)
         return np.stack([dis.calc(a, b, None) for a, b in zip(gray[:-1], gray[1:])])
     if flow == "raft":
         return _raft_flows(frames)
-    raise FlexiMMTInputError(f"flow={flow!r}: choose 'dis' (OpenCV, offline) or 'raft' (torchvision)")
+    raise FlexiMMTInputError(f"flow={flow!r}: choose 'dis' (OpenCV, offline) or 'raft' (torchvision RAFT-large)")
 
 
-def _raft_flows(frames: np.ndarray) -> np.ndarray:  # pragma: no cover - needs torchvision and its weights
+@functools.lru_cache(maxsize=1)
+def _raft(device: str):  # pragma: no cover - needs torchvision and its weights
     try:
-        import torch
         from torchvision.models.optical_flow import Raft_Large_Weights, raft_large
     except ImportError:
-        raise FlexiMMTInputError("flow='raft' needs torchvision: pip install 'fleximmt[vision]', or use flow='dis'") from None
+        raise FlexiMMTInputError(
+            "flow='raft' needs torchvision: pip install 'fleximmt[vision]' (or torchvision), or use flow='dis'"
+        ) from None
     weights = Raft_Large_Weights.DEFAULT
-    model = raft_large(weights=weights).eval()
+    try:
+        model = raft_large(weights=weights, progress=False).eval().to(device)
+    except (OSError, RuntimeError) as err:  # offline: urllib's URLError is an OSError
+        raise FlexiMMTInputError(
+            f"could not load RAFT-large weights ({str(err).splitlines()[0]}): put {Path(weights.url).name} in "
+            "$TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/checkpoints), or use flow='dis'"
+        ) from None
+    logger.info("FF flow: torchvision raft_large (%s) on %s", weights, device)
+    return model, weights.transforms()
+
+
+def _raft_flows(frames: np.ndarray, batch: int = 8) -> np.ndarray:  # pragma: no cover - needs torchvision
+    """RAFT-large, 20 flow updates; frames padded to a multiple of 8 and the flow cropped back."""
+    import torch
+    import torch.nn.functional as F
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, transforms = _raft(device)
+    height, width = frames.shape[1:3]
+    pad = (0, -width % 8, 0, -height % 8)
     video = torch.from_numpy(frames).permute(0, 3, 1, 2)
-    a, b = weights.transforms()(video[:-1], video[1:])
+    flows = []
     with torch.no_grad():
-        return model(a, b, num_flow_updates=20)[-1].permute(0, 2, 3, 1).numpy()
+        for start in range(0, len(frames) - 1, batch):
+            a, b = transforms(video[start : start + batch], video[start + 1 : start + batch + 1])
+            a, b = (F.pad(x.to(device), pad, mode="replicate") for x in (a, b))
+            flow = model(a, b, num_flow_updates=20)[-1][:, :, :height, :width]
+            flows.append(flow.permute(0, 2, 3, 1).float().cpu().numpy())
+    return np.concatenate(flows)
 
 
-def flow_fidelity_result(gen, ref, gen_masks, ref_masks, flow: str = "dis") -> MetricResult:
-    gen, ref = _video(gen, "gen"), _video(ref, "ref")
+def flow_fidelity_result(
+    gen: np.ndarray, ref: np.ndarray, gen_masks: np.ndarray, ref_masks: np.ndarray, flow: str = "dis"
+) -> MetricResult:
+    """FF with the estimator that produced it (see :func:`flow_fidelity`)."""
+    if flow not in FLOW_ESTIMATORS:
+        raise FlexiMMTInputError(f"flow={flow!r}: choose 'dis' (OpenCV, offline) or 'raft' (torchvision RAFT-large)")
+    gen, ref = _video(gen, "gen", MIN_SIDE), _video(ref, "ref", MIN_SIDE)
     gen_masks, ref_masks = _masks(gen_masks, gen, "gen_masks", True), _masks(ref_masks, ref, "ref_masks", True)
     ref, ref_masks = _resize_to(ref, ref_masks, *gen.shape[1:3])
     length = min(len(gen), len(ref))
     flows_gen, flows_ref = optical_flows(gen[:length], flow), optical_flows(ref[:length], flow)
     scores = [flow_similarity(flows_gen[t][gen_masks[t]], flows_ref[t][ref_masks[t]]) for t in range(length - 1)]
-    return MetricResult(float(np.mean(scores)), {"dis": "opencv-dis", "raft": "raft-large-20it"}[flow])
+    return MetricResult(float(np.mean(scores)), FLOW_ESTIMATORS[flow])
 
 
-def flow_fidelity(gen, ref, gen_masks, ref_masks, flow: str = "dis") -> float:
-    """FF in [0, 1]: per frame, Bhattacharyya similarity of normalised flow-magnitude and
-    flow-direction histograms inside the object's masks, averaged over frames."""
+def flow_fidelity(
+    gen: np.ndarray, ref: np.ndarray, gen_masks: np.ndarray, ref_masks: np.ndarray, flow: str = "dis"
+) -> float:
+    """FF in [0, 1]: per frame t, Bhattacharyya similarity of the normalised flow-magnitude and
+    flow-direction histograms inside the object's masks of frame t (0 where either is empty),
+    averaged over frames; identical videos score 1."""
     return flow_fidelity_result(gen, ref, gen_masks, ref_masks, flow).value
 
 
 # -- TF: trajectory fidelity -------------------------------------------------------------------
-def grid_points(mask: np.ndarray, size: int = GRID) -> np.ndarray:
-    """A ``size x size`` grid of (x, y) points over the bounding box of ``mask``."""
+def grid_points(mask: np.ndarray, size: int = GRID, name: str = "mask") -> np.ndarray:
+    """A ``size x size`` grid of (x, y) points over the bounding box of ``mask``, ``[size**2, 2]``."""
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
-        raise FlexiMMTInputError("the first-frame mask is empty: TF needs the object's region")
+        raise FlexiMMTInputError(f"{name} is empty: TF needs the object's first-frame region")
     gx, gy = np.meshgrid(np.linspace(xs.min(), xs.max(), size), np.linspace(ys.min(), ys.max(), size))
     return np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float32)
 
 
 def track_points(frames: np.ndarray, points: np.ndarray, tracker: str = "lk") -> np.ndarray:
-    """Tracks ``[T, n, 2]`` of ``points`` through the video."""
-    import cv2
-
+    """Tracks ``[T, n, 2]`` (x, y) of ``points`` (on frame 0) through the video."""
     if tracker == "cotracker":
-        raise FlexiMMTInputError("tracker='cotracker' needs the cotracker package and its weights; use tracker='lk'")
+        return _cotracker_tracks(frames, points)
     if tracker != "lk":
         raise FlexiMMTInputError(f"tracker={tracker!r}: choose 'lk' (OpenCV, offline) or 'cotracker'")
-    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
-    tracks = [points.reshape(-1, 1, 2)]
+    import cv2
+
+    gray = _gray(frames)
+    tracks = [points.reshape(-1, 1, 2).astype(np.float32)]
     for a, b in zip(gray[:-1], gray[1:]):
-        nxt, _, _ = cv2.calcOpticalFlowPyrLK(a, b, tracks[-1], None, winSize=(21, 21), maxLevel=3)
-        tracks.append(nxt)
+        nxt, found, _ = cv2.calcOpticalFlowPyrLK(a, b, tracks[-1], None, winSize=(21, 21), maxLevel=3)
+        tracks.append(np.where(found[:, :, None] == 1, nxt, tracks[-1]))  # a lost point stays where it was
     return np.stack(tracks)[:, :, 0]
 
 
+def _cotracker_tracks(frames: np.ndarray, points: np.ndarray) -> np.ndarray:  # pragma: no cover - needs cotracker
+    """CoTracker (the release's tracker): queries on frame 0; checkpoint from $COTRACKER_CHECKPOINT."""
+    try:
+        from cotracker.predictor import CoTrackerPredictor
+    except ImportError:
+        raise FlexiMMTInputError(
+            "tracker='cotracker' needs the cotracker package (pip install git+https://github.com/facebookresearch/"
+            "co-tracker) and a checkpoint in $COTRACKER_CHECKPOINT; or use tracker='lk'"
+        ) from None
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    checkpoint = os.environ.get("COTRACKER_CHECKPOINT")
+    try:
+        model = (CoTrackerPredictor(checkpoint=checkpoint) if checkpoint else CoTrackerPredictor()).eval().to(device)
+    except (OSError, RuntimeError) as err:
+        raise FlexiMMTInputError(
+            f"could not load CoTracker ({str(err).splitlines()[0]}): set COTRACKER_CHECKPOINT to its .pth file, "
+            "or use tracker='lk'"
+        ) from None
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float().to(device)
+    queries = torch.from_numpy(np.concatenate([np.zeros((len(points), 1), np.float32), points], 1))[None].to(device)
+    with torch.no_grad():
+        tracks, _ = model(video, queries=queries)
+    return tracks[0].float().cpu().numpy()
+
+
 def track_similarity(tracks_gen: np.ndarray, tracks_ref: np.ndarray) -> float:
-    """TF from tracks ``[T, n, 2]``: unit displacements, S[i, j] = mean_t v_gen_i . v_ref_j,
-    mean over i of max over j."""
+    """TF from tracks ``[T, n, 2]``: unit displacements v = (p[t+1] - p[t]) / (|.| + 1e-8),
+    S[i, j] = mean_t v_gen_i . v_ref_j, TF = mean over i of max over j; cut to the shorter."""
     length = min(len(tracks_gen), len(tracks_ref))
 
-    def unit(tracks):
-        v = np.diff(tracks[:length], axis=0)
+    def unit(tracks: np.ndarray) -> np.ndarray:
+        v = np.diff(np.asarray(tracks[:length], np.float64), axis=0)
         return v / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-8)
 
     v_gen, v_ref = unit(tracks_gen), unit(tracks_ref)  # [T-1, n, 2]
@@ -166,53 +276,82 @@ def track_similarity(tracks_gen: np.ndarray, tracks_ref: np.ndarray) -> float:
     return float(similarity.max(axis=1).mean())
 
 
-def trajectory_fidelity_result(gen, ref, gen_mask, ref_mask, tracker: str = "lk") -> MetricResult:
-    gen, ref = _video(gen, "gen"), _video(ref, "ref")
+def trajectory_fidelity_result(
+    gen: np.ndarray, ref: np.ndarray, gen_mask: np.ndarray, ref_mask: np.ndarray, tracker: str = "lk"
+) -> MetricResult:
+    """TF with the estimator that produced it (see :func:`trajectory_fidelity`)."""
+    if tracker not in TRACKERS:
+        raise FlexiMMTInputError(f"tracker={tracker!r}: choose 'lk' (OpenCV, offline) or 'cotracker'")
+    gen, ref = _video(gen, "gen", MIN_SIDE), _video(ref, "ref", MIN_SIDE)
     gen_mask, ref_mask = _masks(gen_mask, gen, "gen_mask", False), _masks(ref_mask, ref, "ref_mask", False)
     ref, ref_mask = _resize_to(ref, ref_mask, *gen.shape[1:3])
+    points_gen, points_ref = grid_points(gen_mask, name="gen_mask"), grid_points(ref_mask, name="ref_mask")
     length = min(len(gen), len(ref))
-    tracks_gen = track_points(gen[:length], grid_points(gen_mask), tracker)
-    tracks_ref = track_points(ref[:length], grid_points(ref_mask), tracker)
-    return MetricResult(track_similarity(tracks_gen, tracks_ref), {"lk": "opencv-lk", "cotracker": "cotracker"}[tracker])
+    tracks_gen = track_points(gen[:length], points_gen, tracker)
+    tracks_ref = track_points(ref[:length], points_ref, tracker)
+    return MetricResult(track_similarity(tracks_gen, tracks_ref), TRACKERS[tracker])
 
 
-def trajectory_fidelity(gen, ref, gen_mask, ref_mask, tracker: str = "lk") -> float:
-    """TF in [-1, 1]: how well the object's tracked point directions match the reference's."""
+def trajectory_fidelity(
+    gen: np.ndarray, ref: np.ndarray, gen_mask: np.ndarray, ref_mask: np.ndarray, tracker: str = "lk"
+) -> float:
+    """TF in [-1, 1]: how well the directions of a 55 x 55 grid of tracked object points match
+    the reference's (each video's grid spans its own first-frame mask's box)."""
     return trajectory_fidelity_result(gen, ref, gen_mask, ref_mask, tracker).value
 
 
 # -- CLIP: AC, TC, TS -------------------------------------------------------------------------
-def load_clip(model: Any = "openai/clip-vit-base-patch32"):
-    """``(CLIPModel, CLIPProcessor)`` from a hub id or local folder (or a pair passed through)."""
-    if isinstance(model, tuple):
-        return model
+def load_clip(model: Any = CLIP) -> tuple[Any, Any]:
+    """``(CLIPModel, CLIPProcessor)`` from a hub id or local folder, or a loaded pair passed through."""
+    if isinstance(model, (tuple, list)):
+        if len(model) != 2:
+            raise FlexiMMTInputError(f"model as a pair must be (CLIPModel, CLIPProcessor), got {len(model)} items")
+        return tuple(model)
+    if not isinstance(model, (str, os.PathLike)):
+        raise FlexiMMTInputError(
+            f"model must be a hub id, a local folder or a (model, processor) pair, got {type(model).__name__}"
+        )
     from transformers import CLIPModel, CLIPProcessor
 
     try:
-        return CLIPModel.from_pretrained(model, use_safetensors=True).eval(), CLIPProcessor.from_pretrained(model)
+        clip = CLIPModel.from_pretrained(model, use_safetensors=True).eval()
+        processor = CLIPProcessor.from_pretrained(model)
     except OSError as err:
-        raise FlexiMMTInputError(f"could not load CLIP {model!r} ({str(err).splitlines()[0]}): give a local folder") from None
+        raise FlexiMMTInputError(
+            f"could not load CLIP {str(model)!r} ({str(err).splitlines()[0]}): give a local folder with its "
+            "safetensors weights and processor files"
+        ) from None
+    logger.info("CLIP: %s", model)
+    return clip, processor
 
 
-def clip_scores(frames, text: str, model: Any = "openai/clip-vit-base-patch32") -> dict:
-    """AC: mean cos(frame 0, frame t), t >= 1; TC: mean cos over all frame pairs i < j;
-    TS: mean cos(text, frame). Returns ``{"ac", "tc", "ts", "model"}``."""
+def clip_scores(frames: np.ndarray, text: str, model: Any = CLIP, batch: int = 32) -> dict[str, Any]:
+    """CLIP scores of one video: AC = mean over t >= 1 of cos(frame 0, frame t); TC = mean cos
+    over all frame pairs i < j; TS = mean over frames of cos(text, frame), the caption cut to
+    CLIP's context. Returns ``{"ac", "tc", "ts", "model"}``."""
     import torch
 
     frames = _video(frames, "frames")
+    if not isinstance(text, str):
+        raise FlexiMMTInputError(f"text must be the caption as a str, got {type(text).__name__}")
     clip, processor = load_clip(model)
+    device, dtype = clip.device, clip.dtype
     with torch.no_grad():
-        images = processor(images=list(frames), return_tensors="pt")
-        image = clip.get_image_features(**images)
-        image = getattr(image, "pooler_output", image)
+        image = []
+        for start in range(0, len(frames), batch):
+            pixels = processor(images=list(frames[start : start + batch]), return_tensors="pt")["pixel_values"]
+            features = clip.get_image_features(pixel_values=pixels.to(device, dtype))
+            image.append(getattr(features, "pooler_output", features))  # transformers 5: a model output
+        image = torch.cat(image)
         tokens = processor(text=[text], return_tensors="pt", padding=True, truncation=True,
                            max_length=clip.config.text_config.max_position_embeddings)  # fmt: skip
-        words = clip.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        words = clip.get_text_features(input_ids=tokens["input_ids"].to(device),
+                                       attention_mask=tokens["attention_mask"].to(device))  # fmt: skip
         words = getattr(words, "pooler_output", words)
     image = torch.nn.functional.normalize(image.float(), dim=-1)
     words = torch.nn.functional.normalize(words.float(), dim=-1)
     cos = image @ image.T
-    pairs = torch.triu_indices(len(frames), len(frames), offset=1)
-    name = model if isinstance(model, str) else getattr(clip.config, "_name_or_path", "clip")
-    return {"ac": float(cos[0, 1:].mean()), "tc": float(cos[pairs[0], pairs[1]].mean()),
-            "ts": float((image @ words.T).mean()), "model": str(name)}  # fmt: skip
+    i, j = torch.triu_indices(len(frames), len(frames), offset=1)
+    name = str(model) if isinstance(model, (str, os.PathLike)) else (clip.config._name_or_path or "clip")
+    return {"ac": float(cos[0, 1:].mean()), "tc": float(cos[i, j].mean()),
+            "ts": float((image @ words.T).mean()), "model": name}  # fmt: skip
