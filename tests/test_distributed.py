@@ -48,7 +48,7 @@ def workspace(tmp_path_factory):
 
 def tokens_of(path):
     with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("tokens"), f.get_tensor("rng")
+        return f.get_tensor("param.tokens"), f.get_tensor("rng")
 
 
 def test_two_processes_share_one_motion_and_average_gradients(workspace):

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import FlexiMMTState, install_processors
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import as_frames, read_video, subsample, to_model_tensor, window_starts
 from .errors import FlexiMMTInputError
 from .masks import span_membership
@@ -203,53 +204,7 @@ def training_step(pipe, tokens: torch.Tensor, state: FlexiMMTState, cond: Condit
     return loss
 
 
-# -- stage 3: checkpoints ---------------------------------------------------------------------
-def save_checkpoint(path: Path, step: int, tokens, optimizer, scheduler, generator, fingerprints: dict) -> None:
-    """Tokens, optimizer moments, LR schedule and RNG state in one safetensors file, atomically."""
-    from safetensors.torch import save_file
-
-    opt_state = optimizer.state_dict()
-    param_state = opt_state["state"].get(0, {})
-    tensors = {"tokens": tokens.detach().cpu().contiguous(), "rng": generator.get_state()}
-    for name in ("exp_avg", "exp_avg_sq", "step"):
-        if name in param_state:
-            tensors[f"adam.{name}"] = torch.as_tensor(param_state[name]).detach().cpu().contiguous()
-    sched = {k: v for k, v in scheduler.state_dict().items() if k in ("last_epoch", "_step_count", "_last_lr", "base_lrs")}
-    meta = {"step": str(step), "scheduler": json.dumps(sched), **{k: str(v) for k, v in fingerprints.items()}}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def load_checkpoint(path: Path, tokens, optimizer, scheduler, generator, fingerprints: dict) -> int:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns the step it holds."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as err:
-        raise FlexiMMTInputError(f"checkpoint {str(path)!r} is not readable ({err}); delete it to start over") from None
-    for key, want in fingerprints.items():
-        if meta.get(key) != str(want):
-            raise FlexiMMTInputError(
-                f"checkpoint {str(path)!r} was written with a different {key.replace('_', ' ')} "
-                f"({meta.get(key)!r}, now {want!r}): resume with the same model and settings, or delete it to start over"
-            )
-    with torch.no_grad():
-        tokens.copy_(tensors["tokens"])
-    if "adam.exp_avg" in tensors:
-        optimizer.state[tokens] = {
-            "exp_avg": tensors["adam.exp_avg"].to(tokens.device),
-            "exp_avg_sq": tensors["adam.exp_avg_sq"].to(tokens.device),
-            "step": tensors["adam.step"],
-        }
-    scheduler.load_state_dict({**scheduler.state_dict(), **json.loads(meta["scheduler"])})
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
-    generator.set_state(tensors["rng"])
-    return int(meta["step"])
-
-
+# -- stage 3: checkpoints (fleximmt.checkpoint) ----------------------------------------------
 def checkpoint_path(output: Path) -> Path:
     return output.with_name(output.stem + ".ckpt.safetensors")
 
@@ -356,7 +311,7 @@ def train_motion(
         ckpt = ckpt.with_name(ckpt.stem + f".rank{proc.process_index}.safetensors")
     start = 0
     if resume and ckpt.is_file():
-        start = load_checkpoint(ckpt, tokens, optimizer, scheduler, generator, fingerprints)
+        start = load_checkpoint(ckpt, {"tokens": tokens}, optimizer, scheduler, generator, fingerprints)
         logger.info("resumed %s at step %d", ckpt, start)
 
     grid = pipe.token_grid(*geometry)
@@ -395,7 +350,7 @@ def train_motion(
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(ckpt, done, tokens, optimizer, scheduler, generator, fingerprints)
+            save_checkpoint(ckpt, done, {"tokens": tokens}, optimizer, scheduler, generator, fingerprints)
         if callback is not None:
             callback(done, value)
     bar.close()
