@@ -46,6 +46,11 @@ def tiny_components(
     text_len: int = 16,
     vae_channels: tuple[int, ...] = (8, 8, 8),
     latent_channels: int = 4,
+    text_dim: int = 16,
+    text_layers: int = 1,
+    time_embed_dim: int = 8,
+    norm_groups: int = 2,
+    words: tuple[str, ...] = WORDS,
 ) -> dict:
     """Random-weight components of a ``CogVideoXImageToVideoPipeline`` (seeded)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
@@ -61,18 +66,17 @@ def tiny_components(
         block_out_channels=vae_channels,
         latent_channels=latent_channels,
         layers_per_block=1,
-        norm_num_groups=2,
+        norm_num_groups=norm_groups,
         temporal_compression_ratio=4,
     )
-    tokenizer = tiny_tokenizer()
-    text_dim = 16
+    tokenizer = tiny_tokenizer(tuple(words))
     text_encoder = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer),
             d_model=text_dim,
             d_kv=8,
-            d_ff=32,
-            num_layers=1,
+            d_ff=2 * text_dim,
+            num_layers=text_layers,
             num_heads=2,
             relative_attention_num_buckets=8,
             pad_token_id=0,
@@ -84,7 +88,7 @@ def tiny_components(
         attention_head_dim=head_dim,
         in_channels=2 * latent_channels,
         out_channels=latent_channels,
-        time_embed_dim=8,
+        time_embed_dim=time_embed_dim,
         text_embed_dim=text_dim,
         num_layers=num_layers,
         sample_width=width // spatial,
