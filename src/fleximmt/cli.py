@@ -10,9 +10,28 @@ import warnings
 from pathlib import Path
 
 from .errors import FlexiMMTInputError
+from .masks import RMPM_METHODS
+from .pipeline import DEFAULT_MODEL, INITIAL_MASKS, MASK_SOURCES
+
+logger = logging.getLogger(__name__)
 
 TINY = "tiny"
 EXAMPLES = {
+    "fleximmt": """examples:
+  fleximmt demo                                   (the whole pipeline on a built-in tiny model, seconds on a CPU)
+  fleximmt train --video walk.mp4 --caption "A tiger walks on the snow." --concept tiger \\
+      --motion-words walks --out walk.safetensors
+  fleximmt inspect walk.safetensors
+  fleximmt generate --image scene.png --prompt "A tiger walks on the snow." \\
+      --object tiger.png:walk.safetensors:walks --out out.mp4
+
+Run 'fleximmt COMMAND --help' for a command's options.""",
+    "inspect": """examples:
+  fleximmt inspect walk.safetensors
+  fleximmt inspect walk.safetensors --json | jq .d_m""",
+    "demo": """examples:
+  fleximmt demo                          (writes demo-output/)
+  fleximmt demo --out /tmp/demo --steps 4""",
     "generate": """examples:
   fleximmt generate --image scene.png --prompt "A tiger walks on the snow. A man is crouching." \\
       --object tiger.png:walk.safetensors:"walks" --object man.png:crouch.safetensors:"is crouching" \\
@@ -38,7 +57,7 @@ def _positive_int(text: str) -> int:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="THUDM/CogVideoX-5b-I2V",
+    group.add_argument("--model", default=DEFAULT_MODEL,
                        help="hub id or local folder of a CogVideoX image-to-video model (default: %(default)s); "
                             "'tiny' builds a tiny random-weight model")  # fmt: skip
     group.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
@@ -55,7 +74,7 @@ def load_pipeline(args) -> "FlexiMMTPipeline":  # noqa: F821
     if args.model == TINY:
         from .toy import tiny_pipeline
 
-        logging.getLogger("fleximmt").warning("--model tiny: a tiny model with RANDOM weights; its videos are noise")
+        logger.warning("--model tiny: a tiny model with RANDOM weights; its videos are noise")
         pipe = tiny_pipeline(0)
     else:
         cuda = torch.cuda.is_available()
@@ -73,6 +92,8 @@ def load_pipeline(args) -> "FlexiMMTPipeline":  # noqa: F821
             pipe.enable_model_cpu_offload()
         elif cuda:
             pipe.to("cuda")
+        elif args.cpu_offload:
+            logger.warning("--cpu-offload: no GPU found, so the model runs on the CPU anyway")
     if args.vae_tiling:
         pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=False, desc="denoising")
@@ -80,6 +101,8 @@ def load_pipeline(args) -> "FlexiMMTPipeline":  # noqa: F821
 
 
 def parse_object(spec: str) -> tuple[str, str, str]:
+    """``MASK.png:MOTION.safetensors:motion words`` -> (mask path, motion path, motion words);
+    split on the first two colons, so the motion words may hold colons but the paths may not."""
     parts = spec.split(":", 2)
     if len(parts) != 3 or not all(p.strip() for p in parts):
         raise FlexiMMTInputError(
@@ -95,8 +118,10 @@ def cmd_generate(args) -> None:
     from PIL import Image
 
     from .motion import ObjectMotion
-    from .video import mask_overlay, save_video
+    from .video import check_video_path, mask_overlay, save_video
 
+    out = check_video_path(args.out)
+    masks_out = check_video_path(args.masks_out) if args.masks_out else None
     image_path = Path(args.image)
     if not image_path.is_file():
         raise FlexiMMTInputError(f"--image {args.image!r} does not exist")
@@ -105,6 +130,8 @@ def cmd_generate(args) -> None:
     except Exception as err:
         raise FlexiMMTInputError(f"--image {args.image!r} is not a readable image ({err})") from None
     objects = [ObjectMotion(mask, motion, words) for mask, motion, words in map(parse_object, args.object or [])]
+    if masks_out and not objects:
+        logger.warning("--masks-out: no --object given, so there are no masks to draw; skipping it")
     pipe = load_pipeline(args)
     output = pipe(
         image=image, prompt=args.prompt, objects=objects, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -114,12 +141,12 @@ def cmd_generate(args) -> None:
         return_masks=bool(objects),
     )  # fmt: skip
     frames = output.frames[0]
-    written = [save_video(frames, args.out, fps=args.fps)]
-    if args.gif:
-        written.append(save_video(frames, Path(args.out).with_suffix(".gif"), fps=args.fps))
-    if args.masks_out and objects:
+    written = [save_video(frames, out, fps=args.fps)]
+    if args.gif and out.suffix.lower() != ".gif":
+        written.append(save_video(frames, out.with_suffix(".gif"), fps=args.fps))
+    if masks_out and objects:
         overlay = mask_overlay(frames, output.masks[-1], pipe.vae_scale_factor_temporal)
-        written.append(save_video(overlay, args.masks_out, fps=args.fps))
+        written.append(save_video(overlay, masks_out, fps=args.fps))
     for path in written:
         print(f"wrote {path}")
 
@@ -209,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleximmt",
         description="FlexiMMT: make the objects of an image move, each with a motion learned from its own reference video.",
-        epilog="Run 'fleximmt COMMAND --help' for a command's options.",
+        epilog=EXAMPLES["fleximmt"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO level)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -231,12 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     gen.add_argument("--frames", type=_positive_int, help="frame count, 8k+1 (default: the model's own, 49 for CogVideoX-5B)")
     gen.add_argument("--fps", type=_positive_int, default=8, help="frame rate of the written video (default: %(default)s)")
-    gen.add_argument("--mask-source", default="rmpm", choices=["rmpm", "static", "qk", "none"],
+    gen.add_argument("--mask-source", default="rmpm", choices=MASK_SOURCES,
                      help="object masks on later frames: propagated (rmpm), the first frame's (static), "
                           "from QK attention (qk) or everywhere (none) (default: %(default)s)")  # fmt: skip
-    gen.add_argument("--rmpm-method", default="paper", choices=["paper", "released"],
+    gen.add_argument("--rmpm-method", default="paper", choices=RMPM_METHODS,
                      help="Eqs. 12-13 (paper) or the authors' label propagation (released) (default: %(default)s)")  # fmt: skip
-    gen.add_argument("--initial-masks", default="first_frame", choices=["first_frame", "none"],
+    gen.add_argument("--initial-masks", default="first_frame", choices=INITIAL_MASKS,
                      help="RMPM's step 0: the first-frame masks on every frame, or none as in the authors' release "
                           "(default: %(default)s)")  # fmt: skip
     gen.add_argument("--anchors", type=_positive_int, default=3, help="RMPM anchor frames W (default: %(default)s)")
@@ -301,13 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rate_commands(sub)
 
-    ins = sub.add_parser("inspect", help="show a motion file's shape and metadata",
+    ins = sub.add_parser("inspect", help="show a motion file's shape and metadata", epilog=EXAMPLES["inspect"],
+                         formatter_class=formatter,
                          description="Print a motion file's blocks, tokens, width and training metadata.")  # fmt: skip
     ins.add_argument("motion", help="a .safetensors motion file")
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.set_defaults(func=cmd_inspect)
 
-    demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny model",
+    demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny model", epilog=EXAMPLES["demo"],
+                          formatter_class=formatter,
                           description="Two objects, two motions, a tiny RANDOM-weight model: writes the video, "
                                       "the propagated-mask overlay and the inputs. Shows that everything runs; "
                                       "the video itself is noise.")  # fmt: skip
@@ -323,9 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # FlexiMMTInputError is a ValueError
+    except (ValueError, OSError) as err:  # bad input (FlexiMMTInputError is a ValueError), missing/unwritable files
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
