@@ -1,9 +1,10 @@
 """The command line and the video writers."""
 
 import json
+import logging
 import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import subprocess
+import sys
 
 import imageio.v3 as iio
 import numpy as np
@@ -11,9 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from fleximmt import cli
 from fleximmt.cli import main
-from fleximmt.toy import random_motion, tiny_pipeline
-from fleximmt.video import mask_overlay, save_video
+from fleximmt.masks import RMPM_METHODS
+from fleximmt.motion import MotionTokens
+from fleximmt.pipeline import INITIAL_MASKS, MASK_SOURCES
+from fleximmt.toy import random_motion
+from fleximmt.video import PALETTE, mask_overlay, save_video
+
+PROMPT = "A ball jumps up. A box slides left."
 
 
 def run_cli(args, capsys):
@@ -22,14 +29,21 @@ def run_cli(args, capsys):
     return code, out.out, out.err
 
 
+def subparser(name):
+    return next(a for a in cli.build_parser()._subparsers._group_actions if a.dest == "command").choices[name]
+
+
+# -- --help ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("command, options", [
-    ("generate", ["--object", "--masks-out", "--cpu-offload", "--vae-tiling", "--gif", "--steps", "--seed", "--model"]),
+    ("generate", ["--image", "--prompt", "--object", "--out", "--masks-out", "--steps", "--seed", "--guidance",
+                  "--model", "--cpu-offload", "--vae-tiling", "--gif", "--fps", "--frames", "--mask-source",
+                  "--anchors", "--alpha", "--rmpm-method", "--dtype", "MASK:MOTION:WORDS", "examples:"]),
     ("train", ["--video", "--caption", "--concept", "--motion-words", "--dataset", "--resume", "--mixed-precision",
-               "--gradient-checkpointing", "--checkpoint-every", "--lr", "--tokens", "--frames", "--fps"]),
-    ("inspect", ["--json"]),
-    ("demo", ["--out"]),
+               "--gradient-checkpointing", "--checkpoint-every", "--lr", "--tokens", "--frames", "--fps", "examples:"]),
+    ("inspect", ["--json", "examples:"]),
+    ("demo", ["--out", "--steps", "RANDOM", "examples:"]),
 ])  # fmt: skip
-def test_help_explains_every_option(command, options, capsys):
+def test_help_of_each_command_exits_0_and_names_its_options(command, options, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
@@ -38,58 +52,134 @@ def test_help_explains_every_option(command, options, capsys):
         assert option in text, option
 
 
+def test_top_level_help_lists_the_commands_with_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for command in ("generate", "train", "inspect", "demo", "examples:"):
+        assert command in text, command
+
+
+def test_generate_choices_are_the_pipelines_own():
+    actions = {a.dest: a for a in subparser("generate")._actions}
+    assert tuple(actions["mask_source"].choices) == MASK_SOURCES
+    assert tuple(actions["rmpm_method"].choices) == RMPM_METHODS
+    assert tuple(actions["initial_masks"].choices) == INITIAL_MASKS
+    assert tuple(actions["dtype"].choices) == ("bfloat16", "float16", "float32")
+
+
+def test_python_dash_m_fleximmt_runs_the_cli():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "fleximmt", "inspect", "--help"], capture_output=True, text=True,
+                            env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "usage: fleximmt inspect" in result.stdout
+
+
+# -- generate ---------------------------------------------------------------------------------
 @pytest.fixture()
-def scene(tmp_path):
-    pipe = tiny_pipeline(0)
+def scene(tmp_path, tiny_pipe):
+    """A 32 x 32 image, two mask PNGs and two motion files for the tiny model."""
     image = (np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "image.png")
     for k, (y, x) in enumerate([(2, 2), (16, 16)]):
         mask = np.zeros((32, 32), np.uint8)
         mask[y : y + 12, x : x + 12] = 255
         Image.fromarray(mask).save(tmp_path / f"mask{k}.png")
-        random_motion(pipe.transformer, 4, seed=k, name=f"m{k}", motion_words="jumps up").save(tmp_path / f"m{k}.safetensors")
+        random_motion(tiny_pipe.transformer, 4, seed=k, name=f"m{k}", motion_words="jumps up").save(tmp_path / f"m{k}.safetensors")
     return tmp_path
 
 
-def test_generate_writes_a_video_and_a_mask_overlay(scene, capsys):
-    code, out, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png",
-                              "--prompt", "A ball jumps up. A box slides left.", "--steps", 2,
-                              "--object", f"{scene / 'mask0.png'}:{scene / 'm0.safetensors'}:jumps up",
-                              "--object", f"{scene / 'mask1.png'}:{scene / 'm1.safetensors'}:slides left",
-                              "--out", scene / "out.mp4", "--masks-out", scene / "masks.mp4", "--gif"], capsys)  # fmt: skip
+def objects(scene):
+    return ["--object", f"{scene / 'mask0.png'}:{scene / 'm0.safetensors'}:jumps up",
+            "--object", f"{scene / 'mask1.png'}:{scene / 'm1.safetensors'}:slides left"]  # fmt: skip
+
+
+def test_generate_writes_a_video_a_gif_and_a_mask_overlay(scene, capsys, caplog):
+    with caplog.at_level(logging.WARNING):
+        code, out, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", PROMPT,
+                                  "--steps", 2, *objects(scene), "--out", scene / "out.mp4",
+                                  "--masks-out", scene / "masks.mp4", "--gif"], capsys)  # fmt: skip
     assert code == 0, err
     video = iio.imread(scene / "out.mp4")
+    overlay = iio.imread(scene / "masks.mp4")
     assert video.shape == (9, 32, 32, 3)
-    assert iio.imread(scene / "masks.mp4").shape == (9, 32, 32, 3)
+    assert overlay.shape == (9, 32, 32, 3)
+    assert np.abs(overlay.astype(int) - video.astype(int)).mean() > 5  # the masks are drawn on it
     assert iio.imread(scene / "out.gif").shape[0] == 9
-    assert "wrote" in out
+    assert all(f"wrote {scene / name}" in out for name in ("out.mp4", "out.gif", "masks.mp4"))
+    assert "RANDOM weights" in caplog.text
+
+
+def test_generate_shows_diffusers_progress_bar(scene, capsys):
+    code, _, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", PROMPT,
+                            "--steps", 2, *objects(scene), "--out", scene / "out.mp4"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "denoising" in err and "2/2" in err
 
 
 @pytest.mark.parametrize("spec, message", [
     ("only-two:parts", "MASK.png:MOTION.safetensors:motion words"),
-    ("{d}/missing.png:{d}/m0.safetensors:jumps up", "does not exist"),
-    ("{d}/mask0.png:{d}/missing.safetensors:jumps up", "does not exist"),
+    ("{d}/mask0.png:{d}/m0.safetensors:", "MASK.png:MOTION.safetensors:motion words"),
+    ("{d}/missing.png:{d}/m0.safetensors:jumps up", "missing.png' does not exist"),
+    ("{d}/mask0.png:{d}/missing.safetensors:jumps up", "missing.safetensors' does not exist"),
     ("{d}/mask0.png:{d}/m0.safetensors:flies away", "were not found"),
 ])  # fmt: skip
-def test_bad_generate_input_exits_2_with_a_message(scene, capsys, spec, message):
+def test_bad_object_exits_2_with_a_message_naming_it(scene, capsys, spec, message):
     code, _, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt",
                             "A ball jumps up.", "--object", spec.format(d=scene), "--out", scene / "o.mp4"], capsys)  # fmt: skip
     assert code == 2
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (scene / "o.mp4").exists()
 
 
+def test_missing_image_and_bad_output_suffix_exit_2_before_loading_the_model(scene, capsys, monkeypatch):
+    def no_model(args):
+        raise AssertionError("the model was loaded although the input was bad")
+
+    monkeypatch.setattr(cli, "load_pipeline", no_model)
+    base = ["generate", "--model", "tiny", "--prompt", PROMPT, *objects(scene)]
+    code, _, err = run_cli([*base, "--image", scene / "nope.png", "--out", scene / "o.mp4"], capsys)
+    assert code == 2 and err.startswith("error: --image") and "does not exist" in err
+    code, _, err = run_cli([*base, "--image", scene / "image.png", "--out", scene / "o.avi"], capsys)
+    assert code == 2 and "o.avi" in err and ".mp4 or .gif" in err
+    code, _, err = run_cli([*base, "--image", scene / "image.png", "--out", scene / "o.mp4", "--masks-out", scene / "m"], capsys)
+    assert code == 2 and ".mp4 or .gif" in err
+
+
+def test_library_errors_exit_2_without_a_traceback(scene, capsys):
+    code, _, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", PROMPT,
+                            *objects(scene), "--frames", 10, "--out", scene / "o.mp4"], capsys)  # fmt: skip
+    assert code == 2 and err.startswith("error: num_frames=10") and "Traceback" not in err
+
+
+def test_an_unwritable_output_exits_2_without_a_traceback(scene, capsys):
+    blocked = scene / "image.png" / "out.mp4"  # a file stands where the folder should be
+    code, _, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", PROMPT,
+                            "--steps", 1, *objects(scene), "--out", blocked], capsys)  # fmt: skip
+    assert code == 2 and err.splitlines()[-1].startswith("error: ") and "image.png" in err and "Traceback" not in err
+
+
+# -- inspect ----------------------------------------------------------------------------------
 def test_inspect_prints_shape_and_metadata(scene, capsys):
     code, out, _ = run_cli(["inspect", scene / "m0.safetensors", "--json"], capsys)
     info = json.loads(out)
     assert code == 0 and info["blocks"] == 2 and info["d_m"] == 4 and info["dim"] == 32 and info["name"] == "m0"
     assert info["parameters"] == 2 * 4 * 32
     code, out, _ = run_cli(["inspect", scene / "m0.safetensors"], capsys)
-    assert "jumps up" in out and "d_m" in out
-    (scene / "junk.safetensors").write_bytes(b"junk")
-    code, _, err = run_cli(["inspect", scene / "junk.safetensors"], capsys)
-    assert code == 2 and "not a readable safetensors" in err
+    assert code == 0 and "jumps up" in out and "d_m" in out and "256" in out
 
 
+@pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"junk", "not a readable safetensors")])
+def test_inspect_of_a_bad_file_exits_2(tmp_path, capsys, content, message):
+    if content is not None:
+        (tmp_path / "m.safetensors").write_bytes(content)
+    code, _, err = run_cli(["inspect", tmp_path / "m.safetensors"], capsys)
+    assert code == 2 and err.startswith("error: ") and message in err
+
+
+# -- train ------------------------------------------------------------------------------------
 def test_train_from_the_command_line_and_missing_options(tmp_path, capsys):
     video = np.full((9, 32, 32, 3), 90, np.uint8)
     for t in range(9):
@@ -105,31 +195,97 @@ def test_train_from_the_command_line_and_missing_options(tmp_path, capsys):
     assert code == 2 and "--caption" in err
 
 
+# -- demo -------------------------------------------------------------------------------------
 def test_demo_writes_its_outputs_and_says_the_weights_are_random(tmp_path, capsys):
-    code, out, err = run_cli(["demo", "--out", tmp_path / "demo", "--steps", 2], capsys)
+    out_dir = tmp_path / "demo"
+    code, out, err = run_cli(["demo", "--out", out_dir, "--steps", 2], capsys)
     assert code == 0, err
     for name in ("fleximmt.mp4", "masks.mp4", "input.png", "mask_0.png", "mask_1.png", "demo.json"):
-        assert (tmp_path / "demo" / name).is_file(), name
-    assert "RANDOM weights" in out
-    assert iio.imread(tmp_path / "demo" / "fleximmt.mp4").shape == (17, 64, 64, 3)
+        assert (out_dir / name).is_file(), name
+        assert str(out_dir / name) in out, name
+    assert "RANDOM weights" in out and "noise" in out
+    assert iio.imread(out_dir / "fleximmt.mp4").shape == (17, 64, 64, 3)
+    assert iio.imread(out_dir / "masks.mp4").shape == (17, 64, 64, 3)
+    assert [MotionTokens.load(out_dir / f"motion_{k}.safetensors").motion_words for k in (0, 1)] == ["jumps up", "slides left"]
 
 
-def test_save_video_round_trips_and_is_atomic(tmp_path):
-    frames = (np.random.RandomState(1).rand(9, 30, 34, 3) * 255).astype(np.uint8)
-    assert iio.imread(save_video(frames, tmp_path / "a.gif")).shape[0] == 9
-    assert iio.imread(save_video(frames, tmp_path / "a.mp4")).shape[:3] == (9, 30, 34)
+# -- save_video -------------------------------------------------------------------------------
+FRAMES = (np.random.RandomState(1).rand(9, 30, 34, 3) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", ["a.gif", "a.mp4"])
+def test_save_video_round_trips_frame_count_and_size(tmp_path, name):
+    back = iio.imread(save_video(FRAMES, tmp_path / name))
+    assert back.shape[:3] == (9, 30, 34)
+
+
+def test_save_video_takes_pil_images_and_floats(tmp_path):
+    pil = [Image.fromarray(f) for f in FRAMES[:4]]
+    assert iio.imread(save_video(pil, tmp_path / "p.gif")).shape[0] == 4
+    floats = FRAMES[:3].astype(np.float32) / 255
+    assert iio.imread(save_video(floats, tmp_path / "f.mp4")).shape[:3] == (3, 30, 34)
+
+
+def test_save_video_pads_odd_sizes_for_mp4(tmp_path):
+    assert iio.imread(save_video(FRAMES[:, :29, :33], tmp_path / "odd.mp4")).shape[:3] == (9, 30, 34)
+
+
+def test_save_video_rejects_bad_frames_and_leaves_no_file(tmp_path):
     with pytest.raises(ValueError, match="\\[T, H, W, 3\\]"):
         save_video(np.zeros((9, 30, 34)), tmp_path / "bad.mp4")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif", "a.mp4"]  # no partial or temporary file
+    with pytest.raises(ValueError, match=".mp4 or .gif"):
+        save_video(FRAMES, tmp_path / "bad.avi")
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_mask_overlay_tints_exactly_the_mask_tokens():
+@pytest.mark.parametrize("name", ["a.gif", "a.mp4"])
+def test_save_video_failing_mid_write_keeps_the_old_file_and_leaves_no_partial_one(tmp_path, monkeypatch, name):
+    target = tmp_path / name
+    target.write_bytes(b"the previous video")
+
+    def crash(path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a video")
+        raise RuntimeError("encoder crashed")
+
+    monkeypatch.setattr(iio, "imwrite", crash)
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        save_video(FRAMES, target)
+    assert target.read_bytes() == b"the previous video"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+# -- mask_overlay -----------------------------------------------------------------------------
+def test_mask_overlay_changes_exactly_the_pixels_of_the_mask_tokens():
     frames = np.full((9, 16, 16, 3), 100, np.uint8)
     masks = torch.zeros(1, 3, 4, 4, dtype=torch.bool)
-    masks[0, 2, 1, 2] = True  # latent frame 2 = video frames 5..8, token (1, 2) = pixels rows 4-7, cols 8-11
+    masks[0, 2, 1, 2] = True  # latent frame 2 = video frames 5..8, token (1, 2) = pixel rows 4-7, cols 8-11
     out = mask_overlay(frames, masks, temporal_factor=4)
     changed = (out != frames).any(-1)
     assert not changed[:5].any()
     expected = np.zeros((16, 16), bool)
     expected[4:8, 8:12] = True
     assert all((changed[t] == expected).all() for t in range(5, 9))
+
+
+def test_mask_overlay_maps_frame_0_alone_then_4_frames_per_latent_frame():
+    frames = np.zeros((9, 8, 8, 3), np.uint8)
+    for latent, video_frames in [(0, [0]), (1, [1, 2, 3, 4]), (2, [5, 6, 7, 8])]:
+        masks = torch.zeros(1, 3, 2, 2, dtype=torch.bool)
+        masks[0, latent] = True
+        changed = (mask_overlay(frames, masks, temporal_factor=4) != 0).any(-1).any((1, 2))
+        assert np.flatnonzero(changed).tolist() == video_frames
+
+
+def test_mask_overlay_tints_each_object_in_its_own_colour_with_a_contour():
+    frames = np.full((1, 12, 12, 3), 100, np.uint8)
+    masks = torch.zeros(2, 1, 3, 3, dtype=torch.bool)
+    masks[0, 0, 0, 0] = True  # pixels 0-3 x 0-3
+    masks[1, 0, 2, 1:] = True  # pixels 8-11 x 4-11
+    out = mask_overlay(frames, masks, alpha=0.5)[0].astype(float)
+    assert np.allclose(out[1, 1], 0.5 * 100 + 0.5 * PALETTE[0], atol=0.5)  # inside: 50 % tint
+    assert np.allclose(out[9, 6], 0.5 * 100 + 0.5 * PALETTE[1], atol=0.5)
+    assert np.allclose(out[3, 1], PALETTE[0]) and np.allclose(out[8, 6], PALETTE[1])  # contours: full colour
+    assert np.allclose(out[0, 1], 0.5 * 100 + 0.5 * PALETTE[0], atol=0.5)  # the frame's edge is no contour
+    assert not np.allclose(PALETTE[0], PALETTE[1])
+    assert (out[5, 5] == 100).all()  # outside every mask: unchanged
