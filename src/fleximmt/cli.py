@@ -210,7 +210,13 @@ def cmd_train(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps)
+    summary = run_demo(Path(args.out), steps=args.steps)
+    out = Path(args.out)
+    print(f"\nfleximmt demo finished in {summary['seconds']} s. Outputs in {out.resolve()}:")
+    for name in summary["files"]:
+        print(f"  {out / name}")
+    print("\nNOTE: the built-in model has RANDOM weights, so the video is noise. The demo shows that every stage runs "
+          "end to end:\ntwo objects, two motion files, MDMA attention, RMPM mask propagation, video and mask overlay.")
 
 
 # -- evaluate ------------------------------------------------------------------------------
@@ -328,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .rate import add_cli as add_rate_commands
 
     add_rate_commands(sub)
+
+    from .app import add_cli as add_app_command
+
+    add_app_command(sub, load_pipeline, add_model_options)
 
     ins = sub.add_parser("inspect", help="show a motion file's shape and metadata", epilog=EXAMPLES["inspect"],
                          formatter_class=formatter,

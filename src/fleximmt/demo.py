@@ -50,18 +50,15 @@ def run_demo(out: Path, steps: int = 10) -> dict:
                   max_sequence_length=pipe.transformer.config.max_text_seq_length, return_masks=True,
                   generator=torch.Generator().manual_seed(0))  # fmt: skip
     frames = result.frames[0]
-    video = save_video(frames, out / "fleximmt.mp4")
-    overlay = save_video(mask_overlay(frames, result.masks[-1], pipe.vae_scale_factor_temporal), out / "masks.mp4")
+    save_video(frames, out / "fleximmt.mp4")
+    save_video(mask_overlay(frames, result.masks[-1], pipe.vae_scale_factor_temporal), out / "masks.mp4")
     summary = {"prompt": PROMPT, "frames": int(frames.shape[0]), "size": list(frames.shape[1:3]), "steps": steps,
                "objects": [{"mask": f"mask_{k}.png", "motion": f"motion_{k}.safetensors", "motion_text": o[1]}
                            for k, o in enumerate(OBJECTS)],
                "mask_tokens_per_latent_frame": result.masks[-1].flatten(2).sum(-1).tolist(),
-               "seconds": round(time.perf_counter() - start, 1), "random_weights": True}  # fmt: skip
+               "seconds": round(time.perf_counter() - start, 1), "random_weights": True,
+               "files": ["input.png", "mask_0.png", "mask_1.png", "motion_0.safetensors", "motion_1.safetensors",
+                         "fleximmt.mp4  (the generated video)", "masks.mp4  (propagated object masks over the video)",
+                         "demo.json"]}  # fmt: skip
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nfleximmt demo finished in {summary['seconds']} s. Outputs in {out.resolve()}:")
-    for name in ("input.png", "mask_0.png", "mask_1.png", "motion_0.safetensors", "motion_1.safetensors"):
-        print(f"  {out / name}")
-    print(f"  {video}  (the generated video)\n  {overlay}  (propagated object masks over the video)\n  {out / 'demo.json'}")
-    print("\nNOTE: the built-in model has RANDOM weights, so the video is noise. The demo shows that every stage runs "
-          "end to end:\ntwo objects, two motion files, MDMA attention, RMPM mask propagation, video and mask overlay.")
     return summary
