@@ -175,13 +175,14 @@ def test_without_the_training_mask_motion_tokens_reach_all_video(pipe, tmp_path,
     import fleximmt.attention as attention
 
     groups = []
-    real = attention.FlexiMMTState._attend_grouped
+    real = attention.mdma_video_groups
 
-    def spy(self, *args):
-        groups.append(len(self.layout.groups))
-        return real(self, *args)
+    def spy(*args):
+        result = real(*args)
+        groups.append(len(result))
+        return result
 
-    monkeypatch.setattr(attention.FlexiMMTState, "_attend_grouped", spy)
+    monkeypatch.setattr(attention, "mdma_video_groups", spy)
     with_mask = train(pipe, tmp_path / "a.safetensors", steps=2, lr=0.05, dmem_drop=0.0)
     assert max(groups) == 2  # DMEM splits video into inside / outside the object
     groups.clear()

@@ -18,6 +18,9 @@ from diffusers.models.embeddings import apply_rotary_emb
 from .masks import PARTS, dmem_mask, mdma_dense, mdma_text_rows, mdma_video_groups
 
 BACKENDS = ("auto", "dense")
+# Video groups smaller than this run together in one masked SDPA call with the text queries (small
+# query blocks are slow, on a CPU especially); their mask rows are capped so it never nears N x N.
+MERGE_BELOW, MERGE_CAP = 768, 2048
 
 
 @dataclass
@@ -30,8 +33,11 @@ class MDMALayout:
     parts: frozenset[str]
     context_text: str
     backend: str = "auto"
-    text_rows_video_first: torch.Tensor | None = None  # auto: bool [L_y, N], keys [video | text | motion]
-    groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # auto
+    # auto backend: one masked call for the text queries and the merged small video groups (rows
+    # [L_y + n_merged, N], keys in buffer order [video | text | motion]), one unmasked call per other group
+    masked_rows: torch.Tensor | None = None
+    masked_queries: torch.Tensor | None = None  # video query indices in the masked call
+    groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     dense: torch.Tensor | None = None  # dense: bool [N, N]
 
     def __post_init__(self) -> None:
@@ -41,9 +47,23 @@ class MDMALayout:
             self.dense = mdma_dense(self.member.shape[1], spans, *args[1:])
         else:
             rows = mdma_text_rows(*args)
-            small = rows.shape[1] - self.video_masks.shape[1]
-            self.text_rows_video_first = torch.cat([rows[:, small:], rows[:, :small]], dim=1)
-            self.groups = mdma_video_groups(*args)
+            num_video = self.video_masks.shape[1]
+            small = rows.shape[1] - num_video
+            rows = [torch.cat([rows[:, small:], rows[:, :small]], dim=1)]  # buffer order
+            merged, self.groups = [], []
+            budget = min(MERGE_CAP, num_video // 2)
+            for queries, keys in sorted(mdma_video_groups(*args), key=lambda g: g[0].numel()):
+                if queries.numel() < MERGE_BELOW and queries.numel() <= budget:
+                    budget -= queries.numel()
+                    merged.append(queries)
+                    row = torch.zeros(small, dtype=torch.bool, device=keys.device)
+                    row[keys] = True
+                    video = torch.ones(num_video, dtype=torch.bool, device=keys.device)
+                    rows.append(torch.cat([video, row])[None].expand(queries.numel(), -1))
+                else:
+                    self.groups.append((queries, keys))
+            self.masked_rows = torch.cat(rows)
+            self.masked_queries = torch.cat(merged) if merged else self.video_masks.new_zeros(0, dtype=torch.long)
 
 
 @dataclass
@@ -176,18 +196,25 @@ class FlexiMMTState:
         keys = torch.cat([key[:, :, text_len:], small_k], dim=2)
         values = torch.cat([value[:, :, text_len:], small_v], dim=2)
         out = query.new_empty(query.shape)
-        # the few text queries: their [L_y, N] rows of the mask, columns in buffer order
-        out[:, :, :text_len] = F.scaled_dot_product_attention(
-            query[:, :, :text_len], keys, values, attn_mask=layout.text_rows_video_first
-        )
-        video_q, video_out = query[:, :, text_len:], out[:, :, text_len:]
+        video_q = query[:, :, text_len:]
+        # one masked call: the text queries and the merged small video groups, their mask rows only
+        merged = layout.masked_queries
+        masked_q = query[:, :, :text_len]
+        if merged.numel():
+            masked_q = torch.cat([masked_q, video_q.index_select(2, merged)], dim=2)
+        masked_out = F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=layout.masked_rows)
+        out[:, :, :text_len] = masked_out[:, :, :text_len]
+        video_out = out[:, :, text_len:]  # a view taken after `out` joined the autograd graph
+        if merged.numel():
+            video_out.index_copy_(2, merged, masked_out[:, :, text_len:])
+        # every other video group: one unmasked SDPA over its own keys
         for queries, small in layout.groups:
             end = n_video + small.numel()
             if torch.is_grad_enabled():  # autograd keeps every group's keys: give each its own
                 keys, values = keys.clone(), values.clone()
             keys[:, :, n_video:end] = small_k.index_select(2, small)
             values[:, :, n_video:end] = small_v.index_select(2, small)
-            if len(layout.groups) == 1:
+            if queries.numel() == video_q.shape[2]:
                 video_out.copy_(F.scaled_dot_product_attention(video_q, keys[:, :, :end], values[:, :, :end]))
             else:
                 group_out = F.scaled_dot_product_attention(
