@@ -260,6 +260,13 @@ def test_flow_propagation_follows_a_moving_square():
         assert iou > 0.7, (t, iou)
 
 
+def test_flow_propagation_does_not_drag_a_tail_over_the_uncovered_background():
+    video, truth = moving_square(frames=16)  # the square ends 30 px right of where it started
+    masks = segment.propagate_masks(video, truth[0], method="flow")[0].numpy()
+    assert abs(masks[-1].sum() / truth[-1].sum() - 1) < 0.15  # the square keeps its size
+    assert (masks[-1] & truth[-1]).sum() / (masks[-1] | truth[-1]).sum() > 0.8
+
+
 def test_flow_propagation_carries_each_object_separately_and_accepts_a_single_mask():
     video, truth = moving_square()
     still = np.zeros((64, 64), bool)

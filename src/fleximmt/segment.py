@@ -253,8 +253,8 @@ def propagate_masks(frames, first_masks, method: str = "sam2", model: Any = VIDE
 
     ``method="sam2"``: SAM 2's video propagation, as the release does (needs transformers with
     ``Sam2VideoModel``, torchvision, and the weights). ``method="flow"``: needs no weights; each mask
-    is warped frame to frame along OpenCV DIS optical flow - an approximation that drifts on long
-    videos, leaks onto what moves with the object, and cannot recover from occlusions.
+    is warped frame to frame along OpenCV DIS optical flow - an approximation: it drifts on long
+    videos, spreads onto whatever moves with the object, and loses what an occluder hides.
     Frame 0 of the result is ``first_masks`` itself."""
     if method not in PROPAGATION_METHODS:
         raise FlexiMMTInputError(f"method={method!r}: choose 'sam2' (SAM 2 weights) or 'flow' (offline approximation)")
@@ -288,19 +288,28 @@ def _propagate_sam2(frames: np.ndarray, first: torch.Tensor, model: Any, device)
 
 
 def _propagate_flow(frames: np.ndarray, first: torch.Tensor) -> torch.BoolTensor:
+    """Warp each mask frame to frame along backward DIS flow (``cv2.remap``, kept above 0.5).
+    Two choices keep the mask from trailing behind a moving object: flow at full resolution
+    (DIS's finest scale 0), and pixels whose backward flow the forward flow does not undo
+    (newly uncovered background; Sundaram et al. 2010's check) leave the mask."""
     import cv2
 
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    dis.setFinestScale(0)
     gray = [cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames]
     height, width = gray[0].shape
     grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
     masks = [first.numpy().astype(np.float32)]  # per frame [K, H, W]
     for previous, current in zip(gray[:-1], gray[1:]):
-        back = dis.calc(current, previous, None)  # backward flow: where each pixel of `current` was
+        back = dis.calc(current, previous, None)  # where each pixel of `current` was in `previous`
         map_x, map_y = grid_x + back[..., 0], grid_y + back[..., 1]
+        there = cv2.remap(dis.calc(previous, current, None), map_x, map_y, cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)  # forward flow at that place  # fmt: skip
+        mismatch = ((back + there) ** 2).sum(-1)
+        consistent = mismatch <= 0.01 * ((back**2).sum(-1) + (there**2).sum(-1)) + 0.5
         warped = [cv2.remap(m, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
                   for m in masks[-1]]  # fmt: skip
-        masks.append((np.stack(warped) > 0.5).astype(np.float32))
+        masks.append(((np.stack(warped) > 0.5) & consistent).astype(np.float32))
     return torch.from_numpy(np.stack(masks, axis=1) > 0.5)
 
 
