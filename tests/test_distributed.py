@@ -6,7 +6,6 @@ what these tests use (the training code sees the same `Accelerator` either way).
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,12 +16,7 @@ import torch
 from safetensors import safe_open
 
 from fleximmt.toy import tiny_pipeline
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 def launch(args, cwd):

@@ -15,14 +15,7 @@ from PIL import Image
 
 from fleximmt.evaluate import read_manifest, run_benchmark
 from fleximmt.toy import random_motion, tiny_pipeline
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 def square_video(velocity, frames=9, size=32, seed=0):

@@ -6,14 +6,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
 import json
-import shutil
-import socket
 import sqlite3
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
+
+from helpers import free_port, headless_chromium, needs_chromium
 
 from fleximmt.rate import (
     CRITERIA,
@@ -148,20 +148,10 @@ def test_add_cli_registers_rate_bound_to_localhost_and_rate_report():
 
 
 # -- end to end in a browser --------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(
-    not (shutil.which("chromium") and shutil.which("chromedriver")),
-    reason="needs Debian's chromium and chromium-driver",
-)
+@needs_chromium
 def test_a_ballot_cast_by_clicking_in_chromium_reaches_the_database(cases_dir, tmp_path):
     pytest.importorskip("gradio")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
+    pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -172,13 +162,7 @@ def test_a_ballot_cast_by_clicking_in_chromium_reaches_the_database(cases_dir, t
     port = free_port()
     demo = build_app(cases_dir, db)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                "--window-size=1280,2400"):  # fmt: skip
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver = headless_chromium(tmp_path / "profile")
     picks = {"MF": 2, "TC": 1, "TS": 2, "AC": 3}  # criterion -> "Candidate k"
     try:
         driver.get(f"http://127.0.0.1:{port}/?rater=alice")
