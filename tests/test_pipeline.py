@@ -272,3 +272,10 @@ def test_release_style_step_zero_has_no_masks_then_rmpm_takes_over(pipe, image):
     assert rel(out.frames, first.frames) > 1e-6  # the step-0 choice matters
     with pytest.raises(ValueError, match="initial_masks"):
         run(pipe, image, objects=objects(pipe), initial_masks="sam")
+
+
+def test_sizes_and_text_length_default_to_the_models_own(pipe, image):
+    ours = pipe(image=image, prompt=PROMPT, objects=objects(pipe), num_inference_steps=2, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
+    explicit = run(pipe, image, objects=objects(pipe), num_inference_steps=2, height=32, width=32, num_frames=9)
+    assert torch.equal(ours, explicit.frames)

@@ -217,7 +217,7 @@ class FlexiMMTPipeline(CogVideoXImageToVideoPipeline):
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | None = None,
-        max_sequence_length: int = 226,
+        max_sequence_length: int | None = None,
         *,
         objects: Sequence[ObjectMotion] = (),
         mask_source: str = "rmpm",
@@ -235,7 +235,7 @@ class FlexiMMTPipeline(CogVideoXImageToVideoPipeline):
         """Generate a video in which each object of ``objects`` moves with its own motion.
 
         Takes every argument of ``CogVideoXImageToVideoPipeline.__call__`` (others pass through
-        ``kwargs``) plus: ``objects`` (``ObjectMotion`` list; empty = plain CogVideoX I2V),
+        ``kwargs``; height, width, num_frames and max_sequence_length default to the model's own) plus: ``objects`` (``ObjectMotion`` list; empty = plain CogVideoX I2V),
         ``mask_source`` ("rmpm": propagated masks, "static": first-frame masks on every frame,
         "qk": DMEM's QK masks, "none": every object covers all video), ``rmpm_method``
         ("paper" | "released"), ``anchors`` (RMPM's W), ``alpha`` (dynamic RMPM threshold; None =
@@ -249,6 +249,8 @@ class FlexiMMTPipeline(CogVideoXImageToVideoPipeline):
         default_h, default_w, default_frames = self.default_size()
         height, width, num_frames = height or default_h, width or default_w, num_frames or default_frames
         self.check_geometry(height, width, num_frames)
+        # the text length the transformer was built for (226 for CogVideoX-5B)
+        max_sequence_length = max_sequence_length or self.transformer.config.max_text_seq_length
         call = dict(
             image=image, prompt=prompt, height=height, width=width, num_frames=num_frames,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
