@@ -163,17 +163,66 @@ def train_transformer(out_dir: str | Path, steps: int = 4000, batch: int = 8, lr
                     checkpoint_every, callback)  # fmt: skip
     transformer.eval()
     text_encoder.eval()
+    # sample as trained: the same noise schedule, v-prediction, no clipping, steps reaching t = 999
+    scheduler.register_to_config(prediction_type="v_prediction", clip_sample=False, timestep_spacing="trailing")
     pipe.save_pretrained(out_dir / "pipeline")
     return losses
 
 
+def plot_losses(curves: dict[str, list[float]], path: str | Path, window: int = 50) -> Path:
+    """A PNG of moving-average training losses (log scale), one panel per stage, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    width, height, pad = 480, 220, 36
+    image = Image.new("RGB", (width, height * len(curves)), "white")
+    draw = ImageDraw.Draw(image)
+    for row, (name, losses) in enumerate(curves.items()):
+        top = row * height
+        values = np.log10(np.convolve(losses, np.ones(window) / window, mode="valid") if len(losses) > window else losses)
+        lo, hi = float(values.min()), float(values.max()) + 1e-9
+        xs = pad + (width - 2 * pad) * np.arange(len(values)) / max(1, len(values) - 1)
+        ys = top + height - pad - (height - 2 * pad) * (values - lo) / (hi - lo)
+        draw.rectangle([pad, top + pad, width - pad, top + height - pad], outline="black")
+        draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(40, 80, 200), width=2)
+        draw.text((pad, top + 8), f"{name}: {len(losses)} steps, loss {10**values[0]:.3f} -> {10**values[-1]:.3f} "
+                                  f"(log scale, moving average of {window})", fill="black")  # fmt: skip
+    image.save(path)
+    return Path(path)
+
+
+def export(pipeline_dir: str | Path, dest: str | Path) -> Path:
+    """Write the trained toy pipeline in float16 safetensors (what the repository ships)."""
+    from .pipeline import FlexiMMTPipeline
+
+    pipe = FlexiMMTPipeline.from_pretrained(str(pipeline_dir))
+    for model in (pipe.vae, pipe.transformer, pipe.text_encoder):
+        model.to(torch.float16)
+    pipe.save_pretrained(dest, safe_serialization=True)
+    return Path(dest)
+
+
+def ship(out_dir: str | Path, dest: str | Path | None = None, curves: str | Path | None = None) -> Path:
+    """Export ``out_dir/pipeline`` in float16 to the package's assets and draw the training curves."""
+    from .toylab import TOY_MODEL
+
+    out_dir = Path(out_dir)
+    dest = export(out_dir / "pipeline", dest or TOY_MODEL)
+    losses = {stage: json.loads((out_dir / f"{stage}_losses.json").read_text()) for stage in ("vae", "transformer")
+              if (out_dir / f"{stage}_losses.json").is_file()}  # fmt: skip
+    if losses:
+        plot_losses(losses, curves or Path(__file__).parents[2] / "docs" / "toy-training.png")
+    return dest
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m fleximmt.toytrain --stage vae|transformer --out DIR [--steps N] [--resume]``"""
+    """``python -m fleximmt.toytrain --stage vae|transformer|ship --out DIR [--steps N] [--resume]``"""
     import argparse
 
     parser = argparse.ArgumentParser(description="Train the toy world's base model on a CPU: the VAE first, then the "
-                                                 "transformer (run the stages one after another, never two at once).")  # fmt: skip
-    parser.add_argument("--stage", choices=["vae", "transformer"], required=True)
+                                                 "transformer (run the stages one after another, never two at once); "
+                                                 "'ship' writes the float16 copy that the package carries and the "
+                                                 "training curves (docs/toy-training.png).")  # fmt: skip
+    parser.add_argument("--stage", choices=["vae", "transformer", "ship"], required=True)
     parser.add_argument("--out", required=True, help="model folder (vae/, pipeline/ and checkpoints)")
     parser.add_argument("--steps", type=int, help="training steps (default: 1500 for the VAE, 4000 for the transformer)")
     parser.add_argument("--batch", type=int, help="batch size (default: 2 / 8)")
@@ -181,11 +230,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.stage == "ship":
+        print(f"shipped to {ship(args.out)}")
+        return
     train = train_vae if args.stage == "vae" else train_transformer
     kwargs = {k: v for k, v in (("steps", args.steps), ("batch", args.batch)) if v is not None}
     losses = train(args.out, seed=args.seed, resume=args.resume, **kwargs)
-    (Path(args.out) / f"{args.stage}_losses.json").write_text(json.dumps(losses))
+    path = Path(args.out) / f"{args.stage}_losses.json"
+    if args.resume and path.is_file():  # a resumed run appends to the curve of the run it continues
+        done = (args.steps or len(losses)) - len(losses)  # steps the earlier run took
+        losses = json.loads(path.read_text())[:done] + losses
+    path.write_text(json.dumps(losses))
 
 
 if __name__ == "__main__":

@@ -187,3 +187,30 @@ def random_scene(seed: int, num_objects: int | None = None, frames: int = 17, si
         sprites.append(Sprite(shape, colour, float(rng.uniform(5, 8)), (float(x), float(y)), trajectory,
                               texture_seed=int(rng.randint(1 << 30))))  # fmt: skip
     return render(sprites, frames, size, rng.choice(BACKGROUNDS), seed)
+
+
+def colour_track(frames: np.ndarray, colour: str, start: tuple[float, float] | None = None, tolerance: float = 80.0,
+                 reach: float = 14.0, min_pixels: int = 4) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Follow a sprite through ``frames`` (uint8 ``[T, H, W, 3]``) by its colour: per frame, the
+    pixels within ``tolerance`` (RGB distance) of ``COLOURS[colour]`` and within ``reach`` pixels of
+    the previous position. Returns centres ``[T, 2]`` (x, y; NaN where the sprite is not found,
+    the last position is then kept as the search centre) and masks bool ``[T, H, W]``."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames of shape {frames.shape}: give uint8 [T, H, W, 3]")
+    if colour not in COLOURS:
+        raise ValueError(f"unknown colour {colour!r}: choose from {list(COLOURS)}")
+    near = np.linalg.norm(frames.astype(np.float32) - np.array(COLOURS[colour], np.float32), axis=-1) < tolerance
+    height, width = frames.shape[1:3]
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    centres = np.full((len(frames), 2), np.nan)
+    masks = np.zeros(near.shape, bool)
+    last = start
+    for f, hits in enumerate(near):
+        if last is not None:
+            hits = hits & ((x - last[0]) ** 2 + (y - last[1]) ** 2 <= reach**2)
+        if hits.sum() >= min_pixels:
+            centres[f] = x[hits].mean(), y[hits].mean()
+            masks[f] = hits
+            last = tuple(centres[f])
+    return centres, masks
