@@ -1,0 +1,107 @@
+"""The toy lab's scoring against known answers, its scenes, and every variant on a tiny model."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from fleximmt.toy import random_motion, tiny_pipeline
+from fleximmt.toylab import (
+    FRAMES, REFERENCES, SIZE, VARIANTS, expected_path, random_case, reference_caption, reference_scene, score, transfer,
+)  # fmt: skip
+from fleximmt.toyworld import WORDS, colour_track
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_colour_tracking_finds_each_sprite_where_the_generator_drew_it(seed):
+    case = random_case(seed)
+    scene = case.scene(trajectories=True)
+    for k, sprite in enumerate(case.sprites):
+        centres, masks = colour_track(scene.frames, sprite.colour, start=sprite.start)
+        assert not np.isnan(centres).any()
+        mask_centres = np.stack([np.argwhere(m)[:, ::-1].mean(0) + 0.5 for m in scene.masks[k]])
+        assert np.abs(centres - mask_centres).max() < 1.0  # the centroid of the drawn pixels
+        assert (masks & scene.masks[k]).sum() / scene.masks[k].sum() > 0.85  # texture noise leaves a few pixels out
+
+
+def test_tracking_reports_a_sprite_that_is_not_there_as_missing():
+    still = random_case(0).scene(trajectories=False)
+    centres, masks = colour_track(still.frames, "white", start=(32.0, 32.0))  # no white sprite in the scene
+    assert np.isnan(centres).all() and not masks.any()
+    with pytest.raises(ValueError, match="colour"):
+        colour_track(still.frames, "pink")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_ideal_transfer_scores_best_and_swapped_motions_count_as_leakage(seed):
+    case = random_case(seed)
+    ideal = score(case.scene(trajectories=True).frames, case)
+    still = score(case.scene(trajectories=False).frames, case)
+    swapped_case = dataclasses.replace(case, motions=case.motions[1:] + case.motions[:1])
+    swapped = score(swapped_case.scene(trajectories=True).frames, case)
+    assert ideal["traj_err"] < 2.0 and ideal["leak"] == 0.0
+    assert swapped["leak"] == 1.0  # every object follows another object's reference
+    assert swapped["traj_err"] > ideal["traj_err"] + 3 and still["traj_err"] > ideal["traj_err"] + 2
+    assert ideal["tf"] > swapped["tf"] and ideal["tf"] > still["tf"]
+
+
+def test_cases_keep_every_prescribed_path_inside_the_frame_and_apart():
+    for seed in range(40):
+        case = random_case(seed)
+        assert 2 <= len(case.sprites) <= 3 and len(set(case.motions)) == len(case.motions)
+        assert len({s.colour for s in case.sprites}) == len(case.sprites)
+        paths = [expected_path(s.start, m) for s, m in zip(case.sprites, case.motions)]
+        for sprite, path in zip(case.sprites, paths):
+            assert (path - sprite.size >= 0).all() and (path + sprite.size <= SIZE).all()
+        for i in range(len(paths)):
+            for j in range(i):
+                assert np.hypot(*(paths[i] - paths[j]).T).min() > case.sprites[i].size + case.sprites[j].size
+    assert random_case(3).prompt == random_case(3).prompt
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_reference_videos_show_the_whole_motion_and_caption_it_in_the_world_vocabulary(name):
+    scene = reference_scene(name)
+    assert scene.frames.shape == (FRAMES, SIZE, SIZE, 3)
+    assert scene.masks[0].any(axis=(1, 2)).all()  # visible on every frame
+    moved = scene.positions[0] - scene.positions[0, :1]
+    assert np.allclose(moved, expected_path((0.0, 0.0), name))
+    caption, concept, words = reference_caption(name)
+    assert concept in caption and words in caption
+    assert set(caption.rstrip(".").split()) <= set(WORDS)
+
+
+@pytest.fixture(scope="module")
+def toy_sized_pipe():
+    return tiny_pipeline(seed=0, height=SIZE, width=SIZE, num_frames=FRAMES, text_len=24, words=tuple(WORDS))
+
+
+def test_every_variant_runs_and_plain_i2v_ignores_the_motions(toy_sized_pipe):
+    pipe = toy_sized_pipe
+    case = random_case(1)
+    motions = {m: random_motion(pipe.transformer, tokens_per_motion=4, seed=i, scale=4.0) for i, m in enumerate(REFERENCES)}
+    videos = {}
+    for variant in VARIANTS:
+        frames, masks, seconds = transfer(pipe, case, motions, variant, steps=2, guidance=1.0)
+        assert frames.shape == (FRAMES, SIZE, SIZE, 3) and frames.dtype == np.uint8 and seconds > 0
+        assert (masks is None) == (variant == "plain_i2v")
+        videos[variant] = frames
+    out = pipe(image=__import__("PIL.Image").Image.fromarray(case.scene(False).frames[0]), prompt=case.prompt,
+               num_inference_steps=2, guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    plain = (np.asarray(out.frames[0]) * 255).round().clip(0, 255).astype(np.uint8)
+    assert np.array_equal(videos["plain_i2v"], plain)
+    assert not np.array_equal(videos["fleximmt"], videos["plain_i2v"])  # the motion tokens act
+    assert not np.array_equal(videos["fleximmt"], videos["no_masks"])  # and the masks matter
+
+
+def test_the_bundled_reference_videos_are_the_ones_the_code_draws():
+    import imageio.v3 as iio
+
+    from fleximmt.toylab import REFERENCE_DIR
+
+    for name in REFERENCES:
+        frames = iio.imread(REFERENCE_DIR / f"{name}.mp4")
+        drawn = reference_scene(name).frames
+        assert frames.shape == drawn.shape
+        assert np.abs(frames.astype(float) - drawn).mean() < 8  # h264's loss only
