@@ -16,6 +16,7 @@ from .pipeline import DEFAULT_MODEL, INITIAL_MASKS, MASK_SOURCES
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
+TOY = "toy"
 EXAMPLES = {
     "fleximmt": """examples:
   fleximmt demo                                   (the whole pipeline on a built-in tiny model, seconds on a CPU)
@@ -30,8 +31,9 @@ Run 'fleximmt COMMAND --help' for a command's options.""",
   fleximmt inspect walk.safetensors
   fleximmt inspect walk.safetensors --json | jq .d_m""",
     "demo": """examples:
-  fleximmt demo                          (writes demo-output/)
-  fleximmt demo --out /tmp/demo --steps 4""",
+  fleximmt demo                          (the shipped toy model; writes demo-output/)
+  fleximmt demo --train-steps 100        (learn the two motions faster, less faithfully)
+  fleximmt demo --model tiny --steps 4   (every stage on a tiny RANDOM-weight model: a smoke test)""",
     "generate": """examples:
   fleximmt generate --image scene.png --prompt "A tiger walks on the snow. A man is crouching." \\
       --object tiger.png:walk.safetensors:"walks" --object man.png:crouch.safetensors:"is crouching" \\
@@ -59,7 +61,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL,
                        help="hub id or local folder of a CogVideoX image-to-video model (default: %(default)s); "
-                            "'tiny' builds a tiny random-weight model")  # fmt: skip
+                            "'toy' is the small model trained on the toy world that ships with fleximmt "
+                            "(64x64, 17 frames, runs on a CPU); 'tiny' builds a tiny random-weight model")  # fmt: skip
     group.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                        help="weights' precision (default: bfloat16 on a GPU, float32 on a CPU)")  # fmt: skip
     group.add_argument("--cpu-offload", action="store_true", help="keep idle models on the CPU (less GPU memory)")
@@ -76,6 +79,10 @@ def load_pipeline(args) -> "FlexiMMTPipeline":  # noqa: F821
 
         logger.warning("--model tiny: a tiny model with RANDOM weights; its videos are noise")
         pipe = tiny_pipeline(0)
+    elif args.model == TOY:
+        from .toylab import load_toy_pipeline
+
+        pipe = load_toy_pipeline()
     else:
         cuda = torch.cuda.is_available()
         dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
@@ -210,11 +217,21 @@ def cmd_train(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    summary = run_demo(Path(args.out), steps=args.steps)
     out = Path(args.out)
+    if args.model == TOY:
+        from .demo import run_toy_demo
+
+        summary = run_toy_demo(out, steps=args.steps or 20, train_steps=args.train_steps)
+    else:
+        summary = run_demo(out, steps=args.steps or 10)
     print(f"\nfleximmt demo finished in {summary['seconds']} s. Outputs in {out.resolve()}:")
     for name in summary["files"]:
         print(f"  {out / name}")
+    if args.model == TOY:
+        print(f"\nprompt: {summary['prompt']}\nper-object averages (tf, ff: higher is better; traj_err in pixels, leak: lower is better):")
+        for variant, values in summary["variants"].items():
+            print(f"  {variant:10s} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+        return
     print("\nNOTE: the built-in model has RANDOM weights, so the video is noise. The demo shows that every stage runs "
           "end to end:\ntwo objects, two motion files, MDMA attention, RMPM mask propagation, video and mask overlay.")
 
@@ -346,13 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.set_defaults(func=cmd_inspect)
 
-    demo = sub.add_parser("demo", help="run the whole pipeline on a built-in tiny model", epilog=EXAMPLES["demo"],
-                          formatter_class=formatter,
-                          description="Two objects, two motions, a tiny RANDOM-weight model: writes the video, "
-                                      "the propagated-mask overlay and the inputs. Shows that everything runs; "
-                                      "the video itself is noise.")  # fmt: skip
+    demo = sub.add_parser("demo", help="learn two motions and transfer them on the shipped toy model",
+                          epilog=EXAMPLES["demo"], formatter_class=formatter,
+                          description="On the toy model that ships with fleximmt: learn two motions from bundled "
+                                      "reference videos (or reuse those in OUT/motions), move the two objects of a "
+                                      "bundled image with them, and compare FlexiMMT with motion tokens without "
+                                      "masks and with plain image-to-video. Writes fleximmt.mp4, masks.mp4, "
+                                      "side_by_side.gif and metrics.json. --model tiny runs every stage on a tiny "
+                                      "RANDOM-weight model instead (its video is noise).")  # fmt: skip
     demo.add_argument("--out", default="demo-output", help="output folder (default: %(default)s)")
-    demo.add_argument("--steps", type=_positive_int, default=10, help="denoising steps (default: %(default)s)")
+    demo.add_argument("--model", choices=[TOY, TINY], default=TOY, help="toy (trained) or tiny (random) (default: %(default)s)")
+    demo.add_argument("--steps", type=_positive_int, help="denoising steps (default: 20 on toy, 10 on tiny)")
+    demo.add_argument("--train-steps", type=_positive_int, default=300,
+                      help="training steps per motion on toy (default: %(default)s)")  # fmt: skip
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,7 +1,8 @@
 """Tiny CogVideoX-architecture models built from configs with diffusers' own classes.
 
-Used by the test suite and by ``make demo`` until a trained toy model ships: every weight is
-random, so the videos they make are noise - what they show is that the whole pipeline runs.
+Used by the test suite, by ``fleximmt demo --model tiny`` and, with their configs, by
+``toytrain`` (which trains the toy model that ships). Built here, every weight is random, so the
+videos they make are noise - what they show is that the whole pipeline runs.
 """
 
 from __future__ import annotations
