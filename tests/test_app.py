@@ -5,7 +5,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import shutil
-import socket
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -15,6 +14,8 @@ from PIL import Image
 
 from fleximmt.app import MotionLibrary, TransferApp, build_app, drawn_mask, highlight
 from fleximmt.toy import random_motion, tiny_pipeline
+from fleximmt.toylab import random_case
+from helpers import free_port, headless_chromium, needs_chromium
 
 PROMPT = "A ball jumps up. A box slides left."
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "app.png"
@@ -83,52 +84,109 @@ def test_transfer_and_learn_without_a_browser(assets):
     assert "hop" in [e.name for e in app.library.entries()]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def toy_assets(tmp_path_factory):
+    """The shipped toy model, two motions learned on it (briefly) and a bundled example image."""
+    from fleximmt.toylab import EXAMPLE_DIR, learn_motions, load_toy_pipeline
+
+    root = tmp_path_factory.mktemp("toy_app")
+    pipe = load_toy_pipeline()
+    learn_motions(pipe, ["right", "bounce"], root / "motions", steps=30)
+    return pipe, root, EXAMPLE_DIR
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")), reason="needs Debian's chromium and chromium-driver")
-def test_a_transfer_in_chromium_shows_a_video(assets, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+def _serve(pipe, motions, tmp_path, **kwargs):
+    demo = build_app(pipe, motions, **kwargs)
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    return demo, port
+
+
+@needs_chromium
+def test_a_transfer_in_chromium_on_the_toy_model_shows_a_video(toy_assets, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    pipe, root, _ = assets
-    demo = build_app(pipe, root / "motions")
-    port = free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                "--window-size=1280,2600"):  # fmt: skip
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    wait = WebDriverWait(driver, 90)
+    pipe, root, examples = toy_assets
+    demo, port = _serve(pipe, root / "motions", tmp_path)
+    driver = headless_chromium(tmp_path / "profile", height=2600)
+    wait = WebDriverWait(driver, 120)
     try:
         driver.get(f"http://127.0.0.1:{port}/")
         upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]")))
-        upload.send_keys(str(root / "image.png"))
-        for k in (1, 2):
-            driver.find_element(By.CSS_SELECTOR, f"#png_{k} input[type=file]").send_keys(str(root / f"mask{k}.png"))
-            radio = driver.find_element(By.CSS_SELECTOR, f"#motion_{k} input[value='{['jump', 'slide'][k - 1]}']")
+        upload.send_keys(str(examples / "scene_0.png"))
+        words = {1: "moves right", 2: "bounces"}
+        for k, motion in ((1, "right"), (2, "bounce")):
+            driver.find_element(By.CSS_SELECTOR, f"#png_{k} input[type=file]").send_keys(
+                str(examples / "masks" / f"scene_0_object_{k - 1}.png"))  # fmt: skip
+            radio = driver.find_element(By.CSS_SELECTOR, f"#motion_{k} input[value='{motion}']")
             driver.execute_script("arguments[0].click();", radio)
-            wait.until(lambda d, k=k: d.find_element(By.CSS_SELECTOR, f"#motion_words_{k} textarea").get_attribute("value"))
-        prompt = driver.find_element(By.CSS_SELECTOR, "#prompt textarea")
-        prompt.send_keys(PROMPT)
-        wait.until(ec.text_to_be_present_in_element((By.ID, "highlight"), "slides left"))
+            wait.until(lambda d, k=k: d.find_element(By.CSS_SELECTOR, f"#motion_words_{k} textarea").get_attribute("value") == words[k])
+        sprites = random_case(100, num_objects=2).sprites  # the bundled scene_0.png
+        prompt_text = f"A {sprites[0].colour} {sprites[0].shape} moves right. A {sprites[1].colour} {sprites[1].shape} bounces."
+        driver.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys(prompt_text)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "highlight"), "bounces"))
+        driver.execute_script("arguments[0].click();", driver.find_element(By.ID, "show_masks"))
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#preview img").get_attribute("src"))
         driver.execute_script("arguments[0].click();", driver.find_element(By.ID, "generate"))
         video = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#video_out video")))
         wait.until(lambda d: video.get_attribute("src"))
-        SCREENSHOT.parent.mkdir(exist_ok=True)
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#overlay_out video")))
         driver.save_screenshot(str(tmp_path / "app.png"))
         if os.environ.get("FLEXIMMT_UPDATE_SCREENSHOT"):
+            SCREENSHOT.parent.mkdir(exist_ok=True)
             shutil.copy(tmp_path / "app.png", SCREENSHOT)
     finally:
         driver.quit()
         demo.close()
     assert (tmp_path / "app.png").stat().st_size > 10_000
+
+
+@needs_chromium
+def test_bad_input_shows_a_readable_message_in_the_page(assets, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pipe, root, _ = assets
+    demo, port = _serve(pipe, root / "motions", tmp_path)
+    driver = headless_chromium(tmp_path / "profile")
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        button = WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "generate"))
+        driver.execute_script("arguments[0].click();", button)  # no image given
+        WebDriverWait(driver, 60).until(lambda d: "upload an image first" in d.find_element(By.TAG_NAME, "body").text)
+    finally:
+        driver.quit()
+        demo.close()
+
+
+@needs_chromium
+def test_the_learn_tab_trains_a_motion_that_joins_the_library(assets, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pipe, root, _ = assets
+    reference = np.full((9, 32, 32, 3), 90, np.uint8)
+    for t in range(9):
+        reference[t, 10:20, 2 + 2 * t : 12 + 2 * t] = 220
+    iio.imwrite(root / "ref.mp4", reference, fps=8, codec="libx264")
+    demo, port = _serve(pipe, root / "motions", tmp_path)
+    driver = headless_chromium(tmp_path / "profile")
+    wait = WebDriverWait(driver, 120)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        tab = wait.until(lambda d: next((b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == "Learn"), False))
+        driver.execute_script("arguments[0].click();", tab)
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#ref_video input[type=file]"))).send_keys(str(root / "ref.mp4"))
+        for elem_id, text in (("caption", "A ball jumps up."), ("concept", "ball"), ("learn_words", "jumps up"),
+                              ("motion_name", "hop")):  # fmt: skip
+            driver.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea").send_keys(text)
+        driver.execute_script("arguments[0].click();", driver.find_element(By.ID, "learn"))
+        wait.until(lambda d: "hop" in d.find_element(By.ID, "learned").text)
+    finally:
+        driver.quit()
+        demo.close()
+    entry = MotionLibrary(root / "motions").get("hop")
+    assert entry.motion_words == "jumps up" and entry.preview.is_file()

@@ -202,7 +202,8 @@ class TransferApp:
         return self.library.get(name)
 
 
-def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None):
+def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, examples: list[str | Path] | None = None):
+    """The Gradio Blocks of the app; ``examples`` are image files offered as bundled examples."""
     import gradio as gr
 
     app = TransferApp(pipe, MotionLibrary(motions_dir), Path(tempfile.mkdtemp(prefix="fleximmt-app-")), segmenter, detector)
@@ -227,6 +228,8 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None):
             with gr.Row():
                 image = gr.Image(label="Image", type="numpy", elem_id="image", height=256)
                 preview = gr.Image(label="Masks on the latent grid", type="numpy", interactive=False, elem_id="preview", height=256)
+            if examples:
+                gr.Examples([[str(p)] for p in examples], inputs=[image], label="bundled example images")
             prompt = gr.Textbox(label="Prompt (each object's motion words must appear in it)", elem_id="prompt")
             highlighted = gr.HighlightedText(label="Motion words in the prompt", elem_id="highlight",
                                              color_map={f"object {k + 1}": "#%02x%02x%02x" % tuple(int(c) for c in PALETTE[k])
@@ -276,7 +279,7 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None):
             def on_words(text, *mw):
                 return highlight(text or "", list(mw))
 
-            image.upload(on_image, image, [s[2] for s in slots])
+            image.change(on_image, image, [s[2] for s in slots])  # an upload or a bundled example
             for box in [prompt, *[s[8] for s in slots]]:
                 box.change(on_words, [prompt, *[s[8] for s in slots]], highlighted)
             show.click(safely(lambda img, *v: app.preview(img, unpack(v))), [image, *flat], preview)
@@ -285,17 +288,17 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None):
         with gr.Tab("Learn"):
             gr.Markdown("Train a motion on one reference video of one moving object; it joins the library.")
             ref = gr.Video(label="reference video", sources=["upload"], elem_id="ref_video")
-            caption = gr.Textbox(label="caption", placeholder="A man is doing yoga.")
+            caption = gr.Textbox(label="caption", placeholder="A man is doing yoga.", elem_id="caption")
             with gr.Row():
-                concept = gr.Textbox(label="concept words (the object)", placeholder="man")
-                learn_words = gr.Textbox(label="motion words", placeholder="is doing yoga")
-                name = gr.Textbox(label="motion name", placeholder="yoga")
+                concept = gr.Textbox(label="concept words (the object)", placeholder="man", elem_id="concept")
+                learn_words = gr.Textbox(label="motion words", placeholder="is doing yoga", elem_id="learn_words")
+                name = gr.Textbox(label="motion name", placeholder="yoga", elem_id="motion_name")
             with gr.Row():
                 learn_steps = gr.Slider(10, 2000, value=200, step=10, label="training steps")
                 tokens = gr.Slider(4, 226, value=226 if frames > 17 else 16, step=1, label="motion tokens per block")
             train = gr.Button("Learn the motion", variant="primary", elem_id="learn")
             curve = gr.LinePlot(x="step", y="loss", label="training loss", elem_id="loss_curve")
-            learned = gr.Markdown()
+            learned = gr.Markdown(elem_id="learned")
 
             def on_learn(video_path, cap, con, words_, nm, n, tok, progress=gr.Progress()):
                 import pandas as pd
@@ -327,7 +330,8 @@ def add_cli(subparsers, load_pipeline, add_model_options) -> None:
         "app", help="the web app: transfer motions and learn new ones in the browser",
         description="Serve the FlexiMMT web app. The model loads once; requests queue. Binds to 127.0.0.1 "
                     "unless --host says otherwise.", formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  fleximmt app --model tiny --motions motions/\n"
+        epilog="examples:\n  fleximmt app                       (the toy model that ships with fleximmt; runs on a CPU)\n"
+               "  fleximmt app --model tiny --motions motions/   (a tiny RANDOM-weight model)\n"
                "  fleximmt app --model THUDM/CogVideoX-5b-I2V --sam facebook/sam-vit-base "
                "--detector IDEA-Research/grounding-dino-tiny",
     )  # fmt: skip
@@ -337,11 +341,16 @@ def add_cli(subparsers, load_pipeline, add_model_options) -> None:
     parser.add_argument("--sam", help="SAM (hub id or folder) for clicked or named objects")
     parser.add_argument("--detector", help="Grounding-DINO (hub id or folder) for named objects")
     add_model_options(parser)
-    parser.set_defaults(model="tiny")
+    parser.set_defaults(model="toy")
 
     def run(args):
         pipe = load_pipeline(args)
-        demo = build_app(pipe, args.motions, args.sam, args.detector)
+        examples = None
+        if args.model == "toy":
+            from .toylab import EXAMPLE_DIR
+
+            examples = sorted(EXAMPLE_DIR.glob("*.png"))
+        demo = build_app(pipe, args.motions, args.sam, args.detector, examples)
         demo.queue().launch(server_name=args.host, server_port=args.port)
 
     parser.set_defaults(func=run)
