@@ -209,6 +209,27 @@ def test_demo_on_the_tiny_model_writes_its_outputs_and_says_the_weights_are_rand
     assert [MotionTokens.load(out_dir / f"motion_{k}.safetensors").motion_words for k in (0, 1)] == ["jumps up", "slides left"]
 
 
+def test_demo_on_the_toy_model_learns_two_motions_and_compares_three_variants(tmp_path, capsys):
+    import json
+
+    out_dir = tmp_path / "demo"
+    code, out, err = run_cli(["demo", "--out", out_dir, "--steps", 4, "--train-steps", 10], capsys)
+    assert code == 0, err
+    for name in ("fleximmt.mp4", "masks.mp4", "side_by_side.gif", "metrics.json", "input.png",
+                 "motions/zigzag.safetensors", "motions/bounce.safetensors"):  # fmt: skip
+        assert (out_dir / name).is_file(), name
+        assert str(out_dir / name) in out, name
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert set(metrics["variants"]) == {"fleximmt", "no_masks", "plain_i2v"}
+    for values in metrics["variants"].values():
+        assert {"tf", "ff", "traj_err", "leak"} <= set(values) and len(values["objects"]) == 2
+    gif = iio.imread(out_dir / "side_by_side.gif")
+    assert gif.shape[0] == 17 and gif.shape[2] == 5 * 64 * 3  # references x2 | FlexiMMT | no masks | plain I2V
+    assert "RANDOM" not in out
+    code, out, err = run_cli(["demo", "--out", out_dir, "--steps", 4, "--train-steps", 10], capsys)
+    assert code == 0 and "reusing the learned motion" in out
+
+
 # -- save_video -------------------------------------------------------------------------------
 FRAMES = (np.random.RandomState(1).rand(9, 30, 34, 3) * 255).astype(np.uint8)
 
