@@ -29,6 +29,35 @@ def test_vae_then_transformer_give_a_pipeline_that_generates(tmp_path):
     video = pipe(image=Image.fromarray(scene.frames[0]), prompt=scene.caption, num_inference_steps=2,
                  max_sequence_length=24, output_type="np").frames[0]  # fmt: skip
     assert video.shape == (9, 32, 32, 3)
+    # sampling uses the training's target and noise schedule
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and not pipe.scheduler.config.clip_sample
+
+
+def test_ship_writes_float16_safetensors_that_load_back_and_the_training_curves(tmp_path):
+    import json
+
+    from fleximmt.toylab import load_toy_pipeline
+    from fleximmt.toytrain import ship
+
+    train_vae(tmp_path, steps=2, batch=1, cfg=SMALL)
+    train_transformer(tmp_path, steps=2, batch=1, cfg=SMALL)
+    for stage, values in (("vae", [0.5, 0.3, 0.2]), ("transformer", [1.0, 0.5, 0.1])):
+        (tmp_path / f"{stage}_losses.json").write_text(json.dumps(values))
+    dest = ship(tmp_path, tmp_path / "shipped", tmp_path / "curves.png")
+    weights = list(dest.rglob("*.safetensors"))
+    assert len(weights) == 3 and not list(dest.rglob("*.bin"))
+    from safetensors import safe_open
+
+    with safe_open(str(dest / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    original = FlexiMMTPipeline.from_pretrained(str(tmp_path / "pipeline"))
+    loaded = load_toy_pipeline(dest)
+    assert loaded.transformer.dtype == torch.float32
+    for a, b in zip(original.transformer.parameters(), loaded.transformer.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # float16 rounding only
+    from PIL import Image
+
+    assert Image.open(tmp_path / "curves.png").size[1] == 2 * 220  # one panel per stage
 
 
 def test_an_interrupted_vae_run_resumes_to_the_same_weights(tmp_path):
