@@ -231,6 +231,8 @@ def cmd_demo(args) -> None:
         print(f"\nprompt: {summary['prompt']}\nper-object averages (tf, ff: higher is better; traj_err in pixels, leak: lower is better):")
         for variant, values in summary["variants"].items():
             print(f"  {variant:10s} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+        print("\nThe toy model (64x64, 17 frames, trained on this CPU) follows one sprite's caption well but animates "
+              "scenes of several sprites poorly;\nREADME.md ('The toy world') and BENCHMARKS.md say what it shows.")
         return
     print("\nNOTE: the built-in model has RANDOM weights, so the video is noise. The demo shows that every stage runs "
           "end to end:\ntwo objects, two motion files, MDMA attention, RMPM mask propagation, video and mask overlay.")
