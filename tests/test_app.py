@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fleximmt.app import MotionLibrary, TransferApp, build_app, drawn_mask, highlight
+from fleximmt.app import MotionLibrary, TransferApp, build_app, drawn_mask, highlight, motion_metadata
 from fleximmt.toy import random_motion, tiny_pipeline
 from fleximmt.toylab import random_case
 from helpers import free_port, headless_chromium, needs_chromium
@@ -82,6 +82,19 @@ def test_transfer_and_learn_without_a_browser(assets):
     entry = app.learn(str(root / "ref.mp4"), "A ball jumps up.", "ball", "jumps up", "hop", 3, 2, lambda s, l: steps.append(s))
     assert steps == [1, 2, 3] and entry.name == "hop" and entry.preview.is_file()
     assert "hop" in [e.name for e in app.library.entries()]
+
+
+def test_generation_reports_its_progress_and_motions_show_their_metadata(assets):
+    pipe, root, image = assets
+    app = TransferApp(pipe, MotionLibrary(root / "motions"), root / "out")
+    slots = [(True, "png", None, str(root / "mask1.png"), "", "", "jump", None, "jumps up")]
+    seen = []
+    app.generate(image, PROMPT, slots, steps=3, seed=0, progress=lambda share, desc: seen.append((share, desc)))
+    assert [share for share, _ in seen] == pytest.approx([1 / 3, 2 / 3, 1.0]) and seen[-1][1] == "denoising step 3/3"
+    from fleximmt import MotionTokens
+
+    info = motion_metadata(MotionTokens.load(root / "motions" / "jump.safetensors"))
+    assert "motion words: `jumps up`" in info and "x 4 tokens x" in info
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,16 @@ class MotionLibrary:
 
 
 # -- pure helpers (tested without a browser) ---------------------------------------------------
+def motion_metadata(motion: MotionTokens) -> str:
+    """A motion file's metadata as one Markdown line (caption, words, shape, training steps)."""
+    meta = motion.metadata
+    blocks, d_m, dim = motion.tokens.shape
+    parts = [f"caption: *{meta['caption']}*" if meta.get("caption") else None,
+             f"concept: `{meta['concept_words']}`" if meta.get("concept_words") else None,
+             f"motion words: `{meta['motion_words']}`" if meta.get("motion_words") else None,
+             f"{blocks} blocks x {d_m} tokens x {dim}",
+             f"{meta['steps']} training steps" if meta.get("steps") else None]  # fmt: skip
+    return " · ".join(p for p in parts if p)
 def highlight(prompt: str, motion_words: list[str]) -> list[tuple[str, str | None]]:
     """The prompt split into (text, label) pieces, each object's motion words labelled."""
     spans = []
@@ -176,9 +186,15 @@ class TransferApp:
             for obj in objects:
                 obj._mask = torch.from_numpy(np.asarray(Image.fromarray(obj.mask_tensor.numpy().astype(np.uint8) * 255)
                                                         .resize((width, height), Image.NEAREST)) > 127)  # fmt: skip
+        def on_step(pipe, step, timestep, callback_kwargs):
+            if progress is not None:
+                progress((step + 1) / int(steps), desc=f"denoising step {step + 1}/{int(steps)}")
+            return {}
+
         result = self.pipe(image=picture, prompt=prompt, objects=objects, num_inference_steps=int(steps),
                            generator=torch.Generator().manual_seed(int(seed)), output_type="np", return_masks=bool(objects),
-                           max_sequence_length=self.pipe.transformer.config.max_text_seq_length)  # fmt: skip
+                           max_sequence_length=self.pipe.transformer.config.max_text_seq_length,
+                           callback_on_step_end=on_step)  # fmt: skip
         folder = Path(tempfile.mkdtemp(dir=self.out_dir))
         video = save_video(result.frames[0], folder / "fleximmt.mp4")
         overlay = video
@@ -250,14 +266,27 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
                         upload = gr.File(label="or a motion file", file_types=[".safetensors"], type="filepath",
                                          elem_id=f"motion_file_{k}")  # fmt: skip
                         motion_preview = gr.Image(label="reference", interactive=False, height=128)
+                    motion_info = gr.Markdown(elem_id=f"motion_info_{k}")
                     motion_words = gr.Textbox(label="motion words (from the motion file; edit to match the prompt)",
                                               elem_id=f"motion_words_{k}")  # fmt: skip
 
                     def on_choice(name, prompt_text):
                         entry = app.library.get(name) if name else None
-                        return (entry.motion_words if entry else "", str(entry.preview) if entry and entry.preview else None)
+                        info = motion_metadata(MotionTokens.load(entry.path)) if entry else ""
+                        return (entry.motion_words if entry else "", str(entry.preview) if entry and entry.preview else None,
+                                info)  # fmt: skip
 
-                    choice.change(on_choice, [choice, prompt], [motion_words, motion_preview])
+                    def on_upload(path):
+                        if not path:
+                            return "", ""
+                        try:
+                            motion = MotionTokens.load(path)
+                        except (FlexiMMTInputError, ValueError) as err:
+                            raise gr.Error(str(err)) from None
+                        return motion.metadata.get("motion_words") or "", motion_metadata(motion)
+
+                    choice.change(on_choice, [choice, prompt], [motion_words, motion_preview, motion_info])
+                    upload.change(on_upload, upload, [motion_words, motion_info])
                 slots.append((use, mode, editor, png, points, words, choice, upload, motion_words))
             with gr.Row():
                 steps = gr.Slider(1, 100, value=50 if frames > 17 else 10, step=1, label="denoising steps")
@@ -283,8 +312,10 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
             for box in [prompt, *[s[8] for s in slots]]:
                 box.change(on_words, [prompt, *[s[8] for s in slots]], highlighted)
             show.click(safely(lambda img, *v: app.preview(img, unpack(v))), [image, *flat], preview)
-            go.click(safely(lambda img, text, n, s, *v: app.generate(img, text, unpack(v), n, s)),
-                     [image, prompt, steps, seed, *flat], [video, overlay])  # fmt: skip
+            def on_generate(img, text, n, s, *v, progress=gr.Progress()):
+                return app.generate(img, text, unpack(v), n, s, progress)
+
+            go.click(safely(on_generate), [image, prompt, steps, seed, *flat], [video, overlay])
         with gr.Tab("Learn"):
             gr.Markdown("Train a motion on one reference video of one moving object; it joins the library.")
             ref = gr.Video(label="reference video", sources=["upload"], elem_id="ref_video")
