@@ -24,6 +24,7 @@ from PIL import Image
 
 from fleximmt.toylab import load_toy_pipeline
 from fleximmt.toyworld import MOTIONS, Sprite, Trajectory, colour_track, random_scene, render
+from fleximmt.video import to_uint8_frames
 
 HELD_OUT = 10**9  # the trainer draws seeds below 10**8
 AXES = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}
@@ -32,7 +33,7 @@ AXES = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}
 def generate(pipe, image: np.ndarray, caption: str, steps: int, guidance: float, seed: int) -> np.ndarray:
     out = pipe(image=Image.fromarray(image), prompt=caption, num_inference_steps=steps, guidance_scale=guidance,
                output_type="np", generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    return (np.asarray(out.frames[0]) * 255).round().clip(0, 255).astype(np.uint8)
+    return to_uint8_frames(out.frames[0])
 
 
 def moved_as_told(centres: np.ndarray, motion: str, min_px: float = 3.0) -> bool:

@@ -103,7 +103,7 @@ def run_toy_demo(out: Path, steps: int = 20, train_steps: int = 300, motions_dir
                  log=print) -> dict:  # fmt: skip
     """Learn two motions on the shipped toy model (or reuse them), transfer them onto the demo
     image with three variants, write videos, a side-by-side GIF and ``metrics.json``."""
-    from .toylab import REFERENCE_DIR, learn_motions, load_toy_pipeline, score, transfer
+    from .toylab import REFERENCE_DIR, learn_motions, load_toy_pipeline, reference_scene, score, transfer
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -132,8 +132,6 @@ def run_toy_demo(out: Path, steps: int = 20, train_steps: int = 300, motions_dir
         if variant == "fleximmt":
             save_video(frames, out / "fleximmt.mp4")
             save_video(mask_overlay(frames, masks[-1], pipe.vae_scale_factor_temporal), out / "masks.mp4")
-    from .toylab import reference_scene
-
     refs = [reference_scene(name).frames for name in DEMO_MOTIONS]
     panels = refs + [videos[v] for v in DEMO_VARIANTS]
     labels = [f"ref: {n}" for n in DEMO_MOTIONS] + ["FlexiMMT", "no masks", "plain I2V"]

@@ -13,6 +13,7 @@ carry them. Transferred onto a scene, object k starting at ``p_k`` should follow
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 import warnings
@@ -24,6 +25,7 @@ import torch
 
 from .motion import MotionTokens, ObjectMotion
 from .toyworld import MOTIONS, Scene, Sprite, Trajectory, colour_track, render
+from .video import save_video, to_uint8_frames
 
 ASSETS = Path(__file__).parent / "assets"
 TOY_MODEL = ASSETS / "toy-model"
@@ -45,7 +47,6 @@ REFERENCES = {
 REFERENCE_SPRITE = ("circle", "white", 6.5)  # shape, colour, size of the sprite in every reference video
 
 # variant name -> pipeline keyword arguments (None = plain image-to-video: no objects)
-ALL_PARTS = ("m2v", "m2m", "t2v", "t2t", "t2m")
 VARIANTS: dict[str, dict | None] = {
     "fleximmt": {},
     "w/o M2X": {"parts": ("t2v", "t2t", "t2m")},
@@ -76,8 +77,10 @@ def load_toy_pipeline(path: str | Path = TOY_MODEL):
     return pipe
 
 
+@functools.lru_cache(maxsize=32)
 def reference_scene(name: str, seed: int = 0) -> Scene:
-    """The reference video of motion ``name``: one white circle on a plain background."""
+    """The reference video of motion ``name``: one white circle on a plain background (drawn once
+    and shared: treat it as read-only)."""
     if name not in REFERENCES:
         raise ValueError(f"unknown reference motion {name!r}: choose from {list(REFERENCES)}")
     shape, colour, size = REFERENCE_SPRITE
@@ -111,8 +114,6 @@ def write_examples(folder: str | Path = EXAMPLE_DIR, count: int = 3) -> list[Pat
 
 def write_references(folder: str | Path = REFERENCE_DIR) -> list[Path]:
     """The bundled reference videos (mp4) and ``references.json`` with their captions and parameters."""
-    from .video import save_video
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index, paths = {}, []
@@ -136,8 +137,6 @@ def learn_motions(pipe, names, folder: str | Path, steps: int = 300, tokens: int
     for name in names:
         path = folder / f"{name}.safetensors"
         if not path.with_suffix(".gif").is_file():  # the app's library shows it as the motion's preview
-            from .video import save_video
-
             save_video(reference_scene(name).frames, path.with_suffix(".gif"))
         if not path.is_file():
             caption, concept, words = reference_caption(name)
@@ -221,8 +220,7 @@ def transfer(pipe, case: Case, motions: dict[str, MotionTokens], variant: str = 
                   output_type="np", generator=torch.Generator().manual_seed(seed), return_masks=bool(objects),
                   **(settings or {}))  # fmt: skip
     seconds = time.perf_counter() - start
-    frames = (np.asarray(result.frames[0]) * 255).round().clip(0, 255).astype(np.uint8)
-    return frames, getattr(result, "masks", None), seconds
+    return to_uint8_frames(result.frames[0]), getattr(result, "masks", None), seconds
 
 
 def expected_path(start: tuple[float, float], name: str) -> np.ndarray:
@@ -246,13 +244,14 @@ def score(frames: np.ndarray, case: Case) -> dict:
     from .metrics import flow_fidelity, trajectory_fidelity
 
     objects = []
-    for k, (sprite, name) in enumerate(zip(case.sprites, case.motions)):
-        name = name or "still"
+    names = [m or "still" for m in case.motions]  # an object given no motion should stay still
+    first_masks = case.scene(trajectories=False).masks[:, 0]
+    for k, (sprite, name) in enumerate(zip(case.sprites, names)):
         centres, masks = colour_track(frames, sprite.colour, start=sprite.start)
         ref = reference_scene(name)
         own = path_error(centres, expected_path(sprite.start, name))
-        others = [path_error(centres, expected_path(sprite.start, m)) for m in case.motions if m != name]
-        first = case.scene(trajectories=False).masks[k, 0]
+        others = [path_error(centres, expected_path(sprite.start, m)) for m in names if m != name]
+        first = first_masks[k]
         objects.append({
             "motion": name, "traj_err": own,
             "tf": trajectory_fidelity(frames, ref.frames, first, ref.masks[0, 0]),
