@@ -105,3 +105,14 @@ def test_the_bundled_reference_videos_are_the_ones_the_code_draws():
         drawn = reference_scene(name).frames
         assert frames.shape == drawn.shape
         assert np.abs(frames.astype(float) - drawn).mean() < 8  # h264's loss only
+
+
+def test_a_sprite_given_no_motion_is_scored_against_standing_still():
+    from fleximmt.toylab import Case
+    from fleximmt.toyworld import Sprite, Trajectory
+
+    case = Case([Sprite("square", "red", 6.0, (18.0, 20.0), Trajectory("still"), texture_seed=3),
+                 Sprite("circle", "blue", 6.0, (40.0, 46.0), Trajectory("still"), texture_seed=4)], ["right", None])  # fmt: skip
+    result = score(case.scene(trajectories=True).frames, case)
+    assert [o["motion"] for o in result["objects"]] == ["right", "still"]
+    assert result["objects"][1]["traj_err"] < 1.0 and result["leak"] == 0.0
