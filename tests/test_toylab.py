@@ -8,7 +8,7 @@ import torch
 
 from fleximmt.toy import random_motion, tiny_pipeline
 from fleximmt.toylab import (
-    FRAMES, REFERENCES, SIZE, VARIANTS, expected_path, random_case, reference_caption, reference_scene, score, transfer,
+    FRAMES, REFERENCES, SIZE, VARIANTS, dilate, expected_path, learn_motions, random_case, reference_caption, reference_scene, score, transfer,
 )  # fmt: skip
 from fleximmt.toyworld import WORDS, colour_track
 
@@ -93,6 +93,59 @@ def test_every_variant_runs_and_plain_i2v_ignores_the_motions(toy_sized_pipe):
     assert np.array_equal(videos["plain_i2v"], plain)
     assert not np.array_equal(videos["fleximmt"], videos["plain_i2v"])  # the motion tokens act
     assert not np.array_equal(videos["fleximmt"], videos["no_masks"])  # and the masks matter
+
+
+def test_dilate_grows_a_mask_by_a_square_of_the_radius():
+    mask = torch.zeros(9, 9, dtype=torch.bool)
+    mask[4, 4] = True
+    assert torch.equal(dilate(mask, 0), mask)
+    grown = dilate(mask, 2)
+    assert grown.sum() == 25 and grown[2:7, 2:7].all()
+
+
+def test_the_dilated_variant_hands_the_pipeline_larger_masks(toy_sized_pipe):
+    case = random_case(3)
+    motions = {m: random_motion(toy_sized_pipe.transformer, tokens_per_motion=4, seed=i) for i, m in enumerate(REFERENCES)}
+    _, plain_masks, _ = transfer(toy_sized_pipe, case, motions, "w/o RMPM (static)", steps=1, guidance=1.0)
+    VARIANTS["static, dilated"] = {"mask_source": "static", "dilate": 8}
+    try:
+        _, grown_masks, _ = transfer(toy_sized_pipe, case, motions, "static, dilated", steps=1, guidance=1.0)
+    finally:
+        del VARIANTS["static, dilated"]
+    before, after = plain_masks[0], grown_masks[0]
+    assert before.shape == after.shape and (after | ~before).all() and after.sum() > before.sum()
+
+
+def test_learned_motions_are_reused_only_on_the_model_they_were_learned_on(toy_sized_pipe, tmp_path):
+    from fleximmt.motion import MotionTokens
+    from fleximmt.train import model_fingerprint
+
+    first = learn_motions(toy_sized_pipe, ["right"], tmp_path, steps=2, tokens=2)["right"]
+    assert first.metadata["base_model"] == model_fingerprint(toy_sized_pipe)
+    path = tmp_path / "right.safetensors"
+    stamp = path.stat().st_mtime_ns
+    learn_motions(toy_sized_pipe, ["right"], tmp_path, steps=2, tokens=2)
+    assert path.stat().st_mtime_ns == stamp  # same model: reused
+    stale = MotionTokens(first.tokens * 0, **{**first.metadata, "base_model": "another-model@0123456789ab"})
+    stale.save(path)
+    again = learn_motions(toy_sized_pipe, ["right"], tmp_path, steps=2, tokens=2)["right"]
+    assert again.metadata["base_model"] == model_fingerprint(toy_sized_pipe)
+    assert torch.equal(again.tokens, first.tokens)  # learned again, seeded: the same tokens as the first time
+
+
+def test_a_local_model_is_named_by_its_folder_not_its_absolute_path(toy_sized_pipe, tmp_path):
+    from fleximmt.train import model_fingerprint
+
+    old = toy_sized_pipe.name_or_path
+    try:
+        for folder in (tmp_path / "a" / "toy-model", tmp_path / "b" / "toy-model"):
+            folder.mkdir(parents=True)
+            toy_sized_pipe.register_to_config(_name_or_path=str(folder))
+            assert model_fingerprint(toy_sized_pipe).startswith("toy-model@")
+        toy_sized_pipe.register_to_config(_name_or_path="THUDM/CogVideoX-5b-I2V")
+        assert model_fingerprint(toy_sized_pipe).startswith("THUDM/CogVideoX-5b-I2V@")
+    finally:
+        toy_sized_pipe.register_to_config(_name_or_path=old)
 
 
 def test_the_bundled_reference_videos_are_the_ones_the_code_draws():

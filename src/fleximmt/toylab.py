@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ import torch
 from .motion import MotionTokens, ObjectMotion
 from .toyworld import MOTIONS, Scene, Sprite, Trajectory, colour_track, render
 from .video import save_video, to_uint8_frames
+
+logger = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 TOY_MODEL = ASSETS / "toy-model"
@@ -60,6 +63,8 @@ VARIANTS: dict[str, dict | None] = {
     "anchors 5": {"anchors": 5},
     "alpha 5%": {"alpha": 0.05},
     "alpha 10%": {"alpha": 0.10},
+    "step 0 without masks (release)": {"initial_masks": "none"},
+    "masks dilated by one token": {"dilate": 8},  # a toy-world probe, not a pipeline setting: see transfer
 }
 
 
@@ -128,8 +133,11 @@ def write_references(folder: str | Path = REFERENCE_DIR) -> list[Path]:
 
 def learn_motions(pipe, names, folder: str | Path, steps: int = 300, tokens: int = 16, seed: int = 0,
                   **settings) -> dict[str, MotionTokens]:  # fmt: skip
-    """Learn (or reuse, when ``folder/NAME.safetensors`` exists) the motion tokens of each reference."""
-    from .train import train_motion
+    """Learn (or reuse, when ``folder/NAME.safetensors`` exists and was learned on this very model)
+    the motion tokens of each reference."""
+    from .train import model_fingerprint, train_motion
+
+    model = model_fingerprint(pipe)
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,6 +146,10 @@ def learn_motions(pipe, names, folder: str | Path, steps: int = 300, tokens: int
         path = folder / f"{name}.safetensors"
         if not path.with_suffix(".gif").is_file():  # the app's library shows it as the motion's preview
             save_video(reference_scene(name).frames, path.with_suffix(".gif"))
+        if path.is_file() and MotionTokens.load(path).metadata.get("base_model") != model:
+            logger.info("%s was learned on another model (%s, not %s): learning it again", path,
+                        MotionTokens.load(path).metadata.get("base_model"), model)  # fmt: skip
+            path.unlink()
         if not path.is_file():
             caption, concept, words = reference_caption(name)
             bundled = REFERENCE_DIR / f"{name}.mp4"
@@ -208,19 +220,31 @@ def transfer(pipe, case: Case, motions: dict[str, MotionTokens], variant: str = 
 
     first = case.scene(trajectories=False)
     image = Image.fromarray(first.frames[0])
-    settings = VARIANTS[variant]
+    settings = dict(VARIANTS[variant]) if VARIANTS[variant] is not None else None
     objects = []
     if settings is not None:
+        # "dilate": grow each first-frame mask by that many pixels before the pipeline puts it on the
+        # token grid (8 px = one token of the toy model): does a sprite leaving its mask cost motion?
+        radius = settings.pop("dilate", 0)
         for k, name in enumerate(case.motions):
             if name is None:
                 continue
-            objects.append(ObjectMotion(torch.from_numpy(first.masks[k, 0]), motions[name], MOTIONS[REFERENCES[name].name]))
+            mask = dilate(torch.from_numpy(first.masks[k, 0]), radius)
+            objects.append(ObjectMotion(mask, motions[name], MOTIONS[REFERENCES[name].name]))
     start = time.perf_counter()
     result = pipe(image=image, prompt=case.prompt, objects=objects, num_inference_steps=steps, guidance_scale=guidance,
                   output_type="np", generator=torch.Generator().manual_seed(seed), return_masks=bool(objects),
                   **(settings or {}))  # fmt: skip
     seconds = time.perf_counter() - start
     return to_uint8_frames(result.frames[0]), getattr(result, "masks", None), seconds
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """A bool mask ``[H, W]`` grown by ``radius`` pixels (a square neighbourhood)."""
+    if radius <= 0:
+        return mask
+    grown = torch.nn.functional.max_pool2d(mask[None, None].float(), 2 * radius + 1, stride=1, padding=radius)
+    return grown[0, 0] > 0
 
 
 def expected_path(start: tuple[float, float], name: str) -> np.ndarray:

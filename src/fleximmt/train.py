@@ -84,12 +84,17 @@ class TrainSettings:
 
 
 def model_fingerprint(pipe) -> str:
-    """``name@hash`` of the transformer: its config and a checksum of its output projection."""
+    """``name@hash`` of the transformer: its config and a checksum of its output projection.
+
+    ``name`` is the hub id, or the folder's own name for a local model (not its absolute path, so
+    a motion learned in one checkout names the same model in another)."""
     cfg = pipe.transformer.config
     keep = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
     weight = pipe.transformer.proj_out.weight.detach().float()
     blob = json.dumps(keep, sort_keys=True, default=str) + f"{weight.sum().item():.6e}{weight.abs().sum().item():.6e}"
-    name = getattr(pipe, "name_or_path", None) or cfg.get("_name_or_path") or "model"
+    name = str(getattr(pipe, "name_or_path", None) or cfg.get("_name_or_path") or "model")
+    if os.path.isdir(name):
+        name = Path(name).resolve().name
     return f"{name}@{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
