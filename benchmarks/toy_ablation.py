@@ -4,7 +4,9 @@ Learns the motion tokens of every bundled reference motion once (or reuses them)
 ``--scenes`` scenes of 2-3 sprites, each given a different reference motion, with every variant of
 ``fleximmt.toylab.VARIANTS``: FlexiMMT; w/o M2X; w/o T2X; motion tokens without masks
 (FlexiAct-style concatenation); plain image-to-video; w/o RMPM (static first-frame masks); QK masks;
-RMPM "released"; anchors 1 / 5 (3 is FlexiMMT's); alpha 5% / 10% (FlexiMMT: off). Per variant:
+RMPM "released"; anchors 1 / 5 (3 is FlexiMMT's); alpha 5% / 10% (FlexiMMT: off); RMPM's step 0
+without masks, as released (FlexiMMT starts from the first-frame masks, METHOD.md section 5); and a
+probe, first-frame masks dilated by one token (does a sprite leaving its mask lose its motion?). Per variant:
 TF, FF (each object against its own reference), trajectory error (pixels from the path its
 reference prescribes) and leakage (share of objects whose path is closer to another object's
 reference than to their own), mean and standard deviation over scenes, and seconds per video.
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from fleximmt.toylab import REFERENCES, VARIANTS, learn_motions, load_toy_pipeline, random_case, score, transfer
+from fleximmt.toylab import REFERENCES, TOY_MODEL, VARIANTS, learn_motions, load_toy_pipeline, random_case, score, transfer
 
 STILL = "first frame repeated"  # a reference point: what a video in which nothing moves scores
 KEYS = (("tf", "TF ↑"), ("ff", "FF ↑"), ("traj_err", "traj. err px ↓"), ("leak", "leakage ↓"))
@@ -46,6 +48,7 @@ def table(rows: list[dict], variants: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, default=30)
+    parser.add_argument("--model", default=str(TOY_MODEL), help="toy model folder (default: the shipped one)")
     parser.add_argument("--objects", type=int, help="sprites per scene (default: 2 or 3, drawn per scene)")
     parser.add_argument("--out", default="toy-ablation")
     parser.add_argument("--motions", help="folder of learned motions to reuse or fill (default: OUT/motions)")
@@ -58,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_toy_pipeline()
+    pipe = load_toy_pipeline(args.model)
     motions = learn_motions(pipe, list(REFERENCES), args.motions or out / "motions", steps=args.train_steps, tokens=args.tokens)
     results = out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
