@@ -8,7 +8,7 @@ import torch
 
 from fleximmt.toy import random_motion, tiny_pipeline
 from fleximmt.toylab import (
-    FRAMES, REFERENCES, SIZE, VARIANTS, dilate, expected_path, learn_motions, random_case, reference_caption, reference_scene, score, transfer,
+    FRAMES, REFERENCES, SIZE, VARIANTS, dilate, expected_path, learn_motions, mask_quality, random_case, reference_caption, reference_scene, score, transfer,
 )  # fmt: skip
 from fleximmt.toyworld import WORDS, colour_track
 
@@ -146,6 +146,22 @@ def test_a_local_model_is_named_by_its_folder_not_its_absolute_path(toy_sized_pi
         assert model_fingerprint(toy_sized_pipe).startswith("THUDM/CogVideoX-5b-I2V@")
     finally:
         toy_sized_pipe.register_to_config(_name_or_path=old)
+
+
+def test_mask_quality_knows_a_perfect_an_empty_and_a_still_mask():
+    from fleximmt.masks import mask_to_token_grid
+
+    case = random_case(4)
+    truth = case.scene(trajectories=True).masks
+    perfect = torch.stack([torch.stack([mask_to_token_grid(torch.from_numpy(truth[k, 4 * f]), 8, 8) for f in range(5)])
+                           for k in range(len(case.sprites))])  # fmt: skip
+    best = mask_quality(case, perfect)
+    assert best["iou"] == pytest.approx(1.0) and best["recall"] == pytest.approx(1.0)
+    assert mask_quality(case, torch.zeros_like(perfect))["recall"] == 0.0
+    still = perfect[:, :1].expand_as(perfect)  # the first-frame masks everywhere: sprites move out of them
+    assert 0.0 <= mask_quality(case, still)["recall"] < 1.0
+    with pytest.raises(ValueError, match="masks for"):
+        mask_quality(case, perfect[:1])
 
 
 def test_the_bundled_reference_videos_are_the_ones_the_code_draws():

@@ -65,6 +65,7 @@ VARIANTS: dict[str, dict | None] = {
     "alpha 10%": {"alpha": 0.10},
     "step 0 without masks (release)": {"initial_masks": "none"},
     "masks dilated by one token": {"dilate": 8},  # a toy-world probe, not a pipeline setting: see transfer
+    "oracle: static masks of the whole true path": {"mask_source": "static", "oracle_path": True},  # a probe too
 }
 
 
@@ -225,11 +226,14 @@ def transfer(pipe, case: Case, motions: dict[str, MotionTokens], variant: str = 
     if settings is not None:
         # "dilate": grow each first-frame mask by that many pixels before the pipeline puts it on the
         # token grid (8 px = one token of the toy model): does a sprite leaving its mask cost motion?
-        radius = settings.pop("dilate", 0)
+        # "oracle_path": each mask is everything the sprite covers on its ideal path (the answer the
+        # generator knows), so no token the sprite should move into is ever cut off from its motion
+        radius, oracle = settings.pop("dilate", 0), settings.pop("oracle_path", False)
+        path_masks = case.scene(trajectories=True).masks.any(1) if oracle else first.masks[:, 0]
         for k, name in enumerate(case.motions):
             if name is None:
                 continue
-            mask = dilate(torch.from_numpy(first.masks[k, 0]), radius)
+            mask = dilate(torch.from_numpy(path_masks[k]), radius)
             objects.append(ObjectMotion(mask, motions[name], MOTIONS[REFERENCES[name].name]))
     start = time.perf_counter()
     result = pipe(image=image, prompt=case.prompt, objects=objects, num_inference_steps=steps, guidance_scale=guidance,
@@ -245,6 +249,30 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
         return mask
     grown = torch.nn.functional.max_pool2d(mask[None, None].float(), 2 * radius + 1, stride=1, padding=radius)
     return grown[0, 0] > 0
+
+
+def mask_quality(case: Case, masks: torch.Tensor) -> dict:
+    """How well the object masks a run used (bool ``[K, L, h, w]`` on the latent token grid, e.g. the
+    last step of ``transfer``'s masks) cover where each sprite should be: per latent frame l, the
+    sprite's true mask at video frame 4l of the ideal transfer, put on the same grid. Returns the
+    mean ``iou`` and ``recall`` (share of the true tokens inside the mask) over objects and latent
+    frames after the first, and ``per_frame_recall``."""
+    from .masks import mask_to_token_grid
+
+    truth = torch.from_numpy(case.scene(trajectories=True).masks)  # [K, T, H, W]
+    objects = [k for k, m in enumerate(case.motions) if m is not None]
+    if masks.shape[0] != len(objects):
+        raise ValueError(f"{masks.shape[0]} masks for {len(objects)} objects with a motion: give one per object")
+    _, frames, height, width = masks.shape
+    iou, recall = np.zeros((len(objects), frames)), np.zeros((len(objects), frames))
+    for i, k in enumerate(objects):
+        for f in range(frames):
+            true = mask_to_token_grid(truth[k, min(4 * f, truth.shape[1] - 1)], height, width)
+            got = masks[i, f].bool()
+            iou[i, f] = (true & got).sum() / max(1, (true | got).sum())
+            recall[i, f] = (true & got).sum() / max(1, true.sum())
+    return {"iou": float(iou[:, 1:].mean()), "recall": float(recall[:, 1:].mean()),
+            "per_frame_recall": recall.mean(0).round(3).tolist()}  # fmt: skip
 
 
 def expected_path(start: tuple[float, float], name: str) -> np.ndarray:
