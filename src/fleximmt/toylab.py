@@ -147,9 +147,9 @@ def learn_motions(pipe, names, folder: str | Path, steps: int = 300, tokens: int
         path = folder / f"{name}.safetensors"
         if not path.with_suffix(".gif").is_file():  # the app's library shows it as the motion's preview
             save_video(reference_scene(name).frames, path.with_suffix(".gif"))
-        if path.is_file() and MotionTokens.load(path).metadata.get("base_model") != model:
-            logger.info("%s was learned on another model (%s, not %s): learning it again", path,
-                        MotionTokens.load(path).metadata.get("base_model"), model)  # fmt: skip
+        learned_on = MotionTokens.load(path).metadata.get("base_model") if path.is_file() else model
+        if learned_on != model:
+            logger.info("%s was learned on another model (%s, not %s): learning it again", path, learned_on, model)
             path.unlink()
         if not path.is_file():
             caption, concept, words = reference_caption(name)
