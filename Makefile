@@ -1,10 +1,14 @@
 # Two entry points: `make demo` and `make test`. Both create .venv and install on first use.
+# `make test-vision` runs the tests marked `vision` (RAFT, SAM 2 video: they need torchvision) in a
+# second virtualenv, .venv-vision, with a torch/torchvision pair that loads together (about 5.5 GB).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+VISION_VENV ?= .venv-vision
+VISION_PY := $(VISION_VENV)/bin/python
 PYTHON ?= python3
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install install-vision demo test test-vision bench clean
 
 install: $(VENV)/.installed
 
@@ -15,14 +19,29 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[app,test]"
 	touch $@
 
+# torchvision 0.28 does not load next to torch 2.13.0 (its operators are missing); this pair does.
+# A CUDA build from local disk that runs on a CPU; kept out of .venv so `make demo`/`make test` stay fast.
+install-vision: $(VISION_VENV)/.installed
+
+$(VISION_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VISION_VENV)
+	$(VISION_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(VISION_PY) -m pip install -q -e ".[test,vision]"
+	touch $@
+
 demo: install
 	$(PY) -m fleximmt demo --out demo-output
 
+# the tests marked `vision` run in `make test-vision`; here they are deselected
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not vision"
+
+# only the tests marked `vision`; a missing torchvision fails them here (tests/conftest.py)
+test-vision: install-vision
+	$(VISION_PY) -m pytest -q -m vision
 
 bench: install
 	$(PY) benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(VISION_VENV) demo-output .pytest_cache

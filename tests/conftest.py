@@ -14,3 +14,35 @@ def tiny_pipe():
     from fleximmt.toy import tiny_pipeline
 
     return tiny_pipeline(0)
+
+
+# -- tests marked `vision` (RAFT, SAM 2's video processors) need a torchvision that loads -------------
+_TORCHVISION: list = []
+
+
+def _torchvision_problem() -> str | None:
+    """Why ``import torchvision`` fails here (None when it loads); checked once per run."""
+    if not _TORCHVISION:
+        try:
+            import torchvision  # noqa: F401
+        except Exception as err:  # ImportError, or RuntimeError from a torchvision built for another torch
+            _TORCHVISION.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        else:
+            _TORCHVISION.append(None)
+    return _TORCHVISION[0]
+
+
+def pytest_runtest_setup(item):
+    """A `vision` test without a working torchvision fails where it was asked for (``-m vision``, as
+    `make test-vision` runs it) or in CI (CI=true): no test skips there for want of torchvision.
+    Elsewhere (a plain ``pytest`` in .venv) it skips and says how to run it."""
+    if item.get_closest_marker("vision") is None:
+        return
+    problem = _torchvision_problem()
+    if problem is None:
+        return
+    reason = f"needs torchvision ({problem}): run `make test-vision`"
+    ci = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+    if ci or "vision" in (item.config.getoption("markexpr", "") or ""):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
