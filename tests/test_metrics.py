@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fleximmt import metrics
 from fleximmt.metrics import (
     bhattacharyya,
     clip_scores,
@@ -17,6 +18,7 @@ from fleximmt.metrics import (
     flow_fidelity_result,
     flow_similarity,
     load_clip,
+    optical_flows,
     track_similarity,
     trajectory_fidelity,
     trajectory_fidelity_result,
@@ -220,3 +222,183 @@ def test_clip_scores_accept_a_loaded_pair_and_truncate_long_captions(tiny_clip):
     by_pair = clip_scores(video, long_caption, model=pair)
     assert by_pair["ts"] == pytest.approx(by_path["ts"], abs=1e-6) and -1 <= by_pair["ts"] <= 1
     assert by_pair["model"] == tiny_clip  # the pair's own name_or_path
+
+
+# ------------------------------------------------------------------------------------------- RAFT (the release's FF)
+# Tests marked `vision` need torchvision: `make test-vision` runs them in .venv-vision (tests/conftest.py).
+
+
+@pytest.fixture
+def fresh_raft(monkeypatch):
+    """No RAFT kept from an earlier test, no $RAFT_CHECKPOINT from outside, an empty torch cache."""
+    monkeypatch.delenv("RAFT_CHECKPOINT", raising=False)
+    metrics._raft_cached.cache_clear()
+    yield
+    metrics._raft_cached.cache_clear()
+
+
+class FlowStandIn(torch.nn.Module):
+    """Stands in for RAFT: records what it is given and returns ``field(image1, image2)`` as the last
+    of its ``num_flow_updates`` flow estimates (the earlier ones are NaN: only the last may be used)."""
+
+    def __init__(self, field):
+        super().__init__()
+        self.field, self.calls = field, []
+
+    def forward(self, image1, image2, num_flow_updates=12):
+        self.calls.append((image1.clone(), image2.clone(), num_flow_updates))
+        final = self.field(image1, image2)
+        return [torch.full_like(final, float("nan"))] * (num_flow_updates - 1) + [final]
+
+
+@pytest.fixture
+def raft_stand_in(monkeypatch, fresh_raft):
+    """Put a :class:`FlowStandIn` where RAFT-large would be, with torchvision's own RAFT input transform."""
+    from torchvision.models.optical_flow import Raft_Large_Weights
+
+    def install(field):
+        model = FlowStandIn(field)
+        monkeypatch.setattr(metrics, "_raft", lambda device: (model, Raft_Large_Weights.DEFAULT.transforms()))
+        return model
+
+    return install
+
+
+def true_flow(image1, image2):
+    """The flow OpenCV DIS finds between RAFT's inputs ([-1, 1] back to uint8 grey), as RAFT lays it
+    out: ``[N, 2, H, W]``, channel 0 horizontal (dx), channel 1 vertical (dy)."""
+    import cv2
+
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+
+    def grey(x):
+        return ((x.mean(1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+    flows = [dis.calc(a, b, None) for a, b in zip(grey(image1), grey(image2))]
+    return torch.from_numpy(np.stack(flows)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize(("height", "width", "padded"), [(60, 70, (128, 128)), (136, 150, (136, 152))])
+def test_raft_gets_normalised_padded_frames_20_updates_and_its_flow_comes_back_cropped_as_dx_dy(
+    raft_stand_in, height, width, padded
+):
+    frames = (np.random.RandomState(1).rand(12, height, width, 3) * 255).astype(np.uint8)
+    # the stand-in's "flow": dx = frame t's channel mean, dy = frame t+1's, each pixel where RAFT saw it
+    model = raft_stand_in(lambda image1, image2: torch.stack([image1.mean(1), image2.mean(1)], dim=1))
+    flows = optical_flows(frames, "raft")
+    level = frames.astype(np.float64).mean(-1) / 127.5 - 1  # RAFT's input range: uint8 0..255 -> [-1, 1]
+    assert flows.shape == (11, height, width, 2) and flows.dtype == np.float32
+    np.testing.assert_allclose(flows[..., 0], level[:-1], atol=1e-5)  # pair t is (frame t, frame t+1) ...
+    np.testing.assert_allclose(flows[..., 1], level[1:], atol=1e-5)  # ... and channel 1 is dy
+    assert [len(call[0]) for call in model.calls] == [8, 3]  # 11 pairs in batches of 8
+    assert all(call[2] == 20 for call in model.calls)  # the release's 20 flow updates
+    for image1, image2, _ in model.calls:
+        assert image1.shape[-2:] == image2.shape[-2:] == padded  # multiples of 8, at least 128 a side
+        assert image1.dtype == torch.float32 and image1.min() >= -1 and image1.max() <= 1
+        # the padding repeats the last row and column of each frame
+        assert torch.equal(image1[:, :, height:, :width], image1[:, :, height - 1 : height, :width].expand_as(
+            image1[:, :, height:, :width]))  # fmt: skip
+        assert torch.equal(image1[:, :, :, width:], image1[:, :, :, width - 1 : width].expand_as(image1[:, :, :, width:]))
+    first = torch.from_numpy(frames[:8]).permute(0, 3, 1, 2).double() / 127.5 - 1
+    torch.testing.assert_close(model.calls[0][0][:, :, :height, :width].double(), first, atol=1e-6, rtol=0)
+
+
+@pytest.mark.vision
+def test_raft_path_gives_the_known_answers_with_a_true_flow_in_place_of_raft(raft_stand_in):
+    raft_stand_in(true_flow)
+    right, right_masks = scene((2, 0))
+    left, left_masks = scene((-2, 0), start=(40, 24))
+    still, still_masks = scene((0, 0))
+    flows = optical_flows(right, "raft")  # inside the square: 2 px right, 0 px down, frame after frame
+    inside = np.concatenate([flows[t][right_masks[t]] for t in range(len(flows))])
+    assert np.median(inside[:, 0]) == pytest.approx(2.0, abs=0.3) and np.median(inside[:, 1]) == pytest.approx(0, abs=0.3)
+    same = flow_fidelity_result(right, right, right_masks, right_masks, flow="raft")
+    assert same.value == pytest.approx(1.0, abs=1e-6) and same.estimator == "raft-large-20it"
+    assert flow_fidelity(right, left, right_masks, left_masks, flow="raft") < 0.8 * same.value
+    assert flow_fidelity(still, right, still_masks, right_masks, flow="raft") < 0.8 * same.value
+
+
+@pytest.fixture(scope="module")
+def random_raft(tmp_path_factory):
+    """torchvision's RAFT-large with random weights (no checkpoint can be downloaded here), saved as safetensors."""
+    from safetensors.torch import save_file
+    from torchvision.models.optical_flow import raft_large
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("raft") / "raft_large.safetensors"
+    save_file(raft_large(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.mark.vision
+def test_release_raft_loads_from_raft_checkpoint_and_scores_identical_videos_one(random_raft, fresh_raft, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("RAFT_CHECKPOINT", str(random_raft))
+    video, masks = scene(frames=4)
+    result = flow_fidelity_result(video, video, masks, masks, flow="raft")  # whatever random weights find
+    assert result.value == pytest.approx(1.0, abs=1e-6) and result.estimator == "raft-large-20it"
+    model, _ = metrics._raft("cpu")
+    assert not model.training
+    state = model.state_dict()
+    assert all(torch.equal(state[name], weights) for name, weights in load_file(random_raft).items())
+    # the flow is the real model's 20-update estimate on the frames mapped to [-1, 1], padded to 128 x 128
+    flows = optical_flows(video, "raft")
+    pixels = torch.nn.functional.pad(torch.from_numpy(video).permute(0, 3, 1, 2).float() / 127.5 - 1,
+                                     (0, 64, 0, 64), mode="replicate")  # fmt: skip
+    with torch.no_grad():
+        estimates = model(pixels[:-1], pixels[1:], num_flow_updates=20)
+    expected = estimates[-1][:, :, :64, :64].permute(0, 2, 3, 1).numpy()
+    assert flows.shape == (3, 64, 64, 2) and np.isfinite(flows).all()
+    np.testing.assert_allclose(flows, expected, atol=1e-4)
+    assert np.abs(flows - estimates[11][:, :, :64, :64].permute(0, 2, 3, 1).numpy()).max() > 1e-3  # not 12 updates
+
+
+@pytest.mark.vision
+def test_release_raft_default_weights_are_torchvisions_hash_checked_and_read_weights_only(fresh_raft, monkeypatch):
+    from safetensors.torch import load_file
+    from torchvision.models._api import WeightsEnum
+    from torchvision.models.optical_flow import Raft_Large_Weights
+
+    asked = []
+
+    def offline(self, *args, **kwargs):
+        asked.append((self, kwargs))
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    video, masks = scene(frames=2)
+    with pytest.raises(ValueError, match=r"could not load RAFT-large.*raft_large_C_T_SKHT_V2-ff5fadd5\.pth.*"
+                                         r"TORCH_HOME.*RAFT_CHECKPOINT.*flow='dis'"):  # fmt: skip
+        flow_fidelity(video, video, masks, masks, flow="raft")
+    assert asked == [(Raft_Large_Weights.DEFAULT, {"progress": False, "check_hash": True, "weights_only": True})]
+
+
+@pytest.mark.vision
+def test_raft_checkpoint_of_another_model_or_not_safetensors_names_the_fix(tmp_path, fresh_raft, monkeypatch):
+    from safetensors.torch import save_file
+    from torchvision.models.optical_flow import raft_small
+
+    video, masks = scene(frames=2)
+    small = tmp_path / "raft_small.safetensors"
+    save_file(raft_small(weights=None).state_dict(), small)
+    monkeypatch.setenv("RAFT_CHECKPOINT", str(small))
+    with pytest.raises(ValueError, match="does not hold torchvision raft_large weights"):
+        flow_fidelity(video, video, masks, masks, flow="raft")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    monkeypatch.setenv("RAFT_CHECKPOINT", str(garbage))
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        flow_fidelity(video, video, masks, masks, flow="raft")
+
+
+@pytest.mark.parametrize(("name", "message"), [("raft_large.pth", r"\.safetensors file.*pickled"),
+                                               ("missing.safetensors", "does not exist")])  # fmt: skip
+def test_raft_checkpoint_must_be_an_existing_safetensors_file(tmp_path, fresh_raft, monkeypatch, name, message):
+    if name.endswith(".pth"):
+        (tmp_path / name).write_bytes(b"not loaded")
+    monkeypatch.setenv("RAFT_CHECKPOINT", str(tmp_path / name))
+    video, masks = scene(frames=2)
+    with pytest.raises(ValueError, match=f"RAFT_CHECKPOINT=.*{message}"):
+        flow_fidelity(video, video, masks, masks, flow="raft")

@@ -2,8 +2,9 @@
 (METHOD.md section 7): TF (trajectory fidelity), FF (flow fidelity), and CLIP's AC / TC / TS.
 
 Offline defaults need no weights: OpenCV DIS optical flow for FF and OpenCV pyramidal
-Lucas-Kanade tracking for TF. ``flow="raft"`` (torchvision's RAFT-large, 20 iterations) and
-``tracker="cotracker"`` are the release's estimators, used when installed. Every ``*_result``
+Lucas-Kanade tracking for TF. ``flow="raft"`` (torchvision's RAFT-large, 20 iterations; weights
+from torchvision's cache or ``$RAFT_CHECKPOINT``, a .safetensors file) and ``tracker="cotracker"``
+(``$COTRACKER_CHECKPOINT``) are the release's estimators, used when installed. Every ``*_result``
 returns a :class:`MetricResult` that records which estimator produced the value.
 
 Videos are uint8 RGB ``[T, H, W, 3]`` numpy arrays; masks are bool, ``[T, H, W]`` per frame (FF)
@@ -145,42 +146,108 @@ def optical_flows(frames: np.ndarray, flow: str = "dis") -> np.ndarray:
     raise FlexiMMTInputError(f"flow={flow!r}: choose 'dis' (OpenCV, offline) or 'raft' (torchvision RAFT-large)")
 
 
-@functools.lru_cache(maxsize=1)
-def _raft(device: str):  # pragma: no cover - needs torchvision and its weights
+RAFT_CHECKPOINT = "RAFT_CHECKPOINT"  # env var: RAFT-large weights as a local .safetensors file
+RAFT_ITERATIONS = 20  # the release's number of flow updates
+RAFT_MIN_SIDE = 128  # RAFT's correlation pyramid needs feature maps of 16 (1/8 of the image) a side
+
+
+def _torchvision_raft():
+    """torchvision's RAFT-large constructor and its weights enum, or a ValueError naming the fix."""
     try:
         from torchvision.models.optical_flow import Raft_Large_Weights, raft_large
     except ImportError:
         raise FlexiMMTInputError(
             "flow='raft' needs torchvision: pip install 'fleximmt[vision]' (or torchvision), or use flow='dis'"
         ) from None
-    weights = Raft_Large_Weights.DEFAULT
-    try:
-        model = raft_large(weights=weights, progress=False).eval().to(device)
-    except (OSError, RuntimeError) as err:  # offline: urllib's URLError is an OSError
+    except RuntimeError as err:  # e.g. "operator torchvision::nms does not exist": a torchvision built for another torch
         raise FlexiMMTInputError(
-            f"could not load RAFT-large weights ({str(err).splitlines()[0]}): put {Path(weights.url).name} in "
-            "$TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/checkpoints), or use flow='dis'"
+            f"torchvision does not load next to this torch ({str(err).splitlines()[0]}): install the torchvision "
+            "release built for your torch (make test-vision uses torch 2.14.1 + torchvision 0.29.1), or use flow='dis'"
         ) from None
-    logger.info("FF flow: torchvision raft_large (%s) on %s", weights, device)
-    return model, weights.transforms()
+    return raft_large, Raft_Large_Weights
 
 
-def _raft_flows(frames: np.ndarray, batch: int = 8) -> np.ndarray:  # pragma: no cover - needs torchvision
-    """RAFT-large, 20 flow updates; frames padded to a multiple of 8 and the flow cropped back."""
+def _raft(device: str):
+    """``(model, transforms)``: RAFT-large in eval mode on ``device`` and its input transform.
+
+    Weights from ``$RAFT_CHECKPOINT`` (a ``.safetensors`` file of raft_large's state dict) when set,
+    otherwise torchvision's release weights (``Raft_Large_Weights.DEFAULT``) from its cache
+    (``$TORCH_HOME/hub/checkpoints``), downloaded there when online, hash-checked and read with
+    torch's weights-only loader."""
+    checkpoint = os.environ.get(RAFT_CHECKPOINT) or None
+    stamp = None
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if path.suffix != ".safetensors":
+            raise FlexiMMTInputError(
+                f"{RAFT_CHECKPOINT}={checkpoint!r}: give RAFT-large weights as a .safetensors file "
+                "(pickled .pth/.pt files are not loaded), or unset it to use torchvision's weights"
+            )
+        if not path.is_file():
+            raise FlexiMMTInputError(f"{RAFT_CHECKPOINT}={checkpoint!r} does not exist: check the path, or unset it")
+        checkpoint, stamp = str(path.resolve()), path.stat().st_mtime_ns
+    return _raft_cached(device, checkpoint, stamp)
+
+
+@functools.lru_cache(maxsize=1)
+def _raft_cached(device: str, checkpoint: str | None, stamp: int | None):
+    raft_large, weights_enum = _torchvision_raft()
+    weights = weights_enum.DEFAULT
+    model = raft_large(weights=None, progress=False)
+    if checkpoint is not None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(checkpoint)
+        except (SafetensorError, OSError) as err:
+            raise FlexiMMTInputError(
+                f"{RAFT_CHECKPOINT}={checkpoint!r} is not a readable safetensors file ({err}): resave the weights "
+                "with safetensors.torch.save_file(model.state_dict(), path)"
+            ) from None
+        source = checkpoint
+    else:
+        try:
+            state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+        except (OSError, RuntimeError) as err:  # offline: urllib's URLError is an OSError; a bad hash a RuntimeError
+            raise FlexiMMTInputError(
+                f"could not load RAFT-large weights ({str(err).splitlines()[0]}): put {Path(weights.url).name} in "
+                f"$TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/checkpoints), or set {RAFT_CHECKPOINT} to "
+                "a .safetensors file of raft_large's weights, or use flow='dis'"
+            ) from None
+        source = str(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing / unexpected keys, wrong shapes: weights of another model
+        raise FlexiMMTInputError(
+            f"{source!r} does not hold torchvision raft_large weights ({str(err).splitlines()[0]} ...): "
+            f"give the state dict of torchvision.models.optical_flow.raft_large"
+        ) from None
+    logger.info("FF flow: torchvision raft_large (%s) on %s", source, device)
+    return model.eval().to(device), weights.transforms()
+
+
+def _raft_flows(frames: np.ndarray, batch: int = 8) -> np.ndarray:
+    """RAFT-large with the release's 20 flow updates, its own input transform (uint8 -> [-1, 1]);
+    frames padded (edge pixels repeated, bottom and right) to a multiple of 8 and at least 128 px a
+    side, as RAFT needs, and the flow cropped back: ``[T-1, H, W, 2]`` (dx, dy) in pixels."""
     import torch
     import torch.nn.functional as F
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, transforms = _raft(device)
     height, width = frames.shape[1:3]
-    pad = (0, -width % 8, 0, -height % 8)
-    video = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    pad_h, pad_w = max(-height % 8, RAFT_MIN_SIDE - height), max(-width % 8, RAFT_MIN_SIDE - width)
+    pad = (0, pad_w, 0, pad_h)  # F.pad order: left, right, top, bottom
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    pairs = len(frames) - 1
     flows = []
     with torch.no_grad():
-        for start in range(0, len(frames) - 1, batch):
-            a, b = transforms(video[start : start + batch], video[start + 1 : start + batch + 1])
+        for start in range(0, pairs, batch):
+            end = min(start + batch, pairs)
+            a, b = transforms(video[start:end], video[start + 1 : end + 1])
             a, b = (F.pad(x.to(device), pad, mode="replicate") for x in (a, b))
-            flow = model(a, b, num_flow_updates=20)[-1][:, :, :height, :width]
+            flow = model(a, b, num_flow_updates=RAFT_ITERATIONS)[-1][:, :, :height, :width]
             flows.append(flow.permute(0, 2, 3, 1).float().cpu().numpy())
     return np.concatenate(flows)
 
