@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -329,18 +330,112 @@ def test_sam2_propagation_runs_the_video_model_loaded_from_disk(sam2):
     assert torch.equal(masks[:, 0], torch.from_numpy(first))
 
 
-@pytest.mark.skipif(not HAS_TORCHVISION, reason="SAM 2's processors need torchvision")
-def test_sam2_propagation_loads_model_and_processor_from_a_folder(sam2):
-    video, truth = moving_square(frames=4)
-    masks = segment.propagate_masks(video[:, :40], truth[0, :40], model=sam2)
-    assert masks.shape == (1, 4, 40, 64) and masks.dtype == torch.bool
+class BrokenTorchvision:
+    """An import finder under which ``import torchvision`` fails as a torchvision built for another
+    torch does (torch 2.13.0 + torchvision 0.28.0 here)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision" or name.startswith("torchvision."):
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return None
 
 
-@pytest.mark.skipif(HAS_TORCHVISION, reason="checks the message shown where torchvision is missing")
-def test_sam2_without_torchvision_names_the_install_and_the_offline_method(sam2):
+def test_sam2_without_torchvision_names_the_install_and_the_offline_method(sam2, monkeypatch):
     video, truth = moving_square(frames=2)
-    with pytest.raises(ValueError, match=r"torchvision.*fleximmt\[vision\].*method='flow'"):
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)  # forgotten for this test (they come back after)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # importing it now fails, installed or not
+    with pytest.raises(ValueError, match=r"not installed.*fleximmt\[vision\].*method='flow'"):
         segment.propagate_masks(video, truth[0], model=sam2)
+    monkeypatch.delitem(sys.modules, "torchvision")
+    monkeypatch.setattr(sys, "meta_path", [BrokenTorchvision(), *sys.meta_path])
+    with pytest.raises(ValueError, match=r"does not load next to this torch \(operator torchvision::nms.*method='flow'"):
+        segment.propagate_masks(video, truth[0], model=sam2)
+
+
+# SAM 2 with its real processors: they need torchvision, so `make test-vision` runs these (tests/conftest.py).
+
+
+@pytest.mark.vision
+def test_sam2_propagation_loads_model_and_processor_from_a_folder(sam2):
+    """The real model and processors on a video that is not square (SAM 2 resizes it to 64 x 64):
+    masks come back at the video's size, one per object, frame 0 as given, the same on a second run
+    (the random weights say nothing about where the objects go)."""
+    video, truth = moving_square(frames=4)
+    first = np.stack([truth[0, :40], ~truth[0, :40]])
+    masks = segment.propagate_masks(video[:, :40], first, model=sam2)
+    assert masks.shape == (2, 4, 40, 64) and masks.dtype == torch.bool
+    assert torch.equal(masks[:, 0], torch.from_numpy(first))
+    assert torch.equal(segment.propagate_masks(video[:, :40], first, model=sam2), masks)
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize("height", [64, 40])
+def test_sam2_real_processors_do_what_the_stand_ins_assume(sam2, height):
+    """What test_sam2_propagation_runs_the_video_model_loaded_from_disk assumes without torchvision:
+    frames resized to 64 x 64 and ImageNet-normalised, mask logits resized back and cut at 0."""
+    from transformers import Sam2VideoProcessor
+
+    processor = Sam2VideoProcessor.from_pretrained(sam2)
+    video = moving_square(frames=3)[0][:, :height]
+    real = processor.video_processor(videos=video, return_tensors="pt")
+    stand_in = StandInVideoProcessor()(video)
+    assert real.pixel_values_videos.shape == stand_in.pixel_values_videos.shape == (1, 3, 3, 64, 64)
+    assert [list(s) for s in real.original_sizes] == [[height, 64]]
+    tolerance = 1e-5 if height == 64 else 0.05  # resizing: torchvision's and torch's bilinear differ slightly
+    torch.testing.assert_close(real.pixel_values_videos.float(), stand_in.pixel_values_videos, atol=tolerance, rtol=0)
+    logits = [torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))]
+    real_masks = processor.post_process_masks(logits, original_sizes=[[height, 64]])[0]
+    assert torch.equal(real_masks, StandInImageProcessor().post_process_masks(logits, [[height, 64]])[0])
+
+
+class KnownMasks(torch.nn.Module):
+    """Stands in for Sam2VideoModel: yields, frame by frame, known low-resolution mask logits
+    (``truth`` [K, T, 16, 16]: +10 inside, -10 outside), objects in reverse order."""
+
+    def __init__(self, truth):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # where the session runs
+        self.truth, self.sessions = truth, []
+
+    def propagate_in_video_iterator(self, session, start_frame_idx=0):
+        self.sessions.append(session)
+        ids = list(session.obj_ids)[::-1]
+        for t in range(start_frame_idx, self.truth.shape[1]):
+            logits = torch.where(self.truth[[i - 1 for i in ids], t], 10.0, -10.0)[:, None]  # [K, 1, 16, 16]
+            yield type("Step", (), {"frame_idx": t, "object_ids": ids, "pred_masks": logits})
+
+
+@pytest.mark.vision
+def test_sam2_propagation_carries_each_objects_masks_to_its_place_in_a_moving_square_video(sam2):
+    """A SAM 2 that finds two moving squares (one going right, one going down) exactly: the real
+    processors and propagate_masks' bookkeeping must give back each object's true masks in its own
+    slot, at the video's size."""
+    from transformers import Sam2VideoProcessor
+
+    frames = 6
+    truth = torch.zeros(2, frames, 64, 64, dtype=torch.bool)
+    video = np.repeat(moving_square(frames=1)[0], frames, 0)
+    texture = (np.random.RandomState(5).rand(16, 16, 3) * 200 + 40).astype(np.uint8)
+    for t in range(frames):  # 4 px (one 16 x 16 logit cell) a frame
+        truth[0, t, 8:24, 4 + 4 * t : 20 + 4 * t] = True
+        truth[1, t, 4 + 4 * t : 20 + 4 * t, 40:56] = True
+        video[t][truth[0, t].numpy()] = texture.reshape(-1, 3)
+        video[t][truth[1, t].numpy()] = texture[::-1].reshape(-1, 3)
+    low = torch.nn.functional.avg_pool2d(truth.float(), 4) > 0.5  # [2, T, 16, 16], exact: boxes on the 4 px grid
+    model = KnownMasks(low)
+    processor = Sam2VideoProcessor.from_pretrained(sam2)
+    masks = segment.propagate_masks(video, truth[:, 0], model=(model, processor))
+    assert masks.shape == (2, frames, 64, 64)
+    assert torch.equal(masks[:, 0], truth[:, 0])
+    for k in range(2):
+        for t in range(1, frames):  # bilinear upsampling rounds the box's 4 corner pixels off, nothing else
+            assert not (masks[k, t] & ~truth[k, t]).any() and (truth[k, t] & ~masks[k, t]).sum() <= 4, (k, t)
+    session = model.sessions[0]  # each first-frame mask went in under its own object id, on frame 0
+    assert session.obj_ids == [1, 2]
+    for k in range(2):
+        given = session.mask_inputs_per_obj[session.obj_id_to_idx(k + 1)][0]
+        assert torch.equal(given[0, 0].bool(), truth[k, 0])
 
 
 # ------------------------------------------------------------------------------------------- PNG files

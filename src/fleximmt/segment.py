@@ -9,7 +9,6 @@ there is one) and are kept for the next call; a pair is used as given, on its ow
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import logging
 import os
@@ -264,12 +263,26 @@ def propagate_masks(frames, first_masks, method: str = "sam2", model: Any = VIDE
     return _propagate_sam2(frames, first, model, device)
 
 
-def _propagate_sam2(frames: np.ndarray, first: torch.Tensor, model: Any, device) -> torch.BoolTensor:
-    if not isinstance(model, tuple) and importlib.util.find_spec("torchvision") is None:
+def _check_torchvision() -> None:
+    """SAM 2's video processors need a torchvision that loads next to this torch."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
         raise FlexiMMTInputError(
             "SAM 2's video processor needs torchvision, which is not installed: "
             "pip install 'fleximmt[vision]' (or torchvision), or use method='flow'"
-        )
+        ) from None
+    except RuntimeError as err:  # e.g. "operator torchvision::nms does not exist": built for another torch
+        raise FlexiMMTInputError(
+            f"SAM 2's video processor needs torchvision, which does not load next to this torch "
+            f"({str(err).splitlines()[0]}): install the torchvision release built for your torch (make test-vision "
+            "uses torch 2.14.1 + torchvision 0.29.1), or use method='flow'"
+        ) from None
+
+
+def _propagate_sam2(frames: np.ndarray, first: torch.Tensor, model: Any, device) -> torch.BoolTensor:
+    if not isinstance(model, tuple):
+        _check_torchvision()
     net, processor = _load(model, "Sam2VideoModel", "Sam2VideoProcessor", device, "or use method='flow'")
     height, width = frames.shape[1:3]
     session = processor.init_video_session(video=frames, inference_device=_device(net))
