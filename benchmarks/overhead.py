@@ -25,7 +25,7 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from PIL import Image
 
 from fleximmt import FlexiMMTPipeline, ObjectMotion
-from fleximmt.attention import MDMALayout, install_processors
+from fleximmt.attention import JointLayout
 from fleximmt.masks import PARTS, span_membership
 from fleximmt.toy import random_motion, tiny_components
 
@@ -121,7 +121,7 @@ def measure(args) -> None:
         return super(FlexiMMTPipeline, pipe).__call__(generator=torch.Generator().manual_seed(0), **common)
 
     def flexi():
-        install_processors(pipe.transformer)
+        pipe.adapter.install_processors()
         return pipe(generator=torch.Generator().manual_seed(0), objects=objs, alpha=None, **common)
 
     m = interleave({"vanilla": vanilla, "fleximmt": flexi}, args.repeats)
@@ -158,9 +158,9 @@ def real_model_sizes(objects: int = 3, d_m: int = 226) -> None:
     for k in range(objects):
         masks[k, :, 4 + 6 * k : 18 + 6 * k, 5 + 10 * k : 20 + 10 * k] = True
     spans = [list(range(3 + 5 * k, 6 + 5 * k)) for k in range(objects)]
-    layout = MDMALayout(span_membership(text, spans), d_m, masks.reshape(objects, -1), frozenset(PARTS), "open")
+    layout = JointLayout(span_membership(text, spans), d_m, masks.reshape(objects, -1), frozenset(PARTS), "open")
     auto_bytes = layout.masked_rows.numel() * layout.masked_rows.element_size() + layout.masked_queries.numel() * 8 + sum(
-        q.numel() * q.element_size() + k.numel() * k.element_size() for q, k in layout.groups
+        q.numel() * q.element_size() + k.numel() * k.element_size() for q, k, _ in layout.groups
     )
     print(f"\nCogVideoX-5B-I2V at 480x720x49 (meta device), K = {objects}, d_m = {d_m}: "
           f"{cfg.num_layers} blocks, {heads} heads, {n_video} video tokens, N = {n}")

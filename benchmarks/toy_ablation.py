@@ -2,7 +2,7 @@
 
 Learns the motion tokens of every bundled reference motion once (or reuses them), then animates
 ``--scenes`` scenes of 2-3 sprites, each given a different reference motion, with every variant of
-``fleximmt.toylab.VARIANTS``: FlexiMMT; w/o M2X; w/o T2X; motion tokens without masks
+``fleximmt.toy.lab.VARIANTS``: FlexiMMT; w/o M2X; w/o T2X; motion tokens without masks
 (FlexiAct-style concatenation); plain image-to-video; w/o RMPM (static first-frame masks); QK masks;
 RMPM "released"; anchors 1 / 5 (3 is FlexiMMT's); alpha 5% / 10% (FlexiMMT: off); RMPM's step 0
 without masks, as released (FlexiMMT starts from the first-frame masks, METHOD.md section 5); and a
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from fleximmt.toylab import (
+from fleximmt.toy.lab import (
     REFERENCES, TOY_MODEL, VARIANTS, learn_motions, load_toy_pipeline, mask_quality, random_case, score, transfer,
 )  # fmt: skip
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fleximmt.toylab import TOY_MODEL, load_toy_pipeline
-from fleximmt.toyworld import COLOURS, MOTIONS, SHAPES, Sprite, Trajectory, colour_track, random_scene, render
+from fleximmt.toy.lab import TOY_MODEL, load_toy_pipeline
+from fleximmt.toy.world import COLOURS, MOTIONS, SHAPES, Sprite, Trajectory, colour_track, random_scene, render
 from fleximmt.video import to_uint8_frames
 
 HELD_OUT = 10**9  # the trainer draws seeds below 10**8

@@ -16,8 +16,8 @@ import argparse
 
 import numpy as np
 
-from fleximmt.toylab import TOY_MODEL, VARIANTS, Case, learn_motions, load_toy_pipeline, transfer
-from fleximmt.toyworld import Sprite, Trajectory, colour_track
+from fleximmt.toy.lab import TOY_MODEL, VARIANTS, Case, learn_motions, load_toy_pipeline, transfer
+from fleximmt.toy.world import Sprite, Trajectory, colour_track
 
 LAYOUTS = (((20.0, 20.0), (30.0, 46.0)), ((20.0, 44.0), (40.0, 18.0)))  # (red start, blue start)
 PROBES = {  # label -> (variant, what the blue circle is given)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
-from fleximmt.attention import FlexiMMTState, install_processors
+from fleximmt.attention import motion_state_for
 from fleximmt.train import TRAIN_PARTS, TrainSettings, prepare_conditions, training_step
 
 
@@ -36,7 +36,8 @@ def main() -> None:
     height, width, frames = 96, 96, 49
     video = (np.random.RandomState(0).rand(frames, height, width, 3) * 255).astype(np.uint8)
     settings = TrainSettings(tokens_per_motion=args.tokens, max_windows=1)
-    cond = prepare_conditions(pipe, video, "A ball jumps up.", "ball", "jumps up", settings, (height, width, frames),
+    adapter = pipe.adapter
+    cond = prepare_conditions(adapter, video, "A ball jumps up.", "ball", "jumps up", settings, (height, width, frames),
                               None, 0)  # fmt: skip
     transformer = pipe.transformer
     transformer.requires_grad_(False)
@@ -45,22 +46,25 @@ def main() -> None:
     tokens = torch.nn.Parameter(torch.randn(cfg.num_layers, args.tokens, dim) * 0.02)
     generator = torch.Generator().manual_seed(0)
     grid = pipe.token_grid(height, width, frames)
-    state = FlexiMMTState(motion_tokens=tokens[None], member=cond.member, parts=TRAIN_PARTS, num_frames=grid.frames,
-                          concept_member=cond.concept_member, dmem_drop=0.3, generator=generator)  # fmt: skip
-    rotary = pipe._prepare_rotary_positional_embeddings(height, width, cond.video_latents.shape[1], "cpu")
+    state = motion_state_for(tokens[None, None], cond.member, parts=TRAIN_PARTS, num_frames=grid.frames, dmem=True,
+                             concept_member=cond.concept_member, dmem_drop=0.3, generator=generator)  # fmt: skip
+    video_latents, image_latents = cond.tensors["video_latents"], cond.tensors["image_latents"]
+    rotary = pipe._prepare_rotary_positional_embeddings(height, width, video_latents.shape[1], "cpu")
     autocast = torch.autocast("cpu", enabled=False)
 
     def plain():
         transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
-        x = torch.cat([cond.video_latents[:1], cond.image_latents[:1]], dim=2).requires_grad_(True)
-        out = transformer(hidden_states=x, encoder_hidden_states=cond.prompt_embeds, timestep=torch.tensor([500]),
+        x = torch.cat([video_latents[:1], image_latents[:1]], dim=2).requires_grad_(True)
+        out = transformer(hidden_states=x, encoder_hidden_states=cond.tensors["prompt_embeds"], timestep=torch.tensor([500]),
                           image_rotary_emb=rotary, return_dict=False)[0]  # fmt: skip
-        ((out - cond.video_latents[:1]) ** 2).mean().backward()
+        ((out - video_latents[:1]) ** 2).mean().backward()
 
     def flexi():
-        install_processors(transformer)
+        adapter.install_processors()
         tokens.grad = None
-        loss = training_step(pipe, tokens, state, cond, 0, generator, settings, rotary, lambda: autocast)
+        state.set_motion_tokens(tokens[None, None])
+        state.begin_step(grid.size, cfg.num_layers)
+        loss, _ = training_step(adapter, state, cond, 0, generator, settings, lambda: autocast)
         loss.backward()
 
     m = interleave({"plain": plain, "training": flexi}, args.repeats)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from fleximmt.app import MotionLibrary, TransferApp, build_app, drawn_mask, highlight, motion_metadata
 from fleximmt.toy import random_motion, tiny_pipeline
-from fleximmt.toylab import random_case
+from fleximmt.toy.lab import random_case
 from helpers import free_port, headless_chromium, needs_chromium
 
 PROMPT = "A ball jumps up. A box slides left."
@@ -100,7 +100,7 @@ def test_generation_reports_its_progress_and_motions_show_their_metadata(assets)
 @pytest.fixture(scope="module")
 def toy_assets(tmp_path_factory):
     """The shipped toy model, two motions learned on it (briefly) and a bundled example image."""
-    from fleximmt.toylab import EXAMPLE_DIR, learn_motions, load_toy_pipeline
+    from fleximmt.toy.lab import EXAMPLE_DIR, learn_motions, load_toy_pipeline
 
     root = tmp_path_factory.mktemp("toy_app")
     pipe = load_toy_pipeline()

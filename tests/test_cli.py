@@ -150,8 +150,8 @@ def test_missing_image_and_bad_output_suffix_exit_2_before_loading_the_model(sce
 
 def test_library_errors_exit_2_without_a_traceback(scene, capsys):
     code, _, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", PROMPT,
-                            *objects(scene), "--frames", 10, "--out", scene / "o.mp4"], capsys)  # fmt: skip
-    assert code == 2 and err.startswith("error: num_frames=10") and "Traceback" not in err
+                            *objects(scene), "--alpha", 1.5, "--out", scene / "o.mp4"], capsys)  # fmt: skip
+    assert code == 2 and err.startswith("error: alpha=1.5") and "Traceback" not in err
 
 
 def test_an_unwritable_output_exits_2_without_a_traceback(scene, capsys):

@@ -13,7 +13,7 @@ from PIL import Image
 
 import fleximmt.attention as attention
 from fleximmt import FlexiMMTInputError, FlexiMMTPipeline, MotionTokens, ObjectMotion
-from fleximmt.attention import FlexiMMTAttnProcessor
+from fleximmt.models.cogvideox import FlexiMMTAttnProcessor
 from fleximmt.toy import random_motion, tiny_pipeline
 
 PROMPT = "A ball jumps up. A box slides left. A cat spins around."
@@ -115,7 +115,7 @@ def test_object_motion_stays_in_its_object_when_masks_are_static(pipe, image):
     captured = {}
 
     def grab(module, args, kwargs, output):
-        captured.setdefault(kwargs.get("fleximmt").motion_tokens[0, 0, 0, 0].item(), output[0].detach().clone())
+        captured.setdefault(kwargs.get("fleximmt").videos[0].motion_tokens[0, 0, 0, 0, 0].item(), output[0].detach().clone())
 
     handle = pipe.transformer.transformer_blocks[0].attn1.register_forward_hook(grab, with_kwargs=True)
     try:
@@ -142,14 +142,14 @@ def test_auto_backend_builds_no_square_mask_and_prepares_masks_once_per_step(pip
         shapes.append((q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape)))
         return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
 
-    real_layout = attention.MDMALayout.__post_init__
+    real_layout = attention.JointLayout.__post_init__
 
     def count(self):
         layouts.append(1)
         real_layout(self)
 
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(attention.MDMALayout, "__post_init__", count)
+    monkeypatch.setattr(attention.JointLayout, "__post_init__", count)
     steps = 4
     run(pipe, image, objects=objects(pipe, 3), num_inference_steps=steps)
     n_video = pipe.token_grid(32, 32, 9).size
@@ -176,19 +176,19 @@ def test_rmpm_features_come_from_the_ordinary_forward(pipe, image):
         handle.remove()
     assert len(calls) == plain_calls == 3
     grid = pipe.token_grid(32, 32, 9)
-    assert out.masks.shape == (3, 2, grid.frames, grid.height, grid.width)
-    first = out.masks[0]
+    assert out.masks.shape == (1, 3, 2, grid.frames, grid.height, grid.width)
+    first = out.masks[0, 0]
     assert torch.equal(first[:, 1], first[:, 0])  # step 0 uses the first-frame masks on every frame
-    assert torch.equal(out.masks[:, :, 0], first[None, :, 0].expand(3, -1, -1, -1))  # frame 1 is the user's
+    assert torch.equal(out.masks[0, :, :, 0], first[None, :, 0].expand(3, -1, -1, -1))  # frame 1 is the user's
 
 
 def test_dynamic_rmpm_freezes_masks_after_the_first_steps(pipe, image):
-    every_step = run(pipe, image, objects=objects(pipe), num_inference_steps=9, return_masks=True)
-    assert any(not torch.equal(every_step.masks[s], every_step.masks[6]) for s in range(7, 9))
-    out = run(pipe, image, objects=objects(pipe), num_inference_steps=9, alpha=0.99, return_masks=True)
+    every_step = run(pipe, image, objects=objects(pipe), num_inference_steps=9, return_masks=True).masks[0]
+    assert any(not torch.equal(every_step[s], every_step[6]) for s in range(7, 9))
+    masks = run(pipe, image, objects=objects(pipe), num_inference_steps=9, alpha=0.99, return_masks=True).masks[0]
     # always updated for 5 steps; then a change below 99% freezes every mask
-    assert not torch.equal(out.masks[4], out.masks[0])
-    assert all(torch.equal(out.masks[s], out.masks[6]) for s in range(6, 9))
+    assert not torch.equal(masks[4], masks[0])
+    assert all(torch.equal(masks[s], masks[6]) for s in range(6, 9))
 
 
 def test_save_and_load_round_trip_through_from_pretrained(pipe, image, tmp_path):
@@ -232,8 +232,7 @@ def test_bad_input_raises_value_errors_that_name_the_fix(pipe, image, tmp_path):
         (dict(objects=[ObjectMotion(box(0, 8, 0, 8), MotionTokens(torch.zeros(5, 4, 32)), "jumps up")]), "5 blocks"),
         (dict(objects=[ObjectMotion(box(0, 8, 0, 8, size=48), good[0].motion, "jumps up")]), "48 x 48"),
         (dict(objects=good[:1] * 9), "at most 8"),
-        (dict(objects=good, num_frames=13), "8k\\+1"),
-        (dict(objects=good, num_frames=17), "at most 9 frames"),
+        (dict(objects=good, height=48), "learned positional embeddings for 32 x 32"),
         (dict(objects=good, mask_source="sam"), "mask_source"),
         (dict(objects=good, parts=("m2x",)), "unknown MDMA part"),
         (dict(objects=good, attention_backend="flash"), "attention_backend"),
@@ -253,7 +252,7 @@ def test_empty_object_mask_is_inert_and_stays_empty(pipe, image, caplog):
     with caplog.at_level("WARNING"):
         out = run(pipe, image, objects=objs, return_masks=True)
     assert "empty mask" in caplog.text
-    assert not out.masks[:, 0].any()
+    assert not out.masks[0, :, 0].any()
     assert torch.isfinite(out.frames).all()
 
 
@@ -267,7 +266,7 @@ def test_mask_png_paths_and_pil_masks_are_accepted(pipe, tmp_path):
 
 def test_release_style_step_zero_has_no_masks_then_rmpm_takes_over(pipe, image):
     out = run(pipe, image, objects=objects(pipe), initial_masks="none", return_masks=True)
-    assert not out.masks[0].any() and out.masks[1].any()
+    assert not out.masks[0, 0].any() and out.masks[0, 1].any()
     first = run(pipe, image, objects=objects(pipe), return_masks=True)
     assert rel(out.frames, first.frames) > 1e-6  # the step-0 choice matters
     with pytest.raises(ValueError, match="initial_masks"):

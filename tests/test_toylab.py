@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from fleximmt.toy import random_motion, tiny_pipeline
-from fleximmt.toylab import (
+from fleximmt.toy.lab import (
     FRAMES, REFERENCES, SIZE, VARIANTS, dilate, expected_path, learn_motions, mask_quality, random_case, reference_caption, reference_scene, score, transfer,
 )  # fmt: skip
-from fleximmt.toyworld import WORDS, colour_track
+from fleximmt.toy.world import WORDS, colour_track
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -167,7 +167,7 @@ def test_mask_quality_knows_a_perfect_an_empty_and_a_still_mask():
 def test_the_bundled_reference_videos_are_the_ones_the_code_draws():
     import imageio.v3 as iio
 
-    from fleximmt.toylab import REFERENCE_DIR
+    from fleximmt.toy.lab import REFERENCE_DIR
 
     for name in REFERENCES:
         frames = iio.imread(REFERENCE_DIR / f"{name}.mp4")
@@ -177,8 +177,8 @@ def test_the_bundled_reference_videos_are_the_ones_the_code_draws():
 
 
 def test_a_sprite_given_no_motion_is_scored_against_standing_still():
-    from fleximmt.toylab import Case
-    from fleximmt.toyworld import Sprite, Trajectory
+    from fleximmt.toy.lab import Case
+    from fleximmt.toy.world import Sprite, Trajectory
 
     case = Case([Sprite("square", "red", 6.0, (18.0, 20.0), Trajectory("still"), texture_seed=3),
                  Sprite("circle", "blue", 6.0, (40.0, 46.0), Trajectory("still"), texture_seed=4)], ["right", None])  # fmt: skip

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fleximmt.toylab import TOY_MODEL, Case, learn_motions, load_toy_pipeline, transfer
-from fleximmt.toyworld import Sprite, Trajectory, colour_track, render
+from fleximmt.toy.lab import TOY_MODEL, Case, learn_motions, load_toy_pipeline, transfer
+from fleximmt.toy.world import Sprite, Trajectory, colour_track, render
 
 
 @pytest.fixture(scope="module")

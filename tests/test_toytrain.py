@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fleximmt import FlexiMMTPipeline
-from fleximmt.toytrain import ToyConfig, train_transformer, train_vae
+from fleximmt.toy.train import ToyConfig, train_transformer, train_vae
 
 SMALL = ToyConfig(size=32, frames=9, vae_channels=(8, 8, 8), latent_channels=4, norm_groups=2, layers=1, heads=2,
                   head_dim=16, time_embed_dim=16, text_dim=16, text_layers=1, text_len=24)  # fmt: skip
@@ -22,7 +22,7 @@ def test_vae_then_transformer_give_a_pipeline_that_generates(tmp_path):
     assert all(np.isfinite(losses))
     pipe = FlexiMMTPipeline.from_pretrained(str(tmp_path / "pipeline"))
     pipe.set_progress_bar_config(disable=True)
-    from fleximmt.toyworld import random_scene
+    from fleximmt.toy.world import random_scene
     from PIL import Image
 
     scene = random_scene(0, frames=9, size=32)
@@ -36,8 +36,8 @@ def test_vae_then_transformer_give_a_pipeline_that_generates(tmp_path):
 def test_ship_writes_float16_safetensors_that_load_back_and_the_training_curves(tmp_path):
     import json
 
-    from fleximmt.toylab import load_toy_pipeline
-    from fleximmt.toytrain import ship
+    from fleximmt.toy.lab import load_toy_pipeline
+    from fleximmt.toy.train import ship
 
     train_vae(tmp_path, steps=2, batch=1, cfg=SMALL)
     train_transformer(tmp_path, steps=2, batch=1, cfg=SMALL)

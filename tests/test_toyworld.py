@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fleximmt.toyworld import MOTIONS, WORDS, Sprite, Trajectory, random_scene, render
+from fleximmt.toy.world import MOTIONS, WORDS, Sprite, Trajectory, random_scene, render
 
 
 def test_scenes_are_deterministic_from_the_seed():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fleximmt import FlexiMMTPipeline, MotionTokens, ObjectMotion
-from fleximmt.attention import FlexiMMTAttnProcessor
+from fleximmt.models.cogvideox import FlexiMMTAttnProcessor
 from fleximmt.toy import tiny_pipeline
 from fleximmt.train import checkpoint_path, train_motion
 
@@ -136,7 +136,6 @@ def test_video_files_are_read_and_subsampled(pipe, tmp_path):
         (dict(concept_words="dog"), "'dog' were not found"),
         (dict(motion_words="flies away"), "'flies away' were not found"),
         (dict(video=moving_square(frames=5)), "has 5 frames but training needs 9"),
-        (dict(num_frames=13), "8k\\+1"),
         (dict(height=48), "learned positional embeddings"),
         (dict(video=np.zeros((9, 32, 32), np.float32)), "uint8"),
         (dict(video="/nonexistent/ref.mp4"), "does not exist"),
@@ -177,8 +176,8 @@ def test_without_the_training_mask_motion_tokens_reach_all_video(pipe, tmp_path,
     groups = []
     real = attention.mdma_video_groups
 
-    def spy(*args):
-        result = real(*args)
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
         groups.append(len(result))
         return result
 

@@ -1,9 +1,12 @@
-"""fleximmt: multi-object multi-motion transfer (FlexiMMT) for diffusers' CogVideoX image-to-video."""
+"""fleximmt: multi-object multi-motion transfer (FlexiMMT) for diffusers' image-to-video models."""
 
 from .errors import FlexiMMTInputError
+from .models.cogvideox import FlexiMMTPipeline
+from .models.loading import load_pipeline
 from .motion import MotionTokens, ObjectMotion
-from .pipeline import FlexiMMTPipeline, FlexiMMTPipelineOutput
+from .pipeline import FlexiMMTPipelineOutput
 from .train import TrainSettings, train_motion
 
-__all__ = ["FlexiMMTInputError", "FlexiMMTPipeline", "FlexiMMTPipelineOutput", "MotionTokens", "ObjectMotion", "TrainSettings", "train_motion"]
+__all__ = ["FlexiMMTInputError", "FlexiMMTPipeline", "FlexiMMTPipelineOutput", "MotionTokens", "ObjectMotion",
+           "TrainSettings", "load_pipeline", "train_motion"]
 __version__ = "0.1.0"

@@ -199,7 +199,8 @@ class TransferApp:
         video = save_video(result.frames[0], folder / "fleximmt.mp4")
         overlay = video
         if objects:
-            overlay = save_video(mask_overlay(result.frames[0], result.masks[-1], self.pipe.vae_scale_factor_temporal),
+            overlay = save_video(mask_overlay(result.frames[0], result.masks[0, -1],
+                                              frame_index=self.pipe.mask_frame_index(len(result.frames[0]))),
                                  folder / "masks.mp4")  # fmt: skip
         return str(video), str(overlay)
 
@@ -378,7 +379,7 @@ def add_cli(subparsers, load_pipeline, add_model_options) -> None:
         pipe = load_pipeline(args)
         examples = None
         if args.model == "toy":
-            from .toylab import EXAMPLE_DIR
+            from .toy.lab import EXAMPLE_DIR
 
             examples = sorted(EXAMPLE_DIR.glob("*.png"))
         demo = build_app(pipe, args.motions, args.sam, args.detector, examples)

@@ -1,9 +1,17 @@
-"""The one attention processor of FlexiMMT: motion tokens (Eq. 2) and MDMA (Eqs. 3-11) inside
-CogVideoX's joint text-video attention, for inference and training alike.
+"""Motion tokens (Eq. 2) and MDMA (Eqs. 3-11) inside attention, for any base model.
 
-Per-step state reaches the processor through diffusers' ``attention_kwargs`` as
-``{"fleximmt": FlexiMMTState}``; without it the processor computes exactly what diffusers'
-``CogVideoXAttnProcessor2_0`` computes.
+Two forms of attention host motion tokens, and each base model's adapter (``fleximmt.models``)
+uses one of them:
+
+- **joint**: text and video queries attend over ``[text | motion | video]`` keys (CogVideoX's
+  MM-DiT blocks). Motion-token queries are never computed: their outputs would be dropped.
+- **cross**: video queries attend over ``[text | motion]`` keys (Wan's ``attn2``); the video-video
+  attention of such a model stays untouched.
+
+Both have an exact fast backend ("auto": video queries grouped by the objects they belong to, no
+N x N mask; METHOD.md section 8) and a dense reference ("dense"). Everything one generation (or one
+training step) needs in every block lives in :class:`FlexiMMTState`; the adapters hand it to their
+attention processors. Nothing here knows any diffusers model.
 """
 
 from __future__ import annotations
@@ -12,20 +20,37 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
-from diffusers.models.embeddings import apply_rotary_emb
 
-from .masks import PARTS, dmem_mask, mdma_dense, mdma_text_rows, mdma_video_groups
+from .masks import PARTS, dmem_mask, group_keys, mdma_cross_dense, mdma_dense, mdma_text_rows, mdma_video_groups
 
 BACKENDS = ("auto", "dense")
+FORMS = ("joint", "cross")
 # Video groups smaller than this run together in one masked SDPA call with the text queries (small
 # query blocks are slow, on a CPU especially); their mask rows are capped so it never nears N x N.
 MERGE_BELOW, MERGE_CAP = 768, 2048
 
 
+def chain_order(key_sets: list[tuple[int, ...]], num_small: int) -> tuple[list[int], list[bool]]:
+    """An order of the ``num_small`` text and motion keys in which as many key sets as possible are
+    prefixes (sets nested in one another), and for each set whether it is one. A group whose keys
+    are a prefix reads a slice of one shared key buffer: no copy, nothing rewritten."""
+    order: list[int] = []
+    prefix: set[int] = set()
+    in_chain = [False] * len(key_sets)
+    for i in sorted(range(len(key_sets)), key=lambda i: len(key_sets[i])):
+        keys = set(key_sets[i])
+        if prefix <= keys:
+            order += sorted(keys - prefix)
+            prefix = keys
+            in_chain[i] = True
+    order += [k for k in range(num_small) if k not in prefix]
+    return order, in_chain
+
+
 @dataclass
-class MDMALayout:
-    """MDMA for one denoising step, in the form the attention backends need, built once per step."""
+class JointLayout:
+    """MDMA of one video for a joint text-video attention, in the form the backend needs; built
+    once per denoising step (or once per block when DMEM extracts masks inside attention)."""
 
     member: torch.Tensor  # bool [K, L_y]: Y_mo^k
     tokens_per_motion: int
@@ -33,249 +58,337 @@ class MDMALayout:
     parts: frozenset[str]
     context_text: str
     backend: str = "auto"
-    # auto backend: one masked call for the text queries and the merged small video groups (rows
-    # [L_y + n_merged, N], keys in buffer order [video | text | motion]), one unmasked call per other group
+    key_cache: dict | None = None
+    # auto: keys live in one buffer [video | text and motion keys in `order`]; one masked call for the
+    # text queries and the merged small video groups (rows over that buffer); every other group reads
+    # the first `n_video + len(keys)` keys when its keys are a prefix of `order` (`prefix`), else gathers them
+    order: torch.Tensor | None = None
     masked_rows: torch.Tensor | None = None
-    masked_queries: torch.Tensor | None = None  # video query indices in the masked call
-    groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    dense: torch.Tensor | None = None  # dense: bool [N, N]
+    masked_queries: torch.Tensor | None = None
+    groups: list[tuple[torch.Tensor, torch.Tensor, bool]] = field(default_factory=list)
+    dense: torch.Tensor | None = None  # dense: bool [N, N] over [text | motion | video]
 
     def __post_init__(self) -> None:
         args = (self.member, self.tokens_per_motion, self.video_masks, self.parts, self.context_text)
         if self.backend == "dense":
-            spans = [row.nonzero().squeeze(1).tolist() for row in self.member]
+            spans = [row.nonzero().squeeze(1).tolist() for row in self.member.cpu()]
             self.dense = mdma_dense(self.member.shape[1], spans, *args[1:])
-        else:
-            rows = mdma_text_rows(*args)
-            num_video = self.video_masks.shape[1]
-            small = rows.shape[1] - num_video
-            rows = [torch.cat([rows[:, small:], rows[:, :small]], dim=1)]  # buffer order
-            merged, self.groups = [], []
-            budget = min(MERGE_CAP, num_video // 2)
-            for queries, keys in sorted(mdma_video_groups(*args), key=lambda g: g[0].numel()):
-                if queries.numel() < MERGE_BELOW and queries.numel() <= budget:
-                    budget -= queries.numel()
-                    merged.append(queries)
-                    row = torch.zeros(small, dtype=torch.bool, device=keys.device)
-                    row[keys] = True
-                    video = torch.ones(num_video, dtype=torch.bool, device=keys.device)
-                    rows.append(torch.cat([video, row])[None].expand(queries.numel(), -1))
-                else:
-                    self.groups.append((queries, keys))
-            self.masked_rows = torch.cat(rows)
-            self.masked_queries = torch.cat(merged) if merged else self.video_masks.new_zeros(0, dtype=torch.long)
+            return
+        device = self.video_masks.device
+        num_video = self.video_masks.shape[1]
+        text_rows = mdma_text_rows(*args)
+        small = text_rows.shape[1] - num_video
+        merged, large, budget = [], [], min(MERGE_CAP, num_video // 2)
+        for queries, keys in sorted(mdma_video_groups(*args, key_cache=self.key_cache), key=lambda g: g[0].numel()):
+            if queries.numel() < MERGE_BELOW and queries.numel() <= budget:
+                budget -= queries.numel()
+                merged.append((queries, keys))
+            else:
+                large.append((queries, keys))
+        order, in_chain = chain_order([tuple(k.tolist()) for _, k in large], small)
+        self.order = torch.tensor(order, dtype=torch.long, device=device)
+        position = torch.empty(small, dtype=torch.long, device=device)
+        position[self.order] = torch.arange(small, device=device)
+        self.groups = [(q, k if chained else position[k], chained) for (q, k), chained in zip(large, in_chain)]
+        rows = [torch.cat([text_rows[:, small:], text_rows[:, :small][:, self.order]], dim=1)]
+        for queries, keys in merged:
+            row = torch.zeros(small, dtype=torch.bool, device=device)
+            row[keys] = True
+            video = torch.ones(num_video, dtype=torch.bool, device=device)
+            rows.append(torch.cat([video, row[self.order]])[None].expand(queries.numel(), -1))
+        self.masked_rows = torch.cat(rows)
+        self.masked_queries = torch.cat([q for q, _ in merged]) if merged else self.video_masks.new_zeros(0, dtype=torch.long)
 
-
-@dataclass
-class FlexiMMTState:
-    """What the processor of every block reads during one pipeline call (or one training step).
-
-    ``motion_tokens`` ``[K, blocks, d_m, dim]``; ``member`` bool ``[K, L_y]``. ``video_masks`` are
-    set once per step by :meth:`set_video_masks` (RMPM, static or all-open masks), or, when
-    ``concept_member`` is given, extracted inside every block by DMEM's QK rule (training, and the
-    ``mask_source="qk"`` ablation), with a fraction ``dmem_drop`` of positives dropped at random.
-    Features for RMPM are summed over ``feature_blocks`` from the branch ``feature_row``.
-    """
-
-    motion_tokens: torch.Tensor
-    member: torch.Tensor
-    parts: frozenset[str] = frozenset(PARTS)
-    context_text: str = "open"
-    backend: str = "auto"
-    num_frames: int = 1  # latent token frames, for DMEM's per-frame threshold
-    concept_member: torch.Tensor | None = None  # bool [K, L_y]; set -> DMEM masks inside attention
-    dmem_drop: float = 0.0
-    generator: torch.Generator | None = None
-    feature_blocks: frozenset[int] = frozenset()
-    feature_row: int = 0
-    layout: MDMALayout | None = None
-    _dmem_layouts: dict[int, MDMALayout] = field(default_factory=dict)
-    _features: torch.Tensor | None = None
-    _feature_count: int = 0
-
-    @property
-    def num_objects(self) -> int:
-        return self.motion_tokens.shape[0]
-
-    @property
-    def tokens_per_motion(self) -> int:
-        return self.motion_tokens.shape[2]
-
-    def set_video_masks(self, video_masks: torch.Tensor) -> None:
-        """Prepare MDMA for the next step from bool ``[K, N_v]`` object masks."""
-        self.layout = MDMALayout(
-            self.member, self.tokens_per_motion, video_masks.bool(), self.parts, self.context_text, self.backend
-        )
-
-    def begin_step(self) -> None:
-        """Forget the per-block DMEM masks of the previous step (a recomputed block - gradient
-        checkpointing - reuses the masks of its first pass, random drop included)."""
-        self._dmem_layouts.clear()
-
-    # -- RMPM features (captured during the ordinary forward) --------------------------------
-    def observe(self, block: int, video_out: torch.Tensor) -> None:
-        if block in self.feature_blocks:
-            feat = video_out[self.feature_row].detach().float()
-            self._features = feat if self._features is None else self._features + feat
-            self._feature_count += 1
-
-    def take_features(self) -> torch.Tensor | None:
-        """The mean captured feature per video token ``[N_v, D]`` since the last call, or None."""
-        if self._features is None:
-            return None
-        mean = self._features / self._feature_count
-        self._features, self._feature_count = None, 0
-        return mean
-
-    # -- attention --------------------------------------------------------------------------
-    def motion_projections(self, attn: Attention, block: int, batch: int, with_queries: bool):
-        tokens = self.motion_tokens[:, block].reshape(-1, self.motion_tokens.shape[-1])
-        tokens = tokens.to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)
-        heads = attn.heads
-
-        def project(linear, norm):
-            x = linear(tokens)
-            x = x.view(1, x.shape[0], heads, -1).transpose(1, 2)
-            if norm is not None:
-                x = norm(x)
-            return x.expand(batch, -1, -1, -1)
-
-        key = project(attn.to_k, attn.norm_k)
-        value = project(attn.to_v, None)
-        query = project(attn.to_q, attn.norm_q) if with_queries else None
-        return query, key, value
-
-    def attend(self, attn: Attention, block: int, query, key, value, text_len: int) -> torch.Tensor:
-        """MDMA attention of the text and video queries over ``[text | motion | video]`` keys.
-
-        ``query/key/value`` ``[B, H, L_y + N_v, d]`` are the block's own projections (after
-        QK-norm and RoPE); returns ``[B, H, L_y + N_v, d]`` - motion-token queries are never
-        computed (their outputs would be dropped).
-        """
-        batch = query.shape[0]
-        if self.concept_member is not None:
-            if block not in self._dmem_layouts:
-                self._extract_masks(query, key, text_len)
-                self._dmem_layouts[block] = self.layout
-            self.layout = self._dmem_layouts[block]
-        m_q, m_k, m_v = self.motion_projections(attn, block, batch, with_queries=self.backend == "dense")
+    def attend(self, query, key, value, m_q, m_k, m_v, text_len: int) -> torch.Tensor:
+        """``query/key/value`` ``[B, H, L_y + N_v, d]`` (the block's own, after QK-norm and RoPE),
+        ``m_*`` the motion tokens' ``[B, H, K * d_m, d]``; returns ``[B, H, L_y + N_v, d]``."""
         if self.backend == "dense":
             return self._attend_dense(query, key, value, m_q, m_k, m_v, text_len)
         return self._attend_grouped(query, key, value, m_k, m_v, text_len)
-
-    def _extract_masks(self, query, key, text_len: int) -> None:
-        """DMEM (Sec. 3.3): each object's mask from its concept words' queries times video keys."""
-        row = self.feature_row
-        masks = []
-        with torch.no_grad():  # the masks are a selection, not a path for gradients
-            video_keys = key[row : row + 1, :, text_len:]
-            for concept in self.concept_member:
-                q = query[row : row + 1, :, concept.nonzero().squeeze(1)]
-                mask = dmem_mask(q, video_keys, self.num_frames)[0]
-                if self.dmem_drop > 0:  # the release's regulariser: drop positives, redrawn every call
-                    keep = torch.rand(mask.shape, generator=self.generator, device="cpu").to(mask.device)
-                    mask = mask & (keep >= self.dmem_drop)
-                masks.append(mask)
-        self.set_video_masks(torch.stack(masks))
 
     def _attend_dense(self, query, key, value, m_q, m_k, m_v, text_len: int) -> torch.Tensor:
         q = torch.cat([query[:, :, :text_len], m_q, query[:, :, text_len:]], dim=2)
         k = torch.cat([key[:, :, :text_len], m_k, key[:, :, text_len:]], dim=2)
         v = torch.cat([value[:, :, :text_len], m_v, value[:, :, text_len:]], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.layout.dense)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense)
         motion_end = text_len + m_k.shape[2]
         return torch.cat([out[:, :, :text_len], out[:, :, motion_end:]], dim=2)
 
     def _attend_grouped(self, query, key, value, m_k, m_v, text_len: int) -> torch.Tensor:
-        layout = self.layout
         n_video = key.shape[2] - text_len
-        small_k = torch.cat([key[:, :, :text_len], m_k], dim=2)  # [text | motion] keys
-        small_v = torch.cat([value[:, :, :text_len], m_v], dim=2)
-        # one key/value buffer [video | text | motion]: the text queries read it whole, each video
-        # group rewrites the tail with its own text and motion keys (no copy of the video keys)
-        keys = torch.cat([key[:, :, text_len:], small_k], dim=2)
+        small_k = torch.cat([key[:, :, :text_len], m_k], dim=2).index_select(2, self.order)
+        small_v = torch.cat([value[:, :, :text_len], m_v], dim=2).index_select(2, self.order)
+        keys = torch.cat([key[:, :, text_len:], small_k], dim=2)  # [video | text and motion in `order`]
         values = torch.cat([value[:, :, text_len:], small_v], dim=2)
         out = query.new_empty(query.shape)
         video_q = query[:, :, text_len:]
-        # one masked call: the text queries and the merged small video groups, their mask rows only
-        merged = layout.masked_queries
+        merged = self.masked_queries
         masked_q = query[:, :, :text_len]
         if merged.numel():
             masked_q = torch.cat([masked_q, video_q.index_select(2, merged)], dim=2)
-        masked_out = F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=layout.masked_rows)
+        masked_out = F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=self.masked_rows)
         out[:, :, :text_len] = masked_out[:, :, :text_len]
         video_out = out[:, :, text_len:]  # a view taken after `out` joined the autograd graph
         if merged.numel():
             video_out.index_copy_(2, merged, masked_out[:, :, text_len:])
-        # every other video group: one unmasked SDPA over its own keys
-        for queries, small in layout.groups:
-            end = n_video + small.numel()
-            if torch.is_grad_enabled():  # autograd keeps every group's keys: give each its own
-                keys, values = keys.clone(), values.clone()
-            keys[:, :, n_video:end] = small_k.index_select(2, small)
-            values[:, :, n_video:end] = small_v.index_select(2, small)
-            if queries.numel() == video_q.shape[2]:
-                video_out.copy_(F.scaled_dot_product_attention(video_q, keys[:, :, :end], values[:, :, :end]))
+        # groups whose keys are a prefix of the buffer's tail read a slice of it; the others come last:
+        # without gradients they overwrite the tail in place, with gradients they gather their own keys
+        for queries, small, chained in sorted(self.groups, key=lambda g: not g[2]):
+            if chained:
+                group_k, group_v = keys[:, :, : n_video + small.numel()], values[:, :, : n_video + small.numel()]
+            elif torch.is_grad_enabled():
+                group_k = torch.cat([keys[:, :, :n_video], small_k.index_select(2, small)], dim=2)
+                group_v = torch.cat([values[:, :, :n_video], small_v.index_select(2, small)], dim=2)
             else:
-                group_out = F.scaled_dot_product_attention(
-                    video_q.index_select(2, queries), keys[:, :, :end], values[:, :, :end]
-                )
+                end = n_video + small.numel()
+                keys[:, :, n_video:end] = small_k.index_select(2, small)
+                values[:, :, n_video:end] = small_v.index_select(2, small)
+                group_k, group_v = keys[:, :, :end], values[:, :, :end]
+            if queries.numel() == video_q.shape[2]:
+                video_out.copy_(F.scaled_dot_product_attention(video_q, group_k, group_v))
+            else:
+                group_out = F.scaled_dot_product_attention(video_q.index_select(2, queries), group_k, group_v)
                 video_out.index_copy_(2, queries, group_out)
         return out
 
 
-class FlexiMMTAttnProcessor:
-    """CogVideoX attention with motion tokens and MDMA. One class for every block, training and
-    inference; each block holds an instance that knows its index (its motion tokens differ)."""
+@dataclass
+class CrossLayout:
+    """MDMA of one video for a cross-attention of video queries over ``[text | motion]`` keys."""
 
-    def __init__(self, block_index: int) -> None:
-        self.block_index = block_index
+    member: torch.Tensor  # bool [K, L_y]
+    tokens_per_motion: int
+    video_masks: torch.Tensor  # bool [K, N_v]
+    parts: frozenset[str]
+    context_text: str = "open"
+    backend: str = "auto"
+    key_cache: dict | None = None
+    groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (video queries, keys)
+    dense: torch.Tensor | None = None  # bool [N_v, L_y + K * d_m]
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: torch.Tensor | None = None,
-        fleximmt: FlexiMMTState | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        text_len = encoder_hidden_states.size(1)
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        batch, seq_len, _ = hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    def __post_init__(self) -> None:
+        if self.backend == "dense":
+            self.dense = mdma_cross_dense(self.member, self.tokens_per_motion, self.video_masks, self.parts)
+            return
+        text_len = self.member.shape[1]
+        for queries, keys in mdma_video_groups(self.member, self.tokens_per_motion, self.video_masks, self.parts,
+                                               self.context_text, key_cache=self.key_cache):  # fmt: skip
+            if keys.numel() == 0:  # nothing left to read: the whole text (mdma_cross_dense's rule)
+                keys = torch.arange(text_len, device=keys.device)
+            self.groups.append((queries, keys))
 
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if image_rotary_emb is not None:
-            query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], image_rotary_emb)
-            if not attn.is_cross_attention:
-                key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)
-
-        if fleximmt is None or fleximmt.num_objects == 0:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
-        else:
-            if attention_mask is not None:
-                raise ValueError("FlexiMMT attention takes no attention_mask of its own: MDMA is the mask")
-            out = fleximmt.attend(attn, self.block_index, query, key, value, text_len)
-
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        out = attn.to_out[1](attn.to_out[0](out))
-        encoder_out, video_out = out.split([text_len, out.size(1) - text_len], dim=1)
-        if fleximmt is not None:
-            fleximmt.observe(self.block_index, video_out)
-        return video_out, encoder_out
+    def attend(self, query, key, value, m_k, m_v) -> torch.Tensor:
+        """``query`` ``[B, H, N_v, d]``, ``key/value`` ``[B, H, L_y, d]`` (the text's), ``m_*`` the
+        motion tokens' ``[B, H, K * d_m, d]``; returns ``[B, H, N_v, d]``."""
+        keys, values = torch.cat([key, m_k], dim=2), torch.cat([value, m_v], dim=2)
+        if self.backend == "dense":
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=self.dense)
+        if len(self.groups) == 1 and self.groups[0][0].numel() == query.shape[2]:
+            small = self.groups[0][1]
+            return F.scaled_dot_product_attention(query, keys.index_select(2, small), values.index_select(2, small))
+        out = query.new_empty(query.shape)
+        for queries, small in self.groups:
+            group_out = F.scaled_dot_product_attention(
+                query.index_select(2, queries), keys.index_select(2, small), values.index_select(2, small)
+            )
+            out.index_copy_(2, queries, group_out)
+        return out
 
 
-def install_processors(transformer) -> None:
-    """Give every transformer block its FlexiMMT processor (idempotent)."""
-    for index, block in enumerate(transformer.transformer_blocks):
-        if not isinstance(block.attn1.processor, FlexiMMTAttnProcessor):
-            block.attn1.set_processor(FlexiMMTAttnProcessor(index))
+LAYOUTS = {"joint": JointLayout, "cross": CrossLayout}
+
+
+@dataclass
+class VideoMotions:
+    """One video of a batch: its objects' motion tokens and words, and the masks of this step."""
+
+    motion_tokens: torch.Tensor  # [K, experts, blocks, d_m, dim]
+    member: torch.Tensor  # bool [K, L_y]: Y_mo^k
+    concept_index: list[torch.Tensor] | None = None  # per object, its concept words' token indices (DMEM)
+    layout: JointLayout | CrossLayout | None = None
+    key_cache: dict = field(default_factory=dict)
+    features: torch.Tensor | None = None
+    feature_count: int = 0
+
+    @property
+    def num_objects(self) -> int:
+        return self.motion_tokens.shape[0]
+
+
+@dataclass
+class FlexiMMTState:
+    """What the attention processors of every block read during one pipeline call (or one training
+    step), for every video of the batch.
+
+    ``videos`` hold each video's motion tokens, words and current MDMA layout. The model's adapter
+    says which video each row of the transformer's batch belongs to (``rows``) and which row of each
+    video its RMPM features come from (``feature_rows``; ``None`` in a forward that captures none).
+    Masks are set once per step by :meth:`set_video_masks` (RMPM, static or all-open masks), or,
+    with ``dmem=True``, extracted inside every block by DMEM's QK rule (training, and the
+    ``mask_source="qk"`` ablation) with a fraction ``dmem_drop`` of positives dropped at random
+    (drawn once per step on the CPU from ``generator``, so runs repeat on any device).
+    """
+
+    videos: list[VideoMotions]
+    form: str = "joint"
+    parts: frozenset[str] = frozenset(PARTS)
+    context_text: str = "open"
+    backend: str = "auto"
+    num_frames: int = 1  # token frames, for DMEM's per-frame threshold
+    dmem: bool = False
+    dmem_drop: float = 0.0
+    generator: torch.Generator | None = None
+    feature_blocks: frozenset[int] = frozenset()
+    rows: list[int] | None = None  # video index of each batch row; None: all rows are video 0
+    feature_rows: list[int] | None = None  # per video, the batch row its features come from
+    _dmem_layouts: dict = field(default_factory=dict)
+    _drop: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise ValueError(f"form={self.form!r}: choose from {list(FORMS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"attention_backend={self.backend!r}: choose from {list(BACKENDS)}")
+        shapes = {tuple(v.motion_tokens.shape[:1] + v.motion_tokens.shape[3:4]) for v in self.videos}
+        if len(shapes) > 1:
+            raise ValueError(f"every video of a batch needs the same number of objects and d_m, got {sorted(shapes)}")
+
+    @property
+    def num_objects(self) -> int:
+        return self.videos[0].num_objects if self.videos else 0
+
+    @property
+    def tokens_per_motion(self) -> int:
+        return self.videos[0].motion_tokens.shape[3]
+
+    def set_motion_tokens(self, tokens: torch.Tensor, video: int = 0) -> None:
+        """Swap a video's motion tokens ``[K, experts, blocks, d_m, dim]`` (training: each step's parameters)."""
+        self.videos[video].motion_tokens = tokens
+
+    def set_video_masks(self, video_masks: torch.Tensor, video: int = 0) -> None:
+        """Prepare MDMA for the next step from bool ``[K, N_v]`` object masks of one video."""
+        slot = self.videos[video]
+        slot.layout = LAYOUTS[self.form](slot.member, self.tokens_per_motion, video_masks.bool(), self.parts,
+                                         self.context_text, self.backend, slot.key_cache)  # fmt: skip
+
+    def begin_step(self, num_video_tokens: int | None = None, num_blocks: int | None = None) -> None:
+        """Start a denoising or training step: forget the per-block DMEM masks of the previous one (a
+        block recomputed by gradient checkpointing reuses its first pass's masks, random drop
+        included) and draw this step's DMEM drop for every block and video at once."""
+        self._dmem_layouts.clear()
+        self._drop = None
+        if self.dmem and self.dmem_drop > 0 and num_video_tokens and num_blocks:
+            shape = (len(self.videos), num_blocks, self.num_objects, num_video_tokens)
+            draw = torch.rand(shape, generator=self.generator)
+            device = self.videos[0].member.device
+            self._drop = (draw >= self.dmem_drop).to(device, non_blocking=True)
+
+    # -- which rows belong to which video --------------------------------------------------
+    def row_groups(self, batch: int) -> list[tuple[int, torch.Tensor | None]]:
+        """``[(video, rows)]`` for a batch of ``batch`` rows; rows None means all of them."""
+        if self.rows is None or len(set(self.rows)) == 1:
+            return [(0 if self.rows is None else self.rows[0], None)]
+        if len(self.rows) != batch:
+            raise ValueError(f"{len(self.rows)} batch rows declared, the transformer got {batch}")
+        device = self.videos[0].member.device
+        return [(v, torch.tensor([r for r, rv in enumerate(self.rows) if rv == v], device=device))
+                for v in sorted(set(self.rows))]  # fmt: skip
+
+    # -- RMPM features (captured during the ordinary forward) --------------------------------
+    def observe(self, block: int, video_out: torch.Tensor) -> None:
+        """Add a block's per-token video features ``[B, N_v, D]`` to each video's running sum."""
+        if block not in self.feature_blocks or self.feature_rows is None:
+            return
+        for slot, row in zip(self.videos, self.feature_rows):
+            feat = video_out[row].detach().float()
+            slot.features = feat if slot.features is None else slot.features + feat
+            slot.feature_count += 1
+
+    def take_features(self, video: int = 0) -> torch.Tensor | None:
+        """The mean captured feature per video token ``[N_v, D]`` since the last call, or None."""
+        slot = self.videos[video]
+        if slot.features is None:
+            return None
+        mean = slot.features / slot.feature_count
+        slot.features, slot.feature_count = None, 0
+        return mean
+
+    # -- motion tokens through a block's frozen projections ------------------------------------
+    def motion_projections(self, video: int, block: int, expert: int, project, with_queries: bool):
+        """``project(tokens, kind)`` maps ``[n, dim]`` tokens to ``[1, H, n, d]`` through the block's
+        ``to_q``/``to_k``/``to_v`` (and QK-norm); kind is "q", "k" or "v"."""
+        tokens = self.videos[video].motion_tokens[:, expert, block]
+        tokens = tokens.reshape(-1, tokens.shape[-1])
+        return project(tokens, "q") if with_queries else None, project(tokens, "k"), project(tokens, "v")
+
+    def _layout(self, video: int, block: int, concept_side, video_side):
+        """This block's layout of one video: the step's, or DMEM's from this block's own attention."""
+        slot = self.videos[video]
+        if not self.dmem:
+            return slot.layout
+        if (video, block) not in self._dmem_layouts:
+            with torch.no_grad():  # the masks are a selection, not a path for gradients
+                masks = torch.stack([dmem_mask(concept_side(index), video_side, self.num_frames)[0]
+                                     for index in slot.concept_index])  # fmt: skip
+                if self._drop is not None:  # the release's regulariser: drop positives, redrawn every call
+                    masks &= self._drop[video, block]
+            self.set_video_masks(masks, video)
+            self._dmem_layouts[(video, block)] = slot.layout
+        return self._dmem_layouts[(video, block)]
+
+    # -- the two forms of attention --------------------------------------------------------
+    def joint_attention(self, block: int, expert: int, query, key, value, text_len: int, project) -> torch.Tensor:
+        """MDMA attention of text and video queries over ``[text | motion | video]`` keys.
+
+        ``query/key/value`` ``[B, H, L_y + N_v, d]`` are the block's own projections (after QK-norm
+        and RoPE); returns ``[B, H, L_y + N_v, d]``."""
+        return self._per_video(query, key, value, lambda v, q, k, val: self._joint_one(v, block, expert, q, k, val, text_len, project))
+
+    def _joint_one(self, video, block, expert, query, key, value, text_len, project):
+        row = self._feature_row_within(video, query.shape[0])
+        layout = self._layout(video, block, lambda idx: query[row : row + 1, :, idx],
+                              key[row : row + 1, :, text_len:])  # fmt: skip
+        m_q, m_k, m_v = self.motion_projections(video, block, expert, project, with_queries=layout.backend == "dense")
+        batch = query.shape[0]
+        expand = [None if x is None else x.expand(batch, -1, -1, -1) for x in (m_q, m_k, m_v)]
+        return layout.attend(query, key, value, *expand, text_len)
+
+    def cross_attention(self, block: int, expert: int, query, key, value, project) -> torch.Tensor:
+        """MDMA cross-attention of video queries ``[B, H, N_v, d]`` over the text's keys/values
+        ``[B, H, L_y, d]`` and the motion tokens; returns ``[B, H, N_v, d]``."""
+        return self._per_video(query, key, value, lambda v, q, k, val: self._cross_one(v, block, expert, q, k, val, project))
+
+    def _cross_one(self, video, block, expert, query, key, value, project):
+        row = self._feature_row_within(video, query.shape[0])
+        layout = self._layout(video, block, lambda idx: key[row : row + 1, :, idx], query[row : row + 1])
+        _, m_k, m_v = self.motion_projections(video, block, expert, project, with_queries=False)
+        batch = query.shape[0]
+        return layout.attend(query, key, value, m_k.expand(batch, -1, -1, -1), m_v.expand(batch, -1, -1, -1))
+
+    def _feature_row_within(self, video: int, batch: int) -> int:
+        """The row, within this video's own rows, that DMEM reads (its conditional branch)."""
+        if self.feature_rows is None:
+            return batch - 1
+        rows = [r for r, v in enumerate(self.rows or [0] * batch) if v == video]
+        return rows.index(self.feature_rows[video]) if self.feature_rows[video] in rows else len(rows) - 1
+
+    def _per_video(self, query, key, value, attend_one) -> torch.Tensor:
+        groups = self.row_groups(query.shape[0])
+        if len(groups) == 1:
+            return attend_one(groups[0][0], query, key, value)
+        out = None
+        for video, rows in groups:
+            part = attend_one(video, query.index_select(0, rows), key.index_select(0, rows), value.index_select(0, rows))
+            out = query.new_empty(query.shape[:3] + part.shape[3:]) if out is None else out
+            out.index_copy_(0, rows, part)
+        return out
+
+
+def motion_state_for(tokens: torch.Tensor, member: torch.Tensor, **kwargs) -> FlexiMMTState:
+    """A one-video state from motion tokens ``[K, experts, blocks, d_m, dim]`` and words ``[K, L_y]``."""
+    concept = kwargs.pop("concept_member", None)
+    index = None if concept is None else [row.nonzero().squeeze(1) for row in concept]
+    return FlexiMMTState(videos=[VideoMotions(tokens, member, index)], **kwargs)
+
+
+__all__ = ["BACKENDS", "CrossLayout", "FlexiMMTState", "JointLayout", "VideoMotions", "chain_order", "group_keys"]

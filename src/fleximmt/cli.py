@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .errors import FlexiMMTInputError
 from .masks import RMPM_METHODS
-from .pipeline import DEFAULT_MODEL, INITIAL_MASKS, MASK_SOURCES
+from .models.cogvideox import DEFAULT_MODEL
+from .pipeline import INITIAL_MASKS, MASK_SOURCES
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +70,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles (less memory)")
 
 
-def load_pipeline(args) -> "FlexiMMTPipeline":  # noqa: F821
+def load_pipeline(args):
+    """The pipeline ``--model`` names: toy, tiny, or a checkpoint of a supported family (by its model_index.json)."""
     import torch
 
-    from .pipeline import FlexiMMTPipeline
+    from .models.loading import load_pipeline as load_checkpoint
 
     if args.model == TINY:
         from .toy import tiny_pipeline
@@ -80,7 +82,7 @@ def load_pipeline(args) -> "FlexiMMTPipeline":  # noqa: F821
         logger.warning("--model tiny: a tiny model with RANDOM weights; its videos are noise")
         pipe = tiny_pipeline(0)
     elif args.model == TOY:
-        from .toylab import load_toy_pipeline
+        from .toy.lab import load_toy_pipeline
 
         pipe = load_toy_pipeline()
     else:
@@ -89,7 +91,7 @@ def load_pipeline(args) -> "FlexiMMTPipeline":  # noqa: F821
         try:
             with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                pipe = FlexiMMTPipeline.from_pretrained(args.model, torch_dtype=dtype)
+                pipe = load_checkpoint(args.model, torch_dtype=dtype)
         except OSError as err:
             raise FlexiMMTInputError(
                 f"could not load the model {args.model!r} ({str(err).splitlines()[0]}): give a local folder "
@@ -152,7 +154,7 @@ def cmd_generate(args) -> None:
     if args.gif and out.suffix.lower() != ".gif":
         written.append(save_video(frames, out.with_suffix(".gif"), fps=args.fps))
     if masks_out and objects:
-        overlay = mask_overlay(frames, output.masks[-1], pipe.vae_scale_factor_temporal)
+        overlay = mask_overlay(frames, output.masks[0, -1], frame_index=pipe.mask_frame_index(len(frames)))
         written.append(save_video(overlay, masks_out, fps=args.fps))
     for path in written:
         print(f"wrote {path}")
@@ -215,11 +217,11 @@ def cmd_train(args) -> None:
 
 # -- demo ----------------------------------------------------------------------------------
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    from .toy.demo import run_demo
 
     out = Path(args.out)
     if args.model == TOY:
-        from .demo import run_toy_demo
+        from .toy.demo import run_toy_demo
 
         summary = run_toy_demo(out, steps=args.steps or 20, train_steps=args.train_steps)
     else:
@@ -282,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: %(default)s)")
     gen.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default: %(default)s)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    gen.add_argument("--frames", type=_positive_int, help="frame count, 8k+1 (default: the model's own, 49 for CogVideoX-5B)")
+    gen.add_argument("--frames", type=_positive_int, help="frame count (default: the model's own, 49 for CogVideoX-5B; CogVideoX makes exactly that many "
+                          "for 8k+1)")
     gen.add_argument("--fps", type=_positive_int, default=8, help="frame rate of the written video (default: %(default)s)")
     gen.add_argument("--mask-source", default="rmpm", choices=MASK_SOURCES,
                      help="object masks on later frames: propagated (rmpm), the first frame's (static), "

@@ -134,38 +134,114 @@ def mdma_text_rows(
     return torch.cat([yy, ym, yv], dim=1)
 
 
+def group_keys(
+    member: torch.Tensor, tokens_per_motion: int, objects: Sequence[bool], parts: frozenset[str], context_text: str
+) -> torch.Tensor:
+    """Indices into ``[text | motion]`` of the keys a video query in exactly ``objects`` may read
+    (besides video, which is all open): ``Y_mo^k`` and ``M^k`` of its objects, and the context text."""
+    num_objects, text_len = member.shape
+    objs = torch.as_tensor(list(objects), dtype=torch.bool, device=member.device)
+    if "t2v" in parts:
+        context = ~member.any(0) if context_text == "open" else torch.zeros(text_len, dtype=torch.bool, device=member.device)
+        text_keys = member[objs].any(0) | context
+    else:
+        text_keys = torch.ones(text_len, dtype=torch.bool, device=member.device)
+    owner = motion_ownership(num_objects, tokens_per_motion, member.device)
+    motion_keys = owner[objs].any(0) if "m2v" in parts else torch.ones(owner.shape[1], dtype=torch.bool, device=member.device)
+    return torch.cat([text_keys, motion_keys]).nonzero().squeeze(1)
+
+
 def mdma_video_groups(
     member: torch.Tensor,
     tokens_per_motion: int,
     video_masks: torch.Tensor,
     parts: frozenset[str],
     context_text: str,
+    key_cache: dict | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Video queries grouped by the keys they may read (METHOD.md section 8).
 
     V x V is all open, so a video query's row of ``M`` depends only on which objects it belongs
-    to. Returns ``[(query_indices, key_indices)]``: the video tokens of each group and the indices
-    of the text and motion keys (into ``[text | motion]``) it may read besides all video.
+    to. Returns ``[(query_indices, key_indices)]``: the video tokens of each group (on the masks'
+    device) and the indices of the text and motion keys (into ``[text | motion]``) it may read
+    besides all video. One small device-to-host copy (the group sizes) is the only synchronisation;
+    ``key_cache`` (a dict kept across calls with the same words and parts) saves rebuilding key lists.
     """
-    num_objects, text_len = member.shape
+    num_objects, num_video = video_masks.shape
     device = video_masks.device
-    owner = motion_ownership(num_objects, tokens_per_motion, device)
-    weights = 2 ** torch.arange(num_objects, device=device)
-    codes = (video_masks.long() * weights[:, None]).sum(0) if num_objects else torch.zeros(video_masks.shape[1], dtype=torch.long, device=device)
-    context = ~member.any(0)
+    host_member = member.cpu()
+    if num_objects:
+        weights = 2 ** torch.arange(num_objects, device=device)
+        codes = (video_masks.long() * weights[:, None]).sum(0)
+    else:
+        codes = torch.zeros(num_video, dtype=torch.long, device=device)
+    counts = torch.bincount(codes, minlength=2**num_objects).tolist()  # the one sync
+    order = torch.argsort(codes, stable=True)
+    cache = {} if key_cache is None else key_cache
     groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    for code in codes.unique().tolist():
-        objs = torch.tensor([(code >> k) & 1 == 1 for k in range(num_objects)], dtype=torch.bool, device=device)
-        if "t2v" in parts:
-            text_keys = member[objs].any(0) | (context if context_text == "open" else torch.zeros_like(context))
-        else:
-            text_keys = torch.ones(text_len, dtype=torch.bool, device=device)
-        motion_keys = owner[objs].any(0) if "m2v" in parts else torch.ones(owner.shape[1], dtype=torch.bool, device=device)
-        keys = torch.cat([text_keys, motion_keys]).nonzero().squeeze(1)
-        groups.setdefault(tuple(keys.tolist()), []).append((codes == code).nonzero().squeeze(1))
-    return [
-        (torch.cat(queries), torch.tensor(keys, dtype=torch.long, device=device)) for keys, queries in groups.items()
-    ]
+    for code, queries in enumerate(torch.split(order, counts)):
+        if not counts[code]:
+            continue
+        cache_key = (code, parts, context_text)
+        if cache_key not in cache:
+            objs = [(code >> k) & 1 == 1 for k in range(num_objects)]
+            keys = group_keys(host_member, tokens_per_motion, objs, parts, context_text)
+            cache[cache_key] = (tuple(keys.tolist()), keys.to(device))
+        key_tuple, keys = cache[cache_key]
+        groups.setdefault(key_tuple, [keys]).append(queries)
+    return [(torch.cat(found[1:]), found[0]) for found in groups.values()]
+
+
+CROSS_PARTS = ("m2v", "t2v")  # the MDMA parts that exist where only video tokens query (METHOD.md section 9)
+
+
+def check_cross_parts(parts: Sequence[str], context_text: str = "open") -> frozenset[str]:
+    """Validate MDMA settings for cross-attention (video queries over text and motion keys)."""
+    parts = check_parts(parts)
+    extra = sorted(parts - set(CROSS_PARTS))
+    if extra:
+        raise ValueError(
+            f"MDMA parts {extra} do not exist on this model: only video tokens query its text (no text or motion "
+            f"queries), so only {list(CROSS_PARTS)} apply"
+        )
+    if check_context_text(context_text) == "closed":
+        raise ValueError(
+            "context_text='closed' is not possible on this model: its video reads text only through "
+            "cross-attention, so closing the context words would cut video off from the prompt; use 'open'"
+        )
+    return parts
+
+
+def mdma_cross_dense(
+    member: torch.Tensor, tokens_per_motion: int, video_masks: torch.Tensor, parts: Sequence[str] = CROSS_PARTS
+) -> torch.BoolTensor:
+    """MDMA of a cross-attention (METHOD.md section 9): bool ``[N_v, L_y + K * d_m]``, which text and
+    motion keys each video query may read.
+
+    m2v: a video query in ``V^k`` reads ``M^k`` and no other motion token (outside every object: none);
+    t2v: it reads ``Y_mo^k`` of its objects and the context words, no other object's motion words.
+    A part switched off leaves its keys open. A video query left with no key at all (every text token
+    is some other object's motion word) reads the whole text, so softmax never sees an empty row.
+    """
+    parts = check_cross_parts(parts)
+    num_objects, text_len = member.shape
+    video_masks = torch.as_tensor(video_masks, dtype=torch.bool)
+    owner = motion_ownership(num_objects, tokens_per_motion, video_masks.device)
+    member = member.to(video_masks.device)
+    vm = video_masks.T.float()  # [N_v, K]
+    if "t2v" in parts:
+        text = (vm @ member.float()) > 0
+        text |= ~member.any(0)[None]
+    else:
+        text = torch.ones(video_masks.shape[1], text_len, dtype=torch.bool, device=video_masks.device)
+    if "m2v" in parts:
+        motion = (vm @ owner.float()) > 0
+    else:
+        motion = torch.ones(video_masks.shape[1], owner.shape[1], dtype=torch.bool, device=video_masks.device)
+    mask = torch.cat([text, motion], dim=1)
+    empty = ~mask.any(1)
+    mask[empty, :text_len] = True
+    return mask
 
 
 def mask_to_token_grid(mask: torch.Tensor, height: int, width: int) -> torch.BoolTensor:

@@ -16,7 +16,9 @@ import torch
 from .errors import FlexiMMTInputError
 
 FORMAT = "fleximmt.motion/1"
-_METADATA_KEYS = ("name", "caption", "concept_words", "motion_words", "base_model", "steps")
+_METADATA_KEYS = ("name", "caption", "concept_words", "motion_words", "base_model", "steps", "family")
+EXPERT_KEYS = ("motion_tokens", "motion_tokens_2")  # one token set per expert (Wan 2.2 A14B has two)
+FAMILY_NAMES = {"cogvideox": "CogVideoX image-to-video", "wan": "Wan image-to-video"}
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
@@ -35,16 +37,21 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
 
 
 class MotionTokens:
-    """A learned motion: ``tokens`` float ``[num_blocks, d_m, dim]``, one set of ``d_m`` keys/values
-    per transformer block, plus metadata (name, caption, concept and motion words, base model
-    fingerprint, training steps)."""
+    """A learned motion: one set of ``d_m`` keys/values per transformer block, ``tokens`` float
+    ``[num_blocks, d_m, dim]``, or for a model with several experts (Wan 2.2 A14B) one such set per
+    expert (``tokens`` ``[experts, num_blocks, d_m, dim]``, ``experts`` the list); plus metadata (name,
+    caption, concept and motion words, base model fingerprint and family, training steps)."""
 
-    def __init__(self, tokens: torch.Tensor, **metadata: Any) -> None:
-        tokens = torch.as_tensor(tokens)
-        if tokens.ndim != 3 or not tokens.is_floating_point():
+    def __init__(self, tokens: torch.Tensor | list[torch.Tensor], **metadata: Any) -> None:
+        sets = [torch.as_tensor(t) for t in tokens] if isinstance(tokens, (list, tuple)) else None
+        tokens = torch.stack(sets) if sets and len(sets) > 1 else sets[0] if sets else torch.as_tensor(tokens)
+        if tokens.ndim not in (3, 4) or not tokens.is_floating_point() or (tokens.ndim == 4 and tokens.shape[0] > len(EXPERT_KEYS)):
             raise FlexiMMTInputError(
-                f"motion tokens must be a float tensor [num_blocks, d_m, dim], got {tuple(tokens.shape)} {tokens.dtype}"
+                f"motion tokens must be a float tensor [num_blocks, d_m, dim] (or [experts, num_blocks, d_m, dim] "
+                f"with at most {len(EXPERT_KEYS)} experts), got {tuple(tokens.shape)} {tokens.dtype}"
             )
+        if tokens.ndim == 4 and tokens.shape[0] == 1:
+            tokens = tokens[0]
         self.tokens = tokens
         unknown = set(metadata) - set(_METADATA_KEYS)
         if unknown:
@@ -52,16 +59,34 @@ class MotionTokens:
         self.metadata: dict[str, Any] = dict(metadata)
 
     @property
+    def experts(self) -> list[torch.Tensor]:
+        """One ``[num_blocks, d_m, dim]`` token set per expert."""
+        return list(self.tokens) if self.tokens.ndim == 4 else [self.tokens]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def expert_tokens(self) -> torch.Tensor:
+        """All experts' tokens as ``[experts, num_blocks, d_m, dim]``."""
+        return self.tokens if self.tokens.ndim == 4 else self.tokens[None]
+
+    @property
     def num_blocks(self) -> int:
-        return self.tokens.shape[0]
+        return self.tokens.shape[-3]
 
     @property
     def d_m(self) -> int:
-        return self.tokens.shape[1]
+        return self.tokens.shape[-2]
 
     @property
     def dim(self) -> int:
-        return self.tokens.shape[2]
+        return self.tokens.shape[-1]
+
+    @property
+    def family(self) -> str:
+        """The model family the motion was learned on; files from before families were recorded are CogVideoX's."""
+        return self.metadata.get("family") or "cogvideox"
 
     def __getattr__(self, name: str) -> Any:
         if name in _METADATA_KEYS:
@@ -70,26 +95,36 @@ class MotionTokens:
 
     def __repr__(self) -> str:
         meta = ", ".join(f"{k}={v!r}" for k, v in self.metadata.items())
-        return f"MotionTokens(blocks={self.num_blocks}, d_m={self.d_m}, dim={self.dim}{', ' + meta if meta else ''})"
+        experts = f"experts={self.num_experts}, " if self.num_experts > 1 else ""
+        return f"MotionTokens({experts}blocks={self.num_blocks}, d_m={self.d_m}, dim={self.dim}{', ' + meta if meta else ''})"
 
-    def check_model(self, num_blocks: int, dim: int, source: str = "motion") -> None:
-        """Raise if these tokens cannot go into a transformer with ``num_blocks`` blocks of width ``dim``."""
-        if (self.num_blocks, self.dim) != (num_blocks, dim):
+    def check_model(self, num_blocks: int, dim: int, family: str | None = None, experts: int = 1,
+                    source: str = "motion") -> None:  # fmt: skip
+        """Raise if these tokens cannot go into a model of ``family`` with ``experts`` transformers of
+        ``num_blocks`` blocks of width ``dim``."""
+        made_for = self.metadata.get("base_model") or "an unknown model"
+        if family is not None and self.family != family:
             raise FlexiMMTInputError(
-                f"{source}: motion tokens are for a model with {self.num_blocks} blocks of width {self.dim}, "
-                f"but the loaded transformer has {num_blocks} blocks of width {dim} "
-                f"(trained on {self.metadata.get('base_model') or 'an unknown model'}); "
-                "train the motion on this model or load the model it was trained on"
+                f"{source}: this motion was learned on {FAMILY_NAMES.get(self.family, self.family)} ({made_for}), but the "
+                f"loaded model is {FAMILY_NAMES.get(family, family)}: a motion only works on the model family it was "
+                "trained on; train it again on this model"
+            )
+        if (self.num_blocks, self.dim) != (num_blocks, dim) or self.num_experts != experts:
+            expert_text = lambda n: f"{n} experts of " if n > 1 else ""  # noqa: E731
+            raise FlexiMMTInputError(
+                f"{source}: motion tokens are for a model with {expert_text(self.num_experts)}{self.num_blocks} blocks "
+                f"of width {self.dim}, but the loaded model has {expert_text(experts)}{num_blocks} blocks of width {dim} "
+                f"(trained on {made_for}); train the motion on this model or load the model it was trained on"
             )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokens and metadata to a safetensors file, atomically."""
         from safetensors.torch import save_file
 
-        meta = {"format": FORMAT, "d_m": str(self.d_m)}
+        meta = {"format": FORMAT, "d_m": str(self.d_m), "experts": str(self.num_experts)}
         meta.update({k: json.dumps(v) for k, v in self.metadata.items()})
-        tokens = self.tokens.detach().contiguous().cpu()
-        return atomic_write(path, lambda tmp: save_file({"motion_tokens": tokens}, tmp, metadata=meta))
+        tensors = {key: t.detach().contiguous().cpu() for key, t in zip(EXPERT_KEYS, self.experts)}
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MotionTokens:
@@ -102,12 +137,12 @@ class MotionTokens:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("format") != FORMAT or "motion_tokens" not in f.keys():
+                if meta.get("format") != FORMAT or EXPERT_KEYS[0] not in f.keys():
                     raise FlexiMMTInputError(
                         f"{str(path)!r} is a safetensors file but not a fleximmt motion "
                         f"(format {meta.get('format')!r}); train one with `fleximmt train`"
                     )
-                tokens = f.get_tensor("motion_tokens")
+                experts = [f.get_tensor(key) for key in EXPERT_KEYS if key in f.keys()]
         except FlexiMMTInputError:
             raise
         except Exception as err:  # safetensors raises its own error types for corrupt files
@@ -115,7 +150,7 @@ class MotionTokens:
                 f"{str(path)!r} is not a readable safetensors motion file ({err}); re-save or retrain it"
             ) from None
         metadata = {k: json.loads(v) for k, v in meta.items() if k in _METADATA_KEYS}
-        return cls(tokens, **metadata)
+        return cls(experts, **metadata)
 
 
 MaskLike = Any  # bool tensor / array, PIL image, or a path to a PNG

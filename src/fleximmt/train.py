@@ -1,13 +1,16 @@
 """Learning a motion (Sec. 4.1, METHOD.md sections 4 and 6): train only motion tokens on one
-reference video, the video model frozen, DMEM's mask applied inside the one attention processor.
+reference video, the video model frozen, DMEM's mask applied inside the attention processors.
 
-Stages, each its own function: ``prepare_conditions`` (encode caption and video windows once,
-cached on disk), ``training_step`` (loss of METHOD.md section 6), checkpoints (atomic, resumable),
-and ``train_motion`` which ties them together.
+The loop is the same for every base model; what differs - how conditions are encoded, how a step
+noises the latents and predicts x0 - is the model's adapter (``fleximmt.models``). Stages, each its
+own function: ``prepare_conditions`` (encode caption and video windows once, cached on disk),
+``training_step`` (loss of METHOD.md section 6), checkpoints (atomic, resumable), and
+``train_motion`` which ties them together and leaves the pipeline as it found it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,11 +26,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .attention import FlexiMMTState, install_processors
+from .attention import FlexiMMTState, motion_state_for
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import as_frames, read_video, subsample, to_model_tensor, window_starts
 from .errors import FlexiMMTInputError
 from .masks import span_membership
+from .models import adapter_for
+from .models.base import ModelAdapter, module_placement
 from .motion import MotionTokens, atomic_write
 from .prompt import find_word_spans
 
@@ -65,7 +70,7 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     vae_slicing: bool = False
     vae_tiling: bool = False
-    offload_after_caching: bool = True  # move text encoder and VAE to the CPU once latents are cached
+    offload_after_caching: bool = True  # text encoder and VAE to the CPU while the tokens train; put back after
 
     def validate(self) -> None:
         if self.steps < 1 or self.tokens_per_motion < 1:
@@ -79,18 +84,20 @@ class TrainSettings:
 
     def fingerprint(self) -> str:
         """What a resumed run must share with the run that wrote the checkpoint."""
-        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("checkpoint_every", "offload_after_caching")}
+        skip = ("checkpoint_every", "offload_after_caching", "gradient_checkpointing", "vae_slicing", "vae_tiling")
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def model_fingerprint(pipe) -> str:
-    """``name@hash`` of the transformer: its config and a checksum of its output projection.
+    """``name@hash`` of the (first) transformer: its config and a checksum of its output projection.
 
     ``name`` is the hub id, or the folder's own name for a local model (not its absolute path, so
     a motion learned in one checkout names the same model in another)."""
-    cfg = pipe.transformer.config
+    transformer = adapter_for(pipe).transformers()[0]
+    cfg = transformer.config
     keep = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
-    weight = pipe.transformer.proj_out.weight.detach().float()
+    weight = transformer.proj_out.weight.detach().float()
     blob = json.dumps(keep, sort_keys=True, default=str) + f"{weight.sum().item():.6e}{weight.abs().sum().item():.6e}"
     name = str(getattr(pipe, "name_or_path", None) or cfg.get("_name_or_path") or "model")
     if os.path.isdir(name):
@@ -108,11 +115,16 @@ def process_state():
 # -- stage 1: conditions, encoded once and cached -----------------------------------------
 @dataclass
 class Conditions:
-    prompt_embeds: torch.Tensor  # [1, L_y, text_dim]
-    video_latents: torch.Tensor  # [W, F, C, h, w] scaled latents of each window
-    image_latents: torch.Tensor  # [W, F, C, h, w] first-frame latents, zero-padded in time
+    """A reference's encoded caption and windows (``tensors``: the model adapter's names, among them
+    ``prompt_embeds`` and ``video_latents [W, F, C, h, w]``), and where its words are."""
+
+    tensors: dict[str, torch.Tensor]
     member: torch.Tensor  # bool [1, L_y]: motion words
     concept_member: torch.Tensor  # bool [1, L_y]: concept words
+
+    @property
+    def windows(self) -> int:
+        return self.tensors["video_latents"].shape[0]
 
 
 def load_reference(video, num_frames: int, fps: float | None, start: int | None = None,
@@ -126,12 +138,13 @@ def load_reference(video, num_frames: int, fps: float | None, start: int | None 
 
 
 @torch.no_grad()
-def prepare_conditions(pipe, frames: np.ndarray, caption: str, concept_words: str, motion_words: str,
+def prepare_conditions(adapter: ModelAdapter, frames: np.ndarray, caption: str, concept_words: str, motion_words: str,
                        settings: TrainSettings, geometry: tuple[int, int, int], cache: Path | None,
                        seed: int) -> Conditions:  # fmt: skip
     """Encode the caption and every training window of the reference video (cached in ``cache``)."""
+    pipe = adapter.pipe
     height, width, num_frames = geometry
-    text_len = pipe.transformer.config.max_text_seq_length
+    text_len = adapter.default_text_length()
     motion = find_word_spans(pipe.tokenizer, caption, [motion_words], text_len)
     concept = find_word_spans(pipe.tokenizer, caption, [concept_words], text_len)
     member, concept_member = span_membership(text_len, motion), span_membership(text_len, concept)
@@ -145,68 +158,33 @@ def prepare_conditions(pipe, frames: np.ndarray, caption: str, concept_words: st
         with safe_open(str(cache), framework="pt") as f:
             if (f.metadata() or {}).get("key") == key:
                 logger.info("reusing cached latents %s", cache)
-                t = {name: f.get_tensor(name) for name in f.keys()}
-                return Conditions(t["prompt_embeds"], t["video_latents"], t["image_latents"], member, concept_member)
-    device = pipe._execution_device
-    prompt_embeds, _ = pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=text_len,
-                                          device=device)  # fmt: skip
-    generator = torch.Generator().manual_seed(seed)
-    scale = pipe.vae.config.scaling_factor
-    videos, images = [], []
-    for start in tqdm(starts, desc="encoding reference windows", disable=len(starts) < 2):
-        clip = to_model_tensor(frames[start : start + num_frames], height, width)[None].to(device, pipe.vae.dtype)
-        latents = pipe.vae.encode(clip).latent_dist.sample(generator=generator) * scale  # [1, C, F, h, w]
-        image = pipe.vae.encode(clip[:, :, :1]).latent_dist.sample(generator=generator) * scale
-        latents, image = latents.permute(0, 2, 1, 3, 4), image.permute(0, 2, 1, 3, 4)
-        padding = image.new_zeros(1, latents.shape[1] - 1, *image.shape[2:])
-        videos.append(latents[0].float().cpu())
-        images.append(torch.cat([image, padding], dim=1)[0].float().cpu())
-    cond = Conditions(prompt_embeds.float().cpu(), torch.stack(videos), torch.stack(images), member, concept_member)
+                return Conditions({name: f.get_tensor(name) for name in f.keys()}, member, concept_member)
+    clips = [to_model_tensor(frames[start : start + num_frames], height, width)
+             for start in tqdm(starts, desc="reading reference windows", disable=len(starts) < 2)]  # fmt: skip
+    tensors = adapter.encode_conditions(clips, caption, text_len, torch.Generator().manual_seed(seed))
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
     if cache is not None:
         from safetensors.torch import save_file
 
-        tensors = {"prompt_embeds": cond.prompt_embeds, "video_latents": cond.video_latents,
-                   "image_latents": cond.image_latents}  # fmt: skip
         atomic_write(cache, lambda tmp: save_file(tensors, tmp, metadata={"key": key}))
-    return cond
+    return Conditions(tensors, member, concept_member)
 
 
 # -- stage 2: the loss ------------------------------------------------------------------------
-def training_step(pipe, tokens: torch.Tensor, state: FlexiMMTState, cond: Conditions, window: int,
-                  generator: torch.Generator, settings: TrainSettings, rotary, autocast) -> torch.Tensor:  # fmt: skip
-    """One loss of METHOD.md section 6: weighted x0 error plus a frame-difference term."""
-    device = tokens.device
-    x0 = cond.video_latents[window : window + 1].to(device)
-    image = cond.image_latents[window : window + 1].to(device)
-    if torch.rand((), generator=generator).item() < settings.image_dropout:
-        image = torch.zeros_like(image)
-    num_train = pipe.scheduler.config.num_train_timesteps
-    t = torch.randint(0, num_train, (1,), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator).to(device)
-    frame = int(torch.randint(0, x0.shape[1] - 1, (1,), generator=generator)) if x0.shape[1] > 1 else 0
-    alpha_bar = pipe.scheduler.alphas_cumprod[t].to(device).float()
-    noisy = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
-    state.motion_tokens = tokens[None]
-    state.begin_step()
-    dtype = pipe.transformer.dtype
-    with autocast():
-        velocity = pipe.transformer(
-            hidden_states=torch.cat([noisy, image], dim=2).to(dtype),
-            encoder_hidden_states=cond.prompt_embeds.to(device, dtype),
-            timestep=t.to(device),
-            image_rotary_emb=rotary,
-            attention_kwargs={"fleximmt": state},
-            return_dict=False,
-        )[0].float()
-    x0_hat = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * velocity  # v-prediction -> x0
-    weight = 1.0 / (1.0 - alpha_bar).clamp_min(1e-6)  # w_t = 1 / (1 - alphabar_t)
-    loss = (weight * (x0_hat - x0) ** 2).mean()
+def training_step(adapter: ModelAdapter, state: FlexiMMTState, cond: Conditions, window: int,
+                  generator: torch.Generator, settings: TrainSettings, autocast) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """One loss of METHOD.md section 6: the weighted x0 error (the model's own objective) plus a
+    frame-difference term at a random latent frame; returns it and the expert that computed it."""
+    batch = adapter.training_prediction(state, cond.tensors, window, generator, settings.image_dropout, autocast)
+    x0, x0_hat = batch.x0[:, batch.loss_frames], batch.x0_hat[:, batch.loss_frames]
+    loss = (batch.weight * (x0_hat - x0) ** 2).mean()
     if settings.frame_diff_weight and x0.shape[1] > 1:
+        frame = int(torch.randint(0, x0.shape[1] - 1, (1,), generator=generator))
         s = settings.frame_diff_scale
         d_gt = s * x0[:, frame + 1] - x0[:, frame]
         d_pred = s * x0_hat[:, frame + 1] - x0_hat[:, frame]
         loss = loss + settings.frame_diff_weight * ((d_gt - d_pred) ** 2).mean()
-    return loss
+    return loss, batch.expert
 
 
 # -- stage 3: checkpoints (fleximmt.checkpoint) ----------------------------------------------
@@ -216,6 +194,27 @@ def checkpoint_path(output: Path) -> Path:
 
 def cache_path(output: Path) -> Path:
     return output.with_name(output.stem + ".latents.safetensors")
+
+
+@contextlib.contextmanager
+def placement_kept(pipe):
+    """Put every module component back on the device and dtype it had, however the block ends."""
+    before = module_placement(pipe)
+    try:
+        yield
+    finally:
+        for name, (device, dtype) in before.items():
+            module = pipe.components[name]
+            if hasattr(module, "_hf_hook"):  # accelerate's offload hooks own this module's placement
+                continue
+            current = next(module.parameters())
+            if (current.device, current.dtype) != (device, dtype):
+                module.to(device=device, dtype=dtype)
+
+
+def offload_target(device: torch.device) -> str | None:
+    """Where the text encoder and VAE wait while the tokens train on ``device`` (None: stay)."""
+    return "cpu" if device.type != "cpu" else None
 
 
 # -- the whole job -------------------------------------------------------------------------
@@ -246,36 +245,65 @@ def train_motion(
 ) -> MotionTokens | TrainResult:
     """Learn motion tokens from one reference video and write them to ``output`` (safetensors).
 
-    ``pipe`` is a CogVideoX I2V or FlexiMMT pipeline; ``video`` a path or uint8 ``[T, H, W, 3]``;
-    ``concept_words`` name the object in ``caption`` and ``motion_words`` describe its motion.
-    Every other setting of :class:`TrainSettings` is a keyword. ``resume=True`` continues from the
-    checkpoint beside ``output``; ``callback(step, loss)`` is called after every step. Under
-    ``accelerate launch`` the processes share one motion: each trains on its own windows of the
-    video and gradients are averaged (``shard_windows``).
+    ``pipe`` is a FlexiMMT pipeline or diffusers' own pipeline of a supported model (CogVideoX or
+    Wan image-to-video); ``video`` a path or uint8 ``[T, H, W, 3]``; ``concept_words`` name the
+    object in ``caption`` and ``motion_words`` describe its motion. Every other setting of
+    :class:`TrainSettings` is a keyword. ``resume=True`` continues from the checkpoint beside
+    ``output``; ``callback(step, loss)`` is called after every step. Under ``accelerate launch``
+    the processes share one motion: each trains on its own windows of the video and gradients are
+    averaged (``shard_windows``). Every component of ``pipe`` is back on its device and dtype, and
+    its attention still FlexiMMT's, when this returns, so the same pipeline generates next.
     """
-    from accelerate.utils import reduce
-    from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
-
-    from .pipeline import FlexiMMTPipeline
-
     unknown = set(settings) - {f.name for f in dataclasses.fields(TrainSettings)}
     if unknown:
         raise FlexiMMTInputError(f"unknown training setting(s) {sorted(unknown)}: see fleximmt.train.TrainSettings")
     cfg = TrainSettings(steps=steps, tokens_per_motion=tokens_per_motion, seed=seed, **settings)
     cfg.validate()
-    if not isinstance(pipe, FlexiMMTPipeline):
-        pipe = FlexiMMTPipeline.from_pipe(pipe)
-    output = Path(output)
+    adapter = adapter_for(pipe)
+    adapter.check_model()
+    transformers = adapter.transformers()
+    was_training = [t.training for t in transformers]
+    checkpointing = [getattr(t, "gradient_checkpointing", False) for t in transformers]
+    vae_flags = (getattr(pipe.vae, "use_slicing", False), getattr(pipe.vae, "use_tiling", False))
+    try:
+        with placement_kept(pipe):
+            return _train(adapter, video, caption, concept_words, motion_words, Path(output), cfg, resume,
+                          start_frame, end_frame, callback, shard_windows, return_losses)  # fmt: skip
+    finally:
+        for transformer, training, checkpointed in zip(transformers, was_training, checkpointing):
+            transformer.train(training)
+            if not checkpointed and getattr(transformer, "gradient_checkpointing", False):
+                transformer.disable_gradient_checkpointing()
+        _set_vae_flags(pipe.vae, *vae_flags)
+
+
+def _set_vae_flags(vae, slicing: bool, tiling: bool) -> None:
+    for flag, on, off in (("use_slicing", "enable_slicing", "disable_slicing"), ("use_tiling", "enable_tiling", "disable_tiling")):
+        want = slicing if flag == "use_slicing" else tiling
+        if hasattr(vae, flag) and getattr(vae, flag) != want:
+            getattr(vae, on if want else off)()
+
+
+def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motion_words: str, output: Path,
+           cfg: TrainSettings, resume: bool, start_frame, end_frame, callback, shard_windows: bool,
+           return_losses: bool) -> MotionTokens | TrainResult:  # fmt: skip
+    from accelerate.utils import reduce
+    from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
+
+    pipe = adapter.pipe
     proc = process_state()  # rank and world size under `accelerate launch`, else one process
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
 
     def autocast():
         return torch.autocast(proc.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    default_h, default_w, default_f = pipe.default_size()
+
+    default_h, default_w, default_f = adapter.default_size()
     geometry = (cfg.height or default_h, cfg.width or default_w, cfg.num_frames or default_f)
-    pipe.check_geometry(*geometry)
-    if pipe.device != proc.device:
-        pipe.to(proc.device)
+    adapter.check_geometry(*geometry)
+    offloaded = any(hasattr(m, "_hf_hook") for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+    device = pipe._execution_device if offloaded else proc.device
+    if not offloaded and pipe.device != device:
+        pipe.to(device)
     if cfg.vae_slicing:
         pipe.vae.enable_slicing()
     if cfg.vae_tiling:
@@ -283,25 +311,30 @@ def train_motion(
 
     frames = load_reference(video, geometry[2], cfg.fps, start_frame, end_frame)
     with proc.main_process_first():  # the main process encodes, the others read its cache
-        cond = prepare_conditions(pipe, frames, caption, concept_words, motion_words, cfg, geometry,
+        cond = prepare_conditions(adapter, frames, caption, concept_words, motion_words, cfg, geometry,
                                   cache_path(output), cfg.seed)  # fmt: skip
-    if cfg.offload_after_caching and proc.device.type != "cpu":
-        pipe.text_encoder.to("cpu")
-        pipe.vae.to("cpu")
+    target = None if offloaded else offload_target(device)
+    if cfg.offload_after_caching and target is not None:
+        pipe.text_encoder.to(target)
+        pipe.vae.to(target)
 
-    transformer = pipe.transformer
-    for module in (transformer, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-    install_processors(transformer)
+    transformers = adapter.transformers()
+    for module in (*transformers, pipe.vae, pipe.text_encoder, getattr(pipe, "image_encoder", None)):
+        if module is not None:
+            module.requires_grad_(False)
+    adapter.install_processors()
     if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    tcfg = transformer.config
-    dim = tcfg.num_attention_heads * tcfg.attention_head_dim
+        for transformer in transformers:
+            transformer.enable_gradient_checkpointing()
+    num_blocks, dim = adapter.motion_shape()
     generator = torch.Generator().manual_seed(cfg.seed)
-    tokens = torch.empty(tcfg.num_layers, cfg.tokens_per_motion, dim)
-    torch.nn.init.kaiming_uniform_(tokens.view(-1, dim), a=math.sqrt(5), generator=generator)
-    tokens = torch.nn.Parameter(tokens.to(proc.device))
-    optimizer = torch.optim.AdamW([tokens], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    params = {}
+    for expert, name in zip(range(adapter.num_experts), ("tokens", "tokens_2")):
+        tokens = torch.empty(num_blocks, cfg.tokens_per_motion, dim)
+        torch.nn.init.kaiming_uniform_(tokens.view(-1, dim), a=math.sqrt(5), generator=generator)
+        params[name] = torch.nn.Parameter(tokens.to(device))
+    experts = list(params.values())
+    optimizer = torch.optim.AdamW(experts, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_with_hard_restarts_schedule_with_warmup(
         optimizer, min(cfg.lr_warmup_steps, cfg.steps // 10), cfg.steps, cfg.lr_cycles
     )
@@ -316,38 +349,42 @@ def train_motion(
         ckpt = ckpt.with_name(ckpt.stem + f".rank{proc.process_index}.safetensors")
     start = 0
     if resume and ckpt.is_file():
-        start = load_checkpoint(ckpt, {"tokens": tokens}, optimizer, scheduler, generator, fingerprints)
+        start = load_checkpoint(ckpt, params, optimizer, scheduler, generator, fingerprints)
         logger.info("resumed %s at step %d", ckpt, start)
 
-    grid = pipe.token_grid(*geometry)
-    state = FlexiMMTState(
-        motion_tokens=tokens[None], member=cond.member.to(proc.device),
-        parts=TRAIN_PARTS if cfg.train_mask else frozenset(), num_frames=grid.frames,
-        concept_member=cond.concept_member.to(proc.device) if cfg.train_mask else None,
-        dmem_drop=cfg.dmem_drop, generator=generator,
+    grid = adapter.token_grid(*geometry)
+    state = motion_state_for(
+        torch.stack(experts)[None], cond.member.to(device), form=adapter.form,
+        parts=(TRAIN_PARTS & set(adapter.parts)) if cfg.train_mask else frozenset(), num_frames=grid.frames,
+        dmem=cfg.train_mask, concept_member=cond.concept_member.to(device), dmem_drop=cfg.dmem_drop, generator=generator,
     )  # fmt: skip
     if not cfg.train_mask:  # w/o Train: motion tokens reach every video token
-        state.set_video_masks(torch.ones(1, grid.size, dtype=torch.bool, device=proc.device))
-    rotary = None
-    if tcfg.use_rotary_positional_embeddings:
-        rotary = pipe._prepare_rotary_positional_embeddings(geometry[0], geometry[1], cond.video_latents.shape[1],
-                                                            proc.device)  # fmt: skip
-    windows = list(range(cond.video_latents.shape[0]))
+        state.set_video_masks(torch.ones(1, grid.size, dtype=torch.bool, device=device))
+    windows = list(range(cond.windows))
     if distributed and len(windows) >= proc.num_processes:
         windows = windows[proc.process_index :: proc.num_processes]
     losses: list[float] = []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"training {output.name}",
                disable=not proc.is_local_main_process)  # fmt: skip
-    transformer.train(False)
+    for transformer in transformers:
+        transformer.train(False)
     for step in bar:
         window = windows[int(torch.randint(0, len(windows), (1,), generator=generator))]
-        loss = training_step(pipe, tokens, state, cond, window, generator, cfg, rotary, autocast)
+        state.set_motion_tokens(torch.stack(experts)[None])
+        state.begin_step(grid.size, num_blocks)
+        loss, expert = training_step(adapter, state, cond, window, generator, cfg, autocast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        used = torch.tensor([float(e == expert) for e in range(len(experts))], device=device)
         if distributed:
-            tokens.grad = reduce(tokens.grad, reduction="mean")
+            used = reduce(used, reduction="sum")
+            for param in experts:
+                param.grad = reduce(param.grad, reduction="mean")
+        for param, was_used in zip(experts, used.tolist()):
+            if not was_used:  # an expert no process used this step keeps its tokens and optimiser state
+                param.grad = None
         if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([tokens], cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_([p for p in experts if p.grad is not None], cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         value = loss.item()
@@ -355,14 +392,14 @@ def train_motion(
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(ckpt, done, {"tokens": tokens}, optimizer, scheduler, generator, fingerprints)
+            save_checkpoint(ckpt, done, params, optimizer, scheduler, generator, fingerprints)
         if callback is not None:
             callback(done, value)
     bar.close()
 
     motion = MotionTokens(
-        tokens.detach().cpu().clone(), name=output.stem, caption=caption, concept_words=concept_words,
-        motion_words=motion_words, base_model=fingerprints["model"], steps=cfg.steps,
+        [p.detach().cpu().clone() for p in experts], name=output.stem, caption=caption, concept_words=concept_words,
+        motion_words=motion_words, base_model=fingerprints["model"], steps=cfg.steps, family=adapter.family,
     )  # fmt: skip
     if proc.is_main_process or not distributed:
         motion.save(output)

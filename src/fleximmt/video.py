@@ -109,12 +109,15 @@ def mask_contour(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def mask_overlay(frames, masks: torch.Tensor | np.ndarray, temporal_factor: int = 4, alpha: float = 0.5) -> np.ndarray:
+def mask_overlay(frames, masks: torch.Tensor | np.ndarray, temporal_factor: int = 4, alpha: float = 0.5,
+                 frame_index: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """The video ``[T, H, W, 3]`` with each object's mask drawn on it: uint8 ``[T, H, W, 3]``.
 
     ``masks`` is bool ``[K, L, h, w]`` on the latent token grid (``FlexiMMTPipelineOutput.masks[-1]``);
     video frame t shows latent frame :func:`latent_frame_of` ``(t, temporal_factor)``, each token
-    covers its ``H/h x W/w`` pixels (nearest upsampling). Object k is tinted with ``PALETTE[k]`` at
+    covers its ``H/h x W/w`` pixels (nearest upsampling); ``frame_index`` (the pipeline's
+    ``mask_frame_index``) says exactly which mask frame each video frame shows, for models whose
+    tokens span several latent frames. Object k is tinted with ``PALETTE[k]`` at
     ``alpha`` and outlined in that colour; pixels outside every mask are unchanged.
     """
     frames = to_uint8_frames(frames)
@@ -125,7 +128,7 @@ def mask_overlay(frames, masks: torch.Tensor | np.ndarray, temporal_factor: int 
     if not 0 <= alpha <= 1:
         raise FlexiMMTInputError(f"alpha={alpha}: give an opacity in [0, 1]")
     big = F.interpolate(masks.float(), size=(height, width), mode="nearest").bool().numpy()  # [K, L, H, W]
-    index = mask_frame_index(num_frames, masks.shape[1], temporal_factor)
+    index = mask_frame_index(num_frames, masks.shape[1], temporal_factor) if frame_index is None else frame_index
     out = frames.astype(np.float32)
     for t in range(num_frames):
         for k in range(masks.shape[0]):

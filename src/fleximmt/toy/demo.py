@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .motion import MotionTokens, ObjectMotion, atomic_write
-from .toy import random_motion, tiny_pipeline
-from .video import mask_overlay, save_video
+from ..motion import MotionTokens, ObjectMotion, atomic_write
+from .tiny import random_motion, tiny_pipeline
+from ..video import mask_overlay, save_video
 
 SIZE, FRAMES = 64, 17
 PROMPT = "A red ball jumps up. A blue box slides left."
@@ -57,11 +57,11 @@ def run_demo(out: Path, steps: int = 10) -> dict:
                   generator=torch.Generator().manual_seed(0))  # fmt: skip
     frames = result.frames[0]
     save_video(frames, out / "fleximmt.mp4")
-    save_video(mask_overlay(frames, result.masks[-1], pipe.vae_scale_factor_temporal), out / "masks.mp4")
+    save_video(mask_overlay(frames, result.masks[0, -1], frame_index=pipe.mask_frame_index(len(frames))), out / "masks.mp4")
     summary = {"prompt": PROMPT, "frames": int(frames.shape[0]), "size": list(frames.shape[1:3]), "steps": steps,
                "objects": [{"mask": f"mask_{k}.png", "motion": f"motion_{k}.safetensors", "motion_text": o[1]}
                            for k, o in enumerate(OBJECTS)],
-               "mask_tokens_per_latent_frame": result.masks[-1].flatten(2).sum(-1).tolist(),
+               "mask_tokens_per_latent_frame": result.masks[0, -1].flatten(2).sum(-1).tolist(),
                "seconds": round(time.perf_counter() - start, 1), "random_weights": True,
                "files": ["input.png", "mask_0.png", "mask_1.png", "motion_0.safetensors", "motion_1.safetensors",
                          "fleximmt.mp4  (the generated video)", "masks.mp4  (propagated object masks over the video)",
@@ -76,8 +76,8 @@ DEMO_VARIANTS = ("fleximmt", "no_masks", "plain_i2v")
 
 def demo_case():
     """The bundled two-object image: a red square (left) and a blue circle (right)."""
-    from .toylab import Case
-    from .toyworld import Sprite, Trajectory
+    from .lab import Case
+    from .world import Sprite, Trajectory
 
     sprites = [Sprite("square", "red", 6.0, (16.0, 22.0), Trajectory("still"), texture_seed=11),
                Sprite("circle", "blue", 6.5, (44.0, 44.0), Trajectory("still"), texture_seed=12)]  # fmt: skip
@@ -103,7 +103,7 @@ def run_toy_demo(out: Path, steps: int = 20, train_steps: int = 300, motions_dir
                  log=print) -> dict:  # fmt: skip
     """Learn two motions on the shipped toy model (or reuse them), transfer them onto the demo
     image with three variants, write videos, a side-by-side GIF and ``metrics.json``."""
-    from .toylab import REFERENCE_DIR, learn_motions, load_toy_pipeline, reference_scene, score, transfer
+    from .lab import REFERENCE_DIR, learn_motions, load_toy_pipeline, reference_scene, score, transfer
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -131,7 +131,7 @@ def run_toy_demo(out: Path, steps: int = 20, train_steps: int = 300, motions_dir
         results[variant]["objects"] = metrics["objects"]
         if variant == "fleximmt":
             save_video(frames, out / "fleximmt.mp4")
-            save_video(mask_overlay(frames, masks[-1], pipe.vae_scale_factor_temporal), out / "masks.mp4")
+            save_video(mask_overlay(frames, masks[-1], frame_index=pipe.mask_frame_index(len(frames))), out / "masks.mp4")
     refs = [reference_scene(name).frames for name in DEMO_MOTIONS]
     panels = refs + [videos[v] for v in DEMO_VARIANTS]
     labels = [f"ref: {n}" for n in DEMO_MOTIONS] + ["FlexiMMT", "no masks", "plain I2V"]

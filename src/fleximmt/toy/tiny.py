@@ -1,7 +1,7 @@
 """Tiny CogVideoX-architecture models built from configs with diffusers' own classes.
 
 Used by the test suite, by ``fleximmt demo --model tiny`` and, with their configs, by
-``toytrain`` (which trains the toy model that ships). Built here, every weight is random, so the
+``toy.train`` (which trains the toy model that ships). Built here, every weight is random, so the
 videos they make are noise - what they show is that the whole pipeline runs.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .motion import MotionTokens
+from ..motion import MotionTokens
 
 WORDS = (
     "A An The a an the and is are on in with of to at its from "
@@ -109,7 +109,7 @@ def tiny_components(
 
 def tiny_pipeline(seed: int = 0, **config):
     """A ``FlexiMMTPipeline`` of tiny random-weight components (see :func:`tiny_components`)."""
-    from .pipeline import FlexiMMTPipeline
+    from ..models.cogvideox import FlexiMMTPipeline
 
     pipe = FlexiMMTPipeline(**tiny_components(seed, **config))
     pipe.set_progress_bar_config(disable=True)

@@ -2,7 +2,7 @@
 (with its small T5 text encoder), with the same diffusers classes as CogVideoX-5B-I2V.
 
 Seeded and resumable (atomic checkpoints every N steps); the data are drawn on the fly from
-``toyworld.random_scene`` with seeds derived from the step, so a resumed run sees the same
+``world.random_scene`` with seeds derived from the step, so a resumed run sees the same
 videos. Sizes follow ``TOY-NOTES.md``. ``assemble`` writes a ``FlexiMMTPipeline`` folder.
 """
 
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .toy import tiny_components
-from .toyworld import WORDS, random_scene
+from ..checkpoint import load_checkpoint, save_checkpoint
+from .tiny import tiny_components
+from .world import WORDS, random_scene
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def train_transformer(out_dir: str | Path, steps: int = 4000, batch: int = 8, lr
     Writes the whole pipeline to ``out_dir/pipeline``."""
     from diffusers import AutoencoderKLCogVideoX
 
-    from .pipeline import FlexiMMTPipeline
+    from ..models.cogvideox import FlexiMMTPipeline
 
     out_dir = Path(out_dir)
     parts = cfg.components(seed)
@@ -192,7 +192,7 @@ def plot_losses(curves: dict[str, list[float]], path: str | Path, window: int = 
 
 def export(pipeline_dir: str | Path, dest: str | Path) -> Path:
     """Write the trained toy pipeline in float16 safetensors (what the repository ships)."""
-    from .pipeline import FlexiMMTPipeline
+    from ..models.cogvideox import FlexiMMTPipeline
 
     pipe = FlexiMMTPipeline.from_pretrained(str(pipeline_dir))
     for model in (pipe.vae, pipe.transformer, pipe.text_encoder):
@@ -203,19 +203,19 @@ def export(pipeline_dir: str | Path, dest: str | Path) -> Path:
 
 def ship(out_dir: str | Path, dest: str | Path | None = None, curves: str | Path | None = None) -> Path:
     """Export ``out_dir/pipeline`` in float16 to the package's assets and draw the training curves."""
-    from .toylab import TOY_MODEL
+    from .lab import TOY_MODEL
 
     out_dir = Path(out_dir)
     dest = export(out_dir / "pipeline", dest or TOY_MODEL)
     losses = {stage: json.loads((out_dir / f"{stage}_losses.json").read_text()) for stage in ("vae", "transformer")
               if (out_dir / f"{stage}_losses.json").is_file()}  # fmt: skip
     if losses:
-        plot_losses(losses, curves or Path(__file__).parents[2] / "docs" / "toy-training.png")
+        plot_losses(losses, curves or Path(__file__).parents[3] / "docs" / "toy-training.png")
     return dest
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m fleximmt.toytrain --stage vae|transformer|ship --out DIR [--steps N] [--resume]``"""
+    """``python -m fleximmt.toy.train --stage vae|transformer|ship --out DIR [--steps N] [--resume]``"""
     import argparse
 
     parser = argparse.ArgumentParser(description="Train the toy world's base model on a CPU: the VAE first, then the "

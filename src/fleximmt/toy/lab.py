@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .motion import MotionTokens, ObjectMotion
-from .toyworld import MOTIONS, Scene, Sprite, Trajectory, colour_track, render
-from .video import save_video, to_uint8_frames
+from ..motion import MotionTokens, ObjectMotion
+from .world import MOTIONS, Scene, Sprite, Trajectory, colour_track, render
+from ..video import save_video, to_uint8_frames
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,11 @@ VARIANTS: dict[str, dict | None] = {
 
 def load_toy_pipeline(path: str | Path = TOY_MODEL):
     """The toy base model that ships with the package (float16 on disk, float32 in memory)."""
-    from .errors import FlexiMMTInputError
-    from .pipeline import FlexiMMTPipeline
+    from ..errors import FlexiMMTInputError
+    from ..models.cogvideox import FlexiMMTPipeline
 
     if not (Path(path) / "model_index.json").is_file():
-        raise FlexiMMTInputError(f"no toy model at {path}: train it with `python -m fleximmt.toytrain` (README, toy world)")
+        raise FlexiMMTInputError(f"no toy model at {path}: train it with `python -m fleximmt.toy.train` (README, toy world)")
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         pipe = FlexiMMTPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
@@ -136,7 +136,7 @@ def learn_motions(pipe, names, folder: str | Path, steps: int = 300, tokens: int
                   **settings) -> dict[str, MotionTokens]:  # fmt: skip
     """Learn (or reuse, when ``folder/NAME.safetensors`` exists and was learned on this very model)
     the motion tokens of each reference."""
-    from .train import model_fingerprint, train_motion
+    from ..train import model_fingerprint, train_motion
 
     model = model_fingerprint(pipe)
 
@@ -186,7 +186,7 @@ class Case:
 def random_case(seed: int, num_objects: int | None = None, names: tuple[str, ...] = tuple(REFERENCES)) -> Case:
     """2-3 sprites of distinct colours, each given a different reference motion, placed so that
     every sprite's whole prescribed path stays inside the frame and apart from the others' paths."""
-    from .toyworld import COLOURS, SHAPES
+    from .world import COLOURS, SHAPES
 
     rng = np.random.RandomState(seed)
     count = num_objects or int(rng.randint(2, 4))
@@ -240,7 +240,7 @@ def transfer(pipe, case: Case, motions: dict[str, MotionTokens], variant: str = 
                   output_type="np", generator=torch.Generator().manual_seed(seed), return_masks=bool(objects),
                   **(settings or {}))  # fmt: skip
     seconds = time.perf_counter() - start
-    return to_uint8_frames(result.frames[0]), getattr(result, "masks", None), seconds
+    return to_uint8_frames(result.frames[0]), result.masks[0] if objects else None, seconds
 
 
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -257,7 +257,7 @@ def mask_quality(case: Case, masks: torch.Tensor) -> dict:
     sprite's true mask at video frame 4l of the ideal transfer, put on the same grid. Returns the
     mean ``iou`` and ``recall`` (share of the true tokens inside the mask) over objects and latent
     frames after the first, and ``per_frame_recall``."""
-    from .masks import mask_to_token_grid
+    from ..masks import mask_to_token_grid
 
     truth = torch.from_numpy(case.scene(trajectories=True).masks)  # [K, T, H, W]
     objects = [k for k, m in enumerate(case.motions) if m is not None]
@@ -293,7 +293,7 @@ def score(frames: np.ndarray, case: Case) -> dict:
     """Per object: ``traj_err`` (pixels from the path its reference motion prescribes), ``tf`` and
     ``ff`` against its reference video, and ``leak`` (1 when its path is closer to another object's
     reference motion than to its own); averages over objects at the top level."""
-    from .metrics import flow_fidelity, trajectory_fidelity
+    from ..metrics import flow_fidelity, trajectory_fidelity
 
     objects = []
     names = [m or "still" for m in case.motions]  # an object given no motion should stay still

@@ -1,0 +1,38 @@
+"""Base models, one adapter each: ``cogvideox`` (CogVideoX 5B-I2V and 1.5) and ``wan`` (Wan 2.1 / 2.2
+image-to-video). The registry below maps diffusers' pipeline names to them; a new model is one
+adapter file and one line here."""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import ModelAdapter, TokenGrid
+
+# diffusers pipeline class name (as model_index.json names it) -> (module, FlexiMMT pipeline class)
+REGISTRY: dict[str, tuple[str, str]] = {
+    "CogVideoXImageToVideoPipeline": ("cogvideox", "FlexiMMTPipeline"),
+    "FlexiMMTPipeline": ("cogvideox", "FlexiMMTPipeline"),
+    "WanImageToVideoPipeline": ("wan", "FlexiMMTWanPipeline"),
+    "FlexiMMTWanPipeline": ("wan", "FlexiMMTWanPipeline"),
+}
+
+
+def pipeline_class(name: str) -> type:
+    """The FlexiMMT pipeline class for a diffusers pipeline class name."""
+    module, cls = REGISTRY[name]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def adapter_for(pipe) -> ModelAdapter:
+    """The adapter of a FlexiMMT pipeline or of a diffusers pipeline of a supported family."""
+    from ..errors import FlexiMMTInputError
+
+    for name in dict.fromkeys(module for module, _ in REGISTRY.values()):
+        adapter_cls = getattr(importlib.import_module(f"{__name__}.{name}"), "ADAPTER")
+        if isinstance(pipe, adapter_cls.pipeline_class):
+            return adapter_cls(pipe)
+    supported = sorted(n for n in REGISTRY if not n.startswith("FlexiMMT"))
+    raise FlexiMMTInputError(f"{type(pipe).__name__} is not a pipeline fleximmt supports: use one of {supported}")
+
+
+__all__ = ["REGISTRY", "ModelAdapter", "TokenGrid", "adapter_for", "pipeline_class"]

@@ -1,0 +1,182 @@
+"""What FlexiMMT needs to know about a base model: the ``ModelAdapter`` every model family implements.
+
+The method (mask rules, RMPM, DMEM, motion files, the training loop, the pipeline's transfer
+logic, metrics, CLI and app) talks to a base model only through an adapter: how big its token grid
+is, which attention form hosts the motion tokens (``attention.FORMS``), how its processors are
+installed and receive the per-call state, where RMPM's features come from, and how a training step
+encodes its conditions and predicts ``x0``. Adding a base model means writing one adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ..errors import FlexiMMTInputError
+
+
+@dataclass
+class TokenGrid:
+    """The video token grid of one generation: ``frames x height x width`` tokens.
+
+    A token frame covers ``patch_frames`` latent frames (2 for CogVideoX 1.5); ``latent_frames`` is
+    the number of latent frames the VAE gives for the requested video, before any padding to a
+    whole number of token frames (the padding goes in front, as diffusers does)."""
+
+    frames: int
+    height: int
+    width: int
+    latent_frames: int = 0
+    patch_frames: int = 1
+    temporal_factor: int = 4
+
+    @property
+    def size(self) -> int:
+        return self.frames * self.height * self.width
+
+    def frame_index(self, num_video_frames: int) -> np.ndarray:
+        """For every frame of the decoded video, its token frame (int ``[T]``): the causal VAE keeps
+        frame 0 alone and packs ``temporal_factor`` frames per later latent frame; padding latent
+        frames sit in front of the first one."""
+        latent = np.array([0 if t == 0 else (t - 1) // self.temporal_factor + 1 for t in range(num_video_frames)])
+        latent = np.minimum(latent, max(self.latent_frames, 1) - 1)
+        pad = self.frames * self.patch_frames - max(self.latent_frames, 1)
+        return np.minimum((latent + pad) // self.patch_frames, self.frames - 1)
+
+
+@dataclass
+class TrainingBatch:
+    """What one training step's loss needs from the model: the clean latents and the prediction of
+    them, with the per-sample weight that turns the x0 error into the model's own objective."""
+
+    x0: torch.Tensor  # [1, F, C, h, w] (frames second)
+    x0_hat: torch.Tensor
+    weight: torch.Tensor  # broadcastable to x0
+    loss_frames: slice = field(default_factory=lambda: slice(None))  # latent frames the loss covers (padding frames excluded)
+    expert: int = 0  # the expert (of ModelAdapter.transformers) that made the prediction
+
+
+class ModelAdapter:
+    """One family of diffusers image-to-video models, as FlexiMMT uses it. An instance wraps one
+    pipeline (FlexiMMT's own or diffusers'); it is cheap to make."""
+
+    family: ClassVar[str]  # written into motion files; a motion is refused on another family
+    pipeline_class: ClassVar[type]  # diffusers' pipeline this adapter serves
+    form: ClassVar[str]  # "joint" or "cross" (attention.FORMS)
+    parts: ClassVar[tuple[str, ...]]  # MDMA parts that exist on this model
+    feature_share: ClassVar[float]  # RMPM averages features over the first share of the blocks
+    default_model: ClassVar[str]
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+
+    # -- the model -----------------------------------------------------------------------
+    def transformers(self) -> list[torch.nn.Module]:
+        """The denoisers, one per expert (most models have one)."""
+        return [self.pipe.transformer]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.transformers())
+
+    def check_model(self) -> None:
+        """Raise a ``ValueError`` when the pipeline's components cannot run FlexiMMT (wrong kind of model)."""
+
+    def blocks(self, transformer) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def motion_shape(self) -> tuple[int, int]:
+        """(blocks, width) of one expert's motion tokens."""
+        raise NotImplementedError
+
+    def default_text_length(self) -> int:
+        raise NotImplementedError
+
+    def default_size(self) -> tuple[int, int, int]:
+        """(height, width, num_frames) a call without them generates."""
+        raise NotImplementedError
+
+    def token_grid(self, height: int, width: int, num_frames: int) -> TokenGrid:
+        raise NotImplementedError
+
+    def check_geometry(self, height: int, width: int, num_frames: int) -> None:
+        """Raise a ``ValueError`` for a size this model cannot generate (FlexiMMT needs the grid exact)."""
+
+    def check_settings(self, parts: frozenset[str], context_text: str) -> None:
+        """Raise for MDMA settings that do not exist on this model."""
+
+    # -- inference plumbing ----------------------------------------------------------------
+    def install_processors(self) -> None:
+        raise NotImplementedError
+
+    def prepare_call(self, call: dict[str, Any]) -> dict[str, Any]:
+        """Normalise a call's batch (images per prompt, videos per prompt) before anything else;
+        returns the call to make. The default leaves it as it is."""
+        return call
+
+    def batch_prompts(self, call: dict[str, Any]) -> list[str]:
+        """The prompt of every video the call makes, in batch order."""
+        prompt = call.get("prompt")
+        if prompt is None:
+            raise FlexiMMTInputError(
+                "objects need the prompt as text (their motion words are found in it): pass prompt=... "
+                "instead of prompt_embeds, or call without objects"
+            )
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        per_prompt = call.get("num_videos_per_prompt") or 1
+        return [p for p in prompts for _ in range(per_prompt)]
+
+    def batch_images(self, call: dict[str, Any], videos: int) -> list[Any]:
+        """The conditioning image of every video, in batch order."""
+        image = call["image"]
+        images = list(image) if image_count(image) > 1 or isinstance(image, list) else [image]
+        if len(images) == 1:
+            return images * videos
+        if videos % len(images):
+            raise FlexiMMTInputError(f"{len(images)} images for {videos} videos: give one image, or one per prompt")
+        return [img for img in images for _ in range(videos // len(images))]
+
+    @contextlib.contextmanager
+    def attach(self, state, call: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Make ``state`` reach the processors during the call; yields the call to make."""
+        raise NotImplementedError
+        yield call
+
+    # -- training --------------------------------------------------------------------------
+    def encode_conditions(self, clips: list[torch.Tensor], caption: str, text_len: int,
+                          generator: torch.Generator) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Encode a caption and reference windows ``[3, T, H, W]`` in [-1, 1] into the tensors a
+        training step needs: ``prompt_embeds [1, L, D]`` and, stacked per window, ``video_latents``
+        ``[W, F, C, h, w]`` plus the model's image conditions."""
+        raise NotImplementedError
+
+    def training_prediction(self, state, cond: dict[str, torch.Tensor], window: int, generator: torch.Generator,
+                            image_dropout: float, autocast) -> TrainingBatch:  # fmt: skip
+        """Noise one window at a random timestep, run the denoiser with ``state`` attached and
+        return the clean latents, their prediction and the loss weight (METHOD.md sections 6, 9)."""
+        raise NotImplementedError
+
+
+def image_count(image) -> int:
+    """How many images a pipeline's ``image`` argument holds (a list, or a batched array/tensor)."""
+    if isinstance(image, list):
+        return len(image)
+    if isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim == 4:
+        return image.shape[0]
+    return 1
+
+
+def module_placement(pipe) -> dict[str, tuple[torch.device, torch.dtype]]:
+    """(device, dtype) of every module component of a pipeline (its first parameter's)."""
+    out = {}
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            param = next(module.parameters(), None)
+            if param is not None:
+                out[name] = (param.device, param.dtype)
+    return out

@@ -1,0 +1,352 @@
+"""CogVideoX image-to-video (diffusers' ``CogVideoXImageToVideoPipeline``): 5B-I2V as in the paper, and
+CogVideoX 1.5, whose tokens also span 2 latent frames.
+
+Its blocks run one joint attention over ``[text | video]``: motion tokens join it as extra keys and
+values (``attention.FORMS`` "joint"), every MDMA part exists, RMPM reads the attention output of the
+video tokens, and the per-call state reaches the processors through diffusers' ``attention_kwargs``.
+Training predicts v (DDPM, zero-SNR) and weighs the x0 error by ``1 / (1 - alphabar_t)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import CogVideoXImageToVideoPipeline
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..attention import FlexiMMTState
+from ..errors import FlexiMMTInputError
+from ..masks import PARTS
+from ..pipeline import OPTIONS_DOC, FlexiMMTMixin, FlexiMMTPipelineOutput
+from .base import ModelAdapter, TokenGrid, TrainingBatch, image_count
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "THUDM/CogVideoX-5b-I2V"
+
+
+class FlexiMMTAttnProcessor:
+    """CogVideoX's joint attention with motion tokens and MDMA: one class for every block, training
+    and inference; without a ``fleximmt`` state (or with no objects) it computes exactly what diffusers'
+    ``CogVideoXAttnProcessor2_0`` (or, with fused projections, ``FusedCogVideoXAttnProcessor2_0``) does."""
+
+    def __init__(self, block_index: int) -> None:
+        self.block_index = block_index
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: torch.Tensor | None = None,
+        fleximmt: FlexiMMTState | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text_len = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch, seq_len, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+
+        if getattr(attn, "fused_projections", False):
+            qkv = attn.to_qkv(hidden_states)
+            query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)
+
+        if fleximmt is None or fleximmt.num_objects == 0:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        else:
+            if attention_mask is not None:
+                raise ValueError("FlexiMMT attention takes no attention_mask of its own: MDMA is the mask")
+            out = fleximmt.joint_attention(self.block_index, 0, query, key, value, text_len, self.projector(attn, query))
+
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        encoder_out, video_out = out.split([text_len, out.size(1) - text_len], dim=1)
+        if fleximmt is not None:
+            fleximmt.observe(self.block_index, video_out)
+        return video_out, encoder_out
+
+    @staticmethod
+    def projector(attn: Attention, like: torch.Tensor) -> Callable:
+        """Motion tokens through this block's frozen projections and QK-norm (no RoPE): ``[1, H, n, d]``.
+        The tokens go to the device and dtype of the block's own activations (weights may sit
+        elsewhere under sequential offload, where each layer's hook brings them)."""
+        linear = {"q": attn.to_q, "k": attn.to_k, "v": attn.to_v}
+        norm = {"q": attn.norm_q, "k": attn.norm_k, "v": None}
+
+        def project(tokens: torch.Tensor, kind: str) -> torch.Tensor:
+            x = linear[kind](tokens.to(device=like.device, dtype=like.dtype))
+            x = x.view(1, x.shape[0], attn.heads, -1).transpose(1, 2)
+            return norm[kind](x) if norm[kind] is not None else x
+
+        return project
+
+
+class CogVideoXAdapter(ModelAdapter):
+    family = "cogvideox"
+    pipeline_class = CogVideoXImageToVideoPipeline
+    form = "joint"
+    parts = PARTS
+    feature_share = 30 / 42  # the release averages features over the first 30 of 42 blocks
+    default_model = DEFAULT_MODEL
+
+    def check_model(self) -> None:
+        latent = self.pipe.vae.config.latent_channels
+        channels = self.pipe.transformer.config.in_channels
+        if channels != 2 * latent:
+            raise FlexiMMTInputError(
+                f"this transformer takes {channels} input channels, not the {2 * latent} of an image-to-video model "
+                "(text-to-video weights?): load an I2V checkpoint such as THUDM/CogVideoX-5b-I2V"
+            )
+
+    def blocks(self, transformer) -> list[torch.nn.Module]:
+        return list(transformer.transformer_blocks)
+
+    def motion_shape(self) -> tuple[int, int]:
+        cfg = self.pipe.transformer.config
+        return cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim
+
+    def default_text_length(self) -> int:
+        return self.pipe.transformer.config.max_text_seq_length  # 226 for CogVideoX-5B
+
+    def default_size(self) -> tuple[int, int, int]:
+        cfg = self.pipe.transformer.config
+        scale = self.pipe.vae_scale_factor_spatial
+        return cfg.sample_height * scale, cfg.sample_width * scale, cfg.sample_frames
+
+    def token_grid(self, height: int, width: int, num_frames: int) -> TokenGrid:
+        cfg = self.pipe.transformer.config
+        temporal = self.pipe.vae_scale_factor_temporal
+        latent_frames = (num_frames - 1) // temporal + 1
+        patch_t = cfg.patch_size_t or 1
+        per_token = self.pipe.vae_scale_factor_spatial * cfg.patch_size
+        return TokenGrid(-(-latent_frames // patch_t), height // per_token, width // per_token, latent_frames, patch_t, temporal)
+
+    def check_geometry(self, height: int, width: int, num_frames: int) -> None:
+        cfg = self.pipe.transformer.config
+        scale = self.pipe.vae_scale_factor_spatial
+        if num_frames < 1:
+            raise FlexiMMTInputError(f"num_frames={num_frames}: give at least 1 frame")
+        multiple = scale * cfg.patch_size
+        if height % multiple or width % multiple:
+            raise FlexiMMTInputError(f"height x width = {height} x {width}: both must be multiples of {multiple}")
+        sample = (cfg.sample_height * scale, cfg.sample_width * scale)
+        if cfg.use_learned_positional_embeddings and (height, width) != sample:
+            raise FlexiMMTInputError(
+                f"height x width = {height} x {width}, but this model has learned positional embeddings for "
+                f"{sample[0]} x {sample[1]} only: leave height and width unset or use those"
+            )
+
+    def install_processors(self) -> None:
+        """Give every block its FlexiMMT processor (idempotent); another processor found there is replaced
+        with a warning, so that motion tokens are never silently left out."""
+        for index, block in enumerate(self.pipe.transformer.transformer_blocks):
+            current = block.attn1.processor
+            if isinstance(current, FlexiMMTAttnProcessor):
+                continue
+            if index == 0 and type(current).__name__ not in ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0"):
+                logger.warning("replacing the attention processor %s with FlexiMMT's", type(current).__name__)
+            block.attn1.set_processor(FlexiMMTAttnProcessor(index))
+
+    def prepare_call(self, call: dict[str, Any]) -> dict[str, Any]:
+        """diffusers' CogVideoX I2V sets ``num_videos_per_prompt`` to 1 and needs one image per prompt;
+        here each prompt and image is repeated instead, so ``num_videos_per_prompt`` videos come out,
+        and one image serves every prompt."""
+        call = dict(call)
+        height, width, frames = self.default_size()
+        call["height"], call["width"] = call["height"] or height, call["width"] or width
+        call["num_frames"] = call["num_frames"] or frames
+        call["max_sequence_length"] = call["max_sequence_length"] or self.default_text_length()
+        step = 2 * self.pipe.vae_scale_factor_temporal
+        if self.pipe.transformer.config.patch_size_t is None and (call["num_frames"] - 1) % step:
+            latent = (call["num_frames"] - 1) // self.pipe.vae_scale_factor_temporal + 1
+            factor = self.pipe.vae_scale_factor_temporal
+            decoded = factor * latent if latent % 2 == 0 else factor * (latent - 1) + 1
+            lower = (call["num_frames"] - 1) // step * step + 1
+            logger.warning("num_frames=%d is not %dk+1: CogVideoX's VAE decodes %d frames for it (as in diffusers); "
+                           "ask for %d or %d frames for an exact count", call["num_frames"], step, decoded, lower,
+                           lower + step)  # fmt: skip
+        per_prompt = call.get("num_videos_per_prompt") or 1
+        prompt = call["prompt"]
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        count = len(prompts) if prompts is not None else call["prompt_embeds"].shape[0]
+        images = None
+        if per_prompt > 1 or count != image_count(call["image"]):
+            images = self.batch_images(call, count)
+        if per_prompt > 1:
+            repeat = lambda xs: None if xs is None else [x for x in xs for _ in range(per_prompt)]  # noqa: E731
+            if prompts is not None:
+                call["prompt"] = repeat(prompts)
+            negative = call["negative_prompt"]
+            if negative is not None:
+                call["negative_prompt"] = repeat([negative] * count if isinstance(negative, str) else list(negative))
+            for name in ("prompt_embeds", "negative_prompt_embeds"):
+                if call[name] is not None:
+                    call[name] = call[name].repeat_interleave(per_prompt, dim=0)
+            images = repeat(images)
+            call["num_videos_per_prompt"] = 1
+        if images is not None:
+            call["image"] = images
+        return call
+
+    def batch_prompts(self, call: dict[str, Any]) -> list[str]:
+        return super().batch_prompts({**call, "num_videos_per_prompt": 1})  # prepare_call repeated them
+
+    @contextlib.contextmanager
+    def attach(self, state: FlexiMMTState, call: dict[str, Any]):
+        videos = len(state.videos)
+        cfg = call["guidance_scale"] > 1
+        state.rows = list(range(videos)) * (2 if cfg else 1)  # [uncond videos | cond videos] with CFG
+        state.feature_rows = [videos + v if cfg else v for v in range(videos)]
+        yield {**call, "attention_kwargs": {**(call.get("attention_kwargs") or {}), "fleximmt": state}}
+
+    # -- training ------------------------------------------------------------------------------
+    def encode_conditions(self, clips, caption, text_len, generator):
+        pipe = self.pipe
+        device = pipe._execution_device
+        prompt_embeds, _ = pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=text_len,
+                                              device=device)  # fmt: skip
+        scale = pipe.vae.config.scaling_factor
+        patch_t = pipe.transformer.config.patch_size_t
+        videos, images = [], []
+        for clip in clips:
+            clip = clip[None].to(device, pipe.vae.dtype)
+            latents = pipe.vae.encode(clip).latent_dist.sample(generator=generator) * scale  # [1, C, F, h, w]
+            image = pipe.vae.encode(clip[:, :, :1]).latent_dist.sample(generator=generator) * scale
+            latents, image = latents.permute(0, 2, 1, 3, 4), image.permute(0, 2, 1, 3, 4)
+            padding = image.new_zeros(1, latents.shape[1] - 1, *image.shape[2:])
+            image = torch.cat([image, padding], dim=1)
+            pad = (patch_t - latents.shape[1] % patch_t) % patch_t if patch_t else 0
+            if pad:  # CogVideoX 1.5: whole token frames, padded in front with the first frame as the pipeline does
+                latents = torch.cat([latents[:, :1].expand(-1, pad, -1, -1, -1), latents], dim=1)
+                image = torch.cat([image[:, :pad], image], dim=1)
+            videos.append(latents[0].float().cpu())
+            images.append(image[0].float().cpu())
+        return {"prompt_embeds": prompt_embeds.float().cpu(), "video_latents": torch.stack(videos),
+                "image_latents": torch.stack(images), "padding": torch.tensor(pad)}  # fmt: skip
+
+    def training_prediction(self, state, cond, window, generator, image_dropout, autocast) -> TrainingBatch:
+        pipe = self.pipe
+        transformer = pipe.transformer
+        device = pipe._execution_device
+        x0 = cond["video_latents"][window : window + 1].to(device)
+        image = cond["image_latents"][window : window + 1].to(device)
+        if torch.rand((), generator=generator).item() < image_dropout:
+            image = torch.zeros_like(image)
+        num_train = pipe.scheduler.config.num_train_timesteps
+        t = torch.randint(0, num_train, (1,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        alpha_bar = pipe.scheduler.alphas_cumprod[t].to(device).float()
+        noisy = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        cfg = transformer.config
+        height = x0.shape[-2] * pipe.vae_scale_factor_spatial
+        width = x0.shape[-1] * pipe.vae_scale_factor_spatial
+        rotary = None
+        if cfg.use_rotary_positional_embeddings:
+            rotary = pipe._prepare_rotary_positional_embeddings(height, width, x0.shape[1], device)
+        ofs = None if cfg.ofs_embed_dim is None else x0.new_full((1,), 2.0)
+        dtype = transformer.dtype
+        state.rows, state.feature_rows = None, None
+        with autocast():
+            velocity = transformer(
+                hidden_states=torch.cat([noisy, image], dim=2).to(dtype),
+                encoder_hidden_states=cond["prompt_embeds"].to(device, dtype),
+                timestep=t.to(device),
+                ofs=ofs,
+                image_rotary_emb=rotary,
+                attention_kwargs={"fleximmt": state},
+                return_dict=False,
+            )[0].float()
+        x0_hat = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * velocity  # v-prediction -> x0
+        weight = 1.0 / (1.0 - alpha_bar).clamp_min(1e-6)  # w_t = 1 / (1 - alphabar_t)
+        pad = 0 if cfg.patch_size_t is None else (cfg.patch_size_t - 1) if x0.shape[1] > 1 else 0
+        real = slice(pad if self._padded(cond) else 0, None)
+        return TrainingBatch(x0, x0_hat, weight, real)
+
+    def _padded(self, cond) -> bool:
+        return bool(cond.get("padded", torch.zeros(())).item()) if isinstance(cond.get("padded"), torch.Tensor) else False
+
+
+class FlexiMMTPipeline(FlexiMMTMixin, CogVideoXImageToVideoPipeline):
+    """Multi-object multi-motion image-to-video (FlexiMMT) on diffusers' CogVideoX I2V (5B-I2V, 1.5-5B-I2V)."""
+
+    adapter_class = CogVideoXAdapter
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str = DEFAULT_MODEL, **kwargs):
+        """Load CogVideoX-I2V components (default ``THUDM/CogVideoX-5b-I2V``, or a local folder);
+        safetensors only."""
+        from .loading import check_safetensors
+
+        check_safetensors(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 6,
+        use_dynamic_cfg: bool = False,
+        num_videos_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.FloatTensor | None = None,
+        prompt_embeds: torch.FloatTensor | None = None,
+        negative_prompt_embeds: torch.FloatTensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' own default)
+        max_sequence_length: int | None = None,
+        *,
+        objects: Sequence = (),
+        mask_source: str = "rmpm",
+        rmpm_method: str = "paper",
+        anchors: int = 3,
+        alpha: float | None = None,
+        feature_blocks: Sequence[int] | None = None,
+        parts: Sequence[str] = PARTS,
+        context_text: str = "open",
+        attention_backend: str = "auto",
+        return_masks: bool = False,
+        initial_masks: str = "first_frame",
+    ) -> FlexiMMTPipelineOutput | Any:
+        """Generate videos in which each object of ``objects`` moves with its own motion.
+
+        diffusers' ``CogVideoXImageToVideoPipeline.__call__`` arguments, in its order and with its
+        meaning, except: height, width, num_frames and max_sequence_length default to the model's
+        own config; ``num_videos_per_prompt`` is honoured (diffusers' CogVideoX I2V sets it to 1);
+        one image may serve a list of prompts.
+
+        """
+        return self._call(locals())
+
+    __call__.__doc__ += OPTIONS_DOC
+ADAPTER = CogVideoXAdapter
