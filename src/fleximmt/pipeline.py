@@ -11,6 +11,7 @@ during that step and prepares the next step's masks (a one-step lag, METHOD.md s
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -149,6 +150,13 @@ class FlexiMMTMixin:
         """For each frame of a decoded video, the token frame its masks are on (``video.mask_overlay``)."""
         height, width, _ = self.default_size()
         return self.token_grid(height, width, num_video_frames).frame_index(num_video_frames)
+
+    def to_json_string(self) -> str:
+        """``model_index.json`` names diffusers' own pipeline class, so a saved FlexiMMT pipeline loads
+        anywhere diffusers does (``fleximmt.load_pipeline`` maps it back to FlexiMMT's)."""
+        index = json.loads(super().to_json_string())
+        index["_class_name"] = self.adapter_class.pipeline_class.__name__
+        return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def diffusers_parameters(cls) -> list[str]:
