@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .masks import PARTS, dmem_mask, group_keys, mdma_cross_dense, mdma_dense, mdma_text_rows, mdma_video_groups
+from .masks import PARTS, dmem_mask, group_keys, mdma_cross_dense, mdma_dense, mdma_text_rows, video_groups
 
 BACKENDS = ("auto", "dense")
 FORMS = ("joint", "cross")
@@ -79,17 +79,22 @@ class JointLayout:
         text_rows = mdma_text_rows(*args)
         small = text_rows.shape[1] - num_video
         merged, large, budget = [], [], min(MERGE_CAP, num_video // 2)
-        for queries, keys in sorted(mdma_video_groups(*args, key_cache=self.key_cache), key=lambda g: g[0].numel()):
+        for queries, keys, key_tuple in sorted(video_groups(*args, key_cache=self.key_cache), key=lambda g: g[0].numel()):
             if queries.numel() < MERGE_BELOW and queries.numel() <= budget:
                 budget -= queries.numel()
                 merged.append((queries, keys))
             else:
-                large.append((queries, keys))
-        order, in_chain = chain_order([tuple(k.tolist()) for _, k in large], small)
-        self.order = torch.tensor(order, dtype=torch.long, device=device)
-        position = torch.empty(small, dtype=torch.long, device=device)
-        position[self.order] = torch.arange(small, device=device)
-        self.groups = [(q, k if chained else position[k], chained) for (q, k), chained in zip(large, in_chain)]
+                large.append((queries, keys, key_tuple))
+        cache = {} if self.key_cache is None else self.key_cache
+        config = ("order", tuple(t for _, _, t in large), small)
+        if config not in cache:  # the buffer's key order, kept for the next block or step with these groups
+            order, in_chain = chain_order(list(config[1]), small)
+            order = torch.tensor(order, dtype=torch.long, device=device)
+            position = torch.empty(small, dtype=torch.long, device=device)
+            position[order] = torch.arange(small, device=device)
+            cache[config] = (order, position, in_chain)
+        self.order, position, in_chain = cache[config]
+        self.groups = [(q, k if chained else position[k], chained) for (q, k, _), chained in zip(large, in_chain)]
         rows = [torch.cat([text_rows[:, small:], text_rows[:, :small][:, self.order]], dim=1)]
         for queries, keys in merged:
             row = torch.zeros(small, dtype=torch.bool, device=device)
@@ -171,8 +176,8 @@ class CrossLayout:
             self.dense = mdma_cross_dense(self.member, self.tokens_per_motion, self.video_masks, self.parts)
             return
         text_len = self.member.shape[1]
-        for queries, keys in mdma_video_groups(self.member, self.tokens_per_motion, self.video_masks, self.parts,
-                                               self.context_text, key_cache=self.key_cache):  # fmt: skip
+        for queries, keys, _ in video_groups(self.member, self.tokens_per_motion, self.video_masks, self.parts,
+                                             self.context_text, key_cache=self.key_cache):  # fmt: skip
             if keys.numel() == 0:  # nothing left to read: the whole text (mdma_cross_dense's rule)
                 keys = torch.arange(text_len, device=keys.device)
             self.groups.append((queries, keys))
@@ -243,6 +248,7 @@ class FlexiMMTState:
     feature_rows: list[int] | None = None  # per video, the batch row its features come from
     _dmem_layouts: dict = field(default_factory=dict)
     _drop: torch.Tensor | None = None
+    _row_index: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
@@ -290,9 +296,12 @@ class FlexiMMTState:
             return [(0 if self.rows is None else self.rows[0], None)]
         if len(self.rows) != batch:
             raise ValueError(f"{len(self.rows)} batch rows declared, the transformer got {batch}")
-        device = self.videos[0].member.device
-        return [(v, torch.tensor([r for r, rv in enumerate(self.rows) if rv == v], device=device))
-                for v in sorted(set(self.rows))]  # fmt: skip
+        key = tuple(self.rows)
+        if key not in self._row_index:  # index tensors made once per call, not in every block
+            device = self.videos[0].member.device
+            self._row_index[key] = [(v, torch.tensor([r for r, rv in enumerate(self.rows) if rv == v], device=device))
+                                    for v in sorted(set(self.rows))]  # fmt: skip
+        return self._row_index[key]
 
     # -- RMPM features (captured during the ordinary forward) --------------------------------
     def observe(self, block: int, video_out: torch.Tensor) -> None:

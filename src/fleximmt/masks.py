@@ -52,9 +52,8 @@ def text_text_mask(member: torch.Tensor) -> torch.Tensor:
 def text_video_mask(member: torch.Tensor, video_masks: torch.Tensor, context_text: str) -> torch.Tensor:
     """Y x V of Eqs. 6-7 ``[L_y, N_v]``; context text (no motion span) is open or closed to all video."""
     allowed = (member.T.float() @ video_masks.float()) > 0
-    context = ~member.any(0)
-    allowed[context] = context_text == "open"
-    return allowed
+    context = ~member.any(0)[:, None]
+    return allowed | context if context_text == "open" else allowed & ~context
 
 
 def mdma_dense(
@@ -164,12 +163,25 @@ def mdma_video_groups(
     V x V is all open, so a video query's row of ``M`` depends only on which objects it belongs
     to. Returns ``[(query_indices, key_indices)]``: the video tokens of each group (on the masks'
     device) and the indices of the text and motion keys (into ``[text | motion]``) it may read
-    besides all video. One small device-to-host copy (the group sizes) is the only synchronisation;
-    ``key_cache`` (a dict kept across calls with the same words and parts) saves rebuilding key lists.
+    besides all video. See :func:`video_groups` for ``key_cache``.
     """
+    return [(queries, keys) for queries, keys, _ in video_groups(member, tokens_per_motion, video_masks, parts,
+                                                                   context_text, key_cache)]  # fmt: skip
+
+
+def video_groups(
+    member: torch.Tensor,
+    tokens_per_motion: int,
+    video_masks: torch.Tensor,
+    parts: frozenset[str],
+    context_text: str,
+    key_cache: dict | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]:
+    """:func:`mdma_video_groups` with each group's keys also as a host tuple. One small device-to-host
+    copy (the group sizes) is the only synchronisation once ``key_cache`` (a dict kept across calls
+    with the same words) holds the key lists of the object combinations seen so far."""
     num_objects, num_video = video_masks.shape
     device = video_masks.device
-    host_member = member.cpu()
     if num_objects:
         weights = 2 ** torch.arange(num_objects, device=device)
         codes = (video_masks.long() * weights[:, None]).sum(0)
@@ -178,18 +190,20 @@ def mdma_video_groups(
     counts = torch.bincount(codes, minlength=2**num_objects).tolist()  # the one sync
     order = torch.argsort(codes, stable=True)
     cache = {} if key_cache is None else key_cache
-    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    groups: dict[tuple[int, ...], list] = {}
     for code, queries in enumerate(torch.split(order, counts)):
         if not counts[code]:
             continue
         cache_key = (code, parts, context_text)
         if cache_key not in cache:
+            if "member" not in cache:
+                cache["member"] = member.cpu()
             objs = [(code >> k) & 1 == 1 for k in range(num_objects)]
-            keys = group_keys(host_member, tokens_per_motion, objs, parts, context_text)
+            keys = group_keys(cache["member"], tokens_per_motion, objs, parts, context_text)
             cache[cache_key] = (tuple(keys.tolist()), keys.to(device))
         key_tuple, keys = cache[cache_key]
         groups.setdefault(key_tuple, [keys]).append(queries)
-    return [(torch.cat(found[1:]), found[0]) for found in groups.values()]
+    return [(torch.cat(found[1:]), found[0], key_tuple) for key_tuple, found in groups.items()]
 
 
 CROSS_PARTS = ("m2v", "t2v")  # the MDMA parts that exist where only video tokens query (METHOD.md section 9)

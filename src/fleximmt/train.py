@@ -198,17 +198,15 @@ def cache_path(output: Path) -> Path:
 
 @contextlib.contextmanager
 def placement_kept(pipe):
-    """Put every module component back on the device and dtype it had, however the block ends."""
+    """Put every module component back on the device and dtype it had, however the block ends
+    (training offloads the text encoder and VAE while the tokens train)."""
     before = module_placement(pipe)
     try:
         yield
     finally:
         for name, (device, dtype) in before.items():
             module = pipe.components[name]
-            if hasattr(module, "_hf_hook"):  # accelerate's offload hooks own this module's placement
-                continue
-            current = next(module.parameters())
-            if (current.device, current.dtype) != (device, dtype):
+            if not hasattr(module, "_hf_hook"):  # accelerate's offload hooks own such a module's placement
                 module.to(device=device, dtype=dtype)
 
 
