@@ -28,3 +28,59 @@ def headless_chromium(profile_dir, height: int = 2400):
                 f"--user-data-dir={profile_dir}", f"--window-size=1280,{height}"):  # fmt: skip
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def fn_index(demo, name: str) -> int:
+    """The index of the event whose function is called ``name`` (the page's own events, private ones too)."""
+    return next(i for i, fn in demo.fns.items() if fn.name == name)
+
+
+class GradioSession:
+    """One page's session against a Gradio server over plain HTTP, as the browser speaks to it:
+    events joined by ``fn_index`` (private ones too) with the values the page would send, and their
+    results read from the session's event stream (``/gradio_api/queue/data``)."""
+
+    def __init__(self, url: str, session_hash: str | None = None):
+        import secrets
+
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.session_hash = session_hash or secrets.token_hex(8)
+        self.http = httpx.Client(timeout=120)
+
+    def join(self, fn_index: int, data: list) -> str:
+        """Queue one event; returns its id at once."""
+        body = {"data": data, "event_data": None, "fn_index": fn_index, "trigger_id": None, "session_hash": self.session_hash}
+        response = self.http.post(f"{self.url}/gradio_api/queue/join", json=body)
+        response.raise_for_status()
+        return response.json()["event_id"]
+
+    def messages(self):
+        """The session's stream of messages (dicts), until the server closes it."""
+        import json
+
+        with self.http.stream("GET", f"{self.url}/gradio_api/queue/data", params={"session_hash": self.session_hash}) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    message = json.loads(line[5:])
+                    yield message
+                    if message.get("msg") == "close_stream":
+                        return
+
+    def results(self, event_ids: list[str]) -> dict[str, dict]:
+        """The ``process_completed`` message of each event (``success``, and ``output``: ``data`` or ``error``)."""
+        done = {}
+        for message in self.messages():
+            if message.get("msg") == "process_completed" and message.get("event_id") in event_ids:
+                done[message["event_id"]] = message
+                if len(done) == len(event_ids):
+                    break
+        return done
+
+    def call(self, fn_index: int, data: list) -> dict:
+        event = self.join(fn_index, data)
+        return self.results([event])[event]
+
+    def close(self) -> None:
+        self.http.close()

@@ -13,11 +13,12 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from helpers import free_port, headless_chromium, needs_chromium
+from helpers import GradioSession, fn_index, free_port, headless_chromium, needs_chromium
 
 from fleximmt.rate import (
     CRITERIA,
     DuplicateBallot,
+    StaleBallot,
     add_cli,
     cast_ballots,
     format_report,
@@ -77,20 +78,38 @@ def test_a_second_ballot_for_the_same_case_is_refused_and_writes_nothing(tmp_pat
     assert set(sqlite3.connect(db).execute("SELECT pick FROM ballots")) == {("fleximmt",)}
 
 
-def test_the_page_shows_a_refused_ballot_as_a_message(tmp_path):
+def test_the_page_shows_a_refused_ballot_as_a_message(cases_dir, tmp_path):
     db = tmp_path / "votes.sqlite"
-    order = ["cogvideox", "fleximmt", "anyv2v"]
-    assert submit(db, "alice", "case_a", order, dict.fromkeys(CRITERIA, "Candidate 2")) == (
+    cases = load_cases(cases_dir)
+    case_a = cases[0]
+    second = case_a.order("alice")[1]  # what alice sees as Candidate 2
+    assert submit(db, "alice", case_a, dict.fromkeys(CRITERIA, "Candidate 2"), cases) == (
         True,
-        "Saved your ballot for case 'case_a'.",
+        "Saved your ballot for case 1 of 2.",
     )
-    saved, message = submit(db, "alice", "case_a", order, dict.fromkeys(CRITERIA, "Candidate 1"))
-    assert not saved and "already rated case 'case_a'" in message
+    saved, message = submit(db, "alice", case_a, dict.fromkeys(CRITERIA, "Candidate 1"), cases)
+    assert not saved and "already rated case 1 of 2" in message
     saved, message = submit(
-        db, "bob", "case_a", order, {"MF": "Candidate 1", "TC": None, "TS": "Candidate 1", "AC": "Candidate 1"}
+        db, "bob", case_a, {"MF": "Candidate 1", "TC": None, "TS": "Candidate 1", "AC": "Candidate 1"}, cases
     )
     assert not saved and "missing: TC" in message
-    assert list(sqlite3.connect(db).execute("SELECT DISTINCT rater, pick FROM ballots")) == [("alice", "fleximmt")]
+    saved, message = submit(db, "bob", case_a, dict.fromkeys(CRITERIA, "Candidate 9"), cases)
+    assert not saved and "'Candidate 9' is not one of this case's videos (Candidate 1, Candidate 2, Candidate 3)" in message
+    assert list(sqlite3.connect(db).execute("SELECT DISTINCT rater, pick FROM ballots")) == [("alice", second)]
+
+
+def test_a_ballot_for_a_case_that_is_not_the_raters_current_one_is_refused(tmp_path):
+    db = tmp_path / "votes.sqlite"
+    order = ["case_a", "case_b", "case_c"]
+    with pytest.raises(StaleBallot, match="'case_b' is not 'alice''s current case \\('case_a'\\)"):
+        cast_ballots(db, "alice", "case_b", all_picks("fleximmt"), order)
+    cast_ballots(db, "alice", "case_a", all_picks("fleximmt"), order)
+    with pytest.raises(DuplicateBallot, match="already rated case 'case_a'"):
+        cast_ballots(db, "alice", "case_a", all_picks("anyv2v"), order)
+    cast_ballots(db, "alice", "case_b", all_picks("anyv2v"), order)  # now it is current
+    cast_ballots(db, "bob", "case_a", all_picks("cogvideox"), order)  # raters move on independently
+    rows = sorted(sqlite3.connect(db).execute("SELECT DISTINCT rater, case_id, pick FROM ballots"))
+    assert rows == [("alice", "case_a", "fleximmt"), ("alice", "case_b", "anyv2v"), ("bob", "case_a", "cogvideox")]
 
 
 def test_ballots_survive_closing_and_reopening_the_database(tmp_path):
@@ -187,3 +206,106 @@ def test_a_ballot_cast_by_clicking_in_chromium_reaches_the_database(cases_dir, t
     )
     order = load_cases(cases_dir)[0].order("alice")  # what alice saw as Candidate 1, 2, 3
     assert ballots == {c: order[n - 1] for c, n in picks.items()}
+
+
+# -- the server, driven over HTTP as the page drives it -----------------------------------------
+@pytest.fixture()
+def rating_server(cases_dir, tmp_path):
+    from fleximmt.rate import serve
+
+    db = tmp_path / "votes.sqlite"
+    port = free_port()
+    demo = serve(cases_dir, db, port=port, block=False)
+    session = GradioSession(f"http://127.0.0.1:{port}/")
+    yield demo, session, db
+    session.close()
+    demo.close()
+
+
+def ballot(name: str, case_id: str, shown_for: str, picks: dict[str, str | None]) -> list:
+    """The values Submit sends: the name box, the case and rater the page shows, one pick per question."""
+    return [name, case_id, shown_for, *[picks.get(c) for c in CRITERIA]]
+
+
+def test_two_submits_sent_back_to_back_from_one_session_record_one_ballot_for_the_case_shown(rating_server, cases_dir):
+    demo, session, db = rating_server
+    shown = session.call(fn_index(demo, "page"), ["alice"])["output"]["data"]
+    assert shown[:2] == ["case_a", "alice"]
+    first = {"MF": "Candidate 2", "TC": "Candidate 1", "TS": "Candidate 2", "AC": "Candidate 3"}
+    submit_fn = fn_index(demo, "on_submit")
+    events = [session.join(submit_fn, ballot("alice", "case_a", "alice", first)),
+              session.join(submit_fn, ballot("alice", "case_a", "alice", dict.fromkeys(CRITERIA, "Candidate 1")))]  # fmt: skip
+    results = session.results(events)
+    status = [results[e]["output"]["data"][0] for e in events]
+    assert status[0] == "Saved your ballot for case 1 of 2."
+    assert status[1].startswith("**Not saved: you have already rated case 1 of 2**")
+    assert results[events[1]]["output"]["data"][1] == "case_b"  # the refused page moves on to the current case
+    rows = sqlite3.connect(db).execute("SELECT case_id, criterion, pick FROM ballots WHERE rater = 'alice'").fetchall()
+    order = load_cases(cases_dir)[0].order("alice")
+    assert sorted(rows) == sorted(("case_a", c, order[int(p[-1]) - 1]) for c, p in first.items())  # nothing for case_b
+
+
+def test_a_submit_without_a_name_or_before_starting_says_what_to_do(rating_server):
+    demo, session, db = rating_server
+    submit_fn = fn_index(demo, "on_submit")
+    picks = dict.fromkeys(CRITERIA, "Candidate 1")  # picks the radios cannot hold before a case is shown
+    no_name = session.call(submit_fn, ballot("", "", "", picks))["output"]["data"][0]
+    assert no_name == "Type your rater name above, then press *Start / continue*."
+    not_started = session.call(submit_fn, ballot("alice", "", "", picks))["output"]["data"][0]
+    assert not_started == "Press *Start / continue* to see your first case, then pick and submit."
+    session.call(fn_index(demo, "page"), ["alice"])
+    renamed = session.call(submit_fn, ballot("bob", "case_a", "alice", picks))["output"]["data"][0]
+    assert renamed.startswith("This page shows a case for 'alice': to rate as 'bob', press *Start / continue* first.")
+    later = session.call(submit_fn, ballot("alice", "case_b", "alice", picks))["output"]["data"][0]
+    assert later.startswith("**Not saved: case 2 of 2 is not the case you are rating now**")
+    assert not any("not in the list of choices" in m for m in (no_name, not_started, renamed, later))
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM ballots").fetchone() == (0,)
+
+
+def test_the_rating_app_has_no_public_api(rating_server):
+    from gradio_client import Client
+
+    demo, session, _ = rating_server
+    api = Client(session.url, verbose=False).view_api(return_format="dict", print_info=False)
+    assert api["named_endpoints"] == {} and api["unnamed_endpoints"] == {}
+
+
+@needs_chromium
+def test_a_second_tab_submitting_the_case_another_tab_rated_is_refused_in_the_page(cases_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from fleximmt.rate import serve
+
+    db = tmp_path / "votes.sqlite"
+    port = free_port()
+    demo = serve(cases_dir, db, port=port, block=False)
+    driver = headless_chromium(tmp_path / "profile")
+    wait = WebDriverWait(driver, 60)
+
+    def open_and_pick(number: int) -> None:
+        driver.get(f"http://127.0.0.1:{port}/?rater=alice")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "header"), "Case 1 of 2"))
+        for criterion in CRITERIA:
+            radio = wait.until(ec.presence_of_element_located(
+                (By.CSS_SELECTOR, f"#crit_{criterion.lower()} input[value='Candidate {number}']")))  # fmt: skip
+            driver.execute_script("arguments[0].click();", radio)
+
+    try:
+        open_and_pick(1)
+        first_tab = driver.current_window_handle
+        driver.switch_to.new_window("tab")
+        open_and_pick(2)  # the second tab shows case 1 too
+        driver.switch_to.window(first_tab)
+        driver.execute_script("arguments[0].click();", driver.find_element(By.ID, "submit"))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Saved your ballot for case 1 of 2."))
+        driver.switch_to.window(driver.window_handles[-1])
+        driver.execute_script("arguments[0].click();", driver.find_element(By.ID, "submit"))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Not saved: you have already rated case 1 of 2"))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "header"), "Case 2 of 2"))
+    finally:
+        driver.quit()
+        demo.close()
+    picks = set(sqlite3.connect(db).execute("SELECT case_id, pick FROM ballots WHERE rater = 'alice'"))
+    assert picks == {("case_a", load_cases(cases_dir)[0].order("alice")[0])}  # the first tab's Candidate 1, once

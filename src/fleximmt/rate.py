@@ -29,6 +29,7 @@ import shutil
 import sqlite3
 import tempfile
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,9 +117,18 @@ class DuplicateBallot(FlexiMMTInputError):
     """The rater already voted on this case and criterion."""
 
 
-def cast_ballots(db_path: str | Path, rater: str, case_id: str, picks: dict[str, str]) -> None:
+class StaleBallot(FlexiMMTInputError):
+    """The ballot names a case that is not the rater's current one."""
+
+
+def cast_ballots(
+    db_path: str | Path, rater: str, case_id: str, picks: dict[str, str], case_ids: Sequence[str] | None = None
+) -> None:
     """Record one pick (a method) per criterion in one committed transaction; a second ballot for the
-    same rater, case and criterion is refused with :class:`DuplicateBallot` and nothing is written."""
+    same rater, case and criterion is refused with :class:`DuplicateBallot` and nothing is written.
+    With ``case_ids`` (every case, in the order raters meet them) the ballot must be for the rater's
+    current case, the first of them the rater has not rated, checked in the same transaction; any
+    other is refused with :class:`StaleBallot`."""
     rater = rater.strip()
     if not rater:
         raise FlexiMMTInputError("enter your rater name first")
@@ -126,31 +136,58 @@ def cast_ballots(db_path: str | Path, rater: str, case_id: str, picks: dict[str,
     if missing:
         raise FlexiMMTInputError(f"pick one video for every question (missing: {', '.join(missing)})")
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    duplicate = DuplicateBallot(
+        f"{rater!r} has already rated case {case_id!r}: each rater votes once per case and question"
+    )
     conn = connect(db_path)
+    conn.isolation_level = None  # the transaction below is explicit
     try:
-        with conn:  # one transaction: all four ballots or none
+        conn.execute("BEGIN IMMEDIATE")  # one writer from here on: the check and the insert see the same ballots
+        try:
+            if case_ids is not None:
+                rated = {row[0] for row in conn.execute("SELECT DISTINCT case_id FROM ballots WHERE rater = ?", (rater,))}
+                if case_id in rated:
+                    raise duplicate
+                current = next((c for c in case_ids if c not in rated), None)
+                if case_id != current:
+                    raise StaleBallot(f"case {case_id!r} is not {rater!r}'s current case ({current!r}): rate that one")
             conn.executemany(
                 "INSERT INTO ballots VALUES (?, ?, ?, ?, ?)", [(rater, case_id, c, picks[c], now) for c in CRITERIA]
             )
+            conn.execute("COMMIT")  # all four ballots or none
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
     except sqlite3.IntegrityError:
-        raise DuplicateBallot(
-            f"{rater!r} has already rated case {case_id!r}: each rater votes once per case and question"
-        ) from None
+        raise duplicate from None
     finally:
         conn.close()
 
 
 def submit(
-    db_path: str | Path, rater: str, case_id: str, order: list[str], picks: dict[str, str | None]
+    db_path: str | Path, rater: str, case: RatingCase, picks: dict[str, str | None], cases: Sequence[RatingCase]
 ) -> tuple[bool, str]:
-    """The page's Submit: de-anonymise ``picks`` (criterion -> "Candidate k") with the rater's
-    ``order`` and cast them. Returns (saved, message for the page); refusals are messages, not errors."""
-    chosen = {c: order[LABELS.index(p)] for c, p in picks.items() if p in LABELS[: len(order)]}
+    """The page's Submit for the ``case`` the page showed ``rater``: de-anonymise ``picks`` (criterion ->
+    "Candidate k", in the rater's order of the case) and cast them, refused unless ``case`` is the
+    rater's current case. Returns (saved, message for the page); refusals are messages, not errors."""
+    number = {c.id: i + 1 for i, c in enumerate(cases)}
+    order = case.order(rater.strip())
+    labels = LABELS[: len(order)]
+    wrong = [p for p in picks.values() if p is not None and p not in labels]
+    if wrong:
+        return False, f"**Not saved: {wrong[0]!r} is not one of this case's videos ({', '.join(labels)}).**"
+    chosen = {c: order[labels.index(p)] for c, p in picks.items() if p is not None}
     try:
-        cast_ballots(db_path, rater, case_id, chosen)
+        cast_ballots(db_path, rater, case.id, chosen, [c.id for c in cases])
+    except DuplicateBallot:
+        return False, (f"**Not saved: you have already rated case {number[case.id]} of {len(cases)}** (a second "
+                       "submit, or another tab); the page now shows your next case.")  # fmt: skip
+    except StaleBallot:
+        return False, (f"**Not saved: case {number[case.id]} of {len(cases)} is not the case you are rating now**; "
+                       "the page now shows it.")  # fmt: skip
     except FlexiMMTInputError as err:
         return False, f"**Not saved: {err}.**"
-    return True, f"Saved your ballot for case {case_id!r}."
+    return True, f"Saved your ballot for case {number[case.id]} of {len(cases)}."
 
 
 def rated_cases(db_path: str | Path, rater: str) -> set[str]:
@@ -197,24 +234,31 @@ def format_report(table: dict[str, dict[str, float]], as_csv: bool = False) -> s
 
 
 # -- the app -----------------------------------------------------------------------------------
+KEEP_FILES_S = 86400  # Gradio's copies of the served videos go a day after their last use, and at shutdown
+
+
 def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = None):
     """The rating page as a ``gradio.Blocks``; ``demo.launch()`` needs no extra arguments (every
-    video is served from a private temporary copy)."""
+    video is served from a private temporary copy). The page keeps the case it shows and the rater
+    it shows it to; Submit sends them with the picks, and a ballot for any case but the rater's
+    current one is refused. Its events are private: no API for scripts."""
     import gradio as gr
 
     cases = load_cases(cases_dir)
+    by_id = {c.id: c for c in cases}
     connect(db_path).close()
     cache = Path(tempfile.mkdtemp(prefix="fleximmt-rate-"))
     salt = secrets.token_hex(16)
 
     def page(name: str):
-        """The rater's next unrated case: [case_id, order, header, references, candidates, radios]."""
+        """The rater's next unrated case: [shown case, shown rater, header, references, candidates, radios]."""
         name = (name or "").strip()
         todo = [c for c in cases if c.id not in rated_cases(db_path, name)] if name else []
         if not todo:
-            message = f"All {len(cases)} cases are rated. Thank you!" if name else "Enter your name to start."
+            message = (f"All {len(cases)} cases are rated. Thank you!" if name
+                       else "Type your rater name above, then press *Start / continue*.")  # fmt: skip
             hidden = [gr.update(visible=False, value=None)] * (MAX_REFERENCES + MAX_CANDIDATES)
-            return [None, [], f"### {message}", *hidden, *[gr.update(choices=[], value=None)] * len(CRITERIA)]
+            return ["", name, f"### {message}", *hidden, *[gr.update(choices=[], value=None)] * len(CRITERIA)]
         case = todo[0]
         view = page_view(case, name, cache, salt)
         videos = view["references"] + [None] * MAX_REFERENCES
@@ -223,15 +267,17 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
         cands = [gr.update(visible=path is not None, label=label, value=path) for label, path in shown[:MAX_CANDIDATES]]
         header = f"### Case {cases.index(case) + 1} of {len(cases)}\n**Prompt:** {view['prompt'] or '(none)'}"
         radios = [gr.update(choices=list(view["candidates"]), value=None) for _ in CRITERIA]
-        return [case.id, case.order(name), header, *refs, *cands, *radios]
+        return [case.id, name, header, *refs, *cands, *radios]
 
-    with gr.Blocks(title="FlexiMMT human evaluation") as demo:
+    with gr.Blocks(title="FlexiMMT human evaluation", delete_cache=(3600, KEEP_FILES_S)) as demo:
         gr.Markdown(
             "# Which video is best?\nWatch the reference motions, then the candidates, and pick one video per question."
         )
         rater_box = gr.Textbox(label="Your rater name", value=rater or "", elem_id="rater")
         start = gr.Button("Start / continue", elem_id="start")
-        case_state, order_state = gr.State(None), gr.State([])  # kept on the server: the order names methods
+        # what the page shows: the ballot names them (the method order is recomputed from them on the server)
+        shown_case = gr.Textbox(value="", visible="hidden", elem_id="shown_case")
+        shown_rater = gr.Textbox(value="", visible="hidden", elem_id="shown_rater")
         header = gr.Markdown(elem_id="header")
         gr.Markdown("## Reference motions")
         with gr.Row():
@@ -244,33 +290,53 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
         radios = [gr.Radio(label=question, choices=[], elem_id=f"crit_{c.lower()}") for c, question in CRITERIA.items()]
         submit_button = gr.Button("Submit", variant="primary", elem_id="submit")
         status = gr.Markdown(elem_id="status")
-        outputs = [case_state, order_state, header, *references, *candidates, *radios]
+        outputs = [shown_case, shown_rater, header, *references, *candidates, *radios]
+        unchanged = [gr.update()] * len(outputs)
 
         def on_load(name: str, request: gr.Request):
             name = (request.query_params.get("rater") if request else None) or name
             return [name, *page(name)]
 
-        def on_submit(name, case_id, order, *picks):
-            if case_id is None:
-                return ["Press *Start / continue* first.", *page(name)]
-            saved, message = submit(db_path, name, case_id, order, dict(zip(CRITERIA, picks)))
-            return [message, *(page(name) if saved else [gr.update()] * len(outputs))]
+        def on_submit(name, case_id, shown_for, *picks):
+            """Unprocessed values (preprocess=False): the picks are checked here, against the case named."""
+            name, shown_for = (name or "").strip(), (shown_for or "").strip()
+            if not name:
+                return ["Type your rater name above, then press *Start / continue*.", *unchanged]
+            if not case_id:
+                return ["Press *Start / continue* to see your first case, then pick and submit.", *unchanged]
+            if name != shown_for:
+                return [f"This page shows a case for {shown_for!r}: to rate as {name!r}, press *Start / continue* "
+                        "first. Nothing was saved.", *unchanged]  # fmt: skip
+            if case_id not in by_id:
+                return ["This page is out of date: reload it. Nothing was saved.", *unchanged]
+            picks = [p if isinstance(p, str) and p else None for p in picks]
+            saved, message = submit(db_path, name, by_id[case_id], dict(zip(CRITERIA, picks)), cases)
+            rated = rated_cases(db_path, name)
+            moved_on = case_id != next((c.id for c in cases if c.id not in rated), None)  # the page is behind
+            return [message, *(page(name) if moved_on else unchanged)]
 
         private = {"api_visibility": "private"}  # the page calls these; no API for scripts
         demo.load(on_load, inputs=[rater_box], outputs=[rater_box, *outputs], **private)
         start.click(page, inputs=[rater_box], outputs=outputs, **private)
-        submit_button.click(
-            on_submit, inputs=[rater_box, case_state, order_state, *radios], outputs=[status, *outputs], **private
-        )
-    weakref.finalize(demo, shutil.rmtree, cache, ignore_errors=True)
+        submit_button.click(on_submit, inputs=[rater_box, shown_case, shown_rater, *radios], outputs=[status, *outputs],
+                            preprocess=False, **private)  # fmt: skip
+    demo.fleximmt_close = weakref.finalize(demo, shutil.rmtree, cache, ignore_errors=True)
     return demo
 
 
 def serve(cases_dir, db_path, host: str = "127.0.0.1", port: int = 7861, rater: str | None = None, block: bool = True):
     """Build the app and serve it on ``host:port`` (this machine only by default); ``block=False``
-    returns the running app at once (close it with ``demo.close()``)."""
+    returns the running app at once (close it with ``demo.close()``; its served copies go then)."""
+    from contextlib import asynccontextmanager
+
     demo = build_app(cases_dir, db_path, rater)
-    demo.queue().launch(server_name=host, server_port=port, prevent_thread_lock=not block)
+
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        demo.fleximmt_close()
+
+    demo.queue().launch(server_name=host, server_port=port, prevent_thread_lock=not block, app_kwargs={"lifespan": lifespan})
     return demo
 
 
