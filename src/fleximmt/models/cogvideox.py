@@ -29,6 +29,7 @@ from .base import ModelAdapter, TokenGrid, TrainingBatch, image_count
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "THUDM/CogVideoX-5b-I2V"
+V15_SIZE = (768, 1360)  # THUDM/CogVideoX1.5-5B-I2V's model card: height x width
 
 
 class FlexiMMTAttnProcessor:
@@ -129,9 +130,15 @@ class CogVideoXAdapter(ModelAdapter):
         return self.pipe.transformer.config.max_text_seq_length  # 226 for CogVideoX-5B
 
     def default_size(self) -> tuple[int, int, int]:
+        """CogVideoX 1.0: the size its learned positional embeddings were made for (480 x 720 x 49).
+        CogVideoX 1.5 (no learned positions; its config's sample size is the largest it takes): the
+        model card's 768 x 1360, within that largest size, and 81 frames."""
         cfg = self.pipe.transformer.config
         scale = self.pipe.vae_scale_factor_spatial
-        return cfg.sample_height * scale, cfg.sample_width * scale, cfg.sample_frames
+        largest = (cfg.sample_height * scale, cfg.sample_width * scale)
+        if cfg.use_learned_positional_embeddings:
+            return *largest, cfg.sample_frames
+        return min(V15_SIZE[0], largest[0]), min(V15_SIZE[1], largest[1]), cfg.sample_frames
 
     def token_grid(self, height: int, width: int, num_frames: int) -> TokenGrid:
         cfg = self.pipe.transformer.config
@@ -154,6 +161,11 @@ class CogVideoXAdapter(ModelAdapter):
             raise FlexiMMTInputError(
                 f"height x width = {height} x {width}, but this model has learned positional embeddings for "
                 f"{sample[0]} x {sample[1]} only: leave height and width unset or use those"
+            )
+        if cfg.patch_size_t is not None and (height > sample[0] or width > sample[1]):
+            raise FlexiMMTInputError(
+                f"height x width = {height} x {width} is larger than this model's rotary grid allows "
+                f"({sample[0]} x {sample[1]}): give a smaller size, e.g. {V15_SIZE[0]} x {V15_SIZE[1]}"
             )
 
     def install_processors(self) -> None:
@@ -226,12 +238,14 @@ class CogVideoXAdapter(ModelAdapter):
         prompt_embeds, _ = pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=text_len,
                                               device=device)  # fmt: skip
         scale = pipe.vae.config.scaling_factor
+        # the image condition is scaled as the pipeline scales it (CogVideoX 1.5's VAE inverts it)
+        image_scale = 1 / scale if getattr(pipe.vae.config, "invert_scale_latents", False) else scale
         patch_t = pipe.transformer.config.patch_size_t
         videos, images = [], []
         for clip in clips:
             clip = clip[None].to(device, pipe.vae.dtype)
             latents = pipe.vae.encode(clip).latent_dist.sample(generator=generator) * scale  # [1, C, F, h, w]
-            image = pipe.vae.encode(clip[:, :, :1]).latent_dist.sample(generator=generator) * scale
+            image = pipe.vae.encode(clip[:, :, :1]).latent_dist.sample(generator=generator) * image_scale
             latents, image = latents.permute(0, 2, 1, 3, 4), image.permute(0, 2, 1, 3, 4)
             padding = image.new_zeros(1, latents.shape[1] - 1, *image.shape[2:])
             image = torch.cat([image, padding], dim=1)

@@ -52,8 +52,14 @@ def tiny_components(
     time_embed_dim: int = 8,
     norm_groups: int = 2,
     words: tuple[str, ...] = WORDS,
+    version: str = "1.0",
 ) -> dict:
-    """Random-weight components of a ``CogVideoXImageToVideoPipeline`` (seeded)."""
+    """Random-weight components of a ``CogVideoXImageToVideoPipeline`` (seeded). ``version="1.5"`` is
+    shaped like CogVideoX 1.5: tokens span 2 latent frames, no learned positional embeddings (any
+    size), an ``ofs`` embedding, and the VAE's inverted image-latent scale."""
+    if version not in ("1.0", "1.5"):
+        raise ValueError(f"version={version!r}: choose '1.0' or '1.5'")
+    v15 = version == "1.5"
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -69,6 +75,7 @@ def tiny_components(
         layers_per_block=1,
         norm_num_groups=norm_groups,
         temporal_compression_ratio=4,
+        invert_scale_latents=v15,
     )
     tokenizer = tiny_tokenizer(tuple(words))
     text_encoder = T5EncoderModel(
@@ -96,10 +103,13 @@ def tiny_components(
         sample_height=height // spatial,
         sample_frames=num_frames,
         patch_size=2,
+        patch_size_t=2 if v15 else None,
+        patch_bias=not v15,
+        ofs_embed_dim=time_embed_dim if v15 else None,
         temporal_compression_ratio=4,
         max_text_seq_length=text_len,
         use_rotary_positional_embeddings=True,
-        use_learned_positional_embeddings=True,
+        use_learned_positional_embeddings=not v15,
     )
     scheduler = CogVideoXDDIMScheduler()
     for model in (vae, text_encoder, transformer):
