@@ -1,0 +1,415 @@
+"""FlexiMMT at CogVideoX-5B-I2V's true size on a GPU: seconds per denoising step and peak memory.
+
+The real CogVideoX-5B-I2V transformer config (``--model 1.5``: CogVideoX1.5-5B-I2V's) with random
+bf16 weights on the GPU, at 480x720x49 (17,550 video + 226 text tokens). Inference: the transformer
+call of one denoising step exactly as diffusers' pipeline makes it (CFG on: batch 2, the image
+latents concatenated on channels, RoPE, ``attention_kwargs``), for diffusers' own attention
+(``CogVideoXAttnProcessor2_0``), FlexiMMT with K objects x 226 motion tokens (auto backend) and the
+dense backend (an N x N mask; "does not fit" when it runs out of memory). A FlexiMMT step also
+does what the pipeline does between steps: RMPM on the captured features (its result is not used:
+random weights give meaningless features) and the next step's MDMA layout from moving ellipse
+masks. Training: one motion-training step through ``fleximmt.train.training_step`` (DMEM on,
+d_m = 226, AdamW on the float32 tokens) with gradient checkpointing off and on, and a plain forward
++ backward of the same model (diffusers' attention, gradient to the input latents) for reference.
+Peak memory is ``torch.cuda.max_memory_allocated`` of each run (weights included; ``*_activations``
+without them). JSON to ``--out``. Without CUDA it says so and exits 0; ``--device cpu --tiny`` runs
+every code path on a tiny config (the test suite does).
+
+It imports only torch, diffusers, transformers, accelerate, safetensors, numpy and fleximmt.
+
+On the GPU machine (it has torch 2.11, transformers, accelerate, safetensors, numpy, pillow, tqdm,
+imageio, opencv; not diffusers). Here, once, in the repository root:
+
+    echo /.whl/ >> .git/info/exclude
+    .venv/bin/python -m pip wheel --no-deps -w .whl . diffusers==0.42.1 importlib_metadata==8.7.0
+
+then run there (carry [".whl"], about 20 MiB; one call, under 10 minutes):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --out $OUT/gpu.json
+
+(``--skip-dense`` or ``--skip-training`` shorten it; ``--model 1.5`` for CogVideoX 1.5 at 768x1360x81.)
+For the numbers' place in BENCHMARKS.md: the paper reports 17.4 s per step for the authors'
+release on an A800 (dense float mask); diffusers' CogVideoX-5B-I2V step is the baseline here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+# The transformer configs of the real checkpoints (their transformer/config.json), used with random weights.
+TRANSFORMER_CONFIGS = {
+    "5b": dict(  # THUDM/CogVideoX-5b-I2V
+        activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=64, dropout=0.0,
+        flip_sin_to_cos=True, freq_shift=0, in_channels=32, max_text_seq_length=226, norm_elementwise_affine=True,
+        norm_eps=1e-5, num_attention_heads=48, num_layers=42, out_channels=16, patch_size=2, sample_frames=49,
+        sample_height=60, sample_width=90, spatial_interpolation_scale=1.875, temporal_compression_ratio=4,
+        temporal_interpolation_scale=1.0, text_embed_dim=4096, time_embed_dim=512, timestep_activation_fn="silu",
+        use_learned_positional_embeddings=True, use_rotary_positional_embeddings=True,
+    ),
+    "1.5": dict(  # THUDM/CogVideoX1.5-5B-I2V: temporal patches of 2 latent frames, ofs embedding, no learned positions
+        activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=64, dropout=0.0,
+        flip_sin_to_cos=True, freq_shift=0, in_channels=32, max_text_seq_length=226, norm_elementwise_affine=True,
+        norm_eps=1e-5, num_attention_heads=48, num_layers=42, ofs_embed_dim=512, out_channels=16, patch_bias=False,
+        patch_size=2, patch_size_t=2, sample_frames=81, sample_height=300, sample_width=300,
+        spatial_interpolation_scale=1.875, temporal_compression_ratio=4, temporal_interpolation_scale=1.0,
+        text_embed_dim=4096, time_embed_dim=512, timestep_activation_fn="silu",
+        use_learned_positional_embeddings=False, use_rotary_positional_embeddings=True,
+    ),
+}  # fmt: skip
+# Default video geometry (height, width, frames): 5B-I2V's 720x480x49 (its only size: learned positions);
+# 1.5-I2V's model card: 1360x768 (min side 768, max side <= 1360), 81 frames.
+GEOMETRY = {"5b": (480, 720, 49), "1.5": (768, 1360, 81)}
+MODEL_NAMES = {"5b": "CogVideoX-5B-I2V", "1.5": "CogVideoX1.5-5B-I2V"}
+VAE_SPATIAL, VAE_TEMPORAL = 8, 4
+
+
+def config(model: str, **overrides) -> SimpleNamespace:
+    """The full transformer config: ``CogVideoXTransformer3DModel``'s defaults, then the checkpoint's values."""
+    import inspect
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    params = inspect.signature(CogVideoXTransformer3DModel.__init__).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return SimpleNamespace(**{**defaults, **TRANSFORMER_CONFIGS[model], **overrides})
+
+
+def token_geometry(cfg, height: int, width: int, frames: int) -> dict:
+    """Latent frames (padded to whole temporal patches, as diffusers' pipeline pads them) and the token grid."""
+    latent = (frames - 1) // VAE_TEMPORAL + 1
+    patch_t = getattr(cfg, "patch_size_t", None) or 1
+    latent += (patch_t - latent % patch_t) % patch_t
+    grid = (latent // patch_t, height // (VAE_SPATIAL * cfg.patch_size), width // (VAE_SPATIAL * cfg.patch_size))
+    return {"latent_frames": latent, "grid": grid, "video_tokens": grid[0] * grid[1] * grid[2],
+            "latent_shape": (latent, 16, height // VAE_SPATIAL, width // VAE_SPATIAL)}  # fmt: skip
+
+
+def rotary(cfg, height: int, width: int, latent_frames: int, device="cpu"):
+    """diffusers' own 3D RoPE for this geometry (its pipeline's method, without a pipeline)."""
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    pipe = SimpleNamespace(vae_scale_factor_spatial=VAE_SPATIAL, transformer=SimpleNamespace(config=cfg))
+    return CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings(pipe, height, width, latent_frames, device)
+
+
+def moving_masks(objects: int, grid: tuple[int, int, int], low: float = 0.05, high: float = 0.30) -> torch.Tensor:
+    """bool ``[K, N_v]``: K ellipses covering ``low``..``high`` of the frame (K = 1: their mean), each
+    crossing the frame horizontally over the token frames (odd objects right to left), at rows spread
+    over the frame height, so that neighbours overlap where they are large or cross."""
+    frames, height, width = grid
+    yy, xx = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    fractions = [(low + high) / 2] if objects == 1 else torch.linspace(low, high, objects).tolist()
+    masks = torch.zeros(objects, frames, height, width, dtype=torch.bool)
+    for k, fraction in enumerate(fractions):
+        ry = math.sqrt(fraction * height * width / (math.pi * 1.3))
+        rx = 1.3 * ry
+        cy = height * (k + 1) / (objects + 1)
+        for t in range(frames):
+            s = t / max(frames - 1, 1)
+            cx = width * (0.25 + 0.5 * s if k % 2 == 0 else 0.75 - 0.5 * s)
+            masks[k, t] = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    return masks.reshape(objects, -1)
+
+
+def word_members(objects: int, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool ``[K, L_y]`` motion words (3 tokens per object) and ``[K, L_y]`` concept words (2 tokens)."""
+    member = torch.zeros(objects, text_len, dtype=torch.bool)
+    concept = torch.zeros(objects, text_len, dtype=torch.bool)
+    for k in range(objects):
+        concept[k, 8 * k + 1 : 8 * k + 3] = True
+        member[k, 8 * k + 4 : 8 * k + 7] = True
+    return member, concept
+
+
+def random_tokens(objects: int, blocks: int, d_m: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Motion tokens ``[K, 1, blocks, d_m, dim]``, kaiming-uniform-like as the release initialises them."""
+    gen = torch.Generator().manual_seed(seed)
+    bound = (3.0 / dim) ** 0.5
+    return (torch.rand(objects, 1, blocks, d_m, dim, generator=gen) * 2 - 1) * bound
+
+
+TINY = dict(num_attention_heads=2, attention_head_dim=64, num_layers=3, max_text_seq_length=32, text_embed_dim=64,
+            time_embed_dim=32, sample_height=8, sample_width=12, sample_frames=9)  # fmt: skip
+TINY_GEOMETRY = (64, 96, 9)
+PAPER_RELEASE_S_PER_STEP = 17.4  # the paper's figure for the authors' release, A800, 480x720x49
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class Bench:
+    """The random-weight transformer, the inputs of a denoising step and FlexiMMT's states."""
+
+    def __init__(self, args):
+        from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+
+        from fleximmt import FlexiMMTPipeline
+
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        overrides = TINY if args.tiny else {}
+        self.cfg = config(args.model, **overrides)
+        self.size = TINY_GEOMETRY if args.tiny else GEOMETRY[args.model]
+        self.geo = token_geometry(self.cfg, *self.size)
+        torch.manual_seed(0)
+        kwargs = {k: v for k, v in TRANSFORMER_CONFIGS[args.model].items()}
+        kwargs.update(overrides)
+        with torch.device(self.device):
+            transformer = CogVideoXTransformer3DModel(**kwargs)
+        self.transformer = transformer.to(self.dtype).eval().requires_grad_(False)
+        self.weights_gib = sum(p.numel() * p.element_size() for p in self.transformer.parameters()) / 2**30
+        scheduler = CogVideoXDPMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+            rescale_betas_zero_snr=True, set_alpha_to_one=True, timestep_spacing="trailing", snr_shift_scale=1.0,
+            clip_sample=False,
+        )  # fmt: skip
+        # the transfer and training code reach the model through the pipeline; no VAE or T5 is needed for a step
+        self.pipe = FlexiMMTPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=self.transformer,
+                                     scheduler=scheduler)  # fmt: skip
+        latent_frames, channels, h, w = self.geo["latent_shape"]
+        gen = torch.Generator().manual_seed(1)
+        self.latents = torch.randn(2, latent_frames, 2 * channels, h, w, generator=gen).to(self.device, self.dtype)
+        text_len, text_dim = self.cfg.max_text_seq_length, self.cfg.text_embed_dim
+        self.prompt_embeds = torch.randn(2, text_len, text_dim, generator=gen).to(self.device, self.dtype)
+        self.rotary = rotary(self.cfg, self.size[0], self.size[1], latent_frames, self.device)
+        self.ofs = None if getattr(self.cfg, "ofs_embed_dim", None) is None else self.latents.new_full((1,), 2.0)
+        self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
+        self.masks = moving_masks(args.objects, self.geo["grid"]).to(self.device)
+
+    def step_call(self, timestep: int, attention_kwargs=None):
+        """The transformer call of one CFG denoising step, as diffusers' I2V pipeline makes it."""
+        t = torch.tensor(timestep, device=self.device)
+        return self.transformer(
+            hidden_states=self.latents, encoder_hidden_states=self.prompt_embeds, timestep=t.expand(2), ofs=self.ofs,
+            image_rotary_emb=self.rotary, attention_kwargs=attention_kwargs, return_dict=False,
+        )[0]  # fmt: skip
+
+    def flexi_state(self, backend: str):
+        from fleximmt.attention import motion_state_for
+
+        k, blocks = self.args.objects, self.cfg.num_layers
+        member, _ = word_members(k, self.cfg.max_text_seq_length)
+        tokens = random_tokens(k, blocks, self.args.tokens, self.dim).to(self.device, self.dtype)
+        share = max(1, round(blocks * self.pipe.adapter.feature_share))
+        state = motion_state_for(tokens, member.to(self.device), form="joint", num_frames=self.geo["grid"][0],
+                                 backend=backend, feature_blocks=frozenset(range(share)))  # fmt: skip
+        first = self.masks.view(k, *self.geo["grid"])[:, 0]
+        state.set_video_masks(first[:, None].expand(-1, self.geo["grid"][0], -1, -1).reshape(k, -1))
+        state.rows, state.feature_rows = [0, 0], [1]  # CFG: [uncond | cond] of one video, features from cond
+        return state, first
+
+    def between_steps(self, state, first) -> None:
+        """What the pipeline does after a step: RMPM on the captured features, the next step's layout."""
+        from fleximmt.masks import rmpm
+
+        frames, h, w = self.geo["grid"]
+        state.begin_step(self.geo["video_tokens"], self.cfg.num_layers)
+        features = state.take_features()
+        if features is not None:
+            rmpm(first, features.view(frames, h, w, -1), 3, "paper")  # computed as in a real run, not used
+        state.set_video_masks(self.masks)
+
+
+def time_inference(bench: Bench, name: str, backend: str | None) -> dict:
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    args, device = bench.args, bench.device
+    result = {"backend": backend, "objects": args.objects if backend else 0, "fits": True, "error": None,
+              "steps_s": [], "s_per_step": None, "peak_gib": None, "peak_activations_gib": None}  # fmt: skip
+    state = first = None
+    try:
+        if backend is None:
+            bench.transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
+        else:
+            bench.pipe.adapter.install_processors()
+        _reset_peak(device)
+        if backend is not None:
+            state, first = bench.flexi_state(backend)
+        kwargs = None if state is None else {"fleximmt": state}
+        with torch.no_grad():
+            for i in range(args.steps + 1):  # the first is a warm-up
+                _sync(device)
+                start = time.perf_counter()
+                bench.step_call(999 - 20 * i, kwargs)
+                if state is not None:
+                    bench.between_steps(state, first)
+                _sync(device)
+                if i:
+                    result["steps_s"].append(time.perf_counter() - start)
+        result["s_per_step"] = statistics.median(result["steps_s"])
+        result["peak_gib"] = _peak_gib(device)
+    except (RuntimeError, MemoryError) as error:
+        if not _out_of_memory(error):
+            raise
+        result.update(fits=False, error=f"does not fit: {str(error).splitlines()[0][:300]}")
+    finally:
+        state = first = None
+        _reset_peak(device)
+    if result["peak_gib"] is not None:
+        result["peak_activations_gib"] = result["peak_gib"] - bench.weights_gib
+    print(f"{name:<22} " + (f"{result['s_per_step']:.3f} s/step (median of {args.steps}), peak "
+          f"{result['peak_gib'] if result['peak_gib'] is not None else float('nan'):.2f} GiB" if result["fits"] else result["error"]),
+          flush=True)  # fmt: skip
+    return result
+
+
+def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> dict:
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    from fleximmt.attention import motion_state_for
+    from fleximmt.train import TRAIN_PARTS, Conditions, TrainSettings, training_step
+
+    args, device, transformer = bench.args, bench.device, bench.transformer
+    result = {"fleximmt": flexi, "gradient_checkpointing": checkpointing, "fits": True, "error": None, "steps_s": [],
+              "s_per_step": None, "peak_gib": None, "peak_activations_gib": None}  # fmt: skip
+    latent_frames, channels, h, w = bench.geo["latent_shape"]
+    gen = torch.Generator().manual_seed(2)
+    text_len = bench.cfg.max_text_seq_length
+    member, concept = word_members(1, text_len)
+    cond = Conditions(
+        {"prompt_embeds": torch.randn(1, text_len, bench.cfg.text_embed_dim, generator=gen),
+         "video_latents": torch.randn(1, latent_frames, channels, h, w, generator=gen),
+         "image_latents": torch.randn(1, latent_frames, channels, h, w, generator=gen), "padding": torch.tensor(0)},
+        member, concept,
+    )  # fmt: skip
+    settings = TrainSettings(tokens_per_motion=args.tokens)
+    transformer.enable_gradient_checkpointing() if checkpointing else transformer.disable_gradient_checkpointing()
+    try:
+        _reset_peak(device)
+        blocks = bench.cfg.num_layers
+        if flexi:
+            bench.pipe.adapter.install_processors()
+            tokens = torch.nn.Parameter(random_tokens(1, blocks, args.tokens, bench.dim)[0, 0].to(device))
+            optimizer = torch.optim.AdamW([tokens], lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+            state = motion_state_for(torch.stack([tokens])[None], member.to(device), form="joint", parts=TRAIN_PARTS,
+                                     num_frames=bench.geo["grid"][0], dmem=True, concept_member=concept.to(device),
+                                     dmem_drop=settings.dmem_drop, generator=gen)  # fmt: skip
+        else:
+            transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
+        for i in range(args.train_steps + 1):  # the first is a warm-up
+            _sync(device)
+            start = time.perf_counter()
+            if flexi:
+                state.set_motion_tokens(torch.stack([tokens])[None])
+                state.begin_step(bench.geo["video_tokens"], blocks)
+                loss, _ = training_step(bench.pipe.adapter, state, cond, 0, gen, settings, contextlib.nullcontext)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([tokens], settings.max_grad_norm)
+                optimizer.step()
+            else:  # the frozen model's forward + backward to its input, diffusers' attention
+                x = bench.latents[:1].detach().requires_grad_(True)
+                t = torch.tensor([500], device=device)
+                out = transformer(hidden_states=x, encoder_hidden_states=bench.prompt_embeds[:1], timestep=t,
+                                  ofs=bench.ofs, image_rotary_emb=bench.rotary, return_dict=False)[0]  # fmt: skip
+                out.float().square().mean().backward()
+            _sync(device)
+            if i:
+                result["steps_s"].append(time.perf_counter() - start)
+        result["s_per_step"] = statistics.median(result["steps_s"])
+        result["peak_gib"] = _peak_gib(device)
+    except (RuntimeError, MemoryError) as error:
+        if not _out_of_memory(error):
+            raise
+        result.update(fits=False, error=f"does not fit: {str(error).splitlines()[0][:300]}")
+    finally:
+        transformer.disable_gradient_checkpointing()
+        state = tokens = optimizer = None
+        _reset_peak(device)
+    if result["peak_gib"] is not None:
+        result["peak_activations_gib"] = result["peak_gib"] - bench.weights_gib
+    print(f"{name:<22} " + (f"{result['s_per_step']:.3f} s/step (median of {args.train_steps}), peak "
+          f"{result['peak_gib'] if result['peak_gib'] is not None else float('nan'):.2f} GiB" if result["fits"] else result["error"]),
+          flush=True)  # fmt: skip
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a tiny config (a dry run of every code path, e.g. on a CPU)")
+    parser.add_argument("--model", choices=sorted(GEOMETRY), default="5b")
+    parser.add_argument("--objects", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=226, help="motion tokens per object and block (d_m)")
+    parser.add_argument("--steps", type=int, default=5, help="timed denoising steps per variant (after one warm-up)")
+    parser.add_argument("--train-steps", type=int, default=3, help="timed training steps per variant (after one warm-up)")
+    parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--skip-training", action="store_true")
+    args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/gpu.py needs CUDA (none here): nothing measured. For a dry run: --device cpu --tiny")
+        return 0
+    import diffusers
+
+    bench = Bench(args)
+    device = bench.device
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "model": MODEL_NAMES[args.model],
+        "tiny": args.tiny, "dtype": str(bench.dtype).replace("torch.", ""), "size": list(bench.size),
+        "video_tokens": bench.geo["video_tokens"], "text_tokens": bench.cfg.max_text_seq_length,
+        "objects": args.objects, "tokens_per_motion": args.tokens, "weights_gib": bench.weights_gib,
+        "paper_release_s_per_step_a800": PAPER_RELEASE_S_PER_STEP,
+    }  # fmt: skip
+    print(f"{result['model']}{' (tiny config)' if args.tiny else ''} on {result['device']}, {bench.dtype}, "
+          f"{bench.size[0]}x{bench.size[1]}x{bench.size[2]}: {bench.geo['video_tokens']:,} video tokens; weights "
+          f"{bench.weights_gib:.2f} GiB", flush=True)  # fmt: skip
+    inference = {"diffusers": time_inference(bench, "diffusers", None),
+                 "fleximmt_auto": time_inference(bench, f"FlexiMMT K={args.objects} auto", "auto")}  # fmt: skip
+    if args.skip_dense:
+        inference["fleximmt_dense"] = {"backend": "dense", "fits": None, "error": "skipped", "steps_s": [],
+                                       "s_per_step": None, "peak_gib": None, "peak_activations_gib": None}  # fmt: skip
+    else:
+        inference["fleximmt_dense"] = time_inference(bench, f"FlexiMMT K={args.objects} dense", "dense")
+    base = inference["diffusers"]["s_per_step"]
+    for r in inference.values():
+        r["ratio"] = r["s_per_step"] / base if r.get("s_per_step") and base else None
+    result["inference"] = inference
+    training = {}
+    if not args.skip_training:
+        for ckpt in (False, True):
+            key = "checkpointing_on" if ckpt else "checkpointing_off"
+            training[f"plain_{key}"] = time_training(bench, f"plain fwd+bwd{' +ckpt' if ckpt else ''}", False, ckpt)
+            training[f"fleximmt_{key}"] = time_training(bench, f"FlexiMMT train{' +ckpt' if ckpt else ''}", True, ckpt)
+    result["training"] = training
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""benchmarks/gpu.py's dry mode on a CPU: every code path the GPU run takes, on a tiny config, and
+its JSON carries every field the GPU run will fill."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_gpu_module():
+    spec = importlib.util.spec_from_file_location("fleximmt_bench_gpu", BENCHMARKS / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RUN_FIELDS = {"fits", "error", "steps_s", "s_per_step", "peak_gib", "peak_activations_gib"}
+
+
+def test_gpu_benchmark_dry_run_writes_every_field(tmp_path):
+    gpu = load_gpu_module()
+    out = tmp_path / "gpu.json"
+    with torch.random.fork_rng():
+        assert gpu.main(["--device", "cpu", "--tiny", "--steps", "1", "--train-steps", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for field in ("device", "torch", "diffusers", "model", "tiny", "dtype", "size", "video_tokens", "text_tokens",
+                  "objects", "tokens_per_motion", "weights_gib", "paper_release_s_per_step_a800"):  # fmt: skip
+        assert field in result, field
+    assert result["tiny"] is True and result["device"] == "cpu" and result["video_tokens"] == 3 * 4 * 6
+    assert set(result["inference"]) == {"diffusers", "fleximmt_auto", "fleximmt_dense"}
+    for name, run in result["inference"].items():
+        assert RUN_FIELDS | {"backend", "objects", "ratio"} <= set(run), name
+        assert run["fits"] and len(run["steps_s"]) == 1 and run["s_per_step"] > 0 and run["ratio"] > 0, name
+        assert run["peak_gib"] is None  # CUDA's counter only
+    assert result["inference"]["diffusers"]["ratio"] == 1.0
+    assert result["inference"]["fleximmt_auto"]["objects"] == 3
+    expected = {f"{kind}_checkpointing_{on}" for kind in ("plain", "fleximmt") for on in ("on", "off")}
+    assert set(result["training"]) == expected
+    for name, run in result["training"].items():
+        assert RUN_FIELDS | {"fleximmt", "gradient_checkpointing"} <= set(run), name
+        assert run["fits"] and run["s_per_step"] > 0, name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the benchmark itself")
+def test_gpu_benchmark_without_cuda_says_so_and_exits_0(tmp_path, capsys):
+    gpu = load_gpu_module()
+    assert gpu.main(["--out", str(tmp_path / "gpu.json")]) == 0
+    assert "needs CUDA" in capsys.readouterr().out
+    assert not (tmp_path / "gpu.json").exists()
