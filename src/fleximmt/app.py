@@ -1,22 +1,50 @@
-"""``fleximmt app``: multi-object motion transfer in the browser (Gradio).
+"""``fleximmt app``: multi-object motion transfer in the browser (Gradio), and over HTTP for scripts.
 
-The model loads once per server; requests queue. Transfer tab: an image, up to ``SLOTS``
-objects (each drawn with a brush, uploaded as a PNG, clicked for SAM, or named for
-Grounding-DINO + SAM when those weights are given), a motion per object from the library or an
-uploaded file, a prompt with each object's motion words highlighted, a preview of the masks on the
-latent token grid, then the video and the mask-propagation overlay. Learn tab: a reference video
-and its words in, a motion in the library out, with a progress bar and a loss curve.
+The model loads once per server. Transfer tab: an image, up to ``SLOTS`` objects (each drawn with
+a brush, uploaded as a PNG, clicked for SAM, or named for Grounding-DINO + SAM when those weights
+are given), a motion per object from the library or an uploaded file, a prompt with each object's
+motion words highlighted, a preview of the masks on the latent token grid, then the video and the
+mask-propagation overlay. Learn tab: a reference video and its words in, a motion in the library
+out, with a progress bar and a loss curve.
+
+How the server behaves (README, "The web app"):
+
+- **One run at a time.** Every generation and every training runs in one worker thread
+  (:class:`ModelWorker`), in the order they come. Stop (or a client that cancels, closes its page
+  or goes away) ends a run at its next denoising or training step; a run cancelled while it waits
+  never starts. A stopped training keeps its last checkpoint, and Learn with the same name and
+  settings continues from it.
+- **Images.** Any image up to ``MAX_IMAGE_PIXELS`` opens; the image and every mask are resized
+  together to the model's size (the aspect ratio changes when it differs; the page says so). A mask
+  PNG must have the image's size. Uploads are capped (:func:`upload_limit`).
+- **Disk.** The app keeps the video files of its last two runs (Gradio serves its own copy of
+  each); Gradio's copies of uploads and results are removed ``keep_files`` seconds after they were
+  made, and everything at shutdown.
+- **API.** ``/generate``, ``/show_masks`` and ``/learn`` are named endpoints whose inputs have
+  names (``image``, ``prompt``, ``object_1_mask_png``, ...); the page's other events are private.
 """
 
-import json
+import asyncio
+import concurrent.futures
+import contextvars
+import inspect
 import logging
+import os
+import re
+import shutil
 import tempfile
-from dataclasses import dataclass
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import FlexiMMTInputError
 from .masks import mask_to_token_grid
@@ -26,6 +54,59 @@ from .video import PALETTE, mask_overlay, save_video
 logger = logging.getLogger(__name__)
 SLOTS = 3
 MASK_MODES = ("draw", "png", "points", "words")
+MAX_IMAGE_PIXELS = 50_000_000  # what the app opens; PIL itself refuses beyond 2 x 89 megapixels
+MIN_UPLOAD_BYTES = 200 * 2**20  # the upload cap: this, or more when the model's motion files are larger
+KEEP_FILES_S = 3600  # uploads and results stay this long (seconds), then go
+QUEUE_SIZE = 32  # requests waiting beyond this are refused ("queue is full")
+MOTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
+
+
+# -- images: read with limits, fit to the model ---------------------------------------------
+def read_image(path: str | Path, what: str = "the image", header_only: bool = False) -> Image.Image:
+    """Open an image file (EXIF rotation applied) if it has at most ``MAX_IMAGE_PIXELS`` pixels;
+    ``header_only`` checks it without decoding the pixels (the result then has only a ``size``)."""
+    name = Path(path).name
+    too_large = (f"{what} ({name}) is too large to open: this app takes images of at most "
+                 f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels; scale it down first")  # fmt: skip
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, before decoding
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise FlexiMMTInputError(too_large.replace("too large to open", f"{width} x {height} pixels"))
+                if header_only:
+                    orientation = img.getexif().get(0x0112, 1)  # EXIF rotations by 90 degrees swap the sides
+                    return Image.new("1", (height, width) if orientation in (5, 6, 7, 8) else (width, height))
+                img.load()
+                return ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError:  # PIL's own guard, raised while reading the header
+        raise FlexiMMTInputError(too_large) from None
+    except FlexiMMTInputError:
+        raise
+    except (OSError, SyntaxError, ValueError):
+        raise FlexiMMTInputError(f"{what} ({name}) is not an image this app can read: give a PNG or JPEG") from None
+
+
+def size_note(image_size: tuple[int, int], model_size: tuple[int, int]) -> str:
+    """What happens to an image of ``(width, height)`` on a model of ``(width, height)``: the rule, for the page."""
+    (w, h), (mw, mh) = image_size, model_size
+    if (w, h) == (mw, mh):
+        return f"The image is {w} x {h}, the model's own size: it is used as it is."
+    note = f"The image is {w} x {h}; the model makes {mw} x {mh} videos, so the image and its masks are resized to {mw} x {mh} together"
+    if abs(w / h - mw / mh) > 0.01:
+        note += f": the picture is stretched (aspect ratio {w / h:.2f} becomes {mw / mh:.2f})"
+    return note + f". Mask PNGs must be {w} x {h}, like the image."
+
+
+def fit_to_model(image: np.ndarray, masks: list[torch.Tensor], width: int, height: int) -> tuple[Image.Image, list[torch.Tensor]]:
+    """The image (bicubic) and its masks (nearest), resized together to the model's ``width x height``."""
+    picture = Image.fromarray(image).convert("RGB")
+    if picture.size == (width, height):
+        return picture, masks
+    resized = [torch.from_numpy(np.asarray(Image.fromarray(m.numpy().astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 127)
+               for m in masks]  # fmt: skip
+    return picture.resize((width, height), Image.BICUBIC), resized
 
 
 # -- the motion library ------------------------------------------------------------------------
@@ -61,10 +142,12 @@ class MotionLibrary:
         return out
 
     def get(self, name: str) -> LibraryEntry:
-        for entry in self.entries():
+        entries = self.entries()
+        for entry in entries:
             if entry.name == name:
                 return entry
-        raise FlexiMMTInputError(f"motion {name!r} is not in the library {str(self.folder)!r}")
+        names = ", ".join(e.name for e in entries) or "none yet"
+        raise FlexiMMTInputError(f"motion {name!r} is not in the motion library (it has: {names}): choose one of them or upload a motion file")
 
 
 # -- pure helpers (tested without a browser) ---------------------------------------------------
@@ -78,15 +161,17 @@ def motion_metadata(motion: MotionTokens) -> str:
              f"{blocks} blocks x {d_m} tokens x {dim}",
              f"{meta['steps']} training steps" if meta.get("steps") else None]  # fmt: skip
     return " · ".join(p for p in parts if p)
+
+
 def highlight(prompt: str, motion_words: list[str]) -> list[tuple[str, str | None]]:
-    """The prompt split into (text, label) pieces, each object's motion words labelled."""
+    """The prompt split into (text, label) pieces, each object's motion words labelled "Object k"."""
     spans = []
     for k, words in enumerate(motion_words):
         if words and words in prompt:
             start = prompt.index(words)
             while any(s < start + len(words) and start < e for s, e, _ in spans) and words in prompt[start + 1 :]:
                 start = prompt.index(words, start + 1)
-            spans.append((start, start + len(words), f"object {k + 1}"))
+            spans.append((start, start + len(words), f"Object {k + 1}"))
     pieces, pos = [], 0
     for start, end, label in sorted(spans):
         if start < pos:
@@ -118,84 +203,245 @@ def grid_preview(image: np.ndarray, masks: list[torch.Tensor], grid_h: int, grid
     return big
 
 
+def hide_paths(message: str, folders: list[str | Path]) -> str:
+    """``message`` with every path under one of ``folders`` replaced by its file name (no server paths for users)."""
+    for folder in sorted({str(Path(f)) for f in folders}, key=len, reverse=True):
+        message = re.sub(re.escape(folder) + r"[^\s'\"]*", lambda m: Path(m.group(0)).name, message)
+    return message
+
+
+@dataclass
+class ObjectInput:
+    """One object as the page (or an API call) gives it: ``object_<k>_<field>`` in ``/generate``."""
+
+    use: bool = True
+    mask_from: str = "png"  # one of MASK_MODES
+    brush: dict | None = None  # an ImageEditor value: {"layers": [RGBA arrays], ...}
+    mask_png: str | None = None  # path of a PNG of the image's size
+    points: str = ""  # SAM: clicks "x,y x,y" or a box "x0,y0,x1,y1"
+    name: str = ""  # Grounding-DINO + SAM: the object's name
+    motion: str | None = None  # a motion of the library, by name
+    motion_file: str | None = None  # or the path of an uploaded motion file
+    motion_words: str = ""  # the prompt's words for this object's motion
+
+
+OBJECT_FIELDS = tuple(f.name for f in fields(ObjectInput))
+
+
+def with_object_parameters(fn: Callable) -> Callable:
+    """``fn(..., **objects)`` declared with a keyword parameter ``object_<k>_<field>=None`` for every
+    object and field of :class:`ObjectInput`: the API lists each by name, and each may be left out."""
+    signature = inspect.signature(fn)
+    params = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+    params += [inspect.Parameter(f"object_{k}_{f}", inspect.Parameter.KEYWORD_ONLY, default=None)
+               for k in range(1, SLOTS + 1) for f in OBJECT_FIELDS]  # fmt: skip
+    fn.__signature__ = signature.replace(parameters=params)
+    return fn
+
+
+# -- one model, one run at a time ---------------------------------------------------------------
+class Cancelled(Exception):
+    """A run stopped because its client cancelled it or went away."""
+
+
+class ModelWorker:
+    """Runs every job on the model in one thread, one at a time, in the order they come.
+
+    :meth:`run` hands a job a :class:`threading.Event` that is set when the caller is cancelled
+    (asyncio cancellation: Gradio's Stop and ``/cancel``) or ``client_gone()`` becomes true; the
+    job checks it at each step and raises :class:`Cancelled`. A job cancelled before it starts
+    never starts. ``runs`` counts the jobs started, ``stop_requests`` the jobs asked to stop,
+    ``cancelled`` the jobs that stopped early."""
+
+    def __init__(self, poll_s: float = 0.5):
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleximmt-model")
+        self.poll_s = poll_s
+        self.runs = self.stop_requests = self.cancelled = 0
+
+    def _execute(self, job: Callable[[threading.Event], Any], stop: threading.Event) -> tuple[bool, Any]:
+        if stop.is_set():
+            return False, None
+        self.runs += 1
+        try:
+            return True, job(stop)
+        except Cancelled:
+            self.cancelled += 1
+            return False, None  # the exception and the run's tensors go with this frame
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    async def run(self, job: Callable[[threading.Event], Any], client_gone: Callable[[], bool] = lambda: False) -> tuple[bool, Any]:
+        """``(True, result)`` of ``job(stop)``, or ``(False, None)`` when it was stopped."""
+        stop = threading.Event()
+        context = contextvars.copy_context()  # Gradio's progress bar finds its event through it
+        waiting = asyncio.wrap_future(self._pool.submit(context.run, self._execute, job, stop))
+        waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # an abandoned job's error is not logged as lost
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=self.poll_s)
+                if done:
+                    return waiting.result()
+                if not stop.is_set() and client_gone():
+                    logger.info("client went away: stopping its run")
+                    self._stop(stop)
+        except asyncio.CancelledError:
+            self._stop(stop)
+            raise
+
+    def _stop(self, stop: threading.Event) -> None:
+        if not stop.is_set():
+            self.stop_requests += 1
+            stop.set()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _gradio_client_gone() -> Callable[[], bool]:
+    """For the running Gradio event: has its client gone (closed the page, dropped the connection)?
+    Gradio marks such an event not ``alive`` but lets its function run on; this reads that flag."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    events = getattr(getattr(blocks, "_queue", None), "event_ids_to_events", None)
+    if events is None or event_id is None:
+        return lambda: False
+
+    def gone() -> bool:
+        event = events.get(event_id)
+        return event is not None and not getattr(event, "alive", True)
+
+    return gone
+
+
 # -- the app -----------------------------------------------------------------------------------
 class TransferApp:
-    """Everything the page calls, around one pipeline loaded once."""
+    """Everything the page calls, around one pipeline loaded once. ``generate`` and ``learn`` use
+    the model and run on :attr:`worker` when called from the page; ``stop`` ends them at a step."""
 
-    def __init__(self, pipe, library: MotionLibrary, out_dir: Path, segmenter=None, detector=None):
-        self.pipe, self.library, self.out_dir = pipe, library, out_dir
+    def __init__(self, pipe, library: MotionLibrary, out_dir: Path, segmenter=None, detector=None, keep_runs: int = 2):
+        self.pipe, self.library, self.out_dir = pipe, library, Path(out_dir)
         self.segmenter, self.detector = segmenter, detector
-        out_dir.mkdir(parents=True, exist_ok=True)
+        self.keep_runs = keep_runs
+        self.worker = ModelWorker()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
 
-    def object_mask(self, image: np.ndarray, mode: str, editor, png, points: str, words: str, k: int) -> torch.Tensor:
+    @property
+    def model_size(self) -> tuple[int, int]:
+        """(width, height) of the videos the model makes."""
+        height, width, _ = self.pipe.default_size()
+        return width, height
+
+    def object_mask(self, image: np.ndarray, obj: ObjectInput, k: int) -> torch.Tensor:
         height, width = image.shape[:2]
-        if mode == "draw":
-            mask = drawn_mask(editor)
+        if obj.mask_from not in MASK_MODES:
+            raise FlexiMMTInputError(f"Object {k}: mask_from {obj.mask_from!r} is not one of {', '.join(MASK_MODES)}")
+        if obj.mask_from == "draw":
+            mask = drawn_mask(obj.brush)
             if mask is None:
-                raise FlexiMMTInputError(f"object {k}: draw its mask with the brush, or choose another way to give it")
-            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 127
+                raise FlexiMMTInputError(f"Object {k}: draw its mask with the brush, or choose another way to give it")
+            if mask.shape != (height, width):  # strokes are drawn over the image as shown
+                mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 127
             return torch.from_numpy(mask)
-        if mode == "png":
-            if png is None:
-                raise FlexiMMTInputError(f"object {k}: upload its mask PNG")
-            return load_mask(png)
+        if obj.mask_from == "png":
+            if not obj.mask_png:
+                raise FlexiMMTInputError(f"Object {k}: upload its mask PNG (white object on black, the image's size)")
+            mask = load_mask(read_image(obj.mask_png, f"Object {k}'s mask"))
+            if tuple(mask.shape) != (height, width):
+                raise FlexiMMTInputError(
+                    f"Object {k}: the mask PNG is {mask.shape[1]} x {mask.shape[0]} but the image is {width} x {height}: "
+                    "give a mask of the image's size (image and masks are resized to the model together)"
+                )
+            return mask
         from . import segment
 
-        if mode == "points":
+        if obj.mask_from == "points":
             if self.segmenter is None:
-                raise FlexiMMTInputError("clicking objects needs SAM: start the app with --sam PATH")
-            coords = [list(map(float, p.split(","))) for p in points.replace(";", " ").split()]
+                raise FlexiMMTInputError(f"Object {k}: clicking objects needs SAM: start the app with --sam PATH")
+            try:
+                coords = [[float(v) for v in p.split(",")] for p in obj.points.replace(";", " ").split()]
+            except ValueError:
+                coords = []
             box = [c for c in coords if len(c) == 4]
             clicks = [c for c in coords if len(c) == 2]
+            if not (box or clicks) or len(box) + len(clicks) != len(coords):
+                raise FlexiMMTInputError(f"Object {k}: give clicks as 'x,y x,y' or a box as 'x0,y0,x1,y1' (pixels), not {obj.points!r}")
             return segment.masks_from_points(image, points=clicks or None, boxes=box[:1] or None, segmenter=self.segmenter)[0]
         if self.segmenter is None or self.detector is None:
-            raise FlexiMMTInputError("naming objects needs Grounding-DINO and SAM: start the app with --detector and --sam")
-        return segment.masks_from_words(image, [words], detector=self.detector, segmenter=self.segmenter)[0]
+            raise FlexiMMTInputError(f"Object {k}: naming objects needs Grounding-DINO and SAM: start the app with --detector and --sam")
+        if not obj.name.strip():
+            raise FlexiMMTInputError(f"Object {k}: type the object's name, e.g. 'the red square'")
+        return segment.masks_from_words(image, [obj.name], detector=self.detector, segmenter=self.segmenter)[0]
 
-    def motion(self, choice: str | None, upload) -> MotionTokens:
-        if upload is not None:
-            return MotionTokens.load(upload)
-        if not choice:
-            raise FlexiMMTInputError("choose a motion from the library or upload a motion file")
-        return MotionTokens.load(self.library.get(choice).path)
+    def motion(self, obj: ObjectInput, k: int) -> MotionTokens:
+        if obj.motion_file:
+            return MotionTokens.load(obj.motion_file)
+        if not obj.motion:
+            raise FlexiMMTInputError(f"Object {k}: choose a motion from the library or upload a motion file")
+        return MotionTokens.load(self.library.get(obj.motion).path)
 
-    def objects(self, image, slots: list[tuple]) -> list[ObjectMotion]:
+    def objects(self, image: np.ndarray, inputs: list[ObjectInput]) -> list[ObjectMotion]:
         objects = []
-        for k, (use, mode, editor, png, points, words, choice, upload, motion_words) in enumerate(slots, 1):
-            if not use:
+        for k, obj in enumerate(inputs, 1):
+            if not obj.use:
                 continue
-            mask = self.object_mask(image, mode, editor, png, points, words, k)
-            objects.append(ObjectMotion(mask, self.motion(choice, upload), motion_words or ""))
+            mask = self.object_mask(image, obj, k)
+            motion = self.motion(obj, k)
+            if not (obj.motion_words or "").strip():
+                suggestion = motion.metadata.get("motion_words")
+                hint = f" (its motion file says {suggestion!r})" if suggestion else ""
+                raise FlexiMMTInputError(f"Object {k}: type its motion words, the words of the prompt that describe how it "
+                                         f"moves, e.g. 'jumps up'{hint}")  # fmt: skip
+            objects.append(ObjectMotion(mask, motion, obj.motion_words.strip()))
         return objects
 
-    def preview(self, image, slots) -> np.ndarray:
+    def preview(self, image: np.ndarray | None, inputs: list[ObjectInput]) -> np.ndarray:
         if image is None:
             raise FlexiMMTInputError("upload an image first")
-        objects = self.objects(image, slots)
+        objects = self.objects(image, inputs)
+        if not objects:
+            raise FlexiMMTInputError("tick 'use this object' for at least one object to see its mask")
+        width, height = self.model_size
         grid = self.pipe.token_grid(*self.pipe.default_size())
-        return grid_preview(image, [o.mask_tensor for o in objects], grid.height, grid.width)
+        picture, masks = fit_to_model(image, [o.mask_tensor for o in objects], width, height)
+        return grid_preview(np.asarray(picture), masks, grid.height, grid.width)
 
-    def generate(self, image, prompt: str, slots, steps: int, seed: int, progress=None) -> tuple[str, str]:
+    def _run_folder(self) -> Path:
+        """A new folder for one run's files; only the newest ``keep_runs`` folders stay (the page got
+        Gradio's copy of an earlier run's files when that run ended)."""
+        old = sorted(self.out_dir.glob("run-*"), key=lambda p: p.stat().st_mtime)
+        for folder in old[: max(0, len(old) - self.keep_runs + 1)]:
+            shutil.rmtree(folder, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix="run-", dir=self.out_dir))
+
+    def generate(self, image: np.ndarray | None, prompt: str, inputs: list[ObjectInput], steps: int, seed: int,
+                 progress=None, stop: threading.Event | None = None) -> tuple[str, str]:  # fmt: skip
+        """The video and the mask overlay (paths); raises :class:`Cancelled` at the first step after ``stop`` is set."""
         if image is None:
             raise FlexiMMTInputError("upload an image first")
-        objects = self.objects(image, slots)
-        height, width, _ = self.pipe.default_size()
-        picture = Image.fromarray(image).convert("RGB")
-        if picture.size != (width, height):
-            picture = picture.resize((width, height))
-            for obj in objects:
-                obj._mask = torch.from_numpy(np.asarray(Image.fromarray(obj.mask_tensor.numpy().astype(np.uint8) * 255)
-                                                        .resize((width, height), Image.NEAREST)) > 127)  # fmt: skip
+        steps = int(steps)
+        if not 1 <= steps <= 1000:
+            raise FlexiMMTInputError(f"steps={steps}: give a number of denoising steps from 1 to 1000")
+        objects = self.objects(image, inputs)
+        width, height = self.model_size
+        picture, masks = fit_to_model(image, [o.mask_tensor for o in objects], width, height)
+        objects = [ObjectMotion(m, o.motion, o.motion_text) for m, o in zip(masks, objects)]
+
         def on_step(pipe, step, timestep, callback_kwargs):
+            if stop is not None and stop.is_set():
+                raise Cancelled(f"stopped after denoising step {step + 1}/{steps}")
             if progress is not None:
-                progress((step + 1) / int(steps), desc=f"denoising step {step + 1}/{int(steps)}")
+                progress((step + 1) / steps, desc=f"denoising step {step + 1}/{steps}")
             return {}
 
-        result = self.pipe(image=picture, prompt=prompt, objects=objects, num_inference_steps=int(steps),
-                           generator=torch.Generator().manual_seed(int(seed)), output_type="np", return_masks=bool(objects),
-                           max_sequence_length=self.pipe.transformer.config.max_text_seq_length,
+        if stop is not None and stop.is_set():
+            raise Cancelled("stopped before the first step")
+        result = self.pipe(image=picture, prompt=prompt or "", objects=objects, num_inference_steps=steps,
+                           generator=torch.Generator().manual_seed(int(seed or 0)), output_type="np",
+                           return_masks=bool(objects), max_sequence_length=self.pipe.adapter.default_text_length(),
                            callback_on_step_end=on_step)  # fmt: skip
-        folder = Path(tempfile.mkdtemp(dir=self.out_dir))
+        folder = self._run_folder()
         video = save_video(result.frames[0], folder / "fleximmt.mp4")
         overlay = video
         if objects:
@@ -204,76 +450,182 @@ class TransferApp:
                                  folder / "masks.mp4")  # fmt: skip
         return str(video), str(overlay)
 
-    def learn(self, video, caption, concept, motion_words, name, steps: int, tokens: int, on_step=None) -> LibraryEntry:
+    def checkpoint_every(self, steps: int) -> int:
+        """How often Learn saves its checkpoint: about 20 times a run, at least every 50 steps."""
+        return max(1, min(50, int(steps) // 20))
+
+    def learn(self, video, caption, concept, motion_words, name, steps: int, tokens: int, on_step=None,
+              stop: threading.Event | None = None, resume: bool = True) -> LibraryEntry:  # fmt: skip
+        """Train a motion into the library; ``resume`` continues a stopped run of the same name and settings."""
         from .data import read_video
-        from .train import train_motion
+        from .train import cache_path, checkpoint_path, train_motion
 
         if video is None:
             raise FlexiMMTInputError("upload a reference video")
-        name = (name or Path(video).stem).strip().replace("/", "_")
+        if not (motion_words or "").strip():
+            raise FlexiMMTInputError("type the motion words: the words of the caption that describe the motion, e.g. 'is doing yoga'")
+        if not (concept or "").strip():
+            raise FlexiMMTInputError("type the concept words: the words of the caption that name the moving object, e.g. 'man'")
+        name = (name or "").strip() or Path(video).stem
+        if not MOTION_NAME.fullmatch(name):
+            raise FlexiMMTInputError(f"motion name {name!r}: use letters, digits, spaces, '.', '_' or '-' (at most 64), "
+                                     "starting with a letter or digit")  # fmt: skip
         output = self.library.folder / f"{name}.safetensors"
-        train_motion(self.pipe, video, caption, concept, motion_words, output, steps=int(steps),
-                     tokens_per_motion=int(tokens), callback=on_step)  # fmt: skip
-        frames, _ = read_video(video)
+        checkpoint = checkpoint_path(output)
+        had_checkpoint = resume and checkpoint.is_file()
+
+        def callback(step, loss):
+            if stop is not None and stop.is_set():
+                raise Cancelled(f"stopped after training step {step}")
+            if on_step is not None:
+                on_step(step, loss)
+
+        frames, _ = read_video(video)  # read now: an upload may be gone by the end of a long run
+        try:
+            train_motion(self.pipe, video, caption, concept.strip(), motion_words.strip(), output, steps=int(steps),
+                         tokens_per_motion=int(tokens), callback=callback, resume=resume,
+                         checkpoint_every=self.checkpoint_every(steps))  # fmt: skip
+        except FlexiMMTInputError as err:
+            if had_checkpoint:
+                raise FlexiMMTInputError(f"{err} (on this page: untick 'continue a stopped run' to start over)") from None
+            raise
+        checkpoint.unlink(missing_ok=True)  # the run is complete: its resumable state and encoded reference go
+        cache_path(output).unlink(missing_ok=True)
         save_video(frames[:: max(1, len(frames) // 24)], output.with_suffix(".gif"))
         return self.library.get(name)
 
 
-def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, examples: list[str | Path] | None = None):
-    """The Gradio Blocks of the app; ``examples`` are image files offered as bundled examples."""
-    import gradio as gr
+def remove_empty_folders(folder: str | Path, older_than_s: float) -> int:
+    """Remove the empty folders directly under ``folder`` that nothing touched for ``older_than_s``
+    seconds; returns how many. Gradio's cache keeps each file in a folder of its own and deletes the
+    file (``delete_cache``) but not the folder; a folder emptied that long ago is not about to be reused."""
+    removed, now = 0, time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
+                os.rmdir(entry.path)  # fails, and is skipped, unless the folder is empty
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
-    app = TransferApp(pipe, MotionLibrary(motions_dir), Path(tempfile.mkdtemp(prefix="fleximmt-app-")), segmenter, detector)
+
+def upload_limit(pipe) -> int:
+    """The largest upload (bytes): ``MIN_UPLOAD_BYTES``, or more when one of this model's motion files
+    (float32, as many tokens as the text) is larger."""
+    adapter = pipe.adapter
+    blocks, dim = adapter.motion_shape()
+    motion = blocks * adapter.default_text_length() * dim * 4 * adapter.num_experts
+    return max(MIN_UPLOAD_BYTES, int(motion * 1.25))
+
+
+def _path(payload) -> str | None:
+    """The server path of an uploaded file as Gradio hands it over unprocessed (checked to be an upload)."""
+    if isinstance(payload, dict):
+        return payload.get("path")
+    return None
+
+
+def _read_layers(editor_payload) -> dict | None:
+    """An ImageEditor value as Gradio hands it over unprocessed: its layers read as RGBA arrays."""
+    if not isinstance(editor_payload, dict):
+        return None
+    layers = [np.asarray(read_image(p, "a brush layer").convert("RGBA")) for p in map(_path, editor_payload.get("layers") or []) if p]
+    return {"layers": layers}
+
+
+def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, examples: list[str | Path] | None = None,
+              keep_files: int = KEEP_FILES_S):  # fmt: skip
+    """The Gradio Blocks of the app; ``examples`` are image files offered as bundled examples.
+    Gradio's copies of uploads and results go ``keep_files`` seconds after they were made."""
+    import gradio as gr
+    from gradio.utils import get_upload_folder
+
+    out_dir = Path(tempfile.mkdtemp(prefix="fleximmt-app-"))
+    app = TransferApp(pipe, MotionLibrary(motions_dir), out_dir, segmenter, detector)
     height, width, frames = pipe.default_size()
+    limit_mb = upload_limit(pipe) // 2**20
+    private_folders = [tempfile.gettempdir(), get_upload_folder(), out_dir, app.library.folder.resolve(), app.library.folder]
+
+    def public(err: Exception) -> str:
+        return hide_paths(str(err), private_folders)
+
+    def user_error(err: Exception) -> "gr.Error":
+        return gr.Error(public(err), print_exception=False)
 
     def library_choices():
         return [e.name for e in app.library.entries()]
 
-    def safely(fn):
-        def run(*args):
-            try:
-                return fn(*args)
-            except (FlexiMMTInputError, ValueError) as err:
-                raise gr.Error(str(err)) from None
+    def image_of(payload) -> np.ndarray | None:
+        path = _path(payload)
+        return None if path is None else np.asarray(read_image(path).convert("RGB"))
 
-        return run
+    cache_dir, swept = get_upload_folder(), [time.monotonic()]
 
-    with gr.Blocks(title="FlexiMMT") as demo:
+    def sweep() -> None:
+        """At most once a minute, after a run: Gradio's emptied cache folders go too (disk stays bounded)."""
+        if time.monotonic() - swept[0] > 60:
+            swept[0] = time.monotonic()
+            remove_empty_folders(cache_dir, keep_files)
+
+    def objects_of(fields_: dict) -> list[ObjectInput]:
+        inputs = []
+        for k in range(1, SLOTS + 1):
+            value = {f: fields_.get(f"object_{k}_{f}") for f in OBJECT_FIELDS}
+            inputs.append(ObjectInput(use=bool(value["use"]), mask_from=value["mask_from"] or "png",
+                                      brush=_read_layers(value["brush"]) if value["mask_from"] == "draw" else None,
+                                      mask_png=_path(value["mask_png"]), points=value["points"] or "",
+                                      name=value["name"] or "", motion=value["motion"] or None,
+                                      motion_file=_path(value["motion_file"]), motion_words=value["motion_words"] or ""))  # fmt: skip
+        return inputs
+
+    with gr.Blocks(title="FlexiMMT", delete_cache=(min(keep_files, 600), keep_files)) as demo:
         gr.Markdown(f"# FlexiMMT\nMake the objects of an image move, each with its own motion. "
                     f"Model: `{getattr(pipe, 'name_or_path', '') or 'built-in'}` ({width}x{height}, {frames} frames).")  # fmt: skip
         with gr.Tab("Transfer"):
             with gr.Row():
-                image = gr.Image(label="Image", type="numpy", elem_id="image", height=256)
+                image = gr.Image(label="Image", type="filepath", elem_id="image", height=256)
                 preview = gr.Image(label="Masks on the latent grid", type="numpy", interactive=False, elem_id="preview", height=256)
+            image_info = gr.Markdown(
+                f"Images up to {MAX_IMAGE_PIXELS // 1_000_000} megapixels and uploads up to {limit_mb} MB. The model makes "
+                f"{width} x {height} videos: the image and its masks are resized to that together (stretched when the "
+                "aspect ratio differs). A mask PNG must have the image's size.", elem_id="image_info")  # fmt: skip
             if examples:
                 gr.Examples([[str(p)] for p in examples], inputs=[image], label="bundled example images")
-            prompt = gr.Textbox(label="Prompt (each object's motion words must appear in it)", elem_id="prompt")
+            prompt = gr.Textbox(label="Prompt (each object's motion words must appear in it)", value="", elem_id="prompt")
             highlighted = gr.HighlightedText(label="Motion words in the prompt", elem_id="highlight",
-                                             color_map={f"object {k + 1}": "#%02x%02x%02x" % tuple(int(c) for c in PALETTE[k])
+                                             color_map={f"Object {k + 1}": "#%02x%02x%02x" % tuple(int(c) for c in PALETTE[k])
                                                         for k in range(SLOTS)})  # fmt: skip
-            slots = []
+            slots: list[dict] = []
             for k in range(1, SLOTS + 1):
                 with gr.Accordion(f"Object {k}", open=k <= 2):
-                    use = gr.Checkbox(label="use this object", value=k <= 2, elem_id=f"use_{k}")
-                    mode = gr.Radio(list(MASK_MODES), value="png" if k > 0 else "draw", label="mask from",
-                                    elem_id=f"mode_{k}")  # fmt: skip
+                    slot = {"use": gr.Checkbox(label="use this object", value=k <= 2, elem_id=f"use_{k}"),
+                            "mask_from": gr.Radio(list(MASK_MODES), value="png", label="mask from", elem_id=f"mode_{k}")}  # fmt: skip
                     with gr.Row():
-                        editor = gr.ImageEditor(label="draw the mask", type="numpy", elem_id=f"editor_{k}", height=256)
-                        png = gr.File(label="mask PNG", file_types=[".png"], type="filepath", elem_id=f"png_{k}")
-                    points = gr.Textbox(label="clicks 'x,y x,y' or a box 'x0,y0,x1,y1' (SAM)", elem_id=f"points_{k}")
-                    words = gr.Textbox(label="object's name (Grounding-DINO + SAM)", elem_id=f"words_{k}")
+                        slot["brush"] = gr.ImageEditor(label="draw the mask", type="numpy", elem_id=f"editor_{k}", height=256)
+                        slot["mask_png"] = gr.File(label="mask PNG (the image's size)", file_types=[".png"], type="filepath",
+                                                   elem_id=f"png_{k}")  # fmt: skip
+                    slot["points"] = gr.Textbox(label="clicks 'x,y x,y' or a box 'x0,y0,x1,y1' (SAM)", value="", elem_id=f"points_{k}")
+                    slot["name"] = gr.Textbox(label="object's name (Grounding-DINO + SAM)", value="", elem_id=f"words_{k}")
                     with gr.Row():
-                        choice = gr.Radio(library_choices(), label="motion from the library", elem_id=f"motion_{k}")
-                        upload = gr.File(label="or a motion file", file_types=[".safetensors"], type="filepath",
-                                         elem_id=f"motion_file_{k}")  # fmt: skip
+                        slot["motion"] = gr.Radio(library_choices(), label="motion from the library", elem_id=f"motion_{k}")
+                        slot["motion_file"] = gr.File(label="or a motion file", file_types=[".safetensors"], type="filepath",
+                                                      elem_id=f"motion_file_{k}")  # fmt: skip
                         motion_preview = gr.Image(label="reference", interactive=False, height=128)
                     motion_info = gr.Markdown(elem_id=f"motion_info_{k}")
-                    motion_words = gr.Textbox(label="motion words (from the motion file; edit to match the prompt)",
-                                              elem_id=f"motion_words_{k}")  # fmt: skip
+                    slot["motion_words"] = gr.Textbox(label="motion words (the prompt's words for this motion; the motion "
+                                                            "file suggests them)", value="", elem_id=f"motion_words_{k}")  # fmt: skip
 
-                    def on_choice(name, prompt_text):
-                        entry = app.library.get(name) if name else None
-                        info = motion_metadata(MotionTokens.load(entry.path)) if entry else ""
+                    def on_choice(name):
+                        try:
+                            entry = app.library.get(name) if name else None
+                            info = motion_metadata(MotionTokens.load(entry.path)) if entry else ""
+                        except FlexiMMTInputError as err:
+                            raise user_error(err) from None
                         return (entry.motion_words if entry else "", str(entry.preview) if entry and entry.preview else None,
                                 info)  # fmt: skip
 
@@ -282,76 +634,162 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
                             return "", ""
                         try:
                             motion = MotionTokens.load(path)
-                        except (FlexiMMTInputError, ValueError) as err:
-                            raise gr.Error(str(err)) from None
+                        except FlexiMMTInputError as err:
+                            raise user_error(err) from None
                         return motion.metadata.get("motion_words") or "", motion_metadata(motion)
 
-                    choice.change(on_choice, [choice, prompt], [motion_words, motion_preview, motion_info])
-                    upload.change(on_upload, upload, [motion_words, motion_info])
-                slots.append((use, mode, editor, png, points, words, choice, upload, motion_words))
+                    slot["motion"].change(on_choice, slot["motion"], [slot["motion_words"], motion_preview, motion_info],
+                                          api_visibility="private")  # fmt: skip
+                    slot["motion_file"].change(on_upload, slot["motion_file"], [slot["motion_words"], motion_info],
+                                               api_visibility="private")  # fmt: skip
+                slots.append(slot)
             with gr.Row():
-                steps = gr.Slider(1, 100, value=50 if frames > 17 else 10, step=1, label="denoising steps")
-                seed = gr.Number(value=0, precision=0, label="seed")
+                steps = gr.Slider(1, 100, value=50 if frames > 17 else 10, step=1, label="denoising steps", elem_id="steps")
+                seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
             with gr.Row():
                 show = gr.Button("Show masks", elem_id="show_masks")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            gr.Markdown("One run at a time: requests wait in a queue. Stop ends a run at its next denoising step.")
             with gr.Row():
                 video = gr.Video(label="FlexiMMT video", elem_id="video_out", height=256)
                 overlay = gr.Video(label="propagated masks", elem_id="overlay_out", height=256)
-            flat = [c for slot in slots for c in slot]
+            object_inputs = {f"object_{k}_{f}": slot[f] for k, slot in enumerate(slots, 1) for f in OBJECT_FIELDS}
 
-            def unpack(values):
-                return [tuple(values[i : i + 9]) for i in range(0, len(values), 9)]
+            def on_image(payload):
+                try:
+                    picture = None if _path(payload) is None else read_image(_path(payload), header_only=True)
+                except FlexiMMTInputError as err:
+                    gr.Warning(public(err))
+                    return [f"**{public(err)}**", *[gr.update(value=None) for _ in range(SLOTS)]]
+                if picture is None:
+                    return [gr.update(), *[gr.update(value=None) for _ in range(SLOTS)]]
+                note = size_note(picture.size, app.model_size)
+                path = _path(payload)
+                return [note, *[gr.update(value={"background": path, "layers": [], "composite": path}) for _ in range(SLOTS)]]
 
-            def on_image(img):
-                return [gr.update(value={"background": img, "layers": [], "composite": img}) for _ in range(SLOTS)]
+            def on_words(text, *motion_words):
+                return highlight(text or "", list(motion_words))
 
-            def on_words(text, *mw):
-                return highlight(text or "", list(mw))
+            # unprocessed inputs (preprocess=False): the app opens the files itself, with its own limits and messages
+            image.change(on_image, image, [image_info, *[s["brush"] for s in slots]], preprocess=False, api_visibility="private")
+            for box in [prompt, *[s["motion_words"] for s in slots]]:
+                box.change(on_words, [prompt, *[s["motion_words"] for s in slots]], highlighted, api_visibility="private")
 
-            image.change(on_image, image, [s[2] for s in slots])  # an upload or a bundled example
-            for box in [prompt, *[s[8] for s in slots]]:
-                box.change(on_words, [prompt, *[s[8] for s in slots]], highlighted)
-            show.click(safely(lambda img, *v: app.preview(img, unpack(v))), [image, *flat], preview)
-            def on_generate(img, text, n, s, *v, progress=gr.Progress()):
-                return app.generate(img, text, unpack(v), n, s, progress)
+            @with_object_parameters
+            def show_masks(image, **objects):
+                """The objects' masks on the model's latent token grid, over the image resized to the model."""
+                try:
+                    return app.preview(image_of(image), objects_of(objects))
+                except FlexiMMTInputError as err:
+                    raise user_error(err) from None
 
-            go.click(safely(on_generate), [image, prompt, steps, seed, *flat], [video, overlay])
+            @with_object_parameters
+            async def generate(image, prompt, steps, seed, progress=gr.Progress(), **objects):
+                """Make the image's objects move: returns the video and the propagated-mask overlay.
+                Inputs per object k (1 to 3): object_k_use, object_k_mask_from (draw/png/points/words),
+                object_k_mask_png, object_k_motion (a library motion's name) or object_k_motion_file,
+                object_k_motion_words (the prompt's words for its motion)."""
+                def job(stop):  # on the model's worker thread: files are read there, not in the server's event loop
+                    try:
+                        return app.generate(image_of(image), prompt, objects_of(objects), steps, seed, progress, stop)
+                    finally:
+                        sweep()
+
+                try:
+                    finished, result = await app.worker.run(job, _gradio_client_gone())
+                except FlexiMMTInputError as err:
+                    raise user_error(err) from None
+                if not finished:
+                    raise gr.Error("Stopped: the run was cancelled.", print_exception=False)
+                return result
+
+            show.click(show_masks, inputs=[image], inputs_kwargs=object_inputs, outputs=preview, api_name="show_masks",
+                       preprocess=False, concurrency_id="masks")  # fmt: skip
+            generating = go.click(generate, inputs=[image, prompt, steps, seed], inputs_kwargs=object_inputs,
+                                  outputs=[video, overlay], api_name="generate", preprocess=False,
+                                  concurrency_id="model", concurrency_limit=1)  # fmt: skip
         with gr.Tab("Learn"):
-            gr.Markdown("Train a motion on one reference video of one moving object; it joins the library.")
+            gr.Markdown("Train a motion on one reference video of one moving object; it joins the library. "
+                        "Stop ends training at its next step; a checkpoint is saved every few steps, and Learn with "
+                        "the same name and settings continues from it.")  # fmt: skip
             ref = gr.Video(label="reference video", sources=["upload"], elem_id="ref_video")
-            caption = gr.Textbox(label="caption", placeholder="A man is doing yoga.", elem_id="caption")
+            caption = gr.Textbox(label="caption", placeholder="A man is doing yoga.", value="", elem_id="caption")
             with gr.Row():
-                concept = gr.Textbox(label="concept words (the object)", placeholder="man", elem_id="concept")
-                learn_words = gr.Textbox(label="motion words", placeholder="is doing yoga", elem_id="learn_words")
-                name = gr.Textbox(label="motion name", placeholder="yoga", elem_id="motion_name")
+                concept = gr.Textbox(label="concept words (the object)", placeholder="man", value="", elem_id="concept")
+                learn_words = gr.Textbox(label="motion words", placeholder="is doing yoga", value="", elem_id="learn_words")
+                name = gr.Textbox(label="motion name", placeholder="yoga", value="", elem_id="motion_name")
             with gr.Row():
-                learn_steps = gr.Slider(10, 2000, value=200, step=10, label="training steps")
+                learn_steps = gr.Slider(10, 2000, value=200, step=10, label="training steps", elem_id="learn_steps")
                 tokens = gr.Slider(4, 226, value=226 if frames > 17 else 16, step=1, label="motion tokens per block")
-            train = gr.Button("Learn the motion", variant="primary", elem_id="learn")
+                resume = gr.Checkbox(label="continue a stopped run of this name (same settings)", value=True, elem_id="resume")
+            with gr.Row():
+                train = gr.Button("Learn the motion", variant="primary", elem_id="learn")
+                stop_learning = gr.Button("Stop", variant="stop", elem_id="stop_learning")
             curve = gr.LinePlot(x="step", y="loss", label="training loss", elem_id="loss_curve")
             learned = gr.Markdown(elem_id="learned")
 
-            def on_learn(video_path, cap, con, words_, nm, n, tok, progress=gr.Progress()):
+            async def learn(video, caption, concept_words, motion_words, name, steps, tokens_per_block, resume,
+                            progress=gr.Progress()):  # fmt: skip
+                """Learn a motion from a reference video into the library; returns the loss curve and a message."""
                 import pandas as pd
 
                 losses = []
 
                 def on_step(step, loss):
                     losses.append((step, loss))
-                    progress(step / n, desc=f"step {step}/{int(n)}, loss {loss:.4f}")
+                    progress(step / steps, desc=f"step {step}/{int(steps)}, loss {loss:.4f}")
 
+                def job(stop):
+                    try:
+                        return app.learn(video, caption, concept_words, motion_words, name, steps, tokens_per_block,
+                                         on_step, stop, bool(resume))  # fmt: skip
+                    finally:
+                        sweep()
                 try:
-                    entry = app.learn(video_path, cap, con, words_, nm, n, tok, on_step)
-                except (FlexiMMTInputError, ValueError) as err:
-                    raise gr.Error(str(err)) from None
+                    finished, entry = await app.worker.run(job, _gradio_client_gone())
+                except FlexiMMTInputError as err:
+                    raise user_error(err) from None
+                if not finished:
+                    raise gr.Error("Stopped: training was cancelled; Learn with the same name and settings continues it.",
+                                   print_exception=False)
                 frame = pd.DataFrame(losses, columns=["step", "loss"])
-                updates = [gr.update(choices=library_choices()) for _ in range(SLOTS)]
-                return [frame, f"Learned **{entry.name}** ({entry.path}); it is in the library now.", *updates]
+                return frame, f"Learned **{entry.name}**; it is in the motion library now."
 
-            train.click(on_learn, [ref, caption, concept, learn_words, name, learn_steps, tokens],
-                        [curve, learned, *[s[6] for s in slots]])  # fmt: skip
+            learning = train.click(learn, [ref, caption, concept, learn_words, name, learn_steps, tokens, resume],
+                                   [curve, learned], api_name="learn", concurrency_id="model", concurrency_limit=1)  # fmt: skip
+            learning.success(lambda: [gr.update(choices=library_choices()) for _ in range(SLOTS)], None,
+                             [s["motion"] for s in slots], api_visibility="private")  # fmt: skip
+        stop.click(None, None, None, cancels=[generating])
+        stop_learning.click(None, None, None, cancels=[learning])
     demo.fleximmt = app
+    demo.fleximmt_close = weakref.finalize(demo, _close, app)  # at shutdown (serve), else when the process ends
+    return demo
+
+
+def _close(app: TransferApp) -> None:
+    app.worker.shutdown()
+    shutil.rmtree(app.out_dir, ignore_errors=True)
+
+
+def serve(pipe, motions_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, *, segmenter=None, detector=None,
+          examples: list[str | Path] | None = None, keep_files: int = KEEP_FILES_S, max_file_size: int | None = None,
+          block: bool = True):  # fmt: skip
+    """Build the app and serve it on ``host:port`` (this machine only by default), its queue bounded
+    (``QUEUE_SIZE``) and uploads capped (``max_file_size`` bytes, default :func:`upload_limit`);
+    ``block=False`` returns the running app at once (close it with ``demo.close()``)."""
+    from contextlib import asynccontextmanager
+
+    demo = build_app(pipe, motions_dir, segmenter, detector, examples, keep_files=keep_files)
+
+    @asynccontextmanager
+    async def lifespan(_):
+        yield
+        demo.fleximmt_close()  # the server stops: the worker ends and the run folders go
+
+    demo.queue(max_size=QUEUE_SIZE).launch(server_name=host, server_port=port, prevent_thread_lock=not block,
+                                           max_file_size=max_file_size or upload_limit(pipe),
+                                           app_kwargs={"lifespan": lifespan})  # fmt: skip
     return demo
 
 
@@ -360,8 +798,8 @@ def add_cli(subparsers, load_pipeline, add_model_options) -> None:
 
     parser = subparsers.add_parser(
         "app", help="the web app: transfer motions and learn new ones in the browser",
-        description="Serve the FlexiMMT web app. The model loads once; requests queue. Binds to 127.0.0.1 "
-                    "unless --host says otherwise.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve the FlexiMMT web app. The model loads once; requests queue and run one at a time. "
+                    "Binds to 127.0.0.1 unless --host says otherwise.", formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  fleximmt app                       (the toy model that ships with fleximmt; runs on a CPU)\n"
                "  fleximmt app --model tiny --motions motions/   (a tiny RANDOM-weight model)\n"
                "  fleximmt app --model THUDM/CogVideoX-5b-I2V --sam facebook/sam-vit-base "
@@ -372,6 +810,11 @@ def add_cli(subparsers, load_pipeline, add_model_options) -> None:
     parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     parser.add_argument("--sam", help="SAM (hub id or folder) for clicked or named objects")
     parser.add_argument("--detector", help="Grounding-DINO (hub id or folder) for named objects")
+    parser.add_argument("--keep-files", type=int, default=KEEP_FILES_S, metavar="SECONDS",
+                        help="uploads and results are deleted this long after they were made, and all at shutdown "
+                             "(default: %(default)s)")  # fmt: skip
+    parser.add_argument("--max-upload-mb", type=int, help="largest upload in MB (default: 200, or more when the "
+                                                          "model's motion files are larger)")  # fmt: skip
     add_model_options(parser)
     parser.set_defaults(model="toy")
 
@@ -382,7 +825,7 @@ def add_cli(subparsers, load_pipeline, add_model_options) -> None:
             from .toy.lab import EXAMPLE_DIR
 
             examples = sorted(EXAMPLE_DIR.glob("*.png"))
-        demo = build_app(pipe, args.motions, args.sam, args.detector, examples)
-        demo.queue().launch(server_name=args.host, server_port=args.port)
+        serve(pipe, args.motions, args.host, args.port, segmenter=args.sam, detector=args.detector, examples=examples,
+              keep_files=args.keep_files, max_file_size=args.max_upload_mb and args.max_upload_mb * 2**20)  # fmt: skip
 
     parser.set_defaults(func=run)
