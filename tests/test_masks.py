@@ -221,3 +221,43 @@ def test_dmem_mask_thresholds_each_frame_at_its_own_mean():
             scores.append(sum(float(q[0, h, c] @ k[0, h, j]) for h in range(2) for c in range(3)) / 6)
         mean = sum(scores) / 5
         assert [s > mean for s in scores] == got[frame * 5 : frame * 5 + 5].tolist()
+
+
+def brute_force_cross(text_len, spans, d_m, video_masks, parts):
+    """METHOD.md section 9's table for a cross-attention, query by query and key by key: a video
+    query in V^k reads M^k and Y_mo^k only (no other object's), context words always, and with a part
+    off its keys stay open; a query left with nothing reads the whole text."""
+    num_objects, num_video = video_masks.shape
+    mask = torch.zeros(num_video, text_len + num_objects * d_m, dtype=torch.bool)
+    for q in range(num_video):
+        mine = {k for k in range(num_objects) if video_masks[k, q]}
+        for j in range(text_len):
+            owners = {k for k in range(num_objects) if j in spans[k]}
+            mask[q, j] = "t2v" not in parts or not owners or bool(owners & mine)
+        for j in range(num_objects * d_m):
+            mask[q, text_len + j] = "m2v" not in parts or j // d_m in mine
+        if not mask[q].any():
+            mask[q, :text_len] = True
+    return mask
+
+
+def test_mdma_cross_matches_section_9_on_random_layouts():
+    from fleximmt.masks import CROSS_PARTS, mdma_cross_dense
+
+    rng = random.Random(9)
+    subsets = [frozenset(c) for r in range(3) for c in itertools.combinations(CROSS_PARTS, r)]
+    for trial in range(80):
+        text_len, spans, d_m, video_masks = random_layout(rng)
+        parts = subsets[trial % len(subsets)]
+        got = mdma_cross_dense(span_membership(text_len, spans), d_m, video_masks, parts)
+        assert torch.equal(got, brute_force_cross(text_len, spans, d_m, video_masks, parts)), (trial, spans, parts)
+
+
+def test_cross_attention_refuses_parts_and_closed_context_it_cannot_have():
+    from fleximmt.masks import check_cross_parts
+
+    for part in ("m2m", "t2t", "t2m"):
+        with pytest.raises(ValueError, match=f"'{part}'.*do not exist"):
+            check_cross_parts(("m2v", part))
+    with pytest.raises(ValueError, match="context_text='closed' is not possible"):
+        check_cross_parts(("m2v", "t2v"), "closed")

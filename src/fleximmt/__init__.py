@@ -7,6 +7,14 @@ from .motion import MotionTokens, ObjectMotion
 from .pipeline import FlexiMMTPipelineOutput
 from .train import TrainSettings, train_motion
 
-__all__ = ["FlexiMMTInputError", "FlexiMMTPipeline", "FlexiMMTPipelineOutput", "MotionTokens", "ObjectMotion",
-           "TrainSettings", "load_pipeline", "train_motion"]
+__all__ = ["FlexiMMTInputError", "FlexiMMTPipeline", "FlexiMMTPipelineOutput", "FlexiMMTWanPipeline", "MotionTokens",
+           "ObjectMotion", "TrainSettings", "load_pipeline", "train_motion"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "FlexiMMTWanPipeline":  # imported on first use: diffusers' Wan module pulls in CLIP's processors
+        from .models.wan import FlexiMMTWanPipeline
+
+        return FlexiMMTWanPipeline
+    raise AttributeError(f"module 'fleximmt' has no attribute {name!r}")

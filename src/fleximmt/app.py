@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -257,6 +258,7 @@ class ModelWorker:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleximmt-model")
         self.poll_s = poll_s
         self.runs = self.stop_requests = self.cancelled = 0
+        self._stops: set[threading.Event] = set()  # of the jobs not yet finished
 
     def _execute(self, job: Callable[[threading.Event], Any], stop: threading.Event) -> tuple[bool, Any]:
         if stop.is_set():
@@ -274,9 +276,11 @@ class ModelWorker:
     async def run(self, job: Callable[[threading.Event], Any], client_gone: Callable[[], bool] = lambda: False) -> tuple[bool, Any]:
         """``(True, result)`` of ``job(stop)``, or ``(False, None)`` when it was stopped."""
         stop = threading.Event()
+        self._stops.add(stop)
         context = contextvars.copy_context()  # Gradio's progress bar finds its event through it
         waiting = asyncio.wrap_future(self._pool.submit(context.run, self._execute, job, stop))
         waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # an abandoned job's error is not logged as lost
+        waiting.add_done_callback(lambda _: self._stops.discard(stop))
         try:
             while True:
                 done, _ = await asyncio.wait({waiting}, timeout=self.poll_s)
@@ -295,6 +299,9 @@ class ModelWorker:
             stop.set()
 
     def shutdown(self) -> None:
+        """Stop every job at its next step and take no more."""
+        for stop in list(self._stops):
+            self._stop(stop)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -780,6 +787,8 @@ def serve(pipe, motions_dir: str | Path, host: str = "127.0.0.1", port: int = 78
     ``block=False`` returns the running app at once (close it with ``demo.close()``)."""
     from contextlib import asynccontextmanager
 
+    if keep_files < 1:
+        raise FlexiMMTInputError(f"keep_files={keep_files}: give the seconds uploads and results stay, at least 1")
     demo = build_app(pipe, motions_dir, segmenter, detector, examples, keep_files=keep_files)
 
     @asynccontextmanager
@@ -787,6 +796,8 @@ def serve(pipe, motions_dir: str | Path, host: str = "127.0.0.1", port: int = 78
         yield
         demo.fleximmt_close()  # the server stops: the worker ends and the run folders go
 
+    if block and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM closes the server as Ctrl+C does
     demo.queue(max_size=QUEUE_SIZE).launch(server_name=host, server_port=port, prevent_thread_lock=not block,
                                            max_file_size=max_file_size or upload_limit(pipe),
                                            app_kwargs={"lifespan": lifespan})  # fmt: skip

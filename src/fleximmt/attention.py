@@ -246,6 +246,7 @@ class FlexiMMTState:
     feature_blocks: frozenset[int] = frozenset()
     rows: list[int] | None = None  # video index of each batch row; None: all rows are video 0
     feature_rows: list[int] | None = None  # per video, the batch row its features come from
+    calls_this_step: int = 0  # transformer forward calls so far in this step (Wan: cond, then uncond)
     _dmem_layouts: dict = field(default_factory=dict)
     _drop: torch.Tensor | None = None
     _row_index: dict = field(default_factory=dict)
@@ -283,6 +284,7 @@ class FlexiMMTState:
         included) and draw this step's DMEM drop for every block and video at once."""
         self._dmem_layouts.clear()
         self._drop = None
+        self.calls_this_step = 0
         if self.dmem and self.dmem_drop > 0 and num_video_tokens and num_blocks:
             shape = (len(self.videos), num_blocks, self.num_objects, num_video_tokens)
             draw = torch.rand(shape, generator=self.generator)

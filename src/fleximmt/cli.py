@@ -145,7 +145,7 @@ def cmd_generate(args) -> None:
     output = pipe(
         image=image, prompt=args.prompt, objects=objects, num_inference_steps=args.steps, guidance_scale=args.guidance,
         num_frames=args.frames, generator=torch.Generator().manual_seed(args.seed), output_type="np",
-        max_sequence_length=pipe.transformer.config.max_text_seq_length, mask_source=args.mask_source,
+        max_sequence_length=pipe.adapter.default_text_length(), mask_source=args.mask_source,
         anchors=args.anchors, alpha=args.alpha, rmpm_method=args.rmpm_method, initial_masks=args.initial_masks,
         return_masks=bool(objects),
     )  # fmt: skip

@@ -270,11 +270,12 @@ class FlexiMMTMixin:
             d_ms = {obj.motion.d_m for obj in objs}
             if len(d_ms) > 1:
                 raise FlexiMMTInputError(f"the motions have different token counts d_m {sorted(d_ms)}: use motions trained with one d_m")
-            member = span_membership(text_len, find_word_spans(tokenizer, prompt, [o.motion_text for o in objs], text_len))
+            text = adapter.prompt_text(prompt)
+            member = span_membership(text_len, find_word_spans(tokenizer, text, [o.motion_text for o in objs], text_len))
             concept_index = None
             if options.mask_source == "qk":
                 concepts = [o.concept_text or o.motion_text for o in objs]
-                spans = find_word_spans(tokenizer, prompt, concepts, text_len)
+                spans = find_word_spans(tokenizer, text, concepts, text_len)
                 concept_index = [torch.tensor(span, dtype=torch.long, device=device) for span in spans]
             tokens = torch.stack([o.motion.expert_tokens() for o in objs]).to(device)  # [K, E, blocks, d_m, dim]
             slots.append(VideoMotions(tokens, member.to(device), concept_index))

@@ -26,8 +26,10 @@ import json
 import random
 import secrets
 import shutil
+import signal
 import sqlite3
 import tempfile
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -336,6 +338,8 @@ def serve(cases_dir, db_path, host: str = "127.0.0.1", port: int = 7861, rater: 
         yield
         demo.fleximmt_close()
 
+    if block and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM closes the server as Ctrl+C does
     demo.queue().launch(server_name=host, server_port=port, prevent_thread_lock=not block, app_kwargs={"lifespan": lifespan})
     return demo
 

@@ -145,8 +145,9 @@ def prepare_conditions(adapter: ModelAdapter, frames: np.ndarray, caption: str, 
     pipe = adapter.pipe
     height, width, num_frames = geometry
     text_len = adapter.default_text_length()
-    motion = find_word_spans(pipe.tokenizer, caption, [motion_words], text_len)
-    concept = find_word_spans(pipe.tokenizer, caption, [concept_words], text_len)
+    text = adapter.prompt_text(caption)
+    motion = find_word_spans(pipe.tokenizer, text, [motion_words], text_len)
+    concept = find_word_spans(pipe.tokenizer, text, [concept_words], text_len)
     member, concept_member = span_membership(text_len, motion), span_membership(text_len, concept)
     starts = window_starts(len(frames), num_frames, settings.max_windows)
     key = hashlib.sha256(

@@ -13,6 +13,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "CogVideoXImageToVideoPipeline": ("cogvideox", "FlexiMMTPipeline"),
     "FlexiMMTPipeline": ("cogvideox", "FlexiMMTPipeline"),
     "WanImageToVideoPipeline": ("wan", "FlexiMMTWanPipeline"),
+    "WanPipeline": ("wan", "FlexiMMTWanPipeline"),  # Wan 2.2 TI2V-5B ships as a WanPipeline; it animates images too
     "FlexiMMTWanPipeline": ("wan", "FlexiMMTWanPipeline"),
 }
 

@@ -110,6 +110,10 @@ class ModelAdapter:
     def check_settings(self, parts: frozenset[str], context_text: str) -> None:
         """Raise for MDMA settings that do not exist on this model."""
 
+    def prompt_text(self, prompt: str) -> str:
+        """The prompt as the pipeline hands it to its tokenizer (where motion words are looked up)."""
+        return prompt
+
     # -- inference plumbing ----------------------------------------------------------------
     def install_processors(self) -> None:
         raise NotImplementedError
@@ -169,6 +173,35 @@ def image_count(image) -> int:
     if isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim == 4:
         return image.shape[0]
     return 1
+
+
+def prompt_count(call: dict[str, Any]) -> int:
+    """How many prompts a call holds (strings or embeddings)."""
+    prompt = call.get("prompt")
+    if prompt is None:
+        return call["prompt_embeds"].shape[0]
+    return 1 if isinstance(prompt, str) else len(prompt)
+
+
+def repeat_per_prompt(call: dict[str, Any]) -> dict[str, Any]:
+    """The call with each prompt (and negative prompt, and their embeddings) repeated
+    ``num_videos_per_prompt`` times and ``num_videos_per_prompt=1``: the same videos, for pipelines that
+    do not batch that argument (or not everywhere)."""
+    per_prompt = call.get("num_videos_per_prompt") or 1
+    if per_prompt == 1:
+        return call
+    call = dict(call)
+    count = prompt_count(call)
+    repeat = lambda xs: [x for x in xs for _ in range(per_prompt)]  # noqa: E731
+    for name in ("prompt", "negative_prompt"):
+        value = call.get(name)
+        if value is not None:
+            call[name] = repeat([value] * count if isinstance(value, str) else list(value))
+    for name in ("prompt_embeds", "negative_prompt_embeds"):
+        if call.get(name) is not None:
+            call[name] = call[name].repeat_interleave(per_prompt, dim=0)
+    call["num_videos_per_prompt"] = 1
+    return call
 
 
 def module_placement(pipe) -> dict[str, tuple[torch.device, torch.dtype]]:

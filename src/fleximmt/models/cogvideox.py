@@ -24,7 +24,7 @@ from ..attention import FlexiMMTState
 from ..errors import FlexiMMTInputError
 from ..masks import PARTS
 from ..pipeline import OPTIONS_DOC, FlexiMMTMixin, FlexiMMTPipelineOutput
-from .base import ModelAdapter, TokenGrid, TrainingBatch, image_count
+from .base import ModelAdapter, TokenGrid, TrainingBatch, image_count, prompt_count, repeat_per_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -198,26 +198,13 @@ class CogVideoXAdapter(ModelAdapter):
                            "ask for %d or %d frames for an exact count", call["num_frames"], step, decoded, lower,
                            lower + step)  # fmt: skip
         per_prompt = call.get("num_videos_per_prompt") or 1
-        prompt = call["prompt"]
-        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
-        count = len(prompts) if prompts is not None else call["prompt_embeds"].shape[0]
+        count = prompt_count(call)
         images = None
         if per_prompt > 1 or count != image_count(call["image"]):
             images = self.batch_images(call, count)
-        if per_prompt > 1:
-            repeat = lambda xs: None if xs is None else [x for x in xs for _ in range(per_prompt)]  # noqa: E731
-            if prompts is not None:
-                call["prompt"] = repeat(prompts)
-            negative = call["negative_prompt"]
-            if negative is not None:
-                call["negative_prompt"] = repeat([negative] * count if isinstance(negative, str) else list(negative))
-            for name in ("prompt_embeds", "negative_prompt_embeds"):
-                if call[name] is not None:
-                    call[name] = call[name].repeat_interleave(per_prompt, dim=0)
-            images = repeat(images)
-            call["num_videos_per_prompt"] = 1
+        call = repeat_per_prompt(call)
         if images is not None:
-            call["image"] = images
+            call["image"] = [img for img in images for _ in range(per_prompt)]
         return call
 
     def batch_prompts(self, call: dict[str, Any]) -> list[str]:

@@ -126,11 +126,88 @@ def tiny_pipeline(seed: int = 0, **config):
     return pipe
 
 
-def random_motion(transformer, tokens_per_motion: int = 4, seed: int = 0, scale: float = 1.0, **metadata) -> MotionTokens:
-    """Random motion tokens shaped for ``transformer`` (kaiming-uniform-like spread, seeded)."""
+WAN_VERSIONS = ("2.1", "2.2", "2.2-ti2v")
+
+
+def tiny_wan_components(
+    seed: int = 0,
+    version: str = "2.1",
+    num_layers: int = 2,
+    heads: int = 2,
+    head_dim: int = 12,
+    text_dim: int = 16,
+    words: tuple[str, ...] = WORDS,
+) -> dict:
+    """Random-weight components of a ``WanImageToVideoPipeline`` (seeded), shaped like diffusers' own
+    fast tests: ``"2.1"`` (I2V-14B: the first frame's latents beside the noise, CLIP image tokens in
+    every cross-attention), ``"2.2"`` (I2V-A14B: two experts split at ``boundary_ratio``, no CLIP) or
+    ``"2.2-ti2v"`` (TI2V-5B: the first latent frame is the image, per-token timesteps, 16x VAE)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, UMT5EncoderModel
+
+    if version not in WAN_VERSIONS:
+        raise ValueError(f"version={version!r}: choose from {list(WAN_VERSIONS)}")
+    torch.manual_seed(seed)
+    ti2v = version == "2.2-ti2v"
+    if ti2v:
+        vae = AutoencoderKLWan(base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                               latents_mean=[0.0] * 48, latents_std=[1.0] * 48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               scale_factor_spatial=16, scale_factor_temporal=4, temperal_downsample=[False, True, True])  # fmt: skip
+    else:
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])  # fmt: skip
+    tokenizer = tiny_tokenizer(tuple(words))
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=2 * text_dim,
+                                               num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+                                               pad_token_id=0, eos_token_id=1))  # fmt: skip
+    image_dim = 4 if version == "2.1" else None
+
+    def transformer():
+        channels = 48 if ti2v else 16
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+            in_channels=channels if ti2v else 2 * channels + 4, out_channels=channels, text_dim=text_dim, freq_dim=32,
+            ffn_dim=32, num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32, image_dim=image_dim, added_kv_proj_dim=heads * head_dim if image_dim else None,
+        )  # fmt: skip
+
+    components = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer(),
+                      scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                        flow_shift=3.0),
+                      image_encoder=None, image_processor=None, transformer_2=None)  # fmt: skip
+    if version == "2.1":
+        components["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=image_dim, projection_dim=image_dim, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            intermediate_size=16, patch_size=4))  # fmt: skip
+        components["image_processor"] = CLIPImageProcessorPil(crop_size=32, size=32)
+    if version == "2.2":
+        components["transformer_2"] = transformer()
+        components["boundary_ratio"] = 0.875
+    if ti2v:
+        components["expand_timesteps"] = True
+    for model in (vae, text_encoder, components["transformer"], components["transformer_2"], components["image_encoder"]):
+        if model is not None:
+            model.eval()
+    return components
+
+
+def tiny_wan_pipeline(seed: int = 0, **config):
+    """A ``FlexiMMTWanPipeline`` of tiny random-weight components (see :func:`tiny_wan_components`)."""
+    from ..models.wan import FlexiMMTWanPipeline
+
+    pipe = FlexiMMTWanPipeline(**tiny_wan_components(seed, **config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_motion(transformer, tokens_per_motion: int = 4, seed: int = 0, scale: float = 1.0, experts: int = 1,
+                  **metadata) -> MotionTokens:  # fmt: skip
+    """Random motion tokens shaped for ``transformer`` (kaiming-uniform-like spread, seeded), one set per expert."""
     cfg = transformer.config
     dim = cfg.num_attention_heads * cfg.attention_head_dim
     gen = torch.Generator().manual_seed(seed)
     bound = scale * (3.0 / dim) ** 0.5
-    tokens = (torch.rand(cfg.num_layers, tokens_per_motion, dim, generator=gen) * 2 - 1) * bound
-    return MotionTokens(tokens, **metadata)
+    sets = [(torch.rand(cfg.num_layers, tokens_per_motion, dim, generator=gen) * 2 - 1) * bound for _ in range(experts)]
+    if "family" not in metadata and type(transformer).__name__.startswith("Wan"):
+        metadata["family"] = "wan"
+    return MotionTokens(sets, **metadata)

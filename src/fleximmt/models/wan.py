@@ -1,0 +1,395 @@
+"""Wan 2.1 / 2.2 image-to-video (diffusers' ``WanImageToVideoPipeline``): FlexiMMT as METHOD.md section 9
+maps it - the first multi-object motion transfer on Wan.
+
+Wan's blocks run self-attention ``attn1`` over video tokens only and cross-attention ``attn2`` from
+video queries to the umT5 text (and, on Wan 2.1 I2V, 257 CLIP image tokens through their own
+projections). Motion tokens join ``attn2``'s keys and values beside the text (``attention.FORMS``
+"cross"); only ``m2v`` and ``t2v`` exist (no text or motion queries); the image tokens stay open to
+every video query; ``attn1`` stays one unmasked attention and lends RMPM its outputs (the first 70%
+of blocks, conditional pass). diffusers' Wan blocks pass no ``attention_kwargs`` to their processors,
+so the processors of a transformer share one ``StateSlot`` the pipeline fills for the call.
+Wan 2.2 I2V-A14B has two experts (``transformer`` for high noise, ``transformer_2`` for low noise):
+a motion holds one token set per expert. Training is flow matching: the velocity error, i.e. the
+x0 error weighted by ``1 / sigma^2``, at timesteps shifted as the pipeline's scheduler shifts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import WanImageToVideoPipeline
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+from ..attention import FlexiMMTState
+from ..errors import FlexiMMTInputError
+from ..masks import CROSS_PARTS, check_cross_parts
+from ..pipeline import OPTIONS_DOC, FlexiMMTMixin, FlexiMMTPipelineOutput
+from .base import ModelAdapter, TokenGrid, TrainingBatch, repeat_per_prompt
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
+CHECKPOINTS = ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+               "Wan-AI/Wan2.2-I2V-A14B-Diffusers", "Wan-AI/Wan2.2-TI2V-5B-Diffusers")  # fmt: skip
+FEATURE_SHARE = 0.7  # RMPM averages attn1 outputs over the first 70% of the blocks (METHOD.md section 9)
+
+
+@dataclass
+class StateSlot:
+    """The per-call FlexiMMT state, shared by every processor of one transformer (None: plain Wan)."""
+
+    state: FlexiMMTState | None = None
+
+
+class WanSelfAttnProcessor:
+    """``attn1`` exactly as diffusers computes it; its output (after ``to_out``, before the block's
+    gate) is handed to RMPM's feature capture."""
+
+    def __init__(self, block_index: int, slot: StateSlot) -> None:
+        self.block_index, self.slot = block_index, slot
+        self.wan = WanAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        out = self.wan(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if self.slot.state is not None:
+            self.slot.state.observe(self.block_index, out)
+        return out
+
+
+class WanCrossAttnProcessor:
+    """``attn2`` with motion tokens beside the text and MDMA over video queries x [text | motion];
+    the CLIP image tokens (Wan 2.1) are attended as diffusers does. Without a state, or with no
+    objects, it is diffusers' ``WanAttnProcessor``."""
+
+    def __init__(self, block_index: int, expert: int, slot: StateSlot) -> None:
+        self.block_index, self.expert, self.slot = block_index, expert, slot
+        self.wan = WanAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        state = self.slot.state
+        if state is None or state.num_objects == 0:
+            return self.wan(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if attention_mask is not None:
+            raise ValueError("FlexiMMT attention takes no attention_mask of its own: MDMA is the mask")
+        text_len = state.videos[0].member.shape[1]
+        image_tokens, text = encoder_hidden_states[:, :-text_len], encoder_hidden_states[:, -text_len:]
+        query = attn.norm_q(attn.to_q(hidden_states))
+        if getattr(attn, "fused_projections", False):
+            key, value = attn.to_kv(text).chunk(2, dim=-1)
+        else:
+            key, value = attn.to_k(text), attn.to_v(text)
+        key = attn.norm_k(key)
+        heads = lambda x: x.unflatten(2, (attn.heads, -1)).transpose(1, 2)  # noqa: E731  [B, H, N, d]
+        out = state.cross_attention(self.block_index, self.expert, heads(query), heads(key), heads(value),
+                                    self.projector(attn, query))  # fmt: skip
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        if attn.add_k_proj is not None and image_tokens.shape[1]:
+            if getattr(attn, "fused_projections", False):
+                key_img, value_img = attn.to_added_kv(image_tokens).chunk(2, dim=-1)
+            else:
+                key_img, value_img = attn.add_k_proj(image_tokens), attn.add_v_proj(image_tokens)
+            key_img = attn.norm_added_k(key_img)
+            image_out = F.scaled_dot_product_attention(heads(query), heads(key_img), heads(value_img))
+            out = out + image_out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    @staticmethod
+    def projector(attn, like: torch.Tensor) -> Callable:
+        """Motion tokens through ``attn2``'s frozen text path (``to_k``/``to_v``, ``norm_k``; no RoPE):
+        ``[1, H, n, d]``, on the device and dtype of the block's activations."""
+
+        def project(tokens: torch.Tensor, kind: str) -> torch.Tensor:
+            tokens = tokens.to(device=like.device, dtype=like.dtype)
+            x = attn.norm_k(attn.to_k(tokens)) if kind == "k" else attn.to_v(tokens)
+            return x.unflatten(1, (attn.heads, -1)).transpose(0, 1)[None]
+
+        return project
+
+
+def slot_of(transformer) -> StateSlot | None:
+    processor = transformer.blocks[0].attn2.processor
+    return processor.slot if isinstance(processor, WanCrossAttnProcessor) else None
+
+
+class WanAdapter(ModelAdapter):
+    family = "wan"
+    pipeline_class = WanImageToVideoPipeline
+    form = "cross"
+    parts = CROSS_PARTS
+    feature_share = FEATURE_SHARE
+    default_model = DEFAULT_MODEL
+
+    def transformers(self) -> list[torch.nn.Module]:
+        return [t for t in (self.pipe.transformer, getattr(self.pipe, "transformer_2", None)) if t is not None]
+
+    def check_model(self) -> None:
+        if len(self.transformers()) > 1 and self.pipe.config.boundary_ratio is None:
+            raise FlexiMMTInputError("this Wan pipeline has two experts but no boundary_ratio: load its model_index.json")
+        channels = self.transformers()[0].config.in_channels
+        if not self.pipe.config.expand_timesteps and channels == self.pipe.vae.config.z_dim:
+            raise FlexiMMTInputError(
+                f"this Wan transformer takes {channels} input channels, the noise alone: it is a text-to-video model. "
+                "Load an image-to-video checkpoint: " + ", ".join(CHECKPOINTS)
+            )
+
+    def blocks(self, transformer) -> list[torch.nn.Module]:
+        return list(transformer.blocks)
+
+    def motion_shape(self) -> tuple[int, int]:
+        cfg = self.transformers()[0].config
+        return cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim
+
+    def default_text_length(self) -> int:
+        return 512  # umT5 context, as diffusers' Wan pipelines and their processors assume
+
+    def default_size(self) -> tuple[int, int, int]:
+        params = self.diffusers_defaults()
+        return params["height"], params["width"], params["num_frames"]
+
+    def diffusers_defaults(self) -> dict[str, Any]:
+        import inspect
+
+        return {k: v.default for k, v in inspect.signature(WanImageToVideoPipeline.__call__).parameters.items()}
+
+    def token_grid(self, height: int, width: int, num_frames: int) -> TokenGrid:
+        patch = self.transformers()[0].config.patch_size
+        temporal = self.pipe.vae_scale_factor_temporal
+        latent_frames = (num_frames - 1) // temporal + 1
+        per_token = self.pipe.vae_scale_factor_spatial * patch[1]
+        return TokenGrid(latent_frames // patch[0], height // per_token, width // per_token, latent_frames, patch[0], temporal)
+
+    def check_geometry(self, height: int, width: int, num_frames: int) -> None:
+        temporal = self.pipe.vae_scale_factor_temporal
+        if num_frames < 1 or (num_frames - 1) % temporal:
+            lower = max(1, (num_frames - 1) // temporal * temporal + 1)
+            raise FlexiMMTInputError(
+                f"num_frames={num_frames}: Wan makes {temporal}k+1 frames; use {lower} or {lower + temporal} "
+                "(diffusers would round it silently, moving the object masks off their frames)"
+            )
+        multiple = self.pipe.vae_scale_factor_spatial * self.transformers()[0].config.patch_size[1]
+        if height % multiple or width % multiple:
+            raise FlexiMMTInputError(
+                f"height x width = {height} x {width}: Wan needs multiples of {multiple}; use "
+                f"{height // multiple * multiple} x {width // multiple * multiple}"
+            )
+
+    def check_settings(self, parts: frozenset[str], context_text: str) -> None:
+        try:
+            check_cross_parts(parts, context_text)
+        except ValueError as err:
+            raise FlexiMMTInputError(f"{err} (Wan)") from None
+
+    def prompt_text(self, prompt: str) -> str:
+        from diffusers.pipelines.wan.pipeline_wan_i2v import prompt_clean
+
+        return prompt_clean(prompt)
+
+    # -- inference plumbing ----------------------------------------------------------------
+    def install_processors(self) -> None:
+        for expert, transformer in enumerate(self.transformers()):
+            if slot_of(transformer) is not None:
+                continue
+            slot = StateSlot()
+            for index, block in enumerate(transformer.blocks):
+                block.attn1.set_processor(WanSelfAttnProcessor(index, slot))
+                block.attn2.set_processor(WanCrossAttnProcessor(index, expert, slot))
+
+    def prepare_call(self, call: dict[str, Any]) -> dict[str, Any]:
+        """Each prompt repeated instead of ``num_videos_per_prompt`` (the same videos; diffusers' Wan 2.1
+        repeats its CLIP image tokens per prompt only and fails on more videos per prompt)."""
+        return repeat_per_prompt(call)
+
+    def batch_images(self, call: dict[str, Any], videos: int) -> list[Any]:
+        image = call["image"]
+        if isinstance(image, list) or (isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim == 4 and image.shape[0] > 1):
+            raise FlexiMMTInputError("Wan's pipeline takes one image per call (it serves every prompt of the batch): "
+                                     "call once per image")  # fmt: skip
+        return [image] * videos
+
+    @contextlib.contextmanager
+    def attach(self, state: FlexiMMTState, call: dict[str, Any]):
+        """Fill every transformer's slot for the call. Wan runs the conditional and unconditional
+        branches as two forward calls per step, the conditional first: RMPM's features come from
+        the first call of each step."""
+        videos = list(range(len(state.videos)))
+        state.rows = videos
+
+        def first_call_captures(module, args):
+            state.feature_rows = videos if state.calls_this_step == 0 else None
+            state.calls_this_step += 1
+
+        hooks = []
+        try:
+            for transformer in self.transformers():
+                slot_of(transformer).state = state
+                hooks.append(transformer.register_forward_pre_hook(first_call_captures))
+            yield call
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for transformer in self.transformers():
+                slot_of(transformer).state = None
+
+    # -- training ------------------------------------------------------------------------------
+    def _normalise(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.pipe.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents)
+        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents)
+        return (latents - mean) / std
+
+    def encode_conditions(self, clips, caption, text_len, generator):
+        pipe = self.pipe
+        device = pipe._execution_device
+        prompt_embeds, _ = pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=text_len,
+                                              device=device)  # fmt: skip
+        vae_dtype = pipe.vae.dtype
+        videos, conditions, images = [], [], []
+        for clip in clips:
+            clip = clip[None].to(device, vae_dtype)  # [1, 3, T, H, W]
+            latents = self._normalise(pipe.vae.encode(clip).latent_dist.sample(generator=generator).float())
+            first = clip[:, :, :1]
+            # the image condition exactly as the pipeline builds it (Wan 2.1/2.2: frame mask + the image
+            # followed by black frames; TI2V: the first latent frame), from its own prepare_latents
+            _, condition, *_ = pipe.prepare_latents(first[:, :, 0].float(), 1, latents.shape[1], clip.shape[3],
+                                                    clip.shape[4], clip.shape[2], torch.float32, device,
+                                                    latents=torch.zeros_like(latents))  # fmt: skip
+            videos.append(latents[0].cpu())
+            conditions.append(condition[0].cpu())
+            if getattr(pipe, "image_encoder", None) is not None and pipe.transformer.config.image_dim is not None:
+                pixels = ((first[0, :, 0].float().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+                images.append(pipe.encode_image(PIL.Image.fromarray(pixels), device)[0].float().cpu())
+        tensors = {"prompt_embeds": prompt_embeds.float().cpu(), "video_latents": torch.stack(videos),
+                   "condition": torch.stack(conditions)}  # fmt: skip
+        if images:
+            tensors["image_embeds"] = torch.stack(images)
+        return tensors
+
+    def sample_sigma(self, generator: torch.Generator) -> float:
+        """A training noise level: uniform, then shifted as the pipeline's scheduler shifts its sigmas."""
+        cfg = self.pipe.scheduler.config
+        shift = cfg.get("flow_shift") if cfg.get("use_flow_sigmas") else cfg.get("shift", 1.0)
+        u = torch.rand((), generator=generator).item()
+        shift = shift or 1.0
+        return shift * u / (1 + (shift - 1) * u)
+
+    def training_prediction(self, state, cond, window, generator, image_dropout, autocast) -> TrainingBatch:
+        pipe = self.pipe
+        device = pipe._execution_device
+        x0 = cond["video_latents"][window : window + 1].to(device)  # [1, C, F, h, w]
+        condition = cond["condition"][window : window + 1].to(device)
+        if torch.rand((), generator=generator).item() < image_dropout:
+            condition = condition.clone()
+            condition[:, -x0.shape[1]:] = 0  # the image latents (Wan 2.1 / 2.2 keep their frame mask)
+        sigma = max(self.sample_sigma(generator), 1e-3)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        num_train = pipe.scheduler.config.num_train_timesteps
+        t = torch.tensor([sigma * num_train], device=device)
+        experts = self.transformers()
+        expert = 0
+        if len(experts) > 1 and t.item() < pipe.config.boundary_ratio * num_train:
+            expert = 1  # the low-noise expert
+        transformer = experts[expert]
+        dtype = transformer.dtype
+        if pipe.config.expand_timesteps:
+            mask = torch.ones_like(x0[:, :1])
+            mask[:, :, 0] = 0
+            model_input = (1 - mask) * condition + mask * noisy
+            patch = transformer.config.patch_size
+            timestep = (mask[0, 0][:, :: patch[1], :: patch[2]] * t).flatten()[None]
+        else:
+            model_input = torch.cat([noisy, condition], dim=1)
+            timestep = t
+        image_embeds = cond.get("image_embeds")
+        state.rows, state.feature_rows = None, None
+        slot = slot_of(transformer)
+        slot.state = state
+        try:
+            with autocast():
+                velocity = transformer(
+                    hidden_states=model_input.to(dtype), timestep=timestep,
+                    encoder_hidden_states=cond["prompt_embeds"].to(device, dtype),
+                    encoder_hidden_states_image=None if image_embeds is None else image_embeds[window : window + 1].to(device, dtype),
+                    return_dict=False,
+                )[0].float()  # fmt: skip
+        finally:
+            slot.state = None
+        x0_hat = noisy - sigma * velocity  # flow matching: v = noise - x0
+        weight = torch.tensor(1.0 / sigma**2, device=device)  # the velocity error as an x0 error
+        frames = slice(1, None) if pipe.config.expand_timesteps else slice(None)  # TI2V's frame 0 is given
+        return TrainingBatch(x0.transpose(1, 2), x0_hat.transpose(1, 2), weight, frames, expert)
+
+
+class FlexiMMTWanPipeline(FlexiMMTMixin, WanImageToVideoPipeline):
+    """Multi-object multi-motion image-to-video (FlexiMMT) on diffusers' Wan 2.1 / 2.2 I2V."""
+
+    adapter_class = WanAdapter
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str = DEFAULT_MODEL, **kwargs):
+        """Load Wan I2V components (default ``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers``, or a local folder);
+        safetensors only."""
+        from .loading import check_safetensors
+
+        check_safetensors(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        prompt: str | list[str] = None,
+        negative_prompt: str | list[str] = None,
+        height: int = 480,
+        width: int = 832,
+        num_frames: int = 81,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.0,
+        guidance_scale_2: float | None = None,
+        num_videos_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        last_image: torch.Tensor | None = None,
+        output_type: str | None = "np",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' own default)
+        max_sequence_length: int = 512,
+        *,
+        objects: Sequence = (),
+        mask_source: str = "rmpm",
+        rmpm_method: str = "paper",
+        anchors: int = 3,
+        alpha: float | None = None,
+        feature_blocks: Sequence[int] | None = None,
+        parts: Sequence[str] = CROSS_PARTS,
+        context_text: str = "open",
+        attention_backend: str = "auto",
+        return_masks: bool = False,
+        initial_masks: str = "first_frame",
+    ) -> FlexiMMTPipelineOutput | Any:
+        """Generate videos in which each object of ``objects`` moves with its own motion.
+
+        diffusers' ``WanImageToVideoPipeline.__call__`` arguments, in its order, with its defaults
+        and meaning. With objects, ``num_frames`` must be 4k+1 and height/width multiples of 16
+        (diffusers would round them), and one image serves the call.
+
+        """
+        return self._call(locals())
+
+    __call__.__doc__ += OPTIONS_DOC
+
+
+ADAPTER = WanAdapter
