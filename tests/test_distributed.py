@@ -73,3 +73,21 @@ def test_dataset_rows_are_shared_out_and_each_trained_once(workspace):
     log = result.stderr
     assert log.count("trains") == 2
     assert "process 0 trains" in log and "process 1 trains" in log
+
+
+def test_two_processes_train_one_wan_motion_with_two_experts(workspace):
+    from fleximmt import FlexiMMTWanPipeline
+    from fleximmt.toy.tiny import tiny_wan_components
+
+    FlexiMMTWanPipeline(**tiny_wan_components(0, "2.2")).save_pretrained(workspace / "wan")
+    out = workspace / "wan-shared.safetensors"
+    result = launch(["train", "--model", workspace / "wan", "--video", workspace / "ref0.mp4", "--caption",
+                     "A ball jumps up.", "--concept", "ball", "--motion-words", "jumps up", "--out", out, "--steps", 4,
+                     "--tokens", 2, "--checkpoint-every", 2, "--height", 32, "--width", 32, "--frames", 9], workspace)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpts = [out.with_name("wan-shared.ckpt.safetensors"), out.with_name("wan-shared.ckpt.rank1.safetensors")]
+    for name in ("param.tokens", "param.tokens_2"):  # each expert's replicas stay identical across processes
+        with safe_open(str(ckpts[0]), framework="pt") as a, safe_open(str(ckpts[1]), framework="pt") as b:
+            assert torch.equal(a.get_tensor(name), b.get_tensor(name))
+    with safe_open(str(out), framework="pt") as f:
+        assert set(f.keys()) == {"motion_tokens", "motion_tokens_2"} and f.metadata()["family"] == '"wan"'

@@ -262,3 +262,24 @@ def test_a_text_to_video_wan_is_refused_with_the_checkpoints_to_use():
     pipe = FlexiMMTWanPipeline(**components)
     with pytest.raises(ValueError, match="text-to-video model.*Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"):
         pipe(picture(), PROMPT, objects=objects(pipe), **CALL)
+
+
+def test_the_command_line_trains_and_generates_on_a_wan_folder(tmp_path, capsys):
+    import imageio.v3 as iio
+
+    from fleximmt.cli import main
+
+    FlexiMMTWanPipeline(**tiny_wan_components(0, "2.1")).save_pretrained(tmp_path / "wan")
+    iio.imwrite(tmp_path / "ref.mp4", moving_square(17), fps=8, codec="libx264")
+    picture().save(tmp_path / "image.png")
+    Image.fromarray(box(4, 30, 4, 30).astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    size = ["--height", SIZE, "--width", SIZE, "--frames", 9]
+    code = main([str(a) for a in ["train", "--model", tmp_path / "wan", "--video", tmp_path / "ref.mp4", "--caption",
+                                  "A ball jumps up.", "--concept", "ball", "--motion-words", "jumps up", "--out",
+                                  tmp_path / "jump.safetensors", "--steps", 2, "--tokens", 4, *size]])  # fmt: skip
+    assert code == 0 and MotionTokens.load(tmp_path / "jump.safetensors").family == "wan"
+    code = main([str(a) for a in ["generate", "--model", tmp_path / "wan", "--image", tmp_path / "image.png", "--prompt",
+                                  PROMPT, "--object", f"{tmp_path / 'mask.png'}:{tmp_path / 'jump.safetensors'}:jumps up",
+                                  "--steps", 2, "--out", tmp_path / "out.mp4", "--masks-out", tmp_path / "masks.mp4", *size]])  # fmt: skip
+    assert code == 0 and (tmp_path / "out.mp4").is_file() and (tmp_path / "masks.mp4").is_file()
+    assert iio.imread(tmp_path / "out.mp4").shape[:3] == (9, SIZE, SIZE)

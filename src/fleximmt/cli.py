@@ -40,11 +40,13 @@ Run 'fleximmt COMMAND --help' for a command's options.""",
       --object tiger.png:walk.safetensors:"walks" --object man.png:crouch.safetensors:"is crouching" \\
       --out out.mp4 --masks-out masks.mp4
   fleximmt generate --model ./CogVideoX-5b-I2V --cpu-offload --vae-tiling ...   (a local copy, less GPU memory)
+  fleximmt generate --model Wan-AI/Wan2.1-I2V-14B-480P-Diffusers --frames 81 ...   (Wan: motions learned on Wan)
   fleximmt generate --model tiny ...   (a tiny random-weight model: checks that everything runs, makes noise)""",
     "train": """examples:
   fleximmt train --video yoga.mp4 --caption "A man is doing yoga." --concept man \\
       --motion-words "is doing yoga" --out yoga.safetensors
   fleximmt train --dataset motions.csv --out-dir motions/      (one motion per row)
+  fleximmt train --model Wan-AI/Wan2.2-I2V-A14B-Diffusers ...   (Wan 2.2: one token set per expert)
   accelerate launch fleximmt train ...                          (several GPUs or nodes)
 dataset columns (CSV with header, or JSON lines): video, caption, concept_words, motion_words,
   and optionally start, end (frames), fps, name""",
@@ -61,8 +63,9 @@ def _positive_int(text: str) -> int:
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL,
-                       help="hub id or local folder of a CogVideoX image-to-video model (default: %(default)s); "
-                            "'toy' is the small model trained on the toy world that ships with fleximmt "
+                       help="hub id or local folder of a CogVideoX or Wan image-to-video model, chosen by its "
+                            "model_index.json (default: %(default)s; e.g. THUDM/CogVideoX1.5-5B-I2V, "
+                            "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, Wan-AI/Wan2.2-I2V-A14B-Diffusers); 'toy' is the small model trained on the toy world that ships with fleximmt "
                             "(64x64, 17 frames, runs on a CPU); 'tiny' builds a tiny random-weight model")  # fmt: skip
     group.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                        help="weights' precision (default: bfloat16 on a GPU, float32 on a CPU)")  # fmt: skip
@@ -95,7 +98,7 @@ def load_pipeline(args):
         except OSError as err:
             raise FlexiMMTInputError(
                 f"could not load the model {args.model!r} ({str(err).splitlines()[0]}): give a local folder "
-                "with the CogVideoX-I2V files, or log in and download it first"
+                "with a CogVideoX or Wan image-to-video pipeline, or log in and download it first"
             ) from None
         if args.cpu_offload and cuda:
             pipe.enable_model_cpu_offload()
@@ -142,12 +145,14 @@ def cmd_generate(args) -> None:
     if masks_out and not objects:
         logger.warning("--masks-out: no --object given, so there are no masks to draw; skipping it")
     pipe = load_pipeline(args)
+    given = {name: value for name, value in (("guidance_scale", args.guidance), ("num_frames", args.frames),
+                                             ("height", args.height), ("width", args.width)) if value is not None}  # fmt: skip
     output = pipe(
-        image=image, prompt=args.prompt, objects=objects, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        num_frames=args.frames, generator=torch.Generator().manual_seed(args.seed), output_type="np",
+        image=image, prompt=args.prompt, objects=objects, num_inference_steps=args.steps,
+        generator=torch.Generator().manual_seed(args.seed), output_type="np",
         max_sequence_length=pipe.adapter.default_text_length(), mask_source=args.mask_source,
         anchors=args.anchors, alpha=args.alpha, rmpm_method=args.rmpm_method, initial_masks=args.initial_masks,
-        return_masks=bool(objects),
+        return_masks=bool(objects), **given,
     )  # fmt: skip
     frames = output.frames[0]
     written = [save_video(frames, out, fps=args.fps)]
@@ -282,10 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--masks-out", help="also write the propagated object masks over the video (.mp4 or .gif)")
     gen.add_argument("--gif", action="store_true", help="also write a .gif beside --out")
     gen.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: %(default)s)")
-    gen.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default: %(default)s)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's, 6 for "
+                                                     "CogVideoX, 5 for Wan)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    gen.add_argument("--frames", type=_positive_int, help="frame count (default: the model's own, 49 for CogVideoX-5B; CogVideoX makes exactly that many "
-                          "for 8k+1)")
+    gen.add_argument("--frames", type=_positive_int, help="frame count (default: the model's own: 49 for CogVideoX-5B, 81 "
+                                                          "for CogVideoX 1.5 and Wan; exact for 8k+1 on CogVideoX, 4k+1 on Wan)")
+    gen.add_argument("--height", type=_positive_int, help="video height (default: the model's own: 480 for CogVideoX-5B "
+                                                          "and Wan, 768 for CogVideoX 1.5)")
+    gen.add_argument("--width", type=_positive_int, help="video width (default: the model's own: 720 for CogVideoX-5B, "
+                                                         "832 for Wan, 1360 for CogVideoX 1.5)")
     gen.add_argument("--fps", type=_positive_int, default=8, help="frame rate of the written video (default: %(default)s)")
     gen.add_argument("--mask-source", default="rmpm", choices=MASK_SOURCES,
                      help="object masks on later frames: propagated (rmpm), the first frame's (static), "
@@ -316,9 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, help="AdamW learning rate (default: 3e-3)")
     tr.add_argument("--warmup-steps", type=int, help="learning-rate warm-up steps (default: 100)")
     tr.add_argument("--tokens", type=_positive_int, help="motion tokens per block, d_m (default: 226)")
-    tr.add_argument("--frames", type=_positive_int, help="frames per training window (default: the model's, 49)")
+    tr.add_argument("--frames", type=_positive_int, help="frames per training window (default: the model's, 49 for "
+                                                         "CogVideoX-5B, 81 for CogVideoX 1.5 and Wan)")
     tr.add_argument("--height", type=_positive_int, help="training height (default: the model's, 480)")
-    tr.add_argument("--width", type=_positive_int, help="training width (default: the model's, 720)")
+    tr.add_argument("--width", type=_positive_int, help="training width (default: the model's, 720 for CogVideoX-5B, "
+                                                        "832 for Wan)")
     tr.add_argument("--fps", type=float, help="subsample the reference to about this frame rate (default: 8)")
     tr.add_argument("--max-windows", type=_positive_int, help="windows of the reference to train on (default: 4)")
     tr.add_argument("--dmem-drop", type=float, help="DMEM: fraction of mask positives dropped (default: 0.3)")

@@ -143,7 +143,7 @@ def tiny_wan_components(
     every cross-attention), ``"2.2"`` (I2V-A14B: two experts split at ``boundary_ratio``, no CLIP) or
     ``"2.2-ti2v"`` (TI2V-5B: the first latent frame is the image, per-token timesteps, 16x VAE)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, UMT5EncoderModel
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     if version not in WAN_VERSIONS:
         raise ValueError(f"version={version!r}: choose from {list(WAN_VERSIONS)}")
@@ -176,7 +176,7 @@ def tiny_wan_components(
                                                         flow_shift=3.0),
                       image_encoder=None, image_processor=None, transformer_2=None)  # fmt: skip
     if version == "2.1":
-        components["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
             hidden_size=image_dim, projection_dim=image_dim, num_hidden_layers=2, num_attention_heads=2, image_size=32,
             intermediate_size=16, patch_size=4))  # fmt: skip
         components["image_processor"] = CLIPImageProcessorPil(crop_size=32, size=32)
