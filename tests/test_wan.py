@@ -283,3 +283,14 @@ def test_the_command_line_trains_and_generates_on_a_wan_folder(tmp_path, capsys)
                                   "--steps", 2, "--out", tmp_path / "out.mp4", "--masks-out", tmp_path / "masks.mp4", *size]])  # fmt: skip
     assert code == 0 and (tmp_path / "out.mp4").is_file() and (tmp_path / "masks.mp4").is_file()
     assert iio.imread(tmp_path / "out.mp4").shape[:3] == (9, SIZE, SIZE)
+
+
+def test_train_motion_takes_diffusers_own_wan_pipeline(tmp_path):
+    plain = WanImageToVideoPipeline(**tiny_wan_components(0, "2.2-ti2v"))
+    plain.set_progress_bar_config(disable=True)
+    motion = train(plain, tmp_path / "m.safetensors", steps=2, lr=0.05)
+    assert motion.family == "wan" and motion.tokens.shape == (2, 4, 24)
+    assert all(isinstance(b.attn2.processor, WanCrossAttnProcessor) for b in plain.transformer.blocks)
+    ours = FlexiMMTWanPipeline.from_pipe(plain)
+    out = ours(picture(), "A ball jumps up.", objects=[ObjectMotion(box(20, 36, 4, 20), motion, "jumps up")], **CALL)
+    assert np.isfinite(out.frames).all()
