@@ -160,19 +160,22 @@ def inference_states(setup: Setup, objects: list[int], batch: int) -> dict[int, 
 
 
 def interleave(runs: dict, repeats: int, warmup: bool) -> dict[str, dict[str, list[float]]]:
-    samples = {name: {"time": [], "rss_extra": []} for name in runs}
+    """Wall time, and the CPU time of this process (all its threads): on a machine whose cores others
+    share, the CPU time a call needs moves far less with their load than its wall time does."""
+    samples = {name: {"time": [], "cpu": [], "rss_extra": []} for name in runs}
     if warmup:
         for fn in runs.values():
             fn()
     for r in range(repeats):
         for name, fn in runs.items():
             with PeakRSS() as mem:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 fn()
                 samples[name]["time"].append(time.perf_counter() - start)
+                samples[name]["cpu"].append(time.process_time() - cpu)
             samples[name]["rss_extra"].append(mem.extra)
-            print(f"  round {r + 1}: {name:<28} {samples[name]['time'][-1]:8.2f} s  peak RSS +{mem.extra / MiB:7.0f} MiB",
-                  flush=True)  # fmt: skip
+            print(f"  round {r + 1}: {name:<28} {samples[name]['time'][-1]:8.2f} s wall {samples[name]['cpu'][-1]:8.2f} s CPU"
+                  f"  peak RSS +{mem.extra / MiB:7.0f} MiB", flush=True)  # fmt: skip
     return samples
 
 
@@ -181,10 +184,13 @@ def ratios(samples: dict, base: str) -> dict[str, dict]:
     out = {}
     for name, s in samples.items():
         per_round = [t / b for t, b in zip(s["time"], samples[base]["time"])]
+        per_round_cpu = [t / b for t, b in zip(s["cpu"], samples[base]["cpu"])]
         mem = [m / b if b else float("nan") for m, b in zip(s["rss_extra"], samples[base]["rss_extra"])]
         out[name] = {
             "time_s": s["time"], "median_s": statistics.median(s["time"]),
             "ratio": statistics.median(per_round), "ratio_min": min(per_round), "ratio_max": max(per_round),
+            "cpu_s": s["cpu"], "cpu_ratio": statistics.median(per_round_cpu), "cpu_ratio_min": min(per_round_cpu),
+            "cpu_ratio_max": max(per_round_cpu),
             "rss_extra_mib": [m / MiB for m in s["rss_extra"]], "rss_ratio": statistics.median(mem),
         }  # fmt: skip
     return out
@@ -231,7 +237,8 @@ def run_inference(args, setup: Setup) -> dict:
     result = ratios(samples, "diffusers")
     for name, r in result.items():
         print(f"  {name:<16} median {r['median_s']:8.2f} s  ratio {r['ratio']:.3f}x (rounds {r['ratio_min']:.3f}-"
-              f"{r['ratio_max']:.3f})  peak RSS extra {statistics.median(r['rss_extra_mib']):.0f} MiB ({r['rss_ratio']:.3f}x)")  # fmt: skip
+              f"{r['ratio_max']:.3f}); CPU time ratio {r['cpu_ratio']:.3f}x ({r['cpu_ratio_min']:.3f}-{r['cpu_ratio_max']:.3f}); "
+              f"peak RSS extra {statistics.median(r['rss_extra_mib']):.0f} MiB ({r['rss_ratio']:.3f}x)")  # fmt: skip
     for k in args.objects:
         states[k].pop("state")
     return {"runs": result, "layouts": {str(k): v for k, v in states.items()}}
@@ -302,7 +309,7 @@ def run_training(args, setup: Setup) -> dict:
             r["held_mib"], r["held_bf16_mib"] = r["saved_mib"], r["saved_bf16_mib"]
         r["held_ratio"] = r["held_mib"] / base["held_mib"]
         print(f"  {name:<16} median {r['median_s']:8.2f} s  ratio {r['ratio']:.3f}x (rounds {r['ratio_min']:.3f}-"
-              f"{r['ratio_max']:.3f})  held for backward {r['held_mib']:.0f} MiB ({r['held_ratio']:.3f}x; bf16 "
+              f"{r['ratio_max']:.3f}); CPU time ratio {r['cpu_ratio']:.3f}x;  held for backward {r['held_mib']:.0f} MiB ({r['held_ratio']:.3f}x; bf16 "
               f"{r['held_bf16_mib']:.0f} MiB)  peak RSS extra {statistics.median(r['rss_extra_mib']):.0f} MiB "
               f"({r['rss_ratio']:.3f}x)")  # fmt: skip
     for name in ("plain", "fleximmt"):
