@@ -113,3 +113,24 @@ def test_two_processes_share_the_cases_each_once(bench):
                  for c in ("full", "static", "oracle", "broken")}  # fmt: skip
     assert processes == {"full": 0, "static": 1, "oracle": 0, "broken": 1}
     assert result.stdout.count("summary:") == 1
+
+
+def test_the_release_estimators_are_chosen_from_the_command_line(bench, monkeypatch):
+    import fleximmt.metrics as metrics
+    from fleximmt import cli
+
+    root, pipe = bench
+    chosen = []
+    real_ff, real_tf = metrics.flow_fidelity_result, metrics.trajectory_fidelity_result
+    monkeypatch.setattr(metrics, "flow_fidelity_result", lambda *a, flow="dis", **k: chosen.append(("ff", flow)) or real_ff(*a, **k))
+    monkeypatch.setattr(metrics, "trajectory_fidelity_result",
+                        lambda *a, tracker="lk", **k: chosen.append(("tf", tracker)) or real_tf(*a, **k))  # fmt: skip
+    monkeypatch.setattr(cli, "load_pipeline", lambda args: pipe)
+    manifest = root / "oracle.jsonl"
+    manifest.write_text([line for line in (root / "bench.jsonl").read_text().splitlines() if '"oracle"' in line][0])
+    code = cli.main(["evaluate", "--manifest", str(manifest), "--out", str(root / "o1"), "--flow", "raft",
+                     "--tracker", "cotracker", "--model", "tiny"])  # fmt: skip
+    assert code == 0 and chosen == [("tf", "cotracker"), ("ff", "raft")]
+    chosen.clear()
+    assert cli.main(["evaluate", "--manifest", str(manifest), "--out", str(root / "o2"), "--model", "tiny"]) == 0
+    assert chosen == [("tf", "lk"), ("ff", "dis")]  # the offline estimators by default

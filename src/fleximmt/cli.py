@@ -255,7 +255,8 @@ def cmd_evaluate(args) -> None:
         from .metrics import load_clip
 
         clip = load_clip(args.clip)
-    results = run_benchmark(pipe, args.manifest, args.out, clip=clip, steps=args.steps, propagation=args.mask_propagation)
+    results = run_benchmark(pipe, args.manifest, args.out, clip=clip, steps=args.steps, propagation=args.mask_propagation,
+                            flow=args.flow, tracker=args.tracker)  # fmt: skip
     from .train import process_state
 
     if process_state().is_main_process:
@@ -362,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mask-propagation", default="flow", choices=["flow", "sam2"],
                     help="per-frame object masks for FF: optical flow (offline) or SAM 2 (the release; weights "
                          "needed) (default: %(default)s)")  # fmt: skip
+    ev.add_argument("--flow", default="dis", choices=["dis", "raft"],
+                    help="FF's optical flow: OpenCV DIS (offline) or RAFT-large, 20 iterations (the release; needs "
+                         "torchvision and RAFT_CHECKPOINT or torchvision's weights) (default: %(default)s)")  # fmt: skip
+    ev.add_argument("--tracker", default="lk", choices=["lk", "cotracker"],
+                    help="TF's point tracker: OpenCV Lucas-Kanade (offline) or CoTracker (the release; "
+                         "COTRACKER_CHECKPOINT) (default: %(default)s)")  # fmt: skip
     add_model_options(ev)
     ev.set_defaults(func=cmd_evaluate)
 

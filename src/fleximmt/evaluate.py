@@ -149,8 +149,10 @@ def generate(pipe, case: Case, out_dir: Path, steps: int | None) -> Path:
     return path
 
 
-def score_case(case: Case, video_path: Path, clip=None, propagation: str = "flow") -> dict:
-    """Every metric for one case: TF and FF per object, AC/TC/TS per video (when CLIP is given)."""
+def score_case(case: Case, video_path: Path, clip=None, propagation: str = "flow", flow: str = "dis",
+               tracker: str = "lk") -> dict:  # fmt: skip
+    """Every metric for one case: TF and FF per object, AC/TC/TS per video (when CLIP is given);
+    ``flow`` ("dis" | "raft") and ``tracker`` ("lk" | "cotracker") pick FF's and TF's estimators."""
     from PIL import Image
 
     from .data import read_video
@@ -168,8 +170,8 @@ def score_case(case: Case, video_path: Path, clip=None, propagation: str = "flow
         ref_first = _first_mask(ref_image, obj, "reference_mask", "reference_words", {}).numpy().astype(bool)
         gen_masks = propagate_masks(gen, torch.from_numpy(gen_first)[None], method=propagation)[0].numpy()
         ref_masks = propagate_masks(ref, torch.from_numpy(ref_first)[None], method=propagation)[0].numpy()
-        tf = trajectory_fidelity_result(gen, ref, gen_first, ref_first)
-        ff = flow_fidelity_result(gen, ref, gen_masks, ref_masks)
+        tf = trajectory_fidelity_result(gen, ref, gen_first, ref_first, tracker=tracker)
+        ff = flow_fidelity_result(gen, ref, gen_masks, ref_masks, flow=flow)
         objects.append({"object": k, "motion": str(obj.get("motion")), "tf": tf.value, "ff": ff.value,
                         "tf_estimator": tf.estimator, "ff_estimator": ff.estimator})  # fmt: skip
     result = {"id": case.id, "method": case.method, "label": case.label, "settings": case.settings,
@@ -183,7 +185,7 @@ def score_case(case: Case, video_path: Path, clip=None, propagation: str = "flow
 
 
 def run_benchmark(pipe, manifest: str | Path, out_dir: str | Path, *, clip=None, steps: int | None = None,
-                  propagation: str = "flow") -> list[dict]:  # fmt: skip
+                  propagation: str = "flow", flow: str = "dis", tracker: str = "lk") -> list[dict]:  # fmt: skip
     """Generate, score and summarise every case of ``manifest`` into ``out_dir`` (resumable)."""
     from .train import process_state
 
@@ -198,7 +200,7 @@ def run_benchmark(pipe, manifest: str | Path, out_dir: str | Path, *, clip=None,
             continue  # finished on an earlier run
         try:
             video = case.video if case.video is not None else generate(pipe, case, out_dir, steps)
-            result = score_case(case, video, clip=clip, propagation=propagation)
+            result = score_case(case, video, clip=clip, propagation=propagation, flow=flow, tracker=tracker)
         except Exception as err:  # record and go on: one bad case must not stop a long run
             logger.warning("case %s failed: %s", case.id, err)
             result = {"id": case.id, "method": case.method, "label": case.label, "error": f"{type(err).__name__}: {err}",
