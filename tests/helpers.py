@@ -30,11 +30,6 @@ def headless_chromium(profile_dir, height: int = 2400):
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
 
 
-def fn_index(demo, name: str) -> int:
-    """The index of the event whose function is called ``name`` (the page's own events, private ones too)."""
-    return next(i for i, fn in demo.fns.items() if fn.name == name)
-
-
 class GradioSession:
     """One page's session against a Gradio server over plain HTTP, as the browser speaks to it:
     events joined by ``fn_index`` (private ones too) with the values the page would send, and their
@@ -48,6 +43,11 @@ class GradioSession:
         self.url = url.rstrip("/")
         self.session_hash = session_hash or secrets.token_hex(8)
         self.http = httpx.Client(timeout=120)
+
+    def fn_index(self, name: str) -> int:
+        """The index of the page's event whose function is ``name`` (private events too), from ``/config``."""
+        dependencies = self.http.get(f"{self.url}/config").raise_for_status().json()["dependencies"]
+        return next(d["id"] for d in dependencies if d["api_name"] == name)
 
     def join(self, fn_index: int, data: list) -> str:
         """Queue one event; returns its id at once."""

@@ -42,7 +42,7 @@ from fleximmt.app import (
 from fleximmt.errors import FlexiMMTInputError
 from fleximmt.toy import random_motion, tiny_pipeline
 from fleximmt.toy.lab import random_case
-from helpers import GradioSession, fn_index, free_port, headless_chromium, needs_chromium
+from helpers import GradioSession, free_port, headless_chromium, needs_chromium
 
 PROMPT = "A ball jumps up. A box slides left."
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "app.png"
@@ -393,7 +393,7 @@ def test_a_client_that_goes_away_stops_its_run_and_the_next_one_runs(server):
     names = [p["parameter_name"] for p in server.client.view_api(return_format="dict", print_info=False)["named_endpoints"]
              ["/generate"]["parameters"]][4:]  # fmt: skip
     data = [upload(session, root / "image.png"), "A ball jumps up.", 20, 0, *[objects.get(n) for n in names]]
-    session.join(fn_index(server.demo, "generate"), data)
+    session.join(session.fn_index("generate"), data)
     for message in session.messages():  # the page's event stream, dropped while its run is in step 1
         if message.get("msg") == "process_starts":
             gate.wait_entered()
@@ -497,12 +497,18 @@ def test_emptied_cache_folders_go_once_they_are_old(tmp_path):
 # -- in the browser -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy_assets(tmp_path_factory):
-    """The shipped toy model, two motions learned on it (briefly) and a bundled example image."""
+    """The shipped toy model, two motions for it and the bundled example images. The motions are
+    random unless the screenshot is being updated (then learned, briefly: minutes on a busy CPU)."""
     from fleximmt.toy.lab import EXAMPLE_DIR, learn_motions, load_toy_pipeline
 
     root = tmp_path_factory.mktemp("toy_app")
     pipe = load_toy_pipeline()
-    learn_motions(pipe, ["right", "bounce"], root / "motions", steps=30)
+    if os.environ.get("FLEXIMMT_UPDATE_SCREENSHOT"):
+        learn_motions(pipe, ["right", "bounce"], root / "motions", steps=30)
+    else:
+        (root / "motions").mkdir()
+        for seed, (name, words) in enumerate([("right", "moves right"), ("bounce", "bounces")]):
+            random_motion(pipe.transformer, 16, seed=seed, name=name, motion_words=words).save(root / "motions" / f"{name}.safetensors")
     return pipe, root, EXAMPLE_DIR
 
 

@@ -13,7 +13,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from helpers import GradioSession, fn_index, free_port, headless_chromium, needs_chromium
+from helpers import GradioSession, free_port, headless_chromium, needs_chromium
 
 from fleximmt.rate import (
     CRITERIA,
@@ -229,10 +229,10 @@ def ballot(name: str, case_id: str, shown_for: str, picks: dict[str, str | None]
 
 def test_two_submits_sent_back_to_back_from_one_session_record_one_ballot_for_the_case_shown(rating_server, cases_dir):
     demo, session, db = rating_server
-    shown = session.call(fn_index(demo, "page"), ["alice"])["output"]["data"]
+    shown = session.call(session.fn_index("page"), ["alice"])["output"]["data"]
     assert shown[:2] == ["case_a", "alice"]
     first = {"MF": "Candidate 2", "TC": "Candidate 1", "TS": "Candidate 2", "AC": "Candidate 3"}
-    submit_fn = fn_index(demo, "on_submit")
+    submit_fn = session.fn_index("on_submit")
     events = [session.join(submit_fn, ballot("alice", "case_a", "alice", first)),
               session.join(submit_fn, ballot("alice", "case_a", "alice", dict.fromkeys(CRITERIA, "Candidate 1")))]  # fmt: skip
     results = session.results(events)
@@ -247,13 +247,13 @@ def test_two_submits_sent_back_to_back_from_one_session_record_one_ballot_for_th
 
 def test_a_submit_without_a_name_or_before_starting_says_what_to_do(rating_server):
     demo, session, db = rating_server
-    submit_fn = fn_index(demo, "on_submit")
+    submit_fn = session.fn_index("on_submit")
     picks = dict.fromkeys(CRITERIA, "Candidate 1")  # picks the radios cannot hold before a case is shown
     no_name = session.call(submit_fn, ballot("", "", "", picks))["output"]["data"][0]
     assert no_name == "Type your rater name above, then press *Start / continue*."
     not_started = session.call(submit_fn, ballot("alice", "", "", picks))["output"]["data"][0]
     assert not_started == "Press *Start / continue* to see your first case, then pick and submit."
-    session.call(fn_index(demo, "page"), ["alice"])
+    session.call(session.fn_index("page"), ["alice"])
     renamed = session.call(submit_fn, ballot("bob", "case_a", "alice", picks))["output"]["data"][0]
     assert renamed.startswith("This page shows a case for 'alice': to rate as 'bob', press *Start / continue* first.")
     later = session.call(submit_fn, ballot("alice", "case_b", "alice", picks))["output"]["data"][0]
