@@ -483,6 +483,40 @@ def test_run_files_stay_bounded_and_everything_goes_at_shutdown(server, tmp_path
     assert not app.out_dir.exists()
 
 
+def test_fleximmt_app_stopped_with_sigterm_leaves_no_files(assets, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+    from gradio_client import Client
+
+    _, root, _ = assets
+    scratch = tmp_path / "server"
+    (scratch / "tmp").mkdir(parents=True)
+    env = dict(os.environ, TMPDIR=str(scratch / "tmp"), GRADIO_TEMP_DIR=str(scratch / "gradio"))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fleximmt", "app", "--model", "tiny", "--motions", str(root / "motions"),
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        def up() -> bool:
+            assert server.poll() is None, "the server stopped"
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, "the server to start", timeout=120)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "downloads"))
+        client.predict(**generate_inputs(root), api_name="/generate")
+        assert [p for p in scratch.rglob("*") if p.is_file()]  # the run's files and the uploads
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+    finally:
+        server.kill()
+    assert [p for p in scratch.rglob("*") if p.is_file()] == []
+
+
 def test_emptied_cache_folders_go_once_they_are_old(tmp_path):
     for name in ("old_empty", "old_full", "new_empty"):
         (tmp_path / name).mkdir()
