@@ -217,7 +217,7 @@ def rating_server(cases_dir, tmp_path):
     port = free_port()
     demo = serve(cases_dir, db, port=port, block=False)
     session = GradioSession(f"http://127.0.0.1:{port}/")
-    yield demo, session, db
+    yield session, db
     session.close()
     demo.close()
 
@@ -228,7 +228,7 @@ def ballot(name: str, case_id: str, shown_for: str, picks: dict[str, str | None]
 
 
 def test_two_submits_sent_back_to_back_from_one_session_record_one_ballot_for_the_case_shown(rating_server, cases_dir):
-    demo, session, db = rating_server
+    session, db = rating_server
     shown = session.call(session.fn_index("page"), ["alice"])["output"]["data"]
     assert shown[:2] == ["case_a", "alice"]
     first = {"MF": "Candidate 2", "TC": "Candidate 1", "TS": "Candidate 2", "AC": "Candidate 3"}
@@ -246,7 +246,7 @@ def test_two_submits_sent_back_to_back_from_one_session_record_one_ballot_for_th
 
 
 def test_a_submit_without_a_name_or_before_starting_says_what_to_do(rating_server):
-    demo, session, db = rating_server
+    session, db = rating_server
     submit_fn = session.fn_index("on_submit")
     picks = dict.fromkeys(CRITERIA, "Candidate 1")  # picks the radios cannot hold before a case is shown
     no_name = session.call(submit_fn, ballot("", "", "", picks))["output"]["data"][0]
@@ -265,7 +265,7 @@ def test_a_submit_without_a_name_or_before_starting_says_what_to_do(rating_serve
 def test_the_rating_app_has_no_public_api(rating_server):
     from gradio_client import Client
 
-    demo, session, _ = rating_server
+    session, _ = rating_server
     api = Client(session.url, verbose=False).view_api(return_format="dict", print_info=False)
     assert api["named_endpoints"] == {} and api["unnamed_endpoints"] == {}
 
