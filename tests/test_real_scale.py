@@ -139,3 +139,10 @@ def test_training_blocks_synchronise_once_each_for_the_group_sizes(monkeypatch, 
     # drawn once per step, before the blocks
     calls = counter.per_block()
     assert len(calls) == 2 * len(blocks) and calls[1:] == [["tolist"]] * (len(calls) - 1)
+
+
+def test_a_call_leaves_no_fleximmt_state_behind():
+    pipe = tiny_pipeline(0)
+    image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
+    pipe(image, PROMPT, objects=objects(pipe), num_inference_steps=1, output_type="latent", attention_kwargs={"scale": 1.0})
+    assert pipe.attention_kwargs == {"scale": 1.0}  # the user's own, without the call's motion tokens and masks

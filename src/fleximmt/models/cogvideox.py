@@ -216,7 +216,10 @@ class CogVideoXAdapter(ModelAdapter):
         cfg = call["guidance_scale"] > 1
         state.rows = list(range(videos)) * (2 if cfg else 1)  # [uncond videos | cond videos] with CFG
         state.feature_rows = [videos + v if cfg else v for v in range(videos)]
-        yield {**call, "attention_kwargs": {**(call.get("attention_kwargs") or {}), "fleximmt": state}}
+        try:
+            yield {**call, "attention_kwargs": {**(call.get("attention_kwargs") or {}), "fleximmt": state}}
+        finally:  # diffusers keeps the call's attention_kwargs on the pipeline: the state must not outlive the call
+            self.pipe._attention_kwargs = call.get("attention_kwargs")
 
     # -- training ------------------------------------------------------------------------------
     def encode_conditions(self, clips, caption, text_len, generator):
