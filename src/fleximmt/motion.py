@@ -18,7 +18,7 @@ from .errors import FlexiMMTInputError
 FORMAT = "fleximmt.motion/1"
 _METADATA_KEYS = ("name", "caption", "concept_words", "motion_words", "base_model", "steps", "family")
 EXPERT_KEYS = ("motion_tokens", "motion_tokens_2")  # one token set per expert (Wan 2.2 A14B has two)
-FAMILY_NAMES = {"cogvideox": "CogVideoX image-to-video", "wan": "Wan image-to-video"}
+FIRST_FAMILY = "cogvideox"  # motion files from before families were recorded were all learned on CogVideoX
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
@@ -86,7 +86,7 @@ class MotionTokens:
     @property
     def family(self) -> str:
         """The model family the motion was learned on; files from before families were recorded are CogVideoX's."""
-        return self.metadata.get("family") or "cogvideox"
+        return self.metadata.get("family") or FIRST_FAMILY
 
     def __getattr__(self, name: str) -> Any:
         if name in _METADATA_KEYS:
@@ -104,10 +104,12 @@ class MotionTokens:
         ``num_blocks`` blocks of width ``dim``."""
         made_for = self.metadata.get("base_model") or "an unknown model"
         if family is not None and self.family != family:
+            from .models import family_name
+
             raise FlexiMMTInputError(
-                f"{source}: this motion was learned on {FAMILY_NAMES.get(self.family, self.family)} ({made_for}), but the "
-                f"loaded model is {FAMILY_NAMES.get(family, family)}: a motion only works on the model family it was "
-                "trained on; train it again on this model"
+                f"{source}: this motion was learned on {family_name(self.family)} ({made_for}), but the loaded model "
+                f"is {family_name(family)}: a motion only works on the model family it was trained on; train it "
+                "again on this model"
             )
         if (self.num_blocks, self.dim) != (num_blocks, dim) or self.num_experts != experts:
             expert_text = lambda n: f"{n} experts of " if n > 1 else ""  # noqa: E731

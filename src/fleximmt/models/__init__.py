@@ -24,16 +24,29 @@ def pipeline_class(name: str) -> type:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
+def adapters() -> list[type[ModelAdapter]]:
+    """Every registered adapter class (each model module once)."""
+    modules = dict.fromkeys(module for module, _ in REGISTRY.values())
+    return [getattr(importlib.import_module(f"{__name__}.{name}"), "ADAPTER") for name in modules]
+
+
+def family_name(family: str) -> str:
+    """How messages name a model family ("CogVideoX image-to-video")."""
+    for adapter_cls in adapters():
+        if adapter_cls.family == family:
+            return adapter_cls.display_name
+    return family
+
+
 def adapter_for(pipe) -> ModelAdapter:
     """The adapter of a FlexiMMT pipeline or of a diffusers pipeline of a supported family."""
     from ..errors import FlexiMMTInputError
 
-    for name in dict.fromkeys(module for module, _ in REGISTRY.values()):
-        adapter_cls = getattr(importlib.import_module(f"{__name__}.{name}"), "ADAPTER")
+    for adapter_cls in adapters():
         if isinstance(pipe, adapter_cls.pipeline_class):
             return adapter_cls(pipe)
     supported = sorted(n for n in REGISTRY if not n.startswith("FlexiMMT"))
     raise FlexiMMTInputError(f"{type(pipe).__name__} is not a pipeline fleximmt supports: use one of {supported}")
 
 
-__all__ = ["REGISTRY", "ModelAdapter", "TokenGrid", "adapter_for", "pipeline_class"]
+__all__ = ["REGISTRY", "ModelAdapter", "TokenGrid", "adapter_for", "adapters", "family_name", "pipeline_class"]

@@ -66,6 +66,7 @@ class ModelAdapter:
     pipeline (FlexiMMT's own or diffusers'); it is cheap to make."""
 
     family: ClassVar[str]  # written into motion files; a motion is refused on another family
+    display_name: ClassVar[str]  # how messages name the family
     pipeline_class: ClassVar[type]  # diffusers' pipeline this adapter serves
     form: ClassVar[str]  # "joint" or "cross" (attention.FORMS)
     parts: ClassVar[tuple[str, ...]]  # MDMA parts that exist on this model

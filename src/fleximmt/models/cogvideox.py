@@ -104,6 +104,7 @@ class FlexiMMTAttnProcessor:
 
 class CogVideoXAdapter(ModelAdapter):
     family = "cogvideox"
+    display_name = "CogVideoX image-to-video"
     pipeline_class = CogVideoXImageToVideoPipeline
     form = "joint"
     parts = PARTS

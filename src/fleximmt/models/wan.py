@@ -121,6 +121,7 @@ def slot_of(transformer) -> StateSlot | None:
 
 class WanAdapter(ModelAdapter):
     family = "wan"
+    display_name = "Wan image-to-video"
     pipeline_class = WanImageToVideoPipeline
     form = "cross"
     parts = CROSS_PARTS
