@@ -146,3 +146,32 @@ def test_a_call_leaves_no_fleximmt_state_behind():
     image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
     pipe(image, PROMPT, objects=objects(pipe), num_inference_steps=1, output_type="latent", attention_kwargs={"scale": 1.0})
     assert pipe.attention_kwargs == {"scale": 1.0}  # the user's own, without the call's motion tokens and masks
+
+
+def test_gradient_checkpointing_is_on_by_default_at_real_size_and_off_for_small_models(tmp_path, monkeypatch):
+    from accelerate import init_empty_weights
+    from diffusers import CogVideoXTransformer3DModel
+
+    from fleximmt.models.cogvideox import CogVideoXAdapter
+    from fleximmt.train import checkpointing_needed
+
+    class Meta:  # CogVideoX-5B-I2V's transformer, no weights
+        vae_scale_factor_spatial, vae_scale_factor_temporal = 8, 4
+        with init_empty_weights():
+            transformer = CogVideoXTransformer3DModel(num_attention_heads=48, attention_head_dim=64, in_channels=32,
+                                                      out_channels=16, time_embed_dim=512, text_embed_dim=4096,
+                                                      num_layers=42, sample_width=90, sample_height=60)  # fmt: skip
+
+    real = CogVideoXAdapter(Meta())
+    assert checkpointing_needed(real, real.token_grid(480, 720, 49), 226)
+    small = tiny_pipeline(0)
+    assert not checkpointing_needed(small.adapter, small.token_grid(32, 32, 9), 16)
+    enabled = []
+    monkeypatch.setattr(type(small.transformer), "enable_gradient_checkpointing", lambda self, *a, **k: enabled.append(1))
+    monkeypatch.setattr(train_module, "checkpointing_needed", lambda *a: True)  # as at real size
+    train_motion(small, moving_square(), CAPTION, "ball", "jumps up", tmp_path / "m.safetensors", steps=1, tokens_per_motion=4)
+    assert enabled == [1]
+    enabled.clear()
+    train_motion(small, moving_square(), CAPTION, "ball", "jumps up", tmp_path / "n.safetensors", steps=1, tokens_per_motion=4,
+                 gradient_checkpointing=False)  # fmt: skip
+    assert enabled == []

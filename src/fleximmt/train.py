@@ -39,6 +39,10 @@ from .prompt import find_word_spans
 logger = logging.getLogger(__name__)
 
 TRAIN_PARTS = frozenset({"m2v", "m2m", "t2m"})  # one object in training: METHOD.md section 3
+# A block keeps about 24 bytes per token and channel for its backward in bf16 (measured at CogVideoX-5B's
+# size: 1,263 MiB for 17,776 tokens x 3,072, BENCHMARKS.md); past this total, gradient checkpointing is on
+CHECKPOINT_ABOVE = 8 * 2**30
+SAVED_BYTES_PER_TOKEN_CHANNEL = 24
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -67,7 +71,7 @@ class TrainSettings:
     frame_diff_scale: float = 1.0  # the release multiplies x[k+1] by sqrt(2); METHOD.md: a setting, 1
     checkpoint_every: int = 200
     mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: on when activations would pass CHECKPOINT_ABOVE (real sizes)
     vae_slicing: bool = False
     vae_tiling: bool = False
     offload_after_caching: bool = True  # text encoder and VAE to the CPU while the tokens train; put back after
@@ -211,6 +215,14 @@ def placement_kept(pipe):
                 module.to(device=device, dtype=dtype)
 
 
+def checkpointing_needed(adapter: ModelAdapter, grid, text_len: int) -> bool:
+    """``gradient_checkpointing=None``: whether the blocks' saved activations would pass
+    ``CHECKPOINT_ABOVE`` (CogVideoX-5B at 480x720x49: about 52 GiB - on; the toy model: 10 MiB - off)."""
+    blocks, dim = adapter.motion_shape()
+    saved = blocks * (grid.size + text_len) * dim * SAVED_BYTES_PER_TOKEN_CHANNEL
+    return saved > CHECKPOINT_ABOVE
+
+
 def offload_target(device: torch.device) -> str | None:
     """Where the text encoder and VAE wait while the tokens train on ``device`` (None: stay)."""
     return "cpu" if device.type != "cpu" else None
@@ -322,7 +334,12 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
         if module is not None:
             module.requires_grad_(False)
     adapter.install_processors()
-    if cfg.gradient_checkpointing:
+    grid = adapter.token_grid(*geometry)
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = checkpointing_needed(adapter, grid, adapter.default_text_length())
+        logger.info("gradient checkpointing %s (gradient_checkpointing=None decides by size)", "on" if checkpointing else "off")
+    if checkpointing:
         for transformer in transformers:
             transformer.enable_gradient_checkpointing()
     num_blocks, dim = adapter.motion_shape()
@@ -351,7 +368,6 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
         start = load_checkpoint(ckpt, params, optimizer, scheduler, generator, fingerprints)
         logger.info("resumed %s at step %d", ckpt, start)
 
-    grid = adapter.token_grid(*geometry)
     state = motion_state_for(
         torch.stack(experts)[None], cond.member.to(device), form=adapter.form,
         parts=(TRAIN_PARTS & set(adapter.parts)) if cfg.train_mask else frozenset(), num_frames=grid.frames,
