@@ -217,7 +217,7 @@ def placement_kept(pipe):
 
 def checkpointing_needed(adapter: ModelAdapter, grid, text_len: int) -> bool:
     """``gradient_checkpointing=None``: whether the blocks' saved activations would pass
-    ``CHECKPOINT_ABOVE`` (CogVideoX-5B at 480x720x49: about 52 GiB - on; the toy model: 10 MiB - off)."""
+    ``CHECKPOINT_ABOVE`` (CogVideoX-5B at 480x720x49: about 51 GiB - on; the toy model: 8 MiB - off)."""
     blocks, dim = adapter.motion_shape()
     saved = blocks * (grid.size + text_len) * dim * SAVED_BYTES_PER_TOKEN_CHANNEL
     return saved > CHECKPOINT_ABOVE
