@@ -20,8 +20,8 @@ round), and ratios are taken against the baseline of the same round.
 
 Float32 by default (this CPU has no fast bf16); bf16 halves every float tensor (masks and indices stay).
 
-    python benchmarks/block.py inference [--objects 1 3 5] [--repeats 2] [--scope block] [--out r.json]
-    python benchmarks/block.py training [--repeats 2] [--checkpointing off on]
+    python benchmarks/block.py inference [--objects 1 3 5] [--repeats 2] [--scope block] [--out r.json]   # 20 min quiet
+    python benchmarks/block.py training [--repeats 1] [--checkpointing off on]                          # 25-40 min
     python benchmarks/block.py inference --model 1.5 --scope attention --batch 1 --objects 3 --repeats 1
     python benchmarks/block.py profile --objects 3
     python benchmarks/block.py inference --height 96 --width 96 --frames 9 --repeats 1   # a quick try
@@ -105,6 +105,7 @@ class Setup:
 
     def __init__(self, args):
         self.cfg = config(args.model)
+        self.cfg_name = args.model
         height, width, frames = args.height or GEOMETRY[args.model][0], args.width or GEOMETRY[args.model][1], \
             args.frames or GEOMETRY[args.model][2]  # fmt: skip
         self.size = (height, width, frames)
@@ -356,7 +357,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--frames", type=int, help="video frames (default: the model's own)")
     parser.add_argument("--objects", type=int, nargs="+", default=[1, 3, 5], help="K values (profile: the first)")
     parser.add_argument("--tokens", type=int, default=226, help="motion tokens per object and block (d_m)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, help="rounds (default: inference 2, training 1)")
     parser.add_argument("--warmup", action="store_true", help="one untimed round first")
     parser.add_argument("--batch", type=int, default=2, choices=[1, 2], help="inference rows (2 = CFG)")
     parser.add_argument("--scope", choices=["block", "attention"], default="block")
@@ -365,8 +366,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--top", type=int, default=14, help="profile: rows shown")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 2 if args.what == "inference" else 1
     setup = Setup(args)
-    setup.cfg_name = args.model
     print(setup.describe(), flush=True)
     result = {"what": args.what, "model": args.model, "size": setup.size, "video_tokens": setup.n_video,
               "dtype": args.dtype, "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
