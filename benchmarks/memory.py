@@ -331,7 +331,7 @@ def main() -> None:
                  "peak (CPU-measured per block, bf16) ")  # fmt: skip
     row("training, caching phase (T5 + VAE encode, all weights on the GPU)", caching, "weights + VAE encode or T5 peak (meta)")
     row("training, caching phase, VAE tiling", caching_tiled, "weights + tiled VAE encode (meta)")
-    row("training step, default (gradient_checkpointing=False), T5/VAE offloaded after caching", nockpt, how_train)
+    row("training step, gradient_checkpointing=False, T5/VAE offloaded after caching", nockpt, how_train)
     row("training step, gradient_checkpointing=True, T5/VAE offloaded", ckpt,
         "transformer weights + tokens/grads/AdamW + 42 x block inputs + one block's recompute fwd+bwd peak (CPU-measured)")
     row("training step, gradient_checkpointing=True, T5/VAE left on the GPU (offload_after_caching=False)",
