@@ -128,7 +128,8 @@ class JointLayout:
         out = query.new_empty(query.shape)
         video_q = query[:, :, text_len:]
         merged = self.masked_queries
-        masked_q = query[:, :, :text_len]
+        # the text queries' own rows (a view would keep the whole query alive for the backward pass)
+        masked_q = query[:, :, :text_len].contiguous()
         if merged.numel():
             masked_q = torch.cat([masked_q, video_q.index_select(2, merged)], dim=2)
         masked_out = F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=self.masked_rows)
