@@ -294,3 +294,21 @@ def test_train_motion_takes_diffusers_own_wan_pipeline(tmp_path):
     ours = FlexiMMTWanPipeline.from_pipe(plain)
     out = ours(picture(), "A ball jumps up.", objects=[ObjectMotion(box(20, 36, 4, 20), motion, "jumps up")], **CALL)
     assert np.isfinite(out.frames).all()
+
+
+def test_the_web_app_serves_a_wan_model(tmp_path):
+    from fleximmt.app import MotionLibrary, ObjectInput, TransferApp, build_app
+
+    pipe = FlexiMMTWanPipeline(**tiny_wan_components(0, "2.1"))
+    pipe.set_progress_bar_config(disable=True)
+    library = tmp_path / "motions"
+    library.mkdir()
+    random_motion(pipe.transformer, 4, seed=1, scale=30.0, name="jump", motion_words="jumps up").save(library / "jump.safetensors")
+    Image.fromarray(box(4, 30, 4, 30).astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    demo = build_app(pipe, library)  # the page builds for Wan (its size, its motion library)
+    assert "jump" in str(demo.config)
+    app = TransferApp(pipe, MotionLibrary(library), tmp_path / "out")
+    assert app.model_size == (832, 480)  # Wan's own size (diffusers' default), which the page fits images to
+    slot = ObjectInput(mask_png=str(tmp_path / "mask.png"), motion="jump", motion_words="jumps up")
+    preview = app.preview(np.asarray(picture()), [slot])  # the masks on Wan's token grid
+    assert preview.ndim == 3 and (preview != 0).any()
