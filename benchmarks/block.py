@@ -18,6 +18,18 @@ round), and ratios are taken against the baseline of the same round.
   GPU would hold between forward and backward) and the peak RSS above the pre-run level.
 - ``--profile K``: torch.profiler's breakdown of one attention call, baseline and FlexiMMT K.
 
+``--model wan2.1`` (``wan2.2-5b``): one ``WanTransformerBlock`` built exactly as
+``WanTransformer3DModel.__init__`` builds it from Wan2.1-I2V-14B-480P's (Wan2.2-TI2V-5B's) transformer
+config, at 480x832x81 (704x1280x121): 21 latent frames x 30 x 52 = 32,760 video tokens, encoder states
+of 257 CLIP image + 512 text tokens at width 5120 (TI2V: 31 x 22 x 40 = 27,280 tokens, text only, a
+timestep embedding per token), RoPE from ``WanRotaryPosEmbed``. Wan runs the conditional and
+unconditional branches as two forward calls of batch 1, so one block call is batch 1. Baseline:
+diffusers' ``WanAttnProcessor`` on ``attn1`` and ``attn2``; FlexiMMT: ``WanSelfAttnProcessor`` (RMPM's
+capture on) and ``WanCrossAttnProcessor`` sharing one ``StateSlot``, K objects x d_m motion tokens in
+``attn2``, parts m2v and t2v. ``--scope attention`` times ``attn2`` alone (the only part that changes).
+Training: gradients to the block's video input (Wan's encoder states are constant over the blocks and
+need none) and the motion tokens, DMEM on ``attn2``'s scores (part m2v).
+
 Float32 by default (this CPU has no fast bf16); bf16 halves every float tensor (masks and indices stay).
 
     python benchmarks/block.py inference [--objects 1 3 5] [--repeats 2] [--scope block] [--out r.json]   # 20 min quiet
@@ -25,6 +37,8 @@ Float32 by default (this CPU has no fast bf16); bf16 halves every float tensor (
     python benchmarks/block.py inference --model 1.5 --scope attention --batch 1 --objects 3 --repeats 1
     python benchmarks/block.py profile --objects 3
     python benchmarks/block.py inference --height 96 --width 96 --frames 9 --repeats 1   # a quick try
+    python benchmarks/block.py inference --model wan2.1 --objects 3 --repeats 2                        # 30 min quiet
+    python benchmarks/block.py inference --model wan2.1 --objects 3 --scope attention --repeats 3      # attn2 alone
 """
 
 from __future__ import annotations
@@ -36,9 +50,12 @@ import sys
 import time
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanRotaryPosEmbed, WanTransformerBlock
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,10 +63,72 @@ from gpu import GEOMETRY, MODEL_NAMES, config, moving_masks, random_tokens, rota
 from overhead import PeakRSS  # noqa: E402
 
 from fleximmt.attention import motion_state_for  # noqa: E402
+from fleximmt.masks import CROSS_PARTS  # noqa: E402
 from fleximmt.models.cogvideox import FlexiMMTAttnProcessor  # noqa: E402
+from fleximmt.models.wan import StateSlot, WanCrossAttnProcessor, WanSelfAttnProcessor  # noqa: E402
 from fleximmt.train import TRAIN_PARTS  # noqa: E402
 
 MiB = 2**20
+
+# The Wan checkpoints' transformer/config.json (Wan-AI/Wan2.1-I2V-14B-480P-Diffusers,
+# Wan-AI/Wan2.2-TI2V-5B-Diffusers; the values diffusers' scripts/convert_wan_to_diffusers.py writes for
+# "Wan-I2V-14B-480p" and "Wan2.2-TI2V-5B"), used with random weights.
+WAN_CONFIGS = {
+    "wan2.1": dict(  # I2V 14B 480P: CLIP image tokens through attn2's add_k_proj / add_v_proj
+        added_kv_proj_dim=5120, attention_head_dim=128, cross_attn_norm=True, eps=1e-6, ffn_dim=13824, freq_dim=256,
+        image_dim=1280, in_channels=36, num_attention_heads=40, num_layers=40, out_channels=16, patch_size=(1, 2, 2),
+        qk_norm="rms_norm_across_heads", text_dim=4096, rope_max_seq_len=1024, pos_embed_seq_len=None,
+    ),
+    "wan2.2-5b": dict(  # TI2V 5B: the image is the first latent frame; a timestep per token (expand_timesteps)
+        added_kv_proj_dim=None, attention_head_dim=128, cross_attn_norm=True, eps=1e-6, ffn_dim=14336, freq_dim=256,
+        image_dim=None, in_channels=48, num_attention_heads=24, num_layers=30, out_channels=48, patch_size=(1, 2, 2),
+        qk_norm="rms_norm_across_heads", text_dim=4096, rope_max_seq_len=1024, pos_embed_seq_len=None,
+    ),
+}  # fmt: skip
+# Default video geometry (height, width, frames): diffusers' WanImageToVideoPipeline defaults (480P);
+# TI2V-5B's model card and the authors' app: 720P as 704x1280, 121 frames at 24 fps.
+WAN_GEOMETRY = {"wan2.1": (480, 832, 81), "wan2.2-5b": (704, 1280, 121)}
+WAN_NAMES = {"wan2.1": "Wan2.1-I2V-14B-480P", "wan2.2-5b": "Wan2.2-TI2V-5B"}
+WAN_VAE_SCALE = {"wan2.1": (8, 4), "wan2.2-5b": (16, 4)}  # AutoencoderKLWan: spatial, temporal (Wan 2.2's VAE: 16)
+WAN_TEXT_TOKENS, WAN_IMAGE_TOKENS = 512, 257  # umT5 context (the processors' hard-coded 512); CLIP ViT-H/14: 16 x 16 + 1
+MODELS = {**MODEL_NAMES, **WAN_NAMES}
+
+
+def wan_config(model: str, **overrides) -> SimpleNamespace:
+    """The full Wan transformer config: ``WanTransformer3DModel``'s defaults, then the checkpoint's values."""
+    import inspect
+
+    from diffusers import WanTransformer3DModel
+
+    params = inspect.signature(WanTransformer3DModel.__init__).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return SimpleNamespace(**{**defaults, **WAN_CONFIGS[model], **overrides})
+
+
+def wan_geometry(model: str, cfg, height: int, width: int, frames: int) -> dict:
+    """Latent frames and token grid as ``WanImageToVideoPipeline`` and the transformer's patching make them."""
+    spatial, temporal = WAN_VAE_SCALE[model]
+    p_t, p_h, p_w = cfg.patch_size
+    latent = (frames - 1) // temporal + 1
+    grid = (latent // p_t, height // spatial // p_h, width // spatial // p_w)
+    return {"latent_frames": latent, "grid": grid, "video_tokens": grid[0] * grid[1] * grid[2],
+            "latent_shape": (latent, height // spatial, width // spatial)}  # fmt: skip
+
+
+def make_wan_block(cfg, dtype: torch.dtype, seed: int = 0) -> WanTransformerBlock:
+    """One block as ``WanTransformer3DModel.__init__`` builds it, random weights, frozen."""
+    torch.manual_seed(seed)
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    block = WanTransformerBlock(dim, cfg.ffn_dim, cfg.num_attention_heads, cfg.qk_norm, cfg.cross_attn_norm, cfg.eps,
+                                cfg.added_kv_proj_dim)  # fmt: skip
+    return block.to(dtype).eval().requires_grad_(False)
+
+
+def wan_rotary(cfg, latent_shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transformer's own ``WanRotaryPosEmbed`` for this latent video (float32: a float32 model's
+    buffers, and a bf16 checkpoint keeps ``rope`` in float32)."""
+    rope = WanRotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len).float()
+    return rope(torch.empty(1, 1, *latent_shape, device="meta"))  # only its shape is read
 
 
 def make_block(cfg, dtype: torch.dtype, seed: int = 0) -> CogVideoXBlock:
@@ -101,63 +180,153 @@ class SavedBytes:
 
 
 class Setup:
-    """The block, its inputs and FlexiMMT's states for one model and geometry."""
+    """The block, its inputs, its attention processors and FlexiMMT's states for one model and geometry."""
 
     def __init__(self, args):
-        self.cfg = config(args.model)
+        self.wan = args.model in WAN_CONFIGS
         self.cfg_name = args.model
-        height, width, frames = args.height or GEOMETRY[args.model][0], args.width or GEOMETRY[args.model][1], \
-            args.frames or GEOMETRY[args.model][2]  # fmt: skip
+        default = (WAN_GEOMETRY if self.wan else GEOMETRY)[args.model]
+        height, width, frames = args.height or default[0], args.width or default[1], args.frames or default[2]
         self.size = (height, width, frames)
-        self.geo = token_geometry(self.cfg, height, width, frames)
+        self.dtype = getattr(torch, args.dtype)
+        self.d_m = args.tokens
+        if self.wan:
+            self.cfg = wan_config(args.model)
+            self.geo = wan_geometry(args.model, self.cfg, height, width, frames)
+            self.text = WAN_TEXT_TOKENS
+            self.image_tokens = WAN_IMAGE_TOKENS if self.cfg.added_kv_proj_dim else 0
+            self.block = make_wan_block(self.cfg, self.dtype)
+            self.rotary = wan_rotary(self.cfg, self.geo["latent_shape"])
+            self.slot = StateSlot()
+            self.plain_procs = (WanAttnProcessor(), WanAttnProcessor())
+            self.flexi_procs = (WanSelfAttnProcessor(0, self.slot), WanCrossAttnProcessor(0, 0, self.slot))
+        else:
+            self.cfg = config(args.model)
+            self.geo = token_geometry(self.cfg, height, width, frames)
+            self.text = self.cfg.max_text_seq_length
+            self.image_tokens = 0
+            self.block = make_block(self.cfg, self.dtype)
+            self.rotary = rotary(self.cfg, height, width, self.geo["latent_frames"])
+            self.plain_proc, self.flexi_proc = CogVideoXAttnProcessor2_0(), FlexiMMTAttnProcessor(0)
         self.grid = self.geo["grid"]
         self.n_video = self.geo["video_tokens"]
-        self.text = self.cfg.max_text_seq_length
         self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
-        self.dtype = getattr(torch, args.dtype)
-        self.block = make_block(self.cfg, self.dtype)
-        self.rotary = rotary(self.cfg, height, width, self.geo["latent_frames"])
-        self.d_m = args.tokens
+        # Wan's processors read the state from their slot, CogVideoX's from attention_kwargs
+        self.form, self.parts = ("cross", frozenset(CROSS_PARTS)) if self.wan else ("joint", None)
+        self.train_parts = TRAIN_PARTS & self.parts if self.wan else TRAIN_PARTS
 
     def inputs(self, batch: int, seed: int = 1):
+        """Video states, encoder states (CogVideoX: the text; Wan: ``[image | text]`` after the condition
+        embedder, width ``dim``) and the timestep embedding as the block takes them."""
         gen = torch.Generator().manual_seed(seed)
         hidden = torch.randn(batch, self.n_video, self.dim, generator=gen).to(self.dtype)
-        text = torch.randn(batch, self.text, self.dim, generator=gen).to(self.dtype)
-        temb = torch.randn(batch, self.cfg.time_embed_dim, generator=gen).to(self.dtype)
-        return hidden, text, temb
+        text = torch.randn(batch, self.image_tokens + self.text, self.dim, generator=gen).to(self.dtype)
+        if not self.wan:
+            temb = torch.randn(batch, self.cfg.time_embed_dim, generator=gen)
+        elif self.cfg_name == "wan2.2-5b":  # expand_timesteps: [B, N, 6, dim] (Wan 2.2 TI2V)
+            temb = torch.randn(batch, self.n_video, 6, self.dim, generator=gen)
+        else:  # [B, 6, dim]
+            temb = torch.randn(batch, 6, self.dim, generator=gen)
+        return hidden, text, temb.to(self.dtype)
+
+    def install(self, state) -> None:
+        """diffusers' processors (state None) or FlexiMMT's with ``state``."""
+        if self.wan:
+            procs = self.plain_procs if state is None else self.flexi_procs
+            self.block.attn1.set_processor(procs[0])
+            self.block.attn2.set_processor(procs[1])
+            self.slot.state = state
+        else:
+            self.block.attn1.set_processor(self.plain_proc if state is None else self.flexi_proc)
+
+    def call(self, hidden, text, temb, state):
+        """One block call with the processors ``install(state)`` set."""
+        if self.wan:
+            return self.block(hidden, text, temb, self.rotary)
+        return self.block(hidden, text, temb, self.rotary, attention_kwargs=None if state is None else {"fleximmt": state})
+
+    def attention_inputs(self, hidden, text, temb):
+        """The inputs of the attention FlexiMMT changes (CogVideoX: attn1 after norm1; Wan: attn2 after
+        norm2; the block's residual before it is left out: the same work in both)."""
+        if self.wan:
+            return self.block.norm2(hidden.float()).type_as(hidden), text
+        hidden, text, _, _ = self.block.norm1(hidden, text, temb)
+        return hidden, text
+
+    def attention(self, hidden, text, state):
+        if self.wan:
+            return self.block.attn2(hidden, text, None, None)
+        kwargs = {} if state is None else {"fleximmt": state}
+        return self.block.attn1(hidden_states=hidden, encoder_hidden_states=text, image_rotary_emb=self.rotary, **kwargs)
+
+    @property
+    def attention_name(self) -> str:
+        return "attn2 (cross-attention)" if self.wan else "attn1 (joint attention)"
 
     def describe(self) -> str:
         h, w, f = self.size
-        return (f"{MODEL_NAMES[self.cfg_name]} block, {h}x{w}x{f}: {self.geo['latent_frames']} latent frames, token grid "
-                f"{self.grid[0]} x {self.grid[1]} x {self.grid[2]} = {self.n_video:,} video + {self.text} text tokens; "
-                f"{self.cfg.num_attention_heads} heads x {self.cfg.attention_head_dim}; {self.dtype}; "
-                f"torch {torch.__version__}, threads {torch.get_num_threads()}")  # fmt: skip
+        grid = f"{self.grid[0]} x {self.grid[1]} x {self.grid[2]} = {self.n_video:,} video"
+        if self.wan:
+            extra = (f"encoder states {self.image_tokens} image + {self.text} text tokens; ffn {self.cfg.ffn_dim}; "
+                     f"temb {'per token' if self.cfg_name == 'wan2.2-5b' else '[B, 6, dim]'}")  # fmt: skip
+            return (f"{MODELS[self.cfg_name]} block, {h}x{w}x{f}: {self.geo['latent_frames']} latent frames, token grid "
+                    f"{grid} tokens; {extra}; {self.cfg.num_attention_heads} heads x {self.cfg.attention_head_dim}; "
+                    f"{self.dtype}; torch {torch.__version__}, threads {torch.get_num_threads()}")  # fmt: skip
+        return (f"{MODELS[self.cfg_name]} block, {h}x{w}x{f}: {self.geo['latent_frames']} latent frames, token grid "
+                f"{grid} + {self.text} text tokens; {self.cfg.num_attention_heads} heads x {self.cfg.attention_head_dim}; "
+                f"{self.dtype}; torch {torch.__version__}, threads {torch.get_num_threads()}")  # fmt: skip
 
 
 def inference_states(setup: Setup, objects: list[int], batch: int) -> dict[int, dict]:
-    """A FlexiMMT state per K as the pipeline prepares one step (CFG rows ``[uncond | cond]`` of one video)."""
+    """A FlexiMMT state per K as the pipeline prepares one step (CogVideoX: CFG rows ``[uncond | cond]``
+    of one video; Wan: one branch per call, features captured as in the conditional one)."""
     states = {}
     for k in objects:
         member, _ = word_members(k, setup.text)
         tokens = random_tokens(k, 1, setup.d_m, setup.dim, seed=k).to(setup.dtype)
         masks = moving_masks(k, setup.grid)
-        state = motion_state_for(tokens, member, form="joint", num_frames=setup.grid[0], feature_blocks=frozenset({0}))
+        extra = {"parts": setup.parts} if setup.wan else {}
+        state = motion_state_for(tokens, member, form=setup.form, num_frames=setup.grid[0],
+                                 feature_blocks=frozenset({0}), **extra)  # fmt: skip
         start = time.perf_counter()
         state.set_video_masks(masks)
         layout_s = time.perf_counter() - start
-        state.rows, state.feature_rows = ([0, 0], [1]) if batch == 2 else (None, [0])
+        if setup.wan:
+            state.rows, state.feature_rows = [0] * batch, [0]
+        else:
+            state.rows, state.feature_rows = ([0, 0], [1]) if batch == 2 else (None, [0])
         layout = state.videos[0].layout
         coverage = masks.view(k, setup.grid[0], -1).float().mean(-1)  # per object and token frame
         states[k] = {
             "state": state, "layout_s": layout_s,
             "coverage": [round(c, 3) for c in coverage.mean(1).tolist()],
             "coverage_range": [round(coverage.min().item(), 3), round(coverage.max().item(), 3)],
-            "groups": [int(q.numel()) for q, _, _ in layout.groups],
-            "groups_chained": [bool(c) for _, _, c in layout.groups],
-            "masked_rows": int(layout.masked_rows.shape[0]),
-            "merged_video_queries": int(layout.masked_queries.numel()),
         }  # fmt: skip
+        if setup.wan:
+            states[k].update({
+                "groups": [int(q.numel()) for q, _ in layout.groups],
+                "group_keys": [int(keys.numel()) for _, keys in layout.groups],
+            })  # fmt: skip
+        else:
+            states[k].update({
+                "groups": [int(q.numel()) for q, _, _ in layout.groups],
+                "groups_chained": [bool(c) for _, _, c in layout.groups],
+                "masked_rows": int(layout.masked_rows.shape[0]),
+                "merged_video_queries": int(layout.masked_queries.numel()),
+            })  # fmt: skip
     return states
+
+
+def describe_layout(setup: Setup, k: int, s: dict) -> str:
+    head = (f"  K={k}: object coverage {s['coverage']} of the frame (per frame {s['coverage_range'][0]:.0%}-"
+            f"{s['coverage_range'][1]:.0%}); ")  # fmt: skip
+    if setup.wan:
+        pairs = ", ".join(f"{q:,} x {n}" for q, n in zip(s["groups"], s["group_keys"]))
+        return (head + f"{len(s['groups'])} SDPA calls in attn2 (video queries x keys of [text | motion]): {pairs}; "
+                f"layout built in {s['layout_s']:.3f} s once per step")  # fmt: skip
+    return (head + f"unmasked groups {s['groups']} (chained {s['groups_chained']}); masked call "
+            f"{s['masked_rows']} rows ({setup.text} text + {s['merged_video_queries']} merged video queries); layout built in "
+            f"{s['layout_s']:.3f} s once per step")  # fmt: skip
 
 
 def interleave(runs: dict, repeats: int, warmup: bool) -> dict[str, dict[str, list[float]]]:
@@ -193,53 +362,50 @@ def ratios(samples: dict, base: str) -> dict[str, dict]:
             "cpu_s": s["cpu"], "cpu_ratio": statistics.median(per_round_cpu), "cpu_ratio_min": min(per_round_cpu),
             "cpu_ratio_max": max(per_round_cpu),
             "rss_extra_mib": [m / MiB for m in s["rss_extra"]], "rss_ratio": statistics.median(mem),
+            "ratio_rounds": per_round, "cpu_ratio_rounds": per_round_cpu,
         }  # fmt: skip
     return out
 
 
 def run_inference(args, setup: Setup) -> dict:
-    block, batch = setup.block, args.batch
+    batch = args.batch
     hidden, text, temb = setup.inputs(batch)
     states = inference_states(setup, args.objects, batch)
-    plain_proc = CogVideoXAttnProcessor2_0()
-    flexi_proc = FlexiMMTAttnProcessor(0)
     if args.scope == "attention":
         with torch.no_grad():
-            hidden, text, _, _ = block.norm1(hidden, text, temb)
+            hidden, text = setup.attention_inputs(hidden, text, temb)
 
-    def call(kwargs):
+    def call(state):
+        setup.install(state)
         with torch.no_grad():
             if args.scope == "attention":
-                return block.attn1(hidden_states=hidden, encoder_hidden_states=text, image_rotary_emb=setup.rotary, **kwargs)
-            return block(hidden, text, temb, setup.rotary, attention_kwargs=kwargs or None)
+                return setup.attention(hidden, text, state)
+            return setup.call(hidden, text, temb, state)
 
     def plain():
-        block.attn1.set_processor(plain_proc)
-        call({})
+        call(None)
 
     def flexi(k):
         def run():
-            block.attn1.set_processor(flexi_proc)
-            call({"fleximmt": states[k]["state"]})
+            call(states[k]["state"])
             states[k]["state"].take_features()  # what RMPM reads after the step; resets the running sum
 
         return run
 
     runs = {"diffusers": plain, **{f"fleximmt K={k}": flexi(k) for k in args.objects}}
-    print(f"inference ({args.scope}, batch {batch}{' = CFG' if batch == 2 else ''}), d_m = {setup.d_m}, "
+    scope = f"attention call: {setup.attention_name}" if args.scope == "attention" else "block"
+    branch = " = CFG" if batch == 2 and not setup.wan else (" (one CFG branch: Wan calls the model once per branch)" if setup.wan else "")
+    print(f"inference ({scope}, batch {batch}{branch}), d_m = {setup.d_m}, "
           f"{args.repeats} rounds{' after a warm-up round' if args.warmup else ''}:")  # fmt: skip
     for k in args.objects:
-        s = states[k]
-        print(f"  K={k}: object coverage {s['coverage']} of the frame (per frame {s['coverage_range'][0]:.0%}-"
-              f"{s['coverage_range'][1]:.0%}); unmasked groups {s['groups']} (chained {s['groups_chained']}); masked call "
-              f"{s['masked_rows']} rows (226 text + {s['merged_video_queries']} merged video queries); layout built in "
-              f"{s['layout_s']:.3f} s once per step")  # fmt: skip
+        print(describe_layout(setup, k, states[k]))
     samples = interleave(runs, args.repeats, args.warmup)
     result = ratios(samples, "diffusers")
     for name, r in result.items():
+        rounds = " / ".join(f"{a:.3f}x, CPU {b:.3f}x" for a, b in zip(r["ratio_rounds"], r["cpu_ratio_rounds"]))
         print(f"  {name:<16} median {r['median_s']:8.2f} s  ratio {r['ratio']:.3f}x (rounds {r['ratio_min']:.3f}-"
               f"{r['ratio_max']:.3f}); CPU time ratio {r['cpu_ratio']:.3f}x ({r['cpu_ratio_min']:.3f}-{r['cpu_ratio_max']:.3f}); "
-              f"peak RSS extra {statistics.median(r['rss_extra_mib']):.0f} MiB ({r['rss_ratio']:.3f}x)")  # fmt: skip
+              f"peak RSS extra {statistics.median(r['rss_extra_mib']):.0f} MiB ({r['rss_ratio']:.3f}x); per round: {rounds}")  # fmt: skip
     for k in args.objects:
         states[k].pop("state")
     return {"runs": result, "layouts": {str(k): v for k, v in states.items()}}
@@ -253,31 +419,34 @@ def run_training(args, setup: Setup) -> dict:
     grad_t = torch.randn(text.shape, generator=gen).to(setup.dtype)
     member, concept = word_members(1, setup.text)
     tokens = torch.nn.Parameter(random_tokens(1, 1, setup.d_m, setup.dim).to(setup.dtype))
-    state = motion_state_for(tokens, member, form="joint", parts=TRAIN_PARTS, num_frames=setup.grid[0], dmem=True,
+    state = motion_state_for(tokens, member, form=setup.form, parts=setup.train_parts, num_frames=setup.grid[0], dmem=True,
                              concept_member=concept, dmem_drop=0.3, generator=torch.Generator().manual_seed(0))  # fmt: skip
-    plain_proc, flexi_proc = CogVideoXAttnProcessor2_0(), FlexiMMTAttnProcessor(0)
     params = list(block.parameters()) + [tokens]
     saved: dict[str, SavedBytes] = {}
     dmem_cover: list[float] = []
+    # CogVideoX updates its text in every block (gradients flow to it); Wan's encoder states are the
+    # same constants for every block (the condition embedder's output, frozen): no gradient to them
+    text_grad = not setup.wan
 
     def step(flexi: bool, ckpt: bool, name: str):
         def run():
-            block.attn1.set_processor(flexi_proc if flexi else plain_proc)
-            kwargs = None
+            setup.install(state if flexi else None)
             if flexi:
                 tokens.grad = None
                 state.begin_step(setup.n_video, 1)
-                kwargs = {"fleximmt": state}
             x = hidden.detach().requires_grad_(True)
-            y = text.detach().requires_grad_(True)
+            y = text.detach().requires_grad_(text_grad)
 
             def fn(a, b):
-                return block(a, b, temb, setup.rotary, attention_kwargs=kwargs)
+                return setup.call(a, b, temb, state if flexi else None)
 
             with SavedBytes(params) as counter:
                 out = checkpoint(fn, x, y, use_reentrant=False) if ckpt else fn(x, y)
             saved[name] = counter
-            torch.autograd.backward(out, (grad_h, grad_t))
+            if text_grad:
+                torch.autograd.backward(out, (grad_h, grad_t))
+            else:
+                torch.autograd.backward(out, grad_h)
             assert x.grad is not None and (not flexi or tokens.grad is not None)
             if flexi:
                 dmem_cover.append(state._dmem_layouts[(0, 0)].video_masks.float().mean().item())
@@ -289,8 +458,8 @@ def run_training(args, setup: Setup) -> dict:
         suffix = " +ckpt" if ckpt else ""
         runs[f"plain{suffix}"] = step(False, ckpt, f"plain{suffix}")
         runs[f"fleximmt{suffix}"] = step(True, ckpt, f"fleximmt{suffix}")
-    print(f"training (batch 1, forward + backward, weights frozen), d_m = {setup.d_m}, DMEM drop 0.3, "
-          f"{args.repeats} rounds{' after a warm-up round' if args.warmup else ''}:")  # fmt: skip
+    print(f"training (batch 1, forward + backward, weights frozen), d_m = {setup.d_m}, DMEM drop 0.3, parts "
+          f"{sorted(setup.train_parts)}, {args.repeats} rounds{' after a warm-up round' if args.warmup else ''}:")  # fmt: skip
     samples = interleave(runs, args.repeats, args.warmup)
     result = {}
     for ckpt in args.checkpointing:
@@ -301,7 +470,10 @@ def run_training(args, setup: Setup) -> dict:
         counter = saved[name]
         r["saved_mib"], r["saved_bf16_mib"] = counter.total / MiB, counter.as_bf16() / MiB
         r["saved_largest"] = counter.largest()
-    inputs_bytes = (hidden.numel() + text.numel()) * hidden.element_size()
+    # what checkpointing keeps per block: its inputs (Wan: the video states only; the encoder states,
+    # timestep embedding and RoPE are one set of tensors shared by every block)
+    inputs_bytes = (hidden.numel() + (text.numel() if text_grad else 0)) * hidden.element_size()
+    shared = 0 if text_grad else sum(t.numel() * t.element_size() for t in (text, temb, *setup.rotary))
     for name, r in result.items():
         base = result["plain +ckpt" if "ckpt" in name else "plain"]
         if "ckpt" in name:  # checkpoint keeps the block's inputs (its own hooks hide the rest from ours)
@@ -316,26 +488,28 @@ def run_training(args, setup: Setup) -> dict:
     for name in ("plain", "fleximmt"):
         if name in saved:
             print(f"  largest saved storages, {name}: " + "; ".join(saved[name].largest(6)))
+    if shared:
+        print(f"  shared by every block (encoder states, timestep embedding, RoPE): {shared / MiB:.0f} MiB")
     print(f"  DMEM masks covered {statistics.mean(dmem_cover):.0%} of the video tokens (after the 30% drop)")
-    return {"runs": result, "block_inputs_mib": inputs_bytes / MiB, "dmem_coverage": statistics.mean(dmem_cover)}
+    return {"runs": result, "block_inputs_mib": inputs_bytes / MiB, "shared_inputs_mib": shared / MiB,
+            "dmem_coverage": statistics.mean(dmem_cover)}  # fmt: skip
 
 
 def run_profile(args, setup: Setup) -> dict:
-    """torch.profiler over one attention call (CFG batch), baseline and FlexiMMT with the first K."""
+    """torch.profiler over one call of the attention FlexiMMT changes, baseline and FlexiMMT with the first K."""
     from torch.profiler import ProfilerActivity, profile
 
-    block, batch, k = setup.block, args.batch, args.objects[0]
+    batch, k = args.batch, args.objects[0]
     hidden, text, temb = setup.inputs(batch)
     state = inference_states(setup, [k], batch)[k]["state"]
     with torch.no_grad():
-        hidden, text, _, _ = block.norm1(hidden, text, temb)
+        hidden, text = setup.attention_inputs(hidden, text, temb)
     out = {}
-    for name, proc, kwargs in (("diffusers", CogVideoXAttnProcessor2_0(), {}),
-                               (f"fleximmt K={k}", FlexiMMTAttnProcessor(0), {"fleximmt": state})):  # fmt: skip
-        block.attn1.set_processor(proc)
+    for name, run_state in (("diffusers", None), (f"fleximmt K={k}", state)):
+        setup.install(run_state)
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             start = time.perf_counter()
-            block.attn1(hidden_states=hidden, encoder_hidden_states=text, image_rotary_emb=setup.rotary, **kwargs)
+            setup.attention(hidden, text, run_state)
             total = time.perf_counter() - start
         state.take_features()
         rows = []
@@ -343,7 +517,7 @@ def run_profile(args, setup: Setup) -> dict:
             shapes = ", ".join(str(s) for s in ev.input_shapes[:3] if s)
             rows.append({"op": ev.key, "calls": ev.count, "self_s": ev.self_cpu_time_total / 1e6, "shapes": shapes})
         out[name] = {"total_s": total, "ops": rows}
-        print(f"{name}: attention call {total:.2f} s; self time by op and input shapes:")
+        print(f"{name}: {setup.attention_name} call {total:.2f} s; self time by op and input shapes:")
         for r in rows:
             print(f"  {r['self_s']:8.3f} s  {r['calls']:3d}x  {r['op']:<55} {r['shapes'][:110]}")
     return out
@@ -352,14 +526,14 @@ def run_profile(args, setup: Setup) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["inference", "training", "profile"])
-    parser.add_argument("--model", choices=sorted(GEOMETRY), default="5b")
+    parser.add_argument("--model", choices=sorted(MODELS), default="5b", help="5b, 1.5 (CogVideoX) or a Wan model")
     parser.add_argument("--height", type=int), parser.add_argument("--width", type=int)
     parser.add_argument("--frames", type=int, help="video frames (default: the model's own)")
     parser.add_argument("--objects", type=int, nargs="+", default=[1, 3, 5], help="K values (profile: the first)")
     parser.add_argument("--tokens", type=int, default=226, help="motion tokens per object and block (d_m)")
     parser.add_argument("--repeats", type=int, help="rounds (default: inference 2, training 1)")
     parser.add_argument("--warmup", action="store_true", help="one untimed round first")
-    parser.add_argument("--batch", type=int, default=2, choices=[1, 2], help="inference rows (2 = CFG)")
+    parser.add_argument("--batch", type=int, choices=[1, 2], help="inference rows (CogVideoX: 2 = CFG, the default; Wan: 1)")
     parser.add_argument("--scope", choices=["block", "attention"], default="block")
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -368,6 +542,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.what == "inference" else 1
+    if args.batch is None:
+        args.batch = 1 if args.model in WAN_CONFIGS else 2
+    elif args.batch == 2 and args.model in WAN_CONFIGS:
+        parser.error("--batch 2: Wan runs its conditional and unconditional branches as two calls of batch 1")
     setup = Setup(args)
     print(setup.describe(), flush=True)
     result = {"what": args.what, "model": args.model, "size": setup.size, "video_tokens": setup.n_video,
