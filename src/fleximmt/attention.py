@@ -312,8 +312,11 @@ class FlexiMMTState:
         if block not in self.feature_blocks or self.feature_rows is None:
             return
         for slot, row in zip(self.videos, self.feature_rows):
-            feat = video_out[row].detach().float()
-            slot.features = feat if slot.features is None else slot.features + feat
+            feat = video_out[row].detach()
+            if slot.features is None:  # one float32 sum per video, added to in place
+                slot.features = feat.to(torch.float32, copy=True)
+            else:
+                slot.features.add_(feat)
             slot.feature_count += 1
 
     def take_features(self, video: int = 0) -> torch.Tensor | None:
