@@ -174,14 +174,14 @@ def test_without_the_training_mask_motion_tokens_reach_all_video(pipe, tmp_path,
     import fleximmt.attention as attention
 
     groups = []
-    real = attention.mdma_video_groups
+    real = attention.video_groups
 
     def spy(*args, **kwargs):
         result = real(*args, **kwargs)
         groups.append(len(result))
         return result
 
-    monkeypatch.setattr(attention, "mdma_video_groups", spy)
+    monkeypatch.setattr(attention, "video_groups", spy)
     with_mask = train(pipe, tmp_path / "a.safetensors", steps=2, lr=0.05, dmem_drop=0.0)
     assert max(groups) == 2  # DMEM splits video into inside / outside the object
     groups.clear()

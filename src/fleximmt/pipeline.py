@@ -175,11 +175,19 @@ class FlexiMMTMixin:
         prompt = call.get("prompt")
         per_prompt = objects_per_prompt(options.objects, len(prompt) if isinstance(prompt, list) else 1)
         call = adapter.prepare_call(call)
-        if not per_prompt[0]:
-            return diffusers_call(self, **call)
-        adapter.check_model()
-        options.check(adapter)
-        return self._transfer(adapter, diffusers_call, call, options, per_prompt)
+        try:
+            if not per_prompt[0]:
+                return diffusers_call(self, **call)
+            adapter.check_model()
+            options.check(adapter)
+            return self._transfer(adapter, diffusers_call, call, options, per_prompt)
+        except BaseException:
+            # a callback that raises to stop a run (the web app's Stop) leaves what diffusers' loop
+            # would have cleared at its end: the step's timestep, and offloaded models on the GPU
+            self._current_timestep = None
+            if hasattr(self, "maybe_free_model_hooks"):
+                self.maybe_free_model_hooks()
+            raise
 
     def _transfer(self, adapter: ModelAdapter, diffusers_call: Callable, call: dict, options: TransferOptions,
                   per_prompt: list[list[ObjectMotion]]) -> Any:  # fmt: skip
