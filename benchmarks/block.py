@@ -36,6 +36,7 @@ Float32 by default (this CPU has no fast bf16); bf16 halves every float tensor (
     python benchmarks/block.py training [--repeats 1] [--checkpointing off on]                          # 25-40 min
     python benchmarks/block.py inference --model 1.5 --scope attention --batch 1 --objects 3 --repeats 1
     python benchmarks/block.py profile --objects 3
+    python benchmarks/block.py profile --model wan2.1 --objects 3 [--profile-block]                 # attn2 / block
     python benchmarks/block.py inference --height 96 --width 96 --frames 9 --repeats 1   # a quick try
     python benchmarks/block.py inference --model wan2.1 --objects 3 --repeats 2                        # 30 min quiet
     python benchmarks/block.py inference --model wan2.1 --objects 3 --scope attention --repeats 3      # attn2 alone
@@ -125,8 +126,9 @@ def make_wan_block(cfg, dtype: torch.dtype, seed: int = 0) -> WanTransformerBloc
 
 
 def wan_rotary(cfg, latent_shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The transformer's own ``WanRotaryPosEmbed`` for this latent video (float32: a float32 model's
-    buffers, and a bf16 checkpoint keeps ``rope`` in float32)."""
+    """The transformer's own ``WanRotaryPosEmbed`` for this latent video, in float32 as
+    ``WanTransformer3DModel(...).float()`` has its buffers (``from_pretrained`` leaves these non-persistent
+    buffers in the float64 of their ``__init__``: a float64 RoPE product, the same in both runs here)."""
     rope = WanRotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len).float()
     return rope(torch.empty(1, 1, *latent_shape, device="meta"))  # only its shape is read
 
@@ -145,17 +147,18 @@ def make_block(cfg, dtype: torch.dtype, seed: int = 0) -> CogVideoXBlock:
 
 class SavedBytes:
     """Bytes autograd saves for backward inside the ``with`` block: unique storages, the given
-    parameters excluded; ``by_dtype`` splits them so float32 figures can be restated for bf16."""
+    parameters excluded; ``as_bf16`` restates float32 figures for bf16. Storages are told apart by
+    their StorageImpl (``_cdata``), so this counts meta tensors too (``benchmarks/memory.py``)."""
 
     def __init__(self, exclude):
-        self.exclude = {p.untyped_storage().data_ptr() for p in exclude}
+        self.exclude = {p.untyped_storage()._cdata for p in exclude}
         self.storages: dict[int, tuple[int, torch.dtype, tuple]] = {}
 
     def _pack(self, t: torch.Tensor):
         storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr and ptr not in self.exclude and ptr not in self.storages:
-            self.storages[ptr] = (storage.nbytes(), t.dtype, tuple(t.shape))
+        key = storage._cdata
+        if storage.nbytes() and key not in self.exclude and key not in self.storages:
+            self.storages[key] = (storage.nbytes(), t.dtype, tuple(t.shape))
         return t
 
     def __enter__(self):
@@ -496,28 +499,32 @@ def run_training(args, setup: Setup) -> dict:
 
 
 def run_profile(args, setup: Setup) -> dict:
-    """torch.profiler over one call of the attention FlexiMMT changes, baseline and FlexiMMT with the first K."""
+    """torch.profiler over one call of the attention FlexiMMT changes (``--scope block``: of the whole
+    block), baseline and FlexiMMT with the first K."""
     from torch.profiler import ProfilerActivity, profile
 
     batch, k = args.batch, args.objects[0]
     hidden, text, temb = setup.inputs(batch)
     state = inference_states(setup, [k], batch)[k]["state"]
-    with torch.no_grad():
-        hidden, text = setup.attention_inputs(hidden, text, temb)
+    block = args.profile_block
+    if not block:
+        with torch.no_grad():
+            hidden, text = setup.attention_inputs(hidden, text, temb)
     out = {}
     for name, run_state in (("diffusers", None), (f"fleximmt K={k}", state)):
         setup.install(run_state)
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            start = time.perf_counter()
-            setup.attention(hidden, text, run_state)
-            total = time.perf_counter() - start
-        state.take_features()
+            start, cpu = time.perf_counter(), time.process_time()
+            setup.call(hidden, text, temb, run_state) if block else setup.attention(hidden, text, run_state)
+            total, cpu = time.perf_counter() - start, time.process_time() - cpu
+            state.take_features()
         rows = []
         for ev in sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[: args.top]:
             shapes = ", ".join(str(s) for s in ev.input_shapes[:3] if s)
             rows.append({"op": ev.key, "calls": ev.count, "self_s": ev.self_cpu_time_total / 1e6, "shapes": shapes})
-        out[name] = {"total_s": total, "ops": rows}
-        print(f"{name}: {setup.attention_name} call {total:.2f} s; self time by op and input shapes:")
+        out[name] = {"total_s": total, "cpu_s": cpu, "ops": rows}
+        what = "block" if block else setup.attention_name
+        print(f"{name}: {what} call {total:.2f} s ({cpu:.2f} s CPU); self time by op and input shapes:")
         for r in rows:
             print(f"  {r['self_s']:8.3f} s  {r['calls']:3d}x  {r['op']:<55} {r['shapes'][:110]}")
     return out
@@ -538,6 +545,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--top", type=int, default=14, help="profile: rows shown")
+    parser.add_argument("--profile-block", action="store_true", help="profile: the whole block call, not the attention")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args(argv)
     if args.repeats is None:

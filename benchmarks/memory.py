@@ -36,6 +36,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).parent))
+from block import (  # noqa: E402
+    WAN_CONFIGS, WAN_GEOMETRY, WAN_IMAGE_TOKENS, WAN_NAMES, WAN_TEXT_TOKENS, SavedBytes, make_wan_block, wan_config,
+    wan_geometry, wan_rotary,
+)  # fmt: skip
 from gpu import GEOMETRY, TRANSFORMER_CONFIGS, moving_masks, random_tokens, rotary, token_geometry, word_members  # noqa: E402
 from gpu import config as transformer_config  # noqa: E402
 
@@ -47,6 +51,21 @@ T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vo
               layer_norm_epsilon=1e-6, dropout_rate=0.1, tie_word_embeddings=False)  # fmt: skip
 # CogVideoX-5B(-I2V)'s vae/config.json: AutoencoderKLCogVideoX's defaults but for the scaling factor
 VAE_5B = dict(scaling_factor=0.7)
+# google/umt5-xxl's encoder, as Wan's text_encoder/config.json (Wan-AI/Wan2.1-I2V-14B-480P-Diffusers) gives it
+UMT5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, num_decoder_layers=24, vocab_size=256384,
+                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                layer_norm_epsilon=1e-6, dropout_rate=0.1, tie_word_embeddings=False, scalable_attention=True)  # fmt: skip
+# Wan 2.1 I2V's image_encoder/config.json: CLIPVisionModel, OpenCLIP ViT-H/14 (laion2B), 257 tokens at 224 px
+CLIP_VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
+                    image_size=224, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5, num_channels=3)  # fmt: skip
+# vae/config.json: Wan 2.1 uses AutoencoderKLWan's defaults; Wan2.2-TI2V-5B-Diffusers' VAE (latents_mean/std
+# left at placeholders: they scale latents and take no memory)
+WAN_VAES = {
+    "wan2.1": {},
+    "wan2.2-5b": dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+                      patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48,
+                      latents_std=[1.0] * 48),
+}  # fmt: skip
 # Measured with `benchmarks/block.py training --repeats 1 --out FILE` (2026-11-25, float32 on this CPU,
 # commit a00cedf; BENCHMARKS.md): the MiB one block at 480x720x49, batch 1, saves for backward (and
 # restated in bf16), its inputs, and the peak RSS above the pre-run level of its forward + backward.
@@ -98,24 +117,77 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+class StorageBytes(LiveBytes):
+    """``LiveBytes`` for runs with autograd: a storage is counted from the op that allocates it (outputs
+    that alias an input - views, in-place and ``out=`` ops - are not new memory) until the storage
+    itself is freed, which autograd's saved tensors delay until backward has used them."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        for i, t in enumerate(outputs):  # one return may be a list of tensors (split, unbind): its alias info
+            aliased = returns[min(i, len(returns) - 1)].alias_info is not None if returns else False
+            if isinstance(t, torch.Tensor) and not aliased:
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self._storages:
+                    self._storages[key] = [storage.nbytes(), 1]
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        entry = self._storages.pop(key, None)
+        if entry is not None:
+            self.live -= entry[0]
+
+
+class _FlashAttention(torch.autograd.Function):
+    """What flash attention keeps and allocates, on meta: the output and a float32 log-sum-exp per query
+    row, q/k/v and both saved for backward; backward allocates the input gradients and a float32
+    accumulator for dq (FlashAttention-2's)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = query.new_empty(query.shape[:-1] + value.shape[-1:])
+        lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, _, _ = ctx.saved_tensors
+        accum = torch.empty(query.shape, dtype=torch.float32, device=query.device)  # noqa: F841
+        need = ctx.needs_input_grad
+        return tuple(torch.empty_like(t) if n else None for t, n in zip((query, key, value), need))
+
+
 def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """SDPA as a GPU's fused kernels allocate it (flash / memory-efficient: the output, no N x N scores;
-    a bool mask becomes a float bias of its own shape). On meta, torch would pick the math path."""
+    a bool mask becomes a float bias of its own shape). On meta, torch would pick the math path.
+    With gradients: what flash attention saves for backward (``_FlashAttention``)."""
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         bias = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)  # noqa: F841 (lives during the call)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        if attn_mask is not None:
+            raise NotImplementedError("a masked SDPA with gradients: not modelled")
+        return _FlashAttention.apply(query, key, value)
     return query.new_empty(query.shape[:-1] + value.shape[-1:])
 
 
-def measure_peak(fn, fused: bool = True) -> int:
+def measure_peak(fn, fused: bool = True, counter: type = LiveBytes, grad: bool = False) -> int:
     """Peak live bytes of the tensors ``fn`` creates (inputs and weights not included), with SDPA
-    allocating what the fused GPU kernels allocate."""
+    allocating what the fused GPU kernels allocate. ``grad=True`` (with ``counter=StorageBytes``): ``fn``
+    runs with autograd on, e.g. a forward and its backward."""
     import torch.nn.functional as F
 
     original = F.scaled_dot_product_attention
     if fused:
         F.scaled_dot_product_attention = fused_sdpa
     try:
-        with torch.no_grad(), LiveBytes() as mode:
+        with torch.set_grad_enabled(grad), counter() as mode:
             out = fn()
             del out
     finally:
@@ -252,6 +324,42 @@ def validate() -> None:
               f"ratio {counted / peak:.3f}")  # fmt: skip
 
 
+def validate_wan() -> None:
+    """Wan, on a small Wan 2.1 model: the meta block's saved bytes (flash attention's) against the same
+    block run on the CPU (whose flash attention saves the same), and ``StorageBytes`` through a forward
+    + backward against the CPU allocator's accounting (torch.profiler memory events)."""
+    from diffusers import WanTransformer3DModel
+    from torch.profiler import ProfilerActivity, profile
+
+    small = dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=256, added_kv_proj_dim=128, image_dim=64, text_dim=64)
+    cfg, size = wan_config("wan2.1", **small), (64, 96, 9)
+    for flexi in (False, True):
+        kw = dict(cfg=cfg, size=size, dtype=torch.float32, rope_dtype=torch.float32)
+        cpu = wan_block_saved("wan2.1", flexi, 16, device="cpu", **kw)["saved"]
+        meta = wan_block_saved("wan2.1", flexi, 16, device="meta", **kw)["saved"]
+        print(f"validate Wan block, saved for backward ({'FlexiMMT' if flexi else 'diffusers'}, 128 wide, 72 video tokens): "
+              f"meta {meta / MiB:.3f} MiB, CPU {cpu / MiB:.3f} MiB, ratio {meta / cpu:.3f}")  # fmt: skip
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{**WAN_CONFIGS["wan2.1"], **small, "num_layers": 2}).requires_grad_(False)
+    x = torch.randn(1, 36, 9, 8, 12, requires_grad=True)
+    args = (x, torch.tensor([500.0]), torch.randn(1, WAN_TEXT_TOKENS, 64), torch.randn(1, WAN_IMAGE_TOKENS, 64))
+
+    def step():
+        x.grad = None
+        model(*args, return_dict=False)[0].pow(2).mean().backward()
+
+    counted = measure_peak(step, fused=False, counter=StorageBytes, grad=True)
+    x.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, live)
+    print(f"validate Wan transformer forward + backward (2 blocks, 128 wide, 216 video tokens): StorageBytes "
+          f"{counted / MiB:.2f} MiB, CPU allocator (profiler) {peak / MiB:.2f} MiB, ratio {counted / peak:.3f}")  # fmt: skip
+
+
 def block_figures(path: Path | None) -> dict:
     """Per-block training figures in bf16 MiB: saved for backward (plain, FlexiMMT), inputs, fwd+bwd peaks."""
     data = json.loads(path.read_text()) if path else MEASURED_BLOCK
@@ -275,16 +383,340 @@ def block_figures(path: Path | None) -> dict:
     return out
 
 
+# -- Wan 2.1 I2V 14B (480P) and Wan 2.2 TI2V-5B ---------------------------------------------------
+def wan_meta_models(model: str) -> dict:
+    """The real configs on the meta device in bf16, as ``from_pretrained(torch_dtype=torch.bfloat16)``
+    leaves them: the transformer's ``_keep_in_fp32_modules`` parameters in float32, and RoPE's
+    non-persistent buffers in the float64 its ``__init__`` makes (no state dict sets them)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    with init_empty_weights(include_buffers=True):
+        transformer = WanTransformer3DModel(**WAN_CONFIGS[model]).to(BF16)
+        models = {"transformer": transformer, "vae": AutoencoderKLWan(**WAN_VAES[model]).to(BF16),
+                  "text_encoder": UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(BF16)}  # fmt: skip
+        if WAN_CONFIGS[model]["image_dim"]:
+            models["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H14)).to(BF16)
+    for module in models.values():
+        module.requires_grad_(False)  # as train_motion freezes them
+    keep = transformer._keep_in_fp32_modules
+    for name, param in transformer.named_parameters():
+        if any(k in name.split(".") for k in keep):
+            param.data = param.data.float()
+    transformer.rope.double()
+    return models
+
+
+def meta_cross_layout(state, device="meta") -> None:
+    """Move a cross-form state's step layout (built on the CPU from real masks) and words onto ``device``."""
+    slot = state.videos[0]
+    slot.member = slot.member.to(device)
+    slot.layout.groups = [(q.to(device), k.to(device)) for q, k in slot.layout.groups]
+
+
+def wan_flexi_state(model: str, objects: int, d_m: int, blocks: int, feature_blocks, tokens_dtype=BF16, dmem_parts=None,
+                    cfg=None, size=None, device="meta"):  # fmt: skip
+    """A FlexiMMT state for one video (on meta by default): K objects' motion tokens ``[K, 1, blocks, d_m,
+    dim]`` and the step's MDMA layout from moving ellipse masks (built on the CPU, then moved)."""
+    from fleximmt.attention import motion_state_for
+    from fleximmt.masks import CROSS_PARTS
+
+    cfg = cfg or wan_config(model)
+    geo = wan_geometry(model, cfg, *(size or WAN_GEOMETRY[model]))
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    member, _ = word_members(objects, WAN_TEXT_TOKENS)
+    shape = (objects, 1, blocks, d_m, dim)
+    tokens = torch.empty(shape, device="meta", dtype=tokens_dtype) if device == "meta" else \
+        torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(tokens_dtype) * dim**-0.5  # fmt: skip
+    state = motion_state_for(tokens, member, form="cross", parts=frozenset(dmem_parts or CROSS_PARTS),
+                             num_frames=geo["grid"][0], feature_blocks=frozenset(feature_blocks))  # fmt: skip
+    state.set_video_masks(moving_masks(objects, geo["grid"]))
+    if device == "meta":
+        meta_cross_layout(state)
+    return state
+
+
+def install_wan(transformer, state) -> None:
+    """diffusers' ``WanAttnProcessor`` (state None) or FlexiMMT's processors sharing one slot."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from fleximmt.models.wan import StateSlot, WanCrossAttnProcessor, WanSelfAttnProcessor
+
+    if state is None:
+        transformer.set_attn_processor(WanAttnProcessor())
+        return
+    slot = StateSlot(state)
+    for index, block in enumerate(transformer.blocks):
+        block.attn1.set_processor(WanSelfAttnProcessor(index, slot))
+        block.attn2.set_processor(WanCrossAttnProcessor(index, 0, slot))
+
+
+def wan_inputs(model: str, transformer) -> dict:
+    """One transformer call's inputs as ``WanImageToVideoPipeline`` makes them, on meta (batch 1: one
+    CFG branch; Wan 2.1: noise + condition on channels, CLIP image states; TI2V: a timestep per token)."""
+    cfg = transformer.config
+    geo = wan_geometry(model, cfg, *WAN_GEOMETRY[model])
+    latent = geo["latent_shape"]
+    expand = model == "wan2.2-5b"
+    return {
+        "hidden_states": torch.empty(1, cfg.in_channels, *latent, device="meta", dtype=BF16),
+        "timestep": torch.full((1, geo["video_tokens"]) if expand else (1,), 500.0, device="meta"),
+        "encoder_hidden_states": torch.empty(1, WAN_TEXT_TOKENS, cfg.text_dim, device="meta", dtype=BF16),
+        "encoder_hidden_states_image": torch.empty(1, WAN_IMAGE_TOKENS, cfg.image_dim, device="meta", dtype=BF16)
+        if cfg.image_dim else None,
+    }  # fmt: skip
+
+
+def state_bytes(state) -> int:
+    """What a FlexiMMT state keeps on the device through a call: motion tokens, words, layout indices."""
+    slot = state.videos[0]
+    tokens = slot.motion_tokens.numel() * slot.motion_tokens.element_size()
+    return tokens + slot.member.numel() + 8 * sum(q.numel() + k.numel() for q, k in slot.layout.groups)
+
+
+def wan_step_peak(model: str, transformer, objects: int, d_m: int) -> int:
+    """One transformer call (one CFG branch) on meta: diffusers' attention (K = 0) or FlexiMMT with K
+    objects, RMPM's features captured (the conditional branch) over the first 70% of the blocks."""
+    from fleximmt.models.wan import FEATURE_SHARE
+
+    layers = transformer.config.num_layers
+    state = None
+    if objects:
+        state = wan_flexi_state(model, objects, d_m, layers, range(max(1, round(layers * FEATURE_SHARE))))
+        state.rows, state.feature_rows = [0], [0]
+    install_wan(transformer, state)
+    inputs = wan_inputs(model, transformer)
+    peak = measure_peak(lambda: transformer(**inputs, return_dict=False)[0], counter=StorageBytes)
+    return peak + (state_bytes(state) if state is not None else 0)
+
+
+def wan_training_peak(model: str, transformer, flexi: bool, d_m: int, checkpointing: bool) -> int:
+    """A motion-training step's transformer forward + backward on meta (batch 1, weights frozen,
+    gradients to the float32 motion tokens of one object; diffusers' attention for the plain
+    reference, whose gradient goes to the input latents). The MDMA layout is one static object mask
+    (17.5% of the frame) in place of DMEM's, which are drawn from the block's own scores and cannot be
+    on meta: they are computed without gradients and only decide which queries form each group."""
+    from fleximmt.train import TRAIN_PARTS
+
+    layers = transformer.config.num_layers
+    state = None
+    if flexi:
+        state = wan_flexi_state(model, 1, d_m, layers, (), tokens_dtype=torch.float32, dmem_parts=TRAIN_PARTS & {"m2v", "t2v"})
+        state.videos[0].motion_tokens.requires_grad_(True)
+        state.rows = state.feature_rows = None
+    install_wan(transformer, state)
+    inputs = wan_inputs(model, transformer)
+    if not flexi:
+        inputs["hidden_states"].requires_grad_(True)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    try:
+        def step():
+            out = transformer(**inputs, return_dict=False)[0].float()
+            out.pow(2).mean().backward()  # the loss's own tensors are latents-sized
+
+        return measure_peak(step, counter=StorageBytes, grad=True)
+    finally:
+        transformer.disable_gradient_checkpointing()
+        inputs["hidden_states"].requires_grad_(False)
+
+
+def wan_block_saved(model: str, flexi: bool, d_m: int, cfg=None, size=None, device="meta", dtype=BF16,
+                    rope_dtype=torch.float64) -> dict:  # fmt: skip
+    """Bytes one block saves for backward (``block.py``'s ``SavedBytes``; on meta by default, SDPA as
+    flash attention saves; ``device="cpu"``: the same block run for real, for ``--validate``) and its
+    input, which is all gradient checkpointing keeps of it. Gradients go to the video states (and the
+    motion tokens of one object, MDMA part m2v), not to the encoder states: Wan's are constants."""
+    import torch.nn.functional as F
+
+    from fleximmt.models.wan import StateSlot, WanCrossAttnProcessor, WanSelfAttnProcessor
+    from fleximmt.train import TRAIN_PARTS
+
+    cfg = cfg or wan_config(model)
+    geo = wan_geometry(model, cfg, *(size or WAN_GEOMETRY[model]))
+    with torch.device(device):
+        block = make_wan_block(cfg, dtype)
+    dim, n = cfg.num_attention_heads * cfg.attention_head_dim, geo["video_tokens"]
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(*shape):
+        return torch.empty(shape, device="meta", dtype=dtype) if device == "meta" else torch.randn(shape, generator=gen).to(dtype)
+
+    hidden = tensor(1, n, dim).requires_grad_(True)
+    text = tensor(1, (WAN_IMAGE_TOKENS if cfg.added_kv_proj_dim else 0) + WAN_TEXT_TOKENS, dim)
+    temb = tensor(*((1, n, 6, dim) if model == "wan2.2-5b" else (1, 6, dim)))
+    # RoPE in the float64 from_pretrained leaves its buffers in
+    rot = tuple(r.to(device, rope_dtype) for r in wan_rotary(cfg, geo["latent_shape"]))
+    state = None
+    params = list(block.parameters())
+    if flexi:
+        state = wan_flexi_state(model, 1, d_m, 1, (), tokens_dtype=torch.float32, dmem_parts=TRAIN_PARTS & {"m2v", "t2v"},
+                                cfg=cfg, size=size, device=device)  # fmt: skip
+        state.videos[0].motion_tokens.requires_grad_(True)
+        params.append(state.videos[0].motion_tokens)
+    slot = StateSlot(state)
+    block.attn1.set_processor(WanSelfAttnProcessor(0, slot))
+    block.attn2.set_processor(WanCrossAttnProcessor(0, 0, slot))
+    original = F.scaled_dot_product_attention
+    if device == "meta":
+        F.scaled_dot_product_attention = fused_sdpa
+    try:
+        with torch.enable_grad(), SavedBytes(params) as counter:
+            out = block(hidden, text, temb, rot)
+    finally:
+        F.scaled_dot_product_attention = original
+    del out
+    return {"saved": counter.total, "inputs": n * dim * torch.finfo(dtype).bits // 8, "largest": counter.largest(6)}
+
+
+def wan_vae_peaks(model: str, vae) -> dict[str, int]:
+    """VAE decode of the video's latents, encode of a whole video (Wan 2.1's condition video - the image
+    and black frames - and any training clip) and of one frame (TI2V's image), untiled and tiled."""
+    height, width, frames = WAN_GEOMETRY[model]
+    latent = wan_geometry(model, wan_config(model), height, width, frames)["latent_shape"]
+    z = torch.empty(1, vae.config.z_dim, *latent, device="meta", dtype=BF16)
+    video = torch.empty(1, 3, frames, height, width, device="meta", dtype=BF16)
+    frame = torch.empty(1, 3, 1, height, width, device="meta", dtype=BF16)
+    out = {}
+    for tiling in (False, True):
+        vae.enable_tiling() if tiling else vae.disable_tiling()
+        name = "tiled" if tiling else "untiled"
+        out[f"decode_{name}"] = measure_peak(lambda: vae.decode(z).sample, counter=StorageBytes)
+        out[f"encode_{name}"] = measure_peak(lambda: vae.encode(video).latent_dist.mode(), counter=StorageBytes)
+        out[f"encode_frame_{name}"] = measure_peak(lambda: vae.encode(frame).latent_dist.mode(), counter=StorageBytes)
+    vae.disable_tiling()
+    return out
+
+
+def wan_encoder_peaks(models: dict) -> dict[str, int]:
+    """umT5 over 512 tokens (one prompt: diffusers encodes the negative one in a call of its own) and
+    CLIP ViT-H/14 over one 224 px image with every hidden state kept (the pipeline reads the last but one)."""
+    ids = torch.zeros(1, WAN_TEXT_TOKENS, dtype=torch.long, device="meta")
+    # without the padding mask the pipeline passes (transformers reads its values; a 512 x 512 mask is 0.25 MiB)
+    out = {"t5": measure_peak(lambda: models["text_encoder"](ids)[0], counter=StorageBytes)}
+    if "image_encoder" in models:
+        pixels = torch.empty(1, 3, 224, 224, device="meta", dtype=BF16)
+        out["clip"] = measure_peak(lambda: models["image_encoder"](pixel_values=pixels, output_hidden_states=True)
+                                   .hidden_states[-2], counter=StorageBytes)  # fmt: skip
+    return out
+
+
+def wan_report(model: str, args) -> dict:
+    """Parameters, meta peaks and the peak-memory table of one Wan model."""
+    height, width, frames = WAN_GEOMETRY[model]
+    name = WAN_NAMES[model]
+    models = wan_meta_models(model)
+    transformer, vae = models["transformer"], models["vae"]
+    count = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    weights = {k: param_bytes(m) for k, m in models.items()}
+    print(f"\n== {name}, {height}x{width}x{frames} ==\nparameters (meta device, real configs): "
+          + ", ".join(f"{k} {count[k] / 1e9:.3f}B ({weights[k] / GiB:.2f} GiB)" for k in models))  # fmt: skip
+    step_plain = wan_step_peak(model, transformer, 0, args.tokens)
+    step_flexi = wan_step_peak(model, transformer, args.objects, args.tokens)
+    vae_p = wan_vae_peaks(model, vae)
+    enc = wan_encoder_peaks(models)
+    i2v = "image_encoder" in models
+    # the image condition: Wan 2.1 encodes the image followed by black frames (a whole video), TI2V the image
+    cond_key = "encode" if i2v else "encode_frame"
+    print(f"live tensor peaks on meta (bf16): transformer call (one CFG branch): diffusers {step_plain / GiB:.2f} GiB, "
+          f"FlexiMMT K = {args.objects} {step_flexi / GiB:.2f} GiB ({step_flexi / step_plain:.3f}x); VAE decode "
+          f"{vae_p['decode_untiled'] / GiB:.2f} GiB, tiled {vae_p['decode_tiled'] / GiB:.2f} GiB; VAE encode of {frames} "
+          f"frames {vae_p['encode_untiled'] / GiB:.2f} GiB, tiled {vae_p['encode_tiled'] / GiB:.2f} GiB; of one frame "
+          f"{vae_p['encode_frame_untiled'] / GiB:.3f} GiB; umT5 encode {enc['t5'] / GiB:.3f} GiB"
+          + (f"; CLIP encode {enc['clip'] / GiB:.3f} GiB" if i2v else ""))  # fmt: skip
+
+    rows = []
+
+    def row(label, total, how):
+        rows.append((label, total, how))
+
+    all_w = sum(weights.values())
+    encoders = [(weights["text_encoder"], enc["t5"])] + ([(weights["image_encoder"], enc["clip"])] if i2v else [])
+    for label, step in (("diffusers", step_plain), (f"FlexiMMT K={args.objects}", step_flexi)):
+        for tiled in (False, True):
+            t = "tiled" if tiled else "untiled"
+            vae_peak = max(vae_p[f"decode_{t}"], vae_p[f"{cond_key}_{t}"])
+            if not tiled:
+                row(f"inference, {label}, no offload", all_w + max(step, vae_peak, *(e for _, e in encoders)),
+                    "all weights + the largest of: transformer call, VAE encode/decode, text/image encode (meta)")
+            row(f"inference, {label}, enable_model_cpu_offload()" + (" + vae.enable_tiling()" if tiled else ""),
+                max(weights["transformer"] + step, weights["vae"] + vae_peak, *(w + e for w, e in encoders)),
+                "one component on the GPU at a time: the largest of its weights + its peak (meta)"
+                + (", tiled VAE" if tiled else ""))  # fmt: skip
+
+    # training: the tokens, their gradients and AdamW's moments in float32, and the per-step stack
+    layers = transformer.config.num_layers
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    num_tokens = layers * args.tokens * dim
+    optim = num_tokens * 4 * 4 + num_tokens * 4
+    blocks = {kind: wan_block_saved(model, kind == "flexi", args.tokens) for kind in ("plain", "flexi")}
+    train = {(kind, ckpt): wan_training_peak(model, transformer, kind == "flexi", args.tokens, ckpt)
+             for kind in ("plain", "flexi") for ckpt in (False, True)}  # fmt: skip
+    print(f"per block (bf16, meta): saved for backward plain {blocks['plain']['saved'] / MiB:.0f} MiB, FlexiMMT "
+          f"{blocks['flexi']['saved'] / MiB:.0f} MiB ({blocks['flexi']['saved'] / blocks['plain']['saved']:.3f}x); "
+          f"checkpointed input {blocks['plain']['inputs'] / MiB:.0f} MiB")  # fmt: skip
+    for kind in ("plain", "flexi"):
+        print(f"  largest saved storages, {kind}: " + "; ".join(blocks[kind]["largest"]))
+    print("training forward + backward of the transformer on meta (activations, weights not included): "
+          + ", ".join(f"{k} {'ckpt' if c else 'no ckpt'} {v / GiB:.2f} GiB" for (k, c), v in train.items()))  # fmt: skip
+    print(f"motion tokens: {num_tokens:,} numbers; fp32 tokens + grads + AdamW moments + stacked copy {optim / MiB:.0f} MiB")
+    # caching encodes the text, (Wan 2.1) the image, each window of the reference video, and the image condition
+    cache_peak = max(vae_p["encode_untiled"], *(e for _, e in encoders))
+    cache_peak_tiled = max(vae_p["encode_tiled"], *(e for _, e in encoders))
+    clip_w = weights.get("image_encoder", 0)  # train.py's offload_after_caching moves the text encoder and VAE only
+    step_w = weights["transformer"] + optim + clip_w
+    how_step = "transformer weights + tokens/grads/AdamW (fp32) + the transformer's forward + backward on meta"
+    if i2v:
+        how_step += " + CLIP weights (left on the GPU)"
+    row("training, caching phase (all weights on the GPU)", all_w + cache_peak, "weights + VAE encode, umT5 or CLIP peak (meta)")
+    row("training, caching phase, vae_tiling=True", all_w + cache_peak_tiled, "weights + tiled VAE encode (meta)")
+    row("training step, gradient_checkpointing=False, umT5/VAE offloaded after caching", step_w + train[("flexi", False)], how_step)
+    row("training step, gradient_checkpointing=True, umT5/VAE offloaded", step_w + train[("flexi", True)], how_step)
+    row("training step, gradient_checkpointing=True, everything left on the GPU (offload_after_caching=False)",
+        all_w - weights["transformer"] - clip_w + step_w + train[("flexi", True)], "the row above + umT5 and VAE weights")
+    row("training, gradient_checkpointing=True + pipe.enable_model_cpu_offload() (caching and steps)",
+        max(weights["text_encoder"] + enc["t5"], weights["vae"] + vae_p["encode_untiled"],
+            clip_w + enc.get("clip", 0), weights["transformer"] + optim + train[("flexi", True)]),
+        "one component on the GPU at a time: umT5, CLIP, VAE encode (meta), or the checkpointed step")  # fmt: skip
+    row("training, as above + vae_tiling=True",
+        max(weights["text_encoder"] + enc["t5"], weights["vae"] + vae_p["encode_tiled"],
+            clip_w + enc.get("clip", 0), weights["transformer"] + optim + train[("flexi", True)]),
+        "as above, tiled VAE encode (meta)")  # fmt: skip
+    row("plain forward+backward of the same model, no checkpointing (reference)",
+        weights["transformer"] + train[("plain", False)], "transformer weights + forward + backward on meta, diffusers' attention")
+    row("plain forward+backward, checkpointing (reference)", weights["transformer"] + train[("plain", True)], "as above, checkpointing")
+    print(f"\n| configuration, {name} {height}x{width}x{frames}, bf16 | peak GPU memory | how |\n|---|---|---|")
+    for label, total, how in rows:
+        print(f"| {label} | {total / GiB:.1f} GiB | {how} |")
+    return {"model": model, "rows": [(n, t / GiB, h) for n, t, h in rows], "params": count,
+            "weights_gib": {k: v / GiB for k, v in weights.items()},
+            "peaks_gib": {"step_plain": step_plain / GiB, "step_flexi": step_flexi / GiB,
+                          **{k: v / GiB for k, v in vae_p.items()}, **{k: v / GiB for k, v in enc.items()},
+                          **{f"train_{k}_{'ckpt' if c else 'nockpt'}": v / GiB for (k, c), v in train.items()}},
+            "block_saved_mib": {k: v["saved"] / MiB for k, v in blocks.items()},
+            "block_input_mib": blocks["plain"]["inputs"] / MiB}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--training-json", type=Path, help="output of `benchmarks/block.py training --out FILE`")
     parser.add_argument("--objects", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=226)
     parser.add_argument("--validate", action="store_true", help="check the meta counter against the CPU allocator first")
+    parser.add_argument("--model", nargs="+", choices=["5b", *WAN_CONFIGS], default=["5b"],
+                        help="CogVideoX-5B-I2V (5b, the default), Wan 2.1 I2V 14B 480P (wan2.1), Wan 2.2 TI2V-5B (wan2.2-5b)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
     args = parser.parse_args()
     if args.validate:
         validate()
+        if any(model in WAN_CONFIGS for model in args.model):
+            validate_wan()
+    wan = [wan_report(model, args) for model in args.model if model in WAN_CONFIGS]
+    if "5b" not in args.model:
+        if args.out:
+            args.out.write_text(json.dumps({"wan": wan}, indent=1, default=str))
+        return
     transformer, vae, text_encoder = meta_models()
     n_tr, n_vae, n_t5 = (sum(p.numel() for p in m.parameters()) for m in (transformer, vae, text_encoder))
     w_tr, w_vae, w_t5 = param_bytes(transformer), param_bytes(vae), param_bytes(text_encoder)
@@ -354,7 +786,8 @@ def main() -> None:
         print(f"| {name} | {total / GiB:.1f} GiB | {how} |")
     if args.out:
         args.out.write_text(json.dumps({"rows": [(n, t / GiB, h) for n, t, h in rows], "block": blk,
-                                        "params": {"transformer": n_tr, "vae": n_vae, "t5": n_t5}}, indent=1))  # fmt: skip
+                                        "params": {"transformer": n_tr, "vae": n_vae, "t5": n_t5}, "wan": wan},
+                                       indent=1, default=str))  # fmt: skip
 
 
 if __name__ == "__main__":

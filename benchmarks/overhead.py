@@ -64,18 +64,27 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def interleave(runs: dict, repeats: int) -> dict[str, dict[str, float]]:
-    """Run each function once to warm up, then ``repeats`` rounds in turn; medians of the time,
-    the peak RSS and the working memory above the pre-run level, per run."""
-    samples = {name: {"time": [], "peak": [], "extra": []} for name in runs}
+def interleave(runs: dict, repeats: int, memory_rounds: int = 2) -> dict[str, dict[str, float]]:
+    """Run each function once to warm up, then ``repeats`` timed rounds in turn (the order reversed
+    every other round, so a drift of the machine's speed falls on both alike); medians of the wall
+    time and of the process's CPU time. Peak RSS and the working memory above the pre-run level come
+    from ``memory_rounds`` separate rounds: the 1 ms RSS sampler is a Python thread that competes for
+    the GIL and the 2 cores, so it stays out of the timed runs."""
+    samples = {name: {"time": [], "cpu": [], "peak": [], "extra": []} for name in runs}
     for fn in runs.values():
         fn()
-    for _ in range(repeats):
+    names = list(runs)
+    for round_ in range(repeats):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            gc.collect()
+            start, cpu = time.perf_counter(), time.process_time()
+            runs[name]()
+            samples[name]["time"].append(time.perf_counter() - start)
+            samples[name]["cpu"].append(time.process_time() - cpu)
+    for _ in range(memory_rounds):
         for name, fn in runs.items():
             with PeakRSS() as mem:
-                start = time.perf_counter()
                 fn()
-                samples[name]["time"].append(time.perf_counter() - start)
             samples[name]["peak"].append(mem.peak)
             samples[name]["extra"].append(mem.extra)
     return {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
@@ -128,7 +137,9 @@ def measure(args) -> None:
     t_v, t_f = m["vanilla"]["time"], m["fleximmt"]["time"]
     p_v, p_f = m["vanilla"]["extra"], m["fleximmt"]["extra"]
     q_v, q_f = m["vanilla"]["peak"], m["fleximmt"]["peak"]
+    c_v, c_f = m["vanilla"]["cpu"], m["fleximmt"]["cpu"]
     print(f"time      vanilla {t_v:7.2f} s   fleximmt {t_f:7.2f} s   ratio {t_f / t_v:.3f}x  (median of {args.repeats})")
+    print(f"CPU time  vanilla {c_v:7.2f} s   fleximmt {c_f:7.2f} s   ratio {c_f / c_v:.3f}x")
     print(f"peak RSS  vanilla {q_v / 2**20:7.1f} MiB fleximmt {q_f / 2**20:7.1f} MiB ratio {q_f / q_v:.3f}x")
     print(f"working memory above the pre-run level: vanilla {p_v / 2**20:.1f} MiB, fleximmt {p_f / 2**20:.1f} MiB, "
           f"ratio {p_f / p_v:.3f}x")
