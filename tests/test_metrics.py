@@ -382,7 +382,6 @@ def test_release_raft_loads_from_raft_checkpoint_and_scores_identical_videos_one
 
 @pytest.mark.vision
 def test_release_raft_default_weights_are_torchvisions_hash_checked_and_read_weights_only(fresh_raft, monkeypatch):
-    from safetensors.torch import load_file
     from torchvision.models._api import WeightsEnum
     from torchvision.models.optical_flow import Raft_Large_Weights
 

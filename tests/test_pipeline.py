@@ -12,7 +12,7 @@ from diffusers import CogVideoXImageToVideoPipeline
 from PIL import Image
 
 import fleximmt.attention as attention
-from fleximmt import FlexiMMTInputError, FlexiMMTPipeline, MotionTokens, ObjectMotion
+from fleximmt import FlexiMMTPipeline, MotionTokens, ObjectMotion
 from fleximmt.models.cogvideox import FlexiMMTAttnProcessor
 from fleximmt.toy import random_motion, tiny_pipeline
 

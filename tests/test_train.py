@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fleximmt import FlexiMMTPipeline, MotionTokens, ObjectMotion
+from fleximmt import MotionTokens, ObjectMotion
 from fleximmt.models.cogvideox import FlexiMMTAttnProcessor
 from fleximmt.toy import tiny_pipeline
 from fleximmt.train import checkpoint_path, train_motion
