@@ -294,8 +294,9 @@ def t5_peak(text_encoder) -> int:
     return measure_peak(lambda: text_encoder(ids)[0])
 
 
-def validate() -> None:
-    """LiveBytes against the CPU allocator's accounting (torch.profiler memory events) on a small real run."""
+def validate() -> dict[str, float]:
+    """LiveBytes against the CPU allocator's accounting (torch.profiler memory events) on a small real
+    run; returns each check's ratio (counted / allocator)."""
     from diffusers import AutoencoderKLCogVideoX
     from torch.profiler import ProfilerActivity, profile
 
@@ -308,6 +309,7 @@ def validate() -> None:
     cfg = transformer_config("5b", num_attention_heads=8)
     block = make_block(cfg, torch.float32)
     hidden, text, temb = torch.randn(2, 1000, 512), torch.randn(2, 226, 512), torch.randn(2, 512)
+    ratios = {}
     for name, fn in (("VAE decode (small)", lambda: vae.decode(z).sample),
                      ("CogVideoX block (8 heads, 1,226 tokens)", lambda: block(hidden, text, temb)[0])):  # fmt: skip
         counted = measure_peak(fn, fused=False)
@@ -322,23 +324,27 @@ def validate() -> None:
             peak = max(peak, live)
         print(f"validate {name}: LiveBytes {counted / MiB:.2f} MiB, CPU allocator (profiler) {peak / MiB:.2f} MiB, "
               f"ratio {counted / peak:.3f}")  # fmt: skip
+        ratios[name] = counted / peak
+    return ratios
 
 
-def validate_wan() -> None:
+def validate_wan() -> dict[str, float]:
     """Wan, on a small Wan 2.1 model: the meta block's saved bytes (flash attention's) against the same
     block run on the CPU (whose flash attention saves the same), and ``StorageBytes`` through a forward
-    + backward against the CPU allocator's accounting (torch.profiler memory events)."""
+    + backward against the CPU allocator's accounting (torch.profiler memory events). Returns the ratios."""
     from diffusers import WanTransformer3DModel
     from torch.profiler import ProfilerActivity, profile
 
     small = dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=256, added_kv_proj_dim=128, image_dim=64, text_dim=64)
     cfg, size = wan_config("wan2.1", **small), (64, 96, 9)
+    ratios = {}
     for flexi in (False, True):
         kw = dict(cfg=cfg, size=size, dtype=torch.float32, rope_dtype=torch.float32)
         cpu = wan_block_saved("wan2.1", flexi, 16, device="cpu", **kw)["saved"]
         meta = wan_block_saved("wan2.1", flexi, 16, device="meta", **kw)["saved"]
         print(f"validate Wan block, saved for backward ({'FlexiMMT' if flexi else 'diffusers'}, 128 wide, 72 video tokens): "
               f"meta {meta / MiB:.3f} MiB, CPU {cpu / MiB:.3f} MiB, ratio {meta / cpu:.3f}")  # fmt: skip
+        ratios[f"block saved, {'FlexiMMT' if flexi else 'diffusers'}"] = meta / cpu
     torch.manual_seed(0)
     model = WanTransformer3DModel(**{**WAN_CONFIGS["wan2.1"], **small, "num_layers": 2}).requires_grad_(False)
     x = torch.randn(1, 36, 9, 8, 12, requires_grad=True)
@@ -358,6 +364,8 @@ def validate_wan() -> None:
         peak = max(peak, live)
     print(f"validate Wan transformer forward + backward (2 blocks, 128 wide, 216 video tokens): StorageBytes "
           f"{counted / MiB:.2f} MiB, CPU allocator (profiler) {peak / MiB:.2f} MiB, ratio {counted / peak:.3f}")  # fmt: skip
+    ratios["transformer forward + backward"] = counted / peak
+    return ratios
 
 
 def block_figures(path: Path | None) -> dict:

@@ -170,13 +170,14 @@ def real_model_sizes(objects: int = 3, d_m: int = 226) -> None:
         masks[k, :, 4 + 6 * k : 18 + 6 * k, 5 + 10 * k : 20 + 10 * k] = True
     spans = [list(range(3 + 5 * k, 6 + 5 * k)) for k in range(objects)]
     layout = JointLayout(span_membership(text, spans), d_m, masks.reshape(objects, -1), frozenset(PARTS), "open")
+    bias = layout.masked_bias(torch.empty(0, dtype=torch.bfloat16))  # the masked call's float mask, bf16 as on a GPU
     auto_bytes = layout.masked_rows.numel() * layout.masked_rows.element_size() + layout.masked_queries.numel() * 8 + sum(
         q.numel() * q.element_size() + k.numel() * k.element_size() for q, k, _ in layout.groups
-    )
+    ) + bias.numel() * bias.element_size()
     print(f"\nCogVideoX-5B-I2V at 480x720x49 (meta device), K = {objects}, d_m = {d_m}: "
           f"{cfg.num_layers} blocks, {heads} heads, {n_video} video tokens, N = {n}")
     print(f"dense float mask per block call (bf16 [2, {heads}, N, N]): {dense_bytes / 2**30:.2f} GiB")
-    print(f"auto backend mask structures (mask rows [{layout.masked_rows.shape[0]}, N] for the text queries and "
+    print(f"auto backend mask structures (mask rows [{layout.masked_rows.shape[0]}, N], bool and as a bf16 float mask, for the text queries and "
           f"{layout.masked_queries.numel()} queries of small groups + {len(layout.groups)} unmasked groups), once per step: "
           f"{auto_bytes / 2**20:.2f} MiB  ({dense_bytes / auto_bytes:.0f}x less)")
 

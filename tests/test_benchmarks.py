@@ -3,6 +3,7 @@ its JSON carries every field the GPU run will fill."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,23 @@ def test_gpu_benchmark_without_cuda_says_so_and_exits_0(tmp_path, capsys):
     assert gpu.main(["--out", str(tmp_path / "gpu.json")]) == 0
     assert "needs CUDA" in capsys.readouterr().out
     assert not (tmp_path / "gpu.json").exists()
+
+
+def load_memory_module():
+    sys.path.insert(0, str(BENCHMARKS))  # memory.py imports block.py and gpu.py from its folder
+    spec = importlib.util.spec_from_file_location("fleximmt_bench_memory", BENCHMARKS / "memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_benchmark_counters_agree_with_the_cpu_allocator():
+    """The meta-device counters BENCHMARKS.md's memory tables rest on, against real runs of small
+    models: live bytes of a VAE decode and a CogVideoX block against the CPU allocator, a Wan block's
+    saved-for-backward bytes on meta against the same block on the CPU (FlexiMMT's and diffusers'),
+    and a Wan transformer's forward + backward."""
+    memory = load_memory_module()
+    ratios = {**memory.validate(), **memory.validate_wan()}
+    assert len(ratios) == 5
+    for name, ratio in ratios.items():
+        assert abs(ratio - 1) < 0.01, (name, ratio)

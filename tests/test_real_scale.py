@@ -43,8 +43,10 @@ def test_training_puts_every_component_back_and_the_pipeline_generates_next(tmp_
     offloaded = [m for m in moves[: seen_during[0]] if m[1] == ("cpu",)]
     assert {name for name, *_ in offloaded} == {"text_encoder", "vae"}  # offloaded while training
     restores = moves[seen_during[-1]:]
+    # back to their devices; no dtype given where it did not change (a cast would also reach the
+    # buffers a model keeps in another dtype on purpose)
     assert {(name, kw.get("device"), kw.get("dtype")) for name, _, kw in restores} == {
-        ("text_encoder", *before["text_encoder"]), ("vae", *before["vae"])}
+        ("text_encoder", before["text_encoder"][0], None), ("vae", before["vae"][0], None)}
     assert module_placement(pipe) == before
     assert not pipe.transformer.training and not pipe.transformer.gradient_checkpointing
     image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))

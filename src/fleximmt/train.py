@@ -212,11 +212,14 @@ def placement_kept(pipe):
         now = module_placement(pipe)
         for name, (device, dtype) in before.items():
             module = pipe.components[name]
-            if hasattr(module, "_hf_hook") or now.get(name) == (device, dtype):
-                continue  # accelerate's offload hooks own such a module's placement; or nothing moved
-            # only what moved is moved back: ``.to(dtype)`` would also cast buffers kept in another
-            # dtype on purpose (CogVideoX's float64 positional table)
-            module.to(device=device) if now[name][1] == dtype else module.to(device=device, dtype=dtype)
+            if hasattr(module, "_hf_hook"):
+                continue  # accelerate's offload hooks own such a module's placement
+            # the dtype only where it changed: ``.to(dtype)`` also casts buffers kept in another dtype
+            # on purpose (CogVideoX's float64 positional table)
+            if now.get(name, (device, dtype))[1] == dtype:
+                module.to(device=device)
+            else:
+                module.to(device=device, dtype=dtype)
 
 
 def checkpointing_needed(adapter: ModelAdapter, grid, text_len: int) -> bool:
