@@ -679,3 +679,20 @@ def test_the_learn_tab_trains_a_motion_that_joins_the_library(assets, tmp_path):
         demo.close()
     entry = MotionLibrary(root / "motions").get("hop")
     assert entry.motion_words == "jumps up" and entry.preview.is_file()
+
+
+def test_the_page_names_a_local_model_by_its_folder_not_the_servers_path(assets):
+    from fleximmt.app import build_app
+
+    pipe, root, _ = assets
+    folder = root / "models" / "my-model"
+    folder.mkdir(parents=True)
+    pipe.register_to_config(_name_or_path=str(folder))  # what from_pretrained(folder) records
+    assert pipe.name_or_path == str(folder)
+    demo = build_app(pipe, root / "motions")
+    try:
+        texts = [b.value for b in demo.blocks.values() if type(b).__name__ == "Markdown" and isinstance(b.value, str)]
+        header = next(t for t in texts if t.startswith("# FlexiMMT"))
+        assert "`my-model`" in header and str(root) not in header
+    finally:
+        demo.close()

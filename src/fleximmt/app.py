@@ -591,8 +591,11 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
         return inputs
 
     with gr.Blocks(title="FlexiMMT", delete_cache=(min(keep_files, 600), keep_files)) as demo:
+        model_name = getattr(pipe, "name_or_path", "") or "built-in"
+        if Path(model_name).exists():  # a local folder: its name, not the server's file system
+            model_name = Path(model_name).name
         gr.Markdown(f"# FlexiMMT\nMake the objects of an image move, each with its own motion. "
-                    f"Model: `{getattr(pipe, 'name_or_path', '') or 'built-in'}` ({width}x{height}, {frames} frames).")  # fmt: skip
+                    f"Model: `{model_name}` ({width}x{height}, {frames} frames).")  # fmt: skip
         with gr.Tab("Transfer"):
             with gr.Row():
                 image = gr.Image(label="Image", type="filepath", elem_id="image", height=256)
