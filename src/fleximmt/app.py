@@ -446,8 +446,7 @@ class TransferApp:
             raise Cancelled("stopped before the first step")
         result = self.pipe(image=picture, prompt=prompt or "", objects=objects, num_inference_steps=steps,
                            generator=torch.Generator().manual_seed(int(seed or 0)), output_type="np",
-                           return_masks=bool(objects), max_sequence_length=self.pipe.adapter.default_text_length(),
-                           callback_on_step_end=on_step)  # fmt: skip
+                           return_masks=bool(objects), callback_on_step_end=on_step)  # fmt: skip
         folder = self._run_folder()
         video = save_video(result.frames[0], folder / "fleximmt.mp4")
         overlay = video

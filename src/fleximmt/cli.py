@@ -47,7 +47,7 @@ Run 'fleximmt COMMAND --help' for a command's options.""",
       --motion-words "is doing yoga" --out yoga.safetensors
   fleximmt train --dataset motions.csv --out-dir motions/      (one motion per row)
   fleximmt train --model Wan-AI/Wan2.2-I2V-A14B-Diffusers ...   (Wan 2.2: one token set per expert)
-  accelerate launch fleximmt train ...                          (several GPUs or nodes)
+  accelerate launch -m fleximmt train ...                       (several GPUs or nodes)
 dataset columns (CSV with header, or JSON lines): video, caption, concept_words, motion_words,
   and optionally start, end (frames), fps, name""",
 }
@@ -150,7 +150,7 @@ def cmd_generate(args) -> None:
     output = pipe(
         image=image, prompt=args.prompt, objects=objects, num_inference_steps=args.steps,
         generator=torch.Generator().manual_seed(args.seed), output_type="np",
-        max_sequence_length=pipe.adapter.default_text_length(), mask_source=args.mask_source,
+        mask_source=args.mask_source,
         anchors=args.anchors, alpha=args.alpha, rmpm_method=args.rmpm_method, initial_masks=args.initial_masks,
         return_masks=bool(objects), **given,
     )  # fmt: skip

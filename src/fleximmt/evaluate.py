@@ -143,8 +143,7 @@ def generate(pipe, case: Case, out_dir: Path, steps: int | None) -> Path:
     if "parts" in kwargs:
         kwargs["parts"] = tuple(kwargs["parts"])
     output = pipe(image=image, prompt=case.prompt, objects=objects, num_inference_steps=case.steps or steps or 50,
-                  generator=torch.Generator().manual_seed(case.seed), output_type="np",
-                  max_sequence_length=pipe.adapter.default_text_length(), **kwargs)  # fmt: skip
+                  generator=torch.Generator().manual_seed(case.seed), output_type="np", **kwargs)  # fmt: skip
     save_video(_uint8(output.frames[0]), path)
     return path
 

@@ -135,6 +135,16 @@ class FlexiMMTMixin:
     def adapter(self) -> ModelAdapter:
         return self.adapter_class(self)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | None = None, **kwargs):
+        """Load the family's components (default: the adapter's ``default_model``, e.g.
+        ``THUDM/CogVideoX-5b-I2V``; or a local folder); safetensors only."""
+        from .models.loading import check_safetensors
+
+        pretrained_model_name_or_path = pretrained_model_name_or_path or cls.adapter_class.default_model
+        check_safetensors(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     # -- geometry from the model's config --------------------------------------------------
     def token_grid(self, height: int, width: int, num_frames: int) -> TokenGrid:
         return self.adapter.token_grid(height, width, num_frames)
@@ -185,8 +195,7 @@ class FlexiMMTMixin:
             # a callback that raises to stop a run (the web app's Stop) leaves what diffusers' loop
             # would have cleared at its end: the step's timestep, and offloaded models on the GPU
             self._current_timestep = None
-            if hasattr(self, "maybe_free_model_hooks"):
-                self.maybe_free_model_hooks()
+            self.maybe_free_model_hooks()
             raise
 
     def _transfer(self, adapter: ModelAdapter, diffusers_call: Callable, call: dict, options: TransferOptions,

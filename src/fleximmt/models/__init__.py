@@ -5,6 +5,7 @@ adapter file and one line here."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 
 from .base import ModelAdapter, TokenGrid
 
@@ -24,10 +25,11 @@ def pipeline_class(name: str) -> type:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
-def adapters() -> list[type[ModelAdapter]]:
-    """Every registered adapter class (each model module once)."""
-    modules = dict.fromkeys(module for module, _ in REGISTRY.values())
-    return [getattr(importlib.import_module(f"{__name__}.{name}"), "ADAPTER") for name in modules]
+def adapters() -> Iterator[type[ModelAdapter]]:
+    """Every registered adapter class (each model module once), imported as it is reached: finding
+    CogVideoX's does not import Wan's module."""
+    for name in dict.fromkeys(module for module, _ in REGISTRY.values()):
+        yield getattr(importlib.import_module(f"{__name__}.{name}"), "ADAPTER")
 
 
 def family_name(family: str) -> str:

@@ -296,15 +296,6 @@ class FlexiMMTPipeline(FlexiMMTMixin, CogVideoXImageToVideoPipeline):
 
     adapter_class = CogVideoXAdapter
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str = DEFAULT_MODEL, **kwargs):
-        """Load CogVideoX-I2V components (default ``THUDM/CogVideoX-5b-I2V``, or a local folder);
-        safetensors only."""
-        from .loading import check_safetensors
-
-        check_safetensors(pretrained_model_name_or_path, kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
     @torch.no_grad()
     def __call__(
         self,

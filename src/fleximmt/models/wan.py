@@ -334,15 +334,6 @@ class FlexiMMTWanPipeline(FlexiMMTMixin, WanImageToVideoPipeline):
 
     adapter_class = WanAdapter
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str = DEFAULT_MODEL, **kwargs):
-        """Load Wan I2V components (default ``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers``, or a local folder);
-        safetensors only."""
-        from .loading import check_safetensors
-
-        check_safetensors(pretrained_model_name_or_path, kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
     @torch.no_grad()
     def __call__(
         self,

@@ -53,7 +53,7 @@ def run_demo(out: Path, steps: int = 10) -> dict:
         objects.append(ObjectMotion(str(out / f"mask_{k}.png"), MotionTokens.load(path), words))
     pipe.set_progress_bar_config(disable=False, desc="denoising")
     result = pipe(image=image, prompt=PROMPT, objects=objects, num_inference_steps=steps, output_type="np",
-                  max_sequence_length=pipe.adapter.default_text_length(), return_masks=True,
+                  return_masks=True,
                   generator=torch.Generator().manual_seed(0))  # fmt: skip
     frames = result.frames[0]
     save_video(frames, out / "fleximmt.mp4")
