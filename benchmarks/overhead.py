@@ -7,6 +7,13 @@ prints time and peak-memory ratios. Then, for the real CogVideoX-5B-I2V transfor
 float mask would take per block call, and the bytes the auto backend's mask structures take.
 
     python benchmarks/overhead.py [--repeats 3] [--steps 4] [--objects 3]
+    python benchmarks/overhead.py --attention [--repeats 15]   # one attention call, where the time goes
+
+``--attention`` takes the MDMA layouts one FlexiMMT run of the medium model makes (one per denoising
+step) and times, interleaved on the same random ``[2, 8, 2,098, 64]`` query/key/value: diffusers'
+one SDPA call against the auto backend's grouped call (``JointLayout.attend``), the same layout with
+the small groups not merged (each its own unmasked call), and the masked call alone with its mask as
+bool rows (SDPA converts them in every call) or as the float mask the layout makes once.
 """
 
 from __future__ import annotations
@@ -182,6 +189,76 @@ def real_model_sizes(objects: int = 3, d_m: int = 226) -> None:
           f"{auto_bytes / 2**20:.2f} MiB  ({dense_bytes / auto_bytes:.0f}x less)")
 
 
+def attention_calls(args) -> None:
+    """Medians of ``args.repeats`` interleaved calls per layout; see the module's docstring."""
+    import torch.nn.functional as F
+
+    import fleximmt.attention as attention
+
+    torch.manual_seed(0)
+    pipe = medium_pipeline()
+    image = Image.fromarray((np.random.RandomState(0).rand(96, 96, 3) * 255).astype(np.uint8))
+    prompt, objs = objects_for(pipe, args.objects, args.tokens)
+    layouts = []
+    built = JointLayout.__post_init__
+
+    def keep(layout):
+        built(layout)
+        layouts.append(layout)
+
+    JointLayout.__post_init__ = keep
+    try:
+        pipe.adapter.install_processors()
+        pipe(image=image, prompt=prompt, num_inference_steps=args.steps, guidance_scale=6.0, output_type="latent",
+             max_sequence_length=226, generator=torch.Generator().manual_seed(0), objects=objs, alpha=None)  # fmt: skip
+    finally:
+        JointLayout.__post_init__ = built
+    text, n_motion = 226, args.objects * args.tokens
+    q, k, v = (torch.randn(2, 8, text + layouts[0].video_masks.shape[1], 64) for _ in range(3))
+    m_k, m_v = torch.randn(2, 8, n_motion, 64), torch.randn(2, 8, n_motion, 64)
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    print(f"one attention call of the medium model, [2, 8, {q.shape[2]}, 64], K = {args.objects} x {args.tokens} "
+          f"motion tokens; medians of {args.repeats} calls, interleaved")  # fmt: skip
+    below = attention.MERGE_BELOW
+    with torch.no_grad():
+        for step, layout in enumerate(layouts[1:], 1):  # step 0's layout comes from the first-frame masks
+            try:
+                attention.MERGE_BELOW = 0
+                unmerged = JointLayout(layout.member, layout.tokens_per_motion, layout.video_masks, layout.parts,
+                                       layout.context_text)  # fmt: skip
+            finally:
+                attention.MERGE_BELOW = below
+            rows = layout.masked_rows
+            masked_q = torch.randn(2, 8, rows.shape[0], 64)
+            keys, values = (torch.randn(2, 8, rows.shape[1], 64) for _ in range(2))
+            bias = layout.masked_bias(masked_q)
+            runs = {
+                "diffusers SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
+                "grouped (auto)": lambda: layout.attend(q, k, v, None, m_k, m_v, text),
+                "grouped, small groups unmerged": lambda: unmerged.attend(q, k, v, None, m_k, m_v, text),
+                "masked call, bool rows": lambda: F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=rows),
+                "masked call, float mask": lambda: F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=bias),
+                "same queries, unmasked": lambda: F.scaled_dot_product_attention(masked_q, keys, values),
+            }
+            for fn in runs.values():
+                fn()
+            samples = {name: [] for name in runs}
+            for _ in range(args.repeats):
+                for name, fn in runs.items():
+                    samples[name].append(timed(fn))
+            ms = {name: statistics.median(t) * 1000 for name, t in samples.items()}
+            print(f"step {step}: groups {[g[0].numel() for g in layout.groups]}, masked call {rows.shape[0]} rows "
+                  f"(226 text + {layout.masked_queries.numel()} video) x {rows.shape[1]} keys")  # fmt: skip
+            for name, value in ms.items():
+                base = ms["same queries, unmasked"] if name.startswith("masked") else ms["diffusers SDPA"]
+                print(f"  {name:32s} {value:7.1f} ms  {value / base:.3f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -189,7 +266,11 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=16, help="motion tokens per object (d_m)")
     parser.add_argument("--skip-run", action="store_true", help="only print the real-model sizes")
+    parser.add_argument("--attention", action="store_true", help="time one attention call per layout instead (see above)")
     args = parser.parse_args()
+    if args.attention:
+        attention_calls(args)
+        return
     if not args.skip_run:
         measure(args)
     real_model_sizes(args.objects)
