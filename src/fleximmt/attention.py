@@ -68,7 +68,7 @@ class JointLayout:
     groups: list[tuple[torch.Tensor, torch.Tensor, bool]] = field(default_factory=list)
     dense: torch.Tensor | None = None  # dense: bool [N, N] over [text | motion | video]
     # masked_rows as SDPA's additive float mask, per (dtype, device): made at the layout's first call
-    # instead of by SDPA in every block's call (on this CPU the masked call runs 7% faster with it)
+    # instead of by SDPA in every block's call (0-3% faster on this CPU: `benchmarks/overhead.py --attention`)
     biases: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
