@@ -24,13 +24,16 @@ imageio, opencv; not diffusers). Here, once, in the repository root:
     .venv/bin/python -m pip wheel -q --no-deps -w .whl . diffusers==0.42.1 && rm -rf build
 
 (two pure-Python wheels, about 20 MiB: fleximmt from this working tree, diffusers from the index;
-diffusers' other needs are on that machine already), then run there (carry [".whl"]; one call,
-about 5 minutes of an H100 by estimate, under the 10-minute limit):
+diffusers' other needs are on that machine already), then run there (carry [".whl"]; one call):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --out $OUT/gpu.json
+      && export PYTHONPATH=/tmp/site && PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --more-objects 1 5 \
+         --time-limit 230 --out $OUT/gpu.json
 
-(``--skip-dense`` or ``--skip-training`` shorten it; ``--model 1.5`` for CogVideoX 1.5 at 768x1360x81.)
+The variants run in this order, the JSON rewritten after each: diffusers, FlexiMMT auto, diffusers
+again (ratios are to the mean of its two runs), the four training variants, ``--more-objects``, the
+dense backend. ``--time-limit`` starts no variant after that many seconds (``--skip-dense`` and
+``--skip-training`` leave those out; ``--model 1.5`` for CogVideoX 1.5 at 768x1360x81).
 For the numbers' place in BENCHMARKS.md: the paper reports 17.4 s per step for the authors'
 release on an A800 (dense float mask); diffusers' CogVideoX-5B-I2V step is the baseline here.
 """
@@ -179,8 +182,8 @@ class Bench:
 
         self.args = args
         self.device = torch.device(args.device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        overrides = TINY if args.tiny else {}
+        self.dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        overrides = {} if not args.tiny else {**TINY, "ofs_embed_dim": TINY["time_embed_dim"]} if args.model == "1.5" else TINY
         self.cfg = config(args.model, **overrides)
         self.size = TINY_GEOMETRY if args.tiny else GEOMETRY[args.model]
         self.geo = token_geometry(self.cfg, *self.size)
@@ -207,7 +210,7 @@ class Bench:
         self.rotary = rotary(self.cfg, self.size[0], self.size[1], latent_frames, self.device)
         self.ofs = None if getattr(self.cfg, "ofs_embed_dim", None) is None else self.latents.new_full((1,), 2.0)
         self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
-        self.masks = moving_masks(args.objects, self.geo["grid"]).to(self.device)
+        self.masks = {k: moving_masks(k, self.geo["grid"]).to(self.device) for k in {args.objects, *args.more_objects}}
 
     def step_call(self, timestep: int, attention_kwargs=None):
         """The transformer call of one CFG denoising step, as diffusers' I2V pipeline makes it."""
@@ -217,16 +220,16 @@ class Bench:
             image_rotary_emb=self.rotary, attention_kwargs=attention_kwargs, return_dict=False,
         )[0]  # fmt: skip
 
-    def flexi_state(self, backend: str):
+    def flexi_state(self, backend: str, objects: int):
         from fleximmt.attention import motion_state_for
 
-        k, blocks = self.args.objects, self.cfg.num_layers
+        k, blocks = objects, self.cfg.num_layers
         member, _ = word_members(k, self.cfg.max_text_seq_length)
         tokens = random_tokens(k, blocks, self.args.tokens, self.dim).to(self.device, self.dtype)
         share = max(1, round(blocks * self.pipe.adapter.feature_share))
         state = motion_state_for(tokens, member.to(self.device), form="joint", num_frames=self.geo["grid"][0],
                                  backend=backend, feature_blocks=frozenset(range(share)))  # fmt: skip
-        first = self.masks.view(k, *self.geo["grid"])[:, 0]
+        first = self.masks[k].view(k, *self.geo["grid"])[:, 0]
         state.set_video_masks(first[:, None].expand(-1, self.geo["grid"][0], -1, -1).reshape(k, -1))
         state.rows, state.feature_rows = [0, 0], [1]  # CFG: [uncond | cond] of one video, features from cond
         return state, first
@@ -240,14 +243,15 @@ class Bench:
         features = state.take_features()
         if features is not None:
             rmpm(first, features.view(frames, h, w, -1), 3, "paper")  # computed as in a real run, not used
-        state.set_video_masks(self.masks)
+        state.set_video_masks(self.masks[len(first)])
 
 
-def time_inference(bench: Bench, name: str, backend: str | None) -> dict:
+def time_inference(bench: Bench, name: str, backend: str | None, objects: int | None = None) -> dict:
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
     args, device = bench.args, bench.device
-    result = {"backend": backend, "objects": args.objects if backend else 0, "fits": True, "error": None,
+    objects = (objects or args.objects) if backend else 0
+    result = {"backend": backend, "objects": objects, "fits": True, "error": None,
               "steps_s": [], "s_per_step": None, "peak_gib": None, "peak_activations_gib": None}  # fmt: skip
     state = first = None
     try:
@@ -257,7 +261,7 @@ def time_inference(bench: Bench, name: str, backend: str | None) -> dict:
             bench.pipe.adapter.install_processors()
         _reset_peak(device)
         if backend is not None:
-            state, first = bench.flexi_state(backend)
+            state, first = bench.flexi_state(backend, objects)
         kwargs = None if state is None else {"fleximmt": state}
         with torch.no_grad():
             for i in range(args.steps + 1):  # the first is a warm-up
@@ -364,11 +368,17 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny config (a dry run of every code path, e.g. on a CPU)")
     parser.add_argument("--model", choices=sorted(GEOMETRY), default="5b")
     parser.add_argument("--objects", type=int, default=3)
+    parser.add_argument("--more-objects", type=int, nargs="*", default=[], metavar="K",
+                        help="also time the auto backend with these object counts (after training, before dense)")
     parser.add_argument("--tokens", type=int, default=226, help="motion tokens per object and block (d_m)")
     parser.add_argument("--steps", type=int, default=5, help="timed denoising steps per variant (after one warm-up)")
     parser.add_argument("--train-steps", type=int, default=3, help="timed training steps per variant (after one warm-up)")
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        help="the weights' and inputs' dtype (default: bfloat16 on CUDA, float32 elsewhere)")
+    parser.add_argument("--time-limit", type=float, metavar="S",
+                        help="start no further variant once S seconds have passed (the JSON says which were skipped)")
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py needs CUDA (none here): nothing measured. For a dry run: --device cpu --tiny")
@@ -388,27 +398,66 @@ def main(argv=None) -> int:
     print(f"{result['model']}{' (tiny config)' if args.tiny else ''} on {result['device']}, {bench.dtype}, "
           f"{bench.size[0]}x{bench.size[1]}x{bench.size[2]}: {bench.geo['video_tokens']:,} video tokens; weights "
           f"{bench.weights_gib:.2f} GiB", flush=True)  # fmt: skip
-    inference = {"diffusers": time_inference(bench, "diffusers", None),
-                 "fleximmt_auto": time_inference(bench, f"FlexiMMT K={args.objects} auto", "auto")}  # fmt: skip
-    if args.skip_dense:
-        inference["fleximmt_dense"] = {"backend": "dense", "fits": None, "error": "skipped", "steps_s": [],
-                                       "s_per_step": None, "peak_gib": None, "peak_activations_gib": None}  # fmt: skip
-    else:
-        inference["fleximmt_dense"] = time_inference(bench, f"FlexiMMT K={args.objects} dense", "dense")
-    base = inference["diffusers"]["s_per_step"]
-    for r in inference.values():
-        r["ratio"] = r["s_per_step"] / base if r.get("s_per_step") and base else None
-    result["inference"] = inference
-    training = {}
+    start = time.perf_counter()
+
+    def save() -> None:  # after every variant, so a run stopped by its time limit keeps what it measured
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            tmp.replace(args.out)
+
+    def skipped(why: str, **fields) -> dict:
+        return {**fields, "fits": None, "error": f"skipped: {why}", "steps_s": [], "s_per_step": None,
+                "peak_gib": None, "peak_activations_gib": None}  # fmt: skip
+
+    def in_time(name: str) -> bool:
+        elapsed = time.perf_counter() - start
+        if args.time_limit is None or elapsed < args.time_limit:
+            return True
+        print(f"{name:<22} skipped: {elapsed:.0f} s spent, over --time-limit {args.time_limit:.0f} s", flush=True)
+        return False
+
+    def ratios() -> None:  # against the mean of diffusers' two runs (before and after FlexiMMT's: A B A)
+        runs = [inference[k]["s_per_step"] for k in ("diffusers", "diffusers_again") if k in inference]
+        base = statistics.mean(runs) if all(runs) else None
+        for r in inference.values():
+            r["ratio"] = r["s_per_step"] / base if r.get("s_per_step") and base else None
+
+    # the order: what matters most first (diffusers vs FlexiMMT, then training), the dense backend last
+    inference = result["inference"] = {}
+    training = result["training"] = {}
+    inference["diffusers"] = time_inference(bench, "diffusers", None)
+    save()
+    name = f"FlexiMMT K={args.objects} auto"
+    inference["fleximmt_auto"] = time_inference(bench, name, "auto") if in_time(name) else skipped("time", backend="auto")
+    save()
+    if in_time("diffusers again"):
+        inference["diffusers_again"] = time_inference(bench, "diffusers again", None)
+    ratios()
+    save()
     if not args.skip_training:
         for ckpt in (False, True):
             key = "checkpointing_on" if ckpt else "checkpointing_off"
-            training[f"plain_{key}"] = time_training(bench, f"plain fwd+bwd{' +ckpt' if ckpt else ''}", False, ckpt)
-            training[f"fleximmt_{key}"] = time_training(bench, f"FlexiMMT train{' +ckpt' if ckpt else ''}", True, ckpt)
-    result["training"] = training
+            for flexi, label in ((False, "plain fwd+bwd"), (True, "FlexiMMT train")):
+                name, fields = label + (" +ckpt" if ckpt else ""), {"fleximmt": flexi, "gradient_checkpointing": ckpt}
+                run = time_training(bench, name, flexi, ckpt) if in_time(name) else skipped("time", **fields)
+                training[f"{'fleximmt' if flexi else 'plain'}_{key}"] = run
+                save()
+    for k in args.more_objects:
+        name = f"FlexiMMT K={k} auto"
+        inference[f"fleximmt_auto_k{k}"] = time_inference(bench, name, "auto", k) if in_time(name) else skipped("time", backend="auto", objects=k)
+        ratios()
+        save()
+    name = f"FlexiMMT K={args.objects} dense"
+    if args.skip_dense:
+        inference["fleximmt_dense"] = skipped("--skip-dense", backend="dense")
+    else:
+        inference["fleximmt_dense"] = time_inference(bench, name, "dense") if in_time(name) else skipped("time", backend="dense")
+    ratios()
+    result["seconds"] = time.perf_counter() - start
+    save()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
     return 0
 

@@ -26,24 +26,40 @@ def test_gpu_benchmark_dry_run_writes_every_field(tmp_path):
     gpu = load_gpu_module()
     out = tmp_path / "gpu.json"
     with torch.random.fork_rng():
-        assert gpu.main(["--device", "cpu", "--tiny", "--steps", "1", "--train-steps", "1", "--out", str(out)]) == 0
+        assert gpu.main(["--device", "cpu", "--tiny", "--steps", "1", "--train-steps", "1", "--more-objects", "1",
+                         "--out", str(out)]) == 0  # fmt: skip
     result = json.loads(out.read_text())
     for field in ("device", "torch", "diffusers", "model", "tiny", "dtype", "size", "video_tokens", "text_tokens",
                   "objects", "tokens_per_motion", "weights_gib", "paper_release_s_per_step_a800"):  # fmt: skip
         assert field in result, field
     assert result["tiny"] is True and result["device"] == "cpu" and result["video_tokens"] == 3 * 4 * 6
-    assert set(result["inference"]) == {"diffusers", "fleximmt_auto", "fleximmt_dense"}
+    assert set(result["inference"]) == {"diffusers", "fleximmt_auto", "diffusers_again", "fleximmt_auto_k1", "fleximmt_dense"}
     for name, run in result["inference"].items():
         assert RUN_FIELDS | {"backend", "objects", "ratio"} <= set(run), name
         assert run["fits"] and len(run["steps_s"]) == 1 and run["s_per_step"] > 0 and run["ratio"] > 0, name
         assert run["peak_gib"] is None  # CUDA's counter only
-    assert result["inference"]["diffusers"]["ratio"] == 1.0
-    assert result["inference"]["fleximmt_auto"]["objects"] == 3
+    # ratios are to the mean of diffusers' runs before and after FlexiMMT's
+    assert result["inference"]["diffusers"]["ratio"] + result["inference"]["diffusers_again"]["ratio"] == pytest.approx(2)
+    assert result["inference"]["fleximmt_auto"]["objects"] == 3 and result["inference"]["fleximmt_auto_k1"]["objects"] == 1
     expected = {f"{kind}_checkpointing_{on}" for kind in ("plain", "fleximmt") for on in ("on", "off")}
     assert set(result["training"]) == expected
     for name, run in result["training"].items():
         assert RUN_FIELDS | {"fleximmt", "gradient_checkpointing"} <= set(run), name
         assert run["fits"] and run["s_per_step"] > 0, name
+
+
+def test_gpu_benchmark_time_limit_keeps_what_it_measured(tmp_path):
+    """Past --time-limit no further variant starts; the JSON (written after every variant) says which were skipped."""
+    gpu = load_gpu_module()
+    out = tmp_path / "gpu.json"
+    with torch.random.fork_rng():
+        assert gpu.main(["--device", "cpu", "--tiny", "--steps", "1", "--time-limit", "0", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["inference"]["diffusers"]["s_per_step"] > 0  # the baseline always runs
+    assert result["inference"]["fleximmt_auto"]["error"] == "skipped: time"
+    assert result["inference"]["fleximmt_dense"]["error"] == "skipped: time"
+    assert all(run["error"] == "skipped: time" and run["s_per_step"] is None for run in result["training"].values())
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the benchmark itself")
