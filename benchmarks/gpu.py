@@ -246,13 +246,37 @@ class Bench:
         state.set_video_masks(self.masks[len(first)])
 
 
+@contextlib.contextmanager
+def _profiled(bench: Bench, name: str, on: bool):
+    """With ``--profile DIR``: one more step under torch.profiler, its tables written to DIR/<name>.txt."""
+    if not on:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = bench.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), with_stack=True) as prof:
+        yield
+    device_sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    parts = [f"# {name}: one step under torch.profiler ({bench.device})",
+             "## by self device time", prof.key_averages().table(sort_by=device_sort, row_limit=30),
+             "## by self CPU time", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30),
+             "## by self device time, grouped by Python stack (6 frames)",
+             prof.key_averages(group_by_stack_n=6).table(sort_by=device_sort, row_limit=25),
+             "## by self CPU time, grouped by Python stack (6 frames)",
+             prof.key_averages(group_by_stack_n=6).table(sort_by="self_cpu_time_total", row_limit=25)]  # fmt: skip
+    bench.args.profile.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    (bench.args.profile / f"{slug}.txt").write_text("\n\n".join(parts))
+
+
 def time_inference(bench: Bench, name: str, backend: str | None, objects: int | None = None) -> dict:
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
     args, device = bench.args, bench.device
     objects = (objects or args.objects) if backend else 0
-    result = {"backend": backend, "objects": objects, "fits": True, "error": None,
-              "steps_s": [], "s_per_step": None, "peak_gib": None, "peak_activations_gib": None}  # fmt: skip
+    result = {"backend": backend, "objects": objects, "fits": True, "error": None, "steps_s": [], "between_s": [],
+              "s_per_step": None, "peak_gib": None, "peak_activations_gib": None}  # fmt: skip
     state = first = None
     try:
         if backend is None:
@@ -264,15 +288,19 @@ def time_inference(bench: Bench, name: str, backend: str | None, objects: int | 
             state, first = bench.flexi_state(backend, objects)
         kwargs = None if state is None else {"fleximmt": state}
         with torch.no_grad():
-            for i in range(args.steps + 1):  # the first is a warm-up
-                _sync(device)
-                start = time.perf_counter()
-                bench.step_call(999 - 20 * i, kwargs)
-                if state is not None:
-                    bench.between_steps(state, first)
-                _sync(device)
-                if i:
+            for i in range(args.steps + 1 + bool(args.profile)):  # the first is a warm-up, the last profiled
+                with _profiled(bench, name, i > args.steps):
+                    _sync(device)
+                    start = time.perf_counter()
+                    bench.step_call(999 - 20 * i, kwargs)
+                    _sync(device)
+                    between = time.perf_counter()
+                    if state is not None:
+                        bench.between_steps(state, first)
+                    _sync(device)
+                if 0 < i <= args.steps:
                     result["steps_s"].append(time.perf_counter() - start)
+                    result["between_s"].append(time.perf_counter() - between)
         result["s_per_step"] = statistics.median(result["steps_s"])
         result["peak_gib"] = _peak_gib(device)
     except (RuntimeError, MemoryError) as error:
@@ -323,25 +351,26 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
                                      dmem_drop=settings.dmem_drop, generator=gen)  # fmt: skip
         else:
             transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
-        for i in range(args.train_steps + 1):  # the first is a warm-up
-            _sync(device)
-            start = time.perf_counter()
-            if flexi:
-                state.set_motion_tokens(torch.stack([tokens])[None])
-                state.begin_step(bench.geo["video_tokens"], blocks)
-                loss, _ = training_step(bench.pipe.adapter, state, cond, 0, gen, settings, contextlib.nullcontext)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([tokens], settings.max_grad_norm)
-                optimizer.step()
-            else:  # the frozen model's forward + backward to its input, diffusers' attention
-                x = bench.latents[:1].detach().requires_grad_(True)
-                t = torch.tensor([500], device=device)
-                out = transformer(hidden_states=x, encoder_hidden_states=bench.prompt_embeds[:1], timestep=t,
-                                  ofs=bench.ofs, image_rotary_emb=bench.rotary, return_dict=False)[0]  # fmt: skip
-                out.float().square().mean().backward()
-            _sync(device)
-            if i:
+        for i in range(args.train_steps + 1 + bool(args.profile)):  # the first is a warm-up, the last profiled
+            with _profiled(bench, name, i > args.train_steps):
+                _sync(device)
+                start = time.perf_counter()
+                if flexi:
+                    state.set_motion_tokens(torch.stack([tokens])[None])
+                    state.begin_step(bench.geo["video_tokens"], blocks)
+                    loss, _ = training_step(bench.pipe.adapter, state, cond, 0, gen, settings, contextlib.nullcontext)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_([tokens], settings.max_grad_norm)
+                    optimizer.step()
+                else:  # the frozen model's forward + backward to its input, diffusers' attention
+                    x = bench.latents[:1].detach().requires_grad_(True)
+                    t = torch.tensor([500], device=device)
+                    out = transformer(hidden_states=x, encoder_hidden_states=bench.prompt_embeds[:1], timestep=t,
+                                      ofs=bench.ofs, image_rotary_emb=bench.rotary, return_dict=False)[0]  # fmt: skip
+                    out.float().square().mean().backward()
+                _sync(device)
+            if 0 < i <= args.train_steps:
                 result["steps_s"].append(time.perf_counter() - start)
         result["s_per_step"] = statistics.median(result["steps_s"])
         result["peak_gib"] = _peak_gib(device)
@@ -375,6 +404,10 @@ def main(argv=None) -> int:
     parser.add_argument("--train-steps", type=int, default=3, help="timed training steps per variant (after one warm-up)")
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both",
+                        help="the training variants: without gradient checkpointing, with it, or both")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="profile one more step of each variant (torch.profiler); its tables to DIR/<variant>.txt")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                         help="the weights' and inputs' dtype (default: bfloat16 on CUDA, float32 elsewhere)")
     parser.add_argument("--time-limit", type=float, metavar="S",
@@ -437,7 +470,7 @@ def main(argv=None) -> int:
     ratios()
     save()
     if not args.skip_training:
-        for ckpt in (False, True):
+        for ckpt in {"off": (False,), "on": (True,), "both": (False, True)}[args.checkpointing]:
             key = "checkpointing_on" if ckpt else "checkpointing_off"
             for flexi, label in ((False, "plain fwd+bwd"), (True, "FlexiMMT train")):
                 name, fields = label + (" +ckpt" if ckpt else ""), {"fleximmt": flexi, "gradient_checkpointing": ckpt}
