@@ -307,15 +307,15 @@ def inference_states(setup: Setup, objects: list[int], batch: int) -> dict[int, 
         }  # fmt: skip
         if setup.wan:
             states[k].update({
-                "groups": [int(q.numel()) for q, _ in layout.groups],
-                "group_keys": [int(keys.numel()) for _, keys in layout.groups],
+                "groups": [g.count for g in layout.groups],
+                "group_keys": [int(g.keys.numel()) for g in layout.groups],
             })  # fmt: skip
         else:
             states[k].update({
-                "groups": [int(q.numel()) for q, _, _ in layout.groups],
-                "groups_chained": [bool(c) for _, _, c in layout.groups],
+                "groups": [g.count for g in layout.groups],
+                "groups_chained": [g.chained for g in layout.groups],
                 "masked_rows": int(layout.masked_rows.shape[0]),
-                "merged_video_queries": int(layout.masked_queries.numel()),
+                "merged_video_queries": layout.num_merged,
             })  # fmt: skip
     return states
 

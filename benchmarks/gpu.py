@@ -298,6 +298,8 @@ def time_inference(bench: Bench, name: str, backend: str | None, objects: int | 
                     if state is not None:
                         bench.between_steps(state, first)
                     _sync(device)
+                if i == 0:
+                    result["warmup_s"] = time.perf_counter() - start
                 if 0 < i <= args.steps:
                     result["steps_s"].append(time.perf_counter() - start)
                     result["between_s"].append(time.perf_counter() - between)
@@ -370,6 +372,8 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
                                       ofs=bench.ofs, image_rotary_emb=bench.rotary, return_dict=False)[0]  # fmt: skip
                     out.float().square().mean().backward()
                 _sync(device)
+            if i == 0:
+                result["warmup_s"] = time.perf_counter() - start
             if 0 < i <= args.train_steps:
                 result["steps_s"].append(time.perf_counter() - start)
         result["s_per_step"] = statistics.median(result["steps_s"])

@@ -222,7 +222,7 @@ def meta_layout(state, device="meta") -> None:
     layout.order = layout.order.to(device)
     layout.masked_rows = layout.masked_rows.to(device)
     layout.masked_queries = layout.masked_queries.to(device)
-    layout.groups = [(q.to(device), k.to(device), c) for q, k, c in layout.groups]
+    layout.groups = [g._replace(queries=g.queries.to(device), keys=g.keys.to(device)) for g in layout.groups]
 
 
 def transformer_step_peak(transformer, objects: int, d_m: int, batch: int = 2) -> int:
@@ -267,7 +267,7 @@ def transformer_step_peak(transformer, objects: int, d_m: int, batch: int = 2) -
         slot = state.videos[0]
         layout = slot.layout
         extra = slot.motion_tokens.numel() * 2 + layout.masked_rows.numel() + 8 * (
-            layout.order.numel() + layout.masked_queries.numel() + sum(q.numel() + k.numel() for q, k, _ in layout.groups)
+            layout.order.numel() + layout.masked_queries.numel() + sum(g.queries.numel() + g.keys.numel() for g in layout.groups)
         )
         peak += extra
     return peak
@@ -420,7 +420,7 @@ def meta_cross_layout(state, device="meta") -> None:
     """Move a cross-form state's step layout (built on the CPU from real masks) and words onto ``device``."""
     slot = state.videos[0]
     slot.member = slot.member.to(device)
-    slot.layout.groups = [(q.to(device), k.to(device)) for q, k in slot.layout.groups]
+    slot.layout.groups = [g._replace(queries=g.queries.to(device), keys=g.keys.to(device)) for g in slot.layout.groups]
 
 
 def wan_flexi_state(model: str, objects: int, d_m: int, blocks: int, feature_blocks, tokens_dtype=BF16, dmem_parts=None,
@@ -480,7 +480,7 @@ def state_bytes(state) -> int:
     """What a FlexiMMT state keeps on the device through a call: motion tokens, words, layout indices."""
     slot = state.videos[0]
     tokens = slot.motion_tokens.numel() * slot.motion_tokens.element_size()
-    return tokens + slot.member.numel() + 8 * sum(q.numel() + k.numel() for q, k in slot.layout.groups)
+    return tokens + slot.member.numel() + 8 * sum(g.queries.numel() + g.keys.numel() for g in slot.layout.groups)
 
 
 def wan_step_peak(model: str, transformer, objects: int, d_m: int) -> int:

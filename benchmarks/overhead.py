@@ -179,13 +179,13 @@ def real_model_sizes(objects: int = 3, d_m: int = 226) -> None:
     layout = JointLayout(span_membership(text, spans), d_m, masks.reshape(objects, -1), frozenset(PARTS), "open")
     bias = layout.masked_bias(torch.empty(0, dtype=torch.bfloat16))  # the masked call's float mask, bf16 as on a GPU
     auto_bytes = layout.masked_rows.numel() * layout.masked_rows.element_size() + layout.masked_queries.numel() * 8 + sum(
-        q.numel() * q.element_size() + k.numel() * k.element_size() for q, k, _ in layout.groups
+        g.queries.numel() * 8 + g.keys.numel() * 8 for g in layout.groups
     ) + bias.numel() * bias.element_size()
     print(f"\nCogVideoX-5B-I2V at 480x720x49 (meta device), K = {objects}, d_m = {d_m}: "
           f"{cfg.num_layers} blocks, {heads} heads, {n_video} video tokens, N = {n}")
     print(f"dense float mask per block call (bf16 [2, {heads}, N, N]): {dense_bytes / 2**30:.2f} GiB")
     print(f"auto backend mask structures (mask rows [{layout.masked_rows.shape[0]}, N], bool and as a bf16 float mask, for the text queries and "
-          f"{layout.masked_queries.numel()} queries of small groups + {len(layout.groups)} unmasked groups), once per step: "
+          f"{layout.num_merged} queries of small groups + {len(layout.groups)} unmasked groups), once per step: "
           f"{auto_bytes / 2**20:.2f} MiB  ({dense_bytes / auto_bytes:.0f}x less)")
 
 
@@ -252,8 +252,8 @@ def attention_calls(args) -> None:
                 for name, fn in runs.items():
                     samples[name].append(timed(fn))
             ms = {name: statistics.median(t) * 1000 for name, t in samples.items()}
-            print(f"step {step}: groups {[g[0].numel() for g in layout.groups]}, masked call {rows.shape[0]} rows "
-                  f"(226 text + {layout.masked_queries.numel()} video) x {rows.shape[1]} keys")  # fmt: skip
+            print(f"step {step}: groups {[g.count for g in layout.groups]}, masked call {rows.shape[0]} rows "
+                  f"(226 text + {layout.num_merged} video) x {rows.shape[1]} keys")  # fmt: skip
             for name, value in ms.items():
                 base = ms["same queries, unmasked"] if name.startswith("masked") else ms["diffusers SDPA"]
                 print(f"  {name:32s} {value:7.1f} ms  {value / base:.3f}x")

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from fleximmt import attention
 from fleximmt.attention import CrossLayout, JointLayout, chain_order
 from fleximmt.masks import CROSS_PARTS, PARTS, span_membership
 
@@ -26,9 +27,25 @@ def tensors(batch, heads, lengths, d=8, seed=0):
     return [torch.randn(batch, heads, n, d, generator=gen, dtype=torch.float64).requires_grad_(True) for n in lengths]
 
 
+def padded_on_this_device(monkeypatch, bucket: int) -> None:
+    """Pad group queries to ``bucket`` here as on CUDA (where cuDNN plans are per shape)."""
+    monkeypatch.setitem(attention.QUERY_BUCKETS, "cpu", bucket)
+
+
+def assert_padded(layout, bucket: int, num_video: int) -> None:
+    for group in layout.groups:
+        assert group.count == group.queries.numel() == num_video or group.queries.numel() % bucket == 0
+        assert group.queries[group.count :].eq(group.queries[0]).all()  # padded with a real query
+    if isinstance(layout, JointLayout):
+        assert layout.masked_queries.numel() % bucket == 0
+        assert layout.masked_rows.shape[0] - layout.member.shape[1] == layout.masked_queries.numel()
+
+
+@pytest.mark.parametrize("bucket", [1, 7])
 @pytest.mark.parametrize("num_objects", [1, 2, 3])
 @pytest.mark.parametrize("seed", range(4))
-def test_joint_auto_equals_dense_in_values_and_gradients(num_objects, seed):
+def test_joint_auto_equals_dense_in_values_and_gradients(num_objects, seed, bucket, monkeypatch):
+    padded_on_this_device(monkeypatch, bucket)
     rng = random.Random(seed * 10 + num_objects)
     member, d_m, video_masks = layout_inputs(rng, num_objects)
     parts = frozenset(rng.sample(PARTS, rng.randint(2, len(PARTS))))
@@ -36,6 +53,8 @@ def test_joint_auto_equals_dense_in_values_and_gradients(num_objects, seed):
     outs, grads = [], []
     for backend in ("auto", "dense"):
         layout = JointLayout(member, d_m, video_masks, parts, "open", backend)
+        if backend == "auto":
+            assert_padded(layout, bucket, num_video)
         q, k, v, mq, mk, mv = tensors(2, 2, [text_len + num_video] * 3 + [m_len] * 3, seed=seed)
         out = layout.attend(q, k, v, mq, mk, mv, text_len)
         out.pow(2).sum().backward()
@@ -53,7 +72,7 @@ def test_training_layouts_read_slices_of_one_key_buffer():
     masks = torch.zeros(1, 60, dtype=torch.bool)
     masks[0, 10:40] = True
     layout = JointLayout(member, 4, masks, frozenset({"m2v", "m2m", "t2m"}), "open")
-    assert layout.groups and all(chained for _, _, chained in layout.groups)
+    assert layout.groups and all(g.chained for g in layout.groups)
 
 
 def test_chain_order_puts_nested_key_sets_first():
@@ -65,9 +84,11 @@ def test_chain_order_puts_nested_key_sets_first():
         assert (set(order[: len(keys)]) == set(keys)) == is_prefix
 
 
+@pytest.mark.parametrize("bucket", [1, 7])
 @pytest.mark.parametrize("num_objects", [1, 2, 3])
 @pytest.mark.parametrize("seed", range(4))
-def test_cross_auto_equals_dense_in_values_and_gradients(num_objects, seed):
+def test_cross_auto_equals_dense_in_values_and_gradients(num_objects, seed, bucket, monkeypatch):
+    padded_on_this_device(monkeypatch, bucket)
     rng = random.Random(100 + seed * 10 + num_objects)
     member, d_m, video_masks = layout_inputs(rng, num_objects)
     parts = frozenset(rng.sample(CROSS_PARTS, rng.randint(0, 2)))
@@ -75,6 +96,8 @@ def test_cross_auto_equals_dense_in_values_and_gradients(num_objects, seed):
     outs, grads = [], []
     for backend in ("auto", "dense"):
         layout = CrossLayout(member, d_m, video_masks, parts, "open", backend)
+        if backend == "auto":
+            assert_padded(layout, bucket, num_video)
         q, k, v, mk, mv = tensors(2, 2, [num_video, text_len, text_len, m_len, m_len], seed=seed)
         out = layout.attend(q, k, v, mk, mv)
         out.pow(2).sum().backward()

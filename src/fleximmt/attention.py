@@ -17,6 +17,7 @@ attention processors. Nothing here knows any diffusers model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,36 @@ FORMS = ("joint", "cross")
 # Video groups smaller than this run together in one masked SDPA call with the text queries (small
 # query blocks are slow, on a CPU especially); their mask rows are capped so it never nears N x N.
 MERGE_BELOW, MERGE_CAP = 768, 2048
+# Query counts of the group calls are padded up to a multiple of this, per device type. On CUDA,
+# SDPA's cuDNN backend builds an execution plan for every new shape (15-20 ms of CPU each, measured
+# on an H200: `benchmarks/gpu.py --profile`); the group sizes change with the masks (every step, and
+# every block under DMEM), so without buckets nearly every call built a plan: a training step took
+# 3.4x the plain one. The padded rows repeat a real query and their outputs are dropped (no gradient
+# reaches them). Elsewhere no plan is built and padding would only cost time.
+QUERY_BUCKETS = {"cuda": 256}
+
+
+def padded_queries(queries: torch.Tensor) -> torch.Tensor:
+    """``queries`` (a 1-D index, not empty) with its first index repeated up to the device's bucket."""
+    bucket = QUERY_BUCKETS.get(queries.device.type, 1)
+    extra = -queries.numel() % bucket
+    return torch.cat([queries, queries[:1].expand(extra)]) if extra else queries
+
+
+class QueryGroup(NamedTuple):
+    """Video queries that read the same keys besides video: their index (padded, see ``QUERY_BUCKETS``,
+    unless the group is every video query), how many of them are real, and the keys. ``chained``
+    (joint form): the keys are a prefix of the layout's key buffer tail, read as a slice."""
+
+    queries: torch.Tensor
+    count: int
+    keys: torch.Tensor
+    chained: bool = False
+
+    @classmethod
+    def of(cls, queries: torch.Tensor, num_video: int, keys: torch.Tensor, chained: bool = False) -> QueryGroup:
+        count = queries.numel()
+        return cls(queries if count == num_video else padded_queries(queries), count, keys, chained)
 
 
 def chain_order(key_sets: list[tuple[int, ...]], num_small: int) -> tuple[list[int], list[bool]]:
@@ -64,8 +95,9 @@ class JointLayout:
     # the first `n_video + len(keys)` keys when its keys are a prefix of `order` (`prefix`), else gathers them
     order: torch.Tensor | None = None
     masked_rows: torch.Tensor | None = None
-    masked_queries: torch.Tensor | None = None
-    groups: list[tuple[torch.Tensor, torch.Tensor, bool]] = field(default_factory=list)
+    masked_queries: torch.Tensor | None = None  # the merged video queries (padded, see QUERY_BUCKETS)
+    num_merged: int = 0  # how many of them are real
+    groups: list[QueryGroup] = field(default_factory=list)
     dense: torch.Tensor | None = None  # dense: bool [N, N] over [text | motion | video]
     # masked_rows as SDPA's additive float mask, per (dtype, device): made at the layout's first call
     # instead of by SDPA in every block's call (0-3% faster on this CPU: `benchmarks/overhead.py --attention`)
@@ -97,15 +129,20 @@ class JointLayout:
             position[order] = torch.arange(small, device=device)
             cache[config] = (order, position, in_chain)
         self.order, position, in_chain = cache[config]
-        self.groups = [(q, k if chained else position[k], chained) for (q, k, _), chained in zip(large, in_chain)]
+        self.groups = [QueryGroup.of(q, num_video, k if chained else position[k], chained)
+                       for (q, k, _), chained in zip(large, in_chain)]  # fmt: skip
         rows = [torch.cat([text_rows[:, small:], text_rows[:, :small][:, self.order]], dim=1)]
         for queries, keys in merged:
             row = torch.zeros(small, dtype=torch.bool, device=device)
             row[keys] = True
             video = torch.ones(num_video, dtype=torch.bool, device=device)
             rows.append(torch.cat([video, row[self.order]])[None].expand(queries.numel(), -1))
+        self.masked_queries = self.video_masks.new_zeros(0, dtype=torch.long)
+        if merged:
+            real = torch.cat([q for q, _ in merged])
+            self.num_merged, self.masked_queries = real.numel(), padded_queries(real)
+            rows.append(rows[-1][-1:].expand(self.masked_queries.numel() - real.numel(), -1))  # the padded rows'
         self.masked_rows = torch.cat(rows)
-        self.masked_queries = torch.cat([q for q, _ in merged]) if merged else self.video_masks.new_zeros(0, dtype=torch.long)
 
     def attend(self, query, key, value, m_q, m_k, m_v, text_len: int) -> torch.Tensor:
         """``query/key/value`` ``[B, H, L_y + N_v, d]`` (the block's own, after QK-norm and RoPE),
@@ -139,19 +176,19 @@ class JointLayout:
         values = torch.cat([value[:, :, text_len:], small_v], dim=2)
         out = query.new_empty(query.shape)
         video_q = query[:, :, text_len:]
-        merged = self.masked_queries
+        merged, num_merged = self.masked_queries, self.num_merged
         # the text queries' own rows (a view would keep the whole query alive for the backward pass)
         masked_q = query[:, :, :text_len].contiguous()
-        if merged.numel():
+        if num_merged:
             masked_q = torch.cat([masked_q, video_q.index_select(2, merged)], dim=2)
         masked_out = F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=self.masked_bias(query))
         out[:, :, :text_len] = masked_out[:, :, :text_len]
         video_out = out[:, :, text_len:]  # a view taken after `out` joined the autograd graph
-        if merged.numel():
-            video_out.index_copy_(2, merged, masked_out[:, :, text_len:])
+        if num_merged:
+            video_out.index_copy_(2, merged[:num_merged], masked_out[:, :, text_len : text_len + num_merged])
         # groups whose keys are a prefix of the buffer's tail read a slice of it; the others come last:
         # without gradients they overwrite the tail in place, with gradients they gather their own keys
-        for queries, small, chained in sorted(self.groups, key=lambda g: not g[2]):
+        for queries, count, small, chained in sorted(self.groups, key=lambda g: not g.chained):
             if chained:
                 group_k, group_v = keys[:, :, : n_video + small.numel()], values[:, :, : n_video + small.numel()]
             elif torch.is_grad_enabled():
@@ -162,11 +199,11 @@ class JointLayout:
                 keys[:, :, n_video:end] = small_k.index_select(2, small)
                 values[:, :, n_video:end] = small_v.index_select(2, small)
                 group_k, group_v = keys[:, :, :end], values[:, :, :end]
-            if queries.numel() == video_q.shape[2]:
+            if count == video_q.shape[2]:
                 video_out.copy_(F.scaled_dot_product_attention(video_q, group_k, group_v))
             else:
                 group_out = F.scaled_dot_product_attention(video_q.index_select(2, queries), group_k, group_v)
-                video_out.index_copy_(2, queries, group_out)
+                video_out.index_copy_(2, queries[:count], group_out[:, :, :count])
         return out
 
 
@@ -181,7 +218,7 @@ class CrossLayout:
     context_text: str = "open"
     backend: str = "auto"
     key_cache: dict | None = None
-    groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (video queries, keys)
+    groups: list[QueryGroup] = field(default_factory=list)
     dense: torch.Tensor | None = None  # bool [N_v, L_y + K * d_m]
 
     def __post_init__(self) -> None:
@@ -193,7 +230,7 @@ class CrossLayout:
                                              self.context_text, key_cache=self.key_cache):  # fmt: skip
             if keys.numel() == 0:  # nothing left to read: the whole text (mdma_cross_dense's rule)
                 keys = torch.arange(text_len, device=keys.device)
-            self.groups.append((queries, keys))
+            self.groups.append(QueryGroup.of(queries, self.video_masks.shape[1], keys))
 
     def attend(self, query, key, value, m_k, m_v) -> torch.Tensor:
         """``query`` ``[B, H, N_v, d]``, ``key/value`` ``[B, H, L_y, d]`` (the text's), ``m_*`` the
@@ -201,15 +238,15 @@ class CrossLayout:
         keys, values = torch.cat([key, m_k], dim=2), torch.cat([value, m_v], dim=2)
         if self.backend == "dense":
             return F.scaled_dot_product_attention(query, keys, values, attn_mask=self.dense)
-        if len(self.groups) == 1 and self.groups[0][0].numel() == query.shape[2]:
-            small = self.groups[0][1]
+        if len(self.groups) == 1 and self.groups[0].count == query.shape[2]:
+            small = self.groups[0].keys
             return F.scaled_dot_product_attention(query, keys.index_select(2, small), values.index_select(2, small))
         out = query.new_empty(query.shape)
-        for queries, small in self.groups:
+        for queries, count, small, _ in self.groups:
             group_out = F.scaled_dot_product_attention(
                 query.index_select(2, queries), keys.index_select(2, small), values.index_select(2, small)
             )
-            out.index_copy_(2, queries, group_out)
+            out.index_copy_(2, queries[:count], group_out[:, :, :count])
         return out
 
 
