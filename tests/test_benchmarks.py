@@ -62,6 +62,20 @@ def test_gpu_benchmark_time_limit_keeps_what_it_measured(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_gpu_benchmark_profile_writes_one_table_per_variant(tmp_path):
+    """--profile DIR: one more step of each variant under torch.profiler, not counted in its timings."""
+    gpu = load_gpu_module()
+    with torch.random.fork_rng():
+        assert gpu.main(["--device", "cpu", "--tiny", "--steps", "1", "--train-steps", "1", "--skip-dense",
+                         "--checkpointing", "off", "--profile", str(tmp_path / "prof"), "--out", str(tmp_path / "g.json")]) == 0  # fmt: skip
+    tables = {p.name: p.read_text() for p in (tmp_path / "prof").iterdir()}
+    assert set(tables) == {"diffusers.txt", "fleximmt_k_3_auto.txt", "diffusers_again.txt", "plain_fwd_bwd.txt", "fleximmt_train.txt"}
+    assert "scaled_dot_product" in tables["diffusers.txt"] and "grouped by Python stack" in tables["fleximmt_train.txt"]
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert len(result["inference"]["fleximmt_auto"]["steps_s"]) == 1 and len(result["training"]["fleximmt_checkpointing_off"]["steps_s"]) == 1
+    assert set(result["training"]) == {"plain_checkpointing_off", "fleximmt_checkpointing_off"}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the benchmark itself")
 def test_gpu_benchmark_without_cuda_says_so_and_exits_0(tmp_path, capsys):
     gpu = load_gpu_module()

@@ -88,12 +88,10 @@ class ModelAdapter:
     def check_model(self) -> None:
         """Raise a ``ValueError`` when the pipeline's components cannot run FlexiMMT (wrong kind of model)."""
 
-    def blocks(self, transformer) -> list[torch.nn.Module]:
-        raise NotImplementedError
-
     def motion_shape(self) -> tuple[int, int]:
-        """(blocks, width) of one expert's motion tokens."""
-        raise NotImplementedError
+        """(blocks, width) of one expert's motion tokens: one token set per block, of the attention's width."""
+        cfg = self.transformers()[0].config
+        return cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim
 
     def default_text_length(self) -> int:
         raise NotImplementedError

@@ -120,13 +120,6 @@ class CogVideoXAdapter(ModelAdapter):
                 "(text-to-video weights?): load an I2V checkpoint such as THUDM/CogVideoX-5b-I2V"
             )
 
-    def blocks(self, transformer) -> list[torch.nn.Module]:
-        return list(transformer.transformer_blocks)
-
-    def motion_shape(self) -> tuple[int, int]:
-        cfg = self.pipe.transformer.config
-        return cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim
-
     def default_text_length(self) -> int:
         return self.pipe.transformer.config.max_text_seq_length  # 226 for CogVideoX-5B
 

@@ -141,13 +141,6 @@ class WanAdapter(ModelAdapter):
                 "Load an image-to-video checkpoint: " + ", ".join(CHECKPOINTS)
             )
 
-    def blocks(self, transformer) -> list[torch.nn.Module]:
-        return list(transformer.blocks)
-
-    def motion_shape(self) -> tuple[int, int]:
-        cfg = self.transformers()[0].config
-        return cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim
-
     def default_text_length(self) -> int:
         return 512  # umT5 context, as diffusers' Wan pipelines and their processors assume
 
