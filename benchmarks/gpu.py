@@ -15,7 +15,14 @@ Peak memory is ``torch.cuda.max_memory_allocated`` of each run (weights included
 without them). JSON to ``--out``. Without CUDA it says so and exits 0; ``--device cpu --tiny`` runs
 every code path on a tiny config (the test suite does).
 
-It imports only torch, diffusers, transformers, accelerate, safetensors, numpy and fleximmt.
+``--model wan2.1`` / ``wan2.2-5b``: Wan2.1-I2V-14B-480P at 480x832x81 (32,760 video tokens) or
+Wan2.2-TI2V-5B at 704x1280x121, configs from ``block.py``: a step is the pipeline's two batch-1 calls
+(conditional, then unconditional; Wan 2.1 with 257 CLIP image tokens, TI2V with a timestep per
+token), FlexiMMT in ``attn2`` through ``FlexiMMTWanPipeline``'s adapter, training through the same
+``training_step`` inside ``adapter.training_attached``. Not yet run on a GPU.
+
+It imports only torch, diffusers, transformers, accelerate, safetensors, numpy, fleximmt and, for
+Wan, ``block.py`` beside it.
 
 On the GPU machine (it has torch 2.11, transformers, accelerate, safetensors, numpy, pillow, tqdm,
 imageio, opencv; not diffusers). Here, once, in the repository root:
@@ -210,7 +217,35 @@ class Bench:
         self.rotary = rotary(self.cfg, self.size[0], self.size[1], latent_frames, self.device)
         self.ofs = None if getattr(self.cfg, "ofs_embed_dim", None) is None else self.latents.new_full((1,), 2.0)
         self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
+        self.text_len = self.cfg.max_text_seq_length
+        self.name = MODEL_NAMES[args.model]
         self.masks = {k: moving_masks(k, self.geo["grid"]).to(self.device) for k in {args.objects, *args.more_objects}}
+
+    form = "joint"
+
+    def use_plain_attention(self) -> None:
+        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+        self.transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
+
+    def step(self, i: int, state=None) -> None:
+        """The transformer work of denoising step ``i`` (CFG on)."""
+        self.step_call(999 - 20 * i, None if state is None else {"fleximmt": state})
+
+    def training_tensors(self, gen: torch.Generator) -> dict:
+        """One reference window encoded as the adapter's ``encode_conditions`` returns it (random)."""
+        latent_frames, channels, h, w = self.geo["latent_shape"]
+        return {"prompt_embeds": torch.randn(1, self.text_len, self.cfg.text_embed_dim, generator=gen),
+                "video_latents": torch.randn(1, latent_frames, channels, h, w, generator=gen),
+                "image_latents": torch.randn(1, latent_frames, channels, h, w, generator=gen), "padding": torch.tensor(0)}  # fmt: skip
+
+    def plain_forward_backward(self) -> None:
+        """The frozen model's forward + backward to its input, diffusers' attention (batch 1)."""
+        x = self.latents[:1].detach().requires_grad_(True)
+        t = torch.tensor([500], device=self.device)
+        out = self.transformer(hidden_states=x, encoder_hidden_states=self.prompt_embeds[:1], timestep=t, ofs=self.ofs,
+                               image_rotary_emb=self.rotary, return_dict=False)[0]  # fmt: skip
+        out.float().square().mean().backward()
 
     def step_call(self, timestep: int, attention_kwargs=None):
         """The transformer call of one CFG denoising step, as diffusers' I2V pipeline makes it."""
@@ -224,11 +259,12 @@ class Bench:
         from fleximmt.attention import motion_state_for
 
         k, blocks = objects, self.cfg.num_layers
-        member, _ = word_members(k, self.cfg.max_text_seq_length)
+        member, _ = word_members(k, self.text_len)
         tokens = random_tokens(k, blocks, self.args.tokens, self.dim).to(self.device, self.dtype)
         share = max(1, round(blocks * self.pipe.adapter.feature_share))
-        state = motion_state_for(tokens, member.to(self.device), form="joint", num_frames=self.geo["grid"][0],
-                                 backend=backend, feature_blocks=frozenset(range(share)))  # fmt: skip
+        state = motion_state_for(tokens, member.to(self.device), form=self.form, parts=self.pipe.adapter.parts,
+                                 num_frames=self.geo["grid"][0], backend=backend,
+                                 feature_blocks=frozenset(range(share)))  # fmt: skip
         first = self.masks[k].view(k, *self.geo["grid"])[:, 0]
         state.set_video_masks(first[:, None].expand(-1, self.geo["grid"][0], -1, -1).reshape(k, -1))
         state.rows, state.feature_rows = [0, 0], [1]  # CFG: [uncond | cond] of one video, features from cond
@@ -244,6 +280,110 @@ class Bench:
         if features is not None:
             rmpm(first, features.view(frames, h, w, -1), 3, "paper")  # computed as in a real run, not used
         state.set_video_masks(self.masks[len(first)])
+
+
+WAN_MODELS = ("wan2.1", "wan2.2-5b")  # block.py holds their configs, geometry and names
+WAN_TINY = dict(num_attention_heads=2, attention_head_dim=32, num_layers=3, ffn_dim=128, text_dim=32, freq_dim=32)
+
+
+def _benchmark_module(name: str):
+    """A sibling script as a module (block.py imports this file; imported lazily, no cycle at load)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    return __import__(name)
+
+
+class WanBench(Bench):
+    """Wan image-to-video: the real transformer config (Wan 2.1 I2V 14B 480P or Wan 2.2 TI2V-5B) with random
+    weights, a denoising step as ``WanImageToVideoPipeline`` makes it (CFG as two batch-1 calls,
+    conditional first; Wan 2.1 with CLIP image tokens, TI2V with a timestep per token), FlexiMMT in
+    ``attn2`` (the cross form) through ``FlexiMMTWanPipeline``'s adapter."""
+
+    form = "cross"
+
+    def __init__(self, args):  # noqa: D107 - Bench's fields, built for Wan
+        from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+
+        from fleximmt import FlexiMMTWanPipeline
+
+        block = _benchmark_module("block")
+        self.args, self.device = args, torch.device(args.device)
+        self.dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        overrides = {}
+        if args.tiny:
+            overrides = dict(WAN_TINY)
+            width = WAN_TINY["num_attention_heads"] * WAN_TINY["attention_head_dim"]
+            if block.WAN_CONFIGS[args.model]["image_dim"]:
+                overrides.update(image_dim=32, added_kv_proj_dim=width)
+        self.cfg = block.wan_config(args.model, **overrides)
+        self.size = TINY_GEOMETRY if args.tiny else block.WAN_GEOMETRY[args.model]
+        self.geo = block.wan_geometry(args.model, self.cfg, *self.size)
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            transformer = WanTransformer3DModel(**{**block.WAN_CONFIGS[args.model], **overrides})
+        transformer = transformer.to(self.dtype).eval().requires_grad_(False)
+        for name, param in transformer.named_parameters():  # as from_pretrained(torch_dtype=...) keeps them
+            if any(k in name.split(".") for k in transformer._keep_in_fp32_modules or ()):
+                param.data = param.data.float()
+        self.transformer = transformer
+        self.weights_gib = sum(p.numel() * p.element_size() for p in transformer.parameters()) / 2**30
+        self.expand = args.model == "wan2.2-5b"
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                            num_train_timesteps=1000)  # fmt: skip
+        self.pipe = FlexiMMTWanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler,
+                                        transformer=transformer, expand_timesteps=self.expand)  # fmt: skip
+        self.text_len, self.image_tokens = block.WAN_TEXT_TOKENS, block.WAN_IMAGE_TOKENS
+        self.name = block.WAN_NAMES[args.model]
+        self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
+        gen = torch.Generator().manual_seed(1)
+        frames, h, w = self.geo["latent_shape"]
+        channels = self.cfg.out_channels
+        latents = torch.randn(1, channels, frames, h, w, generator=gen)
+        condition = torch.randn(1, self.cfg.in_channels - channels if not self.expand else channels, frames, h, w, generator=gen)
+        if self.expand:  # TI2V: frame 0 is the image's latent, a timestep of 0 there
+            mask = torch.ones(1, 1, frames, h, w)
+            mask[:, :, 0] = 0
+            self.model_input = ((1 - mask) * condition + mask * latents).to(self.device, self.dtype)
+            patch = self.cfg.patch_size
+            self.token_mask = mask[0, 0][:, :: patch[1], :: patch[2]].flatten()[None].to(self.device)
+        else:
+            self.model_input = torch.cat([latents, condition], dim=1).to(self.device, self.dtype)
+        self.prompt_embeds = torch.randn(2, self.text_len, self.cfg.text_dim, generator=gen).to(self.device, self.dtype)
+        self.image_embeds = None
+        if self.cfg.image_dim:
+            self.image_embeds = torch.randn(1, self.image_tokens, self.cfg.image_dim, generator=gen).to(self.device, self.dtype)
+        self.masks = {k: moving_masks(k, self.geo["grid"]).to(self.device) for k in {args.objects, *args.more_objects}}
+        self.training_latents = (latents, condition)
+
+    def use_plain_attention(self) -> None:
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        self.transformer.set_attn_processor(WanAttnProcessor())
+
+    def timestep(self, t: float) -> torch.Tensor:
+        t = torch.tensor([t], device=self.device)
+        return self.token_mask * t if self.expand else t
+
+    def step(self, i: int, state=None) -> None:
+        t = self.timestep(999.0 - 20 * i)
+        with self.pipe.adapter.attach(state, {}) if state is not None else contextlib.nullcontext():
+            for row in (0, 1):  # conditional, then unconditional (the negative prompt)
+                self.transformer(hidden_states=self.model_input, timestep=t,
+                                 encoder_hidden_states=self.prompt_embeds[row : row + 1],
+                                 encoder_hidden_states_image=self.image_embeds, return_dict=False)  # fmt: skip
+
+    def training_tensors(self, gen: torch.Generator) -> dict:
+        latents, condition = self.training_latents
+        tensors = {"prompt_embeds": torch.randn(1, self.text_len, self.cfg.text_dim, generator=gen),
+                   "video_latents": latents, "condition": condition}  # fmt: skip
+        if self.image_embeds is not None:
+            tensors["image_embeds"] = self.image_embeds.float().cpu()
+        return tensors
+
+    def plain_forward_backward(self) -> None:
+        x = self.model_input.detach().requires_grad_(True)
+        out = self.transformer(hidden_states=x, timestep=self.timestep(500.0), encoder_hidden_states=self.prompt_embeds[:1],
+                               encoder_hidden_states_image=self.image_embeds, return_dict=False)[0]  # fmt: skip
+        out.float().square().mean().backward()
 
 
 @contextlib.contextmanager
@@ -271,8 +411,6 @@ def _profiled(bench: Bench, name: str, on: bool):
 
 
 def time_inference(bench: Bench, name: str, backend: str | None, objects: int | None = None) -> dict:
-    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
-
     args, device = bench.args, bench.device
     objects = (objects or args.objects) if backend else 0
     result = {"backend": backend, "objects": objects, "fits": True, "error": None, "steps_s": [], "between_s": [],
@@ -280,19 +418,18 @@ def time_inference(bench: Bench, name: str, backend: str | None, objects: int | 
     state = first = None
     try:
         if backend is None:
-            bench.transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
+            bench.use_plain_attention()
         else:
             bench.pipe.adapter.install_processors()
         _reset_peak(device)
         if backend is not None:
             state, first = bench.flexi_state(backend, objects)
-        kwargs = None if state is None else {"fleximmt": state}
         with torch.no_grad():
             for i in range(args.steps + 1 + bool(args.profile)):  # the first is a warm-up, the last profiled
                 with _profiled(bench, name, i > args.steps):
                     _sync(device)
                     start = time.perf_counter()
-                    bench.step_call(999 - 20 * i, kwargs)
+                    bench.step(i, state)
                     _sync(device)
                     between = time.perf_counter()
                     if state is not None:
@@ -321,24 +458,15 @@ def time_inference(bench: Bench, name: str, backend: str | None, objects: int | 
 
 
 def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> dict:
-    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
-
     from fleximmt.attention import motion_state_for
     from fleximmt.train import TRAIN_PARTS, Conditions, TrainSettings, training_step
 
     args, device, transformer = bench.args, bench.device, bench.transformer
     result = {"fleximmt": flexi, "gradient_checkpointing": checkpointing, "fits": True, "error": None, "steps_s": [],
               "s_per_step": None, "peak_gib": None, "peak_activations_gib": None}  # fmt: skip
-    latent_frames, channels, h, w = bench.geo["latent_shape"]
     gen = torch.Generator().manual_seed(2)
-    text_len = bench.cfg.max_text_seq_length
-    member, concept = word_members(1, text_len)
-    cond = Conditions(
-        {"prompt_embeds": torch.randn(1, text_len, bench.cfg.text_embed_dim, generator=gen),
-         "video_latents": torch.randn(1, latent_frames, channels, h, w, generator=gen),
-         "image_latents": torch.randn(1, latent_frames, channels, h, w, generator=gen), "padding": torch.tensor(0)},
-        member, concept,
-    )  # fmt: skip
+    member, concept = word_members(1, bench.text_len)
+    cond = Conditions(bench.training_tensors(gen), member, concept)
     settings = TrainSettings(tokens_per_motion=args.tokens)
     transformer.enable_gradient_checkpointing() if checkpointing else transformer.disable_gradient_checkpointing()
     try:
@@ -348,11 +476,12 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
             bench.pipe.adapter.install_processors()
             tokens = torch.nn.Parameter(random_tokens(1, blocks, args.tokens, bench.dim)[0, 0].to(device))
             optimizer = torch.optim.AdamW([tokens], lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
-            state = motion_state_for(torch.stack([tokens])[None], member.to(device), form="joint", parts=TRAIN_PARTS,
+            state = motion_state_for(torch.stack([tokens])[None], member.to(device), form=bench.form,
+                                     parts=TRAIN_PARTS & set(bench.pipe.adapter.parts),
                                      num_frames=bench.geo["grid"][0], dmem=True, concept_member=concept.to(device),
                                      dmem_drop=settings.dmem_drop, generator=gen)  # fmt: skip
         else:
-            transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
+            bench.use_plain_attention()
         for i in range(args.train_steps + 1 + bool(args.profile)):  # the first is a warm-up, the last profiled
             with _profiled(bench, name, i > args.train_steps):
                 _sync(device)
@@ -360,17 +489,14 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
                 if flexi:
                     state.set_motion_tokens(torch.stack([tokens])[None])
                     state.begin_step(bench.geo["video_tokens"], blocks)
-                    loss, _ = training_step(bench.pipe.adapter, state, cond, 0, gen, settings, contextlib.nullcontext)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    with bench.pipe.adapter.training_attached(state):  # through the backward's recomputation
+                        loss, _ = training_step(bench.pipe.adapter, state, cond, 0, gen, settings, contextlib.nullcontext)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
                     torch.nn.utils.clip_grad_norm_([tokens], settings.max_grad_norm)
                     optimizer.step()
-                else:  # the frozen model's forward + backward to its input, diffusers' attention
-                    x = bench.latents[:1].detach().requires_grad_(True)
-                    t = torch.tensor([500], device=device)
-                    out = transformer(hidden_states=x, encoder_hidden_states=bench.prompt_embeds[:1], timestep=t,
-                                      ofs=bench.ofs, image_rotary_emb=bench.rotary, return_dict=False)[0]  # fmt: skip
-                    out.float().square().mean().backward()
+                else:
+                    bench.plain_forward_backward()
                 _sync(device)
             if i == 0:
                 result["warmup_s"] = time.perf_counter() - start
@@ -399,7 +525,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny config (a dry run of every code path, e.g. on a CPU)")
-    parser.add_argument("--model", choices=sorted(GEOMETRY), default="5b")
+    parser.add_argument("--model", choices=[*sorted(GEOMETRY), *WAN_MODELS], default="5b",
+                        help="CogVideoX-5B-I2V (5b), CogVideoX1.5-5B-I2V (1.5), Wan2.1-I2V-14B-480P (wan2.1), Wan2.2-TI2V-5B (wan2.2-5b)")
     parser.add_argument("--objects", type=int, default=3)
     parser.add_argument("--more-objects", type=int, nargs="*", default=[], metavar="K",
                         help="also time the auto backend with these object counts (after training, before dense)")
@@ -422,13 +549,13 @@ def main(argv=None) -> int:
         return 0
     import diffusers
 
-    bench = Bench(args)
+    bench = (WanBench if args.model in WAN_MODELS else Bench)(args)
     device = bench.device
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "model": MODEL_NAMES[args.model],
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "model": bench.name,
         "tiny": args.tiny, "dtype": str(bench.dtype).replace("torch.", ""), "size": list(bench.size),
-        "video_tokens": bench.geo["video_tokens"], "text_tokens": bench.cfg.max_text_seq_length,
+        "video_tokens": bench.geo["video_tokens"], "text_tokens": bench.text_len,
         "objects": args.objects, "tokens_per_motion": args.tokens, "weights_gib": bench.weights_gib,
         "paper_release_s_per_step_a800": PAPER_RELEASE_S_PER_STEP,
     }  # fmt: skip

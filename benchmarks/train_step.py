@@ -64,8 +64,9 @@ def main() -> None:
         tokens.grad = None
         state.set_motion_tokens(tokens[None, None])
         state.begin_step(grid.size, cfg.num_layers)
-        loss, _ = training_step(adapter, state, cond, 0, generator, settings, lambda: autocast)
-        loss.backward()
+        with adapter.training_attached(state):
+            loss, _ = training_step(adapter, state, cond, 0, generator, settings, lambda: autocast)
+            loss.backward()
 
     m = interleave({"plain": plain, "training": flexi}, args.repeats)
     t_p, t_f = m["plain"]["time"], m["training"]["time"]

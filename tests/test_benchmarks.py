@@ -48,6 +48,29 @@ def test_gpu_benchmark_dry_run_writes_every_field(tmp_path):
         assert run["fits"] and run["s_per_step"] > 0, name
 
 
+@pytest.mark.parametrize("model", ["wan2.1", "wan2.2-5b"])
+def test_gpu_benchmark_dry_run_on_wan(model, tmp_path, monkeypatch):
+    """Wan's path: two batch-1 calls per step, FlexiMMT in attn2 (the cross form), training with
+    checkpointing (whose recomputation must see the motion tokens: it raised before the fix)."""
+    from fleximmt.attention import FlexiMMTState
+
+    calls = []
+    cross = FlexiMMTState.cross_attention
+    monkeypatch.setattr(FlexiMMTState, "cross_attention", lambda self, *a: calls.append(a[0]) or cross(self, *a))
+    gpu = load_gpu_module()
+    out = tmp_path / "gpu.json"
+    with torch.random.fork_rng():
+        assert gpu.main(["--device", "cpu", "--tiny", "--model", model, "--steps", "1", "--train-steps", "1",
+                         "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["model"].startswith("Wan2") and result["text_tokens"] == 512
+    assert all(run["fits"] and run["s_per_step"] > 0 for run in [*result["inference"].values(), *result["training"].values()])
+    layers = gpu.WAN_TINY["num_layers"]
+    # inference: auto and dense x 2 steps (warm-up + 1) x 2 calls (cond, uncond); training: 2 steps without
+    # checkpointing, 2 with it, where each block's attn2 runs again in the backward pass
+    assert len(calls) == layers * (2 * 2 * 2 + 2 + 2 * 2)
+
+
 def test_gpu_benchmark_time_limit_keeps_what_it_measured(tmp_path):
     """Past --time-limit no further variant starts; the JSON (written after every variant) says which were skipped."""
     gpu = load_gpu_module()

@@ -205,6 +205,17 @@ def test_the_loss_falls_on_wan_2_1_against_a_frozen_run(tmp_path):
     assert ratio[-1] < ratio[0] < 1.0001 and ratio[-1] < 0.999
 
 
+def test_gradient_checkpointing_trains_the_same_tokens(pipes, tmp_path):
+    """Real sizes train with checkpointing (the default above 8 GiB): a checkpointed block recomputed
+    in the backward pass must see the motion tokens and DMEM masks its forward saw."""
+    ours, _ = pipes
+    plain = train(ours, tmp_path / "plain.safetensors", steps=3, lr=0.05, gradient_checkpointing=False)
+    checkpointed = train(ours, tmp_path / "ckpt.safetensors", steps=3, lr=0.05, gradient_checkpointing=True)
+    assert not torch.equal(plain.tokens, train(ours, tmp_path / "none.safetensors", steps=1, lr=0.0).tokens)
+    assert torch.allclose(checkpointed.tokens, plain.tokens, atol=1e-6)
+    assert all(not t.gradient_checkpointing for t in (ours.transformer, ours.transformer_2) if t is not None)
+
+
 def test_resumed_training_equals_uninterrupted(tmp_path):
     pipe = FlexiMMTWanPipeline(**tiny_wan_components(0, "2.2"))
     pipe.set_progress_bar_config(disable=True)

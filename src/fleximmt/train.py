@@ -390,33 +390,35 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
                disable=not proc.is_local_main_process)  # fmt: skip
     for transformer in transformers:
         transformer.train(False)
-    for step in bar:
-        window = windows[int(torch.randint(0, len(windows), (1,), generator=generator))]
-        state.set_motion_tokens(torch.stack(experts)[None])
-        state.begin_step(grid.size, num_blocks)
-        loss, expert = training_step(adapter, state, cond, window, generator, cfg, autocast)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        used = torch.tensor([float(e == expert) for e in range(len(experts))], device=device)
-        if distributed:
-            used = reduce(used, reduction="sum")
-            for param in experts:
-                param.grad = reduce(param.grad, reduction="mean")
-        for param, was_used in zip(experts, used.tolist()):
-            if not was_used:  # an expert no process used this step keeps its tokens and optimiser state
-                param.grad = None
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in experts if p.grad is not None], cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        value = loss.item()
-        losses.append(value)
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(ckpt, done, params, optimizer, scheduler, generator, fingerprints)
-        if callback is not None:
-            callback(done, value)
+    # the state stays attached through each backward pass too: gradient checkpointing recomputes blocks there
+    with adapter.training_attached(state):
+        for step in bar:
+            window = windows[int(torch.randint(0, len(windows), (1,), generator=generator))]
+            state.set_motion_tokens(torch.stack(experts)[None])
+            state.begin_step(grid.size, num_blocks)
+            loss, expert = training_step(adapter, state, cond, window, generator, cfg, autocast)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            used = torch.tensor([float(e == expert) for e in range(len(experts))], device=device)
+            if distributed:
+                used = reduce(used, reduction="sum")
+                for param in experts:
+                    param.grad = reduce(param.grad, reduction="mean")
+            for param, was_used in zip(experts, used.tolist()):
+                if not was_used:  # an expert no process used this step keeps its tokens and optimiser state
+                    param.grad = None
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in experts if p.grad is not None], cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            value = loss.item()
+            losses.append(value)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                save_checkpoint(ckpt, done, params, optimizer, scheduler, generator, fingerprints)
+            if callback is not None:
+                callback(done, value)
     bar.close()
 
     motion = MotionTokens(

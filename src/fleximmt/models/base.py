@@ -158,10 +158,19 @@ class ModelAdapter:
         ``[W, F, C, h, w]`` plus the model's image conditions."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def training_attached(self, state) -> Iterator[None]:
+        """Keep ``state`` where the attention reads it for a whole training loop: the forward passes
+        and the backward passes, where gradient checkpointing recomputes blocks and must see the same
+        motion tokens and DMEM masks. Models that hand the state over in each call's arguments (which
+        recomputation replays) need nothing here."""
+        yield
+
     def training_prediction(self, state, cond: dict[str, torch.Tensor], window: int, generator: torch.Generator,
                             image_dropout: float, autocast) -> TrainingBatch:  # fmt: skip
-        """Noise one window at a random timestep, run the denoiser with ``state`` attached and
-        return the clean latents, their prediction and the loss weight (METHOD.md sections 6, 9)."""
+        """Noise one window at a random timestep, run the denoiser with ``state`` attached (inside
+        :meth:`training_attached`) and return the clean latents, their prediction and the loss
+        weight (METHOD.md sections 6, 9)."""
         raise NotImplementedError
 
 

@@ -274,6 +274,21 @@ class WanAdapter(ModelAdapter):
         shift = shift or 1.0
         return shift * u / (1 + (shift - 1) * u)
 
+    @contextlib.contextmanager
+    def training_attached(self, state: FlexiMMTState):
+        """The processors read the state from their slot, which must hold it until each backward pass
+        has recomputed its checkpointed blocks, not only during the forward call."""
+        self.install_processors()
+        slots = [slot_of(transformer) for transformer in self.transformers()]
+        state.rows, state.feature_rows = None, None  # one video per call, no RMPM features in training
+        try:
+            for slot in slots:
+                slot.state = state
+            yield
+        finally:
+            for slot in slots:
+                slot.state = None
+
     def training_prediction(self, state, cond, window, generator, image_dropout, autocast) -> TrainingBatch:
         pipe = self.pipe
         device = pipe._execution_device
@@ -303,19 +318,16 @@ class WanAdapter(ModelAdapter):
             model_input = torch.cat([noisy, condition], dim=1)
             timestep = t
         image_embeds = cond.get("image_embeds")
-        state.rows, state.feature_rows = None, None
         slot = slot_of(transformer)
-        slot.state = state
-        try:
-            with autocast():
-                velocity = transformer(
-                    hidden_states=model_input.to(dtype), timestep=timestep,
-                    encoder_hidden_states=cond["prompt_embeds"].to(device, dtype),
-                    encoder_hidden_states_image=None if image_embeds is None else image_embeds[window : window + 1].to(device, dtype),
-                    return_dict=False,
-                )[0].float()  # fmt: skip
-        finally:
-            slot.state = None
+        if slot is None or slot.state is not state:
+            raise RuntimeError("Wan's training_prediction runs inside adapter.training_attached(state)")
+        with autocast():
+            velocity = transformer(
+                hidden_states=model_input.to(dtype), timestep=timestep,
+                encoder_hidden_states=cond["prompt_embeds"].to(device, dtype),
+                encoder_hidden_states_image=None if image_embeds is None else image_embeds[window : window + 1].to(device, dtype),
+                return_dict=False,
+            )[0].float()  # fmt: skip
         x0_hat = noisy - sigma * velocity  # flow matching: v = noise - x0
         weight = torch.tensor(1.0 / sigma**2, device=device)  # the velocity error as an x0 error
         frames = slice(1, None) if pipe.config.expand_timesteps else slice(None)  # TI2V's frame 0 is given
