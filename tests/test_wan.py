@@ -104,6 +104,37 @@ def test_auto_equals_dense_with_two_objects_and_motion_tokens_act(pipes, setting
     assert rel(auto.frames, plain) > 1e-5  # the motion tokens reach the video
 
 
+def test_fused_projections_and_offload_keep_motion_tokens(version):
+    """Diffusers' habits with a 14B model: fused projections, model offload and sequential offload
+    (accelerate's hooks, the CPU as the "accelerator") give the same video and masks with objects."""
+    from accelerate import cpu_offload
+
+    def fresh():
+        pipe = FlexiMMTWanPipeline(**tiny_wan_components(0, version))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def run(pipe):
+        return pipe(picture(), PROMPT, generator=gen(), objects=objects(pipe), return_masks=True, **CALL)
+
+    want = run(fresh())
+    fused = fresh()
+    for transformer in (fused.transformer, fused.transformer_2):
+        if transformer is not None:
+            transformer.fuse_qkv_projections()
+    assert fused.transformer.blocks[0].attn2.fused_projections
+    offloaded = fresh()
+    offloaded.enable_model_cpu_offload(device="cpu")
+    sequential = fresh()
+    for module in (sequential.transformer, sequential.transformer_2, sequential.vae):
+        if module is not None:
+            cpu_offload(module, execution_device="cpu")
+    assert sequential.transformer.blocks[0].attn2.to_k.weight.device.type == "meta"
+    for pipe in (fused, offloaded, sequential):
+        got = run(pipe)
+        assert rel(got.frames, want.frames) < 1e-5 and torch.equal(got.masks, want.masks)
+
+
 def test_processors_are_installed_on_every_expert_and_objects_empty_stays_diffusers(pipes):
     ours, theirs = pipes
     ours(picture(), PROMPT, generator=gen(), objects=objects(ours), **CALL)
