@@ -28,7 +28,8 @@ def tensors(batch, heads, lengths, d=8, seed=0):
 
 
 def padded_on_this_device(monkeypatch, bucket: int) -> None:
-    """Pad group queries to ``bucket`` here as on CUDA (where cuDNN plans are per shape)."""
+    """Pad the group queries of DMEM's per-block layouts to ``bucket`` here as on CUDA (where cuDNN
+    plans are per shape)."""
     monkeypatch.setitem(attention.QUERY_BUCKETS, "cpu", bucket)
 
 
@@ -52,7 +53,7 @@ def test_joint_auto_equals_dense_in_values_and_gradients(num_objects, seed, buck
     text_len, num_video, m_len = member.shape[1], video_masks.shape[1], num_objects * d_m
     outs, grads = [], []
     for backend in ("auto", "dense"):
-        layout = JointLayout(member, d_m, video_masks, parts, "open", backend)
+        layout = JointLayout(member, d_m, video_masks, parts, "open", backend, pad_queries=True)
         if backend == "auto":
             assert_padded(layout, bucket, num_video)
         q, k, v, mq, mk, mv = tensors(2, 2, [text_len + num_video] * 3 + [m_len] * 3, seed=seed)
@@ -95,7 +96,7 @@ def test_cross_auto_equals_dense_in_values_and_gradients(num_objects, seed, buck
     text_len, num_video, m_len = member.shape[1], video_masks.shape[1], num_objects * d_m
     outs, grads = [], []
     for backend in ("auto", "dense"):
-        layout = CrossLayout(member, d_m, video_masks, parts, "open", backend)
+        layout = CrossLayout(member, d_m, video_masks, parts, "open", backend, pad_queries=True)
         if backend == "auto":
             assert_padded(layout, bucket, num_video)
         q, k, v, mk, mv = tensors(2, 2, [num_video, text_len, text_len, m_len, m_len], seed=seed)
@@ -106,3 +107,24 @@ def test_cross_auto_equals_dense_in_values_and_gradients(num_objects, seed, buck
     assert torch.allclose(outs[0], outs[1], atol=1e-10)
     for auto, dense in zip(*grads):
         assert torch.allclose(auto, dense, atol=1e-9)
+
+
+def test_only_layouts_built_in_every_block_are_padded(monkeypatch):
+    """DMEM's layouts (new group sizes in every block) are padded where cuDNN builds plans per shape;
+    a step's layout (RMPM's: one shape for all blocks) is not: padding only costs time there."""
+    from fleximmt.attention import motion_state_for
+
+    padded_on_this_device(monkeypatch, 7)
+    rng = random.Random(5)
+    member, d_m, video_masks = layout_inputs(rng, 2)
+    tokens = torch.randn(2, 1, 1, d_m, 16)
+    step = motion_state_for(tokens, member)
+    step.set_video_masks(video_masks)
+    assert all(g.queries.numel() == g.count for g in step.videos[0].layout.groups)
+    dmem = motion_state_for(tokens, member, dmem=True, concept_member=member, num_frames=1)
+    q, k, v = tensors(1, 2, [member.shape[1] + video_masks.shape[1]] * 3)
+    project = lambda x, kind: x.view(1, x.shape[0], 2, 8).transpose(1, 2).to(q.dtype)  # noqa: E731
+    dmem.joint_attention(0, 0, q, k, v, member.shape[1], project)
+    layout = dmem._dmem_layouts[(0, 0)]
+    assert all(g.queries.numel() % 7 == 0 or g.count == video_masks.shape[1] for g in layout.groups)
+    assert any(g.queries.numel() > g.count for g in layout.groups) or layout.masked_queries.numel() > layout.num_merged

@@ -29,18 +29,20 @@ FORMS = ("joint", "cross")
 # Video groups smaller than this run together in one masked SDPA call with the text queries (small
 # query blocks are slow, on a CPU especially); their mask rows are capped so it never nears N x N.
 MERGE_BELOW, MERGE_CAP = 768, 2048
-# Query counts of the group calls are padded up to a multiple of this, per device type. On CUDA,
-# SDPA's cuDNN backend builds an execution plan for every new shape (15-20 ms of CPU each, measured
-# on an H200: `benchmarks/gpu.py --profile`); the group sizes change with the masks (every step, and
-# every block under DMEM), so without buckets nearly every call built a plan: a training step took
-# 3.4x the plain one. The padded rows repeat a real query and their outputs are dropped (no gradient
-# reaches them). Elsewhere no plan is built and padding would only cost time.
+# Layouts built inside every block (DMEM's) pad their group query counts up to a multiple of this,
+# per device type. On CUDA, SDPA's cuDNN backend builds an execution plan for every new shape (15-20 ms
+# of CPU each, measured on an H200: `benchmarks/gpu.py --profile`), and DMEM's group sizes change in
+# every block, where its one synchronisation keeps the CPU from running ahead: without buckets a
+# training step took 3.4x the plain one, with them 1.15x. The padded rows repeat a real query and
+# their outputs are dropped (no gradient reaches them). A step's layout (RMPM's) is not padded: its
+# blocks share one shape, the few plans it builds overlap the GPU's work, and padding measured 1.6%
+# slower there. Elsewhere no plan is built and padding would only cost time.
 QUERY_BUCKETS = {"cuda": 256}
 
 
-def padded_queries(queries: torch.Tensor) -> torch.Tensor:
+def padded_queries(queries: torch.Tensor, pad: bool = True) -> torch.Tensor:
     """``queries`` (a 1-D index, not empty) with its first index repeated up to the device's bucket."""
-    bucket = QUERY_BUCKETS.get(queries.device.type, 1)
+    bucket = QUERY_BUCKETS.get(queries.device.type, 1) if pad else 1
     extra = -queries.numel() % bucket
     return torch.cat([queries, queries[:1].expand(extra)]) if extra else queries
 
@@ -56,9 +58,9 @@ class QueryGroup(NamedTuple):
     chained: bool = False
 
     @classmethod
-    def of(cls, queries: torch.Tensor, num_video: int, keys: torch.Tensor, chained: bool = False) -> QueryGroup:
+    def of(cls, queries: torch.Tensor, num_video: int, keys: torch.Tensor, chained: bool = False, pad: bool = False) -> QueryGroup:
         count = queries.numel()
-        return cls(queries if count == num_video else padded_queries(queries), count, keys, chained)
+        return cls(queries if count == num_video else padded_queries(queries, pad), count, keys, chained)
 
 
 def chain_order(key_sets: list[tuple[int, ...]], num_small: int) -> tuple[list[int], list[bool]]:
@@ -90,6 +92,7 @@ class JointLayout:
     context_text: str
     backend: str = "auto"
     key_cache: dict | None = None
+    pad_queries: bool = False  # a layout built in every block (DMEM): see QUERY_BUCKETS
     # auto: keys live in one buffer [video | text and motion keys in `order`]; one masked call for the
     # text queries and the merged small video groups (rows over that buffer); every other group reads
     # the first `n_video + len(keys)` keys when its keys are a prefix of `order` (`prefix`), else gathers them
@@ -129,7 +132,7 @@ class JointLayout:
             position[order] = torch.arange(small, device=device)
             cache[config] = (order, position, in_chain)
         self.order, position, in_chain = cache[config]
-        self.groups = [QueryGroup.of(q, num_video, k if chained else position[k], chained)
+        self.groups = [QueryGroup.of(q, num_video, k if chained else position[k], chained, self.pad_queries)
                        for (q, k, _), chained in zip(large, in_chain)]  # fmt: skip
         rows = [torch.cat([text_rows[:, small:], text_rows[:, :small][:, self.order]], dim=1)]
         for queries, keys in merged:
@@ -140,7 +143,7 @@ class JointLayout:
         self.masked_queries = self.video_masks.new_zeros(0, dtype=torch.long)
         if merged:
             real = torch.cat([q for q, _ in merged])
-            self.num_merged, self.masked_queries = real.numel(), padded_queries(real)
+            self.num_merged, self.masked_queries = real.numel(), padded_queries(real, self.pad_queries)
             rows.append(rows[-1][-1:].expand(self.masked_queries.numel() - real.numel(), -1))  # the padded rows'
         self.masked_rows = torch.cat(rows)
 
@@ -218,6 +221,7 @@ class CrossLayout:
     context_text: str = "open"
     backend: str = "auto"
     key_cache: dict | None = None
+    pad_queries: bool = False  # a layout built in every block (DMEM): see QUERY_BUCKETS
     groups: list[QueryGroup] = field(default_factory=list)
     dense: torch.Tensor | None = None  # bool [N_v, L_y + K * d_m]
 
@@ -230,7 +234,7 @@ class CrossLayout:
                                              self.context_text, key_cache=self.key_cache):  # fmt: skip
             if keys.numel() == 0:  # nothing left to read: the whole text (mdma_cross_dense's rule)
                 keys = torch.arange(text_len, device=keys.device)
-            self.groups.append(QueryGroup.of(queries, self.video_masks.shape[1], keys))
+            self.groups.append(QueryGroup.of(queries, self.video_masks.shape[1], keys, pad=self.pad_queries))
 
     def attend(self, query, key, value, m_k, m_v) -> torch.Tensor:
         """``query`` ``[B, H, N_v, d]``, ``key/value`` ``[B, H, L_y, d]`` (the text's), ``m_*`` the
@@ -322,11 +326,12 @@ class FlexiMMTState:
         """Swap a video's motion tokens ``[K, experts, blocks, d_m, dim]`` (training: each step's parameters)."""
         self.videos[video].motion_tokens = tokens
 
-    def set_video_masks(self, video_masks: torch.Tensor, video: int = 0) -> None:
-        """Prepare MDMA for the next step from bool ``[K, N_v]`` object masks of one video."""
+    def set_video_masks(self, video_masks: torch.Tensor, video: int = 0, per_block: bool = False) -> None:
+        """Prepare MDMA for the next step (or, ``per_block``, for DMEM's current block) from bool
+        ``[K, N_v]`` object masks of one video."""
         slot = self.videos[video]
         slot.layout = LAYOUTS[self.form](slot.member, self.tokens_per_motion, video_masks.bool(), self.parts,
-                                         self.context_text, self.backend, slot.key_cache)  # fmt: skip
+                                         self.context_text, self.backend, slot.key_cache, per_block)  # fmt: skip
 
     def begin_step(self, num_video_tokens: int | None = None, num_blocks: int | None = None) -> None:
         """Start a denoising or training step: forget the per-block DMEM masks of the previous one (a
@@ -396,7 +401,7 @@ class FlexiMMTState:
                                      for index in slot.concept_index])  # fmt: skip
                 if self._drop is not None:  # the release's regulariser: drop positives, redrawn every call
                     masks &= self._drop[video, block]
-            self.set_video_masks(masks, video)
+            self.set_video_masks(masks, video, per_block=True)
             self._dmem_layouts[(video, block)] = slot.layout
         return self._dmem_layouts[(video, block)]
 
