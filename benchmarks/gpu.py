@@ -187,9 +187,7 @@ class Bench:
 
         from fleximmt import FlexiMMTPipeline
 
-        self.args = args
-        self.device = torch.device(args.device)
-        self.dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.setup(args)
         overrides = {} if not args.tiny else {**TINY, "ofs_embed_dim": TINY["time_embed_dim"]} if args.model == "1.5" else TINY
         self.cfg = config(args.model, **overrides)
         self.size = TINY_GEOMETRY if args.tiny else GEOMETRY[args.model]
@@ -219,9 +217,20 @@ class Bench:
         self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
         self.text_len = self.cfg.max_text_seq_length
         self.name = MODEL_NAMES[args.model]
-        self.masks = {k: moving_masks(k, self.geo["grid"]).to(self.device) for k in {args.objects, *args.more_objects}}
+        self.masks = self.object_masks()
 
     form = "joint"
+
+    def setup(self, args) -> None:
+        """What every model's bench shares: the arguments, device and dtype."""
+        self.args, self.device = args, torch.device(args.device)
+        cuda = self.device.type == "cuda"
+        self.dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if cuda else torch.float32
+
+    def object_masks(self) -> dict[int, torch.Tensor]:
+        """The moving ellipse masks of every object count timed, on the device."""
+        counts = {self.args.objects, *self.args.more_objects}
+        return {k: moving_masks(k, self.geo["grid"]).to(self.device) for k in counts}
 
     def use_plain_attention(self) -> None:
         from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
@@ -306,8 +315,7 @@ class WanBench(Bench):
         from fleximmt import FlexiMMTWanPipeline
 
         block = _benchmark_module("block")
-        self.args, self.device = args, torch.device(args.device)
-        self.dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.setup(args)
         overrides = {}
         if args.tiny:
             overrides = dict(WAN_TINY)
@@ -351,7 +359,7 @@ class WanBench(Bench):
         self.image_embeds = None
         if self.cfg.image_dim:
             self.image_embeds = torch.randn(1, self.image_tokens, self.cfg.image_dim, generator=gen).to(self.device, self.dtype)
-        self.masks = {k: moving_masks(k, self.geo["grid"]).to(self.device) for k in {args.objects, *args.more_objects}}
+        self.masks = self.object_masks()
         self.training_latents = (latents, condition)
 
     def use_plain_attention(self) -> None:
@@ -410,6 +418,16 @@ def _profiled(bench: Bench, name: str, on: bool):
     (bench.args.profile / f"{slug}.txt").write_text("\n\n".join(parts))
 
 
+def _finish(bench: Bench, name: str, result: dict, steps: int) -> dict:
+    """The activations' peak (weights subtracted) and one printed line per variant."""
+    if result["peak_gib"] is not None:
+        result["peak_activations_gib"] = result["peak_gib"] - bench.weights_gib
+    print(f"{name:<22} " + (f"{result['s_per_step']:.3f} s/step (median of {steps}), peak "
+          f"{result['peak_gib'] if result['peak_gib'] is not None else float('nan'):.2f} GiB" if result["fits"] else result["error"]),
+          flush=True)  # fmt: skip
+    return result
+
+
 def time_inference(bench: Bench, name: str, backend: str | None, objects: int | None = None) -> dict:
     args, device = bench.args, bench.device
     objects = (objects or args.objects) if backend else 0
@@ -449,12 +467,7 @@ def time_inference(bench: Bench, name: str, backend: str | None, objects: int | 
     finally:
         state = first = None
         _reset_peak(device)
-    if result["peak_gib"] is not None:
-        result["peak_activations_gib"] = result["peak_gib"] - bench.weights_gib
-    print(f"{name:<22} " + (f"{result['s_per_step']:.3f} s/step (median of {args.steps}), peak "
-          f"{result['peak_gib'] if result['peak_gib'] is not None else float('nan'):.2f} GiB" if result["fits"] else result["error"]),
-          flush=True)  # fmt: skip
-    return result
+    return _finish(bench, name, result, args.steps)
 
 
 def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> dict:
@@ -512,12 +525,7 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
         transformer.disable_gradient_checkpointing()
         state = tokens = optimizer = None
         _reset_peak(device)
-    if result["peak_gib"] is not None:
-        result["peak_activations_gib"] = result["peak_gib"] - bench.weights_gib
-    print(f"{name:<22} " + (f"{result['s_per_step']:.3f} s/step (median of {args.train_steps}), peak "
-          f"{result['peak_gib'] if result['peak_gib'] is not None else float('nan'):.2f} GiB" if result["fits"] else result["error"]),
-          flush=True)  # fmt: skip
-    return result
+    return _finish(bench, name, result, args.train_steps)
 
 
 def main(argv=None) -> int:

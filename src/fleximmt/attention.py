@@ -40,8 +40,8 @@ MERGE_BELOW, MERGE_CAP = 768, 2048
 QUERY_BUCKETS = {"cuda": 256}
 
 
-def padded_queries(queries: torch.Tensor, pad: bool = True) -> torch.Tensor:
-    """``queries`` (a 1-D index, not empty) with its first index repeated up to the device's bucket."""
+def padded_queries(queries: torch.Tensor, pad: bool) -> torch.Tensor:
+    """``queries`` (a 1-D index, not empty), when ``pad``, with its first index repeated up to the device's bucket."""
     bucket = QUERY_BUCKETS.get(queries.device.type, 1) if pad else 1
     extra = -queries.numel() % bucket
     return torch.cat([queries, queries[:1].expand(extra)]) if extra else queries
