@@ -11,7 +11,8 @@ float mask would take per block call, and the bytes the auto backend's mask stru
 
 ``--attention`` takes the MDMA layouts one FlexiMMT run of the medium model makes (one per denoising
 step) and times, interleaved on the same random ``[2, 8, 2,098, 64]`` query/key/value: diffusers'
-one SDPA call against the auto backend's grouped call (``JointLayout.attend``), the same layout with
+one SDPA call against the auto backend's grouped call (``JointLayout.attend_video_first`` on the
+``[video | text | motion]`` tokens FlexiMMT's processor makes), the same layout with
 the small groups not merged (each its own unmasked call), and the masked call alone with its mask as
 bool rows (SDPA converts them in every call) or as the float mask the layout makes once.
 """
@@ -214,8 +215,10 @@ def attention_calls(args) -> None:
     finally:
         JointLayout.__post_init__ = built
     text, n_motion = 226, args.objects * args.tokens
-    q, k, v = (torch.randn(2, 8, text + layouts[0].video_masks.shape[1], 64) for _ in range(3))
-    m_k, m_v = torch.randn(2, 8, n_motion, 64), torch.randn(2, 8, n_motion, 64)
+    n_video = layouts[0].video_masks.shape[1]
+    q, k, v = (torch.randn(2, 8, text + n_video, 64) for _ in range(3))
+    # FlexiMMT's processor's tokens: [video | text | motion], the motion rows projected with the rest
+    q_f, k_f, v_f = (torch.randn(2, 8, n_video + text + n_motion, 64) for _ in range(3))
 
     def timed(fn) -> float:
         start = time.perf_counter()
@@ -239,8 +242,8 @@ def attention_calls(args) -> None:
             bias = layout.masked_bias(masked_q)
             runs = {
                 "diffusers SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
-                "grouped (auto)": lambda: layout.attend(q, k, v, None, m_k, m_v, text),
-                "grouped, small groups unmerged": lambda: unmerged.attend(q, k, v, None, m_k, m_v, text),
+                "grouped (auto)": lambda: layout.attend_video_first(q_f, k_f, v_f, text),
+                "grouped, small groups unmerged": lambda: unmerged.attend_video_first(q_f, k_f, v_f, text),
                 "masked call, bool rows": lambda: F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=rows),
                 "masked call, float mask": lambda: F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=bias),
                 "same queries, unmasked": lambda: F.scaled_dot_product_attention(masked_q, keys, values),

@@ -66,6 +66,37 @@ def test_joint_auto_equals_dense_in_values_and_gradients(num_objects, seed, buck
         assert torch.allclose(auto, dense, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend", ["auto", "dense"])
+@pytest.mark.parametrize("seed", range(3))
+def test_video_first_tokens_give_the_same_attention(backend, seed):
+    """A processor that lays its tokens out ``[video | text | motion]`` (what CogVideoX's does) gets,
+    from either backend, the dense reference's outputs and gradients in that order, stored as
+    ``[B, N, H, d]``; the auto backend rewrites only the text and motion rows of keys and values."""
+    rng = random.Random(200 + seed)
+    member, d_m, video_masks = layout_inputs(rng, 3)
+    text_len, num_video, m_len = member.shape[1], video_masks.shape[1], 3 * d_m
+    reference = JointLayout(member, d_m, video_masks, frozenset(PARTS), "open", "dense")
+    q, k, v, mq, mk, mv = tensors(2, 2, [text_len + num_video] * 3 + [m_len] * 3, seed=seed)
+    expected = reference.attend(q, k, v, mq, mk, mv, text_len)
+    expected.pow(2).sum().backward()
+    want = [t.grad.clone() for t in (q, k, v, mk, mv)]
+
+    def first(x, m):  # [text | video] and motion -> [video | text | motion]
+        return torch.cat([x[:, :, text_len:], x[:, :, :text_len], m], dim=2)
+
+    qs, ks, vs, mqs, mks, mvs = (t.detach().clone().requires_grad_(True) for t in (q, k, v, mq, mk, mv))
+    keys, values = first(ks, mks), first(vs, mvs)
+    video_keys = keys[:, :, :num_video].detach().clone()
+    layout = JointLayout(member, d_m, video_masks, frozenset(PARTS), "open", backend)
+    out = layout.attend_video_first(first(qs, mqs), keys, values, text_len)
+    assert out.shape == (2, 2, num_video + text_len, 8) and out.transpose(1, 2).is_contiguous()
+    assert torch.equal(keys[:, :, :num_video], video_keys)
+    assert torch.allclose(out, torch.cat([expected[:, :, text_len:], expected[:, :, :text_len]], dim=2), atol=1e-10)
+    out.pow(2).sum().backward()
+    for got, ref in zip((qs.grad, ks.grad, vs.grad, mks.grad, mvs.grad), want):
+        assert torch.allclose(got, ref, atol=1e-9)
+
+
 def test_training_layouts_read_slices_of_one_key_buffer():
     # one object (training): inside the object reads text + motion, outside text only - nested sets,
     # so every group reads a prefix of the buffer and nothing is copied per group under autograd
@@ -122,9 +153,8 @@ def test_only_layouts_built_in_every_block_are_padded(monkeypatch):
     step.set_video_masks(video_masks)
     assert all(g.queries.numel() == g.count for g in step.videos[0].layout.groups)
     dmem = motion_state_for(tokens, member, dmem=True, concept_member=member, num_frames=1)
-    q, k, v = tensors(1, 2, [member.shape[1] + video_masks.shape[1]] * 3)
-    project = lambda x, kind: x.view(1, x.shape[0], 2, 8).transpose(1, 2).to(q.dtype)  # noqa: E731
-    dmem.joint_attention(0, 0, q, k, v, member.shape[1], project)
+    q, k, v = tensors(1, 2, [video_masks.shape[1] + member.shape[1] + 2 * d_m] * 3)
+    dmem.joint_attention(0, q, k.detach().clone(), v.detach().clone(), member.shape[1])
     layout = dmem._dmem_layouts[(0, 0)]
     assert all(g.queries.numel() % 7 == 0 or g.count == video_masks.shape[1] for g in layout.groups)
     assert any(g.queries.numel() > g.count for g in layout.groups) or layout.masked_queries.numel() > layout.num_merged

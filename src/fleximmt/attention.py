@@ -149,10 +149,40 @@ class JointLayout:
 
     def attend(self, query, key, value, m_q, m_k, m_v, text_len: int) -> torch.Tensor:
         """``query/key/value`` ``[B, H, L_y + N_v, d]`` (the block's own, after QK-norm and RoPE),
-        ``m_*`` the motion tokens' ``[B, H, K * d_m, d]``; returns ``[B, H, L_y + N_v, d]``."""
+        ``m_*`` the motion tokens' ``[B, H, K * d_m, d]``; returns ``[B, H, L_y + N_v, d]``. The
+        layout diffusers' processor has; a processor that builds its tokens video first calls
+        :meth:`attend_video_first` and copies nothing."""
         if self.backend == "dense":
             return self._attend_dense(query, key, value, m_q, m_k, m_v, text_len)
-        return self._attend_grouped(query, key, value, m_k, m_v, text_len)
+        n_video = query.shape[2] - text_len
+        out = self._attend_grouped(
+            torch.cat([query[:, :, text_len:], query[:, :, :text_len]], dim=2),
+            torch.cat([key[:, :, text_len:], key[:, :, :text_len], m_k], dim=2),
+            torch.cat([value[:, :, text_len:], value[:, :, :text_len], m_v], dim=2),
+            text_len,
+        )
+        return torch.cat([out[:, :, n_video:], out[:, :, :n_video]], dim=2)
+
+    def attend_video_first(self, query, keys, values, text_len: int) -> torch.Tensor:
+        """The same attention over tokens laid out ``[video | text | motion]``: ``keys/values``
+        ``[B, H, N_v + L_y + K * d_m, d]``, ``query`` the same (its motion rows are never attended
+        with: their outputs would be dropped). Returns ``[B, H, N_v + L_y, d]``, stored as
+        ``[B, N_v + L_y, H, d]`` (what the block's output projection reads). The auto backend
+        reorders the text and motion rows of ``keys`` and ``values`` in place into its key buffer
+        (``order``): the video keys are never copied."""
+        if self.backend == "auto":
+            return self._attend_grouped(query, keys, values, text_len)
+        n_video = self.video_masks.shape[1]
+        text = slice(n_video, n_video + text_len)
+        motion = slice(n_video + text_len, None)
+        out = self._attend_dense(
+            *(torch.cat([x[:, :, text], x[:, :, :n_video]], dim=2) for x in (query, keys, values)),
+            query[:, :, motion], keys[:, :, motion], values[:, :, motion], text_len,
+        )  # fmt: skip
+        batch, heads, _, dim = out.shape
+        first = out.new_empty(batch, out.shape[2], heads, dim).transpose(1, 2)
+        first[:, :, :n_video], first[:, :, n_video:] = out[:, :, text_len:], out[:, :, :text_len]
+        return first
 
     def _attend_dense(self, query, key, value, m_q, m_k, m_v, text_len: int) -> torch.Tensor:
         q = torch.cat([query[:, :, :text_len], m_q, query[:, :, text_len:]], dim=2)
@@ -171,22 +201,24 @@ class JointLayout:
             self.biases[key] = torch.zeros(rows.shape, dtype=like.dtype, device=like.device).masked_fill_(~rows, float("-inf"))
         return self.biases[key]
 
-    def _attend_grouped(self, query, key, value, m_k, m_v, text_len: int) -> torch.Tensor:
-        n_video = key.shape[2] - text_len
-        small_k = torch.cat([key[:, :, :text_len], m_k], dim=2).index_select(2, self.order)
-        small_v = torch.cat([value[:, :, :text_len], m_v], dim=2).index_select(2, self.order)
-        keys = torch.cat([key[:, :, text_len:], small_k], dim=2)  # [video | text and motion in `order`]
-        values = torch.cat([value[:, :, text_len:], small_v], dim=2)
-        out = query.new_empty(query.shape)
-        video_q = query[:, :, text_len:]
+    def _attend_grouped(self, query, keys, values, text_len: int) -> torch.Tensor:
+        """``attend_video_first``'s auto backend (``keys``/``values`` rewritten in place)."""
+        n_video = self.video_masks.shape[1]
+        # the key buffer [video | text and motion in `order`]: only the few text and motion rows move
+        small_k = keys[:, :, n_video:].index_select(2, self.order)
+        small_v = values[:, :, n_video:].index_select(2, self.order)
+        keys[:, :, n_video:], values[:, :, n_video:] = small_k, small_v
+        batch, heads, _, dim = query.shape
+        out = query.new_empty(batch, n_video + text_len, heads, dim).transpose(1, 2)
+        video_q = query[:, :, :n_video]
         merged, num_merged = self.masked_queries, self.num_merged
         # the text queries' own rows (a view would keep the whole query alive for the backward pass)
-        masked_q = query[:, :, :text_len].contiguous()
+        masked_q = query[:, :, n_video : n_video + text_len].contiguous()
         if num_merged:
             masked_q = torch.cat([masked_q, video_q.index_select(2, merged)], dim=2)
         masked_out = F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=self.masked_bias(query))
-        out[:, :, :text_len] = masked_out[:, :, :text_len]
-        video_out = out[:, :, text_len:]  # a view taken after `out` joined the autograd graph
+        out[:, :, n_video:] = masked_out[:, :, :text_len]
+        video_out = out[:, :, :n_video]  # a view taken after `out` joined the autograd graph
         if num_merged:
             video_out.index_copy_(2, merged[:num_merged], masked_out[:, :, text_len : text_len + num_merged])
         # groups whose keys are a prefix of the buffer's tail read a slice of it; the others come last:
@@ -202,7 +234,7 @@ class JointLayout:
                 keys[:, :, n_video:end] = small_k.index_select(2, small)
                 values[:, :, n_video:end] = small_v.index_select(2, small)
                 group_k, group_v = keys[:, :, :end], values[:, :, :end]
-            if count == video_q.shape[2]:
+            if count == n_video:
                 video_out.copy_(F.scaled_dot_product_attention(video_q, group_k, group_v))
             else:
                 group_out = F.scaled_dot_product_attention(video_q.index_select(2, queries), group_k, group_v)
@@ -383,12 +415,13 @@ class FlexiMMTState:
         return mean
 
     # -- motion tokens through a block's frozen projections ------------------------------------
-    def motion_projections(self, video: int, block: int, expert: int, project, with_queries: bool):
-        """``project(tokens, kind)`` maps ``[n, dim]`` tokens to ``[1, H, n, d]`` through the block's
-        ``to_q``/``to_k``/``to_v`` (and QK-norm); kind is "q", "k" or "v"."""
+    def motion_projections(self, video: int, block: int, expert: int, project):
+        """A video's motion keys and values for a cross-attention: ``project(tokens, kind)`` maps
+        ``[n, dim]`` tokens to ``[1, H, n, d]`` through the block's ``to_k``/``to_v`` (and its key
+        norm); kind is "k" or "v"."""
         tokens = self.videos[video].motion_tokens[:, expert, block]
         tokens = tokens.reshape(-1, tokens.shape[-1])
-        return project(tokens, "q") if with_queries else None, project(tokens, "k"), project(tokens, "v")
+        return project(tokens, "k"), project(tokens, "v")
 
     def _layout(self, video: int, block: int, concept_side, video_side):
         """This block's layout of one video: the step's, or DMEM's from this block's own attention."""
@@ -406,21 +439,35 @@ class FlexiMMTState:
         return self._dmem_layouts[(video, block)]
 
     # -- the two forms of attention --------------------------------------------------------
-    def joint_attention(self, block: int, expert: int, query, key, value, text_len: int, project) -> torch.Tensor:
-        """MDMA attention of text and video queries over ``[text | motion | video]`` keys.
+    def joint_motion_rows(self, block: int, expert: int, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """The motion tokens of each batch row's video for one block, ``[B, K * d_m, dim]`` in ``like``'s
+        device and dtype: a joint-attention processor appends them to its hidden states before its
+        own projections (and QK-norm; no RoPE), so that they join the keys and values uncopied."""
+        videos = [0] * batch if self.rows is None else self.rows
+        if len(videos) != batch:
+            raise ValueError(f"{len(videos)} batch rows declared, the transformer got {batch}")
+        rows = {}
+        for video in set(videos):
+            tokens = self.videos[video].motion_tokens[:, expert, block]
+            rows[video] = tokens.reshape(-1, tokens.shape[-1]).to(device=like.device, dtype=like.dtype)
+        if len(rows) == 1:
+            return rows[videos[0]].expand(batch, -1, -1)
+        return torch.stack([rows[video] for video in videos])
 
-        ``query/key/value`` ``[B, H, L_y + N_v, d]`` are the block's own projections (after QK-norm
-        and RoPE); returns ``[B, H, L_y + N_v, d]``."""
-        return self._per_video(query, key, value, lambda v, q, k, val: self._joint_one(v, block, expert, q, k, val, text_len, project))
+    def joint_attention(self, block: int, query, key, value, text_len: int) -> torch.Tensor:
+        """MDMA attention of text and video queries over text, motion and video keys.
 
-    def _joint_one(self, video, block, expert, query, key, value, text_len, project):
+        ``query/key/value`` ``[B, H, N_v + L_y + K * d_m, d]`` are the block's own projections (after
+        QK-norm and RoPE) of ``[video | text | motion]`` tokens, the motion rows from
+        :meth:`joint_motion_rows`; returns ``[B, H, N_v + L_y, d]`` (see ``JointLayout.attend_video_first``)."""
+        return self._per_video(query, key, value, lambda v, q, k, val: self._joint_one(v, block, q, k, val, text_len))
+
+    def _joint_one(self, video, block, query, key, value, text_len):
         row = self._feature_row_within(video, query.shape[0])
-        layout = self._layout(video, block, lambda idx: query[row : row + 1, :, idx],
-                              key[row : row + 1, :, text_len:])  # fmt: skip
-        m_q, m_k, m_v = self.motion_projections(video, block, expert, project, with_queries=layout.backend == "dense")
-        batch = query.shape[0]
-        expand = [None if x is None else x.expand(batch, -1, -1, -1) for x in (m_q, m_k, m_v)]
-        return layout.attend(query, key, value, *expand, text_len)
+        n_video = query.shape[2] - text_len - self.num_objects * self.tokens_per_motion
+        layout = self._layout(video, block, lambda idx: query[row : row + 1, :, n_video + idx],
+                              key[row : row + 1, :, :n_video])  # fmt: skip
+        return layout.attend_video_first(query, key, value, text_len)
 
     def cross_attention(self, block: int, expert: int, query, key, value, project) -> torch.Tensor:
         """MDMA cross-attention of video queries ``[B, H, N_v, d]`` over the text's keys/values
@@ -430,7 +477,7 @@ class FlexiMMTState:
     def _cross_one(self, video, block, expert, query, key, value, project):
         row = self._feature_row_within(video, query.shape[0])
         layout = self._layout(video, block, lambda idx: key[row : row + 1, :, idx], query[row : row + 1])
-        _, m_k, m_v = self.motion_projections(video, block, expert, project, with_queries=False)
+        m_k, m_v = self.motion_projections(video, block, expert, project)
         batch = query.shape[0]
         return layout.attend(query, key, value, m_k.expand(batch, -1, -1, -1), m_v.expand(batch, -1, -1, -1))
 
@@ -448,7 +495,9 @@ class FlexiMMTState:
         out = None
         for video, rows in groups:
             part = attend_one(video, query.index_select(0, rows), key.index_select(0, rows), value.index_select(0, rows))
-            out = query.new_empty(query.shape[:3] + part.shape[3:]) if out is None else out
+            if out is None:
+                _, heads, length, dim = part.shape
+                out = part.new_empty(query.shape[0], length, heads, dim).transpose(1, 2)
             out.index_copy_(0, rows, part)
         return out
 

@@ -35,7 +35,12 @@ V15_SIZE = (768, 1360)  # THUDM/CogVideoX1.5-5B-I2V's model card: height x width
 class FlexiMMTAttnProcessor:
     """CogVideoX's joint attention with motion tokens and MDMA: one class for every block, training
     and inference; without a ``fleximmt`` state (or with no objects) it computes exactly what diffusers'
-    ``CogVideoXAttnProcessor2_0`` (or, with fused projections, ``FusedCogVideoXAttnProcessor2_0``) does."""
+    ``CogVideoXAttnProcessor2_0`` (or, with fused projections, ``FusedCogVideoXAttnProcessor2_0``) does.
+
+    With objects, the tokens run in the order ``[video | text | motion]`` instead of diffusers'
+    ``[text | video]``: the motion tokens join the hidden states before the block's projections and
+    QK-norm (one matrix product with the rest; no RoPE), and the keys and values come out as the
+    backend's key buffer, video first, without a copy of the video keys."""
 
     def __init__(self, block_index: int) -> None:
         self.block_index = block_index
@@ -49,11 +54,20 @@ class FlexiMMTAttnProcessor:
         image_rotary_emb: torch.Tensor | None = None,
         fleximmt: FlexiMMTState | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        text_len = encoder_hidden_states.size(1)
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        batch, seq_len, _ = hidden_states.shape
+        text_len, n_video = encoder_hidden_states.size(1), hidden_states.size(1)
+        batch = hidden_states.shape[0]
+        with_motion = fleximmt is not None and fleximmt.num_objects > 0
+        if with_motion:
+            if attention_mask is not None:
+                raise ValueError("FlexiMMT attention takes no attention_mask of its own: MDMA is the mask")
+            motion = fleximmt.joint_motion_rows(self.block_index, 0, batch, like=hidden_states)
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states, motion], dim=1)
+            video, sizes = slice(None, n_video), [n_video, text_len]
+        else:
+            hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+            video, sizes = slice(text_len, None), [text_len, n_video]
         if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attn.prepare_attention_mask(attention_mask, hidden_states.shape[1], batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
 
         if getattr(attn, "fused_projections", False):
@@ -68,38 +82,22 @@ class FlexiMMTAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if image_rotary_emb is not None:
-            query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], image_rotary_emb)
+            query[:, :, video] = apply_rotary_emb(query[:, :, video], image_rotary_emb)
             if not attn.is_cross_attention:
-                key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], image_rotary_emb)
+                key[:, :, video] = apply_rotary_emb(key[:, :, video], image_rotary_emb)
 
-        if fleximmt is None or fleximmt.num_objects == 0:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        if with_motion:
+            out = fleximmt.joint_attention(self.block_index, query, key, value, text_len)
         else:
-            if attention_mask is not None:
-                raise ValueError("FlexiMMT attention takes no attention_mask of its own: MDMA is the mask")
-            out = fleximmt.joint_attention(self.block_index, 0, query, key, value, text_len, self.projector(attn, query))
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         out = attn.to_out[1](attn.to_out[0](out))
-        encoder_out, video_out = out.split([text_len, out.size(1) - text_len], dim=1)
+        first, second = out.split(sizes, dim=1)
+        encoder_out, video_out = (second, first) if with_motion else (first, second)
         if fleximmt is not None:
             fleximmt.observe(self.block_index, video_out)
         return video_out, encoder_out
-
-    @staticmethod
-    def projector(attn: Attention, like: torch.Tensor) -> Callable:
-        """Motion tokens through this block's frozen projections and QK-norm (no RoPE): ``[1, H, n, d]``.
-        The tokens go to the device and dtype of the block's own activations (weights may sit
-        elsewhere under sequential offload, where each layer's hook brings them)."""
-        linear = {"q": attn.to_q, "k": attn.to_k, "v": attn.to_v}
-        norm = {"q": attn.norm_q, "k": attn.norm_k, "v": None}
-
-        def project(tokens: torch.Tensor, kind: str) -> torch.Tensor:
-            x = linear[kind](tokens.to(device=like.device, dtype=like.dtype))
-            x = x.view(1, x.shape[0], attn.heads, -1).transpose(1, 2)
-            return norm[kind](x) if norm[kind] is not None else x
-
-        return project
 
 
 class CogVideoXAdapter(ModelAdapter):
