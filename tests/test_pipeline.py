@@ -278,3 +278,55 @@ def test_sizes_and_text_length_default_to_the_models_own(pipe, image):
                 generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
     explicit = run(pipe, image, objects=objects(pipe), num_inference_steps=2, height=32, width=32, num_frames=9)
     assert torch.equal(ours, explicit.frames)
+
+
+@pytest.mark.parametrize("backend", ["auto", "dense"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_processor_equals_the_release_layout_brute_force(pipe, backend, fused):
+    """One block's attention with objects against the release's form written out from Eqs. 2-11:
+    tokens ``[text | motion | video]``, motion tokens through the block's own ``to_q/k/v`` and
+    QK-norm (no RoPE), RoPE on the video rows only, the dense MDMA mask, one SDPA, ``to_out``. The
+    processor orders its tokens video first and projects the motion tokens with the rest."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    from fleximmt.attention import motion_state_for
+    from fleximmt.masks import mdma_dense, span_membership
+
+    attn = pipe.transformer.transformer_blocks[1].attn1
+    gen = torch.Generator().manual_seed(3)
+    dim, text_len, n_video, d_m, heads = attn.to_q.in_features, 6, 20, 3, attn.heads
+    head_dim = dim // heads
+    hidden, text = torch.randn(2, n_video, dim, generator=gen), torch.randn(2, text_len, dim, generator=gen)
+    angles = torch.rand(n_video, head_dim // 2, generator=gen) * 6
+    rotary = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1))
+    spans = [[1, 2], [4]]
+    member = span_membership(text_len, spans)
+    video_masks = torch.rand(2, n_video, generator=gen) < 0.5
+    tokens = torch.randn(2, 1, len(pipe.transformer.transformer_blocks), d_m, dim, generator=gen)
+    state = motion_state_for(tokens, member, backend=backend)
+    state.set_video_masks(video_masks)
+    if fused:
+        attn.fuse_projections()
+        assert attn.fused_projections
+    try:
+        with torch.no_grad():
+            video_out, text_out = FlexiMMTAttnProcessor(1)(attn, hidden, text, image_rotary_emb=rotary, fleximmt=state)
+    finally:
+        if fused:
+            attn.fused_projections = False  # the separate to_q/to_k/to_v were kept
+    motion = tokens[:, 0, 1].reshape(-1, dim).expand(2, -1, -1)
+
+    def heads_of(x, linear, norm):
+        x = linear(x).view(2, -1, heads, head_dim).transpose(1, 2)
+        return norm(x) if norm is not None else x
+
+    with torch.no_grad():
+        q, k, v = ([heads_of(x, lin, norm) for x in (text, motion, hidden)]
+                   for lin, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k), (attn.to_v, None)))  # fmt: skip
+        q[2], k[2] = apply_rotary_emb(q[2], rotary), apply_rotary_emb(k[2], rotary)
+        mask = mdma_dense(text_len, spans, d_m, video_masks)
+        out = F.scaled_dot_product_attention(torch.cat(q, 2), torch.cat(k, 2), torch.cat(v, 2), attn_mask=mask)
+        out = attn.to_out[0](out.transpose(1, 2).reshape(2, -1, dim))
+    m_len = 2 * d_m
+    assert torch.allclose(text_out, out[:, :text_len], atol=1e-5)
+    assert torch.allclose(video_out, out[:, text_len + m_len :], atol=1e-5)
