@@ -3,8 +3,8 @@
 Two forms of attention host motion tokens, and each base model's adapter (``fleximmt.models``)
 uses one of them:
 
-- **joint**: text and video queries attend over text, motion and video keys (CogVideoX's MM-DiT
-  blocks). Motion tokens never attend as queries: their outputs would be dropped.
+- **joint**: text and video queries attend over ``[text | motion | video]`` keys (CogVideoX's
+  MM-DiT blocks). Motion-token queries are never computed: their outputs would be dropped.
 - **cross**: video queries attend over ``[text | motion]`` keys (Wan's ``attn2``); the video-video
   attention of such a model stays untouched.
 
@@ -100,7 +100,6 @@ class JointLayout:
     masked_rows: torch.Tensor | None = None
     masked_queries: torch.Tensor | None = None  # the merged video queries (padded, see QUERY_BUCKETS)
     num_merged: int = 0  # how many of them are real
-    masked_index: torch.Tensor | None = None  # the masked call's query rows among [video | text]: text, then merged
     groups: list[QueryGroup] = field(default_factory=list)
     dense: torch.Tensor | None = None  # dense: bool [N, N] over [text | motion | video]
     # masked_rows as SDPA's additive float mask, per (dtype, device): made at the layout's first call
@@ -147,8 +146,6 @@ class JointLayout:
             self.num_merged, self.masked_queries = real.numel(), padded_queries(real, self.pad_queries)
             rows.append(rows[-1][-1:].expand(self.masked_queries.numel() - real.numel(), -1))  # the padded rows'
         self.masked_rows = torch.cat(rows)
-        text = torch.arange(num_video, num_video + self.member.shape[1], device=device)
-        self.masked_index = torch.cat([text, self.masked_queries])
 
     def attend(self, query, key, value, m_q, m_k, m_v, text_len: int) -> torch.Tensor:
         """``query/key/value`` ``[B, H, L_y + N_v, d]`` (the block's own, after QK-norm and RoPE),
@@ -168,8 +165,8 @@ class JointLayout:
 
     def attend_video_first(self, query, keys, values, text_len: int) -> torch.Tensor:
         """The same attention over tokens laid out ``[video | text | motion]``: ``keys/values``
-        ``[B, H, N_v + L_y + K * d_m, d]``, ``query`` ``[B, H, N_v + L_y, d]`` or the same with motion
-        rows (never attended with: their outputs would be dropped). Returns ``[B, H, N_v + L_y, d]``, stored as
+        ``[B, H, N_v + L_y + K * d_m, d]``, ``query`` the same (its motion rows are never attended
+        with: their outputs would be dropped). Returns ``[B, H, N_v + L_y, d]``, stored as
         ``[B, N_v + L_y, H, d]`` (what the block's output projection reads). The auto backend
         reorders the text and motion rows of ``keys`` and ``values`` in place into its key buffer
         (``order``): the video keys are never copied."""
@@ -178,12 +175,10 @@ class JointLayout:
         n_video = self.video_masks.shape[1]
         text = slice(n_video, n_video + text_len)
         motion = slice(n_video + text_len, None)
-        m_k, m_v = keys[:, :, motion], values[:, :, motion]
-        # motion queries only give the rows the dense form drops; any values do (zeros where none came)
-        m_q = query[:, :, motion] if query.shape[2] == keys.shape[2] else torch.zeros_like(m_k)
         out = self._attend_dense(
-            *(torch.cat([x[:, :, text], x[:, :, :n_video]], dim=2) for x in (query, keys, values)), m_q, m_k, m_v, text_len
-        )
+            *(torch.cat([x[:, :, text], x[:, :, :n_video]], dim=2) for x in (query, keys, values)),
+            query[:, :, motion], keys[:, :, motion], values[:, :, motion], text_len,
+        )  # fmt: skip
         batch, heads, _, dim = out.shape
         first = out.new_empty(batch, out.shape[2], heads, dim).transpose(1, 2)
         first[:, :, :n_video], first[:, :, n_video:] = out[:, :, text_len:], out[:, :, :text_len]
@@ -216,12 +211,16 @@ class JointLayout:
         batch, heads, _, dim = query.shape
         out = query.new_empty(batch, n_video + text_len, heads, dim).transpose(1, 2)
         video_q = query[:, :, :n_video]
-        # the masked call's queries, gathered in one go (a view of the text rows would keep the whole
-        # query alive for the backward pass), and its real rows' outputs put back in one go
-        rows, real = self.masked_index, text_len + self.num_merged
-        masked_out = F.scaled_dot_product_attention(query.index_select(2, rows), keys, values, attn_mask=self.masked_bias(query))
-        out.index_copy_(2, rows[:real], masked_out[:, :, :real])
+        merged, num_merged = self.masked_queries, self.num_merged
+        # the text queries' own rows (a view would keep the whole query alive for the backward pass)
+        masked_q = query[:, :, n_video : n_video + text_len].contiguous()
+        if num_merged:
+            masked_q = torch.cat([masked_q, video_q.index_select(2, merged)], dim=2)
+        masked_out = F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=self.masked_bias(query))
+        out[:, :, n_video:] = masked_out[:, :, :text_len]
         video_out = out[:, :, :n_video]  # a view taken after `out` joined the autograd graph
+        if num_merged:
+            video_out.index_copy_(2, merged[:num_merged], masked_out[:, :, text_len : text_len + num_merged])
         # groups whose keys are a prefix of the buffer's tail read a slice of it; the others come last:
         # without gradients they overwrite the tail in place, with gradients they gather their own keys
         for queries, count, small, chained in sorted(self.groups, key=lambda g: not g.chained):
@@ -458,14 +457,14 @@ class FlexiMMTState:
     def joint_attention(self, block: int, query, key, value, text_len: int) -> torch.Tensor:
         """MDMA attention of text and video queries over text, motion and video keys.
 
-        ``key/value`` ``[B, H, N_v + L_y + K * d_m, d]`` are the block's own projections (after QK-norm
-        and RoPE) of ``[video | text | motion]`` tokens, the motion rows from :meth:`joint_motion_rows`;
-        ``query`` the same, with or without its motion rows; returns ``[B, H, N_v + L_y, d]`` (see ``JointLayout.attend_video_first``)."""
+        ``query/key/value`` ``[B, H, N_v + L_y + K * d_m, d]`` are the block's own projections (after
+        QK-norm and RoPE) of ``[video | text | motion]`` tokens, the motion rows from
+        :meth:`joint_motion_rows`; returns ``[B, H, N_v + L_y, d]`` (see ``JointLayout.attend_video_first``)."""
         return self._per_video(query, key, value, lambda v, q, k, val: self._joint_one(v, block, q, k, val, text_len))
 
     def _joint_one(self, video, block, query, key, value, text_len):
         row = self._feature_row_within(video, query.shape[0])
-        n_video = key.shape[2] - text_len - self.num_objects * self.tokens_per_motion
+        n_video = query.shape[2] - text_len - self.num_objects * self.tokens_per_motion
         layout = self._layout(video, block, lambda idx: query[row : row + 1, :, n_video + idx],
                               key[row : row + 1, :, :n_video])  # fmt: skip
         return layout.attend_video_first(query, key, value, text_len)

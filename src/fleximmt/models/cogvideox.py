@@ -38,9 +38,9 @@ class FlexiMMTAttnProcessor:
     ``CogVideoXAttnProcessor2_0`` (or, with fused projections, ``FusedCogVideoXAttnProcessor2_0``) does.
 
     With objects, the tokens run in the order ``[video | text | motion]`` instead of diffusers'
-    ``[text | video]``: the motion tokens join the hidden states before the block's key and value
-    projections and key norm (one matrix product with the rest; no RoPE), and the keys and values
-    come out as the backend's key buffer, video first, without a copy of the video keys."""
+    ``[text | video]``: the motion tokens join the hidden states before the block's projections and
+    QK-norm (one matrix product with the rest; no RoPE), and the keys and values come out as the
+    backend's key buffer, video first, without a copy of the video keys."""
 
     def __init__(self, block_index: int) -> None:
         self.block_index = block_index
@@ -73,9 +73,8 @@ class FlexiMMTAttnProcessor:
         if getattr(attn, "fused_projections", False):
             qkv = attn.to_qkv(hidden_states)
             query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
-        else:  # with objects, no queries for the motion rows: they would never attend
-            query = attn.to_q(hidden_states[:, : n_video + text_len] if with_motion else hidden_states)
-            key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
         if attn.norm_q is not None:
