@@ -111,6 +111,36 @@ def test_interrupted_and_resumed_run_ends_with_the_same_tokens(pipe, tmp_path):
     assert not torch.allclose(whole.tokens, train(pipe, tmp_path / "short.safetensors", steps=3, lr=0.05).tokens)
 
 
+def test_a_callback_that_raises_leaves_a_checkpoint_of_its_step_and_resume_continues_there(pipe, tmp_path):
+    from safetensors import safe_open
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_two(step, loss):
+        if step == 2:
+            raise Stop
+
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(Stop):
+        train(pipe, out, steps=5, checkpoint_every=100, callback=stop_at_two)
+    with safe_open(str(checkpoint_path(out)), framework="pt") as f:
+        assert f.metadata()["step"] == "2"  # not saved by checkpoint_every (100): saved because the run stopped
+    steps = []
+    train(pipe, out, steps=5, checkpoint_every=100, resume=True, callback=lambda step, loss: steps.append(step))
+    assert steps == [3, 4, 5]
+
+
+def test_frames_given_as_an_array_are_subsampled_from_their_own_rate(pipe):
+    from fleximmt.train import load_reference
+
+    video = np.repeat(moving_square(frames=9, step=1), 3, axis=0)  # 27 frames: each of 9 three times, as 24 fps
+    assert np.array_equal(load_reference(video, num_frames=9, fps=8.0, video_fps=24.0), video[::3])
+    assert len(load_reference(video, num_frames=9, fps=8.0)) == 27  # without video_fps: taken to be at 8 fps already
+    with pytest.raises(ValueError, match="video_fps=0"):
+        load_reference(video, num_frames=9, fps=8.0, video_fps=0)
+
+
 def test_gradient_checkpointing_gives_the_same_tokens(pipe, tmp_path):
     plain = train(pipe, tmp_path / "a.safetensors", steps=3, lr=0.05)
     checkpointed = train(pipe, tmp_path / "b.safetensors", steps=3, lr=0.05, gradient_checkpointing=True)

@@ -48,9 +48,8 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import FlexiMMTInputError
-from .masks import mask_to_token_grid
-from .motion import MotionTokens, ObjectMotion, load_mask
-from .video import PALETTE, mask_overlay, save_video
+from .motion import MotionTokens, ObjectMotion, check_motion_name, load_mask, motion_metadata
+from .video import PALETTE, grid_preview, mask_overlay, save_video
 
 logger = logging.getLogger(__name__)
 SLOTS = 3
@@ -59,7 +58,6 @@ MAX_IMAGE_PIXELS = 50_000_000  # what the app opens; PIL itself refuses beyond 2
 MIN_UPLOAD_BYTES = 200 * 2**20  # the upload cap: this, or more when the model's motion files are larger
 KEEP_FILES_S = 3600  # uploads and results stay this long (seconds), then go
 QUEUE_SIZE = 32  # requests waiting beyond this are refused ("queue is full")
-MOTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
 
 
 # -- images: read with limits, fit to the model ---------------------------------------------
@@ -152,18 +150,6 @@ class MotionLibrary:
 
 
 # -- pure helpers (tested without a browser) ---------------------------------------------------
-def motion_metadata(motion: MotionTokens) -> str:
-    """A motion file's metadata as one Markdown line (caption, words, shape, training steps)."""
-    meta = motion.metadata
-    blocks, d_m, dim = motion.tokens.shape
-    parts = [f"caption: *{meta['caption']}*" if meta.get("caption") else None,
-             f"concept: `{meta['concept_words']}`" if meta.get("concept_words") else None,
-             f"motion words: `{meta['motion_words']}`" if meta.get("motion_words") else None,
-             f"{blocks} blocks x {d_m} tokens x {dim}",
-             f"{meta['steps']} training steps" if meta.get("steps") else None]  # fmt: skip
-    return " · ".join(p for p in parts if p)
-
-
 def highlight(prompt: str, motion_words: list[str]) -> list[tuple[str, str | None]]:
     """The prompt split into (text, label) pieces, each object's motion words labelled "Object k"."""
     spans = []
@@ -193,15 +179,6 @@ def drawn_mask(editor_value) -> np.ndarray | None:
     alpha = [layer[..., 3] if layer.ndim == 3 and layer.shape[-1] == 4 else layer.any(-1) for layer in layers]
     mask = np.any([a > 0 for a in alpha], axis=0)
     return mask if mask.any() else None
-
-
-def grid_preview(image: np.ndarray, masks: list[torch.Tensor], grid_h: int, grid_w: int, scale: int = 4) -> np.ndarray:
-    """The objects' masks on the latent token grid, tinted over the image (what MDMA sees at frame 1)."""
-    height, width = image.shape[:2]
-    grids = torch.stack([mask_to_token_grid(m, grid_h, grid_w) for m in masks])[:, None]  # [K, 1, h, w]
-    tinted = mask_overlay(image[None], grids, temporal_factor=4)[0]
-    big = np.asarray(Image.fromarray(tinted).resize((width * scale // 2 or width, height * scale // 2 or height), Image.NEAREST))
-    return big
 
 
 def hide_paths(message: str, folders: list[str | Path]) -> str:
@@ -458,7 +435,9 @@ class TransferApp:
 
     def checkpoint_every(self, steps: int) -> int:
         """How often Learn saves its checkpoint: about 20 times a run, at least every 50 steps."""
-        return max(1, min(50, int(steps) // 20))
+        from .train import checkpoint_interval
+
+        return checkpoint_interval(steps)
 
     def learn(self, video, caption, concept, motion_words, name, steps: int, tokens: int, on_step=None,
               stop: threading.Event | None = None, resume: bool = True) -> LibraryEntry:  # fmt: skip
@@ -472,10 +451,7 @@ class TransferApp:
             raise FlexiMMTInputError("type the motion words: the words of the caption that describe the motion, e.g. 'is doing yoga'")
         if not (concept or "").strip():
             raise FlexiMMTInputError("type the concept words: the words of the caption that name the moving object, e.g. 'man'")
-        name = (name or "").strip() or Path(video).stem
-        if not MOTION_NAME.fullmatch(name):
-            raise FlexiMMTInputError(f"motion name {name!r}: use letters, digits, spaces, '.', '_' or '-' (at most 64), "
-                                     "starting with a letter or digit")  # fmt: skip
+        name = check_motion_name((name or "").strip() or Path(video).stem)
         output = self.library.folder / f"{name}.safetensors"
         checkpoint = checkpoint_path(output)
         had_checkpoint = resume and checkpoint.is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,32 @@ class MotionTokens:
             ) from None
         metadata = {k: json.loads(v) for k, v in meta.items() if k in _METADATA_KEYS}
         return cls(experts, **metadata)
+
+
+MOTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")  # a motion's file name in a folder of motions
+
+
+def check_motion_name(name: str) -> str:
+    """``name`` (stripped) if it can name a motion file in a folder (no path, no hidden file), else raise."""
+    name = (name or "").strip()
+    if not MOTION_NAME.fullmatch(name):
+        raise FlexiMMTInputError(f"motion name {name!r}: use letters, digits, spaces, '.', '_' or '-' (at most 64), "
+                                 "starting with a letter or digit")  # fmt: skip
+    return name
+
+
+def motion_metadata(motion: MotionTokens, markdown: bool = True) -> str:
+    """A motion file's metadata (caption, words, shape, training steps): one Markdown line, or
+    plain text with one item a line (``markdown=False``)."""
+    meta = motion.metadata
+    blocks, d_m, dim = motion.tokens.shape[-3:]
+    em, code = ("*", "`") if markdown else ("", "")
+    parts = [f"caption: {em}{meta['caption']}{em}" if meta.get("caption") else None,
+             f"concept: {code}{meta['concept_words']}{code}" if meta.get("concept_words") else None,
+             f"motion words: {code}{meta['motion_words']}{code}" if meta.get("motion_words") else None,
+             f"{motion.num_experts} experts x " * (motion.num_experts > 1) + f"{blocks} blocks x {d_m} tokens x {dim}",
+             f"{meta['steps']} training steps" if meta.get("steps") else None]  # fmt: skip
+    return (" · " if markdown else "\n").join(p for p in parts if p)
 
 
 MaskLike = Any  # bool tensor / array, PIL image, or a path to a PNG

@@ -132,12 +132,15 @@ class Conditions:
 
 
 def load_reference(video, num_frames: int, fps: float | None, start: int | None = None,
-                   end: int | None = None) -> np.ndarray:  # fmt: skip
-    """The reference frames between ``start`` and ``end``, subsampled to about ``fps``."""
+                   end: int | None = None, video_fps: float | None = None) -> np.ndarray:  # fmt: skip
+    """The reference frames between ``start`` and ``end``, subsampled to about ``fps``; frames given
+    as an array are at ``video_fps`` (None: already at ``fps``)."""
     if isinstance(video, (str, os.PathLike)):
         frames, native_fps = read_video(video)
     else:
-        frames, native_fps = as_frames(video, "reference video"), fps or 8.0
+        if video_fps is not None and not video_fps > 0:
+            raise FlexiMMTInputError(f"video_fps={video_fps}: give the reference frames' rate in frames per second")
+        frames, native_fps = as_frames(video, "reference video"), video_fps or fps or 8.0
     return subsample(frames[start:end], native_fps, fps, num_frames)
 
 
@@ -230,6 +233,12 @@ def checkpointing_needed(adapter: ModelAdapter, grid, text_len: int) -> bool:
     return saved > CHECKPOINT_ABOVE
 
 
+def checkpoint_interval(steps: int) -> int:
+    """How often a run started from a page or a node graph (the web app, ComfyUI) saves its
+    checkpoint: about 20 times a run, at least every 50 steps."""
+    return max(1, min(50, int(steps) // 20))
+
+
 def offload_target(device: torch.device) -> str | None:
     """Where the text encoder and VAE wait while the tokens train on ``device`` (None: stay)."""
     return "cpu" if device.type != "cpu" else None
@@ -256,6 +265,7 @@ def train_motion(
     resume: bool = False,
     start_frame: int | None = None,
     end_frame: int | None = None,
+    video_fps: float | None = None,
     callback: Callable[[int, float], None] | None = None,
     shard_windows: bool = True,
     return_losses: bool = False,
@@ -264,10 +274,12 @@ def train_motion(
     """Learn motion tokens from one reference video and write them to ``output`` (safetensors).
 
     ``pipe`` is a FlexiMMT pipeline or diffusers' own pipeline of a supported model (CogVideoX or
-    Wan image-to-video); ``video`` a path or uint8 ``[T, H, W, 3]``; ``concept_words`` name the
+    Wan image-to-video); ``video`` a path or uint8 ``[T, H, W, 3]`` (at ``video_fps`` frames a second;
+    None: at the ``fps`` training subsamples to); ``concept_words`` name the
     object in ``caption`` and ``motion_words`` describe its motion. Every other setting of
     :class:`TrainSettings` is a keyword. ``resume=True`` continues from the checkpoint beside
-    ``output``; ``callback(step, loss)`` is called after every step. Under ``accelerate launch``
+    ``output``; ``callback(step, loss)`` is called after every step, and a callback that raises
+    stops the run there, with a checkpoint of that step saved first (a cancel button). Under ``accelerate launch``
     the processes share one motion: each trains on its own windows of the video and gradients are
     averaged (``shard_windows``). Every component of ``pipe`` is back on its device and dtype, and
     its attention still FlexiMMT's, when this returns, so the same pipeline generates next.
@@ -286,7 +298,7 @@ def train_motion(
     try:
         with placement_kept(pipe):
             return _train(adapter, video, caption, concept_words, motion_words, Path(output), cfg, resume,
-                          start_frame, end_frame, callback, shard_windows, return_losses)  # fmt: skip
+                          start_frame, end_frame, video_fps, callback, shard_windows, return_losses)  # fmt: skip
     finally:
         for transformer, training, checkpointed in zip(transformers, was_training, checkpointing):
             transformer.train(training)
@@ -303,7 +315,7 @@ def _set_vae_flags(vae, slicing: bool, tiling: bool) -> None:
 
 
 def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motion_words: str, output: Path,
-           cfg: TrainSettings, resume: bool, start_frame, end_frame, callback, shard_windows: bool,
+           cfg: TrainSettings, resume: bool, start_frame, end_frame, video_fps, callback, shard_windows: bool,
            return_losses: bool) -> MotionTokens | TrainResult:  # fmt: skip
     from accelerate.utils import reduce
     from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
@@ -327,7 +339,7 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
     if cfg.vae_tiling:
         pipe.vae.enable_tiling()
 
-    frames = load_reference(video, geometry[2], cfg.fps, start_frame, end_frame)
+    frames = load_reference(video, geometry[2], cfg.fps, start_frame, end_frame, video_fps)
     with proc.main_process_first():  # the main process encodes, the others read its cache
         cond = prepare_conditions(adapter, frames, caption, concept_words, motion_words, cfg, geometry,
                                   cache_path(output), cfg.seed)  # fmt: skip
@@ -415,10 +427,16 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
             losses.append(value)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
+            if saved:
                 save_checkpoint(ckpt, done, params, optimizer, scheduler, generator, fingerprints)
             if callback is not None:
-                callback(done, value)
+                try:
+                    callback(done, value)
+                except BaseException:  # a callback that raises stops the run: resume=True continues after this step
+                    if not saved:
+                        save_checkpoint(ckpt, done, params, optimizer, scheduler, generator, fingerprints)
+                    raise
     bar.close()
 
     motion = MotionTokens(

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FlexiMMTInputError
+from .masks import mask_to_token_grid
 from .motion import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -137,3 +138,14 @@ def mask_overlay(frames, masks: torch.Tensor | np.ndarray, temporal_factor: int 
             out[t][inside] = (1 - alpha) * out[t][inside] + alpha * colour
             out[t][mask_contour(inside)] = colour
     return out.round().clip(0, 255).astype(np.uint8)
+
+
+def grid_preview(image: np.ndarray, masks: list[torch.Tensor], grid_h: int, grid_w: int, scale: int = 4) -> np.ndarray:
+    """The objects' masks on the latent token grid, tinted over the image (what MDMA sees at frame 1):
+    uint8 ``[H * scale / 2, W * scale / 2, 3]`` from an image uint8 ``[H, W, 3]`` and bool masks ``[H, W]``."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    grids = torch.stack([mask_to_token_grid(m, grid_h, grid_w) for m in masks])[:, None]  # [K, 1, h, w]
+    tinted = mask_overlay(image[None], grids, temporal_factor=4)[0]
+    return np.asarray(Image.fromarray(tinted).resize((width * scale // 2 or width, height * scale // 2 or height), Image.NEAREST))
