@@ -268,18 +268,20 @@ class CrossLayout:
                 keys = torch.arange(text_len, device=keys.device)
             self.groups.append(QueryGroup.of(queries, self.video_masks.shape[1], keys, pad=self.pad_queries))
 
-    def attend(self, query, key, value, m_k, m_v) -> torch.Tensor:
+    def attend(self, query, key, value, m_k, m_v, attention=None) -> torch.Tensor:
         """``query`` ``[B, H, N_v, d]``, ``key/value`` ``[B, H, L_y, d]`` (the text's), ``m_*`` the
-        motion tokens' ``[B, H, K * d_m, d]``; returns ``[B, H, N_v, d]``."""
+        motion tokens' ``[B, H, K * d_m, d]``; returns ``[B, H, N_v, d]``. ``attention(q, k, v)``
+        computes the auto backend's unmasked calls (default: PyTorch's SDPA; ComfyUI passes its own)."""
         keys, values = torch.cat([key, m_k], dim=2), torch.cat([value, m_v], dim=2)
         if self.backend == "dense":
             return F.scaled_dot_product_attention(query, keys, values, attn_mask=self.dense)
+        attention = attention or F.scaled_dot_product_attention
         if len(self.groups) == 1 and self.groups[0].count == query.shape[2]:
             small = self.groups[0].keys
-            return F.scaled_dot_product_attention(query, keys.index_select(2, small), values.index_select(2, small))
+            return attention(query, keys.index_select(2, small), values.index_select(2, small))
         out = query.new_empty(query.shape)
         for queries, count, small, _ in self.groups:
-            group_out = F.scaled_dot_product_attention(
+            group_out = attention(
                 query.index_select(2, queries), keys.index_select(2, small), values.index_select(2, small)
             )
             out.index_copy_(2, queries[:count], group_out[:, :, :count])
@@ -393,11 +395,16 @@ class FlexiMMTState:
         return self._row_index[key]
 
     # -- RMPM features (captured during the ordinary forward) --------------------------------
-    def observe(self, block: int, video_out: torch.Tensor) -> None:
-        """Add a block's per-token video features ``[B, N_v, D]`` to each video's running sum."""
-        if block not in self.feature_blocks or self.feature_rows is None:
+    def capturing(self, block: int) -> bool:
+        """Whether this forward captures RMPM features in ``block``."""
+        return block in self.feature_blocks and self.feature_rows is not None
+
+    def observe(self, block: int, video_out: torch.Tensor, rows: list[int] | None = None) -> None:
+        """Add a block's per-token video features ``[B, N_v, D]`` to each video's running sum; ``rows``:
+        each video's row of ``video_out`` when it holds only the feature rows (default ``feature_rows``)."""
+        if not self.capturing(block):
             return
-        for slot, row in zip(self.videos, self.feature_rows):
+        for slot, row in zip(self.videos, self.feature_rows if rows is None else rows):
             feat = video_out[row].detach()
             if slot.features is None:  # one float32 sum per video, added to in place
                 slot.features = feat.to(torch.float32, copy=True)
@@ -469,17 +476,19 @@ class FlexiMMTState:
                               key[row : row + 1, :, :n_video])  # fmt: skip
         return layout.attend_video_first(query, key, value, text_len)
 
-    def cross_attention(self, block: int, expert: int, query, key, value, project) -> torch.Tensor:
+    def cross_attention(self, block: int, expert: int, query, key, value, project, attention=None) -> torch.Tensor:
         """MDMA cross-attention of video queries ``[B, H, N_v, d]`` over the text's keys/values
-        ``[B, H, L_y, d]`` and the motion tokens; returns ``[B, H, N_v, d]``."""
-        return self._per_video(query, key, value, lambda v, q, k, val: self._cross_one(v, block, expert, q, k, val, project))
+        ``[B, H, L_y, d]`` and the motion tokens; returns ``[B, H, N_v, d]`` (``attention``: see
+        ``CrossLayout.attend``)."""
+        return self._per_video(query, key, value,
+                               lambda v, q, k, val: self._cross_one(v, block, expert, q, k, val, project, attention))  # fmt: skip
 
-    def _cross_one(self, video, block, expert, query, key, value, project):
+    def _cross_one(self, video, block, expert, query, key, value, project, attention=None):
         row = self._feature_row_within(video, query.shape[0])
         layout = self._layout(video, block, lambda idx: key[row : row + 1, :, idx], query[row : row + 1])
         m_k, m_v = self.motion_projections(video, block, expert, project)
         batch = query.shape[0]
-        return layout.attend(query, key, value, m_k.expand(batch, -1, -1, -1), m_v.expand(batch, -1, -1, -1))
+        return layout.attend(query, key, value, m_k.expand(batch, -1, -1, -1), m_v.expand(batch, -1, -1, -1), attention)
 
     def _feature_row_within(self, video: int, batch: int) -> int:
         """The row, within this video's own rows, that DMEM reads (its conditional branch)."""

@@ -211,38 +211,13 @@ class FlexiMMTMixin:
         state, first_masks = self._prepare_state(adapter, prompts, images, objects, grid, call, options, device)
         adapter.install_processors()
 
-        history: list[torch.Tensor] = []
-        updating = options.mask_source == "rmpm"
+        schedule = MaskSchedule(state, first_masks, grid, options, adapter.motion_shape()[0])
         user_callback = call.get("callback_on_step_end")
         if hasattr(user_callback, "tensor_inputs"):  # diffusers' PipelineCallback / MultiPipelineCallbacks
             call["callback_on_step_end_tensor_inputs"] = user_callback.tensor_inputs
-        num_objects = len(objects[0])
-        num_blocks = adapter.motion_shape()[0]
 
         def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-            nonlocal updating
-            if options.return_masks:
-                history.append(torch.stack([
-                    slot.layout.video_masks.view(num_objects, grid.frames, grid.height, grid.width).cpu()
-                    for slot in state.videos]))  # fmt: skip
-            state.begin_step(grid.size, num_blocks)
-            if updating:
-                changes = []
-                for v, slot in enumerate(state.videos):
-                    features = state.take_features(v)
-                    if features is None:
-                        continue
-                    new = rmpm(first_masks[v], features.view(grid.frames, grid.height, grid.width, -1),
-                               options.anchors, options.rmpm_method).reshape(num_objects, -1)  # fmt: skip
-                    old = slot.layout.video_masks
-                    state.parts = options.parts  # after a release-style step 0, every part is on again
-                    state.set_video_masks(new, v)
-                    changes += [mask_change(o, n) for o, n in zip(old, new)]
-                if options.alpha is not None and step + 1 >= ALWAYS_UPDATE_STEPS and changes:
-                    if all(change < options.alpha for change in changes):
-                        updating = False
-                        state.feature_blocks = frozenset()
-                        logger.info("dynamic RMPM: masks frozen after step %d", step)
+            schedule.step_end(step)
             if user_callback is not None:
                 return user_callback(pipe, step, timestep, callback_kwargs)
             return {}
@@ -250,7 +225,7 @@ class FlexiMMTMixin:
         call["callback_on_step_end"] = step_end
         with adapter.attach(state, call) as call:
             output = diffusers_call(self, **call)
-        masks = torch.stack(history, dim=1) if history else None
+        masks = schedule.masks()
         if not options.return_masks:
             return output
         if not call.get("return_dict", True):
@@ -297,19 +272,42 @@ class FlexiMMTMixin:
             tokens = torch.stack([o.motion.expert_tokens() for o in objs]).to(device)  # [K, E, blocks, d_m, dim]
             slots.append(VideoMotions(tokens, member.to(device), concept_index))
             firsts.append(torch.stack(first).to(device))
-        feature_blocks = options.feature_blocks
-        if feature_blocks is None:
-            feature_blocks = range(max(1, round(num_blocks * adapter.feature_share)))
-        bad = [b for b in feature_blocks if not 0 <= b < num_blocks]
-        if bad:
-            raise FlexiMMTInputError(f"feature_blocks {bad} are outside the model's {num_blocks} blocks")
-        state = FlexiMMTState(
-            videos=slots, form=adapter.form, parts=options.parts, context_text=options.context_text,
-            backend=options.attention_backend, num_frames=grid.frames, dmem=options.mask_source == "qk",
-            feature_blocks=frozenset(feature_blocks) if options.mask_source == "rmpm" else frozenset(),
-        )  # fmt: skip
-        num_objects = len(objects[0])
-        for v, first in enumerate(firsts):
+        state = transfer_state(slots, options, adapter.form, num_blocks, adapter.feature_share, grid.frames)
+        return state, firsts
+
+
+def transfer_state(videos: list[VideoMotions], options: TransferOptions, form: str, num_blocks: int,
+                   feature_share: float, num_frames: int) -> FlexiMMTState:  # fmt: skip
+    """The state a transfer's processors read: every video's motions, the MDMA settings and RMPM's
+    feature blocks (by default the model's ``feature_share`` of its first blocks)."""
+    feature_blocks = options.feature_blocks
+    if feature_blocks is None:
+        feature_blocks = range(max(1, round(num_blocks * feature_share)))
+    bad = [b for b in feature_blocks if not 0 <= b < num_blocks]
+    if bad:
+        raise FlexiMMTInputError(f"feature_blocks {bad} are outside the model's {num_blocks} blocks")
+    return FlexiMMTState(
+        videos=videos, form=form, parts=options.parts, context_text=options.context_text,
+        backend=options.attention_backend, num_frames=num_frames, dmem=options.mask_source == "qk",
+        feature_blocks=frozenset(feature_blocks) if options.mask_source == "rmpm" else frozenset(),
+    )  # fmt: skip
+
+
+class MaskSchedule:
+    """The object masks of one transfer, step by step (METHOD.md section 5): step 0's from the
+    options (first-frame masks on every frame, the release's none, all video, or DMEM's), then after
+    every step RMPM's from the features captured during it - used from the next step on - until
+    dynamic RMPM freezes them. Any driver of a denoising loop calls :meth:`step_end` after each step
+    (diffusers' callback here; ComfyUI's native patch when the noise level changes)."""
+
+    def __init__(self, state: FlexiMMTState, first_masks: list[torch.Tensor], grid: TokenGrid,
+                 options: TransferOptions, num_blocks: int) -> None:  # fmt: skip
+        self.state, self.first_masks, self.grid, self.options, self.num_blocks = state, first_masks, grid, options, num_blocks
+        self.updating = options.mask_source == "rmpm"
+        self.history: list[torch.Tensor] = []
+        num_objects = state.num_objects
+        for v, first in enumerate(first_masks):
+            device = first.device
             if options.mask_source == "none":
                 state.set_video_masks(torch.ones(num_objects, grid.size, dtype=torch.bool, device=device), v)
             elif options.mask_source == "rmpm" and options.initial_masks == "none":
@@ -320,4 +318,35 @@ class FlexiMMTMixin:
             elif options.mask_source in ("rmpm", "static", "qk"):
                 state.set_video_masks(first[:, None].expand(-1, grid.frames, -1, -1).reshape(num_objects, -1), v)
         state.begin_step(grid.size, num_blocks)
-        return state, firsts
+
+    def step_end(self, step: int) -> None:
+        """Step ``step`` (from 0) is done: record its masks, then prepare the next step's."""
+        state, grid, options = self.state, self.grid, self.options
+        num_objects = state.num_objects
+        if options.return_masks:
+            self.history.append(torch.stack([
+                slot.layout.video_masks.view(num_objects, grid.frames, grid.height, grid.width).cpu()
+                for slot in state.videos]))  # fmt: skip
+        state.begin_step(grid.size, self.num_blocks)
+        if not self.updating:
+            return
+        changes = []
+        for v, slot in enumerate(state.videos):
+            features = state.take_features(v)
+            if features is None:
+                continue
+            new = rmpm(self.first_masks[v], features.view(grid.frames, grid.height, grid.width, -1),
+                       options.anchors, options.rmpm_method).reshape(num_objects, -1)  # fmt: skip
+            old = slot.layout.video_masks
+            state.parts = options.parts  # after a release-style step 0, every part is on again
+            state.set_video_masks(new, v)
+            changes += [mask_change(o, n) for o, n in zip(old, new)]
+        if options.alpha is not None and step + 1 >= ALWAYS_UPDATE_STEPS and changes:
+            if all(change < options.alpha for change in changes):
+                self.updating = False
+                state.feature_blocks = frozenset()
+                logger.info("dynamic RMPM: masks frozen after step %d", step)
+
+    def masks(self) -> torch.Tensor | None:
+        """The masks every step used, bool ``[videos, steps, K, frames, h, w]`` (with ``return_masks``)."""
+        return torch.stack(self.history, dim=1) if self.history else None

@@ -15,17 +15,27 @@ def prompt_token_ids(tokenizer, prompt: str, max_sequence_length: int) -> list[i
 
 
 def find_word_spans(tokenizer, prompt: str, phrases: Sequence[str], max_sequence_length: int) -> list[list[int]]:
-    """Token indices of each phrase inside the tokenised prompt.
+    """Token indices of each phrase inside the prompt as a diffusers pipeline tokenises it (see
+    :func:`find_token_spans`)."""
+    ids = prompt_token_ids(tokenizer, prompt, max_sequence_length)
+    return find_token_spans(ids, phrases, lambda phrase: tokenizer(phrase, add_special_tokens=False).input_ids,
+                            prompt, max_sequence_length)  # fmt: skip
+
+
+def find_token_spans(ids: Sequence[int], phrases: Sequence[str], encode, prompt: str,
+                     max_sequence_length: int) -> list[list[int]]:  # fmt: skip
+    """Token indices of each phrase inside the prompt's token ids ``ids``; ``encode(phrase)`` gives a
+    phrase's ids without special tokens (a diffusers tokenizer's, or a ComfyUI CLIP's).
 
     A phrase that occurs several times goes to the first occurrence no earlier phrase has taken
     (so "A dog jumps. A cat jumps." can give each object its own "jumps"); when all are taken
     the phrase shares the first one.
     """
-    ids = prompt_token_ids(tokenizer, prompt, max_sequence_length)
+    ids = list(ids)
     taken: set[int] = set()
     spans = []
     for phrase in phrases:
-        words = tokenizer(phrase, add_special_tokens=False).input_ids
+        words = list(encode(phrase))
         if not words:
             raise FlexiMMTInputError(f"motion words {phrase!r} are empty after tokenisation: name words of the prompt")
         starts = [i for i in range(len(ids) - len(words) + 1) if ids[i : i + len(words)] == words]

@@ -106,7 +106,8 @@ class ModelAdapter:
     def check_geometry(self, height: int, width: int, num_frames: int) -> None:
         """Raise a ``ValueError`` for a size this model cannot generate (FlexiMMT needs the grid exact)."""
 
-    def check_settings(self, parts: frozenset[str], context_text: str) -> None:
+    @classmethod
+    def check_settings(cls, parts: frozenset[str], context_text: str) -> None:
         """Raise for MDMA settings that do not exist on this model."""
 
     def prompt_text(self, prompt: str) -> str:

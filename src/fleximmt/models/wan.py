@@ -175,7 +175,8 @@ class WanAdapter(ModelAdapter):
                 f"{height // multiple * multiple} x {width // multiple * multiple}"
             )
 
-    def check_settings(self, parts: frozenset[str], context_text: str) -> None:
+    @classmethod
+    def check_settings(cls, parts: frozenset[str], context_text: str) -> None:
         try:
             check_cross_parts(parts, context_text)
         except ValueError as err:

@@ -137,11 +137,16 @@ def tiny_wan_components(
     head_dim: int = 12,
     text_dim: int = 16,
     words: tuple[str, ...] = WORDS,
+    freq_dim: int = 32,
+    ffn_dim: int = 32,
+    image_dim: int = 4,
 ) -> dict:
     """Random-weight components of a ``WanImageToVideoPipeline`` (seeded), shaped like diffusers' own
     fast tests: ``"2.1"`` (I2V-14B: the first frame's latents beside the noise, CLIP image tokens in
     every cross-attention), ``"2.2"`` (I2V-A14B: two experts split at ``boundary_ratio``, no CLIP) or
-    ``"2.2-ti2v"`` (TI2V-5B: the first latent frame is the image, per-token timesteps, 16x VAE)."""
+    ``"2.2-ti2v"`` (TI2V-5B: the first latent frame is the image, per-token timesteps, 16x VAE).
+    ComfyUI's Wan reads some sizes as fixed (heads of 128, ``text_dim`` 4096, ``freq_dim`` 256, CLIP
+    width ``image_dim`` 1280): its tests pass those."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
@@ -160,14 +165,14 @@ def tiny_wan_components(
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=2 * text_dim,
                                                num_layers=1, num_heads=2, relative_attention_num_buckets=8,
                                                pad_token_id=0, eos_token_id=1))  # fmt: skip
-    image_dim = 4 if version == "2.1" else None
+    image_dim = image_dim if version == "2.1" else None
 
     def transformer():
         channels = 48 if ti2v else 16
         return WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
-            in_channels=channels if ti2v else 2 * channels + 4, out_channels=channels, text_dim=text_dim, freq_dim=32,
-            ffn_dim=32, num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            in_channels=channels if ti2v else 2 * channels + 4, out_channels=channels, text_dim=text_dim,
+            freq_dim=freq_dim, ffn_dim=ffn_dim, num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
             rope_max_seq_len=32, image_dim=image_dim, added_kv_proj_dim=heads * head_dim if image_dim else None,
         )  # fmt: skip
 
