@@ -1,0 +1,122 @@
+"""What every FlexiMMT node shares: ComfyUI's types as fleximmt reads them, the motion folder, the
+objects list, and errors numbered as the user sees them.
+
+ComfyUI passes IMAGE as float ``[B, H, W, C]`` in 0-1 (video frames on B) and MASK as ``[B, H, W]``
+or ``[H, W]``. FlexiMMT's own values travel between nodes as these types:
+
+- ``FLEXIMMT_MOTION``: a :class:`fleximmt.MotionTokens`.
+- ``FLEXIMMT_OBJECTS``: a tuple of :class:`fleximmt.ObjectMotion` (mask ``[H, W]`` bool at the
+  image's size, motion, motion words), object 1 first; the *Object* node appends one.
+- ``FLEXIMMT_PIPE``: a FlexiMMT diffusers pipeline (``FlexiMMTPipeline`` / ``FlexiMMTWanPipeline``).
+
+Only this package imports ComfyUI (``folder_paths``, ``comfy.*``), and only inside functions, so
+``import fleximmt.comfy`` works without it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import FlexiMMTInputError
+from ..motion import MotionTokens, ObjectMotion
+
+CATEGORY = "FlexiMMT"
+MOTION = "FLEXIMMT_MOTION"
+OBJECTS = "FLEXIMMT_OBJECTS"
+PIPE = "FLEXIMMT_PIPE"
+MOTIONS_FOLDER = "fleximmt_motions"  # ComfyUI model folder of learned motions (models/fleximmt_motions)
+MAX_OBJECTS = 8
+
+
+def register_folders() -> None:
+    """Make ``models/fleximmt_motions`` one of ComfyUI's model folders (once)."""
+    import folder_paths
+
+    if MOTIONS_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[MOTIONS_FOLDER] = ([os.path.join(folder_paths.models_dir, MOTIONS_FOLDER)],
+                                                               {".safetensors"})  # fmt: skip
+
+
+def motions_dir() -> Path:
+    """Where learned motions are saved: the first ``fleximmt_motions`` folder."""
+    import folder_paths
+
+    register_folders()
+    path = Path(folder_paths.get_folder_paths(MOTIONS_FOLDER)[0])
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def motion_files() -> list[str]:
+    import folder_paths
+
+    register_folders()
+    return sorted(folder_paths.get_filename_list(MOTIONS_FOLDER))
+
+
+def first_mask(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """A ComfyUI MASK (``[H, W]`` or ``[B, H, W]``; the first of a batch is the first frame's) as
+    bool ``[H, W]``: the object is where the mask is above 0.5."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise FlexiMMTInputError(f"object {k}: a MASK must be [H, W] or [B, H, W], got {shape}")
+    if mask.ndim == 3:
+        mask = mask[0]
+    return mask.float().cpu() > 0.5
+
+
+def add_object(objects: tuple | None, mask: torch.Tensor, motion: MotionTokens, motion_words: str,
+               concept_words: str = "") -> tuple[ObjectMotion, ...]:  # fmt: skip
+    """``objects`` with one more object appended (the *Object* node)."""
+    objects = tuple(objects or ())
+    k = len(objects) + 1
+    if k > MAX_OBJECTS:
+        raise FlexiMMTInputError(f"object {k}: FlexiMMT takes at most {MAX_OBJECTS} objects; remove an Object node")
+    if not isinstance(motion, MotionTokens):
+        raise FlexiMMTInputError(f"object {k}: connect a MOTION (from Load motion or Learn motion)")
+    if not motion_words.strip():
+        raise FlexiMMTInputError(f"object {k}: write its motion words, the words of the prompt that describe its motion")
+    try:
+        obj = ObjectMotion(first_mask(mask, k), motion, motion_words.strip(), concept_words.strip() or None)
+    except FlexiMMTInputError as err:
+        raise FlexiMMTInputError(numbered(err, k)) from None
+    return (*objects, obj)
+
+
+def numbered(err: Exception, k: int) -> str:
+    """The message of ``err`` starting with "object k: " (once)."""
+    text = str(err)
+    return text if text.lower().startswith(f"object {k}") else f"object {k}: {text}"
+
+
+class ObjectNode:
+    """One object of the first frame: its mask, its motion and the prompt's words for that motion."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (OBJECTS,)
+    RETURN_NAMES = ("objects",)
+    FUNCTION = "add"
+    DESCRIPTION = "Adds one object (mask + motion + motion words) to the objects list; chain up to 8."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "mask": ("MASK", {"tooltip": "The object in the first frame (mask editor, SAM, a loaded mask); "
+                                             "of a batch, the first mask is used."}),
+                "motion": (MOTION, {"tooltip": "The motion this object performs (Load motion or Learn motion)."}),
+                "motion_words": ("STRING", {"default": "", "tooltip": "The words of the prompt that describe this "
+                                            "object's motion, exactly as the prompt has them, e.g. 'jumps up'."}),
+            },
+            "optional": {
+                "objects": (OBJECTS, {"tooltip": "Objects before this one (chain Object nodes)."}),
+                "concept_words": ("STRING", {"default": "", "tooltip": "Optional: the words naming the object "
+                                             "(only the 'qk' mask source uses them)."}),
+            },
+        }
+
+    def add(self, mask, motion, motion_words, objects=None, concept_words=""):
+        return (add_object(objects, mask, motion, motion_words, concept_words),)

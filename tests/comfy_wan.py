@@ -1,0 +1,145 @@
+"""ComfyUI's side of the native tests: ComfyUI imported in-process (CPU), tiny Wan models in ComfyUI's
+weight format made from fleximmt's tiny diffusers ones, and a tiny umT5-style tokenizer.
+
+ComfyUI reads some Wan sizes as fixed (heads of 128 channels, umT5's 4096-wide text, a 256-wide time
+embedding, CLIP-H's 1280-wide image features), so the tiny models here have those widths and 1 head.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+COMFYUI = Path(os.environ.get("COMFYUI") or Path(__file__).resolve().parents[2] / "shared" / "comfyui")
+SHAPE = dict(num_layers=2, heads=1, head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=64, image_dim=1280)
+SENTENCES = ["A ball jumps up. A box slides left.", "The cat (jumps) while the dog runs quickly.",
+             "A dog walks on the snow, a cat runs right and jumps."]  # fmt: skip
+
+# diffusers' Wan names -> ComfyUI's (the original Wan release's), in the order they are applied
+TO_COMFY = [
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
+    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+    ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
+    ("attn1", "self_attn"), ("attn2", "cross_attn"),
+    (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
+    (".add_k_proj.", ".k_img."), (".add_v_proj.", ".v_img."), (".norm_added_k.", ".norm_k_img."),
+    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+    (".norm2.", ".norm__swap."), (".norm3.", ".norm2."), (".norm__swap.", ".norm3."),
+    ("proj_out", "head.head"),
+]  # fmt: skip
+
+
+def import_comfy():
+    """ComfyUI's modules, imported in this process on the CPU."""
+    if str(COMFYUI) not in sys.path:
+        sys.path.insert(0, str(COMFYUI))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    import comfy.model_management  # noqa: F401  (reads args.cpu once)
+    import comfy.patcher_extension
+    import comfy.sd
+
+    return comfy
+
+
+def comfy_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """A diffusers ``WanTransformer3DModel``'s weights under ComfyUI's key names, checked by converting
+    them back with diffusers' own converter (``from_single_file``'s)."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    theirs = transformer.state_dict()
+    ours = {}
+    for key, value in theirs.items():
+        name = key
+        if name == "scale_shift_table":
+            name = "head.modulation"
+        elif name.endswith(".scale_shift_table"):
+            name = name.replace(".scale_shift_table", ".modulation")
+        for a, b in TO_COMFY:
+            name = name.replace(a, b)
+        ours[name] = value.clone()
+    back = convert_wan_transformer_to_diffusers(dict(ours))
+    assert set(back) == set(theirs), sorted(set(back) ^ set(theirs))
+    assert all(torch.equal(back[k], theirs[k]) for k in theirs)
+    return ours
+
+
+def comfy_model(transformer):
+    """ComfyUI's own loader (``UNETLoader``'s) on the transformer's weights in ComfyUI's format, float32."""
+    comfy = import_comfy()
+    return comfy.sd.load_diffusion_model_state_dict(comfy_state_dict(transformer), model_options={"dtype": torch.float32})
+
+
+def spiece_model(sentences=SENTENCES) -> bytes:
+    """A tiny sentencepiece model with umT5's special ids (pad 0, end 1), trained here on ``sentences``."""
+    import sentencepiece
+
+    out = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(list(sentences) * 40), model_writer=out,
+                                             vocab_size=80, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                             hard_vocab_limit=False, minloglevel=2)  # fmt: skip
+    return out.getvalue()
+
+
+class TokenizerClip:
+    """The tokenizing half of a ComfyUI ``CLIP`` for Wan: ComfyUI's own ``WanT5Tokenizer`` (umT5's
+    settings: 512 tokens at least, pad 0) on a tiny sentencepiece model; ``tokenize`` as ``CLIP.tokenize``."""
+
+    def __init__(self, model: bytes | None = None) -> None:
+        import_comfy()
+        from comfy.text_encoders.wan import WanT5Tokenizer
+
+        self.tokenizer = WanT5Tokenizer(tokenizer_data={"spiece_model": model or spiece_model()})
+
+    def tokenize(self, text: str, return_word_ids: bool = False, **kwargs):
+        return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
+
+    def decode(self, ids) -> str:
+        inner = getattr(self.tokenizer, self.tokenizer.clip)
+        return inner.tokenizer.tokenizer.decode(list(ids))
+
+
+def comfy_forward(patcher, x, timestep, context, clip_fea=None, sigma=0.5, cond_or_uncond=(0,)):
+    """One call of the diffusion model as ComfyUI's sampler makes it: the patcher's transformer options
+    with its wrappers merged in (``sampler_helpers.prepare_model_patcher``), the chunks and the sigma."""
+    comfy = import_comfy()
+    ext = comfy.patcher_extension
+    options = ext.copy_nested_dicts(patcher.model_options["transformer_options"])
+    ext.merge_nested_dicts(options.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
+    options["cond_or_uncond"] = list(cond_or_uncond)
+    options["sigmas"] = torch.full((x.shape[0],), float(sigma))
+    with torch.no_grad():
+        return patcher.model.diffusion_model(x, timestep, context, clip_fea=clip_fea, transformer_options=options)
+
+
+def write_wan_vae(path) -> None:
+    """Random weights (seeded, float16) for ComfyUI's Wan 2.1 VAE, whose loader reads a fixed config
+    (96 channels): ComfyUI's own *Load VAE* then loads them."""
+    comfy = import_comfy()
+    import comfy.ldm.wan.vae
+    from safetensors.torch import save_file
+
+    shapes = {k: v.shape for k, v in comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+              attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0).state_dict().items()}  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    weights = {}
+    for key, shape in shapes.items():
+        if len(shape) >= 2 and not key.endswith("gamma"):
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            weights[key] = (torch.randn(shape, generator=gen) * fan_in**-0.5).half()
+        elif key.endswith("gamma"):
+            weights[key] = torch.ones(shape, dtype=torch.float16)
+        else:
+            weights[key] = torch.zeros(shape, dtype=torch.float16)
+    save_file(weights, str(path))
