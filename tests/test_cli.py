@@ -134,6 +134,25 @@ def test_bad_object_exits_2_with_a_message_naming_it(scene, capsys, spec, messag
     assert not (scene / "o.mp4").exists()
 
 
+@pytest.mark.parametrize("second, message", [
+    ("{d}/mask1.png:{d}/missing.safetensors:slides left", "error: object 2: motion file '{d}/missing.safetensors' does not exist"),
+    ("{d}/mask1.png:{d}/m1.safetensors:flies away", "error: object 2: motion words 'flies away' were not found"),
+    ("{d}/mask1.png", "error: object 2: --object '{d}/mask1.png': write MASK.png:MOTION.safetensors:motion words"),
+])  # fmt: skip
+def test_messages_name_the_object_by_its_place_among_the_object_options(scene, capsys, second, message):
+    first = f"{scene / 'mask0.png'}:{scene / 'm0.safetensors'}:jumps up"
+    code, _, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", PROMPT,
+                            "--object", first, "--object", second.format(d=scene), "--out", scene / "o.mp4"], capsys)  # fmt: skip
+    assert code == 2 and err.startswith(message.format(d=scene)), err
+
+
+def test_an_empty_prompt_exits_2_saying_what_to_write(scene, capsys):
+    code, _, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", "",
+                            *objects(scene), "--out", scene / "o.mp4"], capsys)  # fmt: skip
+    assert code == 2 and err.startswith("error: the prompt is empty, so the motion words 'jumps up' are not in it: "
+                                        "write a prompt that describes the scene")  # fmt: skip
+
+
 def test_missing_image_and_bad_output_suffix_exit_2_before_loading_the_model(scene, capsys, monkeypatch):
     def no_model(args):
         raise AssertionError("the model was loaded although the input was bad")

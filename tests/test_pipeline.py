@@ -247,6 +247,38 @@ def test_bad_input_raises_value_errors_that_name_the_fix(pipe, image, tmp_path):
         ObjectMotion(str(tmp_path / "broken.png"), good[0].motion, "jumps up")
 
 
+def test_messages_about_one_object_start_with_its_number(pipe, image):
+    import pickle
+
+    from fleximmt.errors import ObjectInputError
+
+    good = objects(pipe, 3)
+    narrow = ObjectMotion(box(0, 8, 0, 8), MotionTokens(torch.zeros(2, 4, 8)), "slides left")
+    cases = [
+        ([good[0], ObjectMotion(box(0, 8, 0, 8), good[1].motion, "flies away")],
+         "object 2: motion words 'flies away' were not found among the tokens of the prompt"),
+        ([good[0], narrow], "object 2: motion tokens are for a model with 2 blocks of width 8"),
+        ([*good[:2], ObjectMotion(box(0, 8, 0, 8, size=48), good[2].motion, "spins around")], "object 3: the mask is 48 x 48"),
+        ([good[0], "walk.safetensors"], "object 2: it is a str: give fleximmt.ObjectMotion(mask, motion, motion_text)"),
+    ]  # fmt: skip
+    for objs, message in cases:
+        with pytest.raises(ObjectInputError) as err:
+            run(pipe, image, num_inference_steps=1, objects=objs)
+        assert str(err.value).startswith(message), str(err.value)
+        assert str(err.value).count("object ") == 1  # numbered once
+    copy = pickle.loads(pickle.dumps(err.value))  # as a distributed run's processes pass it on
+    assert (str(copy), copy.number) == (str(err.value), 2)
+
+
+def test_an_empty_prompt_is_named_as_such(pipe, image):
+    with pytest.raises(ValueError) as err:
+        pipe(image=image, prompt="", objects=objects(pipe, 2), num_inference_steps=1, max_sequence_length=16,
+             output_type="latent")  # fmt: skip
+    assert str(err.value) == ("the prompt is empty, so the motion words 'jumps up' are not in it: write a prompt that "
+                              "describes the scene and holds each object's motion words as they are, e.g. "
+                              "'A dog jumps up.'")  # fmt: skip
+
+
 def test_empty_object_mask_is_inert_and_stays_empty(pipe, image, caplog):
     objs = objects(pipe, 2, masks=[box(0, 0, 0, 0), box(10, 30, 12, 30)])
     with caplog.at_level("WARNING"):

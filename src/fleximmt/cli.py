@@ -12,7 +12,7 @@ from pathlib import Path
 from .errors import FlexiMMTInputError
 from .masks import RMPM_METHODS
 from .models.cogvideox import DEFAULT_MODEL
-from .pipeline import INITIAL_MASKS, MASK_SOURCES
+from .pipeline import INITIAL_MASKS, MASK_SOURCES, about_object
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,10 @@ def cmd_generate(args) -> None:
         image = Image.open(image_path).convert("RGB")
     except Exception as err:
         raise FlexiMMTInputError(f"--image {args.image!r} is not a readable image ({err})") from None
-    objects = [ObjectMotion(mask, motion, words) for mask, motion, words in map(parse_object, args.object or [])]
+    objects = []
+    for number, spec in enumerate(args.object or [], 1):  # numbered as the pipeline numbers them: object 1 is the first --object
+        with about_object(number):
+            objects.append(ObjectMotion(*parse_object(spec)))
     if masks_out and not objects:
         logger.warning("--masks-out: no --object given, so there are no masks to draw; skipping it")
     pipe = load_pipeline(args)
@@ -283,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the text prompt; it must contain every object's motion words")
     gen.add_argument("--object", action="append", metavar="MASK:MOTION:WORDS",
                      help="an object: its first-frame mask PNG (image size), its motion file and the prompt's words "
-                          "for its motion; repeat for up to 8 objects (none: plain image-to-video)")  # fmt: skip
+                          "for its motion; repeat for up to 8 objects (none: plain image-to-video); messages number "
+                          "them in this order ('object 2: ...' is the second --object)")  # fmt: skip
     gen.add_argument("--out", required=True, help="output video (.mp4 or .gif)")
     gen.add_argument("--masks-out", help="also write the propagated object masks over the video (.mp4 or .gif)")
     gen.add_argument("--gif", action="store_true", help="also write a .gif beside --out")

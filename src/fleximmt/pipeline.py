@@ -13,7 +13,8 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from diffusers.utils import BaseOutput
 
 from .attention import BACKENDS, FlexiMMTState, VideoMotions
-from .errors import FlexiMMTInputError
+from .errors import FlexiMMTInputError, ObjectInputError
 from .masks import PARTS, RMPM_METHODS, check_context_text, check_parts, mask_change, mask_to_token_grid, rmpm, span_membership
 from .models.base import ModelAdapter, TokenGrid
 from .motion import ObjectMotion
@@ -106,6 +107,27 @@ class TransferOptions:
         adapter.check_settings(self.parts, self.context_text)
 
 
+@contextmanager
+def about_object(number: int) -> Iterator[None]:
+    """Bad input raised inside the block is about object ``number`` (from 1): its message says so."""
+    try:
+        yield
+    except ObjectInputError:
+        raise
+    except FlexiMMTInputError as err:
+        raise ObjectInputError(number, str(err)) from None
+
+
+def object_word_spans(tokenizer, prompt: str, phrases: Sequence[str], max_sequence_length: int) -> list[list[int]]:
+    """:func:`find_word_spans` of every object's phrase, a phrase that is not in the prompt named by
+    its object's number ("object 2: motion words ..."). An empty prompt is about no one object."""
+    if prompt.strip():
+        for number, phrase in enumerate(phrases, 1):
+            with about_object(number):
+                find_word_spans(tokenizer, prompt, [phrase], max_sequence_length)
+    return find_word_spans(tokenizer, prompt, phrases, max_sequence_length)
+
+
 def objects_per_prompt(objects: Sequence, prompts: int) -> list[list[ObjectMotion]]:
     """``objects`` as one list per prompt: a flat list applies to every prompt."""
     objects = list(objects)
@@ -122,7 +144,7 @@ def objects_per_prompt(objects: Sequence, prompts: int) -> list[list[ObjectMotio
     for objs in per:
         for k, obj in enumerate(objs, 1):
             if not isinstance(obj, ObjectMotion):
-                raise FlexiMMTInputError(f"object {k} is a {type(obj).__name__}: give fleximmt.ObjectMotion(mask, motion, motion_text)")
+                raise ObjectInputError(k, f"it is a {type(obj).__name__}: give fleximmt.ObjectMotion(mask, motion, motion_text)")
     return per
 
 
@@ -247,14 +269,13 @@ class FlexiMMTMixin:
             img_h, img_w = image_size(image)
             first = []
             for k, obj in enumerate(objs, 1):
-                obj.motion.check_model(num_blocks, dim, family=adapter.family, experts=adapter.num_experts,
-                                       source=f"object {k}")  # fmt: skip
+                with about_object(k):
+                    obj.motion.check_model(num_blocks, dim, family=adapter.family, experts=adapter.num_experts,
+                                           source=f"object {k}")  # fmt: skip
                 mask = obj.mask_tensor
                 if tuple(mask.shape) != (img_h, img_w):
-                    raise FlexiMMTInputError(
-                        f"object {k}: the mask is {mask.shape[0]} x {mask.shape[1]} but the image is {img_h} x {img_w}: "
-                        "give a mask of the image's size"
-                    )
+                    raise ObjectInputError(k, f"the mask is {mask.shape[0]} x {mask.shape[1]} but the image is "
+                                              f"{img_h} x {img_w}: give a mask of the image's size")  # fmt: skip
                 grid_mask = mask_to_token_grid(mask, grid.height, grid.width)
                 if not grid_mask.any() and video == 0:
                     logger.warning("object %d has an empty mask: its motion will reach no video token", k)
@@ -263,11 +284,11 @@ class FlexiMMTMixin:
             if len(d_ms) > 1:
                 raise FlexiMMTInputError(f"the motions have different token counts d_m {sorted(d_ms)}: use motions trained with one d_m")
             text = adapter.prompt_text(prompt)
-            member = span_membership(text_len, find_word_spans(tokenizer, text, [o.motion_text for o in objs], text_len))
+            member = span_membership(text_len, object_word_spans(tokenizer, text, [o.motion_text for o in objs], text_len))
             concept_index = None
             if options.mask_source == "qk":
                 concepts = [o.concept_text or o.motion_text for o in objs]
-                spans = find_word_spans(tokenizer, text, concepts, text_len)
+                spans = object_word_spans(tokenizer, text, concepts, text_len)
                 concept_index = [torch.tensor(span, dtype=torch.long, device=device) for span in spans]
             tokens = torch.stack([o.motion.expert_tokens() for o in objs]).to(device)  # [K, E, blocks, d_m, dim]
             slots.append(VideoMotions(tokens, member.to(device), concept_index))

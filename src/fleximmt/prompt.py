@@ -39,6 +39,11 @@ def find_token_spans(ids: Sequence[int], phrases: Sequence[str], encode, prompt:
         if not words:
             raise FlexiMMTInputError(f"motion words {phrase!r} are empty after tokenisation: name words of the prompt")
         starts = [i for i in range(len(ids) - len(words) + 1) if ids[i : i + len(words)] == words]
+        if not starts and not prompt.strip():
+            raise FlexiMMTInputError(
+                f"the prompt is empty, so the motion words {phrase!r} are not in it: write a prompt that describes "
+                f"the scene and holds each object's motion words as they are, e.g. 'A dog {phrase}.'"
+            )
         if not starts:
             raise FlexiMMTInputError(
                 f"motion words {phrase!r} were not found among the tokens of the prompt {prompt!r} "
