@@ -34,12 +34,12 @@ from fleximmt.app import (
     highlight,
     motion_metadata,
     read_image,
-    remove_empty_folders,
     serve,
     size_note,
     upload_limit,
 )
 from fleximmt.errors import FlexiMMTInputError
+from fleximmt.gradio_cache import remove_empty_folders
 from fleximmt.toy import random_motion, tiny_pipeline
 from fleximmt.toy.lab import random_case
 from helpers import GradioSession, free_port, headless_chromium, needs_chromium
@@ -157,7 +157,7 @@ def test_messages_number_objects_from_1_and_say_what_to_type(assets):
         app.generate(image, PROMPT, [first, ObjectInput(motion="slide", motion_words="slides left")], 2, 0)
     with pytest.raises(FlexiMMTInputError, match="^Object 1: choose a motion from the library or upload a motion file"):
         app.generate(image, PROMPT, [ObjectInput(mask_png=first.mask_png, motion_words="jumps up")], 2, 0)
-    with pytest.raises(FlexiMMTInputError, match="motion 'spin' is not in the motion library \\(it has: jump, slide\\)"):
+    with pytest.raises(FlexiMMTInputError, match="^Object 1: motion 'spin' is not in the motion library \\(it has: jump, slide\\)"):
         app.generate(image, PROMPT, [ObjectInput(mask_png=first.mask_png, motion="spin", motion_words="spins")], 2, 0)
 
 
@@ -171,7 +171,7 @@ def test_images_too_large_or_unreadable_are_refused_with_a_clear_message(tmp_pat
     bomb = png_header(tmp_path / "huge.png", 15000, 15000)  # 225 megapixels: PIL's own guard refuses it
     with pytest.raises(FlexiMMTInputError) as err:
         read_image(bomb)
-    assert str(err.value) == ("the image (huge.png) is too large to open: this app takes images of at most "
+    assert str(err.value) == ("the image (huge.png) is 15000 x 15000 pixels: this app takes images of at most "
                               f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels; scale it down first")  # fmt: skip
     with pytest.raises(FlexiMMTInputError, match=r"^the image \(big.png\) is 8000 x 8000 pixels: this app takes images of at most 50"):
         read_image(png_header(tmp_path / "big.png", 8000, 8000))  # 64 megapixels: below PIL's guard, above ours
@@ -433,24 +433,98 @@ def test_learning_stops_at_a_step_and_continues_from_its_checkpoint(server):
     assert not (library / "hop.ckpt.safetensors").exists()
 
 
-def test_bad_files_get_clear_messages_without_server_paths(server, tmp_path):
-    from gradio_client import handle_file
+def refusal(server, **changes) -> str:
+    """The message of a /generate call the server refuses (``changes`` to the README's call)."""
     from gradio_client.exceptions import AppError
 
-    root = server.root
+    with pytest.raises(AppError) as err:
+        server.client.predict(**generate_inputs(server.root, **changes), api_name="/generate")
+    return str(err.value)
+
+
+def test_bad_files_get_clear_messages_without_server_paths(server, tmp_path):
+    from gradio_client import handle_file
+
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    huge = handle_file(str(png_header(tmp_path / "huge.png", 15000, 15000)))  # past PIL's own guard
     cases = {
-        "the image (huge.png) is too large to open: this app takes images of at most 50 megapixels; scale it down first":
-            {"image": handle_file(str(png_header(tmp_path / "huge.png", 15000, 15000)))},
-        "'junk.safetensors' is not a readable safetensors motion file":
+        "the image (huge.png) is 15000 x 15000 pixels: this app takes images of at most 50 megapixels; scale it down first":
+            {"image": huge},
+        "Object 2: its mask PNG (huge.png) is 15000 x 15000 pixels: this app takes images of at most 50 megapixels":
+            {"object_2_mask_png": huge},
+        "Object 1: 'junk.safetensors' is not a readable safetensors motion file":
             {"object_1_motion_file": handle_file(str(tmp_path / "junk.safetensors"))},
         "Object 2: type its motion words": {"object_2_motion_words": ""},
     }  # fmt: skip
     for expected, change in cases.items():
-        with pytest.raises(AppError) as err:
-            server.client.predict(**generate_inputs(root, **change), api_name="/generate")
-        assert str(err.value).startswith(expected)
-        assert tempfile.gettempdir() not in str(err.value) and str(tmp_path) not in str(err.value)
+        message = refusal(server, **change)
+        assert message.startswith(expected)
+        assert tempfile.gettempdir() not in message and str(tmp_path) not in message
+
+
+def test_every_message_about_one_object_starts_with_its_number_on_the_page(server):
+    from gradio_client import handle_file
+
+    root = server.root
+    third = dict(object_3_use=True, object_3_mask_png=handle_file(str(root / "mask2.png")), object_3_motion="jump",
+                 object_3_motion_words="jumps up")  # fmt: skip
+    assert refusal(server, object_2_motion="spin").startswith(
+        "Object 2: motion 'spin' is not in the motion library (it has: jump, slide): choose one of them")
+    assert refusal(server, object_2_motion_words="dances wildly").startswith(
+        "Object 2: motion words 'dances wildly' were not found among the tokens of the prompt")
+    # object 1 unused: the pipeline gets two objects, and the page still names its third
+    message = refusal(server, object_1_use=False, object_2_motion_words="slides left", **third,
+                      prompt="A box slides left. A ball hops.")  # fmt: skip
+    assert message.startswith("Object 3: motion words 'jumps up' were not found among the tokens of the prompt")
+    assert server.gate.calls == 0  # nothing ran
+
+
+def test_an_empty_prompt_says_so_and_what_to_write(server):
+    message = refusal(server, prompt="")
+    assert message.startswith("the prompt is empty, so the motion words 'jumps up' are not in it: write a prompt that "
+                              "describes the scene and holds each object's motion words as they are")  # fmt: skip
+    assert "cut to" not in message and server.gate.calls == 0
+
+
+def test_an_empty_or_vanishing_mask_is_refused_naming_its_object(server, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "black.png")
+    dot = np.zeros((64, 64), np.uint8)
+    dot[0, 0] = 255  # one pixel: the 32 x 32 model's resize (nearest) keeps none of it
+    Image.fromarray(dot).save(tmp_path / "dot.png")
+    empty = "Object 2: its mask is empty, so its motion would move nothing: mark the object"
+    assert refusal(server, object_2_mask_png=handle_file(str(tmp_path / "black.png"))).startswith(empty)
+    with pytest.raises(AppError, match="^Object 2: its mask is empty"):
+        server.client.predict(**{k: v for k, v in generate_inputs(server.root, object_2_mask_png=handle_file(
+            str(tmp_path / "black.png"))).items() if k not in ("prompt", "steps")}, api_name="/show_masks")  # fmt: skip
+    assert refusal(server, object_1_mask_png=handle_file(str(tmp_path / "dot.png"))) == (
+        "Object 1: its mask is too small: nothing of it is left once the image is resized to the model's 32 x 32; "
+        "give a larger mask")  # fmt: skip
+    assert server.gate.calls == 0
+
+
+def test_step_counts_over_the_api_are_whole_and_within_the_pages_limit(server):
+    from gradio_client import handle_file
+
+    assert refusal(server, steps=2.5) == "steps=2.5: give a whole number of denoising steps from 1 to 100"
+    assert refusal(server, steps=1000) == "steps=1000: give a whole number of denoising steps from 1 to 100"
+    assert refusal(server, steps=0) == "steps=0: give a whole number of denoising steps from 1 to 100"
+    assert server.gate.calls == 0
+    server.client.predict(**generate_inputs(server.root, steps=3.0), api_name="/generate")  # a whole number, as a float
+    assert server.gate.calls == 3
+    server.restart(max_steps=4)
+    slider = next(c for c in server.client.config["components"] if c["props"].get("elem_id") == "steps")
+    assert slider["props"]["maximum"] == 4  # the page's limit is the API's
+    assert refusal(server, steps=5) == "steps=5: give a whole number of denoising steps from 1 to 4"
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="^steps=12.5: give a whole number of training steps from 1 to 2000"):
+        server.client.predict(video=handle_file(str(reference_video(server.root / "ref.mp4"))), caption="A ball jumps up.",
+                              concept_words="ball", motion_words="jumps up", name="hop", steps=12.5, tokens_per_block=4,
+                              resume=True, api_name="/learn")  # fmt: skip
+    assert server.gate.calls == 3
 
 
 def test_uploads_over_the_limit_are_refused(assets):
@@ -479,8 +553,10 @@ def test_run_files_stay_bounded_and_everything_goes_at_shutdown(server, tmp_path
 
     assert cached_files()  # Gradio's copies of the uploads and results...
     wait_for(lambda: not cached_files(), "Gradio's copies to go (keep_files=2 s)")  # ...go once they are old
+    assert list((tmp_path / "gradio").iterdir())  # their folders are still there (a sweep takes them a minute later)
     server.demo.close()
     assert not app.out_dir.exists()
+    assert list((tmp_path / "gradio").iterdir()) == []  # at shutdown, the folders go too
 
 
 def test_fleximmt_app_stopped_with_sigterm_leaves_no_files(assets, tmp_path):
@@ -494,7 +570,9 @@ def test_fleximmt_app_stopped_with_sigterm_leaves_no_files(assets, tmp_path):
     _, root, _ = assets
     scratch = tmp_path / "server"
     (scratch / "tmp").mkdir(parents=True)
-    env = dict(os.environ, TMPDIR=str(scratch / "tmp"), GRADIO_TEMP_DIR=str(scratch / "gradio"))
+    cache = scratch / "gradio"
+    others = cache_of_another_server(cache)
+    env = dict(os.environ, TMPDIR=str(scratch / "tmp"), GRADIO_TEMP_DIR=str(cache))
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "fleximmt", "app", "--model", "tiny", "--motions", str(root / "motions"),
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -509,12 +587,24 @@ def test_fleximmt_app_stopped_with_sigterm_leaves_no_files(assets, tmp_path):
         wait_for(up, "the server to start", timeout=120)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "downloads"))
         client.predict(**generate_inputs(root), api_name="/generate")
-        assert [p for p in scratch.rglob("*") if p.is_file()]  # the run's files and the uploads
+        made = {p for p in scratch.rglob("*")} - others - {scratch / "tmp", cache}
+        assert any(p.is_file() for p in made) and any(p.is_dir() for p in made)  # the run's files, the uploads, their folders
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
     finally:
         server.kill()
-    assert [p for p in scratch.rglob("*") if p.is_file()] == []
+    assert set(scratch.rglob("*")) == others | {scratch / "tmp", cache}  # no file, no folder of its own left
+
+
+def cache_of_another_server(cache: Path) -> set[Path]:
+    """Gradio's cache as another server left it: a folder with a file and one emptied a moment ago
+    (both stay), and one emptied two hours ago (it goes, as a sweep would take it). Returns what stays."""
+    (cache / "in_use").mkdir(parents=True)
+    (cache / "in_use" / "picture.png").write_bytes(b"x")
+    (cache / "just_emptied").mkdir()
+    (cache / "emptied_long_ago").mkdir()
+    os.utime(cache / "emptied_long_ago", (time.time() - 7200, time.time() - 7200))
+    return {cache / "in_use", cache / "in_use" / "picture.png", cache / "just_emptied"}
 
 
 def test_emptied_cache_folders_go_once_they_are_old(tmp_path):

@@ -19,9 +19,11 @@ How the server behaves (README, "The web app"):
   PNG must have the image's size. Uploads are capped (:func:`upload_limit`).
 - **Disk.** The app keeps the video files of its last two runs (Gradio serves its own copy of
   each); Gradio's copies of uploads and results are removed ``keep_files`` seconds after they were
-  made, and everything at shutdown.
+  made, and everything at shutdown, with the folders Gradio kept them in (:mod:`.gradio_cache`).
 - **API.** ``/generate``, ``/show_masks`` and ``/learn`` are named endpoints whose inputs have
   names (``image``, ``prompt``, ``object_1_mask_png``, ...); the page's other events are private.
+  They check what they are sent as the page's widgets would: whole step counts up to the page's
+  limits (``max_steps``), and every message about one object starts "Object k: ".
 """
 
 import asyncio
@@ -29,7 +31,6 @@ import concurrent.futures
 import contextvars
 import inspect
 import logging
-import os
 import re
 import shutil
 import signal
@@ -47,7 +48,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import FlexiMMTInputError
+from .errors import FlexiMMTInputError, ObjectInputError
+from .gradio_cache import cache_entries, remove_empty_folders, remove_served_files
 from .motion import MotionTokens, ObjectMotion, check_motion_name, load_mask, motion_metadata
 from .video import PALETTE, grid_preview, mask_overlay, save_video
 
@@ -58,29 +60,54 @@ MAX_IMAGE_PIXELS = 50_000_000  # what the app opens; PIL itself refuses beyond 2
 MIN_UPLOAD_BYTES = 200 * 2**20  # the upload cap: this, or more when the model's motion files are larger
 KEEP_FILES_S = 3600  # uploads and results stay this long (seconds), then go
 QUEUE_SIZE = 32  # requests waiting beyond this are refused ("queue is full")
+MAX_STEPS = 100  # denoising steps a run may take, on the page and over the API (serve's max_steps, --max-steps)
+MAX_TRAIN_STEPS, MAX_TOKENS = 2000, 226  # Learn's training steps and motion tokens per block, page and API
 
 
 # -- images: read with limits, fit to the model ---------------------------------------------
+def declared_size(path: str | Path) -> tuple[int, int] | None:
+    """The ``(width, height)`` an image file's header declares, read as ``Image.open`` reads it but
+    without PIL's decompression-bomb guard (no pixel is decoded); None when no PIL plugin reads it."""
+    Image.init()
+    with open(path, "rb") as fp:
+        prefix = fp.read(16)
+        for format_id in Image.ID:  # the plugins PIL registered (Image.register_open), in its order
+            factory, accept = Image.OPEN[format_id]
+            accepted = accept(prefix) if accept else True
+            if not accepted or isinstance(accepted, str):
+                continue
+            fp.seek(0)
+            try:
+                return factory(fp, str(path)).size
+            except Exception:
+                continue
+    return None
+
+
 def read_image(path: str | Path, what: str = "the image", header_only: bool = False) -> Image.Image:
     """Open an image file (EXIF rotation applied) if it has at most ``MAX_IMAGE_PIXELS`` pixels;
     ``header_only`` checks it without decoding the pixels (the result then has only a ``size``)."""
     name = Path(path).name
-    too_large = (f"{what} ({name}) is too large to open: this app takes images of at most "
-                 f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels; scale it down first")  # fmt: skip
+
+    def too_large(size: tuple[int, int] | None) -> FlexiMMTInputError:
+        shape = f"is {size[0]} x {size[1]} pixels" if size else "is too large to open"
+        return FlexiMMTInputError(f"{what} ({name}) {shape}: this app takes images of at most "
+                                  f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels; scale it down first")  # fmt: skip
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, before decoding
             with Image.open(path) as img:
                 width, height = img.size
                 if width * height > MAX_IMAGE_PIXELS:
-                    raise FlexiMMTInputError(too_large.replace("too large to open", f"{width} x {height} pixels"))
+                    raise too_large((width, height))
                 if header_only:
                     orientation = img.getexif().get(0x0112, 1)  # EXIF rotations by 90 degrees swap the sides
                     return Image.new("1", (height, width) if orientation in (5, 6, 7, 8) else (width, height))
                 img.load()
                 return ImageOps.exif_transpose(img)
-    except Image.DecompressionBombError:  # PIL's own guard, raised while reading the header
-        raise FlexiMMTInputError(too_large) from None
+    except Image.DecompressionBombError:  # PIL's own guard, raised while reading the header: read its size past it
+        raise too_large(declared_size(path)) from None
     except FlexiMMTInputError:
         raise
     except (OSError, SyntaxError, ValueError):
@@ -106,6 +133,21 @@ def fit_to_model(image: np.ndarray, masks: list[torch.Tensor], width: int, heigh
     resized = [torch.from_numpy(np.asarray(Image.fromarray(m.numpy().astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 127)
                for m in masks]  # fmt: skip
     return picture.resize((width, height), Image.BICUBIC), resized
+
+
+def whole_number(value: Any, name: str, low: int, high: int, what: str) -> int:
+    """``value`` (as an API call sends it: a JSON number) as an int, if it is a whole number from
+    ``low`` to ``high``; ``name`` and ``what`` say what it counts in the message otherwise."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None or not np.isfinite(number) or number != int(number) or not low <= number <= high:
+        raise FlexiMMTInputError(f"{name}={value!r}: give a whole number of {what} from {low} to {high}")
+    return int(number)
+
+
+def numbered(k: int, err: FlexiMMTInputError) -> FlexiMMTInputError:
+    """``err`` as a message about the page's object ``k`` ("Object k: ..."), numbered once."""
+    message = str(err)
+    return err if message.startswith(f"Object {k}: ") else FlexiMMTInputError(f"Object {k}: {message}")
 
 
 # -- the motion library ------------------------------------------------------------------------
@@ -304,10 +346,11 @@ class TransferApp:
     """Everything the page calls, around one pipeline loaded once. ``generate`` and ``learn`` use
     the model and run on :attr:`worker` when called from the page; ``stop`` ends them at a step."""
 
-    def __init__(self, pipe, library: MotionLibrary, out_dir: Path, segmenter=None, detector=None, keep_runs: int = 2):
+    def __init__(self, pipe, library: MotionLibrary, out_dir: Path, segmenter=None, detector=None, keep_runs: int = 2,
+                 max_steps: int = MAX_STEPS):  # fmt: skip
         self.pipe, self.library, self.out_dir = pipe, library, Path(out_dir)
         self.segmenter, self.detector = segmenter, detector
-        self.keep_runs = keep_runs
+        self.keep_runs, self.max_steps = keep_runs, max_steps
         self.worker = ModelWorker()
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -331,7 +374,7 @@ class TransferApp:
         if obj.mask_from == "png":
             if not obj.mask_png:
                 raise FlexiMMTInputError(f"Object {k}: upload its mask PNG (white object on black, the image's size)")
-            mask = load_mask(read_image(obj.mask_png, f"Object {k}'s mask"))
+            mask = load_mask(read_image(obj.mask_png, "its mask PNG"))
             if tuple(mask.shape) != (height, width):
                 raise FlexiMMTInputError(
                     f"Object {k}: the mask PNG is {mask.shape[1]} x {mask.shape[0]} but the image is {width} x {height}: "
@@ -365,20 +408,37 @@ class TransferApp:
             raise FlexiMMTInputError(f"Object {k}: choose a motion from the library or upload a motion file")
         return MotionTokens.load(self.library.get(obj.motion).path)
 
-    def objects(self, image: np.ndarray, inputs: list[ObjectInput]) -> list[ObjectMotion]:
-        objects = []
+    def objects(self, image: np.ndarray, inputs: list[ObjectInput]) -> dict[int, ObjectMotion]:
+        """The used objects by their number on the page (from 1); every message about one starts "Object k: "."""
+        objects = {}
         for k, obj in enumerate(inputs, 1):
             if not obj.use:
                 continue
-            mask = self.object_mask(image, obj, k)
-            motion = self.motion(obj, k)
+            try:
+                mask = self.object_mask(image, obj, k)
+                if not mask.any():
+                    raise FlexiMMTInputError("its mask is empty, so its motion would move nothing: mark the object (white "
+                                             "on black in a PNG, or with the brush), or untick 'use this object'")  # fmt: skip
+                motion = self.motion(obj, k)
+            except FlexiMMTInputError as err:
+                raise numbered(k, err) from None
             if not (obj.motion_words or "").strip():
                 suggestion = motion.metadata.get("motion_words")
                 hint = f" (its motion file says {suggestion!r})" if suggestion else ""
                 raise FlexiMMTInputError(f"Object {k}: type its motion words, the words of the prompt that describe how it "
                                          f"moves, e.g. 'jumps up'{hint}")  # fmt: skip
-            objects.append(ObjectMotion(mask, motion, obj.motion_words.strip()))
+            objects[k] = ObjectMotion(mask, motion, obj.motion_words.strip())
         return objects
+
+    def fitted(self, image: np.ndarray, objects: dict[int, ObjectMotion]) -> tuple[Image.Image, dict[int, ObjectMotion]]:
+        """The image and the objects resized to the model's size; a mask that vanishes on the way is refused."""
+        width, height = self.model_size
+        picture, masks = fit_to_model(image, [o.mask_tensor for o in objects.values()], width, height)
+        for k, mask in zip(objects, masks):
+            if not mask.any():
+                raise FlexiMMTInputError(f"Object {k}: its mask is too small: nothing of it is left once the image is "
+                                         f"resized to the model's {width} x {height}; give a larger mask")  # fmt: skip
+        return picture, {k: ObjectMotion(m, o.motion, o.motion_text) for m, (k, o) in zip(masks, objects.items())}
 
     def preview(self, image: np.ndarray | None, inputs: list[ObjectInput]) -> np.ndarray:
         if image is None:
@@ -386,10 +446,9 @@ class TransferApp:
         objects = self.objects(image, inputs)
         if not objects:
             raise FlexiMMTInputError("tick 'use this object' for at least one object to see its mask")
-        width, height = self.model_size
         grid = self.pipe.token_grid(*self.pipe.default_size())
-        picture, masks = fit_to_model(image, [o.mask_tensor for o in objects], width, height)
-        return grid_preview(np.asarray(picture), masks, grid.height, grid.width)
+        picture, objects = self.fitted(image, objects)
+        return grid_preview(np.asarray(picture), [o.mask_tensor for o in objects.values()], grid.height, grid.width)
 
     def _run_folder(self) -> Path:
         """A new folder for one run's files; only the newest ``keep_runs`` folders stay (the page got
@@ -404,13 +463,9 @@ class TransferApp:
         """The video and the mask overlay (paths); raises :class:`Cancelled` at the first step after ``stop`` is set."""
         if image is None:
             raise FlexiMMTInputError("upload an image first")
-        steps = int(steps)
-        if not 1 <= steps <= 1000:
-            raise FlexiMMTInputError(f"steps={steps}: give a number of denoising steps from 1 to 1000")
-        objects = self.objects(image, inputs)
-        width, height = self.model_size
-        picture, masks = fit_to_model(image, [o.mask_tensor for o in objects], width, height)
-        objects = [ObjectMotion(m, o.motion, o.motion_text) for m, o in zip(masks, objects)]
+        steps = whole_number(steps, "steps", 1, self.max_steps, "denoising steps")
+        picture, numbered_objects = self.fitted(image, self.objects(image, inputs))
+        objects, numbers = list(numbered_objects.values()), list(numbered_objects)
 
         def on_step(pipe, step, timestep, callback_kwargs):
             if stop is not None and stop.is_set():
@@ -421,9 +476,12 @@ class TransferApp:
 
         if stop is not None and stop.is_set():
             raise Cancelled("stopped before the first step")
-        result = self.pipe(image=picture, prompt=prompt or "", objects=objects, num_inference_steps=steps,
-                           generator=torch.Generator().manual_seed(int(seed or 0)), output_type="np",
-                           return_masks=bool(objects), callback_on_step_end=on_step)  # fmt: skip
+        try:
+            result = self.pipe(image=picture, prompt=prompt or "", objects=objects, num_inference_steps=steps,
+                               generator=torch.Generator().manual_seed(int(seed or 0)), output_type="np",
+                               return_masks=bool(objects), callback_on_step_end=on_step)  # fmt: skip
+        except ObjectInputError as err:  # the pipeline numbers the objects it got; the page numbers its slots
+            raise FlexiMMTInputError(f"Object {numbers[err.number - 1]}: {err.reason}") from None
         folder = self._run_folder()
         video = save_video(result.frames[0], folder / "fleximmt.mp4")
         overlay = video
@@ -447,6 +505,8 @@ class TransferApp:
 
         if video is None:
             raise FlexiMMTInputError("upload a reference video")
+        steps = whole_number(steps, "steps", 1, MAX_TRAIN_STEPS, "training steps")
+        tokens = whole_number(tokens, "tokens_per_block", 1, MAX_TOKENS, "motion tokens per block")
         if not (motion_words or "").strip():
             raise FlexiMMTInputError("type the motion words: the words of the caption that describe the motion, e.g. 'is doing yoga'")
         if not (concept or "").strip():
@@ -464,8 +524,8 @@ class TransferApp:
 
         frames, _ = read_video(video)  # read now: an upload may be gone by the end of a long run
         try:
-            train_motion(self.pipe, video, caption, concept.strip(), motion_words.strip(), output, steps=int(steps),
-                         tokens_per_motion=int(tokens), callback=callback, resume=resume,
+            train_motion(self.pipe, video, caption, concept.strip(), motion_words.strip(), output, steps=steps,
+                         tokens_per_motion=tokens, callback=callback, resume=resume,
                          checkpoint_every=self.checkpoint_every(steps))  # fmt: skip
         except FlexiMMTInputError as err:
             if had_checkpoint:
@@ -475,25 +535,6 @@ class TransferApp:
         cache_path(output).unlink(missing_ok=True)
         save_video(frames[:: max(1, len(frames) // 24)], output.with_suffix(".gif"))
         return self.library.get(name)
-
-
-def remove_empty_folders(folder: str | Path, older_than_s: float) -> int:
-    """Remove the empty folders directly under ``folder`` that nothing touched for ``older_than_s``
-    seconds; returns how many. Gradio's cache keeps each file in a folder of its own and deletes the
-    file (``delete_cache``) but not the folder; a folder emptied that long ago is not about to be reused."""
-    removed, now = 0, time.time()
-    try:
-        entries = list(os.scandir(folder))
-    except FileNotFoundError:
-        return 0
-    for entry in entries:
-        try:
-            if entry.is_dir(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > older_than_s:
-                os.rmdir(entry.path)  # fails, and is skipped, unless the folder is empty
-                removed += 1
-        except OSError:
-            continue
-    return removed
 
 
 def upload_limit(pipe) -> int:
@@ -521,14 +562,17 @@ def _read_layers(editor_payload) -> dict | None:
 
 
 def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, examples: list[str | Path] | None = None,
-              keep_files: int = KEEP_FILES_S):  # fmt: skip
+              keep_files: int = KEEP_FILES_S, max_steps: int = MAX_STEPS):  # fmt: skip
     """The Gradio Blocks of the app; ``examples`` are image files offered as bundled examples.
-    Gradio's copies of uploads and results go ``keep_files`` seconds after they were made."""
+    Gradio's copies of uploads and results go ``keep_files`` seconds after they were made. A run
+    takes at most ``max_steps`` denoising steps, from the page or the API."""
     import gradio as gr
     from gradio.utils import get_upload_folder
 
+    if max_steps < 1:
+        raise FlexiMMTInputError(f"max_steps={max_steps}: give the most denoising steps a run may take, at least 1")
     out_dir = Path(tempfile.mkdtemp(prefix="fleximmt-app-"))
-    app = TransferApp(pipe, MotionLibrary(motions_dir), out_dir, segmenter, detector)
+    app = TransferApp(pipe, MotionLibrary(motions_dir), out_dir, segmenter, detector, max_steps=max_steps)
     height, width, frames = pipe.default_size()
     limit_mb = upload_limit(pipe) // 2**20
     private_folders = [tempfile.gettempdir(), get_upload_folder(), out_dir, app.library.folder.resolve(), app.library.folder]
@@ -558,8 +602,11 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
         inputs = []
         for k in range(1, SLOTS + 1):
             value = {f: fields_.get(f"object_{k}_{f}") for f in OBJECT_FIELDS}
-            inputs.append(ObjectInput(use=bool(value["use"]), mask_from=value["mask_from"] or "png",
-                                      brush=_read_layers(value["brush"]) if value["mask_from"] == "draw" else None,
+            try:
+                brush = _read_layers(value["brush"]) if value["use"] and value["mask_from"] == "draw" else None
+            except FlexiMMTInputError as err:
+                raise numbered(k, err) from None
+            inputs.append(ObjectInput(use=bool(value["use"]), mask_from=value["mask_from"] or "png", brush=brush,
                                       mask_png=_path(value["mask_png"]), points=value["points"] or "",
                                       name=value["name"] or "", motion=value["motion"] or None,
                                       motion_file=_path(value["motion_file"]), motion_words=value["motion_words"] or ""))  # fmt: skip
@@ -629,7 +676,8 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
                                                api_visibility="private")  # fmt: skip
                 slots.append(slot)
             with gr.Row():
-                steps = gr.Slider(1, 100, value=50 if frames > 17 else 10, step=1, label="denoising steps", elem_id="steps")
+                steps = gr.Slider(1, max_steps, value=min(max_steps, 50 if frames > 17 else 10), step=1,
+                                  label=f"denoising steps (at most {max_steps})", elem_id="steps")  # fmt: skip
                 seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
             with gr.Row():
                 show = gr.Button("Show masks", elem_id="show_masks")
@@ -705,8 +753,8 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
                 learn_words = gr.Textbox(label="motion words", placeholder="is doing yoga", value="", elem_id="learn_words")
                 name = gr.Textbox(label="motion name", placeholder="yoga", value="", elem_id="motion_name")
             with gr.Row():
-                learn_steps = gr.Slider(10, 2000, value=200, step=10, label="training steps", elem_id="learn_steps")
-                tokens = gr.Slider(4, 226, value=226 if frames > 17 else 16, step=1, label="motion tokens per block")
+                learn_steps = gr.Slider(10, MAX_TRAIN_STEPS, value=200, step=10, label="training steps", elem_id="learn_steps")
+                tokens = gr.Slider(4, MAX_TOKENS, value=MAX_TOKENS if frames > 17 else 16, step=1, label="motion tokens per block")
                 resume = gr.Checkbox(label="continue a stopped run of this name (same settings)", value=True, elem_id="resume")
             with gr.Row():
                 train = gr.Button("Learn the motion", variant="primary", elem_id="learn")
@@ -759,20 +807,26 @@ def _close(app: TransferApp) -> None:
 
 def serve(pipe, motions_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, *, segmenter=None, detector=None,
           examples: list[str | Path] | None = None, keep_files: int = KEEP_FILES_S, max_file_size: int | None = None,
-          block: bool = True):  # fmt: skip
+          max_steps: int = MAX_STEPS, block: bool = True):  # fmt: skip
     """Build the app and serve it on ``host:port`` (this machine only by default), its queue bounded
-    (``QUEUE_SIZE``) and uploads capped (``max_file_size`` bytes, default :func:`upload_limit`);
-    ``block=False`` returns the running app at once (close it with ``demo.close()``)."""
+    (``QUEUE_SIZE``), uploads capped (``max_file_size`` bytes, default :func:`upload_limit`) and runs
+    (``max_steps`` denoising steps); ``block=False`` returns the running app at once (close it with
+    ``demo.close()``). At shutdown the run folders go, and Gradio's copies with their folders."""
     from contextlib import asynccontextmanager
+
+    from gradio.utils import get_upload_folder
 
     if keep_files < 1:
         raise FlexiMMTInputError(f"keep_files={keep_files}: give the seconds uploads and results stay, at least 1")
-    demo = build_app(pipe, motions_dir, segmenter, detector, examples, keep_files=keep_files)
+    cache_dir = get_upload_folder()
+    before = cache_entries(cache_dir)  # before Gradio makes its own folders there (building the page does)
+    demo = build_app(pipe, motions_dir, segmenter, detector, examples, keep_files=keep_files, max_steps=max_steps)
 
     @asynccontextmanager
     async def lifespan(_):
         yield
         demo.fleximmt_close()  # the server stops: the worker ends and the run folders go
+        remove_served_files(demo, cache_dir, before, older_than_s=keep_files)
 
     if block and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM closes the server as Ctrl+C does
@@ -804,6 +858,8 @@ def add_cli(subparsers, load_pipeline, add_model_options) -> None:
                              "(default: %(default)s)")  # fmt: skip
     parser.add_argument("--max-upload-mb", type=int, help="largest upload in MB (default: 200, or more when the "
                                                           "model's motion files are larger)")  # fmt: skip
+    parser.add_argument("--max-steps", type=int, default=MAX_STEPS,
+                        help="the most denoising steps a run may take, on the page and over the API (default: %(default)s)")
     add_model_options(parser)
     parser.set_defaults(model="toy")
 
@@ -815,6 +871,7 @@ def add_cli(subparsers, load_pipeline, add_model_options) -> None:
 
             examples = sorted(EXAMPLE_DIR.glob("*.png"))
         serve(pipe, args.motions, args.host, args.port, segmenter=args.sam, detector=args.detector, examples=examples,
-              keep_files=args.keep_files, max_file_size=args.max_upload_mb and args.max_upload_mb * 2**20)  # fmt: skip
+              keep_files=args.keep_files, max_file_size=args.max_upload_mb and args.max_upload_mb * 2**20,
+              max_steps=args.max_steps)  # fmt: skip
 
     parser.set_defaults(func=run)
