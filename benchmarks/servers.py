@@ -162,7 +162,7 @@ def rating(args, scratch: Path) -> None:
         shown = session.call(page, [name])["output"]["data"]
         for _ in range(args.cases):
             picks = [f"Candidate {rng.randint(1, 4)}" for _ in range(4)]
-            out = session.call(submit, [name, shown[0], shown[1], *picks])["output"]["data"]
+            out = session.call(submit, [name, shown[1], None, *picks])["output"]["data"]  # name, case on the page, state, picks
             if not out[0].startswith("Saved"):
                 refused.append(out[0])
             shown = out[1:]

@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -222,24 +223,32 @@ def rating_server(cases_dir, tmp_path):
     demo.close()
 
 
-def ballot(name: str, case_id: str, shown_for: str, picks: dict[str, str | None]) -> list:
-    """The values Submit sends: the name box, the case and rater the page shows, one pick per question."""
-    return [name, case_id, shown_for, *[picks.get(c) for c in CRITERIA]]
+def ballot(name: str, case_on_page: str, picks: dict[str, str | None], shown=None) -> list:
+    """The values Submit sends: the name box, the case the page displays, the slot of what the session
+    was shown (a ``gr.State``: the server fills it in from its own record, whatever is sent), one pick
+    per question."""
+    return [name, case_on_page, shown, *[picks.get(c) for c in CRITERIA]]
+
+
+def header_of(result: dict) -> str:
+    """The case header among an event's outputs (``page``'s or ``on_submit``'s)."""
+    values = [v.get("value") if isinstance(v, dict) else v for v in result["output"]["data"]]
+    return next(v for v in values if isinstance(v, str) and v.startswith("###"))
 
 
 def test_two_submits_sent_back_to_back_from_one_session_record_one_ballot_for_the_case_shown(rating_server, cases_dir):
     session, db = rating_server
-    shown = session.call(session.fn_index("page"), ["alice"])["output"]["data"]
-    assert shown[:2] == ["case_a", "alice"]
+    shown = session.call(session.fn_index("page"), ["alice"])
+    assert header_of(shown).startswith("### Case 1 of 2")
     first = {"MF": "Candidate 2", "TC": "Candidate 1", "TS": "Candidate 2", "AC": "Candidate 3"}
     submit_fn = session.fn_index("on_submit")
-    events = [session.join(submit_fn, ballot("alice", "case_a", "alice", first)),
-              session.join(submit_fn, ballot("alice", "case_a", "alice", dict.fromkeys(CRITERIA, "Candidate 1")))]  # fmt: skip
+    events = [session.join(submit_fn, ballot("alice", "case_a", first)),
+              session.join(submit_fn, ballot("alice", "case_a", dict.fromkeys(CRITERIA, "Candidate 1")))]  # fmt: skip
     results = session.results(events)
     status = [results[e]["output"]["data"][0] for e in events]
     assert status[0] == "Saved your ballot for case 1 of 2."
     assert status[1].startswith("**Not saved: you have already rated case 1 of 2**")
-    assert results[events[1]]["output"]["data"][1] == "case_b"  # the refused page moves on to the current case
+    assert header_of(results[events[1]]).startswith("### Case 2 of 2")  # the refused page moves on to the current case
     rows = sqlite3.connect(db).execute("SELECT case_id, criterion, pick FROM ballots WHERE rater = 'alice'").fetchall()
     order = load_cases(cases_dir)[0].order("alice")
     assert sorted(rows) == sorted(("case_a", c, order[int(p[-1]) - 1]) for c, p in first.items())  # nothing for case_b
@@ -249,17 +258,57 @@ def test_a_submit_without_a_name_or_before_starting_says_what_to_do(rating_serve
     session, db = rating_server
     submit_fn = session.fn_index("on_submit")
     picks = dict.fromkeys(CRITERIA, "Candidate 1")  # picks the radios cannot hold before a case is shown
-    no_name = session.call(submit_fn, ballot("", "", "", picks))["output"]["data"][0]
+    no_name = session.call(submit_fn, ballot("", "", picks))["output"]["data"][0]
     assert no_name == "Type your rater name above, then press *Start / continue*."
-    not_started = session.call(submit_fn, ballot("alice", "", "", picks))["output"]["data"][0]
-    assert not_started == "Press *Start / continue* to see your first case, then pick and submit."
+    not_started = session.call(submit_fn, ballot("alice", "case_a", picks))["output"]["data"][0]
+    assert not_started.startswith("This page has shown you no case yet: press *Start / continue*")
     session.call(session.fn_index("page"), ["alice"])
-    renamed = session.call(submit_fn, ballot("bob", "case_a", "alice", picks))["output"]["data"][0]
+    renamed = session.call(submit_fn, ballot("bob", "case_a", picks))["output"]["data"][0]
     assert renamed.startswith("This page shows a case for 'alice': to rate as 'bob', press *Start / continue* first.")
-    later = session.call(submit_fn, ballot("alice", "case_b", "alice", picks))["output"]["data"][0]
-    assert later.startswith("**Not saved: case 2 of 2 is not the case you are rating now**")
-    assert not any("not in the list of choices" in m for m in (no_name, not_started, renamed, later))
+    assert not any("not in the list of choices" in m for m in (no_name, not_started, renamed))
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM ballots").fetchone() == (0,)
+
+
+def test_a_ballot_from_a_session_that_was_shown_no_case_is_refused(rating_server, cases_dir):
+    session, db = rating_server
+    session.call(session.fn_index("page"), ["alice"])  # alice's page shows her case_a
+    picks = dict.fromkeys(CRITERIA, "Candidate 1")
+    stranger = GradioSession(session.url)  # a script that never opened a page, sending alice's name and case
+    try:
+        submit_fn = stranger.fn_index("on_submit")
+        for sent in (None, {"case": "case_a", "rater": "alice"}, "case_a"):
+            message = stranger.call(submit_fn, ballot("alice", "case_a", picks, shown=sent))["output"]["data"][0]
+            assert message.startswith("This page has shown you no case yet") and message.endswith("Nothing was saved.")
+    finally:
+        stranger.close()
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM ballots").fetchone() == (0,)
+    # the session that was shown the case votes on it
+    forged = {"case": "case_b", "rater": "bob"}  # ignored here too: the server knows what it showed
+    saved = session.call(session.fn_index("on_submit"), ballot("alice", "case_a", picks, shown=forged))
+    assert saved["output"]["data"][0] == "Saved your ballot for case 1 of 2."
+    rows = set(sqlite3.connect(db).execute("SELECT rater, case_id, pick FROM ballots"))
+    assert rows == {("alice", "case_a", load_cases(cases_dir)[0].order("alice")[0])}
+
+
+def test_a_session_votes_only_on_the_case_it_was_shown(rating_server, cases_dir):
+    first, db = rating_server
+    second = GradioSession(first.url)  # another tab of alice's
+    picks = dict.fromkeys(CRITERIA, "Candidate 2")
+    try:
+        for tab in (first, second):
+            assert header_of(tab.call(tab.fn_index("page"), ["alice"])).startswith("### Case 1 of 2")
+        submit_fn = second.fn_index("on_submit")
+        assert second.call(submit_fn, ballot("alice", "case_a", picks))["output"]["data"][0] == "Saved your ballot for case 1 of 2."
+        # case_b is alice's current case now, but the first tab was never shown it
+        refused = first.call(submit_fn, ballot("alice", "case_b", picks))
+        assert refused["output"]["data"][0] == "**Not saved: this page was out of date**; it now shows your current case."
+        assert header_of(refused).startswith("### Case 2 of 2")  # now it is shown: its ballot counts
+        assert first.call(submit_fn, ballot("alice", "case_b", picks))["output"]["data"][0] == "Saved your ballot for case 2 of 2."
+    finally:
+        second.close()
+    cases = load_cases(cases_dir)
+    rows = sorted(sqlite3.connect(db).execute("SELECT DISTINCT case_id, pick FROM ballots"))
+    assert rows == [("case_a", cases[0].order("alice")[1]), ("case_b", cases[1].order("alice")[1])]
 
 
 def test_the_rating_app_has_no_public_api(rating_server):
@@ -309,3 +358,39 @@ def test_a_second_tab_submitting_the_case_another_tab_rated_is_refused_in_the_pa
         demo.close()
     picks = set(sqlite3.connect(db).execute("SELECT case_id, pick FROM ballots WHERE rater = 'alice'"))
     assert picks == {("case_a", load_cases(cases_dir)[0].order("alice")[0])}  # the first tab's Candidate 1, once
+
+
+def test_fleximmt_rate_stopped_with_sigterm_leaves_no_file_and_no_folder(cases_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    scratch = tmp_path / "server"
+    (scratch / "tmp").mkdir(parents=True)
+    cache = scratch / "gradio"
+    env = dict(os.environ, TMPDIR=str(scratch / "tmp"), GRADIO_TEMP_DIR=str(cache))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "fleximmt", "rate", "--cases", str(cases_dir), "--db",
+                               str(tmp_path / "votes.sqlite"), "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(600):
+            assert server.poll() is None, "the server stopped"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        session = GradioSession(f"http://127.0.0.1:{port}/")
+        session.call(session.fn_index("page"), ["alice"])  # the case's videos, served: copies in Gradio's cache
+        session.close()
+        served = [p for p in cache.rglob("*.mp4")]
+        assert len(served) == 4 and all(p.parent.parent == cache for p in served)  # a folder each
+        assert list((scratch / "tmp").glob("fleximmt-rate-*"))  # the app's own anonymous copies
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+    finally:
+        server.kill()
+    assert set(scratch.rglob("*")) == {scratch / "tmp", cache}

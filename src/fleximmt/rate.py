@@ -14,7 +14,9 @@ Ballots go to SQLite (WAL), one committed transaction per submit, one connection
     ballots(rater, case_id, criterion, pick /* the method */, time, PRIMARY KEY (rater, case_id, criterion))
 
 Raters open http://127.0.0.1:7861/?rater=NAME (or type their name); the page moves on to the next
-case they have not rated and says when all are done.
+case they have not rated and says when all are done. The server remembers which case it showed each
+page session (and to which rater): a ballot counts only for that case, from that session, so a
+client that never opened a page (or sends another case) has nothing saved.
 """
 
 import argparse
@@ -166,6 +168,12 @@ def cast_ballots(
         conn.close()
 
 
+def already_rated(number: int, total: int) -> str:
+    """The page's message for a second ballot on case ``number`` of ``total``."""
+    return (f"**Not saved: you have already rated case {number} of {total}** (a second submit, or another tab); "
+            "the page now shows your next case.")  # fmt: skip
+
+
 def submit(
     db_path: str | Path, rater: str, case: RatingCase, picks: dict[str, str | None], cases: Sequence[RatingCase]
 ) -> tuple[bool, str]:
@@ -182,8 +190,7 @@ def submit(
     try:
         cast_ballots(db_path, rater, case.id, chosen, [c.id for c in cases])
     except DuplicateBallot:
-        return False, (f"**Not saved: you have already rated case {number[case.id]} of {len(cases)}** (a second "
-                       "submit, or another tab); the page now shows your next case.")  # fmt: skip
+        return False, already_rated(number[case.id], len(cases))
     except StaleBallot:
         return False, (f"**Not saved: case {number[case.id]} of {len(cases)} is not the case you are rating now**; "
                        "the page now shows it.")  # fmt: skip
@@ -241,9 +248,10 @@ KEEP_FILES_S = 86400  # Gradio's copies of the served videos go a day after thei
 
 def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = None):
     """The rating page as a ``gradio.Blocks``; ``demo.launch()`` needs no extra arguments (every
-    video is served from a private temporary copy). The page keeps the case it shows and the rater
-    it shows it to; Submit sends them with the picks, and a ballot for any case but the rater's
-    current one is refused. Its events are private: no API for scripts."""
+    video is served from a private temporary copy). The server keeps, per page session, the case it
+    showed and the rater it showed it to (``gr.State``: nothing the browser sends back); Submit
+    counts the picks only for that case, and only while it is the rater's current one. A session
+    that was shown no case has its ballots refused. Its events are private: no API for scripts."""
     import gradio as gr
 
     cases = load_cases(cases_dir)
@@ -253,14 +261,15 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
     salt = secrets.token_hex(16)
 
     def page(name: str):
-        """The rater's next unrated case: [shown case, shown rater, header, references, candidates, radios]."""
+        """The rater's next unrated case: [what this session is shown (case and rater, or None), the case
+        as the page holds it, header, references, candidates, radios]."""
         name = (name or "").strip()
         todo = [c for c in cases if c.id not in rated_cases(db_path, name)] if name else []
         if not todo:
             message = (f"All {len(cases)} cases are rated. Thank you!" if name
                        else "Type your rater name above, then press *Start / continue*.")  # fmt: skip
             hidden = [gr.update(visible=False, value=None)] * (MAX_REFERENCES + MAX_CANDIDATES)
-            return ["", name, f"### {message}", *hidden, *[gr.update(choices=[], value=None)] * len(CRITERIA)]
+            return [None, "", f"### {message}", *hidden, *[gr.update(choices=[], value=None)] * len(CRITERIA)]
         case = todo[0]
         view = page_view(case, name, cache, salt)
         videos = view["references"] + [None] * MAX_REFERENCES
@@ -269,7 +278,7 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
         cands = [gr.update(visible=path is not None, label=label, value=path) for label, path in shown[:MAX_CANDIDATES]]
         header = f"### Case {cases.index(case) + 1} of {len(cases)}\n**Prompt:** {view['prompt'] or '(none)'}"
         radios = [gr.update(choices=list(view["candidates"]), value=None) for _ in CRITERIA]
-        return [case.id, name, header, *refs, *cands, *radios]
+        return [{"case": case.id, "rater": name}, case.id, header, *refs, *cands, *radios]
 
     with gr.Blocks(title="FlexiMMT human evaluation", delete_cache=(3600, KEEP_FILES_S)) as demo:
         gr.Markdown(
@@ -277,9 +286,12 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
         )
         rater_box = gr.Textbox(label="Your rater name", value=rater or "", elem_id="rater")
         start = gr.Button("Start / continue", elem_id="start")
-        # what the page shows: the ballot names them (the method order is recomputed from them on the server)
-        shown_case = gr.Textbox(value="", visible="hidden", elem_id="shown_case")
-        shown_rater = gr.Textbox(value="", visible="hidden", elem_id="shown_rater")
+        # what this session was shown, kept on the server ({"case": id, "rater": name}, or None): a
+        # ballot counts for that case (the method order is recomputed from it), whatever the client sends
+        shown = gr.State(None)
+        # the case the page displays, sent back with the picks: only to tell a ballot made on an earlier
+        # case (a second click) from one made on the case shown now; it never decides what is counted
+        page_case = gr.Textbox(value="", visible="hidden", elem_id="shown_case")
         header = gr.Markdown(elem_id="header")
         gr.Markdown("## Reference motions")
         with gr.Row():
@@ -292,25 +304,31 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
         radios = [gr.Radio(label=question, choices=[], elem_id=f"crit_{c.lower()}") for c, question in CRITERIA.items()]
         submit_button = gr.Button("Submit", variant="primary", elem_id="submit")
         status = gr.Markdown(elem_id="status")
-        outputs = [shown_case, shown_rater, header, *references, *candidates, *radios]
+        outputs = [shown, page_case, header, *references, *candidates, *radios]
         unchanged = [gr.update()] * len(outputs)
 
         def on_load(name: str, request: gr.Request):
             name = (request.query_params.get("rater") if request else None) or name
             return [name, *page(name)]
 
-        def on_submit(name, case_id, shown_for, *picks):
-            """Unprocessed values (preprocess=False): the picks are checked here, against the case named."""
-            name, shown_for = (name or "").strip(), (shown_for or "").strip()
+        def on_submit(name, case_on_page, shown_here, *picks):
+            """Unprocessed values (preprocess=False): the picks are checked here, against the case this
+            session was shown (``shown_here``, the server's own record of it)."""
+            name = (name or "").strip()
             if not name:
                 return ["Type your rater name above, then press *Start / continue*.", *unchanged]
-            if not case_id:
-                return ["Press *Start / continue* to see your first case, then pick and submit.", *unchanged]
+            if not shown_here:
+                return ["This page has shown you no case yet: press *Start / continue* to see your first case, then "
+                        "pick and submit. Nothing was saved.", *unchanged]  # fmt: skip
+            case_id, shown_for = shown_here["case"], shown_here["rater"]
             if name != shown_for:
                 return [f"This page shows a case for {shown_for!r}: to rate as {name!r}, press *Start / continue* "
                         "first. Nothing was saved.", *unchanged]  # fmt: skip
-            if case_id not in by_id:
-                return ["This page is out of date: reload it. Nothing was saved.", *unchanged]
+            if case_on_page != case_id:  # the picks were made on a case this session showed before (a second click)
+                number = next((i + 1 for i, c in enumerate(cases) if c.id == case_on_page), None)
+                rated = number is not None and case_on_page in rated_cases(db_path, name)
+                return [already_rated(number, len(cases)) if rated else
+                        "**Not saved: this page was out of date**; it now shows your current case.", *page(name)]  # fmt: skip
             picks = [p if isinstance(p, str) and p else None for p in picks]
             saved, message = submit(db_path, name, by_id[case_id], dict(zip(CRITERIA, picks)), cases)
             rated = rated_cases(db_path, name)
@@ -320,7 +338,7 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
         private = {"api_visibility": "private"}  # the page calls these; no API for scripts
         demo.load(on_load, inputs=[rater_box], outputs=[rater_box, *outputs], **private)
         start.click(page, inputs=[rater_box], outputs=outputs, **private)
-        submit_button.click(on_submit, inputs=[rater_box, shown_case, shown_rater, *radios], outputs=[status, *outputs],
+        submit_button.click(on_submit, inputs=[rater_box, page_case, shown, *radios], outputs=[status, *outputs],
                             preprocess=False, **private)  # fmt: skip
     demo.fleximmt_close = weakref.finalize(demo, shutil.rmtree, cache, ignore_errors=True)
     return demo
@@ -328,15 +346,23 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
 
 def serve(cases_dir, db_path, host: str = "127.0.0.1", port: int = 7861, rater: str | None = None, block: bool = True):
     """Build the app and serve it on ``host:port`` (this machine only by default); ``block=False``
-    returns the running app at once (close it with ``demo.close()``; its served copies go then)."""
+    returns the running app at once (close it with ``demo.close()``; its served copies go then, and
+    Gradio's copies of them with their folders)."""
     from contextlib import asynccontextmanager
 
+    from gradio.utils import get_upload_folder
+
+    from .gradio_cache import cache_entries, remove_served_files
+
+    cache_dir = get_upload_folder()
+    before = cache_entries(cache_dir)  # before Gradio makes its own folders there (building the page does)
     demo = build_app(cases_dir, db_path, rater)
 
     @asynccontextmanager
     async def lifespan(_):
         yield
         demo.fleximmt_close()
+        remove_served_files(demo, cache_dir, before, older_than_s=KEEP_FILES_S)
 
     if block and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM closes the server as Ctrl+C does
