@@ -234,7 +234,7 @@ def test_bad_inputs_are_refused_naming_the_object(models, clip):
         apply_fleximmt(patcher, clip, PROMPT, (objects[0], small))
     with pytest.raises(FlexiMMTInputError, match=r"^object 2: motion words 'dances wildly' were not found"):
         apply_fleximmt(patcher, clip, PROMPT, make_objects(transformer, words=["jumps up", "dances wildly"]))
-    with pytest.raises(FlexiMMTInputError, match="prompt is empty"):
+    with pytest.raises(FlexiMMTInputError, match="the prompt is empty"):
         apply_fleximmt(patcher, clip, "  ", objects)
     two = ObjectMotion(box(0, 10, 0, 10), random_motion(transformer, 4, experts=2), "slides left")
     with pytest.raises(FlexiMMTInputError, match=r"^object 2: the motion holds 2 experts"):
@@ -247,3 +247,65 @@ def test_bad_inputs_are_refused_naming_the_object(models, clip):
         apply(patcher, clip, PROMPT, objects, parts=("m2v", "m2m"))
     with pytest.raises(FlexiMMTInputError, match="this MODEL is a Linear"):
         apply_fleximmt(SimpleNamespace(model=SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1))), clip, PROMPT, objects)
+
+
+def diffusers_twin(transformer, comfy_weights):
+    """A copy of the diffusers transformer (fleximmt's processors included) holding ``comfy_weights``
+    (ComfyUI's names), in float32."""
+    import copy
+
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    twin = copy.deepcopy(transformer)
+    weights = convert_wan_transformer_to_diffusers({k: v.float() for k, v in comfy_weights.items()})
+    twin.load_state_dict(weights, strict=True)
+    return twin
+
+
+@pytest.mark.parametrize("kind", ["lora", "fp8"])
+def test_the_patch_composes_with_comfyuis_lora_and_fp8_weights(models, version, clip, kind):
+    """A LoRA from ComfyUI's LoRA loader (on the cross-attention's k and v, which project the motion
+    tokens too, and on attn1's q), or the model loaded with fp8 weights: the patched forward equals
+    fleximmt's Wan transformer holding the weights ComfyUI computes with (merged LoRA; fp8 values)."""
+    import comfy.sd
+
+    from fleximmt.comfy.native import apply_fleximmt
+
+    transformer, patcher = models
+    if kind == "lora":
+        gen = torch.Generator().manual_seed(7)
+        lora = {}
+        for b in range(SHAPE["num_layers"]):
+            for name in (f"blocks.{b}.cross_attn.k", f"blocks.{b}.cross_attn.v", f"blocks.{b}.self_attn.q"):
+                lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(128, 2, generator=gen) * 0.3
+                lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(2, 128, generator=gen) * 0.3
+        loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+        assert len(loaded.patches) == 3 * SHAPE["num_layers"]
+        merged = {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+        for key in list(merged):
+            up = lora.get(f"diffusion_model.{key[: -len('.weight')]}.lora_up.weight")
+            if up is not None:
+                merged[key] += up @ lora[f"diffusion_model.{key[: -len('.weight')]}.lora_down.weight"]
+    else:
+        from comfy_wan import comfy_state_dict
+
+        loaded = comfy.sd.load_diffusion_model_state_dict(comfy_state_dict(transformer),
+                                                          model_options={"dtype": torch.float8_e4m3fn})  # fmt: skip
+        assert loaded.model.diffusion_model.blocks[0].cross_attn.k.weight.dtype == torch.float8_e4m3fn
+        merged = loaded.model.diffusion_model.state_dict()
+    twin = diffusers_twin(transformer, merged)
+    objects = make_objects(transformer)
+    patched = apply_fleximmt(loaded, clip, PROMPT, objects, mask_source="static")
+    options = TransferOptions(objects, "static", parts=CROSS_PARTS)
+    x, t, context, clip_fea = inputs(version, seed=11)
+    patched.patch_model()  # what sampling does first: LoRA patches into the weights
+    try:
+        ours = comfy_forward(patched, x, t, context, clip_fea)
+    finally:
+        patched.unpatch_model()
+    state, _ = library_run(twin, objects, patch_of(patched).spans, options)
+    theirs = library_forward(twin, state, x, t, context, clip_fea, rows=[0], feature_rows=[0])
+    assert relative_error(ours, theirs) < 1e-4
+    state, _ = library_run(transformer, objects, patch_of(patched).spans, options)
+    base = library_forward(transformer, state, x, t, context, clip_fea, rows=[0], feature_rows=[0])
+    assert relative_error(ours, base) > 1e-3  # the LoRA / fp8 weights are what ComfyUI ran

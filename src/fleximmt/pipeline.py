@@ -28,7 +28,7 @@ from .errors import FlexiMMTInputError, ObjectInputError
 from .masks import PARTS, RMPM_METHODS, check_context_text, check_parts, mask_change, mask_to_token_grid, rmpm, span_membership
 from .models.base import ModelAdapter, TokenGrid
 from .motion import ObjectMotion
-from .prompt import find_word_spans
+from .prompt import find_token_spans, prompt_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +119,21 @@ def about_object(number: int) -> Iterator[None]:
 
 
 def object_word_spans(tokenizer, prompt: str, phrases: Sequence[str], max_sequence_length: int) -> list[list[int]]:
-    """:func:`find_word_spans` of every object's phrase, a phrase that is not in the prompt named by
+    """:func:`object_token_spans` in the prompt as a diffusers pipeline's tokenizer gives it."""
+    ids = prompt_token_ids(tokenizer, prompt, max_sequence_length)
+    encode = lambda phrase: tokenizer(phrase, add_special_tokens=False).input_ids  # noqa: E731
+    return object_token_spans(ids, phrases, encode, prompt, max_sequence_length)
+
+
+def object_token_spans(ids: Sequence[int], phrases: Sequence[str], encode, prompt: str,
+                       max_sequence_length: int) -> list[list[int]]:  # fmt: skip
+    """:func:`find_token_spans` of every object's phrase, a phrase that is not in the prompt named by
     its object's number ("object 2: motion words ..."). An empty prompt is about no one object."""
     if prompt.strip():
         for number, phrase in enumerate(phrases, 1):
             with about_object(number):
-                find_word_spans(tokenizer, prompt, [phrase], max_sequence_length)
-    return find_word_spans(tokenizer, prompt, phrases, max_sequence_length)
+                find_token_spans(ids, [phrase], encode, prompt, max_sequence_length)
+    return find_token_spans(ids, phrases, encode, prompt, max_sequence_length)
 
 
 def objects_per_prompt(objects: Sequence, prompts: int) -> list[list[ObjectMotion]]:

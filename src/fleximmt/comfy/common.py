@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FlexiMMTInputError
+from ..errors import ObjectInputError
 from ..motion import MotionTokens, ObjectMotion
+from ..pipeline import about_object
 
 CATEGORY = "FlexiMMT"
 MOTION = "FLEXIMMT_MOTION"
@@ -62,7 +63,7 @@ def first_mask(mask: torch.Tensor, k: int) -> torch.Tensor:
     bool ``[H, W]``: the object is where the mask is above 0.5."""
     if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3):
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise FlexiMMTInputError(f"object {k}: a MASK must be [H, W] or [B, H, W], got {shape}")
+        raise ObjectInputError(k, f"a MASK must be [H, W] or [B, H, W], got {shape}")
     if mask.ndim == 3:
         mask = mask[0]
     return mask.float().cpu() > 0.5
@@ -74,22 +75,14 @@ def add_object(objects: tuple | None, mask: torch.Tensor, motion: MotionTokens, 
     objects = tuple(objects or ())
     k = len(objects) + 1
     if k > MAX_OBJECTS:
-        raise FlexiMMTInputError(f"object {k}: FlexiMMT takes at most {MAX_OBJECTS} objects; remove an Object node")
+        raise ObjectInputError(k, f"FlexiMMT takes at most {MAX_OBJECTS} objects; remove an Object node")
     if not isinstance(motion, MotionTokens):
-        raise FlexiMMTInputError(f"object {k}: connect a MOTION (from Load motion or Learn motion)")
+        raise ObjectInputError(k, "connect a MOTION (from Load motion or Learn motion)")
     if not motion_words.strip():
-        raise FlexiMMTInputError(f"object {k}: write its motion words, the words of the prompt that describe its motion")
-    try:
+        raise ObjectInputError(k, "write its motion words, the words of the prompt that describe its motion")
+    with about_object(k):
         obj = ObjectMotion(first_mask(mask, k), motion, motion_words.strip(), concept_words.strip() or None)
-    except FlexiMMTInputError as err:
-        raise FlexiMMTInputError(numbered(err, k)) from None
     return (*objects, obj)
-
-
-def numbered(err: Exception, k: int) -> str:
-    """The message of ``err`` starting with "object k: " (once)."""
-    text = str(err)
-    return text if text.lower().startswith(f"object {k}") else f"object {k}: {text}"
 
 
 class ObjectNode:

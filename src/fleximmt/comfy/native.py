@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import FlexiMMTState, VideoMotions
-from ..errors import FlexiMMTInputError
+from ..errors import FlexiMMTInputError, ObjectInputError
 from ..masks import CROSS_PARTS, mask_to_token_grid, span_membership
 from ..models.base import TokenGrid
-from ..pipeline import MASK_SOURCES, MaskSchedule, TransferOptions, transfer_state
-from ..prompt import find_token_spans
-from .common import CATEGORY, OBJECTS, numbered
+from ..pipeline import MASK_SOURCES, MaskSchedule, TransferOptions, about_object, object_token_spans, transfer_state
+from .common import CATEGORY, OBJECTS
 
 logger = logging.getLogger(__name__)
 
@@ -231,11 +230,10 @@ class WanPatch:
 
     def new_run(self, model, grid: TokenGrid, videos: int, text_len: int, device) -> Run:
         num_blocks = len(model.blocks)
-        bad = [(k, i) for k, span in enumerate(self.spans, 1) for i in span if i >= text_len]
+        bad = [k for k, span in enumerate(self.spans, 1) if max(span) >= text_len]
         if bad:
-            raise FlexiMMTInputError(f"object {bad[0][0]}: its motion words lie beyond the conditioning's "
-                                     f"{text_len} text tokens: give Apply FlexiMMT the prompt of the positive "
-                                     "CLIP Text Encode")  # fmt: skip
+            raise ObjectInputError(bad[0], f"its motion words lie beyond the conditioning's {text_len} text tokens: "
+                                           "give Apply FlexiMMT the prompt of the positive CLIP Text Encode")  # fmt: skip
         member = span_membership(text_len, self.spans).to(device)
         tokens = torch.stack([obj.motion.expert_tokens()[self.expert] for obj in self.objects])[:, None].to(device)
         concept = None
@@ -287,14 +285,15 @@ def apply_fleximmt(model, clip, prompt: str, objects: tuple | None, expert: str 
         raise FlexiMMTInputError(f"expert={expert!r}: choose from {list(EXPERTS)}")
     index = 0 if expert == "auto" else EXPERTS.index(expert) - 1
     for k, obj in enumerate(objects, 1):
-        obj.motion.check_model(len(diffusion_model.blocks), diffusion_model.dim, family="wan",
-                               experts=obj.motion.num_experts, source=f"object {k}")  # fmt: skip
-        if expert == "auto" and obj.motion.num_experts > 1:
-            raise FlexiMMTInputError(f"object {k}: the motion holds {obj.motion.num_experts} experts' tokens (Wan 2.2 "
-                                     "A14B): set expert to 1 on the high-noise model, 2 on the low-noise model")  # fmt: skip
-        if index >= obj.motion.num_experts:
-            raise FlexiMMTInputError(f"object {k}: the motion has one expert's tokens; expert={expert!r} needs a "
-                                     "two-expert motion (Wan 2.2 A14B): use expert 'auto'")  # fmt: skip
+        with about_object(k):
+            obj.motion.check_model(len(diffusion_model.blocks), diffusion_model.dim, family="wan",
+                                   experts=obj.motion.num_experts, source=f"object {k}")  # fmt: skip
+            if expert == "auto" and obj.motion.num_experts > 1:
+                raise FlexiMMTInputError(f"the motion holds {obj.motion.num_experts} experts' tokens (Wan 2.2 A14B): "
+                                         "set expert to 1 on the high-noise model, 2 on the low-noise model")  # fmt: skip
+            if index >= obj.motion.num_experts:
+                raise FlexiMMTInputError(f"the motion has one expert's tokens; expert={expert!r} needs a two-expert "
+                                         "motion (Wan 2.2 A14B): use expert 'auto'")  # fmt: skip
     if mask_source not in MASK_SOURCES:
         raise FlexiMMTInputError(f"mask_source={mask_source!r}: choose from {list(MASK_SOURCES)}")
     options = TransferOptions(objects, mask_source, rmpm_method, anchors, None if not alpha else alpha, None, parts,
@@ -304,31 +303,15 @@ def apply_fleximmt(model, clip, prompt: str, objects: tuple | None, expert: str 
     options.check(WanAdapter)
     spans = concept_spans = None
     if objects:
-        if not prompt.strip():
-            raise FlexiMMTInputError("the prompt is empty: write the prompt of the positive CLIP Text Encode, with each "
-                                     "object's motion words in it")  # fmt: skip
         ids = clip_token_ids(clip, prompt)
         encode = lambda phrase: clip_phrase_ids(clip, phrase)  # noqa: E731
-        spans = object_spans(ids, [obj.motion_text for obj in objects], encode, prompt)
+        spans = object_token_spans(ids, [obj.motion_text for obj in objects], encode, prompt, len(ids))
         if mask_source == "qk":
-            concept_spans = object_spans(ids, [o.concept_text or o.motion_text for o in objects], encode, prompt)
+            concepts = [o.concept_text or o.motion_text for o in objects]
+            concept_spans = object_token_spans(ids, concepts, encode, prompt, len(ids))
     patched = model.clone()
     WanPatch(objects, spans or [], concept_spans, index, options).install(patched)
     return patched
-
-
-def object_spans(ids: list[int], phrases: list[str], encode, prompt: str) -> list[list[int]]:
-    """Every object's phrase in the prompt's ids, all at once (a phrase that occurs twice gives each
-    object its own occurrence); a phrase not found is named with its object's number."""
-    try:
-        return find_token_spans(ids, phrases, encode, prompt, len(ids))
-    except FlexiMMTInputError:
-        for k, phrase in enumerate(phrases, 1):
-            try:
-                find_token_spans(ids, [phrase], encode, prompt, len(ids))
-            except FlexiMMTInputError as err:
-                raise FlexiMMTInputError(numbered(err, k)) from None
-        raise
 
 
 class ApplyFlexiMMT:
