@@ -479,6 +479,32 @@ def test_every_message_about_one_object_starts_with_its_number_on_the_page(serve
     assert server.gate.calls == 0  # nothing ran
 
 
+def test_the_pages_motion_events_name_their_object(server, tmp_path):
+    (tmp_path / "not_motion.safetensors").write_bytes(b"\x00" * 64)
+    session = GradioSession(server.url)  # the page's own events, as the browser sends them
+    try:
+        uploaded = session.call(session.fn_index("on_upload_1"), [upload(session, tmp_path / "not_motion.safetensors")])
+        (server.root / "motions" / "slide.safetensors").unlink()  # gone since the page listed it
+        chosen = session.call(session.fn_index("on_choice_2"), ["slide"])
+    finally:
+        session.close()
+    assert not uploaded["success"] and uploaded["output"]["error"].startswith(
+        "Object 2: 'not_motion.safetensors' is not a readable safetensors motion file")
+    assert not chosen["success"] and chosen["output"]["error"].startswith(
+        "Object 3: motion 'slide' is not in the motion library (it has: jump)")
+
+
+def test_the_page_names_the_size_of_a_decompression_bomb_when_it_is_uploaded(server, tmp_path):
+    session = GradioSession(server.url)
+    try:
+        bomb = upload(session, png_header(tmp_path / "huge.png", 15000, 15000))
+        shown = session.call(session.fn_index("on_image"), [bomb])
+    finally:
+        session.close()
+    assert shown["output"]["data"][0] == ("**the image (huge.png) is 15000 x 15000 pixels: this app takes images of at most "
+                                          "50 megapixels; scale it down first**")  # fmt: skip
+
+
 def test_an_empty_prompt_says_so_and_what_to_write(server):
     message = refusal(server, prompt="")
     assert message.startswith("the prompt is empty, so the motion words 'jumps up' are not in it: write a prompt that "
@@ -698,7 +724,7 @@ def test_bad_input_shows_a_readable_message_in_the_page(assets, tmp_path):
         WebDriverWait(driver, 60).until(lambda d: "upload an image first" in d.find_element(By.TAG_NAME, "body").text)
         png_header(tmp_path / "huge.png", 15000, 15000)
         driver.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(tmp_path / "huge.png"))
-        WebDriverWait(driver, 60).until(lambda d: "(huge.png) is too large to open" in d.find_element(By.ID, "image_info").text)
+        WebDriverWait(driver, 60).until(lambda d: "(huge.png) is 15000 x 15000 pixels" in d.find_element(By.ID, "image_info").text)
     finally:
         driver.quit()
         demo.close()

@@ -652,22 +652,22 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
                     slot["motion_words"] = gr.Textbox(label="motion words (the prompt's words for this motion; the motion "
                                                             "file suggests them)", value="", elem_id=f"motion_words_{k}")  # fmt: skip
 
-                    def on_choice(name):
+                    def on_choice(name, number=k):  # number: this slot's, bound now
                         try:
                             entry = app.library.get(name) if name else None
                             info = motion_metadata(MotionTokens.load(entry.path)) if entry else ""
                         except FlexiMMTInputError as err:
-                            raise user_error(err) from None
+                            raise user_error(numbered(number, err)) from None
                         return (entry.motion_words if entry else "", str(entry.preview) if entry and entry.preview else None,
                                 info)  # fmt: skip
 
-                    def on_upload(path):
+                    def on_upload(path, number=k):
                         if not path:
                             return "", ""
                         try:
                             motion = MotionTokens.load(path)
                         except FlexiMMTInputError as err:
-                            raise user_error(err) from None
+                            raise user_error(numbered(number, err)) from None
                         return motion.metadata.get("motion_words") or "", motion_metadata(motion)
 
                     slot["motion"].change(on_choice, slot["motion"], [slot["motion_words"], motion_preview, motion_info],
