@@ -505,6 +505,17 @@ def test_the_page_names_the_size_of_a_decompression_bomb_when_it_is_uploaded(ser
                                           "50 megapixels; scale it down first**")  # fmt: skip
 
 
+def test_fleximmt_app_takes_its_step_limit_from_max_steps(monkeypatch, tiny_pipe):
+    import fleximmt.app
+    from fleximmt import cli
+
+    served = {}
+    monkeypatch.setattr(cli, "load_pipeline", lambda args: tiny_pipe)
+    monkeypatch.setattr(fleximmt.app, "serve", lambda *args, **options: served.update(options))
+    assert cli.main(["app", "--model", "tiny", "--max-steps", "7"]) == 0 and served["max_steps"] == 7
+    assert cli.main(["app", "--model", "tiny"]) == 0 and served["max_steps"] == 100
+
+
 def test_an_empty_prompt_says_so_and_what_to_write(server):
     message = refusal(server, prompt="")
     assert message.startswith("the prompt is empty, so the motion words 'jumps up' are not in it: write a prompt that "
