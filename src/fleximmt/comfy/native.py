@@ -115,6 +115,11 @@ class WanPatch:
         self.previous_blocks: dict[int, object] = {}
         self.previous_override = None
 
+    def __deepcopy__(self, memo) -> WanPatch:
+        """One patch for every clone of the MODEL (``ModelPatcher.clone`` deep-copies its options): the
+        motions are not copied, and each sampling run starts afresh anyway."""
+        return self
+
     # -- installing ------------------------------------------------------------------------
     def install(self, patcher) -> None:
         """Register the patch on ``patcher`` (a clone), after whatever patches it already has."""

@@ -1,0 +1,95 @@
+"""Test-only ComfyUI nodes, loaded by the test server from its custom_nodes/ (never shipped).
+
+ComfyUI's *Load CLIP* builds umT5-XXL from a fixed full-size config (5.7B parameters), which this
+machine cannot hold for a test; ``FlexiMMTTestTinyUMT5`` builds the same kind of CLIP - ComfyUI's own
+umT5 text model class and its ``WanT5Tokenizer`` (512 tokens at least, pad 0) - at a tiny size: one
+layer, 4096 wide as Wan expects, random weights (seeded), a sentencepiece model trained here on a
+few sentences. Everything else in the test graphs is ComfyUI's own nodes and loaders.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+
+import torch
+
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models_base
+import comfy.text_encoders.t5
+import comfy.text_encoders.wan
+
+SENTENCES = ["A ball jumps up. A box slides left.", "The cat (jumps) while the dog runs quickly.",
+             "A dog walks on the snow, a cat runs right and jumps.", "A red ball and a blue box on a grey floor."]  # fmt: skip
+
+
+def spiece_model() -> bytes:
+    import sentencepiece
+
+    out = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 40), model_writer=out, vocab_size=80,
+                                             pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+                                             minloglevel=2, num_threads=1)  # fmt: skip
+    return out.getvalue()
+
+
+def tiny_config(vocab: int) -> str:
+    config = {"d_ff": 64, "d_kv": 16, "d_model": 4096, "decoder_start_token_id": 0, "dense_act_fn": "gelu_pytorch_tanh",
+              "dropout_rate": 0.0, "eos_token_id": 1, "is_encoder_decoder": True, "is_gated_act": True,
+              "layer_norm_epsilon": 1e-06, "model_type": "umt5", "num_decoder_layers": 1, "num_heads": 2,
+              "num_layers": 1, "pad_token_id": 0, "relative_attention_max_distance": 128,
+              "relative_attention_num_buckets": 32, "tie_word_embeddings": False, "vocab_size": vocab}  # fmt: skip
+    fd, path = tempfile.mkstemp(prefix="tiny-umt5-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+class TinyUMT5(comfy.sd1_clip.SDClipModel):
+    config_path: str = ""
+
+    def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options={}):  # noqa: B006
+        super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=self.config_path,
+                         dtype=dtype, special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
+                         enable_attention_masks=True, zero_out_masked=True, model_options=model_options)  # fmt: skip
+
+
+class TinyWanT5Model(comfy.sd1_clip.SD1ClipModel):
+    def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):  # noqa: B006
+        super().__init__(device=device, dtype=dtype, model_options=model_options, name="umt5xxl", clip_model=TinyUMT5,
+                         **kwargs)  # fmt: skip
+
+
+class TinyUMT5Loader:
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    def load(self, seed):
+        model = spiece_model()
+        import sentencepiece
+
+        TinyUMT5.config_path = tiny_config(sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size())
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.wan.WanT5Tokenizer, TinyWanT5Model)
+        clip = comfy.sd.CLIP(target, tokenizer_data={"spiece_model": model}, model_options={"dtype": torch.float32})
+        gen = torch.Generator().manual_seed(seed)
+        weights = {}
+        for key, value in clip.cond_stage_model.state_dict().items():
+            if "layer_norm" in key:
+                weights[key] = torch.ones(value.shape)
+            else:
+                weights[key] = torch.randn(value.shape, generator=gen) * (0.5 / (value.shape[-1] if value.ndim else 1) ** 0.5)
+        missing, unexpected = clip.load_sd(weights, full_model=True)
+        assert not missing and not unexpected, (missing, unexpected)
+        os.unlink(TinyUMT5.config_path)
+        return (clip,)
+
+
+NODE_CLASS_MAPPINGS = {"FlexiMMTTestTinyUMT5": TinyUMT5Loader}
