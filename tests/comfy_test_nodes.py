@@ -1,7 +1,7 @@
 """Test-only ComfyUI nodes, loaded by the test server from its custom_nodes/ (never shipped).
 
 ComfyUI's *Load CLIP* builds umT5-XXL from a fixed full-size config (5.7B parameters), which this
-machine cannot hold for a test; ``FlexiMMTTestTinyUMT5`` builds the same kind of CLIP - ComfyUI's own
+machine cannot hold for a test; ``TestOnlyTinyUMT5`` builds the same kind of CLIP - ComfyUI's own
 umT5 text model class and its ``WanT5Tokenizer`` (512 tokens at least, pad 0) - at a tiny size: one
 layer, 4096 wide as Wan expects, random weights (seeded), a sentencepiece model trained here on a
 few sentences. Everything else in the test graphs is ComfyUI's own nodes and loaders.
@@ -92,4 +92,4 @@ class TinyUMT5Loader:
         return (clip,)
 
 
-NODE_CLASS_MAPPINGS = {"FlexiMMTTestTinyUMT5": TinyUMT5Loader}
+NODE_CLASS_MAPPINGS = {"TestOnlyTinyUMT5": TinyUMT5Loader}

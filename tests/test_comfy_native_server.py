@@ -6,7 +6,7 @@ VAE Decode, Create / Save Video) posted to ``/prompt`` on tiny models.
 Tiny stand-ins, said here as the issue asks: the two Wan experts are tiny (fleximmt's tiny diffusers
 Wan 2.2 transformers saved under ComfyUI's key names, loaded by ComfyUI's own *Load Diffusion Model*);
 the VAE is full size with random weights (ComfyUI's *Load VAE* reads a fixed config); *Load CLIP*
-is replaced by the test-only ``FlexiMMTTestTinyUMT5`` (ComfyUI's umT5 class at one layer:
+is replaced by the test-only ``TestOnlyTinyUMT5`` (ComfyUI's umT5 class at one layer:
 tests/comfy_test_nodes.py), because its umT5-XXL config is fixed at 5.7B parameters. The motions
 are learned by fleximmt's ``train_motion`` on the diffusers pipeline of those same experts."""
 
@@ -72,7 +72,7 @@ def tiny_prompt(api: dict, flexi: bool = True) -> dict:
     """The example workflow at test size, with the test's tiny text encoder; ``flexi=False`` wires the
     loaders straight to the samplers (the same graph without FlexiMMT)."""
     prompt = copy.deepcopy(api)
-    prompt["3"] = {"class_type": "FlexiMMTTestTinyUMT5", "inputs": {"seed": 0}}
+    prompt["3"] = {"class_type": "TestOnlyTinyUMT5", "inputs": {"seed": 0}}
     prompt["9"]["inputs"].update(width=SIZE, height=SIZE, length=LENGTH)
     prompt["20"]["inputs"].update(steps=STEPS, end_at_step=STEPS // 2)
     prompt["21"]["inputs"].update(steps=STEPS, start_at_step=STEPS // 2)

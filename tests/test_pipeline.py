@@ -138,7 +138,8 @@ def test_auto_backend_builds_no_square_mask_and_prepares_masks_once_per_step(pip
     shapes, layouts = [], []
     real_sdpa = F.scaled_dot_product_attention
 
-    def spy(q, k, v, attn_mask=None, **kw):
+    def spy(*args, attn_mask=None, **kw):  # positional (the text encoder) or by name (diffusers' dispatcher)
+        q, k, v = [*args, *(kw.pop(name) for name in ("query", "key", "value") if name in kw)]
         shapes.append((q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape)))
         return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
 

@@ -16,6 +16,8 @@ attention processors. Nothing here knows any diffusers model.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -23,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .masks import PARTS, dmem_mask, group_keys, mdma_cross_dense, mdma_dense, mdma_text_rows, video_groups
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "dense")
 FORMS = ("joint", "cross")
@@ -38,6 +42,16 @@ MERGE_BELOW, MERGE_CAP = 768, 2048
 # blocks share one shape, the few plans it builds overlap the GPU's work, and padding measured 1.6%
 # slower there. Elsewhere no plan is built and padding would only cost time.
 QUERY_BUCKETS = {"cuda": 256}
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch's SDPA over ``[B, H, N, d]``: the default ``attention`` of every call below. An adapter
+    passes its own (diffusers' dispatcher with the user's backend, ComfyUI's attention function), taking
+    the same arguments; ``mask`` (bool, or SDPA's additive float mask) only in the calls that need one."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+
+
+Attention = Callable[..., torch.Tensor]  # (query, key, value, mask=None) -> out, all [B, H, N, d]
 
 
 def padded_queries(queries: torch.Tensor, pad: bool) -> torch.Tensor:
@@ -147,23 +161,23 @@ class JointLayout:
             rows.append(rows[-1][-1:].expand(self.masked_queries.numel() - real.numel(), -1))  # the padded rows'
         self.masked_rows = torch.cat(rows)
 
-    def attend(self, query, key, value, m_q, m_k, m_v, text_len: int) -> torch.Tensor:
+    def attend(self, query, key, value, m_q, m_k, m_v, text_len: int, attention: Attention = sdpa) -> torch.Tensor:
         """``query/key/value`` ``[B, H, L_y + N_v, d]`` (the block's own, after QK-norm and RoPE),
         ``m_*`` the motion tokens' ``[B, H, K * d_m, d]``; returns ``[B, H, L_y + N_v, d]``. The
         layout diffusers' processor has; a processor that builds its tokens video first calls
         :meth:`attend_video_first` and copies nothing."""
         if self.backend == "dense":
-            return self._attend_dense(query, key, value, m_q, m_k, m_v, text_len)
+            return self._attend_dense(query, key, value, m_q, m_k, m_v, text_len, attention)
         n_video = query.shape[2] - text_len
         out = self._attend_grouped(
             torch.cat([query[:, :, text_len:], query[:, :, :text_len]], dim=2),
             torch.cat([key[:, :, text_len:], key[:, :, :text_len], m_k], dim=2),
             torch.cat([value[:, :, text_len:], value[:, :, :text_len], m_v], dim=2),
-            text_len,
+            text_len, attention,
         )
         return torch.cat([out[:, :, n_video:], out[:, :, :n_video]], dim=2)
 
-    def attend_video_first(self, query, keys, values, text_len: int) -> torch.Tensor:
+    def attend_video_first(self, query, keys, values, text_len: int, attention: Attention = sdpa) -> torch.Tensor:
         """The same attention over tokens laid out ``[video | text | motion]``: ``keys/values``
         ``[B, H, N_v + L_y + K * d_m, d]``, ``query`` the same (its motion rows are never attended
         with: their outputs would be dropped). Returns ``[B, H, N_v + L_y, d]``, stored as
@@ -171,24 +185,24 @@ class JointLayout:
         reorders the text and motion rows of ``keys`` and ``values`` in place into its key buffer
         (``order``): the video keys are never copied."""
         if self.backend == "auto":
-            return self._attend_grouped(query, keys, values, text_len)
+            return self._attend_grouped(query, keys, values, text_len, attention)
         n_video = self.video_masks.shape[1]
         text = slice(n_video, n_video + text_len)
         motion = slice(n_video + text_len, None)
         out = self._attend_dense(
             *(torch.cat([x[:, :, text], x[:, :, :n_video]], dim=2) for x in (query, keys, values)),
-            query[:, :, motion], keys[:, :, motion], values[:, :, motion], text_len,
+            query[:, :, motion], keys[:, :, motion], values[:, :, motion], text_len, attention,
         )  # fmt: skip
         batch, heads, _, dim = out.shape
         first = out.new_empty(batch, out.shape[2], heads, dim).transpose(1, 2)
         first[:, :, :n_video], first[:, :, n_video:] = out[:, :, text_len:], out[:, :, :text_len]
         return first
 
-    def _attend_dense(self, query, key, value, m_q, m_k, m_v, text_len: int) -> torch.Tensor:
+    def _attend_dense(self, query, key, value, m_q, m_k, m_v, text_len: int, attention: Attention) -> torch.Tensor:
         q = torch.cat([query[:, :, :text_len], m_q, query[:, :, text_len:]], dim=2)
         k = torch.cat([key[:, :, :text_len], m_k, key[:, :, text_len:]], dim=2)
         v = torch.cat([value[:, :, :text_len], m_v, value[:, :, text_len:]], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense)
+        out = attention(q, k, v, self.dense)
         motion_end = text_len + m_k.shape[2]
         return torch.cat([out[:, :, :text_len], out[:, :, motion_end:]], dim=2)
 
@@ -201,7 +215,7 @@ class JointLayout:
             self.biases[key] = torch.zeros(rows.shape, dtype=like.dtype, device=like.device).masked_fill_(~rows, float("-inf"))
         return self.biases[key]
 
-    def _attend_grouped(self, query, keys, values, text_len: int) -> torch.Tensor:
+    def _attend_grouped(self, query, keys, values, text_len: int, attention: Attention) -> torch.Tensor:
         """``attend_video_first``'s auto backend (``keys``/``values`` rewritten in place)."""
         n_video = self.video_masks.shape[1]
         # the key buffer [video | text and motion in `order`]: only the few text and motion rows move
@@ -216,7 +230,7 @@ class JointLayout:
         masked_q = query[:, :, n_video : n_video + text_len].contiguous()
         if num_merged:
             masked_q = torch.cat([masked_q, video_q.index_select(2, merged)], dim=2)
-        masked_out = F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=self.masked_bias(query))
+        masked_out = attention(masked_q, keys, values, self.masked_bias(query))
         out[:, :, n_video:] = masked_out[:, :, :text_len]
         video_out = out[:, :, :n_video]  # a view taken after `out` joined the autograd graph
         if num_merged:
@@ -235,9 +249,9 @@ class JointLayout:
                 values[:, :, n_video:end] = small_v.index_select(2, small)
                 group_k, group_v = keys[:, :, :end], values[:, :, :end]
             if count == n_video:
-                video_out.copy_(F.scaled_dot_product_attention(video_q, group_k, group_v))
+                video_out.copy_(attention(video_q, group_k, group_v))
             else:
-                group_out = F.scaled_dot_product_attention(video_q.index_select(2, queries), group_k, group_v)
+                group_out = attention(video_q.index_select(2, queries), group_k, group_v)
                 video_out.index_copy_(2, queries[:count], group_out[:, :, :count])
         return out
 
@@ -268,14 +282,12 @@ class CrossLayout:
                 keys = torch.arange(text_len, device=keys.device)
             self.groups.append(QueryGroup.of(queries, self.video_masks.shape[1], keys, pad=self.pad_queries))
 
-    def attend(self, query, key, value, m_k, m_v, attention=None) -> torch.Tensor:
+    def attend(self, query, key, value, m_k, m_v, attention: Attention = sdpa) -> torch.Tensor:
         """``query`` ``[B, H, N_v, d]``, ``key/value`` ``[B, H, L_y, d]`` (the text's), ``m_*`` the
-        motion tokens' ``[B, H, K * d_m, d]``; returns ``[B, H, N_v, d]``. ``attention(q, k, v)``
-        computes the auto backend's unmasked calls (default: PyTorch's SDPA; ComfyUI passes its own)."""
+        motion tokens' ``[B, H, K * d_m, d]``; returns ``[B, H, N_v, d]``."""
         keys, values = torch.cat([key, m_k], dim=2), torch.cat([value, m_v], dim=2)
         if self.backend == "dense":
-            return F.scaled_dot_product_attention(query, keys, values, attn_mask=self.dense)
-        attention = attention or F.scaled_dot_product_attention
+            return attention(query, keys, values, self.dense)
         if len(self.groups) == 1 and self.groups[0].count == query.shape[2]:
             small = self.groups[0].keys
             return attention(query, keys.index_select(2, small), values.index_select(2, small))
@@ -338,6 +350,7 @@ class FlexiMMTState:
     _dmem_layouts: dict = field(default_factory=dict)
     _drop: torch.Tensor | None = None
     _row_index: dict = field(default_factory=dict)
+    _notes: set = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
@@ -351,6 +364,12 @@ class FlexiMMTState:
     @property
     def num_objects(self) -> int:
         return self.videos[0].num_objects if self.videos else 0
+
+    def note_once(self, message: str) -> None:
+        """Log ``message`` as a warning the first time this call (or training run) meets it."""
+        if message not in self._notes:
+            self._notes.add(message)
+            logger.warning(message)
 
     @property
     def tokens_per_motion(self) -> int:
@@ -461,29 +480,30 @@ class FlexiMMTState:
             return rows[videos[0]].expand(batch, -1, -1)
         return torch.stack([rows[video] for video in videos])
 
-    def joint_attention(self, block: int, query, key, value, text_len: int) -> torch.Tensor:
+    def joint_attention(self, block: int, query, key, value, text_len: int, attention: Attention = sdpa) -> torch.Tensor:
         """MDMA attention of text and video queries over text, motion and video keys.
 
         ``query/key/value`` ``[B, H, N_v + L_y + K * d_m, d]`` are the block's own projections (after
         QK-norm and RoPE) of ``[video | text | motion]`` tokens, the motion rows from
         :meth:`joint_motion_rows`; returns ``[B, H, N_v + L_y, d]`` (see ``JointLayout.attend_video_first``)."""
-        return self._per_video(query, key, value, lambda v, q, k, val: self._joint_one(v, block, q, k, val, text_len))
+        return self._per_video(query, key, value,
+                               lambda v, q, k, val: self._joint_one(v, block, q, k, val, text_len, attention))  # fmt: skip
 
-    def _joint_one(self, video, block, query, key, value, text_len):
+    def _joint_one(self, video, block, query, key, value, text_len, attention):
         row = self._feature_row_within(video, query.shape[0])
         n_video = query.shape[2] - text_len - self.num_objects * self.tokens_per_motion
         layout = self._layout(video, block, lambda idx: query[row : row + 1, :, n_video + idx],
                               key[row : row + 1, :, :n_video])  # fmt: skip
-        return layout.attend_video_first(query, key, value, text_len)
+        return layout.attend_video_first(query, key, value, text_len, attention)
 
-    def cross_attention(self, block: int, expert: int, query, key, value, project, attention=None) -> torch.Tensor:
+    def cross_attention(self, block: int, expert: int, query, key, value, project, attention: Attention = sdpa) -> torch.Tensor:
         """MDMA cross-attention of video queries ``[B, H, N_v, d]`` over the text's keys/values
         ``[B, H, L_y, d]`` and the motion tokens; returns ``[B, H, N_v, d]`` (``attention``: see
         ``CrossLayout.attend``)."""
         return self._per_video(query, key, value,
                                lambda v, q, k, val: self._cross_one(v, block, expert, q, k, val, project, attention))  # fmt: skip
 
-    def _cross_one(self, video, block, expert, query, key, value, project, attention=None):
+    def _cross_one(self, video, block, expert, query, key, value, project, attention):
         row = self._feature_row_within(video, query.shape[0])
         layout = self._layout(video, block, lambda idx: key[row : row + 1, :, idx], query[row : row + 1])
         m_k, m_v = self.motion_projections(video, block, expert, project)

@@ -210,7 +210,7 @@ class WanPatch:
         attn = run.model.blocks[index].cross_attn
         to_heads = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731  [B, H, N, d]
         kw = dict(kwargs, heads=heads, skip_reshape=True, skip_output_reshape=True)
-        group = lambda qg, kg, vg: base(qg, kg, vg, **kw)  # noqa: E731  ComfyUI's attention, unmasked
+        group = lambda qg, kg, vg, mask=None: base(qg, kg, vg, mask=mask, **kw)  # noqa: E731  ComfyUI's attention
 
         def project(tokens: torch.Tensor, kind: str) -> torch.Tensor:
             tokens = tokens.to(device=q.device, dtype=q.dtype)[None]

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import CogVideoXImageToVideoPipeline
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
@@ -24,7 +23,8 @@ from ..attention import FlexiMMTState
 from ..errors import FlexiMMTInputError
 from ..masks import PARTS
 from ..pipeline import OPTIONS_DOC, FlexiMMTMixin, FlexiMMTPipelineOutput
-from .base import ModelAdapter, TokenGrid, TrainingBatch, image_count, prompt_count, repeat_per_prompt
+from .base import (ModelAdapter, TokenGrid, TrainingBatch, carry_dispatch, check_no_context_parallelism,
+                   dispatched_attention, image_count, prompt_count, repeat_per_prompt)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,14 @@ class FlexiMMTAttnProcessor:
     With objects, the tokens run in the order ``[video | text | motion]`` instead of diffusers'
     ``[text | video]``: the motion tokens join the hidden states before the block's projections and
     QK-norm (one matrix product with the rest; no RoPE), and the keys and values come out as the
-    backend's key buffer, video first, without a copy of the video keys."""
+    backend's key buffer, video first, without a copy of the video keys.
+
+    Every attention it computes goes through diffusers' dispatcher with the backend chosen for the
+    model (``transformer.set_attention_backend``, ``attention_backend(...)``): diffusers' own CogVideoX
+    processor calls SDPA directly and ignores the choice."""
+
+    _attention_backend = None  # set by diffusers' set_attention_backend / reset_attention_backend
+    _parallel_config = None  # set by enable_parallelism
 
     def __init__(self, block_index: int) -> None:
         self.block_index = block_index
@@ -57,7 +64,9 @@ class FlexiMMTAttnProcessor:
         text_len, n_video = encoder_hidden_states.size(1), hidden_states.size(1)
         batch = hidden_states.shape[0]
         with_motion = fleximmt is not None and fleximmt.num_objects > 0
+        attend = dispatched_attention(self, fleximmt)
         if with_motion:
+            check_no_context_parallelism(self, fleximmt)
             if attention_mask is not None:
                 raise ValueError("FlexiMMT attention takes no attention_mask of its own: MDMA is the mask")
             motion = fleximmt.joint_motion_rows(self.block_index, 0, batch, like=hidden_states)
@@ -87,9 +96,9 @@ class FlexiMMTAttnProcessor:
                 key[:, :, video] = apply_rotary_emb(key[:, :, video], image_rotary_emb)
 
         if with_motion:
-            out = fleximmt.joint_attention(self.block_index, query, key, value, text_len)
+            out = fleximmt.joint_attention(self.block_index, query, key, value, text_len, attend)
         else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+            out = attend(query, key, value, attention_mask)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -169,7 +178,7 @@ class CogVideoXAdapter(ModelAdapter):
                 continue
             if index == 0 and type(current).__name__ not in ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0"):
                 logger.warning("replacing the attention processor %s with FlexiMMT's", type(current).__name__)
-            block.attn1.set_processor(FlexiMMTAttnProcessor(index))
+            block.attn1.set_processor(carry_dispatch(current, FlexiMMTAttnProcessor(index)))
 
     def prepare_call(self, call: dict[str, Any]) -> dict[str, Any]:
         """diffusers' CogVideoX I2V sets ``num_videos_per_prompt`` to 1 and needs one image per prompt;

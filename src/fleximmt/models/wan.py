@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import WanImageToVideoPipeline
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
@@ -32,7 +31,8 @@ from ..attention import FlexiMMTState
 from ..errors import FlexiMMTInputError
 from ..masks import CROSS_PARTS, check_cross_parts
 from ..pipeline import OPTIONS_DOC, FlexiMMTMixin, FlexiMMTPipelineOutput
-from .base import ModelAdapter, TokenGrid, TrainingBatch, repeat_per_prompt
+from .base import (ModelAdapter, TokenGrid, TrainingBatch, carry_dispatch, check_no_context_parallelism,
+                   dispatched_attention, repeat_per_prompt)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -49,29 +49,54 @@ class StateSlot:
     state: FlexiMMTState | None = None
 
 
-class WanSelfAttnProcessor:
-    """``attn1`` exactly as diffusers computes it; its output (after ``to_out``, before the block's
-    gate) is handed to RMPM's feature capture."""
+class WanProcessor:
+    """A FlexiMMT processor around diffusers' own ``WanAttnProcessor`` (``self.wan``): the attention
+    backend and context-parallel config that ``set_attention_backend``, ``reset_attention_backend`` and
+    ``enable_parallelism`` give a processor reach the wrapped one, so its calls dispatch as diffusers' do."""
 
     def __init__(self, block_index: int, slot: StateSlot) -> None:
         self.block_index, self.slot = block_index, slot
         self.wan = WanAttnProcessor()
 
+    @property
+    def _attention_backend(self):
+        return self.wan._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend) -> None:
+        self.wan._attention_backend = backend
+
+    @property
+    def _parallel_config(self):
+        return self.wan._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, config) -> None:
+        self.wan._parallel_config = config
+
+
+class WanSelfAttnProcessor(WanProcessor):
+    """``attn1`` exactly as diffusers computes it; its output (after ``to_out``, before the block's
+    gate) is handed to RMPM's feature capture."""
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        state = self.slot.state
+        if state is not None:
+            check_no_context_parallelism(self, state)
         out = self.wan(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        if self.slot.state is not None:
-            self.slot.state.observe(self.block_index, out)
+        if state is not None:
+            state.observe(self.block_index, out)
         return out
 
 
-class WanCrossAttnProcessor:
+class WanCrossAttnProcessor(WanProcessor):
     """``attn2`` with motion tokens beside the text and MDMA over video queries x [text | motion];
     the CLIP image tokens (Wan 2.1) are attended as diffusers does. Without a state, or with no
     objects, it is diffusers' ``WanAttnProcessor``."""
 
     def __init__(self, block_index: int, expert: int, slot: StateSlot) -> None:
-        self.block_index, self.expert, self.slot = block_index, expert, slot
-        self.wan = WanAttnProcessor()
+        super().__init__(block_index, slot)
+        self.expert = expert
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         state = self.slot.state
@@ -79,6 +104,8 @@ class WanCrossAttnProcessor:
             return self.wan(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if attention_mask is not None:
             raise ValueError("FlexiMMT attention takes no attention_mask of its own: MDMA is the mask")
+        check_no_context_parallelism(self, state)
+        attend = dispatched_attention(self, state)
         text_len = state.videos[0].member.shape[1]
         image_tokens, text = encoder_hidden_states[:, :-text_len], encoder_hidden_states[:, -text_len:]
         query = attn.norm_q(attn.to_q(hidden_states))
@@ -89,7 +116,7 @@ class WanCrossAttnProcessor:
         key = attn.norm_k(key)
         heads = lambda x: x.unflatten(2, (attn.heads, -1)).transpose(1, 2)  # noqa: E731  [B, H, N, d]
         out = state.cross_attention(self.block_index, self.expert, heads(query), heads(key), heads(value),
-                                    self.projector(attn, query))  # fmt: skip
+                                    self.projector(attn, query), attend)  # fmt: skip
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         if attn.add_k_proj is not None and image_tokens.shape[1]:
             if getattr(attn, "fused_projections", False):
@@ -97,7 +124,7 @@ class WanCrossAttnProcessor:
             else:
                 key_img, value_img = attn.add_k_proj(image_tokens), attn.add_v_proj(image_tokens)
             key_img = attn.norm_added_k(key_img)
-            image_out = F.scaled_dot_product_attention(heads(query), heads(key_img), heads(value_img))
+            image_out = attend(heads(query), heads(key_img), heads(value_img))
             out = out + image_out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -194,8 +221,8 @@ class WanAdapter(ModelAdapter):
                 continue
             slot = StateSlot()
             for index, block in enumerate(transformer.blocks):
-                block.attn1.set_processor(WanSelfAttnProcessor(index, slot))
-                block.attn2.set_processor(WanCrossAttnProcessor(index, expert, slot))
+                block.attn1.set_processor(carry_dispatch(block.attn1.processor, WanSelfAttnProcessor(index, slot)))
+                block.attn2.set_processor(carry_dispatch(block.attn2.processor, WanCrossAttnProcessor(index, expert, slot)))
 
     def prepare_call(self, call: dict[str, Any]) -> dict[str, Any]:
         """Each prompt repeated instead of ``num_videos_per_prompt`` (the same videos; diffusers' Wan 2.1
