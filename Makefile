@@ -5,10 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VISION_VENV ?= .venv-vision
 VISION_PY := $(VISION_VENV)/bin/python
+# ComfyUI's source (make test-comfy starts it as a server); its requirements join .venv-vision
+COMFYUI ?= ../shared/comfyui
 PYTHON ?= python3
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-vision demo test test-vision bench clean
+.PHONY: install install-vision install-comfy demo test test-vision test-comfy bench clean
 
 install: $(VENV)/.installed
 
@@ -29,16 +31,29 @@ $(VISION_VENV)/.installed: pyproject.toml
 	$(VISION_PY) -m pip install -q -e ".[test,vision]"
 	touch $@
 
+# ComfyUI's requirements (all but torch, torchvision and torchaudio, which .venv-vision has) in .venv-vision:
+# ComfyUI loads with its torch/torchvision pair; one environment for both, built once and reused.
+install-comfy: $(VISION_VENV)/.comfy-installed
+
+$(VISION_VENV)/.comfy-installed: $(VISION_VENV)/.installed $(COMFYUI)/requirements.txt
+	grep -v -E '^(torch|torchvision|torchaudio)[[:space:]]*$$' $(COMFYUI)/requirements.txt > $(VISION_VENV)/comfy-requirements.txt
+	$(VISION_PY) -m pip install -q -r $(VISION_VENV)/comfy-requirements.txt
+	touch $@
+
 demo: install
 	$(PY) -m fleximmt demo --out demo-output
 
-# the tests marked `vision` run in `make test-vision`; here they are deselected
+# the tests marked `vision` run in `make test-vision`, those marked `comfy` in `make test-comfy`; here they are deselected
 test: install
-	$(PY) -m pytest -q -m "not vision"
+	$(PY) -m pytest -q -m "not vision and not comfy"
 
 # only the tests marked `vision`; a missing torchvision fails them here (tests/conftest.py)
 test-vision: install-vision
-	$(VISION_PY) -m pytest -q -m vision
+	$(VISION_PY) -m pytest -q -m "vision and not comfy"
+
+# only the tests marked `comfy`: the node pack in a real ComfyUI server (COMFYUI) started by the tests
+test-comfy: install-comfy
+	COMFYUI=$(abspath $(COMFYUI)) $(VISION_PY) -m pytest -q -m comfy
 
 bench: install
 	$(PY) benchmarks/overhead.py

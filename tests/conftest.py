@@ -46,3 +46,16 @@ def pytest_runtest_setup(item):
     if ci or "vision" in (item.config.getoption("markexpr", "") or ""):
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason)
+
+
+# -- tests marked `comfy`: one real ComfyUI server (tests/comfy_server.py) for the session ---------------
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """ComfyUI's ``main.py --cpu`` on 127.0.0.1 (a free port) with the repository's node pack in a base
+    directory of its own (``comfy_server.base``: put models under ``base / "models"``, inputs under
+    ``base / "input"``); stopped when the session ends (and with the test process if it dies)."""
+    from comfy_server import ComfyServer
+
+    server = ComfyServer(tmp_path_factory.mktemp("comfyui"))
+    yield server
+    server.stop()
