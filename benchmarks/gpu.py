@@ -41,6 +41,12 @@ The variants run in this order, the JSON rewritten after each: diffusers, FlexiM
 again (ratios are to the mean of its two runs), the four training variants, ``--more-objects``, the
 dense backend. ``--time-limit`` starts no variant after that many seconds (``--skip-dense`` and
 ``--skip-training`` leave those out; ``--model 1.5`` for CogVideoX 1.5 at 768x1360x81).
+``--attention-backend NAME`` (``set_attention_backend``: flash, sage, _flash_3_hub, flex, ...),
+``--compile`` (``transformer.compile(fullgraph=True)``, two more warm-up steps) and ``--cache
+first-block:T`` (diffusers' FirstBlockCache at threshold T, inference only) apply to every variant,
+diffusers' and FlexiMMT's alike. diffusers' own CogVideoX processor calls SDPA directly and ignores
+an attention backend; with one, CogVideoX's baseline is FlexiMMT's processor without objects
+(diffusers' computation, through the chosen backend), and the JSON's ``baseline`` says so.
 For the numbers' place in BENCHMARKS.md: the paper reports 17.4 s per step for the authors'
 release on an A800 (dense float mask); diffusers' CogVideoX-5B-I2V step is the baseline here.
 """
@@ -235,7 +241,45 @@ class Bench:
     def use_plain_attention(self) -> None:
         from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
-        self.transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
+        if self.args.attention_backend:  # diffusers' processor would ignore the backend
+            self.pipe.adapter.install_processors()
+        else:
+            self.transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
+        self.speed_tools()
+
+    def baseline(self) -> str:
+        if self.args.attention_backend:
+            return "FlexiMMT's processor without objects (diffusers' own CogVideoX processor ignores attention backends)"
+        return "diffusers' CogVideoXAttnProcessor2_0"
+
+    def use_fleximmt_attention(self) -> None:
+        self.pipe.adapter.install_processors()
+        self.speed_tools()
+
+    def speed_tools(self) -> None:
+        """The attention backend and compilation asked for, on whatever processors are installed now."""
+        if self.args.attention_backend:
+            self.transformer.set_attention_backend(self.args.attention_backend)
+        if self.args.compile and not getattr(self, "compiled", False):
+            self.transformer.compile(fullgraph=True)
+            self.compiled = True
+
+    @contextlib.contextmanager
+    def cache(self):
+        """``--cache first-block:T`` for one inference variant (a fresh cache each time)."""
+        if not self.args.cache:
+            yield
+            return
+        from diffusers import FirstBlockCacheConfig
+
+        kind, _, threshold = self.args.cache.partition(":")
+        if kind != "first-block":
+            raise SystemExit(f"--cache {self.args.cache!r}: give first-block:THRESHOLD, e.g. first-block:0.05")
+        self.transformer.enable_cache(FirstBlockCacheConfig(threshold=float(threshold or 0.05)))
+        try:
+            yield
+        finally:
+            self.transformer.disable_cache()
 
     def step(self, i: int, state=None) -> None:
         """The transformer work of denoising step ``i`` (CFG on)."""
@@ -259,10 +303,11 @@ class Bench:
     def step_call(self, timestep: int, attention_kwargs=None):
         """The transformer call of one CFG denoising step, as diffusers' I2V pipeline makes it."""
         t = torch.tensor(timestep, device=self.device)
-        return self.transformer(
-            hidden_states=self.latents, encoder_hidden_states=self.prompt_embeds, timestep=t.expand(2), ofs=self.ofs,
-            image_rotary_emb=self.rotary, attention_kwargs=attention_kwargs, return_dict=False,
-        )[0]  # fmt: skip
+        with self.transformer.cache_context("cond_uncond"):  # as the pipeline names it (for --cache)
+            return self.transformer(
+                hidden_states=self.latents, encoder_hidden_states=self.prompt_embeds, timestep=t.expand(2), ofs=self.ofs,
+                image_rotary_emb=self.rotary, attention_kwargs=attention_kwargs, return_dict=False,
+            )[0]  # fmt: skip
 
     def flexi_state(self, backend: str, objects: int):
         from fleximmt.attention import motion_state_for
@@ -366,6 +411,10 @@ class WanBench(Bench):
         from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
         self.transformer.set_attn_processor(WanAttnProcessor())
+        self.speed_tools()
+
+    def baseline(self) -> str:
+        return "diffusers' WanAttnProcessor"
 
     def timestep(self, t: float) -> torch.Tensor:
         t = torch.tensor([t], device=self.device)
@@ -374,10 +423,11 @@ class WanBench(Bench):
     def step(self, i: int, state=None) -> None:
         t = self.timestep(999.0 - 20 * i)
         with self.pipe.adapter.attach(state, {}) if state is not None else contextlib.nullcontext():
-            for row in (0, 1):  # conditional, then unconditional (the negative prompt)
-                self.transformer(hidden_states=self.model_input, timestep=t,
-                                 encoder_hidden_states=self.prompt_embeds[row : row + 1],
-                                 encoder_hidden_states_image=self.image_embeds, return_dict=False)  # fmt: skip
+            for row, branch in ((0, "cond"), (1, "uncond")):  # conditional, then unconditional (the negative prompt)
+                with self.transformer.cache_context(branch):  # as the pipeline names them (for --cache)
+                    self.transformer(hidden_states=self.model_input, timestep=t,
+                                     encoder_hidden_states=self.prompt_embeds[row : row + 1],
+                                     encoder_hidden_states_image=self.image_embeds, return_dict=False)  # fmt: skip
 
     def training_tensors(self, gen: torch.Generator) -> dict:
         latents, condition = self.training_latents
@@ -438,13 +488,14 @@ def time_inference(bench: Bench, name: str, backend: str | None, objects: int | 
         if backend is None:
             bench.use_plain_attention()
         else:
-            bench.pipe.adapter.install_processors()
+            bench.use_fleximmt_attention()
         _reset_peak(device)
         if backend is not None:
             state, first = bench.flexi_state(backend, objects)
-        with torch.no_grad():
-            for i in range(args.steps + 1 + bool(args.profile)):  # the first is a warm-up, the last profiled
-                with _profiled(bench, name, i > args.steps):
+        warmup = warmup_steps(args)
+        with torch.no_grad(), bench.cache():
+            for i in range(args.steps + warmup + bool(args.profile)):  # warm-up first, the last profiled
+                with _profiled(bench, name, i >= args.steps + warmup):
                     _sync(device)
                     start = time.perf_counter()
                     bench.step(i, state)
@@ -453,9 +504,9 @@ def time_inference(bench: Bench, name: str, backend: str | None, objects: int | 
                     if state is not None:
                         bench.between_steps(state, first)
                     _sync(device)
-                if i == 0:
-                    result["warmup_s"] = time.perf_counter() - start
-                if 0 < i <= args.steps:
+                if i < warmup:
+                    result["warmup_s"] = result.get("warmup_s", 0.0) + time.perf_counter() - start
+                elif i < args.steps + warmup:
                     result["steps_s"].append(time.perf_counter() - start)
                     result["between_s"].append(time.perf_counter() - between)
         result["s_per_step"] = statistics.median(result["steps_s"])
@@ -486,7 +537,7 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
         _reset_peak(device)
         blocks = bench.cfg.num_layers
         if flexi:
-            bench.pipe.adapter.install_processors()
+            bench.use_fleximmt_attention()
             tokens = torch.nn.Parameter(random_tokens(1, blocks, args.tokens, bench.dim)[0, 0].to(device))
             optimizer = torch.optim.AdamW([tokens], lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
             state = motion_state_for(torch.stack([tokens])[None], member.to(device), form=bench.form,
@@ -495,8 +546,9 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
                                      dmem_drop=settings.dmem_drop, generator=gen)  # fmt: skip
         else:
             bench.use_plain_attention()
-        for i in range(args.train_steps + 1 + bool(args.profile)):  # the first is a warm-up, the last profiled
-            with _profiled(bench, name, i > args.train_steps):
+        warmup = warmup_steps(args)
+        for i in range(args.train_steps + warmup + bool(args.profile)):  # warm-up first, the last profiled
+            with _profiled(bench, name, i >= args.train_steps + warmup):
                 _sync(device)
                 start = time.perf_counter()
                 if flexi:
@@ -511,9 +563,9 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
                 else:
                     bench.plain_forward_backward()
                 _sync(device)
-            if i == 0:
-                result["warmup_s"] = time.perf_counter() - start
-            if 0 < i <= args.train_steps:
+            if i < warmup:
+                result["warmup_s"] = result.get("warmup_s", 0.0) + time.perf_counter() - start
+            elif i < args.train_steps + warmup:
                 result["steps_s"].append(time.perf_counter() - start)
         result["s_per_step"] = statistics.median(result["steps_s"])
         result["peak_gib"] = _peak_gib(device)
@@ -526,6 +578,11 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
         state = tokens = optimizer = None
         _reset_peak(device)
     return _finish(bench, name, result, args.train_steps)
+
+
+def warmup_steps(args) -> int:
+    """Untimed steps before the timed ones: one, and two more when compiling (the first layouts differ)."""
+    return 3 if args.compile else 1
 
 
 def main(argv=None) -> int:
@@ -549,6 +606,11 @@ def main(argv=None) -> int:
                         help="profile one more step of each variant (torch.profiler); its tables to DIR/<variant>.txt")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                         help="the weights' and inputs' dtype (default: bfloat16 on CUDA, float32 elsewhere)")
+    parser.add_argument("--attention-backend", metavar="NAME",
+                        help="diffusers' attention backend for every variant (set_attention_backend: flash, sage, flex, ...)")
+    parser.add_argument("--compile", action="store_true", help="transformer.compile(fullgraph=True) for every variant")
+    parser.add_argument("--cache", metavar="first-block:T",
+                        help="diffusers' FirstBlockCache at threshold T on every inference variant")
     parser.add_argument("--time-limit", type=float, metavar="S",
                         help="start no further variant once S seconds have passed (the JSON says which were skipped)")
     args = parser.parse_args(argv)
@@ -566,6 +628,8 @@ def main(argv=None) -> int:
         "video_tokens": bench.geo["video_tokens"], "text_tokens": bench.text_len,
         "objects": args.objects, "tokens_per_motion": args.tokens, "weights_gib": bench.weights_gib,
         "paper_release_s_per_step_a800": PAPER_RELEASE_S_PER_STEP,
+        "attention_backend": args.attention_backend, "compile": args.compile, "cache": args.cache,
+        "baseline": bench.baseline(),
     }  # fmt: skip
     print(f"{result['model']}{' (tiny config)' if args.tiny else ''} on {result['device']}, {bench.dtype}, "
           f"{bench.size[0]}x{bench.size[1]}x{bench.size[2]}: {bench.geo['video_tokens']:,} video tokens; weights "

@@ -125,3 +125,26 @@ def test_memory_benchmark_counters_agree_with_the_cpu_allocator():
     assert len(ratios) == 5
     for name, ratio in ratios.items():
         assert abs(ratio - 1) < 0.01, (name, ratio)
+
+
+@pytest.mark.parametrize("model", ["5b", "wan2.1"])
+def test_gpu_benchmark_applies_the_backend_and_cache_to_every_variant(model, tmp_path, monkeypatch):
+    """--attention-backend and --cache on diffusers' variants and FlexiMMT's alike (a spy on diffusers'
+    backend registry); CogVideoX's baseline is then FlexiMMT's processor without objects, and says so."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    used = set()
+    for name, fn in list(_AttentionBackendRegistry._backends.items()):
+        monkeypatch.setitem(_AttentionBackendRegistry._backends, name,
+                            lambda *a, _fn=fn, _name=name, **kw: used.add(AttentionBackendName(_name).value) or _fn(*a, **kw))
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
+    gpu = load_gpu_module()
+    out = tmp_path / "gpu.json"
+    with torch.random.fork_rng():
+        assert gpu.main(["--device", "cpu", "--tiny", "--model", model, "--steps", "2", "--skip-training",
+                         "--attention-backend", "_native_math", "--cache", "first-block:0.05", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert used == {"_native_math"}
+    assert result["attention_backend"] == "_native_math" and result["cache"] == "first-block:0.05"
+    assert ("without objects" in result["baseline"]) == (model == "5b")
+    assert all(run["fits"] and len(run["steps_s"]) == 2 for run in result["inference"].values())
