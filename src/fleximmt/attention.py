@@ -314,6 +314,7 @@ class VideoMotions:
     key_cache: dict = field(default_factory=dict)
     features: torch.Tensor | None = None
     feature_count: int = 0
+    captures: dict[int, int] = field(default_factory=dict)  # block -> features captured there since the last take
 
     @property
     def num_objects(self) -> int:
@@ -402,16 +403,28 @@ class FlexiMMTState:
     # -- which rows belong to which video --------------------------------------------------
     def row_groups(self, batch: int) -> list[tuple[int, torch.Tensor | None]]:
         """``[(video, rows)]`` for a batch of ``batch`` rows; rows None means all of them."""
-        if self.rows is None or len(set(self.rows)) == 1:
-            return [(0 if self.rows is None else self.rows[0], None)]
-        if len(self.rows) != batch:
-            raise ValueError(f"{len(self.rows)} batch rows declared, the transformer got {batch}")
-        key = tuple(self.rows)
+        rows = self.batch_rows(batch)[0]
+        if rows is None or len(set(rows)) == 1:
+            return [(0 if rows is None else rows[0], None)]
+        if len(rows) != batch:
+            raise ValueError(f"{len(rows)} batch rows declared, the transformer got {batch}")
+        key = tuple(rows)
         if key not in self._row_index:  # index tensors made once per call, not in every block
             device = self.videos[0].member.device
-            self._row_index[key] = [(v, torch.tensor([r for r, rv in enumerate(self.rows) if rv == v], device=device))
-                                    for v in sorted(set(self.rows))]  # fmt: skip
+            self._row_index[key] = [(v, torch.tensor([r for r, rv in enumerate(rows) if rv == v], device=device))
+                                    for v in sorted(set(rows))]  # fmt: skip
         return self._row_index[key]
+
+    def batch_rows(self, batch: int) -> tuple[list[int] | None, list[int] | None]:
+        """``(rows, feature_rows)`` of a forward of ``batch`` rows: the declared ones; or, for a forward of the
+        feature rows alone when they are the declared batch's last rows (the conditional branch: diffusers'
+        FasterCache runs it without the unconditional one on the steps it approximates that branch), their
+        videos, each video's features in its own row."""
+        rows, feature = self.rows, self.feature_rows
+        if rows is not None and feature is not None and batch == len(feature) < len(rows) \
+                and feature == list(range(len(rows) - batch, len(rows))):  # fmt: skip
+            return rows[-batch:], list(range(batch))
+        return rows, feature
 
     # -- RMPM features (captured during the ordinary forward) --------------------------------
     def capturing(self, block: int) -> bool:
@@ -423,13 +436,22 @@ class FlexiMMTState:
         each video's row of ``video_out`` when it holds only the feature rows (default ``feature_rows``)."""
         if not self.capturing(block):
             return
-        for slot, row in zip(self.videos, self.feature_rows if rows is None else rows):
+        for slot, row in zip(self.videos, self.batch_rows(video_out.shape[0])[1] if rows is None else rows):
             feat = video_out[row].detach()
             if slot.features is None:  # one float32 sum per video, added to in place
                 slot.features = feat.to(torch.float32, copy=True)
             else:
                 slot.features.add_(feat)
             slot.feature_count += 1
+            slot.captures[block] = slot.captures.get(block, 0) + 1
+
+    def capture_complete(self, video: int = 0) -> bool:
+        """Whether the features a video captured since the last :meth:`take_features` came from every
+        feature block, each as often. A cache that skips blocks or reuses attention outputs (diffusers'
+        FirstBlockCache after its first block, PAB, FasterCache, TaylorSeer) leaves the capture of its
+        skipped steps partial or empty: a mean over fewer blocks is another feature, not RMPM's."""
+        counts = self.videos[video].captures
+        return bool(counts) and set(counts) == set(self.feature_blocks) and len(set(counts.values())) == 1
 
     def take_features(self, video: int = 0) -> torch.Tensor | None:
         """The mean captured feature per video token ``[N_v, D]`` since the last call, or None."""
@@ -437,7 +459,7 @@ class FlexiMMTState:
         if slot.features is None:
             return None
         mean = slot.features / slot.feature_count
-        slot.features, slot.feature_count = None, 0
+        slot.features, slot.feature_count, slot.captures = None, 0, {}
         return mean
 
     # -- motion tokens through a block's frozen projections ------------------------------------
@@ -469,7 +491,7 @@ class FlexiMMTState:
         """The motion tokens of each batch row's video for one block, ``[B, K * d_m, dim]`` in ``like``'s
         device and dtype: a joint-attention processor appends them to its hidden states before its
         own projections (and QK-norm; no RoPE), so that they join the keys and values uncopied."""
-        videos = [0] * batch if self.rows is None else self.rows
+        videos = self.batch_rows(batch)[0] or [0] * batch
         if len(videos) != batch:
             raise ValueError(f"{len(videos)} batch rows declared, the transformer got {batch}")
         rows = {}
@@ -515,6 +537,8 @@ class FlexiMMTState:
         if self.feature_rows is None:
             return batch - 1
         rows = [r for r, v in enumerate(self.rows or [0] * batch) if v == video]
+        if len(rows) != batch:  # a forward of the conditional rows alone (batch_rows): one row per video
+            return batch - 1
         return rows.index(self.feature_rows[video]) if self.feature_rows[video] in rows else len(rows) - 1
 
     def _per_video(self, query, key, value, attend_one) -> torch.Tensor:

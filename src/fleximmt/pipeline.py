@@ -254,6 +254,7 @@ class FlexiMMTMixin:
 
         call["callback_on_step_end"] = step_end
         with adapter.attach(state, call) as call:
+            check_caches(adapter.transformers(), state)
             output = diffusers_call(self, **call)
         masks = schedule.masks()
         if not options.return_masks:
@@ -305,6 +306,29 @@ class FlexiMMTMixin:
         return state, firsts
 
 
+def check_caches(transformers: Sequence[torch.nn.Module], state: FlexiMMTState) -> None:
+    """Refuse a diffusers cache (``transformer.enable_cache``) that cannot run with objects. Every cache
+    that skips blocks or steps, or reuses attention outputs, runs: RMPM keeps the last masks on the
+    steps it skips (``MaskSchedule``). FasterCache without ``is_guidance_distilled`` runs the
+    conditional half of a batch alone on the steps it approximates the unconditional branch: it needs
+    both branches in one forward, the conditional rows last (CogVideoX with guidance); a model that
+    runs them as two calls (Wan), or a call without guidance, has no such halves."""
+    from diffusers.hooks import FasterCacheConfig
+
+    rows, feature = state.rows, state.feature_rows
+    halves = rows is not None and feature is not None and len(rows) == 2 * len(feature) \
+        and feature == list(range(len(feature), len(rows)))  # fmt: skip
+    for transformer in transformers:
+        config = getattr(transformer, "_cache_config", None)
+        if isinstance(config, FasterCacheConfig) and not config.is_guidance_distilled and not halves:
+            raise FlexiMMTInputError(
+                "FasterCache (enable_cache(FasterCacheConfig(...))) approximates the unconditional branch from a "
+                "batch holding both branches, which this call does not run (a model that runs them as two calls, "
+                "such as Wan, or guidance_scale <= 1): pass FasterCacheConfig(is_guidance_distilled=True, ...), "
+                "another cache, or transformer.disable_cache()"
+            )
+
+
 def transfer_state(videos: list[VideoMotions], options: TransferOptions, form: str, num_blocks: int,
                    feature_share: float, num_frames: int) -> FlexiMMTState:  # fmt: skip
     """The state a transfer's processors read: every video's motions, the MDMA settings and RMPM's
@@ -327,7 +351,12 @@ class MaskSchedule:
     options (first-frame masks on every frame, the release's none, all video, or DMEM's), then after
     every step RMPM's from the features captured during it - used from the next step on - until
     dynamic RMPM freezes them. Any driver of a denoising loop calls :meth:`step_end` after each step
-    (diffusers' callback here; ComfyUI's native patch when the noise level changes)."""
+    (diffusers' callback here; ComfyUI's native patch when the noise level changes).
+
+    New masks come only from a step whose features came from every feature block: on a step where a
+    cache (``transformer.enable_cache``) skipped blocks or reused attention outputs - FirstBlockCache
+    past its first block, MagCache and TaylorSeer's skipped steps, PAB and FasterCache's reused
+    attention - the capture is partial or empty, and the last masks stay for the next step."""
 
     def __init__(self, state: FlexiMMTState, first_masks: list[torch.Tensor], grid: TokenGrid,
                  options: TransferOptions, num_blocks: int) -> None:  # fmt: skip
@@ -361,8 +390,11 @@ class MaskSchedule:
             return
         changes = []
         for v, slot in enumerate(state.videos):
+            complete = state.capture_complete(v)
             features = state.take_features(v)
-            if features is None:
+            if features is None or not complete:  # a cache skipped blocks of this step: the last masks stay
+                logger.debug("step %d: RMPM's features came from %s of blocks %s: masks kept", step,
+                             "none" if features is None else "some", sorted(state.feature_blocks))  # fmt: skip
                 continue
             new = rmpm(self.first_masks[v], features.view(grid.frames, grid.height, grid.width, -1),
                        options.anchors, options.rmpm_method).reshape(num_objects, -1)  # fmt: skip

@@ -1,0 +1,186 @@
+"""FlexiMMT with the tools diffusers' users run for speed and memory (issue 20, items 4-7), on tiny random
+CogVideoX and Wan models: caches (``enable_cache``), LoRAs (``load_lora_weights`` / ``set_adapters``),
+quantized base models (optimum-quanto, torchao, GGUF; bitsandbytes on CUDA) and group offloading. Each
+either keeps objects and masks working or is refused by name; without objects each gives diffusers'
+own result."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import CogVideoXImageToVideoPipeline, WanImageToVideoPipeline
+from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
+                             TaylorSeerCacheConfig)  # fmt: skip
+from PIL import Image
+
+from fleximmt import FlexiMMTPipeline, FlexiMMTWanPipeline, ObjectMotion
+from fleximmt.attention import FlexiMMTState
+from fleximmt.errors import FlexiMMTInputError
+from fleximmt.toy.tiny import random_motion, tiny_components, tiny_wan_components
+
+PROMPT = "A ball jumps up. A box slides left."
+WORDS = ["jumps up", "slides left"]
+STEPS = 5
+LAYERS = 3  # RMPM's default feature blocks are then blocks 0 and 1 of 3 (CogVideoX: 30/42, Wan: 70%)
+FAMILIES = {
+    "cogvideox": dict(size=32, make=tiny_components, ours=FlexiMMTPipeline, theirs=CogVideoXImageToVideoPipeline,
+                      call=dict(height=32, width=32, num_frames=9, max_sequence_length=16), scale=4.0,
+                      attention=[r"transformer_blocks\.\d+\.attn1"], tensor_format="BFCHW"),
+    "wan": dict(size=64, make=lambda seed, **kw: tiny_wan_components(seed, "2.1", **kw), ours=FlexiMMTWanPipeline,
+                theirs=WanImageToVideoPipeline, call=dict(height=64, width=64, num_frames=9, max_sequence_length=24),
+                scale=30.0, attention=[r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2"], tensor_format="BCFHW"),
+}  # fmt: skip
+
+
+def make_pipe(family: str, theirs: bool = False, layers: int = LAYERS):
+    spec = FAMILIES[family]
+    pipe = spec["theirs" if theirs else "ours"](**spec["make"](0, num_layers=layers))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def picture(size: int) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(0).rand(size, size, 3) * 255).astype(np.uint8))
+
+
+def box(size: int, y0, y1, x0, x1) -> np.ndarray:
+    m = np.zeros((size, size), bool)
+    m[int(y0 * size) : int(y1 * size), int(x0 * size) : int(x1 * size)] = True
+    return m
+
+
+def objects(family: str, transformer, experts: int = 1) -> list[ObjectMotion]:
+    size, scale = FAMILIES[family]["size"], FAMILIES[family]["scale"]
+    masks = [box(size, 0.05, 0.5, 0.05, 0.5), box(size, 0.3, 0.95, 0.4, 0.95)]
+    return [ObjectMotion(masks[k], random_motion(transformer, 4, seed=k + 1, scale=scale, experts=experts), WORDS[k])
+            for k in range(2)]  # fmt: skip
+
+
+def run(pipe, family: str, steps: int = STEPS, **kw):
+    call = {**FAMILIES[family]["call"], "num_inference_steps": steps, "output_type": "latent", **kw}
+    size = FAMILIES[family]["size"]
+    return pipe(picture(size), PROMPT, generator=torch.Generator().manual_seed(0), **call)
+
+
+def rel(a, b) -> float:
+    a, b = torch.as_tensor(np.asarray(a)).double(), torch.as_tensor(np.asarray(b)).double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+# -- 4. caches -------------------------------------------------------------------------------------------
+CACHES = ["FirstBlockCache", "TaylorSeer", "MagCache", "FasterCache", "PAB"]
+
+
+def cache_config(name: str, pipe, family: str):
+    """Each cache set to skip often within STEPS steps (its first step always runs whole)."""
+    spec = FAMILIES[family]
+    timestep = lambda: pipe.current_timestep  # noqa: E731
+    if name == "FirstBlockCache":
+        return FirstBlockCacheConfig(threshold=float("inf"))  # every step after the first skips blocks 1 and 2
+    if name == "TaylorSeer":
+        return TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, taylor_factors_dtype=torch.float32,
+                                     cache_identifiers=spec["attention"])  # fmt: skip
+    if name == "MagCache":
+        return MagCacheConfig(threshold=float("inf"), max_skip_steps=1, retention_ratio=0.2, num_inference_steps=STEPS,
+                              mag_ratios=[1.0] * STEPS)  # fmt: skip
+    if name == "FasterCache":
+        if family == "wan":  # Wan runs its branches as two calls: only the guidance-distilled form runs (diffusers' too)
+            return FasterCacheConfig(spatial_attention_timestep_skip_range=(-1, 990), is_guidance_distilled=True,
+                                     current_timestep_callback=timestep, attention_weight_callback=lambda _: 0.5,
+                                     tensor_format=spec["tensor_format"])  # fmt: skip
+        return FasterCacheConfig(spatial_attention_timestep_skip_range=(-1, 1001), unconditional_batch_skip_range=3,
+                                 unconditional_batch_timestep_skip_range=(-1, 1001), current_timestep_callback=timestep,
+                                 attention_weight_callback=lambda _: 0.5, tensor_format=spec["tensor_format"])  # fmt: skip
+    return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=3,
+                                           spatial_attention_timestep_skip_range=(-1, 1001),
+                                           current_timestep_callback=timestep)  # fmt: skip
+
+
+def cache_call(name: str, family: str) -> dict:
+    # FasterCache on Wan is the guidance-distilled form: one branch, guidance 1
+    return {"guidance_scale": 1.0} if (name, family) == ("FasterCache", "wan") else {}
+
+
+def cached(name: str, family: str, theirs: bool = False):
+    pipe = make_pipe(family, theirs)
+    pipe.transformer.enable_cache(cache_config(name, pipe, family))
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def uncached_latents():
+    """diffusers' own result without a cache, per (family, call), computed once."""
+    out = {}
+
+    def get(family: str, **call):
+        key = (family, *sorted(call.items()))
+        if key not in out:
+            out[key] = run(make_pipe(family, theirs=True), family, **call).frames
+        return out[key]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", CACHES)
+def test_a_cache_without_objects_gives_diffusers_result_with_the_same_cache(name, family, uncached_latents):
+    ours = run(cached(name, family), family, **cache_call(name, family)).frames
+    theirs = run(cached(name, family, theirs=True), family, **cache_call(name, family)).frames
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(theirs, uncached_latents(family, **cache_call(name, family)))  # the cache did skip work
+
+
+@pytest.fixture(scope="module")
+def uncached_masks():
+    """Each family's masks with objects and no cache (``return_masks``), computed once."""
+    out = {}
+    for family in FAMILIES:
+        pipe = make_pipe(family)
+        out[family] = run(pipe, family, objects=objects(family, pipe.transformer), return_masks=True).masks
+    return out
+
+
+def spy_on_captures(monkeypatch) -> tuple[list[set], callable]:
+    """Which feature blocks delivered RMPM's features in each step, seen from the processors' calls."""
+    seen: list[set] = [set()]
+    observe = FlexiMMTState.observe
+
+    def spy(self, block, video_out, rows=None):
+        if self.capturing(block):
+            seen[-1].add(block)
+        return observe(self, block, video_out, rows)
+
+    def next_step(pipe, step, timestep, kwargs):
+        seen.append(set())
+        return {}
+
+    monkeypatch.setattr(FlexiMMTState, "observe", spy)
+    return seen, next_step
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", CACHES)
+def test_with_objects_a_step_whose_blocks_a_cache_skipped_keeps_the_last_masks(name, family, monkeypatch, uncached_masks):
+    """A step whose capture missed a feature block (FirstBlockCache's blocks past the first, a skipped step,
+    reused attention) gives no new masks: the next step's masks are its own; a step whose feature blocks
+    all ran gives RMPM's masks of its features."""
+    pipe = cached(name, family)
+    seen, next_step = spy_on_captures(monkeypatch)
+    masks = run(pipe, family, objects=objects(family, pipe.transformer), return_masks=True, callback_on_step_end=next_step,
+                **cache_call(name, family)).masks[0]  # fmt: skip
+    feature_blocks = {0, 1}
+    partial = [s for s in range(STEPS - 1) if seen[s] != feature_blocks]
+    assert seen[0] == feature_blocks and partial, seen  # the first step ran whole, a later one did not
+    for s in range(STEPS - 1):
+        assert torch.equal(masks[s + 1], masks[s]) == (s in partial), s
+    if (name, family) != ("FasterCache", "wan"):  # guidance 1 there: another call than the uncached one
+        assert torch.equal(masks[:2], uncached_masks[family][0, :2])  # step 0 ran whole: RMPM's masks from it
+
+
+def test_fastercache_needing_both_branches_in_one_batch_is_refused_on_wan_with_objects():
+    """FasterCache (not guidance-distilled) splits one [uncond | cond] batch; Wan runs two calls (diffusers'
+    own Wan pipeline fails on it too): with objects it is refused by name."""
+    pipe = make_pipe("wan")
+    pipe.transformer.enable_cache(FasterCacheConfig(current_timestep_callback=lambda: pipe.current_timestep,
+                                                    attention_weight_callback=lambda _: 0.5, tensor_format="BCFHW"))  # fmt: skip
+    with pytest.raises(FlexiMMTInputError, match="FasterCache.*is_guidance_distilled=True"):
+        run(pipe, "wan", steps=2, objects=objects("wan", pipe.transformer))
