@@ -158,3 +158,51 @@ def test_only_layouts_built_in_every_block_are_padded(monkeypatch):
     layout = dmem._dmem_layouts[(0, 0)]
     assert all(g.queries.numel() % 7 == 0 or g.count == video_masks.shape[1] for g in layout.groups)
     assert any(g.queries.numel() > g.count for g in layout.groups) or layout.masked_queries.numel() > layout.num_merged
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flex_equals_dense_in_values(seed):
+    """The "flex" backend (one FlexAttention call, a block mask over token classes) against the dense
+    reference, joint and cross form, random parts and masks; float32, compiled as torch runs it (on a
+    CPU: inference only). Three objects in every case: one compiled shape per form."""
+    rng = random.Random(300 + seed)
+    member, d_m, video_masks = layout_inputs(rng, 3)
+    text_len, num_video, m_len = member.shape[1], video_masks.shape[1], 3 * d_m
+    parts = frozenset(rng.sample(PARTS, rng.randint(2, len(PARTS))))
+    context = rng.choice(["open", "closed"])
+    q, k, v, mq, mk, mv = (t.detach().float() for t in tensors(2, 2, [text_len + num_video] * 3 + [m_len] * 3, seed=seed))
+    with torch.no_grad():
+        flex, dense = (JointLayout(member, d_m, video_masks, parts, context, b).attend(q, k, v, mq, mk, mv, text_len)
+                       for b in ("flex", "dense"))  # fmt: skip
+        assert ((flex - dense).norm() / dense.norm()).item() < 1e-4
+        cross_parts = frozenset(rng.sample(CROSS_PARTS, rng.randint(1, 2)))
+        qv, kt, vt = (t.detach().float() for t in tensors(2, 2, [num_video, text_len, text_len], seed=seed + 1))
+        flex, dense = (CrossLayout(member, d_m, video_masks, cross_parts, "open", b).attend(qv, kt, vt, mk, mv)
+                       for b in ("flex", "dense"))  # fmt: skip
+        assert ((flex - dense).norm() / dense.norm()).item() < 1e-4
+
+
+def test_flex_refuses_gradients_on_a_cpu():
+    member, d_m, video_masks = layout_inputs(random.Random(5), 3)
+    layout = CrossLayout(member, d_m, video_masks, frozenset(CROSS_PARTS), "open", "flex")
+    qv, kt, vt, mk, mv = (t.float() for t in tensors(1, 2, [video_masks.shape[1], 7, 7, 9, 9]))
+    with pytest.raises(ValueError, match="no backward on a CPU"):
+        layout.attend(qv, kt, vt, mk, mv)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on a GPU only")
+@pytest.mark.parametrize("seed", range(2))
+def test_flex_equals_dense_in_gradients_on_a_gpu(seed):
+    rng = random.Random(400 + seed)
+    member, d_m, video_masks = layout_inputs(rng, 3)
+    member, video_masks = member.cuda(), video_masks.cuda()
+    text_len, num_video, m_len = member.shape[1], video_masks.shape[1], 3 * d_m
+    grads = []
+    for backend in ("flex", "dense"):
+        q, k, v, mq, mk, mv = (t.detach().float().cuda().requires_grad_(True)
+                               for t in tensors(2, 2, [text_len + num_video] * 3 + [m_len] * 3, seed=seed))  # fmt: skip
+        out = JointLayout(member, d_m, video_masks, frozenset(PARTS), "open", backend).attend(q, k, v, mq, mk, mv, text_len)
+        out.pow(2).sum().backward()
+        grads.append([t.grad for t in (q, k, v, mk, mv)])
+    for flex, dense in zip(*grads):
+        assert ((flex - dense).norm() / dense.norm()).item() < 1e-4

@@ -136,3 +136,16 @@ def test_objects_with_context_parallelism_are_refused(pipe, family):
         processor._parallel_config = object()  # what enable_parallelism leaves there (it needs 2+ accelerators)
     with pytest.raises(FlexiMMTInputError, match="context parallelism"):
         call(pipe, family)
+
+
+def test_the_flex_option_runs_through_the_pipeline_as_dense_does(spy):
+    """attention_backend="flex" (FlexiMMT's own option: one FlexAttention call per attention, compiled)
+    gives the dense reference's video through the whole CogVideoX pipeline (inference: a CPU has no
+    FlexAttention backward); FlexAttention is torch's own kernel, so no call reaches diffusers' registry."""
+    pipe = tiny_pipeline(0)
+    flex = call(pipe, "cogvideox", attention_backend="flex")
+    masked_calls = [c for c in spy]
+    spy.clear()
+    dense = call(pipe, "cogvideox", attention_backend="dense")
+    assert ((flex - dense).norm() / dense.norm()).item() < 1e-4
+    assert not masked_calls

@@ -24,11 +24,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .masks import PARTS, dmem_mask, group_keys, mdma_cross_dense, mdma_dense, mdma_text_rows, video_groups
+from .masks import (PARTS, code_masks, dmem_mask, group_keys, mdma_cross_dense, mdma_dense, mdma_text_rows,
+                    video_codes, video_groups)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "dense")
+BACKENDS = ("auto", "dense", "flex")
 FORMS = ("joint", "cross")
 # Video groups smaller than this run together in one masked SDPA call with the text queries (small
 # query blocks are slow, on a CPU especially); their mask rows are capped so it never nears N x N.
@@ -52,6 +53,42 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torc
 
 
 Attention = Callable[..., torch.Tensor]  # (query, key, value, mask=None) -> out, all [B, H, N, d]
+
+
+class FlexMask(NamedTuple):
+    """MDMA as FlexAttention's ``BlockMask`` (the "flex" backend): a small ``table`` over token classes
+    (each video token's object combination, each text and motion token its own) and every token's
+    class, for queries and keys; ``mask_mod`` reads ``table[q_class[q], k_class[k]]``. No N x N tensor:
+    the block mask keeps one bit per 128 x 128 block, plus the table."""
+
+    table: torch.Tensor
+    q_class: torch.Tensor
+    k_class: torch.Tensor
+
+    def block_mask(self):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        table, q_class, k_class = self.table, self.q_class, self.k_class
+
+        def mask_mod(b, h, q, k):
+            return table[q_class[q], k_class[k]]
+
+        return create_block_mask(mask_mod, None, None, q_class.numel(), k_class.numel(), device=table.device)
+
+
+_COMPILED_FLEX = {}
+
+
+def flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask) -> torch.Tensor:
+    """FlexAttention over ``[B, H, N, d]``, compiled once per process (torch runs it compiled only; on a
+    CPU torch has its forward and no backward: training with "flex" needs a GPU)."""
+    if torch.is_grad_enabled() and query.device.type == "cpu" and any(x.requires_grad for x in (query, key, value)):
+        raise ValueError("attention_backend='flex' has no backward on a CPU (torch's FlexAttention): train with 'auto'")
+    if "fn" not in _COMPILED_FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED_FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX["fn"](query, key, value, block_mask=block_mask)
 
 
 def padded_queries(queries: torch.Tensor, pad: bool) -> torch.Tensor:
@@ -116,15 +153,23 @@ class JointLayout:
     num_merged: int = 0  # how many of them are real
     groups: list[QueryGroup] = field(default_factory=list)
     dense: torch.Tensor | None = None  # dense: bool [N, N] over [text | motion | video]
+    flex_mask: object | None = None  # flex: FlexAttention's BlockMask over [video | text | motion]
     # masked_rows as SDPA's additive float mask, per (dtype, device): made at the layout's first call
     # instead of by SDPA in every block's call (0-3% faster on this CPU: `benchmarks/overhead.py --attention`)
     biases: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         args = (self.member, self.tokens_per_motion, self.video_masks, self.parts, self.context_text)
-        if self.backend == "dense":
+        if self.backend in ("dense", "flex"):
             spans = [row.nonzero().squeeze(1).tolist() for row in self.member.cpu()]
-            self.dense = mdma_dense(self.member.shape[1], spans, *args[1:])
+            if self.backend == "dense":
+                self.dense = mdma_dense(self.member.shape[1], spans, *args[1:])
+            else:  # the mask over one stand-in video token per object combination, [text | motion | codes]
+                num_objects, text_len = self.member.shape
+                device, small = self.video_masks.device, text_len + num_objects * self.tokens_per_motion
+                table = mdma_dense(text_len, spans, self.tokens_per_motion, code_masks(num_objects, device), *args[3:])
+                classes = torch.cat([small + video_codes(self.video_masks), torch.arange(small, device=device)])
+                self.flex_mask = FlexMask(table, classes, classes).block_mask()
             return
         device = self.video_masks.device
         num_video = self.video_masks.shape[1]
@@ -169,6 +214,10 @@ class JointLayout:
         if self.backend == "dense":
             return self._attend_dense(query, key, value, m_q, m_k, m_v, text_len, attention)
         n_video = query.shape[2] - text_len
+        if self.backend == "flex":
+            out = self.attend_video_first(*(torch.cat([x[:, :, text_len:], x[:, :, :text_len], m], dim=2)
+                                            for x, m in ((query, m_q), (key, m_k), (value, m_v))), text_len)  # fmt: skip
+            return torch.cat([out[:, :, n_video:], out[:, :, :n_video]], dim=2)
         out = self._attend_grouped(
             torch.cat([query[:, :, text_len:], query[:, :, :text_len]], dim=2),
             torch.cat([key[:, :, text_len:], key[:, :, :text_len], m_k], dim=2),
@@ -187,6 +236,8 @@ class JointLayout:
         if self.backend == "auto":
             return self._attend_grouped(query, keys, values, text_len, attention)
         n_video = self.video_masks.shape[1]
+        if self.backend == "flex":  # one call over every token; the motion rows' outputs are dropped
+            return flex(query, keys, values, self.flex_mask)[:, :, : n_video + text_len]
         text = slice(n_video, n_video + text_len)
         motion = slice(n_video + text_len, None)
         out = self._attend_dense(
@@ -270,10 +321,19 @@ class CrossLayout:
     pad_queries: bool = False  # a layout built in every block (DMEM): see QUERY_BUCKETS
     groups: list[QueryGroup] = field(default_factory=list)
     dense: torch.Tensor | None = None  # bool [N_v, L_y + K * d_m]
+    flex_mask: object | None = None  # flex: FlexAttention's BlockMask [N_v, L_y + K * d_m]
 
     def __post_init__(self) -> None:
         if self.backend == "dense":
             self.dense = mdma_cross_dense(self.member, self.tokens_per_motion, self.video_masks, self.parts)
+            return
+        if self.backend == "flex":  # rows of one stand-in video token per object combination
+            num_objects, text_len = self.member.shape
+            device = self.video_masks.device
+            table = mdma_cross_dense(self.member.to(device), self.tokens_per_motion, code_masks(num_objects, device),
+                                     self.parts)  # fmt: skip
+            keys = torch.arange(text_len + num_objects * self.tokens_per_motion, device=device)
+            self.flex_mask = FlexMask(table, video_codes(self.video_masks), keys).block_mask()
             return
         text_len = self.member.shape[1]
         for queries, keys, _ in video_groups(self.member, self.tokens_per_motion, self.video_masks, self.parts,
@@ -288,6 +348,8 @@ class CrossLayout:
         keys, values = torch.cat([key, m_k], dim=2), torch.cat([value, m_v], dim=2)
         if self.backend == "dense":
             return attention(query, keys, values, self.dense)
+        if self.backend == "flex":
+            return flex(query, keys, values, self.flex_mask)
         if len(self.groups) == 1 and self.groups[0].count == query.shape[2]:
             small = self.groups[0].keys
             return attention(query, keys.index_select(2, small), values.index_select(2, small))

@@ -182,11 +182,7 @@ def video_groups(
     with the same words) holds the key lists of the object combinations seen so far."""
     num_objects, num_video = video_masks.shape
     device = video_masks.device
-    if num_objects:
-        weights = 2 ** torch.arange(num_objects, device=device)
-        codes = (video_masks.long() * weights[:, None]).sum(0)
-    else:
-        codes = torch.zeros(num_video, dtype=torch.long, device=device)
+    codes = video_codes(video_masks) if num_objects else torch.zeros(num_video, dtype=torch.long, device=device)
     counts = torch.bincount(codes, minlength=2**num_objects).tolist()  # the one sync
     order = torch.argsort(codes, stable=True)
     cache = {} if key_cache is None else key_cache
@@ -365,3 +361,17 @@ def mask_change(old: torch.Tensor, new: torch.Tensor) -> float:
     if size == 0:
         return 0.0 if changed == 0 else float("inf")
     return changed / size
+
+
+def code_masks(num_objects: int, device=None) -> torch.BoolTensor:
+    """Bool ``[K, 2^K]``: one stand-in video token for every combination of objects (column ``c`` is in
+    object k iff bit k of ``c`` is set). MDMA treats video tokens of one combination alike (V x V is all
+    open), so the mask over these stand-ins, indexed by each token's combination, is the whole mask."""
+    codes = torch.arange(2**num_objects, device=device)
+    return (codes[None] >> torch.arange(num_objects, device=device)[:, None]) & 1 == 1
+
+
+def video_codes(video_masks: torch.Tensor) -> torch.Tensor:
+    """Each video token's object combination (``[N_v]`` long, bit k = in object k)."""
+    weights = 2 ** torch.arange(video_masks.shape[0], device=video_masks.device)
+    return (video_masks.long() * weights[:, None]).sum(0)

@@ -48,7 +48,8 @@ OPTIONS_DOC = """FlexiMMT's own arguments (keyword-only):
     anchors: RMPM's W. alpha: dynamic RMPM's threshold (None: update every step).
     feature_blocks: blocks whose attention outputs feed RMPM (default: the model's share of the first blocks).
     parts: MDMA parts on. context_text: "open" | "closed" (CogVideoX only).
-    attention_backend: "auto" (grouped SDPA, no N x N mask) or "dense" (the reference).
+    attention_backend: "auto" (grouped SDPA, no N x N mask), "flex" (one FlexAttention call with a block
+        mask; compiled; on a CPU inference only) or "dense" (the reference).
     return_masks: add the per-step masks to the output. initial_masks: RMPM's step 0, "first_frame" or
         "none" (the release)."""
 
