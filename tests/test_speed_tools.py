@@ -184,3 +184,141 @@ def test_fastercache_needing_both_branches_in_one_batch_is_refused_on_wan_with_o
                                                     attention_weight_callback=lambda _: 0.5, tensor_format="BCFHW"))  # fmt: skip
     with pytest.raises(FlexiMMTInputError, match="FasterCache.*is_guidance_distilled=True"):
         run(pipe, "wan", steps=2, objects=objects("wan", pipe.transformer))
+
+
+# -- 5. LoRAs --------------------------------------------------------------------------------------------
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def save_lora(transformer, folder, pipeline_class) -> str:
+    """A LoRA of ``transformer`` (peft, random A and B so that it acts) saved as diffusers saves LoRAs."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=LORA_TARGETS))
+    pipeline_class.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory):
+    """Per family, a folder holding ``pytorch_lora_weights.safetensors`` for its tiny transformer."""
+    root = tmp_path_factory.mktemp("loras")
+    return {family: save_lora(make_pipe(family).transformer, root / family, FAMILIES[family]["theirs"])
+            for family in FAMILIES}  # fmt: skip
+
+
+def with_lora(family, lora_files, fuse: float | None = None, **load):
+    pipe = make_pipe(family)
+    pipe.load_lora_weights(lora_files[family], adapter_name="style", **load)
+    if fuse is not None:
+        pipe.fuse_lora(lora_scale=fuse)
+    return pipe
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_lora_acts_with_objects_as_its_fused_weights_do_loaded_before_or_after_the_processors(family, lora_files):
+    """FlexiMMT's processors are installed at the first call with objects; a LoRA loaded before or after
+    wraps the same projections, which the motion tokens pass through too: unfused equals fused."""
+    before = with_lora(family, lora_files)
+    after = make_pipe(family)
+    run(after, family, steps=1, objects=objects(family, after.transformer))  # installs FlexiMMT's processors
+    after.load_lora_weights(lora_files[family], adapter_name="style")
+    fused, plain = with_lora(family, lora_files, fuse=1.0), make_pipe(family)
+    got = {name: run(p, family, steps=2, objects=objects(family, p.transformer)).frames
+           for name, p in dict(before=before, after=after, fused=fused, plain=plain).items()}  # fmt: skip
+    assert torch.equal(got["before"], got["after"])
+    assert rel(got["before"], got["fused"]) < 1e-5
+    assert rel(got["before"], got["plain"]) > 1e-3  # the LoRA acts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_set_adapters_weights_act_with_objects(family, lora_files):
+    pipe = with_lora(family, lora_files)
+    run(pipe, family, steps=1, objects=objects(family, pipe.transformer))
+    plain, half_fused = make_pipe(family), with_lora(family, lora_files, fuse=0.5)
+    expected = {0.0: run(plain, family, steps=2, objects=objects(family, plain.transformer)).frames,
+                0.5: run(half_fused, family, steps=2, objects=objects(family, half_fused.transformer)).frames}  # fmt: skip
+    for weight, want in expected.items():
+        pipe.set_adapters(["style"], [weight])
+        assert rel(run(pipe, family, steps=2, objects=objects(family, pipe.transformer)).frames, want) < 1e-5, weight
+
+
+def wan22(layers: int = LAYERS):
+    pipe = FlexiMMTWanPipeline(**tiny_wan_components(0, "2.2", num_layers=layers))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_lora_on_wan_2_2s_second_expert_acts_with_objects(lora_files):
+    """``load_into_transformer_2=True`` puts the LoRA on the low-noise expert alone (step 1 of 2 here)."""
+    loaded, fused, plain = wan22(), wan22(), wan22()
+    for pipe in (loaded, fused):
+        pipe.load_lora_weights(lora_files["wan"], adapter_name="low", load_into_transformer_2=True)
+    fused.fuse_lora(components=["transformer_2"])
+    assert loaded.get_list_adapters() == {"transformer_2": ["low"]}
+    got = [run(p, "wan", steps=2, objects=objects("wan", p.transformer, experts=2)).frames for p in (loaded, fused, plain)]
+    assert rel(got[0], got[1]) < 1e-5 and rel(got[0], got[2]) > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_distilled_use_guidance_1_in_4_steps_runs_rmpm_on_its_one_pass(family, lora_files):
+    """A step-distilled LoRA's use - guidance 1 (no unconditional pass), 4 steps: RMPM reads the one pass
+    there is, so its first propagated masks are those a guided call gets from its conditional pass."""
+    pipe = with_lora(family, lora_files)
+    distilled = run(pipe, family, steps=4, guidance_scale=1.0, objects=objects(family, pipe.transformer), return_masks=True)
+    guided = run(pipe, family, steps=4, objects=objects(family, pipe.transformer), return_masks=True)
+    assert distilled.masks.shape[:2] == (1, 4)
+    assert torch.equal(distilled.masks[0, 1], guided.masks[0, 1])
+    assert not torch.equal(distilled.masks[0, 1], distilled.masks[0, 0])  # RMPM moved the masks
+
+
+def moving_square(size: int, frames: int = 9) -> np.ndarray:
+    video = np.full((frames, size, size, 3), 90, np.uint8)
+    step = size // 16
+    for t in range(frames):
+        video[t, size // 4 : size // 2, step * (1 + t) : step * (1 + t) + size // 4] = 220
+    return video
+
+
+def train(pipe, family: str, out, **kw):
+    from fleximmt import train_motion
+
+    size = FAMILIES[family]["size"]
+    kw = {"steps": 2, "tokens_per_motion": 4, "lr_warmup_steps": 0, "height": size, "width": size, "num_frames": 9,
+          "max_windows": 1, "lr": 0.05, **kw}  # fmt: skip
+    return train_motion(pipe, moving_square(size), "A red ball jumps up.", "ball", "jumps up", out, **kw)
+
+
+def frozen_state(pipe) -> list[tuple[dict, list[bool]]]:
+    return [({k: v.clone() for k, v in m.state_dict().items()}, [p.requires_grad for p in m.parameters()])
+            for m in pipe.components.values() if isinstance(m, torch.nn.Module)]  # fmt: skip
+
+
+def assert_unchanged(pipe, before) -> None:
+    for (state, flags), (now, now_flags) in zip(before, frozen_state(pipe)):
+        assert state.keys() == now.keys() and all(torch.equal(v, now[k]) for k, v in state.items())
+        assert flags == now_flags
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_through_a_lora_changes_only_the_tokens_and_the_motion_records_the_lora(family, lora_files, tmp_path):
+    from fleximmt import MotionTokens
+
+    pipe = with_lora(family, lora_files)
+    pipe.set_adapters(["style"], [0.8])
+    before = frozen_state(pipe)
+    trained = train(pipe, family, tmp_path / "m.safetensors")
+    assert_unchanged(pipe, before)  # the LoRA's weights, scale and requires_grad included
+    assert not torch.equal(trained.tokens, train(pipe, family, tmp_path / "still.safetensors", lr=0.0).tokens)
+    loaded = MotionTokens.load(tmp_path / "m.safetensors")
+    assert loaded.metadata["base_loras"] == [{"component": "transformer", "adapter": "style", "fused": False, "weight": 0.8}]
+
+
+def test_a_motion_file_without_base_loras_still_loads(tmp_path):
+    from fleximmt import MotionTokens
+    from fleximmt.motion import motion_metadata
+
+    old = MotionTokens(torch.zeros(2, 4, 8), name="old", steps=3)  # written before base_loras was recorded
+    old.save(tmp_path / "old.safetensors")
+    loaded = MotionTokens.load(tmp_path / "old.safetensors")
+    assert loaded.base_loras is None and "LoRA" not in motion_metadata(loaded)

@@ -17,7 +17,8 @@ import torch
 from .errors import FlexiMMTInputError
 
 FORMAT = "fleximmt.motion/1"
-_METADATA_KEYS = ("name", "caption", "concept_words", "motion_words", "base_model", "steps", "family")
+# base_loras: the LoRAs on the base model while the motion trained (train.base_loras; absent in older files)
+_METADATA_KEYS = ("name", "caption", "concept_words", "motion_words", "base_model", "steps", "family", "base_loras")
 EXPERT_KEYS = ("motion_tokens", "motion_tokens_2")  # one token set per expert (Wan 2.2 A14B has two)
 FIRST_FAMILY = "cogvideox"  # motion files from before families were recorded were all learned on CogVideoX
 
@@ -41,7 +42,8 @@ class MotionTokens:
     """A learned motion: one set of ``d_m`` keys/values per transformer block, ``tokens`` float
     ``[num_blocks, d_m, dim]``, or for a model with several experts (Wan 2.2 A14B) one such set per
     expert (``tokens`` ``[experts, num_blocks, d_m, dim]``, ``experts`` the list); plus metadata (name,
-    caption, concept and motion words, base model fingerprint and family, training steps)."""
+    caption, concept and motion words, base model fingerprint and family, training steps, and the LoRAs
+    the base model carried then)."""
 
     def __init__(self, tokens: torch.Tensor | list[torch.Tensor], **metadata: Any) -> None:
         sets = [torch.as_tensor(t) for t in tokens] if isinstance(tokens, (list, tuple)) else None
@@ -178,8 +180,20 @@ def motion_metadata(motion: MotionTokens, markdown: bool = True) -> str:
              f"concept: {code}{meta['concept_words']}{code}" if meta.get("concept_words") else None,
              f"motion words: {code}{meta['motion_words']}{code}" if meta.get("motion_words") else None,
              f"{motion.num_experts} experts x " * (motion.num_experts > 1) + f"{blocks} blocks x {d_m} tokens x {dim}",
-             f"{meta['steps']} training steps" if meta.get("steps") else None]  # fmt: skip
+             f"{meta['steps']} training steps" if meta.get("steps") else None,
+             f"base LoRAs: {lora_names(meta['base_loras'])}" if meta.get("base_loras") else None]  # fmt: skip
     return (" · " if markdown else "\n").join(p for p in parts if p)
+
+
+def lora_names(loras: list[dict]) -> str:
+    """``base_loras`` metadata as text: "style (0.8), speed (1.0, fused) on transformer_2"."""
+    def one(lora: dict) -> str:
+        weight = lora.get("weight")
+        weight = ", ".join(f"{w:g}" for w in weight) if isinstance(weight, list) else f"{weight:g}"
+        where = "" if lora.get("component", "transformer") == "transformer" else f" on {lora['component']}"
+        return f"{lora.get('adapter')} ({weight}{', fused' if lora.get('fused') else ''}){where}"
+
+    return ", ".join(one(lora) for lora in loras)
 
 
 MaskLike = Any  # bool tensor / array, PIL image, or a path to a PNG

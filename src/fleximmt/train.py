@@ -109,6 +109,33 @@ def model_fingerprint(pipe) -> str:
     return f"{name}@{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
+def base_loras(pipe) -> list[dict[str, Any]]:
+    """The LoRAs acting on the denoisers of ``pipe`` (diffusers' ``load_lora_weights`` / ``set_adapters`` /
+    ``fuse_lora`` leave peft layers there): for each component and adapter, its weight (one number, or the
+    distinct ones where blocks differ) and whether it is fused. A motion trained through them records them."""
+    adapter = adapter_for(pipe)
+    names = {id(module): name for name, module in pipe.components.items()}
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for transformer in adapter.transformers():
+        component = names.get(id(transformer), "transformer")
+        for module in transformer.modules():
+            scaling = getattr(module, "scaling", None)
+            if not isinstance(scaling, dict) or not hasattr(module, "merged_adapters"):
+                continue  # not a peft LoRA layer
+            merged = set(module.merged_adapters)
+            active = set() if getattr(module, "disable_adapters", False) else set(module.active_adapters)
+            for name in sorted((merged | active) & set(scaling)):
+                rank = module.r[name] ** 0.5 if module.use_rslora.get(name) else module.r[name]
+                entry = found.setdefault((component, name), {"component": component, "adapter": name,
+                                                             "weights": set(), "fused": name in merged})  # fmt: skip
+                entry["weights"].add(round(scaling[name] * rank / module.lora_alpha[name], 6))
+    loras = []
+    for entry in found.values():
+        weights = sorted(entry.pop("weights"))
+        loras.append({**entry, "weight": weights[0] if len(weights) == 1 else weights})
+    return loras
+
+
 def process_state():
     """accelerate's view of this process (rank, world size); CPU-only machines use gloo."""
     from accelerate import PartialState
@@ -282,7 +309,9 @@ def train_motion(
     stops the run there, with a checkpoint of that step saved first (a cancel button). Under ``accelerate launch``
     the processes share one motion: each trains on its own windows of the video and gradients are
     averaged (``shard_windows``). Every component of ``pipe`` is back on its device and dtype, and
-    its attention still FlexiMMT's, when this returns, so the same pipeline generates next.
+    its attention still FlexiMMT's, when this returns, so the same pipeline generates next. A quantized
+    transformer, or one carrying LoRAs (``load_lora_weights``), stays frozen as it is: gradients reach
+    only the motion tokens, and the motion file records the LoRAs (``base_loras``).
     """
     unknown = set(settings) - {f.name for f in dataclasses.fields(TrainSettings)}
     if unknown:
@@ -293,6 +322,8 @@ def train_motion(
     adapter.check_model()
     transformers = adapter.transformers()
     was_training = [t.training for t in transformers]
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    trainable = [[p.requires_grad for p in m.parameters()] for m in modules]  # frozen while the tokens train
     checkpointing = [getattr(t, "gradient_checkpointing", False) for t in transformers]
     vae_flags = (getattr(pipe.vae, "use_slicing", False), getattr(pipe.vae, "use_tiling", False))
     try:
@@ -300,6 +331,9 @@ def train_motion(
             return _train(adapter, video, caption, concept_words, motion_words, Path(output), cfg, resume,
                           start_frame, end_frame, video_fps, callback, shard_windows, return_losses)  # fmt: skip
     finally:
+        for module, flags in zip(modules, trainable):
+            for param, flag in zip(module.parameters(), flags):
+                param.requires_grad_(flag)
         for transformer, training, checkpointed in zip(transformers, was_training, checkpointing):
             transformer.train(training)
             if not checkpointed and getattr(transformer, "gradient_checkpointing", False):
@@ -442,6 +476,7 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
     motion = MotionTokens(
         [p.detach().cpu().clone() for p in experts], name=output.stem, caption=caption, concept_words=concept_words,
         motion_words=motion_words, base_model=fingerprints["model"], steps=cfg.steps, family=adapter.family,
+        base_loras=base_loras(pipe),
     )  # fmt: skip
     if proc.is_main_process or not distributed:
         motion.save(output)
