@@ -307,13 +307,46 @@ def frontend_app(driver, url: str, timeout: float = 180):
     WebDriverWait(driver, timeout).until(lambda d: d.execute_script(ready))
 
 
+def layout(api: dict, sizes: dict[str, tuple[float, float]], gap: tuple[int, int] = (50, 50)) -> dict[str, list]:
+    """Positions for an API workflow's nodes: columns from left to right in the order data flows (a node
+    one column right of its farthest input), a loader in the column just left of its first consumer
+    (not all loaders in the first column), each column's nodes stacked by id; ``sizes`` as drawn."""
+    sources = {k: [v[0] for v in node["inputs"].values() if isinstance(v, list)] for k, node in api.items()}
+    column: dict[str, int] = {}
+
+    def depth(k: str) -> int:
+        if k not in column:
+            column[k] = 1 + max((depth(s) for s in sources[k]), default=-1)
+        return column[k]
+
+    for k in api:
+        depth(k)
+    for k in api:
+        consumers = [c for c in api if k in sources[c]]
+        if not sources[k] and consumers:
+            column[k] = min(column[c] for c in consumers) - 1
+    positions, x = {}, 0.0
+    for c in sorted(set(column.values())):
+        members = sorted((k for k in api if column[k] == c), key=int)
+        y = 0.0
+        for k in members:
+            positions[k] = [x, y + 30]  # a node's position is below its 30-pixel title
+            y += sizes[k][1] + 30 + gap[1]
+        x += max(sizes[k][0] for k in members) + gap[0]
+    return positions
+
+
 def ui_from_api(driver, api: dict, name: str) -> dict:
     """The UI form of an API workflow as the frontend saves it: loaded with its own ``loadApiJson``,
-    laid out again by its ``arrange`` once the loaders show their images and videos, then
+    laid out by :func:`layout` once the loaders show their images and videos, then
     ``graphToPrompt().workflow`` (what Save / Export write)."""
     driver.execute_script("window.comfyAPI.app.app.loadApiJson(arguments[0], arguments[1])", api, name)
     time.sleep(3)  # the previews of the example's inputs arrive and the loader nodes grow
-    driver.execute_script("window.comfyAPI.app.app.graph.arrange()")
+    sizes = driver.execute_script("return Object.fromEntries(window.comfyAPI.app.app.graph._nodes"
+                                  ".map(n => [String(n.id), [n.size[0], n.size[1]]]))")  # fmt: skip
+    driver.execute_script("const g = window.comfyAPI.app.app.graph;"
+                          "for (const [id, pos] of Object.entries(arguments[0])) g.getNodeById(id).pos = pos;",
+                          layout(api, sizes))  # fmt: skip
     return driver.execute_async_script(
         "const done = arguments[arguments.length - 1];"
         "window.comfyAPI.app.app.graphToPrompt().then(p => done(JSON.parse(JSON.stringify(p.workflow))));"
