@@ -32,20 +32,37 @@ def _torchvision_problem() -> str | None:
     return _TORCHVISION[0]
 
 
+def _comfy_problem() -> str | None:
+    """Why ComfyUI cannot be started from this environment (None when its source and requirements are here)."""
+    import importlib.util
+
+    from comfy_server import COMFYUI
+
+    if not (COMFYUI / "main.py").is_file():
+        return f"no ComfyUI source at {COMFYUI}; set COMFYUI"
+    missing = [m for m in ("torchsde", "av", "aiohttp", "comfyui_frontend_package") if importlib.util.find_spec(m) is None]
+    return f"ComfyUI's requirements are missing: {', '.join(missing)}" if missing else None
+
+
+NEEDS = {"vision": ("torchvision", _torchvision_problem), "comfy": ("ComfyUI", _comfy_problem)}
+
+
 def pytest_runtest_setup(item):
-    """A `vision` test without a working torchvision fails where it was asked for (``-m vision``, as
-    `make test-vision` runs it) or in CI (CI=true): no test skips there for want of torchvision.
-    Elsewhere (a plain ``pytest`` in .venv) it skips and says how to run it."""
-    if item.get_closest_marker("vision") is None:
-        return
-    problem = _torchvision_problem()
-    if problem is None:
-        return
-    reason = f"needs torchvision ({problem}): run `make test-vision`"
-    ci = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-    if ci or "vision" in (item.config.getoption("markexpr", "") or ""):
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
+    """A `vision` test without a working torchvision, or a `comfy` test without ComfyUI and its
+    requirements, fails where it was asked for (``-m vision`` / ``-m comfy``, as `make test-vision` and
+    `make test-comfy` run them) or in CI (CI=true): no test skips there for want of them. Elsewhere
+    (a plain ``pytest`` in .venv) it skips and says how to run it."""
+    for marker, (what, find_problem) in NEEDS.items():
+        if item.get_closest_marker(marker) is None:
+            continue
+        problem = find_problem()
+        if problem is None:
+            continue
+        reason = f"needs {what} ({problem}): run `make test-{marker}`"
+        ci = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+        if ci or marker in (item.config.getoption("markexpr", "") or ""):
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
 
 
 # -- tests marked `comfy`: one real ComfyUI server (tests/comfy_server.py) for the session ---------------
