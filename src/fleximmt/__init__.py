@@ -4,11 +4,11 @@ from .errors import FlexiMMTInputError
 from .models.cogvideox import FlexiMMTPipeline
 from .models.loading import load_pipeline
 from .motion import MotionTokens, ObjectMotion
-from .pipeline import FlexiMMTPipelineOutput
+from .pipeline import FlexiMMTPipelineOutput, compile
 from .train import TrainSettings, train_motion
 
 __all__ = ["FlexiMMTInputError", "FlexiMMTPipeline", "FlexiMMTPipelineOutput", "FlexiMMTWanPipeline", "MotionTokens",
-           "ObjectMotion", "TrainSettings", "load_pipeline", "train_motion"]
+           "ObjectMotion", "TrainSettings", "compile", "load_pipeline", "train_motion"]
 __version__ = "0.1.0"
 
 

@@ -88,7 +88,8 @@ def flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask
         from torch.nn.attention.flex_attention import flex_attention
 
         _COMPILED_FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX["fn"](query, key, value, block_mask=block_mask)
+    # contiguous inputs: inductor's FlexAttention lowering misreads some views' ranks (seen on Wan's attn2)
+    return _COMPILED_FLEX["fn"](query.contiguous(), key.contiguous(), value.contiguous(), block_mask=block_mask)
 
 
 def padded_queries(queries: torch.Tensor, pad: bool) -> torch.Tensor:

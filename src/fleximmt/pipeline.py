@@ -412,3 +412,22 @@ class MaskSchedule:
     def masks(self) -> torch.Tensor | None:
         """The masks every step used, bool ``[videos, steps, K, frames, h, w]`` (with ``return_masks``)."""
         return torch.stack(self.history, dim=1) if self.history else None
+
+
+def compile(pipe, regional: bool = True, fullgraph: bool = True, **compile_kwargs) -> None:
+    """``torch.compile`` a FlexiMMT pipeline's denoisers with FlexiMMT's processors in place: each
+    transformer's repeated blocks (``regional``; FlexiMMT names CogVideoX's, which diffusers' model does
+    not) or the whole model. With ``attention_backend="flex"`` the masks' shapes never reach the graph:
+    it compiles once, then runs every step and call, whatever the masks (the "auto" backend's groups
+    change shape with the masks, and each new shape compiles again)."""
+    from .models import adapter_for
+
+    adapter = adapter_for(pipe)
+    adapter.install_processors()
+    for transformer in adapter.transformers():
+        if not regional:
+            transformer.compile(fullgraph=fullgraph, **compile_kwargs)
+            continue
+        if adapter.repeated_blocks:
+            transformer._repeated_blocks = list(adapter.repeated_blocks)
+        transformer.compile_repeated_blocks(fullgraph=fullgraph, **compile_kwargs)

@@ -77,6 +77,7 @@ class ModelAdapter:
     parts: ClassVar[tuple[str, ...]]  # MDMA parts that exist on this model
     feature_share: ClassVar[float]  # RMPM averages features over the first share of the blocks
     default_model: ClassVar[str]
+    repeated_blocks: ClassVar[tuple[str, ...]] = ()  # block classes to compile regionally (default: diffusers')
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe

@@ -117,6 +117,7 @@ class CogVideoXAdapter(ModelAdapter):
     parts = PARTS
     feature_share = 30 / 42  # the release averages features over the first 30 of 42 blocks
     default_model = DEFAULT_MODEL
+    repeated_blocks = ("CogVideoXBlock",)  # diffusers' CogVideoX model names none (compile_repeated_blocks raises)
 
     def check_model(self) -> None:
         latent = self.pipe.vae.config.latent_channels
