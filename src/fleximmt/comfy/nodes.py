@@ -77,7 +77,7 @@ def geometry(pipe, width: int, height: int, frames: int) -> tuple[int, int, int]
 
 
 def check_masks(objects, image: Image.Image) -> None:
-    """Every object's mask has the image's size (as the pipeline requires; Preview masks says it first)."""
+    """Every object's mask has the image's size, as Transfer's pipeline requires it (with its message)."""
     for k, obj in enumerate(objects, 1):
         mask = obj.mask_tensor
         if tuple(mask.shape) != (image.height, image.width):
@@ -349,8 +349,7 @@ def transfer(pipe, image, prompt: str, objects, negative_prompt: str = "", steps
     """The video (IMAGE frames) and its mask overlay (IMAGE frames; the video itself without objects)."""
     check_pipe(pipe)
     picture = first_frame(image)
-    objects = list(objects or ())
-    check_masks(objects, picture)
+    objects = list(objects or ())  # the pipeline checks them against the image and the model
     height, width, num_frames = geometry(pipe, width, height, frames)
     steps = int(steps)
     report = step_reporter(steps)
