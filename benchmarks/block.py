@@ -280,7 +280,7 @@ class Setup:
                 f"{self.dtype}; torch {torch.__version__}, threads {torch.get_num_threads()}")  # fmt: skip
 
 
-def inference_states(setup: Setup, objects: list[int], batch: int) -> dict[int, dict]:
+def inference_states(setup: Setup, objects: list[int], batch: int, backend: str = "auto") -> dict[int, dict]:
     """A FlexiMMT state per K as the pipeline prepares one step (CogVideoX: CFG rows ``[uncond | cond]``
     of one video; Wan: one branch per call, features captured as in the conditional one)."""
     states = {}
@@ -289,7 +289,7 @@ def inference_states(setup: Setup, objects: list[int], batch: int) -> dict[int, 
         tokens = random_tokens(k, 1, setup.d_m, setup.dim, seed=k).to(setup.dtype)
         masks = moving_masks(k, setup.grid)
         extra = {"parts": setup.parts} if setup.wan else {}
-        state = motion_state_for(tokens, member, form=setup.form, num_frames=setup.grid[0],
+        state = motion_state_for(tokens, member, form=setup.form, num_frames=setup.grid[0], backend=backend,
                                  feature_blocks=frozenset({0}), **extra)  # fmt: skip
         start = time.perf_counter()
         state.set_video_masks(masks)
@@ -305,7 +305,9 @@ def inference_states(setup: Setup, objects: list[int], batch: int) -> dict[int, 
             "coverage": [round(c, 3) for c in coverage.mean(1).tolist()],
             "coverage_range": [round(coverage.min().item(), 3), round(coverage.max().item(), 3)],
         }  # fmt: skip
-        if setup.wan:
+        if backend != "auto":
+            states[k]["backend"] = backend
+        elif setup.wan:
             states[k].update({
                 "groups": [g.count for g in layout.groups],
                 "group_keys": [int(g.keys.numel()) for g in layout.groups],
@@ -323,6 +325,8 @@ def inference_states(setup: Setup, objects: list[int], batch: int) -> dict[int, 
 def describe_layout(setup: Setup, k: int, s: dict) -> str:
     head = (f"  K={k}: object coverage {s['coverage']} of the frame (per frame {s['coverage_range'][0]:.0%}-"
             f"{s['coverage_range'][1]:.0%}); ")  # fmt: skip
+    if "backend" in s:
+        return head + f"{s['backend']} backend: one attention call; layout built in {s['layout_s']:.3f} s once per step"
     if setup.wan:
         pairs = ", ".join(f"{q:,} x {n}" for q, n in zip(s["groups"], s["group_keys"]))
         return (head + f"{len(s['groups'])} SDPA calls in attn2 (video queries x keys of [text | motion]): {pairs}; "
@@ -373,7 +377,7 @@ def ratios(samples: dict, base: str) -> dict[str, dict]:
 def run_inference(args, setup: Setup) -> dict:
     batch = args.batch
     hidden, text, temb = setup.inputs(batch)
-    states = inference_states(setup, args.objects, batch)
+    states = inference_states(setup, args.objects, batch, args.backend)
     if args.scope == "attention":
         with torch.no_grad():
             hidden, text = setup.attention_inputs(hidden, text, temb)
@@ -395,7 +399,8 @@ def run_inference(args, setup: Setup) -> dict:
 
         return run
 
-    runs = {"diffusers": plain, **{f"fleximmt K={k}": flexi(k) for k in args.objects}}
+    runs = {"diffusers": plain, **{f"fleximmt K={k}{'' if args.backend == 'auto' else ' ' + args.backend}": flexi(k)
+                                   for k in args.objects}}  # fmt: skip
     scope = f"attention call: {setup.attention_name}" if args.scope == "attention" else "block"
     branch = " = CFG" if batch == 2 and not setup.wan else (" (one CFG branch: Wan calls the model once per branch)" if setup.wan else "")
     print(f"inference ({scope}, batch {batch}{branch}), d_m = {setup.d_m}, "
@@ -538,6 +543,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--frames", type=int, help="video frames (default: the model's own)")
     parser.add_argument("--objects", type=int, nargs="+", default=[1, 3, 5], help="K values (profile: the first)")
     parser.add_argument("--tokens", type=int, default=226, help="motion tokens per object and block (d_m)")
+    parser.add_argument("--backend", choices=["auto", "flex", "dense"], default="auto",
+                        help="inference: FlexiMMT's attention backend (flex: one compiled FlexAttention call)")
     parser.add_argument("--repeats", type=int, help="rounds (default: inference 2, training 1)")
     parser.add_argument("--warmup", action="store_true", help="one untimed round first")
     parser.add_argument("--batch", type=int, choices=[1, 2], help="inference rows (CogVideoX: 2 = CFG, the default; Wan: 1)")
