@@ -19,7 +19,7 @@ from fleximmt.toy.tiny import random_motion, tiny_components, tiny_wan_component
 
 PROMPT = "A ball jumps up. A box slides left."
 WORDS = ["jumps up", "slides left"]
-STEPS = 5
+STEPS = 4
 LAYERS = 3  # RMPM's default feature blocks are then blocks 0 and 1 of 3 (CogVideoX: 30/42, Wan: 70%)
 FAMILIES = {
     "cogvideox": dict(size=32, make=tiny_components, ours=FlexiMMTPipeline, theirs=CogVideoXImageToVideoPipeline,
@@ -31,9 +31,9 @@ FAMILIES = {
 }  # fmt: skip
 
 
-def make_pipe(family: str, theirs: bool = False, layers: int = LAYERS):
+def make_pipe(family: str, theirs: bool = False, layers: int = LAYERS, **config):
     spec = FAMILIES[family]
-    pipe = spec["theirs" if theirs else "ours"](**spec["make"](0, num_layers=layers))
+    pipe = spec["theirs" if theirs else "ours"](**spec["make"](0, num_layers=layers, **config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -64,6 +64,22 @@ def run(pipe, family: str, steps: int = STEPS, **kw):
 def rel(a, b) -> float:
     a, b = torch.as_tensor(np.asarray(a)).double(), torch.as_tensor(np.asarray(b)).double()
     return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """``reference(family, steps, **config)``: a plain float pipeline's run with objects (``return_masks``),
+    without any of the tools under test; each computed once."""
+    done = {}
+
+    def get(family: str, steps: int, **config):
+        key = (family, steps, *sorted(config.items()))
+        if key not in done:
+            pipe = make_pipe(family, **config)
+            done[key] = run(pipe, family, steps=steps, objects=objects(family, pipe.transformer), return_masks=True)
+        return done[key]
+
+    return get
 
 
 # -- 4. caches -------------------------------------------------------------------------------------------
@@ -129,16 +145,6 @@ def test_a_cache_without_objects_gives_diffusers_result_with_the_same_cache(name
     assert not torch.equal(theirs, uncached_latents(family, **cache_call(name, family)))  # the cache did skip work
 
 
-@pytest.fixture(scope="module")
-def uncached_masks():
-    """Each family's masks with objects and no cache (``return_masks``), computed once."""
-    out = {}
-    for family in FAMILIES:
-        pipe = make_pipe(family)
-        out[family] = run(pipe, family, objects=objects(family, pipe.transformer), return_masks=True).masks
-    return out
-
-
 def spy_on_captures(monkeypatch) -> tuple[list[set], callable]:
     """Which feature blocks delivered RMPM's features in each step, seen from the processors' calls."""
     seen: list[set] = [set()]
@@ -159,7 +165,7 @@ def spy_on_captures(monkeypatch) -> tuple[list[set], callable]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", CACHES)
-def test_with_objects_a_step_whose_blocks_a_cache_skipped_keeps_the_last_masks(name, family, monkeypatch, uncached_masks):
+def test_with_objects_a_step_whose_blocks_a_cache_skipped_keeps_the_last_masks(name, family, monkeypatch, reference):
     """A step whose capture missed a feature block (FirstBlockCache's blocks past the first, a skipped step,
     reused attention) gives no new masks: the next step's masks are its own; a step whose feature blocks
     all ran gives RMPM's masks of its features."""
@@ -173,7 +179,7 @@ def test_with_objects_a_step_whose_blocks_a_cache_skipped_keeps_the_last_masks(n
     for s in range(STEPS - 1):
         assert torch.equal(masks[s + 1], masks[s]) == (s in partial), s
     if (name, family) != ("FasterCache", "wan"):  # guidance 1 there: another call than the uncached one
-        assert torch.equal(masks[:2], uncached_masks[family][0, :2])  # step 0 ran whole: RMPM's masks from it
+        assert torch.equal(masks[:2], reference(family, STEPS).masks[0, :2])  # step 0 ran whole: RMPM's masks from it
 
 
 def test_fastercache_needing_both_branches_in_one_batch_is_refused_on_wan_with_objects():
@@ -216,31 +222,32 @@ def with_lora(family, lora_files, fuse: float | None = None, **load):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_lora_acts_with_objects_as_its_fused_weights_do_loaded_before_or_after_the_processors(family, lora_files):
+def test_a_lora_acts_with_objects_as_its_fused_weights_do_loaded_before_or_after_the_processors(family, lora_files, reference):
     """FlexiMMT's processors are installed at the first call with objects; a LoRA loaded before or after
     wraps the same projections, which the motion tokens pass through too: unfused equals fused."""
     before = with_lora(family, lora_files)
     after = make_pipe(family)
     run(after, family, steps=1, objects=objects(family, after.transformer))  # installs FlexiMMT's processors
     after.load_lora_weights(lora_files[family], adapter_name="style")
-    fused, plain = with_lora(family, lora_files, fuse=1.0), make_pipe(family)
-    got = {name: run(p, family, steps=2, objects=objects(family, p.transformer)).frames
-           for name, p in dict(before=before, after=after, fused=fused, plain=plain).items()}  # fmt: skip
+    fused = with_lora(family, lora_files, fuse=1.0)
+    got = {name: run(p, family, steps=1, objects=objects(family, p.transformer)).frames
+           for name, p in dict(before=before, after=after, fused=fused).items()}  # fmt: skip
     assert torch.equal(got["before"], got["after"])
     assert rel(got["before"], got["fused"]) < 1e-5
-    assert rel(got["before"], got["plain"]) > 1e-3  # the LoRA acts
+    assert rel(got["before"], reference(family, 1).frames) > 1e-3  # the LoRA acts
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_set_adapters_weights_act_with_objects(family, lora_files):
+def test_set_adapters_weights_act_with_objects(family, lora_files, reference):
+    """Weights set after the processors are installed: 0 is the model without the LoRA, 0.5 the LoRA fused at 0.5."""
     pipe = with_lora(family, lora_files)
     run(pipe, family, steps=1, objects=objects(family, pipe.transformer))
-    plain, half_fused = make_pipe(family), with_lora(family, lora_files, fuse=0.5)
-    expected = {0.0: run(plain, family, steps=2, objects=objects(family, plain.transformer)).frames,
-                0.5: run(half_fused, family, steps=2, objects=objects(family, half_fused.transformer)).frames}  # fmt: skip
+    half_fused = with_lora(family, lora_files, fuse=0.5)
+    expected = {0.0: reference(family, 1).frames,
+                0.5: run(half_fused, family, steps=1, objects=objects(family, half_fused.transformer)).frames}  # fmt: skip
     for weight, want in expected.items():
         pipe.set_adapters(["style"], [weight])
-        assert rel(run(pipe, family, steps=2, objects=objects(family, pipe.transformer)).frames, want) < 1e-5, weight
+        assert rel(run(pipe, family, steps=1, objects=objects(family, pipe.transformer)).frames, want) < 1e-5, weight
 
 
 def wan22(layers: int = LAYERS):
@@ -284,24 +291,50 @@ def train(pipe, family: str, out, **kw):
     from fleximmt import train_motion
 
     size = FAMILIES[family]["size"]
-    kw = {"steps": 2, "tokens_per_motion": 4, "lr_warmup_steps": 0, "height": size, "width": size, "num_frames": 9,
+    kw = {"steps": 1, "tokens_per_motion": 4, "lr_warmup_steps": 0, "height": size, "width": size, "num_frames": 9,
           "max_windows": 1, "lr": 0.05, **kw}  # fmt: skip
     return train_motion(pipe, moving_square(size), "A red ball jumps up.", "ball", "jumps up", out, **kw)
 
 
+@pytest.fixture
+def initial_tokens(monkeypatch) -> list[torch.Tensor]:
+    """The motion tokens as training starts (copied when train_motion makes its optimiser)."""
+    tokens = []
+    adamw = torch.optim.AdamW
+
+    def spy(params, **kw):
+        params = list(params)
+        tokens.append(torch.stack([p.detach().cpu().clone() for p in params]).squeeze(0))
+        return adamw(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    return tokens
+
+
+def plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors a tensor is made of (a quantized weight's data and scales)."""
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor.detach().clone()]
+    names, _ = tensor.__tensor_flatten__()
+    return [t for name in names for t in plain_tensors(getattr(tensor, name))]
+
+
 def frozen_state(pipe) -> list[tuple[dict, list[bool]]]:
-    return [({k: v.clone() for k, v in m.state_dict().items()}, [p.requires_grad for p in m.parameters()])
+    return [({k: plain_tensors(v) for k, v in m.state_dict().items()}, [p.requires_grad for p in m.parameters()])
             for m in pipe.components.values() if isinstance(m, torch.nn.Module)]  # fmt: skip
 
 
 def assert_unchanged(pipe, before) -> None:
     for (state, flags), (now, now_flags) in zip(before, frozen_state(pipe)):
-        assert state.keys() == now.keys() and all(torch.equal(v, now[k]) for k, v in state.items())
+        assert state.keys() == now.keys()
+        for key, parts in state.items():
+            assert len(parts) == len(now[key]) and all(torch.equal(a, b) for a, b in zip(parts, now[key])), key
         assert flags == now_flags
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_training_through_a_lora_changes_only_the_tokens_and_the_motion_records_the_lora(family, lora_files, tmp_path):
+def test_training_through_a_lora_changes_only_the_tokens_and_the_motion_records_the_lora(family, lora_files, tmp_path,
+                                                                                         initial_tokens):
     from fleximmt import MotionTokens
 
     pipe = with_lora(family, lora_files)
@@ -309,7 +342,7 @@ def test_training_through_a_lora_changes_only_the_tokens_and_the_motion_records_
     before = frozen_state(pipe)
     trained = train(pipe, family, tmp_path / "m.safetensors")
     assert_unchanged(pipe, before)  # the LoRA's weights, scale and requires_grad included
-    assert not torch.equal(trained.tokens, train(pipe, family, tmp_path / "still.safetensors", lr=0.0).tokens)
+    assert trained.tokens.shape == initial_tokens[0].shape and not torch.equal(trained.tokens, initial_tokens[0])
     loaded = MotionTokens.load(tmp_path / "m.safetensors")
     assert loaded.metadata["base_loras"] == [{"component": "transformer", "adapter": "style", "fused": False, "weight": 0.8}]
 
@@ -322,3 +355,240 @@ def test_a_motion_file_without_base_loras_still_loads(tmp_path):
     old.save(tmp_path / "old.safetensors")
     loaded = MotionTokens.load(tmp_path / "old.safetensors")
     assert loaded.base_loras is None and "LoRA" not in motion_metadata(loaded)
+
+
+# -- 6. quantized base models ------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bitsandbytes, float8): runs on a GPU machine")
+
+
+def quanto_int8(family: str, **config):
+    from optimum.quanto import freeze, qint8, quantize
+
+    pipe = make_pipe(family, **config)
+    quantize(pipe.transformer, weights=qint8)
+    freeze(pipe.transformer)
+    return pipe
+
+
+def torchao_int8(family: str, folders, **config):
+    """diffusers' own route: ``from_pretrained(..., quantization_config=PipelineQuantizationConfig(...))``."""
+    from diffusers import PipelineQuantizationConfig, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    quantization = PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Int8WeightOnlyConfig())})
+    pipe = FAMILIES[family]["ours"].from_pretrained(folders[family], quantization_config=quantization,
+                                                    torch_dtype=torch.float32)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# diffusers' Wan names -> the original checkpoint's (diffusers' convert_wan_transformer_to_diffusers, inverted)
+WAN_ORIGINAL_NAMES = [
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
+    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+    ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
+    ("attn2", "cross_attn"), ("attn1", "self_attn"), (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."),
+    (".to_v.", ".v."), (".add_k_proj.", ".k_img."), (".add_v_proj.", ".v_img."), (".norm_added_k.", ".norm_k_img."),
+    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"), ("proj_out", "head.head"),
+]  # fmt: skip
+
+
+def wan_original_name(key: str) -> str:
+    if key == "scale_shift_table":
+        return "head.modulation"
+    key = key.replace("scale_shift_table", "modulation")
+    for ours, theirs in WAN_ORIGINAL_NAMES:
+        key = key.replace(ours, theirs)
+    if key.startswith("blocks."):  # the original's norm3 is diffusers' norm2 and the other way round
+        key = key.replace("norm2", "norm@").replace("norm3", "norm2").replace("norm@", "norm3")
+    return key
+
+
+def write_wan_gguf(transformer, path) -> int:
+    """``transformer``'s weights as a GGUF file in the original checkpoint's names (what the community's Wan
+    GGUFs hold), every block weight whose rows are whole Q8_0 blocks in Q8_0; returns how many."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="wan")
+    quantized = 0
+    for key, tensor in transformer.state_dict().items():
+        array = tensor.detach().float().numpy()
+        if key.startswith("blocks.") and array.ndim == 2 and array.shape[1] % 32 == 0:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(wan_original_name(key), gguf.quants.quantize(array, q8), raw_dtype=q8)
+            quantized += 1
+        else:
+            writer.add_tensor(wan_original_name(key), array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return quantized
+
+
+GGUF_WAN = dict(head_dim=16)  # a width of 32: the attention weights are whole Q8_0 blocks
+
+
+def gguf_wan(folders):
+    from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
+
+    transformer = WanTransformer3DModel.from_single_file(
+        str(folders["gguf"]), config=str(folders["wan-gguf"]), subfolder="transformer", torch_dtype=torch.float32,
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))  # fmt: skip
+    pipe = FlexiMMTWanPipeline(**{**make_pipe("wan", **GGUF_WAN).components, "transformer": transformer})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Saved tiny pipelines (``from_pretrained`` with a quantization config) and a tiny Wan GGUF transformer."""
+    root = tmp_path_factory.mktemp("models")
+    out = {family: root / family for family in FAMILIES}
+    for family, folder in out.items():
+        make_pipe(family).save_pretrained(folder)
+    out["wan-gguf"], out["gguf"] = root / "wan-gguf", root / "wan-q8_0.gguf"
+    reference = make_pipe("wan", **GGUF_WAN)
+    reference.save_pretrained(out["wan-gguf"])
+    # per block: q, k, v, o of both attentions, the image keys and values, the two feed-forward layers
+    assert write_wan_gguf(reference.transformer, out["gguf"]) == (2 * 4 + 2 + 2) * LAYERS
+    return out
+
+
+def test_the_gguf_names_are_the_original_checkpoints():
+    """The file's names go through diffusers' own conversion back to the model's."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    state = make_pipe("wan", **GGUF_WAN).transformer.state_dict()
+    assert set(convert_wan_transformer_to_diffusers({wan_original_name(k): v for k, v in state.items()})) == set(state)
+
+
+QUANTIZED = {
+    "quanto-int8-cogvideox": ("cogvideox", lambda folders: quanto_int8("cogvideox"), {}),
+    "quanto-int8-wan": ("wan", lambda folders: quanto_int8("wan"), {}),
+    "torchao-int8wo-cogvideox": ("cogvideox", lambda folders: torchao_int8("cogvideox", folders), {}),
+    "torchao-int8wo-wan": ("wan", lambda folders: torchao_int8("wan", folders), {}),
+    "gguf-q8_0-wan": ("wan", gguf_wan, GGUF_WAN),
+}
+
+
+def quantized_layers(transformer) -> int:
+    """How many attention projections hold a quantized weight (not a plain tensor)."""
+    return sum(type(m.weight) not in (torch.Tensor, torch.nn.Parameter)
+               for name, m in transformer.named_modules() if name.endswith(("to_q", "to_k", "to_v")))  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", QUANTIZED)
+def test_a_quantized_base_model_runs_objects_close_to_its_float_model(kind, folders, reference):
+    family, load, config = QUANTIZED[kind]
+    pipe = load(folders)
+    assert quantized_layers(pipe.transformer) == (3 * 2 * LAYERS if family == "wan" else 3 * LAYERS)
+    got = run(pipe, family, steps=2, objects=objects(family, pipe.transformer)).frames
+    assert rel(got, reference(family, 2, **config).frames) < 0.02
+    assert rel(got, run(pipe, family, steps=2).frames) > 0.01  # the motion tokens act through quantized layers
+
+
+@pytest.mark.parametrize("kind", QUANTIZED)
+def test_training_through_a_frozen_quantized_model_changes_only_the_tokens(kind, folders, tmp_path, initial_tokens):
+    family, load, _ = QUANTIZED[kind]
+    pipe = load(folders)
+    before = frozen_state(pipe)
+    trained = train(pipe, family, tmp_path / "m.safetensors")
+    assert_unchanged(pipe, before)
+    assert not torch.equal(trained.tokens, initial_tokens[0])  # gradients reached them through quantized layers
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["bitsandbytes_4bit", "bitsandbytes_8bit"])
+def test_bitsandbytes_via_pipeline_quantization_config_runs_objects_and_trains_only_the_tokens(backend, folders, tmp_path,
+                                                                                                initial_tokens):
+    pytest.importorskip("bitsandbytes")
+    from diffusers import PipelineQuantizationConfig
+
+    kwargs = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32} \
+        if backend.endswith("4bit") else {"load_in_8bit": True}  # fmt: skip
+    quantization = PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=["transformer"])
+    pipe = FlexiMMTWanPipeline.from_pretrained(folders["wan"], quantization_config=quantization, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to("cuda")
+    assert quantized_layers(pipe.transformer) == 3 * 2 * LAYERS
+    got = run(pipe, "wan", steps=2, objects=objects("wan", pipe.transformer)).frames
+    assert rel(got, run(pipe, "wan", steps=2).frames) > 0.01
+    before = frozen_state(pipe)
+    trained = train(pipe, "wan", tmp_path / "m.safetensors")
+    assert_unchanged(pipe, before)
+    assert not torch.equal(trained.tokens, initial_tokens[0])
+
+
+@cuda
+def test_torchao_float8_weight_only_runs_objects_where_the_gpu_has_float8(folders):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs compute capability 8.9 or newer")
+    from diffusers import PipelineQuantizationConfig, TorchAoConfig
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    quantization = PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Float8WeightOnlyConfig())})
+    pipe = FlexiMMTWanPipeline.from_pretrained(folders["wan"], quantization_config=quantization, torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to("cuda")
+    got = run(pipe, "wan", steps=2, objects=objects("wan", pipe.transformer)).frames
+    assert torch.isfinite(got).all() and rel(got, run(pipe, "wan", steps=2).frames) > 0.01
+
+
+# -- 7. group offloading -------------------------------------------------------------------------------
+OFFLOADS = {"block_level": dict(offload_type="block_level", num_blocks_per_group=1), "leaf_level": dict(offload_type="leaf_level")}
+
+
+def group_offloaded(family: str, kind: str, onload: str = "cpu", **extra):
+    pipe = make_pipe(family)
+    pipe.transformer.enable_group_offload(torch.device(onload), torch.device("cpu"), **OFFLOADS[kind], **extra)
+    return pipe
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", OFFLOADS)
+def test_group_offloading_gives_the_same_video_and_masks_with_objects(kind, family, reference):
+    pipe = group_offloaded(family, kind)
+    got, want = run(pipe, family, steps=2, objects=objects(family, pipe.transformer), return_masks=True), reference(family, 2)
+    assert torch.equal(got.frames, want.frames) and torch.equal(got.masks, want.masks)
+
+
+@pytest.fixture(scope="module")
+def trained_without_offload(tmp_path_factory) -> torch.Tensor:
+    return train(make_pipe("wan"), "wan", tmp_path_factory.mktemp("plain") / "m.safetensors").tokens
+
+
+@pytest.mark.parametrize("kind", OFFLOADS)
+def test_training_through_a_group_offloaded_transformer_trains_the_same_tokens(kind, tmp_path, trained_without_offload):
+    pipe = group_offloaded("wan", kind)
+    assert torch.equal(train(pipe, "wan", tmp_path / "m.safetensors").tokens, trained_without_offload)
+
+
+@cuda
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", OFFLOADS)
+def test_group_offloading_to_the_cpu_with_streams_keeps_tokens_and_masks_on_the_gpu(kind, family, monkeypatch):
+    """Weights wait on the CPU and stream to the GPU block by block; the motion tokens and every step's
+    masks live on the GPU (the onload device), and the video is the one without offloading."""
+    places = []
+    set_masks = FlexiMMTState.set_video_masks
+
+    def spy(self, video_masks, video=0, per_block=False):
+        places.append((video_masks.device.type, self.videos[video].motion_tokens.device.type))
+        return set_masks(self, video_masks, video, per_block)
+
+    monkeypatch.setattr(FlexiMMTState, "set_video_masks", spy)
+    pipe = group_offloaded(family, kind, "cuda", use_stream=True)
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module) and name != "transformer":
+            module.to("cuda")
+    reference = make_pipe(family).to("cuda")
+    got, want = (run(p, family, steps=2, objects=objects(family, p.transformer), return_masks=True) for p in (pipe, reference))
+    assert places and set(places) == {("cuda", "cuda")}
+    assert rel(got.frames.cpu(), want.frames.cpu()) < 1e-4 and torch.equal(got.masks, want.masks)

@@ -101,12 +101,30 @@ def model_fingerprint(pipe) -> str:
     transformer = adapter_for(pipe).transformers()[0]
     cfg = transformer.config
     keep = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
-    weight = transformer.proj_out.weight.detach().float()
+    weight = linear_weight(transformer.proj_out)
     blob = json.dumps(keep, sort_keys=True, default=str) + f"{weight.sum().item():.6e}{weight.abs().sum().item():.6e}"
     name = str(getattr(pipe, "name_or_path", None) or cfg.get("_name_or_path") or "model")
     if os.path.isdir(name):
         name = Path(name).resolve().name
     return f"{name}@{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+@torch.no_grad()
+def linear_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight as float32 ``[out, in]``: the tensor itself, or for a quantized (optimum-quanto,
+    torchao, GGUF, bitsandbytes) or offloaded one, what the layer computes from it - its output on the
+    identity, less its bias."""
+    weight = layer.weight
+    if type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.device.type != "meta":
+        return weight.detach().float()
+    bias = getattr(layer, "bias", None)
+    like = bias if isinstance(bias, torch.Tensor) and bias.is_floating_point() else None
+    dtype = like.dtype if like is not None else torch.float32
+    device = like.device if like is not None and like.device.type != "meta" else None
+    out = layer(torch.eye(layer.in_features, dtype=dtype, device=device))
+    if like is not None:
+        out = out - bias.to(out.device, out.dtype)
+    return out.float().t()
 
 
 def base_loras(pipe) -> list[dict[str, Any]]:
@@ -231,6 +249,16 @@ def cache_path(output: Path) -> Path:
     return output.with_name(output.stem + ".latents.safetensors")
 
 
+def placed_by_hooks(module: torch.nn.Module) -> bool:
+    """Whether offload hooks move ``module`` (accelerate's model or sequential offload, diffusers' group
+    offloading): training then runs on the pipeline's execution device and leaves the module where it is."""
+    if hasattr(module, "_hf_hook"):
+        return True
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    return _is_group_offload_enabled(module)
+
+
 @contextlib.contextmanager
 def placement_kept(pipe):
     """Put every module component back on the device and dtype it had, however the block ends
@@ -242,8 +270,8 @@ def placement_kept(pipe):
         now = module_placement(pipe)
         for name, (device, dtype) in before.items():
             module = pipe.components[name]
-            if hasattr(module, "_hf_hook"):
-                continue  # accelerate's offload hooks own such a module's placement
+            if placed_by_hooks(module):
+                continue  # offload hooks own such a module's placement
             # the dtype only where it changed: ``.to(dtype)`` also casts buffers kept in another dtype
             # on purpose (CogVideoX's float64 positional table)
             if now.get(name, (device, dtype))[1] == dtype:
@@ -364,7 +392,7 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
     default_h, default_w, default_f = adapter.default_size()
     geometry = (cfg.height or default_h, cfg.width or default_w, cfg.num_frames or default_f)
     adapter.check_geometry(*geometry)
-    offloaded = any(hasattr(m, "_hf_hook") for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+    offloaded = any(placed_by_hooks(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
     device = pipe._execution_device if offloaded else proc.device
     if not offloaded and pipe.device != device:
         pipe.to(device)
