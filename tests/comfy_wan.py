@@ -14,30 +14,12 @@ from pathlib import Path
 
 import torch
 
+from wan_names import original_name
+
 COMFYUI = Path(os.environ.get("COMFYUI") or Path(__file__).resolve().parents[2] / "shared" / "comfyui")
 SHAPE = dict(num_layers=2, heads=1, head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=64, image_dim=1280)
 SENTENCES = ["A ball jumps up. A box slides left.", "The cat (jumps) while the dog runs quickly.",
              "A dog walks on the snow, a cat runs right and jumps."]  # fmt: skip
-
-# diffusers' Wan names -> ComfyUI's (the original Wan release's), in the order they are applied
-TO_COMFY = [
-    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
-    ("condition_embedder.time_proj", "time_projection.1"),
-    ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
-    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
-    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
-    ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
-    ("attn1", "self_attn"), ("attn2", "cross_attn"),
-    (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
-    (".add_k_proj.", ".k_img."), (".add_v_proj.", ".v_img."), (".norm_added_k.", ".norm_k_img."),
-    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
-    (".norm2.", ".norm__swap."), (".norm3.", ".norm2."), (".norm__swap.", ".norm3."),
-    ("proj_out", "head.head"),
-]  # fmt: skip
-
 
 def import_comfy():
     """ComfyUI's modules, imported in this process on the CPU."""
@@ -59,16 +41,7 @@ def comfy_state_dict(transformer) -> dict[str, torch.Tensor]:
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     theirs = transformer.state_dict()
-    ours = {}
-    for key, value in theirs.items():
-        name = key
-        if name == "scale_shift_table":
-            name = "head.modulation"
-        elif name.endswith(".scale_shift_table"):
-            name = name.replace(".scale_shift_table", ".modulation")
-        for a, b in TO_COMFY:
-            name = name.replace(a, b)
-        ours[name] = value.clone()
+    ours = {original_name(key): value.clone() for key, value in theirs.items()}
     back = convert_wan_transformer_to_diffusers(dict(ours))
     assert set(back) == set(theirs), sorted(set(back) ^ set(theirs))
     assert all(torch.equal(back[k], theirs[k]) for k in theirs)

@@ -16,6 +16,7 @@ from fleximmt import FlexiMMTPipeline, FlexiMMTWanPipeline, ObjectMotion
 from fleximmt.attention import FlexiMMTState
 from fleximmt.errors import FlexiMMTInputError
 from fleximmt.toy.tiny import random_motion, tiny_components, tiny_wan_components
+from wan_names import original_name
 
 PROMPT = "A ball jumps up. A box slides left."
 WORDS = ["jumps up", "slides left"]
@@ -382,34 +383,6 @@ def torchao_int8(family: str, folders, **config):
     return pipe
 
 
-# diffusers' Wan names -> the original checkpoint's (diffusers' convert_wan_transformer_to_diffusers, inverted)
-WAN_ORIGINAL_NAMES = [
-    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
-    ("condition_embedder.time_proj", "time_projection.1"),
-    ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
-    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
-    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
-    ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
-    ("attn2", "cross_attn"), ("attn1", "self_attn"), (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."),
-    (".to_v.", ".v."), (".add_k_proj.", ".k_img."), (".add_v_proj.", ".v_img."), (".norm_added_k.", ".norm_k_img."),
-    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"), ("proj_out", "head.head"),
-]  # fmt: skip
-
-
-def wan_original_name(key: str) -> str:
-    if key == "scale_shift_table":
-        return "head.modulation"
-    key = key.replace("scale_shift_table", "modulation")
-    for ours, theirs in WAN_ORIGINAL_NAMES:
-        key = key.replace(ours, theirs)
-    if key.startswith("blocks."):  # the original's norm3 is diffusers' norm2 and the other way round
-        key = key.replace("norm2", "norm@").replace("norm3", "norm2").replace("norm@", "norm3")
-    return key
-
-
 def write_wan_gguf(transformer, path) -> int:
     """``transformer``'s weights as a GGUF file in the original checkpoint's names (what the community's Wan
     GGUFs hold), every block weight whose rows are whole Q8_0 blocks in Q8_0; returns how many."""
@@ -421,10 +394,10 @@ def write_wan_gguf(transformer, path) -> int:
         array = tensor.detach().float().numpy()
         if key.startswith("blocks.") and array.ndim == 2 and array.shape[1] % 32 == 0:
             q8 = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(wan_original_name(key), gguf.quants.quantize(array, q8), raw_dtype=q8)
+            writer.add_tensor(original_name(key), gguf.quants.quantize(array, q8), raw_dtype=q8)
             quantized += 1
         else:
-            writer.add_tensor(wan_original_name(key), array)
+            writer.add_tensor(original_name(key), array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -466,7 +439,7 @@ def test_the_gguf_names_are_the_original_checkpoints():
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     state = make_pipe("wan", **GGUF_WAN).transformer.state_dict()
-    assert set(convert_wan_transformer_to_diffusers({wan_original_name(k): v for k, v in state.items()})) == set(state)
+    assert set(convert_wan_transformer_to_diffusers({original_name(k): v for k, v in state.items()})) == set(state)
 
 
 QUANTIZED = {
@@ -557,6 +530,16 @@ def test_group_offloading_gives_the_same_video_and_masks_with_objects(kind, fami
     pipe = group_offloaded(family, kind)
     got, want = run(pipe, family, steps=2, objects=objects(family, pipe.transformer), return_masks=True), reference(family, 2)
     assert torch.equal(got.frames, want.frames) and torch.equal(got.masks, want.masks)
+
+
+def test_group_offloading_every_component_of_the_pipeline_gives_the_same_video_with_objects():
+    """``pipe.enable_group_offload``: the text and image encoders and the VAE too (the small-card rows of
+    BENCHMARKS.md), decoded frames compared."""
+    pipe, plain = make_pipe("wan"), make_pipe("wan")
+    pipe.enable_group_offload(torch.device("cpu"), torch.device("cpu"), offload_type="leaf_level")
+    got, want = (run(p, "wan", steps=1, objects=objects("wan", p.transformer), output_type="np", return_masks=True)
+                 for p in (pipe, plain))  # fmt: skip
+    assert np.array_equal(got.frames, want.frames) and torch.equal(got.masks, want.masks)
 
 
 @pytest.fixture(scope="module")
