@@ -21,6 +21,7 @@ Three kinds of figure, and the table says which each row uses:
   motion tokens, their gradients and AdamW's two moments (float32).
 
     python benchmarks/memory.py [--training-json block-training.json] [--objects 3] [--validate]
+    python benchmarks/memory.py --small-cards   # Wan 2.1 I2V 14B on 24 GB / 16 GB cards: quantized, group offload
 """
 
 from __future__ import annotations
@@ -460,11 +461,11 @@ def install_wan(transformer, state) -> None:
         block.attn2.set_processor(WanCrossAttnProcessor(index, 0, slot))
 
 
-def wan_inputs(model: str, transformer) -> dict:
+def wan_inputs(model: str, transformer, size=None) -> dict:
     """One transformer call's inputs as ``WanImageToVideoPipeline`` makes them, on meta (batch 1: one
     CFG branch; Wan 2.1: noise + condition on channels, CLIP image states; TI2V: a timestep per token)."""
     cfg = transformer.config
-    geo = wan_geometry(model, cfg, *WAN_GEOMETRY[model])
+    geo = wan_geometry(model, cfg, *(size or WAN_GEOMETRY[model]))
     latent = geo["latent_shape"]
     expand = model == "wan2.2-5b"
     return {
@@ -499,7 +500,7 @@ def wan_step_peak(model: str, transformer, objects: int, d_m: int) -> int:
     return peak + (state_bytes(state) if state is not None else 0)
 
 
-def wan_training_peak(model: str, transformer, flexi: bool, d_m: int, checkpointing: bool) -> int:
+def wan_training_peak(model: str, transformer, flexi: bool, d_m: int, checkpointing: bool, size=None) -> int:
     """A motion-training step's transformer forward + backward on meta (batch 1, weights frozen,
     gradients to the float32 motion tokens of one object; diffusers' attention for the plain
     reference, whose gradient goes to the input latents). The MDMA layout is one static object mask
@@ -510,11 +511,12 @@ def wan_training_peak(model: str, transformer, flexi: bool, d_m: int, checkpoint
     layers = transformer.config.num_layers
     state = None
     if flexi:
-        state = wan_flexi_state(model, 1, d_m, layers, (), tokens_dtype=torch.float32, dmem_parts=TRAIN_PARTS & {"m2v", "t2v"})
+        state = wan_flexi_state(model, 1, d_m, layers, (), tokens_dtype=torch.float32, dmem_parts=TRAIN_PARTS & {"m2v", "t2v"},
+                                size=size)  # fmt: skip
         state.videos[0].motion_tokens.requires_grad_(True)
         state.rows = state.feature_rows = None
     install_wan(transformer, state)
-    inputs = wan_inputs(model, transformer)
+    inputs = wan_inputs(model, transformer, size)
     if not flexi:
         inputs["hidden_states"].requires_grad_(True)
     if checkpointing:
@@ -706,6 +708,120 @@ def wan_report(model: str, args) -> dict:
             "block_input_mib": blocks["plain"]["inputs"] / MiB}  # fmt: skip
 
 
+# -- Wan 2.1 I2V 14B on 24 GB and 16 GB cards: quantized weights, group offloading -----------------------
+CARDS_GIB = {"24 GB": 24, "16 GB": 16}
+CARD_RESERVE_GIB = 1.0  # the CUDA context, cuBLAS/cuDNN workspaces and allocator slack a card keeps from tensors
+# bytes a Linear weight takes, per number: int8 weight-only (torchao 0.18's Int8WeightOnlyConfig: a float32 scale and
+# an int8 zero point per output row; optimum-quanto's qint8 is no larger; GGUF Q8_0 is 34 bytes per 32); 4-bit (bitsandbytes NF4 without double quantization,
+# GGUF Q4_0: 18 bytes per 32) keeps a float32 scale per 64 numbers. Everything but Linear weights stays as loaded.
+WEIGHT_SCHEMES = {"bf16": None, "int8": (1.0, 5), "4-bit": (0.5 + 4 / 64, 0)}
+TRAIN_FRAMES = (81, 49, 33, 17)
+
+
+def scheme_bytes(module, scheme: str) -> int:
+    """``module``'s parameters and buffers in bytes, its Linear weights stored as ``scheme``."""
+    total = param_bytes(module)
+    if WEIGHT_SCHEMES[scheme] is None:
+        return total
+    per_number, per_row = WEIGHT_SCHEMES[scheme]
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Linear):
+            weight = layer.weight
+            total += int(weight.numel() * per_number + weight.shape[0] * per_row) - weight.numel() * weight.element_size()
+    return total
+
+
+def largest_linear_bf16(module) -> int:
+    """One bf16 copy of the largest Linear weight: what a quantized layer dequantizes for its matmul."""
+    return max((m.weight.numel() * 2 for m in module.modules() if isinstance(m, torch.nn.Linear)), default=0)
+
+
+def group_resident(module, scheme: str, offload: str | None, stream: bool = True) -> int:
+    """Weight bytes a component keeps on the GPU under diffusers' group offloading (``pipe.enable_group_offload``):
+    block_level (one block a group) offloads the entries of the module's own ModuleLists and keeps every other
+    parameter on the GPU while the module runs; leaf_level offloads each Linear, Conv and Embedding and keeps
+    the rest (norms, modulation tables). With ``use_stream=True`` the next group loads while one computes: two
+    groups are on the GPU. ``offload=None``: the whole component (model offload, or none)."""
+    whole = scheme_bytes(module, scheme)
+    if offload is None:
+        return whole
+    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
+
+    if offload == "block_level":
+        groups = [block for child in module.children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))
+                  for block in child]  # fmt: skip
+    else:
+        groups = [m for m in module.modules() if isinstance(m, _GO_LC_SUPPORTED_PYTORCH_LAYERS)]
+    sizes = [scheme_bytes(g, scheme) for g in groups]
+    if not sizes:
+        return whole
+    return whole - sum(sizes) + (2 if stream else 1) * max(sizes)
+
+
+def wan_small_cards(args) -> dict:
+    """Wan 2.1 I2V 14B 480P at 480x832: generation (81 frames, K objects) and motion training (gradient
+    checkpointing, one object, shorter windows too) with the transformer's weights in bf16, int8 or 4-bit,
+    and enable_model_cpu_offload() or pipe.enable_group_offload(...); the peak against 24 GB and 16 GB cards."""
+    model = "wan2.1"
+    height, width, frames = WAN_GEOMETRY[model]
+    models = wan_meta_models(model)
+    transformer, vae = models["transformer"], models["vae"]
+    print(f"\n== {WAN_NAMES[model]} on small cards ==")
+    step = wan_step_peak(model, transformer, args.objects, args.tokens)
+    vae_p = wan_vae_peaks(model, vae)
+    enc = wan_encoder_peaks(models)
+    train = {f: wan_training_peak(model, transformer, True, args.tokens, True, size=(height, width, f)) for f in TRAIN_FRAMES}
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    optim = transformer.config.num_layers * args.tokens * dim * 4 * 5  # fp32 tokens, grads, 2 AdamW moments, stacked copy
+    print(f"meta peaks (bf16): transformer call (one CFG branch, K = {args.objects}) {step / GiB:.2f} GiB; tiled VAE decode "
+          f"{vae_p['decode_tiled'] / GiB:.2f}, encode of {frames} frames {vae_p['encode_tiled'] / GiB:.2f} GiB; umT5 "
+          f"{enc['t5'] / GiB:.3f}, CLIP {enc['clip'] / GiB:.3f} GiB; training forward + backward with checkpointing: "
+          + ", ".join(f"{f} frames {v / GiB:.2f} GiB" for f, v in train.items()))  # fmt: skip
+    for scheme in WEIGHT_SCHEMES:
+        print(f"transformer weights {scheme}: {scheme_bytes(transformer, scheme) / GiB:.2f} GiB; on the GPU under "
+              f"group offloading (use_stream=True): block_level {group_resident(transformer, scheme, 'block_level') / GiB:.2f} "
+              f"GiB, leaf_level {group_resident(transformer, scheme, 'leaf_level') / GiB:.2f} GiB")  # fmt: skip
+    others = {name: models[name] for name in ("text_encoder", "image_encoder", "vae")}
+    peaks = {"text_encoder": enc["t5"], "image_encoder": enc["clip"], "vae": max(vae_p["decode_tiled"], vae_p["encode_tiled"])}
+
+    def peak(scheme: str, offload: str | None, work: int) -> int:
+        """One component on the GPU at a time (model offload or group offloading), the largest phase."""
+        transient = largest_linear_bf16(transformer) if WEIGHT_SCHEMES[scheme] else 0
+        phases = [group_resident(transformer, scheme, offload) + work + transient]
+        phases += [group_resident(m, "bf16", offload) + peaks[name] for name, m in others.items()]
+        return max(phases)
+
+    configs = [("bf16", None), ("int8", None), ("4-bit", None), ("bf16", "block_level"), ("bf16", "leaf_level"),
+               ("int8", "block_level"), ("4-bit", "block_level")]  # fmt: skip
+
+    def label(scheme, offload):
+        how = "enable_model_cpu_offload()" if offload is None else \
+            f"pipe.enable_group_offload('cuda', offload_type='{offload}', use_stream=True)"  # fmt: skip
+        return f"transformer {scheme}, {how}, vae tiling"
+
+    def fits(total):
+        return " | ".join("yes" if total / GiB <= gib - CARD_RESERVE_GIB else "no" for gib in CARDS_GIB.values())
+
+    rows = []
+    print(f"\n| generation, {height}x{width}x{frames}, K = {args.objects}, computed | peak GPU memory | fits 24 GB | fits 16 GB |"
+          "\n|---|---|---|---|")  # fmt: skip
+    for scheme, offload in configs:
+        total = peak(scheme, offload, step)
+        rows.append(("generation", scheme, offload, frames, total / GiB))
+        print(f"| {label(scheme, offload)} | {total / GiB:.1f} GiB | {fits(total)} |")
+    print(f"\n| training, {height}x{width}, gradient checkpointing, 1 object, computed | "
+          + " | ".join(f"{f} frames" for f in TRAIN_FRAMES) + " |\n|---|" + "---|" * len(TRAIN_FRAMES))  # fmt: skip
+    for scheme, offload in configs:
+        totals = [peak(scheme, offload, optim + train[f]) for f in TRAIN_FRAMES]
+        rows += [("training", scheme, offload, f, t / GiB) for f, t in zip(TRAIN_FRAMES, totals)]
+        cells = []
+        for t in totals:
+            cards = [card for card, gib in CARDS_GIB.items() if t / GiB <= gib - CARD_RESERVE_GIB]
+            cells.append(f"{t / GiB:.1f} GiB" + (f" (fits {' and '.join(cards)})" if cards else ""))
+        print(f"| {label(scheme, offload)} | " + " | ".join(cells) + " |")
+    return {"rows": rows, "reserve_gib": CARD_RESERVE_GIB}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--training-json", type=Path, help="output of `benchmarks/block.py training --out FILE`")
@@ -715,7 +831,14 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", choices=["5b", *WAN_CONFIGS], default=["5b"],
                         help="CogVideoX-5B-I2V (5b, the default), Wan 2.1 I2V 14B 480P (wan2.1), Wan 2.2 TI2V-5B (wan2.2-5b)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
+    parser.add_argument("--small-cards", action="store_true",
+                        help="only Wan 2.1 I2V 14B on 24 GB and 16 GB cards: quantized weights, group offloading")
     args = parser.parse_args()
+    if args.small_cards:
+        report = wan_small_cards(args)
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1, default=str))
+        return
     if args.validate:
         validate()
         if any(model in WAN_CONFIGS for model in args.model):
