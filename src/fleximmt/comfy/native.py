@@ -160,7 +160,7 @@ class WanPatch:
             run.schedule.step_end(run.steps)
             run.steps += 1
         run.sigma = sigma
-        self.assign_rows(run, chunks, x.shape[0])
+        self.assign_rows(run, chunks, x.shape[0], x.device)
         options = dict(transformer_options)
         options[KEY] = run
         return executor(x, timestep, context, clip_fea, time_dim_concat, options, **kwargs)
@@ -190,7 +190,7 @@ class WanPatch:
             out = base(*args, **kwargs)
             state = run.state
             if state.capturing(call.index):  # RMPM's features: attn1's output after `o`, before the gate
-                rows = run.feature_index.to(out.device)
+                rows = run.feature_index
                 features = run.model.blocks[call.index].self_attn.o(out.index_select(0, rows))
                 state.observe(call.index, features, rows=list(range(len(rows))))
             return out
@@ -255,7 +255,7 @@ class WanPatch:
         return Run(model, grid, state, schedule, videos, text_len)
 
     @staticmethod
-    def assign_rows(run: Run, chunks: list[int], batch: int) -> None:
+    def assign_rows(run: Run, chunks: list[int], batch: int, device) -> None:
         """Which video each batch row is (ComfyUI stacks ``cond_or_uncond``'s chunks of all videos),
         and the rows RMPM reads (the first conditional chunk's; none in a call of only unconditional)."""
         key = (tuple(chunks), batch)
@@ -266,10 +266,10 @@ class WanPatch:
                                          f"{run.videos} videos")  # fmt: skip
             rows = [v for _ in chunks for v in range(per)]
             feature = [chunks.index(0) * per + v for v in range(per)] if 0 in chunks else None
-            run._rows[key] = rows, feature
-        rows, feature = run._rows[key]
-        run.state.rows, run.state.feature_rows = rows, feature
-        run.feature_index = None if feature is None else torch.tensor(feature)
+            index = None if feature is None else torch.tensor(feature, device=device)  # made once, not per block
+            run._rows[key] = rows, feature, index
+        rows, feature, index = run._rows[key]
+        run.state.rows, run.state.feature_rows, run.feature_index = rows, feature, index
 
 
 def apply_fleximmt(model, clip, prompt: str, objects: tuple | None, expert: str = "auto", mask_source: str = "rmpm",
