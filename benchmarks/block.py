@@ -50,7 +50,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import torch
@@ -63,11 +62,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu import GEOMETRY, MODEL_NAMES, config, moving_masks, random_tokens, rotary, token_geometry, word_members  # noqa: E402
 from overhead import PeakRSS  # noqa: E402
 
-from fleximmt.attention import motion_state_for  # noqa: E402
-from fleximmt.masks import CROSS_PARTS  # noqa: E402
+from fleximmt.method.attention import motion_state_for  # noqa: E402
+from fleximmt.method.masks import CROSS_PARTS  # noqa: E402
 from fleximmt.models.cogvideox import FlexiMMTAttnProcessor  # noqa: E402
 from fleximmt.models.wan import StateSlot, WanCrossAttnProcessor, WanSelfAttnProcessor  # noqa: E402
-from fleximmt.train import TRAIN_PARTS  # noqa: E402
+from fleximmt.training.train import TRAIN_PARTS  # noqa: E402
 
 MiB = 2**20
 

@@ -8,7 +8,7 @@ latents concatenated on channels, RoPE, ``attention_kwargs``), for diffusers' ow
 dense backend (an N x N mask; "does not fit" when it runs out of memory). A FlexiMMT step also
 does what the pipeline does between steps: RMPM on the captured features (its result is not used:
 random weights give meaningless features) and the next step's MDMA layout from moving ellipse
-masks. Training: one motion-training step through ``fleximmt.train.training_step`` (DMEM on,
+masks. Training: one motion-training step through ``fleximmt.training.train.training_step`` (DMEM on,
 d_m = 226, AdamW on the float32 tokens) with gradient checkpointing off and on, and a plain forward
 + backward of the same model (diffusers' attention, gradient to the input latents) for reference.
 Peak memory is ``torch.cuda.max_memory_allocated`` of each run (weights included; ``*_activations``
@@ -310,7 +310,7 @@ class Bench:
             )[0]  # fmt: skip
 
     def flexi_state(self, backend: str, objects: int):
-        from fleximmt.attention import motion_state_for
+        from fleximmt.method.attention import motion_state_for
 
         k, blocks = objects, self.cfg.num_layers
         member, _ = word_members(k, self.text_len)
@@ -326,7 +326,7 @@ class Bench:
 
     def between_steps(self, state, first) -> None:
         """What the pipeline does after a step: RMPM on the captured features, the next step's layout."""
-        from fleximmt.masks import rmpm
+        from fleximmt.method.masks import rmpm
 
         frames, h, w = self.geo["grid"]
         state.begin_step(self.geo["video_tokens"], self.cfg.num_layers)
@@ -522,8 +522,8 @@ def time_inference(bench: Bench, name: str, backend: str | None, objects: int | 
 
 
 def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> dict:
-    from fleximmt.attention import motion_state_for
-    from fleximmt.train import TRAIN_PARTS, Conditions, TrainSettings, training_step
+    from fleximmt.method.attention import motion_state_for
+    from fleximmt.training.train import TRAIN_PARTS, Conditions, TrainSettings, training_step
 
     args, device, transformer = bench.args, bench.device, bench.transformer
     result = {"fleximmt": flexi, "gradient_checkpointing": checkpointing, "fits": True, "error": None, "steps_s": [],

@@ -38,8 +38,16 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).parent))
 from block import (  # noqa: E402
-    WAN_CONFIGS, WAN_GEOMETRY, WAN_IMAGE_TOKENS, WAN_NAMES, WAN_TEXT_TOKENS, SavedBytes, make_wan_block, wan_config,
-    wan_geometry, wan_rotary,
+    WAN_CONFIGS,
+    WAN_GEOMETRY,
+    WAN_IMAGE_TOKENS,
+    WAN_NAMES,
+    WAN_TEXT_TOKENS,
+    SavedBytes,
+    make_wan_block,
+    wan_config,
+    wan_geometry,
+    wan_rotary,
 )  # fmt: skip
 from gpu import GEOMETRY, TRANSFORMER_CONFIGS, moving_masks, random_tokens, rotary, token_geometry, word_members  # noqa: E402
 from gpu import config as transformer_config  # noqa: E402
@@ -229,7 +237,7 @@ def meta_layout(state, device="meta") -> None:
 def transformer_step_peak(transformer, objects: int, d_m: int, batch: int = 2) -> int:
     """One denoising step's transformer call with CFG (batch 2) on meta, diffusers' attention (K = 0)
     or FlexiMMT with K objects (auto backend, RMPM features captured in the first 30 blocks)."""
-    from fleximmt.attention import motion_state_for
+    from fleximmt.method.attention import motion_state_for
     from fleximmt.models.cogvideox import FlexiMMTAttnProcessor
 
     cfg = transformer_config("5b")
@@ -428,8 +436,8 @@ def wan_flexi_state(model: str, objects: int, d_m: int, blocks: int, feature_blo
                     cfg=None, size=None, device="meta"):  # fmt: skip
     """A FlexiMMT state for one video (on meta by default): K objects' motion tokens ``[K, 1, blocks, d_m,
     dim]`` and the step's MDMA layout from moving ellipse masks (built on the CPU, then moved)."""
-    from fleximmt.attention import motion_state_for
-    from fleximmt.masks import CROSS_PARTS
+    from fleximmt.method.attention import motion_state_for
+    from fleximmt.method.masks import CROSS_PARTS
 
     cfg = cfg or wan_config(model)
     geo = wan_geometry(model, cfg, *(size or WAN_GEOMETRY[model]))
@@ -506,7 +514,7 @@ def wan_training_peak(model: str, transformer, flexi: bool, d_m: int, checkpoint
     reference, whose gradient goes to the input latents). The MDMA layout is one static object mask
     (17.5% of the frame) in place of DMEM's, which are drawn from the block's own scores and cannot be
     on meta: they are computed without gradients and only decide which queries form each group."""
-    from fleximmt.train import TRAIN_PARTS
+    from fleximmt.training.train import TRAIN_PARTS
 
     layers = transformer.config.num_layers
     state = None
@@ -541,7 +549,7 @@ def wan_block_saved(model: str, flexi: bool, d_m: int, cfg=None, size=None, devi
     import torch.nn.functional as F
 
     from fleximmt.models.wan import StateSlot, WanCrossAttnProcessor, WanSelfAttnProcessor
-    from fleximmt.train import TRAIN_PARTS
+    from fleximmt.training.train import TRAIN_PARTS
 
     cfg = cfg or wan_config(model)
     geo = wan_geometry(model, cfg, *(size or WAN_GEOMETRY[model]))

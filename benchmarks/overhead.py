@@ -33,8 +33,8 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from PIL import Image
 
 from fleximmt import FlexiMMTPipeline, ObjectMotion
-from fleximmt.attention import JointLayout
-from fleximmt.masks import PARTS, span_membership
+from fleximmt.method.attention import JointLayout
+from fleximmt.method.masks import PARTS, span_membership
 from fleximmt.toy import random_motion, tiny_components
 
 _libc = ctypes.CDLL("libc.so.6")
@@ -194,7 +194,7 @@ def attention_calls(args) -> None:
     """Medians of ``args.repeats`` interleaved calls per layout; see the module's docstring."""
     import torch.nn.functional as F
 
-    import fleximmt.attention as attention
+    import fleximmt.method.attention as attention
 
     torch.manual_seed(0)
     pipe = medium_pipeline()

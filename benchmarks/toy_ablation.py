@@ -29,7 +29,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fleximmt.toy.lab import (
-    REFERENCES, TOY_MODEL, VARIANTS, learn_motions, load_toy_pipeline, mask_quality, random_case, score, transfer,
+    REFERENCES,
+    TOY_MODEL,
+    VARIANTS,
+    learn_motions,
+    load_toy_pipeline,
+    mask_quality,
+    random_case,
+    score,
+    transfer,
 )  # fmt: skip
 
 STILL = "first frame repeated"  # a reference point: what a video in which nothing moves scores

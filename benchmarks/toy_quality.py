@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fleximmt.evaluation.video import to_uint8_frames
 from fleximmt.toy.lab import TOY_MODEL, load_toy_pipeline
 from fleximmt.toy.world import COLOURS, MOTIONS, SHAPES, Sprite, Trajectory, colour_track, random_scene, render
-from fleximmt.video import to_uint8_frames
 
 HELD_OUT = 10**9  # the trainer draws seeds below 10**8
 AXES = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}

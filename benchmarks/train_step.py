@@ -18,10 +18,8 @@ import numpy as np
 import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
-from fleximmt.attention import motion_state_for
-from fleximmt.train import TRAIN_PARTS, TrainSettings, prepare_conditions, training_step
-
-
+from fleximmt.method.attention import motion_state_for
+from fleximmt.training.train import TRAIN_PARTS, TrainSettings, prepare_conditions, training_step
 
 
 def main() -> None:

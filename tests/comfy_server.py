@@ -372,7 +372,7 @@ def write_ui_workflows() -> list[Path]:
 
     written = []
     with tempfile.TemporaryDirectory() as tmp:
-        from fleximmt.comfy.examples import write_inputs
+        from fleximmt.apps.comfy.examples import write_inputs
 
         server = ComfyServer(Path(tmp) / "base")
         write_inputs(server.base / "input")

@@ -14,13 +14,12 @@ import json
 import os
 import tempfile
 
-import torch
-
 import comfy.sd
 import comfy.sd1_clip
 import comfy.supported_models_base
 import comfy.text_encoders.t5
 import comfy.text_encoders.wan
+import torch
 
 SENTENCES = ["A ball jumps up. A box slides left.", "The cat (jumps) while the dog runs quickly.",
              "A dog walks on the snow, a cat runs right and jumps.", "A red ball and a blue box on a grey floor."]  # fmt: skip

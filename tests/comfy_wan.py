@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from wan_names import original_name
 
 COMFYUI = Path(os.environ.get("COMFYUI") or Path(__file__).resolve().parents[2] / "shared" / "comfyui")

@@ -20,9 +20,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from helpers import GradioSession, free_port, headless_chromium, needs_chromium
 from PIL import Image
 
-from fleximmt.app import (
+from fleximmt.apps.app import (
     MAX_IMAGE_PIXELS,
     MIN_UPLOAD_BYTES,
     MotionLibrary,
@@ -38,11 +39,10 @@ from fleximmt.app import (
     size_note,
     upload_limit,
 )
+from fleximmt.apps.gradio_cache import remove_empty_folders
 from fleximmt.errors import FlexiMMTInputError
-from fleximmt.gradio_cache import remove_empty_folders
 from fleximmt.toy import random_motion, tiny_pipeline
 from fleximmt.toy.lab import random_case
-from helpers import GradioSession, free_port, headless_chromium, needs_chromium
 
 PROMPT = "A ball jumps up. A box slides left."
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "app.png"
@@ -506,12 +506,12 @@ def test_the_page_names_the_size_of_a_decompression_bomb_when_it_is_uploaded(ser
 
 
 def test_fleximmt_app_takes_its_step_limit_from_max_steps(monkeypatch, tiny_pipe):
-    import fleximmt.app
-    from fleximmt import cli
+    import fleximmt.apps.app
+    from fleximmt.apps import cli
 
     served = {}
     monkeypatch.setattr(cli, "load_pipeline", lambda args: tiny_pipe)
-    monkeypatch.setattr(fleximmt.app, "serve", lambda *args, **options: served.update(options))
+    monkeypatch.setattr(fleximmt.apps.app, "serve", lambda *args, **options: served.update(options))
     assert cli.main(["app", "--model", "tiny", "--max-steps", "7"]) == 0 and served["max_steps"] == 7
     assert cli.main(["app", "--model", "tiny"]) == 0 and served["max_steps"] == 100
 
@@ -809,7 +809,7 @@ def test_the_learn_tab_trains_a_motion_that_joins_the_library(assets, tmp_path):
 
 
 def test_the_page_names_a_local_model_by_its_folder_not_the_servers_path(assets):
-    from fleximmt.app import build_app
+    from fleximmt.apps.app import build_app
 
     pipe, root, _ = assets
     folder = root / "models" / "my-model"

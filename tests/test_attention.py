@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from fleximmt import attention
-from fleximmt.attention import CrossLayout, JointLayout, chain_order
-from fleximmt.masks import CROSS_PARTS, PARTS, span_membership
+from fleximmt.method import attention
+from fleximmt.method.attention import CrossLayout, JointLayout, chain_order
+from fleximmt.method.masks import CROSS_PARTS, PARTS, span_membership
 
 
 def layout_inputs(rng: random.Random, num_objects: int, text_len=7, d_m=3, num_video=40):
@@ -143,7 +143,7 @@ def test_cross_auto_equals_dense_in_values_and_gradients(num_objects, seed, buck
 def test_only_layouts_built_in_every_block_are_padded(monkeypatch):
     """DMEM's layouts (new group sizes in every block) are padded where cuDNN builds plans per shape;
     a step's layout (RMPM's: one shape for all blocks) is not: padding only costs time there."""
-    from fleximmt.attention import motion_state_for
+    from fleximmt.method.attention import motion_state_for
 
     padded_on_this_device(monkeypatch, 7)
     rng = random.Random(5)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from fleximmt import ObjectMotion
 from fleximmt.errors import FlexiMMTInputError
-from fleximmt.models.base import MASK_FALLBACK
+from fleximmt.models.shared import MASK_FALLBACK
 from fleximmt.toy.tiny import random_motion, tiny_pipeline, tiny_wan_pipeline
 
 PROMPT = "A ball jumps up. A box slides left."

@@ -52,7 +52,7 @@ def test_gpu_benchmark_dry_run_writes_every_field(tmp_path):
 def test_gpu_benchmark_dry_run_on_wan(model, tmp_path, monkeypatch):
     """Wan's path: two batch-1 calls per step, FlexiMMT in attn2 (the cross form), training with
     checkpointing (whose recomputation must see the motion tokens: it raised before the fix)."""
-    from fleximmt.attention import FlexiMMTState
+    from fleximmt.method.attention import FlexiMMTState
 
     calls = []
     cross = FlexiMMTState.cross_attention

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fleximmt import cli
-from fleximmt.cli import main
-from fleximmt.masks import RMPM_METHODS
-from fleximmt.motion import MotionTokens
-from fleximmt.pipeline import INITIAL_MASKS, MASK_SOURCES
+from fleximmt.apps import cli
+from fleximmt.apps.cli import main
+from fleximmt.evaluation.video import PALETTE, mask_overlay, save_video
+from fleximmt.method.masks import RMPM_METHODS
+from fleximmt.method.motion import MotionTokens
+from fleximmt.method.pipeline import INITIAL_MASKS, MASK_SOURCES
 from fleximmt.toy import random_motion
-from fleximmt.video import PALETTE, mask_overlay, save_video
 
 PROMPT = "A ball jumps up. A box slides left."
 

@@ -9,8 +9,8 @@ from diffusers import CogVideoXImageToVideoPipeline
 from PIL import Image
 
 from fleximmt import FlexiMMTPipeline, MotionTokens, ObjectMotion, train_motion
+from fleximmt.evaluation.video import mask_overlay
 from fleximmt.toy import random_motion, tiny_components
-from fleximmt.video import mask_overlay
 
 PROMPT = "A ball jumps up. A box slides left."
 BASE = dict(num_inference_steps=3, max_sequence_length=16)
@@ -125,7 +125,7 @@ def test_the_image_condition_is_scaled_as_the_pipeline_scales_it(pipe, monkeypat
     # training condition must be what prepare_latents hands the transformer
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    from fleximmt.train import TrainSettings, prepare_conditions
+    from fleximmt.training.train import TrainSettings, prepare_conditions
 
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)  # no draws
     frames = moving_square()

@@ -1,4 +1,4 @@
-"""FlexiMMT native on ComfyUI's Wan (``fleximmt.comfy.native``), at the model level: tiny Wan models
+"""FlexiMMT native on ComfyUI's Wan (``fleximmt.apps.comfy.native``), at the model level: tiny Wan models
 made by diffusers, their weights saved under ComfyUI's key names and loaded by ComfyUI's own loader.
 One patched forward of ComfyUI's model equals fleximmt's own Wan transformer call (diffusers' model
 with fleximmt's processors) with the same weights, inputs and objects; without objects it equals
@@ -9,15 +9,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from comfy_wan import SHAPE, TokenizerClip, comfy_forward, comfy_model, import_comfy
+
 from fleximmt import MotionTokens, ObjectMotion, train_motion
-from fleximmt.attention import VideoMotions
 from fleximmt.errors import FlexiMMTInputError
-from fleximmt.masks import CROSS_PARTS, mask_to_token_grid, span_membership
-from fleximmt.models.base import TokenGrid
+from fleximmt.method.adapter import TokenGrid
+from fleximmt.method.attention import VideoMotions
+from fleximmt.method.masks import CROSS_PARTS, mask_to_token_grid, span_membership
+from fleximmt.method.pipeline import MaskSchedule, TransferOptions, transfer_state
 from fleximmt.models.wan import WanAdapter, slot_of
-from fleximmt.pipeline import MaskSchedule, TransferOptions, transfer_state
 from fleximmt.toy.tiny import random_motion, tiny_wan_components
 
 pytestmark = pytest.mark.comfy
@@ -73,7 +73,7 @@ def inputs(version, batch=1, seed=0):
 
 def patch_of(patcher):
     """The WanPatch an Apply FlexiMMT clone carries (its DIFFUSION_MODEL wrapper's owner)."""
-    from fleximmt.comfy.native import KEY
+    from fleximmt.apps.comfy.native import KEY
 
     return patcher.wrappers["diffusion_model"][KEY][0].__self__
 
@@ -120,7 +120,7 @@ def test_comfy_loads_the_tiny_wan_as_its_own_wan_model(models, version):
 
 
 def test_motion_words_are_found_in_the_prompt_as_comfyui_tokenizes_it(models, clip):
-    from fleximmt.comfy.native import apply_fleximmt, clip_token_ids
+    from fleximmt.apps.comfy.native import apply_fleximmt, clip_token_ids
 
     transformer, patcher = models
     cases = [
@@ -141,7 +141,7 @@ def test_motion_words_are_found_in_the_prompt_as_comfyui_tokenizes_it(models, cl
 def test_patched_forward_equals_fleximmt_wan_transformer(models, version, clip, mask_source):
     """Two evaluations (two noise levels; RMPM updates the masks in between from features each side
     captured itself), a batch of one conditional and one unconditional row, the unconditional first."""
-    from fleximmt.comfy.native import apply_fleximmt
+    from fleximmt.apps.comfy.native import apply_fleximmt
 
     transformer, patcher = models
     objects = make_objects(transformer)
@@ -168,7 +168,7 @@ def test_patched_forward_equals_fleximmt_wan_transformer(models, version, clip, 
 
 
 def test_without_objects_the_patch_is_comfyuis_model_exactly(models, version, clip):
-    from fleximmt.comfy.native import apply_fleximmt
+    from fleximmt.apps.comfy.native import apply_fleximmt
 
     _, patcher = models
     patched = apply_fleximmt(patcher, clip, PROMPT, None)
@@ -179,7 +179,7 @@ def test_without_objects_the_patch_is_comfyuis_model_exactly(models, version, cl
 
 
 def test_the_original_model_stays_unpatched(models, version, clip):
-    from fleximmt.comfy.native import apply_fleximmt
+    from fleximmt.apps.comfy.native import apply_fleximmt
 
     transformer, patcher = models
     before = {k: v for k, v in patcher.model_options["transformer_options"].items()}
@@ -193,7 +193,7 @@ def test_a_motion_learned_by_fleximmt_on_diffusers_wan_drives_comfyuis_experts(c
     loaded from its file, patches ComfyUI's high- and low-noise models with its two token sets."""
     from diffusers import WanImageToVideoPipeline
 
-    from fleximmt.comfy.native import apply_fleximmt
+    from fleximmt.apps.comfy.native import apply_fleximmt
 
     components = tiny_wan_components(0, "2.2", **SHAPE)
     pipe = WanImageToVideoPipeline(**components)
@@ -222,7 +222,7 @@ def test_a_motion_learned_by_fleximmt_on_diffusers_wan_drives_comfyuis_experts(c
 
 
 def test_bad_inputs_are_refused_naming_the_object(models, clip):
-    from fleximmt.comfy.native import apply_fleximmt
+    from fleximmt.apps.comfy.native import apply_fleximmt
 
     transformer, patcher = models
     objects = make_objects(transformer)
@@ -242,7 +242,7 @@ def test_bad_inputs_are_refused_naming_the_object(models, clip):
     with pytest.raises(FlexiMMTInputError, match=r"^object 1: the motion has one expert's tokens"):
         apply_fleximmt(patcher, clip, PROMPT, objects, expert="2 (low noise)")
     with pytest.raises(FlexiMMTInputError, match=r"m2m"):
-        from fleximmt.comfy.native import apply_fleximmt as apply
+        from fleximmt.apps.comfy.native import apply_fleximmt as apply
 
         apply(patcher, clip, PROMPT, objects, parts=("m2v", "m2m"))
     with pytest.raises(FlexiMMTInputError, match="this MODEL is a Linear"):
@@ -269,7 +269,7 @@ def test_the_patch_composes_with_comfyuis_lora_and_fp8_weights(models, version, 
     fleximmt's Wan transformer holding the weights ComfyUI computes with (merged LoRA; fp8 values)."""
     import comfy.sd
 
-    from fleximmt.comfy.native import apply_fleximmt
+    from fleximmt.apps.comfy.native import apply_fleximmt
 
     transformer, patcher = models
     if kind == "lora":

@@ -15,10 +15,10 @@ import copy
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from PIL import Image
-
 from comfy_server import load_workflow
 from comfy_wan import SHAPE, comfy_state_dict, write_wan_vae
+from PIL import Image
+
 from fleximmt import train_motion
 from fleximmt.toy.tiny import tiny_wan_components
 
@@ -39,8 +39,8 @@ def square_video(dy: int, dx: int, colour) -> np.ndarray:
 @pytest.fixture(scope="module")
 def native_models(comfy_server):
     """Tiny Wan 2.2 experts, the random VAE, two learned motions and the inputs, in the server's folders."""
-    from safetensors.torch import save_file
     from diffusers import WanImageToVideoPipeline
+    from safetensors.torch import save_file
 
     base = comfy_server.base
     models = base / "models"

@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from comfy_server import WORKFLOWS, PromptRejected, load_workflow
+from helpers import headless_chromium, needs_chromium
 from PIL import Image
 
-from comfy_server import WORKFLOWS, PromptRejected, load_workflow
 from fleximmt import MotionTokens, ObjectMotion, train_motion
-from fleximmt.comfy.examples import IMAGE, REFERENCES, mask_name, video_name, write_inputs
-from fleximmt.motion import load_mask
+from fleximmt.apps.comfy.examples import IMAGE, REFERENCES, mask_name, video_name, write_inputs
+from fleximmt.evaluation.video import grid_preview, mask_overlay
+from fleximmt.method.motion import load_mask
 from fleximmt.toy.lab import load_toy_pipeline, reference_caption
-from fleximmt.train import checkpoint_path
-from fleximmt.video import grid_preview, mask_overlay
-from helpers import headless_chromium, needs_chromium
+from fleximmt.training.train import checkpoint_path
 
 pytestmark = pytest.mark.comfy
 
@@ -312,10 +312,9 @@ canvas.setDirty(true, true);
 
 @needs_chromium
 def test_the_frontend_finds_the_nodes_in_its_library_and_loads_the_example_workflows(server, tmp_path):
+    from comfy_server import frontend_app, prompt_from_ui
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-
-    from comfy_server import frontend_app, prompt_from_ui
 
     driver = headless_chromium(tmp_path / "profile", height=1100)
     driver.set_window_size(1920, 1100)

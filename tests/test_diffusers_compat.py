@@ -14,7 +14,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from PIL import Image
 
 from fleximmt import FlexiMMTPipeline, ObjectMotion
-from fleximmt.pipeline import OPTIONS
+from fleximmt.method.pipeline import OPTIONS
 from fleximmt.toy import random_motion, tiny_components, tiny_pipeline
 
 PROMPT = "A ball jumps up. A box slides left."

@@ -13,10 +13,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from helpers import free_port
 from safetensors import safe_open
 
 from fleximmt.toy import tiny_pipeline
-from helpers import free_port
 
 
 def launch(args, cwd):

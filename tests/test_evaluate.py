@@ -11,11 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from helpers import free_port
 from PIL import Image
 
-from fleximmt.evaluate import read_manifest, run_benchmark
+from fleximmt.evaluation.evaluate import read_manifest, run_benchmark
 from fleximmt.toy import random_motion, tiny_pipeline
-from helpers import free_port
 
 
 def square_video(velocity, frames=9, size=32, seed=0):
@@ -116,8 +116,8 @@ def test_two_processes_share_the_cases_each_once(bench):
 
 
 def test_the_release_estimators_are_chosen_from_the_command_line(bench, monkeypatch):
-    import fleximmt.metrics as metrics
-    from fleximmt import cli
+    import fleximmt.evaluation.metrics as metrics
+    from fleximmt.apps import cli
 
     root, pipe = bench
     chosen = []

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fleximmt.masks import (
+from fleximmt.method.masks import (
     PARTS,
     anchor_frames,
     dmem_mask,
@@ -242,7 +242,7 @@ def brute_force_cross(text_len, spans, d_m, video_masks, parts):
 
 
 def test_mdma_cross_matches_section_9_on_random_layouts():
-    from fleximmt.masks import CROSS_PARTS, mdma_cross_dense
+    from fleximmt.method.masks import CROSS_PARTS, mdma_cross_dense
 
     rng = random.Random(9)
     subsets = [frozenset(c) for r in range(3) for c in itertools.combinations(CROSS_PARTS, r)]
@@ -254,7 +254,7 @@ def test_mdma_cross_matches_section_9_on_random_layouts():
 
 
 def test_cross_attention_refuses_parts_and_closed_context_it_cannot_have():
-    from fleximmt.masks import check_cross_parts
+    from fleximmt.method.masks import check_cross_parts
 
     for part in ("m2m", "t2t", "t2m"):
         with pytest.raises(ValueError, match=f"'{part}'.*do not exist"):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fleximmt import metrics
-from fleximmt.metrics import (
+from fleximmt.evaluation import metrics
+from fleximmt.evaluation.metrics import (
     bhattacharyya,
     clip_scores,
     flow_fidelity,

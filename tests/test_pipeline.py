@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers import CogVideoXImageToVideoPipeline
 from PIL import Image
 
-import fleximmt.attention as attention
+import fleximmt.method.attention as attention
 from fleximmt import FlexiMMTPipeline, MotionTokens, ObjectMotion
 from fleximmt.models.cogvideox import FlexiMMTAttnProcessor
 from fleximmt.toy import random_motion, tiny_pipeline
@@ -322,8 +322,8 @@ def test_processor_equals_the_release_layout_brute_force(pipe, backend, fused):
     processor orders its tokens video first and projects the motion tokens with the rest."""
     from diffusers.models.embeddings import apply_rotary_emb
 
-    from fleximmt.attention import motion_state_for
-    from fleximmt.masks import mdma_dense, span_membership
+    from fleximmt.method.attention import motion_state_for
+    from fleximmt.method.masks import mdma_dense, span_membership
 
     attn = pipe.transformer.transformer_blocks[1].attn1
     gen = torch.Generator().manual_seed(3)

@@ -13,10 +13,9 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
-
 from helpers import GradioSession, free_port, headless_chromium, needs_chromium
 
-from fleximmt.rate import (
+from fleximmt.apps.rate import (
     CRITERIA,
     DuplicateBallot,
     StaleBallot,
@@ -176,7 +175,7 @@ def test_a_ballot_cast_by_clicking_in_chromium_reaches_the_database(cases_dir, t
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from fleximmt.rate import build_app
+    from fleximmt.apps.rate import build_app
 
     db = tmp_path / "votes.sqlite"
     port = free_port()
@@ -212,7 +211,7 @@ def test_a_ballot_cast_by_clicking_in_chromium_reaches_the_database(cases_dir, t
 # -- the server, driven over HTTP as the page drives it -----------------------------------------
 @pytest.fixture()
 def rating_server(cases_dir, tmp_path):
-    from fleximmt.rate import serve
+    from fleximmt.apps.rate import serve
 
     db = tmp_path / "votes.sqlite"
     port = free_port()
@@ -325,7 +324,7 @@ def test_a_second_tab_submitting_the_case_another_tab_rated_is_refused_in_the_pa
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from fleximmt.rate import serve
+    from fleximmt.apps.rate import serve
 
     db = tmp_path / "votes.sqlite"
     port = free_port()

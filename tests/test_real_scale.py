@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-import fleximmt.train as train_module
+import fleximmt.training.train as train_module
 from fleximmt import ObjectMotion, train_motion
-from fleximmt.models.base import module_placement
+from fleximmt.method.adapter import module_placement
 from fleximmt.toy import random_motion, tiny_pipeline
 
 CAPTION = "A red ball jumps up."
@@ -155,7 +155,7 @@ def test_gradient_checkpointing_is_on_by_default_at_real_size_and_off_for_small_
     from diffusers import CogVideoXTransformer3DModel
 
     from fleximmt.models.cogvideox import CogVideoXAdapter
-    from fleximmt.train import checkpointing_needed
+    from fleximmt.training.train import checkpointing_needed
 
     class Meta:  # CogVideoX-5B-I2V's transformer, no weights
         vae_scale_factor_spatial, vae_scale_factor_temporal = 8, 4

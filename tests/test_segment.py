@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fleximmt import segment
+from fleximmt.evaluation import segment
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None  # SAM 2's processors need it
 
@@ -26,8 +26,14 @@ def random_image(seed=0, height=48, width=80):
 @pytest.fixture(scope="module")
 def gdino(tmp_path_factory):
     """A tiny random Grounding-DINO (Swin backbone, BERT text encoder) and its processor, saved to disk."""
-    from transformers import BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection
-    from transformers import GroundingDinoProcessor, SwinConfig
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
     from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
 
     root = tmp_path_factory.mktemp("gdino")

@@ -8,15 +8,20 @@ import numpy as np
 import pytest
 import torch
 from diffusers import CogVideoXImageToVideoPipeline, WanImageToVideoPipeline
-from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
-                             TaylorSeerCacheConfig)  # fmt: skip
+from diffusers.hooks import (
+    FasterCacheConfig,
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig,  # fmt: skip
+)
 from PIL import Image
+from wan_names import original_name
 
 from fleximmt import FlexiMMTPipeline, FlexiMMTWanPipeline, ObjectMotion
-from fleximmt.attention import FlexiMMTState
 from fleximmt.errors import FlexiMMTInputError
+from fleximmt.method.attention import FlexiMMTState
 from fleximmt.toy.tiny import random_motion, tiny_components, tiny_wan_components
-from wan_names import original_name
 
 PROMPT = "A ball jumps up. A box slides left."
 WORDS = ["jumps up", "slides left"]
@@ -359,7 +364,7 @@ def test_training_through_a_lora_changes_only_the_tokens_and_the_motion_records_
 
 def test_a_motion_file_without_base_loras_still_loads(tmp_path):
     from fleximmt import MotionTokens
-    from fleximmt.motion import motion_metadata
+    from fleximmt.method.motion import motion_metadata
 
     old = MotionTokens(torch.zeros(2, 4, 8), name="old", steps=3)  # written before base_loras was recorded
     old.save(tmp_path / "old.safetensors")

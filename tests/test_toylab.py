@@ -8,7 +8,19 @@ import torch
 
 from fleximmt.toy import random_motion, tiny_pipeline
 from fleximmt.toy.lab import (
-    FRAMES, REFERENCES, SIZE, VARIANTS, dilate, expected_path, learn_motions, mask_quality, random_case, reference_caption, reference_scene, score, transfer,
+    FRAMES,
+    REFERENCES,
+    SIZE,
+    VARIANTS,
+    dilate,
+    expected_path,
+    learn_motions,
+    mask_quality,
+    random_case,
+    reference_caption,
+    reference_scene,
+    score,
+    transfer,
 )  # fmt: skip
 from fleximmt.toy.world import WORDS, colour_track
 
@@ -117,8 +129,8 @@ def test_the_dilated_variant_hands_the_pipeline_larger_masks(toy_sized_pipe):
 
 
 def test_learned_motions_are_reused_only_on_the_model_they_were_learned_on(toy_sized_pipe, tmp_path):
-    from fleximmt.motion import MotionTokens
-    from fleximmt.train import model_fingerprint
+    from fleximmt.method.motion import MotionTokens
+    from fleximmt.training.train import model_fingerprint
 
     first = learn_motions(toy_sized_pipe, ["right"], tmp_path, steps=2, tokens=2)["right"]
     assert first.metadata["base_model"] == model_fingerprint(toy_sized_pipe)
@@ -134,7 +146,7 @@ def test_learned_motions_are_reused_only_on_the_model_they_were_learned_on(toy_s
 
 
 def test_a_local_model_is_named_by_its_folder_not_its_absolute_path(toy_sized_pipe, tmp_path):
-    from fleximmt.train import model_fingerprint
+    from fleximmt.training.train import model_fingerprint
 
     old = toy_sized_pipe.name_or_path
     try:
@@ -149,7 +161,7 @@ def test_a_local_model_is_named_by_its_folder_not_its_absolute_path(toy_sized_pi
 
 
 def test_mask_quality_knows_a_perfect_an_empty_and_a_still_mask():
-    from fleximmt.masks import mask_to_token_grid
+    from fleximmt.method.masks import mask_to_token_grid
 
     case = random_case(4)
     truth = case.scene(trajectories=True).masks

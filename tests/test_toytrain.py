@@ -22,8 +22,9 @@ def test_vae_then_transformer_give_a_pipeline_that_generates(tmp_path):
     assert all(np.isfinite(losses))
     pipe = FlexiMMTPipeline.from_pretrained(str(tmp_path / "pipeline"))
     pipe.set_progress_bar_config(disable=True)
-    from fleximmt.toy.world import random_scene
     from PIL import Image
+
+    from fleximmt.toy.world import random_scene
 
     scene = random_scene(0, frames=9, size=32)
     video = pipe(image=Image.fromarray(scene.frames[0]), prompt=scene.caption, num_inference_steps=2,

@@ -11,7 +11,7 @@ import torch
 from fleximmt import MotionTokens, ObjectMotion
 from fleximmt.models.cogvideox import FlexiMMTAttnProcessor
 from fleximmt.toy import tiny_pipeline
-from fleximmt.train import checkpoint_path, train_motion
+from fleximmt.training.train import checkpoint_path, train_motion
 
 CAPTION = "A red ball jumps up."
 
@@ -132,7 +132,7 @@ def test_a_callback_that_raises_leaves_a_checkpoint_of_its_step_and_resume_conti
 
 
 def test_frames_given_as_an_array_are_subsampled_from_their_own_rate(pipe):
-    from fleximmt.train import load_reference
+    from fleximmt.training.train import load_reference
 
     video = np.repeat(moving_square(frames=9, step=1), 3, axis=0)  # 27 frames: each of 9 three times, as 24 fps
     assert np.array_equal(load_reference(video, num_frames=9, fps=8.0, video_fps=24.0), video[::3])
@@ -152,7 +152,7 @@ def test_video_files_are_read_and_subsampled(pipe, tmp_path):
 
     path = tmp_path / "ref.mp4"
     iio.imwrite(path, np.repeat(moving_square(frames=9, step=1), 3, axis=0), fps=24, codec="libx264")
-    from fleximmt.train import load_reference
+    from fleximmt.training.train import load_reference
 
     frames = load_reference(str(path), num_frames=9, fps=8.0)  # 27 frames at 24 fps -> every third
     assert len(frames) == 9 and np.abs(frames.astype(int) - np.repeat(moving_square(9, step=1), 1, 0)).mean() < 12
@@ -201,7 +201,7 @@ def test_unreadable_video_file_and_bf16_autocast(pipe, tmp_path):
 
 
 def test_without_the_training_mask_motion_tokens_reach_all_video(pipe, tmp_path, monkeypatch):
-    import fleximmt.attention as attention
+    import fleximmt.method.attention as attention
 
     groups = []
     real = attention.video_groups

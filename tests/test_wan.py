@@ -12,8 +12,8 @@ from diffusers import WanImageToVideoPipeline
 from PIL import Image
 
 from fleximmt import FlexiMMTPipeline, FlexiMMTWanPipeline, MotionTokens, ObjectMotion, load_pipeline, train_motion
+from fleximmt.method.pipeline import OPTIONS
 from fleximmt.models.wan import WanCrossAttnProcessor, WanSelfAttnProcessor
-from fleximmt.pipeline import OPTIONS
 from fleximmt.toy.tiny import random_motion, tiny_wan_components
 
 VERSIONS = ["2.1", "2.2", "2.2-ti2v"]
@@ -309,7 +309,7 @@ def test_a_text_to_video_wan_is_refused_with_the_checkpoints_to_use():
 def test_the_command_line_trains_and_generates_on_a_wan_folder(tmp_path, capsys):
     import imageio.v3 as iio
 
-    from fleximmt.cli import main
+    from fleximmt.apps.cli import main
 
     FlexiMMTWanPipeline(**tiny_wan_components(0, "2.1")).save_pretrained(tmp_path / "wan")
     iio.imwrite(tmp_path / "ref.mp4", moving_square(17), fps=8, codec="libx264")
@@ -339,7 +339,7 @@ def test_train_motion_takes_diffusers_own_wan_pipeline(tmp_path):
 
 
 def test_the_web_app_serves_a_wan_model(tmp_path):
-    from fleximmt.app import MotionLibrary, ObjectInput, TransferApp, build_app
+    from fleximmt.apps.app import MotionLibrary, ObjectInput, TransferApp, build_app
 
     pipe = FlexiMMTWanPipeline(**tiny_wan_components(0, "2.1"))
     pipe.set_progress_bar_config(disable=True)

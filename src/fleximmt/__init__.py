@@ -1,11 +1,12 @@
 """fleximmt: multi-object multi-motion transfer (FlexiMMT) for diffusers' image-to-video models."""
 
 from .errors import FlexiMMTInputError
+from .method.motion import MotionTokens, ObjectMotion
+from .method.pipeline import FlexiMMTPipelineOutput
+from .models import compile
 from .models.cogvideox import FlexiMMTPipeline
 from .models.loading import load_pipeline
-from .motion import MotionTokens, ObjectMotion
-from .pipeline import FlexiMMTPipelineOutput, compile
-from .train import TrainSettings, train_motion
+from .training.train import TrainSettings, train_motion
 
 __all__ = ["FlexiMMTInputError", "FlexiMMTPipeline", "FlexiMMTPipelineOutput", "FlexiMMTWanPipeline", "MotionTokens",
            "ObjectMotion", "TrainSettings", "compile", "load_pipeline", "train_motion"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator
 
-from .base import ModelAdapter, TokenGrid
+from ..method.adapter import ModelAdapter, TokenGrid
 
 # diffusers pipeline class name (as model_index.json names it) -> (module, FlexiMMT pipeline class)
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -40,6 +40,9 @@ def family_name(family: str) -> str:
     return family
 
 
+ModelAdapter.name_family = staticmethod(family_name)
+
+
 def adapter_for(pipe) -> ModelAdapter:
     """The adapter of a FlexiMMT pipeline or of a diffusers pipeline of a supported family."""
     from ..errors import FlexiMMTInputError
@@ -51,4 +54,23 @@ def adapter_for(pipe) -> ModelAdapter:
     raise FlexiMMTInputError(f"{type(pipe).__name__} is not a pipeline fleximmt supports: use one of {supported}")
 
 
-__all__ = ["REGISTRY", "ModelAdapter", "TokenGrid", "adapter_for", "adapters", "family_name", "pipeline_class"]
+def compile(pipe, regional: bool = True, fullgraph: bool = True, **compile_kwargs) -> None:
+    """``torch.compile`` a FlexiMMT pipeline's denoisers with FlexiMMT's processors in place: each
+    transformer's repeated blocks (``regional``; FlexiMMT names CogVideoX's, which diffusers' model does
+    not) or the whole model. With ``attention_backend="flex"`` the masks' shapes never reach the graph:
+    it compiles once, then runs every step and call, whatever the masks (the "auto" backend's groups
+    change shape with the masks, and each new shape compiles again)."""
+    from ..models import adapter_for
+
+    adapter = adapter_for(pipe)
+    adapter.install_processors()
+    for transformer in adapter.transformers():
+        if not regional:
+            transformer.compile(fullgraph=fullgraph, **compile_kwargs)
+            continue
+        if adapter.repeated_blocks:
+            transformer._repeated_blocks = list(adapter.repeated_blocks)
+        transformer.compile_repeated_blocks(fullgraph=fullgraph, **compile_kwargs)
+
+
+__all__ = ["REGISTRY", "ModelAdapter", "TokenGrid", "adapter_for", "adapters", "compile", "family_name", "pipeline_class"]

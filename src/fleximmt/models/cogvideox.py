@@ -19,12 +19,12 @@ from diffusers import CogVideoXImageToVideoPipeline
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..attention import FlexiMMTState
 from ..errors import FlexiMMTInputError
-from ..masks import PARTS
-from ..pipeline import OPTIONS_DOC, FlexiMMTMixin, FlexiMMTPipelineOutput
-from .base import (ModelAdapter, TokenGrid, TrainingBatch, carry_dispatch, check_no_context_parallelism,
-                   dispatched_attention, image_count, prompt_count, repeat_per_prompt)  # fmt: skip
+from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch, image_count, prompt_count
+from ..method.attention import FlexiMMTState
+from ..method.masks import PARTS
+from ..method.pipeline import OPTIONS_DOC, FlexiMMTMixin, FlexiMMTPipelineOutput
+from .shared import carry_dispatch, check_no_context_parallelism, dispatched_attention, repeat_per_prompt
 
 logger = logging.getLogger(__name__)
 

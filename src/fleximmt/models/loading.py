@@ -9,32 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FlexiMMTInputError
-
-PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def check_safetensors(path: str | os.PathLike, kwargs: dict[str, Any]) -> None:
-    """Ask diffusers for safetensors only; a local folder whose weights are only pickles is refused
-    here, with how to convert it, rather than by diffusers' "no file named ..."."""
-    if kwargs.get("use_safetensors") is False:
-        raise FlexiMMTInputError(
-            "use_safetensors=False: fleximmt loads safetensors weights only (pickled weights can run code when "
-            "loaded); convert the checkpoint to safetensors instead"
-        )
-    kwargs["use_safetensors"] = True
-    folder = Path(path)
-    if not folder.is_dir():
-        return
-    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = [f.name for f in component.iterdir() if f.is_file()]
-        pickled = [f for f in files if f.endswith(PICKLED)]
-        if pickled and not any(f.endswith(".safetensors") for f in files):
-            raise FlexiMMTInputError(
-                f"{str(component)!r} holds pickled weights only ({', '.join(sorted(pickled))}): fleximmt loads "
-                "safetensors only, on purpose (a pickle can run code when it is loaded). If you trust the files, "
-                "convert the checkpoint once with diffusers: python -c \"from diffusers import DiffusionPipeline; "
-                f"DiffusionPipeline.from_pretrained('{folder}', use_safetensors=False).save_pretrained('{folder}-safetensors')\""
-            )
+from ..method.pipeline import check_safetensors  # noqa: F401 (loading's API: the check every loader runs)
 
 
 def pipeline_name(path: str | os.PathLike) -> str:

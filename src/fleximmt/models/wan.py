@@ -27,12 +27,12 @@ import torch
 from diffusers import WanImageToVideoPipeline
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from ..attention import FlexiMMTState
 from ..errors import FlexiMMTInputError
-from ..masks import CROSS_PARTS, check_cross_parts
-from ..pipeline import OPTIONS_DOC, FlexiMMTMixin, FlexiMMTPipelineOutput
-from .base import (ModelAdapter, TokenGrid, TrainingBatch, carry_dispatch, check_no_context_parallelism,
-                   dispatched_attention, repeat_per_prompt)  # fmt: skip
+from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch
+from ..method.attention import FlexiMMTState
+from ..method.masks import CROSS_PARTS, check_cross_parts
+from ..method.pipeline import OPTIONS_DOC, FlexiMMTMixin, FlexiMMTPipelineOutput
+from .shared import carry_dispatch, check_no_context_parallelism, dispatched_attention, repeat_per_prompt
 
 logger = logging.getLogger(__name__)
 

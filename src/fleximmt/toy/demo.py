@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..motion import MotionTokens, ObjectMotion, atomic_write
+from ..evaluation.video import mask_overlay, save_video
+from ..method.motion import MotionTokens, ObjectMotion, atomic_write
 from .tiny import random_motion, tiny_pipeline
-from ..video import mask_overlay, save_video
 
 SIZE, FRAMES = 64, 17
 PROMPT = "A red ball jumps up. A blue box slides left."

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..motion import MotionTokens, ObjectMotion
+from ..evaluation.video import save_video, to_uint8_frames
+from ..method.motion import MotionTokens, ObjectMotion
 from .world import MOTIONS, Scene, Sprite, Trajectory, colour_track, render
-from ..video import save_video, to_uint8_frames
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def learn_motions(pipe, names, folder: str | Path, steps: int = 300, tokens: int
                   **settings) -> dict[str, MotionTokens]:  # fmt: skip
     """Learn (or reuse, when ``folder/NAME.safetensors`` exists and was learned on this very model)
     the motion tokens of each reference."""
-    from ..train import model_fingerprint, train_motion
+    from ..training.train import model_fingerprint, train_motion
 
     model = model_fingerprint(pipe)
 
@@ -257,7 +257,7 @@ def mask_quality(case: Case, masks: torch.Tensor) -> dict:
     sprite's true mask at video frame 4l of the ideal transfer, put on the same grid. Returns the
     mean ``iou`` and ``recall`` (share of the true tokens inside the mask) over objects and latent
     frames after the first, and ``per_frame_recall``."""
-    from ..masks import mask_to_token_grid
+    from ..method.masks import mask_to_token_grid
 
     truth = torch.from_numpy(case.scene(trajectories=True).masks)  # [K, T, H, W]
     objects = [k for k, m in enumerate(case.motions) if m is not None]
@@ -293,7 +293,7 @@ def score(frames: np.ndarray, case: Case) -> dict:
     """Per object: ``traj_err`` (pixels from the path its reference motion prescribes), ``tf`` and
     ``ff`` against its reference video, and ``leak`` (1 when its path is closer to another object's
     reference motion than to its own); averages over objects at the top level."""
-    from ..metrics import flow_fidelity, trajectory_fidelity
+    from ..evaluation.metrics import flow_fidelity, trajectory_fidelity
 
     objects = []
     names = [m or "still" for m in case.motions]  # an object given no motion should stay still

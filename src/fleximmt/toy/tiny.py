@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..motion import MotionTokens
+from ..method.motion import MotionTokens
 
 WORDS = (
     "A An The a an the and is are on in with of to at its from "

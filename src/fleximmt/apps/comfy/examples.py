@@ -1,5 +1,5 @@
 """The input files of the example workflows (``comfyui/workflows/`` in the repository), written into
-ComfyUI's ``input/`` folder: ``python -m fleximmt.comfy.examples /path/to/ComfyUI/input``.
+ComfyUI's ``input/`` folder: ``python -m fleximmt.apps.comfy.examples /path/to/ComfyUI/input``.
 
 They are ``make demo``'s: the bundled reference videos of the toy world's zigzag and bounce, and the
 demo's two-object image (a red square and a blue circle) with a mask PNG per object.
@@ -29,8 +29,8 @@ def write_inputs(folder: str | Path) -> list[Path]:
     """Write the example workflows' inputs into ``folder`` (ComfyUI's ``input/``); returns their paths."""
     from PIL import Image
 
-    from ..toy.demo import demo_case
-    from ..toy.lab import REFERENCE_DIR
+    from ...toy.demo import demo_case
+    from ...toy.lab import REFERENCE_DIR
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,7 @@ def write_inputs(folder: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fleximmt.comfy.examples",
+    parser = argparse.ArgumentParser(prog="python -m fleximmt.apps.comfy.examples",
                                      description="Write the input files of fleximmt's example ComfyUI workflows.")  # fmt: skip
     parser.add_argument("folder", help="ComfyUI's input folder, e.g. ComfyUI/input")
     for path in write_inputs(parser.parse_args(argv).folder):

@@ -24,8 +24,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .masks import (PARTS, code_masks, dmem_mask, group_keys, mdma_cross_dense, mdma_dense, mdma_text_rows,
-                    video_codes, video_groups)  # fmt: skip
+from .masks import (
+    PARTS,
+    code_masks,
+    dmem_mask,
+    group_keys,
+    mdma_cross_dense,
+    mdma_dense,
+    mdma_text_rows,
+    video_codes,  # fmt: skip
+    video_groups,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FlexiMMTInputError
+from ..errors import FlexiMMTInputError
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import FlexiMMTInputError
+from ..errors import FlexiMMTInputError
 
-FORMAT = "fleximmt.motion/1"
+FORMAT = "fleximmt.method.motion/1"
 # base_loras: the LoRAs on the base model while the motion trained (train.base_loras; absent in older files)
 _METADATA_KEYS = ("name", "caption", "concept_words", "motion_words", "base_model", "steps", "family", "base_loras")
 EXPERT_KEYS = ("motion_tokens", "motion_tokens_2")  # one token set per expert (Wan 2.2 A14B has two)
@@ -102,13 +103,12 @@ class MotionTokens:
         return f"MotionTokens({experts}blocks={self.num_blocks}, d_m={self.d_m}, dim={self.dim}{', ' + meta if meta else ''})"
 
     def check_model(self, num_blocks: int, dim: int, family: str | None = None, experts: int = 1,
-                    source: str = "motion") -> None:  # fmt: skip
+                    source: str = "motion", family_name: Callable[[str], str] = str) -> None:  # fmt: skip
         """Raise if these tokens cannot go into a model of ``family`` with ``experts`` transformers of
-        ``num_blocks`` blocks of width ``dim``."""
+        ``num_blocks`` blocks of width ``dim``; ``family_name`` names a family in the message (the
+        registry's ``fleximmt.models.family_name``)."""
         made_for = self.metadata.get("base_model") or "an unknown model"
         if family is not None and self.family != family:
-            from .models import family_name
-
             raise FlexiMMTInputError(
                 f"{source}: this motion was learned on {family_name(self.family)} ({made_for}), but the loaded model "
                 f"is {family_name(family)}: a motion only works on the model family it was trained on; train it "

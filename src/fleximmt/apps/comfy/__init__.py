@@ -25,4 +25,4 @@ def __getattr__(name: str):
     if name in ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"):
         classes, names = _mappings()
         return classes if name == "NODE_CLASS_MAPPINGS" else names
-    raise AttributeError(f"module 'fleximmt.comfy' has no attribute {name!r}")
+    raise AttributeError(f"module 'fleximmt.apps.comfy' has no attribute {name!r}")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import FlexiMMTInputError
-from .motion import atomic_write
+from ..errors import FlexiMMTInputError
+from ..method.motion import atomic_write
 
 _SCHEDULER_KEYS = ("last_epoch", "_step_count", "_last_lr", "base_lrs")
 

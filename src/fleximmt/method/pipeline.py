@@ -13,9 +13,11 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +25,19 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 
+from ..errors import FlexiMMTInputError, ObjectInputError
+from .adapter import ModelAdapter, TokenGrid
 from .attention import BACKENDS, FlexiMMTState, VideoMotions
-from .errors import FlexiMMTInputError, ObjectInputError
-from .masks import PARTS, RMPM_METHODS, check_context_text, check_parts, mask_change, mask_to_token_grid, rmpm, span_membership
-from .models.base import ModelAdapter, TokenGrid
+from .masks import (
+    PARTS,
+    RMPM_METHODS,
+    check_context_text,
+    check_parts,
+    mask_change,
+    mask_to_token_grid,
+    rmpm,
+    span_membership,
+)
 from .motion import ObjectMotion
 from .prompt import find_token_spans, prompt_token_ids
 
@@ -52,6 +63,33 @@ OPTIONS_DOC = """FlexiMMT's own arguments (keyword-only):
         mask; compiled; on a CPU inference only) or "dense" (the reference).
     return_masks: add the per-step masks to the output. initial_masks: RMPM's step 0, "first_frame" or
         "none" (the release)."""
+
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safetensors(path: str | os.PathLike, kwargs: dict[str, Any]) -> None:
+    """Ask diffusers for safetensors only; a local folder whose weights are only pickles is refused
+    here, with how to convert it, rather than by diffusers' "no file named ..."."""
+    if kwargs.get("use_safetensors") is False:
+        raise FlexiMMTInputError(
+            "use_safetensors=False: fleximmt loads safetensors weights only (pickled weights can run code when "
+            "loaded); convert the checkpoint to safetensors instead"
+        )
+    kwargs["use_safetensors"] = True
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    for component in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = [f.name for f in component.iterdir() if f.is_file()]
+        pickled = [f for f in files if f.endswith(PICKLED)]
+        if pickled and not any(f.endswith(".safetensors") for f in files):
+            raise FlexiMMTInputError(
+                f"{str(component)!r} holds pickled weights only ({', '.join(sorted(pickled))}): fleximmt loads "
+                "safetensors only, on purpose (a pickle can run code when it is loaded). If you trust the files, "
+                "convert the checkpoint once with diffusers: python -c \"from diffusers import DiffusionPipeline; "
+                f"DiffusionPipeline.from_pretrained('{folder}', use_safetensors=False).save_pretrained('{folder}-safetensors')\""
+            )
 
 
 @dataclass
@@ -170,8 +208,6 @@ class FlexiMMTMixin:
     def from_pretrained(cls, pretrained_model_name_or_path: str | None = None, **kwargs):
         """Load the family's components (default: the adapter's ``default_model``, e.g.
         ``THUDM/CogVideoX-5b-I2V``; or a local folder); safetensors only."""
-        from .models.loading import check_safetensors
-
         pretrained_model_name_or_path = pretrained_model_name_or_path or cls.adapter_class.default_model
         check_safetensors(pretrained_model_name_or_path, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -281,7 +317,7 @@ class FlexiMMTMixin:
             for k, obj in enumerate(objs, 1):
                 with about_object(k):
                     obj.motion.check_model(num_blocks, dim, family=adapter.family, experts=adapter.num_experts,
-                                           source=f"object {k}")  # fmt: skip
+                                           source=f"object {k}", family_name=adapter.name_family)  # fmt: skip
                 mask = obj.mask_tensor
                 if tuple(mask.shape) != (img_h, img_w):
                     raise ObjectInputError(k, f"the mask is {mask.shape[0]} x {mask.shape[1]} but the image is "
@@ -412,22 +448,3 @@ class MaskSchedule:
     def masks(self) -> torch.Tensor | None:
         """The masks every step used, bool ``[videos, steps, K, frames, h, w]`` (with ``return_masks``)."""
         return torch.stack(self.history, dim=1) if self.history else None
-
-
-def compile(pipe, regional: bool = True, fullgraph: bool = True, **compile_kwargs) -> None:
-    """``torch.compile`` a FlexiMMT pipeline's denoisers with FlexiMMT's processors in place: each
-    transformer's repeated blocks (``regional``; FlexiMMT names CogVideoX's, which diffusers' model does
-    not) or the whole model. With ``attention_backend="flex"`` the masks' shapes never reach the graph:
-    it compiles once, then runs every step and call, whatever the masks (the "auto" backend's groups
-    change shape with the masks, and each new shape compiles again)."""
-    from .models import adapter_for
-
-    adapter = adapter_for(pipe)
-    adapter.install_processors()
-    for transformer in adapter.transformers():
-        if not regional:
-            transformer.compile(fullgraph=fullgraph, **compile_kwargs)
-            continue
-        if adapter.repeated_blocks:
-            transformer._repeated_blocks = list(adapter.repeated_blocks)
-        transformer.compile_repeated_blocks(fullgraph=fullgraph, **compile_kwargs)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import FlexiMMTInputError
+from ..errors import FlexiMMTInputError
 
 
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import FlexiMMTInputError
-from .motion import atomic_write
+from ..errors import FlexiMMTInputError
+from ..method.motion import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 frames and saves it in ``models/fleximmt_motions``; *Load motion* reads one from there; *Object*
 (``common.py``) pairs a MASK with a motion; *Transfer* makes the video; *Preview masks* shows the
 objects on the model's token grid. Each node converts ComfyUI's values and calls the library (the
-same calls as the web app, ``fleximmt.app``); the library's messages reach the user as ComfyUI shows
+same calls as the web app, ``fleximmt.apps.app``); the library's messages reach the user as ComfyUI shows
 a node's error. Long runs report to ComfyUI's progress bar and stop at the next step when the user
 cancels (``/interrupt``): a stopped Learn keeps a checkpoint of that step, and the same Learn again
 continues from it.
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import FlexiMMTInputError
-from ..masks import RMPM_METHODS
-from ..motion import MotionTokens, check_motion_name, motion_metadata
-from ..pipeline import INITIAL_MASKS, MASK_SOURCES
-from ..video import grid_preview, mask_overlay
+from ...errors import FlexiMMTInputError
+from ...evaluation.video import grid_preview, mask_overlay
+from ...method.masks import RMPM_METHODS
+from ...method.motion import MotionTokens, check_motion_name, motion_metadata
+from ...method.pipeline import INITIAL_MASKS, MASK_SOURCES
 from .common import CATEGORY, MOTION, MOTIONS_FOLDER, OBJECTS, PIPE, motion_files, motions_dir
 
 logger = logging.getLogger(__name__)
@@ -120,8 +120,8 @@ def model_folders() -> list[str]:
     """Folders under ComfyUI's ``models/diffusers`` whose ``model_index.json`` names a pipeline fleximmt runs."""
     import folder_paths
 
-    from ..models import REGISTRY
-    from ..models.loading import pipeline_name
+    from ...models import REGISTRY
+    from ...models.loading import pipeline_name
 
     found = []
     for root in folder_paths.get_folder_paths("diffusers"):
@@ -159,11 +159,11 @@ def load_model(name: str, dtype: str = "auto", offload: str = "none", vae_tiling
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if cuda else torch.float32)
     with torch.inference_mode(False):  # weights that training's backward pass can use
         if name == TOY:
-            from ..toy.lab import load_toy_pipeline
+            from ...toy.lab import load_toy_pipeline
 
             pipe = load_toy_pipeline().to(dtype=torch_dtype)
         else:
-            from ..models.loading import load_pipeline
+            from ...models.loading import load_pipeline
 
             try:
                 pipe = load_pipeline(model_path(name), torch_dtype=torch_dtype)
@@ -217,7 +217,7 @@ class LoadModel:
 def learn_motion(pipe, video, caption: str, concept_words: str, motion_words: str, name: str, steps: int,
                  tokens: int, seed: int = 0, resume: bool = True, fps: float = 0.0) -> MotionTokens:  # fmt: skip
     """Learn a motion from IMAGE frames into ``models/fleximmt_motions/<name>.safetensors``."""
-    from ..train import cache_path, checkpoint_interval, checkpoint_path, train_motion
+    from ...training.train import cache_path, checkpoint_interval, checkpoint_path, train_motion
 
     check_pipe(pipe)
     frames = to_uint8(image_batch(video, "video"))
@@ -260,7 +260,7 @@ class LearnMotion:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..train import TrainSettings
+        from ...training.train import TrainSettings
 
         return {
             "required": {

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import FlexiMMTInputError
-from .motion import ObjectMotion, atomic_write, load_mask
+from ..errors import FlexiMMTInputError
+from ..method.motion import ObjectMotion, atomic_write, load_mask
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def score_case(case: Case, video_path: Path, clip=None, propagation: str = "flow
     ``flow`` ("dis" | "raft") and ``tracker`` ("lk" | "cotracker") pick FF's and TF's estimators."""
     from PIL import Image
 
-    from .data import read_video
+    from ..training.data import read_video
     from .metrics import clip_scores, flow_fidelity_result, trajectory_fidelity_result
     from .segment import propagate_masks
 
@@ -186,7 +186,7 @@ def score_case(case: Case, video_path: Path, clip=None, propagation: str = "flow
 def run_benchmark(pipe, manifest: str | Path, out_dir: str | Path, *, clip=None, steps: int | None = None,
                   propagation: str = "flow", flow: str = "dis", tracker: str = "lk") -> list[dict]:  # fmt: skip
     """Generate, score and summarise every case of ``manifest`` into ``out_dir`` (resumable)."""
-    from .train import process_state
+    from ..training.train import process_state
 
     state = process_state()
     out_dir = Path(out_dir)

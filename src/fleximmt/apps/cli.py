@@ -9,10 +9,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import FlexiMMTInputError
-from .masks import RMPM_METHODS
-from .models.cogvideox import DEFAULT_MODEL
-from .pipeline import INITIAL_MASKS, MASK_SOURCES, about_object
+from ..errors import FlexiMMTInputError
+from ..method.masks import RMPM_METHODS
+from ..method.pipeline import INITIAL_MASKS, MASK_SOURCES, about_object
+from ..models.cogvideox import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -77,15 +77,15 @@ def load_pipeline(args):
     """The pipeline ``--model`` names: toy, tiny, or a checkpoint of a supported family (by its model_index.json)."""
     import torch
 
-    from .models.loading import load_pipeline as load_checkpoint
+    from ..models.loading import load_pipeline as load_checkpoint
 
     if args.model == TINY:
-        from .toy import tiny_pipeline
+        from ..toy import tiny_pipeline
 
         logger.warning("--model tiny: a tiny model with RANDOM weights; its videos are noise")
         pipe = tiny_pipeline(0)
     elif args.model == TOY:
-        from .toy.lab import load_toy_pipeline
+        from ..toy.lab import load_toy_pipeline
 
         pipe = load_toy_pipeline()
     else:
@@ -129,8 +129,8 @@ def cmd_generate(args) -> None:
     import torch
     from PIL import Image
 
-    from .motion import ObjectMotion
-    from .video import check_video_path, mask_overlay, save_video
+    from ..evaluation.video import check_video_path, mask_overlay, save_video
+    from ..method.motion import ObjectMotion
 
     out = check_video_path(args.out)
     masks_out = check_video_path(args.masks_out) if args.masks_out else None
@@ -170,7 +170,7 @@ def cmd_generate(args) -> None:
 
 # -- inspect -------------------------------------------------------------------------------
 def cmd_inspect(args) -> None:
-    from .motion import MotionTokens
+    from ..method.motion import MotionTokens
 
     motion = MotionTokens.load(args.motion)
     info = {"file": args.motion, "blocks": motion.num_blocks, "d_m": motion.d_m, "dim": motion.dim,
@@ -195,7 +195,7 @@ TRAIN_OPTIONS = {  # CLI flag -> TrainSettings field
 
 
 def cmd_train(args) -> None:
-    from .train import process_state, read_dataset, train_dataset, train_motion
+    from ..training.train import process_state, read_dataset, train_dataset, train_motion
 
     settings = {field: getattr(args, flag) for flag, field in TRAIN_OPTIONS.items() if getattr(args, flag) is not None}
     if args.no_train_mask:
@@ -225,11 +225,11 @@ def cmd_train(args) -> None:
 
 # -- demo ----------------------------------------------------------------------------------
 def cmd_demo(args) -> None:
-    from .toy.demo import run_demo
+    from ..toy.demo import run_demo
 
     out = Path(args.out)
     if args.model == TOY:
-        from .toy.demo import run_toy_demo
+        from ..toy.demo import run_toy_demo
 
         summary = run_toy_demo(out, steps=args.steps or 20, train_steps=args.train_steps)
     else:
@@ -250,17 +250,17 @@ def cmd_demo(args) -> None:
 
 # -- evaluate ------------------------------------------------------------------------------
 def cmd_evaluate(args) -> None:
-    from .evaluate import run_benchmark
+    from ..evaluation.evaluate import run_benchmark
 
     pipe = load_pipeline(args)
     clip = None
     if args.clip:
-        from .metrics import load_clip
+        from ..evaluation.metrics import load_clip
 
         clip = load_clip(args.clip)
     results = run_benchmark(pipe, args.manifest, args.out, clip=clip, steps=args.steps, propagation=args.mask_propagation,
                             flow=args.flow, tracker=args.tracker)  # fmt: skip
-    from .train import process_state
+    from ..training.train import process_state
 
     if process_state().is_main_process:
         failed = sum("error" in r for r in results)
@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Generate what is missing, compute every metric per object, write one JSON per "
                                     "case and a summary table (Markdown and CSV) grouped by method/ablation. "
                                     "Resumes: finished cases are skipped; failing cases are recorded and skipped.",
-                        epilog="manifest format: see fleximmt/evaluate.py (JSON lines: image, prompt, objects with "
+                        epilog="manifest format: see fleximmt/evaluation/evaluate.py (JSON lines: image, prompt, objects with "
                                "mask, motion, motion_text, reference, reference_mask; method; settings)\n"
                                "several processes: accelerate launch -m fleximmt evaluate ...")  # fmt: skip
     ev.add_argument("--manifest", required=True, help="JSON-lines benchmark file, one case a line")

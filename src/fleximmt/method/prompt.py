@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import FlexiMMTInputError
+from ..errors import FlexiMMTInputError
 
 
 def prompt_token_ids(tokenizer, prompt: str, max_sequence_length: int) -> list[int]:

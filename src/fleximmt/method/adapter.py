@@ -10,7 +10,7 @@ encodes its conditions and predicts ``x0``. Adding a base model means writing on
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,11 +18,6 @@ import numpy as np
 import torch
 
 from ..errors import FlexiMMTInputError
-
-# diffusers' attention backends that take an attention mask; FlexiMMT's calls that need one go to
-# MASK_FALLBACK when the chosen backend is another (flash, sage, ...): METHOD.md section 8's masked call
-MASK_BACKENDS = frozenset({"native", "_native_cudnn", "_native_efficient", "_native_math", "flex", "xformers"})
-MASK_FALLBACK = "native"
 
 
 @dataclass
@@ -78,6 +73,8 @@ class ModelAdapter:
     feature_share: ClassVar[float]  # RMPM averages features over the first share of the blocks
     default_model: ClassVar[str]
     repeated_blocks: ClassVar[tuple[str, ...]] = ()  # block classes to compile regionally (default: diffusers')
+    # how messages name any family (a motion's, when it is not this one): the registry, fleximmt.models, sets it
+    name_family: ClassVar[Callable[[str], str]] = staticmethod(str)
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
@@ -198,27 +195,6 @@ def prompt_count(call: dict[str, Any]) -> int:
     return 1 if isinstance(prompt, str) else len(prompt)
 
 
-def repeat_per_prompt(call: dict[str, Any]) -> dict[str, Any]:
-    """The call with each prompt (and negative prompt, and their embeddings) repeated
-    ``num_videos_per_prompt`` times and ``num_videos_per_prompt=1``: the same videos, for pipelines that
-    do not batch that argument (or not everywhere)."""
-    per_prompt = call.get("num_videos_per_prompt") or 1
-    if per_prompt == 1:
-        return call
-    call = dict(call)
-    count = prompt_count(call)
-    repeat = lambda xs: [x for x in xs for _ in range(per_prompt)]  # noqa: E731
-    for name in ("prompt", "negative_prompt"):
-        value = call.get(name)
-        if value is not None:
-            call[name] = repeat([value] * count if isinstance(value, str) else list(value))
-    for name in ("prompt_embeds", "negative_prompt_embeds"):
-        if call.get(name) is not None:
-            call[name] = call[name].repeat_interleave(per_prompt, dim=0)
-    call["num_videos_per_prompt"] = 1
-    return call
-
-
 def module_placement(pipe) -> dict[str, tuple[torch.device, torch.dtype]]:
     """(device, dtype) of every module component of a pipeline (its first parameter's)."""
     out = {}
@@ -228,49 +204,3 @@ def module_placement(pipe) -> dict[str, tuple[torch.device, torch.dtype]]:
             if param is not None:
                 out[name] = (param.device, param.dtype)
     return out
-
-
-def dispatched_attention(processor, state=None):
-    """The attention of one FlexiMMT processor call, through diffusers' ``dispatch_attention_fn`` with
-    the backend chosen for this model (``processor._attention_backend``, set by ``set_attention_backend``;
-    None: the active one, e.g. inside ``attention_backend(...)``), over ``[B, H, N, d]`` tensors (see
-    ``attention.sdpa``). A call with a mask whose backend takes none runs on ``MASK_FALLBACK``, said
-    once per call in the log (``state.note_once``)."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry, dispatch_attention_fn
-
-    chosen = getattr(processor, "_attention_backend", None)
-
-    def attend(query, key, value, mask=None):
-        backend = chosen
-        if mask is not None:
-            name = backend or _AttentionBackendRegistry.get_active_backend()[0]
-            name = getattr(name, "value", name)
-            if name not in MASK_BACKENDS:
-                if state is not None:
-                    state.note_once(f"attention backend {name!r} takes no attention mask: FlexiMMT's masked calls "
-                                    f"(text queries and small object groups) run on {MASK_FALLBACK!r}, the rest on "
-                                    f"{name!r}")  # fmt: skip
-                backend = MASK_FALLBACK
-        out = dispatch_attention_fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask,
-                                    backend=backend)  # fmt: skip
-        return out.transpose(1, 2)
-
-    return attend
-
-
-def check_no_context_parallelism(processor, state) -> None:
-    """Objects with context parallelism (``enable_parallelism``) are refused: the processors see their
-    rank's shard of the video tokens, and FlexiMMT's groups and RMPM need the whole sequence."""
-    if state is not None and state.num_objects and getattr(processor, "_parallel_config", None) is not None:
-        raise FlexiMMTInputError("context parallelism (transformer.enable_parallelism) does not run with objects yet: "
-                                 "call without objects, or disable it for the FlexiMMT call")  # fmt: skip
-
-
-def carry_dispatch(previous, processor):
-    """``processor`` with the attention backend and context-parallel config the processor it replaces
-    was given (``set_attention_backend`` before FlexiMMT's processors were installed)."""
-    for name in ("_attention_backend", "_parallel_config"):
-        value = getattr(previous, name, None)
-        if value is not None:
-            setattr(processor, name, value)
-    return processor

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FlexiMMTInputError
+from ..errors import FlexiMMTInputError
 
 CRITERIA = {  # Fig. 9, in the order the page asks
     "MF": "Motion Fidelity: which video has objects whose movements are most similar to the Reference Motions?",

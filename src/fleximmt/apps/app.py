@@ -48,10 +48,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import FlexiMMTInputError, ObjectInputError
+from ..errors import FlexiMMTInputError, ObjectInputError
+from ..evaluation.video import PALETTE, grid_preview, mask_overlay, save_video
+from ..method.motion import MotionTokens, ObjectMotion, check_motion_name, load_mask, motion_metadata
 from .gradio_cache import cache_entries, remove_empty_folders, remove_served_files
-from .motion import MotionTokens, ObjectMotion, check_motion_name, load_mask, motion_metadata
-from .video import PALETTE, grid_preview, mask_overlay, save_video
 
 logger = logging.getLogger(__name__)
 SLOTS = 3
@@ -381,7 +381,7 @@ class TransferApp:
                     "give a mask of the image's size (image and masks are resized to the model together)"
                 )
             return mask
-        from . import segment
+        from .. import segment
 
         if obj.mask_from == "points":
             if self.segmenter is None:
@@ -493,15 +493,15 @@ class TransferApp:
 
     def checkpoint_every(self, steps: int) -> int:
         """How often Learn saves its checkpoint: about 20 times a run, at least every 50 steps."""
-        from .train import checkpoint_interval
+        from ..training.train import checkpoint_interval
 
         return checkpoint_interval(steps)
 
     def learn(self, video, caption, concept, motion_words, name, steps: int, tokens: int, on_step=None,
               stop: threading.Event | None = None, resume: bool = True) -> LibraryEntry:  # fmt: skip
         """Train a motion into the library; ``resume`` continues a stopped run of the same name and settings."""
-        from .data import read_video
-        from .train import cache_path, checkpoint_path, train_motion
+        from ..training.data import read_video
+        from ..training.train import cache_path, checkpoint_path, train_motion
 
         if video is None:
             raise FlexiMMTInputError("upload a reference video")
@@ -867,7 +867,7 @@ def add_cli(subparsers, load_pipeline, add_model_options) -> None:
         pipe = load_pipeline(args)
         examples = None
         if args.model == "toy":
-            from .toy.lab import EXAMPLE_DIR
+            from ..toy.lab import EXAMPLE_DIR
 
             examples = sorted(EXAMPLE_DIR.glob("*.png"))
         serve(pipe, args.motions, args.host, args.port, segmenter=args.sam, detector=args.detector, examples=examples,

@@ -26,15 +26,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .attention import FlexiMMTState, motion_state_for
+from ..errors import FlexiMMTInputError
+from ..method.adapter import ModelAdapter, module_placement
+from ..method.attention import FlexiMMTState, motion_state_for
+from ..method.masks import span_membership
+from ..method.motion import MotionTokens, atomic_write
+from ..method.prompt import find_word_spans
+from ..models import adapter_for
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import as_frames, read_video, subsample, to_model_tensor, window_starts
-from .errors import FlexiMMTInputError
-from .masks import span_membership
-from .models import adapter_for
-from .models.base import ModelAdapter, module_placement
-from .motion import MotionTokens, atomic_write
-from .prompt import find_word_spans
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def training_step(adapter: ModelAdapter, state: FlexiMMTState, cond: Conditions,
     return loss, batch.expert
 
 
-# -- stage 3: checkpoints (fleximmt.checkpoint) ----------------------------------------------
+# -- stage 3: checkpoints (fleximmt.training.checkpoint) ----------------------------------------------
 def checkpoint_path(output: Path) -> Path:
     return output.with_name(output.stem + ".ckpt.safetensors")
 
@@ -343,7 +343,7 @@ def train_motion(
     """
     unknown = set(settings) - {f.name for f in dataclasses.fields(TrainSettings)}
     if unknown:
-        raise FlexiMMTInputError(f"unknown training setting(s) {sorted(unknown)}: see fleximmt.train.TrainSettings")
+        raise FlexiMMTInputError(f"unknown training setting(s) {sorted(unknown)}: see fleximmt.training.train.TrainSettings")
     cfg = TrainSettings(steps=steps, tokens_per_motion=tokens_per_motion, seed=seed, **settings)
     cfg.validate()
     adapter = adapter_for(pipe)

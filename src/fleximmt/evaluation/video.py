@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import FlexiMMTInputError
-from .masks import mask_to_token_grid
-from .motion import atomic_write
+from ..errors import FlexiMMTInputError
+from ..method.masks import mask_to_token_grid
+from ..method.motion import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ or ``[H, W]``. FlexiMMT's own values travel between nodes as these types:
 - ``FLEXIMMT_PIPE``: a FlexiMMT diffusers pipeline (``FlexiMMTPipeline`` / ``FlexiMMTWanPipeline``).
 
 Only this package imports ComfyUI (``folder_paths``, ``comfy.*``), and only inside functions, so
-``import fleximmt.comfy`` works without it.
+``import fleximmt.apps.comfy`` works without it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ObjectInputError
-from ..motion import MotionTokens, ObjectMotion
-from ..pipeline import about_object
+from ...errors import ObjectInputError
+from ...method.motion import MotionTokens, ObjectMotion
+from ...method.pipeline import about_object
 
 CATEGORY = "FlexiMMT"
 MOTION = "FLEXIMMT_MOTION"

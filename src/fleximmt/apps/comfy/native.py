@@ -31,11 +31,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import FlexiMMTState, VideoMotions
-from ..errors import FlexiMMTInputError, ObjectInputError
-from ..masks import CROSS_PARTS, mask_to_token_grid, span_membership
-from ..models.base import TokenGrid
-from ..pipeline import MASK_SOURCES, MaskSchedule, TransferOptions, about_object, object_token_spans, transfer_state
+from ...errors import FlexiMMTInputError, ObjectInputError
+from ...method.adapter import TokenGrid
+from ...method.attention import FlexiMMTState, VideoMotions
+from ...method.masks import CROSS_PARTS, mask_to_token_grid, span_membership
+from ...method.pipeline import (
+    MASK_SOURCES,
+    MaskSchedule,
+    TransferOptions,
+    about_object,
+    object_token_spans,
+    transfer_state,
+)
+from ...models import family_name
 from .common import CATEGORY, OBJECTS
 
 logger = logging.getLogger(__name__)
@@ -292,7 +300,7 @@ def apply_fleximmt(model, clip, prompt: str, objects: tuple | None, expert: str 
     for k, obj in enumerate(objects, 1):
         with about_object(k):
             obj.motion.check_model(len(diffusion_model.blocks), diffusion_model.dim, family="wan",
-                                   experts=obj.motion.num_experts, source=f"object {k}")  # fmt: skip
+                                   experts=obj.motion.num_experts, source=f"object {k}", family_name=family_name)  # fmt: skip
             if expert == "auto" and obj.motion.num_experts > 1:
                 raise FlexiMMTInputError(f"the motion holds {obj.motion.num_experts} experts' tokens (Wan 2.2 A14B): "
                                          "set expert to 1 on the high-noise model, 2 on the low-noise model")  # fmt: skip
@@ -303,7 +311,7 @@ def apply_fleximmt(model, clip, prompt: str, objects: tuple | None, expert: str 
         raise FlexiMMTInputError(f"mask_source={mask_source!r}: choose from {list(MASK_SOURCES)}")
     options = TransferOptions(objects, mask_source, rmpm_method, anchors, None if not alpha else alpha, None, parts,
                               "open", attention_backend, False, initial_masks)  # fmt: skip
-    from ..models.wan import WanAdapter
+    from ...models.wan import WanAdapter
 
     options.check(WanAdapter)
     spans = concept_spans = None

@@ -1,0 +1,82 @@
+"""What the diffusers adapters share: attention through diffusers' dispatcher with the user's backend,
+the context-parallel refusal, carrying a replaced processor's settings, and batch helpers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import FlexiMMTInputError
+from ..method.adapter import prompt_count
+
+# diffusers' attention backends that take an attention mask; FlexiMMT's calls that need one go to
+# MASK_FALLBACK when the chosen backend is another (flash, sage, ...): METHOD.md section 8's masked call
+MASK_BACKENDS = frozenset({"native", "_native_cudnn", "_native_efficient", "_native_math", "flex", "xformers"})
+MASK_FALLBACK = "native"
+
+
+
+def repeat_per_prompt(call: dict[str, Any]) -> dict[str, Any]:
+    """The call with each prompt (and negative prompt, and their embeddings) repeated
+    ``num_videos_per_prompt`` times and ``num_videos_per_prompt=1``: the same videos, for pipelines that
+    do not batch that argument (or not everywhere)."""
+    per_prompt = call.get("num_videos_per_prompt") or 1
+    if per_prompt == 1:
+        return call
+    call = dict(call)
+    count = prompt_count(call)
+    repeat = lambda xs: [x for x in xs for _ in range(per_prompt)]  # noqa: E731
+    for name in ("prompt", "negative_prompt"):
+        value = call.get(name)
+        if value is not None:
+            call[name] = repeat([value] * count if isinstance(value, str) else list(value))
+    for name in ("prompt_embeds", "negative_prompt_embeds"):
+        if call.get(name) is not None:
+            call[name] = call[name].repeat_interleave(per_prompt, dim=0)
+    call["num_videos_per_prompt"] = 1
+    return call
+
+
+def dispatched_attention(processor, state=None):
+    """The attention of one FlexiMMT processor call, through diffusers' ``dispatch_attention_fn`` with
+    the backend chosen for this model (``processor._attention_backend``, set by ``set_attention_backend``;
+    None: the active one, e.g. inside ``attention_backend(...)``), over ``[B, H, N, d]`` tensors (see
+    ``attention.sdpa``). A call with a mask whose backend takes none runs on ``MASK_FALLBACK``, said
+    once per call in the log (``state.note_once``)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry, dispatch_attention_fn
+
+    chosen = getattr(processor, "_attention_backend", None)
+
+    def attend(query, key, value, mask=None):
+        backend = chosen
+        if mask is not None:
+            name = backend or _AttentionBackendRegistry.get_active_backend()[0]
+            name = getattr(name, "value", name)
+            if name not in MASK_BACKENDS:
+                if state is not None:
+                    state.note_once(f"attention backend {name!r} takes no attention mask: FlexiMMT's masked calls "
+                                    f"(text queries and small object groups) run on {MASK_FALLBACK!r}, the rest on "
+                                    f"{name!r}")  # fmt: skip
+                backend = MASK_FALLBACK
+        out = dispatch_attention_fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask,
+                                    backend=backend)  # fmt: skip
+        return out.transpose(1, 2)
+
+    return attend
+
+
+def check_no_context_parallelism(processor, state) -> None:
+    """Objects with context parallelism (``enable_parallelism``) are refused: the processors see their
+    rank's shard of the video tokens, and FlexiMMT's groups and RMPM need the whole sequence."""
+    if state is not None and state.num_objects and getattr(processor, "_parallel_config", None) is not None:
+        raise FlexiMMTInputError("context parallelism (transformer.enable_parallelism) does not run with objects yet: "
+                                 "call without objects, or disable it for the FlexiMMT call")  # fmt: skip
+
+
+def carry_dispatch(previous, processor):
+    """``processor`` with the attention backend and context-parallel config the processor it replaces
+    was given (``set_attention_backend`` before FlexiMMT's processors were installed)."""
+    for name in ("_attention_backend", "_parallel_config"):
+        value = getattr(previous, name, None)
+        if value is not None:
+            setattr(processor, name, value)
+    return processor
