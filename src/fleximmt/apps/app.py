@@ -381,7 +381,7 @@ class TransferApp:
                     "give a mask of the image's size (image and masks are resized to the model together)"
                 )
             return mask
-        from .. import segment
+        from ..evaluation import segment
 
         if obj.mask_from == "points":
             if self.segmenter is None:
