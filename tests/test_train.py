@@ -131,6 +131,44 @@ def test_a_callback_that_raises_leaves_a_checkpoint_of_its_step_and_resume_conti
     assert steps == [3, 4, 5]
 
 
+def test_a_motion_of_three_experts_round_trips_under_one_key_per_expert(tmp_path):
+    from safetensors import safe_open
+
+    sets = [torch.randn(2, 3, 8) for _ in range(3)]
+    motion = MotionTokens(sets, name="three", family="wan")
+    assert motion.num_experts == 3 and motion.tokens.shape == (3, 2, 3, 8)
+    path = motion.save(tmp_path / "three.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == {"motion_tokens", "motion_tokens_2", "motion_tokens_3"}
+    back = MotionTokens.load(path)
+    assert back.num_experts == 3 and all(torch.equal(a, b) for a, b in zip(back.experts, sets))
+    assert back.metadata == motion.metadata
+
+
+@pytest.mark.parametrize("experts", [1, 2])
+def test_motion_files_of_one_and_two_experts_written_before_load_unchanged(tmp_path, experts):
+    # the file format as it was when at most two experts existed, written without MotionTokens.save
+    from safetensors.torch import save_file
+
+    sets = [torch.randn(2, 3, 8) for _ in range(experts)]
+    tensors = dict(zip(("motion_tokens", "motion_tokens_2"), sets))
+    meta = {"format": "fleximmt.method.motion/1", "d_m": "3", "experts": str(experts), "name": '"old"', "family": '"wan"'}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    back = MotionTokens.load(tmp_path / "old.safetensors")
+    assert back.num_experts == experts and all(torch.equal(a, b) for a, b in zip(back.experts, sets))
+    assert back.name == "old" and back.family == "wan"
+
+
+def test_a_motion_file_missing_an_expert_it_names_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    meta = {"format": "fleximmt.method.motion/1", "d_m": "3", "experts": "3"}
+    save_file({"motion_tokens": torch.zeros(2, 3, 8), "motion_tokens_3": torch.zeros(2, 3, 8)},
+              str(tmp_path / "gap.safetensors"), metadata=meta)  # fmt: skip
+    with pytest.raises(ValueError, match="holds 3 experts' tokens but has 1"):
+        MotionTokens.load(tmp_path / "gap.safetensors")
+
+
 def test_frames_given_as_an_array_are_subsampled_from_their_own_rate(pipe):
     from fleximmt.training.train import load_reference
 

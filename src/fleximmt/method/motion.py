@@ -20,8 +20,13 @@ from ..errors import FlexiMMTInputError
 FORMAT = "fleximmt.method.motion/1"
 # base_loras: the LoRAs on the base model while the motion trained (train.base_loras; absent in older files)
 _METADATA_KEYS = ("name", "caption", "concept_words", "motion_words", "base_model", "steps", "family", "base_loras")
-EXPERT_KEYS = ("motion_tokens", "motion_tokens_2")  # one token set per expert (Wan 2.2 A14B has two)
+EXPERT_KEY = "motion_tokens"  # the first expert's tensor; expert e > 0 is "motion_tokens_{e + 1}" (Wan 2.2 A14B has two)
 FIRST_FAMILY = "cogvideox"  # motion files from before families were recorded were all learned on CogVideoX
+
+
+def expert_key(expert: int) -> str:
+    """The safetensors key of expert ``expert``'s tokens (from 0): ``motion_tokens``, ``motion_tokens_2``, ..."""
+    return EXPERT_KEY if expert == 0 else f"{EXPERT_KEY}_{expert + 1}"
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
@@ -49,10 +54,10 @@ class MotionTokens:
     def __init__(self, tokens: torch.Tensor | list[torch.Tensor], **metadata: Any) -> None:
         sets = [torch.as_tensor(t) for t in tokens] if isinstance(tokens, (list, tuple)) else None
         tokens = torch.stack(sets) if sets and len(sets) > 1 else sets[0] if sets else torch.as_tensor(tokens)
-        if tokens.ndim not in (3, 4) or not tokens.is_floating_point() or (tokens.ndim == 4 and tokens.shape[0] > len(EXPERT_KEYS)):
+        if tokens.ndim not in (3, 4) or not tokens.is_floating_point() or (tokens.ndim == 4 and tokens.shape[0] < 1):
             raise FlexiMMTInputError(
-                f"motion tokens must be a float tensor [num_blocks, d_m, dim] (or [experts, num_blocks, d_m, dim] "
-                f"with at most {len(EXPERT_KEYS)} experts), got {tuple(tokens.shape)} {tokens.dtype}"
+                f"motion tokens must be a float tensor [num_blocks, d_m, dim] (or [experts, num_blocks, d_m, dim]), "
+                f"got {tuple(tokens.shape)} {tokens.dtype}"
             )
         if tokens.ndim == 4 and tokens.shape[0] == 1:
             tokens = tokens[0]
@@ -128,7 +133,7 @@ class MotionTokens:
 
         meta = {"format": FORMAT, "d_m": str(self.d_m), "experts": str(self.num_experts)}
         meta.update({k: json.dumps(v) for k, v in self.metadata.items()})
-        tensors = {key: t.detach().contiguous().cpu() for key, t in zip(EXPERT_KEYS, self.experts)}
+        tensors = {expert_key(e): t.detach().contiguous().cpu() for e, t in enumerate(self.experts)}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
@@ -142,12 +147,20 @@ class MotionTokens:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("format") != FORMAT or EXPERT_KEYS[0] not in f.keys():
+                keys = set(f.keys())
+                if meta.get("format") != FORMAT or EXPERT_KEY not in keys:
                     raise FlexiMMTInputError(
                         f"{str(path)!r} is a safetensors file but not a fleximmt motion "
                         f"(format {meta.get('format')!r}); train one with `fleximmt train`"
                     )
-                experts = [f.get_tensor(key) for key in EXPERT_KEYS if key in f.keys()]
+                experts = []
+                while expert_key(len(experts)) in keys:
+                    experts.append(f.get_tensor(expert_key(len(experts))))
+                if meta.get("experts", str(len(experts))) != str(len(experts)):
+                    raise FlexiMMTInputError(
+                        f"{str(path)!r} says it holds {meta['experts']} experts' tokens but has "
+                        f"{len(experts)} ({', '.join(sorted(keys))}): re-save or retrain it"
+                    )
         except FlexiMMTInputError:
             raise
         except Exception as err:  # safetensors raises its own error types for corrupt files
