@@ -154,6 +154,7 @@ class JointLayout:
     backend: str = "auto"
     key_cache: dict | None = None
     pad_queries: bool = False  # a layout built in every block (DMEM): see QUERY_BUCKETS
+    text_valid: torch.Tensor | None = None  # bool [L_y]: the text keys that are not padding (None: all)
     # auto: keys live in one buffer [video | text and motion keys in `order`]; one masked call for the
     # text queries and the merged small video groups (rows over that buffer); every other group reads
     # the first `n_video + len(keys)` keys when its keys are a prefix of `order` (`prefix`), else gathers them
@@ -170,23 +171,26 @@ class JointLayout:
 
     def __post_init__(self) -> None:
         args = (self.member, self.tokens_per_motion, self.video_masks, self.parts, self.context_text)
+        valid = self.text_valid
         if self.backend in ("dense", "flex"):
             spans = [row.nonzero().squeeze(1).tolist() for row in self.member.cpu()]
             if self.backend == "dense":
-                self.dense = mdma_dense(self.member.shape[1], spans, *args[1:])
+                self.dense = mdma_dense(self.member.shape[1], spans, *args[1:], text_valid=valid)
             else:  # the mask over one stand-in video token per object combination, [text | motion | codes]
                 num_objects, text_len = self.member.shape
                 device, small = self.video_masks.device, text_len + num_objects * self.tokens_per_motion
-                table = mdma_dense(text_len, spans, self.tokens_per_motion, code_masks(num_objects, device), *args[3:])
+                table = mdma_dense(text_len, spans, self.tokens_per_motion, code_masks(num_objects, device), *args[3:],
+                                   text_valid=valid)  # fmt: skip
                 classes = torch.cat([small + video_codes(self.video_masks), torch.arange(small, device=device)])
                 self.flex_mask = FlexMask(table, classes, classes).block_mask()
             return
         device = self.video_masks.device
         num_video = self.video_masks.shape[1]
-        text_rows = mdma_text_rows(*args)
+        text_rows = mdma_text_rows(*args, text_valid=valid)
         small = text_rows.shape[1] - num_video
         merged, large, budget = [], [], min(MERGE_CAP, num_video // 2)
-        for queries, keys, key_tuple in sorted(video_groups(*args, key_cache=self.key_cache), key=lambda g: g[0].numel()):
+        groups = video_groups(*args, key_cache=self.key_cache, text_valid=valid)
+        for queries, keys, key_tuple in sorted(groups, key=lambda g: g[0].numel()):
             if queries.numel() < MERGE_BELOW and queries.numel() <= budget:
                 budget -= queries.numel()
                 merged.append((queries, keys))
@@ -329,27 +333,31 @@ class CrossLayout:
     backend: str = "auto"
     key_cache: dict | None = None
     pad_queries: bool = False  # a layout built in every block (DMEM): see QUERY_BUCKETS
+    text_valid: torch.Tensor | None = None  # bool [L_y]: the text keys that are not padding (None: all)
     groups: list[QueryGroup] = field(default_factory=list)
     dense: torch.Tensor | None = None  # bool [N_v, L_y + K * d_m]
     flex_mask: object | None = None  # flex: FlexAttention's BlockMask [N_v, L_y + K * d_m]
 
     def __post_init__(self) -> None:
+        valid = self.text_valid
         if self.backend == "dense":
-            self.dense = mdma_cross_dense(self.member, self.tokens_per_motion, self.video_masks, self.parts)
+            self.dense = mdma_cross_dense(self.member, self.tokens_per_motion, self.video_masks, self.parts, valid)
             return
         if self.backend == "flex":  # rows of one stand-in video token per object combination
             num_objects, text_len = self.member.shape
             device = self.video_masks.device
             table = mdma_cross_dense(self.member.to(device), self.tokens_per_motion, code_masks(num_objects, device),
-                                     self.parts)  # fmt: skip
+                                     self.parts, valid)  # fmt: skip
             keys = torch.arange(text_len + num_objects * self.tokens_per_motion, device=device)
             self.flex_mask = FlexMask(table, video_codes(self.video_masks), keys).block_mask()
             return
         text_len = self.member.shape[1]
         for queries, keys, _ in video_groups(self.member, self.tokens_per_motion, self.video_masks, self.parts,
-                                             self.context_text, key_cache=self.key_cache):  # fmt: skip
-            if keys.numel() == 0:  # nothing left to read: the whole text (mdma_cross_dense's rule)
+                                             self.context_text, key_cache=self.key_cache, text_valid=valid):  # fmt: skip
+            if keys.numel() == 0:  # nothing left to read: the whole (valid) text (mdma_cross_dense's rule)
                 keys = torch.arange(text_len, device=keys.device)
+                if valid is not None:
+                    keys = keys[valid.to(keys.device)]
             self.groups.append(QueryGroup.of(queries, self.video_masks.shape[1], keys, pad=self.pad_queries))
 
     def attend(self, query, key, value, m_k, m_v, attention: Attention = sdpa) -> torch.Tensor:
@@ -375,6 +383,29 @@ class CrossLayout:
 LAYOUTS = {"joint": JointLayout, "cross": CrossLayout}
 
 
+class TextKeys(NamedTuple):
+    """Where a batch row's prompt tokens sit among the ``L`` text keys its attention gets, for a model
+    whose text is more than the prompt (HunyuanVideo 1.5: image and glyph tokens first, then the prompt,
+    then padding; METHOD.md section 10): the prompt's first token at ``offset``, padding from ``valid``
+    on (closed to every query). A processor that passes none attends the prompt's tokens as ``member``
+    counts them (CogVideoX, Wan)."""
+
+    offset: int = 0
+    valid: int | None = None
+
+    def place(self, member: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``member`` ``[K, L_m]`` among ``text_len`` keys (motion words in padding dropped: padding is never
+        a motion word) and the keys that are not padding (bool ``[text_len]``, None: all)."""
+        num_objects, length = member.shape
+        placed = member.new_zeros(num_objects, text_len)
+        count = max(0, min(length, text_len - self.offset))
+        placed[:, self.offset : self.offset + count] = member[:, :count]
+        if self.valid is None:
+            return placed, None
+        valid = torch.arange(text_len, device=member.device) < self.valid
+        return placed & valid, valid
+
+
 @dataclass
 class VideoMotions:
     """One video of a batch: its objects' motion tokens and words, and the masks of this step."""
@@ -382,8 +413,11 @@ class VideoMotions:
     motion_tokens: torch.Tensor  # [K, experts, blocks, d_m, dim]
     member: torch.Tensor  # bool [K, L_y]: Y_mo^k
     concept_index: list[torch.Tensor] | None = None  # per object, its concept words' token indices (DMEM)
-    layout: JointLayout | CrossLayout | None = None
+    layout: JointLayout | CrossLayout | None = None  # this step's, over the prompt's tokens as `member` counts them
+    video_masks: torch.Tensor | None = None  # bool [K, N_v]: this step's object masks
     key_cache: dict = field(default_factory=dict)
+    text_layouts: dict = field(default_factory=dict)  # (TextKeys, L) -> this step's layout, built at first use
+    text_caches: dict = field(default_factory=dict)  # (TextKeys, L) -> its key cache, kept across steps
     features: torch.Tensor | None = None
     feature_count: int = 0
     captures: dict[int, int] = field(default_factory=dict)  # block -> features captured there since the last take
@@ -419,6 +453,9 @@ class FlexiMMTState:
     feature_blocks: frozenset[int] = frozenset()
     rows: list[int] | None = None  # video index of each batch row; None: all rows are video 0
     feature_rows: list[int] | None = None  # per video, the batch row its features come from
+    # True: the processors name each row's text keys (TextKeys) and layouts are built per text form at
+    # first use; False: the prompt's tokens are the text keys and each step's layout is built at once
+    text_keys: bool = False
     calls_this_step: int = 0  # transformer forward calls so far in this step (Wan: cond, then uncond)
     _dmem_layouts: dict = field(default_factory=dict)
     _drop: torch.Tensor | None = None
@@ -456,8 +493,26 @@ class FlexiMMTState:
         """Prepare MDMA for the next step (or, ``per_block``, for DMEM's current block) from bool
         ``[K, N_v]`` object masks of one video."""
         slot = self.videos[video]
-        slot.layout = LAYOUTS[self.form](slot.member, self.tokens_per_motion, video_masks.bool(), self.parts,
-                                         self.context_text, self.backend, slot.key_cache, per_block)  # fmt: skip
+        slot.video_masks, slot.text_layouts = video_masks.bool(), {}
+        slot.layout = None if self.text_keys else self._build(slot, slot.video_masks, None, 0, per_block)
+
+    def _build(self, slot: VideoMotions, video_masks: torch.Tensor, text: TextKeys | None, text_len: int,
+               per_block: bool) -> JointLayout | CrossLayout:  # fmt: skip
+        if text is None:
+            member, valid, cache = slot.member, None, slot.key_cache
+        else:
+            member, valid = text.place(slot.member, text_len)
+            cache = slot.text_caches.setdefault((text, text_len), {})
+        return LAYOUTS[self.form](member, self.tokens_per_motion, video_masks, self.parts, self.context_text,
+                                  self.backend, cache, per_block, valid)  # fmt: skip
+
+    def _step_layout(self, video: int, text: TextKeys | None, text_len: int) -> JointLayout | CrossLayout:
+        slot = self.videos[video]
+        if text is None:
+            return slot.layout
+        if (text, text_len) not in slot.text_layouts:
+            slot.text_layouts[(text, text_len)] = self._build(slot, slot.video_masks, text, text_len, False)
+        return slot.text_layouts[(text, text_len)]
 
     def begin_step(self, num_video_tokens: int | None = None, num_blocks: int | None = None) -> None:
         """Start a denoising or training step: forget the per-block DMEM masks of the previous one (a
@@ -475,17 +530,26 @@ class FlexiMMTState:
     # -- which rows belong to which video --------------------------------------------------
     def row_groups(self, batch: int) -> list[tuple[int, torch.Tensor | None]]:
         """``[(video, rows)]`` for a batch of ``batch`` rows; rows None means all of them."""
+        return [(video, rows) for video, _, rows in self.row_sets(batch)]
+
+    def row_sets(self, batch: int, texts: list[TextKeys] | None = None) -> list[tuple[int, TextKeys | None, torch.Tensor | None]]:
+        """``[(video, text, rows)]``: the rows of a batch of ``batch`` rows by video and by text form
+        (``texts``, one per row, or None); rows None means all of them."""
         rows = self.batch_rows(batch)[0]
-        if rows is None or len(set(rows)) == 1:
-            return [(0 if rows is None else rows[0], None)]
+        if texts is None and (rows is None or len(set(rows)) == 1):
+            return [(0 if rows is None else rows[0], None, None)]
+        rows = rows or [0] * batch
         if len(rows) != batch:
             raise ValueError(f"{len(rows)} batch rows declared, the transformer got {batch}")
-        key = tuple(rows)
-        if key not in self._row_index:  # index tensors made once per call, not in every block
+        forms = list(zip(rows, texts or [None] * batch))
+        if len(set(forms)) == 1:
+            return [(*forms[0], None)]
+        if tuple(forms) not in self._row_index:  # index tensors made once per call, not in every block
             device = self.videos[0].member.device
-            self._row_index[key] = [(v, torch.tensor([r for r, rv in enumerate(rows) if rv == v], device=device))
-                                    for v in sorted(set(rows))]  # fmt: skip
-        return self._row_index[key]
+            self._row_index[tuple(forms)] = [
+                (video, text, torch.tensor([r for r, f in enumerate(forms) if f == (video, text)], device=device))
+                for video, text in dict.fromkeys(sorted(set(forms), key=forms.index))]  # fmt: skip
+        return self._row_index[tuple(forms)]
 
     def batch_rows(self, batch: int) -> tuple[list[int] | None, list[int] | None]:
         """``(rows, feature_rows)`` of a forward of ``batch`` rows: the declared ones; or, for a forward of the
@@ -543,20 +607,28 @@ class FlexiMMTState:
         tokens = tokens.reshape(-1, tokens.shape[-1])
         return project(tokens, "k"), project(tokens, "v")
 
-    def _layout(self, video: int, block: int, concept_side, video_side):
-        """This block's layout of one video: the step's, or DMEM's from this block's own attention."""
+    def _layout(self, video: int, block: int, concept_side, video_side, text: TextKeys | None = None,
+                text_len: int = 0):  # fmt: skip
+        """This block's layout of one video (and text form): the step's, or DMEM's from this block's own
+        attention (``concept_side(index)``: the concept words' queries or keys at text key ``index``)."""
         slot = self.videos[video]
         if not self.dmem:
-            return slot.layout
-        if (video, block) not in self._dmem_layouts:
+            return self._step_layout(video, text, text_len)
+        key = (video, block) if text is None else (video, block, text, text_len)
+        if key not in self._dmem_layouts:
+            offset = 0 if text is None else text.offset
             with torch.no_grad():  # the masks are a selection, not a path for gradients
-                masks = torch.stack([dmem_mask(concept_side(index), video_side, self.num_frames)[0]
+                masks = torch.stack([dmem_mask(concept_side(index + offset), video_side, self.num_frames)[0]
                                      for index in slot.concept_index])  # fmt: skip
                 if self._drop is not None:  # the release's regulariser: drop positives, redrawn every call
                     masks &= self._drop[video, block]
-            self.set_video_masks(masks, video, per_block=True)
-            self._dmem_layouts[(video, block)] = slot.layout
-        return self._dmem_layouts[(video, block)]
+            if text is None:
+                self.set_video_masks(masks, video, per_block=True)
+                self._dmem_layouts[key] = slot.layout
+            else:
+                slot.video_masks = masks
+                self._dmem_layouts[key] = self._build(slot, masks, text, text_len, True)
+        return self._dmem_layouts[key]
 
     # -- the two forms of attention --------------------------------------------------------
     def joint_motion_rows(self, block: int, expert: int, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -574,32 +646,36 @@ class FlexiMMTState:
             return rows[videos[0]].expand(batch, -1, -1)
         return torch.stack([rows[video] for video in videos])
 
-    def joint_attention(self, block: int, query, key, value, text_len: int, attention: Attention = sdpa) -> torch.Tensor:
+    def joint_attention(self, block: int, query, key, value, text_len: int, attention: Attention = sdpa,
+                        texts: list[TextKeys] | None = None) -> torch.Tensor:  # fmt: skip
         """MDMA attention of text and video queries over text, motion and video keys.
 
         ``query/key/value`` ``[B, H, N_v + L_y + K * d_m, d]`` are the block's own projections (after
         QK-norm and RoPE) of ``[video | text | motion]`` tokens, the motion rows from
-        :meth:`joint_motion_rows`; returns ``[B, H, N_v + L_y, d]`` (see ``JointLayout.attend_video_first``)."""
-        return self._per_video(query, key, value,
-                               lambda v, q, k, val: self._joint_one(v, block, q, k, val, text_len, attention))  # fmt: skip
+        :meth:`joint_motion_rows`; ``texts``: each row's :class:`TextKeys` (None: the text is the
+        prompt's tokens); returns ``[B, H, N_v + L_y, d]`` (see ``JointLayout.attend_video_first``)."""
+        return self._per_video(query, key, value, texts,
+                               lambda v, t, q, k, val: self._joint_one(v, t, block, q, k, val, text_len, attention))  # fmt: skip
 
-    def _joint_one(self, video, block, query, key, value, text_len, attention):
+    def _joint_one(self, video, text, block, query, key, value, text_len, attention):
         row = self._feature_row_within(video, query.shape[0])
         n_video = query.shape[2] - text_len - self.num_objects * self.tokens_per_motion
         layout = self._layout(video, block, lambda idx: query[row : row + 1, :, n_video + idx],
-                              key[row : row + 1, :, :n_video])  # fmt: skip
+                              key[row : row + 1, :, :n_video], text, text_len)  # fmt: skip
         return layout.attend_video_first(query, key, value, text_len, attention)
 
-    def cross_attention(self, block: int, expert: int, query, key, value, project, attention: Attention = sdpa) -> torch.Tensor:
+    def cross_attention(self, block: int, expert: int, query, key, value, project, attention: Attention = sdpa,
+                        texts: list[TextKeys] | None = None) -> torch.Tensor:  # fmt: skip
         """MDMA cross-attention of video queries ``[B, H, N_v, d]`` over the text's keys/values
         ``[B, H, L_y, d]`` and the motion tokens; returns ``[B, H, N_v, d]`` (``attention``: see
-        ``CrossLayout.attend``)."""
-        return self._per_video(query, key, value,
-                               lambda v, q, k, val: self._cross_one(v, block, expert, q, k, val, project, attention))  # fmt: skip
+        ``CrossLayout.attend``; ``texts``: as in :meth:`joint_attention`)."""
+        return self._per_video(query, key, value, texts,
+                               lambda v, t, q, k, val: self._cross_one(v, t, block, expert, q, k, val, project, attention))  # fmt: skip
 
-    def _cross_one(self, video, block, expert, query, key, value, project, attention):
+    def _cross_one(self, video, text, block, expert, query, key, value, project, attention):
         row = self._feature_row_within(video, query.shape[0])
-        layout = self._layout(video, block, lambda idx: key[row : row + 1, :, idx], query[row : row + 1])
+        layout = self._layout(video, block, lambda idx: key[row : row + 1, :, idx], query[row : row + 1], text,
+                              key.shape[2])  # fmt: skip
         m_k, m_v = self.motion_projections(video, block, expert, project)
         batch = query.shape[0]
         return layout.attend(query, key, value, m_k.expand(batch, -1, -1, -1), m_v.expand(batch, -1, -1, -1), attention)
@@ -613,13 +689,14 @@ class FlexiMMTState:
             return batch - 1
         return rows.index(self.feature_rows[video]) if self.feature_rows[video] in rows else len(rows) - 1
 
-    def _per_video(self, query, key, value, attend_one) -> torch.Tensor:
-        groups = self.row_groups(query.shape[0])
+    def _per_video(self, query, key, value, texts, attend_one) -> torch.Tensor:
+        groups = self.row_sets(query.shape[0], texts)
         if len(groups) == 1:
-            return attend_one(groups[0][0], query, key, value)
+            return attend_one(groups[0][0], groups[0][1], query, key, value)
         out = None
-        for video, rows in groups:
-            part = attend_one(video, query.index_select(0, rows), key.index_select(0, rows), value.index_select(0, rows))
+        for video, text, rows in groups:
+            part = attend_one(video, text, query.index_select(0, rows), key.index_select(0, rows),
+                              value.index_select(0, rows))  # fmt: skip
             if out is None:
                 _, heads, length, dim = part.shape
                 out = part.new_empty(query.shape[0], length, heads, dim).transpose(1, 2)
@@ -634,4 +711,5 @@ def motion_state_for(tokens: torch.Tensor, member: torch.Tensor, **kwargs) -> Fl
     return FlexiMMTState(videos=[VideoMotions(tokens, member, index)], **kwargs)
 
 
-__all__ = ["BACKENDS", "CrossLayout", "FlexiMMTState", "JointLayout", "VideoMotions", "chain_order", "group_keys"]
+__all__ = ["BACKENDS", "CrossLayout", "FlexiMMTState", "JointLayout", "TextKeys", "VideoMotions", "chain_order",
+           "group_keys"]

@@ -63,12 +63,15 @@ def mdma_dense(
     video_masks: torch.Tensor,
     parts: Sequence[str] = PARTS,
     context_text: str = "open",
+    text_valid: torch.Tensor | None = None,
 ) -> torch.BoolTensor:
     """The full MDMA mask ``M`` of Eq. 11 as a dense ``[N, N]`` bool tensor (True = may attend).
 
     ``motion_spans[k]`` are the indices of object k's motion words among the text tokens,
     ``video_masks`` is bool ``[K, N_v]`` (``V^k``). A part switched off leaves its blocks all True.
     A row with no allowed key keeps its diagonal, so softmax never sees an all-masked row.
+    ``text_valid`` (bool ``[L_y]``, None: all) marks the text tokens that are not padding: a padded
+    text key is closed to every query and a padded text query reads only itself (METHOD.md section 10).
     This is the reference the fast attention backend is tested against; it is O(N^2) memory.
     """
     parts = check_parts(parts)
@@ -99,6 +102,11 @@ def mdma_dense(
     if "t2m" in parts:  # Eqs. 9-10
         ym = (member.T.float() @ motion_owner.float()) > 0
         mask[y, m], mask[m, y] = ym, ym.T
+    if text_valid is not None:
+        padded = torch.zeros(n, dtype=torch.bool, device=device)
+        padded[y] = ~text_valid.to(device)
+        mask[:, padded] = False
+        mask[padded] = False
     empty = ~mask.any(1)
     mask[empty, empty.nonzero().squeeze(1)] = True
     return mask
@@ -116,8 +124,10 @@ def mdma_text_rows(
     video_masks: torch.Tensor,
     parts: frozenset[str],
     context_text: str,
+    text_valid: torch.Tensor | None = None,
 ) -> torch.BoolTensor:
-    """The text-query rows of ``M`` over keys ``[text | motion | video]``: bool ``[L_y, N]``.
+    """The text-query rows of ``M`` over keys ``[text | motion | video]``: bool ``[L_y, N]`` (padded
+    text as in :func:`mdma_dense`).
 
     What the fast backend hands to SDPA for the few text queries (no N x N tensor)."""
     num_objects, text_len = member.shape
@@ -130,14 +140,22 @@ def mdma_text_rows(
         yv = text_video_mask(member, video_masks, context_text)
     else:
         yv = torch.ones(text_len, num_video, dtype=torch.bool, device=device)
-    return torch.cat([yy, ym, yv], dim=1)
+    rows = torch.cat([yy, ym, yv], dim=1)
+    if text_valid is not None:
+        padded = ~text_valid.to(device)
+        rows[:, :text_len][:, padded] = False
+        rows[padded] = False
+        rows[padded, padded.nonzero().squeeze(1)] = True  # a padded query reads only itself
+    return rows
 
 
 def group_keys(
-    member: torch.Tensor, tokens_per_motion: int, objects: Sequence[bool], parts: frozenset[str], context_text: str
+    member: torch.Tensor, tokens_per_motion: int, objects: Sequence[bool], parts: frozenset[str], context_text: str,
+    text_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices into ``[text | motion]`` of the keys a video query in exactly ``objects`` may read
-    (besides video, which is all open): ``Y_mo^k`` and ``M^k`` of its objects, and the context text."""
+    (besides video, which is all open): ``Y_mo^k`` and ``M^k`` of its objects, and the context text;
+    never a padded text key (``text_valid``)."""
     num_objects, text_len = member.shape
     objs = torch.as_tensor(list(objects), dtype=torch.bool, device=member.device)
     if "t2v" in parts:
@@ -145,6 +163,8 @@ def group_keys(
         text_keys = member[objs].any(0) | context
     else:
         text_keys = torch.ones(text_len, dtype=torch.bool, device=member.device)
+    if text_valid is not None:
+        text_keys = text_keys & text_valid.to(member.device)
     owner = motion_ownership(num_objects, tokens_per_motion, member.device)
     motion_keys = owner[objs].any(0) if "m2v" in parts else torch.ones(owner.shape[1], dtype=torch.bool, device=member.device)
     return torch.cat([text_keys, motion_keys]).nonzero().squeeze(1)
@@ -157,16 +177,17 @@ def mdma_video_groups(
     parts: frozenset[str],
     context_text: str,
     key_cache: dict | None = None,
+    text_valid: torch.Tensor | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Video queries grouped by the keys they may read (METHOD.md section 8).
 
     V x V is all open, so a video query's row of ``M`` depends only on which objects it belongs
     to. Returns ``[(query_indices, key_indices)]``: the video tokens of each group (on the masks'
     device) and the indices of the text and motion keys (into ``[text | motion]``) it may read
-    besides all video. See :func:`video_groups` for ``key_cache``.
+    besides all video (never a padded text key, ``text_valid``). See :func:`video_groups` for ``key_cache``.
     """
     return [(queries, keys) for queries, keys, _ in video_groups(member, tokens_per_motion, video_masks, parts,
-                                                                   context_text, key_cache)]  # fmt: skip
+                                                                   context_text, key_cache, text_valid)]  # fmt: skip
 
 
 def video_groups(
@@ -176,6 +197,7 @@ def video_groups(
     parts: frozenset[str],
     context_text: str,
     key_cache: dict | None = None,
+    text_valid: torch.Tensor | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]:
     """:func:`mdma_video_groups` with each group's keys also as a host tuple. One small device-to-host
     copy (the group sizes) is the only synchronisation once ``key_cache`` (a dict kept across calls
@@ -192,10 +214,11 @@ def video_groups(
             continue
         cache_key = (code, parts, context_text)
         if cache_key not in cache:
-            if "member" not in cache:
+            if "member" not in cache:  # a cache serves one member and one text padding
                 cache["member"] = member.cpu()
+                cache["valid"] = None if text_valid is None else text_valid.cpu()
             objs = [(code >> k) & 1 == 1 for k in range(num_objects)]
-            keys = group_keys(cache["member"], tokens_per_motion, objs, parts, context_text)
+            keys = group_keys(cache["member"], tokens_per_motion, objs, parts, context_text, cache["valid"])
             cache[cache_key] = (tuple(keys.tolist()), keys.to(device))
         key_tuple, keys = cache[cache_key]
         groups.setdefault(key_tuple, [keys]).append(queries)
@@ -223,7 +246,8 @@ def check_cross_parts(parts: Sequence[str], context_text: str = "open") -> froze
 
 
 def mdma_cross_dense(
-    member: torch.Tensor, tokens_per_motion: int, video_masks: torch.Tensor, parts: Sequence[str] = CROSS_PARTS
+    member: torch.Tensor, tokens_per_motion: int, video_masks: torch.Tensor, parts: Sequence[str] = CROSS_PARTS,
+    text_valid: torch.Tensor | None = None,
 ) -> torch.BoolTensor:
     """MDMA of a cross-attention (METHOD.md section 9): bool ``[N_v, L_y + K * d_m]``, which text and
     motion keys each video query may read.
@@ -232,6 +256,7 @@ def mdma_cross_dense(
     t2v: it reads ``Y_mo^k`` of its objects and the context words, no other object's motion words.
     A part switched off leaves its keys open. A video query left with no key at all (every text token
     is some other object's motion word) reads the whole text, so softmax never sees an empty row.
+    A padded text key (``text_valid`` False) is closed to every query, and "the whole text" is its valid part.
     """
     parts = check_cross_parts(parts)
     num_objects, text_len = member.shape
@@ -248,9 +273,13 @@ def mdma_cross_dense(
         motion = (vm @ owner.float()) > 0
     else:
         motion = torch.ones(video_masks.shape[1], owner.shape[1], dtype=torch.bool, device=video_masks.device)
+    valid = torch.ones(text_len, dtype=torch.bool, device=video_masks.device)
+    if text_valid is not None:
+        valid = text_valid.to(video_masks.device)
+        text = text & valid
     mask = torch.cat([text, motion], dim=1)
     empty = ~mask.any(1)
-    mask[empty, :text_len] = True
+    mask[:, :text_len][empty] = valid
     return mask
 
 
