@@ -169,6 +169,45 @@ def test_a_motion_file_missing_an_expert_it_names_is_refused(tmp_path):
         MotionTokens.load(tmp_path / "gap.safetensors")
 
 
+def test_the_conditioning_modules_are_the_encoders_the_pipeline_has():
+    from types import SimpleNamespace
+
+    from fleximmt.method.adapter import ModelAdapter
+
+    encoder = torch.nn.Linear(2, 2)
+    assert ModelAdapter(SimpleNamespace(text_encoder=encoder, vae=encoder)).conditioning_modules() == ["text_encoder"]
+    both = SimpleNamespace(text_encoder=encoder, text_encoder_2=encoder, image_encoder=None, vae=encoder)
+    assert ModelAdapter(both).conditioning_modules() == ["text_encoder", "text_encoder_2"]
+
+
+def test_a_second_text_encoder_is_frozen_and_offloaded_like_the_first(tmp_path, monkeypatch):
+    import fleximmt.training.train as training
+    from fleximmt.models.cogvideox import FlexiMMTPipeline
+    from fleximmt.toy.tiny import tiny_components
+
+    class TwoEncoders(FlexiMMTPipeline):  # a pipeline with a second text encoder, as HunyuanVideo 1.5 has
+        def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler, text_encoder_2):
+            super().__init__(tokenizer, text_encoder, vae, transformer, scheduler)
+            self.register_modules(text_encoder_2=text_encoder_2)
+
+    pipe = TwoEncoders(**tiny_components(0), text_encoder_2=tiny_components(1)["text_encoder"])
+    pipe.set_progress_bar_config(disable=True)
+    moved = {name: [] for name in ("text_encoder", "text_encoder_2")}
+    for name, calls in moved.items():
+        module = getattr(pipe, name)
+        monkeypatch.setattr(module, "to", lambda *a, _to=module.to, _calls=calls, **k: _calls.append((a, k)) or _to(*a, **k))
+    monkeypatch.setattr(training, "offload_target", lambda device: "cpu")  # as on a GPU: encoders wait on the CPU
+    frozen = []
+
+    def check(step, loss):
+        frozen.append([all(not p.requires_grad for p in getattr(pipe, n).parameters()) for n in moved])
+
+    train(pipe, tmp_path / "m.safetensors", steps=2, callback=check)
+    assert frozen == [[True, True]] * 2
+    assert moved["text_encoder"][0] == (("cpu",), {}) and moved["text_encoder_2"][0] == (("cpu",), {})
+    assert all(p.requires_grad for p in pipe.text_encoder_2.parameters())  # as it was before the run
+
+
 def test_frames_given_as_an_array_are_subsampled_from_their_own_rate(pipe):
     from fleximmt.training.train import load_reference
 

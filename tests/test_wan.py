@@ -280,6 +280,40 @@ def test_each_expert_trains_its_own_tokens_on_its_own_timesteps(tmp_path):
     assert torch.equal(low[0], initial.experts[0]) and not torch.equal(low[1], initial.experts[1])
 
 
+def test_a_model_of_three_experts_trains_three_token_sets_and_resumes(tmp_path, monkeypatch):
+    # nothing in the loop counts experts: a third transformer (never chosen by Wan's two-way split) gets
+    # its own tokens, kept at their initial values, in the motion file and the checkpoint
+    from safetensors import safe_open
+
+    from fleximmt.models.wan import WanAdapter
+    from fleximmt.training.train import checkpoint_path
+
+    pipe = FlexiMMTWanPipeline(**tiny_wan_components(0, "2.2"))
+    pipe.set_progress_bar_config(disable=True)
+    third = tiny_wan_components(1, "2.2")["transformer"]
+    monkeypatch.setattr(WanAdapter, "transformers", lambda self: [pipe.transformer, pipe.transformer_2, third])
+    initial = train(pipe, tmp_path / "init.safetensors", steps=1, lr=0.0)
+    whole = train(pipe, tmp_path / "whole.safetensors", steps=4, lr=0.05, checkpoint_every=2)
+    assert whole.num_experts == 3 and torch.equal(whole.experts[2], initial.experts[2])
+    assert not torch.equal(whole.experts[0], initial.experts[0])
+    with safe_open(str(checkpoint_path(tmp_path / "whole.safetensors")), framework="pt") as f:
+        assert {"param.tokens", "param.tokens_2", "param.tokens_3"} <= set(f.keys())
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, loss):
+        if step == 3:
+            raise Killed
+
+    out = tmp_path / "resumed.safetensors"
+    with pytest.raises(Killed):
+        train(pipe, out, steps=4, lr=0.05, checkpoint_every=2, callback=kill)
+    resumed = train(pipe, out, steps=4, lr=0.05, checkpoint_every=2, resume=True)
+    assert torch.allclose(resumed.tokens, whole.tokens, atol=1e-6)
+    assert torch.equal(MotionTokens.load(out).tokens, resumed.tokens)
+
+
 def test_save_load_from_pipe_and_the_loader_picks_wan(pipes, tmp_path):
     ours, theirs = pipes
     ours.save_pretrained(tmp_path / "model")

@@ -155,6 +155,13 @@ class ModelAdapter:
         yield call
 
     # -- training --------------------------------------------------------------------------
+    def conditioning_modules(self) -> list[str]:
+        """The pipeline components (by name) of the frozen encoders that :meth:`encode_conditions` runs:
+        a training run freezes them and, once the conditions are cached, may offload them to the CPU.
+        The default: whichever of the text encoder(s) and the image encoder the pipeline has."""
+        names = ("text_encoder", "text_encoder_2", "image_encoder")
+        return [name for name in names if isinstance(getattr(self.pipe, name, None), torch.nn.Module)]
+
     def encode_conditions(self, clips: list[torch.Tensor], caption: str, text_len: int,
                           generator: torch.Generator) -> dict[str, torch.Tensor]:  # fmt: skip
         """Encode a caption and reference windows ``[3, T, H, W]`` in [-1, 1] into the tensors a

@@ -74,7 +74,7 @@ class TrainSettings:
     gradient_checkpointing: bool | None = None  # None: on when activations would pass CHECKPOINT_ABOVE (real sizes)
     vae_slicing: bool = False
     vae_tiling: bool = False
-    offload_after_caching: bool = True  # text encoder and VAE to the CPU while the tokens train; put back after
+    offload_after_caching: bool = True  # encoders (adapter.conditioning_modules) and VAE to the CPU while the tokens train; put back after
 
     def validate(self) -> None:
         if self.steps < 1 or self.tokens_per_motion < 1:
@@ -262,7 +262,7 @@ def placed_by_hooks(module: torch.nn.Module) -> bool:
 @contextlib.contextmanager
 def placement_kept(pipe):
     """Put every module component back on the device and dtype it had, however the block ends
-    (training offloads the text encoder and VAE while the tokens train)."""
+    (training offloads the encoders and the VAE while the tokens train)."""
     before = module_placement(pipe)
     try:
         yield
@@ -295,7 +295,7 @@ def checkpoint_interval(steps: int) -> int:
 
 
 def offload_target(device: torch.device) -> str | None:
-    """Where the text encoder and VAE wait while the tokens train on ``device`` (None: stay)."""
+    """Where the encoders and the VAE wait while the tokens train on ``device`` (None: stay)."""
     return "cpu" if device.type != "cpu" else None
 
 
@@ -405,15 +405,15 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
     with proc.main_process_first():  # the main process encodes, the others read its cache
         cond = prepare_conditions(adapter, frames, caption, concept_words, motion_words, cfg, geometry,
                                   cache_path(output), cfg.seed)  # fmt: skip
+    encoders = [getattr(pipe, name) for name in adapter.conditioning_modules()]
     target = None if offloaded else offload_target(device)
     if cfg.offload_after_caching and target is not None:
-        pipe.text_encoder.to(target)
-        pipe.vae.to(target)
+        for module in (*encoders, pipe.vae):
+            module.to(target)
 
     transformers = adapter.transformers()
-    for module in (*transformers, pipe.vae, pipe.text_encoder, getattr(pipe, "image_encoder", None)):
-        if module is not None:
-            module.requires_grad_(False)
+    for module in (*transformers, pipe.vae, *encoders):
+        module.requires_grad_(False)
     adapter.install_processors()
     grid = adapter.token_grid(*geometry)
     checkpointing = cfg.gradient_checkpointing
@@ -426,10 +426,10 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
     num_blocks, dim = adapter.motion_shape()
     generator = torch.Generator().manual_seed(cfg.seed)
     params = {}
-    for expert, name in zip(range(adapter.num_experts), ("tokens", "tokens_2")):
+    for expert in range(len(transformers)):  # one token set per expert; checkpoints name them tokens, tokens_2, ...
         tokens = torch.empty(num_blocks, cfg.tokens_per_motion, dim)
         torch.nn.init.kaiming_uniform_(tokens.view(-1, dim), a=math.sqrt(5), generator=generator)
-        params[name] = torch.nn.Parameter(tokens.to(device))
+        params["tokens" if expert == 0 else f"tokens_{expert + 1}"] = torch.nn.Parameter(tokens.to(device))
     experts = list(params.values())
     optimizer = torch.optim.AdamW(experts, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_with_hard_restarts_schedule_with_warmup(
