@@ -10,7 +10,7 @@ encodes its conditions and predicts ``x0``. Adding a base model means writing on
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import FlexiMMTInputError
+from .prompt import find_word_spans
 
 
 @dataclass
@@ -116,6 +117,13 @@ class ModelAdapter:
     def prompt_text(self, prompt: str) -> str:
         """The prompt as the pipeline hands it to its tokenizer (where motion words are looked up)."""
         return prompt
+
+    def word_spans(self, prompt: str, phrases: Sequence[str], text_len: int) -> list[list[int]]:
+        """Each phrase's token indices among the ``text_len`` text tokens the transformer sees, found
+        by characters in the prompt as the pipeline tokenises it (``prompt.find_word_spans``). A
+        family whose pipeline wraps the prompt in a template, or crops tokens from the front, says
+        so here (``prompt_start``, ``skip_tokens``)."""
+        return find_word_spans(self.pipe.tokenizer, self.prompt_text(prompt), phrases, text_len)
 
     # -- inference plumbing ----------------------------------------------------------------
     def install_processors(self) -> None:

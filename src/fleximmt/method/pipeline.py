@@ -39,7 +39,7 @@ from .masks import (
     span_membership,
 )
 from .motion import ObjectMotion
-from .prompt import find_token_spans, prompt_token_ids
+from .prompt import find_token_spans
 
 logger = logging.getLogger(__name__)
 
@@ -157,17 +157,22 @@ def about_object(number: int) -> Iterator[None]:
         raise ObjectInputError(number, str(err)) from None
 
 
-def object_word_spans(tokenizer, prompt: str, phrases: Sequence[str], max_sequence_length: int) -> list[list[int]]:
-    """:func:`object_token_spans` in the prompt as a diffusers pipeline's tokenizer gives it."""
-    ids = prompt_token_ids(tokenizer, prompt, max_sequence_length)
-    encode = lambda phrase: tokenizer(phrase, add_special_tokens=False).input_ids  # noqa: E731
-    return object_token_spans(ids, phrases, encode, prompt, max_sequence_length)
+def object_word_spans(adapter: ModelAdapter, prompt: str, phrases: Sequence[str], text_len: int) -> list[list[int]]:
+    """Every object's phrase in the prompt as the adapter's pipeline tokenises it
+    (``ModelAdapter.word_spans``), a phrase that is not in it named by its object's number
+    ("object 2: motion words ..."). An empty prompt is about no one object."""
+    if prompt.strip():
+        for number, phrase in enumerate(phrases, 1):
+            with about_object(number):
+                adapter.word_spans(prompt, [phrase], text_len)
+    return adapter.word_spans(prompt, phrases, text_len)
 
 
 def object_token_spans(ids: Sequence[int], phrases: Sequence[str], encode, prompt: str,
                        max_sequence_length: int) -> list[list[int]]:  # fmt: skip
-    """:func:`find_token_spans` of every object's phrase, a phrase that is not in the prompt named by
-    its object's number ("object 2: motion words ..."). An empty prompt is about no one object."""
+    """:func:`find_token_spans` (the id search) of every object's phrase, numbered as in
+    :func:`object_word_spans`: for ComfyUI's native patch, whose CLIP gives token ids and no
+    character offsets."""
     if prompt.strip():
         for number, phrase in enumerate(phrases, 1):
             with about_object(number):
@@ -307,7 +312,6 @@ class FlexiMMTMixin:
         and each video's first-frame masks on the token grid (bool ``[K, h, w]``)."""
         num_blocks, dim = adapter.motion_shape()
         text_len = call.get("max_sequence_length") or adapter.default_text_length()
-        tokenizer = self.tokenizer
         slots, firsts = [], []
         for video, (prompt, image, objs) in enumerate(zip(prompts, images, objects)):
             if len(objs) > MAX_OBJECTS:
@@ -329,12 +333,11 @@ class FlexiMMTMixin:
             d_ms = {obj.motion.d_m for obj in objs}
             if len(d_ms) > 1:
                 raise FlexiMMTInputError(f"the motions have different token counts d_m {sorted(d_ms)}: use motions trained with one d_m")
-            text = adapter.prompt_text(prompt)
-            member = span_membership(text_len, object_word_spans(tokenizer, text, [o.motion_text for o in objs], text_len))
+            member = span_membership(text_len, object_word_spans(adapter, prompt, [o.motion_text for o in objs], text_len))
             concept_index = None
             if options.mask_source == "qk":
                 concepts = [o.concept_text or o.motion_text for o in objs]
-                spans = object_word_spans(tokenizer, text, concepts, text_len)
+                spans = object_word_spans(adapter, prompt, concepts, text_len)
                 concept_index = [torch.tensor(span, dtype=torch.long, device=device) for span in spans]
             tokens = torch.stack([o.motion.expert_tokens() for o in objs]).to(device)  # [K, E, blocks, d_m, dim]
             slots.append(VideoMotions(tokens, member.to(device), concept_index))

@@ -31,7 +31,6 @@ from ..method.adapter import ModelAdapter, module_placement
 from ..method.attention import FlexiMMTState, motion_state_for
 from ..method.masks import span_membership
 from ..method.motion import MotionTokens, atomic_write
-from ..method.prompt import find_word_spans
 from ..models import adapter_for
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import as_frames, read_video, subsample, to_model_tensor, window_starts
@@ -197,9 +196,8 @@ def prepare_conditions(adapter: ModelAdapter, frames: np.ndarray, caption: str, 
     pipe = adapter.pipe
     height, width, num_frames = geometry
     text_len = adapter.default_text_length()
-    text = adapter.prompt_text(caption)
-    motion = find_word_spans(pipe.tokenizer, text, [motion_words], text_len)
-    concept = find_word_spans(pipe.tokenizer, text, [concept_words], text_len)
+    motion = adapter.word_spans(caption, [motion_words], text_len)
+    concept = adapter.word_spans(caption, [concept_words], text_len)
     member, concept_member = span_membership(text_len, motion), span_membership(text_len, concept)
     starts = window_starts(len(frames), num_frames, settings.max_windows)
     key = hashlib.sha256(
