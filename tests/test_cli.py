@@ -61,6 +61,17 @@ def test_top_level_help_lists_the_commands_with_examples(capsys):
         assert command in text, command
 
 
+def test_the_default_model_is_the_first_registered_familys_and_help_shows_it(capsys):
+    from fleximmt.models import adapters
+
+    first = next(adapters())
+    assert subparser("generate")._option_string_actions["--model"].default == first.default_model == "THUDM/CogVideoX-5b-I2V"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {first.default_model};" in text
+
+
 def test_generate_choices_are_the_pipelines_own():
     actions = {a.dest: a for a in subparser("generate")._actions}
     assert tuple(actions["mask_source"].choices) == MASK_SOURCES

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import FlexiMMTInputError
 from ..method.masks import RMPM_METHODS
 from ..method.pipeline import INITIAL_MASKS, MASK_SOURCES, about_object
-from ..models.cogvideox import DEFAULT_MODEL
+from ..models import default_model
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def _positive_int(text: str) -> int:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULT_MODEL,
-                       help="hub id or local folder of a CogVideoX or Wan image-to-video model, chosen by its "
+    group.add_argument("--model", default=default_model(),
+                       help="hub id or local folder of an image-to-video model of a supported family, chosen by its "
                             "model_index.json (default: %(default)s; e.g. THUDM/CogVideoX1.5-5B-I2V, "
                             "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, Wan-AI/Wan2.2-I2V-A14B-Diffusers); 'toy' is the small model trained on the toy world that ships with fleximmt "
                             "(64x64, 17 frames, runs on a CPU); 'tiny' builds a tiny random-weight model")  # fmt: skip

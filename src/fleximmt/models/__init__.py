@@ -32,6 +32,12 @@ def adapters() -> Iterator[type[ModelAdapter]]:
         yield getattr(importlib.import_module(f"{__name__}.{name}"), "ADAPTER")
 
 
+def default_model() -> str:
+    """The checkpoint loaded when none is named (the command line's ``--model``): the first registered
+    family's ``default_model``."""
+    return next(adapters()).default_model
+
+
 def family_name(family: str) -> str:
     """How messages name a model family ("CogVideoX image-to-video")."""
     for adapter_cls in adapters():
@@ -73,4 +79,5 @@ def compile(pipe, regional: bool = True, fullgraph: bool = True, **compile_kwarg
         transformer.compile_repeated_blocks(fullgraph=fullgraph, **compile_kwargs)
 
 
-__all__ = ["REGISTRY", "ModelAdapter", "TokenGrid", "adapter_for", "adapters", "compile", "family_name", "pipeline_class"]
+__all__ = ["REGISTRY", "ModelAdapter", "TokenGrid", "adapter_for", "adapters", "compile", "default_model", "family_name",
+           "pipeline_class"]
