@@ -8,14 +8,15 @@ from .models.cogvideox import FlexiMMTPipeline
 from .models.loading import load_pipeline
 from .training.train import TrainSettings, train_motion
 
-__all__ = ["FlexiMMTInputError", "FlexiMMTPipeline", "FlexiMMTPipelineOutput", "FlexiMMTWanPipeline", "MotionTokens",
-           "ObjectMotion", "TrainSettings", "compile", "load_pipeline", "train_motion"]
+__all__ = ["FlexiMMTHunyuanVideo15Pipeline", "FlexiMMTInputError", "FlexiMMTPipeline", "FlexiMMTPipelineOutput",
+           "FlexiMMTWanPipeline", "MotionTokens", "ObjectMotion", "TrainSettings", "compile", "load_pipeline", "train_motion"]
+LAZY = {"FlexiMMTWanPipeline": "wan", "FlexiMMTHunyuanVideo15Pipeline": "hunyuan15"}  # the other families' pipelines
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name == "FlexiMMTWanPipeline":  # imported on first use: diffusers' Wan module pulls in CLIP's processors
-        from .models.wan import FlexiMMTWanPipeline
+    if name in LAZY:  # imported on first use: diffusers' Wan and HunyuanVideo modules pull in image processors
+        import importlib
 
-        return FlexiMMTWanPipeline
+        return getattr(importlib.import_module(f"{__name__}.models.{LAZY[name]}"), name)
     raise AttributeError(f"module 'fleximmt' has no attribute {name!r}")

@@ -107,6 +107,17 @@ class ModelAdapter:
     def token_grid(self, height: int, width: int, num_frames: int) -> TokenGrid:
         raise NotImplementedError
 
+    def call_size(self, call: dict[str, Any]) -> tuple[int, int, int]:
+        """(height, width, num_frames) of the video a call (after :meth:`prepare_call`) makes. The default
+        reads the call's arguments; a pipeline that sizes the video from its image says so here."""
+        return call["height"], call["width"], call["num_frames"]
+
+    def frame_mask(self, mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """An object mask at the image's size as the video's frames show it (``height x width``): the
+        default leaves it (the pipeline resizes the whole image, as the token grid's downsampling does);
+        a pipeline that crops the image crops the masks the same way here."""
+        return mask
+
     def check_geometry(self, height: int, width: int, num_frames: int) -> None:
         """Raise a ``ValueError`` for a size this model cannot generate (FlexiMMT needs the grid exact)."""
 
@@ -155,6 +166,25 @@ class ModelAdapter:
         if videos % len(images):
             raise FlexiMMTInputError(f"{len(images)} images for {videos} videos: give one image, or one per prompt")
         return [img for img in images for _ in range(videos // len(images))]
+
+    @contextlib.contextmanager
+    def each_step(self, call: dict[str, Any], step_end: Callable[[int], None]) -> Iterator[dict[str, Any]]:
+        """Have ``step_end(step)`` run after every denoising step of the call (RMPM's schedule); yields
+        the call to make. The default chains diffusers' ``callback_on_step_end`` before the user's own
+        callback (a ``PipelineCallback`` keeps its tensor inputs)."""
+        user_callback = call.get("callback_on_step_end")
+        call = dict(call)
+        if hasattr(user_callback, "tensor_inputs"):  # diffusers' PipelineCallback / MultiPipelineCallbacks
+            call["callback_on_step_end_tensor_inputs"] = user_callback.tensor_inputs
+
+        def callback(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+            step_end(step)
+            if user_callback is not None:
+                return user_callback(pipe, step, timestep, callback_kwargs)
+            return {}
+
+        call["callback_on_step_end"] = callback
+        yield call
 
     @contextlib.contextmanager
     def attach(self, state, call: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,6 @@ MAX_OBJECTS = 8
 MASK_SOURCES = ("rmpm", "static", "qk", "none")
 INITIAL_MASKS = ("first_frame", "none")  # RMPM's step 0: first-frame masks everywhere, or the release's none
 ALWAYS_UPDATE_STEPS = 5  # dynamic RMPM: the release always updates masks in the first 5 steps
-OPTIONS = ("objects", "mask_source", "rmpm_method", "anchors", "alpha", "feature_blocks", "parts", "context_text",
-           "attention_backend", "return_masks", "initial_masks")  # fmt: skip
-
 OPTIONS_DOC = """FlexiMMT's own arguments (keyword-only):
     objects: ``ObjectMotion`` list, applied to every video of the call; or one list per prompt. Empty:
         exactly diffusers' pipeline.
@@ -58,7 +55,7 @@ OPTIONS_DOC = """FlexiMMT's own arguments (keyword-only):
     rmpm_method: "paper" (Eqs. 12-13) or "released" (the authors' label propagation).
     anchors: RMPM's W. alpha: dynamic RMPM's threshold (None: update every step).
     feature_blocks: blocks whose attention outputs feed RMPM (default: the model's share of the first blocks).
-    parts: MDMA parts on. context_text: "open" | "closed" (CogVideoX only).
+    parts: MDMA parts on. context_text: "open" | "closed" (joint attention: CogVideoX, HunyuanVideo 1.5).
     attention_backend: "auto" (grouped SDPA, no N x N mask), "flex" (one FlexAttention call with a block
         mask; compiled; on a CPU inference only) or "dense" (the reference).
     return_masks: add the per-step masks to the output. initial_masks: RMPM's step 0, "first_frame" or
@@ -114,7 +111,9 @@ def image_size(image: Any) -> tuple[int, int]:
 
 @dataclass
 class TransferOptions:
-    """FlexiMMT's keyword arguments of one call, checked."""
+    """FlexiMMT's keyword arguments of one call, checked: the one declaration of FlexiMMT's options (their
+    names, order and defaults). Every FlexiMMT pipeline's ``__call__`` is built from diffusers' own and
+    these (:func:`flexi_call`); ``OPTIONS_DOC`` documents them."""
 
     objects: Sequence = ()
     mask_source: str = "rmpm"
@@ -144,6 +143,38 @@ class TransferOptions:
         self.parts = check_parts(self.parts)
         check_context_text(self.context_text)
         adapter.check_settings(self.parts, self.context_text)
+
+
+OPTIONS = tuple(f.name for f in fields(TransferOptions))  # FlexiMMT's options, in their order
+
+
+def flexi_call(cls) -> Callable:
+    """A FlexiMMT pipeline's ``__call__``: diffusers' own signature (``cls.adapter_class.pipeline_class``),
+    in its order, with the defaults ``cls.call_defaults`` changes, then FlexiMMT's options keyword-only
+    (:class:`TransferOptions`; ``parts`` defaults to the model's own). ``inspect.signature``, ``help()``
+    and positional arguments see and take exactly that; the body is :meth:`FlexiMMTMixin._call`."""
+    diffusers_call = cls.adapter_class.pipeline_class.__call__
+    theirs = inspect.signature(diffusers_call)
+    defaults = {**{f.name: f.default for f in fields(TransferOptions)}, "parts": tuple(cls.adapter_class.parts),
+                **cls.call_defaults}  # fmt: skip
+    params = [p.replace(default=defaults.get(p.name, p.default)) for p in theirs.parameters.values()]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults[f.name], annotation=f.type)
+               for f in fields(TransferOptions)]  # fmt: skip
+    signature = theirs.replace(parameters=params, return_annotation="FlexiMMTPipelineOutput | Any")
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        return self._call(bound.arguments)
+
+    __call__.__signature__ = signature
+    __call__.__qualname__ = f"{cls.__qualname__}.__call__"
+    __call__.__module__ = cls.__module__
+    __call__.__doc__ = (f"Generate videos in which each object of ``objects`` moves with its own motion.\n\n"
+                        f"    diffusers' ``{cls.adapter_class.pipeline_class.__name__}.__call__`` arguments, in its order "
+                        f"and with its meaning{cls.call_doc}\n\n    {OPTIONS_DOC}")  # fmt: skip
+    return __call__
 
 
 @contextmanager
@@ -204,6 +235,13 @@ class FlexiMMTMixin:
     """FlexiMMT's transfer on top of a diffusers pipeline; ``adapter_class`` names the model family."""
 
     adapter_class: type[ModelAdapter]
+    call_defaults: dict[str, Any] = {}  # diffusers' arguments whose default FlexiMMT changes
+    call_doc: str = "."  # what the call does differently from diffusers' (the docstring's first paragraph ends so)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "adapter_class" in cls.__dict__ and "__call__" not in cls.__dict__:
+            cls.__call__ = flexi_call(cls)
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -272,7 +310,7 @@ class FlexiMMTMixin:
 
     def _transfer(self, adapter: ModelAdapter, diffusers_call: Callable, call: dict, options: TransferOptions,
                   per_prompt: list[list[ObjectMotion]]) -> Any:  # fmt: skip
-        height, width, num_frames = call["height"], call["width"], call["num_frames"]
+        height, width, num_frames = adapter.call_size(call)
         adapter.check_geometry(height, width, num_frames)
         grid = adapter.token_grid(height, width, num_frames)
         prompts = adapter.batch_prompts(call)
@@ -280,22 +318,11 @@ class FlexiMMTMixin:
         objects = [objs for objs in per_prompt for _ in range(videos_per_prompt)]
         images = adapter.batch_images(call, len(prompts))
         device = self._execution_device
-        state, first_masks = self._prepare_state(adapter, prompts, images, objects, grid, call, options, device)
+        state, first_masks = self._prepare_state(adapter, prompts, images, objects, grid, (height, width), call,
+                                                 options, device)  # fmt: skip
         adapter.install_processors()
-
         schedule = MaskSchedule(state, first_masks, grid, options, adapter.motion_shape()[0])
-        user_callback = call.get("callback_on_step_end")
-        if hasattr(user_callback, "tensor_inputs"):  # diffusers' PipelineCallback / MultiPipelineCallbacks
-            call["callback_on_step_end_tensor_inputs"] = user_callback.tensor_inputs
-
-        def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-            schedule.step_end(step)
-            if user_callback is not None:
-                return user_callback(pipe, step, timestep, callback_kwargs)
-            return {}
-
-        call["callback_on_step_end"] = step_end
-        with adapter.attach(state, call) as call:
+        with adapter.each_step(call, schedule.step_end) as call, adapter.attach(state, call) as call:
             check_caches(adapter.transformers(), state)
             output = diffusers_call(self, **call)
         masks = schedule.masks()
@@ -306,7 +333,7 @@ class FlexiMMTMixin:
         return FlexiMMTPipelineOutput(frames=output.frames, masks=masks)
 
     def _prepare_state(self, adapter: ModelAdapter, prompts: list[str], images: list, objects: list[list[ObjectMotion]],
-                       grid: TokenGrid, call: dict, options: TransferOptions,
+                       grid: TokenGrid, size: tuple[int, int], call: dict, options: TransferOptions,
                        device) -> tuple[FlexiMMTState, list[torch.Tensor]]:  # fmt: skip
         """Check every video's objects against its image, prompt and the model; return the state
         and each video's first-frame masks on the token grid (bool ``[K, h, w]``)."""
@@ -326,7 +353,7 @@ class FlexiMMTMixin:
                 if tuple(mask.shape) != (img_h, img_w):
                     raise ObjectInputError(k, f"the mask is {mask.shape[0]} x {mask.shape[1]} but the image is "
                                               f"{img_h} x {img_w}: give a mask of the image's size")  # fmt: skip
-                grid_mask = mask_to_token_grid(mask, grid.height, grid.width)
+                grid_mask = mask_to_token_grid(adapter.frame_mask(mask, *size), grid.height, grid.width)
                 if not grid_mask.any() and video == 0:
                     logger.warning("object %d has an empty mask: its motion will reach no video token", k)
                 first.append(grid_mask)
@@ -423,7 +450,7 @@ class MaskSchedule:
         num_objects = state.num_objects
         if options.return_masks:
             self.history.append(torch.stack([
-                slot.layout.video_masks.view(num_objects, grid.frames, grid.height, grid.width).cpu()
+                slot.video_masks.view(num_objects, grid.frames, grid.height, grid.width).cpu()
                 for slot in state.videos]))  # fmt: skip
         state.begin_step(grid.size, self.num_blocks)
         if not self.updating:
@@ -438,7 +465,7 @@ class MaskSchedule:
                 continue
             new = rmpm(self.first_masks[v], features.view(grid.frames, grid.height, grid.width, -1),
                        options.anchors, options.rmpm_method).reshape(num_objects, -1)  # fmt: skip
-            old = slot.layout.video_masks
+            old = slot.video_masks
             state.parts = options.parts  # after a release-style step 0, every part is on again
             state.set_video_masks(new, v)
             changes += [mask_change(o, n) for o, n in zip(old, new)]

@@ -1,5 +1,5 @@
-"""Base models, one adapter each: ``cogvideox`` (CogVideoX 5B-I2V and 1.5) and ``wan`` (Wan 2.1 / 2.2
-image-to-video). The registry below maps diffusers' pipeline names to them; a new model is one
+"""Base models, one adapter each: ``cogvideox`` (CogVideoX 5B-I2V and 1.5), ``wan`` (Wan 2.1 / 2.2
+image-to-video) and ``hunyuan15`` (HunyuanVideo 1.5 image-to-video). The registry below maps diffusers' pipeline names to them; a new model is one
 adapter file and one line here."""
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "WanImageToVideoPipeline": ("wan", "FlexiMMTWanPipeline"),
     "WanPipeline": ("wan", "FlexiMMTWanPipeline"),  # Wan 2.2 TI2V-5B ships as a WanPipeline; it animates images too
     "FlexiMMTWanPipeline": ("wan", "FlexiMMTWanPipeline"),
+    "HunyuanVideo15ImageToVideoPipeline": ("hunyuan15", "FlexiMMTHunyuanVideo15Pipeline"),
+    "FlexiMMTHunyuanVideo15Pipeline": ("hunyuan15", "FlexiMMTHunyuanVideo15Pipeline"),
 }
 
 

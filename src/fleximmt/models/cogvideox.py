@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from ..errors import FlexiMMTInputError
 from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch, image_count, prompt_count
 from ..method.attention import FlexiMMTState
 from ..method.masks import PARTS
-from ..method.pipeline import OPTIONS_DOC, FlexiMMTMixin, FlexiMMTPipelineOutput
+from ..method.pipeline import FlexiMMTMixin
 from .shared import carry_dispatch, check_no_context_parallelism, dispatched_attention, repeat_per_prompt
 
 logger = logging.getLogger(__name__)
@@ -296,54 +295,10 @@ class FlexiMMTPipeline(FlexiMMTMixin, CogVideoXImageToVideoPipeline):
     """Multi-object multi-motion image-to-video (FlexiMMT) on diffusers' CogVideoX I2V (5B-I2V, 1.5-5B-I2V)."""
 
     adapter_class = CogVideoXAdapter
+    call_defaults = {"height": None, "width": None, "num_frames": None, "max_sequence_length": None}  # from the model's config
+    call_doc = (", except: height, width, num_frames and max_sequence_length default to the model's own config; "
+                "``num_videos_per_prompt`` is honoured (diffusers' CogVideoX I2V sets it to 1); one image may serve "
+                "a list of prompts.")
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        image,
-        prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_frames: int | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        guidance_scale: float = 6,
-        use_dynamic_cfg: bool = False,
-        num_videos_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.FloatTensor | None = None,
-        prompt_embeds: torch.FloatTensor | None = None,
-        negative_prompt_embeds: torch.FloatTensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' own default)
-        max_sequence_length: int | None = None,
-        *,
-        objects: Sequence = (),
-        mask_source: str = "rmpm",
-        rmpm_method: str = "paper",
-        anchors: int = 3,
-        alpha: float | None = None,
-        feature_blocks: Sequence[int] | None = None,
-        parts: Sequence[str] = PARTS,
-        context_text: str = "open",
-        attention_backend: str = "auto",
-        return_masks: bool = False,
-        initial_masks: str = "first_frame",
-    ) -> FlexiMMTPipelineOutput | Any:
-        """Generate videos in which each object of ``objects`` moves with its own motion.
 
-        diffusers' ``CogVideoXImageToVideoPipeline.__call__`` arguments, in its order and with its
-        meaning, except: height, width, num_frames and max_sequence_length default to the model's
-        own config; ``num_videos_per_prompt`` is honoured (diffusers' CogVideoX I2V sets it to 1);
-        one image may serve a list of prompts.
-
-        """
-        return self._call(locals())
-
-    __call__.__doc__ += OPTIONS_DOC
 ADAPTER = CogVideoXAdapter

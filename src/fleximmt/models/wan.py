@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from ..errors import FlexiMMTInputError
 from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch
 from ..method.attention import FlexiMMTState
 from ..method.masks import CROSS_PARTS, check_cross_parts
-from ..method.pipeline import OPTIONS_DOC, FlexiMMTMixin, FlexiMMTPipelineOutput
+from ..method.pipeline import FlexiMMTMixin
 from .shared import carry_dispatch, check_no_context_parallelism, dispatched_attention, repeat_per_prompt
 
 logger = logging.getLogger(__name__)
@@ -240,20 +240,29 @@ class WanAdapter(ModelAdapter):
     def attach(self, state: FlexiMMTState, call: dict[str, Any]):
         """Fill every transformer's slot for the call. Wan runs the conditional and unconditional
         branches as two forward calls per step, the conditional first: RMPM's features come from
-        the first call of each step."""
+        the first call of each step. The calls are counted here, and the count starts again after
+        each step (in the call's ``callback_on_step_end``, wrapped)."""
         videos = list(range(len(state.videos)))
         state.rows = videos
+        calls = 0  # transformer forward calls so far in this step
+        step_callback = call.get("callback_on_step_end")
 
         def first_call_captures(module, args):
-            state.feature_rows = videos if state.calls_this_step == 0 else None
-            state.calls_this_step += 1
+            nonlocal calls
+            state.feature_rows = videos if calls == 0 else None
+            calls += 1
+
+        def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+            nonlocal calls
+            calls = 0
+            return {} if step_callback is None else step_callback(pipe, step, timestep, callback_kwargs)
 
         hooks = []
         try:
             for transformer in self.transformers():
                 slot_of(transformer).state = state
                 hooks.append(transformer.register_forward_pre_hook(first_call_captures))
-            yield call
+            yield {**call, "callback_on_step_end": step_end}
         finally:
             for hook in hooks:
                 hook.remove()
@@ -366,55 +375,8 @@ class FlexiMMTWanPipeline(FlexiMMTMixin, WanImageToVideoPipeline):
     """Multi-object multi-motion image-to-video (FlexiMMT) on diffusers' Wan 2.1 / 2.2 I2V."""
 
     adapter_class = WanAdapter
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        image,
-        prompt: str | list[str] = None,
-        negative_prompt: str | list[str] = None,
-        height: int = 480,
-        width: int = 832,
-        num_frames: int = 81,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
-        guidance_scale_2: float | None = None,
-        num_videos_per_prompt: int | None = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
-        last_image: torch.Tensor | None = None,
-        output_type: str | None = "np",
-        return_dict: bool = True,
-        attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' own default)
-        max_sequence_length: int = 512,
-        *,
-        objects: Sequence = (),
-        mask_source: str = "rmpm",
-        rmpm_method: str = "paper",
-        anchors: int = 3,
-        alpha: float | None = None,
-        feature_blocks: Sequence[int] | None = None,
-        parts: Sequence[str] = CROSS_PARTS,
-        context_text: str = "open",
-        attention_backend: str = "auto",
-        return_masks: bool = False,
-        initial_masks: str = "first_frame",
-    ) -> FlexiMMTPipelineOutput | Any:
-        """Generate videos in which each object of ``objects`` moves with its own motion.
-
-        diffusers' ``WanImageToVideoPipeline.__call__`` arguments, in its order, with its defaults
-        and meaning. With objects, ``num_frames`` must be 4k+1 and height/width multiples of 16
-        (diffusers would round them), and one image serves the call.
-
-        """
-        return self._call(locals())
-
-    __call__.__doc__ += OPTIONS_DOC
+    call_doc = (", with its defaults. With objects, ``num_frames`` must be 4k+1 and height/width multiples of 16 "
+                "(diffusers would round them), and one image serves the call.")
 
 
 ADAPTER = WanAdapter

@@ -1,0 +1,370 @@
+"""HunyuanVideo 1.5 image-to-video (diffusers' ``HunyuanVideo15ImageToVideoPipeline``, 8.3B): FlexiMMT as
+METHOD.md section 10 maps it.
+
+Its blocks are dual-stream: video tokens and text tokens have their own projections and meet in one
+joint attention over ``[video | text]``, where "text" is, per batch row, the SigLIP image tokens, the
+ByT5 glyph tokens and the Qwen2.5-VL prompt tokens (valid ones first), then padding. Motion tokens
+join after the text (``attention.FORMS`` "joint") through the **text stream's** frozen ``add_q/k/v_proj``
+and ``norm_added_q/k`` (no RoPE); every MDMA part exists; padded text keys are closed to every query
+without an N x N mask (``attention.TextKeys``: where each row's prompt starts and its padding begins);
+RMPM reads the video stream's attention outputs (before the gate) of the conditional branch over the
+first 70% of the blocks. diffusers' blocks pass no ``attention_kwargs`` to their processors, so the
+processors of the transformer share one ``StateSlot`` the pipeline fills for the call; the guider runs
+the conditional branch first in each step, its own forward. Training is flow matching: the velocity
+error, i.e. the x0 error weighted by ``1 / sigma^2``, at timesteps shifted as the scheduler shifts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import HunyuanVideo15ImageToVideoPipeline
+from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
+from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5_image2video import format_text_input
+
+from ..errors import FlexiMMTInputError
+from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch
+from ..method.attention import FlexiMMTState, TextKeys
+from ..method.masks import PARTS
+from ..method.pipeline import FlexiMMTMixin
+from ..method.prompt import find_word_spans
+from .shared import carry_dispatch, check_no_context_parallelism, dispatched_attention
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v"
+CHECKPOINTS = (DEFAULT_MODEL, "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_i2v")
+MARKER = "\ue000"  # a private-use character no template holds: it shows where the prompt goes
+FEATURE_SHARE = 0.7  # RMPM averages the video stream's attention outputs over the first 70% of the blocks
+
+
+@dataclass
+class StateSlot:
+    """The per-call FlexiMMT state, shared by every processor of the transformer (None: plain
+    HunyuanVideo 1.5), and what the current forward's rows hold: their text forms, and how many forwards
+    this denoising step has run (the first is the conditional branch)."""
+
+    state: FlexiMMTState | None = None
+    texts: list[TextKeys] = field(default_factory=list)
+    calls: int = 0
+
+
+class FlexiMMTHunyuanAttnProcessor:
+    """HunyuanVideo 1.5's joint attention with motion tokens and MDMA; without a state, or with no
+    objects, it is diffusers' ``HunyuanVideo15AttnProcessor2_0`` (its dense padding mask included).
+
+    With objects, the text stream computes ``[text | motion]`` in one projection, the tokens run as
+    ``[video | text | motion]`` (diffusers' order plus the motion tokens) and the padded text keys are
+    left out of every attention call instead of masked."""
+
+    def __init__(self, block_index: int, slot: StateSlot) -> None:
+        self.block_index, self.slot = block_index, slot
+        self.hunyuan = HunyuanVideo15AttnProcessor2_0()
+
+    @property
+    def _attention_backend(self):
+        return self.hunyuan._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend) -> None:
+        self.hunyuan._attention_backend = backend
+
+    @property
+    def _parallel_config(self):
+        return self.hunyuan._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, config) -> None:
+        self.hunyuan._parallel_config = config
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        state = self.slot.state
+        if state is None or state.num_objects == 0 or encoder_hidden_states is None:
+            return self.hunyuan(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        check_no_context_parallelism(self, state)
+        attend = dispatched_attention(self, state)
+        batch, n_video, text_len = hidden_states.shape[0], hidden_states.shape[1], encoder_hidden_states.shape[1]
+        heads = lambda x: x.unflatten(2, (attn.heads, -1))  # noqa: E731  [B, N, H, d]
+        query = attn.norm_q(heads(attn.to_q(hidden_states)))
+        key = attn.norm_k(heads(attn.to_k(hidden_states)))
+        value = heads(attn.to_v(hidden_states))
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        motion = state.joint_motion_rows(self.block_index, 0, batch, like=encoder_hidden_states)
+        context = torch.cat([encoder_hidden_states, motion], dim=1)  # the text stream: [text | motion]
+        context_q, context_k = heads(attn.add_q_proj(context)), heads(attn.add_k_proj(context))
+        context_v = heads(attn.add_v_proj(context))
+        if attn.norm_added_q is not None:
+            context_q = attn.norm_added_q(context_q)
+        if attn.norm_added_k is not None:
+            context_k = attn.norm_added_k(context_k)
+        query, key, value = (torch.cat([v, c], dim=1).transpose(1, 2) for v, c in
+                             ((query, context_q), (key, context_k), (value, context_v)))  # fmt: skip
+        texts = self.slot.texts if len(self.slot.texts) == batch else [TextKeys()] * batch
+        out = state.joint_attention(self.block_index, query, key, value, text_len, attend, texts)
+        out = out.transpose(1, 2).flatten(2, 3).to(hidden_states.dtype)
+        video_out = attn.to_out[1](attn.to_out[0](out[:, :n_video]))
+        text_out = attn.to_add_out(out[:, n_video:])
+        state.observe(self.block_index, video_out)
+        return video_out, text_out
+
+
+def slot_of(transformer) -> StateSlot | None:
+    processor = transformer.transformer_blocks[0].attn.processor
+    return processor.slot if isinstance(processor, FlexiMMTHunyuanAttnProcessor) else None
+
+
+def row_texts(kwargs: dict[str, Any]) -> list[TextKeys]:
+    """Each row's text form in a forward of diffusers' HunyuanVideo 1.5 transformer, as its forward
+    lays the text out: valid image tokens, valid glyph (ByT5) tokens, valid prompt tokens, then padding."""
+    mask, mask_2, image = kwargs["encoder_attention_mask"], kwargs.get("encoder_attention_mask_2"), kwargs.get("image_embeds")
+    images = 0 if image is None or bool(torch.all(image == 0)) else image.shape[1]  # diffusers' t2v rule
+    prompt = mask.bool().sum(1).tolist()
+    glyphs = [0] * len(prompt) if mask_2 is None else mask_2.bool().sum(1).tolist()
+    return [TextKeys(images + g, images + g + p) for p, g in zip(prompt, glyphs)]
+
+
+class HunyuanVideo15Adapter(ModelAdapter):
+    family = "hunyuanvideo15"
+    display_name = "HunyuanVideo 1.5 image-to-video"
+    pipeline_class = HunyuanVideo15ImageToVideoPipeline
+    form = "joint"
+    parts = PARTS
+    feature_share = FEATURE_SHARE
+    default_model = DEFAULT_MODEL
+
+    def check_model(self) -> None:
+        cfg = self.pipe.transformer.config
+        latent = self.pipe.vae.config.latent_channels
+        if cfg.task_type != "i2v" or cfg.in_channels != 2 * latent + 1:
+            raise FlexiMMTInputError(
+                f"this HunyuanVideo 1.5 transformer is made for {cfg.task_type!r} ({cfg.in_channels} input channels): "
+                "load an image-to-video checkpoint: " + ", ".join(CHECKPOINTS)
+            )
+
+    def default_text_length(self) -> int:
+        return self.pipe.tokenizer_max_length  # the Qwen2.5-VL prompt tokens after the template's crop (1000)
+
+    def default_size(self) -> tuple[int, int, int]:
+        """A square image's size (the pipeline sizes the video from the image's aspect) and diffusers' 121 frames."""
+        target = self.pipe.target_size
+        height, width = self.pipe.video_processor.calculate_default_height_width(target, target, target)
+        return height, width, inspect.signature(self.pipeline_class.__call__).parameters["num_frames"].default
+
+    def call_size(self, call: dict[str, Any]) -> tuple[int, int, int]:
+        """The pipeline makes its video at the size of ``target_size``'s bucket closest to the image's aspect."""
+        image = call["image"]
+        if not isinstance(image, PIL.Image.Image):
+            raise FlexiMMTInputError(f"image: HunyuanVideo 1.5 takes a PIL image, got {type(image).__name__}: "
+                                     "pass PIL.Image.open(path) (or Image.fromarray(array))")  # fmt: skip
+        height, width = self.pipe.video_processor.calculate_default_height_width(image.height, image.width,
+                                                                                 self.pipe.target_size)  # fmt: skip
+        return height, width, call["num_frames"]
+
+    def frame_mask(self, mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The mask resized and centre-cropped exactly as the pipeline's ``resize(..., resize_mode="crop")``
+        treats the image: scaled to cover ``height x width`` with its aspect kept, then cut to it."""
+        src_h, src_w = mask.shape
+        ratio, src_ratio = width / height, src_w / src_h
+        cover_w = width if ratio > src_ratio else src_w * height // src_h
+        cover_h = height if ratio <= src_ratio else src_h * width // src_w
+        cover = F.interpolate(mask[None, None].float(), size=(cover_h, cover_w), mode="bilinear", align_corners=False)[0, 0]
+        top, left = cover_h // 2 - height // 2, cover_w // 2 - width // 2
+        return cover[top : top + height, left : left + width] >= 0.5
+
+    def token_grid(self, height: int, width: int, num_frames: int) -> TokenGrid:
+        cfg = self.pipe.transformer.config
+        temporal = self.pipe.vae_scale_factor_temporal
+        latent_frames = (num_frames - 1) // temporal + 1
+        per_token = self.pipe.vae_scale_factor_spatial * cfg.patch_size
+        return TokenGrid(latent_frames // cfg.patch_size_t, height // per_token, width // per_token, latent_frames,
+                         cfg.patch_size_t, temporal)  # fmt: skip
+
+    def check_geometry(self, height: int, width: int, num_frames: int) -> None:
+        temporal = self.pipe.vae_scale_factor_temporal
+        if num_frames < 1 or (num_frames - 1) % temporal:
+            lower = max(1, (num_frames - 1) // temporal * temporal + 1)
+            raise FlexiMMTInputError(
+                f"num_frames={num_frames}: HunyuanVideo 1.5 makes {temporal}k+1 frames; use {lower} or "
+                f"{lower + temporal} (its VAE would decode another count, moving the object masks off their frames)"
+            )
+
+    def word_spans(self, prompt: str, phrases, text_len: int) -> list[list[int]]:
+        """Motion words among the Qwen2.5-VL prompt tokens the transformer sees: the prompt inside the
+        pipeline's chat template (whose tokens are never motion words), its first
+        ``prompt_template_encode_start_idx`` tokens cropped as the pipeline crops them."""
+        pipe = self.pipe
+        render = lambda content: pipe.tokenizer.apply_chat_template(  # noqa: E731
+            format_text_input([content], pipe.system_message)[0], add_generation_prompt=True, tokenize=False)
+        content = prompt if prompt else " "  # as format_text_input puts an empty prompt
+        text, start = render(content), render(MARKER).index(MARKER)  # where the template puts the user's text
+        return find_word_spans(pipe.tokenizer, text, phrases, text_len, prompt_start=start,
+                               prompt_end=start + len(content), skip_tokens=pipe.prompt_template_encode_start_idx)  # fmt: skip
+
+    def batch_images(self, call: dict[str, Any], videos: int) -> list[Any]:
+        if isinstance(call["image"], list):
+            raise FlexiMMTInputError("HunyuanVideo 1.5's pipeline takes one image per call (it serves every prompt "
+                                     "of the batch): call once per image")  # fmt: skip
+        return [call["image"]] * videos
+
+    # -- inference plumbing ----------------------------------------------------------------
+    def install_processors(self) -> None:
+        transformer = self.pipe.transformer
+        if slot_of(transformer) is not None:
+            return
+        slot = StateSlot()
+        for index, block in enumerate(transformer.transformer_blocks):
+            current = block.attn.processor
+            if index == 0 and type(current) is not HunyuanVideo15AttnProcessor2_0:
+                logger.warning("replacing the attention processor %s with FlexiMMT's", type(current).__name__)
+            block.attn.set_processor(carry_dispatch(current, FlexiMMTHunyuanAttnProcessor(index, slot)))
+
+    @contextlib.contextmanager
+    def each_step(self, call: dict[str, Any], step_end):
+        """diffusers' HunyuanVideo 1.5 pipeline has no step callback: ``step_end`` runs after each of its
+        scheduler steps (the step's last act on the latents), and the step's forward count restarts."""
+        scheduler, slot = self.pipe.scheduler, slot_of(self.pipe.transformer)
+        original, own = scheduler.step, "step" in vars(scheduler)
+        steps = itertools.count()
+
+        def step(*args, **kwargs):
+            out = original(*args, **kwargs)
+            slot.calls = 0
+            step_end(next(steps))
+            return out
+
+        scheduler.step = step
+        try:
+            yield call
+        finally:
+            if own:
+                scheduler.step = original
+            else:
+                del scheduler.step
+
+    @contextlib.contextmanager
+    def _slot_filled(self, state: FlexiMMTState, before_forward):
+        transformer = self.pipe.transformer
+        slot = slot_of(transformer)
+        signature = inspect.signature(transformer.forward)
+
+        def hook(module, args, kwargs):
+            bound = signature.bind(*args, **kwargs).arguments
+            slot.texts = row_texts(bound)
+            before_forward()
+
+        handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
+        slot.state, slot.calls = state, 0
+        try:
+            yield slot
+        finally:
+            handle.remove()
+            slot.state, slot.texts = None, []
+
+    @contextlib.contextmanager
+    def attach(self, state: FlexiMMTState, call: dict[str, Any]):
+        """Fill the transformer's slot for the call. The guider runs each branch as its own forward, the
+        conditional first: RMPM's features come from the first forward of each step."""
+        videos = list(range(len(state.videos)))
+        state.rows, state.text_keys = videos, True
+
+        def before_forward():
+            slot = slot_of(self.pipe.transformer)
+            state.feature_rows = videos if slot.calls == 0 else None
+            slot.calls += 1
+
+        with self._slot_filled(state, before_forward):
+            yield call
+
+    # -- training ------------------------------------------------------------------------------
+    def encode_conditions(self, clips, caption, text_len, generator):
+        pipe = self.pipe
+        device = pipe._execution_device
+        dtype = pipe.transformer.dtype
+        embeds, mask, embeds_2, mask_2 = pipe.encode_prompt(caption, device=device, dtype=dtype)
+        scale = pipe.vae.config.scaling_factor
+        videos, conditions, images = [], [], []
+        for clip in clips:
+            clip = clip[None].to(device, pipe.vae.dtype)  # [1, 3, T, H, W]
+            latents = pipe.vae.encode(clip).latent_dist.sample(generator=generator).float() * scale
+            image = pipe.vae.encode(clip[:, :, :1]).latent_dist.mode().float() * scale  # as _get_image_latents
+            condition = torch.zeros_like(latents)
+            condition[:, :, :1] = image
+            frame_mask = torch.zeros_like(latents[:, :1])
+            frame_mask[:, :, 0] = 1.0
+            videos.append(latents[0].cpu())
+            conditions.append(torch.cat([condition, frame_mask], dim=1)[0].cpu())
+            pixels = ((clip[0, :, 0].float().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+            images.append(pipe.encode_image(PIL.Image.fromarray(pixels), 1, device, dtype)[0].float().cpu())
+        return {"prompt_embeds": embeds.float().cpu(), "prompt_embeds_mask": mask.cpu(),
+                "prompt_embeds_2": embeds_2.float().cpu(), "prompt_embeds_mask_2": mask_2.cpu(),
+                "video_latents": torch.stack(videos), "condition": torch.stack(conditions),
+                "image_embeds": torch.stack(images)}  # fmt: skip
+
+    def sample_sigma(self, generator: torch.Generator) -> float:
+        """A training noise level: uniform, then shifted as the pipeline's scheduler shifts its sigmas."""
+        shift = self.pipe.scheduler.config.get("shift", 1.0) or 1.0
+        u = torch.rand((), generator=generator).item()
+        return shift * u / (1 + (shift - 1) * u)
+
+    @contextlib.contextmanager
+    def training_attached(self, state: FlexiMMTState):
+        """The processors read the state from their slot, which must hold it until each backward pass
+        has recomputed its checkpointed blocks, not only during the forward call."""
+        self.install_processors()
+        state.rows, state.feature_rows, state.text_keys = None, None, True  # one video per call, no RMPM features
+        with self._slot_filled(state, lambda: None):
+            yield
+
+    def training_prediction(self, state, cond, window, generator, image_dropout, autocast) -> TrainingBatch:
+        pipe = self.pipe
+        device = pipe._execution_device
+        transformer = pipe.transformer
+        slot = slot_of(transformer)
+        if slot is None or slot.state is not state:
+            raise RuntimeError("HunyuanVideo 1.5's training_prediction runs inside adapter.training_attached(state)")
+        x0 = cond["video_latents"][window : window + 1].to(device)  # [1, C, F, h, w]
+        condition = cond["condition"][window : window + 1].to(device)
+        if torch.rand((), generator=generator).item() < image_dropout:
+            condition = condition.clone()
+            condition[:, :-1] = 0  # the image latents (the frame mask stays)
+        sigma = max(self.sample_sigma(generator), 1e-3)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        t = torch.tensor([sigma * pipe.scheduler.config.num_train_timesteps], device=device)
+        dtype = transformer.dtype
+        with autocast():
+            velocity = transformer(
+                hidden_states=torch.cat([noisy, condition], dim=1).to(dtype), timestep=t.to(dtype),
+                encoder_hidden_states=cond["prompt_embeds"].to(device, dtype),
+                encoder_attention_mask=cond["prompt_embeds_mask"].to(device),
+                encoder_hidden_states_2=cond["prompt_embeds_2"].to(device, dtype),
+                encoder_attention_mask_2=cond["prompt_embeds_mask_2"].to(device),
+                image_embeds=cond["image_embeds"][window : window + 1].to(device, dtype), return_dict=False,
+            )[0].float()  # fmt: skip
+        x0_hat = noisy - sigma * velocity  # flow matching: v = noise - x0
+        weight = torch.tensor(1.0 / sigma**2, device=device)  # the velocity error as an x0 error
+        return TrainingBatch(x0.transpose(1, 2), x0_hat.transpose(1, 2), weight)
+
+
+class FlexiMMTHunyuanVideo15Pipeline(FlexiMMTMixin, HunyuanVideo15ImageToVideoPipeline):
+    """Multi-object multi-motion image-to-video (FlexiMMT) on diffusers' HunyuanVideo 1.5 I2V (480p, 720p)."""
+
+    adapter_class = HunyuanVideo15Adapter
+    call_doc = (". The video's size comes from the image (the pipeline's ``target_size`` bucket of its aspect); "
+                "with objects, ``num_frames`` must be 4k+1 and one PIL image serves the call; CFG is the pipeline's "
+                "``guider``.")
+
+
+ADAPTER = HunyuanVideo15Adapter
