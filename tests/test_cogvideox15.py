@@ -1,6 +1,7 @@
 """CogVideoX 1.5 (THUDM/CogVideoX1.5-5B-I2V) on a tiny random model of its shape: tokens span 2 latent
 frames (padded in front), no learned positional embeddings (sizes up to the rotary grid), an ofs
-embedding and the inverted image-latent scale. Against diffusers and the dense reference."""
+embedding and the inverted image-latent scale. What is particular to 1.5, against diffusers and the
+dense reference; what every family does (at 64 x 64 x 17 here) is in test_contract.py."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from diffusers import CogVideoXImageToVideoPipeline
 from PIL import Image
 
-from fleximmt import FlexiMMTPipeline, MotionTokens, ObjectMotion, train_motion
+from fleximmt import FlexiMMTPipeline, ObjectMotion
 from fleximmt.evaluation.video import mask_overlay
 from fleximmt.toy import random_motion, tiny_components
 
@@ -49,8 +50,8 @@ def test_the_token_grid_pairs_latent_frames_padded_in_front(pipe):
     assert pipe.default_size() == (64, 64, 17)  # the model's largest size here (768 x 1360 on the real 1.5)
 
 
-@pytest.mark.parametrize("size", [(64, 64, 17), (48, 32, 9), (32, 64, 13)])
-def test_without_objects_it_is_diffusers(pipe, size):
+@pytest.mark.parametrize("size", [(48, 32, 9), (32, 64, 13)])  # test_contract.py: the model's own 64 x 64 x 17
+def test_without_objects_it_is_diffusers_at_other_sizes(pipe, size):
     height, width, frames = size
     vanilla = CogVideoXImageToVideoPipeline(**pipe.components)
     vanilla.set_progress_bar_config(disable=True)
@@ -61,10 +62,10 @@ def test_without_objects_it_is_diffusers(pipe, size):
     assert ours.shape == ref.shape and rel(ours, ref) < 1e-5
 
 
-@pytest.mark.parametrize("size", [(64, 64, 17), (48, 32, 9)])
 @pytest.mark.parametrize("settings", [dict(), dict(mask_source="qk"), dict(rmpm_method="released", anchors=1)])
-def test_auto_equals_dense_with_masks_on_token_frames(pipe, size, settings):
-    height, width, frames = size
+def test_auto_equals_dense_with_masks_on_token_frames_padded_in_front(pipe, settings):
+    # 9 frames: 3 latent frames, one of padding in front, 2 token frames (test_contract.py: 64 x 64 x 17)
+    height, width, frames = 48, 32, 9
     call = dict(BASE, height=height, width=width, num_frames=frames, output_type="latent", return_masks=True, **settings)
     image, objs = picture(height, width), objects(pipe, height, width)
     auto = pipe(image, PROMPT, generator=torch.Generator().manual_seed(0), objects=objs, **call)
@@ -100,24 +101,6 @@ def moving_square(frames=17, size=64):
     for t in range(frames):
         video[t, 20:36, 2 + 2 * t : 18 + 2 * t] = 220
     return video
-
-
-def test_a_motion_trains_on_1_5_and_drives_its_pipeline(pipe, tmp_path):
-    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    kw = dict(steps=60, tokens_per_motion=4, return_losses=True, dmem_drop=0.0, lr_warmup_steps=0, max_windows=1)
-    frozen = np.array(train_motion(pipe, moving_square(), "A ball jumps up.", "ball", "jumps up",
-                                   tmp_path / "a.safetensors", lr=0.0, **kw).losses)  # fmt: skip
-    result = train_motion(pipe, moving_square(), "A ball jumps up.", "ball", "jumps up", tmp_path / "b.safetensors",
-                          lr=0.03, **kw)  # fmt: skip
-    learned = np.array(result.losses)
-    assert (learned[-20:] / frozen[-20:]).mean() < (learned[:20] / frozen[:20]).mean() < 1.0001
-    assert all(torch.equal(v, before[k]) for k, v in pipe.transformer.state_dict().items())
-    motion = MotionTokens.load(tmp_path / "b.safetensors")
-    assert motion.family == "cogvideox" and motion.tokens.shape == (2, 4, 32)
-    mask = np.zeros((64, 64), bool)
-    mask[20:36, 2:18] = True
-    out = pipe(picture(), "A ball jumps up.", objects=[ObjectMotion(mask, motion, "jumps up")], output_type="latent", **BASE)
-    assert torch.isfinite(out.frames).all()
 
 
 def test_the_image_condition_is_scaled_as_the_pipeline_scales_it(pipe, monkeypatch):
