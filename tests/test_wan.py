@@ -145,23 +145,26 @@ def test_processors_are_installed_on_every_expert_and_objects_empty_stays_diffus
 
 
 def test_rmpm_reads_the_conditional_pass_only(pipes):
-    # Wan runs the conditional branch, then the unconditional one: features are captured in the first
+    # Wan runs the conditional branch, then the unconditional one: features are captured in the first, every step
     ours, _ = pipes
-    seen = []
+    seen = []  # per transformer forward call, the feature rows its blocks were given
     real = ours.adapter_class.attach
 
     def spy(adapter, state, call):
         observe = state.observe
-        state.observe = lambda block, out: seen.append((state.calls_this_step, state.feature_rows)) or observe(block, out)
+        state.observe = lambda block, out: seen[-1].add(None if state.feature_rows is None else tuple(state.feature_rows)) or observe(block, out)  # fmt: skip
         return real(adapter, state, call)
 
+    experts = [t for t in (ours.transformer, ours.transformer_2) if t is not None]
+    hooks = [t.register_forward_pre_hook(lambda module, args: seen.append(set())) for t in experts]
     ours.adapter_class.attach = spy
     try:
         ours(picture(), PROMPT, generator=gen(), objects=objects(ours), **CALL)
     finally:
         ours.adapter_class.attach = real
-    assert seen and {tuple(rows) for calls, rows in seen if calls == 1} == {(0,)}
-    assert [rows for calls, rows in seen if calls == 2] == [None] * (len(seen) // 2)
+        for hook in hooks:
+            hook.remove()
+    assert seen == [{(0,)}, {None}] * CALL["num_inference_steps"]
 
 
 def test_bad_input_on_wan_names_the_fix(pipes):
@@ -209,6 +212,16 @@ def train(pipe, out, **kw):
     kw = {"steps": 4, "tokens_per_motion": 4, "lr_warmup_steps": 0, "height": SIZE, "width": SIZE, "num_frames": 9,
           "max_windows": 1, **kw}  # fmt: skip
     return train_motion(pipe, moving_square(), "A red ball jumps up.", "ball", "jumps up", out, **kw)
+
+
+def test_random_motions_take_their_family_from_the_registry():
+    from fleximmt.toy import tiny_pipeline
+    from fleximmt.toy.tiny import family_of
+
+    assert random_motion(tiny_pipeline(0).transformer).metadata["family"] == "cogvideox"
+    assert random_motion(tiny_wan_components(0, "2.2-ti2v")["transformer"]).metadata["family"] == "wan"
+    with pytest.raises(ValueError, match="Linear is the denoiser of no registered family"):
+        family_of(torch.nn.Linear(2, 2))
 
 
 def test_training_changes_only_the_motion_tokens_and_they_drive_the_pipeline(pipes, tmp_path):

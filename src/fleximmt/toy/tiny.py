@@ -213,6 +213,24 @@ def random_motion(transformer, tokens_per_motion: int = 4, seed: int = 0, scale:
     gen = torch.Generator().manual_seed(seed)
     bound = scale * (3.0 / dim) ** 0.5
     sets = [(torch.rand(cfg.num_layers, tokens_per_motion, dim, generator=gen) * 2 - 1) * bound for _ in range(experts)]
-    if "family" not in metadata and type(transformer).__name__.startswith("Wan"):
-        metadata["family"] = "wan"
+    if "family" not in metadata:
+        metadata["family"] = family_of(transformer)
     return MotionTokens(sets, **metadata)
+
+
+def family_of(transformer) -> str:
+    """The registered family whose pipeline takes ``transformer`` (its ``transformer`` argument's type)."""
+    import inspect
+    import typing
+
+    from ..models import adapters
+
+    for adapter_cls in adapters():
+        init = adapter_cls.pipeline_class.__init__
+        try:
+            hint = typing.get_type_hints(init).get("transformer")
+        except Exception:  # an annotation that does not resolve here: read it as written
+            hint = inspect.signature(init).parameters["transformer"].annotation
+        if any(isinstance(kind, type) and isinstance(transformer, kind) for kind in typing.get_args(hint) or (hint,)):
+            return adapter_cls.family
+    raise ValueError(f"{type(transformer).__name__} is the denoiser of no registered family (fleximmt.models.REGISTRY)")
