@@ -148,8 +148,7 @@ def cmd_generate(args) -> None:
     if masks_out and not objects:
         logger.warning("--masks-out: no --object given, so there are no masks to draw; skipping it")
     pipe = load_pipeline(args)
-    given = {name: value for name, value in (("guidance_scale", args.guidance), ("num_frames", args.frames),
-                                             ("height", args.height), ("width", args.width)) if value is not None}  # fmt: skip
+    given = pipe.call_settings(guidance_scale=args.guidance, num_frames=args.frames, height=args.height, width=args.width)
     output = pipe(
         image=image, prompt=args.prompt, objects=objects, num_inference_steps=args.steps,
         generator=torch.Generator().manual_seed(args.seed), output_type="np",

@@ -160,6 +160,7 @@ class JointLayout:
     # the first `n_video + len(keys)` keys when its keys are a prefix of `order` (`prefix`), else gathers them
     order: torch.Tensor | None = None
     masked_rows: torch.Tensor | None = None
+    text_queries: torch.Tensor | None = None  # with padded text: the valid text queries (padded ones output 0)
     masked_queries: torch.Tensor | None = None  # the merged video queries (padded, see QUERY_BUCKETS)
     num_merged: int = 0  # how many of them are real
     groups: list[QueryGroup] = field(default_factory=list)
@@ -207,6 +208,9 @@ class JointLayout:
         self.order, position, in_chain = cache[config]
         self.groups = [QueryGroup.of(q, num_video, k if chained else position[k], chained, self.pad_queries)
                        for (q, k, _), chained in zip(large, in_chain)]  # fmt: skip
+        if valid is not None:  # a padded text query's output reaches nobody (its key is closed): not computed
+            self.text_queries = valid.to(device).nonzero().squeeze(1)
+            text_rows = text_rows[self.text_queries]
         rows = [torch.cat([text_rows[:, small:], text_rows[:, :small][:, self.order]], dim=1)]
         for queries, keys in merged:
             row = torch.zeros(small, dtype=torch.bool, device=device)
@@ -292,14 +296,22 @@ class JointLayout:
         video_q = query[:, :, :n_video]
         merged, num_merged = self.masked_queries, self.num_merged
         # the text queries' own rows (a view would keep the whole query alive for the backward pass)
-        masked_q = query[:, :, n_video : n_video + text_len].contiguous()
+        text_q, texts = self.text_queries, text_len
+        if text_q is None:
+            masked_q = query[:, :, n_video : n_video + text_len].contiguous()
+        else:
+            masked_q, texts = query[:, :, n_video : n_video + text_len].index_select(2, text_q), text_q.numel()
         if num_merged:
             masked_q = torch.cat([masked_q, video_q.index_select(2, merged)], dim=2)
         masked_out = attention(masked_q, keys, values, self.masked_bias(query))
-        out[:, :, n_video:] = masked_out[:, :, :text_len]
+        if text_q is None:
+            out[:, :, n_video:] = masked_out[:, :, :text_len]
+        else:
+            out[:, :, n_video:] = 0
+            out[:, :, n_video:].index_copy_(2, text_q, masked_out[:, :, :texts])
         video_out = out[:, :, :n_video]  # a view taken after `out` joined the autograd graph
         if num_merged:
-            video_out.index_copy_(2, merged[:num_merged], masked_out[:, :, text_len : text_len + num_merged])
+            video_out.index_copy_(2, merged[:num_merged], masked_out[:, :, texts : texts + num_merged])
         # groups whose keys are a prefix of the buffer's tail read a slice of it; the others come last:
         # without gradients they overwrite the tail in place, with gradients they gather their own keys
         for queries, count, small, chained in sorted(self.groups, key=lambda g: not g.chained):
@@ -456,7 +468,6 @@ class FlexiMMTState:
     # True: the processors name each row's text keys (TextKeys) and layouts are built per text form at
     # first use; False: the prompt's tokens are the text keys and each step's layout is built at once
     text_keys: bool = False
-    calls_this_step: int = 0  # transformer forward calls so far in this step (Wan: cond, then uncond)
     _dmem_layouts: dict = field(default_factory=dict)
     _drop: torch.Tensor | None = None
     _row_index: dict = field(default_factory=dict)
@@ -520,7 +531,6 @@ class FlexiMMTState:
         included) and draw this step's DMEM drop for every block and video at once."""
         self._dmem_layouts.clear()
         self._drop = None
-        self.calls_this_step = 0
         if self.dmem and self.dmem_drop > 0 and num_video_tokens and num_blocks:
             shape = (len(self.videos), num_blocks, self.num_objects, num_video_tokens)
             draw = torch.rand(shape, generator=self.generator)

@@ -158,6 +158,9 @@ def flexi_call(cls) -> Callable:
     defaults = {**{f.name: f.default for f in fields(TransferOptions)}, "parts": tuple(cls.adapter_class.parts),
                 **cls.call_defaults}  # fmt: skip
     params = [p.replace(default=defaults.get(p.name, p.default)) for p in theirs.parameters.values()]
+    if "callback_on_step_end" not in theirs.parameters:  # diffusers' habit, for a pipeline without it (see _call)
+        params.append(inspect.Parameter("callback_on_step_end", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation="Callable | None"))  # fmt: skip
     params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults[f.name], annotation=f.type)
                for f in fields(TransferOptions)]  # fmt: skip
     signature = theirs.replace(parameters=params, return_annotation="FlexiMMTPipelineOutput | Any")
@@ -278,6 +281,28 @@ class FlexiMMTMixin:
         index["_class_name"] = self.adapter_class.pipeline_class.__name__
         return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
+    def call_settings(self, **settings) -> dict[str, Any]:
+        """Settings a front end offers for every model (``guidance_scale``, ``height``, ``width``,
+        ``num_frames``, ...) as this pipeline's call takes them; None (the model's default) is left out. A
+        pipeline whose call has no ``guidance_scale`` but a ``guider`` (HunyuanVideo 1.5) gets a guider of
+        that scale; any other setting its call lacks is refused by name."""
+        params = inspect.signature(type(self).__call__).parameters
+        out = {}
+        for name, value in settings.items():
+            if value is None:
+                continue
+            if name in params:
+                out[name] = value
+            elif name == "guidance_scale" and getattr(self, "guider", None) is not None:
+                if self.guider.guidance_scale != value:
+                    self.guider = self.guider.new(guidance_scale=value)
+            else:
+                raise FlexiMMTInputError(
+                    f"{name}={value!r}: {self.adapter_class.display_name}'s pipeline takes no {name} (see "
+                    f"help({type(self).__name__}.__call__)): leave it unset"
+                )
+        return out
+
     @classmethod
     def diffusers_parameters(cls) -> list[str]:
         """The names of diffusers' own ``__call__`` arguments, in diffusers' order."""
@@ -291,11 +316,18 @@ class FlexiMMTMixin:
         adapter = self.adapter
         diffusers_call = self.adapter_class.pipeline_class.__call__
         call = {name: arguments[name] for name in self.diffusers_parameters()}
+        # a pipeline without diffusers' step callback gets FlexiMMT's: the adapter's each_step runs it
+        own_callback = "callback_on_step_end" not in call and arguments.get("callback_on_step_end") is not None
+        if own_callback:
+            call["callback_on_step_end"] = arguments["callback_on_step_end"]
         options = TransferOptions(**{name: arguments[name] for name in OPTIONS})
         prompt = call.get("prompt")
         per_prompt = objects_per_prompt(options.objects, len(prompt) if isinstance(prompt, list) else 1)
         call = adapter.prepare_call(call)
         try:
+            if not per_prompt[0] and own_callback:
+                with adapter.each_step(call, lambda step: None) as call:
+                    return diffusers_call(self, **call)
             if not per_prompt[0]:
                 return diffusers_call(self, **call)
             adapter.check_model()

@@ -165,6 +165,7 @@ class HunyuanVideo15Adapter(ModelAdapter):
     def call_size(self, call: dict[str, Any]) -> tuple[int, int, int]:
         """The pipeline makes its video at the size of ``target_size``'s bucket closest to the image's aspect."""
         image = call["image"]
+        self.batch_images(call, 1)
         if not isinstance(image, PIL.Image.Image):
             raise FlexiMMTInputError(f"image: HunyuanVideo 1.5 takes a PIL image, got {type(image).__name__}: "
                                      "pass PIL.Image.open(path) (or Image.fromarray(array))")  # fmt: skip
@@ -233,15 +234,23 @@ class HunyuanVideo15Adapter(ModelAdapter):
     @contextlib.contextmanager
     def each_step(self, call: dict[str, Any], step_end):
         """diffusers' HunyuanVideo 1.5 pipeline has no step callback: ``step_end`` runs after each of its
-        scheduler steps (the step's last act on the latents), and the step's forward count restarts."""
+        scheduler steps (the step's last act on the latents), the step's forward count restarts, and then
+        FlexiMMT's ``callback_on_step_end(pipe, step, timestep, {})`` (no tensors: the pipeline hands none)."""
         scheduler, slot = self.pipe.scheduler, slot_of(self.pipe.transformer)
         original, own = scheduler.step, "step" in vars(scheduler)
         steps = itertools.count()
+        call = dict(call)
+        callback = call.pop("callback_on_step_end", None)  # FlexiMMT's (the pipeline has none): run here
 
-        def step(*args, **kwargs):
-            out = original(*args, **kwargs)
-            slot.calls = 0
-            step_end(next(steps))
+        def step(model_output, timestep, *args, **kwargs):
+            out = original(model_output, timestep, *args, **kwargs)
+            index = next(steps)
+            if slot is not None:
+                slot.calls = 0
+            step_end(index)
+            if callback is not None and callback(self.pipe, index, timestep, {}):
+                raise FlexiMMTInputError("callback_on_step_end returned tensors: HunyuanVideo 1.5's pipeline hands its "
+                                         "step callback none and takes none back; return {} or None")  # fmt: skip
             return out
 
         scheduler.step = step

@@ -350,7 +350,8 @@ def transfer(pipe, image, prompt: str, objects, negative_prompt: str = "", steps
     check_pipe(pipe)
     picture = first_frame(image)
     objects = list(objects or ())  # the pipeline checks them against the image and the model
-    height, width, num_frames = geometry(pipe, width, height, frames)
+    settings = pipe.call_settings(height=height or None, width=width or None, num_frames=frames or None,
+                                  guidance_scale=float(guidance))  # 0: the model's own
     steps = int(steps)
     report = step_reporter(steps)
 
@@ -359,9 +360,8 @@ def transfer(pipe, image, prompt: str, objects, negative_prompt: str = "", steps
         return {}
 
     make_room(pipe)
-    result = pipe(image=picture, prompt=prompt or "", negative_prompt=negative_prompt or None, height=height,
-                  width=width, num_frames=num_frames, num_inference_steps=steps, guidance_scale=float(guidance),
-                  generator=torch.Generator().manual_seed(int(seed)), output_type="np", callback_on_step_end=on_step,
+    result = pipe(image=picture, prompt=prompt or "", negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                  **settings, generator=torch.Generator().manual_seed(int(seed)), output_type="np", callback_on_step_end=on_step,
                   objects=objects, mask_source=mask_source, rmpm_method=rmpm_method, anchors=int(anchors),
                   alpha=float(alpha) or None, initial_masks=initial_masks, return_masks=bool(objects))  # fmt: skip
     video = result.frames[0]
