@@ -271,7 +271,8 @@ def test_motion_words_with_qwen25s_real_tokenizer():
 def moving_square(frames=9):
     video = np.full((frames, 32, 32, 3), 90, np.uint8)
     for t in range(frames):
-        video[t, 10:22, 2 + 2 * t : 14 + 2 * t] = 220
+        x = 2 + 2 * t % 18
+        video[t, 10:22, x : x + 12] = 220
     return video
 
 
@@ -339,3 +340,25 @@ def test_save_load_and_the_command_line(pipes, tmp_path, capsys):
     code = main(["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "image.png"), "--prompt",
                  PROMPT, "--height", "64", "--steps", "1", "--out", str(tmp_path / "bad.mp4")])  # fmt: skip
     assert code != 0 and "takes no height" in capsys.readouterr().err
+
+
+def test_the_web_app_transfers_and_learns(pipes, tmp_path):
+    """The app fits image and masks to the model's default size, runs with its Stop/progress callback
+    (FlexiMMT's, the pipeline has none) and trains through train_motion."""
+    import imageio.v3 as iio
+
+    from fleximmt.apps.app import MotionLibrary, ObjectInput, TransferApp
+
+    ours, _ = pipes
+    (tmp_path / "motions").mkdir()
+    objects(ours)[0].motion.save(tmp_path / "motions" / "jump.safetensors")
+    Image.fromarray(masks()[0]).save(tmp_path / "mask.png")
+    app = TransferApp(ours, MotionLibrary(tmp_path / "motions"), tmp_path / "out")
+    seen = []
+    video, overlay = app.generate(np.asarray(picture()), PROMPT, [ObjectInput(mask_png=str(tmp_path / "mask.png"),
+                                  motion="jump", motion_words="jumps")], steps=2, seed=0,
+                                  progress=lambda share, desc: seen.append(share))  # fmt: skip
+    assert seen == pytest.approx([0.5, 1.0]) and iio.imread(video).shape[1:3] == iio.imread(overlay).shape[1:3] == (32, 32)
+    iio.imwrite(tmp_path / "ref.mp4", moving_square(121), fps=24, codec="libx264")  # the model's 121 frames
+    entry = app.learn(str(tmp_path / "ref.mp4"), "A ball jumps up.", "ball", "jumps up", "hop", 2, 2, lambda s, l: None)
+    assert MotionTokens.load(entry.path).family == "hunyuanvideo15"
