@@ -16,12 +16,16 @@ Adding a family (e.g. HunyuanVideo 1.5) is one ``Family(...)`` row in ``FAMILIES
   processors); what the pipeline's ``__init__`` takes, config values (``boundary_ratio``) included
   (a pipeline's ``.components`` leaves those out, so a row gives components, not a pipeline).
 - ``ours`` / ``diffusers``: FlexiMMT's pipeline class and diffusers' own for those components.
-- ``size`` (height, width, frames) and ``call``: what every call passes besides image and prompt (the
-  text length, the steps; keep it small). The prompt is ``PROMPT`` (the tiny tokenizer's words).
+- ``size`` (height, width, frames: the image's and the masks', the video's frames; passed as ``height``,
+  ``width`` and ``num_frames`` where diffusers' ``__call__`` takes them) and ``call``: what every call passes
+  besides (the text length, the steps; keep it small). The prompt is ``PROMPT`` (the tiny tokenizer's
+  words); the inputs of ``NO_OBJECTS`` that diffusers' pipeline takes are compared with it.
 - ``scale``: the spread of the random motion tokens, enough to move this model's output.
 - flags and settings of the behaviours that apply: ``fast_backends`` (compared with "dense"; "flex"
   compiles, 10-20 s a row on a CPU, so it runs on one model of each form),
   ``model_defaults`` (``__call__`` arguments whose default is None, the model's own, not diffusers'),
+  ``added_arguments`` (keyword-only arguments FlexiMMT's ``__call__`` adds where diffusers' has none, before
+  its options),
   ``offloads`` and ``fused_projections`` (what diffusers has for this model), ``learning`` (the
   training settings of the loss-falls test, ``LEARNING`` by default; None leaves the row out of it).
   A test whose flag is off is not generated for that row (nothing is skipped).
@@ -71,6 +75,7 @@ class Family:
     scale: float = 4.0
     fast_backends: tuple[str, ...] = ("auto",)
     model_defaults: frozenset[str] = frozenset()
+    added_arguments: tuple[str, ...] = ()
     offloads: tuple[str, ...] = ("model", "sequential")
     fused_projections: bool = True
     learning: dict | None = field(default_factory=lambda: dict(LEARNING))
@@ -158,12 +163,25 @@ def two_objects(pipe, row: Family) -> list[ObjectMotion]:
     return [ObjectMotion(masks[k], motion(pipe, row, seed=k + 1), WORDS[k]) for k in range(2)]
 
 
+def takes(row: Family, arguments) -> bool:
+    """Whether diffusers' pipeline of the row takes every one of these ``__call__`` arguments."""
+    return set(arguments) <= set(inspect.signature(row.diffusers.__call__).parameters)
+
+
+def size_arguments(row: Family) -> dict[str, int]:
+    """The row's size as ``height``, ``width`` and ``num_frames``, those that diffusers' pipeline takes."""
+    return {name: n for name, n in zip(("height", "width", "num_frames"), row.size) if takes(row, [name])}
+
+
 def run(pipe, row: Family, **kw):
-    """One call with the row's size and arguments, seed 0, latents out unless ``kw`` says otherwise."""
-    height, width, frames = row.size
-    call = dict(height=height, width=width, num_frames=frames, output_type="latent", **row.call)
-    call.update(kw)
+    """One call of the row's image and prompt with its arguments, seed 0, latents out unless ``kw`` says otherwise."""
+    call = {**size_arguments(row), "output_type": "latent", **row.call, **kw}
     return pipe(picture(row), PROMPT, generator=torch.Generator().manual_seed(0), **call)
+
+
+def video_grid(pipe, row: Family):
+    """The token grid of the row's video, at the size the adapter reads from the row's call."""
+    return pipe.token_grid(*pipe.adapter.call_size({"image": picture(row), **size_arguments(row)}))
 
 
 def frames_of(output) -> np.ndarray:
@@ -177,10 +195,10 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def fleximmt_processors(pipe) -> dict[str, str]:
-    """Every attention processor of every expert whose class is not FlexiMMT's: name -> class."""
-    return {f"{e}.{name}": type(p).__name__ for e, t in enumerate(adapter_for(pipe).transformers())
-            for name, p in t.attn_processors.items() if not type(p).__module__.startswith("fleximmt.")}  # fmt: skip
+def fleximmt_processors(pipe) -> list[dict[str, str]]:
+    """Per expert, FlexiMMT's attention processors installed on it: name -> class."""
+    return [{name: type(p).__qualname__ for name, p in t.attn_processors.items()
+             if type(p).__module__.startswith("fleximmt.")} for t in adapter_for(pipe).transformers()]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -189,21 +207,29 @@ def with_objects(row, ours):
     return run(ours, row, objects=two_objects(ours, row), return_masks=True)
 
 
+@pytest.fixture(scope="module")
+def installed(row, ours, with_objects):
+    """FlexiMMT's processors on ``ours`` after its call with objects, per expert."""
+    return fleximmt_processors(ours)
+
+
 # -- (a) objects=[] is diffusers' own pipeline -------------------------------------------------------------
 NO_OBJECTS = {"latent": {}, "negative-prompt": dict(negative_prompt="blurry"), "no-guidance": dict(guidance_scale=1.0),
               "tuple": dict(return_dict=False), "decoded": dict(output_type="np")}  # fmt: skip
 
 
-@each_family()
-@pytest.mark.parametrize("extra", NO_OBJECTS.values(), ids=NO_OBJECTS)
+@pytest.mark.parametrize(("row", "extra"), [(row, e) for row in FAMILIES for e in NO_OBJECTS.values() if takes(row, e)],
+                         ids=[f"{n}-{row.name}" for row in FAMILIES for n, e in NO_OBJECTS.items() if takes(row, e)],
+                         scope="module")  # fmt: skip
 def test_without_objects_it_is_diffusers_own_pipeline(row, untouched, theirs, extra):
+    # every input of NO_OBJECTS that diffusers' pipeline of the row takes
     ours, ref = frames_of(run(untouched, row, **extra)), frames_of(run(theirs, row, **extra))
     assert ours.shape == ref.shape and np.array_equal(ours, ref)
 
 
 @each_family()
-def test_after_a_call_with_objects_objects_empty_is_still_diffusers(row, ours, theirs, with_objects):
-    assert not fleximmt_processors(ours)  # FlexiMMT's processors are installed on every expert
+def test_after_a_call_with_objects_objects_empty_is_still_diffusers(row, ours, theirs, installed):
+    assert installed and all(installed)  # FlexiMMT's processors are on every expert
     assert torch.equal(run(ours, row).frames, run(theirs, row).frames)
 
 
@@ -218,7 +244,7 @@ SETTINGS = {"default": {}, "static": dict(mask_source="static"), "qk": dict(mask
 def test_fast_attention_equals_the_dense_reference_with_two_objects(row, ours, settings):
     objects = two_objects(ours, row)
     dense = run(ours, row, objects=objects, return_masks=True, attention_backend="dense", **settings)
-    grid = ours.token_grid(*row.size)
+    grid = video_grid(ours, row)
     assert dense.masks.shape == (1, row.call["num_inference_steps"], 2, grid.frames, grid.height, grid.width)
     for backend in row.fast_backends:
         fast = run(ours, row, objects=objects, return_masks=True, attention_backend=backend, **settings)
@@ -274,8 +300,8 @@ def optimised(monkeypatch) -> list[torch.Tensor]:
 
 
 @each_family()
-def test_training_changes_only_the_motion_tokens_and_the_file_drives_the_pipeline(row, ours, theirs, tmp_path,
-                                                                                  optimised):  # fmt: skip
+def test_training_changes_only_the_motion_tokens_and_the_file_drives_the_pipeline(row, ours, theirs, installed,
+                                                                                  tmp_path, optimised):  # fmt: skip
     before = frozen_state(ours)
     trained = train(row, ours, tmp_path / "m.safetensors")
     for (state, flags), (now, now_flags) in zip(before, frozen_state(ours)):
@@ -288,7 +314,7 @@ def test_training_changes_only_the_motion_tokens_and_the_file_drives_the_pipelin
     loaded = MotionTokens.load(tmp_path / "m.safetensors")
     assert torch.equal(loaded.tokens, trained.tokens) and loaded.family == ours.adapter.family
     assert loaded.num_experts == experts and all(e.shape == (blocks, 4, dim) for e in loaded.experts)
-    assert not fleximmt_processors(ours)  # the pipeline generates with FlexiMMT's attention next
+    assert fleximmt_processors(ours) == installed  # the pipeline generates with FlexiMMT's attention next
     mask = box(row, 0.25, 0.5, 0.05, 0.35)
     with_motion = run(ours, row, objects=[ObjectMotion(mask, str(tmp_path / "m.safetensors"), "jumps up")]).frames
     assert not torch.equal(with_motion, run(theirs, row).frames)
@@ -357,7 +383,7 @@ def test_call_signature_is_diffusers_own_then_fleximmt_keywords(row, ours):
     for p, q in zip(mine, theirs):
         assert p.default == (None if p.name in row.model_defaults else q.default), p.name
     rest = mine[len(theirs) :]
-    assert [p.name for p in rest] == list(OPTIONS)
+    assert [p.name for p in rest] == [*row.added_arguments, *OPTIONS]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in rest)
 
 
@@ -412,12 +438,12 @@ OFFLOADS = {"model": model_offload, "sequential": sequential_offload}
 
 @pytest.mark.parametrize(("row", "offload"), [(row, o) for row in FAMILIES for o in row.offloads],
                          ids=[f"{row.name}-{o}" for row in FAMILIES for o in row.offloads], scope="module")  # fmt: skip
-def test_cpu_offload_gives_the_same_video_and_masks_with_objects(row, with_objects, offload):
+def test_cpu_offload_gives_the_same_video_and_masks_with_objects(row, with_objects, installed, offload):
     pipe = build(row)
     OFFLOADS[offload](pipe)
     got = run(pipe, row, objects=two_objects(pipe, row), return_masks=True)
     assert rel(got.frames, with_objects.frames) < 1e-5 and torch.equal(got.masks, with_objects.masks)
-    assert not fleximmt_processors(pipe)
+    assert fleximmt_processors(pipe) == installed
 
 
 def fuse(pipe):
@@ -429,11 +455,11 @@ def fuse(pipe):
 
 
 @each_family(lambda row: row.fused_projections)
-def test_fused_projections_keep_the_motion_tokens_and_without_objects_are_diffusers(row, with_objects):
+def test_fused_projections_keep_the_motion_tokens_and_without_objects_are_diffusers(row, with_objects, installed):
     pipe = fuse(build(row))
     got = run(pipe, row, objects=two_objects(pipe, row), return_masks=True)
     assert rel(got.frames, with_objects.frames) < 1e-5 and torch.equal(got.masks, with_objects.masks)
-    assert not fleximmt_processors(pipe)
+    assert fleximmt_processors(pipe) == installed
     fused_diffusers = fuse(build(row, row.diffusers))
     assert rel(run(pipe, row).frames, run(fused_diffusers, row).frames) < 1e-5
 
