@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import FlexiMMTInputError
 from ..method.masks import RMPM_METHODS
 from ..method.pipeline import INITIAL_MASKS, MASK_SOURCES, about_object
-from ..models import default_model
+from ..models import SUPPORTED, default_model
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def load_pipeline(args):
         except OSError as err:
             raise FlexiMMTInputError(
                 f"could not load the model {args.model!r} ({str(err).splitlines()[0]}): give a local folder "
-                "with a CogVideoX or Wan image-to-video pipeline, or log in and download it first"
+                f"with a {SUPPORTED} image-to-video pipeline, or log in and download it first"
             ) from None
         if args.cpu_offload and cuda:
             pipe.enable_model_cpu_offload()

@@ -17,7 +17,7 @@ from ..errors import FlexiMMTInputError
 
 
 def prompt_token_ids(tokenizer, prompt: str, max_sequence_length: int) -> list[int]:
-    """The prompt's token ids exactly as diffusers' CogVideoX and Wan ``encode_prompt`` produce them."""
+    """The prompt's token ids exactly as diffusers' ``encode_prompt`` produces them (CogVideoX, Wan; HunyuanVideo 1.5 after its chat template)."""
     return tokenizer(
         prompt, padding="max_length", max_length=max_sequence_length, truncation=True, add_special_tokens=True
     ).input_ids

@@ -19,6 +19,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "HunyuanVideo15ImageToVideoPipeline": ("hunyuan15", "FlexiMMTHunyuanVideo15Pipeline"),
     "FlexiMMTHunyuanVideo15Pipeline": ("hunyuan15", "FlexiMMTHunyuanVideo15Pipeline"),
 }
+SUPPORTED = "CogVideoX, Wan or HunyuanVideo 1.5"  # how messages name the registered families, without importing them
 
 
 def pipeline_class(name: str) -> type:
@@ -81,5 +82,5 @@ def compile(pipe, regional: bool = True, fullgraph: bool = True, **compile_kwarg
         transformer.compile_repeated_blocks(fullgraph=fullgraph, **compile_kwargs)
 
 
-__all__ = ["REGISTRY", "ModelAdapter", "TokenGrid", "adapter_for", "adapters", "compile", "default_model", "family_name",
+__all__ = ["REGISTRY", "SUPPORTED", "ModelAdapter", "TokenGrid", "adapter_for", "adapters", "compile", "default_model", "family_name",
            "pipeline_class"]

@@ -28,6 +28,7 @@ from ...evaluation.video import grid_preview, mask_overlay
 from ...method.masks import RMPM_METHODS
 from ...method.motion import MotionTokens, check_motion_name, motion_metadata
 from ...method.pipeline import INITIAL_MASKS, MASK_SOURCES
+from ...models import SUPPORTED
 from .common import CATEGORY, MOTION, MOTIONS_FOLDER, OBJECTS, PIPE, motion_files, motions_dir
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def model_path(name: str) -> Path:
         if (path / "model_index.json").is_file():
             return path
     raise FlexiMMTInputError(f"no model {name!r} in ComfyUI's models/diffusers folders: put a diffusers folder there "
-                             "(CogVideoX or Wan image-to-video) and refresh")  # fmt: skip
+                             f"({SUPPORTED} image-to-video) and refresh")  # fmt: skip
 
 
 def load_model(name: str, dtype: str = "auto", offload: str = "none", vae_tiling: bool = False):
@@ -169,7 +170,7 @@ def load_model(name: str, dtype: str = "auto", offload: str = "none", vae_tiling
                 pipe = load_pipeline(model_path(name), torch_dtype=torch_dtype)
             except OSError as err:
                 raise FlexiMMTInputError(f"could not load the model {name!r} ({str(err).splitlines()[0]}): give a "
-                                         "complete diffusers folder of a CogVideoX or Wan image-to-video model") from None  # fmt: skip
+                                         f"complete diffusers folder of a {SUPPORTED} image-to-video model") from None  # fmt: skip
     if offload != "none" and not cuda:
         logger.warning("offload=%s: ComfyUI runs on %s, so the model stays there", offload, device)
     elif offload == "model":
@@ -185,14 +186,14 @@ def load_model(name: str, dtype: str = "auto", offload: str = "none", vae_tiling
 
 
 class LoadModel:
-    """Load FlexiMMT model: a diffusers image-to-video folder (CogVideoX or Wan) or the toy model."""
+    """Load FlexiMMT model: a diffusers image-to-video folder (CogVideoX, Wan or HunyuanVideo 1.5) or the toy model."""
 
     CATEGORY = CATEGORY
     RETURN_TYPES = (PIPE,)
     RETURN_NAMES = ("pipe",)
     OUTPUT_TOOLTIPS = ("The FlexiMMT pipeline, for Learn motion, Transfer and Preview masks.",)
     FUNCTION = "load"
-    DESCRIPTION = ("Loads a CogVideoX or Wan image-to-video model from models/diffusers (chosen by its model_index.json) "
+    DESCRIPTION = (f"Loads a {SUPPORTED} image-to-video model from models/diffusers (chosen by its model_index.json) "
                    "as a FlexiMMT pipeline; 'toy' is the small model that ships with fleximmt (64x64, 17 frames, CPU).")  # fmt: skip
 
     @classmethod
@@ -200,7 +201,7 @@ class LoadModel:
         return {
             "required": {
                 "model": ([TOY, *model_folders()], {"tooltip": "A diffusers folder under models/diffusers (its "
-                          "model_index.json picks CogVideoX or Wan), or 'toy': the toy model shipped with fleximmt."}),
+                          f"model_index.json picks {SUPPORTED}), or 'toy': the toy model shipped with fleximmt."}),
                 "dtype": (list(DTYPES), {"default": "auto", "tooltip": "Weights' precision; auto: bfloat16 on a GPU, "
                           "float32 on the CPU."}),
                 "offload": (list(OFFLOAD), {"default": "none", "tooltip": "Keep idle parts on the CPU (GPU only): "
