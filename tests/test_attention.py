@@ -206,3 +206,48 @@ def test_flex_equals_dense_in_gradients_on_a_gpu(seed):
         grads.append([t.grad for t in (q, k, v, mk, mv)])
     for flex, dense in zip(*grads):
         assert ((flex - dense).norm() / dense.norm()).item() < 1e-4
+
+
+# -- padded text keys (HunyuanVideo 1.5's text; METHOD.md section 10) ------------------------------------
+def cross_brute_force(member, owner, video_masks, valid):
+    """Which text and motion keys each video query reads, pair by pair (METHOD.md sections 9, 10):
+    a padded key never; a motion word only of the query's objects; context words always; motion tokens
+    only of its objects; a query left with nothing reads the whole valid text."""
+    K, L = member.shape
+    out = torch.zeros(video_masks.shape[1], L + owner.shape[1], dtype=torch.bool)
+    for v in range(video_masks.shape[1]):
+        mine = set(video_masks[:, v].nonzero().flatten().tolist())
+        for y in range(L):
+            words = set(member[:, y].nonzero().flatten().tolist())
+            out[v, y] = bool(valid[y]) and (not words or bool(words & mine))
+        for j in range(owner.shape[1]):
+            out[v, L + j] = bool(set(owner[:, j].nonzero().flatten().tolist()) & mine)
+        if not out[v].any():
+            out[v, :L] = valid
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cross_layouts_with_padded_text_equal_a_brute_force_and_auto_equals_dense(seed):
+    rng = random.Random(seed)
+    member, d_m, video_masks = layout_inputs(rng, 2, text_len=9)
+    valid = torch.arange(9) < 6 + seed  # the last 3 - seed text keys are padding
+    member &= valid
+    owner = torch.arange(2 * d_m)[None] // d_m == torch.arange(2)[:, None]
+    dense = CrossLayout(member, d_m, video_masks, frozenset(CROSS_PARTS), backend="dense", text_valid=valid)
+    assert torch.equal(dense.dense, cross_brute_force(member, owner, video_masks, valid))
+    auto = CrossLayout(member, d_m, video_masks, frozenset(CROSS_PARTS), backend="auto", text_valid=valid)
+    q, k, v, mk, mv = tensors(2, 2, [40, 9, 9, 2 * d_m, 2 * d_m], seed=seed)
+    expected = dense.attend(q, k, v, mk, mv)
+    assert torch.allclose(auto.attend(q, k, v, mk, mv), expected, atol=1e-10)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[:, :, ~valid], v2[:, :, ~valid] = 7.0, -7.0  # padded keys: nothing moves
+    assert torch.allclose(auto.attend(q, k2, v2, mk, mv), expected, atol=1e-10)
+
+
+def test_text_keys_place_motion_words_after_other_context_and_never_in_padding():
+    member = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
+    placed, valid = attention.TextKeys(offset=3, valid=7).place(member, 9)
+    assert placed.int().tolist() == [[0, 0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0]]  # object 2's word: padding
+    assert valid.tolist() == [True] * 7 + [False] * 2
+    assert attention.TextKeys().place(member, 5)[1] is None
