@@ -362,3 +362,25 @@ def test_the_web_app_transfers_and_learns(pipes, tmp_path):
     iio.imwrite(tmp_path / "ref.mp4", moving_square(121), fps=24, codec="libx264")  # the model's 121 frames
     entry = app.learn(str(tmp_path / "ref.mp4"), "A ball jumps up.", "ball", "jumps up", "hop", 2, 2, lambda s, l: None)
     assert MotionTokens.load(entry.path).family == "hunyuanvideo15"
+
+
+def test_dmem_scores_video_queries_against_the_concept_words_keys():
+    """METHOD.md section 10: in training, DMEM's mask of a block comes from the video queries against the
+    concept words' keys (text stream), each frame thresholded at its mean."""
+    from fleximmt.method.masks import dmem_mask
+
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.randn(1, 1, 1, 2, 16, generator=generator)
+    member = torch.zeros(1, 8, dtype=torch.bool)
+    member[0, 2] = True
+    concept = [torch.tensor([5])]  # the concept word: prompt token 5
+    state = FlexiMMTState([VideoMotions(tokens, member, concept)], form="joint", dmem=True, text_keys=True,
+                          dmem_video_queries=True, num_frames=2)  # fmt: skip
+    V, L, M = 24, 12, 2
+    q, k, v = (torch.randn(1, 2, V + L + M, 8, generator=generator) for _ in range(3))
+    text = TextKeys(3, 11)
+    state.joint_attention(0, q, k.clone(), v.clone(), L, texts=[text])
+    expected = dmem_mask(k[:, :, V + 3 + 5][:, :, None], q[:, :, :V], 2)[0]
+    assert torch.equal(state.videos[0].video_masks[0], expected)
+    flipped = dmem_mask(q[:, :, V + 3 + 5][:, :, None], k[:, :, :V], 2)[0]
+    assert not torch.equal(expected, flipped)  # the other reading (CogVideoX's) differs here

@@ -468,6 +468,9 @@ class FlexiMMTState:
     # True: the processors name each row's text keys (TextKeys) and layouts are built per text form at
     # first use; False: the prompt's tokens are the text keys and each step's layout is built at once
     text_keys: bool = False
+    # joint form, DMEM: score video queries against the concept words' keys (HunyuanVideo 1.5, METHOD.md
+    # section 10) instead of the concept words' queries against the video keys (CogVideoX, section 4)
+    dmem_video_queries: bool = False
     _dmem_layouts: dict = field(default_factory=dict)
     _drop: torch.Tensor | None = None
     _row_index: dict = field(default_factory=dict)
@@ -670,8 +673,9 @@ class FlexiMMTState:
     def _joint_one(self, video, text, block, query, key, value, text_len, attention):
         row = self._feature_row_within(video, query.shape[0])
         n_video = query.shape[2] - text_len - self.num_objects * self.tokens_per_motion
-        layout = self._layout(video, block, lambda idx: query[row : row + 1, :, n_video + idx],
-                              key[row : row + 1, :, :n_video], text, text_len)  # fmt: skip
+        words, places = (key, query) if self.dmem_video_queries else (query, key)
+        layout = self._layout(video, block, lambda idx: words[row : row + 1, :, n_video + idx],
+                              places[row : row + 1, :, :n_video], text, text_len)  # fmt: skip
         return layout.attend_video_first(query, key, value, text_len, attention)
 
     def cross_attention(self, block: int, expert: int, query, key, value, project, attention: Attention = sdpa,

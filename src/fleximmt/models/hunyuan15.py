@@ -286,7 +286,7 @@ class HunyuanVideo15Adapter(ModelAdapter):
         """Fill the transformer's slot for the call. The guider runs each branch as its own forward, the
         conditional first: RMPM's features come from the first forward of each step."""
         videos = list(range(len(state.videos)))
-        state.rows, state.text_keys = videos, True
+        state.rows, state.text_keys, state.dmem_video_queries = videos, True, True
 
         def before_forward():
             slot = slot_of(self.pipe.transformer)
@@ -332,7 +332,8 @@ class HunyuanVideo15Adapter(ModelAdapter):
         """The processors read the state from their slot, which must hold it until each backward pass
         has recomputed its checkpointed blocks, not only during the forward call."""
         self.install_processors()
-        state.rows, state.feature_rows, state.text_keys = None, None, True  # one video per call, no RMPM features
+        state.rows, state.feature_rows = None, None  # one video per call, no RMPM features in training
+        state.text_keys, state.dmem_video_queries = True, True
         with self._slot_filled(state, lambda: None):
             yield
 
