@@ -36,7 +36,7 @@ from ..method.attention import FlexiMMTState, TextKeys
 from ..method.masks import PARTS
 from ..method.pipeline import FlexiMMTMixin
 from ..method.prompt import find_word_spans
-from .shared import carry_dispatch, check_no_context_parallelism, dispatched_attention
+from .shared import DelegatingProcessor, carry_dispatch, check_no_context_parallelism, dispatched_attention
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class StateSlot:
     calls: int = 0
 
 
-class FlexiMMTHunyuanAttnProcessor:
+class FlexiMMTHunyuanAttnProcessor(DelegatingProcessor):
     """HunyuanVideo 1.5's joint attention with motion tokens and MDMA; without a state, or with no
     objects, it is diffusers' ``HunyuanVideo15AttnProcessor2_0`` (its dense padding mask included).
 
@@ -67,28 +67,12 @@ class FlexiMMTHunyuanAttnProcessor:
 
     def __init__(self, block_index: int, slot: StateSlot) -> None:
         self.block_index, self.slot = block_index, slot
-        self.hunyuan = HunyuanVideo15AttnProcessor2_0()
-
-    @property
-    def _attention_backend(self):
-        return self.hunyuan._attention_backend
-
-    @_attention_backend.setter
-    def _attention_backend(self, backend) -> None:
-        self.hunyuan._attention_backend = backend
-
-    @property
-    def _parallel_config(self):
-        return self.hunyuan._parallel_config
-
-    @_parallel_config.setter
-    def _parallel_config(self, config) -> None:
-        self.hunyuan._parallel_config = config
+        self.inner = HunyuanVideo15AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         state = self.slot.state
         if state is None or state.num_objects == 0 or encoder_hidden_states is None:
-            return self.hunyuan(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         check_no_context_parallelism(self, state)
         attend = dispatched_attention(self, state)
         batch, n_video, text_len = hidden_states.shape[0], hidden_states.shape[1], encoder_hidden_states.shape[1]

@@ -80,3 +80,27 @@ def carry_dispatch(previous, processor):
         if value is not None:
             setattr(processor, name, value)
     return processor
+
+
+class DelegatingProcessor:
+    """A FlexiMMT processor around one of diffusers' own (``self.inner``): the attention backend and the
+    context-parallel config that ``set_attention_backend``, ``reset_attention_backend`` and
+    ``enable_parallelism`` give a processor reach the wrapped one, so its calls dispatch as diffusers' do."""
+
+    inner: Any
+
+    @property
+    def _attention_backend(self):
+        return self.inner._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend) -> None:
+        self.inner._attention_backend = backend
+
+    @property
+    def _parallel_config(self):
+        return self.inner._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, config) -> None:
+        self.inner._parallel_config = config

@@ -32,7 +32,13 @@ from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch
 from ..method.attention import FlexiMMTState
 from ..method.masks import CROSS_PARTS, check_cross_parts
 from ..method.pipeline import FlexiMMTMixin
-from .shared import carry_dispatch, check_no_context_parallelism, dispatched_attention, repeat_per_prompt
+from .shared import (
+    DelegatingProcessor,
+    carry_dispatch,
+    check_no_context_parallelism,
+    dispatched_attention,
+    repeat_per_prompt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,30 +55,13 @@ class StateSlot:
     state: FlexiMMTState | None = None
 
 
-class WanProcessor:
-    """A FlexiMMT processor around diffusers' own ``WanAttnProcessor`` (``self.wan``): the attention
-    backend and context-parallel config that ``set_attention_backend``, ``reset_attention_backend`` and
-    ``enable_parallelism`` give a processor reach the wrapped one, so its calls dispatch as diffusers' do."""
+class WanProcessor(DelegatingProcessor):
+    """A FlexiMMT processor around diffusers' own ``WanAttnProcessor`` (``self.inner``), whose dispatch
+    settings it shares (``DelegatingProcessor``)."""
 
     def __init__(self, block_index: int, slot: StateSlot) -> None:
         self.block_index, self.slot = block_index, slot
-        self.wan = WanAttnProcessor()
-
-    @property
-    def _attention_backend(self):
-        return self.wan._attention_backend
-
-    @_attention_backend.setter
-    def _attention_backend(self, backend) -> None:
-        self.wan._attention_backend = backend
-
-    @property
-    def _parallel_config(self):
-        return self.wan._parallel_config
-
-    @_parallel_config.setter
-    def _parallel_config(self, config) -> None:
-        self.wan._parallel_config = config
+        self.inner = WanAttnProcessor()
 
 
 class WanSelfAttnProcessor(WanProcessor):
@@ -83,7 +72,7 @@ class WanSelfAttnProcessor(WanProcessor):
         state = self.slot.state
         if state is not None:
             check_no_context_parallelism(self, state)
-        out = self.wan(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if state is not None:
             state.observe(self.block_index, out)
         return out
@@ -101,7 +90,7 @@ class WanCrossAttnProcessor(WanProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         state = self.slot.state
         if state is None or state.num_objects == 0:
-            return self.wan(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if attention_mask is not None:
             raise ValueError("FlexiMMT attention takes no attention_mask of its own: MDMA is the mask")
         check_no_context_parallelism(self, state)
