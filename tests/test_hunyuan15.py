@@ -340,6 +340,14 @@ def test_save_load_and_the_command_line(pipes, tmp_path, capsys):
     code = main(["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "image.png"), "--prompt",
                  PROMPT, "--height", "64", "--steps", "1", "--out", str(tmp_path / "bad.mp4")])  # fmt: skip
     assert code != 0 and "takes no height" in capsys.readouterr().err
+    import imageio.v3 as iio
+
+    iio.imwrite(tmp_path / "ref.mp4", moving_square(), fps=8, codec="libx264")
+    code = main(["train", "--model", str(tmp_path / "model"), "--video", str(tmp_path / "ref.mp4"), "--caption",
+                 "A red ball jumps up.", "--concept", "ball", "--motion-words", "jumps up", "--out",
+                 str(tmp_path / "hop.safetensors"), "--steps", "2", "--tokens", "2", "--frames", "9", "--height", "32",
+                 "--width", "32"])  # fmt: skip
+    assert code == 0 and MotionTokens.load(tmp_path / "hop.safetensors").family == "hunyuanvideo15"
 
 
 def test_the_web_app_transfers_and_learns(pipes, tmp_path):
