@@ -19,6 +19,7 @@ from fleximmt.method.attention import FlexiMMTState, JointLayout, TextKeys, Vide
 from fleximmt.models.hunyuan15 import HunyuanVideo15Adapter
 from fleximmt.toy.tiny import random_motion, tiny_wan_components
 from fleximmt.toy.tiny_hunyuan15 import tiny_hunyuan15_components
+from test_attention_backends import restore_active_backend, spy  # noqa: F401 (fixtures)
 
 PROMPT = 'A dog jumps while a cat runs past a sign that says "Hi".'  # the quoted text gives ByT5 glyph tokens
 WORDS = ["jumps", "runs"]
@@ -392,3 +393,13 @@ def test_dmem_scores_video_queries_against_the_concept_words_keys():
     assert torch.equal(state.videos[0].video_masks[0], expected)
     flipped = dmem_mask(q[:, :, V + 3 + 5][:, :, None], k[:, :, :V], 2)[0]
     assert not torch.equal(expected, flipped)  # the other reading (CogVideoX's) differs here
+
+
+def test_every_attention_takes_the_backend_set_on_the_model(spy, restore_active_backend):
+    """As on the other families (tests/test_attention_backends.py): set_attention_backend reaches
+    FlexiMMT's processors, masked calls included (the backend takes masks)."""
+    pipe = FlexiMMTHunyuanVideo15Pipeline(**tiny_hunyuan15_components(0))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.set_attention_backend("_native_math")
+    pipe(image=picture(), prompt=PROMPT, objects=objects(pipe), **{**CALL, "num_inference_steps": 1}, generator=gen())
+    assert spy and {backend for backend, _ in spy} == {"_native_math"} and any(masked for _, masked in spy)
