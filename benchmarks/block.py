@@ -30,6 +30,18 @@ capture on) and ``WanCrossAttnProcessor`` sharing one ``StateSlot``, K objects x
 Training: gradients to the block's video input (Wan's encoder states are constant over the blocks and
 need none) and the motion tokens, DMEM on ``attn2``'s scores (part m2v).
 
+``--model hunyuan1.5``: one ``HunyuanVideo15TransformerBlock`` built as ``HunyuanVideo15Transformer3DModel``
+builds it from the 8.3B config (2048 = 16 heads x 128, mlp_ratio 4, QK RMSNorm; the 480p I2V checkpoint's
+target_size 640), at the bucket of a 16:9 image (480x848) and 121 frames: 31 latent frames x 30 x 53 = 49,290
+video tokens (16x spatial, 4x temporal VAE, patch 1), text of 729 SigLIP image + 256 ByT5 glyph + 1,000
+Qwen2.5-VL prompt tokens per row, laid out as the transformer's forward lays them (valid first: all 729 image
+tokens, ``--valid-glyphs`` 0, ``--valid-text`` 120 prompt tokens; the rest padding), RoPE from
+``HunyuanVideo15RotaryPosEmbed``. Batch 1: the guider runs each CFG branch as its own forward (this is the
+conditional one, RMPM's capture on). Baseline: diffusers' ``HunyuanVideo15AttnProcessor2_0`` (its padding as a
+full [N, N] bool mask); FlexiMMT: ``FlexiMMTHunyuanAttnProcessor`` with K objects x d_m motion tokens after the
+text, the padded keys left out (``TextKeys``); the step's layout of the row's text form is built before the
+timed call, as the processor builds it at its first block. ``--scope attention`` times ``attn`` alone.
+
 Float32 by default (this CPU has no fast bf16); bf16 halves every float tensor (masks and indices stay).
 
     python benchmarks/block.py inference [--objects 1 3 5] [--repeats 2] [--scope block] [--out r.json]   # 20 min quiet
@@ -40,6 +52,8 @@ Float32 by default (this CPU has no fast bf16); bf16 halves every float tensor (
     python benchmarks/block.py inference --height 96 --width 96 --frames 9 --repeats 1   # a quick try
     python benchmarks/block.py inference --model wan2.1 --objects 3 --repeats 2                        # 30 min quiet
     python benchmarks/block.py inference --model wan2.1 --objects 3 --scope attention --repeats 3      # attn2 alone
+    python benchmarks/block.py inference --model hunyuan1.5 --objects 3 --frames 33 --repeats 2        # 8 min quiet
+    python benchmarks/block.py inference --model hunyuan1.5 --objects 3 --repeats 1                    # 121 frames
 """
 
 from __future__ import annotations
@@ -55,16 +69,33 @@ from types import SimpleNamespace
 import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+from diffusers.models.transformers.transformer_hunyuan_video15 import (
+    HunyuanVideo15AttnProcessor2_0,
+    HunyuanVideo15RotaryPosEmbed,
+    HunyuanVideo15TransformerBlock,
+)
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanRotaryPosEmbed, WanTransformerBlock
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu import GEOMETRY, MODEL_NAMES, config, moving_masks, random_tokens, rotary, token_geometry, word_members  # noqa: E402
+from gpu import (  # noqa: E402
+    GEOMETRY,
+    MODEL_NAMES,
+    config,
+    full_config,
+    moving_masks,
+    random_tokens,
+    rotary,
+    token_geometry,
+    word_members,
+)  # fmt: skip
 from overhead import PeakRSS  # noqa: E402
 
-from fleximmt.method.attention import motion_state_for  # noqa: E402
+from fleximmt.method.attention import TextKeys, motion_state_for  # noqa: E402
 from fleximmt.method.masks import CROSS_PARTS  # noqa: E402
 from fleximmt.models.cogvideox import FlexiMMTAttnProcessor  # noqa: E402
+from fleximmt.models.hunyuan15 import FlexiMMTHunyuanAttnProcessor  # noqa: E402
+from fleximmt.models.hunyuan15 import StateSlot as HunyuanSlot  # noqa: E402
 from fleximmt.models.wan import StateSlot, WanCrossAttnProcessor, WanSelfAttnProcessor  # noqa: E402
 from fleximmt.training.train import TRAIN_PARTS  # noqa: E402
 
@@ -91,28 +122,76 @@ WAN_GEOMETRY = {"wan2.1": (480, 832, 81), "wan2.2-5b": (704, 1280, 121)}
 WAN_NAMES = {"wan2.1": "Wan2.1-I2V-14B-480P", "wan2.2-5b": "Wan2.2-TI2V-5B"}
 WAN_VAE_SCALE = {"wan2.1": (8, 4), "wan2.2-5b": (16, 4)}  # AutoencoderKLWan: spatial, temporal (Wan 2.2's VAE: 16)
 WAN_TEXT_TOKENS, WAN_IMAGE_TOKENS = 512, 257  # umT5 context (the processors' hard-coded 512); CLIP ViT-H/14: 16 x 16 + 1
-MODELS = {**MODEL_NAMES, **WAN_NAMES}
+# HunyuanVideo 1.5 I2V 480p (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v): the 8.3B transformer is
+# HunyuanVideo15Transformer3DModel's defaults (54 dual-stream blocks, 16 heads x 128, mlp_ratio 4, QK RMSNorm, patch 1,
+# 65 input channels) but for what diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py sets for its 480p
+# checkpoints: target_size 640 (the official "480p" tier: buckets of base size 640) and task_type "i2v"; random weights
+HUNYUAN_CONFIGS = {"hunyuan1.5": dict(target_size=640, task_type="i2v")}
+HUNYUAN_NAMES = {"hunyuan1.5": "HunyuanVideo-1.5-480p-I2V"}
+HUNYUAN_VAE_SCALE = (16, 4)  # AutoencoderKLHunyuanVideo15's defaults (its checkpoint's): spatial, temporal; 32 channels
+# the default video: a 16:9 image's bucket (the pipeline sizes the video from the image's aspect) and diffusers' 121 frames
+HUNYUAN_IMAGE, HUNYUAN_FRAMES = (720, 1280), 121
+# a row's text keys in the order the transformer's forward lays them out, valid ones first: SigLIP so400m-patch14-384's
+# 27 x 27 image tokens (all valid in i2v), the ByT5 glyph tokens (tokenizer_2_max_length; valid only for quoted text in
+# the prompt) and the Qwen2.5-VL prompt tokens after the template's crop (tokenizer_max_length), then the padding
+HUNYUAN_TEXT = {"image": 729, "glyph": 256, "prompt": 1000}
+MODELS = {**MODEL_NAMES, **WAN_NAMES, **HUNYUAN_NAMES}
 
 
 def wan_config(model: str, **overrides) -> SimpleNamespace:
     """The full Wan transformer config: ``WanTransformer3DModel``'s defaults, then the checkpoint's values."""
-    import inspect
-
     from diffusers import WanTransformer3DModel
 
-    params = inspect.signature(WanTransformer3DModel.__init__).parameters
-    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-    return SimpleNamespace(**{**defaults, **WAN_CONFIGS[model], **overrides})
+    return full_config(WanTransformer3DModel, WAN_CONFIGS[model], **overrides)
 
 
-def wan_geometry(model: str, cfg, height: int, width: int, frames: int) -> dict:
-    """Latent frames and token grid as ``WanImageToVideoPipeline`` and the transformer's patching make them."""
-    spatial, temporal = WAN_VAE_SCALE[model]
-    p_t, p_h, p_w = cfg.patch_size
+def hunyuan_config(model: str, **overrides) -> SimpleNamespace:
+    """The full HunyuanVideo 1.5 transformer config: ``HunyuanVideo15Transformer3DModel``'s defaults, then the checkpoint's."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    return full_config(HunyuanVideo15Transformer3DModel, HUNYUAN_CONFIGS[model], **overrides)
+
+
+def latent_geometry(scale: tuple[int, int], patch: tuple[int, int, int], height: int, width: int, frames: int) -> dict:
+    """Latent frames and token grid of a video through a VAE of ``scale`` (spatial, temporal) and patches ``patch``
+    (t, h, w), as the Wan and HunyuanVideo 1.5 pipelines and their transformers' patching make them."""
+    spatial, temporal = scale
+    p_t, p_h, p_w = patch
     latent = (frames - 1) // temporal + 1
     grid = (latent // p_t, height // spatial // p_h, width // spatial // p_w)
     return {"latent_frames": latent, "grid": grid, "video_tokens": grid[0] * grid[1] * grid[2],
             "latent_shape": (latent, height // spatial, width // spatial)}  # fmt: skip
+
+
+def wan_geometry(model: str, cfg, height: int, width: int, frames: int) -> dict:
+    """Latent frames and token grid as ``WanImageToVideoPipeline`` and the transformer's patching make them."""
+    return latent_geometry(WAN_VAE_SCALE[model], cfg.patch_size, height, width, frames)
+
+
+def hunyuan_geometry(cfg, height: int, width: int, frames: int) -> dict:
+    """Latent frames and token grid as ``HunyuanVideo15ImageToVideoPipeline`` and the transformer's patching make them."""
+    return latent_geometry(HUNYUAN_VAE_SCALE, (cfg.patch_size_t, cfg.patch_size, cfg.patch_size), height, width, frames)
+
+
+def hunyuan_size(cfg, image: tuple[int, int] = HUNYUAN_IMAGE) -> tuple[int, int, int]:
+    """The video the pipeline makes from an ``image`` (height, width): the bucket of ``target_size`` closest to
+    its aspect (``HunyuanVideo15ImageProcessor.calculate_default_height_width``), at the default 121 frames."""
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=HUNYUAN_VAE_SCALE[0])
+    return (*processor.calculate_default_height_width(*image, cfg.target_size), HUNYUAN_FRAMES)
+
+
+def hunyuan_text(valid_prompt: int, valid_glyphs: int = 0, lengths: dict = HUNYUAN_TEXT) -> tuple[TextKeys, torch.Tensor]:
+    """One row's text form and its bool ``[L]`` attention mask as the transformer's forward lays the text out:
+    the valid image, glyph and prompt tokens first, then the padding (the form ``hunyuan15.row_texts`` gives)."""
+    if not 0 <= valid_prompt <= lengths["prompt"] or not 0 <= valid_glyphs <= lengths["glyph"]:
+        raise SystemExit(f"--valid-text {valid_prompt} / --valid-glyphs {valid_glyphs}: at most "
+                         f"{lengths['prompt']} / {lengths['glyph']}")  # fmt: skip
+    offset = lengths["image"] + valid_glyphs
+    mask = torch.zeros(sum(lengths.values()), dtype=torch.bool)
+    mask[: offset + valid_prompt] = True
+    return TextKeys(offset, offset + valid_prompt), mask
 
 
 def make_wan_block(cfg, dtype: torch.dtype, seed: int = 0) -> WanTransformerBlock:
@@ -122,6 +201,20 @@ def make_wan_block(cfg, dtype: torch.dtype, seed: int = 0) -> WanTransformerBloc
     block = WanTransformerBlock(dim, cfg.ffn_dim, cfg.num_attention_heads, cfg.qk_norm, cfg.cross_attn_norm, cfg.eps,
                                 cfg.added_kv_proj_dim)  # fmt: skip
     return block.to(dtype).eval().requires_grad_(False)
+
+
+def make_hunyuan_block(cfg, dtype: torch.dtype, seed: int = 0) -> HunyuanVideo15TransformerBlock:
+    """One block as ``HunyuanVideo15Transformer3DModel.__init__`` builds it, random weights, frozen."""
+    torch.manual_seed(seed)
+    block = HunyuanVideo15TransformerBlock(cfg.num_attention_heads, cfg.attention_head_dim, mlp_ratio=cfg.mlp_ratio,
+                                           qk_norm=cfg.qk_norm)  # fmt: skip
+    return block.to(dtype).eval().requires_grad_(False)
+
+
+def hunyuan_rotary(cfg, latent_shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transformer's own ``HunyuanVideo15RotaryPosEmbed`` for this latent video (float32, as it makes them)."""
+    rope = HunyuanVideo15RotaryPosEmbed(cfg.patch_size, cfg.patch_size_t, cfg.rope_axes_dim, cfg.rope_theta)
+    return rope(torch.empty(1, 1, *latent_shape))  # only its shape is read
 
 
 def wan_rotary(cfg, latent_shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,15 +278,23 @@ class Setup:
     """The block, its inputs, its attention processors and FlexiMMT's states for one model and geometry."""
 
     def __init__(self, args):
-        self.wan = args.model in WAN_CONFIGS
+        self.wan, self.hunyuan = args.model in WAN_CONFIGS, args.model in HUNYUAN_CONFIGS
         self.cfg_name = args.model
-        default = (WAN_GEOMETRY if self.wan else GEOMETRY)[args.model]
+        if self.wan:
+            self.cfg = wan_config(args.model)
+            default = WAN_GEOMETRY[args.model]
+        elif self.hunyuan:
+            self.cfg = hunyuan_config(args.model)
+            default = hunyuan_size(self.cfg)
+        else:
+            self.cfg = config(args.model)
+            default = GEOMETRY[args.model]
         height, width, frames = args.height or default[0], args.width or default[1], args.frames or default[2]
         self.size = (height, width, frames)
         self.dtype = getattr(torch, args.dtype)
         self.d_m = args.tokens
+        self.image_tokens = 0
         if self.wan:
-            self.cfg = wan_config(args.model)
             self.geo = wan_geometry(args.model, self.cfg, height, width, frames)
             self.text = WAN_TEXT_TOKENS
             self.image_tokens = WAN_IMAGE_TOKENS if self.cfg.added_kv_proj_dim else 0
@@ -202,28 +303,55 @@ class Setup:
             self.slot = StateSlot()
             self.plain_procs = (WanAttnProcessor(), WanAttnProcessor())
             self.flexi_procs = (WanSelfAttnProcessor(0, self.slot), WanCrossAttnProcessor(0, 0, self.slot))
+        elif self.hunyuan:
+            self.geo = hunyuan_geometry(self.cfg, height, width, frames)
+            self.text = sum(HUNYUAN_TEXT.values())  # every text key of a row: image, glyph and prompt tokens
+            self.text_form, self.text_mask = hunyuan_text(args.valid_text, args.valid_glyphs)
+            self.block = make_hunyuan_block(self.cfg, self.dtype)
+            self.rotary = hunyuan_rotary(self.cfg, self.geo["latent_shape"])
+            self.slot = HunyuanSlot()
+            self.plain_proc = HunyuanVideo15AttnProcessor2_0()
+            self.flexi_proc = FlexiMMTHunyuanAttnProcessor(0, self.slot)
         else:
-            self.cfg = config(args.model)
             self.geo = token_geometry(self.cfg, height, width, frames)
             self.text = self.cfg.max_text_seq_length
-            self.image_tokens = 0
             self.block = make_block(self.cfg, self.dtype)
             self.rotary = rotary(self.cfg, height, width, self.geo["latent_frames"])
             self.plain_proc, self.flexi_proc = CogVideoXAttnProcessor2_0(), FlexiMMTAttnProcessor(0)
+        # the tokens motion words are counted in: the prompt's (HunyuanVideo 1.5: placed after the image and glyph
+        # tokens by the row's TextKeys), elsewhere every text token
+        self.words = HUNYUAN_TEXT["prompt"] if self.hunyuan else self.text
         self.grid = self.geo["grid"]
         self.n_video = self.geo["video_tokens"]
         self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
-        # Wan's processors read the state from their slot, CogVideoX's from attention_kwargs
+        # Wan's and HunyuanVideo 1.5's processors read the state from their slot, CogVideoX's from attention_kwargs
         self.form, self.parts = ("cross", frozenset(CROSS_PARTS)) if self.wan else ("joint", None)
         self.train_parts = TRAIN_PARTS & self.parts if self.wan else TRAIN_PARTS
 
+    def state_options(self) -> dict:
+        """What the model's adapter sets on a state: HunyuanVideo 1.5's processors name each row's text form
+        (padded keys left out) and DMEM scores video queries against the concept words' keys (METHOD.md section 10)."""
+        if self.hunyuan:
+            return {"text_keys": True, "dmem_video_queries": True}
+        return {"parts": self.parts} if self.wan else {}
+
+    def step_layout(self, state):
+        """The MDMA layout of this step's masks that the block's attention uses (HunyuanVideo 1.5: the one of its
+        row's text form, which the processor would otherwise build at its first call in the step)."""
+        if self.hunyuan:
+            return state._step_layout(0, self.text_form, self.text)
+        return state.videos[0].layout
+
     def inputs(self, batch: int, seed: int = 1):
         """Video states, encoder states (CogVideoX: the text; Wan: ``[image | text]`` after the condition
-        embedder, width ``dim``) and the timestep embedding as the block takes them."""
+        embedder; HunyuanVideo 1.5: ``[image | glyph | prompt]`` tokens, valid first; width ``dim``) and the
+        timestep embedding as the block takes them."""
         gen = torch.Generator().manual_seed(seed)
         hidden = torch.randn(batch, self.n_video, self.dim, generator=gen).to(self.dtype)
         text = torch.randn(batch, self.image_tokens + self.text, self.dim, generator=gen).to(self.dtype)
-        if not self.wan:
+        if self.hunyuan:  # [B, dim]: the time embedding every block's AdaLayerNormZero reads
+            temb = torch.randn(batch, self.dim, generator=gen)
+        elif not self.wan:
             temb = torch.randn(batch, self.cfg.time_embed_dim, generator=gen)
         elif self.cfg_name == "wan2.2-5b":  # expand_timesteps: [B, N, 6, dim] (Wan 2.2 TI2V)
             temb = torch.randn(batch, self.n_video, 6, self.dim, generator=gen)
@@ -238,32 +366,49 @@ class Setup:
             self.block.attn1.set_processor(procs[0])
             self.block.attn2.set_processor(procs[1])
             self.slot.state = state
+        elif self.hunyuan:
+            self.block.attn.set_processor(self.plain_proc if state is None else self.flexi_proc)
+            self.slot.state = state
         else:
             self.block.attn1.set_processor(self.plain_proc if state is None else self.flexi_proc)
+
+    def padding_mask(self, batch: int) -> torch.Tensor:
+        """HunyuanVideo 1.5's bool ``[B, L]`` text mask as its transformer hands it to every block; FlexiMMT's
+        processor reads the same rows' text forms from its slot (``hunyuan15.row_texts``)."""
+        self.slot.texts = [self.text_form] * batch
+        return self.text_mask[None].expand(batch, -1)
 
     def call(self, hidden, text, temb, state):
         """One block call with the processors ``install(state)`` set."""
         if self.wan:
             return self.block(hidden, text, temb, self.rotary)
+        if self.hunyuan:
+            return self.block(hidden, text, temb, self.padding_mask(hidden.shape[0]), self.rotary)
         return self.block(hidden, text, temb, self.rotary, attention_kwargs=None if state is None else {"fleximmt": state})
 
     def attention_inputs(self, hidden, text, temb):
         """The inputs of the attention FlexiMMT changes (CogVideoX: attn1 after norm1; Wan: attn2 after
-        norm2; the block's residual before it is left out: the same work in both)."""
+        norm2; HunyuanVideo 1.5: attn after norm1 and norm1_context; the block's residual before it is left
+        out: the same work in both)."""
         if self.wan:
             return self.block.norm2(hidden.float()).type_as(hidden), text
+        if self.hunyuan:
+            return self.block.norm1(hidden, emb=temb)[0], self.block.norm1_context(text, emb=temb)[0]
         hidden, text, _, _ = self.block.norm1(hidden, text, temb)
         return hidden, text
 
     def attention(self, hidden, text, state):
         if self.wan:
             return self.block.attn2(hidden, text, None, None)
+        if self.hunyuan:
+            return self.block.attn(hidden_states=hidden, encoder_hidden_states=text,
+                                   attention_mask=self.padding_mask(hidden.shape[0]), image_rotary_emb=self.rotary)  # fmt: skip
         kwargs = {} if state is None else {"fleximmt": state}
         return self.block.attn1(hidden_states=hidden, encoder_hidden_states=text, image_rotary_emb=self.rotary, **kwargs)
 
     @property
     def attention_name(self) -> str:
-        return "attn2 (cross-attention)" if self.wan else "attn1 (joint attention)"
+        return "attn2 (cross-attention)" if self.wan else "attn (joint attention)" if self.hunyuan else "attn1 (joint attention)"
 
     def describe(self) -> str:
         h, w, f = self.size
@@ -274,30 +419,35 @@ class Setup:
             return (f"{MODELS[self.cfg_name]} block, {h}x{w}x{f}: {self.geo['latent_frames']} latent frames, token grid "
                     f"{grid} tokens; {extra}; {self.cfg.num_attention_heads} heads x {self.cfg.attention_head_dim}; "
                     f"{self.dtype}; torch {torch.__version__}, threads {torch.get_num_threads()}")  # fmt: skip
+        text = f"{self.text} text tokens"
+        if self.hunyuan:
+            valid = self.text_form.valid
+            text += (f" ({HUNYUAN_TEXT['image']} image + {self.text_form.offset - HUNYUAN_TEXT['image']} glyph + "
+                     f"{valid - self.text_form.offset} prompt tokens valid, {self.text - valid} padding; diffusers' "
+                     f"[N, N] bool mask over {self.n_video + self.text:,} tokens: {(self.n_video + self.text) ** 2 / MiB:,.0f} MiB)")  # fmt: skip
         return (f"{MODELS[self.cfg_name]} block, {h}x{w}x{f}: {self.geo['latent_frames']} latent frames, token grid "
-                f"{grid} + {self.text} text tokens; {self.cfg.num_attention_heads} heads x {self.cfg.attention_head_dim}; "
+                f"{grid} + {text}; {self.cfg.num_attention_heads} heads x {self.cfg.attention_head_dim}; "
                 f"{self.dtype}; torch {torch.__version__}, threads {torch.get_num_threads()}")  # fmt: skip
 
 
 def inference_states(setup: Setup, objects: list[int], batch: int, backend: str = "auto") -> dict[int, dict]:
     """A FlexiMMT state per K as the pipeline prepares one step (CogVideoX: CFG rows ``[uncond | cond]``
-    of one video; Wan: one branch per call, features captured as in the conditional one)."""
+    of one video; Wan and HunyuanVideo 1.5: one branch per call, features captured as in the conditional one)."""
     states = {}
     for k in objects:
-        member, _ = word_members(k, setup.text)
+        member, _ = word_members(k, setup.words)
         tokens = random_tokens(k, 1, setup.d_m, setup.dim, seed=k).to(setup.dtype)
         masks = moving_masks(k, setup.grid)
-        extra = {"parts": setup.parts} if setup.wan else {}
         state = motion_state_for(tokens, member, form=setup.form, num_frames=setup.grid[0], backend=backend,
-                                 feature_blocks=frozenset({0}), **extra)  # fmt: skip
+                                 feature_blocks=frozenset({0}), **setup.state_options())  # fmt: skip
         start = time.perf_counter()
         state.set_video_masks(masks)
+        layout = setup.step_layout(state)
         layout_s = time.perf_counter() - start
-        if setup.wan:
+        if setup.wan or setup.hunyuan:
             state.rows, state.feature_rows = [0] * batch, [0]
         else:
             state.rows, state.feature_rows = ([0, 0], [1]) if batch == 2 else (None, [0])
-        layout = state.videos[0].layout
         coverage = masks.view(k, setup.grid[0], -1).float().mean(-1)  # per object and token frame
         states[k] = {
             "state": state, "layout_s": layout_s,
@@ -316,7 +466,9 @@ def inference_states(setup: Setup, objects: list[int], batch: int, backend: str 
                 "groups": [g.count for g in layout.groups],
                 "groups_chained": [g.chained for g in layout.groups],
                 "masked_rows": int(layout.masked_rows.shape[0]),
+                "text_queries": setup.text if layout.text_queries is None else int(layout.text_queries.numel()),
                 "merged_video_queries": layout.num_merged,
+                "keys": [setup.n_video + int(g.keys.numel()) for g in layout.groups],
             })  # fmt: skip
     return states
 
@@ -330,9 +482,9 @@ def describe_layout(setup: Setup, k: int, s: dict) -> str:
         pairs = ", ".join(f"{q:,} x {n}" for q, n in zip(s["groups"], s["group_keys"]))
         return (head + f"{len(s['groups'])} SDPA calls in attn2 (video queries x keys of [text | motion]): {pairs}; "
                 f"layout built in {s['layout_s']:.3f} s once per step")  # fmt: skip
-    return (head + f"unmasked groups {s['groups']} (chained {s['groups_chained']}); masked call "
-            f"{s['masked_rows']} rows ({setup.text} text + {s['merged_video_queries']} merged video queries); layout built in "
-            f"{s['layout_s']:.3f} s once per step")  # fmt: skip
+    return (head + f"unmasked groups {s['groups']} (chained {s['groups_chained']}) over {s['keys']} keys; masked call "
+            f"{s['masked_rows']} rows ({s['text_queries']} text + {s['merged_video_queries']} merged video queries); layout "
+            f"built in {s['layout_s']:.3f} s once per step" + (" and text form" if setup.hunyuan else ""))  # fmt: skip
 
 
 def interleave(runs: dict, repeats: int, warmup: bool) -> dict[str, dict[str, list[float]]]:
@@ -401,7 +553,11 @@ def run_inference(args, setup: Setup) -> dict:
     runs = {"diffusers": plain, **{f"fleximmt K={k}{'' if args.backend == 'auto' else ' ' + args.backend}": flexi(k)
                                    for k in args.objects}}  # fmt: skip
     scope = f"attention call: {setup.attention_name}" if args.scope == "attention" else "block"
-    branch = " = CFG" if batch == 2 and not setup.wan else (" (one CFG branch: Wan calls the model once per branch)" if setup.wan else "")
+    branch = " = CFG" if batch == 2 and not setup.wan else ""
+    if setup.wan:
+        branch = " (one CFG branch: Wan calls the model once per branch)"
+    elif setup.hunyuan:
+        branch = " (the conditional branch: HunyuanVideo 1.5's guider runs each branch as its own forward)"
     print(f"inference ({scope}, batch {batch}{branch}), d_m = {setup.d_m}, "
           f"{args.repeats} rounds{' after a warm-up round' if args.warmup else ''}:")  # fmt: skip
     for k in args.objects:
@@ -424,15 +580,16 @@ def run_training(args, setup: Setup) -> dict:
     gen = torch.Generator().manual_seed(3)
     grad_h = torch.randn(hidden.shape, generator=gen).to(setup.dtype)
     grad_t = torch.randn(text.shape, generator=gen).to(setup.dtype)
-    member, concept = word_members(1, setup.text)
+    member, concept = word_members(1, setup.words)
     tokens = torch.nn.Parameter(random_tokens(1, 1, setup.d_m, setup.dim).to(setup.dtype))
-    state = motion_state_for(tokens, member, form=setup.form, parts=setup.train_parts, num_frames=setup.grid[0], dmem=True,
-                             concept_member=concept, dmem_drop=0.3, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    options = {**setup.state_options(), "parts": setup.train_parts}
+    state = motion_state_for(tokens, member, form=setup.form, num_frames=setup.grid[0], dmem=True, concept_member=concept,
+                             dmem_drop=0.3, generator=torch.Generator().manual_seed(0), **options)  # fmt: skip
     params = list(block.parameters()) + [tokens]
     saved: dict[str, SavedBytes] = {}
     dmem_cover: list[float] = []
-    # CogVideoX updates its text in every block (gradients flow to it); Wan's encoder states are the
-    # same constants for every block (the condition embedder's output, frozen): no gradient to them
+    # CogVideoX and HunyuanVideo 1.5 update their text in every block (gradients flow to it); Wan's encoder
+    # states are the same constants for every block (the condition embedder's output, frozen): no gradient to them
     text_grad = not setup.wan
 
     def step(flexi: bool, ckpt: bool, name: str):
@@ -456,7 +613,7 @@ def run_training(args, setup: Setup) -> dict:
                 torch.autograd.backward(out, grad_h)
             assert x.grad is not None and (not flexi or tokens.grad is not None)
             if flexi:
-                dmem_cover.append(state._dmem_layouts[(0, 0)].video_masks.float().mean().item())
+                dmem_cover.append(next(iter(state._dmem_layouts.values())).video_masks.float().mean().item())
 
         return run
 
@@ -537,7 +694,8 @@ def run_profile(args, setup: Setup) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["inference", "training", "profile"])
-    parser.add_argument("--model", choices=sorted(MODELS), default="5b", help="5b, 1.5 (CogVideoX) or a Wan model")
+    parser.add_argument("--model", choices=sorted(MODELS), default="5b",
+                        help="5b, 1.5 (CogVideoX), a Wan model or hunyuan1.5 (HunyuanVideo 1.5 I2V 480p)")
     parser.add_argument("--height", type=int), parser.add_argument("--width", type=int)
     parser.add_argument("--frames", type=int, help="video frames (default: the model's own)")
     parser.add_argument("--objects", type=int, nargs="+", default=[1, 3, 5], help="K values (profile: the first)")
@@ -546,7 +704,12 @@ def main(argv=None) -> dict:
                         help="inference: FlexiMMT's attention backend (flex: one compiled FlexAttention call)")
     parser.add_argument("--repeats", type=int, help="rounds (default: inference 2, training 1)")
     parser.add_argument("--warmup", action="store_true", help="one untimed round first")
-    parser.add_argument("--batch", type=int, choices=[1, 2], help="inference rows (CogVideoX: 2 = CFG, the default; Wan: 1)")
+    parser.add_argument("--batch", type=int, choices=[1, 2],
+                        help="inference rows (CogVideoX: 2 = CFG, the default; Wan, HunyuanVideo 1.5: 1)")
+    parser.add_argument("--valid-text", type=int, default=120,
+                        help="HunyuanVideo 1.5: prompt tokens that are not padding, of 1000 (a prompt of about 90 words)")
+    parser.add_argument("--valid-glyphs", type=int, default=0,
+                        help="HunyuanVideo 1.5: ByT5 glyph tokens that are not padding, of 256 (0: no quoted text)")
     parser.add_argument("--scope", choices=["block", "attention"], default="block")
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -556,10 +719,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.what == "inference" else 1
+    branch_calls = {**WAN_CONFIGS, **HUNYUAN_CONFIGS}  # models that run each CFG branch as its own call
     if args.batch is None:
-        args.batch = 1 if args.model in WAN_CONFIGS else 2
-    elif args.batch == 2 and args.model in WAN_CONFIGS:
-        parser.error("--batch 2: Wan runs its conditional and unconditional branches as two calls of batch 1")
+        args.batch = 1 if args.model in branch_calls else 2
+    elif args.batch == 2 and args.model in branch_calls:
+        parser.error(f"--batch 2: {MODELS[args.model]} runs its conditional and unconditional branches as two calls of batch 1")
     setup = Setup(args)
     print(setup.describe(), flush=True)
     result = {"what": args.what, "model": args.model, "size": setup.size, "video_tokens": setup.n_video,

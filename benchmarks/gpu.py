@@ -21,8 +21,15 @@ Wan2.2-TI2V-5B at 704x1280x121, configs from ``block.py``: a step is the pipelin
 token), FlexiMMT in ``attn2`` through ``FlexiMMTWanPipeline``'s adapter, training through the same
 ``training_step`` inside ``adapter.training_attached``. Not yet run on a GPU.
 
+``--model hunyuan1.5``: HunyuanVideo 1.5 I2V 480p (8.3B, config from ``block.py``) at a 16:9 image's bucket,
+480x848x121 (49,290 video tokens): a step is the guider's two batch-1 forwards (conditional with 120 valid of
+1,000 prompt tokens, then the empty negative prompt's 6), each with 729 SigLIP image and 256 (empty) ByT5 glyph
+tokens; diffusers' ``HunyuanVideo15AttnProcessor2_0`` builds its [N, N] bool padding mask in every block,
+FlexiMMT's processors leave the padded keys out (``FlexiMMTHunyuanVideo15Pipeline``'s adapter, whose forward hook
+reads each row's text form); training as for Wan. Not yet run on a GPU.
+
 It imports only torch, diffusers, transformers, accelerate, safetensors, numpy, fleximmt and, for
-Wan, ``block.py`` beside it.
+Wan and HunyuanVideo 1.5, ``block.py`` beside it.
 
 On the GPU machine (it has torch 2.11, transformers, accelerate, safetensors, numpy, pillow, tqdm,
 imageio, opencv; not diffusers). Here, once, in the repository root:
@@ -62,6 +69,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import torch
 
@@ -92,15 +100,20 @@ MODEL_NAMES = {"5b": "CogVideoX-5B-I2V", "1.5": "CogVideoX1.5-5B-I2V"}
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4
 
 
-def config(model: str, **overrides) -> SimpleNamespace:
-    """The full transformer config: ``CogVideoXTransformer3DModel``'s defaults, then the checkpoint's values."""
+def full_config(model_class: type, values: dict, **overrides) -> SimpleNamespace:
+    """A transformer's whole config: ``model_class``'s defaults, then a checkpoint's ``values``, then ``overrides``."""
     import inspect
 
+    params = inspect.signature(model_class.__init__).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return SimpleNamespace(**{**defaults, **values, **overrides})
+
+
+def config(model: str, **overrides) -> SimpleNamespace:
+    """The full CogVideoX transformer config: ``CogVideoXTransformer3DModel``'s defaults, then the checkpoint's values."""
     from diffusers import CogVideoXTransformer3DModel
 
-    params = inspect.signature(CogVideoXTransformer3DModel.__init__).parameters
-    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-    return SimpleNamespace(**{**defaults, **TRANSFORMER_CONFIGS[model], **overrides})
+    return full_config(CogVideoXTransformer3DModel, TRANSFORMER_CONFIGS[model], **overrides)
 
 
 def token_geometry(cfg, height: int, width: int, frames: int) -> dict:
@@ -226,6 +239,7 @@ class Bench:
         self.masks = self.object_masks()
 
     form = "joint"
+    state_options: ClassVar[dict] = {}  # what the model's adapter sets on a state before its first layout
 
     def setup(self, args) -> None:
         """What every model's bench shares: the arguments, device and dtype."""
@@ -318,7 +332,7 @@ class Bench:
         share = max(1, round(blocks * self.pipe.adapter.feature_share))
         state = motion_state_for(tokens, member.to(self.device), form=self.form, parts=self.pipe.adapter.parts,
                                  num_frames=self.geo["grid"][0], backend=backend,
-                                 feature_blocks=frozenset(range(share)))  # fmt: skip
+                                 feature_blocks=frozenset(range(share)), **self.state_options)  # fmt: skip
         first = self.masks[k].view(k, *self.geo["grid"])[:, 0]
         state.set_video_masks(first[:, None].expand(-1, self.geo["grid"][0], -1, -1).reshape(k, -1))
         state.rows, state.feature_rows = [0, 0], [1]  # CFG: [uncond | cond] of one video, features from cond
@@ -441,6 +455,120 @@ class WanBench(Bench):
         x = self.model_input.detach().requires_grad_(True)
         out = self.transformer(hidden_states=x, timestep=self.timestep(500.0), encoder_hidden_states=self.prompt_embeds[:1],
                                encoder_hidden_states_image=self.image_embeds, return_dict=False)[0]  # fmt: skip
+        out.float().square().mean().backward()
+
+
+HUNYUAN_MODELS = ("hunyuan1.5",)  # block.py holds its config, geometry, text layout and name
+HUNYUAN_TINY = dict(num_attention_heads=2, attention_head_dim=32, num_layers=3, num_refiner_layers=1, mlp_ratio=2.0,
+                    text_embed_dim=32, text_embed_2_dim=16, image_embed_dim=24, rope_axes_dim=(8, 12, 12))  # fmt: skip
+HUNYUAN_TINY_TEXT = {"image": 16, "glyph": 8, "prompt": 40}
+# valid prompt tokens per guider branch: a prompt of about 90 words; the empty negative prompt leaves the template's
+# closing tokens (" ", <|im_end|>, "\n", <|im_start|>, "assistant", "\n") after the pipeline's crop
+HUNYUAN_VALID = {"pred_cond": 120, "pred_uncond": 6}
+HUNYUAN_TINY_VALID = {"pred_cond": 12, "pred_uncond": 3}
+
+
+class HunyuanBench(Bench):
+    """HunyuanVideo 1.5 image-to-video 480p: the real 8.3B transformer config with random weights at a 16:9
+    image's bucket (480x848) and 121 frames, a denoising step as ``HunyuanVideo15ImageToVideoPipeline`` makes
+    it (its guider's two batch-1 forwards, conditional first, each with its own padded text: 729 SigLIP image
+    tokens, 256 ByT5 glyph tokens, 1,000 Qwen2.5-VL prompt tokens, valid ones first), FlexiMMT in the joint
+    attention through ``FlexiMMTHunyuanVideo15Pipeline``'s adapter (its forward hook reads each row's text form)."""
+
+    state_options: ClassVar[dict] = {"text_keys": True}
+
+    def __init__(self, args):  # noqa: D107 - Bench's fields, built for HunyuanVideo 1.5
+        from diffusers import (
+            AutoencoderKLHunyuanVideo15,
+            FlowMatchEulerDiscreteScheduler,
+            HunyuanVideo15Transformer3DModel,
+        )
+        from diffusers.guiders import ClassifierFreeGuidance
+
+        from fleximmt import FlexiMMTHunyuanVideo15Pipeline
+
+        block = _benchmark_module("block")
+        self.setup(args)
+        overrides = dict(HUNYUAN_TINY) if args.tiny else {}
+        self.lengths = HUNYUAN_TINY_TEXT if args.tiny else block.HUNYUAN_TEXT
+        valid = HUNYUAN_TINY_VALID if args.tiny else HUNYUAN_VALID
+        self.cfg = block.hunyuan_config(args.model, **overrides)
+        self.size = TINY_GEOMETRY if args.tiny else block.hunyuan_size(self.cfg)
+        self.geo = block.hunyuan_geometry(self.cfg, *self.size)
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            transformer = HunyuanVideo15Transformer3DModel(**{**block.HUNYUAN_CONFIGS[args.model], **overrides})
+        self.transformer = transformer.to(self.dtype).eval().requires_grad_(False)
+        self.weights_gib = sum(p.numel() * p.element_size() for p in self.transformer.parameters()) / 2**30
+        spatial, temporal = block.HUNYUAN_VAE_SCALE
+        # the pipeline reads its VAE's scale factors and latent channels (it cannot be built without one): a tiny
+        # one of the real VAE's shape; a denoising step never calls it
+        vae = AutoencoderKLHunyuanVideo15(latent_channels=self.cfg.out_channels, block_out_channels=(8,) * 5, layers_per_block=1,
+                                          spatial_compression_ratio=spatial, temporal_compression_ratio=temporal)  # fmt: skip
+        self.pipe = FlexiMMTHunyuanVideo15Pipeline(
+            text_encoder=None, tokenizer=None, transformer=self.transformer, vae=vae.to(self.device),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=None, tokenizer_2=None,
+            guider=ClassifierFreeGuidance(guidance_scale=6.0), image_encoder=None, feature_extractor=None,
+        )  # fmt: skip
+        self.text_len = self.lengths["prompt"]  # the tokens motion words are counted in (the adapter's text length)
+        self.name = block.HUNYUAN_NAMES[args.model]
+        self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
+        gen = torch.Generator().manual_seed(1)
+        frames, h, w = self.geo["latent_shape"]
+        channels = self.cfg.out_channels
+        latents = torch.randn(1, channels, frames, h, w, generator=gen)
+        condition = torch.zeros(1, channels + 1, frames, h, w)  # the image's latent frame and the frame mask
+        condition[:, :channels, :1] = torch.randn(1, channels, 1, h, w, generator=gen)
+        condition[:, channels:, :1] = 1.0
+        self.model_input = torch.cat([latents, condition], dim=1).to(self.device, self.dtype)
+        self.branches = {}
+        for branch, count in valid.items():  # the guider's inputs, conditional first (what its prepare_inputs splits)
+            mask = torch.zeros(1, self.lengths["prompt"], dtype=torch.long)
+            mask[:, :count] = 1
+            self.branches[branch] = {
+                "encoder_hidden_states": torch.randn(1, self.lengths["prompt"], self.cfg.text_embed_dim, generator=gen),
+                "encoder_attention_mask": mask,
+                "encoder_hidden_states_2": torch.randn(1, self.lengths["glyph"], self.cfg.text_embed_2_dim, generator=gen),
+                "encoder_attention_mask_2": torch.zeros(1, self.lengths["glyph"], dtype=torch.long),  # no quoted text
+            }  # fmt: skip
+            self.branches[branch] = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+                                     for k, v in self.branches[branch].items()}  # fmt: skip
+        self.image_embeds = torch.randn(1, self.lengths["image"], self.cfg.image_embed_dim, generator=gen).to(self.device, self.dtype)
+        self.training_latents = (latents, condition)
+        self.masks = self.object_masks()
+
+    def use_plain_attention(self) -> None:
+        from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
+
+        for block in self.transformer.transformer_blocks:  # the token refiner's attention keeps its own processor
+            block.attn.set_processor(HunyuanVideo15AttnProcessor2_0())
+        self.speed_tools()
+
+    def baseline(self) -> str:
+        return "diffusers' HunyuanVideo15AttnProcessor2_0 (its [N, N] bool padding mask in every block)"
+
+    def step(self, i: int, state=None) -> None:
+        t = torch.tensor([999.0 - 20 * i], device=self.device).to(self.dtype)
+        with self.pipe.adapter.attach(state, {}) if state is not None else contextlib.nullcontext():
+            for branch, inputs in self.branches.items():  # the guider's forwards: conditional, then unconditional
+                with self.transformer.cache_context(branch):  # as the pipeline names them (for --cache)
+                    self.transformer(hidden_states=self.model_input, image_embeds=self.image_embeds, timestep=t,
+                                     return_dict=False, **inputs)  # fmt: skip
+
+    def training_tensors(self, gen: torch.Generator) -> dict:
+        """One reference window as ``HunyuanVideo15Adapter.encode_conditions`` returns it (random)."""
+        latents, condition = self.training_latents
+        cond = self.branches["pred_cond"]
+        return {"prompt_embeds": cond["encoder_hidden_states"].float().cpu(), "prompt_embeds_mask": cond["encoder_attention_mask"].cpu(),
+                "prompt_embeds_2": cond["encoder_hidden_states_2"].float().cpu(),
+                "prompt_embeds_mask_2": cond["encoder_attention_mask_2"].cpu(), "video_latents": latents, "condition": condition,
+                "image_embeds": self.image_embeds.float().cpu()}  # fmt: skip
+
+    def plain_forward_backward(self) -> None:
+        x = self.model_input.detach().requires_grad_(True)
+        t = torch.tensor([500.0], device=self.device).to(self.dtype)
+        out = self.transformer(hidden_states=x, image_embeds=self.image_embeds, timestep=t, return_dict=False,
+                               **self.branches["pred_cond"])[0]  # fmt: skip
         out.float().square().mean().backward()
 
 
@@ -590,8 +718,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny config (a dry run of every code path, e.g. on a CPU)")
-    parser.add_argument("--model", choices=[*sorted(GEOMETRY), *WAN_MODELS], default="5b",
-                        help="CogVideoX-5B-I2V (5b), CogVideoX1.5-5B-I2V (1.5), Wan2.1-I2V-14B-480P (wan2.1), Wan2.2-TI2V-5B (wan2.2-5b)")
+    parser.add_argument("--model", choices=[*sorted(GEOMETRY), *WAN_MODELS, *HUNYUAN_MODELS], default="5b",
+                        help="CogVideoX-5B-I2V (5b), CogVideoX1.5-5B-I2V (1.5), Wan2.1-I2V-14B-480P (wan2.1), Wan2.2-TI2V-5B "
+                             "(wan2.2-5b), HunyuanVideo 1.5 I2V 480p (hunyuan1.5)")
     parser.add_argument("--objects", type=int, default=3)
     parser.add_argument("--more-objects", type=int, nargs="*", default=[], metavar="K",
                         help="also time the auto backend with these object counts (after training, before dense)")
@@ -619,7 +748,7 @@ def main(argv=None) -> int:
         return 0
     import diffusers
 
-    bench = (WanBench if args.model in WAN_MODELS else Bench)(args)
+    bench = (WanBench if args.model in WAN_MODELS else HunyuanBench if args.model in HUNYUAN_MODELS else Bench)(args)
     device = bench.device
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

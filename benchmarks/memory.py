@@ -21,12 +21,14 @@ Three kinds of figure, and the table says which each row uses:
   motion tokens, their gradients and AdamW's two moments (float32).
 
     python benchmarks/memory.py [--training-json block-training.json] [--objects 3] [--validate]
+    python benchmarks/memory.py --model wan2.1 wan2.2-5b hunyuan1.5 --validate   # everything on meta, training too
     python benchmarks/memory.py --small-cards   # Wan 2.1 I2V 14B on 24 GB / 16 GB cards: quantized, group offload
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import weakref
@@ -38,12 +40,19 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).parent))
 from block import (  # noqa: E402
+    HUNYUAN_CONFIGS,
+    HUNYUAN_NAMES,
+    HUNYUAN_TEXT,
     WAN_CONFIGS,
     WAN_GEOMETRY,
     WAN_IMAGE_TOKENS,
     WAN_NAMES,
     WAN_TEXT_TOKENS,
     SavedBytes,
+    hunyuan_config,
+    hunyuan_geometry,
+    hunyuan_size,
+    hunyuan_text,
     make_wan_block,
     wan_config,
     wan_geometry,
@@ -156,33 +165,34 @@ class StorageBytes(LiveBytes):
 class _FlashAttention(torch.autograd.Function):
     """What flash attention keeps and allocates, on meta: the output and a float32 log-sum-exp per query
     row, q/k/v and both saved for backward; backward allocates the input gradients and a float32
-    accumulator for dq (FlashAttention-2's)."""
+    accumulator for dq (FlashAttention-2's). With a ``bias`` (a masked call: the memory-efficient
+    kernel, which takes one) the bias is saved too."""
 
     @staticmethod
-    def forward(ctx, query, key, value):
+    def forward(ctx, query, key, value, bias=None):
         out = query.new_empty(query.shape[:-1] + value.shape[-1:])
         lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
-        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.save_for_backward(query, key, value, out, lse, *([] if bias is None else [bias]))
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        query, key, value, _, _ = ctx.saved_tensors
+        query, key, value = ctx.saved_tensors[:3]
         accum = torch.empty(query.shape, dtype=torch.float32, device=query.device)  # noqa: F841
         need = ctx.needs_input_grad
-        return tuple(torch.empty_like(t) if n else None for t, n in zip((query, key, value), need))
+        return (*(torch.empty_like(t) if n else None for t, n in zip((query, key, value), need)), None)
 
 
 def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """SDPA as a GPU's fused kernels allocate it (flash / memory-efficient: the output, no N x N scores;
     a bool mask becomes a float bias of its own shape). On meta, torch would pick the math path.
-    With gradients: what flash attention saves for backward (``_FlashAttention``)."""
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        bias = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)  # noqa: F841 (lives during the call)
+    With gradients: what flash attention saves for backward (``_FlashAttention``; a masked call saves its
+    float bias as well, as the memory-efficient kernel does)."""
+    bias = attn_mask
+    if attn_mask is not None and attn_mask.dtype == torch.bool:  # lives during the call (through backward with gradients)
+        bias = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        if attn_mask is not None:
-            raise NotImplementedError("a masked SDPA with gradients: not modelled")
-        return _FlashAttention.apply(query, key, value)
+        return _FlashAttention.apply(query, key, value, bias)
     return query.new_empty(query.shape[:-1] + value.shape[-1:])
 
 
@@ -222,16 +232,28 @@ def param_bytes(module) -> int:
     )
 
 
-def meta_layout(state, device="meta") -> None:
-    """Move a state's step layout (built on the CPU from real masks) and tokens onto ``device``."""
+def step_layouts(state) -> list:
+    """A one-video state's layouts of this step: the step's, or those built per text form (``text_keys``)."""
     slot = state.videos[0]
-    layout = slot.layout
+    return [layout for layout in (slot.layout, *slot.text_layouts.values()) if layout is not None]
+
+
+def layout_tensors(layout) -> dict[str, torch.Tensor]:
+    """The tensors a layout keeps on the device (joint or cross form, auto backend), by field."""
+    fields = ("order", "masked_rows", "masked_queries", "text_queries")
+    tensors = {name: getattr(layout, name, None) for name in fields}
+    return {name: t for name, t in tensors.items() if t is not None}
+
+
+def meta_layout(state, device="meta") -> None:
+    """Move a state's step layouts (built on the CPU from real masks), words and tokens onto ``device``."""
+    slot = state.videos[0]
     slot.motion_tokens = slot.motion_tokens.to(device)
     slot.member = slot.member.to(device)
-    layout.order = layout.order.to(device)
-    layout.masked_rows = layout.masked_rows.to(device)
-    layout.masked_queries = layout.masked_queries.to(device)
-    layout.groups = [g._replace(queries=g.queries.to(device), keys=g.keys.to(device)) for g in layout.groups]
+    for layout in step_layouts(state):
+        for name, t in layout_tensors(layout).items():
+            setattr(layout, name, t.to(device))
+        layout.groups = [g._replace(queries=g.queries.to(device), keys=g.keys.to(device)) for g in layout.groups]
 
 
 def transformer_step_peak(transformer, objects: int, d_m: int, batch: int = 2) -> int:
@@ -272,14 +294,7 @@ def transformer_step_peak(transformer, objects: int, d_m: int, batch: int = 2) -
                            image_rotary_emb=rot, attention_kwargs=kwargs, return_dict=False)[0]  # fmt: skip
 
     peak = measure_peak(run)
-    if objects:  # what lives on the device through the whole call: tokens, layout, RMPM's feature sum
-        slot = state.videos[0]
-        layout = slot.layout
-        extra = slot.motion_tokens.numel() * 2 + layout.masked_rows.numel() + 8 * (
-            layout.order.numel() + layout.masked_queries.numel() + sum(g.queries.numel() + g.keys.numel() for g in layout.groups)
-        )
-        peak += extra
-    return peak
+    return peak + (state_bytes(state) if objects else 0)  # what lives on the device through the call: tokens, layout
 
 
 def vae_peaks(vae) -> dict[str, int]:
@@ -425,13 +440,6 @@ def wan_meta_models(model: str) -> dict:
     return models
 
 
-def meta_cross_layout(state, device="meta") -> None:
-    """Move a cross-form state's step layout (built on the CPU from real masks) and words onto ``device``."""
-    slot = state.videos[0]
-    slot.member = slot.member.to(device)
-    slot.layout.groups = [g._replace(queries=g.queries.to(device), keys=g.keys.to(device)) for g in slot.layout.groups]
-
-
 def wan_flexi_state(model: str, objects: int, d_m: int, blocks: int, feature_blocks, tokens_dtype=BF16, dmem_parts=None,
                     cfg=None, size=None, device="meta"):  # fmt: skip
     """A FlexiMMT state for one video (on meta by default): K objects' motion tokens ``[K, 1, blocks, d_m,
@@ -450,7 +458,7 @@ def wan_flexi_state(model: str, objects: int, d_m: int, blocks: int, feature_blo
                              num_frames=geo["grid"][0], feature_blocks=frozenset(feature_blocks))  # fmt: skip
     state.set_video_masks(moving_masks(objects, geo["grid"]))
     if device == "meta":
-        meta_cross_layout(state)
+        meta_layout(state)
     return state
 
 
@@ -486,10 +494,13 @@ def wan_inputs(model: str, transformer, size=None) -> dict:
 
 
 def state_bytes(state) -> int:
-    """What a FlexiMMT state keeps on the device through a call: motion tokens, words, layout indices."""
+    """What a FlexiMMT state keeps on the device through a call: motion tokens, words, layout indices and rows."""
     slot = state.videos[0]
-    tokens = slot.motion_tokens.numel() * slot.motion_tokens.element_size()
-    return tokens + slot.member.numel() + 8 * sum(g.queries.numel() + g.keys.numel() for g in slot.layout.groups)
+    total = slot.motion_tokens.numel() * slot.motion_tokens.element_size() + slot.member.numel()
+    for layout in step_layouts(state):
+        total += sum(t.numel() * t.element_size() for t in layout_tensors(layout).values())
+        total += 8 * sum(g.queries.numel() + g.keys.numel() for g in layout.groups)
+    return total
 
 
 def wan_step_peak(model: str, transformer, objects: int, d_m: int) -> int:
@@ -716,6 +727,380 @@ def wan_report(model: str, args) -> dict:
             "block_input_mib": blocks["plain"]["inputs"] / MiB}  # fmt: skip
 
 
+# -- HunyuanVideo 1.5 I2V 480p ----------------------------------------------------------------------
+# The pipeline's encoders as diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py assembles them: text_encoder is
+# Qwen2.5-VL-7B-Instruct's language model (Qwen2_5_VLTextModel), text_encoder_2 google/byt5-small's encoder with
+# Glyph-SDXL-v2's weights and its color and font tokens (1,510 in all), image_encoder FLUX.1-Redux-dev's SigLIP
+# (google/siglip-so400m-patch14-384); the VAE is AutoencoderKLHunyuanVideo15's defaults
+QWEN25_VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                         rope_theta=1000000.0, tie_word_embeddings=False,
+                         rope_scaling={"type": "default", "rope_type": "default", "mrope_section": [16, 24, 24]})  # fmt: skip
+BYT5_GLYPH = dict(d_model=1472, d_ff=3584, d_kv=64, num_heads=6, num_layers=12, num_decoder_layers=4, vocab_size=1510,
+                  feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                  layer_norm_epsilon=1e-6, dropout_rate=0.1, tie_word_embeddings=False, is_encoder_decoder=False)  # fmt: skip
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
+                     patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3)  # fmt: skip
+HUNYUAN_TEMPLATE_TOKENS = 108  # the chat template's tokens before the prompt, encoded and then cropped (crop_start)
+HUNYUAN_FRAMES = (121, 61, 33)  # the default, and shorter videos / training windows
+HUNYUAN_VALID_TEXT = 120  # valid prompt tokens of a row (a prompt of about 90 words; the rest of the 1,000 is padding)
+
+
+class KnownMasks(TorchDispatchMode):
+    """Lets HunyuanVideo 1.5's transformer forward run on meta tensors. The forward selects each row's valid
+    image, glyph and prompt tokens with its bool masks (``text[text_mask]``: a shape that depends on the
+    masks' values) and tests ``torch.all(image_embeds == 0)`` (text-to-video). Here the masks' True counts
+    are given (``counts``: mask -> count, one row each) and followed through the ops the forward makes of
+    them (negation, the image mask made of ones), a bool selection by a mask of known count becomes the
+    index of as many rows, and the image test reads False (an image is given)."""
+
+    def __init__(self, counts: dict[torch.Tensor, int]):
+        super().__init__()
+        self.counts = {mask.untyped_storage()._cdata: count for mask, count in counts.items()}
+        for mask in counts:
+            if mask.dim() != 2 or mask.shape[0] != 1:
+                raise ValueError(f"KnownMasks follows one row per mask, got {tuple(mask.shape)}")
+
+    def _count(self, t: torch.Tensor) -> int:
+        key = t.untyped_storage()._cdata
+        if key not in self.counts:
+            raise NotImplementedError(f"a bool selection by a mask of unknown count, shape {tuple(t.shape)}")
+        return self.counts[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default and args[0].is_meta:
+            return False  # torch.all(image_embeds == 0): an image is given
+        if func is aten.index.Tensor and any(i is not None and i.is_meta and i.dtype == torch.bool for i in args[1]):
+            indices = [torch.empty(self._count(i), dtype=torch.long, device="meta")
+                       if i is not None and i.dtype == torch.bool else i for i in args[1]]  # fmt: skip
+            out = func(args[0], indices)
+        else:
+            out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.dtype == torch.bool and out.is_meta:
+            key = out.untyped_storage()._cdata
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            known = source is not None and source.untyped_storage()._cdata in self.counts
+            if func in (aten.bitwise_not.default, aten.logical_not.default) and known:
+                self.counts[key] = source.numel() - self._count(source)
+            elif func in (aten.ones.default, aten.new_ones.default):
+                self.counts[key] = out.numel()
+            elif func in (aten.zeros.default, aten.new_zeros.default):
+                self.counts[key] = 0
+            elif func is aten._to_copy.default and known:
+                self.counts[key] = self._count(source)
+        elif isinstance(out, torch.Tensor) and out.is_meta and func is aten._to_copy.default:
+            # the int64 masks the pipeline hands over become bool in the forward: follow them through the copy
+            source = args[0]
+            if source.untyped_storage()._cdata in self.counts:
+                self.counts[out.untyped_storage()._cdata] = self._count(source)
+        return out
+
+
+def hunyuan_meta_models() -> dict:
+    """The real configs on the meta device in bf16 (``from_pretrained(torch_dtype=torch.bfloat16)``), frozen."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
+    from transformers import (
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        T5Config,
+        T5EncoderModel,  # fmt: skip
+    )
+
+    with init_empty_weights(include_buffers=True):
+        models = {
+            "transformer": HunyuanVideo15Transformer3DModel(**HUNYUAN_CONFIGS["hunyuan1.5"]).to(BF16),
+            "vae": AutoencoderKLHunyuanVideo15().to(BF16),
+            "text_encoder": Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**QWEN25_VL_7B_TEXT)).to(BF16),
+            "text_encoder_2": T5EncoderModel(T5Config(**BYT5_GLYPH)).to(BF16),
+            "image_encoder": SiglipVisionModel(SiglipVisionConfig(**SIGLIP_SO400M)).to(BF16),
+        }  # fmt: skip
+    for module in models.values():
+        module.requires_grad_(False)  # as train_motion freezes them
+    return models
+
+
+def hunyuan_inputs(cfg, size, lengths=HUNYUAN_TEXT, valid_text: int = HUNYUAN_VALID_TEXT, device="meta", dtype=BF16):
+    """One transformer call's inputs as ``HunyuanVideo15ImageToVideoPipeline`` makes them (batch 1: one guider
+    branch; noise, the image's latent frame and its frame mask on channels), on meta by default, and the
+    masks' True counts for :class:`KnownMasks` (``device="cpu"``: random values and real masks)."""
+    if not 0 <= valid_text <= lengths["prompt"]:
+        raise ValueError(f"valid_text={valid_text}: a row has {lengths['prompt']} prompt tokens")
+    geo = hunyuan_geometry(cfg, *size)
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(*shape):
+        return torch.empty(shape, device="meta", dtype=dtype) if device == "meta" else torch.randn(shape, generator=gen).to(dtype)
+
+    def mask(length, valid):
+        row = torch.zeros(1, length, dtype=torch.bool, device=device)
+        if device != "meta":
+            row[:, :valid] = True
+        return row
+
+    prompt, glyphs = mask(lengths["prompt"], valid_text), mask(lengths["glyph"], 0)
+    inputs = {
+        "hidden_states": tensor(1, cfg.in_channels, *geo["latent_shape"]), "timestep": torch.full((1,), 500.0, device=device),
+        "encoder_hidden_states": tensor(1, lengths["prompt"], cfg.text_embed_dim), "encoder_attention_mask": prompt,
+        "encoder_hidden_states_2": tensor(1, lengths["glyph"], cfg.text_embed_2_dim), "encoder_attention_mask_2": glyphs,
+        "image_embeds": tensor(1, lengths["image"], cfg.image_embed_dim),
+    }  # fmt: skip
+    return inputs, {prompt: valid_text, glyphs: 0}
+
+
+def hunyuan_flexi_state(cfg, objects: int, d_m: int, blocks: int, feature_blocks, size, lengths=HUNYUAN_TEXT,
+                        valid_text: int = HUNYUAN_VALID_TEXT, tokens_dtype=BF16, parts=None, device="meta"):  # fmt: skip
+    """A FlexiMMT state for one video (on meta by default) as the adapter prepares it: K objects' motion
+    tokens ``[K, 1, blocks, d_m, dim]``, the words among the prompt tokens, and the step's MDMA layout of the
+    row's text form built on the CPU (where the processors build it at their first call), then moved."""
+    from fleximmt.method.attention import motion_state_for
+
+    geo = hunyuan_geometry(cfg, *size)
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    member, _ = word_members(objects, lengths["prompt"])
+    shape = (objects, 1, blocks, d_m, dim)
+    tokens = torch.empty(shape, device="meta", dtype=tokens_dtype) if device == "meta" else \
+        torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(tokens_dtype) * dim**-0.5  # fmt: skip
+    options = {} if parts is None else {"parts": frozenset(parts)}
+    state = motion_state_for(tokens, member, form="joint", num_frames=geo["grid"][0], feature_blocks=frozenset(feature_blocks),
+                             text_keys=True, **options)  # fmt: skip
+    state.set_video_masks(moving_masks(objects, geo["grid"]))
+    text, _ = hunyuan_text(valid_text, 0, lengths)
+    state._step_layout(0, text, sum(lengths.values()))
+    if device == "meta":
+        meta_layout(state)
+    return state, text
+
+
+def install_hunyuan(transformer, state, text=None) -> None:
+    """diffusers' ``HunyuanVideo15AttnProcessor2_0`` (state None) or FlexiMMT's processors sharing one slot,
+    which holds the row's text form as the adapter's forward hook fills it."""
+    from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
+
+    from fleximmt.models.hunyuan15 import FlexiMMTHunyuanAttnProcessor, StateSlot
+
+    slot = StateSlot(state, [text])
+    for index, block in enumerate(transformer.transformer_blocks):  # the token refiner's attention keeps its own
+        block.attn.set_processor(HunyuanVideo15AttnProcessor2_0() if state is None else FlexiMMTHunyuanAttnProcessor(index, slot))
+
+
+def hunyuan_forward_peak(transformer, state, text, size, lengths=HUNYUAN_TEXT, valid_text: int = HUNYUAN_VALID_TEXT,
+                         grad: bool = False, checkpointing: bool = False, device="meta") -> int:  # fmt: skip
+    """Peak bytes of one transformer call (``grad``: its forward + backward, gradients to the motion tokens,
+    or for diffusers' attention to the input latents) on meta, diffusers' attention (state None) or FlexiMMT's."""
+    install_hunyuan(transformer, state, text)
+    inputs, counts = hunyuan_inputs(transformer.config, size, lengths, valid_text, device, transformer.dtype)
+    if grad and state is None:
+        inputs["hidden_states"].requires_grad_(True)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+
+    def run():
+        with KnownMasks(counts) if device == "meta" else contextlib.nullcontext():
+            out = transformer(**inputs, return_dict=False)[0]
+            if not grad:
+                return out
+            out.float().pow(2).mean().backward()  # the loss's own tensors are latents-sized
+
+    try:
+        return measure_peak(run, counter=StorageBytes, grad=grad) + (state_bytes(state) if state is not None else 0)
+    finally:
+        transformer.disable_gradient_checkpointing()
+
+
+def hunyuan_step_peak(transformer, objects: int, d_m: int, size) -> int:
+    """One transformer call (one guider branch) on meta: diffusers' attention (K = 0, its [N, N] bool mask in
+    every block) or FlexiMMT with K objects, RMPM's features captured (the conditional branch) over the first
+    70% of the blocks."""
+    from fleximmt.models.hunyuan15 import FEATURE_SHARE
+
+    state = text = None
+    if objects:
+        layers = transformer.config.num_layers
+        state, text = hunyuan_flexi_state(transformer.config, objects, d_m, layers,
+                                          range(max(1, round(layers * FEATURE_SHARE))), size)  # fmt: skip
+        state.rows, state.feature_rows = [0], [0]
+    return hunyuan_forward_peak(transformer, state, text, size)
+
+
+def hunyuan_training_peak(transformer, flexi: bool, d_m: int, checkpointing: bool, size) -> int:
+    """A motion-training step's forward + backward on meta (batch 1, weights frozen, gradients to the float32
+    motion tokens of one object; diffusers' attention for the plain reference). The MDMA layout is one static
+    object mask (17.5% of the frame) in place of DMEM's, as for Wan (``wan_training_peak``)."""
+    from fleximmt.training.train import TRAIN_PARTS
+
+    state = text = None
+    if flexi:
+        state, text = hunyuan_flexi_state(transformer.config, 1, d_m, transformer.config.num_layers, (), size,
+                                          tokens_dtype=torch.float32, parts=TRAIN_PARTS)  # fmt: skip
+        state.videos[0].motion_tokens.requires_grad_(True)
+        state.rows = state.feature_rows = None
+    return hunyuan_forward_peak(transformer, state, text, size, grad=True, checkpointing=checkpointing)
+
+
+def diffusers_mask_bytes(tokens: int) -> dict[str, int]:
+    """What diffusers' ``HunyuanVideo15AttnProcessor2_0`` allocates for its padding mask in every block call of
+    one row over ``tokens`` tokens: the repeated bool rows, their AND with the transpose (both live until the
+    call returns), and the bf16 bias a GPU's memory-efficient SDPA makes of a bool mask."""
+    return {"bool_repeat": tokens**2, "bool_and": tokens**2, "bf16_bias": 2 * tokens**2}
+
+
+def hunyuan_vae_peaks(vae, size) -> dict[str, int]:
+    """VAE decode of the video's latents, encode of a whole window (a training clip) and of one frame (the
+    image condition the pipeline encodes), untiled and tiled."""
+    height, width, frames = size
+    geo = hunyuan_geometry(hunyuan_config("hunyuan1.5"), *size)
+    z = torch.empty(1, vae.config.latent_channels, *geo["latent_shape"], device="meta", dtype=BF16)
+    video = torch.empty(1, 3, frames, height, width, device="meta", dtype=BF16)
+    frame = torch.empty(1, 3, 1, height, width, device="meta", dtype=BF16)
+    out = {}
+    for tiling in (False, True):
+        vae.enable_tiling() if tiling else vae.disable_tiling()
+        name = "tiled" if tiling else "untiled"
+        out[f"decode_{name}"] = measure_peak(lambda: vae.decode(z).sample, counter=StorageBytes)
+        out[f"encode_{name}"] = measure_peak(lambda: vae.encode(video).latent_dist.mode(), counter=StorageBytes)
+        out[f"encode_frame_{name}"] = measure_peak(lambda: vae.encode(frame).latent_dist.mode(), counter=StorageBytes)
+    vae.disable_tiling()
+    return out
+
+
+def hunyuan_encoder_peaks(models: dict) -> dict[str, int]:
+    """Qwen2.5-VL over the templated prompt (1,000 + 108 tokens, every hidden state kept: the pipeline reads the
+    third from last), ByT5 over 256 glyph tokens, SigLIP over one 384 px image (without the padding masks the
+    pipeline passes: transformers reads their values, and they are small)."""
+    ids = torch.zeros(1, HUNYUAN_TEXT["prompt"] + HUNYUAN_TEMPLATE_TOKENS, dtype=torch.long, device="meta")
+    glyphs = torch.zeros(1, HUNYUAN_TEXT["glyph"], dtype=torch.long, device="meta")
+    pixels = torch.empty(1, 3, 384, 384, device="meta", dtype=BF16)
+    return {
+        "qwen": measure_peak(lambda: models["text_encoder"](input_ids=ids, output_hidden_states=True, use_cache=False)
+                             .hidden_states[-3], counter=StorageBytes),
+        "byt5": measure_peak(lambda: models["text_encoder_2"](glyphs)[0], counter=StorageBytes),
+        "siglip": measure_peak(lambda: models["image_encoder"](pixel_values=pixels).last_hidden_state, counter=StorageBytes),
+    }  # fmt: skip
+
+
+def validate_hunyuan() -> dict[str, float]:
+    """``KnownMasks`` against real masks: a small HunyuanVideo 1.5 transformer's forward + backward counted
+    on meta and the same run on the CPU (real masks, SDPA as the fused kernels allocate in both), diffusers'
+    processor and FlexiMMT's. Returns the ratios (meta / CPU)."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    from fleximmt.training.train import TRAIN_PARTS
+
+    small = dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, num_refiner_layers=1, text_embed_dim=32,
+                 text_embed_2_dim=16, image_embed_dim=24, rope_axes_dim=(8, 12, 12))  # fmt: skip
+    lengths, size = {"image": 16, "glyph": 8, "prompt": 40}, (64, 96, 9)
+    cfg = hunyuan_config("hunyuan1.5", **small)
+    ratios = {}
+    for flexi in (False, True):
+        peaks = {}
+        for device in ("cpu", "meta"):
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = HunyuanVideo15Transformer3DModel(**{**HUNYUAN_CONFIGS["hunyuan1.5"], **small}).requires_grad_(False)
+            state = text = None
+            if flexi:
+                state, text = hunyuan_flexi_state(cfg, 1, 8, 2, (), size, lengths, valid_text=12, tokens_dtype=torch.float32,
+                                                  parts=TRAIN_PARTS, device=device)  # fmt: skip
+                state.videos[0].motion_tokens.requires_grad_(True)
+            peaks[device] = hunyuan_forward_peak(model, state, text, size, lengths, 12, grad=True, checkpointing=True,
+                                                 device=device)  # fmt: skip
+        name = f"HunyuanVideo 1.5 forward + backward, {'FlexiMMT' if flexi else 'diffusers'}"
+        print(f"validate {name} (2 blocks, 64 wide, 216 video + 64 text tokens): meta {peaks['meta'] / MiB:.3f} MiB, "
+              f"CPU {peaks['cpu'] / MiB:.3f} MiB, ratio {peaks['meta'] / peaks['cpu']:.3f}")  # fmt: skip
+        ratios[name] = peaks["meta"] / peaks["cpu"]
+    return ratios
+
+
+def hunyuan_report(args) -> dict:
+    """Parameters, meta peaks and the peak-memory table of HunyuanVideo 1.5 I2V 480p, at 121 frames and fewer."""
+    model = "hunyuan1.5"
+    name = HUNYUAN_NAMES[model]
+    models = hunyuan_meta_models()
+    transformer, vae = models["transformer"], models["vae"]
+    height, width, _ = hunyuan_size(transformer.config)
+    sizes = {frames: (height, width, frames) for frames in HUNYUAN_FRAMES}
+    count = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    weights = {k: param_bytes(m) for k, m in models.items()}
+    print(f"\n== {name}, {height}x{width} (a 16:9 image's bucket), frames {list(sizes)} ==\nparameters (meta device, real "
+          "configs): " + ", ".join(f"{k} {count[k] / 1e9:.3f}B ({weights[k] / GiB:.2f} GiB)" for k in models))  # fmt: skip
+    enc = hunyuan_encoder_peaks(models)
+    encoders = {k: (weights[m], enc[k]) for k, m in (("qwen", "text_encoder"), ("byt5", "text_encoder_2"), ("siglip", "image_encoder"))}
+    print("encoder peaks on meta: " + ", ".join(f"{k} {v / GiB:.3f} GiB" for k, v in enc.items()))
+    layers = transformer.config.num_layers
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    num_tokens = layers * args.tokens * dim
+    optim = num_tokens * 4 * 4 + num_tokens * 4  # float32 tokens, gradients, AdamW's two moments, the stacked copy
+    all_w = sum(weights.values())
+    encoder_w = all_w - weights["transformer"] - weights["vae"]
+    columns: dict[str, dict[int, int]] = {}
+    peaks: dict[int, dict] = {}
+    for frames, size in sizes.items():
+        geo = hunyuan_geometry(transformer.config, *size)
+        tokens = geo["video_tokens"] + sum(HUNYUAN_TEXT.values())
+        step_plain = hunyuan_step_peak(transformer, 0, args.tokens, size)
+        step_flexi = hunyuan_step_peak(transformer, args.objects, args.tokens, size)
+        vae_p = hunyuan_vae_peaks(vae, size)
+        train = {(kind, ckpt): hunyuan_training_peak(transformer, kind == "flexi", args.tokens, ckpt, size)
+                 for kind in ("plain", "flexi") for ckpt in (True, False)}  # fmt: skip
+        mask = diffusers_mask_bytes(tokens)
+        peaks[frames] = {"step_plain": step_plain, "step_flexi": step_flexi, **vae_p, "mask": mask,
+                         **{f"train_{k}_{'ckpt' if c else 'nockpt'}": v for (k, c), v in train.items()}}  # fmt: skip
+        print(f"{frames} frames: {geo['grid'][0]} x {geo['grid'][1]} x {geo['grid'][2]} = {geo['video_tokens']:,} video + "
+              f"{sum(HUNYUAN_TEXT.values())} text tokens; diffusers' padding mask per block call: "
+              f"{mask['bool_repeat'] / GiB:.2f} + {mask['bool_and'] / GiB:.2f} GiB bool, {mask['bf16_bias'] / GiB:.2f} GiB as SDPA's "
+              f"bf16 bias; transformer call (one guider branch): diffusers {step_plain / GiB:.2f} GiB, FlexiMMT K = "
+              f"{args.objects} {step_flexi / GiB:.2f} GiB ({step_flexi / step_plain:.3f}x); VAE decode {vae_p['decode_untiled'] / GiB:.2f}"
+              f" GiB, tiled {vae_p['decode_tiled'] / GiB:.2f} GiB; encode of the clip {vae_p['encode_untiled'] / GiB:.2f} GiB, "
+              f"tiled {vae_p['encode_tiled'] / GiB:.2f} GiB, of the image {vae_p['encode_frame_untiled'] / GiB:.2f} GiB; training "
+              "forward + backward: " + ", ".join(f"{k} {'ckpt' if c else 'no ckpt'} {v / GiB:.2f} GiB" for (k, c), v in train.items()),
+              flush=True)  # fmt: skip
+
+        def row(label, total, frames=frames):
+            columns.setdefault(label, {})[frames] = total
+
+        biggest_encoder = max(w + e for w, e in encoders.values())
+        for label, step in (("diffusers", step_plain), (f"FlexiMMT K={args.objects}", step_flexi)):
+            image = vae_p["encode_frame_untiled"]
+            row(f"inference, {label}, no offload", all_w + max(step, vae_p["decode_untiled"], image, *(e for _, e in encoders.values())))
+            for tiled in (False, True):
+                t = "tiled" if tiled else "untiled"
+                vae_peak = max(vae_p[f"decode_{t}"], vae_p[f"encode_frame_{t}"])
+                row(f"inference, {label}, enable_model_cpu_offload()" + (" + vae.enable_tiling()" if tiled else ""),
+                    max(weights["transformer"] + step, weights["vae"] + vae_peak, biggest_encoder))
+        cache, cache_tiled = (max(vae_p[f"encode_{t}"], vae_p[f"encode_frame_{t}"], *(e for _, e in encoders.values()))
+                              for t in ("untiled", "tiled"))  # fmt: skip
+        step_w = weights["transformer"] + optim
+        row("training, caching phase (all weights on the GPU)", all_w + cache)
+        row("training, caching phase, vae_tiling=True", all_w + cache_tiled)
+        row("training step, gradient_checkpointing=True, encoders/VAE offloaded after caching (the defaults)",
+            step_w + train[("flexi", True)])
+        row("training step, checkpointing, everything left on the GPU (offload_after_caching=False)",
+            all_w + optim + train[("flexi", True)])
+        row("training, checkpointing + pipe.enable_model_cpu_offload() (caching and steps), vae_tiling=True",
+            max(biggest_encoder, weights["vae"] + max(vae_p["encode_tiled"], vae_p["encode_frame_tiled"]),
+                step_w + train[("flexi", True)]))  # fmt: skip
+        row("training step, gradient_checkpointing=False, encoders/VAE offloaded", step_w + train[("flexi", False)])
+        row("plain forward + backward of the same transformer, checkpointing (reference)",
+            weights["transformer"] + train[("plain", True)])
+        row("plain forward + backward, no checkpointing (reference)", weights["transformer"] + train[("plain", False)])
+    print(f"motion tokens: {num_tokens:,} numbers; fp32 tokens + grads + AdamW moments + stacked copy {optim / MiB:.0f} MiB; "
+          f"encoders {encoder_w / GiB:.2f} GiB")  # fmt: skip
+    print(f"\n| {name} {height}x{width}, bf16, computed | " + " | ".join(f"{f} frames" for f in sizes) + " |\n|---|"
+          + "---|" * len(sizes))  # fmt: skip
+    for label, values in columns.items():
+        print(f"| {label} | " + " | ".join(f"{values[f] / GiB:.1f} GiB" for f in sizes) + " |")
+    return {"model": model, "size": [height, width], "frames": list(sizes), "params": count,
+            "weights_gib": {k: v / GiB for k, v in weights.items()}, "encoder_peaks_gib": {k: v / GiB for k, v in enc.items()},
+            "rows": {label: {f: v / GiB for f, v in values.items()} for label, values in columns.items()},
+            "peaks_gib": {f: {k: ({m: b / GiB for m, b in v.items()} if isinstance(v, dict) else v / GiB) for k, v in p.items()}
+                          for f, p in peaks.items()}}  # fmt: skip
+
+
 # -- Wan 2.1 I2V 14B on 24 GB and 16 GB cards: quantized weights, group offloading -----------------------
 CARDS_GIB = {"24 GB": 24, "16 GB": 16}
 CARD_RESERVE_GIB = 1.0  # the CUDA context, cuBLAS/cuDNN workspaces and allocator slack a card keeps from tensors
@@ -836,8 +1221,9 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=226)
     parser.add_argument("--validate", action="store_true", help="check the meta counter against the CPU allocator first")
-    parser.add_argument("--model", nargs="+", choices=["5b", *WAN_CONFIGS], default=["5b"],
-                        help="CogVideoX-5B-I2V (5b, the default), Wan 2.1 I2V 14B 480P (wan2.1), Wan 2.2 TI2V-5B (wan2.2-5b)")
+    parser.add_argument("--model", nargs="+", choices=["5b", *WAN_CONFIGS, *HUNYUAN_CONFIGS], default=["5b"],
+                        help="CogVideoX-5B-I2V (5b, the default), Wan 2.1 I2V 14B 480P (wan2.1), Wan 2.2 TI2V-5B (wan2.2-5b), "
+                             "HunyuanVideo 1.5 I2V 480p (hunyuan1.5)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
     parser.add_argument("--small-cards", action="store_true",
                         help="only Wan 2.1 I2V 14B on 24 GB and 16 GB cards: quantized weights, group offloading")
@@ -851,10 +1237,13 @@ def main() -> None:
         validate()
         if any(model in WAN_CONFIGS for model in args.model):
             validate_wan()
+        if any(model in HUNYUAN_CONFIGS for model in args.model):
+            validate_hunyuan()
     wan = [wan_report(model, args) for model in args.model if model in WAN_CONFIGS]
+    hunyuan = [hunyuan_report(args) for model in args.model if model in HUNYUAN_CONFIGS]
     if "5b" not in args.model:
         if args.out:
-            args.out.write_text(json.dumps({"wan": wan}, indent=1, default=str))
+            args.out.write_text(json.dumps({"wan": wan, "hunyuan": hunyuan}, indent=1, default=str))
         return
     transformer, vae, text_encoder = meta_models()
     n_tr, n_vae, n_t5 = (sum(p.numel() for p in m.parameters()) for m in (transformer, vae, text_encoder))
@@ -925,7 +1314,8 @@ def main() -> None:
         print(f"| {name} | {total / GiB:.1f} GiB | {how} |")
     if args.out:
         args.out.write_text(json.dumps({"rows": [(n, t / GiB, h) for n, t, h in rows], "block": blk,
-                                        "params": {"transformer": n_tr, "vae": n_vae, "t5": n_t5}, "wan": wan},
+                                        "params": {"transformer": n_tr, "vae": n_vae, "t5": n_t5}, "wan": wan,
+                                        "hunyuan": hunyuan},
                                        indent=1, default=str))  # fmt: skip
 
 

@@ -71,6 +71,37 @@ def test_gpu_benchmark_dry_run_on_wan(model, tmp_path, monkeypatch):
     assert len(calls) == layers * (2 * 2 * 2 + 2 + 2 * 2)
 
 
+def test_gpu_benchmark_dry_run_on_hunyuan15(tmp_path, monkeypatch):
+    """HunyuanVideo 1.5's path: the guider's two batch-1 forwards per step, each with its own padded text
+    (the adapter's hook names each row's text form: padded keys left out), FlexiMMT in the joint attention,
+    training with checkpointing (whose recomputation must see the motion tokens)."""
+    from fleximmt.method.attention import FlexiMMTState
+
+    texts = []
+    joint = FlexiMMTState.joint_attention
+
+    def spy(self, block, query, key, value, text_len, *rest, **kw):
+        texts.append(kw.get("texts", rest[1] if len(rest) > 1 else None))
+        return joint(self, block, query, key, value, text_len, *rest, **kw)
+
+    monkeypatch.setattr(FlexiMMTState, "joint_attention", spy)
+    gpu = load_gpu_module()
+    out = tmp_path / "gpu.json"
+    with torch.random.fork_rng():
+        assert gpu.main(["--device", "cpu", "--tiny", "--model", "hunyuan1.5", "--steps", "1", "--train-steps", "1",
+                         "--more-objects", "1", "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["model"].startswith("HunyuanVideo-1.5") and result["text_tokens"] == gpu.HUNYUAN_TINY_TEXT["prompt"]
+    assert "bool padding mask" in result["baseline"]
+    assert all(run["fits"] and run["s_per_step"] > 0 for run in [*result["inference"].values(), *result["training"].values()])
+    layers = gpu.HUNYUAN_TINY["num_layers"]
+    # inference: auto, dense and K = 1 x 2 steps (warm-up + 1) x 2 forwards (cond, uncond); training: 2 steps
+    # without checkpointing, 2 with it, where each block's attention runs again in the backward pass
+    assert len(texts) == layers * (3 * 2 * 2 + 2 + 2 * 2)
+    image, prompt = gpu.HUNYUAN_TINY_TEXT["image"], gpu.HUNYUAN_TINY_VALID
+    inference = {tuple(t) for t in texts[: layers * 4]}
+    assert inference == {((image, image + prompt["pred_cond"]),), ((image, image + prompt["pred_uncond"]),)}
+
 def test_gpu_benchmark_time_limit_keeps_what_it_measured(tmp_path):
     """Past --time-limit no further variant starts; the JSON (written after every variant) says which were skipped."""
     gpu = load_gpu_module()
@@ -119,10 +150,11 @@ def test_memory_benchmark_counters_agree_with_the_cpu_allocator():
     """The meta-device counters BENCHMARKS.md's memory tables rest on, against real runs of small
     models: live bytes of a VAE decode and a CogVideoX block against the CPU allocator, a Wan block's
     saved-for-backward bytes on meta against the same block on the CPU (FlexiMMT's and diffusers'),
-    and a Wan transformer's forward + backward."""
+    a Wan transformer's forward + backward, and a HunyuanVideo 1.5 transformer's forward + backward on
+    meta (its masks' counts given, KnownMasks) against the same run with real masks on the CPU."""
     memory = load_memory_module()
-    ratios = {**memory.validate(), **memory.validate_wan()}
-    assert len(ratios) == 5
+    ratios = {**memory.validate(), **memory.validate_wan(), **memory.validate_hunyuan()}
+    assert len(ratios) == 7
     for name, ratio in ratios.items():
         assert abs(ratio - 1) < 0.01, (name, ratio)
 
@@ -148,3 +180,22 @@ def test_gpu_benchmark_applies_the_backend_and_cache_to_every_variant(model, tmp
     assert result["attention_backend"] == "_native_math" and result["cache"] == "first-block:0.05"
     assert ("without objects" in result["baseline"]) == (model == "5b")
     assert all(run["fits"] and len(run["steps_s"]) == 2 for run in result["inference"].values())
+
+
+def test_block_benchmark_runs_one_hunyuan15_block(tmp_path):
+    """benchmarks/block.py --model hunyuan1.5 at a tiny video (13 s: the text alone is 1,985 tokens): the
+    true-size block (16 heads x 128) with its padded text (729 image + 120 valid of 1,000 prompt tokens),
+    diffusers' processor and FlexiMMT's through the same block; FlexiMMT's masked call computes only the
+    valid text queries."""
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("fleximmt_bench_block", BENCHMARKS / "block.py")
+    block = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(block)
+    with torch.random.fork_rng():
+        result = block.main(["inference", "--model", "hunyuan1.5", "--height", "32", "--width", "48", "--frames", "1",
+                             "--objects", "2", "--tokens", "4", "--repeats", "1", "--out", str(tmp_path / "i.json")])  # fmt: skip
+    assert result["video_tokens"] == 1 * 2 * 3 and set(result["runs"]) == {"diffusers", "fleximmt K=2"}
+    layout = result["layouts"]["2"]
+    assert layout["text_queries"] == 729 + 120 and layout["masked_rows"] == 849 + layout["merged_video_queries"]
+    assert all(run["cpu_s"][0] > 0 for run in result["runs"].values())
+    assert json.loads((tmp_path / "i.json").read_text())["model"] == "hunyuan1.5"
