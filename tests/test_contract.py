@@ -30,6 +30,15 @@ Adding a family (e.g. HunyuanVideo 1.5) is one ``Family(...)`` row in ``FAMILIES
   training settings of the loss-falls test, ``LEARNING`` by default; None leaves the row out of it).
   A test whose flag is off is not generated for that row (nothing is skipped).
 
+HunyuanVideo 1.5 (``fleximmt.toy.tiny_hunyuan15``; tried against this file, all 24 of its tests pass)::
+
+    Family("hunyuanvideo-1.5", lambda: tiny_hunyuan15_components(0), FlexiMMTHunyuanVideo15Pipeline,
+           HunyuanVideo15ImageToVideoPipeline, size=(32, 48, 9), call=dict(num_inference_steps=2), scale=30.0,
+           added_arguments=("callback_on_step_end",), fused_projections=False)
+
+(its video is sized from the image; diffusers' pipeline has no callback, FlexiMMT's adds one; diffusers'
+``fuse_qkv_projections`` fuses none of its attentions.)
+
 Motions come from ``fleximmt.toy.random_motion`` (shaped for the first expert, one set per expert of
 the adapter, with the adapter's family); the tests check them against ``adapter.motion_shape()``.
 Run: ``HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q tests/test_contract.py`` (``-k wan-2.2`` for one row).
