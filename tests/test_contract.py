@@ -30,7 +30,7 @@ Adding a family (e.g. HunyuanVideo 1.5) is one ``Family(...)`` row in ``FAMILIES
   training settings of the loss-falls test, ``LEARNING`` by default; None leaves the row out of it).
   A test whose flag is off is not generated for that row (nothing is skipped).
 
-HunyuanVideo 1.5 (``fleximmt.toy.tiny_hunyuan15``; tried against this file, all 24 of its tests pass)::
+HunyuanVideo 1.5's row (``fleximmt.toy.tiny_hunyuan15``), the last one added, as an example::
 
     Family("hunyuanvideo-1.5", lambda: tiny_hunyuan15_components(0), FlexiMMTHunyuanVideo15Pipeline,
            HunyuanVideo15ImageToVideoPipeline, size=(32, 48, 9), call=dict(num_inference_steps=2), scale=30.0,
@@ -54,13 +54,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from diffusers import CogVideoXImageToVideoPipeline, DiffusionPipeline, WanImageToVideoPipeline
+from diffusers import (
+    CogVideoXImageToVideoPipeline,
+    DiffusionPipeline,
+    HunyuanVideo15ImageToVideoPipeline,
+    WanImageToVideoPipeline,
+)
 from PIL import Image
 
-from fleximmt import FlexiMMTPipeline, FlexiMMTWanPipeline, MotionTokens, ObjectMotion, load_pipeline, train_motion
+from fleximmt import (
+    FlexiMMTHunyuanVideo15Pipeline,
+    FlexiMMTPipeline,
+    FlexiMMTWanPipeline,
+    MotionTokens,
+    ObjectMotion,
+    load_pipeline,
+    train_motion,
+)
 from fleximmt.method.pipeline import OPTIONS
 from fleximmt.models import adapter_for, family_name
 from fleximmt.toy.tiny import random_motion, tiny_components, tiny_wan_components
+from fleximmt.toy.tiny_hunyuan15 import tiny_hunyuan15_components
 from fleximmt.training.train import checkpoint_path
 
 PROMPT = "A ball jumps up. A box slides left."
@@ -105,6 +119,9 @@ FAMILIES = [
            size=(64, 64, 9), call=WAN_CALL, scale=30.0),
     Family("wan-2.2-ti2v", lambda: tiny_wan_components(0, "2.2-ti2v"), FlexiMMTWanPipeline, WanImageToVideoPipeline,
            size=(64, 64, 9), call=WAN_CALL, scale=30.0),
+    Family("hunyuanvideo-1.5", lambda: tiny_hunyuan15_components(0), FlexiMMTHunyuanVideo15Pipeline,
+           HunyuanVideo15ImageToVideoPipeline, size=(32, 48, 9), call=dict(num_inference_steps=2), scale=30.0,
+           added_arguments=("callback_on_step_end",), fused_projections=False),
 ]  # fmt: skip
 
 

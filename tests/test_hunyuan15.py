@@ -2,7 +2,9 @@
 (``fleximmt.toy.tiny_hunyuan15``): what is particular to it - the text that is image, glyph and prompt
 tokens then padding (padded keys closed without an N x N mask, section 10's table by brute force), the
 guider's branches as separate forwards, the video sized and cropped from the image, the chat template
-around the prompt, its messages, loading and the command line."""
+around the prompt, DMEM's reading, its messages, loading, the command line and the web app. What every
+family does (diffusers' result without objects, auto against dense, training, the loss, resume, the
+signature, offload, save and load) is in test_contract.py's hunyuanvideo-1.5 row."""
 
 import json
 import os
@@ -13,13 +15,13 @@ import pytest
 import torch
 from diffusers import HunyuanVideo15ImageToVideoPipeline
 from PIL import Image
+from test_attention_backends import restore_active_backend, spy  # noqa: F401 (fixtures)
 
-from fleximmt import FlexiMMTHunyuanVideo15Pipeline, MotionTokens, ObjectMotion, load_pipeline, train_motion
+from fleximmt import FlexiMMTHunyuanVideo15Pipeline, MotionTokens, ObjectMotion, load_pipeline
 from fleximmt.method.attention import FlexiMMTState, JointLayout, TextKeys, VideoMotions
 from fleximmt.models.hunyuan15 import HunyuanVideo15Adapter
 from fleximmt.toy.tiny import random_motion, tiny_wan_components
 from fleximmt.toy.tiny_hunyuan15 import tiny_hunyuan15_components
-from test_attention_backends import restore_active_backend, spy  # noqa: F401 (fixtures)
 
 PROMPT = 'A dog jumps while a cat runs past a sign that says "Hi".'  # the quoted text gives ByT5 glyph tokens
 WORDS = ["jumps", "runs"]
@@ -80,11 +82,11 @@ def test_rmpm_features_come_from_the_conditional_forward_only(pipes, monkeypatch
     seen = []
     observe = FlexiMMTState.observe
 
-    def spy(self, block, video_out, rows=None):
+    def record(self, block, video_out, rows=None):
         seen.append((block, self.feature_rows is not None))
         return observe(self, block, video_out, rows)
 
-    monkeypatch.setattr(FlexiMMTState, "observe", spy)
+    monkeypatch.setattr(FlexiMMTState, "observe", record)
     out = ours(image=picture(), prompt=PROMPT, objects=objects(ours), return_masks=True, **CALL, generator=gen())
     blocks = ours.transformer.config.num_layers
     assert len(seen) == 2 * 2 * blocks  # 2 steps x (conditional, unconditional) forwards x blocks
@@ -226,11 +228,11 @@ def test_no_n_by_n_mask_reaches_attention_with_objects(pipes, monkeypatch):
     shapes = []
     original = dispatch.dispatch_attention_fn
 
-    def spy(query, key, value, attn_mask=None, **kw):
+    def record(query, key, value, attn_mask=None, **kw):
         shapes.append((query.shape[1], key.shape[1], None if attn_mask is None else tuple(attn_mask.shape[-2:])))
         return original(query, key, value, attn_mask=attn_mask, **kw)
 
-    monkeypatch.setattr(dispatch, "dispatch_attention_fn", spy)
+    monkeypatch.setattr(dispatch, "dispatch_attention_fn", record)
     ours(image=picture(), prompt=PROMPT, objects=objects(ours), **{**CALL, "num_inference_steps": 1}, generator=gen())
     joint = [s for s in shapes if s[1] > 500]  # the blocks' joint calls (the refiner's text-only calls are smaller)
     n = max(s[1] for s in joint)
@@ -275,26 +277,6 @@ def moving_square(frames=9):
         x = 2 + 2 * t % 18
         video[t, 10:22, x : x + 12] = 220
     return video
-
-
-def train(pipe, out, **kw):
-    kw = {"steps": 3, "tokens_per_motion": 4, "lr_warmup_steps": 0, "height": 32, "width": 32, "num_frames": 9,
-          "max_windows": 1, "lr": 0.05, **kw}  # fmt: skip
-    return train_motion(pipe, moving_square(), "A red ball jumps up.", "ball", "jumps up", out, **kw)
-
-
-def test_training_changes_only_the_tokens_and_the_motion_drives_the_pipeline(pipes, tmp_path):
-    ours, _ = pipes
-    models = [ours.transformer, ours.vae, ours.text_encoder, ours.text_encoder_2, ours.image_encoder]
-    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
-    train(ours, tmp_path / "m.safetensors")
-    for model, state in zip(models, before):
-        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    motion = MotionTokens.load(tmp_path / "m.safetensors")
-    assert motion.family == "hunyuanvideo15" and motion.tokens.shape == (2, 4, 16)
-    assert not torch.equal(motion.tokens, train(ours, tmp_path / "none.safetensors", steps=1, lr=0.0).tokens)
-    out = ours(image=picture(), prompt="A ball jumps up.", objects=[ObjectMotion(masks()[0], motion, "jumps up")], **CALL)
-    assert torch.isfinite(out.frames).all()
 
 
 # -- bad input ------------------------------------------------------------------------------
@@ -395,7 +377,7 @@ def test_dmem_scores_video_queries_against_the_concept_words_keys():
     assert not torch.equal(expected, flipped)  # the other reading (CogVideoX's) differs here
 
 
-def test_every_attention_takes_the_backend_set_on_the_model(spy, restore_active_backend):
+def test_every_attention_takes_the_backend_set_on_the_model(spy, restore_active_backend):  # noqa: F811 (fixtures)
     """As on the other families (tests/test_attention_backends.py): set_attention_backend reaches
     FlexiMMT's processors, masked calls included (the backend takes masks)."""
     pipe = FlexiMMTHunyuanVideo15Pipeline(**tiny_hunyuan15_components(0))
