@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import opaque
 from .masks import (
     PARTS,
     code_masks,
@@ -475,8 +476,11 @@ class FlexiMMTState:
     _drop: torch.Tensor | None = None
     _row_index: dict = field(default_factory=dict)
     _notes: set = field(default_factory=set)
+    # how opaque.py's operators find this state inside a compiled graph (auto backend under torch.compile)
+    handle: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.handle = opaque.register(self)
         if self.form not in FORMS:
             raise ValueError(f"form={self.form!r}: choose from {list(FORMS)}")
         if self.backend not in BACKENDS:
@@ -666,7 +670,10 @@ class FlexiMMTState:
         ``query/key/value`` ``[B, H, N_v + L_y + K * d_m, d]`` are the block's own projections (after
         QK-norm and RoPE) of ``[video | text | motion]`` tokens, the motion rows from
         :meth:`joint_motion_rows`; ``texts``: each row's :class:`TextKeys` (None: the text is the
-        prompt's tokens); returns ``[B, H, N_v + L_y, d]`` (see ``JointLayout.attend_video_first``)."""
+        prompt's tokens); returns ``[B, H, N_v + L_y, d]`` (see ``JointLayout.attend_video_first``).
+        Inside a compiled graph the auto backend runs as one opaque operator (``opaque.mdma_joint``)."""
+        if self.backend == "auto" and torch.compiler.is_compiling():
+            return opaque.mdma_joint(self, block, query, key, value, text_len, texts)
         return self._per_video(query, key, value, texts,
                                lambda v, t, q, k, val: self._joint_one(v, t, block, q, k, val, text_len, attention))  # fmt: skip
 
@@ -682,15 +689,25 @@ class FlexiMMTState:
                         texts: list[TextKeys] | None = None) -> torch.Tensor:  # fmt: skip
         """MDMA cross-attention of video queries ``[B, H, N_v, d]`` over the text's keys/values
         ``[B, H, L_y, d]`` and the motion tokens; returns ``[B, H, N_v, d]`` (``attention``: see
-        ``CrossLayout.attend``; ``texts``: as in :meth:`joint_attention`)."""
-        return self._per_video(query, key, value, texts,
-                               lambda v, t, q, k, val: self._cross_one(v, t, block, expert, q, k, val, project, attention))  # fmt: skip
+        ``CrossLayout.attend``; ``texts``: as in :meth:`joint_attention`). Inside a compiled graph the
+        auto backend runs as one opaque operator (``opaque.mdma_cross``)."""
+        if self.backend == "auto" and torch.compiler.is_compiling():
+            return opaque.mdma_cross(self, block, expert, query, key, value, project, texts)
+        return self.cross_with(block, query, key, value,
+                               lambda video: self.motion_projections(video, block, expert, project), attention, texts)  # fmt: skip
 
-    def _cross_one(self, video, text, block, expert, query, key, value, project, attention):
+    def cross_with(self, block: int, query, key, value, motion_of, attention: Attention = sdpa,
+                   texts: list[TextKeys] | None = None) -> torch.Tensor:  # fmt: skip
+        """:meth:`cross_attention` with each video's motion keys and values given: ``motion_of(video)``
+        -> ``[1, H, K * d_m, d]`` twice (already through the block's projections)."""
+        return self._per_video(query, key, value, texts,
+                               lambda v, t, q, k, val: self._cross_one(v, t, block, q, k, val, motion_of, attention))  # fmt: skip
+
+    def _cross_one(self, video, text, block, query, key, value, motion_of, attention):
         row = self._feature_row_within(video, query.shape[0])
         layout = self._layout(video, block, lambda idx: key[row : row + 1, :, idx], query[row : row + 1], text,
                               key.shape[2])  # fmt: skip
-        m_k, m_v = self.motion_projections(video, block, expert, project)
+        m_k, m_v = motion_of(video)
         batch = query.shape[0]
         return layout.attend(query, key, value, m_k.expand(batch, -1, -1, -1), m_v.expand(batch, -1, -1, -1), attention)
 

@@ -1,0 +1,218 @@
+"""MDMA's "auto" backend as opaque operators for ``torch.compile`` (METHOD.md section 8).
+
+The auto backend groups video queries by the objects they belong to, and the groups' sizes change
+with the masks at every step: traced, each new size would compile again. Inside a compiled graph
+(``torch.compiler.is_compiling()``) the two attention forms run instead as one custom operator each,
+``fleximmt::mdma_joint`` and ``fleximmt::mdma_cross``, whose bodies are the eager code
+(:meth:`FlexiMMTState.joint_attention` / ``cross_attention``) run as it is, and whose fake
+implementations give only the output's shape. Dynamo sees fixed shapes; the groups stay out of the graph.
+
+An operator takes tensors and ints only. The state is found through ``state.handle``: a one-element
+CPU tensor holding the state's number in a registry (a tensor, so a new call's state reaches the same
+graph). The ints (block, expert, lengths, each row's text form) do not change between steps. The
+attention callable a processor passes cannot cross either (it is made inside the compiled graph, and a
+graph cannot hand a Python object to its operators while it runs): inside the operators the grouped
+calls run on PyTorch's SDPA (``attention.sdpa``), which is what diffusers' default ("native") backend
+calls; a backend set on the model (flash, sage) is not reached there.
+
+Gradients: the backward, a second opaque operator, recomputes the eager body under
+``torch.enable_grad`` (with autograd's dispatch keys back on: an operator's kernel runs below
+autograd) and takes ``torch.autograd.grad`` of it, as gradient checkpointing would. The tensors that
+need gradients are operator inputs: in the joint form the motion tokens are rows of the keys and
+values; in the cross form their keys and values, projected by the block's frozen ``to_k``/``to_v``
+outside the operator, are inputs. DMEM's per-block masks are built in the forward's body and found
+again, unchanged, by the recomputation (``FlexiMMTState`` keeps them for the step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import weakref
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_STATES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_NUMBERS = itertools.count()
+_SAID: set[str] = set()
+
+
+def register(state) -> torch.Tensor:
+    """A new handle for ``state``: the tensor its operators take to find it."""
+    number = next(_NUMBERS)
+    _STATES[number] = state
+    return torch.tensor([number], dtype=torch.long)
+
+
+def _state(handle: torch.Tensor):
+    if "sdpa" not in _SAID:
+        _SAID.add("sdpa")
+        logger.info("torch.compile with attention_backend='auto': FlexiMMT's grouped attention runs in opaque "
+                    "operators on PyTorch's SDPA, whatever attention backend the model has")  # fmt: skip
+    return _STATES[int(handle.item())]
+
+
+def _texts(codes: list[int]):
+    """Each row's ``TextKeys`` from ``(offset, valid or -1)`` pairs; an empty list: None."""
+    if not codes:
+        return None
+    from .attention import TextKeys
+
+    return [TextKeys(offset, None if valid < 0 else valid) for offset, valid in zip(codes[::2], codes[1::2])]
+
+
+def text_codes(texts) -> list[int]:
+    """``texts`` (``TextKeys`` per row, or None) as the ints an operator takes."""
+    return [] if texts is None else [x for t in texts for x in (t.offset, -1 if t.valid is None else t.valid)]
+
+
+def _laid_like(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``out`` as ``empty_like(like)`` lays it out (what the fake implementation promised the compiler)."""
+    if out.dtype == like.dtype and out.stride() == like.stride():
+        return out
+    return torch.empty_like(like).copy_(out)
+
+
+_AUTOGRAD_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality)
+for _key in ("AutogradOther", "AutogradNestedTensor", "ADInplaceOrView"):
+    _AUTOGRAD_KEYS = _AUTOGRAD_KEYS | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _key))
+
+
+@contextlib.contextmanager
+def _recording():
+    """Autograd on inside an operator's kernel, which torch runs below autograd: the recomputation
+    records its graph for ``torch.autograd.grad``."""
+    exclude = torch._C._dispatch_tls_local_exclude_set() - _AUTOGRAD_KEYS
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
+def _grads(outputs: torch.Tensor, inputs: tuple[torch.Tensor, ...], grad: torch.Tensor) -> list[torch.Tensor]:
+    found = torch.autograd.grad(outputs, inputs, grad, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else _laid_like(g, x) for g, x in zip(found, inputs)]
+
+
+# -- the joint form: [video | text | motion] tokens, one output row per video and text token ----------
+def _joint_out(query: torch.Tensor, motion_len: int) -> torch.Tensor:
+    """An empty output ``[B, H, N_v + L_y, d]``, stored as ``[B, N, H, d]`` (``attend_video_first``'s)."""
+    batch, heads, length, dim = query.shape
+    return query.new_empty(batch, length - motion_len, heads, dim).transpose(1, 2)
+
+
+def _joint_laid(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """``out`` ``[B, H, N, d]`` stored as ``[B, N, H, d]`` in ``query``'s dtype, as :func:`_joint_out` promised."""
+    batch, heads, length, dim = out.shape
+    if out.dtype == query.dtype and out.stride() == (length * heads * dim, dim, heads * dim, 1):
+        return out
+    return query.new_empty(batch, length, heads, dim).transpose(1, 2).copy_(out)
+
+
+def _joint_eager(handle, query, key, value, block, text_len, texts):
+    # the auto backend rewrites the text and motion rows of keys and values in place: an operator's inputs stay
+    return _state(handle).joint_attention(block, query, key.clone(), value.clone(), text_len, texts=_texts(texts))
+
+
+@torch.library.custom_op("fleximmt::mdma_joint", mutates_args=())
+def mdma_joint_op(handle: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block: int,
+                  text_len: int, motion_len: int, texts: list[int]) -> torch.Tensor:  # fmt: skip
+    return _joint_laid(_joint_eager(handle, query, key, value, block, text_len, texts), query)
+
+
+@mdma_joint_op.register_fake
+def _(handle, query, key, value, block, text_len, motion_len, texts):
+    return _joint_out(query, motion_len)
+
+
+@torch.library.custom_op("fleximmt::mdma_joint_backward", mutates_args=())
+def mdma_joint_backward(grad: torch.Tensor, handle: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, block: int, text_len: int, texts: list[int]) -> list[torch.Tensor]:  # fmt: skip
+    with _recording():
+        inputs = tuple(x.detach().requires_grad_() for x in (query, key, value))
+        return _grads(_joint_eager(handle, *inputs, block, text_len, texts), inputs, grad)
+
+
+@mdma_joint_backward.register_fake
+def _(grad, handle, query, key, value, block, text_len, texts):
+    return [torch.empty_like(x) for x in (query, key, value)]
+
+
+def _joint_setup(ctx, inputs, output) -> None:
+    handle, query, key, value, block, text_len, _, texts = inputs
+    ctx.save_for_backward(handle, query, key, value)
+    ctx.ints = (block, text_len, texts)
+
+
+def _joint_backward(ctx, grad):
+    handle, query, key, value = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fleximmt.mdma_joint_backward(grad, handle, query, key, value, *ctx.ints)
+    return None, dq, dk, dv, None, None, None, None
+
+
+mdma_joint_op.register_autograd(_joint_backward, setup_context=_joint_setup)
+
+
+def mdma_joint(state, block: int, query, key, value, text_len: int, texts=None) -> torch.Tensor:
+    """:meth:`FlexiMMTState.joint_attention` (auto backend, default attention) as one opaque operator."""
+    motion_len = state.num_objects * state.tokens_per_motion
+    return mdma_joint_op(state.handle, query, key, value, block, text_len, motion_len, text_codes(texts))
+
+
+# -- the cross form: video queries over [text | motion] keys ------------------------------------------
+def _cross_eager(handle, query, key, value, motion_k, motion_v, block, expert, texts):
+    def motion_of(video: int):
+        return motion_k[video : video + 1], motion_v[video : video + 1]
+
+    return _state(handle).cross_with(block, query, key, value, motion_of, texts=_texts(texts))
+
+
+@torch.library.custom_op("fleximmt::mdma_cross", mutates_args=())
+def mdma_cross_op(handle: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  motion_k: torch.Tensor, motion_v: torch.Tensor, block: int, expert: int,
+                  texts: list[int]) -> torch.Tensor:  # fmt: skip
+    out = _cross_eager(handle, query, key, value, motion_k, motion_v, block, expert, texts)
+    return out.to(query.dtype).contiguous()  # laid out as the fake's new_empty
+
+
+@mdma_cross_op.register_fake
+def _(handle, query, key, value, motion_k, motion_v, block, expert, texts):
+    return query.new_empty(query.shape)
+
+
+@torch.library.custom_op("fleximmt::mdma_cross_backward", mutates_args=())
+def mdma_cross_backward(grad: torch.Tensor, handle: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, motion_k: torch.Tensor, motion_v: torch.Tensor, block: int, expert: int,
+                        texts: list[int]) -> list[torch.Tensor]:  # fmt: skip
+    with _recording():
+        inputs = tuple(x.detach().requires_grad_() for x in (query, key, value, motion_k, motion_v))
+        return _grads(_cross_eager(handle, *inputs, block, expert, texts), inputs, grad)
+
+
+@mdma_cross_backward.register_fake
+def _(grad, handle, query, key, value, motion_k, motion_v, block, expert, texts):
+    return [torch.empty_like(x) for x in (query, key, value, motion_k, motion_v)]
+
+
+def _cross_setup(ctx, inputs, output) -> None:
+    handle, *tensors, block, expert, texts = inputs
+    ctx.save_for_backward(handle, *tensors)
+    ctx.ints = (block, expert, texts)
+
+
+def _cross_backward(ctx, grad):
+    handle, *tensors = ctx.saved_tensors
+    grads = torch.ops.fleximmt.mdma_cross_backward(grad, handle, *tensors, *ctx.ints)
+    return None, *grads, None, None, None
+
+
+mdma_cross_op.register_autograd(_cross_backward, setup_context=_cross_setup)
+
+
+def mdma_cross(state, block: int, expert: int, query, key, value, project, texts=None) -> torch.Tensor:
+    """:meth:`FlexiMMTState.cross_attention` (auto backend, default attention) as one opaque operator; the
+    motion tokens of every video go through ``project`` here, in the graph, so that their gradients reach them."""
+    keys, values = zip(*(state.motion_projections(video, block, expert, project) for video in range(len(state.videos))))
+    return mdma_cross_op(state.handle, query, key, value, torch.cat(keys), torch.cat(values), block, expert,
+                         text_codes(texts))  # fmt: skip
