@@ -66,11 +66,12 @@ def adapter_for(pipe) -> ModelAdapter:
 def compile(pipe, regional: bool = True, fullgraph: bool = True, **compile_kwargs) -> None:
     """``torch.compile`` a FlexiMMT pipeline's denoisers with FlexiMMT's processors in place: each
     transformer's repeated blocks (``regional``; FlexiMMT names CogVideoX's, which diffusers' model does
-    not) or the whole model. With ``attention_backend="flex"`` the masks' shapes never reach the graph:
-    it compiles once, then runs every step and call, whatever the masks (the "auto" backend's groups
-    change shape with the masks, and each new shape compiles again)."""
-    from ..models import adapter_for
-
+    not) or the whole model. The masks' shapes never reach the graph ("flex": one block mask; "auto": its
+    groups run inside opaque operators, ``method/opaque.py``): once warm nothing compiles again, from step
+    to step or call to call, whatever the masks. Regionally each block is a graph of its own with objects
+    (its index is part of it), so a model of more blocks than dynamo's ``recompile_limit`` (8) does not
+    compile regionally with ``fullgraph``: compile the whole model (``regional=False``), which traces it
+    once (``tests/test_compile.py``)."""
     adapter = adapter_for(pipe)
     adapter.install_processors()
     for transformer in adapter.transformers():
