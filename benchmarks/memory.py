@@ -599,12 +599,12 @@ def wan_block_saved(model: str, flexi: bool, d_m: int, cfg=None, size=None, devi
     return {"saved": counter.total, "inputs": n * dim * torch.finfo(dtype).bits // 8, "largest": counter.largest(6)}
 
 
-def wan_vae_peaks(model: str, vae) -> dict[str, int]:
-    """VAE decode of the video's latents, encode of a whole video (Wan 2.1's condition video - the image
-    and black frames - and any training clip) and of one frame (TI2V's image), untiled and tiled."""
-    height, width, frames = WAN_GEOMETRY[model]
-    latent = wan_geometry(model, wan_config(model), height, width, frames)["latent_shape"]
-    z = torch.empty(1, vae.config.z_dim, *latent, device="meta", dtype=BF16)
+def video_vae_peaks(vae, channels: int, latent_shape, size) -> dict[str, int]:
+    """VAE decode of the video's latents (``channels`` x ``latent_shape``), encode of a whole video of ``size``
+    (height, width, frames: a training clip, Wan 2.1's condition video) and of one frame (the image
+    condition), untiled and tiled."""
+    height, width, frames = size
+    z = torch.empty(1, channels, *latent_shape, device="meta", dtype=BF16)
     video = torch.empty(1, 3, frames, height, width, device="meta", dtype=BF16)
     frame = torch.empty(1, 3, 1, height, width, device="meta", dtype=BF16)
     out = {}
@@ -616,6 +616,13 @@ def wan_vae_peaks(model: str, vae) -> dict[str, int]:
         out[f"encode_frame_{name}"] = measure_peak(lambda: vae.encode(frame).latent_dist.mode(), counter=StorageBytes)
     vae.disable_tiling()
     return out
+
+
+def wan_vae_peaks(model: str, vae) -> dict[str, int]:
+    """:func:`video_vae_peaks` of Wan's VAE at the model's geometry (TI2V's image is its first frame)."""
+    height, width, frames = WAN_GEOMETRY[model]
+    latent = wan_geometry(model, wan_config(model), height, width, frames)["latent_shape"]
+    return video_vae_peaks(vae, vae.config.z_dim, latent, WAN_GEOMETRY[model])
 
 
 def wan_encoder_peaks(models: dict) -> dict[str, int]:
@@ -950,22 +957,9 @@ def diffusers_mask_bytes(tokens: int) -> dict[str, int]:
 
 
 def hunyuan_vae_peaks(vae, size) -> dict[str, int]:
-    """VAE decode of the video's latents, encode of a whole window (a training clip) and of one frame (the
-    image condition the pipeline encodes), untiled and tiled."""
-    height, width, frames = size
+    """:func:`video_vae_peaks` of HunyuanVideo 1.5's VAE at ``size``."""
     geo = hunyuan_geometry(hunyuan_config("hunyuan1.5"), *size)
-    z = torch.empty(1, vae.config.latent_channels, *geo["latent_shape"], device="meta", dtype=BF16)
-    video = torch.empty(1, 3, frames, height, width, device="meta", dtype=BF16)
-    frame = torch.empty(1, 3, 1, height, width, device="meta", dtype=BF16)
-    out = {}
-    for tiling in (False, True):
-        vae.enable_tiling() if tiling else vae.disable_tiling()
-        name = "tiled" if tiling else "untiled"
-        out[f"decode_{name}"] = measure_peak(lambda: vae.decode(z).sample, counter=StorageBytes)
-        out[f"encode_{name}"] = measure_peak(lambda: vae.encode(video).latent_dist.mode(), counter=StorageBytes)
-        out[f"encode_frame_{name}"] = measure_peak(lambda: vae.encode(frame).latent_dist.mode(), counter=StorageBytes)
-    vae.disable_tiling()
-    return out
+    return video_vae_peaks(vae, vae.config.latent_channels, geo["latent_shape"], size)
 
 
 def hunyuan_encoder_peaks(models: dict) -> dict[str, int]:

@@ -36,7 +36,13 @@ from ..method.attention import FlexiMMTState, TextKeys
 from ..method.masks import PARTS
 from ..method.pipeline import FlexiMMTMixin
 from ..method.prompt import find_word_spans
-from .shared import DelegatingProcessor, carry_dispatch, check_no_context_parallelism, dispatched_attention
+from .shared import (
+    DelegatingProcessor,
+    carry_dispatch,
+    check_frame_count,
+    check_no_context_parallelism,
+    dispatched_attention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -177,13 +183,8 @@ class HunyuanVideo15Adapter(ModelAdapter):
                          cfg.patch_size_t, temporal)  # fmt: skip
 
     def check_geometry(self, height: int, width: int, num_frames: int) -> None:
-        temporal = self.pipe.vae_scale_factor_temporal
-        if num_frames < 1 or (num_frames - 1) % temporal:
-            lower = max(1, (num_frames - 1) // temporal * temporal + 1)
-            raise FlexiMMTInputError(
-                f"num_frames={num_frames}: HunyuanVideo 1.5 makes {temporal}k+1 frames; use {lower} or "
-                f"{lower + temporal} (its VAE would decode another count, moving the object masks off their frames)"
-            )
+        check_frame_count(num_frames, self.pipe.vae_scale_factor_temporal, "HunyuanVideo 1.5",
+                          "its VAE would decode another count")
 
     def word_spans(self, prompt: str, phrases, text_len: int) -> list[list[int]]:
         """Motion words among the Qwen2.5-VL prompt tokens the transformer sees: the prompt inside the

@@ -104,3 +104,12 @@ class DelegatingProcessor:
     @_parallel_config.setter
     def _parallel_config(self, config) -> None:
         self.inner._parallel_config = config
+
+
+def check_frame_count(num_frames: int, temporal: int, model: str, why: str) -> None:
+    """Refuse a frame count that is not ``temporal``k+1 for ``model``, naming the two nearest that are and
+    ``why`` another count would move the object masks off their frames."""
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        lower = max(1, (num_frames - 1) // temporal * temporal + 1)
+        raise FlexiMMTInputError(f"num_frames={num_frames}: {model} makes {temporal}k+1 frames; use {lower} or "
+                                 f"{lower + temporal} ({why}, moving the object masks off their frames)")  # fmt: skip

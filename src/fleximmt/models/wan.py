@@ -35,6 +35,7 @@ from ..method.pipeline import FlexiMMTMixin
 from .shared import (
     DelegatingProcessor,
     carry_dispatch,
+    check_frame_count,
     check_no_context_parallelism,
     dispatched_attention,
     repeat_per_prompt,
@@ -177,13 +178,7 @@ class WanAdapter(ModelAdapter):
         return TokenGrid(latent_frames // patch[0], height // per_token, width // per_token, latent_frames, patch[0], temporal)
 
     def check_geometry(self, height: int, width: int, num_frames: int) -> None:
-        temporal = self.pipe.vae_scale_factor_temporal
-        if num_frames < 1 or (num_frames - 1) % temporal:
-            lower = max(1, (num_frames - 1) // temporal * temporal + 1)
-            raise FlexiMMTInputError(
-                f"num_frames={num_frames}: Wan makes {temporal}k+1 frames; use {lower} or {lower + temporal} "
-                "(diffusers would round it silently, moving the object masks off their frames)"
-            )
+        check_frame_count(num_frames, self.pipe.vae_scale_factor_temporal, "Wan", "diffusers would round it silently")
         multiple = self.pipe.vae_scale_factor_spatial * self.transformers()[0].config.patch_size[1]
         if height % multiple or width % multiple:
             raise FlexiMMTInputError(
