@@ -188,7 +188,9 @@ class JointLayout:
             return
         device = self.video_masks.device
         num_video = self.video_masks.shape[1]
-        text_rows = mdma_text_rows(*args, text_valid=valid)
+        if valid is not None:  # a padded text query's output reaches nobody (its key is closed): not computed
+            self.text_queries = valid.to(device).nonzero().squeeze(1)
+        text_rows = mdma_text_rows(*args, text_valid=valid, queries=self.text_queries)
         small = text_rows.shape[1] - num_video
         merged, large, budget = [], [], min(MERGE_CAP, num_video // 2)
         groups = video_groups(*args, key_cache=self.key_cache, text_valid=valid)
@@ -209,9 +211,6 @@ class JointLayout:
         self.order, position, in_chain = cache[config]
         self.groups = [QueryGroup.of(q, num_video, k if chained else position[k], chained, self.pad_queries)
                        for (q, k, _), chained in zip(large, in_chain)]  # fmt: skip
-        if valid is not None:  # a padded text query's output reaches nobody (its key is closed): not computed
-            self.text_queries = valid.to(device).nonzero().squeeze(1)
-            text_rows = text_rows[self.text_queries]
         rows = [torch.cat([text_rows[:, small:], text_rows[:, :small][:, self.order]], dim=1)]
         for queries, keys in merged:
             row = torch.zeros(small, dtype=torch.bool, device=device)

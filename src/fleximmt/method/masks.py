@@ -125,27 +125,32 @@ def mdma_text_rows(
     parts: frozenset[str],
     context_text: str,
     text_valid: torch.Tensor | None = None,
+    queries: torch.Tensor | None = None,
 ) -> torch.BoolTensor:
     """The text-query rows of ``M`` over keys ``[text | motion | video]``: bool ``[L_y, N]`` (padded
-    text as in :func:`mdma_dense`).
+    text as in :func:`mdma_dense`), or only the rows of the text queries ``queries`` (indices).
 
     What the fast backend hands to SDPA for the few text queries (no N x N tensor)."""
     num_objects, text_len = member.shape
     device = video_masks.device
     owner = motion_ownership(num_objects, tokens_per_motion, device)
     num_video = video_masks.shape[1]
-    yy = text_text_mask(member) if "t2t" in parts else torch.ones(text_len, text_len, dtype=torch.bool, device=device)
-    ym = (member.T.float() @ owner.float()) > 0 if "t2m" in parts else torch.ones(text_len, owner.shape[1], dtype=torch.bool, device=device)
+    index = torch.arange(text_len, device=device) if queries is None else queries.to(device)
+    words = member[:, index]  # the queries' columns of the motion words
+    rows_n = index.numel()
+    yy = text_text_mask(member)[index] if "t2t" in parts else torch.ones(rows_n, text_len, dtype=torch.bool, device=device)
+    ym = (words.T.float() @ owner.float()) > 0 if "t2m" in parts else torch.ones(rows_n, owner.shape[1], dtype=torch.bool, device=device)
     if "t2v" in parts:
-        yv = text_video_mask(member, video_masks, context_text)
+        yv = text_video_mask(words, video_masks, context_text)
     else:
-        yv = torch.ones(text_len, num_video, dtype=torch.bool, device=device)
+        yv = torch.ones(rows_n, num_video, dtype=torch.bool, device=device)
     rows = torch.cat([yy, ym, yv], dim=1)
     if text_valid is not None:
-        padded = ~text_valid.to(device)
-        rows[:, :text_len][:, padded] = False
+        valid = text_valid.to(device)
+        rows[:, :text_len][:, ~valid] = False
+        padded = ~valid[index]
         rows[padded] = False
-        rows[padded, padded.nonzero().squeeze(1)] = True  # a padded query reads only itself
+        rows[padded, index[padded]] = True  # a padded query reads only itself
     return rows
 
 
