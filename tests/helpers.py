@@ -84,3 +84,18 @@ class GradioSession:
 
     def close(self) -> None:
         self.http.close()
+
+
+def spy_optimiser(monkeypatch, seen) -> None:
+    """``seen(params)`` with the parameters every ``torch.optim.AdamW`` is made with (train_motion's
+    optimiser), as it is made."""
+    import torch
+
+    adamw = torch.optim.AdamW
+
+    def spy(params, **kw):
+        params = list(params)
+        seen(params)
+        return adamw(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)

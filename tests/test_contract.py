@@ -60,6 +60,7 @@ from diffusers import (
     HunyuanVideo15ImageToVideoPipeline,
     WanImageToVideoPipeline,
 )
+from helpers import spy_optimiser
 from PIL import Image
 
 from fleximmt import (
@@ -314,14 +315,7 @@ def frozen_state(pipe) -> list[tuple[dict, list[bool]]]:
 def optimised(monkeypatch) -> list[torch.Tensor]:
     """The parameters train_motion gives its optimiser, copied as training starts."""
     params_seen = []
-    adamw = torch.optim.AdamW
-
-    def spy(params, **kw):
-        params = list(params)
-        params_seen.extend(p.detach().clone() for p in params)
-        return adamw(params, **kw)
-
-    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    spy_optimiser(monkeypatch, lambda params: params_seen.extend(p.detach().clone() for p in params))
     return params_seen
 
 

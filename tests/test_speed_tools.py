@@ -15,6 +15,7 @@ from diffusers.hooks import (
     PyramidAttentionBroadcastConfig,
     TaylorSeerCacheConfig,  # fmt: skip
 )
+from helpers import spy_optimiser
 from PIL import Image
 from wan_names import original_name
 
@@ -315,14 +316,7 @@ def train(pipe, family: str, out, **kw):
 def initial_tokens(monkeypatch) -> list[torch.Tensor]:
     """The motion tokens as training starts (copied when train_motion makes its optimiser)."""
     tokens = []
-    adamw = torch.optim.AdamW
-
-    def spy(params, **kw):
-        params = list(params)
-        tokens.append(torch.stack([p.detach().cpu().clone() for p in params]).squeeze(0))
-        return adamw(params, **kw)
-
-    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    spy_optimiser(monkeypatch, lambda params: tokens.append(torch.stack([p.detach().cpu().clone() for p in params]).squeeze(0)))
     return tokens
 
 
