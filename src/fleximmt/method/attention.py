@@ -94,12 +94,14 @@ def flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask
     CPU torch has its forward and no backward: training with "flex" needs a GPU)."""
     if torch.is_grad_enabled() and query.device.type == "cpu" and any(x.requires_grad for x in (query, key, value)):
         raise ValueError("attention_backend='flex' has no backward on a CPU (torch's FlexAttention): train with 'auto'")
-    if "fn" not in _COMPILED_FLEX:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED_FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    if torch.compiler.is_compiling():  # inside the caller's graph: compiled with it
+        fn = flex_attention
+    else:
+        fn = _COMPILED_FLEX.get("fn") or _COMPILED_FLEX.setdefault("fn", torch.compile(flex_attention, dynamic=False))
     # contiguous inputs: inductor's FlexAttention lowering misreads some views' ranks (seen on Wan's attn2)
-    return _COMPILED_FLEX["fn"](query.contiguous(), key.contiguous(), value.contiguous(), block_mask=block_mask)
+    return fn(query.contiguous(), key.contiguous(), value.contiguous(), block_mask=block_mask)
 
 
 def padded_queries(queries: torch.Tensor, pad: bool) -> torch.Tensor:
@@ -395,6 +397,37 @@ class CrossLayout:
 LAYOUTS = {"joint": JointLayout, "cross": CrossLayout}
 
 
+class BlockProcessor:
+    """An attention processor of one transformer block (``block_index``). What it hands the state's
+    methods as its block is :attr:`block`: the index, or inside a compiled graph the same index as a
+    one-element tensor (``block_tensor``), so that every block traces to one graph. As an int it would be
+    a constant of each block's graph: regional compilation (``fleximmt.compile``) would compile every
+    block anew, and a model of more blocks than dynamo's ``recompile_limit`` (8; CogVideoX-5B has 42)
+    would not compile with ``fullgraph``. Inside the graph the tensor selects the block's motion tokens;
+    the state's operators (``opaque.py``) read it back as an int."""
+
+    def __init__(self, block_index: int) -> None:
+        self.block_index = block_index
+        self.block_tensor = torch.tensor([block_index])
+
+    @property
+    def block(self) -> int | torch.Tensor:
+        return self.block_tensor if torch.compiler.is_compiling() else self.block_index
+
+
+def block_number(block: int | torch.Tensor) -> int:
+    """A block (see :class:`BlockProcessor`) as an int, outside a compiled graph."""
+    return int(block.item()) if isinstance(block, torch.Tensor) else block
+
+
+def block_tokens(tokens: torch.Tensor, expert: int, block: int | torch.Tensor) -> torch.Tensor:
+    """One block's motion tokens ``[K, d_m, dim]`` of ``[K, experts, blocks, d_m, dim]``; a tensor
+    ``block`` selects them in the graph (the same graph for every block)."""
+    if isinstance(block, torch.Tensor):
+        return tokens[:, expert].index_select(1, block.to(tokens.device)).squeeze(1)
+    return tokens[:, expert, block]
+
+
 class TextKeys(NamedTuple):
     """Where a batch row's prompt tokens sit among the ``L`` text keys its attention gets, for a model
     whose text is more than the prompt (HunyuanVideo 1.5: image and glyph tokens first, then the prompt,
@@ -583,9 +616,16 @@ class FlexiMMTState:
         """Whether this forward captures RMPM features in ``block``."""
         return block in self.feature_blocks and self.feature_rows is not None
 
-    def observe(self, block: int, video_out: torch.Tensor, rows: list[int] | None = None) -> None:
+    def observe(self, block: int | torch.Tensor, video_out: torch.Tensor, rows: list[int] | None = None) -> None:
         """Add a block's per-token video features ``[B, N_v, D]`` to each video's running sum; ``rows``:
-        each video's row of ``video_out`` when it holds only the feature rows (default ``feature_rows``)."""
+        each video's row of ``video_out`` when it holds only the feature rows (default ``feature_rows``).
+        Inside a compiled graph, an opaque operator (``opaque.observe``) does it: which blocks capture is
+        no part of the graph."""
+        if torch.compiler.is_compiling():
+            if self.feature_blocks:  # not feature_rows: a forward with them and one without share a graph
+                opaque.observe(self, block, video_out, rows)
+            return
+        block = block_number(block)
         if not self.capturing(block):
             return
         for slot, row in zip(self.videos, self.batch_rows(video_out.shape[0])[1] if rows is None else rows):
@@ -615,11 +655,11 @@ class FlexiMMTState:
         return mean
 
     # -- motion tokens through a block's frozen projections ------------------------------------
-    def motion_projections(self, video: int, block: int, expert: int, project):
+    def motion_projections(self, video: int, block: int | torch.Tensor, expert: int, project):
         """A video's motion keys and values for a cross-attention: ``project(tokens, kind)`` maps
         ``[n, dim]`` tokens to ``[1, H, n, d]`` through the block's ``to_k``/``to_v`` (and its key
         norm); kind is "k" or "v"."""
-        tokens = self.videos[video].motion_tokens[:, expert, block]
+        tokens = block_tokens(self.videos[video].motion_tokens, expert, block)
         tokens = tokens.reshape(-1, tokens.shape[-1])
         return project(tokens, "k"), project(tokens, "v")
 
@@ -630,6 +670,7 @@ class FlexiMMTState:
         slot = self.videos[video]
         if not self.dmem:
             return self._step_layout(video, text, text_len)
+        block = block_number(block)
         key = (video, block) if text is None else (video, block, text, text_len)
         if key not in self._dmem_layouts:
             offset = 0 if text is None else text.offset
@@ -647,7 +688,7 @@ class FlexiMMTState:
         return self._dmem_layouts[key]
 
     # -- the two forms of attention --------------------------------------------------------
-    def joint_motion_rows(self, block: int, expert: int, batch: int, like: torch.Tensor) -> torch.Tensor:
+    def joint_motion_rows(self, block: int | torch.Tensor, expert: int, batch: int, like: torch.Tensor) -> torch.Tensor:
         """The motion tokens of each batch row's video for one block, ``[B, K * d_m, dim]`` in ``like``'s
         device and dtype: a joint-attention processor appends them to its hidden states before its
         own projections (and QK-norm; no RoPE), so that they join the keys and values uncopied."""
@@ -656,13 +697,13 @@ class FlexiMMTState:
             raise ValueError(f"{len(videos)} batch rows declared, the transformer got {batch}")
         rows = {}
         for video in set(videos):
-            tokens = self.videos[video].motion_tokens[:, expert, block]
+            tokens = block_tokens(self.videos[video].motion_tokens, expert, block)
             rows[video] = tokens.reshape(-1, tokens.shape[-1]).to(device=like.device, dtype=like.dtype)
         if len(rows) == 1:
             return rows[videos[0]].expand(batch, -1, -1)
         return torch.stack([rows[video] for video in videos])
 
-    def joint_attention(self, block: int, query, key, value, text_len: int, attention: Attention = sdpa,
+    def joint_attention(self, block: int | torch.Tensor, query, key, value, text_len: int, attention: Attention = sdpa,
                         texts: list[TextKeys] | None = None) -> torch.Tensor:  # fmt: skip
         """MDMA attention of text and video queries over text, motion and video keys.
 
@@ -672,7 +713,7 @@ class FlexiMMTState:
         prompt's tokens); returns ``[B, H, N_v + L_y, d]`` (see ``JointLayout.attend_video_first``).
         Inside a compiled graph the auto backend runs as one opaque operator (``opaque.mdma_joint``)."""
         if self.backend == "auto" and torch.compiler.is_compiling():
-            return opaque.mdma_joint(self, block, query, key, value, text_len, texts)
+            return opaque.mdma_joint(self, block, query, key, value, text_len, texts, attention)
         return self._per_video(query, key, value, texts,
                                lambda v, t, q, k, val: self._joint_one(v, t, block, q, k, val, text_len, attention))  # fmt: skip
 
@@ -684,14 +725,14 @@ class FlexiMMTState:
                               places[row : row + 1, :, :n_video], text, text_len)  # fmt: skip
         return layout.attend_video_first(query, key, value, text_len, attention)
 
-    def cross_attention(self, block: int, expert: int, query, key, value, project, attention: Attention = sdpa,
+    def cross_attention(self, block: int | torch.Tensor, expert: int, query, key, value, project, attention: Attention = sdpa,
                         texts: list[TextKeys] | None = None) -> torch.Tensor:  # fmt: skip
         """MDMA cross-attention of video queries ``[B, H, N_v, d]`` over the text's keys/values
         ``[B, H, L_y, d]`` and the motion tokens; returns ``[B, H, N_v, d]`` (``attention``: see
         ``CrossLayout.attend``; ``texts``: as in :meth:`joint_attention`). Inside a compiled graph the
         auto backend runs as one opaque operator (``opaque.mdma_cross``)."""
         if self.backend == "auto" and torch.compiler.is_compiling():
-            return opaque.mdma_cross(self, block, expert, query, key, value, project, texts)
+            return opaque.mdma_cross(self, block, expert, query, key, value, project, texts, attention)
         return self.cross_with(block, query, key, value,
                                lambda video: self.motion_projections(video, block, expert, project), attention, texts)  # fmt: skip
 
@@ -741,5 +782,5 @@ def motion_state_for(tokens: torch.Tensor, member: torch.Tensor, **kwargs) -> Fl
     return FlexiMMTState(videos=[VideoMotions(tokens, member, index)], **kwargs)
 
 
-__all__ = ["BACKENDS", "CrossLayout", "FlexiMMTState", "JointLayout", "TextKeys", "VideoMotions", "chain_order",
+__all__ = ["BACKENDS", "BlockProcessor", "CrossLayout", "FlexiMMTState", "JointLayout", "TextKeys", "VideoMotions", "chain_order",
            "group_keys"]

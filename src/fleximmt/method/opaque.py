@@ -7,13 +7,16 @@ with the masks at every step: traced, each new size would compile again. Inside 
 (:meth:`FlexiMMTState.joint_attention` / ``cross_attention``) run as it is, and whose fake
 implementations give only the output's shape. Dynamo sees fixed shapes; the groups stay out of the graph.
 
-An operator takes tensors and ints only. The state is found through ``state.handle``: a one-element
-CPU tensor holding the state's number in a registry (a tensor, so a new call's state reaches the same
-graph). The ints (block, expert, lengths, each row's text form) do not change between steps. The
-attention callable a processor passes cannot cross either (it is made inside the compiled graph, and a
-graph cannot hand a Python object to its operators while it runs): inside the operators the grouped
-calls run on PyTorch's SDPA (``attention.sdpa``), which is what diffusers' default ("native") backend
-calls; a backend set on the model (flash, sage) is not reached there.
+An operator takes tensors, ints and strings only. The state is found through ``state.handle``: a
+one-element CPU tensor holding the state's number in a registry (a tensor, so a new call's state reaches
+the same graph); the block likewise, as its processor's ``block_tensor`` (``attention.BlockProcessor``),
+so that every block of a model is the same graph and regional compilation compiles one. The ints
+(expert, lengths, each row's text form) do not change between steps. RMPM's feature capture, which
+depends on the block, is an operator too (``fleximmt::observe``). The attention callable a processor
+passes cannot cross (a graph cannot hand a Python object to its operators while it runs): it crosses as
+its ``opaque_name``, a string from which a factory registered with :func:`attention_kind` makes it
+again inside the operator (diffusers' dispatcher with the backend chosen for the model:
+``models/shared.py``); a callable without one runs on PyTorch's SDPA there, said once in the log.
 
 Gradients: the backward, a second opaque operator, recomputes the eager body under
 ``torch.enable_grad`` (with autograd's dispatch keys back on: an operator's kernel runs below
@@ -30,6 +33,7 @@ import contextlib
 import itertools
 import logging
 import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -38,6 +42,7 @@ logger = logging.getLogger(__name__)
 _STATES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _NUMBERS = itertools.count()
 _SAID: set[str] = set()
+_ATTENTION_KINDS: dict[str, Callable] = {}
 
 
 def register(state) -> torch.Tensor:
@@ -48,11 +53,39 @@ def register(state) -> torch.Tensor:
 
 
 def _state(handle: torch.Tensor):
-    if "sdpa" not in _SAID:
-        _SAID.add("sdpa")
-        logger.info("torch.compile with attention_backend='auto': FlexiMMT's grouped attention runs in opaque "
-                    "operators on PyTorch's SDPA, whatever attention backend the model has")  # fmt: skip
     return _STATES[int(handle.item())]
+
+
+def block_number(block: torch.Tensor) -> int:
+    return int(block.item())
+
+
+def attention_kind(kind: str, factory: Callable) -> None:
+    """Let attention callables whose ``opaque_name`` is ``"kind:argument"`` cross into the operators:
+    ``factory(argument, state)`` makes the callable again there."""
+    _ATTENTION_KINDS[kind] = factory
+
+
+def attention_name(attention) -> str:
+    """What crosses into an operator for ``attention``: its ``opaque_name``; "" for PyTorch's SDPA."""
+    from .attention import sdpa
+
+    if attention is None or attention is sdpa:
+        return ""
+    return getattr(attention, "opaque_name", "?")  # "?": said in the log, inside the operator
+
+
+def _attention(name: str, state):
+    from .attention import sdpa
+
+    if name == "?" and "unnamed" not in _SAID:
+        _SAID.add("unnamed")
+        logger.warning("torch.compile with attention_backend='auto': an attention function without an opaque_name "
+                       "cannot cross into FlexiMMT's opaque operators; their grouped calls run on PyTorch's SDPA")  # fmt: skip
+    if name in ("", "?"):
+        return sdpa
+    kind, _, argument = name.partition(":")
+    return _ATTENTION_KINDS[kind](argument, state)
 
 
 def _texts(codes: list[int]):
@@ -110,109 +143,132 @@ def _joint_laid(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return query.new_empty(batch, length, heads, dim).transpose(1, 2).copy_(out)
 
 
-def _joint_eager(handle, query, key, value, block, text_len, texts):
+def _joint_eager(handle, block, query, key, value, text_len, texts, attention):
     # the auto backend rewrites the text and motion rows of keys and values in place: an operator's inputs stay
-    return _state(handle).joint_attention(block, query, key.clone(), value.clone(), text_len, texts=_texts(texts))
+    state = _state(handle)
+    return state.joint_attention(block_number(block), query, key.clone(), value.clone(), text_len,
+                                 _attention(attention, state), _texts(texts))  # fmt: skip
 
 
 @torch.library.custom_op("fleximmt::mdma_joint", mutates_args=())
-def mdma_joint_op(handle: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block: int,
-                  text_len: int, motion_len: int, texts: list[int]) -> torch.Tensor:  # fmt: skip
-    return _joint_laid(_joint_eager(handle, query, key, value, block, text_len, texts), query)
+def mdma_joint_op(handle: torch.Tensor, block: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, text_len: int, motion_len: int, texts: list[int], attention: str) -> torch.Tensor:  # fmt: skip
+    return _joint_laid(_joint_eager(handle, block, query, key, value, text_len, texts, attention), query)
 
 
 @mdma_joint_op.register_fake
-def _(handle, query, key, value, block, text_len, motion_len, texts):
+def _(handle, block, query, key, value, text_len, motion_len, texts, attention):
     return _joint_out(query, motion_len)
 
 
 @torch.library.custom_op("fleximmt::mdma_joint_backward", mutates_args=())
-def mdma_joint_backward(grad: torch.Tensor, handle: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                        value: torch.Tensor, block: int, text_len: int, texts: list[int]) -> list[torch.Tensor]:  # fmt: skip
+def mdma_joint_backward(grad: torch.Tensor, handle: torch.Tensor, block: torch.Tensor, query: torch.Tensor,
+                        key: torch.Tensor, value: torch.Tensor, text_len: int, texts: list[int],
+                        attention: str) -> list[torch.Tensor]:  # fmt: skip
     with _recording():
         inputs = tuple(x.detach().requires_grad_() for x in (query, key, value))
-        return _grads(_joint_eager(handle, *inputs, block, text_len, texts), inputs, grad)
+        return _grads(_joint_eager(handle, block, *inputs, text_len, texts, attention), inputs, grad)
 
 
 @mdma_joint_backward.register_fake
-def _(grad, handle, query, key, value, block, text_len, texts):
+def _(grad, handle, block, query, key, value, text_len, texts, attention):
     return [torch.empty_like(x) for x in (query, key, value)]
 
 
 def _joint_setup(ctx, inputs, output) -> None:
-    handle, query, key, value, block, text_len, _, texts = inputs
-    ctx.save_for_backward(handle, query, key, value)
-    ctx.ints = (block, text_len, texts)
+    handle, block, query, key, value, text_len, _, texts, attention = inputs
+    ctx.save_for_backward(handle, block, query, key, value)
+    ctx.args = (text_len, texts, attention)
 
 
 def _joint_backward(ctx, grad):
-    handle, query, key, value = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fleximmt.mdma_joint_backward(grad, handle, query, key, value, *ctx.ints)
-    return None, dq, dk, dv, None, None, None, None
+    handle, block, query, key, value = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fleximmt.mdma_joint_backward(grad, handle, block, query, key, value, *ctx.args)
+    return None, None, dq, dk, dv, None, None, None, None
 
 
 mdma_joint_op.register_autograd(_joint_backward, setup_context=_joint_setup)
 
 
-def mdma_joint(state, block: int, query, key, value, text_len: int, texts=None) -> torch.Tensor:
-    """:meth:`FlexiMMTState.joint_attention` (auto backend, default attention) as one opaque operator."""
+def mdma_joint(state, block, query, key, value, text_len: int, texts=None, attention=None) -> torch.Tensor:
+    """:meth:`FlexiMMTState.joint_attention` (auto backend) as one opaque operator; ``block``: the processor's
+    ``block_tensor``."""
     motion_len = state.num_objects * state.tokens_per_motion
-    return mdma_joint_op(state.handle, query, key, value, block, text_len, motion_len, text_codes(texts))
+    return mdma_joint_op(state.handle, block, query, key, value, text_len, motion_len, text_codes(texts),
+                         attention_name(attention))  # fmt: skip
 
 
 # -- the cross form: video queries over [text | motion] keys ------------------------------------------
-def _cross_eager(handle, query, key, value, motion_k, motion_v, block, expert, texts):
+def _cross_eager(handle, block, query, key, value, motion_k, motion_v, texts, attention):
     def motion_of(video: int):
         return motion_k[video : video + 1], motion_v[video : video + 1]
 
-    return _state(handle).cross_with(block, query, key, value, motion_of, texts=_texts(texts))
+    state = _state(handle)
+    return state.cross_with(block_number(block), query, key, value, motion_of, _attention(attention, state),
+                            _texts(texts))  # fmt: skip
 
 
 @torch.library.custom_op("fleximmt::mdma_cross", mutates_args=())
-def mdma_cross_op(handle: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  motion_k: torch.Tensor, motion_v: torch.Tensor, block: int, expert: int,
-                  texts: list[int]) -> torch.Tensor:  # fmt: skip
-    out = _cross_eager(handle, query, key, value, motion_k, motion_v, block, expert, texts)
+def mdma_cross_op(handle: torch.Tensor, block: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, motion_k: torch.Tensor, motion_v: torch.Tensor, texts: list[int],
+                  attention: str) -> torch.Tensor:  # fmt: skip
+    out = _cross_eager(handle, block, query, key, value, motion_k, motion_v, texts, attention)
     return out.to(query.dtype).contiguous()  # laid out as the fake's new_empty
 
 
 @mdma_cross_op.register_fake
-def _(handle, query, key, value, motion_k, motion_v, block, expert, texts):
+def _(handle, block, query, key, value, motion_k, motion_v, texts, attention):
     return query.new_empty(query.shape)
 
 
 @torch.library.custom_op("fleximmt::mdma_cross_backward", mutates_args=())
-def mdma_cross_backward(grad: torch.Tensor, handle: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                        value: torch.Tensor, motion_k: torch.Tensor, motion_v: torch.Tensor, block: int, expert: int,
-                        texts: list[int]) -> list[torch.Tensor]:  # fmt: skip
+def mdma_cross_backward(grad: torch.Tensor, handle: torch.Tensor, block: torch.Tensor, query: torch.Tensor,
+                        key: torch.Tensor, value: torch.Tensor, motion_k: torch.Tensor, motion_v: torch.Tensor,
+                        texts: list[int], attention: str) -> list[torch.Tensor]:  # fmt: skip
     with _recording():
         inputs = tuple(x.detach().requires_grad_() for x in (query, key, value, motion_k, motion_v))
-        return _grads(_cross_eager(handle, *inputs, block, expert, texts), inputs, grad)
+        return _grads(_cross_eager(handle, block, *inputs, texts, attention), inputs, grad)
 
 
 @mdma_cross_backward.register_fake
-def _(grad, handle, query, key, value, motion_k, motion_v, block, expert, texts):
+def _(grad, handle, block, query, key, value, motion_k, motion_v, texts, attention):
     return [torch.empty_like(x) for x in (query, key, value, motion_k, motion_v)]
 
 
 def _cross_setup(ctx, inputs, output) -> None:
-    handle, *tensors, block, expert, texts = inputs
-    ctx.save_for_backward(handle, *tensors)
-    ctx.ints = (block, expert, texts)
+    handle, block, *tensors, texts, attention = inputs
+    ctx.save_for_backward(handle, block, *tensors)
+    ctx.args = (texts, attention)
 
 
 def _cross_backward(ctx, grad):
-    handle, *tensors = ctx.saved_tensors
-    grads = torch.ops.fleximmt.mdma_cross_backward(grad, handle, *tensors, *ctx.ints)
-    return None, *grads, None, None, None
+    handle, block, *tensors = ctx.saved_tensors
+    grads = torch.ops.fleximmt.mdma_cross_backward(grad, handle, block, *tensors, *ctx.args)
+    return None, None, *grads, None, None
 
 
 mdma_cross_op.register_autograd(_cross_backward, setup_context=_cross_setup)
 
 
-def mdma_cross(state, block: int, expert: int, query, key, value, project, texts=None) -> torch.Tensor:
-    """:meth:`FlexiMMTState.cross_attention` (auto backend, default attention) as one opaque operator; the
-    motion tokens of every video go through ``project`` here, in the graph, so that their gradients reach them."""
+def mdma_cross(state, block, expert: int, query, key, value, project, texts=None, attention=None) -> torch.Tensor:
+    """:meth:`FlexiMMTState.cross_attention` (auto backend) as one opaque operator; the motion tokens of every
+    video go through ``project`` here, in the graph, so that their gradients reach them."""
     keys, values = zip(*(state.motion_projections(video, block, expert, project) for video in range(len(state.videos))))
-    return mdma_cross_op(state.handle, query, key, value, torch.cat(keys), torch.cat(values), block, expert,
-                         text_codes(texts))  # fmt: skip
+    return mdma_cross_op(state.handle, block, query, key, value, torch.cat(keys), torch.cat(values), text_codes(texts),
+                         attention_name(attention))  # fmt: skip
+
+
+# -- RMPM's feature capture: which blocks capture is the state's business, not the graph's ------------
+@torch.library.custom_op("fleximmt::observe", mutates_args=("handle",))  # "mutates": no output, never pruned
+def observe_op(handle: torch.Tensor, block: torch.Tensor, video_out: torch.Tensor, rows: list[int]) -> None:
+    _state(handle).observe(block_number(block), video_out, rows or None)
+
+
+@observe_op.register_fake
+def _(handle, block, video_out, rows):
+    return None
+
+
+def observe(state, block, video_out: torch.Tensor, rows: list[int] | None = None) -> None:
+    """:meth:`FlexiMMTState.observe` as an opaque operator."""
+    observe_op(state.handle, block, video_out, rows or [])

@@ -68,10 +68,9 @@ def compile(pipe, regional: bool = True, fullgraph: bool = True, **compile_kwarg
     transformer's repeated blocks (``regional``; FlexiMMT names CogVideoX's, which diffusers' model does
     not) or the whole model. The masks' shapes never reach the graph ("flex": one block mask; "auto": its
     groups run inside opaque operators, ``method/opaque.py``): once warm nothing compiles again, from step
-    to step or call to call, whatever the masks. Regionally each block is a graph of its own with objects
-    (its index is part of it), so a model of more blocks than dynamo's ``recompile_limit`` (8) does not
-    compile regionally with ``fullgraph``: compile the whole model (``regional=False``), which traces it
-    once (``tests/test_compile.py``)."""
+    to step or call to call, whatever the masks. Regionally every block is the same graph (the processors
+    hand the state their block as a tensor inside it: ``method.attention.BlockProcessor``), so a model of
+    any number of blocks compiles once (``tests/test_compile.py``)."""
     adapter = adapter_for(pipe)
     adapter.install_processors()
     for transformer in adapter.transformers():

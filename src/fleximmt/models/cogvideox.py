@@ -20,7 +20,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from ..errors import FlexiMMTInputError
 from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch, image_count, prompt_count
-from ..method.attention import FlexiMMTState
+from ..method.attention import BlockProcessor, FlexiMMTState
 from ..method.masks import PARTS
 from ..method.pipeline import FlexiMMTMixin
 from .shared import carry_dispatch, check_no_context_parallelism, dispatched_attention, repeat_per_prompt
@@ -31,7 +31,7 @@ DEFAULT_MODEL = "THUDM/CogVideoX-5b-I2V"
 V15_SIZE = (768, 1360)  # THUDM/CogVideoX1.5-5B-I2V's model card: height x width
 
 
-class FlexiMMTAttnProcessor:
+class FlexiMMTAttnProcessor(BlockProcessor):
     """CogVideoX's joint attention with motion tokens and MDMA: one class for every block, training
     and inference; without a ``fleximmt`` state (or with no objects) it computes exactly what diffusers'
     ``CogVideoXAttnProcessor2_0`` (or, with fused projections, ``FusedCogVideoXAttnProcessor2_0``) does.
@@ -47,9 +47,6 @@ class FlexiMMTAttnProcessor:
 
     _attention_backend = None  # set by diffusers' set_attention_backend / reset_attention_backend
     _parallel_config = None  # set by enable_parallelism
-
-    def __init__(self, block_index: int) -> None:
-        self.block_index = block_index
 
     def __call__(
         self,
@@ -68,7 +65,7 @@ class FlexiMMTAttnProcessor:
             check_no_context_parallelism(self, fleximmt)
             if attention_mask is not None:
                 raise ValueError("FlexiMMT attention takes no attention_mask of its own: MDMA is the mask")
-            motion = fleximmt.joint_motion_rows(self.block_index, 0, batch, like=hidden_states)
+            motion = fleximmt.joint_motion_rows(self.block, 0, batch, like=hidden_states)
             hidden_states = torch.cat([hidden_states, encoder_hidden_states, motion], dim=1)
             video, sizes = slice(None, n_video), [n_video, text_len]
         else:
@@ -95,7 +92,7 @@ class FlexiMMTAttnProcessor:
                 key[:, :, video] = apply_rotary_emb(key[:, :, video], image_rotary_emb)
 
         if with_motion:
-            out = fleximmt.joint_attention(self.block_index, query, key, value, text_len, attend)
+            out = fleximmt.joint_attention(self.block, query, key, value, text_len, attend)
         else:
             out = attend(query, key, value, attention_mask)
 
@@ -104,7 +101,7 @@ class FlexiMMTAttnProcessor:
         first, second = out.split(sizes, dim=1)
         encoder_out, video_out = (second, first) if with_motion else (first, second)
         if fleximmt is not None:
-            fleximmt.observe(self.block_index, video_out)
+            fleximmt.observe(self.block, video_out)
         return video_out, encoder_out
 
 

@@ -32,7 +32,7 @@ from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5_image2video 
 
 from ..errors import FlexiMMTInputError
 from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch
-from ..method.attention import FlexiMMTState, TextKeys
+from ..method.attention import BlockProcessor, FlexiMMTState, TextKeys
 from ..method.masks import PARTS
 from ..method.pipeline import FlexiMMTMixin
 from ..method.prompt import find_word_spans
@@ -63,7 +63,7 @@ class StateSlot:
     calls: int = 0
 
 
-class FlexiMMTHunyuanAttnProcessor(DelegatingProcessor):
+class FlexiMMTHunyuanAttnProcessor(BlockProcessor, DelegatingProcessor):
     """HunyuanVideo 1.5's joint attention with motion tokens and MDMA; without a state, or with no
     objects, it is diffusers' ``HunyuanVideo15AttnProcessor2_0`` (its dense padding mask included).
 
@@ -72,8 +72,8 @@ class FlexiMMTHunyuanAttnProcessor(DelegatingProcessor):
     left out of every attention call instead of masked."""
 
     def __init__(self, block_index: int, slot: StateSlot) -> None:
-        self.block_index, self.slot = block_index, slot
-        self.inner = HunyuanVideo15AttnProcessor2_0()
+        super().__init__(block_index)
+        self.slot, self.inner = slot, HunyuanVideo15AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         state = self.slot.state
@@ -91,7 +91,7 @@ class FlexiMMTHunyuanAttnProcessor(DelegatingProcessor):
 
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        motion = state.joint_motion_rows(self.block_index, 0, batch, like=encoder_hidden_states)
+        motion = state.joint_motion_rows(self.block, 0, batch, like=encoder_hidden_states)
         context = torch.cat([encoder_hidden_states, motion], dim=1)  # the text stream: [text | motion]
         context_q, context_k = heads(attn.add_q_proj(context)), heads(attn.add_k_proj(context))
         context_v = heads(attn.add_v_proj(context))
@@ -102,11 +102,11 @@ class FlexiMMTHunyuanAttnProcessor(DelegatingProcessor):
         query, key, value = (torch.cat([v, c], dim=1).transpose(1, 2) for v, c in
                              ((query, context_q), (key, context_k), (value, context_v)))  # fmt: skip
         texts = self.slot.texts if len(self.slot.texts) == batch else [TextKeys()] * batch
-        out = state.joint_attention(self.block_index, query, key, value, text_len, attend, texts)
+        out = state.joint_attention(self.block, query, key, value, text_len, attend, texts)
         out = out.transpose(1, 2).flatten(2, 3).to(hidden_states.dtype)
         video_out = attn.to_out[1](attn.to_out[0](out[:, :n_video]))
         text_out = attn.to_add_out(out[:, n_video:])
-        state.observe(self.block_index, video_out)
+        state.observe(self.block, video_out)
         return video_out, text_out
 
 

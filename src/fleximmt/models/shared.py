@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import FlexiMMTInputError
+from ..method import opaque
 from ..method.adapter import prompt_count
 
 # diffusers' attention backends that take an attention mask; FlexiMMT's calls that need one go to
@@ -36,32 +37,45 @@ def repeat_per_prompt(call: dict[str, Any]) -> dict[str, Any]:
     return call
 
 
-def dispatched_attention(processor, state=None):
-    """The attention of one FlexiMMT processor call, through diffusers' ``dispatch_attention_fn`` with
-    the backend chosen for this model (``processor._attention_backend``, set by ``set_attention_backend``;
-    None: the active one, e.g. inside ``attention_backend(...)``), over ``[B, H, N, d]`` tensors (see
-    ``attention.sdpa``). A call with a mask whose backend takes none runs on ``MASK_FALLBACK``, said
-    once per call in the log (``state.note_once``)."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry, dispatch_attention_fn
+class DispatchedAttention:
+    """Attention over ``[B, H, N, d]`` tensors (see ``attention.sdpa``) through diffusers'
+    ``dispatch_attention_fn`` with ``backend`` (None: the active one, e.g. inside
+    ``attention_backend(...)``). A call with a mask whose backend takes none runs on ``MASK_FALLBACK``,
+    said once per call in the log (``state.note_once``). Inside a compiled graph it crosses into
+    FlexiMMT's opaque operators as its ``opaque_name`` (``method/opaque.py``)."""
 
-    chosen = getattr(processor, "_attention_backend", None)
+    def __init__(self, backend=None, state=None) -> None:
+        self.backend, self.state = backend, state
 
-    def attend(query, key, value, mask=None):
-        backend = chosen
+    @property
+    def opaque_name(self) -> str:
+        return "diffusers:" + str(getattr(self.backend, "value", self.backend or ""))
+
+    def __call__(self, query, key, value, mask=None):
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry, dispatch_attention_fn
+
+        backend = self.backend
         if mask is not None:
             name = backend or _AttentionBackendRegistry.get_active_backend()[0]
             name = getattr(name, "value", name)
             if name not in MASK_BACKENDS:
-                if state is not None:
-                    state.note_once(f"attention backend {name!r} takes no attention mask: FlexiMMT's masked calls "
-                                    f"(text queries and small object groups) run on {MASK_FALLBACK!r}, the rest on "
-                                    f"{name!r}")  # fmt: skip
+                if self.state is not None:
+                    self.state.note_once(f"attention backend {name!r} takes no attention mask: FlexiMMT's masked calls "
+                                         f"(text queries and small object groups) run on {MASK_FALLBACK!r}, the rest on "
+                                         f"{name!r}")  # fmt: skip
                 backend = MASK_FALLBACK
         out = dispatch_attention_fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask,
                                     backend=backend)  # fmt: skip
         return out.transpose(1, 2)
 
-    return attend
+
+opaque.attention_kind("diffusers", lambda backend, state: DispatchedAttention(backend or None, state))
+
+
+def dispatched_attention(processor, state=None) -> DispatchedAttention:
+    """The attention of one FlexiMMT processor call, with the backend chosen for this model
+    (``processor._attention_backend``, set by ``set_attention_backend``; None: the active one)."""
+    return DispatchedAttention(getattr(processor, "_attention_backend", None), state)
 
 
 def check_no_context_parallelism(processor, state) -> None:

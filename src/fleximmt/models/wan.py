@@ -29,7 +29,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from ..errors import FlexiMMTInputError
 from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch
-from ..method.attention import FlexiMMTState
+from ..method.attention import BlockProcessor, FlexiMMTState
 from ..method.masks import CROSS_PARTS, check_cross_parts
 from ..method.pipeline import FlexiMMTMixin
 from .shared import (
@@ -56,13 +56,13 @@ class StateSlot:
     state: FlexiMMTState | None = None
 
 
-class WanProcessor(DelegatingProcessor):
+class WanProcessor(BlockProcessor, DelegatingProcessor):
     """A FlexiMMT processor around diffusers' own ``WanAttnProcessor`` (``self.inner``), whose dispatch
     settings it shares (``DelegatingProcessor``)."""
 
     def __init__(self, block_index: int, slot: StateSlot) -> None:
-        self.block_index, self.slot = block_index, slot
-        self.inner = WanAttnProcessor()
+        super().__init__(block_index)
+        self.slot, self.inner = slot, WanAttnProcessor()
 
 
 class WanSelfAttnProcessor(WanProcessor):
@@ -75,7 +75,7 @@ class WanSelfAttnProcessor(WanProcessor):
             check_no_context_parallelism(self, state)
         out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if state is not None:
-            state.observe(self.block_index, out)
+            state.observe(self.block, out)
         return out
 
 
@@ -105,7 +105,7 @@ class WanCrossAttnProcessor(WanProcessor):
             key, value = attn.to_k(text), attn.to_v(text)
         key = attn.norm_k(key)
         heads = lambda x: x.unflatten(2, (attn.heads, -1)).transpose(1, 2)  # noqa: E731  [B, H, N, d]
-        out = state.cross_attention(self.block_index, self.expert, heads(query), heads(key), heads(value),
+        out = state.cross_attention(self.block, self.expert, heads(query), heads(key), heads(value),
                                     self.projector(attn, query), attend)  # fmt: skip
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         if attn.add_k_proj is not None and image_tokens.shape[1]:
