@@ -736,7 +736,7 @@ class FlexiMMTState:
         return self.cross_with(block, query, key, value,
                                lambda video: self.motion_projections(video, block, expert, project), attention, texts)  # fmt: skip
 
-    def cross_with(self, block: int, query, key, value, motion_of, attention: Attention = sdpa,
+    def cross_with(self, block: int | torch.Tensor, query, key, value, motion_of, attention: Attention = sdpa,
                    texts: list[TextKeys] | None = None) -> torch.Tensor:  # fmt: skip
         """:meth:`cross_attention` with each video's motion keys and values given: ``motion_of(video)``
         -> ``[1, H, K * d_m, d]`` twice (already through the block's projections)."""

@@ -56,9 +56,6 @@ def _state(handle: torch.Tensor):
     return _STATES[int(handle.item())]
 
 
-def block_number(block: torch.Tensor) -> int:
-    return int(block.item())
-
 
 def attention_kind(kind: str, factory: Callable) -> None:
     """Let attention callables whose ``opaque_name`` is ``"kind:argument"`` cross into the operators:
@@ -146,7 +143,7 @@ def _joint_laid(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
 def _joint_eager(handle, block, query, key, value, text_len, texts, attention):
     # the auto backend rewrites the text and motion rows of keys and values in place: an operator's inputs stay
     state = _state(handle)
-    return state.joint_attention(block_number(block), query, key.clone(), value.clone(), text_len,
+    return state.joint_attention(block, query, key.clone(), value.clone(), text_len,
                                  _attention(attention, state), _texts(texts))  # fmt: skip
 
 
@@ -204,7 +201,7 @@ def _cross_eager(handle, block, query, key, value, motion_k, motion_v, texts, at
         return motion_k[video : video + 1], motion_v[video : video + 1]
 
     state = _state(handle)
-    return state.cross_with(block_number(block), query, key, value, motion_of, _attention(attention, state),
+    return state.cross_with(block, query, key, value, motion_of, _attention(attention, state),
                             _texts(texts))  # fmt: skip
 
 
@@ -261,7 +258,7 @@ def mdma_cross(state, block, expert: int, query, key, value, project, texts=None
 # -- RMPM's feature capture: which blocks capture is the state's business, not the graph's ------------
 @torch.library.custom_op("fleximmt::observe", mutates_args=("handle",))  # "mutates": no output, never pruned
 def observe_op(handle: torch.Tensor, block: torch.Tensor, video_out: torch.Tensor, rows: list[int]) -> None:
-    _state(handle).observe(block_number(block), video_out, rows or None)
+    _state(handle).observe(block, video_out, rows or None)
 
 
 @observe_op.register_fake
