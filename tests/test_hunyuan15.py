@@ -18,6 +18,7 @@ from PIL import Image
 from test_attention_backends import restore_active_backend, spy  # noqa: F401 (fixtures)
 
 from fleximmt import FlexiMMTHunyuanVideo15Pipeline, MotionTokens, ObjectMotion, load_pipeline
+from fleximmt.errors import FlexiMMTInputError
 from fleximmt.method.attention import FlexiMMTState, JointLayout, TextKeys, VideoMotions
 from fleximmt.models.hunyuan15 import HunyuanVideo15Adapter
 from fleximmt.toy.tiny import random_motion, tiny_wan_components
@@ -385,3 +386,15 @@ def test_every_attention_takes_the_backend_set_on_the_model(spy, restore_active_
     pipe.transformer.set_attention_backend("_native_math")
     pipe(image=picture(), prompt=PROMPT, objects=objects(pipe), **{**CALL, "num_inference_steps": 1}, generator=gen())
     assert spy and {backend for backend, _ in spy} == {"_native_math"} and any(masked for _, masked in spy)
+
+
+def test_objects_with_context_parallelism_are_refused():
+    """Its joint attention needs every video key in each process (diffusers has no context-parallel plan for
+    HunyuanVideo 1.5); without objects the call is diffusers' own."""
+    pipe = FlexiMMTHunyuanVideo15Pipeline(**tiny_hunyuan15_components(0))
+    pipe.set_progress_bar_config(disable=True)
+    pipe(image=picture(), prompt=PROMPT, objects=objects(pipe), **{**CALL, "num_inference_steps": 1}, generator=gen())
+    for processor in pipe.transformer.attn_processors.values():
+        processor._parallel_config = object()  # what enable_parallelism leaves on them
+    with pytest.raises(FlexiMMTInputError, match="context parallelism .* on HunyuanVideo 1.5"):
+        pipe(image=picture(), prompt=PROMPT, objects=objects(pipe), **{**CALL, "num_inference_steps": 1}, generator=gen())

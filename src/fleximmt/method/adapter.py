@@ -137,6 +137,13 @@ class ModelAdapter:
         return find_word_spans(self.pipe.tokenizer, self.prompt_text(prompt), phrases, text_len)
 
     # -- inference plumbing ----------------------------------------------------------------
+    def video_shard(self, num_video_tokens: int):
+        """This process's share of the ``num_video_tokens`` video tokens when the transformer runs with
+        context parallelism (``attention.VideoShard``), or None when its blocks see all of them. The
+        default: None - a family that supports context parallelism with objects says so here, and the
+        others' processors refuse it."""
+        return None
+
     def install_processors(self) -> None:
         raise NotImplementedError
 

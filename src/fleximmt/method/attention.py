@@ -422,9 +422,11 @@ def block_number(block: int | torch.Tensor) -> int:
 
 def block_tokens(tokens: torch.Tensor, expert: int, block: int | torch.Tensor) -> torch.Tensor:
     """One block's motion tokens ``[K, d_m, dim]`` of ``[K, experts, blocks, d_m, dim]``; a tensor
-    ``block`` selects them in the graph (the same graph for every block)."""
+    ``block`` selects them in the graph (the same graph for every block). The block tensor stays on the
+    CPU, where the operators read it without a device sync; its copy to the tokens' device is
+    ``non_blocking`` (a blocking host-to-device copy would synchronise the stream in every block)."""
     if isinstance(block, torch.Tensor):
-        return tokens[:, expert].index_select(1, block.to(tokens.device)).squeeze(1)
+        return tokens[:, expert].index_select(1, block.to(tokens.device, non_blocking=True)).squeeze(1)
     return tokens[:, expert, block]
 
 
@@ -449,6 +451,41 @@ class TextKeys(NamedTuple):
             return placed, None
         valid = torch.arange(text_len, device=member.device) < self.valid
         return placed & valid, valid
+
+
+class VideoShard(NamedTuple):
+    """This process's share of the video tokens under context parallelism (diffusers'
+    ``enable_parallelism``): tokens ``[start, stop)`` of every batch row are here, the other processes of
+    ``group`` hold the rest (``sizes``: each process's count, in rank order). A cross-attention needs no
+    video keys, so each process attends its own video queries with its rows of the masks; RMPM's features,
+    captured per shard, are gathered once per step (:meth:`gather`) into every process's whole masks."""
+
+    start: int
+    stop: int
+    sizes: tuple[int, ...]
+    group: object = None  # a torch.distributed process group (None: the default one)
+
+    @classmethod
+    def of(cls, num_video: int, rank: int, world: int, group=None) -> VideoShard:
+        """The shard of process ``rank`` of ``world`` as ``torch.tensor_split`` cuts ``num_video`` tokens
+        (diffusers' sharders: ``chunk`` when they split evenly, which is the same cut, ``tensor_split``
+        otherwise)."""
+        sizes = tuple(num_video // world + (r < num_video % world) for r in range(world))
+        start = sum(sizes[:rank])
+        return cls(start, start + sizes[rank], sizes, group)
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Every process's ``[n_local, ...]`` shard, in token order: ``[N_v, ...]`` (a collective: every
+        process of the group calls it at once). Shares of unequal size travel padded to the largest, which
+        every backend takes (gloo's all-gather takes equal sizes only)."""
+        import torch.distributed as dist
+
+        largest = max(self.sizes)
+        padded = local.new_zeros((largest, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in self.sizes]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([part[:n] for part, n in zip(parts, self.sizes)])
 
 
 @dataclass
@@ -504,6 +541,8 @@ class FlexiMMTState:
     # joint form, DMEM: score video queries against the concept words' keys (HunyuanVideo 1.5, METHOD.md
     # section 10) instead of the concept words' queries against the video keys (CogVideoX, section 4)
     dmem_video_queries: bool = False
+    # context parallelism: the video tokens this process's blocks see (None: all of them), see shard_video
+    shard: VideoShard | None = None
     _dmem_layouts: dict = field(default_factory=dict)
     _drop: torch.Tensor | None = None
     _row_index: dict = field(default_factory=dict)
@@ -539,6 +578,24 @@ class FlexiMMTState:
         """Swap a video's motion tokens ``[K, experts, blocks, d_m, dim]`` (training: each step's parameters)."""
         self.videos[video].motion_tokens = tokens
 
+    def shard_video(self, shard: VideoShard | None) -> None:
+        """Run on one share of the video tokens (context parallelism; None: all of them). Only the cross
+        form shards: its masked attention has video queries alone, row by row, while a joint attention's
+        video keys would span every process. DMEM's per-frame threshold needs every video query of a
+        frame, so ``mask_source="qk"`` and motion training do not shard."""
+        if shard is not None and self.form != "cross":
+            raise ValueError(f"context parallelism with objects needs the cross form (Wan): this model's attention is "
+                             f"{self.form!r}, whose video keys every process would need")  # fmt: skip
+        if shard is not None and self.dmem:
+            raise ValueError("context parallelism with DMEM (mask_source='qk', or training a motion): its per-frame "
+                             "threshold needs every video token in one process; use mask_source='rmpm' or 'static', "
+                             "or train without enable_parallelism")  # fmt: skip
+        self.shard = shard
+        for slot in self.videos:
+            if slot.video_masks is not None:
+                slot.layout = None if self.text_keys else self._build(slot, slot.video_masks, None, 0, False)
+                slot.text_layouts = {}
+
     def set_video_masks(self, video_masks: torch.Tensor, video: int = 0, per_block: bool = False) -> None:
         """Prepare MDMA for the next step (or, ``per_block``, for DMEM's current block) from bool
         ``[K, N_v]`` object masks of one video."""
@@ -553,6 +610,8 @@ class FlexiMMTState:
         else:
             member, valid = text.place(slot.member, text_len)
             cache = slot.text_caches.setdefault((text, text_len), {})
+        if self.shard is not None:  # this process's rows of the masks
+            video_masks = video_masks[:, self.shard.start : self.shard.stop]
         return LAYOUTS[self.form](member, self.tokens_per_motion, video_masks, self.parts, self.context_text,
                                   self.backend, cache, per_block, valid)  # fmt: skip
 
@@ -646,13 +705,14 @@ class FlexiMMTState:
         return bool(counts) and set(counts) == set(self.feature_blocks) and len(set(counts.values())) == 1
 
     def take_features(self, video: int = 0) -> torch.Tensor | None:
-        """The mean captured feature per video token ``[N_v, D]`` since the last call, or None."""
+        """The mean captured feature per video token ``[N_v, D]`` since the last call, or None. With a
+        :attr:`shard`, every process's shard gathered (every process calls it at once)."""
         slot = self.videos[video]
         if slot.features is None:
             return None
         mean = slot.features / slot.feature_count
         slot.features, slot.feature_count, slot.captures = None, 0, {}
-        return mean
+        return mean if self.shard is None else self.shard.gather(mean)
 
     # -- motion tokens through a block's frozen projections ------------------------------------
     def motion_projections(self, video: int, block: int | torch.Tensor, expert: int, project):
@@ -782,5 +842,5 @@ def motion_state_for(tokens: torch.Tensor, member: torch.Tensor, **kwargs) -> Fl
     return FlexiMMTState(videos=[VideoMotions(tokens, member, index)], **kwargs)
 
 
-__all__ = ["BACKENDS", "BlockProcessor", "CrossLayout", "FlexiMMTState", "JointLayout", "TextKeys", "VideoMotions", "chain_order",
+__all__ = ["BACKENDS", "BlockProcessor", "CrossLayout", "FlexiMMTState", "JointLayout", "TextKeys", "VideoMotions", "VideoShard", "chain_order",
            "group_keys"]

@@ -352,6 +352,7 @@ class FlexiMMTMixin:
         device = self._execution_device
         state, first_masks = self._prepare_state(adapter, prompts, images, objects, grid, (height, width), call,
                                                  options, device)  # fmt: skip
+        state.shard_video(adapter.video_shard(grid.size))
         adapter.install_processors()
         schedule = MaskSchedule(state, first_masks, grid, options, adapter.motion_shape()[0])
         with adapter.each_step(call, schedule.step_end) as call, adapter.attach(state, call) as call:

@@ -62,7 +62,7 @@ class FlexiMMTAttnProcessor(BlockProcessor):
         with_motion = fleximmt is not None and fleximmt.num_objects > 0
         attend = dispatched_attention(self, fleximmt)
         if with_motion:
-            check_no_context_parallelism(self, fleximmt)
+            check_no_context_parallelism(self, fleximmt, "CogVideoX")
             if attention_mask is not None:
                 raise ValueError("FlexiMMT attention takes no attention_mask of its own: MDMA is the mask")
             motion = fleximmt.joint_motion_rows(self.block, 0, batch, like=hidden_states)

@@ -79,7 +79,7 @@ class FlexiMMTHunyuanAttnProcessor(BlockProcessor, DelegatingProcessor):
         state = self.slot.state
         if state is None or state.num_objects == 0 or encoder_hidden_states is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        check_no_context_parallelism(self, state)
+        check_no_context_parallelism(self, state, "HunyuanVideo 1.5")
         attend = dispatched_attention(self, state)
         batch, n_video, text_len = hidden_states.shape[0], hidden_states.shape[1], encoder_hidden_states.shape[1]
         heads = lambda x: x.unflatten(2, (attn.heads, -1))  # noqa: E731  [B, N, H, d]

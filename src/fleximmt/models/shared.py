@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import FlexiMMTInputError
 from ..method import opaque
+from ..method.attention import VideoShard
 from ..method.adapter import prompt_count
 
 # diffusers' attention backends that take an attention mask; FlexiMMT's calls that need one go to
@@ -78,12 +79,39 @@ def dispatched_attention(processor, state=None) -> DispatchedAttention:
     return DispatchedAttention(getattr(processor, "_attention_backend", None), state)
 
 
-def check_no_context_parallelism(processor, state) -> None:
-    """Objects with context parallelism (``enable_parallelism``) are refused: the processors see their
-    rank's shard of the video tokens, and FlexiMMT's groups and RMPM need the whole sequence."""
+def check_no_context_parallelism(processor, state, model: str) -> None:
+    """Objects with context parallelism (``enable_parallelism``) on a joint-attention model are refused:
+    each process would see a share of the video tokens, while every video query reads the video keys of
+    all of them through FlexiMMT's groups (diffusers ships no context-parallel plan for these models)."""
     if state is not None and state.num_objects and getattr(processor, "_parallel_config", None) is not None:
-        raise FlexiMMTInputError("context parallelism (transformer.enable_parallelism) does not run with objects yet: "
-                                 "call without objects, or disable it for the FlexiMMT call")  # fmt: skip
+        raise FlexiMMTInputError(f"context parallelism (transformer.enable_parallelism) does not run with objects on "
+                                 f"{model}: its joint attention needs every video key in each process; call without "
+                                 f"objects, or without enable_parallelism (on Wan it runs with objects)")  # fmt: skip
+
+
+def context_shard(transformers, num_video: int) -> VideoShard | None:
+    """The share of ``num_video`` video tokens this process's blocks see when diffusers runs the
+    ``transformers`` with context parallelism (``enable_parallelism(config=ContextParallelConfig(...))``:
+    its model plan splits the video tokens before the first block over every process of the mesh, in
+    equal parts, or as ``tensor_split`` cuts them with ``ulysses_anything`` / ``ring_anything``); None
+    without it. The experts of one pipeline must share one setting."""
+    configs = [getattr(getattr(t, "_parallel_config", None), "context_parallel_config", None) for t in transformers]
+    if all(c is None for c in configs):
+        return None
+    if any(c is None for c in configs):
+        raise FlexiMMTInputError("context parallelism is enabled on some of this pipeline's transformers only: call "
+                                 "enable_parallelism on every expert (transformer and transformer_2), or on none")  # fmt: skip
+    import torch.distributed as dist
+
+    config = configs[0]
+    mesh = config._flattened_mesh
+    group, world = mesh.get_group(), mesh.size()
+    uneven = config.ulysses_anything or config.ring_anything
+    if num_video % world and not uneven:
+        raise FlexiMMTInputError(f"{num_video} video tokens do not split into {world} equal shares for context "
+                                 f"parallelism: choose a size whose token count {world} divides, or "
+                                 f"ContextParallelConfig(ulysses_anything=True)")  # fmt: skip
+    return VideoShard.of(num_video, dist.get_rank(group), world, group)
 
 
 def carry_dispatch(previous, processor):

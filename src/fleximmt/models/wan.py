@@ -36,7 +36,7 @@ from .shared import (
     DelegatingProcessor,
     carry_dispatch,
     check_frame_count,
-    check_no_context_parallelism,
+    context_shard,
     dispatched_attention,
     repeat_per_prompt,
 )
@@ -71,8 +71,6 @@ class WanSelfAttnProcessor(WanProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         state = self.slot.state
-        if state is not None:
-            check_no_context_parallelism(self, state)
         out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if state is not None:
             state.observe(self.block, out)
@@ -94,7 +92,12 @@ class WanCrossAttnProcessor(WanProcessor):
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         if attention_mask is not None:
             raise ValueError("FlexiMMT attention takes no attention_mask of its own: MDMA is the mask")
-        check_no_context_parallelism(self, state)
+        shard = state.shard
+        if (shard is None) != (self._parallel_config is None) or \
+                (shard is not None and hidden_states.shape[1] != shard.stop - shard.start):  # fmt: skip
+            raise FlexiMMTInputError(f"block {self.block_index} got {hidden_states.shape[1]} video tokens, not the share "
+                                     f"FlexiMMT's masks were cut for ({shard}): enable context parallelism on the "
+                                     f"transformer (enable_parallelism) before the call, not during it")  # fmt: skip
         attend = dispatched_attention(self, state)
         text_len = state.videos[0].member.shape[1]
         image_tokens, text = encoder_hidden_states[:, :-text_len], encoder_hidden_states[:, -text_len:]
@@ -199,6 +202,12 @@ class WanAdapter(ModelAdapter):
         return prompt_clean(prompt)
 
     # -- inference plumbing ----------------------------------------------------------------
+    def video_shard(self, num_video_tokens: int):
+        """Under context parallelism (diffusers' plan for Wan splits the video tokens before the first
+        block; ``attn1`` runs as diffusers runs it, Ulysses or ring) each process attends its own video
+        queries in ``attn2``, and RMPM gathers its features once per step."""
+        return context_shard(self.transformers(), num_video_tokens)
+
     def install_processors(self) -> None:
         for expert, transformer in enumerate(self.transformers()):
             if slot_of(transformer) is not None:

@@ -390,6 +390,12 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
     default_h, default_w, default_f = adapter.default_size()
     geometry = (cfg.height or default_h, cfg.width or default_w, cfg.num_frames or default_f)
     adapter.check_geometry(*geometry)
+    if adapter.video_shard(adapter.token_grid(*geometry).size) is not None:
+        raise FlexiMMTInputError(
+            "training a motion with context parallelism (transformer.enable_parallelism): each process would hold "
+            "the gradients of its share of the video tokens only; train without it (`accelerate launch` runs "
+            "training data-parallel, each process on whole windows)"
+        )
     offloaded = any(placed_by_hooks(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
     device = pipe._execution_device if offloaded else proc.device
     if not offloaded and pipe.device != device:
