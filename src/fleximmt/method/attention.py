@@ -579,7 +579,8 @@ class FlexiMMTState:
         self.videos[video].motion_tokens = tokens
 
     def shard_video(self, shard: VideoShard | None) -> None:
-        """Run on one share of the video tokens (context parallelism; None: all of them). Only the cross
+        """Run on one share of the video tokens (context parallelism; None: all of them), before the first
+        :meth:`set_video_masks`: each layout is built from this share's rows of the masks. Only the cross
         form shards: its masked attention has video queries alone, row by row, while a joint attention's
         video keys would span every process. DMEM's per-frame threshold needs every video query of a
         frame, so ``mask_source="qk"`` and motion training do not shard."""
@@ -591,10 +592,6 @@ class FlexiMMTState:
                              "threshold needs every video token in one process; use mask_source='rmpm' or 'static', "
                              "or train without enable_parallelism")  # fmt: skip
         self.shard = shard
-        for slot in self.videos:
-            if slot.video_masks is not None:
-                slot.layout = None if self.text_keys else self._build(slot, slot.video_masks, None, 0, False)
-                slot.text_layouts = {}
 
     def set_video_masks(self, video_masks: torch.Tensor, video: int = 0, per_block: bool = False) -> None:
         """Prepare MDMA for the next step (or, ``per_block``, for DMEM's current block) from bool

@@ -7,8 +7,8 @@ from typing import Any
 
 from ..errors import FlexiMMTInputError
 from ..method import opaque
-from ..method.attention import VideoShard
 from ..method.adapter import prompt_count
+from ..method.attention import VideoShard
 
 # diffusers' attention backends that take an attention mask; FlexiMMT's calls that need one go to
 # MASK_FALLBACK when the chosen backend is another (flash, sage, ...): METHOD.md section 8's masked call
