@@ -10,7 +10,7 @@ COMFYUI ?= ../shared/comfyui
 PYTHON ?= python3
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-vision install-comfy demo test test-vision test-comfy bench clean
+.PHONY: install install-vision install-comfy demo test test-vision test-comfy lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,15 @@ test-vision: install-vision
 # only the tests marked `comfy`: the node pack in a real ComfyUI server (COMFYUI) started by the tests
 test-comfy: install-comfy
 	COMFYUI=$(abspath $(COMFYUI)) $(VISION_PY) -m pytest -q -m comfy
+
+# ruff's formatter and linter (rules in pyproject.toml), on every Python file of the repository
+lint: install
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bench: install
 	$(PY) benchmarks/overhead.py

@@ -78,7 +78,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanR
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu import (  # noqa: E402
+from gpu import (
     GEOMETRY,
     MODEL_NAMES,
     config,
@@ -88,16 +88,16 @@ from gpu import (  # noqa: E402
     rotary,
     token_geometry,
     word_members,
-)  # fmt: skip
-from overhead import PeakRSS  # noqa: E402
+)
+from overhead import PeakRSS
 
-from fleximmt.method.attention import TextKeys, motion_state_for  # noqa: E402
-from fleximmt.method.masks import CROSS_PARTS  # noqa: E402
-from fleximmt.models.cogvideox import FlexiMMTAttnProcessor  # noqa: E402
-from fleximmt.models.hunyuan15 import FlexiMMTHunyuanAttnProcessor  # noqa: E402
-from fleximmt.models.hunyuan15 import StateSlot as HunyuanSlot  # noqa: E402
-from fleximmt.models.wan import StateSlot, WanCrossAttnProcessor, WanSelfAttnProcessor  # noqa: E402
-from fleximmt.training.train import TRAIN_PARTS  # noqa: E402
+from fleximmt.method.attention import TextKeys, motion_state_for
+from fleximmt.method.masks import CROSS_PARTS
+from fleximmt.models.cogvideox import FlexiMMTAttnProcessor
+from fleximmt.models.hunyuan15 import FlexiMMTHunyuanAttnProcessor
+from fleximmt.models.hunyuan15 import StateSlot as HunyuanSlot
+from fleximmt.models.wan import StateSlot, WanCrossAttnProcessor, WanSelfAttnProcessor
+from fleximmt.training.train import TRAIN_PARTS
 
 MiB = 2**20
 
@@ -106,22 +106,51 @@ MiB = 2**20
 # "Wan-I2V-14B-480p" and "Wan2.2-TI2V-5B"), used with random weights.
 WAN_CONFIGS = {
     "wan2.1": dict(  # I2V 14B 480P: CLIP image tokens through attn2's add_k_proj / add_v_proj
-        added_kv_proj_dim=5120, attention_head_dim=128, cross_attn_norm=True, eps=1e-6, ffn_dim=13824, freq_dim=256,
-        image_dim=1280, in_channels=36, num_attention_heads=40, num_layers=40, out_channels=16, patch_size=(1, 2, 2),
-        qk_norm="rms_norm_across_heads", text_dim=4096, rope_max_seq_len=1024, pos_embed_seq_len=None,
+        added_kv_proj_dim=5120,
+        attention_head_dim=128,
+        cross_attn_norm=True,
+        eps=1e-6,
+        ffn_dim=13824,
+        freq_dim=256,
+        image_dim=1280,
+        in_channels=36,
+        num_attention_heads=40,
+        num_layers=40,
+        out_channels=16,
+        patch_size=(1, 2, 2),
+        qk_norm="rms_norm_across_heads",
+        text_dim=4096,
+        rope_max_seq_len=1024,
+        pos_embed_seq_len=None,
     ),
     "wan2.2-5b": dict(  # TI2V 5B: the image is the first latent frame; a timestep per token (expand_timesteps)
-        added_kv_proj_dim=None, attention_head_dim=128, cross_attn_norm=True, eps=1e-6, ffn_dim=14336, freq_dim=256,
-        image_dim=None, in_channels=48, num_attention_heads=24, num_layers=30, out_channels=48, patch_size=(1, 2, 2),
-        qk_norm="rms_norm_across_heads", text_dim=4096, rope_max_seq_len=1024, pos_embed_seq_len=None,
+        added_kv_proj_dim=None,
+        attention_head_dim=128,
+        cross_attn_norm=True,
+        eps=1e-6,
+        ffn_dim=14336,
+        freq_dim=256,
+        image_dim=None,
+        in_channels=48,
+        num_attention_heads=24,
+        num_layers=30,
+        out_channels=48,
+        patch_size=(1, 2, 2),
+        qk_norm="rms_norm_across_heads",
+        text_dim=4096,
+        rope_max_seq_len=1024,
+        pos_embed_seq_len=None,
     ),
-}  # fmt: skip
+}
 # Default video geometry (height, width, frames): diffusers' WanImageToVideoPipeline defaults (480P);
 # TI2V-5B's model card and the authors' app: 720P as 704x1280, 121 frames at 24 fps.
 WAN_GEOMETRY = {"wan2.1": (480, 832, 81), "wan2.2-5b": (704, 1280, 121)}
 WAN_NAMES = {"wan2.1": "Wan2.1-I2V-14B-480P", "wan2.2-5b": "Wan2.2-TI2V-5B"}
 WAN_VAE_SCALE = {"wan2.1": (8, 4), "wan2.2-5b": (16, 4)}  # AutoencoderKLWan: spatial, temporal (Wan 2.2's VAE: 16)
-WAN_TEXT_TOKENS, WAN_IMAGE_TOKENS = 512, 257  # umT5 context (the processors' hard-coded 512); CLIP ViT-H/14: 16 x 16 + 1
+WAN_TEXT_TOKENS, WAN_IMAGE_TOKENS = (
+    512,
+    257,
+)  # umT5 context (the processors' hard-coded 512); CLIP ViT-H/14: 16 x 16 + 1
 # HunyuanVideo 1.5 I2V 480p (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v): the 8.3B transformer is
 # HunyuanVideo15Transformer3DModel's defaults (54 dual-stream blocks, 16 heads x 128, mlp_ratio 4, QK RMSNorm, patch 1,
 # 65 input channels) but for what diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py sets for its 480p
@@ -159,8 +188,12 @@ def latent_geometry(scale: tuple[int, int], patch: tuple[int, int, int], height:
     p_t, p_h, p_w = patch
     latent = (frames - 1) // temporal + 1
     grid = (latent // p_t, height // spatial // p_h, width // spatial // p_w)
-    return {"latent_frames": latent, "grid": grid, "video_tokens": grid[0] * grid[1] * grid[2],
-            "latent_shape": (latent, height // spatial, width // spatial)}  # fmt: skip
+    return {
+        "latent_frames": latent,
+        "grid": grid,
+        "video_tokens": grid[0] * grid[1] * grid[2],
+        "latent_shape": (latent, height // spatial, width // spatial),
+    }
 
 
 def wan_geometry(model: str, cfg, height: int, width: int, frames: int) -> dict:
@@ -182,12 +215,16 @@ def hunyuan_size(cfg, image: tuple[int, int] = HUNYUAN_IMAGE) -> tuple[int, int,
     return (*processor.calculate_default_height_width(*image, cfg.target_size), HUNYUAN_FRAMES)
 
 
-def hunyuan_text(valid_prompt: int, valid_glyphs: int = 0, lengths: dict = HUNYUAN_TEXT) -> tuple[TextKeys, torch.Tensor]:
+def hunyuan_text(
+    valid_prompt: int, valid_glyphs: int = 0, lengths: dict = HUNYUAN_TEXT
+) -> tuple[TextKeys, torch.Tensor]:
     """One row's text form and its bool ``[L]`` attention mask as the transformer's forward lays the text out:
     the valid image, glyph and prompt tokens first, then the padding (the form ``hunyuan15.row_texts`` gives)."""
     if not 0 <= valid_prompt <= lengths["prompt"] or not 0 <= valid_glyphs <= lengths["glyph"]:
-        raise SystemExit(f"--valid-text {valid_prompt} / --valid-glyphs {valid_glyphs}: at most "
-                         f"{lengths['prompt']} / {lengths['glyph']}")  # fmt: skip
+        raise SystemExit(
+            f"--valid-text {valid_prompt} / --valid-glyphs {valid_glyphs}: at most "
+            f"{lengths['prompt']} / {lengths['glyph']}"
+        )
     offset = lengths["image"] + valid_glyphs
     mask = torch.zeros(sum(lengths.values()), dtype=torch.bool)
     mask[: offset + valid_prompt] = True
@@ -198,16 +235,18 @@ def make_wan_block(cfg, dtype: torch.dtype, seed: int = 0) -> WanTransformerBloc
     """One block as ``WanTransformer3DModel.__init__`` builds it, random weights, frozen."""
     torch.manual_seed(seed)
     dim = cfg.num_attention_heads * cfg.attention_head_dim
-    block = WanTransformerBlock(dim, cfg.ffn_dim, cfg.num_attention_heads, cfg.qk_norm, cfg.cross_attn_norm, cfg.eps,
-                                cfg.added_kv_proj_dim)  # fmt: skip
+    block = WanTransformerBlock(
+        dim, cfg.ffn_dim, cfg.num_attention_heads, cfg.qk_norm, cfg.cross_attn_norm, cfg.eps, cfg.added_kv_proj_dim
+    )
     return block.to(dtype).eval().requires_grad_(False)
 
 
 def make_hunyuan_block(cfg, dtype: torch.dtype, seed: int = 0) -> HunyuanVideo15TransformerBlock:
     """One block as ``HunyuanVideo15Transformer3DModel.__init__`` builds it, random weights, frozen."""
     torch.manual_seed(seed)
-    block = HunyuanVideo15TransformerBlock(cfg.num_attention_heads, cfg.attention_head_dim, mlp_ratio=cfg.mlp_ratio,
-                                           qk_norm=cfg.qk_norm)  # fmt: skip
+    block = HunyuanVideo15TransformerBlock(
+        cfg.num_attention_heads, cfg.attention_head_dim, mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm
+    )
     return block.to(dtype).eval().requires_grad_(False)
 
 
@@ -229,11 +268,16 @@ def make_block(cfg, dtype: torch.dtype, seed: int = 0) -> CogVideoXBlock:
     """One block as ``CogVideoXTransformer3DModel.__init__`` builds it, random weights, frozen."""
     torch.manual_seed(seed)
     block = CogVideoXBlock(
-        dim=cfg.num_attention_heads * cfg.attention_head_dim, num_attention_heads=cfg.num_attention_heads,
-        attention_head_dim=cfg.attention_head_dim, time_embed_dim=cfg.time_embed_dim, dropout=cfg.dropout,
-        activation_fn=cfg.activation_fn, attention_bias=cfg.attention_bias,
-        norm_elementwise_affine=cfg.norm_elementwise_affine, norm_eps=cfg.norm_eps,
-    )  # fmt: skip
+        dim=cfg.num_attention_heads * cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        attention_head_dim=cfg.attention_head_dim,
+        time_embed_dim=cfg.time_embed_dim,
+        dropout=cfg.dropout,
+        activation_fn=cfg.activation_fn,
+        attention_bias=cfg.attention_bias,
+        norm_elementwise_affine=cfg.norm_elementwise_affine,
+        norm_eps=cfg.norm_eps,
+    )
     return block.to(dtype).eval().requires_grad_(False)
 
 
@@ -330,7 +374,7 @@ class Setup:
 
     def state_options(self) -> dict:
         """What the model's adapter sets on a state: HunyuanVideo 1.5's processors name each row's text form
-        (padded keys left out) and DMEM scores video queries against the concept words' keys (METHOD.md section 10)."""
+        (padded keys left out) and DMEM scores video queries against the concept words' keys (docs/method.md#hunyuanvideo-15)."""
         if self.hunyuan:
             return {"text_keys": True, "dmem_video_queries": True}
         return {"parts": self.parts} if self.wan else {}
@@ -384,7 +428,9 @@ class Setup:
             return self.block(hidden, text, temb, self.rotary)
         if self.hunyuan:
             return self.block(hidden, text, temb, self.padding_mask(hidden.shape[0]), self.rotary)
-        return self.block(hidden, text, temb, self.rotary, attention_kwargs=None if state is None else {"fleximmt": state})
+        return self.block(
+            hidden, text, temb, self.rotary, attention_kwargs=None if state is None else {"fleximmt": state}
+        )
 
     def attention_inputs(self, hidden, text, temb):
         """The inputs of the attention FlexiMMT changes (CogVideoX: attn1 after norm1; Wan: attn2 after
@@ -401,33 +447,53 @@ class Setup:
         if self.wan:
             return self.block.attn2(hidden, text, None, None)
         if self.hunyuan:
-            return self.block.attn(hidden_states=hidden, encoder_hidden_states=text,
-                                   attention_mask=self.padding_mask(hidden.shape[0]), image_rotary_emb=self.rotary)  # fmt: skip
+            return self.block.attn(
+                hidden_states=hidden,
+                encoder_hidden_states=text,
+                attention_mask=self.padding_mask(hidden.shape[0]),
+                image_rotary_emb=self.rotary,
+            )
         kwargs = {} if state is None else {"fleximmt": state}
-        return self.block.attn1(hidden_states=hidden, encoder_hidden_states=text, image_rotary_emb=self.rotary, **kwargs)
+        return self.block.attn1(
+            hidden_states=hidden, encoder_hidden_states=text, image_rotary_emb=self.rotary, **kwargs
+        )
 
     @property
     def attention_name(self) -> str:
-        return "attn2 (cross-attention)" if self.wan else "attn (joint attention)" if self.hunyuan else "attn1 (joint attention)"
+        return (
+            "attn2 (cross-attention)"
+            if self.wan
+            else "attn (joint attention)"
+            if self.hunyuan
+            else "attn1 (joint attention)"
+        )
 
     def describe(self) -> str:
         h, w, f = self.size
         grid = f"{self.grid[0]} x {self.grid[1]} x {self.grid[2]} = {self.n_video:,} video"
         if self.wan:
-            extra = (f"encoder states {self.image_tokens} image + {self.text} text tokens; ffn {self.cfg.ffn_dim}; "
-                     f"temb {'per token' if self.cfg_name == 'wan2.2-5b' else '[B, 6, dim]'}")  # fmt: skip
-            return (f"{MODELS[self.cfg_name]} block, {h}x{w}x{f}: {self.geo['latent_frames']} latent frames, token grid "
-                    f"{grid} tokens; {extra}; {self.cfg.num_attention_heads} heads x {self.cfg.attention_head_dim}; "
-                    f"{self.dtype}; torch {torch.__version__}, threads {torch.get_num_threads()}")  # fmt: skip
+            extra = (
+                f"encoder states {self.image_tokens} image + {self.text} text tokens; ffn {self.cfg.ffn_dim}; "
+                f"temb {'per token' if self.cfg_name == 'wan2.2-5b' else '[B, 6, dim]'}"
+            )
+            return (
+                f"{MODELS[self.cfg_name]} block, {h}x{w}x{f}: {self.geo['latent_frames']} latent frames, token grid "
+                f"{grid} tokens; {extra}; {self.cfg.num_attention_heads} heads x {self.cfg.attention_head_dim}; "
+                f"{self.dtype}; torch {torch.__version__}, threads {torch.get_num_threads()}"
+            )
         text = f"{self.text} text tokens"
         if self.hunyuan:
             valid = self.text_form.valid
-            text += (f" ({HUNYUAN_TEXT['image']} image + {self.text_form.offset - HUNYUAN_TEXT['image']} glyph + "
-                     f"{valid - self.text_form.offset} prompt tokens valid, {self.text - valid} padding; diffusers' "
-                     f"[N, N] bool mask over {self.n_video + self.text:,} tokens: {(self.n_video + self.text) ** 2 / MiB:,.0f} MiB)")  # fmt: skip
-        return (f"{MODELS[self.cfg_name]} block, {h}x{w}x{f}: {self.geo['latent_frames']} latent frames, token grid "
-                f"{grid} + {text}; {self.cfg.num_attention_heads} heads x {self.cfg.attention_head_dim}; "
-                f"{self.dtype}; torch {torch.__version__}, threads {torch.get_num_threads()}")  # fmt: skip
+            text += (
+                f" ({HUNYUAN_TEXT['image']} image + {self.text_form.offset - HUNYUAN_TEXT['image']} glyph + "
+                f"{valid - self.text_form.offset} prompt tokens valid, {self.text - valid} padding; diffusers' "
+                f"[N, N] bool mask over {self.n_video + self.text:,} tokens: {(self.n_video + self.text) ** 2 / MiB:,.0f} MiB)"
+            )
+        return (
+            f"{MODELS[self.cfg_name]} block, {h}x{w}x{f}: {self.geo['latent_frames']} latent frames, token grid "
+            f"{grid} + {text}; {self.cfg.num_attention_heads} heads x {self.cfg.attention_head_dim}; "
+            f"{self.dtype}; torch {torch.__version__}, threads {torch.get_num_threads()}"
+        )
 
 
 def inference_states(setup: Setup, objects: list[int], batch: int, backend: str = "auto") -> dict[int, dict]:
@@ -438,8 +504,15 @@ def inference_states(setup: Setup, objects: list[int], batch: int, backend: str 
         member, _ = word_members(k, setup.words)
         tokens = random_tokens(k, 1, setup.d_m, setup.dim, seed=k).to(setup.dtype)
         masks = moving_masks(k, setup.grid)
-        state = motion_state_for(tokens, member, form=setup.form, num_frames=setup.grid[0], backend=backend,
-                                 feature_blocks=frozenset({0}), **setup.state_options())  # fmt: skip
+        state = motion_state_for(
+            tokens,
+            member,
+            form=setup.form,
+            num_frames=setup.grid[0],
+            backend=backend,
+            feature_blocks=frozenset({0}),
+            **setup.state_options(),
+        )
         start = time.perf_counter()
         state.set_video_masks(masks)
         layout = setup.step_layout(state)
@@ -450,41 +523,52 @@ def inference_states(setup: Setup, objects: list[int], batch: int, backend: str 
             state.rows, state.feature_rows = ([0, 0], [1]) if batch == 2 else (None, [0])
         coverage = masks.view(k, setup.grid[0], -1).float().mean(-1)  # per object and token frame
         states[k] = {
-            "state": state, "layout_s": layout_s,
+            "state": state,
+            "layout_s": layout_s,
             "coverage": [round(c, 3) for c in coverage.mean(1).tolist()],
             "coverage_range": [round(coverage.min().item(), 3), round(coverage.max().item(), 3)],
-        }  # fmt: skip
+        }
         if backend != "auto":
             states[k]["backend"] = backend
         elif setup.wan:
-            states[k].update({
-                "groups": [g.count for g in layout.groups],
-                "group_keys": [int(g.keys.numel()) for g in layout.groups],
-            })  # fmt: skip
+            states[k].update(
+                {
+                    "groups": [g.count for g in layout.groups],
+                    "group_keys": [int(g.keys.numel()) for g in layout.groups],
+                }
+            )
         else:
-            states[k].update({
-                "groups": [g.count for g in layout.groups],
-                "groups_chained": [g.chained for g in layout.groups],
-                "masked_rows": int(layout.masked_rows.shape[0]),
-                "text_queries": setup.text if layout.text_queries is None else int(layout.text_queries.numel()),
-                "merged_video_queries": layout.num_merged,
-                "keys": [setup.n_video + int(g.keys.numel()) for g in layout.groups],
-            })  # fmt: skip
+            states[k].update(
+                {
+                    "groups": [g.count for g in layout.groups],
+                    "groups_chained": [g.chained for g in layout.groups],
+                    "masked_rows": int(layout.masked_rows.shape[0]),
+                    "text_queries": setup.text if layout.text_queries is None else int(layout.text_queries.numel()),
+                    "merged_video_queries": layout.num_merged,
+                    "keys": [setup.n_video + int(g.keys.numel()) for g in layout.groups],
+                }
+            )
     return states
 
 
 def describe_layout(setup: Setup, k: int, s: dict) -> str:
-    head = (f"  K={k}: object coverage {s['coverage']} of the frame (per frame {s['coverage_range'][0]:.0%}-"
-            f"{s['coverage_range'][1]:.0%}); ")  # fmt: skip
+    head = (
+        f"  K={k}: object coverage {s['coverage']} of the frame (per frame {s['coverage_range'][0]:.0%}-"
+        f"{s['coverage_range'][1]:.0%}); "
+    )
     if "backend" in s:
         return head + f"{s['backend']} backend: one attention call; layout built in {s['layout_s']:.3f} s once per step"
     if setup.wan:
         pairs = ", ".join(f"{q:,} x {n}" for q, n in zip(s["groups"], s["group_keys"]))
-        return (head + f"{len(s['groups'])} SDPA calls in attn2 (video queries x keys of [text | motion]): {pairs}; "
-                f"layout built in {s['layout_s']:.3f} s once per step")  # fmt: skip
-    return (head + f"unmasked groups {s['groups']} (chained {s['groups_chained']}) over {s['keys']} keys; masked call "
-            f"{s['masked_rows']} rows ({s['text_queries']} text + {s['merged_video_queries']} merged video queries); layout "
-            f"built in {s['layout_s']:.3f} s once per step" + (" and text form" if setup.hunyuan else ""))  # fmt: skip
+        return (
+            head + f"{len(s['groups'])} SDPA calls in attn2 (video queries x keys of [text | motion]): {pairs}; "
+            f"layout built in {s['layout_s']:.3f} s once per step"
+        )
+    return (
+        head + f"unmasked groups {s['groups']} (chained {s['groups_chained']}) over {s['keys']} keys; masked call "
+        f"{s['masked_rows']} rows ({s['text_queries']} text + {s['merged_video_queries']} merged video queries); layout "
+        f"built in {s['layout_s']:.3f} s once per step" + (" and text form" if setup.hunyuan else "")
+    )
 
 
 def interleave(runs: dict, repeats: int, warmup: bool) -> dict[str, dict[str, list[float]]]:
@@ -502,8 +586,11 @@ def interleave(runs: dict, repeats: int, warmup: bool) -> dict[str, dict[str, li
                 samples[name]["time"].append(time.perf_counter() - start)
                 samples[name]["cpu"].append(time.process_time() - cpu)
             samples[name]["rss_extra"].append(mem.extra)
-            print(f"  round {r + 1}: {name:<28} {samples[name]['time'][-1]:8.2f} s wall {samples[name]['cpu'][-1]:8.2f} s CPU"
-                  f"  peak RSS +{mem.extra / MiB:7.0f} MiB", flush=True)  # fmt: skip
+            print(
+                f"  round {r + 1}: {name:<28} {samples[name]['time'][-1]:8.2f} s wall {samples[name]['cpu'][-1]:8.2f} s CPU"
+                f"  peak RSS +{mem.extra / MiB:7.0f} MiB",
+                flush=True,
+            )
     return samples
 
 
@@ -515,13 +602,20 @@ def ratios(samples: dict, base: str) -> dict[str, dict]:
         per_round_cpu = [t / b for t, b in zip(s["cpu"], samples[base]["cpu"])]
         mem = [m / b if b else float("nan") for m, b in zip(s["rss_extra"], samples[base]["rss_extra"])]
         out[name] = {
-            "time_s": s["time"], "median_s": statistics.median(s["time"]),
-            "ratio": statistics.median(per_round), "ratio_min": min(per_round), "ratio_max": max(per_round),
-            "cpu_s": s["cpu"], "cpu_ratio": statistics.median(per_round_cpu), "cpu_ratio_min": min(per_round_cpu),
+            "time_s": s["time"],
+            "median_s": statistics.median(s["time"]),
+            "ratio": statistics.median(per_round),
+            "ratio_min": min(per_round),
+            "ratio_max": max(per_round),
+            "cpu_s": s["cpu"],
+            "cpu_ratio": statistics.median(per_round_cpu),
+            "cpu_ratio_min": min(per_round_cpu),
             "cpu_ratio_max": max(per_round_cpu),
-            "rss_extra_mib": [m / MiB for m in s["rss_extra"]], "rss_ratio": statistics.median(mem),
-            "ratio_rounds": per_round, "cpu_ratio_rounds": per_round_cpu,
-        }  # fmt: skip
+            "rss_extra_mib": [m / MiB for m in s["rss_extra"]],
+            "rss_ratio": statistics.median(mem),
+            "ratio_rounds": per_round,
+            "cpu_ratio_rounds": per_round_cpu,
+        }
     return out
 
 
@@ -550,25 +644,31 @@ def run_inference(args, setup: Setup) -> dict:
 
         return run
 
-    runs = {"diffusers": plain, **{f"fleximmt K={k}{'' if args.backend == 'auto' else ' ' + args.backend}": flexi(k)
-                                   for k in args.objects}}  # fmt: skip
+    runs = {
+        "diffusers": plain,
+        **{f"fleximmt K={k}{'' if args.backend == 'auto' else ' ' + args.backend}": flexi(k) for k in args.objects},
+    }
     scope = f"attention call: {setup.attention_name}" if args.scope == "attention" else "block"
     branch = " = CFG" if batch == 2 and not setup.wan else ""
     if setup.wan:
         branch = " (one CFG branch: Wan calls the model once per branch)"
     elif setup.hunyuan:
         branch = " (the conditional branch: HunyuanVideo 1.5's guider runs each branch as its own forward)"
-    print(f"inference ({scope}, batch {batch}{branch}), d_m = {setup.d_m}, "
-          f"{args.repeats} rounds{' after a warm-up round' if args.warmup else ''}:")  # fmt: skip
+    print(
+        f"inference ({scope}, batch {batch}{branch}), d_m = {setup.d_m}, "
+        f"{args.repeats} rounds{' after a warm-up round' if args.warmup else ''}:"
+    )
     for k in args.objects:
         print(describe_layout(setup, k, states[k]))
     samples = interleave(runs, args.repeats, args.warmup)
     result = ratios(samples, "diffusers")
     for name, r in result.items():
         rounds = " / ".join(f"{a:.3f}x, CPU {b:.3f}x" for a, b in zip(r["ratio_rounds"], r["cpu_ratio_rounds"]))
-        print(f"  {name:<16} median {r['median_s']:8.2f} s  ratio {r['ratio']:.3f}x (rounds {r['ratio_min']:.3f}-"
-              f"{r['ratio_max']:.3f}); CPU time ratio {r['cpu_ratio']:.3f}x ({r['cpu_ratio_min']:.3f}-{r['cpu_ratio_max']:.3f}); "
-              f"peak RSS extra {statistics.median(r['rss_extra_mib']):.0f} MiB ({r['rss_ratio']:.3f}x); per round: {rounds}")  # fmt: skip
+        print(
+            f"  {name:<16} median {r['median_s']:8.2f} s  ratio {r['ratio']:.3f}x (rounds {r['ratio_min']:.3f}-"
+            f"{r['ratio_max']:.3f}); CPU time ratio {r['cpu_ratio']:.3f}x ({r['cpu_ratio_min']:.3f}-{r['cpu_ratio_max']:.3f}); "
+            f"peak RSS extra {statistics.median(r['rss_extra_mib']):.0f} MiB ({r['rss_ratio']:.3f}x); per round: {rounds}"
+        )
     for k in args.objects:
         states[k].pop("state")
     return {"runs": result, "layouts": {str(k): v for k, v in states.items()}}
@@ -583,9 +683,18 @@ def run_training(args, setup: Setup) -> dict:
     member, concept = word_members(1, setup.words)
     tokens = torch.nn.Parameter(random_tokens(1, 1, setup.d_m, setup.dim).to(setup.dtype))
     options = {**setup.state_options(), "parts": setup.train_parts}
-    state = motion_state_for(tokens, member, form=setup.form, num_frames=setup.grid[0], dmem=True, concept_member=concept,
-                             dmem_drop=0.3, generator=torch.Generator().manual_seed(0), **options)  # fmt: skip
-    params = list(block.parameters()) + [tokens]
+    state = motion_state_for(
+        tokens,
+        member,
+        form=setup.form,
+        num_frames=setup.grid[0],
+        dmem=True,
+        concept_member=concept,
+        dmem_drop=0.3,
+        generator=torch.Generator().manual_seed(0),
+        **options,
+    )
+    params = [*list(block.parameters()), tokens]
     saved: dict[str, SavedBytes] = {}
     dmem_cover: list[float] = []
     # CogVideoX and HunyuanVideo 1.5 update their text in every block (gradients flow to it); Wan's encoder
@@ -622,8 +731,10 @@ def run_training(args, setup: Setup) -> dict:
         suffix = " +ckpt" if ckpt else ""
         runs[f"plain{suffix}"] = step(False, ckpt, f"plain{suffix}")
         runs[f"fleximmt{suffix}"] = step(True, ckpt, f"fleximmt{suffix}")
-    print(f"training (batch 1, forward + backward, weights frozen), d_m = {setup.d_m}, DMEM drop 0.3, parts "
-          f"{sorted(setup.train_parts)}, {args.repeats} rounds{' after a warm-up round' if args.warmup else ''}:")  # fmt: skip
+    print(
+        f"training (batch 1, forward + backward, weights frozen), d_m = {setup.d_m}, DMEM drop 0.3, parts "
+        f"{sorted(setup.train_parts)}, {args.repeats} rounds{' after a warm-up round' if args.warmup else ''}:"
+    )
     samples = interleave(runs, args.repeats, args.warmup)
     result = {}
     for ckpt in args.checkpointing:
@@ -645,18 +756,24 @@ def run_training(args, setup: Setup) -> dict:
         else:
             r["held_mib"], r["held_bf16_mib"] = r["saved_mib"], r["saved_bf16_mib"]
         r["held_ratio"] = r["held_mib"] / base["held_mib"]
-        print(f"  {name:<16} median {r['median_s']:8.2f} s  ratio {r['ratio']:.3f}x (rounds {r['ratio_min']:.3f}-"
-              f"{r['ratio_max']:.3f}); CPU time ratio {r['cpu_ratio']:.3f}x;  held for backward {r['held_mib']:.0f} MiB ({r['held_ratio']:.3f}x; bf16 "
-              f"{r['held_bf16_mib']:.0f} MiB)  peak RSS extra {statistics.median(r['rss_extra_mib']):.0f} MiB "
-              f"({r['rss_ratio']:.3f}x)")  # fmt: skip
+        print(
+            f"  {name:<16} median {r['median_s']:8.2f} s  ratio {r['ratio']:.3f}x (rounds {r['ratio_min']:.3f}-"
+            f"{r['ratio_max']:.3f}); CPU time ratio {r['cpu_ratio']:.3f}x;  held for backward {r['held_mib']:.0f} MiB ({r['held_ratio']:.3f}x; bf16 "
+            f"{r['held_bf16_mib']:.0f} MiB)  peak RSS extra {statistics.median(r['rss_extra_mib']):.0f} MiB "
+            f"({r['rss_ratio']:.3f}x)"
+        )
     for name in ("plain", "fleximmt"):
         if name in saved:
             print(f"  largest saved storages, {name}: " + "; ".join(saved[name].largest(6)))
     if shared:
         print(f"  shared by every block (encoder states, timestep embedding, RoPE): {shared / MiB:.0f} MiB")
     print(f"  DMEM masks covered {statistics.mean(dmem_cover):.0%} of the video tokens (after the 30% drop)")
-    return {"runs": result, "block_inputs_mib": inputs_bytes / MiB, "shared_inputs_mib": shared / MiB,
-            "dmem_coverage": statistics.mean(dmem_cover)}  # fmt: skip
+    return {
+        "runs": result,
+        "block_inputs_mib": inputs_bytes / MiB,
+        "shared_inputs_mib": shared / MiB,
+        "dmem_coverage": statistics.mean(dmem_cover),
+    }
 
 
 def run_profile(args, setup: Setup) -> dict:
@@ -680,7 +797,9 @@ def run_profile(args, setup: Setup) -> dict:
             total, cpu = time.perf_counter() - start, time.process_time() - cpu
             state.take_features()
         rows = []
-        for ev in sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[: args.top]:
+        for ev in sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[
+            : args.top
+        ]:
             shapes = ", ".join(str(s) for s in ev.input_shapes[:3] if s)
             rows.append({"op": ev.key, "calls": ev.count, "self_s": ev.self_cpu_time_total / 1e6, "shapes": shapes})
         out[name] = {"total_s": total, "cpu_s": cpu, "ops": rows}
@@ -694,22 +813,42 @@ def run_profile(args, setup: Setup) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["inference", "training", "profile"])
-    parser.add_argument("--model", choices=sorted(MODELS), default="5b",
-                        help="5b, 1.5 (CogVideoX), a Wan model or hunyuan1.5 (HunyuanVideo 1.5 I2V 480p)")
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="5b",
+        help="5b, 1.5 (CogVideoX), a Wan model or hunyuan1.5 (HunyuanVideo 1.5 I2V 480p)",
+    )
     parser.add_argument("--height", type=int), parser.add_argument("--width", type=int)
     parser.add_argument("--frames", type=int, help="video frames (default: the model's own)")
     parser.add_argument("--objects", type=int, nargs="+", default=[1, 3, 5], help="K values (profile: the first)")
     parser.add_argument("--tokens", type=int, default=226, help="motion tokens per object and block (d_m)")
-    parser.add_argument("--backend", choices=["auto", "flex", "dense"], default="auto",
-                        help="inference: FlexiMMT's attention backend (flex: one compiled FlexAttention call)")
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "flex", "dense"],
+        default="auto",
+        help="inference: FlexiMMT's attention backend (flex: one compiled FlexAttention call)",
+    )
     parser.add_argument("--repeats", type=int, help="rounds (default: inference 2, training 1)")
     parser.add_argument("--warmup", action="store_true", help="one untimed round first")
-    parser.add_argument("--batch", type=int, choices=[1, 2],
-                        help="inference rows (CogVideoX: 2 = CFG, the default; Wan, HunyuanVideo 1.5: 1)")
-    parser.add_argument("--valid-text", type=int, default=120,
-                        help="HunyuanVideo 1.5: prompt tokens that are not padding, of 1000 (a prompt of about 90 words)")
-    parser.add_argument("--valid-glyphs", type=int, default=0,
-                        help="HunyuanVideo 1.5: ByT5 glyph tokens that are not padding, of 256 (0: no quoted text)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        choices=[1, 2],
+        help="inference rows (CogVideoX: 2 = CFG, the default; Wan, HunyuanVideo 1.5: 1)",
+    )
+    parser.add_argument(
+        "--valid-text",
+        type=int,
+        default=120,
+        help="HunyuanVideo 1.5: prompt tokens that are not padding, of 1000 (a prompt of about 90 words)",
+    )
+    parser.add_argument(
+        "--valid-glyphs",
+        type=int,
+        default=0,
+        help="HunyuanVideo 1.5: ByT5 glyph tokens that are not padding, of 256 (0: no quoted text)",
+    )
     parser.add_argument("--scope", choices=["block", "attention"], default="block")
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -723,12 +862,23 @@ def main(argv=None) -> dict:
     if args.batch is None:
         args.batch = 1 if args.model in branch_calls else 2
     elif args.batch == 2 and args.model in branch_calls:
-        parser.error(f"--batch 2: {MODELS[args.model]} runs its conditional and unconditional branches as two calls of batch 1")
+        parser.error(
+            f"--batch 2: {MODELS[args.model]} runs its conditional and unconditional branches as two calls of batch 1"
+        )
     setup = Setup(args)
     print(setup.describe(), flush=True)
-    result = {"what": args.what, "model": args.model, "size": setup.size, "video_tokens": setup.n_video,
-              "dtype": args.dtype, "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
-    result.update({"inference": run_inference, "training": run_training, "profile": run_profile}[args.what](args, setup))
+    result = {
+        "what": args.what,
+        "model": args.model,
+        "size": setup.size,
+        "video_tokens": setup.n_video,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    result.update(
+        {"inference": run_inference, "training": run_training, "profile": run_profile}[args.what](args, setup)
+    )
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
     return result

@@ -76,23 +76,63 @@ import torch
 # The transformer configs of the real checkpoints (their transformer/config.json), used with random weights.
 TRANSFORMER_CONFIGS = {
     "5b": dict(  # THUDM/CogVideoX-5b-I2V
-        activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=64, dropout=0.0,
-        flip_sin_to_cos=True, freq_shift=0, in_channels=32, max_text_seq_length=226, norm_elementwise_affine=True,
-        norm_eps=1e-5, num_attention_heads=48, num_layers=42, out_channels=16, patch_size=2, sample_frames=49,
-        sample_height=60, sample_width=90, spatial_interpolation_scale=1.875, temporal_compression_ratio=4,
-        temporal_interpolation_scale=1.0, text_embed_dim=4096, time_embed_dim=512, timestep_activation_fn="silu",
-        use_learned_positional_embeddings=True, use_rotary_positional_embeddings=True,
+        activation_fn="gelu-approximate",
+        attention_bias=True,
+        attention_head_dim=64,
+        dropout=0.0,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        in_channels=32,
+        max_text_seq_length=226,
+        norm_elementwise_affine=True,
+        norm_eps=1e-5,
+        num_attention_heads=48,
+        num_layers=42,
+        out_channels=16,
+        patch_size=2,
+        sample_frames=49,
+        sample_height=60,
+        sample_width=90,
+        spatial_interpolation_scale=1.875,
+        temporal_compression_ratio=4,
+        temporal_interpolation_scale=1.0,
+        text_embed_dim=4096,
+        time_embed_dim=512,
+        timestep_activation_fn="silu",
+        use_learned_positional_embeddings=True,
+        use_rotary_positional_embeddings=True,
     ),
     "1.5": dict(  # THUDM/CogVideoX1.5-5B-I2V: temporal patches of 2 latent frames, ofs embedding, no learned positions
-        activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=64, dropout=0.0,
-        flip_sin_to_cos=True, freq_shift=0, in_channels=32, max_text_seq_length=226, norm_elementwise_affine=True,
-        norm_eps=1e-5, num_attention_heads=48, num_layers=42, ofs_embed_dim=512, out_channels=16, patch_bias=False,
-        patch_size=2, patch_size_t=2, sample_frames=81, sample_height=300, sample_width=300,
-        spatial_interpolation_scale=1.875, temporal_compression_ratio=4, temporal_interpolation_scale=1.0,
-        text_embed_dim=4096, time_embed_dim=512, timestep_activation_fn="silu",
-        use_learned_positional_embeddings=False, use_rotary_positional_embeddings=True,
+        activation_fn="gelu-approximate",
+        attention_bias=True,
+        attention_head_dim=64,
+        dropout=0.0,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        in_channels=32,
+        max_text_seq_length=226,
+        norm_elementwise_affine=True,
+        norm_eps=1e-5,
+        num_attention_heads=48,
+        num_layers=42,
+        ofs_embed_dim=512,
+        out_channels=16,
+        patch_bias=False,
+        patch_size=2,
+        patch_size_t=2,
+        sample_frames=81,
+        sample_height=300,
+        sample_width=300,
+        spatial_interpolation_scale=1.875,
+        temporal_compression_ratio=4,
+        temporal_interpolation_scale=1.0,
+        text_embed_dim=4096,
+        time_embed_dim=512,
+        timestep_activation_fn="silu",
+        use_learned_positional_embeddings=False,
+        use_rotary_positional_embeddings=True,
     ),
-}  # fmt: skip
+}
 # Default video geometry (height, width, frames): 5B-I2V's 720x480x49 (its only size: learned positions);
 # 1.5-I2V's model card: 1360x768 (min side 768, max side <= 1360), 81 frames.
 GEOMETRY = {"5b": (480, 720, 49), "1.5": (768, 1360, 81)}
@@ -122,8 +162,12 @@ def token_geometry(cfg, height: int, width: int, frames: int) -> dict:
     patch_t = getattr(cfg, "patch_size_t", None) or 1
     latent += (patch_t - latent % patch_t) % patch_t
     grid = (latent // patch_t, height // (VAE_SPATIAL * cfg.patch_size), width // (VAE_SPATIAL * cfg.patch_size))
-    return {"latent_frames": latent, "grid": grid, "video_tokens": grid[0] * grid[1] * grid[2],
-            "latent_shape": (latent, 16, height // VAE_SPATIAL, width // VAE_SPATIAL)}  # fmt: skip
+    return {
+        "latent_frames": latent,
+        "grid": grid,
+        "video_tokens": grid[0] * grid[1] * grid[2],
+        "latent_shape": (latent, 16, height // VAE_SPATIAL, width // VAE_SPATIAL),
+    }
 
 
 def rotary(cfg, height: int, width: int, latent_frames: int, device="cpu"):
@@ -131,7 +175,9 @@ def rotary(cfg, height: int, width: int, latent_frames: int, device="cpu"):
     from diffusers import CogVideoXImageToVideoPipeline
 
     pipe = SimpleNamespace(vae_scale_factor_spatial=VAE_SPATIAL, transformer=SimpleNamespace(config=cfg))
-    return CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings(pipe, height, width, latent_frames, device)
+    return CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings(
+        pipe, height, width, latent_frames, device
+    )
 
 
 def moving_masks(objects: int, grid: tuple[int, int, int], low: float = 0.05, high: float = 0.30) -> torch.Tensor:
@@ -170,8 +216,17 @@ def random_tokens(objects: int, blocks: int, d_m: int, dim: int, seed: int = 0) 
     return (torch.rand(objects, 1, blocks, d_m, dim, generator=gen) * 2 - 1) * bound
 
 
-TINY = dict(num_attention_heads=2, attention_head_dim=64, num_layers=3, max_text_seq_length=32, text_embed_dim=64,
-            time_embed_dim=32, sample_height=8, sample_width=12, sample_frames=9)  # fmt: skip
+TINY = dict(
+    num_attention_heads=2,
+    attention_head_dim=64,
+    num_layers=3,
+    max_text_seq_length=32,
+    text_embed_dim=64,
+    time_embed_dim=32,
+    sample_height=8,
+    sample_width=12,
+    sample_frames=9,
+)
 TINY_GEOMETRY = (64, 96, 9)
 PAPER_RELEASE_S_PER_STEP = 17.4  # the paper's figure for the authors' release, A800, 480x720x49
 
@@ -207,25 +262,34 @@ class Bench:
         from fleximmt import FlexiMMTPipeline
 
         self.setup(args)
-        overrides = {} if not args.tiny else {**TINY, "ofs_embed_dim": TINY["time_embed_dim"]} if args.model == "1.5" else TINY
+        overrides = (
+            {} if not args.tiny else {**TINY, "ofs_embed_dim": TINY["time_embed_dim"]} if args.model == "1.5" else TINY
+        )
         self.cfg = config(args.model, **overrides)
         self.size = TINY_GEOMETRY if args.tiny else GEOMETRY[args.model]
         self.geo = token_geometry(self.cfg, *self.size)
         torch.manual_seed(0)
-        kwargs = {k: v for k, v in TRANSFORMER_CONFIGS[args.model].items()}
+        kwargs = dict(TRANSFORMER_CONFIGS[args.model].items())
         kwargs.update(overrides)
         with torch.device(self.device):
             transformer = CogVideoXTransformer3DModel(**kwargs)
         self.transformer = transformer.to(self.dtype).eval().requires_grad_(False)
         self.weights_gib = sum(p.numel() * p.element_size() for p in self.transformer.parameters()) / 2**30
         scheduler = CogVideoXDPMScheduler(
-            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
-            rescale_betas_zero_snr=True, set_alpha_to_one=True, timestep_spacing="trailing", snr_shift_scale=1.0,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type="v_prediction",
+            rescale_betas_zero_snr=True,
+            set_alpha_to_one=True,
+            timestep_spacing="trailing",
+            snr_shift_scale=1.0,
             clip_sample=False,
-        )  # fmt: skip
+        )
         # the transfer and training code reach the model through the pipeline; no VAE or T5 is needed for a step
-        self.pipe = FlexiMMTPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=self.transformer,
-                                     scheduler=scheduler)  # fmt: skip
+        self.pipe = FlexiMMTPipeline(
+            tokenizer=None, text_encoder=None, vae=None, transformer=self.transformer, scheduler=scheduler
+        )
         latent_frames, channels, h, w = self.geo["latent_shape"]
         gen = torch.Generator().manual_seed(1)
         self.latents = torch.randn(2, latent_frames, 2 * channels, h, w, generator=gen).to(self.device, self.dtype)
@@ -263,7 +327,9 @@ class Bench:
 
     def baseline(self) -> str:
         if self.args.attention_backend:
-            return "FlexiMMT's processor without objects (diffusers' own CogVideoX processor ignores attention backends)"
+            return (
+                "FlexiMMT's processor without objects (diffusers' own CogVideoX processor ignores attention backends)"
+            )
         return "diffusers' CogVideoXAttnProcessor2_0"
 
     def use_fleximmt_attention(self) -> None:
@@ -302,16 +368,25 @@ class Bench:
     def training_tensors(self, gen: torch.Generator) -> dict:
         """One reference window encoded as the adapter's ``encode_conditions`` returns it (random)."""
         latent_frames, channels, h, w = self.geo["latent_shape"]
-        return {"prompt_embeds": torch.randn(1, self.text_len, self.cfg.text_embed_dim, generator=gen),
-                "video_latents": torch.randn(1, latent_frames, channels, h, w, generator=gen),
-                "image_latents": torch.randn(1, latent_frames, channels, h, w, generator=gen), "padding": torch.tensor(0)}  # fmt: skip
+        return {
+            "prompt_embeds": torch.randn(1, self.text_len, self.cfg.text_embed_dim, generator=gen),
+            "video_latents": torch.randn(1, latent_frames, channels, h, w, generator=gen),
+            "image_latents": torch.randn(1, latent_frames, channels, h, w, generator=gen),
+            "padding": torch.tensor(0),
+        }
 
     def plain_forward_backward(self) -> None:
         """The frozen model's forward + backward to its input, diffusers' attention (batch 1)."""
         x = self.latents[:1].detach().requires_grad_(True)
         t = torch.tensor([500], device=self.device)
-        out = self.transformer(hidden_states=x, encoder_hidden_states=self.prompt_embeds[:1], timestep=t, ofs=self.ofs,
-                               image_rotary_emb=self.rotary, return_dict=False)[0]  # fmt: skip
+        out = self.transformer(
+            hidden_states=x,
+            encoder_hidden_states=self.prompt_embeds[:1],
+            timestep=t,
+            ofs=self.ofs,
+            image_rotary_emb=self.rotary,
+            return_dict=False,
+        )[0]
         out.float().square().mean().backward()
 
     def step_call(self, timestep: int, attention_kwargs=None):
@@ -319,9 +394,14 @@ class Bench:
         t = torch.tensor(timestep, device=self.device)
         with self.transformer.cache_context("cond_uncond"):  # as the pipeline names it (for --cache)
             return self.transformer(
-                hidden_states=self.latents, encoder_hidden_states=self.prompt_embeds, timestep=t.expand(2), ofs=self.ofs,
-                image_rotary_emb=self.rotary, attention_kwargs=attention_kwargs, return_dict=False,
-            )[0]  # fmt: skip
+                hidden_states=self.latents,
+                encoder_hidden_states=self.prompt_embeds,
+                timestep=t.expand(2),
+                ofs=self.ofs,
+                image_rotary_emb=self.rotary,
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
 
     def flexi_state(self, backend: str, objects: int):
         from fleximmt.method.attention import motion_state_for
@@ -330,9 +410,16 @@ class Bench:
         member, _ = word_members(k, self.text_len)
         tokens = random_tokens(k, blocks, self.args.tokens, self.dim).to(self.device, self.dtype)
         share = max(1, round(blocks * self.pipe.adapter.feature_share))
-        state = motion_state_for(tokens, member.to(self.device), form=self.form, parts=self.pipe.adapter.parts,
-                                 num_frames=self.geo["grid"][0], backend=backend,
-                                 feature_blocks=frozenset(range(share)), **self.state_options)  # fmt: skip
+        state = motion_state_for(
+            tokens,
+            member.to(self.device),
+            form=self.form,
+            parts=self.pipe.adapter.parts,
+            num_frames=self.geo["grid"][0],
+            backend=backend,
+            feature_blocks=frozenset(range(share)),
+            **self.state_options,
+        )
         first = self.masks[k].view(k, *self.geo["grid"])[:, 0]
         state.set_video_masks(first[:, None].expand(-1, self.geo["grid"][0], -1, -1).reshape(k, -1))
         state.rows, state.feature_rows = [0, 0], [1]  # CFG: [uncond | cond] of one video, features from cond
@@ -368,7 +455,7 @@ class WanBench(Bench):
 
     form = "cross"
 
-    def __init__(self, args):  # noqa: D107 - Bench's fields, built for Wan
+    def __init__(self, args):
         from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 
         from fleximmt import FlexiMMTWanPipeline
@@ -394,10 +481,17 @@ class WanBench(Bench):
         self.transformer = transformer
         self.weights_gib = sum(p.numel() * p.element_size() for p in transformer.parameters()) / 2**30
         self.expand = args.model == "wan2.2-5b"
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
-                                            num_train_timesteps=1000)  # fmt: skip
-        self.pipe = FlexiMMTWanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler,
-                                        transformer=transformer, expand_timesteps=self.expand)  # fmt: skip
+        scheduler = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+        )
+        self.pipe = FlexiMMTWanPipeline(
+            tokenizer=None,
+            text_encoder=None,
+            vae=None,
+            scheduler=scheduler,
+            transformer=transformer,
+            expand_timesteps=self.expand,
+        )
         self.text_len, self.image_tokens = block.WAN_TEXT_TOKENS, block.WAN_IMAGE_TOKENS
         self.name = block.WAN_NAMES[args.model]
         self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
@@ -405,7 +499,9 @@ class WanBench(Bench):
         frames, h, w = self.geo["latent_shape"]
         channels = self.cfg.out_channels
         latents = torch.randn(1, channels, frames, h, w, generator=gen)
-        condition = torch.randn(1, self.cfg.in_channels - channels if not self.expand else channels, frames, h, w, generator=gen)
+        condition = torch.randn(
+            1, self.cfg.in_channels - channels if not self.expand else channels, frames, h, w, generator=gen
+        )
         if self.expand:  # TI2V: frame 0 is the image's latent, a timestep of 0 there
             mask = torch.ones(1, 1, frames, h, w)
             mask[:, :, 0] = 0
@@ -417,7 +513,9 @@ class WanBench(Bench):
         self.prompt_embeds = torch.randn(2, self.text_len, self.cfg.text_dim, generator=gen).to(self.device, self.dtype)
         self.image_embeds = None
         if self.cfg.image_dim:
-            self.image_embeds = torch.randn(1, self.image_tokens, self.cfg.image_dim, generator=gen).to(self.device, self.dtype)
+            self.image_embeds = torch.randn(1, self.image_tokens, self.cfg.image_dim, generator=gen).to(
+                self.device, self.dtype
+            )
         self.masks = self.object_masks()
         self.training_latents = (latents, condition)
 
@@ -439,28 +537,49 @@ class WanBench(Bench):
         with self.pipe.adapter.attach(state, {}) if state is not None else contextlib.nullcontext():
             for row, branch in ((0, "cond"), (1, "uncond")):  # conditional, then unconditional (the negative prompt)
                 with self.transformer.cache_context(branch):  # as the pipeline names them (for --cache)
-                    self.transformer(hidden_states=self.model_input, timestep=t,
-                                     encoder_hidden_states=self.prompt_embeds[row : row + 1],
-                                     encoder_hidden_states_image=self.image_embeds, return_dict=False)  # fmt: skip
+                    self.transformer(
+                        hidden_states=self.model_input,
+                        timestep=t,
+                        encoder_hidden_states=self.prompt_embeds[row : row + 1],
+                        encoder_hidden_states_image=self.image_embeds,
+                        return_dict=False,
+                    )
 
     def training_tensors(self, gen: torch.Generator) -> dict:
         latents, condition = self.training_latents
-        tensors = {"prompt_embeds": torch.randn(1, self.text_len, self.cfg.text_dim, generator=gen),
-                   "video_latents": latents, "condition": condition}  # fmt: skip
+        tensors = {
+            "prompt_embeds": torch.randn(1, self.text_len, self.cfg.text_dim, generator=gen),
+            "video_latents": latents,
+            "condition": condition,
+        }
         if self.image_embeds is not None:
             tensors["image_embeds"] = self.image_embeds.float().cpu()
         return tensors
 
     def plain_forward_backward(self) -> None:
         x = self.model_input.detach().requires_grad_(True)
-        out = self.transformer(hidden_states=x, timestep=self.timestep(500.0), encoder_hidden_states=self.prompt_embeds[:1],
-                               encoder_hidden_states_image=self.image_embeds, return_dict=False)[0]  # fmt: skip
+        out = self.transformer(
+            hidden_states=x,
+            timestep=self.timestep(500.0),
+            encoder_hidden_states=self.prompt_embeds[:1],
+            encoder_hidden_states_image=self.image_embeds,
+            return_dict=False,
+        )[0]
         out.float().square().mean().backward()
 
 
 HUNYUAN_MODELS = ("hunyuan1.5",)  # block.py holds its config, geometry, text layout and name
-HUNYUAN_TINY = dict(num_attention_heads=2, attention_head_dim=32, num_layers=3, num_refiner_layers=1, mlp_ratio=2.0,
-                    text_embed_dim=32, text_embed_2_dim=16, image_embed_dim=24, rope_axes_dim=(8, 12, 12))  # fmt: skip
+HUNYUAN_TINY = dict(
+    num_attention_heads=2,
+    attention_head_dim=32,
+    num_layers=3,
+    num_refiner_layers=1,
+    mlp_ratio=2.0,
+    text_embed_dim=32,
+    text_embed_2_dim=16,
+    image_embed_dim=24,
+    rope_axes_dim=(8, 12, 12),
+)
 HUNYUAN_TINY_TEXT = {"image": 16, "glyph": 8, "prompt": 40}
 # valid prompt tokens per guider branch: a prompt of about 90 words; the empty negative prompt leaves the template's
 # closing tokens (" ", <|im_end|>, "\n", <|im_start|>, "assistant", "\n") after the pipeline's crop
@@ -477,7 +596,7 @@ class HunyuanBench(Bench):
 
     state_options: ClassVar[dict] = {"text_keys": True}
 
-    def __init__(self, args):  # noqa: D107 - Bench's fields, built for HunyuanVideo 1.5
+    def __init__(self, args):
         from diffusers import (
             AutoencoderKLHunyuanVideo15,
             FlowMatchEulerDiscreteScheduler,
@@ -503,13 +622,25 @@ class HunyuanBench(Bench):
         spatial, temporal = block.HUNYUAN_VAE_SCALE
         # the pipeline reads its VAE's scale factors and latent channels (it cannot be built without one): a tiny
         # one of the real VAE's shape; a denoising step never calls it
-        vae = AutoencoderKLHunyuanVideo15(latent_channels=self.cfg.out_channels, block_out_channels=(8,) * 5, layers_per_block=1,
-                                          spatial_compression_ratio=spatial, temporal_compression_ratio=temporal)  # fmt: skip
+        vae = AutoencoderKLHunyuanVideo15(
+            latent_channels=self.cfg.out_channels,
+            block_out_channels=(8,) * 5,
+            layers_per_block=1,
+            spatial_compression_ratio=spatial,
+            temporal_compression_ratio=temporal,
+        )
         self.pipe = FlexiMMTHunyuanVideo15Pipeline(
-            text_encoder=None, tokenizer=None, transformer=self.transformer, vae=vae.to(self.device),
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=None, tokenizer_2=None,
-            guider=ClassifierFreeGuidance(guidance_scale=6.0), image_encoder=None, feature_extractor=None,
-        )  # fmt: skip
+            text_encoder=None,
+            tokenizer=None,
+            transformer=self.transformer,
+            vae=vae.to(self.device),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+            text_encoder_2=None,
+            tokenizer_2=None,
+            guider=ClassifierFreeGuidance(guidance_scale=6.0),
+            image_encoder=None,
+            feature_extractor=None,
+        )
         self.text_len = self.lengths["prompt"]  # the tokens motion words are counted in (the adapter's text length)
         self.name = block.HUNYUAN_NAMES[args.model]
         self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
@@ -528,12 +659,18 @@ class HunyuanBench(Bench):
             self.branches[branch] = {
                 "encoder_hidden_states": torch.randn(1, self.lengths["prompt"], self.cfg.text_embed_dim, generator=gen),
                 "encoder_attention_mask": mask,
-                "encoder_hidden_states_2": torch.randn(1, self.lengths["glyph"], self.cfg.text_embed_2_dim, generator=gen),
+                "encoder_hidden_states_2": torch.randn(
+                    1, self.lengths["glyph"], self.cfg.text_embed_2_dim, generator=gen
+                ),
                 "encoder_attention_mask_2": torch.zeros(1, self.lengths["glyph"], dtype=torch.long),  # no quoted text
-            }  # fmt: skip
-            self.branches[branch] = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
-                                     for k, v in self.branches[branch].items()}  # fmt: skip
-        self.image_embeds = torch.randn(1, self.lengths["image"], self.cfg.image_embed_dim, generator=gen).to(self.device, self.dtype)
+            }
+            self.branches[branch] = {
+                k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+                for k, v in self.branches[branch].items()
+            }
+        self.image_embeds = torch.randn(1, self.lengths["image"], self.cfg.image_embed_dim, generator=gen).to(
+            self.device, self.dtype
+        )
         self.training_latents = (latents, condition)
         self.masks = self.object_masks()
 
@@ -552,23 +689,34 @@ class HunyuanBench(Bench):
         with self.pipe.adapter.attach(state, {}) if state is not None else contextlib.nullcontext():
             for branch, inputs in self.branches.items():  # the guider's forwards: conditional, then unconditional
                 with self.transformer.cache_context(branch):  # as the pipeline names them (for --cache)
-                    self.transformer(hidden_states=self.model_input, image_embeds=self.image_embeds, timestep=t,
-                                     return_dict=False, **inputs)  # fmt: skip
+                    self.transformer(
+                        hidden_states=self.model_input,
+                        image_embeds=self.image_embeds,
+                        timestep=t,
+                        return_dict=False,
+                        **inputs,
+                    )
 
     def training_tensors(self, gen: torch.Generator) -> dict:
         """One reference window as ``HunyuanVideo15Adapter.encode_conditions`` returns it (random)."""
         latents, condition = self.training_latents
         cond = self.branches["pred_cond"]
-        return {"prompt_embeds": cond["encoder_hidden_states"].float().cpu(), "prompt_embeds_mask": cond["encoder_attention_mask"].cpu(),
-                "prompt_embeds_2": cond["encoder_hidden_states_2"].float().cpu(),
-                "prompt_embeds_mask_2": cond["encoder_attention_mask_2"].cpu(), "video_latents": latents, "condition": condition,
-                "image_embeds": self.image_embeds.float().cpu()}  # fmt: skip
+        return {
+            "prompt_embeds": cond["encoder_hidden_states"].float().cpu(),
+            "prompt_embeds_mask": cond["encoder_attention_mask"].cpu(),
+            "prompt_embeds_2": cond["encoder_hidden_states_2"].float().cpu(),
+            "prompt_embeds_mask_2": cond["encoder_attention_mask_2"].cpu(),
+            "video_latents": latents,
+            "condition": condition,
+            "image_embeds": self.image_embeds.float().cpu(),
+        }
 
     def plain_forward_backward(self) -> None:
         x = self.model_input.detach().requires_grad_(True)
         t = torch.tensor([500.0], device=self.device).to(self.dtype)
-        out = self.transformer(hidden_states=x, image_embeds=self.image_embeds, timestep=t, return_dict=False,
-                               **self.branches["pred_cond"])[0]  # fmt: skip
+        out = self.transformer(
+            hidden_states=x, image_embeds=self.image_embeds, timestep=t, return_dict=False, **self.branches["pred_cond"]
+        )[0]
         out.float().square().mean().backward()
 
 
@@ -581,16 +729,22 @@ def _profiled(bench: Bench, name: str, on: bool):
     from torch.profiler import ProfilerActivity, profile
 
     cuda = bench.device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), with_stack=True) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []), with_stack=True
+    ) as prof:
         yield
     device_sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    parts = [f"# {name}: one step under torch.profiler ({bench.device})",
-             "## by self device time", prof.key_averages().table(sort_by=device_sort, row_limit=30),
-             "## by self CPU time", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30),
-             "## by self device time, grouped by Python stack (6 frames)",
-             prof.key_averages(group_by_stack_n=6).table(sort_by=device_sort, row_limit=25),
-             "## by self CPU time, grouped by Python stack (6 frames)",
-             prof.key_averages(group_by_stack_n=6).table(sort_by="self_cpu_time_total", row_limit=25)]  # fmt: skip
+    parts = [
+        f"# {name}: one step under torch.profiler ({bench.device})",
+        "## by self device time",
+        prof.key_averages().table(sort_by=device_sort, row_limit=30),
+        "## by self CPU time",
+        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30),
+        "## by self device time, grouped by Python stack (6 frames)",
+        prof.key_averages(group_by_stack_n=6).table(sort_by=device_sort, row_limit=25),
+        "## by self CPU time, grouped by Python stack (6 frames)",
+        prof.key_averages(group_by_stack_n=6).table(sort_by="self_cpu_time_total", row_limit=25),
+    ]
     bench.args.profile.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
     (bench.args.profile / f"{slug}.txt").write_text("\n\n".join(parts))
@@ -600,17 +754,33 @@ def _finish(bench: Bench, name: str, result: dict, steps: int) -> dict:
     """The activations' peak (weights subtracted) and one printed line per variant."""
     if result["peak_gib"] is not None:
         result["peak_activations_gib"] = result["peak_gib"] - bench.weights_gib
-    print(f"{name:<22} " + (f"{result['s_per_step']:.3f} s/step (median of {steps}), peak "
-          f"{result['peak_gib'] if result['peak_gib'] is not None else float('nan'):.2f} GiB" if result["fits"] else result["error"]),
-          flush=True)  # fmt: skip
+    print(
+        f"{name:<22} "
+        + (
+            f"{result['s_per_step']:.3f} s/step (median of {steps}), peak "
+            f"{result['peak_gib'] if result['peak_gib'] is not None else float('nan'):.2f} GiB"
+            if result["fits"]
+            else result["error"]
+        ),
+        flush=True,
+    )
     return result
 
 
 def time_inference(bench: Bench, name: str, backend: str | None, objects: int | None = None) -> dict:
     args, device = bench.args, bench.device
     objects = (objects or args.objects) if backend else 0
-    result = {"backend": backend, "objects": objects, "fits": True, "error": None, "steps_s": [], "between_s": [],
-              "s_per_step": None, "peak_gib": None, "peak_activations_gib": None}  # fmt: skip
+    result = {
+        "backend": backend,
+        "objects": objects,
+        "fits": True,
+        "error": None,
+        "steps_s": [],
+        "between_s": [],
+        "s_per_step": None,
+        "peak_gib": None,
+        "peak_activations_gib": None,
+    }
     state = first = None
     try:
         if backend is None:
@@ -654,8 +824,16 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
     from fleximmt.training.train import TRAIN_PARTS, Conditions, TrainSettings, training_step
 
     args, device, transformer = bench.args, bench.device, bench.transformer
-    result = {"fleximmt": flexi, "gradient_checkpointing": checkpointing, "fits": True, "error": None, "steps_s": [],
-              "s_per_step": None, "peak_gib": None, "peak_activations_gib": None}  # fmt: skip
+    result = {
+        "fleximmt": flexi,
+        "gradient_checkpointing": checkpointing,
+        "fits": True,
+        "error": None,
+        "steps_s": [],
+        "s_per_step": None,
+        "peak_gib": None,
+        "peak_activations_gib": None,
+    }
     gen = torch.Generator().manual_seed(2)
     member, concept = word_members(1, bench.text_len)
     cond = Conditions(bench.training_tensors(gen), member, concept)
@@ -667,11 +845,20 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
         if flexi:
             bench.use_fleximmt_attention()
             tokens = torch.nn.Parameter(random_tokens(1, blocks, args.tokens, bench.dim)[0, 0].to(device))
-            optimizer = torch.optim.AdamW([tokens], lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
-            state = motion_state_for(torch.stack([tokens])[None], member.to(device), form=bench.form,
-                                     parts=TRAIN_PARTS & set(bench.pipe.adapter.parts),
-                                     num_frames=bench.geo["grid"][0], dmem=True, concept_member=concept.to(device),
-                                     dmem_drop=settings.dmem_drop, generator=gen)  # fmt: skip
+            optimizer = torch.optim.AdamW(
+                [tokens], lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
+            )
+            state = motion_state_for(
+                torch.stack([tokens])[None],
+                member.to(device),
+                form=bench.form,
+                parts=TRAIN_PARTS & set(bench.pipe.adapter.parts),
+                num_frames=bench.geo["grid"][0],
+                dmem=True,
+                concept_member=concept.to(device),
+                dmem_drop=settings.dmem_drop,
+                generator=gen,
+            )
         else:
             bench.use_plain_attention()
         warmup = warmup_steps(args)
@@ -683,7 +870,9 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
                     state.set_motion_tokens(torch.stack([tokens])[None])
                     state.begin_step(bench.geo["video_tokens"], blocks)
                     with bench.pipe.adapter.training_attached(state):  # through the backward's recomputation
-                        loss, _ = training_step(bench.pipe.adapter, state, cond, 0, gen, settings, contextlib.nullcontext)
+                        loss, _ = training_step(
+                            bench.pipe.adapter, state, cond, 0, gen, settings, contextlib.nullcontext
+                        )
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                     torch.nn.utils.clip_grad_norm_([tokens], settings.max_grad_norm)
@@ -717,31 +906,64 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="a tiny config (a dry run of every code path, e.g. on a CPU)")
-    parser.add_argument("--model", choices=[*sorted(GEOMETRY), *WAN_MODELS, *HUNYUAN_MODELS], default="5b",
-                        help="CogVideoX-5B-I2V (5b), CogVideoX1.5-5B-I2V (1.5), Wan2.1-I2V-14B-480P (wan2.1), Wan2.2-TI2V-5B "
-                             "(wan2.2-5b), HunyuanVideo 1.5 I2V 480p (hunyuan1.5)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny config (a dry run of every code path, e.g. on a CPU)"
+    )
+    parser.add_argument(
+        "--model",
+        choices=[*sorted(GEOMETRY), *WAN_MODELS, *HUNYUAN_MODELS],
+        default="5b",
+        help="CogVideoX-5B-I2V (5b), CogVideoX1.5-5B-I2V (1.5), Wan2.1-I2V-14B-480P (wan2.1), Wan2.2-TI2V-5B "
+        "(wan2.2-5b), HunyuanVideo 1.5 I2V 480p (hunyuan1.5)",
+    )
     parser.add_argument("--objects", type=int, default=3)
-    parser.add_argument("--more-objects", type=int, nargs="*", default=[], metavar="K",
-                        help="also time the auto backend with these object counts (after training, before dense)")
+    parser.add_argument(
+        "--more-objects",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="K",
+        help="also time the auto backend with these object counts (after training, before dense)",
+    )
     parser.add_argument("--tokens", type=int, default=226, help="motion tokens per object and block (d_m)")
     parser.add_argument("--steps", type=int, default=5, help="timed denoising steps per variant (after one warm-up)")
-    parser.add_argument("--train-steps", type=int, default=3, help="timed training steps per variant (after one warm-up)")
+    parser.add_argument(
+        "--train-steps", type=int, default=3, help="timed training steps per variant (after one warm-up)"
+    )
     parser.add_argument("--skip-dense", action="store_true")
     parser.add_argument("--skip-training", action="store_true")
-    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both",
-                        help="the training variants: without gradient checkpointing, with it, or both")
-    parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="profile one more step of each variant (torch.profiler); its tables to DIR/<variant>.txt")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                        help="the weights' and inputs' dtype (default: bfloat16 on CUDA, float32 elsewhere)")
-    parser.add_argument("--attention-backend", metavar="NAME",
-                        help="diffusers' attention backend for every variant (set_attention_backend: flash, sage, flex, ...)")
+    parser.add_argument(
+        "--checkpointing",
+        choices=["off", "on", "both"],
+        default="both",
+        help="the training variants: without gradient checkpointing, with it, or both",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="profile one more step of each variant (torch.profiler); its tables to DIR/<variant>.txt",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="the weights' and inputs' dtype (default: bfloat16 on CUDA, float32 elsewhere)",
+    )
+    parser.add_argument(
+        "--attention-backend",
+        metavar="NAME",
+        help="diffusers' attention backend for every variant (set_attention_backend: flash, sage, flex, ...)",
+    )
     parser.add_argument("--compile", action="store_true", help="transformer.compile(fullgraph=True) for every variant")
-    parser.add_argument("--cache", metavar="first-block:T",
-                        help="diffusers' FirstBlockCache at threshold T on every inference variant")
-    parser.add_argument("--time-limit", type=float, metavar="S",
-                        help="start no further variant once S seconds have passed (the JSON says which were skipped)")
+    parser.add_argument(
+        "--cache", metavar="first-block:T", help="diffusers' FirstBlockCache at threshold T on every inference variant"
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="S",
+        help="start no further variant once S seconds have passed (the JSON says which were skipped)",
+    )
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py needs CUDA (none here): nothing measured. For a dry run: --device cpu --tiny")
@@ -752,17 +974,29 @@ def main(argv=None) -> int:
     device = bench.device
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "model": bench.name,
-        "tiny": args.tiny, "dtype": str(bench.dtype).replace("torch.", ""), "size": list(bench.size),
-        "video_tokens": bench.geo["video_tokens"], "text_tokens": bench.text_len,
-        "objects": args.objects, "tokens_per_motion": args.tokens, "weights_gib": bench.weights_gib,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "model": bench.name,
+        "tiny": args.tiny,
+        "dtype": str(bench.dtype).replace("torch.", ""),
+        "size": list(bench.size),
+        "video_tokens": bench.geo["video_tokens"],
+        "text_tokens": bench.text_len,
+        "objects": args.objects,
+        "tokens_per_motion": args.tokens,
+        "weights_gib": bench.weights_gib,
         "paper_release_s_per_step_a800": PAPER_RELEASE_S_PER_STEP,
-        "attention_backend": args.attention_backend, "compile": args.compile, "cache": args.cache,
+        "attention_backend": args.attention_backend,
+        "compile": args.compile,
+        "cache": args.cache,
         "baseline": bench.baseline(),
-    }  # fmt: skip
-    print(f"{result['model']}{' (tiny config)' if args.tiny else ''} on {result['device']}, {bench.dtype}, "
-          f"{bench.size[0]}x{bench.size[1]}x{bench.size[2]}: {bench.geo['video_tokens']:,} video tokens; weights "
-          f"{bench.weights_gib:.2f} GiB", flush=True)  # fmt: skip
+    }
+    print(
+        f"{result['model']}{' (tiny config)' if args.tiny else ''} on {result['device']}, {bench.dtype}, "
+        f"{bench.size[0]}x{bench.size[1]}x{bench.size[2]}: {bench.geo['video_tokens']:,} video tokens; weights "
+        f"{bench.weights_gib:.2f} GiB",
+        flush=True,
+    )
     start = time.perf_counter()
 
     def save() -> None:  # after every variant, so a run stopped by its time limit keeps what it measured
@@ -773,8 +1007,15 @@ def main(argv=None) -> int:
             tmp.replace(args.out)
 
     def skipped(why: str, **fields) -> dict:
-        return {**fields, "fits": None, "error": f"skipped: {why}", "steps_s": [], "s_per_step": None,
-                "peak_gib": None, "peak_activations_gib": None}  # fmt: skip
+        return {
+            **fields,
+            "fits": None,
+            "error": f"skipped: {why}",
+            "steps_s": [],
+            "s_per_step": None,
+            "peak_gib": None,
+            "peak_activations_gib": None,
+        }
 
     def in_time(name: str) -> bool:
         elapsed = time.perf_counter() - start
@@ -795,7 +1036,9 @@ def main(argv=None) -> int:
     inference["diffusers"] = time_inference(bench, "diffusers", None)
     save()
     name = f"FlexiMMT K={args.objects} auto"
-    inference["fleximmt_auto"] = time_inference(bench, name, "auto") if in_time(name) else skipped("time", backend="auto")
+    inference["fleximmt_auto"] = (
+        time_inference(bench, name, "auto") if in_time(name) else skipped("time", backend="auto")
+    )
     save()
     if in_time("diffusers again"):
         inference["diffusers_again"] = time_inference(bench, "diffusers again", None)
@@ -811,14 +1054,18 @@ def main(argv=None) -> int:
                 save()
     for k in args.more_objects:
         name = f"FlexiMMT K={k} auto"
-        inference[f"fleximmt_auto_k{k}"] = time_inference(bench, name, "auto", k) if in_time(name) else skipped("time", backend="auto", objects=k)
+        inference[f"fleximmt_auto_k{k}"] = (
+            time_inference(bench, name, "auto", k) if in_time(name) else skipped("time", backend="auto", objects=k)
+        )
         ratios()
         save()
     name = f"FlexiMMT K={args.objects} dense"
     if args.skip_dense:
         inference["fleximmt_dense"] = skipped("--skip-dense", backend="dense")
     else:
-        inference["fleximmt_dense"] = time_inference(bench, name, "dense") if in_time(name) else skipped("time", backend="dense")
+        inference["fleximmt_dense"] = (
+            time_inference(bench, name, "dense") if in_time(name) else skipped("time", backend="dense")
+        )
     ratios()
     result["seconds"] = time.perf_counter() - start
     save()

@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).parent))
-from block import (  # noqa: E402
+from block import (
     HUNYUAN_CONFIGS,
     HUNYUAN_NAMES,
     HUNYUAN_TEXT,
@@ -57,33 +57,77 @@ from block import (  # noqa: E402
     wan_config,
     wan_geometry,
     wan_rotary,
-)  # fmt: skip
-from gpu import GEOMETRY, TRANSFORMER_CONFIGS, moving_masks, random_tokens, rotary, token_geometry, word_members  # noqa: E402
-from gpu import config as transformer_config  # noqa: E402
+)
+from gpu import GEOMETRY, TRANSFORMER_CONFIGS, moving_masks, random_tokens, rotary, token_geometry, word_members
+from gpu import config as transformer_config
 
 GiB, MiB = 2**30, 2**20
 BF16 = torch.bfloat16
 # T5 v1.1 XXL (google/t5-v1_1-xxl, CogVideoX's text_encoder/config.json): only its encoder is loaded
-T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
-              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
-              layer_norm_epsilon=1e-6, dropout_rate=0.1, tie_word_embeddings=False)  # fmt: skip
+T5_XXL = dict(
+    d_model=4096,
+    d_ff=10240,
+    d_kv=64,
+    num_heads=64,
+    num_layers=24,
+    vocab_size=32128,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6,
+    dropout_rate=0.1,
+    tie_word_embeddings=False,
+)
 # CogVideoX-5B(-I2V)'s vae/config.json: AutoencoderKLCogVideoX's defaults but for the scaling factor
 VAE_5B = dict(scaling_factor=0.7)
 # google/umt5-xxl's encoder, as Wan's text_encoder/config.json (Wan-AI/Wan2.1-I2V-14B-480P-Diffusers) gives it
-UMT5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, num_decoder_layers=24, vocab_size=256384,
-                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                layer_norm_epsilon=1e-6, dropout_rate=0.1, tie_word_embeddings=False, scalable_attention=True)  # fmt: skip
+UMT5_XXL = dict(
+    d_model=4096,
+    d_ff=10240,
+    d_kv=64,
+    num_heads=64,
+    num_layers=24,
+    num_decoder_layers=24,
+    vocab_size=256384,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6,
+    dropout_rate=0.1,
+    tie_word_embeddings=False,
+    scalable_attention=True,
+)
 # Wan 2.1 I2V's image_encoder/config.json: CLIPVisionModel, OpenCLIP ViT-H/14 (laion2B), 257 tokens at 224 px
-CLIP_VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
-                    image_size=224, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5, num_channels=3)  # fmt: skip
+CLIP_VIT_H14 = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    patch_size=14,
+    image_size=224,
+    projection_dim=1024,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    num_channels=3,
+)
 # vae/config.json: Wan 2.1 uses AutoencoderKLWan's defaults; Wan2.2-TI2V-5B-Diffusers' VAE (latents_mean/std
 # left at placeholders: they scale latents and take no memory)
 WAN_VAES = {
     "wan2.1": {},
-    "wan2.2-5b": dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
-                      patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48,
-                      latents_std=[1.0] * 48),
-}  # fmt: skip
+    "wan2.2-5b": dict(
+        base_dim=160,
+        decoder_base_dim=256,
+        z_dim=48,
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=[0.0] * 48,
+        latents_std=[1.0] * 48,
+    ),
+}
 # Measured with `benchmarks/block.py training --repeats 1 --out FILE` (2026-11-25, float32 on this CPU,
 # commit a00cedf; BENCHMARKS.md): the MiB one block at 480x720x49, batch 1, saves for backward (and
 # restated in bf16), its inputs, and the peak RSS above the pre-run level of its forward + backward.
@@ -189,7 +233,9 @@ def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     With gradients: what flash attention saves for backward (``_FlashAttention``; a masked call saves its
     float bias as well, as the memory-efficient kernel does)."""
     bias = attn_mask
-    if attn_mask is not None and attn_mask.dtype == torch.bool:  # lives during the call (through backward with gradients)
+    if (
+        attn_mask is not None and attn_mask.dtype == torch.bool
+    ):  # lives during the call (through backward with gradients)
         bias = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         return _FlashAttention.apply(query, key, value, bias)
@@ -276,8 +322,9 @@ def transformer_step_peak(transformer, objects: int, d_m: int, batch: int = 2) -
         member, _ = word_members(objects, cfg.max_text_seq_length)
         dim = cfg.num_attention_heads * cfg.attention_head_dim
         tokens = random_tokens(objects, cfg.num_layers, d_m, dim).to(BF16)
-        state = motion_state_for(tokens, member, form="joint", num_frames=geo["grid"][0],
-                                 feature_blocks=frozenset(range(30)))  # fmt: skip
+        state = motion_state_for(
+            tokens, member, form="joint", num_frames=geo["grid"][0], feature_blocks=frozenset(range(30))
+        )
         state.set_video_masks(moving_masks(objects, geo["grid"]))
         state.rows, state.feature_rows = [0, 0], [1]
         meta_layout(state)
@@ -290,8 +337,14 @@ def transformer_step_peak(transformer, objects: int, d_m: int, batch: int = 2) -
         transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
 
     def run():
-        return transformer(hidden_states=x, encoder_hidden_states=text, timestep=torch.full((batch,), 500, device="meta"),
-                           image_rotary_emb=rot, attention_kwargs=kwargs, return_dict=False)[0]  # fmt: skip
+        return transformer(
+            hidden_states=x,
+            encoder_hidden_states=text,
+            timestep=torch.full((batch,), 500, device="meta"),
+            image_rotary_emb=rot,
+            attention_kwargs=kwargs,
+            return_dict=False,
+        )[0]
 
     peak = measure_peak(run)
     return peak + (state_bytes(state) if objects else 0)  # what lives on the device through the call: tokens, layout
@@ -334,8 +387,10 @@ def validate() -> dict[str, float]:
     block = make_block(cfg, torch.float32)
     hidden, text, temb = torch.randn(2, 1000, 512), torch.randn(2, 226, 512), torch.randn(2, 512)
     ratios = {}
-    for name, fn in (("VAE decode (small)", lambda: vae.decode(z).sample),
-                     ("CogVideoX block (8 heads, 1,226 tokens)", lambda: block(hidden, text, temb)[0])):  # fmt: skip
+    for name, fn in (
+        ("VAE decode (small)", lambda: vae.decode(z).sample),
+        ("CogVideoX block (8 heads, 1,226 tokens)", lambda: block(hidden, text, temb)[0]),
+    ):
         counted = measure_peak(fn, fused=False)
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             out = fn()
@@ -346,8 +401,10 @@ def validate() -> dict[str, float]:
         for e in events:
             live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
             peak = max(peak, live)
-        print(f"validate {name}: LiveBytes {counted / MiB:.2f} MiB, CPU allocator (profiler) {peak / MiB:.2f} MiB, "
-              f"ratio {counted / peak:.3f}")  # fmt: skip
+        print(
+            f"validate {name}: LiveBytes {counted / MiB:.2f} MiB, CPU allocator (profiler) {peak / MiB:.2f} MiB, "
+            f"ratio {counted / peak:.3f}"
+        )
         ratios[name] = counted / peak
     return ratios
 
@@ -359,15 +416,19 @@ def validate_wan() -> dict[str, float]:
     from diffusers import WanTransformer3DModel
     from torch.profiler import ProfilerActivity, profile
 
-    small = dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=256, added_kv_proj_dim=128, image_dim=64, text_dim=64)
+    small = dict(
+        num_attention_heads=4, attention_head_dim=32, ffn_dim=256, added_kv_proj_dim=128, image_dim=64, text_dim=64
+    )
     cfg, size = wan_config("wan2.1", **small), (64, 96, 9)
     ratios = {}
     for flexi in (False, True):
         kw = dict(cfg=cfg, size=size, dtype=torch.float32, rope_dtype=torch.float32)
         cpu = wan_block_saved("wan2.1", flexi, 16, device="cpu", **kw)["saved"]
         meta = wan_block_saved("wan2.1", flexi, 16, device="meta", **kw)["saved"]
-        print(f"validate Wan block, saved for backward ({'FlexiMMT' if flexi else 'diffusers'}, 128 wide, 72 video tokens): "
-              f"meta {meta / MiB:.3f} MiB, CPU {cpu / MiB:.3f} MiB, ratio {meta / cpu:.3f}")  # fmt: skip
+        print(
+            f"validate Wan block, saved for backward ({'FlexiMMT' if flexi else 'diffusers'}, 128 wide, 72 video tokens): "
+            f"meta {meta / MiB:.3f} MiB, CPU {cpu / MiB:.3f} MiB, ratio {meta / cpu:.3f}"
+        )
         ratios[f"block saved, {'FlexiMMT' if flexi else 'diffusers'}"] = meta / cpu
     torch.manual_seed(0)
     model = WanTransformer3DModel(**{**WAN_CONFIGS["wan2.1"], **small, "num_layers": 2}).requires_grad_(False)
@@ -386,8 +447,10 @@ def validate_wan() -> dict[str, float]:
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):
         live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
         peak = max(peak, live)
-    print(f"validate Wan transformer forward + backward (2 blocks, 128 wide, 216 video tokens): StorageBytes "
-          f"{counted / MiB:.2f} MiB, CPU allocator (profiler) {peak / MiB:.2f} MiB, ratio {counted / peak:.3f}")  # fmt: skip
+    print(
+        f"validate Wan transformer forward + backward (2 blocks, 128 wide, 216 video tokens): StorageBytes "
+        f"{counted / MiB:.2f} MiB, CPU allocator (profiler) {peak / MiB:.2f} MiB, ratio {counted / peak:.3f}"
+    )
     ratios["transformer forward + backward"] = counted / peak
     return ratios
 
@@ -404,10 +467,12 @@ def block_figures(path: Path | None) -> dict:
         return sorted(values)[len(values) // 2] / 2  # median, float32 -> bf16
 
     out = {
-        "saved_plain": runs["plain"]["saved_bf16_mib"], "saved_flexi": runs["fleximmt"]["saved_bf16_mib"],
+        "saved_plain": runs["plain"]["saved_bf16_mib"],
+        "saved_flexi": runs["fleximmt"]["saved_bf16_mib"],
         "inputs": data["block_inputs_mib"] / 2,
-        "peak_plain": rss("plain"), "peak_flexi": rss("fleximmt"),
-    }  # fmt: skip
+        "peak_plain": rss("plain"),
+        "peak_flexi": rss("fleximmt"),
+    }
     if "plain +ckpt" in runs:
         out["peak_plain_ckpt"], out["peak_flexi_ckpt"] = rss("plain +ckpt"), rss("fleximmt +ckpt")
     else:
@@ -426,8 +491,11 @@ def wan_meta_models(model: str) -> dict:
 
     with init_empty_weights(include_buffers=True):
         transformer = WanTransformer3DModel(**WAN_CONFIGS[model]).to(BF16)
-        models = {"transformer": transformer, "vae": AutoencoderKLWan(**WAN_VAES[model]).to(BF16),
-                  "text_encoder": UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(BF16)}  # fmt: skip
+        models = {
+            "transformer": transformer,
+            "vae": AutoencoderKLWan(**WAN_VAES[model]).to(BF16),
+            "text_encoder": UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(BF16),
+        }
         if WAN_CONFIGS[model]["image_dim"]:
             models["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H14)).to(BF16)
     for module in models.values():
@@ -440,8 +508,18 @@ def wan_meta_models(model: str) -> dict:
     return models
 
 
-def wan_flexi_state(model: str, objects: int, d_m: int, blocks: int, feature_blocks, tokens_dtype=BF16, dmem_parts=None,
-                    cfg=None, size=None, device="meta"):  # fmt: skip
+def wan_flexi_state(
+    model: str,
+    objects: int,
+    d_m: int,
+    blocks: int,
+    feature_blocks,
+    tokens_dtype=BF16,
+    dmem_parts=None,
+    cfg=None,
+    size=None,
+    device="meta",
+):
     """A FlexiMMT state for one video (on meta by default): K objects' motion tokens ``[K, 1, blocks, d_m,
     dim]`` and the step's MDMA layout from moving ellipse masks (built on the CPU, then moved)."""
     from fleximmt.method.attention import motion_state_for
@@ -452,10 +530,19 @@ def wan_flexi_state(model: str, objects: int, d_m: int, blocks: int, feature_blo
     dim = cfg.num_attention_heads * cfg.attention_head_dim
     member, _ = word_members(objects, WAN_TEXT_TOKENS)
     shape = (objects, 1, blocks, d_m, dim)
-    tokens = torch.empty(shape, device="meta", dtype=tokens_dtype) if device == "meta" else \
-        torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(tokens_dtype) * dim**-0.5  # fmt: skip
-    state = motion_state_for(tokens, member, form="cross", parts=frozenset(dmem_parts or CROSS_PARTS),
-                             num_frames=geo["grid"][0], feature_blocks=frozenset(feature_blocks))  # fmt: skip
+    tokens = (
+        torch.empty(shape, device="meta", dtype=tokens_dtype)
+        if device == "meta"
+        else torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(tokens_dtype) * dim**-0.5
+    )
+    state = motion_state_for(
+        tokens,
+        member,
+        form="cross",
+        parts=frozenset(dmem_parts or CROSS_PARTS),
+        num_frames=geo["grid"][0],
+        feature_blocks=frozenset(feature_blocks),
+    )
     state.set_video_masks(moving_masks(objects, geo["grid"]))
     if device == "meta":
         meta_layout(state)
@@ -489,8 +576,9 @@ def wan_inputs(model: str, transformer, size=None) -> dict:
         "timestep": torch.full((1, geo["video_tokens"]) if expand else (1,), 500.0, device="meta"),
         "encoder_hidden_states": torch.empty(1, WAN_TEXT_TOKENS, cfg.text_dim, device="meta", dtype=BF16),
         "encoder_hidden_states_image": torch.empty(1, WAN_IMAGE_TOKENS, cfg.image_dim, device="meta", dtype=BF16)
-        if cfg.image_dim else None,
-    }  # fmt: skip
+        if cfg.image_dim
+        else None,
+    }
 
 
 def state_bytes(state) -> int:
@@ -530,8 +618,9 @@ def wan_training_peak(model: str, transformer, flexi: bool, d_m: int, checkpoint
     layers = transformer.config.num_layers
     state = None
     if flexi:
-        state = wan_flexi_state(model, 1, d_m, layers, (), tokens_dtype=torch.float32, dmem_parts=TRAIN_PARTS & {"m2v", "t2v"},
-                                size=size)  # fmt: skip
+        state = wan_flexi_state(
+            model, 1, d_m, layers, (), tokens_dtype=torch.float32, dmem_parts=TRAIN_PARTS & {"m2v", "t2v"}, size=size
+        )
         state.videos[0].motion_tokens.requires_grad_(True)
         state.rows = state.feature_rows = None
     install_wan(transformer, state)
@@ -541,6 +630,7 @@ def wan_training_peak(model: str, transformer, flexi: bool, d_m: int, checkpoint
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     try:
+
         def step():
             out = transformer(**inputs, return_dict=False)[0].float()
             out.pow(2).mean().backward()  # the loss's own tensors are latents-sized
@@ -551,8 +641,9 @@ def wan_training_peak(model: str, transformer, flexi: bool, d_m: int, checkpoint
         inputs["hidden_states"].requires_grad_(False)
 
 
-def wan_block_saved(model: str, flexi: bool, d_m: int, cfg=None, size=None, device="meta", dtype=BF16,
-                    rope_dtype=torch.float64) -> dict:  # fmt: skip
+def wan_block_saved(
+    model: str, flexi: bool, d_m: int, cfg=None, size=None, device="meta", dtype=BF16, rope_dtype=torch.float64
+) -> dict:
     """Bytes one block saves for backward (``block.py``'s ``SavedBytes``; on meta by default, SDPA as
     flash attention saves; ``device="cpu"``: the same block run for real, for ``--validate``) and its
     input, which is all gradient checkpointing keeps of it. Gradients go to the video states (and the
@@ -570,7 +661,11 @@ def wan_block_saved(model: str, flexi: bool, d_m: int, cfg=None, size=None, devi
     gen = torch.Generator().manual_seed(0)
 
     def tensor(*shape):
-        return torch.empty(shape, device="meta", dtype=dtype) if device == "meta" else torch.randn(shape, generator=gen).to(dtype)
+        return (
+            torch.empty(shape, device="meta", dtype=dtype)
+            if device == "meta"
+            else torch.randn(shape, generator=gen).to(dtype)
+        )
 
     hidden = tensor(1, n, dim).requires_grad_(True)
     text = tensor(1, (WAN_IMAGE_TOKENS if cfg.added_kv_proj_dim else 0) + WAN_TEXT_TOKENS, dim)
@@ -580,8 +675,18 @@ def wan_block_saved(model: str, flexi: bool, d_m: int, cfg=None, size=None, devi
     state = None
     params = list(block.parameters())
     if flexi:
-        state = wan_flexi_state(model, 1, d_m, 1, (), tokens_dtype=torch.float32, dmem_parts=TRAIN_PARTS & {"m2v", "t2v"},
-                                cfg=cfg, size=size, device=device)  # fmt: skip
+        state = wan_flexi_state(
+            model,
+            1,
+            d_m,
+            1,
+            (),
+            tokens_dtype=torch.float32,
+            dmem_parts=TRAIN_PARTS & {"m2v", "t2v"},
+            cfg=cfg,
+            size=size,
+            device=device,
+        )
         state.videos[0].motion_tokens.requires_grad_(True)
         params.append(state.videos[0].motion_tokens)
     slot = StateSlot(state)
@@ -633,8 +738,10 @@ def wan_encoder_peaks(models: dict) -> dict[str, int]:
     out = {"t5": measure_peak(lambda: models["text_encoder"](ids)[0], counter=StorageBytes)}
     if "image_encoder" in models:
         pixels = torch.empty(1, 3, 224, 224, device="meta", dtype=BF16)
-        out["clip"] = measure_peak(lambda: models["image_encoder"](pixel_values=pixels, output_hidden_states=True)
-                                   .hidden_states[-2], counter=StorageBytes)  # fmt: skip
+        out["clip"] = measure_peak(
+            lambda: models["image_encoder"](pixel_values=pixels, output_hidden_states=True).hidden_states[-2],
+            counter=StorageBytes,
+        )
     return out
 
 
@@ -646,8 +753,10 @@ def wan_report(model: str, args) -> dict:
     transformer, vae = models["transformer"], models["vae"]
     count = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     weights = {k: param_bytes(m) for k, m in models.items()}
-    print(f"\n== {name}, {height}x{width}x{frames} ==\nparameters (meta device, real configs): "
-          + ", ".join(f"{k} {count[k] / 1e9:.3f}B ({weights[k] / GiB:.2f} GiB)" for k in models))  # fmt: skip
+    print(
+        f"\n== {name}, {height}x{width}x{frames} ==\nparameters (meta device, real configs): "
+        + ", ".join(f"{k} {count[k] / 1e9:.3f}B ({weights[k] / GiB:.2f} GiB)" for k in models)
+    )
     step_plain = wan_step_peak(model, transformer, 0, args.tokens)
     step_flexi = wan_step_peak(model, transformer, args.objects, args.tokens)
     vae_p = wan_vae_peaks(model, vae)
@@ -655,12 +764,14 @@ def wan_report(model: str, args) -> dict:
     i2v = "image_encoder" in models
     # the image condition: Wan 2.1 encodes the image followed by black frames (a whole video), TI2V the image
     cond_key = "encode" if i2v else "encode_frame"
-    print(f"live tensor peaks on meta (bf16): transformer call (one CFG branch): diffusers {step_plain / GiB:.2f} GiB, "
-          f"FlexiMMT K = {args.objects} {step_flexi / GiB:.2f} GiB ({step_flexi / step_plain:.3f}x); VAE decode "
-          f"{vae_p['decode_untiled'] / GiB:.2f} GiB, tiled {vae_p['decode_tiled'] / GiB:.2f} GiB; VAE encode of {frames} "
-          f"frames {vae_p['encode_untiled'] / GiB:.2f} GiB, tiled {vae_p['encode_tiled'] / GiB:.2f} GiB; of one frame "
-          f"{vae_p['encode_frame_untiled'] / GiB:.3f} GiB; umT5 encode {enc['t5'] / GiB:.3f} GiB"
-          + (f"; CLIP encode {enc['clip'] / GiB:.3f} GiB" if i2v else ""))  # fmt: skip
+    print(
+        f"live tensor peaks on meta (bf16): transformer call (one CFG branch): diffusers {step_plain / GiB:.2f} GiB, "
+        f"FlexiMMT K = {args.objects} {step_flexi / GiB:.2f} GiB ({step_flexi / step_plain:.3f}x); VAE decode "
+        f"{vae_p['decode_untiled'] / GiB:.2f} GiB, tiled {vae_p['decode_tiled'] / GiB:.2f} GiB; VAE encode of {frames} "
+        f"frames {vae_p['encode_untiled'] / GiB:.2f} GiB, tiled {vae_p['encode_tiled'] / GiB:.2f} GiB; of one frame "
+        f"{vae_p['encode_frame_untiled'] / GiB:.3f} GiB; umT5 encode {enc['t5'] / GiB:.3f} GiB"
+        + (f"; CLIP encode {enc['clip'] / GiB:.3f} GiB" if i2v else "")
+    )
 
     rows = []
 
@@ -674,12 +785,17 @@ def wan_report(model: str, args) -> dict:
             t = "tiled" if tiled else "untiled"
             vae_peak = max(vae_p[f"decode_{t}"], vae_p[f"{cond_key}_{t}"])
             if not tiled:
-                row(f"inference, {label}, no offload", all_w + max(step, vae_peak, *(e for _, e in encoders)),
-                    "all weights + the largest of: transformer call, VAE encode/decode, text/image encode (meta)")
-            row(f"inference, {label}, enable_model_cpu_offload()" + (" + vae.enable_tiling()" if tiled else ""),
+                row(
+                    f"inference, {label}, no offload",
+                    all_w + max(step, vae_peak, *(e for _, e in encoders)),
+                    "all weights + the largest of: transformer call, VAE encode/decode, text/image encode (meta)",
+                )
+            row(
+                f"inference, {label}, enable_model_cpu_offload()" + (" + vae.enable_tiling()" if tiled else ""),
                 max(weights["transformer"] + step, weights["vae"] + vae_peak, *(w + e for w, e in encoders)),
                 "one component on the GPU at a time: the largest of its weights + its peak (meta)"
-                + (", tiled VAE" if tiled else ""))  # fmt: skip
+                + (", tiled VAE" if tiled else ""),
+            )
 
     # training: the tokens, their gradients and AdamW's moments in float32, and the per-step stack
     layers = transformer.config.num_layers
@@ -687,16 +803,25 @@ def wan_report(model: str, args) -> dict:
     num_tokens = layers * args.tokens * dim
     optim = num_tokens * 4 * 4 + num_tokens * 4
     blocks = {kind: wan_block_saved(model, kind == "flexi", args.tokens) for kind in ("plain", "flexi")}
-    train = {(kind, ckpt): wan_training_peak(model, transformer, kind == "flexi", args.tokens, ckpt)
-             for kind in ("plain", "flexi") for ckpt in (False, True)}  # fmt: skip
-    print(f"per block (bf16, meta): saved for backward plain {blocks['plain']['saved'] / MiB:.0f} MiB, FlexiMMT "
-          f"{blocks['flexi']['saved'] / MiB:.0f} MiB ({blocks['flexi']['saved'] / blocks['plain']['saved']:.3f}x); "
-          f"checkpointed input {blocks['plain']['inputs'] / MiB:.0f} MiB")  # fmt: skip
+    train = {
+        (kind, ckpt): wan_training_peak(model, transformer, kind == "flexi", args.tokens, ckpt)
+        for kind in ("plain", "flexi")
+        for ckpt in (False, True)
+    }
+    print(
+        f"per block (bf16, meta): saved for backward plain {blocks['plain']['saved'] / MiB:.0f} MiB, FlexiMMT "
+        f"{blocks['flexi']['saved'] / MiB:.0f} MiB ({blocks['flexi']['saved'] / blocks['plain']['saved']:.3f}x); "
+        f"checkpointed input {blocks['plain']['inputs'] / MiB:.0f} MiB"
+    )
     for kind in ("plain", "flexi"):
         print(f"  largest saved storages, {kind}: " + "; ".join(blocks[kind]["largest"]))
-    print("training forward + backward of the transformer on meta (activations, weights not included): "
-          + ", ".join(f"{k} {'ckpt' if c else 'no ckpt'} {v / GiB:.2f} GiB" for (k, c), v in train.items()))  # fmt: skip
-    print(f"motion tokens: {num_tokens:,} numbers; fp32 tokens + grads + AdamW moments + stacked copy {optim / MiB:.0f} MiB")
+    print(
+        "training forward + backward of the transformer on meta (activations, weights not included): "
+        + ", ".join(f"{k} {'ckpt' if c else 'no ckpt'} {v / GiB:.2f} GiB" for (k, c), v in train.items())
+    )
+    print(
+        f"motion tokens: {num_tokens:,} numbers; fp32 tokens + grads + AdamW moments + stacked copy {optim / MiB:.0f} MiB"
+    )
     # caching encodes the text, (Wan 2.1) the image, each window of the reference video, and the image condition
     cache_peak = max(vae_p["encode_untiled"], *(e for _, e in encoders))
     cache_peak_tiled = max(vae_p["encode_tiled"], *(e for _, e in encoders))
@@ -705,33 +830,71 @@ def wan_report(model: str, args) -> dict:
     how_step = "transformer weights + tokens/grads/AdamW (fp32) + the transformer's forward + backward on meta"
     if i2v:
         how_step += " + CLIP weights (left on the GPU)"
-    row("training, caching phase (all weights on the GPU)", all_w + cache_peak, "weights + VAE encode, umT5 or CLIP peak (meta)")
+    row(
+        "training, caching phase (all weights on the GPU)",
+        all_w + cache_peak,
+        "weights + VAE encode, umT5 or CLIP peak (meta)",
+    )
     row("training, caching phase, vae_tiling=True", all_w + cache_peak_tiled, "weights + tiled VAE encode (meta)")
-    row("training step, gradient_checkpointing=False, umT5/VAE offloaded after caching", step_w + train[("flexi", False)], how_step)
+    row(
+        "training step, gradient_checkpointing=False, umT5/VAE offloaded after caching",
+        step_w + train[("flexi", False)],
+        how_step,
+    )
     row("training step, gradient_checkpointing=True, umT5/VAE offloaded", step_w + train[("flexi", True)], how_step)
-    row("training step, gradient_checkpointing=True, everything left on the GPU (offload_after_caching=False)",
-        all_w - weights["transformer"] - clip_w + step_w + train[("flexi", True)], "the row above + umT5 and VAE weights")
-    row("training, gradient_checkpointing=True + pipe.enable_model_cpu_offload() (caching and steps)",
-        max(weights["text_encoder"] + enc["t5"], weights["vae"] + vae_p["encode_untiled"],
-            clip_w + enc.get("clip", 0), weights["transformer"] + optim + train[("flexi", True)]),
-        "one component on the GPU at a time: umT5, CLIP, VAE encode (meta), or the checkpointed step")  # fmt: skip
-    row("training, as above + vae_tiling=True",
-        max(weights["text_encoder"] + enc["t5"], weights["vae"] + vae_p["encode_tiled"],
-            clip_w + enc.get("clip", 0), weights["transformer"] + optim + train[("flexi", True)]),
-        "as above, tiled VAE encode (meta)")  # fmt: skip
-    row("plain forward+backward of the same model, no checkpointing (reference)",
-        weights["transformer"] + train[("plain", False)], "transformer weights + forward + backward on meta, diffusers' attention")
-    row("plain forward+backward, checkpointing (reference)", weights["transformer"] + train[("plain", True)], "as above, checkpointing")
+    row(
+        "training step, gradient_checkpointing=True, everything left on the GPU (offload_after_caching=False)",
+        all_w - weights["transformer"] - clip_w + step_w + train[("flexi", True)],
+        "the row above + umT5 and VAE weights",
+    )
+    row(
+        "training, gradient_checkpointing=True + pipe.enable_model_cpu_offload() (caching and steps)",
+        max(
+            weights["text_encoder"] + enc["t5"],
+            weights["vae"] + vae_p["encode_untiled"],
+            clip_w + enc.get("clip", 0),
+            weights["transformer"] + optim + train[("flexi", True)],
+        ),
+        "one component on the GPU at a time: umT5, CLIP, VAE encode (meta), or the checkpointed step",
+    )
+    row(
+        "training, as above + vae_tiling=True",
+        max(
+            weights["text_encoder"] + enc["t5"],
+            weights["vae"] + vae_p["encode_tiled"],
+            clip_w + enc.get("clip", 0),
+            weights["transformer"] + optim + train[("flexi", True)],
+        ),
+        "as above, tiled VAE encode (meta)",
+    )
+    row(
+        "plain forward+backward of the same model, no checkpointing (reference)",
+        weights["transformer"] + train[("plain", False)],
+        "transformer weights + forward + backward on meta, diffusers' attention",
+    )
+    row(
+        "plain forward+backward, checkpointing (reference)",
+        weights["transformer"] + train[("plain", True)],
+        "as above, checkpointing",
+    )
     print(f"\n| configuration, {name} {height}x{width}x{frames}, bf16 | peak GPU memory | how |\n|---|---|---|")
     for label, total, how in rows:
         print(f"| {label} | {total / GiB:.1f} GiB | {how} |")
-    return {"model": model, "rows": [(n, t / GiB, h) for n, t, h in rows], "params": count,
-            "weights_gib": {k: v / GiB for k, v in weights.items()},
-            "peaks_gib": {"step_plain": step_plain / GiB, "step_flexi": step_flexi / GiB,
-                          **{k: v / GiB for k, v in vae_p.items()}, **{k: v / GiB for k, v in enc.items()},
-                          **{f"train_{k}_{'ckpt' if c else 'nockpt'}": v / GiB for (k, c), v in train.items()}},
-            "block_saved_mib": {k: v["saved"] / MiB for k, v in blocks.items()},
-            "block_input_mib": blocks["plain"]["inputs"] / MiB}  # fmt: skip
+    return {
+        "model": model,
+        "rows": [(n, t / GiB, h) for n, t, h in rows],
+        "params": count,
+        "weights_gib": {k: v / GiB for k, v in weights.items()},
+        "peaks_gib": {
+            "step_plain": step_plain / GiB,
+            "step_flexi": step_flexi / GiB,
+            **{k: v / GiB for k, v in vae_p.items()},
+            **{k: v / GiB for k, v in enc.items()},
+            **{f"train_{k}_{'ckpt' if c else 'nockpt'}": v / GiB for (k, c), v in train.items()},
+        },
+        "block_saved_mib": {k: v["saved"] / MiB for k, v in blocks.items()},
+        "block_input_mib": blocks["plain"]["inputs"] / MiB,
+    }
 
 
 # -- HunyuanVideo 1.5 I2V 480p ----------------------------------------------------------------------
@@ -739,15 +902,46 @@ def wan_report(model: str, args) -> dict:
 # Qwen2.5-VL-7B-Instruct's language model (Qwen2_5_VLTextModel), text_encoder_2 google/byt5-small's encoder with
 # Glyph-SDXL-v2's weights and its color and font tokens (1,510 in all), image_encoder FLUX.1-Redux-dev's SigLIP
 # (google/siglip-so400m-patch14-384); the VAE is AutoencoderKLHunyuanVideo15's defaults
-QWEN25_VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
-                         rope_theta=1000000.0, tie_word_embeddings=False,
-                         rope_scaling={"type": "default", "rope_type": "default", "mrope_section": [16, 24, 24]})  # fmt: skip
-BYT5_GLYPH = dict(d_model=1472, d_ff=3584, d_kv=64, num_heads=6, num_layers=12, num_decoder_layers=4, vocab_size=1510,
-                  feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                  layer_norm_epsilon=1e-6, dropout_rate=0.1, tie_word_embeddings=False, is_encoder_decoder=False)  # fmt: skip
-SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384,
-                     patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3)  # fmt: skip
+QWEN25_VL_7B_TEXT = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=128000,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=False,
+    rope_scaling={"type": "default", "rope_type": "default", "mrope_section": [16, 24, 24]},
+)
+BYT5_GLYPH = dict(
+    d_model=1472,
+    d_ff=3584,
+    d_kv=64,
+    num_heads=6,
+    num_layers=12,
+    num_decoder_layers=4,
+    vocab_size=1510,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6,
+    dropout_rate=0.1,
+    tie_word_embeddings=False,
+    is_encoder_decoder=False,
+)
+SIGLIP_SO400M = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+    num_channels=3,
+)
 HUNYUAN_TEMPLATE_TOKENS = 108  # the chat template's tokens before the prompt, encoded and then cropped (crop_start)
 HUNYUAN_FRAMES = (121, 61, 33)  # the default, and shorter videos / training windows
 HUNYUAN_VALID_TEXT = 120  # valid prompt tokens of a row (a prompt of about 90 words; the rest of the 1,000 is padding)
@@ -780,8 +974,12 @@ class KnownMasks(TorchDispatchMode):
         if func is aten._local_scalar_dense.default and args[0].is_meta:
             return False  # torch.all(image_embeds == 0): an image is given
         if func is aten.index.Tensor and any(i is not None and i.is_meta and i.dtype == torch.bool for i in args[1]):
-            indices = [torch.empty(self._count(i), dtype=torch.long, device="meta")
-                       if i is not None and i.dtype == torch.bool else i for i in args[1]]  # fmt: skip
+            indices = [
+                torch.empty(self._count(i), dtype=torch.long, device="meta")
+                if i is not None and i.dtype == torch.bool
+                else i
+                for i in args[1]
+            ]
             out = func(args[0], indices)
         else:
             out = func(*args, **kwargs)
@@ -815,7 +1013,7 @@ def hunyuan_meta_models() -> dict:
         SiglipVisionConfig,
         SiglipVisionModel,
         T5Config,
-        T5EncoderModel,  # fmt: skip
+        T5EncoderModel,
     )
 
     with init_empty_weights(include_buffers=True):
@@ -825,7 +1023,7 @@ def hunyuan_meta_models() -> dict:
             "text_encoder": Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**QWEN25_VL_7B_TEXT)).to(BF16),
             "text_encoder_2": T5EncoderModel(T5Config(**BYT5_GLYPH)).to(BF16),
             "image_encoder": SiglipVisionModel(SiglipVisionConfig(**SIGLIP_SO400M)).to(BF16),
-        }  # fmt: skip
+        }
     for module in models.values():
         module.requires_grad_(False)  # as train_motion freezes them
     return models
@@ -841,7 +1039,11 @@ def hunyuan_inputs(cfg, size, lengths=HUNYUAN_TEXT, valid_text: int = HUNYUAN_VA
     gen = torch.Generator().manual_seed(0)
 
     def tensor(*shape):
-        return torch.empty(shape, device="meta", dtype=dtype) if device == "meta" else torch.randn(shape, generator=gen).to(dtype)
+        return (
+            torch.empty(shape, device="meta", dtype=dtype)
+            if device == "meta"
+            else torch.randn(shape, generator=gen).to(dtype)
+        )
 
     def mask(length, valid):
         row = torch.zeros(1, length, dtype=torch.bool, device=device)
@@ -851,16 +1053,30 @@ def hunyuan_inputs(cfg, size, lengths=HUNYUAN_TEXT, valid_text: int = HUNYUAN_VA
 
     prompt, glyphs = mask(lengths["prompt"], valid_text), mask(lengths["glyph"], 0)
     inputs = {
-        "hidden_states": tensor(1, cfg.in_channels, *geo["latent_shape"]), "timestep": torch.full((1,), 500.0, device=device),
-        "encoder_hidden_states": tensor(1, lengths["prompt"], cfg.text_embed_dim), "encoder_attention_mask": prompt,
-        "encoder_hidden_states_2": tensor(1, lengths["glyph"], cfg.text_embed_2_dim), "encoder_attention_mask_2": glyphs,
+        "hidden_states": tensor(1, cfg.in_channels, *geo["latent_shape"]),
+        "timestep": torch.full((1,), 500.0, device=device),
+        "encoder_hidden_states": tensor(1, lengths["prompt"], cfg.text_embed_dim),
+        "encoder_attention_mask": prompt,
+        "encoder_hidden_states_2": tensor(1, lengths["glyph"], cfg.text_embed_2_dim),
+        "encoder_attention_mask_2": glyphs,
         "image_embeds": tensor(1, lengths["image"], cfg.image_embed_dim),
-    }  # fmt: skip
+    }
     return inputs, {prompt: valid_text, glyphs: 0}
 
 
-def hunyuan_flexi_state(cfg, objects: int, d_m: int, blocks: int, feature_blocks, size, lengths=HUNYUAN_TEXT,
-                        valid_text: int = HUNYUAN_VALID_TEXT, tokens_dtype=BF16, parts=None, device="meta"):  # fmt: skip
+def hunyuan_flexi_state(
+    cfg,
+    objects: int,
+    d_m: int,
+    blocks: int,
+    feature_blocks,
+    size,
+    lengths=HUNYUAN_TEXT,
+    valid_text: int = HUNYUAN_VALID_TEXT,
+    tokens_dtype=BF16,
+    parts=None,
+    device="meta",
+):
     """A FlexiMMT state for one video (on meta by default) as the adapter prepares it: K objects' motion
     tokens ``[K, 1, blocks, d_m, dim]``, the words among the prompt tokens, and the step's MDMA layout of the
     row's text form built on the CPU (where the processors build it at their first call), then moved."""
@@ -870,11 +1086,21 @@ def hunyuan_flexi_state(cfg, objects: int, d_m: int, blocks: int, feature_blocks
     dim = cfg.num_attention_heads * cfg.attention_head_dim
     member, _ = word_members(objects, lengths["prompt"])
     shape = (objects, 1, blocks, d_m, dim)
-    tokens = torch.empty(shape, device="meta", dtype=tokens_dtype) if device == "meta" else \
-        torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(tokens_dtype) * dim**-0.5  # fmt: skip
+    tokens = (
+        torch.empty(shape, device="meta", dtype=tokens_dtype)
+        if device == "meta"
+        else torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(tokens_dtype) * dim**-0.5
+    )
     options = {} if parts is None else {"parts": frozenset(parts)}
-    state = motion_state_for(tokens, member, form="joint", num_frames=geo["grid"][0], feature_blocks=frozenset(feature_blocks),
-                             text_keys=True, **options)  # fmt: skip
+    state = motion_state_for(
+        tokens,
+        member,
+        form="joint",
+        num_frames=geo["grid"][0],
+        feature_blocks=frozenset(feature_blocks),
+        text_keys=True,
+        **options,
+    )
     state.set_video_masks(moving_masks(objects, geo["grid"]))
     text, _ = hunyuan_text(valid_text, 0, lengths)
     state._step_layout(0, text, sum(lengths.values()))
@@ -892,11 +1118,22 @@ def install_hunyuan(transformer, state, text=None) -> None:
 
     slot = StateSlot(state, [text])
     for index, block in enumerate(transformer.transformer_blocks):  # the token refiner's attention keeps its own
-        block.attn.set_processor(HunyuanVideo15AttnProcessor2_0() if state is None else FlexiMMTHunyuanAttnProcessor(index, slot))
+        block.attn.set_processor(
+            HunyuanVideo15AttnProcessor2_0() if state is None else FlexiMMTHunyuanAttnProcessor(index, slot)
+        )
 
 
-def hunyuan_forward_peak(transformer, state, text, size, lengths=HUNYUAN_TEXT, valid_text: int = HUNYUAN_VALID_TEXT,
-                         grad: bool = False, checkpointing: bool = False, device="meta") -> int:  # fmt: skip
+def hunyuan_forward_peak(
+    transformer,
+    state,
+    text,
+    size,
+    lengths=HUNYUAN_TEXT,
+    valid_text: int = HUNYUAN_VALID_TEXT,
+    grad: bool = False,
+    checkpointing: bool = False,
+    device="meta",
+) -> int:
     """Peak bytes of one transformer call (``grad``: its forward + backward, gradients to the motion tokens,
     or for diffusers' attention to the input latents) on meta, diffusers' attention (state None) or FlexiMMT's."""
     install_hunyuan(transformer, state, text)
@@ -912,6 +1149,7 @@ def hunyuan_forward_peak(transformer, state, text, size, lengths=HUNYUAN_TEXT, v
             if not grad:
                 return out
             out.float().pow(2).mean().backward()  # the loss's own tensors are latents-sized
+            return None
 
     try:
         return measure_peak(run, counter=StorageBytes, grad=grad) + (state_bytes(state) if state is not None else 0)
@@ -928,8 +1166,9 @@ def hunyuan_step_peak(transformer, objects: int, d_m: int, size) -> int:
     state = text = None
     if objects:
         layers = transformer.config.num_layers
-        state, text = hunyuan_flexi_state(transformer.config, objects, d_m, layers,
-                                          range(max(1, round(layers * FEATURE_SHARE))), size)  # fmt: skip
+        state, text = hunyuan_flexi_state(
+            transformer.config, objects, d_m, layers, range(max(1, round(layers * FEATURE_SHARE))), size
+        )
         state.rows, state.feature_rows = [0], [0]
     return hunyuan_forward_peak(transformer, state, text, size)
 
@@ -942,8 +1181,16 @@ def hunyuan_training_peak(transformer, flexi: bool, d_m: int, checkpointing: boo
 
     state = text = None
     if flexi:
-        state, text = hunyuan_flexi_state(transformer.config, 1, d_m, transformer.config.num_layers, (), size,
-                                          tokens_dtype=torch.float32, parts=TRAIN_PARTS)  # fmt: skip
+        state, text = hunyuan_flexi_state(
+            transformer.config,
+            1,
+            d_m,
+            transformer.config.num_layers,
+            (),
+            size,
+            tokens_dtype=torch.float32,
+            parts=TRAIN_PARTS,
+        )
         state.videos[0].motion_tokens.requires_grad_(True)
         state.rows = state.feature_rows = None
     return hunyuan_forward_peak(transformer, state, text, size, grad=True, checkpointing=checkpointing)
@@ -970,11 +1217,15 @@ def hunyuan_encoder_peaks(models: dict) -> dict[str, int]:
     glyphs = torch.zeros(1, HUNYUAN_TEXT["glyph"], dtype=torch.long, device="meta")
     pixels = torch.empty(1, 3, 384, 384, device="meta", dtype=BF16)
     return {
-        "qwen": measure_peak(lambda: models["text_encoder"](input_ids=ids, output_hidden_states=True, use_cache=False)
-                             .hidden_states[-3], counter=StorageBytes),
+        "qwen": measure_peak(
+            lambda: models["text_encoder"](input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-3],
+            counter=StorageBytes,
+        ),
         "byt5": measure_peak(lambda: models["text_encoder_2"](glyphs)[0], counter=StorageBytes),
-        "siglip": measure_peak(lambda: models["image_encoder"](pixel_values=pixels).last_hidden_state, counter=StorageBytes),
-    }  # fmt: skip
+        "siglip": measure_peak(
+            lambda: models["image_encoder"](pixel_values=pixels).last_hidden_state, counter=StorageBytes
+        ),
+    }
 
 
 def validate_hunyuan() -> dict[str, float]:
@@ -985,8 +1236,16 @@ def validate_hunyuan() -> dict[str, float]:
 
     from fleximmt.training.train import TRAIN_PARTS
 
-    small = dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, num_refiner_layers=1, text_embed_dim=32,
-                 text_embed_2_dim=16, image_embed_dim=24, rope_axes_dim=(8, 12, 12))  # fmt: skip
+    small = dict(
+        num_attention_heads=2,
+        attention_head_dim=32,
+        num_layers=2,
+        num_refiner_layers=1,
+        text_embed_dim=32,
+        text_embed_2_dim=16,
+        image_embed_dim=24,
+        rope_axes_dim=(8, 12, 12),
+    )
     lengths, size = {"image": 16, "glyph": 8, "prompt": 40}, (64, 96, 9)
     cfg = hunyuan_config("hunyuan1.5", **small)
     ratios = {}
@@ -995,17 +1254,33 @@ def validate_hunyuan() -> dict[str, float]:
         for device in ("cpu", "meta"):
             torch.manual_seed(0)
             with torch.device(device):
-                model = HunyuanVideo15Transformer3DModel(**{**HUNYUAN_CONFIGS["hunyuan1.5"], **small}).requires_grad_(False)
+                model = HunyuanVideo15Transformer3DModel(**{**HUNYUAN_CONFIGS["hunyuan1.5"], **small}).requires_grad_(
+                    False
+                )
             state = text = None
             if flexi:
-                state, text = hunyuan_flexi_state(cfg, 1, 8, 2, (), size, lengths, valid_text=12, tokens_dtype=torch.float32,
-                                                  parts=TRAIN_PARTS, device=device)  # fmt: skip
+                state, text = hunyuan_flexi_state(
+                    cfg,
+                    1,
+                    8,
+                    2,
+                    (),
+                    size,
+                    lengths,
+                    valid_text=12,
+                    tokens_dtype=torch.float32,
+                    parts=TRAIN_PARTS,
+                    device=device,
+                )
                 state.videos[0].motion_tokens.requires_grad_(True)
-            peaks[device] = hunyuan_forward_peak(model, state, text, size, lengths, 12, grad=True, checkpointing=True,
-                                                 device=device)  # fmt: skip
+            peaks[device] = hunyuan_forward_peak(
+                model, state, text, size, lengths, 12, grad=True, checkpointing=True, device=device
+            )
         name = f"HunyuanVideo 1.5 forward + backward, {'FlexiMMT' if flexi else 'diffusers'}"
-        print(f"validate {name} (2 blocks, 64 wide, 216 video + 64 text tokens): meta {peaks['meta'] / MiB:.3f} MiB, "
-              f"CPU {peaks['cpu'] / MiB:.3f} MiB, ratio {peaks['meta'] / peaks['cpu']:.3f}")  # fmt: skip
+        print(
+            f"validate {name} (2 blocks, 64 wide, 216 video + 64 text tokens): meta {peaks['meta'] / MiB:.3f} MiB, "
+            f"CPU {peaks['cpu'] / MiB:.3f} MiB, ratio {peaks['meta'] / peaks['cpu']:.3f}"
+        )
         ratios[name] = peaks["meta"] / peaks["cpu"]
     return ratios
 
@@ -1020,10 +1295,15 @@ def hunyuan_report(args) -> dict:
     sizes = {frames: (height, width, frames) for frames in HUNYUAN_FRAMES}
     count = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     weights = {k: param_bytes(m) for k, m in models.items()}
-    print(f"\n== {name}, {height}x{width} (a 16:9 image's bucket), frames {list(sizes)} ==\nparameters (meta device, real "
-          "configs): " + ", ".join(f"{k} {count[k] / 1e9:.3f}B ({weights[k] / GiB:.2f} GiB)" for k in models))  # fmt: skip
+    print(
+        f"\n== {name}, {height}x{width} (a 16:9 image's bucket), frames {list(sizes)} ==\nparameters (meta device, real "
+        "configs): " + ", ".join(f"{k} {count[k] / 1e9:.3f}B ({weights[k] / GiB:.2f} GiB)" for k in models)
+    )
     enc = hunyuan_encoder_peaks(models)
-    encoders = {k: (weights[m], enc[k]) for k, m in (("qwen", "text_encoder"), ("byt5", "text_encoder_2"), ("siglip", "image_encoder"))}
+    encoders = {
+        k: (weights[m], enc[k])
+        for k, m in (("qwen", "text_encoder"), ("byt5", "text_encoder_2"), ("siglip", "image_encoder"))
+    }
     print("encoder peaks on meta: " + ", ".join(f"{k} {v / GiB:.3f} GiB" for k, v in enc.items()))
     layers = transformer.config.num_layers
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
@@ -1039,20 +1319,31 @@ def hunyuan_report(args) -> dict:
         step_plain = hunyuan_step_peak(transformer, 0, args.tokens, size)
         step_flexi = hunyuan_step_peak(transformer, args.objects, args.tokens, size)
         vae_p = hunyuan_vae_peaks(vae, size)
-        train = {(kind, ckpt): hunyuan_training_peak(transformer, kind == "flexi", args.tokens, ckpt, size)
-                 for kind in ("plain", "flexi") for ckpt in (True, False)}  # fmt: skip
+        train = {
+            (kind, ckpt): hunyuan_training_peak(transformer, kind == "flexi", args.tokens, ckpt, size)
+            for kind in ("plain", "flexi")
+            for ckpt in (True, False)
+        }
         mask = diffusers_mask_bytes(tokens)
-        peaks[frames] = {"step_plain": step_plain, "step_flexi": step_flexi, **vae_p, "mask": mask,
-                         **{f"train_{k}_{'ckpt' if c else 'nockpt'}": v for (k, c), v in train.items()}}  # fmt: skip
-        print(f"{frames} frames: {geo['grid'][0]} x {geo['grid'][1]} x {geo['grid'][2]} = {geo['video_tokens']:,} video + "
-              f"{sum(HUNYUAN_TEXT.values())} text tokens; diffusers' padding mask per block call: "
-              f"{mask['bool_repeat'] / GiB:.2f} + {mask['bool_and'] / GiB:.2f} GiB bool, {mask['bf16_bias'] / GiB:.2f} GiB as SDPA's "
-              f"bf16 bias; transformer call (one guider branch): diffusers {step_plain / GiB:.2f} GiB, FlexiMMT K = "
-              f"{args.objects} {step_flexi / GiB:.2f} GiB ({step_flexi / step_plain:.3f}x); VAE decode {vae_p['decode_untiled'] / GiB:.2f}"
-              f" GiB, tiled {vae_p['decode_tiled'] / GiB:.2f} GiB; encode of the clip {vae_p['encode_untiled'] / GiB:.2f} GiB, "
-              f"tiled {vae_p['encode_tiled'] / GiB:.2f} GiB, of the image {vae_p['encode_frame_untiled'] / GiB:.2f} GiB; training "
-              "forward + backward: " + ", ".join(f"{k} {'ckpt' if c else 'no ckpt'} {v / GiB:.2f} GiB" for (k, c), v in train.items()),
-              flush=True)  # fmt: skip
+        peaks[frames] = {
+            "step_plain": step_plain,
+            "step_flexi": step_flexi,
+            **vae_p,
+            "mask": mask,
+            **{f"train_{k}_{'ckpt' if c else 'nockpt'}": v for (k, c), v in train.items()},
+        }
+        print(
+            f"{frames} frames: {geo['grid'][0]} x {geo['grid'][1]} x {geo['grid'][2]} = {geo['video_tokens']:,} video + "
+            f"{sum(HUNYUAN_TEXT.values())} text tokens; diffusers' padding mask per block call: "
+            f"{mask['bool_repeat'] / GiB:.2f} + {mask['bool_and'] / GiB:.2f} GiB bool, {mask['bf16_bias'] / GiB:.2f} GiB as SDPA's "
+            f"bf16 bias; transformer call (one guider branch): diffusers {step_plain / GiB:.2f} GiB, FlexiMMT K = "
+            f"{args.objects} {step_flexi / GiB:.2f} GiB ({step_flexi / step_plain:.3f}x); VAE decode {vae_p['decode_untiled'] / GiB:.2f}"
+            f" GiB, tiled {vae_p['decode_tiled'] / GiB:.2f} GiB; encode of the clip {vae_p['encode_untiled'] / GiB:.2f} GiB, "
+            f"tiled {vae_p['encode_tiled'] / GiB:.2f} GiB, of the image {vae_p['encode_frame_untiled'] / GiB:.2f} GiB; training "
+            "forward + backward: "
+            + ", ".join(f"{k} {'ckpt' if c else 'no ckpt'} {v / GiB:.2f} GiB" for (k, c), v in train.items()),
+            flush=True,
+        )
 
         def row(label, total, frames=frames):
             columns.setdefault(label, {})[frames] = total
@@ -1060,39 +1351,71 @@ def hunyuan_report(args) -> dict:
         biggest_encoder = max(w + e for w, e in encoders.values())
         for label, step in (("diffusers", step_plain), (f"FlexiMMT K={args.objects}", step_flexi)):
             image = vae_p["encode_frame_untiled"]
-            row(f"inference, {label}, no offload", all_w + max(step, vae_p["decode_untiled"], image, *(e for _, e in encoders.values())))
+            row(
+                f"inference, {label}, no offload",
+                all_w + max(step, vae_p["decode_untiled"], image, *(e for _, e in encoders.values())),
+            )
             for tiled in (False, True):
                 t = "tiled" if tiled else "untiled"
                 vae_peak = max(vae_p[f"decode_{t}"], vae_p[f"encode_frame_{t}"])
-                row(f"inference, {label}, enable_model_cpu_offload()" + (" + vae.enable_tiling()" if tiled else ""),
-                    max(weights["transformer"] + step, weights["vae"] + vae_peak, biggest_encoder))
-        cache, cache_tiled = (max(vae_p[f"encode_{t}"], vae_p[f"encode_frame_{t}"], *(e for _, e in encoders.values()))
-                              for t in ("untiled", "tiled"))  # fmt: skip
+                row(
+                    f"inference, {label}, enable_model_cpu_offload()" + (" + vae.enable_tiling()" if tiled else ""),
+                    max(weights["transformer"] + step, weights["vae"] + vae_peak, biggest_encoder),
+                )
+        cache, cache_tiled = (
+            max(vae_p[f"encode_{t}"], vae_p[f"encode_frame_{t}"], *(e for _, e in encoders.values()))
+            for t in ("untiled", "tiled")
+        )
         step_w = weights["transformer"] + optim
         row("training, caching phase (all weights on the GPU)", all_w + cache)
         row("training, caching phase, vae_tiling=True", all_w + cache_tiled)
-        row("training step, gradient_checkpointing=True, encoders/VAE offloaded after caching (the defaults)",
-            step_w + train[("flexi", True)])
-        row("training step, checkpointing, everything left on the GPU (offload_after_caching=False)",
-            all_w + optim + train[("flexi", True)])
-        row("training, checkpointing + pipe.enable_model_cpu_offload() (caching and steps), vae_tiling=True",
-            max(biggest_encoder, weights["vae"] + max(vae_p["encode_tiled"], vae_p["encode_frame_tiled"]),
-                step_w + train[("flexi", True)]))  # fmt: skip
+        row(
+            "training step, gradient_checkpointing=True, encoders/VAE offloaded after caching (the defaults)",
+            step_w + train[("flexi", True)],
+        )
+        row(
+            "training step, checkpointing, everything left on the GPU (offload_after_caching=False)",
+            all_w + optim + train[("flexi", True)],
+        )
+        row(
+            "training, checkpointing + pipe.enable_model_cpu_offload() (caching and steps), vae_tiling=True",
+            max(
+                biggest_encoder,
+                weights["vae"] + max(vae_p["encode_tiled"], vae_p["encode_frame_tiled"]),
+                step_w + train[("flexi", True)],
+            ),
+        )
         row("training step, gradient_checkpointing=False, encoders/VAE offloaded", step_w + train[("flexi", False)])
-        row("plain forward + backward of the same transformer, checkpointing (reference)",
-            weights["transformer"] + train[("plain", True)])
+        row(
+            "plain forward + backward of the same transformer, checkpointing (reference)",
+            weights["transformer"] + train[("plain", True)],
+        )
         row("plain forward + backward, no checkpointing (reference)", weights["transformer"] + train[("plain", False)])
-    print(f"motion tokens: {num_tokens:,} numbers; fp32 tokens + grads + AdamW moments + stacked copy {optim / MiB:.0f} MiB; "
-          f"encoders {encoder_w / GiB:.2f} GiB")  # fmt: skip
-    print(f"\n| {name} {height}x{width}, bf16, computed | " + " | ".join(f"{f} frames" for f in sizes) + " |\n|---|"
-          + "---|" * len(sizes))  # fmt: skip
+    print(
+        f"motion tokens: {num_tokens:,} numbers; fp32 tokens + grads + AdamW moments + stacked copy {optim / MiB:.0f} MiB; "
+        f"encoders {encoder_w / GiB:.2f} GiB"
+    )
+    print(
+        f"\n| {name} {height}x{width}, bf16, computed | "
+        + " | ".join(f"{f} frames" for f in sizes)
+        + " |\n|---|"
+        + "---|" * len(sizes)
+    )
     for label, values in columns.items():
         print(f"| {label} | " + " | ".join(f"{values[f] / GiB:.1f} GiB" for f in sizes) + " |")
-    return {"model": model, "size": [height, width], "frames": list(sizes), "params": count,
-            "weights_gib": {k: v / GiB for k, v in weights.items()}, "encoder_peaks_gib": {k: v / GiB for k, v in enc.items()},
-            "rows": {label: {f: v / GiB for f, v in values.items()} for label, values in columns.items()},
-            "peaks_gib": {f: {k: ({m: b / GiB for m, b in v.items()} if isinstance(v, dict) else v / GiB) for k, v in p.items()}
-                          for f, p in peaks.items()}}  # fmt: skip
+    return {
+        "model": model,
+        "size": [height, width],
+        "frames": list(sizes),
+        "params": count,
+        "weights_gib": {k: v / GiB for k, v in weights.items()},
+        "encoder_peaks_gib": {k: v / GiB for k, v in enc.items()},
+        "rows": {label: {f: v / GiB for f, v in values.items()} for label, values in columns.items()},
+        "peaks_gib": {
+            f: {k: ({m: b / GiB for m, b in v.items()} if isinstance(v, dict) else v / GiB) for k, v in p.items()}
+            for f, p in peaks.items()
+        },
+    }
 
 
 # -- Wan 2.1 I2V 14B on 24 GB and 16 GB cards: quantized weights, group offloading -----------------------
@@ -1114,7 +1437,9 @@ def scheme_bytes(module, scheme: str) -> int:
     for layer in module.modules():
         if isinstance(layer, torch.nn.Linear):
             weight = layer.weight
-            total += int(weight.numel() * per_number + weight.shape[0] * per_row) - weight.numel() * weight.element_size()
+            total += (
+                int(weight.numel() * per_number + weight.shape[0] * per_row) - weight.numel() * weight.element_size()
+            )
     return total
 
 
@@ -1135,8 +1460,12 @@ def group_resident(module, scheme: str, offload: str | None, stream: bool = True
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 
     if offload == "block_level":
-        groups = [block for child in module.children() if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))
-                  for block in child]  # fmt: skip
+        groups = [
+            block
+            for child in module.children()
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))
+            for block in child
+        ]
     else:
         groups = [m for m in module.modules() if isinstance(m, _GO_LC_SUPPORTED_PYTORCH_LAYERS)]
     sizes = [scheme_bytes(g, scheme) for g in groups]
@@ -1157,19 +1486,31 @@ def wan_small_cards(args) -> dict:
     step = wan_step_peak(model, transformer, args.objects, args.tokens)
     vae_p = wan_vae_peaks(model, vae)
     enc = wan_encoder_peaks(models)
-    train = {f: wan_training_peak(model, transformer, True, args.tokens, True, size=(height, width, f)) for f in TRAIN_FRAMES}
+    train = {
+        f: wan_training_peak(model, transformer, True, args.tokens, True, size=(height, width, f)) for f in TRAIN_FRAMES
+    }
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    optim = transformer.config.num_layers * args.tokens * dim * 4 * 5  # fp32 tokens, grads, 2 AdamW moments, stacked copy
-    print(f"meta peaks (bf16): transformer call (one CFG branch, K = {args.objects}) {step / GiB:.2f} GiB; tiled VAE decode "
-          f"{vae_p['decode_tiled'] / GiB:.2f}, encode of {frames} frames {vae_p['encode_tiled'] / GiB:.2f} GiB; umT5 "
-          f"{enc['t5'] / GiB:.3f}, CLIP {enc['clip'] / GiB:.3f} GiB; training forward + backward with checkpointing: "
-          + ", ".join(f"{f} frames {v / GiB:.2f} GiB" for f, v in train.items()))  # fmt: skip
+    optim = (
+        transformer.config.num_layers * args.tokens * dim * 4 * 5
+    )  # fp32 tokens, grads, 2 AdamW moments, stacked copy
+    print(
+        f"meta peaks (bf16): transformer call (one CFG branch, K = {args.objects}) {step / GiB:.2f} GiB; tiled VAE decode "
+        f"{vae_p['decode_tiled'] / GiB:.2f}, encode of {frames} frames {vae_p['encode_tiled'] / GiB:.2f} GiB; umT5 "
+        f"{enc['t5'] / GiB:.3f}, CLIP {enc['clip'] / GiB:.3f} GiB; training forward + backward with checkpointing: "
+        + ", ".join(f"{f} frames {v / GiB:.2f} GiB" for f, v in train.items())
+    )
     for scheme in WEIGHT_SCHEMES:
-        print(f"transformer weights {scheme}: {scheme_bytes(transformer, scheme) / GiB:.2f} GiB; on the GPU under "
-              f"group offloading (use_stream=True): block_level {group_resident(transformer, scheme, 'block_level') / GiB:.2f} "
-              f"GiB, leaf_level {group_resident(transformer, scheme, 'leaf_level') / GiB:.2f} GiB")  # fmt: skip
+        print(
+            f"transformer weights {scheme}: {scheme_bytes(transformer, scheme) / GiB:.2f} GiB; on the GPU under "
+            f"group offloading (use_stream=True): block_level {group_resident(transformer, scheme, 'block_level') / GiB:.2f} "
+            f"GiB, leaf_level {group_resident(transformer, scheme, 'leaf_level') / GiB:.2f} GiB"
+        )
     others = {name: models[name] for name in ("text_encoder", "image_encoder", "vae")}
-    peaks = {"text_encoder": enc["t5"], "image_encoder": enc["clip"], "vae": max(vae_p["decode_tiled"], vae_p["encode_tiled"])}
+    peaks = {
+        "text_encoder": enc["t5"],
+        "image_encoder": enc["clip"],
+        "vae": max(vae_p["decode_tiled"], vae_p["encode_tiled"]),
+    }
 
     def peak(scheme: str, offload: str | None, work: int) -> int:
         """One component on the GPU at a time (model offload or group offloading), the largest phase."""
@@ -1178,26 +1519,42 @@ def wan_small_cards(args) -> dict:
         phases += [group_resident(m, "bf16", offload) + peaks[name] for name, m in others.items()]
         return max(phases)
 
-    configs = [("bf16", None), ("int8", None), ("4-bit", None), ("bf16", "block_level"), ("bf16", "leaf_level"),
-               ("int8", "block_level"), ("4-bit", "block_level")]  # fmt: skip
+    configs = [
+        ("bf16", None),
+        ("int8", None),
+        ("4-bit", None),
+        ("bf16", "block_level"),
+        ("bf16", "leaf_level"),
+        ("int8", "block_level"),
+        ("4-bit", "block_level"),
+    ]
 
     def label(scheme, offload):
-        how = "enable_model_cpu_offload()" if offload is None else \
-            f"pipe.enable_group_offload('cuda', offload_type='{offload}', use_stream=True)"  # fmt: skip
+        how = (
+            "enable_model_cpu_offload()"
+            if offload is None
+            else f"pipe.enable_group_offload('cuda', offload_type='{offload}', use_stream=True)"
+        )
         return f"transformer {scheme}, {how}, vae tiling"
 
     def fits(total):
         return " | ".join("yes" if total / GiB <= gib - CARD_RESERVE_GIB else "no" for gib in CARDS_GIB.values())
 
     rows = []
-    print(f"\n| generation, {height}x{width}x{frames}, K = {args.objects}, computed | peak GPU memory | fits 24 GB | fits 16 GB |"
-          "\n|---|---|---|---|")  # fmt: skip
+    print(
+        f"\n| generation, {height}x{width}x{frames}, K = {args.objects}, computed | peak GPU memory | fits 24 GB | fits 16 GB |"
+        "\n|---|---|---|---|"
+    )
     for scheme, offload in configs:
         total = peak(scheme, offload, step)
         rows.append(("generation", scheme, offload, frames, total / GiB))
         print(f"| {label(scheme, offload)} | {total / GiB:.1f} GiB | {fits(total)} |")
-    print(f"\n| training, {height}x{width}, gradient checkpointing, 1 object, computed | "
-          + " | ".join(f"{f} frames" for f in TRAIN_FRAMES) + " |\n|---|" + "---|" * len(TRAIN_FRAMES))  # fmt: skip
+    print(
+        f"\n| training, {height}x{width}, gradient checkpointing, 1 object, computed | "
+        + " | ".join(f"{f} frames" for f in TRAIN_FRAMES)
+        + " |\n|---|"
+        + "---|" * len(TRAIN_FRAMES)
+    )
     for scheme, offload in configs:
         totals = [peak(scheme, offload, optim + train[f]) for f in TRAIN_FRAMES]
         rows += [("training", scheme, offload, f, t / GiB) for f, t in zip(TRAIN_FRAMES, totals)]
@@ -1214,13 +1571,23 @@ def main() -> None:
     parser.add_argument("--training-json", type=Path, help="output of `benchmarks/block.py training --out FILE`")
     parser.add_argument("--objects", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=226)
-    parser.add_argument("--validate", action="store_true", help="check the meta counter against the CPU allocator first")
-    parser.add_argument("--model", nargs="+", choices=["5b", *WAN_CONFIGS, *HUNYUAN_CONFIGS], default=["5b"],
-                        help="CogVideoX-5B-I2V (5b, the default), Wan 2.1 I2V 14B 480P (wan2.1), Wan 2.2 TI2V-5B (wan2.2-5b), "
-                             "HunyuanVideo 1.5 I2V 480p (hunyuan1.5)")
+    parser.add_argument(
+        "--validate", action="store_true", help="check the meta counter against the CPU allocator first"
+    )
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        choices=["5b", *WAN_CONFIGS, *HUNYUAN_CONFIGS],
+        default=["5b"],
+        help="CogVideoX-5B-I2V (5b, the default), Wan 2.1 I2V 14B 480P (wan2.1), Wan 2.2 TI2V-5B (wan2.2-5b), "
+        "HunyuanVideo 1.5 I2V 480p (hunyuan1.5)",
+    )
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
-    parser.add_argument("--small-cards", action="store_true",
-                        help="only Wan 2.1 I2V 14B on 24 GB and 16 GB cards: quantized weights, group offloading")
+    parser.add_argument(
+        "--small-cards",
+        action="store_true",
+        help="only Wan 2.1 I2V 14B on 24 GB and 16 GB cards: quantized weights, group offloading",
+    )
     args = parser.parse_args()
     if args.small_cards:
         report = wan_small_cards(args)
@@ -1242,16 +1609,20 @@ def main() -> None:
     transformer, vae, text_encoder = meta_models()
     n_tr, n_vae, n_t5 = (sum(p.numel() for p in m.parameters()) for m in (transformer, vae, text_encoder))
     w_tr, w_vae, w_t5 = param_bytes(transformer), param_bytes(vae), param_bytes(text_encoder)
-    print(f"parameters (meta device, real configs): transformer {n_tr / 1e9:.3f}B ({w_tr / GiB:.2f} GiB bf16), "
-          f"VAE {n_vae / 1e6:.1f}M ({w_vae / GiB:.2f} GiB), T5-XXL encoder {n_t5 / 1e9:.3f}B ({w_t5 / GiB:.2f} GiB)")  # fmt: skip
+    print(
+        f"parameters (meta device, real configs): transformer {n_tr / 1e9:.3f}B ({w_tr / GiB:.2f} GiB bf16), "
+        f"VAE {n_vae / 1e6:.1f}M ({w_vae / GiB:.2f} GiB), T5-XXL encoder {n_t5 / 1e9:.3f}B ({w_t5 / GiB:.2f} GiB)"
+    )
     step_plain = transformer_step_peak(transformer, 0, args.tokens)
     step_flexi = transformer_step_peak(transformer, args.objects, args.tokens)
     vae_p = vae_peaks(vae)
     t5 = t5_peak(text_encoder)
-    print(f"live tensor peaks on meta (bf16): transformer step with CFG: diffusers {step_plain / GiB:.2f} GiB, FlexiMMT K = "
-          f"{args.objects} {step_flexi / GiB:.2f} GiB ({step_flexi / step_plain:.3f}x); VAE decode {vae_p['decode_untiled'] / GiB:.2f} "
-          f"GiB, tiled {vae_p['decode_tiled'] / GiB:.2f} GiB; VAE encode (49 frames) {vae_p['encode_untiled'] / GiB:.2f} GiB, "
-          f"tiled {vae_p['encode_tiled'] / GiB:.2f} GiB; T5 encode {t5 / GiB:.3f} GiB")  # fmt: skip
+    print(
+        f"live tensor peaks on meta (bf16): transformer step with CFG: diffusers {step_plain / GiB:.2f} GiB, FlexiMMT K = "
+        f"{args.objects} {step_flexi / GiB:.2f} GiB ({step_flexi / step_plain:.3f}x); VAE decode {vae_p['decode_untiled'] / GiB:.2f} "
+        f"GiB, tiled {vae_p['decode_tiled'] / GiB:.2f} GiB; VAE encode (49 frames) {vae_p['encode_untiled'] / GiB:.2f} GiB, "
+        f"tiled {vae_p['encode_tiled'] / GiB:.2f} GiB; T5 encode {t5 / GiB:.3f} GiB"
+    )
 
     rows = []
 
@@ -1260,13 +1631,21 @@ def main() -> None:
 
     weights = w_tr + w_vae + w_t5
     for label, step in (("diffusers", step_plain), (f"FlexiMMT K={args.objects}", step_flexi)):
-        row(f"inference, {label}, no offload", weights + max(step, vae_p["decode_untiled"], t5),
-            "all weights + the largest of: transformer step, VAE decode, T5 encode (meta)")
-        row(f"inference, {label}, enable_model_cpu_offload()",
+        row(
+            f"inference, {label}, no offload",
+            weights + max(step, vae_p["decode_untiled"], t5),
+            "all weights + the largest of: transformer step, VAE decode, T5 encode (meta)",
+        )
+        row(
+            f"inference, {label}, enable_model_cpu_offload()",
             max(w_tr + step, w_vae + vae_p["decode_untiled"], w_t5 + t5),
-            "one component on the GPU at a time: the largest of its weights + its peak (meta)")
-        row(f"inference, {label}, model offload + vae.enable_tiling()",
-            max(w_tr + step, w_vae + vae_p["decode_tiled"], w_t5 + t5), "as above, tiled VAE decode (meta)")
+            "one component on the GPU at a time: the largest of its weights + its peak (meta)",
+        )
+        row(
+            f"inference, {label}, model offload + vae.enable_tiling()",
+            max(w_tr + step, w_vae + vae_p["decode_tiled"], w_t5 + t5),
+            "as above, tiled VAE decode (meta)",
+        )
 
     blk = block_figures(args.training_json)
     layers = transformer.config.num_layers
@@ -1281,36 +1660,70 @@ def main() -> None:
     ckpt = base + layers * blk["inputs"] * MiB + blk["peak_flexi_ckpt"] * MiB
     nockpt_plain = base + (layers - 1) * blk["saved_plain"] * MiB + blk["peak_plain"] * MiB
     ckpt_plain = base + layers * blk["inputs"] * MiB + blk["peak_plain_ckpt"] * MiB
-    how_train = ("transformer weights + tokens/grads/AdamW (fp32) + 41 x a block's saved bytes + one block's fwd+bwd "
-                 "peak (CPU-measured per block, bf16) ")  # fmt: skip
-    row("training, caching phase (T5 + VAE encode, all weights on the GPU)", caching, "weights + VAE encode or T5 peak (meta)")
+    how_train = (
+        "transformer weights + tokens/grads/AdamW (fp32) + 41 x a block's saved bytes + one block's fwd+bwd "
+        "peak (CPU-measured per block, bf16) "
+    )
+    row(
+        "training, caching phase (T5 + VAE encode, all weights on the GPU)",
+        caching,
+        "weights + VAE encode or T5 peak (meta)",
+    )
     row("training, caching phase, VAE tiling", caching_tiled, "weights + tiled VAE encode (meta)")
     row("training step, gradient_checkpointing=False, T5/VAE offloaded after caching", nockpt, how_train)
-    row("training step, gradient_checkpointing=True, T5/VAE offloaded", ckpt,
-        "transformer weights + tokens/grads/AdamW + 42 x block inputs + one block's recompute fwd+bwd peak (CPU-measured)")
-    row("training step, gradient_checkpointing=True, T5/VAE left on the GPU (offload_after_caching=False)",
-        ckpt + w_t5 + w_vae, "the row above + T5 and VAE weights")
-    row("training, gradient_checkpointing=True + pipe.enable_model_cpu_offload() (caching and steps)",
+    row(
+        "training step, gradient_checkpointing=True, T5/VAE offloaded",
+        ckpt,
+        "transformer weights + tokens/grads/AdamW + 42 x block inputs + one block's recompute fwd+bwd peak (CPU-measured)",
+    )
+    row(
+        "training step, gradient_checkpointing=True, T5/VAE left on the GPU (offload_after_caching=False)",
+        ckpt + w_t5 + w_vae,
+        "the row above + T5 and VAE weights",
+    )
+    row(
+        "training, gradient_checkpointing=True + pipe.enable_model_cpu_offload() (caching and steps)",
         max(w_t5 + t5, w_vae + vae_p["encode_untiled"], ckpt),
-        "one component on the GPU at a time: T5 encode, VAE encode (meta), or the checkpointed step")
-    row("training, as above + vae_tiling=True", max(w_t5 + t5, w_vae + vae_p["encode_tiled"], ckpt),
-        "as above, tiled VAE encode (meta)")
-    row("plain forward+backward of the same model, no checkpointing (reference)", nockpt_plain, how_train + "diffusers' attention")
+        "one component on the GPU at a time: T5 encode, VAE encode (meta), or the checkpointed step",
+    )
+    row(
+        "training, as above + vae_tiling=True",
+        max(w_t5 + t5, w_vae + vae_p["encode_tiled"], ckpt),
+        "as above, tiled VAE encode (meta)",
+    )
+    row(
+        "plain forward+backward of the same model, no checkpointing (reference)",
+        nockpt_plain,
+        how_train + "diffusers' attention",
+    )
     row("plain forward+backward, checkpointing (reference)", ckpt_plain, "as above, diffusers' attention")
-    print(f"\nper block (bf16, from {args.training_json or 'the recorded measurement'}): saved for backward plain "
-          f"{blk['saved_plain']:.0f} MiB, FlexiMMT {blk['saved_flexi']:.0f} MiB; checkpointed inputs {blk['inputs']:.0f} MiB; "
-          f"fwd+bwd peak plain {blk['peak_plain']:.0f} / FlexiMMT {blk['peak_flexi']:.0f} MiB, with checkpointing "
-          f"{blk['peak_plain_ckpt']:.0f} / {blk['peak_flexi_ckpt']:.0f} MiB")  # fmt: skip
-    print(f"motion tokens: {num_tokens:,} numbers; fp32 tokens + grads + AdamW moments {optim / MiB:.0f} MiB (an 8-bit "
-          f"optimiser would save {num_tokens * 6 / MiB:.0f} MiB)")  # fmt: skip
+    print(
+        f"\nper block (bf16, from {args.training_json or 'the recorded measurement'}): saved for backward plain "
+        f"{blk['saved_plain']:.0f} MiB, FlexiMMT {blk['saved_flexi']:.0f} MiB; checkpointed inputs {blk['inputs']:.0f} MiB; "
+        f"fwd+bwd peak plain {blk['peak_plain']:.0f} / FlexiMMT {blk['peak_flexi']:.0f} MiB, with checkpointing "
+        f"{blk['peak_plain_ckpt']:.0f} / {blk['peak_flexi_ckpt']:.0f} MiB"
+    )
+    print(
+        f"motion tokens: {num_tokens:,} numbers; fp32 tokens + grads + AdamW moments {optim / MiB:.0f} MiB (an 8-bit "
+        f"optimiser would save {num_tokens * 6 / MiB:.0f} MiB)"
+    )
     print("\n| configuration, CogVideoX-5B-I2V 480x720x49, bf16 | peak GPU memory | how |\n|---|---|---|")
     for name, total, how in rows:
         print(f"| {name} | {total / GiB:.1f} GiB | {how} |")
     if args.out:
-        args.out.write_text(json.dumps({"rows": [(n, t / GiB, h) for n, t, h in rows], "block": blk,
-                                        "params": {"transformer": n_tr, "vae": n_vae, "t5": n_t5}, "wan": wan,
-                                        "hunyuan": hunyuan},
-                                       indent=1, default=str))  # fmt: skip
+        args.out.write_text(
+            json.dumps(
+                {
+                    "rows": [(n, t / GiB, h) for n, t, h in rows],
+                    "block": blk,
+                    "params": {"transformer": n_tr, "vae": n_vae, "t5": n_t5},
+                    "wan": wan,
+                    "hunyuan": hunyuan,
+                },
+                indent=1,
+                default=str,
+            )
+        )
 
 
 if __name__ == "__main__":

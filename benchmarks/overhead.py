@@ -101,9 +101,17 @@ def interleave(runs: dict, repeats: int, memory_rounds: int = 2) -> dict[str, di
 def medium_pipeline() -> FlexiMMTPipeline:
     # 4 blocks of 8 heads x 64; 96x96x49 -> 13 x 12 x 12 = 1,872 video tokens; 226 text tokens
     comps = tiny_components(
-        seed=0, height=96, width=96, num_frames=49, num_layers=4, heads=8, head_dim=64, text_len=226,
-        vae_channels=(16, 32, 32), latent_channels=8,
-    )  # fmt: skip
+        seed=0,
+        height=96,
+        width=96,
+        num_frames=49,
+        num_layers=4,
+        heads=8,
+        head_dim=64,
+        text_len=226,
+        vae_channels=(16, 32, 32),
+        latent_channels=8,
+    )
     pipe = FlexiMMTPipeline(**comps)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -127,11 +135,19 @@ def measure(args) -> None:
     pipe = medium_pipeline()
     image = Image.fromarray((np.random.RandomState(0).rand(96, 96, 3) * 255).astype(np.uint8))
     prompt, objs = objects_for(pipe, args.objects, args.tokens)
-    common = dict(image=image, prompt=prompt, num_inference_steps=args.steps, guidance_scale=6.0,
-                  output_type="latent", max_sequence_length=226)  # fmt: skip
+    common = dict(
+        image=image,
+        prompt=prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=6.0,
+        output_type="latent",
+        max_sequence_length=226,
+    )
     grid = pipe.token_grid(96, 96, 49)
-    print(f"medium CPU model: 4 blocks, 8 heads x 64, {grid.size} video tokens, 226 text tokens, "
-          f"K = {args.objects} x {args.tokens} motion tokens, {args.steps} steps with CFG, threads={torch.get_num_threads()}")
+    print(
+        f"medium CPU model: 4 blocks, 8 heads x 64, {grid.size} video tokens, 226 text tokens, "
+        f"K = {args.objects} x {args.tokens} motion tokens, {args.steps} steps with CFG, threads={torch.get_num_threads()}"
+    )
 
     def vanilla():
         pipe.transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
@@ -146,11 +162,17 @@ def measure(args) -> None:
     p_v, p_f = m["vanilla"]["extra"], m["fleximmt"]["extra"]
     q_v, q_f = m["vanilla"]["peak"], m["fleximmt"]["peak"]
     c_v, c_f = m["vanilla"]["cpu"], m["fleximmt"]["cpu"]
-    print(f"time      vanilla {t_v:7.2f} s   fleximmt {t_f:7.2f} s   ratio {t_f / t_v:.3f}x  (median of {args.repeats})")
+    print(
+        f"time      vanilla {t_v:7.2f} s   fleximmt {t_f:7.2f} s   ratio {t_f / t_v:.3f}x  (median of {args.repeats})"
+    )
     print(f"CPU time  vanilla {c_v:7.2f} s   fleximmt {c_f:7.2f} s   ratio {c_f / c_v:.3f}x")
-    print(f"peak RSS  vanilla {q_v / 2**20:7.1f} MiB fleximmt {q_f / 2**20:7.1f} MiB ratio {q_f / q_v:.3f}x  (median of {args.memory_rounds})")
-    print(f"working memory above the pre-run level: vanilla {p_v / 2**20:.1f} MiB, fleximmt {p_f / 2**20:.1f} MiB, "
-          f"ratio {p_f / p_v:.3f}x")
+    print(
+        f"peak RSS  vanilla {q_v / 2**20:7.1f} MiB fleximmt {q_f / 2**20:7.1f} MiB ratio {q_f / q_v:.3f}x  (median of {args.memory_rounds})"
+    )
+    print(
+        f"working memory above the pre-run level: vanilla {p_v / 2**20:.1f} MiB, fleximmt {p_f / 2**20:.1f} MiB, "
+        f"ratio {p_f / p_v:.3f}x"
+    )
 
 
 def real_model_sizes(objects: int = 3, d_m: int = 226) -> None:
@@ -159,11 +181,22 @@ def real_model_sizes(objects: int = 3, d_m: int = 226) -> None:
 
     with init_empty_weights():  # the CogVideoX-5B-I2V transformer config, no weights allocated
         model = CogVideoXTransformer3DModel(
-            num_attention_heads=48, attention_head_dim=64, in_channels=32, out_channels=16, time_embed_dim=512,
-            text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
-            temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True,
+            num_attention_heads=48,
+            attention_head_dim=64,
+            in_channels=32,
+            out_channels=16,
+            time_embed_dim=512,
+            text_embed_dim=4096,
+            num_layers=42,
+            sample_width=90,
+            sample_height=60,
+            sample_frames=49,
+            patch_size=2,
+            temporal_compression_ratio=4,
+            max_text_seq_length=226,
+            use_rotary_positional_embeddings=True,
             use_learned_positional_embeddings=True,
-        )  # fmt: skip
+        )
     cfg = model.config
     frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
     h, w = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
@@ -179,15 +212,22 @@ def real_model_sizes(objects: int = 3, d_m: int = 226) -> None:
     spans = [list(range(3 + 5 * k, 6 + 5 * k)) for k in range(objects)]
     layout = JointLayout(span_membership(text, spans), d_m, masks.reshape(objects, -1), frozenset(PARTS), "open")
     bias = layout.masked_bias(torch.empty(0, dtype=torch.bfloat16))  # the masked call's float mask, bf16 as on a GPU
-    auto_bytes = layout.masked_rows.numel() * layout.masked_rows.element_size() + layout.masked_queries.numel() * 8 + sum(
-        g.queries.numel() * 8 + g.keys.numel() * 8 for g in layout.groups
-    ) + bias.numel() * bias.element_size()
-    print(f"\nCogVideoX-5B-I2V at 480x720x49 (meta device), K = {objects}, d_m = {d_m}: "
-          f"{cfg.num_layers} blocks, {heads} heads, {n_video} video tokens, N = {n}")
+    auto_bytes = (
+        layout.masked_rows.numel() * layout.masked_rows.element_size()
+        + layout.masked_queries.numel() * 8
+        + sum(g.queries.numel() * 8 + g.keys.numel() * 8 for g in layout.groups)
+        + bias.numel() * bias.element_size()
+    )
+    print(
+        f"\nCogVideoX-5B-I2V at 480x720x49 (meta device), K = {objects}, d_m = {d_m}: "
+        f"{cfg.num_layers} blocks, {heads} heads, {n_video} video tokens, N = {n}"
+    )
     print(f"dense float mask per block call (bf16 [2, {heads}, N, N]): {dense_bytes / 2**30:.2f} GiB")
-    print(f"auto backend mask structures (mask rows [{layout.masked_rows.shape[0]}, N], bool and as a bf16 float mask, for the text queries and "
-          f"{layout.num_merged} queries of small groups + {len(layout.groups)} unmasked groups), once per step: "
-          f"{auto_bytes / 2**20:.2f} MiB  ({dense_bytes / auto_bytes:.0f}x less)")
+    print(
+        f"auto backend mask structures (mask rows [{layout.masked_rows.shape[0]}, N], bool and as a bf16 float mask, for the text queries and "
+        f"{layout.num_merged} queries of small groups + {len(layout.groups)} unmasked groups), once per step: "
+        f"{auto_bytes / 2**20:.2f} MiB  ({dense_bytes / auto_bytes:.0f}x less)"
+    )
 
 
 def attention_calls(args) -> None:
@@ -210,8 +250,17 @@ def attention_calls(args) -> None:
     JointLayout.__post_init__ = keep
     try:
         pipe.adapter.install_processors()
-        pipe(image=image, prompt=prompt, num_inference_steps=args.steps, guidance_scale=6.0, output_type="latent",
-             max_sequence_length=226, generator=torch.Generator().manual_seed(0), objects=objs, alpha=None)  # fmt: skip
+        pipe(
+            image=image,
+            prompt=prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=6.0,
+            output_type="latent",
+            max_sequence_length=226,
+            generator=torch.Generator().manual_seed(0),
+            objects=objs,
+            alpha=None,
+        )
     finally:
         JointLayout.__post_init__ = built
     text, n_motion = 226, args.objects * args.tokens
@@ -225,15 +274,18 @@ def attention_calls(args) -> None:
         fn()
         return time.perf_counter() - start
 
-    print(f"one attention call of the medium model, [2, 8, {q.shape[2]}, 64], K = {args.objects} x {args.tokens} "
-          f"motion tokens; medians of {args.repeats} calls, interleaved")  # fmt: skip
+    print(
+        f"one attention call of the medium model, [2, 8, {q.shape[2]}, 64], K = {args.objects} x {args.tokens} "
+        f"motion tokens; medians of {args.repeats} calls, interleaved"
+    )
     below = attention.MERGE_BELOW
     with torch.no_grad():
         for step, layout in enumerate(layouts[1:], 1):  # step 0's layout comes from the first-frame masks
             try:
                 attention.MERGE_BELOW = 0
-                unmerged = JointLayout(layout.member, layout.tokens_per_motion, layout.video_masks, layout.parts,
-                                       layout.context_text)  # fmt: skip
+                unmerged = JointLayout(
+                    layout.member, layout.tokens_per_motion, layout.video_masks, layout.parts, layout.context_text
+                )
             finally:
                 attention.MERGE_BELOW = below
             rows = layout.masked_rows
@@ -244,8 +296,12 @@ def attention_calls(args) -> None:
                 "diffusers SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
                 "grouped (auto)": lambda: layout.attend_video_first(q_f, k_f, v_f, text),
                 "grouped, small groups unmerged": lambda: unmerged.attend_video_first(q_f, k_f, v_f, text),
-                "masked call, bool rows": lambda: F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=rows),
-                "masked call, float mask": lambda: F.scaled_dot_product_attention(masked_q, keys, values, attn_mask=bias),
+                "masked call, bool rows": lambda: F.scaled_dot_product_attention(
+                    masked_q, keys, values, attn_mask=rows
+                ),
+                "masked call, float mask": lambda: F.scaled_dot_product_attention(
+                    masked_q, keys, values, attn_mask=bias
+                ),
                 "same queries, unmasked": lambda: F.scaled_dot_product_attention(masked_q, keys, values),
             }
             for fn in runs.values():
@@ -255,8 +311,10 @@ def attention_calls(args) -> None:
                 for name, fn in runs.items():
                     samples[name].append(timed(fn))
             ms = {name: statistics.median(t) * 1000 for name, t in samples.items()}
-            print(f"step {step}: groups {[g.count for g in layout.groups]}, masked call {rows.shape[0]} rows "
-                  f"(226 text + {layout.num_merged} video) x {rows.shape[1]} keys")  # fmt: skip
+            print(
+                f"step {step}: groups {[g.count for g in layout.groups]}, masked call {rows.shape[0]} rows "
+                f"(226 text + {layout.num_merged} video) x {rows.shape[1]} keys"
+            )
             for name, value in ms.items():
                 base = ms["same queries, unmasked"] if name.startswith("masked") else ms["diffusers SDPA"]
                 print(f"  {name:32s} {value:7.1f} ms  {value / base:.3f}x")
@@ -269,8 +327,12 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=16, help="motion tokens per object (d_m)")
     parser.add_argument("--skip-run", action="store_true", help="only print the real-model sizes")
-    parser.add_argument("--memory-rounds", type=int, default=2, help="separate rounds for peak memory (unsampled while timing)")
-    parser.add_argument("--attention", action="store_true", help="time one attention call per layout instead (see above)")
+    parser.add_argument(
+        "--memory-rounds", type=int, default=2, help="separate rounds for peak memory (unsampled while timing)"
+    )
+    parser.add_argument(
+        "--attention", action="store_true", help="time one attention call per layout instead (see above)"
+    )
     args = parser.parse_args()
     if args.attention:
         attention_calls(args)

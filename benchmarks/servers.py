@@ -27,7 +27,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import GradioSession  # noqa: E402  (the page's HTTP protocol, shared with the tests)
+from helpers import GradioSession
 
 
 def free_port() -> int:
@@ -40,8 +40,10 @@ def start(args: list[str], scratch: Path, port: int) -> subprocess.Popen:
     """``fleximmt ARGS`` in a process whose temp folders (TMPDIR, GRADIO_TEMP_DIR) are under ``scratch``."""
     (scratch / "tmp").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, TMPDIR=str(scratch / "tmp"), GRADIO_TEMP_DIR=str(scratch / "gradio"), HF_HUB_OFFLINE="1")
-    log = open(scratch / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "fleximmt", *args, "--port", str(port)], env=env, stdout=log, stderr=log)
+    log = open(scratch / "server.log", "w")  # noqa: SIM115 - the server writes to it while it runs
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fleximmt", *args, "--port", str(port)], env=env, stdout=log, stderr=log
+    )
     import httpx
 
     for _ in range(600):
@@ -82,14 +84,22 @@ def transfer(args, scratch: Path) -> None:
     port = free_port()
     server = start(["app", "--motions", str(motions), "--keep-files", str(args.keep_files)], scratch / "app", port)
     url = f"http://127.0.0.1:{port}/"
-    inputs = dict(image=handle_file(str(EXAMPLE_DIR / "scene_0.png")), prompt="A square moves right. A circle bounces.",
-                  object_1_mask_png=handle_file(str(EXAMPLE_DIR / "masks" / "scene_0_object_0.png")),
-                  object_1_motion="right", object_1_motion_words="moves right",
-                  object_2_mask_png=handle_file(str(EXAMPLE_DIR / "masks" / "scene_0_object_1.png")),
-                  object_2_motion="bounce", object_2_motion_words="bounces", steps=args.steps)  # fmt: skip
+    inputs = dict(
+        image=handle_file(str(EXAMPLE_DIR / "scene_0.png")),
+        prompt="A square moves right. A circle bounces.",
+        object_1_mask_png=handle_file(str(EXAMPLE_DIR / "masks" / "scene_0_object_0.png")),
+        object_1_motion="right",
+        object_1_motion_words="moves right",
+        object_2_mask_png=handle_file(str(EXAMPLE_DIR / "masks" / "scene_0_object_1.png")),
+        object_2_motion="bounce",
+        object_2_motion_words="bounces",
+        steps=args.steps,
+    )
     try:
-        print(f"## transfer app (toy model, {args.steps} steps), server RSS at start {rss_mb(server):.0f} MiB, "
-              f"disk {disk(scratch / 'app')}")  # fmt: skip
+        print(
+            f"## transfer app (toy model, {args.steps} steps), server RSS at start {rss_mb(server):.0f} MiB, "
+            f"disk {disk(scratch / 'app')}"
+        )
         Client(url, verbose=False).predict(**inputs, api_name="/generate")  # warm-up
         warm = rss_mb(server)
         clients = [Client(url, verbose=False, download_files=str(scratch / "downloads")) for _ in range(args.clients)]
@@ -114,10 +124,12 @@ def transfer(args, scratch: Path) -> None:
         print("| latency | " + " | ".join(f"{t:.1f}" for t in latencies) + " |")
         gaps = np.diff([0.0, *latencies])
         print(f"gaps between answers: median {np.median(gaps[1:]):.1f} s (one run each)")
-        print(f"after warm-up + {args.clients} requests: RSS {rss_mb(server):.0f} MiB (after warm-up {warm:.0f}), "
-              f"disk {disk(scratch / 'app')}")  # fmt: skip
+        print(
+            f"after warm-up + {args.clients} requests: RSS {rss_mb(server):.0f} MiB (after warm-up {warm:.0f}), "
+            f"disk {disk(scratch / 'app')}"
+        )
         done = 1 + args.clients
-        for batch in range(2):
+        for _batch in range(2):
             for _ in range(args.requests):
                 clients[0].predict(**inputs, seed=done, api_name="/generate")  # a seed per request: every video differs
                 done += 1
@@ -127,10 +139,14 @@ def transfer(args, scratch: Path) -> None:
         begin = time.perf_counter()
         job.cancel()
         clients[1].predict(**{**inputs, "steps": 1}, api_name="/generate")
-        print(f"a 200-step run cancelled, then a 1-step request: answered {time.perf_counter() - begin:.1f} s after the cancel")
+        print(
+            f"a 200-step run cancelled, then a 1-step request: answered {time.perf_counter() - begin:.1f} s after the cancel"
+        )
         wait = args.keep_files + min(args.keep_files, 600) + 2
         time.sleep(wait)
-        print(f"{wait} s later (--keep-files {args.keep_files}): RSS {rss_mb(server):.0f} MiB, disk {disk(scratch / 'app')}")
+        print(
+            f"{wait} s later (--keep-files {args.keep_files}): RSS {rss_mb(server):.0f} MiB, disk {disk(scratch / 'app')}"
+        )
         clients[0].predict(**inputs, seed=done, api_name="/generate")  # a run sweeps the folders Gradio emptied
         print(f"one more request: RSS {rss_mb(server):.0f} MiB, disk {disk(scratch / 'app')}")
     finally:
@@ -147,7 +163,10 @@ def rating(args, scratch: Path) -> None:
         folder = scratch / "cases" / f"case_{c:02d}"
         (folder / "candidates").mkdir(parents=True)
         (folder / "references").mkdir()
-        for video in [folder / "references" / "ref.mp4", *[folder / "candidates" / f"{m}.mp4" for m in ("a", "b", "c")]]:
+        for video in [
+            folder / "references" / "ref.mp4",
+            *[folder / "candidates" / f"{m}.mp4" for m in ("a", "b", "c")],
+        ]:
             iio.imwrite(video, (rng.rand(8, 64, 64, 3) * 255).astype(np.uint8), fps=8, codec="libx264")
     db = scratch / "votes.sqlite"
     port = free_port()
@@ -162,7 +181,9 @@ def rating(args, scratch: Path) -> None:
         shown = session.call(page, [name])["output"]["data"]
         for _ in range(args.cases):
             picks = [f"Candidate {rng.randint(1, 4)}" for _ in range(4)]
-            out = session.call(submit, [name, shown[1], None, *picks])["output"]["data"]  # name, case on the page, state, picks
+            out = session.call(submit, [name, shown[1], None, *picks])["output"][
+                "data"
+            ]  # name, case on the page, state, picks
             if not out[0].startswith("Saved"):
                 refused.append(out[0])
             shown = out[1:]
@@ -179,8 +200,10 @@ def rating(args, scratch: Path) -> None:
         ballots = args.raters * args.cases
         rows = sqlite3.connect(db).execute("SELECT COUNT(*), COUNT(DISTINCT rater || case_id) FROM ballots").fetchone()
         print(f"## rating app: {args.raters} raters x {args.cases} cases, each rater in a session of its own")
-        print(f"{ballots} ballots in {wall:.1f} s: {ballots / wall:.1f} ballots/s; database: {rows[0]} picks, "
-              f"{rows[1]} (rater, case) pairs; refused: {len(refused)}")  # fmt: skip
+        print(
+            f"{ballots} ballots in {wall:.1f} s: {ballots / wall:.1f} ballots/s; database: {rows[0]} picks, "
+            f"{rows[1]} (rater, case) pairs; refused: {len(refused)}"
+        )
         print(f"server RSS {rss_mb(server):.0f} MiB, disk {disk(scratch / 'rate')}")
     finally:
         server.terminate()

@@ -5,7 +5,7 @@ Learns the motion tokens of every bundled reference motion once (or reuses them)
 ``fleximmt.toy.lab.VARIANTS``: FlexiMMT; w/o M2X; w/o T2X; motion tokens without masks
 (FlexiAct-style concatenation); plain image-to-video; w/o RMPM (static first-frame masks); QK masks;
 RMPM "released"; anchors 1 / 5 (3 is FlexiMMT's); alpha 5% / 10% (FlexiMMT: off); RMPM's step 0
-without masks, as released (FlexiMMT starts from the first-frame masks, METHOD.md section 5); and a
+without masks, as released (FlexiMMT starts from the first-frame masks, docs/method.md#rmpm); and a
 probe, first-frame masks dilated by one token (does a sprite leaving its mask lose its motion?). Per variant:
 TF, FF (each object against its own reference), trajectory error (pixels from the path its
 reference prescribes) and leakage (share of objects whose path is closer to another object's
@@ -38,15 +38,17 @@ from fleximmt.toy.lab import (
     random_case,
     score,
     transfer,
-)  # fmt: skip
+)
 
 STILL = "first frame repeated"  # a reference point: what a video in which nothing moves scores
 KEYS = (("tf", "TF ↑"), ("ff", "FF ↑"), ("traj_err", "traj. err px ↓"), ("leak", "leakage ↓"))
 
 
 def table(rows: list[dict], variants: list[str]) -> str:
-    lines = ["| variant | " + " | ".join(label for _, label in KEYS) + " | s / video |",
-             "|---|" + "---|" * (len(KEYS) + 1)]  # fmt: skip
+    lines = [
+        "| variant | " + " | ".join(label for _, label in KEYS) + " | s / video |",
+        "|---|" + "---|" * (len(KEYS) + 1),
+    ]
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
         if not mine:
@@ -54,15 +56,19 @@ def table(rows: list[dict], variants: list[str]) -> str:
         cells = [f"{np.mean([r[k] for r in mine]):.3f} ± {np.std([r[k] for r in mine]):.3f}" for k, _ in KEYS]
         seconds = np.mean([r["seconds"] for r in mine])
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {seconds:.2f} |")
-    return "\n".join(lines) + f"\n\n{len({r['case'] for r in rows})} scenes, {len(rows)} videos; mean ± std over scenes."
+    return (
+        "\n".join(lines) + f"\n\n{len({r['case'] for r in rows})} scenes, {len(rows)} videos; mean ± std over scenes."
+    )
 
 
 def paired(rows: list[dict], variants: list[str], baseline: str) -> str:
     """Each variant minus ``baseline`` scene by scene (the same scenes and seeds): mean difference
     ± the half-width of its 95% interval (1.96 standard errors), and the scenes where it is better."""
     base = {r["case"]: r for r in rows if r["variant"] == baseline}
-    lines = [f"| variant minus {baseline} | " + " | ".join(f"Δ {label}" for _, label in KEYS) + " |",
-             "|---|" + "---|" * len(KEYS)]  # fmt: skip
+    lines = [
+        f"| variant minus {baseline} | " + " | ".join(f"Δ {label}" for _, label in KEYS) + " |",
+        "|---|" + "---|" * len(KEYS),
+    ]
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant and r["case"] in base]
         if variant == baseline or len(mine) < 2:
@@ -71,7 +77,9 @@ def paired(rows: list[dict], variants: list[str], baseline: str) -> str:
         for key, label in KEYS:
             diff = np.array([r[key] - base[r["case"]][key] for r in mine])
             better = int(((diff < 0) if "↓" in label else (diff > 0)).sum())
-            cells.append(f"{diff.mean():+.3f} ± {1.96 * diff.std(ddof=1) / np.sqrt(len(diff)):.3f} ({better}/{len(diff)})")
+            cells.append(
+                f"{diff.mean():+.3f} ± {1.96 * diff.std(ddof=1) / np.sqrt(len(diff)):.3f} ({better}/{len(diff)})"
+            )
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n(n/m): better than the baseline in n of m scenes."
 
@@ -89,9 +97,14 @@ def masks_table(pipe, motions, args) -> str:
             _, masks, _ = transfer(pipe, case, motions, variant, steps=args.steps, guidance=args.guidance, seed=seed)
             found.append(mask_quality(case, masks[-1]))
         per_frame = np.mean([q["per_frame_recall"] for q in found], axis=0)
-        lines.append(f"| {variant} | {np.mean([q['iou'] for q in found]):.3f} | {np.mean([q['recall'] for q in found]):.3f} | "
-                     + " ".join(f"{r:.2f}" for r in per_frame) + " |")  # fmt: skip
-    return "\n".join(lines) + f"\n\n{args.scenes} scenes; masks of the last denoising step, latent frames after the first."
+        lines.append(
+            f"| {variant} | {np.mean([q['iou'] for q in found]):.3f} | {np.mean([q['recall'] for q in found]):.3f} | "
+            + " ".join(f"{r:.2f}" for r in per_frame)
+            + " |"
+        )
+    return (
+        "\n".join(lines) + f"\n\n{args.scenes} scenes; masks of the last denoising step, latent frames after the first."
+    )
 
 
 def main() -> None:
@@ -105,16 +118,24 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="motion tokens per block (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: %(default)s)")
     parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--mask-quality", action="store_true",
-                        help="instead: how well each variant's masks cover the sprites' true positions (OUT/mask_quality.md)")
-    parser.add_argument("--baseline", default="plain_i2v", help="variant the paired table compares with (default: %(default)s)")
-    parser.add_argument("--variants", nargs="*", default=[*VARIANTS, STILL],
-                        help="a subset of: " + ", ".join(VARIANTS) + f", '{STILL}'")  # fmt: skip
+    parser.add_argument(
+        "--mask-quality",
+        action="store_true",
+        help="instead: how well each variant's masks cover the sprites' true positions (OUT/mask_quality.md)",
+    )
+    parser.add_argument(
+        "--baseline", default="plain_i2v", help="variant the paired table compares with (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--variants", nargs="*", default=[*VARIANTS, STILL], help="a subset of: " + ", ".join(VARIANTS) + f", '{STILL}'"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_toy_pipeline(args.model)
-    motions = learn_motions(pipe, list(REFERENCES), args.motions or out / "motions", steps=args.train_steps, tokens=args.tokens)
+    motions = learn_motions(
+        pipe, list(REFERENCES), args.motions or out / "motions", steps=args.train_steps, tokens=args.tokens
+    )
     if args.mask_quality:
         text = masks_table(pipe, motions, args)
         (out / "mask_quality.md").write_text(text + "\n")
@@ -129,7 +150,9 @@ def main() -> None:
         if variant == STILL:
             frames, seconds = case.scene(trajectories=False).frames, 0.0
         else:
-            frames, _, seconds = transfer(pipe, case, motions, variant, steps=args.steps, guidance=args.guidance, seed=seed)
+            frames, _, seconds = transfer(
+                pipe, case, motions, variant, steps=args.steps, guidance=args.guidance, seed=seed
+            )
         row = {"case": seed, "variant": variant, "motions": case.motions, "seconds": seconds, **score(frames, case)}
         rows.append(row)
         with results.open("a") as f:

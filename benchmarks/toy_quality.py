@@ -36,8 +36,14 @@ AXES = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}
 
 
 def generate(pipe, image: np.ndarray, caption: str, steps: int, guidance: float, seed: int) -> np.ndarray:
-    out = pipe(image=Image.fromarray(image), prompt=caption, num_inference_steps=steps, guidance_scale=guidance,
-               output_type="np", generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    out = pipe(
+        image=Image.fromarray(image),
+        prompt=caption,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    )
     return to_uint8_frames(out.frames[0])
 
 
@@ -72,15 +78,22 @@ def held_out(pipe, count: int, steps: int, guidance: float) -> dict:
 
     def summary(keep: np.ndarray, keep_linear: np.ndarray) -> dict:
         err = np.asarray(errors)[keep]
-        return {"sprites": int(keep.sum()), "position_error_px": float(np.nanmean(err)) if keep.any() else None,
-                "still_guess_error_px": float(np.mean(np.asarray(still_errors)[keep])) if keep.any() else None,
-                "lost_sprites": int(np.isnan(err).sum()), "linear_sprites": int(keep_linear.sum()),
-                "direction_accuracy": float(np.mean(np.asarray(direction)[keep_linear])) if keep_linear.any() else None}  # fmt: skip
+        return {
+            "sprites": int(keep.sum()),
+            "position_error_px": float(np.nanmean(err)) if keep.any() else None,
+            "still_guess_error_px": float(np.mean(np.asarray(still_errors)[keep])) if keep.any() else None,
+            "lost_sprites": int(np.isnan(err).sum()),
+            "linear_sprites": int(keep_linear.sum()),
+            "direction_accuracy": float(np.mean(np.asarray(direction)[keep_linear])) if keep_linear.any() else None,
+        }
 
     counts, direction_counts = np.asarray(counts), np.asarray(direction_counts)
-    return {"scenes": count, **summary(counts > 0, direction_counts > 0),
-            "one_sprite": summary(counts == 1, direction_counts == 1),
-            "two_or_three_sprites": summary(counts > 1, direction_counts > 1)}  # fmt: skip
+    return {
+        "scenes": count,
+        **summary(counts > 0, direction_counts > 0),
+        "one_sprite": summary(counts == 1, direction_counts == 1),
+        "two_or_three_sprites": summary(counts > 1, direction_counts > 1),
+    }
 
 
 def counterfactual(pipe, count: int, steps: int, guidance: float) -> dict:
@@ -91,15 +104,24 @@ def counterfactual(pipe, count: int, steps: int, guidance: float) -> dict:
         colour = str(rng.choice(["red", "green", "blue", "yellow", "orange", "purple", "white"]))
         shape = str(rng.choice(["circle", "square", "triangle", "diamond"]))
         start = tuple(float(v) for v in rng.uniform(22, 42, size=2))
-        first = render([Sprite(shape, colour, float(rng.uniform(5, 7)), start, Trajectory("still"), int(rng.randint(1 << 30)))],
-                       17, 64, str(rng.choice(["plain", "gradient", "stripes"])), HELD_OUT + 10_000 + i).frames[0]  # fmt: skip
+        first = render(
+            [Sprite(shape, colour, float(rng.uniform(5, 7)), start, Trajectory("still"), int(rng.randint(1 << 30)))],
+            17,
+            64,
+            str(rng.choice(["plain", "gradient", "stripes"])),
+            HELD_OUT + 10_000 + i,
+        ).frames[0]
         for motion in AXES:
             frames = generate(pipe, first, f"A {colour} {shape} {MOTIONS[motion]}.", steps, guidance, i)
             ok = moved_as_told(colour_track(frames, colour, start=start)[0], motion)
             right.append(ok)
             per_motion[motion].append(ok)
-    return {"first_frames": count, "videos": len(right), "direction_accuracy": float(np.mean(right)),
-            "per_motion": {m: float(np.mean(v)) for m, v in per_motion.items()}}  # fmt: skip
+    return {
+        "first_frames": count,
+        "videos": len(right),
+        "direction_accuracy": float(np.mean(right)),
+        "per_motion": {m: float(np.mean(v)) for m, v in per_motion.items()},
+    }
 
 
 PAIRS = (("up", "down"), ("down", "up"), ("left", "right"), ("right", "left"))
@@ -113,11 +135,17 @@ def counterfactual_pairs(pipe, count: int, steps: int, guidance: float) -> dict:
     for i in range(count):
         colours = [str(c) for c in rng.choice(list(COLOURS), 2, replace=False)]
         shapes = [str(s) for s in rng.choice(SHAPES, 2)]
-        starts = [(float(24 + rng.uniform(-2, 2)), float(24 + rng.uniform(-2, 2))),
-                  (float(40 + rng.uniform(-2, 2)), float(40 + rng.uniform(-2, 2)))]  # fmt: skip
-        sprites = [Sprite(shape, colour, float(rng.uniform(5, 7)), start, Trajectory("still"), int(rng.randint(1 << 30)))
-                   for shape, colour, start in zip(shapes, colours, starts)]  # fmt: skip
-        first = render(sprites, 17, 64, str(rng.choice(["plain", "gradient", "stripes"])), HELD_OUT + 20_000 + i).frames[0]
+        starts = [
+            (float(24 + rng.uniform(-2, 2)), float(24 + rng.uniform(-2, 2))),
+            (float(40 + rng.uniform(-2, 2)), float(40 + rng.uniform(-2, 2))),
+        ]
+        sprites = [
+            Sprite(shape, colour, float(rng.uniform(5, 7)), start, Trajectory("still"), int(rng.randint(1 << 30)))
+            for shape, colour, start in zip(shapes, colours, starts)
+        ]
+        first = render(
+            sprites, 17, 64, str(rng.choice(["plain", "gradient", "stripes"])), HELD_OUT + 20_000 + i
+        ).frames[0]
         order = rng.permutation(2)  # which sprite the caption names first
         for pair in PAIRS:
             caption = " ".join(f"A {colours[k]} {shapes[k]} {MOTIONS[pair[k]]}." for k in order)
@@ -125,15 +153,23 @@ def counterfactual_pairs(pipe, count: int, steps: int, guidance: float) -> dict:
             oks = [moved_as_told(colour_track(frames, colours[k], start=starts[k])[0], pair[k]) for k in range(2)]
             sprite_ok += oks
             video_ok.append(all(oks))
-    return {"first_frames": count, "videos": len(video_ok), "sprite_direction_accuracy": float(np.mean(sprite_ok)),
-            "both_right": float(np.mean(video_ok))}  # fmt: skip
+    return {
+        "first_frames": count,
+        "videos": len(video_ok),
+        "sprite_direction_accuracy": float(np.mean(sprite_ok)),
+        "both_right": float(np.mean(video_ok)),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, default=40, help="held-out scenes (default: %(default)s)")
-    parser.add_argument("--counterfactual", type=int, default=20, help="first frames x 4 captions (default: %(default)s)")
-    parser.add_argument("--pairs", type=int, default=10, help="two-sprite first frames x 4 caption pairs (default: %(default)s)")
+    parser.add_argument(
+        "--counterfactual", type=int, default=20, help="first frames x 4 captions (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=10, help="two-sprite first frames x 4 caption pairs (default: %(default)s)"
+    )
     parser.add_argument("--model", default=str(TOY_MODEL), help="toy model folder (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.0)
@@ -141,10 +177,13 @@ def main() -> None:
     args = parser.parse_args()
     pipe = load_toy_pipeline(args.model)
     start = time.perf_counter()
-    results = {"held_out": held_out(pipe, args.scenes, args.steps, args.guidance),
-               "counterfactual": counterfactual(pipe, args.counterfactual, args.steps, args.guidance),
-               "counterfactual_pairs": counterfactual_pairs(pipe, args.pairs, args.steps, args.guidance),
-               "steps": args.steps, "guidance": args.guidance}  # fmt: skip
+    results = {
+        "held_out": held_out(pipe, args.scenes, args.steps, args.guidance),
+        "counterfactual": counterfactual(pipe, args.counterfactual, args.steps, args.guidance),
+        "counterfactual_pairs": counterfactual_pairs(pipe, args.pairs, args.steps, args.guidance),
+        "steps": args.steps,
+        "guidance": args.guidance,
+    }
     results["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(results, indent=2))
     if args.json:

@@ -48,16 +48,22 @@ def main() -> None:
         red_dx, blue_dx = [], []
         for seed in range(3):
             for red_start, blue_start in LAYOUTS:
-                case = Case([Sprite("square", "red", 6.0, red_start, Trajectory("still"), texture_seed=3),
-                             Sprite("circle", "blue", 6.0, blue_start, Trajectory("still"), texture_seed=5)],
-                            ["right", blue_motion], "plain", seed)  # fmt: skip
+                case = Case(
+                    [
+                        Sprite("square", "red", 6.0, red_start, Trajectory("still"), texture_seed=3),
+                        Sprite("circle", "blue", 6.0, blue_start, Trajectory("still"), texture_seed=5),
+                    ],
+                    ["right", blue_motion],
+                    "plain",
+                    seed,
+                )
                 frames, _, _ = transfer(pipe, case, motions, variant, steps=args.steps, seed=seed)
                 for colour, start, out in (("red", red_start, red_dx), ("blue", blue_start, blue_dx)):
                     centres, _ = colour_track(frames, colour, start=start)
                     found = centres[~np.isnan(centres).any(-1)]
                     out.append(float(found[-1, 0] - found[0, 0]) if len(found) >= 2 else float("nan"))
         ok = sum(r > 10 and abs(b) < 5 for r, b in zip(red_dx, blue_dx))
-        fmt = lambda xs: " ".join("lost" if np.isnan(x) else f"{x:+.0f}" for x in xs)  # noqa: E731
+        fmt = lambda xs: " ".join("lost" if np.isnan(x) else f"{x:+.0f}" for x in xs)
         print(f"| {label} | {fmt(red_dx)} | {fmt(blue_dx)} | {ok}/6 |", flush=True)
 
 

@@ -5,6 +5,8 @@
 try:
     from fleximmt.apps.comfy import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 except ImportError as err:  # ComfyUI lists the pack as failed, with this message
-    raise ImportError(f"the FlexiMMT nodes need the fleximmt package in ComfyUI's Python: pip install fleximmt ({err})") from err
+    raise ImportError(
+        f"the FlexiMMT nodes need the fleximmt package in ComfyUI's Python: pip install fleximmt ({err})"
+    ) from err
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -14,6 +14,7 @@ frontend saves it (``python tests/comfy_server.py ui-workflows``; Chromium and c
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -44,10 +45,8 @@ def free_port() -> int:
 
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM it if the test process dies (no server outlives its tests)."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def make_base_directory(base: Path) -> Path:
@@ -126,13 +125,29 @@ class ComfyServer:
         self.client_id = uuid.uuid4().hex
         self.log_path = self.base / "comfyui.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - the server writes to it until stop()
         self.process = subprocess.Popen(
-            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory",
-             str(self.base), "--disable-auto-launch", "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
-             *extra_args],
-            cwd=comfyui, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-        )  # fmt: skip
+            [
+                python,
+                "main.py",
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--base-directory",
+                str(self.base),
+                "--disable-auto-launch",
+                "--database-url",
+                f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
+                *extra_args,
+            ],
+            cwd=comfyui,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
         self._messages: list[dict] = []
         self._lock = threading.Condition()
         self._ws = None
@@ -148,7 +163,9 @@ class ComfyServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.process.returncode} while starting:\n{self.log()[-4000:]}")
+                raise RuntimeError(
+                    f"ComfyUI exited with {self.process.returncode} while starting:\n{self.log()[-4000:]}"
+                )
             try:
                 self.get("/system_stats")
                 return
@@ -187,10 +204,8 @@ class ComfyServer:
 
     def stop(self) -> None:
         if self._ws is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._ws.close()
-            except Exception:
-                pass
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -211,8 +226,12 @@ class ComfyServer:
         import urllib.error
         import urllib.request
 
-        request = urllib.request.Request(self.url + path, data=json.dumps(body or {}).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body or {}).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 text = response.read()
@@ -244,8 +263,9 @@ class ComfyServer:
             while not condition(self._messages):
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.alive():
-                    raise TimeoutError(f"waited for {what}; ComfyUI {'is up' if self.alive() else 'exited'}:\n"
-                                       f"{self.log()[-3000:]}")  # fmt: skip
+                    raise TimeoutError(
+                        f"waited for {what}; ComfyUI {'is up' if self.alive() else 'exited'}:\n{self.log()[-3000:]}"
+                    )
                 self._lock.wait(min(left, 1.0))
             return list(self._messages)
 
@@ -253,19 +273,28 @@ class ComfyServer:
         """Block until node ``node`` of the prompt reported progress ``at_least``; returns the value seen."""
 
         def values(messages):
-            return [m["data"]["value"] for m in messages if m.get("type") == "progress"
-                    and m["data"].get("prompt_id") == prompt_id and str(m["data"].get("node")) == str(node)]  # fmt: skip
+            return [
+                m["data"]["value"]
+                for m in messages
+                if m.get("type") == "progress"
+                and m["data"].get("prompt_id") == prompt_id
+                and str(m["data"].get("node")) == str(node)
+            ]
 
-        messages = self.wait_for(lambda ms: any(v >= at_least for v in values(ms)), timeout,
-                                 f"node {node} to report step {at_least}")  # fmt: skip
+        messages = self.wait_for(
+            lambda ms: any(v >= at_least for v in values(ms)), timeout, f"node {node} to report step {at_least}"
+        )
         return max(values(messages))
 
     def finish(self, prompt_id: str, timeout: float = 600) -> Run:
         """Wait until the prompt ended (success, error or interruption); its history and messages."""
 
         def ended(messages):
-            return any(m.get("type") in ("execution_success", "execution_error", "execution_interrupted")
-                       and m["data"].get("prompt_id") == prompt_id for m in messages)  # fmt: skip
+            return any(
+                m.get("type") in ("execution_success", "execution_error", "execution_interrupted")
+                and m["data"].get("prompt_id") == prompt_id
+                for m in messages
+            )
 
         self.wait_for(ended, timeout, f"prompt {prompt_id} to end")
         deadline = time.monotonic() + 60
@@ -302,8 +331,10 @@ def frontend_app(driver, url: str, timeout: float = 180):
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(url)
-    ready = "const a = window.comfyAPI?.app?.app; return !!(a && a.graph && window.LiteGraph && " \
-            "LiteGraph.registered_node_types['FlexiMMTTransfer'])"  # fmt: skip
+    ready = (
+        "const a = window.comfyAPI?.app?.app; return !!(a && a.graph && window.LiteGraph && "
+        "LiteGraph.registered_node_types['FlexiMMTTransfer'])"
+    )
     WebDriverWait(driver, timeout).until(lambda d: d.execute_script(ready))
 
 
@@ -342,11 +373,15 @@ def ui_from_api(driver, api: dict, name: str) -> dict:
     ``graphToPrompt().workflow`` (what Save / Export write)."""
     driver.execute_script("window.comfyAPI.app.app.loadApiJson(arguments[0], arguments[1])", api, name)
     time.sleep(3)  # the previews of the example's inputs arrive and the loader nodes grow
-    sizes = driver.execute_script("return Object.fromEntries(window.comfyAPI.app.app.graph._nodes"
-                                  ".map(n => [String(n.id), [n.size[0], n.size[1]]]))")  # fmt: skip
-    driver.execute_script("const g = window.comfyAPI.app.app.graph;"
-                          "for (const [id, pos] of Object.entries(arguments[0])) g.getNodeById(id).pos = pos;",
-                          layout(api, sizes))  # fmt: skip
+    sizes = driver.execute_script(
+        "return Object.fromEntries(window.comfyAPI.app.app.graph._nodes"
+        ".map(n => [String(n.id), [n.size[0], n.size[1]]]))"
+    )
+    driver.execute_script(
+        "const g = window.comfyAPI.app.app.graph;"
+        "for (const [id, pos] of Object.entries(arguments[0])) g.getNodeById(id).pos = pos;",
+        layout(api, sizes),
+    )
     return driver.execute_async_script(
         "const done = arguments[arguments.length - 1];"
         "window.comfyAPI.app.app.graphToPrompt().then(p => done(JSON.parse(JSON.stringify(p.workflow))));"
@@ -357,7 +392,9 @@ def prompt_from_ui(driver, ui: dict, name: str = "workflow") -> dict:
     """The API prompt the frontend queues for a UI workflow it loads (``loadGraphData``, ``graphToPrompt``)."""
     driver.execute_async_script(
         "const done = arguments[arguments.length - 1];"
-        "window.comfyAPI.app.app.loadGraphData(arguments[0], true, true, arguments[1]).then(() => done(true));", ui, name
+        "window.comfyAPI.app.app.loadGraphData(arguments[0], true, true, arguments[1]).then(() => done(true));",
+        ui,
+        name,
     )
     return driver.execute_async_script(
         "const done = arguments[arguments.length - 1];"

@@ -21,26 +21,55 @@ import comfy.text_encoders.t5
 import comfy.text_encoders.wan
 import torch
 
-SENTENCES = ["A ball jumps up. A box slides left.", "The cat (jumps) while the dog runs quickly.",
-             "A dog walks on the snow, a cat runs right and jumps.", "A red ball and a blue box on a grey floor."]  # fmt: skip
+SENTENCES = [
+    "A ball jumps up. A box slides left.",
+    "The cat (jumps) while the dog runs quickly.",
+    "A dog walks on the snow, a cat runs right and jumps.",
+    "A red ball and a blue box on a grey floor.",
+]
 
 
 def spiece_model() -> bytes:
     import sentencepiece
 
     out = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES * 40), model_writer=out, vocab_size=80,
-                                             pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-                                             minloglevel=2, num_threads=1)  # fmt: skip
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 40),
+        model_writer=out,
+        vocab_size=80,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+        num_threads=1,
+    )
     return out.getvalue()
 
 
 def tiny_config(vocab: int) -> str:
-    config = {"d_ff": 64, "d_kv": 16, "d_model": 4096, "decoder_start_token_id": 0, "dense_act_fn": "gelu_pytorch_tanh",
-              "dropout_rate": 0.0, "eos_token_id": 1, "is_encoder_decoder": True, "is_gated_act": True,
-              "layer_norm_epsilon": 1e-06, "model_type": "umt5", "num_decoder_layers": 1, "num_heads": 2,
-              "num_layers": 1, "pad_token_id": 0, "relative_attention_max_distance": 128,
-              "relative_attention_num_buckets": 32, "tie_word_embeddings": False, "vocab_size": vocab}  # fmt: skip
+    config = {
+        "d_ff": 64,
+        "d_kv": 16,
+        "d_model": 4096,
+        "decoder_start_token_id": 0,
+        "dense_act_fn": "gelu_pytorch_tanh",
+        "dropout_rate": 0.0,
+        "eos_token_id": 1,
+        "is_encoder_decoder": True,
+        "is_gated_act": True,
+        "layer_norm_epsilon": 1e-06,
+        "model_type": "umt5",
+        "num_decoder_layers": 1,
+        "num_heads": 2,
+        "num_layers": 1,
+        "pad_token_id": 0,
+        "relative_attention_max_distance": 128,
+        "relative_attention_num_buckets": 32,
+        "tie_word_embeddings": False,
+        "vocab_size": vocab,
+    }
     fd, path = tempfile.mkstemp(prefix="tiny-umt5-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(config, f)
@@ -51,15 +80,25 @@ class TinyUMT5(comfy.sd1_clip.SDClipModel):
     config_path: str = ""
 
     def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, model_options={}):  # noqa: B006
-        super().__init__(device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=self.config_path,
-                         dtype=dtype, special_tokens={"end": 1, "pad": 0}, model_class=comfy.text_encoders.t5.T5,
-                         enable_attention_masks=True, zero_out_masked=True, model_options=model_options)  # fmt: skip
+        super().__init__(
+            device=device,
+            layer=layer,
+            layer_idx=layer_idx,
+            textmodel_json_config=self.config_path,
+            dtype=dtype,
+            special_tokens={"end": 1, "pad": 0},
+            model_class=comfy.text_encoders.t5.T5,
+            enable_attention_masks=True,
+            zero_out_masked=True,
+            model_options=model_options,
+        )
 
 
 class TinyWanT5Model(comfy.sd1_clip.SD1ClipModel):
     def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):  # noqa: B006
-        super().__init__(device=device, dtype=dtype, model_options=model_options, name="umt5xxl", clip_model=TinyUMT5,
-                         **kwargs)  # fmt: skip
+        super().__init__(
+            device=device, dtype=dtype, model_options=model_options, name="umt5xxl", clip_model=TinyUMT5, **kwargs
+        )
 
 
 class TinyUMT5Loader:
@@ -84,7 +123,9 @@ class TinyUMT5Loader:
             if "layer_norm" in key:
                 weights[key] = torch.ones(value.shape)
             else:
-                weights[key] = torch.randn(value.shape, generator=gen) * (0.5 / (value.shape[-1] if value.ndim else 1) ** 0.5)
+                weights[key] = torch.randn(value.shape, generator=gen) * (
+                    0.5 / (value.shape[-1] if value.ndim else 1) ** 0.5
+                )
         missing, unexpected = clip.load_sd(weights, full_model=True)
         assert not missing and not unexpected, (missing, unexpected)
         os.unlink(TinyUMT5.config_path)

@@ -17,8 +17,12 @@ from wan_names import original_name
 
 COMFYUI = Path(os.environ.get("COMFYUI") or Path(__file__).resolve().parents[2] / "shared" / "comfyui")
 SHAPE = dict(num_layers=2, heads=1, head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=64, image_dim=1280)
-SENTENCES = ["A ball jumps up. A box slides left.", "The cat (jumps) while the dog runs quickly.",
-             "A dog walks on the snow, a cat runs right and jumps."]  # fmt: skip
+SENTENCES = [
+    "A ball jumps up. A box slides left.",
+    "The cat (jumps) while the dog runs quickly.",
+    "A dog walks on the snow, a cat runs right and jumps.",
+]
+
 
 def import_comfy():
     """ComfyUI's modules, imported in this process on the CPU."""
@@ -27,7 +31,7 @@ def import_comfy():
     from comfy.cli_args import args
 
     args.cpu = True
-    import comfy.model_management  # noqa: F401  (reads args.cpu once)
+    import comfy.model_management
     import comfy.patcher_extension
     import comfy.sd
 
@@ -50,7 +54,9 @@ def comfy_state_dict(transformer) -> dict[str, torch.Tensor]:
 def comfy_model(transformer):
     """ComfyUI's own loader (``UNETLoader``'s) on the transformer's weights in ComfyUI's format, float32."""
     comfy = import_comfy()
-    return comfy.sd.load_diffusion_model_state_dict(comfy_state_dict(transformer), model_options={"dtype": torch.float32})
+    return comfy.sd.load_diffusion_model_state_dict(
+        comfy_state_dict(transformer), model_options={"dtype": torch.float32}
+    )
 
 
 def spiece_model(sentences=SENTENCES) -> bytes:
@@ -58,9 +64,17 @@ def spiece_model(sentences=SENTENCES) -> bytes:
     import sentencepiece
 
     out = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(list(sentences) * 40), model_writer=out,
-                                             vocab_size=80, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                             hard_vocab_limit=False, minloglevel=2)  # fmt: skip
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(sentences) * 40),
+        model_writer=out,
+        vocab_size=80,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     return out.getvalue()
 
 
@@ -99,11 +113,23 @@ def write_wan_vae(path) -> None:
     """Random weights (seeded, float16) for ComfyUI's Wan 2.1 VAE, whose loader reads a fixed config
     (96 channels): ComfyUI's own *Load VAE* then loads them."""
     comfy = import_comfy()
-    import comfy.ldm.wan.vae
+    import comfy.ldm.wan.vae  # noqa: F811 - loads the module into the package import_comfy found
     from safetensors.torch import save_file
 
-    shapes = {k: v.shape for k, v in comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-              attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0).state_dict().items()}  # fmt: skip
+    shapes = {
+        k: v.shape
+        for k, v in comfy.ldm.wan.vae.WanVAE(
+            dim=96,
+            z_dim=16,
+            dim_mult=[1, 2, 4, 4],
+            num_res_blocks=2,
+            attn_scales=[],
+            temperal_downsample=[False, True, True],
+            dropout=0.0,
+        )
+        .state_dict()
+        .items()
+    }
     gen = torch.Generator().manual_seed(0)
     weights = {}
     for key, shape in shapes.items():

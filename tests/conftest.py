@@ -40,7 +40,9 @@ def _comfy_problem() -> str | None:
 
     if not (COMFYUI / "main.py").is_file():
         return f"no ComfyUI source at {COMFYUI}; set COMFYUI"
-    missing = [m for m in ("torchsde", "av", "aiohttp", "comfyui_frontend_package") if importlib.util.find_spec(m) is None]
+    missing = [
+        m for m in ("torchsde", "av", "aiohttp", "comfyui_frontend_package") if importlib.util.find_spec(m) is None
+    ]
     return f"ComfyUI's requirements are missing: {', '.join(missing)}" if missing else None
 
 

@@ -32,14 +32,27 @@ def call(pipe, size, objects=True, **kw):
     objs = []
     if objects:
         experts = 2 if getattr(pipe, "transformer_2", None) is not None else 1
-        for k, (y0, y1, x0, x1) in enumerate([(2, size // 2, 2, size // 2), (size // 3, size - 2, size // 3, size - 2)]):
+        for k, (y0, y1, x0, x1) in enumerate(
+            [(2, size // 2, 2, size // 2), (size // 3, size - 2, size // 3, size - 2)]
+        ):
             mask = np.zeros((size, size), bool)
             mask[y0:y1, x0:x1] = True
             motion = random_motion(pipe.transformer, 4, seed=k + 1, scale=4.0, experts=experts)
             objs.append(ObjectMotion(mask, motion, WORDS[k]))
-    out = pipe(image, PROMPT, height=size, width=size, num_frames=9, num_inference_steps=3,
-               generator=torch.Generator().manual_seed(0), output_type="pt", objects=objs, max_sequence_length=24,
-               return_masks=objects, **kw)  # fmt: skip
+    out = pipe(
+        image,
+        PROMPT,
+        height=size,
+        width=size,
+        num_frames=9,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        objects=objs,
+        max_sequence_length=24,
+        return_masks=objects,
+        **kw,
+    )
     return out.frames, (out.masks if objects else None)
 
 
@@ -81,14 +94,31 @@ def main(out: Path) -> None:
     shards.clear(), gathers.clear()
     plain, _ = call(pipe, 64, objects=False)
     frames, masks = call(pipe, 64)
-    seen["ulysses"] = dict(plain=difference(plain, ref_plain), objects=difference(frames, ref),
-                           masks_equal=bool(torch.equal(masks, ref_masks)), objects_matter=difference(ref, ref_plain),
-                           shards=list(shards), gathers=list(gathers))  # fmt: skip
+    seen["ulysses"] = dict(
+        plain=difference(plain, ref_plain),
+        objects=difference(frames, ref),
+        masks_equal=bool(torch.equal(masks, ref_masks)),
+        objects_matter=difference(ref, ref_plain),
+        shards=list(shards),
+        gathers=list(gathers),
+    )
     seen["qk"] = refusal(lambda: call(pipe, 64, mask_source="qk"))
     video = np.full((9, 64, 64, 3), 90, np.uint8)
-    seen["train"] = refusal(lambda: train_motion(pipe, video, "A ball jumps up.", "ball", "jumps up",
-                                                 out / f"motion{rank}.safetensors", steps=1, tokens_per_motion=2,
-                                                 height=64, width=64, num_frames=9))  # fmt: skip
+    seen["train"] = refusal(
+        lambda: train_motion(
+            pipe,
+            video,
+            "A ball jumps up.",
+            "ball",
+            "jumps up",
+            out / f"motion{rank}.safetensors",
+            steps=1,
+            tokens_per_motion=2,
+            height=64,
+            width=64,
+            num_frames=9,
+        )
+    )
 
     # 27 video tokens (48 x 48 x 9) do not split in two: refused with the fix (ContextParallelConfig's
     # ulysses_anything cuts 14 + 13, but diffusers' own gather of unequal shares needs NCCL, not gloo);
@@ -113,8 +143,9 @@ def main(out: Path) -> None:
     pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
     shards.clear()
     frames, masks = call(pipe, 64)
-    seen["ti2v"] = dict(objects=difference(frames, ref), masks_equal=bool(torch.equal(masks, ref_masks)),
-                        shards=list(shards))  # fmt: skip
+    seen["ti2v"] = dict(
+        objects=difference(frames, ref), masks_equal=bool(torch.equal(masks, ref_masks)), shards=list(shards)
+    )
 
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()

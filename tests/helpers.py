@@ -6,7 +6,8 @@ import socket
 import pytest
 
 needs_chromium = pytest.mark.skipif(
-    not (shutil.which("chromium") and shutil.which("chromedriver")), reason="needs Debian's chromium and chromium-driver"
+    not (shutil.which("chromium") and shutil.which("chromedriver")),
+    reason="needs Debian's chromium and chromium-driver",
 )
 
 
@@ -23,9 +24,18 @@ def headless_chromium(profile_dir, height: int = 2400):
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-                f"--user-data-dir={profile_dir}", f"--window-size=1280,{height}"):  # fmt: skip
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile_dir}",
+        f"--window-size=1280,{height}",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
 
@@ -51,7 +61,13 @@ class GradioSession:
 
     def join(self, fn_index: int, data: list) -> str:
         """Queue one event; returns its id at once."""
-        body = {"data": data, "event_data": None, "fn_index": fn_index, "trigger_id": None, "session_hash": self.session_hash}
+        body = {
+            "data": data,
+            "event_data": None,
+            "fn_index": fn_index,
+            "trigger_id": None,
+            "session_hash": self.session_hash,
+        }
         response = self.http.post(f"{self.url}/gradio_api/queue/join", json=body)
         response.raise_for_status()
         return response.json()["event_id"]
@@ -60,7 +76,9 @@ class GradioSession:
         """The session's stream of messages (dicts), until the server closes it."""
         import json
 
-        with self.http.stream("GET", f"{self.url}/gradio_api/queue/data", params={"session_hash": self.session_hash}) as stream:
+        with self.http.stream(
+            "GET", f"{self.url}/gradio_api/queue/data", params={"session_hash": self.session_hash}
+        ) as stream:
             for line in stream.iter_lines():
                 if line.startswith("data:"):
                     message = json.loads(line[5:])

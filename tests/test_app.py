@@ -54,7 +54,9 @@ def assets(tmp_path):
     library = tmp_path / "motions"
     library.mkdir()
     random_motion(pipe.transformer, 4, seed=1, name="jump", motion_words="jumps up").save(library / "jump.safetensors")
-    random_motion(pipe.transformer, 4, seed=2, name="slide", motion_words="slides left").save(library / "slide.safetensors")
+    random_motion(pipe.transformer, 4, seed=2, name="slide", motion_words="slides left").save(
+        library / "slide.safetensors"
+    )
     (library / "jump.ckpt.safetensors").write_bytes(b"not a motion")  # training leftovers are not motions
     image = (np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "image.png")
@@ -66,8 +68,10 @@ def assets(tmp_path):
 
 
 def two_objects(root: Path) -> list[ObjectInput]:
-    return [ObjectInput(mask_png=str(root / "mask1.png"), motion="jump", motion_words="jumps up"),
-            ObjectInput(mask_png=str(root / "mask2.png"), motion="slide", motion_words="slides left")]  # fmt: skip
+    return [
+        ObjectInput(mask_png=str(root / "mask1.png"), motion="jump", motion_words="jumps up"),
+        ObjectInput(mask_png=str(root / "mask2.png"), motion="slide", motion_words="slides left"),
+    ]
 
 
 def reference_video(path: Path) -> Path:
@@ -81,6 +85,7 @@ def reference_video(path: Path) -> Path:
 
 def png_header(path: Path, width: int, height: int) -> Path:
     """A PNG that declares ``width x height`` pixels and holds none: what PIL reads before decoding."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -95,7 +100,12 @@ def test_highlight_marks_each_objects_motion_words():
     assert ("jumps up", "Object 1") in pieces and ("slides left", "Object 2") in pieces
     assert "".join(text for text, _ in pieces) == PROMPT
     assert highlight("A cat jumps. A dog jumps.", ["jumps", "jumps"]) == [
-        ("A cat ", None), ("jumps", "Object 1"), (". A dog ", None), ("jumps", "Object 2"), (".", None)]  # fmt: skip
+        ("A cat ", None),
+        ("jumps", "Object 1"),
+        (". A dog ", None),
+        ("jumps", "Object 2"),
+        (".", None),
+    ]
 
 
 def test_brush_strokes_become_a_mask():
@@ -123,20 +133,35 @@ def test_transfer_and_learn_without_a_browser(assets):
     with pytest.raises(ValueError, match="Object 1: draw its mask"):
         app.generate(image, PROMPT, [ObjectInput(mask_from="draw", motion="jump", motion_words="jumps up")], 2, 0)
     with pytest.raises(ValueError, match="Object 1: clicking objects needs SAM"):
-        app.generate(image, PROMPT, [ObjectInput(mask_from="points", points="3,4", motion="jump", motion_words="jumps up")], 2, 0)
+        app.generate(
+            image, PROMPT, [ObjectInput(mask_from="points", points="3,4", motion="jump", motion_words="jumps up")], 2, 0
+        )
     steps = []
-    entry = app.learn(str(reference_video(root / "ref.mp4")), "A ball jumps up.", "ball", "jumps up", "hop", 3, 2,
-                      lambda s, l: steps.append(s))  # fmt: skip
+    entry = app.learn(
+        str(reference_video(root / "ref.mp4")),
+        "A ball jumps up.",
+        "ball",
+        "jumps up",
+        "hop",
+        3,
+        2,
+        lambda s, _loss: steps.append(s),
+    )
     assert steps == [1, 2, 3] and entry.name == "hop" and entry.preview.is_file()
     assert "hop" in [e.name for e in app.library.entries()]
-    assert sorted(p.name for p in (root / "motions").glob("hop*")) == ["hop.gif", "hop.safetensors"]  # no run state left
+    assert sorted(p.name for p in (root / "motions").glob("hop*")) == [
+        "hop.gif",
+        "hop.safetensors",
+    ]  # no run state left
 
 
 def test_generation_reports_its_progress_and_motions_show_their_metadata(assets):
     pipe, root, image = assets
     app = TransferApp(pipe, MotionLibrary(root / "motions"), root / "out")
     seen = []
-    app.generate(image, PROMPT, two_objects(root)[:1], steps=3, seed=0, progress=lambda share, desc: seen.append((share, desc)))
+    app.generate(
+        image, PROMPT, two_objects(root)[:1], steps=3, seed=0, progress=lambda share, desc: seen.append((share, desc))
+    )
     assert [share for share, _ in seen] == pytest.approx([1 / 3, 2 / 3, 1.0]) and seen[-1][1] == "denoising step 3/3"
     from fleximmt import MotionTokens
 
@@ -151,19 +176,27 @@ def test_messages_number_objects_from_1_and_say_what_to_type(assets):
     no_words = ObjectInput(mask_png=first.mask_png, motion="jump", motion_words="  ")
     with pytest.raises(FlexiMMTInputError) as err:
         app.generate(image, PROMPT, [second, no_words], 2, 0)
-    assert str(err.value) == ("Object 2: type its motion words, the words of the prompt that describe how it moves, "
-                              "e.g. 'jumps up' (its motion file says 'jumps up')")  # fmt: skip
-    with pytest.raises(FlexiMMTInputError, match="^Object 2: upload its mask PNG"):
+    assert str(err.value) == (
+        "Object 2: type its motion words, the words of the prompt that describe how it moves, "
+        "e.g. 'jumps up' (its motion file says 'jumps up')"
+    )
+    with pytest.raises(FlexiMMTInputError, match=r"^Object 2: upload its mask PNG"):
         app.generate(image, PROMPT, [first, ObjectInput(motion="slide", motion_words="slides left")], 2, 0)
-    with pytest.raises(FlexiMMTInputError, match="^Object 1: choose a motion from the library or upload a motion file"):
+    with pytest.raises(
+        FlexiMMTInputError, match=r"^Object 1: choose a motion from the library or upload a motion file"
+    ):
         app.generate(image, PROMPT, [ObjectInput(mask_png=first.mask_png, motion_words="jumps up")], 2, 0)
-    with pytest.raises(FlexiMMTInputError, match="^Object 1: motion 'spin' is not in the motion library \\(it has: jump, slide\\)"):
+    with pytest.raises(
+        FlexiMMTInputError, match=r"^Object 1: motion 'spin' is not in the motion library \(it has: jump, slide\)"
+    ):
         app.generate(image, PROMPT, [ObjectInput(mask_png=first.mask_png, motion="spin", motion_words="spins")], 2, 0)
 
 
 def test_server_paths_are_hidden_from_messages():
     message = "'/tmp/gradio/ab12/mask.png' is not a readable image; see '/srv/lib/x.safetensors' and /tmp/run-3/v.mp4"
-    assert hide_paths(message, ["/tmp", "/srv/lib"]) == "'mask.png' is not a readable image; see 'x.safetensors' and v.mp4"
+    assert (
+        hide_paths(message, ["/tmp", "/srv/lib"]) == "'mask.png' is not a readable image; see 'x.safetensors' and v.mp4"
+    )
 
 
 # -- images: what opens, how they are fitted to the model --------------------------------------------
@@ -171,15 +204,23 @@ def test_images_too_large_or_unreadable_are_refused_with_a_clear_message(tmp_pat
     bomb = png_header(tmp_path / "huge.png", 15000, 15000)  # 225 megapixels: PIL's own guard refuses it
     with pytest.raises(FlexiMMTInputError) as err:
         read_image(bomb)
-    assert str(err.value) == ("the image (huge.png) is 15000 x 15000 pixels: this app takes images of at most "
-                              f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels; scale it down first")  # fmt: skip
-    with pytest.raises(FlexiMMTInputError, match=r"^the image \(big.png\) is 8000 x 8000 pixels: this app takes images of at most 50"):
+    assert str(err.value) == (
+        "the image (huge.png) is 15000 x 15000 pixels: this app takes images of at most "
+        f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels; scale it down first"
+    )
+    with pytest.raises(
+        FlexiMMTInputError, match=r"^the image \(big.png\) is 8000 x 8000 pixels: this app takes images of at most 50"
+    ):
         read_image(png_header(tmp_path / "big.png", 8000, 8000))  # 64 megapixels: below PIL's guard, above ours
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(FlexiMMTInputError, match=r"^the image \(notes.png\) is not an image this app can read: give a PNG or JPEG"):
+    with pytest.raises(
+        FlexiMMTInputError, match=r"^the image \(notes.png\) is not an image this app can read: give a PNG or JPEG"
+    ):
         read_image(tmp_path / "notes.png")
     Image.new("RGB", (300, 100)).save(tmp_path / "wide.png")
-    assert read_image(tmp_path / "wide.png").size == (300, 100) and read_image(tmp_path / "wide.png", header_only=True).size == (300, 100)
+    assert read_image(tmp_path / "wide.png").size == (300, 100) and read_image(
+        tmp_path / "wide.png", header_only=True
+    ).size == (300, 100)
 
 
 def test_image_and_masks_are_resized_together_and_the_page_says_how():
@@ -191,10 +232,14 @@ def test_image_and_masks_are_resized_together_and_the_page_says_how():
     assert picture.size == (48, 48) and fitted.shape == (48, 48)
     assert fitted[:, 33:].all() and not fitted[:, :31].any()  # still the right third
     assert (np.asarray(picture)[:, 33:] > 200).all() and (np.asarray(picture)[:, :31] < 50).all()
-    assert size_note((96, 32), (48, 48)) == ("The image is 96 x 32; the model makes 48 x 48 videos, so the image and its "
-                                             "masks are resized to 48 x 48 together: the picture is stretched (aspect "
-                                             "ratio 3.00 becomes 1.00). Mask PNGs must be 96 x 32, like the image.")  # fmt: skip
-    assert size_note((96, 96), (48, 48)).endswith("resized to 48 x 48 together. Mask PNGs must be 96 x 96, like the image.")
+    assert size_note((96, 32), (48, 48)) == (
+        "The image is 96 x 32; the model makes 48 x 48 videos, so the image and its "
+        "masks are resized to 48 x 48 together: the picture is stretched (aspect "
+        "ratio 3.00 becomes 1.00). Mask PNGs must be 96 x 32, like the image."
+    )
+    assert size_note((96, 96), (48, 48)).endswith(
+        "resized to 48 x 48 together. Mask PNGs must be 96 x 96, like the image."
+    )
     assert size_note((48, 48), (48, 48)) == "The image is 48 x 48, the model's own size: it is used as it is."
 
 
@@ -204,11 +249,18 @@ def test_a_mask_whose_size_differs_from_the_image_is_refused(assets):
     wide = np.zeros((100, 300, 3), np.uint8)  # a 64 x 64 mask is not stretched onto it
     with pytest.raises(FlexiMMTInputError) as err:
         app.generate(wide, PROMPT, two_objects(root)[:1], 2, 0)
-    assert str(err.value) == ("Object 1: the mask PNG is 64 x 64 but the image is 300 x 100: give a mask of the image's "
-                              "size (image and masks are resized to the model together)")  # fmt: skip
+    assert str(err.value) == (
+        "Object 1: the mask PNG is 64 x 64 but the image is 300 x 100: give a mask of the image's "
+        "size (image and masks are resized to the model together)"
+    )
     Image.fromarray(np.full((100, 300), 255, np.uint8)).save(root / "wide_mask.png")
-    video, _ = app.generate(wide, "A ball jumps up.", [ObjectInput(mask_png=str(root / "wide_mask.png"), motion="jump",
-                                                                   motion_words="jumps up")], 1, 0)  # fmt: skip
+    video, _ = app.generate(
+        wide,
+        "A ball jumps up.",
+        [ObjectInput(mask_png=str(root / "wide_mask.png"), motion="jump", motion_words="jumps up")],
+        1,
+        0,
+    )
     assert iio.imread(video).shape[1:3] == (32, 32)  # the model's size
 
 
@@ -216,7 +268,9 @@ def test_the_upload_limit_grows_with_the_models_motion_files(tiny_pipe):
     assert upload_limit(tiny_pipe) == MIN_UPLOAD_BYTES == 200 * 2**20
 
     def model(blocks, dim, experts):
-        adapter = SimpleNamespace(motion_shape=lambda: (blocks, dim), default_text_length=lambda: 226, num_experts=experts)
+        adapter = SimpleNamespace(
+            motion_shape=lambda: (blocks, dim), default_text_length=lambda: 226, num_experts=experts
+        )
         return SimpleNamespace(adapter=adapter)
 
     assert upload_limit(model(42, 3072, 1)) == MIN_UPLOAD_BYTES  # CogVideoX-5B: a 117 MB motion file
@@ -337,10 +391,17 @@ def generate_inputs(root: Path, **changes) -> dict:
     """The README's /generate call: two objects given by mask PNGs and library motions."""
     from gradio_client import handle_file
 
-    inputs = dict(image=handle_file(str(root / "image.png")), prompt=PROMPT,
-                  object_1_mask_png=handle_file(str(root / "mask1.png")), object_1_motion="jump",
-                  object_1_motion_words="jumps up", object_2_mask_png=handle_file(str(root / "mask2.png")),
-                  object_2_motion="slide", object_2_motion_words="slides left", steps=2)  # fmt: skip
+    inputs = dict(
+        image=handle_file(str(root / "image.png")),
+        prompt=PROMPT,
+        object_1_mask_png=handle_file(str(root / "mask1.png")),
+        object_1_motion="jump",
+        object_1_motion_words="jumps up",
+        object_2_mask_png=handle_file(str(root / "mask2.png")),
+        object_2_motion="slide",
+        object_2_motion_words="slides left",
+        steps=2,
+    )
     return inputs | changes
 
 
@@ -348,14 +409,29 @@ def test_the_api_has_named_endpoints_with_named_inputs(server):
     api = server.client.view_api(return_format="dict", print_info=False)
     assert sorted(api["named_endpoints"]) == ["/generate", "/learn", "/show_masks"] and not api["unnamed_endpoints"]
     generate = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]
-    assert generate[:8] == ["image", "prompt", "steps", "seed", "object_1_use", "object_1_mask_from", "object_1_brush",
-                            "object_1_mask_png"] and generate[-1] == "object_3_motion_words" and len(generate) == 31  # fmt: skip
+    assert (
+        generate[:8]
+        == [
+            "image",
+            "prompt",
+            "steps",
+            "seed",
+            "object_1_use",
+            "object_1_mask_from",
+            "object_1_brush",
+            "object_1_mask_png",
+        ]
+        and generate[-1] == "object_3_motion_words"
+        and len(generate) == 31
+    )
     learn = [p["parameter_name"] for p in api["named_endpoints"]["/learn"]["parameters"]]
     assert learn == ["video", "caption", "concept_words", "motion_words", "name", "steps", "tokens_per_block", "resume"]
-    video, overlay = server.client.predict(**generate_inputs(server.root), api_name="/generate")
+    video, _overlay = server.client.predict(**generate_inputs(server.root), api_name="/generate")
     assert iio.imread(video["video"] if isinstance(video, dict) else video).shape == (9, 32, 32, 3)
-    preview = server.client.predict(**{k: v for k, v in generate_inputs(server.root).items() if k not in ("prompt", "steps")},
-                                    api_name="/show_masks")  # fmt: skip
+    preview = server.client.predict(
+        **{k: v for k, v in generate_inputs(server.root).items() if k not in ("prompt", "steps")},
+        api_name="/show_masks",
+    )
     assert np.asarray(Image.open(preview)).ndim == 3
 
 
@@ -388,10 +464,21 @@ def test_a_client_that_goes_away_stops_its_run_and_the_next_one_runs(server):
     gate, app, root = server.gate, server.app, server.root
     gate.close()
     session = GradioSession(server.url)
-    objects = {"object_1_use": True, "object_1_mask_from": "png", "object_1_mask_png": upload(session, root / "mask1.png"),
-               "object_1_motion": "jump", "object_1_motion_words": "jumps up", "object_2_use": False, "object_3_use": False}  # fmt: skip
-    names = [p["parameter_name"] for p in server.client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-             ["/generate"]["parameters"]][4:]  # fmt: skip
+    objects = {
+        "object_1_use": True,
+        "object_1_mask_from": "png",
+        "object_1_mask_png": upload(session, root / "mask1.png"),
+        "object_1_motion": "jump",
+        "object_1_motion_words": "jumps up",
+        "object_2_use": False,
+        "object_3_use": False,
+    }
+    names = [
+        p["parameter_name"]
+        for p in server.client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"][
+            "parameters"
+        ]
+    ][4:]
     data = [upload(session, root / "image.png"), "A ball jumps up.", 20, 0, *[objects.get(n) for n in names]]
     session.join(session.fn_index("generate"), data)
     for message in session.messages():  # the page's event stream, dropped while its run is in step 1
@@ -402,7 +489,7 @@ def test_a_client_that_goes_away_stops_its_run_and_the_next_one_runs(server):
     wait_for(lambda: app.worker.stop_requests == 1, "the server to notice the client left")
     gate.open()
     wait_for(lambda: app.worker.cancelled == 1, "the run to stop")
-    video, _ = server.client.predict(**generate_inputs(root), api_name="/generate")
+    _video, _ = server.client.predict(**generate_inputs(root), api_name="/generate")
     assert gate.calls == 1 + 2 and gate.most_active == 1
 
 
@@ -410,8 +497,16 @@ def test_learning_stops_at_a_step_and_continues_from_its_checkpoint(server):
     from gradio_client import handle_file
 
     gate, client, app, root = server.gate, server.client, server.app, server.root
-    inputs = dict(video=handle_file(str(reference_video(root / "ref.mp4"))), caption="A ball jumps up.",
-                  concept_words="ball", motion_words="jumps up", name="hop", steps=40, tokens_per_block=4, resume=True)  # fmt: skip
+    inputs = dict(
+        video=handle_file(str(reference_video(root / "ref.mp4"))),
+        caption="A ball jumps up.",
+        concept_words="ball",
+        motion_words="jumps up",
+        name="hop",
+        steps=40,
+        tokens_per_block=4,
+        resume=True,
+    )
     assert app.checkpoint_every(40) == 2
     gate.close()
     job = client.submit(**inputs, api_name="/learn")
@@ -448,14 +543,17 @@ def test_bad_files_get_clear_messages_without_server_paths(server, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     huge = handle_file(str(png_header(tmp_path / "huge.png", 15000, 15000)))  # past PIL's own guard
     cases = {
-        "the image (huge.png) is 15000 x 15000 pixels: this app takes images of at most 50 megapixels; scale it down first":
-            {"image": huge},
-        "Object 2: its mask PNG (huge.png) is 15000 x 15000 pixels: this app takes images of at most 50 megapixels":
-            {"object_2_mask_png": huge},
-        "Object 1: 'junk.safetensors' is not a readable safetensors motion file":
-            {"object_1_motion_file": handle_file(str(tmp_path / "junk.safetensors"))},
+        "the image (huge.png) is 15000 x 15000 pixels: this app takes images of at most 50 megapixels; scale it down first": {
+            "image": huge
+        },
+        "Object 2: its mask PNG (huge.png) is 15000 x 15000 pixels: this app takes images of at most 50 megapixels": {
+            "object_2_mask_png": huge
+        },
+        "Object 1: 'junk.safetensors' is not a readable safetensors motion file": {
+            "object_1_motion_file": handle_file(str(tmp_path / "junk.safetensors"))
+        },
         "Object 2: type its motion words": {"object_2_motion_words": ""},
-    }  # fmt: skip
+    }
     for expected, change in cases.items():
         message = refusal(server, **change)
         assert message.startswith(expected)
@@ -466,15 +564,26 @@ def test_every_message_about_one_object_starts_with_its_number_on_the_page(serve
     from gradio_client import handle_file
 
     root = server.root
-    third = dict(object_3_use=True, object_3_mask_png=handle_file(str(root / "mask2.png")), object_3_motion="jump",
-                 object_3_motion_words="jumps up")  # fmt: skip
+    third = dict(
+        object_3_use=True,
+        object_3_mask_png=handle_file(str(root / "mask2.png")),
+        object_3_motion="jump",
+        object_3_motion_words="jumps up",
+    )
     assert refusal(server, object_2_motion="spin").startswith(
-        "Object 2: motion 'spin' is not in the motion library (it has: jump, slide): choose one of them")
+        "Object 2: motion 'spin' is not in the motion library (it has: jump, slide): choose one of them"
+    )
     assert refusal(server, object_2_motion_words="dances wildly").startswith(
-        "Object 2: motion words 'dances wildly' were not found among the tokens of the prompt")
+        "Object 2: motion words 'dances wildly' were not found among the tokens of the prompt"
+    )
     # object 1 unused: the pipeline gets two objects, and the page still names its third
-    message = refusal(server, object_1_use=False, object_2_motion_words="slides left", **third,
-                      prompt="A box slides left. A ball hops.")  # fmt: skip
+    message = refusal(
+        server,
+        object_1_use=False,
+        object_2_motion_words="slides left",
+        **third,
+        prompt="A box slides left. A ball hops.",
+    )
     assert message.startswith("Object 3: motion words 'jumps up' were not found among the tokens of the prompt")
     assert server.gate.calls == 0  # nothing ran
 
@@ -489,9 +598,11 @@ def test_the_pages_motion_events_name_their_object(server, tmp_path):
     finally:
         session.close()
     assert not uploaded["success"] and uploaded["output"]["error"].startswith(
-        "Object 2: 'not_motion.safetensors' is not a readable safetensors motion file")
+        "Object 2: 'not_motion.safetensors' is not a readable safetensors motion file"
+    )
     assert not chosen["success"] and chosen["output"]["error"].startswith(
-        "Object 3: motion 'slide' is not in the motion library (it has: jump)")
+        "Object 3: motion 'slide' is not in the motion library (it has: jump)"
+    )
 
 
 def test_the_page_names_the_size_of_a_decompression_bomb_when_it_is_uploaded(server, tmp_path):
@@ -501,8 +612,10 @@ def test_the_page_names_the_size_of_a_decompression_bomb_when_it_is_uploaded(ser
         shown = session.call(session.fn_index("on_image"), [bomb])
     finally:
         session.close()
-    assert shown["output"]["data"][0] == ("**the image (huge.png) is 15000 x 15000 pixels: this app takes images of at most "
-                                          "50 megapixels; scale it down first**")  # fmt: skip
+    assert shown["output"]["data"][0] == (
+        "**the image (huge.png) is 15000 x 15000 pixels: this app takes images of at most "
+        "50 megapixels; scale it down first**"
+    )
 
 
 def test_fleximmt_app_takes_its_step_limit_from_max_steps(monkeypatch, tiny_pipe):
@@ -518,8 +631,10 @@ def test_fleximmt_app_takes_its_step_limit_from_max_steps(monkeypatch, tiny_pipe
 
 def test_an_empty_prompt_says_so_and_what_to_write(server):
     message = refusal(server, prompt="")
-    assert message.startswith("the prompt is empty, so the motion words 'jumps up' are not in it: write a prompt that "
-                              "describes the scene and holds each object's motion words as they are")  # fmt: skip
+    assert message.startswith(
+        "the prompt is empty, so the motion words 'jumps up' are not in it: write a prompt that "
+        "describes the scene and holds each object's motion words as they are"
+    )
     assert "cut to" not in message and server.gate.calls == 0
 
 
@@ -533,12 +648,21 @@ def test_an_empty_or_vanishing_mask_is_refused_naming_its_object(server, tmp_pat
     Image.fromarray(dot).save(tmp_path / "dot.png")
     empty = "Object 2: its mask is empty, so its motion would move nothing: mark the object"
     assert refusal(server, object_2_mask_png=handle_file(str(tmp_path / "black.png"))).startswith(empty)
-    with pytest.raises(AppError, match="^Object 2: its mask is empty"):
-        server.client.predict(**{k: v for k, v in generate_inputs(server.root, object_2_mask_png=handle_file(
-            str(tmp_path / "black.png"))).items() if k not in ("prompt", "steps")}, api_name="/show_masks")  # fmt: skip
+    with pytest.raises(AppError, match=r"^Object 2: its mask is empty"):
+        server.client.predict(
+            **{
+                k: v
+                for k, v in generate_inputs(
+                    server.root, object_2_mask_png=handle_file(str(tmp_path / "black.png"))
+                ).items()
+                if k not in ("prompt", "steps")
+            },
+            api_name="/show_masks",
+        )
     assert refusal(server, object_1_mask_png=handle_file(str(tmp_path / "dot.png"))) == (
         "Object 1: its mask is too small: nothing of it is left once the image is resized to the model's 32 x 32; "
-        "give a larger mask")  # fmt: skip
+        "give a larger mask"
+    )
     assert server.gate.calls == 0
 
 
@@ -557,10 +681,18 @@ def test_step_counts_over_the_api_are_whole_and_within_the_pages_limit(server):
     assert refusal(server, steps=5) == "steps=5: give a whole number of denoising steps from 1 to 4"
     from gradio_client.exceptions import AppError
 
-    with pytest.raises(AppError, match="^steps=12.5: give a whole number of training steps from 1 to 2000"):
-        server.client.predict(video=handle_file(str(reference_video(server.root / "ref.mp4"))), caption="A ball jumps up.",
-                              concept_words="ball", motion_words="jumps up", name="hop", steps=12.5, tokens_per_block=4,
-                              resume=True, api_name="/learn")  # fmt: skip
+    with pytest.raises(AppError, match=r"^steps=12.5: give a whole number of training steps from 1 to 2000"):
+        server.client.predict(
+            video=handle_file(str(reference_video(server.root / "ref.mp4"))),
+            caption="A ball jumps up.",
+            concept_words="ball",
+            motion_words="jumps up",
+            name="hop",
+            steps=12.5,
+            tokens_per_block=4,
+            resume=True,
+            api_name="/learn",
+        )
     assert server.gate.calls == 3
 
 
@@ -611,9 +743,25 @@ def test_fleximmt_app_stopped_with_sigterm_leaves_no_files(assets, tmp_path):
     others = cache_of_another_server(cache)
     env = dict(os.environ, TMPDIR=str(scratch / "tmp"), GRADIO_TEMP_DIR=str(cache))
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fleximmt", "app", "--model", "tiny", "--motions", str(root / "motions"),
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleximmt",
+            "app",
+            "--model",
+            "tiny",
+            "--motions",
+            str(root / "motions"),
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def up() -> bool:
             assert server.poll() is None, "the server stopped"
             try:
@@ -624,8 +772,10 @@ def test_fleximmt_app_stopped_with_sigterm_leaves_no_files(assets, tmp_path):
         wait_for(up, "the server to start", timeout=120)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "downloads"))
         client.predict(**generate_inputs(root), api_name="/generate")
-        made = {p for p in scratch.rglob("*")} - others - {scratch / "tmp", cache}
-        assert any(p.is_file() for p in made) and any(p.is_dir() for p in made)  # the run's files, the uploads, their folders
+        made = set(scratch.rglob("*")) - others - {scratch / "tmp", cache}
+        assert any(p.is_file() for p in made) and any(
+            p.is_dir() for p in made
+        )  # the run's files, the uploads, their folders
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
     finally:
@@ -669,7 +819,9 @@ def toy_assets(tmp_path_factory):
     else:
         (root / "motions").mkdir()
         for seed, (name, words) in enumerate([("right", "moves right"), ("bounce", "bounces")]):
-            random_motion(pipe.transformer, 16, seed=seed, name=name, motion_words=words).save(root / "motions" / f"{name}.safetensors")
+            random_motion(pipe.transformer, 16, seed=seed, name=name, motion_words=words).save(
+                root / "motions" / f"{name}.safetensors"
+            )
     return pipe, root, EXAMPLE_DIR
 
 
@@ -696,12 +848,19 @@ def test_a_transfer_in_chromium_on_the_toy_model_shows_a_video(toy_assets, tmp_p
         words = {1: "moves right", 2: "bounces"}
         for k, motion in ((1, "right"), (2, "bounce")):
             driver.find_element(By.CSS_SELECTOR, f"#png_{k} input[type=file]").send_keys(
-                str(examples / "masks" / f"scene_0_object_{k - 1}.png"))  # fmt: skip
+                str(examples / "masks" / f"scene_0_object_{k - 1}.png")
+            )
             radio = driver.find_element(By.CSS_SELECTOR, f"#motion_{k} input[value='{motion}']")
             driver.execute_script("arguments[0].click();", radio)
-            wait.until(lambda d, k=k: d.find_element(By.CSS_SELECTOR, f"#motion_words_{k} textarea").get_attribute("value") == words[k])
+            wait.until(
+                lambda d, k=k: (
+                    d.find_element(By.CSS_SELECTOR, f"#motion_words_{k} textarea").get_attribute("value") == words[k]
+                )
+            )
         sprites = random_case(100, num_objects=2).sprites  # the bundled scene_0.png
-        prompt_text = f"A {sprites[0].colour} {sprites[0].shape} moves right. A {sprites[1].colour} {sprites[1].shape} bounces."
+        prompt_text = (
+            f"A {sprites[0].colour} {sprites[0].shape} moves right. A {sprites[1].colour} {sprites[1].shape} bounces."
+        )
         driver.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys(prompt_text)
         wait.until(ec.text_to_be_present_in_element((By.ID, "highlight"), "bounces"))
         driver.execute_script("arguments[0].click();", driver.find_element(By.ID, "show_masks"))
@@ -735,7 +894,9 @@ def test_bad_input_shows_a_readable_message_in_the_page(assets, tmp_path):
         WebDriverWait(driver, 60).until(lambda d: "upload an image first" in d.find_element(By.TAG_NAME, "body").text)
         png_header(tmp_path / "huge.png", 15000, 15000)
         driver.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(tmp_path / "huge.png"))
-        WebDriverWait(driver, 60).until(lambda d: "(huge.png) is 15000 x 15000 pixels" in d.find_element(By.ID, "image_info").text)
+        WebDriverWait(driver, 60).until(
+            lambda d: "(huge.png) is 15000 x 15000 pixels" in d.find_element(By.ID, "image_info").text
+        )
     finally:
         driver.quit()
         demo.close()
@@ -758,12 +919,22 @@ def test_stop_in_the_page_ends_the_run_at_its_next_step(assets, tmp_path):
     wait = WebDriverWait(driver, 60)
     try:
         driver.get(f"http://127.0.0.1:{port}/")
-        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]"))).send_keys(str(root / "wide.png"))
-        wait.until(ec.text_to_be_present_in_element((By.ID, "image_info"), "the picture is stretched (aspect ratio 3.00 becomes 1.00)"))
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]"))).send_keys(
+            str(root / "wide.png")
+        )
+        wait.until(
+            ec.text_to_be_present_in_element(
+                (By.ID, "image_info"), "the picture is stretched (aspect ratio 3.00 becomes 1.00)"
+            )
+        )
         driver.find_element(By.CSS_SELECTOR, "#png_1 input[type=file]").send_keys(str(root / "wide_mask.png"))
         driver.execute_script("arguments[0].click();", driver.find_element(By.CSS_SELECTOR, "#use_2 input"))
-        driver.execute_script("arguments[0].click();", driver.find_element(By.CSS_SELECTOR, "#motion_1 input[value='jump']"))
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#motion_words_1 textarea").get_attribute("value") == "jumps up")
+        driver.execute_script(
+            "arguments[0].click();", driver.find_element(By.CSS_SELECTOR, "#motion_1 input[value='jump']")
+        )
+        wait.until(
+            lambda d: d.find_element(By.CSS_SELECTOR, "#motion_words_1 textarea").get_attribute("value") == "jumps up"
+        )
         driver.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys("A ball jumps up.")
         driver.execute_script("arguments[0].click();", driver.find_element(By.ID, "generate"))
         gate.wait_entered()  # step 1 of 10 runs
@@ -792,11 +963,21 @@ def test_the_learn_tab_trains_a_motion_that_joins_the_library(assets, tmp_path):
     wait = WebDriverWait(driver, 120)
     try:
         driver.get(f"http://127.0.0.1:{port}/")
-        tab = wait.until(lambda d: next((b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == "Learn"), False))
+        tab = wait.until(
+            lambda d: next(
+                (b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == "Learn"), False
+            )
+        )
         driver.execute_script("arguments[0].click();", tab)
-        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#ref_video input[type=file]"))).send_keys(str(root / "ref.mp4"))
-        for elem_id, text in (("caption", "A ball jumps up."), ("concept", "ball"), ("learn_words", "jumps up"),
-                              ("motion_name", "hop")):  # fmt: skip
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#ref_video input[type=file]"))).send_keys(
+            str(root / "ref.mp4")
+        )
+        for elem_id, text in (
+            ("caption", "A ball jumps up."),
+            ("concept", "ball"),
+            ("learn_words", "jumps up"),
+            ("motion_name", "hop"),
+        ):
             driver.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea").send_keys(text)
         driver.execute_script("arguments[0].click();", driver.find_element(By.ID, "learn"))
         wait.until(lambda d: "hop" in d.find_element(By.ID, "learned").text)

@@ -170,15 +170,21 @@ def test_flex_equals_dense_in_values(seed):
     text_len, num_video, m_len = member.shape[1], video_masks.shape[1], 3 * d_m
     parts = frozenset(rng.sample(PARTS, rng.randint(2, len(PARTS))))
     context = rng.choice(["open", "closed"])
-    q, k, v, mq, mk, mv = (t.detach().float() for t in tensors(2, 2, [text_len + num_video] * 3 + [m_len] * 3, seed=seed))
+    q, k, v, mq, mk, mv = (
+        t.detach().float() for t in tensors(2, 2, [text_len + num_video] * 3 + [m_len] * 3, seed=seed)
+    )
     with torch.no_grad():
-        flex, dense = (JointLayout(member, d_m, video_masks, parts, context, b).attend(q, k, v, mq, mk, mv, text_len)
-                       for b in ("flex", "dense"))  # fmt: skip
+        flex, dense = (
+            JointLayout(member, d_m, video_masks, parts, context, b).attend(q, k, v, mq, mk, mv, text_len)
+            for b in ("flex", "dense")
+        )
         assert ((flex - dense).norm() / dense.norm()).item() < 1e-4
         cross_parts = frozenset(rng.sample(CROSS_PARTS, rng.randint(1, 2)))
         qv, kt, vt = (t.detach().float() for t in tensors(2, 2, [num_video, text_len, text_len], seed=seed + 1))
-        flex, dense = (CrossLayout(member, d_m, video_masks, cross_parts, "open", b).attend(qv, kt, vt, mk, mv)
-                       for b in ("flex", "dense"))  # fmt: skip
+        flex, dense = (
+            CrossLayout(member, d_m, video_masks, cross_parts, "open", b).attend(qv, kt, vt, mk, mv)
+            for b in ("flex", "dense")
+        )
         assert ((flex - dense).norm() / dense.norm()).item() < 1e-4
 
 
@@ -199,21 +205,25 @@ def test_flex_equals_dense_in_gradients_on_a_gpu(seed):
     text_len, num_video, m_len = member.shape[1], video_masks.shape[1], 3 * d_m
     grads = []
     for backend in ("flex", "dense"):
-        q, k, v, mq, mk, mv = (t.detach().float().cuda().requires_grad_(True)
-                               for t in tensors(2, 2, [text_len + num_video] * 3 + [m_len] * 3, seed=seed))  # fmt: skip
-        out = JointLayout(member, d_m, video_masks, frozenset(PARTS), "open", backend).attend(q, k, v, mq, mk, mv, text_len)
+        q, k, v, mq, mk, mv = (
+            t.detach().float().cuda().requires_grad_(True)
+            for t in tensors(2, 2, [text_len + num_video] * 3 + [m_len] * 3, seed=seed)
+        )
+        out = JointLayout(member, d_m, video_masks, frozenset(PARTS), "open", backend).attend(
+            q, k, v, mq, mk, mv, text_len
+        )
         out.pow(2).sum().backward()
         grads.append([t.grad for t in (q, k, v, mk, mv)])
     for flex, dense in zip(*grads):
         assert ((flex - dense).norm() / dense.norm()).item() < 1e-4
 
 
-# -- padded text keys (HunyuanVideo 1.5's text; METHOD.md section 10) ------------------------------------
+# -- padded text keys (HunyuanVideo 1.5's text; docs/method.md#hunyuanvideo-15) ------------------------------------
 def cross_brute_force(member, owner, video_masks, valid):
-    """Which text and motion keys each video query reads, pair by pair (METHOD.md sections 9, 10):
+    """Which text and motion keys each video query reads, pair by pair (docs/method.md#wan, docs/method.md#hunyuanvideo-15):
     a padded key never; a motion word only of the query's objects; context words always; motion tokens
     only of its objects; a query left with nothing reads the whole valid text."""
-    K, L = member.shape
+    _K, L = member.shape
     out = torch.zeros(video_masks.shape[1], L + owner.shape[1], dtype=torch.bool)
     for v in range(video_masks.shape[1]):
         mine = set(video_masks[:, v].nonzero().flatten().tolist())
@@ -248,6 +258,9 @@ def test_cross_layouts_with_padded_text_equal_a_brute_force_and_auto_equals_dens
 def test_text_keys_place_motion_words_after_other_context_and_never_in_padding():
     member = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
     placed, valid = attention.TextKeys(offset=3, valid=7).place(member, 9)
-    assert placed.int().tolist() == [[0, 0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0]]  # object 2's word: padding
+    assert placed.int().tolist() == [
+        [0, 0, 0, 0, 1, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0],
+    ]  # object 2's word: padding
     assert valid.tolist() == [True] * 7 + [False] * 2
     assert attention.TextKeys().place(member, 5)[1] is None

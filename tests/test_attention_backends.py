@@ -65,13 +65,25 @@ def call(pipe, family, with_objects=True, **kw):
     image = Image.fromarray((rng.rand(size, size, 3) * 255).astype(np.uint8))
     objects = []
     if with_objects:
-        for k, (y0, y1, x0, x1) in enumerate([(2, size // 2, 2, size // 2), (size // 3, size - 2, size // 3, size - 2)]):
+        for k, (y0, y1, x0, x1) in enumerate(
+            [(2, size // 2, 2, size // 2), (size // 3, size - 2, size // 3, size - 2)]
+        ):
             mask = np.zeros((size, size), bool)
             mask[y0:y1, x0:x1] = True
             objects.append(ObjectMotion(mask, random_motion(pipe.transformer, 4, seed=k + 1, scale=4.0), WORDS[k]))
-    return pipe(image, PROMPT, height=size, width=size, num_frames=cfg["frames"], num_inference_steps=2,
-                generator=torch.Generator().manual_seed(0), output_type="pt", objects=objects, **cfg["extra"], **kw,
-                ).frames  # fmt: skip
+    return pipe(
+        image,
+        PROMPT,
+        height=size,
+        width=size,
+        num_frames=cfg["frames"],
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        objects=objects,
+        **cfg["extra"],
+        **kw,
+    ).frames
 
 
 def test_every_call_takes_the_backend_set_on_the_model(pipe, family, spy):
@@ -115,8 +127,11 @@ def test_a_backend_without_masks_gets_every_unmasked_call(pipe, family, spy, mon
 
     reference = call(pipe, family)
     monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName.FLASH, flash)
-    monkeypatch.setitem(_AttentionBackendRegistry._supported_arg_names, AttentionBackendName.FLASH,
-                        {"query", "key", "value", "attn_mask"})  # fmt: skip
+    monkeypatch.setitem(
+        _AttentionBackendRegistry._supported_arg_names,
+        AttentionBackendName.FLASH,
+        {"query", "key", "value", "attn_mask"},
+    )
     for processor in pipe.transformer.attn_processors.values():
         processor._attention_backend = AttentionBackendName.FLASH
     spy.clear()
@@ -150,7 +165,7 @@ def test_the_flex_option_runs_through_the_pipeline_as_dense_does(spy):
     FlexAttention backward); FlexAttention is torch's own kernel, so no call reaches diffusers' registry."""
     pipe = tiny_pipeline(0)
     flex = call(pipe, "cogvideox", attention_backend="flex")
-    masked_calls = [c for c in spy]
+    masked_calls = list(spy)
     spy.clear()
     dense = call(pipe, "cogvideox", attention_backend="dense")
     assert ((flex - dense).norm() / dense.norm()).item() < 1e-4

@@ -26,21 +26,60 @@ def test_gpu_benchmark_dry_run_writes_every_field(tmp_path):
     gpu = load_gpu_module()
     out = tmp_path / "gpu.json"
     with torch.random.fork_rng():
-        assert gpu.main(["--device", "cpu", "--tiny", "--steps", "1", "--train-steps", "1", "--more-objects", "1",
-                         "--out", str(out)]) == 0  # fmt: skip
+        assert (
+            gpu.main(
+                [
+                    "--device",
+                    "cpu",
+                    "--tiny",
+                    "--steps",
+                    "1",
+                    "--train-steps",
+                    "1",
+                    "--more-objects",
+                    "1",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     result = json.loads(out.read_text())
-    for field in ("device", "torch", "diffusers", "model", "tiny", "dtype", "size", "video_tokens", "text_tokens",
-                  "objects", "tokens_per_motion", "weights_gib", "paper_release_s_per_step_a800"):  # fmt: skip
+    for field in (
+        "device",
+        "torch",
+        "diffusers",
+        "model",
+        "tiny",
+        "dtype",
+        "size",
+        "video_tokens",
+        "text_tokens",
+        "objects",
+        "tokens_per_motion",
+        "weights_gib",
+        "paper_release_s_per_step_a800",
+    ):
         assert field in result, field
     assert result["tiny"] is True and result["device"] == "cpu" and result["video_tokens"] == 3 * 4 * 6
-    assert set(result["inference"]) == {"diffusers", "fleximmt_auto", "diffusers_again", "fleximmt_auto_k1", "fleximmt_dense"}
+    assert set(result["inference"]) == {
+        "diffusers",
+        "fleximmt_auto",
+        "diffusers_again",
+        "fleximmt_auto_k1",
+        "fleximmt_dense",
+    }
     for name, run in result["inference"].items():
         assert RUN_FIELDS | {"backend", "objects", "ratio"} <= set(run), name
         assert run["fits"] and len(run["steps_s"]) == 1 and run["s_per_step"] > 0 and run["ratio"] > 0, name
         assert run["peak_gib"] is None  # CUDA's counter only
     # ratios are to the mean of diffusers' runs before and after FlexiMMT's
-    assert result["inference"]["diffusers"]["ratio"] + result["inference"]["diffusers_again"]["ratio"] == pytest.approx(2)
-    assert result["inference"]["fleximmt_auto"]["objects"] == 3 and result["inference"]["fleximmt_auto_k1"]["objects"] == 1
+    assert result["inference"]["diffusers"]["ratio"] + result["inference"]["diffusers_again"]["ratio"] == pytest.approx(
+        2
+    )
+    assert (
+        result["inference"]["fleximmt_auto"]["objects"] == 3 and result["inference"]["fleximmt_auto_k1"]["objects"] == 1
+    )
     expected = {f"{kind}_checkpointing_{on}" for kind in ("plain", "fleximmt") for on in ("on", "off")}
     assert set(result["training"]) == expected
     for name, run in result["training"].items():
@@ -60,11 +99,17 @@ def test_gpu_benchmark_dry_run_on_wan(model, tmp_path, monkeypatch):
     gpu = load_gpu_module()
     out = tmp_path / "gpu.json"
     with torch.random.fork_rng():
-        assert gpu.main(["--device", "cpu", "--tiny", "--model", model, "--steps", "1", "--train-steps", "1",
-                         "--out", str(out)]) == 0  # fmt: skip
+        assert (
+            gpu.main(
+                ["--device", "cpu", "--tiny", "--model", model, "--steps", "1", "--train-steps", "1", "--out", str(out)]
+            )
+            == 0
+        )
     result = json.loads(out.read_text())
     assert result["model"].startswith("Wan2") and result["text_tokens"] == 512
-    assert all(run["fits"] and run["s_per_step"] > 0 for run in [*result["inference"].values(), *result["training"].values()])
+    assert all(
+        run["fits"] and run["s_per_step"] > 0 for run in [*result["inference"].values(), *result["training"].values()]
+    )
     layers = gpu.WAN_TINY["num_layers"]
     # inference: auto and dense x 2 steps (warm-up + 1) x 2 calls (cond, uncond); training: 2 steps without
     # checkpointing, 2 with it, where each block's attn2 runs again in the backward pass
@@ -88,12 +133,32 @@ def test_gpu_benchmark_dry_run_on_hunyuan15(tmp_path, monkeypatch):
     gpu = load_gpu_module()
     out = tmp_path / "gpu.json"
     with torch.random.fork_rng():
-        assert gpu.main(["--device", "cpu", "--tiny", "--model", "hunyuan1.5", "--steps", "1", "--train-steps", "1",
-                         "--more-objects", "1", "--out", str(out)]) == 0  # fmt: skip
+        assert (
+            gpu.main(
+                [
+                    "--device",
+                    "cpu",
+                    "--tiny",
+                    "--model",
+                    "hunyuan1.5",
+                    "--steps",
+                    "1",
+                    "--train-steps",
+                    "1",
+                    "--more-objects",
+                    "1",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     result = json.loads(out.read_text())
     assert result["model"].startswith("HunyuanVideo-1.5") and result["text_tokens"] == gpu.HUNYUAN_TINY_TEXT["prompt"]
     assert "bool padding mask" in result["baseline"]
-    assert all(run["fits"] and run["s_per_step"] > 0 for run in [*result["inference"].values(), *result["training"].values()])
+    assert all(
+        run["fits"] and run["s_per_step"] > 0 for run in [*result["inference"].values(), *result["training"].values()]
+    )
     layers = gpu.HUNYUAN_TINY["num_layers"]
     # inference: auto, dense and K = 1 x 2 steps (warm-up + 1) x 2 forwards (cond, uncond); training: 2 steps
     # without checkpointing, 2 with it, where each block's attention runs again in the backward pass
@@ -101,6 +166,7 @@ def test_gpu_benchmark_dry_run_on_hunyuan15(tmp_path, monkeypatch):
     image, prompt = gpu.HUNYUAN_TINY_TEXT["image"], gpu.HUNYUAN_TINY_VALID
     inference = {tuple(t) for t in texts[: layers * 4]}
     assert inference == {((image, image + prompt["pred_cond"]),), ((image, image + prompt["pred_uncond"]),)}
+
 
 def test_gpu_benchmark_time_limit_keeps_what_it_measured(tmp_path):
     """Past --time-limit no further variant starts; the JSON (written after every variant) says which were skipped."""
@@ -120,13 +186,41 @@ def test_gpu_benchmark_profile_writes_one_table_per_variant(tmp_path):
     """--profile DIR: one more step of each variant under torch.profiler, not counted in its timings."""
     gpu = load_gpu_module()
     with torch.random.fork_rng():
-        assert gpu.main(["--device", "cpu", "--tiny", "--steps", "1", "--train-steps", "1", "--skip-dense",
-                         "--checkpointing", "off", "--profile", str(tmp_path / "prof"), "--out", str(tmp_path / "g.json")]) == 0  # fmt: skip
+        assert (
+            gpu.main(
+                [
+                    "--device",
+                    "cpu",
+                    "--tiny",
+                    "--steps",
+                    "1",
+                    "--train-steps",
+                    "1",
+                    "--skip-dense",
+                    "--checkpointing",
+                    "off",
+                    "--profile",
+                    str(tmp_path / "prof"),
+                    "--out",
+                    str(tmp_path / "g.json"),
+                ]
+            )
+            == 0
+        )
     tables = {p.name: p.read_text() for p in (tmp_path / "prof").iterdir()}
-    assert set(tables) == {"diffusers.txt", "fleximmt_k_3_auto.txt", "diffusers_again.txt", "plain_fwd_bwd.txt", "fleximmt_train.txt"}
+    assert set(tables) == {
+        "diffusers.txt",
+        "fleximmt_k_3_auto.txt",
+        "diffusers_again.txt",
+        "plain_fwd_bwd.txt",
+        "fleximmt_train.txt",
+    }
     assert "scaled_dot_product" in tables["diffusers.txt"] and "grouped by Python stack" in tables["fleximmt_train.txt"]
     result = json.loads((tmp_path / "g.json").read_text())
-    assert len(result["inference"]["fleximmt_auto"]["steps_s"]) == 1 and len(result["training"]["fleximmt_checkpointing_off"]["steps_s"]) == 1
+    assert (
+        len(result["inference"]["fleximmt_auto"]["steps_s"]) == 1
+        and len(result["training"]["fleximmt_checkpointing_off"]["steps_s"]) == 1
+    )
     assert set(result["training"]) == {"plain_checkpointing_off", "fleximmt_checkpointing_off"}
 
 
@@ -167,14 +261,36 @@ def test_gpu_benchmark_applies_the_backend_and_cache_to_every_variant(model, tmp
 
     used = set()
     for name, fn in list(_AttentionBackendRegistry._backends.items()):
-        monkeypatch.setitem(_AttentionBackendRegistry._backends, name,
-                            lambda *a, _fn=fn, _name=name, **kw: used.add(AttentionBackendName(_name).value) or _fn(*a, **kw))
+        monkeypatch.setitem(
+            _AttentionBackendRegistry._backends,
+            name,
+            lambda *a, _fn=fn, _name=name, **kw: used.add(AttentionBackendName(_name).value) or _fn(*a, **kw),
+        )
     monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", _AttentionBackendRegistry._active_backend)
     gpu = load_gpu_module()
     out = tmp_path / "gpu.json"
     with torch.random.fork_rng():
-        assert gpu.main(["--device", "cpu", "--tiny", "--model", model, "--steps", "2", "--skip-training",
-                         "--attention-backend", "_native_math", "--cache", "first-block:0.05", "--out", str(out)]) == 0
+        assert (
+            gpu.main(
+                [
+                    "--device",
+                    "cpu",
+                    "--tiny",
+                    "--model",
+                    model,
+                    "--steps",
+                    "2",
+                    "--skip-training",
+                    "--attention-backend",
+                    "_native_math",
+                    "--cache",
+                    "first-block:0.05",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     result = json.loads(out.read_text())
     assert used == {"_native_math"}
     assert result["attention_backend"] == "_native_math" and result["cache"] == "first-block:0.05"
@@ -192,8 +308,27 @@ def test_block_benchmark_runs_one_hunyuan15_block(tmp_path):
     block = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(block)
     with torch.random.fork_rng():
-        result = block.main(["inference", "--model", "hunyuan1.5", "--height", "32", "--width", "48", "--frames", "1",
-                             "--objects", "2", "--tokens", "4", "--repeats", "1", "--out", str(tmp_path / "i.json")])  # fmt: skip
+        result = block.main(
+            [
+                "inference",
+                "--model",
+                "hunyuan1.5",
+                "--height",
+                "32",
+                "--width",
+                "48",
+                "--frames",
+                "1",
+                "--objects",
+                "2",
+                "--tokens",
+                "4",
+                "--repeats",
+                "1",
+                "--out",
+                str(tmp_path / "i.json"),
+            ]
+        )
     assert result["video_tokens"] == 1 * 2 * 3 and set(result["runs"]) == {"diffusers", "fleximmt K=2"}
     layout = result["layouts"]["2"]
     assert layout["text_queries"] == 729 + 120 and layout["masked_rows"] == 849 + layout["merged_video_queries"]

@@ -34,15 +34,58 @@ def subparser(name):
 
 
 # -- --help ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("command, options", [
-    ("generate", ["--image", "--prompt", "--object", "--out", "--masks-out", "--steps", "--seed", "--guidance",
-                  "--model", "--cpu-offload", "--vae-tiling", "--gif", "--fps", "--frames", "--mask-source",
-                  "--anchors", "--alpha", "--rmpm-method", "--dtype", "MASK:MOTION:WORDS", "examples:"]),
-    ("train", ["--video", "--caption", "--concept", "--motion-words", "--dataset", "--resume", "--mixed-precision",
-               "--gradient-checkpointing", "--checkpoint-every", "--lr", "--tokens", "--frames", "--fps", "examples:"]),
-    ("inspect", ["--json", "examples:"]),
-    ("demo", ["--out", "--steps", "RANDOM", "examples:"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        (
+            "generate",
+            [
+                "--image",
+                "--prompt",
+                "--object",
+                "--out",
+                "--masks-out",
+                "--steps",
+                "--seed",
+                "--guidance",
+                "--model",
+                "--cpu-offload",
+                "--vae-tiling",
+                "--gif",
+                "--fps",
+                "--frames",
+                "--mask-source",
+                "--anchors",
+                "--alpha",
+                "--rmpm-method",
+                "--dtype",
+                "MASK:MOTION:WORDS",
+                "examples:",
+            ],
+        ),
+        (
+            "train",
+            [
+                "--video",
+                "--caption",
+                "--concept",
+                "--motion-words",
+                "--dataset",
+                "--resume",
+                "--mixed-precision",
+                "--gradient-checkpointing",
+                "--checkpoint-every",
+                "--lr",
+                "--tokens",
+                "--frames",
+                "--fps",
+                "examples:",
+            ],
+        ),
+        ("inspect", ["--json", "examples:"]),
+        ("demo", ["--out", "--steps", "RANDOM", "examples:"]),
+    ],
+)
 def test_help_of_each_command_exits_0_and_names_its_options(command, options, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -65,7 +108,11 @@ def test_the_default_model_is_the_first_registered_familys_and_help_shows_it(cap
     from fleximmt.models import adapters
 
     first = next(adapters())
-    assert subparser("generate")._option_string_actions["--model"].default == first.default_model == "THUDM/CogVideoX-5b-I2V"
+    assert (
+        subparser("generate")._option_string_actions["--model"].default
+        == first.default_model
+        == "THUDM/CogVideoX-5b-I2V"
+    )
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -82,8 +129,9 @@ def test_generate_choices_are_the_pipelines_own():
 
 def test_python_dash_m_fleximmt_runs_the_cli():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "fleximmt", "inspect", "--help"], capture_output=True, text=True,
-                            env=env, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "fleximmt", "inspect", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "usage: fleximmt inspect" in result.stdout
 
@@ -98,20 +146,43 @@ def scene(tmp_path, tiny_pipe):
         mask = np.zeros((32, 32), np.uint8)
         mask[y : y + 12, x : x + 12] = 255
         Image.fromarray(mask).save(tmp_path / f"mask{k}.png")
-        random_motion(tiny_pipe.transformer, 4, seed=k, name=f"m{k}", motion_words="jumps up").save(tmp_path / f"m{k}.safetensors")
+        random_motion(tiny_pipe.transformer, 4, seed=k, name=f"m{k}", motion_words="jumps up").save(
+            tmp_path / f"m{k}.safetensors"
+        )
     return tmp_path
 
 
 def objects(scene):
-    return ["--object", f"{scene / 'mask0.png'}:{scene / 'm0.safetensors'}:jumps up",
-            "--object", f"{scene / 'mask1.png'}:{scene / 'm1.safetensors'}:slides left"]  # fmt: skip
+    return [
+        "--object",
+        f"{scene / 'mask0.png'}:{scene / 'm0.safetensors'}:jumps up",
+        "--object",
+        f"{scene / 'mask1.png'}:{scene / 'm1.safetensors'}:slides left",
+    ]
 
 
 def test_generate_writes_a_video_a_gif_and_a_mask_overlay(scene, capsys, caplog):
     with caplog.at_level(logging.WARNING):
-        code, out, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", PROMPT,
-                                  "--steps", 2, *objects(scene), "--out", scene / "out.mp4",
-                                  "--masks-out", scene / "masks.mp4", "--gif"], capsys)  # fmt: skip
+        code, out, err = run_cli(
+            [
+                "generate",
+                "--model",
+                "tiny",
+                "--image",
+                scene / "image.png",
+                "--prompt",
+                PROMPT,
+                "--steps",
+                2,
+                *objects(scene),
+                "--out",
+                scene / "out.mp4",
+                "--masks-out",
+                scene / "masks.mp4",
+                "--gif",
+            ],
+            capsys,
+        )
     assert code == 0, err
     video = iio.imread(scene / "out.mp4")
     overlay = iio.imread(scene / "masks.mp4")
@@ -124,44 +195,113 @@ def test_generate_writes_a_video_a_gif_and_a_mask_overlay(scene, capsys, caplog)
 
 
 def test_generate_shows_diffusers_progress_bar(scene, capsys):
-    code, _, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", PROMPT,
-                            "--steps", 2, *objects(scene), "--out", scene / "out.mp4"], capsys)  # fmt: skip
+    code, _, err = run_cli(
+        [
+            "generate",
+            "--model",
+            "tiny",
+            "--image",
+            scene / "image.png",
+            "--prompt",
+            PROMPT,
+            "--steps",
+            2,
+            *objects(scene),
+            "--out",
+            scene / "out.mp4",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "denoising" in err and "2/2" in err
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("only-two:parts", "MASK.png:MOTION.safetensors:motion words"),
-    ("{d}/mask0.png:{d}/m0.safetensors:", "MASK.png:MOTION.safetensors:motion words"),
-    ("{d}/missing.png:{d}/m0.safetensors:jumps up", "missing.png' does not exist"),
-    ("{d}/mask0.png:{d}/missing.safetensors:jumps up", "missing.safetensors' does not exist"),
-    ("{d}/mask0.png:{d}/m0.safetensors:flies away", "were not found"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("only-two:parts", "MASK.png:MOTION.safetensors:motion words"),
+        ("{d}/mask0.png:{d}/m0.safetensors:", "MASK.png:MOTION.safetensors:motion words"),
+        ("{d}/missing.png:{d}/m0.safetensors:jumps up", "missing.png' does not exist"),
+        ("{d}/mask0.png:{d}/missing.safetensors:jumps up", "missing.safetensors' does not exist"),
+        ("{d}/mask0.png:{d}/m0.safetensors:flies away", "were not found"),
+    ],
+)
 def test_bad_object_exits_2_with_a_message_naming_it(scene, capsys, spec, message):
-    code, _, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt",
-                            "A ball jumps up.", "--object", spec.format(d=scene), "--out", scene / "o.mp4"], capsys)  # fmt: skip
+    code, _, err = run_cli(
+        [
+            "generate",
+            "--model",
+            "tiny",
+            "--image",
+            scene / "image.png",
+            "--prompt",
+            "A ball jumps up.",
+            "--object",
+            spec.format(d=scene),
+            "--out",
+            scene / "o.mp4",
+        ],
+        capsys,
+    )
     assert code == 2
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not (scene / "o.mp4").exists()
 
 
-@pytest.mark.parametrize("second, message", [
-    ("{d}/mask1.png:{d}/missing.safetensors:slides left", "error: object 2: motion file '{d}/missing.safetensors' does not exist"),
-    ("{d}/mask1.png:{d}/m1.safetensors:flies away", "error: object 2: motion words 'flies away' were not found"),
-    ("{d}/mask1.png", "error: object 2: --object '{d}/mask1.png': write MASK.png:MOTION.safetensors:motion words"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "second, message",
+    [
+        (
+            "{d}/mask1.png:{d}/missing.safetensors:slides left",
+            "error: object 2: motion file '{d}/missing.safetensors' does not exist",
+        ),
+        ("{d}/mask1.png:{d}/m1.safetensors:flies away", "error: object 2: motion words 'flies away' were not found"),
+        ("{d}/mask1.png", "error: object 2: --object '{d}/mask1.png': write MASK.png:MOTION.safetensors:motion words"),
+    ],
+)
 def test_messages_name_the_object_by_its_place_among_the_object_options(scene, capsys, second, message):
     first = f"{scene / 'mask0.png'}:{scene / 'm0.safetensors'}:jumps up"
-    code, _, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", PROMPT,
-                            "--object", first, "--object", second.format(d=scene), "--out", scene / "o.mp4"], capsys)  # fmt: skip
+    code, _, err = run_cli(
+        [
+            "generate",
+            "--model",
+            "tiny",
+            "--image",
+            scene / "image.png",
+            "--prompt",
+            PROMPT,
+            "--object",
+            first,
+            "--object",
+            second.format(d=scene),
+            "--out",
+            scene / "o.mp4",
+        ],
+        capsys,
+    )
     assert code == 2 and err.startswith(message.format(d=scene)), err
 
 
 def test_an_empty_prompt_exits_2_saying_what_to_write(scene, capsys):
-    code, _, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", "",
-                            *objects(scene), "--out", scene / "o.mp4"], capsys)  # fmt: skip
-    assert code == 2 and err.startswith("error: the prompt is empty, so the motion words 'jumps up' are not in it: "
-                                        "write a prompt that describes the scene")  # fmt: skip
+    code, _, err = run_cli(
+        [
+            "generate",
+            "--model",
+            "tiny",
+            "--image",
+            scene / "image.png",
+            "--prompt",
+            "",
+            *objects(scene),
+            "--out",
+            scene / "o.mp4",
+        ],
+        capsys,
+    )
+    assert code == 2 and err.startswith(
+        "error: the prompt is empty, so the motion words 'jumps up' are not in it: "
+        "write a prompt that describes the scene"
+    )
 
 
 def test_missing_image_and_bad_output_suffix_exit_2_before_loading_the_model(scene, capsys, monkeypatch):
@@ -174,20 +314,52 @@ def test_missing_image_and_bad_output_suffix_exit_2_before_loading_the_model(sce
     assert code == 2 and err.startswith("error: --image") and "does not exist" in err
     code, _, err = run_cli([*base, "--image", scene / "image.png", "--out", scene / "o.avi"], capsys)
     assert code == 2 and "o.avi" in err and ".mp4 or .gif" in err
-    code, _, err = run_cli([*base, "--image", scene / "image.png", "--out", scene / "o.mp4", "--masks-out", scene / "m"], capsys)
+    code, _, err = run_cli(
+        [*base, "--image", scene / "image.png", "--out", scene / "o.mp4", "--masks-out", scene / "m"], capsys
+    )
     assert code == 2 and ".mp4 or .gif" in err
 
 
 def test_library_errors_exit_2_without_a_traceback(scene, capsys):
-    code, _, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", PROMPT,
-                            *objects(scene), "--alpha", 1.5, "--out", scene / "o.mp4"], capsys)  # fmt: skip
+    code, _, err = run_cli(
+        [
+            "generate",
+            "--model",
+            "tiny",
+            "--image",
+            scene / "image.png",
+            "--prompt",
+            PROMPT,
+            *objects(scene),
+            "--alpha",
+            1.5,
+            "--out",
+            scene / "o.mp4",
+        ],
+        capsys,
+    )
     assert code == 2 and err.startswith("error: alpha=1.5") and "Traceback" not in err
 
 
 def test_an_unwritable_output_exits_2_without_a_traceback(scene, capsys):
     blocked = scene / "image.png" / "out.mp4"  # a file stands where the folder should be
-    code, _, err = run_cli(["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", PROMPT,
-                            "--steps", 1, *objects(scene), "--out", blocked], capsys)  # fmt: skip
+    code, _, err = run_cli(
+        [
+            "generate",
+            "--model",
+            "tiny",
+            "--image",
+            scene / "image.png",
+            "--prompt",
+            PROMPT,
+            "--steps",
+            1,
+            *objects(scene),
+            "--out",
+            blocked,
+        ],
+        capsys,
+    )
     assert code == 2 and err.splitlines()[-1].startswith("error: ") and "image.png" in err and "Traceback" not in err
 
 
@@ -215,9 +387,28 @@ def test_train_from_the_command_line_and_missing_options(tmp_path, capsys):
     for t in range(9):
         video[t, 10:20, 2 + 2 * t : 12 + 2 * t] = 200
     iio.imwrite(tmp_path / "ref.mp4", video, fps=8, codec="libx264")
-    code, out, err = run_cli(["train", "--model", "tiny", "--video", tmp_path / "ref.mp4", "--caption", "A ball jumps up.",
-                              "--concept", "ball", "--motion-words", "jumps up", "--out", tmp_path / "m.safetensors",
-                              "--steps", 3, "--tokens", 2], capsys)  # fmt: skip
+    code, out, err = run_cli(
+        [
+            "train",
+            "--model",
+            "tiny",
+            "--video",
+            tmp_path / "ref.mp4",
+            "--caption",
+            "A ball jumps up.",
+            "--concept",
+            "ball",
+            "--motion-words",
+            "jumps up",
+            "--out",
+            tmp_path / "m.safetensors",
+            "--steps",
+            3,
+            "--tokens",
+            2,
+        ],
+        capsys,
+    )
     assert code == 0, err
     code, out, _ = run_cli(["inspect", tmp_path / "m.safetensors", "--json"], capsys)
     assert json.loads(out)["steps"] == 3 and json.loads(out)["concept_words"] == "ball"
@@ -236,7 +427,10 @@ def test_demo_on_the_tiny_model_writes_its_outputs_and_says_the_weights_are_rand
     assert "RANDOM weights" in out and "noise" in out
     assert iio.imread(out_dir / "fleximmt.mp4").shape == (17, 64, 64, 3)
     assert iio.imread(out_dir / "masks.mp4").shape == (17, 64, 64, 3)
-    assert [MotionTokens.load(out_dir / f"motion_{k}.safetensors").motion_words for k in (0, 1)] == ["jumps up", "slides left"]
+    assert [MotionTokens.load(out_dir / f"motion_{k}.safetensors").motion_words for k in (0, 1)] == [
+        "jumps up",
+        "slides left",
+    ]
 
 
 def test_demo_on_the_toy_model_learns_two_motions_and_compares_three_variants(tmp_path, capsys):
@@ -245,8 +439,15 @@ def test_demo_on_the_toy_model_learns_two_motions_and_compares_three_variants(tm
     out_dir = tmp_path / "demo"
     code, out, err = run_cli(["demo", "--out", out_dir, "--steps", 4, "--train-steps", 10], capsys)
     assert code == 0, err
-    for name in ("fleximmt.mp4", "masks.mp4", "side_by_side.gif", "metrics.json", "input.png",
-                 "motions/zigzag.safetensors", "motions/bounce.safetensors"):  # fmt: skip
+    for name in (
+        "fleximmt.mp4",
+        "masks.mp4",
+        "side_by_side.gif",
+        "metrics.json",
+        "input.png",
+        "motions/zigzag.safetensors",
+        "motions/bounce.safetensors",
+    ):
         assert (out_dir / name).is_file(), name
         assert str(out_dir / name) in out, name
     metrics = json.loads((out_dir / "metrics.json").read_text())
@@ -284,7 +485,7 @@ def test_save_video_pads_odd_sizes_for_mp4(tmp_path):
 def test_save_video_rejects_bad_frames_and_leaves_no_file(tmp_path):
     with pytest.raises(ValueError, match="\\[T, H, W, 3\\]"):
         save_video(np.zeros((9, 30, 34)), tmp_path / "bad.mp4")
-    with pytest.raises(ValueError, match=".mp4 or .gif"):
+    with pytest.raises(ValueError, match=r".mp4 or .gif"):
         save_video(FRAMES, tmp_path / "bad.avi")
     assert list(tmp_path.iterdir()) == []
 

@@ -32,8 +32,10 @@ def objects(pipe, height=64, width=64):
     masks = [np.zeros((height, width), bool) for _ in range(2)]
     masks[0][4 : height // 2, 4 : width // 2] = True
     masks[1][height // 3 :, width // 2 :] = True
-    return [ObjectMotion(m, random_motion(pipe.transformer, 4, seed=k + 1, scale=4.0), w)
-            for k, (m, w) in enumerate(zip(masks, ["jumps up", "slides left"]))]  # fmt: skip
+    return [
+        ObjectMotion(m, random_motion(pipe.transformer, 4, seed=k + 1, scale=4.0), w)
+        for k, (m, w) in enumerate(zip(masks, ["jumps up", "slides left"]))
+    ]
 
 
 def rel(a, b):
@@ -66,14 +68,23 @@ def test_without_objects_it_is_diffusers_at_other_sizes(pipe, size):
 def test_auto_equals_dense_with_masks_on_token_frames_padded_in_front(pipe, settings):
     # 9 frames: 3 latent frames, one of padding in front, 2 token frames (test_contract.py: 64 x 64 x 17)
     height, width, frames = 48, 32, 9
-    call = dict(BASE, height=height, width=width, num_frames=frames, output_type="latent", return_masks=True, **settings)
+    call = dict(
+        BASE, height=height, width=width, num_frames=frames, output_type="latent", return_masks=True, **settings
+    )
     image, objs = picture(height, width), objects(pipe, height, width)
     auto = pipe(image, PROMPT, generator=torch.Generator().manual_seed(0), objects=objs, **call)
-    dense = pipe(image, PROMPT, generator=torch.Generator().manual_seed(0), objects=objs, attention_backend="dense", **call)
+    dense = pipe(
+        image, PROMPT, generator=torch.Generator().manual_seed(0), objects=objs, attention_backend="dense", **call
+    )
     grid = pipe.token_grid(height, width, frames)
     assert auto.masks.shape == (1, 3, 2, grid.frames, grid.height, grid.width)
     assert rel(auto.frames, dense.frames) < 1e-4 and torch.equal(auto.masks, dense.masks)
-    plain = pipe(image, PROMPT, generator=torch.Generator().manual_seed(0), **{k: v for k, v in call.items() if k != "return_masks" and k not in settings})
+    plain = pipe(
+        image,
+        PROMPT,
+        generator=torch.Generator().manual_seed(0),
+        **{k: v for k, v in call.items() if k != "return_masks" and k not in settings},
+    )
     assert rel(auto.frames, plain.frames) > 1e-3
 
 
@@ -83,8 +94,15 @@ def test_sizes_beyond_the_rotary_grid_are_refused(pipe):
 
 
 def test_masks_overlay_on_the_decoded_video(pipe):
-    out = pipe(picture(), PROMPT, objects=objects(pipe), return_masks=True, output_type="np",
-               generator=torch.Generator().manual_seed(0), **BASE)  # fmt: skip
+    out = pipe(
+        picture(),
+        PROMPT,
+        objects=objects(pipe),
+        return_masks=True,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **BASE,
+    )
     frames, masks = out.frames[0], out.masks[0, -1]
     drawn = mask_overlay(frames, masks, frame_index=pipe.mask_frame_index(len(frames)))
     assert drawn.shape == (17, 64, 64, 3)
@@ -112,8 +130,17 @@ def test_the_image_condition_is_scaled_as_the_pipeline_scales_it(pipe, monkeypat
 
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)  # no draws
     frames = moving_square()
-    cond = prepare_conditions(pipe.adapter, frames, "A ball jumps up.", "ball", "jumps up", TrainSettings(max_windows=1),
-                              (64, 64, 17), None, 0)  # fmt: skip
+    cond = prepare_conditions(
+        pipe.adapter,
+        frames,
+        "A ball jumps up.",
+        "ball",
+        "jumps up",
+        TrainSettings(max_windows=1),
+        (64, 64, 17),
+        None,
+        0,
+    )
     image = torch.from_numpy(frames[0]).permute(2, 0, 1)[None].float() / 127.5 - 1
     _, want = pipe.prepare_latents(image, 1, 4, 17, 64, 64, torch.float32, "cpu", torch.Generator().manual_seed(0))
     got = cond.tensors["image_latents"][0]

@@ -58,8 +58,9 @@ def box(y0, y1, x0, x1):
 
 def make_objects(transformer, count=2, scale=30.0, words=WORDS):
     masks = [box(4, 30, 4, 30), box(20, 60, 28, 60), box(0, 64, 0, 20)]
-    return tuple(ObjectMotion(masks[k], random_motion(transformer, 4, seed=k + 1, scale=scale), words[k])
-                 for k in range(count))  # fmt: skip
+    return tuple(
+        ObjectMotion(masks[k], random_motion(transformer, 4, seed=k + 1, scale=scale), words[k]) for k in range(count)
+    )
 
 
 def inputs(version, batch=1, seed=0):
@@ -84,8 +85,14 @@ def library_run(transformer, objects, spans, options, videos=1):
     member = span_membership(TEXT, spans)
     tokens = torch.stack([o.motion.expert_tokens() for o in objects])
     first = torch.stack([mask_to_token_grid(o.mask_tensor, GRID.height, GRID.width) for o in objects])
-    state = transfer_state([VideoMotions(tokens, member) for _ in range(videos)], options, "cross",
-                           transformer.config.num_layers, 0.7, GRID.frames)  # fmt: skip
+    state = transfer_state(
+        [VideoMotions(tokens, member) for _ in range(videos)],
+        options,
+        "cross",
+        transformer.config.num_layers,
+        0.7,
+        GRID.frames,
+    )
     return state, MaskSchedule(state, [first] * videos, GRID, options, transformer.config.num_layers)
 
 
@@ -94,8 +101,13 @@ def library_forward(transformer, state, x, t, context, clip_fea, rows, feature_r
     slot_of(transformer).state = state
     try:
         with torch.no_grad():
-            return transformer(hidden_states=x, timestep=t, encoder_hidden_states=context,
-                               encoder_hidden_states_image=clip_fea, return_dict=False)[0]  # fmt: skip
+            return transformer(
+                hidden_states=x,
+                timestep=t,
+                encoder_hidden_states=context,
+                encoder_hidden_states_image=clip_fea,
+                return_dict=False,
+            )[0]
     finally:
         slot_of(transformer).state = None
 
@@ -114,8 +126,13 @@ def test_comfy_loads_the_tiny_wan_as_its_own_wan_model(models, version):
     x, t, context, clip_fea = inputs(version)
     plain = comfy_forward(patcher, x, t, context, clip_fea)
     with torch.no_grad():
-        theirs = transformer(hidden_states=x, timestep=t, encoder_hidden_states=context,
-                             encoder_hidden_states_image=clip_fea, return_dict=False)[0]  # fmt: skip
+        theirs = transformer(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=context,
+            encoder_hidden_states_image=clip_fea,
+            return_dict=False,
+        )[0]
     assert relative_error(plain, theirs) < 1e-4  # the same model in both formats
 
 
@@ -174,15 +191,17 @@ def test_without_objects_the_patch_is_comfyuis_model_exactly(models, version, cl
     patched = apply_fleximmt(patcher, clip, PROMPT, None)
     x, t, context, clip_fea = inputs(version, batch=2, seed=3)
     for sigma in (0.9, 0.8):
-        assert torch.equal(comfy_forward(patched, x, t, context, clip_fea, sigma, (0, 1)),
-                           comfy_forward(patcher, x, t, context, clip_fea, sigma, (0, 1)))  # fmt: skip
+        assert torch.equal(
+            comfy_forward(patched, x, t, context, clip_fea, sigma, (0, 1)),
+            comfy_forward(patcher, x, t, context, clip_fea, sigma, (0, 1)),
+        )
 
 
 def test_the_original_model_stays_unpatched(models, version, clip):
     from fleximmt.apps.comfy.native import apply_fleximmt
 
     transformer, patcher = models
-    before = {k: v for k, v in patcher.model_options["transformer_options"].items()}
+    before = dict(patcher.model_options["transformer_options"].items())
     apply_fleximmt(patcher, clip, PROMPT, make_objects(transformer))
     assert patcher.model_options["transformer_options"] == before
     assert "diffusion_model" not in patcher.wrappers
@@ -202,8 +221,21 @@ def test_a_motion_learned_by_fleximmt_on_diffusers_wan_drives_comfyuis_experts(c
     for f in range(9):
         frames[f, 40 - 3 * f : 56 - 3 * f, 24:40] = (220, 30, 30)
     path = tmp_path / "jump.safetensors"
-    train_motion(pipe, frames, "A red ball jumps up.", "ball", "jumps up", path, steps=2, tokens_per_motion=4,
-                 lr_warmup_steps=0, height=SIZE, width=SIZE, num_frames=9, max_windows=1)  # fmt: skip
+    train_motion(
+        pipe,
+        frames,
+        "A red ball jumps up.",
+        "ball",
+        "jumps up",
+        path,
+        steps=2,
+        tokens_per_motion=4,
+        lr_warmup_steps=0,
+        height=SIZE,
+        width=SIZE,
+        num_frames=9,
+        max_windows=1,
+    )
     motion = MotionTokens.load(path)
     assert motion.num_experts == 2 and motion.family == "wan"
     objects = (ObjectMotion(box(4, 30, 4, 30), motion, "jumps up"),)
@@ -212,8 +244,9 @@ def test_a_motion_learned_by_fleximmt_on_diffusers_wan_drives_comfyuis_experts(c
     WanAdapter(pipe).install_processors()
     for expert, transformer in enumerate([pipe.transformer, pipe.transformer_2]):
         patcher = comfy_model(transformer)
-        patched = apply_fleximmt(patcher, clip, PROMPT, objects, expert=["1 (high noise)", "2 (low noise)"][expert],
-                                 mask_source="static")  # fmt: skip
+        patched = apply_fleximmt(
+            patcher, clip, PROMPT, objects, expert=["1 (high noise)", "2 (low noise)"][expert], mask_source="static"
+        )
         ours = comfy_forward(patched, x, t, context)
         state, _ = library_run(transformer, objects, patch_of(patched).spans, options)
         theirs = library_forward(transformer, state, x, t, context, None, rows=[0], feature_rows=[0])
@@ -246,7 +279,9 @@ def test_bad_inputs_are_refused_naming_the_object(models, clip):
 
         apply(patcher, clip, PROMPT, objects, parts=("m2v", "m2m"))
     with pytest.raises(FlexiMMTInputError, match="this MODEL is a Linear"):
-        apply_fleximmt(SimpleNamespace(model=SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1))), clip, PROMPT, objects)
+        apply_fleximmt(
+            SimpleNamespace(model=SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1))), clip, PROMPT, objects
+        )
 
 
 def diffusers_twin(transformer, comfy_weights):
@@ -289,8 +324,9 @@ def test_the_patch_composes_with_comfyuis_lora_and_fp8_weights(models, version, 
     else:
         from comfy_wan import comfy_state_dict
 
-        loaded = comfy.sd.load_diffusion_model_state_dict(comfy_state_dict(transformer),
-                                                          model_options={"dtype": torch.float8_e4m3fn})  # fmt: skip
+        loaded = comfy.sd.load_diffusion_model_state_dict(
+            comfy_state_dict(transformer), model_options={"dtype": torch.float8_e4m3fn}
+        )
         assert loaded.model.diffusion_model.blocks[0].cross_attn.k.weight.dtype == torch.float8_e4m3fn
         merged = loaded.model.diffusion_model.state_dict()
     twin = diffusers_twin(transformer, merged)

@@ -52,12 +52,27 @@ def native_models(comfy_server):
     for node, transformer in (("1", pipe.transformer), ("2", pipe.transformer_2)):
         save_file(comfy_state_dict(transformer), str(models / "diffusion_models" / api[node]["inputs"]["unet_name"]))
     write_wan_vae(models / "vae" / api["4"]["inputs"]["vae_name"])
-    settings = dict(steps=2, tokens_per_motion=4, lr_warmup_steps=0, height=SIZE, width=SIZE, num_frames=LENGTH,
-                    max_windows=1)  # fmt: skip
-    train_motion(pipe, square_video(-2, 0, (220, 30, 30)), "A red ball jumps up.", "ball", "jumps up",
-                 models / "fleximmt_motions" / api["10"]["inputs"]["motion"], **settings)  # fmt: skip
-    train_motion(pipe, square_video(0, -2, (30, 30, 220)), "A blue box slides left.", "box", "slides left",
-                 models / "fleximmt_motions" / api["11"]["inputs"]["motion"], **settings)  # fmt: skip
+    settings = dict(
+        steps=2, tokens_per_motion=4, lr_warmup_steps=0, height=SIZE, width=SIZE, num_frames=LENGTH, max_windows=1
+    )
+    train_motion(
+        pipe,
+        square_video(-2, 0, (220, 30, 30)),
+        "A red ball jumps up.",
+        "ball",
+        "jumps up",
+        models / "fleximmt_motions" / api["10"]["inputs"]["motion"],
+        **settings,
+    )
+    train_motion(
+        pipe,
+        square_video(0, -2, (30, 30, 220)),
+        "A blue box slides left.",
+        "box",
+        "slides left",
+        models / "fleximmt_motions" / api["11"]["inputs"]["motion"],
+        **settings,
+    )
     scene = np.full((SIZE, SIZE, 3), 90, np.uint8)
     scene[8:24, 8:24], scene[36:52, 36:52] = (220, 30, 30), (30, 30, 220)
     Image.fromarray(scene).save(base / "input" / api["5"]["inputs"]["image"])

@@ -30,9 +30,14 @@ LEARN_STEPS = 24  # the example workflow learns 300 steps (as make demo); cut he
 PROMPT = "A red square zigzags right. A blue circle bounces."
 WORDS = {"zigzag": "zigzags right", "bounce": "bounces"}
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "comfyui.png"
-FLEXIMMT_NODES = {"FlexiMMTLoadModel": "Load FlexiMMT model", "FlexiMMTLearnMotion": "FlexiMMT Learn motion",
-                  "FlexiMMTLoadMotion": "FlexiMMT Load motion", "FlexiMMTObject": "FlexiMMT Object",
-                  "FlexiMMTTransfer": "FlexiMMT Transfer", "FlexiMMTPreviewMasks": "FlexiMMT Preview masks"}  # fmt: skip
+FLEXIMMT_NODES = {
+    "FlexiMMTLoadModel": "Load FlexiMMT model",
+    "FlexiMMTLearnMotion": "FlexiMMT Learn motion",
+    "FlexiMMTLoadMotion": "FlexiMMT Load motion",
+    "FlexiMMTObject": "FlexiMMT Object",
+    "FlexiMMTTransfer": "FlexiMMT Transfer",
+    "FlexiMMTPreviewMasks": "FlexiMMT Preview masks",
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +72,10 @@ def as_saved(frames: np.ndarray) -> np.ndarray:
 
 def with_saved_images(prompt: dict, sources: dict[str, list]) -> dict:
     """``prompt`` plus a SaveImage node for each source (a link), so the test reads exact frames."""
-    extra = {f"9{k}": {"class_type": "SaveImage", "inputs": {"images": link, "filename_prefix": f"check/{name}"}}
-             for k, (name, link) in enumerate(sources.items())}  # fmt: skip
+    extra = {
+        f"9{k}": {"class_type": "SaveImage", "inputs": {"images": link, "filename_prefix": f"check/{name}"}}
+        for k, (name, link) in enumerate(sources.items())
+    }
     return {**prompt, **extra}
 
 
@@ -78,8 +85,17 @@ def learn_prompt(name: str, steps: int, motion: str = "zigzag") -> dict:
     prompt = {key: workflow[key] for key in ("1", "2", "3", "4")}
     prompt["2"] = {**prompt["2"], "inputs": {"file": video_name(motion)}}
     caption, concept, words = reference_caption(motion)
-    prompt["4"] = {**prompt["4"], "inputs": {**prompt["4"]["inputs"], "name": name, "steps": steps, "caption": caption,
-                                             "concept_words": concept, "motion_words": words}}  # fmt: skip
+    prompt["4"] = {
+        **prompt["4"],
+        "inputs": {
+            **prompt["4"]["inputs"],
+            "name": name,
+            "steps": steps,
+            "caption": caption,
+            "concept_words": concept,
+            "motion_words": words,
+        },
+    }
     return prompt
 
 
@@ -87,18 +103,31 @@ def expected_motion(toy, server, motion: str, steps: int, out: Path) -> MotionTo
     """fleximmt's own training on the reference as ComfyUI decodes it, with the example's settings."""
     caption, concept, words = reference_caption(motion)
     frames = decoded(server.base / "input" / video_name(motion))
-    return train_motion(toy, frames, caption, concept, words, out, steps=steps, tokens_per_motion=16, seed=0,
-                        video_fps=8.0)  # fmt: skip
+    return train_motion(
+        toy, frames, caption, concept, words, out, steps=steps, tokens_per_motion=16, seed=0, video_fps=8.0
+    )
 
 
 def expected_transfer(toy, server, motions: dict[str, MotionTokens], steps: int = 20):
     """fleximmt's own transfer of the example's two objects (its pipeline call, the example's settings)."""
     inputs = server.base / "input"
-    objects = [ObjectMotion(load_mask(inputs / mask_name(k)), motions[name], WORDS[name])
-               for k, name in enumerate(REFERENCES, 1)]  # fmt: skip
-    return toy(image=Image.open(inputs / IMAGE).convert("RGB"), prompt=PROMPT, height=64, width=64, num_frames=17,
-               num_inference_steps=steps, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
-               output_type="np", objects=objects, return_masks=True)  # fmt: skip
+    objects = [
+        ObjectMotion(load_mask(inputs / mask_name(k)), motions[name], WORDS[name])
+        for k, name in enumerate(REFERENCES, 1)
+    ]
+    return toy(
+        image=Image.open(inputs / IMAGE).convert("RGB"),
+        prompt=PROMPT,
+        height=64,
+        width=64,
+        num_frames=17,
+        num_inference_steps=steps,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        objects=objects,
+        return_masks=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +195,10 @@ def test_the_saved_motions_workflow_loads_them_with_their_metadata_and_makes_the
     assert run.status == "success", run.error
     assert np.array_equal(saved_frames(server, run, "90"), saved_frames(server, example, "90"))
     info = run.outputs("5")["text"][0]  # Preview Any of Load motion's info
-    assert info == (f"caption: A white circle zigzags right.\nconcept: white circle\nmotion words: zigzags right\n"
-                    f"4 blocks x 16 tokens x 256\n{LEARN_STEPS} training steps")  # fmt: skip
+    assert info == (
+        f"caption: A white circle zigzags right.\nconcept: white circle\nmotion words: zigzags right\n"
+        f"4 blocks x 16 tokens x 256\n{LEARN_STEPS} training steps"
+    )
     assert run.outputs("4")["text"] == [info]  # shown on the Load motion node too
 
 
@@ -192,8 +223,9 @@ def test_a_cancelled_learn_keeps_its_checkpoint_and_the_same_learn_resumes_it(se
     assert resumed.status == "success", resumed.error
     assert resumed.progress("4") == list(range(kept + 1, 31))  # every step after the checkpoint, once
     expected = expected_motion(toy, server, "zigzag", 30, tmp_path / "whole.safetensors")
-    torch.testing.assert_close(MotionTokens.load(folder / "cancelled.safetensors").tokens, expected.tokens,
-                               rtol=0, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        MotionTokens.load(folder / "cancelled.safetensors").tokens, expected.tokens, rtol=0, atol=1e-6
+    )
     assert not checkpoint_path(folder / "cancelled.safetensors").exists()
     (folder / "cancelled.safetensors").unlink()
 
@@ -232,15 +264,22 @@ def test_bad_inputs_give_node_errors_numbered_by_object_and_the_server_stays_up(
     (motions / "broken.safetensors").write_bytes(b"\x00" * 64)
     saved = transfer_prompt(load_workflow("fleximmt_toy_saved_motions"), steps=2)
     cases = [
-        (bad(saved, "10", image="small_mask.png"), "15",
-         "object 2: the mask is 32 x 32 but the image is 64 x 64: give a mask of the image's size"),
+        (
+            bad(saved, "10", image="small_mask.png"),
+            "15",
+            "object 2: the mask is 32 x 32 but the image is 64 x 64: give a mask of the image's size",
+        ),
         (bad(saved, "12", motion_words=" "), "12", "object 2: write its motion words"),
         (bad(saved, "12", motion_words="flies away"), "15", "object 2: motion words 'flies away' were not found"),
         (bad(saved, "7", motion="other model.safetensors"), "15", "object 2: motion tokens are for a model with"),
-        (bad(saved, "7", motion="broken.safetensors"), "7", f"'{motions / 'broken.safetensors'}' is not a readable safetensors"),
+        (
+            bad(saved, "7", motion="broken.safetensors"),
+            "7",
+            f"'{motions / 'broken.safetensors'}' is not a readable safetensors",
+        ),
         (bad(learn_prompt("x", 2), "4", name="../outside"), "4", "motion name '../outside': use letters, digits"),
         (bad(learn_prompt("x", 2), "4", motion_words=""), "4", "write the motion words"),
-    ]  # fmt: skip
+    ]
     for prompt, node, message in cases:
         run = server.run(prompt)
         assert run.status == "error" and run.error["node_id"] == node, (message, run.error)
@@ -276,22 +315,32 @@ def test_load_model_lists_the_supported_diffusers_folders_and_loads_cogvideox_an
     for model in ("tiny-cogvideox", "family/tiny-wan"):
         pipe = tiny_pipeline(0) if model == "tiny-cogvideox" else tiny_wan_pipeline(0, version="2.2")
         random_motion(pipe.transformer, 4, name="random", experts=pipe.adapter.num_experts).save(
-            server.base / "models" / "fleximmt_motions" / "tiny.safetensors")  # fmt: skip
+            server.base / "models" / "fleximmt_motions" / "tiny.safetensors"
+        )
         prompt = {
-            "1": {"class_type": "FlexiMMTLoadModel", "inputs": {"model": model, "dtype": "auto", "offload": "none",
-                                                                "vae_tiling": False}},
+            "1": {
+                "class_type": "FlexiMMTLoadModel",
+                "inputs": {"model": model, "dtype": "auto", "offload": "none", "vae_tiling": False},
+            },
             "2": {"class_type": "LoadImage", "inputs": {"image": "grey32.png"}},
             "3": {"class_type": "LoadImageMask", "inputs": {"image": "mask32.png", "channel": "red"}},
             "4": {"class_type": "FlexiMMTLoadMotion", "inputs": {"motion": "tiny.safetensors"}},
-            "5": {"class_type": "FlexiMMTObject", "inputs": {"mask": ["3", 0], "motion": ["4", 0], "motion_words": "jumps"}},
-            "6": {"class_type": "FlexiMMTPreviewMasks", "inputs": {"pipe": ["1", 0], "image": ["2", 0],
-                                                                   "objects": ["5", 0], "width": 32, "height": 32}},
+            "5": {
+                "class_type": "FlexiMMTObject",
+                "inputs": {"mask": ["3", 0], "motion": ["4", 0], "motion_words": "jumps"},
+            },
+            "6": {
+                "class_type": "FlexiMMTPreviewMasks",
+                "inputs": {"pipe": ["1", 0], "image": ["2", 0], "objects": ["5", 0], "width": 32, "height": 32},
+            },
             "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "check/tiny"}},
-        }  # fmt: skip
+        }
         run = server.run(prompt)
         assert run.status == "success", run.error
         grid = pipe.token_grid(32, 32, 9)
-        expected = grid_preview(np.full((32, 32, 3), 128, np.uint8), [torch.from_numpy(mask > 127)], grid.height, grid.width)
+        expected = grid_preview(
+            np.full((32, 32, 3), 128, np.uint8), [torch.from_numpy(mask > 127)], grid.height, grid.width
+        )
         assert np.array_equal(saved_frames(server, run, "7")[0], expected)  # each family's own token grid
     shutil.rmtree(models)
     (server.base / "models" / "fleximmt_motions" / "tiny.safetensors").unlink()
@@ -323,14 +372,20 @@ def test_the_frontend_finds_the_nodes_in_its_library_and_loads_the_example_workf
         info = server.object_info()
 
         def declared(prompt: dict) -> dict:  # each node's inputs its definition declares (not frontend-only widgets)
-            spec = lambda t: {**info[t]["input"]["required"], **info[t]["input"].get("optional", {})}  # noqa: E731
-            return {k: (v["class_type"], {n: x for n, x in v["inputs"].items() if n in spec(v["class_type"])})
-                    for k, v in prompt.items()}  # fmt: skip
+            spec = lambda t: {**info[t]["input"]["required"], **info[t]["input"].get("optional", {})}
+            return {
+                k: (v["class_type"], {n: x for n, x in v["inputs"].items() if n in spec(v["class_type"])})
+                for k, v in prompt.items()
+            }
 
         for path in sorted(WORKFLOWS.glob("*.api.json"), reverse=True):  # the UI form: the API form's workflow
             name = path.name[: -len(".api.json")]
             ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
-            assert ui["version"] == 0.4 and ui["links"] and all({"id", "type", "pos", "size"} <= set(n) for n in ui["nodes"])
+            assert (
+                ui["version"] == 0.4
+                and ui["links"]
+                and all({"id", "type", "pos", "size"} <= set(n) for n in ui["nodes"])
+            )
             queued = prompt_from_ui(driver, ui, name)  # what the frontend queues when the UI form is loaded
             api = json.loads(path.read_text())
             assert declared(queued) == declared(api) == {k: (v["class_type"], v["inputs"]) for k, v in api.items()}
@@ -341,8 +396,10 @@ def test_the_frontend_finds_the_nodes_in_its_library_and_loads_the_example_workf
         WebDriverWait(driver, 30).until(lambda d: "FlexiMMT Preview masks" in library.text)
         listed = library.text.replace("\n", " ")
         assert all(name in listed for name in [*FLEXIMMT_NODES.values(), "Apply FlexiMMT (Wan)"]), listed
-        driver.execute_script("window.comfyAPI.app.app.ui.settings.setSettingValue('Comfy.Minimap.Visible', false);"
-                              "window.comfyAPI.app.app.ui.settings.setSettingValue('LiteGraph.Canvas.MinFontSizeForLOD', 1)")  # fmt: skip
+        driver.execute_script(
+            "window.comfyAPI.app.app.ui.settings.setSettingValue('Comfy.Minimap.Visible', false);"
+            "window.comfyAPI.app.app.ui.settings.setSettingValue('LiteGraph.Canvas.MinFontSizeForLOD', 1)"
+        )
         time.sleep(1)  # the Load Image nodes grow when their previews arrive
         driver.execute_script(FIT_VIEW)  # the whole example workflow (loaded last) beside the node library
         driver.execute_script("return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")

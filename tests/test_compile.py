@@ -45,14 +45,27 @@ def run(pipe, family, objects, graphs, backend="flex", output_type="pt"):
         graphs.append(counters["stats"]["unique_graphs"])
         return {}
 
-    return pipe(image, PROMPT, height=size, width=size, num_frames=9, num_inference_steps=4, output_type=output_type,
-                generator=torch.Generator().manual_seed(0), objects=objects, attention_backend=backend,
-                callback_on_step_end=count, max_sequence_length=text_len).frames  # fmt: skip
+    return pipe(
+        image,
+        PROMPT,
+        height=size,
+        width=size,
+        num_frames=9,
+        num_inference_steps=4,
+        output_type=output_type,
+        generator=torch.Generator().manual_seed(0),
+        objects=objects,
+        attention_backend=backend,
+        callback_on_step_end=count,
+        max_sequence_length=text_len,
+    ).frames
 
 
 def boxes(pipe, size, shift):
     out = []
-    for k, (y0, y1, x0, x1) in enumerate([(2, size // 2, 2, size // 2), (size // 3, size - 2, size // 3 + shift, size - 2)]):
+    for k, (y0, y1, x0, x1) in enumerate(
+        [(2, size // 2, 2, size // 2), (size // 3, size - 2, size // 3 + shift, size - 2)]
+    ):
         mask = np.zeros((size, size), bool)
         mask[y0:y1, x0:x1] = True
         out.append(ObjectMotion(mask, random_motion(pipe.transformer, 4, seed=k + 1, scale=4.0), WORDS[k]))
@@ -128,14 +141,24 @@ def train_steps(pipe, steps: int, graphs: list, seen: list) -> list[torch.Tensor
     clip = torch.rand(3, 9, size, size, generator=gen) * 2 - 1
     with torch.no_grad():
         cond = adapter.encode_conditions([clip], "A ball jumps up.", text_len, gen)
-    member, concept = (span_membership(text_len, adapter.word_spans("A ball jumps up.", [words], text_len))
-                       for words in ("jumps up", "ball"))  # fmt: skip
+    member, concept = (
+        span_membership(text_len, adapter.word_spans("A ball jumps up.", [words], text_len))
+        for words in ("jumps up", "ball")
+    )
     grid = adapter.token_grid(size, size, 9)
     blocks, dim = adapter.motion_shape()
     tokens = torch.nn.Parameter(torch.randn(blocks, 4, dim, generator=gen) * 0.5)
-    state = motion_state_for(tokens[None, None], member, form=adapter.form, parts=TRAIN_PARTS & set(adapter.parts),
-                             num_frames=grid.frames, dmem=True, concept_member=concept, dmem_drop=0.2,
-                             generator=torch.Generator().manual_seed(1))  # fmt: skip
+    state = motion_state_for(
+        tokens[None, None],
+        member,
+        form=adapter.form,
+        parts=TRAIN_PARTS & set(adapter.parts),
+        num_frames=grid.frames,
+        dmem=True,
+        concept_member=concept,
+        dmem_drop=0.2,
+        generator=torch.Generator().manual_seed(1),
+    )
     noise, grads = torch.Generator().manual_seed(2), []
     with adapter.training_attached(state):
         for _ in range(steps):

@@ -109,21 +109,65 @@ COGVIDEOX_DEFAULTS = frozenset({"height", "width", "num_frames", "max_sequence_l
 COGVIDEOX_CALL = dict(num_inference_steps=2, max_sequence_length=16)
 WAN_CALL = dict(num_inference_steps=2, max_sequence_length=24)  # two steps: Wan 2.2 A14B's two experts each run one
 FAMILIES = [
-    Family("cogvideox-1.0", lambda: tiny_components(0), FlexiMMTPipeline, CogVideoXImageToVideoPipeline,
-           size=(32, 32, 9), call=COGVIDEOX_CALL, fast_backends=("auto", "flex"), model_defaults=COGVIDEOX_DEFAULTS),
-    Family("cogvideox-1.5", lambda: tiny_components(0, version="1.5", height=64, width=64, num_frames=17),
-           FlexiMMTPipeline, CogVideoXImageToVideoPipeline, size=(64, 64, 17), call=COGVIDEOX_CALL,
-           model_defaults=COGVIDEOX_DEFAULTS),
-    Family("wan-2.1", lambda: tiny_wan_components(0, "2.1"), FlexiMMTWanPipeline, WanImageToVideoPipeline,
-           size=(64, 64, 9), call=WAN_CALL, scale=30.0, fast_backends=("auto", "flex")),
-    Family("wan-2.2-a14b", lambda: tiny_wan_components(0, "2.2"), FlexiMMTWanPipeline, WanImageToVideoPipeline,
-           size=(64, 64, 9), call=WAN_CALL, scale=30.0),
-    Family("wan-2.2-ti2v", lambda: tiny_wan_components(0, "2.2-ti2v"), FlexiMMTWanPipeline, WanImageToVideoPipeline,
-           size=(64, 64, 9), call=WAN_CALL, scale=30.0),
-    Family("hunyuanvideo-1.5", lambda: tiny_hunyuan15_components(0), FlexiMMTHunyuanVideo15Pipeline,
-           HunyuanVideo15ImageToVideoPipeline, size=(32, 48, 9), call=dict(num_inference_steps=2), scale=30.0,
-           added_arguments=("callback_on_step_end",), fused_projections=False),
-]  # fmt: skip
+    Family(
+        "cogvideox-1.0",
+        lambda: tiny_components(0),
+        FlexiMMTPipeline,
+        CogVideoXImageToVideoPipeline,
+        size=(32, 32, 9),
+        call=COGVIDEOX_CALL,
+        fast_backends=("auto", "flex"),
+        model_defaults=COGVIDEOX_DEFAULTS,
+    ),
+    Family(
+        "cogvideox-1.5",
+        lambda: tiny_components(0, version="1.5", height=64, width=64, num_frames=17),
+        FlexiMMTPipeline,
+        CogVideoXImageToVideoPipeline,
+        size=(64, 64, 17),
+        call=COGVIDEOX_CALL,
+        model_defaults=COGVIDEOX_DEFAULTS,
+    ),
+    Family(
+        "wan-2.1",
+        lambda: tiny_wan_components(0, "2.1"),
+        FlexiMMTWanPipeline,
+        WanImageToVideoPipeline,
+        size=(64, 64, 9),
+        call=WAN_CALL,
+        scale=30.0,
+        fast_backends=("auto", "flex"),
+    ),
+    Family(
+        "wan-2.2-a14b",
+        lambda: tiny_wan_components(0, "2.2"),
+        FlexiMMTWanPipeline,
+        WanImageToVideoPipeline,
+        size=(64, 64, 9),
+        call=WAN_CALL,
+        scale=30.0,
+    ),
+    Family(
+        "wan-2.2-ti2v",
+        lambda: tiny_wan_components(0, "2.2-ti2v"),
+        FlexiMMTWanPipeline,
+        WanImageToVideoPipeline,
+        size=(64, 64, 9),
+        call=WAN_CALL,
+        scale=30.0,
+    ),
+    Family(
+        "hunyuanvideo-1.5",
+        lambda: tiny_hunyuan15_components(0),
+        FlexiMMTHunyuanVideo15Pipeline,
+        HunyuanVideo15ImageToVideoPipeline,
+        size=(32, 48, 9),
+        call=dict(num_inference_steps=2),
+        scale=30.0,
+        added_arguments=("callback_on_step_end",),
+        fused_projections=False,
+    ),
+]
 
 
 def each_family(applies: Callable[[Family], bool] = lambda row: True):
@@ -181,8 +225,9 @@ def box(row: Family, y0: float, y1: float, x0: float, x1: float) -> np.ndarray:
 
 def motion(pipe, row: Family, seed: int) -> MotionTokens:
     adapter = adapter_for(pipe)
-    return random_motion(adapter.transformers()[0], 4, seed=seed, scale=row.scale, experts=adapter.num_experts,
-                         family=adapter.family)  # fmt: skip
+    return random_motion(
+        adapter.transformers()[0], 4, seed=seed, scale=row.scale, experts=adapter.num_experts, family=adapter.family
+    )
 
 
 def two_objects(pipe, row: Family) -> list[ObjectMotion]:
@@ -224,8 +269,14 @@ def rel(a, b) -> float:
 
 def fleximmt_processors(pipe) -> list[dict[str, str]]:
     """Per expert, FlexiMMT's attention processors installed on it: name -> class."""
-    return [{name: type(p).__qualname__ for name, p in t.attn_processors.items()
-             if type(p).__module__.startswith("fleximmt.")} for t in adapter_for(pipe).transformers()]  # fmt: skip
+    return [
+        {
+            name: type(p).__qualname__
+            for name, p in t.attn_processors.items()
+            if type(p).__module__.startswith("fleximmt.")
+        }
+        for t in adapter_for(pipe).transformers()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -241,13 +292,21 @@ def installed(row, ours, with_objects):
 
 
 # -- (a) objects=[] is diffusers' own pipeline -------------------------------------------------------------
-NO_OBJECTS = {"latent": {}, "negative-prompt": dict(negative_prompt="blurry"), "no-guidance": dict(guidance_scale=1.0),
-              "tuple": dict(return_dict=False), "decoded": dict(output_type="np")}  # fmt: skip
+NO_OBJECTS = {
+    "latent": {},
+    "negative-prompt": dict(negative_prompt="blurry"),
+    "no-guidance": dict(guidance_scale=1.0),
+    "tuple": dict(return_dict=False),
+    "decoded": dict(output_type="np"),
+}
 
 
-@pytest.mark.parametrize(("row", "extra"), [(row, e) for row in FAMILIES for e in NO_OBJECTS.values() if takes(row, e)],
-                         ids=[f"{n}-{row.name}" for row in FAMILIES for n, e in NO_OBJECTS.items() if takes(row, e)],
-                         scope="module")  # fmt: skip
+@pytest.mark.parametrize(
+    ("row", "extra"),
+    [(row, e) for row in FAMILIES for e in NO_OBJECTS.values() if takes(row, e)],
+    ids=[f"{n}-{row.name}" for row in FAMILIES for n, e in NO_OBJECTS.items() if takes(row, e)],
+    scope="module",
+)
 def test_without_objects_it_is_diffusers_own_pipeline(row, untouched, theirs, extra):
     # every input of NO_OBJECTS that diffusers' pipeline of the row takes
     ours, ref = frames_of(run(untouched, row, **extra)), frames_of(run(theirs, row, **extra))
@@ -261,9 +320,13 @@ def test_after_a_call_with_objects_objects_empty_is_still_diffusers(row, ours, t
 
 
 # -- (b) the fast attention is the dense reference -------------------------------------------------------
-SETTINGS = {"default": {}, "static": dict(mask_source="static"), "qk": dict(mask_source="qk"),
-            "released": dict(rmpm_method="released", anchors=1),
-            "no-initial-masks": dict(initial_masks="none")}  # fmt: skip
+SETTINGS = {
+    "default": {},
+    "static": dict(mask_source="static"),
+    "qk": dict(mask_source="qk"),
+    "released": dict(rmpm_method="released", anchors=1),
+    "no-initial-masks": dict(initial_masks="none"),
+}
 
 
 @each_family()
@@ -300,15 +363,27 @@ def moving_square(row: Family) -> np.ndarray:
 
 def train(row: Family, pipe, out, **kw):
     height, width, frames = row.size
-    kw = {"steps": 2, "tokens_per_motion": 4, "lr": 0.05, "lr_warmup_steps": 0, "height": height, "width": width,
-          "num_frames": frames, "max_windows": 1, **kw}  # fmt: skip
+    kw = {
+        "steps": 2,
+        "tokens_per_motion": 4,
+        "lr": 0.05,
+        "lr_warmup_steps": 0,
+        "height": height,
+        "width": width,
+        "num_frames": frames,
+        "max_windows": 1,
+        **kw,
+    }
     return train_motion(pipe, moving_square(row), CAPTION, CONCEPT, "jumps up", out, **kw)
 
 
 def frozen_state(pipe) -> list[tuple[dict, list[bool]]]:
     """Every module component's weights and ``requires_grad`` flags."""
-    return [({k: v.detach().clone() for k, v in m.state_dict().items()}, [p.requires_grad for p in m.parameters()])
-            for m in pipe.components.values() if isinstance(m, torch.nn.Module)]  # fmt: skip
+    return [
+        ({k: v.detach().clone() for k, v in m.state_dict().items()}, [p.requires_grad for p in m.parameters()])
+        for m in pipe.components.values()
+        if isinstance(m, torch.nn.Module)
+    ]
 
 
 @pytest.fixture
@@ -320,8 +395,9 @@ def optimised(monkeypatch) -> list[torch.Tensor]:
 
 
 @each_family()
-def test_training_changes_only_the_motion_tokens_and_the_file_drives_the_pipeline(row, ours, theirs, installed,
-                                                                                  tmp_path, optimised):  # fmt: skip
+def test_training_changes_only_the_motion_tokens_and_the_file_drives_the_pipeline(
+    row, ours, theirs, installed, tmp_path, optimised
+):
     before = frozen_state(ours)
     trained = train(row, ours, tmp_path / "m.safetensors")
     for (state, flags), (now, now_flags) in zip(before, frozen_state(ours)):
@@ -356,7 +432,7 @@ def test_gradient_checkpointing_trains_the_same_tokens(row, ours, tmp_path):
     """A checkpointed block recomputed in the backward pass sees the motion tokens and DMEM masks its forward saw."""
     transformers = ours.adapter.transformers()
     on = []  # per step: was every expert checkpointing
-    record = lambda step, loss: on.append(all(t.gradient_checkpointing for t in transformers))  # noqa: E731
+    record = lambda step, loss: on.append(all(t.gradient_checkpointing for t in transformers))
     plain = train(row, ours, tmp_path / "plain.safetensors", gradient_checkpointing=False)
     checkpointed = train(row, ours, tmp_path / "ckpt.safetensors", gradient_checkpointing=True, callback=record)
     assert on and all(on)
@@ -427,8 +503,11 @@ def test_a_motion_of_another_family_is_refused_naming_the_fix(row, ours):
 def test_a_motion_of_another_shape_is_refused_naming_the_fix(row, ours, change):
     blocks, dim = ours.adapter.motion_shape()
     experts = ours.adapter.num_experts
-    shape = {"blocks": (experts, blocks + 1, 4, dim), "width": (experts, blocks, 4, dim + 8),
-             "experts": (1 if experts > 1 else 2, blocks, 4, dim)}[change]  # fmt: skip
+    shape = {
+        "blocks": (experts, blocks + 1, 4, dim),
+        "width": (experts, blocks, 4, dim + 8),
+        "experts": (1 if experts > 1 else 2, blocks, 4, dim),
+    }[change]
     wrong = MotionTokens(list(torch.zeros(shape)), family=ours.adapter.family)
     message = "^object 1: motion tokens are for a model with .*train the motion on this model"
     with pytest.raises(ValueError, match=message):
@@ -456,8 +535,12 @@ def model_offload(pipe) -> None:
 OFFLOADS = {"model": model_offload, "sequential": sequential_offload}
 
 
-@pytest.mark.parametrize(("row", "offload"), [(row, o) for row in FAMILIES for o in row.offloads],
-                         ids=[f"{row.name}-{o}" for row in FAMILIES for o in row.offloads], scope="module")  # fmt: skip
+@pytest.mark.parametrize(
+    ("row", "offload"),
+    [(row, o) for row in FAMILIES for o in row.offloads],
+    ids=[f"{row.name}-{o}" for row in FAMILIES for o in row.offloads],
+    scope="module",
+)
 def test_cpu_offload_gives_the_same_video_and_masks_with_objects(row, with_objects, installed, offload):
     pipe = build(row)
     OFFLOADS[offload](pipe)

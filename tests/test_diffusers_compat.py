@@ -5,6 +5,7 @@ working or is refused with a clear message. What every family does (the signatur
 common inputs, offload, fused projections, save/load and from_pipe) is in test_contract.py."""
 
 import logging
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -44,7 +45,9 @@ def box(y0, y1, x0, x1):
 
 def objects(pipe, d_m=4):
     masks = [box(2, 14, 2, 14), box(10, 30, 12, 30)]
-    return [ObjectMotion(masks[k], random_motion(pipe.transformer, d_m, seed=k + 1, scale=4.0), WORDS[k]) for k in range(2)]
+    return [
+        ObjectMotion(masks[k], random_motion(pipe.transformer, d_m, seed=k + 1, scale=4.0), WORDS[k]) for k in range(2)
+    ]
 
 
 def rel(a, b):
@@ -61,10 +64,16 @@ BASE = dict(num_inference_steps=2, max_sequence_length=16, output_type="latent",
 
 def test_positional_calls_mean_what_they_mean_in_diffusers(pipe, vanilla):
     image = picture()
-    ours = pipe(image, PROMPT, "blurry", None, None, 9, 2, generator=gen(), output_type="latent", max_sequence_length=16)
-    ref = vanilla(image, PROMPT, "blurry", None, None, 9, 2, generator=gen(), output_type="latent", max_sequence_length=16)
+    ours = pipe(
+        image, PROMPT, "blurry", None, None, 9, 2, generator=gen(), output_type="latent", max_sequence_length=16
+    )
+    ref = vanilla(
+        image, PROMPT, "blurry", None, None, 9, 2, generator=gen(), output_type="latent", max_sequence_length=16
+    )
     assert rel(ours.frames, ref.frames) < 1e-5
-    other = vanilla(image, PROMPT, None, None, None, 9, 2, generator=gen(), output_type="latent", max_sequence_length=16)
+    other = vanilla(
+        image, PROMPT, None, None, None, 9, 2, generator=gen(), output_type="latent", max_sequence_length=16
+    )
     assert rel(other.frames, ref.frames) > 1e-4  # the third argument really is the negative prompt
 
 
@@ -121,20 +130,28 @@ def test_frame_counts_that_are_not_8k_plus_1_work_with_objects_as_in_diffusers(p
     assert out.frames.shape == ref.shape  # diffusers decodes 16 frames for 13: so do we
     assert f"decodes {ref.shape[1]} frames" in caplog.text
     assert out.masks.shape[3] == 4  # (13 - 1) // 4 + 1 latent frames
-    dense = pipe(image=image, prompt=PROMPT, generator=gen(), objects=objects(pipe), return_masks=True,
-                 attention_backend="dense", **call)  # fmt: skip
+    dense = pipe(
+        image=image,
+        prompt=PROMPT,
+        generator=gen(),
+        objects=objects(pipe),
+        return_masks=True,
+        attention_backend="dense",
+        **call,
+    )
     assert rel(out.frames, dense.frames) < 1e-4
 
 
 def test_num_videos_per_prompt_is_honoured_like_repeated_prompts(pipe, vanilla):
     image = picture()
-    gens = lambda: [gen(1), gen(2)]  # noqa: E731
+    gens = lambda: [gen(1), gen(2)]
     # diffusers' CogVideoX I2V sets num_videos_per_prompt to 1; we repeat prompt and image instead
     ours = pipe(image, PROMPT, num_videos_per_prompt=2, generator=gens(), **BASE).frames
     ref = vanilla([image, image], [PROMPT, PROMPT], generator=gens(), **BASE).frames
     assert ours.shape[0] == 2 and rel(ours, ref) < 1e-5
-    with_objects = pipe(image, PROMPT, num_videos_per_prompt=2, generator=gens(), objects=objects(pipe),
-                        return_masks=True, **BASE)  # fmt: skip
+    with_objects = pipe(
+        image, PROMPT, num_videos_per_prompt=2, generator=gens(), objects=objects(pipe), return_masks=True, **BASE
+    )
     assert with_objects.frames.shape[0] == 2 and with_objects.masks.shape[0] == 2
 
 
@@ -155,7 +172,10 @@ def test_a_batch_with_objects_equals_the_same_calls_one_by_one(pipe):
 def test_each_prompt_may_have_its_own_objects(pipe):
     image = picture()
     objs = objects(pipe)
-    swapped = [ObjectMotion(objs[0].mask_tensor, objs[1].motion, WORDS[0]), ObjectMotion(objs[1].mask_tensor, objs[0].motion, WORDS[1])]
+    swapped = [
+        ObjectMotion(objs[0].mask_tensor, objs[1].motion, WORDS[0]),
+        ObjectMotion(objs[1].mask_tensor, objs[0].motion, WORDS[1]),
+    ]
     batch = pipe([image, image], [PROMPT, PROMPT], generator=[gen(1), gen(1)], objects=[objs, swapped], **BASE).frames
     assert rel(batch[:1], pipe(image, PROMPT, generator=gen(1), objects=objs, **BASE).frames) < 1e-5
     assert rel(batch[1:], pipe(image, PROMPT, generator=gen(1), objects=swapped, **BASE).frames) < 1e-5
@@ -169,7 +189,7 @@ def test_each_prompt_may_have_its_own_objects(pipe):
 class ScaleLatents(PipelineCallback):
     """Multiplies the latents by ``factor`` after step ``at`` and records what it was given."""
 
-    tensor_inputs = ["latents", "prompt_embeds"]
+    tensor_inputs: ClassVar[list[str]] = ["latents", "prompt_embeds"]
 
     def __init__(self, at=0, factor=0.5):
         super().__init__(cutoff_step_ratio=None, cutoff_step_index=at)
@@ -200,13 +220,20 @@ def test_pipeline_callbacks_get_their_tensor_inputs_as_in_diffusers(pipe, vanill
 def test_vae_tiling_and_slicing_give_diffusers_result():
     image = picture()
     flexi = tiny_pipeline(0)
-    flexi.vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16, tile_overlap_factor_height=0.25,
-                            tile_overlap_factor_width=0.25)  # tiles that really split a 32 x 32 video
+    flexi.vae.enable_tiling(
+        tile_sample_min_height=16,
+        tile_sample_min_width=16,
+        tile_overlap_factor_height=0.25,
+        tile_overlap_factor_width=0.25,
+    )  # tiles that really split a 32 x 32 video
     flexi.vae.enable_slicing()
     ref = CogVideoXImageToVideoPipeline(**flexi.components)
     ref.set_progress_bar_config(disable=True)
     call = dict(BASE, output_type="np")
-    assert rel(flexi(image, PROMPT, generator=gen(), **call).frames, ref(image, PROMPT, generator=gen(), **call).frames) < 1e-5
+    assert (
+        rel(flexi(image, PROMPT, generator=gen(), **call).frames, ref(image, PROMPT, generator=gen(), **call).frames)
+        < 1e-5
+    )
     out = flexi(image, PROMPT, generator=gen(), objects=objects(flexi), **call).frames
     assert np.isfinite(out).all() and out.shape == (1, 9, 32, 32, 3)
 
@@ -236,7 +263,7 @@ def test_a_text_to_video_transformer_is_refused_with_objects():
 def test_a_folder_of_pickled_weights_is_refused_with_how_to_convert(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "model", safe_serialization=False)
     assert list((tmp_path / "model" / "transformer").glob("*.bin"))
-    with pytest.raises(ValueError, match="pickled weights only.*safetensors only.*save_pretrained"):
+    with pytest.raises(ValueError, match=r"pickled weights only.*safetensors only.*save_pretrained"):
         FlexiMMTPipeline.from_pretrained(str(tmp_path / "model"))
     with pytest.raises(ValueError, match="use_safetensors=False"):
         FlexiMMTPipeline.from_pretrained(str(tmp_path / "model"), use_safetensors=False)

@@ -21,9 +21,26 @@ from fleximmt.toy import tiny_pipeline
 
 def launch(args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "fleximmt", "-v", *map(str, args)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "fleximmt",
+        "-v",
+        *map(str, args),
+    ]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -47,9 +64,30 @@ def tokens_of(path):
 
 def test_two_processes_share_one_motion_and_average_gradients(workspace):
     out = workspace / "shared.safetensors"
-    result = launch(["train", "--model", workspace / "model", "--video", workspace / "ref0.mp4", "--caption",
-                     "A ball jumps up.", "--concept", "ball", "--motion-words", "jumps up", "--out", out,
-                     "--steps", 4, "--tokens", 2, "--checkpoint-every", 2], workspace)  # fmt: skip
+    result = launch(
+        [
+            "train",
+            "--model",
+            workspace / "model",
+            "--video",
+            workspace / "ref0.mp4",
+            "--caption",
+            "A ball jumps up.",
+            "--concept",
+            "ball",
+            "--motion-words",
+            "jumps up",
+            "--out",
+            out,
+            "--steps",
+            4,
+            "--tokens",
+            2,
+            "--checkpoint-every",
+            2,
+        ],
+        workspace,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.is_file()
     rank0, rng0 = tokens_of(out.with_name("shared.ckpt.safetensors"))
@@ -62,14 +100,42 @@ def test_two_processes_share_one_motion_and_average_gradients(workspace):
 
 def test_dataset_rows_are_shared_out_and_each_trained_once(workspace):
     rows = [
-        {"video": "ref0.mp4", "caption": "A ball jumps up.", "concept_words": "ball", "motion_words": "jumps up", "name": "right"},
-        {"video": "ref1.mp4", "caption": "A box slides left.", "concept_words": "box", "motion_words": "slides left", "name": "left"},
+        {
+            "video": "ref0.mp4",
+            "caption": "A ball jumps up.",
+            "concept_words": "ball",
+            "motion_words": "jumps up",
+            "name": "right",
+        },
+        {
+            "video": "ref1.mp4",
+            "caption": "A box slides left.",
+            "concept_words": "box",
+            "motion_words": "slides left",
+            "name": "left",
+        },
     ]
     (workspace / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    result = launch(["train", "--model", workspace / "model", "--dataset", workspace / "rows.jsonl",
-                     "--out-dir", workspace / "motions", "--steps", 2, "--tokens", 2], workspace)  # fmt: skip
+    result = launch(
+        [
+            "train",
+            "--model",
+            workspace / "model",
+            "--dataset",
+            workspace / "rows.jsonl",
+            "--out-dir",
+            workspace / "motions",
+            "--steps",
+            2,
+            "--tokens",
+            2,
+        ],
+        workspace,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (workspace / "motions" / "right.safetensors").is_file() and (workspace / "motions" / "left.safetensors").is_file()
+    assert (workspace / "motions" / "right.safetensors").is_file() and (
+        workspace / "motions" / "left.safetensors"
+    ).is_file()
     log = result.stderr
     assert log.count("trains") == 2
     assert "process 0 trains" in log and "process 1 trains" in log
@@ -81,9 +147,36 @@ def test_two_processes_train_one_wan_motion_with_two_experts(workspace):
 
     FlexiMMTWanPipeline(**tiny_wan_components(0, "2.2")).save_pretrained(workspace / "wan")
     out = workspace / "wan-shared.safetensors"
-    result = launch(["train", "--model", workspace / "wan", "--video", workspace / "ref0.mp4", "--caption",
-                     "A ball jumps up.", "--concept", "ball", "--motion-words", "jumps up", "--out", out, "--steps", 4,
-                     "--tokens", 2, "--checkpoint-every", 2, "--height", 32, "--width", 32, "--frames", 9], workspace)  # fmt: skip
+    result = launch(
+        [
+            "train",
+            "--model",
+            workspace / "wan",
+            "--video",
+            workspace / "ref0.mp4",
+            "--caption",
+            "A ball jumps up.",
+            "--concept",
+            "ball",
+            "--motion-words",
+            "jumps up",
+            "--out",
+            out,
+            "--steps",
+            4,
+            "--tokens",
+            2,
+            "--checkpoint-every",
+            2,
+            "--height",
+            32,
+            "--width",
+            32,
+            "--frames",
+            9,
+        ],
+        workspace,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ckpts = [out.with_name("wan-shared.ckpt.safetensors"), out.with_name("wan-shared.ckpt.rank1.safetensors")]
     for name in ("param.tokens", "param.tokens_2"):  # each expert's replicas stay identical across processes

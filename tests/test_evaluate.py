@@ -47,19 +47,48 @@ def bench(tmp_path):
     Image.fromarray(left).save(tmp_path / "left.png")
     Image.fromarray(right).save(tmp_path / "right.png")
     objects = [
-        {"mask": "left.png", "motion": "m0.safetensors", "motion_text": "jumps up", "reference": "ref0.mp4", "reference_mask": "ref0_mask.png"},
-        {"mask": "right.png", "motion": "m1.safetensors", "motion_text": "slides left", "reference": "ref1.mp4", "reference_mask": "ref1_mask.png"},
+        {
+            "mask": "left.png",
+            "motion": "m0.safetensors",
+            "motion_text": "jumps up",
+            "reference": "ref0.mp4",
+            "reference_mask": "ref0_mask.png",
+        },
+        {
+            "mask": "right.png",
+            "motion": "m1.safetensors",
+            "motion_text": "slides left",
+            "reference": "ref1.mp4",
+            "reference_mask": "ref1_mask.png",
+        },
     ]
     prompt = "A ball jumps up. A box slides left."
     cases = [
         {"id": "full", "image": "image.png", "prompt": prompt, "objects": objects, "steps": 2},
-        {"id": "static", "image": "image.png", "prompt": prompt, "objects": objects, "steps": 2,
-         "settings": {"mask_source": "static", "parts": ["m2v", "m2m"]}},
+        {
+            "id": "static",
+            "image": "image.png",
+            "prompt": prompt,
+            "objects": objects,
+            "steps": 2,
+            "settings": {"mask_source": "static", "parts": ["m2v", "m2m"]},
+        },
         # the reference scored against itself: a known answer (FF = 1, TF close to 1)
-        {"id": "oracle", "method": "reference", "image": "ref0_first.png", "prompt": "A ball jumps up.",
-         "objects": [{**objects[0], "mask": "ref0_mask.png"}], "video": "ref0.mp4"},
-        {"id": "broken", "image": "image.png", "prompt": prompt, "objects": [{**objects[0], "motion": "missing.safetensors"}]},
-    ]  # fmt: skip
+        {
+            "id": "oracle",
+            "method": "reference",
+            "image": "ref0_first.png",
+            "prompt": "A ball jumps up.",
+            "objects": [{**objects[0], "mask": "ref0_mask.png"}],
+            "video": "ref0.mp4",
+        },
+        {
+            "id": "broken",
+            "image": "image.png",
+            "prompt": prompt,
+            "objects": [{**objects[0], "motion": "missing.safetensors"}],
+        },
+    ]
     (tmp_path / "bench.jsonl").write_text("\n".join(json.dumps(c) for c in cases))
     return tmp_path, pipe
 
@@ -71,7 +100,10 @@ def test_runner_scores_every_object_summarises_and_resumes(bench):
     assert "missing.safetensors" in results["broken"]["error"] and "does not exist" in results["broken"]["error"]
     for case in ("full", "static"):
         assert len(results[case]["objects"]) == 2 and (root / "out" / "videos" / f"{case}.mp4").is_file()
-        assert all(-1 <= o["tf"] <= 1 and 0 <= o["ff"] <= 1 and o["ff_estimator"] == "opencv-dis" for o in results[case]["objects"])
+        assert all(
+            -1 <= o["tf"] <= 1 and 0 <= o["ff"] <= 1 and o["ff_estimator"] == "opencv-dis"
+            for o in results[case]["objects"]
+        )
     assert results["oracle"]["ff"] == pytest.approx(1.0, abs=1e-6) and results["oracle"]["tf"] > 0.9
     assert results["static"]["label"] != results["full"]["label"]
     rows = list(csv.DictReader((root / "out" / "summary.csv").read_text().splitlines()))
@@ -103,14 +135,39 @@ def test_two_processes_share_the_cases_each_once(bench):
     root, pipe = bench
     pipe.save_pretrained(root / "model")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "fleximmt", "evaluate", "--model", str(root / "model"), "--manifest", str(root / "bench.jsonl"),
-           "--out", str(root / "dist"), "--steps", "2"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "fleximmt",
+        "evaluate",
+        "--model",
+        str(root / "model"),
+        "--manifest",
+        str(root / "bench.jsonl"),
+        "--out",
+        str(root / "dist"),
+        "--steps",
+        "2",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    processes = {c: json.loads((root / "dist" / "cases" / f"{c}.json").read_text())["process"]
-                 for c in ("full", "static", "oracle", "broken")}  # fmt: skip
+    processes = {
+        c: json.loads((root / "dist" / "cases" / f"{c}.json").read_text())["process"]
+        for c in ("full", "static", "oracle", "broken")
+    }
     assert processes == {"full": 0, "static": 1, "oracle": 0, "broken": 1}
     assert result.stdout.count("summary:") == 1
 
@@ -122,14 +179,32 @@ def test_the_release_estimators_are_chosen_from_the_command_line(bench, monkeypa
     root, pipe = bench
     chosen = []
     real_ff, real_tf = metrics.flow_fidelity_result, metrics.trajectory_fidelity_result
-    monkeypatch.setattr(metrics, "flow_fidelity_result", lambda *a, flow="dis", **k: chosen.append(("ff", flow)) or real_ff(*a, **k))
-    monkeypatch.setattr(metrics, "trajectory_fidelity_result",
-                        lambda *a, tracker="lk", **k: chosen.append(("tf", tracker)) or real_tf(*a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        metrics, "flow_fidelity_result", lambda *a, flow="dis", **k: chosen.append(("ff", flow)) or real_ff(*a, **k)
+    )
+    monkeypatch.setattr(
+        metrics,
+        "trajectory_fidelity_result",
+        lambda *a, tracker="lk", **k: chosen.append(("tf", tracker)) or real_tf(*a, **k),
+    )
     monkeypatch.setattr(cli, "load_pipeline", lambda args: pipe)
     manifest = root / "oracle.jsonl"
-    manifest.write_text([line for line in (root / "bench.jsonl").read_text().splitlines() if '"oracle"' in line][0])
-    code = cli.main(["evaluate", "--manifest", str(manifest), "--out", str(root / "o1"), "--flow", "raft",
-                     "--tracker", "cotracker", "--model", "tiny"])  # fmt: skip
+    manifest.write_text(next(line for line in (root / "bench.jsonl").read_text().splitlines() if '"oracle"' in line))
+    code = cli.main(
+        [
+            "evaluate",
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(root / "o1"),
+            "--flow",
+            "raft",
+            "--tracker",
+            "cotracker",
+            "--model",
+            "tiny",
+        ]
+    )
     assert code == 0 and chosen == [("tf", "cotracker"), ("ff", "raft")]
     chosen.clear()
     assert cli.main(["evaluate", "--manifest", str(manifest), "--out", str(root / "o2"), "--model", "tiny"]) == 0

@@ -1,4 +1,4 @@
-"""FlexiMMT on HunyuanVideo 1.5 image-to-video (METHOD.md section 10), on tiny random models built offline
+"""FlexiMMT on HunyuanVideo 1.5 image-to-video (docs/method.md#hunyuanvideo-15), on tiny random models built offline
 (``fleximmt.toy.tiny_hunyuan15``): what is particular to it - the text that is image, glyph and prompt
 tokens then padding (padded keys closed without an N x N mask, section 10's table by brute force), the
 guider's branches as separate forwards, the video sized and cropped from the image, the chat template
@@ -51,8 +51,10 @@ def masks():
 
 
 def objects(pipe, scale=30.0, family="hunyuanvideo15"):
-    return [ObjectMotion(mask, random_motion(pipe.transformer, 4, seed=k + 1, scale=scale, family=family), WORDS[k])
-            for k, mask in enumerate(masks())]  # fmt: skip
+    return [
+        ObjectMotion(mask, random_motion(pipe.transformer, 4, seed=k + 1, scale=scale, family=family), WORDS[k])
+        for k, mask in enumerate(masks())
+    ]
 
 
 def gen(seed=0):
@@ -98,8 +100,14 @@ def test_rmpm_features_come_from_the_conditional_forward_only(pipes, monkeypatch
 def test_a_step_callback_runs_each_step_though_diffusers_pipeline_has_none(pipes):
     ours, _ = pipes
     steps = []
-    ours(image=picture(), prompt=PROMPT, objects=objects(ours), **CALL, generator=gen(),
-         callback_on_step_end=lambda pipe, step, t, kw: steps.append(step))  # fmt: skip
+    ours(
+        image=picture(),
+        prompt=PROMPT,
+        objects=objects(ours),
+        **CALL,
+        generator=gen(),
+        callback_on_step_end=lambda pipe, step, t, kw: steps.append(step),
+    )
     assert steps == [0, 1]
     with pytest.raises(ValueError, match="returned tensors"):
         ours(image=picture(), prompt=PROMPT, **CALL, callback_on_step_end=lambda *a: {"latents": 0})
@@ -123,7 +131,7 @@ def test_masks_are_cropped_as_the_image_is():
 def brute_force_mask(member, owner, video_masks, valid, parts, context_text="open"):
     """Section 10's rules pair by pair over ``[text | motion | video]``: ``member`` [K, L] motion words,
     ``owner`` [K, M] motion tokens, ``video_masks`` [K, V], ``valid`` [L] text that is not padding."""
-    K, L = member.shape
+    _K, L = member.shape
     M, V = owner.shape[1], video_masks.shape[1]
     kind = ["text"] * L + ["motion"] * M + ["video"] * V
     objs = [set(member[:, i].nonzero().flatten().tolist()) for i in range(L)]
@@ -179,8 +187,13 @@ def text_keys_state(backend, num_frames=2):
     tokens = torch.randn(2, 1, 1, 3, 16, generator=generator)  # K=2, 1 expert, 1 block, d_m=3, dim 16
     member = torch.zeros(2, 8, dtype=torch.bool)
     member[0, 1], member[1, 3:5] = True, True
-    state = FlexiMMTState([VideoMotions(tokens.requires_grad_(), member)], form="joint", backend=backend,
-                          text_keys=True, num_frames=num_frames)  # fmt: skip
+    state = FlexiMMTState(
+        [VideoMotions(tokens.requires_grad_(), member)],
+        form="joint",
+        backend=backend,
+        text_keys=True,
+        num_frames=num_frames,
+    )
     state.set_video_masks(torch.rand(2, 24, generator=generator) > 0.4)
     return state
 
@@ -191,8 +204,10 @@ def test_padded_keys_are_closed_and_auto_equals_dense_in_values_and_gradients():
     generator = torch.Generator().manual_seed(1)
     B, H, V, L, M, d = 2, 2, 24, 12, 6, 8
     texts = [TextKeys(2, 8), TextKeys(4, 10)]
-    q, k, v = (torch.randn(B, H, V + L + M, d, generator=generator, dtype=torch.float64).float().requires_grad_()
-               for _ in range(3))  # fmt: skip
+    q, k, v = (
+        torch.randn(B, H, V + L + M, d, generator=generator, dtype=torch.float64).float().requires_grad_()
+        for _ in range(3)
+    )
     results = {}
     for backend in ("auto", "dense"):
         state = text_keys_state(backend)
@@ -249,7 +264,10 @@ def test_motion_words_are_found_after_the_chat_template(pipes):
     spans = adapter.word_spans(PROMPT, WORDS, adapter.default_text_length())
     text = ours.tokenizer.apply_chat_template(
         [{"role": "system", "content": ours.system_message}, {"role": "user", "content": PROMPT}],
-        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"][ours.prompt_template_encode_start_idx:]  # fmt: skip
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )["input_ids"][ours.prompt_template_encode_start_idx :]
     assert [ours.tokenizer.decode([text[i] for i in span]).strip() for span in spans] == WORDS
 
 
@@ -266,7 +284,10 @@ def test_motion_words_with_qwen25s_real_tokenizer():
     spans = pipe.adapter.word_spans(prompt, ["jumps", "runs", "jumps", "tail-wagging"], 1000)
     ids = pipe.tokenizer.apply_chat_template(
         [{"role": "system", "content": pipe.system_message}, {"role": "user", "content": prompt}],
-        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"][108:]  # fmt: skip
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+    )["input_ids"][108:]
     words = [pipe.tokenizer.decode([ids[i] for i in span]).strip() for span in spans]
     assert words == ["jumps", "runs", "jumps", "tail-wagging"] and spans[0] != spans[2]
 
@@ -284,7 +305,7 @@ def moving_square(frames=9):
 def test_bad_input_is_refused_with_the_fix(pipes):
     ours, _ = pipes
     kw = dict(prompt=PROMPT, **CALL)
-    with pytest.raises(ValueError, match="learned on CogVideoX image-to-video.*HunyuanVideo 1.5"):
+    with pytest.raises(ValueError, match=r"learned on CogVideoX image-to-video.*HunyuanVideo 1.5"):
         ours(image=picture(), objects=objects(ours, family="cogvideox"), **kw)
     wan = tiny_wan_components(0, "2.1")["transformer"]
     wan_motion = random_motion(wan, 4)
@@ -297,7 +318,11 @@ def test_bad_input_is_refused_with_the_fix(pipes):
     with pytest.raises(ValueError, match="one image per call"):
         ours(image=[picture(), picture()], objects=objects(ours), **kw)
     with pytest.raises(ValueError, match="object 2: motion words 'flies'"):
-        ours(image=picture(), objects=[objects(ours)[0], ObjectMotion(masks()[1], objects(ours)[1].motion, "flies")], **kw)
+        ours(
+            image=picture(),
+            objects=[objects(ours)[0], ObjectMotion(masks()[1], objects(ours)[1].motion, "flies")],
+            **kw,
+        )
     bad = FlexiMMTHunyuanVideo15Pipeline(**tiny_hunyuan15_components(0))
     bad.transformer.register_to_config(task_type="t2v")
     with pytest.raises(ValueError, match="load an image-to-video checkpoint: hunyuanvideo-community"):
@@ -310,27 +335,85 @@ def test_save_load_and_the_command_line(pipes, tmp_path, capsys):
 
     ours, _ = pipes
     ours.save_pretrained(tmp_path / "model")
-    assert json.loads((tmp_path / "model" / "model_index.json").read_text())["_class_name"] == \
-        "HunyuanVideo15ImageToVideoPipeline"  # fmt: skip
+    assert (
+        json.loads((tmp_path / "model" / "model_index.json").read_text())["_class_name"]
+        == "HunyuanVideo15ImageToVideoPipeline"
+    )
     loaded = load_pipeline(tmp_path / "model")
     assert isinstance(loaded, FlexiMMTHunyuanVideo15Pipeline) and isinstance(loaded.adapter, HunyuanVideo15Adapter)
     picture().save(tmp_path / "image.png")
     Image.fromarray(masks()[0]).save(tmp_path / "dog.png")
     objects(ours)[0].motion.save(tmp_path / "jump.safetensors")
-    code = main(["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "image.png"), "--prompt",
-                 PROMPT, "--object", f"{tmp_path / 'dog.png'}:{tmp_path / 'jump.safetensors'}:jumps", "--frames", "9",
-                 "--steps", "1", "--guidance", "3", "--out", str(tmp_path / "out.mp4")])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tmp_path / "model"),
+            "--image",
+            str(tmp_path / "image.png"),
+            "--prompt",
+            PROMPT,
+            "--object",
+            f"{tmp_path / 'dog.png'}:{tmp_path / 'jump.safetensors'}:jumps",
+            "--frames",
+            "9",
+            "--steps",
+            "1",
+            "--guidance",
+            "3",
+            "--out",
+            str(tmp_path / "out.mp4"),
+        ]
+    )
     assert code == 0 and (tmp_path / "out.mp4").stat().st_size > 0
-    code = main(["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "image.png"), "--prompt",
-                 PROMPT, "--height", "64", "--steps", "1", "--out", str(tmp_path / "bad.mp4")])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tmp_path / "model"),
+            "--image",
+            str(tmp_path / "image.png"),
+            "--prompt",
+            PROMPT,
+            "--height",
+            "64",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "bad.mp4"),
+        ]
+    )
     assert code != 0 and "takes no height" in capsys.readouterr().err
     import imageio.v3 as iio
 
     iio.imwrite(tmp_path / "ref.mp4", moving_square(), fps=8, codec="libx264")
-    code = main(["train", "--model", str(tmp_path / "model"), "--video", str(tmp_path / "ref.mp4"), "--caption",
-                 "A red ball jumps up.", "--concept", "ball", "--motion-words", "jumps up", "--out",
-                 str(tmp_path / "hop.safetensors"), "--steps", "2", "--tokens", "2", "--frames", "9", "--height", "32",
-                 "--width", "32"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tmp_path / "model"),
+            "--video",
+            str(tmp_path / "ref.mp4"),
+            "--caption",
+            "A red ball jumps up.",
+            "--concept",
+            "ball",
+            "--motion-words",
+            "jumps up",
+            "--out",
+            str(tmp_path / "hop.safetensors"),
+            "--steps",
+            "2",
+            "--tokens",
+            "2",
+            "--frames",
+            "9",
+            "--height",
+            "32",
+            "--width",
+            "32",
+        ]
+    )
     assert code == 0 and MotionTokens.load(tmp_path / "hop.safetensors").family == "hunyuanvideo15"
 
 
@@ -347,17 +430,27 @@ def test_the_web_app_transfers_and_learns(pipes, tmp_path):
     Image.fromarray(masks()[0]).save(tmp_path / "mask.png")
     app = TransferApp(ours, MotionLibrary(tmp_path / "motions"), tmp_path / "out")
     seen = []
-    video, overlay = app.generate(np.asarray(picture()), PROMPT, [ObjectInput(mask_png=str(tmp_path / "mask.png"),
-                                  motion="jump", motion_words="jumps")], steps=2, seed=0,
-                                  progress=lambda share, desc: seen.append(share))  # fmt: skip
-    assert seen == pytest.approx([0.5, 1.0]) and iio.imread(video).shape[1:3] == iio.imread(overlay).shape[1:3] == (32, 32)
+    video, overlay = app.generate(
+        np.asarray(picture()),
+        PROMPT,
+        [ObjectInput(mask_png=str(tmp_path / "mask.png"), motion="jump", motion_words="jumps")],
+        steps=2,
+        seed=0,
+        progress=lambda share, desc: seen.append(share),
+    )
+    assert seen == pytest.approx([0.5, 1.0]) and iio.imread(video).shape[1:3] == iio.imread(overlay).shape[1:3] == (
+        32,
+        32,
+    )
     iio.imwrite(tmp_path / "ref.mp4", moving_square(121), fps=24, codec="libx264")  # the model's 121 frames
-    entry = app.learn(str(tmp_path / "ref.mp4"), "A ball jumps up.", "ball", "jumps up", "hop", 2, 2, lambda s, l: None)
+    entry = app.learn(
+        str(tmp_path / "ref.mp4"), "A ball jumps up.", "ball", "jumps up", "hop", 2, 2, lambda s, _loss: None
+    )
     assert MotionTokens.load(entry.path).family == "hunyuanvideo15"
 
 
 def test_dmem_scores_video_queries_against_the_concept_words_keys():
-    """METHOD.md section 10: in training, DMEM's mask of a block comes from the video queries against the
+    """docs/method.md#hunyuanvideo-15: in training, DMEM's mask of a block comes from the video queries against the
     concept words' keys (text stream), each frame thresholded at its mean."""
     from fleximmt.method.masks import dmem_mask
 
@@ -366,8 +459,14 @@ def test_dmem_scores_video_queries_against_the_concept_words_keys():
     member = torch.zeros(1, 8, dtype=torch.bool)
     member[0, 2] = True
     concept = [torch.tensor([5])]  # the concept word: prompt token 5
-    state = FlexiMMTState([VideoMotions(tokens, member, concept)], form="joint", dmem=True, text_keys=True,
-                          dmem_video_queries=True, num_frames=2)  # fmt: skip
+    state = FlexiMMTState(
+        [VideoMotions(tokens, member, concept)],
+        form="joint",
+        dmem=True,
+        text_keys=True,
+        dmem_video_queries=True,
+        num_frames=2,
+    )
     V, L, M = 24, 12, 2
     q, k, v = (torch.randn(1, 2, V + L + M, 8, generator=generator) for _ in range(3))
     text = TextKeys(3, 11)
@@ -396,5 +495,7 @@ def test_objects_with_context_parallelism_are_refused():
     pipe(image=picture(), prompt=PROMPT, objects=objects(pipe), **{**CALL, "num_inference_steps": 1}, generator=gen())
     for processor in pipe.transformer.attn_processors.values():
         processor._parallel_config = object()  # what enable_parallelism leaves on them
-    with pytest.raises(FlexiMMTInputError, match="context parallelism .* on HunyuanVideo 1.5"):
-        pipe(image=picture(), prompt=PROMPT, objects=objects(pipe), **{**CALL, "num_inference_steps": 1}, generator=gen())
+    with pytest.raises(FlexiMMTInputError, match=r"context parallelism .* on HunyuanVideo 1.5"):
+        pipe(
+            image=picture(), prompt=PROMPT, objects=objects(pipe), **{**CALL, "num_inference_steps": 1}, generator=gen()
+        )

@@ -24,7 +24,7 @@ ALLOWED = {
 def imported_layers(path: Path) -> set[tuple[str, int]]:
     """(layer, line) of every fleximmt module ``path`` imports."""
     module = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    package = list(module[:-1]) if path.name != "__init__.py" else list(module[:-1])
+    package = list(module[:-1])
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
@@ -72,9 +72,30 @@ def test_the_check_sees_a_wrong_arrow(tmp_path):
 
 
 def test_public_imports_unchanged():
-    from fleximmt import (FlexiMMTInputError, FlexiMMTPipeline, FlexiMMTPipelineOutput, FlexiMMTWanPipeline,
-                          MotionTokens, ObjectMotion, TrainSettings, compile, load_pipeline, train_motion)  # fmt: skip
+    from fleximmt import (
+        FlexiMMTInputError,
+        FlexiMMTPipeline,
+        FlexiMMTPipelineOutput,
+        FlexiMMTWanPipeline,
+        MotionTokens,
+        ObjectMotion,
+        TrainSettings,
+        compile,
+        load_pipeline,
+        train_motion,
+    )
 
-    assert all(callable(x) for x in (FlexiMMTPipeline, FlexiMMTWanPipeline, MotionTokens, ObjectMotion, TrainSettings,
-                                     compile, load_pipeline, train_motion))  # fmt: skip
+    assert all(
+        callable(x)
+        for x in (
+            FlexiMMTPipeline,
+            FlexiMMTWanPipeline,
+            MotionTokens,
+            ObjectMotion,
+            TrainSettings,
+            compile,
+            load_pipeline,
+            train_motion,
+        )
+    )
     assert issubclass(FlexiMMTInputError, ValueError) and FlexiMMTPipelineOutput.__name__ == "FlexiMMTPipelineOutput"

@@ -22,7 +22,7 @@ from fleximmt.method.masks import (
 
 
 def brute_force_mdma(text_len, spans, d_m, video_masks, parts, context_text):
-    """METHOD.md section 3's rules table, pair by pair, with Python sets."""
+    """docs/method.md#mdma's rules table, pair by pair, with Python sets."""
     num_objects, num_video = video_masks.shape
     n = text_len + num_objects * d_m + num_video
 
@@ -76,7 +76,12 @@ def random_layout(rng: random.Random):
         size = rng.randint(0 if rng.random() < 0.15 else 1, 3)
         start = rng.randint(0, text_len - size)
         spans.append(list(range(start, start + size)))
-    video_masks = torch.tensor([[rng.random() < p for _ in range(num_video)] for p in [rng.choice([0.0, 0.3, 0.7, 1.0]) for _ in range(num_objects)]])
+    video_masks = torch.tensor(
+        [
+            [rng.random() < p for _ in range(num_video)]
+            for p in [rng.choice([0.0, 0.3, 0.7, 1.0]) for _ in range(num_objects)]
+        ]
+    )
     return text_len, spans, d_m, video_masks
 
 
@@ -224,7 +229,7 @@ def test_dmem_mask_thresholds_each_frame_at_its_own_mean():
 
 
 def brute_force_cross(text_len, spans, d_m, video_masks, parts):
-    """METHOD.md section 9's table for a cross-attention, query by query and key by key: a video
+    """docs/method.md#wan's table for a cross-attention, query by query and key by key: a video
     query in V^k reads M^k and Y_mo^k only (no other object's), context words always, and with a part
     off its keys stay open; a query left with nothing reads the whole text."""
     num_objects, num_video = video_masks.shape

@@ -1,4 +1,4 @@
-"""Metrics on synthetic videos whose right answers are known (METHOD.md section 7)."""
+"""Metrics on synthetic videos whose right answers are known (docs/method.md#evaluation)."""
 
 import json
 import os
@@ -124,23 +124,26 @@ def test_masks_as_zero_one_integers_equal_bool_masks():
     assert flow_fidelity(video, video, masks.astype(np.uint8), masks) == flow_fidelity(video, video, masks, masks)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda v, m: flow_fidelity(v.astype(np.float32), v, m, m), "uint8"),
-    (lambda v, m: flow_fidelity(v[..., :2], v, m, m), r"\[T, H, W, 3\]"),
-    (lambda v, m: flow_fidelity(v[0], v, m, m), r"\[T, H, W, 3\]"),
-    (lambda v, m: flow_fidelity(v, v, m[0], m), "one mask per frame"),
-    (lambda v, m: flow_fidelity(v, v, m[:, :32], m), "ref_masks|gen_masks"),
-    (lambda v, m: flow_fidelity(v, v, m * 0.5, m), "threshold"),
-    (lambda v, m: flow_fidelity([v[0], v[1, :32]], v, m, m), "ragged"),
-    (lambda v, m: flow_fidelity(v[:, :8, :8], v[:, :8, :8], m[:, :8, :8], m[:, :8, :8]), "at least 16"),
-    (lambda v, m: trajectory_fidelity(v[:1], v, m[0], m[0]), "at least 2"),
-    (lambda v, m: trajectory_fidelity(v, v, m, m[0]), "first frame"),
-    (lambda v, m: trajectory_fidelity(v, v, np.zeros_like(m[0]), m[0]), "gen_mask is empty"),
-    (lambda v, m: flow_fidelity(v, v, m, m, flow="farneback"), "choose"),
-    (lambda v, m: trajectory_fidelity(v, v, m[0], m[0], tracker="klt"), "choose"),
-    (lambda v, m: clip_scores(v[:1], "a cat"), "at least 2"),
-    (lambda v, m: clip_scores(v, ["a cat"]), "str"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda v, m: flow_fidelity(v.astype(np.float32), v, m, m), "uint8"),
+        (lambda v, m: flow_fidelity(v[..., :2], v, m, m), r"\[T, H, W, 3\]"),
+        (lambda v, m: flow_fidelity(v[0], v, m, m), r"\[T, H, W, 3\]"),
+        (lambda v, m: flow_fidelity(v, v, m[0], m), "one mask per frame"),
+        (lambda v, m: flow_fidelity(v, v, m[:, :32], m), "ref_masks|gen_masks"),
+        (lambda v, m: flow_fidelity(v, v, m * 0.5, m), "threshold"),
+        (lambda v, m: flow_fidelity([v[0], v[1, :32]], v, m, m), "ragged"),
+        (lambda v, m: flow_fidelity(v[:, :8, :8], v[:, :8, :8], m[:, :8, :8], m[:, :8, :8]), "at least 16"),
+        (lambda v, m: trajectory_fidelity(v[:1], v, m[0], m[0]), "at least 2"),
+        (lambda v, m: trajectory_fidelity(v, v, m, m[0]), "first frame"),
+        (lambda v, m: trajectory_fidelity(v, v, np.zeros_like(m[0]), m[0]), "gen_mask is empty"),
+        (lambda v, m: flow_fidelity(v, v, m, m, flow="farneback"), "choose"),
+        (lambda v, m: trajectory_fidelity(v, v, m[0], m[0], tracker="klt"), "choose"),
+        (lambda v, m: clip_scores(v[:1], "a cat"), "at least 2"),
+        (lambda v, m: clip_scores(v, ["a cat"]), "str"),
+    ],
+)
 def test_bad_input_raises_value_error(call, message):
     video, masks = scene()
     with pytest.raises(ValueError, match=message):
@@ -158,9 +161,9 @@ def test_release_estimators_missing_raise_value_error_naming_the_fix(monkeypatch
     monkeypatch.setitem(sys.modules, "torchvision", None)  # importing it now fails, installed or not
     monkeypatch.setitem(sys.modules, "cotracker", None)
     video, masks = scene(frames=3)
-    with pytest.raises(ValueError, match="torchvision.*flow='dis'"):
+    with pytest.raises(ValueError, match=r"torchvision.*flow='dis'"):
         flow_fidelity(video, video, masks, masks, flow="raft")
-    with pytest.raises(ValueError, match="cotracker.*tracker='lk'"):
+    with pytest.raises(ValueError, match=r"cotracker.*tracker='lk'"):
         trajectory_fidelity(video, video, masks[0], masks[0], tracker="cotracker")
 
 
@@ -171,7 +174,7 @@ class BrokenTorchvision:
     def find_spec(self, name, path=None, target=None):
         if name == "torchvision" or name.startswith("torchvision."):
             raise RuntimeError("operator torchvision::nms does not exist")
-        return None
+        return
 
 
 def test_raft_with_a_torchvision_built_for_another_torch_names_the_fix(monkeypatch):
@@ -202,13 +205,27 @@ def tiny_clip(tmp_path_factory):
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
-    )  # fmt: skip
+    )
     CLIPModel(config).save_pretrained(root / "model")
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root / "model")
     return str(root / "model")
@@ -322,9 +339,13 @@ def test_raft_gets_normalised_padded_frames_20_updates_and_its_flow_comes_back_c
         assert image1.shape[-2:] == image2.shape[-2:] == padded  # multiples of 8, at least 128 a side
         assert image1.dtype == torch.float32 and image1.min() >= -1 and image1.max() <= 1
         # the padding repeats the last row and column of each frame
-        assert torch.equal(image1[:, :, height:, :width], image1[:, :, height - 1 : height, :width].expand_as(
-            image1[:, :, height:, :width]))  # fmt: skip
-        assert torch.equal(image1[:, :, :, width:], image1[:, :, :, width - 1 : width].expand_as(image1[:, :, :, width:]))
+        assert torch.equal(
+            image1[:, :, height:, :width],
+            image1[:, :, height - 1 : height, :width].expand_as(image1[:, :, height:, :width]),
+        )
+        assert torch.equal(
+            image1[:, :, :, width:], image1[:, :, :, width - 1 : width].expand_as(image1[:, :, :, width:])
+        )
     first = torch.from_numpy(frames[:8]).permute(0, 3, 1, 2).double() / 127.5 - 1
     torch.testing.assert_close(model.calls[0][0][:, :, :height, :width].double(), first, atol=1e-6, rtol=0)
 
@@ -337,7 +358,9 @@ def test_raft_path_gives_the_known_answers_with_a_true_flow_in_place_of_raft(raf
     still, still_masks = scene((0, 0))
     flows = optical_flows(right, "raft")  # inside the square: 2 px right, 0 px down, frame after frame
     inside = np.concatenate([flows[t][right_masks[t]] for t in range(len(flows))])
-    assert np.median(inside[:, 0]) == pytest.approx(2.0, abs=0.3) and np.median(inside[:, 1]) == pytest.approx(0, abs=0.3)
+    assert np.median(inside[:, 0]) == pytest.approx(2.0, abs=0.3) and np.median(inside[:, 1]) == pytest.approx(
+        0, abs=0.3
+    )
     same = flow_fidelity_result(right, right, right_masks, right_masks, flow="raft")
     assert same.value == pytest.approx(1.0, abs=1e-6) and same.estimator == "raft-large-20it"
     assert flow_fidelity(right, left, right_masks, left_masks, flow="raft") < 0.8 * same.value
@@ -370,8 +393,9 @@ def test_release_raft_loads_from_raft_checkpoint_and_scores_identical_videos_one
     assert all(torch.equal(state[name], weights) for name, weights in load_file(random_raft).items())
     # the flow is the real model's 20-update estimate on the frames mapped to [-1, 1], padded to 128 x 128
     flows = optical_flows(video, "raft")
-    pixels = torch.nn.functional.pad(torch.from_numpy(video).permute(0, 3, 1, 2).float() / 127.5 - 1,
-                                     (0, 64, 0, 64), mode="replicate")  # fmt: skip
+    pixels = torch.nn.functional.pad(
+        torch.from_numpy(video).permute(0, 3, 1, 2).float() / 127.5 - 1, (0, 64, 0, 64), mode="replicate"
+    )
     with torch.no_grad():
         estimates = model(pixels[:-1], pixels[1:], num_flow_updates=20)
     expected = estimates[-1][:, :, :64, :64].permute(0, 2, 3, 1).numpy()
@@ -393,8 +417,11 @@ def test_release_raft_default_weights_are_torchvisions_hash_checked_and_read_wei
 
     monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
     video, masks = scene(frames=2)
-    with pytest.raises(ValueError, match=r"could not load RAFT-large.*raft_large_C_T_SKHT_V2-ff5fadd5\.pth.*"
-                                         r"TORCH_HOME.*RAFT_CHECKPOINT.*flow='dis'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"could not load RAFT-large.*raft_large_C_T_SKHT_V2-ff5fadd5\.pth.*"
+        r"TORCH_HOME.*RAFT_CHECKPOINT.*flow='dis'",
+    ):
         flow_fidelity(video, video, masks, masks, flow="raft")
     assert asked == [(Raft_Large_Weights.DEFAULT, {"progress": False, "check_hash": True, "weights_only": True})]
 
@@ -417,8 +444,9 @@ def test_raft_checkpoint_of_another_model_or_not_safetensors_names_the_fix(tmp_p
         flow_fidelity(video, video, masks, masks, flow="raft")
 
 
-@pytest.mark.parametrize(("name", "message"), [("raft_large.pth", r"\.safetensors file.*pickled"),
-                                               ("missing.safetensors", "does not exist")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "message"), [("raft_large.pth", r"\.safetensors file.*pickled"), ("missing.safetensors", "does not exist")]
+)
 def test_raft_checkpoint_must_be_an_existing_safetensors_file(tmp_path, fresh_raft, monkeypatch, name, message):
     if name.endswith(".pth"):
         (tmp_path / name).write_bytes(b"not loaded")

@@ -55,8 +55,9 @@ def fast(request):
 
 def pipeline_ids(tokenizer, text, max_length=L):
     """The ids as diffusers' ``encode_prompt`` gives them to the text encoder (not fleximmt's code)."""
-    return tokenizer(text, padding="max_length", max_length=max_length, truncation=True,
-                     add_special_tokens=True).input_ids  # fmt: skip
+    return tokenizer(
+        text, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True
+    ).input_ids
 
 
 def words_at(tokenizer, ids, spans):
@@ -65,18 +66,39 @@ def words_at(tokenizer, ids, spans):
 
 # (prompt, phrases, {tokenizer: spans}, what the tokens at the spans decode to)
 FOUND = {
-    "brackets": ("The cat (jumps) while the dog runs.", ["jumps", "runs"],
-                 {"t5": [[3, 4], [9]], "qwen": [[3, 4], [9]]}, ["jumps", "runs"]),
-    "punctuation": ("A dog jumps, then rolls over!", ["jumps", "rolls over"],
-                    {"t5": [[2, 3], [6, 7]], "qwen": [[2], [5, 6]]}, ["jumps", "rolls over"]),
-    "quotes": ('The dog "runs" and the cat says \'hi\'.', ["runs", "hi"],
-               {"t5": [[3, 4], [12, 13]], "qwen": [[3], [10]]}, ["runs", "hi"]),
+    "brackets": (
+        "The cat (jumps) while the dog runs.",
+        ["jumps", "runs"],
+        {"t5": [[3, 4], [9]], "qwen": [[3, 4], [9]]},
+        ["jumps", "runs"],
+    ),
+    "punctuation": (
+        "A dog jumps, then rolls over!",
+        ["jumps", "rolls over"],
+        {"t5": [[2, 3], [6, 7]], "qwen": [[2], [5, 6]]},
+        ["jumps", "rolls over"],
+    ),
+    "quotes": (
+        "The dog \"runs\" and the cat says 'hi'.",
+        ["runs", "hi"],
+        {"t5": [[3, 4], [12, 13]], "qwen": [[3], [10]]},
+        ["runs", "hi"],
+    ),
     "hyphen": ("A boy high-fives a girl.", ["high-fives"], {"t5": [[2, 3, 4, 5]], "qwen": [[2, 3, 4]]}, ["high-fives"]),
-    "repeated": ("A dog jumps. A cat jumps.", ["jumps", "jumps", "jumps"],  # the third shares the first
-                 {"t5": [[2, 3], [7, 8], [2, 3]], "qwen": [[2], [6], [2]]}, ["jumps"] * 3),
-    "prefix": ("The kids run and the dog runs.", ["runs", "run"], {"t5": [[6], [2]], "qwen": [[6], [2]]}, ["runs", "run"]),
+    "repeated": (
+        "A dog jumps. A cat jumps.",
+        ["jumps", "jumps", "jumps"],  # the third shares the first
+        {"t5": [[2, 3], [7, 8], [2, 3]], "qwen": [[2], [6], [2]]},
+        ["jumps"] * 3,
+    ),
+    "prefix": (
+        "The kids run and the dog runs.",
+        ["runs", "run"],
+        {"t5": [[6], [2]], "qwen": [[6], [2]]},
+        ["runs", "run"],
+    ),
     "case": ("The Dog Jumps.", ["Jumps"], {"t5": [[2, 3]], "qwen": [[2, 3]]}, ["Jumps"]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(FOUND))
@@ -97,13 +119,27 @@ def test_the_id_search_misses_words_the_tokenizer_splits_inside_the_sentence(t5,
 
 
 REFUSED = {
-    "inside a longer word": ("A dog wears a jumpsuit.", "jumps", "only part of longer words of the prompt ('jumpsuit')"),
+    "inside a longer word": (
+        "A dog wears a jumpsuit.",
+        "jumps",
+        "only part of longer words of the prompt ('jumpsuit')",
+    ),
     "a prefix of a word": ("The dog runs.", "run", "only part of longer words of the prompt ('runs')"),
-    "other letter case": ("The Dog Jumps.", "jumps", ("not in the prompt 'The Dog Jumps.' as written, but 'Jumps' is: "
-                                                      "write the motion words with the prompt's letter case")),
-    "absent": ("The dog runs.", "flies away", "motion words 'flies away' were not found among the tokens of the prompt"),
+    "other letter case": (
+        "The Dog Jumps.",
+        "jumps",
+        (
+            "not in the prompt 'The Dog Jumps.' as written, but 'Jumps' is: "
+            "write the motion words with the prompt's letter case"
+        ),
+    ),
+    "absent": (
+        "The dog runs.",
+        "flies away",
+        "motion words 'flies away' were not found among the tokens of the prompt",
+    ),
     "empty": ("The dog runs.", "  ", "motion words '  ' are empty: name words of the prompt"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
@@ -117,9 +153,11 @@ def test_motion_words_not_in_the_prompt_as_whole_words_are_refused_naming_the_fi
 def test_an_empty_prompt_is_named_as_such(fast):
     with pytest.raises(FlexiMMTInputError) as err:
         find_word_spans(fast[1], " ", ["jumps up"], L)
-    assert str(err.value) == ("the prompt is empty, so the motion words 'jumps up' are not in it: write a prompt that "
-                              "describes the scene and holds each object's motion words as they are, e.g. "
-                              "'A dog jumps up.'")  # fmt: skip
+    assert str(err.value) == (
+        "the prompt is empty, so the motion words 'jumps up' are not in it: write a prompt that "
+        "describes the scene and holds each object's motion words as they are, e.g. "
+        "'A dog jumps up.'"
+    )
 
 
 def test_words_cut_by_the_length_limit_are_refused_naming_the_limit(t5, qwen):
@@ -127,14 +165,16 @@ def test_words_cut_by_the_length_limit_are_refused_naming_the_limit(t5, qwen):
     # T5 keeps 9 tokens and its end token at 10: "▁jump" is the 9th, its "s" is cut
     with pytest.raises(FlexiMMTInputError) as err:
         find_word_spans(t5, prompt, ["jumps"], 10)
-    assert str(err.value) == ("motion words 'jumps' are cut off: the prompt is longer than the model's 10 text tokens "
-                              "and the words lie past them; shorten the prompt or move the words earlier")  # fmt: skip
+    assert str(err.value) == (
+        "motion words 'jumps' are cut off: the prompt is longer than the model's 10 text tokens "
+        "and the words lie past them; shorten the prompt or move the words earlier"
+    )
     assert find_word_spans(t5, prompt, ["cat"], 10) == [[7]]
     assert words_at(t5, pipeline_ids(t5, prompt, 10), [[7]]) == ["cat"]
     # Qwen adds no end token: 7 tokens keep " jumps" (the 7th) and cut " over"
     assert find_word_spans(qwen, prompt, ["jumps"], 7) == [[6]]
     assert words_at(qwen, pipeline_ids(qwen, prompt, 7), [[6]]) == ["jumps"]
-    with pytest.raises(FlexiMMTInputError, match="'jumps over' are cut off: .* model's 7 text tokens"):
+    with pytest.raises(FlexiMMTInputError, match=r"'jumps over' are cut off: .* model's 7 text tokens"):
         find_word_spans(qwen, prompt, ["jumps over"], 7)
 
 
@@ -171,15 +211,22 @@ def test_a_template_s_words_never_count_and_indices_are_after_the_crop(qwen, hun
     )  # the crop is the template's front
     spans = find_word_spans(qwen, text, ["movements", "slow"], 40, prompt_start=start, skip_tokens=crop, prompt_end=end)
     assert spans == [[3], [5]]
-    seen = qwen.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                    padding="max_length", max_length=40 + crop, truncation=True).input_ids[crop:]  # fmt: skip
+    seen = qwen.apply_chat_template(
+        messages,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        padding="max_length",
+        max_length=40 + crop,
+        truncation=True,
+    ).input_ids[crop:]
     assert len(seen) == 40 and words_at(qwen, seen, spans) == ["movements", "slow"]
     for phrase in ["transitions", "assistant"]:  # in the template only (before and after the prompt)
         with pytest.raises(
             FlexiMMTInputError, match=re.escape(f"'{phrase}' were not found among the tokens of the prompt {prompt!r}")
         ):
             find_word_spans(qwen, text, [phrase], 40, prompt_start=start, skip_tokens=crop, prompt_end=end)
-    with pytest.raises(FlexiMMTInputError, match="'slow' are cut off: .* model's 5 text tokens"):
+    with pytest.raises(FlexiMMTInputError, match=r"'slow' are cut off: .* model's 5 text tokens"):
         find_word_spans(qwen, text, ["slow"], 5, prompt_start=start, skip_tokens=crop, prompt_end=end)
 
 
@@ -207,8 +254,17 @@ def with_real_tokenizer(pipe, tokenizer):
     torch.manual_seed(0)
     d_model = pipe.text_encoder.config.d_model
     pipe.tokenizer = tokenizer
-    pipe.text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model,
-                                                num_layers=1, num_heads=2, relative_attention_num_buckets=8)).eval()  # fmt: skip
+    pipe.text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_kv=8,
+            d_ff=2 * d_model,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+        )
+    ).eval()
     return pipe
 
 
@@ -252,12 +308,20 @@ def test_the_pipeline_and_training_find_words_through_the_adapter(cogvideox, mon
 
     monkeypatch.setattr(adapter_class, "word_spans", recorded)
     image = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))
-    cogvideox(image=image, prompt=PROMPT, objects=motions(cogvideox, ["jumps", "runs"]), num_inference_steps=1,
-              max_sequence_length=16, output_type="latent", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    cogvideox(
+        image=image,
+        prompt=PROMPT,
+        objects=motions(cogvideox, ["jumps", "runs"]),
+        num_inference_steps=1,
+        max_sequence_length=16,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert calls[-1] == (PROMPT, ["jumps", "runs"], 16)
     frames = np.random.RandomState(0).randint(0, 255, (9, 32, 32, 3), dtype=np.uint8)
-    cond = prepare_conditions(cogvideox.adapter, frames, PROMPT, "cat", "jumps", TrainSettings(max_windows=1),
-                              (32, 32, 9), None, 0)  # fmt: skip
+    cond = prepare_conditions(
+        cogvideox.adapter, frames, PROMPT, "cat", "jumps", TrainSettings(max_windows=1), (32, 32, 9), None, 0
+    )
     assert calls[-2:] == [(PROMPT, ["jumps"], 16), (PROMPT, ["cat"], 16)]
     assert cond.member[0].nonzero().flatten().tolist() == [3, 4]
     assert cond.concept_member[0].nonzero().flatten().tolist() == [1]
@@ -268,8 +332,14 @@ def test_words_missing_from_the_prompt_are_named_by_their_object(cogvideox):
 
     image = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))
     with pytest.raises(ObjectInputError) as err:
-        cogvideox(image=image, prompt=PROMPT, objects=motions(cogvideox, ["jumps", "run"]), num_inference_steps=1,
-                  max_sequence_length=16, output_type="latent")  # fmt: skip
+        cogvideox(
+            image=image,
+            prompt=PROMPT,
+            objects=motions(cogvideox, ["jumps", "run"]),
+            num_inference_steps=1,
+            max_sequence_length=16,
+            output_type="latent",
+        )
     assert str(err.value).startswith(
         "object 2: motion words 'run' are only part of longer words of the prompt ('runs')"
     )

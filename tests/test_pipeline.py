@@ -90,7 +90,9 @@ def test_object_motion_stays_in_its_object_when_masks_are_static(pipe, image):
     captured = {}
 
     def grab(module, args, kwargs, output):
-        captured.setdefault(kwargs.get("fleximmt").videos[0].motion_tokens[0, 0, 0, 0, 0].item(), output[0].detach().clone())
+        captured.setdefault(
+            kwargs.get("fleximmt").videos[0].motion_tokens[0, 0, 0, 0, 0].item(), output[0].detach().clone()
+        )
 
     handle = pipe.transformer.transformer_blocks[0].attn1.register_forward_hook(grab, with_kwargs=True)
     try:
@@ -102,7 +104,9 @@ def test_object_motion_stays_in_its_object_when_masks_are_static(pipe, image):
     a, b = captured.values()
     grid = pipe.token_grid(32, 32, 9)
     inside = torch.from_numpy(box(2, 14, 2, 14))
-    token_mask = torch.nn.functional.interpolate(inside[None, None].float(), (grid.height, grid.width), mode="area")[0, 0] >= 0.5
+    token_mask = (
+        torch.nn.functional.interpolate(inside[None, None].float(), (grid.height, grid.width), mode="area")[0, 0] >= 0.5
+    )
     token_mask = token_mask.reshape(-1).repeat(grid.frames)
     diff = (a - b).abs().amax(dim=(0, 2))
     assert diff[~token_mask].max() < 1e-6
@@ -178,7 +182,15 @@ def test_a_motion_given_by_its_file_equals_the_motion_itself(pipe, image, tmp_pa
 
 def test_motion_file_round_trip_and_corrupt_files(tmp_path):
     tokens = torch.randn(3, 5, 7)
-    m = MotionTokens(tokens, name="yoga", caption="A man is doing yoga.", concept_words="man", motion_words="is doing yoga", base_model="tiny", steps=12)
+    m = MotionTokens(
+        tokens,
+        name="yoga",
+        caption="A man is doing yoga.",
+        concept_words="man",
+        motion_words="is doing yoga",
+        base_model="tiny",
+        steps=12,
+    )
     path = m.save(tmp_path / "yoga.safetensors")
     back = MotionTokens.load(path)
     assert torch.equal(back.tokens, tokens)
@@ -226,12 +238,17 @@ def test_messages_about_one_object_start_with_its_number(pipe, image):
     good = objects(pipe, 3)
     narrow = ObjectMotion(box(0, 8, 0, 8), MotionTokens(torch.zeros(2, 4, 8)), "slides left")
     cases = [
-        ([good[0], ObjectMotion(box(0, 8, 0, 8), good[1].motion, "flies away")],
-         "object 2: motion words 'flies away' were not found among the tokens of the prompt"),
+        (
+            [good[0], ObjectMotion(box(0, 8, 0, 8), good[1].motion, "flies away")],
+            "object 2: motion words 'flies away' were not found among the tokens of the prompt",
+        ),
         ([good[0], narrow], "object 2: motion tokens are for a model with 2 blocks of width 8"),
-        ([*good[:2], ObjectMotion(box(0, 8, 0, 8, size=48), good[2].motion, "spins around")], "object 3: the mask is 48 x 48"),
+        (
+            [*good[:2], ObjectMotion(box(0, 8, 0, 8, size=48), good[2].motion, "spins around")],
+            "object 3: the mask is 48 x 48",
+        ),
         ([good[0], "walk.safetensors"], "object 2: it is a str: give fleximmt.ObjectMotion(mask, motion, motion_text)"),
-    ]  # fmt: skip
+    ]
     for objs, message in cases:
         with pytest.raises(ObjectInputError) as err:
             run(pipe, image, num_inference_steps=1, objects=objs)
@@ -243,11 +260,19 @@ def test_messages_about_one_object_start_with_its_number(pipe, image):
 
 def test_an_empty_prompt_is_named_as_such(pipe, image):
     with pytest.raises(ValueError) as err:
-        pipe(image=image, prompt="", objects=objects(pipe, 2), num_inference_steps=1, max_sequence_length=16,
-             output_type="latent")  # fmt: skip
-    assert str(err.value) == ("the prompt is empty, so the motion words 'jumps up' are not in it: write a prompt that "
-                              "describes the scene and holds each object's motion words as they are, e.g. "
-                              "'A dog jumps up.'")  # fmt: skip
+        pipe(
+            image=image,
+            prompt="",
+            objects=objects(pipe, 2),
+            num_inference_steps=1,
+            max_sequence_length=16,
+            output_type="latent",
+        )
+    assert str(err.value) == (
+        "the prompt is empty, so the motion words 'jumps up' are not in it: write a prompt that "
+        "describes the scene and holds each object's motion words as they are, e.g. "
+        "'A dog jumps up.'"
+    )
 
 
 def test_empty_object_mask_is_inert_and_stays_empty(pipe, image, caplog):
@@ -277,8 +302,14 @@ def test_release_style_step_zero_has_no_masks_then_rmpm_takes_over(pipe, image):
 
 
 def test_sizes_and_text_length_default_to_the_models_own(pipe, image):
-    ours = pipe(image=image, prompt=PROMPT, objects=objects(pipe), num_inference_steps=2, output_type="latent",
-                generator=torch.Generator().manual_seed(0)).frames  # fmt: skip
+    ours = pipe(
+        image=image,
+        prompt=PROMPT,
+        objects=objects(pipe),
+        num_inference_steps=2,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
     explicit = run(pipe, image, objects=objects(pipe), num_inference_steps=2, height=32, width=32, num_frames=9)
     assert torch.equal(ours, explicit.frames)
 
@@ -324,8 +355,10 @@ def test_processor_equals_the_release_layout_brute_force(pipe, backend, fused):
         return norm(x) if norm is not None else x
 
     with torch.no_grad():
-        q, k, v = ([heads_of(x, lin, norm) for x in (text, motion, hidden)]
-                   for lin, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k), (attn.to_v, None)))  # fmt: skip
+        q, k, v = (
+            [heads_of(x, lin, norm) for x in (text, motion, hidden)]
+            for lin, norm in ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k), (attn.to_v, None))
+        )
         q[2], k[2] = apply_rotary_emb(q[2], rotary), apply_rotary_emb(k[2], rotary)
         mask = mdma_dense(text_len, spans, d_m, video_masks)
         out = F.scaled_dot_product_attention(torch.cat(q, 2), torch.cat(k, 2), torch.cat(v, 2), attn_mask=mask)

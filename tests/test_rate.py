@@ -94,7 +94,10 @@ def test_the_page_shows_a_refused_ballot_as_a_message(cases_dir, tmp_path):
     )
     assert not saved and "missing: TC" in message
     saved, message = submit(db, "bob", case_a, dict.fromkeys(CRITERIA, "Candidate 9"), cases)
-    assert not saved and "'Candidate 9' is not one of this case's videos (Candidate 1, Candidate 2, Candidate 3)" in message
+    assert (
+        not saved
+        and "'Candidate 9' is not one of this case's videos (Candidate 1, Candidate 2, Candidate 3)" in message
+    )
     assert list(sqlite3.connect(db).execute("SELECT DISTINCT rater, pick FROM ballots")) == [("alice", second)]
 
 
@@ -151,9 +154,11 @@ def test_format_report_has_a_row_per_method_and_table_1_columns(tmp_path):
     cast_ballots(db, "alice", "case_a", all_picks("fleximmt", AC="anyv2v"))
     table = report(db)
     assert format_report(table).splitlines() == [
-        "| method | AC | TC | TS | MF |", "|---|---|---|---|---|",
-        "| anyv2v | 100.000 | 0.000 | 0.000 | 0.000 |", "| fleximmt | 0.000 | 100.000 | 100.000 | 100.000 |",
-    ]  # fmt: skip
+        "| method | AC | TC | TS | MF |",
+        "|---|---|---|---|---|",
+        "| anyv2v | 100.000 | 0.000 | 0.000 | 0.000 |",
+        "| fleximmt | 0.000 | 100.000 | 100.000 | 100.000 |",
+    ]
     assert format_report(table, as_csv=True).splitlines()[0] == "method,AC,TC,TS,MF"
 
 
@@ -191,8 +196,11 @@ def test_a_ballot_cast_by_clicking_in_chromium_reaches_the_database(cases_dir, t
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#reference1 video")))
         assert not any(m in driver.page_source for m in METHODS)  # candidates are anonymous
         for criterion, number in picks.items():
-            radio = wait.until(ec.presence_of_element_located(
-                (By.CSS_SELECTOR, f"#crit_{criterion.lower()} input[value='Candidate {number}']")))  # fmt: skip
+            radio = wait.until(
+                ec.presence_of_element_located(
+                    (By.CSS_SELECTOR, f"#crit_{criterion.lower()} input[value='Candidate {number}']")
+                )
+            )
             driver.execute_script("arguments[0].click();", radio)
         driver.execute_script("arguments[0].click();", driver.find_element(By.ID, "submit"))
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "Saved your ballot"))
@@ -241,8 +249,10 @@ def test_two_submits_sent_back_to_back_from_one_session_record_one_ballot_for_th
     assert header_of(shown).startswith("### Case 1 of 2")
     first = {"MF": "Candidate 2", "TC": "Candidate 1", "TS": "Candidate 2", "AC": "Candidate 3"}
     submit_fn = session.fn_index("on_submit")
-    events = [session.join(submit_fn, ballot("alice", "case_a", first)),
-              session.join(submit_fn, ballot("alice", "case_a", dict.fromkeys(CRITERIA, "Candidate 1")))]  # fmt: skip
+    events = [
+        session.join(submit_fn, ballot("alice", "case_a", first)),
+        session.join(submit_fn, ballot("alice", "case_a", dict.fromkeys(CRITERIA, "Candidate 1"))),
+    ]
     results = session.results(events)
     status = [results[e]["output"]["data"][0] for e in events]
     assert status[0] == "Saved your ballot for case 1 of 2."
@@ -297,12 +307,20 @@ def test_a_session_votes_only_on_the_case_it_was_shown(rating_server, cases_dir)
         for tab in (first, second):
             assert header_of(tab.call(tab.fn_index("page"), ["alice"])).startswith("### Case 1 of 2")
         submit_fn = second.fn_index("on_submit")
-        assert second.call(submit_fn, ballot("alice", "case_a", picks))["output"]["data"][0] == "Saved your ballot for case 1 of 2."
+        assert (
+            second.call(submit_fn, ballot("alice", "case_a", picks))["output"]["data"][0]
+            == "Saved your ballot for case 1 of 2."
+        )
         # case_b is alice's current case now, but the first tab was never shown it
         refused = first.call(submit_fn, ballot("alice", "case_b", picks))
-        assert refused["output"]["data"][0] == "**Not saved: this page was out of date**; it now shows your current case."
+        assert (
+            refused["output"]["data"][0] == "**Not saved: this page was out of date**; it now shows your current case."
+        )
         assert header_of(refused).startswith("### Case 2 of 2")  # now it is shown: its ballot counts
-        assert first.call(submit_fn, ballot("alice", "case_b", picks))["output"]["data"][0] == "Saved your ballot for case 2 of 2."
+        assert (
+            first.call(submit_fn, ballot("alice", "case_b", picks))["output"]["data"][0]
+            == "Saved your ballot for case 2 of 2."
+        )
     finally:
         second.close()
     cases = load_cases(cases_dir)
@@ -336,8 +354,11 @@ def test_a_second_tab_submitting_the_case_another_tab_rated_is_refused_in_the_pa
         driver.get(f"http://127.0.0.1:{port}/?rater=alice")
         wait.until(ec.text_to_be_present_in_element((By.ID, "header"), "Case 1 of 2"))
         for criterion in CRITERIA:
-            radio = wait.until(ec.presence_of_element_located(
-                (By.CSS_SELECTOR, f"#crit_{criterion.lower()} input[value='Candidate {number}']")))  # fmt: skip
+            radio = wait.until(
+                ec.presence_of_element_located(
+                    (By.CSS_SELECTOR, f"#crit_{criterion.lower()} input[value='Candidate {number}']")
+                )
+            )
             driver.execute_script("arguments[0].click();", radio)
 
     try:
@@ -371,9 +392,23 @@ def test_fleximmt_rate_stopped_with_sigterm_leaves_no_file_and_no_folder(cases_d
     cache = scratch / "gradio"
     env = dict(os.environ, TMPDIR=str(scratch / "tmp"), GRADIO_TEMP_DIR=str(cache))
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "fleximmt", "rate", "--cases", str(cases_dir), "--db",
-                               str(tmp_path / "votes.sqlite"), "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleximmt",
+            "rate",
+            "--cases",
+            str(cases_dir),
+            "--db",
+            str(tmp_path / "votes.sqlite"),
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(600):
             assert server.poll() is None, "the server stopped"
@@ -385,7 +420,7 @@ def test_fleximmt_rate_stopped_with_sigterm_leaves_no_file_and_no_folder(cases_d
         session = GradioSession(f"http://127.0.0.1:{port}/")
         session.call(session.fn_index("page"), ["alice"])  # the case's videos, served: copies in Gradio's cache
         session.close()
-        served = [p for p in cache.rglob("*.mp4")]
+        served = list(cache.rglob("*.mp4"))
         assert len(served) == 4 and all(p.parent.parent == cache for p in served)  # a folder each
         assert list((scratch / "tmp").glob("fleximmt-rate-*"))  # the app's own anonymous copies
         server.send_signal(signal.SIGTERM)

@@ -38,15 +38,27 @@ def test_training_puts_every_component_back_and_the_pipeline_generates_next(tmp_
     # the offload a GPU run does (text encoder and VAE wait on the CPU while the tokens train)
     monkeypatch.setattr(train_module, "offload_target", lambda device: "cpu")
     seen_during = []
-    train_motion(pipe, moving_square(), CAPTION, "ball", "jumps up", tmp_path / "m.safetensors", steps=2,
-                 tokens_per_motion=4, lr_warmup_steps=0, callback=lambda step, loss: seen_during.append(len(moves)))  # fmt: skip
+    train_motion(
+        pipe,
+        moving_square(),
+        CAPTION,
+        "ball",
+        "jumps up",
+        tmp_path / "m.safetensors",
+        steps=2,
+        tokens_per_motion=4,
+        lr_warmup_steps=0,
+        callback=lambda step, loss: seen_during.append(len(moves)),
+    )
     offloaded = [m for m in moves[: seen_during[0]] if m[1] == ("cpu",)]
     assert {name for name, *_ in offloaded} == {"text_encoder", "vae"}  # offloaded while training
-    restores = moves[seen_during[-1]:]
+    restores = moves[seen_during[-1] :]
     # back to their devices; no dtype given where it did not change (a cast would also reach the
     # buffers a model keeps in another dtype on purpose)
     assert {(name, kw.get("device"), kw.get("dtype")) for name, _, kw in restores} == {
-        ("text_encoder", before["text_encoder"][0], None), ("vae", before["vae"][0], None)}
+        ("text_encoder", before["text_encoder"][0], None),
+        ("vae", before["vae"][0], None),
+    }
     assert module_placement(pipe) == before
     assert not pipe.transformer.training and not pipe.transformer.gradient_checkpointing
     image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
@@ -59,8 +71,19 @@ def test_training_puts_every_component_back_and_the_pipeline_generates_next(tmp_
 
 def test_training_settings_do_not_outlive_the_call(tmp_path):
     pipe = tiny_pipeline(0)
-    train_motion(pipe, moving_square(), CAPTION, "ball", "jumps up", tmp_path / "m.safetensors", steps=1,
-                 tokens_per_motion=4, gradient_checkpointing=True, vae_tiling=True, vae_slicing=True)  # fmt: skip
+    train_motion(
+        pipe,
+        moving_square(),
+        CAPTION,
+        "ball",
+        "jumps up",
+        tmp_path / "m.safetensors",
+        steps=1,
+        tokens_per_motion=4,
+        gradient_checkpointing=True,
+        vae_tiling=True,
+        vae_slicing=True,
+    )
     assert not pipe.transformer.gradient_checkpointing
     assert not pipe.vae.use_tiling and not pipe.vae.use_slicing
 
@@ -108,8 +131,10 @@ def objects(pipe):
     masks = [np.zeros((32, 32), bool) for _ in range(2)]
     masks[0][2:14, 2:14] = True
     masks[1][10:30, 12:30] = True
-    return [ObjectMotion(m, random_motion(pipe.transformer, 4, seed=k + 1), w)
-            for k, (m, w) in enumerate(zip(masks, ["jumps up", "slides left"]))]  # fmt: skip
+    return [
+        ObjectMotion(m, random_motion(pipe.transformer, 4, seed=k + 1), w)
+        for k, (m, w) in enumerate(zip(masks, ["jumps up", "slides left"]))
+    ]
 
 
 @pytest.mark.parametrize("mask_source, prompts", [("rmpm", 1), ("static", 1), ("rmpm", 2)])
@@ -134,8 +159,17 @@ def test_training_blocks_synchronise_once_each_for_the_group_sizes(monkeypatch, 
     blocks = pipe.transformer.transformer_blocks
     for block in blocks:
         counter.around(block)
-    train_motion(pipe, moving_square(), CAPTION, "ball", "jumps up", tmp_path / "m.safetensors", steps=2,
-                 tokens_per_motion=4, dmem_drop=0.3)  # fmt: skip
+    train_motion(
+        pipe,
+        moving_square(),
+        CAPTION,
+        "ball",
+        "jumps up",
+        tmp_path / "m.safetensors",
+        steps=2,
+        tokens_per_motion=4,
+        dmem_drop=0.3,
+    )
     # DMEM's masks come from each block's own attention: the group sizes cross to the host once per
     # block (bincount(...).tolist()); key lists are cached after the first block; the random drop is
     # drawn once per step, before the blocks
@@ -146,7 +180,14 @@ def test_training_blocks_synchronise_once_each_for_the_group_sizes(monkeypatch, 
 def test_a_call_leaves_no_fleximmt_state_behind():
     pipe = tiny_pipeline(0)
     image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
-    pipe(image, PROMPT, objects=objects(pipe), num_inference_steps=1, output_type="latent", attention_kwargs={"scale": 1.0})
+    pipe(
+        image,
+        PROMPT,
+        objects=objects(pipe),
+        num_inference_steps=1,
+        output_type="latent",
+        attention_kwargs={"scale": 1.0},
+    )
     assert pipe.attention_kwargs == {"scale": 1.0}  # the user's own, without the call's motion tokens and masks
 
 
@@ -160,20 +201,41 @@ def test_gradient_checkpointing_is_on_by_default_at_real_size_and_off_for_small_
     class Meta:  # CogVideoX-5B-I2V's transformer, no weights
         vae_scale_factor_spatial, vae_scale_factor_temporal = 8, 4
         with init_empty_weights():
-            transformer = CogVideoXTransformer3DModel(num_attention_heads=48, attention_head_dim=64, in_channels=32,
-                                                      out_channels=16, time_embed_dim=512, text_embed_dim=4096,
-                                                      num_layers=42, sample_width=90, sample_height=60)  # fmt: skip
+            transformer = CogVideoXTransformer3DModel(
+                num_attention_heads=48,
+                attention_head_dim=64,
+                in_channels=32,
+                out_channels=16,
+                time_embed_dim=512,
+                text_embed_dim=4096,
+                num_layers=42,
+                sample_width=90,
+                sample_height=60,
+            )
 
     real = CogVideoXAdapter(Meta())
     assert checkpointing_needed(real, real.token_grid(480, 720, 49), 226)
     small = tiny_pipeline(0)
     assert not checkpointing_needed(small.adapter, small.token_grid(32, 32, 9), 16)
     enabled = []
-    monkeypatch.setattr(type(small.transformer), "enable_gradient_checkpointing", lambda self, *a, **k: enabled.append(1))
+    monkeypatch.setattr(
+        type(small.transformer), "enable_gradient_checkpointing", lambda self, *a, **k: enabled.append(1)
+    )
     monkeypatch.setattr(train_module, "checkpointing_needed", lambda *a: True)  # as at real size
-    train_motion(small, moving_square(), CAPTION, "ball", "jumps up", tmp_path / "m.safetensors", steps=1, tokens_per_motion=4)
+    train_motion(
+        small, moving_square(), CAPTION, "ball", "jumps up", tmp_path / "m.safetensors", steps=1, tokens_per_motion=4
+    )
     assert enabled == [1]
     enabled.clear()
-    train_motion(small, moving_square(), CAPTION, "ball", "jumps up", tmp_path / "n.safetensors", steps=1, tokens_per_motion=4,
-                 gradient_checkpointing=False)  # fmt: skip
+    train_motion(
+        small,
+        moving_square(),
+        CAPTION,
+        "ball",
+        "jumps up",
+        tmp_path / "n.safetensors",
+        steps=1,
+        tokens_per_motion=4,
+        gradient_checkpointing=False,
+    )
     assert enabled == []

@@ -40,15 +40,42 @@ def gdino(tmp_path_factory):
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "tiger", "man", "a", "dog", "red", "ball"]
     (root / "vocab.txt").write_text("\n".join(words))
     torch.manual_seed(0)
-    model = GroundingDinoForObjectDetection(GroundingDinoConfig(
-        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1],
-                                   window_size=2, out_features=["stage1", "stage2"]),
-        text_config=BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32, max_position_embeddings=64),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=10, num_feature_levels=2, encoder_n_points=2,
-        decoder_n_points=2, max_text_len=16, use_timm_backbone=False, backbone=None, use_pretrained_backbone=False,
-    ))  # fmt: skip
+    model = GroundingDinoForObjectDetection(
+        GroundingDinoConfig(
+            backbone_config=SwinConfig(
+                image_size=64,
+                patch_size=4,
+                embed_dim=8,
+                depths=[1, 1],
+                num_heads=[1, 1],
+                window_size=2,
+                out_features=["stage1", "stage2"],
+            ),
+            text_config=BertConfig(
+                vocab_size=len(words),
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=64,
+            ),
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            num_queries=10,
+            num_feature_levels=2,
+            encoder_n_points=2,
+            decoder_n_points=2,
+            max_text_len=16,
+            use_timm_backbone=False,
+            backbone=None,
+            use_pretrained_backbone=False,
+        )
+    )
     model.save_pretrained(root / "model")
     GroundingDinoProcessor(
         image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 64}),
@@ -66,19 +93,36 @@ def sam(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("sam") / "model"
     torch.manual_seed(0)
-    SamModel(SamConfig(
-        vision_config=SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
-                                      patch_size=16, output_channels=16, mlp_dim=64, window_size=2,
-                                      global_attn_indexes=[1], num_pos_feats=8),
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=16,
-                                                     mask_input_channels=4),
-        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                                 mlp_dim=32, iou_head_hidden_dim=16),
-    )).save_pretrained(path)  # fmt: skip
-    SamProcessor(image_processor=SamImageProcessorPil(
-        size={"longest_edge": 64}, pad_size={"height": 64, "width": 64},
-        mask_size={"longest_edge": 16}, mask_pad_size={"height": 16, "width": 16},
-    )).save_pretrained(path)  # fmt: skip
+    SamModel(
+        SamConfig(
+            vision_config=SamVisionConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=64,
+                patch_size=16,
+                output_channels=16,
+                mlp_dim=64,
+                window_size=2,
+                global_attn_indexes=[1],
+                num_pos_feats=8,
+            ),
+            prompt_encoder_config=SamPromptEncoderConfig(
+                hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4
+            ),
+            mask_decoder_config=SamMaskDecoderConfig(
+                hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16
+            ),
+        )
+    ).save_pretrained(path)
+    SamProcessor(
+        image_processor=SamImageProcessorPil(
+            size={"longest_edge": 64},
+            pad_size={"height": 64, "width": 64},
+            mask_size={"longest_edge": 16},
+            mask_pad_size={"height": 16, "width": 16},
+        )
+    ).save_pretrained(path)
     return str(path)
 
 
@@ -95,21 +139,41 @@ def sam2(tmp_path_factory):
     path = tmp_path_factory.mktemp("sam2") / "model"
     torch.manual_seed(0)
     hiera = Sam2HieraDetConfig(  # 64-pixel input; a global-attention block must not be a pooling one
-        hidden_size=8, image_size=[64, 64], blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[8, 16, 32, 64],
-        num_attention_heads_per_stage=[1, 1, 1, 1], window_size_per_stage=[4, 4, 4, 2], global_attention_blocks=[3],
+        hidden_size=8,
+        image_size=[64, 64],
+        blocks_per_stage=[1, 1, 2, 1],
+        embed_dim_per_stage=[8, 16, 32, 64],
+        num_attention_heads_per_stage=[1, 1, 1, 1],
+        window_size_per_stage=[4, 4, 4, 2],
+        global_attention_blocks=[3],
     )
-    Sam2VideoModel(Sam2VideoConfig(
-        vision_config=Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[64, 32, 16, 8],
-                                       backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]], fpn_hidden_size=128),
-        prompt_encoder_config=Sam2VideoPromptEncoderConfig(hidden_size=128, image_size=64, patch_size=16,
-                                                           mask_input_channels=4),
-        mask_decoder_config=Sam2VideoMaskDecoderConfig(hidden_size=128, mlp_dim=32, num_attention_heads=2,
-                                                       iou_head_hidden_dim=16),
-        image_size=64, num_maskmem=2, memory_attention_hidden_size=128, memory_attention_num_layers=1,
-        memory_attention_feed_forward_hidden_size=32, memory_attention_rope_feat_sizes=[4, 4],
-        memory_encoder_hidden_size=128, memory_encoder_output_channels=64, mask_downsampler_embed_dim=128,
-        memory_fuser_embed_dim=128, memory_fuser_intermediate_dim=32,
-    )).save_pretrained(path)  # fmt: skip
+    Sam2VideoModel(
+        Sam2VideoConfig(
+            vision_config=Sam2VisionConfig(
+                backbone_config=hiera,
+                backbone_channel_list=[64, 32, 16, 8],
+                backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]],
+                fpn_hidden_size=128,
+            ),
+            prompt_encoder_config=Sam2VideoPromptEncoderConfig(
+                hidden_size=128, image_size=64, patch_size=16, mask_input_channels=4
+            ),
+            mask_decoder_config=Sam2VideoMaskDecoderConfig(
+                hidden_size=128, mlp_dim=32, num_attention_heads=2, iou_head_hidden_dim=16
+            ),
+            image_size=64,
+            num_maskmem=2,
+            memory_attention_hidden_size=128,
+            memory_attention_num_layers=1,
+            memory_attention_feed_forward_hidden_size=32,
+            memory_attention_rope_feat_sizes=[4, 4],
+            memory_encoder_hidden_size=128,
+            memory_encoder_output_channels=64,
+            mask_downsampler_embed_dim=128,
+            memory_fuser_embed_dim=128,
+            memory_fuser_intermediate_dim=32,
+        )
+    ).save_pretrained(path)
     if HAS_TORCHVISION:
         from transformers import Sam2ImageProcessor, Sam2VideoProcessor, Sam2VideoVideoProcessor
 
@@ -119,11 +183,21 @@ def sam2(tmp_path_factory):
         ).save_pretrained(path)
     else:  # the processor file such a checkpoint has, written by hand
         size, mask_size = {"height": 64, "width": 64}, {"height": 16, "width": 16}
-        (path / "processor_config.json").write_text(json.dumps({
-            "processor_class": "Sam2VideoProcessor", "target_size": 64, "point_pad_value": -10,
-            "image_processor": {"image_processor_type": "Sam2ImageProcessor", "size": size, "mask_size": mask_size},
-            "video_processor": {"video_processor_type": "Sam2VideoVideoProcessor", "size": size},
-        }))  # fmt: skip
+        (path / "processor_config.json").write_text(
+            json.dumps(
+                {
+                    "processor_class": "Sam2VideoProcessor",
+                    "target_size": 64,
+                    "point_pad_value": -10,
+                    "image_processor": {
+                        "image_processor_type": "Sam2ImageProcessor",
+                        "size": size,
+                        "mask_size": mask_size,
+                    },
+                    "video_processor": {"video_processor_type": "Sam2VideoVideoProcessor", "size": size},
+                }
+            )
+        )
     return str(path)
 
 
@@ -131,8 +205,9 @@ def sam2(tmp_path_factory):
 
 
 def test_detect_boxes_loads_grounding_dino_from_disk_and_returns_one_box_per_phrase_inside_the_image(gdino):
-    boxes = segment.detect_boxes(random_image(), ["tiger", "red ball"], detector=gdino, box_threshold=0.0,
-                                 text_threshold=0.0)  # fmt: skip
+    boxes = segment.detect_boxes(
+        random_image(), ["tiger", "red ball"], detector=gdino, box_threshold=0.0, text_threshold=0.0
+    )
     assert len(boxes) == 2
     assert all(len(b) == 4 and 0 <= b[0] <= b[2] <= 80 and 0 <= b[1] <= b[3] <= 48 for b in boxes)
 
@@ -141,8 +216,12 @@ def test_detect_boxes_keeps_the_highest_scoring_box_clipped_to_the_image(gdino, 
     from transformers import GroundingDinoProcessor
 
     def detections(self, outputs, input_ids=None, threshold=0.25, text_threshold=0.25, target_sizes=None, **kw):
-        return [{"scores": torch.tensor([0.4, 0.9, 0.5]),
-                 "boxes": torch.tensor([[1.0, 1, 5, 5], [-3.0, 10, 30, 60], [2.0, 2, 8, 8]])}]  # fmt: skip
+        return [
+            {
+                "scores": torch.tensor([0.4, 0.9, 0.5]),
+                "boxes": torch.tensor([[1.0, 1, 5, 5], [-3.0, 10, 30, 60], [2.0, 2, 8, 8]]),
+            }
+        ]
 
     monkeypatch.setattr(GroundingDinoProcessor, "post_process_grounded_object_detection", detections)
     assert segment.detect_boxes(random_image(), ["tiger"], detector=gdino) == [[0.0, 10.0, 30.0, 48.0]]
@@ -161,8 +240,9 @@ def test_masks_from_words_gives_sam_the_detectors_box_for_each_word(gdino, sam, 
         return real_call(self, *args, **kwargs)
 
     monkeypatch.setattr(SamProcessor, "__call__", spy)
-    masks = segment.masks_from_words(image, ["tiger", "man"], detector=gdino, segmenter=sam, box_threshold=0.0,
-                                     text_threshold=0.0)  # fmt: skip
+    masks = segment.masks_from_words(
+        image, ["tiger", "man"], detector=gdino, segmenter=sam, box_threshold=0.0, text_threshold=0.0
+    )
     assert masks.shape == (2, 48, 80) and masks.dtype == torch.bool
     assert given == [[boxes]]
 
@@ -184,8 +264,11 @@ def test_sam_keeps_its_best_scoring_mask_of_three(sam):
             iou_scores = torch.tensor([[[0.1, 0.8, 0.3], [0.2, 0.1, 0.9]]])
             return type("Out", (), {"pred_masks": proposals, "iou_scores": iou_scores})
 
-    masks = segment.masks_from_points(random_image(height=64, width=64), boxes=[[0, 0, 10, 10], [5, 5, 20, 20]],
-                                      segmenter=(ThreeProposals(), processor))  # fmt: skip
+    masks = segment.masks_from_points(
+        random_image(height=64, width=64),
+        boxes=[[0, 0, 10, 10], [5, 5, 20, 20]],
+        segmenter=(ThreeProposals(), processor),
+    )
     expected = torch.zeros(2, 64, 64, dtype=torch.bool)
     expected[0, :32], expected[1, :, :32] = True, True
     assert torch.equal(masks, expected)
@@ -206,22 +289,27 @@ def test_a_word_not_found_names_the_word_and_the_fixes(gdino):
         segment.detect_boxes(random_image(), ["dog"], detector=gdino, box_threshold=1.01)
 
 
-@pytest.mark.parametrize(("words", "message"), [([], "at least one phrase"), ("tiger", r"list of phrases.*\['tiger'\]"),
-                                                (["tiger", " "], "non-empty")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [([], "at least one phrase"), ("tiger", r"list of phrases.*\['tiger'\]"), (["tiger", " "], "non-empty")],
+)
 def test_bad_word_lists_are_refused_before_loading_a_model(words, message):
     with pytest.raises(ValueError, match=message):
         segment.masks_from_words(random_image(), words, detector="/nonexistent/gdino", segmenter="/nonexistent/sam")
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({}, "points .* or boxes"),
-    ({"points": [[1, 2, 3]]}, r"a point is \[x, y\]"),
-    ({"boxes": [[30, 5, 10, 20]]}, "x0 <= x1"),
-    ({"points": [[1, 2]], "boxes": [[0, 0, 5, 5], [1, 1, 9, 9]]}, "at most one box"),
-    ({"points": [[1, 2]], "labels": [1, 1]}, "one per point"),
-    ({"points": [[1, 2]], "labels": [2]}, "1 .object. or 0"),
-    ({"points": [[500, 2]]}, "outside the 80x48 image"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "points .* or boxes"),
+        ({"points": [[1, 2, 3]]}, r"a point is \[x, y\]"),
+        ({"boxes": [[30, 5, 10, 20]]}, "x0 <= x1"),
+        ({"points": [[1, 2]], "boxes": [[0, 0, 5, 5], [1, 1, 9, 9]]}, "at most one box"),
+        ({"points": [[1, 2]], "labels": [1, 1]}, "one per point"),
+        ({"points": [[1, 2]], "labels": [2]}, "1 .object. or 0"),
+        ({"points": [[500, 2]]}, "outside the 80x48 image"),
+    ],
+)
 def test_bad_sam_prompts_name_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
         segment.masks_from_points(random_image(), segmenter="/nonexistent/sam", **kwargs)
@@ -232,11 +320,11 @@ def test_bad_images_and_missing_models_name_the_fix(sam, tmp_path):
         segment.masks_from_points(np.zeros((8, 8, 3)), boxes=[[0, 0, 4, 4]], segmenter=sam)
     with pytest.raises(ValueError, match="does not exist"):
         segment.masks_from_points(tmp_path / "missing.png", boxes=[[0, 0, 4, 4]], segmenter=sam)
-    with pytest.raises(ValueError, match="model folder '/nonexistent/sam' does not exist.*PNG"):
+    with pytest.raises(ValueError, match=r"model folder '/nonexistent/sam' does not exist.*PNG"):
         segment.masks_from_points(random_image(), boxes=[[1, 1, 4, 4]], segmenter="/nonexistent/sam")
-    with pytest.raises(ValueError, match="could not load 'nobody/no-such-sam'.*local folder"):
+    with pytest.raises(ValueError, match=r"could not load 'nobody/no-such-sam'.*local folder"):
         segment.masks_from_points(random_image(), boxes=[[1, 1, 4, 4]], segmenter="nobody/no-such-sam")  # offline
-    with pytest.raises(ValueError, match="could not load .*local folder"):
+    with pytest.raises(ValueError, match=r"could not load .*local folder"):
         segment.masks_from_points(random_image(), boxes=[[1, 1, 4, 4]], segmenter=tmp_path)  # an empty folder
     with pytest.raises(ValueError, match=r"\(model, processor\) pair"):
         segment.masks_from_points(random_image(), boxes=[[1, 1, 4, 4]], segmenter=(1, 2, 3))
@@ -284,13 +372,16 @@ def test_flow_propagation_carries_each_object_separately_and_accepts_a_single_ma
     assert segment.propagate_masks(video, truth[0].astype(np.uint8), method="flow").shape == (1, 8, 64, 64)
 
 
-@pytest.mark.parametrize(("frames", "masks", "message"), [
-    (np.zeros((4, 64, 64, 3), np.float32), np.zeros((1, 64, 64), bool), r"uint8 \[T, H, W, 3\]"),
-    (np.zeros((4, 64, 64), np.uint8), np.zeros((1, 64, 64), bool), r"uint8 \[T, H, W, 3\]"),
-    (np.zeros((4, 64, 64, 3), np.uint8), np.zeros((1, 32, 32), bool), "do not match"),
-    (np.zeros((4, 64, 64, 3), np.uint8), np.full((1, 64, 64), 255, np.uint8), "boolean .or 0/1.*mask > 127"),
-    (np.zeros((4, 64, 64, 3), np.uint8), np.zeros((0, 64, 64), bool), r"\[K, H, W\]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("frames", "masks", "message"),
+    [
+        (np.zeros((4, 64, 64, 3), np.float32), np.zeros((1, 64, 64), bool), r"uint8 \[T, H, W, 3\]"),
+        (np.zeros((4, 64, 64), np.uint8), np.zeros((1, 64, 64), bool), r"uint8 \[T, H, W, 3\]"),
+        (np.zeros((4, 64, 64, 3), np.uint8), np.zeros((1, 32, 32), bool), "do not match"),
+        (np.zeros((4, 64, 64, 3), np.uint8), np.full((1, 64, 64), 255, np.uint8), "boolean .or 0/1.*mask > 127"),
+        (np.zeros((4, 64, 64, 3), np.uint8), np.zeros((0, 64, 64), bool), r"\[K, H, W\]"),
+    ],
+)
 def test_bad_videos_and_masks_name_the_problem(frames, masks, message):
     with pytest.raises(ValueError, match=message):
         segment.propagate_masks(frames, masks, method="flow")
@@ -298,7 +389,7 @@ def test_bad_videos_and_masks_name_the_problem(frames, masks, message):
 
 def test_an_unknown_propagation_method_names_the_choices():
     video, truth = moving_square(frames=2)
-    with pytest.raises(ValueError, match="choose 'sam2'.*'flow'"):
+    with pytest.raises(ValueError, match=r"choose 'sam2'.*'flow'"):
         segment.propagate_masks(video, truth[0], method="optical")
 
 
@@ -316,8 +407,10 @@ class StandInVideoProcessor:
 
 class StandInImageProcessor:
     def post_process_masks(self, masks, original_sizes, mask_threshold=0.0, binarize=True, *args, **kwargs):
-        return [torch.nn.functional.interpolate(m.float(), tuple(s), mode="bilinear") > mask_threshold
-                for m, s in zip(masks, original_sizes)]  # fmt: skip
+        return [
+            torch.nn.functional.interpolate(m.float(), tuple(s), mode="bilinear") > mask_threshold
+            for m, s in zip(masks, original_sizes)
+        ]
 
 
 def test_sam2_propagation_runs_the_video_model_loaded_from_disk(sam2):
@@ -343,7 +436,7 @@ class BrokenTorchvision:
     def find_spec(self, name, path=None, target=None):
         if name == "torchvision" or name.startswith("torchvision."):
             raise RuntimeError("operator torchvision::nms does not exist")
-        return None
+        return
 
 
 def test_sam2_without_torchvision_names_the_install_and_the_offline_method(sam2, monkeypatch):
@@ -355,7 +448,9 @@ def test_sam2_without_torchvision_names_the_install_and_the_offline_method(sam2,
         segment.propagate_masks(video, truth[0], model=sam2)
     monkeypatch.delitem(sys.modules, "torchvision")
     monkeypatch.setattr(sys, "meta_path", [BrokenTorchvision(), *sys.meta_path])
-    with pytest.raises(ValueError, match=r"does not load next to this torch \(operator torchvision::nms.*method='flow'"):
+    with pytest.raises(
+        ValueError, match=r"does not load next to this torch \(operator torchvision::nms.*method='flow'"
+    ):
         segment.propagate_masks(video, truth[0], model=sam2)
 
 
@@ -467,7 +562,8 @@ def test_png_writes_are_atomic_and_leave_no_temporary_files(tmp_path, monkeypatc
     before = (tmp_path / "object0_0000.png").read_bytes()
 
     def half_written(self, fp, *args, **kwargs):
-        open(fp, "wb").write(b"\x89PNG half")
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", half_written)

@@ -13,7 +13,7 @@ from diffusers.hooks import (
     FirstBlockCacheConfig,
     MagCacheConfig,
     PyramidAttentionBroadcastConfig,
-    TaylorSeerCacheConfig,  # fmt: skip
+    TaylorSeerCacheConfig,
 )
 from helpers import spy_optimiser
 from PIL import Image
@@ -29,13 +29,27 @@ WORDS = ["jumps up", "slides left"]
 STEPS = 4
 LAYERS = 3  # RMPM's default feature blocks are then blocks 0 and 1 of 3 (CogVideoX: 30/42, Wan: 70%)
 FAMILIES = {
-    "cogvideox": dict(size=32, make=tiny_components, ours=FlexiMMTPipeline, theirs=CogVideoXImageToVideoPipeline,
-                      call=dict(height=32, width=32, num_frames=9, max_sequence_length=16), scale=4.0,
-                      attention=[r"transformer_blocks\.\d+\.attn1"], tensor_format="BFCHW"),
-    "wan": dict(size=64, make=lambda seed, **kw: tiny_wan_components(seed, "2.1", **kw), ours=FlexiMMTWanPipeline,
-                theirs=WanImageToVideoPipeline, call=dict(height=64, width=64, num_frames=9, max_sequence_length=24),
-                scale=30.0, attention=[r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2"], tensor_format="BCFHW"),
-}  # fmt: skip
+    "cogvideox": dict(
+        size=32,
+        make=tiny_components,
+        ours=FlexiMMTPipeline,
+        theirs=CogVideoXImageToVideoPipeline,
+        call=dict(height=32, width=32, num_frames=9, max_sequence_length=16),
+        scale=4.0,
+        attention=[r"transformer_blocks\.\d+\.attn1"],
+        tensor_format="BFCHW",
+    ),
+    "wan": dict(
+        size=64,
+        make=lambda seed, **kw: tiny_wan_components(seed, "2.1", **kw),
+        ours=FlexiMMTWanPipeline,
+        theirs=WanImageToVideoPipeline,
+        call=dict(height=64, width=64, num_frames=9, max_sequence_length=24),
+        scale=30.0,
+        attention=[r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2"],
+        tensor_format="BCFHW",
+    ),
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,8 +81,10 @@ def box(size: int, y0, y1, x0, x1) -> np.ndarray:
 def objects(family: str, transformer, experts: int = 1) -> list[ObjectMotion]:
     size, scale = FAMILIES[family]["size"], FAMILIES[family]["scale"]
     masks = [box(size, 0.05, 0.5, 0.05, 0.5), box(size, 0.3, 0.95, 0.4, 0.95)]
-    return [ObjectMotion(masks[k], random_motion(transformer, 4, seed=k + 1, scale=scale, experts=experts), WORDS[k])
-            for k in range(2)]  # fmt: skip
+    return [
+        ObjectMotion(masks[k], random_motion(transformer, 4, seed=k + 1, scale=scale, experts=experts), WORDS[k])
+        for k in range(2)
+    ]
 
 
 def run(pipe, family: str, steps: int = STEPS, **kw):
@@ -105,26 +121,48 @@ CACHES = ["FirstBlockCache", "TaylorSeer", "MagCache", "FasterCache", "PAB"]
 def cache_config(name: str, pipe, family: str):
     """Each cache set to skip often within STEPS steps (its first step always runs whole)."""
     spec = FAMILIES[family]
-    timestep = lambda: pipe.current_timestep  # noqa: E731
+    timestep = lambda: pipe.current_timestep
     if name == "FirstBlockCache":
         return FirstBlockCacheConfig(threshold=float("inf"))  # every step after the first skips blocks 1 and 2
     if name == "TaylorSeer":
-        return TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, taylor_factors_dtype=torch.float32,
-                                     cache_identifiers=spec["attention"])  # fmt: skip
+        return TaylorSeerCacheConfig(
+            cache_interval=2,
+            disable_cache_before_step=1,
+            taylor_factors_dtype=torch.float32,
+            cache_identifiers=spec["attention"],
+        )
     if name == "MagCache":
-        return MagCacheConfig(threshold=float("inf"), max_skip_steps=1, retention_ratio=0.2, num_inference_steps=STEPS,
-                              mag_ratios=[1.0] * STEPS)  # fmt: skip
+        return MagCacheConfig(
+            threshold=float("inf"),
+            max_skip_steps=1,
+            retention_ratio=0.2,
+            num_inference_steps=STEPS,
+            mag_ratios=[1.0] * STEPS,
+        )
     if name == "FasterCache":
-        if family == "wan":  # Wan runs its branches as two calls: only the guidance-distilled form runs (diffusers' too)
-            return FasterCacheConfig(spatial_attention_timestep_skip_range=(-1, 990), is_guidance_distilled=True,
-                                     current_timestep_callback=timestep, attention_weight_callback=lambda _: 0.5,
-                                     tensor_format=spec["tensor_format"])  # fmt: skip
-        return FasterCacheConfig(spatial_attention_timestep_skip_range=(-1, 1001), unconditional_batch_skip_range=3,
-                                 unconditional_batch_timestep_skip_range=(-1, 1001), current_timestep_callback=timestep,
-                                 attention_weight_callback=lambda _: 0.5, tensor_format=spec["tensor_format"])  # fmt: skip
-    return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=3,
-                                           spatial_attention_timestep_skip_range=(-1, 1001),
-                                           current_timestep_callback=timestep)  # fmt: skip
+        if (
+            family == "wan"
+        ):  # Wan runs its branches as two calls: only the guidance-distilled form runs (diffusers' too)
+            return FasterCacheConfig(
+                spatial_attention_timestep_skip_range=(-1, 990),
+                is_guidance_distilled=True,
+                current_timestep_callback=timestep,
+                attention_weight_callback=lambda _: 0.5,
+                tensor_format=spec["tensor_format"],
+            )
+        return FasterCacheConfig(
+            spatial_attention_timestep_skip_range=(-1, 1001),
+            unconditional_batch_skip_range=3,
+            unconditional_batch_timestep_skip_range=(-1, 1001),
+            current_timestep_callback=timestep,
+            attention_weight_callback=lambda _: 0.5,
+            tensor_format=spec["tensor_format"],
+        )
+    return PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=3,
+        spatial_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=timestep,
+    )
 
 
 def cache_call(name: str, family: str) -> dict:
@@ -187,8 +225,14 @@ def test_with_objects_a_step_whose_blocks_a_cache_skipped_keeps_the_last_masks(n
     all ran gives RMPM's masks of its features."""
     pipe = cached(name, family)
     seen, next_step = spy_on_captures(monkeypatch)
-    masks = run(pipe, family, objects=objects(family, pipe.transformer), return_masks=True, callback_on_step_end=next_step,
-                **cache_call(name, family)).masks[0]  # fmt: skip
+    masks = run(
+        pipe,
+        family,
+        objects=objects(family, pipe.transformer),
+        return_masks=True,
+        callback_on_step_end=next_step,
+        **cache_call(name, family),
+    ).masks[0]
     feature_blocks = {0, 1}
     partial = [s for s in range(STEPS - 1) if seen[s] != feature_blocks]
     assert seen[0] == feature_blocks and partial, seen  # the first step ran whole, a later one did not
@@ -202,9 +246,14 @@ def test_fastercache_needing_both_branches_in_one_batch_is_refused_on_wan_with_o
     """FasterCache (not guidance-distilled) splits one [uncond | cond] batch; Wan runs two calls (diffusers'
     own Wan pipeline fails on it too): with objects it is refused by name."""
     pipe = make_pipe("wan")
-    pipe.transformer.enable_cache(FasterCacheConfig(current_timestep_callback=lambda: pipe.current_timestep,
-                                                    attention_weight_callback=lambda _: 0.5, tensor_format="BCFHW"))  # fmt: skip
-    with pytest.raises(FlexiMMTInputError, match="FasterCache.*is_guidance_distilled=True"):
+    pipe.transformer.enable_cache(
+        FasterCacheConfig(
+            current_timestep_callback=lambda: pipe.current_timestep,
+            attention_weight_callback=lambda _: 0.5,
+            tensor_format="BCFHW",
+        )
+    )
+    with pytest.raises(FlexiMMTInputError, match=r"FasterCache.*is_guidance_distilled=True"):
         run(pipe, "wan", steps=2, objects=objects("wan", pipe.transformer))
 
 
@@ -225,8 +274,10 @@ def save_lora(transformer, folder, pipeline_class) -> str:
 def lora_files(tmp_path_factory):
     """Per family, a folder holding ``pytorch_lora_weights.safetensors`` for its tiny transformer."""
     root = tmp_path_factory.mktemp("loras")
-    return {family: save_lora(make_pipe(family).transformer, root / family, FAMILIES[family]["theirs"])
-            for family in FAMILIES}  # fmt: skip
+    return {
+        family: save_lora(make_pipe(family).transformer, root / family, FAMILIES[family]["theirs"])
+        for family in FAMILIES
+    }
 
 
 def with_lora(family, lora_files, fuse: float | None = None, **load):
@@ -238,7 +289,9 @@ def with_lora(family, lora_files, fuse: float | None = None, **load):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_lora_acts_with_objects_as_its_fused_weights_do_loaded_before_or_after_the_processors(family, lora_files, reference):
+def test_a_lora_acts_with_objects_as_its_fused_weights_do_loaded_before_or_after_the_processors(
+    family, lora_files, reference
+):
     """FlexiMMT's processors are installed at the first call with objects; a LoRA loaded before or after
     wraps the same projections, which the motion tokens pass through too: unfused equals fused."""
     before = with_lora(family, lora_files)
@@ -246,8 +299,10 @@ def test_a_lora_acts_with_objects_as_its_fused_weights_do_loaded_before_or_after
     run(after, family, steps=1, objects=objects(family, after.transformer))  # installs FlexiMMT's processors
     after.load_lora_weights(lora_files[family], adapter_name="style")
     fused = with_lora(family, lora_files, fuse=1.0)
-    got = {name: run(p, family, steps=1, objects=objects(family, p.transformer)).frames
-           for name, p in dict(before=before, after=after, fused=fused).items()}  # fmt: skip
+    got = {
+        name: run(p, family, steps=1, objects=objects(family, p.transformer)).frames
+        for name, p in dict(before=before, after=after, fused=fused).items()
+    }
     assert torch.equal(got["before"], got["after"])
     assert rel(got["before"], got["fused"]) < 1e-5
     assert rel(got["before"], reference(family, 1).frames) > 1e-3  # the LoRA acts
@@ -259,8 +314,10 @@ def test_set_adapters_weights_act_with_objects(family, lora_files, reference):
     pipe = with_lora(family, lora_files)
     run(pipe, family, steps=1, objects=objects(family, pipe.transformer))
     half_fused = with_lora(family, lora_files, fuse=0.5)
-    expected = {0.0: reference(family, 1).frames,
-                0.5: run(half_fused, family, steps=1, objects=objects(family, half_fused.transformer)).frames}  # fmt: skip
+    expected = {
+        0.0: reference(family, 1).frames,
+        0.5: run(half_fused, family, steps=1, objects=objects(family, half_fused.transformer)).frames,
+    }
     for weight, want in expected.items():
         pipe.set_adapters(["style"], [weight])
         assert rel(run(pipe, family, steps=1, objects=objects(family, pipe.transformer)).frames, want) < 1e-5, weight
@@ -279,7 +336,9 @@ def test_a_lora_on_wan_2_2s_second_expert_acts_with_objects(lora_files):
         pipe.load_lora_weights(lora_files["wan"], adapter_name="low", load_into_transformer_2=True)
     fused.fuse_lora(components=["transformer_2"])
     assert loaded.get_list_adapters() == {"transformer_2": ["low"]}
-    got = [run(p, "wan", steps=2, objects=objects("wan", p.transformer, experts=2)).frames for p in (loaded, fused, plain)]
+    got = [
+        run(p, "wan", steps=2, objects=objects("wan", p.transformer, experts=2)).frames for p in (loaded, fused, plain)
+    ]
     assert rel(got[0], got[1]) < 1e-5 and rel(got[0], got[2]) > 1e-3
 
 
@@ -288,7 +347,9 @@ def test_step_distilled_use_guidance_1_in_4_steps_runs_rmpm_on_its_one_pass(fami
     """A step-distilled LoRA's use - guidance 1 (no unconditional pass), 4 steps: RMPM reads the one pass
     there is, so its first propagated masks are those a guided call gets from its conditional pass."""
     pipe = with_lora(family, lora_files)
-    distilled = run(pipe, family, steps=4, guidance_scale=1.0, objects=objects(family, pipe.transformer), return_masks=True)
+    distilled = run(
+        pipe, family, steps=4, guidance_scale=1.0, objects=objects(family, pipe.transformer), return_masks=True
+    )
     guided = run(pipe, family, steps=4, objects=objects(family, pipe.transformer), return_masks=True)
     assert distilled.masks.shape[:2] == (1, 4)
     assert torch.equal(distilled.masks[0, 1], guided.masks[0, 1])
@@ -307,8 +368,17 @@ def train(pipe, family: str, out, **kw):
     from fleximmt import train_motion
 
     size = FAMILIES[family]["size"]
-    kw = {"steps": 1, "tokens_per_motion": 4, "lr_warmup_steps": 0, "height": size, "width": size, "num_frames": 9,
-          "max_windows": 1, "lr": 0.05, **kw}  # fmt: skip
+    kw = {
+        "steps": 1,
+        "tokens_per_motion": 4,
+        "lr_warmup_steps": 0,
+        "height": size,
+        "width": size,
+        "num_frames": 9,
+        "max_windows": 1,
+        "lr": 0.05,
+        **kw,
+    }
     return train_motion(pipe, moving_square(size), "A red ball jumps up.", "ball", "jumps up", out, **kw)
 
 
@@ -316,7 +386,9 @@ def train(pipe, family: str, out, **kw):
 def initial_tokens(monkeypatch) -> list[torch.Tensor]:
     """The motion tokens as training starts (copied when train_motion makes its optimiser)."""
     tokens = []
-    spy_optimiser(monkeypatch, lambda params: tokens.append(torch.stack([p.detach().cpu().clone() for p in params]).squeeze(0)))
+    spy_optimiser(
+        monkeypatch, lambda params: tokens.append(torch.stack([p.detach().cpu().clone() for p in params]).squeeze(0))
+    )
     return tokens
 
 
@@ -329,8 +401,11 @@ def plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def frozen_state(pipe) -> list[tuple[dict, list[bool]]]:
-    return [({k: plain_tensors(v) for k, v in m.state_dict().items()}, [p.requires_grad for p in m.parameters()])
-            for m in pipe.components.values() if isinstance(m, torch.nn.Module)]  # fmt: skip
+    return [
+        ({k: plain_tensors(v) for k, v in m.state_dict().items()}, [p.requires_grad for p in m.parameters()])
+        for m in pipe.components.values()
+        if isinstance(m, torch.nn.Module)
+    ]
 
 
 def assert_unchanged(pipe, before) -> None:
@@ -342,8 +417,9 @@ def assert_unchanged(pipe, before) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_training_through_a_lora_changes_only_the_tokens_and_the_motion_records_the_lora(family, lora_files, tmp_path,
-                                                                                         initial_tokens):
+def test_training_through_a_lora_changes_only_the_tokens_and_the_motion_records_the_lora(
+    family, lora_files, tmp_path, initial_tokens
+):
     from fleximmt import MotionTokens
 
     pipe = with_lora(family, lora_files)
@@ -353,7 +429,9 @@ def test_training_through_a_lora_changes_only_the_tokens_and_the_motion_records_
     assert_unchanged(pipe, before)  # the LoRA's weights, scale and requires_grad included
     assert trained.tokens.shape == initial_tokens[0].shape and not torch.equal(trained.tokens, initial_tokens[0])
     loaded = MotionTokens.load(tmp_path / "m.safetensors")
-    assert loaded.metadata["base_loras"] == [{"component": "transformer", "adapter": "style", "fused": False, "weight": 0.8}]
+    assert loaded.metadata["base_loras"] == [
+        {"component": "transformer", "adapter": "style", "fused": False, "weight": 0.8}
+    ]
 
 
 def test_a_motion_file_without_base_loras_still_loads(tmp_path):
@@ -367,7 +445,9 @@ def test_a_motion_file_without_base_loras_still_loads(tmp_path):
 
 
 # -- 6. quantized base models ------------------------------------------------------------------------------
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bitsandbytes, float8): runs on a GPU machine")
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (bitsandbytes, float8): runs on a GPU machine"
+)
 
 
 def quanto_int8(family: str, **config):
@@ -385,8 +465,9 @@ def torchao_int8(family: str, folders, **config):
     from torchao.quantization import Int8WeightOnlyConfig
 
     quantization = PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Int8WeightOnlyConfig())})
-    pipe = FAMILIES[family]["ours"].from_pretrained(folders[family], quantization_config=quantization,
-                                                    torch_dtype=torch.float32)  # fmt: skip
+    pipe = FAMILIES[family]["ours"].from_pretrained(
+        folders[family], quantization_config=quantization, torch_dtype=torch.float32
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -420,8 +501,12 @@ def gguf_wan(folders):
     from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
 
     transformer = WanTransformer3DModel.from_single_file(
-        str(folders["gguf"]), config=str(folders["wan-gguf"]), subfolder="transformer", torch_dtype=torch.float32,
-        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))  # fmt: skip
+        str(folders["gguf"]),
+        config=str(folders["wan-gguf"]),
+        subfolder="transformer",
+        torch_dtype=torch.float32,
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+    )
     pipe = FlexiMMTWanPipeline(**{**make_pipe("wan", **GGUF_WAN).components, "transformer": transformer})
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -461,8 +546,11 @@ QUANTIZED = {
 
 def quantized_layers(transformer) -> int:
     """How many attention projections hold a quantized weight (not a plain tensor)."""
-    return sum(type(m.weight) not in (torch.Tensor, torch.nn.Parameter)
-               for name, m in transformer.named_modules() if name.endswith(("to_q", "to_k", "to_v")))  # fmt: skip
+    return sum(
+        type(m.weight) not in (torch.Tensor, torch.nn.Parameter)
+        for name, m in transformer.named_modules()
+        if name.endswith(("to_q", "to_k", "to_v"))
+    )
 
 
 @pytest.mark.parametrize("kind", QUANTIZED)
@@ -487,15 +575,23 @@ def test_training_through_a_frozen_quantized_model_changes_only_the_tokens(kind,
 
 @cuda
 @pytest.mark.parametrize("backend", ["bitsandbytes_4bit", "bitsandbytes_8bit"])
-def test_bitsandbytes_via_pipeline_quantization_config_runs_objects_and_trains_only_the_tokens(backend, folders, tmp_path,
-                                                                                                initial_tokens):
+def test_bitsandbytes_via_pipeline_quantization_config_runs_objects_and_trains_only_the_tokens(
+    backend, folders, tmp_path, initial_tokens
+):
     pytest.importorskip("bitsandbytes")
     from diffusers import PipelineQuantizationConfig
 
-    kwargs = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32} \
-        if backend.endswith("4bit") else {"load_in_8bit": True}  # fmt: skip
-    quantization = PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=["transformer"])
-    pipe = FlexiMMTWanPipeline.from_pretrained(folders["wan"], quantization_config=quantization, torch_dtype=torch.float32)
+    kwargs = (
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32}
+        if backend.endswith("4bit")
+        else {"load_in_8bit": True}
+    )
+    quantization = PipelineQuantizationConfig(
+        quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=["transformer"]
+    )
+    pipe = FlexiMMTWanPipeline.from_pretrained(
+        folders["wan"], quantization_config=quantization, torch_dtype=torch.float32
+    )
     pipe.set_progress_bar_config(disable=True)
     pipe.to("cuda")
     assert quantized_layers(pipe.transformer) == 3 * 2 * LAYERS
@@ -515,7 +611,9 @@ def test_torchao_float8_weight_only_runs_objects_where_the_gpu_has_float8(folder
     from torchao.quantization import Float8WeightOnlyConfig
 
     quantization = PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Float8WeightOnlyConfig())})
-    pipe = FlexiMMTWanPipeline.from_pretrained(folders["wan"], quantization_config=quantization, torch_dtype=torch.bfloat16)
+    pipe = FlexiMMTWanPipeline.from_pretrained(
+        folders["wan"], quantization_config=quantization, torch_dtype=torch.bfloat16
+    )
     pipe.set_progress_bar_config(disable=True)
     pipe.to("cuda")
     got = run(pipe, "wan", steps=2, objects=objects("wan", pipe.transformer)).frames
@@ -523,7 +621,10 @@ def test_torchao_float8_weight_only_runs_objects_where_the_gpu_has_float8(folder
 
 
 # -- 7. group offloading -------------------------------------------------------------------------------
-OFFLOADS = {"block_level": dict(offload_type="block_level", num_blocks_per_group=1), "leaf_level": dict(offload_type="leaf_level")}
+OFFLOADS = {
+    "block_level": dict(offload_type="block_level", num_blocks_per_group=1),
+    "leaf_level": dict(offload_type="leaf_level"),
+}
 
 
 def group_offloaded(family: str, kind: str, onload: str = "cpu", **extra):
@@ -536,7 +637,10 @@ def group_offloaded(family: str, kind: str, onload: str = "cpu", **extra):
 @pytest.mark.parametrize("kind", OFFLOADS)
 def test_group_offloading_gives_the_same_video_and_masks_with_objects(kind, family, reference):
     pipe = group_offloaded(family, kind)
-    got, want = run(pipe, family, steps=2, objects=objects(family, pipe.transformer), return_masks=True), reference(family, 2)
+    got, want = (
+        run(pipe, family, steps=2, objects=objects(family, pipe.transformer), return_masks=True),
+        reference(family, 2),
+    )
     assert torch.equal(got.frames, want.frames) and torch.equal(got.masks, want.masks)
 
 
@@ -545,8 +649,10 @@ def test_group_offloading_every_component_of_the_pipeline_gives_the_same_video_w
     BENCHMARKS.md), decoded frames compared."""
     pipe, plain = make_pipe("wan"), make_pipe("wan")
     pipe.enable_group_offload(torch.device("cpu"), torch.device("cpu"), offload_type="leaf_level")
-    got, want = (run(p, "wan", steps=1, objects=objects("wan", p.transformer), output_type="np", return_masks=True)
-                 for p in (pipe, plain))  # fmt: skip
+    got, want = (
+        run(p, "wan", steps=1, objects=objects("wan", p.transformer), output_type="np", return_masks=True)
+        for p in (pipe, plain)
+    )
     assert np.array_equal(got.frames, want.frames) and torch.equal(got.masks, want.masks)
 
 
@@ -580,7 +686,9 @@ def test_group_offloading_to_the_cpu_with_streams_keeps_tokens_and_masks_on_the_
         if isinstance(module, torch.nn.Module) and name != "transformer":
             module.to("cuda")
     reference = make_pipe(family).to("cuda")
-    got, want = (run(p, family, steps=2, objects=objects(family, p.transformer), return_masks=True) for p in (pipe, reference))
+    got, want = (
+        run(p, family, steps=2, objects=objects(family, p.transformer), return_masks=True) for p in (pipe, reference)
+    )
     assert places and set(places) == {("cuda", "cuda")}
     assert rel(got.frames.cpu(), want.frames.cpu()) < 1e-4 and torch.equal(got.masks, want.masks)
 

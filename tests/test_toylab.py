@@ -21,7 +21,7 @@ from fleximmt.toy.lab import (
     reference_scene,
     score,
     transfer,
-)  # fmt: skip
+)
 from fleximmt.toy.world import WORDS, colour_track
 
 
@@ -92,15 +92,23 @@ def toy_sized_pipe():
 def test_every_variant_runs_and_plain_i2v_ignores_the_motions(toy_sized_pipe):
     pipe = toy_sized_pipe
     case = random_case(1)
-    motions = {m: random_motion(pipe.transformer, tokens_per_motion=4, seed=i, scale=4.0) for i, m in enumerate(REFERENCES)}
+    motions = {
+        m: random_motion(pipe.transformer, tokens_per_motion=4, seed=i, scale=4.0) for i, m in enumerate(REFERENCES)
+    }
     videos = {}
     for variant in VARIANTS:
         frames, masks, seconds = transfer(pipe, case, motions, variant, steps=2, guidance=1.0)
         assert frames.shape == (FRAMES, SIZE, SIZE, 3) and frames.dtype == np.uint8 and seconds > 0
         assert (masks is None) == (variant == "plain_i2v")
         videos[variant] = frames
-    out = pipe(image=__import__("PIL.Image").Image.fromarray(case.scene(False).frames[0]), prompt=case.prompt,
-               num_inference_steps=2, guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    out = pipe(
+        image=__import__("PIL.Image").Image.fromarray(case.scene(False).frames[0]),
+        prompt=case.prompt,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
     plain = (np.asarray(out.frames[0]) * 255).round().clip(0, 255).astype(np.uint8)
     assert np.array_equal(videos["plain_i2v"], plain)
     assert not np.array_equal(videos["fleximmt"], videos["plain_i2v"])  # the motion tokens act
@@ -117,7 +125,9 @@ def test_dilate_grows_a_mask_by_a_square_of_the_radius():
 
 def test_the_dilated_variant_hands_the_pipeline_larger_masks(toy_sized_pipe):
     case = random_case(3)
-    motions = {m: random_motion(toy_sized_pipe.transformer, tokens_per_motion=4, seed=i) for i, m in enumerate(REFERENCES)}
+    motions = {
+        m: random_motion(toy_sized_pipe.transformer, tokens_per_motion=4, seed=i) for i, m in enumerate(REFERENCES)
+    }
     _, plain_masks, _ = transfer(toy_sized_pipe, case, motions, "w/o RMPM (static)", steps=1, guidance=1.0)
     VARIANTS["static, dilated"] = {"mask_source": "static", "dilate": 8}
     try:
@@ -165,8 +175,12 @@ def test_mask_quality_knows_a_perfect_an_empty_and_a_still_mask():
 
     case = random_case(4)
     truth = case.scene(trajectories=True).masks
-    perfect = torch.stack([torch.stack([mask_to_token_grid(torch.from_numpy(truth[k, 4 * f]), 8, 8) for f in range(5)])
-                           for k in range(len(case.sprites))])  # fmt: skip
+    perfect = torch.stack(
+        [
+            torch.stack([mask_to_token_grid(torch.from_numpy(truth[k, 4 * f]), 8, 8) for f in range(5)])
+            for k in range(len(case.sprites))
+        ]
+    )
     best = mask_quality(case, perfect)
     assert best["iou"] == pytest.approx(1.0) and best["recall"] == pytest.approx(1.0)
     assert mask_quality(case, torch.zeros_like(perfect))["recall"] == 0.0
@@ -192,8 +206,13 @@ def test_a_sprite_given_no_motion_is_scored_against_standing_still():
     from fleximmt.toy.lab import Case
     from fleximmt.toy.world import Sprite, Trajectory
 
-    case = Case([Sprite("square", "red", 6.0, (18.0, 20.0), Trajectory("still"), texture_seed=3),
-                 Sprite("circle", "blue", 6.0, (40.0, 46.0), Trajectory("still"), texture_seed=4)], ["right", None])  # fmt: skip
+    case = Case(
+        [
+            Sprite("square", "red", 6.0, (18.0, 20.0), Trajectory("still"), texture_seed=3),
+            Sprite("circle", "blue", 6.0, (40.0, 46.0), Trajectory("still"), texture_seed=4),
+        ],
+        ["right", None],
+    )
     result = score(case.scene(trajectories=True).frames, case)
     assert [o["motion"] for o in result["objects"]] == ["right", "still"]
     assert result["objects"][1]["traj_err"] < 1.0 and result["leak"] == 0.0

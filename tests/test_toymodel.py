@@ -28,18 +28,28 @@ def test_the_toy_model_loads_in_float32_at_its_own_size(toy_pipe):
 
 
 def _generate(pipe, image, prompt, seed=0):
-    out = pipe(image=Image.fromarray(image), prompt=prompt, num_inference_steps=20, guidance_scale=3.0, output_type="np",
-               generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    out = pipe(
+        image=Image.fromarray(image),
+        prompt=prompt,
+        num_inference_steps=20,
+        guidance_scale=3.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    )
     return (np.asarray(out.frames[0]) * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def test_the_toy_model_starts_from_the_image_and_moves_a_sprite_the_way_its_caption_says(toy_pipe):
-    first = render([Sprite("square", "red", 6.0, (32.0, 32.0), Trajectory("still"), texture_seed=3)], 17, 64, "plain", 11)
+    first = render(
+        [Sprite("square", "red", 6.0, (32.0, 32.0), Trajectory("still"), texture_seed=3)], 17, 64, "plain", 11
+    )
     image = first.frames[0]
     moved = {}
     for motion, words in (("right", "moves right"), ("left", "moves left")):
         frames = _generate(toy_pipe, image, f"A red square {words}.")
-        assert np.abs(frames[0].astype(float) - image).mean() < 20  # starts from the image (VAE blur ~12; random weights: noise)
+        assert (
+            np.abs(frames[0].astype(float) - image).mean() < 20
+        )  # starts from the image (VAE blur ~12; random weights: noise)
         centres, _ = colour_track(frames, "red", start=(32.0, 32.0))
         found = centres[~np.isnan(centres).any(-1)]
         moved[motion] = found[-1, 0] - found[0, 0]
@@ -50,7 +60,9 @@ def test_a_motion_learned_on_the_toy_model_moves_the_sprite_the_right_way(toy_pi
     motions = learn_motions(toy_pipe, ["right"], tmp_path, steps=150, seed=0)
     assert (tmp_path / "right.safetensors").is_file() and (tmp_path / "right.gif").is_file()
     # one sprite: the toy base model does not animate scenes of 2-3 sprites (BENCHMARKS.md, toy world)
-    case = Case([Sprite("square", "red", 6.0, (20.0, 32.0), Trajectory("still"), texture_seed=3)], ["right"], "plain", 2)
+    case = Case(
+        [Sprite("square", "red", 6.0, (20.0, 32.0), Trajectory("still"), texture_seed=3)], ["right"], "plain", 2
+    )
     frames, masks, _ = transfer(toy_pipe, case, motions, "fleximmt", steps=20)
     red, _ = colour_track(frames, "red", start=(20.0, 32.0))
     assert not np.isnan(red).any()

@@ -11,8 +11,20 @@ import torch
 from fleximmt import FlexiMMTPipeline
 from fleximmt.toy.train import ToyConfig, train_transformer, train_vae
 
-SMALL = ToyConfig(size=32, frames=9, vae_channels=(8, 8, 8), latent_channels=4, norm_groups=2, layers=1, heads=2,
-                  head_dim=16, time_embed_dim=16, text_dim=16, text_layers=1, text_len=24)  # fmt: skip
+SMALL = ToyConfig(
+    size=32,
+    frames=9,
+    vae_channels=(8, 8, 8),
+    latent_channels=4,
+    norm_groups=2,
+    layers=1,
+    heads=2,
+    head_dim=16,
+    time_embed_dim=16,
+    text_dim=16,
+    text_layers=1,
+    text_len=24,
+)
 
 
 def test_vae_then_transformer_give_a_pipeline_that_generates(tmp_path):
@@ -27,8 +39,13 @@ def test_vae_then_transformer_give_a_pipeline_that_generates(tmp_path):
     from fleximmt.toy.world import random_scene
 
     scene = random_scene(0, frames=9, size=32)
-    video = pipe(image=Image.fromarray(scene.frames[0]), prompt=scene.caption, num_inference_steps=2,
-                 max_sequence_length=24, output_type="np").frames[0]  # fmt: skip
+    video = pipe(
+        image=Image.fromarray(scene.frames[0]),
+        prompt=scene.caption,
+        num_inference_steps=2,
+        max_sequence_length=24,
+        output_type="np",
+    ).frames[0]
     assert video.shape == (9, 32, 32, 3)
     # sampling uses the training's target and noise schedule
     assert pipe.scheduler.config.prediction_type == "v_prediction" and not pipe.scheduler.config.clip_sample
@@ -50,7 +67,7 @@ def test_ship_writes_float16_safetensors_that_load_back_and_the_training_curves(
     from safetensors import safe_open
 
     with safe_open(str(dest / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        assert {f.get_tensor(k).dtype for k in f} == {torch.float16}
     original = FlexiMMTPipeline.from_pretrained(str(tmp_path / "pipeline"))
     loaded = load_toy_pipeline(dest)
     assert loaded.transformer.dtype == torch.float32

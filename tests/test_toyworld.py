@@ -15,7 +15,9 @@ def test_scenes_are_deterministic_from_the_seed():
 @pytest.mark.parametrize("seed", range(12))
 def test_masks_and_positions_match_the_drawn_pixels(seed):
     scene = random_scene(seed)
-    background = render([], frames=len(scene.frames), size=scene.frames.shape[1], background=scene.background, seed=seed).frames
+    background = render(
+        [], frames=len(scene.frames), size=scene.frames.shape[1], background=scene.background, seed=seed
+    ).frames
     changed = (scene.frames != background).any(-1)
     union = scene.masks.any(0)
     assert not (changed & ~union).any()  # nothing is drawn outside the masks
@@ -27,17 +29,23 @@ def test_masks_and_positions_match_the_drawn_pixels(seed):
                 continue
             cx, cy = scene.positions[k, f]
             # every visible pixel lies within the sprite's extent around its position
-            assert np.abs(xs + 0.5 - cx).max() <= extent[k, f] + 0.5 and np.abs(ys + 0.5 - cy).max() <= extent[k, f] + 0.5
+            assert (
+                np.abs(xs + 0.5 - cx).max() <= extent[k, f] + 0.5 and np.abs(ys + 0.5 - cy).max() <= extent[k, f] + 0.5
+            )
             others = [j for j in range(len(scene.sprites)) if j != k]
-            apart = all(np.hypot(*(scene.positions[j, f] - scene.positions[k, f])) > extent[j, f] + extent[k, f] + 1
-                        for j in others)  # fmt: skip
+            apart = all(
+                np.hypot(*(scene.positions[j, f] - scene.positions[k, f])) > extent[j, f] + extent[k, f] + 1
+                for j in others
+            )
             inside = xs.min() > 0 and ys.min() > 0 and xs.max() < 63 and ys.max() < 63
             if apart and inside:  # unoccluded and uncut: the position is the centre of the drawn box
                 assert abs((xs.min() + xs.max() + 1) / 2 - cx) <= 1.0
                 assert abs((ys.min() + ys.max() + 1) / 2 - cy) <= 1.0
 
 
-@pytest.mark.parametrize("name, axis, sign", [("left", 0, -1), ("right", 0, 1), ("up", 1, -1), ("down", 1, 1), ("zigzag", 0, 1)])
+@pytest.mark.parametrize(
+    "name, axis, sign", [("left", 0, -1), ("right", 0, 1), ("up", 1, -1), ("down", 1, 1), ("zigzag", 0, 1)]
+)
 def test_named_motions_move_the_way_their_words_say(name, axis, sign):
     sprite = Sprite("square", "red", 6, (32, 32), Trajectory(name))
     scene = render([sprite], frames=9)

@@ -1,4 +1,4 @@
-"""Motion training (DMEM, METHOD.md sections 4 and 6) on the tiny random-weight model: the trainer's own
+"""Motion training (DMEM, docs/method.md#dmem, docs/method.md#training) on the tiny random-weight model: the trainer's own
 inputs, settings, checkpoints and messages. What training does on every family (only the tokens move,
 the loss falls, checkpointing and resume give the same tokens) is in test_contract.py."""
 
@@ -78,7 +78,13 @@ def test_motion_files_of_one_and_two_experts_written_before_load_unchanged(tmp_p
 
     sets = [torch.randn(2, 3, 8) for _ in range(experts)]
     tensors = dict(zip(("motion_tokens", "motion_tokens_2"), sets))
-    meta = {"format": "fleximmt.method.motion/1", "d_m": "3", "experts": str(experts), "name": '"old"', "family": '"wan"'}
+    meta = {
+        "format": "fleximmt.method.motion/1",
+        "d_m": "3",
+        "experts": str(experts),
+        "name": '"old"',
+        "family": '"wan"',
+    }
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
     back = MotionTokens.load(tmp_path / "old.safetensors")
     assert back.num_experts == experts and all(torch.equal(a, b) for a, b in zip(back.experts, sets))
@@ -89,8 +95,11 @@ def test_a_motion_file_missing_an_expert_it_names_is_refused(tmp_path):
     from safetensors.torch import save_file
 
     meta = {"format": "fleximmt.method.motion/1", "d_m": "3", "experts": "3"}
-    save_file({"motion_tokens": torch.zeros(2, 3, 8), "motion_tokens_3": torch.zeros(2, 3, 8)},
-              str(tmp_path / "gap.safetensors"), metadata=meta)  # fmt: skip
+    save_file(
+        {"motion_tokens": torch.zeros(2, 3, 8), "motion_tokens_3": torch.zeros(2, 3, 8)},
+        str(tmp_path / "gap.safetensors"),
+        metadata=meta,
+    )
     with pytest.raises(ValueError, match="holds 3 experts' tokens but has 1"):
         MotionTokens.load(tmp_path / "gap.safetensors")
 
@@ -121,7 +130,9 @@ def test_a_second_text_encoder_is_frozen_and_offloaded_like_the_first(tmp_path, 
     moved = {name: [] for name in ("text_encoder", "text_encoder_2")}
     for name, calls in moved.items():
         module = getattr(pipe, name)
-        monkeypatch.setattr(module, "to", lambda *a, _to=module.to, _calls=calls, **k: _calls.append((a, k)) or _to(*a, **k))
+        monkeypatch.setattr(
+            module, "to", lambda *a, _to=module.to, _calls=calls, **k: _calls.append((a, k)) or _to(*a, **k)
+        )
     monkeypatch.setattr(training, "offload_target", lambda device: "cpu")  # as on a GPU: encoders wait on the CPU
     frozen = []
 
@@ -175,8 +186,17 @@ def test_bad_input_names_the_problem(pipe, tmp_path, kwargs, message):
         if key in args:
             args[key] = kwargs.pop(key)
     with pytest.raises(ValueError, match=message):
-        train_motion(pipe, args["video"], args["caption"], args["concept_words"], args["motion_words"],
-                     tmp_path / "m.safetensors", steps=1, tokens_per_motion=2, **kwargs)  # fmt: skip
+        train_motion(
+            pipe,
+            args["video"],
+            args["caption"],
+            args["concept_words"],
+            args["motion_words"],
+            tmp_path / "m.safetensors",
+            steps=1,
+            tokens_per_motion=2,
+            **kwargs,
+        )
 
 
 def test_resume_refuses_a_checkpoint_from_other_settings(pipe, tmp_path):

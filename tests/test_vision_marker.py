@@ -38,8 +38,14 @@ def child(tmp_path):
     def run(*args: str, ci: bool) -> subprocess.CompletedProcess:
         path = os.pathsep.join(p for p in (str(broken), os.environ.get("PYTHONPATH", "")) if p)
         env = {**os.environ, "PYTHONPATH": path, "CI": "true" if ci else ""}
-        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *args],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     return run
 

@@ -1,10 +1,9 @@
-"""FlexiMMT on Wan image-to-video (METHOD.md section 9), on tiny random models shaped like Wan 2.1 I2V
+"""FlexiMMT on Wan image-to-video (docs/method.md#wan), on tiny random models shaped like Wan 2.1 I2V
 (CLIP image tokens), Wan 2.2 I2V-A14B (two experts) and Wan 2.2 TI2V-5B (the image as the first latent
 frame): what is particular to Wan - the cross form's parts, RMPM on the conditional pass, its sizes
 and messages, each expert's own tokens, a text-to-video model refused, the CLI and the web app. What
 every family does (diffusers' result without objects, auto against dense, training, resume, the
 signature, offload, save and load) is in test_contract.py."""
-
 
 import numpy as np
 import pytest
@@ -50,8 +49,10 @@ def box(y0, y1, x0, x1):
 def objects(pipe, count=2, scale=30.0):
     experts = 2 if pipe.transformer_2 is not None else 1
     masks = [box(4, 30, 4, 30), box(20, 60, 28, 60)]
-    return [ObjectMotion(masks[k], random_motion(pipe.transformer, 4, seed=k + 1, scale=scale, experts=experts), WORDS[k])
-            for k in range(count)]  # fmt: skip
+    return [
+        ObjectMotion(masks[k], random_motion(pipe.transformer, 4, seed=k + 1, scale=scale, experts=experts), WORDS[k])
+        for k in range(count)
+    ]
 
 
 def gen(seed=0):
@@ -77,8 +78,19 @@ def test_auto_equals_dense_with_the_m2v_part_alone(pipes):
     # the cross form's own parts (m2v, t2v), one of them off (test_contract.py: the settings of every family)
     ours, _ = pipes
     objs = objects(ours)
-    auto, dense = (ours(picture(), PROMPT, generator=gen(), objects=objs, return_masks=True, parts=("m2v",),
-                        attention_backend=backend, **CALL) for backend in ("auto", "dense"))  # fmt: skip
+    auto, dense = (
+        ours(
+            picture(),
+            PROMPT,
+            generator=gen(),
+            objects=objs,
+            return_masks=True,
+            parts=("m2v",),
+            attention_backend=backend,
+            **CALL,
+        )
+        for backend in ("auto", "dense")
+    )
     assert rel(auto.frames, dense.frames) < 1e-4 and torch.equal(auto.masks, dense.masks)
 
 
@@ -90,7 +102,9 @@ def test_rmpm_reads_the_conditional_pass_only(pipes):
 
     def spy(adapter, state, call):
         observe = state.observe
-        state.observe = lambda block, out: seen[-1].add(None if state.feature_rows is None else tuple(state.feature_rows)) or observe(block, out)  # fmt: skip
+        state.observe = lambda block, out: (
+            seen[-1].add(None if state.feature_rows is None else tuple(state.feature_rows)) or observe(block, out)
+        )
         return real(adapter, state, call)
 
     experts = [t for t in (ours.transformer, ours.transformer_2) if t is not None]
@@ -129,8 +143,16 @@ def moving_square(frames=9):
 
 
 def train(pipe, out, **kw):
-    kw = {"steps": 4, "tokens_per_motion": 4, "lr_warmup_steps": 0, "height": SIZE, "width": SIZE, "num_frames": 9,
-          "max_windows": 1, **kw}  # fmt: skip
+    kw = {
+        "steps": 4,
+        "tokens_per_motion": 4,
+        "lr_warmup_steps": 0,
+        "height": SIZE,
+        "width": SIZE,
+        "num_frames": 9,
+        "max_windows": 1,
+        **kw,
+    }
     return train_motion(pipe, moving_square(), "A red ball jumps up.", "ball", "jumps up", out, **kw)
 
 
@@ -200,7 +222,7 @@ def test_a_text_to_video_wan_is_refused_with_the_checkpoints_to_use():
     cfg["in_channels"] = 16
     components.update(transformer=WanTransformer3DModel.from_config(cfg), transformer_2=None, boundary_ratio=None)
     pipe = FlexiMMTWanPipeline(**components)
-    with pytest.raises(ValueError, match="text-to-video model.*Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"):
+    with pytest.raises(ValueError, match=r"text-to-video model.*Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"):
         pipe(picture(), PROMPT, objects=objects(pipe), **CALL)
 
 
@@ -214,13 +236,55 @@ def test_the_command_line_trains_and_generates_on_a_wan_folder(tmp_path, capsys)
     picture().save(tmp_path / "image.png")
     Image.fromarray(box(4, 30, 4, 30).astype(np.uint8) * 255).save(tmp_path / "mask.png")
     size = ["--height", SIZE, "--width", SIZE, "--frames", 9]
-    code = main([str(a) for a in ["train", "--model", tmp_path / "wan", "--video", tmp_path / "ref.mp4", "--caption",
-                                  "A ball jumps up.", "--concept", "ball", "--motion-words", "jumps up", "--out",
-                                  tmp_path / "jump.safetensors", "--steps", 2, "--tokens", 4, *size]])  # fmt: skip
+    code = main(
+        [
+            str(a)
+            for a in [
+                "train",
+                "--model",
+                tmp_path / "wan",
+                "--video",
+                tmp_path / "ref.mp4",
+                "--caption",
+                "A ball jumps up.",
+                "--concept",
+                "ball",
+                "--motion-words",
+                "jumps up",
+                "--out",
+                tmp_path / "jump.safetensors",
+                "--steps",
+                2,
+                "--tokens",
+                4,
+                *size,
+            ]
+        ]
+    )
     assert code == 0 and MotionTokens.load(tmp_path / "jump.safetensors").family == "wan"
-    code = main([str(a) for a in ["generate", "--model", tmp_path / "wan", "--image", tmp_path / "image.png", "--prompt",
-                                  PROMPT, "--object", f"{tmp_path / 'mask.png'}:{tmp_path / 'jump.safetensors'}:jumps up",
-                                  "--steps", 2, "--out", tmp_path / "out.mp4", "--masks-out", tmp_path / "masks.mp4", *size]])  # fmt: skip
+    code = main(
+        [
+            str(a)
+            for a in [
+                "generate",
+                "--model",
+                tmp_path / "wan",
+                "--image",
+                tmp_path / "image.png",
+                "--prompt",
+                PROMPT,
+                "--object",
+                f"{tmp_path / 'mask.png'}:{tmp_path / 'jump.safetensors'}:jumps up",
+                "--steps",
+                2,
+                "--out",
+                tmp_path / "out.mp4",
+                "--masks-out",
+                tmp_path / "masks.mp4",
+                *size,
+            ]
+        ]
+    )
     assert code == 0 and (tmp_path / "out.mp4").is_file() and (tmp_path / "masks.mp4").is_file()
     assert iio.imread(tmp_path / "out.mp4").shape[:3] == (9, SIZE, SIZE)
 
@@ -243,7 +307,9 @@ def test_the_web_app_serves_a_wan_model(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     library = tmp_path / "motions"
     library.mkdir()
-    random_motion(pipe.transformer, 4, seed=1, scale=30.0, name="jump", motion_words="jumps up").save(library / "jump.safetensors")
+    random_motion(pipe.transformer, 4, seed=1, scale=30.0, name="jump", motion_words="jumps up").save(
+        library / "jump.safetensors"
+    )
     Image.fromarray(box(4, 30, 4, 30).astype(np.uint8) * 255).save(tmp_path / "mask.png")
     demo = build_app(pipe, library)  # the page builds for Wan (its size, its motion library)
     assert "jump" in str(demo.config)

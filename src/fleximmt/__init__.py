@@ -8,8 +8,19 @@ from .models.cogvideox import FlexiMMTPipeline
 from .models.loading import load_pipeline
 from .training.train import TrainSettings, train_motion
 
-__all__ = ["FlexiMMTHunyuanVideo15Pipeline", "FlexiMMTInputError", "FlexiMMTPipeline", "FlexiMMTPipelineOutput",
-           "FlexiMMTWanPipeline", "MotionTokens", "ObjectMotion", "TrainSettings", "compile", "load_pipeline", "train_motion"]
+__all__ = [
+    "FlexiMMTHunyuanVideo15Pipeline",
+    "FlexiMMTInputError",
+    "FlexiMMTPipeline",
+    "FlexiMMTPipelineOutput",
+    "FlexiMMTWanPipeline",
+    "MotionTokens",
+    "ObjectMotion",
+    "TrainSettings",
+    "compile",
+    "load_pipeline",
+    "train_motion",
+]
 LAZY = {"FlexiMMTWanPipeline": "wan", "FlexiMMTHunyuanVideo15Pipeline": "hunyuan15"}  # the other families' pipelines
 __version__ = "0.1.0"
 

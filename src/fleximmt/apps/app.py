@@ -91,8 +91,10 @@ def read_image(path: str | Path, what: str = "the image", header_only: bool = Fa
 
     def too_large(size: tuple[int, int] | None) -> FlexiMMTInputError:
         shape = f"is {size[0]} x {size[1]} pixels" if size else "is too large to open"
-        return FlexiMMTInputError(f"{what} ({name}) {shape}: this app takes images of at most "
-                                  f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels; scale it down first")  # fmt: skip
+        return FlexiMMTInputError(
+            f"{what} ({name}) {shape}: this app takes images of at most "
+            f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels; scale it down first"
+        )
 
     try:
         with warnings.catch_warnings():
@@ -125,13 +127,19 @@ def size_note(image_size: tuple[int, int], model_size: tuple[int, int]) -> str:
     return note + f". Mask PNGs must be {w} x {h}, like the image."
 
 
-def fit_to_model(image: np.ndarray, masks: list[torch.Tensor], width: int, height: int) -> tuple[Image.Image, list[torch.Tensor]]:
+def fit_to_model(
+    image: np.ndarray, masks: list[torch.Tensor], width: int, height: int
+) -> tuple[Image.Image, list[torch.Tensor]]:
     """The image (bicubic) and its masks (nearest), resized together to the model's ``width x height``."""
     picture = Image.fromarray(image).convert("RGB")
     if picture.size == (width, height):
         return picture, masks
-    resized = [torch.from_numpy(np.asarray(Image.fromarray(m.numpy().astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 127)
-               for m in masks]  # fmt: skip
+    resized = [
+        torch.from_numpy(
+            np.asarray(Image.fromarray(m.numpy().astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 127
+        )
+        for m in masks
+    ]
     return picture.resize((width, height), Image.BICUBIC), resized
 
 
@@ -178,8 +186,15 @@ class MotionLibrary:
                 logger.warning("skipping %s: %s", path, err)
                 continue
             gif = path.with_suffix(".gif")
-            out.append(LibraryEntry(path.stem, path, meta.get("motion_words") or "", meta.get("caption") or "",
-                                    gif if gif.is_file() else None))  # fmt: skip
+            out.append(
+                LibraryEntry(
+                    path.stem,
+                    path,
+                    meta.get("motion_words") or "",
+                    meta.get("caption") or "",
+                    gif if gif.is_file() else None,
+                )
+            )
         return out
 
     def get(self, name: str) -> LibraryEntry:
@@ -188,7 +203,9 @@ class MotionLibrary:
             if entry.name == name:
                 return entry
         names = ", ".join(e.name for e in entries) or "none yet"
-        raise FlexiMMTInputError(f"motion {name!r} is not in the motion library (it has: {names}): choose one of them or upload a motion file")
+        raise FlexiMMTInputError(
+            f"motion {name!r} is not in the motion library (it has: {names}): choose one of them or upload a motion file"
+        )
 
 
 # -- pure helpers (tested without a browser) ---------------------------------------------------
@@ -253,8 +270,11 @@ def with_object_parameters(fn: Callable) -> Callable:
     object and field of :class:`ObjectInput`: the API lists each by name, and each may be left out."""
     signature = inspect.signature(fn)
     params = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
-    params += [inspect.Parameter(f"object_{k}_{f}", inspect.Parameter.KEYWORD_ONLY, default=None)
-               for k in range(1, SLOTS + 1) for f in OBJECT_FIELDS]  # fmt: skip
+    params += [
+        inspect.Parameter(f"object_{k}_{f}", inspect.Parameter.KEYWORD_ONLY, default=None)
+        for k in range(1, SLOTS + 1)
+        for f in OBJECT_FIELDS
+    ]
     fn.__signature__ = signature.replace(parameters=params)
     return fn
 
@@ -292,13 +312,17 @@ class ModelWorker:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    async def run(self, job: Callable[[threading.Event], Any], client_gone: Callable[[], bool] = lambda: False) -> tuple[bool, Any]:
+    async def run(
+        self, job: Callable[[threading.Event], Any], client_gone: Callable[[], bool] = lambda: False
+    ) -> tuple[bool, Any]:
         """``(True, result)`` of ``job(stop)``, or ``(False, None)`` when it was stopped."""
         stop = threading.Event()
         self._stops.add(stop)
         context = contextvars.copy_context()  # Gradio's progress bar finds its event through it
         waiting = asyncio.wrap_future(self._pool.submit(context.run, self._execute, job, stop))
-        waiting.add_done_callback(lambda f: f.cancelled() or f.exception())  # an abandoned job's error is not logged as lost
+        waiting.add_done_callback(
+            lambda f: f.cancelled() or f.exception()
+        )  # an abandoned job's error is not logged as lost
         waiting.add_done_callback(lambda _: self._stops.discard(stop))
         try:
             while True:
@@ -346,8 +370,16 @@ class TransferApp:
     """Everything the page calls, around one pipeline loaded once. ``generate`` and ``learn`` use
     the model and run on :attr:`worker` when called from the page; ``stop`` ends them at a step."""
 
-    def __init__(self, pipe, library: MotionLibrary, out_dir: Path, segmenter=None, detector=None, keep_runs: int = 2,
-                 max_steps: int = MAX_STEPS):  # fmt: skip
+    def __init__(
+        self,
+        pipe,
+        library: MotionLibrary,
+        out_dir: Path,
+        segmenter=None,
+        detector=None,
+        keep_runs: int = 2,
+        max_steps: int = MAX_STEPS,
+    ):
         self.pipe, self.library, self.out_dir = pipe, library, Path(out_dir)
         self.segmenter, self.detector = segmenter, detector
         self.keep_runs, self.max_steps = keep_runs, max_steps
@@ -369,7 +401,10 @@ class TransferApp:
             if mask is None:
                 raise FlexiMMTInputError(f"Object {k}: draw its mask with the brush, or choose another way to give it")
             if mask.shape != (height, width):  # strokes are drawn over the image as shown
-                mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 127
+                mask = (
+                    np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST))
+                    > 127
+                )
             return torch.from_numpy(mask)
         if obj.mask_from == "png":
             if not obj.mask_png:
@@ -393,10 +428,16 @@ class TransferApp:
             box = [c for c in coords if len(c) == 4]
             clicks = [c for c in coords if len(c) == 2]
             if not (box or clicks) or len(box) + len(clicks) != len(coords):
-                raise FlexiMMTInputError(f"Object {k}: give clicks as 'x,y x,y' or a box as 'x0,y0,x1,y1' (pixels), not {obj.points!r}")
-            return segment.masks_from_points(image, points=clicks or None, boxes=box[:1] or None, segmenter=self.segmenter)[0]
+                raise FlexiMMTInputError(
+                    f"Object {k}: give clicks as 'x,y x,y' or a box as 'x0,y0,x1,y1' (pixels), not {obj.points!r}"
+                )
+            return segment.masks_from_points(
+                image, points=clicks or None, boxes=box[:1] or None, segmenter=self.segmenter
+            )[0]
         if self.segmenter is None or self.detector is None:
-            raise FlexiMMTInputError(f"Object {k}: naming objects needs Grounding-DINO and SAM: start the app with --detector and --sam")
+            raise FlexiMMTInputError(
+                f"Object {k}: naming objects needs Grounding-DINO and SAM: start the app with --detector and --sam"
+            )
         if not obj.name.strip():
             raise FlexiMMTInputError(f"Object {k}: type the object's name, e.g. 'the red square'")
         return segment.masks_from_words(image, [obj.name], detector=self.detector, segmenter=self.segmenter)[0]
@@ -417,27 +458,35 @@ class TransferApp:
             try:
                 mask = self.object_mask(image, obj, k)
                 if not mask.any():
-                    raise FlexiMMTInputError("its mask is empty, so its motion would move nothing: mark the object (white "
-                                             "on black in a PNG, or with the brush), or untick 'use this object'")  # fmt: skip
+                    raise FlexiMMTInputError(
+                        "its mask is empty, so its motion would move nothing: mark the object (white "
+                        "on black in a PNG, or with the brush), or untick 'use this object'"
+                    )
                 motion = self.motion(obj, k)
             except FlexiMMTInputError as err:
                 raise numbered(k, err) from None
             if not (obj.motion_words or "").strip():
                 suggestion = motion.metadata.get("motion_words")
                 hint = f" (its motion file says {suggestion!r})" if suggestion else ""
-                raise FlexiMMTInputError(f"Object {k}: type its motion words, the words of the prompt that describe how it "
-                                         f"moves, e.g. 'jumps up'{hint}")  # fmt: skip
+                raise FlexiMMTInputError(
+                    f"Object {k}: type its motion words, the words of the prompt that describe how it "
+                    f"moves, e.g. 'jumps up'{hint}"
+                )
             objects[k] = ObjectMotion(mask, motion, obj.motion_words.strip())
         return objects
 
-    def fitted(self, image: np.ndarray, objects: dict[int, ObjectMotion]) -> tuple[Image.Image, dict[int, ObjectMotion]]:
+    def fitted(
+        self, image: np.ndarray, objects: dict[int, ObjectMotion]
+    ) -> tuple[Image.Image, dict[int, ObjectMotion]]:
         """The image and the objects resized to the model's size; a mask that vanishes on the way is refused."""
         width, height = self.model_size
         picture, masks = fit_to_model(image, [o.mask_tensor for o in objects.values()], width, height)
         for k, mask in zip(objects, masks):
             if not mask.any():
-                raise FlexiMMTInputError(f"Object {k}: its mask is too small: nothing of it is left once the image is "
-                                         f"resized to the model's {width} x {height}; give a larger mask")  # fmt: skip
+                raise FlexiMMTInputError(
+                    f"Object {k}: its mask is too small: nothing of it is left once the image is "
+                    f"resized to the model's {width} x {height}; give a larger mask"
+                )
         return picture, {k: ObjectMotion(m, o.motion, o.motion_text) for m, (k, o) in zip(masks, objects.items())}
 
     def preview(self, image: np.ndarray | None, inputs: list[ObjectInput]) -> np.ndarray:
@@ -458,8 +507,16 @@ class TransferApp:
             shutil.rmtree(folder, ignore_errors=True)
         return Path(tempfile.mkdtemp(prefix="run-", dir=self.out_dir))
 
-    def generate(self, image: np.ndarray | None, prompt: str, inputs: list[ObjectInput], steps: int, seed: int,
-                 progress=None, stop: threading.Event | None = None) -> tuple[str, str]:  # fmt: skip
+    def generate(
+        self,
+        image: np.ndarray | None,
+        prompt: str,
+        inputs: list[ObjectInput],
+        steps: int,
+        seed: int,
+        progress=None,
+        stop: threading.Event | None = None,
+    ) -> tuple[str, str]:
         """The video and the mask overlay (paths); raises :class:`Cancelled` at the first step after ``stop`` is set."""
         if image is None:
             raise FlexiMMTInputError("upload an image first")
@@ -477,18 +534,28 @@ class TransferApp:
         if stop is not None and stop.is_set():
             raise Cancelled("stopped before the first step")
         try:
-            result = self.pipe(image=picture, prompt=prompt or "", objects=objects, num_inference_steps=steps,
-                               generator=torch.Generator().manual_seed(int(seed or 0)), output_type="np",
-                               return_masks=bool(objects), callback_on_step_end=on_step)  # fmt: skip
+            result = self.pipe(
+                image=picture,
+                prompt=prompt or "",
+                objects=objects,
+                num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(int(seed or 0)),
+                output_type="np",
+                return_masks=bool(objects),
+                callback_on_step_end=on_step,
+            )
         except ObjectInputError as err:  # the pipeline numbers the objects it got; the page numbers its slots
             raise FlexiMMTInputError(f"Object {numbers[err.number - 1]}: {err.reason}") from None
         folder = self._run_folder()
         video = save_video(result.frames[0], folder / "fleximmt.mp4")
         overlay = video
         if objects:
-            overlay = save_video(mask_overlay(result.frames[0], result.masks[0, -1],
-                                              frame_index=self.pipe.mask_frame_index(len(result.frames[0]))),
-                                 folder / "masks.mp4")  # fmt: skip
+            overlay = save_video(
+                mask_overlay(
+                    result.frames[0], result.masks[0, -1], frame_index=self.pipe.mask_frame_index(len(result.frames[0]))
+                ),
+                folder / "masks.mp4",
+            )
         return str(video), str(overlay)
 
     def checkpoint_every(self, steps: int) -> int:
@@ -497,8 +564,19 @@ class TransferApp:
 
         return checkpoint_interval(steps)
 
-    def learn(self, video, caption, concept, motion_words, name, steps: int, tokens: int, on_step=None,
-              stop: threading.Event | None = None, resume: bool = True) -> LibraryEntry:  # fmt: skip
+    def learn(
+        self,
+        video,
+        caption,
+        concept,
+        motion_words,
+        name,
+        steps: int,
+        tokens: int,
+        on_step=None,
+        stop: threading.Event | None = None,
+        resume: bool = True,
+    ) -> LibraryEntry:
         """Train a motion into the library; ``resume`` continues a stopped run of the same name and settings."""
         from ..training.data import read_video
         from ..training.train import cache_path, checkpoint_path, train_motion
@@ -508,9 +586,13 @@ class TransferApp:
         steps = whole_number(steps, "steps", 1, MAX_TRAIN_STEPS, "training steps")
         tokens = whole_number(tokens, "tokens_per_block", 1, MAX_TOKENS, "motion tokens per block")
         if not (motion_words or "").strip():
-            raise FlexiMMTInputError("type the motion words: the words of the caption that describe the motion, e.g. 'is doing yoga'")
+            raise FlexiMMTInputError(
+                "type the motion words: the words of the caption that describe the motion, e.g. 'is doing yoga'"
+            )
         if not (concept or "").strip():
-            raise FlexiMMTInputError("type the concept words: the words of the caption that name the moving object, e.g. 'man'")
+            raise FlexiMMTInputError(
+                "type the concept words: the words of the caption that name the moving object, e.g. 'man'"
+            )
         name = check_motion_name((name or "").strip() or Path(video).stem)
         output = self.library.folder / f"{name}.safetensors"
         checkpoint = checkpoint_path(output)
@@ -524,12 +606,24 @@ class TransferApp:
 
         frames, _ = read_video(video)  # read now: an upload may be gone by the end of a long run
         try:
-            train_motion(self.pipe, video, caption, concept.strip(), motion_words.strip(), output, steps=steps,
-                         tokens_per_motion=tokens, callback=callback, resume=resume,
-                         checkpoint_every=self.checkpoint_every(steps))  # fmt: skip
+            train_motion(
+                self.pipe,
+                video,
+                caption,
+                concept.strip(),
+                motion_words.strip(),
+                output,
+                steps=steps,
+                tokens_per_motion=tokens,
+                callback=callback,
+                resume=resume,
+                checkpoint_every=self.checkpoint_every(steps),
+            )
         except FlexiMMTInputError as err:
             if had_checkpoint:
-                raise FlexiMMTInputError(f"{err} (on this page: untick 'continue a stopped run' to start over)") from None
+                raise FlexiMMTInputError(
+                    f"{err} (on this page: untick 'continue a stopped run' to start over)"
+                ) from None
             raise
         checkpoint.unlink(missing_ok=True)  # the run is complete: its resumable state and encoded reference go
         cache_path(output).unlink(missing_ok=True)
@@ -557,12 +651,23 @@ def _read_layers(editor_payload) -> dict | None:
     """An ImageEditor value as Gradio hands it over unprocessed: its layers read as RGBA arrays."""
     if not isinstance(editor_payload, dict):
         return None
-    layers = [np.asarray(read_image(p, "a brush layer").convert("RGBA")) for p in map(_path, editor_payload.get("layers") or []) if p]
+    layers = [
+        np.asarray(read_image(p, "a brush layer").convert("RGBA"))
+        for p in map(_path, editor_payload.get("layers") or [])
+        if p
+    ]
     return {"layers": layers}
 
 
-def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, examples: list[str | Path] | None = None,
-              keep_files: int = KEEP_FILES_S, max_steps: int = MAX_STEPS):  # fmt: skip
+def build_app(
+    pipe,
+    motions_dir: str | Path,
+    segmenter=None,
+    detector=None,
+    examples: list[str | Path] | None = None,
+    keep_files: int = KEEP_FILES_S,
+    max_steps: int = MAX_STEPS,
+):
     """The Gradio Blocks of the app; ``examples`` are image files offered as bundled examples.
     Gradio's copies of uploads and results go ``keep_files`` seconds after they were made. A run
     takes at most ``max_steps`` denoising steps, from the page or the API."""
@@ -575,7 +680,13 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
     app = TransferApp(pipe, MotionLibrary(motions_dir), out_dir, segmenter, detector, max_steps=max_steps)
     height, width, frames = pipe.default_size()
     limit_mb = upload_limit(pipe) // 2**20
-    private_folders = [tempfile.gettempdir(), get_upload_folder(), out_dir, app.library.folder.resolve(), app.library.folder]
+    private_folders = [
+        tempfile.gettempdir(),
+        get_upload_folder(),
+        out_dir,
+        app.library.folder.resolve(),
+        app.library.folder,
+    ]
 
     def public(err: Exception) -> str:
         return hide_paths(str(err), private_folders)
@@ -606,51 +717,94 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
                 brush = _read_layers(value["brush"]) if value["use"] and value["mask_from"] == "draw" else None
             except FlexiMMTInputError as err:
                 raise numbered(k, err) from None
-            inputs.append(ObjectInput(use=bool(value["use"]), mask_from=value["mask_from"] or "png", brush=brush,
-                                      mask_png=_path(value["mask_png"]), points=value["points"] or "",
-                                      name=value["name"] or "", motion=value["motion"] or None,
-                                      motion_file=_path(value["motion_file"]), motion_words=value["motion_words"] or ""))  # fmt: skip
+            inputs.append(
+                ObjectInput(
+                    use=bool(value["use"]),
+                    mask_from=value["mask_from"] or "png",
+                    brush=brush,
+                    mask_png=_path(value["mask_png"]),
+                    points=value["points"] or "",
+                    name=value["name"] or "",
+                    motion=value["motion"] or None,
+                    motion_file=_path(value["motion_file"]),
+                    motion_words=value["motion_words"] or "",
+                )
+            )
         return inputs
 
     with gr.Blocks(title="FlexiMMT", delete_cache=(min(keep_files, 600), keep_files)) as demo:
         model_name = getattr(pipe, "name_or_path", "") or "built-in"
         if Path(model_name).exists():  # a local folder: its name, not the server's file system
             model_name = Path(model_name).name
-        gr.Markdown(f"# FlexiMMT\nMake the objects of an image move, each with its own motion. "
-                    f"Model: `{model_name}` ({width}x{height}, {frames} frames).")  # fmt: skip
+        gr.Markdown(
+            f"# FlexiMMT\nMake the objects of an image move, each with its own motion. "
+            f"Model: `{model_name}` ({width}x{height}, {frames} frames)."
+        )
         with gr.Tab("Transfer"):
             with gr.Row():
                 image = gr.Image(label="Image", type="filepath", elem_id="image", height=256)
-                preview = gr.Image(label="Masks on the latent grid", type="numpy", interactive=False, elem_id="preview", height=256)
+                preview = gr.Image(
+                    label="Masks on the latent grid", type="numpy", interactive=False, elem_id="preview", height=256
+                )
             image_info = gr.Markdown(
                 f"Images up to {MAX_IMAGE_PIXELS // 1_000_000} megapixels and uploads up to {limit_mb} MB. The model makes "
                 f"{width} x {height} videos: the image and its masks are resized to that together (stretched when the "
-                "aspect ratio differs). A mask PNG must have the image's size.", elem_id="image_info")  # fmt: skip
+                "aspect ratio differs). A mask PNG must have the image's size.",
+                elem_id="image_info",
+            )
             if examples:
                 gr.Examples([[str(p)] for p in examples], inputs=[image], label="bundled example images")
-            prompt = gr.Textbox(label="Prompt (each object's motion words must appear in it)", value="", elem_id="prompt")
-            highlighted = gr.HighlightedText(label="Motion words in the prompt", elem_id="highlight",
-                                             color_map={f"Object {k + 1}": "#%02x%02x%02x" % tuple(int(c) for c in PALETTE[k])
-                                                        for k in range(SLOTS)})  # fmt: skip
+            prompt = gr.Textbox(
+                label="Prompt (each object's motion words must appear in it)", value="", elem_id="prompt"
+            )
+            highlighted = gr.HighlightedText(
+                label="Motion words in the prompt",
+                elem_id="highlight",
+                color_map={
+                    f"Object {k + 1}": "#{:02x}{:02x}{:02x}".format(*tuple(int(c) for c in PALETTE[k]))
+                    for k in range(SLOTS)
+                },
+            )
             slots: list[dict] = []
             for k in range(1, SLOTS + 1):
                 with gr.Accordion(f"Object {k}", open=k <= 2):
-                    slot = {"use": gr.Checkbox(label="use this object", value=k <= 2, elem_id=f"use_{k}"),
-                            "mask_from": gr.Radio(list(MASK_MODES), value="png", label="mask from", elem_id=f"mode_{k}")}  # fmt: skip
+                    slot = {
+                        "use": gr.Checkbox(label="use this object", value=k <= 2, elem_id=f"use_{k}"),
+                        "mask_from": gr.Radio(list(MASK_MODES), value="png", label="mask from", elem_id=f"mode_{k}"),
+                    }
                     with gr.Row():
-                        slot["brush"] = gr.ImageEditor(label="draw the mask", type="numpy", elem_id=f"editor_{k}", height=256)
-                        slot["mask_png"] = gr.File(label="mask PNG (the image's size)", file_types=[".png"], type="filepath",
-                                                   elem_id=f"png_{k}")  # fmt: skip
-                    slot["points"] = gr.Textbox(label="clicks 'x,y x,y' or a box 'x0,y0,x1,y1' (SAM)", value="", elem_id=f"points_{k}")
-                    slot["name"] = gr.Textbox(label="object's name (Grounding-DINO + SAM)", value="", elem_id=f"words_{k}")
+                        slot["brush"] = gr.ImageEditor(
+                            label="draw the mask", type="numpy", elem_id=f"editor_{k}", height=256
+                        )
+                        slot["mask_png"] = gr.File(
+                            label="mask PNG (the image's size)",
+                            file_types=[".png"],
+                            type="filepath",
+                            elem_id=f"png_{k}",
+                        )
+                    slot["points"] = gr.Textbox(
+                        label="clicks 'x,y x,y' or a box 'x0,y0,x1,y1' (SAM)", value="", elem_id=f"points_{k}"
+                    )
+                    slot["name"] = gr.Textbox(
+                        label="object's name (Grounding-DINO + SAM)", value="", elem_id=f"words_{k}"
+                    )
                     with gr.Row():
-                        slot["motion"] = gr.Radio(library_choices(), label="motion from the library", elem_id=f"motion_{k}")
-                        slot["motion_file"] = gr.File(label="or a motion file", file_types=[".safetensors"], type="filepath",
-                                                      elem_id=f"motion_file_{k}")  # fmt: skip
+                        slot["motion"] = gr.Radio(
+                            library_choices(), label="motion from the library", elem_id=f"motion_{k}"
+                        )
+                        slot["motion_file"] = gr.File(
+                            label="or a motion file",
+                            file_types=[".safetensors"],
+                            type="filepath",
+                            elem_id=f"motion_file_{k}",
+                        )
                         motion_preview = gr.Image(label="reference", interactive=False, height=128)
                     motion_info = gr.Markdown(elem_id=f"motion_info_{k}")
-                    slot["motion_words"] = gr.Textbox(label="motion words (the prompt's words for this motion; the motion "
-                                                            "file suggests them)", value="", elem_id=f"motion_words_{k}")  # fmt: skip
+                    slot["motion_words"] = gr.Textbox(
+                        label="motion words (the prompt's words for this motion; the motion file suggests them)",
+                        value="",
+                        elem_id=f"motion_words_{k}",
+                    )
 
                     def on_choice(name, number=k):  # number: this slot's, bound now
                         try:
@@ -658,8 +812,11 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
                             info = motion_metadata(MotionTokens.load(entry.path)) if entry else ""
                         except FlexiMMTInputError as err:
                             raise user_error(numbered(number, err)) from None
-                        return (entry.motion_words if entry else "", str(entry.preview) if entry and entry.preview else None,
-                                info)  # fmt: skip
+                        return (
+                            entry.motion_words if entry else "",
+                            str(entry.preview) if entry and entry.preview else None,
+                            info,
+                        )
 
                     def on_upload(path, number=k):
                         if not path:
@@ -670,14 +827,25 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
                             raise user_error(numbered(number, err)) from None
                         return motion.metadata.get("motion_words") or "", motion_metadata(motion)
 
-                    slot["motion"].change(on_choice, slot["motion"], [slot["motion_words"], motion_preview, motion_info],
-                                          api_visibility="private")  # fmt: skip
-                    slot["motion_file"].change(on_upload, slot["motion_file"], [slot["motion_words"], motion_info],
-                                               api_visibility="private")  # fmt: skip
+                    slot["motion"].change(
+                        on_choice,
+                        slot["motion"],
+                        [slot["motion_words"], motion_preview, motion_info],
+                        api_visibility="private",
+                    )
+                    slot["motion_file"].change(
+                        on_upload, slot["motion_file"], [slot["motion_words"], motion_info], api_visibility="private"
+                    )
                 slots.append(slot)
             with gr.Row():
-                steps = gr.Slider(1, max_steps, value=min(max_steps, 50 if frames > 17 else 10), step=1,
-                                  label=f"denoising steps (at most {max_steps})", elem_id="steps")  # fmt: skip
+                steps = gr.Slider(
+                    1,
+                    max_steps,
+                    value=min(max_steps, 50 if frames > 17 else 10),
+                    step=1,
+                    label=f"denoising steps (at most {max_steps})",
+                    elem_id="steps",
+                )
                 seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
             with gr.Row():
                 show = gr.Button("Show masks", elem_id="show_masks")
@@ -699,15 +867,22 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
                     return [gr.update(), *[gr.update(value=None) for _ in range(SLOTS)]]
                 note = size_note(picture.size, app.model_size)
                 path = _path(payload)
-                return [note, *[gr.update(value={"background": path, "layers": [], "composite": path}) for _ in range(SLOTS)]]
+                return [
+                    note,
+                    *[gr.update(value={"background": path, "layers": [], "composite": path}) for _ in range(SLOTS)],
+                ]
 
             def on_words(text, *motion_words):
                 return highlight(text or "", list(motion_words))
 
             # unprocessed inputs (preprocess=False): the app opens the files itself, with its own limits and messages
-            image.change(on_image, image, [image_info, *[s["brush"] for s in slots]], preprocess=False, api_visibility="private")
+            image.change(
+                on_image, image, [image_info, *[s["brush"] for s in slots]], preprocess=False, api_visibility="private"
+            )
             for box in [prompt, *[s["motion_words"] for s in slots]]:
-                box.change(on_words, [prompt, *[s["motion_words"] for s in slots]], highlighted, api_visibility="private")
+                box.change(
+                    on_words, [prompt, *[s["motion_words"] for s in slots]], highlighted, api_visibility="private"
+                )
 
             @with_object_parameters
             def show_masks(image, **objects):
@@ -718,11 +893,12 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
                     raise user_error(err) from None
 
             @with_object_parameters
-            async def generate(image, prompt, steps, seed, progress=gr.Progress(), **objects):
+            async def generate(image, prompt, steps, seed, progress=gr.Progress(), **objects):  # noqa: B008 - gradio's way
                 """Make the image's objects move: returns the video and the propagated-mask overlay.
                 Inputs per object k (1 to 3): object_k_use, object_k_mask_from (draw/png/points/words),
                 object_k_mask_png, object_k_motion (a library motion's name) or object_k_motion_file,
                 object_k_motion_words (the prompt's words for its motion)."""
+
                 def job(stop):  # on the model's worker thread: files are read there, not in the server's event loop
                     try:
                         return app.generate(image_of(image), prompt, objects_of(objects), steps, seed, progress, stop)
@@ -737,33 +913,66 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
                     raise gr.Error("Stopped: the run was cancelled.", print_exception=False)
                 return result
 
-            show.click(show_masks, inputs=[image], inputs_kwargs=object_inputs, outputs=preview, api_name="show_masks",
-                       preprocess=False, concurrency_id="masks")  # fmt: skip
-            generating = go.click(generate, inputs=[image, prompt, steps, seed], inputs_kwargs=object_inputs,
-                                  outputs=[video, overlay], api_name="generate", preprocess=False,
-                                  concurrency_id="model", concurrency_limit=1)  # fmt: skip
+            show.click(
+                show_masks,
+                inputs=[image],
+                inputs_kwargs=object_inputs,
+                outputs=preview,
+                api_name="show_masks",
+                preprocess=False,
+                concurrency_id="masks",
+            )
+            generating = go.click(
+                generate,
+                inputs=[image, prompt, steps, seed],
+                inputs_kwargs=object_inputs,
+                outputs=[video, overlay],
+                api_name="generate",
+                preprocess=False,
+                concurrency_id="model",
+                concurrency_limit=1,
+            )
         with gr.Tab("Learn"):
-            gr.Markdown("Train a motion on one reference video of one moving object; it joins the library. "
-                        "Stop ends training at its next step; a checkpoint is saved every few steps, and Learn with "
-                        "the same name and settings continues from it.")  # fmt: skip
+            gr.Markdown(
+                "Train a motion on one reference video of one moving object; it joins the library. "
+                "Stop ends training at its next step; a checkpoint is saved every few steps, and Learn with "
+                "the same name and settings continues from it."
+            )
             ref = gr.Video(label="reference video", sources=["upload"], elem_id="ref_video")
             caption = gr.Textbox(label="caption", placeholder="A man is doing yoga.", value="", elem_id="caption")
             with gr.Row():
                 concept = gr.Textbox(label="concept words (the object)", placeholder="man", value="", elem_id="concept")
-                learn_words = gr.Textbox(label="motion words", placeholder="is doing yoga", value="", elem_id="learn_words")
+                learn_words = gr.Textbox(
+                    label="motion words", placeholder="is doing yoga", value="", elem_id="learn_words"
+                )
                 name = gr.Textbox(label="motion name", placeholder="yoga", value="", elem_id="motion_name")
             with gr.Row():
-                learn_steps = gr.Slider(10, MAX_TRAIN_STEPS, value=200, step=10, label="training steps", elem_id="learn_steps")
-                tokens = gr.Slider(4, MAX_TOKENS, value=MAX_TOKENS if frames > 17 else 16, step=1, label="motion tokens per block")
-                resume = gr.Checkbox(label="continue a stopped run of this name (same settings)", value=True, elem_id="resume")
+                learn_steps = gr.Slider(
+                    10, MAX_TRAIN_STEPS, value=200, step=10, label="training steps", elem_id="learn_steps"
+                )
+                tokens = gr.Slider(
+                    4, MAX_TOKENS, value=MAX_TOKENS if frames > 17 else 16, step=1, label="motion tokens per block"
+                )
+                resume = gr.Checkbox(
+                    label="continue a stopped run of this name (same settings)", value=True, elem_id="resume"
+                )
             with gr.Row():
                 train = gr.Button("Learn the motion", variant="primary", elem_id="learn")
                 stop_learning = gr.Button("Stop", variant="stop", elem_id="stop_learning")
             curve = gr.LinePlot(x="step", y="loss", label="training loss", elem_id="loss_curve")
             learned = gr.Markdown(elem_id="learned")
 
-            async def learn(video, caption, concept_words, motion_words, name, steps, tokens_per_block, resume,
-                            progress=gr.Progress()):  # fmt: skip
+            async def learn(
+                video,
+                caption,
+                concept_words,
+                motion_words,
+                name,
+                steps,
+                tokens_per_block,
+                resume,
+                progress=gr.Progress(),  # noqa: B008 - gradio's way
+            ):
                 """Learn a motion from a reference video into the library; returns the loss curve and a message."""
                 import pandas as pd
 
@@ -775,24 +984,47 @@ def build_app(pipe, motions_dir: str | Path, segmenter=None, detector=None, exam
 
                 def job(stop):
                     try:
-                        return app.learn(video, caption, concept_words, motion_words, name, steps, tokens_per_block,
-                                         on_step, stop, bool(resume))  # fmt: skip
+                        return app.learn(
+                            video,
+                            caption,
+                            concept_words,
+                            motion_words,
+                            name,
+                            steps,
+                            tokens_per_block,
+                            on_step,
+                            stop,
+                            bool(resume),
+                        )
                     finally:
                         sweep()
+
                 try:
                     finished, entry = await app.worker.run(job, _gradio_client_gone())
                 except FlexiMMTInputError as err:
                     raise user_error(err) from None
                 if not finished:
-                    raise gr.Error("Stopped: training was cancelled; Learn with the same name and settings continues it.",
-                                   print_exception=False)
+                    raise gr.Error(
+                        "Stopped: training was cancelled; Learn with the same name and settings continues it.",
+                        print_exception=False,
+                    )
                 frame = pd.DataFrame(losses, columns=["step", "loss"])
                 return frame, f"Learned **{entry.name}**; it is in the motion library now."
 
-            learning = train.click(learn, [ref, caption, concept, learn_words, name, learn_steps, tokens, resume],
-                                   [curve, learned], api_name="learn", concurrency_id="model", concurrency_limit=1)  # fmt: skip
-            learning.success(lambda: [gr.update(choices=library_choices()) for _ in range(SLOTS)], None,
-                             [s["motion"] for s in slots], api_visibility="private")  # fmt: skip
+            learning = train.click(
+                learn,
+                [ref, caption, concept, learn_words, name, learn_steps, tokens, resume],
+                [curve, learned],
+                api_name="learn",
+                concurrency_id="model",
+                concurrency_limit=1,
+            )
+            learning.success(
+                lambda: [gr.update(choices=library_choices()) for _ in range(SLOTS)],
+                None,
+                [s["motion"] for s in slots],
+                api_visibility="private",
+            )
         stop.click(None, None, None, cancels=[generating])
         stop_learning.click(None, None, None, cancels=[learning])
     demo.fleximmt = app
@@ -805,9 +1037,20 @@ def _close(app: TransferApp) -> None:
     shutil.rmtree(app.out_dir, ignore_errors=True)
 
 
-def serve(pipe, motions_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, *, segmenter=None, detector=None,
-          examples: list[str | Path] | None = None, keep_files: int = KEEP_FILES_S, max_file_size: int | None = None,
-          max_steps: int = MAX_STEPS, block: bool = True):  # fmt: skip
+def serve(
+    pipe,
+    motions_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    *,
+    segmenter=None,
+    detector=None,
+    examples: list[str | Path] | None = None,
+    keep_files: int = KEEP_FILES_S,
+    max_file_size: int | None = None,
+    max_steps: int = MAX_STEPS,
+    block: bool = True,
+):
     """Build the app and serve it on ``host:port`` (this machine only by default), its queue bounded
     (``QUEUE_SIZE``), uploads capped (``max_file_size`` bytes, default :func:`upload_limit`) and runs
     (``max_steps`` denoising steps); ``block=False`` returns the running app at once (close it with
@@ -830,9 +1073,13 @@ def serve(pipe, motions_dir: str | Path, host: str = "127.0.0.1", port: int = 78
 
     if block and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM closes the server as Ctrl+C does
-    demo.queue(max_size=QUEUE_SIZE).launch(server_name=host, server_port=port, prevent_thread_lock=not block,
-                                           max_file_size=max_file_size or upload_limit(pipe),
-                                           app_kwargs={"lifespan": lifespan})  # fmt: skip
+    demo.queue(max_size=QUEUE_SIZE).launch(
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=not block,
+        max_file_size=max_file_size or upload_limit(pipe),
+        app_kwargs={"lifespan": lifespan},
+    )
     return demo
 
 
@@ -840,26 +1087,40 @@ def add_cli(subparsers, load_pipeline, add_model_options) -> None:
     import argparse
 
     parser = subparsers.add_parser(
-        "app", help="the web app: transfer motions and learn new ones in the browser",
+        "app",
+        help="the web app: transfer motions and learn new ones in the browser",
         description="Serve the FlexiMMT web app. The model loads once; requests queue and run one at a time. "
-                    "Binds to 127.0.0.1 unless --host says otherwise.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "Binds to 127.0.0.1 unless --host says otherwise.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  fleximmt app                       (the toy model that ships with fleximmt; runs on a CPU)\n"
-               "  fleximmt app --model tiny --motions motions/   (a tiny RANDOM-weight model)\n"
-               "  fleximmt app --model THUDM/CogVideoX-5b-I2V --sam facebook/sam-vit-base "
-               "--detector IDEA-Research/grounding-dino-tiny",
-    )  # fmt: skip
+        "  fleximmt app --model tiny --motions motions/   (a tiny RANDOM-weight model)\n"
+        "  fleximmt app --model THUDM/CogVideoX-5b-I2V --sam facebook/sam-vit-base "
+        "--detector IDEA-Research/grounding-dino-tiny",
+    )
     parser.add_argument("--motions", default="motions", help="the motion library folder (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     parser.add_argument("--sam", help="SAM (hub id or folder) for clicked or named objects")
     parser.add_argument("--detector", help="Grounding-DINO (hub id or folder) for named objects")
-    parser.add_argument("--keep-files", type=int, default=KEEP_FILES_S, metavar="SECONDS",
-                        help="uploads and results are deleted this long after they were made, and all at shutdown "
-                             "(default: %(default)s)")  # fmt: skip
-    parser.add_argument("--max-upload-mb", type=int, help="largest upload in MB (default: 200, or more when the "
-                                                          "model's motion files are larger)")  # fmt: skip
-    parser.add_argument("--max-steps", type=int, default=MAX_STEPS,
-                        help="the most denoising steps a run may take, on the page and over the API (default: %(default)s)")
+    parser.add_argument(
+        "--keep-files",
+        type=int,
+        default=KEEP_FILES_S,
+        metavar="SECONDS",
+        help="uploads and results are deleted this long after they were made, and all at shutdown "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-upload-mb",
+        type=int,
+        help="largest upload in MB (default: 200, or more when the model's motion files are larger)",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=MAX_STEPS,
+        help="the most denoising steps a run may take, on the page and over the API (default: %(default)s)",
+    )
     add_model_options(parser)
     parser.set_defaults(model="toy")
 
@@ -870,8 +1131,17 @@ def add_cli(subparsers, load_pipeline, add_model_options) -> None:
             from ..toy.lab import EXAMPLE_DIR
 
             examples = sorted(EXAMPLE_DIR.glob("*.png"))
-        serve(pipe, args.motions, args.host, args.port, segmenter=args.sam, detector=args.detector, examples=examples,
-              keep_files=args.keep_files, max_file_size=args.max_upload_mb and args.max_upload_mb * 2**20,
-              max_steps=args.max_steps)  # fmt: skip
+        serve(
+            pipe,
+            args.motions,
+            args.host,
+            args.port,
+            segmenter=args.sam,
+            detector=args.detector,
+            examples=examples,
+            keep_files=args.keep_files,
+            max_file_size=args.max_upload_mb and args.max_upload_mb * 2**20,
+            max_steps=args.max_steps,
+        )
 
     parser.set_defaults(func=run)

@@ -62,13 +62,19 @@ def _positive_int(text: str) -> int:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=default_model(),
-                       help="hub id or local folder of an image-to-video model of a supported family, chosen by its "
-                            "model_index.json (default: %(default)s; e.g. THUDM/CogVideoX1.5-5B-I2V, "
-                            "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, Wan-AI/Wan2.2-I2V-A14B-Diffusers); 'toy' is the small model trained on the toy world that ships with fleximmt "
-                            "(64x64, 17 frames, runs on a CPU); 'tiny' builds a tiny random-weight model")  # fmt: skip
-    group.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                       help="weights' precision (default: bfloat16 on a GPU, float32 on a CPU)")  # fmt: skip
+    group.add_argument(
+        "--model",
+        default=default_model(),
+        help="hub id or local folder of an image-to-video model of a supported family, chosen by its "
+        "model_index.json (default: %(default)s; e.g. THUDM/CogVideoX1.5-5B-I2V, "
+        "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, Wan-AI/Wan2.2-I2V-A14B-Diffusers); 'toy' is the small model trained on the toy world that ships with fleximmt "
+        "(64x64, 17 frames, runs on a CPU); 'tiny' builds a tiny random-weight model",
+    )
+    group.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        help="weights' precision (default: bfloat16 on a GPU, float32 on a CPU)",
+    )
     group.add_argument("--cpu-offload", action="store_true", help="keep idle models on the CPU (less GPU memory)")
     group.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles (less memory)")
 
@@ -119,7 +125,7 @@ def parse_object(spec: str) -> tuple[str, str, str]:
     if len(parts) != 3 or not all(p.strip() for p in parts):
         raise FlexiMMTInputError(
             f"--object {spec!r}: write MASK.png:MOTION.safetensors:motion words, e.g. "
-            "dog.png:jump.safetensors:\"jumps up\""
+            'dog.png:jump.safetensors:"jumps up"'
         )
     return parts[0], parts[1], parts[2].strip()
 
@@ -142,20 +148,32 @@ def cmd_generate(args) -> None:
     except Exception as err:
         raise FlexiMMTInputError(f"--image {args.image!r} is not a readable image ({err})") from None
     objects = []
-    for number, spec in enumerate(args.object or [], 1):  # numbered as the pipeline numbers them: object 1 is the first --object
+    for number, spec in enumerate(
+        args.object or [], 1
+    ):  # numbered as the pipeline numbers them: object 1 is the first --object
         with about_object(number):
             objects.append(ObjectMotion(*parse_object(spec)))
     if masks_out and not objects:
         logger.warning("--masks-out: no --object given, so there are no masks to draw; skipping it")
     pipe = load_pipeline(args)
-    given = pipe.call_settings(guidance_scale=args.guidance, num_frames=args.frames, height=args.height, width=args.width)
+    given = pipe.call_settings(
+        guidance_scale=args.guidance, num_frames=args.frames, height=args.height, width=args.width
+    )
     output = pipe(
-        image=image, prompt=args.prompt, objects=objects, num_inference_steps=args.steps,
-        generator=torch.Generator().manual_seed(args.seed), output_type="np",
+        image=image,
+        prompt=args.prompt,
+        objects=objects,
+        num_inference_steps=args.steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="np",
         mask_source=args.mask_source,
-        anchors=args.anchors, alpha=args.alpha, rmpm_method=args.rmpm_method, initial_masks=args.initial_masks,
-        return_masks=bool(objects), **given,
-    )  # fmt: skip
+        anchors=args.anchors,
+        alpha=args.alpha,
+        rmpm_method=args.rmpm_method,
+        initial_masks=args.initial_masks,
+        return_masks=bool(objects),
+        **given,
+    )
     frames = output.frames[0]
     written = [save_video(frames, out, fps=args.fps)]
     if args.gif and out.suffix.lower() != ".gif":
@@ -172,9 +190,15 @@ def cmd_inspect(args) -> None:
     from ..method.motion import MotionTokens
 
     motion = MotionTokens.load(args.motion)
-    info = {"file": args.motion, "blocks": motion.num_blocks, "d_m": motion.d_m, "dim": motion.dim,
-            "parameters": motion.tokens.numel(), "dtype": str(motion.tokens.dtype).replace("torch.", ""),
-            **motion.metadata}  # fmt: skip
+    info = {
+        "file": args.motion,
+        "blocks": motion.num_blocks,
+        "d_m": motion.d_m,
+        "dim": motion.dim,
+        "parameters": motion.tokens.numel(),
+        "dtype": str(motion.tokens.dtype).replace("torch.", ""),
+        **motion.metadata,
+    }
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -185,12 +209,24 @@ def cmd_inspect(args) -> None:
 
 # -- train ---------------------------------------------------------------------------------
 TRAIN_OPTIONS = {  # CLI flag -> TrainSettings field
-    "steps": "steps", "tokens": "tokens_per_motion", "seed": "seed", "lr": "lr", "warmup_steps": "lr_warmup_steps",
-    "frames": "num_frames", "height": "height", "width": "width", "fps": "fps", "max_windows": "max_windows",
-    "dmem_drop": "dmem_drop", "image_dropout": "image_dropout", "frame_diff_scale": "frame_diff_scale",
-    "checkpoint_every": "checkpoint_every", "mixed_precision": "mixed_precision",
-    "gradient_checkpointing": "gradient_checkpointing", "vae_slicing": "vae_slicing",
-}  # fmt: skip
+    "steps": "steps",
+    "tokens": "tokens_per_motion",
+    "seed": "seed",
+    "lr": "lr",
+    "warmup_steps": "lr_warmup_steps",
+    "frames": "num_frames",
+    "height": "height",
+    "width": "width",
+    "fps": "fps",
+    "max_windows": "max_windows",
+    "dmem_drop": "dmem_drop",
+    "image_dropout": "image_dropout",
+    "frame_diff_scale": "frame_diff_scale",
+    "checkpoint_every": "checkpoint_every",
+    "mixed_precision": "mixed_precision",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "vae_slicing": "vae_slicing",
+}
 
 
 def cmd_train(args) -> None:
@@ -209,15 +245,30 @@ def cmd_train(args) -> None:
         for path in train_dataset(pipe, rows, args.out_dir, resume=args.resume, **settings):
             print(f"wrote {path}")
         return
-    missing = [f"--{n.replace('_', '-')}" for n in ("video", "caption", "concept", "motion_words", "out") if not getattr(args, n)]
+    missing = [
+        f"--{n.replace('_', '-')}"
+        for n in ("video", "caption", "concept", "motion_words", "out")
+        if not getattr(args, n)
+    ]
     if missing:
         raise FlexiMMTInputError(f"missing {', '.join(missing)} (or give --dataset FILE --out-dir DIR)")
     pipe = load_pipeline(args)
     steps = settings.pop("steps", 2000)
     tokens = settings.pop("tokens_per_motion", 226)
     seed = settings.pop("seed", 0)
-    motion = train_motion(pipe, args.video, args.caption, args.concept, args.motion_words, args.out, steps=steps,
-                          tokens_per_motion=tokens, seed=seed, resume=args.resume, **settings)  # fmt: skip
+    motion = train_motion(
+        pipe,
+        args.video,
+        args.caption,
+        args.concept,
+        args.motion_words,
+        args.out,
+        steps=steps,
+        tokens_per_motion=tokens,
+        seed=seed,
+        resume=args.resume,
+        **settings,
+    )
     if process_state().is_main_process:  # under accelerate launch, the main process writes the file
         print(f"wrote {args.out}: {motion}")
 
@@ -237,14 +288,20 @@ def cmd_demo(args) -> None:
     for name in summary["files"]:
         print(f"  {out / name}")
     if args.model == TOY:
-        print(f"\nprompt: {summary['prompt']}\nper-object averages (tf, ff: higher is better; traj_err in pixels, leak: lower is better):")
+        print(
+            f"\nprompt: {summary['prompt']}\nper-object averages (tf, ff: higher is better; traj_err in pixels, leak: lower is better):"
+        )
         for variant, values in summary["variants"].items():
             print(f"  {variant:10s} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
-        print("\nThe toy model (64x64, 17 frames, trained on this CPU) follows one sprite's caption well but animates "
-              "scenes of several sprites poorly;\nREADME.md ('The toy world') and BENCHMARKS.md say what it shows.")
+        print(
+            "\nThe toy model (64x64, 17 frames, trained on this CPU) follows one sprite's caption well but animates "
+            "scenes of several sprites poorly;\nREADME.md ('The toy world') and BENCHMARKS.md say what it shows."
+        )
         return
-    print("\nNOTE: the built-in model has RANDOM weights, so the video is noise. The demo shows that every stage runs "
-          "end to end:\ntwo objects, two motion files, MDMA attention, RMPM mask propagation, video and mask overlay.")
+    print(
+        "\nNOTE: the built-in model has RANDOM weights, so the video is noise. The demo shows that every stage runs "
+        "end to end:\ntwo objects, two motion files, MDMA attention, RMPM mask propagation, video and mask overlay."
+    )
 
 
 # -- evaluate ------------------------------------------------------------------------------
@@ -257,8 +314,16 @@ def cmd_evaluate(args) -> None:
         from ..evaluation.metrics import load_clip
 
         clip = load_clip(args.clip)
-    results = run_benchmark(pipe, args.manifest, args.out, clip=clip, steps=args.steps, propagation=args.mask_propagation,
-                            flow=args.flow, tracker=args.tracker)  # fmt: skip
+    results = run_benchmark(
+        pipe,
+        args.manifest,
+        args.out,
+        clip=clip,
+        steps=args.steps,
+        propagation=args.mask_propagation,
+        flow=args.flow,
+        tracker=args.tracker,
+    )
     from ..training.train import process_state
 
     if process_state().is_main_process:
@@ -278,46 +343,87 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     formatter = argparse.RawDescriptionHelpFormatter
 
-    gen = sub.add_parser("generate", help="transfer motions onto the objects of an image", epilog=EXAMPLES["generate"],
-                         formatter_class=formatter,
-                         description="Generate a video from IMAGE in which each --object moves with its motion.")  # fmt: skip
+    gen = sub.add_parser(
+        "generate",
+        help="transfer motions onto the objects of an image",
+        epilog=EXAMPLES["generate"],
+        formatter_class=formatter,
+        description="Generate a video from IMAGE in which each --object moves with its motion.",
+    )
     gen.add_argument("--image", required=True, help="the first frame (PNG/JPEG)")
     gen.add_argument("--prompt", required=True, help="the text prompt; it must contain every object's motion words")
-    gen.add_argument("--object", action="append", metavar="MASK:MOTION:WORDS",
-                     help="an object: its first-frame mask PNG (image size), its motion file and the prompt's words "
-                          "for its motion; repeat for up to 8 objects (none: plain image-to-video); messages number "
-                          "them in this order ('object 2: ...' is the second --object)")  # fmt: skip
+    gen.add_argument(
+        "--object",
+        action="append",
+        metavar="MASK:MOTION:WORDS",
+        help="an object: its first-frame mask PNG (image size), its motion file and the prompt's words "
+        "for its motion; repeat for up to 8 objects (none: plain image-to-video); messages number "
+        "them in this order ('object 2: ...' is the second --object)",
+    )
     gen.add_argument("--out", required=True, help="output video (.mp4 or .gif)")
     gen.add_argument("--masks-out", help="also write the propagated object masks over the video (.mp4 or .gif)")
     gen.add_argument("--gif", action="store_true", help="also write a .gif beside --out")
     gen.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: %(default)s)")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's, 6 for "
-                                                     "CogVideoX, 5 for Wan)")
+    gen.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale (default: the pipeline's, 6 for CogVideoX, 5 for Wan)",
+    )
     gen.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    gen.add_argument("--frames", type=_positive_int, help="frame count (default: the model's own: 49 for CogVideoX-5B, 81 "
-                                                          "for CogVideoX 1.5 and Wan; exact for 8k+1 on CogVideoX, 4k+1 on Wan)")
-    gen.add_argument("--height", type=_positive_int, help="video height (default: the model's own: 480 for CogVideoX-5B "
-                                                          "and Wan, 768 for CogVideoX 1.5)")
-    gen.add_argument("--width", type=_positive_int, help="video width (default: the model's own: 720 for CogVideoX-5B, "
-                                                         "832 for Wan, 1360 for CogVideoX 1.5)")
-    gen.add_argument("--fps", type=_positive_int, default=8, help="frame rate of the written video (default: %(default)s)")
-    gen.add_argument("--mask-source", default="rmpm", choices=MASK_SOURCES,
-                     help="object masks on later frames: propagated (rmpm), the first frame's (static), "
-                          "from QK attention (qk) or everywhere (none) (default: %(default)s)")  # fmt: skip
-    gen.add_argument("--rmpm-method", default="paper", choices=RMPM_METHODS,
-                     help="Eqs. 12-13 (paper) or the authors' label propagation (released) (default: %(default)s)")  # fmt: skip
-    gen.add_argument("--initial-masks", default="first_frame", choices=INITIAL_MASKS,
-                     help="RMPM's step 0: the first-frame masks on every frame, or none as in the authors' release "
-                          "(default: %(default)s)")  # fmt: skip
+    gen.add_argument(
+        "--frames",
+        type=_positive_int,
+        help="frame count (default: the model's own: 49 for CogVideoX-5B, 81 "
+        "for CogVideoX 1.5 and Wan; exact for 8k+1 on CogVideoX, 4k+1 on Wan)",
+    )
+    gen.add_argument(
+        "--height",
+        type=_positive_int,
+        help="video height (default: the model's own: 480 for CogVideoX-5B and Wan, 768 for CogVideoX 1.5)",
+    )
+    gen.add_argument(
+        "--width",
+        type=_positive_int,
+        help="video width (default: the model's own: 720 for CogVideoX-5B, 832 for Wan, 1360 for CogVideoX 1.5)",
+    )
+    gen.add_argument(
+        "--fps", type=_positive_int, default=8, help="frame rate of the written video (default: %(default)s)"
+    )
+    gen.add_argument(
+        "--mask-source",
+        default="rmpm",
+        choices=MASK_SOURCES,
+        help="object masks on later frames: propagated (rmpm), the first frame's (static), "
+        "from QK attention (qk) or everywhere (none) (default: %(default)s)",
+    )
+    gen.add_argument(
+        "--rmpm-method",
+        default="paper",
+        choices=RMPM_METHODS,
+        help="Eqs. 12-13 (paper) or the authors' label propagation (released) (default: %(default)s)",
+    )
+    gen.add_argument(
+        "--initial-masks",
+        default="first_frame",
+        choices=INITIAL_MASKS,
+        help="RMPM's step 0: the first-frame masks on every frame, or none as in the authors' release "
+        "(default: %(default)s)",
+    )
     gen.add_argument("--anchors", type=_positive_int, default=3, help="RMPM anchor frames W (default: %(default)s)")
-    gen.add_argument("--alpha", type=float, help="dynamic RMPM: freeze masks once they change less than this fraction (e.g. 0.05)")
+    gen.add_argument(
+        "--alpha", type=float, help="dynamic RMPM: freeze masks once they change less than this fraction (e.g. 0.05)"
+    )
     add_model_options(gen)
     gen.set_defaults(func=cmd_generate)
 
-    tr = sub.add_parser("train", help="learn a motion (motion tokens) from a reference video", epilog=EXAMPLES["train"],
-                        formatter_class=formatter,
-                        description="Train motion tokens on one reference video (or one per row of --dataset); "
-                                    "the video model stays frozen. Defaults are the authors' release.")  # fmt: skip
+    tr = sub.add_parser(
+        "train",
+        help="learn a motion (motion tokens) from a reference video",
+        epilog=EXAMPLES["train"],
+        formatter_class=formatter,
+        description="Train motion tokens on one reference video (or one per row of --dataset); "
+        "the video model stays frozen. Defaults are the authors' release.",
+    )
     tr.add_argument("--video", help="reference video with one moving object")
     tr.add_argument("--caption", help='its caption, e.g. "A man is doing yoga."')
     tr.add_argument("--concept", help="the caption's words naming the object, e.g. man")
@@ -330,11 +436,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, help="AdamW learning rate (default: 3e-3)")
     tr.add_argument("--warmup-steps", type=int, help="learning-rate warm-up steps (default: 100)")
     tr.add_argument("--tokens", type=_positive_int, help="motion tokens per block, d_m (default: 226)")
-    tr.add_argument("--frames", type=_positive_int, help="frames per training window (default: the model's, 49 for "
-                                                         "CogVideoX-5B, 81 for CogVideoX 1.5 and Wan)")
+    tr.add_argument(
+        "--frames",
+        type=_positive_int,
+        help="frames per training window (default: the model's, 49 for CogVideoX-5B, 81 for CogVideoX 1.5 and Wan)",
+    )
     tr.add_argument("--height", type=_positive_int, help="training height (default: the model's, 480)")
-    tr.add_argument("--width", type=_positive_int, help="training width (default: the model's, 720 for CogVideoX-5B, "
-                                                        "832 for Wan)")
+    tr.add_argument(
+        "--width", type=_positive_int, help="training width (default: the model's, 720 for CogVideoX-5B, 832 for Wan)"
+    )
     tr.add_argument("--fps", type=float, help="subsample the reference to about this frame rate (default: 8)")
     tr.add_argument("--max-windows", type=_positive_int, help="windows of the reference to train on (default: 4)")
     tr.add_argument("--dmem-drop", type=float, help="DMEM: fraction of mask positives dropped (default: 0.3)")
@@ -344,36 +454,64 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default: 200)")
     tr.add_argument("--seed", type=int, help="random seed (default: 0)")
     tr.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast precision (default: no)")
-    tr.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                    help="recompute activations in the backward pass: less memory, about 30%% more time (default: on "
-                         "when the activations would pass 8 GiB, as for every real-size model; off for the toy model)")  # fmt: skip
-    tr.add_argument("--vae-slicing", action="store_true", default=None, help="encode the reference in slices (less memory)")
-    tr.add_argument("--no-offload", action="store_true", help="keep text encoder and VAE on the GPU after caching latents")
+    tr.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in the backward pass: less memory, about 30%% more time (default: on "
+        "when the activations would pass 8 GiB, as for every real-size model; off for the toy model)",
+    )
+    tr.add_argument(
+        "--vae-slicing", action="store_true", default=None, help="encode the reference in slices (less memory)"
+    )
+    tr.add_argument(
+        "--no-offload", action="store_true", help="keep text encoder and VAE on the GPU after caching latents"
+    )
     add_model_options(tr)
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("evaluate", help="run a benchmark manifest: generate, score (TF, FF, AC/TC/TS), summarise",
-                        formatter_class=formatter,
-                        description="Generate what is missing, compute every metric per object, write one JSON per "
-                                    "case and a summary table (Markdown and CSV) grouped by method/ablation. "
-                                    "Resumes: finished cases are skipped; failing cases are recorded and skipped.",
-                        epilog="manifest format: see fleximmt/evaluation/evaluate.py (JSON lines: image, prompt, objects with "
-                               "mask, motion, motion_text, reference, reference_mask; method; settings)\n"
-                               "several processes: accelerate launch -m fleximmt evaluate ...")  # fmt: skip
+    ev = sub.add_parser(
+        "evaluate",
+        help="run a benchmark manifest: generate, score (TF, FF, AC/TC/TS), summarise",
+        formatter_class=formatter,
+        description="Generate what is missing, compute every metric per object, write one JSON per "
+        "case and a summary table (Markdown and CSV) grouped by method/ablation. "
+        "Resumes: finished cases are skipped; failing cases are recorded and skipped.",
+        epilog="manifest format: see fleximmt/evaluation/evaluate.py (JSON lines: image, prompt, objects with "
+        "mask, motion, motion_text, reference, reference_mask; method; settings)\n"
+        "several processes: accelerate launch -m fleximmt evaluate ...",
+    )
     ev.add_argument("--manifest", required=True, help="JSON-lines benchmark file, one case a line")
     ev.add_argument("--out", required=True, help="results folder (cases/*.json, videos/, summary.md, summary.csv)")
-    ev.add_argument("--steps", type=_positive_int, help="denoising steps for cases that do not set their own (default: 50)")
-    ev.add_argument("--clip", help="CLIP model (hub id or folder) for AC/TC/TS, e.g. openai/clip-vit-base-patch32; "
-                                   "without it those columns stay empty")  # fmt: skip
-    ev.add_argument("--mask-propagation", default="flow", choices=["flow", "sam2"],
-                    help="per-frame object masks for FF: optical flow (offline) or SAM 2 (the release; weights "
-                         "needed) (default: %(default)s)")  # fmt: skip
-    ev.add_argument("--flow", default="dis", choices=["dis", "raft"],
-                    help="FF's optical flow: OpenCV DIS (offline) or RAFT-large, 20 iterations (the release; needs "
-                         "torchvision and RAFT_CHECKPOINT or torchvision's weights) (default: %(default)s)")  # fmt: skip
-    ev.add_argument("--tracker", default="lk", choices=["lk", "cotracker"],
-                    help="TF's point tracker: OpenCV Lucas-Kanade (offline) or CoTracker (the release; "
-                         "COTRACKER_CHECKPOINT) (default: %(default)s)")  # fmt: skip
+    ev.add_argument(
+        "--steps", type=_positive_int, help="denoising steps for cases that do not set their own (default: 50)"
+    )
+    ev.add_argument(
+        "--clip",
+        help="CLIP model (hub id or folder) for AC/TC/TS, e.g. openai/clip-vit-base-patch32; "
+        "without it those columns stay empty",
+    )
+    ev.add_argument(
+        "--mask-propagation",
+        default="flow",
+        choices=["flow", "sam2"],
+        help="per-frame object masks for FF: optical flow (offline) or SAM 2 (the release; weights "
+        "needed) (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--flow",
+        default="dis",
+        choices=["dis", "raft"],
+        help="FF's optical flow: OpenCV DIS (offline) or RAFT-large, 20 iterations (the release; needs "
+        "torchvision and RAFT_CHECKPOINT or torchvision's weights) (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--tracker",
+        default="lk",
+        choices=["lk", "cotracker"],
+        help="TF's point tracker: OpenCV Lucas-Kanade (offline) or CoTracker (the release; "
+        "COTRACKER_CHECKPOINT) (default: %(default)s)",
+    )
     add_model_options(ev)
     ev.set_defaults(func=cmd_evaluate)
 
@@ -385,26 +523,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_app_command(sub, load_pipeline, add_model_options)
 
-    ins = sub.add_parser("inspect", help="show a motion file's shape and metadata", epilog=EXAMPLES["inspect"],
-                         formatter_class=formatter,
-                         description="Print a motion file's blocks, tokens, width and training metadata.")  # fmt: skip
+    ins = sub.add_parser(
+        "inspect",
+        help="show a motion file's shape and metadata",
+        epilog=EXAMPLES["inspect"],
+        formatter_class=formatter,
+        description="Print a motion file's blocks, tokens, width and training metadata.",
+    )
     ins.add_argument("motion", help="a .safetensors motion file")
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.set_defaults(func=cmd_inspect)
 
-    demo = sub.add_parser("demo", help="learn two motions and transfer them on the shipped toy model",
-                          epilog=EXAMPLES["demo"], formatter_class=formatter,
-                          description="On the toy model that ships with fleximmt: learn two motions from bundled "
-                                      "reference videos (or reuse those in OUT/motions), move the two objects of a "
-                                      "bundled image with them, and compare FlexiMMT with motion tokens without "
-                                      "masks and with plain image-to-video. Writes fleximmt.mp4, masks.mp4, "
-                                      "side_by_side.gif and metrics.json. --model tiny runs every stage on a tiny "
-                                      "RANDOM-weight model instead (its video is noise).")  # fmt: skip
+    demo = sub.add_parser(
+        "demo",
+        help="learn two motions and transfer them on the shipped toy model",
+        epilog=EXAMPLES["demo"],
+        formatter_class=formatter,
+        description="On the toy model that ships with fleximmt: learn two motions from bundled "
+        "reference videos (or reuse those in OUT/motions), move the two objects of a "
+        "bundled image with them, and compare FlexiMMT with motion tokens without "
+        "masks and with plain image-to-video. Writes fleximmt.mp4, masks.mp4, "
+        "side_by_side.gif and metrics.json. --model tiny runs every stage on a tiny "
+        "RANDOM-weight model instead (its video is noise).",
+    )
     demo.add_argument("--out", default="demo-output", help="output folder (default: %(default)s)")
-    demo.add_argument("--model", choices=[TOY, TINY], default=TOY, help="toy (trained) or tiny (random) (default: %(default)s)")
+    demo.add_argument(
+        "--model", choices=[TOY, TINY], default=TOY, help="toy (trained) or tiny (random) (default: %(default)s)"
+    )
     demo.add_argument("--steps", type=_positive_int, help="denoising steps (default: 20 on toy, 10 on tiny)")
-    demo.add_argument("--train-steps", type=_positive_int, default=300,
-                      help="training steps per motion on toy (default: %(default)s)")  # fmt: skip
+    demo.add_argument(
+        "--train-steps", type=_positive_int, default=300, help="training steps per motion on toy (default: %(default)s)"
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -412,7 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         args.func(args)
     except (ValueError, OSError) as err:  # bad input (FlexiMMTInputError is a ValueError), missing/unwritable files

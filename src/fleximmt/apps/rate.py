@@ -149,7 +149,9 @@ def cast_ballots(
         conn.execute("BEGIN IMMEDIATE")  # one writer from here on: the check and the insert see the same ballots
         try:
             if case_ids is not None:
-                rated = {row[0] for row in conn.execute("SELECT DISTINCT case_id FROM ballots WHERE rater = ?", (rater,))}
+                rated = {
+                    row[0] for row in conn.execute("SELECT DISTINCT case_id FROM ballots WHERE rater = ?", (rater,))
+                }
                 if case_id in rated:
                     raise duplicate
                 current = next((c for c in case_ids if c not in rated), None)
@@ -170,8 +172,10 @@ def cast_ballots(
 
 def already_rated(number: int, total: int) -> str:
     """The page's message for a second ballot on case ``number`` of ``total``."""
-    return (f"**Not saved: you have already rated case {number} of {total}** (a second submit, or another tab); "
-            "the page now shows your next case.")  # fmt: skip
+    return (
+        f"**Not saved: you have already rated case {number} of {total}** (a second submit, or another tab); "
+        "the page now shows your next case."
+    )
 
 
 def submit(
@@ -192,8 +196,10 @@ def submit(
     except DuplicateBallot:
         return False, already_rated(number[case.id], len(cases))
     except StaleBallot:
-        return False, (f"**Not saved: case {number[case.id]} of {len(cases)} is not the case you are rating now**; "
-                       "the page now shows it.")  # fmt: skip
+        return False, (
+            f"**Not saved: case {number[case.id]} of {len(cases)} is not the case you are rating now**; "
+            "the page now shows it."
+        )
     except FlexiMMTInputError as err:
         return False, f"**Not saved: {err}.**"
     return True, f"Saved your ballot for case {number[case.id]} of {len(cases)}."
@@ -266,8 +272,11 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
         name = (name or "").strip()
         todo = [c for c in cases if c.id not in rated_cases(db_path, name)] if name else []
         if not todo:
-            message = (f"All {len(cases)} cases are rated. Thank you!" if name
-                       else "Type your rater name above, then press *Start / continue*.")  # fmt: skip
+            message = (
+                f"All {len(cases)} cases are rated. Thank you!"
+                if name
+                else "Type your rater name above, then press *Start / continue*."
+            )
             hidden = [gr.update(visible=False, value=None)] * (MAX_REFERENCES + MAX_CANDIDATES)
             return [None, "", f"### {message}", *hidden, *[gr.update(choices=[], value=None)] * len(CRITERIA)]
         case = todo[0]
@@ -295,12 +304,22 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
         header = gr.Markdown(elem_id="header")
         gr.Markdown("## Reference motions")
         with gr.Row():
-            references = [gr.Video(label=f"Reference {i + 1}", visible=False, interactive=False, height=240, elem_id=f"reference{i + 1}")
-                          for i in range(MAX_REFERENCES)]  # fmt: skip
+            references = [
+                gr.Video(
+                    label=f"Reference {i + 1}",
+                    visible=False,
+                    interactive=False,
+                    height=240,
+                    elem_id=f"reference{i + 1}",
+                )
+                for i in range(MAX_REFERENCES)
+            ]
         gr.Markdown("## Candidates")
         with gr.Row():
-            candidates = [gr.Video(label=LABELS[i], visible=False, interactive=False, height=240, elem_id=f"candidate{i + 1}")
-                          for i in range(MAX_CANDIDATES)]  # fmt: skip
+            candidates = [
+                gr.Video(label=LABELS[i], visible=False, interactive=False, height=240, elem_id=f"candidate{i + 1}")
+                for i in range(MAX_CANDIDATES)
+            ]
         radios = [gr.Radio(label=question, choices=[], elem_id=f"crit_{c.lower()}") for c, question in CRITERIA.items()]
         submit_button = gr.Button("Submit", variant="primary", elem_id="submit")
         status = gr.Markdown(elem_id="status")
@@ -318,19 +337,29 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
             if not name:
                 return ["Type your rater name above, then press *Start / continue*.", *unchanged]
             if not shown_here:
-                return ["This page has shown you no case yet: press *Start / continue* to see your first case, then "
-                        "pick and submit. Nothing was saved.", *unchanged]  # fmt: skip
+                return [
+                    "This page has shown you no case yet: press *Start / continue* to see your first case, then "
+                    "pick and submit. Nothing was saved.",
+                    *unchanged,
+                ]
             case_id, shown_for = shown_here["case"], shown_here["rater"]
             if name != shown_for:
-                return [f"This page shows a case for {shown_for!r}: to rate as {name!r}, press *Start / continue* "
-                        "first. Nothing was saved.", *unchanged]  # fmt: skip
+                return [
+                    f"This page shows a case for {shown_for!r}: to rate as {name!r}, press *Start / continue* "
+                    "first. Nothing was saved.",
+                    *unchanged,
+                ]
             if case_on_page != case_id:  # the picks were made on a case this session showed before (a second click)
                 number = next((i + 1 for i, c in enumerate(cases) if c.id == case_on_page), None)
                 rated = number is not None and case_on_page in rated_cases(db_path, name)
-                return [already_rated(number, len(cases)) if rated else
-                        "**Not saved: this page was out of date**; it now shows your current case.", *page(name)]  # fmt: skip
+                return [
+                    already_rated(number, len(cases))
+                    if rated
+                    else "**Not saved: this page was out of date**; it now shows your current case.",
+                    *page(name),
+                ]
             picks = [p if isinstance(p, str) and p else None for p in picks]
-            saved, message = submit(db_path, name, by_id[case_id], dict(zip(CRITERIA, picks)), cases)
+            _saved, message = submit(db_path, name, by_id[case_id], dict(zip(CRITERIA, picks)), cases)
             rated = rated_cases(db_path, name)
             moved_on = case_id != next((c.id for c in cases if c.id not in rated), None)  # the page is behind
             return [message, *(page(name) if moved_on else unchanged)]
@@ -338,8 +367,13 @@ def build_app(cases_dir: str | Path, db_path: str | Path, rater: str | None = No
         private = {"api_visibility": "private"}  # the page calls these; no API for scripts
         demo.load(on_load, inputs=[rater_box], outputs=[rater_box, *outputs], **private)
         start.click(page, inputs=[rater_box], outputs=outputs, **private)
-        submit_button.click(on_submit, inputs=[rater_box, page_case, shown, *radios], outputs=[status, *outputs],
-                            preprocess=False, **private)  # fmt: skip
+        submit_button.click(
+            on_submit,
+            inputs=[rater_box, page_case, shown, *radios],
+            outputs=[status, *outputs],
+            preprocess=False,
+            **private,
+        )
     demo.fleximmt_close = weakref.finalize(demo, shutil.rmtree, cache, ignore_errors=True)
     return demo
 
@@ -366,27 +400,34 @@ def serve(cases_dir, db_path, host: str = "127.0.0.1", port: int = 7861, rater: 
 
     if block and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM closes the server as Ctrl+C does
-    demo.queue().launch(server_name=host, server_port=port, prevent_thread_lock=not block, app_kwargs={"lifespan": lifespan})
+    demo.queue().launch(
+        server_name=host, server_port=port, prevent_thread_lock=not block, app_kwargs={"lifespan": lifespan}
+    )
     return demo
 
 
 def add_cli(subparsers) -> None:
     """Register ``rate`` and ``rate-report`` on an argparse subparsers object."""
     rate = subparsers.add_parser(
-        "rate", help="web app for human evaluation (anonymised, shuffled candidates; ballots in SQLite)",
+        "rate",
+        help="web app for human evaluation (anonymised, shuffled candidates; ballots in SQLite)",
         description="Serve the human-evaluation page: reference motions, then the candidates anonymised and "
-                    "shuffled per rater, one pick per criterion (AC, TC, TS, MF). Open http://HOST:PORT/?rater=NAME.",
-        epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        "shuffled per rater, one pick per criterion (AC, TC, TS, MF). Open http://HOST:PORT/?rater=NAME.",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     rate.add_argument("--cases", required=True, help="folder of cases (layout below)")
     rate.add_argument("--db", required=True, help="SQLite file for the ballots (created if missing)")
     rate.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     rate.add_argument("--port", type=int, default=7861, help="port (default: %(default)s)")
     rate.add_argument("--rater", help="fill in the rater's name (otherwise ?rater=NAME or typed on the page)")
     rate.set_defaults(func=lambda args: serve(args.cases, args.db, args.host, args.port, args.rater))
-    rep = subparsers.add_parser("rate-report", help="each method's share of the human picks per criterion",
-                                description="Print each method's share (percent) of the picks per criterion "
-                                            "(AC, TC, TS, MF, as in Table 1); every column sums to 100.")  # fmt: skip
+    rep = subparsers.add_parser(
+        "rate-report",
+        help="each method's share of the human picks per criterion",
+        description="Print each method's share (percent) of the picks per criterion "
+        "(AC, TC, TS, MF, as in Table 1); every column sums to 100.",
+    )
     rep.add_argument("--db", required=True, help="the SQLite file `fleximmt rate` wrote")
     rep.add_argument("--csv", action="store_true", help="print CSV instead of a Markdown table")
     rep.set_defaults(func=lambda args: print(format_report(report(args.db), as_csv=args.csv), end=""))

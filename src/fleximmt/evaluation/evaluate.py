@@ -83,8 +83,10 @@ def read_manifest(path: str | Path) -> list[Case]:
             raise FlexiMMTInputError(f"manifest line {number} lacks {missing}: every case needs image, prompt, objects")
         unknown = set(raw.get("settings", {})) - set(SETTING_KEYS)
         if unknown:
-            raise FlexiMMTInputError(f"manifest line {number}: unknown settings {sorted(unknown)}; allowed {list(SETTING_KEYS)}")
-        resolve = lambda p: None if p is None else (Path(p) if Path(p).is_absolute() else base / p)  # noqa: E731
+            raise FlexiMMTInputError(
+                f"manifest line {number}: unknown settings {sorted(unknown)}; allowed {list(SETTING_KEYS)}"
+            )
+        resolve = lambda p: None if p is None else (Path(p) if Path(p).is_absolute() else base / p)
         objects = []
         for obj in raw["objects"]:
             obj = dict(obj)
@@ -96,9 +98,19 @@ def read_manifest(path: str | Path) -> list[Case]:
         if case_id in seen:
             raise FlexiMMTInputError(f"manifest line {number}: case id {case_id!r} appears twice")
         seen.add(case_id)
-        cases.append(Case(case_id, resolve(raw["image"]), raw["prompt"], objects, raw.get("method", "fleximmt"),
-                          raw.get("settings", {}), int(raw.get("seed", 0)), raw.get("steps"),
-                          resolve(raw.get("video"))))  # fmt: skip
+        cases.append(
+            Case(
+                case_id,
+                resolve(raw["image"]),
+                raw["prompt"],
+                objects,
+                raw.get("method", "fleximmt"),
+                raw.get("settings", {}),
+                int(raw.get("seed", 0)),
+                raw.get("steps"),
+                resolve(raw.get("video")),
+            )
+        )
     return cases
 
 
@@ -137,19 +149,28 @@ def generate(pipe, case: Case, out_dir: Path, steps: int | None) -> Path:
     if path.is_file():
         return path
     image = Image.open(case.image).convert("RGB")
-    objects = [ObjectMotion(_first_mask(image, o, "mask", "words", {}), o["motion"], o["motion_text"])
-               for o in case.objects]  # fmt: skip
+    objects = [
+        ObjectMotion(_first_mask(image, o, "mask", "words", {}), o["motion"], o["motion_text"]) for o in case.objects
+    ]
     kwargs = dict(case.settings)
     if "parts" in kwargs:
         kwargs["parts"] = tuple(kwargs["parts"])
-    output = pipe(image=image, prompt=case.prompt, objects=objects, num_inference_steps=case.steps or steps or 50,
-                  generator=torch.Generator().manual_seed(case.seed), output_type="np", **kwargs)  # fmt: skip
+    output = pipe(
+        image=image,
+        prompt=case.prompt,
+        objects=objects,
+        num_inference_steps=case.steps or steps or 50,
+        generator=torch.Generator().manual_seed(case.seed),
+        output_type="np",
+        **kwargs,
+    )
     save_video(_uint8(output.frames[0]), path)
     return path
 
 
-def score_case(case: Case, video_path: Path, clip=None, propagation: str = "flow", flow: str = "dis",
-               tracker: str = "lk") -> dict:  # fmt: skip
+def score_case(
+    case: Case, video_path: Path, clip=None, propagation: str = "flow", flow: str = "dis", tracker: str = "lk"
+) -> dict:
     """Every metric for one case: TF and FF per object, AC/TC/TS per video (when CLIP is given);
     ``flow`` ("dis" | "raft") and ``tracker`` ("lk" | "cotracker") pick FF's and TF's estimators."""
     from PIL import Image
@@ -171,20 +192,44 @@ def score_case(case: Case, video_path: Path, clip=None, propagation: str = "flow
         ref_masks = propagate_masks(ref, torch.from_numpy(ref_first)[None], method=propagation)[0].numpy()
         tf = trajectory_fidelity_result(gen, ref, gen_first, ref_first, tracker=tracker)
         ff = flow_fidelity_result(gen, ref, gen_masks, ref_masks, flow=flow)
-        objects.append({"object": k, "motion": str(obj.get("motion")), "tf": tf.value, "ff": ff.value,
-                        "tf_estimator": tf.estimator, "ff_estimator": ff.estimator})  # fmt: skip
-    result = {"id": case.id, "method": case.method, "label": case.label, "settings": case.settings,
-              "video": str(video_path), "objects": objects,
-              "tf": float(np.mean([o["tf"] for o in objects])), "ff": float(np.mean([o["ff"] for o in objects])),
-              "mask_propagation": propagation}  # fmt: skip
+        objects.append(
+            {
+                "object": k,
+                "motion": str(obj.get("motion")),
+                "tf": tf.value,
+                "ff": ff.value,
+                "tf_estimator": tf.estimator,
+                "ff_estimator": ff.estimator,
+            }
+        )
+    result = {
+        "id": case.id,
+        "method": case.method,
+        "label": case.label,
+        "settings": case.settings,
+        "video": str(video_path),
+        "objects": objects,
+        "tf": float(np.mean([o["tf"] for o in objects])),
+        "ff": float(np.mean([o["ff"] for o in objects])),
+        "mask_propagation": propagation,
+    }
     if clip is not None:
         scores = clip_scores(gen, case.prompt, model=clip)
         result.update({k: scores[k] for k in ("ac", "tc", "ts")}, clip_model=str(scores.get("model")))
     return result
 
 
-def run_benchmark(pipe, manifest: str | Path, out_dir: str | Path, *, clip=None, steps: int | None = None,
-                  propagation: str = "flow", flow: str = "dis", tracker: str = "lk") -> list[dict]:  # fmt: skip
+def run_benchmark(
+    pipe,
+    manifest: str | Path,
+    out_dir: str | Path,
+    *,
+    clip=None,
+    steps: int | None = None,
+    propagation: str = "flow",
+    flow: str = "dis",
+    tracker: str = "lk",
+) -> list[dict]:
     """Generate, score and summarise every case of ``manifest`` into ``out_dir`` (resumable)."""
     from ..training.train import process_state
 
@@ -202,13 +247,21 @@ def run_benchmark(pipe, manifest: str | Path, out_dir: str | Path, *, clip=None,
             result = score_case(case, video, clip=clip, propagation=propagation, flow=flow, tracker=tracker)
         except Exception as err:  # record and go on: one bad case must not stop a long run
             logger.warning("case %s failed: %s", case.id, err)
-            result = {"id": case.id, "method": case.method, "label": case.label, "error": f"{type(err).__name__}: {err}",
-                      "traceback": traceback.format_exc(limit=5)}  # fmt: skip
+            result = {
+                "id": case.id,
+                "method": case.method,
+                "label": case.label,
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc(limit=5),
+            }
         result["process"] = state.process_index
         atomic_write(result_path, lambda tmp, r=result: Path(tmp).write_text(json.dumps(r, indent=2)))
     state.wait_for_everyone()
-    results = [json.loads((out_dir / "cases" / f"{c.id}.json").read_text()) for c in cases
-               if (out_dir / "cases" / f"{c.id}.json").is_file()]  # fmt: skip
+    results = [
+        json.loads((out_dir / "cases" / f"{c.id}.json").read_text())
+        for c in cases
+        if (out_dir / "cases" / f"{c.id}.json").is_file()
+    ]
     if state.is_main_process:
         write_summary(results, out_dir)
     return results
@@ -232,7 +285,7 @@ def summarise(results: list[dict]) -> list[dict]:
 def write_summary(results: list[dict], out_dir: Path) -> None:
     table = summarise(results)
     header = ["method", *[m.upper() for m in METRICS], "cases", "failed"]
-    fmt = lambda v: "-" if isinstance(v, float) and math.isnan(v) else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    fmt = lambda v: "-" if isinstance(v, float) and math.isnan(v) else (f"{v:.3f}" if isinstance(v, float) else str(v))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table:
         lines.append("| " + " | ".join(fmt(row[k]) for k in ["method", *METRICS, "cases", "failed"]) + " |")

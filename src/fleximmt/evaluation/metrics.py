@@ -1,5 +1,5 @@
 """Automatic metrics of Sec. 4.1, as the authors' released evaluation scripts compute them
-(METHOD.md section 7): TF (trajectory fidelity), FF (flow fidelity), and CLIP's AC / TC / TS.
+(docs/method.md#evaluation): TF (trajectory fidelity), FF (flow fidelity), and CLIP's AC / TC / TS.
 
 Offline defaults need no weights: OpenCV DIS optical flow for FF and OpenCV pyramidal
 Lucas-Kanade tracking for TF. ``flow="raft"`` (torchvision's RAFT-large, 20 iterations; weights
@@ -14,6 +14,7 @@ or ``[H, W]`` for the first frame (TF). The reference is resized to the generate
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -124,12 +125,14 @@ def flow_similarity(flow_gen: np.ndarray, flow_ref: np.ndarray) -> float:
     mag_gen, mag_ref = np.linalg.norm(flow_gen, axis=1), np.linalg.norm(flow_ref, axis=1)
     mag_gen, mag_ref = mag_gen / (mag_gen.mean() + 1e-6), mag_ref / (mag_ref.mean() + 1e-6)
     top = max(np.percentile(mag_gen, 99), np.percentile(mag_ref, 99), 1e-6)  # floor: no motion at all
-    magnitude = bhattacharyya(np.histogram(mag_gen, MAG_BINS, (0, top))[0],
-                              np.histogram(mag_ref, MAG_BINS, (0, top))[0])  # fmt: skip
+    magnitude = bhattacharyya(
+        np.histogram(mag_gen, MAG_BINS, (0, top))[0], np.histogram(mag_ref, MAG_BINS, (0, top))[0]
+    )
     ang_gen = np.arctan2(flow_gen[:, 1], flow_gen[:, 0])
     ang_ref = np.arctan2(flow_ref[:, 1], flow_ref[:, 0])
-    direction = bhattacharyya(np.histogram(ang_gen, DIR_BINS, (-np.pi, np.pi))[0],
-                              np.histogram(ang_ref, DIR_BINS, (-np.pi, np.pi))[0])  # fmt: skip
+    direction = bhattacharyya(
+        np.histogram(ang_gen, DIR_BINS, (-np.pi, np.pi))[0], np.histogram(ang_ref, DIR_BINS, (-np.pi, np.pi))[0]
+    )
     return (magnitude + direction) / 2
 
 
@@ -140,7 +143,7 @@ def optical_flows(frames: np.ndarray, flow: str = "dis") -> np.ndarray:
 
         dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
         gray = _gray(frames)
-        return np.stack([dis.calc(a, b, None) for a, b in zip(gray[:-1], gray[1:])])
+        return np.stack([dis.calc(a, b, None) for a, b in itertools.pairwise(gray)])
     if flow == "raft":
         return _raft_flows(frames)
     raise FlexiMMTInputError(f"flow={flow!r}: choose 'dis' (OpenCV, offline) or 'raft' (torchvision RAFT-large)")
@@ -159,7 +162,9 @@ def _torchvision_raft():
         raise FlexiMMTInputError(
             "flow='raft' needs torchvision: pip install 'fleximmt[vision]' (or torchvision), or use flow='dis'"
         ) from None
-    except RuntimeError as err:  # e.g. "operator torchvision::nms does not exist": a torchvision built for another torch
+    except (
+        RuntimeError
+    ) as err:  # e.g. "operator torchvision::nms does not exist": a torchvision built for another torch
         raise FlexiMMTInputError(
             f"torchvision does not load next to this torch ({str(err).splitlines()[0]}): install the torchvision "
             "release built for your torch (make test-vision uses torch 2.14.1 + torchvision 0.29.1), or use flow='dis'"
@@ -296,7 +301,7 @@ def track_points(frames: np.ndarray, points: np.ndarray, tracker: str = "lk") ->
 
     gray = _gray(frames)
     tracks = [points.reshape(-1, 1, 2).astype(np.float32)]
-    for a, b in zip(gray[:-1], gray[1:]):
+    for a, b in itertools.pairwise(gray):
         nxt, found, _ = cv2.calcOpticalFlowPyrLK(a, b, tracks[-1], None, winSize=(21, 21), maxLevel=3)
         tracks.append(np.where(found[:, :, None] == 1, nxt, tracks[-1]))  # a lost point stays where it was
     return np.stack(tracks)[:, :, 0]
@@ -410,15 +415,25 @@ def clip_scores(frames: np.ndarray, text: str, model: Any = CLIP, batch: int = 3
             features = clip.get_image_features(pixel_values=pixels.to(device, dtype))
             image.append(getattr(features, "pooler_output", features))  # transformers 5: a model output
         image = torch.cat(image)
-        tokens = processor(text=[text], return_tensors="pt", padding=True, truncation=True,
-                           max_length=clip.config.text_config.max_position_embeddings)  # fmt: skip
-        words = clip.get_text_features(input_ids=tokens["input_ids"].to(device),
-                                       attention_mask=tokens["attention_mask"].to(device))  # fmt: skip
+        tokens = processor(
+            text=[text],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=clip.config.text_config.max_position_embeddings,
+        )
+        words = clip.get_text_features(
+            input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
+        )
         words = getattr(words, "pooler_output", words)
     image = torch.nn.functional.normalize(image.float(), dim=-1)
     words = torch.nn.functional.normalize(words.float(), dim=-1)
     cos = image @ image.T
     i, j = torch.triu_indices(len(frames), len(frames), offset=1)
     name = str(model) if isinstance(model, (str, os.PathLike)) else (clip.config._name_or_path or "clip")
-    return {"ac": float(cos[0, 1:].mean()), "tc": float(cos[i, j].mean()),
-            "ts": float((image @ words.T).mean()), "model": name}  # fmt: skip
+    return {
+        "ac": float(cos[0, 1:].mean()),
+        "tc": float(cos[i, j].mean()),
+        "ts": float((image @ words.T).mean()),
+        "model": name,
+    }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
 import os
 import re
@@ -127,12 +128,23 @@ def _post_process_detection(processor, outputs, input_ids, box_threshold, text_t
     )[0]
 
 
-def detect_boxes(image, words: list[str], detector: Any = DETECTOR, box_threshold: float = 0.35,
-                 text_threshold: float = 0.25, device=None) -> list[list[float]]:  # fmt: skip
+def detect_boxes(
+    image,
+    words: list[str],
+    detector: Any = DETECTOR,
+    box_threshold: float = 0.35,
+    text_threshold: float = 0.25,
+    device=None,
+) -> list[list[float]]:
     """The highest-scoring Grounding-DINO box ``[x0, y0, x1, y1]`` (pixels) for each phrase of ``words``."""
     words = _phrases(words)
-    model, processor = _load(detector, "AutoModelForZeroShotObjectDetection", "AutoProcessor", device,
-                             "or give the masks as PNG files instead")  # fmt: skip
+    model, processor = _load(
+        detector,
+        "AutoModelForZeroShotObjectDetection",
+        "AutoProcessor",
+        device,
+        "or give the masks as PNG files instead",
+    )
     image = _image(image)
     width, height = image.size
     boxes = []
@@ -141,16 +153,18 @@ def detect_boxes(image, words: list[str], detector: Any = DETECTOR, box_threshol
         inputs = processor(images=image, text=phrase.strip(" .").lower() + ".", return_tensors="pt").to(_device(model))
         with torch.no_grad():
             outputs = model(**inputs)
-        result = _post_process_detection(processor, outputs, inputs["input_ids"], box_threshold, text_threshold,
-                                         (height, width))  # fmt: skip
+        result = _post_process_detection(
+            processor, outputs, inputs["input_ids"], box_threshold, text_threshold, (height, width)
+        )
         if len(result["scores"]) == 0:
             raise FlexiMMTInputError(
                 f"no {phrase!r} found in the image: lower box_threshold (now {box_threshold}) or text_threshold "
                 f"(now {text_threshold}), name the object differently, or give its mask as a PNG file"
             )
         x0, y0, x1, y1 = result["boxes"][int(result["scores"].argmax())].tolist()
-        boxes.append([min(max(x0, 0.0), width), min(max(y0, 0.0), height),
-                      min(max(x1, 0.0), width), min(max(y1, 0.0), height)])  # fmt: skip
+        boxes.append(
+            [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
+        )
     return boxes
 
 
@@ -166,19 +180,23 @@ def _check_prompts(points, boxes, labels, size) -> None:
             raise FlexiMMTInputError(f"a box is [x0, y0, x1, y1] in pixels with x0 <= x1 and y0 <= y1, got {box!r}")
     if points and boxes and len(boxes) > 1:
         raise FlexiMMTInputError(f"clicks refine one object: give at most one box with points, got {len(boxes)}")
-    if labels is not None:
-        if not points or len(labels) != len(points) or any(label not in (0, 1) for label in labels):
-            raise FlexiMMTInputError(
-                f"labels are 1 (object) or 0 (background), one per point: got {labels!r} for {len(points or [])} points"
-            )
+    if labels is not None and (not points or len(labels) != len(points) or any(lab not in (0, 1) for lab in labels)):
+        raise FlexiMMTInputError(
+            f"labels are 1 (object) or 0 (background), one per point: got {labels!r} for {len(points or [])} points"
+        )
     outside = [p for p in points or [] if not (0 <= p[0] <= width and 0 <= p[1] <= height)]
     if outside:
         raise FlexiMMTInputError(f"points {outside} lie outside the {width}x{height} image: give pixel coordinates")
 
 
-def masks_from_points(image, points: list[list[float]] | None = None, boxes: list[list[float]] | None = None,
-                      labels: list[int] | None = None, segmenter: Any = SEGMENTER,
-                      device=None) -> torch.BoolTensor:  # fmt: skip
+def masks_from_points(
+    image,
+    points: list[list[float]] | None = None,
+    boxes: list[list[float]] | None = None,
+    labels: list[int] | None = None,
+    segmenter: Any = SEGMENTER,
+    device=None,
+) -> torch.BoolTensor:
     """SAM masks ``[N, H, W]``: one per box, or one (N = 1) for the clicked points (with at most one box).
 
     ``points`` are ``[x, y]`` pixels, ``labels`` 1 (object) or 0 (background) per point (default all 1),
@@ -202,9 +220,15 @@ def masks_from_points(image, points: list[list[float]] | None = None, boxes: lis
     return masks[torch.arange(masks.shape[0]), best].bool()
 
 
-def masks_from_words(image, words: list[str], detector: Any = DETECTOR, segmenter: Any = SEGMENTER,
-                     box_threshold: float = 0.35, text_threshold: float = 0.25,
-                     device=None) -> torch.BoolTensor:  # fmt: skip
+def masks_from_words(
+    image,
+    words: list[str],
+    detector: Any = DETECTOR,
+    segmenter: Any = SEGMENTER,
+    box_threshold: float = 0.35,
+    text_threshold: float = 0.25,
+    device=None,
+) -> torch.BoolTensor:
     """First-frame object masks ``[K, H, W]`` from K phrases (Grounded-SAM): the best Grounding-DINO
     box per phrase, then SAM's best mask inside it. A phrase with no box raises a ``ValueError``."""
     boxes = detect_boxes(image, words, detector, box_threshold, text_threshold, device)
@@ -246,8 +270,9 @@ def _check_video(frames, first_masks) -> tuple[np.ndarray, torch.Tensor]:
     return frames, first
 
 
-def propagate_masks(frames, first_masks, method: str = "sam2", model: Any = VIDEO_SEGMENTER,
-                    device=None) -> torch.BoolTensor:  # fmt: skip
+def propagate_masks(
+    frames, first_masks, method: str = "sam2", model: Any = VIDEO_SEGMENTER, device=None
+) -> torch.BoolTensor:
     """Carry first-frame masks ``[K, H, W]`` through the video ``[T, H, W, 3]`` (uint8): ``[K, T, H, W]``.
 
     ``method="sam2"``: SAM 2's video propagation, as the release does (needs transformers with
@@ -288,8 +313,9 @@ def _propagate_sam2(frames: np.ndarray, first: torch.Tensor, model: Any, device)
     session = processor.init_video_session(video=frames, inference_device=_device(net))
     obj_ids = list(range(1, first.shape[0] + 1))
     # the session keeps (and edits) the id list it is given: hand it a copy
-    processor.add_inputs_to_inference_session(inference_session=session, frame_idx=0, obj_ids=list(obj_ids),
-                                              input_masks=[m.numpy() for m in first])  # fmt: skip
+    processor.add_inputs_to_inference_session(
+        inference_session=session, frame_idx=0, obj_ids=list(obj_ids), input_masks=[m.numpy() for m in first]
+    )
     out = torch.zeros(first.shape[0], len(frames), height, width, dtype=torch.bool)
     with torch.no_grad():
         for step in net.propagate_in_video_iterator(session, start_frame_idx=0):
@@ -313,15 +339,18 @@ def _propagate_flow(frames: np.ndarray, first: torch.Tensor) -> torch.BoolTensor
     height, width = gray[0].shape
     grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
     masks = [first.numpy().astype(np.float32)]  # per frame [K, H, W]
-    for previous, current in zip(gray[:-1], gray[1:]):
+    for previous, current in itertools.pairwise(gray):
         back = dis.calc(current, previous, None)  # where each pixel of `current` was in `previous`
         map_x, map_y = grid_x + back[..., 0], grid_y + back[..., 1]
-        there = cv2.remap(dis.calc(previous, current, None), map_x, map_y, cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)  # forward flow at that place  # fmt: skip
+        there = cv2.remap(
+            dis.calc(previous, current, None), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )  # forward flow at that place
         mismatch = ((back + there) ** 2).sum(-1)
         consistent = mismatch <= 0.01 * ((back**2).sum(-1) + (there**2).sum(-1)) + 0.5
-        warped = [cv2.remap(m, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-                  for m in masks[-1]]  # fmt: skip
+        warped = [
+            cv2.remap(m, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            for m in masks[-1]
+        ]
         masks.append(((np.stack(warped) > 0.5) & consistent).astype(np.float32))
     return torch.from_numpy(np.stack(masks, axis=1) > 0.5)
 

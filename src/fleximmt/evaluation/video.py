@@ -25,7 +25,16 @@ logger = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".gif")
 # one distinct colour per object (K <= 8), RGB
 PALETTE = np.array(
-    [[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [145, 30, 180], [70, 240, 240], [245, 130, 48], [240, 50, 230]],
+    [
+        [230, 25, 75],
+        [60, 180, 75],
+        [0, 130, 200],
+        [255, 225, 25],
+        [145, 30, 180],
+        [70, 240, 240],
+        [245, 130, 48],
+        [240, 50, 230],
+    ],
     dtype=np.float32,
 )
 
@@ -74,11 +83,18 @@ def save_video(frames, path: str | os.PathLike, fps: int = 8) -> Path:
         raise FlexiMMTInputError(f"fps={fps}: give a positive frame rate")
     frames = to_uint8_frames(frames)
     if path.suffix.lower() == ".gif":
-        write = lambda tmp: iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)  # noqa: E731
+        write = lambda tmp: iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
     else:
         frames = pad_to_even(frames)
-        write = lambda tmp: iio.imwrite(tmp, frames, extension=".mp4", fps=fps, codec="libx264",  # noqa: E731
-                                        pixelformat="yuv420p", macro_block_size=1)  # fmt: skip
+        write = lambda tmp: iio.imwrite(
+            tmp,
+            frames,
+            extension=".mp4",
+            fps=fps,
+            codec="libx264",
+            pixelformat="yuv420p",
+            macro_block_size=1,
+        )
     atomic_write(path, write)
     logger.info("wrote %s (%d frames)", path, len(frames))
     return path
@@ -110,8 +126,13 @@ def mask_contour(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def mask_overlay(frames, masks: torch.Tensor | np.ndarray, temporal_factor: int = 4, alpha: float = 0.5,
-                 frame_index: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+def mask_overlay(
+    frames,
+    masks: torch.Tensor | np.ndarray,
+    temporal_factor: int = 4,
+    alpha: float = 0.5,
+    frame_index: np.ndarray | None = None,
+) -> np.ndarray:
     """The video ``[T, H, W, 3]`` with each object's mask drawn on it: uint8 ``[T, H, W, 3]``.
 
     ``masks`` is bool ``[K, L, h, w]`` on the latent token grid (``FlexiMMTPipelineOutput.masks[-1]``);
@@ -148,4 +169,6 @@ def grid_preview(image: np.ndarray, masks: list[torch.Tensor], grid_h: int, grid
     height, width = image.shape[:2]
     grids = torch.stack([mask_to_token_grid(m, grid_h, grid_w) for m in masks])[:, None]  # [K, 1, h, w]
     tinted = mask_overlay(image[None], grids, temporal_factor=4)[0]
-    return np.asarray(Image.fromarray(tinted).resize((width * scale // 2 or width, height * scale // 2 or height), Image.NEAREST))
+    return np.asarray(
+        Image.fromarray(tinted).resize((width * scale // 2 or width, height * scale // 2 or height), Image.NEAREST)
+    )

@@ -58,7 +58,9 @@ class TrainingBatch:
     x0: torch.Tensor  # [1, F, C, h, w] (frames second)
     x0_hat: torch.Tensor
     weight: torch.Tensor  # broadcastable to x0
-    loss_frames: slice = field(default_factory=lambda: slice(None))  # latent frames the loss covers (padding frames excluded)
+    loss_frames: slice = field(
+        default_factory=lambda: slice(None)
+    )  # latent frames the loss covers (padding frames excluded)
     expert: int = 0  # the expert (of ModelAdapter.transformers) that made the prediction
 
 
@@ -142,7 +144,7 @@ class ModelAdapter:
         context parallelism (``attention.VideoShard``), or None when its blocks see all of them. The
         default: None - a family that supports context parallelism with objects says so here, and the
         others' processors refuse it."""
-        return None
+        return
 
     def install_processors(self) -> None:
         raise NotImplementedError
@@ -207,8 +209,9 @@ class ModelAdapter:
         names = ("text_encoder", "text_encoder_2", "image_encoder")
         return [name for name in names if isinstance(getattr(self.pipe, name, None), torch.nn.Module)]
 
-    def encode_conditions(self, clips: list[torch.Tensor], caption: str, text_len: int,
-                          generator: torch.Generator) -> dict[str, torch.Tensor]:  # fmt: skip
+    def encode_conditions(
+        self, clips: list[torch.Tensor], caption: str, text_len: int, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         """Encode a caption and reference windows ``[3, T, H, W]`` in [-1, 1] into the tensors a
         training step needs: ``prompt_embeds [1, L, D]`` and, stacked per window, ``video_latents``
         ``[W, F, C, h, w]`` plus the model's image conditions."""
@@ -222,11 +225,18 @@ class ModelAdapter:
         recomputation replays) need nothing here."""
         yield
 
-    def training_prediction(self, state, cond: dict[str, torch.Tensor], window: int, generator: torch.Generator,
-                            image_dropout: float, autocast) -> TrainingBatch:  # fmt: skip
+    def training_prediction(
+        self,
+        state,
+        cond: dict[str, torch.Tensor],
+        window: int,
+        generator: torch.Generator,
+        image_dropout: float,
+        autocast,
+    ) -> TrainingBatch:
         """Noise one window at a random timestep, run the denoiser with ``state`` attached (inside
         :meth:`training_attached`) and return the clean latents, their prediction and the loss
-        weight (METHOD.md sections 6, 9)."""
+        weight (docs/method.md#training, docs/method.md#wan)."""
         raise NotImplementedError
 
 

@@ -9,7 +9,7 @@ uses one of them:
   attention of such a model stays untouched.
 
 Both have an exact fast backend ("auto": video queries grouped by the objects they belong to, no
-N x N mask; METHOD.md section 8) and a dense reference ("dense"). Everything one generation (or one
+N x N mask; docs/method.md#attention-without-an-n-x-n-mask) and a dense reference ("dense"). Everything one generation (or one
 training step) needs in every block lives in :class:`FlexiMMTState`; the adapters hand it to their
 attention processors. Nothing here knows any diffusers model.
 """
@@ -33,7 +33,7 @@ from .masks import (
     mdma_cross_dense,
     mdma_dense,
     mdma_text_rows,
-    video_codes,  # fmt: skip
+    video_codes,
     video_groups,
 )
 
@@ -122,7 +122,9 @@ class QueryGroup(NamedTuple):
     chained: bool = False
 
     @classmethod
-    def of(cls, queries: torch.Tensor, num_video: int, keys: torch.Tensor, chained: bool = False, pad: bool = False) -> QueryGroup:
+    def of(
+        cls, queries: torch.Tensor, num_video: int, keys: torch.Tensor, chained: bool = False, pad: bool = False
+    ) -> QueryGroup:
         count = queries.numel()
         return cls(queries if count == num_video else padded_queries(queries, pad), count, keys, chained)
 
@@ -183,8 +185,14 @@ class JointLayout:
             else:  # the mask over one stand-in video token per object combination, [text | motion | codes]
                 num_objects, text_len = self.member.shape
                 device, small = self.video_masks.device, text_len + num_objects * self.tokens_per_motion
-                table = mdma_dense(text_len, spans, self.tokens_per_motion, code_masks(num_objects, device), *args[3:],
-                                   text_valid=valid)  # fmt: skip
+                table = mdma_dense(
+                    text_len,
+                    spans,
+                    self.tokens_per_motion,
+                    code_masks(num_objects, device),
+                    *args[3:],
+                    text_valid=valid,
+                )
                 classes = torch.cat([small + video_codes(self.video_masks), torch.arange(small, device=device)])
                 self.flex_mask = FlexMask(table, classes, classes).block_mask()
             return
@@ -211,8 +219,10 @@ class JointLayout:
             position[order] = torch.arange(small, device=device)
             cache[config] = (order, position, in_chain)
         self.order, position, in_chain = cache[config]
-        self.groups = [QueryGroup.of(q, num_video, k if chained else position[k], chained, self.pad_queries)
-                       for (q, k, _), chained in zip(large, in_chain)]  # fmt: skip
+        self.groups = [
+            QueryGroup.of(q, num_video, k if chained else position[k], chained, self.pad_queries)
+            for (q, k, _), chained in zip(large, in_chain)
+        ]
         rows = [torch.cat([text_rows[:, small:], text_rows[:, :small][:, self.order]], dim=1)]
         for queries, keys in merged:
             row = torch.zeros(small, dtype=torch.bool, device=device)
@@ -235,14 +245,20 @@ class JointLayout:
             return self._attend_dense(query, key, value, m_q, m_k, m_v, text_len, attention)
         n_video = query.shape[2] - text_len
         if self.backend == "flex":
-            out = self.attend_video_first(*(torch.cat([x[:, :, text_len:], x[:, :, :text_len], m], dim=2)
-                                            for x, m in ((query, m_q), (key, m_k), (value, m_v))), text_len)  # fmt: skip
+            out = self.attend_video_first(
+                *(
+                    torch.cat([x[:, :, text_len:], x[:, :, :text_len], m], dim=2)
+                    for x, m in ((query, m_q), (key, m_k), (value, m_v))
+                ),
+                text_len,
+            )
             return torch.cat([out[:, :, n_video:], out[:, :, :n_video]], dim=2)
         out = self._attend_grouped(
             torch.cat([query[:, :, text_len:], query[:, :, :text_len]], dim=2),
             torch.cat([key[:, :, text_len:], key[:, :, :text_len], m_k], dim=2),
             torch.cat([value[:, :, text_len:], value[:, :, :text_len], m_v], dim=2),
-            text_len, attention,
+            text_len,
+            attention,
         )
         return torch.cat([out[:, :, n_video:], out[:, :, :n_video]], dim=2)
 
@@ -262,8 +278,12 @@ class JointLayout:
         motion = slice(n_video + text_len, None)
         out = self._attend_dense(
             *(torch.cat([x[:, :, text], x[:, :, :n_video]], dim=2) for x in (query, keys, values)),
-            query[:, :, motion], keys[:, :, motion], values[:, :, motion], text_len, attention,
-        )  # fmt: skip
+            query[:, :, motion],
+            keys[:, :, motion],
+            values[:, :, motion],
+            text_len,
+            attention,
+        )
         batch, heads, _, dim = out.shape
         first = out.new_empty(batch, out.shape[2], heads, dim).transpose(1, 2)
         first[:, :, :n_video], first[:, :, n_video:] = out[:, :, text_len:], out[:, :, :text_len]
@@ -283,7 +303,9 @@ class JointLayout:
         key = (like.dtype, like.device)
         if key not in self.biases:
             rows = self.masked_rows.to(like.device)
-            self.biases[key] = torch.zeros(rows.shape, dtype=like.dtype, device=like.device).masked_fill_(~rows, float("-inf"))
+            self.biases[key] = torch.zeros(rows.shape, dtype=like.dtype, device=like.device).masked_fill_(
+                ~rows, float("-inf")
+            )
         return self.biases[key]
 
     def _attend_grouped(self, query, keys, values, text_len: int, attention: Attention) -> torch.Tensor:
@@ -360,14 +382,22 @@ class CrossLayout:
         if self.backend == "flex":  # rows of one stand-in video token per object combination
             num_objects, text_len = self.member.shape
             device = self.video_masks.device
-            table = mdma_cross_dense(self.member.to(device), self.tokens_per_motion, code_masks(num_objects, device),
-                                     self.parts, valid)  # fmt: skip
+            table = mdma_cross_dense(
+                self.member.to(device), self.tokens_per_motion, code_masks(num_objects, device), self.parts, valid
+            )
             keys = torch.arange(text_len + num_objects * self.tokens_per_motion, device=device)
             self.flex_mask = FlexMask(table, video_codes(self.video_masks), keys).block_mask()
             return
         text_len = self.member.shape[1]
-        for queries, keys, _ in video_groups(self.member, self.tokens_per_motion, self.video_masks, self.parts,
-                                             self.context_text, key_cache=self.key_cache, text_valid=valid):  # fmt: skip
+        for queries, keys, _ in video_groups(
+            self.member,
+            self.tokens_per_motion,
+            self.video_masks,
+            self.parts,
+            self.context_text,
+            key_cache=self.key_cache,
+            text_valid=valid,
+        ):
             if keys.numel() == 0:  # nothing left to read: the whole (valid) text (mdma_cross_dense's rule)
                 keys = torch.arange(text_len, device=keys.device)
                 if valid is not None:
@@ -433,7 +463,7 @@ def block_tokens(tokens: torch.Tensor, expert: int, block: int | torch.Tensor) -
 class TextKeys(NamedTuple):
     """Where a batch row's prompt tokens sit among the ``L`` text keys its attention gets, for a model
     whose text is more than the prompt (HunyuanVideo 1.5: image and glyph tokens first, then the prompt,
-    then padding; METHOD.md section 10): the prompt's first token at ``offset``, padding from ``valid``
+    then padding; docs/method.md#hunyuanvideo-15): the prompt's first token at ``offset``, padding from ``valid``
     on (closed to every query). A processor that passes none attends the prompt's tokens as ``member``
     counts them (CogVideoX, Wan)."""
 
@@ -538,8 +568,8 @@ class FlexiMMTState:
     # True: the processors name each row's text keys (TextKeys) and layouts are built per text form at
     # first use; False: the prompt's tokens are the text keys and each step's layout is built at once
     text_keys: bool = False
-    # joint form, DMEM: score video queries against the concept words' keys (HunyuanVideo 1.5, METHOD.md
-    # section 10) instead of the concept words' queries against the video keys (CogVideoX, section 4)
+    # joint form, DMEM: score video queries against the concept words' keys (HunyuanVideo 1.5, docs/method.md#hunyuanvideo-15
+    # ) instead of the concept words' queries against the video keys (CogVideoX, section 4)
     dmem_video_queries: bool = False
     # context parallelism: the video tokens this process's blocks see (None: all of them), see shard_video
     shard: VideoShard | None = None
@@ -585,12 +615,16 @@ class FlexiMMTState:
         video keys would span every process. DMEM's per-frame threshold needs every video query of a
         frame, so ``mask_source="qk"`` and motion training do not shard."""
         if shard is not None and self.form != "cross":
-            raise ValueError(f"context parallelism with objects needs the cross form (Wan): this model's attention is "
-                             f"{self.form!r}, whose video keys every process would need")  # fmt: skip
+            raise ValueError(
+                f"context parallelism with objects needs the cross form (Wan): this model's attention is "
+                f"{self.form!r}, whose video keys every process would need"
+            )
         if shard is not None and self.dmem:
-            raise ValueError("context parallelism with DMEM (mask_source='qk', or training a motion): its per-frame "
-                             "threshold needs every video token in one process; use mask_source='rmpm' or 'static', "
-                             "or train without enable_parallelism")  # fmt: skip
+            raise ValueError(
+                "context parallelism with DMEM (mask_source='qk', or training a motion): its per-frame "
+                "threshold needs every video token in one process; use mask_source='rmpm' or 'static', "
+                "or train without enable_parallelism"
+            )
         self.shard = shard
 
     def set_video_masks(self, video_masks: torch.Tensor, video: int = 0, per_block: bool = False) -> None:
@@ -600,8 +634,9 @@ class FlexiMMTState:
         slot.video_masks, slot.text_layouts = video_masks.bool(), {}
         slot.layout = None if self.text_keys else self._build(slot, slot.video_masks, None, 0, per_block)
 
-    def _build(self, slot: VideoMotions, video_masks: torch.Tensor, text: TextKeys | None, text_len: int,
-               per_block: bool) -> JointLayout | CrossLayout:  # fmt: skip
+    def _build(
+        self, slot: VideoMotions, video_masks: torch.Tensor, text: TextKeys | None, text_len: int, per_block: bool
+    ) -> JointLayout | CrossLayout:
         if text is None:
             member, valid, cache = slot.member, None, slot.key_cache
         else:
@@ -609,8 +644,17 @@ class FlexiMMTState:
             cache = slot.text_caches.setdefault((text, text_len), {})
         if self.shard is not None:  # this process's rows of the masks
             video_masks = video_masks[:, self.shard.start : self.shard.stop]
-        return LAYOUTS[self.form](member, self.tokens_per_motion, video_masks, self.parts, self.context_text,
-                                  self.backend, cache, per_block, valid)  # fmt: skip
+        return LAYOUTS[self.form](
+            member,
+            self.tokens_per_motion,
+            video_masks,
+            self.parts,
+            self.context_text,
+            self.backend,
+            cache,
+            per_block,
+            valid,
+        )
 
     def _step_layout(self, video: int, text: TextKeys | None, text_len: int) -> JointLayout | CrossLayout:
         slot = self.videos[video]
@@ -637,7 +681,9 @@ class FlexiMMTState:
         """``[(video, rows)]`` for a batch of ``batch`` rows; rows None means all of them."""
         return [(video, rows) for video, _, rows in self.row_sets(batch)]
 
-    def row_sets(self, batch: int, texts: list[TextKeys] | None = None) -> list[tuple[int, TextKeys | None, torch.Tensor | None]]:
+    def row_sets(
+        self, batch: int, texts: list[TextKeys] | None = None
+    ) -> list[tuple[int, TextKeys | None, torch.Tensor | None]]:
         """``[(video, text, rows)]``: the rows of a batch of ``batch`` rows by video and by text form
         (``texts``, one per row, or None); rows None means all of them."""
         rows = self.batch_rows(batch)[0]
@@ -653,7 +699,8 @@ class FlexiMMTState:
             device = self.videos[0].member.device
             self._row_index[tuple(forms)] = [
                 (video, text, torch.tensor([r for r, f in enumerate(forms) if f == (video, text)], device=device))
-                for video, text in dict.fromkeys(sorted(set(forms), key=forms.index))]  # fmt: skip
+                for video, text in dict.fromkeys(sorted(set(forms), key=forms.index))
+            ]
         return self._row_index[tuple(forms)]
 
     def batch_rows(self, batch: int) -> tuple[list[int] | None, list[int] | None]:
@@ -662,8 +709,12 @@ class FlexiMMTState:
         FasterCache runs it without the unconditional one on the steps it approximates that branch), their
         videos, each video's features in its own row."""
         rows, feature = self.rows, self.feature_rows
-        if rows is not None and feature is not None and batch == len(feature) < len(rows) \
-                and feature == list(range(len(rows) - batch, len(rows))):  # fmt: skip
+        if (
+            rows is not None
+            and feature is not None
+            and batch == len(feature) < len(rows)
+            and feature == list(range(len(rows) - batch, len(rows)))
+        ):
             return rows[-batch:], list(range(batch))
         return rows, feature
 
@@ -720,8 +771,9 @@ class FlexiMMTState:
         tokens = tokens.reshape(-1, tokens.shape[-1])
         return project(tokens, "k"), project(tokens, "v")
 
-    def _layout(self, video: int, block: int, concept_side, video_side, text: TextKeys | None = None,
-                text_len: int = 0):  # fmt: skip
+    def _layout(
+        self, video: int, block: int, concept_side, video_side, text: TextKeys | None = None, text_len: int = 0
+    ):
         """This block's layout of one video (and text form): the step's, or DMEM's from this block's own
         attention (``concept_side(index)``: the concept words' queries or keys at text key ``index``)."""
         slot = self.videos[video]
@@ -732,8 +784,12 @@ class FlexiMMTState:
         if key not in self._dmem_layouts:
             offset = 0 if text is None else text.offset
             with torch.no_grad():  # the masks are a selection, not a path for gradients
-                masks = torch.stack([dmem_mask(concept_side(index + offset), video_side, self.num_frames)[0]
-                                     for index in slot.concept_index])  # fmt: skip
+                masks = torch.stack(
+                    [
+                        dmem_mask(concept_side(index + offset), video_side, self.num_frames)[0]
+                        for index in slot.concept_index
+                    ]
+                )
                 if self._drop is not None:  # the release's regulariser: drop positives, redrawn every call
                     masks &= self._drop[video, block]
             if text is None:
@@ -760,8 +816,16 @@ class FlexiMMTState:
             return rows[videos[0]].expand(batch, -1, -1)
         return torch.stack([rows[video] for video in videos])
 
-    def joint_attention(self, block: int | torch.Tensor, query, key, value, text_len: int, attention: Attention = sdpa,
-                        texts: list[TextKeys] | None = None) -> torch.Tensor:  # fmt: skip
+    def joint_attention(
+        self,
+        block: int | torch.Tensor,
+        query,
+        key,
+        value,
+        text_len: int,
+        attention: Attention = sdpa,
+        texts: list[TextKeys] | None = None,
+    ) -> torch.Tensor:
         """MDMA attention of text and video queries over text, motion and video keys.
 
         ``query/key/value`` ``[B, H, N_v + L_y + K * d_m, d]`` are the block's own projections (after
@@ -771,39 +835,80 @@ class FlexiMMTState:
         Inside a compiled graph the auto backend runs as one opaque operator (``opaque.mdma_joint``)."""
         if self.backend == "auto" and torch.compiler.is_compiling():
             return opaque.mdma_joint(self, block, query, key, value, text_len, texts, attention)
-        return self._per_video(query, key, value, texts,
-                               lambda v, t, q, k, val: self._joint_one(v, t, block, q, k, val, text_len, attention))  # fmt: skip
+        return self._per_video(
+            query,
+            key,
+            value,
+            texts,
+            lambda v, t, q, k, val: self._joint_one(v, t, block, q, k, val, text_len, attention),
+        )
 
     def _joint_one(self, video, text, block, query, key, value, text_len, attention):
         row = self._feature_row_within(video, query.shape[0])
         n_video = query.shape[2] - text_len - self.num_objects * self.tokens_per_motion
         words, places = (key, query) if self.dmem_video_queries else (query, key)
-        layout = self._layout(video, block, lambda idx: words[row : row + 1, :, n_video + idx],
-                              places[row : row + 1, :, :n_video], text, text_len)  # fmt: skip
+        layout = self._layout(
+            video,
+            block,
+            lambda idx: words[row : row + 1, :, n_video + idx],
+            places[row : row + 1, :, :n_video],
+            text,
+            text_len,
+        )
         return layout.attend_video_first(query, key, value, text_len, attention)
 
-    def cross_attention(self, block: int | torch.Tensor, expert: int, query, key, value, project, attention: Attention = sdpa,
-                        texts: list[TextKeys] | None = None) -> torch.Tensor:  # fmt: skip
+    def cross_attention(
+        self,
+        block: int | torch.Tensor,
+        expert: int,
+        query,
+        key,
+        value,
+        project,
+        attention: Attention = sdpa,
+        texts: list[TextKeys] | None = None,
+    ) -> torch.Tensor:
         """MDMA cross-attention of video queries ``[B, H, N_v, d]`` over the text's keys/values
         ``[B, H, L_y, d]`` and the motion tokens; returns ``[B, H, N_v, d]`` (``attention``: see
         ``CrossLayout.attend``; ``texts``: as in :meth:`joint_attention`). Inside a compiled graph the
         auto backend runs as one opaque operator (``opaque.mdma_cross``)."""
         if self.backend == "auto" and torch.compiler.is_compiling():
             return opaque.mdma_cross(self, block, expert, query, key, value, project, texts, attention)
-        return self.cross_with(block, query, key, value,
-                               lambda video: self.motion_projections(video, block, expert, project), attention, texts)  # fmt: skip
+        return self.cross_with(
+            block,
+            query,
+            key,
+            value,
+            lambda video: self.motion_projections(video, block, expert, project),
+            attention,
+            texts,
+        )
 
-    def cross_with(self, block: int | torch.Tensor, query, key, value, motion_of, attention: Attention = sdpa,
-                   texts: list[TextKeys] | None = None) -> torch.Tensor:  # fmt: skip
+    def cross_with(
+        self,
+        block: int | torch.Tensor,
+        query,
+        key,
+        value,
+        motion_of,
+        attention: Attention = sdpa,
+        texts: list[TextKeys] | None = None,
+    ) -> torch.Tensor:
         """:meth:`cross_attention` with each video's motion keys and values given: ``motion_of(video)``
         -> ``[1, H, K * d_m, d]`` twice (already through the block's projections)."""
-        return self._per_video(query, key, value, texts,
-                               lambda v, t, q, k, val: self._cross_one(v, t, block, q, k, val, motion_of, attention))  # fmt: skip
+        return self._per_video(
+            query,
+            key,
+            value,
+            texts,
+            lambda v, t, q, k, val: self._cross_one(v, t, block, q, k, val, motion_of, attention),
+        )
 
     def _cross_one(self, video, text, block, query, key, value, motion_of, attention):
         row = self._feature_row_within(video, query.shape[0])
-        layout = self._layout(video, block, lambda idx: key[row : row + 1, :, idx], query[row : row + 1], text,
-                              key.shape[2])  # fmt: skip
+        layout = self._layout(
+            video, block, lambda idx: key[row : row + 1, :, idx], query[row : row + 1], text, key.shape[2]
+        )
         m_k, m_v = motion_of(video)
         batch = query.shape[0]
         return layout.attend(query, key, value, m_k.expand(batch, -1, -1, -1), m_v.expand(batch, -1, -1, -1), attention)
@@ -823,8 +928,9 @@ class FlexiMMTState:
             return attend_one(groups[0][0], groups[0][1], query, key, value)
         out = None
         for video, text, rows in groups:
-            part = attend_one(video, text, query.index_select(0, rows), key.index_select(0, rows),
-                              value.index_select(0, rows))  # fmt: skip
+            part = attend_one(
+                video, text, query.index_select(0, rows), key.index_select(0, rows), value.index_select(0, rows)
+            )
             if out is None:
                 _, heads, length, dim = part.shape
                 out = part.new_empty(query.shape[0], length, heads, dim).transpose(1, 2)
@@ -839,5 +945,15 @@ def motion_state_for(tokens: torch.Tensor, member: torch.Tensor, **kwargs) -> Fl
     return FlexiMMTState(videos=[VideoMotions(tokens, member, index)], **kwargs)
 
 
-__all__ = ["BACKENDS", "BlockProcessor", "CrossLayout", "FlexiMMTState", "JointLayout", "TextKeys", "VideoMotions", "VideoShard", "chain_order",
-           "group_keys"]
+__all__ = [
+    "BACKENDS",
+    "BlockProcessor",
+    "CrossLayout",
+    "FlexiMMTState",
+    "JointLayout",
+    "TextKeys",
+    "VideoMotions",
+    "VideoShard",
+    "chain_order",
+    "group_keys",
+]

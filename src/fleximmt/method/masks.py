@@ -27,7 +27,9 @@ def check_parts(parts: Sequence[str]) -> frozenset[str]:
 
 def check_context_text(context_text: str) -> str:
     if context_text not in CONTEXT_TEXT:
-        raise ValueError(f"context_text={context_text!r}: choose 'open' (the release) or 'closed' (Eq. 6 to the letter)")
+        raise ValueError(
+            f"context_text={context_text!r}: choose 'open' (the release) or 'closed' (Eq. 6 to the letter)"
+        )
     return context_text
 
 
@@ -71,7 +73,7 @@ def mdma_dense(
     ``video_masks`` is bool ``[K, N_v]`` (``V^k``). A part switched off leaves its blocks all True.
     A row with no allowed key keeps its diagonal, so softmax never sees an all-masked row.
     ``text_valid`` (bool ``[L_y]``, None: all) marks the text tokens that are not padding: a padded
-    text key is closed to every query and a padded text query reads only itself (METHOD.md section 10).
+    text key is closed to every query and a padded text query reads only itself (docs/method.md#hunyuanvideo-15).
     This is the reference the fast attention backend is tested against; it is O(N^2) memory.
     """
     parts = check_parts(parts)
@@ -138,8 +140,16 @@ def mdma_text_rows(
     index = torch.arange(text_len, device=device) if queries is None else queries.to(device)
     words = member[:, index]  # the queries' columns of the motion words
     rows_n = index.numel()
-    yy = text_text_mask(member)[index] if "t2t" in parts else torch.ones(rows_n, text_len, dtype=torch.bool, device=device)
-    ym = (words.T.float() @ owner.float()) > 0 if "t2m" in parts else torch.ones(rows_n, owner.shape[1], dtype=torch.bool, device=device)
+    yy = (
+        text_text_mask(member)[index]
+        if "t2t" in parts
+        else torch.ones(rows_n, text_len, dtype=torch.bool, device=device)
+    )
+    ym = (
+        (words.T.float() @ owner.float()) > 0
+        if "t2m" in parts
+        else torch.ones(rows_n, owner.shape[1], dtype=torch.bool, device=device)
+    )
     if "t2v" in parts:
         yv = text_video_mask(words, video_masks, context_text)
     else:
@@ -155,7 +165,11 @@ def mdma_text_rows(
 
 
 def group_keys(
-    member: torch.Tensor, tokens_per_motion: int, objects: Sequence[bool], parts: frozenset[str], context_text: str,
+    member: torch.Tensor,
+    tokens_per_motion: int,
+    objects: Sequence[bool],
+    parts: frozenset[str],
+    context_text: str,
     text_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices into ``[text | motion]`` of the keys a video query in exactly ``objects`` may read
@@ -164,14 +178,18 @@ def group_keys(
     num_objects, text_len = member.shape
     objs = torch.as_tensor(list(objects), dtype=torch.bool, device=member.device)
     if "t2v" in parts:
-        context = ~member.any(0) if context_text == "open" else torch.zeros(text_len, dtype=torch.bool, device=member.device)
+        context = (
+            ~member.any(0) if context_text == "open" else torch.zeros(text_len, dtype=torch.bool, device=member.device)
+        )
         text_keys = member[objs].any(0) | context
     else:
         text_keys = torch.ones(text_len, dtype=torch.bool, device=member.device)
     if text_valid is not None:
         text_keys = text_keys & text_valid.to(member.device)
     owner = motion_ownership(num_objects, tokens_per_motion, member.device)
-    motion_keys = owner[objs].any(0) if "m2v" in parts else torch.ones(owner.shape[1], dtype=torch.bool, device=member.device)
+    motion_keys = (
+        owner[objs].any(0) if "m2v" in parts else torch.ones(owner.shape[1], dtype=torch.bool, device=member.device)
+    )
     return torch.cat([text_keys, motion_keys]).nonzero().squeeze(1)
 
 
@@ -184,15 +202,19 @@ def mdma_video_groups(
     key_cache: dict | None = None,
     text_valid: torch.Tensor | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Video queries grouped by the keys they may read (METHOD.md section 8).
+    """Video queries grouped by the keys they may read (docs/method.md#attention-without-an-n-x-n-mask).
 
     V x V is all open, so a video query's row of ``M`` depends only on which objects it belongs
     to. Returns ``[(query_indices, key_indices)]``: the video tokens of each group (on the masks'
     device) and the indices of the text and motion keys (into ``[text | motion]``) it may read
     besides all video (never a padded text key, ``text_valid``). See :func:`video_groups` for ``key_cache``.
     """
-    return [(queries, keys) for queries, keys, _ in video_groups(member, tokens_per_motion, video_masks, parts,
-                                                                   context_text, key_cache, text_valid)]  # fmt: skip
+    return [
+        (queries, keys)
+        for queries, keys, _ in video_groups(
+            member, tokens_per_motion, video_masks, parts, context_text, key_cache, text_valid
+        )
+    ]
 
 
 def video_groups(
@@ -230,7 +252,7 @@ def video_groups(
     return [(torch.cat(found[1:]), found[0], key_tuple) for key_tuple, found in groups.items()]
 
 
-CROSS_PARTS = ("m2v", "t2v")  # the MDMA parts that exist where only video tokens query (METHOD.md section 9)
+CROSS_PARTS = ("m2v", "t2v")  # the MDMA parts that exist where only video tokens query (docs/method.md#wan)
 
 
 def check_cross_parts(parts: Sequence[str], context_text: str = "open") -> frozenset[str]:
@@ -251,10 +273,13 @@ def check_cross_parts(parts: Sequence[str], context_text: str = "open") -> froze
 
 
 def mdma_cross_dense(
-    member: torch.Tensor, tokens_per_motion: int, video_masks: torch.Tensor, parts: Sequence[str] = CROSS_PARTS,
+    member: torch.Tensor,
+    tokens_per_motion: int,
+    video_masks: torch.Tensor,
+    parts: Sequence[str] = CROSS_PARTS,
     text_valid: torch.Tensor | None = None,
 ) -> torch.BoolTensor:
-    """MDMA of a cross-attention (METHOD.md section 9): bool ``[N_v, L_y + K * d_m]``, which text and
+    """MDMA of a cross-attention (docs/method.md#wan): bool ``[N_v, L_y + K * d_m]``, which text and
     motion keys each video query may read.
 
     m2v: a video query in ``V^k`` reads ``M^k`` and no other motion token (outside every object: none);
@@ -316,7 +341,7 @@ def dmem_mask(concept_queries: torch.Tensor, video_keys: torch.Tensor, num_frame
 
 def anchor_frames(frame: int, anchors: int) -> list[int]:
     """RMPM's anchor set for latent frame ``frame`` (0-based): frame 0 plus the ``anchors - 1``
-    most recent previous frames (Algorithm 1, with the window slip fixed as METHOD.md says)."""
+    most recent previous frames (Algorithm 1, with the window slip fixed: docs/method.md#rmpm)."""
     if anchors < 1:
         raise ValueError(f"anchors={anchors}: RMPM needs at least 1 anchor frame (the first frame)")
     recent = list(range(max(1, frame - anchors + 1), frame))

@@ -20,7 +20,9 @@ from ..errors import FlexiMMTInputError
 FORMAT = "fleximmt.method.motion/1"
 # base_loras: the LoRAs on the base model while the motion trained (train.base_loras; absent in older files)
 _METADATA_KEYS = ("name", "caption", "concept_words", "motion_words", "base_model", "steps", "family", "base_loras")
-EXPERT_KEY = "motion_tokens"  # the first expert's tensor; expert e > 0 is "motion_tokens_{e + 1}" (Wan 2.2 A14B has two)
+EXPERT_KEY = (
+    "motion_tokens"  # the first expert's tensor; expert e > 0 is "motion_tokens_{e + 1}" (Wan 2.2 A14B has two)
+)
 FIRST_FAMILY = "cogvideox"  # motion files from before families were recorded were all learned on CogVideoX
 
 
@@ -107,8 +109,15 @@ class MotionTokens:
         experts = f"experts={self.num_experts}, " if self.num_experts > 1 else ""
         return f"MotionTokens({experts}blocks={self.num_blocks}, d_m={self.d_m}, dim={self.dim}{', ' + meta if meta else ''})"
 
-    def check_model(self, num_blocks: int, dim: int, family: str | None = None, experts: int = 1,
-                    source: str = "motion", family_name: Callable[[str], str] = str) -> None:  # fmt: skip
+    def check_model(
+        self,
+        num_blocks: int,
+        dim: int,
+        family: str | None = None,
+        experts: int = 1,
+        source: str = "motion",
+        family_name: Callable[[str], str] = str,
+    ) -> None:
         """Raise if these tokens cannot go into a model of ``family`` with ``experts`` transformers of
         ``num_blocks`` blocks of width ``dim``; ``family_name`` names a family in the message (the
         registry's ``fleximmt.models.family_name``)."""
@@ -120,7 +129,7 @@ class MotionTokens:
                 "again on this model"
             )
         if (self.num_blocks, self.dim) != (num_blocks, dim) or self.num_experts != experts:
-            expert_text = lambda n: f"{n} experts of " if n > 1 else ""  # noqa: E731
+            expert_text = lambda n: f"{n} experts of " if n > 1 else ""
             raise FlexiMMTInputError(
                 f"{source}: motion tokens are for a model with {expert_text(self.num_experts)}{self.num_blocks} blocks "
                 f"of width {self.dim}, but the loaded model has {expert_text(experts)}{num_blocks} blocks of width {dim} "
@@ -143,7 +152,9 @@ class MotionTokens:
 
         path = Path(path)
         if not path.is_file():
-            raise FlexiMMTInputError(f"motion file {str(path)!r} does not exist: give the path of a .safetensors motion")
+            raise FlexiMMTInputError(
+                f"motion file {str(path)!r} does not exist: give the path of a .safetensors motion"
+            )
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -178,8 +189,10 @@ def check_motion_name(name: str) -> str:
     """``name`` (stripped) if it can name a motion file in a folder (no path, no hidden file), else raise."""
     name = (name or "").strip()
     if not MOTION_NAME.fullmatch(name):
-        raise FlexiMMTInputError(f"motion name {name!r}: use letters, digits, spaces, '.', '_' or '-' (at most 64), "
-                                 "starting with a letter or digit")  # fmt: skip
+        raise FlexiMMTInputError(
+            f"motion name {name!r}: use letters, digits, spaces, '.', '_' or '-' (at most 64), "
+            "starting with a letter or digit"
+        )
     return name
 
 
@@ -189,17 +202,20 @@ def motion_metadata(motion: MotionTokens, markdown: bool = True) -> str:
     meta = motion.metadata
     blocks, d_m, dim = motion.tokens.shape[-3:]
     em, code = ("*", "`") if markdown else ("", "")
-    parts = [f"caption: {em}{meta['caption']}{em}" if meta.get("caption") else None,
-             f"concept: {code}{meta['concept_words']}{code}" if meta.get("concept_words") else None,
-             f"motion words: {code}{meta['motion_words']}{code}" if meta.get("motion_words") else None,
-             f"{motion.num_experts} experts x " * (motion.num_experts > 1) + f"{blocks} blocks x {d_m} tokens x {dim}",
-             f"{meta['steps']} training steps" if meta.get("steps") else None,
-             f"base LoRAs: {lora_names(meta['base_loras'])}" if meta.get("base_loras") else None]  # fmt: skip
+    parts = [
+        f"caption: {em}{meta['caption']}{em}" if meta.get("caption") else None,
+        f"concept: {code}{meta['concept_words']}{code}" if meta.get("concept_words") else None,
+        f"motion words: {code}{meta['motion_words']}{code}" if meta.get("motion_words") else None,
+        f"{motion.num_experts} experts x " * (motion.num_experts > 1) + f"{blocks} blocks x {d_m} tokens x {dim}",
+        f"{meta['steps']} training steps" if meta.get("steps") else None,
+        f"base LoRAs: {lora_names(meta['base_loras'])}" if meta.get("base_loras") else None,
+    ]
     return (" · " if markdown else "\n").join(p for p in parts if p)
 
 
 def lora_names(loras: list[dict]) -> str:
     """``base_loras`` metadata as text: "style (0.8), speed (1.0, fused) on transformer_2"."""
+
     def one(lora: dict) -> str:
         weight = lora.get("weight")
         weight = ", ".join(f"{w:g}" for w in weight) if isinstance(weight, list) else f"{weight:g}"
@@ -251,9 +267,13 @@ class ObjectMotion:
         if isinstance(self.motion, (str, os.PathLike)):
             self.motion = MotionTokens.load(self.motion)
         if not isinstance(self.motion, MotionTokens):
-            raise FlexiMMTInputError(f"motion must be a MotionTokens or a path to one, got {type(self.motion).__name__}")
+            raise FlexiMMTInputError(
+                f"motion must be a MotionTokens or a path to one, got {type(self.motion).__name__}"
+            )
         if not isinstance(self.motion_text, str) or not self.motion_text.strip():
-            raise FlexiMMTInputError("motion_text must name the prompt's words for this object's motion, e.g. 'jumps up'")
+            raise FlexiMMTInputError(
+                "motion_text must name the prompt's words for this object's motion, e.g. 'jumps up'"
+            )
         self._mask = load_mask(self.mask)
 
     @property

@@ -1,4 +1,4 @@
-"""MDMA's "auto" backend as opaque operators for ``torch.compile`` (METHOD.md section 8).
+"""MDMA's "auto" backend as opaque operators for ``torch.compile`` (docs/method.md#attention-without-an-n-x-n-mask).
 
 The auto backend groups video queries by the objects they belong to, and the groups' sizes change
 with the masks at every step: traced, each new size would compile again. Inside a compiled graph
@@ -56,7 +56,6 @@ def _state(handle: torch.Tensor):
     return _STATES[int(handle.item())]
 
 
-
 def attention_kind(kind: str, factory: Callable) -> None:
     """Let attention callables whose ``opaque_name`` is ``"kind:argument"`` cross into the operators:
     ``factory(argument, state)`` makes the callable again there."""
@@ -77,8 +76,10 @@ def _attention(name: str, state):
 
     if name == "?" and "unnamed" not in _SAID:
         _SAID.add("unnamed")
-        logger.warning("torch.compile with attention_backend='auto': an attention function without an opaque_name "
-                       "cannot cross into FlexiMMT's opaque operators; their grouped calls run on PyTorch's SDPA")  # fmt: skip
+        logger.warning(
+            "torch.compile with attention_backend='auto': an attention function without an opaque_name "
+            "cannot cross into FlexiMMT's opaque operators; their grouped calls run on PyTorch's SDPA"
+        )
     if name in ("", "?"):
         return sdpa
     kind, _, argument = name.partition(":")
@@ -143,13 +144,23 @@ def _joint_laid(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
 def _joint_eager(handle, block, query, key, value, text_len, texts, attention):
     # the auto backend rewrites the text and motion rows of keys and values in place: an operator's inputs stay
     state = _state(handle)
-    return state.joint_attention(block, query, key.clone(), value.clone(), text_len,
-                                 _attention(attention, state), _texts(texts))  # fmt: skip
+    return state.joint_attention(
+        block, query, key.clone(), value.clone(), text_len, _attention(attention, state), _texts(texts)
+    )
 
 
 @torch.library.custom_op("fleximmt::mdma_joint", mutates_args=())
-def mdma_joint_op(handle: torch.Tensor, block: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                  value: torch.Tensor, text_len: int, motion_len: int, texts: list[int], attention: str) -> torch.Tensor:  # fmt: skip
+def mdma_joint_op(
+    handle: torch.Tensor,
+    block: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    text_len: int,
+    motion_len: int,
+    texts: list[int],
+    attention: str,
+) -> torch.Tensor:
     return _joint_laid(_joint_eager(handle, block, query, key, value, text_len, texts, attention), query)
 
 
@@ -159,9 +170,17 @@ def _(handle, block, query, key, value, text_len, motion_len, texts, attention):
 
 
 @torch.library.custom_op("fleximmt::mdma_joint_backward", mutates_args=())
-def mdma_joint_backward(grad: torch.Tensor, handle: torch.Tensor, block: torch.Tensor, query: torch.Tensor,
-                        key: torch.Tensor, value: torch.Tensor, text_len: int, texts: list[int],
-                        attention: str) -> list[torch.Tensor]:  # fmt: skip
+def mdma_joint_backward(
+    grad: torch.Tensor,
+    handle: torch.Tensor,
+    block: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    text_len: int,
+    texts: list[int],
+    attention: str,
+) -> list[torch.Tensor]:
     with _recording():
         inputs = tuple(x.detach().requires_grad_() for x in (query, key, value))
         return _grads(_joint_eager(handle, block, *inputs, text_len, texts, attention), inputs, grad)
@@ -191,8 +210,9 @@ def mdma_joint(state, block, query, key, value, text_len: int, texts=None, atten
     """:meth:`FlexiMMTState.joint_attention` (auto backend) as one opaque operator; ``block``: the processor's
     ``block_tensor``."""
     motion_len = state.num_objects * state.tokens_per_motion
-    return mdma_joint_op(state.handle, block, query, key, value, text_len, motion_len, text_codes(texts),
-                         attention_name(attention))  # fmt: skip
+    return mdma_joint_op(
+        state.handle, block, query, key, value, text_len, motion_len, text_codes(texts), attention_name(attention)
+    )
 
 
 # -- the cross form: video queries over [text | motion] keys ------------------------------------------
@@ -201,14 +221,21 @@ def _cross_eager(handle, block, query, key, value, motion_k, motion_v, texts, at
         return motion_k[video : video + 1], motion_v[video : video + 1]
 
     state = _state(handle)
-    return state.cross_with(block, query, key, value, motion_of, _attention(attention, state),
-                            _texts(texts))  # fmt: skip
+    return state.cross_with(block, query, key, value, motion_of, _attention(attention, state), _texts(texts))
 
 
 @torch.library.custom_op("fleximmt::mdma_cross", mutates_args=())
-def mdma_cross_op(handle: torch.Tensor, block: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                  value: torch.Tensor, motion_k: torch.Tensor, motion_v: torch.Tensor, texts: list[int],
-                  attention: str) -> torch.Tensor:  # fmt: skip
+def mdma_cross_op(
+    handle: torch.Tensor,
+    block: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    motion_k: torch.Tensor,
+    motion_v: torch.Tensor,
+    texts: list[int],
+    attention: str,
+) -> torch.Tensor:
     out = _cross_eager(handle, block, query, key, value, motion_k, motion_v, texts, attention)
     return out.to(query.dtype).contiguous()  # laid out as the fake's new_empty
 
@@ -219,9 +246,18 @@ def _(handle, block, query, key, value, motion_k, motion_v, texts, attention):
 
 
 @torch.library.custom_op("fleximmt::mdma_cross_backward", mutates_args=())
-def mdma_cross_backward(grad: torch.Tensor, handle: torch.Tensor, block: torch.Tensor, query: torch.Tensor,
-                        key: torch.Tensor, value: torch.Tensor, motion_k: torch.Tensor, motion_v: torch.Tensor,
-                        texts: list[int], attention: str) -> list[torch.Tensor]:  # fmt: skip
+def mdma_cross_backward(
+    grad: torch.Tensor,
+    handle: torch.Tensor,
+    block: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    motion_k: torch.Tensor,
+    motion_v: torch.Tensor,
+    texts: list[int],
+    attention: str,
+) -> list[torch.Tensor]:
     with _recording():
         inputs = tuple(x.detach().requires_grad_() for x in (query, key, value, motion_k, motion_v))
         return _grads(_cross_eager(handle, block, *inputs, texts, attention), inputs, grad)
@@ -251,8 +287,17 @@ def mdma_cross(state, block, expert: int, query, key, value, project, texts=None
     """:meth:`FlexiMMTState.cross_attention` (auto backend) as one opaque operator; the motion tokens of every
     video go through ``project`` here, in the graph, so that their gradients reach them."""
     keys, values = zip(*(state.motion_projections(video, block, expert, project) for video in range(len(state.videos))))
-    return mdma_cross_op(state.handle, block, query, key, value, torch.cat(keys), torch.cat(values), text_codes(texts),
-                         attention_name(attention))  # fmt: skip
+    return mdma_cross_op(
+        state.handle,
+        block,
+        query,
+        key,
+        value,
+        torch.cat(keys),
+        torch.cat(values),
+        text_codes(texts),
+        attention_name(attention),
+    )
 
 
 # -- RMPM's feature capture: which blocks capture is the state's business, not the graph's ------------

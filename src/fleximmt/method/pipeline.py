@@ -5,7 +5,7 @@ CogVideoX, ``FlexiMMTWanPipeline`` for Wan; ``fleximmt/models``). Around diffuse
 loop it (1) checks the objects against images, prompts and model, (2) builds one
 ``FlexiMMTState`` for the call - every video's motion tokens, motion words and first-frame masks -
 that the model's processors read, and (3) after every step runs RMPM on the features captured
-during that step and prepares the next step's masks (a one-step lag, METHOD.md section 5).
+during that step and prepares the next step's masks (a one-step lag, docs/method.md#rmpm).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -84,7 +84,7 @@ def check_safetensors(path: str | os.PathLike, kwargs: dict[str, Any]) -> None:
             raise FlexiMMTInputError(
                 f"{str(component)!r} holds pickled weights only ({', '.join(sorted(pickled))}): fleximmt loads "
                 "safetensors only, on purpose (a pickle can run code when it is loaded). If you trust the files, "
-                "convert the checkpoint once with diffusers: python -c \"from diffusers import DiffusionPipeline; "
+                'convert the checkpoint once with diffusers: python -c "from diffusers import DiffusionPipeline; '
                 f"DiffusionPipeline.from_pretrained('{folder}', use_safetensors=False).save_pretrained('{folder}-safetensors')\""
             )
 
@@ -155,14 +155,22 @@ def flexi_call(cls) -> Callable:
     and positional arguments see and take exactly that; the body is :meth:`FlexiMMTMixin._call`."""
     diffusers_call = cls.adapter_class.pipeline_class.__call__
     theirs = inspect.signature(diffusers_call)
-    defaults = {**{f.name: f.default for f in fields(TransferOptions)}, "parts": tuple(cls.adapter_class.parts),
-                **cls.call_defaults}  # fmt: skip
+    defaults = {
+        **{f.name: f.default for f in fields(TransferOptions)},
+        "parts": tuple(cls.adapter_class.parts),
+        **cls.call_defaults,
+    }
     params = [p.replace(default=defaults.get(p.name, p.default)) for p in theirs.parameters.values()]
     if "callback_on_step_end" not in theirs.parameters:  # diffusers' habit, for a pipeline without it (see _call)
-        params.append(inspect.Parameter("callback_on_step_end", inspect.Parameter.KEYWORD_ONLY, default=None,
-                                        annotation="Callable | None"))  # fmt: skip
-    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults[f.name], annotation=f.type)
-               for f in fields(TransferOptions)]  # fmt: skip
+        params.append(
+            inspect.Parameter(
+                "callback_on_step_end", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Callable | None"
+            )
+        )
+    params += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=defaults[f.name], annotation=f.type)
+        for f in fields(TransferOptions)
+    ]
     signature = theirs.replace(parameters=params, return_annotation="FlexiMMTPipelineOutput | Any")
 
     @torch.no_grad()
@@ -174,9 +182,11 @@ def flexi_call(cls) -> Callable:
     __call__.__signature__ = signature
     __call__.__qualname__ = f"{cls.__qualname__}.__call__"
     __call__.__module__ = cls.__module__
-    __call__.__doc__ = (f"Generate videos in which each object of ``objects`` moves with its own motion.\n\n"
-                        f"    diffusers' ``{cls.adapter_class.pipeline_class.__name__}.__call__`` arguments, in its order "
-                        f"and with its meaning{cls.call_doc}\n\n    {OPTIONS_DOC}")  # fmt: skip
+    __call__.__doc__ = (
+        f"Generate videos in which each object of ``objects`` moves with its own motion.\n\n"
+        f"    diffusers' ``{cls.adapter_class.pipeline_class.__name__}.__call__`` arguments, in its order "
+        f"and with its meaning{cls.call_doc}\n\n    {OPTIONS_DOC}"
+    )
     return __call__
 
 
@@ -202,8 +212,9 @@ def object_word_spans(adapter: ModelAdapter, prompt: str, phrases: Sequence[str]
     return adapter.word_spans(prompt, phrases, text_len)
 
 
-def object_token_spans(ids: Sequence[int], phrases: Sequence[str], encode, prompt: str,
-                       max_sequence_length: int) -> list[list[int]]:  # fmt: skip
+def object_token_spans(
+    ids: Sequence[int], phrases: Sequence[str], encode, prompt: str, max_sequence_length: int
+) -> list[list[int]]:
     """:func:`find_token_spans` (the id search) of every object's phrase, numbered as in
     :func:`object_word_spans`: for ComfyUI's native patch, whose CLIP gives token ids and no
     character offsets."""
@@ -225,12 +236,15 @@ def objects_per_prompt(objects: Sequence, prompts: int) -> list[list[ObjectMotio
         per = [objects] * prompts
     counts = {len(o) for o in per}
     if len(counts) > 1:
-        raise FlexiMMTInputError(f"the prompts have {sorted(counts)} objects: give every prompt as many objects "
-                                 "(or call once per prompt)")  # fmt: skip
+        raise FlexiMMTInputError(
+            f"the prompts have {sorted(counts)} objects: give every prompt as many objects (or call once per prompt)"
+        )
     for objs in per:
         for k, obj in enumerate(objs, 1):
             if not isinstance(obj, ObjectMotion):
-                raise ObjectInputError(k, f"it is a {type(obj).__name__}: give fleximmt.ObjectMotion(mask, motion, motion_text)")
+                raise ObjectInputError(
+                    k, f"it is a {type(obj).__name__}: give fleximmt.ObjectMotion(mask, motion, motion_text)"
+                )
     return per
 
 
@@ -238,7 +252,7 @@ class FlexiMMTMixin:
     """FlexiMMT's transfer on top of a diffusers pipeline; ``adapter_class`` names the model family."""
 
     adapter_class: type[ModelAdapter]
-    call_defaults: dict[str, Any] = {}  # diffusers' arguments whose default FlexiMMT changes
+    call_defaults: ClassVar[dict[str, Any]] = {}  # diffusers' arguments whose default FlexiMMT changes
     call_doc: str = "."  # what the call does differently from diffusers' (the docstring's first paragraph ends so)
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -340,8 +354,14 @@ class FlexiMMTMixin:
             self.maybe_free_model_hooks()
             raise
 
-    def _transfer(self, adapter: ModelAdapter, diffusers_call: Callable, call: dict, options: TransferOptions,
-                  per_prompt: list[list[ObjectMotion]]) -> Any:  # fmt: skip
+    def _transfer(
+        self,
+        adapter: ModelAdapter,
+        diffusers_call: Callable,
+        call: dict,
+        options: TransferOptions,
+        per_prompt: list[list[ObjectMotion]],
+    ) -> Any:
         height, width, num_frames = adapter.call_size(call)
         adapter.check_geometry(height, width, num_frames)
         grid = adapter.token_grid(height, width, num_frames)
@@ -350,8 +370,9 @@ class FlexiMMTMixin:
         objects = [objs for objs in per_prompt for _ in range(videos_per_prompt)]
         images = adapter.batch_images(call, len(prompts))
         device = self._execution_device
-        state, first_masks = self._prepare_state(adapter, prompts, images, objects, grid, (height, width), call,
-                                                 options, device)  # fmt: skip
+        state, first_masks = self._prepare_state(
+            adapter, prompts, images, objects, grid, (height, width), call, options, device
+        )
         state.shard_video(adapter.video_shard(grid.size))
         adapter.install_processors()
         schedule = MaskSchedule(state, first_masks, grid, options, adapter.motion_shape()[0])
@@ -365,9 +386,18 @@ class FlexiMMTMixin:
             return (*output, masks)
         return FlexiMMTPipelineOutput(frames=output.frames, masks=masks)
 
-    def _prepare_state(self, adapter: ModelAdapter, prompts: list[str], images: list, objects: list[list[ObjectMotion]],
-                       grid: TokenGrid, size: tuple[int, int], call: dict, options: TransferOptions,
-                       device) -> tuple[FlexiMMTState, list[torch.Tensor]]:  # fmt: skip
+    def _prepare_state(
+        self,
+        adapter: ModelAdapter,
+        prompts: list[str],
+        images: list,
+        objects: list[list[ObjectMotion]],
+        grid: TokenGrid,
+        size: tuple[int, int],
+        call: dict,
+        options: TransferOptions,
+        device,
+    ) -> tuple[FlexiMMTState, list[torch.Tensor]]:
         """Check every video's objects against its image, prompt and the model; return the state
         and each video's first-frame masks on the token grid (bool ``[K, h, w]``)."""
         num_blocks, dim = adapter.motion_shape()
@@ -380,20 +410,33 @@ class FlexiMMTMixin:
             first = []
             for k, obj in enumerate(objs, 1):
                 with about_object(k):
-                    obj.motion.check_model(num_blocks, dim, family=adapter.family, experts=adapter.num_experts,
-                                           source=f"object {k}", family_name=adapter.name_family)  # fmt: skip
+                    obj.motion.check_model(
+                        num_blocks,
+                        dim,
+                        family=adapter.family,
+                        experts=adapter.num_experts,
+                        source=f"object {k}",
+                        family_name=adapter.name_family,
+                    )
                 mask = obj.mask_tensor
                 if tuple(mask.shape) != (img_h, img_w):
-                    raise ObjectInputError(k, f"the mask is {mask.shape[0]} x {mask.shape[1]} but the image is "
-                                              f"{img_h} x {img_w}: give a mask of the image's size")  # fmt: skip
+                    raise ObjectInputError(
+                        k,
+                        f"the mask is {mask.shape[0]} x {mask.shape[1]} but the image is "
+                        f"{img_h} x {img_w}: give a mask of the image's size",
+                    )
                 grid_mask = mask_to_token_grid(adapter.frame_mask(mask, *size), grid.height, grid.width)
                 if not grid_mask.any() and video == 0:
                     logger.warning("object %d has an empty mask: its motion will reach no video token", k)
                 first.append(grid_mask)
             d_ms = {obj.motion.d_m for obj in objs}
             if len(d_ms) > 1:
-                raise FlexiMMTInputError(f"the motions have different token counts d_m {sorted(d_ms)}: use motions trained with one d_m")
-            member = span_membership(text_len, object_word_spans(adapter, prompt, [o.motion_text for o in objs], text_len))
+                raise FlexiMMTInputError(
+                    f"the motions have different token counts d_m {sorted(d_ms)}: use motions trained with one d_m"
+                )
+            member = span_membership(
+                text_len, object_word_spans(adapter, prompt, [o.motion_text for o in objs], text_len)
+            )
             concept_index = None
             if options.mask_source == "qk":
                 concepts = [o.concept_text or o.motion_text for o in objs]
@@ -416,8 +459,12 @@ def check_caches(transformers: Sequence[torch.nn.Module], state: FlexiMMTState) 
     from diffusers.hooks import FasterCacheConfig
 
     rows, feature = state.rows, state.feature_rows
-    halves = rows is not None and feature is not None and len(rows) == 2 * len(feature) \
-        and feature == list(range(len(feature), len(rows)))  # fmt: skip
+    halves = (
+        rows is not None
+        and feature is not None
+        and len(rows) == 2 * len(feature)
+        and feature == list(range(len(feature), len(rows)))
+    )
     for transformer in transformers:
         config = getattr(transformer, "_cache_config", None)
         if isinstance(config, FasterCacheConfig) and not config.is_guidance_distilled and not halves:
@@ -429,8 +476,14 @@ def check_caches(transformers: Sequence[torch.nn.Module], state: FlexiMMTState) 
             )
 
 
-def transfer_state(videos: list[VideoMotions], options: TransferOptions, form: str, num_blocks: int,
-                   feature_share: float, num_frames: int) -> FlexiMMTState:  # fmt: skip
+def transfer_state(
+    videos: list[VideoMotions],
+    options: TransferOptions,
+    form: str,
+    num_blocks: int,
+    feature_share: float,
+    num_frames: int,
+) -> FlexiMMTState:
     """The state a transfer's processors read: every video's motions, the MDMA settings and RMPM's
     feature blocks (by default the model's ``feature_share`` of its first blocks)."""
     feature_blocks = options.feature_blocks
@@ -440,14 +493,19 @@ def transfer_state(videos: list[VideoMotions], options: TransferOptions, form: s
     if bad:
         raise FlexiMMTInputError(f"feature_blocks {bad} are outside the model's {num_blocks} blocks")
     return FlexiMMTState(
-        videos=videos, form=form, parts=options.parts, context_text=options.context_text,
-        backend=options.attention_backend, num_frames=num_frames, dmem=options.mask_source == "qk",
+        videos=videos,
+        form=form,
+        parts=options.parts,
+        context_text=options.context_text,
+        backend=options.attention_backend,
+        num_frames=num_frames,
+        dmem=options.mask_source == "qk",
         feature_blocks=frozenset(feature_blocks) if options.mask_source == "rmpm" else frozenset(),
-    )  # fmt: skip
+    )
 
 
 class MaskSchedule:
-    """The object masks of one transfer, step by step (METHOD.md section 5): step 0's from the
+    """The object masks of one transfer, step by step (docs/method.md#rmpm): step 0's from the
     options (first-frame masks on every frame, the release's none, all video, or DMEM's), then after
     every step RMPM's from the features captured during it - used from the next step on - until
     dynamic RMPM freezes them. Any driver of a denoising loop calls :meth:`step_end` after each step
@@ -458,9 +516,21 @@ class MaskSchedule:
     past its first block, MagCache and TaylorSeer's skipped steps, PAB and FasterCache's reused
     attention - the capture is partial or empty, and the last masks stay for the next step."""
 
-    def __init__(self, state: FlexiMMTState, first_masks: list[torch.Tensor], grid: TokenGrid,
-                 options: TransferOptions, num_blocks: int) -> None:  # fmt: skip
-        self.state, self.first_masks, self.grid, self.options, self.num_blocks = state, first_masks, grid, options, num_blocks
+    def __init__(
+        self,
+        state: FlexiMMTState,
+        first_masks: list[torch.Tensor],
+        grid: TokenGrid,
+        options: TransferOptions,
+        num_blocks: int,
+    ) -> None:
+        self.state, self.first_masks, self.grid, self.options, self.num_blocks = (
+            state,
+            first_masks,
+            grid,
+            options,
+            num_blocks,
+        )
         self.updating = options.mask_source == "rmpm"
         self.history: list[torch.Tensor] = []
         num_objects = state.num_objects
@@ -482,9 +552,14 @@ class MaskSchedule:
         state, grid, options = self.state, self.grid, self.options
         num_objects = state.num_objects
         if options.return_masks:
-            self.history.append(torch.stack([
-                slot.video_masks.view(num_objects, grid.frames, grid.height, grid.width).cpu()
-                for slot in state.videos]))  # fmt: skip
+            self.history.append(
+                torch.stack(
+                    [
+                        slot.video_masks.view(num_objects, grid.frames, grid.height, grid.width).cpu()
+                        for slot in state.videos
+                    ]
+                )
+            )
         state.begin_step(grid.size, self.num_blocks)
         if not self.updating:
             return
@@ -493,16 +568,24 @@ class MaskSchedule:
             complete = state.capture_complete(v)
             features = state.take_features(v)
             if features is None or not complete:  # a cache skipped blocks of this step: the last masks stay
-                logger.debug("step %d: RMPM's features came from %s of blocks %s: masks kept", step,
-                             "none" if features is None else "some", sorted(state.feature_blocks))  # fmt: skip
+                logger.debug(
+                    "step %d: RMPM's features came from %s of blocks %s: masks kept",
+                    step,
+                    "none" if features is None else "some",
+                    sorted(state.feature_blocks),
+                )
                 continue
-            new = rmpm(self.first_masks[v], features.view(grid.frames, grid.height, grid.width, -1),
-                       options.anchors, options.rmpm_method).reshape(num_objects, -1)  # fmt: skip
+            new = rmpm(
+                self.first_masks[v],
+                features.view(grid.frames, grid.height, grid.width, -1),
+                options.anchors,
+                options.rmpm_method,
+            ).reshape(num_objects, -1)
             old = slot.video_masks
             state.parts = options.parts  # after a release-style step 0, every part is on again
             state.set_video_masks(new, v)
             changes += [mask_change(o, n) for o, n in zip(old, new)]
-        if options.alpha is not None and step + 1 >= ALWAYS_UPDATE_STEPS and changes:
+        if options.alpha is not None and step + 1 >= ALWAYS_UPDATE_STEPS and changes:  # noqa: SIM102
             if all(change < options.alpha for change in changes):
                 self.updating = False
                 state.feature_blocks = frozenset()

@@ -23,8 +23,16 @@ def prompt_token_ids(tokenizer, prompt: str, max_sequence_length: int) -> list[i
     ).input_ids
 
 
-def find_word_spans(tokenizer, text: str, phrases: Sequence[str], max_length: int, *, prompt_start: int = 0,
-                    skip_tokens: int = 0, prompt_end: int | None = None) -> list[list[int]]:  # fmt: skip
+def find_word_spans(
+    tokenizer,
+    text: str,
+    phrases: Sequence[str],
+    max_length: int,
+    *,
+    prompt_start: int = 0,
+    skip_tokens: int = 0,
+    prompt_end: int | None = None,
+) -> list[list[int]]:
     """Token indices of each phrase of ``phrases`` among the ``max_length`` text tokens the
     transformer sees, found by characters (a "fast" tokenizer's offsets).
 
@@ -50,10 +58,22 @@ def find_word_spans(tokenizer, text: str, phrases: Sequence[str], max_length: in
         ids = prompt_token_ids(tokenizer, text, tokenizer_length)[skip_tokens:]
         encode = lambda phrase: tokenizer(phrase.strip(), add_special_tokens=False).input_ids
         return find_token_spans(ids, phrases, encode, prompt, max_length)
-    kept = token_offsets(tokenizer(text, padding="max_length", max_length=tokenizer_length, truncation=True,
-                                   add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True))  # fmt: skip
-    whole = token_offsets(tokenizer(text, add_special_tokens=True, return_offsets_mapping=True,
-                                    return_special_tokens_mask=True, verbose=False))  # fmt: skip
+    kept = token_offsets(
+        tokenizer(
+            text,
+            padding="max_length",
+            max_length=tokenizer_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+        )
+    )
+    whole = token_offsets(
+        tokenizer(
+            text, add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True, verbose=False
+        )
+    )
     prompt_end = len(text) if prompt_end is None else prompt_end
     taken: set[int] = set()
     spans = []
@@ -76,16 +96,20 @@ def find_word_spans(tokenizer, text: str, phrases: Sequence[str], max_length: in
         start, span = free[0] if free else found[0]
         taken.add(start)
         if span[0] < skip_tokens:
-            raise ValueError(f"motion words {phrase!r} lie among the {skip_tokens} tokens the pipeline crops "
-                             f"(prompt_start={prompt_start}): the adapter's prompt_start and skip_tokens disagree")  # fmt: skip
+            raise ValueError(
+                f"motion words {phrase!r} lie among the {skip_tokens} tokens the pipeline crops "
+                f"(prompt_start={prompt_start}): the adapter's prompt_start and skip_tokens disagree"
+            )
         spans.append([i - skip_tokens for i in span])
     return spans
 
 
 def token_offsets(encoding) -> list[tuple[int, int] | None]:
     """Every token's (start, end) characters in the text; None for special tokens and padding."""
-    return [(start, end) if end > start and not special else None
-            for (start, end), special in zip(encoding["offset_mapping"], encoding["special_tokens_mask"])]  # fmt: skip
+    return [
+        (start, end) if end > start and not special else None
+        for (start, end), special in zip(encoding["offset_mapping"], encoding["special_tokens_mask"])
+    ]
 
 
 def overlapping(offsets: list[tuple[int, int] | None], start: int, end: int) -> list[int]:
@@ -141,8 +165,13 @@ def empty_prompt(phrase: str) -> FlexiMMTInputError:
     )
 
 
-def find_token_spans(ids: Sequence[int], phrases: Sequence[str], encode: Callable[[str], Sequence[int]], prompt: str,
-                     max_sequence_length: int) -> list[list[int]]:  # fmt: skip
+def find_token_spans(
+    ids: Sequence[int],
+    phrases: Sequence[str],
+    encode: Callable[[str], Sequence[int]],
+    prompt: str,
+    max_sequence_length: int,
+) -> list[list[int]]:
     """Token indices of each phrase inside the prompt's token ids ``ids``; ``encode(phrase)`` gives a
     phrase's ids without special tokens (a slow diffusers tokenizer's, or a ComfyUI CLIP's).
 

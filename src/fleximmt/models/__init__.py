@@ -32,7 +32,7 @@ def adapters() -> Iterator[type[ModelAdapter]]:
     """Every registered adapter class (each model module once), imported as it is reached: finding
     CogVideoX's does not import Wan's module."""
     for name in dict.fromkeys(module for module, _ in REGISTRY.values()):
-        yield getattr(importlib.import_module(f"{__name__}.{name}"), "ADAPTER")
+        yield importlib.import_module(f"{__name__}.{name}").ADAPTER
 
 
 def default_model() -> str:
@@ -82,5 +82,15 @@ def compile(pipe, regional: bool = True, fullgraph: bool = True, **compile_kwarg
         transformer.compile_repeated_blocks(fullgraph=fullgraph, **compile_kwargs)
 
 
-__all__ = ["REGISTRY", "SUPPORTED", "ModelAdapter", "TokenGrid", "adapter_for", "adapters", "compile", "default_model", "family_name",
-           "pipeline_class"]
+__all__ = [
+    "REGISTRY",
+    "SUPPORTED",
+    "ModelAdapter",
+    "TokenGrid",
+    "adapter_for",
+    "adapters",
+    "compile",
+    "default_model",
+    "family_name",
+    "pipeline_class",
+]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import CogVideoXImageToVideoPipeline
@@ -144,7 +144,9 @@ class CogVideoXAdapter(ModelAdapter):
         latent_frames = (num_frames - 1) // temporal + 1
         patch_t = cfg.patch_size_t or 1
         per_token = self.pipe.vae_scale_factor_spatial * cfg.patch_size
-        return TokenGrid(-(-latent_frames // patch_t), height // per_token, width // per_token, latent_frames, patch_t, temporal)
+        return TokenGrid(
+            -(-latent_frames // patch_t), height // per_token, width // per_token, latent_frames, patch_t, temporal
+        )
 
     def check_geometry(self, height: int, width: int, num_frames: int) -> None:
         cfg = self.pipe.transformer.config
@@ -173,7 +175,10 @@ class CogVideoXAdapter(ModelAdapter):
             current = block.attn1.processor
             if isinstance(current, FlexiMMTAttnProcessor):
                 continue
-            if index == 0 and type(current).__name__ not in ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0"):
+            if index == 0 and type(current).__name__ not in (
+                "CogVideoXAttnProcessor2_0",
+                "FusedCogVideoXAttnProcessor2_0",
+            ):
                 logger.warning("replacing the attention processor %s with FlexiMMT's", type(current).__name__)
             block.attn1.set_processor(carry_dispatch(current, FlexiMMTAttnProcessor(index)))
 
@@ -192,9 +197,15 @@ class CogVideoXAdapter(ModelAdapter):
             factor = self.pipe.vae_scale_factor_temporal
             decoded = factor * latent if latent % 2 == 0 else factor * (latent - 1) + 1
             lower = (call["num_frames"] - 1) // step * step + 1
-            logger.warning("num_frames=%d is not %dk+1: CogVideoX's VAE decodes %d frames for it (as in diffusers); "
-                           "ask for %d or %d frames for an exact count", call["num_frames"], step, decoded, lower,
-                           lower + step)  # fmt: skip
+            logger.warning(
+                "num_frames=%d is not %dk+1: CogVideoX's VAE decodes %d frames for it (as in diffusers); "
+                "ask for %d or %d frames for an exact count",
+                call["num_frames"],
+                step,
+                decoded,
+                lower,
+                lower + step,
+            )
         per_prompt = call.get("num_videos_per_prompt") or 1
         count = prompt_count(call)
         images = None
@@ -223,8 +234,9 @@ class CogVideoXAdapter(ModelAdapter):
     def encode_conditions(self, clips, caption, text_len, generator):
         pipe = self.pipe
         device = pipe._execution_device
-        prompt_embeds, _ = pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=text_len,
-                                              device=device)  # fmt: skip
+        prompt_embeds, _ = pipe.encode_prompt(
+            caption, do_classifier_free_guidance=False, max_sequence_length=text_len, device=device
+        )
         scale = pipe.vae.config.scaling_factor
         # the image condition is scaled as the pipeline scales it (CogVideoX 1.5's VAE inverts it)
         image_scale = 1 / scale if getattr(pipe.vae.config, "invert_scale_latents", False) else scale
@@ -243,8 +255,12 @@ class CogVideoXAdapter(ModelAdapter):
                 image = torch.cat([image[:, :pad], image], dim=1)
             videos.append(latents[0].float().cpu())
             images.append(image[0].float().cpu())
-        return {"prompt_embeds": prompt_embeds.float().cpu(), "video_latents": torch.stack(videos),
-                "image_latents": torch.stack(images), "padding": torch.tensor(pad)}  # fmt: skip
+        return {
+            "prompt_embeds": prompt_embeds.float().cpu(),
+            "video_latents": torch.stack(videos),
+            "image_latents": torch.stack(images),
+            "padding": torch.tensor(pad),
+        }
 
     def training_prediction(self, state, cond, window, generator, image_dropout, autocast) -> TrainingBatch:
         pipe = self.pipe
@@ -285,17 +301,26 @@ class CogVideoXAdapter(ModelAdapter):
         return TrainingBatch(x0, x0_hat, weight, real)
 
     def _padded(self, cond) -> bool:
-        return bool(cond.get("padded", torch.zeros(())).item()) if isinstance(cond.get("padded"), torch.Tensor) else False
+        return (
+            bool(cond.get("padded", torch.zeros(())).item()) if isinstance(cond.get("padded"), torch.Tensor) else False
+        )
 
 
 class FlexiMMTPipeline(FlexiMMTMixin, CogVideoXImageToVideoPipeline):
     """Multi-object multi-motion image-to-video (FlexiMMT) on diffusers' CogVideoX I2V (5B-I2V, 1.5-5B-I2V)."""
 
     adapter_class = CogVideoXAdapter
-    call_defaults = {"height": None, "width": None, "num_frames": None, "max_sequence_length": None}  # from the model's config
-    call_doc = (", except: height, width, num_frames and max_sequence_length default to the model's own config; "
-                "``num_videos_per_prompt`` is honoured (diffusers' CogVideoX I2V sets it to 1); one image may serve "
-                "a list of prompts.")
+    call_defaults: ClassVar[dict[str, Any]] = {
+        "height": None,
+        "width": None,
+        "num_frames": None,
+        "max_sequence_length": None,
+    }  # from the model's config
+    call_doc = (
+        ", except: height, width, num_frames and max_sequence_length default to the model's own config; "
+        "``num_videos_per_prompt`` is honoured (diffusers' CogVideoX I2V sets it to 1); one image may serve "
+        "a list of prompts."
+    )
 
 
 ADAPTER = CogVideoXAdapter

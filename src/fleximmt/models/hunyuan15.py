@@ -1,5 +1,5 @@
 """HunyuanVideo 1.5 image-to-video (diffusers' ``HunyuanVideo15ImageToVideoPipeline``, 8.3B): FlexiMMT as
-METHOD.md section 10 maps it.
+docs/method.md#hunyuanvideo-15 maps it.
 
 Its blocks are dual-stream: video tokens and text tokens have their own projections and meet in one
 joint attention over ``[video | text]``, where "text" is, per batch row, the SigLIP image tokens, the
@@ -82,7 +82,7 @@ class FlexiMMTHunyuanAttnProcessor(BlockProcessor, DelegatingProcessor):
         check_no_context_parallelism(self, state, "HunyuanVideo 1.5")
         attend = dispatched_attention(self, state)
         batch, n_video, text_len = hidden_states.shape[0], hidden_states.shape[1], encoder_hidden_states.shape[1]
-        heads = lambda x: x.unflatten(2, (attn.heads, -1))  # noqa: E731  [B, N, H, d]
+        heads = lambda x: x.unflatten(2, (attn.heads, -1))
         query = attn.norm_q(heads(attn.to_q(hidden_states)))
         key = attn.norm_k(heads(attn.to_k(hidden_states)))
         value = heads(attn.to_v(hidden_states))
@@ -99,8 +99,10 @@ class FlexiMMTHunyuanAttnProcessor(BlockProcessor, DelegatingProcessor):
             context_q = attn.norm_added_q(context_q)
         if attn.norm_added_k is not None:
             context_k = attn.norm_added_k(context_k)
-        query, key, value = (torch.cat([v, c], dim=1).transpose(1, 2) for v, c in
-                             ((query, context_q), (key, context_k), (value, context_v)))  # fmt: skip
+        query, key, value = (
+            torch.cat([v, c], dim=1).transpose(1, 2)
+            for v, c in ((query, context_q), (key, context_k), (value, context_v))
+        )
         texts = self.slot.texts if len(self.slot.texts) == batch else [TextKeys()] * batch
         out = state.joint_attention(self.block, query, key, value, text_len, attend, texts)
         out = out.transpose(1, 2).flatten(2, 3).to(hidden_states.dtype)
@@ -118,7 +120,11 @@ def slot_of(transformer) -> StateSlot | None:
 def row_texts(kwargs: dict[str, Any]) -> list[TextKeys]:
     """Each row's text form in a forward of diffusers' HunyuanVideo 1.5 transformer, as its forward
     lays the text out: valid image tokens, valid glyph (ByT5) tokens, valid prompt tokens, then padding."""
-    mask, mask_2, image = kwargs["encoder_attention_mask"], kwargs.get("encoder_attention_mask_2"), kwargs.get("image_embeds")
+    mask, mask_2, image = (
+        kwargs["encoder_attention_mask"],
+        kwargs.get("encoder_attention_mask_2"),
+        kwargs.get("image_embeds"),
+    )
     images = 0 if image is None or bool(torch.all(image == 0)) else image.shape[1]  # diffusers' t2v rule
     prompt = mask.bool().sum(1).tolist()
     glyphs = [0] * len(prompt) if mask_2 is None else mask_2.bool().sum(1).tolist()
@@ -157,10 +163,13 @@ class HunyuanVideo15Adapter(ModelAdapter):
         image = call["image"]
         self.batch_images(call, 1)
         if not isinstance(image, PIL.Image.Image):
-            raise FlexiMMTInputError(f"image: HunyuanVideo 1.5 takes a PIL image, got {type(image).__name__}: "
-                                     "pass PIL.Image.open(path) (or Image.fromarray(array))")  # fmt: skip
-        height, width = self.pipe.video_processor.calculate_default_height_width(image.height, image.width,
-                                                                                 self.pipe.target_size)  # fmt: skip
+            raise FlexiMMTInputError(
+                f"image: HunyuanVideo 1.5 takes a PIL image, got {type(image).__name__}: "
+                "pass PIL.Image.open(path) (or Image.fromarray(array))"
+            )
+        height, width = self.pipe.video_processor.calculate_default_height_width(
+            image.height, image.width, self.pipe.target_size
+        )
         return height, width, call["num_frames"]
 
     def frame_mask(self, mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -170,7 +179,9 @@ class HunyuanVideo15Adapter(ModelAdapter):
         ratio, src_ratio = width / height, src_w / src_h
         cover_w = width if ratio > src_ratio else src_w * height // src_h
         cover_h = height if ratio <= src_ratio else src_h * width // src_w
-        cover = F.interpolate(mask[None, None].float(), size=(cover_h, cover_w), mode="bilinear", align_corners=False)[0, 0]
+        cover = F.interpolate(mask[None, None].float(), size=(cover_h, cover_w), mode="bilinear", align_corners=False)[
+            0, 0
+        ]
         top, left = cover_h // 2 - height // 2, cover_w // 2 - width // 2
         return cover[top : top + height, left : left + width] >= 0.5
 
@@ -179,29 +190,46 @@ class HunyuanVideo15Adapter(ModelAdapter):
         temporal = self.pipe.vae_scale_factor_temporal
         latent_frames = (num_frames - 1) // temporal + 1
         per_token = self.pipe.vae_scale_factor_spatial * cfg.patch_size
-        return TokenGrid(latent_frames // cfg.patch_size_t, height // per_token, width // per_token, latent_frames,
-                         cfg.patch_size_t, temporal)  # fmt: skip
+        return TokenGrid(
+            latent_frames // cfg.patch_size_t,
+            height // per_token,
+            width // per_token,
+            latent_frames,
+            cfg.patch_size_t,
+            temporal,
+        )
 
     def check_geometry(self, height: int, width: int, num_frames: int) -> None:
-        check_frame_count(num_frames, self.pipe.vae_scale_factor_temporal, "HunyuanVideo 1.5",
-                          "its VAE would decode another count")
+        check_frame_count(
+            num_frames, self.pipe.vae_scale_factor_temporal, "HunyuanVideo 1.5", "its VAE would decode another count"
+        )
 
     def word_spans(self, prompt: str, phrases, text_len: int) -> list[list[int]]:
         """Motion words among the Qwen2.5-VL prompt tokens the transformer sees: the prompt inside the
         pipeline's chat template (whose tokens are never motion words), its first
         ``prompt_template_encode_start_idx`` tokens cropped as the pipeline crops them."""
         pipe = self.pipe
-        render = lambda content: pipe.tokenizer.apply_chat_template(  # noqa: E731
-            format_text_input([content], pipe.system_message)[0], add_generation_prompt=True, tokenize=False)
+        render = lambda content: pipe.tokenizer.apply_chat_template(
+            format_text_input([content], pipe.system_message)[0], add_generation_prompt=True, tokenize=False
+        )
         content = prompt if prompt else " "  # as format_text_input puts an empty prompt
         text, start = render(content), render(MARKER).index(MARKER)  # where the template puts the user's text
-        return find_word_spans(pipe.tokenizer, text, phrases, text_len, prompt_start=start,
-                               prompt_end=start + len(content), skip_tokens=pipe.prompt_template_encode_start_idx)  # fmt: skip
+        return find_word_spans(
+            pipe.tokenizer,
+            text,
+            phrases,
+            text_len,
+            prompt_start=start,
+            prompt_end=start + len(content),
+            skip_tokens=pipe.prompt_template_encode_start_idx,
+        )
 
     def batch_images(self, call: dict[str, Any], videos: int) -> list[Any]:
         if isinstance(call["image"], list):
-            raise FlexiMMTInputError("HunyuanVideo 1.5's pipeline takes one image per call (it serves every prompt "
-                                     "of the batch): call once per image")  # fmt: skip
+            raise FlexiMMTInputError(
+                "HunyuanVideo 1.5's pipeline takes one image per call (it serves every prompt "
+                "of the batch): call once per image"
+            )
         return [call["image"]] * videos
 
     # -- inference plumbing ----------------------------------------------------------------
@@ -234,8 +262,10 @@ class HunyuanVideo15Adapter(ModelAdapter):
                 slot.calls = 0
             step_end(index)
             if callback is not None and callback(self.pipe, index, timestep, {}):
-                raise FlexiMMTInputError("callback_on_step_end returned tensors: HunyuanVideo 1.5's pipeline hands its "
-                                         "step callback none and takes none back; return {} or None")  # fmt: skip
+                raise FlexiMMTInputError(
+                    "callback_on_step_end returned tensors: HunyuanVideo 1.5's pipeline hands its "
+                    "step callback none and takes none back; return {} or None"
+                )
             return out
 
         scheduler.step = step
@@ -301,10 +331,15 @@ class HunyuanVideo15Adapter(ModelAdapter):
             conditions.append(torch.cat([condition, frame_mask], dim=1)[0].cpu())
             pixels = ((clip[0, :, 0].float().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
             images.append(pipe.encode_image(PIL.Image.fromarray(pixels), 1, device, dtype)[0].float().cpu())
-        return {"prompt_embeds": embeds.float().cpu(), "prompt_embeds_mask": mask.cpu(),
-                "prompt_embeds_2": embeds_2.float().cpu(), "prompt_embeds_mask_2": mask_2.cpu(),
-                "video_latents": torch.stack(videos), "condition": torch.stack(conditions),
-                "image_embeds": torch.stack(images)}  # fmt: skip
+        return {
+            "prompt_embeds": embeds.float().cpu(),
+            "prompt_embeds_mask": mask.cpu(),
+            "prompt_embeds_2": embeds_2.float().cpu(),
+            "prompt_embeds_mask_2": mask_2.cpu(),
+            "video_latents": torch.stack(videos),
+            "condition": torch.stack(conditions),
+            "image_embeds": torch.stack(images),
+        }
 
     def sample_sigma(self, generator: torch.Generator) -> float:
         """A training noise level: uniform, then shifted as the pipeline's scheduler shifts its sigmas."""
@@ -341,13 +376,15 @@ class HunyuanVideo15Adapter(ModelAdapter):
         dtype = transformer.dtype
         with autocast():
             velocity = transformer(
-                hidden_states=torch.cat([noisy, condition], dim=1).to(dtype), timestep=t.to(dtype),
+                hidden_states=torch.cat([noisy, condition], dim=1).to(dtype),
+                timestep=t.to(dtype),
                 encoder_hidden_states=cond["prompt_embeds"].to(device, dtype),
                 encoder_attention_mask=cond["prompt_embeds_mask"].to(device),
                 encoder_hidden_states_2=cond["prompt_embeds_2"].to(device, dtype),
                 encoder_attention_mask_2=cond["prompt_embeds_mask_2"].to(device),
-                image_embeds=cond["image_embeds"][window : window + 1].to(device, dtype), return_dict=False,
-            )[0].float()  # fmt: skip
+                image_embeds=cond["image_embeds"][window : window + 1].to(device, dtype),
+                return_dict=False,
+            )[0].float()
         x0_hat = noisy - sigma * velocity  # flow matching: v = noise - x0
         weight = torch.tensor(1.0 / sigma**2, device=device)  # the velocity error as an x0 error
         return TrainingBatch(x0.transpose(1, 2), x0_hat.transpose(1, 2), weight)
@@ -357,9 +394,11 @@ class FlexiMMTHunyuanVideo15Pipeline(FlexiMMTMixin, HunyuanVideo15ImageToVideoPi
     """Multi-object multi-motion image-to-video (FlexiMMT) on diffusers' HunyuanVideo 1.5 I2V (480p, 720p)."""
 
     adapter_class = HunyuanVideo15Adapter
-    call_doc = (". The video's size comes from the image (the pipeline's ``target_size`` bucket of its aspect); "
-                "with objects, ``num_frames`` must be 4k+1 and one PIL image serves the call; CFG is the pipeline's "
-                "``guider``.")
+    call_doc = (
+        ". The video's size comes from the image (the pipeline's ``target_size`` bucket of its aspect); "
+        "with objects, ``num_frames`` must be 4k+1 and one PIL image serves the call; CFG is the pipeline's "
+        "``guider``."
+    )
 
 
 ADAPTER = HunyuanVideo15Adapter

@@ -11,10 +11,9 @@ from ..method.adapter import prompt_count
 from ..method.attention import VideoShard
 
 # diffusers' attention backends that take an attention mask; FlexiMMT's calls that need one go to
-# MASK_FALLBACK when the chosen backend is another (flash, sage, ...): METHOD.md section 8's masked call
+# MASK_FALLBACK when the chosen backend is another (flash, sage, ...): docs/method.md#attention-without-an-n-x-n-mask's masked call
 MASK_BACKENDS = frozenset({"native", "_native_cudnn", "_native_efficient", "_native_math", "flex", "xformers"})
 MASK_FALLBACK = "native"
-
 
 
 def repeat_per_prompt(call: dict[str, Any]) -> dict[str, Any]:
@@ -26,7 +25,7 @@ def repeat_per_prompt(call: dict[str, Any]) -> dict[str, Any]:
         return call
     call = dict(call)
     count = prompt_count(call)
-    repeat = lambda xs: [x for x in xs for _ in range(per_prompt)]  # noqa: E731
+    repeat = lambda xs: [x for x in xs for _ in range(per_prompt)]
     for name in ("prompt", "negative_prompt"):
         value = call.get(name)
         if value is not None:
@@ -61,12 +60,15 @@ class DispatchedAttention:
             name = getattr(name, "value", name)
             if name not in MASK_BACKENDS:
                 if self.state is not None:
-                    self.state.note_once(f"attention backend {name!r} takes no attention mask: FlexiMMT's masked calls "
-                                         f"(text queries and small object groups) run on {MASK_FALLBACK!r}, the rest on "
-                                         f"{name!r}")  # fmt: skip
+                    self.state.note_once(
+                        f"attention backend {name!r} takes no attention mask: FlexiMMT's masked calls "
+                        f"(text queries and small object groups) run on {MASK_FALLBACK!r}, the rest on "
+                        f"{name!r}"
+                    )
                 backend = MASK_FALLBACK
-        out = dispatch_attention_fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask,
-                                    backend=backend)  # fmt: skip
+        out = dispatch_attention_fn(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, backend=backend
+        )
         return out.transpose(1, 2)
 
 
@@ -84,9 +86,11 @@ def check_no_context_parallelism(processor, state, model: str) -> None:
     each process would see a share of the video tokens, while every video query reads the video keys of
     all of them through FlexiMMT's groups (diffusers ships no context-parallel plan for these models)."""
     if state is not None and state.num_objects and getattr(processor, "_parallel_config", None) is not None:
-        raise FlexiMMTInputError(f"context parallelism (transformer.enable_parallelism) does not run with objects on "
-                                 f"{model}: its joint attention needs every video key in each process; call without "
-                                 f"objects, or without enable_parallelism (on Wan it runs with objects)")  # fmt: skip
+        raise FlexiMMTInputError(
+            f"context parallelism (transformer.enable_parallelism) does not run with objects on "
+            f"{model}: its joint attention needs every video key in each process; call without "
+            f"objects, or without enable_parallelism (on Wan it runs with objects)"
+        )
 
 
 def context_shard(transformers, num_video: int) -> VideoShard | None:
@@ -99,8 +103,10 @@ def context_shard(transformers, num_video: int) -> VideoShard | None:
     if all(c is None for c in configs):
         return None
     if any(c is None for c in configs):
-        raise FlexiMMTInputError("context parallelism is enabled on some of this pipeline's transformers only: call "
-                                 "enable_parallelism on every expert (transformer and transformer_2), or on none")  # fmt: skip
+        raise FlexiMMTInputError(
+            "context parallelism is enabled on some of this pipeline's transformers only: call "
+            "enable_parallelism on every expert (transformer and transformer_2), or on none"
+        )
     import torch.distributed as dist
 
     config = configs[0]
@@ -108,9 +114,11 @@ def context_shard(transformers, num_video: int) -> VideoShard | None:
     group, world = mesh.get_group(), mesh.size()
     uneven = config.ulysses_anything or config.ring_anything
     if num_video % world and not uneven:
-        raise FlexiMMTInputError(f"{num_video} video tokens do not split into {world} equal shares for context "
-                                 f"parallelism: choose a size whose token count {world} divides, or "
-                                 f"ContextParallelConfig(ulysses_anything=True)")  # fmt: skip
+        raise FlexiMMTInputError(
+            f"{num_video} video tokens do not split into {world} equal shares for context "
+            f"parallelism: choose a size whose token count {world} divides, or "
+            f"ContextParallelConfig(ulysses_anything=True)"
+        )
     return VideoShard.of(num_video, dist.get_rank(group), world, group)
 
 
@@ -153,5 +161,7 @@ def check_frame_count(num_frames: int, temporal: int, model: str, why: str) -> N
     ``why`` another count would move the object masks off their frames."""
     if num_frames < 1 or (num_frames - 1) % temporal:
         lower = max(1, (num_frames - 1) // temporal * temporal + 1)
-        raise FlexiMMTInputError(f"num_frames={num_frames}: {model} makes {temporal}k+1 frames; use {lower} or "
-                                 f"{lower + temporal} ({why}, moving the object masks off their frames)")  # fmt: skip
+        raise FlexiMMTInputError(
+            f"num_frames={num_frames}: {model} makes {temporal}k+1 frames; use {lower} or "
+            f"{lower + temporal} ({why}, moving the object masks off their frames)"
+        )

@@ -1,4 +1,4 @@
-"""Wan 2.1 / 2.2 image-to-video (diffusers' ``WanImageToVideoPipeline``): FlexiMMT as METHOD.md section 9
+"""Wan 2.1 / 2.2 image-to-video (diffusers' ``WanImageToVideoPipeline``): FlexiMMT as docs/method.md#wan
 maps it - the first multi-object motion transfer on Wan.
 
 Wan's blocks run self-attention ``attn1`` over video tokens only and cross-attention ``attn2`` from
@@ -44,9 +44,13 @@ from .shared import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
-CHECKPOINTS = ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
-               "Wan-AI/Wan2.2-I2V-A14B-Diffusers", "Wan-AI/Wan2.2-TI2V-5B-Diffusers")  # fmt: skip
-FEATURE_SHARE = 0.7  # RMPM averages attn1 outputs over the first 70% of the blocks (METHOD.md section 9)
+CHECKPOINTS = (
+    "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+    "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+    "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+)
+FEATURE_SHARE = 0.7  # RMPM averages attn1 outputs over the first 70% of the blocks (docs/method.md#wan)
 
 
 @dataclass
@@ -93,11 +97,14 @@ class WanCrossAttnProcessor(WanProcessor):
         if attention_mask is not None:
             raise ValueError("FlexiMMT attention takes no attention_mask of its own: MDMA is the mask")
         shard = state.shard
-        if (shard is None) != (self._parallel_config is None) or \
-                (shard is not None and hidden_states.shape[1] != shard.stop - shard.start):  # fmt: skip
-            raise FlexiMMTInputError(f"block {self.block_index} got {hidden_states.shape[1]} video tokens, not the share "
-                                     f"FlexiMMT's masks were cut for ({shard}): enable context parallelism on the "
-                                     f"transformer (enable_parallelism) before the call, not during it")  # fmt: skip
+        if (shard is None) != (self._parallel_config is None) or (
+            shard is not None and hidden_states.shape[1] != shard.stop - shard.start
+        ):
+            raise FlexiMMTInputError(
+                f"block {self.block_index} got {hidden_states.shape[1]} video tokens, not the share "
+                f"FlexiMMT's masks were cut for ({shard}): enable context parallelism on the "
+                f"transformer (enable_parallelism) before the call, not during it"
+            )
         attend = dispatched_attention(self, state)
         text_len = state.videos[0].member.shape[1]
         image_tokens, text = encoder_hidden_states[:, :-text_len], encoder_hidden_states[:, -text_len:]
@@ -107,9 +114,10 @@ class WanCrossAttnProcessor(WanProcessor):
         else:
             key, value = attn.to_k(text), attn.to_v(text)
         key = attn.norm_k(key)
-        heads = lambda x: x.unflatten(2, (attn.heads, -1)).transpose(1, 2)  # noqa: E731  [B, H, N, d]
-        out = state.cross_attention(self.block, self.expert, heads(query), heads(key), heads(value),
-                                    self.projector(attn, query), attend)  # fmt: skip
+        heads = lambda x: x.unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        out = state.cross_attention(
+            self.block, self.expert, heads(query), heads(key), heads(value), self.projector(attn, query), attend
+        )
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         if attn.add_k_proj is not None and image_tokens.shape[1]:
             if getattr(attn, "fused_projections", False):
@@ -153,7 +161,9 @@ class WanAdapter(ModelAdapter):
 
     def check_model(self) -> None:
         if len(self.transformers()) > 1 and self.pipe.config.boundary_ratio is None:
-            raise FlexiMMTInputError("this Wan pipeline has two experts but no boundary_ratio: load its model_index.json")
+            raise FlexiMMTInputError(
+                "this Wan pipeline has two experts but no boundary_ratio: load its model_index.json"
+            )
         channels = self.transformers()[0].config.in_channels
         if not self.pipe.config.expand_timesteps and channels == self.pipe.vae.config.z_dim:
             raise FlexiMMTInputError(
@@ -178,7 +188,9 @@ class WanAdapter(ModelAdapter):
         temporal = self.pipe.vae_scale_factor_temporal
         latent_frames = (num_frames - 1) // temporal + 1
         per_token = self.pipe.vae_scale_factor_spatial * patch[1]
-        return TokenGrid(latent_frames // patch[0], height // per_token, width // per_token, latent_frames, patch[0], temporal)
+        return TokenGrid(
+            latent_frames // patch[0], height // per_token, width // per_token, latent_frames, patch[0], temporal
+        )
 
     def check_geometry(self, height: int, width: int, num_frames: int) -> None:
         check_frame_count(num_frames, self.pipe.vae_scale_factor_temporal, "Wan", "diffusers would round it silently")
@@ -215,7 +227,9 @@ class WanAdapter(ModelAdapter):
             slot = StateSlot()
             for index, block in enumerate(transformer.blocks):
                 block.attn1.set_processor(carry_dispatch(block.attn1.processor, WanSelfAttnProcessor(index, slot)))
-                block.attn2.set_processor(carry_dispatch(block.attn2.processor, WanCrossAttnProcessor(index, expert, slot)))
+                block.attn2.set_processor(
+                    carry_dispatch(block.attn2.processor, WanCrossAttnProcessor(index, expert, slot))
+                )
 
     def prepare_call(self, call: dict[str, Any]) -> dict[str, Any]:
         """Each prompt repeated instead of ``num_videos_per_prompt`` (the same videos; diffusers' Wan 2.1
@@ -224,9 +238,12 @@ class WanAdapter(ModelAdapter):
 
     def batch_images(self, call: dict[str, Any], videos: int) -> list[Any]:
         image = call["image"]
-        if isinstance(image, list) or (isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim == 4 and image.shape[0] > 1):
-            raise FlexiMMTInputError("Wan's pipeline takes one image per call (it serves every prompt of the batch): "
-                                     "call once per image")  # fmt: skip
+        if isinstance(image, list) or (
+            isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim == 4 and image.shape[0] > 1
+        ):
+            raise FlexiMMTInputError(
+                "Wan's pipeline takes one image per call (it serves every prompt of the batch): call once per image"
+            )
         return [image] * videos
 
     @contextlib.contextmanager
@@ -272,8 +289,9 @@ class WanAdapter(ModelAdapter):
     def encode_conditions(self, clips, caption, text_len, generator):
         pipe = self.pipe
         device = pipe._execution_device
-        prompt_embeds, _ = pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=text_len,
-                                              device=device)  # fmt: skip
+        prompt_embeds, _ = pipe.encode_prompt(
+            caption, do_classifier_free_guidance=False, max_sequence_length=text_len, device=device
+        )
         vae_dtype = pipe.vae.dtype
         videos, conditions, images = [], [], []
         for clip in clips:
@@ -282,16 +300,29 @@ class WanAdapter(ModelAdapter):
             first = clip[:, :, :1]
             # the image condition exactly as the pipeline builds it (Wan 2.1/2.2: frame mask + the image
             # followed by black frames; TI2V: the first latent frame), from its own prepare_latents
-            _, condition, *_ = pipe.prepare_latents(first[:, :, 0].float(), 1, latents.shape[1], clip.shape[3],
-                                                    clip.shape[4], clip.shape[2], torch.float32, device,
-                                                    latents=torch.zeros_like(latents))  # fmt: skip
+            _, condition, *_ = pipe.prepare_latents(
+                first[:, :, 0].float(),
+                1,
+                latents.shape[1],
+                clip.shape[3],
+                clip.shape[4],
+                clip.shape[2],
+                torch.float32,
+                device,
+                latents=torch.zeros_like(latents),
+            )
             videos.append(latents[0].cpu())
             conditions.append(condition[0].cpu())
             if getattr(pipe, "image_encoder", None) is not None and pipe.transformer.config.image_dim is not None:
-                pixels = ((first[0, :, 0].float().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+                pixels = (
+                    ((first[0, :, 0].float().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+                )
                 images.append(pipe.encode_image(PIL.Image.fromarray(pixels), device)[0].float().cpu())
-        tensors = {"prompt_embeds": prompt_embeds.float().cpu(), "video_latents": torch.stack(videos),
-                   "condition": torch.stack(conditions)}  # fmt: skip
+        tensors = {
+            "prompt_embeds": prompt_embeds.float().cpu(),
+            "video_latents": torch.stack(videos),
+            "condition": torch.stack(conditions),
+        }
         if images:
             tensors["image_embeds"] = torch.stack(images)
         return tensors
@@ -326,7 +357,7 @@ class WanAdapter(ModelAdapter):
         condition = cond["condition"][window : window + 1].to(device)
         if torch.rand((), generator=generator).item() < image_dropout:
             condition = condition.clone()
-            condition[:, -x0.shape[1]:] = 0  # the image latents (Wan 2.1 / 2.2 keep their frame mask)
+            condition[:, -x0.shape[1] :] = 0  # the image latents (Wan 2.1 / 2.2 keep their frame mask)
         sigma = max(self.sample_sigma(generator), 1e-3)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         noisy = (1 - sigma) * x0 + sigma * noise
@@ -353,11 +384,14 @@ class WanAdapter(ModelAdapter):
             raise RuntimeError("Wan's training_prediction runs inside adapter.training_attached(state)")
         with autocast():
             velocity = transformer(
-                hidden_states=model_input.to(dtype), timestep=timestep,
+                hidden_states=model_input.to(dtype),
+                timestep=timestep,
                 encoder_hidden_states=cond["prompt_embeds"].to(device, dtype),
-                encoder_hidden_states_image=None if image_embeds is None else image_embeds[window : window + 1].to(device, dtype),
+                encoder_hidden_states_image=None
+                if image_embeds is None
+                else image_embeds[window : window + 1].to(device, dtype),
                 return_dict=False,
-            )[0].float()  # fmt: skip
+            )[0].float()
         x0_hat = noisy - sigma * velocity  # flow matching: v = noise - x0
         weight = torch.tensor(1.0 / sigma**2, device=device)  # the velocity error as an x0 error
         frames = slice(1, None) if pipe.config.expand_timesteps else slice(None)  # TI2V's frame 0 is given
@@ -368,8 +402,10 @@ class FlexiMMTWanPipeline(FlexiMMTMixin, WanImageToVideoPipeline):
     """Multi-object multi-motion image-to-video (FlexiMMT) on diffusers' Wan 2.1 / 2.2 I2V."""
 
     adapter_class = WanAdapter
-    call_doc = (", with its defaults. With objects, ``num_frames`` must be 4k+1 and height/width multiples of 16 "
-                "(diffusers would round them), and one image serves the call.")
+    call_doc = (
+        ", with its defaults. With objects, ``num_frames`` must be 4k+1 and height/width multiples of 16 "
+        "(diffusers would round them), and one image serves the call."
+    )
 
 
 ADAPTER = WanAdapter

@@ -75,7 +75,9 @@ def load_toy_pipeline(path: str | Path = TOY_MODEL):
     from ..models.cogvideox import FlexiMMTPipeline
 
     if not (Path(path) / "model_index.json").is_file():
-        raise FlexiMMTInputError(f"no toy model at {path}: train it with `python -m fleximmt.toy.train` (README, toy world)")
+        raise FlexiMMTInputError(
+            f"no toy model at {path}: train it with `python -m fleximmt.toy.train` (README, toy world)"
+        )
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         pipe = FlexiMMTPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
@@ -90,8 +92,14 @@ def reference_scene(name: str, seed: int = 0) -> Scene:
     if name not in REFERENCES:
         raise ValueError(f"unknown reference motion {name!r}: choose from {list(REFERENCES)}")
     shape, colour, size = REFERENCE_SPRITE
-    start = {"left": (44.0, 32.0), "right": (18.0, 32.0), "up": (32.0, 46.0), "down": (32.0, 18.0),
-             "zigzag": (20.0, 32.0), "bounce": (32.0, 44.0)}.get(name, (32.0, 32.0))  # fmt: skip
+    start = {
+        "left": (44.0, 32.0),
+        "right": (18.0, 32.0),
+        "up": (32.0, 46.0),
+        "down": (32.0, 18.0),
+        "zigzag": (20.0, 32.0),
+        "bounce": (32.0, 44.0),
+    }.get(name, (32.0, 32.0))
     return render([Sprite(shape, colour, size, start, REFERENCES[name], texture_seed=7)], FRAMES, SIZE, "plain", seed)
 
 
@@ -126,14 +134,20 @@ def write_references(folder: str | Path = REFERENCE_DIR) -> list[Path]:
     for name in REFERENCES:
         paths.append(save_video(reference_scene(name).frames, folder / f"{name}.mp4"))
         caption, concept, words = reference_caption(name)
-        index[name] = {"video": f"{name}.mp4", "caption": caption, "concept_words": concept, "motion_words": words,
-                       "trajectory": dataclasses.asdict(REFERENCES[name])}  # fmt: skip
+        index[name] = {
+            "video": f"{name}.mp4",
+            "caption": caption,
+            "concept_words": concept,
+            "motion_words": words,
+            "trajectory": dataclasses.asdict(REFERENCES[name]),
+        }
     (folder / "references.json").write_text(json.dumps(index, indent=2))
     return paths
 
 
-def learn_motions(pipe, names, folder: str | Path, steps: int = 300, tokens: int = 16, seed: int = 0,
-                  **settings) -> dict[str, MotionTokens]:  # fmt: skip
+def learn_motions(
+    pipe, names, folder: str | Path, steps: int = 300, tokens: int = 16, seed: int = 0, **settings
+) -> dict[str, MotionTokens]:
     """Learn (or reuse, when ``folder/NAME.safetensors`` exists and was learned on this very model)
     the motion tokens of each reference."""
     from ..training.train import model_fingerprint, train_motion
@@ -155,8 +169,9 @@ def learn_motions(pipe, names, folder: str | Path, steps: int = 300, tokens: int
             caption, concept, words = reference_caption(name)
             bundled = REFERENCE_DIR / f"{name}.mp4"
             video = str(bundled) if bundled.is_file() else reference_scene(name).frames
-            train_motion(pipe, video, caption, concept, words, path, steps=steps,
-                         tokens_per_motion=tokens, seed=seed, **settings)  # fmt: skip
+            train_motion(
+                pipe, video, caption, concept, words, path, steps=steps, tokens_per_motion=tokens, seed=seed, **settings
+            )
         motions[name] = MotionTokens.load(path)
     return motions
 
@@ -173,14 +188,18 @@ class Case:
 
     def scene(self, trajectories: bool = True) -> Scene:
         """The first frame (``trajectories=False``: every sprite still) or the ideal transfer."""
-        sprites = [dataclasses.replace(s, trajectory=REFERENCES[m] if trajectories and m else Trajectory("still"))
-                   for s, m in zip(self.sprites, self.motions)]  # fmt: skip
+        sprites = [
+            dataclasses.replace(s, trajectory=REFERENCES[m] if trajectories and m else Trajectory("still"))
+            for s, m in zip(self.sprites, self.motions)
+        ]
         return render(sprites, FRAMES, SIZE, self.background, self.seed)
 
     @property
     def prompt(self) -> str:
-        return " ".join(f"A {s.colour} {s.shape} {MOTIONS[REFERENCES[m or 'still'].name]}."
-                        for s, m in zip(self.sprites, self.motions))  # fmt: skip
+        return " ".join(
+            f"A {s.colour} {s.shape} {MOTIONS[REFERENCES[m or 'still'].name]}."
+            for s, m in zip(self.sprites, self.motions)
+        )
 
 
 def random_case(seed: int, num_objects: int | None = None, names: tuple[str, ...] = tuple(REFERENCES)) -> Case:
@@ -202,19 +221,38 @@ def random_case(seed: int, num_objects: int | None = None, names: tuple[str, ...
                 raise ValueError(f"reference motion {name!r} does not fit in a {SIZE}-pixel frame")
             starts.append(rng.uniform(lo, hi))
             paths.append(starts[-1] + offset)
-        apart = all(np.hypot(*(paths[i] - paths[j]).T).min() > 2.2 * max(sizes[i], sizes[j]) + 2
-                    for i in range(count) for j in range(i))  # fmt: skip
+        apart = all(
+            np.hypot(*(paths[i] - paths[j]).T).min() > 2.2 * max(sizes[i], sizes[j]) + 2
+            for i in range(count)
+            for j in range(i)
+        )
         if apart:
             break
     else:
         raise ValueError(f"no room for {count} sprites with motions {motions}: ask for fewer objects")
-    sprites = [Sprite(str(rng.choice(SHAPES)), str(c), float(size), (float(x), float(y)), Trajectory("still"),
-                      texture_seed=int(rng.randint(1 << 30))) for c, size, (x, y) in zip(colours, sizes, starts)]  # fmt: skip
+    sprites = [
+        Sprite(
+            str(rng.choice(SHAPES)),
+            str(c),
+            float(size),
+            (float(x), float(y)),
+            Trajectory("still"),
+            texture_seed=int(rng.randint(1 << 30)),
+        )
+        for c, size, (x, y) in zip(colours, sizes, starts)
+    ]
     return Case(sprites, motions, "plain", seed)
 
 
-def transfer(pipe, case: Case, motions: dict[str, MotionTokens], variant: str = "fleximmt", steps: int = 20,
-             guidance: float = 3.0, seed: int = 0) -> tuple[np.ndarray, list | None, float]:  # fmt: skip
+def transfer(
+    pipe,
+    case: Case,
+    motions: dict[str, MotionTokens],
+    variant: str = "fleximmt",
+    steps: int = 20,
+    guidance: float = 3.0,
+    seed: int = 0,
+) -> tuple[np.ndarray, list | None, float]:
     """Animate ``case``'s first frame with one variant; returns frames uint8 ``[T, H, W, 3]``,
     the per-step object masks (or None) and the seconds it took."""
     from PIL import Image
@@ -236,9 +274,17 @@ def transfer(pipe, case: Case, motions: dict[str, MotionTokens], variant: str = 
             mask = dilate(torch.from_numpy(path_masks[k]), radius)
             objects.append(ObjectMotion(mask, motions[name], MOTIONS[REFERENCES[name].name]))
     start = time.perf_counter()
-    result = pipe(image=image, prompt=case.prompt, objects=objects, num_inference_steps=steps, guidance_scale=guidance,
-                  output_type="np", generator=torch.Generator().manual_seed(seed), return_masks=bool(objects),
-                  **(settings or {}))  # fmt: skip
+    result = pipe(
+        image=image,
+        prompt=case.prompt,
+        objects=objects,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+        return_masks=bool(objects),
+        **(settings or {}),
+    )
     seconds = time.perf_counter() - start
     return to_uint8_frames(result.frames[0]), result.masks[0] if objects else None, seconds
 
@@ -271,8 +317,11 @@ def mask_quality(case: Case, masks: torch.Tensor) -> dict:
             got = masks[i, f].bool()
             iou[i, f] = (true & got).sum() / max(1, (true | got).sum())
             recall[i, f] = (true & got).sum() / max(1, true.sum())
-    return {"iou": float(iou[:, 1:].mean()), "recall": float(recall[:, 1:].mean()),
-            "per_frame_recall": recall.mean(0).round(3).tolist()}  # fmt: skip
+    return {
+        "iou": float(iou[:, 1:].mean()),
+        "recall": float(recall[:, 1:].mean()),
+        "per_frame_recall": recall.mean(0).round(3).tolist(),
+    }
 
 
 def expected_path(start: tuple[float, float], name: str) -> np.ndarray:
@@ -304,11 +353,14 @@ def score(frames: np.ndarray, case: Case) -> dict:
         own = path_error(centres, expected_path(sprite.start, name))
         others = [path_error(centres, expected_path(sprite.start, m)) for m in names if m != name]
         first = first_masks[k]
-        objects.append({
-            "motion": name, "traj_err": own,
-            "tf": trajectory_fidelity(frames, ref.frames, first, ref.masks[0, 0]),
-            "ff": flow_fidelity(frames, ref.frames, masks, ref.masks[0]),
-            "leak": float(any(o < own for o in others)) if others else 0.0,
-        })  # fmt: skip
+        objects.append(
+            {
+                "motion": name,
+                "traj_err": own,
+                "tf": trajectory_fidelity(frames, ref.frames, first, ref.masks[0, 0]),
+                "ff": flow_fidelity(frames, ref.frames, masks, ref.masks[0]),
+                "leak": float(any(o < own for o in others)) if others else 0.0,
+            }
+        )
     summary = {key: float(np.mean([o[key] for o in objects])) for key in ("traj_err", "tf", "ff", "leak")}
     return {**summary, "objects": objects}

@@ -11,14 +11,84 @@ import torch
 
 from ..method.motion import MotionTokens
 
-WORDS = (
-    "A An The a an the and is are on in with of to at its from "
-    "red green blue yellow white black orange purple small big left right middle "
-    "ball box star circle square triangle sprite dog cat man tiger rabbit "
-    "jumps jumping moves moving slides sliding rolls rolling spins spinning walks walking runs "
-    "up down left right around quickly slowly still stands bounces zigzags circles grows shrinks "
-    "doing yoga snow ground background . ,"
-).split()
+WORDS = [
+    "A",
+    "An",
+    "The",
+    "a",
+    "an",
+    "the",
+    "and",
+    "is",
+    "are",
+    "on",
+    "in",
+    "with",
+    "of",
+    "to",
+    "at",
+    "its",
+    "from",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "white",
+    "black",
+    "orange",
+    "purple",
+    "small",
+    "big",
+    "left",
+    "right",
+    "middle",
+    "ball",
+    "box",
+    "star",
+    "circle",
+    "square",
+    "triangle",
+    "sprite",
+    "dog",
+    "cat",
+    "man",
+    "tiger",
+    "rabbit",
+    "jumps",
+    "jumping",
+    "moves",
+    "moving",
+    "slides",
+    "sliding",
+    "rolls",
+    "rolling",
+    "spins",
+    "spinning",
+    "walks",
+    "walking",
+    "runs",
+    "up",
+    "down",
+    "left",
+    "right",
+    "around",
+    "quickly",
+    "slowly",
+    "still",
+    "stands",
+    "bounces",
+    "zigzags",
+    "circles",
+    "grows",
+    "shrinks",
+    "doing",
+    "yoga",
+    "snow",
+    "ground",
+    "background",
+    ".",
+    ",",
+]
 
 
 def tiny_tokenizer(words: tuple[str, ...] = WORDS):
@@ -29,7 +99,7 @@ def tiny_tokenizer(words: tuple[str, ...] = WORDS):
     seen = set()
     for w in words:
         # punctuation both glued to the previous word ("up.") and standing alone ("up .")
-        for piece in ([w, "\u2581" + w] if w in ".," else ["\u2581" + w]):
+        for piece in [w, "\u2581" + w] if w in ".," else ["\u2581" + w]:
             if piece not in seen:
                 seen.add(piece)
                 pieces.append((piece, -1.0))
@@ -155,42 +225,95 @@ def tiny_wan_components(
     torch.manual_seed(seed)
     ti2v = version == "2.2-ti2v"
     if ti2v:
-        vae = AutoencoderKLWan(base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
-                               latents_mean=[0.0] * 48, latents_std=[1.0] * 48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               scale_factor_spatial=16, scale_factor_temporal=4, temperal_downsample=[False, True, True])  # fmt: skip
+        vae = AutoencoderKLWan(
+            base_dim=3,
+            z_dim=48,
+            in_channels=12,
+            out_channels=12,
+            is_residual=True,
+            patch_size=2,
+            latents_mean=[0.0] * 48,
+            latents_std=[1.0] * 48,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            scale_factor_spatial=16,
+            scale_factor_temporal=4,
+            temperal_downsample=[False, True, True],
+        )
     else:
-        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True])  # fmt: skip
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
     tokenizer = tiny_tokenizer(tuple(words))
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=text_dim, d_kv=8, d_ff=2 * text_dim,
-                                               num_layers=1, num_heads=2, relative_attention_num_buckets=8,
-                                               pad_token_id=0, eos_token_id=1))  # fmt: skip
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=text_dim,
+            d_kv=8,
+            d_ff=2 * text_dim,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
     image_dim = image_dim if version == "2.1" else None
 
     def transformer():
         channels = 48 if ti2v else 16
         return WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
-            in_channels=channels if ti2v else 2 * channels + 4, out_channels=channels, text_dim=text_dim,
-            freq_dim=freq_dim, ffn_dim=ffn_dim, num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32, image_dim=image_dim, added_kv_proj_dim=heads * head_dim if image_dim else None,
-        )  # fmt: skip
+            patch_size=(1, 2, 2),
+            num_attention_heads=heads,
+            attention_head_dim=head_dim,
+            in_channels=channels if ti2v else 2 * channels + 4,
+            out_channels=channels,
+            text_dim=text_dim,
+            freq_dim=freq_dim,
+            ffn_dim=ffn_dim,
+            num_layers=num_layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+            image_dim=image_dim,
+            added_kv_proj_dim=heads * head_dim if image_dim else None,
+        )
 
-    components = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer(),
-                      scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                        flow_shift=3.0),
-                      image_encoder=None, image_processor=None, transformer_2=None)  # fmt: skip
+    components = dict(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer(),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+        image_encoder=None,
+        image_processor=None,
+        transformer_2=None,
+    )
     if version == "2.1":
-        components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
-            hidden_size=image_dim, projection_dim=image_dim, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-            intermediate_size=16, patch_size=4))  # fmt: skip
+        components["image_encoder"] = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=image_dim,
+                projection_dim=image_dim,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                intermediate_size=16,
+                patch_size=4,
+            )
+        )
         components["image_processor"] = CLIPImageProcessorPil(crop_size=32, size=32)
     if version == "2.2":
         components["transformer_2"] = transformer()
         components["boundary_ratio"] = 0.875
     if ti2v:
         components["expand_timesteps"] = True
-    for model in (vae, text_encoder, components["transformer"], components["transformer_2"], components["image_encoder"]):
+    for model in (
+        vae,
+        text_encoder,
+        components["transformer"],
+        components["transformer_2"],
+        components["image_encoder"],
+    ):
         if model is not None:
             model.eval()
     return components
@@ -205,8 +328,9 @@ def tiny_wan_pipeline(seed: int = 0, **config):
     return pipe
 
 
-def random_motion(transformer, tokens_per_motion: int = 4, seed: int = 0, scale: float = 1.0, experts: int = 1,
-                  **metadata) -> MotionTokens:  # fmt: skip
+def random_motion(
+    transformer, tokens_per_motion: int = 4, seed: int = 0, scale: float = 1.0, experts: int = 1, **metadata
+) -> MotionTokens:
     """Random motion tokens shaped for ``transformer`` (kaiming-uniform-like spread, seeded), one set per expert."""
     cfg = transformer.config
     dim = cfg.num_attention_heads * cfg.attention_head_dim

@@ -43,45 +43,103 @@ def tiny_qwen_tokenizer(words: tuple[str, ...] = WORDS):
     return tokenizer
 
 
-def tiny_hunyuan15_components(seed: int = 0, num_layers: int = 2, heads: int = 2, head_dim: int = 8,
-                              target_size: int = 32, words: tuple[str, ...] = WORDS) -> dict:  # fmt: skip
+def tiny_hunyuan15_components(
+    seed: int = 0,
+    num_layers: int = 2,
+    heads: int = 2,
+    head_dim: int = 8,
+    target_size: int = 32,
+    words: tuple[str, ...] = WORDS,
+) -> dict:
     """Random-weight components of a ``HunyuanVideo15ImageToVideoPipeline`` (seeded): a 4x spatial, 4x
     temporal VAE of 4 latent channels, ``target_size`` pixels (the pipeline sizes the video from it and
     the image's aspect), CFG through diffusers' ``ClassifierFreeGuidance`` guider."""
     from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Transformer3DModel
     from diffusers.guiders import ClassifierFreeGuidance
-    from transformers import (ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, SiglipImageProcessorPil,
-                              SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel)  # fmt: skip
+    from transformers import (
+        ByT5Tokenizer,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        SiglipImageProcessorPil,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        T5Config,
+        T5EncoderModel,
+    )
 
     tokenizer = tiny_qwen_tokenizer(tuple(words))
     torch.manual_seed(seed)
     transformer = HunyuanVideo15Transformer3DModel(
-        in_channels=9, out_channels=4, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=num_layers,
-        num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=32,
-        image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=target_size, task_type="i2v",
-    )  # fmt: skip
+        in_channels=9,
+        out_channels=4,
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        num_layers=num_layers,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=16,
+        text_embed_2_dim=32,
+        image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4),
+        target_size=target_size,
+        task_type="i2v",
+    )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKLHunyuanVideo15(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 16),
-                                      layers_per_block=1, spatial_compression_ratio=4, temporal_compression_ratio=4,
-                                      downsample_match_channel=False, upsample_match_channel=False)  # fmt: skip
+    vae = AutoencoderKLHunyuanVideo15(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16, 16),
+        layers_per_block=1,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=4,
+        downsample_match_channel=False,
+        upsample_match_channel=False,
+    )
     torch.manual_seed(seed + 2)
-    text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, rope_theta=1000000.0,
-        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-    ))  # fmt: skip
+    text_encoder = Qwen2_5_VLTextModel(
+        Qwen2_5_VLTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            rope_theta=1000000.0,
+            rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        )
+    )
     torch.manual_seed(seed + 3)
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                             relative_attention_num_buckets=8))  # fmt: skip
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=384, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8
+        )
+    )
     torch.manual_seed(seed + 4)
-    image_encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=12, intermediate_size=16, num_hidden_layers=1,
-                                                         num_attention_heads=2, image_size=16, patch_size=4))  # fmt: skip
+    image_encoder = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=12,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+        )
+    )
     components = dict(
-        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=ByT5Tokenizer(),
-        guider=ClassifierFreeGuidance(guidance_scale=6.0), image_encoder=image_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=ByT5Tokenizer(),
+        guider=ClassifierFreeGuidance(guidance_scale=6.0),
+        image_encoder=image_encoder,
         feature_extractor=SiglipImageProcessorPil(size={"height": 16, "width": 16}),
-    )  # fmt: skip
+    )
     for model in (transformer, vae, text_encoder, text_encoder_2, image_encoder):
         model.eval()
     return components

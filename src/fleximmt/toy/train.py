@@ -46,11 +46,22 @@ class ToyConfig:
 
     def components(self, seed: int = 0) -> dict:
         return tiny_components(
-            seed, height=self.size, width=self.size, num_frames=self.frames, num_layers=self.layers, heads=self.heads,
-            head_dim=self.head_dim, text_len=self.text_len, vae_channels=self.vae_channels,
-            latent_channels=self.latent_channels, text_dim=self.text_dim, text_layers=self.text_layers,
-            time_embed_dim=self.time_embed_dim, norm_groups=self.norm_groups, words=tuple(WORDS),
-        )  # fmt: skip
+            seed,
+            height=self.size,
+            width=self.size,
+            num_frames=self.frames,
+            num_layers=self.layers,
+            heads=self.heads,
+            head_dim=self.head_dim,
+            text_len=self.text_len,
+            vae_channels=self.vae_channels,
+            latent_channels=self.latent_channels,
+            text_dim=self.text_dim,
+            text_layers=self.text_layers,
+            time_embed_dim=self.time_embed_dim,
+            norm_groups=self.norm_groups,
+            words=tuple(WORDS),
+        )
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -65,16 +76,29 @@ def scene_batch(step: int, batch: int, cfg: ToyConfig, seed: int) -> tuple[torch
     return video, fg, [s.caption for s in scenes]
 
 
-def _train(name: str, out_dir: Path, params: dict[str, torch.nn.Parameter], loss_fn: Callable[[int], torch.Tensor],
-           steps: int, lr: float, warmup: int, seed: int, fingerprint: str, resume: bool, checkpoint_every: int,
-           callback: Callable[[int, float], None] | None) -> list[float]:  # fmt: skip
+def _train(
+    name: str,
+    out_dir: Path,
+    params: dict[str, torch.nn.Parameter],
+    loss_fn: Callable[[int], torch.Tensor],
+    steps: int,
+    lr: float,
+    warmup: int,
+    seed: int,
+    fingerprint: str,
+    resume: bool,
+    checkpoint_every: int,
+    callback: Callable[[int, float], None] | None,
+) -> list[float]:
     """The shared loop: AdamW with warm-up, gradient clipping, atomic resumable checkpoints."""
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
     generator = torch.Generator().manual_seed(seed)
     ckpt = out_dir / f"{name}.ckpt.safetensors"
     fingerprints = {"config": fingerprint, "stage": name, "lr": lr, "seed": seed}
-    start = load_checkpoint(ckpt, params, optimizer, scheduler, generator, fingerprints) if resume and ckpt.is_file() else 0
+    start = (
+        load_checkpoint(ckpt, params, optimizer, scheduler, generator, fingerprints) if resume and ckpt.is_file() else 0
+    )
     losses = []
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"toy {name}")
     for step in bar:
@@ -94,9 +118,17 @@ def _train(name: str, out_dir: Path, params: dict[str, torch.nn.Parameter], loss
     return losses
 
 
-def train_vae(out_dir: str | Path, steps: int = 1500, batch: int = 2, lr: float = 1e-3, seed: int = 0,
-              cfg: ToyConfig = ToyConfig(), resume: bool = False, checkpoint_every: int = 100,
-              callback=None) -> list[float]:  # fmt: skip
+def train_vae(
+    out_dir: str | Path,
+    steps: int = 1500,
+    batch: int = 2,
+    lr: float = 1e-3,
+    seed: int = 0,
+    cfg: ToyConfig = ToyConfig(),
+    resume: bool = False,
+    checkpoint_every: int = 100,
+    callback=None,
+) -> list[float]:
     """Stage 1: the VAE (L1 + L2 with foreground pixels weighted 5x, KL 1e-6). Writes ``out_dir/vae``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,8 +142,9 @@ def train_vae(out_dir: str | Path, steps: int = 1500, batch: int = 2, lr: float 
         weight = 1 + 4 * fg
         return (weight * ((recon - video).abs() + (recon - video) ** 2)).mean() + 1e-6 * posterior.kl().mean()
 
-    losses = _train("vae", out_dir, params, loss_fn, steps, lr, 50, seed, cfg.fingerprint(), resume, checkpoint_every,
-                    callback)  # fmt: skip
+    losses = _train(
+        "vae", out_dir, params, loss_fn, steps, lr, 50, seed, cfg.fingerprint(), resume, checkpoint_every, callback
+    )
     with torch.no_grad():  # scale latents to unit spread, as CogVideoX's scaling_factor does
         video, _, _ = scene_batch(10**6, 8, cfg, seed + 1)
         std = vae.encode(video).latent_dist.mode().std().item()
@@ -120,9 +153,18 @@ def train_vae(out_dir: str | Path, steps: int = 1500, batch: int = 2, lr: float 
     return losses
 
 
-def train_transformer(out_dir: str | Path, steps: int = 4000, batch: int = 8, lr: float = 3e-4, seed: int = 0,
-                      cfg: ToyConfig = ToyConfig(), resume: bool = False, checkpoint_every: int = 200,
-                      empty_caption: float = 0.1, callback=None) -> list[float]:  # fmt: skip
+def train_transformer(
+    out_dir: str | Path,
+    steps: int = 4000,
+    batch: int = 8,
+    lr: float = 3e-4,
+    seed: int = 0,
+    cfg: ToyConfig = ToyConfig(),
+    resume: bool = False,
+    checkpoint_every: int = 200,
+    empty_caption: float = 0.1,
+    callback=None,
+) -> list[float]:
     """Stage 2: transformer + T5 encoder on the frozen VAE's latents; v-prediction MSE, uniform t.
     Writes the whole pipeline to ``out_dir/pipeline``."""
     from diffusers import AutoencoderKLCogVideoX
@@ -132,10 +174,14 @@ def train_transformer(out_dir: str | Path, steps: int = 4000, batch: int = 8, lr
     out_dir = Path(out_dir)
     parts = cfg.components(seed)
     vae = AutoencoderKLCogVideoX.from_pretrained(out_dir / "vae", use_safetensors=True).eval().requires_grad_(False)
-    transformer, text_encoder, tokenizer, scheduler = (parts[k] for k in ("transformer", "text_encoder", "tokenizer", "scheduler"))
+    transformer, text_encoder, tokenizer, scheduler = (
+        parts[k] for k in ("transformer", "text_encoder", "tokenizer", "scheduler")
+    )
     transformer.train()
     text_encoder.train()
-    pipe = FlexiMMTPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    pipe = FlexiMMTPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
     params = {f"transformer.{k}": v for k, v in transformer.named_parameters()}
     params.update({f"text_encoder.{k}": v for k, v in text_encoder.named_parameters()})
     rotary = pipe._prepare_rotary_positional_embeddings(cfg.size, cfg.size, (cfg.frames - 1) // 4 + 1, "cpu")
@@ -155,12 +201,29 @@ def train_transformer(out_dir: str | Path, steps: int = 4000, batch: int = 8, lr
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
         noisy = scheduler.add_noise(latents, noise, t)
-        pred = transformer(hidden_states=torch.cat([noisy, image], dim=2), encoder_hidden_states=text, timestep=t,
-                           image_rotary_emb=rotary, return_dict=False)[0]  # fmt: skip
+        pred = transformer(
+            hidden_states=torch.cat([noisy, image], dim=2),
+            encoder_hidden_states=text,
+            timestep=t,
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0]
         return F.mse_loss(pred, scheduler.get_velocity(latents, noise, t))
 
-    losses = _train("transformer", out_dir, params, loss_fn, steps, lr, 100, seed, cfg.fingerprint(), resume,
-                    checkpoint_every, callback)  # fmt: skip
+    losses = _train(
+        "transformer",
+        out_dir,
+        params,
+        loss_fn,
+        steps,
+        lr,
+        100,
+        seed,
+        cfg.fingerprint(),
+        resume,
+        checkpoint_every,
+        callback,
+    )
     transformer.eval()
     text_encoder.eval()
     # sample as trained: the same noise schedule, v-prediction, no clipping, steps reaching t = 999
@@ -178,14 +241,20 @@ def plot_losses(curves: dict[str, list[float]], path: str | Path, window: int = 
     draw = ImageDraw.Draw(image)
     for row, (name, losses) in enumerate(curves.items()):
         top = row * height
-        values = np.log10(np.convolve(losses, np.ones(window) / window, mode="valid") if len(losses) > window else losses)
+        values = np.log10(
+            np.convolve(losses, np.ones(window) / window, mode="valid") if len(losses) > window else losses
+        )
         lo, hi = float(values.min()), float(values.max()) + 1e-9
         xs = pad + (width - 2 * pad) * np.arange(len(values)) / max(1, len(values) - 1)
         ys = top + height - pad - (height - 2 * pad) * (values - lo) / (hi - lo)
         draw.rectangle([pad, top + pad, width - pad, top + height - pad], outline="black")
         draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(40, 80, 200), width=2)
-        draw.text((pad, top + 8), f"{name}: {len(losses)} steps, loss {10**values[0]:.3f} -> {10**values[-1]:.3f} "
-                                  f"(log scale, moving average of {window})", fill="black")  # fmt: skip
+        draw.text(
+            (pad, top + 8),
+            f"{name}: {len(losses)} steps, loss {10 ** values[0]:.3f} -> {10 ** values[-1]:.3f} "
+            f"(log scale, moving average of {window})",
+            fill="black",
+        )
     image.save(path)
     return Path(path)
 
@@ -207,8 +276,11 @@ def ship(out_dir: str | Path, dest: str | Path | None = None, curves: str | Path
 
     out_dir = Path(out_dir)
     dest = export(out_dir / "pipeline", dest or TOY_MODEL)
-    losses = {stage: json.loads((out_dir / f"{stage}_losses.json").read_text()) for stage in ("vae", "transformer")
-              if (out_dir / f"{stage}_losses.json").is_file()}  # fmt: skip
+    losses = {
+        stage: json.loads((out_dir / f"{stage}_losses.json").read_text())
+        for stage in ("vae", "transformer")
+        if (out_dir / f"{stage}_losses.json").is_file()
+    }
     if losses:
         plot_losses(losses, curves or Path(__file__).parents[3] / "docs" / "toy-training.png")
     return dest
@@ -218,13 +290,17 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m fleximmt.toy.train --stage vae|transformer|ship --out DIR [--steps N] [--resume]``"""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Train the toy world's base model on a CPU: the VAE first, then the "
-                                                 "transformer (run the stages one after another, never two at once); "
-                                                 "'ship' writes the float16 copy that the package carries and the "
-                                                 "training curves (docs/toy-training.png).")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description="Train the toy world's base model on a CPU: the VAE first, then the "
+        "transformer (run the stages one after another, never two at once); "
+        "'ship' writes the float16 copy that the package carries and the "
+        "training curves (docs/toy-training.png)."
+    )
     parser.add_argument("--stage", choices=["vae", "transformer", "ship"], required=True)
     parser.add_argument("--out", required=True, help="model folder (vae/, pipeline/ and checkpoints)")
-    parser.add_argument("--steps", type=int, help="training steps (default: 1500 for the VAE, 4000 for the transformer)")
+    parser.add_argument(
+        "--steps", type=int, help="training steps (default: 1500 for the VAE, 4000 for the transformer)"
+    )
     parser.add_argument("--batch", type=int, help="batch size (default: 2 / 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint")

@@ -15,19 +15,35 @@ from dataclasses import dataclass, field
 import numpy as np
 
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230), "yellow": (235, 210, 40),
-    "white": (235, 235, 235), "orange": (245, 140, 30), "purple": (150, 50, 190),
-}  # fmt: skip
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 210, 40),
+    "white": (235, 235, 235),
+    "orange": (245, 140, 30),
+    "purple": (150, 50, 190),
+}
 SHAPES = ("circle", "square", "triangle", "diamond")
 BACKGROUNDS = ("plain", "gradient", "stripes")
 # motion name -> the words a caption uses for it
 MOTIONS = {
-    "left": "moves left", "right": "moves right", "up": "moves up", "down": "moves down",
-    "circle": "circles around", "bounce": "bounces", "zigzag": "zigzags right", "grow": "grows", "shrink": "shrinks",
+    "left": "moves left",
+    "right": "moves right",
+    "up": "moves up",
+    "down": "moves down",
+    "circle": "circles around",
+    "bounce": "bounces",
+    "zigzag": "zigzags right",
+    "grow": "grows",
+    "shrink": "shrinks",
     "still": "stands still",
-}  # fmt: skip
-WORDS = sorted({w for phrase in MOTIONS.values() for w in phrase.split()} | set(COLOURS) | set(SHAPES)
-               | {"A", "a", "the", "and", "."})  # fmt: skip
+}
+WORDS = sorted(
+    {w for phrase in MOTIONS.values() for w in phrase.split()}
+    | set(COLOURS)
+    | set(SHAPES)
+    | {"A", "a", "the", "and", "."}
+)
 
 
 @dataclass(frozen=True)
@@ -160,8 +176,14 @@ def render(sprites: list[Sprite], frames: int = 17, size: int = 64, background: 
     return Scene(video.round().astype(np.uint8), masks, positions, scales, sprites, caption, seed, background)
 
 
-def random_scene(seed: int, num_objects: int | None = None, frames: int = 17, size: int = 64,
-                 motions: list[str] | None = None, jitter: bool = True) -> Scene:  # fmt: skip
+def random_scene(
+    seed: int,
+    num_objects: int | None = None,
+    frames: int = 17,
+    size: int = 64,
+    motions: list[str] | None = None,
+    jitter: bool = True,
+) -> Scene:
     """A random scene: 1-3 sprites of distinct colour-shape names, starting away from the edges
     (so that the start position does not give the motion away), each with a random motion."""
     rng = np.random.RandomState(seed)
@@ -182,15 +204,29 @@ def random_scene(seed: int, num_objects: int | None = None, frames: int = 17, si
             amplitude=float(rng.uniform(4.0, 8.0)) if jitter else 6.0,
             period=float(rng.uniform(6.0, 12.0)) if jitter else 8.0,
             rate=float(rng.uniform(0.02, 0.04)) if jitter else 0.03,
-        )  # fmt: skip
+        )
         x, y = slots[k] * size + rng.uniform(-3, 3, size=2)
-        sprites.append(Sprite(shape, colour, float(rng.uniform(5, 8)), (float(x), float(y)), trajectory,
-                              texture_seed=int(rng.randint(1 << 30))))  # fmt: skip
+        sprites.append(
+            Sprite(
+                shape,
+                colour,
+                float(rng.uniform(5, 8)),
+                (float(x), float(y)),
+                trajectory,
+                texture_seed=int(rng.randint(1 << 30)),
+            )
+        )
     return render(sprites, frames, size, rng.choice(BACKGROUNDS), seed)
 
 
-def colour_track(frames: np.ndarray, colour: str, start: tuple[float, float] | None = None, tolerance: float = 80.0,
-                 reach: float = 14.0, min_pixels: int = 4) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def colour_track(
+    frames: np.ndarray,
+    colour: str,
+    start: tuple[float, float] | None = None,
+    tolerance: float = 80.0,
+    reach: float = 14.0,
+    min_pixels: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
     """Follow a sprite through ``frames`` (uint8 ``[T, H, W, 3]``) by its colour: per frame, the
     pixels within ``tolerance`` (RGB distance) of ``COLOURS[colour]`` and within ``reach`` pixels of
     the previous position. Returns centres ``[T, 2]`` (x, y; NaN where the sprite is not found,

@@ -14,8 +14,15 @@ from ..method.motion import atomic_write
 _SCHEDULER_KEYS = ("last_epoch", "_step_count", "_last_lr", "base_lrs")
 
 
-def save_checkpoint(path: Path, step: int, params: dict[str, torch.Tensor], optimizer, scheduler,
-                    generator: torch.Generator, fingerprints: dict) -> None:  # fmt: skip
+def save_checkpoint(
+    path: Path,
+    step: int,
+    params: dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    generator: torch.Generator,
+    fingerprints: dict,
+) -> None:
     from safetensors.torch import save_file
 
     tensors = {"rng": generator.get_state()}
@@ -28,15 +35,16 @@ def save_checkpoint(path: Path, step: int, params: dict[str, torch.Tensor], opti
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, scheduler, generator: torch.Generator,
-                    fingerprints: dict) -> int:  # fmt: skip
+def load_checkpoint(
+    path: Path, params: dict[str, torch.Tensor], optimizer, scheduler, generator: torch.Generator, fingerprints: dict
+) -> int:
     """Restore what :func:`save_checkpoint` wrote into ``params`` and the optimiser; returns the step."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f}
     except Exception as err:
         raise FlexiMMTInputError(f"checkpoint {str(path)!r} is not readable ({err}); delete it to start over") from None
     for key, want in fingerprints.items():

@@ -45,7 +45,7 @@ def subsample(frames: np.ndarray, fps: float, target_fps: float | None, num_fram
     fewer than ``num_frames`` remain when the original has enough."""
     if target_fps is None or fps <= target_fps:
         return frames
-    stride = max(1, int(round(fps / target_fps)))
+    stride = max(1, round(fps / target_fps))
     while stride > 1 and len(range(0, len(frames), stride)) < num_frames:
         stride -= 1
     return frames[::stride]

@@ -1,10 +1,10 @@
-"""Learning a motion (Sec. 4.1, METHOD.md sections 4 and 6): train only motion tokens on one
+"""Learning a motion (Sec. 4.1, docs/method.md#dmem, docs/method.md#training): train only motion tokens on one
 reference video, the video model frozen, DMEM's mask applied inside the attention processors.
 
 The loop is the same for every base model; what differs - how conditions are encoded, how a step
 noises the latents and predicts x0 - is the model's adapter (``fleximmt.models``). Stages, each its
 own function: ``prepare_conditions`` (encode caption and video windows once, cached on disk),
-``training_step`` (loss of METHOD.md section 6), checkpoints (atomic, resumable), and
+``training_step`` (loss of docs/method.md#training), checkpoints (atomic, resumable), and
 ``train_motion`` which ties them together and leaves the pipeline as it found it.
 """
 
@@ -37,7 +37,7 @@ from .data import as_frames, read_video, subsample, to_model_tensor, window_star
 
 logger = logging.getLogger(__name__)
 
-TRAIN_PARTS = frozenset({"m2v", "m2m", "t2m"})  # one object in training: METHOD.md section 3
+TRAIN_PARTS = frozenset({"m2v", "m2m", "t2m"})  # one object in training: docs/method.md#mdma
 # A block keeps about 24 bytes per token and channel for its backward in bf16 (measured at CogVideoX-5B's
 # size: 1,263 MiB for 17,776 tokens x 3,072, BENCHMARKS.md); past this total, gradient checkpointing is on
 CHECKPOINT_ABOVE = 8 * 2**30
@@ -47,7 +47,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 
 @dataclass
 class TrainSettings:
-    """Every setting of motion training; defaults are the authors' release (METHOD.md section 6)."""
+    """Every setting of motion training; defaults are the authors' release (docs/method.md#training)."""
 
     steps: int = 2000
     tokens_per_motion: int = 226
@@ -67,13 +67,15 @@ class TrainSettings:
     dmem_drop: float = 0.3  # DMEM: fraction of mask positives dropped per call
     image_dropout: float = 0.05  # probability of a zeroed image condition
     frame_diff_weight: float = 1.0
-    frame_diff_scale: float = 1.0  # the release multiplies x[k+1] by sqrt(2); METHOD.md: a setting, 1
+    frame_diff_scale: float = 1.0  # the release multiplies x[k+1] by sqrt(2); docs/method.md#training: a setting, 1
     checkpoint_every: int = 200
     mixed_precision: str = "no"
     gradient_checkpointing: bool | None = None  # None: on when activations would pass CHECKPOINT_ABOVE (real sizes)
     vae_slicing: bool = False
     vae_tiling: bool = False
-    offload_after_caching: bool = True  # encoders (adapter.conditioning_modules) and VAE to the CPU while the tokens train; put back after
+    offload_after_caching: bool = (
+        True  # encoders (adapter.conditioning_modules) and VAE to the CPU while the tokens train; put back after
+    )
 
     def validate(self) -> None:
         if self.steps < 1 or self.tokens_per_motion < 1:
@@ -143,8 +145,10 @@ def base_loras(pipe) -> list[dict[str, Any]]:
             active = set() if getattr(module, "disable_adapters", False) else set(module.active_adapters)
             for name in sorted((merged | active) & set(scaling)):
                 rank = module.r[name] ** 0.5 if module.use_rslora.get(name) else module.r[name]
-                entry = found.setdefault((component, name), {"component": component, "adapter": name,
-                                                             "weights": set(), "fused": name in merged})  # fmt: skip
+                entry = found.setdefault(
+                    (component, name),
+                    {"component": component, "adapter": name, "weights": set(), "fused": name in merged},
+                )
                 entry["weights"].add(round(scaling[name] * rank / module.lora_alpha[name], 6))
     loras = []
     for entry in found.values():
@@ -175,8 +179,14 @@ class Conditions:
         return self.tensors["video_latents"].shape[0]
 
 
-def load_reference(video, num_frames: int, fps: float | None, start: int | None = None,
-                   end: int | None = None, video_fps: float | None = None) -> np.ndarray:  # fmt: skip
+def load_reference(
+    video,
+    num_frames: int,
+    fps: float | None,
+    start: int | None = None,
+    end: int | None = None,
+    video_fps: float | None = None,
+) -> np.ndarray:
     """The reference frames between ``start`` and ``end``, subsampled to about ``fps``; frames given
     as an array are at ``video_fps`` (None: already at ``fps``)."""
     if isinstance(video, (str, os.PathLike)):
@@ -189,9 +199,17 @@ def load_reference(video, num_frames: int, fps: float | None, start: int | None 
 
 
 @torch.no_grad()
-def prepare_conditions(adapter: ModelAdapter, frames: np.ndarray, caption: str, concept_words: str, motion_words: str,
-                       settings: TrainSettings, geometry: tuple[int, int, int], cache: Path | None,
-                       seed: int) -> Conditions:  # fmt: skip
+def prepare_conditions(
+    adapter: ModelAdapter,
+    frames: np.ndarray,
+    caption: str,
+    concept_words: str,
+    motion_words: str,
+    settings: TrainSettings,
+    geometry: tuple[int, int, int],
+    cache: Path | None,
+    seed: int,
+) -> Conditions:
     """Encode the caption and every training window of the reference video (cached in ``cache``)."""
     pipe = adapter.pipe
     height, width, num_frames = geometry
@@ -209,9 +227,11 @@ def prepare_conditions(adapter: ModelAdapter, frames: np.ndarray, caption: str, 
         with safe_open(str(cache), framework="pt") as f:
             if (f.metadata() or {}).get("key") == key:
                 logger.info("reusing cached latents %s", cache)
-                return Conditions({name: f.get_tensor(name) for name in f.keys()}, member, concept_member)
-    clips = [to_model_tensor(frames[start : start + num_frames], height, width)
-             for start in tqdm(starts, desc="reading reference windows", disable=len(starts) < 2)]  # fmt: skip
+                return Conditions({name: f.get_tensor(name) for name in f}, member, concept_member)
+    clips = [
+        to_model_tensor(frames[start : start + num_frames], height, width)
+        for start in tqdm(starts, desc="reading reference windows", disable=len(starts) < 2)
+    ]
     tensors = adapter.encode_conditions(clips, caption, text_len, torch.Generator().manual_seed(seed))
     tensors = {name: t.contiguous() for name, t in tensors.items()}
     if cache is not None:
@@ -222,9 +242,16 @@ def prepare_conditions(adapter: ModelAdapter, frames: np.ndarray, caption: str, 
 
 
 # -- stage 2: the loss ------------------------------------------------------------------------
-def training_step(adapter: ModelAdapter, state: FlexiMMTState, cond: Conditions, window: int,
-                  generator: torch.Generator, settings: TrainSettings, autocast) -> tuple[torch.Tensor, int]:  # fmt: skip
-    """One loss of METHOD.md section 6: the weighted x0 error (the model's own objective) plus a
+def training_step(
+    adapter: ModelAdapter,
+    state: FlexiMMTState,
+    cond: Conditions,
+    window: int,
+    generator: torch.Generator,
+    settings: TrainSettings,
+    autocast,
+) -> tuple[torch.Tensor, int]:
+    """One loss of docs/method.md#training: the weighted x0 error (the model's own objective) plus a
     frame-difference term at a random latent frame; returns it and the expert that computed it."""
     batch = adapter.training_prediction(state, cond.tensors, window, generator, settings.image_dropout, autocast)
     x0, x0_hat = batch.x0[:, batch.loss_frames], batch.x0_hat[:, batch.loss_frames]
@@ -341,7 +368,9 @@ def train_motion(
     """
     unknown = set(settings) - {f.name for f in dataclasses.fields(TrainSettings)}
     if unknown:
-        raise FlexiMMTInputError(f"unknown training setting(s) {sorted(unknown)}: see fleximmt.training.train.TrainSettings")
+        raise FlexiMMTInputError(
+            f"unknown training setting(s) {sorted(unknown)}: see fleximmt.training.train.TrainSettings"
+        )
     cfg = TrainSettings(steps=steps, tokens_per_motion=tokens_per_motion, seed=seed, **settings)
     cfg.validate()
     adapter = adapter_for(pipe)
@@ -354,8 +383,22 @@ def train_motion(
     vae_flags = (getattr(pipe.vae, "use_slicing", False), getattr(pipe.vae, "use_tiling", False))
     try:
         with placement_kept(pipe):
-            return _train(adapter, video, caption, concept_words, motion_words, Path(output), cfg, resume,
-                          start_frame, end_frame, video_fps, callback, shard_windows, return_losses)  # fmt: skip
+            return _train(
+                adapter,
+                video,
+                caption,
+                concept_words,
+                motion_words,
+                Path(output),
+                cfg,
+                resume,
+                start_frame,
+                end_frame,
+                video_fps,
+                callback,
+                shard_windows,
+                return_losses,
+            )
     finally:
         for module, flags in zip(modules, trainable):
             for param, flag in zip(module.parameters(), flags):
@@ -368,15 +411,31 @@ def train_motion(
 
 
 def _set_vae_flags(vae, slicing: bool, tiling: bool) -> None:
-    for flag, on, off in (("use_slicing", "enable_slicing", "disable_slicing"), ("use_tiling", "enable_tiling", "disable_tiling")):
+    for flag, on, off in (
+        ("use_slicing", "enable_slicing", "disable_slicing"),
+        ("use_tiling", "enable_tiling", "disable_tiling"),
+    ):
         want = slicing if flag == "use_slicing" else tiling
         if hasattr(vae, flag) and getattr(vae, flag) != want:
             getattr(vae, on if want else off)()
 
 
-def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motion_words: str, output: Path,
-           cfg: TrainSettings, resume: bool, start_frame, end_frame, video_fps, callback, shard_windows: bool,
-           return_losses: bool) -> MotionTokens | TrainResult:  # fmt: skip
+def _train(
+    adapter: ModelAdapter,
+    video,
+    caption: str,
+    concept_words: str,
+    motion_words: str,
+    output: Path,
+    cfg: TrainSettings,
+    resume: bool,
+    start_frame,
+    end_frame,
+    video_fps,
+    callback,
+    shard_windows: bool,
+    return_losses: bool,
+) -> MotionTokens | TrainResult:
     from accelerate.utils import reduce
     from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
 
@@ -407,8 +466,9 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
 
     frames = load_reference(video, geometry[2], cfg.fps, start_frame, end_frame, video_fps)
     with proc.main_process_first():  # the main process encodes, the others read its cache
-        cond = prepare_conditions(adapter, frames, caption, concept_words, motion_words, cfg, geometry,
-                                  cache_path(output), cfg.seed)  # fmt: skip
+        cond = prepare_conditions(
+            adapter, frames, caption, concept_words, motion_words, cfg, geometry, cache_path(output), cfg.seed
+        )
     encoders = [getattr(pipe, name) for name in adapter.conditioning_modules()]
     target = None if offloaded else offload_target(device)
     if cfg.offload_after_caching and target is not None:
@@ -423,7 +483,9 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
     checkpointing = cfg.gradient_checkpointing
     if checkpointing is None:
         checkpointing = checkpointing_needed(adapter, grid, adapter.default_text_length())
-        logger.info("gradient checkpointing %s (gradient_checkpointing=None decides by size)", "on" if checkpointing else "off")
+        logger.info(
+            "gradient checkpointing %s (gradient_checkpointing=None decides by size)", "on" if checkpointing else "off"
+        )
     if checkpointing:
         for transformer in transformers:
             transformer.enable_gradient_checkpointing()
@@ -442,9 +504,13 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
     # the training randomness lives in one generator per process (saved in checkpoints)
     generator.manual_seed(cfg.seed * 1000 + proc.process_index + 1)
     distributed = shard_windows and proc.num_processes > 1  # one motion, windows shared out
-    fingerprints = {"model": model_fingerprint(pipe), "settings": cfg.fingerprint(), "caption": caption,
-                    "words": f"{concept_words}|{motion_words}",
-                    "processes": proc.num_processes if distributed else 1}  # fmt: skip
+    fingerprints = {
+        "model": model_fingerprint(pipe),
+        "settings": cfg.fingerprint(),
+        "caption": caption,
+        "words": f"{concept_words}|{motion_words}",
+        "processes": proc.num_processes if distributed else 1,
+    }
     ckpt = checkpoint_path(output)
     if distributed and proc.process_index:  # every rank keeps its own RNG state
         ckpt = ckpt.with_name(ckpt.stem + f".rank{proc.process_index}.safetensors")
@@ -454,18 +520,29 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
         logger.info("resumed %s at step %d", ckpt, start)
 
     state = motion_state_for(
-        torch.stack(experts)[None], cond.member.to(device), form=adapter.form,
-        parts=(TRAIN_PARTS & set(adapter.parts)) if cfg.train_mask else frozenset(), num_frames=grid.frames,
-        dmem=cfg.train_mask, concept_member=cond.concept_member.to(device), dmem_drop=cfg.dmem_drop, generator=generator,
-    )  # fmt: skip
+        torch.stack(experts)[None],
+        cond.member.to(device),
+        form=adapter.form,
+        parts=(TRAIN_PARTS & set(adapter.parts)) if cfg.train_mask else frozenset(),
+        num_frames=grid.frames,
+        dmem=cfg.train_mask,
+        concept_member=cond.concept_member.to(device),
+        dmem_drop=cfg.dmem_drop,
+        generator=generator,
+    )
     if not cfg.train_mask:  # w/o Train: motion tokens reach every video token
         state.set_video_masks(torch.ones(1, grid.size, dtype=torch.bool, device=device))
     windows = list(range(cond.windows))
     if distributed and len(windows) >= proc.num_processes:
         windows = windows[proc.process_index :: proc.num_processes]
     losses: list[float] = []
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"training {output.name}",
-               disable=not proc.is_local_main_process)  # fmt: skip
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        desc=f"training {output.name}",
+        disable=not proc.is_local_main_process,
+    )
     for transformer in transformers:
         transformer.train(False)
     # the state stays attached through each backward pass too: gradient checkpointing recomputes blocks there
@@ -506,10 +583,16 @@ def _train(adapter: ModelAdapter, video, caption: str, concept_words: str, motio
     bar.close()
 
     motion = MotionTokens(
-        [p.detach().cpu().clone() for p in experts], name=output.stem, caption=caption, concept_words=concept_words,
-        motion_words=motion_words, base_model=fingerprints["model"], steps=cfg.steps, family=adapter.family,
+        [p.detach().cpu().clone() for p in experts],
+        name=output.stem,
+        caption=caption,
+        concept_words=concept_words,
+        motion_words=motion_words,
+        base_model=fingerprints["model"],
+        steps=cfg.steps,
+        family=adapter.family,
         base_loras=base_loras(pipe),
-    )  # fmt: skip
+    )
     if proc.is_main_process or not distributed:
         motion.save(output)
     if distributed:
@@ -591,7 +674,17 @@ def train_dataset(pipe, rows: list[DatasetRow], out_dir: str | os.PathLike, **kw
             settings["fps"] = row.fps
         output = out_dir / row.output_name
         logger.info("process %d trains %s -> %s", state.process_index, row.video, output)
-        train_motion(pipe, row.video, row.caption, row.concept_words, row.motion_words, output,
-                     start_frame=row.start, end_frame=row.end, shard_windows=False, **settings)  # fmt: skip
+        train_motion(
+            pipe,
+            row.video,
+            row.caption,
+            row.concept_words,
+            row.motion_words,
+            output,
+            start_frame=row.start,
+            end_frame=row.end,
+            shard_windows=False,
+            **settings,
+        )
         done.append(output)
     return done

@@ -37,8 +37,10 @@ def register_folders() -> None:
     import folder_paths
 
     if MOTIONS_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[MOTIONS_FOLDER] = ([os.path.join(folder_paths.models_dir, MOTIONS_FOLDER)],
-                                                               {".safetensors"})  # fmt: skip
+        folder_paths.folder_names_and_paths[MOTIONS_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, MOTIONS_FOLDER)],
+            {".safetensors"},
+        )
 
 
 def motions_dir() -> Path:
@@ -69,8 +71,9 @@ def first_mask(mask: torch.Tensor, k: int) -> torch.Tensor:
     return mask.float().cpu() > 0.5
 
 
-def add_object(objects: tuple | None, mask: torch.Tensor, motion: MotionTokens, motion_words: str,
-               concept_words: str = "") -> tuple[ObjectMotion, ...]:  # fmt: skip
+def add_object(
+    objects: tuple | None, mask: torch.Tensor, motion: MotionTokens, motion_words: str, concept_words: str = ""
+) -> tuple[ObjectMotion, ...]:
     """``objects`` with one more object appended (the *Object* node)."""
     objects = tuple(objects or ())
     k = len(objects) + 1
@@ -98,16 +101,32 @@ class ObjectNode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "mask": ("MASK", {"tooltip": "The object in the first frame (mask editor, SAM, a loaded mask); "
-                                             "of a batch, the first mask is used."}),
+                "mask": (
+                    "MASK",
+                    {
+                        "tooltip": "The object in the first frame (mask editor, SAM, a loaded mask); "
+                        "of a batch, the first mask is used."
+                    },
+                ),
                 "motion": (MOTION, {"tooltip": "The motion this object performs (Load motion or Learn motion)."}),
-                "motion_words": ("STRING", {"default": "", "tooltip": "The words of the prompt that describe this "
-                                            "object's motion, exactly as the prompt has them, e.g. 'jumps up'."}),
+                "motion_words": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "The words of the prompt that describe this "
+                        "object's motion, exactly as the prompt has them, e.g. 'jumps up'.",
+                    },
+                ),
             },
             "optional": {
                 "objects": (OBJECTS, {"tooltip": "Objects before this one (chain Object nodes)."}),
-                "concept_words": ("STRING", {"default": "", "tooltip": "Optional: the words naming the object "
-                                             "(only the 'qk' mask source uses them)."}),
+                "concept_words": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Optional: the words naming the object (only the 'qk' mask source uses them).",
+                    },
+                ),
             },
         }
 

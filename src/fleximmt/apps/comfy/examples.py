@@ -47,8 +47,10 @@ def write_inputs(folder: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fleximmt.apps.comfy.examples",
-                                     description="Write the input files of fleximmt's example ComfyUI workflows.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m fleximmt.apps.comfy.examples",
+        description="Write the input files of fleximmt's example ComfyUI workflows.",
+    )
     parser.add_argument("folder", help="ComfyUI's input folder, e.g. ComfyUI/input")
     for path in write_inputs(parser.parse_args(argv).folder):
         print(path)

@@ -1,7 +1,7 @@
 """FlexiMMT native on ComfyUI's own Wan model (``comfy/ldm/wan/model.py``): the *Apply FlexiMMT* node.
 
 It takes a MODEL from ComfyUI's loaders - with whatever LoRAs, GGUF or fp8 weights were loaded there
-- and returns a clone that any sampler runs with FlexiMMT (METHOD.md section 9), through ComfyUI's
+- and returns a clone that any sampler runs with FlexiMMT (docs/method.md#wan), through ComfyUI's
 patch points only, never by editing its files:
 
 - a ``DIFFUSION_MODEL`` wrapper sees every model call: it builds the run's ``FlexiMMTState`` on the
@@ -116,9 +116,21 @@ class WanPatch:
     """FlexiMMT for one ComfyUI Wan MODEL (one expert): the objects, their motion words' token spans,
     the options, and the patch functions ComfyUI calls."""
 
-    def __init__(self, objects: tuple, spans: list[list[int]], concept_spans: list[list[int]] | None,
-                 expert: int, options: TransferOptions) -> None:  # fmt: skip
-        self.objects, self.spans, self.concept_spans, self.expert, self.options = objects, spans, concept_spans, expert, options
+    def __init__(
+        self,
+        objects: tuple,
+        spans: list[list[int]],
+        concept_spans: list[list[int]] | None,
+        expert: int,
+        options: TransferOptions,
+    ) -> None:
+        self.objects, self.spans, self.concept_spans, self.expert, self.options = (
+            objects,
+            spans,
+            concept_spans,
+            expert,
+            options,
+        )
         self.run: Run | None = None
         self.previous_blocks: dict[int, object] = {}
         self.previous_override = None
@@ -152,14 +164,25 @@ class WanPatch:
         finally:
             self.run = None
 
-    def diffusion_model(self, executor, x, timestep, context, clip_fea=None, time_dim_concat=None,
-                        transformer_options={}, **kwargs):  # noqa: B006 (ComfyUI's own default)  # fmt: skip
+    def diffusion_model(
+        self,
+        executor,
+        x,
+        timestep,
+        context,
+        clip_fea=None,
+        time_dim_concat=None,
+        transformer_options={},  # noqa: B006 - ComfyUI's signature
+        **kwargs,
+    ):
         if not self.objects:
             return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
         if time_dim_concat is not None or kwargs.get("reference_latent") is not None:
-            raise FlexiMMTInputError("Apply FlexiMMT: this graph adds frames or reference tokens to the Wan model's "
-                                     "input (time_dim_concat / reference_latent), which FlexiMMT's masks do not cover; "
-                                     "remove that conditioning or the FlexiMMT patch")  # fmt: skip
+            raise FlexiMMTInputError(
+                "Apply FlexiMMT: this graph adds frames or reference tokens to the Wan model's "
+                "input (time_dim_concat / reference_latent), which FlexiMMT's masks do not cover; "
+                "remove that conditioning or the FlexiMMT patch"
+            )
         model = executor.class_obj
         chunks = list(transformer_options.get("cond_or_uncond") or [0])
         run = self.run_for(model, x, context, len(chunks))
@@ -210,15 +233,18 @@ class WanPatch:
     def text_attention(self, run: Run, index: int, base, q, k, v, *args, heads: int, **kwargs):
         """MDMA cross-attention of the video queries over the block's text keys and the motion tokens."""
         if args or kwargs.get("mask") is not None:
-            raise FlexiMMTInputError("Apply FlexiMMT: the Wan text attention got a mask of its own; FlexiMMT's MDMA "
-                                     "is the mask - remove the other patch that adds one")  # fmt: skip
+            raise FlexiMMTInputError(
+                "Apply FlexiMMT: the Wan text attention got a mask of its own; FlexiMMT's MDMA "
+                "is the mask - remove the other patch that adds one"
+            )
         if k.shape[1] != run.text_len:
-            raise FlexiMMTInputError(f"Apply FlexiMMT: the text has {k.shape[1]} tokens in block {index}, "
-                                     f"{run.text_len} in the conditioning")  # fmt: skip
+            raise FlexiMMTInputError(
+                f"Apply FlexiMMT: the text has {k.shape[1]} tokens in block {index}, {run.text_len} in the conditioning"
+            )
         attn = run.model.blocks[index].cross_attn
-        to_heads = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731  [B, H, N, d]
+        to_heads = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)
         kw = dict(kwargs, heads=heads, skip_reshape=True, skip_output_reshape=True)
-        group = lambda qg, kg, vg, mask=None: base(qg, kg, vg, mask=mask, **kw)  # noqa: E731  ComfyUI's attention
+        group = lambda qg, kg, vg, mask=None: base(qg, kg, vg, mask=mask, **kw)
 
         def project(tokens: torch.Tensor, kind: str) -> torch.Tensor:
             tokens = tokens.to(device=q.device, dtype=q.dtype)[None]
@@ -235,8 +261,9 @@ class WanPatch:
         grid = TokenGrid(frames, height, width, x.shape[2], patch[0])
         videos = max(1, x.shape[0] // chunks)
         run = self.run
-        if run is not None and (run.model is model and run.grid == grid and run.videos == videos
-                                and run.text_len == context.shape[1]):  # fmt: skip
+        if run is not None and (
+            run.model is model and run.grid == grid and run.videos == videos and run.text_len == context.shape[1]
+        ):
             return run
         self.run = run = self.new_run(model, grid, videos, context.shape[1], x.device)
         return run
@@ -245,8 +272,11 @@ class WanPatch:
         num_blocks = len(model.blocks)
         bad = [k for k, span in enumerate(self.spans, 1) if max(span) >= text_len]
         if bad:
-            raise ObjectInputError(bad[0], f"its motion words lie beyond the conditioning's {text_len} text tokens: "
-                                           "give Apply FlexiMMT the prompt of the positive CLIP Text Encode")  # fmt: skip
+            raise ObjectInputError(
+                bad[0],
+                f"its motion words lie beyond the conditioning's {text_len} text tokens: "
+                "give Apply FlexiMMT the prompt of the positive CLIP Text Encode",
+            )
         member = span_membership(text_len, self.spans).to(device)
         tokens = torch.stack([obj.motion.expert_tokens()[self.expert] for obj in self.objects])[:, None].to(device)
         concept = None
@@ -270,8 +300,9 @@ class WanPatch:
         if key not in run._rows:
             per = batch // len(chunks)
             if per != run.videos:
-                raise FlexiMMTInputError(f"Apply FlexiMMT: {batch} batch rows for {len(chunks)} conditionings and "
-                                         f"{run.videos} videos")  # fmt: skip
+                raise FlexiMMTInputError(
+                    f"Apply FlexiMMT: {batch} batch rows for {len(chunks)} conditionings and {run.videos} videos"
+                )
             rows = [v for _ in chunks for v in range(per)]
             feature = [chunks.index(0) * per + v for v in range(per)] if 0 in chunks else None
             index = None if feature is None else torch.tensor(feature, device=device)  # made once, not per block
@@ -280,9 +311,20 @@ class WanPatch:
         run.state.rows, run.state.feature_rows, run.feature_index = rows, feature, index
 
 
-def apply_fleximmt(model, clip, prompt: str, objects: tuple | None, expert: str = "auto", mask_source: str = "rmpm",
-                   rmpm_method: str = "paper", anchors: int = 3, alpha: float = 0.0, initial_masks: str = "first_frame",
-                   parts: tuple[str, ...] = CROSS_PARTS, attention_backend: str = "auto"):  # fmt: skip
+def apply_fleximmt(
+    model,
+    clip,
+    prompt: str,
+    objects: tuple | None,
+    expert: str = "auto",
+    mask_source: str = "rmpm",
+    rmpm_method: str = "paper",
+    anchors: int = 3,
+    alpha: float = 0.0,
+    initial_masks: str = "first_frame",
+    parts: tuple[str, ...] = CROSS_PARTS,
+    attention_backend: str = "auto",
+):
     """A clone of ComfyUI's Wan ``model`` (a ModelPatcher) that samples with FlexiMMT: ``objects`` (the
     *Object* nodes' list) move with their motions, their motion words found in ``prompt`` as ``clip``
     tokenises it. ``alpha`` 0 updates RMPM's masks every step."""
@@ -291,33 +333,56 @@ def apply_fleximmt(model, clip, prompt: str, objects: tuple | None, expert: str 
     diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
     if type(diffusion_model) is not wan.WanModel:
         name = type(diffusion_model).__name__
-        raise FlexiMMTInputError(f"Apply FlexiMMT patches ComfyUI's Wan 2.1 / 2.2 models (WanModel); this MODEL is a "
-                                 f"{name}: load a Wan image-to-video model with Load Diffusion Model")  # fmt: skip
+        raise FlexiMMTInputError(
+            f"Apply FlexiMMT patches ComfyUI's Wan 2.1 / 2.2 models (WanModel); this MODEL is a "
+            f"{name}: load a Wan image-to-video model with Load Diffusion Model"
+        )
     objects = tuple(objects or ())
     if expert not in EXPERTS:
         raise FlexiMMTInputError(f"expert={expert!r}: choose from {list(EXPERTS)}")
     index = 0 if expert == "auto" else EXPERTS.index(expert) - 1
     for k, obj in enumerate(objects, 1):
         with about_object(k):
-            obj.motion.check_model(len(diffusion_model.blocks), diffusion_model.dim, family="wan",
-                                   experts=obj.motion.num_experts, source=f"object {k}", family_name=family_name)  # fmt: skip
+            obj.motion.check_model(
+                len(diffusion_model.blocks),
+                diffusion_model.dim,
+                family="wan",
+                experts=obj.motion.num_experts,
+                source=f"object {k}",
+                family_name=family_name,
+            )
             if expert == "auto" and obj.motion.num_experts > 1:
-                raise FlexiMMTInputError(f"the motion holds {obj.motion.num_experts} experts' tokens (Wan 2.2 A14B): "
-                                         "set expert to 1 on the high-noise model, 2 on the low-noise model")  # fmt: skip
+                raise FlexiMMTInputError(
+                    f"the motion holds {obj.motion.num_experts} experts' tokens (Wan 2.2 A14B): "
+                    "set expert to 1 on the high-noise model, 2 on the low-noise model"
+                )
             if index >= obj.motion.num_experts:
-                raise FlexiMMTInputError(f"the motion has one expert's tokens; expert={expert!r} needs a two-expert "
-                                         "motion (Wan 2.2 A14B): use expert 'auto'")  # fmt: skip
+                raise FlexiMMTInputError(
+                    f"the motion has one expert's tokens; expert={expert!r} needs a two-expert "
+                    "motion (Wan 2.2 A14B): use expert 'auto'"
+                )
     if mask_source not in MASK_SOURCES:
         raise FlexiMMTInputError(f"mask_source={mask_source!r}: choose from {list(MASK_SOURCES)}")
-    options = TransferOptions(objects, mask_source, rmpm_method, anchors, None if not alpha else alpha, None, parts,
-                              "open", attention_backend, False, initial_masks)  # fmt: skip
+    options = TransferOptions(
+        objects,
+        mask_source,
+        rmpm_method,
+        anchors,
+        alpha if alpha else None,
+        None,
+        parts,
+        "open",
+        attention_backend,
+        False,
+        initial_masks,
+    )
     from ...models.wan import WanAdapter
 
     options.check(WanAdapter)
     spans = concept_spans = None
     if objects:
         ids = clip_token_ids(clip, prompt)
-        encode = lambda phrase: clip_phrase_ids(clip, phrase)  # noqa: E731
+        encode = lambda phrase: clip_phrase_ids(clip, phrase)
         spans = object_token_spans(ids, [obj.motion_text for obj in objects], encode, prompt, len(ids))
         if mask_source == "qk":
             concepts = [o.concept_text or o.motion_text for o in objects]
@@ -334,39 +399,98 @@ class ApplyFlexiMMT:
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "apply"
-    DESCRIPTION = ("FlexiMMT on ComfyUI's own Wan model: motion tokens and MDMA in its cross-attention, RMPM masks "
-                   "from its self-attention, for any sampler. Works with LoRA, GGUF and fp8 models as loaded.")
+    DESCRIPTION = (
+        "FlexiMMT on ComfyUI's own Wan model: motion tokens and MDMA in its cross-attention, RMPM masks "
+        "from its self-attention, for any sampler. Works with LoRA, GGUF and fp8 models as loaded."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A Wan 2.1 / 2.2 model from ComfyUI's loaders (LoRAs already applied)."}),
-                "clip": ("CLIP", {"tooltip": "The text encoder of the prompt (umT5): its tokenizer finds each "
-                                             "object's motion words."}),
-                "prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "The positive prompt, exactly as "
-                                      "given to CLIP Text Encode, with each object's motion words in it."}),
+                "model": (
+                    "MODEL",
+                    {"tooltip": "A Wan 2.1 / 2.2 model from ComfyUI's loaders (LoRAs already applied)."},
+                ),
+                "clip": (
+                    "CLIP",
+                    {
+                        "tooltip": "The text encoder of the prompt (umT5): its tokenizer finds each "
+                        "object's motion words."
+                    },
+                ),
+                "prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "The positive prompt, exactly as "
+                        "given to CLIP Text Encode, with each object's motion words in it.",
+                    },
+                ),
                 "objects": (OBJECTS, {"tooltip": "The objects (chain FlexiMMT Object nodes), object 1 first."}),
-                "expert": (list(EXPERTS), {"default": "auto", "tooltip": "Wan 2.2 A14B: 1 on the high-noise model, 2 on "
-                                           "the low-noise model; auto for one-expert motions."}),
-                "mask_source": (list(MASK_SOURCES), {"default": "rmpm", "tooltip": "rmpm: propagated masks; static: "
-                                "the first-frame masks on every frame; qk: DMEM's masks; none: no masks."}),
+                "expert": (
+                    list(EXPERTS),
+                    {
+                        "default": "auto",
+                        "tooltip": "Wan 2.2 A14B: 1 on the high-noise model, 2 on "
+                        "the low-noise model; auto for one-expert motions.",
+                    },
+                ),
+                "mask_source": (
+                    list(MASK_SOURCES),
+                    {
+                        "default": "rmpm",
+                        "tooltip": "rmpm: propagated masks; static: "
+                        "the first-frame masks on every frame; qk: DMEM's masks; none: no masks.",
+                    },
+                ),
             },
             "optional": {
-                "rmpm_method": (["paper", "released"], {"default": "paper", "tooltip": "paper: Eqs. 12-13; released: "
-                                "the authors' label propagation."}),
+                "rmpm_method": (
+                    ["paper", "released"],
+                    {"default": "paper", "tooltip": "paper: Eqs. 12-13; released: the authors' label propagation."},
+                ),
                 "anchors": ("INT", {"default": 3, "min": 1, "max": 16, "tooltip": "RMPM's anchor frames W."}),
-                "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01, "tooltip": "Dynamic RMPM: "
-                          "freeze the masks once every object changes by less than this (0: update every step)."}),
-                "initial_masks": (["first_frame", "none"], {"default": "first_frame", "tooltip": "Step 0: the "
-                                  "first-frame masks on every frame, or none (the authors' release)."}),
+                "alpha": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 0.99,
+                        "step": 0.01,
+                        "tooltip": "Dynamic RMPM: "
+                        "freeze the masks once every object changes by less than this (0: update every step).",
+                    },
+                ),
+                "initial_masks": (
+                    ["first_frame", "none"],
+                    {
+                        "default": "first_frame",
+                        "tooltip": "Step 0: the first-frame masks on every frame, or none (the authors' release).",
+                    },
+                ),
             },
         }
 
-    def apply(self, model, clip, prompt, objects, expert="auto", mask_source="rmpm", rmpm_method="paper", anchors=3,
-              alpha=0.0, initial_masks="first_frame"):  # fmt: skip
-        return (apply_fleximmt(model, clip, prompt, objects, expert, mask_source, rmpm_method, anchors, alpha,
-                               initial_masks),)  # fmt: skip
+    def apply(
+        self,
+        model,
+        clip,
+        prompt,
+        objects,
+        expert="auto",
+        mask_source="rmpm",
+        rmpm_method="paper",
+        anchors=3,
+        alpha=0.0,
+        initial_masks="first_frame",
+    ):
+        return (
+            apply_fleximmt(
+                model, clip, prompt, objects, expert, mask_source, rmpm_method, anchors, alpha, initial_masks
+            ),
+        )
 
 
 NODES = {"FlexiMMTApply": (ApplyFlexiMMT, "Apply FlexiMMT (Wan)")}

@@ -145,8 +145,10 @@ def model_path(name: str) -> Path:
         path = Path(root) / name
         if (path / "model_index.json").is_file():
             return path
-    raise FlexiMMTInputError(f"no model {name!r} in ComfyUI's models/diffusers folders: put a diffusers folder there "
-                             f"({SUPPORTED} image-to-video) and refresh")  # fmt: skip
+    raise FlexiMMTInputError(
+        f"no model {name!r} in ComfyUI's models/diffusers folders: put a diffusers folder there "
+        f"({SUPPORTED} image-to-video) and refresh"
+    )
 
 
 def load_model(name: str, dtype: str = "auto", offload: str = "none", vae_tiling: bool = False):
@@ -154,7 +156,9 @@ def load_model(name: str, dtype: str = "auto", offload: str = "none", vae_tiling
     import comfy.model_management as mm
 
     if dtype not in DTYPES or offload not in OFFLOAD:
-        raise FlexiMMTInputError(f"dtype={dtype!r}, offload={offload!r}: choose from {list(DTYPES)} and {list(OFFLOAD)}")
+        raise FlexiMMTInputError(
+            f"dtype={dtype!r}, offload={offload!r}: choose from {list(DTYPES)} and {list(OFFLOAD)}"
+        )
     device = mm.get_torch_device()
     cuda = device.type == "cuda"
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.bfloat16 if cuda else torch.float32)
@@ -169,8 +173,10 @@ def load_model(name: str, dtype: str = "auto", offload: str = "none", vae_tiling
             try:
                 pipe = load_pipeline(model_path(name), torch_dtype=torch_dtype)
             except OSError as err:
-                raise FlexiMMTInputError(f"could not load the model {name!r} ({str(err).splitlines()[0]}): give a "
-                                         f"complete diffusers folder of a {SUPPORTED} image-to-video model") from None  # fmt: skip
+                raise FlexiMMTInputError(
+                    f"could not load the model {name!r} ({str(err).splitlines()[0]}): give a "
+                    f"complete diffusers folder of a {SUPPORTED} image-to-video model"
+                ) from None
     if offload != "none" and not cuda:
         logger.warning("offload=%s: ComfyUI runs on %s, so the model stays there", offload, device)
     elif offload == "model":
@@ -193,30 +199,56 @@ class LoadModel:
     RETURN_NAMES = ("pipe",)
     OUTPUT_TOOLTIPS = ("The FlexiMMT pipeline, for Learn motion, Transfer and Preview masks.",)
     FUNCTION = "load"
-    DESCRIPTION = (f"Loads a {SUPPORTED} image-to-video model from models/diffusers (chosen by its model_index.json) "
-                   "as a FlexiMMT pipeline; 'toy' is the small model that ships with fleximmt (64x64, 17 frames, CPU).")  # fmt: skip
+    DESCRIPTION = (
+        f"Loads a {SUPPORTED} image-to-video model from models/diffusers (chosen by its model_index.json) "
+        "as a FlexiMMT pipeline; 'toy' is the small model that ships with fleximmt (64x64, 17 frames, CPU)."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ([TOY, *model_folders()], {"tooltip": "A diffusers folder under models/diffusers (its "
-                          f"model_index.json picks {SUPPORTED}), or 'toy': the toy model shipped with fleximmt."}),
-                "dtype": (list(DTYPES), {"default": "auto", "tooltip": "Weights' precision; auto: bfloat16 on a GPU, "
-                          "float32 on the CPU."}),
-                "offload": (list(OFFLOAD), {"default": "none", "tooltip": "Keep idle parts on the CPU (GPU only): "
-                            "'model' moves whole components, 'sequential' layer by layer (least memory, slowest)."}),
+                "model": (
+                    [TOY, *model_folders()],
+                    {
+                        "tooltip": "A diffusers folder under models/diffusers (its "
+                        f"model_index.json picks {SUPPORTED}), or 'toy': the toy model shipped with fleximmt."
+                    },
+                ),
+                "dtype": (
+                    list(DTYPES),
+                    {"default": "auto", "tooltip": "Weights' precision; auto: bfloat16 on a GPU, float32 on the CPU."},
+                ),
+                "offload": (
+                    list(OFFLOAD),
+                    {
+                        "default": "none",
+                        "tooltip": "Keep idle parts on the CPU (GPU only): "
+                        "'model' moves whole components, 'sequential' layer by layer (least memory, slowest).",
+                    },
+                ),
                 "vae_tiling": ("BOOLEAN", {"default": False, "tooltip": "Decode the video in tiles (less memory)."}),
             }
-        }  # fmt: skip
+        }
 
     def load(self, model, dtype, offload, vae_tiling):
         return (load_model(model, dtype, offload, vae_tiling),)
 
 
 # -- motions ---------------------------------------------------------------------------------
-def learn_motion(pipe, video, caption: str, concept_words: str, motion_words: str, name: str, steps: int,
-                 tokens: int, seed: int = 0, resume: bool = True, fps: float = 0.0) -> MotionTokens:  # fmt: skip
+def learn_motion(
+    pipe,
+    video,
+    caption: str,
+    concept_words: str,
+    motion_words: str,
+    name: str,
+    steps: int,
+    tokens: int,
+    seed: int = 0,
+    resume: bool = True,
+    fps: float = 0.0,
+) -> MotionTokens:
     """Learn a motion from IMAGE frames into ``models/fleximmt_motions/<name>.safetensors``."""
     from ...training.train import cache_path, checkpoint_interval, checkpoint_path, train_motion
 
@@ -224,8 +256,10 @@ def learn_motion(pipe, video, caption: str, concept_words: str, motion_words: st
     frames = to_uint8(image_batch(video, "video"))
     for words, what, example in ((concept_words, "concept", "man"), (motion_words, "motion", "is doing yoga")):
         if not (words or "").strip():
-            raise FlexiMMTInputError(f"write the {what} words: the words of the caption that "
-                                     f"{'name the moving object' if what == 'concept' else 'describe the motion'}, e.g. '{example}'")  # fmt: skip
+            raise FlexiMMTInputError(
+                f"write the {what} words: the words of the caption that "
+                f"{'name the moving object' if what == 'concept' else 'describe the motion'}, e.g. '{example}'"
+            )
     output = motions_dir() / f"{check_motion_name(name)}.safetensors"
     checkpoint = checkpoint_path(output)
     resuming = bool(resume) and checkpoint.is_file()
@@ -233,10 +267,21 @@ def learn_motion(pipe, video, caption: str, concept_words: str, motion_words: st
     make_room(pipe)
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            motion = train_motion(pipe, frames, caption, concept_words.strip(), motion_words.strip(), output,
-                                  steps=int(steps), tokens_per_motion=int(tokens), seed=int(seed), resume=bool(resume),
-                                  video_fps=float(fps) or None, callback=lambda step, loss: report(step),
-                                  checkpoint_every=checkpoint_interval(steps))  # fmt: skip
+            motion = train_motion(
+                pipe,
+                frames,
+                caption,
+                concept_words.strip(),
+                motion_words.strip(),
+                output,
+                steps=int(steps),
+                tokens_per_motion=int(tokens),
+                seed=int(seed),
+                resume=bool(resume),
+                video_fps=float(fps) or None,
+                callback=lambda step, loss: report(step),
+                checkpoint_every=checkpoint_interval(steps),
+            )
     except FlexiMMTInputError as err:
         if resuming:
             raise FlexiMMTInputError(f"{err} (or set resume to false to start over)") from None
@@ -255,9 +300,11 @@ class LearnMotion:
     OUTPUT_TOOLTIPS = ("The learned motion (also saved in models/fleximmt_motions), for an Object node.",)
     OUTPUT_NODE = True  # it writes a file: it runs when queued alone
     FUNCTION = "learn"
-    DESCRIPTION = ("Learns a motion from one reference video of one moving object and saves it in "
-                   "models/fleximmt_motions/<name>.safetensors. Cancel stops it at the next step with a checkpoint; "
-                   "queue it again with the same settings and it continues from there.")  # fmt: skip
+    DESCRIPTION = (
+        "Learns a motion from one reference video of one moving object and saves it in "
+        "models/fleximmt_motions/<name>.safetensors. Cancel stops it at the next step with a checkpoint; "
+        "queue it again with the same settings and it continues from there."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -266,32 +313,93 @@ class LearnMotion:
         return {
             "required": {
                 "pipe": (PIPE, {"tooltip": "The model to learn the motion on (Load FlexiMMT model)."}),
-                "video": ("IMAGE", {"tooltip": "The reference video's frames (e.g. Load Video -> Get Video "
-                          "Components); resized to the model's size."}),
-                "caption": ("STRING", {"default": "", "multiline": True, "tooltip": "What happens in the video, "
-                            "e.g. 'A man is doing yoga.'"}),
-                "concept_words": ("STRING", {"default": "", "tooltip": "The caption's words naming the moving "
-                                  "object, e.g. 'man'."}),
-                "motion_words": ("STRING", {"default": "", "tooltip": "The caption's words describing the motion, "
-                                 "e.g. 'is doing yoga'. Transfer's prompt uses such words for the object."}),
-                "name": ("STRING", {"default": "motion", "tooltip": "The motion's file name in "
-                         "models/fleximmt_motions (letters, digits, spaces, '.', '_', '-')."}),
-                "steps": ("INT", {"default": TrainSettings.steps, "min": 1, "max": 100000, "tooltip": "Training "
-                          "steps (the paper: 2000)."}),
-                "tokens": ("INT", {"default": TrainSettings.tokens_per_motion, "min": 1, "max": 1024, "tooltip":
-                           "Motion tokens per block (the paper: 226; the toy model: 16). Motions given to one "
-                           "Transfer need the same count."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
-                         "tooltip": "Seed of the token initialisation and training draws."}),
-                "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue a stopped run of this name (same "
-                           "settings) from its checkpoint."}),
+                "video": (
+                    "IMAGE",
+                    {
+                        "tooltip": "The reference video's frames (e.g. Load Video -> Get Video "
+                        "Components); resized to the model's size."
+                    },
+                ),
+                "caption": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "What happens in the video, e.g. 'A man is doing yoga.'",
+                    },
+                ),
+                "concept_words": (
+                    "STRING",
+                    {"default": "", "tooltip": "The caption's words naming the moving object, e.g. 'man'."},
+                ),
+                "motion_words": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "The caption's words describing the motion, "
+                        "e.g. 'is doing yoga'. Transfer's prompt uses such words for the object.",
+                    },
+                ),
+                "name": (
+                    "STRING",
+                    {
+                        "default": "motion",
+                        "tooltip": "The motion's file name in "
+                        "models/fleximmt_motions (letters, digits, spaces, '.', '_', '-').",
+                    },
+                ),
+                "steps": (
+                    "INT",
+                    {
+                        "default": TrainSettings.steps,
+                        "min": 1,
+                        "max": 100000,
+                        "tooltip": "Training steps (the paper: 2000).",
+                    },
+                ),
+                "tokens": (
+                    "INT",
+                    {
+                        "default": TrainSettings.tokens_per_motion,
+                        "min": 1,
+                        "max": 1024,
+                        "tooltip": "Motion tokens per block (the paper: 226; the toy model: 16). Motions given to one "
+                        "Transfer need the same count.",
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 2**31 - 1,
+                        "control_after_generate": False,
+                        "tooltip": "Seed of the token initialisation and training draws.",
+                    },
+                ),
+                "resume": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Continue a stopped run of this name (same settings) from its checkpoint.",
+                    },
+                ),
             },
             "optional": {
-                "fps": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.01, "tooltip": "The "
+                "fps": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1000.0,
+                        "step": 0.01,
+                        "tooltip": "The "
                         "video's frame rate (Get Video Components' fps): frames are subsampled to about 8 a second, "
-                        "as fleximmt train does. 0: take the frames as they are."}),
+                        "as fleximmt train does. 0: take the frames as they are.",
+                    },
+                ),
             },
-        }  # fmt: skip
+        }
 
     def learn(self, pipe, video, caption, concept_words, motion_words, name, steps, tokens, seed, resume, fps=0.0):
         motion = learn_motion(pipe, video, caption, concept_words, motion_words, name, steps, tokens, seed, resume, fps)
@@ -309,8 +417,10 @@ def motion_file(name: str) -> Path:
     path = folder_paths.get_full_path(MOTIONS_FOLDER, name)
     if path is None:
         have = ", ".join(motion_choices()) or "none yet"
-        raise FlexiMMTInputError(f"motion {name!r} is not in models/{MOTIONS_FOLDER} (it has: {have}): learn it "
-                                 "with Learn motion or copy its .safetensors file there")  # fmt: skip
+        raise FlexiMMTInputError(
+            f"motion {name!r} is not in models/{MOTIONS_FOLDER} (it has: {have}): learn it "
+            "with Learn motion or copy its .safetensors file there"
+        )
     return Path(path)
 
 
@@ -326,8 +436,14 @@ class LoadMotion:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"motion": (motion_choices(), {"tooltip": "A motion file of models/fleximmt_motions "
-                                                           "(Learn motion saves there)."})}}  # fmt: skip
+        return {
+            "required": {
+                "motion": (
+                    motion_choices(),
+                    {"tooltip": "A motion file of models/fleximmt_motions (Learn motion saves there)."},
+                )
+            }
+        }
 
     @classmethod
     def IS_CHANGED(cls, motion):
@@ -343,16 +459,31 @@ class LoadMotion:
 
 
 # -- transfer ------------------------------------------------------------------------------
-def transfer(pipe, image, prompt: str, objects, negative_prompt: str = "", steps: int = 50, guidance: float = 6.0,
-             seed: int = 0, frames: int = 0, width: int = 0, height: int = 0, mask_source: str = "rmpm",
-             rmpm_method: str = "paper", anchors: int = 3, alpha: float = 0.0,
-             initial_masks: str = "first_frame") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def transfer(
+    pipe,
+    image,
+    prompt: str,
+    objects,
+    negative_prompt: str = "",
+    steps: int = 50,
+    guidance: float = 6.0,
+    seed: int = 0,
+    frames: int = 0,
+    width: int = 0,
+    height: int = 0,
+    mask_source: str = "rmpm",
+    rmpm_method: str = "paper",
+    anchors: int = 3,
+    alpha: float = 0.0,
+    initial_masks: str = "first_frame",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The video (IMAGE frames) and its mask overlay (IMAGE frames; the video itself without objects)."""
     check_pipe(pipe)
     picture = first_frame(image)
     objects = list(objects or ())  # the pipeline checks them against the image and the model
-    settings = pipe.call_settings(height=height or None, width=width or None, num_frames=frames or None,
-                                  guidance_scale=float(guidance))  # 0: the model's own
+    settings = pipe.call_settings(
+        height=height or None, width=width or None, num_frames=frames or None, guidance_scale=float(guidance)
+    )  # 0: the model's own
     steps = int(steps)
     report = step_reporter(steps)
 
@@ -361,10 +492,23 @@ def transfer(pipe, image, prompt: str, objects, negative_prompt: str = "", steps
         return {}
 
     make_room(pipe)
-    result = pipe(image=picture, prompt=prompt or "", negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                  **settings, generator=torch.Generator().manual_seed(int(seed)), output_type="np", callback_on_step_end=on_step,
-                  objects=objects, mask_source=mask_source, rmpm_method=rmpm_method, anchors=int(anchors),
-                  alpha=float(alpha) or None, initial_masks=initial_masks, return_masks=bool(objects))  # fmt: skip
+    result = pipe(
+        image=picture,
+        prompt=prompt or "",
+        negative_prompt=negative_prompt or None,
+        num_inference_steps=steps,
+        **settings,
+        generator=torch.Generator().manual_seed(int(seed)),
+        output_type="np",
+        callback_on_step_end=on_step,
+        objects=objects,
+        mask_source=mask_source,
+        rmpm_method=rmpm_method,
+        anchors=int(anchors),
+        alpha=float(alpha) or None,
+        initial_masks=initial_masks,
+        return_masks=bool(objects),
+    )
     video = result.frames[0]
     overlay = video
     if objects:
@@ -378,54 +522,156 @@ class Transfer:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "IMAGE")
     RETURN_NAMES = ("frames", "mask_overlay")
-    OUTPUT_TOOLTIPS = ("The video's frames (Create Video -> Save Video).",
-                       "The frames with each object's propagated mask drawn on them (the video itself without objects).")  # fmt: skip
+    OUTPUT_TOOLTIPS = (
+        "The video's frames (Create Video -> Save Video).",
+        "The frames with each object's propagated mask drawn on them (the video itself without objects).",
+    )
     FUNCTION = "transfer"
-    DESCRIPTION = ("Makes the image move: each object (Object nodes) follows its motion, confined to its own region by "
-                   "FlexiMMT's masks. Without objects it is the base model's plain image-to-video. Cancel stops it at "
-                   "the next denoising step.")  # fmt: skip
+    DESCRIPTION = (
+        "Makes the image move: each object (Object nodes) follows its motion, confined to its own region by "
+        "FlexiMMT's masks. Without objects it is the base model's plain image-to-video. Cancel stops it at "
+        "the next denoising step."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "pipe": (PIPE, {"tooltip": "The model (Load FlexiMMT model); the motions must be learned on it."}),
-                "image": ("IMAGE", {"tooltip": "The first frame (of a batch, the first image); the object masks "
-                          "must have its size. Resized to the video's size."}),
-                "prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "The video's prompt; it must "
-                           "hold each object's motion words as they are."}),
+                "image": (
+                    "IMAGE",
+                    {
+                        "tooltip": "The first frame (of a batch, the first image); the object masks "
+                        "must have its size. Resized to the video's size."
+                    },
+                ),
+                "prompt": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "The video's prompt; it must hold each object's motion words as they are.",
+                    },
+                ),
                 "negative_prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "What to avoid."}),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
-                "guidance": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip":
-                             "Classifier-free guidance scale (1 or less: none)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False,
-                         "tooltip": "The noise's seed."}),
-                "frames": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "Frames of the video; 0: the "
-                           "model's own (CogVideoX-5B: 49, Wan 2.1: 81, toy: 17)."}),
-                "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Video width; 0: "
-                          "the model's own."}),
-                "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Video height; 0: "
-                           "the model's own."}),
-                "mask_source": (list(MASK_SOURCES), {"default": "rmpm", "tooltip": "Where each object's masks come "
-                                "from: rmpm (propagated through the video, the paper's), static (the first-frame "
-                                "mask on every frame), qk (attention maps of the concept words), none (no masks)."}),
-                "rmpm_method": (list(RMPM_METHODS), {"default": "paper", "tooltip": "RMPM's propagation: the "
-                                "paper's equations or the authors' released label propagation."}),
+                "guidance": (
+                    "FLOAT",
+                    {
+                        "default": 6.0,
+                        "min": 0.0,
+                        "max": 30.0,
+                        "step": 0.1,
+                        "tooltip": "Classifier-free guidance scale (1 or less: none).",
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 2**63 - 1,
+                        "control_after_generate": False,
+                        "tooltip": "The noise's seed.",
+                    },
+                ),
+                "frames": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 1024,
+                        "tooltip": "Frames of the video; 0: the model's own (CogVideoX-5B: 49, Wan 2.1: 81, toy: 17).",
+                    },
+                ),
+                "width": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Video width; 0: the model's own."},
+                ),
+                "height": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Video height; 0: the model's own."},
+                ),
+                "mask_source": (
+                    list(MASK_SOURCES),
+                    {
+                        "default": "rmpm",
+                        "tooltip": "Where each object's masks come "
+                        "from: rmpm (propagated through the video, the paper's), static (the first-frame "
+                        "mask on every frame), qk (attention maps of the concept words), none (no masks).",
+                    },
+                ),
+                "rmpm_method": (
+                    list(RMPM_METHODS),
+                    {
+                        "default": "paper",
+                        "tooltip": "RMPM's propagation: the "
+                        "paper's equations or the authors' released label propagation.",
+                    },
+                ),
                 "anchors": ("INT", {"default": 3, "min": 1, "max": 64, "tooltip": "RMPM's anchor frames W."}),
-                "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01, "tooltip": "Dynamic "
-                          "RMPM: masks freeze once they change less than this fraction; 0: update every step."}),
-                "initial_masks": (list(INITIAL_MASKS), {"default": "first_frame", "tooltip": "RMPM's first step: "
-                                  "the first-frame masks on every frame, or none (the authors' release)."}),
+                "alpha": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 0.99,
+                        "step": 0.01,
+                        "tooltip": "Dynamic "
+                        "RMPM: masks freeze once they change less than this fraction; 0: update every step.",
+                    },
+                ),
+                "initial_masks": (
+                    list(INITIAL_MASKS),
+                    {
+                        "default": "first_frame",
+                        "tooltip": "RMPM's first step: "
+                        "the first-frame masks on every frame, or none (the authors' release).",
+                    },
+                ),
             },
             "optional": {
                 "objects": (OBJECTS, {"tooltip": "The objects (chained Object nodes); none: plain image-to-video."}),
             },
-        }  # fmt: skip
+        }
 
-    def transfer(self, pipe, image, prompt, negative_prompt, steps, guidance, seed, frames, width, height, mask_source,
-                 rmpm_method, anchors, alpha, initial_masks, objects=None):  # fmt: skip
-        return transfer(pipe, image, prompt, objects, negative_prompt, steps, guidance, seed, frames, width, height,
-                        mask_source, rmpm_method, anchors, alpha, initial_masks)  # fmt: skip
+    def transfer(
+        self,
+        pipe,
+        image,
+        prompt,
+        negative_prompt,
+        steps,
+        guidance,
+        seed,
+        frames,
+        width,
+        height,
+        mask_source,
+        rmpm_method,
+        anchors,
+        alpha,
+        initial_masks,
+        objects=None,
+    ):
+        return transfer(
+            pipe,
+            image,
+            prompt,
+            objects,
+            negative_prompt,
+            steps,
+            guidance,
+            seed,
+            frames,
+            width,
+            height,
+            mask_source,
+            rmpm_method,
+            anchors,
+            alpha,
+            initial_masks,
+        )
 
 
 def preview_masks(pipe, image, objects, width: int = 0, height: int = 0) -> torch.Tensor:
@@ -448,8 +694,10 @@ class PreviewMasks:
     RETURN_NAMES = ("preview",)
     OUTPUT_TOOLTIPS = ("The image with each object's mask on the token grid, one colour per object.",)
     FUNCTION = "preview"
-    DESCRIPTION = ("Shows each object's first-frame mask as the model sees it: on its latent token grid (a token "
-                   "belongs to an object when half its pixels do), tinted over the image, one colour per object.")  # fmt: skip
+    DESCRIPTION = (
+        "Shows each object's first-frame mask as the model sees it: on its latent token grid (a token "
+        "belongs to an object when half its pixels do), tinted over the image, one colour per object."
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -460,12 +708,28 @@ class PreviewMasks:
                 "objects": (OBJECTS, {"tooltip": "The objects (chained Object nodes)."}),
             },
             "optional": {
-                "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Video width "
-                          "(Transfer's); 0: the model's own."}),
-                "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Video height "
-                           "(Transfer's); 0: the model's own."}),
+                "width": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 8192,
+                        "step": 8,
+                        "tooltip": "Video width (Transfer's); 0: the model's own.",
+                    },
+                ),
+                "height": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 8192,
+                        "step": 8,
+                        "tooltip": "Video height (Transfer's); 0: the model's own.",
+                    },
+                ),
             },
-        }  # fmt: skip
+        }
 
     def preview(self, pipe, image, objects, width=0, height=0):
         return (preview_masks(pipe, image, objects, width, height),)
