@@ -67,7 +67,7 @@ def test_ship_writes_float16_safetensors_that_load_back_and_the_training_curves(
     from safetensors import safe_open
 
     with safe_open(str(dest / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f} == {torch.float16}
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     original = FlexiMMTPipeline.from_pretrained(str(tmp_path / "pipeline"))
     loaded = load_toy_pipeline(dest)
     assert loaded.transformer.dtype == torch.float32

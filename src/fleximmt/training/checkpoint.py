@@ -44,7 +44,7 @@ def load_checkpoint(
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as err:
         raise FlexiMMTInputError(f"checkpoint {str(path)!r} is not readable ({err}); delete it to start over") from None
     for key, want in fingerprints.items():

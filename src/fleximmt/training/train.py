@@ -227,7 +227,7 @@ def prepare_conditions(
         with safe_open(str(cache), framework="pt") as f:
             if (f.metadata() or {}).get("key") == key:
                 logger.info("reusing cached latents %s", cache)
-                return Conditions({name: f.get_tensor(name) for name in f}, member, concept_member)
+                return Conditions({name: f.get_tensor(name) for name in f.keys()}, member, concept_member)
     clips = [
         to_model_tensor(frames[start : start + num_frames], height, width)
         for start in tqdm(starts, desc="reading reference windows", disable=len(starts) < 2)
