@@ -1,4 +1,5 @@
-"""Shared test set-up: never reach the Hugging Face Hub; one tiny random-weight pipeline per session."""
+"""Shared test set-up: never reach the Hugging Face Hub; one tiny random-weight pipeline per session; torch on
+one thread for the modules that ask."""
 
 import os
 
@@ -14,6 +15,18 @@ def tiny_pipe():
     from fleximmt.toy import tiny_pipeline
 
     return tiny_pipeline(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a whole module (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny
+    models run fastest so (a second thread only waits on the first, more so on a shared CPU)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # -- tests marked `vision` (RAFT, SAM 2's video processors) need a torchvision that loads -------------

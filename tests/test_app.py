@@ -20,7 +20,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from helpers import GradioSession, free_port, headless_chromium, needs_chromium
+from helpers import GradioSession, free_port, headless_chromium, needs_chromium, serving
 from PIL import Image
 
 from fleximmt.apps.app import (
@@ -730,10 +730,7 @@ def test_run_files_stay_bounded_and_everything_goes_at_shutdown(server, tmp_path
 
 def test_fleximmt_app_stopped_with_sigterm_leaves_no_files(assets, tmp_path):
     import signal
-    import subprocess
-    import sys
 
-    import httpx
     from gradio_client import Client
 
     _, root, _ = assets
@@ -741,35 +738,7 @@ def test_fleximmt_app_stopped_with_sigterm_leaves_no_files(assets, tmp_path):
     (scratch / "tmp").mkdir(parents=True)
     cache = scratch / "gradio"
     others = cache_of_another_server(cache)
-    env = dict(os.environ, TMPDIR=str(scratch / "tmp"), GRADIO_TEMP_DIR=str(cache))
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fleximmt",
-            "app",
-            "--model",
-            "tiny",
-            "--motions",
-            str(root / "motions"),
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-
-        def up() -> bool:
-            assert server.poll() is None, "the server stopped"
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, "the server to start", timeout=120)
+    with serving(["app", "--model", "tiny", "--motions", root / "motions"], scratch) as (server, port):
         client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "downloads"))
         client.predict(**generate_inputs(root), api_name="/generate")
         made = set(scratch.rglob("*")) - others - {scratch / "tmp", cache}
@@ -778,8 +747,6 @@ def test_fleximmt_app_stopped_with_sigterm_leaves_no_files(assets, tmp_path):
         )  # the run's files, the uploads, their folders
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
-    finally:
-        server.kill()
     assert set(scratch.rglob("*")) == others | {scratch / "tmp", cache}  # no file, no folder of its own left
 
 

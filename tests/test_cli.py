@@ -10,6 +10,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from helpers import moving_square, train_command
 from PIL import Image
 
 from fleximmt.apps import cli
@@ -161,17 +162,16 @@ def objects(scene):
     ]
 
 
+def generate(scene, *args, prompt=PROMPT) -> list:
+    """``fleximmt generate``'s arguments on the tiny model for the scene's image and ``prompt``, then ``args``."""
+    return ["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", prompt, *args]
+
+
 def test_generate_writes_a_video_a_gif_and_a_mask_overlay(scene, capsys, caplog):
     with caplog.at_level(logging.WARNING):
         code, out, err = run_cli(
-            [
-                "generate",
-                "--model",
-                "tiny",
-                "--image",
-                scene / "image.png",
-                "--prompt",
-                PROMPT,
+            generate(
+                scene,
                 "--steps",
                 2,
                 *objects(scene),
@@ -180,7 +180,7 @@ def test_generate_writes_a_video_a_gif_and_a_mask_overlay(scene, capsys, caplog)
                 "--masks-out",
                 scene / "masks.mp4",
                 "--gif",
-            ],
+            ),
             capsys,
         )
     assert code == 0, err
@@ -195,23 +195,7 @@ def test_generate_writes_a_video_a_gif_and_a_mask_overlay(scene, capsys, caplog)
 
 
 def test_generate_shows_diffusers_progress_bar(scene, capsys):
-    code, _, err = run_cli(
-        [
-            "generate",
-            "--model",
-            "tiny",
-            "--image",
-            scene / "image.png",
-            "--prompt",
-            PROMPT,
-            "--steps",
-            2,
-            *objects(scene),
-            "--out",
-            scene / "out.mp4",
-        ],
-        capsys,
-    )
+    code, _, err = run_cli(generate(scene, "--steps", 2, *objects(scene), "--out", scene / "out.mp4"), capsys)
     assert code == 0, err
     assert "denoising" in err and "2/2" in err
 
@@ -228,20 +212,7 @@ def test_generate_shows_diffusers_progress_bar(scene, capsys):
 )
 def test_bad_object_exits_2_with_a_message_naming_it(scene, capsys, spec, message):
     code, _, err = run_cli(
-        [
-            "generate",
-            "--model",
-            "tiny",
-            "--image",
-            scene / "image.png",
-            "--prompt",
-            "A ball jumps up.",
-            "--object",
-            spec.format(d=scene),
-            "--out",
-            scene / "o.mp4",
-        ],
-        capsys,
+        generate(scene, "--object", spec.format(d=scene), "--out", scene / "o.mp4", prompt="A ball jumps up."), capsys
     )
     assert code == 2
     assert err.startswith("error: ") and message in err and "Traceback" not in err
@@ -262,42 +233,13 @@ def test_bad_object_exits_2_with_a_message_naming_it(scene, capsys, spec, messag
 def test_messages_name_the_object_by_its_place_among_the_object_options(scene, capsys, second, message):
     first = f"{scene / 'mask0.png'}:{scene / 'm0.safetensors'}:jumps up"
     code, _, err = run_cli(
-        [
-            "generate",
-            "--model",
-            "tiny",
-            "--image",
-            scene / "image.png",
-            "--prompt",
-            PROMPT,
-            "--object",
-            first,
-            "--object",
-            second.format(d=scene),
-            "--out",
-            scene / "o.mp4",
-        ],
-        capsys,
+        generate(scene, "--object", first, "--object", second.format(d=scene), "--out", scene / "o.mp4"), capsys
     )
     assert code == 2 and err.startswith(message.format(d=scene)), err
 
 
 def test_an_empty_prompt_exits_2_saying_what_to_write(scene, capsys):
-    code, _, err = run_cli(
-        [
-            "generate",
-            "--model",
-            "tiny",
-            "--image",
-            scene / "image.png",
-            "--prompt",
-            "",
-            *objects(scene),
-            "--out",
-            scene / "o.mp4",
-        ],
-        capsys,
-    )
+    code, _, err = run_cli(generate(scene, *objects(scene), "--out", scene / "o.mp4", prompt=""), capsys)
     assert code == 2 and err.startswith(
         "error: the prompt is empty, so the motion words 'jumps up' are not in it: "
         "write a prompt that describes the scene"
@@ -321,45 +263,13 @@ def test_missing_image_and_bad_output_suffix_exit_2_before_loading_the_model(sce
 
 
 def test_library_errors_exit_2_without_a_traceback(scene, capsys):
-    code, _, err = run_cli(
-        [
-            "generate",
-            "--model",
-            "tiny",
-            "--image",
-            scene / "image.png",
-            "--prompt",
-            PROMPT,
-            *objects(scene),
-            "--alpha",
-            1.5,
-            "--out",
-            scene / "o.mp4",
-        ],
-        capsys,
-    )
+    code, _, err = run_cli(generate(scene, *objects(scene), "--alpha", 1.5, "--out", scene / "o.mp4"), capsys)
     assert code == 2 and err.startswith("error: alpha=1.5") and "Traceback" not in err
 
 
 def test_an_unwritable_output_exits_2_without_a_traceback(scene, capsys):
     blocked = scene / "image.png" / "out.mp4"  # a file stands where the folder should be
-    code, _, err = run_cli(
-        [
-            "generate",
-            "--model",
-            "tiny",
-            "--image",
-            scene / "image.png",
-            "--prompt",
-            PROMPT,
-            "--steps",
-            1,
-            *objects(scene),
-            "--out",
-            blocked,
-        ],
-        capsys,
-    )
+    code, _, err = run_cli(generate(scene, "--steps", 1, *objects(scene), "--out", blocked), capsys)
     assert code == 2 and err.splitlines()[-1].startswith("error: ") and "image.png" in err and "Traceback" not in err
 
 
@@ -383,32 +293,8 @@ def test_inspect_of_a_bad_file_exits_2(tmp_path, capsys, content, message):
 
 # -- train ------------------------------------------------------------------------------------
 def test_train_from_the_command_line_and_missing_options(tmp_path, capsys):
-    video = np.full((9, 32, 32, 3), 90, np.uint8)
-    for t in range(9):
-        video[t, 10:20, 2 + 2 * t : 12 + 2 * t] = 200
-    iio.imwrite(tmp_path / "ref.mp4", video, fps=8, codec="libx264")
-    code, out, err = run_cli(
-        [
-            "train",
-            "--model",
-            "tiny",
-            "--video",
-            tmp_path / "ref.mp4",
-            "--caption",
-            "A ball jumps up.",
-            "--concept",
-            "ball",
-            "--motion-words",
-            "jumps up",
-            "--out",
-            tmp_path / "m.safetensors",
-            "--steps",
-            3,
-            "--tokens",
-            2,
-        ],
-        capsys,
-    )
+    iio.imwrite(tmp_path / "ref.mp4", moving_square(), fps=8, codec="libx264")
+    code, out, err = run_cli(train_command("tiny", tmp_path / "ref.mp4", tmp_path / "m.safetensors", 3, 2), capsys)
     assert code == 0, err
     code, out, _ = run_cli(["inspect", tmp_path / "m.safetensors", "--json"], capsys)
     assert json.loads(out)["steps"] == 3 and json.loads(out)["concept_words"] == "ball"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import CogVideoXImageToVideoPipeline
+from helpers import moving_square
 from PIL import Image
 
 from fleximmt import FlexiMMTPipeline, ObjectMotion
@@ -114,13 +115,6 @@ def test_masks_overlay_on_the_decoded_video(pipe):
     assert (drawn[9][big[0, 2].numpy()] != frame9[big[0, 2].numpy()]).any()
 
 
-def moving_square(frames=17, size=64):
-    video = np.full((frames, size, size, 3), 90, np.uint8)
-    for t in range(frames):
-        video[t, 20:36, 2 + 2 * t : 18 + 2 * t] = 220
-    return video
-
-
 def test_the_image_condition_is_scaled_as_the_pipeline_scales_it(pipe, monkeypatch):
     # 1.5's VAE divides the image latents by the scaling factor (invert_scale_latents); the cached
     # training condition must be what prepare_latents hands the transformer
@@ -129,7 +123,7 @@ def test_the_image_condition_is_scaled_as_the_pipeline_scales_it(pipe, monkeypat
     from fleximmt.training.train import TrainSettings, prepare_conditions
 
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)  # no draws
-    frames = moving_square()
+    frames = moving_square(17, 64, top=20, side=16, value=220)
     cond = prepare_conditions(
         pipe.adapter,
         frames,

@@ -60,7 +60,7 @@ from diffusers import (
     HunyuanVideo15ImageToVideoPipeline,
     WanImageToVideoPipeline,
 )
-from helpers import spy_optimiser
+from helpers import run_killed, spy_optimiser
 from PIL import Image
 
 from fleximmt import (
@@ -177,13 +177,7 @@ def each_family(applies: Callable[[Family], bool] = lambda row: True):
     return pytest.mark.parametrize("row", rows, ids=[row.name for row in rows], scope="module")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (a second only waits on the first, more so on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def build(row: Family, cls: type | None = None):
@@ -446,16 +440,8 @@ def test_resumed_training_equals_uninterrupted(row, ours, tmp_path):
     kw = dict(steps=6, checkpoint_every=2)
     whole = train(row, ours, tmp_path / "whole.safetensors", **kw)
 
-    class Killed(Exception):
-        pass
-
-    def kill(step, loss):
-        if step == 3:
-            raise Killed
-
     out = tmp_path / "resumed.safetensors"
-    with pytest.raises(Killed):
-        train(row, ours, out, callback=kill, **kw)
+    run_killed(3, train, row, ours, out, **kw)
     assert checkpoint_path(out).is_file() and not out.exists()
     encodes, steps = [], []
     real_encode = ours.vae.encode

@@ -5,43 +5,20 @@ up; `--multi_gpu --num_processes 2` starts two CPU processes through torchrun an
 what these tests use (the training code sees the same `Accelerator` either way)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from helpers import free_port
+from helpers import accelerate_launch, train_command
 from safetensors import safe_open
 
 from fleximmt.toy import tiny_pipeline
 
 
 def launch(args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "fleximmt",
-        "-v",
-        *map(str, args),
-    ]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    """``fleximmt -v ARGS`` in two processes, their output unbuffered (the log is read)."""
+    return accelerate_launch(["-v", *args], cwd, env={"PYTHONUNBUFFERED": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -65,28 +42,7 @@ def tokens_of(path):
 def test_two_processes_share_one_motion_and_average_gradients(workspace):
     out = workspace / "shared.safetensors"
     result = launch(
-        [
-            "train",
-            "--model",
-            workspace / "model",
-            "--video",
-            workspace / "ref0.mp4",
-            "--caption",
-            "A ball jumps up.",
-            "--concept",
-            "ball",
-            "--motion-words",
-            "jumps up",
-            "--out",
-            out,
-            "--steps",
-            4,
-            "--tokens",
-            2,
-            "--checkpoint-every",
-            2,
-        ],
-        workspace,
+        [*train_command(workspace / "model", workspace / "ref0.mp4", out, 4, 2), "--checkpoint-every", 2], workspace
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.is_file()
@@ -149,23 +105,7 @@ def test_two_processes_train_one_wan_motion_with_two_experts(workspace):
     out = workspace / "wan-shared.safetensors"
     result = launch(
         [
-            "train",
-            "--model",
-            workspace / "wan",
-            "--video",
-            workspace / "ref0.mp4",
-            "--caption",
-            "A ball jumps up.",
-            "--concept",
-            "ball",
-            "--motion-words",
-            "jumps up",
-            "--out",
-            out,
-            "--steps",
-            4,
-            "--tokens",
-            2,
+            *train_command(workspace / "wan", workspace / "ref0.mp4", out, 4, 2),
             "--checkpoint-every",
             2,
             "--height",

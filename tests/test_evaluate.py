@@ -3,15 +3,13 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import accelerate_launch
 from PIL import Image
 
 from fleximmt.evaluation.evaluate import read_manifest, run_benchmark
@@ -134,35 +132,19 @@ def test_manifest_errors_name_the_line(tmp_path):
 def test_two_processes_share_the_cases_each_once(bench):
     root, pipe = bench
     pipe.save_pretrained(root / "model")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "fleximmt",
-        "evaluate",
-        "--model",
-        str(root / "model"),
-        "--manifest",
-        str(root / "bench.jsonl"),
-        "--out",
-        str(root / "dist"),
-        "--steps",
-        "2",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    result = accelerate_launch(
+        [
+            "evaluate",
+            "--model",
+            root / "model",
+            "--manifest",
+            root / "bench.jsonl",
+            "--out",
+            root / "dist",
+            "--steps",
+            2,
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     processes = {
         c: json.loads((root / "dist" / "cases" / f"{c}.json").read_text())["process"]

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from helpers import break_torchvision, forget_torchvision
 
 from fleximmt.evaluation import metrics
 from fleximmt.evaluation.metrics import (
@@ -150,12 +151,6 @@ def test_bad_input_raises_value_error(call, message):
         call(video, masks)
 
 
-def forget_torchvision(monkeypatch):
-    """Drop torchvision and its submodules from the import cache for this test (they come back after)."""
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        monkeypatch.delitem(sys.modules, name)
-
-
 def test_release_estimators_missing_raise_value_error_naming_the_fix(monkeypatch):
     forget_torchvision(monkeypatch)
     monkeypatch.setitem(sys.modules, "torchvision", None)  # importing it now fails, installed or not
@@ -167,19 +162,9 @@ def test_release_estimators_missing_raise_value_error_naming_the_fix(monkeypatch
         trajectory_fidelity(video, video, masks[0], masks[0], tracker="cotracker")
 
 
-class BrokenTorchvision:
-    """An import finder under which ``import torchvision`` fails as a torchvision built for another
-    torch does (torch 2.13.0 + torchvision 0.28.0 here)."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "torchvision" or name.startswith("torchvision."):
-            raise RuntimeError("operator torchvision::nms does not exist")
-        return
-
-
 def test_raft_with_a_torchvision_built_for_another_torch_names_the_fix(monkeypatch):
     forget_torchvision(monkeypatch)
-    monkeypatch.setattr(sys, "meta_path", [BrokenTorchvision(), *sys.meta_path])
+    break_torchvision(monkeypatch)
     video, masks = scene(frames=3)
     with pytest.raises(ValueError, match=r"does not load next to this torch \(operator torchvision::nms.*flow='dis'"):
         flow_fidelity(video, video, masks, masks, flow="raft")

@@ -7,13 +7,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse
 import json
 import sqlite3
-import time
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from helpers import GradioSession, free_port, headless_chromium, needs_chromium
+from helpers import GradioSession, free_port, headless_chromium, needs_chromium, serving
 
 from fleximmt.apps.rate import (
     CRITERIA,
@@ -382,41 +381,10 @@ def test_a_second_tab_submitting_the_case_another_tab_rated_is_refused_in_the_pa
 
 def test_fleximmt_rate_stopped_with_sigterm_leaves_no_file_and_no_folder(cases_dir, tmp_path):
     import signal
-    import subprocess
-    import sys
-
-    import httpx
 
     scratch = tmp_path / "server"
-    (scratch / "tmp").mkdir(parents=True)
     cache = scratch / "gradio"
-    env = dict(os.environ, TMPDIR=str(scratch / "tmp"), GRADIO_TEMP_DIR=str(cache))
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fleximmt",
-            "rate",
-            "--cases",
-            str(cases_dir),
-            "--db",
-            str(tmp_path / "votes.sqlite"),
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(600):
-            assert server.poll() is None, "the server stopped"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with serving(["rate", "--cases", cases_dir, "--db", tmp_path / "votes.sqlite"], scratch) as (server, port):
         session = GradioSession(f"http://127.0.0.1:{port}/")
         session.call(session.fn_index("page"), ["alice"])  # the case's videos, served: copies in Gradio's cache
         session.close()
@@ -425,6 +393,4 @@ def test_fleximmt_rate_stopped_with_sigterm_leaves_no_file_and_no_folder(cases_d
         assert list((scratch / "tmp").glob("fleximmt-rate-*"))  # the app's own anonymous copies
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
-    finally:
-        server.kill()
     assert set(scratch.rglob("*")) == {scratch / "tmp", cache}

@@ -4,6 +4,7 @@ training, and no host-device synchronisation in the per-block hot path."""
 import numpy as np
 import pytest
 import torch
+from helpers import moving_square
 from PIL import Image
 
 import fleximmt.training.train as train_module
@@ -13,13 +14,6 @@ from fleximmt.toy import random_motion, tiny_pipeline
 
 CAPTION = "A red ball jumps up."
 PROMPT = "A ball jumps up. A box slides left."
-
-
-def moving_square(frames=9, size=32):
-    video = np.full((frames, size, size, 3), 90, np.uint8)
-    for t in range(frames):
-        video[t, 10:20, 2 + 2 * t : 12 + 2 * t] = 200
-    return video
 
 
 def test_training_puts_every_component_back_and_the_pipeline_generates_next(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import break_torchvision, forget_torchvision
 
 from fleximmt.evaluation import segment
 
@@ -429,25 +430,14 @@ def test_sam2_propagation_runs_the_video_model_loaded_from_disk(sam2):
     assert torch.equal(masks[:, 0], torch.from_numpy(first))
 
 
-class BrokenTorchvision:
-    """An import finder under which ``import torchvision`` fails as a torchvision built for another
-    torch does (torch 2.13.0 + torchvision 0.28.0 here)."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "torchvision" or name.startswith("torchvision."):
-            raise RuntimeError("operator torchvision::nms does not exist")
-        return
-
-
 def test_sam2_without_torchvision_names_the_install_and_the_offline_method(sam2, monkeypatch):
     video, truth = moving_square(frames=2)
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        monkeypatch.delitem(sys.modules, name)  # forgotten for this test (they come back after)
+    forget_torchvision(monkeypatch)
     monkeypatch.setitem(sys.modules, "torchvision", None)  # importing it now fails, installed or not
     with pytest.raises(ValueError, match=r"not installed.*fleximmt\[vision\].*method='flow'"):
         segment.propagate_masks(video, truth[0], model=sam2)
     monkeypatch.delitem(sys.modules, "torchvision")
-    monkeypatch.setattr(sys, "meta_path", [BrokenTorchvision(), *sys.meta_path])
+    break_torchvision(monkeypatch)
     with pytest.raises(
         ValueError, match=r"does not load next to this torch \(operator torchvision::nms.*method='flow'"
     ):

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from helpers import run_killed
 
 from fleximmt import MotionTokens
 from fleximmt.toy import tiny_pipeline
@@ -40,16 +41,8 @@ def pipe():
 def test_a_callback_that_raises_leaves_a_checkpoint_of_its_step_and_resume_continues_there(pipe, tmp_path):
     from safetensors import safe_open
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_two(step, loss):
-        if step == 2:
-            raise Stop
-
     out = tmp_path / "m.safetensors"
-    with pytest.raises(Stop):
-        train(pipe, out, steps=5, checkpoint_every=100, callback=stop_at_two)
+    run_killed(2, train, pipe, out, steps=5, checkpoint_every=100)
     with safe_open(str(checkpoint_path(out)), framework="pt") as f:
         assert f.metadata()["step"] == "2"  # not saved by checkpoint_every (100): saved because the run stopped
     steps = []

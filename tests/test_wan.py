@@ -5,10 +5,12 @@ and messages, each expert's own tokens, a text-to-video model refused, the CLI a
 every family does (diffusers' result without objects, auto against dense, training, resume, the
 signature, offload, save and load) is in test_contract.py."""
 
+import helpers
 import numpy as np
 import pytest
 import torch
 from diffusers import WanImageToVideoPipeline
+from helpers import run_killed, train_command
 from PIL import Image
 
 from fleximmt import FlexiMMTWanPipeline, MotionTokens, ObjectMotion, train_motion
@@ -136,10 +138,7 @@ def test_bad_input_on_wan_names_the_fix(pipes):
 
 
 def moving_square(frames=9):
-    video = np.full((frames, SIZE, SIZE, 3), 90, np.uint8)
-    for t in range(frames):
-        video[t, 20:36, 4 + 4 * t : 20 + 4 * t] = 220
-    return video
+    return helpers.moving_square(frames, SIZE, top=20, side=16, start=4, step=4, value=220)
 
 
 def train(pipe, out, **kw):
@@ -199,16 +198,8 @@ def test_a_model_of_three_experts_trains_three_token_sets_and_resumes(tmp_path, 
     with safe_open(str(checkpoint_path(tmp_path / "whole.safetensors")), framework="pt") as f:
         assert {"param.tokens", "param.tokens_2", "param.tokens_3"} <= set(f.keys())
 
-    class Killed(Exception):
-        pass
-
-    def kill(step, loss):
-        if step == 3:
-            raise Killed
-
     out = tmp_path / "resumed.safetensors"
-    with pytest.raises(Killed):
-        train(pipe, out, steps=4, lr=0.05, checkpoint_every=2, callback=kill)
+    run_killed(3, train, pipe, out, steps=4, lr=0.05, checkpoint_every=2)
     resumed = train(pipe, out, steps=4, lr=0.05, checkpoint_every=2, resume=True)
     assert torch.allclose(resumed.tokens, whole.tokens, atol=1e-6)
     assert torch.equal(MotionTokens.load(out).tokens, resumed.tokens)
@@ -236,31 +227,8 @@ def test_the_command_line_trains_and_generates_on_a_wan_folder(tmp_path, capsys)
     picture().save(tmp_path / "image.png")
     Image.fromarray(box(4, 30, 4, 30).astype(np.uint8) * 255).save(tmp_path / "mask.png")
     size = ["--height", SIZE, "--width", SIZE, "--frames", 9]
-    code = main(
-        [
-            str(a)
-            for a in [
-                "train",
-                "--model",
-                tmp_path / "wan",
-                "--video",
-                tmp_path / "ref.mp4",
-                "--caption",
-                "A ball jumps up.",
-                "--concept",
-                "ball",
-                "--motion-words",
-                "jumps up",
-                "--out",
-                tmp_path / "jump.safetensors",
-                "--steps",
-                2,
-                "--tokens",
-                4,
-                *size,
-            ]
-        ]
-    )
+    train = train_command(tmp_path / "wan", tmp_path / "ref.mp4", tmp_path / "jump.safetensors", 2, 4)
+    code = main([str(a) for a in [*train, *size]])
     assert code == 0 and MotionTokens.load(tmp_path / "jump.safetensors").family == "wan"
     code = main(
         [
