@@ -140,3 +140,28 @@ def test_the_image_condition_is_scaled_as_the_pipeline_scales_it(pipe, monkeypat
     got = cond.tensors["image_latents"][0]
     assert got.shape == want[0].shape and cond.tensors["video_latents"].shape[1] == want.shape[1] == 6
     assert torch.allclose(got, want[0], atol=1e-5) and got[:2].abs().sum() > 0 and not got[2:].any()
+
+
+def test_training_leaves_the_padding_frames_out_of_the_loss(pipe):
+    # 17 frames give 5 latent frames; 1.5 pairs them in token frames, so one copy of the first goes in
+    # front: the reference has 5 frames, and the loss must compare those 5, not the copy
+    import contextlib
+
+    from fleximmt.method.attention import motion_state_for
+    from fleximmt.training.train import TrainSettings, prepare_conditions
+
+    frames = moving_square(17, 64, top=20, side=16, value=220)
+    settings = TrainSettings(max_windows=1)
+    cond = prepare_conditions(
+        pipe.adapter, frames, "A ball jumps up.", "ball", "jumps up", settings, (64, 64, 17), None, 0
+    )
+    assert int(cond.tensors["padding"]) == 1 and cond.tensors["video_latents"].shape[1] == 6
+    grid = pipe.token_grid(64, 64, 17)
+    tokens = random_motion(pipe.transformer, 4, seed=1).expert_tokens()[None]
+    state = motion_state_for(tokens, cond.member, form="joint", parts=frozenset(), num_frames=grid.frames)
+    state.set_video_masks(torch.ones(1, grid.size, dtype=torch.bool))
+    batch = pipe.adapter.training_prediction(
+        state, cond.tensors, 0, torch.Generator().manual_seed(0), 0.0, contextlib.nullcontext
+    )
+    assert batch.x0.shape[1] == 6 and batch.x0[:, batch.loss_frames].shape[1] == 5
+    assert torch.equal(batch.x0[:, batch.loss_frames], batch.x0[:, 1:])

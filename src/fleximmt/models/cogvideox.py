@@ -296,14 +296,10 @@ class CogVideoXAdapter(ModelAdapter):
             )[0].float()
         x0_hat = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * velocity  # v-prediction -> x0
         weight = 1.0 / (1.0 - alpha_bar).clamp_min(1e-6)  # w_t = 1 / (1 - alphabar_t)
-        pad = 0 if cfg.patch_size_t is None else (cfg.patch_size_t - 1) if x0.shape[1] > 1 else 0
-        real = slice(pad if self._padded(cond) else 0, None)
+        # CogVideoX 1.5: the latent frames copied in front to fill a token frame (encode_conditions) are no
+        # part of the reference, so the loss leaves them out
+        real = slice(int(cond.get("padding", 0)), None)
         return TrainingBatch(x0, x0_hat, weight, real)
-
-    def _padded(self, cond) -> bool:
-        return (
-            bool(cond.get("padded", torch.zeros(())).item()) if isinstance(cond.get("padded"), torch.Tensor) else False
-        )
 
 
 class FlexiMMTPipeline(FlexiMMTMixin, CogVideoXImageToVideoPipeline):
