@@ -275,13 +275,20 @@ def test_an_empty_prompt_is_named_as_such(pipe, image):
     )
 
 
-def test_empty_object_mask_is_inert_and_stays_empty(pipe, image, caplog):
-    objs = objects(pipe, 2, masks=[box(0, 0, 0, 0), box(10, 30, 12, 30)])
-    with caplog.at_level("WARNING"):
-        out = run(pipe, image, objects=objs, return_masks=True)
-    assert "empty mask" in caplog.text
-    assert not out.masks[0, :, 0].any()
-    assert torch.isfinite(out.frames).all()
+def test_an_empty_object_mask_is_refused_in_every_prompts_objects(pipe, image):
+    from fleximmt.errors import ObjectInputError
+
+    good = objects(pipe, 2)
+    empty = objects(pipe, 2, masks=[box(2, 14, 2, 14), box(0, 0, 0, 0)])
+    with pytest.raises(ObjectInputError, match=r"^object 2: the mask is empty"):
+        pipe(
+            image=[image, image],
+            prompt=[PROMPT, PROMPT],
+            objects=[good, empty],  # the second prompt's object 2
+            num_inference_steps=1,
+            max_sequence_length=16,
+            output_type="latent",
+        )
 
 
 def test_mask_png_paths_and_pil_masks_are_accepted(pipe, tmp_path):

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 PARTS = ("m2v", "m2m", "t2v", "t2t", "t2m")
 CONTEXT_TEXT = ("open", "closed")
 RMPM_METHODS = ("paper", "released")
+MASK_RESIZES = ("coverage", "released")  # first-frame masks onto the token grid: fleximmt's, the release's
 
 
 def check_parts(parts: Sequence[str]) -> frozenset[str]:
@@ -313,12 +315,23 @@ def mdma_cross_dense(
     return mask
 
 
-def mask_to_token_grid(mask: torch.Tensor, height: int, width: int) -> torch.BoolTensor:
+def mask_to_token_grid(mask: torch.Tensor, height: int, width: int, method: str = "coverage") -> torch.BoolTensor:
     """Downsample an image-resolution bool mask ``[H, W]`` to the latent token grid ``[h, w]``.
 
-    A token is in the object when at least half of its pixels are. An object too small to cover
-    half of any token keeps every token it touches, so a non-empty mask never vanishes.
+    ``method="coverage"``: a token is in the object when at least half of its pixels are. An object
+    too small to cover half of any token keeps every token it touches, so a non-empty mask never
+    vanishes. ``method="released"``: the authors' rule (docs/method.md#the-release-preset): the mask as
+    a greyscale image (object 255) resized by PIL's bicubic filter, then above 127; a small object may vanish.
     """
+    if method not in MASK_RESIZES:
+        raise ValueError(f"mask resize method={method!r}: choose from {list(MASK_RESIZES)}")
+    if method == "released":
+        from PIL import Image
+
+        grey = Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255)  # a 2-D uint8 array is an "L" image
+        # BICUBIC is what PIL's resize does to an "L" image when no filter is named, as the release calls it
+        small = np.asarray(grey.resize((width, height), Image.Resampling.BICUBIC))
+        return torch.from_numpy(small > 127)
     cover = F.interpolate(mask[None, None].float(), size=(height, width), mode="area")[0, 0]
     grid = cover >= 0.5
     if not grid.any() and cover.any():
@@ -362,44 +375,69 @@ def _rmpm_paper(first: torch.Tensor, feats: torch.Tensor, anchors: int) -> torch
     return masks
 
 
-def _trimmed_mean(x: torch.Tensor, cut: float = 0.1) -> torch.Tensor:
-    n = x.numel()
-    k = int(cut * n)
-    return x.sort().values[k : n - k].mean() if n - 2 * k > 0 else x.mean()
+# The released propagation's constants (the authors' compute_mask.py; docs/method.md#the-released-form)
+RELEASED_TEMPERATURE = 0.013  # affinity exp(cos / T)
+RELEASED_TOP_K = 15  # anchor tokens kept per target token
+RELEASED_OUTSIDE = 0.01  # an anchor token outside its label is scaled by this before normalising
+RELEASED_TRIM = 0.1  # the threshold's mean leaves out this share of the scores at each end
+RELEASED_SCALE, RELEASED_FLOOR = 0.98, 0.3  # threshold = max(floor, scale * trimmed mean)
+RELEASED_EMPTY = 0.5  # the threshold where the last anchor's label has no token above 0.5
 
 
-def _rmpm_released(
-    first: torch.Tensor, feats: torch.Tensor, anchors: int, temperature: float = 0.013, top_k: int = 15
-) -> torch.Tensor:
-    num_objects, n = first.shape
+def _released_threshold(scores: torch.Tensor, region: torch.Tensor) -> float:
+    """The release's per-frame threshold: 0.98 x the mean of the scores inside ``region`` (the last
+    anchor's label above 0.5) without their lowest and highest 10%, floored at 0.3; 0.5 if the region is empty."""
+    inside = scores[region]
+    n = inside.numel()
+    if n == 0:
+        return RELEASED_EMPTY
+    cut = int(n * RELEASED_TRIM)
+    mean = inside.sort().values[cut:-cut].mean() if cut > 0 and n > 2 * cut else inside.mean()
+    return max(RELEASED_FLOOR, mean.item() * RELEASED_SCALE)
+
+
+def _rmpm_released(first: torch.Tensor, feats: torch.Tensor, anchors: int) -> torch.Tensor:
+    """One object's label propagation as the authors released it; ``first`` bool ``[n]``, ``feats``
+    ``[L, n, d]`` (not normalised) in the precision it runs in. Returns bool ``[L, n]``.
+
+    The anchors carry labels: the first frame's mask, then the previous frames' soft scores. Every
+    operation is the release's, in its order, so that the precision's rounding is the release's too."""
     num_frames = feats.shape[0]
-    labels = torch.zeros(num_objects, num_frames, n, dtype=feats.dtype, device=feats.device)
-    labels[:, 0] = first.to(feats.dtype)
-    masks = torch.zeros(num_objects, num_frames, n, dtype=torch.bool, device=feats.device)
-    masks[:, 0] = first
+    labels = [first.to(feats.dtype)]  # per frame: its label [n] (frame 0 binary, later frames soft)
+    masks = [first]
     for frame in range(1, num_frames):
         anc = anchor_frames(frame, anchors)
-        cos = feats[frame] @ feats[anc].reshape(-1, feats.shape[-1]).T  # [n, |anc| n]
-        top, idx = cos.topk(min(top_k, cos.shape[1]), dim=1)
-        weight = torch.softmax(top / temperature, dim=1)  # exp(cos / T), top-k, normalised
-        anc_labels = labels[:, anc].reshape(num_objects, -1)  # [K, |anc| n]
-        scores = (anc_labels[:, idx] * weight).sum(-1)  # [K, n]
-        labels[:, frame] = scores
-        for k in range(num_objects):
-            inside = scores[k][masks[k, frame - 1]]
-            thr = 0.3 if inside.numel() == 0 else max(0.98 * float(_trimmed_mean(inside)), 0.3)
-            masks[k, frame] = scores[k] > thr
-    return masks
+        anchor_labels = torch.stack([labels[a] for a in anc])  # [W, n]
+        inside = anchor_labels.float() > 0.5  # each anchor's label as a region
+        # scaling each source token is a no-op on its direction, not on its rounding: kept as released
+        weight = torch.where(inside.reshape(-1), 1.0, RELEASED_OUTSIDE).to(feats.dtype)
+        sources = torch.cat([feats[a].T for a in anc], dim=-1) * weight  # [d, W n]
+        target = F.normalize(feats[frame], dim=1)  # [n, d]
+        aff = torch.exp(torch.mm(target, F.normalize(sources, dim=0)) / RELEASED_TEMPERATURE).T  # [W n, n]
+        top = torch.topk(aff, dim=0, k=min(RELEASED_TOP_K, aff.shape[0])).values.min(dim=0).values
+        aff[aff < top] = 0  # ties with the k-th value stay
+        total = aff.sum(dim=0, keepdim=True)
+        valid = total[0] > 0
+        aff[:, valid] = aff[:, valid] / total[:, valid]
+        scores = torch.mm(anchor_labels.reshape(1, -1), aff)[0]  # [n]
+        labels.append(scores)
+        masks.append(scores > _released_threshold(scores, inside[-1]))
+    return torch.stack(masks)
 
 
 def rmpm(
-    first_masks: torch.Tensor, features: torch.Tensor, anchors: int = 3, method: str = "paper"
+    first_masks: torch.Tensor,
+    features: torch.Tensor,
+    anchors: int = 3,
+    method: str = "paper",
+    dtype: torch.dtype = torch.float32,
 ) -> torch.BoolTensor:
     """Regressive Mask Propagation (Algorithm 1): carry first-frame masks through the latent frames.
 
     ``first_masks`` bool ``[K, h, w]``; ``features`` float ``[L, h, w, d]`` (per-token features of
     every latent frame). ``method="paper"`` is Eqs. 12-13 in the prototype form (O(n d) per frame
-    and object); ``method="released"`` is the authors' label propagation. Returns ``[K, L, h, w]``.
+    and object); ``method="released"`` is the authors' label propagation, each object on its own.
+    ``dtype`` is the precision it runs in (the release: the model's). Returns ``[K, L, h, w]``.
     """
     if method not in RMPM_METHODS:
         raise ValueError(f"rmpm method={method!r}: choose from {list(RMPM_METHODS)}")
@@ -407,18 +445,22 @@ def rmpm(
     num_frames = features.shape[0]
     if features.shape[1:3] != (h, w):
         raise ValueError(f"features grid {tuple(features.shape[1:3])} differs from the masks' grid {(h, w)}")
-    feats = F.normalize(features.reshape(num_frames, h * w, -1).float(), dim=-1)
+    feats = features.reshape(num_frames, h * w, -1).to(dtype)
     first = first_masks.reshape(num_objects, h * w).bool().to(feats.device)
-    propagate = _rmpm_paper if method == "paper" else _rmpm_released
-    return propagate(first, feats, anchors).reshape(num_objects, num_frames, h, w)
+    if method == "paper":
+        masks = _rmpm_paper(first, F.normalize(feats, dim=-1), anchors)
+    else:
+        masks = torch.stack([_rmpm_released(first[k], feats, anchors) for k in range(num_objects)])
+    return masks.reshape(num_objects, num_frames, h, w)
 
 
-def mask_change(old: torch.Tensor, new: torch.Tensor) -> float:
-    """Dynamic RMPM's stability measure: changed tokens / tokens in the old mask."""
+def mask_change(old: torch.Tensor, new: torch.Tensor, empty: float = float("inf")) -> float:
+    """Dynamic RMPM's stability measure: changed tokens / tokens in the old mask. An empty old mask
+    changes by 0 when the new one is empty too, else by ``empty`` (fleximmt: inf; the release: 0)."""
     changed = (old != new).sum().item()
     size = old.sum().item()
     if size == 0:
-        return 0.0 if changed == 0 else float("inf")
+        return 0.0 if changed == 0 else empty
     return changed / size
 
 

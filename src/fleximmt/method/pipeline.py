@@ -14,7 +14,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -39,6 +39,7 @@ from .masks import (
     span_membership,
 )
 from .motion import ObjectMotion
+from .presets import fill_preset
 from .prompt import find_token_spans
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,18 @@ logger = logging.getLogger(__name__)
 MAX_OBJECTS = 8
 MASK_SOURCES = ("rmpm", "static", "qk", "none")
 INITIAL_MASKS = ("first_frame", "none")  # RMPM's step 0: first-frame masks everywhere, or the release's none
-ALWAYS_UPDATE_STEPS = 5  # dynamic RMPM: the release always updates masks in the first 5 steps
+# dynamic RMPM (docs/method.md#dynamic-rmpm): steps 0-4 always take the new masks; from step 5 on, a step whose
+# masks all changed by less than alpha keeps the previous ones and ends the updates - the release's rule
+ALWAYS_UPDATE_STEPS = 5
+RELEASE_MASK_STEPS = 50  # the release computes masks after its first 50 steps only (its final_step)
+# what preset="release" sets where the caller did not (docs/method.md#the-release-preset)
+RELEASE_OPTIONS = {
+    "mask_source": "rmpm",
+    "rmpm_method": "released",
+    "initial_masks": "none",
+    "alpha": 0.05,
+    "anchors": 3,
+}
 OPTIONS_DOC = """FlexiMMT's own arguments (keyword-only):
     objects: ``ObjectMotion`` list, applied to every video of the call; or one list per prompt. Empty:
         exactly diffusers' pipeline.
@@ -59,7 +71,11 @@ OPTIONS_DOC = """FlexiMMT's own arguments (keyword-only):
     attention_backend: "auto" (grouped SDPA, no N x N mask), "flex" (one FlexAttention call with a block
         mask; compiled; on a CPU inference only) or "dense" (the reference).
     return_masks: add the per-step masks to the output. initial_masks: RMPM's step 0, "first_frame" or
-        "none" (the release)."""
+        "none" (the release).
+    preset: "release" reproduces the authors' released inference: it sets mask_source "rmpm",
+        rmpm_method "released", initial_masks "none", alpha 0.05 and anchors 3 where they are not
+        passed, and the release's first-frame mask resize and RMPM precision (the model's);
+        docs/method.md#the-release-preset. None: fleximmt's own choices."""
 
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -126,6 +142,17 @@ class TransferOptions:
     attention_backend: str = "auto"
     return_masks: bool = False
     initial_masks: str = "first_frame"
+    preset: str | None = None
+
+    def apply_preset(self, given: Collection[str]) -> None:
+        """Fill the options the caller did not pass (``given``: the names passed) from ``preset``."""
+        fill_preset(self, self.preset, RELEASE_OPTIONS, given)
+
+    @property
+    def release(self) -> bool:
+        """Whether the release's own computations run where no option names them: its mask resize,
+        RMPM in the model's precision, an empty old mask's change 0, masks from the first 50 steps."""
+        return self.preset == "release"
 
     def check(self, adapter: ModelAdapter) -> None:
         if self.mask_source not in MASK_SOURCES:
@@ -176,8 +203,9 @@ def flexi_call(cls) -> Callable:
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
+        given = frozenset(bound.arguments)  # what the caller passed: a preset fills only the rest
         bound.apply_defaults()
-        return self._call(bound.arguments)
+        return self._call(bound.arguments, given)
 
     __call__.__signature__ = signature
     __call__.__qualname__ = f"{cls.__qualname__}.__call__"
@@ -324,9 +352,10 @@ class FlexiMMTMixin:
         return [name for name in params if name != "self"]
 
     # -- one call ----------------------------------------------------------------------------
-    def _call(self, arguments: dict[str, Any]) -> Any:
+    def _call(self, arguments: dict[str, Any], given: Collection[str] = ()) -> Any:
         """Run diffusers' ``__call__`` with FlexiMMT around it; ``arguments`` are the locals of the
-        subclass's ``__call__`` (diffusers' arguments and FlexiMMT's options)."""
+        subclass's ``__call__`` (diffusers' arguments and FlexiMMT's options), ``given`` the names the
+        caller passed."""
         adapter = self.adapter
         diffusers_call = self.adapter_class.pipeline_class.__call__
         call = {name: arguments[name] for name in self.diffusers_parameters()}
@@ -335,6 +364,7 @@ class FlexiMMTMixin:
         if own_callback:
             call["callback_on_step_end"] = arguments["callback_on_step_end"]
         options = TransferOptions(**{name: arguments[name] for name in OPTIONS})
+        options.apply_preset(given)
         prompt = call.get("prompt")
         per_prompt = objects_per_prompt(options.objects, len(prompt) if isinstance(prompt, list) else 1)
         call = adapter.prepare_call(call)
@@ -375,7 +405,9 @@ class FlexiMMTMixin:
         )
         state.shard_video(adapter.video_shard(grid.size))
         adapter.install_processors()
-        schedule = MaskSchedule(state, first_masks, grid, options, adapter.motion_shape()[0])
+        schedule = MaskSchedule(
+            state, first_masks, grid, options, adapter.motion_shape()[0], dtype=adapter.transformers()[0].dtype
+        )
         with adapter.each_step(call, schedule.step_end) as call, adapter.attach(state, call) as call:
             check_caches(adapter.transformers(), state)
             output = diffusers_call(self, **call)
@@ -403,7 +435,7 @@ class FlexiMMTMixin:
         num_blocks, dim = adapter.motion_shape()
         text_len = call.get("max_sequence_length") or adapter.default_text_length()
         slots, firsts = [], []
-        for video, (prompt, image, objs) in enumerate(zip(prompts, images, objects)):
+        for prompt, image, objs in zip(prompts, images, objects):
             if len(objs) > MAX_OBJECTS:
                 raise FlexiMMTInputError(f"{len(objs)} objects given: FlexiMMT takes at most {MAX_OBJECTS}")
             img_h, img_w = image_size(image)
@@ -425,9 +457,9 @@ class FlexiMMTMixin:
                         f"the mask is {mask.shape[0]} x {mask.shape[1]} but the image is "
                         f"{img_h} x {img_w}: give a mask of the image's size",
                     )
-                grid_mask = mask_to_token_grid(adapter.frame_mask(mask, *size), grid.height, grid.width)
-                if not grid_mask.any() and video == 0:
-                    logger.warning("object %d has an empty mask: its motion will reach no video token", k)
+                resize = "released" if options.release else "coverage"
+                grid_mask = mask_to_token_grid(adapter.frame_mask(mask, *size), grid.height, grid.width, resize)
+                check_object_mask(k, mask, grid_mask)
                 first.append(grid_mask)
             d_ms = {obj.motion.d_m for obj in objs}
             if len(d_ms) > 1:
@@ -447,6 +479,24 @@ class FlexiMMTMixin:
             firsts.append(torch.stack(first).to(device))
         state = transfer_state(slots, options, adapter.form, num_blocks, adapter.feature_share, grid.frames)
         return state, firsts
+
+
+def check_object_mask(number: int, mask: torch.Tensor, grid_mask: torch.Tensor) -> None:
+    """Refuse an object whose mask is empty, at the image's size or on the token grid: its motion
+    would reach no video token (every front end shares this rule)."""
+    if not mask.any():
+        raise ObjectInputError(
+            number,
+            "the mask is empty (no pixel of the object is set), so its motion would reach no video token: "
+            "give a mask whose object pixels are non-zero (white), or leave the object out",
+        )
+    if not grid_mask.any():
+        raise ObjectInputError(
+            number,
+            f"the mask covers too little of the image to reach the {grid_mask.shape[0]} x {grid_mask.shape[1]} token "
+            "grid with the release's resize (preset='release', docs/method.md#the-release-preset): draw a larger "
+            "mask, or leave the preset out (fleximmt's resize keeps every object)",
+        )
 
 
 def check_caches(transformers: Sequence[torch.nn.Module], state: FlexiMMTState) -> None:
@@ -508,13 +558,17 @@ class MaskSchedule:
     """The object masks of one transfer, step by step (docs/method.md#rmpm): step 0's from the
     options (first-frame masks on every frame, the release's none, all video, or DMEM's), then after
     every step RMPM's from the features captured during it - used from the next step on - until
-    dynamic RMPM freezes them. Any driver of a denoising loop calls :meth:`step_end` after each step
-    (diffusers' callback here; ComfyUI's native patch when the noise level changes).
+    dynamic RMPM freezes them (docs/method.md#dynamic-rmpm). Any driver of a denoising loop calls
+    :meth:`step_end` after each step (diffusers' callback here; ComfyUI's native patch when the noise
+    level changes).
 
     New masks come only from a step whose features came from every feature block: on a step where a
     cache (``transformer.enable_cache``) skipped blocks or reused attention outputs - FirstBlockCache
     past its first block, MagCache and TaylorSeer's skipped steps, PAB and FasterCache's reused
-    attention - the capture is partial or empty, and the last masks stay for the next step."""
+    attention - the capture is partial or empty, and the last masks stay for the next step.
+
+    ``dtype`` is the model's precision: RMPM runs in it under ``preset="release"`` (the release
+    propagates the block-averaged features as the model outputs them), else in float32."""
 
     def __init__(
         self,
@@ -523,6 +577,7 @@ class MaskSchedule:
         grid: TokenGrid,
         options: TransferOptions,
         num_blocks: int,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.state, self.first_masks, self.grid, self.options, self.num_blocks = (
             state,
@@ -531,6 +586,7 @@ class MaskSchedule:
             options,
             num_blocks,
         )
+        self.dtype = dtype if options.release and dtype is not None else torch.float32
         self.updating = options.mask_source == "rmpm"
         self.history: list[torch.Tensor] = []
         num_objects = state.num_objects
@@ -563,7 +619,8 @@ class MaskSchedule:
         state.begin_step(grid.size, self.num_blocks)
         if not self.updating:
             return
-        changes = []
+        new_masks, changes = {}, []
+        empty = 0.0 if options.release else float("inf")  # the change of an empty old mask that changed
         for v, slot in enumerate(state.videos):
             complete = state.capture_complete(v)
             features = state.take_features(v)
@@ -580,16 +637,25 @@ class MaskSchedule:
                 features.view(grid.frames, grid.height, grid.width, -1),
                 options.anchors,
                 options.rmpm_method,
+                self.dtype,
             ).reshape(num_objects, -1)
-            old = slot.video_masks
+            new_masks[v] = new
+            changes += [mask_change(o, n, empty) for o, n in zip(slot.video_masks, new)]
+        alpha = options.alpha
+        if alpha is not None and step >= ALWAYS_UPDATE_STEPS and changes and all(c < alpha for c in changes):
+            self.stop(f"dynamic RMPM: every mask changed by less than alpha={options.alpha} at step {step}: kept")
+            return
+        for v, new in new_masks.items():
             state.parts = options.parts  # after a release-style step 0, every part is on again
             state.set_video_masks(new, v)
-            changes += [mask_change(o, n) for o, n in zip(old, new)]
-        if options.alpha is not None and step + 1 >= ALWAYS_UPDATE_STEPS and changes:  # noqa: SIM102
-            if all(change < options.alpha for change in changes):
-                self.updating = False
-                state.feature_blocks = frozenset()
-                logger.info("dynamic RMPM: masks frozen after step %d", step)
+        if options.release and step + 1 >= RELEASE_MASK_STEPS:
+            self.stop(f"masks frozen after step {step}: the release computes masks in its first 50 steps")
+
+    def stop(self, why: str) -> None:
+        """Keep the current masks for every later step and capture no more features."""
+        self.updating = False
+        self.state.feature_blocks = frozenset()
+        logger.info(why)
 
     def masks(self) -> torch.Tensor | None:
         """The masks every step used, bool ``[videos, steps, K, frames, h, w]`` (with ``return_masks``)."""

@@ -1,0 +1,432 @@
+"""``preset="release"``: the authors' released inference and training, reproduced (docs/method.md#the-release-preset).
+
+The references here are this file's own code, written from the release's logic (its ``compute_mask.py``,
+the stop loop of ``my_pipeline_i2v_inf.py``, ``scripts/inference_mask_batch.py``'s mask loading, the
+training loop of ``scripts/train_mask.py``), not fleximmt's functions. End to end they run on the toy
+model that ``make demo`` uses, driven the release's way, against ``preset="release"`` with the same
+latents, motion tokens and first masks."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fleximmt import ObjectMotion
+from fleximmt.errors import FlexiMMTInputError, ObjectInputError
+from fleximmt.method.attention import motion_state_for
+from fleximmt.method.masks import PARTS, mask_change, mask_to_token_grid, rmpm
+from fleximmt.method.pipeline import TransferOptions
+from fleximmt.toy import random_motion
+from fleximmt.toy.lab import load_toy_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "A red circle moves left. A blue square bounces."
+WORDS = ["moves left", "bounces"]
+SCENE = os.path.join(os.path.dirname(__file__), "..", "src", "fleximmt", "toy", "assets", "examples", "scene_1.png")
+
+
+# -- the release's mask propagation (compute_mask.py), written out -----------------------------------------
+def release_label_propagation(feat_tar, frame_feats, segs, h, w, regions=None):
+    """``label_propagation_nearby``: one target frame from its anchors (features ``[C, n]``, labels ``[1, n]``);
+    ``regions`` (a list) collects the size of each threshold region."""
+    segs_cat = torch.cat(segs, dim=-1)
+    src_masks = [torch.from_numpy((seg[0].float().numpy() > 0.5).astype(np.uint8)) for seg in segs]
+    src_all = torch.stack(src_masks).reshape(-1)
+    region = src_masks[-1] > 0  # the last anchor's label
+    sources = torch.cat(frame_feats, dim=-1)
+    soft = torch.where(src_all > 0, torch.ones_like(src_all), torch.ones_like(src_all) * 0.01)
+    sources = sources * soft.unsqueeze(0).to(dtype=sources.dtype)
+    tar = F.normalize(feat_tar, dim=1, p=2).squeeze(0)
+    sources = F.normalize(sources, dim=0, p=2)
+    aff = torch.exp(torch.mm(tar, sources) / 0.013).transpose(1, 0)
+    top, _ = torch.topk(aff, dim=0, k=min(15, aff.shape[0]))
+    top_min, _ = torch.min(top, dim=0)
+    aff[aff < top_min] = 0
+    total = torch.sum(aff, dim=0, keepdim=True)
+    valid = total.squeeze(0) > 0
+    if valid.any():
+        aff[:, valid] = aff[:, valid] / total[:, valid]
+    seg_tar = torch.mm(segs_cat, aff)
+    seg_2d = seg_tar.squeeze(0).reshape(h, w)
+    region_2d = region.reshape(h, w)
+    if regions is not None:
+        regions.append(int(region_2d.sum()))
+    if region_2d.sum() > 0:
+        values = seg_2d[region_2d]
+        ordered, _ = torch.sort(values)
+        n = ordered.size(0)
+        skip = int(n * 0.1)
+        mean = ordered[skip:-skip].mean().item() if skip > 0 and n > skip * 2 else values.mean().item()
+        threshold = max(0.3, mean * 0.98)
+    else:
+        threshold = 0.5
+    return seg_2d > threshold, seg_tar
+
+
+def release_compute_mask(first_mask, features, h, w, frames, regions=None):
+    """``compute_mask``: one object's masks on every latent frame from ``features`` ``[frames * h * w, C]``
+    (in the model's dtype); anchors are frame 0's mask and the two most recent frames' soft labels."""
+    dtype = features.dtype
+    grid = features.view(frames, h, w, -1).permute(0, 3, 1, 2)  # [frames, C, h, w]
+
+    def frame_features(i):  # [(h w), C]
+        return grid[i].permute(1, 2, 0).reshape(h * w, -1)
+
+    first_label = first_mask.reshape(1, -1).to(dtype)  # the one-hot's foreground channel
+    queue = []  # (features [C, n], soft label [1, n]) of the two most recent frames
+    out = [first_mask]
+    for frame in range(1, frames):
+        feats = [frame_features(0).T] + [f for f, _ in queue]
+        segs = [first_label] + [s for _, s in queue]
+        mask, seg = release_label_propagation(frame_features(frame), feats, segs, h, w, regions)
+        if len(queue) == 2:
+            queue.pop(0)
+        queue.append((frame_features(frame).T, seg))
+        out.append(mask)
+    return torch.stack(out)
+
+
+def release_first_mask(path, h, w):
+    """``inference_mask_batch.py``: the mask PNG as 'L', resized to the token grid by PIL's default, > 127."""
+    return torch.from_numpy(np.array(Image.open(path).convert("L").resize((w, h))) > 127)
+
+
+def release_token_indices(tokenizer, prompt, words):
+    """``get_motion_token_indices``: where each phrase's tokens first occur among the prompt's."""
+    tokens = tokenizer.encode(prompt, add_special_tokens=False)
+    spans = []
+    for phrase in words:
+        ids = tokenizer.encode(phrase, add_special_tokens=False)
+        start = next(i for i in range(len(tokens) - len(ids) + 1) if tokens[i : i + len(ids)] == ids)
+        spans.append(list(range(start, start + len(ids))))
+    return spans
+
+
+def moving_features(frames=5, h=8, w=8, dim=32, seed=0, dtype=torch.float32):
+    """Per-token features of a soft blob drifting over a noisy background: scores fall off gradually
+    at its edge, so the last anchor's soft label and the previous binary mask are different regions."""
+    gen = torch.Generator().manual_seed(seed)
+    background = torch.randn(dim, generator=gen)
+    blob = torch.randn(dim, generator=gen) * 1.5
+    y, x = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    feats = background + 0.5 * torch.randn(frames, h, w, dim, generator=gen)
+    for t in range(frames):
+        feats[t] += torch.exp(-((y - 3 - 0.3 * t) ** 2 + (x - 2 - 0.8 * t) ** 2) / 2.5**2)[..., None] * blob
+    first = (y - 3) ** 2 + (x - 2) ** 2 <= 2.5**2
+    return first, feats.to(dtype)
+
+
+# -- 1. the released form -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(4))
+def test_released_rmpm_is_the_releases_compute_mask_bit_for_bit(seed):
+    first, feats = moving_features(seed=seed)
+    corner = torch.zeros_like(first)
+    corner[7, 7] = True  # one token: its later labels stay under 0.5, an empty region (threshold 0.5)
+    frames, h, w, _ = feats.shape
+    ours = rmpm(torch.stack([first, corner]), feats, anchors=3, method="released")
+    regions = []
+    for k, mask in enumerate([first, corner]):
+        expected = release_compute_mask(mask, feats.reshape(frames * h * w, -1), h, w, frames, regions)
+        assert torch.equal(ours[k], expected), (k, (ours[k] != expected).sum())
+    assert ours[0, 1:].any() and 0 in regions  # the case holds propagated masks and an empty region
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_released_rmpm_runs_in_the_precision_it_is_given_as_the_release_does(seed):
+    # bf16, as the release runs it: each object scales and normalises its own sources in bf16
+    first, feats = moving_features(seed=seed, dtype=torch.bfloat16)
+    second = torch.zeros_like(first)
+    second[5:8, 4:8] = True
+    frames, h, w, _ = feats.shape
+    ours = rmpm(torch.stack([first, second]), feats, anchors=3, method="released", dtype=torch.bfloat16)
+    for k, mask in enumerate([first, second]):
+        expected = release_compute_mask(mask, feats.reshape(frames * h * w, -1), h, w, frames)
+        assert torch.equal(ours[k], expected), (k, (ours[k] != expected).sum())
+
+
+def test_an_empty_old_mask_changes_by_zero_in_the_release():
+    empty, some = torch.zeros(6, dtype=torch.bool), torch.tensor([1, 0, 1, 0, 0, 0], dtype=torch.bool)
+    assert mask_change(empty, some) == float("inf")  # fleximmt's own measure
+    assert mask_change(empty, some, empty=0.0) == 0.0
+    assert mask_change(some, empty, empty=0.0) == 1.0
+
+
+# -- 3. first-frame masks: PIL's resize -------------------------------------------------------------------
+def shapes():
+    y, x = np.mgrid[:64, :64]
+    yield ((y - 30) / 11) ** 2 + ((x - 21) / 9) ** 2 <= 1
+    yield ((y - 40) / 17) ** 2 + ((x - 40) / 6) ** 2 <= 1
+    yield (np.abs(y - 20) + np.abs(x - 44)) <= 13
+    yield (y > 0.7 * x + 9) & (y < 50)
+    yield ((y // 5 + x // 7) % 2 == 0) & (x > 20)
+    yield (x - 32) ** 2 + (y - 32) ** 2 <= 5**2
+
+
+def test_the_releases_mask_resize_is_pils_default_above_127(tmp_path):
+    differs = 0
+    for i, shape in enumerate(shapes()):
+        path = tmp_path / f"mask{i}.png"
+        Image.fromarray(shape.astype(np.uint8) * 255).save(path)
+        for h, w in [(8, 8), (6, 10)]:
+            expected = release_first_mask(path, h, w)
+            assert torch.equal(mask_to_token_grid(torch.from_numpy(shape), h, w, "released"), expected)
+            differs += int(not torch.equal(mask_to_token_grid(torch.from_numpy(shape), h, w), expected))
+    assert differs  # fleximmt's own area-coverage rule is another rule
+    with pytest.raises(ValueError, match="mask resize"):
+        mask_to_token_grid(torch.ones(4, 4, dtype=torch.bool), 2, 2, "nearest")
+
+
+# -- the preset's options -----------------------------------------------------------------------------------
+def test_the_preset_fills_only_the_options_the_caller_left_out():
+    options = TransferOptions(preset="release")
+    options.apply_preset(given={"objects"})
+    assert (options.mask_source, options.rmpm_method, options.initial_masks, options.alpha, options.anchors) == (
+        "rmpm",
+        "released",
+        "none",
+        0.05,
+        3,
+    )
+    assert options.release
+    explicit = TransferOptions(rmpm_method="paper", alpha=None, anchors=5, preset="release")
+    explicit.apply_preset(given={"rmpm_method", "alpha", "anchors"})
+    assert (explicit.rmpm_method, explicit.alpha, explicit.anchors, explicit.initial_masks) == (
+        "paper",
+        None,
+        5,
+        "none",
+    )
+    plain = TransferOptions()
+    plain.apply_preset(given=())
+    assert (plain.rmpm_method, plain.initial_masks, plain.alpha, plain.release) == ("paper", "first_frame", None, False)
+    with pytest.raises(FlexiMMTInputError, match="preset='authors'"):
+        TransferOptions(preset="authors").apply_preset(given=())
+
+
+# -- 2. end to end on the toy model ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy():
+    return load_toy_pipeline()
+
+
+def ellipse(cy, cx, ry, rx):
+    y, x = np.mgrid[:64, :64]
+    return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """The demo's scene image and two mask PNGs, as the release reads them."""
+    folder = tmp_path_factory.mktemp("scene")
+    paths = []
+    for k, mask in enumerate([ellipse(22, 20, 14, 12), ellipse(42, 44, 12, 16)]):
+        paths.append(folder / f"object{k}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(paths[-1])
+    return Image.open(SCENE).convert("RGB"), paths
+
+
+def motions(pipe):
+    return [random_motion(pipe.transformer, 4, seed=k + 1, scale=4.0) for k in range(2)]
+
+
+class ReleaseStop:
+    """The release's dynamic stop (``my_pipeline_i2v_inf.py``): the masks each step hands the next."""
+
+    def __init__(self, alpha_percent=5):
+        self.alpha_percent, self.masks, self.stopped, self.stop_step = alpha_percent, None, False, None
+
+    def step(self, i, new):
+        """Step ``i``'s new masks ``[K, n]``; returns the masks of step ``i + 1``."""
+        if i < 5:
+            self.masks = new
+            return self.masks
+        diff, total = (new != self.masks).sum(1), self.masks.sum(1)
+        rates = torch.zeros(len(new))
+        rates[total > 0] = diff[total > 0].float() / total[total > 0].float() * 100
+        if not (rates >= self.alpha_percent).any().item():
+            self.stopped, self.stop_step = True, i  # the previous masks stay, and nothing is computed again
+        else:
+            self.masks = new
+        return self.masks
+
+
+def release_run(pipe, image, mask_paths, tokens, steps, alpha_percent=5, seed=0):
+    """The release's denoising loop on ``pipe``'s model: no masks at step 0; after every step, each
+    object's ``compute_mask`` on the conditional branch's attention outputs of the feature blocks
+    (stacked and averaged in the model's dtype), then :class:`ReleaseStop`. Attention is fleximmt's
+    dense processor, shown equal to the release's elsewhere
+    (test_pipeline.py::test_processor_equals_the_release_layout_brute_force). Returns the latents and
+    the masks each step used ``[steps, K, frames, h, w]``."""
+    grid = pipe.token_grid(64, 64, 17)
+    num_objects = len(mask_paths)
+    firsts = [release_first_mask(path, grid.height, grid.width) for path in mask_paths]
+    spans = release_token_indices(pipe.tokenizer, PROMPT, WORDS)
+    member = torch.zeros(num_objects, pipe.transformer.config.max_text_seq_length, dtype=torch.bool)
+    for k, span in enumerate(spans):
+        member[k, span] = True
+    state = motion_state_for(tokens, member, backend="dense")
+    state.parts = frozenset(PARTS) - {"t2v"}  # no masks at step 0: motion words open to all video
+    state.set_video_masks(torch.zeros(num_objects, grid.size, dtype=torch.bool))
+    # the release's 30 of 42 blocks, carried to the toy's depth as that share
+    blocks = pipe.transformer.transformer_blocks[: round(len(pipe.transformer.transformer_blocks) * 30 / 42)]
+    stop, captured, history = ReleaseStop(alpha_percent), [], []
+
+    def capture(module, args, output):
+        if not stop.stopped:
+            captured.append(output[0][1])  # the video tokens' attention output, conditional row
+
+    def step_end(pipeline, i, t, kwargs):
+        history.append(state.videos[0].video_masks.view(num_objects, grid.frames, grid.height, grid.width))
+        if not stop.stopped and i < 50:
+            features = torch.mean(torch.stack(captured, dim=0), dim=0)
+            new = torch.stack(
+                [
+                    release_compute_mask(first, features, grid.height, grid.width, grid.frames).reshape(-1)
+                    for first in firsts
+                ]
+            )
+            state.parts = frozenset(PARTS)
+            state.set_video_masks(stop.step(i, new))
+        captured.clear()
+        return {}
+
+    hooks = [block.attn1.register_forward_hook(capture) for block in blocks]
+    try:
+        pipe.adapter.install_processors()
+        latents = pipe(
+            image=image,
+            prompt=PROMPT,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="latent",
+            attention_kwargs={"fleximmt": state},
+            callback_on_step_end=step_end,
+        ).frames
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return latents, torch.stack(history)
+
+
+def preset_run(pipe, image, mask_paths, motion_list, steps, seed=0, **kw):
+    objs = [ObjectMotion(str(path), motion, words) for path, motion, words in zip(mask_paths, motion_list, WORDS)]
+    return pipe(
+        image=image,
+        prompt=PROMPT,
+        objects=objs,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        attention_backend="dense",
+        return_masks=True,
+        preset="release",
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alpha", [0.05, 0.2])
+def test_the_preset_is_the_releases_inference_step_by_step(toy, scene, dtype, alpha):
+    pipe = toy if dtype == torch.float32 else load_toy_pipeline().to(dtype)
+    image, paths = scene
+    motion_list = motions(pipe)
+    tokens = torch.stack([m.expert_tokens() for m in motion_list])
+    expected, expected_masks = release_run(pipe, image, paths, tokens, steps=12, alpha_percent=alpha * 100)
+    given = {} if alpha == 0.05 else {"alpha": alpha}  # 0.05: the preset's own
+    ours = preset_run(pipe, image, paths, motion_list, steps=12, **given)
+    assert ours.masks.shape[1] == 12
+    for step in range(12):
+        assert torch.equal(ours.masks[0, step], expected_masks[step]), step
+    assert torch.equal(ours.frames, expected)
+    assert not ours.masks[0, 0].any() and ours.masks[0, 1:, :, 1:].any()  # no masks at step 0; RMPM from step 1
+
+
+def scripted_schedule(monkeypatch, sequence, alpha, preset="release"):
+    """A MaskSchedule whose RMPM returns ``sequence[step]`` (``[2, 40]``) after each step; the masks each step used."""
+    from fleximmt.method import pipeline
+    from fleximmt.method.adapter import TokenGrid
+
+    grid = TokenGrid(1, 5, 8)
+    state = motion_state_for(torch.zeros(2, 1, 1, 1, 4), torch.ones(2, 4, dtype=torch.bool))
+    state.feature_blocks = frozenset({0})
+    options = TransferOptions(objects=[None, None], alpha=alpha, return_masks=True, preset=preset)
+    options.apply_preset(given={"objects", "alpha", "return_masks"})
+    options.parts = frozenset(PARTS)
+    schedule = pipeline.MaskSchedule(state, [torch.ones(2, 5, 8, dtype=torch.bool)], grid, options, 1)
+    monkeypatch.setattr(state, "capture_complete", lambda video=0: True)
+    monkeypatch.setattr(state, "take_features", lambda video=0: torch.zeros(grid.size, 1))
+    steps = iter(sequence)
+    monkeypatch.setattr(pipeline, "rmpm", lambda *args: next(steps).reshape(2, 1, 5, 8))
+    for step in range(len(sequence)):
+        if not schedule.updating:
+            assert state.feature_blocks == frozenset()  # no features are captured once stopped
+        schedule.step_end(step)
+    return schedule.masks()[0].reshape(len(sequence), 2, -1)
+
+
+def mask_sequence(moves):
+    """Two objects' masks over 40 tokens, one set per step: object 0 (20 tokens) moves ``moves[i]``
+    of its tokens at step i, a change of 10% each; object 1 stays."""
+    masks = [torch.zeros(2, 40, dtype=torch.bool)]
+    masks[0][0, :20] = True
+    masks[0][1, 10:30] = True
+    for move in moves[1:]:
+        m = masks[-1].clone()
+        on, off = m[0].nonzero().squeeze(1), (~m[0]).nonzero().squeeze(1)
+        m[0, on[:move]], m[0, off[-move:] if move else off[:0]] = False, True
+        masks.append(m)
+    return masks
+
+
+@pytest.mark.parametrize(
+    "moves",
+    [
+        [0, 2, 2, 2, 2, 1, 0, 0, 0],  # first steady at step 5, still changing: step 4's masks stay
+        [0, 2, 2, 2, 1, 2, 1, 0, 0],  # steady at step 4, which is not checked; changing at 5, steady at 6
+        [0, 2, 2, 2, 2, 2, 2, 1, 2],  # steady at step 7 only: step 6's masks stay, step 7's are dropped
+    ],
+)
+def test_the_stop_rule_checks_from_step_five_and_keeps_the_previous_masks(monkeypatch, moves):
+    sequence = mask_sequence(moves)
+    alpha = 0.15  # one token moved (10%) is under it, two (20%) are not
+    ours = scripted_schedule(monkeypatch, sequence, alpha)
+    stop = ReleaseStop(alpha * 100)
+    expected = [torch.zeros(2, 40, dtype=torch.bool)]  # step 0: no masks
+    for i, new in enumerate(sequence[:-1]):
+        expected.append(expected[-1] if stop.stopped else stop.step(i, new))
+    assert stop.stopped and not torch.equal(sequence[stop.stop_step], expected[-1])  # the kept masks are not the new
+    assert torch.equal(ours, torch.stack(expected))
+
+
+def test_an_empty_old_mask_does_not_hold_the_release_back(monkeypatch):
+    # object 1's masks are empty until step 5, then gain tokens: the release counts that as no change
+    sequence = mask_sequence([0, 0, 0, 0, 0, 0, 0, 0])
+    for i, m in enumerate(sequence):
+        m[1] = i >= 5
+    ours = scripted_schedule(monkeypatch, sequence, 0.05)
+    assert torch.equal(ours[6], ours[7]) and not ours[6, 1].any()  # stopped at step 5, step 4's masks kept
+    own = scripted_schedule(monkeypatch, sequence, 0.05, preset=None)
+    assert own[7, 1].all()  # fleximmt's own measure: an empty mask that gains tokens changed infinitely
+
+
+# -- 2: empty masks are refused -----------------------------------------------------------------------------
+def test_an_empty_object_mask_is_refused_naming_the_object(toy, scene, tmp_path):
+    image, paths = scene
+    motion_list = motions(toy)
+    empty = np.zeros((64, 64), bool)
+    objs = [ObjectMotion(str(paths[0]), motion_list[0], WORDS[0]), ObjectMotion(empty, motion_list[1], WORDS[1])]
+    with pytest.raises(ObjectInputError, match=r"^object 2: the mask is empty") as err:
+        toy(image=image, prompt=PROMPT, objects=objs, num_inference_steps=1, output_type="latent")
+    assert err.value.number == 2
+    speck = np.zeros((64, 64), bool)
+    speck[30:32, 30:33] = True  # a few pixels: fleximmt's resize keeps a token, the release's none
+    objs[1] = ObjectMotion(speck, motion_list[1], WORDS[1])
+    toy(image=image, prompt=PROMPT, objects=objs, num_inference_steps=1, output_type="latent")
+    with pytest.raises(ObjectInputError, match=r"^object 2: the mask covers too little"):
+        toy(image=image, prompt=PROMPT, objects=objs, num_inference_steps=1, output_type="latent", preset="release")
