@@ -6,6 +6,8 @@ training loop of ``scripts/train_mask.py``), not fleximmt's functions. End to en
 model that ``make demo`` uses, driven the release's way, against ``preset="release"`` with the same
 latents, motion tokens and first masks."""
 
+import contextlib
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -430,3 +432,360 @@ def test_an_empty_object_mask_is_refused_naming_the_object(toy, scene, tmp_path)
     toy(image=image, prompt=PROMPT, objects=objs, num_inference_steps=1, output_type="latent")
     with pytest.raises(ObjectInputError, match=r"^object 2: the mask covers too little"):
         toy(image=image, prompt=PROMPT, objects=objs, num_inference_steps=1, output_type="latent", preset="release")
+
+
+# -- 4. training under the preset --------------------------------------------------------------------------
+CAPTION = "A red circle moves left."
+
+
+def reference_video(frames=20):
+    from helpers import moving_square
+
+    return moving_square(frames=frames, size=64, top=20, side=14, start=40, step=-1, value=220)
+
+
+def test_the_preset_fills_only_the_training_settings_left_out():
+    from fleximmt.training.train import RELEASE_SETTINGS, TrainSettings
+
+    settings = TrainSettings(preset="release", frame_diff_scale=1.0, crops=3)
+    settings.apply_preset(given={"frame_diff_scale", "crops"})
+    assert (settings.frame_diff_scale, settings.crops) == (1.0, 3)
+    assert (settings.lr_warmup_steps, settings.scale_lr, settings.caption_dropout, settings.reencode) == (
+        0,
+        True,
+        0.1,
+        True,
+    )
+    assert (settings.resize, settings.mixed_precision, settings.loss_precision, settings.token_init) == (
+        "bicubic",
+        "bf16",
+        "model",
+        "release",
+    )
+    assert settings.dmem_drop_exact and settings.vae_tiling and settings.vae_slicing
+    assert set(RELEASE_SETTINGS) <= set(vars(settings))
+    own = TrainSettings()
+    own.apply_preset(given=())
+    assert (own.lr_warmup_steps, own.crops, own.resize, own.token_init, own.dmem_drop_exact) == (
+        100,
+        0,
+        "bilinear",
+        "linear",
+        False,
+    )
+
+
+def test_the_learning_rate_is_scaled_by_the_processes_as_the_releases_scale_lr():
+    from fleximmt.training.train import TrainSettings, learning_rate
+
+    release = TrainSettings(preset="release")
+    release.apply_preset(given=())
+    # scripts/train_mask.py: lr * gradient_accumulation_steps (1) * train_batch_size (1) * num_processes
+    assert [learning_rate(release, n) for n in (1, 2, 4)] == [3e-3, 6e-3, 12e-3]
+    assert learning_rate(TrainSettings(), 4) == 3e-3
+
+
+def test_the_releases_tokens_are_each_blocks_kaiming_uniform_draw():
+    from fleximmt.training.train import initial_tokens
+
+    blocks, d_m, dim = 3, 54, 48  # fleximmt's bound over the release's is sqrt(d_m / 6): 3 here, 6.1 at d_m 226
+    ours = initial_tokens(blocks, d_m, dim, "release", torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    for block in range(blocks):  # the release: nn.Parameter(torch.zeros(1, d_m, 3072)), kaiming_uniform_, per block
+        expected = torch.zeros(1, d_m, dim)
+        torch.nn.init.kaiming_uniform_(expected, generator=gen)
+        assert torch.equal(ours[block], expected[0])
+    bound = (6 / (d_m * dim)) ** 0.5  # gain sqrt(2) x sqrt(3 / fan_in), fan_in = d_m x dim
+    assert ours.abs().max() <= bound and ours.abs().max() > 0.9 * bound
+    linear = initial_tokens(blocks, d_m, dim, "linear", torch.Generator().manual_seed(7))
+    assert linear.abs().max() > 2 * bound  # fleximmt's: within 1 / sqrt(dim)
+
+
+def test_bicubic_resize_is_torchvisions_on_the_uint8_frames():
+    from fleximmt.training.data import to_model_tensor
+
+    frames = (np.random.RandomState(0).rand(3, 37, 53, 3) * 255).astype(np.uint8)
+    ours = to_model_tensor(frames, 24, 32, "bicubic")
+    # torchvision.transforms.functional.resize(uint8 [T, C, H, W], [24, 32], BICUBIC, antialias=True): in float,
+    # clamped to 0..255 and rounded back to uint8; then videovo_dataset.py's / 127.5 - 1
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    small = F.interpolate(video, size=[24, 32], mode="bicubic", align_corners=False, antialias=True)
+    expected = small.clamp(min=0, max=255).round().to(torch.uint8).float() / 127.5 - 1.0
+    assert torch.equal(ours, expected.permute(1, 0, 2, 3))
+    assert not torch.allclose(to_model_tensor(frames, 24, 32), ours, atol=1e-3)  # fleximmt's bilinear
+
+
+def test_the_exact_dmem_drop_removes_int_of_30_percent_at_least_one():
+    from fleximmt.method.masks import drop_positives
+
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(4, 90, generator=gen) < torch.tensor([[0.5], [0.05], [0.02], [0.0]])
+    draw = torch.rand(4, 90, generator=gen)
+    kept = drop_positives(masks, draw, 0.3, exact=True)
+    for k in range(4):
+        positives = masks[k].nonzero().squeeze(1)
+        # the release: unmasked[torch.randperm(n)[: max(1, int(n * 0.3))]] dropped; here the draws order them
+        count = max(1, int(len(positives) * 0.3)) if len(positives) else 0
+        dropped = positives[draw[k, positives].argsort()[:count]]
+        expected = masks[k].clone()
+        expected[dropped] = False
+        assert torch.equal(kept[k], expected)
+    assert (masks.sum(1) - kept.sum(1)).tolist()[:3] == [max(1, int(n * 0.3)) for n in masks.sum(1).tolist()[:3]]
+    assert torch.equal(drop_positives(masks, draw, 0.3), masks & (draw >= 0.3))  # fleximmt's own: each at random
+
+
+class ReleaseTrainingProcessor:
+    """The release's training attention processor (``FlexiMMT_processor_mask_train.py``, stage 0, masks on)
+    for one block of the toy model, written out: motion tokens appended to the text, the DMEM mask from the
+    concept words' queries of batch row 0 against the video keys, per-frame mean threshold, an exact share
+    of its tokens dropped (in the order of ``draw``, the release's randperm), and an additive -inf mask."""
+
+    def __init__(self, tokens, concept, motion, grid, draw):
+        self.tokens, self.concept, self.motion, self.grid, self.draw = tokens, concept, motion, grid, draw
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text_len, d_m = encoder_hidden_states.size(1), self.tokens.shape[1]
+        encoder_hidden_states = torch.cat([encoder_hidden_states, self.tokens.repeat(hidden_states.size(0), 1, 1)], 1)
+        head_len = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query[:, :, head_len:] = apply_rotary_emb(query[:, :, head_len:], image_rotary_emb)
+        key[:, :, head_len:] = apply_rotary_emb(key[:, :, head_len:], image_rotary_emb)
+        with torch.no_grad():
+            q_object = query[0, :, self.concept[0] : self.concept[0] + self.concept[1]]
+            scores = torch.mean(q_object @ key[0, :, text_len + d_m :].transpose(-2, -1), dim=(0, 1))
+            scores = scores.reshape(self.grid.frames, self.grid.height, self.grid.width)
+            mask = torch.zeros_like(scores, dtype=torch.bool)
+            for f in range(self.grid.frames):
+                mask[f] = scores[f] > torch.mean(scores[f].flatten().float())
+            mask = mask.reshape(-1)
+            unmasked = torch.where(mask)[0]
+            if len(unmasked) > 0:
+                count = max(1, int(len(unmasked) * 0.3))
+                mask[unmasked[self.draw[unmasked].argsort()[:count]]] = False
+        n = query.shape[-2]
+        bias = torch.zeros((n, n), dtype=query.dtype)
+        motion = slice(text_len, text_len + d_m)
+        bias[:, motion] = float("-inf")
+        bias[motion, :] = float("-inf")
+        positives = torch.where(mask)[0] + text_len + d_m
+        bias[motion, positives] = 0
+        bias[positives, motion] = 0
+        words = slice(self.motion[0], self.motion[0] + self.motion[1])
+        bias[words, motion] = 0
+        bias[motion, words] = 0
+        bias[motion, motion] = 0
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)))
+        text_out, video_out = out.split([head_len, out.size(1) - head_len], dim=1)
+        return video_out, text_out[:, :text_len]
+
+
+def release_training_loss(pipe, cond, tokens, draws, generator_state, spans):
+    """scripts/train_mask.py's loss for one step on ``cond`` (one window), with the run's draws replayed in
+    its order: image dropout, timestep, noise, then the frame-difference frame. Returns the loss and the
+    gradient of every block's tokens."""
+    scheduler, transformer = pipe.scheduler, pipe.transformer
+    gen = torch.Generator()
+    gen.set_state(generator_state)
+    x0 = cond["video_latents"][0:1]
+    image = cond["image_latents"][0:1]
+    if torch.rand((), generator=gen).item() < 0.05:  # noised_image_dropout
+        image = torch.zeros_like(image)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    noisy = scheduler.add_noise(x0, noise, t)
+    grid = pipe.token_grid(64, 64, 17)
+    leaves = [block.clone().requires_grad_(True) for block in tokens]
+    before = transformer.attn_processors
+    transformer.set_attn_processor(
+        {
+            f"transformer_blocks.{b}.attn1.processor": ReleaseTrainingProcessor(leaves[b][None], *spans, grid, draws[b])
+            for b in range(len(leaves))
+        }
+    )
+    try:
+        rotary = pipe._prepare_rotary_positional_embeddings(64, 64, x0.shape[1], "cpu")
+        output = transformer(
+            hidden_states=torch.cat([noisy, image], dim=2),
+            encoder_hidden_states=cond["prompt_embeds"],
+            timestep=t,
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0]
+    finally:
+        transformer.set_attn_processor(before)
+    pred = scheduler.get_velocity(output, noisy, t)
+    weights = (1 / (1 - scheduler.alphas_cumprod[t])).view(1, 1, 1, 1, 1)
+    loss = torch.mean((weights * (pred - x0) ** 2).reshape(1, -1), dim=1)
+    k = int(torch.randint(0, x0.shape[1] - 1, (1,), generator=gen))  # random.randint(0, t - 2)
+    gt_delta = math.sqrt(2) * x0[:, k + 1] - x0[:, k]
+    pred_delta = math.sqrt(2) * pred[:, k + 1] - pred[:, k]
+    loss = (loss + torch.mean(((gt_delta - pred_delta) ** 2).reshape(1, -1), dim=1) * 1.0).mean()
+    loss.backward()
+    return loss.item(), torch.stack([leaf.grad for leaf in leaves])
+
+
+def test_one_training_step_under_the_preset_is_the_releases(toy, tmp_path, monkeypatch):
+    from fleximmt.training import train
+
+    seen = {}
+    real_step, adamw = train.training_step, torch.optim.AdamW
+
+    def spy_step(adapter, state, cond, window, generator, *args):
+        seen.update(cond=cond.tensors, state=generator.get_state(), draws=state._drop[0, :, 0].clone())
+        return real_step(adapter, state, cond, window, generator, *args)
+
+    def spy_optimiser(params, **kw):
+        seen["tokens"] = [p.detach().clone() for p in params]
+        seen["params"] = params = list(params)
+        return adamw(params, **kw)
+
+    monkeypatch.setattr(train, "training_step", spy_step)
+    monkeypatch.setattr(torch.optim, "AdamW", spy_optimiser)
+    result = train.train_motion(
+        toy,
+        reference_video(),
+        CAPTION,
+        "circle",
+        "moves left",
+        tmp_path / "m.safetensors",
+        steps=1,
+        tokens_per_motion=4,
+        preset="release",
+        mixed_precision="no",  # the toy model is float32: the release's arithmetic in it
+        max_grad_norm=0.0,  # the gradient as computed, before clipping
+        return_losses=True,
+    )
+    spans = [(s[0], len(s)) for s in release_token_indices(toy.tokenizer, CAPTION, ["circle", "moves left"])]
+    loss, grads = release_training_loss(toy, seen["cond"], seen["tokens"][0], seen["draws"], seen["state"], spans)
+    assert result.losses[0] == pytest.approx(loss, rel=1e-5)
+    ours = seen["params"][0].grad
+    assert (ours - grads).abs().max() < 1e-5 * grads.abs().max()  # float32 rounding: measured 6e-7
+    assert grads.abs().amax(dim=(1, 2)).min() > 0  # every block's tokens learn
+
+
+@pytest.fixture()
+def tiny():
+    from fleximmt.toy import tiny_pipeline
+
+    return tiny_pipeline(0)
+
+
+def record_samples(monkeypatch, pipe):
+    """Every sample train_motion encodes: the sample, its video latents and whether the VAE tiles."""
+    from fleximmt.training import train
+
+    seen, real = [], train.encode_sample
+
+    def spy(adapter, frames, sample, *args):
+        cond = real(adapter, frames, sample, *args)
+        seen.append((sample, cond.tensors["video_latents"].clone(), pipe.vae.use_tiling))
+        return cond
+
+    monkeypatch.setattr(train, "encode_sample", spy)
+    return seen
+
+
+def test_the_preset_trains_on_twelve_crops_cycled_each_encoded_anew(tiny, tmp_path, monkeypatch):
+    from helpers import moving_square
+
+    from fleximmt.training.data import CROP_SMALLEST
+    from fleximmt.training.train import train_motion
+
+    seen = record_samples(monkeypatch, tiny)
+    video = moving_square(frames=13)
+    train_motion(
+        tiny,
+        video,
+        "A red ball jumps up.",
+        "ball",
+        "jumps up",
+        tmp_path / "m.safetensors",
+        steps=14,
+        tokens_per_motion=4,
+        preset="release",
+    )
+    assert len(seen) == 14  # every step encodes its sample anew
+    samples = [sample for sample, _, _ in seen]
+    assert samples[12:] == samples[:2] and len({s.crop for s in samples[:12]}) == 12  # 12 crops, one order, cycled
+    for sample in samples[:12]:
+        top, left, h, w = sample.crop
+        assert h == w and CROP_SMALLEST * 32 - 1 <= h <= 32 and top + h <= 32 and left + w <= 32  # the 32 x 32 aspect
+        assert 0 <= sample.start <= len(video) - 9 and sample.caption in ("A red ball jumps up.", "")
+    assert not torch.equal(seen[0][1], seen[12][1])  # the same sample, a fresh sample of the VAE's posterior
+    assert all(tiling for _, _, tiling in seen) and not tiny.vae.use_tiling  # tiling on while training, as before after
+
+
+def test_dropped_captions_are_drawn_once_per_sample_and_samples_are_encoded_once_without_reencode(
+    tiny, tmp_path, monkeypatch
+):
+    from helpers import moving_square
+
+    from fleximmt.training.train import train_motion
+
+    seen = record_samples(monkeypatch, tiny)
+    settings = dict(steps=3, tokens_per_motion=4, preset="release", reencode=False, caption_dropout=0.5)
+    train_motion(
+        tiny,
+        moving_square(frames=13),
+        "A red ball jumps up.",
+        "ball",
+        "jumps up",
+        tmp_path / "m.safetensors",
+        **settings,
+    )
+    assert len(seen) == 12  # each sample once, before training
+    captions = [sample.caption for sample, _, _ in seen]
+    assert set(captions) == {"", "A red ball jumps up."}
+
+
+def test_the_releases_loss_terms_run_in_the_models_precision():
+    # scripts/train_mask.py under --mixed_precision bf16: latents, noise and prediction in bf16 through the
+    # scheduler's add_noise and get_velocity; the weight 1 / (1 - alphabar) in float32
+    from fleximmt.method.attention import motion_state_for
+
+    pipe = load_toy_pipeline().to(torch.bfloat16)
+    adapter = pipe.adapter
+    grid = pipe.token_grid(64, 64, 17)
+    gen = torch.Generator().manual_seed(3)
+    cond = {
+        "video_latents": torch.randn(1, grid.frames, 8, 16, 16, generator=gen),
+        "image_latents": torch.randn(1, grid.frames, 8, 16, 16, generator=gen),
+        "prompt_embeds": torch.randn(1, 24, 128, generator=gen),
+    }
+    member = torch.zeros(1, 24, dtype=torch.bool)
+    member[0, 3] = True
+    state = motion_state_for(torch.zeros(1, 1, 4, 2, 256, dtype=torch.bfloat16), member, form="joint")
+    state.set_video_masks(torch.ones(1, grid.size, dtype=torch.bool))
+    outputs = []
+    hook = pipe.transformer.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
+    try:
+        batch = adapter.training_prediction(
+            state,
+            cond,
+            0,
+            torch.Generator().manual_seed(5),
+            0.0,
+            contextlib.nullcontext,
+            dtype=torch.bfloat16,
+        )
+        own = adapter.training_prediction(state, cond, 0, torch.Generator().manual_seed(5), 0.0, contextlib.nullcontext)
+    finally:
+        hook.remove()
+    replay = torch.Generator().manual_seed(5)
+    torch.rand((), generator=replay)
+    t = torch.randint(0, 1000, (1,), generator=replay)
+    noise = torch.randn(cond["video_latents"].shape, generator=replay).to(torch.bfloat16)
+    x0 = cond["video_latents"].to(torch.bfloat16)
+    noisy = pipe.scheduler.add_noise(x0, noise, t)
+    expected = pipe.scheduler.get_velocity(outputs[0], noisy, t)
+    assert batch.x0_hat.dtype == torch.bfloat16 and torch.equal(batch.x0_hat, expected)
+    assert own.x0_hat.dtype == torch.float32 and not torch.equal(own.x0_hat, expected.float())
+    assert batch.weight.dtype == torch.float32

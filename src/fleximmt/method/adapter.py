@@ -233,10 +233,13 @@ class ModelAdapter:
         generator: torch.Generator,
         image_dropout: float,
         autocast,
+        dtype: torch.dtype | None = None,
     ) -> TrainingBatch:
         """Noise one window at a random timestep, run the denoiser with ``state`` attached (inside
         :meth:`training_attached`) and return the clean latents, their prediction and the loss
-        weight (docs/method.md#training, docs/method.md#wan)."""
+        weight (docs/method.md#training, docs/method.md#wan). ``dtype`` is the precision of the latents,
+        the noise and the prediction outside the denoiser (None: float32; the release: the model's,
+        docs/method.md#the-releases-recipe)."""
         raise NotImplementedError
 
 

@@ -29,6 +29,7 @@ from .masks import (
     PARTS,
     code_masks,
     dmem_mask,
+    drop_positives,
     group_keys,
     mdma_cross_dense,
     mdma_dense,
@@ -550,6 +551,7 @@ class FlexiMMTState:
     Masks are set once per step by :meth:`set_video_masks` (RMPM, static or all-open masks), or,
     with ``dmem=True``, extracted inside every block by DMEM's QK rule (training, and the
     ``mask_source="qk"`` ablation) with a fraction ``dmem_drop`` of positives dropped at random
+    (``dmem_drop_exact``: exactly that share, :func:`masks.drop_positives`)
     (drawn once per step on the CPU from ``generator``, so runs repeat on any device).
     """
 
@@ -561,6 +563,7 @@ class FlexiMMTState:
     num_frames: int = 1  # token frames, for DMEM's per-frame threshold
     dmem: bool = False
     dmem_drop: float = 0.0
+    dmem_drop_exact: bool = False  # drop exactly int(dmem_drop x the mask's tokens), at least one (the release)
     generator: torch.Generator | None = None
     feature_blocks: frozenset[int] = frozenset()
     rows: list[int] | None = None  # video index of each batch row; None: all rows are video 0
@@ -673,8 +676,7 @@ class FlexiMMTState:
         if self.dmem and self.dmem_drop > 0 and num_video_tokens and num_blocks:
             shape = (len(self.videos), num_blocks, self.num_objects, num_video_tokens)
             draw = torch.rand(shape, generator=self.generator)
-            device = self.videos[0].member.device
-            self._drop = (draw >= self.dmem_drop).to(device, non_blocking=True)
+            self._drop = draw.to(self.videos[0].member.device, non_blocking=True)
 
     # -- which rows belong to which video --------------------------------------------------
     def row_groups(self, batch: int) -> list[tuple[int, torch.Tensor | None]]:
@@ -791,7 +793,7 @@ class FlexiMMTState:
                     ]
                 )
                 if self._drop is not None:  # the release's regulariser: drop positives, redrawn every call
-                    masks &= self._drop[video, block]
+                    masks = drop_positives(masks, self._drop[video, block], self.dmem_drop, self.dmem_drop_exact)
             if text is None:
                 self.set_video_masks(masks, video, per_block=True)
                 self._dmem_layouts[key] = slot.layout

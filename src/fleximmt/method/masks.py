@@ -352,6 +352,25 @@ def dmem_mask(concept_queries: torch.Tensor, video_keys: torch.Tensor, num_frame
     return (per_frame > per_frame.mean(-1, keepdim=True)).view_as(scores)
 
 
+def drop_positives(masks: torch.Tensor, draw: torch.Tensor, rate: float, exact: bool = False) -> torch.BoolTensor:
+    """DMEM's regulariser (docs/method.md#in-training): drop a share ``rate`` of each object's mask tokens.
+
+    ``masks`` bool ``[K, N_v]``, ``draw`` uniform in [0, 1) per object and token. Not ``exact``: a token is
+    dropped when its draw is below ``rate``, each with probability ``rate``. ``exact``: each object drops
+    exactly ``int(rate x its tokens)`` of them, at least one - those with the lowest draws, a uniformly random
+    choice of that many (the release's rule).
+    """
+    if not exact:
+        return masks & (draw >= rate)
+    keyed = torch.where(masks, draw, 2.0)  # tokens outside the mask rank after every token inside it
+    order = keyed.argsort(dim=1)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(masks.shape[1], device=masks.device).expand_as(order)
+    )
+    count = (masks.sum(1).double() * rate).long().clamp_min(1)  # int(n * rate) as Python computes it
+    return masks & (rank >= count[:, None])
+
+
 def anchor_frames(frame: int, anchors: int) -> list[int]:
     """RMPM's anchor set for latent frame ``frame`` (0-based): frame 0 plus the ``anchors - 1``
     most recent previous frames (Algorithm 1, with the window slip fixed: docs/method.md#rmpm)."""

@@ -262,19 +262,19 @@ class CogVideoXAdapter(ModelAdapter):
             "padding": torch.tensor(pad),
         }
 
-    def training_prediction(self, state, cond, window, generator, image_dropout, autocast) -> TrainingBatch:
+    def training_prediction(self, state, cond, window, generator, image_dropout, autocast, dtype=None) -> TrainingBatch:
         pipe = self.pipe
         transformer = pipe.transformer
         device = pipe._execution_device
-        x0 = cond["video_latents"][window : window + 1].to(device)
-        image = cond["image_latents"][window : window + 1].to(device)
+        precision = dtype or torch.float32
+        x0 = cond["video_latents"][window : window + 1].to(device, precision)
+        image = cond["image_latents"][window : window + 1].to(device, precision)
         if torch.rand((), generator=generator).item() < image_dropout:
             image = torch.zeros_like(image)
-        num_train = pipe.scheduler.config.num_train_timesteps
-        t = torch.randint(0, num_train, (1,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        alpha_bar = pipe.scheduler.alphas_cumprod[t].to(device).float()
-        noisy = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        scheduler = pipe.scheduler
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device, precision)
+        noisy = scheduler.add_noise(x0, noise, t)  # sqrt(alphabar) x0 + sqrt(1 - alphabar) noise, in x0's precision
         cfg = transformer.config
         height = x0.shape[-2] * pipe.vae_scale_factor_spatial
         width = x0.shape[-1] * pipe.vae_scale_factor_spatial
@@ -282,19 +282,21 @@ class CogVideoXAdapter(ModelAdapter):
         if cfg.use_rotary_positional_embeddings:
             rotary = pipe._prepare_rotary_positional_embeddings(height, width, x0.shape[1], device)
         ofs = None if cfg.ofs_embed_dim is None else x0.new_full((1,), 2.0)
-        dtype = transformer.dtype
+        model_dtype = transformer.dtype
         state.rows, state.feature_rows = None, None
         with autocast():
             velocity = transformer(
-                hidden_states=torch.cat([noisy, image], dim=2).to(dtype),
-                encoder_hidden_states=cond["prompt_embeds"].to(device, dtype),
-                timestep=t.to(device),
+                hidden_states=torch.cat([noisy, image], dim=2).to(model_dtype),
+                encoder_hidden_states=cond["prompt_embeds"].to(device, model_dtype),
+                timestep=t,
                 ofs=ofs,
                 image_rotary_emb=rotary,
                 attention_kwargs={"fleximmt": state},
                 return_dict=False,
-            )[0].float()
-        x0_hat = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * velocity  # v-prediction -> x0
+            )[0].to(precision)
+        # v-prediction -> x0: sqrt(alphabar) x_t - sqrt(1 - alphabar) v, which is diffusers' get_velocity(v, x_t)
+        x0_hat = scheduler.get_velocity(velocity, noisy, t)
+        alpha_bar = scheduler.alphas_cumprod.to(device)[t].float()
         weight = 1.0 / (1.0 - alpha_bar).clamp_min(1e-6)  # w_t = 1 / (1 - alphabar_t)
         # CogVideoX 1.5: the latent frames copied in front to fill a token frame (encode_conditions) are no
         # part of the reference, so the loss leaves them out

@@ -357,34 +357,35 @@ class HunyuanVideo15Adapter(ModelAdapter):
         with self._slot_filled(state, lambda: None):
             yield
 
-    def training_prediction(self, state, cond, window, generator, image_dropout, autocast) -> TrainingBatch:
+    def training_prediction(self, state, cond, window, generator, image_dropout, autocast, dtype=None) -> TrainingBatch:
         pipe = self.pipe
         device = pipe._execution_device
         transformer = pipe.transformer
         slot = slot_of(transformer)
         if slot is None or slot.state is not state:
             raise RuntimeError("HunyuanVideo 1.5's training_prediction runs inside adapter.training_attached(state)")
-        x0 = cond["video_latents"][window : window + 1].to(device)  # [1, C, F, h, w]
-        condition = cond["condition"][window : window + 1].to(device)
+        precision = dtype or torch.float32  # of the latents, noise and prediction outside the transformer
+        x0 = cond["video_latents"][window : window + 1].to(device, precision)  # [1, C, F, h, w]
+        condition = cond["condition"][window : window + 1].to(device, precision)
         if torch.rand((), generator=generator).item() < image_dropout:
             condition = condition.clone()
             condition[:, :-1] = 0  # the image latents (the frame mask stays)
         sigma = max(self.sample_sigma(generator), 1e-3)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device, precision)
         noisy = (1 - sigma) * x0 + sigma * noise
         t = torch.tensor([sigma * pipe.scheduler.config.num_train_timesteps], device=device)
-        dtype = transformer.dtype
+        model_dtype = transformer.dtype
         with autocast():
             velocity = transformer(
-                hidden_states=torch.cat([noisy, condition], dim=1).to(dtype),
-                timestep=t.to(dtype),
-                encoder_hidden_states=cond["prompt_embeds"].to(device, dtype),
+                hidden_states=torch.cat([noisy, condition], dim=1).to(model_dtype),
+                timestep=t.to(model_dtype),
+                encoder_hidden_states=cond["prompt_embeds"].to(device, model_dtype),
                 encoder_attention_mask=cond["prompt_embeds_mask"].to(device),
-                encoder_hidden_states_2=cond["prompt_embeds_2"].to(device, dtype),
+                encoder_hidden_states_2=cond["prompt_embeds_2"].to(device, model_dtype),
                 encoder_attention_mask_2=cond["prompt_embeds_mask_2"].to(device),
-                image_embeds=cond["image_embeds"][window : window + 1].to(device, dtype),
+                image_embeds=cond["image_embeds"][window : window + 1].to(device, model_dtype),
                 return_dict=False,
-            )[0].float()
+            )[0].to(precision)
         x0_hat = noisy - sigma * velocity  # flow matching: v = noise - x0
         weight = torch.tensor(1.0 / sigma**2, device=device)  # the velocity error as an x0 error
         return TrainingBatch(x0.transpose(1, 2), x0_hat.transpose(1, 2), weight)

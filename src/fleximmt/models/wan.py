@@ -350,16 +350,17 @@ class WanAdapter(ModelAdapter):
             for slot in slots:
                 slot.state = None
 
-    def training_prediction(self, state, cond, window, generator, image_dropout, autocast) -> TrainingBatch:
+    def training_prediction(self, state, cond, window, generator, image_dropout, autocast, dtype=None) -> TrainingBatch:
         pipe = self.pipe
         device = pipe._execution_device
-        x0 = cond["video_latents"][window : window + 1].to(device)  # [1, C, F, h, w]
-        condition = cond["condition"][window : window + 1].to(device)
+        precision = dtype or torch.float32  # of the latents, noise and prediction outside the transformer
+        x0 = cond["video_latents"][window : window + 1].to(device, precision)  # [1, C, F, h, w]
+        condition = cond["condition"][window : window + 1].to(device, precision)
         if torch.rand((), generator=generator).item() < image_dropout:
             condition = condition.clone()
             condition[:, -x0.shape[1] :] = 0  # the image latents (Wan 2.1 / 2.2 keep their frame mask)
         sigma = max(self.sample_sigma(generator), 1e-3)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device, precision)
         noisy = (1 - sigma) * x0 + sigma * noise
         num_train = pipe.scheduler.config.num_train_timesteps
         t = torch.tensor([sigma * num_train], device=device)
@@ -368,7 +369,7 @@ class WanAdapter(ModelAdapter):
         if len(experts) > 1 and t.item() < pipe.config.boundary_ratio * num_train:
             expert = 1  # the low-noise expert
         transformer = experts[expert]
-        dtype = transformer.dtype
+        model_dtype = transformer.dtype
         if pipe.config.expand_timesteps:
             mask = torch.ones_like(x0[:, :1])
             mask[:, :, 0] = 0
@@ -384,14 +385,14 @@ class WanAdapter(ModelAdapter):
             raise RuntimeError("Wan's training_prediction runs inside adapter.training_attached(state)")
         with autocast():
             velocity = transformer(
-                hidden_states=model_input.to(dtype),
+                hidden_states=model_input.to(model_dtype),
                 timestep=timestep,
-                encoder_hidden_states=cond["prompt_embeds"].to(device, dtype),
+                encoder_hidden_states=cond["prompt_embeds"].to(device, model_dtype),
                 encoder_hidden_states_image=None
                 if image_embeds is None
-                else image_embeds[window : window + 1].to(device, dtype),
+                else image_embeds[window : window + 1].to(device, model_dtype),
                 return_dict=False,
-            )[0].float()
+            )[0].to(precision)
         x0_hat = noisy - sigma * velocity  # flow matching: v = noise - x0
         weight = torch.tensor(1.0 / sigma**2, device=device)  # the velocity error as an x0 error
         frames = slice(1, None) if pipe.config.expand_timesteps else slice(None)  # TI2V's frame 0 is given

@@ -1,4 +1,4 @@
-"""Reference videos for motion training: reading, frame-rate subsampling, windows, resizing."""
+"""Reference videos for motion training: reading, frame-rate subsampling, windows, crops, resizing."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FlexiMMTInputError
+
+RESIZES = ("bilinear", "bicubic")  # frames to the training size: fleximmt's, the release's
+CROP_SMALLEST = 0.6  # a random crop's side, as a share of the largest crop that fits (fleximmt's choice)
 
 
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
@@ -63,9 +66,36 @@ def window_starts(length: int, num_frames: int, max_windows: int) -> list[int]:
     return sorted({round(i * last / max(1, count - 1)) for i in range(count)})
 
 
-def to_model_tensor(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` -> float ``[3, T, height, width]`` in [-1, 1] (resized, not cropped)."""
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    if video.shape[-2:] != (height, width):
-        video = F.interpolate(video, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+def random_crop(height: int, width: int, aspect: float, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random crop of a ``height x width`` frame with the aspect ``aspect``
+    (h / w): its side a uniform share in [CROP_SMALLEST, 1] of the largest such crop, placed uniformly."""
+    full_h = min(height, round(width * aspect))
+    full_w = min(width, round(height / aspect))
+    share = CROP_SMALLEST + (1 - CROP_SMALLEST) * torch.rand((), generator=generator).item()
+    h, w = max(1, round(full_h * share)), max(1, round(full_w * share))
+    top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+    return top, left, h, w
+
+
+def to_model_tensor(frames: np.ndarray, height: int, width: int, resize: str = "bilinear") -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` -> float ``[3, T, height, width]`` in [-1, 1] (resized, not cropped).
+
+    ``"bilinear"`` resizes the float frames, antialiased. ``"bicubic"`` resizes as the release does, with
+    torchvision's ``resize`` of the uint8 frames: antialiased bicubic, clamped to 0-255 and rounded to uint8
+    before the scaling to [-1, 1]."""
+    if resize not in RESIZES:
+        raise FlexiMMTInputError(f"resize={resize!r}: choose from {list(RESIZES)}")
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    if resize == "bicubic":
+        if video.shape[-2:] != (height, width):
+            video = F.interpolate(
+                video.float(), size=(height, width), mode="bicubic", align_corners=False, antialias=True
+            )
+            video = video.clamp(0, 255).round().to(torch.uint8)
+        video = video.float() / 127.5 - 1.0
+    else:
+        video = video.float() / 127.5 - 1.0
+        if video.shape[-2:] != (height, width):
+            video = F.interpolate(video, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
     return video.permute(1, 0, 2, 3).contiguous()

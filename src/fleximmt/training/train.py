@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,10 @@ from ..method.adapter import ModelAdapter, module_placement
 from ..method.attention import FlexiMMTState, motion_state_for
 from ..method.masks import span_membership
 from ..method.motion import MotionTokens, atomic_write
+from ..method.presets import fill_preset
 from ..models import adapter_for
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import as_frames, read_video, subsample, to_model_tensor, window_starts
+from .data import RESIZES, as_frames, random_crop, read_video, subsample, to_model_tensor, window_starts
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,32 @@ TRAIN_PARTS = frozenset({"m2v", "m2m", "t2m"})  # one object in training: docs/m
 CHECKPOINT_ABOVE = 8 * 2**30
 SAVED_BYTES_PER_TOKEN_CHANNEL = 24
 MIXED_PRECISION = ("no", "bf16", "fp16")
+LOSS_PRECISIONS = ("float32", "model")
+TOKEN_INITS = ("linear", "release")
+# what preset="release" sets where the caller did not: the authors' scripts/train_mask.py, its shell scripts and
+# data/videovo_dataset.py (docs/method.md#the-releases-recipe)
+RELEASE_SETTINGS = {
+    "lr_warmup_steps": 0,
+    "scale_lr": True,
+    "crops": 12,
+    "caption_dropout": 0.1,
+    "reencode": True,
+    "resize": "bicubic",
+    "mixed_precision": "bf16",
+    "loss_precision": "model",
+    "token_init": "release",
+    "dmem_drop_exact": True,
+    "frame_diff_scale": math.sqrt(2),
+    "vae_tiling": True,
+    "vae_slicing": True,
+}
 
 
 @dataclass
 class TrainSettings:
-    """Every setting of motion training; defaults are the authors' release (docs/method.md#training)."""
+    """Every setting of motion training (docs/method.md#training). The defaults are fleximmt's;
+    ``preset="release"`` sets the authors' released recipe wherever a setting is not given
+    (docs/method.md#the-releases-recipe: each setting, the release's value and why fleximmt's differs)."""
 
     steps: int = 2000
     tokens_per_motion: int = 226
@@ -76,6 +98,19 @@ class TrainSettings:
     offload_after_caching: bool = (
         True  # encoders (adapter.conditioning_modules) and VAE to the CPU while the tokens train; put back after
     )
+    preset: str | None = None  # "release": the authors' recipe where a setting is not given
+    scale_lr: bool = False  # lr times the processes sharing the motion (batch 1, no accumulation), as the release
+    crops: int = 0  # train on this many random spatial crops of the reference, cycled (the release: 12); 0: none
+    caption_dropout: float = 0.0  # probability that a sample's caption is empty, drawn once per sample
+    reencode: bool = False  # encode each step's sample anew (a fresh VAE posterior sample); False: encode once
+    resize: str = "bilinear"  # frames to the training size: "bilinear", or "bicubic" on the uint8 frames
+    loss_precision: str = "float32"  # "model": latents, noise and loss terms in the model's precision
+    token_init: str = "linear"  # "release": kaiming_uniform_ over each block's [1, d_m, dim], about 6x narrower
+    dmem_drop_exact: bool = False  # drop exactly int(dmem_drop x positives), at least one; False: each at random
+
+    def apply_preset(self, given: Collection[str]) -> None:
+        """Fill the settings the caller did not pass (``given``: the names passed) from ``preset``."""
+        fill_preset(self, self.preset, RELEASE_SETTINGS, given)
 
     def validate(self) -> None:
         if self.steps < 1 or self.tokens_per_motion < 1:
@@ -86,6 +121,18 @@ class TrainSettings:
             raise FlexiMMTInputError(f"mixed_precision={self.mixed_precision!r}: choose from {list(MIXED_PRECISION)}")
         if self.checkpoint_every < 1:
             raise FlexiMMTInputError(f"checkpoint_every={self.checkpoint_every}: give a number of steps >= 1")
+        for name, value, choices in (
+            ("resize", self.resize, RESIZES),
+            ("loss_precision", self.loss_precision, LOSS_PRECISIONS),
+            ("token_init", self.token_init, TOKEN_INITS),
+        ):
+            if value not in choices:
+                raise FlexiMMTInputError(f"{name}={value!r}: choose from {list(choices)}")
+        if self.crops < 0 or not 0 <= self.caption_dropout < 1:
+            raise FlexiMMTInputError(
+                f"crops={self.crops} and caption_dropout={self.caption_dropout}: give crops >= 0 (0: none) "
+                "and a probability in [0, 1)"
+            )
 
     def fingerprint(self) -> str:
         """What a resumed run must share with the run that wrote the checkpoint."""
@@ -214,13 +261,10 @@ def prepare_conditions(
     pipe = adapter.pipe
     height, width, num_frames = geometry
     text_len = adapter.default_text_length()
-    motion = adapter.word_spans(caption, [motion_words], text_len)
-    concept = adapter.word_spans(caption, [concept_words], text_len)
-    member, concept_member = span_membership(text_len, motion), span_membership(text_len, concept)
+    member, concept_member = word_members(adapter, caption, concept_words, motion_words)
     starts = window_starts(len(frames), num_frames, settings.max_windows)
-    key = hashlib.sha256(
-        frames.tobytes() + json.dumps([caption, geometry, starts, model_fingerprint(pipe), seed]).encode()
-    ).hexdigest()
+    fingerprint = [caption, geometry, starts, model_fingerprint(pipe), seed, settings.resize]
+    key = hashlib.sha256(frames.tobytes() + json.dumps(fingerprint).encode()).hexdigest()
     if cache is not None and cache.is_file():
         from safetensors import safe_open
 
@@ -229,7 +273,7 @@ def prepare_conditions(
                 logger.info("reusing cached latents %s", cache)
                 return Conditions({name: f.get_tensor(name) for name in f.keys()}, member, concept_member)
     clips = [
-        to_model_tensor(frames[start : start + num_frames], height, width)
+        to_model_tensor(frames[start : start + num_frames], height, width, settings.resize)
         for start in tqdm(starts, desc="reading reference windows", disable=len(starts) < 2)
     ]
     tensors = adapter.encode_conditions(clips, caption, text_len, torch.Generator().manual_seed(seed))
@@ -241,6 +285,75 @@ def prepare_conditions(
     return Conditions(tensors, member, concept_member)
 
 
+def word_members(adapter: ModelAdapter, caption: str, concept_words: str, motion_words: str):
+    """Bool ``[1, L_y]`` each: where the caption's motion words and concept words are among the text tokens."""
+    text_len = adapter.default_text_length()
+    motion = adapter.word_spans(caption, [motion_words], text_len)
+    concept = adapter.word_spans(caption, [concept_words], text_len)
+    return span_membership(text_len, motion), span_membership(text_len, concept)
+
+
+@dataclass
+class Sample:
+    """One training sample of the release's recipe (docs/method.md#the-releases-recipe): a window of the
+    reference, from one crop of it or the whole frame, and the caption it trains with (empty when dropped)."""
+
+    start: int
+    crop: tuple[int, int, int, int] | None  # top, left, height, width; None: the whole frame
+    caption: str
+
+    def clip(self, frames: np.ndarray, geometry: tuple[int, int, int], resize: str) -> torch.Tensor:
+        """The sample's frames as the model takes them, ``[3, T, height, width]`` in [-1, 1]."""
+        height, width, num_frames = geometry
+        window = frames[self.start : self.start + num_frames]
+        if self.crop is not None:
+            top, left, h, w = self.crop
+            window = window[:, top : top + h, left : left + w]
+        return to_model_tensor(window, height, width, resize)
+
+
+def draw_samples(
+    frames: np.ndarray, caption: str, settings: TrainSettings, geometry: tuple[int, int, int], generator
+) -> list[Sample]:
+    """The samples a run trains on, drawn once, in the order a run with ``crops`` cycles through them.
+
+    With ``crops``, that many random crops of the reference (:func:`data.random_crop`, the training size's
+    aspect), each with a random window, shuffled once: the release's data loader, cycled, replays its first
+    pass. Without, the windows of :func:`data.window_starts`. Each sample's caption is dropped with
+    probability ``caption_dropout``, once, as the release's first pass drops it."""
+    height, width, num_frames = geometry
+    if settings.crops:
+        window_starts(len(frames), num_frames, 1)  # refuses a reference shorter than a window
+        last = len(frames) - num_frames
+        boxes = [random_crop(*frames.shape[1:3], height / width, generator) for _ in range(settings.crops)]
+        starts = [int(torch.randint(0, last + 1, (1,), generator=generator)) for _ in boxes]
+        order = torch.randperm(settings.crops, generator=generator).tolist()
+        picks = [(starts[i], boxes[i]) for i in order]
+    else:
+        picks = [(start, None) for start in window_starts(len(frames), num_frames, settings.max_windows)]
+    dropped = [torch.rand((), generator=generator).item() < settings.caption_dropout for _ in picks]
+    return [Sample(start, box, "" if drop else caption) for (start, box), drop in zip(picks, dropped)]
+
+
+def encode_sample(
+    adapter: ModelAdapter,
+    frames: np.ndarray,
+    sample: Sample,
+    members: tuple[torch.Tensor, torch.Tensor],
+    settings: TrainSettings,
+    geometry: tuple[int, int, int],
+    generator: torch.Generator,
+) -> Conditions:
+    """One sample's conditions (one window), its latents a sample of the VAE's posterior drawn from
+    ``generator``. The motion and concept words stay where the caption has them, also when the sample's
+    caption is dropped, as in the release."""
+    with torch.no_grad():
+        tensors = adapter.encode_conditions(
+            [sample.clip(frames, geometry, settings.resize)], sample.caption, adapter.default_text_length(), generator
+        )
+    return Conditions(tensors, *members)
+
+
 # -- stage 2: the loss ------------------------------------------------------------------------
 def training_step(
     adapter: ModelAdapter,
@@ -250,10 +363,14 @@ def training_step(
     generator: torch.Generator,
     settings: TrainSettings,
     autocast,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One loss of docs/method.md#training: the weighted x0 error (the model's own objective) plus a
-    frame-difference term at a random latent frame; returns it and the expert that computed it."""
-    batch = adapter.training_prediction(state, cond.tensors, window, generator, settings.image_dropout, autocast)
+    frame-difference term at a random latent frame; returns it and the expert that computed it. ``dtype``:
+    the precision of the latents and the loss terms (None: float32; docs/method.md#the-releases-recipe)."""
+    batch = adapter.training_prediction(
+        state, cond.tensors, window, generator, settings.image_dropout, autocast, dtype=dtype
+    )
     x0, x0_hat = batch.x0[:, batch.loss_frames], batch.x0_hat[:, batch.loss_frames]
     loss = (batch.weight * (x0_hat - x0) ** 2).mean()
     if settings.frame_diff_weight and x0.shape[1] > 1:
@@ -266,6 +383,26 @@ def training_step(
 
 
 # -- stage 3: checkpoints (fleximmt.training.checkpoint) ----------------------------------------------
+def learning_rate(settings: TrainSettings, processes: int) -> float:
+    """The optimiser's learning rate for ``processes`` processes training one motion: ``lr``, or with
+    ``scale_lr`` the release's scaling, lr x processes x batch size (1) x gradient accumulation (1)."""
+    return settings.lr * processes if settings.scale_lr else settings.lr
+
+
+def initial_tokens(num_blocks: int, d_m: int, dim: int, init: str, generator: torch.Generator) -> torch.Tensor:
+    """A motion's first tokens ``[blocks, d_m, dim]``. ``"linear"``: every token as PyTorch initialises a linear
+    layer's weight rows, Kaiming-uniform with a = sqrt(5) over ``dim``, uniform within 1 / sqrt(dim).
+    ``"release"``: each block's ``[1, d_m, dim]`` tensor Kaiming-uniform with PyTorch's defaults (a = 0, fan-in
+    d_m x dim), uniform within sqrt(6 / (d_m dim)), as the release's processors draw theirs."""
+    tokens = torch.empty(num_blocks, d_m, dim)
+    if init == "release":
+        for block in tokens:
+            torch.nn.init.kaiming_uniform_(block[None], generator=generator)
+    else:
+        torch.nn.init.kaiming_uniform_(tokens.view(-1, dim), a=math.sqrt(5), generator=generator)
+    return tokens
+
+
 def checkpoint_path(output: Path) -> Path:
     return output.with_name(output.stem + ".ckpt.safetensors")
 
@@ -372,6 +509,7 @@ def train_motion(
             f"unknown training setting(s) {sorted(unknown)}: see fleximmt.training.train.TrainSettings"
         )
     cfg = TrainSettings(steps=steps, tokens_per_motion=tokens_per_motion, seed=seed, **settings)
+    cfg.apply_preset(given=settings)
     cfg.validate()
     adapter = adapter_for(pipe)
     adapter.check_model()
@@ -465,15 +603,24 @@ def _train(
         pipe.vae.enable_tiling()
 
     frames = load_reference(video, geometry[2], cfg.fps, start_frame, end_frame, video_fps)
-    with proc.main_process_first():  # the main process encodes, the others read its cache
-        cond = prepare_conditions(
-            adapter, frames, caption, concept_words, motion_words, cfg, geometry, cache_path(output), cfg.seed
-        )
+    # the release's data (crops, dropped captions, a fresh encoding each step) runs on samples; else the
+    # windows are encoded once and cached on disk
+    by_sample = bool(cfg.crops or cfg.caption_dropout or cfg.reencode)
     encoders = [getattr(pipe, name) for name in adapter.conditioning_modules()]
     target = None if offloaded else offload_target(device)
-    if cfg.offload_after_caching and target is not None:
-        for module in (*encoders, pipe.vae):
-            module.to(target)
+
+    def offload_encoders() -> None:
+        if cfg.offload_after_caching and target is not None:
+            for module in (*encoders, pipe.vae):
+                module.to(target)
+
+    if not by_sample:
+        with proc.main_process_first():  # the main process encodes, the others read its cache
+            cond = prepare_conditions(
+                adapter, frames, caption, concept_words, motion_words, cfg, geometry, cache_path(output), cfg.seed
+            )
+        members = cond.member, cond.concept_member
+        offload_encoders()
 
     transformers = adapter.transformers()
     for module in (*transformers, pipe.vae, *encoders):
@@ -493,17 +640,28 @@ def _train(
     generator = torch.Generator().manual_seed(cfg.seed)
     params = {}
     for expert in range(len(transformers)):  # one token set per expert; checkpoints name them tokens, tokens_2, ...
-        tokens = torch.empty(num_blocks, cfg.tokens_per_motion, dim)
-        torch.nn.init.kaiming_uniform_(tokens.view(-1, dim), a=math.sqrt(5), generator=generator)
+        tokens = initial_tokens(num_blocks, cfg.tokens_per_motion, dim, cfg.token_init, generator)
         params["tokens" if expert == 0 else f"tokens_{expert + 1}"] = torch.nn.Parameter(tokens.to(device))
     experts = list(params.values())
-    optimizer = torch.optim.AdamW(experts, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    distributed = shard_windows and proc.num_processes > 1  # one motion, windows shared out
+    lr = learning_rate(cfg, proc.num_processes if distributed else 1)
+    optimizer = torch.optim.AdamW(experts, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_with_hard_restarts_schedule_with_warmup(
         optimizer, min(cfg.lr_warmup_steps, cfg.steps // 10), cfg.steps, cfg.lr_cycles
     )
     # the training randomness lives in one generator per process (saved in checkpoints)
     generator.manual_seed(cfg.seed * 1000 + proc.process_index + 1)
-    distributed = shard_windows and proc.num_processes > 1  # one motion, windows shared out
+    samples, encoded = None, {}
+    if by_sample:
+        members = word_members(adapter, caption, concept_words, motion_words)
+        samples = draw_samples(frames, caption, cfg, geometry, generator)
+        if distributed and len(samples) >= proc.num_processes:
+            samples = samples[proc.process_index :: proc.num_processes]
+        if not cfg.reencode:  # each sample encoded once; the encoders may leave after
+            for i, sample in enumerate(samples):
+                encoded[i] = encode_sample(adapter, frames, sample, members, cfg, geometry, generator)
+            offload_encoders()
+    loss_dtype = (autocast_dtype or transformers[0].dtype) if cfg.loss_precision == "model" else None
     fingerprints = {
         "model": model_fingerprint(pipe),
         "settings": cfg.fingerprint(),
@@ -521,18 +679,19 @@ def _train(
 
     state = motion_state_for(
         torch.stack(experts)[None],
-        cond.member.to(device),
+        members[0].to(device),
         form=adapter.form,
         parts=(TRAIN_PARTS & set(adapter.parts)) if cfg.train_mask else frozenset(),
         num_frames=grid.frames,
         dmem=cfg.train_mask,
-        concept_member=cond.concept_member.to(device),
+        concept_member=members[1].to(device),
         dmem_drop=cfg.dmem_drop,
+        dmem_drop_exact=cfg.dmem_drop_exact,
         generator=generator,
     )
     if not cfg.train_mask:  # w/o Train: motion tokens reach every video token
         state.set_video_masks(torch.ones(1, grid.size, dtype=torch.bool, device=device))
-    windows = list(range(cond.windows))
+    windows = list(range(cond.windows)) if samples is None else []
     if distributed and len(windows) >= proc.num_processes:
         windows = windows[proc.process_index :: proc.num_processes]
     losses: list[float] = []
@@ -548,10 +707,19 @@ def _train(
     # the state stays attached through each backward pass too: gradient checkpointing recomputes blocks there
     with adapter.training_attached(state):
         for step in bar:
-            window = windows[int(torch.randint(0, len(windows), (1,), generator=generator))]
+            if samples is None:
+                step_cond, window = cond, windows[int(torch.randint(0, len(windows), (1,), generator=generator))]
+            else:  # with crops, the samples in their order, cycled; else one at random
+                index = (
+                    step % len(samples) if cfg.crops else int(torch.randint(0, len(samples), (1,), generator=generator))
+                )
+                step_cond = encoded.get(index) or encode_sample(
+                    adapter, frames, samples[index], members, cfg, geometry, generator
+                )
+                window = 0
             state.set_motion_tokens(torch.stack(experts)[None])
             state.begin_step(grid.size, num_blocks)
-            loss, expert = training_step(adapter, state, cond, window, generator, cfg, autocast)
+            loss, expert = training_step(adapter, state, step_cond, window, generator, cfg, autocast, loss_dtype)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             used = torch.tensor([float(e == expert) for e in range(len(experts))], device=device)
