@@ -19,6 +19,7 @@ from fleximmt.evaluation.video import PALETTE, mask_overlay, save_video
 from fleximmt.method.masks import RMPM_METHODS
 from fleximmt.method.motion import MotionTokens
 from fleximmt.method.pipeline import INITIAL_MASKS, MASK_SOURCES
+from fleximmt.method.presets import PRESETS
 from fleximmt.toy import random_motion
 
 PROMPT = "A ball jumps up. A box slides left."
@@ -59,6 +60,7 @@ def subparser(name):
                 "--anchors",
                 "--alpha",
                 "--rmpm-method",
+                "--preset",
                 "--dtype",
                 "MASK:MOTION:WORDS",
                 "examples:",
@@ -80,6 +82,7 @@ def subparser(name):
                 "--tokens",
                 "--frames",
                 "--fps",
+                "--preset",
                 "examples:",
             ],
         ),
@@ -125,6 +128,7 @@ def test_generate_choices_are_the_pipelines_own():
     assert tuple(actions["mask_source"].choices) == MASK_SOURCES
     assert tuple(actions["rmpm_method"].choices) == RMPM_METHODS
     assert tuple(actions["initial_masks"].choices) == INITIAL_MASKS
+    assert tuple(actions["preset"].choices) == PRESETS
     assert tuple(actions["dtype"].choices) == ("bfloat16", "float16", "float32")
 
 
@@ -267,6 +271,56 @@ def test_library_errors_exit_2_without_a_traceback(scene, capsys):
     assert code == 2 and err.startswith("error: alpha=1.5") and "Traceback" not in err
 
 
+def test_an_empty_object_mask_exits_2_naming_the_object(scene, capsys):
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(scene / "empty.png")
+    code, _, err = run_cli(
+        generate(
+            scene,
+            "--object",
+            f"{scene / 'mask0.png'}:{scene / 'm0.safetensors'}:jumps up",
+            "--object",
+            f"{scene / 'empty.png'}:{scene / 'm1.safetensors'}:slides left",
+            "--out",
+            scene / "o.mp4",
+        ),
+        capsys,
+    )
+    assert code == 2 and err.startswith("error: object 2: the mask is empty") and "Traceback" not in err
+    assert not (scene / "o.mp4").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, passed",
+    [
+        ([], {}),
+        (["--preset", "release"], {"preset": "release"}),
+        (
+            ["--preset", "release", "--rmpm-method", "paper", "--alpha", "0.1"],
+            {"preset": "release", "rmpm_method": "paper", "alpha": 0.1},
+        ),
+        (["--anchors", "2", "--initial-masks", "none"], {"anchors": 2, "initial_masks": "none"}),
+    ],
+)
+def test_generate_passes_fleximmts_options_only_as_given_so_a_preset_fills_the_rest(scene, capsys, flags, passed):
+    from fleximmt.toy import tiny_pipeline
+
+    pipe = tiny_pipeline(0)
+    calls = []
+    real_call = type(pipe).__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return real_call(self, *args, **kwargs)
+
+    options = ("mask_source", "anchors", "alpha", "rmpm_method", "initial_masks", "preset")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "load_pipeline", lambda args: pipe)
+        patch.setattr(type(pipe), "__call__", spy)
+        code, _, err = run_cli(generate(scene, "--steps", 1, *objects(scene), *flags, "--out", scene / "o.mp4"), capsys)
+    assert code == 0, err
+    assert {k: v for k, v in calls[0].items() if k in options} == passed
+
+
 def test_an_unwritable_output_exits_2_without_a_traceback(scene, capsys):
     blocked = scene / "image.png" / "out.mp4"  # a file stands where the folder should be
     code, _, err = run_cli(generate(scene, "--steps", 1, *objects(scene), "--out", blocked), capsys)
@@ -300,6 +354,29 @@ def test_train_from_the_command_line_and_missing_options(tmp_path, capsys):
     assert json.loads(out)["steps"] == 3 and json.loads(out)["concept_words"] == "ball"
     code, _, err = run_cli(["train", "--model", "tiny", "--video", tmp_path / "ref.mp4"], capsys)
     assert code == 2 and "--caption" in err
+
+
+@pytest.mark.parametrize(
+    "flags, passed",
+    [
+        ([], {}),
+        (["--preset", "release"], {"preset": "release"}),
+        (["--preset", "release", "--warmup-steps", "5"], {"preset": "release", "lr_warmup_steps": 5}),
+        (["--vae-tiling", "--no-offload"], {"vae_tiling": True, "offload_after_caching": False}),
+    ],
+)
+def test_train_passes_settings_only_as_given_so_a_preset_fills_the_rest(tmp_path, capsys, monkeypatch, flags, passed):
+    from fleximmt.training import train
+
+    calls = []
+    monkeypatch.setattr(train, "train_motion", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(cli, "load_pipeline", lambda args: None)
+    code, _, err = run_cli(
+        [*train_command("tiny", tmp_path / "ref.mp4", tmp_path / "m.safetensors", 3, 2), *flags], capsys
+    )
+    assert code == 0, err
+    settings = {k: v for k, v in calls[0].items() if k not in ("steps", "tokens_per_motion", "seed", "resume")}
+    assert settings == passed
 
 
 # -- demo -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import FlexiMMTInputError
 from ..method.masks import RMPM_METHODS
 from ..method.pipeline import INITIAL_MASKS, MASK_SOURCES, about_object
+from ..method.presets import PRESETS
 from ..models import SUPPORTED, default_model
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ def parse_object(spec: str) -> tuple[str, str, str]:
 
 
 # -- generate ------------------------------------------------------------------------------
+TRANSFER_OPTIONS = ("mask_source", "anchors", "alpha", "rmpm_method", "initial_masks", "preset")  # passed as given
+
+
 def cmd_generate(args) -> None:
     import torch
     from PIL import Image
@@ -159,6 +163,8 @@ def cmd_generate(args) -> None:
     given = pipe.call_settings(
         guidance_scale=args.guidance, num_frames=args.frames, height=args.height, width=args.width
     )
+    # FlexiMMT's options only as given: the pipeline's defaults, or --preset's, fill the rest
+    options = {name: getattr(args, name) for name in TRANSFER_OPTIONS if getattr(args, name) is not None}
     output = pipe(
         image=image,
         prompt=args.prompt,
@@ -166,12 +172,8 @@ def cmd_generate(args) -> None:
         num_inference_steps=args.steps,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="np",
-        mask_source=args.mask_source,
-        anchors=args.anchors,
-        alpha=args.alpha,
-        rmpm_method=args.rmpm_method,
-        initial_masks=args.initial_masks,
         return_masks=bool(objects),
+        **options,
         **given,
     )
     frames = output.frames[0]
@@ -209,6 +211,7 @@ def cmd_inspect(args) -> None:
 
 # -- train ---------------------------------------------------------------------------------
 TRAIN_OPTIONS = {  # CLI flag -> TrainSettings field
+    "preset": "preset",
     "steps": "steps",
     "tokens": "tokens_per_motion",
     "seed": "seed",
@@ -235,8 +238,10 @@ def cmd_train(args) -> None:
     settings = {field: getattr(args, flag) for flag, field in TRAIN_OPTIONS.items() if getattr(args, flag) is not None}
     if args.no_train_mask:
         settings["train_mask"] = False
-    settings["vae_tiling"] = args.vae_tiling
-    settings["offload_after_caching"] = not args.no_offload
+    if args.vae_tiling:
+        settings["vae_tiling"] = True
+    if args.no_offload:
+        settings["offload_after_caching"] = False
     if args.dataset:
         if not args.out_dir:
             raise FlexiMMTInputError("--dataset needs --out-dir, the folder for one motion file per row")
@@ -390,28 +395,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--fps", type=_positive_int, default=8, help="frame rate of the written video (default: %(default)s)"
     )
     gen.add_argument(
+        "--preset",
+        choices=PRESETS,
+        help="release: the authors' released inference, exactly (RMPM's released form, no masks at step 0, "
+        "the dynamic stop at alpha 0.05, their mask resize and precision); an option given here wins "
+        "(docs/method.md#the-release-preset)",
+    )
+    gen.add_argument(
         "--mask-source",
-        default="rmpm",
         choices=MASK_SOURCES,
         help="object masks on later frames: propagated (rmpm), the first frame's (static), "
-        "from QK attention (qk) or everywhere (none) (default: %(default)s)",
+        "from QK attention (qk) or everywhere (none) (default: rmpm)",
     )
     gen.add_argument(
         "--rmpm-method",
-        default="paper",
         choices=RMPM_METHODS,
-        help="Eqs. 12-13 (paper) or the authors' label propagation (released) (default: %(default)s)",
+        help="Eqs. 12-13 (paper) or the authors' label propagation (released) (default: paper; "
+        "released with --preset release)",
     )
     gen.add_argument(
         "--initial-masks",
-        default="first_frame",
         choices=INITIAL_MASKS,
         help="RMPM's step 0: the first-frame masks on every frame, or none as in the authors' release "
-        "(default: %(default)s)",
+        "(default: first_frame; none with --preset release)",
     )
-    gen.add_argument("--anchors", type=_positive_int, default=3, help="RMPM anchor frames W (default: %(default)s)")
+    gen.add_argument("--anchors", type=_positive_int, help="RMPM anchor frames W (default: 3)")
     gen.add_argument(
-        "--alpha", type=float, help="dynamic RMPM: freeze masks once they change less than this fraction (e.g. 0.05)"
+        "--alpha",
+        type=float,
+        help="dynamic RMPM: from step 5 on, keep the masks once every object's changes less than this "
+        "fraction (e.g. 0.05) (default: none, update every step; 0.05 with --preset release)",
     )
     add_model_options(gen)
     gen.set_defaults(func=cmd_generate)
@@ -422,7 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES["train"],
         formatter_class=formatter,
         description="Train motion tokens on one reference video (or one per row of --dataset); "
-        "the video model stays frozen. Defaults are the authors' release.",
+        "the video model stays frozen. Defaults are fleximmt's (docs/method.md#the-releases-recipe says where "
+        "they differ from the authors' release); --preset release trains as the release does.",
+    )
+    tr.add_argument(
+        "--preset",
+        choices=PRESETS,
+        help="release: the authors' training recipe (no warm-up, learning rate scaled by the processes, 12 "
+        "random crops cycled, 10%% of captions dropped, the video encoded anew each step, bicubic resize, bf16, "
+        "their token initialisation and DMEM drop); an option given here wins (docs/method.md#training)",
     )
     tr.add_argument("--video", help="reference video with one moving object")
     tr.add_argument("--caption", help='its caption, e.g. "A man is doing yoga."')
@@ -434,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     tr.add_argument("--steps", type=_positive_int, help="training steps (default: 2000)")
     tr.add_argument("--lr", type=float, help="AdamW learning rate (default: 3e-3)")
-    tr.add_argument("--warmup-steps", type=int, help="learning-rate warm-up steps (default: 100)")
+    tr.add_argument(
+        "--warmup-steps", type=int, help="learning-rate warm-up steps (default: 100; 0 with --preset release)"
+    )
     tr.add_argument("--tokens", type=_positive_int, help="motion tokens per block, d_m (default: 226)")
     tr.add_argument(
         "--frames",
@@ -447,13 +470,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--fps", type=float, help="subsample the reference to about this frame rate (default: 8)")
     tr.add_argument("--max-windows", type=_positive_int, help="windows of the reference to train on (default: 4)")
-    tr.add_argument("--dmem-drop", type=float, help="DMEM: fraction of mask positives dropped (default: 0.3)")
+    tr.add_argument("--dmem-drop", type=float, help="DMEM: share of mask positives dropped (default: 0.3)")
     tr.add_argument("--no-train-mask", action="store_true", help="train without DMEM's mask (the 'w/o Train' ablation)")
     tr.add_argument("--image-dropout", type=float, help="probability of a zeroed image condition (default: 0.05)")
-    tr.add_argument("--frame-diff-scale", type=float, help="scale of x[k+1] in the frame-difference loss (default: 1)")
+    tr.add_argument(
+        "--frame-diff-scale",
+        type=float,
+        help="scale of x[k+1] in the frame-difference loss (default: 1; sqrt 2 with --preset release)",
+    )
     tr.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints (default: 200)")
     tr.add_argument("--seed", type=int, help="random seed (default: 0)")
-    tr.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast precision (default: no)")
+    tr.add_argument(
+        "--mixed-precision",
+        choices=["no", "bf16", "fp16"],
+        help="autocast precision (default: no; bf16 with --preset release)",
+    )
     tr.add_argument(
         "--gradient-checkpointing",
         action=argparse.BooleanOptionalAction,
