@@ -9,6 +9,7 @@ latents, motion tokens and first masks."""
 import contextlib
 import math
 import os
+import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -195,7 +196,7 @@ def test_the_preset_fills_only_the_options_the_caller_left_out():
         0.05,
         3,
     )
-    assert options.release
+    assert options.attention_backend == "dense" and options.release
     explicit = TransferOptions(rmpm_method="paper", alpha=None, anchors=5, preset="release")
     explicit.apply_preset(given={"rmpm_method", "alpha", "anchors"})
     assert (explicit.rmpm_method, explicit.alpha, explicit.anchors, explicit.initial_masks) == (
@@ -237,6 +238,115 @@ def motions(pipe):
     return [random_motion(pipe.transformer, 4, seed=k + 1, scale=4.0) for k in range(2)]
 
 
+class ReleaseProcessor:
+    """The release's attention processors (``FlexiMMT_processor_mask_inf.py``, ``..._train.py``) for one block
+    of the toy model, written out: the motion tokens ``[1, K * d_m, dim]`` appended after the text,
+    ``[text | motion | video]`` through the block's projections and QK-norm, RoPE on the video rows only, one
+    SDPA under the additive -inf mask that :meth:`bias` builds (as the release builds it), then ``to_out``."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text_len = encoder_hidden_states.size(1)
+        tokens = self.tokens.to(encoder_hidden_states.dtype).repeat(hidden_states.size(0), 1, 1)
+        encoder_hidden_states = torch.cat([encoder_hidden_states, tokens], dim=1)
+        head_len = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query[:, :, head_len:] = apply_rotary_emb(query[:, :, head_len:], image_rotary_emb)
+        key[:, :, head_len:] = apply_rotary_emb(key[:, :, head_len:], image_rotary_emb)
+        bias = torch.zeros((query.shape[-2], query.shape[-2]), dtype=query.dtype)
+        self.bias(bias, query, key, text_len, head_len)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)))
+        text_out, video_out = out.split([head_len, out.size(1) - head_len], dim=1)
+        return video_out, text_out[:, :text_len]
+
+
+class ReleaseInferenceProcessor(ReleaseProcessor):
+    """Inference: each object's motion words ``words[k]`` (start, length) and ``masks.value`` (bool
+    ``[K, N_v]``, None at step 0) shape the mask, object by object, as ``FlexiMMT_processor_mask_inf.py``."""
+
+    def __init__(self, tokens, words, masks):
+        super().__init__(tokens)
+        self.words, self.masks = words, masks
+
+    def bias(self, bias, query, key, text_len, head_len):
+        inf, d_m = float("-inf"), (head_len - text_len) // len(self.words)
+        masks = self.masks.value
+        video = [None if masks is None else torch.where(m)[0] + head_len for m in masks] if masks is not None else None
+        spans = [(start, start + length) for start, length in self.words]
+        for i in range(len(spans)):  # motion words of different objects never attend to each other
+            for j in range(i + 1, len(spans)):
+                (si, ei), (sj, ej) = spans[i], spans[j]
+                bias[si:ei, sj:ej] = inf
+                bias[sj:ej, si:ei] = inf
+        for k, (start, end) in enumerate(spans):
+            tokens = slice(text_len + k * d_m, text_len + (k + 1) * d_m)
+            if video is not None:  # the motion words attend to their object's video only
+                bias[start:end, head_len:] = inf
+                bias[head_len:, start:end] = inf
+                bias[start:end, video[k]] = 0
+                bias[video[k], start:end] = 0
+            bias[:, tokens] = inf
+            bias[tokens, :] = inf
+            if video is not None:
+                bias[tokens, video[k]] = 0
+                bias[video[k], tokens] = 0
+            bias[start:end, tokens] = 0
+            bias[tokens, start:end] = 0
+
+
+class ReleaseTrainingProcessor(ReleaseProcessor):
+    """Training (stage 0, masks on): the DMEM mask from the concept words' queries of batch row 0 against the
+    video keys, thresholded at each frame's mean, an exact share of its tokens dropped (in the order of
+    ``draw``: the release's randperm), as ``FlexiMMT_processor_mask_train.py``."""
+
+    def __init__(self, tokens, concept, motion, grid, draw):
+        super().__init__(tokens)
+        self.concept, self.motion, self.grid, self.draw = concept, motion, grid, draw
+
+    def bias(self, bias, query, key, text_len, head_len):
+        with torch.no_grad():
+            q_object = query[0, :, self.concept[0] : self.concept[0] + self.concept[1]]
+            scores = torch.mean(q_object @ key[0, :, head_len:].transpose(-2, -1), dim=(0, 1))
+            scores = scores.reshape(self.grid.frames, self.grid.height, self.grid.width)
+            mask = torch.zeros_like(scores, dtype=torch.bool)
+            for f in range(self.grid.frames):
+                mask[f] = scores[f] > torch.mean(scores[f].flatten().float())
+            mask = mask.reshape(-1)
+            unmasked = torch.where(mask)[0]
+            if len(unmasked) > 0:
+                count = max(1, int(len(unmasked) * 0.3))
+                mask[unmasked[self.draw[unmasked].argsort()[:count]]] = False
+        motion, inf = slice(text_len, head_len), float("-inf")
+        bias[:, motion] = inf
+        bias[motion, :] = inf
+        positives = torch.where(mask)[0] + head_len
+        bias[motion, positives] = 0
+        bias[positives, motion] = 0
+        words = slice(self.motion[0], self.motion[0] + self.motion[1])
+        bias[words, motion] = 0
+        bias[motion, words] = 0
+        bias[motion, motion] = 0  # the release lets motion tokens see each other in training
+
+
+def release_processors(transformer, make):
+    """Set ``make(block)`` as every block's processor; returns the processors before, to set back."""
+    before = transformer.attn_processors
+    transformer.set_attn_processor(
+        {f"transformer_blocks.{b}.attn1.processor": make(b) for b in range(len(transformer.transformer_blocks))}
+    )
+    return before
+
+
 class ReleaseStop:
     """The release's dynamic stop (``my_pipeline_i2v_inf.py``): the masks each step hands the next."""
 
@@ -259,24 +369,18 @@ class ReleaseStop:
 
 
 def release_run(pipe, image, mask_paths, tokens, steps, alpha_percent=5, seed=0):
-    """The release's denoising loop on ``pipe``'s model: no masks at step 0; after every step, each
-    object's ``compute_mask`` on the conditional branch's attention outputs of the feature blocks
-    (stacked and averaged in the model's dtype), then :class:`ReleaseStop`. Attention is fleximmt's
-    dense processor, shown equal to the release's elsewhere
-    (test_pipeline.py::test_processor_equals_the_release_layout_brute_force). Returns the latents and
-    the masks each step used ``[steps, K, frames, h, w]``."""
+    """The release's denoising loop on ``pipe``'s model, its attention :class:`ReleaseInferenceProcessor`:
+    no masks at step 0; after every step, each object's ``compute_mask`` on the conditional branch's
+    attention outputs of the feature blocks (stacked and averaged in the model's dtype), then
+    :class:`ReleaseStop`. Returns the latents and the masks each step used ``[steps, K, frames, h, w]``."""
     grid = pipe.token_grid(64, 64, 17)
     num_objects = len(mask_paths)
     firsts = [release_first_mask(path, grid.height, grid.width) for path in mask_paths]
-    spans = release_token_indices(pipe.tokenizer, PROMPT, WORDS)
-    member = torch.zeros(num_objects, pipe.transformer.config.max_text_seq_length, dtype=torch.bool)
-    for k, span in enumerate(spans):
-        member[k, span] = True
-    state = motion_state_for(tokens, member, backend="dense")
-    state.parts = frozenset(PARTS) - {"t2v"}  # no masks at step 0: motion words open to all video
-    state.set_video_masks(torch.zeros(num_objects, grid.size, dtype=torch.bool))
+    words = [(span[0], len(span)) for span in release_token_indices(pipe.tokenizer, PROMPT, WORDS)]
+    masks = types.SimpleNamespace(value=None)  # the concept masks the processors read (None: none yet)
     # the release's 30 of 42 blocks, carried to the toy's depth as that share
-    blocks = pipe.transformer.transformer_blocks[: round(len(pipe.transformer.transformer_blocks) * 30 / 42)]
+    transformer = pipe.transformer
+    blocks = transformer.transformer_blocks[: round(len(transformer.transformer_blocks) * 30 / 42)]
     stop, captured, history = ReleaseStop(alpha_percent), [], []
 
     def capture(module, args, output):
@@ -284,7 +388,8 @@ def release_run(pipe, image, mask_paths, tokens, steps, alpha_percent=5, seed=0)
             captured.append(output[0][1])  # the video tokens' attention output, conditional row
 
     def step_end(pipeline, i, t, kwargs):
-        history.append(state.videos[0].video_masks.view(num_objects, grid.frames, grid.height, grid.width))
+        used = torch.zeros(num_objects, grid.size, dtype=torch.bool) if masks.value is None else masks.value
+        history.append(used.view(num_objects, grid.frames, grid.height, grid.width))
         if not stop.stopped and i < 50:
             features = torch.mean(torch.stack(captured, dim=0), dim=0)
             new = torch.stack(
@@ -293,26 +398,27 @@ def release_run(pipe, image, mask_paths, tokens, steps, alpha_percent=5, seed=0)
                     for first in firsts
                 ]
             )
-            state.parts = frozenset(PARTS)
-            state.set_video_masks(stop.step(i, new))
+            masks.value = stop.step(i, new)
         captured.clear()
         return {}
 
+    before = release_processors(
+        transformer, lambda b: ReleaseInferenceProcessor(tokens[:, 0, b].reshape(1, -1, tokens.shape[-1]), words, masks)
+    )
     hooks = [block.attn1.register_forward_hook(capture) for block in blocks]
     try:
-        pipe.adapter.install_processors()
         latents = pipe(
             image=image,
             prompt=PROMPT,
             num_inference_steps=steps,
             generator=torch.Generator().manual_seed(seed),
             output_type="latent",
-            attention_kwargs={"fleximmt": state},
             callback_on_step_end=step_end,
         ).frames
     finally:
         for hook in hooks:
             hook.remove()
+        transformer.set_attn_processor(before)
     return latents, torch.stack(history)
 
 
@@ -325,7 +431,6 @@ def preset_run(pipe, image, mask_paths, motion_list, steps, seed=0, **kw):
         num_inference_steps=steps,
         generator=torch.Generator().manual_seed(seed),
         output_type="latent",
-        attention_backend="dense",
         return_masks=True,
         preset="release",
         **kw,
@@ -404,6 +509,15 @@ def test_the_stop_rule_checks_from_step_five_and_keeps_the_previous_masks(monkey
         expected.append(expected[-1] if stop.stopped else stop.step(i, new))
     assert stop.stopped and not torch.equal(sequence[stop.stop_step], expected[-1])  # the kept masks are not the new
     assert torch.equal(ours, torch.stack(expected))
+
+
+def test_the_release_computes_masks_after_its_first_fifty_steps_only(monkeypatch):
+    sequence = mask_sequence([0] + [2] * 52)  # every step's masks differ from the last
+    ours = scripted_schedule(monkeypatch, sequence, alpha=None)
+    assert not torch.equal(ours[50], ours[49])  # step 49's masks, used at step 50
+    assert torch.equal(ours[51], ours[50]) and torch.equal(ours[52], ours[50])  # nothing computed after step 49
+    own = scripted_schedule(monkeypatch, sequence, alpha=None, preset=None)
+    assert not torch.equal(own[52], own[51])
 
 
 def test_an_empty_old_mask_does_not_hold_the_release_back(monkeypatch):
@@ -534,59 +648,6 @@ def test_the_exact_dmem_drop_removes_int_of_30_percent_at_least_one():
     assert torch.equal(drop_positives(masks, draw, 0.3), masks & (draw >= 0.3))  # fleximmt's own: each at random
 
 
-class ReleaseTrainingProcessor:
-    """The release's training attention processor (``FlexiMMT_processor_mask_train.py``, stage 0, masks on)
-    for one block of the toy model, written out: motion tokens appended to the text, the DMEM mask from the
-    concept words' queries of batch row 0 against the video keys, per-frame mean threshold, an exact share
-    of its tokens dropped (in the order of ``draw``, the release's randperm), and an additive -inf mask."""
-
-    def __init__(self, tokens, concept, motion, grid, draw):
-        self.tokens, self.concept, self.motion, self.grid, self.draw = tokens, concept, motion, grid, draw
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        text_len, d_m = encoder_hidden_states.size(1), self.tokens.shape[1]
-        encoder_hidden_states = torch.cat([encoder_hidden_states, self.tokens.repeat(hidden_states.size(0), 1, 1)], 1)
-        head_len = encoder_hidden_states.size(1)
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        batch = hidden_states.shape[0]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query[:, :, head_len:] = apply_rotary_emb(query[:, :, head_len:], image_rotary_emb)
-        key[:, :, head_len:] = apply_rotary_emb(key[:, :, head_len:], image_rotary_emb)
-        with torch.no_grad():
-            q_object = query[0, :, self.concept[0] : self.concept[0] + self.concept[1]]
-            scores = torch.mean(q_object @ key[0, :, text_len + d_m :].transpose(-2, -1), dim=(0, 1))
-            scores = scores.reshape(self.grid.frames, self.grid.height, self.grid.width)
-            mask = torch.zeros_like(scores, dtype=torch.bool)
-            for f in range(self.grid.frames):
-                mask[f] = scores[f] > torch.mean(scores[f].flatten().float())
-            mask = mask.reshape(-1)
-            unmasked = torch.where(mask)[0]
-            if len(unmasked) > 0:
-                count = max(1, int(len(unmasked) * 0.3))
-                mask[unmasked[self.draw[unmasked].argsort()[:count]]] = False
-        n = query.shape[-2]
-        bias = torch.zeros((n, n), dtype=query.dtype)
-        motion = slice(text_len, text_len + d_m)
-        bias[:, motion] = float("-inf")
-        bias[motion, :] = float("-inf")
-        positives = torch.where(mask)[0] + text_len + d_m
-        bias[motion, positives] = 0
-        bias[positives, motion] = 0
-        words = slice(self.motion[0], self.motion[0] + self.motion[1])
-        bias[words, motion] = 0
-        bias[motion, words] = 0
-        bias[motion, motion] = 0
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)))
-        text_out, video_out = out.split([head_len, out.size(1) - head_len], dim=1)
-        return video_out, text_out[:, :text_len]
-
-
 def release_training_loss(pipe, cond, tokens, draws, generator_state, spans):
     """scripts/train_mask.py's loss for one step on ``cond`` (one window), with the run's draws replayed in
     its order: image dropout, timestep, noise, then the frame-difference frame. Returns the loss and the
@@ -603,12 +664,8 @@ def release_training_loss(pipe, cond, tokens, draws, generator_state, spans):
     noisy = scheduler.add_noise(x0, noise, t)
     grid = pipe.token_grid(64, 64, 17)
     leaves = [block.clone().requires_grad_(True) for block in tokens]
-    before = transformer.attn_processors
-    transformer.set_attn_processor(
-        {
-            f"transformer_blocks.{b}.attn1.processor": ReleaseTrainingProcessor(leaves[b][None], *spans, grid, draws[b])
-            for b in range(len(leaves))
-        }
+    before = release_processors(
+        transformer, lambda b: ReleaseTrainingProcessor(leaves[b][None], *spans, grid, draws[b])
     )
     try:
         rotary = pipe._prepare_rotary_positional_embeddings(64, 64, x0.shape[1], "cpu")

@@ -51,13 +51,15 @@ INITIAL_MASKS = ("first_frame", "none")  # RMPM's step 0: first-frame masks ever
 # masks all changed by less than alpha keeps the previous ones and ends the updates - the release's rule
 ALWAYS_UPDATE_STEPS = 5
 RELEASE_MASK_STEPS = 50  # the release computes masks after its first 50 steps only (its final_step)
-# what preset="release" sets where the caller did not (docs/method.md#the-release-preset)
+# what preset="release" sets where the caller did not (docs/method.md#the-release-preset); "dense": the release's
+# masked attention, bit for bit (the grouped kernel rounds otherwise, which propagation in bf16 amplifies)
 RELEASE_OPTIONS = {
     "mask_source": "rmpm",
     "rmpm_method": "released",
     "initial_masks": "none",
     "alpha": 0.05,
     "anchors": 3,
+    "attention_backend": "dense",
 }
 OPTIONS_DOC = """FlexiMMT's own arguments (keyword-only):
     objects: ``ObjectMotion`` list, applied to every video of the call; or one list per prompt. Empty:
@@ -73,9 +75,9 @@ OPTIONS_DOC = """FlexiMMT's own arguments (keyword-only):
     return_masks: add the per-step masks to the output. initial_masks: RMPM's step 0, "first_frame" or
         "none" (the release).
     preset: "release" reproduces the authors' released inference: it sets mask_source "rmpm",
-        rmpm_method "released", initial_masks "none", alpha 0.05 and anchors 3 where they are not
-        passed, and the release's first-frame mask resize and RMPM precision (the model's);
-        docs/method.md#the-release-preset. None: fleximmt's own choices."""
+        rmpm_method "released", initial_masks "none", alpha 0.05, anchors 3 and attention_backend
+        "dense" where they are not passed, and the release's first-frame mask resize and RMPM precision
+        (the model's); docs/method.md#the-release-preset. None: fleximmt's own choices."""
 
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
