@@ -577,6 +577,7 @@ def test_the_preset_fills_only_the_training_settings_left_out():
         "release",
     )
     assert settings.dmem_drop_exact and settings.vae_tiling and settings.vae_slicing
+    assert settings.attention_backend == "dense"
     assert set(RELEASE_SETTINGS) <= set(vars(settings))
     own = TrainSettings()
     own.apply_preset(given=())
@@ -660,7 +661,7 @@ def release_training_loss(pipe, cond, tokens, draws, generator_state, spans):
     if torch.rand((), generator=gen).item() < 0.05:  # noised_image_dropout
         image = torch.zeros_like(image)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.dtype)  # randn_like(the latents): in their precision
     noisy = scheduler.add_noise(x0, noise, t)
     grid = pipe.token_grid(64, 64, 17)
     leaves = [block.clone().requires_grad_(True) for block in tokens]
@@ -689,9 +690,11 @@ def release_training_loss(pipe, cond, tokens, draws, generator_state, spans):
     return loss.item(), torch.stack([leaf.grad for leaf in leaves])
 
 
-def test_one_training_step_under_the_preset_is_the_releases(toy, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_training_step_under_the_preset_is_the_releases(toy, tmp_path, monkeypatch, dtype):
     from fleximmt.training import train
 
+    pipe = toy if dtype == torch.float32 else load_toy_pipeline().to(dtype)
     seen = {}
     real_step, adamw = train.training_step, torch.optim.AdamW
 
@@ -706,8 +709,10 @@ def test_one_training_step_under_the_preset_is_the_releases(toy, tmp_path, monke
 
     monkeypatch.setattr(train, "training_step", spy_step)
     monkeypatch.setattr(torch.optim, "AdamW", spy_optimiser)
+    # float32: the release's arithmetic without its autocast; bf16: --mixed_precision bf16, the preset's own
+    given = {"mixed_precision": "no"} if dtype == torch.float32 else {}
     result = train.train_motion(
-        toy,
+        pipe,
         reference_video(),
         CAPTION,
         "circle",
@@ -716,15 +721,16 @@ def test_one_training_step_under_the_preset_is_the_releases(toy, tmp_path, monke
         steps=1,
         tokens_per_motion=4,
         preset="release",
-        mixed_precision="no",  # the toy model is float32: the release's arithmetic in it
         max_grad_norm=0.0,  # the gradient as computed, before clipping
         return_losses=True,
+        **given,
     )
-    spans = [(s[0], len(s)) for s in release_token_indices(toy.tokenizer, CAPTION, ["circle", "moves left"])]
-    loss, grads = release_training_loss(toy, seen["cond"], seen["tokens"][0], seen["draws"], seen["state"], spans)
-    assert result.losses[0] == pytest.approx(loss, rel=1e-5)
-    ours = seen["params"][0].grad
-    assert (ours - grads).abs().max() < 1e-5 * grads.abs().max()  # float32 rounding: measured 6e-7
+    spans = [(s[0], len(s)) for s in release_token_indices(pipe.tokenizer, CAPTION, ["circle", "moves left"])]
+    cond = {name: t.to(dtype) if t.is_floating_point() else t for name, t in seen["cond"].items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss, grads = release_training_loss(pipe, cond, seen["tokens"][0], seen["draws"], seen["state"], spans)
+    assert result.losses[0] == pytest.approx(loss, rel=1e-6)  # the loss's last reduction: float32 rounding
+    assert torch.equal(seen["params"][0].grad, grads)
     assert grads.abs().amax(dim=(1, 2)).min() > 0  # every block's tokens learn
 
 

@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PRESETS,
         help="release: the authors' training recipe (no warm-up, learning rate scaled by the processes, 12 "
         "random crops cycled, 10%% of captions dropped, the video encoded anew each step, bicubic resize, bf16, "
-        "their token initialisation and DMEM drop); an option given here wins (docs/method.md#training)",
+        "their token initialisation, DMEM drop and dense masked attention); an option given here wins "
+        "(docs/method.md#the-releases-recipe)",
     )
     tr.add_argument("--video", help="reference video with one moving object")
     tr.add_argument("--caption", help='its caption, e.g. "A man is doing yoga."')

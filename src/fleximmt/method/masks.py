@@ -344,12 +344,14 @@ def dmem_mask(concept_queries: torch.Tensor, video_keys: torch.Tensor, num_frame
 
     ``concept_queries`` ``[B, H, n_c, d]`` are the queries of the concept words, ``video_keys``
     ``[B, H, N_v, d]``. Logits are averaged over concept tokens and heads; returns bool ``[B, N_v]``.
+    Every operation is the release's, in its order, so that its rounding in bf16 is the release's too.
     """
-    scores = torch.einsum("bhcd,bhnd->bn", concept_queries, video_keys) / (
-        concept_queries.shape[1] * concept_queries.shape[2]
-    )
+    scores = torch.matmul(concept_queries, video_keys.transpose(-2, -1)).mean(dim=(1, 2))  # [B, N_v]
     per_frame = scores.view(scores.shape[0], num_frames, -1)
-    return (per_frame > per_frame.mean(-1, keepdim=True)).view_as(scores)
+    # each frame's mean is taken in float32, then compared in the scores' precision (a 0-dim float32
+    # threshold against bf16 scores, as the release compares them)
+    threshold = per_frame.float().mean(-1, keepdim=True).to(per_frame.dtype)
+    return (per_frame > threshold).view_as(scores)
 
 
 def drop_positives(masks: torch.Tensor, draw: torch.Tensor, rate: float, exact: bool = False) -> torch.BoolTensor:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..errors import FlexiMMTInputError
 from ..method.adapter import ModelAdapter, module_placement
-from ..method.attention import FlexiMMTState, motion_state_for
+from ..method.attention import BACKENDS, FlexiMMTState, motion_state_for
 from ..method.masks import span_membership
 from ..method.motion import MotionTokens, atomic_write
 from ..method.presets import fill_preset
@@ -59,6 +59,7 @@ RELEASE_SETTINGS = {
     "loss_precision": "model",
     "token_init": "release",
     "dmem_drop_exact": True,
+    "attention_backend": "dense",
     "frame_diff_scale": math.sqrt(2),
     "vae_tiling": True,
     "vae_slicing": True,
@@ -107,6 +108,7 @@ class TrainSettings:
     loss_precision: str = "float32"  # "model": latents, noise and loss terms in the model's precision
     token_init: str = "linear"  # "release": kaiming_uniform_ over each block's [1, d_m, dim], about 6x narrower
     dmem_drop_exact: bool = False  # drop exactly int(dmem_drop x positives), at least one; False: each at random
+    attention_backend: str = "auto"  # the masked attention: "auto" (grouped) or "dense", the release's bit for bit
 
     def apply_preset(self, given: Collection[str]) -> None:
         """Fill the settings the caller did not pass (``given``: the names passed) from ``preset``."""
@@ -125,6 +127,7 @@ class TrainSettings:
             ("resize", self.resize, RESIZES),
             ("loss_precision", self.loss_precision, LOSS_PRECISIONS),
             ("token_init", self.token_init, TOKEN_INITS),
+            ("attention_backend", self.attention_backend, BACKENDS),
         ):
             if value not in choices:
                 raise FlexiMMTInputError(f"{name}={value!r}: choose from {list(choices)}")
@@ -687,6 +690,7 @@ def _train(
         concept_member=members[1].to(device),
         dmem_drop=cfg.dmem_drop,
         dmem_drop_exact=cfg.dmem_drop_exact,
+        backend=cfg.attention_backend,
         generator=generator,
     )
     if not cfg.train_mask:  # w/o Train: motion tokens reach every video token
