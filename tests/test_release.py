@@ -407,14 +407,7 @@ def release_run(pipe, image, mask_paths, tokens, steps, alpha_percent=5, seed=0)
     )
     hooks = [block.attn1.register_forward_hook(capture) for block in blocks]
     try:
-        latents = pipe(
-            image=image,
-            prompt=PROMPT,
-            num_inference_steps=steps,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="latent",
-            callback_on_step_end=step_end,
-        ).frames
+        latents = generate(pipe, image, steps, seed, callback_on_step_end=step_end).frames
     finally:
         for hook in hooks:
             hook.remove()
@@ -422,19 +415,21 @@ def release_run(pipe, image, mask_paths, tokens, steps, alpha_percent=5, seed=0)
     return latents, torch.stack(history)
 
 
-def preset_run(pipe, image, mask_paths, motion_list, steps, seed=0, **kw):
-    objs = [ObjectMotion(str(path), motion, words) for path, motion, words in zip(mask_paths, motion_list, WORDS)]
+def generate(pipe, image, steps, seed, **kw):
+    """``steps`` denoising steps of the scene's prompt from ``seed``'s latents, latents out."""
     return pipe(
         image=image,
         prompt=PROMPT,
-        objects=objs,
         num_inference_steps=steps,
         generator=torch.Generator().manual_seed(seed),
         output_type="latent",
-        return_masks=True,
-        preset="release",
         **kw,
     )
+
+
+def preset_run(pipe, image, mask_paths, motion_list, steps, seed=0, **kw):
+    objs = [ObjectMotion(str(path), motion, words) for path, motion, words in zip(mask_paths, motion_list, WORDS)]
+    return generate(pipe, image, steps, seed, objects=objs, return_masks=True, preset="release", **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -852,3 +847,17 @@ def test_the_releases_loss_terms_run_in_the_models_precision():
     assert batch.x0_hat.dtype == torch.bfloat16 and torch.equal(batch.x0_hat, expected)
     assert own.x0_hat.dtype == torch.float32 and not torch.equal(own.x0_hat, expected.float())
     assert batch.weight.dtype == torch.float32
+
+
+def test_a_resumed_release_run_ends_on_the_tokens_of_an_uninterrupted_one(tmp_path):
+    from helpers import moving_square, run_killed
+
+    from fleximmt.toy import tiny_pipeline
+    from fleximmt.training.train import train_motion
+
+    video, words = moving_square(frames=13), ("A red ball jumps up.", "ball", "jumps up")
+    settings = dict(steps=4, tokens_per_motion=4, preset="release", checkpoint_every=2)
+    whole = train_motion(tiny_pipeline(0), video, *words, tmp_path / "a.safetensors", **settings)
+    run_killed(2, train_motion, tiny_pipeline(0), video, *words, tmp_path / "b.safetensors", **settings)
+    resumed = train_motion(tiny_pipeline(0), video, *words, tmp_path / "b.safetensors", resume=True, **settings)
+    assert torch.equal(resumed.tokens, whole.tokens)  # the crops, their order and every step's encoding alike
