@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--alpha",
         type=float,
-        help="dynamic RMPM: from step 5 on, keep the masks once every object's changes less than this "
+        help="dynamic RMPM: from step 5 on, keep the masks once every object changes by less than this "
         "fraction (e.g. 0.05) (default: none, update every step; 0.05 with --preset release)",
     )
     add_model_options(gen)

@@ -485,7 +485,7 @@ class FlexiMMTMixin:
 
 def check_object_mask(number: int, mask: torch.Tensor, grid_mask: torch.Tensor) -> None:
     """Refuse an object whose mask is empty, at the image's size or on the token grid: its motion
-    would reach no video token (every front end shares this rule)."""
+    would reach no video token."""
     if not mask.any():
         raise ObjectInputError(
             number,
