@@ -5,12 +5,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VISION_VENV ?= .venv-vision
 VISION_PY := $(VISION_VENV)/bin/python
-# ComfyUI's source (make test-comfy starts it as a server); its requirements join .venv-vision
-COMFYUI ?= ../shared/comfyui
+# ComfyUI's sources (make test-comfy starts each as a server): the version users run, and the oldest
+# supported; their requirements join .venv-vision
+COMFYUI ?= ../shared/comfyui-0.33
+COMFYUI_OLDEST ?= ../shared/comfyui
+COMFYUI_OLDEST_VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' $(COMFYUI_OLDEST)/comfyui_version.py)
 PYTHON ?= python3
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-vision install-comfy demo test test-vision test-comfy lint format bench clean
+.PHONY: install install-vision install-comfy demo test test-vision test-comfy test-comfy-current test-comfy-oldest lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -31,13 +34,24 @@ $(VISION_VENV)/.installed: pyproject.toml
 	$(VISION_PY) -m pip install -q -e ".[test,vision]"
 	touch $@
 
-# ComfyUI's requirements (all but torch, torchvision and torchaudio, which .venv-vision has) in .venv-vision:
-# ComfyUI loads with its torch/torchvision pair; one environment for both, built once and reused.
+# ComfyUI's requirements in .venv-vision, one environment for both ComfyUI versions the comfy tests run
+# against, built once and reused: 0.33's requirements.txt (a superset of 0.3.64's but for three pins;
+# torch, torchvision and torchaudio left out: .venv-vision has the pair ComfyUI loads with), torchaudio
+# 2.11.0 without its dependencies (the newest on the index; it imports beside torch 2.14.1 and 0.33
+# imports it at start-up), and in a folder of their own the three packages 0.3.64 pins older
+# (frontend 1.27.10, workflow templates, embedded docs), which tests/comfy_server.py puts first on
+# the path of a 0.3.64 server only.
 install-comfy: $(VISION_VENV)/.comfy-installed
 
-$(VISION_VENV)/.comfy-installed: $(VISION_VENV)/.installed $(COMFYUI)/requirements.txt
+$(VISION_VENV)/.comfy-installed: $(VISION_VENV)/.installed $(COMFYUI)/requirements.txt $(COMFYUI_OLDEST)/requirements.txt
 	grep -v -E '^(torch|torchvision|torchaudio)[[:space:]]*$$' $(COMFYUI)/requirements.txt > $(VISION_VENV)/comfy-requirements.txt
+	$(VISION_PY) -m pip install -q --no-deps torchaudio==2.11.0
 	$(VISION_PY) -m pip install -q -r $(VISION_VENV)/comfy-requirements.txt
+	grep -E '^comfyui-(frontend-package|workflow-templates|embedded-docs)==' $(COMFYUI_OLDEST)/requirements.txt \
+		> $(VISION_VENV)/comfy-oldest-pins.txt
+	rm -rf $(VISION_VENV)/comfyui-$(COMFYUI_OLDEST_VERSION)
+	$(VISION_PY) -m pip install -q --no-deps --target $(VISION_VENV)/comfyui-$(COMFYUI_OLDEST_VERSION) \
+		-r $(VISION_VENV)/comfy-oldest-pins.txt
 	touch $@
 
 demo: install
@@ -51,9 +65,14 @@ test: install
 test-vision: install-vision
 	$(VISION_PY) -m pytest -q -m "vision and not comfy"
 
-# only the tests marked `comfy`: the node pack in a real ComfyUI server (COMFYUI) started by the tests
-test-comfy: install-comfy
+# only the tests marked `comfy`: the node pack in real ComfyUI servers started by the tests, once per version
+test-comfy: test-comfy-current test-comfy-oldest
+
+test-comfy-current: install-comfy
 	COMFYUI=$(abspath $(COMFYUI)) $(VISION_PY) -m pytest -q -m comfy
+
+test-comfy-oldest: install-comfy
+	COMFYUI=$(abspath $(COMFYUI_OLDEST)) $(VISION_PY) -m pytest -q -m comfy
 
 # ruff's formatter and linter (rules in pyproject.toml), on every Python file of the repository
 lint: install

@@ -1,15 +1,19 @@
 """A real ComfyUI server for the tests marked `comfy`: ComfyUI's own ``main.py --cpu`` (its source in
-``../shared/comfyui``, or where ``COMFYUI`` says), on 127.0.0.1 at a free port, in a base directory of
-its own whose ``custom_nodes/`` links to the repository's ``comfyui/`` folder (the node pack as users
-install it) and whose ``models/`` holds what a test puts there.
+``../shared/comfyui-0.33``, or where ``COMFYUI`` says: `make test-comfy` runs the tests once with 0.33
+and once with ``../shared/comfyui``, 0.3.64), on 127.0.0.1 at a free port, in a base directory of its
+own whose ``custom_nodes/`` links to the repository's ``comfyui/`` folder (the node pack as users
+install it) and whose ``models/`` holds what a test puts there. A server of a version whose
+frontend `make install-comfy` put aside (0.3.64's) finds it first on its path.
 
-``ComfyServer`` starts and stops one; the session fixture ``comfy_server`` in tests/conftest.py shares
-one among the tests. Prompts go in as a client sends them (``/prompt`` with a ``client_id``) and their
-messages come back over ``/ws``: ``run`` waits for a prompt's end and returns its history entry
-with the messages it sent (progress, errors, interruption).
+``ComfyServer`` starts and stops one, with latent previews on (``--preview-method auto``); the session
+fixture ``comfy_server`` in tests/conftest.py shares one among the tests. Prompts go in as a client
+sends them (``/prompt`` with a ``client_id``) and their messages come back over ``/ws``: ``run``
+waits for a prompt's end and returns its history entry with the messages it sent (progress,
+errors, interruption, previews).
 
 Run as a script it writes the UI form of each example workflow from its API form, as ComfyUI's own
-frontend saves it (``python tests/comfy_server.py ui-workflows``; Chromium and chromedriver needed).
+frontend saves it, and its thumbnail for the templates browser (``python tests/comfy_server.py
+ui-workflows``, against 0.33 unless ``COMFYUI`` says; Chromium and chromedriver needed).
 """
 
 from __future__ import annotations
@@ -30,11 +34,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMFYUI = Path(os.environ.get("COMFYUI") or ROOT.parent / "shared" / "comfyui")
+COMFYUI = Path(os.environ.get("COMFYUI") or ROOT.parent / "shared" / "comfyui-0.33")
 NODE_PACK = ROOT / "comfyui"
-WORKFLOWS = NODE_PACK / "workflows"
+WORKFLOWS = NODE_PACK / "example_workflows"  # the UI forms (and thumbnails) the templates browser lists
+API_WORKFLOWS = WORKFLOWS / "api"  # the same workflows in API form, for /prompt
+CURRENT = (0, 33, 0)  # the ComfyUI users run (../shared/comfyui-0.33); the oldest supported is 0.3.64
+LEARN_STEPS = 24  # the toy example learns 300 steps (as make demo); the tests cut it to keep CI short
 TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes.py"
 START_TIMEOUT_S = 240  # CPU start-up: ComfyUI imports torch and every node pack, then serves
+
+
+def comfyui_version(comfyui: Path = COMFYUI) -> tuple[int, ...]:
+    """The version of the ComfyUI source at ``comfyui`` (its ``comfyui_version.py``), e.g. ``(0, 33, 0)``."""
+    text = (comfyui / "comfyui_version.py").read_text()
+    return tuple(int(part) for part in text.split('__version__ = "')[1].split('"')[0].split("."))
+
+
+def pinned_packages(comfyui: Path = COMFYUI) -> Path | None:
+    """The folder of packages this ComfyUI pins older than the environment has (its frontend, workflow
+    templates and embedded docs), where `make install-comfy` puts them: ``<venv>/comfyui-<version>``."""
+    folder = Path(sys.prefix) / f"comfyui-{'.'.join(map(str, comfyui_version(comfyui)))}"
+    return folder if folder.is_dir() else None
+
+
+def fresh_motions(base: Path, names) -> None:
+    """No motion of these names in the server's motions folder, nor what Learn keeps about them."""
+    folder = base / "models" / "fleximmt_motions"
+    for name in names:
+        for path in folder.glob(f"{name}.*"):
+            path.unlink()
+    (folder / ".learned.json").unlink(missing_ok=True)
 
 
 def free_port() -> int:
@@ -70,7 +99,8 @@ def make_base_directory(base: Path) -> Path:
 
 @dataclass
 class Run:
-    """One prompt's end: its history entry and the messages the server sent about it."""
+    """One prompt's end: its history entry and the messages the server sent about it (previews as
+    ``{"type": "preview", "data": {"prompt_id", "node", "image"}}``, the image a PIL image)."""
 
     prompt_id: str
     history: dict
@@ -103,6 +133,10 @@ class Run:
     def outputs(self, node: str) -> dict:
         return self.history.get("outputs", {}).get(str(node), {})
 
+    def previews(self, node: str) -> list:
+        """The preview images node ``node`` sent while it ran (PIL images), in order."""
+        return [d["image"] for d in self.events("preview") if str(d.get("node")) == str(node)]
+
 
 class PromptRejected(Exception):
     """``/prompt`` refused a prompt (ComfyUI's validation): ``.body`` holds its ``error`` and ``node_errors``."""
@@ -116,15 +150,25 @@ class ComfyServer:
     """ComfyUI serving on 127.0.0.1 from ``base`` (see :func:`make_base_directory`); ``stop`` ends it
     (also when the test process dies). The log is ``base/comfyui.log``."""
 
-    def __init__(self, base: Path, comfyui: Path = COMFYUI, python: str = sys.executable, extra_args: tuple = ()):
+    def __init__(
+        self,
+        base: Path,
+        comfyui: Path = COMFYUI,
+        python: str = sys.executable,
+        extra_args: tuple = ("--preview-method", "auto"),
+    ):
         if not (comfyui / "main.py").is_file():
             raise FileNotFoundError(f"no ComfyUI at {comfyui}: set COMFYUI to its source folder (make test-comfy does)")
         self.base = make_base_directory(Path(base))
+        self.comfyui = comfyui
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.client_id = uuid.uuid4().hex
         self.log_path = self.base / "comfyui.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        pinned = pinned_packages(comfyui)
+        if pinned is not None:  # ahead of the environment's newer frontend: the one this version pins
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pinned), env.get("PYTHONPATH")]))
         self._log = open(self.log_path, "w")  # noqa: SIM115 - the server writes to it until stop()
         self.process = subprocess.Popen(
             [
@@ -178,6 +222,8 @@ class ComfyServer:
         import websocket
 
         self._ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=600)
+        # as the frontend does: previews then come with their node and prompt (PREVIEW_IMAGE_WITH_METADATA)
+        self._ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
 
         def read():
             while True:
@@ -187,15 +233,20 @@ class ComfyServer:
                     return
                 if not text:
                     return
-                if isinstance(text, str):  # binary frames are previews
+                message = json.loads(text) if isinstance(text, str) else preview_message(text)
+                if message is not None:
                     with self._lock:
-                        self._messages.append(json.loads(text))
+                        self._messages.append(message)
                         self._lock.notify_all()
 
         threading.Thread(target=read, daemon=True, name="comfy-ws").start()
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        return comfyui_version(self.comfyui)
 
     def log(self) -> str:
         if not self._log.closed:
@@ -245,9 +296,11 @@ class ComfyServer:
         return info[node] if node else info
 
     # -- prompts ------------------------------------------------------------------------------
-    def submit(self, prompt: dict) -> str:
-        """Queue ``prompt`` (API format) as this client; returns its id, or raises :class:`PromptRejected`."""
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
+    def submit(self, prompt: dict, **extra_data) -> str:
+        """Queue ``prompt`` (API format) as this client, with ``extra_data`` (0.33: ``preview_method``);
+        returns its id, or raises :class:`PromptRejected`."""
+        body = {"prompt": prompt, "client_id": self.client_id, "extra_data": extra_data}
+        status, body = self.post("/prompt", body)
         if status != 200:
             raise PromptRejected(body or {})
         return body["prompt_id"]
@@ -304,8 +357,8 @@ class ComfyServer:
             time.sleep(0.2)
         return Run(prompt_id, history[prompt_id], self.messages(prompt_id))
 
-    def run(self, prompt: dict, timeout: float = 600) -> Run:
-        return self.finish(self.submit(prompt), timeout)
+    def run(self, prompt: dict, timeout: float = 600, **extra_data) -> Run:
+        return self.finish(self.submit(prompt, **extra_data), timeout)
 
     def interrupt(self, prompt_id: str) -> None:
         """Interrupt the prompt if it is the one running (the frontend's cancel button)."""
@@ -320,10 +373,46 @@ class ComfyServer:
         return self.base / item.get("type", "output") / item.get("subfolder", "") / item["filename"]
 
 
+def comfy_video_frames(path: Path):
+    """A video's frames (IMAGE, float ``[T, H, W, 3]``) as the ``COMFYUI`` server's *Load Video* ->
+    *Get Video Components* decode them: ComfyUI's own code, imported in this process (0.33 decodes
+    to float through FFmpeg's gbrpf32le, 0.3.64 to 8-bit rgb24)."""
+    from comfy_wan import import_comfy
+
+    import_comfy()
+    from comfy_api.latest import InputImpl
+
+    return InputImpl.VideoFromFile(str(path)).get_components().images
+
+
+def preview_message(frame: bytes) -> dict | None:
+    """A binary ``/ws`` frame as a message: a preview with its node (``PREVIEW_IMAGE_WITH_METADATA``:
+    the metadata's length, the metadata as JSON, the JPEG), None for other kinds."""
+    import io
+
+    from PIL import Image
+
+    if int.from_bytes(frame[:4], "big") != 4:
+        return None
+    length = int.from_bytes(frame[4:8], "big")
+    meta = json.loads(frame[8 : 8 + length])
+    image = Image.open(io.BytesIO(frame[8 + length :]))
+    image.load()
+    return {
+        "type": "preview",
+        "data": {"prompt_id": meta.get("prompt_id"), "node": meta.get("node_id"), "image": image},
+    }
+
+
 # -- workflows ----------------------------------------------------------------------------------
 def load_workflow(name: str) -> dict:
-    """An example workflow's API form (``comfyui/workflows/NAME.api.json``)."""
-    return json.loads((WORKFLOWS / f"{name}.api.json").read_text())
+    """An example workflow's API form (``comfyui/example_workflows/api/NAME.json``)."""
+    return json.loads((API_WORKFLOWS / f"{name}.json").read_text())
+
+
+def example_names() -> list[str]:
+    """The example workflows, by name."""
+    return sorted(path.stem for path in API_WORKFLOWS.glob("*.json"))
 
 
 def frontend_app(driver, url: str, timeout: float = 180):
@@ -338,7 +427,16 @@ def frontend_app(driver, url: str, timeout: float = 180):
     WebDriverWait(driver, timeout).until(lambda d: d.execute_script(ready))
 
 
-def layout(api: dict, sizes: dict[str, tuple[float, float]], gap: tuple[int, int] = (50, 50)) -> dict[str, list]:
+# How much taller a node grows once it shows what it made (ComfyUI 0.33's frontend, measured on the
+# toy example at these nodes' widths: a video player, an image, Transfer's latent previews): the
+# UI forms give these nodes that room from the start, so nothing they show covers another node.
+ROOM = {"SaveVideo": 270, "PreviewImage": 230, "SaveImage": 230, "FlexiMMTTransfer": 210, "KSamplerAdvanced": 210}
+# The size a loader has once it shows its file (measured likewise): it grows to it when the file arrives.
+SHOWN = {"LoadImage": (283, 314), "LoadImageMask": (283, 318), "LoadVideo": (283, 357)}
+TITLE = 30  # a node's title bar, drawn above its position
+
+
+def layout(api: dict, sizes: dict[str, tuple[float, float]], gap: tuple[int, int] = (60, 40)) -> dict[str, list]:
     """Positions for an API workflow's nodes: columns from left to right in the order data flows (a node
     one column right of its farthest input), a loader in the column just left of its first consumer
     (not all loaders in the first column), each column's nodes stacked by id; ``sizes`` as drawn."""
@@ -361,31 +459,106 @@ def layout(api: dict, sizes: dict[str, tuple[float, float]], gap: tuple[int, int
         members = sorted((k for k in api if column[k] == c), key=int)
         y = 0.0
         for k in members:
-            positions[k] = [x, y + 30]  # a node's position is below its 30-pixel title
-            y += sizes[k][1] + 30 + gap[1]
+            positions[k] = [x, y + TITLE]
+            y += sizes[k][1] + TITLE + gap[1]
         x += max(sizes[k][0] for k in members) + gap[0]
     return positions
 
 
 def ui_from_api(driver, api: dict, name: str) -> dict:
-    """The UI form of an API workflow as the frontend saves it: loaded with its own ``loadApiJson``,
-    laid out by :func:`layout` once the loaders show their images and videos, then
-    ``graphToPrompt().workflow`` (what Save / Export write)."""
+    """The UI form of an API workflow as the frontend saves it: loaded with its own ``loadApiJson``, the
+    loaders given the size they have when they show their files (:data:`SHOWN`) and the nodes that
+    show outputs their :data:`ROOM`, laid out by :func:`layout`, then ``graphToPrompt().workflow``
+    (what Save / Export write) without a saved view: the frontend then fits the whole workflow to
+    the window it opens in."""
     driver.execute_script("window.comfyAPI.app.app.loadApiJson(arguments[0], arguments[1])", api, name)
-    time.sleep(3)  # the previews of the example's inputs arrive and the loader nodes grow
+    time.sleep(2)
     sizes = driver.execute_script(
         "return Object.fromEntries(window.comfyAPI.app.app.graph._nodes"
         ".map(n => [String(n.id), [n.size[0], n.size[1]]]))"
     )
+    for k, (w, h) in sizes.items():
+        least_w, least_h = SHOWN.get(api[k]["class_type"], (0, 0))
+        sizes[k] = [max(w, least_w), max(h, least_h) + ROOM.get(api[k]["class_type"], 0)]
     driver.execute_script(
         "const g = window.comfyAPI.app.app.graph;"
-        "for (const [id, pos] of Object.entries(arguments[0])) g.getNodeById(id).pos = pos;",
+        "for (const [id, pos] of Object.entries(arguments[0])) g.getNodeById(id).pos = pos;"
+        "for (const [id, size] of Object.entries(arguments[1])) g.getNodeById(id).size = size;"
+        "window.comfyAPI.app.app.canvas.setDirty(true, true);",
         layout(api, sizes),
+        sizes,
     )
-    return driver.execute_async_script(
+    workflow = driver.execute_async_script(
         "const done = arguments[arguments.length - 1];"
         "window.comfyAPI.app.app.graphToPrompt().then(p => done(JSON.parse(JSON.stringify(p.workflow))));"
     )
+    workflow.get("extra", {}).pop("ds", None)
+    return workflow
+
+
+def fit_view(driver, text: bool = True, left: float = 0) -> None:
+    """The whole graph centred in the canvas right of ``left`` pixels (a side panel), for pictures;
+    ``text`` draws titles and widgets at any zoom (the frontend leaves them out below a font size), and
+    the minimap is hidden."""
+    driver.execute_script(
+        "const settings = window.comfyAPI.app.app.ui.settings;"
+        "settings.setSettingValue('Comfy.Minimap.Visible', false);"
+        "if (arguments[0]) settings.setSettingValue('LiteGraph.Canvas.MinFontSizeForLOD', 1);",
+        text,
+    )
+    driver.execute_script(
+        "const app = window.comfyAPI.app.app, c = app.canvas, nodes = app.graph._nodes, left = arguments[0];"
+        "const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - 30));"
+        "const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));"
+        "const w = c.canvas.width / (window.devicePixelRatio || 1) - left, h = c.canvas.height / (window.devicePixelRatio || 1);"
+        "const scale = 0.96 * Math.min(w / (x1 - x0), h / (y1 - y0));"
+        "c.ds.scale = scale;"
+        "c.ds.offset = [(left + (w - scale * (x1 - x0)) / 2) / scale - x0, (h - scale * (y1 - y0)) / 2 / scale - y0];"
+        "c.setDirty(true, true);",
+        left,
+    )
+    driver.execute_script("return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
+def graph_picture(driver, path: Path, margin: int = 12) -> Path:
+    """A screenshot of the window cut to the graph's nodes (after :func:`fit_view`), as a PNG at ``path``."""
+    from PIL import Image
+
+    driver.save_screenshot(str(path))
+    x0, y0, x1, y1 = driver.execute_script(
+        "const app = window.comfyAPI.app.app, c = app.canvas, nodes = app.graph._nodes, r = c.canvas.getBoundingClientRect();"
+        "const s = c.ds.scale, [ox, oy] = c.ds.offset;"
+        "const X = x => r.left + (x + ox) * s, Y = y => r.top + (y + oy) * s;"
+        "return [X(Math.min(...nodes.map(n => n.pos[0]))), Y(Math.min(...nodes.map(n => n.pos[1] - 30))),"
+        " X(Math.max(...nodes.map(n => n.pos[0] + n.size[0]))), Y(Math.max(...nodes.map(n => n.pos[1] + n.size[1])))];"
+    )
+    ratio = driver.execute_script("return window.devicePixelRatio || 1")
+    box = [round(v * ratio) for v in (x0 - margin, y0 - margin, x1 + margin, y1 + margin)]
+    with Image.open(path) as shot:
+        shot.crop(box).save(path)
+    return path
+
+
+def node_boxes(driver) -> dict[str, list[float]]:
+    """Every node's box on the canvas, title bar included: ``[x0, y0, x1, y1]`` by node id."""
+    return driver.execute_script(
+        "return Object.fromEntries(window.comfyAPI.app.app.graph._nodes.map(n => [String(n.id),"
+        " [n.pos[0], n.pos[1] - 30, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]]))"
+    )
+
+
+def overlapping(boxes: dict[str, list[float]]) -> list[tuple[str, str]]:
+    """The pairs of node boxes that overlap."""
+    ids = sorted(boxes, key=int)
+    return [
+        (a, b)
+        for i, a in enumerate(ids)
+        for b in ids[i + 1 :]
+        if boxes[a][0] < boxes[b][2]
+        and boxes[b][0] < boxes[a][2]
+        and boxes[a][1] < boxes[b][3]
+        and boxes[b][1] < boxes[a][3]
+    ]
 
 
 def prompt_from_ui(driver, ui: dict, name: str = "workflow") -> dict:
@@ -402,10 +575,40 @@ def prompt_from_ui(driver, ui: dict, name: str = "workflow") -> dict:
     )
 
 
+# the loaders of the example workflows: the model folder and the input naming the file each loads
+LOADERS = {
+    "UNETLoader": ("diffusion_models", "unet_name"),
+    "CLIPLoader": ("text_encoders", "clip_name"),
+    "VAELoader": ("vae", "vae_name"),
+    "FlexiMMTLoadMotion": ("fleximmt_motions", "motion"),
+}
+
+
+def stand_in_files(base: Path, api: dict) -> None:
+    """Empty files under the names an example's loaders ask for (so the frontend marks none missing in
+    the pictures), and the demo image or a mask of it for each image it loads."""
+    from fleximmt.apps.comfy.examples import IMAGE, mask_name
+
+    masks = 0
+    for node in api.values():
+        inputs = node["inputs"]
+        if node["class_type"] in LOADERS:
+            folder, key = LOADERS[node["class_type"]]
+            (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+            (base / "models" / folder / inputs[key]).touch()
+        elif node["class_type"] in ("LoadImage", "LoadImageMask"):
+            masks += node["class_type"] == "LoadImageMask"
+            source = IMAGE if node["class_type"] == "LoadImage" else mask_name(masks)
+            if not (base / "input" / inputs["image"]).exists():
+                (base / "input" / inputs["image"]).write_bytes((base / "input" / source).read_bytes())
+
+
 def write_ui_workflows() -> list[Path]:
-    """Write ``comfyui/workflows/NAME.json`` (UI form) for every ``NAME.api.json`` there."""
+    """Write ``comfyui/example_workflows/NAME.json`` (UI form) and ``NAME.jpg`` (its thumbnail in the
+    templates browser) for every ``api/NAME.json`` there."""
     sys.path.insert(0, str(Path(__file__).parent))
     from helpers import headless_chromium
+    from PIL import Image
 
     written = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -413,15 +616,23 @@ def write_ui_workflows() -> list[Path]:
 
         server = ComfyServer(Path(tmp) / "base")
         write_inputs(server.base / "input")
-        driver = headless_chromium(Path(tmp) / "profile", height=1200)
+        driver = headless_chromium(Path(tmp) / "profile", height=1080)
+        driver.set_window_size(1920, 1080)
         try:
             frontend_app(driver, server.url)
-            for path in sorted(WORKFLOWS.glob("*.api.json")):
-                name = path.name[: -len(".api.json")]
-                ui = ui_from_api(driver, json.loads(path.read_text()), name)
+            for name in example_names():
+                stand_in_files(server.base, load_workflow(name))
+            driver.refresh()  # the model lists as they are now
+            frontend_app(driver, server.url)
+            for name in example_names():
+                ui = ui_from_api(driver, load_workflow(name), name)
                 target = WORKFLOWS / f"{name}.json"
                 target.write_text(json.dumps(ui, indent=2) + "\n")
-                written.append(target)
+                fit_view(driver)
+                thumbnail = Image.open(graph_picture(driver, Path(tmp) / f"{name}.png")).convert("RGB")
+                thumbnail.thumbnail((800, 400))  # the registry's and the browser's card size at most
+                thumbnail.save(WORKFLOWS / f"{name}.jpg", quality=85)
+                written += [target, WORKFLOWS / f"{name}.jpg"]
         finally:
             driver.quit()
             server.stop()
@@ -430,6 +641,9 @@ def write_ui_workflows() -> list[Path]:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["ui-workflows"]:
-        sys.exit("usage: python tests/comfy_server.py ui-workflows   (writes comfyui/workflows/*.json from *.api.json)")
+        sys.exit(
+            "usage: python tests/comfy_server.py ui-workflows   "
+            "(writes comfyui/example_workflows/NAME.json and NAME.jpg from api/NAME.json)"
+        )
     for written in write_ui_workflows():
         print(f"wrote {written.relative_to(ROOT)}")

@@ -1,6 +1,6 @@
-"""The native Wan patch in a real ComfyUI server: the example workflow
-``comfyui/workflows/native_wan22_i2v.api.json`` (Wan 2.2 I2V A14B: two experts, each patched by
-*Apply FlexiMMT* with its own token set, ComfyUI's own loaders, WanImageToVideo, KSamplerAdvanced x 2,
+"""The native Wan patch in a real ComfyUI server (0.33 and 0.3.64, as `make test-comfy` runs them): the
+example workflow ``comfyui/example_workflows/api/native_wan22_i2v.json`` (Wan 2.2 I2V A14B: two experts,
+each patched by *FlexiMMT Apply (Wan)* with its own token set, ComfyUI's own loaders, WanImageToVideo, KSamplerAdvanced x 2,
 VAE Decode, Create / Save Video) posted to ``/prompt`` on tiny models.
 
 Tiny stand-ins, said here as the issue asks: the two Wan experts are tiny (fleximmt's tiny diffusers
@@ -108,6 +108,8 @@ def test_the_native_example_workflow_samples_with_fleximmt(comfy_server, native_
     assert run.status == "success", (run.error, comfy_server.log()[-3000:])
     frames = video_frames(comfy_server, run)
     assert frames.shape == (LENGTH, SIZE, SIZE, 3)
+    for sampler in ("20", "21"):  # ComfyUI's own latent previews of the patched model, a step each
+        assert len(run.previews(sampler)) == STEPS // 2
     plain = comfy_server.run(tiny_prompt(native_models, flexi=False))
     assert plain.status == "success", plain.error
     difference = np.abs(frames.astype(float) - video_frames(comfy_server, plain).astype(float)).mean()
@@ -123,6 +125,17 @@ def test_a_bad_native_input_is_a_node_error_and_the_server_goes_on(comfy_server,
     assert comfy_server.alive()
     again = comfy_server.run(tiny_prompt(native_models))
     assert again.status == "success"
+
+
+def test_an_empty_object_mask_is_a_node_error_before_sampling(comfy_server, native_models):
+    base = comfy_server.base
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(base / "input" / "native_empty_mask.png")
+    prompt = tiny_prompt(native_models)
+    prompt["13"]["inputs"]["image"] = "native_empty_mask.png"
+    run = comfy_server.run(prompt)
+    assert run.status == "error" and run.error["node_id"] == "15"  # object 2's Object node
+    assert run.error["exception_message"].startswith("object 2: its mask is empty (no pixel above 0.5)")
+    assert run.progress("20") == [] and run.progress("21") == []  # nothing sampled
 
 
 def test_an_interrupted_native_run_leaves_nothing_behind(comfy_server, native_models):

@@ -1,9 +1,10 @@
 """The FlexiMMT nodes in a real ComfyUI server (``tests/comfy_server.py``: ComfyUI's ``main.py --cpu``
 on 127.0.0.1, the node pack linked into its custom_nodes/), driven as ComfyUI's frontend drives it:
-prompts posted to ``/prompt``, progress and errors read from ``/ws``, results from ``/history`` and
-the files the output nodes wrote; ``/interrupt`` as the cancel button. Every expected value comes
-from fleximmt itself, called here in the test process with the same inputs (the toy model that ships
-with fleximmt, on this CPU). Runs in `make test-comfy`."""
+prompts posted to ``/prompt``, progress, previews and errors read from ``/ws``, results from
+``/history`` and the files the output nodes wrote; ``/interrupt`` as the cancel button. Every
+expected value comes from fleximmt itself, called here in the test process with the same inputs (the
+toy model that ships with fleximmt, on this CPU), the reference videos decoded by the server's own
+ComfyUI code. Runs in `make test-comfy`, once against ComfyUI 0.33 and once against 0.3.64."""
 
 import json
 import shutil
@@ -13,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from comfy_server import WORKFLOWS, PromptRejected, load_workflow
-from helpers import headless_chromium, needs_chromium
+from comfy_server import CURRENT, LEARN_STEPS, PromptRejected, comfy_video_frames, fresh_motions, load_workflow
 from PIL import Image
 
 from fleximmt import MotionTokens, ObjectMotion, train_motion
@@ -26,17 +26,16 @@ from fleximmt.training.train import checkpoint_path
 
 pytestmark = pytest.mark.comfy
 
-LEARN_STEPS = 24  # the example workflow learns 300 steps (as make demo); cut here to keep CI short
 PROMPT = "A red square zigzags right. A blue circle bounces."
 WORDS = {"zigzag": "zigzags right", "bounce": "bounces"}
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "comfyui.png"
-FLEXIMMT_NODES = {
-    "FlexiMMTLoadModel": "Load FlexiMMT model",
-    "FlexiMMTLearnMotion": "FlexiMMT Learn motion",
-    "FlexiMMTLoadMotion": "FlexiMMT Load motion",
+FLEXIMMT_NODES = {  # the class ids of the first release (saved workflows name them) and today's names
+    "FlexiMMTLoadModel": "FlexiMMT Load Model",
+    "FlexiMMTLearnMotion": "FlexiMMT Learn Motion",
+    "FlexiMMTLoadMotion": "FlexiMMT Load Motion",
     "FlexiMMTObject": "FlexiMMT Object",
     "FlexiMMTTransfer": "FlexiMMT Transfer",
-    "FlexiMMTPreviewMasks": "FlexiMMT Preview masks",
+    "FlexiMMTPreviewMasks": "FlexiMMT Preview Masks",
+    "FlexiMMTApply": "FlexiMMT Apply (Wan)",
 }
 
 
@@ -53,11 +52,17 @@ def server(comfy_server):
 
 
 def decoded(path: Path) -> np.ndarray:
-    """A video's frames as ComfyUI's Load Video decodes them (PyAV, rgb24)."""
+    """A video's frames, 8-bit RGB as PyAV decodes them."""
     import av
 
     with av.open(str(path)) as container:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def reference_frames(path: Path) -> np.ndarray:
+    """A reference video as the server's ComfyUI decodes it (its own Load Video code), rounded to bytes
+    as the Learn node hands frames to ``train_motion``."""
+    return (comfy_video_frames(path).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def saved_frames(server, run, node: str) -> np.ndarray:
@@ -102,7 +107,7 @@ def learn_prompt(name: str, steps: int, motion: str = "zigzag") -> dict:
 def expected_motion(toy, server, motion: str, steps: int, out: Path) -> MotionTokens:
     """fleximmt's own training on the reference as ComfyUI decodes it, with the example's settings."""
     caption, concept, words = reference_caption(motion)
-    frames = decoded(server.base / "input" / video_name(motion))
+    frames = reference_frames(server.base / "input" / video_name(motion))
     return train_motion(
         toy, frames, caption, concept, words, out, steps=steps, tokens_per_motion=16, seed=0, video_fps=8.0
     )
@@ -134,6 +139,7 @@ def expected_transfer(toy, server, motions: dict[str, MotionTokens], steps: int 
 def example(server):
     """The example workflow (learn two motions on the toy model, transfer them onto two objects) run
     once through the server, its training steps cut to LEARN_STEPS; exact frames saved beside it."""
+    fresh_motions(server.base, REFERENCES)  # learned here, whatever another module left
     prompt = load_workflow("fleximmt_toy_learn_and_transfer")
     for node in ("4", "7"):
         prompt[node]["inputs"]["steps"] = LEARN_STEPS
@@ -144,16 +150,32 @@ def example(server):
 
 def test_the_node_pack_loads_its_nodes_with_types_and_tooltips(server):
     info = server.object_info()
-    assert "Cannot import" not in "".join(line for line in server.log().splitlines() if "fleximmt" in line)
-    for node, name in FLEXIMMT_NODES.items():
+    log = [line for line in server.log().splitlines() if "fleximmt" in line]
+    assert not [line for line in log if "IMPORT FAILED" in line or "Error" in line], log
+    for node, name in FLEXIMMT_NODES.items():  # one pattern, the first release's class ids
         spec = info[node]
         assert spec["display_name"] == name and spec["category"] == "FlexiMMT" and spec["description"]
         inputs = {**spec["input"]["required"], **spec["input"].get("optional", {})}
         assert inputs and all(options.get("tooltip") for _, options in inputs.values()), node
     assert info["FlexiMMTTransfer"]["output"] == ["IMAGE", "IMAGE"]
+    assert info["FlexiMMTTransfer"]["output_name"] == ["frames", "mask_overlay"]
     assert info["FlexiMMTObject"]["output"] == ["FLEXIMMT_OBJECTS"]
     assert info["FlexiMMTLearnMotion"]["output_node"] is True  # queued alone, it runs
-    assert info["FlexiMMTLoadModel"]["input"]["required"]["model"][0][0] == "toy"
+    assert info["FlexiMMTLoadModel"]["input"]["required"]["model"][1]["options"][0] == "toy"
+    from fleximmt.models import SUPPORTED
+
+    assert SUPPORTED in info["FlexiMMTLoadModel"]["description"]  # every family it loads, HunyuanVideo 1.5 too
+    assert "GGUF models (ComfyUI-GGUF) are untested" in info["FlexiMMTApply"]["description"]  # as README says
+
+
+def test_the_server_serves_the_frontend_its_version_pins(server):
+    """0.3.64 finds its own frontend (1.27.10) ahead of 0.33's in the shared environment."""
+    from comfy_server import COMFYUI
+
+    pins = (COMFYUI / "requirements.txt").read_text()
+    pinned = next(line.split("==")[1] for line in pins.splitlines() if line.startswith("comfyui-frontend-package=="))
+    served = [line for line in server.log().splitlines() if "frontend" in line and "version" in line]
+    assert any(line.rstrip().endswith(pinned) for line in served), served
 
 
 def test_the_example_workflow_learns_two_motions_as_fleximmt_does(server, example, toy, tmp_path):
@@ -166,7 +188,11 @@ def test_the_example_workflow_learns_two_motions_as_fleximmt_does(server, exampl
         torch.testing.assert_close(learned.tokens, expected.tokens, rtol=0, atol=1e-6)
         assert learned.metadata == expected.metadata
         assert example.progress(node) == list(range(1, LEARN_STEPS + 1))  # ComfyUI's progress bar, every step
-        assert example.outputs(node)["text"][0].startswith(f"caption: {reference_caption(name)[0]}\n")
+        (info,) = example.outputs(node)["text"]  # shown on the node (web/fleximmt.js draws it)
+        assert info == (
+            f"caption: {reference_caption(name)[0]}\nconcept: white circle\nmotion words: {WORDS[name]}\n"
+            f"4 blocks x 16 tokens x 256\n{LEARN_STEPS} training steps"
+        )
 
 
 def test_the_example_workflow_transfers_them_as_fleximmts_pipeline_does(server, example, toy):
@@ -260,6 +286,7 @@ def test_bad_inputs_give_node_errors_numbered_by_object_and_the_server_stays_up(
 
     inputs, motions = server.base / "input", server.base / "models" / "fleximmt_motions"
     Image.fromarray(np.full((32, 32), 255, np.uint8)).save(inputs / "small_mask.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(inputs / "empty_mask.png")  # an object not painted
     random_motion(tiny_pipeline(0).transformer, 16, name="other").save(motions / "other model.safetensors")
     (motions / "broken.safetensors").write_bytes(b"\x00" * 64)
     saved = transfer_prompt(load_workflow("fleximmt_toy_saved_motions"), steps=2)
@@ -270,6 +297,7 @@ def test_bad_inputs_give_node_errors_numbered_by_object_and_the_server_stays_up(
             "object 2: the mask is 32 x 32 but the image is 64 x 64: give a mask of the image's size",
         ),
         (bad(saved, "12", motion_words=" "), "12", "object 2: write its motion words"),
+        (bad(saved, "10", image="empty_mask.png"), "12", "object 2: its mask is empty (no pixel above 0.5)"),
         (bad(saved, "12", motion_words="flies away"), "15", "object 2: motion words 'flies away' were not found"),
         (bad(saved, "7", motion="other model.safetensors"), "15", "object 2: motion tokens are for a model with"),
         (
@@ -295,6 +323,128 @@ def test_bad_inputs_give_node_errors_numbered_by_object_and_the_server_stays_up(
     assert server.run(saved).status == "success"  # the next good prompt runs
 
 
+def history_size(server) -> int:
+    return len(server.get("/history"))
+
+
+@pytest.mark.parametrize(
+    "node, inputs, error_type",
+    [
+        ("15", {"steps": 10000}, "value_bigger_than_max"),  # Transfer: its widget's range
+        ("8", {"image": "not_there.png"}, "custom_validation_failed"),  # Load Image: a missing file
+    ],
+)
+def test_a_bad_widget_or_file_refuses_the_whole_prompt_before_anything_runs(server, node, inputs, error_type):
+    """The learn example with one bad input: /prompt answers 400 with ComfyUI's node error and runs
+    nothing (without the pack's rule, ComfyUI would run the Learn nodes and report success)."""
+    folder = server.base / "models" / "fleximmt_motions"
+    before, files = history_size(server), sorted(folder.glob("*")) if folder.is_dir() else []
+    prompt = bad(load_workflow("fleximmt_toy_learn_and_transfer"), node, **inputs)
+    for learn in ("4", "7"):
+        prompt[learn]["inputs"]["name"] = f"never_{learn}"
+    with pytest.raises(PromptRejected) as rejected:
+        server.submit(prompt)
+    body = rejected.value.body
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    assert [error["type"] for error in body["node_errors"][node]["errors"]] == [error_type]
+    time.sleep(2)  # anything queued would have started
+    assert server.queue() == {"queue_running": [], "queue_pending": []} and history_size(server) == before
+    assert sorted(folder.glob("*")) == files  # no motion learned
+
+
+def test_a_prompt_without_fleximmt_nodes_keeps_comfyuis_own_rule(server):
+    """ComfyUI runs the outputs that validate: the pack's rule leaves other prompts alone."""
+    inputs = server.base / "input"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(inputs / "plain.png")
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "plain.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "check/plain"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "not_there.png"}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "check/never"}},
+    }
+    run = server.run(prompt)
+    assert run.status == "success" and len(run.outputs("2")["images"]) == 1 and not run.outputs("4")
+
+
+def test_the_learn_example_run_again_neither_retrains_nor_overwrites_and_makes_the_same_video(server, example):
+    """Queued again from the frontend, the example's Load Video nodes carry the upload widget's value
+    (``upload``), so ComfyUI's cache misses and the Learn nodes run again: they load the motions they
+    saved, without a training step, and the same seed makes the same video."""
+    folder = server.base / "models" / "fleximmt_motions"
+    saved = {name: (folder / f"{name}.safetensors").read_bytes() for name in REFERENCES}
+    stamps = {name: (folder / f"{name}.safetensors").stat().st_mtime_ns for name in REFERENCES}
+    prompt = load_workflow("fleximmt_toy_learn_and_transfer")
+    for node in ("4", "7"):
+        prompt[node]["inputs"]["steps"] = LEARN_STEPS
+    for node in ("2", "5"):
+        prompt[node]["inputs"]["upload"] = "image"  # what the UI form queues beside the file
+    again = server.run(with_saved_images(prompt, {"frames": ["15", 0], "overlay": ["15", 1]}))
+    assert again.status == "success", again.error
+    executed = {m["data"]["node"] for m in again.messages if m["type"] == "executing" and m["data"].get("node")}
+    assert {"2", "4", "7", "15"} <= executed  # the cache missed: Learn and Transfer ran again
+    assert again.progress("4") == [] and again.progress("7") == []  # no training step
+    for node, name in (("4", "zigzag"), ("7", "bounce")):
+        assert (folder / f"{name}.safetensors").read_bytes() == saved[name]
+        assert (folder / f"{name}.safetensors").stat().st_mtime_ns == stamps[name]  # not even rewritten
+        assert "already learned with these inputs" in again.outputs(node)["text"][0]
+    assert np.array_equal(saved_frames(server, again, "90"), saved_frames(server, example, "90"))
+    assert np.array_equal(saved_frames(server, again, "91"), saved_frames(server, example, "91"))
+
+
+def test_a_learn_of_an_existing_name_with_other_inputs_is_refused_and_the_file_stays(server, example):
+    folder = server.base / "models" / "fleximmt_motions"
+    before = (folder / "zigzag.safetensors").read_bytes()
+    prompt = learn_prompt("zigzag", steps=LEARN_STEPS, motion="bounce")  # another video under the same name
+    run = server.run(prompt)
+    assert run.status == "error" and run.error["node_id"] == "4"
+    assert run.error["exception_message"].startswith(
+        "a motion named 'zigzag' already exists (models/fleximmt_motions/zigzag.safetensors), learned from "
+        "another video or with other words or settings: give this one another name, or delete that file"
+    )
+    assert run.progress("4") == [] and (folder / "zigzag.safetensors").read_bytes() == before
+
+
+def test_learn_takes_the_toy_models_own_tokens_and_steps_for_0(server, toy):
+    from comfy_wan import import_comfy
+
+    import_comfy()
+    from fleximmt.apps.comfy.nodes import is_toy, learn_defaults
+
+    assert is_toy(toy) and learn_defaults(is_toy(toy)) == (300, 16)  # make demo's
+    assert learn_defaults(False) == (2000, 226)  # the paper's, for any other model
+    spec = server.object_info("FlexiMMTLearnMotion")["input"]["required"]
+    assert spec["steps"][1]["default"] == 0 and spec["tokens"][1]["default"] == 0
+    folder = server.base / "models" / "fleximmt_motions"
+    run = server.run(bad(learn_prompt("own_tokens", steps=2), "4", tokens=0))
+    assert run.status == "success", run.error
+    assert MotionTokens.load(folder / "own_tokens.safetensors").d_m == 16
+    for path in folder.glob("own_tokens*"):
+        path.unlink()
+
+
+def test_transfer_sends_a_latent_preview_each_step_that_shows_the_video(server, example):
+    """ComfyUI's latent previewer (``--preview-method auto``) with factors fitted to the toy VAE:
+    one preview a step, the last one looking like the video's frames of the middle latent frame."""
+    previews = example.previews("15")
+    assert len(previews) == 20  # one a denoising step
+    frames = saved_frames(server, example, "90").astype(float)  # 17 frames; latent frame 2 covers 5..8
+    last = np.asarray(previews[-1].convert("RGB").resize((64, 64), Image.BILINEAR)).astype(float)
+    distance = lambda a, b: np.abs(a - b).mean()
+    assert distance(last, frames[5:9].mean(0)) < 0.5 * distance(np.full_like(last, frames.mean()), frames[5:9].mean(0))
+    assert distance(np.asarray(previews[0].convert("RGB").resize((64, 64))), frames[5:9].mean(0)) > distance(
+        last, frames[5:9].mean(0)
+    )  # the first step's preview is noise, the last the video
+
+
+def test_transfer_sends_no_preview_when_the_user_turns_previews_off(server, example):
+    if server.version < CURRENT:
+        pytest.skip("ComfyUI 0.3.64 sets previews for the whole server only (--preview-method)")
+    saved = transfer_prompt(load_workflow("fleximmt_toy_saved_motions"), steps=2)
+    saved["15"]["inputs"]["seed"] = 1  # not ComfyUI's cached result
+    run = server.run(saved, preview_method="none")  # the frontend's setting, sent with the prompt
+    assert run.status == "success" and run.progress("15") == [1, 2] and run.previews("15") == []
+
+
 def test_load_model_lists_the_supported_diffusers_folders_and_loads_cogvideox_and_wan(server):
     from fleximmt.toy import random_motion, tiny_pipeline
     from fleximmt.toy.tiny import tiny_wan_pipeline
@@ -304,7 +454,7 @@ def test_load_model_lists_the_supported_diffusers_folders_and_loads_cogvideox_an
     tiny_wan_pipeline(0, version="2.2").save_pretrained(models / "family" / "tiny-wan")
     (models / "not-a-video-model").mkdir(parents=True)
     (models / "not-a-video-model" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
-    choices = server.object_info("FlexiMMTLoadModel")["input"]["required"]["model"][0]
+    choices = server.object_info("FlexiMMTLoadModel")["input"]["required"]["model"][1]["options"]
     assert choices == ["toy", "family/tiny-wan", "tiny-cogvideox"]
 
     inputs = server.base / "input"
@@ -344,66 +494,3 @@ def test_load_model_lists_the_supported_diffusers_folders_and_loads_cogvideox_an
         assert np.array_equal(saved_frames(server, run, "7")[0], expected)  # each family's own token grid
     shutil.rmtree(models)
     (server.base / "models" / "fleximmt_motions" / "tiny.safetensors").unlink()
-
-
-FIT_VIEW = """
-const app = window.comfyAPI.app.app, nodes = app.graph._nodes, canvas = app.canvas;
-const x0 = Math.min(...nodes.map(n => n.pos[0])) - 10, y0 = Math.min(...nodes.map(n => n.pos[1])) - 40;
-const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])) + 10, y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1])) + 10;
-const box = canvas.canvas.getBoundingClientRect(), panel = document.querySelector('.side-bar-panel');
-const left = panel ? panel.getBoundingClientRect().right - box.left : 0;
-const scale = Math.min((box.width - left) / (x1 - x0), box.height / (y1 - y0));
-canvas.ds.scale = scale;
-canvas.ds.offset = [left / scale - x0, -y0];
-canvas.setDirty(true, true);
-"""
-
-
-@needs_chromium
-def test_the_frontend_finds_the_nodes_in_its_library_and_loads_the_example_workflows(server, tmp_path):
-    from comfy_server import frontend_app, prompt_from_ui
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    driver = headless_chromium(tmp_path / "profile", height=1100)
-    driver.set_window_size(1920, 1100)
-    try:
-        frontend_app(driver, server.url)
-        info = server.object_info()
-
-        def declared(prompt: dict) -> dict:  # each node's inputs its definition declares (not frontend-only widgets)
-            spec = lambda t: {**info[t]["input"]["required"], **info[t]["input"].get("optional", {})}
-            return {
-                k: (v["class_type"], {n: x for n, x in v["inputs"].items() if n in spec(v["class_type"])})
-                for k, v in prompt.items()
-            }
-
-        for path in sorted(WORKFLOWS.glob("*.api.json"), reverse=True):  # the UI form: the API form's workflow
-            name = path.name[: -len(".api.json")]
-            ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
-            assert (
-                ui["version"] == 0.4
-                and ui["links"]
-                and all({"id", "type", "pos", "size"} <= set(n) for n in ui["nodes"])
-            )
-            queued = prompt_from_ui(driver, ui, name)  # what the frontend queues when the UI form is loaded
-            api = json.loads(path.read_text())
-            assert declared(queued) == declared(api) == {k: (v["class_type"], v["inputs"]) for k, v in api.items()}
-        driver.find_element(By.CSS_SELECTOR, ".node-library-tab-button").click()
-        search = WebDriverWait(driver, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, ".side-bar-panel input"))
-        search.send_keys("FlexiMMT")
-        library = driver.find_element(By.CSS_SELECTOR, ".side-bar-panel")
-        WebDriverWait(driver, 30).until(lambda d: "FlexiMMT Preview masks" in library.text)
-        listed = library.text.replace("\n", " ")
-        assert all(name in listed for name in [*FLEXIMMT_NODES.values(), "Apply FlexiMMT (Wan)"]), listed
-        driver.execute_script(
-            "window.comfyAPI.app.app.ui.settings.setSettingValue('Comfy.Minimap.Visible', false);"
-            "window.comfyAPI.app.app.ui.settings.setSettingValue('LiteGraph.Canvas.MinFontSizeForLOD', 1)"
-        )
-        time.sleep(1)  # the Load Image nodes grow when their previews arrive
-        driver.execute_script(FIT_VIEW)  # the whole example workflow (loaded last) beside the node library
-        driver.execute_script("return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        driver.save_screenshot(str(SCREENSHOT))
-    finally:
-        driver.quit()

@@ -1,5 +1,5 @@
 """What every FlexiMMT node shares: ComfyUI's types as fleximmt reads them, the motion folder, the
-objects list, and errors numbered as the user sees them.
+objects list and its *Object* node, and errors numbered as the user sees them.
 
 ComfyUI passes IMAGE as float ``[B, H, W, C]`` in 0-1 (video frames on B) and MASK as ``[B, H, W]``
 or ``[H, W]``. FlexiMMT's own values travel between nodes as these types:
@@ -9,8 +9,10 @@ or ``[H, W]``. FlexiMMT's own values travel between nodes as these types:
   image's size, motion, motion words), object 1 first; the *Object* node appends one.
 - ``FLEXIMMT_PIPE``: a FlexiMMT diffusers pipeline (``FlexiMMTPipeline`` / ``FlexiMMTWanPipeline``).
 
-Only this package imports ComfyUI (``folder_paths``, ``comfy.*``), and only inside functions, so
-``import fleximmt.apps.comfy`` works without it.
+The nodes use ComfyUI's V3 schema (``comfy_api.latest``), which ComfyUI 0.3.64 and 0.33 both load,
+so these modules import ComfyUI; ``fleximmt.apps.comfy`` itself imports them only when ComfyUI asks.
+Every node is named "FlexiMMT ..." in the node library; the class ids are those of the first
+release, so saved workflows open unchanged.
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ import os
 from pathlib import Path
 
 import torch
+from comfy_api.latest import io
 
 from ...errors import ObjectInputError
 from ...method.motion import MotionTokens, ObjectMotion
 from ...method.pipeline import about_object
 
 CATEGORY = "FlexiMMT"
-MOTION = "FLEXIMMT_MOTION"
-OBJECTS = "FLEXIMMT_OBJECTS"
-PIPE = "FLEXIMMT_PIPE"
+MOTION = io.Custom("FLEXIMMT_MOTION")
+OBJECTS = io.Custom("FLEXIMMT_OBJECTS")
+PIPE = io.Custom("FLEXIMMT_PIPE")
 MOTIONS_FOLDER = "fleximmt_motions"  # ComfyUI model folder of learned motions (models/fleximmt_motions)
 MAX_OBJECTS = 8
 
@@ -74,61 +77,62 @@ def first_mask(mask: torch.Tensor, k: int) -> torch.Tensor:
 def add_object(
     objects: tuple | None, mask: torch.Tensor, motion: MotionTokens, motion_words: str, concept_words: str = ""
 ) -> tuple[ObjectMotion, ...]:
-    """``objects`` with one more object appended (the *Object* node)."""
+    """``objects`` with one more object appended (the *Object* node). A mask with no pixel above 0.5
+    is refused here, so the wrapper nodes and the native patch refuse it alike, before anything runs."""
     objects = tuple(objects or ())
     k = len(objects) + 1
     if k > MAX_OBJECTS:
         raise ObjectInputError(k, f"FlexiMMT takes at most {MAX_OBJECTS} objects; remove an Object node")
     if not isinstance(motion, MotionTokens):
-        raise ObjectInputError(k, "connect a MOTION (from Load motion or Learn motion)")
+        raise ObjectInputError(k, "connect a MOTION (from Load Motion or Learn Motion)")
     if not motion_words.strip():
         raise ObjectInputError(k, "write its motion words, the words of the prompt that describe its motion")
+    pixels = first_mask(mask, k)
+    if not pixels.any():
+        raise ObjectInputError(
+            k,
+            "its mask is empty (no pixel above 0.5), so its motion would move nothing: paint the object "
+            "in the mask editor, or connect the mask of the object",
+        )
     with about_object(k):
-        obj = ObjectMotion(first_mask(mask, k), motion, motion_words.strip(), concept_words.strip() or None)
+        obj = ObjectMotion(pixels, motion, motion_words.strip(), concept_words.strip() or None)
     return (*objects, obj)
 
 
-class ObjectNode:
-    """One object of the first frame: its mask, its motion and the prompt's words for that motion."""
-
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (OBJECTS,)
-    RETURN_NAMES = ("objects",)
-    FUNCTION = "add"
-    DESCRIPTION = "Adds one object (mask + motion + motion words) to the objects list; chain up to 8."
+class ObjectNode(io.ComfyNode):
+    """FlexiMMT Object: one object of the first frame, its motion and the prompt's words for that motion."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "mask": (
-                    "MASK",
-                    {
-                        "tooltip": "The object in the first frame (mask editor, SAM, a loaded mask); "
-                        "of a batch, the first mask is used."
-                    },
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlexiMMTObject",
+            display_name="FlexiMMT Object",
+            category=CATEGORY,
+            description="Adds one object (mask + motion + motion words) to the objects list; chain up to 8.",
+            inputs=[
+                io.Mask.Input(
+                    "mask",
+                    tooltip="The object in the first frame (mask editor, SAM, a loaded mask); "
+                    "of a batch, the first mask is used.",
                 ),
-                "motion": (MOTION, {"tooltip": "The motion this object performs (Load motion or Learn motion)."}),
-                "motion_words": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "The words of the prompt that describe this "
-                        "object's motion, exactly as the prompt has them, e.g. 'jumps up'.",
-                    },
+                MOTION.Input("motion", tooltip="The motion this object performs (Load Motion or Learn Motion)."),
+                io.String.Input(
+                    "motion_words",
+                    default="",
+                    tooltip="The words of the prompt that describe this object's motion, exactly as the prompt "
+                    "has them, e.g. 'jumps up'.",
                 ),
-            },
-            "optional": {
-                "objects": (OBJECTS, {"tooltip": "Objects before this one (chain Object nodes)."}),
-                "concept_words": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "Optional: the words naming the object (only the 'qk' mask source uses them).",
-                    },
+                OBJECTS.Input("objects", optional=True, tooltip="Objects before this one (chain Object nodes)."),
+                io.String.Input(
+                    "concept_words",
+                    optional=True,
+                    default="",
+                    tooltip="Optional: the words naming the object (only the 'qk' mask source uses them).",
                 ),
-            },
-        }
+            ],
+            outputs=[OBJECTS.Output("objects_out", display_name="objects")],
+        )
 
-    def add(self, mask, motion, motion_words, objects=None, concept_words=""):
-        return (add_object(objects, mask, motion, motion_words, concept_words),)
+    @classmethod
+    def execute(cls, mask, motion, motion_words, objects=None, concept_words="") -> io.NodeOutput:
+        return io.NodeOutput(add_object(objects, mask, motion, motion_words, concept_words))

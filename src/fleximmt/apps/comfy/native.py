@@ -1,4 +1,4 @@
-"""FlexiMMT native on ComfyUI's own Wan model (``comfy/ldm/wan/model.py``): the *Apply FlexiMMT* node.
+"""FlexiMMT native on ComfyUI's own Wan model (``comfy/ldm/wan/model.py``): the *FlexiMMT Apply (Wan)* node.
 
 It takes a MODEL from ComfyUI's loaders - with whatever LoRAs, GGUF or fp8 weights were loaded there
 - and returns a clone that any sampler runs with FlexiMMT (docs/method.md#wan), through ComfyUI's
@@ -30,6 +30,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from comfy_api.latest import io
 
 from ...errors import FlexiMMTInputError, ObjectInputError
 from ...method.adapter import TokenGrid
@@ -179,7 +180,7 @@ class WanPatch:
             return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
         if time_dim_concat is not None or kwargs.get("reference_latent") is not None:
             raise FlexiMMTInputError(
-                "Apply FlexiMMT: this graph adds frames or reference tokens to the Wan model's "
+                "FlexiMMT Apply: this graph adds frames or reference tokens to the Wan model's "
                 "input (time_dim_concat / reference_latent), which FlexiMMT's masks do not cover; "
                 "remove that conditioning or the FlexiMMT patch"
             )
@@ -234,12 +235,12 @@ class WanPatch:
         """MDMA cross-attention of the video queries over the block's text keys and the motion tokens."""
         if args or kwargs.get("mask") is not None:
             raise FlexiMMTInputError(
-                "Apply FlexiMMT: the Wan text attention got a mask of its own; FlexiMMT's MDMA "
+                "FlexiMMT Apply: the Wan text attention got a mask of its own; FlexiMMT's MDMA "
                 "is the mask - remove the other patch that adds one"
             )
         if k.shape[1] != run.text_len:
             raise FlexiMMTInputError(
-                f"Apply FlexiMMT: the text has {k.shape[1]} tokens in block {index}, {run.text_len} in the conditioning"
+                f"FlexiMMT Apply: the text has {k.shape[1]} tokens in block {index}, {run.text_len} in the conditioning"
             )
         attn = run.model.blocks[index].cross_attn
         to_heads = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)
@@ -275,7 +276,7 @@ class WanPatch:
             raise ObjectInputError(
                 bad[0],
                 f"its motion words lie beyond the conditioning's {text_len} text tokens: "
-                "give Apply FlexiMMT the prompt of the positive CLIP Text Encode",
+                "give FlexiMMT Apply the prompt of the positive CLIP Text Encode",
             )
         member = span_membership(text_len, self.spans).to(device)
         tokens = torch.stack([obj.motion.expert_tokens()[self.expert] for obj in self.objects])[:, None].to(device)
@@ -301,7 +302,7 @@ class WanPatch:
             per = batch // len(chunks)
             if per != run.videos:
                 raise FlexiMMTInputError(
-                    f"Apply FlexiMMT: {batch} batch rows for {len(chunks)} conditionings and {run.videos} videos"
+                    f"FlexiMMT Apply: {batch} batch rows for {len(chunks)} conditionings and {run.videos} videos"
                 )
             rows = [v for _ in chunks for v in range(per)]
             feature = [chunks.index(0) * per + v for v in range(per)] if 0 in chunks else None
@@ -334,7 +335,7 @@ def apply_fleximmt(
     if type(diffusion_model) is not wan.WanModel:
         name = type(diffusion_model).__name__
         raise FlexiMMTInputError(
-            f"Apply FlexiMMT patches ComfyUI's Wan 2.1 / 2.2 models (WanModel); this MODEL is a "
+            f"FlexiMMT Apply patches ComfyUI's Wan 2.1 / 2.2 models (WanModel); this MODEL is a "
             f"{name}: load a Wan image-to-video model with Load Diffusion Model"
         )
     objects = tuple(objects or ())
@@ -392,89 +393,80 @@ def apply_fleximmt(
     return patched
 
 
-class ApplyFlexiMMT:
-    """Patch a Wan MODEL so that any sampler moves each object with its own motion."""
-
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
-    DESCRIPTION = (
-        "FlexiMMT on ComfyUI's own Wan model: motion tokens and MDMA in its cross-attention, RMPM masks "
-        "from its self-attention, for any sampler. Works with LoRA, GGUF and fp8 models as loaded."
-    )
+class ApplyFlexiMMT(io.ComfyNode):
+    """FlexiMMT Apply (Wan): patch a Wan MODEL so that any sampler moves each object with its own motion."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (
-                    "MODEL",
-                    {"tooltip": "A Wan 2.1 / 2.2 model from ComfyUI's loaders (LoRAs already applied)."},
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlexiMMTApply",
+            display_name="FlexiMMT Apply (Wan)",
+            category=CATEGORY,
+            description="FlexiMMT on ComfyUI's own Wan model: motion tokens and MDMA in its cross-attention, RMPM "
+            "masks from its self-attention, for any sampler. Works with LoRA and fp8 models as loaded; GGUF "
+            "models (ComfyUI-GGUF) are untested.",
+            inputs=[
+                io.Model.Input(
+                    "model", tooltip="A Wan 2.1 / 2.2 model from ComfyUI's loaders (LoRAs already applied)."
                 ),
-                "clip": (
-                    "CLIP",
-                    {
-                        "tooltip": "The text encoder of the prompt (umT5): its tokenizer finds each "
-                        "object's motion words."
-                    },
+                io.Clip.Input(
+                    "clip",
+                    tooltip="The text encoder of the prompt (umT5): its tokenizer finds each object's motion words.",
                 ),
-                "prompt": (
-                    "STRING",
-                    {
-                        "multiline": True,
-                        "default": "",
-                        "tooltip": "The positive prompt, exactly as "
-                        "given to CLIP Text Encode, with each object's motion words in it.",
-                    },
+                io.String.Input(
+                    "prompt",
+                    multiline=True,
+                    default="",
+                    tooltip="The positive prompt, exactly as given to CLIP Text Encode, with each object's "
+                    "motion words in it.",
                 ),
-                "objects": (OBJECTS, {"tooltip": "The objects (chain FlexiMMT Object nodes), object 1 first."}),
-                "expert": (
-                    list(EXPERTS),
-                    {
-                        "default": "auto",
-                        "tooltip": "Wan 2.2 A14B: 1 on the high-noise model, 2 on "
-                        "the low-noise model; auto for one-expert motions.",
-                    },
+                OBJECTS.Input("objects", tooltip="The objects (chain FlexiMMT Object nodes), object 1 first."),
+                io.Combo.Input(
+                    "expert",
+                    options=list(EXPERTS),
+                    default="auto",
+                    tooltip="Wan 2.2 A14B: 1 on the high-noise model, 2 on the low-noise model; auto for "
+                    "one-expert motions.",
                 ),
-                "mask_source": (
-                    list(MASK_SOURCES),
-                    {
-                        "default": "rmpm",
-                        "tooltip": "rmpm: propagated masks; static: "
-                        "the first-frame masks on every frame; qk: DMEM's masks; none: no masks.",
-                    },
+                io.Combo.Input(
+                    "mask_source",
+                    options=list(MASK_SOURCES),
+                    default="rmpm",
+                    tooltip="rmpm: propagated masks; static: the first-frame masks on every frame; qk: DMEM's "
+                    "masks; none: no masks.",
                 ),
-            },
-            "optional": {
-                "rmpm_method": (
-                    ["paper", "released"],
-                    {"default": "paper", "tooltip": "paper: Eqs. 12-13; released: the authors' label propagation."},
+                io.Combo.Input(
+                    "rmpm_method",
+                    options=["paper", "released"],
+                    default="paper",
+                    optional=True,
+                    tooltip="paper: Eqs. 12-13; released: the authors' label propagation.",
                 ),
-                "anchors": ("INT", {"default": 3, "min": 1, "max": 16, "tooltip": "RMPM's anchor frames W."}),
-                "alpha": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 0.99,
-                        "step": 0.01,
-                        "tooltip": "Dynamic RMPM: "
-                        "freeze the masks once every object changes by less than this (0: update every step).",
-                    },
+                io.Int.Input("anchors", default=3, min=1, max=16, optional=True, tooltip="RMPM's anchor frames W."),
+                io.Float.Input(
+                    "alpha",
+                    default=0.0,
+                    min=0.0,
+                    max=0.99,
+                    step=0.01,
+                    optional=True,
+                    tooltip="Dynamic RMPM: freeze the masks once every object changes by less than this (0: "
+                    "update every step).",
                 ),
-                "initial_masks": (
-                    ["first_frame", "none"],
-                    {
-                        "default": "first_frame",
-                        "tooltip": "Step 0: the first-frame masks on every frame, or none (the authors' release).",
-                    },
+                io.Combo.Input(
+                    "initial_masks",
+                    options=["first_frame", "none"],
+                    default="first_frame",
+                    optional=True,
+                    tooltip="Step 0: the first-frame masks on every frame, or none (the authors' release).",
                 ),
-            },
-        }
+            ],
+            outputs=[io.Model.Output("model_out", display_name="model")],
+        )
 
-    def apply(
-        self,
+    @classmethod
+    def execute(
+        cls,
         model,
         clip,
         prompt,
@@ -485,12 +477,12 @@ class ApplyFlexiMMT:
         anchors=3,
         alpha=0.0,
         initial_masks="first_frame",
-    ):
-        return (
+    ) -> io.NodeOutput:
+        return io.NodeOutput(
             apply_fleximmt(
                 model, clip, prompt, objects, expert, mask_source, rmpm_method, anchors, alpha, initial_masks
-            ),
+            )
         )
 
 
-NODES = {"FlexiMMTApply": (ApplyFlexiMMT, "Apply FlexiMMT (Wan)")}
+NODES = [ApplyFlexiMMT]

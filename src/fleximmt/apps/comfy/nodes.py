@@ -1,13 +1,18 @@
-"""The wrapper nodes: fleximmt's diffusers pipelines as ComfyUI nodes.
+"""The wrapper nodes: fleximmt's diffusers pipelines as ComfyUI nodes (V3 schema).
 
-*Load FlexiMMT model* gives a ``FLEXIMMT_PIPE``; *Learn motion* trains a motion on it from IMAGE
-frames and saves it in ``models/fleximmt_motions``; *Load motion* reads one from there; *Object*
-(``common.py``) pairs a MASK with a motion; *Transfer* makes the video; *Preview masks* shows the
+*FlexiMMT Load Model* gives a ``FLEXIMMT_PIPE``; *Learn Motion* trains a motion on it from IMAGE
+frames and saves it in ``models/fleximmt_motions``; *Load Motion* reads one from there; *Object*
+(``common.py``) pairs a MASK with a motion; *Transfer* makes the video; *Preview Masks* shows the
 objects on the model's token grid. Each node converts ComfyUI's values and calls the library (the
 same calls as the web app, ``fleximmt.apps.app``); the library's messages reach the user as ComfyUI shows
 a node's error. Long runs report to ComfyUI's progress bar and stop at the next step when the user
 cancels (``/interrupt``): a stopped Learn keeps a checkpoint of that step, and the same Learn again
-continues from it.
+continues from it. Learn and Load Motion show the motion's metadata on the node (``web/fleximmt.js``
+in the node pack draws it); Transfer sends latent previews as ComfyUI's samplers do (``preview.py``).
+
+A motion Learn saved is never trained again nor overwritten: the same Learn (the same frames,
+words, settings and model) loads it, whatever made ComfyUI run the node again; another Learn of
+that name is refused. What made each motion is kept beside them (``models/fleximmt_motions/.learned.json``).
 
 ComfyUI runs nodes under ``torch.inference_mode()``; the model loads and trains outside it, so
 its weights can take part in training's backward pass.
@@ -15,21 +20,26 @@ its weights can take part in training's backward pass.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from comfy_api.latest import io, ui
 from PIL import Image
 
 from ...errors import FlexiMMTInputError
 from ...evaluation.video import grid_preview, mask_overlay
 from ...method.masks import RMPM_METHODS
-from ...method.motion import MotionTokens, check_motion_name, motion_metadata
+from ...method.motion import MotionTokens, atomic_write, check_motion_name, motion_metadata
 from ...method.pipeline import INITIAL_MASKS, MASK_SOURCES
 from ...models import SUPPORTED
 from .common import CATEGORY, MOTION, MOTIONS_FOLDER, OBJECTS, PIPE, motion_files, motions_dir
+from .preview import TransferPreview
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +47,7 @@ TOY = "toy"  # the model that ships with fleximmt (64 x 64, 17 frames; runs on a
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 OFFLOAD = ("none", "model", "sequential")
 TRAINING_LEFTOVERS = (".ckpt.safetensors", ".latents.safetensors")  # beside a motion while it trains
+LEARNED = ".learned.json"  # in the motions folder: the request that made each motion Learn saved
 
 
 # -- ComfyUI's values as fleximmt's -----------------------------------------------------------
@@ -49,7 +60,9 @@ def image_batch(image, what: str = "image") -> torch.Tensor:
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """IMAGE values as uint8 (exactly the bytes a loaded image or video had)."""
+    """IMAGE values as uint8, rounded: the bytes of an 8-bit image or video ComfyUI 0.3.64 loaded; the
+    nearest bytes to the frames ComfyUI 0.33's *Load Video* decodes as floats (its colour conversion
+    differs from 8-bit RGB decoding by up to 6 levels)."""
     return (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
@@ -68,7 +81,7 @@ def as_image(frames: np.ndarray) -> torch.Tensor:
 
 def check_pipe(pipe) -> None:
     if not hasattr(pipe, "adapter") or not hasattr(pipe, "default_size"):
-        raise FlexiMMTInputError("connect a FLEXIMMT_PIPE from Load FlexiMMT model")
+        raise FlexiMMTInputError("connect a FLEXIMMT_PIPE from FlexiMMT Load Model")
 
 
 def geometry(pipe, width: int, height: int, frames: int) -> tuple[int, int, int]:
@@ -102,16 +115,17 @@ def make_room(pipe) -> None:
 
 
 def step_reporter(total: int):
-    """``report(step)`` for a run of ``total`` steps: ComfyUI's progress bar, and a stop when the user
-    cancels (``InterruptProcessingException``, raised at the step that reports)."""
+    """``report(step, preview=None)`` for a run of ``total`` steps: ComfyUI's progress bar (with a
+    preview image when given), and a stop when the user cancels (``InterruptProcessingException``,
+    raised at the step that reports)."""
     import comfy.model_management as mm
     import comfy.utils
 
     bar = comfy.utils.ProgressBar(total)
 
-    def report(step: int) -> None:
+    def report(step: int, preview=None) -> None:
         mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(step, total)
+        bar.update_absolute(step, total, preview)
 
     return report
 
@@ -191,51 +205,111 @@ def load_model(name: str, dtype: str = "auto", offload: str = "none", vae_tiling
     return pipe
 
 
-class LoadModel:
-    """Load FlexiMMT model: a diffusers image-to-video folder (CogVideoX, Wan or HunyuanVideo 1.5) or the toy model."""
-
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (PIPE,)
-    RETURN_NAMES = ("pipe",)
-    OUTPUT_TOOLTIPS = ("The FlexiMMT pipeline, for Learn motion, Transfer and Preview masks.",)
-    FUNCTION = "load"
-    DESCRIPTION = (
-        f"Loads a {SUPPORTED} image-to-video model from models/diffusers (chosen by its model_index.json) "
-        "as a FlexiMMT pipeline; 'toy' is the small model that ships with fleximmt (64x64, 17 frames, CPU)."
-    )
+class LoadModel(io.ComfyNode):
+    """FlexiMMT Load Model: a diffusers image-to-video folder of a supported family, or the toy model."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (
-                    [TOY, *model_folders()],
-                    {
-                        "tooltip": "A diffusers folder under models/diffusers (its "
-                        f"model_index.json picks {SUPPORTED}), or 'toy': the toy model shipped with fleximmt."
-                    },
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlexiMMTLoadModel",
+            display_name="FlexiMMT Load Model",
+            category=CATEGORY,
+            description=f"Loads a {SUPPORTED} image-to-video model from models/diffusers (chosen by its "
+            "model_index.json) as a FlexiMMT pipeline; 'toy' is the small model that ships with fleximmt "
+            "(64x64, 17 frames, CPU).",
+            inputs=[
+                io.Combo.Input(
+                    "model",
+                    options=[TOY, *model_folders()],
+                    tooltip="A diffusers folder under models/diffusers (its model_index.json picks "
+                    f"{SUPPORTED}), or 'toy': the toy model shipped with fleximmt.",
                 ),
-                "dtype": (
-                    list(DTYPES),
-                    {"default": "auto", "tooltip": "Weights' precision; auto: bfloat16 on a GPU, float32 on the CPU."},
+                io.Combo.Input(
+                    "dtype",
+                    options=list(DTYPES),
+                    default="auto",
+                    tooltip="Weights' precision; auto: bfloat16 on a GPU, float32 on the CPU.",
                 ),
-                "offload": (
-                    list(OFFLOAD),
-                    {
-                        "default": "none",
-                        "tooltip": "Keep idle parts on the CPU (GPU only): "
-                        "'model' moves whole components, 'sequential' layer by layer (least memory, slowest).",
-                    },
+                io.Combo.Input(
+                    "offload",
+                    options=list(OFFLOAD),
+                    default="none",
+                    tooltip="Keep idle parts on the CPU (GPU only): 'model' moves whole components, "
+                    "'sequential' layer by layer (least memory, slowest).",
                 ),
-                "vae_tiling": ("BOOLEAN", {"default": False, "tooltip": "Decode the video in tiles (less memory)."}),
-            }
-        }
+                io.Boolean.Input("vae_tiling", default=False, tooltip="Decode the video in tiles (less memory)."),
+            ],
+            outputs=[
+                PIPE.Output(
+                    "pipe_out",
+                    display_name="pipe",
+                    tooltip="The FlexiMMT pipeline, for Learn Motion, Transfer and Preview Masks.",
+                )
+            ],
+        )
 
-    def load(self, model, dtype, offload, vae_tiling):
-        return (load_model(model, dtype, offload, vae_tiling),)
+    @classmethod
+    def execute(cls, model, dtype, offload, vae_tiling) -> io.NodeOutput:
+        return io.NodeOutput(load_model(model, dtype, offload, vae_tiling))
 
 
 # -- motions ---------------------------------------------------------------------------------
+def is_toy(pipe) -> bool:
+    """Whether ``pipe`` is the toy model that ships with fleximmt."""
+    from ...toy.lab import TOY_MODEL
+
+    name = getattr(pipe, "name_or_path", None)
+    return bool(name) and Path(name).resolve() == TOY_MODEL.resolve()
+
+
+def learn_defaults(toy: bool) -> tuple[int, int]:
+    """(steps, tokens) Learn takes for 0: the toy model's are ``make demo``'s (``toy.lab.learn_motions``'
+    defaults), any other model's the paper's (``TrainSettings``)."""
+    from ...training.train import TrainSettings
+
+    if toy:
+        from ...toy.lab import learn_motions
+
+        params = inspect.signature(learn_motions).parameters
+        return params["steps"].default, params["tokens"].default
+    return TrainSettings.steps, TrainSettings.tokens_per_motion
+
+
+def learn_request(pipe, frames: np.ndarray, settings: list) -> str:
+    """What makes a learned motion what it is - the reference frames, the words and settings, the
+    model - as one digest."""
+    from ...training.train import model_fingerprint
+
+    digest = hashlib.sha256(frames.tobytes())
+    digest.update(json.dumps([list(frames.shape), *settings, model_fingerprint(pipe)]).encode())
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def learned_request(output: Path) -> str | None:
+    """The request that made the motion file ``output``, if Learn saved this very file."""
+    index = output.parent / LEARNED
+    try:
+        entry = json.loads(index.read_text()).get(output.name) or {}
+    except (OSError, ValueError):
+        return None
+    return entry.get("request") if entry.get("file") == file_digest(output) else None
+
+
+def record_learned(output: Path, request: str) -> None:
+    """Keep which request made ``output`` (atomically; the other motions' entries stay)."""
+    index = output.parent / LEARNED
+    try:
+        entries = json.loads(index.read_text())
+    except (OSError, ValueError):
+        entries = {}
+    entries[output.name] = {"request": request, "file": file_digest(output)}
+    atomic_write(index, lambda tmp: Path(tmp).write_text(json.dumps(entries, indent=1, sort_keys=True)))
+
+
 def learn_motion(
     pipe,
     video,
@@ -243,13 +317,15 @@ def learn_motion(
     concept_words: str,
     motion_words: str,
     name: str,
-    steps: int,
-    tokens: int,
+    steps: int = 0,
+    tokens: int = 0,
     seed: int = 0,
     resume: bool = True,
     fps: float = 0.0,
-) -> MotionTokens:
-    """Learn a motion from IMAGE frames into ``models/fleximmt_motions/<name>.safetensors``."""
+) -> tuple[MotionTokens, bool]:
+    """Learn a motion from IMAGE frames into ``models/fleximmt_motions/<name>.safetensors``; ``steps``
+    and ``tokens`` 0 are the model's own (:func:`learn_defaults`). Returns the motion and whether it
+    was trained: a motion this same request saved before is loaded instead."""
     from ...training.train import cache_path, checkpoint_interval, checkpoint_path, train_motion
 
     check_pipe(pipe)
@@ -260,10 +336,23 @@ def learn_motion(
                 f"write the {what} words: the words of the caption that "
                 f"{'name the moving object' if what == 'concept' else 'describe the motion'}, e.g. '{example}'"
             )
+    default_steps, default_tokens = learn_defaults(is_toy(pipe))
+    steps, tokens = int(steps) or default_steps, int(tokens) or default_tokens
+    concept_words, motion_words = concept_words.strip(), motion_words.strip()
     output = motions_dir() / f"{check_motion_name(name)}.safetensors"
+    request = learn_request(pipe, frames, [caption, concept_words, motion_words, steps, tokens, int(seed), fps])
+    if output.is_file():
+        if learned_request(output) == request:
+            logger.info("%s was learned by this same Learn: loaded, not trained again", output)
+            return MotionTokens.load(output), False
+        raise FlexiMMTInputError(
+            f"a motion named {output.stem!r} already exists (models/{MOTIONS_FOLDER}/{output.name}), learned "
+            "from another video or with other words or settings: give this one another name, or delete "
+            "that file to learn it again"
+        )
     checkpoint = checkpoint_path(output)
     resuming = bool(resume) and checkpoint.is_file()
-    report = step_reporter(int(steps))
+    report = step_reporter(steps)
     make_room(pipe)
     try:
         with torch.inference_mode(False), torch.enable_grad():
@@ -271,11 +360,11 @@ def learn_motion(
                 pipe,
                 frames,
                 caption,
-                concept_words.strip(),
-                motion_words.strip(),
+                concept_words,
+                motion_words,
                 output,
-                steps=int(steps),
-                tokens_per_motion=int(tokens),
+                steps=steps,
+                tokens_per_motion=tokens,
                 seed=int(seed),
                 resume=bool(resume),
                 video_fps=float(fps) or None,
@@ -288,122 +377,114 @@ def learn_motion(
         raise
     checkpoint.unlink(missing_ok=True)  # complete: its resumable state and encoded reference go
     cache_path(output).unlink(missing_ok=True)
-    return motion
+    record_learned(output, request)
+    return motion, True
 
 
-class LearnMotion:
-    """Learn motion: motion tokens from one reference video, the video model frozen."""
-
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (MOTION,)
-    RETURN_NAMES = ("motion",)
-    OUTPUT_TOOLTIPS = ("The learned motion (also saved in models/fleximmt_motions), for an Object node.",)
-    OUTPUT_NODE = True  # it writes a file: it runs when queued alone
-    FUNCTION = "learn"
-    DESCRIPTION = (
-        "Learns a motion from one reference video of one moving object and saves it in "
-        "models/fleximmt_motions/<name>.safetensors. Cancel stops it at the next step with a checkpoint; "
-        "queue it again with the same settings and it continues from there."
-    )
+class LearnMotion(io.ComfyNode):
+    """FlexiMMT Learn Motion: motion tokens from one reference video, the video model frozen."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        from ...training.train import TrainSettings
+    def define_schema(cls) -> io.Schema:
+        paper_steps, paper_tokens = learn_defaults(toy=False)
+        toy_steps, toy_tokens = learn_defaults(toy=True)
+        return io.Schema(
+            node_id="FlexiMMTLearnMotion",
+            display_name="FlexiMMT Learn Motion",
+            category=CATEGORY,
+            description="Learns a motion from one reference video of one moving object and saves it in "
+            "models/fleximmt_motions/<name>.safetensors. Cancel stops it at the next step with a checkpoint; "
+            "queue it again with the same settings and it continues from there. A motion it saved is loaded, "
+            "not learned again, by the same Learn; another Learn of that name is refused.",
+            is_output_node=True,  # it writes a file: it runs when queued alone
+            inputs=[
+                PIPE.Input("pipe", tooltip="The model to learn the motion on (FlexiMMT Load Model)."),
+                io.Image.Input(
+                    "video",
+                    tooltip="The reference video's frames (e.g. Load Video -> Get Video Components); "
+                    "resized to the model's size.",
+                ),
+                io.String.Input(
+                    "caption",
+                    default="",
+                    multiline=True,
+                    tooltip="What happens in the video, e.g. 'A man is doing yoga.'",
+                ),
+                io.String.Input(
+                    "concept_words", default="", tooltip="The caption's words naming the moving object, e.g. 'man'."
+                ),
+                io.String.Input(
+                    "motion_words",
+                    default="",
+                    tooltip="The caption's words describing the motion, e.g. 'is doing yoga'. Transfer's prompt "
+                    "uses such words for the object.",
+                ),
+                io.String.Input(
+                    "name",
+                    default="motion",
+                    tooltip="The motion's file name in models/fleximmt_motions (letters, digits, spaces, '.', "
+                    "'_', '-').",
+                ),
+                io.Int.Input(
+                    "steps",
+                    default=0,
+                    min=0,
+                    max=100000,
+                    tooltip=f"Training steps; 0: the model's own (the toy model: {toy_steps}, as make demo; "
+                    f"others: the paper's {paper_steps}).",
+                ),
+                io.Int.Input(
+                    "tokens",
+                    default=0,
+                    min=0,
+                    max=1024,
+                    tooltip=f"Motion tokens per block; 0: the model's own (the toy model: {toy_tokens}; others: "
+                    f"the paper's {paper_tokens}). Motions given to one Transfer need the same count.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    control_after_generate=False,
+                    tooltip="Seed of the token initialisation and training draws.",
+                ),
+                io.Boolean.Input(
+                    "resume",
+                    default=True,
+                    tooltip="Continue a stopped run of this name (same settings) from its checkpoint.",
+                ),
+                io.Float.Input(
+                    "fps",
+                    optional=True,
+                    default=0.0,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.01,
+                    tooltip="The video's frame rate (Get Video Components' fps): frames are subsampled to "
+                    "about 8 a second, as fleximmt train does. 0: take the frames as they are.",
+                ),
+            ],
+            outputs=[
+                MOTION.Output(
+                    "motion_out",
+                    display_name="motion",
+                    tooltip="The learned motion (also saved in models/fleximmt_motions), for an Object node.",
+                )
+            ],
+        )
 
-        return {
-            "required": {
-                "pipe": (PIPE, {"tooltip": "The model to learn the motion on (Load FlexiMMT model)."}),
-                "video": (
-                    "IMAGE",
-                    {
-                        "tooltip": "The reference video's frames (e.g. Load Video -> Get Video "
-                        "Components); resized to the model's size."
-                    },
-                ),
-                "caption": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "multiline": True,
-                        "tooltip": "What happens in the video, e.g. 'A man is doing yoga.'",
-                    },
-                ),
-                "concept_words": (
-                    "STRING",
-                    {"default": "", "tooltip": "The caption's words naming the moving object, e.g. 'man'."},
-                ),
-                "motion_words": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "tooltip": "The caption's words describing the motion, "
-                        "e.g. 'is doing yoga'. Transfer's prompt uses such words for the object.",
-                    },
-                ),
-                "name": (
-                    "STRING",
-                    {
-                        "default": "motion",
-                        "tooltip": "The motion's file name in "
-                        "models/fleximmt_motions (letters, digits, spaces, '.', '_', '-').",
-                    },
-                ),
-                "steps": (
-                    "INT",
-                    {
-                        "default": TrainSettings.steps,
-                        "min": 1,
-                        "max": 100000,
-                        "tooltip": "Training steps (the paper: 2000).",
-                    },
-                ),
-                "tokens": (
-                    "INT",
-                    {
-                        "default": TrainSettings.tokens_per_motion,
-                        "min": 1,
-                        "max": 1024,
-                        "tooltip": "Motion tokens per block (the paper: 226; the toy model: 16). Motions given to one "
-                        "Transfer need the same count.",
-                    },
-                ),
-                "seed": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 2**31 - 1,
-                        "control_after_generate": False,
-                        "tooltip": "Seed of the token initialisation and training draws.",
-                    },
-                ),
-                "resume": (
-                    "BOOLEAN",
-                    {
-                        "default": True,
-                        "tooltip": "Continue a stopped run of this name (same settings) from its checkpoint.",
-                    },
-                ),
-            },
-            "optional": {
-                "fps": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1000.0,
-                        "step": 0.01,
-                        "tooltip": "The "
-                        "video's frame rate (Get Video Components' fps): frames are subsampled to about 8 a second, "
-                        "as fleximmt train does. 0: take the frames as they are.",
-                    },
-                ),
-            },
-        }
-
-    def learn(self, pipe, video, caption, concept_words, motion_words, name, steps, tokens, seed, resume, fps=0.0):
-        motion = learn_motion(pipe, video, caption, concept_words, motion_words, name, steps, tokens, seed, resume, fps)
-        return {"ui": {"text": [motion_metadata(motion, markdown=False)]}, "result": (motion,)}
+    @classmethod
+    def execute(
+        cls, pipe, video, caption, concept_words, motion_words, name, steps, tokens, seed, resume, fps=0.0
+    ) -> io.NodeOutput:
+        motion, trained = learn_motion(
+            pipe, video, caption, concept_words, motion_words, name, steps, tokens, seed, resume, fps
+        )
+        info = motion_metadata(motion, markdown=False)
+        if not trained:
+            info += f"\n(already learned with these inputs: loaded from models/{MOTIONS_FOLDER}, not trained again)"
+        return io.NodeOutput(motion, ui=ui.PreviewText(info))
 
 
 def motion_choices() -> list[str]:
@@ -419,43 +500,46 @@ def motion_file(name: str) -> Path:
         have = ", ".join(motion_choices()) or "none yet"
         raise FlexiMMTInputError(
             f"motion {name!r} is not in models/{MOTIONS_FOLDER} (it has: {have}): learn it "
-            "with Learn motion or copy its .safetensors file there"
+            "with FlexiMMT Learn Motion or copy its .safetensors file there"
         )
     return Path(path)
 
 
-class LoadMotion:
-    """Load motion: a learned motion from ``models/fleximmt_motions``, with its metadata."""
-
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (MOTION, "STRING")
-    RETURN_NAMES = ("motion", "info")
-    OUTPUT_TOOLTIPS = ("The motion, for an Object node.", "Its caption, words, shape and training steps.")
-    FUNCTION = "load"
-    DESCRIPTION = "Loads a learned motion from models/fleximmt_motions and shows its caption, words and shape."
+class LoadMotion(io.ComfyNode):
+    """FlexiMMT Load Motion: a learned motion from ``models/fleximmt_motions``, with its metadata."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "motion": (
-                    motion_choices(),
-                    {"tooltip": "A motion file of models/fleximmt_motions (Learn motion saves there)."},
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlexiMMTLoadMotion",
+            display_name="FlexiMMT Load Motion",
+            category=CATEGORY,
+            description="Loads a learned motion from models/fleximmt_motions and shows its caption, words and shape.",
+            inputs=[
+                io.Combo.Input(
+                    "motion",
+                    options=motion_choices(),
+                    tooltip="A motion file of models/fleximmt_motions (Learn Motion saves there).",
                 )
-            }
-        }
+            ],
+            outputs=[
+                MOTION.Output("motion_out", display_name="motion", tooltip="The motion, for an Object node."),
+                io.String.Output("info", display_name="info", tooltip="Its caption, words, shape and training steps."),
+            ],
+        )
 
     @classmethod
-    def IS_CHANGED(cls, motion):
+    def fingerprint_inputs(cls, motion):
         try:
             return os.path.getmtime(motion_file(motion))
         except FlexiMMTInputError:
             return float("nan")  # never equal: the node runs and says what is missing
 
-    def load(self, motion):
+    @classmethod
+    def execute(cls, motion) -> io.NodeOutput:
         tokens = MotionTokens.load(motion_file(motion))
         info = motion_metadata(tokens, markdown=False)
-        return {"ui": {"text": [info]}, "result": (tokens, info)}
+        return io.NodeOutput(tokens, info, ui=ui.PreviewText(info))
 
 
 # -- transfer ------------------------------------------------------------------------------
@@ -486,9 +570,12 @@ def transfer(
     )  # 0: the model's own
     steps = int(steps)
     report = step_reporter(steps)
+    video_height, video_width, _ = geometry(pipe, width, height, frames)
+    previews = TransferPreview.wanted(pipe, picture.resize((video_width, video_height), Image.BICUBIC))
 
     def on_step(pipe_, step, timestep, callback_kwargs):
-        report(step + 1)
+        latents = callback_kwargs.get("latents")
+        report(step + 1, previews.image(latents) if previews is not None and latents is not None else None)
         return {}
 
     make_room(pipe)
@@ -516,127 +603,110 @@ def transfer(
     return as_image(video), as_image(overlay)
 
 
-class Transfer:
-    """Transfer: each object of the first frame moves with its own motion."""
-
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE", "IMAGE")
-    RETURN_NAMES = ("frames", "mask_overlay")
-    OUTPUT_TOOLTIPS = (
-        "The video's frames (Create Video -> Save Video).",
-        "The frames with each object's propagated mask drawn on them (the video itself without objects).",
-    )
-    FUNCTION = "transfer"
-    DESCRIPTION = (
-        "Makes the image move: each object (Object nodes) follows its motion, confined to its own region by "
-        "FlexiMMT's masks. Without objects it is the base model's plain image-to-video. Cancel stops it at "
-        "the next denoising step."
-    )
+class Transfer(io.ComfyNode):
+    """FlexiMMT Transfer: each object of the first frame moves with its own motion."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "pipe": (PIPE, {"tooltip": "The model (Load FlexiMMT model); the motions must be learned on it."}),
-                "image": (
-                    "IMAGE",
-                    {
-                        "tooltip": "The first frame (of a batch, the first image); the object masks "
-                        "must have its size. Resized to the video's size."
-                    },
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlexiMMTTransfer",
+            display_name="FlexiMMT Transfer",
+            category=CATEGORY,
+            description="Makes the image move: each object (Object nodes) follows its motion, confined to its "
+            "own region by FlexiMMT's masks. Without objects it is the base model's plain image-to-video. Cancel "
+            "stops it at the next denoising step.",
+            inputs=[
+                PIPE.Input("pipe", tooltip="The model (FlexiMMT Load Model); the motions must be learned on it."),
+                io.Image.Input(
+                    "image",
+                    tooltip="The first frame (of a batch, the first image); the object masks must have its "
+                    "size. Resized to the video's size.",
                 ),
-                "prompt": (
-                    "STRING",
-                    {
-                        "default": "",
-                        "multiline": True,
-                        "tooltip": "The video's prompt; it must hold each object's motion words as they are.",
-                    },
+                io.String.Input(
+                    "prompt",
+                    default="",
+                    multiline=True,
+                    tooltip="The video's prompt; it must hold each object's motion words as they are.",
                 ),
-                "negative_prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "What to avoid."}),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
-                "guidance": (
-                    "FLOAT",
-                    {
-                        "default": 6.0,
-                        "min": 0.0,
-                        "max": 30.0,
-                        "step": 0.1,
-                        "tooltip": "Classifier-free guidance scale (1 or less: none).",
-                    },
+                io.String.Input("negative_prompt", default="", multiline=True, tooltip="What to avoid."),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Denoising steps."),
+                io.Float.Input(
+                    "guidance",
+                    default=6.0,
+                    min=0.0,
+                    max=30.0,
+                    step=0.1,
+                    tooltip="Classifier-free guidance scale (1 or less: none).",
                 ),
-                "seed": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 2**63 - 1,
-                        "control_after_generate": False,
-                        "tooltip": "The noise's seed.",
-                    },
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**63 - 1,
+                    control_after_generate=False,
+                    tooltip="The noise's seed.",
                 ),
-                "frames": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 1024,
-                        "tooltip": "Frames of the video; 0: the model's own (CogVideoX-5B: 49, Wan 2.1: 81, toy: 17).",
-                    },
+                io.Int.Input(
+                    "frames",
+                    default=0,
+                    min=0,
+                    max=1024,
+                    tooltip="Frames of the video; 0: the model's own (CogVideoX-5B: 49, Wan 2.1: 81, toy: 17).",
                 ),
-                "width": (
-                    "INT",
-                    {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Video width; 0: the model's own."},
+                io.Int.Input("width", default=0, min=0, max=8192, step=8, tooltip="Video width; 0: the model's own."),
+                io.Int.Input("height", default=0, min=0, max=8192, step=8, tooltip="Video height; 0: the model's own."),
+                io.Combo.Input(
+                    "mask_source",
+                    options=list(MASK_SOURCES),
+                    default="rmpm",
+                    tooltip="Where each object's masks come from: rmpm (propagated through the video, the "
+                    "paper's), static (the first-frame mask on every frame), qk (attention maps of the concept "
+                    "words), none (no masks).",
                 ),
-                "height": (
-                    "INT",
-                    {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "Video height; 0: the model's own."},
+                io.Combo.Input(
+                    "rmpm_method",
+                    options=list(RMPM_METHODS),
+                    default="paper",
+                    tooltip="RMPM's propagation: the paper's equations or the authors' released label propagation.",
                 ),
-                "mask_source": (
-                    list(MASK_SOURCES),
-                    {
-                        "default": "rmpm",
-                        "tooltip": "Where each object's masks come "
-                        "from: rmpm (propagated through the video, the paper's), static (the first-frame "
-                        "mask on every frame), qk (attention maps of the concept words), none (no masks).",
-                    },
+                io.Int.Input("anchors", default=3, min=1, max=64, tooltip="RMPM's anchor frames W."),
+                io.Float.Input(
+                    "alpha",
+                    default=0.0,
+                    min=0.0,
+                    max=0.99,
+                    step=0.01,
+                    tooltip="Dynamic RMPM: masks freeze once they change less than this fraction; 0: update "
+                    "every step.",
                 ),
-                "rmpm_method": (
-                    list(RMPM_METHODS),
-                    {
-                        "default": "paper",
-                        "tooltip": "RMPM's propagation: the "
-                        "paper's equations or the authors' released label propagation.",
-                    },
+                io.Combo.Input(
+                    "initial_masks",
+                    options=list(INITIAL_MASKS),
+                    default="first_frame",
+                    tooltip="RMPM's first step: the first-frame masks on every frame, or none (the authors' release).",
                 ),
-                "anchors": ("INT", {"default": 3, "min": 1, "max": 64, "tooltip": "RMPM's anchor frames W."}),
-                "alpha": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 0.99,
-                        "step": 0.01,
-                        "tooltip": "Dynamic "
-                        "RMPM: masks freeze once they change less than this fraction; 0: update every step.",
-                    },
+                OBJECTS.Input(
+                    "objects",
+                    optional=True,
+                    tooltip="The objects (chained Object nodes); none: plain image-to-video.",
                 ),
-                "initial_masks": (
-                    list(INITIAL_MASKS),
-                    {
-                        "default": "first_frame",
-                        "tooltip": "RMPM's first step: "
-                        "the first-frame masks on every frame, or none (the authors' release).",
-                    },
+            ],
+            outputs=[
+                io.Image.Output(
+                    "video_frames", display_name="frames", tooltip="The video's frames (Create Video -> Save Video)."
                 ),
-            },
-            "optional": {
-                "objects": (OBJECTS, {"tooltip": "The objects (chained Object nodes); none: plain image-to-video."}),
-            },
-        }
+                io.Image.Output(
+                    "overlay_frames",
+                    display_name="mask_overlay",
+                    tooltip="The frames with each object's propagated mask drawn on them (the video itself "
+                    "without objects).",
+                ),
+            ],
+        )
 
-    def transfer(
-        self,
+    @classmethod
+    def execute(
+        cls,
         pipe,
         image,
         prompt,
@@ -653,24 +723,26 @@ class Transfer:
         alpha,
         initial_masks,
         objects=None,
-    ):
-        return transfer(
-            pipe,
-            image,
-            prompt,
-            objects,
-            negative_prompt,
-            steps,
-            guidance,
-            seed,
-            frames,
-            width,
-            height,
-            mask_source,
-            rmpm_method,
-            anchors,
-            alpha,
-            initial_masks,
+    ) -> io.NodeOutput:
+        return io.NodeOutput(
+            *transfer(
+                pipe,
+                image,
+                prompt,
+                objects,
+                negative_prompt,
+                steps,
+                guidance,
+                seed,
+                frames,
+                width,
+                height,
+                mask_source,
+                rmpm_method,
+                anchors,
+                alpha,
+                initial_masks,
+            )
         )
 
 
@@ -686,59 +758,39 @@ def preview_masks(pipe, image, objects, width: int = 0, height: int = 0) -> torc
     return as_image(grid_preview(np.asarray(picture), [o.mask_tensor for o in objects], grid.height, grid.width)[None])
 
 
-class PreviewMasks:
-    """Preview masks: what FlexiMMT's masks see of each object, on the model's latent token grid."""
-
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("preview",)
-    OUTPUT_TOOLTIPS = ("The image with each object's mask on the token grid, one colour per object.",)
-    FUNCTION = "preview"
-    DESCRIPTION = (
-        "Shows each object's first-frame mask as the model sees it: on its latent token grid (a token "
-        "belongs to an object when half its pixels do), tinted over the image, one colour per object."
-    )
+class PreviewMasks(io.ComfyNode):
+    """FlexiMMT Preview Masks: what FlexiMMT's masks see of each object, on the model's latent token grid."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "pipe": (PIPE, {"tooltip": "The model whose token grid to show."}),
-                "image": ("IMAGE", {"tooltip": "The first frame."}),
-                "objects": (OBJECTS, {"tooltip": "The objects (chained Object nodes)."}),
-            },
-            "optional": {
-                "width": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 8192,
-                        "step": 8,
-                        "tooltip": "Video width (Transfer's); 0: the model's own.",
-                    },
+    def define_schema(cls) -> io.Schema:
+        size = "Video {} (Transfer's); 0: the model's own."
+        return io.Schema(
+            node_id="FlexiMMTPreviewMasks",
+            display_name="FlexiMMT Preview Masks",
+            category=CATEGORY,
+            description="Shows each object's first-frame mask as the model sees it: on its latent token grid (a "
+            "token belongs to an object when half its pixels do), tinted over the image, one colour per object.",
+            inputs=[
+                PIPE.Input("pipe", tooltip="The model whose token grid to show."),
+                io.Image.Input("image", tooltip="The first frame."),
+                OBJECTS.Input("objects", tooltip="The objects (chained Object nodes)."),
+                io.Int.Input("width", optional=True, default=0, min=0, max=8192, step=8, tooltip=size.format("width")),
+                io.Int.Input(
+                    "height", optional=True, default=0, min=0, max=8192, step=8, tooltip=size.format("height")
                 ),
-                "height": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 8192,
-                        "step": 8,
-                        "tooltip": "Video height (Transfer's); 0: the model's own.",
-                    },
-                ),
-            },
-        }
+            ],
+            outputs=[
+                io.Image.Output(
+                    "preview_image",
+                    display_name="preview",
+                    tooltip="The image with each object's mask on the token grid, one colour per object.",
+                )
+            ],
+        )
 
-    def preview(self, pipe, image, objects, width=0, height=0):
-        return (preview_masks(pipe, image, objects, width, height),)
+    @classmethod
+    def execute(cls, pipe, image, objects, width=0, height=0) -> io.NodeOutput:
+        return io.NodeOutput(preview_masks(pipe, image, objects, width, height))
 
 
-NODES = {
-    "FlexiMMTLoadModel": (LoadModel, "Load FlexiMMT model"),
-    "FlexiMMTLearnMotion": (LearnMotion, "FlexiMMT Learn motion"),
-    "FlexiMMTLoadMotion": (LoadMotion, "FlexiMMT Load motion"),
-    "FlexiMMTTransfer": (Transfer, "FlexiMMT Transfer"),
-    "FlexiMMTPreviewMasks": (PreviewMasks, "FlexiMMT Preview masks"),
-}
+NODES = [LoadModel, LearnMotion, LoadMotion, Transfer, PreviewMasks]
