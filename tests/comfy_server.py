@@ -78,6 +78,45 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def chromium(folder: Path, width: int = 1920, height: int = 1080):
+    """Debian's Chromium, headless, under selenium, for the frontend tests: it and its chromedriver die
+    with the test process, however that ends (chromedriver through ``PR_SET_PDEATHSIG``; Chromium,
+    which chromedriver starts, through a launcher in ``folder`` that sets the same before it becomes
+    Chromium; its own helper processes end with it)."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    folder.mkdir(parents=True, exist_ok=True)
+    launcher = folder / "chromium"
+    launcher.write_text(
+        f"#!{sys.executable}\nimport ctypes, os, signal, sys\n"
+        "ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+        f"os.execv({shutil.which('chromium')!r}, [{shutil.which('chromium')!r}, *sys.argv[1:]])\n"
+    )
+    launcher.chmod(0o755)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(launcher)
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={folder / 'profile'}",
+        f"--window-size={width},{height}",
+    ):
+        options.add_argument(arg)
+    service = Service(shutil.which("chromedriver"), popen_kw={"preexec_fn": _die_with_parent})
+    driver = webdriver.Chrome(service=service, options=options)
+    driver.set_window_size(width, height)
+    return driver
+
+
 def make_base_directory(base: Path) -> Path:
     """A ComfyUI base directory: ``custom_nodes/fleximmt`` a link to the repository's node pack, beside
     it the tests' own nodes (``tests/comfy_test_nodes.py``), the frontend's settings without its
@@ -606,8 +645,6 @@ def stand_in_files(base: Path, api: dict) -> None:
 def write_ui_workflows() -> list[Path]:
     """Write ``comfyui/example_workflows/NAME.json`` (UI form) and ``NAME.jpg`` (its thumbnail in the
     templates browser) for every ``api/NAME.json`` there."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from helpers import headless_chromium
     from PIL import Image
 
     written = []
@@ -616,8 +653,7 @@ def write_ui_workflows() -> list[Path]:
 
         server = ComfyServer(Path(tmp) / "base")
         write_inputs(server.base / "input")
-        driver = headless_chromium(Path(tmp) / "profile", height=1080)
-        driver.set_window_size(1920, 1080)
+        driver = chromium(Path(tmp) / "chromium")
         try:
             frontend_app(driver, server.url)
             for name in example_names():

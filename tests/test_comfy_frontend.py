@@ -14,6 +14,7 @@ from comfy_server import (
     CURRENT,
     LEARN_STEPS,
     WORKFLOWS,
+    chromium,
     example_names,
     fit_view,
     fresh_motions,
@@ -22,7 +23,7 @@ from comfy_server import (
     node_boxes,
     overlapping,
 )
-from helpers import headless_chromium, needs_chromium
+from helpers import needs_chromium
 from PIL import Image
 
 from fleximmt.apps.comfy.examples import REFERENCES, write_inputs
@@ -50,8 +51,7 @@ def server(comfy_server):
 @pytest.fixture(scope="module")
 def page(server, tmp_path_factory):
     """The frontend in headless Chromium, a 1920 x 1080 window."""
-    driver = headless_chromium(tmp_path_factory.mktemp("chromium"), height=1080)
-    driver.set_window_size(1920, 1080)
+    driver = chromium(tmp_path_factory.mktemp("chromium"))  # dies with the tests, however they end
     try:
         frontend_app(driver, server.url)
         yield driver
@@ -194,3 +194,51 @@ def test_the_toy_example_runs_from_the_page_and_shows_what_it_made(page, server)
     page.save_screenshot(str(SCREENSHOT))
     with Image.open(SCREENSHOT) as shot:
         assert shot.size == tuple(page.execute_script("return [window.innerWidth, window.innerHeight]"))
+
+
+LIFE = """
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import psutil
+from comfy_server import ComfyServer, chromium, frontend_app
+base = Path({base!r})
+server = ComfyServer(base / "base")
+driver = chromium(base / "chromium")
+frontend_app(driver, server.url)
+driver_process = psutil.Process(driver.service.process.pid)
+pids = [server.process.pid, driver_process.pid, *(p.pid for p in driver_process.children(recursive=True))]
+print(json.dumps(pids), flush=True)
+time.sleep(600)
+"""
+
+
+def test_chromium_and_the_server_die_with_the_test_process_however_it_ends(tmp_path):
+    """A test process killed outright (SIGKILL: no cleanup runs) takes its ComfyUI server, chromedriver
+    and every Chromium process with it."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    code = LIFE.format(tests=str(Path(__file__).parent), base=str(tmp_path))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = json.loads(child.stdout.readline())
+        assert len(pids) > 3 and all(psutil.pid_exists(pid) for pid in pids)  # the server, the driver, Chromium
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [pid for pid in pids if alive(pid)] == []
