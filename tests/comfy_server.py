@@ -85,6 +85,7 @@ def chromium(folder: Path, width: int = 1920, height: int = 1080):
     Chromium; its own helper processes end with it)."""
     import shutil
 
+    from helpers import chromium_options
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -96,21 +97,7 @@ def chromium(folder: Path, width: int = 1920, height: int = 1080):
         f"os.execv({shutil.which('chromium')!r}, [{shutil.which('chromium')!r}, *sys.argv[1:]])\n"
     )
     launcher.chmod(0o755)
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(launcher)
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={folder / 'profile'}",
-        f"--window-size={width},{height}",
-    ):
-        options.add_argument(arg)
+    options = chromium_options(folder / "profile", width, height, binary=str(launcher))
     service = Service(shutil.which("chromedriver"), popen_kw={"preexec_fn": _die_with_parent})
     driver = webdriver.Chrome(service=service, options=options)
     driver.set_window_size(width, height)

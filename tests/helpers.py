@@ -26,13 +26,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def headless_chromium(profile_dir, height: int = 2400):
-    """Debian's chromium under selenium, headless, with no background networking."""
+def chromium_options(profile_dir, width: int = 1280, height: int = 2400, binary: str | None = None):
+    """Selenium's options for Debian's chromium (or ``binary``), headless, with no background networking."""
     from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
+    options.binary_location = binary or shutil.which("chromium")
     for arg in (
         "--headless=new",
         "--no-sandbox",
@@ -43,10 +42,20 @@ def headless_chromium(profile_dir, height: int = 2400):
         "--disable-sync",
         "--no-first-run",
         f"--user-data-dir={profile_dir}",
-        f"--window-size=1280,{height}",
+        f"--window-size={width},{height}",
     ):
         options.add_argument(arg)
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    return options
+
+
+def headless_chromium(profile_dir, height: int = 2400):
+    """Debian's chromium under selenium, headless, with no background networking."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    return webdriver.Chrome(
+        service=Service(shutil.which("chromedriver")), options=chromium_options(profile_dir, height=height)
+    )
 
 
 class GradioSession:

@@ -24,8 +24,9 @@ import torch
 from comfy_api.latest import io
 
 from ...errors import ObjectInputError
+from ...method.masks import RMPM_METHODS
 from ...method.motion import MotionTokens, ObjectMotion
-from ...method.pipeline import about_object
+from ...method.pipeline import INITIAL_MASKS, MASK_SOURCES, about_object
 
 CATEGORY = "FlexiMMT"
 MOTION = io.Custom("FLEXIMMT_MOTION")
@@ -61,6 +62,47 @@ def motion_files() -> list[str]:
 
     register_folders()
     return sorted(folder_paths.get_filename_list(MOTIONS_FOLDER))
+
+
+def mask_source_input() -> io.Combo.Input:
+    """Where each object's masks come from: Transfer's and Apply's input."""
+    return io.Combo.Input(
+        "mask_source",
+        options=list(MASK_SOURCES),
+        default="rmpm",
+        tooltip="Where each object's masks come from: rmpm (propagated through the video, the paper's), static "
+        "(the first-frame mask on every frame), qk (attention maps of the concept words), none (no masks).",
+    )
+
+
+def rmpm_inputs(optional: bool) -> list:
+    """RMPM's options (docs/method.md#rmpm), as Transfer and Apply take them."""
+    return [
+        io.Combo.Input(
+            "rmpm_method",
+            options=list(RMPM_METHODS),
+            default="paper",
+            optional=optional,
+            tooltip="RMPM's propagation: the paper's equations (12-13) or the authors' released label propagation.",
+        ),
+        io.Int.Input("anchors", default=3, min=1, max=64, optional=optional, tooltip="RMPM's anchor frames W."),
+        io.Float.Input(
+            "alpha",
+            default=0.0,
+            min=0.0,
+            max=0.99,
+            step=0.01,
+            optional=optional,
+            tooltip="Dynamic RMPM: masks freeze once they change less than this fraction; 0: update every step.",
+        ),
+        io.Combo.Input(
+            "initial_masks",
+            options=list(INITIAL_MASKS),
+            default="first_frame",
+            optional=optional,
+            tooltip="RMPM's first step: the first-frame masks on every frame, or none (the authors' release).",
+        ),
+    ]
 
 
 def first_mask(mask: torch.Tensor, k: int) -> torch.Tensor:

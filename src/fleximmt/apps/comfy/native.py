@@ -45,7 +45,7 @@ from ...method.pipeline import (
     transfer_state,
 )
 from ...models import family_name
-from .common import CATEGORY, OBJECTS
+from .common import CATEGORY, OBJECTS, mask_source_input, rmpm_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -428,38 +428,8 @@ class ApplyFlexiMMT(io.ComfyNode):
                     tooltip="Wan 2.2 A14B: 1 on the high-noise model, 2 on the low-noise model; auto for "
                     "one-expert motions.",
                 ),
-                io.Combo.Input(
-                    "mask_source",
-                    options=list(MASK_SOURCES),
-                    default="rmpm",
-                    tooltip="rmpm: propagated masks; static: the first-frame masks on every frame; qk: DMEM's "
-                    "masks; none: no masks.",
-                ),
-                io.Combo.Input(
-                    "rmpm_method",
-                    options=["paper", "released"],
-                    default="paper",
-                    optional=True,
-                    tooltip="paper: Eqs. 12-13; released: the authors' label propagation.",
-                ),
-                io.Int.Input("anchors", default=3, min=1, max=16, optional=True, tooltip="RMPM's anchor frames W."),
-                io.Float.Input(
-                    "alpha",
-                    default=0.0,
-                    min=0.0,
-                    max=0.99,
-                    step=0.01,
-                    optional=True,
-                    tooltip="Dynamic RMPM: freeze the masks once every object changes by less than this (0: "
-                    "update every step).",
-                ),
-                io.Combo.Input(
-                    "initial_masks",
-                    options=["first_frame", "none"],
-                    default="first_frame",
-                    optional=True,
-                    tooltip="Step 0: the first-frame masks on every frame, or none (the authors' release).",
-                ),
+                mask_source_input(),
+                *rmpm_inputs(optional=True),
             ],
             outputs=[io.Model.Output("model_out", display_name="model")],
         )

@@ -34,11 +34,19 @@ from PIL import Image
 
 from ...errors import FlexiMMTInputError
 from ...evaluation.video import grid_preview, mask_overlay
-from ...method.masks import RMPM_METHODS
 from ...method.motion import MotionTokens, atomic_write, check_motion_name, motion_metadata
-from ...method.pipeline import INITIAL_MASKS, MASK_SOURCES
 from ...models import SUPPORTED
-from .common import CATEGORY, MOTION, MOTIONS_FOLDER, OBJECTS, PIPE, motion_files, motions_dir
+from .common import (
+    CATEGORY,
+    MOTION,
+    MOTIONS_FOLDER,
+    OBJECTS,
+    PIPE,
+    mask_source_input,
+    motion_files,
+    motions_dir,
+    rmpm_inputs,
+)
 from .preview import TransferPreview
 
 logger = logging.getLogger(__name__)
@@ -655,36 +663,8 @@ class Transfer(io.ComfyNode):
                 ),
                 io.Int.Input("width", default=0, min=0, max=8192, step=8, tooltip="Video width; 0: the model's own."),
                 io.Int.Input("height", default=0, min=0, max=8192, step=8, tooltip="Video height; 0: the model's own."),
-                io.Combo.Input(
-                    "mask_source",
-                    options=list(MASK_SOURCES),
-                    default="rmpm",
-                    tooltip="Where each object's masks come from: rmpm (propagated through the video, the "
-                    "paper's), static (the first-frame mask on every frame), qk (attention maps of the concept "
-                    "words), none (no masks).",
-                ),
-                io.Combo.Input(
-                    "rmpm_method",
-                    options=list(RMPM_METHODS),
-                    default="paper",
-                    tooltip="RMPM's propagation: the paper's equations or the authors' released label propagation.",
-                ),
-                io.Int.Input("anchors", default=3, min=1, max=64, tooltip="RMPM's anchor frames W."),
-                io.Float.Input(
-                    "alpha",
-                    default=0.0,
-                    min=0.0,
-                    max=0.99,
-                    step=0.01,
-                    tooltip="Dynamic RMPM: masks freeze once they change less than this fraction; 0: update "
-                    "every step.",
-                ),
-                io.Combo.Input(
-                    "initial_masks",
-                    options=list(INITIAL_MASKS),
-                    default="first_frame",
-                    tooltip="RMPM's first step: the first-frame masks on every frame, or none (the authors' release).",
-                ),
+                mask_source_input(),
+                *rmpm_inputs(optional=False),
                 OBJECTS.Input(
                     "objects",
                     optional=True,
@@ -705,45 +685,8 @@ class Transfer(io.ComfyNode):
         )
 
     @classmethod
-    def execute(
-        cls,
-        pipe,
-        image,
-        prompt,
-        negative_prompt,
-        steps,
-        guidance,
-        seed,
-        frames,
-        width,
-        height,
-        mask_source,
-        rmpm_method,
-        anchors,
-        alpha,
-        initial_masks,
-        objects=None,
-    ) -> io.NodeOutput:
-        return io.NodeOutput(
-            *transfer(
-                pipe,
-                image,
-                prompt,
-                objects,
-                negative_prompt,
-                steps,
-                guidance,
-                seed,
-                frames,
-                width,
-                height,
-                mask_source,
-                rmpm_method,
-                anchors,
-                alpha,
-                initial_masks,
-            )
-        )
+    def execute(cls, **inputs) -> io.NodeOutput:  # the inputs are transfer()'s arguments, by name
+        return io.NodeOutput(*transfer(**inputs))
 
 
 def preview_masks(pipe, image, objects, width: int = 0, height: int = 0) -> torch.Tensor:
