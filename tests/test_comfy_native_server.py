@@ -134,7 +134,7 @@ def test_an_empty_object_mask_is_a_node_error_before_sampling(comfy_server, nati
     prompt["13"]["inputs"]["image"] = "native_empty_mask.png"
     run = comfy_server.run(prompt)
     assert run.status == "error" and run.error["node_id"] == "15"  # object 2's Object node
-    assert run.error["exception_message"].startswith("object 2: its mask is empty (no pixel above 0.5)")
+    assert run.error["exception_message"].startswith("object 2: the mask is empty (no pixel of the object is set)")
     assert run.progress("20") == [] and run.progress("21") == []  # nothing sampled
 
 

@@ -297,7 +297,7 @@ def test_bad_inputs_give_node_errors_numbered_by_object_and_the_server_stays_up(
             "object 2: the mask is 32 x 32 but the image is 64 x 64: give a mask of the image's size",
         ),
         (bad(saved, "12", motion_words=" "), "12", "object 2: write its motion words"),
-        (bad(saved, "10", image="empty_mask.png"), "12", "object 2: its mask is empty (no pixel above 0.5)"),
+        (bad(saved, "10", image="empty_mask.png"), "12", "object 2: the mask is empty (no pixel of the object is set)"),
         (bad(saved, "12", motion_words="flies away"), "15", "object 2: motion words 'flies away' were not found"),
         (bad(saved, "7", motion="other model.safetensors"), "15", "object 2: motion tokens are for a model with"),
         (

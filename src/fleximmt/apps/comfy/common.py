@@ -26,7 +26,7 @@ from comfy_api.latest import io
 from ...errors import ObjectInputError
 from ...method.masks import RMPM_METHODS
 from ...method.motion import MotionTokens, ObjectMotion
-from ...method.pipeline import INITIAL_MASKS, MASK_SOURCES, about_object
+from ...method.pipeline import INITIAL_MASKS, MASK_SOURCES, about_object, check_object_mask
 
 CATEGORY = "FlexiMMT"
 MOTION = io.Custom("FLEXIMMT_MOTION")
@@ -119,8 +119,9 @@ def first_mask(mask: torch.Tensor, k: int) -> torch.Tensor:
 def add_object(
     objects: tuple | None, mask: torch.Tensor, motion: MotionTokens, motion_words: str, concept_words: str = ""
 ) -> tuple[ObjectMotion, ...]:
-    """``objects`` with one more object appended (the *Object* node). A mask with no pixel above 0.5
-    is refused here, so the wrapper nodes and the native patch refuse it alike, before anything runs."""
+    """``objects`` with one more object appended (the *Object* node). An empty mask (no pixel above 0.5)
+    is refused here with the library's message, so the wrapper nodes and the native patch refuse it
+    alike, before anything runs."""
     objects = tuple(objects or ())
     k = len(objects) + 1
     if k > MAX_OBJECTS:
@@ -130,12 +131,7 @@ def add_object(
     if not motion_words.strip():
         raise ObjectInputError(k, "write its motion words, the words of the prompt that describe its motion")
     pixels = first_mask(mask, k)
-    if not pixels.any():
-        raise ObjectInputError(
-            k,
-            "its mask is empty (no pixel above 0.5), so its motion would move nothing: paint the object "
-            "in the mask editor, or connect the mask of the object",
-        )
+    check_object_mask(k, pixels, pixels)  # the library's rule, before a model gives the token grid
     with about_object(k):
         obj = ObjectMotion(pixels, motion, motion_words.strip(), concept_words.strip() or None)
     return (*objects, obj)
