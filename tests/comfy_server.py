@@ -50,6 +50,19 @@ def comfyui_version(comfyui: Path = COMFYUI) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split('__version__ = "')[1].split('"')[0].split("."))
 
 
+def needs_comfyui(version: tuple[int, ...], why: str):
+    """A test mark: the test runs against ComfyUI ``version`` and later (a model native only in 0.33, the
+    current frontend), and says ``why`` where `make test-comfy` runs an older one. Without a ComfyUI
+    source it marks nothing: tests/conftest.py fails such a run."""
+    import pytest
+
+    have = comfyui_version() if (COMFYUI / "comfyui_version.py").is_file() else None
+    return pytest.mark.skipif(
+        have is not None and have < version,
+        reason=f"needs ComfyUI {'.'.join(map(str, version))} or later: {why}",
+    )
+
+
 def pinned_packages(comfyui: Path = COMFYUI) -> Path | None:
     """The folder of packages this ComfyUI pins older than the environment has (its frontend, workflow
     templates and embedded docs), where `make install-comfy` puts them: ``<venv>/comfyui-<version>``."""

@@ -20,6 +20,7 @@ from comfy_server import (
     fresh_motions,
     frontend_app,
     load_workflow,
+    needs_comfyui,
     node_boxes,
     overlapping,
 )
@@ -141,9 +142,8 @@ def test_the_templates_browser_lists_each_example_once_with_its_thumbnail(server
         assert (WORKFLOWS / f"{name}.jpg").is_file()
 
 
+@needs_comfyui(CURRENT, "the run from the page, its outputs' room and README's picture are 0.33's frontend's")
 def test_the_toy_example_runs_from_the_page_and_shows_what_it_made(page, server):
-    if server.version < CURRENT:
-        pytest.skip("the run from the page, its outputs' room and README's picture are 0.33's frontend's")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

@@ -15,6 +15,7 @@ import copy
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 from comfy_server import load_workflow
 from comfy_wan import SHAPE, comfy_state_dict, write_wan_vae
 from PIL import Image
@@ -138,16 +139,26 @@ def test_an_empty_object_mask_is_a_node_error_before_sampling(comfy_server, nati
     assert run.progress("20") == [] and run.progress("21") == []  # nothing sampled
 
 
+def sampled_latent(server, run):
+    """The low-noise sampler's LATENT, as *Save Latent* (the test's node 90) wrote it."""
+    from safetensors.torch import load_file
+
+    (item,) = run.outputs("90")["latents"]
+    return load_file(str(server.output_file(item)))["latent_tensor"]
+
+
 def test_an_interrupted_native_run_leaves_nothing_behind(comfy_server, native_models):
-    """The low-noise sampler interrupted mid-run; run again, it gives exactly the uninterrupted run's video.
-    Each run differs only in end_at_step, past the last step, so that ComfyUI's cache runs the low-noise
-    sampler anew from the high-noise sampler's cached latent; the reference is such a rerun too, since
-    on ComfyUI 0.33 a rerun from the cache differs from the first whole run (by up to 46 levels on this
-    graph, FlexiMMT or not - plain ComfyUI does it too - while reruns equal each other; 0.3.64: equal)."""
-    comfy_server.run(tiny_prompt(native_models))
+    """The low-noise sampler interrupted mid-run; run again, it samples exactly the uninterrupted run's
+    latent. Each run differs only in end_at_step, past the last step, so that ComfyUI's cache runs the
+    low-noise sampler anew from the high-noise sampler's cached latent. The sampler's LATENT is
+    compared, not the decoded video: ComfyUI 0.33's VAE Decode on this CPU now and then decodes the
+    same latent differently (2 of 24 reruns of the plain graph without FlexiMMT, by up to 51 levels,
+    the latents equal to the bit); 0.3.64 gave equal videos in every run tried."""
     prompt = tiny_prompt(native_models)
+    prompt["90"] = {"class_type": "SaveLatent", "inputs": {"samples": ["21", 0], "filename_prefix": "check/native"}}
     prompt["21"]["inputs"]["end_at_step"] = 9997
-    whole = video_frames(comfy_server, comfy_server.run(prompt))
+    whole = comfy_server.run(prompt)
+    assert whole.status == "success", whole.error
     prompt["21"]["inputs"]["end_at_step"] = 9998
     prompt_id = comfy_server.submit(prompt)
     comfy_server.wait_for_progress(prompt_id, "21", 1)
@@ -156,4 +167,4 @@ def test_an_interrupted_native_run_leaves_nothing_behind(comfy_server, native_mo
     prompt["21"]["inputs"]["end_at_step"] = 9999
     again = comfy_server.run(prompt)
     assert again.status == "success"
-    assert np.array_equal(video_frames(comfy_server, again), whole)
+    assert torch.equal(sampled_latent(comfy_server, again), sampled_latent(comfy_server, whole))

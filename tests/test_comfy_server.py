@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from comfy_server import CURRENT, LEARN_STEPS, PromptRejected, comfy_video_frames, fresh_motions, load_workflow
+from comfy_server import (
+    CURRENT,
+    LEARN_STEPS,
+    PromptRejected,
+    comfy_video_frames,
+    fresh_motions,
+    load_workflow,
+    needs_comfyui,
+)
 from PIL import Image
 
 from fleximmt import MotionTokens, ObjectMotion, train_motion
@@ -436,9 +444,8 @@ def test_transfer_sends_a_latent_preview_each_step_that_shows_the_video(server, 
     )  # the first step's preview is noise, the last the video
 
 
+@needs_comfyui(CURRENT, "0.3.64 sets previews for the whole server only (--preview-method)")
 def test_transfer_sends_no_preview_when_the_user_turns_previews_off(server, example):
-    if server.version < CURRENT:
-        pytest.skip("ComfyUI 0.3.64 sets previews for the whole server only (--preview-method)")
     saved = transfer_prompt(load_workflow("fleximmt_toy_saved_motions"), steps=2)
     saved["15"]["inputs"]["seed"] = 1  # not ComfyUI's cached result
     run = server.run(saved, preview_method="none")  # the frontend's setting, sent with the prompt
