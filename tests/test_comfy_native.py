@@ -176,9 +176,9 @@ def test_patched_forward_equals_fleximmt_wan_transformer(models, version, clip, 
         theirs = library_forward(transformer, state, x, t, context, clip_fea, rows=[0, 0], feature_rows=[1])
         assert relative_error(ours, theirs) < 1e-4
         assert relative_error(ours, unpatched) > 1e-3  # the motion tokens changed the result
-        assert torch.equal(patch.run.state.videos[0].layout.video_masks, state.videos[0].layout.video_masks)
+        assert torch.equal(patch.run.state.videos[0].video_masks, state.videos[0].video_masks)
     first = torch.stack([mask_to_token_grid(o.mask_tensor, GRID.height, GRID.width) for o in objects]).flatten(1)
-    now = state.videos[0].layout.video_masks.view(2, FRAMES, -1)
+    now = state.videos[0].video_masks.view(2, FRAMES, -1)
     assert (now[:, 0] == first).all()  # frame 1 keeps the given masks
     if mask_source == "rmpm":
         assert patch.run.steps == 1 and not torch.equal(now, first[:, None].expand_as(now))
