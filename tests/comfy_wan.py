@@ -97,16 +97,10 @@ class TokenizerClip:
 
 
 def comfy_forward(patcher, x, timestep, context, clip_fea=None, sigma=0.5, cond_or_uncond=(0,)):
-    """One call of the diffusion model as ComfyUI's sampler makes it: the patcher's transformer options
-    with its wrappers merged in (``sampler_helpers.prepare_model_patcher``), the chunks and the sigma."""
-    comfy = import_comfy()
-    ext = comfy.patcher_extension
-    options = ext.copy_nested_dicts(patcher.model_options["transformer_options"])
-    ext.merge_nested_dicts(options.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
-    options["cond_or_uncond"] = list(cond_or_uncond)
-    options["sigmas"] = torch.full((x.shape[0],), float(sigma))
-    with torch.no_grad():
-        return patcher.model.diffusion_model(x, timestep, context, clip_fea=clip_fea, transformer_options=options)
+    """One call of ComfyUI's Wan model as its sampler makes it (``comfy_native.model_call``)."""
+    from comfy_native import model_call
+
+    return model_call(patcher, x, timestep, context, clip_fea=clip_fea, sigma=sigma, cond_or_uncond=cond_or_uncond)
 
 
 def write_wan_vae(path) -> None:

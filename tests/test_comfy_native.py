@@ -6,17 +6,18 @@ ComfyUI's unpatched model exactly. Runs in `make test-comfy` (ComfyUI's environm
 
 from types import SimpleNamespace
 
+import comfy_native
 import numpy as np
 import pytest
 import torch
+from comfy_native import library_state, patch_of, relative_error
 from comfy_wan import SHAPE, TokenizerClip, comfy_forward, comfy_model, import_comfy
 
 from fleximmt import MotionTokens, ObjectMotion, train_motion
 from fleximmt.errors import FlexiMMTInputError
 from fleximmt.method.adapter import TokenGrid
-from fleximmt.method.attention import VideoMotions
-from fleximmt.method.masks import CROSS_PARTS, mask_to_token_grid, span_membership
-from fleximmt.method.pipeline import MaskSchedule, TransferOptions, transfer_state
+from fleximmt.method.masks import CROSS_PARTS, mask_to_token_grid
+from fleximmt.method.pipeline import TransferOptions
 from fleximmt.models.wan import WanAdapter, slot_of
 from fleximmt.toy.tiny import random_motion, tiny_wan_components
 
@@ -51,9 +52,7 @@ def clip():
 
 
 def box(y0, y1, x0, x1):
-    m = np.zeros((SIZE, SIZE), bool)
-    m[y0:y1, x0:x1] = True
-    return m
+    return comfy_native.box(SIZE, y0, y1, x0, x1)
 
 
 def make_objects(transformer, count=2, scale=30.0, words=WORDS):
@@ -72,28 +71,9 @@ def inputs(version, batch=1, seed=0):
     return x, torch.full((batch,), 500.0), context, clip_fea
 
 
-def patch_of(patcher):
-    """The WanPatch an Apply FlexiMMT clone carries (its DIFFUSION_MODEL wrapper's owner)."""
-    from fleximmt.apps.comfy.native import KEY
-
-    return patcher.wrappers["diffusion_model"][KEY][0].__self__
-
-
 def library_run(transformer, objects, spans, options, videos=1):
-    """fleximmt's own state for the diffusers transformer, built from the library's pieces (every
-    expert's tokens: each transformer's processors read their own)."""
-    member = span_membership(TEXT, spans)
-    tokens = torch.stack([o.motion.expert_tokens() for o in objects])
-    first = torch.stack([mask_to_token_grid(o.mask_tensor, GRID.height, GRID.width) for o in objects])
-    state = transfer_state(
-        [VideoMotions(tokens, member) for _ in range(videos)],
-        options,
-        "cross",
-        transformer.config.num_layers,
-        0.7,
-        GRID.frames,
-    )
-    return state, MaskSchedule(state, [first] * videos, GRID, options, transformer.config.num_layers)
+    """fleximmt's own state for the diffusers transformer (``comfy_native.library_state``)."""
+    return library_state(objects, spans, options, WanAdapter, transformer.config.num_layers, GRID, TEXT, videos)
 
 
 def library_forward(transformer, state, x, t, context, clip_fea, rows, feature_rows):
@@ -110,10 +90,6 @@ def library_forward(transformer, state, x, t, context, clip_fea, rows, feature_r
             )[0]
     finally:
         slot_of(transformer).state = None
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_comfy_loads_the_tiny_wan_as_its_own_wan_model(models, version):

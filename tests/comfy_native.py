@@ -1,0 +1,88 @@
+"""What the native tests of every family share: a model call as ComfyUI's sampler makes it, the library's
+own state for the diffusers twin (built from fleximmt's pieces, not from the native patch's), and the
+ways ComfyUI re-creates or re-loads weights between calls (dynamic VRAM's CPU-testable part)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from comfy_wan import import_comfy
+
+from fleximmt.method.adapter import TokenGrid
+from fleximmt.method.attention import VideoMotions
+from fleximmt.method.masks import mask_to_token_grid, span_membership
+from fleximmt.method.pipeline import MaskSchedule, transfer_state
+
+
+def model_call(patcher, x, *args, sigma=0.5, cond_or_uncond=(0,), **kwargs):
+    """One call of the diffusion model as ComfyUI's sampler makes it: the patcher's transformer options
+    with its wrappers merged in (``sampler_helpers.prepare_model_patcher``), the chunks and the sigma."""
+    comfy = import_comfy()
+    ext = comfy.patcher_extension
+    options = ext.copy_nested_dicts(patcher.model_options["transformer_options"])
+    ext.merge_nested_dicts(options.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
+    options["cond_or_uncond"] = list(cond_or_uncond)
+    options["sigmas"] = torch.full((x.shape[0],), float(sigma))
+    with torch.no_grad():
+        return patcher.model.diffusion_model(x, *args, transformer_options=options, **kwargs)
+
+
+def relative_error(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def box(size, y0, y1, x0, x1) -> np.ndarray:
+    m = np.zeros((size, size), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def patch_of(patcher):
+    """The NativePatch an Apply FlexiMMT clone carries (its DIFFUSION_MODEL wrapper's owner)."""
+    from fleximmt.apps.comfy.native import KEY
+
+    return patcher.wrappers["diffusion_model"][KEY][0].__self__
+
+
+def library_state(objects, spans, options, adapter, num_blocks: int, grid: TokenGrid, text_len: int, videos=1):
+    """fleximmt's own state for the diffusers transformer, from the library's pieces: every expert's
+    tokens (each transformer's processors read their own), the motion words over ``text_len`` tokens,
+    the first-frame masks on the token grid; and its masks' schedule."""
+    member = span_membership(text_len, spans)
+    tokens = torch.stack([o.motion.expert_tokens() for o in objects])
+    first = torch.stack([mask_to_token_grid(o.mask_tensor, grid.height, grid.width) for o in objects])
+    state = transfer_state(
+        [VideoMotions(tokens, member) for _ in range(videos)],
+        options,
+        adapter.form,
+        num_blocks,
+        adapter.feature_share,
+        grid.frames,
+    )
+    return state, MaskSchedule(state, [first] * videos, grid, options, num_blocks)
+
+
+def recreate_weights(patcher) -> None:
+    """Every parameter and buffer of the model replaced by a new tensor of the same values, as ComfyUI's
+    dynamic VRAM re-creates weights between steps (the patch must hold none of the old ones)."""
+    for module in patcher.model.diffusion_model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(param.detach().clone(), requires_grad=False))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            module.register_buffer(name, buffer.clone(), persistent=name not in module._non_persistent_buffers_set)
+
+
+def lowvram(patcher):
+    """A context in which ComfyUI has loaded ``patcher`` partially (``lowvram_model_memory`` of one
+    byte): every layer casts its weights on the fly in each call, as when a model does not fit."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def loaded():
+        patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1, load_weights=True)
+        try:
+            yield patcher
+        finally:
+            patcher.unpatch_model()
+
+    return loaded()
