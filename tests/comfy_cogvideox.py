@@ -12,7 +12,7 @@ has both of, so a 1.0-shaped tiny model would compute another function in each.
 from __future__ import annotations
 
 import torch
-from comfy_wan import COMFYUI, import_comfy
+from comfy_wan import import_comfy
 
 SHAPE = dict(latent_channels=16, heads=2, head_dim=64, text_dim=32, time_embed_dim=32, num_layers=2, version="1.5")
 TEXT = 226  # ComfyUI's CogVideoX T5 tokenizer pads to 226 tokens, as diffusers' pipeline does
@@ -41,6 +41,7 @@ def comfy_state_dict(transformer) -> dict[str, torch.Tensor]:
     """A diffusers ``CogVideoXTransformer3DModel``'s weights under ComfyUI's key names. ComfyUI 0.33's
     CogVideoX 1.5 patch embedding always has a bias, diffusers' has none (``patch_bias=False``): a zero bias
     computes what diffusers computes. Every parameter of ComfyUI's model gets a value (checked)."""
+    import_comfy()
     import comfy.ldm.cogvideo.model as cogvideo
     import comfy.ops
 
@@ -94,4 +95,13 @@ class T5Clip:
         return self.tokenizer.clip_t5xxl.tokenizer.decode(list(ids))
 
 
-__all__ = ["COMFYUI", "SHAPE", "TEXT", "T5Clip", "comfy_model", "comfy_state_dict"]
+def write_cogvideox_vae(path) -> None:
+    """Random weights (seeded, float16) for ComfyUI's CogVideoX VAE, whose loader reads a fixed config: its
+    own *Load VAE* then loads them."""
+    import_comfy()
+    import comfy.ldm.cogvideo.vae as vae
+    from comfy_native import write_random_weights
+
+    with torch.device("meta"):
+        model = vae.AutoencoderKLCogVideoX(latent_channels=16)
+    write_random_weights(model, path)

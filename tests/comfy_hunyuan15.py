@@ -114,6 +114,39 @@ def comfy_state_dict(transformer) -> dict[str, torch.Tensor]:
     return ours
 
 
+def comfy_shaped_components(seed: int = 0) -> dict:
+    """fleximmt's tiny HunyuanVideo 1.5 pipeline components around a transformer of ComfyUI's shape
+    (:data:`SHAPE`, seeded): its VAE with 32 latent channels as ComfyUI's latents have, its ByT5 and SigLIP
+    encoders widened to the 1472 and 1152 features ComfyUI's model takes (one layer each)."""
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
+    from transformers import SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel
+
+    from fleximmt.toy.tiny_hunyuan15 import tiny_hunyuan15_components
+
+    components = tiny_hunyuan15_components(seed)
+    torch.manual_seed(seed)
+    components["transformer"] = HunyuanVideo15Transformer3DModel(**SHAPE).eval()
+    components["vae"] = AutoencoderKLHunyuanVideo15(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=SHAPE["out_channels"],
+        block_out_channels=(64, 64, 64),  # its encoder's output groups 64 channels into 2 x 32
+        layers_per_block=1,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=4,
+        downsample_match_channel=False,
+        upsample_match_channel=False,
+    ).eval()
+    components["text_encoder_2"] = T5EncoderModel(
+        T5Config(vocab_size=384, d_model=SHAPE["text_embed_2_dim"], d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    ).eval()
+    vision = dict(intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4)
+    components["image_encoder"] = SiglipVisionModel(
+        SiglipVisionConfig(hidden_size=SHAPE["image_embed_dim"], **vision)
+    ).eval()
+    return components
+
+
 def comfy_meta_model(transformer):
     """ComfyUI's HunyuanVideo 1.5 of the transformer's shape, on the meta device (its key names)."""
     import_comfy()
@@ -172,3 +205,31 @@ class QwenClip:
 
     def decode(self, ids) -> str:
         return self.tokenizer.qwen25_7b.tokenizer.decode(list(ids))
+
+
+def write_hunyuan15_vae(path) -> None:
+    """Random weights (seeded, float16) for ComfyUI's HunyuanVideo 1.5 VAE (16x spatial, 4x temporal, 32 latent
+    channels), whose loader reads a fixed config: its own *Load VAE* then loads them."""
+    import_comfy()
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+    from comfy_native import write_random_weights
+
+    config = {  # comfy/sd.py's, for a decoder.conv_in of 32 channels in 3D
+        "block_out_channels": [128, 256, 512, 1024, 1024],
+        "in_channels": 3,
+        "out_channels": 3,
+        "num_res_blocks": 2,
+        "ffactor_spatial": 16,
+        "ffactor_temporal": 4,
+        "downsample_match_channel": True,
+        "upsample_match_channel": True,
+        "refiner_vae": False,
+        "z_channels": 32,
+    }
+    with torch.device("meta"):
+        model = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.hunyuan_video.vae_refiner.Encoder", "params": config},
+            decoder_config={"target": "comfy.ldm.hunyuan_video.vae_refiner.Decoder", "params": config},
+        )
+    write_random_weights(model, path)

@@ -44,15 +44,19 @@ def patch_of(patcher):
     return patcher.wrappers["diffusion_model"][KEY][0].__self__
 
 
-def library_state(objects, spans, options, adapter, num_blocks: int, grid: TokenGrid, text_len: int, videos=1):
+def library_state(
+    objects, spans, options, adapter, num_blocks: int, grid: TokenGrid, text_len: int, videos=1, concept_spans=None
+):
     """fleximmt's own state for the diffusers transformer, from the library's pieces: every expert's
     tokens (each transformer's processors read their own), the motion words over ``text_len`` tokens,
-    the first-frame masks on the token grid; and its masks' schedule."""
+    the first-frame masks on the token grid, the concept words DMEM reads (``mask_source="qk"``); and
+    its masks' schedule."""
     member = span_membership(text_len, spans)
+    concept = None if concept_spans is None else [torch.tensor(span) for span in concept_spans]
     tokens = torch.stack([o.motion.expert_tokens() for o in objects])
     first = torch.stack([mask_to_token_grid(o.mask_tensor, grid.height, grid.width) for o in objects])
     state = transfer_state(
-        [VideoMotions(tokens, member) for _ in range(videos)],
+        [VideoMotions(tokens, member, concept) for _ in range(videos)],
         options,
         adapter.form,
         num_blocks,
@@ -86,3 +90,23 @@ def lowvram(patcher):
             patcher.unpatch_model()
 
     return loaded()
+
+
+def write_random_weights(module: torch.nn.Module, path) -> None:
+    """Random weights (seeded, float16) for every tensor of ``module`` (made on the meta device: its shapes),
+    saved as safetensors: matrices and kernels scaled by their fan-in, norm scales (1-D weights, gammas)
+    one, the rest zero. For ComfyUI's VAEs, whose loaders read fixed configs from the keys."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    weights = {}
+    for key, value in module.state_dict().items():
+        shape = value.shape
+        if key.endswith("gamma") or (len(shape) == 1 and key.endswith("weight")):
+            weights[key] = torch.ones(shape, dtype=torch.float16)
+        elif len(shape) >= 2:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            weights[key] = (torch.randn(shape, generator=gen) * fan_in**-0.5).half()
+        else:
+            weights[key] = torch.zeros(shape, dtype=torch.float16)
+    save_file(weights, str(path))

@@ -108,11 +108,10 @@ def write_wan_vae(path) -> None:
     (96 channels): ComfyUI's own *Load VAE* then loads them."""
     comfy = import_comfy()
     import comfy.ldm.wan.vae  # noqa: F811 - loads the module into the package import_comfy found
-    from safetensors.torch import save_file
+    from comfy_native import write_random_weights
 
-    shapes = {
-        k: v.shape
-        for k, v in comfy.ldm.wan.vae.WanVAE(
+    with torch.device("meta"):
+        vae = comfy.ldm.wan.vae.WanVAE(
             dim=96,
             z_dim=16,
             dim_mult=[1, 2, 4, 4],
@@ -121,17 +120,4 @@ def write_wan_vae(path) -> None:
             temperal_downsample=[False, True, True],
             dropout=0.0,
         )
-        .state_dict()
-        .items()
-    }
-    gen = torch.Generator().manual_seed(0)
-    weights = {}
-    for key, shape in shapes.items():
-        if len(shape) >= 2 and not key.endswith("gamma"):
-            fan_in = int(torch.tensor(shape[1:]).prod())
-            weights[key] = (torch.randn(shape, generator=gen) * fan_in**-0.5).half()
-        elif key.endswith("gamma"):
-            weights[key] = torch.ones(shape, dtype=torch.float16)
-        else:
-            weights[key] = torch.zeros(shape, dtype=torch.float16)
-    save_file(weights, str(path))
+    write_random_weights(vae, path)

@@ -99,10 +99,11 @@ def library_forward(pipe, state, x, t, context, ofs, rows=None, feature_rows=Non
     return out.transpose(1, 2)
 
 
-def library(pipe, objects, spans, mask_source="static"):
+def library(pipe, objects, spans, mask_source="static", concept_spans=None):
     options = TransferOptions(objects, mask_source, parts=PARTS)
     options.check(CogVideoXAdapter(pipe))
-    return library_state(objects, spans, options, CogVideoXAdapter, SHAPE["num_layers"], GRID, TEXT)
+    num_blocks = SHAPE["num_layers"]
+    return library_state(objects, spans, options, CogVideoXAdapter, num_blocks, GRID, TEXT, 1, concept_spans)
 
 
 def test_comfy_loads_the_tiny_cogvideox_as_its_own_model(pipe, patcher):
@@ -132,7 +133,7 @@ def test_motion_words_are_found_as_comfyuis_t5_tokenizer_gives_them(pipe, patche
         assert len({tuple(span) for span in patch.spans}) == 2
 
 
-@pytest.mark.parametrize("mask_source", ["static", "rmpm"])
+@pytest.mark.parametrize("mask_source", ["static", "rmpm", "qk"])
 def test_patched_forward_equals_fleximmt_cogvideox_transformer(pipe, patcher, clip, mask_source):
     """Two evaluations (two noise levels; RMPM updates the masks in between from features each side
     captured itself), a batch of one unconditional and one conditional row."""
@@ -141,7 +142,7 @@ def test_patched_forward_equals_fleximmt_cogvideox_transformer(pipe, patcher, cl
     objects = make_objects(pipe.transformer)
     patched = apply_fleximmt(patcher, clip, PROMPT, objects, mask_source=mask_source)
     patch = patch_of(patched)
-    state, schedule = library(pipe, objects, patch.spans, mask_source)
+    state, schedule = library(pipe, objects, patch.spans, mask_source, patch.concept_spans)
     x, t, context, ofs = inputs(batch=2)
     unpatched = comfy(patcher, x, t, context, ofs)
     for step, sigma in enumerate([0.5, 0.4]):

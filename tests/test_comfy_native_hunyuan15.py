@@ -9,7 +9,7 @@ ComfyUI 0.33 only (0.3.64 has no HunyuanVideo 1.5)."""
 import numpy as np
 import pytest
 import torch
-from comfy_hunyuan15 import SHAPE, QwenClip, comfy_model
+from comfy_hunyuan15 import SHAPE, QwenClip, comfy_model, comfy_shaped_components
 from comfy_native import box, library_state, lowvram, model_call, patch_of, recreate_weights, relative_error
 from comfy_wan import import_comfy
 
@@ -19,7 +19,6 @@ from fleximmt.method.adapter import TokenGrid
 from fleximmt.method.masks import PARTS
 from fleximmt.method.pipeline import TransferOptions
 from fleximmt.models.hunyuan15 import HunyuanVideo15Adapter, row_texts, slot_of
-from fleximmt.toy.tiny_hunyuan15 import tiny_hunyuan15_components
 
 pytestmark = pytest.mark.comfy
 
@@ -78,12 +77,12 @@ def random_motion(transformer, seed, scale):
     return motion(transformer, 4, seed=seed, scale=scale)
 
 
-def inputs(text_len, batch=1, seed=0, padding=0, channels=SHAPE["in_channels"]):
+def inputs(text_len, batch=1, seed=0, padding=0):
     """ComfyUI's inputs: noise + image latents + the image mask channel, timestep, Qwen2.5 text (its last
     ``padding`` tokens padding, their features the valid ones' mean: see ``library_forward``), ByT5 and
     SigLIP features; and the Qwen2.5 mask (None without padding)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, channels, FRAMES, LATENT, LATENT, generator=gen)
+    x = torch.randn(batch, SHAPE["in_channels"], FRAMES, LATENT, LATENT, generator=gen)
     context = torch.randn(batch, text_len, SHAPE["text_embed_dim"], generator=gen)
     byt5 = torch.randn(batch, GLYPHS, SHAPE["text_embed_2_dim"], generator=gen)
     image = torch.randn(batch, IMAGE_TOKENS, SHAPE["image_embed_dim"], generator=gen)
@@ -131,10 +130,11 @@ def library_forward(transformer, state, x, t, context, byt5, image, mask=None, r
         slot.state, slot.texts = None, []
 
 
-def library(transformer, objects, spans, text_len, mask_source="static"):
+def library(transformer, objects, spans, text_len, mask_source="static", concept_spans=None):
     options = TransferOptions(objects, mask_source, parts=PARTS)
     options.check(HunyuanVideo15Adapter)
-    return library_state(objects, spans, options, HunyuanVideo15Adapter, SHAPE["num_layers"], GRID, text_len)
+    num_blocks = SHAPE["num_layers"]
+    return library_state(objects, spans, options, HunyuanVideo15Adapter, num_blocks, GRID, text_len, 1, concept_spans)
 
 
 def test_comfy_loads_the_tiny_hunyuan15_as_its_own_model(transformer, patcher, prompt_len):
@@ -195,7 +195,7 @@ def kept_positions(monkeypatch, encoder, tokens, count: int) -> list[int]:
     return encoder.encode_token_weights(tokens)[0][0, :, 0].long().tolist()
 
 
-@pytest.mark.parametrize("mask_source", ["static", "rmpm"])
+@pytest.mark.parametrize("mask_source", ["static", "rmpm", "qk"])
 def test_patched_forward_equals_fleximmt_hunyuan15_transformer(transformer, patcher, clip, prompt_len, mask_source):
     """Two evaluations (two noise levels; RMPM updates the masks in between from features each side
     captured itself), a batch of one unconditional and one conditional row, SigLIP and ByT5 tokens
@@ -205,7 +205,7 @@ def test_patched_forward_equals_fleximmt_hunyuan15_transformer(transformer, patc
     objects = make_objects(transformer)
     patched = apply_fleximmt(patcher, clip, PROMPT, objects, mask_source=mask_source)
     patch = patch_of(patched)
-    state, schedule = library(transformer, objects, patch.spans, prompt_len, mask_source)
+    state, schedule = library(transformer, objects, patch.spans, prompt_len, mask_source, patch.concept_spans)
     x, t, context, byt5, image, _ = inputs(prompt_len, batch=2)
     unpatched = comfy(patcher, x, t, context, byt5, image)
     for step, sigma in enumerate([0.5, 0.4]):
@@ -276,14 +276,14 @@ def test_without_objects_the_patch_is_comfyuis_model_exactly(patcher, clip, prom
 
 def test_a_motion_learned_by_fleximmt_on_diffusers_hunyuan15_drives_comfyuis(clip, prompt_len, tmp_path):
     """``train_motion`` on diffusers' HunyuanVideo 1.5 pipeline (tiny components around a transformer of
-    ComfyUI's shape), the motion loaded from its file, patches ComfyUI's model of the same weights."""
+    ComfyUI's shape: ``comfy_shaped_components``), the motion loaded from its file, patches ComfyUI's
+    model of the same weights."""
     from diffusers import HunyuanVideo15ImageToVideoPipeline
 
     from fleximmt.apps.comfy.native import apply_fleximmt
 
-    components = tiny_hunyuan15_components(0)
-    torch.manual_seed(1)
-    components["transformer"] = transformer = _diffusers_transformer(components)
+    components = comfy_shaped_components(1)
+    transformer = components["transformer"]
     pipe = HunyuanVideo15ImageToVideoPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     frames = np.zeros((9, SIZE, SIZE, 3), np.uint8)
@@ -310,35 +310,12 @@ def test_a_motion_learned_by_fleximmt_on_diffusers_hunyuan15_drives_comfyuis(cli
     objects = (ObjectMotion(box(SIZE, 2, 16, 2, 16), motion, "jumps up"),)
     patcher = comfy_model(transformer)
     patched = apply_fleximmt(patcher, clip, PROMPT, objects, mask_source="static")
-    x, t, context, byt5, image, _ = inputs(prompt_len, seed=5, channels=9)
+    x, t, context, byt5, image, _ = inputs(prompt_len, seed=5)
     state, _ = library(transformer, objects, patch_of(patched).spans, prompt_len)
     ours = comfy(patched, x, t, context, byt5, image)
     theirs = library_forward(transformer, state, x, t, context, byt5, image, rows=[0], feature_rows=[0])
     assert relative_error(ours, theirs) < 1e-4
     assert relative_error(ours, comfy(patcher, x, t, context, byt5, image)) > 1e-5
-
-
-def _diffusers_transformer(components):
-    """A transformer of ComfyUI's shape that takes the tiny pipeline's VAE latents (4 channels) and
-    Qwen2.5 features (16 wide); the pipeline's ByT5 and SigLIP encoders widened (seeded, one layer) to
-    the 1472 and 1152 features ComfyUI's model takes."""
-    from diffusers import HunyuanVideo15Transformer3DModel
-    from transformers import SiglipVisionConfig, SiglipVisionModel, T5Config, T5EncoderModel
-
-    components["text_encoder_2"] = T5EncoderModel(
-        T5Config(vocab_size=384, d_model=1472, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    ).eval()
-    components["image_encoder"] = SiglipVisionModel(
-        SiglipVisionConfig(
-            hidden_size=1152,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=16,
-            patch_size=4,
-        )
-    ).eval()
-    return HunyuanVideo15Transformer3DModel(**dict(SHAPE, in_channels=9, out_channels=4)).eval()
 
 
 def test_bad_inputs_are_refused_by_name(transformer, patcher, clip, prompt_len):
