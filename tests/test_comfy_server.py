@@ -395,7 +395,7 @@ def test_the_frontend_finds_the_nodes_in_its_library_and_loads_the_example_workf
         library = driver.find_element(By.CSS_SELECTOR, ".side-bar-panel")
         WebDriverWait(driver, 30).until(lambda d: "FlexiMMT Preview masks" in library.text)
         listed = library.text.replace("\n", " ")
-        assert all(name in listed for name in [*FLEXIMMT_NODES.values(), "Apply FlexiMMT (Wan)"]), listed
+        assert all(name in listed for name in [*FLEXIMMT_NODES.values(), "Apply FlexiMMT"]), listed
         driver.execute_script(
             "window.comfyAPI.app.app.ui.settings.setSettingValue('Comfy.Minimap.Visible', false);"
             "window.comfyAPI.app.app.ui.settings.setSettingValue('LiteGraph.Canvas.MinFontSizeForLOD', 1)"

@@ -231,6 +231,6 @@ class ApplyFlexiMMT:
         )
 
 
-NODES = {"FlexiMMTApply": (ApplyFlexiMMT, "Apply FlexiMMT")}
+NODES = {"FlexiMMTApply": (ApplyFlexiMMT, "Apply FlexiMMT")}  # class id kept from the Wan-only node
 
 __all__ = ["EXPERTS", "FAMILIES", "KEY", "NODES", "ApplyFlexiMMT", "apply_fleximmt", "clip_token_ids", "family_of"]
