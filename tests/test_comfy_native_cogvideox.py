@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 import torch
 from comfy_cogvideox import SHAPE, TEXT, T5Clip, comfy_model
-from comfy_native import box, library_state, lowvram, model_call, patch_of, recreate_weights, relative_error
-from comfy_wan import import_comfy
+from comfy_native import (
+    box,
+    library_state,
+    lowvram,
+    model_call,
+    needs_native,
+    patch_of,
+    recreate_weights,
+    relative_error,
+)
 
 from fleximmt import MotionTokens, ObjectMotion, train_motion
 from fleximmt.errors import FlexiMMTInputError
@@ -22,7 +30,7 @@ from fleximmt.method.pipeline import TransferOptions
 from fleximmt.models.cogvideox import CogVideoXAdapter, FlexiMMTPipeline
 from fleximmt.toy.tiny import random_motion, tiny_components
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, needs_native("CogVideoX")]
 
 PROMPT = "A ball jumps up. A box slides left."
 WORDS = ["jumps up", "slides left"]
@@ -30,19 +38,8 @@ SIZE, FRAMES = 32, 4  # pixels (the tiny VAE's 4x: 8 x 8 latents, 4 x 4 tokens);
 GRID = TokenGrid(FRAMES // 2, SIZE // 8, SIZE // 8, FRAMES, 2)
 
 
-def has_cogvideox() -> bool:
-    import_comfy()
-    try:
-        import comfy.ldm.cogvideo.model  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def pipe():
-    if not has_cogvideox():
-        pytest.fail("this ComfyUI has no CogVideoX (comfy/ldm/cogvideo): run these tests with COMFYUI set to 0.33")
     pipe = FlexiMMTPipeline(**tiny_components(0, height=SIZE, width=SIZE, num_frames=13, text_len=TEXT, **SHAPE))
     pipe.set_progress_bar_config(disable=True)
     CogVideoXAdapter(pipe).install_processors()

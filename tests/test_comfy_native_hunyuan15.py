@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 import torch
 from comfy_hunyuan15 import SHAPE, QwenClip, comfy_model, comfy_shaped_components
-from comfy_native import box, library_state, lowvram, model_call, patch_of, recreate_weights, relative_error
-from comfy_wan import import_comfy
+from comfy_native import (
+    box,
+    library_state,
+    lowvram,
+    model_call,
+    needs_native,
+    patch_of,
+    recreate_weights,
+    relative_error,
+)
 
 from fleximmt import MotionTokens, ObjectMotion, train_motion
 from fleximmt.errors import FlexiMMTInputError
@@ -20,7 +28,7 @@ from fleximmt.method.masks import PARTS
 from fleximmt.method.pipeline import TransferOptions
 from fleximmt.models.hunyuan15 import HunyuanVideo15Adapter, row_texts, slot_of
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, needs_native("HunyuanVideo 1.5")]
 
 PROMPT = "A ball jumps up. A box slides left."
 WORDS = ["jumps up", "slides left"]
@@ -29,17 +37,8 @@ GRID = TokenGrid(FRAMES, LATENT, LATENT, FRAMES, 1)
 IMAGE_TOKENS, GLYPHS = 9, 5  # SigLIP image tokens and ByT5 glyph tokens in the tests' text (any counts)
 
 
-def has_hunyuan15() -> bool:
-    import_comfy()
-    import comfy.ldm.hunyuan_video.model as hunyuan
-
-    return hasattr(hunyuan.HunyuanVideo, "img_ids") and "vision_in_dim" in hunyuan.HunyuanVideoParams.__annotations__
-
-
 @pytest.fixture(scope="module")
 def transformer():
-    if not has_hunyuan15():
-        pytest.fail("this ComfyUI has no HunyuanVideo 1.5: run these tests with COMFYUI set to 0.33")
     from diffusers import HunyuanVideo15Transformer3DModel
 
     torch.manual_seed(0)

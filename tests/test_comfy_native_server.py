@@ -23,6 +23,7 @@ import copy
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from comfy_native import needs_native
 from comfy_server import load_workflow
 from comfy_wan import SHAPE, comfy_state_dict, write_wan_vae
 from PIL import Image
@@ -205,7 +206,6 @@ def cogvideox_prompt(comfy_server):
     from fleximmt.models.cogvideox import FlexiMMTPipeline
     from fleximmt.toy.tiny import tiny_components
 
-    needs_comfyui_033("cogvideo")
     base, api = comfy_server.base, load_workflow("native_cogvideox15_i2v")
     models = model_folders(base)
     pipe = FlexiMMTPipeline(**tiny_components(0, height=SIZE, width=SIZE, num_frames=COG_LENGTH, text_len=226, **COG))
@@ -232,7 +232,6 @@ def hunyuan15_prompt(comfy_server):
     from diffusers import HunyuanVideo15ImageToVideoPipeline
     from safetensors.torch import save_file
 
-    needs_comfyui_033("hunyuan15")
     base, api = comfy_server.base, load_workflow("native_hunyuan15_i2v")
     models = model_folders(base)
     pipe = HunyuanVideo15ImageToVideoPipeline(**comfy_shaped_components(0))
@@ -251,24 +250,20 @@ def hunyuan15_prompt(comfy_server):
     return prompt
 
 
-def needs_comfyui_033(family: str) -> None:
-    from comfy_server import COMFYUI
-
-    source = {"cogvideo": "comfy/ldm/cogvideo/model.py", "hunyuan15": "comfy/ldm/hunyuan_video/upsampler.py"}[family]
-    if not (COMFYUI / source).is_file():
-        pytest.skip(f"ComfyUI at {COMFYUI} runs no native {family}: these run with COMFYUI=../shared/comfyui-0.33")
-
-
+@needs_native("CogVideoX")
 def test_the_native_cogvideox_example_samples_with_fleximmt(comfy_server, cogvideox_prompt):
     plain = without_fleximmt(cogvideox_prompt, [("18", "model")])
     assert_moves_with_fleximmt(comfy_server, cogvideox_prompt, plain, "21", COG_LENGTH)
 
 
+@needs_native("HunyuanVideo 1.5")
 def test_the_native_hunyuan15_example_samples_with_fleximmt(comfy_server, hunyuan15_prompt):
     plain = without_fleximmt(hunyuan15_prompt, [("18", "model")])
     assert_moves_with_fleximmt(comfy_server, hunyuan15_prompt, plain, "26", LENGTH)
 
 
+@needs_native("CogVideoX")
+@needs_native("HunyuanVideo 1.5")
 def test_a_bad_native_input_is_refused_by_name_on_every_family(comfy_server, cogvideox_prompt, hunyuan15_prompt):
     for prompt in (cogvideox_prompt, hunyuan15_prompt):
         prompt = copy.deepcopy(prompt)
