@@ -103,17 +103,15 @@ def apply_fleximmt(
         raise FlexiMMTInputError(f"mask_source={mask_source!r}: choose from {list(MASK_SOURCES)}")
     adapter = family.adapter
     options = TransferOptions(
-        objects,
-        mask_source,
-        rmpm_method,
-        anchors,
-        alpha if alpha else None,
-        None,
-        tuple(adapter.parts) if parts is None else parts,
-        context_text,
-        attention_backend,
-        False,
-        initial_masks,
+        objects=objects,
+        mask_source=mask_source,
+        rmpm_method=rmpm_method,
+        anchors=anchors,
+        alpha=alpha if alpha else None,
+        parts=tuple(adapter.parts) if parts is None else parts,
+        context_text=context_text,
+        attention_backend=attention_backend,
+        initial_masks=initial_masks,
     )
     options.check(adapter)
     spans, concept_spans, prompt_len = [], None, 0
