@@ -30,17 +30,28 @@ def needs_native(family: str):
     )
 
 
-def model_call(patcher, x, *args, sigma=0.5, cond_or_uncond=(0,), **kwargs):
+def model_call(patcher, x, *args, sigma=0.5, cond_or_uncond=(0,), grad=False, **kwargs):
     """One call of the diffusion model as ComfyUI's sampler makes it: the patcher's transformer options
-    with its wrappers merged in (``sampler_helpers.prepare_model_patcher``), the chunks and the sigma."""
+    with its wrappers merged in (``sampler_helpers.prepare_model_patcher``), the chunks and the sigma;
+    ``grad``: with autograd on (a test of learning also sets ``model_management.in_training``, as ComfyUI's
+    trainer does through the forward and backward passes)."""
     comfy = import_comfy()
     ext = comfy.patcher_extension
     options = ext.copy_nested_dicts(patcher.model_options["transformer_options"])
     ext.merge_nested_dicts(options.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
     options["cond_or_uncond"] = list(cond_or_uncond)
     options["sigmas"] = torch.full((x.shape[0],), float(sigma))
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         return patcher.model.diffusion_model(x, *args, transformer_options=options, **kwargs)
+
+
+def learnable_twins(motion, family: str):
+    """Two motions of the same tokens, each a leaf that gathers its own gradient."""
+    from fleximmt import MotionTokens
+
+    tokens = motion.tokens.detach().clone().requires_grad_()
+    twin = tokens.detach().clone().requires_grad_()
+    return MotionTokens(tokens, family=family), MotionTokens(twin, family=family)
 
 
 def relative_error(a, b) -> float:

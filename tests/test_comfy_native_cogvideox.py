@@ -13,6 +13,7 @@ import torch
 from comfy_cogvideox import SHAPE, TEXT, T5Clip, comfy_model
 from comfy_native import (
     box,
+    learnable_twins,
     library_state,
     lowvram,
     model_call,
@@ -75,7 +76,7 @@ def comfy(patcher, x, t, context, ofs, **kw):
     return model_call(patcher, x, t, context, ofs=ofs, **kw)
 
 
-def library_forward(pipe, state, x, t, context, ofs, rows=None, feature_rows=None):
+def library_forward(pipe, state, x, t, context, ofs, rows=None, feature_rows=None, grad=False):
     """fleximmt's CogVideoX transformer (diffusers' model, fleximmt's processors) on the same inputs, in
     ComfyUI's layout; ``state`` None: diffusers' own computation."""
     if state is not None:
@@ -83,7 +84,7 @@ def library_forward(pipe, state, x, t, context, ofs, rows=None, feature_rows=Non
     rotary = pipe._prepare_rotary_positional_embeddings(
         x.shape[-2] * pipe.vae_scale_factor_spatial, x.shape[-1] * pipe.vae_scale_factor_spatial, x.shape[2], "cpu"
     )
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         out = pipe.transformer(
             hidden_states=x.transpose(1, 2),
             encoder_hidden_states=context,
@@ -179,6 +180,31 @@ def test_the_patch_keeps_working_when_comfyui_recreates_or_streams_the_weights(p
     theirs = library_forward(pipe, state, x, t, context, ofs, rows=[0, 0], feature_rows=[1])
     assert patch_of(clone).run.steps == 1
     assert relative_error(ours, theirs) < 1e-4
+
+
+def test_gradients_reach_the_motion_tokens_through_comfyuis_blocks_as_through_fleximmts(
+    pipe, patcher, clip, monkeypatch
+):
+    """What learning a motion natively needs: with DMEM's per-block masks (mask_source "qk", training's
+    masks) and autograd on, the motion tokens' gradient through ComfyUI's blocks equals the gradient
+    through fleximmt's CogVideoX transformer; ComfyUI in training mode through both passes, as its trainer runs."""
+    from comfy import model_management
+
+    from fleximmt.apps.comfy.native import apply_fleximmt
+
+    monkeypatch.setattr(model_management, "in_training", True)
+
+    ours, theirs = learnable_twins(random_motion(pipe.transformer, 4, seed=9, scale=30.0), "cogvideox")
+    objects = [(ObjectMotion(box(SIZE, 2, 16, 2, 16), motion, "jumps up"),) for motion in (ours, theirs)]
+    patched = apply_fleximmt(patcher, clip, PROMPT, objects[0], mask_source="qk")
+    patch = patch_of(patched)
+    state, _ = library(pipe, objects[1], patch.spans, "qk", patch.concept_spans)
+    x, t, context, ofs = inputs(seed=8)
+    weight = torch.randn(x[:, : SHAPE["latent_channels"]].shape, generator=torch.Generator().manual_seed(1))
+    (comfy(patched, x, t, context, ofs, grad=True) * weight).sum().backward()
+    (library_forward(pipe, state, x, t, context, ofs, [0], [0], grad=True) * weight).sum().backward()
+    assert ours.tokens.grad.abs().sum() > 0
+    assert relative_error(ours.tokens.grad, theirs.tokens.grad) < 1e-4
 
 
 def test_without_objects_the_patch_is_comfyuis_model_exactly(patcher, clip):
