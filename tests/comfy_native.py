@@ -54,6 +54,21 @@ def learnable_twins(motion, family: str):
     return MotionTokens(tokens, family=family), MotionTokens(twin, family=family)
 
 
+def learn_jump(pipe, path, size: int, frames: int):
+    """A motion learned by fleximmt's ``train_motion`` on the diffusers ``pipe`` (two steps, four tokens): a red
+    square jumping up, "jumps up" in its caption; loaded back from its file."""
+    from fleximmt import MotionTokens, train_motion
+
+    video = np.zeros((frames, size, size, 3), np.uint8)
+    side, step = size // 4, max(1, size // 24)
+    for f in range(frames):
+        top = size - side - size // 8 - step * f
+        video[f, top : top + side, size // 2 - side // 2 : size // 2 + side // 2] = (220, 30, 30)
+    settings = dict(steps=2, tokens_per_motion=4, lr_warmup_steps=0, height=size, width=size, num_frames=frames)
+    train_motion(pipe, video, "A red ball jumps up.", "ball", "jumps up", path, max_windows=1, **settings)
+    return MotionTokens.load(path)
+
+
 def relative_error(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 

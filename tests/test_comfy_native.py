@@ -7,13 +7,12 @@ ComfyUI's unpatched model exactly. Runs in `make test-comfy` (ComfyUI's environm
 from types import SimpleNamespace
 
 import comfy_native
-import numpy as np
 import pytest
 import torch
-from comfy_native import library_state, patch_of, relative_error
+from comfy_native import learn_jump, library_state, patch_of, relative_error
 from comfy_wan import SHAPE, TokenizerClip, comfy_forward, comfy_model, import_comfy
 
-from fleximmt import MotionTokens, ObjectMotion, train_motion
+from fleximmt import MotionTokens, ObjectMotion
 from fleximmt.errors import FlexiMMTInputError
 from fleximmt.method.adapter import TokenGrid
 from fleximmt.method.masks import CROSS_PARTS, mask_to_token_grid
@@ -193,26 +192,7 @@ def test_a_motion_learned_by_fleximmt_on_diffusers_wan_drives_comfyuis_experts(c
     components = tiny_wan_components(0, "2.2", **SHAPE)
     pipe = WanImageToVideoPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
-    frames = np.zeros((9, SIZE, SIZE, 3), np.uint8)
-    for f in range(9):
-        frames[f, 40 - 3 * f : 56 - 3 * f, 24:40] = (220, 30, 30)
-    path = tmp_path / "jump.safetensors"
-    train_motion(
-        pipe,
-        frames,
-        "A red ball jumps up.",
-        "ball",
-        "jumps up",
-        path,
-        steps=2,
-        tokens_per_motion=4,
-        lr_warmup_steps=0,
-        height=SIZE,
-        width=SIZE,
-        num_frames=9,
-        max_windows=1,
-    )
-    motion = MotionTokens.load(path)
+    motion = learn_jump(pipe, tmp_path / "jump.safetensors", SIZE, 9)
     assert motion.num_experts == 2 and motion.family == "wan"
     objects = (ObjectMotion(box(4, 30, 4, 30), motion, "jumps up"),)
     x, t, context, _ = inputs("2.2", batch=1, seed=5)

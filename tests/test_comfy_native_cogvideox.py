@@ -7,12 +7,12 @@ model exactly. ComfyUI 0.33 only (0.3.64 has no CogVideoX): runs in `make test-c
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from comfy_cogvideox import SHAPE, TEXT, T5Clip, comfy_model
 from comfy_native import (
     box,
+    learn_jump,
     learnable_twins,
     library_state,
     lowvram,
@@ -23,7 +23,7 @@ from comfy_native import (
     relative_error,
 )
 
-from fleximmt import MotionTokens, ObjectMotion, train_motion
+from fleximmt import MotionTokens, ObjectMotion
 from fleximmt.errors import FlexiMMTInputError
 from fleximmt.method.adapter import TokenGrid
 from fleximmt.method.masks import PARTS
@@ -222,26 +222,7 @@ def test_without_objects_the_patch_is_comfyuis_model_exactly(patcher, clip):
 def test_a_motion_learned_by_fleximmt_on_diffusers_cogvideox_drives_comfyuis(pipe, clip, tmp_path):
     from fleximmt.apps.comfy.native import apply_fleximmt
 
-    frames = np.zeros((13, SIZE, SIZE, 3), np.uint8)
-    for f in range(13):
-        frames[f, 16 - f : 24 - f, 12:20] = (220, 30, 30)
-    path = tmp_path / "jump.safetensors"
-    train_motion(
-        pipe,
-        frames,
-        "A red ball jumps up.",
-        "ball",
-        "jumps up",
-        path,
-        steps=2,
-        tokens_per_motion=4,
-        lr_warmup_steps=0,
-        height=SIZE,
-        width=SIZE,
-        num_frames=13,
-        max_windows=1,
-    )
-    motion = MotionTokens.load(path)
+    motion = learn_jump(pipe, tmp_path / "jump.safetensors", SIZE, 13)
     assert motion.family == "cogvideox"
     objects = (ObjectMotion(box(SIZE, 2, 16, 2, 16), motion, "jumps up"),)
     patcher = comfy_model(pipe.transformer)

@@ -6,12 +6,12 @@ attention with the motion tokens through the text stream, all five MDMA parts, p
 the same weights, inputs and objects; without objects it equals ComfyUI's unpatched model exactly.
 ComfyUI 0.33 only (0.3.64 has no HunyuanVideo 1.5)."""
 
-import numpy as np
 import pytest
 import torch
 from comfy_hunyuan15 import SHAPE, QwenClip, comfy_model, comfy_shaped_components
 from comfy_native import (
     box,
+    learn_jump,
     library_state,
     lowvram,
     model_call,
@@ -21,7 +21,7 @@ from comfy_native import (
     relative_error,
 )
 
-from fleximmt import MotionTokens, ObjectMotion, train_motion
+from fleximmt import MotionTokens, ObjectMotion
 from fleximmt.errors import FlexiMMTInputError
 from fleximmt.method.adapter import TokenGrid
 from fleximmt.method.masks import PARTS
@@ -285,26 +285,7 @@ def test_a_motion_learned_by_fleximmt_on_diffusers_hunyuan15_drives_comfyuis(cli
     transformer = components["transformer"]
     pipe = HunyuanVideo15ImageToVideoPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
-    frames = np.zeros((9, SIZE, SIZE, 3), np.uint8)
-    for f in range(9):
-        frames[f, 16 - f : 24 - f, 12:20] = (220, 30, 30)
-    path = tmp_path / "jump.safetensors"
-    train_motion(
-        pipe,
-        frames,
-        "A red ball jumps up.",
-        "ball",
-        "jumps up",
-        path,
-        steps=2,
-        tokens_per_motion=4,
-        lr_warmup_steps=0,
-        height=SIZE,
-        width=SIZE,
-        num_frames=9,
-        max_windows=1,
-    )
-    motion = MotionTokens.load(path)
+    motion = learn_jump(pipe, tmp_path / "jump.safetensors", SIZE, 9)
     assert motion.family == "hunyuanvideo15"
     objects = (ObjectMotion(box(SIZE, 2, 16, 2, 16), motion, "jumps up"),)
     patcher = comfy_model(transformer)
