@@ -150,11 +150,27 @@ def test_a_bad_native_input_is_a_node_error_and_the_server_goes_on(comfy_server,
     assert again.status == "success"
 
 
+def sampled_latent(server, run):
+    """The low-noise sampler's latent, as the prompt's *Save Latent* node (30) wrote it."""
+    from safetensors.torch import load_file
+
+    (item,) = run.outputs("30")["latents"]
+    return load_file(str(server.output_file(item)))["latent_tensor"]
+
+
 def test_an_interrupted_native_run_leaves_nothing_behind(comfy_server, native_models):
-    """The low-noise sampler interrupted mid-run; run again, it gives exactly the uninterrupted video
-    (its end_at_step differs each time only so that ComfyUI's cache runs it anew: both end at the last step)."""
-    whole = video_frames(comfy_server, comfy_server.run(tiny_prompt(native_models)))
+    """The low-noise sampler interrupted mid-run; run again, it samples exactly the uninterrupted latent
+    (its end_at_step differs each time only so that ComfyUI's cache runs it anew: both end at the last
+    step). The sampler's latents are compared, which is what FlexiMMT's state could change: on ComfyUI 0.33
+    on this shared CPU the decoded videos of one graph run again were seen to differ (up to 51 levels),
+    without FlexiMMT in the graph too; the cause was not found (in later tries both latents and videos
+    repeated exactly)."""
+    import torch
+
     prompt = tiny_prompt(native_models)
+    prompt["30"] = {"class_type": "SaveLatent", "inputs": {"samples": ["21", 0], "filename_prefix": "latents/low"}}
+    whole = comfy_server.run(prompt)
+    assert whole.status == "success"
     prompt["21"]["inputs"]["end_at_step"] = 9998
     prompt_id = comfy_server.submit(prompt)
     comfy_server.wait_for_progress(prompt_id, "21", 1)
@@ -163,7 +179,7 @@ def test_an_interrupted_native_run_leaves_nothing_behind(comfy_server, native_mo
     prompt["21"]["inputs"]["end_at_step"] = 9999
     again = comfy_server.run(prompt)
     assert again.status == "success"
-    assert np.array_equal(video_frames(comfy_server, again), whole)
+    assert torch.equal(sampled_latent(comfy_server, again), sampled_latent(comfy_server, whole))
 
 
 # -- CogVideoX 1.5 and HunyuanVideo 1.5 (ComfyUI 0.33) ------------------------------------------------------
