@@ -243,6 +243,10 @@ def test_bad_inputs_are_refused_by_name(pipe, patcher, clip):
         apply_fleximmt(patcher, clip, PROMPT, (objects[0], wan))
     with pytest.raises(FlexiMMTInputError, match=r"^object 2: motion words 'dances wildly' were not found"):
         apply_fleximmt(patcher, clip, PROMPT, make_objects(pipe.transformer, words=["jumps up", "dances wildly"]))
+    from comfy_hunyuan15 import QwenClip
+
+    with pytest.raises(FlexiMMTInputError, match=r"tokenises for \['qwen25_7b'\], not for CogVideoX's text encoder"):
+        apply_fleximmt(patcher, QwenClip(), PROMPT, objects)
     with pytest.raises(ValueError, match="context_text='sideways'"):
         apply_fleximmt(patcher, clip, PROMPT, objects, context_text="sideways")
     patched = apply_fleximmt(patcher, clip, PROMPT, objects)

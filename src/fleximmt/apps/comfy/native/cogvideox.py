@@ -25,6 +25,7 @@ class CogVideoX(JointFamily):
     module, model_class = "comfy.ldm.cogvideo.model", "CogVideoXTransformer3DModel"
     block_hook = False
     clip_name = "T5"
+    tokens_key = "t5xxl"
 
     @classmethod
     def adapter_class(cls):

@@ -31,17 +31,9 @@ def clip_tokens(clip, text: str, key: str | None = None) -> list[int]:
     return [int(t[0]) for batch in batches for t in batch]
 
 
-def inner_tokenizer(clip, key: str | None = None):
-    """ComfyUI's ``SDTokenizer`` behind a CLIP (the one named ``key``, default its first)."""
+def inner_tokenizer(clip):
+    """ComfyUI's ``SDTokenizer`` of the prompt behind a CLIP (an ``SD1Tokenizer`` holds it as ``clip``)."""
     outer = clip.tokenizer
-    if key is not None:
-        for name in vars(outer):
-            inner = getattr(outer, name)
-            if getattr(inner, "embedding_key", None) == key or name == key:
-                return inner
-        raise FlexiMMTInputError(
-            f"Apply FlexiMMT: this CLIP has no {key!r} tokenizer: connect the model's own text encoder"
-        )
     return getattr(outer, outer.clip) if hasattr(outer, "clip") else outer
 
 
@@ -61,9 +53,9 @@ class Family:
     # the blocks can be replaced (patches_replace["dit"][("double_block", i)]), which names each call's
     # block; without that hook the calls are counted in the order the blocks make them
     block_hook: ClassVar[bool] = True
-    text_keys: ClassVar[bool] = True  # each row's text keys named (attention.TextKeys)
     dmem_video_queries: ClassVar[bool] = False  # see FlexiMMTState.dmem_video_queries
     clip_name: ClassVar[str]  # the text encoder a message names
+    tokens_key: ClassVar[str]  # the prompt's tokens in what the family's CLIP.tokenize returns
 
     @classmethod
     def adapter_class(cls) -> type[ModelAdapter]:
@@ -119,7 +111,13 @@ class Family:
     def word_spans(self, clip, prompt: str, phrases: Sequence[str]) -> tuple[list[list[int]], int]:
         """Each phrase's token indices among the prompt's text tokens as this family's ComfyUI text
         encoder gives them to the model, and how many tokens that is; a phrase that is not there is
-        named by its object's number ("object 2: motion words ...")."""
+        named by its object's number ("object 2: motion words ..."); a CLIP of another model is refused."""
+        made = sorted(clip.tokenize(" "))
+        if self.tokens_key not in made:
+            raise FlexiMMTInputError(
+                f"Apply FlexiMMT: this CLIP tokenises for {made}, not for {self.name}'s text encoder "
+                f"({self.clip_name}): connect the CLIP that encodes this model's prompt"
+            )
         find, length = self.span_finder(clip, prompt)
         if prompt.strip():
             for number, phrase in enumerate(phrases, 1):
@@ -131,7 +129,7 @@ class Family:
         """``(find, length)``: ``find(phrases)`` gives the phrases' spans among the ``length`` text tokens.
         The default searches a phrase's ids among the prompt's (``find_token_spans``): ComfyUI
         tokenises each weighted segment of the prompt on its own, with no character offsets into it."""
-        ids = clip_tokens(clip, prompt)
+        ids = clip_tokens(clip, prompt, self.tokens_key)
         tokenizer = inner_tokenizer(clip)
         encode = lambda phrase: phrase_ids(tokenizer, phrase)
         return (lambda phrases: find_token_spans(ids, phrases, encode, prompt, len(ids))), len(ids)

@@ -50,6 +50,7 @@ class HunyuanVideo15(JointFamily):
     module, model_class = "comfy.ldm.hunyuan_video.model", "HunyuanVideo"
     dmem_video_queries = True
     clip_name = "Qwen2.5"
+    tokens_key = QWEN
 
     @classmethod
     def adapter_class(cls):
@@ -121,7 +122,7 @@ class HunyuanVideo15(JointFamily):
         found by their characters in the templated prompt."""
         ids = clip_tokens(clip, prompt, QWEN)
         crop = qwen_crop(ids)
-        outer, tokenizer = clip.tokenizer, inner_tokenizer(clip, QWEN).tokenizer
+        outer, tokenizer = clip.tokenizer, inner_tokenizer(clip).tokenizer
         content = prompt or " "  # as the tokenizer's prevent_empty_text puts an empty prompt
         template = "{}" if content.startswith("<|im_start|>") else outer.llama_template
         start = template.index("{}")

@@ -238,7 +238,8 @@ class NativePatch:
         state = transfer_state(
             slots, self.options, family.adapter.form, num_blocks, family.adapter.feature_share, grid.frames
         )
-        state.text_keys, state.dmem_video_queries = family.text_keys, family.dmem_video_queries
+        # every call names its rows' text keys (TextKeys): the prompt's tokens may sit after others, or be padded
+        state.text_keys, state.dmem_video_queries = True, family.dmem_video_queries
         schedule = MaskSchedule(state, [first] * videos, grid, self.options, num_blocks)
         return Run(model, grid, state, schedule, videos)
 

@@ -21,6 +21,7 @@ class Wan(Family):
     name = "Wan 2.1 / 2.2"
     module, model_class = "comfy.ldm.wan.model", "WanModel"
     clip_name = "umT5"
+    tokens_key = "umt5xxl"
 
     @classmethod
     def adapter_class(cls):
