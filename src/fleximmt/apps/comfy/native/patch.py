@@ -23,7 +23,6 @@ per-run masks; every module it uses is looked up on the model of the current cal
 from __future__ import annotations
 
 import inspect
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -33,8 +32,6 @@ from ....method.adapter import TokenGrid
 from ....method.attention import FlexiMMTState, TextKeys, VideoMotions
 from ....method.masks import mask_to_token_grid, span_membership
 from ....method.pipeline import MaskSchedule, TransferOptions, transfer_state
-
-logger = logging.getLogger(__name__)
 
 KEY = "fleximmt"  # transformer_options[KEY]: the run during a model call; the wrappers' and callbacks' key
 CALLS_KEY = "fleximmt_calls"  # transformer_options[CALLS_KEY]: the attention calls still to come (Calls)
@@ -77,7 +74,7 @@ class Call:
 
     x: torch.Tensor
     prompt_len: int  # the prompt's tokens in this call's text (each row's prompt part)
-    texts: list[TextKeys] | None  # each row's text keys (None: the prompt's tokens are the whole text)
+    texts: list[TextKeys]  # each row's text keys: where the prompt's tokens sit, where padding starts
 
 
 @dataclass
