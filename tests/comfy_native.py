@@ -152,3 +152,21 @@ def write_random_weights(module: torch.nn.Module, path) -> None:
         else:
             weights[key] = torch.zeros(shape, dtype=torch.float16)
     save_file(weights, str(path))
+
+
+def check_across_weight_changes(patched, schedule, ours, theirs) -> None:
+    """Two sampling steps of ``patched`` against fleximmt's (``ours(patcher, sigma)`` and ``theirs()``: one
+    model call each, the second after ``schedule.step_end(0)``). Between them the weights are re-created
+    (new tensors, same values) and a fresh clone of the patched MODEL samples on, loaded partially (every
+    layer casting its weights on the fly, as when a model does not fit): the run goes on exactly as
+    fleximmt's, RMPM's step included. What ComfyUI's dynamic VRAM does on a GPU (weights paged in per layer
+    by comfy-aimdo) cannot run on a CPU; what it does to the weights the patch could hold is done here."""
+    assert relative_error(ours(patched, 0.5), theirs()) < 1e-4
+    recreate_weights(patched)
+    clone = patched.clone()
+    schedule.step_end(0)
+    with lowvram(clone):
+        assert any(getattr(m, "comfy_cast_weights", False) for m in clone.model.diffusion_model.modules())
+        second = ours(clone, 0.4)
+    assert patch_of(clone).run.steps == 1
+    assert relative_error(second, theirs()) < 1e-4

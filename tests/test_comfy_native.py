@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import comfy_native
 import pytest
 import torch
-from comfy_native import learn_jump, library_state, patch_of, relative_error
+from comfy_native import check_across_weight_changes, learn_jump, library_state, patch_of, relative_error
 from comfy_wan import SHAPE, TokenizerClip, comfy_forward, comfy_model, import_comfy
 
 from fleximmt import MotionTokens, ObjectMotion
@@ -157,6 +157,24 @@ def test_patched_forward_equals_fleximmt_wan_transformer(models, version, clip, 
     assert (now[:, 0] == first).all()  # frame 1 keeps the given masks
     if mask_source == "rmpm":
         assert patch.run.steps == 1 and not torch.equal(now, first[:, None].expand_as(now))
+
+
+def test_the_patch_keeps_working_when_comfyui_recreates_or_streams_the_weights(models, version, clip):
+    """comfy_native.check_across_weight_changes: weights re-created, a fresh clone, a partial load."""
+    from fleximmt.apps.comfy.native import apply_fleximmt
+
+    transformer, patcher = models
+    objects = make_objects(transformer)
+    patched = apply_fleximmt(patcher.clone(), clip, PROMPT, objects, mask_source="rmpm")
+    options = TransferOptions(objects, "rmpm", parts=CROSS_PARTS)
+    state, schedule = library_run(transformer, objects, patch_of(patched).spans, options)
+    x, t, context, clip_fea = inputs(version, batch=2, seed=4)
+    check_across_weight_changes(
+        patched,
+        schedule,
+        lambda model, sigma: comfy_forward(model, x, t, context, clip_fea, sigma, (1, 0)),
+        lambda: library_forward(transformer, state, x, t, context, clip_fea, rows=[0, 0], feature_rows=[1]),
+    )
 
 
 def test_without_objects_the_patch_is_comfyuis_model_exactly(models, version, clip):

@@ -12,14 +12,13 @@ import torch
 from comfy_cogvideox import SHAPE, TEXT, T5Clip, comfy_model
 from comfy_native import (
     box,
+    check_across_weight_changes,
     learn_jump,
     learnable_twins,
     library_state,
-    lowvram,
     model_call,
     needs_native,
     patch_of,
-    recreate_weights,
     relative_error,
 )
 
@@ -159,27 +158,19 @@ def test_patched_forward_equals_fleximmt_cogvideox_transformer(pipe, patcher, cl
 
 
 def test_the_patch_keeps_working_when_comfyui_recreates_or_streams_the_weights(pipe, patcher, clip):
-    """Between two sampling steps the weights are re-created (new tensors, same values) and a fresh clone
-    of the patched MODEL samples on; then the model is loaded partially (every layer casting its weights
-    on the fly, as when it does not fit): the run goes on exactly as fleximmt's."""
+    """comfy_native.check_across_weight_changes: weights re-created, a fresh clone, a partial load."""
     from fleximmt.apps.comfy.native import apply_fleximmt
 
     objects = make_objects(pipe.transformer)
     patched = apply_fleximmt(patcher.clone(), clip, PROMPT, objects, mask_source="rmpm")
     state, schedule = library(pipe, objects, patch_of(patched).spans, "rmpm")
     x, t, context, ofs = inputs(batch=2, seed=4)
-    ours = comfy(patched, x, t, context, ofs, sigma=0.5, cond_or_uncond=(1, 0))
-    theirs = library_forward(pipe, state, x, t, context, ofs, rows=[0, 0], feature_rows=[1])
-    assert relative_error(ours, theirs) < 1e-4
-    recreate_weights(patched)
-    clone = patched.clone()
-    schedule.step_end(0)
-    with lowvram(clone):
-        assert any(getattr(m, "comfy_cast_weights", False) for m in clone.model.diffusion_model.modules())
-        ours = comfy(clone, x, t, context, ofs, sigma=0.4, cond_or_uncond=(1, 0))
-    theirs = library_forward(pipe, state, x, t, context, ofs, rows=[0, 0], feature_rows=[1])
-    assert patch_of(clone).run.steps == 1
-    assert relative_error(ours, theirs) < 1e-4
+    check_across_weight_changes(
+        patched,
+        schedule,
+        lambda model, sigma: comfy(model, x, t, context, ofs, sigma=sigma, cond_or_uncond=(1, 0)),
+        lambda: library_forward(pipe, state, x, t, context, ofs, rows=[0, 0], feature_rows=[1]),
+    )
 
 
 def test_gradients_reach_the_motion_tokens_through_comfyuis_blocks_as_through_fleximmts(

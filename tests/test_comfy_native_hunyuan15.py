@@ -11,13 +11,12 @@ import torch
 from comfy_hunyuan15 import SHAPE, QwenClip, comfy_model, comfy_shaped_components
 from comfy_native import (
     box,
+    check_across_weight_changes,
     learn_jump,
     library_state,
-    lowvram,
     model_call,
     needs_native,
     patch_of,
-    recreate_weights,
     relative_error,
 )
 
@@ -238,27 +237,19 @@ def test_padded_text_is_closed_as_in_fleximmt(transformer, patcher, clip, prompt
 
 
 def test_the_patch_keeps_working_when_comfyui_recreates_or_streams_the_weights(transformer, patcher, clip, prompt_len):
-    """Between two sampling steps the weights are re-created (new tensors, same values) and a fresh clone
-    of the patched MODEL samples on; then the model is loaded partially (every layer casting its weights
-    on the fly, as when it does not fit): the run goes on exactly as fleximmt's."""
+    """comfy_native.check_across_weight_changes: weights re-created, a fresh clone, a partial load."""
     from fleximmt.apps.comfy.native import apply_fleximmt
 
     objects = make_objects(transformer)
     patched = apply_fleximmt(patcher.clone(), clip, PROMPT, objects, mask_source="rmpm")
     state, schedule = library(transformer, objects, patch_of(patched).spans, prompt_len, "rmpm")
     x, t, context, byt5, image, _ = inputs(prompt_len, batch=2, seed=4)
-    ours = comfy(patched, x, t, context, byt5, image, sigma=0.5, cond_or_uncond=(1, 0))
-    theirs = library_forward(transformer, state, x, t, context, byt5, image, rows=[0, 0], feature_rows=[1])
-    assert relative_error(ours, theirs) < 1e-4
-    recreate_weights(patched)
-    clone = patched.clone()
-    schedule.step_end(0)
-    with lowvram(clone):
-        assert any(getattr(m, "comfy_cast_weights", False) for m in clone.model.diffusion_model.modules())
-        ours = comfy(clone, x, t, context, byt5, image, sigma=0.4, cond_or_uncond=(1, 0))
-    theirs = library_forward(transformer, state, x, t, context, byt5, image, rows=[0, 0], feature_rows=[1])
-    assert patch_of(clone).run.steps == 1
-    assert relative_error(ours, theirs) < 1e-4
+    check_across_weight_changes(
+        patched,
+        schedule,
+        lambda model, sigma: comfy(model, x, t, context, byt5, image, sigma=sigma, cond_or_uncond=(1, 0)),
+        lambda: library_forward(transformer, state, x, t, context, byt5, image, rows=[0, 0], feature_rows=[1]),
+    )
 
 
 def test_without_objects_the_patch_is_comfyuis_model_exactly(patcher, clip, prompt_len):
