@@ -132,4 +132,182 @@ class TinyUMT5Loader:
         return (clip,)
 
 
-NODE_CLASS_MAPPINGS = {"TestOnlyTinyUMT5": TinyUMT5Loader}
+def random_weights(clip, seed: int) -> None:
+    """Seeded random weights for every tensor of a CLIP's text model (norms at one), loaded whole."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for key, value in clip.cond_stage_model.state_dict().items():
+        if "norm" in key:
+            weights[key] = torch.ones(value.shape)
+        else:
+            weights[key] = torch.randn(value.shape, generator=gen) * (
+                0.5 / (value.shape[-1] if value.ndim else 1) ** 0.5
+            )
+    missing, unexpected = clip.load_sd(weights, full_model=True)
+    assert not missing and not unexpected, (missing, unexpected)
+
+
+def t5_config(width: int, vocab: int) -> dict:
+    """A one-layer T5 encoder's config (ComfyUI's ``comfy.text_encoders.t5.T5``), ``width`` wide."""
+    return {
+        "d_ff": 32,
+        "d_kv": 8,
+        "d_model": width,
+        "dense_act_fn": "gelu_pytorch_tanh",
+        "is_gated_act": True,
+        "layer_norm_epsilon": 1e-06,
+        "model_type": "t5",
+        "num_heads": 2,
+        "num_layers": 1,
+        "relative_attention_num_buckets": 32,
+        "vocab_size": vocab,
+    }
+
+
+class TinyCogVideoXT5:
+    """CogVideoX's CLIP (ComfyUI's ``CLIPLoader`` type cogvideox) at a tiny size: ComfyUI's own T5 text model
+    class at one layer and ``width`` wide (the tiny CogVideoX's text width), its real T5 tokenizer
+    (``CogVideoXTokenizer``, padded to 226 tokens), random weights (seeded)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0}), "width": ("INT", {"default": 32})}}
+
+    def load(self, seed, width):
+        import comfy.text_encoders.cogvideo
+
+        config = t5_config(width, 32128)
+
+        class T5(comfy.sd1_clip.SDClipModel):
+            def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):  # noqa: B006
+                super().__init__(
+                    device=device,
+                    textmodel_json_config=config,
+                    dtype=dtype,
+                    special_tokens={"end": 1, "pad": 0},
+                    model_class=comfy.text_encoders.t5.T5,
+                    model_options={**model_options, "model_name": "t5xxl"},
+                )
+
+        class Model(comfy.sd1_clip.SD1ClipModel):
+            def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006
+                super().__init__(device=device, dtype=dtype, name="t5xxl", clip_model=T5, model_options=model_options)
+
+        target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.cogvideo.CogVideoXTokenizer, Model)
+        clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
+        random_weights(clip, seed)
+        return (clip,)
+
+
+class TinyHunyuanVideo15TextEncoder:
+    """HunyuanVideo 1.5's CLIP (ComfyUI's ``DualCLIPLoader`` type hunyuan_video_15) at a tiny size: ComfyUI's
+    own Qwen2.5 language model class (four layers: ComfyUI reads the third last, ``width`` wide, its vision tower left out: no image
+    enters the prompt) and ByT5 class (one layer, 1472 wide as the model takes), its own
+    ``HunyuanVideo15Tokenizer`` (the real Qwen2.5 and ByT5 tokenizers) and encoder (template crop, ByT5 for
+    quoted text); random weights (seeded)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0}), "width": ("INT", {"default": 16})}}
+
+    def load(self, seed, width):
+        import comfy.text_encoders.hunyuan_image as hunyuan_image
+        import comfy.text_encoders.hunyuan_video
+        import comfy.text_encoders.llama as llama
+
+        qwen = {
+            "vocab_size": 152064,
+            "hidden_size": width,
+            "intermediate_size": 16,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 1,
+            "num_key_value_heads": 1,
+        }
+
+        class Qwen(llama.Qwen25_7BVLI):
+            def __init__(self, config_dict, dtype, device, operations):
+                torch.nn.Module.__init__(self)
+                config = llama.Qwen25_7BVLI_Config(**config_dict)
+                self.num_layers = config.num_hidden_layers
+                self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+                self.visual, self.dtype = None, dtype
+
+        class QwenModel(comfy.sd1_clip.SDClipModel):
+            def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):  # noqa: B006
+                super().__init__(
+                    device=device,
+                    layer="hidden",
+                    layer_idx=-3,
+                    textmodel_json_config=qwen,
+                    dtype=dtype,
+                    special_tokens={"pad": 151643},
+                    layer_norm_hidden_state=False,
+                    model_class=Qwen,
+                    enable_attention_masks=True,
+                    return_attention_masks=True,
+                    model_options=model_options,
+                )
+
+        class ByT5(comfy.sd1_clip.SDClipModel):
+            def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006
+                super().__init__(
+                    device=device,
+                    textmodel_json_config=t5_config(1472, 1510),
+                    dtype=dtype,
+                    model_options=model_options,
+                    special_tokens={"end": 1, "pad": 0},
+                    model_class=comfy.text_encoders.t5.T5,
+                    enable_attention_masks=True,
+                    zero_out_masked=True,
+                )
+
+        class Model(hunyuan_image.HunyuanImageTEModel):
+            def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006
+                super(hunyuan_image.QwenImageTEModel, self).__init__(
+                    device=device, dtype=dtype, name="qwen25_7b", clip_model=QwenModel, model_options=model_options
+                )
+                self.byt5_small = ByT5(device=device, dtype=dtype, model_options=model_options)
+
+        tokenizer = comfy.text_encoders.hunyuan_video.HunyuanVideo15Tokenizer
+        clip = comfy.sd.CLIP(
+            comfy.supported_models_base.ClipTarget(tokenizer, Model), model_options={"dtype": torch.float32}
+        )
+        random_weights(clip, seed)
+        return (clip,)
+
+
+class TinyVisionTokens:
+    """A ``CLIP_VISION_OUTPUT`` as *CLIP Vision Encode* gives it for HunyuanVideo 1.5 (SigLIP's 1152-wide last
+    hidden state), with ``tokens`` random features (seeded) instead of SigLIP's 729 of the image: ComfyUI's
+    *Load CLIP Vision* builds SigLIP-so400m from a fixed config."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CLIP_VISION_OUTPUT",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "seed": ("INT", {"default": 0}), "tokens": ("INT", {"default": 9})}}
+
+    def encode(self, image, seed, tokens):
+        import comfy.clip_vision
+
+        output = comfy.clip_vision.Output()
+        output["last_hidden_state"] = torch.randn(1, tokens, 1152, generator=torch.Generator().manual_seed(seed))
+        return (output,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "TestOnlyTinyUMT5": TinyUMT5Loader,
+    "TestOnlyTinyCogVideoXT5": TinyCogVideoXT5,
+    "TestOnlyTinyHunyuanVideo15TextEncoder": TinyHunyuanVideo15TextEncoder,
+    "TestOnlyTinyVisionTokens": TinyVisionTokens,
+}

@@ -97,16 +97,10 @@ class TokenizerClip:
 
 
 def comfy_forward(patcher, x, timestep, context, clip_fea=None, sigma=0.5, cond_or_uncond=(0,)):
-    """One call of the diffusion model as ComfyUI's sampler makes it: the patcher's transformer options
-    with its wrappers merged in (``sampler_helpers.prepare_model_patcher``), the chunks and the sigma."""
-    comfy = import_comfy()
-    ext = comfy.patcher_extension
-    options = ext.copy_nested_dicts(patcher.model_options["transformer_options"])
-    ext.merge_nested_dicts(options.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
-    options["cond_or_uncond"] = list(cond_or_uncond)
-    options["sigmas"] = torch.full((x.shape[0],), float(sigma))
-    with torch.no_grad():
-        return patcher.model.diffusion_model(x, timestep, context, clip_fea=clip_fea, transformer_options=options)
+    """One call of ComfyUI's Wan model as its sampler makes it (``comfy_native.model_call``)."""
+    from comfy_native import model_call
+
+    return model_call(patcher, x, timestep, context, clip_fea=clip_fea, sigma=sigma, cond_or_uncond=cond_or_uncond)
 
 
 def write_wan_vae(path) -> None:
@@ -114,11 +108,10 @@ def write_wan_vae(path) -> None:
     (96 channels): ComfyUI's own *Load VAE* then loads them."""
     comfy = import_comfy()
     import comfy.ldm.wan.vae  # noqa: F811 - loads the module into the package import_comfy found
-    from safetensors.torch import save_file
+    from comfy_native import write_random_weights
 
-    shapes = {
-        k: v.shape
-        for k, v in comfy.ldm.wan.vae.WanVAE(
+    with torch.device("meta"):
+        vae = comfy.ldm.wan.vae.WanVAE(
             dim=96,
             z_dim=16,
             dim_mult=[1, 2, 4, 4],
@@ -127,17 +120,4 @@ def write_wan_vae(path) -> None:
             temperal_downsample=[False, True, True],
             dropout=0.0,
         )
-        .state_dict()
-        .items()
-    }
-    gen = torch.Generator().manual_seed(0)
-    weights = {}
-    for key, shape in shapes.items():
-        if len(shape) >= 2 and not key.endswith("gamma"):
-            fan_in = int(torch.tensor(shape[1:]).prod())
-            weights[key] = (torch.randn(shape, generator=gen) * fan_in**-0.5).half()
-        elif key.endswith("gamma"):
-            weights[key] = torch.ones(shape, dtype=torch.float16)
-        else:
-            weights[key] = torch.zeros(shape, dtype=torch.float16)
-    save_file(weights, str(path))
+    write_random_weights(vae, path)

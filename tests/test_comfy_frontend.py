@@ -39,7 +39,7 @@ NAMES = [
     "FlexiMMT Object",
     "FlexiMMT Transfer",
     "FlexiMMT Preview Masks",
-    "FlexiMMT Apply (Wan)",
+    "FlexiMMT Apply",
 ]
 
 
@@ -117,11 +117,14 @@ def test_each_example_opens_whole_in_view_and_queues_its_api_form(page, server, 
             for k, v in prompt.items()
         }
 
+    api = load_workflow(name)
+    unknown = sorted({v["class_type"] for v in api.values()} - set(info))
+    if unknown and server.version < CURRENT:  # the native CogVideoX and HunyuanVideo 1.5 examples
+        pytest.skip(f"{name} uses nodes ComfyUI {server.version} does not have: {', '.join(unknown)}")
     ui = open_workflow(page, server, name)
     assert ui["version"] == 0.4 and ui["links"] and "ds" not in ui.get("extra", {})  # no saved view: fitted
     assert in_view(page), node_boxes(page)
     assert overlapping(node_boxes(page)) == []
-    api = load_workflow(name)
     assert declared(queued(page)) == declared(api)
     if server.version >= CURRENT:  # nothing in the API form the current ComfyUI does not know
         assert declared(api) == {k: (v["class_type"], v["inputs"]) for k, v in api.items()}

@@ -6,17 +6,17 @@ ComfyUI's unpatched model exactly. Runs in `make test-comfy` (ComfyUI's environm
 
 from types import SimpleNamespace
 
-import numpy as np
+import comfy_native
 import pytest
 import torch
+from comfy_native import check_across_weight_changes, learn_jump, library_state, patch_of, relative_error
 from comfy_wan import SHAPE, TokenizerClip, comfy_forward, comfy_model, import_comfy
 
-from fleximmt import MotionTokens, ObjectMotion, train_motion
+from fleximmt import MotionTokens, ObjectMotion
 from fleximmt.errors import FlexiMMTInputError
 from fleximmt.method.adapter import TokenGrid
-from fleximmt.method.attention import VideoMotions
-from fleximmt.method.masks import CROSS_PARTS, mask_to_token_grid, span_membership
-from fleximmt.method.pipeline import MaskSchedule, TransferOptions, transfer_state
+from fleximmt.method.masks import CROSS_PARTS, mask_to_token_grid
+from fleximmt.method.pipeline import TransferOptions
 from fleximmt.models.wan import WanAdapter, slot_of
 from fleximmt.toy.tiny import random_motion, tiny_wan_components
 
@@ -51,9 +51,7 @@ def clip():
 
 
 def box(y0, y1, x0, x1):
-    m = np.zeros((SIZE, SIZE), bool)
-    m[y0:y1, x0:x1] = True
-    return m
+    return comfy_native.box(SIZE, y0, y1, x0, x1)
 
 
 def make_objects(transformer, count=2, scale=30.0, words=WORDS):
@@ -72,28 +70,9 @@ def inputs(version, batch=1, seed=0):
     return x, torch.full((batch,), 500.0), context, clip_fea
 
 
-def patch_of(patcher):
-    """The WanPatch an Apply FlexiMMT clone carries (its DIFFUSION_MODEL wrapper's owner)."""
-    from fleximmt.apps.comfy.native import KEY
-
-    return patcher.wrappers["diffusion_model"][KEY][0].__self__
-
-
 def library_run(transformer, objects, spans, options, videos=1):
-    """fleximmt's own state for the diffusers transformer, built from the library's pieces (every
-    expert's tokens: each transformer's processors read their own)."""
-    member = span_membership(TEXT, spans)
-    tokens = torch.stack([o.motion.expert_tokens() for o in objects])
-    first = torch.stack([mask_to_token_grid(o.mask_tensor, GRID.height, GRID.width) for o in objects])
-    state = transfer_state(
-        [VideoMotions(tokens, member) for _ in range(videos)],
-        options,
-        "cross",
-        transformer.config.num_layers,
-        0.7,
-        GRID.frames,
-    )
-    return state, MaskSchedule(state, [first] * videos, GRID, options, transformer.config.num_layers)
+    """fleximmt's own state for the diffusers transformer (``comfy_native.library_state``)."""
+    return library_state(objects, spans, options, WanAdapter, transformer.config.num_layers, GRID, TEXT, videos)
 
 
 def library_forward(transformer, state, x, t, context, clip_fea, rows, feature_rows):
@@ -110,10 +89,6 @@ def library_forward(transformer, state, x, t, context, clip_fea, rows, feature_r
             )[0]
     finally:
         slot_of(transformer).state = None
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_comfy_loads_the_tiny_wan_as_its_own_wan_model(models, version):
@@ -176,12 +151,30 @@ def test_patched_forward_equals_fleximmt_wan_transformer(models, version, clip, 
         theirs = library_forward(transformer, state, x, t, context, clip_fea, rows=[0, 0], feature_rows=[1])
         assert relative_error(ours, theirs) < 1e-4
         assert relative_error(ours, unpatched) > 1e-3  # the motion tokens changed the result
-        assert torch.equal(patch.run.state.videos[0].layout.video_masks, state.videos[0].layout.video_masks)
+        assert torch.equal(patch.run.state.videos[0].video_masks, state.videos[0].video_masks)
     first = torch.stack([mask_to_token_grid(o.mask_tensor, GRID.height, GRID.width) for o in objects]).flatten(1)
-    now = state.videos[0].layout.video_masks.view(2, FRAMES, -1)
+    now = state.videos[0].video_masks.view(2, FRAMES, -1)
     assert (now[:, 0] == first).all()  # frame 1 keeps the given masks
     if mask_source == "rmpm":
         assert patch.run.steps == 1 and not torch.equal(now, first[:, None].expand_as(now))
+
+
+def test_the_patch_keeps_working_when_comfyui_recreates_or_streams_the_weights(models, version, clip):
+    """comfy_native.check_across_weight_changes: weights re-created, a fresh clone, a partial load."""
+    from fleximmt.apps.comfy.native import apply_fleximmt
+
+    transformer, patcher = models
+    objects = make_objects(transformer)
+    patched = apply_fleximmt(patcher.clone(), clip, PROMPT, objects, mask_source="rmpm")
+    options = TransferOptions(objects, "rmpm", parts=CROSS_PARTS)
+    state, schedule = library_run(transformer, objects, patch_of(patched).spans, options)
+    x, t, context, clip_fea = inputs(version, batch=2, seed=4)
+    check_across_weight_changes(
+        patched,
+        schedule,
+        lambda model, sigma: comfy_forward(model, x, t, context, clip_fea, sigma, (1, 0)),
+        lambda: library_forward(transformer, state, x, t, context, clip_fea, rows=[0, 0], feature_rows=[1]),
+    )
 
 
 def test_without_objects_the_patch_is_comfyuis_model_exactly(models, version, clip):
@@ -217,26 +210,7 @@ def test_a_motion_learned_by_fleximmt_on_diffusers_wan_drives_comfyuis_experts(c
     components = tiny_wan_components(0, "2.2", **SHAPE)
     pipe = WanImageToVideoPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
-    frames = np.zeros((9, SIZE, SIZE, 3), np.uint8)
-    for f in range(9):
-        frames[f, 40 - 3 * f : 56 - 3 * f, 24:40] = (220, 30, 30)
-    path = tmp_path / "jump.safetensors"
-    train_motion(
-        pipe,
-        frames,
-        "A red ball jumps up.",
-        "ball",
-        "jumps up",
-        path,
-        steps=2,
-        tokens_per_motion=4,
-        lr_warmup_steps=0,
-        height=SIZE,
-        width=SIZE,
-        num_frames=9,
-        max_windows=1,
-    )
-    motion = MotionTokens.load(path)
+    motion = learn_jump(pipe, tmp_path / "jump.safetensors", SIZE, 9)
     assert motion.num_experts == 2 and motion.family == "wan"
     objects = (ObjectMotion(box(4, 30, 4, 30), motion, "jumps up"),)
     x, t, context, _ = inputs("2.2", batch=1, seed=5)

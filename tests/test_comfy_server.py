@@ -43,7 +43,7 @@ FLEXIMMT_NODES = {  # the class ids of the first release (saved workflows name t
     "FlexiMMTObject": "FlexiMMT Object",
     "FlexiMMTTransfer": "FlexiMMT Transfer",
     "FlexiMMTPreviewMasks": "FlexiMMT Preview Masks",
-    "FlexiMMTApply": "FlexiMMT Apply (Wan)",
+    "FlexiMMTApply": "FlexiMMT Apply",
 }
 
 

@@ -5,8 +5,9 @@ Two ways in, as ComfyUI users know them:
 
 - **wrapper nodes** (``nodes.py``) around fleximmt's diffusers pipelines: load a model, learn a
   motion, transfer motions onto objects, preview masks;
-- **native** (``native.py``): *FlexiMMT Apply* patches ComfyUI's own Wan MODEL (its loaders, LoRAs,
-  fp8 weights) through ComfyUI's patch points, for any sampler.
+- **native** (``native/``): *FlexiMMT Apply* patches ComfyUI's own MODEL of a family fleximmt knows
+  (Wan 2.1 / 2.2, CogVideoX, HunyuanVideo 1.5; its loaders, LoRAs, fp8 weights) through ComfyUI's
+  patch points, for any sampler.
 
 ``common.py`` holds the types and the *Object* node both use; ``preview.py`` Transfer's latent
 previews; ``validation.py`` the rule that a prompt with FlexiMMT nodes runs whole or not at all.

@@ -1,4 +1,4 @@
-"""The input files of the example workflows (``comfyui/workflows/`` in the repository), written into
+"""The input files of the example workflows (``comfyui/example_workflows/`` in the repository), written into
 ComfyUI's ``input/`` folder: ``python -m fleximmt.apps.comfy.examples /path/to/ComfyUI/input``.
 
 They are ``make demo``'s: the bundled reference videos of the toy world's zigzag and bounce, and the

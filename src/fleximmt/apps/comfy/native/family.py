@@ -1,0 +1,168 @@
+"""What the native patch must know of one model family: :class:`Family`, one small subclass per family.
+
+The family-agnostic bookkeeping (``patch.py``) asks a family a handful of questions: is this ComfyUI
+diffusion model yours, what are its blocks and token grid, what does a model call carry (the text's
+layout per row), which attention calls does a block make, and how is each computed - which one
+hosts the motion tokens, how they are projected, where RMPM's features are read. The mapping per
+family is the library's adapter's (``fleximmt.models``, docs/method.md): the native path computes
+what the library computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+
+from ....errors import FlexiMMTInputError
+from ....method.adapter import ModelAdapter, TokenGrid
+from ....method.attention import TextKeys
+from ....method.pipeline import about_object
+from ....method.prompt import find_token_spans
+from .patch import Call, Run
+
+
+def clip_tokens(clip, text: str, key: str | None = None) -> list[int]:
+    """The token ids of ``text`` as a ComfyUI CLIP's tokenizer hands them to its encoder (weights
+    syntax parsed, end token and padding included), from its tokenizer ``key`` (default: the first)."""
+    tokens = clip.tokenize(text)
+    batches = tokens[key] if key is not None else next(iter(tokens.values()))
+    return [int(t[0]) for batch in batches for t in batch]
+
+
+def inner_tokenizer(clip):
+    """ComfyUI's ``SDTokenizer`` of the prompt behind a CLIP (an ``SD1Tokenizer`` holds it as ``clip``)."""
+    outer = clip.tokenizer
+    return getattr(outer, outer.clip) if hasattr(outer, "clip") else outer
+
+
+def phrase_ids(tokenizer, phrase: str) -> list[int]:
+    """A phrase's ids as ComfyUI's ``SDTokenizer`` ``tokenizer`` tokenises a word of the prompt, without
+    special tokens."""
+    ids = tokenizer.tokenizer(phrase)["input_ids"]
+    return list(ids[tokenizer.tokens_start : -1 if tokenizer.tokenizer_adds_end_token else None])
+
+
+class Family:
+    """One model family as the native patch sees ComfyUI's model of it."""
+
+    name: ClassVar[str]  # as messages name it
+    module: ClassVar[str]  # ComfyUI's module of the model class
+    model_class: ClassVar[str]
+    # the blocks can be replaced (patches_replace["dit"][("double_block", i)]), which names each call's
+    # block; without that hook the calls are counted in the order the blocks make them
+    block_hook: ClassVar[bool] = True
+    dmem_video_queries: ClassVar[bool] = False  # see FlexiMMTState.dmem_video_queries
+    clip_name: ClassVar[str]  # the text encoder a message names
+    tokens_key: ClassVar[str]  # the prompt's tokens in what the family's CLIP.tokenize returns
+
+    @classmethod
+    def adapter_class(cls) -> type[ModelAdapter]:
+        raise NotImplementedError
+
+    @property
+    def adapter(self) -> type[ModelAdapter]:
+        return self.adapter_class()
+
+    @classmethod
+    def matches(cls, diffusion_model) -> bool:
+        import importlib
+
+        try:
+            module = importlib.import_module(cls.module)
+        except ImportError:  # a ComfyUI without this family
+            return False
+        return type(diffusion_model) is getattr(module, cls.model_class, None)
+
+    def check(self, model) -> None:
+        """Raise for a model of this class FlexiMMT does not run (another variant of the family)."""
+
+    def blocks(self, model) -> Sequence[torch.nn.Module]:
+        return model.blocks
+
+    def motion_shape(self, model) -> tuple[int, int]:
+        """(blocks, width) of the motion tokens this model takes."""
+        raise NotImplementedError
+
+    def grid(self, model, x: torch.Tensor) -> TokenGrid:
+        """The video token grid of a latent ``x [B, C, T, H, W]`` (padded up to whole patches, as the model pads)."""
+        patch = self.patch_size(model)
+        frames, height, width = (-(-size // p) for size, p in zip(x.shape[2:], patch))
+        return TokenGrid(frames, height, width, x.shape[2], patch[0])
+
+    def patch_size(self, model) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def read_call(self, model, arguments: dict) -> Call:
+        """What a model call carries (``arguments``: its ``_forward``'s): refuses what FlexiMMT cannot do."""
+        x, context = arguments["x"], arguments["context"]
+        return Call(x, context.shape[1], [TextKeys()] * x.shape[0])
+
+    def call_kinds(self, model, index: int) -> tuple[str, ...]:
+        """The attention calls of block ``index``, in the order it makes them."""
+        raise NotImplementedError
+
+    def attend(self, run: Run, index: int, kind: str, base: Callable, *args, **kwargs):
+        """Compute one attention call of block ``index`` (``base``: ComfyUI's attention function)."""
+        raise NotImplementedError
+
+    # -- the prompt -------------------------------------------------------------------------
+    def word_spans(self, clip, prompt: str, phrases: Sequence[str]) -> tuple[list[list[int]], int]:
+        """Each phrase's token indices among the prompt's text tokens as this family's ComfyUI text
+        encoder gives them to the model, and how many tokens that is; a phrase that is not there is
+        named by its object's number ("object 2: motion words ..."); a CLIP of another model is refused."""
+        made = sorted(clip.tokenize(" "))
+        if self.tokens_key not in made:
+            raise FlexiMMTInputError(
+                f"FlexiMMT Apply: this CLIP tokenises for {made}, not for {self.name}'s text encoder "
+                f"({self.clip_name}): connect the CLIP that encodes this model's prompt"
+            )
+        find, length = self.span_finder(clip, prompt)
+        if prompt.strip():
+            for number, phrase in enumerate(phrases, 1):
+                with about_object(number):
+                    find([phrase])
+        return find(phrases), length
+
+    def span_finder(self, clip, prompt: str) -> tuple[Callable, int]:
+        """``(find, length)``: ``find(phrases)`` gives the phrases' spans among the ``length`` text tokens.
+        The default searches a phrase's ids among the prompt's (``find_token_spans``): ComfyUI
+        tokenises each weighted segment of the prompt on its own, with no character offsets into it."""
+        ids = clip_tokens(clip, prompt, self.tokens_key)
+        tokenizer = inner_tokenizer(clip)
+        encode = lambda phrase: phrase_ids(tokenizer, phrase)
+        return (lambda phrases: find_token_spans(ids, phrases, encode, prompt, len(ids))), len(ids)
+
+
+class JointFamily(Family):
+    """A family whose blocks run one joint attention over ``[text | video]`` (ComfyUI's order), where
+    motion tokens join the text as extra keys and values (``attention.FORMS`` "joint")."""
+
+    def joint_attention(self, run: Run, index: int, base: Callable, query, key, value, motion_k, motion_v, kwargs):
+        """MDMA over ``query/key/value [B, H, L + N_v, d]`` (text first, after QK-norm and RoPE) and the
+        motion tokens' keys and values ``[B, H, K * d_m, d]``; returns ``[B, H, L + N_v, d]``, text
+        first, and lends RMPM the video rows (the family's :meth:`video_features`). The library's
+        state takes the tokens video first: the few text and motion rows go behind the video's."""
+        text_len = query.shape[2] - run.grid.size
+        kw = dict(kwargs, skip_reshape=True, skip_output_reshape=True)
+        attention = lambda q, k, v, mask=None: base(q, k, v, mask=mask, **kw)
+        video_first = lambda x, motion: torch.cat([x[:, :, text_len:], x[:, :, :text_len], motion], dim=2)
+        # motion-token queries are never attended with (their outputs would be dropped): their rows hold the keys
+        out = run.state.joint_attention(
+            index,
+            video_first(query, motion_k),
+            video_first(key, motion_k),
+            video_first(value, motion_v),
+            text_len,
+            attention,
+            run.texts,
+        )
+        video = out[:, :, : run.grid.size]
+        run.observe(index, lambda rows: self.video_features(run, index, video.index_select(0, rows)))
+        return torch.cat([out[:, :, run.grid.size :], video], dim=2)
+
+    def video_features(self, run: Run, index: int, video_out: torch.Tensor) -> torch.Tensor:
+        """RMPM's features from the video rows of a block's attention output ``[B, H, N_v, d]``: the video
+        stream's output projection (before the gate), as the library's processors read them."""
+        raise NotImplementedError

@@ -1,0 +1,80 @@
+"""Wan 2.1 / 2.2 as the native patch sees ComfyUI's ``WanModel`` (``comfy/ldm/wan/model.py``), mapped as
+fleximmt's Wan adapter maps diffusers' (docs/method.md#wan).
+
+Each block makes its attention calls in one order: the self-attention (run as ComfyUI runs it; it lends
+RMPM its output after ``o``, before the gate, in the conditional rows of the first 70% of the blocks),
+the image tokens' call (Wan 2.1; run as ComfyUI runs it), then the text call, which becomes MDMA over
+``[text | motion tokens]``: the motion tokens projected by that block's own ``k``/``norm_k``/``v``
+modules (so LoRA, fp8 and GGUF weights apply to them as to the text), its unmasked groups computed by
+ComfyUI's own attention function. Each MODEL is one expert: for Wan 2.2 A14B the high-noise model is
+patched with expert 1, the low-noise model with expert 2.
+"""
+
+from __future__ import annotations
+
+from ....errors import FlexiMMTInputError
+from .family import Family
+from .patch import Call, Run
+
+
+class Wan(Family):
+    name = "Wan 2.1 / 2.2"
+    module, model_class = "comfy.ldm.wan.model", "WanModel"
+    clip_name = "umT5"
+    tokens_key = "umt5xxl"
+
+    @classmethod
+    def adapter_class(cls):
+        from ....models.wan import WanAdapter
+
+        return WanAdapter
+
+    def motion_shape(self, model) -> tuple[int, int]:
+        return len(model.blocks), model.dim
+
+    def patch_size(self, model) -> tuple[int, int, int]:
+        return tuple(model.patch_size)
+
+    def read_call(self, model, arguments: dict) -> Call:
+        extra = arguments.get("kwargs") or {}
+        if arguments.get("time_dim_concat") is not None or extra.get("reference_latent") is not None:
+            raise FlexiMMTInputError(
+                "FlexiMMT Apply: this graph adds frames or reference tokens to the Wan model's "
+                "input (time_dim_concat / reference_latent), which FlexiMMT's masks do not cover; "
+                "remove that conditioning or the FlexiMMT patch"
+            )
+        return super().read_call(model, arguments)
+
+    def call_kinds(self, model, index: int) -> tuple[str, ...]:
+        cross = model.blocks[index].cross_attn
+        return ("self", "image", "text") if hasattr(cross, "k_img") else ("self", "text")
+
+    def attend(self, run: Run, index: int, kind: str, base, *args, **kwargs):
+        if kind == "self":
+            out = base(*args, **kwargs)
+            # RMPM's features: attn1's output after `o`, before the gate
+            run.observe(index, lambda rows: run.model.blocks[index].self_attn.o(out.index_select(0, rows)))
+            return out
+        if kind != "text":
+            return base(*args, **kwargs)
+        return self.text_attention(run, index, base, *args, **kwargs)
+
+    def text_attention(self, run: Run, index: int, base, q, k, v, *args, heads: int, **kwargs):
+        """MDMA cross-attention of the video queries over the block's text keys and the motion tokens."""
+        if args or kwargs.get("mask") is not None:
+            raise FlexiMMTInputError(
+                "FlexiMMT Apply: the Wan text attention got a mask of its own; FlexiMMT's MDMA "
+                "is the mask - remove the other patch that adds one"
+            )
+        attn = run.model.blocks[index].cross_attn
+        to_heads = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)
+        kw = dict(kwargs, heads=heads, skip_reshape=True, skip_output_reshape=True)
+        group = lambda qg, kg, vg, mask=None: base(qg, kg, vg, mask=mask, **kw)
+
+        def project(tokens, kind: str):
+            tokens = tokens.to(device=q.device, dtype=q.dtype)[None]
+            x = attn.norm_k(attn.k(tokens)) if kind == "k" else attn.v(tokens)
+            return to_heads(x)
+
+        out = run.state.cross_attention(index, 0, to_heads(q), to_heads(k), to_heads(v), project, group, run.texts)
+        return out.transpose(1, 2).flatten(2).to(q.dtype)
