@@ -58,6 +58,7 @@ from diffusers import (
     CogVideoXImageToVideoPipeline,
     DiffusionPipeline,
     HunyuanVideo15ImageToVideoPipeline,
+    LTX2ImageToVideoPipeline,
     WanImageToVideoPipeline,
 )
 from helpers import run_killed, spy_optimiser
@@ -65,6 +66,7 @@ from PIL import Image
 
 from fleximmt import (
     FlexiMMTHunyuanVideo15Pipeline,
+    FlexiMMTLTX2ImageToVideoPipeline,
     FlexiMMTPipeline,
     FlexiMMTWanPipeline,
     MotionTokens,
@@ -76,6 +78,7 @@ from fleximmt.method.pipeline import OPTIONS
 from fleximmt.models import adapter_for, family_name
 from fleximmt.toy.tiny import random_motion, tiny_components, tiny_wan_components
 from fleximmt.toy.tiny_hunyuan15 import tiny_hunyuan15_components
+from fleximmt.toy.tiny_ltx2 import tiny_ltx2_components
 from fleximmt.training.train import checkpoint_path
 
 PROMPT = "A ball jumps up. A box slides left."
@@ -165,6 +168,16 @@ FAMILIES = [
         call=dict(num_inference_steps=2),
         scale=30.0,
         added_arguments=("callback_on_step_end",),
+        fused_projections=False,
+    ),
+    Family(  # image_crf=0: diffusers' H.264 re-compression of the image needs PyAV, which tests go without
+        "ltx-2",
+        lambda: tiny_ltx2_components(0),
+        FlexiMMTLTX2ImageToVideoPipeline,
+        LTX2ImageToVideoPipeline,
+        size=(64, 64, 9),
+        call=dict(num_inference_steps=2, max_sequence_length=16, image_crf=0),
+        scale=30.0,
         fused_projections=False,
     ),
 ]

@@ -11,6 +11,7 @@ from .training.train import TrainSettings, train_motion
 __all__ = [
     "FlexiMMTHunyuanVideo15Pipeline",
     "FlexiMMTInputError",
+    "FlexiMMTLTX2ImageToVideoPipeline",
     "FlexiMMTPipeline",
     "FlexiMMTPipelineOutput",
     "FlexiMMTWanPipeline",
@@ -21,7 +22,11 @@ __all__ = [
     "load_pipeline",
     "train_motion",
 ]
-LAZY = {"FlexiMMTWanPipeline": "wan", "FlexiMMTHunyuanVideo15Pipeline": "hunyuan15"}  # the other families' pipelines
+LAZY = {
+    "FlexiMMTWanPipeline": "wan",
+    "FlexiMMTHunyuanVideo15Pipeline": "hunyuan15",
+    "FlexiMMTLTX2ImageToVideoPipeline": "ltx2",
+}  # the other families' pipelines
 __version__ = "0.1.0"
 
 

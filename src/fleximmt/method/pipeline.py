@@ -109,11 +109,13 @@ def check_safetensors(path: str | os.PathLike, kwargs: dict[str, Any]) -> None:
 
 @dataclass
 class FlexiMMTPipelineOutput(BaseOutput):
-    """diffusers' output (``frames``) plus ``masks``: bool ``[videos, steps, K, frames, h, w]``, the
-    object masks on the token grid that each denoising step used (None unless ``return_masks=True``)."""
+    """diffusers' output (``frames``, and ``audio`` where the model makes sound: LTX-2) plus ``masks``: bool
+    ``[videos, steps, K, frames, h, w]``, the object masks on the token grid that each denoising step used
+    (None unless ``return_masks=True``)."""
 
     frames: Any
     masks: torch.Tensor | None = None
+    audio: Any = None
 
 
 def image_size(image: Any) -> tuple[int, int]:
@@ -418,7 +420,7 @@ class FlexiMMTMixin:
             return output
         if not call.get("return_dict", True):
             return (*output, masks)
-        return FlexiMMTPipelineOutput(frames=output.frames, masks=masks)
+        return FlexiMMTPipelineOutput(**dict(output), masks=masks)
 
     def _prepare_state(
         self,

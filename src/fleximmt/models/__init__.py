@@ -1,5 +1,5 @@
 """Base models, one adapter each: ``cogvideox`` (CogVideoX 5B-I2V and 1.5), ``wan`` (Wan 2.1 / 2.2
-image-to-video) and ``hunyuan15`` (HunyuanVideo 1.5 image-to-video). The registry below maps diffusers' pipeline names to them; a new model is one
+image-to-video), ``hunyuan15`` (HunyuanVideo 1.5 image-to-video) and ``ltx2`` (LTX-2 image-to-video). The registry below maps diffusers' pipeline names to them; a new model is one
 adapter file and one line here."""
 
 from __future__ import annotations
@@ -18,8 +18,16 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "FlexiMMTWanPipeline": ("wan", "FlexiMMTWanPipeline"),
     "HunyuanVideo15ImageToVideoPipeline": ("hunyuan15", "FlexiMMTHunyuanVideo15Pipeline"),
     "FlexiMMTHunyuanVideo15Pipeline": ("hunyuan15", "FlexiMMTHunyuanVideo15Pipeline"),
+    "LTX2ImageToVideoPipeline": ("ltx2", "FlexiMMTLTX2ImageToVideoPipeline"),
+    "LTX2Pipeline": (
+        "ltx2",
+        "FlexiMMTLTX2ImageToVideoPipeline",
+    ),  # Lightricks/LTX-2 ships as one; it animates images too
+    "FlexiMMTLTX2ImageToVideoPipeline": ("ltx2", "FlexiMMTLTX2ImageToVideoPipeline"),
 }
-SUPPORTED = "CogVideoX, Wan or HunyuanVideo 1.5"  # how messages name the registered families, without importing them
+SUPPORTED = (
+    "CogVideoX, Wan, HunyuanVideo 1.5 or LTX-2"  # how messages name the registered families, without importing them
+)
 
 
 def pipeline_class(name: str) -> type:

@@ -3,7 +3,10 @@ the context-parallel refusal, carrying a replaced processor's settings, and batc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from ..errors import FlexiMMTInputError
 from ..method import opaque
@@ -165,3 +168,16 @@ def check_frame_count(num_frames: int, temporal: int, model: str, why: str) -> N
             f"num_frames={num_frames}: {model} makes {temporal}k+1 frames; use {lower} or "
             f"{lower + temporal} ({why}, moving the object masks off their frames)"
         )
+
+
+def text_path_projector(attn, like: torch.Tensor) -> Callable:
+    """Motion tokens through a cross-attention's frozen text path (``to_k``/``to_v``, ``norm_k``; no RoPE),
+    as ``state.cross_attention`` takes them: ``[n, dim]`` tokens to ``[1, H, n, d]`` keys (kind "k") or
+    values ("v"), on the device and dtype of the block's activations ``like`` (Wan's ``attn2``, LTX-2's)."""
+
+    def project(tokens: torch.Tensor, kind: str) -> torch.Tensor:
+        tokens = tokens.to(device=like.device, dtype=like.dtype)
+        x = attn.norm_k(attn.to_k(tokens)) if kind == "k" else attn.to_v(tokens)
+        return x.unflatten(1, (attn.heads, -1)).transpose(0, 1)[None]
+
+    return project

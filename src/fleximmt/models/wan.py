@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +38,7 @@ from .shared import (
     context_shard,
     dispatched_attention,
     repeat_per_prompt,
+    text_path_projector,
 )
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class WanCrossAttnProcessor(WanProcessor):
         key = attn.norm_k(key)
         heads = lambda x: x.unflatten(2, (attn.heads, -1)).transpose(1, 2)
         out = state.cross_attention(
-            self.block, self.expert, heads(query), heads(key), heads(value), self.projector(attn, query), attend
+            self.block, self.expert, heads(query), heads(key), heads(value), text_path_projector(attn, query), attend
         )
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         if attn.add_k_proj is not None and image_tokens.shape[1]:
@@ -128,18 +128,6 @@ class WanCrossAttnProcessor(WanProcessor):
             image_out = attend(heads(query), heads(key_img), heads(value_img))
             out = out + image_out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
-
-    @staticmethod
-    def projector(attn, like: torch.Tensor) -> Callable:
-        """Motion tokens through ``attn2``'s frozen text path (``to_k``/``to_v``, ``norm_k``; no RoPE):
-        ``[1, H, n, d]``, on the device and dtype of the block's activations."""
-
-        def project(tokens: torch.Tensor, kind: str) -> torch.Tensor:
-            tokens = tokens.to(device=like.device, dtype=like.dtype)
-            x = attn.norm_k(attn.to_k(tokens)) if kind == "k" else attn.to_v(tokens)
-            return x.unflatten(1, (attn.heads, -1)).transpose(0, 1)[None]
-
-        return project
 
 
 def slot_of(transformer) -> StateSlot | None:

@@ -1,0 +1,447 @@
+"""LTX-2 image-to-video (diffusers' ``LTX2ImageToVideoPipeline``, Lightricks' 19B audio-video model): FlexiMMT
+as docs/method.md#ltx-2 maps it.
+
+Each ``LTX2VideoTransformerBlock`` runs two streams, video and audio. The video stream has self-attention
+``attn1`` (3D RoPE), cross-attention ``attn2`` from video queries to the prompt (Gemma 3's hidden states
+after the text connectors: the prompt's tokens, then learnable registers where the padding was), and
+audio-to-video cross-attention; the audio stream mirrors it and reads the video through
+video-to-audio cross-attention. Motion tokens join ``attn2``'s keys and values beside the prompt
+(``attention.FORMS`` "cross", as on Wan); only ``m2v`` and ``t2v`` exist; the registers are context,
+open to every video query. Video self-attention, the whole audio stream and both audio-video
+cross-attentions stay diffusers'. RMPM reads ``attn1``'s outputs (before the block's gate) of the
+conditional rows over the first 70% of the blocks, captured in each step's first forward only; CFG
+runs both branches in that forward (``[negative | positive]`` rows), spatio-temporal and modality
+guidance run forwards of their own on the positive prompt, all with the objects. The first latent
+frame is the image, kept clean (per-token timestep 0); it is a frame of the token grid like any other.
+diffusers' blocks pass no ``attention_kwargs`` to their processors, so the processors of the transformer
+share one ``StateSlot`` the pipeline fills for the call. Training is flow matching: the velocity error,
+i.e. the x0 error weighted by ``1 / sigma^2``, on the generated frames, at noise levels shifted as the
+scheduler shifts them for the video's token count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import LTX2ImageToVideoPipeline
+from diffusers.models.transformers.transformer_ltx2 import LTX2PerturbedAttnProcessor
+from diffusers.pipelines.ltx2.pipeline_ltx2_image2video import calculate_shift, retrieve_latents
+
+from ..errors import FlexiMMTInputError
+from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch
+from ..method.attention import BlockProcessor, FlexiMMTState
+from ..method.masks import CROSS_PARTS, check_cross_parts
+from ..method.pipeline import FlexiMMTMixin
+from ..method.prompt import find_word_spans
+from .shared import DelegatingProcessor, check_frame_count, dispatched_attention, text_path_projector
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "Lightricks/LTX-2"
+FEATURE_SHARE = 0.7  # RMPM averages attn1 outputs over the first 70% of the blocks (docs/method.md#ltx-2)
+# diffusers' frame count when a call gives none and the pipeline has no duration head (LTX-2.0 / 2.3):
+# set in LTX2ImageToVideoPipeline.__call__'s body, not in its signature
+FRAMES_WITHOUT_DURATION_HEAD = 121
+SIZE_MULTIPLE = 32  # diffusers' check_inputs refuses other heights and widths, whatever the VAE
+# diffusers' calculate_shift defaults when the scheduler's config has none (the pipeline's step 5)
+SHIFT_DEFAULTS = {"base_image_seq_len": 1024, "max_image_seq_len": 4096, "base_shift": 0.95, "max_shift": 2.05}
+
+
+@dataclass
+class StateSlot:
+    """The per-call FlexiMMT state, shared by every processor of the transformer (None: plain LTX-2), and
+    how many forwards the current denoising step has run (the first carries the conditional rows whose
+    features RMPM reads)."""
+
+    state: FlexiMMTState | None = None
+    calls: int = 0
+
+
+class LTX2Processor(BlockProcessor, DelegatingProcessor):
+    """A FlexiMMT processor around the processor diffusers installed (``self.inner``: LTX-2.0's
+    ``LTX2AudioVideoAttnProcessor``, or LTX-2.3's ``LTX2PerturbedAttnProcessor``), whose dispatch settings
+    it shares (``DelegatingProcessor``)."""
+
+    def __init__(self, block_index: int, slot: StateSlot, inner) -> None:
+        super().__init__(block_index)
+        self.slot, self.inner = slot, inner
+
+
+class LTX2SelfAttnProcessor(LTX2Processor):
+    """The video stream's ``attn1`` exactly as diffusers computes it (spatio-temporal guidance's perturbation
+    included, when the blocks have one); its output (after ``to_out``, before the block's gate) is handed to
+    RMPM's feature capture. ``LTX2Attention`` passes a processor only the arguments its ``__call__`` names:
+    these are the perturbed processor's."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        query_rotary_emb=None,
+        key_rotary_emb=None,
+        perturbation_mask=None,
+        all_perturbed=None,
+    ):
+        args = (attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb, key_rotary_emb)
+        if isinstance(self.inner, LTX2PerturbedAttnProcessor):
+            out = self.inner(*args, perturbation_mask=perturbation_mask, all_perturbed=all_perturbed)
+        else:
+            out = self.inner(*args)
+        state = self.slot.state
+        if state is not None:
+            state.observe(self.block, out)
+        return out
+
+
+class LTX2CrossAttnProcessor(LTX2Processor):
+    """The video stream's ``attn2`` with motion tokens beside the prompt and MDMA over video queries x
+    [prompt | motion]; LTX-2.3's per-head gates as diffusers applies them. Without a state, or with no
+    objects, it is diffusers' processor. The text's attention mask is not read: diffusers' connectors open
+    every text key (the registers in the padding's place, or the padding itself), and the pipeline's
+    forwards are checked to say so (``LTX2Adapter.attach``)."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        query_rotary_emb=None,
+        key_rotary_emb=None,
+    ):
+        state = self.slot.state
+        if state is None or state.num_objects == 0 or encoder_hidden_states is None:
+            return self.inner(
+                attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb, key_rotary_emb
+            )
+        if self._parallel_config is not None:
+            raise FlexiMMTInputError(
+                "context parallelism (transformer.enable_parallelism) does not run with objects on LTX-2: "
+                "diffusers' plan for it splits the prompt's tokens between processes too, and FlexiMMT's groups "
+                "read text keys by position; call without objects, or without enable_parallelism"
+            )
+        attend = dispatched_attention(self, state)
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key, value = attn.norm_k(attn.to_k(encoder_hidden_states)), attn.to_v(encoder_hidden_states)
+        heads = lambda x: x.unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        out = state.cross_attention(
+            self.block, 0, heads(query), heads(key), heads(value), text_path_projector(attn, query), attend
+        )
+        out = out.transpose(1, 2)  # [B, N, H, d]
+        if attn.to_gate_logits is not None:  # LTX-2.3: a gate per head, from the block's own input
+            out = out * (2.0 * torch.sigmoid(attn.to_gate_logits(hidden_states))).unsqueeze(-1)
+        out = out.flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def slot_of(transformer) -> StateSlot | None:
+    processor = transformer.transformer_blocks[0].attn2.processor
+    return processor.slot if isinstance(processor, LTX2CrossAttnProcessor) else None
+
+
+def check_open_text(mask: torch.Tensor | None) -> None:
+    """Refuse a forward whose text attention mask closes keys: FlexiMMT's ``attn2`` reads every key, as
+    diffusers' own pipeline does (its connectors return an all-open mask)."""
+    if mask is not None and mask.ndim == 2 and not bool(mask.bool().all()):
+        raise FlexiMMTInputError(
+            "an encoder_attention_mask with closed text keys reached LTX-2's transformer with objects: "
+            "FlexiMMT attends every text key, as diffusers' LTX-2 pipeline does after its text connectors; "
+            "pass the connectors' mask (all ones), or call without objects"
+        )
+
+
+class LTX2Adapter(ModelAdapter):
+    family = "ltx2"
+    display_name = "LTX-2 image-to-video"
+    pipeline_class = LTX2ImageToVideoPipeline
+    form = "cross"
+    parts = CROSS_PARTS
+    feature_share = FEATURE_SHARE
+    default_model = DEFAULT_MODEL
+
+    def default_text_length(self) -> int:
+        return self.diffusers_default("max_sequence_length")  # 1,024 Gemma tokens: prompt, then registers
+
+    def diffusers_default(self, name: str) -> Any:
+        return inspect.signature(LTX2ImageToVideoPipeline.__call__).parameters[name].default
+
+    def default_size(self) -> tuple[int, int, int]:
+        height, width = self.diffusers_default("height"), self.diffusers_default("width")
+        return height, width, FRAMES_WITHOUT_DURATION_HEAD
+
+    def call_size(self, call: dict[str, Any]) -> tuple[int, int, int]:
+        """The call's height, width and frames; with 5-D ``latents`` (a second stage), theirs, as the
+        pipeline reads them. Without ``num_frames`` the pipeline makes 121 frames, or, with a duration head
+        (LTX-2.5), as many as it predicts from the encoded prompt - unknown before the call: refused."""
+        pipe = self.pipe
+        latents = call.get("latents")
+        if latents is not None and latents.ndim == 5:
+            _, _, frames, height, width = latents.shape
+            spatial = pipe.vae_spatial_compression_ratio
+            return height * spatial, width * spatial, (frames - 1) * pipe.vae_temporal_compression_ratio + 1
+        num_frames = call.get("num_frames")
+        if num_frames is None:
+            if getattr(pipe, "duration_head", None) is not None:
+                raise FlexiMMTInputError(
+                    "num_frames=None: this LTX-2 pipeline predicts the video's length from the encoded prompt "
+                    "(its duration_head), which objects need before the call; give num_frames "
+                    f"({pipe.vae_temporal_compression_ratio}k+1, e.g. {FRAMES_WITHOUT_DURATION_HEAD})"
+                )
+            num_frames = FRAMES_WITHOUT_DURATION_HEAD
+        return call["height"], call["width"], num_frames
+
+    def token_grid(self, height: int, width: int, num_frames: int) -> TokenGrid:
+        pipe, cfg = self.pipe, self.pipe.transformer.config
+        temporal = pipe.vae_temporal_compression_ratio
+        latent_frames = (num_frames - 1) // temporal + 1
+        per_token = pipe.vae_spatial_compression_ratio * cfg.patch_size
+        return TokenGrid(
+            latent_frames // cfg.patch_size_t,
+            height // per_token,
+            width // per_token,
+            latent_frames,
+            cfg.patch_size_t,
+            temporal,
+        )
+
+    def check_geometry(self, height: int, width: int, num_frames: int) -> None:
+        check_frame_count(
+            num_frames, self.pipe.vae_temporal_compression_ratio, "LTX-2", "its VAE would decode another count"
+        )
+        multiple = max(SIZE_MULTIPLE, self.pipe.vae_spatial_compression_ratio * self.pipe.transformer.config.patch_size)
+        if height % multiple or width % multiple:
+            fit = lambda n: max(multiple, n // multiple * multiple)
+            raise FlexiMMTInputError(
+                f"height x width = {height} x {width}: LTX-2 needs multiples of {multiple}; use {fit(height)} x "
+                f"{fit(width)}"
+            )
+
+    @classmethod
+    def check_settings(cls, parts: frozenset[str], context_text: str) -> None:
+        try:
+            check_cross_parts(parts, context_text)
+        except ValueError as err:
+            raise FlexiMMTInputError(f"{err} (LTX-2)") from None
+
+    def prompt_text(self, prompt: str) -> str:
+        return prompt.strip()  # the pipeline strips each prompt before tokenising it
+
+    def registers(self) -> bool:
+        """Whether the video connector puts learnable registers where the padding was (Lightricks/LTX-2: 128)."""
+        return self.pipe.connectors.video_connector.learnable_registers is not None
+
+    def word_spans(self, prompt: str, phrases, text_len: int) -> list[list[int]]:
+        """Motion words among the ``text_len`` text keys ``attn2`` reads. The pipeline pads Gemma's tokens on
+        the left (``<bos>`` first, no chat template); the connectors then move the prompt's tokens to the
+        front and put registers after them, so a word's key is its index in the unpadded tokens. Without
+        registers the padding stays in front, and so do the indices."""
+        tokenizer, text = self.pipe.tokenizer, self.prompt_text(prompt)
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"  # as the pipeline sets it before tokenising
+        try:
+            spans = find_word_spans(tokenizer, text, phrases, text_len)
+        finally:
+            tokenizer.padding_side = side
+        if not self.registers():
+            return spans
+        valid = min(len(tokenizer(text, add_special_tokens=True).input_ids), text_len)
+        return [[index - (text_len - valid) for index in span] for span in spans]
+
+    def batch_prompts(self, call: dict[str, Any]) -> list[str]:
+        if call.get("enable_prompt_enhancement"):
+            raise FlexiMMTInputError(
+                "enable_prompt_enhancement=True: the pipeline would rewrite the prompt, and the objects' motion "
+                "words are found in the prompt as given; enhance the prompt first (pipe.enhance_prompt), then "
+                "call with the text it returns and each object's words from it"
+            )
+        return super().batch_prompts(call)
+
+    # -- inference plumbing ----------------------------------------------------------------
+    def install_processors(self) -> None:
+        transformer = self.pipe.transformer
+        if slot_of(transformer) is not None:
+            return
+        slot = StateSlot()
+        for index, block in enumerate(transformer.transformer_blocks):
+            block.attn1.set_processor(LTX2SelfAttnProcessor(index, slot, block.attn1.processor))
+            block.attn2.set_processor(LTX2CrossAttnProcessor(index, slot, block.attn2.processor))
+
+    @contextlib.contextmanager
+    def attach(self, state: FlexiMMTState, call: dict[str, Any]):
+        """Fill the transformer's slot for the call. Each step's first forward holds the conditional rows -
+        ``[negative | positive]`` with CFG, the positive alone without - and RMPM's features come from its
+        positive rows; spatio-temporal and modality guidance run later forwards of the step (positive rows,
+        objects on, no features). The forwards are counted here, and the count starts again after each step
+        (in the call's ``callback_on_step_end``, wrapped)."""
+        transformer = self.pipe.transformer
+        slot = slot_of(transformer)
+        videos = list(range(len(state.videos)))
+        step_callback = call.get("callback_on_step_end")
+
+        def before_forward(module, args, kwargs):
+            check_open_text(kwargs.get("encoder_attention_mask"))
+            batch = kwargs["hidden_states"].shape[0] if "hidden_states" in kwargs else args[0].shape[0]
+            both = batch == 2 * len(videos)  # CFG: the negative prompt's rows, then the positive's
+            state.rows = videos * 2 if both else videos
+            positive = [len(videos) + v for v in videos] if both else videos
+            state.feature_rows = positive if slot.calls == 0 else None
+            slot.calls += 1
+
+        def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+            slot.calls = 0
+            return {} if step_callback is None else step_callback(pipe, step, timestep, callback_kwargs)
+
+        handle = transformer.register_forward_pre_hook(before_forward, with_kwargs=True)
+        slot.state, slot.calls = state, 0
+        try:
+            yield {**call, "callback_on_step_end": step_end}
+        finally:
+            handle.remove()
+            slot.state = None
+
+    # -- training ------------------------------------------------------------------------------
+    def conditioning_modules(self) -> list[str]:
+        return [*super().conditioning_modules(), "connectors"]
+
+    def encode_conditions(self, clips, caption, text_len, generator):
+        """The caption through Gemma and the connectors (both streams' text, as the pipeline makes it), and
+        each window's latents, normalised as the pipeline's latents are, their first frame the image latents
+        exactly as the pipeline encodes the conditioning image."""
+        pipe = self.pipe
+        device = pipe._execution_device
+        embeds, mask, _, _ = pipe.encode_prompt(
+            caption, do_classifier_free_guidance=False, max_sequence_length=text_len, device=device
+        )
+        video_text, audio_text, text_mask = pipe.connectors(embeds, mask, padding_side=pipe.tokenizer.padding_side)
+        vae, cfg = pipe.vae, pipe.vae.config
+        videos = []
+        for clip in clips:
+            clip = clip[None].to(device, vae.dtype)  # [1, 3, T, H, W]
+            latents = retrieve_latents(vae.encode(clip), generator).float()
+            image = retrieve_latents(vae.encode(clip[:, :, :1]), generator, "argmax").float()
+            latents = pipe._normalize_latents(latents, vae.latents_mean, vae.latents_std, cfg.scaling_factor)
+            latents[:, :, :1] = pipe._normalize_latents(image, vae.latents_mean, vae.latents_std)
+            videos.append(latents[0].cpu())
+        return {
+            "prompt_embeds": video_text.float().cpu(),
+            "audio_prompt_embeds": audio_text.float().cpu(),
+            "prompt_mask": text_mask.cpu(),
+            "video_latents": torch.stack(videos),  # [W, C, F, h, w]
+        }
+
+    def sample_sigma(self, generator: torch.Generator, num_video_tokens: int) -> float:
+        """A training noise level: uniform, then shifted as the pipeline's scheduler shifts its sigmas - by
+        ``mu`` of the video's token count where it shifts dynamically (LTX), else by its fixed shift (the
+        schedule's terminal stretch, ``shift_terminal``, is a property of a whole schedule and not applied)."""
+        scheduler = self.pipe.scheduler
+        cfg = scheduler.config
+        u = torch.rand((), generator=generator).item()
+        if cfg.get("use_dynamic_shifting"):
+            mu = calculate_shift(
+                num_video_tokens, *(cfg.get(name) or default for name, default in SHIFT_DEFAULTS.items())
+            )
+            return float(scheduler.time_shift(mu, 1.0, torch.tensor(u)))
+        shift = cfg.get("shift", 1.0) or 1.0
+        return shift * u / (1 + (shift - 1) * u)
+
+    @contextlib.contextmanager
+    def training_attached(self, state: FlexiMMTState):
+        """The processors read the state from their slot, which must hold it until each backward pass has
+        recomputed its checkpointed blocks, not only during the forward call."""
+        self.install_processors()
+        slot = slot_of(self.pipe.transformer)
+        state.rows, state.feature_rows = None, None  # one video per call, no RMPM features in training
+        slot.state = state
+        try:
+            yield
+        finally:
+            slot.state = None
+
+    def training_prediction(self, state, cond, window, generator, image_dropout, autocast) -> TrainingBatch:
+        """One window noised at a training noise level, its first latent frame kept clean with timestep 0 as
+        the pipeline keeps the image (or, with ``image_dropout``'s probability, noised like the rest: LTX-2's
+        own text-to-video mode). The reference has no sound: the audio stream gets pure noise at noise level
+        1, as at the start of a generation, and its prediction is not part of the loss."""
+        pipe = self.pipe
+        device = pipe._execution_device
+        transformer = pipe.transformer
+        slot = slot_of(transformer)
+        if slot is None or slot.state is not state:
+            raise RuntimeError("LTX-2's training_prediction runs inside adapter.training_attached(state)")
+        x0 = cond["video_latents"][window : window + 1].to(device)  # [1, C, F, h, w]
+        _, _, frames, height, width = x0.shape
+        patch, patch_t = transformer.config.patch_size, transformer.config.patch_size_t
+        image_given = torch.rand((), generator=generator).item() >= image_dropout
+        clean = torch.zeros_like(x0[:, :1])  # 1 where the frame is given, as the pipeline's conditioning mask
+        if image_given:
+            clean[:, :, 0] = 1.0
+        sigma = max(self.sample_sigma(generator, frames * height * width // (patch * patch * patch_t)), 1e-3)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        noise_level = sigma * (1 - clean)  # per frame: 0 on the image's frame
+        noisy = (1 - noise_level) * x0 + noise_level * noise
+        num_train = pipe.scheduler.config.num_train_timesteps
+        t = torch.tensor([sigma * num_train], device=device)
+        token_clean = pipe._pack_latents(clean, patch, patch_t).squeeze(-1)  # [1, N]
+        frame_rate = self.diffusers_default("frame_rate")
+        seconds = ((frames - 1) * pipe.vae_temporal_compression_ratio + 1) / frame_rate
+        audio_frames = round(
+            seconds * pipe.audio_sampling_rate / pipe.audio_hop_length / pipe.audio_vae_temporal_compression_ratio
+        )
+        audio_cfg = pipe.audio_vae.config
+        audio_shape = (
+            1,
+            audio_cfg.latent_channels,
+            audio_frames,
+            audio_cfg.mel_bins // pipe.audio_vae_mel_compression_ratio,
+        )
+        audio = pipe._pack_audio_latents(torch.randn(audio_shape, generator=generator).to(device))
+        silent = torch.tensor([float(num_train)], device=device)  # the audio's noise level 1, as a timestep
+        dtype = transformer.dtype
+        with autocast():
+            velocity, _ = transformer(
+                hidden_states=pipe._pack_latents(noisy, patch, patch_t).to(dtype),
+                audio_hidden_states=audio.to(dtype),
+                encoder_hidden_states=cond["prompt_embeds"].to(device, dtype),
+                audio_encoder_hidden_states=cond["audio_prompt_embeds"].to(device, dtype),
+                timestep=t[:, None] * (1 - token_clean),
+                audio_timestep=silent,
+                sigma=t,
+                audio_sigma=silent,
+                encoder_attention_mask=cond["prompt_mask"].to(device),
+                audio_encoder_attention_mask=cond["prompt_mask"].to(device),
+                num_frames=frames // patch_t,
+                height=height // patch,
+                width=width // patch,
+                fps=frame_rate,
+                audio_num_frames=audio_frames,
+                return_dict=False,
+            )
+        velocity = pipe._unpack_latents(
+            velocity.float(), frames // patch_t, height // patch, width // patch, patch, patch_t
+        )
+        x0_hat = noisy - noise_level * velocity  # flow matching: v = noise - x0
+        weight = torch.tensor(1.0 / sigma**2, device=device)  # the velocity error as an x0 error
+        frames_scored = slice(1, None) if image_given else slice(None)  # the image's frame is given, not predicted
+        return TrainingBatch(x0.transpose(1, 2), x0_hat.transpose(1, 2), weight, frames_scored)
+
+
+class FlexiMMTLTX2ImageToVideoPipeline(FlexiMMTMixin, LTX2ImageToVideoPipeline):
+    """Multi-object multi-motion image-to-video (FlexiMMT) on diffusers' LTX-2 I2V (video and audio)."""
+
+    adapter_class = LTX2Adapter
+    call_doc = (
+        ", with its defaults. With objects, ``num_frames`` must be 8k+1 (121 when None, unless the pipeline "
+        "predicts the length: then give it), height and width multiples of 32, prompt enhancement off; "
+        "every guidance (CFG, spatio-temporal, modality) runs with the objects, and the audio is made as "
+        "diffusers makes it."
+    )
+
+
+ADAPTER = LTX2Adapter
