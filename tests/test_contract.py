@@ -30,14 +30,16 @@ Adding a family (e.g. HunyuanVideo 1.5) is one ``Family(...)`` row in ``FAMILIES
   training settings of the loss-falls test, ``LEARNING`` by default; None leaves the row out of it).
   A test whose flag is off is not generated for that row (nothing is skipped).
 
-HunyuanVideo 1.5's row (``fleximmt.toy.tiny_hunyuan15``), the last one added, as an example::
+LTX-2's row (``fleximmt.toy.tiny_ltx2``), the last one added, as an example::
 
-    Family("hunyuanvideo-1.5", lambda: tiny_hunyuan15_components(0), FlexiMMTHunyuanVideo15Pipeline,
-           HunyuanVideo15ImageToVideoPipeline, size=(32, 48, 9), call=dict(num_inference_steps=2), scale=30.0,
-           added_arguments=("callback_on_step_end",), fused_projections=False)
+    Family("ltx-2", lambda: tiny_ltx2_components(0), FlexiMMTLTX2ImageToVideoPipeline, LTX2ImageToVideoPipeline,
+           size=(64, 64, 9), call=dict(num_inference_steps=2, max_sequence_length=16, image_crf=0), scale=30.0,
+           fused_projections=False)
 
-(its video is sized from the image; diffusers' pipeline has no callback, FlexiMMT's adds one; diffusers'
-``fuse_qkv_projections`` fuses none of its attentions.)
+(diffusers refuses sizes that are not multiples of 32; ``image_crf=0`` leaves out the image's H.264
+re-compression, which needs PyAV; diffusers' ``fuse_qkv_projections`` fails on LTX-2's audio-video attentions,
+whose query and key widths differ. HunyuanVideo 1.5's row shows ``added_arguments``: its pipeline has no step
+callback, FlexiMMT's adds one.)
 
 Motions come from ``fleximmt.toy.random_motion`` (shaped for the first expert, one set per expert of
 the adapter, with the adapter's family); the tests check them against ``adapter.motion_shape()``.
