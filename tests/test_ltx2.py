@@ -112,10 +112,11 @@ def test_objects_keep_the_audio_and_the_image_frame_and_auto_equals_dense_throug
 def test_rmpm_reads_the_positive_rows_of_each_steps_first_forward_only(pipes, monkeypatch, cfg):
     """A step runs CFG's forward ([negative | positive] rows; the positive alone without CFG), then spatio-
     temporal guidance's and modality guidance's forwards of the positive prompt: features come from the
-    first forward's positive rows, every forward carries the objects."""
+    first forward's positive rows, every forward carries the objects, whose keys and values each block
+    projects once in the call."""
     ours, _ = pipes
-    seen, crossed = [], []
-    observe, cross = FlexiMMTState.observe, FlexiMMTState.cross_attention
+    seen, crossed, projected = [], [], []
+    observe, cross, project = FlexiMMTState.observe, FlexiMMTState.cross_with, FlexiMMTState.motion_projections
 
     def record(self, block, video_out, rows=None):
         features = self.batch_rows(video_out.shape[0])[1] if self.capturing(block) else None
@@ -123,8 +124,9 @@ def test_rmpm_reads_the_positive_rows_of_each_steps_first_forward_only(pipes, mo
         return observe(self, block, video_out, rows)
 
     monkeypatch.setattr(FlexiMMTState, "observe", record)
+    monkeypatch.setattr(FlexiMMTState, "cross_with", lambda self, *a, **k: crossed.append(1) or cross(self, *a, **k))
     monkeypatch.setattr(
-        FlexiMMTState, "cross_attention", lambda self, *a, **k: crossed.append(1) or cross(self, *a, **k)
+        FlexiMMTState, "motion_projections", lambda self, *a, **k: projected.append(a[:2]) or project(self, *a, **k)
     )
     guidance = {} if cfg else dict(guidance_scale=1.0, audio_guidance_scale=1.0)
     ours(
@@ -136,6 +138,7 @@ def test_rmpm_reads_the_positive_rows_of_each_steps_first_forward_only(pipes, mo
     first = [(batch, positive)] * captured + [(batch, None)] * (blocks - captured)
     assert seen == (first + [(1, None)] * 2 * blocks) * 2  # 2 steps x (first, STG, modality) forwards
     assert len(crossed) == len(seen)  # the motion tokens in every forward's attn2
+    assert sorted(projected) == [(0, block) for block in range(blocks)]  # once per block (of video 0) in the call
 
 
 def test_the_audio_stream_and_the_audio_video_attentions_stay_diffusers(pipes):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -60,6 +60,10 @@ class StateSlot:
 
     state: FlexiMMTState | None = None
     calls: int = 0
+    # (block, video) -> the motion tokens' keys and values through that block's attn2 for the state ``motion_for``:
+    # made at its first forward and reused by the others (without gradients neither changes within a call)
+    motion: dict = field(default_factory=dict)
+    motion_for: FlexiMMTState | None = None
 
 
 class LTX2Processor(BlockProcessor, DelegatingProcessor):
@@ -131,9 +135,22 @@ class LTX2CrossAttnProcessor(LTX2Processor):
         query = attn.norm_q(attn.to_q(hidden_states))
         key, value = attn.norm_k(attn.to_k(encoder_hidden_states)), attn.to_v(encoder_hidden_states)
         heads = lambda x: x.unflatten(2, (attn.heads, -1)).transpose(1, 2)
-        out = state.cross_attention(
-            self.block, 0, heads(query), heads(key), heads(value), text_path_projector(attn, query), attend
-        )
+        query, key, value = heads(query), heads(key), heads(value)
+        project = text_path_projector(attn, query)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            out = state.cross_attention(self.block, 0, query, key, value, project, attend)
+        else:  # each block projects the motion tokens once per call, not in every forward (BENCHMARKS.md: 1.3%)
+            if self.slot.motion_for is not state:
+                self.slot.motion.clear()
+                self.slot.motion_for = state
+            motion = self.slot.motion
+
+            def motion_of(video: int):
+                if (self.block_index, video) not in motion:
+                    motion[self.block_index, video] = state.motion_projections(video, self.block, 0, project)
+                return motion[self.block_index, video]
+
+            out = state.cross_with(self.block, query, key, value, motion_of, attend)
         out = out.transpose(1, 2)  # [B, N, H, d]
         if attn.to_gate_logits is not None:  # LTX-2.3: a gate per head, from the block's own input
             out = out * (2.0 * torch.sigmoid(attn.to_gate_logits(hidden_states))).unsqueeze(-1)
@@ -304,7 +321,8 @@ class LTX2Adapter(ModelAdapter):
             yield {**call, "callback_on_step_end": step_end}
         finally:
             handle.remove()
-            slot.state = None
+            slot.state, slot.motion_for = None, None
+            slot.motion.clear()  # the projections' memory goes with the call
 
     # -- training ------------------------------------------------------------------------------
     def conditioning_modules(self) -> list[str]:
