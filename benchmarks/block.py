@@ -42,6 +42,18 @@ full [N, N] bool mask); FlexiMMT: ``FlexiMMTHunyuanAttnProcessor`` with K object
 text, the padded keys left out (``TextKeys``); the step's layout of the row's text form is built before the
 timed call, as the processor builds it at its first block. ``--scope attention`` times ``attn`` alone.
 
+``--model ltx2``: one ``LTX2VideoTransformerBlock`` of Lightricks/LTX-2 (19B), built by
+``LTX2VideoTransformer3DModel`` itself from the 2.0 config diffusers' scripts/convert_ltx2_to_diffusers.py writes
+(video 4096 = 32 heads x 128, audio 2048 = 32 x 64, cross-attention 4096 / 2048, 48 blocks; a one-block model),
+at diffusers' default 512x768x121: 16 latent frames x 16 x 24 = 6,144 video tokens, 1,024 text tokens (the
+prompt, then the connectors' registers: every key attended), 126 audio tokens (5.04 s at 25 latents per second).
+The block's inputs are what that model's forward hands its first block (a timestep per video token: the image's
+frame at 0; RoPE, modulation and the audio stream's inputs included). Batch 2: CFG's ``[negative | positive]``
+forward, RMPM's capture on the positive row. Baseline: diffusers' ``LTX2AudioVideoAttnProcessor`` on every
+attention; FlexiMMT: ``LTX2SelfAttnProcessor`` (capture) and ``LTX2CrossAttnProcessor`` (K objects x d_m motion
+tokens in ``attn2``, parts m2v and t2v) sharing one ``StateSlot``, the audio stream's and the audio-video
+attentions diffusers'. ``--scope attention`` times ``attn2`` alone.
+
 Float32 by default (this CPU has no fast bf16); bf16 halves every float tensor (masks and indices stay).
 
     python benchmarks/block.py inference [--objects 1 3 5] [--repeats 2] [--scope block] [--out r.json]   # 20 min quiet
@@ -54,6 +66,7 @@ Float32 by default (this CPU has no fast bf16); bf16 halves every float tensor (
     python benchmarks/block.py inference --model wan2.1 --objects 3 --scope attention --repeats 3      # attn2 alone
     python benchmarks/block.py inference --model hunyuan1.5 --objects 3 --frames 33 --repeats 2        # 8 min quiet
     python benchmarks/block.py inference --model hunyuan1.5 --objects 3 --repeats 1                    # 121 frames
+    python benchmarks/block.py inference --model ltx2 --objects 3 --repeats 3 --warmup                 # LTX-2
 """
 
 from __future__ import annotations
@@ -164,7 +177,30 @@ HUNYUAN_IMAGE, HUNYUAN_FRAMES = (720, 1280), 121
 # 27 x 27 image tokens (all valid in i2v), the ByT5 glyph tokens (tokenizer_2_max_length; valid only for quoted text in
 # the prompt) and the Qwen2.5-VL prompt tokens after the template's crop (tokenizer_max_length), then the padding
 HUNYUAN_TEXT = {"image": 729, "glyph": 256, "prompt": 1000}
-MODELS = {**MODEL_NAMES, **WAN_NAMES, **HUNYUAN_NAMES}
+# LTX-2 (Lightricks/LTX-2): the 2.0 transformer config diffusers' scripts/convert_ltx2_to_diffusers.py writes (it equals
+# LTX2VideoTransformer3DModel's defaults: 48 blocks, video 32 heads x 128, audio 32 x 64, cross-attention 4096 / 2048,
+# Gemma 3's 3,840-wide captions, interleaved RoPE), random weights
+LTX2_CONFIGS = {
+    "ltx2": dict(
+        in_channels=128,
+        out_channels=128,
+        num_attention_heads=32,
+        attention_head_dim=128,
+        cross_attention_dim=4096,
+        audio_in_channels=128,
+        audio_out_channels=128,
+        audio_num_attention_heads=32,
+        audio_attention_head_dim=64,
+        audio_cross_attention_dim=2048,
+        num_layers=48,
+        caption_channels=3840,
+    )
+}
+LTX2_NAMES = {"ltx2": "LTX-2 (19B) I2V"}
+LTX2_GEOMETRY = (512, 768, 121)  # LTX2ImageToVideoPipeline's defaults (121 frames: its default without a duration head)
+LTX2_VAE_SCALE = (32, 8)  # AutoencoderKLLTX2Video (LTX-2.0's): spatial, temporal; patch 1
+LTX2_TEXT_TOKENS, LTX2_FPS, LTX2_AUDIO_PER_SECOND = 1024, 24.0, 16000 / 160 / 4  # max_sequence_length; audio VAE's rate
+MODELS = {**MODEL_NAMES, **WAN_NAMES, **HUNYUAN_NAMES, **LTX2_NAMES}
 
 
 def wan_config(model: str, **overrides) -> SimpleNamespace:
@@ -194,6 +230,69 @@ def latent_geometry(scale: tuple[int, int], patch: tuple[int, int, int], height:
         "video_tokens": grid[0] * grid[1] * grid[2],
         "latent_shape": (latent, height // spatial, width // spatial),
     }
+
+
+def ltx2_config(model: str, **overrides) -> SimpleNamespace:
+    """The full LTX-2 transformer config: ``LTX2VideoTransformer3DModel``'s defaults, then the checkpoint's."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    return full_config(LTX2VideoTransformer3DModel, LTX2_CONFIGS[model], **overrides)
+
+
+def ltx2_geometry(cfg, height: int, width: int, frames: int) -> dict:
+    """Latent frames, token grid and audio tokens as ``LTX2ImageToVideoPipeline`` and the transformer make them."""
+    geo = latent_geometry(LTX2_VAE_SCALE, (cfg.patch_size_t, cfg.patch_size, cfg.patch_size), height, width, frames)
+    geo["audio_tokens"] = round(frames / LTX2_FPS * LTX2_AUDIO_PER_SECOND)
+    return geo
+
+
+def ltx2_block_inputs(model, geo: dict, batch: int, dtype: torch.dtype, seed: int = 1, device="cpu") -> dict:
+    """What ``model``'s forward hands its first block for a batch of ``batch`` rows (random latents and text, a
+    timestep per video token with the image's frame at 0), caught before the block runs: its keyword arguments."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    frames, h, w = geo["grid"]
+    n, audio = geo["video_tokens"], geo["audio_tokens"]
+    timestep = torch.full((batch, n), 500.0)
+    timestep[:, : h * w] = 0.0  # the image's latent frame is clean
+
+    def tensor(*shape):
+        return torch.randn(shape, generator=gen).to(device, dtype)
+
+    caught = {}
+
+    class Caught(Exception):
+        pass
+
+    def catch(module, args, kwargs):
+        caught.update(kwargs)
+        raise Caught
+
+    handle = model.transformer_blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(
+                hidden_states=tensor(batch, n, cfg.in_channels),
+                audio_hidden_states=tensor(batch, audio, cfg.audio_in_channels),
+                encoder_hidden_states=tensor(batch, LTX2_TEXT_TOKENS, cfg.caption_channels),
+                audio_encoder_hidden_states=tensor(batch, LTX2_TEXT_TOKENS, cfg.caption_channels),
+                timestep=timestep.to(device),
+                audio_timestep=torch.full((batch,), 500.0, device=device),
+                sigma=torch.full((batch,), 500.0, device=device),
+                encoder_attention_mask=torch.ones(batch, LTX2_TEXT_TOKENS, device=device),
+                audio_encoder_attention_mask=torch.ones(batch, LTX2_TEXT_TOKENS, device=device),
+                num_frames=frames,
+                height=h,
+                width=w,
+                fps=LTX2_FPS,
+                audio_num_frames=audio,
+                return_dict=False,
+            )
+    except Caught:
+        pass
+    finally:
+        handle.remove()
+    return caught
 
 
 def wan_geometry(model: str, cfg, height: int, width: int, frames: int) -> dict:
@@ -496,6 +595,87 @@ class Setup:
         )
 
 
+class LTX2Setup(Setup):
+    """:class:`Setup` for one LTX-2 block (the module's docstring): the block, and its inputs for each batch, come
+    from a one-block ``LTX2VideoTransformer3DModel`` of the real config; FlexiMMT changes ``attn1`` (RMPM's capture)
+    and ``attn2`` (motion tokens, MDMA), the audio stream's and the audio-video attentions stay diffusers'."""
+
+    def __init__(self, args):
+        from diffusers import LTX2VideoTransformer3DModel
+
+        from fleximmt.models.ltx2 import LTX2CrossAttnProcessor, LTX2SelfAttnProcessor
+        from fleximmt.models.ltx2 import StateSlot as LTX2Slot
+
+        self.wan = self.hunyuan = False
+        self.cfg_name = args.model
+        self.cfg = ltx2_config(args.model)
+        height, width, frames = (
+            given or default for given, default in zip((args.height, args.width, args.frames), LTX2_GEOMETRY)
+        )
+        self.size = (height, width, frames)
+        self.dtype = getattr(torch, args.dtype)
+        self.d_m, self.image_tokens = args.tokens, 0
+        self.geo = ltx2_geometry(self.cfg, height, width, frames)
+        self.text = self.words = LTX2_TEXT_TOKENS  # the prompt's tokens, then registers: every key a text key
+        self.grid, self.n_video = self.geo["grid"], self.geo["video_tokens"]
+        self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
+        self.form, self.parts = "cross", frozenset(CROSS_PARTS)
+        self.train_parts = TRAIN_PARTS & self.parts
+        torch.manual_seed(0)
+        model = LTX2VideoTransformer3DModel(**{**LTX2_CONFIGS[args.model], "num_layers": 1})
+        self.model = model.to(self.dtype).eval().requires_grad_(False)
+        self.block = self.model.transformer_blocks[0]
+        self.slot = LTX2Slot()
+        plain = (self.block.attn1.processor, self.block.attn2.processor)  # diffusers' LTX2AudioVideoAttnProcessor
+        self.plain_procs = plain
+        self.flexi_procs = (
+            LTX2SelfAttnProcessor(0, self.slot, plain[0]),
+            LTX2CrossAttnProcessor(0, self.slot, plain[1]),
+        )
+        self.kwargs, self.rotary = {}, ()
+
+    def state_options(self) -> dict:
+        return {"parts": self.parts}
+
+    def inputs(self, batch: int, seed: int = 1):
+        self.kwargs = ltx2_block_inputs(self.model, self.geo, batch, self.dtype, seed)
+        names = ("video_rotary_emb", "audio_rotary_emb", "ca_video_rotary_emb", "ca_audio_rotary_emb")
+        self.rotary = tuple(t for name in names for t in self.kwargs[name])
+        return self.kwargs["hidden_states"], self.kwargs["encoder_hidden_states"], self.kwargs["temb"]
+
+    def install(self, state) -> None:
+        procs = self.plain_procs if state is None else self.flexi_procs
+        self.block.attn1.set_processor(procs[0])
+        self.block.attn2.set_processor(procs[1])
+        self.slot.state = state
+
+    def call(self, hidden, text, temb, state):
+        """The block's video output (the audio stream runs too; its output is not used here)."""
+        return self.block(**{**self.kwargs, "hidden_states": hidden, "encoder_hidden_states": text, "temb": temb})[0]
+
+    def attention_inputs(self, hidden, text, temb):
+        return self.block.norm2(hidden), text  # attn2's query input (LTX-2.0 modulates neither side)
+
+    def attention(self, hidden, text, state):
+        mask = self.kwargs["encoder_attention_mask"]  # the forward's bias of the connectors' all-open mask
+        return self.block.attn2(hidden, encoder_hidden_states=text, query_rotary_emb=None, attention_mask=mask)
+
+    @property
+    def attention_name(self) -> str:
+        return "attn2 (the video stream's text cross-attention)"
+
+    def describe(self) -> str:
+        h, w, f = self.size
+        cfg, geo = self.cfg, self.geo
+        return (
+            f"{MODELS[self.cfg_name]} block, {h}x{w}x{f}: {geo['latent_frames']} latent frames, token grid "
+            f"{self.grid[0]} x {self.grid[1]} x {self.grid[2]} = {self.n_video:,} video tokens (a timestep each), "
+            f"{self.text} text tokens, {geo['audio_tokens']} audio tokens; video {cfg.num_attention_heads} heads x "
+            f"{cfg.attention_head_dim}, audio {cfg.audio_num_attention_heads} x {cfg.audio_attention_head_dim}; "
+            f"{self.dtype}; torch {torch.__version__}, threads {torch.get_num_threads()}"
+        )
+
+
 def inference_states(setup: Setup, objects: list[int], batch: int, backend: str = "auto") -> dict[int, dict]:
     """A FlexiMMT state per K as the pipeline prepares one step (CogVideoX: CFG rows ``[uncond | cond]``
     of one video; Wan and HunyuanVideo 1.5: one branch per call, features captured as in the conditional one)."""
@@ -530,7 +710,7 @@ def inference_states(setup: Setup, objects: list[int], batch: int, backend: str 
         }
         if backend != "auto":
             states[k]["backend"] = backend
-        elif setup.wan:
+        elif setup.form == "cross":
             states[k].update(
                 {
                     "groups": [g.count for g in layout.groups],
@@ -558,7 +738,7 @@ def describe_layout(setup: Setup, k: int, s: dict) -> str:
     )
     if "backend" in s:
         return head + f"{s['backend']} backend: one attention call; layout built in {s['layout_s']:.3f} s once per step"
-    if setup.wan:
+    if setup.form == "cross":
         pairs = ", ".join(f"{q:,} x {n}" for q, n in zip(s["groups"], s["group_keys"]))
         return (
             head + f"{len(s['groups'])} SDPA calls in attn2 (video queries x keys of [text | motion]): {pairs}; "
@@ -573,13 +753,14 @@ def describe_layout(setup: Setup, k: int, s: dict) -> str:
 
 def interleave(runs: dict, repeats: int, warmup: bool) -> dict[str, dict[str, list[float]]]:
     """Wall time, and the CPU time of this process (all its threads): on a machine whose cores others
-    share, the CPU time a call needs moves far less with their load than its wall time does."""
+    share, the CPU time a call needs moves far less with their load than its wall time does. The order is
+    reversed every other round (as ``overhead.py`` does), so that a run is not always the one after another."""
     samples = {name: {"time": [], "cpu": [], "rss_extra": []} for name in runs}
     if warmup:
         for fn in runs.values():
             fn()
     for r in range(repeats):
-        for name, fn in runs.items():
+        for name, fn in list(runs.items())[:: -1 if r % 2 else 1]:
             with PeakRSS() as mem:
                 start, cpu = time.perf_counter(), time.process_time()
                 fn()
@@ -699,7 +880,7 @@ def run_training(args, setup: Setup) -> dict:
     dmem_cover: list[float] = []
     # CogVideoX and HunyuanVideo 1.5 update their text in every block (gradients flow to it); Wan's encoder
     # states are the same constants for every block (the condition embedder's output, frozen): no gradient to them
-    text_grad = not setup.wan
+    text_grad = setup.form != "cross"
 
     def step(flexi: bool, ckpt: bool, name: str):
         def run():
@@ -817,7 +998,7 @@ def main(argv=None) -> dict:
         "--model",
         choices=sorted(MODELS),
         default="5b",
-        help="5b, 1.5 (CogVideoX), a Wan model or hunyuan1.5 (HunyuanVideo 1.5 I2V 480p)",
+        help="5b, 1.5 (CogVideoX), a Wan model, hunyuan1.5 (HunyuanVideo 1.5 I2V 480p) or ltx2 (LTX-2)",
     )
     parser.add_argument("--height", type=int), parser.add_argument("--width", type=int)
     parser.add_argument("--frames", type=int, help="video frames (default: the model's own)")
@@ -835,7 +1016,7 @@ def main(argv=None) -> dict:
         "--batch",
         type=int,
         choices=[1, 2],
-        help="inference rows (CogVideoX: 2 = CFG, the default; Wan, HunyuanVideo 1.5: 1)",
+        help="inference rows (CogVideoX, LTX-2: 2 = CFG, the default; Wan, HunyuanVideo 1.5: 1)",
     )
     parser.add_argument(
         "--valid-text",
@@ -865,7 +1046,7 @@ def main(argv=None) -> dict:
         parser.error(
             f"--batch 2: {MODELS[args.model]} runs its conditional and unconditional branches as two calls of batch 1"
         )
-    setup = Setup(args)
+    setup = (LTX2Setup if args.model in LTX2_CONFIGS else Setup)(args)
     print(setup.describe(), flush=True)
     result = {
         "what": args.what,

@@ -28,6 +28,13 @@ tokens; diffusers' ``HunyuanVideo15AttnProcessor2_0`` builds its [N, N] bool pad
 FlexiMMT's processors leave the padded keys out (``FlexiMMTHunyuanVideo15Pipeline``'s adapter, whose forward hook
 reads each row's text form); training as for Wan. Not yet run on a GPU.
 
+``--model ltx2``: LTX-2 19B (config from ``block.py``) at 512x768x121 (6,144 video tokens, a timestep each; 1,024
+text and 126 audio tokens): a step is the pipeline's three forwards with its default guidance (CFG's batch-2
+forward, then spatio-temporal guidance's at block 28 and modality guidance's, batch 1 each), FlexiMMT in ``attn2``
+through ``FlexiMMTLTX2ImageToVideoPipeline``'s adapter (its forward hook sets each forward's rows and capture);
+training through ``training_step`` inside ``adapter.training_attached`` (the image's frame clean, silent audio).
+The weights alone are 35.2 GiB in bf16. Not yet run on a GPU.
+
 It imports only torch, diffusers, transformers, accelerate, safetensors, numpy, fleximmt and, for
 Wan and HunyuanVideo 1.5, ``block.py`` beside it.
 
@@ -720,6 +727,150 @@ class HunyuanBench(Bench):
         out.float().square().mean().backward()
 
 
+LTX2_MODELS = ("ltx2",)  # block.py holds its config, geometry and name
+LTX2_TINY = dict(
+    num_attention_heads=2,
+    attention_head_dim=32,
+    cross_attention_dim=64,
+    audio_num_attention_heads=2,
+    audio_attention_head_dim=16,
+    audio_cross_attention_dim=32,
+    audio_in_channels=4,
+    audio_out_channels=4,
+    caption_channels=48,
+    num_layers=3,
+)
+LTX2_TINY_TEXT = 64
+LTX2_STG_BLOCK = 28  # the pipeline's default spatio_temporal_guidance_blocks=[28] (the last block of a tiny config)
+
+
+class LTX2Bench(Bench):
+    """LTX-2: the real 19B transformer config with random weights at the pipeline's default 512x768x121 (6,144 video
+    tokens, a timestep each, the image's frame at 0; 1,024 text tokens; 126 audio tokens), a denoising step as
+    ``LTX2ImageToVideoPipeline`` makes it with its default guidance: CFG's forward of rows ``[negative |
+    positive]``, then spatio-temporal guidance's (block 28) and modality guidance's forwards of the positive
+    prompt; FlexiMMT in ``attn2`` (the cross form) through ``FlexiMMTLTX2ImageToVideoPipeline``'s adapter, whose
+    forward hook sets each forward's rows and RMPM's capture."""
+
+    form = "cross"
+
+    def __init__(self, args):
+        from diffusers import AutoencoderKLLTX2Audio, FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
+
+        from fleximmt import FlexiMMTLTX2ImageToVideoPipeline
+
+        block = _benchmark_module("block")
+        self.setup(args)
+        overrides = dict(LTX2_TINY) if args.tiny else {}
+        self.cfg = block.ltx2_config(args.model, **overrides)
+        self.size = TINY_GEOMETRY if args.tiny else block.LTX2_GEOMETRY
+        self.geo = block.ltx2_geometry(self.cfg, *self.size)
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            transformer = LTX2VideoTransformer3DModel(**{**block.LTX2_CONFIGS[args.model], **overrides})
+        self.transformer = transformer.to(self.dtype).eval().requires_grad_(False)
+        self.weights_gib = sum(p.numel() * p.element_size() for p in self.transformer.parameters()) / 2**30
+        # the adapter reads the audio VAE's config for a training step's silent audio: one of the shape the
+        # transformer takes (latent channels x mel bins / 4 = its audio input channels); a step never calls it
+        mel_bins = 64 if not args.tiny else 8
+        audio_vae = AutoencoderKLLTX2Audio(
+            base_channels=4, latent_channels=self.cfg.audio_in_channels * 4 // mel_bins, mel_bins=mel_bins
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096
+        )
+        self.pipe = FlexiMMTLTX2ImageToVideoPipeline(
+            scheduler=scheduler,
+            vae=None,  # the pipeline's compression ratios are then the real VAE's: 32 and 8
+            audio_vae=audio_vae.to(self.device),
+            text_encoder=None,
+            tokenizer=None,
+            connectors=None,
+            transformer=self.transformer,
+            vocoder=None,
+        )
+        self.text_len = LTX2_TINY_TEXT if args.tiny else block.LTX2_TEXT_TOKENS
+        self.name = block.LTX2_NAMES[args.model]
+        self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
+        self.stg_blocks = [min(LTX2_STG_BLOCK, self.cfg.num_layers - 1)]
+        gen = torch.Generator().manual_seed(1)
+        frames, h, w = self.geo["grid"]
+        n, audio = self.geo["video_tokens"], self.geo["audio_tokens"]
+        self.latents = torch.randn(1, self.cfg.in_channels, frames, h, w, generator=gen)  # [1, C, F, h, w]
+        self.clean = torch.zeros(1, n, device=self.device)  # 1 on the image's frame: a timestep of 0 there
+        self.clean[:, : h * w] = 1.0
+        packed = self.latents.permute(0, 2, 3, 4, 1).reshape(1, n, -1)  # the pipeline's _pack_latents at patch 1
+        self.hidden = packed.to(self.device, self.dtype)
+        self.audio = torch.randn(1, audio, self.cfg.audio_in_channels, generator=gen).to(self.device, self.dtype)
+        text = lambda: torch.randn(2, self.text_len, self.cfg.caption_channels, generator=gen)
+        self.video_text, self.audio_text = (
+            text().to(self.device, self.dtype) for _ in range(2)
+        )  # [negative, positive]
+        self.text_mask = torch.ones(2, self.text_len, device=self.device)  # the connectors' all-open mask
+        self.masks = self.object_masks()
+
+    def use_plain_attention(self) -> None:
+        from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnProcessor
+
+        self.transformer.set_attn_processor(LTX2AudioVideoAttnProcessor())
+        self.speed_tools()
+
+    def baseline(self) -> str:
+        return "diffusers' LTX2AudioVideoAttnProcessor"
+
+    def forward(self, rows: slice, t: float, **guidance):
+        """One transformer forward of the batch rows ``rows`` of ``[negative, positive]`` at timestep ``t``."""
+        batch = len(range(2)[rows])
+        grid = self.geo["grid"]
+        timestep = torch.full((batch,), t, device=self.device)
+        return self.transformer(
+            hidden_states=self.hidden.expand(batch, -1, -1),
+            audio_hidden_states=self.audio.expand(batch, -1, -1),
+            encoder_hidden_states=self.video_text[rows],
+            audio_encoder_hidden_states=self.audio_text[rows],
+            timestep=timestep[:, None] * (1 - self.clean),
+            audio_timestep=timestep,
+            sigma=timestep,
+            encoder_attention_mask=self.text_mask[rows],
+            audio_encoder_attention_mask=self.text_mask[rows],
+            num_frames=grid[0],
+            height=grid[1],
+            width=grid[2],
+            fps=24.0,
+            audio_num_frames=self.geo["audio_tokens"],
+            return_dict=False,
+            **guidance,
+        )
+
+    def step(self, i: int, state=None) -> None:
+        t = 999.0 - 20 * i
+        with self.pipe.adapter.attach(state, {}) if state is not None else contextlib.nullcontext():
+            with self.transformer.cache_context("cond_uncond"):  # as the pipeline names them (for --cache)
+                self.forward(slice(None), t)
+            with self.transformer.cache_context("uncond_stg"):
+                self.forward(slice(1, 2), t, spatio_temporal_guidance_blocks=self.stg_blocks)
+            with self.transformer.cache_context("uncond_modality"):
+                self.forward(slice(1, 2), t, isolate_modalities=True)
+
+    def training_tensors(self, gen: torch.Generator) -> dict:
+        """One reference window as ``LTX2Adapter.encode_conditions`` returns it (random)."""
+        return {
+            "prompt_embeds": self.video_text[1:].float().cpu(),
+            "audio_prompt_embeds": self.audio_text[1:].float().cpu(),
+            "prompt_mask": self.text_mask[1:].long().cpu(),
+            "video_latents": self.latents,
+        }
+
+    def plain_forward_backward(self) -> None:
+        self.hidden.requires_grad_(True)
+        try:
+            video, _ = self.forward(slice(1, 2), 500.0)
+            video.float().square().mean().backward()
+        finally:
+            self.hidden.requires_grad_(False)
+            self.hidden.grad = None
+
+
 @contextlib.contextmanager
 def _profiled(bench: Bench, name: str, on: bool):
     """With ``--profile DIR``: one more step under torch.profiler, its tables written to DIR/<name>.txt."""
@@ -911,10 +1062,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--model",
-        choices=[*sorted(GEOMETRY), *WAN_MODELS, *HUNYUAN_MODELS],
+        choices=[*sorted(GEOMETRY), *WAN_MODELS, *HUNYUAN_MODELS, *LTX2_MODELS],
         default="5b",
         help="CogVideoX-5B-I2V (5b), CogVideoX1.5-5B-I2V (1.5), Wan2.1-I2V-14B-480P (wan2.1), Wan2.2-TI2V-5B "
-        "(wan2.2-5b), HunyuanVideo 1.5 I2V 480p (hunyuan1.5)",
+        "(wan2.2-5b), HunyuanVideo 1.5 I2V 480p (hunyuan1.5), LTX-2 19B (ltx2)",
     )
     parser.add_argument("--objects", type=int, default=3)
     parser.add_argument(
@@ -970,7 +1121,8 @@ def main(argv=None) -> int:
         return 0
     import diffusers
 
-    bench = (WanBench if args.model in WAN_MODELS else HunyuanBench if args.model in HUNYUAN_MODELS else Bench)(args)
+    benches = {**dict.fromkeys(WAN_MODELS, WanBench), **dict.fromkeys(HUNYUAN_MODELS, HunyuanBench)}
+    bench = {**benches, **dict.fromkeys(LTX2_MODELS, LTX2Bench)}.get(args.model, Bench)(args)
     device = bench.device
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

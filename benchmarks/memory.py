@@ -23,6 +23,7 @@ Three kinds of figure, and the table says which each row uses:
     python benchmarks/memory.py [--training-json block-training.json] [--objects 3] [--validate]
     python benchmarks/memory.py --model wan2.1 wan2.2-5b hunyuan1.5 --validate   # everything on meta, training too
     python benchmarks/memory.py --small-cards   # Wan 2.1 I2V 14B on 24 GB / 16 GB cards: quantized, group offload
+    python benchmarks/memory.py --model ltx2 --validate   # LTX-2: bf16 at 121/97/49 frames, and 24 GB / 16 GB cards
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ from block import (
     HUNYUAN_CONFIGS,
     HUNYUAN_NAMES,
     HUNYUAN_TEXT,
+    LTX2_CONFIGS,
+    LTX2_FPS,
+    LTX2_GEOMETRY,
+    LTX2_NAMES,
+    LTX2_TEXT_TOKENS,
     WAN_CONFIGS,
     WAN_GEOMETRY,
     WAN_IMAGE_TOKENS,
@@ -53,6 +59,8 @@ from block import (
     hunyuan_geometry,
     hunyuan_size,
     hunyuan_text,
+    ltx2_config,
+    ltx2_geometry,
     make_wan_block,
     wan_config,
     wan_geometry,
@@ -1566,6 +1574,486 @@ def wan_small_cards(args) -> dict:
     return {"rows": rows, "reserve_gib": CARD_RESERVE_GIB}
 
 
+# -- LTX-2 (Lightricks/LTX-2, 19B) -------------------------------------------------------------------------------
+# The pipeline's components as diffusers' scripts/convert_ltx2_to_diffusers.py assembles LTX-2.0: the transformer
+# (block.py's LTX2_CONFIGS), the video VAE below, the connectors and the vocoder at their classes' defaults (the
+# script's 2.0 values: 30 x 128 connectors of 2 layers, 128 registers; the 24 kHz vocoder), the audio VAE at its
+# class's defaults (8 latent channels, 64 mel bins: the transformer's 128 audio input channels), and Gemma 3 12B
+# (google/gemma-3-12b-it-qat-q4_0-unquantized's config) as text encoder, its SigLIP vision tower included
+GEMMA3_12B_TEXT = dict(
+    hidden_size=3840,
+    intermediate_size=15360,
+    num_hidden_layers=48,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=256,
+    vocab_size=262208,
+    sliding_window=1024,
+    query_pre_attn_scalar=256,
+    max_position_embeddings=131072,
+)
+GEMMA3_VISION = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=896,
+    patch_size=14,
+    vision_use_head=False,
+)
+LTX2_VAE = dict(
+    latent_channels=128,
+    block_out_channels=(256, 512, 1024, 2048),
+    decoder_block_out_channels=(256, 512, 1024),
+    layers_per_block=(4, 6, 6, 2, 2),
+    decoder_layers_per_block=(5, 5, 5, 5),
+    spatio_temporal_scaling=(True, True, True, True),
+    decoder_spatio_temporal_scaling=(True, True, True),
+    decoder_inject_noise=(False, False, False, False),
+    downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+    upsample_residual=(True, True, True),
+    upsample_factor=(2, 2, 2),
+    timestep_conditioning=False,
+    patch_size=4,
+    patch_size_t=1,
+    encoder_causal=True,
+    decoder_causal=False,
+    spatial_compression_ratio=32,
+    temporal_compression_ratio=8,
+)
+LTX2_FRAMES = (121, 97, 49)  # the pipeline's default and shorter videos / training windows (8k+1)
+LTX2_TRAIN_FRAMES = (121, 97, 49, 25)
+
+
+def ltx2_meta_models() -> dict:
+    """The real configs on the meta device in bf16 (``from_pretrained(torch_dtype=torch.bfloat16)``), frozen."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, LTX2VideoTransformer3DModel
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    with init_empty_weights(include_buffers=True):
+        gemma = Gemma3Config(
+            text_config=Gemma3TextConfig(**GEMMA3_12B_TEXT),
+            vision_config=SiglipVisionConfig(**GEMMA3_VISION),
+            mm_tokens_per_image=256,
+        )
+        models = {
+            "transformer": LTX2VideoTransformer3DModel(**LTX2_CONFIGS["ltx2"]).to(BF16),
+            "vae": AutoencoderKLLTX2Video(**LTX2_VAE).to(BF16),
+            "audio_vae": AutoencoderKLLTX2Audio().to(BF16),
+            "vocoder": LTX2Vocoder().to(BF16),
+            "text_encoder": Gemma3ForConditionalGeneration(gemma).to(BF16),
+            "connectors": LTX2TextConnectors().to(BF16),
+        }
+    for module in models.values():
+        module.requires_grad_(False)  # as train_motion freezes them
+    return models
+
+
+def ltx2_inputs(cfg, size, batch: int, device="meta", dtype=BF16) -> dict:
+    """One transformer call's inputs as ``LTX2ImageToVideoPipeline`` makes them (batch 2: CFG's ``[negative |
+    positive]`` rows; packed latents, a timestep per video token, both streams' connector outputs, the
+    connectors' all-open mask), on meta by default (``device="cpu"``: random values)."""
+    geo = ltx2_geometry(cfg, *size)
+    gen = torch.Generator().manual_seed(0)
+    frames, h, w = geo["grid"]
+
+    def tensor(*shape):
+        if device == "meta":
+            return torch.empty(shape, device="meta", dtype=dtype)
+        return torch.randn(shape, generator=gen).to(dtype)
+
+    return {
+        "hidden_states": tensor(batch, geo["video_tokens"], cfg.in_channels),
+        "audio_hidden_states": tensor(batch, geo["audio_tokens"], cfg.audio_in_channels),
+        "encoder_hidden_states": tensor(batch, LTX2_TEXT_TOKENS, cfg.caption_channels),
+        "audio_encoder_hidden_states": tensor(batch, LTX2_TEXT_TOKENS, cfg.caption_channels),
+        "timestep": torch.full((batch, geo["video_tokens"]), 500.0, device=device),
+        "audio_timestep": torch.full((batch,), 500.0, device=device),
+        "sigma": torch.full((batch,), 500.0, device=device),
+        "encoder_attention_mask": torch.ones(batch, LTX2_TEXT_TOKENS, device=device),
+        "audio_encoder_attention_mask": torch.ones(batch, LTX2_TEXT_TOKENS, device=device),
+        "num_frames": frames,
+        "height": h,
+        "width": w,
+        "fps": LTX2_FPS,
+        "audio_num_frames": geo["audio_tokens"],
+    }
+
+
+def ltx2_flexi_state(cfg, objects, d_m, blocks, feature_blocks, size, tokens_dtype=BF16, parts=None, device="meta"):
+    """A FlexiMMT state for one video (on meta by default) as the adapter prepares it: K objects' motion tokens
+    ``[K, 1, blocks, d_m, dim]``, their words among the 1,024 text keys, the step's MDMA layout (cross form)
+    built on the CPU from moving ellipse masks, then moved."""
+    from fleximmt.method.attention import motion_state_for
+    from fleximmt.method.masks import CROSS_PARTS
+
+    geo = ltx2_geometry(cfg, *size)
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    member, _ = word_members(objects, LTX2_TEXT_TOKENS)
+    shape = (objects, 1, blocks, d_m, dim)
+    tokens = (
+        torch.empty(shape, device="meta", dtype=tokens_dtype)
+        if device == "meta"
+        else torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(tokens_dtype) * dim**-0.5
+    )
+    state = motion_state_for(
+        tokens,
+        member,
+        form="cross",
+        parts=frozenset(parts or CROSS_PARTS),
+        num_frames=geo["grid"][0],
+        feature_blocks=frozenset(feature_blocks),
+    )
+    state.set_video_masks(moving_masks(objects, geo["grid"]))
+    if device == "meta":
+        meta_layout(state)
+    return state
+
+
+def install_ltx2(transformer, state) -> None:
+    """diffusers' processors (state None) or FlexiMMT's on ``attn1`` and ``attn2`` sharing one slot, around them."""
+    from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnProcessor
+
+    from fleximmt.models.ltx2 import LTX2CrossAttnProcessor, LTX2SelfAttnProcessor, StateSlot
+
+    transformer.set_attn_processor(LTX2AudioVideoAttnProcessor())
+    if state is None:
+        return
+    slot = StateSlot(state)
+    for index, block in enumerate(transformer.transformer_blocks):
+        block.attn1.set_processor(LTX2SelfAttnProcessor(index, slot, block.attn1.processor))
+        block.attn2.set_processor(LTX2CrossAttnProcessor(index, slot, block.attn2.processor))
+
+
+def ltx2_forward_peak(transformer, state, size, batch, grad=False, checkpointing=False, device="meta") -> int:
+    """Peak bytes of one transformer call (``grad``: its forward + backward, gradients to the motion tokens, or for
+    diffusers' attention to the input latents; the video output's loss) on meta, diffusers' attention (state
+    None) or FlexiMMT's, plus what the state keeps on the device."""
+    install_ltx2(transformer, state)
+    inputs = ltx2_inputs(transformer.config, size, batch, device, transformer.dtype)
+    if grad and state is None:
+        inputs["hidden_states"].requires_grad_(True)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+
+    def run():
+        video, _ = transformer(**inputs, return_dict=False)
+        if not grad:
+            return video
+        video.float().pow(2).mean().backward()  # the loss's own tensors are latents-sized
+        return None
+
+    try:
+        return measure_peak(run, counter=StorageBytes, grad=grad) + (state_bytes(state) if state is not None else 0)
+    finally:
+        transformer.disable_gradient_checkpointing()
+
+
+def ltx2_step_peak(transformer, objects: int, d_m: int, size) -> int:
+    """CFG's forward of a denoising step (batch 2, the largest of the step's forwards: spatio-temporal and modality
+    guidance's are batch 1) on meta: diffusers' attention (K = 0) or FlexiMMT with K objects, RMPM's features
+    captured on the positive row over the first 70% of the blocks."""
+    from fleximmt.models.ltx2 import FEATURE_SHARE
+
+    state = None
+    if objects:
+        layers = transformer.config.num_layers
+        state = ltx2_flexi_state(
+            transformer.config, objects, d_m, layers, range(max(1, round(layers * FEATURE_SHARE))), size
+        )
+        state.rows, state.feature_rows = [0, 0], [1]
+    return ltx2_forward_peak(transformer, state, size, batch=2)
+
+
+def ltx2_training_peak(transformer, flexi: bool, d_m: int, checkpointing: bool, size) -> int:
+    """A motion-training step's forward + backward on meta (batch 1, weights frozen, gradients to the float32 motion
+    tokens of one object; diffusers' attention for the plain reference). The MDMA layout is one static object
+    mask in place of DMEM's, as for Wan (``wan_training_peak``)."""
+    from fleximmt.training.train import TRAIN_PARTS
+
+    state = None
+    if flexi:
+        cfg = transformer.config
+        parts = TRAIN_PARTS & {"m2v", "t2v"}
+        state = ltx2_flexi_state(cfg, 1, d_m, cfg.num_layers, (), size, tokens_dtype=torch.float32, parts=parts)
+        state.videos[0].motion_tokens.requires_grad_(True)
+        state.rows = state.feature_rows = None
+    return ltx2_forward_peak(transformer, state, size, batch=1, grad=True, checkpointing=checkpointing)
+
+
+def ltx2_encoder_peaks(models: dict, size) -> dict[str, int]:
+    """Gemma 3 over 1,024 tokens, every hidden state kept and stacked as the pipeline stacks them (its logits too:
+    diffusers calls the whole model; without the padding mask, whose values transformers reads: a bool row), the
+    connectors over the prompt's and the negative prompt's stacked states (CFG), and the audio VAE decode with
+    the vocoder at ``size``'s length."""
+    ids = torch.zeros(1, LTX2_TEXT_TOKENS, dtype=torch.long, device="meta")
+    gemma = models["text_encoder"]
+    width = gemma.config.text_config.hidden_size * (gemma.config.text_config.num_hidden_layers + 1)
+    states = torch.empty(2, LTX2_TEXT_TOKENS, width, device="meta", dtype=BF16)
+    mask = torch.ones(2, LTX2_TEXT_TOKENS, dtype=torch.long, device="meta")
+    audio_cfg = models["audio_vae"].config
+    audio = torch.empty(
+        1,
+        audio_cfg.latent_channels,
+        ltx2_geometry(ltx2_config("ltx2"), *size)["audio_tokens"],
+        audio_cfg.mel_bins // 4,
+        device="meta",
+        dtype=BF16,
+    )
+    return {
+        "gemma": measure_peak(
+            lambda: torch.stack(gemma(input_ids=ids, output_hidden_states=True).hidden_states, -1).flatten(2, 3),
+            counter=StorageBytes,
+        ),
+        "connectors": measure_peak(lambda: models["connectors"](states, mask)[0], counter=StorageBytes),
+        "audio": measure_peak(
+            lambda: models["vocoder"](models["audio_vae"].decode(audio).sample), counter=StorageBytes
+        ),
+    }
+
+
+def validate_ltx2() -> dict[str, float]:
+    """The meta counter against a real run: a small LTX-2 transformer's forward + backward (gradient checkpointing
+    on) counted on meta and run on the CPU (random values, SDPA as the fused kernels allocate in both), diffusers'
+    processors and FlexiMMT's. Returns the ratios (meta / CPU)."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    from fleximmt.training.train import TRAIN_PARTS
+
+    small = dict(
+        num_attention_heads=2,
+        attention_head_dim=32,
+        cross_attention_dim=64,
+        audio_num_attention_heads=2,
+        audio_attention_head_dim=16,
+        audio_cross_attention_dim=32,
+        caption_channels=48,
+        num_layers=2,
+    )
+    cfg, size = ltx2_config("ltx2", **small), (64, 96, 17)
+    ratios = {}
+    for flexi in (False, True):
+        peaks = {}
+        for device in ("cpu", "meta"):
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = LTX2VideoTransformer3DModel(**{**LTX2_CONFIGS["ltx2"], **small}).requires_grad_(False)
+            state = None
+            if flexi:
+                parts = TRAIN_PARTS & {"m2v", "t2v"}
+                state = ltx2_flexi_state(cfg, 1, 8, 2, (), size, torch.float32, parts, device)
+                state.videos[0].motion_tokens.requires_grad_(True)
+            peaks[device] = ltx2_forward_peak(model, state, size, 1, grad=True, checkpointing=True, device=device)
+        name = f"LTX-2 forward + backward, {'FlexiMMT' if flexi else 'diffusers'}"
+        print(
+            f"validate {name} (2 blocks, 64 wide, 18 video + 1,024 text + 18 audio tokens): meta "
+            f"{peaks['meta'] / MiB:.3f} MiB, CPU {peaks['cpu'] / MiB:.3f} MiB, ratio {peaks['meta'] / peaks['cpu']:.3f}"
+        )
+        ratios[name] = peaks["meta"] / peaks["cpu"]
+    return ratios
+
+
+def ltx2_report(args) -> dict:
+    """Parameters, meta peaks and LTX-2's peak-memory tables: bf16 at 121, 97 and 49 frames, and on 24 GB and 16 GB
+    cards (the transformer and Gemma quantized, model offload or the transformer's group offloading)."""
+    model = "ltx2"
+    name = LTX2_NAMES[model]
+    models = ltx2_meta_models()
+    transformer, vae = models["transformer"], models["vae"]
+    height, width, _ = LTX2_GEOMETRY
+    sizes = {frames: (height, width, frames) for frames in LTX2_FRAMES}
+    count = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    weights = {k: param_bytes(m) for k, m in models.items()}
+    print(
+        f"\n== {name}, {height}x{width}, frames {list(sizes)} ==\nparameters (meta device, real configs): "
+        + ", ".join(f"{k} {count[k] / 1e9:.3f}B ({weights[k] / GiB:.2f} GiB)" for k in models)
+    )
+    layers = transformer.config.num_layers
+    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    num_tokens = layers * args.tokens * dim
+    optim = num_tokens * 4 * 4 + num_tokens * 4  # float32 tokens, gradients, AdamW's two moments, the stacked copy
+    all_w = sum(weights.values())
+    columns: dict[str, dict[int, int]] = {}
+    peaks: dict[int, dict] = {}
+    for frames, size in sizes.items():
+        geo = ltx2_geometry(transformer.config, *size)
+        step_plain = ltx2_step_peak(transformer, 0, args.tokens, size)
+        step_flexi = ltx2_step_peak(transformer, args.objects, args.tokens, size)
+        vae_p = video_vae_peaks(vae, vae.config.latent_channels, geo["latent_shape"], size)
+        enc = ltx2_encoder_peaks(models, size)
+        train = {
+            (kind, ckpt): ltx2_training_peak(transformer, kind == "flexi", args.tokens, ckpt, size)
+            for kind in ("plain", "flexi")
+            for ckpt in (True, False)
+        }
+        peaks[frames] = {
+            "step_plain": step_plain,
+            "step_flexi": step_flexi,
+            **vae_p,
+            **enc,
+            **{f"train_{k}_{'ckpt' if c else 'nockpt'}": v for (k, c), v in train.items()},
+        }
+        print(
+            f"{frames} frames: {geo['grid'][0]} x {geo['grid'][1]} x {geo['grid'][2]} = {geo['video_tokens']:,} video + "
+            f"{LTX2_TEXT_TOKENS} text + {geo['audio_tokens']} audio tokens; CFG forward (batch 2): diffusers "
+            f"{step_plain / GiB:.2f} GiB, FlexiMMT K = {args.objects} {step_flexi / GiB:.2f} GiB "
+            f"({step_flexi / step_plain:.3f}x); VAE decode {vae_p['decode_untiled'] / GiB:.2f} GiB, tiled "
+            f"{vae_p['decode_tiled'] / GiB:.2f} GiB; encode of the clip {vae_p['encode_untiled'] / GiB:.2f} GiB, of the "
+            f"image {vae_p['encode_frame_untiled'] / GiB:.2f} GiB; Gemma {enc['gemma'] / GiB:.2f} GiB, connectors "
+            f"{enc['connectors'] / GiB:.2f} GiB, audio decode {enc['audio'] / GiB:.3f} GiB; training forward + "
+            "backward: "
+            + ", ".join(f"{k} {'ckpt' if c else 'no ckpt'} {v / GiB:.2f} GiB" for (k, c), v in train.items()),
+            flush=True,
+        )
+        phases = {  # one component on the GPU at a time (enable_model_cpu_offload): its weights + its peak
+            "text_encoder": weights["text_encoder"] + enc["gemma"],
+            "connectors": weights["connectors"] + enc["connectors"],
+            "audio": weights["audio_vae"] + weights["vocoder"] + enc["audio"],
+        }
+
+        def row(label, total, frames=frames):
+            columns.setdefault(label, {})[frames] = total
+
+        for label, step in (("diffusers", step_plain), (f"FlexiMMT K={args.objects}", step_flexi)):
+            biggest = max(step, vae_p["decode_untiled"], vae_p["encode_frame_untiled"], *enc.values())
+            row(f"inference, {label}, no offload", all_w + biggest)
+            for tiled in (False, True):
+                t = "tiled" if tiled else "untiled"
+                row(
+                    f"inference, {label}, enable_model_cpu_offload()" + (" + vae.enable_tiling()" if tiled else ""),
+                    max(
+                        weights["transformer"] + step,
+                        weights["vae"] + max(vae_p[f"decode_{t}"], vae_p[f"encode_frame_{t}"]),
+                        *phases.values(),
+                    ),
+                )
+        step_w = weights["transformer"] + optim
+        row(
+            "training, caching phase (all weights on the GPU)",
+            all_w + max(vae_p["encode_untiled"], vae_p["encode_frame_untiled"], enc["gemma"], enc["connectors"]),
+        )
+        row(
+            "training step, gradient_checkpointing=True, encoders/VAE offloaded after caching (the defaults)",
+            step_w + train[("flexi", True)],
+        )
+        row("training step, gradient_checkpointing=False, encoders/VAE offloaded", step_w + train[("flexi", False)])
+        row(
+            "training, checkpointing + pipe.enable_model_cpu_offload() (caching and steps), vae_tiling=True",
+            max(
+                phases["text_encoder"],
+                phases["connectors"],
+                weights["vae"] + max(vae_p["encode_tiled"], vae_p["encode_frame_tiled"]),
+                step_w + train[("flexi", True)],
+            ),
+        )
+        row(
+            "plain forward + backward of the same transformer, checkpointing (reference)",
+            weights["transformer"] + train[("plain", True)],
+        )
+        row("plain forward + backward, no checkpointing (reference)", weights["transformer"] + train[("plain", False)])
+    print(
+        f"motion tokens: {num_tokens:,} numbers; fp32 tokens + grads + AdamW moments + stacked copy {optim / MiB:.0f} MiB"
+    )
+    print(
+        f"\n| {name} {height}x{width}, bf16, computed | "
+        + " | ".join(f"{f} frames" for f in sizes)
+        + " |\n|---|"
+        + "---|" * len(sizes)
+    )
+    for label, values in columns.items():
+        print(f"| {label} | " + " | ".join(f"{values[f] / GiB:.1f} GiB" for f in sizes) + " |")
+    cards = ltx2_small_cards(args, models, weights, peaks, optim)
+    return {
+        "model": model,
+        "size": [height, width],
+        "frames": list(sizes),
+        "params": count,
+        "weights_gib": {k: v / GiB for k, v in weights.items()},
+        "rows": {label: {f: v / GiB for f, v in values.items()} for label, values in columns.items()},
+        "peaks_gib": {f: {k: v / GiB for k, v in p.items()} for f, p in peaks.items()},
+        "cards": cards,
+    }
+
+
+def ltx2_small_cards(args, models: dict, weights: dict, peaks: dict, optim: int) -> dict:
+    """LTX-2 on 24 GB and 16 GB cards: generation (121 frames, K objects) and motion training (gradient checkpointing,
+    one object, windows of 121 to 25 frames), the transformer's and Gemma's Linear weights in bf16, int8 or 4-bit,
+    one component on the GPU at a time (model offload) or the transformer under group offloading."""
+    transformer, gemma = models["transformer"], models["text_encoder"]
+    height, width, frames = LTX2_GEOMETRY
+    train = {  # the checkpointed training step's forward + backward, at each window length
+        f: peaks[f]["train_flexi_ckpt"]
+        if f in peaks
+        else ltx2_training_peak(transformer, True, args.tokens, True, (height, width, f))
+        for f in LTX2_TRAIN_FRAMES
+    }
+    vae_peak = max(peaks[frames]["decode_tiled"], peaks[frames]["encode_frame_tiled"], peaks[frames]["encode_tiled"])
+    small = {
+        "connectors": weights["connectors"] + peaks[frames]["connectors"],
+        "vae": weights["vae"] + vae_peak,
+        "audio": weights["audio_vae"] + weights["vocoder"] + peaks[frames]["audio"],
+    }
+    configs = [
+        ("bf16", None),
+        ("int8", None),
+        ("4-bit", None),
+        ("bf16", "block_level"),
+        ("int8", "block_level"),
+        ("4-bit", "block_level"),
+    ]
+
+    def peak(scheme: str, offload: str | None, work: int) -> int:
+        transient = largest_linear_bf16(transformer) if WEIGHT_SCHEMES[scheme] else 0
+        text = scheme_bytes(gemma, scheme) + peaks[frames]["gemma"] + (largest_linear_bf16(gemma) if transient else 0)
+        return max(group_resident(transformer, scheme, offload) + work + transient, text, *small.values())
+
+    def label(scheme, offload):
+        how = (
+            "enable_model_cpu_offload()"
+            if offload is None
+            else f"transformer.enable_group_offload('cuda', offload_type='{offload}', use_stream=True), the rest model offload"
+        )
+        return f"transformer and Gemma {scheme}, {how}, vae tiling"
+
+    def fits(total):
+        return " | ".join("yes" if total / GiB <= gib - CARD_RESERVE_GIB else "no" for gib in CARDS_GIB.values())
+
+    for scheme in WEIGHT_SCHEMES:
+        print(
+            f"weights {scheme}: transformer {scheme_bytes(transformer, scheme) / GiB:.2f} GiB (block_level group offload "
+            f"keeps {group_resident(transformer, scheme, 'block_level') / GiB:.2f} GiB), Gemma "
+            f"{scheme_bytes(gemma, scheme) / GiB:.2f} GiB"
+        )
+    rows = []
+    step = peaks[frames]["step_flexi"]
+    print(
+        f"\n| LTX-2 generation, {height}x{width}x{frames}, K = {args.objects}, computed | peak GPU memory | fits 24 GB | "
+        "fits 16 GB |\n|---|---|---|---|"
+    )
+    for scheme, offload in configs:
+        total = peak(scheme, offload, step)
+        rows.append(("generation", scheme, offload, frames, total / GiB))
+        print(f"| {label(scheme, offload)} | {total / GiB:.1f} GiB | {fits(total)} |")
+    print(
+        f"\n| LTX-2 training, {height}x{width}, gradient checkpointing, 1 object, computed | "
+        + " | ".join(f"{f} frames" for f in LTX2_TRAIN_FRAMES)
+        + " |\n|---|"
+        + "---|" * len(LTX2_TRAIN_FRAMES)
+    )
+    for scheme, offload in configs:
+        totals = [peak(scheme, offload, optim + train[f]) for f in LTX2_TRAIN_FRAMES]
+        rows += [("training", scheme, offload, f, t / GiB) for f, t in zip(LTX2_TRAIN_FRAMES, totals)]
+        cells = []
+        for t in totals:
+            fit = [card for card, gib in CARDS_GIB.items() if t / GiB <= gib - CARD_RESERVE_GIB]
+            cells.append(f"{t / GiB:.1f} GiB" + (f" (fits {' and '.join(fit)})" if fit else ""))
+        print(f"| {label(scheme, offload)} | " + " | ".join(cells) + " |")
+    return {"rows": rows, "reserve_gib": CARD_RESERVE_GIB}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--training-json", type=Path, help="output of `benchmarks/block.py training --out FILE`")
@@ -1577,10 +2065,10 @@ def main() -> None:
     parser.add_argument(
         "--model",
         nargs="+",
-        choices=["5b", *WAN_CONFIGS, *HUNYUAN_CONFIGS],
+        choices=["5b", *WAN_CONFIGS, *HUNYUAN_CONFIGS, *LTX2_CONFIGS],
         default=["5b"],
         help="CogVideoX-5B-I2V (5b, the default), Wan 2.1 I2V 14B 480P (wan2.1), Wan 2.2 TI2V-5B (wan2.2-5b), "
-        "HunyuanVideo 1.5 I2V 480p (hunyuan1.5)",
+        "HunyuanVideo 1.5 I2V 480p (hunyuan1.5), LTX-2 (ltx2)",
     )
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
     parser.add_argument(
@@ -1600,11 +2088,14 @@ def main() -> None:
             validate_wan()
         if any(model in HUNYUAN_CONFIGS for model in args.model):
             validate_hunyuan()
+        if any(model in LTX2_CONFIGS for model in args.model):
+            validate_ltx2()
     wan = [wan_report(model, args) for model in args.model if model in WAN_CONFIGS]
     hunyuan = [hunyuan_report(args) for model in args.model if model in HUNYUAN_CONFIGS]
+    ltx2 = [ltx2_report(args) for model in args.model if model in LTX2_CONFIGS]
     if "5b" not in args.model:
         if args.out:
-            args.out.write_text(json.dumps({"wan": wan, "hunyuan": hunyuan}, indent=1, default=str))
+            args.out.write_text(json.dumps({"wan": wan, "hunyuan": hunyuan, "ltx2": ltx2}, indent=1, default=str))
         return
     transformer, vae, text_encoder = meta_models()
     n_tr, n_vae, n_t5 = (sum(p.numel() for p in m.parameters()) for m in (transformer, vae, text_encoder))
@@ -1719,6 +2210,7 @@ def main() -> None:
                     "params": {"transformer": n_tr, "vae": n_vae, "t5": n_t5},
                     "wan": wan,
                     "hunyuan": hunyuan,
+                    "ltx2": ltx2,
                 },
                 indent=1,
                 default=str,

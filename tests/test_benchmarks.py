@@ -168,6 +168,50 @@ def test_gpu_benchmark_dry_run_on_hunyuan15(tmp_path, monkeypatch):
     assert inference == {((image, image + prompt["pred_cond"]),), ((image, image + prompt["pred_uncond"]),)}
 
 
+def test_gpu_benchmark_dry_run_on_ltx2(tmp_path, monkeypatch):
+    """LTX-2's path: a step is the pipeline's three forwards (CFG's rows [negative | positive], then spatio-temporal
+    and modality guidance's of the positive prompt), FlexiMMT in attn2 through the adapter's hook (rows per forward),
+    training with checkpointing (whose recomputation must see the motion tokens)."""
+    from fleximmt.method.attention import FlexiMMTState
+
+    rows = []
+    cross = FlexiMMTState.cross_with
+    monkeypatch.setattr(
+        FlexiMMTState, "cross_with", lambda self, *a, **k: rows.append(self.rows) or cross(self, *a, **k)
+    )
+    gpu = load_gpu_module()
+    out = tmp_path / "gpu.json"
+    with torch.random.fork_rng():
+        assert (
+            gpu.main(
+                [
+                    "--device",
+                    "cpu",
+                    "--tiny",
+                    "--model",
+                    "ltx2",
+                    "--steps",
+                    "1",
+                    "--train-steps",
+                    "1",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+    result = json.loads(out.read_text())
+    assert result["model"].startswith("LTX-2") and result["text_tokens"] == gpu.LTX2_TINY_TEXT
+    assert all(
+        run["fits"] and run["s_per_step"] > 0 for run in [*result["inference"].values(), *result["training"].values()]
+    )
+    layers = gpu.LTX2_TINY["num_layers"]
+    step = [[0, 0]] * layers + [[0]] * 2 * layers  # one step: CFG's forward, then STG's and modality guidance's
+    # in gpu.py's order: auto x 2 steps (warm-up + 1) x 3 forwards; training (one video, rows None), 2 steps without
+    # checkpointing and 2 with it, where each block's attn2 runs again in the backward pass; dense as auto
+    assert rows == step * 2 + [None] * layers * (2 + 2 * 2) + step * 2
+
+
 def test_gpu_benchmark_time_limit_keeps_what_it_measured(tmp_path):
     """Past --time-limit no further variant starts; the JSON (written after every variant) says which were skipped."""
     gpu = load_gpu_module()
@@ -244,11 +288,12 @@ def test_memory_benchmark_counters_agree_with_the_cpu_allocator():
     """The meta-device counters BENCHMARKS.md's memory tables rest on, against real runs of small
     models: live bytes of a VAE decode and a CogVideoX block against the CPU allocator, a Wan block's
     saved-for-backward bytes on meta against the same block on the CPU (FlexiMMT's and diffusers'),
-    a Wan transformer's forward + backward, and a HunyuanVideo 1.5 transformer's forward + backward on
-    meta (its masks' counts given, KnownMasks) against the same run with real masks on the CPU."""
+    a Wan transformer's forward + backward, a HunyuanVideo 1.5 transformer's forward + backward on
+    meta (its masks' counts given, KnownMasks) against the same run with real masks on the CPU, and an
+    LTX-2 transformer's forward + backward (both streams, FlexiMMT's processors and diffusers')."""
     memory = load_memory_module()
-    ratios = {**memory.validate(), **memory.validate_wan(), **memory.validate_hunyuan()}
-    assert len(ratios) == 7
+    ratios = {**memory.validate(), **memory.validate_wan(), **memory.validate_hunyuan(), **memory.validate_ltx2()}
+    assert len(ratios) == 9
     for name, ratio in ratios.items():
         assert abs(ratio - 1) < 0.01, (name, ratio)
 
@@ -334,3 +379,38 @@ def test_block_benchmark_runs_one_hunyuan15_block(tmp_path):
     assert layout["text_queries"] == 729 + 120 and layout["masked_rows"] == 849 + layout["merged_video_queries"]
     assert all(run["cpu_s"][0] > 0 for run in result["runs"].values())
     assert json.loads((tmp_path / "i.json").read_text())["model"] == "hunyuan1.5"
+
+
+def test_block_benchmark_runs_one_ltx2_block(tmp_path):
+    """benchmarks/block.py --model ltx2 at a tiny video: the true-size block (video 32 heads x 128, audio 32 x 64) with
+    the inputs a one-block model's forward hands it (1,024 text tokens, the audio stream's), diffusers' processors and
+    FlexiMMT's through the same block, CFG's two rows."""
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("fleximmt_bench_block", BENCHMARKS / "block.py")
+    block = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(block)
+    with torch.random.fork_rng():
+        result = block.main(
+            [
+                "inference",
+                "--model",
+                "ltx2",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--frames",
+                "9",
+                "--objects",
+                "2",
+                "--tokens",
+                "4",
+                "--repeats",
+                "1",
+                "--out",
+                str(tmp_path / "i.json"),
+            ]
+        )
+    assert result["video_tokens"] == 2 * 2 * 2 and set(result["runs"]) == {"diffusers", "fleximmt K=2"}
+    assert sum(result["layouts"]["2"]["groups"]) == 8  # every video query in one of attn2's groups
+    assert all(run["cpu_s"][0] > 0 for run in result["runs"].values())
