@@ -382,7 +382,7 @@ class LTX2Adapter(ModelAdapter):
         finally:
             slot.state = None
 
-    def training_prediction(self, state, cond, window, generator, image_dropout, autocast) -> TrainingBatch:
+    def training_prediction(self, state, cond, window, generator, image_dropout, autocast, dtype=None) -> TrainingBatch:
         """One window noised at a training noise level, its first latent frame kept clean with timestep 0 as
         the pipeline keeps the image (or, with ``image_dropout``'s probability, noised like the rest: LTX-2's
         own text-to-video mode). The reference has no sound: the audio stream gets pure noise at noise level
@@ -393,7 +393,8 @@ class LTX2Adapter(ModelAdapter):
         slot = slot_of(transformer)
         if slot is None or slot.state is not state:
             raise RuntimeError("LTX-2's training_prediction runs inside adapter.training_attached(state)")
-        x0 = cond["video_latents"][window : window + 1].to(device)  # [1, C, F, h, w]
+        precision = dtype or torch.float32  # of the latents, noise and prediction outside the transformer
+        x0 = cond["video_latents"][window : window + 1].to(device, precision)  # [1, C, F, h, w]
         _, _, frames, height, width = x0.shape
         patch, patch_t = transformer.config.patch_size, transformer.config.patch_size_t
         image_given = torch.rand((), generator=generator).item() >= image_dropout
@@ -401,7 +402,7 @@ class LTX2Adapter(ModelAdapter):
         if image_given:
             clean[:, :, 0] = 1.0
         sigma = max(self.sample_sigma(generator, frames * height * width // (patch * patch * patch_t)), 1e-3)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device, precision)
         noise_level = sigma * (1 - clean)  # per frame: 0 on the image's frame
         noisy = (1 - noise_level) * x0 + noise_level * noise
         num_train = pipe.scheduler.config.num_train_timesteps
@@ -421,13 +422,13 @@ class LTX2Adapter(ModelAdapter):
         )
         audio = pipe._pack_audio_latents(torch.randn(audio_shape, generator=generator).to(device))
         silent = torch.tensor([float(num_train)], device=device)  # the audio's noise level 1, as a timestep
-        dtype = transformer.dtype
+        model_dtype = transformer.dtype
         with autocast():
             velocity, _ = transformer(
-                hidden_states=pipe._pack_latents(noisy, patch, patch_t).to(dtype),
-                audio_hidden_states=audio.to(dtype),
-                encoder_hidden_states=cond["prompt_embeds"].to(device, dtype),
-                audio_encoder_hidden_states=cond["audio_prompt_embeds"].to(device, dtype),
+                hidden_states=pipe._pack_latents(noisy, patch, patch_t).to(model_dtype),
+                audio_hidden_states=audio.to(model_dtype),
+                encoder_hidden_states=cond["prompt_embeds"].to(device, model_dtype),
+                audio_encoder_hidden_states=cond["audio_prompt_embeds"].to(device, model_dtype),
                 timestep=t[:, None] * (1 - token_clean),
                 audio_timestep=silent,
                 sigma=t,
@@ -442,7 +443,7 @@ class LTX2Adapter(ModelAdapter):
                 return_dict=False,
             )
         velocity = pipe._unpack_latents(
-            velocity.float(), frames // patch_t, height // patch, width // patch, patch, patch_t
+            velocity.to(precision), frames // patch_t, height // patch, width // patch, patch, patch_t
         )
         x0_hat = noisy - noise_level * velocity  # flow matching: v = noise - x0
         weight = torch.tensor(1.0 / sigma**2, device=device)  # the velocity error as an x0 error
