@@ -66,7 +66,16 @@ from block import (
     wan_geometry,
     wan_rotary,
 )
-from gpu import GEOMETRY, TRANSFORMER_CONFIGS, moving_masks, random_tokens, rotary, token_geometry, word_members
+from gpu import (
+    GEOMETRY,
+    LTX2_TINY,
+    TRANSFORMER_CONFIGS,
+    moving_masks,
+    random_tokens,
+    rotary,
+    token_geometry,
+    word_members,
+)
 from gpu import config as transformer_config
 
 GiB, MiB = 2**30, 2**20
@@ -528,15 +537,25 @@ def wan_flexi_state(
     size=None,
     device="meta",
 ):
-    """A FlexiMMT state for one video (on meta by default): K objects' motion tokens ``[K, 1, blocks, d_m,
-    dim]`` and the step's MDMA layout from moving ellipse masks (built on the CPU, then moved)."""
-    from fleximmt.method.attention import motion_state_for
-    from fleximmt.method.masks import CROSS_PARTS
-
+    """A FlexiMMT state for one Wan video (on meta by default): :func:`cross_state` at the model's geometry."""
     cfg = cfg or wan_config(model)
     geo = wan_geometry(model, cfg, *(size or WAN_GEOMETRY[model]))
     dim = cfg.num_attention_heads * cfg.attention_head_dim
-    member, _ = word_members(objects, WAN_TEXT_TOKENS)
+    return cross_state(
+        geo["grid"], WAN_TEXT_TOKENS, dim, objects, d_m, blocks, feature_blocks, tokens_dtype, dmem_parts, device
+    )
+
+
+def cross_state(
+    grid, text_tokens, dim, objects, d_m, blocks, feature_blocks, tokens_dtype=BF16, parts=None, device="meta"
+):
+    """A FlexiMMT state for one video of a cross-attention model (Wan, LTX-2; on meta by default): K objects' motion
+    tokens ``[K, 1, blocks, d_m, dim]``, their words among ``text_tokens`` text keys, and the step's MDMA layout
+    from moving ellipse masks on ``grid`` (built on the CPU, then moved)."""
+    from fleximmt.method.attention import motion_state_for
+    from fleximmt.method.masks import CROSS_PARTS
+
+    member, _ = word_members(objects, text_tokens)
     shape = (objects, 1, blocks, d_m, dim)
     tokens = (
         torch.empty(shape, device="meta", dtype=tokens_dtype)
@@ -547,11 +566,11 @@ def wan_flexi_state(
         tokens,
         member,
         form="cross",
-        parts=frozenset(dmem_parts or CROSS_PARTS),
-        num_frames=geo["grid"][0],
+        parts=frozenset(parts or CROSS_PARTS),
+        num_frames=grid[0],
         feature_blocks=frozenset(feature_blocks),
     )
-    state.set_video_masks(moving_masks(objects, geo["grid"]))
+    state.set_video_masks(moving_masks(objects, grid))
     if device == "meta":
         meta_layout(state)
     return state
@@ -1482,6 +1501,39 @@ def group_resident(module, scheme: str, offload: str | None, stream: bool = True
     return whole - sum(sizes) + (2 if stream else 1) * max(sizes)
 
 
+def card_tables(name: str, size, objects: int, configs, label, peak, step: int, training: dict[int, int]) -> list:
+    """Print a model's generation table (``size`` = height, width, frames; its transformer call ``step``) and its
+    training table (``training``: frames -> the step's work) over ``configs`` of (weight scheme, offload), each
+    row's peak from ``peak(scheme, offload, work)``, against 24 GB and 16 GB cards; returns the rows."""
+    height, width, frames = size
+
+    def fits(total):
+        return [card for card, gib in CARDS_GIB.items() if total / GiB <= gib - CARD_RESERVE_GIB]
+
+    rows = []
+    print(
+        f"\n| {name}generation, {height}x{width}x{frames}, K = {objects}, computed | peak GPU memory | fits 24 GB | "
+        "fits 16 GB |\n|---|---|---|---|"
+    )
+    for scheme, offload in configs:
+        total = peak(scheme, offload, step)
+        rows.append(("generation", scheme, offload, frames, total / GiB))
+        cards = " | ".join("yes" if card in fits(total) else "no" for card in CARDS_GIB)
+        print(f"| {label(scheme, offload)} | {total / GiB:.1f} GiB | {cards} |")
+    print(
+        f"\n| {name}training, {height}x{width}, gradient checkpointing, 1 object, computed | "
+        + " | ".join(f"{f} frames" for f in training)
+        + " |\n|---|"
+        + "---|" * len(training)
+    )
+    for scheme, offload in configs:
+        totals = [peak(scheme, offload, work) for work in training.values()]
+        rows += [("training", scheme, offload, f, t / GiB) for f, t in zip(training, totals)]
+        cells = [f"{t / GiB:.1f} GiB" + (f" (fits {' and '.join(fits(t))})" if fits(t) else "") for t in totals]
+        print(f"| {label(scheme, offload)} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def wan_small_cards(args) -> dict:
     """Wan 2.1 I2V 14B 480P at 480x832: generation (81 frames, K objects) and motion training (gradient
     checkpointing, one object, shorter windows too) with the transformer's weights in bf16, int8 or 4-bit,
@@ -1545,32 +1597,8 @@ def wan_small_cards(args) -> dict:
         )
         return f"transformer {scheme}, {how}, vae tiling"
 
-    def fits(total):
-        return " | ".join("yes" if total / GiB <= gib - CARD_RESERVE_GIB else "no" for gib in CARDS_GIB.values())
-
-    rows = []
-    print(
-        f"\n| generation, {height}x{width}x{frames}, K = {args.objects}, computed | peak GPU memory | fits 24 GB | fits 16 GB |"
-        "\n|---|---|---|---|"
-    )
-    for scheme, offload in configs:
-        total = peak(scheme, offload, step)
-        rows.append(("generation", scheme, offload, frames, total / GiB))
-        print(f"| {label(scheme, offload)} | {total / GiB:.1f} GiB | {fits(total)} |")
-    print(
-        f"\n| training, {height}x{width}, gradient checkpointing, 1 object, computed | "
-        + " | ".join(f"{f} frames" for f in TRAIN_FRAMES)
-        + " |\n|---|"
-        + "---|" * len(TRAIN_FRAMES)
-    )
-    for scheme, offload in configs:
-        totals = [peak(scheme, offload, optim + train[f]) for f in TRAIN_FRAMES]
-        rows += [("training", scheme, offload, f, t / GiB) for f, t in zip(TRAIN_FRAMES, totals)]
-        cells = []
-        for t in totals:
-            cards = [card for card, gib in CARDS_GIB.items() if t / GiB <= gib - CARD_RESERVE_GIB]
-            cells.append(f"{t / GiB:.1f} GiB" + (f" (fits {' and '.join(cards)})" if cards else ""))
-        print(f"| {label(scheme, offload)} | " + " | ".join(cells) + " |")
+    training = {f: optim + train[f] for f in TRAIN_FRAMES}
+    rows = card_tables("", (height, width, frames), args.objects, configs, label, peak, step, training)
     return {"rows": rows, "reserve_gib": CARD_RESERVE_GIB}
 
 
@@ -1684,33 +1712,11 @@ def ltx2_inputs(cfg, size, batch: int, device="meta", dtype=BF16) -> dict:
 
 
 def ltx2_flexi_state(cfg, objects, d_m, blocks, feature_blocks, size, tokens_dtype=BF16, parts=None, device="meta"):
-    """A FlexiMMT state for one video (on meta by default) as the adapter prepares it: K objects' motion tokens
-    ``[K, 1, blocks, d_m, dim]``, their words among the 1,024 text keys, the step's MDMA layout (cross form)
-    built on the CPU from moving ellipse masks, then moved."""
-    from fleximmt.method.attention import motion_state_for
-    from fleximmt.method.masks import CROSS_PARTS
-
-    geo = ltx2_geometry(cfg, *size)
+    """A FlexiMMT state for one LTX-2 video (on meta by default) as the adapter prepares it: :func:`cross_state`
+    with the words among the 1,024 text keys."""
     dim = cfg.num_attention_heads * cfg.attention_head_dim
-    member, _ = word_members(objects, LTX2_TEXT_TOKENS)
-    shape = (objects, 1, blocks, d_m, dim)
-    tokens = (
-        torch.empty(shape, device="meta", dtype=tokens_dtype)
-        if device == "meta"
-        else torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(tokens_dtype) * dim**-0.5
-    )
-    state = motion_state_for(
-        tokens,
-        member,
-        form="cross",
-        parts=frozenset(parts or CROSS_PARTS),
-        num_frames=geo["grid"][0],
-        feature_blocks=frozenset(feature_blocks),
-    )
-    state.set_video_masks(moving_masks(objects, geo["grid"]))
-    if device == "meta":
-        meta_layout(state)
-    return state
+    grid = ltx2_geometry(cfg, *size)["grid"]
+    return cross_state(grid, LTX2_TEXT_TOKENS, dim, objects, d_m, blocks, feature_blocks, tokens_dtype, parts, device)
 
 
 def install_ltx2(transformer, state) -> None:
@@ -1823,16 +1829,7 @@ def validate_ltx2() -> dict[str, float]:
 
     from fleximmt.training.train import TRAIN_PARTS
 
-    small = dict(
-        num_attention_heads=2,
-        attention_head_dim=32,
-        cross_attention_dim=64,
-        audio_num_attention_heads=2,
-        audio_attention_head_dim=16,
-        audio_cross_attention_dim=32,
-        caption_channels=48,
-        num_layers=2,
-    )
+    small = {**LTX2_TINY, "num_layers": 2}  # gpu.py's tiny LTX-2, two blocks
     cfg, size = ltx2_config("ltx2", **small), (64, 96, 17)
     ratios = {}
     for flexi in (False, True):
@@ -2018,39 +2015,15 @@ def ltx2_small_cards(args, models: dict, weights: dict, peaks: dict, optim: int)
         )
         return f"transformer and Gemma {scheme}, {how}, vae tiling"
 
-    def fits(total):
-        return " | ".join("yes" if total / GiB <= gib - CARD_RESERVE_GIB else "no" for gib in CARDS_GIB.values())
-
     for scheme in WEIGHT_SCHEMES:
         print(
             f"weights {scheme}: transformer {scheme_bytes(transformer, scheme) / GiB:.2f} GiB (block_level group offload "
             f"keeps {group_resident(transformer, scheme, 'block_level') / GiB:.2f} GiB), Gemma "
             f"{scheme_bytes(gemma, scheme) / GiB:.2f} GiB"
         )
-    rows = []
+    training = {f: optim + train[f] for f in LTX2_TRAIN_FRAMES}
     step = peaks[frames]["step_flexi"]
-    print(
-        f"\n| LTX-2 generation, {height}x{width}x{frames}, K = {args.objects}, computed | peak GPU memory | fits 24 GB | "
-        "fits 16 GB |\n|---|---|---|---|"
-    )
-    for scheme, offload in configs:
-        total = peak(scheme, offload, step)
-        rows.append(("generation", scheme, offload, frames, total / GiB))
-        print(f"| {label(scheme, offload)} | {total / GiB:.1f} GiB | {fits(total)} |")
-    print(
-        f"\n| LTX-2 training, {height}x{width}, gradient checkpointing, 1 object, computed | "
-        + " | ".join(f"{f} frames" for f in LTX2_TRAIN_FRAMES)
-        + " |\n|---|"
-        + "---|" * len(LTX2_TRAIN_FRAMES)
-    )
-    for scheme, offload in configs:
-        totals = [peak(scheme, offload, optim + train[f]) for f in LTX2_TRAIN_FRAMES]
-        rows += [("training", scheme, offload, f, t / GiB) for f, t in zip(LTX2_TRAIN_FRAMES, totals)]
-        cells = []
-        for t in totals:
-            fit = [card for card, gib in CARDS_GIB.items() if t / GiB <= gib - CARD_RESERVE_GIB]
-            cells.append(f"{t / GiB:.1f} GiB" + (f" (fits {' and '.join(fit)})" if fit else ""))
-        print(f"| {label(scheme, offload)} | " + " | ".join(cells) + " |")
+    rows = card_tables("LTX-2 ", LTX2_GEOMETRY, args.objects, configs, label, peak, step, training)
     return {"rows": rows, "reserve_gib": CARD_RESERVE_GIB}
 
 

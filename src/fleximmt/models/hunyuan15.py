@@ -42,6 +42,7 @@ from .shared import (
     check_frame_count,
     check_no_context_parallelism,
     dispatched_attention,
+    patched_token_grid,
 )
 
 logger = logging.getLogger(__name__)
@@ -186,17 +187,15 @@ class HunyuanVideo15Adapter(ModelAdapter):
         return cover[top : top + height, left : left + width] >= 0.5
 
     def token_grid(self, height: int, width: int, num_frames: int) -> TokenGrid:
-        cfg = self.pipe.transformer.config
-        temporal = self.pipe.vae_scale_factor_temporal
-        latent_frames = (num_frames - 1) // temporal + 1
-        per_token = self.pipe.vae_scale_factor_spatial * cfg.patch_size
-        return TokenGrid(
-            latent_frames // cfg.patch_size_t,
-            height // per_token,
-            width // per_token,
-            latent_frames,
+        pipe, cfg = self.pipe, self.pipe.transformer.config
+        return patched_token_grid(
+            height,
+            width,
+            num_frames,
+            pipe.vae_scale_factor_spatial,
+            pipe.vae_scale_factor_temporal,
+            cfg.patch_size,
             cfg.patch_size_t,
-            temporal,
         )
 
     def check_geometry(self, height: int, width: int, num_frames: int) -> None:

@@ -38,7 +38,13 @@ from ..method.attention import BlockProcessor, FlexiMMTState
 from ..method.masks import CROSS_PARTS, check_cross_parts
 from ..method.pipeline import FlexiMMTMixin
 from ..method.prompt import find_word_spans
-from .shared import DelegatingProcessor, check_frame_count, dispatched_attention, text_path_projector
+from .shared import (
+    DelegatingProcessor,
+    check_frame_count,
+    dispatched_attention,
+    patched_token_grid,
+    text_path_projector,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -216,16 +222,14 @@ class LTX2Adapter(ModelAdapter):
 
     def token_grid(self, height: int, width: int, num_frames: int) -> TokenGrid:
         pipe, cfg = self.pipe, self.pipe.transformer.config
-        temporal = pipe.vae_temporal_compression_ratio
-        latent_frames = (num_frames - 1) // temporal + 1
-        per_token = pipe.vae_spatial_compression_ratio * cfg.patch_size
-        return TokenGrid(
-            latent_frames // cfg.patch_size_t,
-            height // per_token,
-            width // per_token,
-            latent_frames,
+        return patched_token_grid(
+            height,
+            width,
+            num_frames,
+            pipe.vae_spatial_compression_ratio,
+            pipe.vae_temporal_compression_ratio,
+            cfg.patch_size,
             cfg.patch_size_t,
-            temporal,
         )
 
     def check_geometry(self, height: int, width: int, num_frames: int) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import FlexiMMTInputError
 from ..method import opaque
-from ..method.adapter import prompt_count
+from ..method.adapter import TokenGrid, prompt_count
 from ..method.attention import VideoShard
 
 # diffusers' attention backends that take an attention mask; FlexiMMT's calls that need one go to
@@ -181,3 +181,16 @@ def text_path_projector(attn, like: torch.Tensor) -> Callable:
         return x.unflatten(1, (attn.heads, -1)).transpose(0, 1)[None]
 
     return project
+
+
+def patched_token_grid(
+    height: int, width: int, num_frames: int, spatial: int, temporal: int, patch: int, patch_t: int
+) -> TokenGrid:
+    """The token grid of a ``height x width x num_frames`` video through a causal VAE of ``spatial`` x
+    ``temporal`` compression (frame 0 alone, then ``temporal`` frames per latent frame) and the transformer's
+    ``patch_t x patch x patch`` patches (HunyuanVideo 1.5, LTX-2)."""
+    latent_frames = (num_frames - 1) // temporal + 1
+    per_token = spatial * patch
+    return TokenGrid(
+        latent_frames // patch_t, height // per_token, width // per_token, latent_frames, patch_t, temporal
+    )
