@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +44,6 @@ from .shared import (
     patched_token_grid,
     text_path_projector,
 )
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "Lightricks/LTX-2"
 FEATURE_SHARE = 0.7  # RMPM averages attn1 outputs over the first 70% of the blocks (docs/method.md#ltx-2)
