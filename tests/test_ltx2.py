@@ -3,8 +3,8 @@
 diffusers makes it), the guidance's three kinds of forward (CFG's rows, spatio-temporal guidance's perturbed
 self-attention, modality guidance's isolated streams), the image as the first latent frame, the text
 connectors' registers, motion words with a Gemma-style tokenizer under diffusers' padding and ComfyUI's, the
-training step's clean first frame and silent audio, the two-stage flow through the latent upsampler, its
-messages, loading and the command line. What every family does (diffusers' result without objects, auto
+training step's clean first frame and silent audio, the release preset (inference options, training in the
+model's precision), the two-stage flow through the latent upsampler, its messages, loading and the command line. What every family does (diffusers' result without objects, auto
 against dense, training, the loss, resume, the signature, offload, save and load) is in test_contract.py's
 ltx-2 row."""
 
@@ -365,6 +365,45 @@ def test_train_motion_takes_diffusers_own_ltx2_pipeline_and_the_motion_is_ltx2s_
             num_inference_steps=1,
             output_type="latent",
         )
+
+
+def test_the_release_preset_trains_ltx2_with_its_latents_and_loss_in_the_models_precision(tmp_path, monkeypatch):
+    """preset="release" trains under bf16 autocast with loss_precision "model", as it does every family: LTX-2's
+    latents, noise and prediction outside the transformer come back in bf16; the same draws without a precision
+    give the same latents in float32 (rounded, they are bf16's) and a prediction that differs from bf16's."""
+    pipe = build()
+    calls = []
+    original = LTX2Adapter.training_prediction
+
+    def both(self, state, cond, window, generator, image_dropout, autocast, dtype=None):
+        replay = torch.Generator().set_state(generator.get_state())
+        batch = original(self, state, cond, window, generator, image_dropout, autocast, dtype=dtype)
+        with torch.no_grad():
+            calls.append((dtype, batch, original(self, state, cond, window, replay, image_dropout, autocast)))
+        return batch
+
+    monkeypatch.setattr(LTX2Adapter, "training_prediction", both)
+    train(pipe, tmp_path / "m.safetensors", preset="release", crops=1, gradient_checkpointing=False)
+    ((dtype, batch, own),) = calls
+    assert dtype == torch.bfloat16 and batch.x0.dtype == batch.x0_hat.dtype == torch.bfloat16
+    assert own.x0.dtype == own.x0_hat.dtype == torch.float32 and batch.loss_frames == own.loss_frames
+    assert torch.equal(batch.x0, own.x0.to(torch.bfloat16))
+    assert not torch.equal(batch.x0_hat, own.x0_hat.to(torch.bfloat16))
+
+
+def test_the_release_preset_on_ltx2_is_its_options_given_one_by_one(pipes):
+    """preset="release" sets the release's inference options on LTX-2 as on every family (the mixin's): the same
+    video, audio and masks as the options spelled out, and other masks than fleximmt's defaults (the release
+    starts from no masks, fleximmt from the first-frame masks)."""
+    from fleximmt.method.pipeline import RELEASE_OPTIONS
+
+    ours, _ = pipes
+    kw = dict(image=picture(), prompt=PROMPT, **CALL, output_type="latent", return_masks=True)
+    preset = ours(**kw, objects=objects(ours), preset="release", generator=gen())
+    spelled = ours(**kw, objects=objects(ours), **RELEASE_OPTIONS, generator=gen())
+    default = ours(**kw, objects=objects(ours), generator=gen())
+    assert torch.equal(preset.frames, spelled.frames) and torch.equal(preset.audio, spelled.audio)
+    assert torch.equal(preset.masks, spelled.masks) and not torch.equal(preset.masks, default.masks)
 
 
 # -- the two-stage flow -------------------------------------------------------------------------------------------
