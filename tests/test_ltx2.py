@@ -406,6 +406,26 @@ def test_the_release_preset_on_ltx2_is_its_options_given_one_by_one(pipes):
     assert torch.equal(preset.masks, spelled.masks) and not torch.equal(preset.masks, default.masks)
 
 
+def test_a_steps_packed_latents_unpack_to_the_video_latents_diffusers_returns(pipes):
+    """The step callback gets LTX-2's packed tokens; the adapter's video layout of the last step's is the
+    latent video diffusers returns (output_type "latent"), brought back by diffusers' own normalisation."""
+    ours, _ = pipes
+    last = []
+    out = ours(
+        image=picture(),
+        prompt=PROMPT,
+        **CALL,
+        output_type="latent",
+        generator=gen(),
+        callback_on_step_end=lambda pipe, step, t, kw: last.append(kw["latents"]) or {},
+    )
+    vae = ours.vae
+    expected = ours._normalize_latents(out.frames, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+    assert last[-1].ndim == 3  # [B, tokens, channels]: no video layout of its own
+    video = ours.adapter.video_latents(last[-1], SIZE, SIZE)
+    assert video.shape == out.frames.shape and torch.allclose(video, expected, atol=1e-5)
+
+
 # -- the two-stage flow -------------------------------------------------------------------------------------------
 def test_a_fleximmt_first_stage_feeds_diffusers_latent_upsampler_and_second_stage(pipes):
     """Stage 1 with objects at half size; diffusers' latent upsampler doubles its latents; stage 2 re-noises them

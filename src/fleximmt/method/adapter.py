@@ -114,6 +114,12 @@ class ModelAdapter:
         reads the call's arguments; a pipeline that sizes the video from its image says so here."""
         return call["height"], call["width"], call["num_frames"]
 
+    def video_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """A denoising step's latents, as the pipeline's step callback gets them for a ``height x width``
+        video, in a video's layout: ``[B, C, F, h, w]`` (``[B, F, C, h, w]`` on CogVideoX). The default
+        returns them as they are; a pipeline that denoises packed tokens unpacks them here."""
+        return latents
+
     def frame_mask(self, mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """An object mask at the image's size as the video's frames show it (``height x width``): the
         default leaves it (the pipeline resizes the whole image, as the token grid's downsampling does);

@@ -229,6 +229,14 @@ class LTX2Adapter(ModelAdapter):
             cfg.patch_size_t,
         )
 
+    def video_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The step callback's packed tokens ``[B, N, C x patches]`` as diffusers unpacks them after the loop:
+        ``[B, C, F, h, w]``, still normalised (the space the pipeline denoises in)."""
+        grid = self.token_grid(height, width, 1)
+        frames = latents.shape[1] // (grid.height * grid.width)
+        cfg = self.pipe.transformer.config
+        return self.pipe._unpack_latents(latents, frames, grid.height, grid.width, cfg.patch_size, cfg.patch_size_t)
+
     def check_geometry(self, height: int, width: int, num_frames: int) -> None:
         check_frame_count(
             num_frames, self.pipe.vae_temporal_compression_ratio, "LTX-2", "its VAE would decode another count"
