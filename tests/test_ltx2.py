@@ -426,6 +426,61 @@ def test_a_steps_packed_latents_unpack_to_the_video_latents_diffusers_returns(pi
     assert video.shape == out.frames.shape and torch.allclose(video, expected, atol=1e-5)
 
 
+def test_comfyuis_transfer_previews_fit_ltx2s_denoising_space_and_read_its_tokens_as_a_video():
+    """ComfyUI's Transfer previews (apps/comfy/preview.py) fit their colours on the first frame brought into the
+    space LTX-2 denoises in (the VAE's mean and std buffers) and read each step's packed tokens as a video: the
+    first latent frame of every step is the image's, so it is the latents the colours were fitted on."""
+    from fleximmt.apps.comfy.preview import channel_axis, denoising_latents
+
+    pipe = build()
+    vae = pipe.vae
+    vae.latents_mean.copy_(torch.randn(vae.latents_mean.shape, generator=gen(1)))  # a checkpoint's, not 0 and 1
+    vae.latents_std.copy_(torch.rand(vae.latents_std.shape, generator=gen(2)) + 0.5)
+    steps = []
+    pipe(
+        image=picture(),
+        prompt=PROMPT,
+        **CALL,
+        output_type="latent",
+        generator=gen(),
+        callback_on_step_end=lambda pipe_, step, t, kw: steps.append(kw["latents"]) or {},
+    )
+    pixels = torch.from_numpy(np.asarray(picture(), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    with torch.no_grad():
+        fitted = denoising_latents(vae, vae.encode(pixels[None, :, None]).latent_dist.mode())[0, :, 0]
+    for latents in steps:
+        video = pipe.adapter.video_latents(latents, SIZE, SIZE)
+        assert channel_axis(video, fitted.shape[0]) == 1 and torch.allclose(video[0, :, 0], fitted, atol=1e-5)
+
+
+@pytest.mark.comfy
+def test_comfyuis_transfer_preview_of_ltx2_is_its_middle_latent_frame_through_the_fitted_colours():
+    """A Transfer preview of an LTX-2 step, through ComfyUI's own Latent2RGBPreviewer: an image of the latent
+    grid's size (packed tokens read as a video, not a row of channels), the fitted colours of its middle frame."""
+    from comfy_wan import import_comfy
+
+    import_comfy()
+    from fleximmt.apps.comfy.preview import TransferPreview, rgb_factors
+
+    pipe = build()
+    steps = []
+    pipe(
+        image=picture(),
+        prompt=PROMPT,
+        **CALL,
+        output_type="latent",
+        generator=gen(),
+        callback_on_step_end=lambda pipe_, step, t, kw: steps.append(kw["latents"]) or {},
+    )
+    kind, image, _ = TransferPreview(pipe, picture()).image(steps[-1])
+    frames, height, width = 5, SIZE // 8, SIZE // 8  # the tiny VAE's 2x in time, 8x in space
+    assert kind == "JPEG" and image.size == (width, height)
+    factors, bias = rgb_factors(pipe.vae, picture())
+    middle = pipe._unpack_latents(steps[-1], frames, *GRID[1:], 1, 1)[0, :, frames // 2]  # tokens are latent pixels
+    expected = ((middle.permute(1, 2, 0) @ factors + bias + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)
+    assert np.abs(np.asarray(image.convert("RGB"), int) - expected.numpy().astype(int)).max() <= 1
+
+
 # -- the two-stage flow -------------------------------------------------------------------------------------------
 def test_a_fleximmt_first_stage_feeds_diffusers_latent_upsampler_and_second_stage(pipes):
     """Stage 1 with objects at half size; diffusers' latent upsampler doubles its latents; stage 2 re-noises them

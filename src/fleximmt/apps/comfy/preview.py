@@ -24,10 +24,14 @@ from PIL import Image
 def denoising_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """VAE latents ``[B, C, ...]`` in the space a diffusers pipeline denoises them in."""
     cfg = vae.config
+    shape = (1, -1) + (1,) * (latents.ndim - 2)
     mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
     if mean is not None and std is not None:
-        shape = (1, -1) + (1,) * (latents.ndim - 2)
         return (latents - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+    mean, std = getattr(vae, "latents_mean", None), getattr(vae, "latents_std", None)
+    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor):  # LTX-2's, buffers beside a scaling factor
+        mean, std = mean.float().cpu().view(shape), std.float().cpu().view(shape)
+        return (latents - mean) * (getattr(cfg, "scaling_factor", None) or 1.0) / std
     shift = getattr(cfg, "shift_factor", None) or 0.0
     return (latents - shift) * (getattr(cfg, "scaling_factor", None) or 1.0)
 
@@ -48,7 +52,7 @@ def rgb_factors(vae, picture: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def channel_axis(latents: torch.Tensor, channels: int) -> int:
-    """Where a pipeline's latents ``[B, C, F, h, w]`` (Wan, HunyuanVideo 1.5) or ``[B, F, C, h, w]``
+    """Where a pipeline's latents ``[B, C, F, h, w]`` (Wan, HunyuanVideo 1.5, LTX-2) or ``[B, F, C, h, w]``
     (CogVideoX) keep their channels."""
     return 2 if latents.shape[1] != channels and latents.shape[2] == channels else 1
 
@@ -62,6 +66,7 @@ class TransferPreview:
 
         factors, bias = rgb_factors(pipe.vae, first_frame)
         self.channels = factors.shape[0]
+        self.adapter, (self.width, self.height) = pipe.adapter, first_frame.size
         self.previewer = latent_preview.Latent2RGBPreviewer(factors.tolist(), bias.tolist())
 
     @classmethod
@@ -76,6 +81,7 @@ class TransferPreview:
 
     def image(self, latents: torch.Tensor):
         """ComfyUI's preview tuple ``("JPEG", PIL image, size)`` of ``latents`` (a pipeline's, batch first)."""
+        latents = self.adapter.video_latents(latents, self.height, self.width)  # LTX-2's tokens as a video
         video = latents[0].movedim(channel_axis(latents, self.channels) - 1, 0)  # [C, F, h, w]
         frame = video[:, video.shape[1] // 2].float().cpu()
         return self.previewer.decode_latent_to_preview_image("JPEG", frame[None])
