@@ -388,7 +388,7 @@ def server(assets, tmp_path, monkeypatch):
 
 
 def generate_inputs(root: Path, **changes) -> dict:
-    """The README's /generate call: two objects given by mask PNGs and library motions."""
+    """docs/web-apps.md's /generate call: two objects given by mask PNGs and library motions."""
     from gradio_client import handle_file
 
     inputs = dict(
@@ -529,7 +529,7 @@ def test_learning_stops_at_a_step_and_continues_from_its_checkpoint(server):
 
 
 def refusal(server, **changes) -> str:
-    """The message of a /generate call the server refuses (``changes`` to the README's call)."""
+    """The message of a /generate call the server refuses (``changes`` to docs/web-apps.md's call)."""
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError) as err:

@@ -3,7 +3,7 @@ frontend each ComfyUI version pins: 1.49.6 for 0.33, 1.27.10 for 0.3.64): the no
 nodes; each example workflow, fetched as the templates browser fetches it, opens with every node in
 view and none over another, and queues exactly its API form; the templates browser lists each
 example once, with its thumbnail. On 0.33 the toy example runs from the page: the Learn nodes show
-their motions' metadata, the outputs show in the room the layout left them, and the page is README's
+their motions' metadata, the outputs show in the room the layout left them, and the page is docs/comfyui.md's
 picture (docs/comfyui.png). Runs in `make test-comfy`."""
 
 import time
@@ -145,7 +145,7 @@ def test_the_templates_browser_lists_each_example_once_with_its_thumbnail(server
         assert (WORKFLOWS / f"{name}.jpg").is_file()
 
 
-@needs_comfyui(CURRENT, "the run from the page, its outputs' room and README's picture are 0.33's frontend's")
+@needs_comfyui(CURRENT, "the run from the page, its outputs' room and docs/comfyui.md's picture are 0.33's frontend's")
 def test_the_toy_example_runs_from_the_page_and_shows_what_it_made(page, server):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -173,7 +173,7 @@ def test_the_node_pack_loads_its_nodes_with_types_and_tooltips(server):
     from fleximmt.models import SUPPORTED
 
     assert SUPPORTED in info["FlexiMMTLoadModel"]["description"]  # every family it loads, HunyuanVideo 1.5 too
-    assert "GGUF models (ComfyUI-GGUF) are untested" in info["FlexiMMTApply"]["description"]  # as README says
+    assert "GGUF models (ComfyUI-GGUF) are untested" in info["FlexiMMTApply"]["description"]  # as docs/comfyui.md says
 
 
 def test_the_server_serves_the_frontend_its_version_pins(server):

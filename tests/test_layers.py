@@ -1,6 +1,6 @@
 """The package's folders are its layers, and imports only run down them: the method knows no base model,
 training or app; a base model's adapter knows the method but no training, evaluation or app; and so on
-(README's "How the code is laid out"). Read from the source with ``ast``, every import, lazy ones too."""
+(docs/models.md, "Adding a base model"). Read from the source with ``ast``, every import, lazy ones too."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ motion words highlighted, a preview of the masks on the latent token grid, then 
 mask-propagation overlay. Learn tab: a reference video and its words in, a motion in the library
 out, with a progress bar and a loss curve.
 
-How the server behaves (README, "The web app"):
+How the server behaves (docs/web-apps.md):
 
 - **One run at a time.** Every generation and every training runs in one worker thread
   (:class:`ModelWorker`), in the order they come. Stop (or a client that cancels, closes its page

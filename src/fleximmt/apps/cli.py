@@ -21,7 +21,7 @@ TINY = "tiny"
 TOY = "toy"
 EXAMPLES = {
     "fleximmt": """examples:
-  fleximmt demo                                   (the whole pipeline on a built-in tiny model, seconds on a CPU)
+  fleximmt demo                                   (learn two motions and transfer them on the shipped toy model, minutes on a CPU)
   fleximmt train --video walk.mp4 --caption "A tiger walks on the snow." --concept tiger \\
       --motion-words walks --out walk.safetensors
   fleximmt inspect walk.safetensors
@@ -300,7 +300,7 @@ def cmd_demo(args) -> None:
             print(f"  {variant:10s} " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
         print(
             "\nThe toy model (64x64, 17 frames, trained on this CPU) follows one sprite's caption well but animates "
-            "scenes of several sprites poorly;\nREADME.md ('The toy world') and BENCHMARKS.md say what it shows."
+            "scenes of several sprites poorly;\ndocs/toy-world.md and BENCHMARKS.md say what it shows."
         )
         return
     print(

@@ -76,7 +76,7 @@ def load_toy_pipeline(path: str | Path = TOY_MODEL):
 
     if not (Path(path) / "model_index.json").is_file():
         raise FlexiMMTInputError(
-            f"no toy model at {path}: train it with `python -m fleximmt.toy.train` (README, toy world)"
+            f"no toy model at {path}: train it with `python -m fleximmt.toy.train` (docs/toy-world.md)"
         )
     with warnings.catch_warnings():  # newer diffusers renamed torch_dtype; older ones only know it
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
