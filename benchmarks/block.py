@@ -80,14 +80,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from diffusers.models.transformers.transformer_hunyuan_video15 import (
-    HunyuanVideo15AttnProcessor2_0,
     HunyuanVideo15RotaryPosEmbed,
     HunyuanVideo15TransformerBlock,
 )
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanRotaryPosEmbed, WanTransformerBlock
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformerBlock
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -105,11 +103,10 @@ from gpu import (
 from overhead import PeakRSS
 
 from fleximmt.method.attention import TextKeys, motion_state_for
-from fleximmt.method.masks import CROSS_PARTS
-from fleximmt.models.cogvideox import FlexiMMTAttnProcessor
-from fleximmt.models.hunyuan15 import FlexiMMTHunyuanAttnProcessor
-from fleximmt.models.hunyuan15 import StateSlot as HunyuanSlot
-from fleximmt.models.wan import StateSlot, WanCrossAttnProcessor, WanSelfAttnProcessor
+from fleximmt.method.kernels import DEFAULT_KERNEL, MASK_KERNELS
+from fleximmt.method.kernels.grouped import GroupedCross, GroupedJoint
+from fleximmt.models import FAMILIES, pipeline_class
+from fleximmt.models.shared import slot_of
 from fleximmt.training.train import TRAIN_PARTS
 
 MiB = 2**20
@@ -201,6 +198,41 @@ LTX2_GEOMETRY = (512, 768, 121)  # LTX2ImageToVideoPipeline's defaults (121 fram
 LTX2_VAE_SCALE = (32, 8)  # AutoencoderKLLTX2Video (LTX-2.0's): spatial, temporal; patch 1
 LTX2_TEXT_TOKENS, LTX2_FPS, LTX2_AUDIO_PER_SECOND = 1024, 24.0, 16000 / 160 / 4  # max_sequence_length; audio VAE's rate
 MODELS = {**MODEL_NAMES, **WAN_NAMES, **HUNYUAN_NAMES, **LTX2_NAMES}
+# each model's registered family: its adapter sets up FlexiMMT's state and installs its processors
+FAMILY_OF = {
+    **dict.fromkeys(MODEL_NAMES, "cogvideox"),
+    **dict.fromkeys(WAN_NAMES, "wan"),
+    **dict.fromkeys(HUNYUAN_NAMES, "hunyuanvideo15"),
+    **dict.fromkeys(LTX2_NAMES, "ltx2"),
+}
+
+
+def adapter_class(family: str):
+    """The adapter class of a registered family."""
+    return pipeline_class(FAMILIES[family].pipeline).adapter_class
+
+
+class OneBlock(torch.nn.Module):
+    """A transformer of one block, for its family's adapter to install FlexiMMT's processors on (under every
+    name the adapters read a transformer's blocks by)."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.blocks = self.transformer_blocks = torch.nn.ModuleList([block])
+
+
+def attention_processors(adapter, block: torch.nn.Module) -> tuple[dict, dict, object]:
+    """``block``'s attention processors, diffusers' own (as the block was built) and FlexiMMT's (as the
+    family's adapter installs them), by attention module, and the slot FlexiMMT's read their state from
+    (None: the state travels in ``attention_kwargs``)."""
+    one = OneBlock(block)
+    processors = lambda: {m: m.processor for m in one.modules() if hasattr(m, "processor")}
+    plain = processors()
+    adapter(SimpleNamespace(transformer=one)).install_processors()
+    flexi, slot = processors(), slot_of(one)
+    for module, processor in plain.items():  # diffusers' own back until a run asks for FlexiMMT's
+        module.set_processor(processor)
+    return plain, flexi, slot
 
 
 def wan_config(model: str, **overrides) -> SimpleNamespace:
@@ -443,47 +475,40 @@ class Setup:
             self.image_tokens = WAN_IMAGE_TOKENS if self.cfg.added_kv_proj_dim else 0
             self.block = make_wan_block(self.cfg, self.dtype)
             self.rotary = wan_rotary(self.cfg, self.geo["latent_shape"])
-            self.slot = StateSlot()
-            self.plain_procs = (WanAttnProcessor(), WanAttnProcessor())
-            self.flexi_procs = (WanSelfAttnProcessor(0, self.slot), WanCrossAttnProcessor(0, 0, self.slot))
         elif self.hunyuan:
             self.geo = hunyuan_geometry(self.cfg, height, width, frames)
             self.text = sum(HUNYUAN_TEXT.values())  # every text key of a row: image, glyph and prompt tokens
             self.text_form, self.text_mask = hunyuan_text(args.valid_text, args.valid_glyphs)
             self.block = make_hunyuan_block(self.cfg, self.dtype)
             self.rotary = hunyuan_rotary(self.cfg, self.geo["latent_shape"])
-            self.slot = HunyuanSlot()
-            self.plain_proc = HunyuanVideo15AttnProcessor2_0()
-            self.flexi_proc = FlexiMMTHunyuanAttnProcessor(0, self.slot)
         else:
             self.geo = token_geometry(self.cfg, height, width, frames)
             self.text = self.cfg.max_text_seq_length
             self.block = make_block(self.cfg, self.dtype)
             self.rotary = rotary(self.cfg, height, width, self.geo["latent_frames"])
-            self.plain_proc, self.flexi_proc = CogVideoXAttnProcessor2_0(), FlexiMMTAttnProcessor(0)
+        # the family's adapter: its processors on the block (Wan's and HunyuanVideo 1.5's read the state from their
+        # slot, CogVideoX's from attention_kwargs), its state settings and MDMA parts
+        self.adapter = adapter_class(FAMILY_OF[args.model])
+        self.plain_procs, self.flexi_procs, self.slot = attention_processors(self.adapter, self.block)
         # the tokens motion words are counted in: the prompt's (HunyuanVideo 1.5: placed after the image and glyph
         # tokens by the row's TextKeys), elsewhere every text token
         self.words = HUNYUAN_TEXT["prompt"] if self.hunyuan else self.text
         self.grid = self.geo["grid"]
         self.n_video = self.geo["video_tokens"]
         self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
-        # Wan's and HunyuanVideo 1.5's processors read the state from their slot, CogVideoX's from attention_kwargs
-        self.form, self.parts = ("cross", frozenset(CROSS_PARTS)) if self.wan else ("joint", None)
-        self.train_parts = TRAIN_PARTS & self.parts if self.wan else TRAIN_PARTS
+        self.train_parts = TRAIN_PARTS & set(self.adapter.parts)
 
     def state_options(self) -> dict:
-        """What the model's adapter sets on a state: HunyuanVideo 1.5's processors name each row's text form
-        (padded keys left out) and DMEM scores video queries against the concept words' keys (docs/method.md#hunyuanvideo-15)."""
-        if self.hunyuan:
-            return {"text_keys": True, "dmem_video_queries": True}
-        return {"parts": self.parts} if self.wan else {}
+        """A state's settings as the model's adapter gives them (e.g. HunyuanVideo 1.5's processors name each
+        row's text form and DMEM scores video queries against the concept words' keys) and its MDMA parts."""
+        return {**self.adapter.state_settings(), "parts": frozenset(self.adapter.parts)}
 
     def step_layout(self, state):
         """The MDMA layout of this step's masks that the block's attention uses (HunyuanVideo 1.5: the one of its
         row's text form, which the processor would otherwise build at its first call in the step)."""
         if self.hunyuan:
-            return state._step_layout(0, self.text_form, self.text)
-        return state.videos[0].layout
+            return state.layouts.step_layout(0, self.text_form, self.text)
+        return state.layouts.step_layouts[0]
 
     def inputs(self, batch: int, seed: int = 1):
         """Video states, encoder states (CogVideoX: the text; Wan: ``[image | text]`` after the condition
@@ -504,16 +529,10 @@ class Setup:
 
     def install(self, state) -> None:
         """diffusers' processors (state None) or FlexiMMT's with ``state``."""
-        if self.wan:
-            procs = self.plain_procs if state is None else self.flexi_procs
-            self.block.attn1.set_processor(procs[0])
-            self.block.attn2.set_processor(procs[1])
+        for module, processor in (self.plain_procs if state is None else self.flexi_procs).items():
+            module.set_processor(processor)
+        if self.slot is not None:
             self.slot.state = state
-        elif self.hunyuan:
-            self.block.attn.set_processor(self.plain_proc if state is None else self.flexi_proc)
-            self.slot.state = state
-        else:
-            self.block.attn1.set_processor(self.plain_proc if state is None else self.flexi_proc)
 
     def padding_mask(self, batch: int) -> torch.Tensor:
         """HunyuanVideo 1.5's bool ``[B, L]`` text mask as its transformer hands it to every block; FlexiMMT's
@@ -603,9 +622,6 @@ class LTX2Setup(Setup):
     def __init__(self, args):
         from diffusers import LTX2VideoTransformer3DModel
 
-        from fleximmt.models.ltx2 import LTX2CrossAttnProcessor, LTX2SelfAttnProcessor
-        from fleximmt.models.ltx2 import StateSlot as LTX2Slot
-
         self.wan = self.hunyuan = False
         self.cfg_name = args.model
         self.cfg = ltx2_config(args.model)
@@ -619,35 +635,21 @@ class LTX2Setup(Setup):
         self.text = self.words = LTX2_TEXT_TOKENS  # the prompt's tokens, then registers: every key a text key
         self.grid, self.n_video = self.geo["grid"], self.geo["video_tokens"]
         self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
-        self.form, self.parts = "cross", frozenset(CROSS_PARTS)
-        self.train_parts = TRAIN_PARTS & self.parts
+        self.adapter = adapter_class(FAMILY_OF[args.model])
+        self.train_parts = TRAIN_PARTS & set(self.adapter.parts)
         torch.manual_seed(0)
         model = LTX2VideoTransformer3DModel(**{**LTX2_CONFIGS[args.model], "num_layers": 1})
         self.model = model.to(self.dtype).eval().requires_grad_(False)
         self.block = self.model.transformer_blocks[0]
-        self.slot = LTX2Slot()
-        plain = (self.block.attn1.processor, self.block.attn2.processor)  # diffusers' LTX2AudioVideoAttnProcessor
-        self.plain_procs = plain
-        self.flexi_procs = (
-            LTX2SelfAttnProcessor(0, self.slot, plain[0]),
-            LTX2CrossAttnProcessor(0, self.slot, plain[1]),
-        )
+        # diffusers' LTX2AudioVideoAttnProcessor on every attention; FlexiMMT's on attn1 and attn2 (the adapter's)
+        self.plain_procs, self.flexi_procs, self.slot = attention_processors(self.adapter, self.block)
         self.kwargs, self.rotary = {}, ()
-
-    def state_options(self) -> dict:
-        return {"parts": self.parts}
 
     def inputs(self, batch: int, seed: int = 1):
         self.kwargs = ltx2_block_inputs(self.model, self.geo, batch, self.dtype, seed)
         names = ("video_rotary_emb", "audio_rotary_emb", "ca_video_rotary_emb", "ca_audio_rotary_emb")
         self.rotary = tuple(t for name in names for t in self.kwargs[name])
         return self.kwargs["hidden_states"], self.kwargs["encoder_hidden_states"], self.kwargs["temb"]
-
-    def install(self, state) -> None:
-        procs = self.plain_procs if state is None else self.flexi_procs
-        self.block.attn1.set_processor(procs[0])
-        self.block.attn2.set_processor(procs[1])
-        self.slot.state = state
 
     def call(self, hidden, text, temb, state):
         """The block's video output (the audio stream runs too; its output is not used here)."""
@@ -687,20 +689,16 @@ def inference_states(setup: Setup, objects: list[int], batch: int, backend: str 
         state = motion_state_for(
             tokens,
             member,
-            form=setup.form,
             num_frames=setup.grid[0],
-            backend=backend,
+            mask_kernel=backend,
             feature_blocks=frozenset({0}),
+            rows=setup.adapter(None).batch_rows({"guidance_scale": 6.0 if batch == 2 else 1.0}, 1),  # one video
             **setup.state_options(),
         )
         start = time.perf_counter()
         state.set_video_masks(masks)
         layout = setup.step_layout(state)
         layout_s = time.perf_counter() - start
-        if setup.wan or setup.hunyuan:
-            state.rows, state.feature_rows = [0] * batch, [0]
-        else:
-            state.rows, state.feature_rows = ([0, 0], [1]) if batch == 2 else (None, [0])
         coverage = masks.view(k, setup.grid[0], -1).float().mean(-1)  # per object and token frame
         states[k] = {
             "state": state,
@@ -708,9 +706,9 @@ def inference_states(setup: Setup, objects: list[int], batch: int, backend: str 
             "coverage": [round(c, 3) for c in coverage.mean(1).tolist()],
             "coverage_range": [round(coverage.min().item(), 3), round(coverage.max().item(), 3)],
         }
-        if backend != "auto":
+        if not isinstance(layout, (GroupedJoint, GroupedCross)):  # only the grouped kernel has groups to report
             states[k]["backend"] = backend
-        elif setup.form == "cross":
+        elif setup.adapter.form == "cross":
             states[k].update(
                 {
                     "groups": [g.count for g in layout.groups],
@@ -738,7 +736,7 @@ def describe_layout(setup: Setup, k: int, s: dict) -> str:
     )
     if "backend" in s:
         return head + f"{s['backend']} backend: one attention call; layout built in {s['layout_s']:.3f} s once per step"
-    if setup.form == "cross":
+    if setup.adapter.form == "cross":
         pairs = ", ".join(f"{q:,} x {n}" for q, n in zip(s["groups"], s["group_keys"]))
         return (
             head + f"{len(s['groups'])} SDPA calls in attn2 (video queries x keys of [text | motion]): {pairs}; "
@@ -821,7 +819,7 @@ def run_inference(args, setup: Setup) -> dict:
     def flexi(k):
         def run():
             call(states[k]["state"])
-            states[k]["state"].take_features()  # what RMPM reads after the step; resets the running sum
+            states[k]["state"].capture.take()  # what RMPM reads after the step; resets the running sum
 
         return run
 
@@ -867,7 +865,6 @@ def run_training(args, setup: Setup) -> dict:
     state = motion_state_for(
         tokens,
         member,
-        form=setup.form,
         num_frames=setup.grid[0],
         dmem=True,
         concept_member=concept,
@@ -880,7 +877,7 @@ def run_training(args, setup: Setup) -> dict:
     dmem_cover: list[float] = []
     # CogVideoX and HunyuanVideo 1.5 update their text in every block (gradients flow to it); Wan's encoder
     # states are the same constants for every block (the condition embedder's output, frozen): no gradient to them
-    text_grad = setup.form != "cross"
+    text_grad = setup.adapter.form != "cross"
 
     def step(flexi: bool, ckpt: bool, name: str):
         def run():
@@ -903,7 +900,7 @@ def run_training(args, setup: Setup) -> dict:
                 torch.autograd.backward(out, grad_h)
             assert x.grad is not None and (not flexi or tokens.grad is not None)
             if flexi:
-                dmem_cover.append(next(iter(state._dmem_layouts.values())).video_masks.float().mean().item())
+                dmem_cover.append(next(iter(state.layouts.dmem_layouts.values())).video_masks.float().mean().item())
 
         return run
 
@@ -976,7 +973,7 @@ def run_profile(args, setup: Setup) -> dict:
             start, cpu = time.perf_counter(), time.process_time()
             setup.call(hidden, text, temb, run_state) if block else setup.attention(hidden, text, run_state)
             total, cpu = time.perf_counter() - start, time.process_time() - cpu
-            state.take_features()
+            state.capture.take()
         rows = []
         for ev in sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)[
             : args.top
@@ -1005,10 +1002,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--objects", type=int, nargs="+", default=[1, 3, 5], help="K values (profile: the first)")
     parser.add_argument("--tokens", type=int, default=226, help="motion tokens per object and block (d_m)")
     parser.add_argument(
-        "--backend",
-        choices=["auto", "flex", "dense"],
-        default="auto",
-        help="inference: FlexiMMT's attention backend (flex: one compiled FlexAttention call)",
+        "--mask-kernel",
+        "--backend",  # its old name
+        dest="backend",
+        choices=MASK_KERNELS,
+        default=DEFAULT_KERNEL,
+        help="inference: FlexiMMT's mask kernel (flex: one compiled FlexAttention call)",
     )
     parser.add_argument("--repeats", type=int, help="rounds (default: inference 2, training 1)")
     parser.add_argument("--warmup", action="store_true", help="one untimed round first")

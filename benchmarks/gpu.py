@@ -76,7 +76,6 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import ClassVar
 
 import torch
 
@@ -263,6 +262,10 @@ def _out_of_memory(error: BaseException) -> bool:
 class Bench:
     """The random-weight transformer, the inputs of a denoising step and FlexiMMT's states."""
 
+    diffusers_takes_backends = (
+        False  # diffusers' CogVideoX processor calls SDPA itself (set_attention_backend: no effect)
+    )
+
     def __init__(self, args):
         from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 
@@ -281,6 +284,7 @@ class Bench:
         with torch.device(self.device):
             transformer = CogVideoXTransformer3DModel(**kwargs)
         self.transformer = transformer.to(self.dtype).eval().requires_grad_(False)
+        self.keep_diffusers_attention()
         self.weights_gib = sum(p.numel() * p.element_size() for p in self.transformer.parameters()) / 2**30
         scheduler = CogVideoXDPMScheduler(
             beta_schedule="scaled_linear",
@@ -309,14 +313,15 @@ class Bench:
         self.name = MODEL_NAMES[args.model]
         self.masks = self.object_masks()
 
-    form = "joint"
-    state_options: ClassVar[dict] = {}  # what the model's adapter sets on a state before its first layout
-
     def setup(self, args) -> None:
         """What every model's bench shares: the arguments, device and dtype."""
         self.args, self.device = args, torch.device(args.device)
         cuda = self.device.type == "cuda"
         self.dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if cuda else torch.float32
+
+    def keep_diffusers_attention(self) -> None:
+        """Remember the transformer's attention processors as diffusers built it (before FlexiMMT's are installed)."""
+        self.diffusers_processors = self.transformer.attn_processors
 
     def object_masks(self) -> dict[int, torch.Tensor]:
         """The moving ellipse masks of every object count timed, on the device."""
@@ -324,12 +329,12 @@ class Bench:
         return {k: moving_masks(k, self.geo["grid"]).to(self.device) for k in counts}
 
     def use_plain_attention(self) -> None:
-        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
-
-        if self.args.attention_backend:  # diffusers' processor would ignore the backend
+        """diffusers' own attention processors, as the transformer was built with them; with
+        ``--attention-backend``, FlexiMMT's without objects where diffusers' would ignore the backend."""
+        if self.args.attention_backend and not self.diffusers_takes_backends:
             self.pipe.adapter.install_processors()
         else:
-            self.transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
+            self.transformer.set_attn_processor(dict(self.diffusers_processors))
         self.speed_tools()
 
     def baseline(self) -> str:
@@ -369,8 +374,26 @@ class Bench:
             self.transformer.disable_cache()
 
     def step(self, i: int, state=None) -> None:
-        """The transformer work of denoising step ``i`` (CFG on)."""
-        self.step_call(999 - 20 * i, None if state is None else {"fleximmt": state})
+        """The transformer work of denoising step ``i`` (CFG on): its forwards (:meth:`forwards`), FlexiMMT's
+        ``state`` attached to them as the family's adapter attaches it to a pipeline call."""
+        attached = self.pipe.adapter.attach(state, {}) if state is not None else contextlib.nullcontext({})
+        with attached as call:
+            for branch, inputs in self.forwards(999 - 20 * i):
+                with self.transformer.cache_context(branch):  # as the pipeline names it (for --cache)
+                    self.transformer(**inputs, attention_kwargs=call.get("attention_kwargs"), return_dict=False)
+
+    def forwards(self, timestep: float) -> list[tuple[str, dict]]:
+        """The transformer forwards of one denoising step at ``timestep`` as diffusers' I2V pipeline makes them:
+        (cache context name, inputs); CogVideoX's: one forward of both CFG branches."""
+        t = torch.tensor(timestep, device=self.device)
+        inputs = dict(
+            hidden_states=self.latents,
+            encoder_hidden_states=self.prompt_embeds,
+            timestep=t.expand(2),
+            ofs=self.ofs,
+            image_rotary_emb=self.rotary,
+        )
+        return [("cond_uncond", inputs)]
 
     def training_tensors(self, gen: torch.Generator) -> dict:
         """One reference window encoded as the adapter's ``encode_conditions`` returns it (random)."""
@@ -396,20 +419,6 @@ class Bench:
         )[0]
         out.float().square().mean().backward()
 
-    def step_call(self, timestep: int, attention_kwargs=None):
-        """The transformer call of one CFG denoising step, as diffusers' I2V pipeline makes it."""
-        t = torch.tensor(timestep, device=self.device)
-        with self.transformer.cache_context("cond_uncond"):  # as the pipeline names it (for --cache)
-            return self.transformer(
-                hidden_states=self.latents,
-                encoder_hidden_states=self.prompt_embeds,
-                timestep=t.expand(2),
-                ofs=self.ofs,
-                image_rotary_emb=self.rotary,
-                attention_kwargs=attention_kwargs,
-                return_dict=False,
-            )[0]
-
     def flexi_state(self, backend: str, objects: int):
         from fleximmt.method.attention import motion_state_for
 
@@ -420,16 +429,15 @@ class Bench:
         state = motion_state_for(
             tokens,
             member.to(self.device),
-            form=self.form,
+            **self.pipe.adapter.state_settings(),
             parts=self.pipe.adapter.parts,
             num_frames=self.geo["grid"][0],
-            backend=backend,
+            mask_kernel=backend,
             feature_blocks=frozenset(range(share)),
-            **self.state_options,
+            rows=self.pipe.adapter.batch_rows({"guidance_scale": 6.0}, 1),  # one video, with CFG
         )
         first = self.masks[k].view(k, *self.geo["grid"])[:, 0]
         state.set_video_masks(first[:, None].expand(-1, self.geo["grid"][0], -1, -1).reshape(k, -1))
-        state.rows, state.feature_rows = [0, 0], [1]  # CFG: [uncond | cond] of one video, features from cond
         return state, first
 
     def between_steps(self, state, first) -> None:
@@ -438,7 +446,7 @@ class Bench:
 
         frames, h, w = self.geo["grid"]
         state.begin_step(self.geo["video_tokens"], self.cfg.num_layers)
-        features = state.take_features()
+        features = state.capture.take()
         if features is not None:
             rmpm(first, features.view(frames, h, w, -1), 3, "paper")  # computed as in a real run, not used
         state.set_video_masks(self.masks[len(first)])
@@ -460,7 +468,7 @@ class WanBench(Bench):
     conditional first; Wan 2.1 with CLIP image tokens, TI2V with a timestep per token), FlexiMMT in
     ``attn2`` (the cross form) through ``FlexiMMTWanPipeline``'s adapter."""
 
-    form = "cross"
+    diffusers_takes_backends = True
 
     def __init__(self, args):
         from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
@@ -486,6 +494,7 @@ class WanBench(Bench):
             if any(k in name.split(".") for k in transformer._keep_in_fp32_modules or ()):
                 param.data = param.data.float()
         self.transformer = transformer
+        self.keep_diffusers_attention()
         self.weights_gib = sum(p.numel() * p.element_size() for p in transformer.parameters()) / 2**30
         self.expand = args.model == "wan2.2-5b"
         scheduler = UniPCMultistepScheduler(
@@ -526,12 +535,6 @@ class WanBench(Bench):
         self.masks = self.object_masks()
         self.training_latents = (latents, condition)
 
-    def use_plain_attention(self) -> None:
-        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-        self.transformer.set_attn_processor(WanAttnProcessor())
-        self.speed_tools()
-
     def baseline(self) -> str:
         return "diffusers' WanAttnProcessor"
 
@@ -539,18 +542,21 @@ class WanBench(Bench):
         t = torch.tensor([t], device=self.device)
         return self.token_mask * t if self.expand else t
 
-    def step(self, i: int, state=None) -> None:
-        t = self.timestep(999.0 - 20 * i)
-        with self.pipe.adapter.attach(state, {}) if state is not None else contextlib.nullcontext():
-            for row, branch in ((0, "cond"), (1, "uncond")):  # conditional, then unconditional (the negative prompt)
-                with self.transformer.cache_context(branch):  # as the pipeline names them (for --cache)
-                    self.transformer(
-                        hidden_states=self.model_input,
-                        timestep=t,
-                        encoder_hidden_states=self.prompt_embeds[row : row + 1],
-                        encoder_hidden_states_image=self.image_embeds,
-                        return_dict=False,
-                    )
+    def forwards(self, timestep: float) -> list[tuple[str, dict]]:
+        """The conditional forward, then the unconditional one (the negative prompt), batch 1 each."""
+        t = self.timestep(timestep)
+        return [
+            (
+                branch,
+                dict(
+                    hidden_states=self.model_input,
+                    timestep=t,
+                    encoder_hidden_states=self.prompt_embeds[row : row + 1],
+                    encoder_hidden_states_image=self.image_embeds,
+                ),
+            )
+            for row, branch in ((0, "cond"), (1, "uncond"))
+        ]
 
     def training_tensors(self, gen: torch.Generator) -> dict:
         latents, condition = self.training_latents
@@ -601,7 +607,7 @@ class HunyuanBench(Bench):
     tokens, 256 ByT5 glyph tokens, 1,000 Qwen2.5-VL prompt tokens, valid ones first), FlexiMMT in the joint
     attention through ``FlexiMMTHunyuanVideo15Pipeline``'s adapter (its forward hook reads each row's text form)."""
 
-    state_options: ClassVar[dict] = {"text_keys": True}
+    diffusers_takes_backends = True
 
     def __init__(self, args):
         from diffusers import (
@@ -625,6 +631,7 @@ class HunyuanBench(Bench):
         with torch.device(self.device):
             transformer = HunyuanVideo15Transformer3DModel(**{**block.HUNYUAN_CONFIGS[args.model], **overrides})
         self.transformer = transformer.to(self.dtype).eval().requires_grad_(False)
+        self.keep_diffusers_attention()
         self.weights_gib = sum(p.numel() * p.element_size() for p in self.transformer.parameters()) / 2**30
         spatial, temporal = block.HUNYUAN_VAE_SCALE
         # the pipeline reads its VAE's scale factors and latent channels (it cannot be built without one): a tiny
@@ -681,28 +688,16 @@ class HunyuanBench(Bench):
         self.training_latents = (latents, condition)
         self.masks = self.object_masks()
 
-    def use_plain_attention(self) -> None:
-        from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
-
-        for block in self.transformer.transformer_blocks:  # the token refiner's attention keeps its own processor
-            block.attn.set_processor(HunyuanVideo15AttnProcessor2_0())
-        self.speed_tools()
-
     def baseline(self) -> str:
         return "diffusers' HunyuanVideo15AttnProcessor2_0 (its [N, N] bool padding mask in every block)"
 
-    def step(self, i: int, state=None) -> None:
-        t = torch.tensor([999.0 - 20 * i], device=self.device).to(self.dtype)
-        with self.pipe.adapter.attach(state, {}) if state is not None else contextlib.nullcontext():
-            for branch, inputs in self.branches.items():  # the guider's forwards: conditional, then unconditional
-                with self.transformer.cache_context(branch):  # as the pipeline names them (for --cache)
-                    self.transformer(
-                        hidden_states=self.model_input,
-                        image_embeds=self.image_embeds,
-                        timestep=t,
-                        return_dict=False,
-                        **inputs,
-                    )
+    def forwards(self, timestep: float) -> list[tuple[str, dict]]:
+        """The guider's forwards: conditional, then unconditional, each with its own padded text."""
+        t = torch.tensor([timestep], device=self.device).to(self.dtype)
+        return [
+            (branch, dict(hidden_states=self.model_input, image_embeds=self.image_embeds, timestep=t, **inputs))
+            for branch, inputs in self.branches.items()
+        ]
 
     def training_tensors(self, gen: torch.Generator) -> dict:
         """One reference window as ``HunyuanVideo15Adapter.encode_conditions`` returns it (random)."""
@@ -1002,7 +997,7 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
             state = motion_state_for(
                 torch.stack([tokens])[None],
                 member.to(device),
-                form=bench.form,
+                **bench.pipe.adapter.state_settings(),
                 parts=TRAIN_PARTS & set(bench.pipe.adapter.parts),
                 num_frames=bench.geo["grid"][0],
                 dmem=True,

@@ -55,6 +55,8 @@ from block import (
     WAN_NAMES,
     WAN_TEXT_TOKENS,
     SavedBytes,
+    adapter_class,
+    attention_processors,
     hunyuan_config,
     hunyuan_geometry,
     hunyuan_size,
@@ -297,8 +299,8 @@ def param_bytes(module) -> int:
 
 def step_layouts(state) -> list:
     """A one-video state's layouts of this step: the step's, or those built per text form (``text_keys``)."""
-    slot = state.videos[0]
-    return [layout for layout in (slot.layout, *slot.text_layouts.values()) if layout is not None]
+    layouts = state.layouts
+    return [layout for layout in (layouts.step_layouts[0], *layouts.text_layouts[0].values()) if layout is not None]
 
 
 def layout_tensors(layout) -> dict[str, torch.Tensor]:
@@ -343,7 +345,7 @@ def transformer_step_peak(transformer, objects: int, d_m: int, batch: int = 2) -
             tokens, member, form="joint", num_frames=geo["grid"][0], feature_blocks=frozenset(range(30))
         )
         state.set_video_masks(moving_masks(objects, geo["grid"]))
-        state.rows, state.feature_rows = [0, 0], [1]
+        state.rows.set_forward([0, 0], [1])
         meta_layout(state)
         for i, block in enumerate(transformer.transformer_blocks):
             block.attn1.set_processor(FlexiMMTAttnProcessor(i))
@@ -525,6 +527,67 @@ def wan_meta_models(model: str) -> dict:
     return models
 
 
+def family_state(
+    family: str,
+    objects: int,
+    d_m: int,
+    blocks: int,
+    dim: int,
+    feature_blocks,
+    grid: tuple[int, int, int],
+    words: int,
+    tokens_dtype=BF16,
+    parts=None,
+    device="meta",
+):
+    """A FlexiMMT state for one video of a registered ``family`` (on meta by default) as its adapter sets one
+    up (``state_settings``, its MDMA parts): K objects' motion tokens ``[K, 1, blocks, d_m, dim]``, their words
+    among the ``words`` text tokens they are counted in, and the step's masks (moving ellipses on ``grid``)."""
+    from fleximmt.method.attention import motion_state_for
+
+    adapter = adapter_class(family)
+    member, _ = word_members(objects, words)
+    shape = (objects, 1, blocks, d_m, dim)
+    tokens = (
+        torch.empty(shape, device="meta", dtype=tokens_dtype)
+        if device == "meta"
+        else torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(tokens_dtype) * dim**-0.5
+    )
+    state = motion_state_for(
+        tokens,
+        member,
+        **adapter.state_settings(),
+        parts=frozenset(parts or adapter.parts),
+        num_frames=grid[0],
+        feature_blocks=frozenset(feature_blocks),
+    )
+    state.set_video_masks(moving_masks(objects, grid))
+    return state
+
+
+def use_attention(family: str, transformer, state, texts=()) -> None:
+    """diffusers' own attention (state None: every FlexiMMT processor swapped back for the diffusers processor
+    it wraps) or FlexiMMT's processors as the family's adapter installs them, their slot holding ``state`` and
+    the rows' text forms (``texts``, as the adapter's forward hook would set them)."""
+    from types import SimpleNamespace
+
+    from fleximmt.models.shared import SlotProcessor, slot_of
+
+    if state is None:
+        for module in transformer.modules():
+            if isinstance(getattr(module, "processor", None), SlotProcessor):
+                module.set_processor(module.processor.inner)
+        return
+    adapter_class(family)(SimpleNamespace(transformer=transformer)).install_processors()
+    slot = slot_of(transformer)
+    slot.state, slot.texts = state, list(texts)
+
+
+def feature_share_blocks(family: str, layers: int) -> range:
+    """RMPM's feature blocks of a model of ``layers`` blocks: the family's share of its first blocks."""
+    return range(max(1, round(layers * adapter_class(family).feature_share)))
+
+
 def wan_flexi_state(
     model: str,
     objects: int,
@@ -537,58 +600,16 @@ def wan_flexi_state(
     size=None,
     device="meta",
 ):
-    """A FlexiMMT state for one Wan video (on meta by default): :func:`cross_state` at the model's geometry."""
+    """:func:`family_state` for a Wan model (its layout moved to ``device``)."""
     cfg = cfg or wan_config(model)
     geo = wan_geometry(model, cfg, *(size or WAN_GEOMETRY[model]))
     dim = cfg.num_attention_heads * cfg.attention_head_dim
-    return cross_state(
-        geo["grid"], WAN_TEXT_TOKENS, dim, objects, d_m, blocks, feature_blocks, tokens_dtype, dmem_parts, device
+    state = family_state(
+        "wan", objects, d_m, blocks, dim, feature_blocks, geo["grid"], WAN_TEXT_TOKENS, tokens_dtype, dmem_parts, device
     )
-
-
-def cross_state(
-    grid, text_tokens, dim, objects, d_m, blocks, feature_blocks, tokens_dtype=BF16, parts=None, device="meta"
-):
-    """A FlexiMMT state for one video of a cross-attention model (Wan, LTX-2; on meta by default): K objects' motion
-    tokens ``[K, 1, blocks, d_m, dim]``, their words among ``text_tokens`` text keys, and the step's MDMA layout
-    from moving ellipse masks on ``grid`` (built on the CPU, then moved)."""
-    from fleximmt.method.attention import motion_state_for
-    from fleximmt.method.masks import CROSS_PARTS
-
-    member, _ = word_members(objects, text_tokens)
-    shape = (objects, 1, blocks, d_m, dim)
-    tokens = (
-        torch.empty(shape, device="meta", dtype=tokens_dtype)
-        if device == "meta"
-        else torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(tokens_dtype) * dim**-0.5
-    )
-    state = motion_state_for(
-        tokens,
-        member,
-        form="cross",
-        parts=frozenset(parts or CROSS_PARTS),
-        num_frames=grid[0],
-        feature_blocks=frozenset(feature_blocks),
-    )
-    state.set_video_masks(moving_masks(objects, grid))
     if device == "meta":
         meta_layout(state)
     return state
-
-
-def install_wan(transformer, state) -> None:
-    """diffusers' ``WanAttnProcessor`` (state None) or FlexiMMT's processors sharing one slot."""
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-    from fleximmt.models.wan import StateSlot, WanCrossAttnProcessor, WanSelfAttnProcessor
-
-    if state is None:
-        transformer.set_attn_processor(WanAttnProcessor())
-        return
-    slot = StateSlot(state)
-    for index, block in enumerate(transformer.blocks):
-        block.attn1.set_processor(WanSelfAttnProcessor(index, slot))
-        block.attn2.set_processor(WanCrossAttnProcessor(index, 0, slot))
 
 
 def wan_inputs(model: str, transformer, size=None) -> dict:
@@ -620,15 +641,13 @@ def state_bytes(state) -> int:
 
 def wan_step_peak(model: str, transformer, objects: int, d_m: int) -> int:
     """One transformer call (one CFG branch) on meta: diffusers' attention (K = 0) or FlexiMMT with K
-    objects, RMPM's features captured (the conditional branch) over the first 70% of the blocks."""
-    from fleximmt.models.wan import FEATURE_SHARE
-
+    objects, RMPM's features captured (the conditional branch) over the family's share of the blocks."""
     layers = transformer.config.num_layers
     state = None
     if objects:
-        state = wan_flexi_state(model, objects, d_m, layers, range(max(1, round(layers * FEATURE_SHARE))))
-        state.rows, state.feature_rows = [0], [0]
-    install_wan(transformer, state)
+        state = wan_flexi_state(model, objects, d_m, layers, feature_share_blocks("wan", layers))
+        state.rows.set_forward([0], [0])
+    use_attention("wan", transformer, state)
     inputs = wan_inputs(model, transformer)
     peak = measure_peak(lambda: transformer(**inputs, return_dict=False)[0], counter=StorageBytes)
     return peak + (state_bytes(state) if state is not None else 0)
@@ -649,8 +668,7 @@ def wan_training_peak(model: str, transformer, flexi: bool, d_m: int, checkpoint
             model, 1, d_m, layers, (), tokens_dtype=torch.float32, dmem_parts=TRAIN_PARTS & {"m2v", "t2v"}, size=size
         )
         state.videos[0].motion_tokens.requires_grad_(True)
-        state.rows = state.feature_rows = None
-    install_wan(transformer, state)
+    use_attention("wan", transformer, state)
     inputs = wan_inputs(model, transformer, size)
     if not flexi:
         inputs["hidden_states"].requires_grad_(True)
@@ -677,7 +695,6 @@ def wan_block_saved(
     motion tokens of one object, MDMA part m2v), not to the encoder states: Wan's are constants."""
     import torch.nn.functional as F
 
-    from fleximmt.models.wan import StateSlot, WanCrossAttnProcessor, WanSelfAttnProcessor
     from fleximmt.training.train import TRAIN_PARTS
 
     cfg = cfg or wan_config(model)
@@ -716,9 +733,10 @@ def wan_block_saved(
         )
         state.videos[0].motion_tokens.requires_grad_(True)
         params.append(state.videos[0].motion_tokens)
-    slot = StateSlot(state)
-    block.attn1.set_processor(WanSelfAttnProcessor(0, slot))
-    block.attn2.set_processor(WanCrossAttnProcessor(0, 0, slot))
+    _, flexi_processors, slot = attention_processors(adapter_class("wan"), block)
+    for module, processor in flexi_processors.items():  # FlexiMMT's, the state None without objects: diffusers'
+        module.set_processor(processor)
+    slot.state = state
     original = F.scaled_dot_product_attention
     if device == "meta":
         F.scaled_dot_product_attention = fused_sdpa
@@ -1104,50 +1122,27 @@ def hunyuan_flexi_state(
     parts=None,
     device="meta",
 ):
-    """A FlexiMMT state for one video (on meta by default) as the adapter prepares it: K objects' motion
-    tokens ``[K, 1, blocks, d_m, dim]``, the words among the prompt tokens, and the step's MDMA layout of the
-    row's text form built on the CPU (where the processors build it at their first call), then moved."""
-    from fleximmt.method.attention import motion_state_for
-
+    """:func:`family_state` for HunyuanVideo 1.5, its words among the prompt tokens, and the step's MDMA layout
+    of the row's text form built on the CPU (where the processors build it at their first call), then moved."""
     geo = hunyuan_geometry(cfg, *size)
-    dim = cfg.num_attention_heads * cfg.attention_head_dim
-    member, _ = word_members(objects, lengths["prompt"])
-    shape = (objects, 1, blocks, d_m, dim)
-    tokens = (
-        torch.empty(shape, device="meta", dtype=tokens_dtype)
-        if device == "meta"
-        else torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(tokens_dtype) * dim**-0.5
+    state = family_state(
+        "hunyuanvideo15",
+        objects,
+        d_m,
+        blocks,
+        cfg.num_attention_heads * cfg.attention_head_dim,
+        feature_blocks,
+        geo["grid"],
+        lengths["prompt"],
+        tokens_dtype,
+        parts,
+        device,
     )
-    options = {} if parts is None else {"parts": frozenset(parts)}
-    state = motion_state_for(
-        tokens,
-        member,
-        form="joint",
-        num_frames=geo["grid"][0],
-        feature_blocks=frozenset(feature_blocks),
-        text_keys=True,
-        **options,
-    )
-    state.set_video_masks(moving_masks(objects, geo["grid"]))
     text, _ = hunyuan_text(valid_text, 0, lengths)
-    state._step_layout(0, text, sum(lengths.values()))
+    state.layouts.step_layout(0, text, sum(lengths.values()))
     if device == "meta":
         meta_layout(state)
     return state, text
-
-
-def install_hunyuan(transformer, state, text=None) -> None:
-    """diffusers' ``HunyuanVideo15AttnProcessor2_0`` (state None) or FlexiMMT's processors sharing one slot,
-    which holds the row's text form as the adapter's forward hook fills it."""
-    from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
-
-    from fleximmt.models.hunyuan15 import FlexiMMTHunyuanAttnProcessor, StateSlot
-
-    slot = StateSlot(state, [text])
-    for index, block in enumerate(transformer.transformer_blocks):  # the token refiner's attention keeps its own
-        block.attn.set_processor(
-            HunyuanVideo15AttnProcessor2_0() if state is None else FlexiMMTHunyuanAttnProcessor(index, slot)
-        )
 
 
 def hunyuan_forward_peak(
@@ -1163,7 +1158,7 @@ def hunyuan_forward_peak(
 ) -> int:
     """Peak bytes of one transformer call (``grad``: its forward + backward, gradients to the motion tokens,
     or for diffusers' attention to the input latents) on meta, diffusers' attention (state None) or FlexiMMT's."""
-    install_hunyuan(transformer, state, text)
+    use_attention("hunyuanvideo15", transformer, state, [text])
     inputs, counts = hunyuan_inputs(transformer.config, size, lengths, valid_text, device, transformer.dtype)
     if grad and state is None:
         inputs["hidden_states"].requires_grad_(True)
@@ -1187,16 +1182,14 @@ def hunyuan_forward_peak(
 def hunyuan_step_peak(transformer, objects: int, d_m: int, size) -> int:
     """One transformer call (one guider branch) on meta: diffusers' attention (K = 0, its [N, N] bool mask in
     every block) or FlexiMMT with K objects, RMPM's features captured (the conditional branch) over the first
-    70% of the blocks."""
-    from fleximmt.models.hunyuan15 import FEATURE_SHARE
-
+    70% of the blocks (the family's share)."""
     state = text = None
     if objects:
         layers = transformer.config.num_layers
         state, text = hunyuan_flexi_state(
-            transformer.config, objects, d_m, layers, range(max(1, round(layers * FEATURE_SHARE))), size
+            transformer.config, objects, d_m, layers, feature_share_blocks("hunyuanvideo15", layers), size
         )
-        state.rows, state.feature_rows = [0], [0]
+        state.rows.set_forward([0], [0])
     return hunyuan_forward_peak(transformer, state, text, size)
 
 
@@ -1219,7 +1212,6 @@ def hunyuan_training_peak(transformer, flexi: bool, d_m: int, checkpointing: boo
             parts=TRAIN_PARTS,
         )
         state.videos[0].motion_tokens.requires_grad_(True)
-        state.rows = state.feature_rows = None
     return hunyuan_forward_peak(transformer, state, text, size, grad=True, checkpointing=checkpointing)
 
 
@@ -1712,33 +1704,22 @@ def ltx2_inputs(cfg, size, batch: int, device="meta", dtype=BF16) -> dict:
 
 
 def ltx2_flexi_state(cfg, objects, d_m, blocks, feature_blocks, size, tokens_dtype=BF16, parts=None, device="meta"):
-    """A FlexiMMT state for one LTX-2 video (on meta by default) as the adapter prepares it: :func:`cross_state`
-    with the words among the 1,024 text keys."""
+    """:func:`family_state` for LTX-2, the words among the 1,024 text keys (its layout moved to ``device``)."""
     dim = cfg.num_attention_heads * cfg.attention_head_dim
     grid = ltx2_geometry(cfg, *size)["grid"]
-    return cross_state(grid, LTX2_TEXT_TOKENS, dim, objects, d_m, blocks, feature_blocks, tokens_dtype, parts, device)
-
-
-def install_ltx2(transformer, state) -> None:
-    """diffusers' processors (state None) or FlexiMMT's on ``attn1`` and ``attn2`` sharing one slot, around them."""
-    from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnProcessor
-
-    from fleximmt.models.ltx2 import LTX2CrossAttnProcessor, LTX2SelfAttnProcessor, StateSlot
-
-    transformer.set_attn_processor(LTX2AudioVideoAttnProcessor())
-    if state is None:
-        return
-    slot = StateSlot(state)
-    for index, block in enumerate(transformer.transformer_blocks):
-        block.attn1.set_processor(LTX2SelfAttnProcessor(index, slot, block.attn1.processor))
-        block.attn2.set_processor(LTX2CrossAttnProcessor(index, slot, block.attn2.processor))
+    state = family_state(
+        "ltx2", objects, d_m, blocks, dim, feature_blocks, grid, LTX2_TEXT_TOKENS, tokens_dtype, parts, device
+    )
+    if device == "meta":
+        meta_layout(state)
+    return state
 
 
 def ltx2_forward_peak(transformer, state, size, batch, grad=False, checkpointing=False, device="meta") -> int:
     """Peak bytes of one transformer call (``grad``: its forward + backward, gradients to the motion tokens, or for
     diffusers' attention to the input latents; the video output's loss) on meta, diffusers' attention (state
     None) or FlexiMMT's, plus what the state keeps on the device."""
-    install_ltx2(transformer, state)
+    use_attention("ltx2", transformer, state)
     inputs = ltx2_inputs(transformer.config, size, batch, device, transformer.dtype)
     if grad and state is None:
         inputs["hidden_states"].requires_grad_(True)
@@ -1762,15 +1743,11 @@ def ltx2_step_peak(transformer, objects: int, d_m: int, size) -> int:
     """CFG's forward of a denoising step (batch 2, the largest of the step's forwards: spatio-temporal and modality
     guidance's are batch 1) on meta: diffusers' attention (K = 0) or FlexiMMT with K objects, RMPM's features
     captured on the positive row over the first 70% of the blocks."""
-    from fleximmt.models.ltx2 import FEATURE_SHARE
-
     state = None
     if objects:
         layers = transformer.config.num_layers
-        state = ltx2_flexi_state(
-            transformer.config, objects, d_m, layers, range(max(1, round(layers * FEATURE_SHARE))), size
-        )
-        state.rows, state.feature_rows = [0, 0], [1]
+        state = ltx2_flexi_state(transformer.config, objects, d_m, layers, feature_share_blocks("ltx2", layers), size)
+        state.rows.set_forward([0, 0], [1])
     return ltx2_forward_peak(transformer, state, size, batch=2)
 
 
@@ -1786,7 +1763,6 @@ def ltx2_training_peak(transformer, flexi: bool, d_m: int, checkpointing: bool, 
         parts = TRAIN_PARTS & {"m2v", "t2v"}
         state = ltx2_flexi_state(cfg, 1, d_m, cfg.num_layers, (), size, tokens_dtype=torch.float32, parts=parts)
         state.videos[0].motion_tokens.requires_grad_(True)
-        state.rows = state.feature_rows = None
     return ltx2_forward_peak(transformer, state, size, batch=1, grad=True, checkpointing=checkpointing)
 
 

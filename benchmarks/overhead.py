@@ -11,7 +11,7 @@ float mask would take per block call, and the bytes the auto backend's mask stru
 
 ``--attention`` takes the MDMA layouts one FlexiMMT run of the medium model makes (one per denoising
 step) and times, interleaved on the same random ``[2, 8, 2,098, 64]`` query/key/value: diffusers'
-one SDPA call against the auto backend's grouped call (``JointLayout.attend_video_first`` on the
+one SDPA call against the auto backend's grouped call (``GroupedJoint.attend_video_first`` on the
 ``[video | text | motion]`` tokens FlexiMMT's processor makes), the same layout with
 the small groups not merged (each its own unmasked call), and the masked call alone with its mask as
 bool rows (SDPA converts them in every call) or as the float mask the layout makes once.
@@ -33,7 +33,8 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from PIL import Image
 
 from fleximmt import FlexiMMTPipeline, ObjectMotion
-from fleximmt.method.attention import JointLayout
+from fleximmt.method.kernels import Mdma, grouped
+from fleximmt.method.kernels.grouped import GroupedJoint
 from fleximmt.method.masks import PARTS, span_membership
 from fleximmt.toy import random_motion, tiny_components
 
@@ -210,7 +211,7 @@ def real_model_sizes(objects: int = 3, d_m: int = 226) -> None:
     for k in range(objects):
         masks[k, :, 4 + 6 * k : 18 + 6 * k, 5 + 10 * k : 20 + 10 * k] = True
     spans = [list(range(3 + 5 * k, 6 + 5 * k)) for k in range(objects)]
-    layout = JointLayout(span_membership(text, spans), d_m, masks.reshape(objects, -1), frozenset(PARTS), "open")
+    layout = GroupedJoint(Mdma(span_membership(text, spans), d_m, masks.reshape(objects, -1), frozenset(PARTS)))
     bias = layout.masked_bias(torch.empty(0, dtype=torch.bfloat16))  # the masked call's float mask, bf16 as on a GPU
     auto_bytes = (
         layout.masked_rows.numel() * layout.masked_rows.element_size()
@@ -234,20 +235,18 @@ def attention_calls(args) -> None:
     """Medians of ``args.repeats`` interleaved calls per layout; see the module's docstring."""
     import torch.nn.functional as F
 
-    import fleximmt.method.attention as attention
-
     torch.manual_seed(0)
     pipe = medium_pipeline()
     image = Image.fromarray((np.random.RandomState(0).rand(96, 96, 3) * 255).astype(np.uint8))
     prompt, objs = objects_for(pipe, args.objects, args.tokens)
-    layouts = []
-    built = JointLayout.__post_init__
+    layouts = []  # (layout, the MDMA it was built from)
+    built = GroupedJoint.__init__
 
-    def keep(layout):
-        built(layout)
-        layouts.append(layout)
+    def keep(layout, mdma, *args):
+        built(layout, mdma, *args)
+        layouts.append((layout, mdma))
 
-    JointLayout.__post_init__ = keep
+    GroupedJoint.__init__ = keep
     try:
         pipe.adapter.install_processors()
         pipe(
@@ -262,9 +261,9 @@ def attention_calls(args) -> None:
             alpha=None,
         )
     finally:
-        JointLayout.__post_init__ = built
+        GroupedJoint.__init__ = built
     text, n_motion = 226, args.objects * args.tokens
-    n_video = layouts[0].video_masks.shape[1]
+    n_video = layouts[0][0].video_masks.shape[1]
     q, k, v = (torch.randn(2, 8, text + n_video, 64) for _ in range(3))
     # FlexiMMT's processor's tokens: [video | text | motion], the motion rows projected with the rest
     q_f, k_f, v_f = (torch.randn(2, 8, n_video + text + n_motion, 64) for _ in range(3))
@@ -278,16 +277,14 @@ def attention_calls(args) -> None:
         f"one attention call of the medium model, [2, 8, {q.shape[2]}, 64], K = {args.objects} x {args.tokens} "
         f"motion tokens; medians of {args.repeats} calls, interleaved"
     )
-    below = attention.MERGE_BELOW
+    below = grouped.MERGE_BELOW
     with torch.no_grad():
-        for step, layout in enumerate(layouts[1:], 1):  # step 0's layout comes from the first-frame masks
+        for step, (layout, mdma) in enumerate(layouts[1:], 1):  # step 0's layout comes from the first-frame masks
             try:
-                attention.MERGE_BELOW = 0
-                unmerged = JointLayout(
-                    layout.member, layout.tokens_per_motion, layout.video_masks, layout.parts, layout.context_text
-                )
+                grouped.MERGE_BELOW = 0
+                unmerged = GroupedJoint(mdma)
             finally:
-                attention.MERGE_BELOW = below
+                grouped.MERGE_BELOW = below
             rows = layout.masked_rows
             masked_q = torch.randn(2, 8, rows.shape[0], 64)
             keys, values = (torch.randn(2, 8, rows.shape[1], 64) for _ in range(2))

@@ -9,9 +9,9 @@ import torch
 from comfy_wan import COMFYUI, import_comfy
 
 from fleximmt.method.adapter import TokenGrid
-from fleximmt.method.attention import VideoMotions
 from fleximmt.method.masks import mask_to_token_grid, span_membership
 from fleximmt.method.pipeline import MaskSchedule, transfer_state
+from fleximmt.method.tokens import VideoMotions
 
 NATIVE_ONLY_IN_033 = {
     "CogVideoX": "comfy/ldm/cogvideo/model.py",
@@ -98,12 +98,7 @@ def library_state(
     tokens = torch.stack([o.motion.expert_tokens() for o in objects])
     first = torch.stack([mask_to_token_grid(o.mask_tensor, grid.height, grid.width) for o in objects])
     state = transfer_state(
-        [VideoMotions(tokens, member, concept) for _ in range(videos)],
-        options,
-        adapter.form,
-        num_blocks,
-        adapter.feature_share,
-        grid.frames,
+        [VideoMotions(tokens, member, concept) for _ in range(videos)], options, adapter, num_blocks, grid.frames
     )
     return state, MaskSchedule(state, [first] * videos, grid, options, num_blocks)
 

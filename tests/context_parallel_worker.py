@@ -74,17 +74,18 @@ def main(out: Path) -> None:
     rank = dist.get_rank()
     seen = {"rank": rank}
     shards, gathers = [], []
-    shard_video, gather = FlexiMMTState.shard_video, VideoShard.gather
+    check_shard, gather = FlexiMMTState.check_shard, VideoShard.gather
 
-    def record_shard(self, shard):
+    def record_shard(self):  # every state checks the shard it is made with
+        shard = self.shard
         shards.append(None if shard is None else [shard.start, shard.stop, list(shard.sizes)])
-        return shard_video(self, shard)
+        return check_shard(self)
 
     def record_gather(self, local):
         gathers.append(local.shape[0])
         return gather(self, local)
 
-    FlexiMMTState.shard_video, VideoShard.gather = record_shard, record_gather
+    FlexiMMTState.check_shard, VideoShard.gather = record_shard, record_gather
 
     # Wan 2.1, 48 video tokens (64 x 64 x 9): Ulysses over two processes, 24 tokens each
     pipe = tiny_wan_pipeline(0, version="2.1")

@@ -155,6 +155,35 @@ def test_transfer_and_learn_without_a_browser(assets):
     ]  # no run state left
 
 
+def test_the_mask_kernel_setting_reaches_transfer_and_learning(assets, monkeypatch):
+    """The page's mask kernel: "dense" builds the dense kernel's layouts and makes the video "auto" makes;
+    learning takes it too, and "flex" (no backward on a CPU) is refused with the fix."""
+    from fleximmt.method.kernels.dense import DenseJoint
+
+    pipe, root, image = assets
+    app = TransferApp(pipe, MotionLibrary(root / "motions"), root / "out")
+    slots = two_objects(root)
+    built = []
+    real = DenseJoint.__init__
+    monkeypatch.setattr(DenseJoint, "__init__", lambda self, *args: built.append(1) or real(self, *args))
+    auto, _ = app.generate(image, PROMPT, slots, steps=2, seed=0)
+    assert not built
+    dense, _ = app.generate(image, PROMPT, slots, steps=2, seed=0, mask_kernel="dense")
+    assert built
+    assert np.abs(iio.imread(dense).astype(int) - iio.imread(auto).astype(int)).mean() < 1.0
+    with pytest.raises(ValueError, match="mask_kernel='flex' has no backward on a CPU"):
+        app.learn(
+            str(reference_video(root / "ref.mp4")),
+            "A ball jumps up.",
+            "ball",
+            "jumps up",
+            "hop",
+            2,
+            2,
+            mask_kernel="flex",
+        )
+
+
 def test_generation_reports_its_progress_and_motions_show_their_metadata(assets):
     pipe, root, image = assets
     app = TransferApp(pipe, MotionLibrary(root / "motions"), root / "out")
@@ -410,22 +439,33 @@ def test_the_api_has_named_endpoints_with_named_inputs(server):
     assert sorted(api["named_endpoints"]) == ["/generate", "/learn", "/show_masks"] and not api["unnamed_endpoints"]
     generate = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]
     assert (
-        generate[:8]
+        generate[:9]
         == [
             "image",
             "prompt",
             "steps",
             "seed",
+            "mask_kernel",
             "object_1_use",
             "object_1_mask_from",
             "object_1_brush",
             "object_1_mask_png",
         ]
         and generate[-1] == "object_3_motion_words"
-        and len(generate) == 31
+        and len(generate) == 32
     )
     learn = [p["parameter_name"] for p in api["named_endpoints"]["/learn"]["parameters"]]
-    assert learn == ["video", "caption", "concept_words", "motion_words", "name", "steps", "tokens_per_block", "resume"]
+    assert learn == [
+        "video",
+        "caption",
+        "concept_words",
+        "motion_words",
+        "name",
+        "steps",
+        "tokens_per_block",
+        "mask_kernel",
+        "resume",
+    ]
     video, _overlay = server.client.predict(**generate_inputs(server.root), api_name="/generate")
     assert iio.imread(video["video"] if isinstance(video, dict) else video).shape == (9, 32, 32, 3)
     preview = server.client.predict(
@@ -478,8 +518,8 @@ def test_a_client_that_goes_away_stops_its_run_and_the_next_one_runs(server):
         for p in server.client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"][
             "parameters"
         ]
-    ][4:]
-    data = [upload(session, root / "image.png"), "A ball jumps up.", 20, 0, *[objects.get(n) for n in names]]
+    ][5:]
+    data = [upload(session, root / "image.png"), "A ball jumps up.", 20, 0, "auto", *[objects.get(n) for n in names]]
     session.join(session.fn_index("generate"), data)
     for message in session.messages():  # the page's event stream, dropped while its run is in step 1
         if message.get("msg") == "process_starts":

@@ -1,5 +1,5 @@
-"""The two attention forms' fast backends against their dense references, values and gradients, on
-random layouts (no model): joint (CogVideoX) and cross (Wan)."""
+"""The two attention forms' fast mask kernels against the dense reference, values and gradients, on
+random layouts (no model): joint (CogVideoX) and cross (Wan); the kernels' registry and its constraints."""
 
 import random
 
@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from fleximmt.method import attention
-from fleximmt.method.attention import CrossLayout, JointLayout, chain_order
+from fleximmt.method.kernels import MASK_KERNELS, Mdma, check, grouped, mask_kernel
+from fleximmt.method.kernels.grouped import GroupedJoint, chain_order
 from fleximmt.method.masks import CROSS_PARTS, PARTS, span_membership
+
+
+def layout(form, member, d_m, video_masks, parts, context="open", kernel="auto", text_valid=None, pad_queries=False):
+    """``kernel``'s layout of one video's MDMA for attention form ``form``."""
+    mdma = Mdma(member, d_m, video_masks, frozenset(parts), context, text_valid)
+    return mask_kernel(kernel).layout(form, mdma, pad_queries=pad_queries)
 
 
 def layout_inputs(rng: random.Random, num_objects: int, text_len=7, d_m=3, num_video=40):
@@ -30,14 +37,14 @@ def tensors(batch, heads, lengths, d=8, seed=0):
 def padded_on_this_device(monkeypatch, bucket: int) -> None:
     """Pad the group queries of DMEM's per-block layouts to ``bucket`` here as on CUDA (where cuDNN
     plans are per shape)."""
-    monkeypatch.setitem(attention.QUERY_BUCKETS, "cpu", bucket)
+    monkeypatch.setitem(grouped.QUERY_BUCKETS, "cpu", bucket)
 
 
 def assert_padded(layout, bucket: int, num_video: int) -> None:
     for group in layout.groups:
         assert group.count == group.queries.numel() == num_video or group.queries.numel() % bucket == 0
         assert group.queries[group.count :].eq(group.queries[0]).all()  # padded with a real query
-    if isinstance(layout, JointLayout):
+    if isinstance(layout, GroupedJoint):
         assert layout.masked_queries.numel() % bucket == 0
         assert layout.masked_rows.shape[0] - layout.member.shape[1] == layout.masked_queries.numel()
 
@@ -53,11 +60,11 @@ def test_joint_auto_equals_dense_in_values_and_gradients(num_objects, seed, buck
     text_len, num_video, m_len = member.shape[1], video_masks.shape[1], num_objects * d_m
     outs, grads = [], []
     for backend in ("auto", "dense"):
-        layout = JointLayout(member, d_m, video_masks, parts, "open", backend, pad_queries=True)
+        joint = layout("joint", member, d_m, video_masks, parts, "open", backend, pad_queries=True)
         if backend == "auto":
-            assert_padded(layout, bucket, num_video)
+            assert_padded(joint, bucket, num_video)
         q, k, v, mq, mk, mv = tensors(2, 2, [text_len + num_video] * 3 + [m_len] * 3, seed=seed)
-        out = layout.attend(q, k, v, mq, mk, mv, text_len)
+        out = joint.attend(q, k, v, mq, mk, mv, text_len)
         out.pow(2).sum().backward()
         outs.append(out.detach())
         grads.append([t.grad for t in (q, k, v, mk, mv)])
@@ -75,7 +82,7 @@ def test_video_first_tokens_give_the_same_attention(backend, seed):
     rng = random.Random(200 + seed)
     member, d_m, video_masks = layout_inputs(rng, 3)
     text_len, num_video, m_len = member.shape[1], video_masks.shape[1], 3 * d_m
-    reference = JointLayout(member, d_m, video_masks, frozenset(PARTS), "open", "dense")
+    reference = layout("joint", member, d_m, video_masks, PARTS, "open", "dense")
     q, k, v, mq, mk, mv = tensors(2, 2, [text_len + num_video] * 3 + [m_len] * 3, seed=seed)
     expected = reference.attend(q, k, v, mq, mk, mv, text_len)
     expected.pow(2).sum().backward()
@@ -87,8 +94,8 @@ def test_video_first_tokens_give_the_same_attention(backend, seed):
     qs, ks, vs, mqs, mks, mvs = (t.detach().clone().requires_grad_(True) for t in (q, k, v, mq, mk, mv))
     keys, values = first(ks, mks), first(vs, mvs)
     video_keys = keys[:, :, :num_video].detach().clone()
-    layout = JointLayout(member, d_m, video_masks, frozenset(PARTS), "open", backend)
-    out = layout.attend_video_first(first(qs, mqs), keys, values, text_len)
+    joint = layout("joint", member, d_m, video_masks, PARTS, "open", backend)
+    out = joint.attend_video_first(first(qs, mqs), keys, values, text_len)
     assert out.shape == (2, 2, num_video + text_len, 8) and out.transpose(1, 2).is_contiguous()
     assert torch.equal(keys[:, :, :num_video], video_keys)
     assert torch.allclose(out, torch.cat([expected[:, :, text_len:], expected[:, :, :text_len]], dim=2), atol=1e-10)
@@ -103,8 +110,8 @@ def test_training_layouts_read_slices_of_one_key_buffer():
     member = span_membership(6, [[2, 3]])
     masks = torch.zeros(1, 60, dtype=torch.bool)
     masks[0, 10:40] = True
-    layout = JointLayout(member, 4, masks, frozenset({"m2v", "m2m", "t2m"}), "open")
-    assert layout.groups and all(g.chained for g in layout.groups)
+    joint = layout("joint", member, 4, masks, {"m2v", "m2m", "t2m"}, "open")
+    assert joint.groups and all(g.chained for g in joint.groups)
 
 
 def test_chain_order_puts_nested_key_sets_first():
@@ -127,11 +134,11 @@ def test_cross_auto_equals_dense_in_values_and_gradients(num_objects, seed, buck
     text_len, num_video, m_len = member.shape[1], video_masks.shape[1], num_objects * d_m
     outs, grads = [], []
     for backend in ("auto", "dense"):
-        layout = CrossLayout(member, d_m, video_masks, parts, "open", backend, pad_queries=True)
+        cross = layout("cross", member, d_m, video_masks, parts, "open", backend, pad_queries=True)
         if backend == "auto":
-            assert_padded(layout, bucket, num_video)
+            assert_padded(cross, bucket, num_video)
         q, k, v, mk, mv = tensors(2, 2, [num_video, text_len, text_len, m_len, m_len], seed=seed)
-        out = layout.attend(q, k, v, mk, mv)
+        out = cross.attend(q, k, v, mk, mv)
         out.pow(2).sum().backward()
         outs.append(out.detach())
         grads.append([t.grad for t in (q, k, v, mk, mv)])
@@ -151,13 +158,13 @@ def test_only_layouts_built_in_every_block_are_padded(monkeypatch):
     tokens = torch.randn(2, 1, 1, d_m, 16)
     step = motion_state_for(tokens, member)
     step.set_video_masks(video_masks)
-    assert all(g.queries.numel() == g.count for g in step.videos[0].layout.groups)
+    assert all(g.queries.numel() == g.count for g in step.layouts.step_layouts[0].groups)
     dmem = motion_state_for(tokens, member, dmem=True, concept_member=member, num_frames=1)
     q, k, v = tensors(1, 2, [video_masks.shape[1] + member.shape[1] + 2 * d_m] * 3)
     dmem.joint_attention(0, q, k.detach().clone(), v.detach().clone(), member.shape[1])
-    layout = dmem._dmem_layouts[(0, 0)]
-    assert all(g.queries.numel() % 7 == 0 or g.count == video_masks.shape[1] for g in layout.groups)
-    assert any(g.queries.numel() > g.count for g in layout.groups) or layout.masked_queries.numel() > layout.num_merged
+    built = dmem.layouts.dmem_layouts[(0, 0)]
+    assert all(g.queries.numel() % 7 == 0 or g.count == video_masks.shape[1] for g in built.groups)
+    assert any(g.queries.numel() > g.count for g in built.groups) or built.masked_queries.numel() > built.num_merged
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -175,25 +182,52 @@ def test_flex_equals_dense_in_values(seed):
     )
     with torch.no_grad():
         flex, dense = (
-            JointLayout(member, d_m, video_masks, parts, context, b).attend(q, k, v, mq, mk, mv, text_len)
+            layout("joint", member, d_m, video_masks, parts, context, b).attend(q, k, v, mq, mk, mv, text_len)
             for b in ("flex", "dense")
         )
         assert ((flex - dense).norm() / dense.norm()).item() < 1e-4
         cross_parts = frozenset(rng.sample(CROSS_PARTS, rng.randint(1, 2)))
         qv, kt, vt = (t.detach().float() for t in tensors(2, 2, [num_video, text_len, text_len], seed=seed + 1))
         flex, dense = (
-            CrossLayout(member, d_m, video_masks, cross_parts, "open", b).attend(qv, kt, vt, mk, mv)
+            layout("cross", member, d_m, video_masks, cross_parts, "open", b).attend(qv, kt, vt, mk, mv)
             for b in ("flex", "dense")
         )
         assert ((flex - dense).norm() / dense.norm()).item() < 1e-4
 
 
-def test_flex_refuses_gradients_on_a_cpu():
+def test_flex_refuses_gradients_on_a_cpu_before_it_attends():
+    """The flex kernel's constraint, checked where the state attends: gradients flowing on a CPU (the motion
+    tokens' in training, or the inputs') are refused naming the fix; without gradients it runs."""
+    from fleximmt.method.attention import motion_state_for
+
     member, d_m, video_masks = layout_inputs(random.Random(5), 3)
-    layout = CrossLayout(member, d_m, video_masks, frozenset(CROSS_PARTS), "open", "flex")
-    qv, kt, vt, mk, mv = (t.float() for t in tensors(1, 2, [video_masks.shape[1], 7, 7, 9, 9]))
+    tokens = torch.randn(3, 1, 1, d_m, 16, requires_grad=True)
+    state = motion_state_for(tokens, member, form="cross", parts=frozenset(CROSS_PARTS), mask_kernel="flex")
+    state.set_video_masks(video_masks)
+    qv, kt, vt = (t.detach().float() for t in tensors(1, 2, [video_masks.shape[1], 7, 7]))
+    project = lambda x, kind: x.reshape(1, -1, 2, 8).transpose(1, 2).float()  # [n, 16] -> [1, H, n, d]
+    with pytest.raises(ValueError, match=r"mask_kernel='flex' has no backward on a CPU .* train with 'auto'"):
+        state.cross_attention(0, 0, qv, kt, vt, project)
+    with torch.no_grad():
+        assert state.cross_attention(0, 0, qv, kt, vt, project).shape == qv.shape
+
+
+def test_every_kernel_is_registered_once_with_its_layouts_and_constraints():
+    """The kernels' registry: "auto" first (the default), each with a layout per attention form; an unknown
+    name is refused with the choices; flex's constraint says where it cannot run, the others run anywhere."""
+    assert MASK_KERNELS == ("auto", "dense", "flex")
+    for name in MASK_KERNELS:
+        kernel = mask_kernel(name)
+        assert kernel.name == name and callable(kernel.joint) and callable(kernel.cross)
+    assert mask_kernel("auto").opaque_when_compiled and not mask_kernel("flex").opaque_when_compiled
+    with pytest.raises(ValueError, match=r"mask_kernel='flash': choose from \['auto', 'dense', 'flex'\]"):
+        mask_kernel("flash")
+    for name in ("auto", "dense"):
+        check(mask_kernel(name), torch.device("cpu"), grad=True)
+    check(mask_kernel("flex"), torch.device("cpu"), grad=False)
+    check(mask_kernel("flex"), torch.device("cuda"), grad=True)
     with pytest.raises(ValueError, match="no backward on a CPU"):
-        layout.attend(qv, kt, vt, mk, mv)
+        check(mask_kernel("flex"), torch.device("cpu"), grad=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward runs on a GPU only")
@@ -209,9 +243,7 @@ def test_flex_equals_dense_in_gradients_on_a_gpu(seed):
             t.detach().float().cuda().requires_grad_(True)
             for t in tensors(2, 2, [text_len + num_video] * 3 + [m_len] * 3, seed=seed)
         )
-        out = JointLayout(member, d_m, video_masks, frozenset(PARTS), "open", backend).attend(
-            q, k, v, mq, mk, mv, text_len
-        )
+        out = layout("joint", member, d_m, video_masks, PARTS, "open", backend).attend(q, k, v, mq, mk, mv, text_len)
         out.pow(2).sum().backward()
         grads.append([t.grad for t in (q, k, v, mk, mv)])
     for flex, dense in zip(*grads):
@@ -244,9 +276,9 @@ def test_cross_layouts_with_padded_text_equal_a_brute_force_and_auto_equals_dens
     valid = torch.arange(9) < 6 + seed  # the last 3 - seed text keys are padding
     member &= valid
     owner = torch.arange(2 * d_m)[None] // d_m == torch.arange(2)[:, None]
-    dense = CrossLayout(member, d_m, video_masks, frozenset(CROSS_PARTS), backend="dense", text_valid=valid)
+    dense = layout("cross", member, d_m, video_masks, CROSS_PARTS, kernel="dense", text_valid=valid)
     assert torch.equal(dense.dense, cross_brute_force(member, owner, video_masks, valid))
-    auto = CrossLayout(member, d_m, video_masks, frozenset(CROSS_PARTS), backend="auto", text_valid=valid)
+    auto = layout("cross", member, d_m, video_masks, CROSS_PARTS, kernel="auto", text_valid=valid)
     q, k, v, mk, mv = tensors(2, 2, [40, 9, 9, 2 * d_m, 2 * d_m], seed=seed)
     expected = dense.attend(q, k, v, mk, mv)
     assert torch.allclose(auto.attend(q, k, v, mk, mv), expected, atol=1e-10)

@@ -160,13 +160,13 @@ def test_objects_with_context_parallelism_are_refused_where_they_cannot_shard(pi
 
 
 def test_the_flex_option_runs_through_the_pipeline_as_dense_does(spy):
-    """attention_backend="flex" (FlexiMMT's own option: one FlexAttention call per attention, compiled)
+    """mask_kernel="flex" (FlexiMMT's own option: one FlexAttention call per attention, compiled)
     gives the dense reference's video through the whole CogVideoX pipeline (inference: a CPU has no
     FlexAttention backward); FlexAttention is torch's own kernel, so no call reaches diffusers' registry."""
     pipe = tiny_pipeline(0)
-    flex = call(pipe, "cogvideox", attention_backend="flex")
+    flex = call(pipe, "cogvideox", mask_kernel="flex")
     masked_calls = list(spy)
     spy.clear()
-    dense = call(pipe, "cogvideox", attention_backend="dense")
+    dense = call(pipe, "cogvideox", mask_kernel="dense")
     assert ((flex - dense).norm() / dense.norm()).item() < 1e-4
     assert not masked_calls

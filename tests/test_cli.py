@@ -61,6 +61,7 @@ def subparser(name):
                 "--alpha",
                 "--rmpm-method",
                 "--preset",
+                "--mask-kernel",
                 "--dtype",
                 "MASK:MOTION:WORDS",
                 "examples:",
@@ -83,6 +84,7 @@ def subparser(name):
                 "--frames",
                 "--fps",
                 "--preset",
+                "--mask-kernel",
                 "examples:",
             ],
         ),
@@ -130,6 +132,32 @@ def test_generate_choices_are_the_pipelines_own():
     assert tuple(actions["initial_masks"].choices) == INITIAL_MASKS
     assert tuple(actions["preset"].choices) == PRESETS
     assert tuple(actions["dtype"].choices) == ("bfloat16", "float16", "float32")
+
+
+def test_generate_and_train_take_the_mask_kernel(scene, capsys, monkeypatch):
+    """--mask-kernel picks FlexiMMT's kernel (the pipeline's choices, "auto" by default): generate builds the
+    dense kernel's layouts with "dense"; train refuses "flex" on a CPU, naming the fix."""
+    from fleximmt.method.kernels import MASK_KERNELS
+    from fleximmt.method.kernels.dense import DenseJoint
+
+    for command in ("generate", "train"):
+        action = next(a for a in subparser(command)._actions if a.dest == "mask_kernel")
+        assert tuple(action.choices) == MASK_KERNELS
+    assert subparser("generate").parse_args(["--image", "i", "--prompt", "p", "--out", "o.mp4"]).mask_kernel == "auto"
+    built = []
+    real = DenseJoint.__init__
+    monkeypatch.setattr(DenseJoint, "__init__", lambda self, *args: built.append(1) or real(self, *args))
+    common = ["generate", "--model", "tiny", "--image", scene / "image.png", "--prompt", PROMPT, "--steps", 1]
+    code, _, err = run_cli([*common, *objects(scene), "--out", scene / "auto.mp4"], capsys)
+    assert code == 0 and not built, err
+    code, _, err = run_cli([*common, *objects(scene), "--out", scene / "dense.mp4", "--mask-kernel", "dense"], capsys)
+    assert code == 0 and built, err
+    video = np.full((9, 32, 32, 3), 90, np.uint8)
+    iio.imwrite(scene / "ref.mp4", video, fps=8, codec="libx264")
+    train = ["train", "--model", "tiny", "--video", scene / "ref.mp4", "--caption", "A ball jumps up."]
+    words = ["--concept", "ball", "--motion-words", "jumps up", "--out", scene / "m.safetensors", "--steps", 1]
+    code, _, err = run_cli([*train, *words, "--mask-kernel", "flex"], capsys)
+    assert code == 2 and "mask_kernel='flex' has no backward on a CPU" in err and "train with 'auto'" in err
 
 
 def test_python_dash_m_fleximmt_runs_the_cli():

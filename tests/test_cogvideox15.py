@@ -74,9 +74,7 @@ def test_auto_equals_dense_with_masks_on_token_frames_padded_in_front(pipe, sett
     )
     image, objs = picture(height, width), objects(pipe, height, width)
     auto = pipe(image, PROMPT, generator=torch.Generator().manual_seed(0), objects=objs, **call)
-    dense = pipe(
-        image, PROMPT, generator=torch.Generator().manual_seed(0), objects=objs, attention_backend="dense", **call
-    )
+    dense = pipe(image, PROMPT, generator=torch.Generator().manual_seed(0), objects=objs, mask_kernel="dense", **call)
     grid = pipe.token_grid(height, width, frames)
     assert auto.masks.shape == (1, 3, 2, grid.frames, grid.height, grid.width)
     assert rel(auto.frames, dense.frames) < 1e-4 and torch.equal(auto.masks, dense.masks)

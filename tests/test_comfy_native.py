@@ -7,6 +7,7 @@ ComfyUI's unpatched model exactly. Runs in `make test-comfy` (ComfyUI's environm
 from types import SimpleNamespace
 
 import comfy_native
+import numpy as np
 import pytest
 import torch
 from comfy_native import check_across_weight_changes, learn_jump, library_state, patch_of, relative_error
@@ -76,7 +77,7 @@ def library_run(transformer, objects, spans, options, videos=1):
 
 
 def library_forward(transformer, state, x, t, context, clip_fea, rows, feature_rows):
-    state.rows, state.feature_rows = rows, feature_rows
+    state.rows.set_forward(rows, feature_rows)
     slot_of(transformer).state = state
     try:
         with torch.no_grad():
@@ -140,7 +141,7 @@ def test_patched_forward_equals_fleximmt_wan_transformer(models, version, clip, 
     patched = apply_fleximmt(patcher, clip, PROMPT, objects, mask_source=mask_source)
     patch = patch_of(patched)
     options = TransferOptions(objects, mask_source, parts=CROSS_PARTS)
-    options.check(WanAdapter)
+    options.check(WanAdapter(None))
     state, schedule = library_run(transformer, objects, patch.spans, options)
     x, t, context, clip_fea = inputs(version, batch=2)
     unpatched = comfy_forward(patcher, x, t, context, clip_fea)
@@ -151,9 +152,9 @@ def test_patched_forward_equals_fleximmt_wan_transformer(models, version, clip, 
         theirs = library_forward(transformer, state, x, t, context, clip_fea, rows=[0, 0], feature_rows=[1])
         assert relative_error(ours, theirs) < 1e-4
         assert relative_error(ours, unpatched) > 1e-3  # the motion tokens changed the result
-        assert torch.equal(patch.run.state.videos[0].video_masks, state.videos[0].video_masks)
+        assert torch.equal(patch.run.state.layouts.video_masks[0], state.layouts.video_masks[0])
     first = torch.stack([mask_to_token_grid(o.mask_tensor, GRID.height, GRID.width) for o in objects]).flatten(1)
-    now = state.videos[0].video_masks.view(2, FRAMES, -1)
+    now = state.layouts.video_masks[0].view(2, FRAMES, -1)
     assert (now[:, 0] == first).all()  # frame 1 keeps the given masks
     if mask_source == "rmpm":
         assert patch.run.steps == 1 and not torch.equal(now, first[:, None].expand_as(now))
@@ -226,6 +227,45 @@ def test_a_motion_learned_by_fleximmt_on_diffusers_wan_drives_comfyuis_experts(c
         theirs = library_forward(transformer, state, x, t, context, None, rows=[0], feature_rows=[0])
         assert relative_error(ours, theirs) < 1e-4
         assert relative_error(ours, comfy_forward(patcher, x, t, context)) > 1e-4
+
+
+def test_the_mask_kernel_reaches_the_patch_and_the_wrapper_nodes_and_its_old_name_warns(models, version, clip):
+    """Apply FlexiMMT's mask_kernel input builds the run's layouts with that kernel (dense: the same forward as
+    auto); ``attention_backend=``, its old name, warns naming the new one; Transfer and Learn motion offer the
+    same choice, and Transfer hands it to the pipeline."""
+    from fleximmt.apps.comfy.native import ApplyFlexiMMT, apply_fleximmt
+    from fleximmt.apps.comfy.nodes import LearnMotion, Transfer, transfer
+    from fleximmt.method.kernels import MASK_KERNELS
+    from fleximmt.method.kernels.dense import DenseJoint
+    from fleximmt.toy import tiny_pipeline
+
+    transformer, patcher = models
+    objects = make_objects(transformer)
+    x, t, context, clip_fea = inputs(version, batch=2, seed=13)
+    outs = {}
+    for kernel in ("auto", "dense"):
+        patched = apply_fleximmt(patcher, clip, PROMPT, objects, mask_source="static", mask_kernel=kernel)
+        outs[kernel] = comfy_forward(patched, x, t, context, clip_fea, 0.5, (1, 0))
+        assert patch_of(patched).run.state.kernel.name == kernel
+    assert relative_error(outs["dense"], outs["auto"]) < 1e-5
+    with pytest.warns(FutureWarning, match="use mask_kernel='dense'"):
+        patched = apply_fleximmt(patcher, clip, PROMPT, objects, mask_source="static", attention_backend="dense")
+    assert patch_of(patched).options.mask_kernel == "dense"
+    for node in (ApplyFlexiMMT, Transfer, LearnMotion):
+        choices, spec = node.INPUT_TYPES()["optional"]["mask_kernel"]
+        assert choices == list(MASK_KERNELS) and spec["default"] == "auto"
+    pipe = tiny_pipeline(0)
+    image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    motion = random_motion(pipe.transformer, 4, seed=1, scale=4.0)
+    cog = (ObjectMotion(np.ones((32, 32), bool), motion, "jumps up"),)
+    built = []
+    real = DenseJoint.__init__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DenseJoint, "__init__", lambda self, *args: built.append(1) or real(self, *args))
+        frames = {
+            k: transfer(pipe, image, "A ball jumps up.", cog, steps=2, mask_kernel=k)[0] for k in MASK_KERNELS[:2]
+        }
+    assert built and relative_error(frames["dense"], frames["auto"]) < 1e-4
 
 
 def test_bad_inputs_are_refused_naming_the_object(models, clip):

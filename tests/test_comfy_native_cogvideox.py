@@ -79,7 +79,7 @@ def library_forward(pipe, state, x, t, context, ofs, rows=None, feature_rows=Non
     """fleximmt's CogVideoX transformer (diffusers' model, fleximmt's processors) on the same inputs, in
     ComfyUI's layout; ``state`` None: diffusers' own computation."""
     if state is not None:
-        state.rows, state.feature_rows = rows, feature_rows
+        state.rows.set_forward(rows, feature_rows)
     rotary = pipe._prepare_rotary_positional_embeddings(
         x.shape[-2] * pipe.vae_scale_factor_spatial, x.shape[-1] * pipe.vae_scale_factor_spatial, x.shape[2], "cpu"
     )

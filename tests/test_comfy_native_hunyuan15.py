@@ -119,7 +119,7 @@ def library_forward(transformer, state, x, t, context, byt5, image, mask=None, r
     )
     slot = slot_of(transformer)
     if state is not None:
-        state.rows, state.feature_rows, state.text_keys, state.dmem_video_queries = rows, feature_rows, True, True
+        state.rows.set_forward(rows, feature_rows)  # text keys and DMEM's queries: the adapter's settings
         slot.state, slot.texts = state, row_texts(kwargs)
     try:
         with torch.no_grad():
@@ -130,7 +130,7 @@ def library_forward(transformer, state, x, t, context, byt5, image, mask=None, r
 
 def library(transformer, objects, spans, text_len, mask_source="static", concept_spans=None):
     options = TransferOptions(objects, mask_source, parts=PARTS)
-    options.check(HunyuanVideo15Adapter)
+    options.check(HunyuanVideo15Adapter(None))
     num_blocks = SHAPE["num_layers"]
     return library_state(objects, spans, options, HunyuanVideo15Adapter, num_blocks, GRID, text_len, 1, concept_spans)
 

@@ -1,6 +1,6 @@
 """``fleximmt.compile``: the pipeline's transformer blocks compiled (regional compilation, fullgraph),
 with FlexiMMT's processors, on both families. The masks - which RMPM changes at every step, and DMEM in
-every block of every training step - never reach the graph's shapes: with ``attention_backend="flex"``
+every block of every training step - never reach the graph's shapes: with ``mask_kernel="flex"``
 they are a block mask of fixed size; with "auto" the video query groups, whose sizes follow the masks,
 run inside opaque operators (``fleximmt.method.opaque``). Once warm, no step, no call with other masks
 and no training step compiles again (torch._dynamo's own counters), and the compiled results equal eager.
@@ -18,7 +18,8 @@ from torch._dynamo.utils import counters
 
 import fleximmt
 from fleximmt import ObjectMotion
-from fleximmt.method.attention import FlexiMMTState, JointLayout, motion_state_for
+from fleximmt.method.attention import FlexiMMTState, motion_state_for
+from fleximmt.method.kernels.grouped import GroupedJoint
 from fleximmt.method.masks import span_membership
 from fleximmt.models import adapter_for
 from fleximmt.toy.tiny import random_motion, tiny_pipeline, tiny_wan_pipeline
@@ -55,7 +56,7 @@ def run(pipe, family, objects, graphs, backend="flex", output_type="pt"):
         output_type=output_type,
         generator=torch.Generator().manual_seed(0),
         objects=objects,
-        attention_backend=backend,
+        mask_kernel=backend,
         callback_on_step_end=count,
         max_sequence_length=text_len,
     ).frames
@@ -74,7 +75,7 @@ def boxes(pipe, size, shift):
 
 def group_sizes(layout) -> tuple[int, ...]:
     """How many real video queries each of an auto layout's attention calls has: what a traced graph's shapes would follow."""
-    merged = (layout.num_merged,) if isinstance(layout, JointLayout) else ()
+    merged = (layout.num_merged,) if isinstance(layout, GroupedJoint) else ()
     return tuple(sorted(group.count for group in layout.groups)) + merged
 
 
@@ -108,9 +109,9 @@ def test_compiled_blocks_with_auto_compile_once_though_the_groups_change_shape(f
     seen = []
     set_video_masks = FlexiMMTState.set_video_masks
 
-    def spy(self, video_masks, video=0, per_block=False):
-        set_video_masks(self, video_masks, video, per_block)
-        seen.append(group_sizes(self.videos[video].layout))
+    def spy(self, video_masks, video=0, parts=None):
+        set_video_masks(self, video_masks, video, parts)
+        seen.append(group_sizes(self.layouts.step_layouts[video]))
 
     monkeypatch.setattr(FlexiMMTState, "set_video_masks", spy)
     calls = [boxes(pipe, size, 0), boxes(pipe, size, 6)]
@@ -151,7 +152,7 @@ def train_steps(pipe, steps: int, graphs: list, seen: list) -> list[torch.Tensor
     state = motion_state_for(
         tokens[None, None],
         member,
-        form=adapter.form,
+        **adapter.state_settings(),
         parts=TRAIN_PARTS & set(adapter.parts),
         num_frames=grid.frames,
         dmem=True,
@@ -170,7 +171,7 @@ def train_steps(pipe, steps: int, graphs: list, seen: list) -> list[torch.Tensor
             loss.backward()
             grads.append(tokens.grad.clone())
             graphs.append(counters["stats"]["unique_graphs"])
-            seen.append(tuple(group_sizes(layout) for layout in state._dmem_layouts.values()))
+            seen.append(tuple(group_sizes(layout) for layout in state.layouts.dmem_layouts.values()))
     return grads
 
 

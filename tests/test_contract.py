@@ -11,11 +11,12 @@ test_cogvideox15, test_wan, test_train).
 Adding a family (e.g. HunyuanVideo 1.5) is one ``Family(...)`` row in ``FAMILIES``:
 
 - ``name``: the test id.
+- ``family``: the registered family (``fleximmt.models.FAMILIES``); the row reads FlexiMMT's pipeline class
+  (``ours``) from its registration and diffusers' own (``diffusers``) from its adapter.
 - ``components``: a function returning tiny random components, seeded, the same weights at every call
   (both pipelines are built from their own call, so diffusers' pipeline never shares FlexiMMT's
   processors); what the pipeline's ``__init__`` takes, config values (``boundary_ratio``) included
   (a pipeline's ``.components`` leaves those out, so a row gives components, not a pipeline).
-- ``ours`` / ``diffusers``: FlexiMMT's pipeline class and diffusers' own for those components.
 - ``size`` (height, width, frames: the image's and the masks', the video's frames; passed as ``height``,
   ``width`` and ``num_frames`` where diffusers' ``__call__`` takes them) and ``call``: what every call passes
   besides (the text length, the steps; keep it small). The prompt is ``PROMPT`` (the tiny tokenizer's
@@ -32,8 +33,8 @@ Adding a family (e.g. HunyuanVideo 1.5) is one ``Family(...)`` row in ``FAMILIES
 
 LTX-2's row (``fleximmt.toy.tiny_ltx2``), the last one added, as an example::
 
-    Family("ltx-2", lambda: tiny_ltx2_components(0), FlexiMMTLTX2ImageToVideoPipeline, LTX2ImageToVideoPipeline,
-           size=(64, 64, 9), call=dict(num_inference_steps=2, max_sequence_length=16, image_crf=0), scale=30.0,
+    Family("ltx-2", "ltx2", lambda: tiny_ltx2_components(0), size=(64, 64, 9),
+           call=dict(num_inference_steps=2, max_sequence_length=16, image_crf=0), scale=30.0,
            fused_projections=False)
 
 (diffusers refuses sizes that are not multiples of 32; ``image_crf=0`` leaves out the image's H.264
@@ -56,28 +57,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    CogVideoXImageToVideoPipeline,
-    DiffusionPipeline,
-    HunyuanVideo15ImageToVideoPipeline,
-    LTX2ImageToVideoPipeline,
-    WanImageToVideoPipeline,
-)
+from diffusers import DiffusionPipeline
 from helpers import run_killed, spy_optimiser
 from PIL import Image
 
-from fleximmt import (
-    FlexiMMTHunyuanVideo15Pipeline,
-    FlexiMMTLTX2ImageToVideoPipeline,
-    FlexiMMTPipeline,
-    FlexiMMTWanPipeline,
-    MotionTokens,
-    ObjectMotion,
-    load_pipeline,
-    train_motion,
-)
+from fleximmt import MotionTokens, ObjectMotion, load_pipeline, train_motion
 from fleximmt.method.pipeline import OPTIONS
-from fleximmt.models import adapter_for, family_name
+from fleximmt.models import FAMILIES as REGISTERED
+from fleximmt.models import adapter_for, family_name, pipeline_class
 from fleximmt.toy.tiny import random_motion, tiny_components, tiny_wan_components
 from fleximmt.toy.tiny_hunyuan15 import tiny_hunyuan15_components
 from fleximmt.toy.tiny_ltx2 import tiny_ltx2_components
@@ -96,9 +83,8 @@ class Family:
     """One row of the table (see the module's docstring)."""
 
     name: str
+    family: str
     components: Callable[[], dict]
-    ours: type
-    diffusers: type
     size: tuple[int, int, int]
     call: dict
     scale: float = 4.0
@@ -109,6 +95,16 @@ class Family:
     fused_projections: bool = True
     learning: dict | None = field(default_factory=lambda: dict(LEARNING))
 
+    @property
+    def ours(self) -> type:
+        """FlexiMMT's pipeline class, as the family is registered."""
+        return pipeline_class(REGISTERED[self.family].pipeline)
+
+    @property
+    def diffusers(self) -> type:
+        """diffusers' own pipeline class for these components, as the family's adapter names it."""
+        return self.ours.adapter_class.pipeline_class
+
 
 COGVIDEOX_DEFAULTS = frozenset({"height", "width", "num_frames", "max_sequence_length"})  # None: the model's own
 COGVIDEOX_CALL = dict(num_inference_steps=2, max_sequence_length=16)
@@ -116,9 +112,8 @@ WAN_CALL = dict(num_inference_steps=2, max_sequence_length=24)  # two steps: Wan
 FAMILIES = [
     Family(
         "cogvideox-1.0",
+        "cogvideox",
         lambda: tiny_components(0),
-        FlexiMMTPipeline,
-        CogVideoXImageToVideoPipeline,
         size=(32, 32, 9),
         call=COGVIDEOX_CALL,
         fast_backends=("auto", "flex"),
@@ -126,18 +121,16 @@ FAMILIES = [
     ),
     Family(
         "cogvideox-1.5",
+        "cogvideox",
         lambda: tiny_components(0, version="1.5", height=64, width=64, num_frames=17),
-        FlexiMMTPipeline,
-        CogVideoXImageToVideoPipeline,
         size=(64, 64, 17),
         call=COGVIDEOX_CALL,
         model_defaults=COGVIDEOX_DEFAULTS,
     ),
     Family(
         "wan-2.1",
+        "wan",
         lambda: tiny_wan_components(0, "2.1"),
-        FlexiMMTWanPipeline,
-        WanImageToVideoPipeline,
         size=(64, 64, 9),
         call=WAN_CALL,
         scale=30.0,
@@ -145,27 +138,24 @@ FAMILIES = [
     ),
     Family(
         "wan-2.2-a14b",
+        "wan",
         lambda: tiny_wan_components(0, "2.2"),
-        FlexiMMTWanPipeline,
-        WanImageToVideoPipeline,
         size=(64, 64, 9),
         call=WAN_CALL,
         scale=30.0,
     ),
     Family(
         "wan-2.2-ti2v",
+        "wan",
         lambda: tiny_wan_components(0, "2.2-ti2v"),
-        FlexiMMTWanPipeline,
-        WanImageToVideoPipeline,
         size=(64, 64, 9),
         call=WAN_CALL,
         scale=30.0,
     ),
     Family(
         "hunyuanvideo-1.5",
+        "hunyuanvideo15",
         lambda: tiny_hunyuan15_components(0),
-        FlexiMMTHunyuanVideo15Pipeline,
-        HunyuanVideo15ImageToVideoPipeline,
         size=(32, 48, 9),
         call=dict(num_inference_steps=2),
         scale=30.0,
@@ -174,9 +164,8 @@ FAMILIES = [
     ),
     Family(  # image_crf=0: diffusers' H.264 re-compression of the image needs PyAV, which tests go without
         "ltx-2",
+        "ltx2",
         lambda: tiny_ltx2_components(0),
-        FlexiMMTLTX2ImageToVideoPipeline,
-        LTX2ImageToVideoPipeline,
         size=(64, 64, 9),
         call=dict(num_inference_steps=2, max_sequence_length=16, image_crf=0),
         scale=30.0,
@@ -342,11 +331,11 @@ SETTINGS = {
 @pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS)
 def test_fast_attention_equals_the_dense_reference_with_two_objects(row, ours, settings):
     objects = two_objects(ours, row)
-    dense = run(ours, row, objects=objects, return_masks=True, attention_backend="dense", **settings)
+    dense = run(ours, row, objects=objects, return_masks=True, mask_kernel="dense", **settings)
     grid = video_grid(ours, row)
     assert dense.masks.shape == (1, row.call["num_inference_steps"], 2, grid.frames, grid.height, grid.width)
     for backend in row.fast_backends:
-        fast = run(ours, row, objects=objects, return_masks=True, attention_backend=backend, **settings)
+        fast = run(ours, row, objects=objects, return_masks=True, mask_kernel=backend, **settings)
         assert rel(fast.frames, dense.frames) < 1e-4, backend
         assert torch.equal(fast.masks, dense.masks), backend
 

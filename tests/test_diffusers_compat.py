@@ -136,7 +136,7 @@ def test_frame_counts_that_are_not_8k_plus_1_work_with_objects_as_in_diffusers(p
         generator=gen(),
         objects=objects(pipe),
         return_masks=True,
-        attention_backend="dense",
+        mask_kernel="dense",
         **call,
     )
     assert rel(out.frames, dense.frames) < 1e-4
@@ -243,7 +243,7 @@ def test_another_dtype_carries_the_motion_tokens_along():
     flexi = tiny_pipeline(0)
     flexi.to(torch.float64)  # (noise drawn in float64 differs from float32's, so compare within float64)
     got = flexi(image, PROMPT, generator=gen(), objects=objects(flexi), **BASE).frames  # float32 motion files
-    dense = flexi(image, PROMPT, generator=gen(), objects=objects(flexi), attention_backend="dense", **BASE).frames
+    dense = flexi(image, PROMPT, generator=gen(), objects=objects(flexi), mask_kernel="dense", **BASE).frames
     plain = flexi(image, PROMPT, generator=gen(), **BASE).frames
     assert got.dtype == torch.float64 and rel(got, dense) < 1e-10 and rel(got, plain) > 1e-3
 

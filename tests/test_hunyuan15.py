@@ -19,7 +19,8 @@ from test_attention_backends import restore_active_backend, spy  # noqa: F401 (f
 
 from fleximmt import FlexiMMTHunyuanVideo15Pipeline, MotionTokens, ObjectMotion, load_pipeline
 from fleximmt.errors import FlexiMMTInputError
-from fleximmt.method.attention import FlexiMMTState, JointLayout, TextKeys, VideoMotions
+from fleximmt.method.attention import FlexiMMTState, TextKeys, VideoMotions
+from fleximmt.method.kernels import Mdma, mask_kernel
 from fleximmt.models.hunyuan15 import HunyuanVideo15Adapter
 from fleximmt.toy.tiny import random_motion, tiny_wan_components
 from fleximmt.toy.tiny_hunyuan15 import tiny_hunyuan15_components
@@ -75,7 +76,7 @@ def test_objects_change_the_video_and_auto_equals_dense_with_padded_text(pipes):
     kw = dict(image=picture(), prompt=PROMPT, negative_prompt="blurry, still", **CALL)
     plain = theirs(**kw, generator=gen()).frames
     auto = ours(**kw, generator=gen(), objects=objects(ours)).frames
-    dense = ours(**kw, generator=gen(), objects=objects(ours), attention_backend="dense").frames
+    dense = ours(**kw, generator=gen(), objects=objects(ours), mask_kernel="dense").frames
     assert (auto - plain).abs().max() > 1e-3
     assert ((auto - dense).abs().max() / dense.abs().max()) < 1e-4
 
@@ -86,7 +87,7 @@ def test_rmpm_features_come_from_the_conditional_forward_only(pipes, monkeypatch
     observe = FlexiMMTState.observe
 
     def record(self, block, video_out, rows=None):
-        seen.append((block, self.feature_rows is not None))
+        seen.append((block, self.rows.feature_rows is not None))
         return observe(self, block, video_out, rows)
 
     monkeypatch.setattr(FlexiMMTState, "observe", record)
@@ -176,7 +177,8 @@ def test_the_dense_mask_with_padded_text_is_section_10s_table(parts, context_tex
     video_masks = torch.rand(K, V, generator=generator) > 0.5
     text = TextKeys(offset=3, valid=3 + 6)  # 3 image/glyph tokens, 6 prompt tokens, then 3 padding
     placed, valid = text.place(member, text_len)
-    layout = JointLayout(placed, d_m, video_masks, frozenset(parts), context_text, backend="dense", text_valid=valid)
+    mdma = Mdma(placed, d_m, video_masks, frozenset(parts), context_text, valid)
+    layout = mask_kernel("dense").layout("joint", mdma)
     owner = torch.arange(K * d_m)[None] // d_m == torch.arange(K)[:, None]
     assert torch.equal(placed[:, 3:9], member[:, :6]) and not placed[:, 9:].any()  # padding is never a motion word
     assert torch.equal(layout.dense, brute_force_mask(placed, owner, video_masks, valid, parts, context_text))
@@ -190,7 +192,7 @@ def text_keys_state(backend, num_frames=2):
     state = FlexiMMTState(
         [VideoMotions(tokens.requires_grad_(), member)],
         form="joint",
-        backend=backend,
+        mask_kernel=backend,
         text_keys=True,
         num_frames=num_frames,
     )
@@ -472,7 +474,7 @@ def test_dmem_scores_video_queries_against_the_concept_words_keys():
     text = TextKeys(3, 11)
     state.joint_attention(0, q, k.clone(), v.clone(), L, texts=[text])
     expected = dmem_mask(k[:, :, V + 3 + 5][:, :, None], q[:, :, :V], 2)[0]
-    assert torch.equal(state.videos[0].video_masks[0], expected)
+    assert torch.equal(state.layouts.video_masks[0][0], expected)
     flipped = dmem_mask(q[:, :, V + 3 + 5][:, :, None], k[:, :, :V], 2)[0]
     assert not torch.equal(expected, flipped)  # the other reading (CogVideoX's) differs here
 

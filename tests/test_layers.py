@@ -45,6 +45,61 @@ def imported_layers(path: Path) -> set[tuple[str, int]]:
     return found
 
 
+def imported_modules(path: Path) -> set[str]:
+    """Every fleximmt module ``path`` imports (lazy ones too), by its dotted name."""
+    module = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    package = list(module[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            name = ".".join(base + ([node.module] if node.module else []))
+            candidates = [name] + [f"{name}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        else:
+            continue
+        found |= {c for c in candidates if module_path(c) is not None}
+    return found
+
+
+def module_path(name: str) -> Path | None:
+    """The file of fleximmt module ``name`` (a package's ``__init__.py``), or None."""
+    parts = name.split(".")
+    if parts[0] != "fleximmt":
+        return None
+    base = PACKAGE.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def test_the_method_layer_imports_without_a_cycle():
+    """Inside ``method/`` imports run one way (no two modules import each other, however indirectly, lazy
+    imports included): each module can be read, and changed, knowing only what it imports."""
+    graph = {}
+    for path in sorted((PACKAGE / "method").rglob("*.py")):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        graph[name] = {m for m in imported_modules(path) if m.startswith("fleximmt.method")} - {name}
+    cycles = []
+
+    def visit(name, trail):
+        if name in trail:
+            cycles.append(" -> ".join([*trail[trail.index(name) :], name]))
+            return
+        for target in sorted(graph.get(name, ())):
+            if target not in done:
+                visit(target, [*trail, name])
+        done.add(name)
+
+    done: set[str] = set()
+    for name in sorted(graph):
+        visit(name, [])
+    assert "fleximmt.method.attention" in graph["fleximmt.method.pipeline"]  # the graph sees imports
+    assert cycles == []
+
+
 def test_every_module_sits_in_a_layer():
     loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__", "errors"))
     assert loose == [], f"modules outside the layer folders: {loose}"

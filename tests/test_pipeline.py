@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import fleximmt.method.attention as attention
 from fleximmt import MotionTokens, ObjectMotion
+from fleximmt.method.kernels.grouped import GroupedJoint
 from fleximmt.models.cogvideox import FlexiMMTAttnProcessor
 from fleximmt.toy import random_motion, tiny_pipeline
 
@@ -77,7 +77,7 @@ def test_auto_backend_agrees_with_dense_reference_in_the_joint_forms_settings(pi
     settings = dict(settings)
     objs = objects(pipe, settings.pop("count", 2))
     auto = run(pipe, image, objects=objs, return_masks=True, **settings)
-    dense = run(pipe, image, objects=objs, attention_backend="dense", return_masks=True, **settings)
+    dense = run(pipe, image, objects=objs, mask_kernel="dense", return_masks=True, **settings)
     assert rel(auto.frames, dense.frames) < 1e-4
     assert torch.equal(auto.masks, dense.masks)
 
@@ -122,14 +122,14 @@ def test_auto_backend_builds_no_square_mask_and_prepares_masks_once_per_step(pip
         shapes.append((q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape)))
         return real_sdpa(q, k, v, attn_mask=attn_mask, **kw)
 
-    real_layout = attention.JointLayout.__post_init__
+    real_layout = GroupedJoint.__init__
 
-    def count(self):
+    def count(self, *args):
         layouts.append(1)
-        real_layout(self)
+        real_layout(self, *args)
 
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(attention.JointLayout, "__post_init__", count)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(GroupedJoint, "__init__", count)
     steps = 4
     run(pipe, image, objects=objects(pipe, 3), num_inference_steps=steps)
     n_video = pipe.token_grid(32, 32, 9).size
@@ -207,6 +207,35 @@ def test_motion_file_round_trip_and_corrupt_files(tmp_path):
         MotionTokens.load(tmp_path / "missing.safetensors")
 
 
+def test_mask_kernel_picks_the_kernel_and_its_old_name_attention_backend_warns_then_does_the_same(pipe, image):
+    """``mask_kernel`` (FlexiMMT's option, not diffusers' attention backend) picks the layouts the state
+    builds; ``attention_backend=``, its name before, warns that it is deprecated, naming the new one, and
+    runs exactly what ``mask_kernel=`` runs - in the pipeline's call and in ``TransferOptions``."""
+    from fleximmt.method.kernels.dense import DenseJoint
+    from fleximmt.method.pipeline import OPTIONS, TransferOptions
+
+    built = []
+    real = DenseJoint.__init__
+
+    def spy(self, *args):
+        built.append(1)
+        real(self, *args)
+
+    objs = objects(pipe)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DenseJoint, "__init__", spy)
+        new = run(pipe, image, objects=objs, num_inference_steps=2, mask_kernel="dense").frames
+        assert built  # the dense kernel's layouts
+        with pytest.warns(FutureWarning, match=r"attention_backend='dense' is deprecated .* use mask_kernel='dense'"):
+            old = run(pipe, image, objects=objs, num_inference_steps=2, attention_backend="dense").frames
+    assert torch.equal(old, new)
+    assert "mask_kernel" in OPTIONS and "attention_backend" not in OPTIONS  # the signature shows the new name only
+    with pytest.warns(FutureWarning, match="use mask_kernel='flex'"):
+        assert TransferOptions(attention_backend="flex").mask_kernel == "flex"
+    with pytest.raises(ValueError, match="attention_backend and mask_kernel both given"):
+        run(pipe, image, objects=objs, num_inference_steps=1, mask_kernel="dense", attention_backend="dense")
+
+
 def test_bad_input_raises_value_errors_that_name_the_fix(pipe, image, tmp_path):
     good = objects(pipe)
     cases = [
@@ -218,7 +247,7 @@ def test_bad_input_raises_value_errors_that_name_the_fix(pipe, image, tmp_path):
         (dict(objects=good, height=48), "learned positional embeddings for 32 x 32"),
         (dict(objects=good, mask_source="sam"), "mask_source"),
         (dict(objects=good, parts=("m2x",)), "unknown MDMA part"),
-        (dict(objects=good, attention_backend="flash"), "attention_backend"),
+        (dict(objects=good, mask_kernel="flash"), "mask_kernel"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -344,7 +373,7 @@ def test_processor_equals_the_release_layout_brute_force(pipe, backend, fused):
     member = span_membership(text_len, spans)
     video_masks = torch.rand(2, n_video, generator=gen) < 0.5
     tokens = torch.randn(2, 1, len(pipe.transformer.transformer_blocks), d_m, dim, generator=gen)
-    state = motion_state_for(tokens, member, backend=backend)
+    state = motion_state_for(tokens, member, mask_kernel=backend)
     state.set_video_masks(video_masks)
     if fused:
         attn.fuse_projections()

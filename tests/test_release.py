@@ -196,7 +196,7 @@ def test_the_preset_fills_only_the_options_the_caller_left_out():
         0.05,
         3,
     )
-    assert options.attention_backend == "dense" and options.release
+    assert options.mask_kernel == "dense" and options.release
     explicit = TransferOptions(rmpm_method="paper", alpha=None, anchors=5, preset="release")
     explicit.apply_preset(given={"rmpm_method", "alpha", "anchors"})
     assert (explicit.rmpm_method, explicit.alpha, explicit.anchors, explicit.initial_masks) == (
@@ -455,19 +455,20 @@ def scripted_schedule(monkeypatch, sequence, alpha, preset="release"):
     from fleximmt.method.adapter import TokenGrid
 
     grid = TokenGrid(1, 5, 8)
-    state = motion_state_for(torch.zeros(2, 1, 1, 1, 4), torch.ones(2, 4, dtype=torch.bool))
-    state.feature_blocks = frozenset({0})
+    state = motion_state_for(
+        torch.zeros(2, 1, 1, 1, 4), torch.ones(2, 4, dtype=torch.bool), feature_blocks=frozenset({0})
+    )
     options = TransferOptions(objects=[None, None], alpha=alpha, return_masks=True, preset=preset)
     options.apply_preset(given={"objects", "alpha", "return_masks"})
     options.parts = frozenset(PARTS)
     schedule = pipeline.MaskSchedule(state, [torch.ones(2, 5, 8, dtype=torch.bool)], grid, options, 1)
-    monkeypatch.setattr(state, "capture_complete", lambda video=0: True)
-    monkeypatch.setattr(state, "take_features", lambda video=0: torch.zeros(grid.size, 1))
+    monkeypatch.setattr(state.capture, "complete", lambda video=0: True)
+    monkeypatch.setattr(state.capture, "take", lambda video=0: torch.zeros(grid.size, 1))
     steps = iter(sequence)
     monkeypatch.setattr(pipeline, "rmpm", lambda *args: next(steps).reshape(2, 1, 5, 8))
     for step in range(len(sequence)):
         if not schedule.updating:
-            assert state.feature_blocks == frozenset()  # no features are captured once stopped
+            assert state.capture.blocks == frozenset()  # no features are captured once stopped
         schedule.step_end(step)
     return schedule.masks()[0].reshape(len(sequence), 2, -1)
 
@@ -572,7 +573,7 @@ def test_the_preset_fills_only_the_training_settings_left_out():
         "release",
     )
     assert settings.dmem_drop_exact and settings.vae_tiling and settings.vae_slicing
-    assert settings.attention_backend == "dense"
+    assert settings.mask_kernel == "dense"
     assert set(RELEASE_SETTINGS) <= set(vars(settings))
     own = TrainSettings()
     own.apply_preset(given=())
@@ -694,7 +695,7 @@ def test_one_training_step_under_the_preset_is_the_releases(toy, tmp_path, monke
     real_step, adamw = train.training_step, torch.optim.AdamW
 
     def spy_step(adapter, state, cond, window, generator, *args):
-        seen.update(cond=cond.tensors, state=generator.get_state(), draws=state._drop[0, :, 0].clone())
+        seen.update(cond=cond.tensors, state=generator.get_state(), draws=state.layouts.drop[0, :, 0].clone())
         return real_step(adapter, state, cond, window, generator, *args)
 
     def spy_optimiser(params, **kw):

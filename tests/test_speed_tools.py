@@ -670,9 +670,9 @@ def test_group_offloading_to_the_cpu_with_streams_keeps_tokens_and_masks_on_the_
     places = []
     set_masks = FlexiMMTState.set_video_masks
 
-    def spy(self, video_masks, video=0, per_block=False):
+    def spy(self, video_masks, video=0, parts=None):
         places.append((video_masks.device.type, self.videos[video].motion_tokens.device.type))
-        return set_masks(self, video_masks, video, per_block)
+        return set_masks(self, video_masks, video, parts)
 
     monkeypatch.setattr(FlexiMMTState, "set_video_masks", spy)
     pipe = group_offloaded(family, kind, "cuda", use_stream=True)

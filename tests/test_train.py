@@ -211,20 +211,48 @@ def test_unreadable_video_file_and_bf16_autocast(pipe, tmp_path):
 
 
 def test_without_the_training_mask_motion_tokens_reach_all_video(pipe, tmp_path, monkeypatch):
-    import fleximmt.method.attention as attention
+    import fleximmt.method.kernels.grouped as grouped
 
     groups = []
-    real = attention.video_groups
+    real = grouped.video_groups
 
     def spy(*args, **kwargs):
         result = real(*args, **kwargs)
         groups.append(len(result))
         return result
 
-    monkeypatch.setattr(attention, "video_groups", spy)
+    monkeypatch.setattr(grouped, "video_groups", spy)
     with_mask = train(pipe, tmp_path / "a.safetensors", steps=2, lr=0.05, dmem_drop=0.0)
     assert max(groups) == 2  # DMEM splits video into inside / outside the object
     groups.clear()
     without = train(pipe, tmp_path / "b.safetensors", steps=2, lr=0.05, train_mask=False)
     assert set(groups) == {1}  # one group: every video token reads the motion tokens
     assert not torch.allclose(with_mask.tokens, without.tokens)
+
+
+def test_training_takes_the_mask_kernel_and_refuses_flex_before_encoding_on_a_cpu(pipe, tmp_path, monkeypatch):
+    """``mask_kernel`` (TrainSettings) picks the kernel of training's attention: "dense" learns the tokens
+    "auto" learns (in float32; a run resumes only with its own kernel, whose rounding differs in bf16);
+    "flex", whose FlexAttention has no backward on a CPU, is refused before any encoding; the old name
+    ``attention_backend`` warns and sets it."""
+    from fleximmt.method.kernels.dense import DenseJoint
+    from fleximmt.training.train import TrainSettings
+
+    built, encoded = [], []
+    real = DenseJoint.__init__
+    monkeypatch.setattr(DenseJoint, "__init__", lambda self, *args: built.append(1) or real(self, *args))
+    auto = train(pipe, tmp_path / "auto.safetensors", steps=3, checkpoint_every=1)
+    assert not built
+    dense = train(pipe, tmp_path / "dense.safetensors", steps=3, mask_kernel="dense")
+    assert built and torch.allclose(dense.tokens, auto.tokens, atol=1e-5)
+    with pytest.raises(ValueError, match="different settings"):
+        train(pipe, tmp_path / "auto.safetensors", steps=3, resume=True, mask_kernel="dense")
+    encode = pipe.encode_prompt
+    monkeypatch.setattr(pipe, "encode_prompt", lambda *a, **k: encoded.append(1) or encode(*a, **k))
+    with pytest.raises(ValueError, match=r"mask_kernel='flex' has no backward on a CPU .* train with 'auto'"):
+        train(pipe, tmp_path / "flex.safetensors", mask_kernel="flex")
+    assert encoded == []
+    with pytest.raises(ValueError, match=r"mask_kernel='flash': choose from \['auto', 'dense', 'flex'\]"):
+        train(pipe, tmp_path / "flash.safetensors", mask_kernel="flash")
+    with pytest.warns(FutureWarning, match="use mask_kernel='dense'"):
+        assert TrainSettings(attention_backend="dense").mask_kernel == "dense"

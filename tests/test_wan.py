@@ -88,7 +88,7 @@ def test_auto_equals_dense_with_the_m2v_part_alone(pipes):
             objects=objs,
             return_masks=True,
             parts=("m2v",),
-            attention_backend=backend,
+            mask_kernel=backend,
             **CALL,
         )
         for backend in ("auto", "dense")
@@ -105,7 +105,8 @@ def test_rmpm_reads_the_conditional_pass_only(pipes):
     def spy(adapter, state, call):
         observe = state.observe
         state.observe = lambda block, out: (
-            seen[-1].add(None if state.feature_rows is None else tuple(state.feature_rows)) or observe(block, out)
+            seen[-1].add(None if state.rows.feature_rows is None else tuple(state.rows.feature_rows))
+            or observe(block, out)
         )
         return real(adapter, state, call)
 

@@ -3,35 +3,28 @@
 from .errors import FlexiMMTInputError
 from .method.motion import MotionTokens, ObjectMotion
 from .method.pipeline import FlexiMMTPipelineOutput
-from .models import compile
-from .models.cogvideox import FlexiMMTPipeline
+from .models import FAMILIES, compile
 from .models.loading import load_pipeline
 from .training.train import TrainSettings, train_motion
 
-__all__ = [
-    "FlexiMMTHunyuanVideo15Pipeline",
+# every registered family's pipeline, imported on first use (diffusers' pipeline modules pull in image processors)
+LAZY = {family.pipeline: family.module for family in FAMILIES.values()}
+__all__ = [  # noqa: PLE0604 - the families' pipelines last, from their registrations
     "FlexiMMTInputError",
-    "FlexiMMTLTX2ImageToVideoPipeline",
-    "FlexiMMTPipeline",
     "FlexiMMTPipelineOutput",
-    "FlexiMMTWanPipeline",
     "MotionTokens",
     "ObjectMotion",
     "TrainSettings",
     "compile",
     "load_pipeline",
     "train_motion",
+    *LAZY,
 ]
-LAZY = {
-    "FlexiMMTWanPipeline": "wan",
-    "FlexiMMTHunyuanVideo15Pipeline": "hunyuan15",
-    "FlexiMMTLTX2ImageToVideoPipeline": "ltx2",
-}  # the other families' pipelines
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in LAZY:  # imported on first use: diffusers' Wan and HunyuanVideo modules pull in image processors
+    if name in LAZY:
         import importlib
 
         return getattr(importlib.import_module(f"{__name__}.models.{LAZY[name]}"), name)

@@ -50,6 +50,7 @@ from PIL import Image, ImageOps
 
 from ..errors import FlexiMMTInputError, ObjectInputError
 from ..evaluation.video import PALETTE, grid_preview, mask_overlay, save_video
+from ..method.kernels import DEFAULT_KERNEL, MASK_KERNELS
 from ..method.motion import MotionTokens, ObjectMotion, check_motion_name, load_mask, motion_metadata
 from .gradio_cache import cache_entries, remove_empty_folders, remove_served_files
 
@@ -516,8 +517,10 @@ class TransferApp:
         seed: int,
         progress=None,
         stop: threading.Event | None = None,
+        mask_kernel: str = DEFAULT_KERNEL,
     ) -> tuple[str, str]:
-        """The video and the mask overlay (paths); raises :class:`Cancelled` at the first step after ``stop`` is set."""
+        """The video and the mask overlay (paths); raises :class:`Cancelled` at the first step after ``stop`` is set.
+        ``mask_kernel``: how MDMA is computed (every kernel exactly)."""
         if image is None:
             raise FlexiMMTInputError("upload an image first")
         steps = whole_number(steps, "steps", 1, self.max_steps, "denoising steps")
@@ -543,6 +546,7 @@ class TransferApp:
                 output_type="np",
                 return_masks=bool(objects),
                 callback_on_step_end=on_step,
+                mask_kernel=mask_kernel,
             )
         except ObjectInputError as err:  # the pipeline numbers the objects it got; the page numbers its slots
             raise FlexiMMTInputError(f"Object {numbers[err.number - 1]}: {err.reason}") from None
@@ -576,6 +580,7 @@ class TransferApp:
         on_step=None,
         stop: threading.Event | None = None,
         resume: bool = True,
+        mask_kernel: str = DEFAULT_KERNEL,
     ) -> LibraryEntry:
         """Train a motion into the library; ``resume`` continues a stopped run of the same name and settings."""
         from ..training.data import read_video
@@ -618,6 +623,7 @@ class TransferApp:
                 callback=callback,
                 resume=resume,
                 checkpoint_every=self.checkpoint_every(steps),
+                mask_kernel=mask_kernel,
             )
         except FlexiMMTInputError as err:
             if had_checkpoint:
@@ -629,6 +635,19 @@ class TransferApp:
         cache_path(output).unlink(missing_ok=True)
         save_video(frames[:: max(1, len(frames) // 24)], output.with_suffix(".gif"))
         return self.library.get(name)
+
+
+def mask_kernel_choice(elem_id: str):
+    """The page's choice of FlexiMMT's mask kernel, beside a tab's other settings."""
+    import gradio as gr
+
+    return gr.Dropdown(
+        list(MASK_KERNELS),
+        value=DEFAULT_KERNEL,
+        label="mask kernel (how MDMA is computed; the same result: auto groups, dense is the reference, "
+        "flex compiles first and trains on a GPU only)",
+        elem_id=elem_id,
+    )
 
 
 def upload_limit(pipe) -> int:
@@ -847,6 +866,7 @@ def build_app(
                     elem_id="steps",
                 )
                 seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
+                kernel = mask_kernel_choice("mask_kernel")
             with gr.Row():
                 show = gr.Button("Show masks", elem_id="show_masks")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -893,15 +913,18 @@ def build_app(
                     raise user_error(err) from None
 
             @with_object_parameters
-            async def generate(image, prompt, steps, seed, progress=gr.Progress(), **objects):  # noqa: B008 - gradio's way
+            async def generate(image, prompt, steps, seed, mask_kernel, progress=gr.Progress(), **objects):  # noqa: B008 - gradio's way
                 """Make the image's objects move: returns the video and the propagated-mask overlay.
+                mask_kernel: how MDMA is computed (auto, dense or flex; the same video).
                 Inputs per object k (1 to 3): object_k_use, object_k_mask_from (draw/png/points/words),
                 object_k_mask_png, object_k_motion (a library motion's name) or object_k_motion_file,
                 object_k_motion_words (the prompt's words for its motion)."""
 
                 def job(stop):  # on the model's worker thread: files are read there, not in the server's event loop
                     try:
-                        return app.generate(image_of(image), prompt, objects_of(objects), steps, seed, progress, stop)
+                        return app.generate(
+                            image_of(image), prompt, objects_of(objects), steps, seed, progress, stop, mask_kernel
+                        )
                     finally:
                         sweep()
 
@@ -924,7 +947,7 @@ def build_app(
             )
             generating = go.click(
                 generate,
-                inputs=[image, prompt, steps, seed],
+                inputs=[image, prompt, steps, seed, kernel],
                 inputs_kwargs=object_inputs,
                 outputs=[video, overlay],
                 api_name="generate",
@@ -953,6 +976,7 @@ def build_app(
                 tokens = gr.Slider(
                     4, MAX_TOKENS, value=MAX_TOKENS if frames > 17 else 16, step=1, label="motion tokens per block"
                 )
+                learn_kernel = mask_kernel_choice("learn_mask_kernel")
                 resume = gr.Checkbox(
                     label="continue a stopped run of this name (same settings)", value=True, elem_id="resume"
                 )
@@ -970,6 +994,7 @@ def build_app(
                 name,
                 steps,
                 tokens_per_block,
+                mask_kernel,
                 resume,
                 progress=gr.Progress(),  # noqa: B008 - gradio's way
             ):
@@ -995,6 +1020,7 @@ def build_app(
                             on_step,
                             stop,
                             bool(resume),
+                            mask_kernel,
                         )
                     finally:
                         sweep()
@@ -1013,7 +1039,7 @@ def build_app(
 
             learning = train.click(
                 learn,
-                [ref, caption, concept, learn_words, name, learn_steps, tokens, resume],
+                [ref, caption, concept, learn_words, name, learn_steps, tokens, learn_kernel, resume],
                 [curve, learned],
                 api_name="learn",
                 concurrency_id="model",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -10,10 +11,11 @@ import warnings
 from pathlib import Path
 
 from ..errors import FlexiMMTInputError
+from ..method.kernels import DEFAULT_KERNEL, MASK_KERNELS
 from ..method.masks import RMPM_METHODS
 from ..method.pipeline import INITIAL_MASKS, MASK_SOURCES, about_object
 from ..method.presets import PRESETS
-from ..models import SUPPORTED, default_model
+from ..models import SUPPORTED, adapters, default_model, family_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,32 @@ dataset columns (CSV with header, or JSON lines): video, caption, concept_words,
 }
 
 
+# options whose default is the model's own: their help names each registered family's (``%(families)s``)
+MODEL_SETTINGS = {"guidance": "guidance_scale", "frames": "num_frames", "height": "height", "width": "width"}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The commands' help. ``%(families)s`` in an option's help reads, when help is shown, every registered
+    family's default for it (``MODEL_SETTINGS``; for ``--model``, their default checkpoints): the families
+    are imported then, not whenever the command line starts."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        if "%(families)" not in (action.help or ""):
+            return super()._expand_help(action)
+        action = copy.copy(action)
+        if action.dest == "model":
+            action.families = ", ".join(cls.default_model for cls in adapters())
+        else:
+            action.families = family_defaults(MODEL_SETTINGS[action.dest])
+        return super()._expand_help(action)
+
+
+MASK_KERNEL_HELP = (
+    "how MDMA is computed, each exactly: auto (grouped attention, no N x N mask), flex (one FlexAttention call; "
+    "compiles first; training with it needs a GPU) or dense (the N x N reference)"
+)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -62,14 +90,15 @@ def _positive_int(text: str) -> int:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = HelpFormatter  # --model's help names every family's default checkpoint
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
         default=default_model(),
-        help="hub id or local folder of an image-to-video model of a supported family, chosen by its "
-        "model_index.json (default: %(default)s; e.g. THUDM/CogVideoX1.5-5B-I2V, "
-        "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, Wan-AI/Wan2.2-I2V-A14B-Diffusers); 'toy' is the small model trained on the toy world that ships with fleximmt "
-        "(64x64, 17 frames, runs on a CPU); 'tiny' builds a tiny random-weight model",
+        help=f"hub id or local folder of a {SUPPORTED} image-to-video model, its family chosen by its "
+        "model_index.json (default: %(default)s; each family's: %(families)s); 'toy' is the small model trained "
+        "on the toy world that ships with fleximmt (64x64, 17 frames, runs on a CPU); 'tiny' builds a tiny "
+        "random-weight model",
     )
     group.add_argument(
         "--dtype",
@@ -132,7 +161,15 @@ def parse_object(spec: str) -> tuple[str, str, str]:
 
 
 # -- generate ------------------------------------------------------------------------------
-TRANSFER_OPTIONS = ("mask_source", "anchors", "alpha", "rmpm_method", "initial_masks", "preset")  # passed as given
+TRANSFER_OPTIONS = (
+    "mask_source",
+    "anchors",
+    "alpha",
+    "rmpm_method",
+    "initial_masks",
+    "mask_kernel",
+    "preset",
+)  # passed as given
 
 
 def cmd_generate(args) -> None:
@@ -229,6 +266,7 @@ TRAIN_OPTIONS = {  # CLI flag -> TrainSettings field
     "mixed_precision": "mixed_precision",
     "gradient_checkpointing": "gradient_checkpointing",
     "vae_slicing": "vae_slicing",
+    "mask_kernel": "mask_kernel",
 }
 
 
@@ -342,11 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fleximmt",
         description="FlexiMMT: make the objects of an image move, each with a motion learned from its own reference video.",
         epilog=EXAMPLES["fleximmt"],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO level)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    formatter = argparse.RawDescriptionHelpFormatter
+    formatter = HelpFormatter
 
     gen = sub.add_parser(
         "generate",
@@ -372,24 +410,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--guidance",
         type=float,
-        help="classifier-free guidance scale (default: the pipeline's, 6 for CogVideoX, 5 for Wan)",
+        help="classifier-free guidance scale (default: the pipeline's: %(families)s)",
     )
     gen.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     gen.add_argument(
         "--frames",
         type=_positive_int,
-        help="frame count (default: the model's own: 49 for CogVideoX-5B, 81 "
-        "for CogVideoX 1.5 and Wan; exact for 8k+1 on CogVideoX, 4k+1 on Wan)",
+        help="frame count (default: the model's own: %(families)s)",
     )
     gen.add_argument(
         "--height",
         type=_positive_int,
-        help="video height (default: the model's own: 480 for CogVideoX-5B and Wan, 768 for CogVideoX 1.5)",
+        help="video height (default: the model's own: %(families)s)",
     )
     gen.add_argument(
         "--width",
         type=_positive_int,
-        help="video width (default: the model's own: 720 for CogVideoX-5B, 832 for Wan, 1360 for CogVideoX 1.5)",
+        help="video width (default: the model's own: %(families)s)",
     )
     gen.add_argument(
         "--fps", type=_positive_int, default=8, help="frame rate of the written video (default: %(default)s)"
@@ -425,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="dynamic RMPM: from step 5 on, keep the masks once every object changes by less than this "
         "fraction (e.g. 0.05) (default: none, update every step; 0.05 with --preset release)",
+    )
+    gen.add_argument(
+        "--mask-kernel",
+        choices=MASK_KERNELS,
+        help=MASK_KERNEL_HELP + f" (default: {DEFAULT_KERNEL}; dense with --preset release)",
     )
     add_model_options(gen)
     gen.set_defaults(func=cmd_generate)
@@ -463,12 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--frames",
         type=_positive_int,
-        help="frames per training window (default: the model's, 49 for CogVideoX-5B, 81 for CogVideoX 1.5 and Wan)",
+        help="frames per training window (default: the model's: %(families)s)",
     )
-    tr.add_argument("--height", type=_positive_int, help="training height (default: the model's, 480)")
-    tr.add_argument(
-        "--width", type=_positive_int, help="training width (default: the model's, 720 for CogVideoX-5B, 832 for Wan)"
-    )
+    tr.add_argument("--height", type=_positive_int, help="training height (default: the model's: %(families)s)")
+    tr.add_argument("--width", type=_positive_int, help="training width (default: the model's: %(families)s)")
     tr.add_argument("--fps", type=float, help="subsample the reference to about this frame rate (default: 8)")
     tr.add_argument("--max-windows", type=_positive_int, help="windows of the reference to train on (default: 4)")
     tr.add_argument("--dmem-drop", type=float, help="DMEM: share of mask positives dropped (default: 0.3)")
@@ -495,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--vae-slicing", action="store_true", default=None, help="encode the reference in slices (less memory)"
+    )
+    tr.add_argument(
+        "--mask-kernel",
+        choices=MASK_KERNELS,
+        help=MASK_KERNEL_HELP + f" (default: {DEFAULT_KERNEL}; dense with --preset release)",
     )
     tr.add_argument(
         "--no-offload", action="store_true", help="keep text encoder and VAE on the GPU after caching latents"

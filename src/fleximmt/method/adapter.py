@@ -3,22 +3,56 @@
 The method (mask rules, RMPM, DMEM, motion files, the training loop, the pipeline's transfer
 logic, metrics, CLI and app) talks to a base model only through an adapter: how big its token grid
 is, which attention form hosts the motion tokens (``attention.FORMS``), how its processors are
-installed and receive the per-call state, where RMPM's features come from, and how a training step
-encodes its conditions and predicts ``x0``. Adding a base model means writing one adapter.
+installed and receive the per-call state, which batch rows are which video, where RMPM's features come
+from, and how a training step encodes its conditions and predicts ``x0``. Adding a base model means
+writing one adapter module (and its tiny components, ``fleximmt.toy``) and registering it by one line
+(a :class:`Family`, in ``fleximmt.models``): what names the families elsewhere is derived from the
+registrations.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 
 from ..errors import FlexiMMTInputError
 from .prompt import find_word_spans
+from .rows import BatchRows
+
+
+class Family(NamedTuple):
+    """A base-model family as ``fleximmt.models`` registers it (one line there): what is known of it before
+    its adapter module is imported (that module imports diffusers' pipeline and its image processors)."""
+
+    name: str  # how messages name it: "Wan"
+    family: str  # what motion files record (its adapter's ``family``): "wan"
+    module: str  # its adapter module, ``fleximmt.models.<module>``
+    pipeline: str  # its FlexiMMT pipeline class, exported by ``fleximmt``
+    diffusers: tuple[str, ...]  # the diffusers pipeline classes it runs, as ``model_index.json`` names them
+
+
+DOCUMENTED = ("height", "width", "num_frames", "guidance_scale")  # the settings documented_defaults names
+FAMILIES: dict[str, Family] = {}  # family -> its registration, in the order of registration
+
+
+def register_family(family: Family) -> Family:
+    """Register a model family (``fleximmt.models`` does, one line each); a family registers once."""
+    if family.family in FAMILIES:
+        raise ValueError(f"the model family {family.family!r} is registered twice")
+    FAMILIES[family.family] = family
+    return family
+
+
+def family_name(family: str) -> str:
+    """How messages name a model family ("Wan image-to-video"); an unregistered one by what motion files record."""
+    registered = FAMILIES.get(family)
+    return family if registered is None else f"{registered.name} image-to-video"
 
 
 @dataclass
@@ -66,21 +100,47 @@ class TrainingBatch:
 
 class ModelAdapter:
     """One family of diffusers image-to-video models, as FlexiMMT uses it. An instance wraps one
-    pipeline (FlexiMMT's own or diffusers'); it is cheap to make."""
+    pipeline (FlexiMMT's own or diffusers'; None: the family's facts alone, for its model run outside
+    diffusers, as ComfyUI's native patch runs it); it is cheap to make."""
 
     family: ClassVar[str]  # written into motion files; a motion is refused on another family
-    display_name: ClassVar[str]  # how messages name the family
+    display_name: ClassVar[str]  # how messages name the family: its registration's (family_name), set here
     pipeline_class: ClassVar[type]  # diffusers' pipeline this adapter serves
     form: ClassVar[str]  # "joint" or "cross" (attention.FORMS)
     parts: ClassVar[tuple[str, ...]]  # MDMA parts that exist on this model
     feature_share: ClassVar[float]  # RMPM averages features over the first share of the blocks
     default_model: ClassVar[str]
     repeated_blocks: ClassVar[tuple[str, ...]] = ()  # block classes to compile regionally (default: diffusers')
-    # how messages name any family (a motion's, when it is not this one): the registry, fleximmt.models, sets it
-    name_family: ClassVar[Callable[[str], str]] = staticmethod(str)
+    # settings of a call to default_model that leaves them out, where diffusers' __call__ gives no default
+    # (documented_defaults: what help texts say)
+    stated_defaults: ClassVar[dict[str, Any]] = {}
+    # what the state must know of this model's attention, given when the state is made (state_settings):
+    # its processors name each row's text keys (attention.TextKeys: text beyond the prompt's tokens, padding)
+    text_keys: ClassVar[bool] = False
+    # joint form, DMEM: video queries scored against the concept words' keys (docs/method.md#hunyuanvideo-15),
+    # not the concept words' queries against the video keys (docs/method.md#dmem)
+    dmem_video_queries: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "family" in vars(cls):
+            cls.display_name = family_name(cls.family)
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
+
+    @classmethod
+    def state_settings(cls) -> dict[str, Any]:
+        """The settings of a ``FlexiMMTState`` for this model's processors (its keyword arguments)."""
+        return {"form": cls.form, "text_keys": cls.text_keys, "dmem_video_queries": cls.dmem_video_queries}
+
+    @classmethod
+    def documented_defaults(cls) -> dict[str, Any]:
+        """``height``, ``width``, ``num_frames`` and ``guidance_scale`` of a call to ``default_model`` that
+        leaves them out, as help texts name them: diffusers' ``__call__`` defaults, then ``stated_defaults``."""
+        params = inspect.signature(cls.pipeline_class.__call__).parameters
+        given = {name: params[name].default for name in DOCUMENTED if name in params}
+        return {**{k: v for k, v in given.items() if v is not None}, **cls.stated_defaults}
 
     # -- the model -----------------------------------------------------------------------
     def transformers(self) -> list[torch.nn.Module]:
@@ -200,6 +260,14 @@ class ModelAdapter:
 
         call["callback_on_step_end"] = callback
         yield call
+
+    def batch_rows(self, call: dict[str, Any], videos: int) -> BatchRows:
+        """Which video each row of the call's transformer batches is, and which rows feed RMPM (the
+        conditional branch): given to the call's state when it is made. The default, one row per video in a
+        pipeline that runs each guidance branch as a forward of its own, the conditional first (Wan's and
+        HunyuanVideo 1.5's): features from the first forward of each step, whose start the adapter's forward
+        hook tells the state (``state.rows.begin_forward()``, as ``models.shared.SlotAdapter`` does)."""
+        return BatchRows(list(range(videos)), list(range(videos)), first_forward_only=True)
 
     @contextlib.contextmanager
     def attach(self, state, call: dict[str, Any]) -> Iterator[dict[str, Any]]:

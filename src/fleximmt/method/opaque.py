@@ -1,6 +1,6 @@
-"""MDMA's "auto" backend as opaque operators for ``torch.compile`` (docs/method.md#attention-without-an-n-x-n-mask).
+"""MDMA's "auto" mask kernel as opaque operators for ``torch.compile`` (docs/method.md#attention-without-an-n-x-n-mask).
 
-The auto backend groups video queries by the objects they belong to, and the groups' sizes change
+The auto kernel groups video queries by the objects they belong to, and the groups' sizes change
 with the masks at every step: traced, each new size would compile again. Inside a compiled graph
 (``torch.compiler.is_compiling()``) the two attention forms run instead as one custom operator each,
 ``fleximmt::mdma_joint`` and ``fleximmt::mdma_cross``, whose bodies are the eager code
@@ -9,12 +9,12 @@ implementations give only the output's shape. Dynamo sees fixed shapes; the grou
 
 An operator takes tensors, ints and strings only. The state is found through ``state.handle``: a
 one-element CPU tensor holding the state's number in a registry (a tensor, so a new call's state reaches
-the same graph); the block likewise, as its processor's ``block_tensor`` (``attention.BlockProcessor``),
+the same graph); the block likewise, as its processor's ``block_tensor`` (``tokens.BlockProcessor``),
 so that every block of a model is the same graph and regional compilation compiles one. The ints
 (expert, lengths, each row's text form) do not change between steps. RMPM's feature capture, which
 depends on the block, is an operator too (``fleximmt::observe``). The attention callable a processor
 passes cannot cross (a graph cannot hand a Python object to its operators while it runs): it crosses as
-its ``opaque_name``, a string from which a factory registered with :func:`attention_kind` makes it
+its ``opaque_name``, ``"module:class:argument"``, and the class's ``remake(argument, state)`` makes it
 again inside the operator (diffusers' dispatcher with the backend chosen for the model:
 ``models/shared.py``); a callable without one runs on PyTorch's SDPA there, said once in the log.
 
@@ -30,19 +30,21 @@ again, unchanged, by the recomputation (``FlexiMMTState`` keeps them for the ste
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import logging
 import weakref
-from collections.abc import Callable
 
 import torch
+
+from .kernels import sdpa
+from .tokens import TextKeys
 
 logger = logging.getLogger(__name__)
 
 _STATES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _NUMBERS = itertools.count()
 _SAID: set[str] = set()
-_ATTENTION_KINDS: dict[str, Callable] = {}
 
 
 def register(state) -> torch.Tensor:
@@ -56,42 +58,30 @@ def _state(handle: torch.Tensor):
     return _STATES[int(handle.item())]
 
 
-def attention_kind(kind: str, factory: Callable) -> None:
-    """Let attention callables whose ``opaque_name`` is ``"kind:argument"`` cross into the operators:
-    ``factory(argument, state)`` makes the callable again there."""
-    _ATTENTION_KINDS[kind] = factory
-
-
 def attention_name(attention) -> str:
     """What crosses into an operator for ``attention``: its ``opaque_name``; "" for PyTorch's SDPA."""
-    from .attention import sdpa
-
     if attention is None or attention is sdpa:
         return ""
     return getattr(attention, "opaque_name", "?")  # "?": said in the log, inside the operator
 
 
 def _attention(name: str, state):
-    from .attention import sdpa
-
     if name == "?" and "unnamed" not in _SAID:
         _SAID.add("unnamed")
         logger.warning(
-            "torch.compile with attention_backend='auto': an attention function without an opaque_name "
+            "torch.compile with mask_kernel='auto': an attention function without an opaque_name "
             "cannot cross into FlexiMMT's opaque operators; their grouped calls run on PyTorch's SDPA"
         )
     if name in ("", "?"):
         return sdpa
-    kind, _, argument = name.partition(":")
-    return _ATTENTION_KINDS[kind](argument, state)
+    module, qualname, argument = name.split(":", 2)
+    return getattr(importlib.import_module(module), qualname).remake(argument, state)
 
 
 def _texts(codes: list[int]):
     """Each row's ``TextKeys`` from ``(offset, valid or -1)`` pairs; an empty list: None."""
     if not codes:
         return None
-    from .attention import TextKeys
-
     return [TextKeys(offset, None if valid < 0 else valid) for offset, valid in zip(codes[::2], codes[1::2])]
 
 
@@ -142,7 +132,7 @@ def _joint_laid(out: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
 
 
 def _joint_eager(handle, block, query, key, value, text_len, texts, attention):
-    # the auto backend rewrites the text and motion rows of keys and values in place: an operator's inputs stay
+    # the auto kernel rewrites the text and motion rows of keys and values in place: an operator's inputs stay
     state = _state(handle)
     return state.joint_attention(
         block, query, key.clone(), value.clone(), text_len, _attention(attention, state), _texts(texts)
@@ -207,7 +197,7 @@ mdma_joint_op.register_autograd(_joint_backward, setup_context=_joint_setup)
 
 
 def mdma_joint(state, block, query, key, value, text_len: int, texts=None, attention=None) -> torch.Tensor:
-    """:meth:`FlexiMMTState.joint_attention` (auto backend) as one opaque operator; ``block``: the processor's
+    """:meth:`FlexiMMTState.joint_attention` (auto kernel) as one opaque operator; ``block``: the processor's
     ``block_tensor``."""
     motion_len = state.num_objects * state.tokens_per_motion
     return mdma_joint_op(
@@ -284,7 +274,7 @@ mdma_cross_op.register_autograd(_cross_backward, setup_context=_cross_setup)
 
 
 def mdma_cross(state, block, expert: int, query, key, value, project, texts=None, attention=None) -> torch.Tensor:
-    """:meth:`FlexiMMTState.cross_attention` (auto backend) as one opaque operator; the motion tokens of every
+    """:meth:`FlexiMMTState.cross_attention` (auto kernel) as one opaque operator; the motion tokens of every
     video go through ``project`` here, in the graph, so that their gradients reach them."""
     keys, values = zip(*(state.motion_projections(video, block, expert, project) for video in range(len(state.videos))))
     return mdma_cross_op(

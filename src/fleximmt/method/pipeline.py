@@ -1,11 +1,12 @@
 """The transfer half of FlexiMMT, for any base model: what a FlexiMMT pipeline adds to diffusers'.
 
-``FlexiMMTMixin`` sits in front of a diffusers image-to-video pipeline (``FlexiMMTPipeline`` for
-CogVideoX, ``FlexiMMTWanPipeline`` for Wan; ``fleximmt/models``). Around diffusers' own denoising
-loop it (1) checks the objects against images, prompts and model, (2) builds one
-``FlexiMMTState`` for the call - every video's motion tokens, motion words and first-frame masks -
-that the model's processors read, and (3) after every step runs RMPM on the features captured
-during that step and prepares the next step's masks (a one-step lag, docs/method.md#rmpm).
+``FlexiMMTMixin`` sits in front of a diffusers image-to-video pipeline (one per registered family,
+``fleximmt/models``). Around diffusers' own denoising loop it (1) checks the objects against images,
+prompts and model, (2) builds the call's transfer (:func:`build_transfer`): one ``FlexiMMTState`` - every
+video's motion tokens, motion words and first-frame masks - that the model's processors read, and its
+``MaskSchedule``, which (3) after every step runs RMPM on the features captured during that step and
+prepares the next step's masks (a one-step lag, docs/method.md#rmpm). ComfyUI's native patch builds its
+transfers with the same function.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import inspect
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import InitVar, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -26,8 +28,9 @@ import torch
 from diffusers.utils import BaseOutput
 
 from ..errors import FlexiMMTInputError, ObjectInputError
-from .adapter import ModelAdapter, TokenGrid
-from .attention import BACKENDS, FlexiMMTState, VideoMotions
+from .adapter import ModelAdapter, TokenGrid, family_name
+from .attention import FlexiMMTState
+from .kernels import DEFAULT_KERNEL, MASK_KERNELS
 from .masks import (
     PARTS,
     RMPM_METHODS,
@@ -41,6 +44,8 @@ from .masks import (
 from .motion import ObjectMotion
 from .presets import fill_preset
 from .prompt import find_token_spans
+from .rows import BatchRows
+from .tokens import VideoMotions
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +64,7 @@ RELEASE_OPTIONS = {
     "initial_masks": "none",
     "alpha": 0.05,
     "anchors": 3,
-    "attention_backend": "dense",
+    "mask_kernel": "dense",
 }
 OPTIONS_DOC = """FlexiMMT's own arguments (keyword-only):
     objects: ``ObjectMotion`` list, applied to every video of the call; or one list per prompt. Empty:
@@ -70,17 +75,45 @@ OPTIONS_DOC = """FlexiMMT's own arguments (keyword-only):
     anchors: RMPM's W. alpha: dynamic RMPM's threshold (None: update every step).
     feature_blocks: blocks whose attention outputs feed RMPM (default: the model's share of the first blocks).
     parts: MDMA parts on. context_text: "open" | "closed" (joint attention: CogVideoX, HunyuanVideo 1.5).
-    attention_backend: "auto" (grouped SDPA, no N x N mask), "flex" (one FlexAttention call with a block
-        mask; compiled; on a CPU inference only) or "dense" (the reference).
+    mask_kernel: how MDMA is computed, exactly, by every kernel: "auto" (grouped SDPA, no N x N mask),
+        "flex" (one FlexAttention call with a block mask; compiled; on a CPU inference only) or "dense" (the
+        reference). Not diffusers' attention backend (``transformer.set_attention_backend``), which the
+        kernels' calls use. The old name ``attention_backend`` is accepted until fleximmt 0.2, with a warning.
     return_masks: add the per-step masks to the output. initial_masks: RMPM's step 0, "first_frame" or
         "none" (the release).
     preset: "release" reproduces the authors' released inference: it sets mask_source "rmpm",
-        rmpm_method "released", initial_masks "none", alpha 0.05, anchors 3 and attention_backend
+        rmpm_method "released", initial_masks "none", alpha 0.05, anchors 3 and mask_kernel
         "dense" where they are not passed, and the release's first-frame mask resize and RMPM precision
         (the model's); docs/method.md#the-release-preset. None: fleximmt's own choices."""
 
 
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+RENAMED = {"attention_backend": "mask_kernel"}  # FlexiMMT's old option names, accepted until REMOVED_IN
+REMOVED_IN = "0.2"
+
+
+def renamed_option(old: str, value: Any) -> Any:
+    """``value`` given under an option's old name (``RENAMED``): a ``FutureWarning`` naming the new one, as
+    diffusers' ``deprecate`` warns."""
+    new = RENAMED[old]
+    warnings.warn(
+        f"{old}={value!r} is deprecated and will be removed in fleximmt {REMOVED_IN}: use {new}={value!r} "
+        f"(FlexiMMT's mask kernel; diffusers' attention backend is set with transformer.set_attention_backend)",
+        FutureWarning,
+        stacklevel=4,
+    )
+    return value
+
+
+def rename_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with every old option name (``RENAMED``) given as its new one, each warned about once."""
+    for old, new in RENAMED.items():
+        if old in kwargs:
+            if new in kwargs:
+                raise FlexiMMTInputError(f"{old} and {new} both given: give {new} only ({old} is its old name)")
+            kwargs = {**kwargs, new: renamed_option(old, kwargs[old])}
+            del kwargs[old]
+    return kwargs
 
 
 def check_safetensors(path: str | os.PathLike, kwargs: dict[str, Any]) -> None:
@@ -143,10 +176,15 @@ class TransferOptions:
     feature_blocks: Sequence[int] | None = None
     parts: Sequence[str] = PARTS
     context_text: str = "open"
-    attention_backend: str = "auto"
+    mask_kernel: str = DEFAULT_KERNEL
     return_masks: bool = False
     initial_masks: str = "first_frame"
     preset: str | None = None
+    attention_backend: InitVar[str | None] = None  # mask_kernel's old name (renamed_option), until fleximmt 0.2
+
+    def __post_init__(self, attention_backend: str | None) -> None:
+        if attention_backend is not None:
+            self.mask_kernel = renamed_option("attention_backend", attention_backend)
 
     def apply_preset(self, given: Collection[str]) -> None:
         """Fill the options the caller did not pass (``given``: the names passed) from ``preset``."""
@@ -159,10 +197,11 @@ class TransferOptions:
         return self.preset == "release"
 
     def check(self, adapter: ModelAdapter) -> None:
+        """Refuse a value no option takes, or MDMA settings ``adapter``'s model does not have."""
         if self.mask_source not in MASK_SOURCES:
             raise FlexiMMTInputError(f"mask_source={self.mask_source!r}: choose from {list(MASK_SOURCES)}")
-        if self.attention_backend not in BACKENDS:
-            raise FlexiMMTInputError(f"attention_backend={self.attention_backend!r}: choose from {list(BACKENDS)}")
+        if self.mask_kernel not in MASK_KERNELS:
+            raise FlexiMMTInputError(f"mask_kernel={self.mask_kernel!r}: choose from {list(MASK_KERNELS)}")
         if self.rmpm_method not in RMPM_METHODS:
             raise FlexiMMTInputError(f"rmpm_method={self.rmpm_method!r}: choose from {list(RMPM_METHODS)}")
         if self.anchors < 1:
@@ -206,7 +245,7 @@ def flexi_call(cls) -> Callable:
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **rename_options(kwargs))
         given = frozenset(bound.arguments)  # what the caller passed: a preset fills only the rest
         bound.apply_defaults()
         return self._call(bound.arguments, given)
@@ -403,15 +442,19 @@ class FlexiMMTMixin:
         videos_per_prompt = len(prompts) // len(per_prompt)
         objects = [objs for objs in per_prompt for _ in range(videos_per_prompt)]
         images = adapter.batch_images(call, len(prompts))
-        device = self._execution_device
-        state, first_masks = self._prepare_state(
-            adapter, prompts, images, objects, grid, (height, width), call, options, device
+        text_len = call.get("max_sequence_length") or adapter.default_text_length()
+        videos = [
+            self._video_objects(adapter, prompt, image, objs, grid, (height, width), text_len, options)
+            for prompt, image, objs in zip(prompts, images, objects)
+        ]
+        num_blocks = adapter.motion_shape()[0]
+        rows = adapter.batch_rows(call, len(videos))
+        shard, dtype = adapter.video_shard(grid.size), adapter.transformers()[0].dtype
+        transfer = build_transfer(
+            adapter, options, videos, grid, text_len, num_blocks, self._execution_device, rows, shard, dtype=dtype
         )
-        state.shard_video(adapter.video_shard(grid.size))
         adapter.install_processors()
-        schedule = MaskSchedule(
-            state, first_masks, grid, options, adapter.motion_shape()[0], dtype=adapter.transformers()[0].dtype
-        )
+        state, schedule = transfer
         with adapter.each_step(call, schedule.step_end) as call, adapter.attach(state, call) as call:
             check_caches(adapter.transformers(), state)
             output = diffusers_call(self, **call)
@@ -422,67 +465,44 @@ class FlexiMMTMixin:
             return (*output, masks)
         return FlexiMMTPipelineOutput(**dict(output), masks=masks)
 
-    def _prepare_state(
-        self,
+    @staticmethod
+    def _video_objects(
         adapter: ModelAdapter,
-        prompts: list[str],
-        images: list,
-        objects: list[list[ObjectMotion]],
+        prompt: str,
+        image,
+        objects: list[ObjectMotion],
         grid: TokenGrid,
         size: tuple[int, int],
-        call: dict,
+        text_len: int,
         options: TransferOptions,
-        device,
-    ) -> tuple[FlexiMMTState, list[torch.Tensor]]:
-        """Check every video's objects against its image, prompt and the model; return the state
-        and each video's first-frame masks on the token grid (bool ``[K, h, w]``)."""
+    ) -> VideoObjects:
+        """One video's objects checked against its image, its prompt and the model: their motion words found
+        in the prompt as the pipeline tokenises it, their masks framed as the video's first frame (``size``) and
+        brought to the token grid (the release's resize under ``preset="release"``)."""
+        check_object_count(objects)
         num_blocks, dim = adapter.motion_shape()
-        text_len = call.get("max_sequence_length") or adapter.default_text_length()
-        slots, firsts = [], []
-        for prompt, image, objs in zip(prompts, images, objects):
-            if len(objs) > MAX_OBJECTS:
-                raise FlexiMMTInputError(f"{len(objs)} objects given: FlexiMMT takes at most {MAX_OBJECTS}")
-            img_h, img_w = image_size(image)
-            first = []
-            for k, obj in enumerate(objs, 1):
-                with about_object(k):
-                    obj.motion.check_model(
-                        num_blocks,
-                        dim,
-                        family=adapter.family,
-                        experts=adapter.num_experts,
-                        source=f"object {k}",
-                        family_name=adapter.name_family,
-                    )
-                mask = obj.mask_tensor
-                if tuple(mask.shape) != (img_h, img_w):
-                    raise ObjectInputError(
-                        k,
-                        f"the mask is {mask.shape[0]} x {mask.shape[1]} but the image is "
-                        f"{img_h} x {img_w}: give a mask of the image's size",
-                    )
-                resize = "released" if options.release else "coverage"
-                grid_mask = mask_to_token_grid(adapter.frame_mask(mask, *size), grid.height, grid.width, resize)
-                check_object_mask(k, mask, grid_mask)
-                first.append(grid_mask)
-            d_ms = {obj.motion.d_m for obj in objs}
-            if len(d_ms) > 1:
-                raise FlexiMMTInputError(
-                    f"the motions have different token counts d_m {sorted(d_ms)}: use motions trained with one d_m"
+        img_h, img_w = image_size(image)
+        firsts = []
+        for k, obj in enumerate(objects, 1):
+            check_motion(adapter, k, obj.motion, num_blocks, dim, adapter.num_experts)
+            mask = obj.mask_tensor
+            if tuple(mask.shape) != (img_h, img_w):
+                raise ObjectInputError(
+                    k,
+                    f"the mask is {mask.shape[0]} x {mask.shape[1]} but the image is "
+                    f"{img_h} x {img_w}: give a mask of the image's size",
                 )
-            member = span_membership(
-                text_len, object_word_spans(adapter, prompt, [o.motion_text for o in objs], text_len)
-            )
-            concept_index = None
-            if options.mask_source == "qk":
-                concepts = [o.concept_text or o.motion_text for o in objs]
-                spans = object_word_spans(adapter, prompt, concepts, text_len)
-                concept_index = [torch.tensor(span, dtype=torch.long, device=device) for span in spans]
-            tokens = torch.stack([o.motion.expert_tokens() for o in objs]).to(device)  # [K, E, blocks, d_m, dim]
-            slots.append(VideoMotions(tokens, member.to(device), concept_index))
-            firsts.append(torch.stack(first).to(device))
-        state = transfer_state(slots, options, adapter.form, num_blocks, adapter.feature_share, grid.frames)
-        return state, firsts
+            resize = "released" if options.release else "coverage"
+            grid_mask = mask_to_token_grid(adapter.frame_mask(mask, *size), grid.height, grid.width, resize)
+            check_object_mask(k, mask, grid_mask)
+            firsts.append(grid_mask)
+        check_one_d_m(objects)
+        spans = object_word_spans(adapter, prompt, [o.motion_text for o in objects], text_len)
+        concept_spans = None
+        if options.mask_source == "qk":
+            concepts = [o.concept_text or o.motion_text for o in objects]
+            concept_spans = object_word_spans(adapter, prompt, concepts, text_len)
+        return VideoObjects(objects, spans, firsts, concept_spans)
 
 
 def check_object_mask(number: int, mask: torch.Tensor, grid_mask: torch.Tensor) -> None:
@@ -503,6 +523,88 @@ def check_object_mask(number: int, mask: torch.Tensor, grid_mask: torch.Tensor) 
         )
 
 
+def check_motion(adapter: ModelAdapter, number: int, motion, num_blocks: int, dim: int, experts: int) -> None:
+    """Refuse object ``number``'s motion when it was learned on another family or for another shape of model
+    (``num_blocks`` blocks of width ``dim``, ``experts`` token sets)."""
+    with about_object(number):
+        motion.check_model(
+            num_blocks, dim, family=adapter.family, experts=experts, source=f"object {number}", family_name=family_name
+        )
+
+
+def check_object_count(objects: Sequence[ObjectMotion]) -> None:
+    if len(objects) > MAX_OBJECTS:
+        raise FlexiMMTInputError(f"{len(objects)} objects given: FlexiMMT takes at most {MAX_OBJECTS}")
+
+
+def check_one_d_m(objects: Sequence[ObjectMotion]) -> None:
+    d_ms = {obj.motion.d_m for obj in objects}
+    if len(d_ms) > 1:
+        raise FlexiMMTInputError(
+            f"the motions have different token counts d_m {sorted(d_ms)}: use motions trained with one d_m"
+        )
+
+
+@dataclass
+class VideoObjects:
+    """One video's objects as a transfer takes them, whoever found their words and put their masks on the
+    token grid (a FlexiMMT pipeline by characters and the pipeline's own resize; ComfyUI's native patch by
+    CLIP's token ids and ComfyUI's crop)."""
+
+    objects: Sequence[ObjectMotion]
+    spans: list[list[int]]  # each object's motion words among the text tokens
+    first_masks: list[torch.Tensor]  # each object's first-frame mask on the token grid, bool [h, w]
+    concept_spans: list[list[int]] | None = None  # each object's concept words (DMEM: mask_source="qk")
+
+
+class Transfer(NamedTuple):
+    """One transfer: the state the model's processors read, and the schedule of its masks."""
+
+    state: FlexiMMTState
+    schedule: MaskSchedule
+
+
+def build_transfer(
+    adapter: ModelAdapter,
+    options: TransferOptions,
+    videos: Sequence[VideoObjects],
+    grid: TokenGrid,
+    text_len: int,
+    num_blocks: int,
+    device: torch.device | str | None = None,
+    rows: BatchRows | None = None,
+    shard=None,
+    expert: int | None = None,
+    dtype: torch.dtype | None = None,
+    text_keys: bool | None = None,
+) -> Transfer:
+    """The transfer of one call, for any family: ``options`` checked against ``adapter`` (an instance of the
+    family's adapter: its attention form, parts and settings), then the state of every video's objects
+    (``videos``: motion tokens, motion words among ``text_len`` text tokens, first-frame masks on ``grid``)
+    for a model of ``num_blocks`` blocks, and its mask schedule from the first-frame masks. ``rows``: the
+    call's batch rows (default: every row is video 0; a driver may give each forward's as it comes);
+    ``shard``: this process's video tokens (``VideoShard``) under context parallelism; ``expert``: the one
+    expert whose tokens the model is (a ComfyUI MODEL; None: every expert's); ``dtype``: the model's precision
+    (RMPM's under ``preset="release"``); ``text_keys``: whether the attention names each row's text keys
+    (``TextKeys``; None: as the adapter's processors do; ComfyUI's native patch names them on every family)."""
+    options.check(adapter)
+    motions, firsts = [], []
+    for video in videos:
+        check_object_count(video.objects)
+        check_one_d_m(video.objects)
+        firsts.append(torch.stack(list(video.first_masks)).to(device))
+        tokens = torch.stack([obj.motion.expert_tokens() for obj in video.objects])  # [K, experts, blocks, d_m, dim]
+        if expert is not None:
+            tokens = tokens[:, expert : expert + 1]
+        concept_index = None
+        if options.mask_source == "qk":
+            concept_index = [torch.tensor(span, dtype=torch.long, device=device) for span in video.concept_spans]
+        member = span_membership(text_len, video.spans).to(device)
+        motions.append(VideoMotions(tokens.to(device), member, concept_index))
+    state = transfer_state(motions, options, adapter, num_blocks, grid.frames, rows, shard, text_keys)
+    return Transfer(state, MaskSchedule(state, firsts, grid, options, num_blocks, dtype))
+
+
 def check_caches(transformers: Sequence[torch.nn.Module], state: FlexiMMTState) -> None:
     """Refuse a diffusers cache (``transformer.enable_cache``) that cannot run with objects. Every cache
     that skips blocks or steps, or reuses attention outputs, runs: RMPM keeps the last masks on the
@@ -512,13 +614,7 @@ def check_caches(transformers: Sequence[torch.nn.Module], state: FlexiMMTState) 
     runs them as two calls (Wan), or a call without guidance, has no such halves."""
     from diffusers.hooks import FasterCacheConfig
 
-    rows, feature = state.rows, state.feature_rows
-    halves = (
-        rows is not None
-        and feature is not None
-        and len(rows) == 2 * len(feature)
-        and feature == list(range(len(feature), len(rows)))
-    )
+    halves = state.rows.conditional_halves()
     for transformer in transformers:
         config = getattr(transformer, "_cache_config", None)
         if isinstance(config, FasterCacheConfig) and not config.is_guidance_distilled and not halves:
@@ -533,28 +629,36 @@ def check_caches(transformers: Sequence[torch.nn.Module], state: FlexiMMTState) 
 def transfer_state(
     videos: list[VideoMotions],
     options: TransferOptions,
-    form: str,
+    adapter: ModelAdapter,
     num_blocks: int,
-    feature_share: float,
     num_frames: int,
+    rows: BatchRows | None = None,
+    shard=None,
+    text_keys: bool | None = None,
 ) -> FlexiMMTState:
-    """The state a transfer's processors read: every video's motions, the MDMA settings and RMPM's
-    feature blocks (by default the model's ``feature_share`` of its first blocks)."""
+    """The state a transfer's processors read: every video's motions, the model's settings
+    (``adapter.state_settings()``; ``text_keys`` given: whether the attention names each row's text keys),
+    the MDMA settings and RMPM's feature blocks (by default the model's ``feature_share`` of its first blocks)."""
     feature_blocks = options.feature_blocks
     if feature_blocks is None:
-        feature_blocks = range(max(1, round(num_blocks * feature_share)))
+        feature_blocks = range(max(1, round(num_blocks * adapter.feature_share)))
     bad = [b for b in feature_blocks if not 0 <= b < num_blocks]
     if bad:
         raise FlexiMMTInputError(f"feature_blocks {bad} are outside the model's {num_blocks} blocks")
+    settings = adapter.state_settings()
+    if text_keys is not None:
+        settings["text_keys"] = text_keys
     return FlexiMMTState(
         videos=videos,
-        form=form,
+        **settings,
         parts=options.parts,
         context_text=options.context_text,
-        backend=options.attention_backend,
+        mask_kernel=options.mask_kernel,
         num_frames=num_frames,
         dmem=options.mask_source == "qk",
         feature_blocks=frozenset(feature_blocks) if options.mask_source == "rmpm" else frozenset(),
+        rows=BatchRows() if rows is None else rows,
+        shard=shard,
     )
 
 
@@ -562,9 +666,8 @@ class MaskSchedule:
     """The object masks of one transfer, step by step (docs/method.md#rmpm): step 0's from the
     options (first-frame masks on every frame, the release's none, all video, or DMEM's), then after
     every step RMPM's from the features captured during it - used from the next step on - until
-    dynamic RMPM freezes them (docs/method.md#dynamic-rmpm). Any driver of a denoising loop calls
-    :meth:`step_end` after each step (diffusers' callback here; ComfyUI's native patch when the noise
-    level changes).
+    dynamic RMPM freezes them. Any driver of a denoising loop calls :meth:`step_end` after each step
+    (diffusers' callback here; ComfyUI's native patch when the noise level changes).
 
     New masks come only from a step whose features came from every feature block: on a step where a
     cache (``transformer.enable_cache``) skipped blocks or reused attention outputs - FirstBlockCache
@@ -601,8 +704,8 @@ class MaskSchedule:
             elif options.mask_source == "rmpm" and options.initial_masks == "none":
                 # the release's step 0: no masks yet - motion tokens reach only their motion words, and
                 # those words see all video (T2V open); RMPM's first masks arrive after step 0
-                state.parts = options.parts - {"t2v"}
-                state.set_video_masks(torch.zeros(num_objects, grid.size, dtype=torch.bool, device=device), v)
+                none = torch.zeros(num_objects, grid.size, dtype=torch.bool, device=device)
+                state.set_video_masks(none, v, parts=options.parts - {"t2v"})
             elif options.mask_source in ("rmpm", "static", "qk"):
                 state.set_video_masks(first[:, None].expand(-1, grid.frames, -1, -1).reshape(num_objects, -1), v)
         state.begin_step(grid.size, num_blocks)
@@ -615,8 +718,8 @@ class MaskSchedule:
             self.history.append(
                 torch.stack(
                     [
-                        slot.video_masks.view(num_objects, grid.frames, grid.height, grid.width).cpu()
-                        for slot in state.videos
+                        masks.view(num_objects, grid.frames, grid.height, grid.width).cpu()
+                        for masks in state.layouts.video_masks
                     ]
                 )
             )
@@ -625,15 +728,15 @@ class MaskSchedule:
             return
         new_masks, changes = {}, []
         empty = 0.0 if options.release else float("inf")  # the change of an empty old mask that changed
-        for v, slot in enumerate(state.videos):
-            complete = state.capture_complete(v)
-            features = state.take_features(v)
+        for v in range(len(state.videos)):
+            complete = state.capture.complete(v)
+            features = state.capture.take(v)
             if features is None or not complete:  # a cache skipped blocks of this step: the last masks stay
                 logger.debug(
                     "step %d: RMPM's features came from %s of blocks %s: masks kept",
                     step,
                     "none" if features is None else "some",
-                    sorted(state.feature_blocks),
+                    sorted(state.capture.blocks),
                 )
                 continue
             new = rmpm(
@@ -644,21 +747,21 @@ class MaskSchedule:
                 self.dtype,
             ).reshape(num_objects, -1)
             new_masks[v] = new
-            changes += [mask_change(o, n, empty) for o, n in zip(slot.video_masks, new)]
+            changes += [mask_change(o, n, empty) for o, n in zip(state.layouts.video_masks[v], new)]
         alpha = options.alpha
         if alpha is not None and step >= ALWAYS_UPDATE_STEPS and changes and all(c < alpha for c in changes):
             self.stop(f"dynamic RMPM: every mask changed by less than alpha={options.alpha} at step {step}: kept")
             return
         for v, new in new_masks.items():
-            state.parts = options.parts  # after a release-style step 0, every part is on again
-            state.set_video_masks(new, v)
+            # after a release-style step 0, every part is on again
+            state.set_video_masks(new, v, parts=options.parts)
         if options.release and step + 1 >= RELEASE_MASK_STEPS:
             self.stop(f"masks frozen after step {step}: the release computes masks in its first 50 steps")
 
     def stop(self, why: str) -> None:
         """Keep the current masks for every later step and capture no more features."""
         self.updating = False
-        self.state.feature_blocks = frozenset()
+        self.state.capture.stop()
         logger.info(why)
 
     def masks(self) -> torch.Tensor | None:

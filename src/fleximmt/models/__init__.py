@@ -1,46 +1,57 @@
-"""Base models, one adapter each: ``cogvideox`` (CogVideoX 5B-I2V and 1.5), ``wan`` (Wan 2.1 / 2.2
-image-to-video), ``hunyuan15`` (HunyuanVideo 1.5 image-to-video) and ``ltx2`` (LTX-2 image-to-video). The registry below maps diffusers' pipeline names to them; a new model is one
-adapter file and one line here."""
+"""Base models, one adapter module each: ``cogvideox`` (CogVideoX 5B-I2V and 1.5), ``wan`` (Wan 2.1 / 2.2
+image-to-video), ``hunyuan15`` (HunyuanVideo 1.5 image-to-video) and ``ltx2`` (LTX-2 image-to-video). A family is registered by one line
+below; everything else that names the families - ``SUPPORTED``, ``REGISTRY``, ``fleximmt``'s exports, the
+command line's help, ComfyUI's model list - is derived from the registrations."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
 
-from ..method.adapter import ModelAdapter, TokenGrid
+from ..errors import FlexiMMTInputError
+from ..method.adapter import FAMILIES, Family, ModelAdapter, TokenGrid, family_name, register_family
 
-# diffusers pipeline class name (as model_index.json names it) -> (module, FlexiMMT pipeline class)
-REGISTRY: dict[str, tuple[str, str]] = {
-    "CogVideoXImageToVideoPipeline": ("cogvideox", "FlexiMMTPipeline"),
-    "FlexiMMTPipeline": ("cogvideox", "FlexiMMTPipeline"),
-    "WanImageToVideoPipeline": ("wan", "FlexiMMTWanPipeline"),
-    "WanPipeline": ("wan", "FlexiMMTWanPipeline"),  # Wan 2.2 TI2V-5B ships as a WanPipeline; it animates images too
-    "FlexiMMTWanPipeline": ("wan", "FlexiMMTWanPipeline"),
-    "HunyuanVideo15ImageToVideoPipeline": ("hunyuan15", "FlexiMMTHunyuanVideo15Pipeline"),
-    "FlexiMMTHunyuanVideo15Pipeline": ("hunyuan15", "FlexiMMTHunyuanVideo15Pipeline"),
-    "LTX2ImageToVideoPipeline": ("ltx2", "FlexiMMTLTX2ImageToVideoPipeline"),
-    "LTX2Pipeline": (
-        "ltx2",
-        "FlexiMMTLTX2ImageToVideoPipeline",
-    ),  # Lightricks/LTX-2 ships as one; it animates images too
-    "FlexiMMTLTX2ImageToVideoPipeline": ("ltx2", "FlexiMMTLTX2ImageToVideoPipeline"),
-}
-SUPPORTED = (
-    "CogVideoX, Wan, HunyuanVideo 1.5 or LTX-2"  # how messages name the registered families, without importing them
+# name, family (in motion files), module, FlexiMMT pipeline, diffusers pipelines (Wan 2.2 TI2V-5B ships as a
+# WanPipeline, Lightricks/LTX-2 as an LTX2Pipeline; they animate images too)
+register_family(Family("CogVideoX", "cogvideox", "cogvideox", "FlexiMMTPipeline", ("CogVideoXImageToVideoPipeline",)))
+register_family(Family("Wan", "wan", "wan", "FlexiMMTWanPipeline", ("WanImageToVideoPipeline", "WanPipeline")))
+register_family(
+    Family(
+        "HunyuanVideo 1.5",
+        "hunyuanvideo15",
+        "hunyuan15",
+        "FlexiMMTHunyuanVideo15Pipeline",
+        ("HunyuanVideo15ImageToVideoPipeline",),
+    )
+)
+register_family(
+    Family("LTX-2", "ltx2", "ltx2", "FlexiMMTLTX2ImageToVideoPipeline", ("LTX2ImageToVideoPipeline", "LTX2Pipeline"))
 )
 
 
+def listing(names: list[str]) -> str:
+    """``["a", "b", "c"]`` as "a, b or c"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+# a pipeline class name (diffusers' or FlexiMMT's, as model_index.json names it) -> (module, FlexiMMT pipeline class)
+REGISTRY: dict[str, tuple[str, str]] = {
+    name: (f.module, f.pipeline) for f in FAMILIES.values() for name in (*f.diffusers, f.pipeline)
+}
+SUPPORTED = listing([f.name for f in FAMILIES.values()])  # how messages name the registered families
+
+
 def pipeline_class(name: str) -> type:
-    """The FlexiMMT pipeline class for a diffusers pipeline class name."""
+    """The FlexiMMT pipeline class for a pipeline class name (diffusers' or FlexiMMT's)."""
     module, cls = REGISTRY[name]
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
 def adapters() -> Iterator[type[ModelAdapter]]:
-    """Every registered adapter class (each model module once), imported as it is reached: finding
+    """Every registered adapter class, in the order of registration, imported as it is reached: finding
     CogVideoX's does not import Wan's module."""
-    for name in dict.fromkeys(module for module, _ in REGISTRY.values()):
-        yield importlib.import_module(f"{__name__}.{name}").ADAPTER
+    for family in FAMILIES.values():
+        yield pipeline_class(family.pipeline).adapter_class
 
 
 def default_model() -> str:
@@ -49,21 +60,18 @@ def default_model() -> str:
     return next(adapters()).default_model
 
 
-def family_name(family: str) -> str:
-    """How messages name a model family ("CogVideoX image-to-video")."""
-    for adapter_cls in adapters():
-        if adapter_cls.family == family:
-            return adapter_cls.display_name
-    return family
-
-
-ModelAdapter.name_family = staticmethod(family_name)
+def family_defaults(setting: str) -> str:
+    """What each registered family's default model does for ``setting`` when a call leaves it out
+    (``ModelAdapter.documented_defaults``), as help texts say it: "49 for CogVideoX, 81 for Wan, ...".
+    Imports every family."""
+    found = (
+        (family.name, cls.documented_defaults().get(setting)) for family, cls in zip(FAMILIES.values(), adapters())
+    )
+    return ", ".join(f"{value} for {name}" for name, value in found if value is not None)
 
 
 def adapter_for(pipe) -> ModelAdapter:
     """The adapter of a FlexiMMT pipeline or of a diffusers pipeline of a supported family."""
-    from ..errors import FlexiMMTInputError
-
     for adapter_cls in adapters():
         if isinstance(pipe, adapter_cls.pipeline_class):
             return adapter_cls(pipe)
@@ -77,7 +85,7 @@ def compile(pipe, regional: bool = True, fullgraph: bool = True, **compile_kwarg
     not) or the whole model. The masks' shapes never reach the graph ("flex": one block mask; "auto": its
     groups run inside opaque operators, ``method/opaque.py``): once warm nothing compiles again, from step
     to step or call to call, whatever the masks. Regionally every block is the same graph (the processors
-    hand the state their block as a tensor inside it: ``method.attention.BlockProcessor``), so a model of
+    hand the state their block as a tensor inside it: ``method.tokens.BlockProcessor``), so a model of
     any number of blocks compiles once (``tests/test_compile.py``)."""
     adapter = adapter_for(pipe)
     adapter.install_processors()
@@ -91,14 +99,19 @@ def compile(pipe, regional: bool = True, fullgraph: bool = True, **compile_kwarg
 
 
 __all__ = [
+    "FAMILIES",
     "REGISTRY",
     "SUPPORTED",
+    "Family",
     "ModelAdapter",
     "TokenGrid",
     "adapter_for",
     "adapters",
     "compile",
     "default_model",
+    "family_defaults",
     "family_name",
+    "listing",
     "pipeline_class",
+    "register_family",
 ]

@@ -20,9 +20,11 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from ..errors import FlexiMMTInputError
 from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch, image_count, prompt_count
-from ..method.attention import BlockProcessor, FlexiMMTState
+from ..method.attention import FlexiMMTState
 from ..method.masks import PARTS
 from ..method.pipeline import FlexiMMTMixin
+from ..method.rows import BatchRows
+from ..method.tokens import BlockProcessor
 from .shared import carry_dispatch, check_no_context_parallelism, dispatched_attention, repeat_per_prompt
 
 logger = logging.getLogger(__name__)
@@ -107,13 +109,13 @@ class FlexiMMTAttnProcessor(BlockProcessor):
 
 class CogVideoXAdapter(ModelAdapter):
     family = "cogvideox"
-    display_name = "CogVideoX image-to-video"
     pipeline_class = CogVideoXImageToVideoPipeline
     form = "joint"
     parts = PARTS
     feature_share = 30 / 42  # the release averages features over the first 30 of 42 blocks
     default_model = DEFAULT_MODEL
     repeated_blocks = ("CogVideoXBlock",)  # diffusers' CogVideoX model names none (compile_repeated_blocks raises)
+    stated_defaults: ClassVar[dict[str, Any]] = {"height": 480, "width": 720}  # CogVideoX-5B's (default_size)
 
     def check_model(self) -> None:
         latent = self.pipe.vae.config.latent_channels
@@ -219,12 +221,13 @@ class CogVideoXAdapter(ModelAdapter):
     def batch_prompts(self, call: dict[str, Any]) -> list[str]:
         return super().batch_prompts({**call, "num_videos_per_prompt": 1})  # prepare_call repeated them
 
+    def batch_rows(self, call: dict[str, Any], videos: int) -> BatchRows:
+        """With guidance, one forward of ``[uncond videos | cond videos]``: features from the conditional rows."""
+        cfg = call["guidance_scale"] > 1
+        return BatchRows(list(range(videos)) * (2 if cfg else 1), [videos + v if cfg else v for v in range(videos)])
+
     @contextlib.contextmanager
     def attach(self, state: FlexiMMTState, call: dict[str, Any]):
-        videos = len(state.videos)
-        cfg = call["guidance_scale"] > 1
-        state.rows = list(range(videos)) * (2 if cfg else 1)  # [uncond videos | cond videos] with CFG
-        state.feature_rows = [videos + v if cfg else v for v in range(videos)]
         try:
             yield {**call, "attention_kwargs": {**(call.get("attention_kwargs") or {}), "fleximmt": state}}
         finally:  # diffusers keeps the call's attention_kwargs on the pipeline: the state must not outlive the call
@@ -283,7 +286,6 @@ class CogVideoXAdapter(ModelAdapter):
             rotary = pipe._prepare_rotary_positional_embeddings(height, width, x0.shape[1], device)
         ofs = None if cfg.ofs_embed_dim is None else x0.new_full((1,), 2.0)
         model_dtype = transformer.dtype
-        state.rows, state.feature_rows = None, None
         with autocast():
             velocity = transformer(
                 hidden_states=torch.cat([noisy, image], dim=2).to(model_dtype),
@@ -319,6 +321,3 @@ class FlexiMMTPipeline(FlexiMMTMixin, CogVideoXImageToVideoPipeline):
         "``num_videos_per_prompt`` is honoured (diffusers' CogVideoX I2V sets it to 1); one image may serve "
         "a list of prompts."
     )
-
-
-ADAPTER = CogVideoXAdapter

@@ -9,7 +9,7 @@ and ``norm_added_q/k`` (no RoPE); every MDMA part exists; padded text keys are c
 without an N x N mask (``attention.TextKeys``: where each row's prompt starts and its padding begins);
 RMPM reads the video stream's attention outputs (before the gate) of the conditional branch over the
 first 70% of the blocks. diffusers' blocks pass no ``attention_kwargs`` to their processors, so the
-processors of the transformer share one ``StateSlot`` the pipeline fills for the call; the guider runs
+processors of the transformer share one ``StateSlot`` the pipeline fills for the call (``shared.py``); the guider runs
 the conditional branch first in each step, its own forward. Training is flow matching: the velocity
 error, i.e. the x0 error weighted by ``1 / sigma^2``, at timesteps shifted as the scheduler shifts them.
 """
@@ -20,8 +20,7 @@ import contextlib
 import inspect
 import itertools
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import PIL.Image
 import torch
@@ -32,17 +31,23 @@ from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5_image2video 
 
 from ..errors import FlexiMMTInputError
 from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch
-from ..method.attention import BlockProcessor, FlexiMMTState, TextKeys
 from ..method.masks import PARTS
 from ..method.pipeline import FlexiMMTMixin
 from ..method.prompt import find_word_spans
+from ..method.tokens import TextKeys
 from .shared import (
-    DelegatingProcessor,
+    FEATURE_SHARE,
+    SlotAdapter,
+    SlotProcessor,
+    StateSlot,
+    bound_arguments,
     carry_dispatch,
     check_frame_count,
     check_no_context_parallelism,
     dispatched_attention,
     patched_token_grid,
+    sample_sigma,
+    slot_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,21 +55,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v"
 CHECKPOINTS = (DEFAULT_MODEL, "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_i2v")
 MARKER = "\ue000"  # a private-use character no template holds: it shows where the prompt goes
-FEATURE_SHARE = 0.7  # RMPM averages the video stream's attention outputs over the first 70% of the blocks
 
 
-@dataclass
-class StateSlot:
-    """The per-call FlexiMMT state, shared by every processor of the transformer (None: plain
-    HunyuanVideo 1.5), and what the current forward's rows hold: their text forms, and how many forwards
-    this denoising step has run (the first is the conditional branch)."""
-
-    state: FlexiMMTState | None = None
-    texts: list[TextKeys] = field(default_factory=list)
-    calls: int = 0
-
-
-class FlexiMMTHunyuanAttnProcessor(BlockProcessor, DelegatingProcessor):
+class FlexiMMTHunyuanAttnProcessor(SlotProcessor):
     """HunyuanVideo 1.5's joint attention with motion tokens and MDMA; without a state, or with no
     objects, it is diffusers' ``HunyuanVideo15AttnProcessor2_0`` (its dense padding mask included).
 
@@ -73,8 +66,7 @@ class FlexiMMTHunyuanAttnProcessor(BlockProcessor, DelegatingProcessor):
     left out of every attention call instead of masked."""
 
     def __init__(self, block_index: int, slot: StateSlot) -> None:
-        super().__init__(block_index)
-        self.slot, self.inner = slot, HunyuanVideo15AttnProcessor2_0()
+        super().__init__(block_index, slot, HunyuanVideo15AttnProcessor2_0())
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         state = self.slot.state
@@ -113,11 +105,6 @@ class FlexiMMTHunyuanAttnProcessor(BlockProcessor, DelegatingProcessor):
         return video_out, text_out
 
 
-def slot_of(transformer) -> StateSlot | None:
-    processor = transformer.transformer_blocks[0].attn.processor
-    return processor.slot if isinstance(processor, FlexiMMTHunyuanAttnProcessor) else None
-
-
 def row_texts(kwargs: dict[str, Any]) -> list[TextKeys]:
     """Each row's text form in a forward of diffusers' HunyuanVideo 1.5 transformer, as its forward
     lays the text out: valid image tokens, valid glyph (ByT5) tokens, valid prompt tokens, then padding."""
@@ -132,14 +119,20 @@ def row_texts(kwargs: dict[str, Any]) -> list[TextKeys]:
     return [TextKeys(images + g, images + g + p) for p, g in zip(prompt, glyphs)]
 
 
-class HunyuanVideo15Adapter(ModelAdapter):
+class HunyuanVideo15Adapter(SlotAdapter, ModelAdapter):
     family = "hunyuanvideo15"
-    display_name = "HunyuanVideo 1.5 image-to-video"
     pipeline_class = HunyuanVideo15ImageToVideoPipeline
     form = "joint"
     parts = PARTS
     feature_share = FEATURE_SHARE
     default_model = DEFAULT_MODEL
+    stated_defaults: ClassVar[dict[str, Any]] = {
+        "height": "the image's aspect bucket",
+        "width": "the image's aspect bucket",
+        "guidance_scale": "its guider's",
+    }
+    text_keys = True  # image, glyph and prompt tokens, then padding (row_texts)
+    dmem_video_queries = True
 
     def check_model(self) -> None:
         cfg = self.pipe.transformer.config
@@ -246,9 +239,8 @@ class HunyuanVideo15Adapter(ModelAdapter):
     @contextlib.contextmanager
     def each_step(self, call: dict[str, Any], step_end):
         """diffusers' HunyuanVideo 1.5 pipeline has no step callback: ``step_end`` runs after each of its
-        scheduler steps (the step's last act on the latents), the step's forward count restarts, and then
-        FlexiMMT's ``callback_on_step_end(pipe, step, timestep, {})`` (no tensors: the pipeline hands none)."""
-        scheduler, slot = self.pipe.scheduler, slot_of(self.pipe.transformer)
+        scheduler steps (the step's last act on the latents), then FlexiMMT's ``callback_on_step_end(pipe, step, timestep, {})`` (no tensors: the pipeline hands none)."""
+        scheduler = self.pipe.scheduler
         original, own = scheduler.step, "step" in vars(scheduler)
         steps = itertools.count()
         call = dict(call)
@@ -257,8 +249,6 @@ class HunyuanVideo15Adapter(ModelAdapter):
         def step(model_output, timestep, *args, **kwargs):
             out = original(model_output, timestep, *args, **kwargs)
             index = next(steps)
-            if slot is not None:
-                slot.calls = 0
             step_end(index)
             if callback is not None and callback(self.pipe, index, timestep, {}):
                 raise FlexiMMTInputError(
@@ -276,39 +266,8 @@ class HunyuanVideo15Adapter(ModelAdapter):
             else:
                 del scheduler.step
 
-    @contextlib.contextmanager
-    def _slot_filled(self, state: FlexiMMTState, before_forward):
-        transformer = self.pipe.transformer
-        slot = slot_of(transformer)
-        signature = inspect.signature(transformer.forward)
-
-        def hook(module, args, kwargs):
-            bound = signature.bind(*args, **kwargs).arguments
-            slot.texts = row_texts(bound)
-            before_forward()
-
-        handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
-        slot.state, slot.calls = state, 0
-        try:
-            yield slot
-        finally:
-            handle.remove()
-            slot.state, slot.texts = None, []
-
-    @contextlib.contextmanager
-    def attach(self, state: FlexiMMTState, call: dict[str, Any]):
-        """Fill the transformer's slot for the call. The guider runs each branch as its own forward, the
-        conditional first: RMPM's features come from the first forward of each step."""
-        videos = list(range(len(state.videos)))
-        state.rows, state.text_keys, state.dmem_video_queries = videos, True, True
-
-        def before_forward():
-            slot = slot_of(self.pipe.transformer)
-            state.feature_rows = videos if slot.calls == 0 else None
-            slot.calls += 1
-
-        with self._slot_filled(state, before_forward):
-            yield call
+    def row_texts(self, transformer, args, kwargs) -> list[TextKeys]:
+        return row_texts(bound_arguments(transformer, args, kwargs))
 
     # -- training ------------------------------------------------------------------------------
     def encode_conditions(self, clips, caption, text_len, generator):
@@ -340,36 +299,18 @@ class HunyuanVideo15Adapter(ModelAdapter):
             "image_embeds": torch.stack(images),
         }
 
-    def sample_sigma(self, generator: torch.Generator) -> float:
-        """A training noise level: uniform, then shifted as the pipeline's scheduler shifts its sigmas."""
-        shift = self.pipe.scheduler.config.get("shift", 1.0) or 1.0
-        u = torch.rand((), generator=generator).item()
-        return shift * u / (1 + (shift - 1) * u)
-
-    @contextlib.contextmanager
-    def training_attached(self, state: FlexiMMTState):
-        """The processors read the state from their slot, which must hold it until each backward pass
-        has recomputed its checkpointed blocks, not only during the forward call."""
-        self.install_processors()
-        state.rows, state.feature_rows = None, None  # one video per call, no RMPM features in training
-        state.text_keys, state.dmem_video_queries = True, True
-        with self._slot_filled(state, lambda: None):
-            yield
-
     def training_prediction(self, state, cond, window, generator, image_dropout, autocast, dtype=None) -> TrainingBatch:
         pipe = self.pipe
         device = pipe._execution_device
         transformer = pipe.transformer
-        slot = slot_of(transformer)
-        if slot is None or slot.state is not state:
-            raise RuntimeError("HunyuanVideo 1.5's training_prediction runs inside adapter.training_attached(state)")
+        self.attached_slot(transformer, state)
         precision = dtype or torch.float32  # of the latents, noise and prediction outside the transformer
         x0 = cond["video_latents"][window : window + 1].to(device, precision)  # [1, C, F, h, w]
         condition = cond["condition"][window : window + 1].to(device, precision)
         if torch.rand((), generator=generator).item() < image_dropout:
             condition = condition.clone()
             condition[:, :-1] = 0  # the image latents (the frame mask stays)
-        sigma = max(self.sample_sigma(generator), 1e-3)
+        sigma = max(sample_sigma(pipe.scheduler.config, generator), 1e-3)
         noise = torch.randn(x0.shape, generator=generator).to(device, precision)
         noisy = (1 - sigma) * x0 + sigma * noise
         t = torch.tensor([sigma * pipe.scheduler.config.num_train_timesteps], device=device)
@@ -399,6 +340,3 @@ class FlexiMMTHunyuanVideo15Pipeline(FlexiMMTMixin, HunyuanVideo15ImageToVideoPi
         "with objects, ``num_frames`` must be 4k+1 and one PIL image serves the call; CFG is the pipeline's "
         "``guider``."
     )
-
-
-ADAPTER = HunyuanVideo15Adapter

@@ -14,7 +14,7 @@ runs both branches in that forward (``[negative | positive]`` rows), spatio-temp
 guidance run forwards of their own on the positive prompt, all with the objects. The first latent
 frame is the image, kept clean (per-token timestep 0); it is a frame of the token grid like any other.
 diffusers' blocks pass no ``attention_kwargs`` to their processors, so the processors of the transformer
-share one ``StateSlot`` the pipeline fills for the call. Training is flow matching: the velocity error,
+share one slot (``shared.StateSlot``) the adapter fills for the call. Training is flow matching: the velocity error,
 i.e. the x0 error weighted by ``1 / sigma^2``, on the generated frames, at noise levels shifted as the
 scheduler shifts them for the video's token count.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import LTX2ImageToVideoPipeline
@@ -33,20 +33,25 @@ from diffusers.pipelines.ltx2.pipeline_ltx2_image2video import calculate_shift, 
 
 from ..errors import FlexiMMTInputError
 from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch
-from ..method.attention import BlockProcessor, FlexiMMTState
+from ..method.attention import FlexiMMTState
 from ..method.masks import CROSS_PARTS, check_cross_parts
 from ..method.pipeline import FlexiMMTMixin
 from ..method.prompt import find_word_spans
+from ..method.rows import BatchRows
 from .shared import (
-    DelegatingProcessor,
+    FEATURE_SHARE,
+    SlotAdapter,
+    SlotProcessor,
+    StateSlot,
     check_frame_count,
     dispatched_attention,
     patched_token_grid,
+    sample_sigma,
+    slot_of,
     text_path_projector,
 )
 
 DEFAULT_MODEL = "Lightricks/LTX-2"
-FEATURE_SHARE = 0.7  # RMPM averages attn1 outputs over the first 70% of the blocks (docs/method.md#ltx-2)
 # diffusers' frame count when a call gives none and the pipeline has no duration head (LTX-2.0 / 2.3):
 # set in LTX2ImageToVideoPipeline.__call__'s body, not in its signature
 FRAMES_WITHOUT_DURATION_HEAD = 121
@@ -56,30 +61,16 @@ SHIFT_DEFAULTS = {"base_image_seq_len": 1024, "max_image_seq_len": 4096, "base_s
 
 
 @dataclass
-class StateSlot:
-    """The per-call FlexiMMT state, shared by every processor of the transformer (None: plain LTX-2), and
-    how many forwards the current denoising step has run (the first carries the conditional rows whose
-    features RMPM reads)."""
+class LTX2Slot(StateSlot):
+    """The slot of LTX-2's processors, with each block's motion keys and values of the call's state."""
 
-    state: FlexiMMTState | None = None
-    calls: int = 0
     # (block, video) -> the motion tokens' keys and values through that block's attn2 for the state ``motion_for``:
     # made at its first forward and reused by the others (without gradients neither changes within a call)
     motion: dict = field(default_factory=dict)
     motion_for: FlexiMMTState | None = None
 
 
-class LTX2Processor(BlockProcessor, DelegatingProcessor):
-    """A FlexiMMT processor around the processor diffusers installed (``self.inner``: LTX-2.0's
-    ``LTX2AudioVideoAttnProcessor``, or LTX-2.3's ``LTX2PerturbedAttnProcessor``), whose dispatch settings
-    it shares (``DelegatingProcessor``)."""
-
-    def __init__(self, block_index: int, slot: StateSlot, inner) -> None:
-        super().__init__(block_index)
-        self.slot, self.inner = slot, inner
-
-
-class LTX2SelfAttnProcessor(LTX2Processor):
+class LTX2SelfAttnProcessor(SlotProcessor):
     """The video stream's ``attn1`` exactly as diffusers computes it (spatio-temporal guidance's perturbation
     included, when the blocks have one); its output (after ``to_out``, before the block's gate) is handed to
     RMPM's feature capture. ``LTX2Attention`` passes a processor only the arguments its ``__call__`` names:
@@ -107,10 +98,11 @@ class LTX2SelfAttnProcessor(LTX2Processor):
         return out
 
 
-class LTX2CrossAttnProcessor(LTX2Processor):
+class LTX2CrossAttnProcessor(SlotProcessor):
     """The video stream's ``attn2`` with motion tokens beside the prompt and MDMA over video queries x
     [prompt | motion]; LTX-2.3's per-head gates as diffusers applies them. Without a state, or with no
-    objects, it is diffusers' processor. The text's attention mask is not read: diffusers' connectors open
+    objects, it is diffusers' processor (``self.inner``: LTX-2.0's ``LTX2AudioVideoAttnProcessor``, or LTX-2.3's
+    ``LTX2PerturbedAttnProcessor``). The text's attention mask is not read: diffusers' connectors open
     every text key (the registers in the padding's place, or the padding itself), and the pipeline's
     forwards are checked to say so (``LTX2Adapter.attach``)."""
 
@@ -161,11 +153,6 @@ class LTX2CrossAttnProcessor(LTX2Processor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def slot_of(transformer) -> StateSlot | None:
-    processor = transformer.transformer_blocks[0].attn2.processor
-    return processor.slot if isinstance(processor, LTX2CrossAttnProcessor) else None
-
-
 def check_open_text(mask: torch.Tensor | None) -> None:
     """Refuse a forward whose text attention mask closes keys: FlexiMMT's ``attn2`` reads every key, as
     diffusers' own pipeline does (its connectors return an all-open mask)."""
@@ -177,14 +164,14 @@ def check_open_text(mask: torch.Tensor | None) -> None:
         )
 
 
-class LTX2Adapter(ModelAdapter):
+class LTX2Adapter(SlotAdapter, ModelAdapter):
     family = "ltx2"
-    display_name = "LTX-2 image-to-video"
     pipeline_class = LTX2ImageToVideoPipeline
     form = "cross"
     parts = CROSS_PARTS
     feature_share = FEATURE_SHARE
     default_model = DEFAULT_MODEL
+    stated_defaults: ClassVar[dict[str, Any]] = {"num_frames": FRAMES_WITHOUT_DURATION_HEAD}
 
     def default_text_length(self) -> int:
         return self.diffusers_default("max_sequence_length")  # 1,024 Gemma tokens: prompt, then registers
@@ -294,43 +281,33 @@ class LTX2Adapter(ModelAdapter):
         transformer = self.pipe.transformer
         if slot_of(transformer) is not None:
             return
-        slot = StateSlot()
+        slot = LTX2Slot()
         for index, block in enumerate(transformer.transformer_blocks):
             block.attn1.set_processor(LTX2SelfAttnProcessor(index, slot, block.attn1.processor))
             block.attn2.set_processor(LTX2CrossAttnProcessor(index, slot, block.attn2.processor))
 
+    def batch_rows(self, call: dict[str, Any], videos: int) -> BatchRows:
+        """Each step's first forward holds the conditional rows - ``[negative | positive]`` with CFG, the
+        positive alone without - and RMPM's features come from its positive rows; spatio-temporal and modality
+        guidance run later forwards of the step on the positive rows alone (objects on, no features)."""
+        cfg = call["guidance_scale"] > 1
+        rows = list(range(videos)) * (2 if cfg else 1)
+        return BatchRows(rows, [videos + v if cfg else v for v in range(videos)], first_forward_only=True)
+
     @contextlib.contextmanager
     def attach(self, state: FlexiMMTState, call: dict[str, Any]):
-        """Fill the transformer's slot for the call. Each step's first forward holds the conditional rows -
-        ``[negative | positive]`` with CFG, the positive alone without - and RMPM's features come from its
-        positive rows; spatio-temporal and modality guidance run later forwards of the step (positive rows,
-        objects on, no features). The forwards are counted here, and the count starts again after each step
-        (in the call's ``callback_on_step_end``, wrapped)."""
+        """Fill the transformer's slot for the call (``SlotAdapter``), every forward's text mask checked to be
+        open; the motion tokens' projections go with the call."""
         transformer = self.pipe.transformer
         slot = slot_of(transformer)
-        videos = list(range(len(state.videos)))
-        step_callback = call.get("callback_on_step_end")
-
-        def before_forward(module, args, kwargs):
-            check_open_text(kwargs.get("encoder_attention_mask"))
-            batch = kwargs["hidden_states"].shape[0] if "hidden_states" in kwargs else args[0].shape[0]
-            both = batch == 2 * len(videos)  # CFG: the negative prompt's rows, then the positive's
-            state.rows = videos * 2 if both else videos
-            positive = [len(videos) + v for v in videos] if both else videos
-            state.feature_rows = positive if slot.calls == 0 else None
-            slot.calls += 1
-
-        def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-            slot.calls = 0
-            return {} if step_callback is None else step_callback(pipe, step, timestep, callback_kwargs)
-
-        handle = transformer.register_forward_pre_hook(before_forward, with_kwargs=True)
-        slot.state, slot.calls = state, 0
+        check = lambda module, args, kwargs: check_open_text(kwargs.get("encoder_attention_mask"))
+        handle = transformer.register_forward_pre_hook(check, with_kwargs=True)
         try:
-            yield {**call, "callback_on_step_end": step_end}
+            with super().attach(state, call) as call:
+                yield call
         finally:
             handle.remove()
-            slot.state, slot.motion_for = None, None
+            slot.motion_for = None
             slot.motion.clear()  # the projections' memory goes with the call
 
     # -- training ------------------------------------------------------------------------------
@@ -365,31 +342,16 @@ class LTX2Adapter(ModelAdapter):
 
     def sample_sigma(self, generator: torch.Generator, num_video_tokens: int) -> float:
         """A training noise level: uniform, then shifted as the pipeline's scheduler shifts its sigmas - by
-        ``mu`` of the video's token count where it shifts dynamically (LTX), else by its fixed shift (the
-        schedule's terminal stretch, ``shift_terminal``, is a property of a whole schedule and not applied)."""
+        ``mu`` of the video's token count where it shifts dynamically (LTX), else by its fixed shift
+        (``shared.sample_sigma``; the schedule's terminal stretch, ``shift_terminal``, is a property of a whole
+        schedule and not applied)."""
         scheduler = self.pipe.scheduler
         cfg = scheduler.config
+        if not cfg.get("use_dynamic_shifting"):
+            return sample_sigma(cfg, generator)
         u = torch.rand((), generator=generator).item()
-        if cfg.get("use_dynamic_shifting"):
-            mu = calculate_shift(
-                num_video_tokens, *(cfg.get(name) or default for name, default in SHIFT_DEFAULTS.items())
-            )
-            return float(scheduler.time_shift(mu, 1.0, torch.tensor(u)))
-        shift = cfg.get("shift", 1.0) or 1.0
-        return shift * u / (1 + (shift - 1) * u)
-
-    @contextlib.contextmanager
-    def training_attached(self, state: FlexiMMTState):
-        """The processors read the state from their slot, which must hold it until each backward pass has
-        recomputed its checkpointed blocks, not only during the forward call."""
-        self.install_processors()
-        slot = slot_of(self.pipe.transformer)
-        state.rows, state.feature_rows = None, None  # one video per call, no RMPM features in training
-        slot.state = state
-        try:
-            yield
-        finally:
-            slot.state = None
+        mu = calculate_shift(num_video_tokens, *(cfg.get(name) or default for name, default in SHIFT_DEFAULTS.items()))
+        return float(scheduler.time_shift(mu, 1.0, torch.tensor(u)))
 
     def training_prediction(self, state, cond, window, generator, image_dropout, autocast, dtype=None) -> TrainingBatch:
         """One window noised at a training noise level, its first latent frame kept clean with timestep 0 as
@@ -399,9 +361,7 @@ class LTX2Adapter(ModelAdapter):
         pipe = self.pipe
         device = pipe._execution_device
         transformer = pipe.transformer
-        slot = slot_of(transformer)
-        if slot is None or slot.state is not state:
-            raise RuntimeError("LTX-2's training_prediction runs inside adapter.training_attached(state)")
+        self.attached_slot(transformer, state)
         precision = dtype or torch.float32  # of the latents, noise and prediction outside the transformer
         x0 = cond["video_latents"][window : window + 1].to(device, precision)  # [1, C, F, h, w]
         _, _, frames, height, width = x0.shape

@@ -1,17 +1,25 @@
 """What the diffusers adapters share: attention through diffusers' dispatcher with the user's backend,
-the context-parallel refusal, carrying a replaced processor's settings, and batch helpers."""
+the context-parallel refusal, carrying a replaced processor's settings, batch helpers, the state slot of
+models whose blocks pass their processors no ``attention_kwargs`` (Wan, HunyuanVideo 1.5, LTX-2), the
+flow-matching training noise and the token grid through a causal VAE."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..errors import FlexiMMTInputError
-from ..method import opaque
 from ..method.adapter import TokenGrid, prompt_count
-from ..method.attention import VideoShard
+from ..method.attention import FlexiMMTState
+from ..method.tokens import BlockProcessor, TextKeys, VideoShard
+
+# RMPM averages the attention outputs of the first 70% of the blocks (docs/method.md#wan, #hunyuanvideo-15)
+FEATURE_SHARE = 0.7
 
 # diffusers' attention backends that take an attention mask; FlexiMMT's calls that need one go to
 # MASK_FALLBACK when the chosen backend is another (flash, sage, ...): docs/method.md#attention-without-an-n-x-n-mask's masked call
@@ -45,14 +53,22 @@ class DispatchedAttention:
     ``dispatch_attention_fn`` with ``backend`` (None: the active one, e.g. inside
     ``attention_backend(...)``). A call with a mask whose backend takes none runs on ``MASK_FALLBACK``,
     said once per call in the log (``state.note_once``). Inside a compiled graph it crosses into
-    FlexiMMT's opaque operators as its ``opaque_name`` (``method/opaque.py``)."""
+    FlexiMMT's opaque operators as its ``opaque_name`` (``method/opaque.py``) and is made again there
+    (:meth:`remake`)."""
 
     def __init__(self, backend=None, state=None) -> None:
         self.backend, self.state = backend, state
 
     @property
     def opaque_name(self) -> str:
-        return "diffusers:" + str(getattr(self.backend, "value", self.backend or ""))
+        """This class and the backend's name, ``module:class:backend``: what crosses into an operator."""
+        cls = type(self)
+        return f"{cls.__module__}:{cls.__qualname__}:{getattr(self.backend, 'value', self.backend or '')}"
+
+    @classmethod
+    def remake(cls, backend: str, state) -> DispatchedAttention:
+        """The attention an ``opaque_name`` names, made again inside an operator ("": the active backend)."""
+        return cls(backend or None, state)
 
     def __call__(self, query, key, value, mask=None):
         from diffusers.models.attention_dispatch import _AttentionBackendRegistry, dispatch_attention_fn
@@ -73,9 +89,6 @@ class DispatchedAttention:
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, backend=backend
         )
         return out.transpose(1, 2)
-
-
-opaque.attention_kind("diffusers", lambda backend, state: DispatchedAttention(backend or None, state))
 
 
 def dispatched_attention(processor, state=None) -> DispatchedAttention:
@@ -194,3 +207,109 @@ def patched_token_grid(
     return TokenGrid(
         latent_frames // patch_t, height // per_token, width // per_token, latent_frames, patch_t, temporal
     )
+# -- the state slot: models whose blocks pass their processors no attention_kwargs -------------------------
+@dataclass
+class StateSlot:
+    """The per-call FlexiMMT state, shared by every processor of one transformer (None: diffusers' own
+    attention), and each batch row's text form in the current forward (a model whose text keys are more
+    than the prompt's tokens: :attr:`SlotAdapter.text_keys`)."""
+
+    state: FlexiMMTState | None = None
+    texts: list[TextKeys] = field(default_factory=list)
+
+
+class SlotProcessor(BlockProcessor, DelegatingProcessor):
+    """A FlexiMMT processor of one block around one of diffusers' own (``inner``), reading the state from
+    its transformer's :class:`StateSlot`."""
+
+    def __init__(self, block_index: int, slot: StateSlot, inner) -> None:
+        super().__init__(block_index)
+        self.slot, self.inner = slot, inner
+
+
+def slot_of(transformer: torch.nn.Module) -> StateSlot | None:
+    """The slot of a transformer's FlexiMMT processors (None: none installed)."""
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, SlotProcessor):
+            return processor.slot
+    return None
+
+
+class SlotAdapter:
+    """What an adapter (a ``ModelAdapter``) of a model whose blocks pass their processors no
+    ``attention_kwargs`` shares: the processors of each transformer read the state from one
+    :class:`StateSlot`, filled for a call or a training loop, and a hook before each forward sets the
+    rows' text forms and tells the state a forward starts (``BatchRows.begin_forward``: the pipelines of
+    these models run each guidance branch as a forward of its own, the conditional first)."""
+
+    def slots(self) -> list[StateSlot]:
+        return [slot_of(transformer) for transformer in self.transformers()]
+
+    def row_texts(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> list[TextKeys]:
+        """Each batch row's text form in a forward of ``transformer`` called with ``args``/``kwargs``; the
+        default, none (the text keys are the prompt's tokens)."""
+        return []
+
+    @contextlib.contextmanager
+    def slots_filled(self, state: FlexiMMTState) -> Iterator[list[StateSlot]]:
+        """Every transformer's slot holds ``state`` until the block ends; before each forward its rows' text
+        forms are set and the state told that a forward starts."""
+        slots, hooks = self.slots(), []
+
+        def hook(slot: StateSlot, transformer):
+            def before_forward(module, args, kwargs):
+                slot.texts = self.row_texts(transformer, args, kwargs)
+                state.rows.begin_forward()
+
+            return before_forward
+
+        try:
+            for slot, transformer in zip(slots, self.transformers()):
+                slot.state = state
+                hooks.append(transformer.register_forward_pre_hook(hook(slot, transformer), with_kwargs=True))
+            yield slots
+        finally:
+            for handle in hooks:
+                handle.remove()
+            for slot in slots:
+                slot.state, slot.texts = None, []
+
+    @contextlib.contextmanager
+    def attach(self, state: FlexiMMTState, call: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Fill every transformer's slot for the call."""
+        with self.slots_filled(state):
+            yield call
+
+    @contextlib.contextmanager
+    def training_attached(self, state: FlexiMMTState) -> Iterator[None]:
+        """The processors read the state from their slot, which must hold it until each backward pass has
+        recomputed its checkpointed blocks, not only during the forward call."""
+        self.install_processors()
+        settings = {name: getattr(state, name) for name in self.state_settings()}
+        if settings != self.state_settings():
+            raise ValueError(f"a state made with {settings}: make it with adapter.state_settings()")
+        with self.slots_filled(state):
+            yield
+
+    def attached_slot(self, transformer: torch.nn.Module, state: FlexiMMTState) -> StateSlot:
+        """``transformer``'s slot, which must hold ``state`` (inside :meth:`training_attached`)."""
+        slot = slot_of(transformer)
+        if slot is None or slot.state is not state:
+            raise RuntimeError(f"{type(self).__name__}.training_prediction runs inside training_attached(state)")
+        return slot
+
+
+def bound_arguments(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A forward's arguments by name, as ``transformer.forward`` takes them."""
+    return inspect.signature(transformer.forward).bind(*args, **kwargs).arguments
+
+
+def sample_sigma(scheduler_config, generator: torch.Generator) -> float:
+    """A flow-matching training noise level: uniform, then shifted as the pipeline's scheduler shifts its
+    sigmas (``flow_shift`` with ``use_flow_sigmas``, as Wan's UniPC; else ``shift``)."""
+    cfg = scheduler_config
+    shift = cfg.get("flow_shift") if cfg.get("use_flow_sigmas") else cfg.get("shift", 1.0)
+    u = torch.rand((), generator=generator).item()
+    shift = shift or 1.0
+    return shift * u / (1 + (shift - 1) * u)

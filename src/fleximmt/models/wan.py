@@ -7,7 +7,7 @@ projections). Motion tokens join ``attn2``'s keys and values beside the text (``
 "cross"); only ``m2v`` and ``t2v`` exist (no text or motion queries); the image tokens stay open to
 every video query; ``attn1`` stays one unmasked attention and lends RMPM its outputs (the first 70%
 of blocks, conditional pass). diffusers' Wan blocks pass no ``attention_kwargs`` to their processors,
-so the processors of a transformer share one ``StateSlot`` the pipeline fills for the call.
+so the processors of a transformer share one ``StateSlot`` the pipeline fills for the call (``shared.py``).
 Wan 2.2 I2V-A14B has two experts (``transformer`` for high noise, ``transformer_2`` for low noise):
 a motion holds one token set per expert. Training is flow matching: the velocity error, i.e. the
 x0 error weighted by ``1 / sigma^2``, at timesteps shifted as the pipeline's scheduler shifts them.
@@ -15,9 +15,7 @@ x0 error weighted by ``1 / sigma^2``, at timesteps shifted as the pipeline's sch
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,16 +26,20 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from ..errors import FlexiMMTInputError
 from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch
-from ..method.attention import BlockProcessor, FlexiMMTState
 from ..method.masks import CROSS_PARTS, check_cross_parts
 from ..method.pipeline import FlexiMMTMixin
 from .shared import (
-    DelegatingProcessor,
+    FEATURE_SHARE,
+    SlotAdapter,
+    SlotProcessor,
+    StateSlot,
     carry_dispatch,
     check_frame_count,
     context_shard,
     dispatched_attention,
     repeat_per_prompt,
+    sample_sigma,
+    slot_of,
     text_path_projector,
 )
 
@@ -50,23 +52,14 @@ CHECKPOINTS = (
     "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
 )
-FEATURE_SHARE = 0.7  # RMPM averages attn1 outputs over the first 70% of the blocks (docs/method.md#wan)
 
 
-@dataclass
-class StateSlot:
-    """The per-call FlexiMMT state, shared by every processor of one transformer (None: plain Wan)."""
-
-    state: FlexiMMTState | None = None
-
-
-class WanProcessor(BlockProcessor, DelegatingProcessor):
+class WanProcessor(SlotProcessor):
     """A FlexiMMT processor around diffusers' own ``WanAttnProcessor`` (``self.inner``), whose dispatch
     settings it shares (``DelegatingProcessor``)."""
 
     def __init__(self, block_index: int, slot: StateSlot) -> None:
-        super().__init__(block_index)
-        self.slot, self.inner = slot, WanAttnProcessor()
+        super().__init__(block_index, slot, WanAttnProcessor())
 
 
 class WanSelfAttnProcessor(WanProcessor):
@@ -130,14 +123,8 @@ class WanCrossAttnProcessor(WanProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def slot_of(transformer) -> StateSlot | None:
-    processor = transformer.blocks[0].attn2.processor
-    return processor.slot if isinstance(processor, WanCrossAttnProcessor) else None
-
-
-class WanAdapter(ModelAdapter):
+class WanAdapter(SlotAdapter, ModelAdapter):
     family = "wan"
-    display_name = "Wan image-to-video"
     pipeline_class = WanImageToVideoPipeline
     form = "cross"
     parts = CROSS_PARTS
@@ -234,39 +221,6 @@ class WanAdapter(ModelAdapter):
             )
         return [image] * videos
 
-    @contextlib.contextmanager
-    def attach(self, state: FlexiMMTState, call: dict[str, Any]):
-        """Fill every transformer's slot for the call. Wan runs the conditional and unconditional
-        branches as two forward calls per step, the conditional first: RMPM's features come from
-        the first call of each step. The calls are counted here, and the count starts again after
-        each step (in the call's ``callback_on_step_end``, wrapped)."""
-        videos = list(range(len(state.videos)))
-        state.rows = videos
-        calls = 0  # transformer forward calls so far in this step
-        step_callback = call.get("callback_on_step_end")
-
-        def first_call_captures(module, args):
-            nonlocal calls
-            state.feature_rows = videos if calls == 0 else None
-            calls += 1
-
-        def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-            nonlocal calls
-            calls = 0
-            return {} if step_callback is None else step_callback(pipe, step, timestep, callback_kwargs)
-
-        hooks = []
-        try:
-            for transformer in self.transformers():
-                slot_of(transformer).state = state
-                hooks.append(transformer.register_forward_pre_hook(first_call_captures))
-            yield {**call, "callback_on_step_end": step_end}
-        finally:
-            for hook in hooks:
-                hook.remove()
-            for transformer in self.transformers():
-                slot_of(transformer).state = None
-
     # -- training ------------------------------------------------------------------------------
     def _normalise(self, latents: torch.Tensor) -> torch.Tensor:
         cfg = self.pipe.vae.config
@@ -315,29 +269,6 @@ class WanAdapter(ModelAdapter):
             tensors["image_embeds"] = torch.stack(images)
         return tensors
 
-    def sample_sigma(self, generator: torch.Generator) -> float:
-        """A training noise level: uniform, then shifted as the pipeline's scheduler shifts its sigmas."""
-        cfg = self.pipe.scheduler.config
-        shift = cfg.get("flow_shift") if cfg.get("use_flow_sigmas") else cfg.get("shift", 1.0)
-        u = torch.rand((), generator=generator).item()
-        shift = shift or 1.0
-        return shift * u / (1 + (shift - 1) * u)
-
-    @contextlib.contextmanager
-    def training_attached(self, state: FlexiMMTState):
-        """The processors read the state from their slot, which must hold it until each backward pass
-        has recomputed its checkpointed blocks, not only during the forward call."""
-        self.install_processors()
-        slots = [slot_of(transformer) for transformer in self.transformers()]
-        state.rows, state.feature_rows = None, None  # one video per call, no RMPM features in training
-        try:
-            for slot in slots:
-                slot.state = state
-            yield
-        finally:
-            for slot in slots:
-                slot.state = None
-
     def training_prediction(self, state, cond, window, generator, image_dropout, autocast, dtype=None) -> TrainingBatch:
         pipe = self.pipe
         device = pipe._execution_device
@@ -347,7 +278,7 @@ class WanAdapter(ModelAdapter):
         if torch.rand((), generator=generator).item() < image_dropout:
             condition = condition.clone()
             condition[:, -x0.shape[1] :] = 0  # the image latents (Wan 2.1 / 2.2 keep their frame mask)
-        sigma = max(self.sample_sigma(generator), 1e-3)
+        sigma = max(sample_sigma(pipe.scheduler.config, generator), 1e-3)
         noise = torch.randn(x0.shape, generator=generator).to(device, precision)
         noisy = (1 - sigma) * x0 + sigma * noise
         num_train = pipe.scheduler.config.num_train_timesteps
@@ -368,9 +299,7 @@ class WanAdapter(ModelAdapter):
             model_input = torch.cat([noisy, condition], dim=1)
             timestep = t
         image_embeds = cond.get("image_embeds")
-        slot = slot_of(transformer)
-        if slot is None or slot.state is not state:
-            raise RuntimeError("Wan's training_prediction runs inside adapter.training_attached(state)")
+        self.attached_slot(transformer, state)
         with autocast():
             velocity = transformer(
                 hidden_states=model_input.to(model_dtype),
@@ -395,6 +324,3 @@ class FlexiMMTWanPipeline(FlexiMMTMixin, WanImageToVideoPipeline):
         ", with its defaults. With objects, ``num_frames`` must be 4k+1 and height/width multiples of 16 "
         "(diffusers would round them), and one image serves the call."
     )
-
-
-ADAPTER = WanAdapter

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,13 @@ from tqdm.auto import tqdm
 
 from ..errors import FlexiMMTInputError
 from ..method.adapter import ModelAdapter, module_placement
-from ..method.attention import BACKENDS, FlexiMMTState, motion_state_for
+from ..method.attention import FlexiMMTState, motion_state_for
+from ..method.kernels import DEFAULT_KERNEL, MASK_KERNELS
+from ..method.kernels import check as check_kernel
+from ..method.kernels import mask_kernel as kernel_named
 from ..method.masks import span_membership
 from ..method.motion import MotionTokens, atomic_write
+from ..method.pipeline import rename_options, renamed_option
 from ..method.presets import fill_preset
 from ..models import adapter_for
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -59,7 +63,7 @@ RELEASE_SETTINGS = {
     "loss_precision": "model",
     "token_init": "release",
     "dmem_drop_exact": True,
-    "attention_backend": "dense",
+    "mask_kernel": "dense",
     "frame_diff_scale": math.sqrt(2),
     "vae_tiling": True,
     "vae_slicing": True,
@@ -108,7 +112,14 @@ class TrainSettings:
     loss_precision: str = "float32"  # "model": latents, noise and loss terms in the model's precision
     token_init: str = "linear"  # "release": kaiming_uniform_ over each block's [1, d_m, dim], about 6x narrower
     dmem_drop_exact: bool = False  # drop exactly int(dmem_drop x positives), at least one; False: each at random
-    attention_backend: str = "auto"  # the masked attention: "auto" (grouped) or "dense", the release's bit for bit
+    # how MDMA is computed (TransferOptions.mask_kernel): "auto" (grouped), "dense" (the release's masked attention,
+    # bit for bit) or "flex" (a GPU only: no FlexAttention backward on a CPU)
+    mask_kernel: str = DEFAULT_KERNEL
+    attention_backend: InitVar[str | None] = None  # mask_kernel's old name, until fleximmt 0.2
+
+    def __post_init__(self, attention_backend: str | None) -> None:
+        if attention_backend is not None:
+            self.mask_kernel = renamed_option("attention_backend", attention_backend)
 
     def apply_preset(self, given: Collection[str]) -> None:
         """Fill the settings the caller did not pass (``given``: the names passed) from ``preset``."""
@@ -127,7 +138,7 @@ class TrainSettings:
             ("resize", self.resize, RESIZES),
             ("loss_precision", self.loss_precision, LOSS_PRECISIONS),
             ("token_init", self.token_init, TOKEN_INITS),
-            ("attention_backend", self.attention_backend, BACKENDS),
+            ("mask_kernel", self.mask_kernel, MASK_KERNELS),
         ):
             if value not in choices:
                 raise FlexiMMTInputError(f"{name}={value!r}: choose from {list(choices)}")
@@ -506,6 +517,7 @@ def train_motion(
     transformer, or one carrying LoRAs (``load_lora_weights``), stays frozen as it is: gradients reach
     only the motion tokens, and the motion file records the LoRAs (``base_loras``).
     """
+    settings = rename_options(settings)  # an old setting name warns and gives its new one
     unknown = set(settings) - {f.name for f in dataclasses.fields(TrainSettings)}
     if unknown:
         raise FlexiMMTInputError(
@@ -598,6 +610,7 @@ def _train(
         )
     offloaded = any(placed_by_hooks(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
     device = pipe._execution_device if offloaded else proc.device
+    check_kernel(kernel_named(cfg.mask_kernel), device, grad=True)  # before any encoding: flex trains on a GPU only
     if not offloaded and pipe.device != device:
         pipe.to(device)
     if cfg.vae_slicing:
@@ -683,15 +696,15 @@ def _train(
     state = motion_state_for(
         torch.stack(experts)[None],
         members[0].to(device),
-        form=adapter.form,
+        **adapter.state_settings(),
         parts=(TRAIN_PARTS & set(adapter.parts)) if cfg.train_mask else frozenset(),
         num_frames=grid.frames,
         dmem=cfg.train_mask,
         concept_member=members[1].to(device),
         dmem_drop=cfg.dmem_drop,
         dmem_drop_exact=cfg.dmem_drop_exact,
-        backend=cfg.attention_backend,
         generator=generator,
+        mask_kernel=cfg.mask_kernel,
     )
     if not cfg.train_mask:  # w/o Train: motion tokens reach every video token
         state.set_video_masks(torch.ones(1, grid.size, dtype=torch.bool, device=device))

@@ -24,6 +24,7 @@ import torch
 from comfy_api.latest import io
 
 from ...errors import ObjectInputError
+from ...method.kernels import DEFAULT_KERNEL, MASK_KERNELS
 from ...method.masks import RMPM_METHODS
 from ...method.motion import MotionTokens, ObjectMotion
 from ...method.pipeline import INITIAL_MASKS, MASK_SOURCES, about_object, check_object_mask
@@ -34,8 +35,6 @@ OBJECTS = io.Custom("FLEXIMMT_OBJECTS")
 PIPE = io.Custom("FLEXIMMT_PIPE")
 MOTIONS_FOLDER = "fleximmt_motions"  # ComfyUI model folder of learned motions (models/fleximmt_motions)
 MAX_OBJECTS = 8
-
-
 def register_folders() -> None:
     """Make ``models/fleximmt_motions`` one of ComfyUI's model folders (once)."""
     import folder_paths
@@ -103,6 +102,19 @@ def rmpm_inputs(optional: bool) -> list:
             tooltip="RMPM's first step: the first-frame masks on every frame, or none (the authors' release).",
         ),
     ]
+
+
+def mask_kernel_input() -> io.Combo.Input:
+    """How MDMA is computed (docs/method.md#attention-without-an-n-x-n-mask): the optional input of the nodes
+    that run FlexiMMT's attention (Transfer, Learn Motion, FlexiMMT Apply)."""
+    return io.Combo.Input(
+        "mask_kernel",
+        options=list(MASK_KERNELS),
+        default=DEFAULT_KERNEL,
+        optional=True,
+        tooltip="How MDMA is computed (the same result): auto, grouped attention with no N x N mask; flex, one "
+        "FlexAttention call (compiles first; learning with it needs a GPU); dense, the N x N reference.",
+    )
 
 
 def first_mask(mask: torch.Tensor, k: int) -> torch.Tensor:

@@ -34,14 +34,16 @@ from PIL import Image
 
 from ...errors import FlexiMMTInputError
 from ...evaluation.video import grid_preview, mask_overlay
+from ...method.kernels import DEFAULT_KERNEL
 from ...method.motion import MotionTokens, atomic_write, check_motion_name, motion_metadata
-from ...models import SUPPORTED
+from ...models import SUPPORTED, family_defaults
 from .common import (
     CATEGORY,
     MOTION,
     MOTIONS_FOLDER,
     OBJECTS,
     PIPE,
+    mask_kernel_input,
     mask_source_input,
     motion_files,
     motions_dir,
@@ -330,6 +332,7 @@ def learn_motion(
     seed: int = 0,
     resume: bool = True,
     fps: float = 0.0,
+    mask_kernel: str = DEFAULT_KERNEL,
 ) -> tuple[MotionTokens, bool]:
     """Learn a motion from IMAGE frames into ``models/fleximmt_motions/<name>.safetensors``; ``steps``
     and ``tokens`` 0 are the model's own (:func:`learn_defaults`). Returns the motion and whether it
@@ -378,6 +381,7 @@ def learn_motion(
                 video_fps=float(fps) or None,
                 callback=lambda step, loss: report(step),
                 checkpoint_every=checkpoint_interval(steps),
+                mask_kernel=mask_kernel,
             )
     except FlexiMMTInputError as err:
         if resuming:
@@ -472,6 +476,7 @@ class LearnMotion(io.ComfyNode):
                     tooltip="The video's frame rate (Get Video Components' fps): frames are subsampled to "
                     "about 8 a second, as fleximmt train does. 0: take the frames as they are.",
                 ),
+                mask_kernel_input(),
             ],
             outputs=[
                 MOTION.Output(
@@ -484,10 +489,22 @@ class LearnMotion(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, pipe, video, caption, concept_words, motion_words, name, steps, tokens, seed, resume, fps=0.0
+        cls,
+        pipe,
+        video,
+        caption,
+        concept_words,
+        motion_words,
+        name,
+        steps,
+        tokens,
+        seed,
+        resume,
+        fps=0.0,
+        mask_kernel=DEFAULT_KERNEL,
     ) -> io.NodeOutput:
         motion, trained = learn_motion(
-            pipe, video, caption, concept_words, motion_words, name, steps, tokens, seed, resume, fps
+            pipe, video, caption, concept_words, motion_words, name, steps, tokens, seed, resume, fps, mask_kernel
         )
         info = motion_metadata(motion, markdown=False)
         if not trained:
@@ -568,6 +585,7 @@ def transfer(
     anchors: int = 3,
     alpha: float = 0.0,
     initial_masks: str = "first_frame",
+    mask_kernel: str = DEFAULT_KERNEL,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The video (IMAGE frames) and its mask overlay (IMAGE frames; the video itself without objects)."""
     check_pipe(pipe)
@@ -602,6 +620,7 @@ def transfer(
         anchors=int(anchors),
         alpha=float(alpha) or None,
         initial_masks=initial_masks,
+        mask_kernel=mask_kernel,
         return_masks=bool(objects),
     )
     video = result.frames[0]
@@ -659,7 +678,8 @@ class Transfer(io.ComfyNode):
                     default=0,
                     min=0,
                     max=1024,
-                    tooltip="Frames of the video; 0: the model's own (CogVideoX-5B: 49, Wan 2.1: 81, toy: 17).",
+                    tooltip=f"Frames of the video; 0: the model's own ({family_defaults('num_frames')}, 17 for the "
+                    "toy model).",
                 ),
                 io.Int.Input("width", default=0, min=0, max=8192, step=8, tooltip="Video width; 0: the model's own."),
                 io.Int.Input("height", default=0, min=0, max=8192, step=8, tooltip="Video height; 0: the model's own."),
@@ -670,6 +690,7 @@ class Transfer(io.ComfyNode):
                     optional=True,
                     tooltip="The objects (chained Object nodes); none: plain image-to-video.",
                 ),
+                mask_kernel_input(),
             ],
             outputs=[
                 io.Image.Output(

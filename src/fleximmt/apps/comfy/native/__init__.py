@@ -16,9 +16,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ....errors import FlexiMMTInputError
-from ....method.pipeline import MASK_SOURCES, TransferOptions, about_object
-from ....models import family_name
-from ..common import CATEGORY, OBJECTS, mask_source_input, rmpm_inputs
+from ....method.kernels import DEFAULT_KERNEL
+from ....method.pipeline import TransferOptions, about_object, check_motion
+from ..common import CATEGORY, OBJECTS, mask_kernel_input, mask_source_input, rmpm_inputs
 from .cogvideox import CogVideoX
 from .family import Family, clip_tokens
 from .hunyuan15 import HunyuanVideo15
@@ -55,16 +55,10 @@ def check_motions(family: Family, diffusion_model, objects: tuple, expert: str) 
         raise FlexiMMTInputError(f"expert={expert!r}: choose from {list(EXPERTS)}")
     index = 0 if expert == "auto" else EXPERTS.index(expert) - 1
     num_blocks, dim = family.motion_shape(diffusion_model)
+    adapter = family.adapter
     for k, obj in enumerate(objects, 1):
+        check_motion(adapter, k, obj.motion, num_blocks, dim, obj.motion.num_experts)
         with about_object(k):
-            obj.motion.check_model(
-                num_blocks,
-                dim,
-                family=family.adapter.family,
-                experts=obj.motion.num_experts,
-                source=f"object {k}",
-                family_name=family_name,
-            )
             if expert == "auto" and obj.motion.num_experts > 1:
                 raise FlexiMMTInputError(
                     f"the motion holds {obj.motion.num_experts} experts' tokens (Wan 2.2 A14B): "
@@ -90,19 +84,19 @@ def apply_fleximmt(
     alpha: float = 0.0,
     initial_masks: str = "first_frame",
     parts: tuple[str, ...] | None = None,
-    attention_backend: str = "auto",
+    mask_kernel: str = DEFAULT_KERNEL,
     context_text: str = "open",
+    attention_backend: str | None = None,
 ):
     """A clone of ComfyUI's ``model`` (a ModelPatcher of a family FlexiMMT knows) that samples with
     FlexiMMT: ``objects`` (the *Object* nodes' list) move with their motions, their motion words found
     in ``prompt`` as ``clip`` tokenises it. ``alpha`` 0 updates RMPM's masks every step; ``parts``
-    default to every MDMA part the family has."""
+    default to every MDMA part the family has. ``attention_backend``: ``mask_kernel``'s old name, until
+    fleximmt 0.2."""
     family = family_of(model)
     diffusion_model = model.model.diffusion_model
     objects = tuple(objects or ())
     index = check_motions(family, diffusion_model, objects, expert)
-    if mask_source not in MASK_SOURCES:
-        raise FlexiMMTInputError(f"mask_source={mask_source!r}: choose from {list(MASK_SOURCES)}")
     adapter = family.adapter
     options = TransferOptions(
         objects=objects,
@@ -112,8 +106,9 @@ def apply_fleximmt(
         alpha=alpha if alpha else None,
         parts=tuple(adapter.parts) if parts is None else parts,
         context_text=context_text,
-        attention_backend=attention_backend,
+        mask_kernel=mask_kernel,
         initial_masks=initial_masks,
+        attention_backend=attention_backend,
     )
     options.check(adapter)
     spans, concept_spans, prompt_len = [], None, 0
@@ -166,6 +161,7 @@ class ApplyFlexiMMT(io.ComfyNode):
                 ),
                 mask_source_input(),
                 *rmpm_inputs(optional=True),
+                mask_kernel_input(),
             ],
             outputs=[io.Model.Output("model_out", display_name="model")],
         )
@@ -183,10 +179,21 @@ class ApplyFlexiMMT(io.ComfyNode):
         anchors=3,
         alpha=0.0,
         initial_masks="first_frame",
+        mask_kernel=DEFAULT_KERNEL,
     ) -> io.NodeOutput:
         return io.NodeOutput(
             apply_fleximmt(
-                model, clip, prompt, objects, expert, mask_source, rmpm_method, anchors, alpha, initial_masks
+                model,
+                clip,
+                prompt,
+                objects,
+                expert,
+                mask_source,
+                rmpm_method,
+                anchors,
+                alpha,
+                initial_masks,
+                mask_kernel=mask_kernel,
             )
         )
 

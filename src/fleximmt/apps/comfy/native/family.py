@@ -17,9 +17,9 @@ import torch
 
 from ....errors import FlexiMMTInputError
 from ....method.adapter import ModelAdapter, TokenGrid
-from ....method.attention import TextKeys
 from ....method.pipeline import about_object
 from ....method.prompt import find_token_spans
+from ....method.tokens import TextKeys
 from .patch import Call, Run
 
 
@@ -53,7 +53,6 @@ class Family:
     # the blocks can be replaced (patches_replace["dit"][("double_block", i)]), which names each call's
     # block; without that hook the calls are counted in the order the blocks make them
     block_hook: ClassVar[bool] = True
-    dmem_video_queries: ClassVar[bool] = False  # see FlexiMMTState.dmem_video_queries
     clip_name: ClassVar[str]  # the text encoder a message names
     tokens_key: ClassVar[str]  # the prompt's tokens in what the family's CLIP.tokenize returns
 
@@ -62,8 +61,9 @@ class Family:
         raise NotImplementedError
 
     @property
-    def adapter(self) -> type[ModelAdapter]:
-        return self.adapter_class()
+    def adapter(self) -> ModelAdapter:
+        """The family's adapter with no pipeline: the family's facts (its attention form, parts, settings)."""
+        return self.adapter_class()(None)
 
     @classmethod
     def matches(cls, diffusion_model) -> bool:

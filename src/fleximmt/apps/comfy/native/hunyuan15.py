@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ....errors import FlexiMMTInputError
-from ....method.attention import TextKeys
 from ....method.prompt import find_word_spans
+from ....method.tokens import TextKeys
 from .family import JointFamily, clip_tokens, inner_tokenizer
 from .patch import Call, Run
 
@@ -48,7 +48,6 @@ def qwen_crop(ids: Sequence[int]) -> int:
 class HunyuanVideo15(JointFamily):
     name = "HunyuanVideo 1.5"
     module, model_class = "comfy.ldm.hunyuan_video.model", "HunyuanVideo"
-    dmem_video_queries = True
     clip_name = "Qwen2.5"
     tokens_key = QWEN
 

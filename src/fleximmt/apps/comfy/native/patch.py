@@ -29,9 +29,10 @@ import torch
 
 from ....errors import FlexiMMTInputError
 from ....method.adapter import TokenGrid
-from ....method.attention import FlexiMMTState, TextKeys, VideoMotions
-from ....method.masks import mask_to_token_grid, span_membership
-from ....method.pipeline import MaskSchedule, TransferOptions, transfer_state
+from ....method.attention import FlexiMMTState
+from ....method.masks import mask_to_token_grid
+from ....method.pipeline import MaskSchedule, TransferOptions, VideoObjects, build_transfer
+from ....method.tokens import TextKeys
 
 KEY = "fleximmt"  # transformer_options[KEY]: the run during a model call; the wrappers' and callbacks' key
 CALLS_KEY = "fleximmt_calls"  # transformer_options[CALLS_KEY]: the attention calls still to come (Calls)
@@ -217,27 +218,27 @@ class NativePatch:
         return run
 
     def new_run(self, model, grid: TokenGrid, videos: int, device) -> Run:
-        """The state of a run (every video the same objects) and its masks' schedule, from the objects."""
-        family = self.family
-        num_blocks = len(family.blocks(model))
-        member = span_membership(self.prompt_len, self.spans).to(device)
-        tokens = torch.stack([obj.motion.expert_tokens()[self.expert] for obj in self.objects])[:, None].to(device)
-        concept = None
-        if self.concept_spans is not None:
-            concept = [torch.tensor(span, dtype=torch.long, device=device) for span in self.concept_spans]
-        first = torch.stack(
-            [
-                mask_to_token_grid(center_crop(obj.mask_tensor, grid.height, grid.width), grid.height, grid.width)
-                for obj in self.objects
-            ]
-        ).to(device)
-        slots = [VideoMotions(tokens, member, concept) for _ in range(videos)]
-        state = transfer_state(
-            slots, self.options, family.adapter.form, num_blocks, family.adapter.feature_share, grid.frames
+        """The run's transfer, built as fleximmt's own pipelines build theirs (``pipeline.build_transfer``): every
+        video of the batch moves the same objects, their masks cropped as ComfyUI crops the start image; this
+        MODEL's expert's tokens; every call names its rows' text keys (``TextKeys``: the prompt's tokens may
+        sit after others, or be padded), whatever the family's diffusers processors do."""
+        firsts = [
+            mask_to_token_grid(center_crop(obj.mask_tensor, grid.height, grid.width), grid.height, grid.width)
+            for obj in self.objects
+        ]
+        video = VideoObjects(self.objects, self.spans, firsts, self.concept_spans)
+        num_blocks = len(self.family.blocks(model))
+        state, schedule = build_transfer(
+            self.family.adapter,
+            self.options,
+            [video] * videos,
+            grid,
+            self.prompt_len,
+            num_blocks,
+            device,
+            expert=self.expert,
+            text_keys=True,
         )
-        # every call names its rows' text keys (TextKeys): the prompt's tokens may sit after others, or be padded
-        state.text_keys, state.dmem_video_queries = True, family.dmem_video_queries
-        schedule = MaskSchedule(state, [first] * videos, grid, self.options, num_blocks)
         return Run(model, grid, state, schedule, videos)
 
     @staticmethod
@@ -256,4 +257,5 @@ class NativePatch:
             index = None if feature is None else torch.tensor(feature, device=device)  # made once, not per block
             run._rows[key] = rows, feature, index
         rows, feature, index = run._rows[key]
-        run.state.rows, run.state.feature_rows, run.feature_index = rows, feature, index
+        run.state.rows.set_forward(rows, feature)
+        run.feature_index = index

@@ -1,0 +1,182 @@
+"""A model family is its adapter module, its tiny components and one registration line in
+``fleximmt/models/__init__.py``: everything else that names the families is derived from the registrations
+(``SUPPORTED``, ``REGISTRY``, ``fleximmt``'s lazy exports and ``__all__``, the command line's help, ComfyUI's
+model list), and what Wan and HunyuanVideo 1.5 share lives once in ``models/shared.py``."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import fleximmt
+from fleximmt.models import FAMILIES, REGISTRY, SUPPORTED, adapters, pipeline_class
+
+SRC = Path(fleximmt.__file__).parent
+
+# a fourth family registered by one line: its module (Wan's adapter under another family name) and the line
+PROBE_MODULE = """
+from fleximmt.models.wan import FlexiMMTWanPipeline, WanAdapter
+
+
+class ProbeAdapter(WanAdapter):
+    family = "probe"
+    stated_defaults = {"num_frames": 33, "height": 272}
+
+
+class FlexiMMTProbePipeline(FlexiMMTWanPipeline):
+    adapter_class = ProbeAdapter
+"""
+PROBE_LINE = (
+    'register_family(Family("Probe", "probe", "probe", "FlexiMMTProbePipeline", ("ProbeImageToVideoPipeline",)))'
+)
+# run in a fresh interpreter: fleximmt.models is served with its own source plus PROBE_LINE, before any import
+PROBE_RUN = """
+import ast, importlib.abc, importlib.machinery, json, sys, types
+from pathlib import Path
+
+folder, line, out, models = sys.argv[1:5]
+
+
+class OneMoreLine(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name != "fleximmt.models":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        spec.loader = self
+        spec.submodule_search_locations.append(folder)  # where the probe family's module lies
+        return spec
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):  # the line goes after the registrations already there
+        source = Path(module.__spec__.origin).read_text().splitlines()
+        last = max(n.end_lineno for n in ast.parse("\\n".join(source)).body if "register_family(" in ast.unparse(n))
+        source.insert(last, line)
+        exec(compile("\\n".join(source), module.__spec__.origin, "exec"), module.__dict__)
+
+
+sys.meta_path.insert(0, OneMoreLine())
+import fleximmt
+from fleximmt.apps.cli import build_parser
+from fleximmt.models import REGISTRY, SUPPORTED, family_name, pipeline_class
+
+folder_paths = types.ModuleType("folder_paths")  # ComfyUI's, as the Load FlexiMMT model node reads it
+folder_paths.get_folder_paths = lambda kind: [models] if kind == "diffusers" else []
+sys.modules["folder_paths"] = folder_paths
+from fleximmt.apps.comfy import nodes
+
+parser = build_parser()
+help_of = lambda command: " ".join(parser._subparsers._group_actions[0].choices[command].format_help().split())
+Path(out).write_text(json.dumps({
+    "supported": SUPPORTED,
+    "all": fleximmt.__all__,
+    "export": fleximmt.FlexiMMTProbePipeline.adapter_class.family,
+    "registry": pipeline_class("ProbeImageToVideoPipeline").__name__,
+    "name": family_name("probe"),
+    "display": fleximmt.FlexiMMTProbePipeline.adapter_class.display_name,
+    "generate_help": help_of("generate"),
+    "comfy_models": nodes.model_folders(),
+    "comfy_description": nodes.LoadModel.DESCRIPTION,
+}))
+"""
+
+
+def test_a_family_registered_by_one_line_reaches_every_place_that_names_the_families(tmp_path):
+    (tmp_path / "probe.py").write_text(PROBE_MODULE)
+    models = tmp_path / "diffusers"
+    for name, cls in (("probe-model", "ProbeImageToVideoPipeline"), ("other", "StableDiffusionPipeline")):
+        (models / name).mkdir(parents=True)
+        (models / name / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+    out = tmp_path / "seen.json"
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE_RUN, str(tmp_path), PROBE_LINE, str(out), str(models)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    assert seen["supported"] == "CogVideoX, Wan, HunyuanVideo 1.5 or Probe"
+    assert seen["all"][-1] == "FlexiMMTProbePipeline" and seen["export"] == "probe"
+    assert seen["registry"] == "FlexiMMTProbePipeline"
+    assert seen["name"] == seen["display"] == "Probe image-to-video"
+    assert "121 for HunyuanVideo 1.5, 33 for Probe" in seen["generate_help"]  # --frames: the adapter's default
+    assert "the image's aspect bucket for HunyuanVideo 1.5, 272 for Probe)" in seen["generate_help"]  # --height
+    assert "the image's aspect bucket for HunyuanVideo 1.5, 832 for Probe)" in seen["generate_help"]  # --width
+    assert seen["comfy_models"] == ["probe-model"]
+    assert "HunyuanVideo 1.5 or Probe image-to-video" in seen["comfy_description"]
+
+
+def test_each_registration_agrees_with_its_adapter_module():
+    for family, adapter_cls in zip(FAMILIES.values(), adapters()):
+        assert adapter_cls.family == family.family
+        assert adapter_cls.__module__ == f"fleximmt.models.{family.module}"
+        assert adapter_cls.pipeline_class.__name__ in family.diffusers
+        assert pipeline_class(family.pipeline).__name__ == family.pipeline
+        assert all(REGISTRY[name] == (family.module, family.pipeline) for name in family.diffusers)
+    assert SUPPORTED == "CogVideoX, Wan or HunyuanVideo 1.5"
+
+
+def code_names(path: Path) -> set[str]:
+    """Every module a file imports (resolved) and every name and string its code holds (docstrings left out)."""
+    tree = ast.parse(path.read_text())
+    package = list(path.relative_to(SRC.parent).with_suffix("").parts[:-1])
+    docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            found.add(".".join([*base, *([node.module] if node.module else [])]))
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.Name):
+            found.add(node.id)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            found.add(node.value)
+    return found
+
+
+def test_no_code_outside_a_family_names_its_module_or_pipeline():
+    """Only a family's own module, its registration line and its tiny components (``toy/``) name its module
+    or its FlexiMMT pipeline class in code; ComfyUI's native patch (of ComfyUI's own Wan model) is Wan's."""
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        if rel.parts[0] == "toy" or rel == Path("models", "__init__.py"):
+            continue
+        names = code_names(path)
+        for family in FAMILIES.values():
+            if rel == Path("models", f"{family.module}.py") or (
+                family.family == "wan" and rel == Path("apps", "comfy", "native.py")
+            ):
+                continue
+            named = {f"fleximmt.models.{family.module}", family.pipeline} & names
+            wrong += [f"{rel}: {name}" for name in sorted(named)]
+    assert wrong == []
+
+
+def test_what_wan_and_hunyuanvideo_15_share_is_written_once():
+    models = SRC / "models"
+    pieces = {
+        "class StateSlot": 1,
+        "def slot_of": 1,
+        "def training_attached": 1,
+        "def sample_sigma": 1,
+        "FEATURE_SHARE =": 1,
+        "0.7": 1,
+    }
+    for piece, count in pieces.items():
+        found = [p.name for p in models.glob("*.py") for _ in re.finditer(re.escape(piece), p.read_text())]
+        assert len(found) == count and found[0] == "shared.py", (piece, found)
+
+
+def test_importing_the_shared_module_registers_nothing():
+    """``models/shared.py`` runs no call at its top level (what registered an attention kind with the opaque
+    operators there): importing it defines, and registers nothing."""
+    tree = ast.parse((SRC / "models" / "shared.py").read_text())
+    calls = [node.lineno for node in tree.body if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)]
+    assert calls == []
