@@ -345,7 +345,7 @@ def transformer_step_peak(transformer, objects: int, d_m: int, batch: int = 2) -
             tokens, member, form="joint", num_frames=geo["grid"][0], feature_blocks=frozenset(range(30))
         )
         state.set_video_masks(moving_masks(objects, geo["grid"]))
-        state.rows.set_forward([0, 0], [1])
+        state.rows.begin_forward([0, 0], [1])
         meta_layout(state)
         for i, block in enumerate(transformer.transformer_blocks):
             block.attn1.set_processor(FlexiMMTAttnProcessor(i))
@@ -646,7 +646,7 @@ def wan_step_peak(model: str, transformer, objects: int, d_m: int) -> int:
     state = None
     if objects:
         state = wan_flexi_state(model, objects, d_m, layers, feature_share_blocks("wan", layers))
-        state.rows.set_forward([0], [0])
+        state.rows.begin_forward([0], [0])
     use_attention("wan", transformer, state)
     inputs = wan_inputs(model, transformer)
     peak = measure_peak(lambda: transformer(**inputs, return_dict=False)[0], counter=StorageBytes)
@@ -1189,7 +1189,7 @@ def hunyuan_step_peak(transformer, objects: int, d_m: int, size) -> int:
         state, text = hunyuan_flexi_state(
             transformer.config, objects, d_m, layers, feature_share_blocks("hunyuanvideo15", layers), size
         )
-        state.rows.set_forward([0], [0])
+        state.rows.begin_forward([0], [0])
     return hunyuan_forward_peak(transformer, state, text, size)
 
 

@@ -296,3 +296,46 @@ def test_text_keys_place_motion_words_after_other_context_and_never_in_padding()
     ]  # object 2's word: padding
     assert valid.tolist() == [True] * 7 + [False] * 2
     assert attention.TextKeys().place(member, 5)[1] is None
+
+
+# -- the state's parts ----------------------------------------------------------------------------------------
+def test_batch_rows_say_which_video_each_row_is_and_which_rows_feed_rmpm():
+    from fleximmt.method.rows import BatchRows
+
+    cfg = BatchRows([0, 1, 0, 1], [2, 3])  # two videos in one forward with CFG: [uncond | cond]
+    assert cfg.conditional_halves() and cfg.videos(4) == [0, 1, 0, 1]
+    assert cfg.of_batch(2) == ([0, 1], [0, 1])  # the conditional half alone (FasterCache): one row per video
+    sets = cfg.sets(4, None, torch.device("cpu"))
+    assert [(video, text, rows.tolist()) for video, text, rows in sets] == [(0, None, [0, 2]), (1, None, [1, 3])]
+    assert cfg.feature_row_within(1, 2) == 1  # video 1's rows 1 and 3: its conditional row is the second
+    with pytest.raises(ValueError, match="4 batch rows declared, the transformer got 3"):
+        cfg.videos(3)
+    split = BatchRows([0], [0], first_forward_only=True)  # each branch its own forward, the conditional first
+    seen = []
+    for _ in range(2):
+        split.begin_step()
+        for _ in range(2):
+            split.begin_forward()
+            seen.append(split.feature_rows)
+    assert seen == [[0], None, [0], None] and not split.conditional_halves()
+    driver = BatchRows(first_forward_only=True)  # rows given forward by forward
+    driver.begin_step()
+    driver.begin_forward([0, 0], [1])
+    assert (driver.rows, driver.feature_rows) == ([0, 0], [1])
+    driver.begin_forward([0], [0])
+    assert (driver.rows, driver.feature_rows) == ([0], None)
+
+
+def test_feature_capture_means_every_feature_block_or_says_it_is_partial():
+    from fleximmt.method.capture import FeatureCapture
+
+    capture = FeatureCapture(2, frozenset({0, 1}))
+    features = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)  # [B, N_v, D]: video v in row 1 - v
+    capture.add(0, features, [1, 0])
+    assert not capture.complete(0)  # block 1 has not given its features yet
+    capture.add(1, features * 3, [1, 0])
+    assert capture.complete(0) and capture.complete(1)
+    assert torch.equal(capture.take(0), features[1] * 2) and torch.equal(capture.take(1), features[0] * 2)
+    assert capture.take(0) is None and not capture.complete(0)  # taken: the next step starts empty
+    capture.stop()
+    assert capture.blocks == frozenset()

@@ -135,15 +135,16 @@ def test_generate_choices_are_the_pipelines_own():
 
 
 def test_generate_and_train_take_the_mask_kernel(scene, capsys, monkeypatch):
-    """--mask-kernel picks FlexiMMT's kernel (the pipeline's choices, "auto" by default): generate builds the
-    dense kernel's layouts with "dense"; train refuses "flex" on a CPU, naming the fix."""
+    """--mask-kernel picks FlexiMMT's kernel (the pipeline's choices; "auto" when not given): generate builds
+    the dense kernel's layouts with "dense"; train refuses "flex" on a CPU, naming the fix."""
     from fleximmt.method.kernels import MASK_KERNELS
     from fleximmt.method.kernels.dense import DenseJoint
 
     for command in ("generate", "train"):
         action = next(a for a in subparser(command)._actions if a.dest == "mask_kernel")
         assert tuple(action.choices) == MASK_KERNELS
-    assert subparser("generate").parse_args(["--image", "i", "--prompt", "p", "--out", "o.mp4"]).mask_kernel == "auto"
+    # not given: not passed, so the pipeline's default ("auto") or --preset's fills it
+    assert subparser("generate").parse_args(["--image", "i", "--prompt", "p", "--out", "o.mp4"]).mask_kernel is None
     built = []
     real = DenseJoint.__init__
     monkeypatch.setattr(DenseJoint, "__init__", lambda self, *args: built.append(1) or real(self, *args))

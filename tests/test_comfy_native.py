@@ -77,7 +77,7 @@ def library_run(transformer, objects, spans, options, videos=1):
 
 
 def library_forward(transformer, state, x, t, context, clip_fea, rows, feature_rows):
-    state.rows.set_forward(rows, feature_rows)
+    state.rows.begin_forward(rows, feature_rows)
     slot_of(transformer).state = state
     try:
         with torch.no_grad():

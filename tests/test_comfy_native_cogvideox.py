@@ -79,7 +79,7 @@ def library_forward(pipe, state, x, t, context, ofs, rows=None, feature_rows=Non
     """fleximmt's CogVideoX transformer (diffusers' model, fleximmt's processors) on the same inputs, in
     ComfyUI's layout; ``state`` None: diffusers' own computation."""
     if state is not None:
-        state.rows.set_forward(rows, feature_rows)
+        state.rows.begin_forward(rows, feature_rows)
     rotary = pipe._prepare_rotary_positional_embeddings(
         x.shape[-2] * pipe.vae_scale_factor_spatial, x.shape[-1] * pipe.vae_scale_factor_spatial, x.shape[2], "cpu"
     )
@@ -149,12 +149,29 @@ def test_patched_forward_equals_fleximmt_cogvideox_transformer(pipe, patcher, cl
         theirs = library_forward(pipe, state, x, t, context, ofs, rows=[0, 0], feature_rows=[1])
         assert relative_error(ours, theirs) < 1e-4
         assert relative_error(ours, unpatched) > 1e-3  # the motion tokens changed the result
-        assert torch.equal(patch.run.state.videos[0].video_masks, state.videos[0].video_masks)
-    first = state.videos[0].video_masks.view(2, GRID.frames, -1)[:, 0]
+        assert torch.equal(patch.run.state.layouts.video_masks[0], state.layouts.video_masks[0])
+    first = state.layouts.video_masks[0].view(2, GRID.frames, -1)[:, 0]
     if mask_source == "rmpm":  # RMPM moved the masks of the second token frame
         assert patch.run.steps == 1 and not torch.equal(
-            state.videos[0].video_masks.view(2, GRID.frames, -1)[:, 1], first
+            state.layouts.video_masks[0].view(2, GRID.frames, -1)[:, 1], first
         )
+
+
+def test_the_dense_mask_kernel_gives_the_joint_attention_as_auto_through_comfyuis_attention(pipe, patcher, clip):
+    """Apply FlexiMMT's mask_kernel on a joint-attention family: the dense kernel's bool N x N mask reaches
+    ComfyUI's attention as the additive float mask it takes (its split and sub-quadratic attentions add the
+    mask to the scores), so dense computes what auto computes."""
+    from fleximmt.apps.comfy.native import apply_fleximmt
+
+    objects = make_objects(pipe.transformer)
+    x, t, context, ofs = inputs(batch=2, seed=13)
+    outs = {}
+    for kernel in ("auto", "dense"):
+        patched = apply_fleximmt(patcher, clip, PROMPT, objects, mask_source="static", mask_kernel=kernel)
+        outs[kernel] = comfy(patched, x, t, context, ofs, cond_or_uncond=(1, 0))
+        assert patch_of(patched).run.state.kernel.name == kernel
+    assert relative_error(outs["dense"], outs["auto"]) < 1e-5
+    assert relative_error(outs["auto"], comfy(patcher, x, t, context, ofs)) > 1e-3  # the masks were in play
 
 
 def test_the_patch_keeps_working_when_comfyui_recreates_or_streams_the_weights(pipe, patcher, clip):

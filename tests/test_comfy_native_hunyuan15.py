@@ -119,7 +119,7 @@ def library_forward(transformer, state, x, t, context, byt5, image, mask=None, r
     )
     slot = slot_of(transformer)
     if state is not None:
-        state.rows.set_forward(rows, feature_rows)  # text keys and DMEM's queries: the adapter's settings
+        state.rows.begin_forward(rows, feature_rows)  # text keys and DMEM's queries: the adapter's settings
         slot.state, slot.texts = state, row_texts(kwargs)
     try:
         with torch.no_grad():
@@ -213,9 +213,9 @@ def test_patched_forward_equals_fleximmt_hunyuan15_transformer(transformer, patc
         theirs = library_forward(transformer, state, x, t, context, byt5, image, rows=[0, 0], feature_rows=[1])
         assert relative_error(ours, theirs) < 1e-4
         assert relative_error(ours, unpatched) > 1e-3  # the motion tokens changed the result
-        assert torch.equal(patch.run.state.videos[0].video_masks, state.videos[0].video_masks)
+        assert torch.equal(patch.run.state.layouts.video_masks[0], state.layouts.video_masks[0])
     if mask_source == "rmpm":
-        masks = state.videos[0].video_masks.view(2, FRAMES, -1)
+        masks = state.layouts.video_masks[0].view(2, FRAMES, -1)
         assert patch.run.steps == 1 and not torch.equal(masks[:, 1], masks[:, 0])
 
 

@@ -5,8 +5,8 @@ adapter declares the call's rows when the transfer is built (``ModelAdapter.batc
 features come from the conditional branch only (docs/method.md#rmpm): from the declared feature rows of
 every forward (CogVideoX, both branches in one batch), or of the first forward of each step only, where the
 branches run as forwards of their own, the conditional first (Wan, HunyuanVideo 1.5), or where later forwards
-of the step run the conditional rows alone (LTX-2's spatio-temporal and modality guidance). A driver that knows
-each forward's rows (ComfyUI's native patch) gives them forward by forward."""
+of the step run the conditional rows alone (LTX-2's spatio-temporal and modality guidance). A driver whose rows
+change from forward to forward (ComfyUI's native patch) gives them as each forward starts."""
 
 from __future__ import annotations
 
@@ -32,16 +32,17 @@ class BatchRows:
         """A denoising step starts: its first forward comes next."""
         self.forwards = 0
 
-    def begin_forward(self) -> None:
-        """A forward of the transformer starts (the adapter's hook says so): with ``first_forward_only``, only
-        the first of the step captures features."""
-        if self.first_forward_only:
-            self.feature_rows = self.declared if self.forwards == 0 else None
+    def begin_forward(self, rows=..., feature_rows=...) -> None:
+        """A forward of the transformer starts (the adapter's hook says so), of the declared rows or of
+        ``rows`` and ``feature_rows`` given (where they change from forward to forward; ``...``: as declared).
+        With ``first_forward_only``, only the step's first forward captures features."""
+        if rows is not ...:
+            self.rows = rows
+        if feature_rows is not ...:
+            self.declared = feature_rows
+        first = self.forwards == 0 or not self.first_forward_only
+        self.feature_rows = self.declared if first else None
         self.forwards += 1
-
-    def set_forward(self, rows: list[int] | None, feature_rows: list[int] | None) -> None:
-        """The forward that starts has these rows (a driver whose batches change from call to call)."""
-        self.rows, self.feature_rows = rows, feature_rows
 
     def conditional_halves(self) -> bool:
         """Whether each forward holds both branches, the conditional rows last (what diffusers' FasterCache

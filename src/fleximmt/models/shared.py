@@ -251,18 +251,22 @@ class SlotAdapter:
         default, none (the text keys are the prompt's tokens)."""
         return []
 
+    def before_forward(self, state: FlexiMMTState, slot: StateSlot, transformer, args: tuple, kwargs: dict) -> None:
+        """What runs before each forward of ``transformer``: its rows' text forms into the slot
+        (:meth:`row_texts`) and the state told that a forward of the call's declared rows starts. A family
+        whose rows change from forward to forward gives them here: ``state.rows.begin_forward(rows,
+        feature_rows)``."""
+        slot.texts = self.row_texts(transformer, args, kwargs)
+        state.rows.begin_forward()
+
     @contextlib.contextmanager
     def slots_filled(self, state: FlexiMMTState) -> Iterator[list[StateSlot]]:
-        """Every transformer's slot holds ``state`` until the block ends; before each forward its rows' text
-        forms are set and the state told that a forward starts."""
+        """Every transformer's slot holds ``state`` until the block ends, :meth:`before_forward` run before
+        each of its forwards."""
         slots, hooks = self.slots(), []
 
         def hook(slot: StateSlot, transformer):
-            def before_forward(module, args, kwargs):
-                slot.texts = self.row_texts(transformer, args, kwargs)
-                state.rows.begin_forward()
-
-            return before_forward
+            return lambda module, args, kwargs: self.before_forward(state, slot, transformer, args, kwargs)
 
         try:
             for slot, transformer in zip(slots, self.transformers()):

@@ -20,7 +20,7 @@ from ....method.adapter import ModelAdapter, TokenGrid
 from ....method.pipeline import about_object
 from ....method.prompt import find_token_spans
 from ....method.tokens import TextKeys
-from .patch import Call, Run
+from .patch import Call, Run, additive
 
 
 def clip_tokens(clip, text: str, key: str | None = None) -> list[int]:
@@ -146,7 +146,7 @@ class JointFamily(Family):
         state takes the tokens video first: the few text and motion rows go behind the video's."""
         text_len = query.shape[2] - run.grid.size
         kw = dict(kwargs, skip_reshape=True, skip_output_reshape=True)
-        attention = lambda q, k, v, mask=None: base(q, k, v, mask=mask, **kw)
+        attention = lambda q, k, v, mask=None: base(q, k, v, mask=additive(mask, q.dtype), **kw)
         video_first = lambda x, motion: torch.cat([x[:, :, text_len:], x[:, :, :text_len], motion], dim=2)
         # motion-token queries are never attended with (their outputs would be dropped): their rows hold the keys
         out = run.state.joint_attention(

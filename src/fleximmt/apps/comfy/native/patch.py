@@ -51,6 +51,15 @@ def center_crop(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return mask[y : old_h - y, x : old_w - x]
 
 
+def additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A bool attention mask (True: may attend; the dense kernel's) as the additive float mask every ComfyUI
+    attention function takes (its split and sub-quadratic attentions add the mask to the scores); a float
+    mask or None as it is. Every row keeps a key (MDMA's rule), so no row is all -inf."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 @dataclass
 class Calls:
     """Attention calls still to come, as ``(block, kind)`` in the order the model makes them: one
@@ -257,5 +266,5 @@ class NativePatch:
             index = None if feature is None else torch.tensor(feature, device=device)  # made once, not per block
             run._rows[key] = rows, feature, index
         rows, feature, index = run._rows[key]
-        run.state.rows.set_forward(rows, feature)
+        run.state.rows.begin_forward(rows, feature)
         run.feature_index = index

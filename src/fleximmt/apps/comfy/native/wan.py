@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ....errors import FlexiMMTInputError
 from .family import Family
-from .patch import Call, Run
+from .patch import Call, Run, additive
 
 
 class Wan(Family):
@@ -69,7 +69,7 @@ class Wan(Family):
         attn = run.model.blocks[index].cross_attn
         to_heads = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)
         kw = dict(kwargs, heads=heads, skip_reshape=True, skip_output_reshape=True)
-        group = lambda qg, kg, vg, mask=None: base(qg, kg, vg, mask=mask, **kw)
+        group = lambda qg, kg, vg, mask=None: base(qg, kg, vg, mask=additive(mask, qg.dtype), **kw)
 
         def project(tokens, kind: str):
             tokens = tokens.to(device=q.device, dtype=q.dtype)[None]
