@@ -47,6 +47,11 @@ def pipeline_class(name: str) -> type:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
+def adapter_class(family: str) -> type[ModelAdapter]:
+    """The adapter class of a registered family (``family``: what motion files record), its module imported."""
+    return pipeline_class(FAMILIES[family].pipeline).adapter_class
+
+
 def adapters() -> Iterator[type[ModelAdapter]]:
     """Every registered adapter class, in the order of registration, imported as it is reached: finding
     CogVideoX's does not import Wan's module."""
@@ -105,6 +110,7 @@ __all__ = [
     "Family",
     "ModelAdapter",
     "TokenGrid",
+    "adapter_class",
     "adapter_for",
     "adapters",
     "compile",

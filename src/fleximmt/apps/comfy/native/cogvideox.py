@@ -22,16 +22,11 @@ from .patch import Run
 
 class CogVideoX(JointFamily):
     name = "CogVideoX"
+    family = "cogvideox"
     module, model_class = "comfy.ldm.cogvideo.model", "CogVideoXTransformer3DModel"
     block_hook = False
     clip_name = "T5"
     tokens_key = "t5xxl"
-
-    @classmethod
-    def adapter_class(cls):
-        from ....models.cogvideox import CogVideoXAdapter
-
-        return CogVideoXAdapter
 
     def check(self, model) -> None:
         if model.in_channels != 2 * model.out_channels:

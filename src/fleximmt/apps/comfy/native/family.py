@@ -20,6 +20,7 @@ from ....method.adapter import ModelAdapter, TokenGrid
 from ....method.pipeline import about_object
 from ....method.prompt import find_token_spans
 from ....method.tokens import TextKeys
+from ....models import adapter_class
 from .patch import Call, Run, additive
 
 
@@ -48,6 +49,7 @@ class Family:
     """One model family as the native patch sees ComfyUI's model of it."""
 
     name: ClassVar[str]  # as messages name it
+    family: ClassVar[str]  # the registered family whose adapter maps diffusers' model (fleximmt.models)
     module: ClassVar[str]  # ComfyUI's module of the model class
     model_class: ClassVar[str]
     # the blocks can be replaced (patches_replace["dit"][("double_block", i)]), which names each call's
@@ -56,14 +58,11 @@ class Family:
     clip_name: ClassVar[str]  # the text encoder a message names
     tokens_key: ClassVar[str]  # the prompt's tokens in what the family's CLIP.tokenize returns
 
-    @classmethod
-    def adapter_class(cls) -> type[ModelAdapter]:
-        raise NotImplementedError
-
     @property
     def adapter(self) -> ModelAdapter:
-        """The family's adapter with no pipeline: the family's facts (its attention form, parts, settings)."""
-        return self.adapter_class()(None)
+        """The family's registered adapter with no pipeline: the family's facts (its attention form, parts,
+        settings)."""
+        return adapter_class(self.family)(None)
 
     @classmethod
     def matches(cls, diffusion_model) -> bool:

@@ -47,15 +47,10 @@ def qwen_crop(ids: Sequence[int]) -> int:
 
 class HunyuanVideo15(JointFamily):
     name = "HunyuanVideo 1.5"
+    family = "hunyuanvideo15"
     module, model_class = "comfy.ldm.hunyuan_video.model", "HunyuanVideo"
     clip_name = "Qwen2.5"
     tokens_key = QWEN
-
-    @classmethod
-    def adapter_class(cls):
-        from ....models.hunyuan15 import HunyuanVideo15Adapter
-
-        return HunyuanVideo15Adapter
 
     def check(self, model) -> None:
         if model.cond_type_embedding is None or model.vision_in is None:

@@ -19,15 +19,10 @@ from .patch import Call, Run, additive
 
 class Wan(Family):
     name = "Wan 2.1 / 2.2"
+    family = "wan"
     module, model_class = "comfy.ldm.wan.model", "WanModel"
     clip_name = "umT5"
     tokens_key = "umt5xxl"
-
-    @classmethod
-    def adapter_class(cls):
-        from ....models.wan import WanAdapter
-
-        return WanAdapter
 
     def motion_shape(self, model) -> tuple[int, int]:
         return len(model.blocks), model.dim
