@@ -825,7 +825,10 @@ def run_inference(args, setup: Setup) -> dict:
 
     runs = {
         "diffusers": plain,
-        **{f"fleximmt K={k}{'' if args.backend == 'auto' else ' ' + args.backend}": flexi(k) for k in args.objects},
+        **{
+            f"fleximmt K={k}{'' if args.backend == DEFAULT_KERNEL else ' ' + args.backend}": flexi(k)
+            for k in args.objects
+        },
     }
     scope = f"attention call: {setup.attention_name}" if args.scope == "attention" else "block"
     branch = " = CFG" if batch == 2 and not setup.wan else ""

@@ -1747,7 +1747,7 @@ def ltx2_step_peak(transformer, objects: int, d_m: int, size) -> int:
     if objects:
         layers = transformer.config.num_layers
         state = ltx2_flexi_state(transformer.config, objects, d_m, layers, feature_share_blocks("ltx2", layers), size)
-        state.rows.set_forward([0, 0], [1])
+        state.rows.begin_forward([0, 0], [1])
     return ltx2_forward_peak(transformer, state, size, batch=2)
 
 

@@ -98,7 +98,7 @@ def test_objects_keep_the_audio_and_the_image_frame_and_auto_equals_dense_throug
     plain = theirs(**kw, generator=gen())
     assert torch.equal(ours(**kw, generator=gen()).audio, plain.audio)  # diffusers' STG, through FlexiMMT's attn1
     auto = ours(**kw, generator=gen(), objects=objects(ours), return_masks=True)
-    dense = ours(**kw, generator=gen(), objects=objects(ours), return_masks=True, attention_backend="dense")
+    dense = ours(**kw, generator=gen(), objects=objects(ours), return_masks=True, mask_kernel="dense")
     assert rel(auto.frames, dense.frames) < 1e-4 and rel(auto.audio, dense.audio) < 1e-4
     assert torch.equal(auto.masks, dense.masks) and auto.masks.shape == (1, 2, 2, *GRID)
     assert (auto.frames[:, :, 1:] - plain.frames[:, :, 1:]).abs().max() > 1e-3
@@ -119,7 +119,7 @@ def test_rmpm_reads_the_positive_rows_of_each_steps_first_forward_only(pipes, mo
     observe, cross, project = FlexiMMTState.observe, FlexiMMTState.cross_with, FlexiMMTState.motion_projections
 
     def record(self, block, video_out, rows=None):
-        features = self.batch_rows(video_out.shape[0])[1] if self.capturing(block) else None
+        features = self.rows.of_batch(video_out.shape[0])[1] if self.capturing(block) else None
         seen.append((video_out.shape[0], features))
         return observe(self, block, video_out, rows)
 
@@ -277,7 +277,7 @@ def test_auto_equals_dense_without_registers_where_padding_is_open_text():
     kw = dict(image=picture(), prompt=PROMPT, **CALL, output_type="latent")
     plain = theirs(**kw, generator=gen()).frames
     auto = ours(**kw, generator=gen(), objects=objects(ours)).frames
-    dense = ours(**kw, generator=gen(), objects=objects(ours), attention_backend="dense").frames
+    dense = ours(**kw, generator=gen(), objects=objects(ours), mask_kernel="dense").frames
     assert (auto - plain).abs().max() > 1e-3 and rel(auto, dense) < 1e-4
 
 
@@ -343,7 +343,7 @@ def test_training_noise_levels_are_the_schedulers_shifted_sigmas():
         cfg = pipe.scheduler.config
         mu = calculate_shift(tokens, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
         pipe.scheduler.set_timesteps(sigmas=[u], mu=mu)
-        assert abs(adapter.sample_sigma(gen(seed), tokens) - pipe.scheduler.sigmas[0].item()) < 1e-6
+        assert abs(adapter.training_sigma(gen(seed), tokens) - pipe.scheduler.sigmas[0].item()) < 1e-6
 
 
 def test_train_motion_takes_diffusers_own_ltx2_pipeline_and_the_motion_is_ltx2s_alone(tmp_path):
@@ -518,7 +518,7 @@ def test_a_fleximmt_first_stage_feeds_diffusers_latent_upsampler_and_second_stag
         **second,
         objects=objects(ours),
         return_masks=True,
-        attention_backend="dense",
+        mask_kernel="dense",
         generator=gen(),
     )
     assert auto.masks.shape == (1, len(SIGMAS), 2, *GRID) and torch.equal(auto.masks, dense.masks)

@@ -1,7 +1,7 @@
 """A model family is its adapter module, its tiny components and one registration line in
 ``fleximmt/models/__init__.py``: everything else that names the families is derived from the registrations
 (``SUPPORTED``, ``REGISTRY``, ``fleximmt``'s lazy exports and ``__all__``, the command line's help, ComfyUI's
-model list), and what Wan and HunyuanVideo 1.5 share lives once in ``models/shared.py``."""
+model list), and what Wan, HunyuanVideo 1.5 and LTX-2 share lives once in ``models/shared.py``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import fleximmt
 from fleximmt.models import FAMILIES, REGISTRY, SUPPORTED, adapters, pipeline_class
@@ -38,7 +40,7 @@ PROBE_RUN = """
 import ast, importlib.abc, importlib.machinery, json, sys, types
 from pathlib import Path
 
-folder, line, out, models = sys.argv[1:5]
+folder, line, out, models, comfyui = sys.argv[1:6]
 
 
 class OneMoreLine(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -65,14 +67,9 @@ import fleximmt
 from fleximmt.apps.cli import build_parser
 from fleximmt.models import REGISTRY, SUPPORTED, family_name, pipeline_class
 
-folder_paths = types.ModuleType("folder_paths")  # ComfyUI's, as the Load FlexiMMT model node reads it
-folder_paths.get_folder_paths = lambda kind: [models] if kind == "diffusers" else []
-sys.modules["folder_paths"] = folder_paths
-from fleximmt.apps.comfy import nodes
-
 parser = build_parser()
 help_of = lambda command: " ".join(parser._subparsers._group_actions[0].choices[command].format_help().split())
-Path(out).write_text(json.dumps({
+seen = {
     "supported": SUPPORTED,
     "all": fleximmt.__all__,
     "export": fleximmt.FlexiMMTProbePipeline.adapter_class.family,
@@ -80,13 +77,23 @@ Path(out).write_text(json.dumps({
     "name": family_name("probe"),
     "display": fleximmt.FlexiMMTProbePipeline.adapter_class.display_name,
     "generate_help": help_of("generate"),
-    "comfy_models": nodes.model_folders(),
-    "comfy_description": nodes.LoadModel.DESCRIPTION,
-}))
+}
+if comfyui:  # the node pack's V3 nodes, from ComfyUI's source (comfy_api)
+    sys.path.insert(0, comfyui)
+    folder_paths = types.ModuleType("folder_paths")  # ComfyUI's, as the Load FlexiMMT model node reads it
+    folder_paths.get_folder_paths = lambda kind: [models] if kind == "diffusers" else []
+    sys.modules["folder_paths"] = folder_paths
+    from fleximmt.apps.comfy import nodes
+
+    seen["comfy_models"] = nodes.model_folders()
+    seen["comfy_description"] = nodes.LoadModel.define_schema().description
+Path(out).write_text(json.dumps(seen))
 """
 
 
-def test_a_family_registered_by_one_line_reaches_every_place_that_names_the_families(tmp_path):
+def probe(tmp_path, comfyui: str = "") -> dict:
+    """What the places that name the families show with the probe family registered by its one line (``comfyui``:
+    ComfyUI's source folder, to read the node pack's nodes too)."""
     (tmp_path / "probe.py").write_text(PROBE_MODULE)
     models = tmp_path / "diffusers"
     for name, cls in (("probe-model", "ProbeImageToVideoPipeline"), ("other", "StableDiffusionPipeline")):
@@ -94,22 +101,39 @@ def test_a_family_registered_by_one_line_reaches_every_place_that_names_the_fami
         (models / name / "model_index.json").write_text(json.dumps({"_class_name": cls}))
     out = tmp_path / "seen.json"
     run = subprocess.run(
-        [sys.executable, "-c", PROBE_RUN, str(tmp_path), PROBE_LINE, str(out), str(models)],
+        [sys.executable, "-c", PROBE_RUN, str(tmp_path), PROBE_LINE, str(out), str(models), comfyui],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    seen = json.loads(out.read_text())
-    assert seen["supported"] == "CogVideoX, Wan, HunyuanVideo 1.5 or Probe"
+    return json.loads(out.read_text())
+
+
+def test_a_family_registered_by_one_line_reaches_every_place_that_names_the_families(tmp_path):
+    seen = probe(tmp_path)
+    assert seen["supported"] == "CogVideoX, Wan, HunyuanVideo 1.5, LTX-2 or Probe"
     assert seen["all"][-1] == "FlexiMMTProbePipeline" and seen["export"] == "probe"
     assert seen["registry"] == "FlexiMMTProbePipeline"
     assert seen["name"] == seen["display"] == "Probe image-to-video"
-    assert "121 for HunyuanVideo 1.5, 33 for Probe" in seen["generate_help"]  # --frames: the adapter's default
-    assert "the image's aspect bucket for HunyuanVideo 1.5, 272 for Probe)" in seen["generate_help"]  # --height
-    assert "the image's aspect bucket for HunyuanVideo 1.5, 832 for Probe)" in seen["generate_help"]  # --width
+    assert (
+        "121 for HunyuanVideo 1.5, 121 for LTX-2, 33 for Probe" in seen["generate_help"]
+    )  # --frames: the adapter's default
+    assert (
+        "the image's aspect bucket for HunyuanVideo 1.5, 512 for LTX-2, 272 for Probe)" in seen["generate_help"]
+    )  # --height
+    assert (
+        "the image's aspect bucket for HunyuanVideo 1.5, 768 for LTX-2, 832 for Probe)" in seen["generate_help"]
+    )  # --width
+
+
+@pytest.mark.comfy
+def test_a_family_registered_by_one_line_reaches_comfyuis_model_list(tmp_path):
+    from comfy_server import COMFYUI
+
+    seen = probe(tmp_path, str(COMFYUI))
     assert seen["comfy_models"] == ["probe-model"]
-    assert "HunyuanVideo 1.5 or Probe image-to-video" in seen["comfy_description"]
+    assert "HunyuanVideo 1.5, LTX-2 or Probe image-to-video" in seen["comfy_description"]
 
 
 def test_each_registration_agrees_with_its_adapter_module():
@@ -119,7 +143,7 @@ def test_each_registration_agrees_with_its_adapter_module():
         assert adapter_cls.pipeline_class.__name__ in family.diffusers
         assert pipeline_class(family.pipeline).__name__ == family.pipeline
         assert all(REGISTRY[name] == (family.module, family.pipeline) for name in family.diffusers)
-    assert SUPPORTED == "CogVideoX, Wan or HunyuanVideo 1.5"
+    assert SUPPORTED == "CogVideoX, Wan, HunyuanVideo 1.5 or LTX-2"
 
 
 def code_names(path: Path) -> set[str]:
@@ -158,7 +182,7 @@ def test_no_code_outside_a_family_names_its_module_or_pipeline():
     assert wrong == []
 
 
-def test_what_wan_and_hunyuanvideo_15_share_is_written_once():
+def test_what_wan_hunyuanvideo_15_and_ltx2_share_is_written_once():
     models = SRC / "models"
     pieces = {
         "class StateSlot": 1,

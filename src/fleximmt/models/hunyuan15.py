@@ -310,7 +310,7 @@ class HunyuanVideo15Adapter(SlotAdapter, ModelAdapter):
         if torch.rand((), generator=generator).item() < image_dropout:
             condition = condition.clone()
             condition[:, :-1] = 0  # the image latents (the frame mask stays)
-        sigma = max(sample_sigma(pipe.scheduler.config, generator), 1e-3)
+        sigma = max(sample_sigma(pipe.scheduler, generator), 1e-3)
         noise = torch.randn(x0.shape, generator=generator).to(device, precision)
         noisy = (1 - sigma) * x0 + sigma * noise
         t = torch.tensor([sigma * pipe.scheduler.config.num_train_timesteps], device=device)

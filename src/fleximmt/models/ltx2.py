@@ -294,19 +294,19 @@ class LTX2Adapter(SlotAdapter, ModelAdapter):
         rows = list(range(videos)) * (2 if cfg else 1)
         return BatchRows(rows, [videos + v if cfg else v for v in range(videos)], first_forward_only=True)
 
+    def before_forward(self, state: FlexiMMTState, slot, transformer, args: tuple, kwargs: dict) -> None:
+        """Every forward's text mask is checked to be open (:func:`check_open_text`), then as ``SlotAdapter``."""
+        check_open_text(kwargs.get("encoder_attention_mask"))
+        super().before_forward(state, slot, transformer, args, kwargs)
+
     @contextlib.contextmanager
     def attach(self, state: FlexiMMTState, call: dict[str, Any]):
-        """Fill the transformer's slot for the call (``SlotAdapter``), every forward's text mask checked to be
-        open; the motion tokens' projections go with the call."""
-        transformer = self.pipe.transformer
-        slot = slot_of(transformer)
-        check = lambda module, args, kwargs: check_open_text(kwargs.get("encoder_attention_mask"))
-        handle = transformer.register_forward_pre_hook(check, with_kwargs=True)
+        """Fill the transformer's slot for the call (``SlotAdapter``); the motion tokens' projections go with it."""
+        slot = slot_of(self.pipe.transformer)
         try:
             with super().attach(state, call) as call:
                 yield call
         finally:
-            handle.remove()
             slot.motion_for = None
             slot.motion.clear()  # the projections' memory goes with the call
 
@@ -340,18 +340,17 @@ class LTX2Adapter(SlotAdapter, ModelAdapter):
             "video_latents": torch.stack(videos),  # [W, C, F, h, w]
         }
 
-    def sample_sigma(self, generator: torch.Generator, num_video_tokens: int) -> float:
-        """A training noise level: uniform, then shifted as the pipeline's scheduler shifts its sigmas - by
-        ``mu`` of the video's token count where it shifts dynamically (LTX), else by its fixed shift
-        (``shared.sample_sigma``; the schedule's terminal stretch, ``shift_terminal``, is a property of a whole
-        schedule and not applied)."""
-        scheduler = self.pipe.scheduler
-        cfg = scheduler.config
-        if not cfg.get("use_dynamic_shifting"):
-            return sample_sigma(cfg, generator)
-        u = torch.rand((), generator=generator).item()
-        mu = calculate_shift(num_video_tokens, *(cfg.get(name) or default for name, default in SHIFT_DEFAULTS.items()))
-        return float(scheduler.time_shift(mu, 1.0, torch.tensor(u)))
+    def training_sigma(self, generator: torch.Generator, num_video_tokens: int) -> float:
+        """A training noise level (``shared.sample_sigma``), shifted by ``mu`` of the video's token count where
+        the scheduler shifts dynamically (LTX); the schedule's terminal stretch, ``shift_terminal``, is a
+        property of a whole schedule and not applied."""
+        cfg = self.pipe.scheduler.config
+        mu = None
+        if cfg.get("use_dynamic_shifting"):
+            mu = calculate_shift(
+                num_video_tokens, *(cfg.get(name) or default for name, default in SHIFT_DEFAULTS.items())
+            )
+        return sample_sigma(self.pipe.scheduler, generator, mu)
 
     def training_prediction(self, state, cond, window, generator, image_dropout, autocast, dtype=None) -> TrainingBatch:
         """One window noised at a training noise level, its first latent frame kept clean with timestep 0 as
@@ -370,7 +369,7 @@ class LTX2Adapter(SlotAdapter, ModelAdapter):
         clean = torch.zeros_like(x0[:, :1])  # 1 where the frame is given, as the pipeline's conditioning mask
         if image_given:
             clean[:, :, 0] = 1.0
-        sigma = max(self.sample_sigma(generator, frames * height * width // (patch * patch * patch_t)), 1e-3)
+        sigma = max(self.training_sigma(generator, frames * height * width // (patch * patch * patch_t)), 1e-3)
         noise = torch.randn(x0.shape, generator=generator).to(device, precision)
         noise_level = sigma * (1 - clean)  # per frame: 0 on the image's frame
         noisy = (1 - noise_level) * x0 + noise_level * noise

@@ -207,6 +207,8 @@ def patched_token_grid(
     return TokenGrid(
         latent_frames // patch_t, height // per_token, width // per_token, latent_frames, patch_t, temporal
     )
+
+
 # -- the state slot: models whose blocks pass their processors no attention_kwargs -------------------------
 @dataclass
 class StateSlot:
@@ -309,11 +311,15 @@ def bound_arguments(transformer: torch.nn.Module, args: tuple, kwargs: dict) -> 
     return inspect.signature(transformer.forward).bind(*args, **kwargs).arguments
 
 
-def sample_sigma(scheduler_config, generator: torch.Generator) -> float:
+def sample_sigma(scheduler, generator: torch.Generator, mu: float | None = None) -> float:
     """A flow-matching training noise level: uniform, then shifted as the pipeline's scheduler shifts its
-    sigmas (``flow_shift`` with ``use_flow_sigmas``, as Wan's UniPC; else ``shift``)."""
-    cfg = scheduler_config
-    shift = cfg.get("flow_shift") if cfg.get("use_flow_sigmas") else cfg.get("shift", 1.0)
+    sigmas: by ``mu`` where it shifts dynamically (``use_dynamic_shifting``, LTX-2's: ``mu`` of the video's
+    token count, given), else by its fixed shift (``flow_shift`` with ``use_flow_sigmas``, as Wan's UniPC;
+    else ``shift``)."""
+    cfg = scheduler.config
     u = torch.rand((), generator=generator).item()
+    if cfg.get("use_dynamic_shifting") and mu is not None:
+        return float(scheduler.time_shift(mu, 1.0, torch.tensor(u)))
+    shift = cfg.get("flow_shift") if cfg.get("use_flow_sigmas") else cfg.get("shift", 1.0)
     shift = shift or 1.0
     return shift * u / (1 + (shift - 1) * u)

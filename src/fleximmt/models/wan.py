@@ -278,7 +278,7 @@ class WanAdapter(SlotAdapter, ModelAdapter):
         if torch.rand((), generator=generator).item() < image_dropout:
             condition = condition.clone()
             condition[:, -x0.shape[1] :] = 0  # the image latents (Wan 2.1 / 2.2 keep their frame mask)
-        sigma = max(sample_sigma(pipe.scheduler.config, generator), 1e-3)
+        sigma = max(sample_sigma(pipe.scheduler, generator), 1e-3)
         noise = torch.randn(x0.shape, generator=generator).to(device, precision)
         noisy = (1 - sigma) * x0 + sigma * noise
         num_train = pipe.scheduler.config.num_train_timesteps

@@ -35,6 +35,8 @@ OBJECTS = io.Custom("FLEXIMMT_OBJECTS")
 PIPE = io.Custom("FLEXIMMT_PIPE")
 MOTIONS_FOLDER = "fleximmt_motions"  # ComfyUI model folder of learned motions (models/fleximmt_motions)
 MAX_OBJECTS = 8
+
+
 def register_folders() -> None:
     """Make ``models/fleximmt_motions`` one of ComfyUI's model folders (once)."""
     import folder_paths
