@@ -252,8 +252,8 @@ def test_the_mask_kernel_reaches_the_patch_and_the_wrapper_nodes_and_its_old_nam
         patched = apply_fleximmt(patcher, clip, PROMPT, objects, mask_source="static", attention_backend="dense")
     assert patch_of(patched).options.mask_kernel == "dense"
     for node in (ApplyFlexiMMT, Transfer, LearnMotion):
-        choices, spec = node.INPUT_TYPES()["optional"]["mask_kernel"]
-        assert choices == list(MASK_KERNELS) and spec["default"] == "auto"
+        (given,) = [i for i in node.define_schema().inputs if i.id == "mask_kernel"]
+        assert given.optional and given.options == list(MASK_KERNELS) and given.default == "auto"
     pipe = tiny_pipeline(0)
     image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     motion = random_motion(pipe.transformer, 4, seed=1, scale=4.0)
