@@ -488,24 +488,8 @@ class LearnMotion(io.ComfyNode):
         )
 
     @classmethod
-    def execute(
-        cls,
-        pipe,
-        video,
-        caption,
-        concept_words,
-        motion_words,
-        name,
-        steps,
-        tokens,
-        seed,
-        resume,
-        fps=0.0,
-        mask_kernel=DEFAULT_KERNEL,
-    ) -> io.NodeOutput:
-        motion, trained = learn_motion(
-            pipe, video, caption, concept_words, motion_words, name, steps, tokens, seed, resume, fps, mask_kernel
-        )
+    def execute(cls, **inputs) -> io.NodeOutput:  # the inputs are learn_motion()'s arguments, by name
+        motion, trained = learn_motion(**inputs)
         info = motion_metadata(motion, markdown=False)
         if not trained:
             info += f"\n(already learned with these inputs: loaded from models/{MOTIONS_FOLDER}, not trained again)"
