@@ -16,12 +16,13 @@ from fleximmt.method.tokens import VideoMotions
 NATIVE_ONLY_IN_033 = {
     "CogVideoX": "comfy/ldm/cogvideo/model.py",
     "HunyuanVideo 1.5": "comfy/ldm/hunyuan_video/upsampler.py",
+    "LTX-2": "comfy/ldm/lightricks/av_model.py",
 }
 
 
 def needs_native(family: str):
     """A skip mark for tests of a family whose native model the ComfyUI source at ``COMFYUI`` lacks (0.3.64 has
-    no CogVideoX or HunyuanVideo 1.5): they run with ``COMFYUI=../shared/comfyui-0.33``."""
+    no CogVideoX, HunyuanVideo 1.5 or LTX-2): they run with ``COMFYUI=../shared/comfyui-0.33``."""
     import pytest
 
     return pytest.mark.skipif(
@@ -34,13 +35,14 @@ def model_call(patcher, x, *args, sigma=0.5, cond_or_uncond=(0,), grad=False, **
     """One call of the diffusion model as ComfyUI's sampler makes it: the patcher's transformer options
     with its wrappers merged in (``sampler_helpers.prepare_model_patcher``), the chunks and the sigma;
     ``grad``: with autograd on (a test of learning also sets ``model_management.in_training``, as ComfyUI's
-    trainer does through the forward and backward passes)."""
+    trainer does through the forward and backward passes). ``x``: the latent, or a list of them (LTX-2's
+    ``[video, audio]``)."""
     comfy = import_comfy()
     ext = comfy.patcher_extension
     options = ext.copy_nested_dicts(patcher.model_options["transformer_options"])
     ext.merge_nested_dicts(options.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
     options["cond_or_uncond"] = list(cond_or_uncond)
-    options["sigmas"] = torch.full((x.shape[0],), float(sigma))
+    options["sigmas"] = torch.full(((x[0] if isinstance(x, list) else x).shape[0],), float(sigma))
     with torch.set_grad_enabled(grad):
         return patcher.model.diffusion_model(x, *args, transformer_options=options, **kwargs)
 

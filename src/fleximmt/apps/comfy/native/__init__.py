@@ -1,11 +1,12 @@
 """FlexiMMT native on ComfyUI's own models: the *FlexiMMT Apply* node.
 
 It takes a MODEL from ComfyUI's loaders - with whatever LoRAs, GGUF or fp8 weights were loaded there
-- finds its family (Wan 2.1 / 2.2, CogVideoX, HunyuanVideo 1.5) and returns a clone that any sampler
+- finds its family (Wan 2.1 / 2.2, CogVideoX, HunyuanVideo 1.5, LTX-2) and returns a clone that any sampler
 runs with FlexiMMT, through ComfyUI's patch points only, never by editing its files. What is the same
 for every family (the run, its rows and steps, the masks' schedule) is ``patch.py``; what differs (which
 attention calls host the motion tokens, how they are projected, where RMPM's features are read, where
-the motion words sit in the text) is one module per family: ``wan.py``, ``cogvideox.py``, ``hunyuan15.py``.
+the motion words sit in the text) is one module per family: ``wan.py``, ``cogvideox.py``, ``hunyuan15.py``,
+``ltx2.py``.
 
 A motion learned by fleximmt on diffusers' model of a family works here unchanged: motion tokens are
 per block, whatever the weights' key names.
@@ -22,10 +23,11 @@ from ..common import CATEGORY, OBJECTS, mask_kernel_input, mask_source_input, rm
 from .cogvideox import CogVideoX
 from .family import Family, clip_tokens
 from .hunyuan15 import HunyuanVideo15
+from .ltx2 import LTX2
 from .patch import KEY, NativePatch
 from .wan import Wan
 
-FAMILIES: tuple[type[Family], ...] = (Wan, CogVideoX, HunyuanVideo15)
+FAMILIES: tuple[type[Family], ...] = (Wan, CogVideoX, HunyuanVideo15, LTX2)
 EXPERTS = ("auto", "1 (high noise)", "2 (low noise)")
 
 
@@ -130,19 +132,19 @@ class ApplyFlexiMMT(io.ComfyNode):
             node_id="FlexiMMTApply",  # the class id of the first, Wan-only node: saved workflows keep loading
             display_name="FlexiMMT Apply",
             category=CATEGORY,
-            description="FlexiMMT on ComfyUI's own Wan 2.1 / 2.2, CogVideoX and HunyuanVideo 1.5 models: motion "
+            description="FlexiMMT on ComfyUI's own Wan 2.1 / 2.2, CogVideoX, HunyuanVideo 1.5 and LTX-2 models: motion "
             "tokens and MDMA in their attention, RMPM masks from their own features, for any sampler. The model "
             "may come with LoRAs or fp8 weights as loaded; GGUF models (ComfyUI-GGUF) are untested.",
             inputs=[
                 io.Model.Input(
                     "model",
-                    tooltip="A Wan 2.1 / 2.2, CogVideoX or HunyuanVideo 1.5 image-to-video model from ComfyUI's "
+                    tooltip="A Wan 2.1 / 2.2, CogVideoX, HunyuanVideo 1.5 or LTX-2 image-to-video model from ComfyUI's "
                     "loaders (LoRAs already applied).",
                 ),
                 io.Clip.Input(
                     "clip",
                     tooltip="The model's text encoder (umT5 for Wan, T5 for CogVideoX, Qwen2.5 for HunyuanVideo "
-                    "1.5): its tokenizer finds each object's motion words.",
+                    "1.5, Gemma 3 for LTX-2): its tokenizer finds each object's motion words.",
                 ),
                 io.String.Input(
                     "prompt",

@@ -102,6 +102,11 @@ class Family:
         """The attention calls of block ``index``, in the order it makes them."""
         raise NotImplementedError
 
+    def block_kinds(self, model, index: int, args: dict) -> tuple[str, ...]:
+        """The attention calls block ``index`` makes in this call, ``args`` its ``double_block`` replacement's
+        arguments (a family whose blocks skip calls by the call's options reads them here)."""
+        return self.call_kinds(model, index)
+
     def attend(self, run: Run, index: int, kind: str, base: Callable, *args, **kwargs):
         """Compute one attention call of block ``index`` (``base``: ComfyUI's attention function)."""
         raise NotImplementedError
@@ -132,6 +137,54 @@ class Family:
         tokenizer = inner_tokenizer(clip)
         encode = lambda phrase: phrase_ids(tokenizer, phrase)
         return (lambda phrases: find_token_spans(ids, phrases, encode, prompt, len(ids))), len(ids)
+
+
+class CrossFamily(Family):
+    """A family whose video queries read the text in a cross-attention of their own, where motion tokens
+    join the text as extra keys and values (``attention.FORMS`` "cross"), projected by that attention's
+    own text path (so LoRA, fp8 and GGUF weights apply to them as to the text)."""
+
+    def attend(self, run: Run, index: int, kind: str, base: Callable, *args, **kwargs):
+        """The self-attention as ComfyUI computes it, lending RMPM its output (:meth:`self_features`); the
+        text call as MDMA; every other call ComfyUI's own."""
+        if kind == "self":
+            out = base(*args, **kwargs)
+            run.observe(index, lambda rows: self.self_features(run, index, out.index_select(0, rows)))
+            return out
+        if kind != "text":
+            return base(*args, **kwargs)
+        return self.text_attention(run, index, base, *args, **kwargs)
+
+    def self_features(self, run: Run, index: int, out: torch.Tensor) -> torch.Tensor:
+        """RMPM's features from block ``index``'s self-attention output ``[rows, N_v, H x d]`` (before the
+        output projection): the library's processors read it after the projection, before the block's gate."""
+        raise NotImplementedError
+
+    def text_path(self, run: Run, index: int) -> tuple[Callable, Callable]:
+        """The text's key path (projection and key norm, no RoPE) and value projection in block ``index``'s
+        cross-attention, each from ``[1, n, dim]`` tokens to ``[1, n, H x d]``."""
+        raise NotImplementedError
+
+    def text_attention(self, run: Run, index: int, base: Callable, q, k, v, heads: int, *args, **kwargs):
+        """MDMA cross-attention of the video queries ``q [B, N, H x d]`` over the block's text keys and the
+        motion tokens; its unmasked groups computed by ComfyUI's own attention function ``base``."""
+        if args or kwargs.get("mask") is not None:
+            raise FlexiMMTInputError(
+                f"FlexiMMT Apply: the {self.name} text attention got a mask of its own; FlexiMMT's MDMA "
+                "is the mask - remove the other patch that adds one"
+            )
+        kwargs.pop("mask", None)
+        key_path, value_path = self.text_path(run, index)
+        to_heads = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)
+        kw = dict(kwargs, heads=heads, skip_reshape=True, skip_output_reshape=True)
+        group = lambda qg, kg, vg, mask=None: base(qg, kg, vg, mask=additive(mask, qg.dtype), **kw)
+
+        def project(tokens, kind: str):
+            tokens = tokens.to(device=q.device, dtype=q.dtype)[None]
+            return to_heads(key_path(tokens) if kind == "k" else value_path(tokens))
+
+        out = run.state.cross_attention(index, 0, to_heads(q), to_heads(k), to_heads(v), project, group, run.texts)
+        return out.transpose(1, 2).flatten(2).to(q.dtype)
 
 
 class JointFamily(Family):

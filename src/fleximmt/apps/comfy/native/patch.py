@@ -85,6 +85,7 @@ class Call:
     x: torch.Tensor
     prompt_len: int  # the prompt's tokens in this call's text (each row's prompt part)
     texts: list[TextKeys]  # each row's text keys: where the prompt's tokens sit, where padding starts
+    features: bool = True  # whether RMPM reads this call's conditional rows (not in a guidance pass of its own)
 
 
 @dataclass
@@ -184,6 +185,8 @@ class NativePatch:
             run.steps += 1
         run.sigma, run.texts = sigma, call.texts
         self.assign_rows(run, chunks, call.x.shape[0], call.x.device)
+        if not call.features:
+            run.state.rows.feature_rows, run.feature_index = None, None
         options[KEY] = run
         if not self.family.block_hook:  # the blocks make their calls in order, one forward at a time
             options[CALLS_KEY] = Calls([c for i in range(len(self.family.blocks(model))) for c in self.kinds(model, i)])
@@ -196,7 +199,7 @@ class NativePatch:
             run = options.get(KEY)
             previous = self.previous_blocks.get(index)
             if run is not None:
-                calls = Calls(self.kinds(run.model, index))
+                calls = Calls([(index, kind) for kind in self.family.block_kinds(run.model, index, args)])
                 args = {**args, "transformer_options": {**options, CALLS_KEY: calls}}
             return previous(args, extra) if previous is not None else extra["original_block"](args)
 

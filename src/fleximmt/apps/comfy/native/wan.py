@@ -13,11 +13,11 @@ patched with expert 1, the low-noise model with expert 2.
 from __future__ import annotations
 
 from ....errors import FlexiMMTInputError
-from .family import Family
-from .patch import Call, Run, additive
+from .family import CrossFamily
+from .patch import Call, Run
 
 
-class Wan(Family):
+class Wan(CrossFamily):
     name = "Wan 2.1 / 2.2"
     family = "wan"
     module, model_class = "comfy.ldm.wan.model", "WanModel"
@@ -44,32 +44,9 @@ class Wan(Family):
         cross = model.blocks[index].cross_attn
         return ("self", "image", "text") if hasattr(cross, "k_img") else ("self", "text")
 
-    def attend(self, run: Run, index: int, kind: str, base, *args, **kwargs):
-        if kind == "self":
-            out = base(*args, **kwargs)
-            # RMPM's features: attn1's output after `o`, before the gate
-            run.observe(index, lambda rows: run.model.blocks[index].self_attn.o(out.index_select(0, rows)))
-            return out
-        if kind != "text":
-            return base(*args, **kwargs)
-        return self.text_attention(run, index, base, *args, **kwargs)
+    def self_features(self, run: Run, index: int, out):
+        return run.model.blocks[index].self_attn.o(out)  # after `o`, before the gate
 
-    def text_attention(self, run: Run, index: int, base, q, k, v, *args, heads: int, **kwargs):
-        """MDMA cross-attention of the video queries over the block's text keys and the motion tokens."""
-        if args or kwargs.get("mask") is not None:
-            raise FlexiMMTInputError(
-                "FlexiMMT Apply: the Wan text attention got a mask of its own; FlexiMMT's MDMA "
-                "is the mask - remove the other patch that adds one"
-            )
+    def text_path(self, run: Run, index: int):
         attn = run.model.blocks[index].cross_attn
-        to_heads = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)
-        kw = dict(kwargs, heads=heads, skip_reshape=True, skip_output_reshape=True)
-        group = lambda qg, kg, vg, mask=None: base(qg, kg, vg, mask=additive(mask, qg.dtype), **kw)
-
-        def project(tokens, kind: str):
-            tokens = tokens.to(device=q.device, dtype=q.dtype)[None]
-            x = attn.norm_k(attn.k(tokens)) if kind == "k" else attn.v(tokens)
-            return to_heads(x)
-
-        out = run.state.cross_attention(index, 0, to_heads(q), to_heads(k), to_heads(v), project, group, run.texts)
-        return out.transpose(1, 2).flatten(2).to(q.dtype)
+        return (lambda tokens: attn.norm_k(attn.k(tokens))), attn.v

@@ -1,0 +1,201 @@
+"""LTX-2 as the native patch sees ComfyUI 0.33's ``LTXAVModel`` (``comfy/ldm/lightricks/av_model.py``), mapped as
+fleximmt's adapter maps diffusers' (docs/method.md#ltx-2).
+
+Each audio-video block makes its attention calls in one order, each only when the call's options run it:
+the video self-attention ``attn1`` (run as ComfyUI runs it; it lends RMPM its output after ``to_out``,
+before the block's gate), the video text attention ``attn2``, which becomes MDMA over ``[text | motion
+tokens]`` (the motion tokens through that block's own ``to_k``, ``k_norm`` over the whole inner width,
+and ``to_v``), then the audio stream's self and text attentions and the two audio-video
+cross-attentions. The audio stream is left untouched, as the library's adapter leaves it: its calls and
+both audio-video cross-attentions are ComfyUI's own, so the audio hears the objects' motion only through
+the video it attends to. A spatio-temporal guidance pass (``stg_self_attn_blocks``: those blocks'
+``attn1`` makes no call) and a modality guidance pass (audio-video attention severed) run with the
+objects and lend RMPM no features, as the library's extra guidance forwards do. Each block is named by
+a ``double_block`` replacement.
+
+ComfyUI's LTX-2 text is the Gemma tokens without their padding (its encoder crops the left padding),
+then the connector's learnable registers up to 1,024 tokens, every key open: a motion word's key is its
+index in ``[<bos> | prompt]``, found by its characters in the prompt (Gemma's sentencepiece keeps a
+word's leading space inside its piece, so " jumps" mid-sentence is not "jumps" alone).
+"""
+
+from __future__ import annotations
+
+import bisect
+import importlib
+
+import torch
+
+from ....errors import FlexiMMTInputError
+from ....method.adapter import TokenGrid
+from ....method.prompt import find_word_spans
+from ....method.tokens import TextKeys
+from .family import CrossFamily, clip_tokens, inner_tokenizer
+from .patch import Call, Run
+
+GEMMA = "gemma3_12b"  # the Gemma tokenizer's key in ComfyUI's LTX-2 tokens
+CONNECTOR_LENGTH = 1024  # ComfyUI's text connector fills the text with registers up to this many tokens
+VIDEO_CALLS, AUDIO_CALLS = ("self", "text"), ("audio_self", "audio_text")
+
+
+class PieceOffsets:
+    """A sentencepiece model (ComfyUI's ``SPieceTokenizer`` for Gemma) tokenising as the text reaches LTX-2's
+    blocks - ``<bos>``, the prompt's pieces, then padding where the registers are - with each piece's
+    characters, in the form ``prompt.find_word_spans`` reads from a "fast" tokenizer."""
+
+    is_fast = True
+
+    def __init__(self, processor, bos: int) -> None:
+        self.processor, self.bos = processor, bos
+
+    def ids(self, text: str) -> list[int]:
+        return [self.bos, *self.processor.encode(text, add_bos=False, add_eos=False)]
+
+    def offsets(self, text: str, ids: list[int]) -> list[tuple[int, int]] | None:
+        """Each piece's (start, end) characters in ``text``; None where the pieces do not spell ``text``
+        byte for byte (a normalising model)."""
+        processor = self.processor
+        starts = [0]
+        for char in text:
+            starts.append(starts[-1] + len(char.encode()))
+        spans, at, spelled = [], 0, b""
+        for i in ids:
+            piece = processor.id_to_piece(i)
+            raw = bytes([int(piece[3:5], 16)]) if processor.is_byte(i) else piece.replace("\u2581", " ").encode()
+            begin, at, spelled = at, at + len(raw), spelled + raw
+            spans.append((bisect.bisect_right(starts, begin) - 1, bisect.bisect_left(starts, at)))
+        return spans if spelled == text.encode() else None
+
+    def __call__(self, text: str, max_length: int | None = None, padding=None, truncation=False, **_) -> dict:
+        ids = self.ids(text)
+        offsets = [(0, 0), *(self.offsets(text, ids[1:]) or [])]
+        special = [1] + [0] * (len(ids) - 1)
+        if padding == "max_length" and max_length is not None:
+            pad = max(0, max_length - len(ids))
+            ids, offsets, special = ids + [0] * pad, offsets + [(0, 0)] * pad, special + [1] * pad
+        if truncation and max_length is not None:
+            ids, offsets, special = ids[:max_length], offsets[:max_length], special[:max_length]
+        return {"input_ids": ids, "offset_mapping": offsets, "special_tokens_mask": special}
+
+
+class LTX2(CrossFamily):
+    name = "LTX-2"
+    family = "ltx2"
+    module, model_class = "comfy.ldm.lightricks.av_model", "LTXAVModel"
+    clip_name = "Gemma 3"
+    tokens_key = GEMMA
+    registers: int | None = 128  # ComfyUI's connector default; read from the model in check
+
+    @classmethod
+    def matches(cls, diffusion_model) -> bool:
+        """Every LTX model of ComfyUI's (LTX-Video too): :meth:`check` names the variants FlexiMMT does not run."""
+        try:
+            lightricks = importlib.import_module("comfy.ldm.lightricks.model")
+        except ImportError:
+            return False
+        return isinstance(diffusion_model, lightricks.LTXBaseModel)
+
+    def check(self, model) -> None:
+        if not super().matches(model):
+            raise FlexiMMTInputError(
+                f"this is an LTX-Video model ({type(model).__name__}, video only): FlexiMMT Apply patches LTX-2 "
+                "(audio-video, LTXAVModel); load LTX-2 weights with Load Diffusion Model"
+            )
+        if model.apply_gated_attention or model.cross_attention_adaln:
+            raise FlexiMMTInputError(
+                "this is an LTX-2.3 model (gated attention, modulated text): FlexiMMT Apply patches LTX-2.0 "
+                "natively so far, whose self-attention output RMPM reads as ComfyUI computes it; use LTX-2.0 "
+                "weights here, or the FlexiMMT Load model and Transfer nodes for LTX-2.3"
+            )
+        connector = getattr(model, "video_embeddings_connector", None)
+        self.registers = getattr(connector, "num_learnable_registers", None) or None
+
+    def blocks(self, model):
+        return model.transformer_blocks
+
+    def motion_shape(self, model) -> tuple[int, int]:
+        return len(model.transformer_blocks), model.cross_attention_dim
+
+    def patch_size(self, model) -> tuple[int, int, int]:
+        return tuple(model.patchifier.patch_size)
+
+    def grid(self, model, x: torch.Tensor) -> TokenGrid:
+        grid = super().grid(model, x)
+        return TokenGrid(
+            grid.frames, grid.height, grid.width, grid.latent_frames, grid.patch_frames, model.vae_scale_factors[0]
+        )
+
+    def read_call(self, model, arguments: dict) -> Call:
+        """The video latent of ``x`` (``[video, audio]`` or the video alone); a float mask is ComfyUI's additive
+        one (0 open), an integer mask 1 where open."""
+        x, context, mask = arguments["x"], arguments["context"], arguments.get("attention_mask")
+        video = x[0] if isinstance(x, (list, tuple)) else x
+        extra = arguments.get("kwargs") or {}
+        keyframes = arguments.get("keyframe_idxs")
+        if (keyframes is not None and keyframes.shape[2] > 0) or extra.get("guide_attention_entries"):
+            raise FlexiMMTInputError(
+                "FlexiMMT Apply: this graph appends guide or keyframe tokens to the LTX-2 video (LTXV Add Guide, "
+                "keyframes, IC-LoRA references), which FlexiMMT's masks do not cover; remove that conditioning or "
+                "the FlexiMMT patch"
+            )
+        if mask is not None and bool((mask != 0 if torch.is_floating_point(mask) else mask == 0).any()):
+            raise FlexiMMTInputError(
+                "FlexiMMT Apply: the LTX-2 text's attention mask closes text keys; FlexiMMT attends every text key, "
+                "as ComfyUI's LTX-2 text connector leaves them (its registers in the padding's place)"
+            )
+        options = arguments.get("transformer_options") or {}
+        guidance = bool(options.get("stg_self_attn_blocks")) or not (
+            options.get("a2v_cross_attn", True) and options.get("v2a_cross_attn", True)
+        )
+        return Call(video, context.shape[1], [TextKeys()] * video.shape[0], features=not guidance)
+
+    def call_kinds(self, model, index: int) -> tuple[str, ...]:
+        return (*VIDEO_CALLS, *AUDIO_CALLS, "a2v", "v2a")
+
+    def block_kinds(self, model, index: int, args: dict) -> tuple[str, ...]:
+        """The calls a block makes under its options: a stream runs when its ``run_vx``/``run_ax`` is on (the
+        audio only with audio tokens), the self-attention of an STG-perturbed block makes none, the audio-video
+        attentions run unless severed."""
+        options = args["transformer_options"]
+        audio = args["img"][1].numel() > 0
+        video_on, audio_on = options.get("run_vx", True), options.get("run_ax", True) and audio
+        kinds = []
+        if video_on:
+            kinds += VIDEO_CALLS[options.get("stg_skip_self_attn", False) :]
+        if audio_on:
+            kinds += AUDIO_CALLS
+        if video_on and audio and options.get("a2v_cross_attn", True):
+            kinds.append("a2v")
+        if audio_on and options.get("v2a_cross_attn", True):
+            kinds.append("v2a")
+        return tuple(kinds)
+
+    def self_features(self, run: Run, index: int, out):
+        return run.model.transformer_blocks[index].attn1.to_out(out)  # after to_out, before the block's gate
+
+    def text_path(self, run: Run, index: int):
+        attn = run.model.transformer_blocks[index].attn2
+        return (lambda tokens: attn.k_norm(attn.to_k(tokens))), attn.to_v
+
+    def text_length(self, tokens: int) -> int:
+        """The text keys the blocks read for a prompt of ``tokens`` Gemma tokens: the connector's registers
+        fill it up to 1,024, or to the next whole number of registers past that."""
+        if not self.registers:
+            return tokens
+        return -(-max(CONNECTOR_LENGTH, tokens) // self.registers) * self.registers
+
+    def span_finder(self, clip, prompt: str):
+        """The motion words among ``[<bos> | prompt]``, as ComfyUI's encoder gives them to the model (left
+        padding cropped), found by their characters."""
+        ids = clip_tokens(clip, prompt, GEMMA)
+        tokenizer = inner_tokenizer(clip)
+        pad = tokenizer.pad_token
+        valid = ids[next((i for i, t in enumerate(ids) if t != pad), len(ids)) :]
+        pieces = PieceOffsets(tokenizer.tokenizer.tokenizer, tokenizer.start_token)
+        if pieces.ids(prompt) != valid or pieces.offsets(prompt, valid[1:]) is None:
+            raise FlexiMMTInputError(
+                "FlexiMMT Apply: ComfyUI's Gemma tokenizer parsed this prompt into other tokens than its text has "
+                "(a special token or an embedding in the prompt?): write the prompt as plain text"
+            )
+        length = self.text_length(len(valid))
+        return (lambda phrases: find_word_spans(pieces, prompt, phrases, length)), length

@@ -1,0 +1,185 @@
+"""ComfyUI 0.33's side of the native LTX-2 tests: tiny LTX-2 audio-video transformers in ComfyUI's weight format
+(``comfy/ldm/lightricks/av_model.py``'s key names, the original checkpoint's) made from diffusers'
+``LTX2VideoTransformer3DModel``, their sizes in the file's metadata as ComfyUI's loader reads them, and
+ComfyUI's own LTX-2 Gemma tokenizer on fleximmt's tiny Gemma-style sentencepiece model.
+
+ComfyUI reads the audio latents as 8 channels x 16 frequency bins (fixed), so the tiny transformers take 128
+audio channels. ComfyUI 0.33 and diffusers 0.42.1 compute one thing differently: the video-to-audio
+attention reads the video normalised *after* the block's audio-to-video update in ComfyUI, *before* it in
+diffusers. The tiny transformers here close the audio-to-video gate (its modulation table row and
+embedding zero), so that both read the same video and the two models agree (the video stream takes no
+audio then; the audio stream still reads the video).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from comfy_wan import import_comfy
+
+SHAPE = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    cross_attention_dim=16,
+    audio_in_channels=128,
+    audio_out_channels=128,
+    audio_num_attention_heads=2,
+    audio_attention_head_dim=4,
+    audio_cross_attention_dim=8,
+    num_layers=3,  # RMPM reads blocks 0 and 1: a guidance pass perturbing block 0 changes block 1's features
+    caption_channels=16,
+    rope_double_precision=False,
+    rope_type="split",
+    perturbed_attn=True,  # spatio-temporal guidance as ComfyUI runs it on every LTX-2 (no weights of its own)
+)
+# ComfyUI's LTXAVModel arguments for SHAPE (the loader takes them from the file's metadata): diffusers'
+# causal first frame, patch midpoints and cross-attention timestep scale
+CONFIG = dict(
+    in_channels=SHAPE["in_channels"],
+    audio_in_channels=SHAPE["audio_in_channels"],
+    num_attention_heads=SHAPE["num_attention_heads"],
+    attention_head_dim=SHAPE["attention_head_dim"],
+    cross_attention_dim=SHAPE["cross_attention_dim"],
+    audio_num_attention_heads=SHAPE["audio_num_attention_heads"],
+    audio_attention_head_dim=SHAPE["audio_attention_head_dim"],
+    audio_cross_attention_dim=SHAPE["audio_cross_attention_dim"],
+    caption_channels=SHAPE["caption_channels"],
+    rope_type="split",
+    causal_temporal_positioning=True,
+    use_middle_indices_grid=True,
+    av_ca_timestep_scale_multiplier=1000.0,
+    connector_attention_head_dim=8,
+    connector_num_attention_heads=2,
+    connector_num_layers=1,
+)
+PREFIXES = {  # diffusers' top-level modules -> the original checkpoint's
+    "proj_in.": "patchify_proj.",
+    "audio_proj_in.": "audio_patchify_proj.",
+    "time_embed.": "adaln_single.",
+    "audio_time_embed.": "audio_adaln_single.",
+    "av_cross_attn_video_scale_shift.": "av_ca_video_scale_shift_adaln_single.",
+    "av_cross_attn_video_a2v_gate.": "av_ca_a2v_gate_adaln_single.",
+    "av_cross_attn_audio_scale_shift.": "av_ca_audio_scale_shift_adaln_single.",
+    "av_cross_attn_audio_v2a_gate.": "av_ca_v2a_gate_adaln_single.",
+}
+INFIXES = {
+    ".video_a2v_cross_attn_scale_shift_table": ".scale_shift_table_a2v_ca_video",
+    ".audio_a2v_cross_attn_scale_shift_table": ".scale_shift_table_a2v_ca_audio",
+    ".norm_q.": ".q_norm.",
+    ".norm_k.": ".k_norm.",
+}
+
+
+def tiny_transformer(seed: int = 0):
+    """A diffusers LTX-2 transformer of :data:`SHAPE` (seeded), every weight perturbed off its zero or one
+    initialisation (so every path counts), the audio-to-video gate closed (see the module's docstring)."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = LTX2VideoTransformer3DModel(**SHAPE).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in transformer.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+        close_audio_to_video(transformer)
+    return transformer
+
+
+def close_audio_to_video(transformer) -> None:
+    gate = transformer.av_cross_attn_video_a2v_gate.linear
+    gate.weight.zero_()
+    gate.bias.zero_()
+    for block in transformer.transformer_blocks:
+        block.video_a2v_cross_attn_scale_shift_table[4:].zero_()
+
+
+def comfy_name(key: str) -> str:
+    for old, new in PREFIXES.items():
+        if key.startswith(old):
+            key = new + key[len(old) :]
+    for old, new in INFIXES.items():
+        key = key.replace(old, new)
+    return key
+
+
+def comfy_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """A diffusers ``LTX2VideoTransformer3DModel``'s weights under ComfyUI's (the original checkpoint's) key
+    names, checked by converting them back with diffusers' own converter (``from_single_file``'s) and against
+    the keys of ComfyUI's model (all but its text connectors, which run before the blocks)."""
+    from diffusers.loaders.single_file_utils import convert_ltx2_transformer_to_diffusers
+
+    theirs = transformer.state_dict()
+    ours = {comfy_name(key): value.clone() for key, value in theirs.items()}
+    back = convert_ltx2_transformer_to_diffusers({f"model.diffusion_model.{k}": v for k, v in ours.items()})
+    assert set(back) == set(theirs), sorted(set(back) ^ set(theirs))
+    assert all(torch.equal(back[k], theirs[k]) for k in theirs)
+    expected = {k for k in comfy_meta_model().state_dict() if "embeddings_connector." not in k}
+    assert set(ours) == expected, sorted(set(ours) ^ expected)
+    return ours
+
+
+def comfy_meta_model():
+    """ComfyUI's LTX-2 of :data:`CONFIG`, on the meta device (its key names)."""
+    import_comfy()
+    import comfy.ldm.lightricks.av_model as av
+    import comfy.ops
+
+    with torch.device("meta"):
+        return av.LTXAVModel(num_layers=SHAPE["num_layers"], operations=comfy.ops.disable_weight_init, **CONFIG)
+
+
+def comfy_model(transformer):
+    """ComfyUI's own loader (``UNETLoader``'s) on the transformer's weights in ComfyUI's format, its sizes in
+    the metadata as LTX-2 files carry them, float32."""
+    comfy = import_comfy()
+    patcher = comfy.sd.load_diffusion_model_state_dict(
+        comfy_state_dict(transformer),
+        model_options={"dtype": torch.float32},
+        metadata={"config": json.dumps({"transformer": CONFIG})},
+    )
+    assert type(patcher.model).__name__ == "LTXAV", type(patcher.model)
+    return patcher
+
+
+def comfy_shaped_components(seed: int = 0) -> dict:
+    """fleximmt's tiny LTX-2 pipeline components around a transformer of ComfyUI's shape (:func:`tiny_transformer`)
+    and an audio VAE whose latents pack to its 128 audio channels (8 channels x 16 latent mel bins)."""
+    from diffusers import AutoencoderKLLTX2Audio
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    from fleximmt.toy.tiny_ltx2 import tiny_ltx2_components
+
+    components = tiny_ltx2_components(seed)
+    components["transformer"] = tiny_transformer(seed)
+    old = components["audio_vae"]
+    bins = 16 * old.mel_compression_ratio  # the VAE's mel bins for 16 latent bins
+    torch.manual_seed(seed)
+    audio_vae = AutoencoderKLLTX2Audio.from_config({**old.config, "latent_channels": 8, "mel_bins": bins}).eval()
+    components["audio_vae"] = audio_vae
+    vocoder = components["vocoder"].config
+    channels = old.config.output_channels * bins
+    components["vocoder"] = LTX2Vocoder.from_config({**vocoder, "in_channels": channels}).eval()
+    return components
+
+
+class GemmaClip:
+    """The tokenizing half of a ComfyUI ``CLIP`` for LTX-2: ComfyUI's own ``LTXAVGemmaTokenizer`` (Gemma's
+    settings: ``<bos>`` added, left padding to 1,024 tokens, pad 0) on fleximmt's tiny Gemma-style
+    sentencepiece model (the real one ships inside checkpoints only); ``tokenize`` as ``CLIP.tokenize``."""
+
+    def __init__(self) -> None:
+        import_comfy()
+        from comfy.text_encoders.lt import LTXAVGemmaTokenizer
+
+        from fleximmt.toy.tiny_ltx2 import gemma_sentencepiece
+
+        self.tokenizer = LTXAVGemmaTokenizer(tokenizer_data={"spiece_model": gemma_sentencepiece()})
+
+    def tokenize(self, text: str, return_word_ids: bool = False, **kwargs):
+        return self.tokenizer.tokenize_with_weights(text, return_word_ids, **kwargs)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.gemma3_12b.tokenizer.tokenizer.decode(list(ids))
