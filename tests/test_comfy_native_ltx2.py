@@ -138,7 +138,8 @@ def test_comfy_loads_the_tiny_ltx2_as_its_own_model_and_equals_diffusers(transfo
 def test_motion_words_are_found_as_comfyuis_gemma_tokenizer_gives_them(transformer, patcher, clip):
     """ComfyUI's own Gemma tokenizer (``<bos>``, left padding to 1,024) on the tiny Gemma-style sentencepiece
     model: the words' keys are their indices after the padding ComfyUI's encoder crops; punctuation and
-    quotes around them, each occurrence its own."""
+    quotes around them, each occurrence its own; a prompt past 1,024 tokens (the registers then fill the
+    text up to their next whole number, as ComfyUI's own connector shows)."""
     from fleximmt.apps.comfy.native import apply_fleximmt
     from fleximmt.apps.comfy.native.ltx2 import GEMMA
 
@@ -147,12 +148,19 @@ def test_motion_words_are_found_as_comfyuis_gemma_tokenizer_gives_them(transform
         ("The cat (jumps), while the dog runs quickly!", ["jumps", "runs quickly"]),
         ('A ball jumps up. A sign reads "jumps up".', ["jumps up", "jumps up"]),
     ]
+    long = " ".join(["A dog walks on the snow, a cat runs right."] * 110) + " " + PROMPT  # past 1,024 tokens
+    cases.append((long, WORDS))
+    connector = patcher.model.diffusion_model.video_embeddings_connector
     for prompt, words in cases:
         patch = patch_of(apply_fleximmt(patcher, clip, prompt, make_objects(transformer, 2, words=words)))
         ids = [t[0] for t in clip.tokenize(prompt)[GEMMA][0]]
-        assert len(ids) == TEXT_LEN and ids[0] == 0  # left padded
+        assert len(ids) >= TEXT_LEN and (ids[0] == 0 or prompt is long)  # left padded to 1,024
         model_ids = ids[ids.index(2) :]  # what the encoder keeps: <bos>, then the prompt
-        assert patch.prompt_len == TEXT_LEN and clip.decode(model_ids[1:]) == prompt
+        # the text length is what ComfyUI's own connector makes of those tokens (registers after them)
+        text = connector(torch.zeros(1, len(model_ids), SHAPE["caption_channels"]))[0]
+        assert patch.prompt_len == text.shape[1]
+        assert (patch.prompt_len > TEXT_LEN) if prompt is long else (patch.prompt_len == TEXT_LEN)
+        assert clip.decode(model_ids[1:]) == prompt
         assert [clip.decode([model_ids[i] for i in span]).strip() for span in patch.spans] == words
         assert len({tuple(span) for span in patch.spans}) == 2
 
