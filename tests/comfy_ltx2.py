@@ -1,4 +1,4 @@
-"""ComfyUI 0.33's side of the native LTX-2 tests: tiny LTX-2 audio-video transformers in ComfyUI's weight format
+"""ComfyUI 0.33's side of the native LTX-2 tests: tiny LTX-2.0 and LTX-2.3 audio-video transformers in ComfyUI's weight format
 (``comfy/ldm/lightricks/av_model.py``'s key names, the original checkpoint's) made from diffusers'
 ``LTX2VideoTransformer3DModel``, their sizes in the file's metadata as ComfyUI's loader reads them, and
 ComfyUI's own LTX-2 Gemma tokenizer on fleximmt's tiny Gemma-style sentencepiece model.
@@ -55,6 +55,16 @@ CONFIG = dict(
     connector_num_attention_heads=2,
     connector_num_layers=1,
 )
+# LTX-2.3 beside LTX-2.0: per-head gates on every attention, the text modulated by the noise level in the blocks
+# (cross_attn_mod), no caption projection in the transformer (the connectors project the text, each stream to
+# its width); diffusers' arguments, then ComfyUI's
+VARIANTS = {
+    "LTX-2": ({}, {}),
+    "LTX-2.3": (
+        dict(gated_attn=True, cross_attn_mod=True, audio_gated_attn=True, audio_cross_attn_mod=True, use_prompt_embeddings=False),
+        dict(apply_gated_attention=True, cross_attention_adaln=True, caption_proj_before_connector=True, caption_projection_first_linear=False),
+    ),
+}  # fmt: skip
 PREFIXES = {  # diffusers' top-level modules -> the original checkpoint's
     "proj_in.": "patchify_proj.",
     "audio_proj_in.": "audio_patchify_proj.",
@@ -64,6 +74,8 @@ PREFIXES = {  # diffusers' top-level modules -> the original checkpoint's
     "av_cross_attn_video_a2v_gate.": "av_ca_a2v_gate_adaln_single.",
     "av_cross_attn_audio_scale_shift.": "av_ca_audio_scale_shift_adaln_single.",
     "av_cross_attn_audio_v2a_gate.": "av_ca_v2a_gate_adaln_single.",
+    "prompt_adaln.": "prompt_adaln_single.",
+    "audio_prompt_adaln.": "audio_prompt_adaln_single.",
 }
 INFIXES = {
     ".video_a2v_cross_attn_scale_shift_table": ".scale_shift_table_a2v_ca_video",
@@ -73,13 +85,14 @@ INFIXES = {
 }
 
 
-def tiny_transformer(seed: int = 0):
-    """A diffusers LTX-2 transformer of :data:`SHAPE` (seeded), every weight perturbed off its zero or one
-    initialisation (so every path counts), the audio-to-video gate closed (see the module's docstring)."""
+def tiny_transformer(seed: int = 0, variant: str = "LTX-2"):
+    """A diffusers LTX-2 transformer of :data:`SHAPE` and the ``variant``'s settings (seeded), every weight perturbed
+    off its zero or one initialisation (so every path counts), the audio-to-video gate closed (see the module's
+    docstring)."""
     from diffusers import LTX2VideoTransformer3DModel
 
     torch.manual_seed(seed)
-    transformer = LTX2VideoTransformer3DModel(**SHAPE).eval()
+    transformer = LTX2VideoTransformer3DModel(**SHAPE, **VARIANTS[variant][0]).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in transformer.parameters():
@@ -113,22 +126,32 @@ def comfy_state_dict(transformer) -> dict[str, torch.Tensor]:
 
     theirs = transformer.state_dict()
     ours = {comfy_name(key): value.clone() for key, value in theirs.items()}
+    # diffusers' converter is LTX-2.0's: LTX-2.3's prompt modulation (prompt_adaln) it leaves out; ComfyUI's keys check it
+    later = lambda key: key.startswith(("prompt_adaln", "audio_prompt_adaln"))
     back = convert_ltx2_transformer_to_diffusers({f"model.diffusion_model.{k}": v for k, v in ours.items()})
-    assert set(back) == set(theirs), sorted(set(back) ^ set(theirs))
-    assert all(torch.equal(back[k], theirs[k]) for k in theirs)
-    expected = {k for k in comfy_meta_model().state_dict() if "embeddings_connector." not in k}
+    back = {key: value for key, value in back.items() if not later(key)}
+    known = {key for key in theirs if not later(key)}
+    assert set(back) == known, sorted(set(back) ^ known)
+    assert all(torch.equal(back[k], theirs[k]) for k in known)
+    expected = {k for k in comfy_meta_model(transformer).state_dict() if "embeddings_connector." not in k}
     assert set(ours) == expected, sorted(set(ours) ^ expected)
     return ours
 
 
-def comfy_meta_model():
-    """ComfyUI's LTX-2 of :data:`CONFIG`, on the meta device (its key names)."""
+def comfy_config(transformer) -> dict:
+    """ComfyUI's LTXAVModel arguments for the transformer (:data:`CONFIG` and its variant's)."""
+    return {**CONFIG, **VARIANTS["LTX-2.3" if transformer.config.gated_attn else "LTX-2"][1]}
+
+
+def comfy_meta_model(transformer=None):
+    """ComfyUI's LTX-2 of the transformer's config (default :data:`CONFIG`), on the meta device (its key names)."""
     import_comfy()
     import comfy.ldm.lightricks.av_model as av
     import comfy.ops
 
+    config = CONFIG if transformer is None else comfy_config(transformer)
     with torch.device("meta"):
-        return av.LTXAVModel(num_layers=SHAPE["num_layers"], operations=comfy.ops.disable_weight_init, **CONFIG)
+        return av.LTXAVModel(num_layers=SHAPE["num_layers"], operations=comfy.ops.disable_weight_init, **config)
 
 
 def comfy_model(transformer):
@@ -138,7 +161,7 @@ def comfy_model(transformer):
     patcher = comfy.sd.load_diffusion_model_state_dict(
         comfy_state_dict(transformer),
         model_options={"dtype": torch.float32},
-        metadata={"config": json.dumps({"transformer": CONFIG})},
+        metadata={"config": json.dumps({"transformer": comfy_config(transformer)})},
     )
     assert type(patcher.model).__name__ == "LTXAV", type(patcher.model)
     return patcher

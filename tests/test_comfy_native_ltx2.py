@@ -1,5 +1,5 @@
-"""FlexiMMT native on ComfyUI 0.33's LTX-2 (``fleximmt.apps.comfy.native.ltx2``), at the model level: tiny LTX-2
-audio-video transformers made by diffusers, their weights saved under ComfyUI's key names and loaded by
+"""FlexiMMT native on ComfyUI 0.33's LTX-2 (``fleximmt.apps.comfy.native.ltx2``), at the model level: tiny LTX-2.0
+and LTX-2.3 audio-video transformers made by diffusers, their weights saved under ComfyUI's key names and loaded by
 ComfyUI's own loader. Without the patch ComfyUI's model equals diffusers' (comfy_ltx2's docstring says
 the one difference between them and how the tiny models sidestep it). One patched forward of ComfyUI's
 model equals fleximmt's own LTX-2 transformer call (diffusers' model with fleximmt's processors: motion
@@ -9,7 +9,7 @@ equals ComfyUI's unpatched model exactly. ComfyUI 0.33 only (0.3.64 has no LTX-2
 
 import pytest
 import torch
-from comfy_ltx2 import SHAPE, GemmaClip, comfy_meta_model, comfy_model, comfy_shaped_components, tiny_transformer
+from comfy_ltx2 import SHAPE, VARIANTS, GemmaClip, comfy_model, comfy_shaped_components, tiny_transformer
 from comfy_native import (
     box,
     check_across_weight_changes,
@@ -36,12 +36,11 @@ SIZE, FRAMES, LATENT, AUDIO = 32, 3, 4, 5  # mask pixels; latent frames, height 
 GRID = TokenGrid(FRAMES, LATENT, LATENT, FRAMES, 1, 8)
 TEXT_LEN = 1024  # the prompt's Gemma tokens, then the connector's registers up to 1,024 (ComfyUI's and diffusers')
 FPS = 24.0
-CAPTION = SHAPE["caption_channels"]
 
 
-@pytest.fixture(scope="module")
-def transformer():
-    transformer = tiny_transformer(0)
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def transformer(request):
+    transformer = tiny_transformer(0, request.param)
     LTX2Adapter(type("Pipe", (), {"transformer": transformer})()).install_processors()
     return transformer
 
@@ -65,14 +64,22 @@ def make_objects(transformer, count=2, scale=30.0, words=WORDS):
     )
 
 
-def inputs(batch=1, seed=0, sigma=0.6):
+def widths(transformer) -> tuple[int, int]:
+    """The video and audio text widths the transformer takes (LTX-2.3's connectors project them to its streams')."""
+    cfg = transformer.config
+    if cfg.use_prompt_embeddings:
+        return cfg.caption_channels, cfg.caption_channels
+    return cfg.cross_attention_dim, cfg.audio_cross_attention_dim
+
+
+def inputs(transformer, batch=1, seed=0, sigma=0.6):
     """ComfyUI's inputs: the video and audio latents, each video token's timestep (the image's first latent
     frame 0, as ComfyUI's image-to-video denoise mask makes it) and the audio's, and the text after the
     connectors (video features, then audio features)."""
     gen = torch.Generator().manual_seed(seed)
     video = torch.randn(batch, SHAPE["in_channels"], FRAMES, LATENT, LATENT, generator=gen)
     audio = torch.randn(batch, 8, AUDIO, 16, generator=gen)
-    context = torch.randn(batch, TEXT_LEN, 2 * CAPTION, generator=gen)
+    context = torch.randn(batch, TEXT_LEN, sum(widths(transformer)), generator=gen)
     clean = torch.zeros(batch, 1, FRAMES, LATENT, LATENT)
     clean[:, :, 0] = 1
     return video, audio, (sigma * (1 - clean)).flatten(1), torch.full((batch,), sigma), context
@@ -98,8 +105,8 @@ def library_forward(transformer, state, video, audio, video_t, audio_t, context,
             return transformer(
                 hidden_states=video.flatten(2).transpose(1, 2),
                 audio_hidden_states=audio.permute(0, 2, 1, 3).flatten(2),
-                encoder_hidden_states=context[..., :CAPTION],
-                audio_encoder_hidden_states=context[..., CAPTION:],
+                encoder_hidden_states=context[..., : widths(transformer)[0]],
+                audio_encoder_hidden_states=context[..., widths(transformer)[0] :],
                 timestep=video_t * 1000,
                 audio_timestep=audio_t * 1000,
                 sigma=audio_t * 1000,
@@ -129,7 +136,7 @@ def library(objects, spans, mask_source="static", concept_spans=None):
 def test_comfy_loads_the_tiny_ltx2_as_its_own_model_and_equals_diffusers(transformer, patcher):
     model = patcher.model.diffusion_model
     assert type(model).__name__ == "LTXAVModel" and len(model.transformer_blocks) == SHAPE["num_layers"]
-    video, audio, video_t, audio_t, context = inputs(batch=2)
+    video, audio, video_t, audio_t, context = inputs(transformer, batch=2)
     ours = comfy(patcher, video, audio, video_t, audio_t, context)
     theirs = library_forward(transformer, None, video, audio, video_t, audio_t, context)
     assert relative_error(ours[0], theirs[0]) < 1e-4 and relative_error(ours[1], theirs[1]) < 1e-4
@@ -175,7 +182,7 @@ def test_patched_forward_equals_fleximmt_ltx2_transformer(transformer, patcher, 
     patched = apply_fleximmt(patcher, clip, PROMPT, objects, mask_source=mask_source)
     patch = patch_of(patched)
     state, schedule = library(objects, patch.spans, mask_source)
-    video, audio, video_t, audio_t, context = inputs(batch=2)
+    video, audio, video_t, audio_t, context = inputs(transformer, batch=2)
     unpatched = comfy(patcher, video, audio, video_t, audio_t, context)
     for step, sigma in enumerate([0.5, 0.4]):
         if step:
@@ -213,7 +220,7 @@ def test_a_guidance_pass_runs_with_the_objects_and_lends_rmpm_nothing(transforme
     patched = apply_fleximmt(patcher, clip, PROMPT, objects, mask_source="rmpm")
     patch = patch_of(patched)
     state, schedule = library(objects, patch.spans, "rmpm")
-    video, audio, video_t, audio_t, context = inputs(batch=1, seed=8)
+    video, audio, video_t, audio_t, context = inputs(transformer, batch=1, seed=8)
     guided = patched.clone()
     guided.model_options["transformer_options"].update(options)
     first = comfy(patched, video, audio, video_t, audio_t, context, sigma=0.5)
@@ -236,7 +243,7 @@ def test_the_patch_keeps_working_when_comfyui_recreates_or_streams_the_weights(t
     objects = make_objects(transformer)
     patched = apply_fleximmt(patcher.clone(), clip, PROMPT, objects, mask_source="rmpm")
     state, schedule = library(objects, patch_of(patched).spans, "rmpm")
-    video, audio, video_t, audio_t, context = inputs(batch=2, seed=4)
+    video, audio, video_t, audio_t, context = inputs(transformer, batch=2, seed=4)
     check_across_weight_changes(
         patched,
         schedule,
@@ -247,11 +254,11 @@ def test_the_patch_keeps_working_when_comfyui_recreates_or_streams_the_weights(t
     )
 
 
-def test_without_objects_the_patch_is_comfyuis_model_exactly(patcher, clip):
+def test_without_objects_the_patch_is_comfyuis_model_exactly(transformer, patcher, clip):
     from fleximmt.apps.comfy.native import apply_fleximmt
 
     patched = apply_fleximmt(patcher, clip, PROMPT, None)
-    video, audio, video_t, audio_t, context = inputs(batch=2, seed=3)
+    video, audio, video_t, audio_t, context = inputs(transformer, batch=2, seed=3)
     for sigma in (0.9, 0.8):
         ours = comfy(patched, video, audio, video_t, audio_t, context, sigma=sigma, cond_or_uncond=(0, 1))
         theirs = comfy(patcher, video, audio, video_t, audio_t, context, sigma=sigma, cond_or_uncond=(0, 1))
@@ -274,7 +281,7 @@ def test_a_motion_learned_by_fleximmt_on_diffusers_ltx2_drives_comfyuis(clip, tm
     objects = (ObjectMotion(box(SIZE, 2, 16, 2, 16), motion, "jumps up"),)
     patcher = comfy_model(transformer)
     patched = apply_fleximmt(patcher, clip, PROMPT, objects, mask_source="static")
-    video, audio, video_t, audio_t, context = inputs(seed=5)
+    video, audio, video_t, audio_t, context = inputs(transformer, seed=5)
     state, _ = library(objects, patch_of(patched).spans)
     ours = comfy(patched, video, audio, video_t, audio_t, context)
     theirs = library_forward(transformer, state, video, audio, video_t, audio_t, context, [0], [0])
@@ -307,13 +314,9 @@ def test_bad_inputs_are_refused_by_name(transformer, patcher, clip):
         )  # fmt: skip
     with pytest.raises(FlexiMMTInputError, match=r"this is an LTX-Video model \(LTXVModel, video only\)"):
         family_of(holder(ltxv))
-    gated = comfy_meta_model()
-    gated.apply_gated_attention = True
-    with pytest.raises(FlexiMMTInputError, match=r"this is an LTX-2\.3 model"):
-        family_of(holder(gated))
 
     patched = apply_fleximmt(patcher, clip, PROMPT, objects)
-    video, audio, video_t, audio_t, context = inputs()
+    video, audio, video_t, audio_t, context = inputs(transformer)
     with pytest.raises(FlexiMMTInputError, match="guide or keyframe tokens"):
         comfy(patched, video, audio, video_t, audio_t, context, keyframe_idxs=torch.zeros(1, 3, 16, 2))
     with pytest.raises(FlexiMMTInputError, match=f"the conditional text has {TEXT_LEN + 3} tokens"):

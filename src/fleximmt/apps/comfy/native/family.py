@@ -10,6 +10,7 @@ what the library computes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
@@ -102,6 +103,11 @@ class Family:
         """The attention calls of block ``index``, in the order it makes them."""
         raise NotImplementedError
 
+    def block_context(self, run: Run, index: int):
+        """A context around block ``index``'s call (default: nothing), for a family that reads a module's
+        output rather than an attention call's."""
+        return contextlib.nullcontext()
+
     def block_kinds(self, model, index: int, args: dict) -> tuple[str, ...]:
         """The attention calls block ``index`` makes in this call, ``args`` its ``double_block`` replacement's
         arguments (a family whose blocks skip calls by the call's options reads them here)."""
@@ -143,22 +149,6 @@ class CrossFamily(Family):
     """A family whose video queries read the text in a cross-attention of their own, where motion tokens
     join the text as extra keys and values (``attention.FORMS`` "cross"), projected by that attention's
     own text path (so LoRA, fp8 and GGUF weights apply to them as to the text)."""
-
-    def attend(self, run: Run, index: int, kind: str, base: Callable, *args, **kwargs):
-        """The self-attention as ComfyUI computes it, lending RMPM its output (:meth:`self_features`); the
-        text call as MDMA; every other call ComfyUI's own."""
-        if kind == "self":
-            out = base(*args, **kwargs)
-            run.observe(index, lambda rows: self.self_features(run, index, out.index_select(0, rows)))
-            return out
-        if kind != "text":
-            return base(*args, **kwargs)
-        return self.text_attention(run, index, base, *args, **kwargs)
-
-    def self_features(self, run: Run, index: int, out: torch.Tensor) -> torch.Tensor:
-        """RMPM's features from block ``index``'s self-attention output ``[rows, N_v, H x d]`` (before the
-        output projection): the library's processors read it after the projection, before the block's gate."""
-        raise NotImplementedError
 
     def text_path(self, run: Run, index: int) -> tuple[Callable, Callable]:
         """The text's key path (projection and key norm, no RoPE) and value projection in block ``index``'s

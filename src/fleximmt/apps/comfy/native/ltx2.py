@@ -1,12 +1,13 @@
-"""LTX-2 as the native patch sees ComfyUI 0.33's ``LTXAVModel`` (``comfy/ldm/lightricks/av_model.py``), mapped as
-fleximmt's adapter maps diffusers' (docs/method.md#ltx-2).
+"""LTX-2 (2.0 and 2.3) as the native patch sees ComfyUI 0.33's ``LTXAVModel`` (``comfy/ldm/lightricks/av_model.py``),
+mapped as fleximmt's adapter maps diffusers' (docs/method.md#ltx-2).
 
 Each audio-video block makes its attention calls in one order, each only when the call's options run it:
-the video self-attention ``attn1`` (run as ComfyUI runs it; it lends RMPM its output after ``to_out``,
-before the block's gate), the video text attention ``attn2``, which becomes MDMA over ``[text | motion
-tokens]`` (the motion tokens through that block's own ``to_k``, ``k_norm`` over the whole inner width,
-and ``to_v``), then the audio stream's self and text attentions and the two audio-video
-cross-attentions. The audio stream is left untouched, as the library's adapter leaves it: its calls and
+the video self-attention ``attn1`` (run as ComfyUI runs it; the module lends RMPM its output, after
+``to_out`` and LTX-2.3's per-head gate, before the block's gate), the video text attention ``attn2``,
+which becomes MDMA over ``[text | motion tokens]`` (the motion tokens through that block's own ``to_k``,
+``k_norm`` over the whole inner width, and ``to_v``, unmodulated as in the library: LTX-2.3 modulates the
+text before ``attn2``, ComfyUI and diffusers alike, and gates its output after), then the audio stream's
+self and text attentions and the two audio-video cross-attentions. The audio stream is left untouched, as the library's adapter leaves it: its calls and
 both audio-video cross-attentions are ComfyUI's own, so the audio hears the objects' motion only through
 the video it attends to. A spatio-temporal guidance pass (``stg_self_attn_blocks``: those blocks'
 ``attn1`` makes no call) and a modality guidance pass (audio-video attention severed) run with the
@@ -22,6 +23,7 @@ word's leading space inside its piece, so " jumps" mid-sentence is not "jumps" a
 from __future__ import annotations
 
 import bisect
+import contextlib
 import importlib
 
 import torch
@@ -96,16 +98,11 @@ class LTX2(CrossFamily):
         return isinstance(diffusion_model, lightricks.LTXBaseModel)
 
     def check(self, model) -> None:
+        """Refuse LTX-Video; read how many registers the text connector has."""
         if not super().matches(model):
             raise FlexiMMTInputError(
                 f"this is an LTX-Video model ({type(model).__name__}, video only): FlexiMMT Apply patches LTX-2 "
                 "(audio-video, LTXAVModel); load LTX-2 weights with Load Diffusion Model"
-            )
-        if model.apply_gated_attention or model.cross_attention_adaln:
-            raise FlexiMMTInputError(
-                "this is an LTX-2.3 model (gated attention, modulated text): FlexiMMT Apply patches LTX-2.0 "
-                "natively so far, whose self-attention output RMPM reads as ComfyUI computes it; use LTX-2.0 "
-                "weights here, or the FlexiMMT Load model and Transfer nodes for LTX-2.3"
             )
         connector = getattr(model, "video_embeddings_connector", None)
         self.registers = getattr(connector, "num_learnable_registers", None) or None
@@ -170,8 +167,27 @@ class LTX2(CrossFamily):
             kinds.append("v2a")
         return tuple(kinds)
 
-    def self_features(self, run: Run, index: int, out):
-        return run.model.transformer_blocks[index].attn1.to_out(out)  # after to_out, before the block's gate
+    def attend(self, run: Run, index: int, kind: str, base, *args, **kwargs):
+        if kind != "text":
+            return base(*args, **kwargs)
+        return self.text_attention(run, index, base, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def block_context(self, run: Run, index: int):
+        """RMPM's features: the video self-attention module's output, read by a forward hook on the current
+        model's ``attn1`` for the block's call only. That output is what the library's processors lend
+        (after ``to_out`` and LTX-2.3's per-head gate, before the block's gate); the attention call inside
+        it is the attention alone, and the gate reads the module's input, which no attention call sees."""
+        if not run.state.capturing(index):
+            yield
+            return
+        attn1 = run.model.transformer_blocks[index].attn1
+        read = lambda module, inputs, out: run.observe(index, lambda rows: out.index_select(0, rows))
+        handle = attn1.register_forward_hook(read)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def text_path(self, run: Run, index: int):
         attn = run.model.transformer_blocks[index].attn2

@@ -198,10 +198,12 @@ class NativePatch:
             options = args["transformer_options"]
             run = options.get(KEY)
             previous = self.previous_blocks.get(index)
-            if run is not None:
-                calls = Calls([(index, kind) for kind in self.family.block_kinds(run.model, index, args)])
-                args = {**args, "transformer_options": {**options, CALLS_KEY: calls}}
-            return previous(args, extra) if previous is not None else extra["original_block"](args)
+            call = lambda args: previous(args, extra) if previous is not None else extra["original_block"](args)
+            if run is None:
+                return call(args)
+            calls = Calls([(index, kind) for kind in self.family.block_kinds(run.model, index, args)])
+            with self.family.block_context(run, index):
+                return call({**args, "transformer_options": {**options, CALLS_KEY: calls}})
 
         return replace
 

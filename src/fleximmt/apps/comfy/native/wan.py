@@ -44,8 +44,15 @@ class Wan(CrossFamily):
         cross = model.blocks[index].cross_attn
         return ("self", "image", "text") if hasattr(cross, "k_img") else ("self", "text")
 
-    def self_features(self, run: Run, index: int, out):
-        return run.model.blocks[index].self_attn.o(out)  # after `o`, before the gate
+    def attend(self, run: Run, index: int, kind: str, base, *args, **kwargs):
+        if kind == "self":
+            out = base(*args, **kwargs)
+            # RMPM's features: attn1's output after `o`, before the gate
+            run.observe(index, lambda rows: run.model.blocks[index].self_attn.o(out.index_select(0, rows)))
+            return out
+        if kind != "text":
+            return base(*args, **kwargs)
+        return self.text_attention(run, index, base, *args, **kwargs)
 
     def text_path(self, run: Run, index: int):
         attn = run.model.blocks[index].cross_attn
