@@ -62,7 +62,8 @@ VARIANTS = {
     "LTX-2": ({}, {}),
     "LTX-2.3": (
         dict(gated_attn=True, cross_attn_mod=True, audio_gated_attn=True, audio_cross_attn_mod=True, use_prompt_embeddings=False),
-        dict(apply_gated_attention=True, cross_attention_adaln=True, caption_proj_before_connector=True, caption_projection_first_linear=False),
+        dict(apply_gated_attention=True, cross_attention_adaln=True, caption_proj_before_connector=True, caption_projection_first_linear=False,
+             audio_connector_attention_head_dim=4, audio_connector_num_attention_heads=2),
     ),
 }  # fmt: skip
 PREFIXES = {  # diffusers' top-level modules -> the original checkpoint's
@@ -154,12 +155,21 @@ def comfy_meta_model(transformer=None):
         return av.LTXAVModel(num_layers=SHAPE["num_layers"], operations=comfy.ops.disable_weight_init, **config)
 
 
-def comfy_model(transformer):
+def comfy_model(transformer, connectors: bool = False):
     """ComfyUI's own loader (``UNETLoader``'s) on the transformer's weights in ComfyUI's format, its sizes in
-    the metadata as LTX-2 files carry them, float32."""
+    the metadata as LTX-2 files carry them, float32. ``connectors``: with random weights (seeded) for ComfyUI's
+    text connectors too, which its sampler runs on the text encoder's output (the model-level tests give the
+    blocks the connectors' output themselves)."""
     comfy = import_comfy()
+    weights = comfy_state_dict(transformer)
+    if connectors:
+        gen = torch.Generator().manual_seed(1)
+        for key, value in comfy_meta_model(transformer).state_dict().items():
+            if "embeddings_connector." in key:
+                one = 1.0 if key.endswith("norm.weight") else 0.0
+                weights[key] = torch.randn(value.shape, generator=gen) * 0.1 + one
     patcher = comfy.sd.load_diffusion_model_state_dict(
-        comfy_state_dict(transformer),
+        weights,
         model_options={"dtype": torch.float32},
         metadata={"config": json.dumps({"transformer": comfy_config(transformer)})},
     )

@@ -29,6 +29,7 @@ from fleximmt.method.pipeline import TransferOptions
 from fleximmt.models.ltx2 import LTX2Adapter, slot_of
 
 pytestmark = [pytest.mark.comfy, needs_native("LTX-2")]
+GEMMA = "gemma3_12b"  # ComfyUI's key of the Gemma tokens
 
 PROMPT = "A ball jumps up. A box slides left."
 WORDS = ["jumps up", "slides left"]
@@ -148,7 +149,6 @@ def test_motion_words_are_found_as_comfyuis_gemma_tokenizer_gives_them(transform
     quotes around them, each occurrence its own; a prompt past 1,024 tokens (the registers then fill the
     text up to their next whole number, as ComfyUI's own connector shows)."""
     from fleximmt.apps.comfy.native import apply_fleximmt
-    from fleximmt.apps.comfy.native.ltx2 import GEMMA
 
     cases = [
         (PROMPT, WORDS),
@@ -263,6 +263,43 @@ def test_without_objects_the_patch_is_comfyuis_model_exactly(transformer, patche
         ours = comfy(patched, video, audio, video_t, audio_t, context, sigma=sigma, cond_or_uncond=(0, 1))
         theirs = comfy(patcher, video, audio, video_t, audio_t, context, sigma=sigma, cond_or_uncond=(0, 1))
         assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_comfyuis_own_sampler_runs_the_patched_ltx2(transformer, clip):
+    """A KSampler run (3 Euler steps, CFG 3: the conditional and unconditional rows) through ComfyUI's own model
+    call - its text connector on the encoder's output (a 5-token negative prompt and the positive both filled
+    to 1,024 keys by the registers), the image's latent frame kept by the denoise mask (per-token timesteps) -
+    counts ComfyUI's steps as RMPM's, moves the video with the objects, and without objects is ComfyUI's run
+    exactly. (That each forward is fleximmt's is the model-level tests'.)"""
+    import comfy.sample
+
+    from fleximmt.apps.comfy.native import apply_fleximmt
+
+    patcher = comfy_model(transformer, connectors=True)
+    gen = torch.Generator().manual_seed(9)
+    ids = [t[0] for t in clip.tokenize(PROMPT)[GEMMA][0]]
+    width = (
+        transformer.config.caption_channels if transformer.config.use_prompt_embeddings else sum(widths(transformer))
+    )
+    positive = [[torch.randn(1, len(ids) - ids.index(2), width, generator=gen), {"unprocessed_ltxav_embeds": True}]]
+    negative = [[torch.randn(1, 5, width, generator=gen), {"unprocessed_ltxav_embeds": True}]]
+    shape = (1, SHAPE["in_channels"], FRAMES, LATENT, LATENT)
+    noise, image = torch.randn(shape, generator=gen), torch.zeros(shape)
+    keep = torch.ones(1, 1, FRAMES, LATENT, LATENT)
+    keep[:, :, 0] = 0
+    steps = []
+
+    def sample(model, count=False):
+        step = lambda i, x0, x, total: steps.append(patch_of(model).run.steps) if count else None
+        settings = dict(noise_mask=keep, callback=step, disable_pbar=True, seed=0)
+        return comfy.sample.sample(model, noise, 3, 3.0, "euler", "simple", positive, negative, image, **settings)
+
+    unpatched = sample(patcher)
+    patched = apply_fleximmt(patcher, clip, PROMPT, make_objects(transformer), mask_source="rmpm")
+    moved = sample(patched, count=True)
+    assert steps == [0, 1, 2]  # after each step, the run has counted the steps before it
+    assert relative_error(moved, unpatched) > 1e-3
+    assert torch.equal(sample(apply_fleximmt(patcher, clip, PROMPT, None)), unpatched)
 
 
 def test_a_motion_learned_by_fleximmt_on_diffusers_ltx2_drives_comfyuis(clip, tmp_path):
