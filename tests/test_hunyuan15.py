@@ -1,6 +1,6 @@
 """FlexiMMT on HunyuanVideo 1.5 image-to-video (docs/method.md#hunyuanvideo-15), on tiny random models built offline
 (``fleximmt.toy.tiny_hunyuan15``): what is particular to it - the text that is image, glyph and prompt
-tokens then padding (padded keys closed without an N x N mask, section 10's table by brute force), the
+tokens then padding (padded keys closed without an N x N mask, docs/method.md#hunyuanvideo-15's table by brute force), the
 guider's branches as separate forwards, the video sized and cropped from the image, the chat template
 around the prompt, DMEM's reading, its messages, loading, the command line and the web app. What every
 family does (diffusers' result without objects, auto against dense, training, the loss, resume, the
@@ -128,7 +128,7 @@ def test_masks_are_cropped_as_the_image_is():
     assert ours.shape == shown.shape and (ours == shown).mean() > 0.97
 
 
-# -- MDMA with padded text: section 10's table, brute force -------------------------------------
+# -- MDMA with padded text: docs/method.md#hunyuanvideo-15's table, brute force -------------------------------------
 def brute_force_mask(member, owner, video_masks, valid, parts, context_text="open"):
     """Section 10's rules pair by pair over ``[text | motion | video]``: ``member`` [K, L] motion words,
     ``owner`` [K, M] motion tokens, ``video_masks`` [K, V], ``valid`` [L] text that is not padding."""
@@ -169,7 +169,7 @@ def brute_force_mask(member, owner, video_masks, valid, parts, context_text="ope
 
 @pytest.mark.parametrize("parts", [("m2v", "m2m", "t2v", "t2t", "t2m"), ("m2v", "t2v")])
 @pytest.mark.parametrize("context_text", ["open", "closed"])
-def test_the_dense_mask_with_padded_text_is_section_10s_table(parts, context_text):
+def test_the_dense_mask_with_padded_text_is_the_brute_force_table(parts, context_text):
     generator = torch.Generator().manual_seed(3)
     K, prompt_len, text_len, d_m, V = 2, 7, 12, 2, 10
     member = torch.zeros(K, prompt_len, dtype=torch.bool)

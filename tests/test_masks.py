@@ -246,7 +246,7 @@ def brute_force_cross(text_len, spans, d_m, video_masks, parts):
     return mask
 
 
-def test_mdma_cross_matches_section_9_on_random_layouts():
+def test_mdma_cross_matches_its_brute_force_on_random_layouts():
     from fleximmt.method.masks import CROSS_PARTS, mdma_cross_dense
 
     rng = random.Random(9)
