@@ -177,7 +177,11 @@ def test_gpu_benchmark_dry_run_on_ltx2(tmp_path, monkeypatch):
     rows = []
     cross = FlexiMMTState.cross_with
     monkeypatch.setattr(
-        FlexiMMTState, "cross_with", lambda self, *a, **k: rows.append(self.rows) or cross(self, *a, **k)
+        FlexiMMTState,
+        "cross_with",
+        lambda self, block, query, *a, **k: (
+            rows.append(self.rows.of_batch(query.shape[0])[0]) or cross(self, block, query, *a, **k)
+        ),
     )
     gpu = load_gpu_module()
     out = tmp_path / "gpu.json"
