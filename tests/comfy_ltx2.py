@@ -86,14 +86,14 @@ INFIXES = {
 }
 
 
-def tiny_transformer(seed: int = 0, variant: str = "LTX-2"):
-    """A diffusers LTX-2 transformer of :data:`SHAPE` and the ``variant``'s settings (seeded), every weight perturbed
+def tiny_transformer(seed: int = 0, variant: str = "LTX-2", **shape):
+    """A diffusers LTX-2 transformer of :data:`SHAPE` (``shape`` overriding it) and the ``variant``'s settings (seeded), every weight perturbed
     off its zero or one initialisation (so every path counts), the audio-to-video gate closed (see the module's
     docstring)."""
     from diffusers import LTX2VideoTransformer3DModel
 
     torch.manual_seed(seed)
-    transformer = LTX2VideoTransformer3DModel(**SHAPE, **VARIANTS[variant][0]).eval()
+    transformer = LTX2VideoTransformer3DModel(**{**SHAPE, **shape}, **VARIANTS[variant][0]).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in transformer.parameters():
@@ -140,8 +140,9 @@ def comfy_state_dict(transformer) -> dict[str, torch.Tensor]:
 
 
 def comfy_config(transformer) -> dict:
-    """ComfyUI's LTXAVModel arguments for the transformer (:data:`CONFIG` and its variant's)."""
-    return {**CONFIG, **VARIANTS["LTX-2.3" if transformer.config.gated_attn else "LTX-2"][1]}
+    """ComfyUI's LTXAVModel arguments for the transformer (:data:`CONFIG`, its latent channels and its variant's)."""
+    variant = VARIANTS["LTX-2.3" if transformer.config.gated_attn else "LTX-2"][1]
+    return {**CONFIG, "in_channels": transformer.config.in_channels, **variant}
 
 
 def comfy_meta_model(transformer=None):
@@ -177,16 +178,22 @@ def comfy_model(transformer, connectors: bool = False):
     return patcher
 
 
-def comfy_shaped_components(seed: int = 0) -> dict:
+def comfy_shaped_components(seed: int = 0, latent_channels: int = SHAPE["in_channels"]) -> dict:
     """fleximmt's tiny LTX-2 pipeline components around a transformer of ComfyUI's shape (:func:`tiny_transformer`)
-    and an audio VAE whose latents pack to its 128 audio channels (8 channels x 16 latent mel bins)."""
+    and an audio VAE whose latents pack to its 128 audio channels (8 channels x 16 latent mel bins).
+    ``latent_channels``: the video latent's (ComfyUI's LTX-2 VAE has 128), the video VAE's and the transformer's."""
     from diffusers import AutoencoderKLLTX2Audio
     from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
     from fleximmt.toy.tiny_ltx2 import tiny_ltx2_components
 
     components = tiny_ltx2_components(seed)
-    components["transformer"] = tiny_transformer(seed)
+    components["transformer"] = tiny_transformer(seed, in_channels=latent_channels, out_channels=latent_channels)
+    if latent_channels != components["vae"].config.latent_channels:
+        torch.manual_seed(seed)
+        vae = type(components["vae"]).from_config({**components["vae"].config, "latent_channels": latent_channels})
+        vae.use_framewise_encoding = vae.use_framewise_decoding = False
+        components["vae"] = vae.eval()
     old = components["audio_vae"]
     bins = 16 * old.mel_compression_ratio  # the VAE's mel bins for 16 latent bins
     torch.manual_seed(seed)
@@ -216,3 +223,80 @@ class GemmaClip:
 
     def decode(self, ids) -> str:
         return self.tokenizer.gemma3_12b.tokenizer.tokenizer.decode(list(ids))
+
+
+# ComfyUI's LTX-2 VAEs at the smallest size its loaders accept, for a checkpoint file (the settings come from the
+# file's metadata, as LTX-2 checkpoints carry them): the video VAE keeps its 128 latent channels and its 32 x 32
+# pixels x 8 frames per latent (ComfyUI fixes both), 8 channels wide; the audio VAE keeps its 8 channels x 16
+# mel bins per latent (the transformer's 128 audio channels), 8 channels wide; the vocoder two small upsamplings
+VIDEO_VAE = {
+    "dims": 3,
+    "latent_channels": 128,
+    "encoder_blocks": [["res_x", {"num_layers": 1}]] + [["compress_all", {}]] * 3,
+    # listed latent side last: ComfyUI's loader knows the VAE by its decoder's up_blocks.0.res_blocks
+    "decoder_blocks": [["compress_all", {"residual": True, "multiplier": 2}]] * 3
+    + [["res_x", {"num_layers": 1, "inject_noise": False}]],
+    "encoder_base_channels": 8,
+    "decoder_base_channels": 8,
+    "norm_layer": "pixel_norm",
+    "patch_size": 4,
+    "latent_log_var": "uniform",
+    "use_quant_conv": False,
+    "causal_decoder": False,
+}
+AUDIO_VAE = {
+    "model": {
+        "params": {
+            "ddconfig": {
+                "double_z": True, "mel_bins": 64, "z_channels": 8, "resolution": 256, "downsample_time": False,
+                "in_channels": 2, "out_ch": 2, "ch": 8, "ch_mult": [1, 2, 4], "num_res_blocks": 1,
+                "attn_resolutions": [], "dropout": 0.0, "mid_block_add_attention": False, "norm_type": "pixel",
+                "causality_axis": "height",
+            },
+            "sampling_rate": 16000,
+        }
+    },
+    "preprocessing": {"stft": {"filter_length": 1024, "hop_length": 160}},
+}  # fmt: skip
+VOCODER = {
+    "upsample_rates": [10, 16],
+    "upsample_kernel_sizes": [20, 32],
+    "upsample_initial_channel": 16,
+    "resblock_kernel_sizes": [3],
+    "resblock_dilation_sizes": [[1, 3, 5]],
+}
+
+
+def seeded(module, seed: int) -> dict[str, torch.Tensor]:
+    """A module's weights replaced by seeded random ones (norms and scales at one), as a state dict."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in module.state_dict().items():
+        if not value.is_floating_point():
+            out[key] = value
+        elif value.ndim <= 1 and ("norm" in key or "std" in key or "scale" in key):
+            out[key] = torch.ones(value.shape)
+        else:
+            fan_in = value[0].numel() if value.ndim > 1 else 1
+            out[key] = torch.randn(value.shape, generator=gen) * (0.5 / fan_in**0.5)
+    return out
+
+
+def write_ltx2_checkpoint(path, transformer) -> None:
+    """An LTX-2 checkpoint as *Load Checkpoint* and *Load LTXV Audio VAE* read it: the transformer (with random
+    text connectors) under ``model.diffusion_model.``, ComfyUI's own video VAE (``vae.``), audio VAE
+    (``audio_vae.``) and vocoder (``vocoder.``) at the sizes above with seeded random weights, every part's
+    settings in the metadata's ``config``."""
+    from safetensors.torch import save_file
+
+    patcher = comfy_model(transformer, connectors=True)  # its keys checked against diffusers' and ComfyUI's
+    from comfy.ldm.lightricks.vae.audio_vae import AudioVAE
+    from comfy.ldm.lightricks.vae.causal_video_autoencoder import VideoVAE
+
+    config = {"transformer": comfy_config(transformer), "vae": VIDEO_VAE, "audio_vae": AUDIO_VAE, "vocoder": VOCODER}
+    weights = {f"model.diffusion_model.{k}": v for k, v in patcher.model.diffusion_model.state_dict().items()}
+    weights |= {f"vae.{k}": v for k, v in seeded(VideoVAE(config=VIDEO_VAE), 2).items()}
+    audio = AudioVAE(metadata={"config": config})
+    weights |= {f"audio_vae.{k}": v for k, v in seeded(audio.autoencoder, 3).items()}
+    weights |= {f"vocoder.{k}": v for k, v in seeded(audio.vocoder, 4).items()}
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={"config": json.dumps(config)})

@@ -313,9 +313,75 @@ class TinyVisionTokens:
         return (output,)
 
 
+class TinyLTXAVGemma:
+    """LTX-2's CLIP (ComfyUI's ``LTXAVTextEncoderLoader``: Gemma 3 12B and the checkpoint's text projection) at a
+    tiny size: ComfyUI's own Gemma 3 language model class (two layers, ``width`` wide, its vision tower left
+    out: no image enters the prompt), its own ``LTXAVTEModel`` (every layer's hidden states, normalised and
+    projected to ``width``, the model's caption width) and ``LTXAVGemmaTokenizer`` on fleximmt's tiny Gemma-style
+    sentencepiece model (the real one ships inside the 12B checkpoint only); random weights (seeded)."""
+
+    CATEGORY = "testing"
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0}), "width": ("INT", {"default": 16})}}
+
+    def load(self, seed, width):
+        import comfy.text_encoders.llama as llama
+        import comfy.text_encoders.lt as lt
+
+        from fleximmt.toy.tiny_ltx2 import gemma_sentencepiece
+
+        gemma = {
+            "vocab_size": 262208,  # Gemma's: the tokenizer's special ids (<image_soft_token> 262144) stay in range
+            "hidden_size": width,
+            "intermediate_size": width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 1,
+            "num_key_value_heads": 1,
+        }
+
+        class Gemma(llama.Gemma3_12B):
+            def __init__(self, config_dict, dtype, device, operations):
+                torch.nn.Module.__init__(self)
+                config = llama.Gemma3_12B_Config(**config_dict)
+                self.num_layers = config.num_hidden_layers
+                self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+                self.multi_modal_projector = self.vision_model = None
+                self.dtype = dtype
+
+        class GemmaModel(lt.Gemma3_12BModel):
+            def __init__(self, device="cpu", layer="all", layer_idx=None, dtype=None, model_options={}):  # noqa: B006
+                self.dtypes = {dtype}
+                comfy.sd1_clip.SDClipModel.__init__(
+                    self,
+                    device=device,
+                    layer=layer,
+                    layer_idx=layer_idx,
+                    textmodel_json_config=gemma,
+                    dtype=dtype,
+                    special_tokens={"start": 2, "pad": 0},
+                    layer_norm_hidden_state=False,
+                    model_class=Gemma,
+                    enable_attention_masks=True,
+                    return_attention_masks=True,
+                    model_options=model_options,
+                )
+
+        model = lt.ltxav_te(text_encoder_model=GemmaModel, video_projection_dim=width)
+        target = comfy.supported_models_base.ClipTarget(lt.LTXAVGemmaTokenizer, model)
+        tokenizer_data = {"spiece_model": gemma_sentencepiece()}
+        clip = comfy.sd.CLIP(target, tokenizer_data=tokenizer_data, model_options={"dtype": torch.float32})
+        random_weights(clip, seed)
+        return (clip,)
+
+
 NODE_CLASS_MAPPINGS = {
     "TestOnlyTinyUMT5": TinyUMT5Loader,
     "TestOnlyTinyCogVideoXT5": TinyCogVideoXT5,
     "TestOnlyTinyHunyuanVideo15TextEncoder": TinyHunyuanVideo15TextEncoder,
     "TestOnlyTinyVisionTokens": TinyVisionTokens,
+    "TestOnlyTinyLTXAVGemma": TinyLTXAVGemma,
 }

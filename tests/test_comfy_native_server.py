@@ -7,8 +7,11 @@ learned on the diffusers pipeline of the same weights.
 VAE Decode, Create / Save Video); ``native_cogvideox15_i2v.json`` (CogVideoX 1.5 I2V: the image through
 InstructPixToPixConditioning as the first latent frame, EmptyHunyuanLatentVideo, KSampler) and
 ``native_hunyuan15_i2v.json`` (HunyuanVideo 1.5 I2V as ComfyUI's own template builds it:
-HunyuanVideo15ImageToVideo with the start image and SigLIP's tokens, CFGGuider, SamplerCustomAdvanced), both
-ComfyUI 0.33 only.
+HunyuanVideo15ImageToVideo with the start image and SigLIP's tokens, CFGGuider, SamplerCustomAdvanced) and
+``native_ltx2_i2v.json`` (LTX-2 I2V as the first stage of ComfyUI's own template builds it: one checkpoint
+through *Load Checkpoint*, *Load LTXV Audio Text Encoder* and *Load LTXV Audio VAE*, the image put in place in
+the video latent, an empty audio latent beside it, LTXVScheduler, CFGGuider, SamplerCustomAdvanced, video and
+audio decoded into one video), all three ComfyUI 0.33 only.
 
 Tiny stand-ins, said here as the issue asks: the two Wan experts are tiny (fleximmt's tiny diffusers
 Wan 2.2 transformers saved under ComfyUI's key names, loaded by ComfyUI's own *Load Diffusion Model*);
@@ -17,7 +20,11 @@ is replaced by the test-only ``TestOnlyTinyUMT5`` (ComfyUI's umT5 class at one l
 tests/comfy_test_nodes.py), because its umT5-XXL config is fixed at 5.7B parameters. The same for the other
 families: their VAEs full size with random weights, their text encoders ComfyUI's own classes at a tiny size
 with the real tokenizers (``TestOnlyTinyCogVideoXT5``, ``TestOnlyTinyHunyuanVideo15TextEncoder``), SigLIP's
-image tokens random (``TestOnlyTinyVisionTokens``: *Load CLIP Vision* builds SigLIP-so400m)."""
+image tokens random (``TestOnlyTinyVisionTokens``: *Load CLIP Vision* builds SigLIP-so400m). LTX-2's checkpoint
+holds the tiny transformer at ComfyUI's 128 latent channels and ComfyUI's own video VAE, audio VAE and vocoder at
+the smallest sizes its loaders take (their settings in the file's metadata, as LTX-2 checkpoints carry them:
+tests/comfy_ltx2.py); its Gemma 3 12B is ``TestOnlyTinyLTXAVGemma`` (ComfyUI's Gemma class at two layers, its LTX-2
+tokenizer on fleximmt's tiny Gemma-style sentencepiece model: the real one ships inside the 12B checkpoint only)."""
 
 import copy
 
@@ -280,6 +287,31 @@ def hunyuan15_prompt(comfy_server):
     return prompt
 
 
+@pytest.fixture(scope="module")
+def ltx2_prompt(comfy_server):
+    """The LTX-2 example at test size: its one checkpoint (the tiny transformer at ComfyUI's 128 latent channels with
+    random text connectors, ComfyUI's video VAE, audio VAE and vocoder at the smallest sizes its loaders take,
+    random weights), the tiny Gemma, two motions learned on diffusers' pipeline of the same transformer."""
+    from comfy_ltx2 import comfy_shaped_components, write_ltx2_checkpoint
+    from diffusers import LTX2ImageToVideoPipeline
+
+    base, api = comfy_server.base, load_workflow("native_ltx2_i2v")
+    models = model_folders(base)
+    (models / "checkpoints").mkdir(exist_ok=True)
+    pipe = LTX2ImageToVideoPipeline(**comfy_shaped_components(0, latent_channels=128))
+    pipe.set_progress_bar_config(disable=True)
+    write_ltx2_checkpoint(models / "checkpoints" / api["1"]["inputs"]["ckpt_name"], pipe.transformer)
+    names = (api["11"]["inputs"]["motion"], api["12"]["inputs"]["motion"])
+    train_two_motions(pipe, models / "fleximmt_motions", names, LENGTH)
+    write_scene(base, api, "5", ("13", "14"))
+    prompt = copy.deepcopy(api)
+    prompt["2"] = {"class_type": "TestOnlyTinyLTXAVGemma", "inputs": {"seed": 0, "width": 16}}
+    prompt["18"]["inputs"].update(width=SIZE, height=SIZE, length=LENGTH)
+    prompt["19"]["inputs"].update(frames_number=LENGTH)
+    prompt["22"]["inputs"].update(steps=3)
+    return prompt
+
+
 @needs_native("CogVideoX")
 def test_the_native_cogvideox_example_samples_with_fleximmt(comfy_server, cogvideox_prompt):
     plain = without_fleximmt(cogvideox_prompt, [("18", "model")])
@@ -290,6 +322,12 @@ def test_the_native_cogvideox_example_samples_with_fleximmt(comfy_server, cogvid
 def test_the_native_hunyuan15_example_samples_with_fleximmt(comfy_server, hunyuan15_prompt):
     plain = without_fleximmt(hunyuan15_prompt, [("18", "model")])
     assert_moves_with_fleximmt(comfy_server, hunyuan15_prompt, plain, "26", LENGTH)
+
+
+@needs_native("LTX-2")
+def test_the_native_ltx2_example_samples_with_fleximmt(comfy_server, ltx2_prompt):
+    plain = without_fleximmt(ltx2_prompt, [("21", "model")])
+    assert_moves_with_fleximmt(comfy_server, ltx2_prompt, plain, "30", LENGTH)
 
 
 @needs_native("CogVideoX")
