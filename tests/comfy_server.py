@@ -614,12 +614,15 @@ def prompt_from_ui(driver, ui: dict, name: str = "workflow") -> dict:
     )
 
 
-# the loaders of the example workflows: the model folder and the input naming the file each loads
+# the loaders of the example workflows: each model folder and the input naming the file loaded from it
 LOADERS = {
-    "UNETLoader": ("diffusion_models", "unet_name"),
-    "CLIPLoader": ("text_encoders", "clip_name"),
-    "VAELoader": ("vae", "vae_name"),
-    "FlexiMMTLoadMotion": ("fleximmt_motions", "motion"),
+    "UNETLoader": (("diffusion_models", "unet_name"),),
+    "CLIPLoader": (("text_encoders", "clip_name"),),
+    "VAELoader": (("vae", "vae_name"),),
+    "CheckpointLoaderSimple": (("checkpoints", "ckpt_name"),),
+    "LTXVAudioVAELoader": (("checkpoints", "ckpt_name"),),
+    "LTXAVTextEncoderLoader": (("text_encoders", "text_encoder"), ("checkpoints", "ckpt_name")),
+    "FlexiMMTLoadMotion": (("fleximmt_motions", "motion"),),
 }
 
 
@@ -631,11 +634,10 @@ def stand_in_files(base: Path, api: dict) -> None:
     masks = 0
     for node in api.values():
         inputs = node["inputs"]
-        if node["class_type"] in LOADERS:
-            folder, key = LOADERS[node["class_type"]]
+        for folder, key in LOADERS.get(node["class_type"], ()):
             (base / "models" / folder).mkdir(parents=True, exist_ok=True)
             (base / "models" / folder / inputs[key]).touch()
-        elif node["class_type"] in ("LoadImage", "LoadImageMask"):
+        if node["class_type"] in ("LoadImage", "LoadImageMask"):
             masks += node["class_type"] == "LoadImageMask"
             source = IMAGE if node["class_type"] == "LoadImage" else mask_name(masks)
             if not (base / "input" / inputs["image"]).exists():
