@@ -172,18 +172,43 @@ def t5_config(width: int, vocab: int) -> dict:
     }
 
 
-class TinyCogVideoXT5:
-    """CogVideoX's CLIP (ComfyUI's ``CLIPLoader`` type cogvideox) at a tiny size: ComfyUI's own T5 text model
-    class at one layer and ``width`` wide (the tiny CogVideoX's text width), its real T5 tokenizer
-    (``CogVideoXTokenizer``, padded to 226 tokens), random weights (seeded)."""
+class TinyTextEncoder:
+    """A test-only loader node of a tiny CLIP, ``width`` wide (the tiny model's text width), random weights (seeded)."""
 
     CATEGORY = "testing"
     RETURN_TYPES = ("CLIP",)
     FUNCTION = "load"
+    WIDTH = 16
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0}), "width": ("INT", {"default": 32})}}
+        return {"required": {"seed": ("INT", {"default": 0}), "width": ("INT", {"default": cls.WIDTH})}}
+
+
+def text_only(model_class, config_class, vision: tuple[str, ...]):
+    """ComfyUI's language model class ``model_class`` built without its vision parts (the attributes ``vision``
+    left None): no image enters the tests' prompts, and the vision towers' configs are fixed at full size."""
+    import comfy.text_encoders.llama as llama
+
+    class TextOnly(model_class):
+        def __init__(self, config_dict, dtype, device, operations):
+            torch.nn.Module.__init__(self)
+            config = config_class(**config_dict)
+            self.num_layers = config.num_hidden_layers
+            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+            self.dtype = dtype
+            for name in vision:
+                setattr(self, name, None)
+
+    return TextOnly
+
+
+class TinyCogVideoXT5(TinyTextEncoder):
+    """CogVideoX's CLIP (ComfyUI's ``CLIPLoader`` type cogvideox) at a tiny size: ComfyUI's own T5 text model
+    class at one layer and ``width`` wide (the tiny CogVideoX's text width), its real T5 tokenizer
+    (``CogVideoXTokenizer``, padded to 226 tokens), random weights (seeded)."""
+
+    WIDTH = 32
 
     def load(self, seed, width):
         import comfy.text_encoders.cogvideo
@@ -211,20 +236,12 @@ class TinyCogVideoXT5:
         return (clip,)
 
 
-class TinyHunyuanVideo15TextEncoder:
+class TinyHunyuanVideo15TextEncoder(TinyTextEncoder):
     """HunyuanVideo 1.5's CLIP (ComfyUI's ``DualCLIPLoader`` type hunyuan_video_15) at a tiny size: ComfyUI's
     own Qwen2.5 language model class (four layers: ComfyUI reads the third last, ``width`` wide, its vision tower left out: no image
     enters the prompt) and ByT5 class (one layer, 1472 wide as the model takes), its own
     ``HunyuanVideo15Tokenizer`` (the real Qwen2.5 and ByT5 tokenizers) and encoder (template crop, ByT5 for
     quoted text); random weights (seeded)."""
-
-    CATEGORY = "testing"
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0}), "width": ("INT", {"default": 16})}}
 
     def load(self, seed, width):
         import comfy.text_encoders.hunyuan_image as hunyuan_image
@@ -240,13 +257,7 @@ class TinyHunyuanVideo15TextEncoder:
             "num_key_value_heads": 1,
         }
 
-        class Qwen(llama.Qwen25_7BVLI):
-            def __init__(self, config_dict, dtype, device, operations):
-                torch.nn.Module.__init__(self)
-                config = llama.Qwen25_7BVLI_Config(**config_dict)
-                self.num_layers = config.num_hidden_layers
-                self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
-                self.visual, self.dtype = None, dtype
+        Qwen = text_only(llama.Qwen25_7BVLI, llama.Qwen25_7BVLI_Config, ("visual",))
 
         class QwenModel(comfy.sd1_clip.SDClipModel):
             def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):  # noqa: B006
@@ -313,20 +324,12 @@ class TinyVisionTokens:
         return (output,)
 
 
-class TinyLTXAVGemma:
+class TinyLTXAVGemma(TinyTextEncoder):
     """LTX-2's CLIP (ComfyUI's ``LTXAVTextEncoderLoader``: Gemma 3 12B and the checkpoint's text projection) at a
     tiny size: ComfyUI's own Gemma 3 language model class (two layers, ``width`` wide, its vision tower left
     out: no image enters the prompt), its own ``LTXAVTEModel`` (every layer's hidden states, normalised and
     projected to ``width``, the model's caption width) and ``LTXAVGemmaTokenizer`` on fleximmt's tiny Gemma-style
     sentencepiece model (the real one ships inside the 12B checkpoint only); random weights (seeded)."""
-
-    CATEGORY = "testing"
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0}), "width": ("INT", {"default": 16})}}
 
     def load(self, seed, width):
         import comfy.text_encoders.llama as llama
@@ -343,14 +346,7 @@ class TinyLTXAVGemma:
             "num_key_value_heads": 1,
         }
 
-        class Gemma(llama.Gemma3_12B):
-            def __init__(self, config_dict, dtype, device, operations):
-                torch.nn.Module.__init__(self)
-                config = llama.Gemma3_12B_Config(**config_dict)
-                self.num_layers = config.num_hidden_layers
-                self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
-                self.multi_modal_projector = self.vision_model = None
-                self.dtype = dtype
+        Gemma = text_only(llama.Gemma3_12B, llama.Gemma3_12B_Config, ("multi_modal_projector", "vision_model"))
 
         class GemmaModel(lt.Gemma3_12BModel):
             def __init__(self, device="cpu", layer="all", layer_idx=None, dtype=None, model_options={}):  # noqa: B006
