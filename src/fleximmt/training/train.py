@@ -4,7 +4,8 @@ reference video, the video model frozen, DMEM's mask applied inside the attentio
 The loop is the same for every base model; what differs - how conditions are encoded, how a step
 noises the latents and predicts x0 - is the model's adapter (``fleximmt.models``). Stages, each its
 own function: ``prepare_conditions`` (encode caption and video windows once, cached on disk),
-``training_step`` (loss of docs/method.md#training), checkpoints (atomic, resumable), and
+``training_step`` (loss of docs/method.md#training), checkpoints (atomic, resumable), ``fit_tokens``
+(the optimisation loop, which also trains on ComfyUI's own models: ``fleximmt.apps.comfy.learn``), and
 ``train_motion`` which ties them together and leaves the pipeline as it found it.
 """
 
@@ -271,14 +272,16 @@ def prepare_conditions(
     cache: Path | None,
     seed: int,
 ) -> Conditions:
-    """Encode the caption and every training window of the reference video (cached in ``cache``)."""
-    pipe = adapter.pipe
+    """Encode the caption and every training window of the reference video (cached in ``cache``; None: not
+    cached, and ``adapter`` may be any with ``encode_conditions``, ``word_spans`` and ``default_text_length``)."""
     height, width, num_frames = geometry
     text_len = adapter.default_text_length()
     member, concept_member = word_members(adapter, caption, concept_words, motion_words)
     starts = window_starts(len(frames), num_frames, settings.max_windows)
-    fingerprint = [caption, geometry, starts, model_fingerprint(pipe), seed, settings.resize]
-    key = hashlib.sha256(frames.tobytes() + json.dumps(fingerprint).encode()).hexdigest()
+    key = None
+    if cache is not None:
+        fingerprint = [caption, geometry, starts, model_fingerprint(adapter.pipe), seed, settings.resize]
+        key = hashlib.sha256(frames.tobytes() + json.dumps(fingerprint).encode()).hexdigest()
     if cache is not None and cache.is_file():
         from safetensors import safe_open
 
@@ -475,6 +478,163 @@ def offload_target(device: torch.device) -> str | None:
     return "cpu" if device.type != "cpu" else None
 
 
+# -- stage 4: the tokens' optimisation, on any model the adapter runs ----------------------------
+@dataclass
+class Reference:
+    """The reference a motion learns from: its frames (uint8 ``[T, H, W, 3]``, subsampled) and its words."""
+
+    frames: np.ndarray
+    caption: str
+    concept_words: str
+    motion_words: str
+
+
+def fit_tokens(
+    adapter,
+    cfg: TrainSettings,
+    geometry: tuple[int, int, int],
+    checkpoint: Path,
+    fingerprints: dict[str, Any],
+    device: torch.device,
+    *,
+    cond: Conditions | None,
+    reference: Reference | None = None,
+    resume: bool = False,
+    callback: Callable[[int, float], None] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    loss_dtype: torch.dtype | None = None,
+    proc=None,
+    distributed: bool = False,
+    after_encoding: Callable[[], None] = lambda: None,
+    desc: str = "training",
+) -> tuple[list[torch.nn.Parameter], list[float]]:
+    """Optimise one token set per expert of ``adapter`` from ``cond`` (the windows, encoded once) or, with
+    ``cond`` None, from the samples of ``reference`` (crops, dropped captions, fresh encodings); returns the
+    tokens and each step's loss. This is the loop of :func:`train_motion`, shared by every model a training
+    adapter runs: fleximmt's diffusers pipelines and ComfyUI's own models (``fleximmt.apps.comfy.learn``).
+
+    ``adapter`` gives ``motion_shape()``, ``transformers()`` (one per expert), ``token_grid``,
+    ``state_settings()``, ``parts``, ``training_attached(state)`` and ``training_prediction(...)``
+    (``ModelAdapter``'s training half); per-sample runs also ``encode_conditions``, ``word_spans`` and ``default_text_length``.
+    ``checkpoint`` is resumed when ``resume`` (refused where ``fingerprints`` differ) and written every
+    ``cfg.checkpoint_every`` steps and when ``callback(step, loss)`` raises. ``proc``: accelerate's
+    process state (None: one process); ``distributed``: the processes share this motion, gradients averaged.
+    ``after_encoding`` runs once every sample is encoded (the encoders may leave the device then)."""
+    from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
+
+    rank, world = (proc.process_index, proc.num_processes) if proc is not None else (0, 1)
+    transformers = adapter.transformers()
+    grid = adapter.token_grid(*geometry)
+    num_blocks, dim = adapter.motion_shape()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    params = {}
+    for expert in range(len(transformers)):  # one token set per expert; checkpoints name them tokens, tokens_2, ...
+        tokens = initial_tokens(num_blocks, cfg.tokens_per_motion, dim, cfg.token_init, generator)
+        params["tokens" if expert == 0 else f"tokens_{expert + 1}"] = torch.nn.Parameter(tokens.to(device))
+    experts = list(params.values())
+    lr = learning_rate(cfg, world if distributed else 1)
+    optimizer = torch.optim.AdamW(experts, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_with_hard_restarts_schedule_with_warmup(
+        optimizer, min(cfg.lr_warmup_steps, cfg.steps // 10), cfg.steps, cfg.lr_cycles
+    )
+    # the training randomness lives in one generator per process (saved in checkpoints)
+    generator.manual_seed(cfg.seed * 1000 + rank + 1)
+    samples, encoded = None, {}
+    if cond is None:
+        frames = reference.frames
+        members = word_members(adapter, reference.caption, reference.concept_words, reference.motion_words)
+        samples = draw_samples(frames, reference.caption, cfg, geometry, generator)
+        if distributed and len(samples) >= world:
+            samples = samples[rank::world]
+        if not cfg.reencode:  # each sample encoded once; the encoders may leave after
+            for i, sample in enumerate(samples):
+                encoded[i] = encode_sample(adapter, frames, sample, members, cfg, geometry, generator)
+            after_encoding()
+    else:
+        members = cond.member, cond.concept_member
+    start = 0
+    if resume and checkpoint.is_file():
+        start = load_checkpoint(checkpoint, params, optimizer, scheduler, generator, fingerprints)
+        logger.info("resumed %s at step %d", checkpoint, start)
+
+    state = motion_state_for(
+        torch.stack(experts)[None],
+        members[0].to(device),
+        **adapter.state_settings(),
+        parts=(TRAIN_PARTS & set(adapter.parts)) if cfg.train_mask else frozenset(),
+        num_frames=grid.frames,
+        dmem=cfg.train_mask,
+        concept_member=members[1].to(device),
+        dmem_drop=cfg.dmem_drop,
+        dmem_drop_exact=cfg.dmem_drop_exact,
+        generator=generator,
+        mask_kernel=cfg.mask_kernel,
+    )
+    if not cfg.train_mask:  # w/o Train: motion tokens reach every video token
+        state.set_video_masks(torch.ones(1, grid.size, dtype=torch.bool, device=device))
+    windows = list(range(cond.windows)) if samples is None else []
+    if distributed and len(windows) >= world:
+        windows = windows[rank::world]
+    losses: list[float] = []
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        desc=desc,
+        disable=proc is not None and not proc.is_local_main_process,
+    )
+    for transformer in transformers:
+        transformer.train(False)
+    # the state stays attached through each backward pass too: gradient checkpointing recomputes blocks there
+    with adapter.training_attached(state):
+        for step in bar:
+            if samples is None:
+                step_cond, window = cond, windows[int(torch.randint(0, len(windows), (1,), generator=generator))]
+            else:  # with crops, the samples in their order, cycled; else one at random
+                index = (
+                    step % len(samples) if cfg.crops else int(torch.randint(0, len(samples), (1,), generator=generator))
+                )
+                step_cond = encoded.get(index) or encode_sample(
+                    adapter, frames, samples[index], members, cfg, geometry, generator
+                )
+                window = 0
+            state.set_motion_tokens(torch.stack(experts)[None])
+            state.begin_step(grid.size, num_blocks)
+            loss, expert = training_step(adapter, state, step_cond, window, generator, cfg, autocast, loss_dtype)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            used = torch.tensor([float(e == expert) for e in range(len(experts))], device=device)
+            if distributed:
+                from accelerate.utils import reduce
+
+                used = reduce(used, reduction="sum")
+                for param in experts:
+                    param.grad = reduce(param.grad, reduction="mean")
+            for param, was_used in zip(experts, used.tolist()):
+                if not was_used:  # an expert no process used this step keeps its tokens and optimiser state
+                    param.grad = None
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in experts if p.grad is not None], cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            value = loss.item()
+            losses.append(value)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            done = step + 1
+            saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
+            if saved:
+                save_checkpoint(checkpoint, done, params, optimizer, scheduler, generator, fingerprints)
+            if callback is not None:
+                try:
+                    callback(done, value)
+                except BaseException:  # a callback that raises stops the run: resume=True continues after this step
+                    if not saved:
+                        save_checkpoint(checkpoint, done, params, optimizer, scheduler, generator, fingerprints)
+                    raise
+    bar.close()
+    return experts, losses
+
+
 # -- the whole job -------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -589,9 +749,6 @@ def _train(
     shard_windows: bool,
     return_losses: bool,
 ) -> MotionTokens | TrainResult:
-    from accelerate.utils import reduce
-    from diffusers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
-
     pipe = adapter.pipe
     proc = process_state()  # rank and world size under `accelerate launch`, else one process
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
@@ -635,7 +792,6 @@ def _train(
             cond = prepare_conditions(
                 adapter, frames, caption, concept_words, motion_words, cfg, geometry, cache_path(output), cfg.seed
             )
-        members = cond.member, cond.concept_member
         offload_encoders()
 
     transformers = adapter.transformers()
@@ -652,32 +808,10 @@ def _train(
     if checkpointing:
         for transformer in transformers:
             transformer.enable_gradient_checkpointing()
-    num_blocks, dim = adapter.motion_shape()
-    generator = torch.Generator().manual_seed(cfg.seed)
-    params = {}
-    for expert in range(len(transformers)):  # one token set per expert; checkpoints name them tokens, tokens_2, ...
-        tokens = initial_tokens(num_blocks, cfg.tokens_per_motion, dim, cfg.token_init, generator)
-        params["tokens" if expert == 0 else f"tokens_{expert + 1}"] = torch.nn.Parameter(tokens.to(device))
-    experts = list(params.values())
     distributed = shard_windows and proc.num_processes > 1  # one motion, windows shared out
-    lr = learning_rate(cfg, proc.num_processes if distributed else 1)
-    optimizer = torch.optim.AdamW(experts, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_with_hard_restarts_schedule_with_warmup(
-        optimizer, min(cfg.lr_warmup_steps, cfg.steps // 10), cfg.steps, cfg.lr_cycles
-    )
-    # the training randomness lives in one generator per process (saved in checkpoints)
-    generator.manual_seed(cfg.seed * 1000 + proc.process_index + 1)
-    samples, encoded = None, {}
-    if by_sample:
-        members = word_members(adapter, caption, concept_words, motion_words)
-        samples = draw_samples(frames, caption, cfg, geometry, generator)
-        if distributed and len(samples) >= proc.num_processes:
-            samples = samples[proc.process_index :: proc.num_processes]
-        if not cfg.reencode:  # each sample encoded once; the encoders may leave after
-            for i, sample in enumerate(samples):
-                encoded[i] = encode_sample(adapter, frames, sample, members, cfg, geometry, generator)
-            offload_encoders()
-    loss_dtype = (autocast_dtype or transformers[0].dtype) if cfg.loss_precision == "model" else None
+    ckpt = checkpoint_path(output)
+    if distributed and proc.process_index:  # every rank keeps its own RNG state
+        ckpt = ckpt.with_name(ckpt.stem + f".rank{proc.process_index}.safetensors")
     fingerprints = {
         "model": model_fingerprint(pipe),
         "settings": cfg.fingerprint(),
@@ -685,87 +819,25 @@ def _train(
         "words": f"{concept_words}|{motion_words}",
         "processes": proc.num_processes if distributed else 1,
     }
-    ckpt = checkpoint_path(output)
-    if distributed and proc.process_index:  # every rank keeps its own RNG state
-        ckpt = ckpt.with_name(ckpt.stem + f".rank{proc.process_index}.safetensors")
-    start = 0
-    if resume and ckpt.is_file():
-        start = load_checkpoint(ckpt, params, optimizer, scheduler, generator, fingerprints)
-        logger.info("resumed %s at step %d", ckpt, start)
-
-    state = motion_state_for(
-        torch.stack(experts)[None],
-        members[0].to(device),
-        **adapter.state_settings(),
-        parts=(TRAIN_PARTS & set(adapter.parts)) if cfg.train_mask else frozenset(),
-        num_frames=grid.frames,
-        dmem=cfg.train_mask,
-        concept_member=members[1].to(device),
-        dmem_drop=cfg.dmem_drop,
-        dmem_drop_exact=cfg.dmem_drop_exact,
-        generator=generator,
-        mask_kernel=cfg.mask_kernel,
-    )
-    if not cfg.train_mask:  # w/o Train: motion tokens reach every video token
-        state.set_video_masks(torch.ones(1, grid.size, dtype=torch.bool, device=device))
-    windows = list(range(cond.windows)) if samples is None else []
-    if distributed and len(windows) >= proc.num_processes:
-        windows = windows[proc.process_index :: proc.num_processes]
-    losses: list[float] = []
-    bar = tqdm(
-        range(start, cfg.steps),
-        initial=start,
-        total=cfg.steps,
+    loss_dtype = (autocast_dtype or transformers[0].dtype) if cfg.loss_precision == "model" else None
+    experts, losses = fit_tokens(
+        adapter,
+        cfg,
+        geometry,
+        ckpt,
+        fingerprints,
+        device,
+        cond=None if by_sample else cond,
+        reference=Reference(frames, caption, concept_words, motion_words),
+        resume=resume,
+        callback=callback,
+        autocast=autocast,
+        loss_dtype=loss_dtype,
+        proc=proc,
+        distributed=distributed,
+        after_encoding=offload_encoders,
         desc=f"training {output.name}",
-        disable=not proc.is_local_main_process,
     )
-    for transformer in transformers:
-        transformer.train(False)
-    # the state stays attached through each backward pass too: gradient checkpointing recomputes blocks there
-    with adapter.training_attached(state):
-        for step in bar:
-            if samples is None:
-                step_cond, window = cond, windows[int(torch.randint(0, len(windows), (1,), generator=generator))]
-            else:  # with crops, the samples in their order, cycled; else one at random
-                index = (
-                    step % len(samples) if cfg.crops else int(torch.randint(0, len(samples), (1,), generator=generator))
-                )
-                step_cond = encoded.get(index) or encode_sample(
-                    adapter, frames, samples[index], members, cfg, geometry, generator
-                )
-                window = 0
-            state.set_motion_tokens(torch.stack(experts)[None])
-            state.begin_step(grid.size, num_blocks)
-            loss, expert = training_step(adapter, state, step_cond, window, generator, cfg, autocast, loss_dtype)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            used = torch.tensor([float(e == expert) for e in range(len(experts))], device=device)
-            if distributed:
-                used = reduce(used, reduction="sum")
-                for param in experts:
-                    param.grad = reduce(param.grad, reduction="mean")
-            for param, was_used in zip(experts, used.tolist()):
-                if not was_used:  # an expert no process used this step keeps its tokens and optimiser state
-                    param.grad = None
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in experts if p.grad is not None], cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            value = loss.item()
-            losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            done = step + 1
-            saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
-            if saved:
-                save_checkpoint(ckpt, done, params, optimizer, scheduler, generator, fingerprints)
-            if callback is not None:
-                try:
-                    callback(done, value)
-                except BaseException:  # a callback that raises stops the run: resume=True continues after this step
-                    if not saved:
-                        save_checkpoint(ckpt, done, params, optimizer, scheduler, generator, fingerprints)
-                    raise
-    bar.close()
 
     motion = MotionTokens(
         [p.detach().cpu().clone() for p in experts],
