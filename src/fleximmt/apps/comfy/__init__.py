@@ -7,7 +7,7 @@ Two ways in, as ComfyUI users know them:
   motion, transfer motions onto objects, preview masks;
 - **native** (``native/``): *FlexiMMT Apply* patches ComfyUI's own MODEL of a family fleximmt knows
   (Wan 2.1 / 2.2, CogVideoX, HunyuanVideo 1.5; its loaders, LoRAs, fp8 weights) through ComfyUI's
-  patch points, for any sampler.
+  patch points, for any sampler; *Learn motion (native)* (``learn.py``) learns a motion on that MODEL.
 
 ``common.py`` holds the types and the *Object* node both use; ``preview.py`` Transfer's latent
 previews; ``validation.py`` the rule that a prompt with FlexiMMT nodes runs whole or not at all.
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 def node_list() -> list:
     """Every FlexiMMT node class, in the node library's order."""
-    from . import common, native, nodes
+    from . import common, learn, native, nodes
 
-    return [*nodes.NODES[:3], common.ObjectNode, *nodes.NODES[3:], *native.NODES]
+    return [*nodes.NODES[:3], common.ObjectNode, *nodes.NODES[3:], *native.NODES, *learn.NODES]
 
 
 async def comfy_entrypoint():

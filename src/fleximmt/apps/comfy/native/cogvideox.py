@@ -27,6 +27,12 @@ class CogVideoX(JointFamily):
     block_hook = False
     clip_name = "T5"
     tokens_key = "t5xxl"
+    noise_frames_second = True
+
+    def image_conditioning(self, vae, image, length: int) -> dict:
+        """As the native example's ``InstructPixToPixConditioning``: the image encoded, its latent frame first
+        (ComfyUI's CogVideoX pads the other frames with zeros)."""
+        return {"concat_latent_image": vae.encode(image[..., :3])}
 
     def check(self, model) -> None:
         if model.in_channels != 2 * model.out_channels:
@@ -54,7 +60,7 @@ class CogVideoX(JointFamily):
         block = run.model.blocks[index]
         batch, length, _ = q.shape
         to_heads = lambda x: x.view(batch, x.shape[1], heads, -1).transpose(1, 2)
-        motion = run.state.joint_motion_rows(index, 0, batch, like=v)  # [B, K * d_m, dim], the raw tokens
+        motion = run.state.joint_motion_rows(index, run.expert, batch, like=v)  # [B, K * d_m, dim], the raw tokens
         motion_k = block.norm_k(block.k(motion).view(batch, motion.shape[1], heads, -1)).transpose(1, 2)
         motion_v = to_heads(block.v(motion))
         out = self.joint_attention(

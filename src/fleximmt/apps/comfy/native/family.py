@@ -58,6 +58,14 @@ class Family:
     block_hook: ClassVar[bool] = True
     clip_name: ClassVar[str]  # the text encoder a message names
     tokens_key: ClassVar[str]  # the prompt's tokens in what the family's CLIP.tokenize returns
+    # learning (native/training.py): the channels of the model's concatenated condition that hold the image
+    # (training's image dropout zeroes them), and the block arguments its blocks add to in place
+    image_channels: ClassVar[slice] = slice(None)
+    inplace_streams: ClassVar[tuple[str, ...]] = ()
+    learn_frames: ClassVar[int] = 81  # frames of a training window where none are given (the library's default)
+    # the library's adapter draws a step's noise as [1, F, C, h, w] (frames second, CogVideoX's layout), not
+    # ComfyUI's [1, C, F, h, w]: the native step draws it alike, so a seed gives both the same noise
+    noise_frames_second: ClassVar[bool] = False
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -77,6 +85,14 @@ class Family:
 
     def check(self, model) -> None:
         """Raise for a model of this class FlexiMMT does not run (another variant of the family)."""
+
+    def check_learning(self, model) -> None:
+        """Raise for a model of this family Learn motion does not train (one it samples with is enough here)."""
+
+    def image_conditioning(self, vae, image: torch.Tensor, length: int) -> dict:
+        """The conditioning values the family's ComfyUI image-to-video node adds for a first frame ``image``
+        (IMAGE ``[1, H, W, 3]``) and a video of ``length`` frames (``concat_latent_image``, ``concat_mask``)."""
+        raise NotImplementedError
 
     def blocks(self, model) -> Sequence[torch.nn.Module]:
         return model.blocks
@@ -173,7 +189,9 @@ class CrossFamily(Family):
             tokens = tokens.to(device=q.device, dtype=q.dtype)[None]
             return to_heads(key_path(tokens) if kind == "k" else value_path(tokens))
 
-        out = run.state.cross_attention(index, 0, to_heads(q), to_heads(k), to_heads(v), project, group, run.texts)
+        out = run.state.cross_attention(
+            index, run.expert, to_heads(q), to_heads(k), to_heads(v), project, group, run.texts
+        )
         return out.transpose(1, 2).flatten(2).to(q.dtype)
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from ....errors import FlexiMMTInputError
 from ....method.prompt import find_word_spans
 from ....method.tokens import TextKeys
@@ -51,6 +53,19 @@ class HunyuanVideo15(JointFamily):
     module, model_class = "comfy.ldm.hunyuan_video.model", "HunyuanVideo"
     clip_name = "Qwen2.5"
     tokens_key = QWEN
+    image_channels = slice(0, -1)  # [image latents | frame mask (1)]
+    inplace_streams = ("img", "txt")  # DoubleStreamBlock: img += ..., txt += ... after their norms saved them
+    learn_frames = 121
+
+    def image_conditioning(self, vae, image, length: int) -> dict:
+        """As ``HunyuanVideo15ImageToVideo``: the image's latent frame first, zeros after; the first frame given."""
+        encoded = vae.encode(image[..., :3])
+        frames = (length - 1) // 4 + 1
+        latent = torch.zeros(1, encoded.shape[1], frames, *encoded.shape[-2:])
+        latent[:, :, : encoded.shape[2]] = encoded
+        mask = torch.ones(1, 1, frames, *encoded.shape[-2:])
+        mask[:, :, :1] = 0.0
+        return {"concat_latent_image": latent, "concat_mask": mask}
 
     def check(self, model) -> None:
         if model.cond_type_embedding is None or model.vision_in is None:
@@ -102,7 +117,7 @@ class HunyuanVideo15(JointFamily):
         kwargs.pop("skip_reshape", None)
         attn = run.model.double_blocks[index].txt_attn
         batch = q.shape[0]
-        motion = run.state.joint_motion_rows(index, 0, batch, like=v)  # [B, K * d_m, dim], the raw tokens
+        motion = run.state.joint_motion_rows(index, run.expert, batch, like=v)  # [B, K * d_m, dim], the raw tokens
         mq, mk, mv = attn.qkv(motion).view(batch, motion.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
         _, mk = attn.norm(mq, mk, mv)
         out = self.joint_attention(run, index, base, q, k, v, mk, mv, dict(kwargs, heads=heads))

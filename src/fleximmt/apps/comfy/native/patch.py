@@ -95,8 +95,9 @@ class Run:
     model: torch.nn.Module  # ComfyUI's diffusion model of this run
     grid: TokenGrid
     state: FlexiMMTState
-    schedule: MaskSchedule
+    schedule: MaskSchedule | None  # None while motion tokens train (DMEM makes the masks in every block)
     videos: int
+    expert: int = 0  # which of the state's token sets this model's blocks take (Wan 2.2 A14B training: 0 or 1)
     sigma: float | None = None
     steps: int = 0
     feature_index: torch.Tensor | None = None
@@ -162,13 +163,26 @@ class NativePatch:
             self.run = None
 
     def diffusion_model(self, executor, *args, **kwargs):
-        if not self.objects:
+        if not self.active():
             return executor(*args, **kwargs)
         model = executor.class_obj
         bound = inspect.signature(model._forward).bind(*args, **kwargs)
         arguments = bound.arguments
         options = dict(arguments.get("transformer_options") or {})
         call = self.family.read_call(model, arguments)
+        options[KEY] = self.call_run(model, call, options)
+        if not self.family.block_hook:  # the blocks make their calls in order, one forward at a time
+            options[CALLS_KEY] = Calls([c for i in range(len(self.family.blocks(model))) for c in self.kinds(model, i)])
+        arguments["transformer_options"] = options
+        return executor(*bound.args, **bound.kwargs)
+
+    def active(self) -> bool:
+        """Whether model calls run with FlexiMMT (without objects the patch is ComfyUI's model exactly)."""
+        return bool(self.objects)
+
+    def call_run(self, model, call: Call, options: dict) -> Run:
+        """The run a model call belongs to, its rows assigned: the sampling run's, whose step ends when
+        the noise level changes (a subclass, the training patch, gives its own)."""
         chunks = list(options.get("cond_or_uncond") or [0])
         if 0 in chunks and call.prompt_len != self.prompt_len:
             raise FlexiMMTInputError(
@@ -187,11 +201,7 @@ class NativePatch:
         self.assign_rows(run, chunks, call.x.shape[0], call.x.device)
         if not call.features:
             run.state.rows.feature_rows, run.feature_index = None, None
-        options[KEY] = run
-        if not self.family.block_hook:  # the blocks make their calls in order, one forward at a time
-            options[CALLS_KEY] = Calls([c for i in range(len(self.family.blocks(model))) for c in self.kinds(model, i)])
-        arguments["transformer_options"] = options
-        return executor(*bound.args, **bound.kwargs)
+        return run
 
     def block(self, index: int):
         def replace(args, extra):

@@ -12,6 +12,8 @@ patched with expert 1, the low-noise model with expert 2.
 
 from __future__ import annotations
 
+import torch
+
 from ....errors import FlexiMMTInputError
 from .family import CrossFamily
 from .patch import Call, Run
@@ -23,6 +25,24 @@ class Wan(CrossFamily):
     module, model_class = "comfy.ldm.wan.model", "WanModel"
     clip_name = "umT5"
     tokens_key = "umt5xxl"
+    image_channels = slice(4, None)  # [frame mask (4) | image latents], as diffusers' Wan I2V concatenates them
+
+    def check_learning(self, model) -> None:
+        if model.in_dim == model.out_dim:
+            raise FlexiMMTInputError(
+                f"this Wan model takes {model.in_dim} input channels, the noise alone (text-to-video, or Wan 2.2 "
+                "TI2V-5B, whose image replaces the first latent frame): Learn motion trains Wan 2.1 I2V and Wan 2.2 "
+                "I2V A14B; learn TI2V-5B motions with FlexiMMT Load Model and Learn Motion"
+            )
+
+    def image_conditioning(self, vae, image, length: int) -> dict:
+        """As ``WanImageToVideo``: the image followed by grey frames, encoded; the first latent frame given."""
+        video = torch.full((length, *image.shape[1:]), 0.5, dtype=image.dtype)
+        video[:1] = image
+        latent = vae.encode(video[..., :3])
+        mask = torch.ones(1, 1, latent.shape[2], *latent.shape[-2:])
+        mask[:, :, :1] = 0.0
+        return {"concat_latent_image": latent, "concat_mask": mask}
 
     def motion_shape(self, model) -> tuple[int, int]:
         return len(model.blocks), model.dim

@@ -1,0 +1,423 @@
+"""Learn a motion on ComfyUI's own model: the *FlexiMMT Learn Motion (native)* node.
+
+It takes the MODEL, CLIP and VAE ComfyUI's loaders give (LoRAs, fp8 or GGUF weights as loaded), a
+reference video as IMAGE frames (ComfyUI's video nodes, with their fps) and the words of a caption, and
+trains only the motion tokens through ComfyUI's own forward with the library's loop
+(``fleximmt.training.train.fit_tokens``: the same objective, timestep draws, DMEM, learning-rate schedule
+and checkpoints as ``train_motion``). No second copy of the model is loaded: the model's side is
+``native/training.py`` (``NativeTraining``). The motion is written as the library's motion file into
+``models/fleximmt_motions`` (atomically), where *FlexiMMT Load Motion* and ``fleximmt inspect`` read it,
+and *Apply FlexiMMT* or the wrapper nodes use it.
+
+Like ComfyUI's own trainer (``comfy_extras/nodes_train.py``: *Train LoRA*, *Plot Loss Graph*) it moves the
+progress bar every step and returns the losses as a ``LOSS_MAP``, which ComfyUI's *Plot Loss Graph* draws;
+a cancel stops it at the next step with a checkpoint beside the motion, and the same node queued again
+continues from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from comfy_api.latest import io, ui
+
+from ...errors import FlexiMMTInputError
+from ...method.motion import MotionTokens, check_motion_name, motion_metadata
+from ...training.train import (
+    Conditions,
+    Reference,
+    TrainResult,
+    TrainSettings,
+    checkpoint_interval,
+    checkpoint_path,
+    checkpointing_needed,
+    fit_tokens,
+    load_reference,
+    prepare_conditions,
+)
+from .common import CATEGORY, MOTIONS_FOLDER, motions_dir
+from .common import MOTION as MOTION_TYPE
+from .native import family_of
+from .native.training import NativeTraining
+
+logger = logging.getLogger(__name__)
+
+MOTION = io.Custom(MOTION_TYPE) if isinstance(MOTION_TYPE, str) else MOTION_TYPE
+LOSS_MAP = io.Custom("LOSS_MAP")  # ComfyUI's trainer's type: {"loss": [one value a step]}, for Plot Loss Graph
+WAN22_BOUNDARY = 0.875  # Wan 2.2 I2V A14B's boundary_ratio: below this noise level the low-noise expert denoises
+# a training step keeps about 24 bytes per token and channel for the backward pass of one block in bf16
+# (train.SAVED_BYTES_PER_TOKEN_CHANNEL); with checkpointing each block keeps only its input, 2 bytes each
+BOUNDARY_BYTES_PER_TOKEN_CHANNEL = 2
+
+
+def training_memory(trainer: NativeTraining, geometry: tuple[int, int, int], checkpointing: bool) -> int:
+    """Bytes a training step needs besides the weights, for ComfyUI's model management to make room for:
+    the blocks' saved activations (every block's, or with checkpointing each block's input and one block's
+    recomputed activations), as ``train.checkpointing_needed`` counts them."""
+    from ...training.train import SAVED_BYTES_PER_TOKEN_CHANNEL
+
+    blocks, dim = trainer.motion_shape()
+    tokens = trainer.token_grid(*geometry).size + trainer.default_text_length()
+    block = tokens * dim * SAVED_BYTES_PER_TOKEN_CHANNEL
+    if not checkpointing:
+        return blocks * block
+    return blocks * tokens * dim * BOUNDARY_BYTES_PER_TOKEN_CHANNEL + block
+
+
+def learn_native(
+    models: Sequence,
+    clip,
+    vae,
+    frames,
+    caption: str,
+    concept_words: str,
+    motion_words: str,
+    output: str | Path,
+    *,
+    clip_vision_output=None,
+    fps: float | None = None,
+    boundary: float | None = None,
+    resume: bool = False,
+    callback: Callable[[int, float], None] | None = None,
+    conditions: Conditions | None = None,
+    **settings: Any,
+) -> TrainResult:
+    """Learn motion tokens on ComfyUI's MODEL(s) (``models``: one, or Wan 2.2 A14B's high- and low-noise
+    experts) from ``frames`` (uint8 ``[T, H, W, 3]`` at ``fps``; subsampled as ``fleximmt train`` does) and
+    write them to ``output``. ``settings`` are :class:`fleximmt.training.train.TrainSettings`' (``height``,
+    ``width``: the frames' own where not given; ``num_frames``: the family's). ``conditions``: the
+    reference already encoded (``encode_conditions``' keys), instead of ComfyUI's VAE and CLIP on ``frames``.
+    ``resume`` continues from the checkpoint beside ``output``; ``callback(step, loss)`` after each step,
+    and one that raises stops the run with a checkpoint of that step."""
+    output = Path(output)
+    if not models:
+        raise FlexiMMTInputError("Learn motion needs a MODEL: connect one from ComfyUI's loaders")
+    family = family_of(models[0])
+    shapes = {(type(m.model.diffusion_model), family.motion_shape(m.model.diffusion_model)) for m in models}
+    if len(shapes) > 1 or len(models) > 2:
+        raise FlexiMMTInputError(
+            "model_2 is Wan 2.2 A14B's low-noise expert: connect the low-noise model of the same family and size "
+            "as model, or leave it unconnected"
+        )
+    for model in models:
+        family.check_learning(model.model.diffusion_model)
+    unknown = set(settings) - set(TrainSettings.__dataclass_fields__)
+    if unknown:
+        raise FlexiMMTInputError(f"unknown training setting(s) {sorted(unknown)}: see TrainSettings")
+    settings.setdefault("num_frames", family.learn_frames)
+    if frames is not None:
+        settings.setdefault("height", int(frames.shape[1]))
+        settings.setdefault("width", int(frames.shape[2]))
+    cfg = TrainSettings(**settings)
+    cfg.apply_preset(given=settings)
+    cfg.validate()
+    trainer = NativeTraining(family, models, clip, vae, clip_vision_output, boundary if len(models) > 1 else None)
+    geometry = (cfg.height, cfg.width, cfg.num_frames)
+    trainer.check_geometry(*geometry)
+    if conditions is None:
+        trainer.word_spans(caption, [motion_words])  # the caption's length as ComfyUI's CLIP gives it to the model
+    else:
+        trainer.text_len = conditions.member.shape[1]
+    reference = None
+    if frames is not None:
+        subsampled = load_reference(frames, cfg.num_frames, cfg.fps, video_fps=fps)
+        reference = Reference(subsampled, caption, concept_words, motion_words)
+    by_sample = bool(cfg.crops or cfg.caption_dropout or cfg.reencode)
+    if conditions is None and not by_sample:
+        conditions = prepare_conditions(
+            trainer, reference.frames, caption, concept_words, motion_words, cfg, geometry, None, cfg.seed
+        )
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = checkpointing_needed(trainer, trainer.token_grid(*geometry), trainer.default_text_length())
+    fingerprints = {
+        "model": trainer.fingerprint(),
+        "settings": cfg.fingerprint(),
+        "caption": caption,
+        "words": f"{concept_words}|{motion_words}",
+        "processes": 1,
+    }
+    device = models[0].load_device
+    memory = training_memory(trainer, geometry, checkpointing)
+    with torch.inference_mode(False), torch.enable_grad(), trainer.training(checkpointing, memory):
+        experts, losses = fit_tokens(
+            trainer,
+            cfg,
+            geometry,
+            checkpoint_path(output),
+            fingerprints,
+            device,
+            cond=None if by_sample else conditions,
+            reference=reference,
+            resume=resume,
+            callback=callback,
+            desc=f"learning {output.name}",
+        )
+    motion = MotionTokens(
+        [p.detach().cpu().clone() for p in experts],
+        name=output.stem,
+        caption=caption,
+        concept_words=concept_words,
+        motion_words=motion_words,
+        base_model=fingerprints["model"],
+        steps=cfg.steps,
+        family=trainer.family,
+    )
+    motion.save(output)
+    return TrainResult(motion, losses)
+
+
+def step_reporter(total: int) -> Callable[[int, float], None]:
+    """``report(step, loss)`` for a run of ``total`` steps: ComfyUI's progress bar, and a stop at the step
+    when the user cancels (``InterruptProcessingException``)."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+
+    def report(step: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise FlexiMMTInputError(
+                f"Learn motion: the loss is {loss} at step {step}: lower the learning rate, or learn in another "
+                "precision (a float16 model overflows: load it as bf16 or fp32)"
+            )
+        bar.update_absolute(step, total)
+        mm.throw_exception_if_processing_interrupted()
+
+    return report
+
+
+def to_frames(video) -> Any:
+    """A ComfyUI IMAGE (float ``[T, H, W, C]`` in 0-1) as uint8 frames ``[T, H, W, 3]``."""
+    if not isinstance(video, torch.Tensor) or video.ndim != 4 or video.shape[-1] not in (3, 4) or not len(video):
+        shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+        raise FlexiMMTInputError(f"video: an IMAGE of frames [T, H, W, 3] with T >= 1, got {shape}")
+    return (video[..., :3].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def learn_motion_node(
+    model,
+    clip,
+    vae,
+    video,
+    caption: str,
+    concept_words: str,
+    motion_words: str,
+    name: str,
+    steps: int,
+    tokens: int,
+    learning_rate: float,
+    seed: int,
+    resume: bool = True,
+    fps: float = 0.0,
+    model_2=None,
+    clip_vision_output=None,
+    width: int = 0,
+    height: int = 0,
+    frames: int = 0,
+    gradient_checkpointing: bool = True,
+    boundary: float = WAN22_BOUNDARY,
+) -> TrainResult:
+    """What the node does: check the inputs, learn into ``models/fleximmt_motions/<name>.safetensors``,
+    and remove the checkpoint once the motion is written."""
+    for words, what, example in ((concept_words, "concept", "man"), (motion_words, "motion", "is doing yoga")):
+        if not (words or "").strip():
+            raise FlexiMMTInputError(
+                f"write the {what} words: the words of the caption that "
+                f"{'name the moving object' if what == 'concept' else 'describe the motion'}, e.g. '{example}'"
+            )
+    output = motions_dir() / f"{check_motion_name(name)}.safetensors"
+    if output.is_file():
+        raise FlexiMMTInputError(
+            f"a motion named {output.stem!r} already exists (models/{MOTIONS_FOLDER}/{output.name}): give this one "
+            "another name, or delete that file to learn it again"
+        )
+    checkpoint = checkpoint_path(output)
+    resuming = bool(resume) and checkpoint.is_file()
+    settings = dict(steps=int(steps), tokens_per_motion=int(tokens), lr=float(learning_rate), seed=int(seed))
+    settings.update(checkpoint_every=checkpoint_interval(steps), gradient_checkpointing=bool(gradient_checkpointing))
+    for key, value in (("width", width), ("height", height), ("num_frames", frames)):
+        if value:
+            settings[key] = int(value)
+    try:
+        result = learn_native(
+            [model] if model_2 is None else [model, model_2],
+            clip,
+            vae,
+            to_frames(video),
+            caption,
+            concept_words.strip(),
+            motion_words.strip(),
+            output,
+            clip_vision_output=clip_vision_output,
+            fps=float(fps) or None,
+            boundary=float(boundary),
+            resume=bool(resume),
+            callback=step_reporter(int(steps)),
+            **settings,
+        )
+    except FlexiMMTInputError as err:
+        if resuming:
+            raise FlexiMMTInputError(f"{err} (or set resume to false to start over)") from None
+        raise
+    checkpoint.unlink(missing_ok=True)  # complete: its resumable state goes
+    return result
+
+
+class LearnMotionNative(io.ComfyNode):
+    """FlexiMMT Learn Motion (native): motion tokens from one reference video on ComfyUI's own model."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlexiMMTLearnMotionNative",
+            display_name="FlexiMMT Learn Motion (native)",
+            category=CATEGORY,
+            description="Learns a motion from one reference video of one moving object on ComfyUI's own Wan "
+            "2.1 / 2.2, CogVideoX 1.5 or HunyuanVideo 1.5 image-to-video model (the MODEL, CLIP and VAE its "
+            "loaders give), training only the motion tokens, and saves it in "
+            "models/fleximmt_motions/<name>.safetensors for Apply FlexiMMT. Cancel stops it at the next step "
+            "with a checkpoint; queue it again with the same settings and it continues from there.",
+            is_output_node=True,  # it writes a file: it runs when queued alone
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="The image-to-video model from ComfyUI's loaders (LoRAs, fp8 or GGUF weights as "
+                    "loaded); for Wan 2.2 A14B, the high-noise expert.",
+                ),
+                io.Clip.Input("clip", tooltip="The model's text encoder, as for CLIP Text Encode."),
+                io.Vae.Input("vae", tooltip="The model's VAE: it encodes the reference video."),
+                io.Image.Input(
+                    "video",
+                    tooltip="The reference video's frames (Load Video -> Get Video Components), at the size "
+                    "to learn at (multiples of 16; resize with Upscale Image, or set width and height).",
+                ),
+                io.String.Input(
+                    "caption",
+                    default="",
+                    multiline=True,
+                    tooltip="What happens in the video, e.g. 'A man is doing yoga.'",
+                ),
+                io.String.Input(
+                    "concept_words", default="", tooltip="The caption's words naming the moving object, e.g. 'man'."
+                ),
+                io.String.Input(
+                    "motion_words",
+                    default="",
+                    tooltip="The caption's words describing the motion, e.g. 'is doing yoga'; Apply FlexiMMT's "
+                    "prompt gives the object such words.",
+                ),
+                io.String.Input(
+                    "name",
+                    default="motion",
+                    tooltip="The motion's file name in models/fleximmt_motions (letters, digits, spaces, '.', "
+                    "'_', '-').",
+                ),
+                io.Int.Input(
+                    "steps", default=TrainSettings.steps, min=1, max=100000, tooltip="Training steps (the paper: 2000)."
+                ),
+                io.Int.Input(
+                    "tokens",
+                    default=TrainSettings.tokens_per_motion,
+                    min=1,
+                    max=1024,
+                    tooltip="Motion tokens per block (the paper: 226). Motions given to one Apply need the same count.",
+                ),
+                io.Float.Input(
+                    "learning_rate",
+                    default=TrainSettings.lr,
+                    min=1e-7,
+                    max=1.0,
+                    step=1e-5,
+                    tooltip="AdamW's learning rate (fleximmt's default: 3e-3), with warmup and a cosine decay.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    control_after_generate=False,
+                    tooltip="Seed of the token initialisation and training draws.",
+                ),
+                io.Boolean.Input(
+                    "resume",
+                    default=True,
+                    tooltip="Continue a stopped run of this name (same settings) from its checkpoint.",
+                ),
+                io.Float.Input(
+                    "fps",
+                    optional=True,
+                    default=0.0,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.01,
+                    tooltip="The video's frame rate (Get Video Components' fps): frames are subsampled to about "
+                    "8 a second, as fleximmt train does. 0: take the frames as they are.",
+                ),
+                io.Model.Input(
+                    "model_2",
+                    optional=True,
+                    tooltip="Wan 2.2 A14B's low-noise expert: the motion then holds one token set per expert, each "
+                    "trained on its own noise levels.",
+                ),
+                io.ClipVisionOutput.Input(
+                    "clip_vision_output",
+                    optional=True,
+                    tooltip="CLIP Vision Encode of the reference's first frame, for the models that take one "
+                    "(Wan 2.1 I2V, HunyuanVideo 1.5), as their image-to-video node takes it.",
+                ),
+                io.Int.Input(
+                    "width", optional=True, default=0, min=0, max=8192, step=16, tooltip="0: the video's width."
+                ),
+                io.Int.Input(
+                    "height", optional=True, default=0, min=0, max=8192, step=16, tooltip="0: the video's height."
+                ),
+                io.Int.Input(
+                    "frames",
+                    optional=True,
+                    default=0,
+                    min=0,
+                    max=1024,
+                    step=4,
+                    tooltip="Frames a training window holds (4k+1); 0: the model's own (81, HunyuanVideo 1.5: 121).",
+                ),
+                io.Boolean.Input(
+                    "gradient_checkpointing",
+                    optional=True,
+                    default=True,
+                    tooltip="Recompute each block in the backward pass instead of keeping its activations.",
+                ),
+                io.Float.Input(
+                    "boundary",
+                    optional=True,
+                    default=WAN22_BOUNDARY,
+                    min=0.0,
+                    max=1.0,
+                    step=0.005,
+                    tooltip="With model_2: the noise level below which the low-noise expert denoises "
+                    "(Wan 2.2 I2V A14B: 0.875).",
+                ),
+            ],
+            outputs=[
+                MOTION.Output(
+                    "motion_out",
+                    display_name="motion",
+                    tooltip="The learned motion (also saved in models/fleximmt_motions), for an Object node.",
+                ),
+                LOSS_MAP.Output("loss_map", display_name="loss_map", tooltip="Each step's loss, for Plot Loss Graph."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, **inputs) -> io.NodeOutput:  # the inputs are learn_motion_node()'s arguments, by name
+        result = learn_motion_node(**inputs)
+        info = motion_metadata(result.motion, markdown=False)
+        return io.NodeOutput(result.motion, {"loss": result.losses}, ui=ui.PreviewText(info))
+
+
+NODES = [LearnMotionNative]
