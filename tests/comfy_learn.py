@@ -30,11 +30,11 @@ class VaeShape:
         self.downscale_ratio = (lambda frames: (frames + temporal - 1) // temporal, spatial, spatial)
 
 
-def library_and_native(pipe, patchers, clip, vae, native_conditions, tmp_path, video, steps=3, **settings):
+def library_and_native(pipe, patchers, clip, vae, native_conditions, tmp_path, video, steps=3, native=None, **settings):
     """``train_motion`` on the diffusers ``pipe`` and ``learn_native`` on ComfyUI's ``patchers`` of the same weights,
     the same reference, seed and settings; the native run takes the library's encoded reference
     (``prepare_conditions``, what ``train_motion`` encodes) through ``native_conditions``. Returns both
-    ``TrainResult``s and the library's first tokens (before any step)."""
+    ``TrainResult``s and the library's first tokens (before any step); ``native``: ``learn_native``'s own arguments."""
     from fleximmt import train_motion
     from fleximmt.apps.comfy.learn import learn_native
     from fleximmt.models import adapter_for
@@ -61,6 +61,7 @@ def library_and_native(pipe, patchers, clip, vae, native_conditions, tmp_path, v
         MOTION,
         tmp_path / "native.safetensors",
         conditions=native_conditions(cond),
+        **(native or {}),
         **settings,
     )
     blocks, dim = adapter.motion_shape()

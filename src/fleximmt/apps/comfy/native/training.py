@@ -80,6 +80,14 @@ def vae_compression(vae) -> tuple[Callable[[int], int], int]:
     return (lambda frames: frames), ratio
 
 
+def compute_dtype(base_model) -> torch.dtype:
+    """The dtype a ComfyUI model computes in (its weights', or the one it casts them to)."""
+    getter = getattr(base_model, "get_dtype_inference", None)  # ComfyUI 0.33
+    if getter is not None:
+        return getter()
+    return getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+
+
 def temporal_factor(vae) -> int:
     """Video frames a ComfyUI VAE packs into each latent frame after the first."""
     frames, _ = vae_compression(vae)
@@ -243,7 +251,7 @@ class NativeTraining:
         layer = next(m for m in self.native.blocks(model)[0].modules() if hasattr(m, "in_features"))
         probe = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            out = layer(probe.to(self.models[0].load_device, self.models[0].model.get_dtype_inference())).float()
+            out = layer(probe.to(self.models[0].load_device, compute_dtype(self.models[0].model))).float()
         blob = json.dumps([type(model).__name__, self.motion_shape(), f"{out.sum().item():.5e}"])
         blob += f"{out.abs().sum().item():.5e}"
         return f"comfyui-{self.family}@{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
