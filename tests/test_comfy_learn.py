@@ -252,3 +252,29 @@ def test_bad_inputs_are_refused_by_name(pipe, patcher, clip, tmp_path):
         learn(num_frames=FRAMES, warmup=3)
     with pytest.raises(FlexiMMTInputError, match="frames but training needs"):
         learn(frames=video[:5], num_frames=FRAMES)
+
+
+def test_a_model_loaded_and_learned_on_inside_inference_mode_trains_as_outside(pipe, clip, tmp_path):
+    """ComfyUI runs its loaders and nodes under ``torch.inference_mode()``, whose weights autograd refuses to keep
+    for a backward pass: the MODEL loaded there, its reference encoded there, Learn run there, gives the tokens
+    of the same run outside it."""
+    from fleximmt.apps.comfy.learn import learn_native
+    from fleximmt.models import adapter_for
+    from fleximmt.training.train import TrainSettings, prepare_conditions
+
+    video = jumping_square(SIZE, FRAMES)
+    settings = dict(steps=2, tokens_per_motion=4, lr_warmup_steps=0, height=SIZE, width=SIZE, num_frames=FRAMES)
+    runs = []
+    for inference in (False, True):
+        with torch.inference_mode(inference):
+            patcher = comfy_model(pipe.transformer)
+            cfg, geometry = TrainSettings(**settings), (SIZE, SIZE, FRAMES)
+            cond = prepare_conditions(adapter_for(pipe), video, CAPTION, CONCEPT, MOTION, cfg, geometry, None, 0)
+            assert next(patcher.model.diffusion_model.parameters()).is_inference() == inference
+            path = tmp_path / f"{inference}.safetensors"
+            conditions = native_conditions(cond)
+            result = learn_native(
+                [patcher], clip, vae(), None, CAPTION, CONCEPT, MOTION, path, conditions=conditions, **settings
+            )
+        runs.append(result.motion.tokens)
+    assert torch.equal(runs[0], runs[1])

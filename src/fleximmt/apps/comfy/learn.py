@@ -132,6 +132,10 @@ def learn_native(
         conditions = prepare_conditions(
             trainer, reference.frames, caption, concept_words, motion_words, cfg, geometry, None, cfg.seed
         )
+    if conditions is not None:  # ordinary tensors, not inference mode's (ComfyUI runs nodes in it)
+        with torch.inference_mode(False):
+            tensors = {name: value.clone() for name, value in conditions.tensors.items()}
+            conditions = Conditions(tensors, conditions.member.clone(), conditions.concept_member.clone())
     checkpointing = cfg.gradient_checkpointing
     if checkpointing is None:
         checkpointing = checkpointing_needed(trainer, trainer.token_grid(*geometry), trainer.default_text_length())

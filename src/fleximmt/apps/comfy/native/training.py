@@ -80,6 +80,23 @@ def vae_compression(vae) -> tuple[Callable[[int], int], int]:
     return (lambda frames: frames), ratio
 
 
+def ordinary_weights(module: torch.nn.Module) -> None:
+    """Every inference tensor among ``module``'s parameters and buffers made an ordinary tensor of the same values.
+
+    ComfyUI loads models inside ``torch.inference_mode()``, whose tensors autograd refuses to keep for a
+    backward pass; the gradient that reaches the motion tokens passes through every later layer, which keeps
+    its weight for that (ComfyUI's own trainer works on a fresh copy of the model instead). Weights ComfyUI
+    casts or moves for a call are copies made outside inference mode already; the others are cloned here,
+    once, one at a time, and stay ComfyUI's (the same modules, the same values)."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and param.is_inference():
+                sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None and buffer.is_inference():
+                sub._buffers[name] = buffer.clone()
+
+
 def compute_dtype(base_model) -> torch.dtype:
     """The dtype a ComfyUI model computes in (its weights', or the one it casts them to)."""
     getter = getattr(base_model, "get_dtype_inference", None)  # ComfyUI 0.33
@@ -370,6 +387,7 @@ class NativeTraining:
         patcher = experts[expert]
         mm.load_models_gpu([patcher], memory_required=self.memory_required)
         patcher.pre_run()
+        ordinary_weights(patcher.model.diffusion_model)
         sigma = torch.tensor([level], device=device)
         with autocast():
             x0_hat = patcher.model.apply_model(
