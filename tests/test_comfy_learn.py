@@ -253,6 +253,23 @@ def test_bad_inputs_are_refused_by_name(pipe, patcher, clip, tmp_path):
     with pytest.raises(FlexiMMTInputError, match="frames but training needs"):
         learn(frames=video[:5], num_frames=FRAMES)
 
+    class FrameByFrame(VaeShape):  # as ComfyUI's image VAEs (HunyuanImage 2.1's) encode a video: each frame apart
+        def encode(self, image):
+            return torch.zeros(image.shape[0], self.latent_channels, 1, image.shape[1] // 4, image.shape[2] // 4)
+
+    with pytest.raises(FlexiMMTInputError, match="not one video's .*load CogVideoX.*own video VAE"):
+        learn_native(
+            [patcher],
+            clip,
+            FrameByFrame(SHAPE["latent_channels"], 4),
+            video,
+            CAPTION,
+            CONCEPT,
+            MOTION,
+            tmp_path / "m.safetensors",
+            num_frames=FRAMES,
+        )
+
 
 def test_a_model_loaded_and_learned_on_inside_inference_mode_trains_as_outside(pipe, clip, tmp_path):
     """ComfyUI runs its loaders and nodes under ``torch.inference_mode()``, whose weights autograd refuses to keep

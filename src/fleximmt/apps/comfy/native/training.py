@@ -274,6 +274,18 @@ class NativeTraining:
         return f"comfyui-{self.family}@{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
     # -- conditions: ComfyUI's encoders, ComfyUI's conditioning ------------------------------------
+    def encode_video(self, image: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's VAE's latent ``[1, C, F, h, w]`` of a video (IMAGE ``[T, H, W, 3]``), checked to be one video's:
+        an image VAE (HunyuanImage 2.1's, say) encodes each frame apart, and the model could not learn from that."""
+        latent = self.vae.encode(image)
+        expected = (1, *self.latent_shape(image.shape[1], image.shape[2], image.shape[0]))
+        if tuple(latent.shape) != expected:
+            raise FlexiMMTInputError(
+                f"Learn motion: the VAE encodes the {image.shape[0]}-frame reference to a latent of shape "
+                f"{tuple(latent.shape)}, not one video's {expected}: load {self.native.name}'s own video VAE"
+            )
+        return latent
+
     @torch.no_grad()
     def encode_conditions(self, clips, caption: str, text_len: int, generator=None) -> dict[str, torch.Tensor]:
         """The reference windows ``[3, T, H, W]`` in [-1, 1] and the caption as ComfyUI's model takes them:
@@ -283,12 +295,14 @@ class NativeTraining:
         features. ComfyUI's VAE gives its posterior's mean (the library samples the posterior)."""
         model = self.models[0].model
         device = self.models[0].load_device
+        images = [
+            ((clip.permute(1, 2, 3, 0).float() + 1) / 2).clamp(0, 1).cpu() for clip in clips
+        ]  # IMAGE [T, H, W, 3]
+        latents = [self.encode_video(image) for image in images]
         tokens = self.clip.tokenize(caption)
         (text, extras), *_ = self.clip.encode_from_tokens_scheduled(tokens)
         videos, windowed, shared = [], {}, {}
-        for clip in clips:
-            image = ((clip.permute(1, 2, 3, 0).float() + 1) / 2).clamp(0, 1).cpu()  # ComfyUI's IMAGE [T, H, W, 3]
-            latent = self.vae.encode(image)
+        for image, latent in zip(images, latents):
             values = dict(self.native.image_conditioning(self.vae, image[:1], image.shape[0]))
             if self.clip_vision_output is not None:
                 values["clip_vision_output"] = self.clip_vision_output
