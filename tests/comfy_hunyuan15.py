@@ -209,12 +209,14 @@ class QwenClip:
 
 def write_hunyuan15_vae(path) -> None:
     """Random weights (seeded, float16) for ComfyUI's HunyuanVideo 1.5 VAE (16x spatial, 4x temporal, 32 latent
-    channels), whose loader reads a fixed config: its own *Load VAE* then loads them."""
+    channels, causal: a video encodes as one), whose loader reads a fixed config: its own *Load VAE* then loads
+    them. Its weights are named ``decoder.conv_in.conv.*`` (the causal convolutions); a VAE of 3D weights named
+    ``decoder.conv_in.*`` is HunyuanImage 2.1's, which ComfyUI encodes a frame at a time."""
     import_comfy()
     from comfy.ldm.models.autoencoder import AutoencodingEngine
     from comfy_native import write_random_weights
 
-    config = {  # comfy/sd.py's, for a decoder.conv_in of 32 channels in 3D
+    config = {  # comfy/sd.py's, for a decoder.conv_in.conv of 32 channels
         "block_out_channels": [128, 256, 512, 1024, 1024],
         "in_channels": 3,
         "out_channels": 3,
@@ -223,12 +225,11 @@ def write_hunyuan15_vae(path) -> None:
         "ffactor_temporal": 4,
         "downsample_match_channel": True,
         "upsample_match_channel": True,
-        "refiner_vae": False,
         "z_channels": 32,
     }
     with torch.device("meta"):
         model = AutoencodingEngine(
-            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.EmptyRegularizer"},
             encoder_config={"target": "comfy.ldm.hunyuan_video.vae_refiner.Encoder", "params": config},
             decoder_config={"target": "comfy.ldm.hunyuan_video.vae_refiner.Decoder", "params": config},
         )

@@ -91,6 +91,28 @@ def train_two_motions(pipe, folder, names: tuple[str, str], length: int = LENGTH
     )
 
 
+def saved_motions(api: dict) -> dict:
+    """The example with each *Learn Motion (native)* node a *Load Motion* of the motion it saves (these tests
+    sample with motions ``train_motion`` learned; ``test_comfy_learn_server.py`` runs the learning), and the nodes
+    only learning used (the reference videos, the loss graphs) left out."""
+    prompt = copy.deepcopy(api)
+    for node, spec in api.items():
+        if spec["class_type"] == "FlexiMMTLearnMotionNative":
+            prompt[node] = {
+                "class_type": "FlexiMMTLoadMotion",
+                "inputs": {"motion": spec["inputs"]["name"] + ".safetensors"},
+            }
+        elif spec["class_type"] == "LossGraphNode":
+            del prompt[node]
+    needed, todo = set(), [node for node, spec in prompt.items() if spec["class_type"] == "SaveVideo"]
+    while todo:
+        node = todo.pop()
+        if node not in needed:
+            needed.add(node)
+            todo += [value[0] for value in prompt[node]["inputs"].values() if isinstance(value, list)]
+    return {node: spec for node, spec in prompt.items() if node in needed}
+
+
 def model_folders(base):
     models = base / "models"
     for sub in ("diffusion_models", "vae", "fleximmt_motions"):
@@ -108,7 +130,7 @@ def native_models(comfy_server):
     models = model_folders(base)
     pipe = WanImageToVideoPipeline(**tiny_wan_components(0, "2.2", **SHAPE))
     pipe.set_progress_bar_config(disable=True)
-    api = load_workflow(WORKFLOW)
+    api = saved_motions(load_workflow(WORKFLOW))
     for node, transformer in (("1", pipe.transformer), ("2", pipe.transformer_2)):
         save_file(comfy_state_dict(transformer), str(models / "diffusion_models" / api[node]["inputs"]["unet_name"]))
     write_wan_vae(models / "vae" / api["4"]["inputs"]["vae_name"])
@@ -243,7 +265,7 @@ def cogvideox_prompt(comfy_server):
     from fleximmt.models.cogvideox import FlexiMMTPipeline
     from fleximmt.toy.tiny import tiny_components
 
-    base, api = comfy_server.base, load_workflow("native_cogvideox15_i2v")
+    base, api = comfy_server.base, saved_motions(load_workflow("native_cogvideox15_i2v"))
     models = model_folders(base)
     pipe = FlexiMMTPipeline(**tiny_components(0, height=SIZE, width=SIZE, num_frames=COG_LENGTH, text_len=226, **COG))
     pipe.set_progress_bar_config(disable=True)
@@ -269,7 +291,7 @@ def hunyuan15_prompt(comfy_server):
     from diffusers import HunyuanVideo15ImageToVideoPipeline
     from safetensors.torch import save_file
 
-    base, api = comfy_server.base, load_workflow("native_hunyuan15_i2v")
+    base, api = comfy_server.base, saved_motions(load_workflow("native_hunyuan15_i2v"))
     models = model_folders(base)
     pipe = HunyuanVideo15ImageToVideoPipeline(**comfy_shaped_components(0))
     pipe.set_progress_bar_config(disable=True)
