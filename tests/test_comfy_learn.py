@@ -257,7 +257,7 @@ def test_bad_inputs_are_refused_by_name(pipe, patcher, clip, tmp_path):
         def encode(self, image):
             return torch.zeros(image.shape[0], self.latent_channels, 1, image.shape[1] // 4, image.shape[2] // 4)
 
-    with pytest.raises(FlexiMMTInputError, match="not one video's .*load CogVideoX.*own video VAE"):
+    with pytest.raises(FlexiMMTInputError, match=r"not one video's .*load CogVideoX.*own video VAE"):
         learn_native(
             [patcher],
             clip,
