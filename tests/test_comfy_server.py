@@ -44,6 +44,7 @@ FLEXIMMT_NODES = {  # the class ids of the first release (saved workflows name t
     "FlexiMMTTransfer": "FlexiMMT Transfer",
     "FlexiMMTPreviewMasks": "FlexiMMT Preview Masks",
     "FlexiMMTApply": "FlexiMMT Apply",
+    "FlexiMMTLearnMotionNative": "FlexiMMT Learn Motion (native)",
 }
 
 
