@@ -387,7 +387,7 @@ class LearnMotionNative(io.ComfyNode):
                     default=0,
                     min=0,
                     max=1024,
-                    step=4,
+                    step=1,  # the frontend rounds a value to its step from min: step 4 made 17 frames 16
                     tooltip="Frames a training window holds (4k+1); 0: the model's own (81, HunyuanVideo 1.5: 121).",
                 ),
                 io.Boolean.Input(
