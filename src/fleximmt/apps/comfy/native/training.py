@@ -151,7 +151,7 @@ class TrainingPatch(NativePatch):
                 f"Learn motion: the caption has {self.prompt_len} text tokens but this model call {call.prompt_len}: "
                 "another patch of the MODEL changes its text; learn on the MODEL as the loader gives it"
             )
-        self.state.rows, self.state.feature_rows = None, None  # one video a call, no RMPM features
+        self.state.rows.begin_forward(None, None)  # one video a call, no RMPM features
         return Run(model, self.family.grid(model, call.x), self.state, None, 1, expert=self.expert, texts=call.texts)
 
     # -- the blocks, while this patcher holds the model (ComfyUI's injections) ------------------
@@ -212,7 +212,10 @@ class NativeTraining:
         self.clip, self.vae, self.clip_vision_output = clip, vae, clip_vision_output
         self.boundary = boundary
         adapter = family.adapter
-        self.family, self.form, self.parts = adapter.family, adapter.form, adapter.parts
+        self.family, self.parts = adapter.family, adapter.parts
+        # the state's settings (fit_tokens makes it): the family's adapter's, every call naming its rows' text
+        # keys (TextKeys), as the native patch samples (NativePatch.new_run)
+        self.settings = {**adapter.state_settings(), "text_keys": True}
         self.text_len: int | None = None
         self.patchers: list = []
         self.memory_required = 0
@@ -226,6 +229,10 @@ class NativeTraining:
 
     def motion_shape(self) -> tuple[int, int]:
         return self.native.motion_shape(self.diffusion_models()[0])
+
+    def state_settings(self) -> dict:
+        """The settings of the training state (``ModelAdapter.state_settings``' keys)."""
+        return dict(self.settings)
 
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, int, int, int]:
         """(channels, frames, height, width) of ComfyUI's latent of a ``num_frames`` x ``height`` x ``width`` video."""
@@ -360,7 +367,6 @@ class NativeTraining:
         """Every expert's training patch reads ``state`` for the loop, backward passes included."""
         if not self.patchers:
             raise RuntimeError("NativeTraining.training_attached runs inside NativeTraining.training(...)")
-        state.text_keys, state.dmem_video_queries = True, self.native.dmem_video_queries  # calls name their text
         for expert in range(len(self.patchers)):
             self.patch_of(expert).state = state
         try:
