@@ -295,3 +295,79 @@ def test_a_model_loaded_and_learned_on_inside_inference_mode_trains_as_outside(p
             )
         runs.append(result.motion.tokens)
     assert torch.equal(runs[0], runs[1])
+
+
+def test_the_mask_kernel_reaches_the_training_state_and_the_node_offers_it(pipe, patcher, clip, tmp_path, monkeypatch):
+    """Learn (native) takes ``TrainSettings.mask_kernel``: with ``dense`` its training state builds the N x N
+    layouts (none with ``auto``) and ends on auto's tokens to 1e-6 (4.1e-8 measured: the same attention, summed in
+    another order); ``flex``, which has no backward on a CPU, is refused by name before the VAE encodes anything,
+    through the node too, whose ``mask_kernel`` input offers the registered kernels as Learn Motion and FlexiMMT
+    Apply do."""
+    from fleximmt.apps.comfy import learn
+    from fleximmt.method.kernels import MASK_KERNELS
+    from fleximmt.method.kernels.dense import DenseJoint
+    from fleximmt.models import adapter_for
+    from fleximmt.training.train import TrainSettings, prepare_conditions
+
+    video = jumping_square(SIZE, FRAMES)
+    settings = dict(steps=2, tokens_per_motion=4, lr_warmup_steps=0, height=SIZE, width=SIZE, num_frames=FRAMES)
+    cond = prepare_conditions(
+        adapter_for(pipe), video, CAPTION, CONCEPT, MOTION, TrainSettings(**settings), (SIZE, SIZE, FRAMES), None, 0
+    )
+    built, real = [], DenseJoint.__init__
+    monkeypatch.setattr(DenseJoint, "__init__", lambda self, *args, **kw: built.append(1) or real(self, *args, **kw))
+    runs = {}
+    for kernel in ("auto", "dense"):
+        built.clear()
+        path = tmp_path / f"{kernel}.safetensors"
+        conditions = native_conditions(cond)
+        runs[kernel] = learn.learn_native(
+            [patcher],
+            clip,
+            vae(),
+            None,
+            CAPTION,
+            CONCEPT,
+            MOTION,
+            path,
+            conditions=conditions,
+            mask_kernel=kernel,
+            **settings,
+        ).motion.tokens
+        runs[kernel, "built"] = len(built)
+    assert runs["auto", "built"] == 0 and runs["dense", "built"] > 0
+    assert relative_error(runs["dense"], runs["auto"]) < 1e-6
+
+    class Unused(VaeShape):
+        def encode(self, image):
+            raise AssertionError("the reference was encoded before the kernel was checked")
+
+    with pytest.raises(FlexiMMTInputError, match="mask_kernel='flex' has no backward on a CPU"):
+        learn.learn_native(
+            [patcher],
+            clip,
+            Unused(SHAPE["latent_channels"], 4),
+            video,
+            CAPTION,
+            CONCEPT,
+            MOTION,
+            tmp_path / "flex.safetensors",
+            mask_kernel="flex",
+            **settings,
+        )
+    (given,) = [i for i in learn.LearnMotionNative.define_schema().inputs if i.id == "mask_kernel"]
+    assert given.optional and given.options == list(MASK_KERNELS) and given.default == "auto"
+    monkeypatch.setattr(learn, "motions_dir", lambda: tmp_path)
+    node = dict(caption=CAPTION, concept_words=CONCEPT, motion_words=MOTION, name="flex", steps=2, tokens=4)
+    with pytest.raises(FlexiMMTInputError, match="mask_kernel='flex' has no backward on a CPU"):
+        learn.LearnMotionNative.execute(
+            model=patcher,
+            clip=clip,
+            vae=Unused(SHAPE["latent_channels"], 4),
+            video=torch.rand(FRAMES, SIZE, SIZE, 3),
+            learning_rate=3e-3,
+            seed=0,
+            frames=FRAMES,
+            mask_kernel="flex",
+            **node,
+        )

@@ -27,6 +27,9 @@ import torch
 from comfy_api.latest import io, ui
 
 from ...errors import FlexiMMTInputError
+from ...method.kernels import DEFAULT_KERNEL
+from ...method.kernels import check as check_kernel
+from ...method.kernels import mask_kernel as kernel_named
 from ...method.motion import MotionTokens, check_motion_name, motion_metadata
 from ...training.train import (
     Conditions,
@@ -40,7 +43,7 @@ from ...training.train import (
     load_reference,
     prepare_conditions,
 )
-from .common import CATEGORY, MOTIONS_FOLDER, motions_dir
+from .common import CATEGORY, MOTIONS_FOLDER, mask_kernel_input, motions_dir
 from .common import MOTION as MOTION_TYPE
 from .native import family_of
 from .native.training import NativeTraining
@@ -116,6 +119,8 @@ def learn_native(
     cfg = TrainSettings(**settings)
     cfg.apply_preset(given=settings)
     cfg.validate()
+    device = models[0].load_device
+    check_kernel(kernel_named(cfg.mask_kernel), device, grad=True)  # before any encoding: flex trains on a GPU only
     trainer = NativeTraining(family, models, clip, vae, clip_vision_output, boundary if len(models) > 1 else None)
     geometry = (cfg.height, cfg.width, cfg.num_frames)
     trainer.check_geometry(*geometry)
@@ -146,7 +151,6 @@ def learn_native(
         "words": f"{concept_words}|{motion_words}",
         "processes": 1,
     }
-    device = models[0].load_device
     memory = training_memory(trainer, geometry, checkpointing)
     with torch.inference_mode(False), torch.enable_grad(), trainer.training(checkpointing, memory):
         experts, losses = fit_tokens(
@@ -226,6 +230,7 @@ def learn_motion_node(
     frames: int = 0,
     gradient_checkpointing: bool = True,
     boundary: float = WAN22_BOUNDARY,
+    mask_kernel: str = DEFAULT_KERNEL,
 ) -> TrainResult:
     """What the node does: check the inputs, learn into ``models/fleximmt_motions/<name>.safetensors``,
     and remove the checkpoint once the motion is written."""
@@ -245,6 +250,7 @@ def learn_motion_node(
     resuming = bool(resume) and checkpoint.is_file()
     settings = dict(steps=int(steps), tokens_per_motion=int(tokens), lr=float(learning_rate), seed=int(seed))
     settings.update(checkpoint_every=checkpoint_interval(steps), gradient_checkpointing=bool(gradient_checkpointing))
+    settings.update(mask_kernel=mask_kernel)
     for key, value in (("width", width), ("height", height), ("num_frames", frames)):
         if value:
             settings[key] = int(value)
@@ -406,6 +412,7 @@ class LearnMotionNative(io.ComfyNode):
                     tooltip="With model_2: the noise level below which the low-noise expert denoises "
                     "(Wan 2.2 I2V A14B: 0.875).",
                 ),
+                mask_kernel_input(),
             ],
             outputs=[
                 MOTION.Output(
