@@ -371,3 +371,16 @@ def test_the_mask_kernel_reaches_the_training_state_and_the_node_offers_it(pipe,
             mask_kernel="flex",
             **node,
         )
+
+
+def test_an_ltx2_model_is_refused_by_name(patcher, tmp_path):  # patcher: ComfyUI imported as the other tests do
+    """FlexiMMT Apply patches ComfyUI's LTX-2, Learn motion (native) does not train it yet: it says so and names
+    what does, before anything is encoded."""
+    from comfy_ltx2 import comfy_model as ltx2_model
+    from comfy_ltx2 import tiny_transformer
+
+    from fleximmt.apps.comfy.learn import learn_native
+
+    ltx2 = ltx2_model(tiny_transformer(0))
+    with pytest.raises(FlexiMMTInputError, match=r"not LTX-2 yet: learn LTX-2 motions with FlexiMMT Load Model"):
+        learn_native([ltx2], None, None, None, CAPTION, CONCEPT, MOTION, tmp_path / "m.safetensors", steps=1)

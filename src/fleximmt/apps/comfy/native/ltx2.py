@@ -107,6 +107,13 @@ class LTX2(CrossFamily):
         connector = getattr(model, "video_embeddings_connector", None)
         self.registers = getattr(connector, "num_learnable_registers", None) or None
 
+    def check_learning(self, model) -> None:
+        """Learn motion (native) does not train LTX-2 yet (its audio-video conditioning has no native step)."""
+        raise FlexiMMTInputError(
+            "Learn motion (native) trains Wan, CogVideoX and HunyuanVideo 1.5 MODELs, not LTX-2 yet: learn LTX-2 "
+            "motions with FlexiMMT Load Model and Learn Motion (or fleximmt train); FlexiMMT Apply uses them here"
+        )
+
     def blocks(self, model):
         return model.transformer_blocks
 
