@@ -95,7 +95,8 @@ class LTX2(CrossFamily):
             lightricks = importlib.import_module("comfy.ldm.lightricks.model")
         except ImportError:
             return False
-        return isinstance(diffusion_model, lightricks.LTXBaseModel)
+        base = getattr(lightricks, "LTXBaseModel", None)  # ComfyUI 0.3.64 has LTX-Video only, without this base
+        return base is not None and isinstance(diffusion_model, base)
 
     def check(self, model) -> None:
         """Refuse LTX-Video; read how many registers the text connector has."""
