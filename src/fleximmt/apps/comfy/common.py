@@ -119,6 +119,35 @@ def mask_kernel_input() -> io.Combo.Input:
     )
 
 
+def learn_run_inputs() -> list:
+    """The inputs both Learn nodes share: the seed, resume, and the reference video's fps."""
+    return [
+        io.Int.Input(
+            "seed",
+            default=0,
+            min=0,
+            max=2**31 - 1,
+            control_after_generate=False,
+            tooltip="Seed of the token initialisation and training draws.",
+        ),
+        io.Boolean.Input(
+            "resume",
+            default=True,
+            tooltip="Continue a stopped run of this name (same settings) from its checkpoint.",
+        ),
+        io.Float.Input(
+            "fps",
+            optional=True,
+            default=0.0,
+            min=0.0,
+            max=1000.0,
+            step=0.01,
+            tooltip="The video's frame rate (Get Video Components' fps): frames are subsampled to about 8 a "
+            "second, as fleximmt train does. 0: take the frames as they are.",
+        ),
+    ]
+
+
 def first_mask(mask: torch.Tensor, k: int) -> torch.Tensor:
     """A ComfyUI MASK (``[H, W]`` or ``[B, H, W]``; the first of a batch is the first frame's) as
     bool ``[H, W]``: the object is where the mask is above 0.5."""

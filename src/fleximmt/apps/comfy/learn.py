@@ -43,7 +43,7 @@ from ...training.train import (
     load_reference,
     prepare_conditions,
 )
-from .common import CATEGORY, MOTIONS_FOLDER, mask_kernel_input, motions_dir
+from .common import CATEGORY, MOTIONS_FOLDER, learn_run_inputs, mask_kernel_input, motions_dir
 from .common import MOTION as MOTION_TYPE
 from .native import family_of
 from .native.training import NativeTraining
@@ -346,29 +346,7 @@ class LearnMotionNative(io.ComfyNode):
                     step=1e-5,
                     tooltip="AdamW's learning rate (fleximmt's default: 3e-3), with warmup and a cosine decay.",
                 ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=2**31 - 1,
-                    control_after_generate=False,
-                    tooltip="Seed of the token initialisation and training draws.",
-                ),
-                io.Boolean.Input(
-                    "resume",
-                    default=True,
-                    tooltip="Continue a stopped run of this name (same settings) from its checkpoint.",
-                ),
-                io.Float.Input(
-                    "fps",
-                    optional=True,
-                    default=0.0,
-                    min=0.0,
-                    max=1000.0,
-                    step=0.01,
-                    tooltip="The video's frame rate (Get Video Components' fps): frames are subsampled to about "
-                    "8 a second, as fleximmt train does. 0: take the frames as they are.",
-                ),
+                *learn_run_inputs(),
                 io.Model.Input(
                     "model_2",
                     optional=True,

@@ -43,6 +43,7 @@ from .common import (
     MOTIONS_FOLDER,
     OBJECTS,
     PIPE,
+    learn_run_inputs,
     mask_kernel_input,
     mask_source_input,
     motion_files,
@@ -453,29 +454,7 @@ class LearnMotion(io.ComfyNode):
                     tooltip=f"Motion tokens per block; 0: the model's own (the toy model: {toy_tokens}; others: "
                     f"the paper's {paper_tokens}). Motions given to one Transfer need the same count.",
                 ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=2**31 - 1,
-                    control_after_generate=False,
-                    tooltip="Seed of the token initialisation and training draws.",
-                ),
-                io.Boolean.Input(
-                    "resume",
-                    default=True,
-                    tooltip="Continue a stopped run of this name (same settings) from its checkpoint.",
-                ),
-                io.Float.Input(
-                    "fps",
-                    optional=True,
-                    default=0.0,
-                    min=0.0,
-                    max=1000.0,
-                    step=0.01,
-                    tooltip="The video's frame rate (Get Video Components' fps): frames are subsampled to "
-                    "about 8 a second, as fleximmt train does. 0: take the frames as they are.",
-                ),
+                *learn_run_inputs(),
                 mask_kernel_input(),
             ],
             outputs=[
