@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import WORDS
+from .vocabulary import WORDS
 
 # Qwen2.5's chat template, as its tokenizer_config.json has it for a system and a user message
 CHAT_TEMPLATE = (

@@ -6,7 +6,7 @@ audio VAE and vocoder, and the audio-video transformer, shaped as diffusers' own
 The tokenizer: the real Gemma tokenizer ships inside checkpoints only, so a sentencepiece BPE model is
 trained here, in memory and in milliseconds, with Gemma's settings - byte fallback, no dummy prefix,
 whitespace kept as it is, digits split, ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3 and the
-turn markers - on sentences of ``toy.tiny.WORDS``. ``tiny_gemma_tokenizer`` turns it into transformers'
+turn markers - on sentences of ``toy.vocabulary.WORDS``. ``tiny_gemma_tokenizer`` turns it into transformers'
 ``GemmaTokenizer`` the way transformers converts Gemma's own (vocabulary and merges from the pieces, a
 ``<bos>`` in front); ComfyUI reads the same model with sentencepiece itself (``gemma_sentencepiece``).
 """
@@ -19,7 +19,7 @@ import random
 
 import torch
 
-from .tiny import WORDS
+from .vocabulary import WORDS
 
 SPECIAL = ("<mask>", "<start_of_turn>", "<end_of_turn>")  # Gemma's user-defined pieces after <pad>, <eos>, <bos>, <unk>
 VOCAB_SIZE = 500  # 256 byte pieces, the specials, and merges enough for every word of WORDS

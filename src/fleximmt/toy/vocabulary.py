@@ -1,0 +1,99 @@
+"""The words every tiny model's tokenizer knows, and the offline T5 tokenizer on them that CogVideoX's T5 and
+Wan's UMT5 read (HunyuanVideo 1.5's Qwen and LTX-2's Gemma tokenizers are built from the same words in their
+families' tiny modules)."""
+
+from __future__ import annotations
+
+WORDS = [
+    "A",
+    "An",
+    "The",
+    "a",
+    "an",
+    "the",
+    "and",
+    "is",
+    "are",
+    "on",
+    "in",
+    "with",
+    "of",
+    "to",
+    "at",
+    "its",
+    "from",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "white",
+    "black",
+    "orange",
+    "purple",
+    "small",
+    "big",
+    "left",
+    "right",
+    "middle",
+    "ball",
+    "box",
+    "star",
+    "circle",
+    "square",
+    "triangle",
+    "sprite",
+    "dog",
+    "cat",
+    "man",
+    "tiger",
+    "rabbit",
+    "jumps",
+    "jumping",
+    "moves",
+    "moving",
+    "slides",
+    "sliding",
+    "rolls",
+    "rolling",
+    "spins",
+    "spinning",
+    "walks",
+    "walking",
+    "runs",
+    "up",
+    "down",
+    "left",
+    "right",
+    "around",
+    "quickly",
+    "slowly",
+    "still",
+    "stands",
+    "bounces",
+    "zigzags",
+    "circles",
+    "grows",
+    "shrinks",
+    "doing",
+    "yoga",
+    "snow",
+    "ground",
+    "background",
+    ".",
+    ",",
+]
+
+
+def tiny_tokenizer(words: tuple[str, ...] = WORDS):
+    """An offline T5 tokenizer whose vocabulary is ``words`` (no download)."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    seen = set()
+    for w in words:
+        # punctuation both glued to the previous word ("up.") and standing alone ("up .")
+        for piece in [w, "\u2581" + w] if w in ".," else ["\u2581" + w]:
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append((piece, -1.0))
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
