@@ -8,11 +8,13 @@ from the same seeded components, the dense reference, a run without the tool und
 What is particular to one family stays in its own file (test_pipeline, test_diffusers_compat,
 test_cogvideox15, test_wan, test_train).
 
-Adding a family (e.g. HunyuanVideo 1.5) is one ``Family(...)`` row in ``FAMILIES``:
+Adding a family writes no line here: the table is every registered family's rows, in the order of
+registration (``fleximmt.toy.contract.contract_rows()``), each family's declared in ``CONTRACT_ROWS`` of its
+tiny components module, ``fleximmt.toy.tiny_<module>`` (``<module>`` as ``fleximmt/models/__init__.py``
+registers the family; tests/test_registration.py proves that a probe family's row reaches the table).
+A row is a ``ContractRow(...)`` (``fleximmt.toy.contract``):
 
 - ``name``: the test id.
-- ``family``: the registered family (``fleximmt.models.FAMILIES``); the row reads FlexiMMT's pipeline class
-  (``ours``) from its registration and diffusers' own (``diffusers``) from its adapter.
 - ``components``: a function returning tiny random components, seeded, the same weights at every call
   (both pipelines are built from their own call, so diffusers' pipeline never shares FlexiMMT's
   processors); what the pipeline's ``__init__`` takes, config values (``boundary_ratio``) included
@@ -28,14 +30,20 @@ Adding a family (e.g. HunyuanVideo 1.5) is one ``Family(...)`` row in ``FAMILIES
   ``added_arguments`` (keyword-only arguments FlexiMMT's ``__call__`` adds where diffusers' has none, before
   its options),
   ``offloads`` and ``fused_projections`` (what diffusers has for this model), ``learning`` (the
-  training settings of the loss-falls test, ``LEARNING`` by default; None leaves the row out of it).
+  training settings of the loss-falls test, ``fleximmt.toy.contract.LEARNING`` by default; None leaves the
+  row out of it).
   A test whose flag is off is not generated for that row (nothing is skipped).
+- ``family``: not written in the row; ``contract_rows`` fills in the registered family whose tiny module
+  declares it. The row reads FlexiMMT's pipeline class (``ours``) from its registration and diffusers' own
+  (``diffusers``) from its adapter.
 
 LTX-2's row (``fleximmt.toy.tiny_ltx2``), the last one added, as an example::
 
-    Family("ltx-2", "ltx2", lambda: tiny_ltx2_components(0), size=(64, 64, 9),
-           call=dict(num_inference_steps=2, max_sequence_length=16, image_crf=0), scale=30.0,
-           fused_projections=False)
+    CONTRACT_ROWS = (
+        ContractRow("ltx-2", lambda: tiny_ltx2_components(0), size=(64, 64, 9),
+                    call=dict(num_inference_steps=2, max_sequence_length=16, image_crf=0), scale=30.0,
+                    fused_projections=False),
+    )
 
 (diffusers refuses sizes that are not multiples of 32; ``image_crf=0`` leaves out the image's H.264
 re-compression, which needs PyAV; diffusers' ``fuse_qkv_projections`` fails on LTX-2's audio-video attentions,
@@ -52,7 +60,6 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -63,11 +70,9 @@ from PIL import Image
 
 from fleximmt import MotionTokens, ObjectMotion, load_pipeline, train_motion
 from fleximmt.method.pipeline import OPTIONS
-from fleximmt.models import FAMILIES as REGISTERED
-from fleximmt.models import adapter_for, family_name, pipeline_class
-from fleximmt.toy.tiny import random_motion, tiny_components, tiny_wan_components
-from fleximmt.toy.tiny_hunyuan15 import tiny_hunyuan15_components
-from fleximmt.toy.tiny_ltx2 import tiny_ltx2_components
+from fleximmt.models import adapter_for, family_name
+from fleximmt.toy.contract import ContractRow, contract_rows
+from fleximmt.toy.tiny import random_motion
 from fleximmt.training.train import checkpoint_path
 
 PROMPT = "A ball jumps up. A box slides left."
@@ -75,106 +80,10 @@ WORDS = ["jumps up", "slides left"]
 CAPTION, CONCEPT = "A red ball jumps up.", "ball"
 
 
-LEARNING = dict(steps=60, lr=0.1, tokens_per_motion=16)  # enough for the loss to fall on every tiny model here
+FAMILIES = contract_rows()  # every registered family's rows (see the module's docstring)
 
 
-@dataclass(frozen=True, eq=False)  # hashed by identity: pytest groups a row's tests by it
-class Family:
-    """One row of the table (see the module's docstring)."""
-
-    name: str
-    family: str
-    components: Callable[[], dict]
-    size: tuple[int, int, int]
-    call: dict
-    scale: float = 4.0
-    fast_backends: tuple[str, ...] = ("auto",)
-    model_defaults: frozenset[str] = frozenset()
-    added_arguments: tuple[str, ...] = ()
-    offloads: tuple[str, ...] = ("model", "sequential")
-    fused_projections: bool = True
-    learning: dict | None = field(default_factory=lambda: dict(LEARNING))
-
-    @property
-    def ours(self) -> type:
-        """FlexiMMT's pipeline class, as the family is registered."""
-        return pipeline_class(REGISTERED[self.family].pipeline)
-
-    @property
-    def diffusers(self) -> type:
-        """diffusers' own pipeline class for these components, as the family's adapter names it."""
-        return self.ours.adapter_class.pipeline_class
-
-
-COGVIDEOX_DEFAULTS = frozenset({"height", "width", "num_frames", "max_sequence_length"})  # None: the model's own
-COGVIDEOX_CALL = dict(num_inference_steps=2, max_sequence_length=16)
-WAN_CALL = dict(num_inference_steps=2, max_sequence_length=24)  # two steps: Wan 2.2 A14B's two experts each run one
-FAMILIES = [
-    Family(
-        "cogvideox-1.0",
-        "cogvideox",
-        lambda: tiny_components(0),
-        size=(32, 32, 9),
-        call=COGVIDEOX_CALL,
-        fast_backends=("auto", "flex"),
-        model_defaults=COGVIDEOX_DEFAULTS,
-    ),
-    Family(
-        "cogvideox-1.5",
-        "cogvideox",
-        lambda: tiny_components(0, version="1.5", height=64, width=64, num_frames=17),
-        size=(64, 64, 17),
-        call=COGVIDEOX_CALL,
-        model_defaults=COGVIDEOX_DEFAULTS,
-    ),
-    Family(
-        "wan-2.1",
-        "wan",
-        lambda: tiny_wan_components(0, "2.1"),
-        size=(64, 64, 9),
-        call=WAN_CALL,
-        scale=30.0,
-        fast_backends=("auto", "flex"),
-    ),
-    Family(
-        "wan-2.2-a14b",
-        "wan",
-        lambda: tiny_wan_components(0, "2.2"),
-        size=(64, 64, 9),
-        call=WAN_CALL,
-        scale=30.0,
-    ),
-    Family(
-        "wan-2.2-ti2v",
-        "wan",
-        lambda: tiny_wan_components(0, "2.2-ti2v"),
-        size=(64, 64, 9),
-        call=WAN_CALL,
-        scale=30.0,
-    ),
-    Family(
-        "hunyuanvideo-1.5",
-        "hunyuanvideo15",
-        lambda: tiny_hunyuan15_components(0),
-        size=(32, 48, 9),
-        call=dict(num_inference_steps=2),
-        scale=30.0,
-        added_arguments=("callback_on_step_end",),
-        fused_projections=False,
-    ),
-    Family(  # image_crf=0: diffusers' H.264 re-compression of the image needs PyAV, which tests go without
-        "ltx-2",
-        "ltx2",
-        lambda: tiny_ltx2_components(0),
-        size=(64, 64, 9),
-        call=dict(num_inference_steps=2, max_sequence_length=16, image_crf=0),
-        scale=30.0,
-        fused_projections=False,
-    ),
-]
-
-
-def each_family(applies: Callable[[Family], bool] = lambda row: True):
+def each_family(applies: Callable[[ContractRow], bool] = lambda row: True):
     """Parametrise a test over the rows it applies to; ``row`` is module-scoped, so each row's
     pipelines (the fixtures below) are built once."""
     rows = [row for row in FAMILIES if applies(row)]
@@ -184,7 +93,7 @@ def each_family(applies: Callable[[Family], bool] = lambda row: True):
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def build(row: Family, cls: type | None = None):
+def build(row: ContractRow, cls: type | None = None):
     """A pipeline of class ``cls`` (FlexiMMT's by default) on freshly built components of ``row``."""
     pipe = (cls or row.ours)(**row.components())
     pipe.set_progress_bar_config(disable=True)
@@ -209,47 +118,47 @@ def theirs(row):
     return build(row, row.diffusers)
 
 
-def picture(row: Family, seed: int = 0) -> Image.Image:
+def picture(row: ContractRow, seed: int = 0) -> Image.Image:
     height, width, _ = row.size
     return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8))
 
 
-def box(row: Family, y0: float, y1: float, x0: float, x1: float) -> np.ndarray:
+def box(row: ContractRow, y0: float, y1: float, x0: float, x1: float) -> np.ndarray:
     height, width, _ = row.size
     mask = np.zeros((height, width), bool)
     mask[int(y0 * height) : int(y1 * height), int(x0 * width) : int(x1 * width)] = True
     return mask
 
 
-def motion(pipe, row: Family, seed: int) -> MotionTokens:
+def motion(pipe, row: ContractRow, seed: int) -> MotionTokens:
     adapter = adapter_for(pipe)
     return random_motion(
         adapter.transformers()[0], 4, seed=seed, scale=row.scale, experts=adapter.num_experts, family=adapter.family
     )
 
 
-def two_objects(pipe, row: Family) -> list[ObjectMotion]:
+def two_objects(pipe, row: ContractRow) -> list[ObjectMotion]:
     masks = [box(row, 0.05, 0.5, 0.05, 0.5), box(row, 0.3, 0.95, 0.4, 0.95)]
     return [ObjectMotion(masks[k], motion(pipe, row, seed=k + 1), WORDS[k]) for k in range(2)]
 
 
-def takes(row: Family, arguments) -> bool:
+def takes(row: ContractRow, arguments) -> bool:
     """Whether diffusers' pipeline of the row takes every one of these ``__call__`` arguments."""
     return set(arguments) <= set(inspect.signature(row.diffusers.__call__).parameters)
 
 
-def size_arguments(row: Family) -> dict[str, int]:
+def size_arguments(row: ContractRow) -> dict[str, int]:
     """The row's size as ``height``, ``width`` and ``num_frames``, those that diffusers' pipeline takes."""
     return {name: n for name, n in zip(("height", "width", "num_frames"), row.size) if takes(row, [name])}
 
 
-def run(pipe, row: Family, **kw):
+def run(pipe, row: ContractRow, **kw):
     """One call of the row's image and prompt with its arguments, seed 0, latents out unless ``kw`` says otherwise."""
     call = {**size_arguments(row), "output_type": "latent", **row.call, **kw}
     return pipe(picture(row), PROMPT, generator=torch.Generator().manual_seed(0), **call)
 
 
-def video_grid(pipe, row: Family):
+def video_grid(pipe, row: ContractRow):
     """The token grid of the row's video, at the size the adapter reads from the row's call."""
     return pipe.token_grid(*pipe.adapter.call_size({"image": picture(row), **size_arguments(row)}))
 
@@ -350,7 +259,7 @@ def test_motion_tokens_change_the_output(row, ours, theirs, with_objects):
 
 
 # -- (d) training moves the motion tokens only, and lowers the loss --------------------------------------------
-def moving_square(row: Family) -> np.ndarray:
+def moving_square(row: ContractRow) -> np.ndarray:
     height, width, frames = row.size
     video = np.full((frames, height, width, 3), 90, np.uint8)
     side, step = height // 4, max(1, width // (2 * frames))
@@ -359,7 +268,7 @@ def moving_square(row: Family) -> np.ndarray:
     return video
 
 
-def train(row: Family, pipe, out, **kw):
+def train(row: ContractRow, pipe, out, **kw):
     height, width, frames = row.size
     kw = {
         "steps": 2,

@@ -1,5 +1,5 @@
 """Tiny random-weight models of every family, for the test suite, the demo and the toy model's trainer: each
-family's builders live in its own module, ``tiny_<module>`` beside ``models/<module>.py``;
+family's builders and contract rows live in its own module, ``tiny_<module>`` beside ``models/<module>.py``;
 this one gives CogVideoX's and Wan's builders under the names tests and apps import, and random motion tokens
 for any family.
 """

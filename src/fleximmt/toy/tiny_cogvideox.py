@@ -1,4 +1,5 @@
-"""Tiny CogVideoX-architecture models (1.0 and 1.5) built from configs with diffusers' own classes.
+"""Tiny CogVideoX-architecture models (1.0 and 1.5) built from configs with diffusers' own classes, and the
+contract suite's rows for them.
 
 Used by the test suite, by ``fleximmt demo --model tiny`` and, with their configs, by
 ``toy.train`` (which trains the toy model that ships). Built here, every weight is random, so the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .contract import ContractRow
 from .vocabulary import WORDS, tiny_tokenizer
 
 
@@ -100,3 +102,24 @@ def tiny_pipeline(seed: int = 0, **config):
     pipe = FlexiMMTPipeline(**tiny_components(seed, **config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+CALL = dict(num_inference_steps=2, max_sequence_length=16)
+MODEL_DEFAULTS = frozenset({"height", "width", "num_frames", "max_sequence_length"})  # None: the model's own
+CONTRACT_ROWS = (
+    ContractRow(
+        "cogvideox-1.0",
+        lambda: tiny_components(0),
+        size=(32, 32, 9),
+        call=CALL,
+        fast_backends=("auto", "flex"),
+        model_defaults=MODEL_DEFAULTS,
+    ),
+    ContractRow(
+        "cogvideox-1.5",
+        lambda: tiny_components(0, version="1.5", height=64, width=64, num_frames=17),
+        size=(64, 64, 17),
+        call=CALL,
+        model_defaults=MODEL_DEFAULTS,
+    ),
+)

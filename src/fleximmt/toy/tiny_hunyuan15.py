@@ -1,12 +1,13 @@
 """Tiny random-weight HunyuanVideo 1.5 image-to-video components, built offline (no hub): a Qwen2.5-VL
 text model with a byte-level BPE Qwen2 tokenizer made from a small vocabulary (and Qwen's chat
 template), ByT5's byte tokenizer with a tiny T5 encoder, a tiny SigLIP image encoder, VAE and
-transformer, shaped as diffusers' own fast tests shape them."""
+transformer, shaped as diffusers' own fast tests shape them, and the contract suite's row for them."""
 
 from __future__ import annotations
 
 import torch
 
+from .contract import ContractRow
 from .vocabulary import WORDS
 
 # Qwen2.5's chat template, as its tokenizer_config.json has it for a system and a user message
@@ -152,3 +153,16 @@ def tiny_hunyuan15_pipeline(seed: int = 0, **config):
     pipe = FlexiMMTHunyuanVideo15Pipeline(**tiny_hunyuan15_components(seed, **config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+CONTRACT_ROWS = (  # its pipeline has no step callback; FlexiMMT's adds one
+    ContractRow(
+        "hunyuanvideo-1.5",
+        lambda: tiny_hunyuan15_components(0),
+        size=(32, 48, 9),
+        call=dict(num_inference_steps=2),
+        scale=30.0,
+        added_arguments=("callback_on_step_end",),
+        fused_projections=False,
+    ),
+)

@@ -1,7 +1,8 @@
 """Tiny random-weight LTX-2 image-to-video components, built offline (no hub): a Gemma 3 text model with a
 Gemma-style tokenizer made here from a small sentencepiece model, LTX-2's text connectors (with learnable
 registers, as Lightricks/LTX-2 ships them), a video VAE of 8x spatial and 2x temporal compression, an
-audio VAE and vocoder, and the audio-video transformer, shaped as diffusers' own fast tests shape them.
+audio VAE and vocoder, and the audio-video transformer, shaped as diffusers' own fast tests shape them; and the
+contract suite's row for them.
 
 The tokenizer: the real Gemma tokenizer ships inside checkpoints only, so a sentencepiece BPE model is
 trained here, in memory and in milliseconds, with Gemma's settings - byte fallback, no dummy prefix,
@@ -19,6 +20,7 @@ import random
 
 import torch
 
+from .contract import ContractRow
 from .vocabulary import WORDS
 
 SPECIAL = ("<mask>", "<start_of_turn>", "<end_of_turn>")  # Gemma's user-defined pieces after <pad>, <eos>, <bos>, <unk>
@@ -251,3 +253,18 @@ def tiny_ltx2_pipeline(seed: int = 0, **config):
     pipe = FlexiMMTLTX2ImageToVideoPipeline(**tiny_ltx2_components(seed, **config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# diffusers refuses sizes that are not multiples of 32; image_crf=0 leaves out the image's H.264 re-compression,
+# which needs PyAV (tests go without); diffusers' fuse_qkv_projections fails on LTX-2's audio-video attentions,
+# whose query and key widths differ
+CONTRACT_ROWS = (
+    ContractRow(
+        "ltx-2",
+        lambda: tiny_ltx2_components(0),
+        size=(64, 64, 9),
+        call=dict(num_inference_steps=2, max_sequence_length=16, image_crf=0),
+        scale=30.0,
+        fused_projections=False,
+    ),
+)

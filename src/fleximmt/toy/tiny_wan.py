@@ -1,10 +1,11 @@
 """Tiny random-weight Wan image-to-video components (Wan 2.1 I2V, Wan 2.2 I2V-A14B and TI2V-5B), built from
-configs with diffusers' own classes as diffusers' fast tests build them."""
+configs with diffusers' own classes as diffusers' fast tests build them, and the contract suite's rows for them."""
 
 from __future__ import annotations
 
 import torch
 
+from .contract import ContractRow
 from .vocabulary import WORDS, tiny_tokenizer
 
 WAN_VERSIONS = ("2.1", "2.2", "2.2-ti2v")
@@ -137,3 +138,18 @@ def tiny_wan_pipeline(seed: int = 0, **config):
     pipe = FlexiMMTWanPipeline(**tiny_wan_components(seed, **config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+CALL = dict(num_inference_steps=2, max_sequence_length=24)  # two steps: Wan 2.2 A14B's two experts each run one
+CONTRACT_ROWS = (
+    ContractRow(
+        "wan-2.1",
+        lambda: tiny_wan_components(0, "2.1"),
+        size=(64, 64, 9),
+        call=CALL,
+        scale=30.0,
+        fast_backends=("auto", "flex"),
+    ),
+    ContractRow("wan-2.2-a14b", lambda: tiny_wan_components(0, "2.2"), size=(64, 64, 9), call=CALL, scale=30.0),
+    ContractRow("wan-2.2-ti2v", lambda: tiny_wan_components(0, "2.2-ti2v"), size=(64, 64, 9), call=CALL, scale=30.0),
+)
