@@ -1,7 +1,8 @@
 """A model family is its adapter module, its tiny components and one registration line in
 ``fleximmt/models/__init__.py``: everything else that names the families is derived from the registrations
 (``SUPPORTED``, ``REGISTRY``, ``fleximmt``'s lazy exports and ``__all__``, the command line's help, ComfyUI's
-model list), and what Wan, HunyuanVideo 1.5 and LTX-2 share lives once in ``models/shared.py``."""
+model list, the contract suite's table from the rows each family's tiny module declares), and what Wan,
+HunyuanVideo 1.5 and LTX-2 share lives once in ``models/shared.py``."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ import pytest
 
 import fleximmt
 from fleximmt.models import FAMILIES, REGISTRY, SUPPORTED, adapters, pipeline_class
+from fleximmt.toy.contract import contract_rows
 
 SRC = Path(fleximmt.__file__).parent
 
-# a fourth family registered by one line: its module (Wan's adapter under another family name) and the line
+# a fifth family registered by one line: its module (Wan's adapter under another family name) and the line
 PROBE_MODULE = """
 from fleximmt.models.wan import FlexiMMTWanPipeline, WanAdapter
 
@@ -35,21 +37,38 @@ class FlexiMMTProbePipeline(FlexiMMTWanPipeline):
 PROBE_LINE = (
     'register_family(Family("Probe", "probe", "probe", "FlexiMMTProbePipeline", ("ProbeImageToVideoPipeline",)))'
 )
-# run in a fresh interpreter: fleximmt.models is served with its own source plus PROBE_LINE, before any import
-PROBE_RUN = """
+# the probe family's tiny components module (``toy/tiny_<module>.py``): one contract row, on Wan's tiny components
+PROBE_TINY_MODULE = """
+from fleximmt.toy.contract import ContractRow
+from fleximmt.toy.tiny import tiny_wan_components
+
+CONTRACT_ROWS = (
+    ContractRow(
+        "probe-1",
+        lambda: tiny_wan_components(0, "2.1"),
+        size=(64, 64, 9),
+        call=dict(num_inference_steps=2, max_sequence_length=24),
+        scale=30.0,
+    ),
+)
+"""
+# run first in a fresh interpreter: fleximmt.models is served with its own source plus PROBE_LINE, and the probe
+# family's modules join fleximmt.models and fleximmt.toy, before any import
+ONE_MORE_LINE = """
 import ast, importlib.abc, importlib.machinery, json, sys, types
 from pathlib import Path
 
-folder, line, out, models, comfyui = sys.argv[1:6]
+folder, line = sys.argv[1:3]
 
 
 class OneMoreLine(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path, target=None):
-        if name != "fleximmt.models":
+        if name not in ("fleximmt.models", "fleximmt.toy"):
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
-        spec.loader = self
-        spec.submodule_search_locations.append(folder)  # where the probe family's module lies
+        spec.submodule_search_locations.append(folder)  # where the probe family's modules lie
+        if name == "fleximmt.models":
+            spec.loader = self
         return spec
 
     def create_module(self, spec):
@@ -63,6 +82,12 @@ class OneMoreLine(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 sys.meta_path.insert(0, OneMoreLine())
+"""
+# what the places that name the families show, written to a JSON file
+PROBE_RUN = (
+    ONE_MORE_LINE
+    + """
+out, models, comfyui = sys.argv[3:6]
 import fleximmt
 from fleximmt.apps.cli import build_parser
 from fleximmt.models import REGISTRY, SUPPORTED, family_name, pipeline_class
@@ -89,24 +114,42 @@ if comfyui:  # the node pack's V3 nodes, from ComfyUI's source (comfy_api)
     seen["comfy_description"] = nodes.LoadModel.define_schema().description
 Path(out).write_text(json.dumps(seen))
 """
+)
+# the contract suite's test ids, collected only (no test runs)
+PROBE_COLLECT = (
+    ONE_MORE_LINE
+    + """
+import pytest
+
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", sys.argv[3]]))
+"""
+)
+
+
+def run_probe(tmp_path, script: str, *arguments: str) -> str:
+    """Run ``script`` in a fresh interpreter with the probe family registered by its one line (its modules in
+    ``tmp_path``); its standard output."""
+    (tmp_path / "probe.py").write_text(PROBE_MODULE)
+    (tmp_path / "tiny_probe.py").write_text(PROBE_TINY_MODULE)
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), PROBE_LINE, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    return run.stdout
 
 
 def probe(tmp_path, comfyui: str = "") -> dict:
     """What the places that name the families show with the probe family registered by its one line (``comfyui``:
     ComfyUI's source folder, to read the node pack's nodes too)."""
-    (tmp_path / "probe.py").write_text(PROBE_MODULE)
     models = tmp_path / "diffusers"
     for name, cls in (("probe-model", "ProbeImageToVideoPipeline"), ("other", "StableDiffusionPipeline")):
         (models / name).mkdir(parents=True)
         (models / name / "model_index.json").write_text(json.dumps({"_class_name": cls}))
     out = tmp_path / "seen.json"
-    run = subprocess.run(
-        [sys.executable, "-c", PROBE_RUN, str(tmp_path), PROBE_LINE, str(out), str(models), comfyui],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_probe(tmp_path, PROBE_RUN, str(out), str(models), comfyui)
     return json.loads(out.read_text())
 
 
@@ -127,6 +170,18 @@ def test_a_family_registered_by_one_line_reaches_every_place_that_names_the_fami
     )  # --width
 
 
+def test_a_family_registered_by_one_line_gets_the_contract_suites_tests_from_its_tiny_module(tmp_path):
+    """The probe's tiny module declares one row, made as wan-2.1's (Wan's adapter, default flags): the contract
+    suite, collected with no edit to it, gives that row every test it gives wan-2.1, after the registered rows."""
+    ids = run_probe(tmp_path, PROBE_COLLECT, str(Path(__file__).parent / "test_contract.py")).split()
+    ids = [i for i in ids if i.startswith("tests/test_contract.py::")]
+    probe_ids = {i for i in ids if "probe-1" in i}
+    assert probe_ids and probe_ids == {i.replace("wan-2.1", "probe-1") for i in ids if "wan-2.1" in i}
+    signature = "tests/test_contract.py::test_call_signature_is_diffusers_own_then_fleximmt_keywords["
+    rows = [i.removeprefix(signature).removesuffix("]") for i in ids if i.startswith(signature)]
+    assert rows == [*(row.name for row in contract_rows()), "probe-1"]
+
+
 @pytest.mark.comfy
 def test_a_family_registered_by_one_line_reaches_comfyuis_model_list(tmp_path):
     from comfy_server import COMFYUI
@@ -144,6 +199,15 @@ def test_each_registration_agrees_with_its_adapter_module():
         assert pipeline_class(family.pipeline).__name__ == family.pipeline
         assert all(REGISTRY[name] == (family.module, family.pipeline) for name in family.diffusers)
     assert SUPPORTED == "CogVideoX, Wan, HunyuanVideo 1.5 or LTX-2"
+
+
+def test_every_registered_family_declares_rows_of_the_contract_suite():
+    """Each registration's tiny components module (``toy/tiny_<module>.py``) gives the contract suite at least
+    one row, named once across the table."""
+    rows = contract_rows()
+    assert [family for family in FAMILIES if any(row.family == family for row in rows)] == list(FAMILIES)
+    assert len({row.name for row in rows}) == len(rows)
+    assert all(row.ours.adapter_class.family == row.family for row in rows)
 
 
 def code_names(path: Path) -> set[str]:
