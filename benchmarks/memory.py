@@ -23,6 +23,7 @@ Three kinds of figure, and the table says which each row uses:
     python benchmarks/memory.py [--training-json block-training.json] [--objects 3] [--validate]
     python benchmarks/memory.py --model wan2.1 wan2.2-5b hunyuan1.5 --validate   # everything on meta, training too
     python benchmarks/memory.py --small-cards   # Wan 2.1 I2V 14B on 24 GB / 16 GB cards: quantized, group offload
+    python benchmarks/memory.py --small-cards --comfyui ../shared/comfyui-0.33   # and Learn Motion (native) there
     python benchmarks/memory.py --model ltx2 --validate   # LTX-2: bf16 at 121/97/49 frames, and 24 GB / 16 GB cards
 """
 
@@ -539,10 +540,12 @@ def family_state(
     tokens_dtype=BF16,
     parts=None,
     device="meta",
+    settings=None,
 ):
     """A FlexiMMT state for one video of a registered ``family`` (on meta by default) as its adapter sets one
-    up (``state_settings``, its MDMA parts): K objects' motion tokens ``[K, 1, blocks, d_m, dim]``, their words
-    among the ``words`` text tokens they are counted in, and the step's masks (moving ellipses on ``grid``)."""
+    up (``state_settings``, or ``settings`` in their place; its MDMA parts): K objects' motion tokens
+    ``[K, 1, blocks, d_m, dim]``, their words among the ``words`` text tokens they are counted in, and the
+    step's masks (moving ellipses on ``grid``)."""
     from fleximmt.method.attention import motion_state_for
 
     adapter = adapter_class(family)
@@ -556,7 +559,7 @@ def family_state(
     state = motion_state_for(
         tokens,
         member,
-        **adapter.state_settings(),
+        **(settings or adapter.state_settings()),
         parts=frozenset(parts or adapter.parts),
         num_frames=grid[0],
         feature_blocks=frozenset(feature_blocks),
@@ -599,13 +602,25 @@ def wan_flexi_state(
     cfg=None,
     size=None,
     device="meta",
+    settings=None,
 ):
     """:func:`family_state` for a Wan model (its layout moved to ``device``)."""
     cfg = cfg or wan_config(model)
     geo = wan_geometry(model, cfg, *(size or WAN_GEOMETRY[model]))
     dim = cfg.num_attention_heads * cfg.attention_head_dim
     state = family_state(
-        "wan", objects, d_m, blocks, dim, feature_blocks, geo["grid"], WAN_TEXT_TOKENS, tokens_dtype, dmem_parts, device
+        "wan",
+        objects,
+        d_m,
+        blocks,
+        dim,
+        feature_blocks,
+        geo["grid"],
+        WAN_TEXT_TOKENS,
+        tokens_dtype,
+        dmem_parts,
+        device,
+        settings,
     )
     if device == "meta":
         meta_layout(state)
@@ -1447,12 +1462,12 @@ WEIGHT_SCHEMES = {"bf16": None, "int8": (1.0, 5), "4-bit": (0.5 + 4 / 64, 0)}
 TRAIN_FRAMES = (81, 49, 33, 17)
 
 
-def scheme_bytes(module, scheme: str) -> int:
-    """``module``'s parameters and buffers in bytes, its Linear weights stored as ``scheme``."""
+def scheme_bytes(module, scheme: str, schemes: dict = WEIGHT_SCHEMES) -> int:
+    """``module``'s parameters and buffers in bytes, its Linear weights stored as ``schemes[scheme]`` says."""
     total = param_bytes(module)
-    if WEIGHT_SCHEMES[scheme] is None:
+    if schemes[scheme] is None:
         return total
-    per_number, per_row = WEIGHT_SCHEMES[scheme]
+    per_number, per_row = schemes[scheme]
     for layer in module.modules():
         if isinstance(layer, torch.nn.Linear):
             weight = layer.weight
@@ -1493,15 +1508,27 @@ def group_resident(module, scheme: str, offload: str | None, stream: bool = True
     return whole - sum(sizes) + (2 if stream else 1) * max(sizes)
 
 
+def card_fits(total: int) -> list[str]:
+    """The cards of ``CARDS_GIB`` a peak of ``total`` bytes fits, each keeping ``CARD_RESERVE_GIB`` from tensors."""
+    return [card for card, gib in CARDS_GIB.items() if total / GiB <= gib - CARD_RESERVE_GIB]
+
+
+def training_table(title: str, frames, lines) -> None:
+    """Print a training table titled ``title``: ``lines`` of (label, peaks in bytes at each of ``frames``), each
+    cell naming the cards its peak fits."""
+    print(f"\n| {title} | " + " | ".join(f"{f} frames" for f in frames) + " |\n|---|" + "---|" * len(frames))
+    for label, totals in lines:
+        cells = [
+            f"{t / GiB:.1f} GiB" + (f" (fits {' and '.join(card_fits(t))})" if card_fits(t) else "") for t in totals
+        ]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
 def card_tables(name: str, size, objects: int, configs, label, peak, step: int, training: dict[int, int]) -> list:
     """Print a model's generation table (``size`` = height, width, frames; its transformer call ``step``) and its
     training table (``training``: frames -> the step's work) over ``configs`` of (weight scheme, offload), each
     row's peak from ``peak(scheme, offload, work)``, against 24 GB and 16 GB cards; returns the rows."""
     height, width, frames = size
-
-    def fits(total):
-        return [card for card, gib in CARDS_GIB.items() if total / GiB <= gib - CARD_RESERVE_GIB]
-
     rows = []
     print(
         f"\n| {name}generation, {height}x{width}x{frames}, K = {objects}, computed | peak GPU memory | fits 24 GB | "
@@ -1510,19 +1537,14 @@ def card_tables(name: str, size, objects: int, configs, label, peak, step: int, 
     for scheme, offload in configs:
         total = peak(scheme, offload, step)
         rows.append(("generation", scheme, offload, frames, total / GiB))
-        cards = " | ".join("yes" if card in fits(total) else "no" for card in CARDS_GIB)
+        cards = " | ".join("yes" if card in card_fits(total) else "no" for card in CARDS_GIB)
         print(f"| {label(scheme, offload)} | {total / GiB:.1f} GiB | {cards} |")
-    print(
-        f"\n| {name}training, {height}x{width}, gradient checkpointing, 1 object, computed | "
-        + " | ".join(f"{f} frames" for f in training)
-        + " |\n|---|"
-        + "---|" * len(training)
-    )
+    lines = []
     for scheme, offload in configs:
         totals = [peak(scheme, offload, work) for work in training.values()]
         rows += [("training", scheme, offload, f, t / GiB) for f, t in zip(training, totals)]
-        cells = [f"{t / GiB:.1f} GiB" + (f" (fits {' and '.join(fits(t))})" if fits(t) else "") for t in totals]
-        print(f"| {label(scheme, offload)} | " + " | ".join(cells) + " |")
+        lines.append((label(scheme, offload), totals))
+    training_table(f"{name}training, {height}x{width}, gradient checkpointing, 1 object, computed", training, lines)
     return rows
 
 
@@ -1591,7 +1613,268 @@ def wan_small_cards(args) -> dict:
 
     training = {f: optim + train[f] for f in TRAIN_FRAMES}
     rows = card_tables("", (height, width, frames), args.objects, configs, label, peak, step, training)
-    return {"rows": rows, "reserve_gib": CARD_RESERVE_GIB}
+    return {"rows": rows, "reserve_gib": CARD_RESERVE_GIB, "train": train, "optim": optim}
+
+
+# -- Learn Motion (native): a Wan 2.1 14B motion learned through ComfyUI's own model -----------------------------
+# Wan 2.1 I2V 14B as ComfyUI's loader detects it from the checkpoint's weights (comfy/model_detection.py; WanModel's
+# defaults give the 4,096-wide text and 512 text tokens)
+COMFY_WAN21_14B = dict(
+    image_model="wan2.1",
+    model_type="i2v",
+    patch_size=(1, 2, 2),
+    in_dim=36,
+    dim=5120,
+    ffn_dim=13824,
+    freq_dim=256,
+    out_dim=16,
+    num_heads=40,
+    num_layers=40,
+    window_size=(-1, -1),
+    qk_norm=True,
+    cross_attn_norm=True,
+    eps=1e-6,
+)
+# ComfyUI's usual Wan 2.1 14B files, by the dtype their weights keep on the card; ComfyUI computes in bf16 with either.
+# fp8_scaled: each Linear weight float8_e4m3fn (its one float32 scale left out: 4 bytes a tensor), the rest bf16.
+COMFY_WEIGHTS = {"bf16": torch.bfloat16, "fp8_scaled": torch.float8_e4m3fn}
+COMFY_WEIGHT_SCHEMES = {"bf16": None, "fp8_scaled": (1.0, 0)}
+COMFY_STREAMS = 2  # comfy.model_management.NUM_STREAMS on an NVIDIA card: async weight offload on two streams
+
+
+def import_comfyui(path: Path):
+    """ComfyUI's ``comfy`` package from its source at ``path``, on the CPU (its requirements installed: 0.33 needs
+    comfy-aimdo and comfy-kitchen, as ``make install-comfy`` puts them in .venv-vision)."""
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    from comfy.cli_args import args as comfy_args
+
+    comfy_args.cpu = True
+    import comfy.ldm.modules.attention
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    return comfy
+
+
+def comfy_wan_patcher(comfy, weights: str, config=COMFY_WAN21_14B, device="meta"):
+    """ComfyUI's Wan 2.1 I2V model as its loader builds it for weights stored as ``weights`` (``model_base.WAN21``;
+    its ``WanModel`` with the operations ComfyUI picks for them: bf16 weights used in place, fp8 ones cast to bf16
+    by each layer at each call), on ``device`` (meta; the CPU with random weights), held by a ``ModelPatcher``."""
+    model_config = comfy.supported_models.WAN21_I2V(dict(config))
+    dtype = COMFY_WEIGHTS[weights]
+    model_config.set_inference_dtype(dtype, None if dtype == BF16 else BF16)
+    model = model_config.get_model({}, device=device)
+    for module in model.modules():  # fp8_scaled files hold their Linear weights in fp8, the rest as bf16 files do
+        for name, param in module.named_parameters(recurse=False):
+            if param.dtype == dtype and not (isinstance(module, torch.nn.Linear) and name == "weight"):
+                param.data = param.data.to(BF16)
+    model.requires_grad_(False)  # as ComfyUI's loader leaves the weights it loads (0.3.64's BaseModel does not)
+    if device != "meta":  # ComfyUI's layers leave their weights uninitialised until a checkpoint fills them
+        generator = torch.Generator().manual_seed(0)
+        for param in model.parameters():
+            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+@contextlib.contextmanager
+def comfy_wan_training(patcher, d_m: int, checkpointing: bool, size, cfg=None, device="meta"):
+    """One *Learn Motion (native)* step on ComfyUI's Wan model in ``patcher``, as a function to run: the MODEL
+    cloned with the training patch as Learn does it (``NativeTraining.training``: the native patch's
+    ``double_block`` replacement per block, whose ComfyUI block runs under ``torch.utils.checkpoint`` through the
+    patcher's injection, applied here as ComfyUI's ``ModelPatcher.load`` applies it), the training state attached
+    (one object's float32 tokens; ``cfg``: the Wan config the state's geometry is read from, the 14B's by default),
+    ``BaseModel.apply_model`` called with the options ComfyUI's sampler makes (``call_options``) on a ``size``
+    (height, width, frames) latent, and the backward from a loss on x0. ComfyUI's attention is its SDPA function
+    (``attention_pytorch``, what it runs on an NVIDIA card). The MDMA layout is the library benchmark's (one static
+    object mask in place of DMEM's, see ``wan_training_peak``)."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    from fleximmt.apps.comfy.native.training import NativeTraining, call_options
+    from fleximmt.apps.comfy.native.wan import Wan
+    from fleximmt.method.tokens import TextKeys
+    from fleximmt.training.train import TRAIN_PARTS
+
+    base = patcher.clone()
+    base.model_options["transformer_options"]["optimized_attention_override"] = lambda func, *a, **kw: (
+        attention_pytorch(*a, **kw)
+    )
+    trainer = NativeTraining(Wan(), [base], clip=None, vae=None)
+    trainer.text_len = WAN_TEXT_TOKENS
+    model = base.model.diffusion_model
+    state = wan_flexi_state(
+        "wan2.1",
+        1,
+        d_m,
+        len(model.blocks),
+        (),
+        tokens_dtype=torch.float32,
+        dmem_parts=TRAIN_PARTS & {"m2v", "t2v"},
+        cfg=cfg,
+        size=size,
+        device="cpu",
+        settings=trainer.state_settings(),
+    )
+    # the layout of the text form each native call names (every row's prompt where member counts it, 512 keys),
+    # built here from the masks: on meta they hold no values to build it from at the call
+    state.layouts.step_layout(0, TextKeys(), WAN_TEXT_TOKENS)
+    if device == "meta":
+        meta_layout(state)
+    state.videos[0].motion_tokens.requires_grad_(True)
+    height, width, frames = size
+    latent = ((frames - 1) // 4 + 1, height // 8, width // 8)  # Wan 2.1's VAE: 4x in time, 8x in space
+    generator = torch.Generator().manual_seed(0)
+
+    def condition(*shape):
+        if device == "meta":
+            return torch.empty(shape, device="meta")
+        return torch.randn(shape, generator=generator)
+
+    out_dim = model.out_dim
+    x = condition(1, out_dim, *latent)  # the noised window, float32 as training_prediction makes it
+    concat = condition(1, model.patch_embedding.in_channels - out_dim, *latent)  # frame mask and image latents
+    context = condition(1, WAN_TEXT_TOKENS, model.text_embedding[0].in_features)  # umT5's features
+    clip_fea = condition(1, WAN_IMAGE_TOKENS, 1280)  # CLIP ViT-H's penultimate states
+    sigma = torch.full((1,), 0.5, device=device)
+    with trainer.training(checkpointing), trainer.training_attached(state):
+        clone = trainer.patchers[0]
+        clone.inject_model()
+        clone.pre_run()
+
+        def step():
+            state.videos[0].motion_tokens.grad = None
+            options = call_options(clone, sigma)
+            x0 = clone.model.apply_model(
+                x, sigma, c_concat=concat, c_crossattn=context, clip_fea=clip_fea, transformer_options=options
+            )
+            x0.float().pow(2).mean().backward()
+
+        yield step
+
+
+def comfy_wan_training_peak(patcher, d_m: int, checkpointing: bool, size) -> int:
+    """Peak bytes on meta of :func:`comfy_wan_training`'s step (weights and inputs not included; SDPA as flash
+    attention allocates and saves)."""
+    with comfy_wan_training(patcher, d_m, checkpointing, size) as step:
+        return measure_peak(step, counter=StorageBytes, grad=True)
+
+
+def comfy_offload_buffer(patcher, streams: int = COMFY_STREAMS) -> int:
+    """Bytes ``ModelPatcher.load`` keeps free beside a partially loaded model for the layers it streams: the largest,
+    over its load list by offload cost, of one layer's cast size and the next ``streams`` layers' sizes."""
+    loading = sorted(patcher._load_list(), reverse=True)
+    return max(entry[0] + sum(e[1] for e in loading[i + 1 : i + 1 + streams]) for i, entry in enumerate(loading))
+
+
+# a small ComfyUI Wan 2.1 I2V model for the checks (ComfyUI's heads are 128 wide), the diffusers config its state's
+# geometry is read from, and its video (height, width, frames: 3 x 4 x 6 tokens)
+COMFY_WAN_SMALL = {**COMFY_WAN21_14B, "dim": 256, "ffn_dim": 512, "num_heads": 2, "num_layers": 4, "text_dim": 64}
+COMFY_WAN_SMALL_CFG = dict(num_attention_heads=2, attention_head_dim=128)
+COMFY_WAN_SMALL_SIZE = (64, 96, 9)
+
+
+def validate_comfy_wan(comfyui: Path) -> dict[str, float]:
+    """The native step's count, on a small ComfyUI Wan 2.1 I2V model (4 blocks, 2 heads of 128, fp8 weights cast to
+    bf16 per layer, gradient checkpointing): ``StorageBytes`` against the CPU allocator's accounting (torch.profiler
+    memory events) through the real step, and the meta count against the same count on the CPU (SDPA as the fused
+    kernels allocate, both). Returns each check's ratio."""
+    from torch.profiler import ProfilerActivity, profile
+
+    comfy = import_comfyui(comfyui)
+    small, cfg, size = COMFY_WAN_SMALL, wan_config("wan2.1", **COMFY_WAN_SMALL_CFG), COMFY_WAN_SMALL_SIZE
+    counted = {}
+    for device in ("cpu", "meta"):
+        patcher = comfy_wan_patcher(comfy, "fp8_scaled", small, device)
+        with comfy_wan_training(patcher, 16, True, size, cfg, device) as step:
+            counted[device] = measure_peak(step, counter=StorageBytes, grad=True)
+    patcher = comfy_wan_patcher(comfy, "fp8_scaled", small, "cpu")
+    with comfy_wan_training(patcher, 16, True, size, cfg, "cpu") as step:
+        unfused = measure_peak(step, fused=False, counter=StorageBytes, grad=True)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, live)
+    print(
+        f"validate Learn Motion (native) step on ComfyUI's WanModel (4 blocks, 256 wide, fp8 cast, checkpointing): "
+        f"StorageBytes {unfused / MiB:.2f} MiB, CPU allocator (profiler) {peak / MiB:.2f} MiB, ratio "
+        f"{unfused / peak:.3f}; meta {counted['meta'] / MiB:.2f} MiB against the CPU's {counted['cpu'] / MiB:.2f} MiB"
+    )
+    return {
+        "native step, CPU allocator": unfused / peak,
+        "native step, meta against CPU": counted["meta"] / counted["cpu"],
+    }
+
+
+def comfy_small_cards(args, library: dict) -> dict:
+    """*Learn Motion (native)* of a Wan 2.1 I2V 14B motion at 480x832 against 24 GB and 16 GB cards, through ComfyUI's
+    own model (``--comfyui``'s source) with its weights bf16 or fp8_scaled, loaded whole or partially (ComfyUI's
+    lowvram: every layer streamed, the least ComfyUI keeps on the card), beside the library's rows (``library``:
+    :func:`wan_small_cards`' report)."""
+    from types import SimpleNamespace
+
+    comfy = import_comfyui(args.comfyui)
+    from fleximmt.apps.comfy.learn import training_memory  # imports ComfyUI's comfy_api
+    from fleximmt.method.adapter import TokenGrid
+
+    height, width, _ = WAN_GEOMETRY["wan2.1"]
+    patchers = {weights: comfy_wan_patcher(comfy, weights) for weights in COMFY_WEIGHTS}
+    model = patchers["bf16"].model.diffusion_model
+    # bf16 weights are used in place; fp8 ones - and any layer streamed in a partial load - reach each call as a new
+    # bf16 copy, which the matmuls keep for the backward pass while their block is recomputed
+    steps = {
+        weights: {f: comfy_wan_training_peak(p, args.tokens, True, (height, width, f)) for f in TRAIN_FRAMES}
+        for weights, p in patchers.items()
+    }
+    whole = {weights: scheme_bytes(model, weights, COMFY_WEIGHT_SCHEMES) for weights in COMFY_WEIGHTS}
+    buffers = {weights: comfy_offload_buffer(p) for weights, p in patchers.items()}
+    optim = library["optim"]
+    trainer = SimpleNamespace(  # what training_memory reads of Learn's NativeTraining on this model
+        motion_shape=lambda: (len(model.blocks), model.dim),
+        token_grid=lambda h, w, f: TokenGrid((f - 1) // 4 + 1, h // 16, w // 16),
+        default_text_length=lambda: WAN_TEXT_TOKENS,
+    )
+    asked = {f: training_memory(trainer, (height, width, f), True) for f in TRAIN_FRAMES}
+    library_step = library["train"]
+    print(
+        f"\n== Learn Motion (native): ComfyUI's WanModel (Wan 2.1 I2V 14B, {args.comfyui}) ==\n"
+        f"weights on the card loaded whole: bf16 {whole['bf16'] / GiB:.2f} GiB, fp8_scaled "
+        f"{whole['fp8_scaled'] / GiB:.2f} GiB; partially loaded, ModelPatcher.load's offload buffer (2 streams) bf16 "
+        f"{buffers['bf16'] / MiB:.0f} MiB, fp8_scaled {buffers['fp8_scaled'] / MiB:.0f} MiB\n"
+        "native step, forward + backward with checkpointing on meta (bf16 weights in place | each layer's weight a "
+        "bf16 copy per call) against the library's diffusers model, and what Learn asks ComfyUI to keep free "
+        "(learn.training_memory): "
+        + "; ".join(
+            f"{f} frames {steps['bf16'][f] / GiB:.2f} | {steps['fp8_scaled'][f] / GiB:.2f} GiB (library "
+            f"{library_step[f] / GiB:.2f}, {steps['bf16'][f] / library_step[f]:.3f}x; asked {asked[f] / GiB:.2f})"
+            for f in TRAIN_FRAMES
+        )
+    )
+    lines = {  # what the card holds besides the step: the weights ComfyUI keeps on it, the tokens and AdamW's state
+        "bf16 weights, loaded whole": (whole["bf16"], steps["bf16"]),
+        "fp8_scaled weights, loaded whole": (whole["fp8_scaled"], steps["fp8_scaled"]),
+        "bf16 weights, partially loaded, every layer streamed": (buffers["bf16"], steps["fp8_scaled"]),
+        "fp8_scaled weights, partially loaded, every layer streamed": (buffers["fp8_scaled"], steps["fp8_scaled"]),
+    }
+    totals = {label: [held + optim + step[f] for f in TRAIN_FRAMES] for label, (held, step) in lines.items()}
+    training_table(
+        f"Learn Motion (native) on ComfyUI's Wan 2.1 I2V 14B, {height}x{width}, gradient checkpointing, 1 object, "
+        "computed",
+        TRAIN_FRAMES,
+        totals.items(),
+    )
+    return {
+        "rows": [
+            ("native training", label, f, t / GiB) for label, ts in totals.items() for f, t in zip(TRAIN_FRAMES, ts)
+        ],
+        "step_gib": {weights: {f: v / GiB for f, v in by.items()} for weights, by in steps.items()},
+        "weights_gib": {weights: v / GiB for weights, v in whole.items()},
+        "offload_buffer_gib": {weights: v / GiB for weights, v in buffers.items()},
+        "asked_gib": {f: v / GiB for f, v in asked.items()},
+    }
 
 
 # -- LTX-2 (Lightricks/LTX-2, 19B) -------------------------------------------------------------------------------
@@ -2021,6 +2304,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
     parser.add_argument(
+        "--comfyui",
+        type=Path,
+        help="with --small-cards: ComfyUI's source folder (0.33), for Learn Motion (native)'s rows through its own "
+        "Wan model; its requirements must import",
+    )
+    parser.add_argument(
         "--small-cards",
         action="store_true",
         help="only Wan 2.1 I2V 14B on 24 GB and 16 GB cards: quantized weights, group offloading",
@@ -2028,6 +2317,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.small_cards:
         report = wan_small_cards(args)
+        if args.comfyui:
+            report["native"] = comfy_small_cards(args, report)
         if args.out:
             args.out.write_text(json.dumps(report, indent=1, default=str))
         return

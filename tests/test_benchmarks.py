@@ -302,6 +302,38 @@ def test_memory_benchmark_counters_agree_with_the_cpu_allocator():
         assert abs(ratio - 1) < 0.01, (name, ratio)
 
 
+@pytest.mark.comfy
+def test_memory_benchmark_counts_learn_motion_native_through_comfyuis_blocks():
+    """The step behind benchmarks/memory.py's Learn Motion (native) rows (``--small-cards --comfyui``), on a small
+    ComfyUI Wan 2.1 I2V model of 4 blocks: its count against the CPU allocator, and on meta against the CPU
+    (``validate_comfy_wan``); gradient checkpointing through ComfyUI's blocks (the training patch's
+    ``double_block`` replacement and injection) more than halves the peak; and the bf16 copy of its weight each
+    layer of an fp8 model makes at each call is kept for the backward pass of one block at a time with
+    checkpointing - about one block's Linear weights in bf16 - and of every block without it (autograd keeps a
+    layer's weight for the gradient of its input; the first block's layers before the motion tokens join keep none)."""
+    from comfy_server import COMFYUI
+
+    memory = load_memory_module()
+    ratios = memory.validate_comfy_wan(COMFYUI)
+    assert len(ratios) == 2
+    for name, ratio in ratios.items():
+        assert abs(ratio - 1) < 0.01, (name, ratio)
+    comfy = memory.import_comfyui(COMFYUI)
+    cfg = memory.wan_config("wan2.1", **memory.COMFY_WAN_SMALL_CFG)
+    peaks = {}
+    for weights in ("bf16", "fp8_scaled"):
+        for checkpointing in (True, False):
+            patcher = memory.comfy_wan_patcher(comfy, weights, memory.COMFY_WAN_SMALL)
+            with memory.comfy_wan_training(patcher, 16, checkpointing, memory.COMFY_WAN_SMALL_SIZE, cfg) as step:
+                peaks[weights, checkpointing] = memory.measure_peak(step, counter=memory.StorageBytes, grad=True)
+    block = patcher.model.diffusion_model.blocks[0]
+    block_weights = sum(m.weight.numel() * 2 for m in block.modules() if isinstance(m, torch.nn.Linear))
+    assert peaks["bf16", True] < 0.5 * peaks["bf16", False], peaks
+    kept = {ckpt: peaks["fp8_scaled", ckpt] - peaks["bf16", ckpt] for ckpt in (True, False)}
+    assert 0.5 * block_weights < kept[True] < 1.5 * block_weights, (kept, block_weights)
+    assert kept[False] > 2 * block_weights, (kept, block_weights)
+
+
 @pytest.mark.parametrize("model", ["5b", "wan2.1"])
 def test_gpu_benchmark_applies_the_backend_and_cache_to_every_variant(model, tmp_path, monkeypatch):
     """--attention-backend and --cache on diffusers' variants and FlexiMMT's alike (a spy on diffusers'
