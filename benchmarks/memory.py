@@ -391,11 +391,25 @@ def t5_peak(text_encoder) -> int:
     return measure_peak(lambda: text_encoder(ids)[0])
 
 
+def allocator_peak(fn) -> int:
+    """Peak bytes the CPU allocator holds while ``fn`` runs, from torch.profiler's memory events (inputs not included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    live = peak = 0
+    # allocations are booked to the op that made them (self memory), frees outside ops as "[memory]"
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
 def validate() -> dict[str, float]:
     """LiveBytes against the CPU allocator's accounting (torch.profiler memory events) on a small real
     run; returns each check's ratio (counted / allocator)."""
     from diffusers import AutoencoderKLCogVideoX
-    from torch.profiler import ProfilerActivity, profile
 
     sys.path.insert(0, str(Path(__file__).parent))
     from block import make_block
@@ -412,15 +426,8 @@ def validate() -> dict[str, float]:
         ("CogVideoX block (8 heads, 1,226 tokens)", lambda: block(hidden, text, temb)[0]),
     ):
         counted = measure_peak(fn, fused=False)
-        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = fn()
-            del out
-        live = peak = 0
-        # allocations are booked to the op that made them (self memory), frees outside ops as "[memory]"
-        events = sorted(prof.events(), key=lambda e: e.time_range.start)
-        for e in events:
-            live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-            peak = max(peak, live)
+        with torch.no_grad():
+            peak = allocator_peak(fn)
         print(
             f"validate {name}: LiveBytes {counted / MiB:.2f} MiB, CPU allocator (profiler) {peak / MiB:.2f} MiB, "
             f"ratio {counted / peak:.3f}"
@@ -434,7 +441,6 @@ def validate_wan() -> dict[str, float]:
     block run on the CPU (whose flash attention saves the same), and ``StorageBytes`` through a forward
     + backward against the CPU allocator's accounting (torch.profiler memory events). Returns the ratios."""
     from diffusers import WanTransformer3DModel
-    from torch.profiler import ProfilerActivity, profile
 
     small = dict(
         num_attention_heads=4, attention_head_dim=32, ffn_dim=256, added_kv_proj_dim=128, image_dim=64, text_dim=64
@@ -461,12 +467,7 @@ def validate_wan() -> dict[str, float]:
 
     counted = measure_peak(step, fused=False, counter=StorageBytes, grad=True)
     x.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    live = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        peak = max(peak, live)
+    peak = allocator_peak(step)
     print(
         f"validate Wan transformer forward + backward (2 blocks, 128 wide, 216 video tokens): StorageBytes "
         f"{counted / MiB:.2f} MiB, CPU allocator (profiler) {peak / MiB:.2f} MiB, ratio {counted / peak:.3f}"
@@ -1780,7 +1781,6 @@ def validate_comfy_wan(comfyui: Path) -> dict[str, float]:
     bf16 per layer, gradient checkpointing): ``StorageBytes`` against the CPU allocator's accounting (torch.profiler
     memory events) through the real step, and the meta count against the same count on the CPU (SDPA as the fused
     kernels allocate, both). Returns each check's ratio."""
-    from torch.profiler import ProfilerActivity, profile
 
     comfy = import_comfyui(comfyui)
     small, cfg, size = COMFY_WAN_SMALL, wan_config("wan2.1", **COMFY_WAN_SMALL_CFG), COMFY_WAN_SMALL_SIZE
@@ -1792,12 +1792,7 @@ def validate_comfy_wan(comfyui: Path) -> dict[str, float]:
     patcher = comfy_wan_patcher(comfy, "fp8_scaled", small, "cpu")
     with comfy_wan_training(patcher, 16, True, size, cfg, "cpu") as step:
         unfused = measure_peak(step, fused=False, counter=StorageBytes, grad=True)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-    live = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        peak = max(peak, live)
+        peak = allocator_peak(step)
     print(
         f"validate Learn Motion (native) step on ComfyUI's WanModel (4 blocks, 256 wide, fp8 cast, checkpointing): "
         f"StorageBytes {unfused / MiB:.2f} MiB, CPU allocator (profiler) {peak / MiB:.2f} MiB, ratio "
