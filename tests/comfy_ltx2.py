@@ -61,11 +61,23 @@ CONFIG = dict(
 VARIANTS = {
     "LTX-2": ({}, {}),
     "LTX-2.3": (
-        dict(gated_attn=True, cross_attn_mod=True, audio_gated_attn=True, audio_cross_attn_mod=True, use_prompt_embeddings=False),
-        dict(apply_gated_attention=True, cross_attention_adaln=True, caption_proj_before_connector=True, caption_projection_first_linear=False,
-             audio_connector_attention_head_dim=4, audio_connector_num_attention_heads=2),
+        dict(
+            gated_attn=True,
+            cross_attn_mod=True,
+            audio_gated_attn=True,
+            audio_cross_attn_mod=True,
+            use_prompt_embeddings=False,
+        ),
+        dict(
+            apply_gated_attention=True,
+            cross_attention_adaln=True,
+            caption_proj_before_connector=True,
+            caption_projection_first_linear=False,
+            audio_connector_attention_head_dim=4,
+            audio_connector_num_attention_heads=2,
+        ),
     ),
-}  # fmt: skip
+}
 PREFIXES = {  # diffusers' top-level modules -> the original checkpoint's
     "proj_in.": "patchify_proj.",
     "audio_proj_in.": "audio_patchify_proj.",
@@ -248,16 +260,27 @@ AUDIO_VAE = {
     "model": {
         "params": {
             "ddconfig": {
-                "double_z": True, "mel_bins": 64, "z_channels": 8, "resolution": 256, "downsample_time": False,
-                "in_channels": 2, "out_ch": 2, "ch": 8, "ch_mult": [1, 2, 4], "num_res_blocks": 1,
-                "attn_resolutions": [], "dropout": 0.0, "mid_block_add_attention": False, "norm_type": "pixel",
+                "double_z": True,
+                "mel_bins": 64,
+                "z_channels": 8,
+                "resolution": 256,
+                "downsample_time": False,
+                "in_channels": 2,
+                "out_ch": 2,
+                "ch": 8,
+                "ch_mult": [1, 2, 4],
+                "num_res_blocks": 1,
+                "attn_resolutions": [],
+                "dropout": 0.0,
+                "mid_block_add_attention": False,
+                "norm_type": "pixel",
                 "causality_axis": "height",
             },
             "sampling_rate": 16000,
         }
     },
     "preprocessing": {"stft": {"filter_length": 1024, "hop_length": 160}},
-}  # fmt: skip
+}
 VOCODER = {
     "upsample_rates": [10, 16],
     "upsample_kernel_sizes": [20, 32],

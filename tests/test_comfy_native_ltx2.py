@@ -346,9 +346,14 @@ def test_bad_inputs_are_refused_by_name(transformer, patcher, clip):
 
     with torch.device("meta"):
         ltxv = lightricks.LTXVModel(
-            in_channels=4, cross_attention_dim=16, attention_head_dim=8, num_attention_heads=2, caption_channels=16,
-            num_layers=1, operations=disable_weight_init,
-        )  # fmt: skip
+            in_channels=4,
+            cross_attention_dim=16,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            caption_channels=16,
+            num_layers=1,
+            operations=disable_weight_init,
+        )
     with pytest.raises(FlexiMMTInputError, match=r"this is an LTX-Video model \(LTXVModel, video only\)"):
         family_of(holder(ltxv))
 
