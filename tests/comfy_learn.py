@@ -68,3 +68,21 @@ def library_and_native(pipe, patchers, clip, vae, native_conditions, tmp_path, v
     generator = torch.Generator().manual_seed(cfg.seed)
     first = [initial_tokens(blocks, 4, dim, cfg.token_init, generator) for _ in adapter.transformers()]
     return library, native, torch.stack(first)
+
+
+def pipeline_moved(pipe, video: np.ndarray, motion) -> float:
+    """How far ``motion`` (an object over the square's path, "jumps up") moves the diffusers ``pipe``'s latent video from
+    the plain one, from the reference's first frame, two steps of the same seed (relative error)."""
+    from PIL import Image
+
+    from fleximmt import ObjectMotion
+
+    frames, size = video.shape[:2]
+    image = Image.fromarray(video[0])
+    call = dict(height=size, width=size, num_frames=frames, num_inference_steps=2, output_type="latent")
+    plain = pipe(image, CAPTION, generator=torch.Generator().manual_seed(0), **call).frames
+    mask = np.zeros((size, size), bool)
+    mask[size // 2 : size - size // 8, 3 * size // 8 : 5 * size // 8] = True
+    obj = ObjectMotion(mask, motion, MOTION)
+    moved = pipe(image, CAPTION, generator=torch.Generator().manual_seed(0), objects=[obj], **call).frames
+    return ((moved - plain).norm() / plain.norm()).item()

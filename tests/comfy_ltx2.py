@@ -210,6 +210,9 @@ def comfy_shaped_components(seed: int = 0, latent_channels: int = SHAPE["in_chan
     bins = 16 * old.mel_compression_ratio  # the VAE's mel bins for 16 latent bins
     torch.manual_seed(seed)
     audio_vae = AutoencoderKLLTX2Audio.from_config({**old.config, "latent_channels": 8, "mel_bins": bins}).eval()
+    packed = 8 * 16  # its normalisation is per packed audio channel (8 x 16), as LTX-2's 128: the pipeline samples
+    audio_vae.register_buffer("latents_mean", torch.zeros(packed), persistent=True)
+    audio_vae.register_buffer("latents_std", torch.ones(packed), persistent=True)
     components["audio_vae"] = audio_vae
     vocoder = components["vocoder"].config
     channels = old.config.output_channels * bins

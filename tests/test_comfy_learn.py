@@ -10,10 +10,10 @@ ComfyUI 0.33 only (0.3.64 has no CogVideoX); Wan and HunyuanVideo 1.5: ``test_co
 import pytest
 import torch
 from comfy_cogvideox import SHAPE, TEXT, T5Clip, comfy_model
-from comfy_learn import CAPTION, CONCEPT, MOTION, VaeShape, jumping_square, library_and_native
-from comfy_native import box, needs_native, relative_error
+from comfy_learn import CAPTION, CONCEPT, MOTION, VaeShape, jumping_square, library_and_native, pipeline_moved
+from comfy_native import needs_native, relative_error
 
-from fleximmt import MotionTokens, ObjectMotion
+from fleximmt import MotionTokens
 from fleximmt.errors import FlexiMMTInputError
 from fleximmt.models.cogvideox import FlexiMMTPipeline
 from fleximmt.toy.tiny import tiny_components
@@ -212,20 +212,13 @@ def test_a_motion_learned_natively_drives_fleximmts_diffusers_pipeline_and_inspe
 ):
     import json
 
-    from PIL import Image
-
     from fleximmt.apps.cli import main
 
     video = jumping_square(SIZE, FRAMES)
     patcher = comfy_model(pipe.transformer)
     library_and_native(pipe, [patcher], clip, vae(), native_conditions, tmp_path, video, steps=2, **SETTINGS)
     motion = MotionTokens.load(tmp_path / "native.safetensors")
-    image = Image.fromarray(video[0])
-    call = dict(height=SIZE, width=SIZE, num_frames=FRAMES, num_inference_steps=2, output_type="latent")
-    plain = pipe(image, CAPTION, generator=torch.Generator().manual_seed(0), **call).frames
-    obj = ObjectMotion(box(SIZE, 16, 28, 12, 20), motion, MOTION)
-    moved = pipe(image, CAPTION, generator=torch.Generator().manual_seed(0), objects=[obj], **call).frames
-    assert relative_error(moved, plain) > 1e-4  # the motion changed the video
+    assert pipeline_moved(pipe, video, motion) > 1e-4  # the motion changed the video
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "native.safetensors"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -371,16 +364,3 @@ def test_the_mask_kernel_reaches_the_training_state_and_the_node_offers_it(pipe,
             mask_kernel="flex",
             **node,
         )
-
-
-def test_an_ltx2_model_is_refused_by_name(patcher, tmp_path):  # patcher: ComfyUI imported as the other tests do
-    """FlexiMMT Apply patches ComfyUI's LTX-2, Learn motion (native) does not train it yet: it says so and names
-    what does, before anything is encoded."""
-    from comfy_ltx2 import comfy_model as ltx2_model
-    from comfy_ltx2 import tiny_transformer
-
-    from fleximmt.apps.comfy.learn import learn_native
-
-    ltx2 = ltx2_model(tiny_transformer(0))
-    with pytest.raises(FlexiMMTInputError, match=r"not LTX-2 yet: learn LTX-2 motions with FlexiMMT Load Model"):
-        learn_native([ltx2], None, None, None, CAPTION, CONCEPT, MOTION, tmp_path / "m.safetensors", steps=1)

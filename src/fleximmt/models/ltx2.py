@@ -153,6 +153,14 @@ class LTX2CrossAttnProcessor(SlotProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def token_shift(num_video_tokens: int, config=None) -> float:
+    """``mu`` of LTX's dynamic shift for a video of ``num_video_tokens`` tokens (diffusers' ``calculate_shift``), from
+    a scheduler config's settings, :data:`SHIFT_DEFAULTS` where it has none (ComfyUI's *LTXVScheduler* defaults to
+    the same 0.95 to 2.05 over 1,024 to 4,096 tokens)."""
+    config = config or {}
+    return calculate_shift(num_video_tokens, *(config.get(name) or default for name, default in SHIFT_DEFAULTS.items()))
+
+
 def check_open_text(mask: torch.Tensor | None) -> None:
     """Refuse a forward whose text attention mask closes keys: FlexiMMT's ``attn2`` reads every key, as
     diffusers' own pipeline does (its connectors return an all-open mask)."""
@@ -345,11 +353,7 @@ class LTX2Adapter(SlotAdapter, ModelAdapter):
         the scheduler shifts dynamically (LTX); the schedule's terminal stretch, ``shift_terminal``, is a
         property of a whole schedule and not applied."""
         cfg = self.pipe.scheduler.config
-        mu = None
-        if cfg.get("use_dynamic_shifting"):
-            mu = calculate_shift(
-                num_video_tokens, *(cfg.get(name) or default for name, default in SHIFT_DEFAULTS.items())
-            )
+        mu = token_shift(num_video_tokens, cfg) if cfg.get("use_dynamic_shifting") else None
         return sample_sigma(self.pipe.scheduler, generator, mu)
 
     def training_prediction(self, state, cond, window, generator, image_dropout, autocast, dtype=None) -> TrainingBatch:

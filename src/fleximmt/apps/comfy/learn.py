@@ -289,7 +289,7 @@ class LearnMotionNative(io.ComfyNode):
             display_name="FlexiMMT Learn Motion (native)",
             category=CATEGORY,
             description="Learns a motion from one reference video of one moving object on ComfyUI's own Wan "
-            "2.1 / 2.2, CogVideoX 1.5 or HunyuanVideo 1.5 image-to-video model (the MODEL, CLIP and VAE its "
+            "2.1 / 2.2, CogVideoX 1.5, HunyuanVideo 1.5 or LTX-2 image-to-video model (the MODEL, CLIP and VAE its "
             "loaders give), training only the motion tokens, and saves it in "
             "models/fleximmt_motions/<name>.safetensors for Apply FlexiMMT. Cancel stops it at the next step "
             "with a checkpoint; queue it again with the same settings and it continues from there.",
@@ -305,7 +305,7 @@ class LearnMotionNative(io.ComfyNode):
                 io.Image.Input(
                     "video",
                     tooltip="The reference video's frames (Load Video -> Get Video Components), at the size "
-                    "to learn at (multiples of 16; resize with Upscale Image, or set width and height).",
+                    "to learn at (multiples of 16, LTX-2: 32; resize with Upscale Image, or set width and height).",
                 ),
                 io.String.Input(
                     "caption",
@@ -372,7 +372,8 @@ class LearnMotionNative(io.ComfyNode):
                     min=0,
                     max=1024,
                     step=1,  # the frontend rounds a value to its step from min: step 4 made 17 frames 16
-                    tooltip="Frames a training window holds (4k+1); 0: the model's own (81, HunyuanVideo 1.5: 121).",
+                    tooltip="Frames a training window holds (4k+1, LTX-2: 8k+1); 0: the model's own (81, HunyuanVideo "
+                    "1.5 and LTX-2: 121).",
                 ),
                 io.Boolean.Input(
                     "gradient_checkpointing",

@@ -59,9 +59,15 @@ class Family:
     clip_name: ClassVar[str]  # the text encoder a message names
     tokens_key: ClassVar[str]  # the prompt's tokens in what the family's CLIP.tokenize returns
     # learning (native/training.py): the channels of the model's concatenated condition that hold the image
-    # (training's image dropout zeroes them), and the block arguments its blocks add to in place
+    # (training's image dropout zeroes them), and the block arguments its blocks add to in place (``+=``)
     image_channels: ClassVar[slice] = slice(None)
     inplace_streams: ClassVar[tuple[str, ...]] = ()
+    # block arguments (tensors, or tuples of them) its blocks change with in-place methods whose results they drop
+    # (LTX-2: ``vx.addcmul_(...)``); training hands the blocks copies of them (native.training.CopyOnRead)
+    mutated_streams: ClassVar[tuple[str, ...]] = ()
+    # the image is the video's own first latent frame, kept clean (noise level 0) and out of the loss unless
+    # training's image dropout drops it (LTX-2's image-to-video), not a condition beside the latent
+    image_frame: ClassVar[bool] = False
     learn_frames: ClassVar[int] = 81  # frames of a training window where none are given (the library's default)
     # the library's adapter draws a step's noise as [1, F, C, h, w] (frames second, CogVideoX's layout), not
     # ComfyUI's [1, C, F, h, w]: the native step draws it alike, so a seed gives both the same noise
@@ -93,6 +99,30 @@ class Family:
         """The conditioning values the family's ComfyUI image-to-video node adds for a first frame ``image``
         (IMAGE ``[1, H, W, 3]``) and a video of ``length`` frames (``concat_latent_image``, ``concat_mask``)."""
         raise NotImplementedError
+
+    def reference_latent(self, vae, image: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """The latent a reference video (IMAGE ``[T, H, W, 3]``) trains on, from ComfyUI's VAE's ``latent`` of it
+        (default: that latent)."""
+        return latent
+
+    def training_shift(self, tokens: int) -> float | None:
+        """The shift of a training step's noise level for a video of ``tokens`` tokens, where the family's sampling
+        shifts by the video's size; None (default): the MODEL's model sampling's own."""
+        return None
+
+    def training_constants(self) -> dict:
+        """Inputs every training call of the model takes, in place of ComfyUI's own for them (default: none)."""
+        return {}
+
+    def training_inputs(self, model, x: torch.Tensor, sigma: float, image: bool, frames: int, generator):
+        """``(input, conditions)``: what ``apply_model`` takes for the noisy latent ``x [1, C, F, h, w]`` of a
+        ``frames``-frame video at noise level ``sigma`` (``image``: its first latent frame is the clean image), any
+        further draws from ``generator`` after the video's noise. Default: ``x``, nothing more."""
+        return x, {}
+
+    def training_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The video's x0 in ``apply_model``'s output for the latent ``x`` (default: the output)."""
+        return out
 
     def blocks(self, model) -> Sequence[torch.nn.Module]:
         return model.blocks

@@ -18,6 +18,17 @@ ComfyUI's LTX-2 text is the Gemma tokens without their padding (its encoder crop
 then the connector's learnable registers up to 1,024 tokens, every key open: a motion word's key is its
 index in ``[<bos> | prompt]``, found by its characters in the prompt (Gemma's sentencepiece keeps a
 word's leading space inside its piece, so " jumps" mid-sentence is not "jumps" alone).
+
+*Learn Motion (native)* trains as the library's adapter does (``LTX2Adapter.training_prediction``): the
+image is the first latent frame, kept clean at timestep 0 and out of the loss (as *LTXVImgToVideoInplace*
+puts it); the reference has no sound, so the audio latent is pure noise at noise level 1; the noise level is
+shifted by the video's token count (``models.ltx2.token_shift``, as *LTXVScheduler* shifts); the frame rate is
+the library's (24). ComfyUI's call carries the two streams' timesteps as its sampler does, denoise masks times
+sigma. ComfyUI's blocks then modulate the audio-video cross-attentions by each stream's own timesteps and gate
+them by the other stream's (the largest), where diffusers' ``use_cross_timestep=False`` (the library's
+training) takes both from each stream's own and ``True`` (its I2V pipeline's sampling) both from the other's:
+with the audio at level 1 and the video at sigma, the audio-to-video gate differs from the library's (and, as in
+sampling, the video-to-audio attention's order: tests/comfy_ltx2.py).
 """
 
 from __future__ import annotations
@@ -108,12 +119,55 @@ class LTX2(CrossFamily):
         connector = getattr(model, "video_embeddings_connector", None)
         self.registers = getattr(connector, "num_learnable_registers", None) or None
 
-    def check_learning(self, model) -> None:
-        """Learn motion (native) does not train LTX-2 yet (its audio-video conditioning has no native step)."""
-        raise FlexiMMTInputError(
-            "Learn motion (native) trains Wan, CogVideoX and HunyuanVideo 1.5 MODELs, not LTX-2 yet: learn LTX-2 "
-            "motions with FlexiMMT Load Model and Learn Motion (or fleximmt train); FlexiMMT Apply uses them here"
-        )
+    # -- learning (native/training.py), as the library's adapter trains (models/ltx2.py: training_prediction) --
+    mutated_streams = ("x",)  # each block's (video, audio) streams: vx.addcmul_(...) after rms_norm(vx) kept vx
+    image_frame = True  # the image is the first latent frame, as LTXVImgToVideoInplace puts it
+
+    @property
+    def learn_frames(self) -> int:
+        return self.adapter.default_size()[2]  # the library's window: 121 frames
+
+    def frame_rate(self) -> float:
+        """The frame rate LTX-2 learns at: the library's (diffusers' default, 24), whose audio length and video
+        positions it sets."""
+        return float(self.adapter.diffusers_default("frame_rate"))
+
+    def reference_latent(self, vae, image, latent):
+        """The first latent frame the first frame's own encoding, as *LTXVImgToVideoInplace* puts the image in the
+        video latent (and the library encodes the image apart)."""
+        latent = latent.clone()
+        first = vae.encode(image[:1, ..., :3])
+        latent[:, :, : first.shape[2]] = first
+        return latent
+
+    def training_shift(self, tokens: int) -> float:
+        """LTX's shift by the video's token count, as the library's adapter and ComfyUI's *LTXVScheduler* shift."""
+        from ....models.ltx2 import token_shift
+
+        return token_shift(tokens)
+
+    def training_constants(self) -> dict:
+        return {"frame_rate": self.frame_rate()}
+
+    def training_inputs(self, model, x, sigma, image, frames, generator):
+        """The reference has no sound: the audio latent is pure noise at noise level 1 (drawn after the video's
+        noise, as large as ComfyUI's *LTXV Empty Latent Audio* makes it for the video's length), packed behind the
+        video as ComfyUI's sampler packs them. ComfyUI's per-token timesteps are its denoise masks times sigma: the
+        video's 1 (0 on the clean image frame, as *LTXVImgToVideoInplace*'s mask), the audio's ``1 / sigma``."""
+        import comfy.utils
+
+        p = model.a_patchifier
+        length = round(frames / self.frame_rate() * p.sample_rate / p.hop_length / p.audio_latent_downsample_factor)
+        audio = torch.randn((1, model.num_audio_channels, length, model.audio_frequency_bins), generator=generator)
+        packed, shapes = comfy.utils.pack_latents([x, audio.to(x.device, x.dtype)])
+        video_mask = torch.ones(1, 1, *x.shape[2:], device=x.device)
+        if image:
+            video_mask[:, :, 0] = 0
+        audio_mask = torch.full((1, 1, length, 1), 1 / sigma, device=x.device)
+        return packed, {"denoise_mask": video_mask, "audio_denoise_mask": audio_mask, "latent_shapes": shapes}
+
+    def training_output(self, out, x):
+        return out.flatten(1)[:, : x[0].numel()].view(x.shape)  # [video | audio], flat (comfy.utils.pack_latents)
 
     def blocks(self, model):
         return model.transformer_blocks

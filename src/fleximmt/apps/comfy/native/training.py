@@ -16,13 +16,16 @@ runs with the training state (DMEM's masks in every block, the loop's motion tok
 when another takes it), every block runs under gradient checkpointing. HunyuanVideo 1.5's double blocks add
 to their streams in place after their layer norms kept them for the backward pass, which autograd refuses;
 the injection hands those blocks their streams as :class:`OutOfPlace` tensors, whose ``+=`` makes a new
-tensor, so ComfyUI's block runs unchanged and its gradient is the out-of-place block's.
+tensor, so ComfyUI's block runs unchanged and its gradient is the out-of-place block's. LTX-2's blocks change
+their streams with in-place methods whose results they drop (``vx.addcmul_``): they get fresh copies whose
+every read is a copy of the stream as it then is (:class:`CopyOnRead`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -60,9 +63,63 @@ class OutOfPlace(torch.Tensor):
         return torch.div(self, other)
 
 
+INPLACE_OPERATORS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__setitem__"}
+METADATA = {"__get__", "numel", "size", "dim"}  # reads of a tensor's shape, dtype or device: no copy needed
+
+
+class CopyOnRead(torch.Tensor):
+    """A stream a block changes with in-place methods after reading it, whose results it drops (ComfyUI's LTX-2
+    blocks: ``vx.addcmul_(...)`` after ``rms_norm(vx)`` kept ``vx`` for the backward pass, which autograd refuses):
+    every other operation reads a copy of the stream as it is then (one copy per change), and the in-place methods
+    change the stream itself. ComfyUI's block runs unchanged, and its gradient is the out-of-place block's."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        inplace = name in INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("__"))
+        with torch._C.DisableTorchFunctionSubclass():
+            if inplace and args and isinstance(args[0], CopyOnRead):
+                func(args[0], *snapshots(args[1:]), **snapshots(kwargs))
+                return args[0]
+            if name in METADATA:
+                return func(*args, **kwargs)
+            return func(*snapshots(args), **snapshots(kwargs))
+
+    def snapshot(self) -> torch.Tensor:
+        """A plain copy of the stream as it is now (made once per change of it)."""
+        version, copy = self.__dict__.get("_snapshot", (None, None))
+        if version != self._version:
+            copy = torch.Tensor.clone(self)
+            self.__dict__["_snapshot"] = (self._version, copy)
+        return copy
+
+
+def snapshots(value):
+    """``value`` with every :class:`CopyOnRead` stream in it (nested in tuples, lists, dicts) its snapshot."""
+    if isinstance(value, CopyOnRead):
+        return value.snapshot()
+    if isinstance(value, (tuple, list)):
+        return type(value)(snapshots(v) for v in value)
+    if isinstance(value, dict):
+        return {k: snapshots(v) for k, v in value.items()}
+    return value
+
+
+def copied(value):
+    """A block's stream argument (a tensor, or a tuple or list of them) as fresh :class:`CopyOnRead` streams: the
+    block changes the copies, not its caller's tensors (gradient checkpointing recomputes from those)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone().as_subclass(CopyOnRead)
+    if isinstance(value, (tuple, list)):
+        return type(value)(copied(v) for v in value)
+    return value
+
+
 def plain(value):
-    """``value`` with every :class:`OutOfPlace` tensor in it (nested in tuples, lists, dicts) a plain tensor."""
-    if isinstance(value, OutOfPlace):
+    """``value`` with every :class:`OutOfPlace` or :class:`CopyOnRead` tensor in it (nested in tuples, lists,
+    dicts) a plain tensor."""
+    if isinstance(value, (OutOfPlace, CopyOnRead)):
         return value.as_subclass(torch.Tensor)
     if isinstance(value, (tuple, list)):
         return type(value)(plain(v) for v in value)
@@ -174,6 +231,8 @@ class TrainingPatch(NativePatch):
         (gradient checkpointing runs it again in the backward pass), its in-place streams out of place, the
         whole under ``torch.utils.checkpoint`` when checkpointing."""
         streams = self.family.inplace_streams
+        parameters = list(inspect.signature(forward).parameters)
+        mutated = [(name, parameters.index(name)) for name in self.family.mutated_streams]
 
         def run(*args, **kwargs):
             options = kwargs.get("transformer_options")
@@ -183,6 +242,11 @@ class TrainingPatch(NativePatch):
             for name in streams:
                 if isinstance(kwargs.get(name), torch.Tensor):
                     kwargs[name] = kwargs[name].as_subclass(OutOfPlace)
+            for name, position in mutated:
+                if position < len(args):
+                    args = (*args[:position], copied(args[position]), *args[position + 1 :])
+                elif name in kwargs:
+                    kwargs[name] = copied(kwargs[name])
             return plain(forward(*args, **kwargs))
 
         def checkpointed(*args, **kwargs):
@@ -300,14 +364,18 @@ class NativeTraining:
         ``extra_conds`` - the caption's CLIP features, the image conditions of each window's first frame
         as the family's image-to-video node builds them (``c_concat [W, ...]``), the CLIP vision
         features. ComfyUI's VAE gives its posterior's mean (the library samples the posterior)."""
+        import comfy.model_management as mm
+
         model = self.models[0].model
         device = self.models[0].load_device
         images = [
             ((clip.permute(1, 2, 3, 0).float() + 1) / 2).clamp(0, 1).cpu() for clip in clips
         ]  # IMAGE [T, H, W, 3]
-        latents = [self.encode_video(image) for image in images]
+        latents = [self.native.reference_latent(self.vae, image, self.encode_video(image)) for image in images]
         tokens = self.clip.tokenize(caption)
         (text, extras), *_ = self.clip.encode_from_tokens_scheduled(tokens)
+        mm.load_models_gpu([self.models[0]])  # extra_conds may run the model's own modules (LTX-2's text connectors)
+        constants = self.native.training_constants()  # the family's own, at every training call
         videos, windowed, shared = [], {}, {}
         for image, latent in zip(images, latents):
             values = dict(self.native.image_conditioning(self.vae, image[:1], image.shape[0]))
@@ -323,6 +391,8 @@ class NativeTraining:
             )
             videos.append(model.process_latent_in(latent.float())[0].cpu())
             for name, cond in conds.items():
+                if name in constants:
+                    continue
                 value = cond.cond
                 if not isinstance(value, torch.Tensor):
                     raise FlexiMMTInputError(f"Learn motion: ComfyUI's {name!r} condition is not a tensor")
@@ -378,8 +448,10 @@ class NativeTraining:
     def training_prediction(
         self, state, cond: dict, window: int, generator, image_dropout: float, autocast, dtype=None
     ) -> TrainingBatch:
-        """One window noised at a random level of the MODEL's own model sampling, in the library's order of
-        draws (image dropout, the level, the noise), and ComfyUI's prediction of its x0 (``apply_model``)."""
+        """One window noised at a random level of the MODEL's own model sampling (or shifted by the video's size,
+        where the family's sampling shifts so: LTX-2), in the library's order of draws (image dropout, the level,
+        the noise, then the family's own: LTX-2's audio), and ComfyUI's prediction of its x0 (``apply_model``). A
+        family whose image is the first latent frame keeps that frame clean, out of the loss, unless dropped."""
         import comfy.model_management as mm
 
         precision = dtype or torch.float32
@@ -388,34 +460,49 @@ class NativeTraining:
         x0 = cond["video_latents"][window : window + 1].to(device, precision)  # [1, C, F, h, w]
         kwargs = {name: value.to(device) for name, value in cond.items() if name not in (*WINDOWED, "loss_from")}
         kwargs.update({name: cond[name][window : window + 1].to(device) for name in WINDOWED[2:] if name in cond})
+        kwargs.update(self.native.training_constants())
         concat = cond.get("c_concat")
         if concat is not None:
             concat = concat[window : window + 1].to(device, precision)
-        if torch.rand((), generator=generator).item() < image_dropout and concat is not None:
+        dropped = torch.rand((), generator=generator).item() < image_dropout
+        if dropped and concat is not None:
             concat = concat.clone()
             concat[:, self.native.image_channels] = 0
         sampling = experts[0].get_model_object("model_sampling")
-        noised = noise_levels(sampling)
+        shift = self.native.training_shift(self.native.grid(self.diffusion_models()[0], x0).size)
+        noised = noise_levels(sampling, shift)
         level, weight = noised.draw(generator)
         if self.native.noise_frames_second:
             noise = torch.randn(x0.transpose(1, 2).shape, generator=generator).transpose(1, 2)
         else:
             noise = torch.randn(x0.shape, generator=generator)
         noise = noise.to(device, precision)
-        x = noised.noisy(x0, noise, level)
+        image = self.native.image_frame and not dropped
+        if self.native.image_frame:  # the level per latent frame, as the library's LTX-2 adapter noises them
+            levels = torch.full((1, 1, x0.shape[2], 1, 1), level, device=device, dtype=precision)
+            if image:
+                levels[:, :, 0] = 0.0
+            x = noised.noisy(x0, noise, levels)
+        else:
+            x = noised.noisy(x0, noise, level)
         expert = 1 if len(experts) > 1 and self.boundary is not None and level < self.boundary else 0
         patcher = experts[expert]
         mm.load_models_gpu([patcher], memory_required=self.memory_required)
         patcher.pre_run()
         ordinary_weights(patcher.model.diffusion_model)
         sigma = torch.tensor([level], device=device)
+        frames = (x0.shape[2] - 1) * temporal_factor(self.vae) + 1
+        model_input, extra = self.native.training_inputs(
+            patcher.model.diffusion_model, x, level, image, frames, generator
+        )
         with autocast():
-            x0_hat = patcher.model.apply_model(
-                x, sigma, c_concat=concat, transformer_options=call_options(patcher, sigma), **kwargs
-            ).to(precision)
-        frames = slice(int(cond.get("loss_from", 0)), None)
+            out = patcher.model.apply_model(
+                model_input, sigma, c_concat=concat, transformer_options=call_options(patcher, sigma), **kwargs, **extra
+            )
+            x0_hat = self.native.training_output(out, x).to(precision)
+        scored = slice(1 if image else int(cond.get("loss_from", 0)), None)
         weight = torch.tensor(weight, device=device)
-        return TrainingBatch(x0.transpose(1, 2), x0_hat.transpose(1, 2), weight, frames, expert)
+        return TrainingBatch(x0.transpose(1, 2), x0_hat.transpose(1, 2), weight, scored, expert)
 
 
 class NoiseLevels:
@@ -464,12 +551,30 @@ class DDPMLevels(NoiseLevels):
         return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
 
 
-def noise_levels(sampling) -> NoiseLevels:
-    """The noise levels of a ComfyUI model sampling that fleximmt trains on (its prediction's class)."""
+class ShiftedLevels(FlowLevels):
+    """Flow matching shifted by the video's size (LTX-2): a uniform draw through the time shift ``shift`` (``mu``
+    of the video's token count), ComfyUI's own ``flux_time_shift`` that its *LTXVScheduler* samples with, floored
+    as :class:`FlowLevels`."""
+
+    def __init__(self, sampling, shift: float) -> None:
+        super().__init__(sampling)
+        self.shift = shift
+
+    def draw(self, generator) -> tuple[float, float]:
+        import comfy.model_sampling as ms
+
+        u = torch.rand((), generator=generator).item()
+        sigma = max(float(ms.flux_time_shift(self.shift, 1.0, torch.tensor(u))), SIGMA_FLOOR)
+        return sigma, 1.0 / sigma**2
+
+
+def noise_levels(sampling, shift: float | None = None) -> NoiseLevels:
+    """The noise levels of a ComfyUI model sampling that fleximmt trains on (its prediction's class); ``shift``:
+    a flow-matching model's levels shifted by the video's size (:class:`ShiftedLevels`)."""
     import comfy.model_sampling as ms
 
     if isinstance(sampling, ms.CONST):
-        return FlowLevels(sampling)
+        return FlowLevels(sampling) if shift is None else ShiftedLevels(sampling, shift)
     ddpm = getattr(ms, "V_PREDICTION_DDPM", None)
     if ddpm is not None and isinstance(sampling, ddpm):
         return DDPMLevels(sampling)
