@@ -6,7 +6,8 @@ up, a blue box sliding left) on ComfyUI's own MODEL, CLIP and VAE, then *Apply F
 At test size, as ``test_comfy_native_server.py`` runs the same examples: tiny models of ComfyUI's format, the
 VAEs full size with random weights, the text encoders ComfyUI's own classes at a tiny size (test-only nodes),
 SigLIP's tokens random; here also the references scaled to the test size and two training steps of four tokens
-on 9-frame windows. Wan 2.2 A14B runs on ComfyUI 0.33 and 0.3.64, CogVideoX 1.5 and HunyuanVideo 1.5 on 0.33."""
+on 9-frame windows. Wan 2.2 A14B runs on ComfyUI 0.33 and 0.3.64, CogVideoX 1.5, HunyuanVideo 1.5 and LTX-2 on
+0.33."""
 
 import copy
 
@@ -18,6 +19,7 @@ from test_comfy_native_server import (  # noqa: F401 - pytest fixtures, and the 
     SIZE,
     cogvideox_prompt,
     hunyuan15_prompt,
+    ltx2_prompt,
     native_models,
     saved_motions,
     tiny_prompt,
@@ -123,6 +125,21 @@ def test_the_native_hunyuan15_example_learns_its_motions_and_transfers_them(
     assert run.status == "success", (run.error, comfy_server.log()[-3000:])
     assert all(m.family == "hunyuanvideo15" for m in learned(comfy_server, prompt, run))
     assert video_frames(comfy_server, run, "26").shape[1:] == (SIZE, SIZE, 3)
+
+
+@needs_native("LTX-2")
+def test_the_native_ltx2_example_learns_its_motions_and_transfers_them(
+    comfy_server,
+    ltx2_prompt,  # noqa: F811 - the fixture imported above
+    inputs,
+):
+    """LTX-2's Learn nodes take the checkpoint's MODEL and video VAE and the audio text encoder's CLIP; nothing of the
+    audio VAE (the reference has no sound: training gives the audio stream noise)."""
+    prompt = learning(ltx2_prompt, "native_ltx2_i2v", "ltx2-learned")
+    run = comfy_server.run(prompt)
+    assert run.status == "success", (run.error, comfy_server.log()[-3000:])
+    assert all(m.family == "ltx2" for m in learned(comfy_server, prompt, run))
+    assert video_frames(comfy_server, run, "30").shape[1:] == (SIZE, SIZE, 3)
 
 
 def learn_only(prompt: dict, node: str, name: str, steps: int) -> dict:

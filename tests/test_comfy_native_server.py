@@ -317,7 +317,7 @@ def ltx2_prompt(comfy_server):
     from comfy_ltx2 import comfy_shaped_components, write_ltx2_checkpoint
     from diffusers import LTX2ImageToVideoPipeline
 
-    base, api = comfy_server.base, load_workflow("native_ltx2_i2v")
+    base, api = comfy_server.base, saved_motions(load_workflow("native_ltx2_i2v"))
     models = model_folders(base)
     (models / "checkpoints").mkdir(exist_ok=True)
     pipe = LTX2ImageToVideoPipeline(**comfy_shaped_components(0, latent_channels=128))

@@ -132,6 +132,9 @@ class LTX2(CrossFamily):
         positions it sets."""
         return float(self.adapter.diffusers_default("frame_rate"))
 
+    def image_conditioning(self, vae, image, length: int) -> dict:
+        return {}  # no condition beside the latent: the image is its first frame (reference_latent)
+
     def reference_latent(self, vae, image, latent):
         """The first latent frame the first frame's own encoding, as *LTXVImgToVideoInplace* puts the image in the
         video latent (and the library encodes the image apart)."""
