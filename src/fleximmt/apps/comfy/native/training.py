@@ -374,11 +374,11 @@ class NativeTraining:
         latents = [self.native.reference_latent(self.vae, image, self.encode_video(image)) for image in images]
         tokens = self.clip.tokenize(caption)
         (text, extras), *_ = self.clip.encode_from_tokens_scheduled(tokens)
+        conditioning = [dict(self.native.image_conditioning(self.vae, im[:1], im.shape[0])) for im in images]
         mm.load_models_gpu([self.models[0]])  # extra_conds may run the model's own modules (LTX-2's text connectors)
         constants = self.native.training_constants()  # the family's own, at every training call
         videos, windowed, shared = [], {}, {}
-        for image, latent in zip(images, latents):
-            values = dict(self.native.image_conditioning(self.vae, image[:1], image.shape[0]))
+        for latent, values in zip(latents, conditioning):
             if self.clip_vision_output is not None:
                 values["clip_vision_output"] = self.clip_vision_output
             conds = model.extra_conds(
