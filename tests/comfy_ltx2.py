@@ -165,7 +165,8 @@ def comfy_meta_model(transformer=None):
 
     config = CONFIG if transformer is None else comfy_config(transformer)
     with torch.device("meta"):
-        return av.LTXAVModel(num_layers=SHAPE["num_layers"], operations=comfy.ops.disable_weight_init, **config)
+        layers = SHAPE["num_layers"] if transformer is None else transformer.config.num_layers
+        return av.LTXAVModel(num_layers=layers, operations=comfy.ops.disable_weight_init, **config)
 
 
 def comfy_model(transformer, connectors: bool = False):

@@ -130,3 +130,58 @@ def test_a_motion_learned_natively_drives_fleximmts_diffusers_ltx2_pipeline(pipe
     motion = MotionTokens.load(tmp_path / "native.safetensors")
     assert motion.family == "ltx2" and motion.metadata["base_model"].startswith("comfyui-ltx2@")
     assert pipeline_moved(pipe, video, motion) > 1e-4  # the motion changed the video
+
+
+def test_comfyuis_audio_video_gates_read_the_other_streams_level_where_the_library_reads_its_own():
+    """Where native and library training part on real weights (docs/comfyui.md): one block with the audio-to-video
+    gate open (one block: the video-to-audio attention's order cannot reach the video), ComfyUI's video against
+    diffusers' ``use_cross_timestep`` False (the library's training) and True (its I2V sampling). With the audio
+    and the video at one noise level, as in sampling, the noised frames agree with both; at the library's training
+    levels (the audio at 1, the video at 0.6) with neither: ComfyUI modulates by each stream's own timestep and
+    gates by the other's (measured: 2.7e-6 and 2.7e-6 at one level; 4.3e-2 against False, 1.2e-2 against True)."""
+    from comfy_ltx2 import tiny_transformer
+    from comfy_native import model_call
+
+    transformer = tiny_transformer(0, num_layers=1)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the gate open again (tiny_transformer closes it)
+        gate = transformer.av_cross_attn_video_a2v_gate.linear
+        for param in (gate.weight, gate.bias, transformer.transformer_blocks[0].video_a2v_cross_attn_scale_shift_table):
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    patcher = comfy_model(transformer)
+    frames, side, audio_frames = 3, 4, 5
+    video, audio = (
+        torch.randn(1, 4, frames, side, side, generator=gen),
+        torch.randn(1, 8, audio_frames, 16, generator=gen),
+    )
+    context = torch.randn(1, 1024, 32, generator=gen)
+    image = torch.zeros(1, 1, frames, side, side)
+    image[:, :, 0] = 1
+    video_t = (0.6 * (1 - image)).flatten(1)
+    errors = {}
+    for audio_level in (0.6, 1.0):
+        audio_t = torch.tensor([audio_level])
+        ours = model_call(patcher, [video, audio], (video_t, audio_t), context, None, frame_rate=24.0)[0]
+        for cross in (False, True):
+            with torch.no_grad():
+                theirs = transformer(
+                    hidden_states=video.flatten(2).transpose(1, 2),
+                    audio_hidden_states=audio.permute(0, 2, 1, 3).flatten(2),
+                    encoder_hidden_states=context[..., :16],
+                    audio_encoder_hidden_states=context[..., 16:],
+                    timestep=video_t * 1000,
+                    audio_timestep=audio_t * 1000,
+                    sigma=torch.tensor([600.0]),
+                    audio_sigma=audio_t * 1000,
+                    num_frames=frames,
+                    height=side,
+                    width=side,
+                    fps=24.0,
+                    audio_num_frames=audio_frames,
+                    use_cross_timestep=cross,
+                    return_dict=False,
+                )[0]
+            theirs = theirs.transpose(1, 2).unflatten(2, (frames, side, side))
+            errors[audio_level, cross] = relative_error(ours[:, :, 1:], theirs[:, :, 1:])  # the noised frames
+    assert errors[0.6, False] < 1e-5 and errors[0.6, True] < 1e-5
+    assert errors[1.0, False] > 1e-2 and errors[1.0, True] > 1e-2
