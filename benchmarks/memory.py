@@ -1680,6 +1680,21 @@ def comfy_wan_patcher(comfy, weights: str, config=COMFY_WAN21_14B, device="meta"
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
+def comfy_wan_trainer(patcher):
+    """Learn's ``NativeTraining`` on the Wan model in ``patcher``, with the caption's 512 tokens and what ComfyUI's
+    Wan 2.1 VAE reports of its latent (``comfy/sd.py``: 16 channels, 4x in time after the first frame, 8x in
+    space); it encodes nothing."""
+    from types import SimpleNamespace
+
+    from fleximmt.apps.comfy.native.training import NativeTraining
+    from fleximmt.apps.comfy.native.wan import Wan
+
+    vae = SimpleNamespace(downscale_ratio=(lambda frames: max(0, (frames + 3) // 4), 8, 8), latent_channels=16)
+    trainer = NativeTraining(Wan(), [patcher], clip=None, vae=vae)
+    trainer.text_len = WAN_TEXT_TOKENS
+    return trainer
+
+
 @contextlib.contextmanager
 def comfy_wan_training(patcher, d_m: int, checkpointing: bool, size, cfg=None, device="meta"):
     """One *Learn Motion (native)* step on ComfyUI's Wan model in ``patcher``, as a function to run: the MODEL
@@ -1693,8 +1708,7 @@ def comfy_wan_training(patcher, d_m: int, checkpointing: bool, size, cfg=None, d
     object mask in place of DMEM's, see ``wan_training_peak``)."""
     from comfy.ldm.modules.attention import attention_pytorch
 
-    from fleximmt.apps.comfy.native.training import NativeTraining, call_options
-    from fleximmt.apps.comfy.native.wan import Wan
+    from fleximmt.apps.comfy.native.training import call_options
     from fleximmt.method.tokens import TextKeys
     from fleximmt.training.train import TRAIN_PARTS
 
@@ -1702,8 +1716,7 @@ def comfy_wan_training(patcher, d_m: int, checkpointing: bool, size, cfg=None, d
     base.model_options["transformer_options"]["optimized_attention_override"] = lambda func, *a, **kw: (
         attention_pytorch(*a, **kw)
     )
-    trainer = NativeTraining(Wan(), [base], clip=None, vae=None)
-    trainer.text_len = WAN_TEXT_TOKENS
+    trainer = comfy_wan_trainer(base)
     model = base.model.diffusion_model
     state = wan_flexi_state(
         "wan2.1",
@@ -1809,11 +1822,8 @@ def comfy_small_cards(args, library: dict) -> dict:
     own model (``--comfyui``'s source) with its weights bf16 or fp8_scaled, loaded whole or partially (ComfyUI's
     lowvram: every layer streamed, the least ComfyUI keeps on the card), beside the library's rows (``library``:
     :func:`wan_small_cards`' report)."""
-    from types import SimpleNamespace
-
     comfy = import_comfyui(args.comfyui)
     from fleximmt.apps.comfy.learn import training_memory  # imports ComfyUI's comfy_api
-    from fleximmt.method.adapter import TokenGrid
 
     height, width, _ = WAN_GEOMETRY["wan2.1"]
     patchers = {weights: comfy_wan_patcher(comfy, weights) for weights in COMFY_WEIGHTS}
@@ -1827,12 +1837,12 @@ def comfy_small_cards(args, library: dict) -> dict:
     whole = {weights: scheme_bytes(model, weights, COMFY_WEIGHT_SCHEMES) for weights in COMFY_WEIGHTS}
     buffers = {weights: comfy_offload_buffer(p) for weights, p in patchers.items()}
     optim = library["optim"]
-    trainer = SimpleNamespace(  # what training_memory reads of Learn's NativeTraining on this model
-        motion_shape=lambda: (len(model.blocks), model.dim),
-        token_grid=lambda h, w, f: TokenGrid((f - 1) // 4 + 1, h // 16, w // 16),
-        default_text_length=lambda: WAN_TEXT_TOKENS,
-    )
-    asked = {f: training_memory(trainer, (height, width, f), True) for f in TRAIN_FRAMES}
+    # what Learn asks ComfyUI to keep free for the step, from its NativeTraining on each model
+    trainers = {weights: comfy_wan_trainer(p) for weights, p in patchers.items()}
+    asked = {
+        weights: {f: training_memory(trainer, (height, width, f), True) for f in TRAIN_FRAMES}
+        for weights, trainer in trainers.items()
+    }
     library_step = library["train"]
     print(
         f"\n== Learn Motion (native): ComfyUI's WanModel (Wan 2.1 I2V 14B, {args.comfyui}) ==\n"
@@ -1844,7 +1854,9 @@ def comfy_small_cards(args, library: dict) -> dict:
         "(learn.training_memory): "
         + "; ".join(
             f"{f} frames {steps['bf16'][f] / GiB:.2f} | {steps['fp8_scaled'][f] / GiB:.2f} GiB (library "
-            f"{library_step[f] / GiB:.2f}, {steps['bf16'][f] / library_step[f]:.3f}x; asked {asked[f] / GiB:.2f})"
+            f"{library_step[f] / GiB:.2f}, {steps['bf16'][f] / library_step[f]:.3f}x; asked "
+            f"{asked['bf16'][f] / GiB:.2f} | {asked['fp8_scaled'][f] / GiB:.2f}, "
+            f"{asked['fp8_scaled'][f] / steps['fp8_scaled'][f]:.3f}x the step with copies)"
             for f in TRAIN_FRAMES
         )
     )
@@ -1868,7 +1880,7 @@ def comfy_small_cards(args, library: dict) -> dict:
         "step_gib": {weights: {f: v / GiB for f, v in by.items()} for weights, by in steps.items()},
         "weights_gib": {weights: v / GiB for weights, v in whole.items()},
         "offload_buffer_gib": {weights: v / GiB for weights, v in buffers.items()},
-        "asked_gib": {f: v / GiB for f, v in asked.items()},
+        "asked_gib": {weights: {f: v / GiB for f, v in by.items()} for weights, by in asked.items()},
     }
 
 

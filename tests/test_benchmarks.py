@@ -334,6 +334,36 @@ def test_memory_benchmark_counts_learn_motion_native_through_comfyuis_blocks():
     assert kept[False] > 2 * block_weights, (kept, block_weights)
 
 
+@pytest.mark.comfy
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_memory_learn_native_asks_comfyui_to_keep_free_what_its_wan21_14b_step_counts(checkpointing):
+    """``learn.training_memory`` - what *Learn Motion (native)* asks ComfyUI's model management to keep free for a step
+    (``memory_required``) - against the step benchmarks/memory.py counts through ComfyUI's own Wan 2.1 I2V 14B on meta
+    (``comfy_wan_patcher``, 480x832, the whole 40 blocks: a count takes about 3 s), at the longest and the shortest
+    training window, with bf16 weights used in place and fp8_scaled ones cast per call. The ask covers the step
+    and is at most 1.15x it. With checkpointing the step a bf16 model's ask must cover is the one with per-call weight
+    copies: ComfyUI loads a model partially exactly when it does not fit beside the ask, and then streams its layers
+    as copies. (The ask was 16.50 GiB at 81 frames before, against 20.95 counted.)"""
+    from comfy_server import COMFYUI
+
+    memory = load_memory_module()
+    comfy = memory.import_comfyui(COMFYUI)
+    from fleximmt.apps.comfy.learn import training_memory
+
+    height, width, _ = memory.WAN_GEOMETRY["wan2.1"]
+    patchers = {weights: memory.comfy_wan_patcher(comfy, weights) for weights in ("bf16", "fp8_scaled")}
+    for frames in (81, 17):
+        size = (height, width, frames)
+        counted = {}
+        for weights, patcher in patchers.items():
+            with memory.comfy_wan_training(patcher, 16, checkpointing, size) as step:
+                counted[weights] = memory.measure_peak(step, counter=memory.StorageBytes, grad=True)
+        for weights, patcher in patchers.items():
+            asked = training_memory(memory.comfy_wan_trainer(patcher), size, checkpointing)
+            step = counted["fp8_scaled"] if checkpointing else counted[weights]
+            assert step <= asked <= 1.15 * step, (frames, weights, asked / memory.GiB, step / memory.GiB)
+
+
 @pytest.mark.parametrize("model", ["5b", "wan2.1"])
 def test_gpu_benchmark_applies_the_backend_and_cache_to_every_variant(model, tmp_path, monkeypatch):
     """--attention-backend and --cache on diffusers' variants and FlexiMMT's alike (a spy on diffusers'

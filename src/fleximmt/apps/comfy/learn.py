@@ -46,30 +46,94 @@ from ...training.train import (
 from .common import CATEGORY, MOTIONS_FOLDER, learn_run_inputs, mask_kernel_input, motions_dir
 from .common import MOTION as MOTION_TYPE
 from .native import family_of
-from .native.training import NativeTraining
+from .native.training import NativeTraining, compute_dtype
 
 logger = logging.getLogger(__name__)
 
 MOTION = io.Custom(MOTION_TYPE) if isinstance(MOTION_TYPE, str) else MOTION_TYPE
 LOSS_MAP = io.Custom("LOSS_MAP")  # ComfyUI's trainer's type: {"loss": [one value a step]}, for Plot Loss Graph
 WAN22_BOUNDARY = 0.875  # Wan 2.2 I2V A14B's boundary_ratio: below this noise level the low-noise expert denoises
-# a training step keeps about 24 bytes per token and channel for the backward pass of one block in bf16
-# (train.SAVED_BYTES_PER_TOKEN_CHANNEL); with checkpointing each block keeps only its input, 2 bytes each
-BOUNDARY_BYTES_PER_TOKEN_CHANNEL = 2
+# What one Learn step keeps besides the weights, per token and width channel of the blocks, in elements of the
+# dtype the model computes in; counted by benchmarks/memory.py on ComfyUI 0.33's own Wan 2.1 blocks (StorageBytes on
+# meta, which the CPU allocator confirms: tests/test_benchmarks.py), at widths 2,048-5,120, FFNs 1-5.4x as wide and
+# 4-40 blocks, and rounded up. Each block keeps its input in the stream's dtype while checkpointing (1 a channel).
+CHECKPOINTED_INPUT = 1
+# The block recomputed in the backward pass peaks in one of two phases: its attention calls (22.1 a channel of the
+# width, measured) or its FFN (17.1 a channel of the width and 3 of the FFN's hidden width: the up projection's
+# output, the GELU's and a gradient of that width), whichever is larger; the Wan 2.1 14B block (5,120 wide, FFN
+# 13,824) peaks in its FFN: 258,820 bytes a video token. The heads barely matter (their float32 log-sum-exps and
+# RoPE tables): 20 heads of 256 instead of 40 of 128 add 784 bytes a video token to 300 KB, which the rounding covers.
+RECOMPUTED_ATTENTION = 23
+RECOMPUTED_WIDTH, RECOMPUTED_FFN = 18, 3
+# Without checkpointing every block keeps its activations for the backward pass: 17.05 a channel of the width and
+# 1 of the FFN's hidden width, measured; at its peak the backward pass has freed more than it allocated (19-92 KB a
+# video token, measured), so no transient is added.
+SAVED_WIDTH, SAVED_FFN = 17.5, 1
+# A cross-attention family's text does not run through the blocks; each block that keeps its activations keeps its
+# text's keys and values (5.2 a text token and channel of the width, measured with Wan 2.1 I2V's 257 image tokens
+# beside 512 text tokens), and the text embedding keeps about as much before the blocks (with checkpointing the
+# two together: 35 MB measured for Wan 2.1 14B, 63 MB counted). A joint-attention family's text runs through the
+# blocks with the video and is counted as its tokens are (HunyuanVideo 1.5's and CogVideoX's blocks are counted
+# with Wan's figures: benchmarks/memory.py does not build ComfyUI's models of them).
+TEXT_SAVED = 6
+# The loss's float32 tensors, each the size of the latent: the noised input, the noise, the target, the
+# prediction and its float32 copy, their difference and its square, with a spare (about 3 in the benchmark's step,
+# 0.8 KB a video token, whose loss is simpler than the loop's).
+LOSS_TENSORS = 8
+
+
+def linear_layers(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """A block's linear layers, whichever of ComfyUI's operations built them (their ``in_features``/``out_features``:
+    ``torch.nn.Linear``'s, and those of ComfyUI's quantized layers, which are not ``torch.nn.Linear``)."""
+    return [m for m in block.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
+
+
+def cast_per_call(layers: Sequence[torch.nn.Module], dtype: torch.dtype) -> bool:
+    """Whether ComfyUI copies these layers' weights to ``dtype`` at each call (fp8 or GGUF weights: its
+    ``comfy_cast_weights`` layers, or weights stored in another dtype)."""
+    return any(
+        getattr(m, "comfy_cast_weights", False) or (getattr(m, "weight", None) is not None and m.weight.dtype != dtype)
+        for m in layers
+    )
 
 
 def training_memory(trainer: NativeTraining, geometry: tuple[int, int, int], checkpointing: bool) -> int:
-    """Bytes a training step needs besides the weights, for ComfyUI's model management to make room for:
-    the blocks' saved activations (every block's, or with checkpointing each block's input and one block's
-    recomputed activations), as ``train.checkpointing_needed`` counts them."""
-    from ...training.train import SAVED_BYTES_PER_TOKEN_CHANNEL
+    """Bytes a training step needs besides the weights, for ComfyUI's model management to keep free
+    (``load_models_gpu``'s ``memory_required``): the blocks' activations kept for the backward pass (with
+    checkpointing each block's input and one recomputed block's peak), the text's, the loss's float32 tensors, and
+    the weight copies ComfyUI's layers make at a call and the backward pass keeps.
 
-    blocks, dim = trainer.motion_shape()
-    tokens = trainer.token_grid(*geometry).size + trainer.default_text_length()
-    block = tokens * dim * SAVED_BYTES_PER_TOKEN_CHANNEL
-    if not checkpointing:
-        return blocks * block
-    return blocks * tokens * dim * BOUNDARY_BYTES_PER_TOKEN_CHANNEL + block
+    What the family knows of its model is read, not any one family's numbers: its width and blocks
+    (``motion_shape``), the FFN's hidden width (the widest input of a block's linear layers: the down
+    projection's), the token grid and text length, whether its text runs through the blocks (a joint attention)
+    or is only read by them (a cross-attention), and the dtype it computes in."""
+    native, model = trainer.native, trainer.diffusion_models()[0]
+    blocks, width = trainer.motion_shape()
+    layers = linear_layers(native.blocks(model)[0])
+    ffn = max(layer.in_features for layer in layers)
+    dtype = compute_dtype(trainer.models[0].model)
+    size = dtype.itemsize
+    text = trainer.default_text_length()
+    joint = native.adapter.form == "joint"
+    tokens = trainer.token_grid(*geometry).size + (text if joint else 0)  # what runs through each block
+    text_saved = 0 if joint else text * width * TEXT_SAVED
+    if checkpointing:
+        recomputed = max(RECOMPUTED_ATTENTION * width, RECOMPUTED_WIDTH * width + RECOMPUTED_FFN * ffn)
+        activations = tokens * (blocks * CHECKPOINTED_INPUT * width + recomputed) + 2 * text_saved
+    else:
+        activations = blocks * (tokens * (SAVED_WIDTH * width + SAVED_FFN * ffn) + text_saved) + text_saved
+    loss = LOSS_TENSORS * math.prod(trainer.latent_shape(*geometry)) * 4
+    # A layer whose weight ComfyUI copies at each call (fp8 or GGUF weights; with a partial load, every layer it
+    # streams) keeps the copy until its backward pass: one block's with checkpointing (the recomputed one; 0.52-0.62
+    # GiB measured for Wan 2.1 14B's fp8_scaled weights, whose block holds 0.75 GiB of them), which a partial load
+    # can need whatever the weights; every block's without (25.8 GiB measured, 40 blocks), counted only for weights
+    # always cast - weights used in place are then better loaded whole, and a partial load would need the copies.
+    copy = sum(layer.in_features * layer.out_features for layer in layers) * size
+    if checkpointing:
+        copies = copy
+    else:
+        copies = blocks * copy if cast_per_call(layers, dtype) else 0
+    return int(activations * size + loss + copies)
 
 
 def learn_native(
