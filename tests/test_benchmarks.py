@@ -340,23 +340,25 @@ def test_memory_learn_native_asks_comfyui_to_keep_free_what_its_wan21_14b_step_c
     """``learn.training_memory`` - what *Learn Motion (native)* asks ComfyUI's model management to keep free for a step
     (``memory_required``) - against the step benchmarks/memory.py counts through ComfyUI's own Wan 2.1 I2V 14B on meta
     (``comfy_wan_patcher``, 480x832, the whole 40 blocks: a count takes about 3 s), at the longest and the shortest
-    training window, with bf16 weights used in place and fp8_scaled ones cast per call. The ask covers the step
-    and is at most 1.15x it. With checkpointing the step a bf16 model's ask must cover is the one with per-call weight
-    copies: ComfyUI loads a model partially exactly when it does not fit beside the ask, and then streams its layers
-    as copies. (The ask was 16.50 GiB at 81 frames before, against 20.95 counted.)"""
+    training window, with Learn's 226 tokens, bf16 weights used in place and fp8_scaled ones cast per call. The ask
+    covers the step and is at most 1.15x it. With checkpointing the step a bf16 model's ask must cover is the one with
+    per-call weight copies: ComfyUI loads a model partially exactly when it does not fit beside the ask, and then
+    streams its layers as copies. (The ask was 16.50 GiB at 81 frames before, against 20.96 counted.)"""
     from comfy_server import COMFYUI
 
     memory = load_memory_module()
     comfy = memory.import_comfyui(COMFYUI)
     from fleximmt.apps.comfy.learn import training_memory
+    from fleximmt.training.train import TrainSettings
 
+    tokens = TrainSettings().tokens_per_motion  # Learn's 226 a motion on a model other than the toy one
     height, width, _ = memory.WAN_GEOMETRY["wan2.1"]
     patchers = {weights: memory.comfy_wan_patcher(comfy, weights) for weights in ("bf16", "fp8_scaled")}
     for frames in (81, 17):
         size = (height, width, frames)
         counted = {}
         for weights, patcher in patchers.items():
-            with memory.comfy_wan_training(patcher, 16, checkpointing, size) as step:
+            with memory.comfy_wan_training(patcher, tokens, checkpointing, size) as step:
                 counted[weights] = memory.measure_peak(step, counter=memory.StorageBytes, grad=True)
         for weights, patcher in patchers.items():
             asked = training_memory(memory.comfy_wan_trainer(patcher), size, checkpointing)
