@@ -1865,6 +1865,12 @@ def comfy_small_cards(args, library: dict) -> dict:
         "fp8_scaled weights, loaded whole": (whole["fp8_scaled"], steps["fp8_scaled"]),
         "bf16 weights, partially loaded, every layer streamed": (buffers["bf16"], steps["fp8_scaled"]),
         "fp8_scaled weights, partially loaded, every layer streamed": (buffers["fp8_scaled"], steps["fp8_scaled"]),
+        # ComfyUI's legacy loading streams layers until what Learn asks for is free beside the weights it loads
+        "bf16 weights, partially loaded, every layer streamed, Learn's ask kept free": (buffers["bf16"], asked["bf16"]),
+        "fp8_scaled weights, partially loaded, every layer streamed, Learn's ask kept free": (
+            buffers["fp8_scaled"],
+            asked["fp8_scaled"],
+        ),
     }
     totals = {label: [held + optim + step[f] for f in TRAIN_FRAMES] for label, (held, step) in lines.items()}
     training_table(
