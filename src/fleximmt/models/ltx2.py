@@ -348,6 +348,10 @@ class LTX2Adapter(SlotAdapter, ModelAdapter):
             "video_latents": torch.stack(videos),  # [W, C, F, h, w]
         }
 
+    # LTX's shift of the noise levels by a video's token count, for whoever samples them as the adapter does
+    # (ComfyUI's native training reaches it through the registered adapter)
+    token_shift = staticmethod(token_shift)
+
     def training_sigma(self, generator: torch.Generator, num_video_tokens: int) -> float:
         """A training noise level (``shared.sample_sigma``), shifted by ``mu`` of the video's token count where
         the scheduler shifts dynamically (LTX); the schedule's terminal stretch, ``shift_terminal``, is a

@@ -22,7 +22,7 @@ word's leading space inside its piece, so " jumps" mid-sentence is not "jumps" a
 *Learn Motion (native)* trains as the library's adapter does (``LTX2Adapter.training_prediction``): the
 image is the first latent frame, kept clean at timestep 0 and out of the loss (as *LTXVImgToVideoInplace*
 puts it); the reference has no sound, so the audio latent is pure noise at noise level 1; the noise level is
-shifted by the video's token count (``models.ltx2.token_shift``, as *LTXVScheduler* shifts); the frame rate is
+shifted by the video's token count (the LTX-2 adapter's ``token_shift``, as *LTXVScheduler* shifts); the frame rate is
 the library's (24). ComfyUI's call carries the two streams' timesteps as its sampler does, denoise masks times
 sigma. ComfyUI's blocks then modulate the audio-video cross-attentions by each stream's own timesteps and gate
 them by the other stream's (the largest), where diffusers' ``use_cross_timestep=False`` (the library's
@@ -145,9 +145,7 @@ class LTX2(CrossFamily):
 
     def training_shift(self, tokens: int) -> float:
         """LTX's shift by the video's token count, as the library's adapter and ComfyUI's *LTXVScheduler* shift."""
-        from ....models.ltx2 import token_shift
-
-        return token_shift(tokens)
+        return self.adapter.token_shift(tokens)
 
     def training_constants(self) -> dict:
         return {"frame_rate": self.frame_rate()}
