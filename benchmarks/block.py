@@ -18,6 +18,14 @@ round), and ratios are taken against the baseline of the same round.
   GPU would hold between forward and backward) and the peak RSS above the pre-run level.
 - ``--profile K``: torch.profiler's breakdown of one attention call, baseline and FlexiMMT K.
 
+Every model comes from the registered adapters (``fleximmt.models.adapters()``): ``--model`` takes the names of the
+true sizes each adapter module declares (``ModelAdapter.true_sizes``). The block is the first of a one-block
+transformer that the family's transformer class builds from the checkpoint's config; its inputs are what that
+transformer's forward hands it for the family's random forward of one denoising step (``random_forwards``, the
+conditional one, or CFG's where one forward holds both branches), caught by a hook before the block runs; the
+attention FlexiMMT changes is the adapter's ``motion_attention``, its inputs caught in a block call as well. A new
+family's adapter module that declares them is benchmarked as these are:
+
 ``--model wan2.1`` (``wan2.2-5b``): one ``WanTransformerBlock`` built exactly as
 ``WanTransformer3DModel.__init__`` builds it from Wan2.1-I2V-14B-480P's (Wan2.2-TI2V-5B's) transformer
 config, at 480x832x81 (704x1280x121): 21 latent frames x 30 x 52 = 32,760 video tokens, encoder states
@@ -72,6 +80,7 @@ Float32 by default (this CPU has no fast bf16); bf16 halves every float tensor (
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -80,136 +89,19 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
-from diffusers.models.transformers.transformer_hunyuan_video15 import (
-    HunyuanVideo15RotaryPosEmbed,
-    HunyuanVideo15TransformerBlock,
-)
-from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformerBlock
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu import (
-    GEOMETRY,
-    MODEL_NAMES,
-    config,
-    full_config,
-    moving_masks,
-    random_tokens,
-    rotary,
-    token_geometry,
-    word_members,
-)
+from gpu import CHECKPOINTS, first_block, full_config, geometry, model_help, moving_masks, random_tokens, word_members
 from overhead import PeakRSS
 
-from fleximmt.method.attention import TextKeys, motion_state_for
+from fleximmt.method.attention import motion_state_for
 from fleximmt.method.kernels import DEFAULT_KERNEL, MASK_KERNELS
 from fleximmt.method.kernels.grouped import GroupedCross, GroupedJoint
-from fleximmt.models import FAMILIES, pipeline_class
-from fleximmt.models.shared import slot_of
+from fleximmt.models.shared import SlotAdapter, slot_of
 from fleximmt.training.train import TRAIN_PARTS
 
 MiB = 2**20
-
-# The Wan checkpoints' transformer/config.json (Wan-AI/Wan2.1-I2V-14B-480P-Diffusers,
-# Wan-AI/Wan2.2-TI2V-5B-Diffusers; the values diffusers' scripts/convert_wan_to_diffusers.py writes for
-# "Wan-I2V-14B-480p" and "Wan2.2-TI2V-5B"), used with random weights.
-WAN_CONFIGS = {
-    "wan2.1": dict(  # I2V 14B 480P: CLIP image tokens through attn2's add_k_proj / add_v_proj
-        added_kv_proj_dim=5120,
-        attention_head_dim=128,
-        cross_attn_norm=True,
-        eps=1e-6,
-        ffn_dim=13824,
-        freq_dim=256,
-        image_dim=1280,
-        in_channels=36,
-        num_attention_heads=40,
-        num_layers=40,
-        out_channels=16,
-        patch_size=(1, 2, 2),
-        qk_norm="rms_norm_across_heads",
-        text_dim=4096,
-        rope_max_seq_len=1024,
-        pos_embed_seq_len=None,
-    ),
-    "wan2.2-5b": dict(  # TI2V 5B: the image is the first latent frame; a timestep per token (expand_timesteps)
-        added_kv_proj_dim=None,
-        attention_head_dim=128,
-        cross_attn_norm=True,
-        eps=1e-6,
-        ffn_dim=14336,
-        freq_dim=256,
-        image_dim=None,
-        in_channels=48,
-        num_attention_heads=24,
-        num_layers=30,
-        out_channels=48,
-        patch_size=(1, 2, 2),
-        qk_norm="rms_norm_across_heads",
-        text_dim=4096,
-        rope_max_seq_len=1024,
-        pos_embed_seq_len=None,
-    ),
-}
-# Default video geometry (height, width, frames): diffusers' WanImageToVideoPipeline defaults (480P);
-# TI2V-5B's model card and the authors' app: 720P as 704x1280, 121 frames at 24 fps.
-WAN_GEOMETRY = {"wan2.1": (480, 832, 81), "wan2.2-5b": (704, 1280, 121)}
-WAN_NAMES = {"wan2.1": "Wan2.1-I2V-14B-480P", "wan2.2-5b": "Wan2.2-TI2V-5B"}
-WAN_VAE_SCALE = {"wan2.1": (8, 4), "wan2.2-5b": (16, 4)}  # AutoencoderKLWan: spatial, temporal (Wan 2.2's VAE: 16)
-WAN_TEXT_TOKENS, WAN_IMAGE_TOKENS = (
-    512,
-    257,
-)  # umT5 context (the processors' hard-coded 512); CLIP ViT-H/14: 16 x 16 + 1
-# HunyuanVideo 1.5 I2V 480p (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v): the 8.3B transformer is
-# HunyuanVideo15Transformer3DModel's defaults (54 dual-stream blocks, 16 heads x 128, mlp_ratio 4, QK RMSNorm, patch 1,
-# 65 input channels) but for what diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py sets for its 480p
-# checkpoints: target_size 640 (the official "480p" tier: buckets of base size 640) and task_type "i2v"; random weights
-HUNYUAN_CONFIGS = {"hunyuan1.5": dict(target_size=640, task_type="i2v")}
-HUNYUAN_NAMES = {"hunyuan1.5": "HunyuanVideo-1.5-480p-I2V"}
-HUNYUAN_VAE_SCALE = (16, 4)  # AutoencoderKLHunyuanVideo15's defaults (its checkpoint's): spatial, temporal; 32 channels
-# the default video: a 16:9 image's bucket (the pipeline sizes the video from the image's aspect) and diffusers' 121 frames
-HUNYUAN_IMAGE, HUNYUAN_FRAMES = (720, 1280), 121
-# a row's text keys in the order the transformer's forward lays them out, valid ones first: SigLIP so400m-patch14-384's
-# 27 x 27 image tokens (all valid in i2v), the ByT5 glyph tokens (tokenizer_2_max_length; valid only for quoted text in
-# the prompt) and the Qwen2.5-VL prompt tokens after the template's crop (tokenizer_max_length), then the padding
-HUNYUAN_TEXT = {"image": 729, "glyph": 256, "prompt": 1000}
-# LTX-2 (Lightricks/LTX-2): the 2.0 transformer config diffusers' scripts/convert_ltx2_to_diffusers.py writes (it equals
-# LTX2VideoTransformer3DModel's defaults: 48 blocks, video 32 heads x 128, audio 32 x 64, cross-attention 4096 / 2048,
-# Gemma 3's 3,840-wide captions, interleaved RoPE), random weights
-LTX2_CONFIGS = {
-    "ltx2": dict(
-        in_channels=128,
-        out_channels=128,
-        num_attention_heads=32,
-        attention_head_dim=128,
-        cross_attention_dim=4096,
-        audio_in_channels=128,
-        audio_out_channels=128,
-        audio_num_attention_heads=32,
-        audio_attention_head_dim=64,
-        audio_cross_attention_dim=2048,
-        num_layers=48,
-        caption_channels=3840,
-    )
-}
-LTX2_NAMES = {"ltx2": "LTX-2 (19B) I2V"}
-LTX2_GEOMETRY = (512, 768, 121)  # LTX2ImageToVideoPipeline's defaults (121 frames: its default without a duration head)
-LTX2_VAE_SCALE = (32, 8)  # AutoencoderKLLTX2Video (LTX-2.0's): spatial, temporal; patch 1
-LTX2_TEXT_TOKENS, LTX2_FPS, LTX2_AUDIO_PER_SECOND = 1024, 24.0, 16000 / 160 / 4  # max_sequence_length; audio VAE's rate
-MODELS = {**MODEL_NAMES, **WAN_NAMES, **HUNYUAN_NAMES, **LTX2_NAMES}
-# each model's registered family: its adapter sets up FlexiMMT's state and installs its processors
-FAMILY_OF = {
-    **dict.fromkeys(MODEL_NAMES, "cogvideox"),
-    **dict.fromkeys(WAN_NAMES, "wan"),
-    **dict.fromkeys(HUNYUAN_NAMES, "hunyuanvideo15"),
-    **dict.fromkeys(LTX2_NAMES, "ltx2"),
-}
-
-
-def adapter_class(family: str):
-    """The adapter class of a registered family."""
-    return pipeline_class(FAMILIES[family].pipeline).adapter_class
 
 
 class OneBlock(torch.nn.Module):
@@ -235,181 +127,35 @@ def attention_processors(adapter, block: torch.nn.Module) -> tuple[dict, dict, o
     return plain, flexi, slot
 
 
-def wan_config(model: str, **overrides) -> SimpleNamespace:
-    """The full Wan transformer config: ``WanTransformer3DModel``'s defaults, then the checkpoint's values."""
-    from diffusers import WanTransformer3DModel
-
-    return full_config(WanTransformer3DModel, WAN_CONFIGS[model], **overrides)
+class Caught(Exception):
+    """Raised by :func:`caught_inputs`' hook: the module's inputs are caught, the rest of the run is not needed."""
 
 
-def hunyuan_config(model: str, **overrides) -> SimpleNamespace:
-    """The full HunyuanVideo 1.5 transformer config: ``HunyuanVideo15Transformer3DModel``'s defaults, then the checkpoint's."""
-    from diffusers import HunyuanVideo15Transformer3DModel
-
-    return full_config(HunyuanVideo15Transformer3DModel, HUNYUAN_CONFIGS[model], **overrides)
-
-
-def latent_geometry(scale: tuple[int, int], patch: tuple[int, int, int], height: int, width: int, frames: int) -> dict:
-    """Latent frames and token grid of a video through a VAE of ``scale`` (spatial, temporal) and patches ``patch``
-    (t, h, w), as the Wan and HunyuanVideo 1.5 pipelines and their transformers' patching make them."""
-    spatial, temporal = scale
-    p_t, p_h, p_w = patch
-    latent = (frames - 1) // temporal + 1
-    grid = (latent // p_t, height // spatial // p_h, width // spatial // p_w)
-    return {
-        "latent_frames": latent,
-        "grid": grid,
-        "video_tokens": grid[0] * grid[1] * grid[2],
-        "latent_shape": (latent, height // spatial, width // spatial),
-    }
-
-
-def ltx2_config(model: str, **overrides) -> SimpleNamespace:
-    """The full LTX-2 transformer config: ``LTX2VideoTransformer3DModel``'s defaults, then the checkpoint's."""
-    from diffusers import LTX2VideoTransformer3DModel
-
-    return full_config(LTX2VideoTransformer3DModel, LTX2_CONFIGS[model], **overrides)
-
-
-def ltx2_geometry(cfg, height: int, width: int, frames: int) -> dict:
-    """Latent frames, token grid and audio tokens as ``LTX2ImageToVideoPipeline`` and the transformer make them."""
-    geo = latent_geometry(LTX2_VAE_SCALE, (cfg.patch_size_t, cfg.patch_size, cfg.patch_size), height, width, frames)
-    geo["audio_tokens"] = round(frames / LTX2_FPS * LTX2_AUDIO_PER_SECOND)
-    return geo
-
-
-def ltx2_block_inputs(model, geo: dict, batch: int, dtype: torch.dtype, seed: int = 1, device="cpu") -> dict:
-    """What ``model``'s forward hands its first block for a batch of ``batch`` rows (random latents and text, a
-    timestep per video token with the image's frame at 0), caught before the block runs: its keyword arguments."""
-    gen = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    frames, h, w = geo["grid"]
-    n, audio = geo["video_tokens"], geo["audio_tokens"]
-    timestep = torch.full((batch, n), 500.0)
-    timestep[:, : h * w] = 0.0  # the image's latent frame is clean
-
-    def tensor(*shape):
-        return torch.randn(shape, generator=gen).to(device, dtype)
-
+def caught_inputs(module: torch.nn.Module, run) -> dict:
+    """The arguments ``module`` is called with when ``run()`` reaches it, by the names of its ``forward`` (the run
+    stops there, without gradients)."""
     caught = {}
 
-    class Caught(Exception):
-        pass
-
-    def catch(module, args, kwargs):
-        caught.update(kwargs)
+    def hook(mod, args, kwargs):
+        bound = inspect.signature(mod.forward).bind(*args, **kwargs)
+        params = inspect.signature(mod.forward).parameters
+        for name, value in bound.arguments.items():
+            kind = params[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                caught.update(value)
+            elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                caught[name] = value
         raise Caught
 
-    handle = model.transformer_blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            model(
-                hidden_states=tensor(batch, n, cfg.in_channels),
-                audio_hidden_states=tensor(batch, audio, cfg.audio_in_channels),
-                encoder_hidden_states=tensor(batch, LTX2_TEXT_TOKENS, cfg.caption_channels),
-                audio_encoder_hidden_states=tensor(batch, LTX2_TEXT_TOKENS, cfg.caption_channels),
-                timestep=timestep.to(device),
-                audio_timestep=torch.full((batch,), 500.0, device=device),
-                sigma=torch.full((batch,), 500.0, device=device),
-                encoder_attention_mask=torch.ones(batch, LTX2_TEXT_TOKENS, device=device),
-                audio_encoder_attention_mask=torch.ones(batch, LTX2_TEXT_TOKENS, device=device),
-                num_frames=frames,
-                height=h,
-                width=w,
-                fps=LTX2_FPS,
-                audio_num_frames=audio,
-                return_dict=False,
-            )
+            run()
     except Caught:
-        pass
+        return caught
     finally:
         handle.remove()
-    return caught
-
-
-def wan_geometry(model: str, cfg, height: int, width: int, frames: int) -> dict:
-    """Latent frames and token grid as ``WanImageToVideoPipeline`` and the transformer's patching make them."""
-    return latent_geometry(WAN_VAE_SCALE[model], cfg.patch_size, height, width, frames)
-
-
-def hunyuan_geometry(cfg, height: int, width: int, frames: int) -> dict:
-    """Latent frames and token grid as ``HunyuanVideo15ImageToVideoPipeline`` and the transformer's patching make them."""
-    return latent_geometry(HUNYUAN_VAE_SCALE, (cfg.patch_size_t, cfg.patch_size, cfg.patch_size), height, width, frames)
-
-
-def hunyuan_size(cfg, image: tuple[int, int] = HUNYUAN_IMAGE) -> tuple[int, int, int]:
-    """The video the pipeline makes from an ``image`` (height, width): the bucket of ``target_size`` closest to
-    its aspect (``HunyuanVideo15ImageProcessor.calculate_default_height_width``), at the default 121 frames."""
-    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
-
-    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=HUNYUAN_VAE_SCALE[0])
-    return (*processor.calculate_default_height_width(*image, cfg.target_size), HUNYUAN_FRAMES)
-
-
-def hunyuan_text(
-    valid_prompt: int, valid_glyphs: int = 0, lengths: dict = HUNYUAN_TEXT
-) -> tuple[TextKeys, torch.Tensor]:
-    """One row's text form and its bool ``[L]`` attention mask as the transformer's forward lays the text out:
-    the valid image, glyph and prompt tokens first, then the padding (the form ``hunyuan15.row_texts`` gives)."""
-    if not 0 <= valid_prompt <= lengths["prompt"] or not 0 <= valid_glyphs <= lengths["glyph"]:
-        raise SystemExit(
-            f"--valid-text {valid_prompt} / --valid-glyphs {valid_glyphs}: at most "
-            f"{lengths['prompt']} / {lengths['glyph']}"
-        )
-    offset = lengths["image"] + valid_glyphs
-    mask = torch.zeros(sum(lengths.values()), dtype=torch.bool)
-    mask[: offset + valid_prompt] = True
-    return TextKeys(offset, offset + valid_prompt), mask
-
-
-def make_wan_block(cfg, dtype: torch.dtype, seed: int = 0) -> WanTransformerBlock:
-    """One block as ``WanTransformer3DModel.__init__`` builds it, random weights, frozen."""
-    torch.manual_seed(seed)
-    dim = cfg.num_attention_heads * cfg.attention_head_dim
-    block = WanTransformerBlock(
-        dim, cfg.ffn_dim, cfg.num_attention_heads, cfg.qk_norm, cfg.cross_attn_norm, cfg.eps, cfg.added_kv_proj_dim
-    )
-    return block.to(dtype).eval().requires_grad_(False)
-
-
-def make_hunyuan_block(cfg, dtype: torch.dtype, seed: int = 0) -> HunyuanVideo15TransformerBlock:
-    """One block as ``HunyuanVideo15Transformer3DModel.__init__`` builds it, random weights, frozen."""
-    torch.manual_seed(seed)
-    block = HunyuanVideo15TransformerBlock(
-        cfg.num_attention_heads, cfg.attention_head_dim, mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm
-    )
-    return block.to(dtype).eval().requires_grad_(False)
-
-
-def hunyuan_rotary(cfg, latent_shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The transformer's own ``HunyuanVideo15RotaryPosEmbed`` for this latent video (float32, as it makes them)."""
-    rope = HunyuanVideo15RotaryPosEmbed(cfg.patch_size, cfg.patch_size_t, cfg.rope_axes_dim, cfg.rope_theta)
-    return rope(torch.empty(1, 1, *latent_shape))  # only its shape is read
-
-
-def wan_rotary(cfg, latent_shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The transformer's own ``WanRotaryPosEmbed`` for this latent video, in float32 as
-    ``WanTransformer3DModel(...).float()`` has its buffers (``from_pretrained`` leaves these non-persistent
-    buffers in the float64 of their ``__init__``: a float64 RoPE product, the same in both runs here)."""
-    rope = WanRotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len).float()
-    return rope(torch.empty(1, 1, *latent_shape, device="meta"))  # only its shape is read
-
-
-def make_block(cfg, dtype: torch.dtype, seed: int = 0) -> CogVideoXBlock:
-    """One block as ``CogVideoXTransformer3DModel.__init__`` builds it, random weights, frozen."""
-    torch.manual_seed(seed)
-    block = CogVideoXBlock(
-        dim=cfg.num_attention_heads * cfg.attention_head_dim,
-        num_attention_heads=cfg.num_attention_heads,
-        attention_head_dim=cfg.attention_head_dim,
-        time_embed_dim=cfg.time_embed_dim,
-        dropout=cfg.dropout,
-        activation_fn=cfg.activation_fn,
-        attention_bias=cfg.attention_bias,
-        norm_elementwise_affine=cfg.norm_elementwise_affine,
-        norm_eps=cfg.norm_eps,
-    )
-    return block.to(dtype).eval().requires_grad_(False)
+    raise RuntimeError(f"{type(module).__name__} was not called")
 
 
 class SavedBytes:
@@ -450,53 +196,43 @@ class SavedBytes:
 
 
 class Setup:
-    """The block, its inputs, its attention processors and FlexiMMT's states for one model and geometry."""
+    """The block, its inputs, its attention processors and FlexiMMT's states for one model and geometry. The block
+    is the first of a one-block transformer built by the family's transformer class from the checkpoint's config
+    (``TrueSize``); its inputs are what that transformer's forward hands it for the family's random forward of one
+    denoising step (``ModelAdapter.random_forwards``), caught before it runs."""
 
     def __init__(self, args):
-        self.wan, self.hunyuan = args.model in WAN_CONFIGS, args.model in HUNYUAN_CONFIGS
-        self.cfg_name = args.model
-        if self.wan:
-            self.cfg = wan_config(args.model)
-            default = WAN_GEOMETRY[args.model]
-        elif self.hunyuan:
-            self.cfg = hunyuan_config(args.model)
-            default = hunyuan_size(self.cfg)
-        else:
-            self.cfg = config(args.model)
-            default = GEOMETRY[args.model]
-        height, width, frames = args.height or default[0], args.width or default[1], args.frames or default[2]
-        self.size = (height, width, frames)
+        self.adapter, self.true = CHECKPOINTS[args.model]
+        self.name = self.true.name
+        given = {"valid": args.valid_text, "valid_glyphs": args.valid_glyphs}
+        self.text_lengths = {
+            **self.true.text,
+            **{k: v for k, v in given.items() if v is not None and k in self.true.text},
+        }
+        self.size = tuple(
+            given or default for given, default in zip((args.height, args.width, args.frames), self.true.size)
+        )
         self.dtype = getattr(torch, args.dtype)
         self.d_m = args.tokens
-        self.image_tokens = 0
-        if self.wan:
-            self.geo = wan_geometry(args.model, self.cfg, height, width, frames)
-            self.text = WAN_TEXT_TOKENS
-            self.image_tokens = WAN_IMAGE_TOKENS if self.cfg.added_kv_proj_dim else 0
-            self.block = make_wan_block(self.cfg, self.dtype)
-            self.rotary = wan_rotary(self.cfg, self.geo["latent_shape"])
-        elif self.hunyuan:
-            self.geo = hunyuan_geometry(self.cfg, height, width, frames)
-            self.text = sum(HUNYUAN_TEXT.values())  # every text key of a row: image, glyph and prompt tokens
-            self.text_form, self.text_mask = hunyuan_text(args.valid_text, args.valid_glyphs)
-            self.block = make_hunyuan_block(self.cfg, self.dtype)
-            self.rotary = hunyuan_rotary(self.cfg, self.geo["latent_shape"])
-        else:
-            self.geo = token_geometry(self.cfg, height, width, frames)
-            self.text = self.cfg.max_text_seq_length
-            self.block = make_block(self.cfg, self.dtype)
-            self.rotary = rotary(self.cfg, height, width, self.geo["latent_frames"])
-        # the family's adapter: its processors on the block (Wan's and HunyuanVideo 1.5's read the state from their
-        # slot, CogVideoX's from attention_kwargs), its state settings and MDMA parts
-        self.adapter = adapter_class(FAMILY_OF[args.model])
-        self.plain_procs, self.flexi_procs, self.slot = attention_processors(self.adapter, self.block)
-        # the tokens motion words are counted in: the prompt's (HunyuanVideo 1.5: placed after the image and glyph
-        # tokens by the row's TextKeys), elsewhere every text token
-        self.words = HUNYUAN_TEXT["prompt"] if self.hunyuan else self.text
-        self.grid = self.geo["grid"]
-        self.n_video = self.geo["video_tokens"]
+        self.cfg = full_config(self.adapter.transformer_class(), self.true.config)
+        self.geo = geometry(self.cfg, self.true.vae_scale, *self.size)
+        self.grid, self.n_video = self.geo["grid"], self.geo["video_tokens"]
         self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
+        self.words = self.text_lengths["prompt"]  # the tokens motion words are counted in
+        torch.manual_seed(0)
+        config = self.adapter.config_at({**self.true.config, "num_layers": 1}, self.size, self.true.vae_scale)
+        self.model = self.adapter.transformer_class()(**config).to(self.dtype).eval().requires_grad_(False)
+        self.block = first_block(self.adapter, self.model)
+        # the family's adapter: its processors on the block (reading the state from their slot, or from
+        # attention_kwargs: slot None), its state settings and MDMA parts
+        self.plain_procs, self.flexi_procs, self.slot = attention_processors(self.adapter, self.block)
         self.train_parts = TRAIN_PARTS & set(self.adapter.parts)
+        self.kwargs, self.texts, self.text, self.rotary = {}, [], 0, ()
+
+    @property
+    def branch_calls(self) -> bool:
+        """Whether the pipeline runs each CFG branch as a forward of its own (a block call is then batch 1)."""
+        return len(self.adapter(None).batch_rows({"guidance_scale": 6.0}, 1).rows) == 1
 
     def state_options(self) -> dict:
         """A state's settings as the model's adapter gives them (e.g. HunyuanVideo 1.5's processors name each
@@ -504,177 +240,92 @@ class Setup:
         return {**self.adapter.state_settings(), "parts": frozenset(self.adapter.parts)}
 
     def step_layout(self, state):
-        """The MDMA layout of this step's masks that the block's attention uses (HunyuanVideo 1.5: the one of its
-        row's text form, which the processor would otherwise build at its first call in the step)."""
-        if self.hunyuan:
-            return state.layouts.step_layout(0, self.text_form, self.text)
+        """The MDMA layout of this step's masks that the block's attention uses (a model whose rows name their text
+        form: the one of its row's, which the processor would otherwise build at its first call in the step)."""
+        if self.texts:
+            return state.layouts.step_layout(0, self.texts[0], self.text)
         return state.layouts.step_layouts[0]
 
     def inputs(self, batch: int, seed: int = 1):
-        """Video states, encoder states (CogVideoX: the text; Wan: ``[image | text]`` after the condition
-        embedder; HunyuanVideo 1.5: ``[image | glyph | prompt]`` tokens, valid first; width ``dim``) and the
-        timestep embedding as the block takes them."""
-        gen = torch.Generator().manual_seed(seed)
-        hidden = torch.randn(batch, self.n_video, self.dim, generator=gen).to(self.dtype)
-        text = torch.randn(batch, self.image_tokens + self.text, self.dim, generator=gen).to(self.dtype)
-        if self.hunyuan:  # [B, dim]: the time embedding every block's AdaLayerNormZero reads
-            temb = torch.randn(batch, self.dim, generator=gen)
-        elif not self.wan:
-            temb = torch.randn(batch, self.cfg.time_embed_dim, generator=gen)
-        elif self.cfg_name == "wan2.2-5b":  # expand_timesteps: [B, N, 6, dim] (Wan 2.2 TI2V)
-            temb = torch.randn(batch, self.n_video, 6, self.dim, generator=gen)
-        else:  # [B, 6, dim]
-            temb = torch.randn(batch, 6, self.dim, generator=gen)
-        return hidden, text, temb.to(self.dtype)
+        """The video states, encoder states and timestep embedding the block takes (the rest of its inputs kept in
+        ``kwargs``) from the one-block transformer's forward of ``batch`` rows: CFG's two (of one forward) or the
+        conditional branch's one; each row's text form for the processors' slot."""
+        forwards = self.adapter.random_forwards(
+            self.model.config,
+            self.size,
+            self.geo["latent_shape"],
+            self.text_lengths,
+            batch == 2,
+            torch.Generator().manual_seed(seed),
+            dtype=self.dtype,
+        )
+        forward = forwards(500.0)[0][1]
+        self.kwargs = caught_inputs(self.block, lambda: self.model(**forward, return_dict=False))
+        adapter = self.adapter(SimpleNamespace(transformer=self.model))
+        self.texts = adapter.row_texts(self.model, (), forward) if isinstance(adapter, SlotAdapter) else []
+        self.text = self.kwargs["encoder_hidden_states"].shape[1]  # every text key of a row
+        self.rotary = tuple(
+            t
+            for name, value in self.kwargs.items()
+            if "rotary" in name and value is not None
+            for t in (value if isinstance(value, tuple) else (value,))
+        )
+        return self.kwargs["hidden_states"], self.kwargs["encoder_hidden_states"], self.kwargs["temb"]
 
     def install(self, state) -> None:
         """diffusers' processors (state None) or FlexiMMT's with ``state``."""
         for module, processor in (self.plain_procs if state is None else self.flexi_procs).items():
             module.set_processor(processor)
         if self.slot is not None:
-            self.slot.state = state
+            self.slot.state, self.slot.texts = state, list(self.texts)
 
-    def padding_mask(self, batch: int) -> torch.Tensor:
-        """HunyuanVideo 1.5's bool ``[B, L]`` text mask as its transformer hands it to every block; FlexiMMT's
-        processor reads the same rows' text forms from its slot (``hunyuan15.row_texts``)."""
-        self.slot.texts = [self.text_form] * batch
-        return self.text_mask[None].expand(batch, -1)
+    def attention_kwargs(self, state) -> dict:
+        """The ``attention_kwargs`` that carry ``state`` to processors without a slot, as the adapter attaches it
+        to a pipeline call (none for the others, and without a state)."""
+        if state is None or self.slot is not None:
+            return {}
+        with self.adapter(SimpleNamespace()).attach(state, {}) as call:
+            return call["attention_kwargs"]
 
     def call(self, hidden, text, temb, state):
-        """One block call with the processors ``install(state)`` set."""
-        if self.wan:
-            return self.block(hidden, text, temb, self.rotary)
-        if self.hunyuan:
-            return self.block(hidden, text, temb, self.padding_mask(hidden.shape[0]), self.rotary)
-        return self.block(
-            hidden, text, temb, self.rotary, attention_kwargs=None if state is None else {"fleximmt": state}
-        )
+        """One block call with the processors ``install(state)`` set: its outputs (the video's alone where the text
+        takes no gradient: the cross form)."""
+        kwargs = {**self.kwargs, "hidden_states": hidden, "encoder_hidden_states": text, "temb": temb}
+        if state is not None and self.slot is None:
+            kwargs["attention_kwargs"] = self.attention_kwargs(state)
+        out = self.block(**kwargs)
+        if self.adapter.form == "cross" and isinstance(out, tuple):
+            return out[0]
+        return out
+
+    @property
+    def attention_module(self) -> torch.nn.Module:
+        return getattr(self.block, self.adapter.motion_attention)
 
     def attention_inputs(self, hidden, text, temb):
-        """The inputs of the attention FlexiMMT changes (CogVideoX: attn1 after norm1; Wan: attn2 after
-        norm2; HunyuanVideo 1.5: attn after norm1 and norm1_context; the block's residual before it is left
-        out: the same work in both)."""
-        if self.wan:
-            return self.block.norm2(hidden.float()).type_as(hidden), text
-        if self.hunyuan:
-            return self.block.norm1(hidden, emb=temb)[0], self.block.norm1_context(text, emb=temb)[0]
-        hidden, text, _, _ = self.block.norm1(hidden, text, temb)
-        return hidden, text
+        """The inputs of the attention FlexiMMT changes, as the block hands them to it (after its norms; the block's
+        work before it is left out: the same in both), caught in a block call with diffusers' processors."""
+        self.install(None)
+        self.attention_call = caught_inputs(self.attention_module, lambda: self.call(hidden, text, temb, None))
+        return self.attention_call["hidden_states"], self.attention_call["encoder_hidden_states"]
 
     def attention(self, hidden, text, state):
-        if self.wan:
-            return self.block.attn2(hidden, text, None, None)
-        if self.hunyuan:
-            return self.block.attn(
-                hidden_states=hidden,
-                encoder_hidden_states=text,
-                attention_mask=self.padding_mask(hidden.shape[0]),
-                image_rotary_emb=self.rotary,
-            )
-        kwargs = {} if state is None else {"fleximmt": state}
-        return self.block.attn1(
-            hidden_states=hidden, encoder_hidden_states=text, image_rotary_emb=self.rotary, **kwargs
-        )
+        kwargs = {**self.attention_call, "hidden_states": hidden, "encoder_hidden_states": text}
+        return self.attention_module(**kwargs, **self.attention_kwargs(state))
 
     @property
     def attention_name(self) -> str:
-        return (
-            "attn2 (cross-attention)"
-            if self.wan
-            else "attn (joint attention)"
-            if self.hunyuan
-            else "attn1 (joint attention)"
-        )
+        form = "cross-attention" if self.adapter.form == "cross" else "joint attention"
+        return f"{self.adapter.motion_attention} ({form})"
 
     def describe(self) -> str:
         h, w, f = self.size
-        grid = f"{self.grid[0]} x {self.grid[1]} x {self.grid[2]} = {self.n_video:,} video"
-        if self.wan:
-            extra = (
-                f"encoder states {self.image_tokens} image + {self.text} text tokens; ffn {self.cfg.ffn_dim}; "
-                f"temb {'per token' if self.cfg_name == 'wan2.2-5b' else '[B, 6, dim]'}"
-            )
-            return (
-                f"{MODELS[self.cfg_name]} block, {h}x{w}x{f}: {self.geo['latent_frames']} latent frames, token grid "
-                f"{grid} tokens; {extra}; {self.cfg.num_attention_heads} heads x {self.cfg.attention_head_dim}; "
-                f"{self.dtype}; torch {torch.__version__}, threads {torch.get_num_threads()}"
-            )
-        text = f"{self.text} text tokens"
-        if self.hunyuan:
-            valid = self.text_form.valid
-            text += (
-                f" ({HUNYUAN_TEXT['image']} image + {self.text_form.offset - HUNYUAN_TEXT['image']} glyph + "
-                f"{valid - self.text_form.offset} prompt tokens valid, {self.text - valid} padding; diffusers' "
-                f"[N, N] bool mask over {self.n_video + self.text:,} tokens: {(self.n_video + self.text) ** 2 / MiB:,.0f} MiB)"
-            )
+        text = ", ".join(f"{n} {kind}" for kind, n in self.text_lengths.items())
         return (
-            f"{MODELS[self.cfg_name]} block, {h}x{w}x{f}: {self.geo['latent_frames']} latent frames, token grid "
-            f"{grid} + {text}; {self.cfg.num_attention_heads} heads x {self.cfg.attention_head_dim}; "
-            f"{self.dtype}; torch {torch.__version__}, threads {torch.get_num_threads()}"
-        )
-
-
-class LTX2Setup(Setup):
-    """:class:`Setup` for one LTX-2 block (the module's docstring): the block, and its inputs for each batch, come
-    from a one-block ``LTX2VideoTransformer3DModel`` of the real config; FlexiMMT changes ``attn1`` (RMPM's capture)
-    and ``attn2`` (motion tokens, MDMA), the audio stream's and the audio-video attentions stay diffusers'."""
-
-    def __init__(self, args):
-        from diffusers import LTX2VideoTransformer3DModel
-
-        self.wan = self.hunyuan = False
-        self.cfg_name = args.model
-        self.cfg = ltx2_config(args.model)
-        height, width, frames = (
-            given or default for given, default in zip((args.height, args.width, args.frames), LTX2_GEOMETRY)
-        )
-        self.size = (height, width, frames)
-        self.dtype = getattr(torch, args.dtype)
-        self.d_m, self.image_tokens = args.tokens, 0
-        self.geo = ltx2_geometry(self.cfg, height, width, frames)
-        self.text = self.words = LTX2_TEXT_TOKENS  # the prompt's tokens, then registers: every key a text key
-        self.grid, self.n_video = self.geo["grid"], self.geo["video_tokens"]
-        self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
-        self.adapter = adapter_class(FAMILY_OF[args.model])
-        self.train_parts = TRAIN_PARTS & set(self.adapter.parts)
-        torch.manual_seed(0)
-        model = LTX2VideoTransformer3DModel(**{**LTX2_CONFIGS[args.model], "num_layers": 1})
-        self.model = model.to(self.dtype).eval().requires_grad_(False)
-        self.block = self.model.transformer_blocks[0]
-        # diffusers' LTX2AudioVideoAttnProcessor on every attention; FlexiMMT's on attn1 and attn2 (the adapter's)
-        self.plain_procs, self.flexi_procs, self.slot = attention_processors(self.adapter, self.block)
-        self.kwargs, self.rotary = {}, ()
-
-    def inputs(self, batch: int, seed: int = 1):
-        self.kwargs = ltx2_block_inputs(self.model, self.geo, batch, self.dtype, seed)
-        names = ("video_rotary_emb", "audio_rotary_emb", "ca_video_rotary_emb", "ca_audio_rotary_emb")
-        self.rotary = tuple(t for name in names for t in self.kwargs[name])
-        return self.kwargs["hidden_states"], self.kwargs["encoder_hidden_states"], self.kwargs["temb"]
-
-    def call(self, hidden, text, temb, state):
-        """The block's video output (the audio stream runs too; its output is not used here)."""
-        return self.block(**{**self.kwargs, "hidden_states": hidden, "encoder_hidden_states": text, "temb": temb})[0]
-
-    def attention_inputs(self, hidden, text, temb):
-        return self.block.norm2(hidden), text  # attn2's query input (LTX-2.0 modulates neither side)
-
-    def attention(self, hidden, text, state):
-        mask = self.kwargs["encoder_attention_mask"]  # the forward's bias of the connectors' all-open mask
-        return self.block.attn2(hidden, encoder_hidden_states=text, query_rotary_emb=None, attention_mask=mask)
-
-    @property
-    def attention_name(self) -> str:
-        return "attn2 (the video stream's text cross-attention)"
-
-    def describe(self) -> str:
-        h, w, f = self.size
-        cfg, geo = self.cfg, self.geo
-        return (
-            f"{MODELS[self.cfg_name]} block, {h}x{w}x{f}: {geo['latent_frames']} latent frames, token grid "
-            f"{self.grid[0]} x {self.grid[1]} x {self.grid[2]} = {self.n_video:,} video tokens (a timestep each), "
-            f"{self.text} text tokens, {geo['audio_tokens']} audio tokens; video {cfg.num_attention_heads} heads x "
-            f"{cfg.attention_head_dim}, audio {cfg.audio_num_attention_heads} x {cfg.audio_attention_head_dim}; "
-            f"{self.dtype}; torch {torch.__version__}, threads {torch.get_num_threads()}"
+            f"{self.name} block, {h}x{w}x{f}: {self.geo['latent_frames']} latent frames, token grid {self.grid[0]} x "
+            f"{self.grid[1]} x {self.grid[2]} = {self.n_video:,} video tokens; text tokens: {text}; "
+            f"{self.cfg.num_attention_heads} heads x {self.cfg.attention_head_dim}; {self.dtype}; "
+            f"torch {torch.__version__}, threads {torch.get_num_threads()}"
         )
 
 
@@ -745,7 +396,7 @@ def describe_layout(setup: Setup, k: int, s: dict) -> str:
     return (
         head + f"unmasked groups {s['groups']} (chained {s['groups_chained']}) over {s['keys']} keys; masked call "
         f"{s['masked_rows']} rows ({s['text_queries']} text + {s['merged_video_queries']} merged video queries); layout "
-        f"built in {s['layout_s']:.3f} s once per step" + (" and text form" if setup.hunyuan else "")
+        f"built in {s['layout_s']:.3f} s once per step" + (" and text form" if setup.texts else "")
     )
 
 
@@ -831,11 +482,9 @@ def run_inference(args, setup: Setup) -> dict:
         },
     }
     scope = f"attention call: {setup.attention_name}" if args.scope == "attention" else "block"
-    branch = " = CFG" if batch == 2 and not setup.wan else ""
-    if setup.wan:
-        branch = " (one CFG branch: Wan calls the model once per branch)"
-    elif setup.hunyuan:
-        branch = " (the conditional branch: HunyuanVideo 1.5's guider runs each branch as its own forward)"
+    branch = " = CFG" if batch == 2 else ""
+    if setup.branch_calls:
+        branch = " (the conditional branch: the pipeline runs each CFG branch as its own forward)"
     print(
         f"inference ({scope}, batch {batch}{branch}), d_m = {setup.d_m}, "
         f"{args.repeats} rounds{' after a warm-up round' if args.warmup else ''}:"
@@ -991,15 +640,10 @@ def run_profile(args, setup: Setup) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["inference", "training", "profile"])
-    parser.add_argument(
-        "--model",
-        choices=sorted(MODELS),
-        default="5b",
-        help="5b, 1.5 (CogVideoX), a Wan model, hunyuan1.5 (HunyuanVideo 1.5 I2V 480p) or ltx2 (LTX-2)",
-    )
+    parser.add_argument("--model", choices=sorted(CHECKPOINTS), default=next(iter(CHECKPOINTS)), help=model_help())
     parser.add_argument("--height", type=int), parser.add_argument("--width", type=int)
     parser.add_argument("--frames", type=int, help="video frames (default: the model's own)")
     parser.add_argument("--objects", type=int, nargs="+", default=[1, 3, 5], help="K values (profile: the first)")
@@ -1018,19 +662,20 @@ def main(argv=None) -> dict:
         "--batch",
         type=int,
         choices=[1, 2],
-        help="inference rows (CogVideoX, LTX-2: 2 = CFG, the default; Wan, HunyuanVideo 1.5: 1)",
+        help="inference rows (2 = CFG, the default where one forward holds both branches; 1 where the pipeline "
+        "runs each branch as its own forward)",
     )
     parser.add_argument(
         "--valid-text",
         type=int,
-        default=120,
-        help="HunyuanVideo 1.5: prompt tokens that are not padding, of 1000 (a prompt of about 90 words)",
+        help="where the pipeline pads the prompt (HunyuanVideo 1.5): its tokens that are not padding (default: the "
+        "model's, a prompt of about 90 words)",
     )
     parser.add_argument(
         "--valid-glyphs",
         type=int,
-        default=0,
-        help="HunyuanVideo 1.5: ByT5 glyph tokens that are not padding, of 256 (0: no quoted text)",
+        help="where the pipeline pads glyph tokens (HunyuanVideo 1.5): those that are not padding (default: the "
+        "model's, 0: no quoted text)",
     )
     parser.add_argument("--scope", choices=["block", "attention"], default="block")
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
@@ -1038,17 +683,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--top", type=int, default=14, help="profile: rows shown")
     parser.add_argument("--profile-block", action="store_true", help="profile: the whole block call, not the attention")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
+    return parser
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.what == "inference" else 1
-    branch_calls = {**WAN_CONFIGS, **HUNYUAN_CONFIGS}  # models that run each CFG branch as its own call
+    setup = Setup(args)
     if args.batch is None:
-        args.batch = 1 if args.model in branch_calls else 2
-    elif args.batch == 2 and args.model in branch_calls:
-        parser.error(
-            f"--batch 2: {MODELS[args.model]} runs its conditional and unconditional branches as two calls of batch 1"
-        )
-    setup = (LTX2Setup if args.model in LTX2_CONFIGS else Setup)(args)
+        args.batch = 1 if setup.branch_calls else 2
+    elif args.batch == 2 and setup.branch_calls:
+        parser.error(f"--batch 2: {setup.name} runs its conditional and unconditional branches as two calls of batch 1")
     print(setup.describe(), flush=True)
     result = {
         "what": args.what,
@@ -1065,6 +712,113 @@ def main(argv=None) -> dict:
     if args.out:
         args.out.write_text(json.dumps(result, indent=1, default=str))
     return result
+
+
+# -- memory.py's per-family builders read these by name until they are derived from the adapters too (issue 32,
+# item 6): each a view of the registered adapters' true sizes, nothing declared here
+def family_sizes(family: str) -> dict:
+    """The true sizes the registered ``family``'s adapter declares, by name."""
+    return {name: true for name, (adapter, true) in CHECKPOINTS.items() if adapter.family == family}
+
+
+def adapter_class(family: str):
+    """The adapter class of a registered family."""
+    from fleximmt.models import adapter_class as registered
+
+    return registered(family)
+
+
+_WAN, _HUNYUAN, _LTX2 = family_sizes("wan"), family_sizes("hunyuanvideo15"), family_sizes("ltx2")
+WAN_CONFIGS = {name: true.config for name, true in _WAN.items()}
+WAN_GEOMETRY = {name: true.size for name, true in _WAN.items()}
+WAN_NAMES = {name: true.name for name, true in _WAN.items()}
+WAN_TEXT_TOKENS, WAN_IMAGE_TOKENS = _WAN["wan2.1"].text["prompt"], _WAN["wan2.1"].text["image"]
+HUNYUAN_CONFIGS = {name: true.config for name, true in _HUNYUAN.items()}
+HUNYUAN_NAMES = {name: true.name for name, true in _HUNYUAN.items()}
+HUNYUAN_TEXT = {k: _HUNYUAN["hunyuan1.5"].text[k] for k in ("image", "glyph", "prompt")}
+LTX2_CONFIGS = {name: true.config for name, true in _LTX2.items()}
+LTX2_NAMES = {name: true.name for name, true in _LTX2.items()}
+LTX2_GEOMETRY, LTX2_TEXT_TOKENS = _LTX2["ltx2"].size, _LTX2["ltx2"].text["prompt"]
+LTX2_FPS = 24.0  # LTX2ImageToVideoPipeline's default frame rate (fleximmt.models.ltx2.FPS)
+
+
+def model_config(model: str, **overrides) -> SimpleNamespace:
+    """A checkpoint's full transformer config: its class's defaults, then the checkpoint's values, then ``overrides``."""
+    adapter, true = CHECKPOINTS[model]
+    return full_config(adapter.transformer_class(), true.config, **overrides)
+
+
+wan_config = hunyuan_config = ltx2_config = model_config
+
+
+def wan_geometry(model: str, cfg, height: int, width: int, frames: int) -> dict:
+    return geometry(cfg, _WAN[model].vae_scale, height, width, frames)
+
+
+def hunyuan_geometry(cfg, height: int, width: int, frames: int) -> dict:
+    return geometry(cfg, _HUNYUAN["hunyuan1.5"].vae_scale, height, width, frames)
+
+
+def ltx2_geometry(cfg, height: int, width: int, frames: int) -> dict:
+    """The geometry and the audio tokens of the video's length (the audio stream's latents a forward takes)."""
+    from fleximmt.models.ltx2 import AUDIO_PER_SECOND, FPS
+
+    geo = geometry(cfg, _LTX2["ltx2"].vae_scale, height, width, frames)
+    geo["audio_tokens"] = round(frames / FPS * AUDIO_PER_SECOND)
+    return geo
+
+
+def hunyuan_size(cfg) -> tuple[int, int, int]:
+    return _HUNYUAN["hunyuan1.5"].size
+
+
+def hunyuan_text(valid_prompt: int, valid_glyphs: int = 0, lengths: dict = HUNYUAN_TEXT):
+    """One row's text form and its bool ``[L]`` attention mask as the transformer's forward lays the text out."""
+    from fleximmt.method.tokens import TextKeys
+
+    offset = lengths["image"] + valid_glyphs
+    mask = torch.zeros(sum(lengths.values()), dtype=torch.bool)
+    mask[: offset + valid_prompt] = True
+    return TextKeys(offset, offset + valid_prompt), mask
+
+
+def make_wan_block(cfg, dtype: torch.dtype, seed: int = 0):
+    """One block as ``WanTransformer3DModel.__init__`` builds it, random weights, frozen."""
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    torch.manual_seed(seed)
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    block = WanTransformerBlock(
+        dim, cfg.ffn_dim, cfg.num_attention_heads, cfg.qk_norm, cfg.cross_attn_norm, cfg.eps, cfg.added_kv_proj_dim
+    )
+    return block.to(dtype).eval().requires_grad_(False)
+
+
+def make_block(cfg, dtype: torch.dtype, seed: int = 0):
+    """One block as ``CogVideoXTransformer3DModel.__init__`` builds it, random weights, frozen."""
+    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+
+    torch.manual_seed(seed)
+    block = CogVideoXBlock(
+        dim=cfg.num_attention_heads * cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        attention_head_dim=cfg.attention_head_dim,
+        time_embed_dim=cfg.time_embed_dim,
+        dropout=cfg.dropout,
+        activation_fn=cfg.activation_fn,
+        attention_bias=cfg.attention_bias,
+        norm_elementwise_affine=cfg.norm_elementwise_affine,
+        norm_eps=cfg.norm_eps,
+    )
+    return block.to(dtype).eval().requires_grad_(False)
+
+
+def wan_rotary(cfg, latent_shape: tuple[int, int, int]):
+    """The transformer's own ``WanRotaryPosEmbed`` for this latent video, in float32."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    rope = WanRotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len).float()
+    return rope(torch.empty(1, 1, *latent_shape, device="meta"))  # only its shape is read
 
 
 if __name__ == "__main__":

@@ -15,28 +15,34 @@ Peak memory is ``torch.cuda.max_memory_allocated`` of each run (weights included
 without them). JSON to ``--out``. Without CUDA it says so and exits 0; ``--device cpu --tiny`` runs
 every code path on a tiny config (the test suite does).
 
+Every model comes from the registered adapters (``fleximmt.models.adapters()``): ``--model`` takes the names of the
+true sizes each adapter module declares (``ModelAdapter.true_sizes``: its checkpoints' transformer configs as
+diffusers' conversion scripts write them, default video, VAE compression, text lengths, a tiny config for
+``--tiny``), and one ``Bench`` builds the family's transformer class from it, its pipeline around it without
+encoders (``pipeline_around``), a step's forwards (``random_forwards``) and a training window (``random_conditions``)
+as the family's pipeline makes them. A new family's adapter module that declares them is benchmarked as these are:
+
 ``--model wan2.1`` / ``wan2.2-5b``: Wan2.1-I2V-14B-480P at 480x832x81 (32,760 video tokens) or
-Wan2.2-TI2V-5B at 704x1280x121, configs from ``block.py``: a step is the pipeline's two batch-1 calls
+Wan2.2-TI2V-5B at 704x1280x121: a step is the pipeline's two batch-1 calls
 (conditional, then unconditional; Wan 2.1 with 257 CLIP image tokens, TI2V with a timestep per
 token), FlexiMMT in ``attn2`` through ``FlexiMMTWanPipeline``'s adapter, training through the same
 ``training_step`` inside ``adapter.training_attached``. Not yet run on a GPU.
 
-``--model hunyuan1.5``: HunyuanVideo 1.5 I2V 480p (8.3B, config from ``block.py``) at a 16:9 image's bucket,
+``--model hunyuan1.5``: HunyuanVideo 1.5 I2V 480p (8.3B) at a 16:9 image's bucket,
 480x848x121 (49,290 video tokens): a step is the guider's two batch-1 forwards (conditional with 120 valid of
 1,000 prompt tokens, then the empty negative prompt's 6), each with 729 SigLIP image and 256 (empty) ByT5 glyph
 tokens; diffusers' ``HunyuanVideo15AttnProcessor2_0`` builds its [N, N] bool padding mask in every block,
 FlexiMMT's processors leave the padded keys out (``FlexiMMTHunyuanVideo15Pipeline``'s adapter, whose forward hook
 reads each row's text form); training as for Wan. Not yet run on a GPU.
 
-``--model ltx2``: LTX-2 19B (config from ``block.py``) at 512x768x121 (6,144 video tokens, a timestep each; 1,024
+``--model ltx2``: LTX-2 19B at 512x768x121 (6,144 video tokens, a timestep each; 1,024
 text and 126 audio tokens): a step is the pipeline's three forwards with its default guidance (CFG's batch-2
 forward, then spatio-temporal guidance's at block 28 and modality guidance's, batch 1 each), FlexiMMT in ``attn2``
 through ``FlexiMMTLTX2ImageToVideoPipeline``'s adapter (its forward hook sets each forward's rows and capture);
 training through ``training_step`` inside ``adapter.training_attached`` (the image's frame clean, silent audio).
 The weights alone are 35.2 GiB in bf16. Not yet run on a GPU.
 
-It imports only torch, diffusers, transformers, accelerate, safetensors, numpy, fleximmt and, for
-Wan and HunyuanVideo 1.5, ``block.py`` beside it.
+It imports only torch, diffusers, transformers, accelerate, safetensors, numpy and fleximmt.
 
 On the GPU machine (it has torch 2.11, transformers, accelerate, safetensors, numpy, pillow, tqdm,
 imageio, opencv; not diffusers). Here, once, in the repository root:
@@ -79,71 +85,29 @@ from types import SimpleNamespace
 
 import torch
 
-# The transformer configs of the real checkpoints (their transformer/config.json), used with random weights.
-TRANSFORMER_CONFIGS = {
-    "5b": dict(  # THUDM/CogVideoX-5b-I2V
-        activation_fn="gelu-approximate",
-        attention_bias=True,
-        attention_head_dim=64,
-        dropout=0.0,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        in_channels=32,
-        max_text_seq_length=226,
-        norm_elementwise_affine=True,
-        norm_eps=1e-5,
-        num_attention_heads=48,
-        num_layers=42,
-        out_channels=16,
-        patch_size=2,
-        sample_frames=49,
-        sample_height=60,
-        sample_width=90,
-        spatial_interpolation_scale=1.875,
-        temporal_compression_ratio=4,
-        temporal_interpolation_scale=1.0,
-        text_embed_dim=4096,
-        time_embed_dim=512,
-        timestep_activation_fn="silu",
-        use_learned_positional_embeddings=True,
-        use_rotary_positional_embeddings=True,
-    ),
-    "1.5": dict(  # THUDM/CogVideoX1.5-5B-I2V: temporal patches of 2 latent frames, ofs embedding, no learned positions
-        activation_fn="gelu-approximate",
-        attention_bias=True,
-        attention_head_dim=64,
-        dropout=0.0,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        in_channels=32,
-        max_text_seq_length=226,
-        norm_elementwise_affine=True,
-        norm_eps=1e-5,
-        num_attention_heads=48,
-        num_layers=42,
-        ofs_embed_dim=512,
-        out_channels=16,
-        patch_bias=False,
-        patch_size=2,
-        patch_size_t=2,
-        sample_frames=81,
-        sample_height=300,
-        sample_width=300,
-        spatial_interpolation_scale=1.875,
-        temporal_compression_ratio=4,
-        temporal_interpolation_scale=1.0,
-        text_embed_dim=4096,
-        time_embed_dim=512,
-        timestep_activation_fn="silu",
-        use_learned_positional_embeddings=False,
-        use_rotary_positional_embeddings=True,
-    ),
-}
-# Default video geometry (height, width, frames): 5B-I2V's 720x480x49 (its only size: learned positions);
-# 1.5-I2V's model card: 1360x768 (min side 768, max side <= 1360), 81 frames.
-GEOMETRY = {"5b": (480, 720, 49), "1.5": (768, 1360, 81)}
-MODEL_NAMES = {"5b": "CogVideoX-5B-I2V", "1.5": "CogVideoX1.5-5B-I2V"}
-VAE_SPATIAL, VAE_TEMPORAL = 8, 4
+from fleximmt.method.adapter import TrueSize
+
+
+def true_sizes() -> dict[str, tuple[type, TrueSize]]:
+    """Every registered family's released checkpoints at their true size (``ModelAdapter.true_sizes``), by the name
+    ``--model`` takes, with the family's adapter class; a name declared by two families is refused."""
+    from fleximmt.models import adapters
+
+    found: dict[str, tuple[type, TrueSize]] = {}
+    for adapter in adapters():
+        for name, size in adapter.true_sizes.items():
+            if name in found and found[name][1] is not size:
+                raise ValueError(f"--model {name!r} is declared by {found[name][0].__name__} and {adapter.__name__}")
+            found.setdefault(name, (adapter, size))  # a family's subclass may inherit another's sizes: listed once
+    return found
+
+
+CHECKPOINTS = true_sizes()
+
+
+def model_help() -> str:
+    """``--model``'s help: each checkpoint's name."""
+    return ", ".join(f"{name} ({size.name})" for name, (_, size) in CHECKPOINTS.items())
 
 
 def full_config(model_class: type, values: dict, **overrides) -> SimpleNamespace:
@@ -155,35 +119,24 @@ def full_config(model_class: type, values: dict, **overrides) -> SimpleNamespace
     return SimpleNamespace(**{**defaults, **values, **overrides})
 
 
-def config(model: str, **overrides) -> SimpleNamespace:
-    """The full CogVideoX transformer config: ``CogVideoXTransformer3DModel``'s defaults, then the checkpoint's values."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    return full_config(CogVideoXTransformer3DModel, TRANSFORMER_CONFIGS[model], **overrides)
-
-
-def token_geometry(cfg, height: int, width: int, frames: int) -> dict:
-    """Latent frames (padded to whole temporal patches, as diffusers' pipeline pads them) and the token grid."""
-    latent = (frames - 1) // VAE_TEMPORAL + 1
-    patch_t = getattr(cfg, "patch_size_t", None) or 1
-    latent += (patch_t - latent % patch_t) % patch_t
-    grid = (latent // patch_t, height // (VAE_SPATIAL * cfg.patch_size), width // (VAE_SPATIAL * cfg.patch_size))
+def geometry(cfg, vae_scale: tuple[int, int], height: int, width: int, frames: int) -> dict:
+    """Latent frames and token grid of a video through a causal VAE of ``vae_scale`` (spatial, temporal) and the
+    transformer's patches (``patch_size``: (t, h, w), or h = w with ``patch_size_t``), as the pipelines make them:
+    latent frames padded in front to whole temporal patches (CogVideoX 1.5's); ``latent_shape``: (frames, h, w)."""
+    spatial, temporal = vae_scale
+    patch = cfg.patch_size
+    p_t, p_h, p_w = (
+        patch if isinstance(patch, (tuple, list)) else (getattr(cfg, "patch_size_t", None) or 1, patch, patch)
+    )
+    latent = (frames - 1) // temporal + 1
+    latent += (p_t - latent % p_t) % p_t
+    grid = (latent // p_t, height // spatial // p_h, width // spatial // p_w)
     return {
         "latent_frames": latent,
         "grid": grid,
         "video_tokens": grid[0] * grid[1] * grid[2],
-        "latent_shape": (latent, 16, height // VAE_SPATIAL, width // VAE_SPATIAL),
+        "latent_shape": (latent, height // spatial, width // spatial),
     }
-
-
-def rotary(cfg, height: int, width: int, latent_frames: int, device="cpu"):
-    """diffusers' own 3D RoPE for this geometry (its pipeline's method, without a pipeline)."""
-    from diffusers import CogVideoXImageToVideoPipeline
-
-    pipe = SimpleNamespace(vae_scale_factor_spatial=VAE_SPATIAL, transformer=SimpleNamespace(config=cfg))
-    return CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings(
-        pipe, height, width, latent_frames, device
-    )
 
 
 def moving_masks(objects: int, grid: tuple[int, int, int], low: float = 0.05, high: float = 0.30) -> torch.Tensor:
@@ -222,18 +175,7 @@ def random_tokens(objects: int, blocks: int, d_m: int, dim: int, seed: int = 0) 
     return (torch.rand(objects, 1, blocks, d_m, dim, generator=gen) * 2 - 1) * bound
 
 
-TINY = dict(
-    num_attention_heads=2,
-    attention_head_dim=64,
-    num_layers=3,
-    max_text_seq_length=32,
-    text_embed_dim=64,
-    time_embed_dim=32,
-    sample_height=8,
-    sample_width=12,
-    sample_frames=9,
-)
-TINY_GEOMETRY = (64, 96, 9)
+TINY_GEOMETRY = (64, 96, 9)  # --tiny's video, every model's
 PAPER_RELEASE_S_PER_STEP = 17.4  # the paper's figure for the authors' release, A800, 480x720x49
 
 
@@ -260,68 +202,46 @@ def _out_of_memory(error: BaseException) -> bool:
 
 
 class Bench:
-    """The random-weight transformer, the inputs of a denoising step and FlexiMMT's states."""
-
-    diffusers_takes_backends = (
-        False  # diffusers' CogVideoX processor calls SDPA itself (set_attention_backend: no effect)
-    )
+    """The random-weight transformer of a checkpoint (``TrueSize``, its family's registered adapter's), the inputs of
+    a denoising step as the family's pipeline makes them (``ModelAdapter.random_forwards``), and FlexiMMT's states."""
 
     def __init__(self, args):
-        from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
-
-        from fleximmt import FlexiMMTPipeline
-
-        self.setup(args)
-        overrides = (
-            {} if not args.tiny else {**TINY, "ofs_embed_dim": TINY["time_embed_dim"]} if args.model == "1.5" else TINY
-        )
-        self.cfg = config(args.model, **overrides)
-        self.size = TINY_GEOMETRY if args.tiny else GEOMETRY[args.model]
-        self.geo = token_geometry(self.cfg, *self.size)
-        torch.manual_seed(0)
-        kwargs = dict(TRANSFORMER_CONFIGS[args.model].items())
-        kwargs.update(overrides)
-        with torch.device(self.device):
-            transformer = CogVideoXTransformer3DModel(**kwargs)
-        self.transformer = transformer.to(self.dtype).eval().requires_grad_(False)
-        self.keep_diffusers_attention()
-        self.weights_gib = sum(p.numel() * p.element_size() for p in self.transformer.parameters()) / 2**30
-        scheduler = CogVideoXDPMScheduler(
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-            prediction_type="v_prediction",
-            rescale_betas_zero_snr=True,
-            set_alpha_to_one=True,
-            timestep_spacing="trailing",
-            snr_shift_scale=1.0,
-            clip_sample=False,
-        )
-        # the transfer and training code reach the model through the pipeline; no VAE or T5 is needed for a step
-        self.pipe = FlexiMMTPipeline(
-            tokenizer=None, text_encoder=None, vae=None, transformer=self.transformer, scheduler=scheduler
-        )
-        latent_frames, channels, h, w = self.geo["latent_shape"]
-        gen = torch.Generator().manual_seed(1)
-        self.latents = torch.randn(2, latent_frames, 2 * channels, h, w, generator=gen).to(self.device, self.dtype)
-        text_len, text_dim = self.cfg.max_text_seq_length, self.cfg.text_embed_dim
-        self.prompt_embeds = torch.randn(2, text_len, text_dim, generator=gen).to(self.device, self.dtype)
-        self.rotary = rotary(self.cfg, self.size[0], self.size[1], latent_frames, self.device)
-        self.ofs = None if getattr(self.cfg, "ofs_embed_dim", None) is None else self.latents.new_full((1,), 2.0)
-        self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
-        self.text_len = self.cfg.max_text_seq_length
-        self.name = MODEL_NAMES[args.model]
-        self.masks = self.object_masks()
-
-    def setup(self, args) -> None:
-        """What every model's bench shares: the arguments, device and dtype."""
         self.args, self.device = args, torch.device(args.device)
         cuda = self.device.type == "cuda"
         self.dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if cuda else torch.float32
-
-    def keep_diffusers_attention(self) -> None:
-        """Remember the transformer's attention processors as diffusers built it (before FlexiMMT's are installed)."""
-        self.diffusers_processors = self.transformer.attn_processors
+        adapter_class, true = CHECKPOINTS[args.model]
+        self.name, self.size = true.name, TINY_GEOMETRY if args.tiny else true.size
+        values = adapter_class.config_at({**true.config, **(true.tiny if args.tiny else {})}, self.size, true.vae_scale)
+        self.cfg = full_config(adapter_class.transformer_class(), values)
+        self.geo = geometry(self.cfg, true.vae_scale, *self.size)
+        self.text = true.text_of(args.tiny)
+        self.text_len = self.text["prompt"]  # the tokens motion words are counted in
+        self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            transformer = adapter_class.transformer_class()(**values)
+        transformer = transformer.to(self.dtype).eval().requires_grad_(False)
+        for name, param in transformer.named_parameters():  # as from_pretrained(torch_dtype=...) keeps them
+            if any(k in name.split(".") for k in transformer._keep_in_fp32_modules or ()):
+                param.data = param.data.float()
+        self.transformer = transformer
+        self.diffusers_processors = transformer.attn_processors  # as diffusers built them
+        # diffusers' own processors call SDPA themselves (set_attention_backend: no effect) or dispatch
+        self.diffusers_takes_backends = all(
+            hasattr(p, "_attention_backend") for p in self.diffusers_processors.values()
+        )
+        self.weights_gib = sum(p.numel() * p.element_size() for p in transformer.parameters()) / 2**30
+        # the transfer and training code reach the model through the pipeline; no encoder is needed for a step
+        self.pipe = adapter_class.pipeline_around(transformer)
+        self.adapter = adapter_class(self.pipe)
+        latent = self.geo["latent_shape"]
+        gen = torch.Generator().manual_seed(1)
+        random = lambda guidance: adapter_class.random_forwards(
+            transformer.config, self.size, latent, self.text, guidance, gen, self.device, self.dtype
+        )
+        self.forwards, self.plain_forwards = random(True), random(False)
+        self.conditions = adapter_class.random_conditions(transformer.config, latent, self.text, gen)
+        self.masks = self.object_masks()
 
     def object_masks(self) -> dict[int, torch.Tensor]:
         """The moving ellipse masks of every object count timed, on the device."""
@@ -332,20 +252,21 @@ class Bench:
         """diffusers' own attention processors, as the transformer was built with them; with
         ``--attention-backend``, FlexiMMT's without objects where diffusers' would ignore the backend."""
         if self.args.attention_backend and not self.diffusers_takes_backends:
-            self.pipe.adapter.install_processors()
+            self.adapter.install_processors()
         else:
             self.transformer.set_attn_processor(dict(self.diffusers_processors))
         self.speed_tools()
 
     def baseline(self) -> str:
-        if self.args.attention_backend:
+        processor = type(getattr(first_block(self.adapter, self.transformer), self.adapter.motion_attention).processor)
+        if self.args.attention_backend and not self.diffusers_takes_backends:
             return (
-                "FlexiMMT's processor without objects (diffusers' own CogVideoX processor ignores attention backends)"
+                f"FlexiMMT's processor without objects (diffusers' own {processor.__name__} ignores attention backends)"
             )
-        return "diffusers' CogVideoXAttnProcessor2_0"
+        return f"diffusers' {processor.__name__}"
 
     def use_fleximmt_attention(self) -> None:
-        self.pipe.adapter.install_processors()
+        self.adapter.install_processors()
         self.speed_tools()
 
     def speed_tools(self) -> None:
@@ -374,49 +295,24 @@ class Bench:
             self.transformer.disable_cache()
 
     def step(self, i: int, state=None) -> None:
-        """The transformer work of denoising step ``i`` (CFG on): its forwards (:meth:`forwards`), FlexiMMT's
-        ``state`` attached to them as the family's adapter attaches it to a pipeline call."""
-        attached = self.pipe.adapter.attach(state, {}) if state is not None else contextlib.nullcontext({})
+        """The transformer work of denoising step ``i`` with the pipeline's default guidance: its forwards,
+        FlexiMMT's ``state`` attached to them as the family's adapter attaches it to a pipeline call."""
+        attached = self.adapter.attach(state, {}) if state is not None else contextlib.nullcontext({})
         with attached as call:
-            for branch, inputs in self.forwards(999 - 20 * i):
+            extra = {"attention_kwargs": call["attention_kwargs"]} if "attention_kwargs" in call else {}
+            for branch, inputs in self.forwards(999.0 - 20 * i):
                 with self.transformer.cache_context(branch):  # as the pipeline names it (for --cache)
-                    self.transformer(**inputs, attention_kwargs=call.get("attention_kwargs"), return_dict=False)
-
-    def forwards(self, timestep: float) -> list[tuple[str, dict]]:
-        """The transformer forwards of one denoising step at ``timestep`` as diffusers' I2V pipeline makes them:
-        (cache context name, inputs); CogVideoX's: one forward of both CFG branches."""
-        t = torch.tensor(timestep, device=self.device)
-        inputs = dict(
-            hidden_states=self.latents,
-            encoder_hidden_states=self.prompt_embeds,
-            timestep=t.expand(2),
-            ofs=self.ofs,
-            image_rotary_emb=self.rotary,
-        )
-        return [("cond_uncond", inputs)]
+                    self.transformer(**inputs, **extra, return_dict=False)
 
     def training_tensors(self, gen: torch.Generator) -> dict:
         """One reference window encoded as the adapter's ``encode_conditions`` returns it (random)."""
-        latent_frames, channels, h, w = self.geo["latent_shape"]
-        return {
-            "prompt_embeds": torch.randn(1, self.text_len, self.cfg.text_embed_dim, generator=gen),
-            "video_latents": torch.randn(1, latent_frames, channels, h, w, generator=gen),
-            "image_latents": torch.randn(1, latent_frames, channels, h, w, generator=gen),
-            "padding": torch.tensor(0),
-        }
+        return self.conditions
 
     def plain_forward_backward(self) -> None:
-        """The frozen model's forward + backward to its input, diffusers' attention (batch 1)."""
-        x = self.latents[:1].detach().requires_grad_(True)
-        t = torch.tensor([500], device=self.device)
-        out = self.transformer(
-            hidden_states=x,
-            encoder_hidden_states=self.prompt_embeds[:1],
-            timestep=t,
-            ofs=self.ofs,
-            image_rotary_emb=self.rotary,
-            return_dict=False,
-        )[0]
+        """The frozen model's forward + backward to its input, diffusers' attention (the conditional branch alone)."""
+        inputs = self.plain_forwards(500.0)[0][1]
+        x = inputs["hidden_states"].detach().requires_grad_(True)
+        out = self.transformer(**{**inputs, "hidden_states": x}, return_dict=False)[0]
         out.float().square().mean().backward()
 
     def flexi_state(self, backend: str, objects: int):
@@ -425,16 +321,16 @@ class Bench:
         k, blocks = objects, self.cfg.num_layers
         member, _ = word_members(k, self.text_len)
         tokens = random_tokens(k, blocks, self.args.tokens, self.dim).to(self.device, self.dtype)
-        share = max(1, round(blocks * self.pipe.adapter.feature_share))
+        share = max(1, round(blocks * self.adapter.feature_share))
         state = motion_state_for(
             tokens,
             member.to(self.device),
-            **self.pipe.adapter.state_settings(),
-            parts=self.pipe.adapter.parts,
+            **self.adapter.state_settings(),
+            parts=self.adapter.parts,
             num_frames=self.geo["grid"][0],
             mask_kernel=backend,
             feature_blocks=frozenset(range(share)),
-            rows=self.pipe.adapter.batch_rows({"guidance_scale": 6.0}, 1),  # one video, with CFG
+            rows=self.adapter.batch_rows({"guidance_scale": 6.0}, 1),  # one video, with CFG
         )
         first = self.masks[k].view(k, *self.geo["grid"])[:, 0]
         state.set_video_masks(first[:, None].expand(-1, self.geo["grid"][0], -1, -1).reshape(k, -1))
@@ -452,418 +348,42 @@ class Bench:
         state.set_video_masks(self.masks[len(first)])
 
 
-WAN_MODELS = ("wan2.1", "wan2.2-5b")  # block.py holds their configs, geometry and names
-WAN_TINY = dict(num_attention_heads=2, attention_head_dim=32, num_layers=3, ffn_dim=128, text_dim=32, freq_dim=32)
+def first_block(adapter, transformer: torch.nn.Module) -> torch.nn.Module:
+    """The transformer's first block: the first module of the class its family compiles regionally."""
+    kind = (adapter.repeated_blocks or transformer._repeated_blocks)[0]
+    return next(m for m in transformer.modules() if type(m).__name__ == kind)
 
 
-def _benchmark_module(name: str):
-    """A sibling script as a module (block.py imports this file; imported lazily, no cycle at load)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    return __import__(name)
+# -- memory.py's CogVideoX builders read these by name until they are derived from the adapters too (issue 32, item 6):
+# views of the registered adapters' true sizes, nothing declared here
+_COGVIDEOX = {name: true for name, (adapter, true) in CHECKPOINTS.items() if adapter.family == "cogvideox"}
+TRANSFORMER_CONFIGS = {name: true.config for name, true in _COGVIDEOX.items()}
+GEOMETRY = {name: true.size for name, true in _COGVIDEOX.items()}
+LTX2_TINY = CHECKPOINTS["ltx2"][1].tiny
 
 
-class WanBench(Bench):
-    """Wan image-to-video: the real transformer config (Wan 2.1 I2V 14B 480P or Wan 2.2 TI2V-5B) with random
-    weights, a denoising step as ``WanImageToVideoPipeline`` makes it (CFG as two batch-1 calls,
-    conditional first; Wan 2.1 with CLIP image tokens, TI2V with a timestep per token), FlexiMMT in
-    ``attn2`` (the cross form) through ``FlexiMMTWanPipeline``'s adapter."""
-
-    diffusers_takes_backends = True
-
-    def __init__(self, args):
-        from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
-
-        from fleximmt import FlexiMMTWanPipeline
-
-        block = _benchmark_module("block")
-        self.setup(args)
-        overrides = {}
-        if args.tiny:
-            overrides = dict(WAN_TINY)
-            width = WAN_TINY["num_attention_heads"] * WAN_TINY["attention_head_dim"]
-            if block.WAN_CONFIGS[args.model]["image_dim"]:
-                overrides.update(image_dim=32, added_kv_proj_dim=width)
-        self.cfg = block.wan_config(args.model, **overrides)
-        self.size = TINY_GEOMETRY if args.tiny else block.WAN_GEOMETRY[args.model]
-        self.geo = block.wan_geometry(args.model, self.cfg, *self.size)
-        torch.manual_seed(0)
-        with torch.device(self.device):
-            transformer = WanTransformer3DModel(**{**block.WAN_CONFIGS[args.model], **overrides})
-        transformer = transformer.to(self.dtype).eval().requires_grad_(False)
-        for name, param in transformer.named_parameters():  # as from_pretrained(torch_dtype=...) keeps them
-            if any(k in name.split(".") for k in transformer._keep_in_fp32_modules or ()):
-                param.data = param.data.float()
-        self.transformer = transformer
-        self.keep_diffusers_attention()
-        self.weights_gib = sum(p.numel() * p.element_size() for p in transformer.parameters()) / 2**30
-        self.expand = args.model == "wan2.2-5b"
-        scheduler = UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
-        )
-        self.pipe = FlexiMMTWanPipeline(
-            tokenizer=None,
-            text_encoder=None,
-            vae=None,
-            scheduler=scheduler,
-            transformer=transformer,
-            expand_timesteps=self.expand,
-        )
-        self.text_len, self.image_tokens = block.WAN_TEXT_TOKENS, block.WAN_IMAGE_TOKENS
-        self.name = block.WAN_NAMES[args.model]
-        self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
-        gen = torch.Generator().manual_seed(1)
-        frames, h, w = self.geo["latent_shape"]
-        channels = self.cfg.out_channels
-        latents = torch.randn(1, channels, frames, h, w, generator=gen)
-        condition = torch.randn(
-            1, self.cfg.in_channels - channels if not self.expand else channels, frames, h, w, generator=gen
-        )
-        if self.expand:  # TI2V: frame 0 is the image's latent, a timestep of 0 there
-            mask = torch.ones(1, 1, frames, h, w)
-            mask[:, :, 0] = 0
-            self.model_input = ((1 - mask) * condition + mask * latents).to(self.device, self.dtype)
-            patch = self.cfg.patch_size
-            self.token_mask = mask[0, 0][:, :: patch[1], :: patch[2]].flatten()[None].to(self.device)
-        else:
-            self.model_input = torch.cat([latents, condition], dim=1).to(self.device, self.dtype)
-        self.prompt_embeds = torch.randn(2, self.text_len, self.cfg.text_dim, generator=gen).to(self.device, self.dtype)
-        self.image_embeds = None
-        if self.cfg.image_dim:
-            self.image_embeds = torch.randn(1, self.image_tokens, self.cfg.image_dim, generator=gen).to(
-                self.device, self.dtype
-            )
-        self.masks = self.object_masks()
-        self.training_latents = (latents, condition)
-
-    def baseline(self) -> str:
-        return "diffusers' WanAttnProcessor"
-
-    def timestep(self, t: float) -> torch.Tensor:
-        t = torch.tensor([t], device=self.device)
-        return self.token_mask * t if self.expand else t
-
-    def forwards(self, timestep: float) -> list[tuple[str, dict]]:
-        """The conditional forward, then the unconditional one (the negative prompt), batch 1 each."""
-        t = self.timestep(timestep)
-        return [
-            (
-                branch,
-                dict(
-                    hidden_states=self.model_input,
-                    timestep=t,
-                    encoder_hidden_states=self.prompt_embeds[row : row + 1],
-                    encoder_hidden_states_image=self.image_embeds,
-                ),
-            )
-            for row, branch in ((0, "cond"), (1, "uncond"))
-        ]
-
-    def training_tensors(self, gen: torch.Generator) -> dict:
-        latents, condition = self.training_latents
-        tensors = {
-            "prompt_embeds": torch.randn(1, self.text_len, self.cfg.text_dim, generator=gen),
-            "video_latents": latents,
-            "condition": condition,
-        }
-        if self.image_embeds is not None:
-            tensors["image_embeds"] = self.image_embeds.float().cpu()
-        return tensors
-
-    def plain_forward_backward(self) -> None:
-        x = self.model_input.detach().requires_grad_(True)
-        out = self.transformer(
-            hidden_states=x,
-            timestep=self.timestep(500.0),
-            encoder_hidden_states=self.prompt_embeds[:1],
-            encoder_hidden_states_image=self.image_embeds,
-            return_dict=False,
-        )[0]
-        out.float().square().mean().backward()
+def config(model: str, **overrides) -> SimpleNamespace:
+    """The full CogVideoX transformer config: ``CogVideoXTransformer3DModel``'s defaults, then the checkpoint's values."""
+    adapter, true = CHECKPOINTS[model]
+    return full_config(adapter.transformer_class(), true.config, **overrides)
 
 
-HUNYUAN_MODELS = ("hunyuan1.5",)  # block.py holds its config, geometry, text layout and name
-HUNYUAN_TINY = dict(
-    num_attention_heads=2,
-    attention_head_dim=32,
-    num_layers=3,
-    num_refiner_layers=1,
-    mlp_ratio=2.0,
-    text_embed_dim=32,
-    text_embed_2_dim=16,
-    image_embed_dim=24,
-    rope_axes_dim=(8, 12, 12),
-)
-HUNYUAN_TINY_TEXT = {"image": 16, "glyph": 8, "prompt": 40}
-# valid prompt tokens per guider branch: a prompt of about 90 words; the empty negative prompt leaves the template's
-# closing tokens (" ", <|im_end|>, "\n", <|im_start|>, "assistant", "\n") after the pipeline's crop
-HUNYUAN_VALID = {"pred_cond": 120, "pred_uncond": 6}
-HUNYUAN_TINY_VALID = {"pred_cond": 12, "pred_uncond": 3}
+def token_geometry(cfg, height: int, width: int, frames: int) -> dict:
+    """CogVideoX's geometry, its ``latent_shape`` with the VAE's 16 latent channels: (frames, 16, h, w)."""
+    geo = geometry(cfg, _COGVIDEOX["5b"].vae_scale, height, width, frames)
+    latent, h, w = geo["latent_shape"]
+    return {**geo, "latent_shape": (latent, 16, h, w)}
 
 
-class HunyuanBench(Bench):
-    """HunyuanVideo 1.5 image-to-video 480p: the real 8.3B transformer config with random weights at a 16:9
-    image's bucket (480x848) and 121 frames, a denoising step as ``HunyuanVideo15ImageToVideoPipeline`` makes
-    it (its guider's two batch-1 forwards, conditional first, each with its own padded text: 729 SigLIP image
-    tokens, 256 ByT5 glyph tokens, 1,000 Qwen2.5-VL prompt tokens, valid ones first), FlexiMMT in the joint
-    attention through ``FlexiMMTHunyuanVideo15Pipeline``'s adapter (its forward hook reads each row's text form)."""
+def rotary(cfg, height: int, width: int, latent_frames: int, device="cpu"):
+    """diffusers' own 3D RoPE for this geometry (its pipeline's method, without a pipeline)."""
+    from diffusers import CogVideoXImageToVideoPipeline
 
-    diffusers_takes_backends = True
-
-    def __init__(self, args):
-        from diffusers import (
-            AutoencoderKLHunyuanVideo15,
-            FlowMatchEulerDiscreteScheduler,
-            HunyuanVideo15Transformer3DModel,
-        )
-        from diffusers.guiders import ClassifierFreeGuidance
-
-        from fleximmt import FlexiMMTHunyuanVideo15Pipeline
-
-        block = _benchmark_module("block")
-        self.setup(args)
-        overrides = dict(HUNYUAN_TINY) if args.tiny else {}
-        self.lengths = HUNYUAN_TINY_TEXT if args.tiny else block.HUNYUAN_TEXT
-        valid = HUNYUAN_TINY_VALID if args.tiny else HUNYUAN_VALID
-        self.cfg = block.hunyuan_config(args.model, **overrides)
-        self.size = TINY_GEOMETRY if args.tiny else block.hunyuan_size(self.cfg)
-        self.geo = block.hunyuan_geometry(self.cfg, *self.size)
-        torch.manual_seed(0)
-        with torch.device(self.device):
-            transformer = HunyuanVideo15Transformer3DModel(**{**block.HUNYUAN_CONFIGS[args.model], **overrides})
-        self.transformer = transformer.to(self.dtype).eval().requires_grad_(False)
-        self.keep_diffusers_attention()
-        self.weights_gib = sum(p.numel() * p.element_size() for p in self.transformer.parameters()) / 2**30
-        spatial, temporal = block.HUNYUAN_VAE_SCALE
-        # the pipeline reads its VAE's scale factors and latent channels (it cannot be built without one): a tiny
-        # one of the real VAE's shape; a denoising step never calls it
-        vae = AutoencoderKLHunyuanVideo15(
-            latent_channels=self.cfg.out_channels,
-            block_out_channels=(8,) * 5,
-            layers_per_block=1,
-            spatial_compression_ratio=spatial,
-            temporal_compression_ratio=temporal,
-        )
-        self.pipe = FlexiMMTHunyuanVideo15Pipeline(
-            text_encoder=None,
-            tokenizer=None,
-            transformer=self.transformer,
-            vae=vae.to(self.device),
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-            text_encoder_2=None,
-            tokenizer_2=None,
-            guider=ClassifierFreeGuidance(guidance_scale=6.0),
-            image_encoder=None,
-            feature_extractor=None,
-        )
-        self.text_len = self.lengths["prompt"]  # the tokens motion words are counted in (the adapter's text length)
-        self.name = block.HUNYUAN_NAMES[args.model]
-        self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
-        gen = torch.Generator().manual_seed(1)
-        frames, h, w = self.geo["latent_shape"]
-        channels = self.cfg.out_channels
-        latents = torch.randn(1, channels, frames, h, w, generator=gen)
-        condition = torch.zeros(1, channels + 1, frames, h, w)  # the image's latent frame and the frame mask
-        condition[:, :channels, :1] = torch.randn(1, channels, 1, h, w, generator=gen)
-        condition[:, channels:, :1] = 1.0
-        self.model_input = torch.cat([latents, condition], dim=1).to(self.device, self.dtype)
-        self.branches = {}
-        for branch, count in valid.items():  # the guider's inputs, conditional first (what its prepare_inputs splits)
-            mask = torch.zeros(1, self.lengths["prompt"], dtype=torch.long)
-            mask[:, :count] = 1
-            self.branches[branch] = {
-                "encoder_hidden_states": torch.randn(1, self.lengths["prompt"], self.cfg.text_embed_dim, generator=gen),
-                "encoder_attention_mask": mask,
-                "encoder_hidden_states_2": torch.randn(
-                    1, self.lengths["glyph"], self.cfg.text_embed_2_dim, generator=gen
-                ),
-                "encoder_attention_mask_2": torch.zeros(1, self.lengths["glyph"], dtype=torch.long),  # no quoted text
-            }
-            self.branches[branch] = {
-                k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
-                for k, v in self.branches[branch].items()
-            }
-        self.image_embeds = torch.randn(1, self.lengths["image"], self.cfg.image_embed_dim, generator=gen).to(
-            self.device, self.dtype
-        )
-        self.training_latents = (latents, condition)
-        self.masks = self.object_masks()
-
-    def baseline(self) -> str:
-        return "diffusers' HunyuanVideo15AttnProcessor2_0 (its [N, N] bool padding mask in every block)"
-
-    def forwards(self, timestep: float) -> list[tuple[str, dict]]:
-        """The guider's forwards: conditional, then unconditional, each with its own padded text."""
-        t = torch.tensor([timestep], device=self.device).to(self.dtype)
-        return [
-            (branch, dict(hidden_states=self.model_input, image_embeds=self.image_embeds, timestep=t, **inputs))
-            for branch, inputs in self.branches.items()
-        ]
-
-    def training_tensors(self, gen: torch.Generator) -> dict:
-        """One reference window as ``HunyuanVideo15Adapter.encode_conditions`` returns it (random)."""
-        latents, condition = self.training_latents
-        cond = self.branches["pred_cond"]
-        return {
-            "prompt_embeds": cond["encoder_hidden_states"].float().cpu(),
-            "prompt_embeds_mask": cond["encoder_attention_mask"].cpu(),
-            "prompt_embeds_2": cond["encoder_hidden_states_2"].float().cpu(),
-            "prompt_embeds_mask_2": cond["encoder_attention_mask_2"].cpu(),
-            "video_latents": latents,
-            "condition": condition,
-            "image_embeds": self.image_embeds.float().cpu(),
-        }
-
-    def plain_forward_backward(self) -> None:
-        x = self.model_input.detach().requires_grad_(True)
-        t = torch.tensor([500.0], device=self.device).to(self.dtype)
-        out = self.transformer(
-            hidden_states=x, image_embeds=self.image_embeds, timestep=t, return_dict=False, **self.branches["pred_cond"]
-        )[0]
-        out.float().square().mean().backward()
-
-
-LTX2_MODELS = ("ltx2",)  # block.py holds its config, geometry and name
-LTX2_TINY = dict(
-    num_attention_heads=2,
-    attention_head_dim=32,
-    cross_attention_dim=64,
-    audio_num_attention_heads=2,
-    audio_attention_head_dim=16,
-    audio_cross_attention_dim=32,
-    audio_in_channels=4,
-    audio_out_channels=4,
-    caption_channels=48,
-    num_layers=3,
-)
-LTX2_TINY_TEXT = 64
-LTX2_STG_BLOCK = 28  # the pipeline's default spatio_temporal_guidance_blocks=[28] (the last block of a tiny config)
-
-
-class LTX2Bench(Bench):
-    """LTX-2: the real 19B transformer config with random weights at the pipeline's default 512x768x121 (6,144 video
-    tokens, a timestep each, the image's frame at 0; 1,024 text tokens; 126 audio tokens), a denoising step as
-    ``LTX2ImageToVideoPipeline`` makes it with its default guidance: CFG's forward of rows ``[negative |
-    positive]``, then spatio-temporal guidance's (block 28) and modality guidance's forwards of the positive
-    prompt; FlexiMMT in ``attn2`` (the cross form) through ``FlexiMMTLTX2ImageToVideoPipeline``'s adapter, whose
-    forward hook sets each forward's rows and RMPM's capture."""
-
-    form = "cross"
-
-    def __init__(self, args):
-        from diffusers import AutoencoderKLLTX2Audio, FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
-
-        from fleximmt import FlexiMMTLTX2ImageToVideoPipeline
-
-        block = _benchmark_module("block")
-        self.setup(args)
-        overrides = dict(LTX2_TINY) if args.tiny else {}
-        self.cfg = block.ltx2_config(args.model, **overrides)
-        self.size = TINY_GEOMETRY if args.tiny else block.LTX2_GEOMETRY
-        self.geo = block.ltx2_geometry(self.cfg, *self.size)
-        torch.manual_seed(0)
-        with torch.device(self.device):
-            transformer = LTX2VideoTransformer3DModel(**{**block.LTX2_CONFIGS[args.model], **overrides})
-        self.transformer = transformer.to(self.dtype).eval().requires_grad_(False)
-        self.weights_gib = sum(p.numel() * p.element_size() for p in self.transformer.parameters()) / 2**30
-        # the adapter reads the audio VAE's config for a training step's silent audio: one of the shape the
-        # transformer takes (latent channels x mel bins / 4 = its audio input channels); a step never calls it
-        mel_bins = 64 if not args.tiny else 8
-        audio_vae = AutoencoderKLLTX2Audio(
-            base_channels=4, latent_channels=self.cfg.audio_in_channels * 4 // mel_bins, mel_bins=mel_bins
-        )
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096
-        )
-        self.pipe = FlexiMMTLTX2ImageToVideoPipeline(
-            scheduler=scheduler,
-            vae=None,  # the pipeline's compression ratios are then the real VAE's: 32 and 8
-            audio_vae=audio_vae.to(self.device),
-            text_encoder=None,
-            tokenizer=None,
-            connectors=None,
-            transformer=self.transformer,
-            vocoder=None,
-        )
-        self.text_len = LTX2_TINY_TEXT if args.tiny else block.LTX2_TEXT_TOKENS
-        self.name = block.LTX2_NAMES[args.model]
-        self.dim = self.cfg.num_attention_heads * self.cfg.attention_head_dim
-        self.stg_blocks = [min(LTX2_STG_BLOCK, self.cfg.num_layers - 1)]
-        gen = torch.Generator().manual_seed(1)
-        frames, h, w = self.geo["grid"]
-        n, audio = self.geo["video_tokens"], self.geo["audio_tokens"]
-        self.latents = torch.randn(1, self.cfg.in_channels, frames, h, w, generator=gen)  # [1, C, F, h, w]
-        self.clean = torch.zeros(1, n, device=self.device)  # 1 on the image's frame: a timestep of 0 there
-        self.clean[:, : h * w] = 1.0
-        packed = self.latents.permute(0, 2, 3, 4, 1).reshape(1, n, -1)  # the pipeline's _pack_latents at patch 1
-        self.hidden = packed.to(self.device, self.dtype)
-        self.audio = torch.randn(1, audio, self.cfg.audio_in_channels, generator=gen).to(self.device, self.dtype)
-        text = lambda: torch.randn(2, self.text_len, self.cfg.caption_channels, generator=gen)
-        self.video_text, self.audio_text = (
-            text().to(self.device, self.dtype) for _ in range(2)
-        )  # [negative, positive]
-        self.text_mask = torch.ones(2, self.text_len, device=self.device)  # the connectors' all-open mask
-        self.masks = self.object_masks()
-
-    def use_plain_attention(self) -> None:
-        from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoAttnProcessor
-
-        self.transformer.set_attn_processor(LTX2AudioVideoAttnProcessor())
-        self.speed_tools()
-
-    def baseline(self) -> str:
-        return "diffusers' LTX2AudioVideoAttnProcessor"
-
-    def forward(self, rows: slice, t: float, **guidance):
-        """One transformer forward of the batch rows ``rows`` of ``[negative, positive]`` at timestep ``t``."""
-        batch = len(range(2)[rows])
-        grid = self.geo["grid"]
-        timestep = torch.full((batch,), t, device=self.device)
-        return self.transformer(
-            hidden_states=self.hidden.expand(batch, -1, -1),
-            audio_hidden_states=self.audio.expand(batch, -1, -1),
-            encoder_hidden_states=self.video_text[rows],
-            audio_encoder_hidden_states=self.audio_text[rows],
-            timestep=timestep[:, None] * (1 - self.clean),
-            audio_timestep=timestep,
-            sigma=timestep,
-            encoder_attention_mask=self.text_mask[rows],
-            audio_encoder_attention_mask=self.text_mask[rows],
-            num_frames=grid[0],
-            height=grid[1],
-            width=grid[2],
-            fps=24.0,
-            audio_num_frames=self.geo["audio_tokens"],
-            return_dict=False,
-            **guidance,
-        )
-
-    def step(self, i: int, state=None) -> None:
-        t = 999.0 - 20 * i
-        with self.pipe.adapter.attach(state, {}) if state is not None else contextlib.nullcontext():
-            with self.transformer.cache_context("cond_uncond"):  # as the pipeline names them (for --cache)
-                self.forward(slice(None), t)
-            with self.transformer.cache_context("uncond_stg"):
-                self.forward(slice(1, 2), t, spatio_temporal_guidance_blocks=self.stg_blocks)
-            with self.transformer.cache_context("uncond_modality"):
-                self.forward(slice(1, 2), t, isolate_modalities=True)
-
-    def training_tensors(self, gen: torch.Generator) -> dict:
-        """One reference window as ``LTX2Adapter.encode_conditions`` returns it (random)."""
-        return {
-            "prompt_embeds": self.video_text[1:].float().cpu(),
-            "audio_prompt_embeds": self.audio_text[1:].float().cpu(),
-            "prompt_mask": self.text_mask[1:].long().cpu(),
-            "video_latents": self.latents,
-        }
-
-    def plain_forward_backward(self) -> None:
-        self.hidden.requires_grad_(True)
-        try:
-            video, _ = self.forward(slice(1, 2), 500.0)
-            video.float().square().mean().backward()
-        finally:
-            self.hidden.requires_grad_(False)
-            self.hidden.grad = None
+    spatial = _COGVIDEOX["5b"].vae_scale[0]
+    pipe = SimpleNamespace(vae_scale_factor_spatial=spatial, transformer=SimpleNamespace(config=cfg))
+    return CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings(
+        pipe, height, width, latent_frames, device
+    )
 
 
 @contextlib.contextmanager
@@ -997,8 +517,8 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
             state = motion_state_for(
                 torch.stack([tokens])[None],
                 member.to(device),
-                **bench.pipe.adapter.state_settings(),
-                parts=TRAIN_PARTS & set(bench.pipe.adapter.parts),
+                **bench.adapter.state_settings(),
+                parts=TRAIN_PARTS & set(bench.adapter.parts),
                 num_frames=bench.geo["grid"][0],
                 dmem=True,
                 concept_member=concept.to(device),
@@ -1015,10 +535,8 @@ def time_training(bench: Bench, name: str, flexi: bool, checkpointing: bool) -> 
                 if flexi:
                     state.set_motion_tokens(torch.stack([tokens])[None])
                     state.begin_step(bench.geo["video_tokens"], blocks)
-                    with bench.pipe.adapter.training_attached(state):  # through the backward's recomputation
-                        loss, _ = training_step(
-                            bench.pipe.adapter, state, cond, 0, gen, settings, contextlib.nullcontext
-                        )
+                    with bench.adapter.training_attached(state):  # through the backward's recomputation
+                        loss, _ = training_step(bench.adapter, state, cond, 0, gen, settings, contextlib.nullcontext)
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                     torch.nn.utils.clip_grad_norm_([tokens], settings.max_grad_norm)
@@ -1048,7 +566,7 @@ def warmup_steps(args) -> int:
     return 3 if args.compile else 1
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     parser.add_argument("--device", default="cuda")
@@ -1057,10 +575,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--model",
-        choices=[*sorted(GEOMETRY), *WAN_MODELS, *HUNYUAN_MODELS, *LTX2_MODELS],
-        default="5b",
-        help="CogVideoX-5B-I2V (5b), CogVideoX1.5-5B-I2V (1.5), Wan2.1-I2V-14B-480P (wan2.1), Wan2.2-TI2V-5B "
-        "(wan2.2-5b), HunyuanVideo 1.5 I2V 480p (hunyuan1.5), LTX-2 19B (ltx2)",
+        choices=sorted(CHECKPOINTS),
+        default=next(iter(CHECKPOINTS)),
+        help=model_help(),
     )
     parser.add_argument("--objects", type=int, default=3)
     parser.add_argument(
@@ -1110,14 +627,17 @@ def main(argv=None) -> int:
         metavar="S",
         help="start no further variant once S seconds have passed (the JSON says which were skipped)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py needs CUDA (none here): nothing measured. For a dry run: --device cpu --tiny")
         return 0
     import diffusers
 
-    benches = {**dict.fromkeys(WAN_MODELS, WanBench), **dict.fromkeys(HUNYUAN_MODELS, HunyuanBench)}
-    bench = {**benches, **dict.fromkeys(LTX2_MODELS, LTX2Bench)}.get(args.model, Bench)(args)
+    bench = Bench(args)
     device = bench.device
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

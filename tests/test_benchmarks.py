@@ -110,7 +110,7 @@ def test_gpu_benchmark_dry_run_on_wan(model, tmp_path, monkeypatch):
     assert all(
         run["fits"] and run["s_per_step"] > 0 for run in [*result["inference"].values(), *result["training"].values()]
     )
-    layers = gpu.WAN_TINY["num_layers"]
+    layers = gpu.CHECKPOINTS[model][1].tiny["num_layers"]
     # inference: auto and dense x 2 steps (warm-up + 1) x 2 calls (cond, uncond); training: 2 steps without
     # checkpointing, 2 with it, where each block's attn2 runs again in the backward pass
     assert len(calls) == layers * (2 * 2 * 2 + 2 + 2 * 2)
@@ -154,18 +154,19 @@ def test_gpu_benchmark_dry_run_on_hunyuan15(tmp_path, monkeypatch):
             == 0
         )
     result = json.loads(out.read_text())
-    assert result["model"].startswith("HunyuanVideo-1.5") and result["text_tokens"] == gpu.HUNYUAN_TINY_TEXT["prompt"]
-    assert "bool padding mask" in result["baseline"]
+    true = gpu.CHECKPOINTS["hunyuan1.5"][1]
+    assert result["model"].startswith("HunyuanVideo-1.5") and result["text_tokens"] == true.tiny_text["prompt"]
+    assert result["baseline"] == "diffusers' HunyuanVideo15AttnProcessor2_0"
     assert all(
         run["fits"] and run["s_per_step"] > 0 for run in [*result["inference"].values(), *result["training"].values()]
     )
-    layers = gpu.HUNYUAN_TINY["num_layers"]
+    layers = true.tiny["num_layers"]
     # inference: auto, dense and K = 1 x 2 steps (warm-up + 1) x 2 forwards (cond, uncond); training: 2 steps
     # without checkpointing, 2 with it, where each block's attention runs again in the backward pass
     assert len(texts) == layers * (3 * 2 * 2 + 2 + 2 * 2)
-    image, prompt = gpu.HUNYUAN_TINY_TEXT["image"], gpu.HUNYUAN_TINY_VALID
+    image, text = true.tiny_text["image"], true.tiny_text
     inference = {tuple(t) for t in texts[: layers * 4]}
-    assert inference == {((image, image + prompt["pred_cond"]),), ((image, image + prompt["pred_uncond"]),)}
+    assert inference == {((image, image + text["valid"]),), ((image, image + text["valid_negative"]),)}
 
 
 def test_gpu_benchmark_dry_run_on_ltx2(tmp_path, monkeypatch):
@@ -205,11 +206,12 @@ def test_gpu_benchmark_dry_run_on_ltx2(tmp_path, monkeypatch):
             == 0
         )
     result = json.loads(out.read_text())
-    assert result["model"].startswith("LTX-2") and result["text_tokens"] == gpu.LTX2_TINY_TEXT
+    true = gpu.CHECKPOINTS["ltx2"][1]
+    assert result["model"].startswith("LTX-2") and result["text_tokens"] == true.tiny_text["prompt"]
     assert all(
         run["fits"] and run["s_per_step"] > 0 for run in [*result["inference"].values(), *result["training"].values()]
     )
-    layers = gpu.LTX2_TINY["num_layers"]
+    layers = true.tiny["num_layers"]
     step = [[0, 0]] * layers + [[0]] * 2 * layers  # one step: CFG's forward, then STG's and modality guidance's
     # in gpu.py's order: auto x 2 steps (warm-up + 1) x 3 forwards; training (one video, rows None), 2 steps without
     # checkpointing and 2 with it, where each block's attn2 runs again in the backward pass; dense as auto

@@ -84,6 +84,27 @@ class TokenGrid:
         return np.minimum((latent + pad) // self.patch_frames, self.frames - 1)
 
 
+@dataclass(frozen=True)
+class TrueSize:
+    """A released checkpoint of a family at its true size, as the benchmarks (``benchmarks/``) build its
+    transformer with random weights: what its files and its pipeline's defaults say. Declared in the family's
+    adapter module (``ModelAdapter.true_sizes``); the adapter's ``random_forwards`` feeds it."""
+
+    name: str  # how tables name it: "Wan2.1-I2V-14B-480P"
+    config: dict[str, Any]  # its transformer's config, as diffusers' conversion script writes it
+    size: tuple[int, int, int]  # the video a call makes by default: height, width, frames
+    vae_scale: tuple[int, int]  # its VAE's spatial and temporal compression
+    # the text the pipeline hands the transformer, in tokens: "prompt" (where motion words are found) and any
+    # other kinds the family's random_forwards reads (image tokens, padding)
+    text: dict[str, int]
+    tiny: dict[str, Any] = field(default_factory=dict)  # config values of a tiny transformer of its shape (dry runs)
+    tiny_text: dict[str, int] | None = None  # the tiny transformer's text (None: as the true size's)
+
+    def text_of(self, tiny: bool) -> dict[str, int]:
+        """The text of the true-size transformer, or of the tiny one."""
+        return dict(self.tiny_text if tiny and self.tiny_text is not None else self.text)
+
+
 @dataclass
 class TrainingBatch:
     """What one training step's loss needs from the model: the clean latents and the prediction of
@@ -120,6 +141,10 @@ class ModelAdapter:
     # joint form, DMEM: video queries scored against the concept words' keys (docs/method.md#hunyuanvideo-15),
     # not the concept words' queries against the video keys (docs/method.md#dmem)
     dmem_video_queries: ClassVar[bool] = False
+    # the attention of each block that hosts the motion tokens (the one MDMA masks): "attn1", "attn2", "attn"
+    motion_attention: ClassVar[str]
+    # released checkpoints at their true size, by the name the benchmarks' --model takes (TrueSize)
+    true_sizes: ClassVar[dict[str, TrueSize]] = {}
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -143,6 +168,55 @@ class ModelAdapter:
         return {**{k: v for k, v in given.items() if v is not None}, **cls.stated_defaults}
 
     # -- the model -----------------------------------------------------------------------
+    @classmethod
+    def transformer_class(cls) -> type:
+        """diffusers' transformer class of this family: the one its pipeline takes."""
+        return inspect.signature(cls.pipeline_class.__init__).parameters["transformer"].annotation
+
+    @classmethod
+    def config_at(
+        cls, values: dict[str, Any], size: tuple[int, int, int], vae_scale: tuple[int, int]
+    ) -> dict[str, Any]:
+        """A transformer config (``values``) that takes ``size`` videos through a VAE of ``vae_scale`` (spatial,
+        temporal): the same, for a model that takes any size; a model whose config fixes its size says so here."""
+        return values
+
+    @classmethod
+    def random_forwards(
+        cls,
+        config,
+        size: tuple[int, int, int],
+        latent: tuple[int, int, int],
+        text: dict[str, int],
+        guidance: bool,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Callable[[float], list[tuple[str, dict[str, Any]]]]:
+        """The transformer forwards of one denoising step of a ``size`` video (``latent``: its latent frames,
+        padded as the pipeline pads them, height and width) as the pipeline makes them for one video, with
+        ``guidance`` (its default) or without: random latents and text of the shapes and dtypes it gives a
+        transformer of ``config`` (``text``: ``TrueSize.text``), drawn once from ``generator``. Returns a
+        function of the step's timestep (0-1000) giving each forward's name (its ``cache_context``, as the
+        pipeline names it) and keyword arguments (``return_dict`` left out)."""
+        raise NotImplementedError
+
+    @classmethod
+    def random_conditions(
+        cls, config, latent: tuple[int, int, int], text: dict[str, int], generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """One reference window of a ``latent`` video as :meth:`encode_conditions` returns it for a transformer of
+        ``config``, random (float32, on the CPU): what a training step of the benchmarks feeds
+        :meth:`training_prediction`."""
+        raise NotImplementedError
+
+    @classmethod
+    def pipeline_around(cls, transformer: torch.nn.Module):
+        """diffusers' pipeline of this family around ``transformer``, with its checkpoints' scheduler and without
+        the encoders and VAE a denoising step's forwards and a training step's prediction never call (the
+        benchmarks' random-weight models)."""
+        raise NotImplementedError
+
     def transformers(self) -> list[torch.nn.Module]:
         """The denoisers, one per expert (most models have one)."""
         return [self.pipe.transformer]

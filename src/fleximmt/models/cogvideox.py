@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +20,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..errors import FlexiMMTInputError
-from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch, image_count, prompt_count
+from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch, TrueSize, image_count, prompt_count
 from ..method.attention import FlexiMMTState
 from ..method.masks import PARTS
 from ..method.pipeline import FlexiMMTMixin
@@ -31,6 +32,80 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "THUDM/CogVideoX-5b-I2V"
 V15_SIZE = (768, 1360)  # THUDM/CogVideoX1.5-5B-I2V's model card: height x width
+
+# the checkpoints' transformer/config.json, shared by 5B-I2V and 1.5-5B-I2V
+CONFIG_5B = dict(
+    activation_fn="gelu-approximate",
+    attention_bias=True,
+    attention_head_dim=64,
+    dropout=0.0,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=32,
+    max_text_seq_length=226,
+    norm_elementwise_affine=True,
+    norm_eps=1e-5,
+    num_attention_heads=48,
+    num_layers=42,
+    out_channels=16,
+    patch_size=2,
+    spatial_interpolation_scale=1.875,
+    temporal_compression_ratio=4,
+    temporal_interpolation_scale=1.0,
+    text_embed_dim=4096,
+    time_embed_dim=512,
+    timestep_activation_fn="silu",
+    use_rotary_positional_embeddings=True,
+)
+TINY = dict(
+    num_attention_heads=2,
+    attention_head_dim=64,
+    num_layers=3,
+    max_text_seq_length=32,
+    text_embed_dim=64,
+    time_embed_dim=32,
+    sample_height=8,
+    sample_width=12,
+    sample_frames=9,
+)
+TRUE_SIZES = {
+    # THUDM/CogVideoX-5b-I2V at its only size (learned positions): 480 x 720 x 49
+    "5b": TrueSize(
+        "CogVideoX-5B-I2V",
+        {
+            **CONFIG_5B,
+            "sample_frames": 49,
+            "sample_height": 60,
+            "sample_width": 90,
+            "use_learned_positional_embeddings": True,
+        },
+        (480, 720, 49),
+        (8, 4),
+        {"prompt": 226},
+        TINY,
+        {"prompt": TINY["max_text_seq_length"]},
+    ),
+    # THUDM/CogVideoX1.5-5B-I2V: temporal patches of 2 latent frames, ofs embedding, no learned positions; its
+    # model card's 1360 x 768 (min side 768, max side <= 1360), 81 frames
+    "1.5": TrueSize(
+        "CogVideoX1.5-5B-I2V",
+        {
+            **CONFIG_5B,
+            "ofs_embed_dim": 512,
+            "patch_bias": False,
+            "patch_size_t": 2,
+            "sample_frames": 81,
+            "sample_height": 300,
+            "sample_width": 300,
+            "use_learned_positional_embeddings": False,
+        },
+        (*V15_SIZE, 81),
+        (8, 4),
+        {"prompt": 226},
+        {**TINY, "ofs_embed_dim": TINY["time_embed_dim"]},
+        {"prompt": TINY["max_text_seq_length"]},
+    ),
+}
 
 
 class FlexiMMTAttnProcessor(BlockProcessor):
@@ -115,7 +190,86 @@ class CogVideoXAdapter(ModelAdapter):
     feature_share = 30 / 42  # the release averages features over the first 30 of 42 blocks
     default_model = DEFAULT_MODEL
     repeated_blocks = ("CogVideoXBlock",)  # diffusers' CogVideoX model names none (compile_repeated_blocks raises)
+    motion_attention = "attn1"
+    true_sizes = TRUE_SIZES
     stated_defaults: ClassVar[dict[str, Any]] = {"height": 480, "width": 720}  # CogVideoX-5B's (default_size)
+
+    @classmethod
+    def config_at(cls, values, size, vae_scale):
+        """CogVideoX-5B's learned positions are made for its config's sample size, and its patch embedding refuses
+        another: the sample size is the video's (1.5, without them, takes any)."""
+        if not values.get("use_learned_positional_embeddings"):
+            return values
+        spatial = vae_scale[0]
+        return {
+            **values,
+            "sample_height": size[0] // spatial,
+            "sample_width": size[1] // spatial,
+            "sample_frames": size[2],
+        }
+
+    @classmethod
+    def random_conditions(cls, config, latent, text, generator):
+        """One reference window as :meth:`encode_conditions` returns it, random: the T5 text, the video's and the
+        image's latents."""
+        frames, height, width = latent
+        channels = config.in_channels // 2
+        return {
+            "prompt_embeds": torch.randn(1, text["prompt"], config.text_embed_dim, generator=generator),
+            "video_latents": torch.randn(1, frames, channels, height, width, generator=generator),
+            "image_latents": torch.randn(1, frames, channels, height, width, generator=generator),
+            "padding": torch.tensor(0),
+        }
+
+    @classmethod
+    def random_forwards(cls, config, size, latent, text, guidance, generator, device="cpu", dtype=torch.float32):
+        """One forward of ``[uncond | cond]`` with guidance (of cond alone without): noise and image latents
+        concatenated on channels, the T5 text, RoPE from the pipeline's own method, the ofs embedding's 2.0
+        (CogVideoX 1.5)."""
+        cond = cls.random_conditions(config, latent, text, generator)
+        batch = 2 if guidance else 1
+        latents = torch.cat([cond["video_latents"], cond["image_latents"]], dim=2).repeat(batch, 1, 1, 1, 1)
+        prompt_embeds = cond["prompt_embeds"]
+        if guidance:
+            prompt_embeds = torch.cat([torch.randn(prompt_embeds.shape, generator=generator), prompt_embeds])
+        pipe = SimpleNamespace(
+            vae_scale_factor_spatial=size[0] // latent[1], transformer=SimpleNamespace(config=config)
+        )
+        rotary = CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings(
+            pipe, size[0], size[1], latent[0], device
+        )
+        latents, prompt_embeds = latents.to(device, dtype), prompt_embeds.to(device, dtype)
+        ofs = None if getattr(config, "ofs_embed_dim", None) is None else latents.new_full((1,), 2.0)
+
+        def forwards(timestep: float) -> list[tuple[str, dict[str, Any]]]:
+            t = torch.tensor(timestep, device=device).expand(batch)
+            inputs = dict(
+                hidden_states=latents, encoder_hidden_states=prompt_embeds, timestep=t, ofs=ofs, image_rotary_emb=rotary
+            )
+            return [("cond_uncond", inputs)]
+
+        return forwards
+
+    @classmethod
+    def pipeline_around(cls, transformer: torch.nn.Module):
+        """diffusers' pipeline of this family around ``transformer`` with the checkpoints' scheduler, and no text
+        encoder or VAE (a denoising step's forwards and a training step's prediction need neither)."""
+        from diffusers import CogVideoXDPMScheduler
+
+        scheduler = CogVideoXDPMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            prediction_type="v_prediction",
+            rescale_betas_zero_snr=True,
+            set_alpha_to_one=True,
+            timestep_spacing="trailing",
+            snr_shift_scale=1.0,
+            clip_sample=False,
+        )
+        return CogVideoXImageToVideoPipeline(
+            tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler
+        )
 
     def check_model(self) -> None:
         latent = self.pipe.vae.config.latent_channels

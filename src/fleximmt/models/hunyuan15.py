@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import HunyuanVideo15ImageToVideoPipeline
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
+from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
 from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5_image2video import format_text_input
 
 from ..errors import FlexiMMTInputError
-from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch
+from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch, TrueSize
 from ..method.masks import PARTS
 from ..method.pipeline import FlexiMMTMixin
 from ..method.prompt import find_word_spans
@@ -54,6 +55,40 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v"
 CHECKPOINTS = (DEFAULT_MODEL, "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_i2v")
+VAE_SCALE = (16, 4)  # AutoencoderKLHunyuanVideo15's defaults (its checkpoint's): spatial, temporal; 32 channels
+TRUE_SIZES = {
+    # the 480p I2V checkpoint: the 8.3B transformer is HunyuanVideo15Transformer3DModel's defaults (54 dual-stream
+    # blocks, 16 heads x 128, mlp_ratio 4, QK RMSNorm, patch 1, 65 input channels) but for what diffusers'
+    # scripts/convert_hunyuan_video1_5_to_diffusers.py sets for its 480p checkpoints: target_size 640 (buckets of base
+    # size 640) and task_type "i2v". The video: a 16:9 image's bucket (the pipeline sizes the video from the image's
+    # aspect) at diffusers' 121 frames. A row's text keys in the order the transformer's forward lays them out,
+    # valid ones first: SigLIP so400m-patch14-384's 27 x 27 image tokens (all valid in i2v), the ByT5 glyph tokens
+    # (tokenizer_2_max_length; valid only for quoted text in the prompt) and the Qwen2.5-VL prompt tokens after the
+    # template's crop (tokenizer_max_length), then the padding; valid prompt tokens: a prompt of about 90 words and the
+    # empty negative prompt's 6 (the template's closing " ", <|im_end|>, "\n", <|im_start|>, "assistant", "\n")
+    "hunyuan1.5": TrueSize(
+        "HunyuanVideo-1.5-480p-I2V",
+        {"target_size": 640, "task_type": "i2v"},
+        (
+            *HunyuanVideo15ImageProcessor(vae_scale_factor=VAE_SCALE[0]).calculate_default_height_width(720, 1280, 640),
+            121,
+        ),
+        VAE_SCALE,
+        {"image": 729, "glyph": 256, "prompt": 1000, "valid": 120, "valid_negative": 6, "valid_glyphs": 0},
+        dict(
+            num_attention_heads=2,
+            attention_head_dim=32,
+            num_layers=3,
+            num_refiner_layers=1,
+            mlp_ratio=2.0,
+            text_embed_dim=32,
+            text_embed_2_dim=16,
+            image_embed_dim=24,
+            rope_axes_dim=(8, 12, 12),
+        ),
+        {"image": 16, "glyph": 8, "prompt": 40, "valid": 12, "valid_negative": 3, "valid_glyphs": 0},
+    )
+}
 MARKER = "\ue000"  # a private-use character no template holds: it shows where the prompt goes
 
 
@@ -133,6 +168,106 @@ class HunyuanVideo15Adapter(SlotAdapter, ModelAdapter):
     }
     text_keys = True  # image, glyph and prompt tokens, then padding (row_texts)
     dmem_video_queries = True
+    motion_attention = "attn"
+    true_sizes = TRUE_SIZES
+
+    @classmethod
+    def random_text(cls, config, text, valid: int, generator) -> dict[str, torch.Tensor]:
+        """One row's text as the pipeline hands it to the transformer: ``text["prompt"]`` Qwen2.5-VL tokens of which
+        the first ``valid`` are not padding, ``text["glyph"]`` ByT5 tokens of which ``text["valid_glyphs"]``."""
+        for count, kind, most in ((valid, "valid prompt", "prompt"), (text["valid_glyphs"], "valid glyph", "glyph")):
+            if not 0 <= count <= text[most]:
+                raise FlexiMMTInputError(f"{count} {kind} tokens: between 0 and the {text[most]} {most} tokens")
+
+        def mask(count: int, length: int) -> torch.Tensor:
+            out = torch.zeros(1, length, dtype=torch.long)
+            out[:, :count] = 1
+            return out
+
+        return {
+            "prompt_embeds": torch.randn(1, text["prompt"], config.text_embed_dim, generator=generator),
+            "prompt_embeds_mask": mask(valid, text["prompt"]),
+            "prompt_embeds_2": torch.randn(1, text["glyph"], config.text_embed_2_dim, generator=generator),
+            "prompt_embeds_mask_2": mask(text["valid_glyphs"], text["glyph"]),
+        }
+
+    @classmethod
+    def random_conditions(cls, config, latent, text, generator):
+        """One reference window as :meth:`encode_conditions` returns it, random: the prompt's padded text
+        (:meth:`random_text`, ``text["valid"]`` tokens valid), the video's latents, the image's latent frame and
+        the frame mask, SigLIP's image tokens."""
+        frames, height, width = latent
+        channels = config.out_channels
+        tensors = cls.random_text(config, text, text["valid"], generator)
+        tensors["video_latents"] = torch.randn(1, channels, frames, height, width, generator=generator)
+        condition = torch.zeros(1, channels + 1, frames, height, width)  # the image's latent frame and the frame mask
+        condition[:, :channels, :1] = torch.randn(1, channels, 1, height, width, generator=generator)
+        condition[:, channels:, :1] = 1.0
+        tensors["condition"] = condition
+        tensors["image_embeds"] = torch.randn(1, text["image"], config.image_embed_dim, generator=generator)
+        return tensors
+
+    @classmethod
+    def random_forwards(cls, config, size, latent, text, guidance, generator, device="cpu", dtype=torch.float32):
+        """The guider's conditional forward, then with guidance its unconditional one (the empty negative prompt's
+        ``text["valid_negative"]`` valid tokens), batch 1 each: noise, the image's latent frame and the frame mask on
+        channels, each forward's padded text, SigLIP's image tokens."""
+        cond = cls.random_conditions(config, latent, text, generator)
+        model_input = torch.cat([cond["video_latents"], cond["condition"]], dim=1).to(device, dtype)
+        image = cond["image_embeds"].to(device, dtype)
+        rows = {"pred_cond": cond}
+        if guidance:
+            rows["pred_uncond"] = cls.random_text(config, text, text["valid_negative"], generator)
+        names = {
+            "prompt_embeds": "encoder_hidden_states",
+            "prompt_embeds_mask": "encoder_attention_mask",
+            "prompt_embeds_2": "encoder_hidden_states_2",
+            "prompt_embeds_mask_2": "encoder_attention_mask_2",
+        }
+        branches = {
+            branch: {
+                names[k]: row[k].to(device, dtype) if row[k].is_floating_point() else row[k].to(device) for k in names
+            }
+            for branch, row in rows.items()
+        }
+
+        def forwards(timestep: float) -> list[tuple[str, dict[str, Any]]]:
+            t = torch.tensor([timestep], device=device).to(dtype)
+            return [
+                (branch, dict(hidden_states=model_input, image_embeds=image, timestep=t, **inputs))
+                for branch, inputs in branches.items()
+            ]
+
+        return forwards
+
+    @classmethod
+    def pipeline_around(cls, transformer: torch.nn.Module):
+        """diffusers' pipeline of this family around ``transformer`` with the checkpoints' scheduler and guider,
+        no encoders, and a tiny VAE of the real one's compression and channels (the pipeline reads its scale
+        factors and latent channels; a denoising step never calls it)."""
+        from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler
+        from diffusers.guiders import ClassifierFreeGuidance
+
+        spatial, temporal = VAE_SCALE
+        vae = AutoencoderKLHunyuanVideo15(
+            latent_channels=transformer.config.out_channels,
+            block_out_channels=(8,) * 5,
+            layers_per_block=1,
+            spatial_compression_ratio=spatial,
+            temporal_compression_ratio=temporal,
+        )
+        return HunyuanVideo15ImageToVideoPipeline(
+            text_encoder=None,
+            tokenizer=None,
+            transformer=transformer,
+            vae=vae.to(transformer.device),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+            text_encoder_2=None,
+            tokenizer_2=None,
+            guider=ClassifierFreeGuidance(guidance_scale=6.0),
+            image_encoder=None,
+            feature_extractor=None,
+        )
 
     def check_model(self) -> None:
         cfg = self.pipe.transformer.config

@@ -32,7 +32,7 @@ from diffusers.models.transformers.transformer_ltx2 import LTX2PerturbedAttnProc
 from diffusers.pipelines.ltx2.pipeline_ltx2_image2video import calculate_shift, retrieve_latents
 
 from ..errors import FlexiMMTInputError
-from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch
+from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch, TrueSize
 from ..method.attention import FlexiMMTState
 from ..method.masks import CROSS_PARTS, check_cross_parts
 from ..method.pipeline import FlexiMMTMixin
@@ -58,6 +58,48 @@ FRAMES_WITHOUT_DURATION_HEAD = 121
 SIZE_MULTIPLE = 32  # diffusers' check_inputs refuses other heights and widths, whatever the VAE
 # diffusers' calculate_shift defaults when the scheduler's config has none (the pipeline's step 5)
 SHIFT_DEFAULTS = {"base_image_seq_len": 1024, "max_image_seq_len": 4096, "base_shift": 0.95, "max_shift": 2.05}
+FPS, AUDIO_PER_SECOND = 24.0, 16000 / 160 / 4  # the pipeline's default frame rate; the audio VAE's latents a second
+STG_BLOCK = 28  # the pipeline's default spatio_temporal_guidance_blocks=[28]
+TRUE_SIZES = {
+    # Lightricks/LTX-2 (19B): the 2.0 transformer config diffusers' scripts/convert_ltx2_to_diffusers.py writes (it
+    # equals LTX2VideoTransformer3DModel's defaults: 48 blocks, video 32 heads x 128, audio 32 x 64, cross-attention
+    # 4096 / 2048, Gemma 3's 3,840-wide captions, interleaved RoPE) at LTX2ImageToVideoPipeline's defaults (121
+    # frames: its default without a duration head); AutoencoderKLLTX2Video (LTX-2.0's) compresses 32x and 8x;
+    # max_sequence_length's 1,024 text tokens (the prompt, then the connectors' registers: every key attended)
+    "ltx2": TrueSize(
+        "LTX-2 (19B) I2V",
+        dict(
+            in_channels=128,
+            out_channels=128,
+            num_attention_heads=32,
+            attention_head_dim=128,
+            cross_attention_dim=4096,
+            audio_in_channels=128,
+            audio_out_channels=128,
+            audio_num_attention_heads=32,
+            audio_attention_head_dim=64,
+            audio_cross_attention_dim=2048,
+            num_layers=48,
+            caption_channels=3840,
+        ),
+        (512, 768, FRAMES_WITHOUT_DURATION_HEAD),
+        (32, 8),
+        {"prompt": 1024},
+        dict(
+            num_attention_heads=2,
+            attention_head_dim=32,
+            cross_attention_dim=64,
+            audio_num_attention_heads=2,
+            audio_attention_head_dim=16,
+            audio_cross_attention_dim=32,
+            audio_in_channels=4,
+            audio_out_channels=4,
+            caption_channels=48,
+            num_layers=3,
+        ),
+        {"prompt": 64},
+    )
+}
 
 
 @dataclass
@@ -180,6 +222,95 @@ class LTX2Adapter(SlotAdapter, ModelAdapter):
     feature_share = FEATURE_SHARE
     default_model = DEFAULT_MODEL
     stated_defaults: ClassVar[dict[str, Any]] = {"num_frames": FRAMES_WITHOUT_DURATION_HEAD}
+    motion_attention = "attn2"
+    true_sizes = TRUE_SIZES
+
+    @classmethod
+    def random_conditions(cls, config, latent, text, generator):
+        """One reference window as :meth:`encode_conditions` returns it, random: the connectors' video and audio
+        text with their all-open mask, the video's latents ``[1, C, F, h, w]``."""
+        return {
+            "prompt_embeds": torch.randn(1, text["prompt"], config.caption_channels, generator=generator),
+            "audio_prompt_embeds": torch.randn(1, text["prompt"], config.caption_channels, generator=generator),
+            "prompt_mask": torch.ones(1, text["prompt"], dtype=torch.long),
+            "video_latents": torch.randn(1, config.in_channels, *latent, generator=generator),
+        }
+
+    @classmethod
+    def random_forwards(cls, config, size, latent, text, guidance, generator, device="cpu", dtype=torch.float32):
+        """With guidance (the pipeline's default), CFG's forward of rows ``[negative | positive]``, then
+        spatio-temporal guidance's (block 28, or a smaller model's last) and modality guidance's forwards of the
+        positive prompt; without, the positive prompt's forward. Packed latents with a timestep per video token
+        (the image's frame at 0), the audio stream's latents for the video's length, the connectors' all-open
+        text masks."""
+        cond = cls.random_conditions(config, latent, text, generator)
+        frames, height, width = latent
+        n, audio = frames * height * width, round(size[2] / FPS * AUDIO_PER_SECOND)
+        hidden = cond["video_latents"].permute(0, 2, 3, 4, 1).reshape(1, n, -1).to(device, dtype)  # _pack_latents
+        clean = torch.zeros(1, n, device=device)  # 1 on the image's frame: a timestep of 0 there
+        clean[:, : height * width] = 1.0
+        audio_latents = torch.randn(1, audio, config.audio_in_channels, generator=generator).to(device, dtype)
+        video_text, audio_text = (
+            torch.cat([torch.randn(cond[name].shape, generator=generator), cond[name]]).to(device, dtype)
+            for name in ("prompt_embeds", "audio_prompt_embeds")
+        )  # [negative, positive]
+        text_mask = torch.ones(2, text["prompt"], device=device)
+        stg_blocks = [min(STG_BLOCK, config.num_layers - 1)]
+
+        def forward(rows: slice, t: float, **guided) -> dict[str, Any]:
+            batch = len(range(2)[rows])
+            timestep = torch.full((batch,), t, device=device)
+            return dict(
+                hidden_states=hidden.expand(batch, -1, -1),
+                audio_hidden_states=audio_latents.expand(batch, -1, -1),
+                encoder_hidden_states=video_text[rows],
+                audio_encoder_hidden_states=audio_text[rows],
+                timestep=timestep[:, None] * (1 - clean),
+                audio_timestep=timestep,
+                sigma=timestep,
+                encoder_attention_mask=text_mask[rows],
+                audio_encoder_attention_mask=text_mask[rows],
+                num_frames=frames,
+                height=height,
+                width=width,
+                fps=FPS,
+                audio_num_frames=audio,
+                **guided,
+            )
+
+        def forwards(timestep: float) -> list[tuple[str, dict[str, Any]]]:
+            if not guidance:
+                return [("cond", forward(slice(1, 2), timestep))]
+            return [
+                ("cond_uncond", forward(slice(None), timestep)),
+                ("uncond_stg", forward(slice(1, 2), timestep, spatio_temporal_guidance_blocks=stg_blocks)),
+                ("uncond_modality", forward(slice(1, 2), timestep, isolate_modalities=True)),
+            ]
+
+        return forwards
+
+    @classmethod
+    def pipeline_around(cls, transformer: torch.nn.Module):
+        """diffusers' pipeline of this family around ``transformer`` with the checkpoint's scheduler, no encoders,
+        video VAE or vocoder (its compression ratios are then the real VAE's: 32 and 8), and a tiny audio VAE of
+        the shape the transformer takes (a training step reads its config for the silent audio; a step never
+        calls it)."""
+        from diffusers import AutoencoderKLLTX2Audio, FlowMatchEulerDiscreteScheduler
+
+        channels = transformer.config.audio_in_channels
+        mel_bins = 64 if channels >= 64 else 8  # latent channels x mel bins / 4 = the audio input channels
+        audio_vae = AutoencoderKLLTX2Audio(base_channels=4, latent_channels=channels * 4 // mel_bins, mel_bins=mel_bins)
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, **SHIFT_DEFAULTS)
+        return LTX2ImageToVideoPipeline(
+            scheduler=scheduler,
+            vae=None,
+            audio_vae=audio_vae.to(transformer.device),
+            text_encoder=None,
+            tokenizer=None,
+            connectors=None,
+            transformer=transformer,
+            vocoder=None,
+        )
 
     def default_text_length(self) -> int:
         return self.diffusers_default("max_sequence_length")  # 1,024 Gemma tokens: prompt, then registers

@@ -25,7 +25,7 @@ from diffusers import WanImageToVideoPipeline
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from ..errors import FlexiMMTInputError
-from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch
+from ..method.adapter import ModelAdapter, TokenGrid, TrainingBatch, TrueSize
 from ..method.masks import CROSS_PARTS, check_cross_parts
 from ..method.pipeline import FlexiMMTMixin
 from .shared import (
@@ -52,6 +52,61 @@ CHECKPOINTS = (
     "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
 )
+# The transformer/config.json of Wan-AI/Wan2.1-I2V-14B-480P-Diffusers and Wan-AI/Wan2.2-TI2V-5B-Diffusers (the values
+# diffusers' scripts/convert_wan_to_diffusers.py writes for "Wan-I2V-14B-480p" and "Wan2.2-TI2V-5B")
+CONFIG = dict(
+    attention_head_dim=128,
+    cross_attn_norm=True,
+    eps=1e-6,
+    freq_dim=256,
+    patch_size=(1, 2, 2),
+    qk_norm="rms_norm_across_heads",
+    text_dim=4096,
+    rope_max_seq_len=1024,
+    pos_embed_seq_len=None,
+)
+TINY = dict(num_attention_heads=2, attention_head_dim=32, num_layers=3, ffn_dim=128, text_dim=32, freq_dim=32)
+# umT5's context (the processors' hard-coded 512) and CLIP ViT-H/14's 16 x 16 + 1 image tokens (Wan 2.1 I2V)
+TEXT_TOKENS, IMAGE_TOKENS = 512, 257
+TRUE_SIZES = {
+    # I2V 14B 480P: CLIP image tokens through attn2's add_k_proj / add_v_proj; diffusers' pipeline defaults
+    "wan2.1": TrueSize(
+        "Wan2.1-I2V-14B-480P",
+        {
+            **CONFIG,
+            "added_kv_proj_dim": 5120,
+            "ffn_dim": 13824,
+            "image_dim": 1280,
+            "in_channels": 36,
+            "num_attention_heads": 40,
+            "num_layers": 40,
+            "out_channels": 16,
+        },
+        (480, 832, 81),
+        (8, 4),
+        {"prompt": TEXT_TOKENS, "image": IMAGE_TOKENS},
+        {**TINY, "image_dim": 32, "added_kv_proj_dim": TINY["num_attention_heads"] * TINY["attention_head_dim"]},
+    ),
+    # TI2V 5B: the image is the first latent frame, a timestep per token (expand_timesteps); Wan 2.2's VAE compresses
+    # 16x; its model card and the authors' app: 720P as 704 x 1280, 121 frames at 24 fps
+    "wan2.2-5b": TrueSize(
+        "Wan2.2-TI2V-5B",
+        {
+            **CONFIG,
+            "added_kv_proj_dim": None,
+            "ffn_dim": 14336,
+            "image_dim": None,
+            "in_channels": 48,
+            "num_attention_heads": 24,
+            "num_layers": 30,
+            "out_channels": 48,
+        },
+        (704, 1280, 121),
+        (16, 4),
+        {"prompt": TEXT_TOKENS},
+        TINY,
+    ),
+}
 
 
 class WanProcessor(SlotProcessor):
@@ -130,6 +185,88 @@ class WanAdapter(SlotAdapter, ModelAdapter):
     parts = CROSS_PARTS
     feature_share = FEATURE_SHARE
     default_model = DEFAULT_MODEL
+    motion_attention = "attn2"
+    true_sizes = TRUE_SIZES
+
+    @classmethod
+    def random_conditions(cls, config, latent, text, generator):
+        """One reference window as :meth:`encode_conditions` returns it, random: the text, the video's latents, the
+        image condition (TI2V, ``in_channels == out_channels``: the image's latent frame) and, where the model takes
+        them, CLIP's image tokens."""
+        frames, height, width = latent
+        channels = config.out_channels
+        condition = channels if config.in_channels == channels else config.in_channels - channels
+        tensors = {
+            "prompt_embeds": torch.randn(1, text["prompt"], config.text_dim, generator=generator),
+            "video_latents": torch.randn(1, channels, frames, height, width, generator=generator),
+            "condition": torch.randn(1, condition, frames, height, width, generator=generator),
+        }
+        if config.image_dim:
+            tensors["image_embeds"] = torch.randn(1, text["image"], config.image_dim, generator=generator)
+        return tensors
+
+    @classmethod
+    def random_forwards(cls, config, size, latent, text, guidance, generator, device="cpu", dtype=torch.float32):
+        """The conditional forward, then (with guidance) the unconditional one, batch 1 each: noise and the image
+        condition concatenated on channels (TI2V: the image's latent as frame 0, a timestep of 0 on its tokens), the
+        text and, where the model takes them, CLIP's image tokens."""
+        cond = cls.random_conditions(config, latent, text, generator)
+        latents, condition = cond["video_latents"], cond["condition"]
+        expand = config.in_channels == config.out_channels
+        token_mask = None
+        if expand:
+            mask = torch.ones(1, 1, *latent)
+            mask[:, :, 0] = 0
+            model_input = (1 - mask) * condition + mask * latents
+            patch = config.patch_size
+            token_mask = mask[0, 0][:, :: patch[1], :: patch[2]].flatten()[None].to(device)
+        else:
+            model_input = torch.cat([latents, condition], dim=1)
+        model_input = model_input.to(device, dtype)
+        prompts = [cond["prompt_embeds"]]
+        if guidance:  # the negative prompt's
+            prompts.append(torch.randn(cond["prompt_embeds"].shape, generator=generator))
+        prompts = [p.to(device, dtype) for p in prompts]
+        image = cond.get("image_embeds")
+        image = None if image is None else image.to(device, dtype)
+
+        def forwards(timestep: float) -> list[tuple[str, dict[str, Any]]]:
+            t = torch.tensor([timestep], device=device)
+            t = token_mask * t if expand else t
+            return [
+                (
+                    branch,
+                    dict(
+                        hidden_states=model_input,
+                        timestep=t,
+                        encoder_hidden_states=prompt,
+                        encoder_hidden_states_image=image,
+                    ),
+                )
+                for branch, prompt in zip(("cond", "uncond"), prompts)
+            ]
+
+        return forwards
+
+    @classmethod
+    def pipeline_around(cls, transformer: torch.nn.Module):
+        """diffusers' pipeline of this family around ``transformer`` with the checkpoints' scheduler (TI2V: its
+        timestep per token), and no encoders or VAE (a denoising step's forwards and a training step's prediction
+        need none)."""
+        from diffusers import UniPCMultistepScheduler
+
+        scheduler = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+        )
+        expand = transformer.config.in_channels == transformer.config.out_channels
+        return WanImageToVideoPipeline(
+            tokenizer=None,
+            text_encoder=None,
+            vae=None,
+            scheduler=scheduler,
+            transformer=transformer,
+            expand_timesteps=expand,
+        )
 
     def transformers(self) -> list[torch.nn.Module]:
         return [t for t in (self.pipe.transformer, getattr(self.pipe, "transformer_2", None)) if t is not None]
