@@ -20,6 +20,7 @@ from fleximmt.models import FAMILIES, REGISTRY, SUPPORTED, adapters, pipeline_cl
 from fleximmt.toy.contract import contract_rows
 
 SRC = Path(fleximmt.__file__).parent
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 # a fifth family registered by one line: its module (Wan's adapter under another family name) and the line
 PROBE_MODULE = """
@@ -29,6 +30,7 @@ from fleximmt.models.wan import FlexiMMTWanPipeline, WanAdapter
 class ProbeAdapter(WanAdapter):
     family = "probe"
     stated_defaults = {"num_frames": 33, "height": 272}
+    true_sizes = {"probe-14b": WanAdapter.true_sizes["wan2.1"]}
 
 
 class FlexiMMTProbePipeline(FlexiMMTWanPipeline):
@@ -87,7 +89,7 @@ sys.meta_path.insert(0, OneMoreLine())
 PROBE_RUN = (
     ONE_MORE_LINE
     + """
-out, models, comfyui = sys.argv[3:6]
+out, models, comfyui, benchmarks = sys.argv[3:7]
 import fleximmt
 from fleximmt.apps.cli import build_parser
 from fleximmt.models import REGISTRY, SUPPORTED, family_name, pipeline_class
@@ -103,6 +105,12 @@ seen = {
     "display": fleximmt.FlexiMMTProbePipeline.adapter_class.display_name,
     "generate_help": help_of("generate"),
 }
+sys.path.insert(0, benchmarks)  # the benchmarks' --model choices (parsers built, no model run)
+import block, gpu
+
+choices = lambda parser: next(a for a in parser._actions if a.dest == "model").choices
+seen["bench_models"] = {"block": choices(block.build_parser()), "gpu": choices(gpu.build_parser())}
+seen["bench_family"] = gpu.CHECKPOINTS["probe-14b"][0].family
 if comfyui:  # the node pack's V3 nodes, from ComfyUI's source (comfy_api)
     sys.path.insert(0, comfyui)
     folder_paths = types.ModuleType("folder_paths")  # ComfyUI's, as the Load FlexiMMT model node reads it
@@ -149,7 +157,7 @@ def probe(tmp_path, comfyui: str = "") -> dict:
         (models / name).mkdir(parents=True)
         (models / name / "model_index.json").write_text(json.dumps({"_class_name": cls}))
     out = tmp_path / "seen.json"
-    run_probe(tmp_path, PROBE_RUN, str(out), str(models), comfyui)
+    run_probe(tmp_path, PROBE_RUN, str(out), str(models), comfyui, str(BENCHMARKS))
     return json.loads(out.read_text())
 
 
@@ -168,6 +176,10 @@ def test_a_family_registered_by_one_line_reaches_every_place_that_names_the_fami
     assert (
         "the image's aspect bucket for HunyuanVideo 1.5, 768 for LTX-2, 832 for Probe)" in seen["generate_help"]
     )  # --width
+    # the benchmarks' models: the probe's true size (declared in its module) beside every other family's
+    assert all("probe-14b" in models for models in seen["bench_models"].values())
+    assert all({"5b", "wan2.1", "hunyuan1.5", "ltx2"} < set(models) for models in seen["bench_models"].values())
+    assert seen["bench_family"] == "probe"
 
 
 def test_a_family_registered_by_one_line_gets_the_contract_suites_tests_from_its_tiny_module(tmp_path):
