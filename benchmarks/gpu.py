@@ -354,38 +354,6 @@ def first_block(adapter, transformer: torch.nn.Module) -> torch.nn.Module:
     return next(m for m in transformer.modules() if type(m).__name__ == kind)
 
 
-# -- memory.py's CogVideoX builders read these by name until they are derived from the adapters too (issue 32, item 6):
-# views of the registered adapters' true sizes, nothing declared here
-_COGVIDEOX = {name: true for name, (adapter, true) in CHECKPOINTS.items() if adapter.family == "cogvideox"}
-TRANSFORMER_CONFIGS = {name: true.config for name, true in _COGVIDEOX.items()}
-GEOMETRY = {name: true.size for name, true in _COGVIDEOX.items()}
-LTX2_TINY = CHECKPOINTS["ltx2"][1].tiny
-
-
-def config(model: str, **overrides) -> SimpleNamespace:
-    """The full CogVideoX transformer config: ``CogVideoXTransformer3DModel``'s defaults, then the checkpoint's values."""
-    adapter, true = CHECKPOINTS[model]
-    return full_config(adapter.transformer_class(), true.config, **overrides)
-
-
-def token_geometry(cfg, height: int, width: int, frames: int) -> dict:
-    """CogVideoX's geometry, its ``latent_shape`` with the VAE's 16 latent channels: (frames, 16, h, w)."""
-    geo = geometry(cfg, _COGVIDEOX["5b"].vae_scale, height, width, frames)
-    latent, h, w = geo["latent_shape"]
-    return {**geo, "latent_shape": (latent, 16, h, w)}
-
-
-def rotary(cfg, height: int, width: int, latent_frames: int, device="cpu"):
-    """diffusers' own 3D RoPE for this geometry (its pipeline's method, without a pipeline)."""
-    from diffusers import CogVideoXImageToVideoPipeline
-
-    spatial = _COGVIDEOX["5b"].vae_scale[0]
-    pipe = SimpleNamespace(vae_scale_factor_spatial=spatial, transformer=SimpleNamespace(config=cfg))
-    return CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings(
-        pipe, height, width, latent_frames, device
-    )
-
-
 @contextlib.contextmanager
 def _profiled(bench: Bench, name: str, on: bool):
     """With ``--profile DIR``: one more step under torch.profiler, its tables written to DIR/<name>.txt."""

@@ -35,51 +35,142 @@ import json
 import sys
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).parent))
-from block import (
-    HUNYUAN_CONFIGS,
-    HUNYUAN_NAMES,
-    HUNYUAN_TEXT,
-    LTX2_CONFIGS,
-    LTX2_FPS,
-    LTX2_GEOMETRY,
-    LTX2_NAMES,
-    LTX2_TEXT_TOKENS,
-    WAN_CONFIGS,
-    WAN_GEOMETRY,
-    WAN_IMAGE_TOKENS,
-    WAN_NAMES,
-    WAN_TEXT_TOKENS,
-    SavedBytes,
-    adapter_class,
-    attention_processors,
-    hunyuan_config,
-    hunyuan_geometry,
-    hunyuan_size,
-    hunyuan_text,
-    ltx2_config,
-    ltx2_geometry,
-    make_wan_block,
-    wan_config,
-    wan_geometry,
-    wan_rotary,
-)
-from gpu import (
-    GEOMETRY,
-    LTX2_TINY,
-    TRANSFORMER_CONFIGS,
-    moving_masks,
-    random_tokens,
-    rotary,
-    token_geometry,
-    word_members,
-)
-from gpu import config as transformer_config
+from block import SavedBytes, attention_processors
+from gpu import CHECKPOINTS, full_config, geometry, moving_masks, random_tokens, word_members
+
+from fleximmt.models import adapter_class
+
+
+# -- each family's names, configs and sizes as the builders below read them: views of the registered adapters'
+# true sizes (ModelAdapter.true_sizes), nothing declared here
+def family_sizes(family: str) -> dict:
+    """The true sizes the registered ``family``'s adapter declares, by name."""
+    return {name: true for name, (adapter, true) in CHECKPOINTS.items() if adapter.family == family}
+
+
+_COGVIDEOX = family_sizes("cogvideox")
+TRANSFORMER_CONFIGS = {name: true.config for name, true in _COGVIDEOX.items()}
+GEOMETRY = {name: true.size for name, true in _COGVIDEOX.items()}
+_WAN, _HUNYUAN, _LTX2 = family_sizes("wan"), family_sizes("hunyuanvideo15"), family_sizes("ltx2")
+WAN_CONFIGS = {name: true.config for name, true in _WAN.items()}
+WAN_GEOMETRY = {name: true.size for name, true in _WAN.items()}
+WAN_NAMES = {name: true.name for name, true in _WAN.items()}
+WAN_TEXT_TOKENS, WAN_IMAGE_TOKENS = _WAN["wan2.1"].text["prompt"], _WAN["wan2.1"].text["image"]
+HUNYUAN_CONFIGS = {name: true.config for name, true in _HUNYUAN.items()}
+HUNYUAN_NAMES = {name: true.name for name, true in _HUNYUAN.items()}
+HUNYUAN_TEXT = {k: _HUNYUAN["hunyuan1.5"].text[k] for k in ("image", "glyph", "prompt")}
+LTX2_CONFIGS = {name: true.config for name, true in _LTX2.items()}
+LTX2_NAMES = {name: true.name for name, true in _LTX2.items()}
+LTX2_GEOMETRY, LTX2_TEXT_TOKENS = _LTX2["ltx2"].size, _LTX2["ltx2"].text["prompt"]
+LTX2_FPS = 24.0  # LTX2ImageToVideoPipeline's default frame rate (fleximmt.models.ltx2.FPS)
+
+
+def model_config(model: str, **overrides) -> SimpleNamespace:
+    """A checkpoint's full transformer config: its class's defaults, then the checkpoint's values, then ``overrides``."""
+    adapter, true = CHECKPOINTS[model]
+    return full_config(adapter.transformer_class(), true.config, **overrides)
+
+
+wan_config = hunyuan_config = ltx2_config = transformer_config = model_config
+
+
+def wan_geometry(model: str, cfg, height: int, width: int, frames: int) -> dict:
+    return geometry(cfg, _WAN[model].vae_scale, height, width, frames)
+
+
+def hunyuan_geometry(cfg, height: int, width: int, frames: int) -> dict:
+    return geometry(cfg, _HUNYUAN["hunyuan1.5"].vae_scale, height, width, frames)
+
+
+def ltx2_geometry(cfg, height: int, width: int, frames: int) -> dict:
+    """The geometry and the audio tokens of the video's length (the audio stream's latents a forward takes)."""
+    from fleximmt.models.ltx2 import AUDIO_PER_SECOND, FPS
+
+    geo = geometry(cfg, _LTX2["ltx2"].vae_scale, height, width, frames)
+    geo["audio_tokens"] = round(frames / FPS * AUDIO_PER_SECOND)
+    return geo
+
+
+def hunyuan_size(cfg) -> tuple[int, int, int]:
+    return _HUNYUAN["hunyuan1.5"].size
+
+
+def hunyuan_text(valid_prompt: int, valid_glyphs: int = 0, lengths: dict = HUNYUAN_TEXT):
+    """One row's text form and its bool ``[L]`` attention mask as the transformer's forward lays the text out."""
+    from fleximmt.method.tokens import TextKeys
+
+    offset = lengths["image"] + valid_glyphs
+    mask = torch.zeros(sum(lengths.values()), dtype=torch.bool)
+    mask[: offset + valid_prompt] = True
+    return TextKeys(offset, offset + valid_prompt), mask
+
+
+def make_wan_block(cfg, dtype: torch.dtype, seed: int = 0):
+    """One block as ``WanTransformer3DModel.__init__`` builds it, random weights, frozen."""
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    torch.manual_seed(seed)
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    block = WanTransformerBlock(
+        dim, cfg.ffn_dim, cfg.num_attention_heads, cfg.qk_norm, cfg.cross_attn_norm, cfg.eps, cfg.added_kv_proj_dim
+    )
+    return block.to(dtype).eval().requires_grad_(False)
+
+
+def make_block(cfg, dtype: torch.dtype, seed: int = 0):
+    """One block as ``CogVideoXTransformer3DModel.__init__`` builds it, random weights, frozen."""
+    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+
+    torch.manual_seed(seed)
+    block = CogVideoXBlock(
+        dim=cfg.num_attention_heads * cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        attention_head_dim=cfg.attention_head_dim,
+        time_embed_dim=cfg.time_embed_dim,
+        dropout=cfg.dropout,
+        activation_fn=cfg.activation_fn,
+        attention_bias=cfg.attention_bias,
+        norm_elementwise_affine=cfg.norm_elementwise_affine,
+        norm_eps=cfg.norm_eps,
+    )
+    return block.to(dtype).eval().requires_grad_(False)
+
+
+def wan_rotary(cfg, latent_shape: tuple[int, int, int]):
+    """The transformer's own ``WanRotaryPosEmbed`` for this latent video, in float32."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    rope = WanRotaryPosEmbed(cfg.attention_head_dim, cfg.patch_size, cfg.rope_max_seq_len).float()
+    return rope(torch.empty(1, 1, *latent_shape, device="meta"))  # only its shape is read
+
+
+LTX2_TINY = CHECKPOINTS["ltx2"][1].tiny
+
+
+def token_geometry(cfg, height: int, width: int, frames: int) -> dict:
+    """CogVideoX's geometry, its ``latent_shape`` with the VAE's 16 latent channels: (frames, 16, h, w)."""
+    geo = geometry(cfg, _COGVIDEOX["5b"].vae_scale, height, width, frames)
+    latent, h, w = geo["latent_shape"]
+    return {**geo, "latent_shape": (latent, 16, h, w)}
+
+
+def rotary(cfg, height: int, width: int, latent_frames: int, device="cpu"):
+    """diffusers' own 3D RoPE for this geometry (its pipeline's method, without a pipeline)."""
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    spatial = _COGVIDEOX["5b"].vae_scale[0]
+    pipe = SimpleNamespace(vae_scale_factor_spatial=spatial, transformer=SimpleNamespace(config=cfg))
+    return CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings(
+        pipe, height, width, latent_frames, device
+    )
+
 
 GiB, MiB = 2**30, 2**20
 BF16 = torch.bfloat16
@@ -412,7 +503,6 @@ def validate() -> dict[str, float]:
     from diffusers import AutoencoderKLCogVideoX
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from block import make_block
 
     torch.manual_seed(0)
     vae = AutoencoderKLCogVideoX(block_out_channels=(32, 32, 32, 32), norm_num_groups=8, layers_per_block=1)
