@@ -373,14 +373,30 @@ def measure_peak(fn, fused: bool = True, counter: type = LiveBytes, grad: bool =
 
 def meta_models():
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from diffusers import AutoencoderKLCogVideoX
     from transformers import T5Config, T5EncoderModel
 
+    transformer = meta_transformer("5b")
     with init_empty_weights(include_buffers=True):
-        transformer = CogVideoXTransformer3DModel(**TRANSFORMER_CONFIGS["5b"]).to(BF16)
         vae = AutoencoderKLCogVideoX(**VAE_5B).to(BF16)
         text_encoder = T5EncoderModel(T5Config(**T5_XXL)).to(BF16)
     return transformer, vae, text_encoder
+
+
+def meta_transformer(model: str) -> torch.nn.Module:
+    """A checkpoint's transformer (its family's class, its true-size config) on the meta device in bf16, the class's
+    ``_keep_in_fp32_modules`` parameters in float32 (as ``from_pretrained(torch_dtype=torch.bfloat16)`` keeps them),
+    frozen as train_motion freezes it."""
+    from accelerate import init_empty_weights
+
+    adapter, true = CHECKPOINTS[model]
+    with init_empty_weights(include_buffers=True):
+        transformer = adapter.transformer_class()(**true.config).to(BF16).requires_grad_(False)
+    keep = transformer._keep_in_fp32_modules or ()
+    for name, param in transformer.named_parameters():
+        if any(k in name.split(".") for k in keep):
+            param.data = param.data.float()
+    return transformer
 
 
 def param_bytes(module) -> int:
@@ -594,16 +610,16 @@ def block_figures(path: Path | None) -> dict:
 # -- Wan 2.1 I2V 14B (480P) and Wan 2.2 TI2V-5B ---------------------------------------------------
 def wan_meta_models(model: str) -> dict:
     """The real configs on the meta device in bf16, as ``from_pretrained(torch_dtype=torch.bfloat16)``
-    leaves them: the transformer's ``_keep_in_fp32_modules`` parameters in float32, and RoPE's
-    non-persistent buffers in the float64 its ``__init__`` makes (no state dict sets them)."""
+    leaves them: the transformer's ``_keep_in_fp32_modules`` parameters in float32 (``meta_transformer``), and
+    RoPE's non-persistent buffers in float64 (as the tables have always counted them; diffusers 0.42.1's
+    ``get_1d_rotary_pos_embed`` returns them as float32 after computing in float64, so the RoPE rows may be
+    counted high by a few MiB)."""
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     with init_empty_weights(include_buffers=True):
-        transformer = WanTransformer3DModel(**WAN_CONFIGS[model]).to(BF16)
         models = {
-            "transformer": transformer,
             "vae": AutoencoderKLWan(**WAN_VAES[model]).to(BF16),
             "text_encoder": UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(BF16),
         }
@@ -611,12 +627,9 @@ def wan_meta_models(model: str) -> dict:
             models["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H14)).to(BF16)
     for module in models.values():
         module.requires_grad_(False)  # as train_motion freezes them
-    keep = transformer._keep_in_fp32_modules
-    for name, param in transformer.named_parameters():
-        if any(k in name.split(".") for k in keep):
-            param.data = param.data.float()
+    transformer = meta_transformer(model)
     transformer.rope.double()
-    return models
+    return {"transformer": transformer, **models}
 
 
 def family_state(
@@ -1157,7 +1170,7 @@ class KnownMasks(TorchDispatchMode):
 def hunyuan_meta_models() -> dict:
     """The real configs on the meta device in bf16 (``from_pretrained(torch_dtype=torch.bfloat16)``), frozen."""
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
+    from diffusers import AutoencoderKLHunyuanVideo15
     from transformers import (
         Qwen2_5_VLTextConfig,
         Qwen2_5_VLTextModel,
@@ -1169,7 +1182,6 @@ def hunyuan_meta_models() -> dict:
 
     with init_empty_weights(include_buffers=True):
         models = {
-            "transformer": HunyuanVideo15Transformer3DModel(**HUNYUAN_CONFIGS["hunyuan1.5"]).to(BF16),
             "vae": AutoencoderKLHunyuanVideo15().to(BF16),
             "text_encoder": Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**QWEN25_VL_7B_TEXT)).to(BF16),
             "text_encoder_2": T5EncoderModel(T5Config(**BYT5_GLYPH)).to(BF16),
@@ -1177,7 +1189,7 @@ def hunyuan_meta_models() -> dict:
         }
     for module in models.values():
         module.requires_grad_(False)  # as train_motion freezes them
-    return models
+    return {"transformer": meta_transformer("hunyuan1.5"), **models}
 
 
 def hunyuan_inputs(cfg, size, lengths=HUNYUAN_TEXT, valid_text: int = HUNYUAN_VALID_TEXT, device="meta", dtype=BF16):
@@ -2034,7 +2046,7 @@ LTX2_TRAIN_FRAMES = (121, 97, 49, 25)
 def ltx2_meta_models() -> dict:
     """The real configs on the meta device in bf16 (``from_pretrained(torch_dtype=torch.bfloat16)``), frozen."""
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, LTX2VideoTransformer3DModel
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
     from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
@@ -2046,7 +2058,6 @@ def ltx2_meta_models() -> dict:
             mm_tokens_per_image=256,
         )
         models = {
-            "transformer": LTX2VideoTransformer3DModel(**LTX2_CONFIGS["ltx2"]).to(BF16),
             "vae": AutoencoderKLLTX2Video(**LTX2_VAE).to(BF16),
             "audio_vae": AutoencoderKLLTX2Audio().to(BF16),
             "vocoder": LTX2Vocoder().to(BF16),
@@ -2055,7 +2066,7 @@ def ltx2_meta_models() -> dict:
         }
     for module in models.values():
         module.requires_grad_(False)  # as train_motion freezes them
-    return models
+    return {"transformer": meta_transformer("ltx2"), **models}
 
 
 def ltx2_inputs(cfg, size, batch: int, device="meta", dtype=BF16) -> dict:
