@@ -46,6 +46,7 @@ from block import SavedBytes, attention_processors
 from gpu import CHECKPOINTS, full_config, geometry, moving_masks, random_tokens, word_members
 
 from fleximmt.models import adapter_class
+from fleximmt.models.ltx2 import AUDIO_PER_SECOND, FPS
 
 
 # -- each family's names, configs and sizes as the builders below read them: views of the registered adapters'
@@ -69,7 +70,7 @@ HUNYUAN_TEXT = {k: _HUNYUAN["hunyuan1.5"].text[k] for k in ("image", "glyph", "p
 LTX2_CONFIGS = {name: true.config for name, true in _LTX2.items()}
 LTX2_NAMES = {name: true.name for name, true in _LTX2.items()}
 LTX2_GEOMETRY, LTX2_TEXT_TOKENS = _LTX2["ltx2"].size, _LTX2["ltx2"].text["prompt"]
-LTX2_FPS = 24.0  # LTX2ImageToVideoPipeline's default frame rate (fleximmt.models.ltx2.FPS)
+LTX2_FPS = FPS
 
 
 def model_config(model: str, **overrides) -> SimpleNamespace:
@@ -91,10 +92,8 @@ def hunyuan_geometry(cfg, height: int, width: int, frames: int) -> dict:
 
 def ltx2_geometry(cfg, height: int, width: int, frames: int) -> dict:
     """The geometry and the audio tokens of the video's length (the audio stream's latents a forward takes)."""
-    from fleximmt.models.ltx2 import AUDIO_PER_SECOND, FPS
-
     geo = geometry(cfg, _LTX2["ltx2"].vae_scale, height, width, frames)
-    geo["audio_tokens"] = round(frames / FPS * AUDIO_PER_SECOND)
+    geo["audio_tokens"] = round(frames / LTX2_FPS * AUDIO_PER_SECOND)
     return geo
 
 

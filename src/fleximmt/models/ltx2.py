@@ -58,7 +58,8 @@ FRAMES_WITHOUT_DURATION_HEAD = 121
 SIZE_MULTIPLE = 32  # diffusers' check_inputs refuses other heights and widths, whatever the VAE
 # diffusers' calculate_shift defaults when the scheduler's config has none (the pipeline's step 5)
 SHIFT_DEFAULTS = {"base_image_seq_len": 1024, "max_image_seq_len": 4096, "base_shift": 0.95, "max_shift": 2.05}
-FPS, AUDIO_PER_SECOND = 24.0, 16000 / 160 / 4  # the pipeline's default frame rate; the audio VAE's latents a second
+FPS = inspect.signature(LTX2ImageToVideoPipeline.__call__).parameters["frame_rate"].default  # diffusers': 24
+AUDIO_PER_SECOND = 16000 / 160 / 4  # the audio VAE's latents a second: 16 kHz, hop 160, 4x temporal compression
 STG_BLOCK = 28  # the pipeline's default spatio_temporal_guidance_blocks=[28]
 TRUE_SIZES = {
     # Lightricks/LTX-2 (19B): the 2.0 transformer config diffusers' scripts/convert_ltx2_to_diffusers.py writes (it
