@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).parent))
 from block import SavedBytes, attention_processors
-from gpu import CHECKPOINTS, full_config, geometry, moving_masks, random_tokens, word_members
+from gpu import CHECKPOINTS, TINY_GEOMETRY, full_config, geometry, moving_masks, word_members
 
 from fleximmt.models import adapter_class
 from fleximmt.models.ltx2 import AUDIO_PER_SECOND, FPS
@@ -99,16 +99,6 @@ def ltx2_geometry(cfg, height: int, width: int, frames: int) -> dict:
 
 def hunyuan_size(cfg) -> tuple[int, int, int]:
     return _HUNYUAN["hunyuan1.5"].size
-
-
-def hunyuan_text(valid_prompt: int, valid_glyphs: int = 0, lengths: dict = HUNYUAN_TEXT):
-    """One row's text form and its bool ``[L]`` attention mask as the transformer's forward lays the text out."""
-    from fleximmt.method.tokens import TextKeys
-
-    offset = lengths["image"] + valid_glyphs
-    mask = torch.zeros(sum(lengths.values()), dtype=torch.bool)
-    mask[: offset + valid_prompt] = True
-    return TextKeys(offset, offset + valid_prompt), mask
 
 
 def make_wan_block(cfg, dtype: torch.dtype, seed: int = 0):
@@ -382,15 +372,15 @@ def meta_models():
     return transformer, vae, text_encoder
 
 
-def meta_transformer(model: str) -> torch.nn.Module:
-    """A checkpoint's transformer (its family's class, its true-size config) on the meta device in bf16, the class's
-    ``_keep_in_fp32_modules`` parameters in float32 (as ``from_pretrained(torch_dtype=torch.bfloat16)`` keeps them),
-    frozen as train_motion freezes it."""
+def meta_transformer(model: str, config: dict | None = None) -> torch.nn.Module:
+    """A checkpoint's transformer (its family's class, its true-size config or ``config``) on the meta device in bf16,
+    the class's ``_keep_in_fp32_modules`` parameters in float32 (as ``from_pretrained(torch_dtype=torch.bfloat16)``
+    keeps them), frozen as train_motion freezes it."""
     from accelerate import init_empty_weights
 
     adapter, true = CHECKPOINTS[model]
     with init_empty_weights(include_buffers=True):
-        transformer = adapter.transformer_class()(**true.config).to(BF16).requires_grad_(False)
+        transformer = adapter.transformer_class()(**(config or true.config)).to(BF16).requires_grad_(False)
     keep = transformer._keep_in_fp32_modules or ()
     for name, param in transformer.named_parameters():
         if any(k in name.split(".") for k in keep):
@@ -417,63 +407,41 @@ def layout_tensors(layout) -> dict[str, torch.Tensor]:
     return {name: t for name, t in tensors.items() if t is not None}
 
 
+def move_layout(layout, device="meta") -> None:
+    """Move one layout's tensors onto ``device``."""
+    for name, t in layout_tensors(layout).items():
+        setattr(layout, name, t.to(device))
+    layout.groups = [g._replace(queries=g.queries.to(device), keys=g.keys.to(device)) for g in layout.groups]
+
+
 def meta_layout(state, device="meta") -> None:
     """Move a state's step layouts (built on the CPU from real masks), words and tokens onto ``device``."""
     slot = state.videos[0]
     slot.motion_tokens = slot.motion_tokens.to(device)
     slot.member = slot.member.to(device)
     for layout in step_layouts(state):
-        for name, t in layout_tensors(layout).items():
-            setattr(layout, name, t.to(device))
-        layout.groups = [g._replace(queries=g.queries.to(device), keys=g.keys.to(device)) for g in layout.groups]
+        move_layout(layout, device)
 
 
-def transformer_step_peak(transformer, objects: int, d_m: int, batch: int = 2) -> int:
-    """One denoising step's transformer call with CFG (batch 2) on meta, diffusers' attention (K = 0)
-    or FlexiMMT with K objects (auto backend, RMPM features captured in the first 30 blocks)."""
-    from fleximmt.method.attention import motion_state_for
-    from fleximmt.models.cogvideox import FlexiMMTAttnProcessor
+def layouts_on_meta(state) -> None:
+    """A state whose tensors are on meta, its layouts built as the processors build them (the step's now; one per
+    row's text form at its first use) from the masks' and words' values, which stay on the CPU, then moved."""
+    layouts = state.layouts
+    members = [motions.member for motions in layouts.videos]  # on the CPU, before meta_layout moves them
+    build = layouts.build
+    meta_layout(state)
 
-    cfg = transformer_config("5b")
-    height, width, frames = GEOMETRY["5b"]
-    geo = token_geometry(cfg, height, width, frames)
-    latent_frames, channels, h, w = geo["latent_shape"]
-    x = torch.empty(batch, latent_frames, 2 * channels, h, w, device="meta", dtype=BF16)
-    text = torch.empty(batch, cfg.max_text_seq_length, cfg.text_embed_dim, device="meta", dtype=BF16)
-    rot = tuple(r.to("meta") for r in rotary(cfg, height, width, latent_frames))
-    kwargs = None
-    if objects:
-        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+    def build_on_cpu(video, video_masks, text, text_len, per_block):
+        motions = layouts.videos[video]
+        on_meta, motions.member = motions.member, members[video]
+        try:
+            layout = build(video, video_masks, text, text_len, per_block)
+        finally:
+            motions.member = on_meta
+        move_layout(layout)
+        return layout
 
-        member, _ = word_members(objects, cfg.max_text_seq_length)
-        dim = cfg.num_attention_heads * cfg.attention_head_dim
-        tokens = random_tokens(objects, cfg.num_layers, d_m, dim).to(BF16)
-        state = motion_state_for(
-            tokens, member, form="joint", num_frames=geo["grid"][0], feature_blocks=frozenset(range(30))
-        )
-        state.set_video_masks(moving_masks(objects, geo["grid"]))
-        state.rows.begin_forward([0, 0], [1])
-        meta_layout(state)
-        for i, block in enumerate(transformer.transformer_blocks):
-            block.attn1.set_processor(FlexiMMTAttnProcessor(i))
-        kwargs = {"fleximmt": state}
-    else:
-        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
-
-        transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
-
-    def run():
-        return transformer(
-            hidden_states=x,
-            encoder_hidden_states=text,
-            timestep=torch.full((batch,), 500, device="meta"),
-            image_rotary_emb=rot,
-            attention_kwargs=kwargs,
-            return_dict=False,
-        )[0]
-
-    peak = measure_peak(run)
-    return peak + (state_bytes(state) if objects else 0)  # what lives on the device through the call: tokens, layout
+    layouts.build = build_on_cpu
 
 
 def vae_peaks(vae) -> dict[str, int]:
@@ -606,6 +574,318 @@ def block_figures(path: Path | None) -> dict:
     return out
 
 
+# -- every family's transformer, run as its pipeline runs it --------------------------------------------
+class KnownMasks(TorchDispatchMode):
+    """Lets HunyuanVideo 1.5's transformer forward run on meta tensors. The forward selects each row's valid
+    image, glyph and prompt tokens with its bool masks (``text[text_mask]``: a shape that depends on the
+    masks' values) and tests ``torch.all(image_embeds == 0)`` (text-to-video). Here the masks' True counts
+    are given (``counts``: mask -> count, one row each) and followed through the ops the forward makes of
+    them (negation, the image mask made of ones), a bool selection by a mask of known count becomes the
+    index of as many rows, and the image test reads False (an image is given)."""
+
+    def __init__(self, counts: dict[torch.Tensor, int]):
+        super().__init__()
+        self.counts = {mask.untyped_storage()._cdata: count for mask, count in counts.items()}
+        for mask in counts:
+            if mask.dim() != 2 or mask.shape[0] != 1:
+                raise ValueError(f"KnownMasks follows one row per mask, got {tuple(mask.shape)}")
+
+    def _count(self, t: torch.Tensor) -> int:
+        key = t.untyped_storage()._cdata
+        if key not in self.counts:
+            raise NotImplementedError(f"a bool selection by a mask of unknown count, shape {tuple(t.shape)}")
+        return self.counts[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default and args[0].is_meta:
+            return False  # torch.all(image_embeds == 0): an image is given
+        if func is aten.index.Tensor and any(i is not None and i.is_meta and i.dtype == torch.bool for i in args[1]):
+            indices = [
+                torch.empty(self._count(i), dtype=torch.long, device="meta")
+                if i is not None and i.dtype == torch.bool
+                else i
+                for i in args[1]
+            ]
+            out = func(args[0], indices)
+        else:
+            out = func(*args, **kwargs)
+        # masks are bool or, as the pipeline hands them over, int64 (made bool in the forward): follow both
+        if isinstance(out, torch.Tensor) and out.is_meta and not (out.is_floating_point() or out.is_complex()):
+            key = out.untyped_storage()._cdata
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            known = source is not None and source.untyped_storage()._cdata in self.counts
+            if func in (aten.bitwise_not.default, aten.logical_not.default) and known:
+                self.counts[key] = source.numel() - self._count(source)
+            elif func in (aten.ones.default, aten.new_ones.default):
+                self.counts[key] = out.numel()
+            elif func in (aten.zeros.default, aten.new_zeros.default):
+                self.counts[key] = 0
+            elif func is aten._to_copy.default and known:
+                self.counts[key] = self._count(source)
+        return out
+
+
+class MetaRun:
+    """A checkpoint's transformer (``meta_transformer``; or ``transformer``, e.g. a small one on the CPU for
+    ``--validate``) run as its family's pipeline runs it: a denoising step's forwards, or a training step's forward
+    and backward, with the inputs the family's adapter draws for them (``ModelAdapter.random_forwards``, drawn on the
+    CPU and moved onto ``device``), diffusers' attention or FlexiMMT's as the adapter installs and attaches it (its
+    forward hook reading the inputs' values, which meta tensors lack, from the CPU draws; the state's layouts built
+    from the masks' values on the CPU, ``layouts_on_meta``). Every family's step and training peaks come from here:
+    a family's adapter module that declares its true sizes is counted with no line of this file naming it."""
+
+    def __init__(self, model: str, transformer=None, text: dict | None = None, device="meta", dtype=BF16):
+        from fleximmt.models.shared import SlotAdapter
+
+        self.adapter_class, self.true = CHECKPOINTS[model]
+        self.transformer = meta_transformer(model) if transformer is None else transformer
+        self.cfg, self.device, self.dtype = self.transformer.config, device, dtype
+        self.text = dict(text or self.true.text)
+        self.adapter = self.adapter_class(SimpleNamespace(transformer=self.transformer))
+        self.slots = isinstance(self.adapter, SlotAdapter)
+        if not hasattr(self.transformer, "_diffusers_processors"):  # as the transformer was built: diffusers' own
+            self.transformer._diffusers_processors = dict(self.transformer.attn_processors)
+
+    def geometry(self, size) -> dict:
+        return geometry(self.cfg, self.true.vae_scale, *size)
+
+    def forwards(self, size, guidance: bool) -> list[tuple[str, dict]]:
+        """The forwards of one step (with the pipeline's default guidance, or without: a training step's one) of a
+        ``size`` video at timestep 500, their inputs on the CPU."""
+        latent = self.geometry(size)["latent_shape"]
+        gen = torch.Generator().manual_seed(0)
+        draw = self.adapter_class.random_forwards(self.cfg, size, latent, self.text, guidance, gen, "cpu", self.dtype)
+        return draw(500.0)
+
+    def placed(self, values: dict) -> tuple[dict, dict]:
+        """A forward's inputs on the run's device, and (on meta) the True counts of its one-row masks
+        (``KnownMasks``)."""
+        if self.device != "meta":
+            return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in values.items()}, {}
+        inputs, counts = {}, {}
+        for name, value in values.items():
+            if isinstance(value, (tuple, list)) and value and all(torch.is_tensor(v) for v in value):
+                value = type(value)(v.to("meta") for v in value)
+            elif torch.is_tensor(value):
+                moved = value.to("meta")
+                if value.dim() == 2 and value.shape[0] == 1 and not value.is_floating_point():
+                    counts[moved] = int(value.bool().sum())
+                value = moved
+            inputs[name] = value
+        return inputs, counts
+
+    def state(self, objects: int, d_m: int, size, training: bool = False):
+        """A FlexiMMT state for one video as the family's adapter sets one up (its settings and MDMA parts, its rows
+        of a call with the pipeline's guidance): K objects' motion tokens ``[K, 1, blocks, d_m, dim]`` (bf16; in
+        training one object's float32 tokens taking gradients, the training parts, no RMPM features), their words
+        among the prompt's tokens, the step's masks (moving ellipses) and RMPM's features over the family's share of
+        the blocks. In training the MDMA layout is one static object mask in place of DMEM's, which are drawn from
+        the block's own scores and cannot be on meta: they are computed without gradients and only decide which
+        queries form each group."""
+        from fleximmt.method.attention import motion_state_for
+        from fleximmt.training.train import TRAIN_PARTS
+
+        adapter, cfg = self.adapter_class, self.cfg
+        layers, dim = cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim
+        grid = self.geometry(size)["grid"]
+        member, _ = word_members(objects, self.text["prompt"])
+        shape, dtype = (objects, 1, layers, d_m, dim), torch.float32 if training else BF16
+        tokens = (
+            torch.empty(shape, device="meta", dtype=dtype)
+            if self.device == "meta"
+            else torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype) * dim**-0.5
+        )
+        state = motion_state_for(
+            tokens,
+            member,
+            **adapter.state_settings(),
+            parts=frozenset(TRAIN_PARTS & set(adapter.parts) if training else adapter.parts),
+            num_frames=grid[0],
+            feature_blocks=frozenset(() if training else feature_share_blocks(adapter.family, layers)),
+            # the rows of a call with the pipeline's default guidance; training's state declares none (train.py's)
+            **({} if training else {"rows": adapter(None).batch_rows({"guidance_scale": 6.0}, 1)}),
+        )
+        state.set_video_masks(moving_masks(objects, grid))
+        if self.device == "meta":
+            layouts_on_meta(state)
+        if training:
+            state.videos[0].motion_tokens.requires_grad_(True)
+        return state
+
+    def use(self, state) -> None:
+        """diffusers' attention (state None) or the family's FlexiMMT processors."""
+        if state is None:
+            self.transformer.set_attn_processor(dict(self.transformer._diffusers_processors))
+        else:
+            self.adapter.install_processors()
+
+    def peak(self, state, size, guidance: bool = True, grad: bool = False, checkpointing: bool = False) -> int:
+        """Peak bytes of the largest forward of the step (``grad``: a training step's forward + backward, gradients to
+        the motion tokens, or with diffusers' attention to the input latents; a loss on the output), plus what the
+        state keeps on the device through the call (in training, less the tokens: the optimiser's stacked copy)."""
+        self.use(state)
+        attached = self.adapter.attach(state, {}) if state is not None else contextlib.nullcontext({})
+        if checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        drawn: dict = {}
+        if self.slots:  # the adapter's forward hook reads the CPU draws: meta tensors have no values
+            hook = type(self.adapter).before_forward
+            self.adapter.before_forward = lambda state, slot, transformer, args, kwargs: hook(
+                self.adapter, state, slot, transformer, (), drawn
+            )
+        peaks = []
+        try:
+            with attached as call:
+                extra = {"attention_kwargs": call["attention_kwargs"]} if "attention_kwargs" in call else {}
+                for _, values in self.forwards(size, guidance):
+                    drawn.clear()
+                    drawn.update(values)
+                    peaks.append(self.forward_peak(values, extra, grad and state is None, grad))
+        finally:
+            self.transformer.disable_gradient_checkpointing()
+            vars(self.adapter).pop("before_forward", None)
+        return max(peaks) + (state_bytes(state, tokens=not grad) if state is not None else 0)
+
+    def forward_peak(self, values: dict, extra: dict, input_grad: bool, grad: bool) -> int:
+        """Peak bytes of one forward of ``values`` (and with ``grad`` its backward from a loss on the output; gradients
+        to the input latents too with ``input_grad``)."""
+        inputs, counts = self.placed(values)
+        if input_grad:
+            inputs["hidden_states"].requires_grad_(True)
+
+        def run():
+            with KnownMasks(counts) if self.device == "meta" else contextlib.nullcontext():
+                out = self.transformer(**inputs, **extra, return_dict=False)[0]
+                if not grad:
+                    return out
+                out.float().pow(2).mean().backward()  # the loss's own tensors are latents-sized
+                return None
+
+        return measure_peak(run, counter=StorageBytes, grad=grad)
+
+    def step_peak(self, objects: int, d_m: int, size=None) -> int:
+        """A denoising step's largest forward with the pipeline's default guidance: diffusers' attention (K = 0) or
+        FlexiMMT with K objects, RMPM's features captured where the pipeline captures them."""
+        size = size or self.true.size
+        return self.peak(self.state(objects, d_m, size) if objects else None, size)
+
+    def training_peak(self, flexi: bool, d_m: int, checkpointing: bool, size=None) -> int:
+        """A motion-training step's forward + backward (batch 1, weights frozen; gradients to one object's float32
+        motion tokens, or for diffusers' attention, the plain reference, to the input latents)."""
+        size = size or self.true.size
+        state = self.state(1, d_m, size, training=True) if flexi else None
+        return self.peak(state, size, guidance=False, grad=True, checkpointing=checkpointing)
+
+
+def validate_family(model: str) -> dict[str, float]:
+    """``MetaRun``'s count on meta against the same run on the CPU: the checkpoint's family's tiny transformer (its true
+    size's ``tiny`` config and text, ``gpu.py --tiny``'s video) through a training step's forward + backward with
+    gradient checkpointing, diffusers' attention and FlexiMMT's (random values and real masks on the CPU; SDPA as the
+    fused kernels allocate in both). Returns the ratios (meta / CPU)."""
+    adapter, true = CHECKPOINTS[model]
+    values = adapter.config_at({**true.config, **true.tiny}, TINY_GEOMETRY, true.vae_scale)
+    ratios = {}
+    for flexi in (False, True):
+        peaks = {}
+        for device in ("cpu", "meta"):
+            torch.manual_seed(0)
+            with torch.device(device):
+                transformer = adapter.transformer_class()(**values).requires_grad_(False)
+            run = MetaRun(model, transformer, true.text_of(True), device, torch.float32)
+            peaks[device] = run.training_peak(flexi, 8, True, TINY_GEOMETRY)
+        cfg, geo = run.cfg, run.geometry(TINY_GEOMETRY)
+        name = f"{true.name} forward + backward, {'FlexiMMT' if flexi else 'diffusers'}"
+        print(
+            f"validate {name} (tiny: {cfg.num_layers} blocks, {cfg.num_attention_heads * cfg.attention_head_dim} wide, "
+            f"{geo['video_tokens']} video tokens): meta {peaks['meta'] / MiB:.3f} MiB, CPU {peaks['cpu'] / MiB:.3f} MiB, "
+            f"ratio {peaks['meta'] / peaks['cpu']:.3f}"
+        )
+        ratios[name] = peaks["meta"] / peaks["cpu"]
+    return ratios
+
+
+def amount(size: int) -> str:
+    """Bytes as a table shows them: GiB, or MiB below one GiB (a tiny model's)."""
+    return f"{size / GiB:.2f} GiB" if size >= GiB else f"{size / MiB:.1f} MiB"
+
+
+def transformer_report(model: str, args) -> dict:
+    """What every registered checkpoint gets with no line of this file naming its family (``--model`` takes each one
+    its adapter declares): its transformer's parameters, the meta peaks of a denoising step (diffusers' attention and
+    FlexiMMT with K objects) and of a training step, and the rows the transformer decides: its weights and its peak,
+    the transformer's phase under ``enable_model_cpu_offload()``, and training's steps with the encoders and VAE
+    offloaded after caching. Its encoders and VAE are not counted (the families below whose reports count them: Wan,
+    HunyuanVideo 1.5, LTX-2, and CogVideoX-5B). ``--tiny``: the checkpoint's tiny config at ``gpu.py --tiny``'s video (a
+    dry run)."""
+    adapter, true = CHECKPOINTS[model]
+    size = TINY_GEOMETRY if args.tiny else true.size
+    values = adapter.config_at({**true.config, **(true.tiny if args.tiny else {})}, size, true.vae_scale)
+    transformer = meta_transformer(model, values)
+    run = MetaRun(model, transformer, true.text_of(args.tiny))
+    weights, count = param_bytes(transformer), sum(p.numel() for p in transformer.parameters())
+    cfg = transformer.config
+    num_tokens = cfg.num_layers * args.tokens * cfg.num_attention_heads * cfg.attention_head_dim
+    optim = num_tokens * 4 * 4 + num_tokens * 4  # float32 tokens, gradients, AdamW's two moments, the stacked copy
+    step_plain = run.step_peak(0, args.tokens, size)
+    step_flexi = run.step_peak(args.objects, args.tokens, size)
+    train = {
+        (kind, ckpt): run.training_peak(kind == "flexi", args.tokens, ckpt, size)
+        for kind in ("plain", "flexi")
+        for ckpt in (True, False)
+    }
+    height, width, frames = size
+    print(
+        f"\n== {true.name}, {height}x{width}x{frames}{' (tiny)' if args.tiny else ''} ==\nparameters (meta device): "
+        f"transformer {count / 1e9:.3f}B ({amount(weights)}); a step's largest forward: diffusers "
+        f"{amount(step_plain)}, FlexiMMT K = {args.objects} {amount(step_flexi)} "
+        f"({step_flexi / step_plain:.3f}x); training forward + backward: "
+        + ", ".join(f"{k} {'ckpt' if c else 'no ckpt'} {amount(v)}" for (k, c), v in train.items())
+    )
+    rows = [
+        (
+            "inference, diffusers, the transformer's phase",
+            weights + step_plain,
+            "its weights + the step's largest forward",
+        ),
+        (f"inference, FlexiMMT K={args.objects}, the transformer's phase", weights + step_flexi, "as above, FlexiMMT"),
+        (
+            "training step, gradient_checkpointing=True, encoders/VAE offloaded after caching (the defaults)",
+            weights + optim + train[("flexi", True)],
+            "weights + tokens/grads/AdamW (fp32) + forward + backward",
+        ),
+        (
+            "training step, gradient_checkpointing=False, encoders/VAE offloaded",
+            weights + optim + train[("flexi", False)],
+            "as above, no checkpointing",
+        ),
+        (
+            "plain forward + backward, checkpointing (reference)",
+            weights + train[("plain", True)],
+            "diffusers' attention",
+        ),
+        ("plain forward + backward, no checkpointing (reference)", weights + train[("plain", False)], "as above"),
+    ]
+    print(
+        f"\n| configuration, {true.name} {height}x{width}x{frames}, bf16, the transformer only | peak GPU memory | how |"
+        "\n|---|---|---|"
+    )
+    for label, total, how in rows:
+        print(f"| {label} | {amount(total)} | {how} (meta) |")
+    return {
+        "model": model,
+        "size": list(size),
+        "params": {"transformer": count},
+        "rows": [(n, t / GiB, h) for n, t, h in rows],
+        "peaks_gib": {
+            "step_plain": step_plain / GiB,
+            "step_flexi": step_flexi / GiB,
+            **{f"train_{k}_{'ckpt' if c else 'nockpt'}": v / GiB for (k, c), v in train.items()},
+        },
+    }
+
+
 # -- Wan 2.1 I2V 14B (480P) and Wan 2.2 TI2V-5B ---------------------------------------------------
 def wan_meta_models(model: str) -> dict:
     """The real configs on the meta device in bf16, as ``from_pretrained(torch_dtype=torch.bfloat16)``
@@ -671,24 +951,6 @@ def family_state(
     return state
 
 
-def use_attention(family: str, transformer, state, texts=()) -> None:
-    """diffusers' own attention (state None: every FlexiMMT processor swapped back for the diffusers processor
-    it wraps) or FlexiMMT's processors as the family's adapter installs them, their slot holding ``state`` and
-    the rows' text forms (``texts``, as the adapter's forward hook would set them)."""
-    from types import SimpleNamespace
-
-    from fleximmt.models.shared import SlotProcessor, slot_of
-
-    if state is None:
-        for module in transformer.modules():
-            if isinstance(getattr(module, "processor", None), SlotProcessor):
-                module.set_processor(module.processor.inner)
-        return
-    adapter_class(family)(SimpleNamespace(transformer=transformer)).install_processors()
-    slot = slot_of(transformer)
-    slot.state, slot.texts = state, list(texts)
-
-
 def feature_share_blocks(family: str, layers: int) -> range:
     """RMPM's feature blocks of a model of ``layers`` blocks: the family's share of its first blocks."""
     return range(max(1, round(layers * adapter_class(family).feature_share)))
@@ -730,78 +992,15 @@ def wan_flexi_state(
     return state
 
 
-def wan_inputs(model: str, transformer, size=None) -> dict:
-    """One transformer call's inputs as ``WanImageToVideoPipeline`` makes them, on meta (batch 1: one
-    CFG branch; Wan 2.1: noise + condition on channels, CLIP image states; TI2V: a timestep per token)."""
-    cfg = transformer.config
-    geo = wan_geometry(model, cfg, *(size or WAN_GEOMETRY[model]))
-    latent = geo["latent_shape"]
-    expand = model == "wan2.2-5b"
-    return {
-        "hidden_states": torch.empty(1, cfg.in_channels, *latent, device="meta", dtype=BF16),
-        "timestep": torch.full((1, geo["video_tokens"]) if expand else (1,), 500.0, device="meta"),
-        "encoder_hidden_states": torch.empty(1, WAN_TEXT_TOKENS, cfg.text_dim, device="meta", dtype=BF16),
-        "encoder_hidden_states_image": torch.empty(1, WAN_IMAGE_TOKENS, cfg.image_dim, device="meta", dtype=BF16)
-        if cfg.image_dim
-        else None,
-    }
-
-
-def state_bytes(state) -> int:
-    """What a FlexiMMT state keeps on the device through a call: motion tokens, words, layout indices and rows."""
+def state_bytes(state, tokens: bool = True) -> int:
+    """What a FlexiMMT state keeps on the device through a call: motion tokens (``tokens``; in training they are the
+    optimiser's stacked copy, counted with it), words, layout indices and rows."""
     slot = state.videos[0]
-    total = slot.motion_tokens.numel() * slot.motion_tokens.element_size() + slot.member.numel()
+    total = slot.motion_tokens.numel() * slot.motion_tokens.element_size() * tokens + slot.member.numel()
     for layout in step_layouts(state):
         total += sum(t.numel() * t.element_size() for t in layout_tensors(layout).values())
         total += 8 * sum(g.queries.numel() + g.keys.numel() for g in layout.groups)
     return total
-
-
-def wan_step_peak(model: str, transformer, objects: int, d_m: int) -> int:
-    """One transformer call (one CFG branch) on meta: diffusers' attention (K = 0) or FlexiMMT with K
-    objects, RMPM's features captured (the conditional branch) over the family's share of the blocks."""
-    layers = transformer.config.num_layers
-    state = None
-    if objects:
-        state = wan_flexi_state(model, objects, d_m, layers, feature_share_blocks("wan", layers))
-        state.rows.begin_forward([0], [0])
-    use_attention("wan", transformer, state)
-    inputs = wan_inputs(model, transformer)
-    peak = measure_peak(lambda: transformer(**inputs, return_dict=False)[0], counter=StorageBytes)
-    return peak + (state_bytes(state) if state is not None else 0)
-
-
-def wan_training_peak(model: str, transformer, flexi: bool, d_m: int, checkpointing: bool, size=None) -> int:
-    """A motion-training step's transformer forward + backward on meta (batch 1, weights frozen,
-    gradients to the float32 motion tokens of one object; diffusers' attention for the plain
-    reference, whose gradient goes to the input latents). The MDMA layout is one static object mask
-    (17.5% of the frame) in place of DMEM's, which are drawn from the block's own scores and cannot be
-    on meta: they are computed without gradients and only decide which queries form each group."""
-    from fleximmt.training.train import TRAIN_PARTS
-
-    layers = transformer.config.num_layers
-    state = None
-    if flexi:
-        state = wan_flexi_state(
-            model, 1, d_m, layers, (), tokens_dtype=torch.float32, dmem_parts=TRAIN_PARTS & {"m2v", "t2v"}, size=size
-        )
-        state.videos[0].motion_tokens.requires_grad_(True)
-    use_attention("wan", transformer, state)
-    inputs = wan_inputs(model, transformer, size)
-    if not flexi:
-        inputs["hidden_states"].requires_grad_(True)
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
-    try:
-
-        def step():
-            out = transformer(**inputs, return_dict=False)[0].float()
-            out.pow(2).mean().backward()  # the loss's own tensors are latents-sized
-
-        return measure_peak(step, counter=StorageBytes, grad=True)
-    finally:
-        transformer.disable_gradient_checkpointing()
-        inputs["hidden_states"].requires_grad_(False)
 
 
 def wan_block_saved(
@@ -920,8 +1119,9 @@ def wan_report(model: str, args) -> dict:
         f"\n== {name}, {height}x{width}x{frames} ==\nparameters (meta device, real configs): "
         + ", ".join(f"{k} {count[k] / 1e9:.3f}B ({weights[k] / GiB:.2f} GiB)" for k in models)
     )
-    step_plain = wan_step_peak(model, transformer, 0, args.tokens)
-    step_flexi = wan_step_peak(model, transformer, args.objects, args.tokens)
+    run = MetaRun(model, transformer)
+    step_plain = run.step_peak(0, args.tokens)
+    step_flexi = run.step_peak(args.objects, args.tokens)
     vae_p = wan_vae_peaks(model, vae)
     enc = wan_encoder_peaks(models)
     i2v = "image_encoder" in models
@@ -967,7 +1167,7 @@ def wan_report(model: str, args) -> dict:
     optim = num_tokens * 4 * 4 + num_tokens * 4
     blocks = {kind: wan_block_saved(model, kind == "flexi", args.tokens) for kind in ("plain", "flexi")}
     train = {
-        (kind, ckpt): wan_training_peak(model, transformer, kind == "flexi", args.tokens, ckpt)
+        (kind, ckpt): run.training_peak(kind == "flexi", args.tokens, ckpt)
         for kind in ("plain", "flexi")
         for ckpt in (False, True)
     }
@@ -1107,63 +1307,6 @@ SIGLIP_SO400M = dict(
 )
 HUNYUAN_TEMPLATE_TOKENS = 108  # the chat template's tokens before the prompt, encoded and then cropped (crop_start)
 HUNYUAN_FRAMES = (121, 61, 33)  # the default, and shorter videos / training windows
-HUNYUAN_VALID_TEXT = 120  # valid prompt tokens of a row (a prompt of about 90 words; the rest of the 1,000 is padding)
-
-
-class KnownMasks(TorchDispatchMode):
-    """Lets HunyuanVideo 1.5's transformer forward run on meta tensors. The forward selects each row's valid
-    image, glyph and prompt tokens with its bool masks (``text[text_mask]``: a shape that depends on the
-    masks' values) and tests ``torch.all(image_embeds == 0)`` (text-to-video). Here the masks' True counts
-    are given (``counts``: mask -> count, one row each) and followed through the ops the forward makes of
-    them (negation, the image mask made of ones), a bool selection by a mask of known count becomes the
-    index of as many rows, and the image test reads False (an image is given)."""
-
-    def __init__(self, counts: dict[torch.Tensor, int]):
-        super().__init__()
-        self.counts = {mask.untyped_storage()._cdata: count for mask, count in counts.items()}
-        for mask in counts:
-            if mask.dim() != 2 or mask.shape[0] != 1:
-                raise ValueError(f"KnownMasks follows one row per mask, got {tuple(mask.shape)}")
-
-    def _count(self, t: torch.Tensor) -> int:
-        key = t.untyped_storage()._cdata
-        if key not in self.counts:
-            raise NotImplementedError(f"a bool selection by a mask of unknown count, shape {tuple(t.shape)}")
-        return self.counts[key]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        aten = torch.ops.aten
-        kwargs = kwargs or {}
-        if func is aten._local_scalar_dense.default and args[0].is_meta:
-            return False  # torch.all(image_embeds == 0): an image is given
-        if func is aten.index.Tensor and any(i is not None and i.is_meta and i.dtype == torch.bool for i in args[1]):
-            indices = [
-                torch.empty(self._count(i), dtype=torch.long, device="meta")
-                if i is not None and i.dtype == torch.bool
-                else i
-                for i in args[1]
-            ]
-            out = func(args[0], indices)
-        else:
-            out = func(*args, **kwargs)
-        if isinstance(out, torch.Tensor) and out.dtype == torch.bool and out.is_meta:
-            key = out.untyped_storage()._cdata
-            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            known = source is not None and source.untyped_storage()._cdata in self.counts
-            if func in (aten.bitwise_not.default, aten.logical_not.default) and known:
-                self.counts[key] = source.numel() - self._count(source)
-            elif func in (aten.ones.default, aten.new_ones.default):
-                self.counts[key] = out.numel()
-            elif func in (aten.zeros.default, aten.new_zeros.default):
-                self.counts[key] = 0
-            elif func is aten._to_copy.default and known:
-                self.counts[key] = self._count(source)
-        elif isinstance(out, torch.Tensor) and out.is_meta and func is aten._to_copy.default:
-            # the int64 masks the pipeline hands over become bool in the forward: follow them through the copy
-            source = args[0]
-            if source.untyped_storage()._cdata in self.counts:
-                self.counts[out.untyped_storage()._cdata] = self._count(source)
-        return out
 
 
 def hunyuan_meta_models() -> dict:
@@ -1189,147 +1332,6 @@ def hunyuan_meta_models() -> dict:
     for module in models.values():
         module.requires_grad_(False)  # as train_motion freezes them
     return {"transformer": meta_transformer("hunyuan1.5"), **models}
-
-
-def hunyuan_inputs(cfg, size, lengths=HUNYUAN_TEXT, valid_text: int = HUNYUAN_VALID_TEXT, device="meta", dtype=BF16):
-    """One transformer call's inputs as ``HunyuanVideo15ImageToVideoPipeline`` makes them (batch 1: one guider
-    branch; noise, the image's latent frame and its frame mask on channels), on meta by default, and the
-    masks' True counts for :class:`KnownMasks` (``device="cpu"``: random values and real masks)."""
-    if not 0 <= valid_text <= lengths["prompt"]:
-        raise ValueError(f"valid_text={valid_text}: a row has {lengths['prompt']} prompt tokens")
-    geo = hunyuan_geometry(cfg, *size)
-    gen = torch.Generator().manual_seed(0)
-
-    def tensor(*shape):
-        return (
-            torch.empty(shape, device="meta", dtype=dtype)
-            if device == "meta"
-            else torch.randn(shape, generator=gen).to(dtype)
-        )
-
-    def mask(length, valid):
-        row = torch.zeros(1, length, dtype=torch.bool, device=device)
-        if device != "meta":
-            row[:, :valid] = True
-        return row
-
-    prompt, glyphs = mask(lengths["prompt"], valid_text), mask(lengths["glyph"], 0)
-    inputs = {
-        "hidden_states": tensor(1, cfg.in_channels, *geo["latent_shape"]),
-        "timestep": torch.full((1,), 500.0, device=device),
-        "encoder_hidden_states": tensor(1, lengths["prompt"], cfg.text_embed_dim),
-        "encoder_attention_mask": prompt,
-        "encoder_hidden_states_2": tensor(1, lengths["glyph"], cfg.text_embed_2_dim),
-        "encoder_attention_mask_2": glyphs,
-        "image_embeds": tensor(1, lengths["image"], cfg.image_embed_dim),
-    }
-    return inputs, {prompt: valid_text, glyphs: 0}
-
-
-def hunyuan_flexi_state(
-    cfg,
-    objects: int,
-    d_m: int,
-    blocks: int,
-    feature_blocks,
-    size,
-    lengths=HUNYUAN_TEXT,
-    valid_text: int = HUNYUAN_VALID_TEXT,
-    tokens_dtype=BF16,
-    parts=None,
-    device="meta",
-):
-    """:func:`family_state` for HunyuanVideo 1.5, its words among the prompt tokens, and the step's MDMA layout
-    of the row's text form built on the CPU (where the processors build it at their first call), then moved."""
-    geo = hunyuan_geometry(cfg, *size)
-    state = family_state(
-        "hunyuanvideo15",
-        objects,
-        d_m,
-        blocks,
-        cfg.num_attention_heads * cfg.attention_head_dim,
-        feature_blocks,
-        geo["grid"],
-        lengths["prompt"],
-        tokens_dtype,
-        parts,
-        device,
-    )
-    text, _ = hunyuan_text(valid_text, 0, lengths)
-    state.layouts.step_layout(0, text, sum(lengths.values()))
-    if device == "meta":
-        meta_layout(state)
-    return state, text
-
-
-def hunyuan_forward_peak(
-    transformer,
-    state,
-    text,
-    size,
-    lengths=HUNYUAN_TEXT,
-    valid_text: int = HUNYUAN_VALID_TEXT,
-    grad: bool = False,
-    checkpointing: bool = False,
-    device="meta",
-) -> int:
-    """Peak bytes of one transformer call (``grad``: its forward + backward, gradients to the motion tokens,
-    or for diffusers' attention to the input latents) on meta, diffusers' attention (state None) or FlexiMMT's."""
-    use_attention("hunyuanvideo15", transformer, state, [text])
-    inputs, counts = hunyuan_inputs(transformer.config, size, lengths, valid_text, device, transformer.dtype)
-    if grad and state is None:
-        inputs["hidden_states"].requires_grad_(True)
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
-
-    def run():
-        with KnownMasks(counts) if device == "meta" else contextlib.nullcontext():
-            out = transformer(**inputs, return_dict=False)[0]
-            if not grad:
-                return out
-            out.float().pow(2).mean().backward()  # the loss's own tensors are latents-sized
-            return None
-
-    try:
-        return measure_peak(run, counter=StorageBytes, grad=grad) + (state_bytes(state) if state is not None else 0)
-    finally:
-        transformer.disable_gradient_checkpointing()
-
-
-def hunyuan_step_peak(transformer, objects: int, d_m: int, size) -> int:
-    """One transformer call (one guider branch) on meta: diffusers' attention (K = 0, its [N, N] bool mask in
-    every block) or FlexiMMT with K objects, RMPM's features captured (the conditional branch) over the first
-    70% of the blocks (the family's share)."""
-    state = text = None
-    if objects:
-        layers = transformer.config.num_layers
-        state, text = hunyuan_flexi_state(
-            transformer.config, objects, d_m, layers, feature_share_blocks("hunyuanvideo15", layers), size
-        )
-        state.rows.begin_forward([0], [0])
-    return hunyuan_forward_peak(transformer, state, text, size)
-
-
-def hunyuan_training_peak(transformer, flexi: bool, d_m: int, checkpointing: bool, size) -> int:
-    """A motion-training step's forward + backward on meta (batch 1, weights frozen, gradients to the float32
-    motion tokens of one object; diffusers' attention for the plain reference). The MDMA layout is one static
-    object mask (17.5% of the frame) in place of DMEM's, as for Wan (``wan_training_peak``)."""
-    from fleximmt.training.train import TRAIN_PARTS
-
-    state = text = None
-    if flexi:
-        state, text = hunyuan_flexi_state(
-            transformer.config,
-            1,
-            d_m,
-            transformer.config.num_layers,
-            (),
-            size,
-            tokens_dtype=torch.float32,
-            parts=TRAIN_PARTS,
-        )
-        state.videos[0].motion_tokens.requires_grad_(True)
-    return hunyuan_forward_peak(transformer, state, text, size, grad=True, checkpointing=checkpointing)
 
 
 def diffusers_mask_bytes(tokens: int) -> dict[str, int]:
@@ -1364,69 +1366,12 @@ def hunyuan_encoder_peaks(models: dict) -> dict[str, int]:
     }
 
 
-def validate_hunyuan() -> dict[str, float]:
-    """``KnownMasks`` against real masks: a small HunyuanVideo 1.5 transformer's forward + backward counted
-    on meta and the same run on the CPU (real masks, SDPA as the fused kernels allocate in both), diffusers'
-    processor and FlexiMMT's. Returns the ratios (meta / CPU)."""
-    from diffusers import HunyuanVideo15Transformer3DModel
-
-    from fleximmt.training.train import TRAIN_PARTS
-
-    small = dict(
-        num_attention_heads=2,
-        attention_head_dim=32,
-        num_layers=2,
-        num_refiner_layers=1,
-        text_embed_dim=32,
-        text_embed_2_dim=16,
-        image_embed_dim=24,
-        rope_axes_dim=(8, 12, 12),
-    )
-    lengths, size = {"image": 16, "glyph": 8, "prompt": 40}, (64, 96, 9)
-    cfg = hunyuan_config("hunyuan1.5", **small)
-    ratios = {}
-    for flexi in (False, True):
-        peaks = {}
-        for device in ("cpu", "meta"):
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = HunyuanVideo15Transformer3DModel(**{**HUNYUAN_CONFIGS["hunyuan1.5"], **small}).requires_grad_(
-                    False
-                )
-            state = text = None
-            if flexi:
-                state, text = hunyuan_flexi_state(
-                    cfg,
-                    1,
-                    8,
-                    2,
-                    (),
-                    size,
-                    lengths,
-                    valid_text=12,
-                    tokens_dtype=torch.float32,
-                    parts=TRAIN_PARTS,
-                    device=device,
-                )
-                state.videos[0].motion_tokens.requires_grad_(True)
-            peaks[device] = hunyuan_forward_peak(
-                model, state, text, size, lengths, 12, grad=True, checkpointing=True, device=device
-            )
-        name = f"HunyuanVideo 1.5 forward + backward, {'FlexiMMT' if flexi else 'diffusers'}"
-        print(
-            f"validate {name} (2 blocks, 64 wide, 216 video + 64 text tokens): meta {peaks['meta'] / MiB:.3f} MiB, "
-            f"CPU {peaks['cpu'] / MiB:.3f} MiB, ratio {peaks['meta'] / peaks['cpu']:.3f}"
-        )
-        ratios[name] = peaks["meta"] / peaks["cpu"]
-    return ratios
-
-
-def hunyuan_report(args) -> dict:
+def hunyuan_report(model: str, args) -> dict:
     """Parameters, meta peaks and the peak-memory table of HunyuanVideo 1.5 I2V 480p, at 121 frames and fewer."""
-    model = "hunyuan1.5"
     name = HUNYUAN_NAMES[model]
     models = hunyuan_meta_models()
     transformer, vae = models["transformer"], models["vae"]
+    run = MetaRun("hunyuan1.5", transformer)
     height, width, _ = hunyuan_size(transformer.config)
     sizes = {frames: (height, width, frames) for frames in HUNYUAN_FRAMES}
     count = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
@@ -1452,11 +1397,11 @@ def hunyuan_report(args) -> dict:
     for frames, size in sizes.items():
         geo = hunyuan_geometry(transformer.config, *size)
         tokens = geo["video_tokens"] + sum(HUNYUAN_TEXT.values())
-        step_plain = hunyuan_step_peak(transformer, 0, args.tokens, size)
-        step_flexi = hunyuan_step_peak(transformer, args.objects, args.tokens, size)
+        step_plain = run.step_peak(0, args.tokens, size)
+        step_flexi = run.step_peak(args.objects, args.tokens, size)
         vae_p = hunyuan_vae_peaks(vae, size)
         train = {
-            (kind, ckpt): hunyuan_training_peak(transformer, kind == "flexi", args.tokens, ckpt, size)
+            (kind, ckpt): run.training_peak(kind == "flexi", args.tokens, ckpt, size)
             for kind in ("plain", "flexi")
             for ckpt in (True, False)
         }
@@ -1659,12 +1604,11 @@ def wan_small_cards(args) -> dict:
     models = wan_meta_models(model)
     transformer, vae = models["transformer"], models["vae"]
     print(f"\n== {WAN_NAMES[model]} on small cards ==")
-    step = wan_step_peak(model, transformer, args.objects, args.tokens)
+    run = MetaRun(model, transformer)
+    step = run.step_peak(args.objects, args.tokens)
     vae_p = wan_vae_peaks(model, vae)
     enc = wan_encoder_peaks(models)
-    train = {
-        f: wan_training_peak(model, transformer, True, args.tokens, True, size=(height, width, f)) for f in TRAIN_FRAMES
-    }
+    train = {f: run.training_peak(True, args.tokens, True, (height, width, f)) for f in TRAIN_FRAMES}
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     optim = (
         transformer.config.num_layers * args.tokens * dim * 4 * 5
@@ -1806,7 +1750,7 @@ def comfy_wan_training(patcher, d_m: int, checkpointing: bool, size, cfg=None, d
     ``BaseModel.apply_model`` called with the options ComfyUI's sampler makes (``call_options``) on a ``size``
     (height, width, frames) latent, and the backward from a loss on x0. ComfyUI's attention is its SDPA function
     (``attention_pytorch``, what it runs on an NVIDIA card). The MDMA layout is the library benchmark's (one static
-    object mask in place of DMEM's, see ``wan_training_peak``)."""
+    object mask in place of DMEM's, see ``MetaRun.state``)."""
     from comfy.ldm.modules.attention import attention_pytorch
 
     from fleximmt.apps.comfy.native.training import call_options
@@ -2068,100 +2012,6 @@ def ltx2_meta_models() -> dict:
     return {"transformer": meta_transformer("ltx2"), **models}
 
 
-def ltx2_inputs(cfg, size, batch: int, device="meta", dtype=BF16) -> dict:
-    """One transformer call's inputs as ``LTX2ImageToVideoPipeline`` makes them (batch 2: CFG's ``[negative |
-    positive]`` rows; packed latents, a timestep per video token, both streams' connector outputs, the
-    connectors' all-open mask), on meta by default (``device="cpu"``: random values)."""
-    geo = ltx2_geometry(cfg, *size)
-    gen = torch.Generator().manual_seed(0)
-    frames, h, w = geo["grid"]
-
-    def tensor(*shape):
-        if device == "meta":
-            return torch.empty(shape, device="meta", dtype=dtype)
-        return torch.randn(shape, generator=gen).to(dtype)
-
-    return {
-        "hidden_states": tensor(batch, geo["video_tokens"], cfg.in_channels),
-        "audio_hidden_states": tensor(batch, geo["audio_tokens"], cfg.audio_in_channels),
-        "encoder_hidden_states": tensor(batch, LTX2_TEXT_TOKENS, cfg.caption_channels),
-        "audio_encoder_hidden_states": tensor(batch, LTX2_TEXT_TOKENS, cfg.caption_channels),
-        "timestep": torch.full((batch, geo["video_tokens"]), 500.0, device=device),
-        "audio_timestep": torch.full((batch,), 500.0, device=device),
-        "sigma": torch.full((batch,), 500.0, device=device),
-        "encoder_attention_mask": torch.ones(batch, LTX2_TEXT_TOKENS, device=device),
-        "audio_encoder_attention_mask": torch.ones(batch, LTX2_TEXT_TOKENS, device=device),
-        "num_frames": frames,
-        "height": h,
-        "width": w,
-        "fps": LTX2_FPS,
-        "audio_num_frames": geo["audio_tokens"],
-    }
-
-
-def ltx2_flexi_state(cfg, objects, d_m, blocks, feature_blocks, size, tokens_dtype=BF16, parts=None, device="meta"):
-    """:func:`family_state` for LTX-2, the words among the 1,024 text keys (its layout moved to ``device``)."""
-    dim = cfg.num_attention_heads * cfg.attention_head_dim
-    grid = ltx2_geometry(cfg, *size)["grid"]
-    state = family_state(
-        "ltx2", objects, d_m, blocks, dim, feature_blocks, grid, LTX2_TEXT_TOKENS, tokens_dtype, parts, device
-    )
-    if device == "meta":
-        meta_layout(state)
-    return state
-
-
-def ltx2_forward_peak(transformer, state, size, batch, grad=False, checkpointing=False, device="meta") -> int:
-    """Peak bytes of one transformer call (``grad``: its forward + backward, gradients to the motion tokens, or for
-    diffusers' attention to the input latents; the video output's loss) on meta, diffusers' attention (state
-    None) or FlexiMMT's, plus what the state keeps on the device."""
-    use_attention("ltx2", transformer, state)
-    inputs = ltx2_inputs(transformer.config, size, batch, device, transformer.dtype)
-    if grad and state is None:
-        inputs["hidden_states"].requires_grad_(True)
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
-
-    def run():
-        video, _ = transformer(**inputs, return_dict=False)
-        if not grad:
-            return video
-        video.float().pow(2).mean().backward()  # the loss's own tensors are latents-sized
-        return None
-
-    try:
-        return measure_peak(run, counter=StorageBytes, grad=grad) + (state_bytes(state) if state is not None else 0)
-    finally:
-        transformer.disable_gradient_checkpointing()
-
-
-def ltx2_step_peak(transformer, objects: int, d_m: int, size) -> int:
-    """CFG's forward of a denoising step (batch 2, the largest of the step's forwards: spatio-temporal and modality
-    guidance's are batch 1) on meta: diffusers' attention (K = 0) or FlexiMMT with K objects, RMPM's features
-    captured on the positive row over the first 70% of the blocks."""
-    state = None
-    if objects:
-        layers = transformer.config.num_layers
-        state = ltx2_flexi_state(transformer.config, objects, d_m, layers, feature_share_blocks("ltx2", layers), size)
-        state.rows.begin_forward([0, 0], [1])
-    return ltx2_forward_peak(transformer, state, size, batch=2)
-
-
-def ltx2_training_peak(transformer, flexi: bool, d_m: int, checkpointing: bool, size) -> int:
-    """A motion-training step's forward + backward on meta (batch 1, weights frozen, gradients to the float32 motion
-    tokens of one object; diffusers' attention for the plain reference). The MDMA layout is one static object
-    mask in place of DMEM's, as for Wan (``wan_training_peak``)."""
-    from fleximmt.training.train import TRAIN_PARTS
-
-    state = None
-    if flexi:
-        cfg = transformer.config
-        parts = TRAIN_PARTS & {"m2v", "t2v"}
-        state = ltx2_flexi_state(cfg, 1, d_m, cfg.num_layers, (), size, tokens_dtype=torch.float32, parts=parts)
-        state.videos[0].motion_tokens.requires_grad_(True)
-    return ltx2_forward_peak(transformer, state, size, batch=1, grad=True, checkpointing=checkpointing)
-
-
 def ltx2_encoder_peaks(models: dict, size) -> dict[str, int]:
     """Gemma 3 over 1,024 tokens, every hidden state kept and stacked as the pipeline stacks them (its logits too:
     diffusers calls the whole model; without the padding mask, whose values transformers reads: a bool row), the
@@ -2193,45 +2043,13 @@ def ltx2_encoder_peaks(models: dict, size) -> dict[str, int]:
     }
 
 
-def validate_ltx2() -> dict[str, float]:
-    """The meta counter against a real run: a small LTX-2 transformer's forward + backward (gradient checkpointing
-    on) counted on meta and run on the CPU (random values, SDPA as the fused kernels allocate in both), diffusers'
-    processors and FlexiMMT's. Returns the ratios (meta / CPU)."""
-    from diffusers import LTX2VideoTransformer3DModel
-
-    from fleximmt.training.train import TRAIN_PARTS
-
-    small = {**LTX2_TINY, "num_layers": 2}  # gpu.py's tiny LTX-2, two blocks
-    cfg, size = ltx2_config("ltx2", **small), (64, 96, 17)
-    ratios = {}
-    for flexi in (False, True):
-        peaks = {}
-        for device in ("cpu", "meta"):
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = LTX2VideoTransformer3DModel(**{**LTX2_CONFIGS["ltx2"], **small}).requires_grad_(False)
-            state = None
-            if flexi:
-                parts = TRAIN_PARTS & {"m2v", "t2v"}
-                state = ltx2_flexi_state(cfg, 1, 8, 2, (), size, torch.float32, parts, device)
-                state.videos[0].motion_tokens.requires_grad_(True)
-            peaks[device] = ltx2_forward_peak(model, state, size, 1, grad=True, checkpointing=True, device=device)
-        name = f"LTX-2 forward + backward, {'FlexiMMT' if flexi else 'diffusers'}"
-        print(
-            f"validate {name} (2 blocks, 64 wide, 18 video + 1,024 text + 18 audio tokens): meta "
-            f"{peaks['meta'] / MiB:.3f} MiB, CPU {peaks['cpu'] / MiB:.3f} MiB, ratio {peaks['meta'] / peaks['cpu']:.3f}"
-        )
-        ratios[name] = peaks["meta"] / peaks["cpu"]
-    return ratios
-
-
-def ltx2_report(args) -> dict:
+def ltx2_report(model: str, args) -> dict:
     """Parameters, meta peaks and LTX-2's peak-memory tables: bf16 at 121, 97 and 49 frames, and on 24 GB and 16 GB
     cards (the transformer and Gemma quantized, model offload or the transformer's group offloading)."""
-    model = "ltx2"
     name = LTX2_NAMES[model]
     models = ltx2_meta_models()
     transformer, vae = models["transformer"], models["vae"]
+    run = MetaRun("ltx2", transformer)
     height, width, _ = LTX2_GEOMETRY
     sizes = {frames: (height, width, frames) for frames in LTX2_FRAMES}
     count = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
@@ -2249,12 +2067,12 @@ def ltx2_report(args) -> dict:
     peaks: dict[int, dict] = {}
     for frames, size in sizes.items():
         geo = ltx2_geometry(transformer.config, *size)
-        step_plain = ltx2_step_peak(transformer, 0, args.tokens, size)
-        step_flexi = ltx2_step_peak(transformer, args.objects, args.tokens, size)
+        step_plain = run.step_peak(0, args.tokens, size)
+        step_flexi = run.step_peak(args.objects, args.tokens, size)
         vae_p = video_vae_peaks(vae, vae.config.latent_channels, geo["latent_shape"], size)
         enc = ltx2_encoder_peaks(models, size)
         train = {
-            (kind, ckpt): ltx2_training_peak(transformer, kind == "flexi", args.tokens, ckpt, size)
+            (kind, ckpt): run.training_peak(kind == "flexi", args.tokens, ckpt, size)
             for kind in ("plain", "flexi")
             for ckpt in (True, False)
         }
@@ -2356,7 +2174,7 @@ def ltx2_small_cards(args, models: dict, weights: dict, peaks: dict, optim: int)
     train = {  # the checkpointed training step's forward + backward, at each window length
         f: peaks[f]["train_flexi_ckpt"]
         if f in peaks
-        else ltx2_training_peak(transformer, True, args.tokens, True, (height, width, f))
+        else MetaRun("ltx2", transformer).training_peak(True, args.tokens, True, (height, width, f))
         for f in LTX2_TRAIN_FRAMES
     }
     vae_peak = max(peaks[frames]["decode_tiled"], peaks[frames]["encode_frame_tiled"], peaks[frames]["encode_tiled"])
@@ -2399,7 +2217,12 @@ def ltx2_small_cards(args, models: dict, weights: dict, peaks: dict, optim: int)
     return {"rows": rows, "reserve_gib": CARD_RESERVE_GIB}
 
 
-def main() -> None:
+# the families whose reports count their encoders and VAE too (CogVideoX-5B's is main's own), and their keys in --out
+COMPONENT_REPORTS = {"wan": wan_report, "hunyuanvideo15": hunyuan_report, "ltx2": ltx2_report}
+REPORT_KEYS = {"hunyuanvideo15": "hunyuan"}
+
+
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--training-json", type=Path, help="output of `benchmarks/block.py training --out FILE`")
     parser.add_argument("--objects", type=int, default=3)
@@ -2410,10 +2233,16 @@ def main() -> None:
     parser.add_argument(
         "--model",
         nargs="+",
-        choices=["5b", *WAN_CONFIGS, *HUNYUAN_CONFIGS, *LTX2_CONFIGS],
+        choices=list(CHECKPOINTS),
         default=["5b"],
-        help="CogVideoX-5B-I2V (5b, the default), Wan 2.1 I2V 14B 480P (wan2.1), Wan 2.2 TI2V-5B (wan2.2-5b), "
-        "HunyuanVideo 1.5 I2V 480p (hunyuan1.5), LTX-2 (ltx2)",
+        metavar="MODEL",
+        help="the checkpoints to count, each registered family's true sizes: "
+        + ", ".join(f"{name} ({true.name})" for name, (_, true) in CHECKPOINTS.items())
+        + ". CogVideoX-5B-I2V (5b, the default), Wan, HunyuanVideo 1.5 and LTX-2 count their encoders and VAE too; "
+        "any other (a family added by its adapter module alone) gets its transformer's figures",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="a dry run: each checkpoint's tiny config (the transformer only)"
     )
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
     parser.add_argument(
@@ -2427,29 +2256,31 @@ def main() -> None:
         action="store_true",
         help="only Wan 2.1 I2V 14B on 24 GB and 16 GB cards: quantized weights, group offloading",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.small_cards:
         report = wan_small_cards(args)
         if args.comfyui:
             report["native"] = comfy_small_cards(args, report)
         if args.out:
             args.out.write_text(json.dumps(report, indent=1, default=str))
-        return
+        return report
     if args.validate:
         validate()
-        if any(model in WAN_CONFIGS for model in args.model):
+        if any(CHECKPOINTS[model][0].family == "wan" for model in args.model):
             validate_wan()
-        if any(model in HUNYUAN_CONFIGS for model in args.model):
-            validate_hunyuan()
-        if any(model in LTX2_CONFIGS for model in args.model):
-            validate_ltx2()
-    wan = [wan_report(model, args) for model in args.model if model in WAN_CONFIGS]
-    hunyuan = [hunyuan_report(args) for model in args.model if model in HUNYUAN_CONFIGS]
-    ltx2 = [ltx2_report(args) for model in args.model if model in LTX2_CONFIGS]
-    if "5b" not in args.model:
+        for model in args.model:
+            validate_family(model)
+    reports: dict[str, list] = {}
+    for model in args.model:
+        family = CHECKPOINTS[model][0].family
+        if model == "5b" and not args.tiny:
+            continue  # below
+        report = transformer_report if args.tiny else COMPONENT_REPORTS.get(family, transformer_report)
+        reports.setdefault(REPORT_KEYS.get(family, family), []).append(report(model, args))
+    if "5b" not in args.model or args.tiny:
         if args.out:
-            args.out.write_text(json.dumps({"wan": wan, "hunyuan": hunyuan, "ltx2": ltx2}, indent=1, default=str))
-        return
+            args.out.write_text(json.dumps(reports, indent=1, default=str))
+        return reports
     transformer, vae, text_encoder = meta_models()
     n_tr, n_vae, n_t5 = (sum(p.numel() for p in m.parameters()) for m in (transformer, vae, text_encoder))
     w_tr, w_vae, w_t5 = param_bytes(transformer), param_bytes(vae), param_bytes(text_encoder)
@@ -2457,8 +2288,9 @@ def main() -> None:
         f"parameters (meta device, real configs): transformer {n_tr / 1e9:.3f}B ({w_tr / GiB:.2f} GiB bf16), "
         f"VAE {n_vae / 1e6:.1f}M ({w_vae / GiB:.2f} GiB), T5-XXL encoder {n_t5 / 1e9:.3f}B ({w_t5 / GiB:.2f} GiB)"
     )
-    step_plain = transformer_step_peak(transformer, 0, args.tokens)
-    step_flexi = transformer_step_peak(transformer, args.objects, args.tokens)
+    run = MetaRun("5b", transformer)
+    step_plain = run.step_peak(0, args.tokens)
+    step_flexi = run.step_peak(args.objects, args.tokens)
     vae_p = vae_peaks(vae)
     t5 = t5_peak(text_encoder)
     print(
@@ -2561,14 +2393,13 @@ def main() -> None:
                     "rows": [(n, t / GiB, h) for n, t, h in rows],
                     "block": blk,
                     "params": {"transformer": n_tr, "vae": n_vae, "t5": n_t5},
-                    "wan": wan,
-                    "hunyuan": hunyuan,
-                    "ltx2": ltx2,
+                    **reports,
                 },
                 indent=1,
                 default=str,
             )
         )
+    return reports
 
 
 if __name__ == "__main__":
