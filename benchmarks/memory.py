@@ -1,4 +1,5 @@
-"""Peak GPU memory of FlexiMMT on CogVideoX-5B-I2V at 480x720x49, computed without a GPU.
+"""Peak GPU memory of FlexiMMT on every registered checkpoint (CogVideoX-5B-I2V at 480x720x49 by default), computed
+without a GPU.
 
 Three kinds of figure, and the table says which each row uses:
 
@@ -20,11 +21,19 @@ Three kinds of figure, and the table says which each row uses:
   checkpointing, 42 blocks' inputs) + the last block's forward + backward peak + the weights + the
   motion tokens, their gradients and AdamW's two moments (float32).
 
+Every family's transformer is counted by one ``MetaRun``: the checkpoint's true size as its adapter module declares
+it (``ModelAdapter.true_sizes``), the forwards of a denoising step and of a training step as its adapter draws them
+(``random_forwards``), its processors installed and attached as the adapter does. ``--model`` takes every registered
+checkpoint; a family's adapter module is all it takes to be counted (``transformer_report``: the transformer's rows).
+CogVideoX-5B, Wan, HunyuanVideo 1.5 and LTX-2 also count their encoders and VAE (``COMPONENT_REPORTS``).
+
     python benchmarks/memory.py [--training-json block-training.json] [--objects 3] [--validate]
     python benchmarks/memory.py --model wan2.1 wan2.2-5b hunyuan1.5 --validate   # everything on meta, training too
     python benchmarks/memory.py --small-cards   # Wan 2.1 I2V 14B on 24 GB / 16 GB cards: quantized, group offload
     python benchmarks/memory.py --small-cards --comfyui ../shared/comfyui-0.33   # and Learn Motion (native) there
     python benchmarks/memory.py --model ltx2 --validate   # LTX-2: bf16 at 121/97/49 frames, and 24 GB / 16 GB cards
+    python benchmarks/memory.py --model 1.5   # CogVideoX 1.5: the transformer's figures (no encoder/VAE report)
+    python benchmarks/memory.py --model 5b 1.5 wan2.1 --tiny   # a dry run on each checkpoint's tiny config
 """
 
 from __future__ import annotations
@@ -2222,7 +2231,7 @@ COMPONENT_REPORTS = {"wan": wan_report, "hunyuanvideo15": hunyuan_report, "ltx2"
 REPORT_KEYS = {"hunyuanvideo15": "hunyuan"}
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--training-json", type=Path, help="output of `benchmarks/block.py training --out FILE`")
     parser.add_argument("--objects", type=int, default=3)
@@ -2256,7 +2265,11 @@ def main(argv=None) -> dict:
         action="store_true",
         help="only Wan 2.1 I2V 14B on 24 GB and 16 GB cards: quantized weights, group offloading",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     if args.small_cards:
         report = wan_small_cards(args)
         if args.comfyui:

@@ -294,14 +294,41 @@ def test_memory_benchmark_counters_agree_with_the_cpu_allocator():
     """The meta-device counters BENCHMARKS.md's memory tables rest on, against real runs of small
     models: live bytes of a VAE decode and a CogVideoX block against the CPU allocator, a Wan block's
     saved-for-backward bytes on meta against the same block on the CPU (FlexiMMT's and diffusers'),
-    a Wan transformer's forward + backward, a HunyuanVideo 1.5 transformer's forward + backward on
-    meta (its masks' counts given, KnownMasks) against the same run with real masks on the CPU, and an
-    LTX-2 transformer's forward + backward (both streams, FlexiMMT's processors and diffusers')."""
+    a Wan transformer's forward + backward, and every registered checkpoint's tiny transformer through a
+    training step's forward + backward as ``MetaRun`` counts it on meta (the family's own inputs, HunyuanVideo
+    1.5's masks' counts given to KnownMasks, the layouts built on the CPU and moved) against the same run on the
+    CPU with real values, FlexiMMT's processors and diffusers'."""
     memory = load_memory_module()
-    ratios = {**memory.validate(), **memory.validate_wan(), **memory.validate_hunyuan(), **memory.validate_ltx2()}
-    assert len(ratios) == 9
+    ratios = {**memory.validate(), **memory.validate_wan()}
+    for model in memory.CHECKPOINTS:
+        ratios.update(memory.validate_family(model))
+    assert len(ratios) == 5 + 2 * len(memory.CHECKPOINTS)
     for name, ratio in ratios.items():
         assert abs(ratio - 1) < 0.01, (name, ratio)
+
+
+def test_memory_benchmark_counts_every_registered_checkpoint(tmp_path):
+    """``memory.py --model ... --tiny``: every checkpoint a family's adapter declares (``--model``'s choices are the
+    registered true sizes) is counted through ``MetaRun`` with no line of memory.py naming it: FlexiMMT's step holds
+    more than diffusers' (the motion tokens and their layout), gradient checkpointing lowers the training step, and
+    the rows add the weights and the optimiser's bytes to those peaks."""
+    memory = load_memory_module()
+    models = list(memory.CHECKPOINTS)
+    assert {"5b", "wan2.1", "hunyuan1.5", "ltx2"} <= set(models)
+    out = tmp_path / "memory.json"
+    reports = memory.main(["--model", *models, "--tiny", "--objects", "2", "--tokens", "8", "--out", str(out)])
+    assert json.loads(out.read_text()).keys() == reports.keys()
+    counted = {report["model"]: report for family in reports.values() for report in family}
+    assert set(counted) == set(models)
+    for model, report in counted.items():
+        peaks, rows = report["peaks_gib"], {label: total for label, total, _ in report["rows"]}
+        assert peaks["step_flexi"] > peaks["step_plain"] > 0, model
+        assert peaks["train_flexi_ckpt"] < peaks["train_flexi_nockpt"], model
+        assert peaks["train_plain_ckpt"] < peaks["train_plain_nockpt"], model
+        weights = rows["inference, diffusers, the transformer's phase"] - peaks["step_plain"]
+        assert weights > 0, model
+        ckpt = rows["training step, gradient_checkpointing=True, encoders/VAE offloaded after caching (the defaults)"]
+        assert ckpt > weights + peaks["train_flexi_ckpt"], model  # the optimiser's bytes on top
 
 
 @pytest.mark.comfy

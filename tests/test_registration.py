@@ -1,8 +1,8 @@
 """A model family is its adapter module, its tiny components and one registration line in
 ``fleximmt/models/__init__.py``: everything else that names the families is derived from the registrations
 (``SUPPORTED``, ``REGISTRY``, ``fleximmt``'s lazy exports and ``__all__``, the command line's help, ComfyUI's
-model list, the contract suite's table from the rows each family's tiny module declares), and what Wan,
-HunyuanVideo 1.5 and LTX-2 share lives once in ``models/shared.py``."""
+model list, the contract suite's table from the rows each family's tiny module declares, the benchmarks' models and
+memory.py's figures), and what Wan, HunyuanVideo 1.5 and LTX-2 share lives once in ``models/shared.py``."""
 
 from __future__ import annotations
 
@@ -106,11 +106,13 @@ seen = {
     "generate_help": help_of("generate"),
 }
 sys.path.insert(0, benchmarks)  # the benchmarks' --model choices (parsers built, no model run)
-import block, gpu
+import block, gpu, memory
 
 choices = lambda parser: next(a for a in parser._actions if a.dest == "model").choices
-seen["bench_models"] = {"block": choices(block.build_parser()), "gpu": choices(gpu.build_parser())}
+seen["bench_models"] = {name: choices(m.build_parser()) for name, m in (("block", block), ("gpu", gpu), ("memory", memory))}
 seen["bench_family"] = gpu.CHECKPOINTS["probe-14b"][0].family
+# memory.py counts the probe's checkpoint (its tiny config: a dry run) with no line naming the family
+seen["memory"] = memory.main(["--model", "probe-14b", "--tiny", "--tokens", "8"])
 if comfyui:  # the node pack's V3 nodes, from ComfyUI's source (comfy_api)
     sys.path.insert(0, comfyui)
     folder_paths = types.ModuleType("folder_paths")  # ComfyUI's, as the Load FlexiMMT model node reads it
@@ -180,6 +182,8 @@ def test_a_family_registered_by_one_line_reaches_every_place_that_names_the_fami
     assert all("probe-14b" in models for models in seen["bench_models"].values())
     assert all({"5b", "wan2.1", "hunyuan1.5", "ltx2"} < set(models) for models in seen["bench_models"].values())
     assert seen["bench_family"] == "probe"
+    (report,) = seen["memory"]["probe"]
+    assert report["model"] == "probe-14b" and report["peaks_gib"]["step_flexi"] > report["peaks_gib"]["step_plain"] > 0
 
 
 def test_a_family_registered_by_one_line_gets_the_contract_suites_tests_from_its_tiny_module(tmp_path):
