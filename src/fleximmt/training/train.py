@@ -642,6 +642,33 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
+def learned_motion(
+    experts: list[torch.Tensor],
+    output: Path,
+    caption: str,
+    concept_words: str,
+    motion_words: str,
+    fingerprints: dict[str, Any],
+    cfg: TrainSettings,
+    family: str,
+    loras: list[dict[str, Any]] | None = None,
+) -> MotionTokens:
+    """The motion :func:`fit_tokens` learned (its experts' tokens, on the CPU), named after ``output`` and stamped
+    with what it was learned from: the caption and its words, the base model's fingerprint and family, the steps
+    and the LoRAs fused into the model (``base_loras``; None: none known)."""
+    return MotionTokens(
+        [p.detach().cpu().clone() for p in experts],
+        name=output.stem,
+        caption=caption,
+        concept_words=concept_words,
+        motion_words=motion_words,
+        base_model=fingerprints["model"],
+        steps=cfg.steps,
+        family=family,
+        **({} if loras is None else {"base_loras": loras}),
+    )
+
+
 def train_motion(
     pipe,
     video,
@@ -839,16 +866,8 @@ def _train(
         desc=f"training {output.name}",
     )
 
-    motion = MotionTokens(
-        [p.detach().cpu().clone() for p in experts],
-        name=output.stem,
-        caption=caption,
-        concept_words=concept_words,
-        motion_words=motion_words,
-        base_model=fingerprints["model"],
-        steps=cfg.steps,
-        family=adapter.family,
-        base_loras=base_loras(pipe),
+    motion = learned_motion(
+        experts, output, caption, concept_words, motion_words, fingerprints, cfg, adapter.family, base_loras(pipe)
     )
     if proc.is_main_process or not distributed:
         motion.save(output)

@@ -119,6 +119,32 @@ def mask_kernel_input() -> io.Combo.Input:
     )
 
 
+def learn_text_inputs(motion_words_use: str) -> list:
+    """The inputs both Learn nodes share that name the motion: the caption, its concept and motion words (what
+    ``motion_words_use`` says the motion words are for), and the motion's file name."""
+    return [
+        io.String.Input(
+            "caption",
+            default="",
+            multiline=True,
+            tooltip="What happens in the video, e.g. 'A man is doing yoga.'",
+        ),
+        io.String.Input(
+            "concept_words", default="", tooltip="The caption's words naming the moving object, e.g. 'man'."
+        ),
+        io.String.Input(
+            "motion_words",
+            default="",
+            tooltip=f"The caption's words describing the motion, e.g. 'is doing yoga'. {motion_words_use}",
+        ),
+        io.String.Input(
+            "name",
+            default="motion",
+            tooltip="The motion's file name in models/fleximmt_motions (letters, digits, spaces, '.', '_', '-').",
+        ),
+    ]
+
+
 def learn_run_inputs() -> list:
     """The inputs both Learn nodes share: the seed, resume, and the reference video's fps."""
     return [

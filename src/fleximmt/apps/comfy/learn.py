@@ -30,7 +30,7 @@ from ...errors import FlexiMMTInputError
 from ...method.kernels import DEFAULT_KERNEL
 from ...method.kernels import check as check_kernel
 from ...method.kernels import mask_kernel as kernel_named
-from ...method.motion import MotionTokens, check_motion_name, motion_metadata
+from ...method.motion import check_motion_name, motion_metadata
 from ...training.train import (
     Conditions,
     Reference,
@@ -40,10 +40,18 @@ from ...training.train import (
     checkpoint_path,
     checkpointing_needed,
     fit_tokens,
+    learned_motion,
     load_reference,
     prepare_conditions,
 )
-from .common import CATEGORY, MOTIONS_FOLDER, learn_run_inputs, mask_kernel_input, motions_dir
+from .common import (
+    CATEGORY,
+    MOTIONS_FOLDER,
+    learn_run_inputs,
+    learn_text_inputs,
+    mask_kernel_input,
+    motions_dir,
+)
 from .common import MOTION as MOTION_TYPE
 from .native import family_of
 from .native.training import NativeTraining, compute_dtype
@@ -230,16 +238,7 @@ def learn_native(
             callback=callback,
             desc=f"learning {output.name}",
         )
-    motion = MotionTokens(
-        [p.detach().cpu().clone() for p in experts],
-        name=output.stem,
-        caption=caption,
-        concept_words=concept_words,
-        motion_words=motion_words,
-        base_model=fingerprints["model"],
-        steps=cfg.steps,
-        family=trainer.family,
-    )
+    motion = learned_motion(experts, output, caption, concept_words, motion_words, fingerprints, cfg, trainer.family)
     motion.save(output)
     return TrainResult(motion, losses)
 
@@ -371,27 +370,7 @@ class LearnMotionNative(io.ComfyNode):
                     tooltip="The reference video's frames (Load Video -> Get Video Components), at the size "
                     "to learn at (multiples of 16, LTX-2: 32; resize with Upscale Image, or set width and height).",
                 ),
-                io.String.Input(
-                    "caption",
-                    default="",
-                    multiline=True,
-                    tooltip="What happens in the video, e.g. 'A man is doing yoga.'",
-                ),
-                io.String.Input(
-                    "concept_words", default="", tooltip="The caption's words naming the moving object, e.g. 'man'."
-                ),
-                io.String.Input(
-                    "motion_words",
-                    default="",
-                    tooltip="The caption's words describing the motion, e.g. 'is doing yoga'; Apply FlexiMMT's "
-                    "prompt gives the object such words.",
-                ),
-                io.String.Input(
-                    "name",
-                    default="motion",
-                    tooltip="The motion's file name in models/fleximmt_motions (letters, digits, spaces, '.', "
-                    "'_', '-').",
-                ),
+                *learn_text_inputs("Apply FlexiMMT's prompt gives the object such words."),
                 io.Int.Input(
                     "steps", default=TrainSettings.steps, min=1, max=100000, tooltip="Training steps (the paper: 2000)."
                 ),

@@ -44,6 +44,7 @@ from .common import (
     OBJECTS,
     PIPE,
     learn_run_inputs,
+    learn_text_inputs,
     mask_kernel_input,
     mask_source_input,
     motion_files,
@@ -417,27 +418,7 @@ class LearnMotion(io.ComfyNode):
                     tooltip="The reference video's frames (e.g. Load Video -> Get Video Components); "
                     "resized to the model's size.",
                 ),
-                io.String.Input(
-                    "caption",
-                    default="",
-                    multiline=True,
-                    tooltip="What happens in the video, e.g. 'A man is doing yoga.'",
-                ),
-                io.String.Input(
-                    "concept_words", default="", tooltip="The caption's words naming the moving object, e.g. 'man'."
-                ),
-                io.String.Input(
-                    "motion_words",
-                    default="",
-                    tooltip="The caption's words describing the motion, e.g. 'is doing yoga'. Transfer's prompt "
-                    "uses such words for the object.",
-                ),
-                io.String.Input(
-                    "name",
-                    default="motion",
-                    tooltip="The motion's file name in models/fleximmt_motions (letters, digits, spaces, '.', "
-                    "'_', '-').",
-                ),
+                *learn_text_inputs("Transfer's prompt uses such words for the object."),
                 io.Int.Input(
                     "steps",
                     default=0,
