@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import sys
+import typing
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -172,71 +174,6 @@ def rotary(cfg, height: int, width: int, latent_frames: int, device="cpu"):
 
 GiB, MiB = 2**30, 2**20
 BF16 = torch.bfloat16
-# T5 v1.1 XXL (google/t5-v1_1-xxl, CogVideoX's text_encoder/config.json): only its encoder is loaded
-T5_XXL = dict(
-    d_model=4096,
-    d_ff=10240,
-    d_kv=64,
-    num_heads=64,
-    num_layers=24,
-    vocab_size=32128,
-    feed_forward_proj="gated-gelu",
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    layer_norm_epsilon=1e-6,
-    dropout_rate=0.1,
-    tie_word_embeddings=False,
-)
-# CogVideoX-5B(-I2V)'s vae/config.json: AutoencoderKLCogVideoX's defaults but for the scaling factor
-VAE_5B = dict(scaling_factor=0.7)
-# google/umt5-xxl's encoder, as Wan's text_encoder/config.json (Wan-AI/Wan2.1-I2V-14B-480P-Diffusers) gives it
-UMT5_XXL = dict(
-    d_model=4096,
-    d_ff=10240,
-    d_kv=64,
-    num_heads=64,
-    num_layers=24,
-    num_decoder_layers=24,
-    vocab_size=256384,
-    feed_forward_proj="gated-gelu",
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    layer_norm_epsilon=1e-6,
-    dropout_rate=0.1,
-    tie_word_embeddings=False,
-    scalable_attention=True,
-)
-# Wan 2.1 I2V's image_encoder/config.json: CLIPVisionModel, OpenCLIP ViT-H/14 (laion2B), 257 tokens at 224 px
-CLIP_VIT_H14 = dict(
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=16,
-    patch_size=14,
-    image_size=224,
-    projection_dim=1024,
-    hidden_act="gelu",
-    layer_norm_eps=1e-5,
-    num_channels=3,
-)
-# vae/config.json: Wan 2.1 uses AutoencoderKLWan's defaults; Wan2.2-TI2V-5B-Diffusers' VAE (latents_mean/std
-# left at placeholders: they scale latents and take no memory)
-WAN_VAES = {
-    "wan2.1": {},
-    "wan2.2-5b": dict(
-        base_dim=160,
-        decoder_base_dim=256,
-        z_dim=48,
-        is_residual=True,
-        in_channels=12,
-        out_channels=12,
-        patch_size=2,
-        scale_factor_spatial=16,
-        scale_factor_temporal=4,
-        latents_mean=[0.0] * 48,
-        latents_std=[1.0] * 48,
-    ),
-}
 # Measured with `benchmarks/block.py training --repeats 1 --out FILE` (2026-11-25, float32 on this CPU,
 # commit a00cedf; BENCHMARKS.md): the MiB one block at 480x720x49, batch 1, saves for backward (and
 # restated in bf16), its inputs, and the peak RSS above the pre-run level of its forward + backward.
@@ -369,16 +306,34 @@ def measure_peak(fn, fused: bool = True, counter: type = LiveBytes, grad: bool =
     return mode.peak
 
 
-def meta_models():
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLCogVideoX
-    from transformers import T5Config, T5EncoderModel
+def component_class(pipeline_class: type, name: str) -> type:
+    """The class a pipeline's ``__init__`` takes for its component ``name`` (of a union, the first: the one the
+    checkpoints ship)."""
+    annotation = inspect.signature(pipeline_class.__init__).parameters[name].annotation
+    return typing.get_args(annotation)[0] if typing.get_args(annotation) else annotation
 
-    transformer = meta_transformer("5b")
+
+def meta_models(model: str) -> dict:
+    """A checkpoint's transformer (``meta_transformer``) and the pipeline's other models its adapter's true size
+    names (``TrueSize.components``: each one's config, its class the one the pipeline's ``__init__`` takes) on the
+    meta device in bf16 as ``from_pretrained(torch_dtype=torch.bfloat16)`` leaves them, frozen as train_motion
+    freezes them."""
+    return {"transformer": meta_transformer(model), **meta_components(model)}
+
+
+def meta_components(model: str) -> dict:
+    """The pipeline's models other than the transformer, as :func:`meta_models` builds them."""
+    from accelerate import init_empty_weights
+    from transformers import PreTrainedModel
+
+    adapter, true = CHECKPOINTS[model]
+    models = {}
     with init_empty_weights(include_buffers=True):
-        vae = AutoencoderKLCogVideoX(**VAE_5B).to(BF16)
-        text_encoder = T5EncoderModel(T5Config(**T5_XXL)).to(BF16)
-    return transformer, vae, text_encoder
+        for name, values in true.components.items():
+            cls = component_class(adapter.pipeline_class, name)
+            module = cls(cls.config_class(**values)) if issubclass(cls, PreTrainedModel) else cls(**values)
+            models[name] = module.to(BF16).requires_grad_(False)
+    return models
 
 
 def meta_transformer(model: str, config: dict | None = None) -> torch.nn.Module:
@@ -825,9 +780,10 @@ def transformer_report(model: str, args) -> dict:
     its adapter declares): its transformer's parameters, the meta peaks of a denoising step (diffusers' attention and
     FlexiMMT with K objects) and of a training step, and the rows the transformer decides: its weights and its peak,
     the transformer's phase under ``enable_model_cpu_offload()``, and training's steps with the encoders and VAE
-    offloaded after caching. Its encoders and VAE are not counted (the families below whose reports count them: Wan,
-    HunyuanVideo 1.5, LTX-2, and CogVideoX-5B). ``--tiny``: the checkpoint's tiny config at ``gpu.py --tiny``'s video (a
-    dry run)."""
+    offloaded after caching (or, where the true size names them, ``TrueSize.components``, left on the GPU: their
+    weights). Their peaks are not counted: how each is called is a family's own (the reports below count them for
+    Wan, HunyuanVideo 1.5, LTX-2 and CogVideoX-5B). ``--tiny``: the checkpoint's tiny config at ``gpu.py --tiny``'s
+    video, the transformer alone (a dry run)."""
     adapter, true = CHECKPOINTS[model]
     size = TINY_GEOMETRY if args.tiny else true.size
     values = adapter.config_at({**true.config, **(true.tiny if args.tiny else {})}, size, true.vae_scale)
@@ -845,9 +801,16 @@ def transformer_report(model: str, args) -> dict:
         for ckpt in (True, False)
     }
     height, width, frames = size
+    others = {} if args.tiny else meta_components(model)  # the true size's encoders and VAEs, where it names them
+    other_weights = sum(param_bytes(m) for m in others.values())
     print(
         f"\n== {true.name}, {height}x{width}x{frames}{' (tiny)' if args.tiny else ''} ==\nparameters (meta device): "
-        f"transformer {count / 1e9:.3f}B ({amount(weights)}); a step's largest forward: diffusers "
+        f"transformer {count / 1e9:.3f}B ({amount(weights)})"
+        + "".join(
+            f", {k} {sum(p.numel() for p in m.parameters()) / 1e9:.3f}B ({amount(param_bytes(m))})"
+            for k, m in others.items()
+        )
+        + "; a step's largest forward: diffusers "
         f"{amount(step_plain)}, FlexiMMT K = {args.objects} {amount(step_flexi)} "
         f"({step_flexi / step_plain:.3f}x); training forward + backward: "
         + ", ".join(f"{k} {'ckpt' if c else 'no ckpt'} {amount(v)}" for (k, c), v in train.items())
@@ -869,6 +832,17 @@ def transformer_report(model: str, args) -> dict:
             weights + optim + train[("flexi", False)],
             "as above, no checkpointing",
         ),
+        *(
+            [
+                (
+                    "training step, gradient_checkpointing=True, everything left on the GPU (offload_after_caching=False)",
+                    weights + other_weights + optim + train[("flexi", True)],
+                    "the row above + the other models' weights",
+                )
+            ]
+            if others
+            else []
+        ),
         (
             "plain forward + backward, checkpointing (reference)",
             weights + train[("plain", True)],
@@ -877,7 +851,7 @@ def transformer_report(model: str, args) -> dict:
         ("plain forward + backward, no checkpointing (reference)", weights + train[("plain", False)], "as above"),
     ]
     print(
-        f"\n| configuration, {true.name} {height}x{width}x{frames}, bf16, the transformer only | peak GPU memory | how |"
+        f"\n| configuration, {true.name} {height}x{width}x{frames}, bf16, the transformer's rows | peak GPU memory | how |"
         "\n|---|---|---|"
     )
     for label, total, how in rows:
@@ -885,7 +859,7 @@ def transformer_report(model: str, args) -> dict:
     return {
         "model": model,
         "size": list(size),
-        "params": {"transformer": count},
+        "params": {"transformer": count, **{k: sum(p.numel() for p in m.parameters()) for k, m in others.items()}},
         "rows": [(n, t / GiB, h) for n, t, h in rows],
         "peaks_gib": {
             "step_plain": step_plain / GiB,
@@ -897,27 +871,12 @@ def transformer_report(model: str, args) -> dict:
 
 # -- Wan 2.1 I2V 14B (480P) and Wan 2.2 TI2V-5B ---------------------------------------------------
 def wan_meta_models(model: str) -> dict:
-    """The real configs on the meta device in bf16, as ``from_pretrained(torch_dtype=torch.bfloat16)``
-    leaves them: the transformer's ``_keep_in_fp32_modules`` parameters in float32 (``meta_transformer``), and
-    RoPE's non-persistent buffers in float64 (as the tables have always counted them; diffusers 0.42.1's
-    ``get_1d_rotary_pos_embed`` returns them as float32 after computing in float64, so the RoPE rows may be
-    counted high by a few MiB)."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLWan
-    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
-
-    with init_empty_weights(include_buffers=True):
-        models = {
-            "vae": AutoencoderKLWan(**WAN_VAES[model]).to(BF16),
-            "text_encoder": UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(BF16),
-        }
-        if WAN_CONFIGS[model]["image_dim"]:
-            models["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H14)).to(BF16)
-    for module in models.values():
-        module.requires_grad_(False)  # as train_motion freezes them
-    transformer = meta_transformer(model)
-    transformer.rope.double()
-    return {"transformer": transformer, **models}
+    """``meta_models`` with RoPE's non-persistent buffers in float64 (as the tables have always counted them;
+    diffusers 0.42.1's ``get_1d_rotary_pos_embed`` returns them as float32 after computing in float64, so the RoPE
+    rows may be counted high by a few MiB)."""
+    models = meta_models(model)
+    models["transformer"].rope.double()
+    return models
 
 
 def family_state(
@@ -1270,77 +1229,8 @@ def wan_report(model: str, args) -> dict:
 
 
 # -- HunyuanVideo 1.5 I2V 480p ----------------------------------------------------------------------
-# The pipeline's encoders as diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py assembles them: text_encoder is
-# Qwen2.5-VL-7B-Instruct's language model (Qwen2_5_VLTextModel), text_encoder_2 google/byt5-small's encoder with
-# Glyph-SDXL-v2's weights and its color and font tokens (1,510 in all), image_encoder FLUX.1-Redux-dev's SigLIP
-# (google/siglip-so400m-patch14-384); the VAE is AutoencoderKLHunyuanVideo15's defaults
-QWEN25_VL_7B_TEXT = dict(
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    vocab_size=152064,
-    max_position_embeddings=128000,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    tie_word_embeddings=False,
-    rope_scaling={"type": "default", "rope_type": "default", "mrope_section": [16, 24, 24]},
-)
-BYT5_GLYPH = dict(
-    d_model=1472,
-    d_ff=3584,
-    d_kv=64,
-    num_heads=6,
-    num_layers=12,
-    num_decoder_layers=4,
-    vocab_size=1510,
-    feed_forward_proj="gated-gelu",
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    layer_norm_epsilon=1e-6,
-    dropout_rate=0.1,
-    tie_word_embeddings=False,
-    is_encoder_decoder=False,
-)
-SIGLIP_SO400M = dict(
-    hidden_size=1152,
-    intermediate_size=4304,
-    num_hidden_layers=27,
-    num_attention_heads=16,
-    image_size=384,
-    patch_size=14,
-    hidden_act="gelu_pytorch_tanh",
-    layer_norm_eps=1e-6,
-    num_channels=3,
-)
 HUNYUAN_TEMPLATE_TOKENS = 108  # the chat template's tokens before the prompt, encoded and then cropped (crop_start)
 HUNYUAN_FRAMES = (121, 61, 33)  # the default, and shorter videos / training windows
-
-
-def hunyuan_meta_models() -> dict:
-    """The real configs on the meta device in bf16 (``from_pretrained(torch_dtype=torch.bfloat16)``), frozen."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLHunyuanVideo15
-    from transformers import (
-        Qwen2_5_VLTextConfig,
-        Qwen2_5_VLTextModel,
-        SiglipVisionConfig,
-        SiglipVisionModel,
-        T5Config,
-        T5EncoderModel,
-    )
-
-    with init_empty_weights(include_buffers=True):
-        models = {
-            "vae": AutoencoderKLHunyuanVideo15().to(BF16),
-            "text_encoder": Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**QWEN25_VL_7B_TEXT)).to(BF16),
-            "text_encoder_2": T5EncoderModel(T5Config(**BYT5_GLYPH)).to(BF16),
-            "image_encoder": SiglipVisionModel(SiglipVisionConfig(**SIGLIP_SO400M)).to(BF16),
-        }
-    for module in models.values():
-        module.requires_grad_(False)  # as train_motion freezes them
-    return {"transformer": meta_transformer("hunyuan1.5"), **models}
 
 
 def diffusers_mask_bytes(tokens: int) -> dict[str, int]:
@@ -1378,7 +1268,7 @@ def hunyuan_encoder_peaks(models: dict) -> dict[str, int]:
 def hunyuan_report(model: str, args) -> dict:
     """Parameters, meta peaks and the peak-memory table of HunyuanVideo 1.5 I2V 480p, at 121 frames and fewer."""
     name = HUNYUAN_NAMES[model]
-    models = hunyuan_meta_models()
+    models = meta_models(model)
     transformer, vae = models["transformer"], models["vae"]
     run = MetaRun("hunyuan1.5", transformer)
     height, width, _ = hunyuan_size(transformer.config)
@@ -1945,80 +1835,8 @@ def comfy_small_cards(args, library: dict) -> dict:
 
 
 # -- LTX-2 (Lightricks/LTX-2, 19B) -------------------------------------------------------------------------------
-# The pipeline's components as diffusers' scripts/convert_ltx2_to_diffusers.py assembles LTX-2.0: the transformer
-# (block.py's LTX2_CONFIGS), the video VAE below, the connectors and the vocoder at their classes' defaults (the
-# script's 2.0 values: 30 x 128 connectors of 2 layers, 128 registers; the 24 kHz vocoder), the audio VAE at its
-# class's defaults (8 latent channels, 64 mel bins: the transformer's 128 audio input channels), and Gemma 3 12B
-# (google/gemma-3-12b-it-qat-q4_0-unquantized's config) as text encoder, its SigLIP vision tower included
-GEMMA3_12B_TEXT = dict(
-    hidden_size=3840,
-    intermediate_size=15360,
-    num_hidden_layers=48,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=256,
-    vocab_size=262208,
-    sliding_window=1024,
-    query_pre_attn_scalar=256,
-    max_position_embeddings=131072,
-)
-GEMMA3_VISION = dict(
-    hidden_size=1152,
-    intermediate_size=4304,
-    num_hidden_layers=27,
-    num_attention_heads=16,
-    image_size=896,
-    patch_size=14,
-    vision_use_head=False,
-)
-LTX2_VAE = dict(
-    latent_channels=128,
-    block_out_channels=(256, 512, 1024, 2048),
-    decoder_block_out_channels=(256, 512, 1024),
-    layers_per_block=(4, 6, 6, 2, 2),
-    decoder_layers_per_block=(5, 5, 5, 5),
-    spatio_temporal_scaling=(True, True, True, True),
-    decoder_spatio_temporal_scaling=(True, True, True),
-    decoder_inject_noise=(False, False, False, False),
-    downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
-    upsample_residual=(True, True, True),
-    upsample_factor=(2, 2, 2),
-    timestep_conditioning=False,
-    patch_size=4,
-    patch_size_t=1,
-    encoder_causal=True,
-    decoder_causal=False,
-    spatial_compression_ratio=32,
-    temporal_compression_ratio=8,
-)
 LTX2_FRAMES = (121, 97, 49)  # the pipeline's default and shorter videos / training windows (8k+1)
 LTX2_TRAIN_FRAMES = (121, 97, 49, 25)
-
-
-def ltx2_meta_models() -> dict:
-    """The real configs on the meta device in bf16 (``from_pretrained(torch_dtype=torch.bfloat16)``), frozen."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
-    from diffusers.pipelines.ltx2 import LTX2TextConnectors
-    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
-
-    with init_empty_weights(include_buffers=True):
-        gemma = Gemma3Config(
-            text_config=Gemma3TextConfig(**GEMMA3_12B_TEXT),
-            vision_config=SiglipVisionConfig(**GEMMA3_VISION),
-            mm_tokens_per_image=256,
-        )
-        models = {
-            "vae": AutoencoderKLLTX2Video(**LTX2_VAE).to(BF16),
-            "audio_vae": AutoencoderKLLTX2Audio().to(BF16),
-            "vocoder": LTX2Vocoder().to(BF16),
-            "text_encoder": Gemma3ForConditionalGeneration(gemma).to(BF16),
-            "connectors": LTX2TextConnectors().to(BF16),
-        }
-    for module in models.values():
-        module.requires_grad_(False)  # as train_motion freezes them
-    return {"transformer": meta_transformer("ltx2"), **models}
 
 
 def ltx2_encoder_peaks(models: dict, size) -> dict[str, int]:
@@ -2056,7 +1874,7 @@ def ltx2_report(model: str, args) -> dict:
     """Parameters, meta peaks and LTX-2's peak-memory tables: bf16 at 121, 97 and 49 frames, and on 24 GB and 16 GB
     cards (the transformer and Gemma quantized, model offload or the transformer's group offloading)."""
     name = LTX2_NAMES[model]
-    models = ltx2_meta_models()
+    models = meta_models(model)
     transformer, vae = models["transformer"], models["vae"]
     run = MetaRun("ltx2", transformer)
     height, width, _ = LTX2_GEOMETRY
@@ -2294,7 +2112,8 @@ def main(argv=None) -> dict:
         if args.out:
             args.out.write_text(json.dumps(reports, indent=1, default=str))
         return reports
-    transformer, vae, text_encoder = meta_models()
+    models = meta_models("5b")
+    transformer, vae, text_encoder = models["transformer"], models["vae"], models["text_encoder"]
     n_tr, n_vae, n_t5 = (sum(p.numel() for p in m.parameters()) for m in (transformer, vae, text_encoder))
     w_tr, w_vae, w_t5 = param_bytes(transformer), param_bytes(vae), param_bytes(text_encoder)
     print(

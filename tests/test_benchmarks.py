@@ -307,6 +307,32 @@ def test_memory_benchmark_counters_agree_with_the_cpu_allocator():
         assert abs(ratio - 1) < 0.01, (name, ratio)
 
 
+def test_memory_benchmark_builds_each_checkpoints_other_models_from_its_adapter():
+    """The encoders and VAEs memory.py counts are built from the configs each adapter module declares
+    (``TrueSize.components``), as the classes the family's pipeline takes: at the sizes of the models the checkpoints
+    ship (parameters in billions; T5 v1.1 XXL's encoder, umT5-XXL's, OpenCLIP ViT-H/14, Qwen2.5-VL-7B's language
+    model, ByT5-small's encoder with Glyph-SDXL-v2's vocabulary, SigLIP so400m, Gemma 3 12B with its vision tower)."""
+    import inspect
+
+    memory = load_memory_module()
+    expected = {
+        "5b": {"vae": 0.216, "text_encoder": 4.762},
+        "wan2.1": {"vae": 0.127, "text_encoder": 5.681, "image_encoder": 0.631},
+        "wan2.2-5b": {"vae": 0.705, "text_encoder": 5.681},
+        "hunyuan1.5": {"vae": 1.261, "text_encoder": 7.071, "text_encoder_2": 0.219, "image_encoder": 0.428},
+        "ltx2": {"vae": 1.222, "audio_vae": 0.053, "vocoder": 0.056, "text_encoder": 12.187, "connectors": 1.431},
+    }
+    for model, sizes in expected.items():
+        adapter, _ = memory.CHECKPOINTS[model]
+        components = memory.meta_components(model)
+        takes = inspect.signature(adapter.pipeline_class.__init__).parameters
+        assert list(components) == list(sizes), model
+        for name, module in components.items():
+            assert isinstance(module, memory.component_class(adapter.pipeline_class, name)) and name in takes
+            assert round(sum(p.numel() for p in module.parameters()) / 1e9, 3) == sizes[name], (model, name)
+            assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in module.parameters())
+
+
 def test_memory_benchmark_counts_every_registered_checkpoint(tmp_path):
     """``memory.py --model ... --tiny``: every checkpoint a family's adapter declares (``--model``'s choices are the
     registered true sizes) is counted through ``MetaRun`` with no line of memory.py naming it: FlexiMMT's step holds

@@ -99,6 +99,9 @@ class TrueSize:
     text: dict[str, int]
     tiny: dict[str, Any] = field(default_factory=dict)  # config values of a tiny transformer of its shape (dry runs)
     tiny_text: dict[str, int] | None = None  # the tiny transformer's text (None: as the true size's)
+    # the pipeline's other models (encoders, VAEs), by component name: each one's config as the checkpoint's files
+    # give it (a transformers model's: its config class's values), built as the class the pipeline's __init__ takes
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def text_of(self, tiny: bool) -> dict[str, int]:
         """The text of the true-size transformer, or of the tiny one."""

@@ -68,6 +68,23 @@ TINY = dict(
     sample_width=12,
     sample_frames=9,
 )
+# T5 v1.1 XXL (google/t5-v1_1-xxl, CogVideoX's text_encoder/config.json): only its encoder is loaded
+T5_XXL = dict(
+    d_model=4096,
+    d_ff=10240,
+    d_kv=64,
+    num_heads=64,
+    num_layers=24,
+    vocab_size=32128,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6,
+    dropout_rate=0.1,
+    tie_word_embeddings=False,
+)
+# CogVideoX-5B(-I2V)'s vae/config.json: AutoencoderKLCogVideoX's defaults but for the scaling factor
+VAE_5B = dict(scaling_factor=0.7)
 TRUE_SIZES = {
     # THUDM/CogVideoX-5b-I2V at its only size (learned positions): 480 x 720 x 49
     "5b": TrueSize(
@@ -84,6 +101,7 @@ TRUE_SIZES = {
         {"prompt": 226},
         TINY,
         {"prompt": TINY["max_text_seq_length"]},
+        components={"vae": VAE_5B, "text_encoder": T5_XXL},
     ),
     # THUDM/CogVideoX1.5-5B-I2V: temporal patches of 2 latent frames, ofs embedding, no learned positions; its
     # model card's 1360 x 768 (min side 768, max side <= 1360), 81 frames

@@ -53,6 +53,51 @@ from .shared import (
 
 logger = logging.getLogger(__name__)
 
+# The pipeline's encoders as diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py assembles them: text_encoder is
+# Qwen2.5-VL-7B-Instruct's language model (Qwen2_5_VLTextModel), text_encoder_2 google/byt5-small's encoder with
+# Glyph-SDXL-v2's weights and its color and font tokens (1,510 in all), image_encoder FLUX.1-Redux-dev's SigLIP
+# (google/siglip-so400m-patch14-384); the VAE is AutoencoderKLHunyuanVideo15's defaults
+QWEN25_VL_7B_TEXT = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    max_position_embeddings=128000,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=False,
+    rope_scaling={"type": "default", "rope_type": "default", "mrope_section": [16, 24, 24]},
+)
+BYT5_GLYPH = dict(
+    d_model=1472,
+    d_ff=3584,
+    d_kv=64,
+    num_heads=6,
+    num_layers=12,
+    num_decoder_layers=4,
+    vocab_size=1510,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6,
+    dropout_rate=0.1,
+    tie_word_embeddings=False,
+    is_encoder_decoder=False,
+)
+SIGLIP_SO400M = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=384,
+    patch_size=14,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+    num_channels=3,
+)
+
 DEFAULT_MODEL = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_i2v"
 CHECKPOINTS = (DEFAULT_MODEL, "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_i2v")
 VAE_SCALE = (16, 4)  # AutoencoderKLHunyuanVideo15's defaults (its checkpoint's): spatial, temporal; 32 channels
@@ -87,6 +132,12 @@ TRUE_SIZES = {
             rope_axes_dim=(8, 12, 12),
         ),
         {"image": 16, "glyph": 8, "prompt": 40, "valid": 12, "valid_negative": 3, "valid_glyphs": 0},
+        components={
+            "vae": {},
+            "text_encoder": QWEN25_VL_7B_TEXT,
+            "text_encoder_2": BYT5_GLYPH,
+            "image_encoder": SIGLIP_SO400M,
+        },
     )
 }
 MARKER = "\ue000"  # a private-use character no template holds: it shows where the prompt goes

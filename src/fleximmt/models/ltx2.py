@@ -51,6 +51,53 @@ from .shared import (
     text_path_projector,
 )
 
+# The pipeline's components as diffusers' scripts/convert_ltx2_to_diffusers.py assembles LTX-2.0: the transformer
+# (TRUE_SIZES below), the video VAE below, the connectors and the vocoder at their classes' defaults (the
+# script's 2.0 values: 30 x 128 connectors of 2 layers, 128 registers; the 24 kHz vocoder), the audio VAE at its
+# class's defaults (8 latent channels, 64 mel bins: the transformer's 128 audio input channels), and Gemma 3 12B
+# (google/gemma-3-12b-it-qat-q4_0-unquantized's config) as text encoder, its SigLIP vision tower included
+GEMMA3_12B_TEXT = dict(
+    hidden_size=3840,
+    intermediate_size=15360,
+    num_hidden_layers=48,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=256,
+    vocab_size=262208,
+    sliding_window=1024,
+    query_pre_attn_scalar=256,
+    max_position_embeddings=131072,
+)
+GEMMA3_VISION = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=896,
+    patch_size=14,
+    vision_use_head=False,
+)
+LTX2_VAE = dict(
+    latent_channels=128,
+    block_out_channels=(256, 512, 1024, 2048),
+    decoder_block_out_channels=(256, 512, 1024),
+    layers_per_block=(4, 6, 6, 2, 2),
+    decoder_layers_per_block=(5, 5, 5, 5),
+    spatio_temporal_scaling=(True, True, True, True),
+    decoder_spatio_temporal_scaling=(True, True, True),
+    decoder_inject_noise=(False, False, False, False),
+    downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+    upsample_residual=(True, True, True),
+    upsample_factor=(2, 2, 2),
+    timestep_conditioning=False,
+    patch_size=4,
+    patch_size_t=1,
+    encoder_causal=True,
+    decoder_causal=False,
+    spatial_compression_ratio=32,
+    temporal_compression_ratio=8,
+)
+
 DEFAULT_MODEL = "Lightricks/LTX-2"
 # diffusers' frame count when a call gives none and the pipeline has no duration head (LTX-2.0 / 2.3):
 # set in LTX2ImageToVideoPipeline.__call__'s body, not in its signature
@@ -99,6 +146,17 @@ TRUE_SIZES = {
             num_layers=3,
         ),
         {"prompt": 64},
+        components={
+            "vae": LTX2_VAE,
+            "audio_vae": {},
+            "vocoder": {},
+            "text_encoder": {
+                "text_config": GEMMA3_12B_TEXT,
+                "vision_config": GEMMA3_VISION,
+                "mm_tokens_per_image": 256,
+            },
+            "connectors": {},
+        },
     )
 }
 

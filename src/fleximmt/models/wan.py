@@ -68,6 +68,54 @@ CONFIG = dict(
 TINY = dict(num_attention_heads=2, attention_head_dim=32, num_layers=3, ffn_dim=128, text_dim=32, freq_dim=32)
 # umT5's context (the processors' hard-coded 512) and CLIP ViT-H/14's 16 x 16 + 1 image tokens (Wan 2.1 I2V)
 TEXT_TOKENS, IMAGE_TOKENS = 512, 257
+# google/umt5-xxl's encoder, as Wan's text_encoder/config.json (Wan-AI/Wan2.1-I2V-14B-480P-Diffusers) gives it
+UMT5_XXL = dict(
+    d_model=4096,
+    d_ff=10240,
+    d_kv=64,
+    num_heads=64,
+    num_layers=24,
+    num_decoder_layers=24,
+    vocab_size=256384,
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6,
+    dropout_rate=0.1,
+    tie_word_embeddings=False,
+    scalable_attention=True,
+)
+# Wan 2.1 I2V's image_encoder/config.json: CLIPVisionModel, OpenCLIP ViT-H/14 (laion2B), 257 tokens at 224 px
+CLIP_VIT_H14 = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    patch_size=14,
+    image_size=224,
+    projection_dim=1024,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    num_channels=3,
+)
+# vae/config.json: Wan 2.1 uses AutoencoderKLWan's defaults; Wan2.2-TI2V-5B-Diffusers' VAE (latents_mean/std
+# left at placeholders: they scale latents and take no memory)
+WAN_VAES = {
+    "wan2.1": {},
+    "wan2.2-5b": dict(
+        base_dim=160,
+        decoder_base_dim=256,
+        z_dim=48,
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+        latents_mean=[0.0] * 48,
+        latents_std=[1.0] * 48,
+    ),
+}
 TRUE_SIZES = {
     # I2V 14B 480P: CLIP image tokens through attn2's add_k_proj / add_v_proj; diffusers' pipeline defaults
     "wan2.1": TrueSize(
@@ -86,6 +134,7 @@ TRUE_SIZES = {
         (8, 4),
         {"prompt": TEXT_TOKENS, "image": IMAGE_TOKENS},
         {**TINY, "image_dim": 32, "added_kv_proj_dim": TINY["num_attention_heads"] * TINY["attention_head_dim"]},
+        components={"vae": WAN_VAES["wan2.1"], "text_encoder": UMT5_XXL, "image_encoder": CLIP_VIT_H14},
     ),
     # TI2V 5B: the image is the first latent frame, a timestep per token (expand_timesteps); Wan 2.2's VAE compresses
     # 16x; its model card and the authors' app: 720P as 704 x 1280, 121 frames at 24 fps
@@ -105,6 +154,7 @@ TRUE_SIZES = {
         (16, 4),
         {"prompt": TEXT_TOKENS},
         TINY,
+        components={"vae": WAN_VAES["wan2.2-5b"], "text_encoder": UMT5_XXL},
     ),
 }
 
