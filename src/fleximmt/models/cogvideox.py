@@ -26,7 +26,14 @@ from ..method.masks import PARTS
 from ..method.pipeline import FlexiMMTMixin
 from ..method.rows import BatchRows
 from ..method.tokens import BlockProcessor
-from .shared import carry_dispatch, check_no_context_parallelism, dispatched_attention, repeat_per_prompt
+from .shared import (
+    T5_V1_1,
+    T5_XXL_SIZE,
+    carry_dispatch,
+    check_no_context_parallelism,
+    dispatched_attention,
+    repeat_per_prompt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,20 +76,7 @@ TINY = dict(
     sample_frames=9,
 )
 # T5 v1.1 XXL (google/t5-v1_1-xxl, CogVideoX's text_encoder/config.json): only its encoder is loaded
-T5_XXL = dict(
-    d_model=4096,
-    d_ff=10240,
-    d_kv=64,
-    num_heads=64,
-    num_layers=24,
-    vocab_size=32128,
-    feed_forward_proj="gated-gelu",
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    layer_norm_epsilon=1e-6,
-    dropout_rate=0.1,
-    tie_word_embeddings=False,
-)
+T5_XXL = dict(**T5_V1_1, **T5_XXL_SIZE, vocab_size=32128)
 # CogVideoX-5B(-I2V)'s vae/config.json: AutoencoderKLCogVideoX's defaults but for the scaling factor
 VAE_5B = dict(scaling_factor=0.7)
 TRUE_SIZES = {

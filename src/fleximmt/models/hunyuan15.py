@@ -38,6 +38,7 @@ from ..method.prompt import find_word_spans
 from ..method.tokens import TextKeys
 from .shared import (
     FEATURE_SHARE,
+    T5_V1_1,
     SlotAdapter,
     SlotProcessor,
     StateSlot,
@@ -71,6 +72,7 @@ QWEN25_VL_7B_TEXT = dict(
     rope_scaling={"type": "default", "rope_type": "default", "mrope_section": [16, 24, 24]},
 )
 BYT5_GLYPH = dict(
+    **T5_V1_1,
     d_model=1472,
     d_ff=3584,
     d_kv=64,
@@ -78,12 +80,6 @@ BYT5_GLYPH = dict(
     num_layers=12,
     num_decoder_layers=4,
     vocab_size=1510,
-    feed_forward_proj="gated-gelu",
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    layer_norm_epsilon=1e-6,
-    dropout_rate=0.1,
-    tie_word_embeddings=False,
     is_encoder_decoder=False,
 )
 SIGLIP_SO400M = dict(

@@ -20,6 +20,18 @@ from ..method.tokens import BlockProcessor, TextKeys, VideoShard
 
 # RMPM averages the attention outputs of the first 70% of the blocks (docs/method.md#wan, #hunyuanvideo-15)
 FEATURE_SHARE = 0.7
+# What the T5 v1.1 configs of the pipelines' text encoders share (T5 v1.1 XXL's, umT5-XXL's and ByT5-small's
+# config.json: the gated-GELU feed-forward, relative position buckets, no tied embeddings), and the XXL size; the
+# adapters' true sizes (TrueSize.components) add each checkpoint's own values
+T5_V1_1 = dict(
+    feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6,
+    dropout_rate=0.1,
+    tie_word_embeddings=False,
+)
+T5_XXL_SIZE = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24)
 
 # diffusers' attention backends that take an attention mask; FlexiMMT's calls that need one go to
 # MASK_FALLBACK when the chosen backend is another (flash, sage, ...): docs/method.md#attention-without-an-n-x-n-mask's masked call

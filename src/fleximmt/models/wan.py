@@ -30,6 +30,8 @@ from ..method.masks import CROSS_PARTS, check_cross_parts
 from ..method.pipeline import FlexiMMTMixin
 from .shared import (
     FEATURE_SHARE,
+    T5_V1_1,
+    T5_XXL_SIZE,
     SlotAdapter,
     SlotProcessor,
     StateSlot,
@@ -69,22 +71,7 @@ TINY = dict(num_attention_heads=2, attention_head_dim=32, num_layers=3, ffn_dim=
 # umT5's context (the processors' hard-coded 512) and CLIP ViT-H/14's 16 x 16 + 1 image tokens (Wan 2.1 I2V)
 TEXT_TOKENS, IMAGE_TOKENS = 512, 257
 # google/umt5-xxl's encoder, as Wan's text_encoder/config.json (Wan-AI/Wan2.1-I2V-14B-480P-Diffusers) gives it
-UMT5_XXL = dict(
-    d_model=4096,
-    d_ff=10240,
-    d_kv=64,
-    num_heads=64,
-    num_layers=24,
-    num_decoder_layers=24,
-    vocab_size=256384,
-    feed_forward_proj="gated-gelu",
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    layer_norm_epsilon=1e-6,
-    dropout_rate=0.1,
-    tie_word_embeddings=False,
-    scalable_attention=True,
-)
+UMT5_XXL = dict(**T5_V1_1, **T5_XXL_SIZE, num_decoder_layers=24, vocab_size=256384, scalable_attention=True)
 # Wan 2.1 I2V's image_encoder/config.json: CLIPVisionModel, OpenCLIP ViT-H/14 (laion2B), 257 tokens at 224 px
 CLIP_VIT_H14 = dict(
     hidden_size=1280,
