@@ -101,45 +101,34 @@ def test_the_native_wan_example_learns_its_motions_on_both_experts_and_transfers
     assert video_frames(comfy_server, run).shape[1:] == (SIZE, SIZE, 3)
 
 
-@needs_native("CogVideoX")
-def test_the_native_cogvideox_example_learns_its_motions_and_transfers_them(
-    comfy_server,
-    cogvideox_prompt,  # noqa: F811 - the fixture imported above
-    inputs,
+# each 0.33-only example: its prompt fixture (at test size), workflow, motion name tag, family and video output node.
+# LTX-2's Learn nodes take the checkpoint's MODEL and video VAE and the audio text encoder's CLIP; nothing of the
+# audio VAE (the reference has no sound: training gives the audio stream noise)
+NATIVE_033_EXAMPLES = [
+    pytest.param(
+        "cogvideox_prompt", "native_cogvideox15_i2v", "cog-learned", "cogvideox", "21", marks=needs_native("CogVideoX")
+    ),
+    pytest.param(
+        "hunyuan15_prompt",
+        "native_hunyuan15_i2v",
+        "hy-learned",
+        "hunyuanvideo15",
+        "26",
+        marks=needs_native("HunyuanVideo 1.5"),
+    ),
+    pytest.param("ltx2_prompt", "native_ltx2_i2v", "ltx2-learned", "ltx2", "30", marks=needs_native("LTX-2")),
+]
+
+
+@pytest.mark.parametrize("fixture, workflow, tag, family, video", NATIVE_033_EXAMPLES)
+def test_each_native_example_learns_its_motions_and_transfers_them(
+    comfy_server, inputs, request, fixture, workflow, tag, family, video
 ):
-    prompt = learning(cogvideox_prompt, "native_cogvideox15_i2v", "cog-learned")
+    prompt = learning(request.getfixturevalue(fixture), workflow, tag)
     run = comfy_server.run(prompt)
     assert run.status == "success", (run.error, comfy_server.log()[-3000:])
-    assert all(m.family == "cogvideox" for m in learned(comfy_server, prompt, run))
-    assert video_frames(comfy_server, run, "21").shape[1:] == (SIZE, SIZE, 3)
-
-
-@needs_native("HunyuanVideo 1.5")
-def test_the_native_hunyuan15_example_learns_its_motions_and_transfers_them(
-    comfy_server,
-    hunyuan15_prompt,  # noqa: F811 - the fixture imported above
-    inputs,
-):
-    prompt = learning(hunyuan15_prompt, "native_hunyuan15_i2v", "hy-learned")
-    run = comfy_server.run(prompt)
-    assert run.status == "success", (run.error, comfy_server.log()[-3000:])
-    assert all(m.family == "hunyuanvideo15" for m in learned(comfy_server, prompt, run))
-    assert video_frames(comfy_server, run, "26").shape[1:] == (SIZE, SIZE, 3)
-
-
-@needs_native("LTX-2")
-def test_the_native_ltx2_example_learns_its_motions_and_transfers_them(
-    comfy_server,
-    ltx2_prompt,  # noqa: F811 - the fixture imported above
-    inputs,
-):
-    """LTX-2's Learn nodes take the checkpoint's MODEL and video VAE and the audio text encoder's CLIP; nothing of the
-    audio VAE (the reference has no sound: training gives the audio stream noise)."""
-    prompt = learning(ltx2_prompt, "native_ltx2_i2v", "ltx2-learned")
-    run = comfy_server.run(prompt)
-    assert run.status == "success", (run.error, comfy_server.log()[-3000:])
-    assert all(m.family == "ltx2" for m in learned(comfy_server, prompt, run))
-    assert video_frames(comfy_server, run, "30").shape[1:] == (SIZE, SIZE, 3)
+    assert all(m.family == family for m in learned(comfy_server, prompt, run))
+    assert video_frames(comfy_server, run, video).shape[1:] == (SIZE, SIZE, 3)
 
 
 def learn_only(prompt: dict, node: str, name: str, steps: int) -> dict:
