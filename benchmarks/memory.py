@@ -592,8 +592,8 @@ class KnownMasks(TorchDispatchMode):
 
 
 class MetaRun:
-    """A checkpoint's transformer (``meta_transformer``; or ``transformer``, e.g. a small one on the CPU for
-    ``--validate``) run as its family's pipeline runs it: a denoising step's forwards, or a training step's forward
+    """A checkpoint's transformer (``meta_transformer``; or ``transformer`` as built, with diffusers' processors, e.g.
+    a small one on the CPU for ``--validate``) run as its family's pipeline runs it: a denoising step's forwards, or a training step's forward
     and backward, with the inputs the family's adapter draws for them (``ModelAdapter.random_forwards``, drawn on the
     CPU and moved onto ``device``), diffusers' attention or FlexiMMT's as the adapter installs and attaches it (its
     forward hook reading the inputs' values, which meta tensors lack, from the CPU draws; the state's layouts built
@@ -609,8 +609,7 @@ class MetaRun:
         self.text = dict(text or self.true.text)
         self.adapter = self.adapter_class(SimpleNamespace(transformer=self.transformer))
         self.slots = isinstance(self.adapter, SlotAdapter)
-        if not hasattr(self.transformer, "_diffusers_processors"):  # as the transformer was built: diffusers' own
-            self.transformer._diffusers_processors = dict(self.transformer.attn_processors)
+        self.diffusers_processors = dict(self.transformer.attn_processors)  # as it was built: diffusers' own
 
     def geometry(self, size) -> dict:
         return geometry(self.cfg, self.true.vae_scale, *size)
@@ -681,7 +680,7 @@ class MetaRun:
     def use(self, state) -> None:
         """diffusers' attention (state None) or the family's FlexiMMT processors."""
         if state is None:
-            self.transformer.set_attn_processor(dict(self.transformer._diffusers_processors))
+            self.transformer.set_attn_processor(dict(self.diffusers_processors))
         else:
             self.adapter.install_processors()
 
@@ -1979,7 +1978,7 @@ def ltx2_report(model: str, args) -> dict:
     )
     for label, values in columns.items():
         print(f"| {label} | " + " | ".join(f"{values[f] / GiB:.1f} GiB" for f in sizes) + " |")
-    cards = ltx2_small_cards(args, models, weights, peaks, optim)
+    cards = ltx2_small_cards(args, run, models, weights, peaks, optim)
     return {
         "model": model,
         "size": [height, width],
@@ -1992,7 +1991,7 @@ def ltx2_report(model: str, args) -> dict:
     }
 
 
-def ltx2_small_cards(args, models: dict, weights: dict, peaks: dict, optim: int) -> dict:
+def ltx2_small_cards(args, run: MetaRun, models: dict, weights: dict, peaks: dict, optim: int) -> dict:
     """LTX-2 on 24 GB and 16 GB cards: generation (121 frames, K objects) and motion training (gradient checkpointing,
     one object, windows of 121 to 25 frames), the transformer's and Gemma's Linear weights in bf16, int8 or 4-bit,
     one component on the GPU at a time (model offload) or the transformer under group offloading."""
@@ -2001,7 +2000,7 @@ def ltx2_small_cards(args, models: dict, weights: dict, peaks: dict, optim: int)
     train = {  # the checkpointed training step's forward + backward, at each window length
         f: peaks[f]["train_flexi_ckpt"]
         if f in peaks
-        else MetaRun("ltx2", transformer).training_peak(True, args.tokens, True, (height, width, f))
+        else run.training_peak(True, args.tokens, True, (height, width, f))
         for f in LTX2_TRAIN_FRAMES
     }
     vae_peak = max(peaks[frames]["decode_tiled"], peaks[frames]["encode_frame_tiled"], peaks[frames]["encode_tiled"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .contract import ContractRow
-from .vocabulary import WORDS, tiny_tokenizer
+from .vocabulary import WORDS, tiny_t5_encoder, tiny_tokenizer
 
 
 def tiny_components(
@@ -56,19 +56,7 @@ def tiny_components(
         invert_scale_latents=v15,
     )
     tokenizer = tiny_tokenizer(tuple(words))
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=text_dim,
-            d_kv=8,
-            d_ff=2 * text_dim,
-            num_layers=text_layers,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    text_encoder = tiny_t5_encoder(T5EncoderModel, T5Config, len(tokenizer), text_dim, text_layers)
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=heads,
         attention_head_dim=head_dim,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .contract import ContractRow
-from .vocabulary import WORDS, tiny_tokenizer
+from .vocabulary import WORDS, tiny_t5_encoder, tiny_tokenizer
 
 WAN_VERSIONS = ("2.1", "2.2", "2.2-ti2v")
 
@@ -57,19 +57,7 @@ def tiny_wan_components(
             base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
         )
     tokenizer = tiny_tokenizer(tuple(words))
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=text_dim,
-            d_kv=8,
-            d_ff=2 * text_dim,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    text_encoder = tiny_t5_encoder(UMT5EncoderModel, UMT5Config, len(tokenizer), text_dim)
     image_dim = image_dim if version == "2.1" else None
 
     def transformer():

@@ -97,3 +97,20 @@ def tiny_tokenizer(words: tuple[str, ...] = WORDS):
                 seen.add(piece)
                 pieces.append((piece, -1.0))
     return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def tiny_t5_encoder(model_class: type, config_class: type, vocab_size: int, text_dim: int, layers: int = 1):
+    """A tiny T5-family text encoder (``model_class`` of ``config_class``: T5's or umT5's) for a tokenizer of
+    ``vocab_size`` (:func:`tiny_tokenizer`'s: pad 0, end 1), random weights."""
+    config = config_class(
+        vocab_size=vocab_size,
+        d_model=text_dim,
+        d_kv=8,
+        d_ff=2 * text_dim,
+        num_layers=layers,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return model_class(config)
